@@ -1,0 +1,104 @@
+//! Every failure a caller can cause or meet, as one error type.
+
+/// The result type of every fallible wgcnn call.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What went wrong, worded so that the message alone says how to fix it.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// No GPU adapter matched the request.
+    #[error(
+        "no GPU adapter found ({detail}). On headless Linux install Mesa's software Vulkan \
+         driver, lavapipe: `apt-get install -y mesa-vulkan-drivers` (check with `vulkaninfo --summary`); \
+         or choose another adapter with WGPU_BACKEND / WGPU_ADAPTER_NAME"
+    )]
+    NoAdapter {
+        /// Why no adapter could be used.
+        detail: String,
+    },
+
+    /// The adapter exists but refused to open a device.
+    #[error("could not open a device on adapter `{adapter}`: {reason}")]
+    DeviceRequest {
+        /// Adapter name.
+        adapter: String,
+        /// wgpu's reason.
+        reason: String,
+    },
+
+    /// Two shapes that must agree do not.
+    #[error("{op}: shape mismatch: {detail}")]
+    ShapeMismatch {
+        /// The operation that checked the shapes.
+        op: &'static str,
+        /// Which shapes, and what was expected.
+        detail: String,
+    },
+
+    /// A dimension of size zero, which no kernel can work on.
+    #[error(
+        "{op}: dimension {axis} of shape {shape:?} is zero; every dimension must be at least 1"
+    )]
+    EmptyDimension {
+        /// The operation that checked the shape.
+        op: &'static str,
+        /// The shape that holds the zero.
+        shape: Vec<usize>,
+        /// The axis whose size is zero.
+        axis: usize,
+    },
+
+    /// A hyper-parameter or argument outside its valid range.
+    #[error("{op}: invalid argument: {detail}")]
+    InvalidArgument {
+        /// The operation that checked the argument.
+        op: &'static str,
+        /// What was wrong and what is allowed.
+        detail: String,
+    },
+
+    /// A buffer larger than the device allows.
+    #[error(
+        "{what} needs {bytes} bytes, more than this device's {limit_name} of {limit} bytes \
+         (adapter `{adapter}`); split the work (e.g. a smaller batch)"
+    )]
+    TooLarge {
+        /// What needed the buffer.
+        what: String,
+        /// Bytes needed.
+        bytes: u64,
+        /// The limit's wgpu name.
+        limit_name: &'static str,
+        /// The limit's value.
+        limit: u64,
+        /// Adapter name.
+        adapter: String,
+    },
+
+    /// The device ran out of memory.
+    #[error("GPU out of memory while {context}; free tensors or use smaller batches")]
+    OutOfMemory {
+        /// What was being done.
+        context: String,
+    },
+
+    /// The device was lost (driver reset, removal, or destruction).
+    #[error("GPU device lost: {reason}; create a new Gpu")]
+    DeviceLost {
+        /// The driver's reason.
+        reason: String,
+    },
+
+    /// wgpu rejected a command: a bug in wgcnn if it ever reaches a user.
+    #[error("GPU error while {context}: {detail}")]
+    Gpu {
+        /// What was being done.
+        context: String,
+        /// wgpu's description.
+        detail: String,
+    },
+
+    /// Reading a buffer back to the host failed.
+    #[error("reading GPU memory back failed: {0}")]
+    Readback(String),
+}

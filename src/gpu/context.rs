@@ -1,0 +1,311 @@
+//! `Gpu`: instance → adapter → device + queue, headless, shared by every tensor and op.
+
+use std::sync::{Arc, Mutex, PoisonError};
+
+use super::pipelines::PipelineCache;
+use super::pool::{BufferPool, PoolStats};
+use crate::error::{Error, Result};
+
+/// How to pick the adapter. [`GpuOptions::from_env`] reads wgpu's usual variables.
+#[derive(Clone, Debug)]
+pub struct GpuOptions {
+    /// Backends to search (`WGPU_BACKEND`, e.g. `vulkan`, `metal`, `dx12`, `gl`).
+    pub backends: wgpu::Backends,
+    /// Take the first adapter whose name contains this, case-insensitively (`WGPU_ADAPTER_NAME`).
+    pub adapter_name: Option<String>,
+    /// Preference between integrated and discrete GPUs (`WGPU_POWER_PREF`: `low`, `high`, `none`).
+    pub power_preference: wgpu::PowerPreference,
+    /// Bytes of idle buffers the pool may keep for reuse.
+    pub pool_cache_bytes: u64,
+}
+
+impl Default for GpuOptions {
+    fn default() -> Self {
+        Self {
+            backends: wgpu::Backends::all(),
+            adapter_name: None,
+            power_preference: wgpu::PowerPreference::HighPerformance,
+            pool_cache_bytes: 1 << 30,
+        }
+    }
+}
+
+impl GpuOptions {
+    /// Defaults, overridden by `WGPU_BACKEND`, `WGPU_ADAPTER_NAME` and `WGPU_POWER_PREF`.
+    pub fn from_env() -> Self {
+        let default = Self::default();
+        Self {
+            backends: wgpu::Backends::from_env().unwrap_or(default.backends),
+            adapter_name: std::env::var("WGPU_ADAPTER_NAME")
+                .ok()
+                .filter(|s| !s.is_empty()),
+            power_preference: wgpu::PowerPreference::from_env().unwrap_or(default.power_preference),
+            ..default
+        }
+    }
+}
+
+/// A headless GPU context. Cloning is cheap (an `Arc`); it is `Send + Sync`.
+#[derive(Clone)]
+pub struct Gpu {
+    pub(crate) inner: Arc<GpuInner>,
+}
+
+pub(crate) struct GpuInner {
+    pub(crate) device: wgpu::Device,
+    pub(crate) queue: wgpu::Queue,
+    info: wgpu::AdapterInfo,
+    limits: wgpu::Limits,
+    features: wgpu::Features,
+    pub(crate) pool: Mutex<BufferPool>,
+    pub(crate) pipelines: Mutex<PipelineCache>,
+    lost: Arc<Mutex<Option<String>>>,
+    uncaptured: Arc<Mutex<Option<String>>>,
+}
+
+impl std::fmt::Debug for Gpu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gpu")
+            .field("adapter", &self.inner.info.name)
+            .field("backend", &self.inner.info.backend)
+            .field("device_type", &self.inner.info.device_type)
+            .finish()
+    }
+}
+
+/// Locks a mutex even if another thread panicked while holding it: the state it guards
+/// (caches and counters) stays consistent at every await-free step.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Gpu {
+    /// Opens the adapter chosen by [`GpuOptions::from_env`], blocking.
+    pub fn new() -> Result<Self> {
+        pollster::block_on(Self::new_async())
+    }
+
+    /// Opens the adapter chosen by [`GpuOptions::from_env`].
+    pub async fn new_async() -> Result<Self> {
+        Self::with_options_async(GpuOptions::from_env()).await
+    }
+
+    /// Opens the adapter chosen by `options`, blocking.
+    pub fn with_options(options: GpuOptions) -> Result<Self> {
+        pollster::block_on(Self::with_options_async(options))
+    }
+
+    /// Opens the adapter chosen by `options`.
+    pub async fn with_options_async(options: GpuOptions) -> Result<Self> {
+        let instance = wgpu::Instance::new(wgpu::InstanceDescriptor {
+            backends: options.backends,
+            ..wgpu::InstanceDescriptor::new_without_display_handle().with_env()
+        });
+        let adapter = choose_adapter(&instance, &options).await?;
+        let info = adapter.get_info();
+        // Ask for everything the adapter offers: real GPUs and lavapipe allow storage
+        // buffers far beyond WebGPU's 128 MiB / 256 MiB defaults.
+        let limits = adapter.limits();
+        let wanted = wgpu::Features::SUBGROUP;
+        let features = adapter.features() & wanted;
+        let (device, queue) = adapter
+            .request_device(&wgpu::DeviceDescriptor {
+                label: Some("wgcnn"),
+                required_features: features,
+                required_limits: limits.clone(),
+                memory_hints: wgpu::MemoryHints::Performance,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| Error::DeviceRequest {
+                adapter: info.name.clone(),
+                reason: e.to_string(),
+            })?;
+
+        let lost = Arc::new(Mutex::new(None));
+        let lost_in_callback = Arc::clone(&lost);
+        device.set_device_lost_callback(move |reason, message| {
+            if reason != wgpu::DeviceLostReason::Destroyed {
+                *lock(&lost_in_callback) = Some(format!("{reason:?}: {message}"));
+            }
+        });
+        // Errors outside an error scope must not panic (wgpu's default): keep the first
+        // one and report it from the next checked call.
+        let uncaptured = Arc::new(Mutex::new(None));
+        let uncaptured_in_callback = Arc::clone(&uncaptured);
+        device.on_uncaptured_error(Arc::new(move |error: wgpu::Error| {
+            lock(&uncaptured_in_callback).get_or_insert_with(|| error.to_string());
+        }));
+
+        Ok(Self {
+            inner: Arc::new(GpuInner {
+                device,
+                queue,
+                info,
+                limits,
+                features,
+                pool: Mutex::new(BufferPool::new(options.pool_cache_bytes)),
+                pipelines: Mutex::new(PipelineCache::default()),
+                lost,
+                uncaptured,
+            }),
+        })
+    }
+
+    /// The adapter this context runs on (name, backend, device type, driver).
+    pub fn adapter_info(&self) -> &wgpu::AdapterInfo {
+        &self.inner.info
+    }
+
+    /// The device limits in force (the adapter's own).
+    pub fn limits(&self) -> &wgpu::Limits {
+        &self.inner.limits
+    }
+
+    /// The optional features enabled on the device.
+    pub fn features(&self) -> wgpu::Features {
+        self.inner.features
+    }
+
+    /// True on CPU adapters such as lavapipe, where kernels are designed differently.
+    pub fn is_cpu_adapter(&self) -> bool {
+        self.inner.info.device_type == wgpu::DeviceType::Cpu
+    }
+
+    /// The subgroup width when the device supports subgroups and it is fixed.
+    pub fn fixed_subgroup_size(&self) -> Option<u32> {
+        let info = &self.inner.info;
+        (self.inner.features.contains(wgpu::Features::SUBGROUP)
+            && info.subgroup_min_size == info.subgroup_max_size)
+            .then_some(info.subgroup_min_size)
+    }
+
+    /// Buffer-pool counters: allocations, reuses, bytes live and cached.
+    pub fn pool_stats(&self) -> PoolStats {
+        lock(&self.inner.pool).stats()
+    }
+
+    /// How many compute pipelines have been compiled on this context.
+    pub fn pipelines_compiled(&self) -> usize {
+        lock(&self.inner.pipelines).len()
+    }
+
+    pub(crate) fn device(&self) -> &wgpu::Device {
+        &self.inner.device
+    }
+
+    pub(crate) fn queue(&self) -> &wgpu::Queue {
+        &self.inner.queue
+    }
+
+    /// Checks that `bytes` fits one buffer and one storage binding on this device.
+    pub(crate) fn check_buffer_size(&self, what: &str, bytes: u64) -> Result<()> {
+        let checks = [
+            ("max_buffer_size", self.inner.limits.max_buffer_size),
+            (
+                "max_storage_buffer_binding_size",
+                self.inner.limits.max_storage_buffer_binding_size,
+            ),
+        ];
+        for (limit_name, limit) in checks {
+            if bytes > limit {
+                return Err(Error::TooLarge {
+                    what: what.to_string(),
+                    bytes,
+                    limit_name,
+                    limit,
+                    adapter: self.inner.info.name.clone(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs `work` inside out-of-memory and validation error scopes, so that whatever
+    /// wgpu reports becomes an `Err` instead of a panic; also reports a lost device.
+    pub(crate) fn checked<T>(&self, context: &str, work: impl FnOnce() -> T) -> Result<T> {
+        self.check_alive()?;
+        let device = &self.inner.device;
+        let oom_scope = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let validation_scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let value = work();
+        let validation = pollster::block_on(validation_scope.pop());
+        let oom = pollster::block_on(oom_scope.pop());
+        if let Some(error) = oom {
+            return Err(Error::OutOfMemory {
+                context: format!("{context} ({error})"),
+            });
+        }
+        if let Some(error) = validation {
+            return Err(Error::Gpu {
+                context: context.to_string(),
+                detail: error.to_string(),
+            });
+        }
+        self.check_alive()?;
+        Ok(value)
+    }
+
+    /// Fails if the device was lost or an error escaped every error scope.
+    pub(crate) fn check_alive(&self) -> Result<()> {
+        if let Some(reason) = lock(&self.inner.lost).clone() {
+            return Err(Error::DeviceLost { reason });
+        }
+        if let Some(detail) = lock(&self.inner.uncaptured).take() {
+            return Err(Error::Gpu {
+                context: "an earlier GPU call".into(),
+                detail,
+            });
+        }
+        Ok(())
+    }
+
+    /// Blocks until every submitted command has finished.
+    pub fn synchronize(&self) -> Result<()> {
+        self.inner
+            .device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| Error::DeviceLost {
+                reason: e.to_string(),
+            })?;
+        self.check_alive()
+    }
+
+    /// Destroys the device, as a driver reset would: every later call returns an error.
+    /// Meant for tests of error handling.
+    #[doc(hidden)]
+    pub fn simulate_device_loss(&self) {
+        *lock(&self.inner.lost) = Some("destroyed by simulate_device_loss".into());
+        self.inner.device.destroy();
+    }
+}
+
+async fn choose_adapter(instance: &wgpu::Instance, options: &GpuOptions) -> Result<wgpu::Adapter> {
+    let adapters = instance.enumerate_adapters(options.backends).await;
+    if adapters.is_empty() {
+        return Err(Error::NoAdapter {
+            detail: format!("no adapter on backends {:?}", options.backends),
+        });
+    }
+    if let Some(wanted) = &options.adapter_name {
+        let wanted_lower = wanted.to_lowercase();
+        let names: Vec<String> = adapters.iter().map(|a| a.get_info().name).collect();
+        return adapters
+            .into_iter()
+            .find(|a| a.get_info().name.to_lowercase().contains(&wanted_lower))
+            .ok_or_else(|| Error::NoAdapter {
+                detail: format!("WGPU_ADAPTER_NAME={wanted:?} matches none of {names:?}"),
+            });
+    }
+    instance
+        .request_adapter(&wgpu::RequestAdapterOptions {
+            power_preference: options.power_preference,
+            force_fallback_adapter: false,
+            compatible_surface: None,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| Error::NoAdapter {
+            detail: e.to_string(),
+        })
+}

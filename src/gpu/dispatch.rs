@@ -1,0 +1,111 @@
+//! Encoding kernels: uniform parameters, bind groups, and grids of any size.
+
+use wgpu::util::DeviceExt;
+
+use super::context::Gpu;
+use crate::error::{Error, Result};
+
+/// Most workgroups one grid axis may hold (WebGPU's guaranteed minimum, and lavapipe's).
+const MAX_GROUPS_PER_AXIS: u64 = 65_535;
+
+/// A storage buffer bound to a kernel: the first `bytes` of `buffer`.
+#[derive(Clone, Copy)]
+pub(crate) struct Binding<'a> {
+    pub buffer: &'a wgpu::Buffer,
+    pub bytes: u64,
+}
+
+/// Splits `groups` workgroups into an `x * y` grid with both axes within the device limit.
+/// Kernels rebuild the linear index as `wid.x + wid.y * num_workgroups.x` and skip those
+/// at or past `groups`.
+pub(crate) fn grid(groups: u64) -> Result<(u32, u32)> {
+    let x = groups.clamp(1, MAX_GROUPS_PER_AXIS);
+    let y = groups.div_ceil(x).max(1);
+    if y > MAX_GROUPS_PER_AXIS {
+        return Err(Error::InvalidArgument {
+            op: "dispatch",
+            detail: format!("{groups} workgroups exceed 65535² in one dispatch; split the work"),
+        });
+    }
+    Ok((x as u32, y as u32))
+}
+
+impl Gpu {
+    /// Records one kernel launch into `pass`. Binding 0 is the uniform `params` struct;
+    /// bindings 1.. are `storage` in order.
+    pub(crate) fn encode(
+        &self,
+        pass: &mut wgpu::ComputePass<'_>,
+        pipeline: &wgpu::ComputePipeline,
+        params: &[u8],
+        storage: &[Binding<'_>],
+        groups: u64,
+    ) -> Result<()> {
+        let (x, y) = grid(groups)?;
+        let device = self.device();
+        let uniform = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some("params"),
+            contents: params,
+            usage: wgpu::BufferUsages::UNIFORM,
+        });
+        let mut entries = vec![wgpu::BindGroupEntry {
+            binding: 0,
+            resource: uniform.as_entire_binding(),
+        }];
+        for (i, binding) in storage.iter().enumerate() {
+            entries.push(wgpu::BindGroupEntry {
+                binding: i as u32 + 1,
+                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                    buffer: binding.buffer,
+                    offset: 0,
+                    size: wgpu::BufferSize::new(binding.bytes),
+                }),
+            });
+        }
+        let bind_group = device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: None,
+            layout: &pipeline.get_bind_group_layout(0),
+            entries: &entries,
+        });
+        pass.set_pipeline(pipeline);
+        pass.set_bind_group(0, &bind_group, &[]);
+        pass.dispatch_workgroups(x, y, 1);
+        Ok(())
+    }
+
+    /// Records kernels with `record` into one compute pass and submits them.
+    pub(crate) fn run_pass(
+        &self,
+        label: &str,
+        record: impl FnOnce(&mut wgpu::ComputePass<'_>) -> Result<()>,
+    ) -> Result<()> {
+        self.checked(label, || {
+            let mut encoder = self
+                .device()
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some(label) });
+            {
+                let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                    label: Some(label),
+                    timestamp_writes: None,
+                });
+                record(&mut pass)?;
+            }
+            self.queue().submit([encoder.finish()]);
+            Ok(())
+        })?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::grid;
+
+    #[test]
+    fn grids_split_large_counts_over_two_axes() {
+        assert_eq!(grid(1).unwrap(), (1, 1));
+        assert_eq!(grid(65_535).unwrap(), (65_535, 1));
+        let (x, y) = grid(70_000).unwrap();
+        assert!(u64::from(x) * u64::from(y) >= 70_000 && y == 2);
+        assert!(grid(65_535 * 65_535 + 1).is_err());
+    }
+}

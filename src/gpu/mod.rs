@@ -1,0 +1,12 @@
+//! The device and its resources: context, buffer pool, pipeline cache, readback.
+
+mod context;
+pub(crate) mod dispatch;
+mod pipelines;
+mod pool;
+mod readback;
+
+pub(crate) use context::lock;
+pub use context::{Gpu, GpuOptions};
+pub use pool::PoolStats;
+pub(crate) use pool::size_class;

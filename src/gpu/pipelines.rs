@@ -1,0 +1,53 @@
+//! Compute pipelines, compiled once per `Gpu` and looked up by key.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use super::context::{Gpu, lock};
+use crate::error::Result;
+
+#[derive(Default)]
+pub(crate) struct PipelineCache {
+    pipelines: HashMap<String, Arc<wgpu::ComputePipeline>>,
+}
+
+impl PipelineCache {
+    pub(crate) fn len(&self) -> usize {
+        self.pipelines.len()
+    }
+}
+
+impl Gpu {
+    /// The pipeline for `key`, compiling `source()` (entry point `main`) on first use.
+    /// The key must name everything the source depends on.
+    pub(crate) fn pipeline(
+        &self,
+        key: &str,
+        source: impl FnOnce() -> String,
+    ) -> Result<Arc<wgpu::ComputePipeline>> {
+        if let Some(found) = lock(&self.inner.pipelines).pipelines.get(key) {
+            return Ok(Arc::clone(found));
+        }
+        let source = source();
+        let pipeline = self.checked(&format!("compiling the `{key}` kernel"), || {
+            let device = self.device();
+            let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+                label: Some(key),
+                source: wgpu::ShaderSource::Wgsl(source.into()),
+            });
+            device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                label: Some(key),
+                layout: None,
+                module: &module,
+                entry_point: Some("main"),
+                compilation_options: Default::default(),
+                cache: None,
+            })
+        })?;
+        let pipeline = Arc::new(pipeline);
+        lock(&self.inner.pipelines)
+            .pipelines
+            .insert(key.to_string(), Arc::clone(&pipeline));
+        Ok(pipeline)
+    }
+}

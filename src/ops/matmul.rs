@@ -1,0 +1,650 @@
+//! `C = act(op(A) · op(B) + bias)`: batched, either operand transposed, fused epilogue.
+//!
+//! Two GPU kernel families, picked per adapter (see `MatmulPlan`): a workgroup-memory
+//! tiled kernel for real GPUs (`shaders/matmul.wgsl`) and a subgroup-broadcast kernel for
+//! CPU adapters such as lavapipe (`shaders/matmul_subgroup.wgsl`), where workgroup memory
+//! is slower than none. The CPU reference uses ndarray's `dot`.
+
+use std::fmt::{self, Write as _};
+
+use bytemuck::{Pod, Zeroable};
+use ndarray::{Array2, ArrayD, ArrayView2, ArrayViewD, Axis, Ix2, IxDyn, s};
+
+use super::Activation;
+use crate::error::{Error, Result};
+use crate::gpu::Gpu;
+use crate::gpu::dispatch::Binding;
+use crate::tensor::Tensor;
+
+const OP: &str = "matmul";
+
+/// Where a fused bias is added.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum BiasAxis {
+    /// No bias.
+    #[default]
+    None,
+    /// `bias[n]` added to column `n` (a bias of length N: linear layers).
+    PerColumn,
+    /// `bias[m]` added to row `m` (a bias of length M: convolution as `W · col`).
+    PerRow,
+}
+
+/// Which kernel family runs; `Auto` picks by adapter type.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum KernelChoice {
+    /// Subgroup kernel on CPU adapters with a fixed subgroup size, tiled elsewhere.
+    #[default]
+    Auto,
+    /// The workgroup-memory tiled kernel (real GPUs).
+    Tiled,
+    /// The subgroup-broadcast kernel (CPU adapters); needs the SUBGROUP feature.
+    Subgroup,
+}
+
+/// The kernel that a matmul runs, as the perf report shows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MatmulPlan {
+    /// 64×64 block tile in workgroup memory, 4×4 per invocation.
+    Tiled,
+    /// Each lane owns `rows` output rows × `cols` columns; B is shared by broadcast.
+    Subgroup {
+        /// Output rows per lane.
+        rows: u32,
+        /// Output columns per lane (a multiple of the subgroup size).
+        cols: u32,
+        /// The adapter's subgroup size.
+        subgroup: u32,
+    },
+}
+
+impl fmt::Display for MatmulPlan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MatmulPlan::Tiled => write!(f, "tiled64x64"),
+            MatmulPlan::Subgroup { rows, cols, .. } => write!(f, "subgroup-r{rows}c{cols}"),
+        }
+    }
+}
+
+/// The sizes of one matmul, checked: `op(A)` is M×K, `op(B)` is K×N, over `batch` pairs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MatmulShape {
+    /// Number of products (1 for 2-D operands).
+    pub batch: usize,
+    /// Rows of the output.
+    pub m: usize,
+    /// The contracted dimension.
+    pub k: usize,
+    /// Columns of the output.
+    pub n: usize,
+    /// Whether A has a batch dimension (else it is shared by every product).
+    pub a_batched: bool,
+    /// Whether B has a batch dimension (else it is shared by every product).
+    pub b_batched: bool,
+    /// The output shape: `[M, N]` or `[batch, M, N]`.
+    pub out: Vec<usize>,
+}
+
+impl MatmulShape {
+    /// Floating-point operations (multiply and add counted apart).
+    pub fn flops(&self) -> f64 {
+        2.0 * (self.batch * self.m * self.n * self.k) as f64
+    }
+}
+
+/// A matrix product with its options. `Matmul::default()` is the plain `A · B`.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Matmul {
+    /// Use `Aᵀ` (A is stored K×M).
+    pub trans_a: bool,
+    /// Use `Bᵀ` (B is stored N×K).
+    pub trans_b: bool,
+    /// Where the bias goes, if any.
+    pub bias: BiasAxis,
+    /// Applied after the bias.
+    pub activation: Activation,
+    /// Kernel family override (tests and benchmarks).
+    pub kernel: KernelChoice,
+}
+
+fn split_batch(name: &str, shape: &[usize]) -> Result<(Option<usize>, usize, usize)> {
+    match *shape {
+        [rows, cols] => Ok((None, rows, cols)),
+        [batch, rows, cols] => Ok((Some(batch), rows, cols)),
+        _ => Err(Error::ShapeMismatch {
+            op: OP,
+            detail: format!("{name} must be 2-D or 3-D (batch first), got {shape:?}"),
+        }),
+    }
+}
+
+impl Matmul {
+    /// Checks the operand shapes against the options and returns the product's sizes.
+    pub fn shape(&self, a: &[usize], b: &[usize], bias: Option<&[usize]>) -> Result<MatmulShape> {
+        for (name, shape) in [("A", a), ("B", b)] {
+            if let Some(axis) = shape.iter().position(|&d| d == 0) {
+                let _ = name;
+                return Err(Error::EmptyDimension {
+                    op: OP,
+                    shape: shape.to_vec(),
+                    axis,
+                });
+            }
+        }
+        let (a_batch, a_rows, a_cols) = split_batch("A", a)?;
+        let (b_batch, b_rows, b_cols) = split_batch("B", b)?;
+        let (m, k) = if self.trans_a {
+            (a_cols, a_rows)
+        } else {
+            (a_rows, a_cols)
+        };
+        let (k_b, n) = if self.trans_b {
+            (b_cols, b_rows)
+        } else {
+            (b_rows, b_cols)
+        };
+        if k != k_b {
+            return Err(Error::ShapeMismatch {
+                op: OP,
+                detail: format!(
+                    "inner dimensions differ: op(A) is {m}×{k} (A {a:?}, trans_a={}), \
+                     op(B) is {k_b}×{n} (B {b:?}, trans_b={})",
+                    self.trans_a, self.trans_b
+                ),
+            });
+        }
+        let batch = match (a_batch, b_batch) {
+            (Some(x), Some(y)) if x != y => {
+                return Err(Error::ShapeMismatch {
+                    op: OP,
+                    detail: format!("batch sizes differ: A {a:?}, B {b:?}"),
+                });
+            }
+            (Some(x), _) | (None, Some(x)) => x,
+            (None, None) => 1,
+        };
+        let expected_bias = match self.bias {
+            BiasAxis::None => None,
+            BiasAxis::PerColumn => Some(n),
+            BiasAxis::PerRow => Some(m),
+        };
+        match (expected_bias, bias) {
+            (None, None) => {}
+            (Some(len), Some(shape)) if shape == [len] => {}
+            (expected, given) => {
+                return Err(Error::ShapeMismatch {
+                    op: OP,
+                    detail: format!(
+                        "bias {:?} expects a 1-D bias of length {expected:?}, got {given:?}",
+                        self.bias
+                    ),
+                });
+            }
+        }
+        let out = if a_batch.is_some() || b_batch.is_some() {
+            vec![batch, m, n]
+        } else {
+            vec![m, n]
+        };
+        Ok(MatmulShape {
+            batch,
+            m,
+            k,
+            n,
+            a_batched: a_batch.is_some(),
+            b_batched: b_batch.is_some(),
+            out,
+        })
+    }
+
+    /// The kernel this product would run with on `gpu`.
+    pub fn plan(&self, gpu: &Gpu, shape: &MatmulShape) -> Result<MatmulPlan> {
+        let subgroup = gpu.fixed_subgroup_size().filter(|s| (4..=32).contains(s));
+        let use_subgroup = match self.kernel {
+            KernelChoice::Tiled => false,
+            KernelChoice::Auto => gpu.is_cpu_adapter() && subgroup.is_some(),
+            KernelChoice::Subgroup => true,
+        };
+        if !use_subgroup {
+            return Ok(MatmulPlan::Tiled);
+        }
+        let subgroup = subgroup.ok_or_else(|| Error::InvalidArgument {
+            op: OP,
+            detail: "the subgroup kernel needs an adapter with subgroups of a fixed size \
+                     from 4 to 32; use KernelChoice::Auto or Tiled"
+                .into(),
+        })?;
+        // Wide column tiles share each broadcast B value across more FMAs; narrow outputs
+        // (conv layers with few filters) would waste them.
+        let cols = if shape.n <= 8 {
+            8
+        } else if shape.n <= 16 {
+            16
+        } else {
+            32
+        };
+        Ok(MatmulPlan::Subgroup {
+            rows: 4,
+            cols: cols.max(subgroup),
+            subgroup,
+        })
+    }
+
+    /// `act(op(A) · op(B) + bias)` on the GPU, into a new tensor.
+    pub fn forward(&self, a: &Tensor, b: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        let shape = self.shape(a.shape(), b.shape(), bias.map(Tensor::shape))?;
+        let mut out = Tensor::uninit(a.gpu(), &shape.out)?;
+        self.forward_into(a, b, bias, &mut out)?;
+        Ok(out)
+    }
+
+    /// Like [`Matmul::forward`], writing into `out`; returns the kernel that ran.
+    pub fn forward_into(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        bias: Option<&Tensor>,
+        out: &mut Tensor,
+    ) -> Result<MatmulPlan> {
+        let gpu = a.gpu().clone();
+        for t in [Some(b), bias, Some(&*out)].into_iter().flatten() {
+            t.check_same_gpu(OP, &gpu)?;
+        }
+        let shape = self.shape(a.shape(), b.shape(), bias.map(Tensor::shape))?;
+        if out.shape() != shape.out.as_slice() {
+            return Err(Error::ShapeMismatch {
+                op: OP,
+                detail: format!(
+                    "output is {:?}, the product is {:?}",
+                    out.shape(),
+                    shape.out
+                ),
+            });
+        }
+        let plan = self.plan(&gpu, &shape)?;
+        // Without a bias, A stands in for the unused (read-only) bias binding.
+        let bias_binding = bias.unwrap_or(a).binding();
+        match plan {
+            MatmulPlan::Tiled => self.run_tiled(&gpu, &shape, a, b, bias_binding, out)?,
+            MatmulPlan::Subgroup {
+                rows,
+                cols,
+                subgroup,
+            } => self.run_subgroup(
+                &gpu,
+                &shape,
+                (rows, cols, subgroup),
+                a,
+                b,
+                bias_binding,
+                out,
+            )?,
+        }
+        Ok(plan)
+    }
+
+    fn run_tiled(
+        &self,
+        gpu: &Gpu,
+        shape: &MatmulShape,
+        a: &Tensor,
+        b: &Tensor,
+        bias: Binding<'_>,
+        out: &Tensor,
+    ) -> Result<()> {
+        let (m, k, n) = (shape.m as u32, shape.k as u32, shape.n as u32);
+        let (a_row, a_col) = if self.trans_a { (1, m) } else { (k, 1) };
+        let (b_row, b_col) = if self.trans_b { (1, k) } else { (n, 1) };
+        let tiles_m = m.div_ceil(64);
+        let tiles_n = n.div_ceil(64);
+        let total_tiles = checked_u32(tiles_m as u64 * tiles_n as u64 * shape.batch as u64)?;
+        let params = TiledParams {
+            m,
+            n,
+            k,
+            batch: shape.batch as u32,
+            a_row,
+            a_col,
+            a_batch: if shape.a_batched { m * k } else { 0 },
+            b_row,
+            b_col,
+            b_batch: if shape.b_batched { k * n } else { 0 },
+            tiles_m,
+            tiles_n,
+            total_tiles,
+            bias_mode: self.bias_mode(),
+            activation: self.activation.code(),
+            slope: self.activation.slope(),
+        };
+        let pipeline = gpu.pipeline("matmul_tiled", || {
+            [
+                include_str!("../../shaders/epilogue.wgsl"),
+                include_str!("../../shaders/matmul.wgsl"),
+            ]
+            .concat()
+        })?;
+        gpu.run_pass("matmul", |pass| {
+            gpu.encode(
+                pass,
+                &pipeline,
+                bytemuck::bytes_of(&params),
+                &[a.binding(), b.binding(), bias, out.binding()],
+                u64::from(total_tiles),
+            )
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn run_subgroup(
+        &self,
+        gpu: &Gpu,
+        shape: &MatmulShape,
+        (rows, cols, subgroup): (u32, u32, u32),
+        a: &Tensor,
+        b: &Tensor,
+        bias: Binding<'_>,
+        out: &Tensor,
+    ) -> Result<()> {
+        let (m, k, n) = (shape.m, shape.k, shape.n);
+        let (k4, n4) = (k.div_ceil(4), n.div_ceil(4));
+        let a_batches = if shape.a_batched { shape.batch } else { 1 };
+        let b_batches = if shape.b_batched { shape.batch } else { 1 };
+        // The kernel reads dense, vec4-aligned operands; repack only those that are not.
+        let a_packed = (self.trans_a || k % 4 != 0)
+            .then(|| Tensor::uninit(gpu, &[a_batches, m, 4 * k4]))
+            .transpose()?;
+        let b_packed = (self.trans_b || k % 4 != 0 || n % 4 != 0)
+            .then(|| Tensor::uninit(gpu, &[b_batches, 4 * k4, 4 * n4]))
+            .transpose()?;
+
+        let tiles_m = m.div_ceil(subgroup as usize * rows as usize);
+        let tiles_n = n.div_ceil(cols as usize);
+        let total_tiles = checked_u32((tiles_m * tiles_n * shape.batch) as u64)?;
+        let subgroups_per_group = 64 / subgroup;
+        let params = SubgroupParams {
+            m: m as u32,
+            n: n as u32,
+            k4: k4 as u32,
+            n4: n4 as u32,
+            a_batch: if shape.a_batched { (m * k4) as u32 } else { 0 },
+            b_batch: if shape.b_batched {
+                (4 * k4 * n4) as u32
+            } else {
+                0
+            },
+            tiles_m: tiles_m as u32,
+            tiles_n: tiles_n as u32,
+            total_tiles,
+            bias_mode: self.bias_mode(),
+            activation: self.activation.code(),
+            slope: self.activation.slope(),
+        };
+        let key = format!("matmul_subgroup_r{rows}_c{cols}_s{subgroup}");
+        let pipeline = gpu.pipeline(&key, || {
+            subgroup_kernel_source(rows, cols, subgroup, subgroups_per_group)
+        })?;
+        let pack_pipeline =
+            gpu.pipeline("pack", || include_str!("../../shaders/pack.wgsl").into())?;
+
+        gpu.run_pass("matmul", |pass| {
+            if let Some(packed) = &a_packed {
+                let (row_stride, col_stride) = if self.trans_a { (1, m) } else { (k, 1) };
+                let pack = PackParams::new(
+                    [m, k, m, 4 * k4],
+                    [row_stride, col_stride, m * k],
+                    a_batches,
+                );
+                gpu.encode(
+                    pass,
+                    &pack_pipeline,
+                    bytemuck::bytes_of(&pack),
+                    &[a.binding(), packed.binding()],
+                    pack.groups(),
+                )?;
+            }
+            if let Some(packed) = &b_packed {
+                let (row_stride, col_stride) = if self.trans_b { (1, k) } else { (n, 1) };
+                let pack = PackParams::new(
+                    [k, n, 4 * k4, 4 * n4],
+                    [row_stride, col_stride, k * n],
+                    b_batches,
+                );
+                gpu.encode(
+                    pass,
+                    &pack_pipeline,
+                    bytemuck::bytes_of(&pack),
+                    &[b.binding(), packed.binding()],
+                    pack.groups(),
+                )?;
+            }
+            let a_use = a_packed.as_ref().unwrap_or(a).binding();
+            let b_use = b_packed.as_ref().unwrap_or(b).binding();
+            gpu.encode(
+                pass,
+                &pipeline,
+                bytemuck::bytes_of(&params),
+                &[a_use, b_use, bias, out.binding()],
+                u64::from(total_tiles).div_ceil(u64::from(subgroups_per_group)),
+            )
+        })
+    }
+
+    fn bias_mode(&self) -> u32 {
+        match self.bias {
+            BiasAxis::None => 0,
+            BiasAxis::PerColumn => 1,
+            BiasAxis::PerRow => 2,
+        }
+    }
+}
+
+fn checked_u32(value: u64) -> Result<u32> {
+    u32::try_from(value).map_err(|_| Error::InvalidArgument {
+        op: OP,
+        detail: format!("{value} tiles do not fit one dispatch; split the batch"),
+    })
+}
+
+/// Mirrors `Params` in shaders/matmul.wgsl.
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct TiledParams {
+    m: u32,
+    n: u32,
+    k: u32,
+    batch: u32,
+    a_row: u32,
+    a_col: u32,
+    a_batch: u32,
+    b_row: u32,
+    b_col: u32,
+    b_batch: u32,
+    tiles_m: u32,
+    tiles_n: u32,
+    total_tiles: u32,
+    bias_mode: u32,
+    activation: u32,
+    slope: f32,
+}
+
+/// Mirrors `Params` in shaders/matmul_subgroup.wgsl.
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct SubgroupParams {
+    m: u32,
+    n: u32,
+    k4: u32,
+    n4: u32,
+    a_batch: u32,
+    b_batch: u32,
+    tiles_m: u32,
+    tiles_n: u32,
+    total_tiles: u32,
+    bias_mode: u32,
+    activation: u32,
+    slope: f32,
+}
+
+/// Mirrors `Params` in shaders/pack.wgsl.
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct PackParams {
+    rows: u32,
+    cols: u32,
+    rows_out: u32,
+    cols_out: u32,
+    row_stride: u32,
+    col_stride: u32,
+    batch_stride: u32,
+    total: u32,
+}
+
+impl PackParams {
+    fn new(sizes: [usize; 4], strides: [usize; 3], batches: usize) -> Self {
+        let [rows, cols, rows_out, cols_out] = sizes.map(|x| x as u32);
+        let [row_stride, col_stride, batch_stride] = strides.map(|x| x as u32);
+        Self {
+            rows,
+            cols,
+            rows_out,
+            cols_out,
+            row_stride,
+            col_stride,
+            batch_stride,
+            total: (batches * sizes[2] * sizes[3]) as u32,
+        }
+    }
+
+    fn groups(&self) -> u64 {
+        u64::from(self.total).div_ceil(256)
+    }
+}
+
+/// Fills in the unrolled parts of shaders/matmul_subgroup.wgsl for one tile shape.
+fn subgroup_kernel_source(rows: u32, cols: u32, subgroup: u32, subgroups_per_group: u32) -> String {
+    let col_groups = cols / 4;
+    // Per 4 K-steps the subgroup loads 4 × col_groups vec4s of B, `loads` per lane.
+    let loads = 4 * col_groups / subgroup;
+    let mut setup = String::new();
+    let mut body = String::new();
+    let mut store = String::new();
+    for r in 0..rows {
+        let _ = writeln!(
+            setup,
+            "    let a_row_{r} = a_base + min(row0 + {r}u, p.m - 1u) * p.k4;"
+        );
+    }
+    for j in 0..loads {
+        let v = format!("(lane + {}u)", subgroup * j);
+        let _ = writeln!(
+            setup,
+            "    let b_off_{j} = b_base + ({v} / {col_groups}u) * p.n4 + min(col4 + {v} % {col_groups}u, p.n4 - 1u);"
+        );
+    }
+    for r in 0..rows {
+        for g in 0..col_groups {
+            let _ = writeln!(setup, "    var acc_{r}_{g} = vec4<f32>(0.0);");
+        }
+    }
+    for r in 0..rows {
+        let _ = writeln!(body, "        let a_{r} = a[a_row_{r} + k];");
+    }
+    for j in 0..loads {
+        let _ = writeln!(body, "        let bl_{j} = b[b_off_{j} + k * b_step];");
+    }
+    for (kk, component) in ["x", "y", "z", "w"].iter().enumerate() {
+        for g in 0..col_groups {
+            let v = kk as u32 * col_groups + g;
+            let _ = writeln!(
+                body,
+                "        let bb_{kk}_{g} = subgroupBroadcast(bl_{}, {}u);",
+                v / subgroup,
+                v % subgroup
+            );
+            for r in 0..rows {
+                let _ = writeln!(
+                    body,
+                    "        acc_{r}_{g} = fma(vec4<f32>(a_{r}.{component}), bb_{kk}_{g}, acc_{r}_{g});"
+                );
+            }
+        }
+    }
+    for r in 0..rows {
+        for g in 0..col_groups {
+            for (i, component) in ["x", "y", "z", "w"].iter().enumerate() {
+                let _ = writeln!(
+                    store,
+                    "    store(batch, row0 + {r}u, (col4 + {g}u) * 4u + {i}u, acc_{r}_{g}.{component});"
+                );
+            }
+        }
+    }
+    let kernel = include_str!("../../shaders/matmul_subgroup.wgsl")
+        .replace("{{ROWS}}", &rows.to_string())
+        .replace("{{COLS}}", &cols.to_string())
+        .replace("{{SUBGROUP}}", &subgroup.to_string())
+        .replace("{{SUBGROUPS_PER_GROUP}}", &subgroups_per_group.to_string())
+        .replace(
+            "{{GROUP_SIZE}}",
+            &(subgroup * subgroups_per_group).to_string(),
+        )
+        .replace("{{SETUP}}", &setup)
+        .replace("{{BODY}}", &body)
+        .replace("{{STORE}}", &store);
+    [include_str!("../../shaders/epilogue.wgsl"), &kernel].concat()
+}
+
+/// The CPU reference: `act(op(A) · op(B) + bias)` with ndarray's `dot`, batch by batch.
+pub fn matmul_cpu(
+    spec: &Matmul,
+    a: &ArrayViewD<'_, f32>,
+    b: &ArrayViewD<'_, f32>,
+    bias: Option<&ArrayViewD<'_, f32>>,
+) -> Result<ArrayD<f32>> {
+    let shape = spec.shape(a.shape(), b.shape(), bias.map(|x| x.shape()))?;
+    let mut out = ArrayD::<f32>::zeros(IxDyn(&[shape.batch, shape.m, shape.n]));
+    for i in 0..shape.batch {
+        let a_i = cpu_matrix(a, shape.a_batched, i, spec.trans_a)?;
+        let b_i = cpu_matrix(b, shape.b_batched, i, spec.trans_b)?;
+        let mut c: Array2<f32> = a_i.dot(&b_i);
+        if let Some(bias) = bias {
+            let bias = bias
+                .view()
+                .into_dimensionality::<ndarray::Ix1>()
+                .map_err(shape_error)?;
+            match spec.bias {
+                BiasAxis::PerColumn => c += &bias.slice(s![ndarray::NewAxis, ..]),
+                BiasAxis::PerRow => c += &bias.slice(s![.., ndarray::NewAxis]),
+                BiasAxis::None => {}
+            }
+        }
+        c.mapv_inplace(|x| spec.activation.apply(x));
+        out.index_axis_mut(Axis(0), i).assign(&c);
+    }
+    out.into_shape_with_order(IxDyn(&shape.out))
+        .map_err(shape_error)
+}
+
+/// Matrix `i` of a (possibly batched) operand, transposed if asked.
+fn cpu_matrix<'a>(
+    x: &ArrayViewD<'a, f32>,
+    batched: bool,
+    i: usize,
+    trans: bool,
+) -> Result<ArrayView2<'a, f32>> {
+    let view = if batched {
+        x.clone().index_axis_move(Axis(0), i)
+    } else {
+        x.clone()
+    };
+    let view = view.into_dimensionality::<Ix2>().map_err(shape_error)?;
+    Ok(if trans { view.reversed_axes() } else { view })
+}
+
+fn shape_error(e: ndarray::ShapeError) -> Error {
+    Error::ShapeMismatch {
+        op: OP,
+        detail: e.to_string(),
+    }
+}

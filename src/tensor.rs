@@ -1,0 +1,195 @@
+//! `Tensor`: an f32 N-dimensional array in a pooled GPU buffer.
+
+use ndarray::{ArrayBase, ArrayD, Data, Dimension, IxDyn};
+
+use crate::error::{Error, Result};
+use crate::gpu::dispatch::Binding;
+use crate::gpu::{Gpu, lock, size_class};
+
+/// A GPU buffer on loan from the pool; dropping it hands it back.
+struct PooledBuffer {
+    gpu: Gpu,
+    buffer: wgpu::Buffer,
+    class: u64,
+}
+
+impl Drop for PooledBuffer {
+    fn drop(&mut self) {
+        // wgpu buffers are reference-counted handles: the pool keeps this one alive.
+        lock(&self.gpu.inner.pool).give_back(self.buffer.clone(), self.class);
+    }
+}
+
+/// An f32 tensor in row-major (C) order on the GPU. Activations are NCHW.
+pub struct Tensor {
+    shape: Vec<usize>,
+    storage: PooledBuffer,
+}
+
+impl std::fmt::Debug for Tensor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tensor")
+            .field("shape", &self.shape)
+            .finish()
+    }
+}
+
+/// Checks a shape for use as a tensor and returns its element count.
+pub(crate) fn element_count(op: &'static str, shape: &[usize]) -> Result<usize> {
+    if let Some(axis) = shape.iter().position(|&d| d == 0) {
+        return Err(Error::EmptyDimension {
+            op,
+            shape: shape.to_vec(),
+            axis,
+        });
+    }
+    shape
+        .iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d))
+        .ok_or_else(|| Error::InvalidArgument {
+            op,
+            detail: format!("shape {shape:?} has more elements than fit in memory"),
+        })
+}
+
+impl Tensor {
+    /// A tensor whose contents are unspecified (a recycled buffer): for kernel outputs.
+    pub(crate) fn uninit(gpu: &Gpu, shape: &[usize]) -> Result<Self> {
+        let len = element_count("Tensor", shape)?;
+        let bytes = (len as u64) * 4;
+        gpu.check_buffer_size(&format!("a tensor of shape {shape:?}"), bytes)?;
+        let class = size_class(bytes);
+        let reused = lock(&gpu.inner.pool).take(class);
+        let buffer = match reused {
+            Some(buffer) => buffer,
+            None => {
+                let buffer = gpu.checked("allocating a tensor", || {
+                    gpu.device().create_buffer(&wgpu::BufferDescriptor {
+                        label: Some("tensor"),
+                        size: class,
+                        usage: wgpu::BufferUsages::STORAGE
+                            | wgpu::BufferUsages::COPY_SRC
+                            | wgpu::BufferUsages::COPY_DST,
+                        mapped_at_creation: false,
+                    })
+                })?;
+                lock(&gpu.inner.pool).record_allocation(class);
+                buffer
+            }
+        };
+        Ok(Self {
+            shape: shape.to_vec(),
+            storage: PooledBuffer {
+                gpu: gpu.clone(),
+                buffer,
+                class,
+            },
+        })
+    }
+
+    /// Uploads any ndarray array, contiguous or not (strided views are gathered first).
+    pub fn from_array<S, D>(gpu: &Gpu, array: &ArrayBase<S, D>) -> Result<Self>
+    where
+        S: Data<Elem = f32>,
+        D: Dimension,
+    {
+        let tensor = Self::uninit(gpu, array.shape())?;
+        let gathered;
+        let data: &[f32] = match array.as_slice() {
+            Some(slice) => slice,
+            None => {
+                gathered = array.iter().copied().collect::<Vec<f32>>();
+                &gathered
+            }
+        };
+        gpu.checked("uploading a tensor", || {
+            gpu.queue()
+                .write_buffer(tensor.buffer(), 0, bytemuck::cast_slice(data));
+        })?;
+        Ok(tensor)
+    }
+
+    /// A tensor with every element equal to `value` (e.g. NaN to poison an output).
+    pub fn full(gpu: &Gpu, shape: &[usize], value: f32) -> Result<Self> {
+        let tensor = Self::uninit(gpu, shape)?;
+        let data = vec![value; tensor.len()];
+        gpu.checked("filling a tensor", || {
+            gpu.queue()
+                .write_buffer(tensor.buffer(), 0, bytemuck::cast_slice(&data));
+        })?;
+        Ok(tensor)
+    }
+
+    /// The shape, outermost dimension first.
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// Always false: tensors have no zero-sized dimension.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// Size of the data in bytes.
+    pub fn bytes(&self) -> u64 {
+        self.len() as u64 * 4
+    }
+
+    /// The context this tensor lives on.
+    pub fn gpu(&self) -> &Gpu {
+        &self.storage.gpu
+    }
+
+    /// The same data under another shape with as many elements.
+    pub fn reshape(mut self, shape: &[usize]) -> Result<Self> {
+        if element_count("Tensor::reshape", shape)? != self.len() {
+            return Err(Error::ShapeMismatch {
+                op: "Tensor::reshape",
+                detail: format!("cannot view {:?} as {shape:?}", self.shape),
+            });
+        }
+        self.shape = shape.to_vec();
+        Ok(self)
+    }
+
+    /// Reads the tensor back to the host, blocking.
+    pub fn to_array(&self) -> Result<ArrayD<f32>> {
+        pollster::block_on(self.to_array_async())
+    }
+
+    /// Reads the tensor back to the host.
+    pub async fn to_array_async(&self) -> Result<ArrayD<f32>> {
+        let bytes = self.gpu().read_bytes(self.buffer(), self.bytes()).await?;
+        let data: Vec<f32> = bytemuck::pod_collect_to_vec(&bytes);
+        ArrayD::from_shape_vec(IxDyn(&self.shape), data).map_err(|e| Error::Readback(e.to_string()))
+    }
+
+    pub(crate) fn buffer(&self) -> &wgpu::Buffer {
+        &self.storage.buffer
+    }
+
+    pub(crate) fn binding(&self) -> Binding<'_> {
+        Binding {
+            buffer: self.buffer(),
+            bytes: self.bytes(),
+        }
+    }
+
+    /// Fails unless `self` lives on `gpu`.
+    pub(crate) fn check_same_gpu(&self, op: &'static str, gpu: &Gpu) -> Result<()> {
+        if std::sync::Arc::ptr_eq(&self.gpu().inner, &gpu.inner) {
+            Ok(())
+        } else {
+            Err(Error::InvalidArgument {
+                op,
+                detail: "tensors live on different Gpu contexts; upload them to the same one"
+                    .into(),
+            })
+        }
+    }
+}

@@ -1,0 +1,38 @@
+//! Shared test setup: one `Gpu` per test process (lavapipe leaks devices created per test).
+
+#![allow(dead_code)]
+
+use std::sync::OnceLock;
+
+use ndarray::{ArrayD, IxDyn};
+use rand::{RngExt, SeedableRng, rngs::StdRng};
+use wgcnn::Gpu;
+
+/// The process-wide GPU. A missing adapter fails the test (say WGCNN_SKIP_GPU_TESTS=1 to
+/// skip on purpose on a machine without one; CI never does).
+pub fn gpu() -> Option<&'static Gpu> {
+    static GPU: OnceLock<Result<Gpu, String>> = OnceLock::new();
+    match GPU.get_or_init(|| Gpu::new().map_err(|e| e.to_string())) {
+        Ok(gpu) => Some(gpu),
+        Err(e) if std::env::var_os("WGCNN_SKIP_GPU_TESTS").is_some() => {
+            eprintln!("skipping a GPU test on request: {e}");
+            None
+        }
+        Err(e) => panic!("no GPU for the tests: {e}"),
+    }
+}
+
+/// Uniform values in [-1, 1) from a seed.
+pub fn random(shape: &[usize], seed: u64) -> ArrayD<f32> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    ArrayD::from_shape_simple_fn(IxDyn(shape), || rng.random_range(-1.0f32..1.0))
+}
+
+/// Largest absolute difference, NaN counting as infinite.
+pub fn max_abs_diff(a: &ArrayD<f32>, b: &ArrayD<f32>) -> f32 {
+    assert_eq!(a.shape(), b.shape());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| if x.is_nan() || y.is_nan() { f32::INFINITY } else { (x - y).abs() })
+        .fold(0.0, f32::max)
+}

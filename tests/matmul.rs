@@ -1,0 +1,158 @@
+//! GPU matmul (both kernel families) against the ndarray reference.
+
+mod common;
+
+use common::{gpu, max_abs_diff, random};
+use ndarray::{ArrayD, IxDyn};
+use proptest::prelude::*;
+use wgcnn::{Activation, BiasAxis, Gpu, KernelChoice, Matmul, MatmulPlan, Tensor};
+
+/// The kernel families this adapter can run.
+fn kernels(gpu: &Gpu) -> Vec<KernelChoice> {
+    let mut kernels = vec![KernelChoice::Tiled];
+    if gpu.fixed_subgroup_size().is_some() {
+        kernels.push(KernelChoice::Subgroup);
+    }
+    kernels
+}
+
+fn operand_shape(batch: Option<usize>, rows: usize, cols: usize) -> Vec<usize> {
+    match batch {
+        Some(b) => vec![b, rows, cols],
+        None => vec![rows, cols],
+    }
+}
+
+/// Runs one product on the GPU (output poisoned with NaN first) and on the CPU, and checks
+/// them within a tolerance that scales with K and the operands' magnitude.
+#[allow(clippy::too_many_arguments)]
+fn check(
+    gpu: &Gpu,
+    spec: Matmul,
+    (a_batch, b_batch): (Option<usize>, Option<usize>),
+    (m, k, n): (usize, usize, usize),
+    seed: u64,
+) -> MatmulPlan {
+    let a_shape = if spec.trans_a { operand_shape(a_batch, k, m) } else { operand_shape(a_batch, m, k) };
+    let b_shape = if spec.trans_b { operand_shape(b_batch, n, k) } else { operand_shape(b_batch, k, n) };
+    let a = random(&a_shape, seed);
+    let b = random(&b_shape, seed + 1);
+    let bias = match spec.bias {
+        BiasAxis::None => None,
+        BiasAxis::PerColumn => Some(random(&[n], seed + 2)),
+        BiasAxis::PerRow => Some(random(&[m], seed + 2)),
+    };
+    let expected = wgcnn::cpu::matmul(&spec, &a.view(), &b.view(), bias.as_ref().map(|x| x.view()).as_ref()).unwrap();
+
+    let ta = Tensor::from_array(gpu, &a).unwrap();
+    let tb = Tensor::from_array(gpu, &b).unwrap();
+    let tbias = bias.as_ref().map(|x| Tensor::from_array(gpu, x).unwrap());
+    let mut out = Tensor::full(gpu, expected.shape(), f32::NAN).unwrap();
+    let plan = spec.forward_into(&ta, &tb, tbias.as_ref(), &mut out).unwrap();
+    let got = out.to_array().unwrap();
+
+    // Each output sums K products of values in [-1, 1): f32 rounding grows with K.
+    let tolerance = 1e-5 + 4.0 * f32::EPSILON * k as f32;
+    let diff = max_abs_diff(&got, &expected);
+    assert!(
+        diff <= tolerance,
+        "{plan} {spec:?} batches {a_batch:?}/{b_batch:?} m={m} k={k} n={n}: max diff {diff} > {tolerance}"
+    );
+    plan
+}
+
+fn activation_strategy() -> impl Strategy<Value = Activation> {
+    prop_oneof![
+        Just(Activation::None),
+        Just(Activation::Relu),
+        Just(Activation::LeakyRelu(0.1)),
+        Just(Activation::Sigmoid),
+        Just(Activation::Tanh),
+    ]
+}
+
+fn bias_strategy() -> impl Strategy<Value = BiasAxis> {
+    prop_oneof![Just(BiasAxis::None), Just(BiasAxis::PerColumn), Just(BiasAxis::PerRow)]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    #[test]
+    fn random_shapes_match_the_cpu(
+        m in 1usize..300, k in 1usize..300, n in 1usize..300,
+        trans_a: bool, trans_b: bool,
+        bias in bias_strategy(), activation in activation_strategy(),
+        batch in prop_oneof![Just((None, None)), (1usize..4).prop_map(|b| (Some(b), Some(b))),
+                             (1usize..4).prop_map(|b| (Some(b), None)), (1usize..4).prop_map(|b| (None, Some(b)))],
+        seed in 0u64..1000,
+    ) {
+        let Some(gpu) = gpu() else { return Ok(()) };
+        for kernel in kernels(gpu) {
+            let spec = Matmul { trans_a, trans_b, bias, activation, kernel };
+            check(gpu, spec, batch, (m, k, n), seed);
+        }
+    }
+}
+
+#[test]
+fn sizes_around_the_tiles_and_tiny_ones() {
+    let Some(gpu) = gpu() else { return };
+    for (m, k, n) in [(1, 1, 1), (3, 3, 3), (17, 17, 17), (1, 1000, 1), (65, 63, 129), (8, 4, 32), (33, 5, 31)] {
+        for kernel in kernels(gpu) {
+            for (trans_a, trans_b) in [(false, false), (false, true), (true, false), (true, true)] {
+                let spec = Matmul { trans_a, trans_b, kernel, ..Matmul::default() };
+                check(gpu, spec, (None, None), (m, k, n), (m * k * n) as u64);
+            }
+        }
+    }
+}
+
+#[test]
+fn large_products_match_the_cpu() {
+    let Some(gpu) = gpu() else { return };
+    for kernel in kernels(gpu) {
+        let spec = Matmul { kernel, ..Matmul::default() };
+        check(gpu, spec, (None, None), (1024, 1024, 1024), 7);
+        // LeNet conv2 as a GEMM: 64 images × 8×8 positions, 6·5·5 taps, 16 filters.
+        let conv = Matmul { bias: BiasAxis::PerColumn, activation: Activation::Relu, kernel, ..Matmul::default() };
+        check(gpu, conv, (None, None), (4096, 150, 16), 8);
+    }
+}
+
+#[test]
+fn grids_beyond_65535_workgroups_in_one_axis() {
+    let Some(gpu) = gpu() else { return };
+    // 600,000 tiny products: one tile each, 600,000 tiled workgroups and 75,000 subgroup ones.
+    for kernel in kernels(gpu) {
+        let spec = Matmul { kernel, ..Matmul::default() };
+        check(gpu, spec, (Some(600_000), Some(600_000)), (2, 1, 3), 9);
+    }
+}
+
+#[test]
+fn auto_picks_the_subgroup_kernel_on_cpu_adapters() {
+    let Some(gpu) = gpu() else { return };
+    let spec = Matmul::default();
+    let shape = spec.shape(&[64, 64], &[64, 64], None).unwrap();
+    let plan = spec.plan(gpu, &shape).unwrap();
+    if gpu.is_cpu_adapter() && gpu.fixed_subgroup_size().is_some() {
+        assert!(matches!(plan, MatmulPlan::Subgroup { .. }), "{plan}");
+    } else {
+        assert_eq!(plan, MatmulPlan::Tiled);
+    }
+}
+
+#[test]
+fn cpu_reference_follows_the_definition() {
+    // A hand-sized case: [[1,2],[3,4]] · [[5,6],[7,8]] = [[19,22],[43,50]], + column bias, relu.
+    let a = ArrayD::from_shape_vec(IxDyn(&[2, 2]), vec![1.0, 2.0, 3.0, 4.0]).unwrap();
+    let b = ArrayD::from_shape_vec(IxDyn(&[2, 2]), vec![5.0, 6.0, 7.0, 8.0]).unwrap();
+    let bias = ArrayD::from_shape_vec(IxDyn(&[2]), vec![-20.0, 0.5]).unwrap();
+    let spec = Matmul { bias: BiasAxis::PerColumn, activation: Activation::Relu, ..Matmul::default() };
+    let c = wgcnn::cpu::matmul(&spec, &a.view(), &b.view(), Some(&bias.view())).unwrap();
+    assert_eq!(c.as_slice().unwrap(), &[0.0, 22.5, 23.0, 50.5]);
+    let nt = Matmul { trans_b: true, ..Matmul::default() };
+    let c = wgcnn::cpu::matmul(&nt, &a.view(), &b.view(), None).unwrap();
+    assert_eq!(c.as_slice().unwrap(), &[17.0, 23.0, 39.0, 53.0]);
+}
