@@ -14,6 +14,8 @@ pub use gpu::{Gpu, GpuOptions, PoolStats};
 pub use ops::Activation;
 pub use ops::matmul::{BiasAxis, KernelChoice, Matmul, MatmulPlan, MatmulShape};
 pub use tensor::Tensor;
+/// The wgpu version wgcnn is built on, for `GpuOptions::backends` and adapter info.
+pub use wgpu;
 
 /// CPU references of every op, on ndarray: readable and formula-faithful.
 pub mod cpu {

@@ -33,8 +33,16 @@ fn check(
     (m, k, n): (usize, usize, usize),
     seed: u64,
 ) -> MatmulPlan {
-    let a_shape = if spec.trans_a { operand_shape(a_batch, k, m) } else { operand_shape(a_batch, m, k) };
-    let b_shape = if spec.trans_b { operand_shape(b_batch, n, k) } else { operand_shape(b_batch, k, n) };
+    let a_shape = if spec.trans_a {
+        operand_shape(a_batch, k, m)
+    } else {
+        operand_shape(a_batch, m, k)
+    };
+    let b_shape = if spec.trans_b {
+        operand_shape(b_batch, n, k)
+    } else {
+        operand_shape(b_batch, k, n)
+    };
     let a = random(&a_shape, seed);
     let b = random(&b_shape, seed + 1);
     let bias = match spec.bias {
@@ -42,13 +50,21 @@ fn check(
         BiasAxis::PerColumn => Some(random(&[n], seed + 2)),
         BiasAxis::PerRow => Some(random(&[m], seed + 2)),
     };
-    let expected = wgcnn::cpu::matmul(&spec, &a.view(), &b.view(), bias.as_ref().map(|x| x.view()).as_ref()).unwrap();
+    let expected = wgcnn::cpu::matmul(
+        &spec,
+        &a.view(),
+        &b.view(),
+        bias.as_ref().map(|x| x.view()).as_ref(),
+    )
+    .unwrap();
 
     let ta = Tensor::from_array(gpu, &a).unwrap();
     let tb = Tensor::from_array(gpu, &b).unwrap();
     let tbias = bias.as_ref().map(|x| Tensor::from_array(gpu, x).unwrap());
     let mut out = Tensor::full(gpu, expected.shape(), f32::NAN).unwrap();
-    let plan = spec.forward_into(&ta, &tb, tbias.as_ref(), &mut out).unwrap();
+    let plan = spec
+        .forward_into(&ta, &tb, tbias.as_ref(), &mut out)
+        .unwrap();
     let got = out.to_array().unwrap();
 
     // Each output sums K products of values in [-1, 1): f32 rounding grows with K.
@@ -72,7 +88,11 @@ fn activation_strategy() -> impl Strategy<Value = Activation> {
 }
 
 fn bias_strategy() -> impl Strategy<Value = BiasAxis> {
-    prop_oneof![Just(BiasAxis::None), Just(BiasAxis::PerColumn), Just(BiasAxis::PerRow)]
+    prop_oneof![
+        Just(BiasAxis::None),
+        Just(BiasAxis::PerColumn),
+        Just(BiasAxis::PerRow)
+    ]
 }
 
 proptest! {
@@ -98,10 +118,23 @@ proptest! {
 #[test]
 fn sizes_around_the_tiles_and_tiny_ones() {
     let Some(gpu) = gpu() else { return };
-    for (m, k, n) in [(1, 1, 1), (3, 3, 3), (17, 17, 17), (1, 1000, 1), (65, 63, 129), (8, 4, 32), (33, 5, 31)] {
+    for (m, k, n) in [
+        (1, 1, 1),
+        (3, 3, 3),
+        (17, 17, 17),
+        (1, 1000, 1),
+        (65, 63, 129),
+        (8, 4, 32),
+        (33, 5, 31),
+    ] {
         for kernel in kernels(gpu) {
             for (trans_a, trans_b) in [(false, false), (false, true), (true, false), (true, true)] {
-                let spec = Matmul { trans_a, trans_b, kernel, ..Matmul::default() };
+                let spec = Matmul {
+                    trans_a,
+                    trans_b,
+                    kernel,
+                    ..Matmul::default()
+                };
                 check(gpu, spec, (None, None), (m, k, n), (m * k * n) as u64);
             }
         }
@@ -112,10 +145,18 @@ fn sizes_around_the_tiles_and_tiny_ones() {
 fn large_products_match_the_cpu() {
     let Some(gpu) = gpu() else { return };
     for kernel in kernels(gpu) {
-        let spec = Matmul { kernel, ..Matmul::default() };
+        let spec = Matmul {
+            kernel,
+            ..Matmul::default()
+        };
         check(gpu, spec, (None, None), (1024, 1024, 1024), 7);
         // LeNet conv2 as a GEMM: 64 images × 8×8 positions, 6·5·5 taps, 16 filters.
-        let conv = Matmul { bias: BiasAxis::PerColumn, activation: Activation::Relu, kernel, ..Matmul::default() };
+        let conv = Matmul {
+            bias: BiasAxis::PerColumn,
+            activation: Activation::Relu,
+            kernel,
+            ..Matmul::default()
+        };
         check(gpu, conv, (None, None), (4096, 150, 16), 8);
     }
 }
@@ -123,10 +164,19 @@ fn large_products_match_the_cpu() {
 #[test]
 fn grids_beyond_65535_workgroups_in_one_axis() {
     let Some(gpu) = gpu() else { return };
-    // 600,000 tiny products: one tile each, 600,000 tiled workgroups and 75,000 subgroup ones.
+    // Tiny products, one tile each: over 65,535 workgroups for either family.
     for kernel in kernels(gpu) {
-        let spec = Matmul { kernel, ..Matmul::default() };
-        check(gpu, spec, (Some(600_000), Some(600_000)), (2, 1, 3), 9);
+        let spec = Matmul {
+            kernel,
+            ..Matmul::default()
+        };
+        // Tiled: one 256-invocation group per tile; subgroup: 8 tiles per group.
+        let batch = if kernel == KernelChoice::Tiled {
+            70_000
+        } else {
+            600_000
+        };
+        check(gpu, spec, (Some(batch), Some(batch)), (2, 1, 3), 9);
     }
 }
 
@@ -149,10 +199,17 @@ fn cpu_reference_follows_the_definition() {
     let a = ArrayD::from_shape_vec(IxDyn(&[2, 2]), vec![1.0, 2.0, 3.0, 4.0]).unwrap();
     let b = ArrayD::from_shape_vec(IxDyn(&[2, 2]), vec![5.0, 6.0, 7.0, 8.0]).unwrap();
     let bias = ArrayD::from_shape_vec(IxDyn(&[2]), vec![-20.0, 0.5]).unwrap();
-    let spec = Matmul { bias: BiasAxis::PerColumn, activation: Activation::Relu, ..Matmul::default() };
+    let spec = Matmul {
+        bias: BiasAxis::PerColumn,
+        activation: Activation::Relu,
+        ..Matmul::default()
+    };
     let c = wgcnn::cpu::matmul(&spec, &a.view(), &b.view(), Some(&bias.view())).unwrap();
     assert_eq!(c.as_slice().unwrap(), &[0.0, 22.5, 23.0, 50.5]);
-    let nt = Matmul { trans_b: true, ..Matmul::default() };
+    let nt = Matmul {
+        trans_b: true,
+        ..Matmul::default()
+    };
     let c = wgcnn::cpu::matmul(&nt, &a.view(), &b.view(), None).unwrap();
     assert_eq!(c.as_slice().unwrap(), &[17.0, 23.0, 39.0, 53.0]);
 }

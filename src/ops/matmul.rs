@@ -122,9 +122,8 @@ fn split_batch(name: &str, shape: &[usize]) -> Result<(Option<usize>, usize, usi
 impl Matmul {
     /// Checks the operand shapes against the options and returns the product's sizes.
     pub fn shape(&self, a: &[usize], b: &[usize], bias: Option<&[usize]>) -> Result<MatmulShape> {
-        for (name, shape) in [("A", a), ("B", b)] {
+        for shape in [a, b] {
             if let Some(axis) = shape.iter().position(|&d| d == 0) {
-                let _ = name;
                 return Err(Error::EmptyDimension {
                     op: OP,
                     shape: shape.to_vec(),

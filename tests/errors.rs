@@ -1,0 +1,169 @@
+//! Every error a caller can cause, produced and its message checked.
+
+mod common;
+
+use common::{gpu, random};
+use ndarray::{ArrayD, IxDyn};
+use wgcnn::{BiasAxis, Error, Gpu, GpuOptions, KernelChoice, Matmul, Tensor};
+
+#[test]
+fn no_adapter_explains_how_to_get_lavapipe() {
+    let options = GpuOptions {
+        adapter_name: Some("no-such-adapter-anywhere".into()),
+        ..GpuOptions::from_env()
+    };
+    let err = Gpu::with_options(options).unwrap_err();
+    assert!(matches!(err, Error::NoAdapter { .. }), "{err:?}");
+    let message = err.to_string();
+    assert!(message.contains("no-such-adapter-anywhere"), "{message}");
+    assert!(
+        message.contains("apt-get install -y mesa-vulkan-drivers"),
+        "{message}"
+    );
+
+    let options = GpuOptions {
+        backends: wgcnn::wgpu::Backends::empty(),
+        ..GpuOptions::default()
+    };
+    let err = Gpu::with_options(options).unwrap_err();
+    assert!(err.to_string().contains("no GPU adapter found"), "{err}");
+}
+
+#[test]
+fn shape_mismatches_are_reported() {
+    let Some(gpu) = gpu() else { return };
+    let a = Tensor::from_array(gpu, &random(&[4, 5], 1)).unwrap();
+    let b = Tensor::from_array(gpu, &random(&[6, 3], 2)).unwrap();
+    let err = Matmul::default().forward(&a, &b, None).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("inner dimensions differ: op(A) is 4×5"),
+        "{err}"
+    );
+
+    let a3 = Tensor::from_array(gpu, &random(&[2, 4, 5], 3)).unwrap();
+    let b3 = Tensor::from_array(gpu, &random(&[3, 5, 2], 4)).unwrap();
+    let err = Matmul::default().forward(&a3, &b3, None).unwrap_err();
+    assert!(err.to_string().contains("batch sizes differ"), "{err}");
+
+    let b_ok = Tensor::from_array(gpu, &random(&[5, 2], 5)).unwrap();
+    let wrong_bias = Tensor::from_array(gpu, &random(&[3], 6)).unwrap();
+    let spec = Matmul {
+        bias: BiasAxis::PerColumn,
+        ..Matmul::default()
+    };
+    let err = spec.forward(&a, &b_ok, Some(&wrong_bias)).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("expects a 1-D bias of length Some(2)"),
+        "{err}"
+    );
+    let err = spec.forward(&a, &b_ok, None).unwrap_err();
+    assert!(err.to_string().contains("got None"), "{err}");
+
+    let rank4 = Tensor::from_array(gpu, &random(&[1, 1, 4, 5], 7)).unwrap();
+    let err = Matmul::default().forward(&rank4, &b_ok, None).unwrap_err();
+    assert!(err.to_string().contains("must be 2-D or 3-D"), "{err}");
+
+    let mut wrong_out = Tensor::full(gpu, &[4, 3], 0.0).unwrap();
+    let err = Matmul::default()
+        .forward_into(&a, &b_ok, None, &mut wrong_out)
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("output is [4, 3], the product is [4, 2]"),
+        "{err}"
+    );
+
+    let cpu_err = wgcnn::cpu::matmul(
+        &Matmul::default(),
+        &random(&[4, 5], 1).view(),
+        &random(&[6, 3], 2).view(),
+        None,
+    );
+    assert!(matches!(cpu_err, Err(Error::ShapeMismatch { .. })));
+}
+
+#[test]
+fn empty_dimensions_are_rejected() {
+    let Some(gpu) = gpu() else { return };
+    let empty = ArrayD::<f32>::zeros(IxDyn(&[3, 0]));
+    let err = Tensor::from_array(gpu, &empty).unwrap_err();
+    assert!(
+        matches!(err, Error::EmptyDimension { axis: 1, .. }),
+        "{err:?}"
+    );
+    assert!(
+        err.to_string()
+            .contains("dimension 1 of shape [3, 0] is zero"),
+        "{err}"
+    );
+    let err = Matmul::default().shape(&[0, 4], &[4, 4], None).unwrap_err();
+    assert!(err.to_string().contains("is zero"), "{err}");
+}
+
+#[test]
+fn tensors_beyond_the_device_limits_are_refused_before_allocating() {
+    let Some(gpu) = gpu() else { return };
+    let limit = gpu.limits().max_storage_buffer_binding_size;
+    let elements = (limit / 4 + 1) as usize;
+    let err = Tensor::full(gpu, &[elements], 1.0).unwrap_err();
+    assert!(matches!(err, Error::TooLarge { .. }), "{err:?}");
+    let message = err.to_string();
+    assert!(
+        message.contains(&format!("{} bytes", elements * 4)),
+        "{message}"
+    );
+    assert!(
+        message.contains("max_storage_buffer_binding_size"),
+        "{message}"
+    );
+    assert!(message.contains(&limit.to_string()), "{message}");
+
+    let err = Tensor::full(gpu, &[usize::MAX / 2, 4], 1.0).unwrap_err();
+    assert!(err.to_string().contains("more elements than fit"), "{err}");
+}
+
+#[test]
+fn the_subgroup_kernel_needs_subgroups() {
+    let Some(gpu) = gpu() else { return };
+    let spec = Matmul {
+        kernel: KernelChoice::Subgroup,
+        ..Matmul::default()
+    };
+    let shape = spec.shape(&[2, 2], &[2, 2], None).unwrap();
+    match gpu.fixed_subgroup_size() {
+        Some(_) => assert!(spec.plan(gpu, &shape).is_ok()),
+        None => {
+            let err = spec.plan(gpu, &shape).unwrap_err();
+            assert!(
+                err.to_string().contains("subgroups of a fixed size"),
+                "{err}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_lost_device_turns_into_errors_not_panics() {
+    let Some(_) = gpu() else { return };
+    // A context of its own, since it is destroyed.
+    let gpu = Gpu::new().unwrap();
+    let a = Tensor::from_array(&gpu, &random(&[3, 3], 1)).unwrap();
+    gpu.simulate_device_loss();
+    let err = Matmul::default().forward(&a, &a, None).unwrap_err();
+    assert!(matches!(err, Error::DeviceLost { .. }), "{err:?}");
+    assert!(err.to_string().contains("create a new Gpu"), "{err}");
+    assert!(a.to_array().is_err());
+    assert!(Tensor::full(&gpu, &[2], 0.0).is_err());
+}
+
+#[test]
+fn tensors_from_two_contexts_do_not_mix() {
+    let Some(shared) = gpu() else { return };
+    let other = Gpu::new().unwrap();
+    let a = Tensor::from_array(shared, &random(&[2, 2], 1)).unwrap();
+    let b = Tensor::from_array(&other, &random(&[2, 2], 2)).unwrap();
+    let err = Matmul::default().forward(&a, &b, None).unwrap_err();
+    assert!(err.to_string().contains("different Gpu contexts"), "{err}");
+}
