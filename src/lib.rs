@@ -3,6 +3,23 @@
 //! Start with [`Gpu::new`], upload arrays with [`Tensor::from_array`], run ops such as
 //! [`Matmul`], and read results back with [`Tensor::to_array`]. Every op also has a CPU
 //! reference on ndarray in [`cpu`], used by the tests to check the GPU.
+//!
+//! ```
+//! use ndarray::array;
+//! use wgcnn::{Activation, BiasAxis, Gpu, Matmul, Tensor};
+//!
+//! # fn main() -> wgcnn::Result<()> {
+//! let gpu = Gpu::new()?; // WGPU_BACKEND / WGPU_ADAPTER_NAME / WGPU_POWER_PREF pick the adapter
+//! let x = Tensor::from_array(&gpu, &array![[1.0f32, 2.0], [3.0, 4.0]])?;
+//! let w = Tensor::from_array(&gpu, &array![[5.0f32, 6.0], [7.0, 8.0]])?;
+//! let b = Tensor::from_array(&gpu, &array![-20.0f32, 0.5])?;
+//! // relu(x · w + b), the bias added per column, all in one kernel.
+//! let spec = Matmul { bias: BiasAxis::PerColumn, activation: Activation::Relu, ..Matmul::default() };
+//! let y = spec.forward(&x, &w, Some(&b))?.to_array()?;
+//! assert_eq!(y.as_slice(), Some(&[0.0, 22.5, 23.0, 50.5][..]));
+//! # Ok(())
+//! # }
+//! ```
 
 pub mod error;
 pub mod gpu;
