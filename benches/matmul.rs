@@ -18,13 +18,17 @@ const SHAPES: [(usize, usize, usize); 5] = [
 ];
 
 fn filled(rows: usize, cols: usize, seed: usize) -> Array2<f32> {
-    Array2::from_shape_fn((rows, cols), |(i, j)| ((i * 31 + j * 17 + seed) % 97) as f32 / 97.0 - 0.5)
+    Array2::from_shape_fn((rows, cols), |(i, j)| {
+        ((i * 31 + j * 17 + seed) % 97) as f32 / 97.0 - 0.5
+    })
 }
 
 fn matmul(c: &mut Criterion) {
     let gpu = Gpu::new().expect("the benchmarks need a GPU adapter (lavapipe will do)");
     let mut group = c.benchmark_group("matmul");
-    group.sample_size(10).warm_up_time(Duration::from_millis(500));
+    group
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(500));
     for (m, k, n) in SHAPES {
         let label = format!("{m}x{k}x{n}");
         group.throughput(Throughput::Elements((2 * m * k * n) as u64));
@@ -46,9 +50,14 @@ fn matmul(c: &mut Criterion) {
             })
         });
         let result = out.to_array().expect("readback");
-        assert!(result.iter().all(|x| x.is_finite()), "the GPU result has NaNs");
+        assert!(
+            result.iter().all(|x| x.is_finite()),
+            "the GPU result has NaNs"
+        );
 
-        group.bench_function(BenchmarkId::new("cpu", &label), |bench| bench.iter(|| a.dot(&b)));
+        group.bench_function(BenchmarkId::new("cpu", &label), |bench| {
+            bench.iter(|| a.dot(&b))
+        });
     }
     group.finish();
 }
