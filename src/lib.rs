@@ -29,6 +29,7 @@ pub mod tensor;
 pub use error::{Error, Result};
 pub use gpu::{Gpu, GpuOptions, PoolStats};
 pub use ops::Activation;
+pub use ops::conv2d::{Conv2d, Conv2dGrads, Conv2dShape, Padding};
 pub use ops::matmul::{BiasAxis, KernelChoice, Matmul, MatmulPlan, MatmulShape};
 pub use tensor::Tensor;
 /// The wgpu version wgcnn is built on, for `GpuOptions::backends` and adapter info.
@@ -36,5 +37,6 @@ pub use wgpu;
 
 /// CPU references of every op, on ndarray: readable and formula-faithful.
 pub mod cpu {
+    pub use crate::ops::conv2d::{conv2d_backward_cpu as conv2d_backward, conv2d_cpu as conv2d};
     pub use crate::ops::matmul::matmul_cpu as matmul;
 }

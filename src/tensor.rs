@@ -34,6 +34,13 @@ impl std::fmt::Debug for Tensor {
     }
 }
 
+/// A tensor's buffer seen under a shape with the same element count (no copy).
+#[derive(Clone, Copy)]
+pub(crate) struct Operand<'a> {
+    pub binding: Binding<'a>,
+    pub shape: &'a [usize],
+}
+
 /// Checks a shape for use as a tensor and returns its element count.
 pub(crate) fn element_count(op: &'static str, shape: &[usize]) -> Result<usize> {
     if let Some(axis) = shape.iter().position(|&d| d == 0) {
@@ -177,6 +184,23 @@ impl Tensor {
         Binding {
             buffer: self.buffer(),
             bytes: self.bytes(),
+        }
+    }
+
+    /// This tensor as a kernel operand.
+    pub(crate) fn operand(&self) -> Operand<'_> {
+        Operand {
+            binding: self.binding(),
+            shape: &self.shape,
+        }
+    }
+
+    /// This tensor under another shape of as many elements (e.g. OIHW weights as [O, C·H·W]).
+    pub(crate) fn operand_as<'a>(&'a self, shape: &'a [usize]) -> Operand<'a> {
+        debug_assert_eq!(shape.iter().product::<usize>(), self.len());
+        Operand {
+            binding: self.binding(),
+            shape,
         }
     }
 

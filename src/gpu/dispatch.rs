@@ -96,6 +96,26 @@ impl Gpu {
     }
 }
 
+impl Gpu {
+    /// Copies `bytes` from `src` at `src_offset` to `dst` at `dst_offset` (multiples of 4).
+    pub(crate) fn copy(
+        &self,
+        (src, src_offset): (&wgpu::Buffer, u64),
+        (dst, dst_offset): (&wgpu::Buffer, u64),
+        bytes: u64,
+    ) -> Result<()> {
+        self.checked("copying a tensor", || {
+            let mut encoder =
+                self.device()
+                    .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                        label: Some("copy"),
+                    });
+            encoder.copy_buffer_to_buffer(src, src_offset, dst, dst_offset, bytes);
+            self.queue().submit([encoder.finish()]);
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::grid;

@@ -18,13 +18,16 @@ impl PipelineCache {
 }
 
 impl Gpu {
-    /// The pipeline for `key`, compiling `source()` (entry point `main`) on first use.
-    /// The key must name everything the source depends on.
+    /// The pipeline for `entry` in `source()`, compiled on first use and cached under
+    /// `key`, which must name everything the source depends on.
     pub(crate) fn pipeline(
         &self,
         key: &str,
+        entry: &str,
         source: impl FnOnce() -> String,
     ) -> Result<Arc<wgpu::ComputePipeline>> {
+        let key = format!("{key}:{entry}");
+        let key = key.as_str();
         if let Some(found) = lock(&self.inner.pipelines).pipelines.get(key) {
             return Ok(Arc::clone(found));
         }
@@ -39,7 +42,7 @@ impl Gpu {
                 label: Some(key),
                 layout: None,
                 module: &module,
-                entry_point: Some("main"),
+                entry_point: Some(entry),
                 compilation_options: Default::default(),
                 cache: None,
             })

@@ -14,7 +14,7 @@ use super::Activation;
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::gpu::dispatch::Binding;
-use crate::tensor::Tensor;
+use crate::tensor::{Operand, Tensor};
 
 const OP: &str = "matmul";
 
@@ -250,48 +250,47 @@ impl Matmul {
         for t in [Some(b), bias, Some(&*out)].into_iter().flatten() {
             t.check_same_gpu(OP, &gpu)?;
         }
-        let shape = self.shape(a.shape(), b.shape(), bias.map(Tensor::shape))?;
-        if out.shape() != shape.out.as_slice() {
+        self.run(
+            &gpu,
+            a.operand(),
+            b.operand(),
+            bias.map(Tensor::operand),
+            out.operand(),
+        )
+    }
+
+    /// Runs the product on operands given as buffers with shapes (views of tensors).
+    pub(crate) fn run(
+        &self,
+        gpu: &Gpu,
+        a: Operand<'_>,
+        b: Operand<'_>,
+        bias: Option<Operand<'_>>,
+        out: Operand<'_>,
+    ) -> Result<MatmulPlan> {
+        let shape = self.shape(a.shape, b.shape, bias.map(|x| x.shape))?;
+        if out.shape != shape.out.as_slice() {
             return Err(Error::ShapeMismatch {
                 op: OP,
-                detail: format!(
-                    "output is {:?}, the product is {:?}",
-                    out.shape(),
-                    shape.out
-                ),
+                detail: format!("output is {:?}, the product is {:?}", out.shape, shape.out),
             });
         }
-        let plan = self.plan(&gpu, &shape)?;
+        let plan = self.plan(gpu, &shape)?;
         // Without a bias, A stands in for the unused (read-only) bias binding.
-        let bias_binding = bias.unwrap_or(a).binding();
+        let bias = bias.unwrap_or(a).binding;
+        let (a, b, out) = (a.binding, b.binding, out.binding);
         match plan {
-            MatmulPlan::Tiled => self.run_tiled(&gpu, &shape, a, b, bias_binding, out)?,
+            MatmulPlan::Tiled => self.run_tiled(gpu, &shape, [a, b, bias, out])?,
             MatmulPlan::Subgroup {
                 rows,
                 cols,
                 subgroup,
-            } => self.run_subgroup(
-                &gpu,
-                &shape,
-                (rows, cols, subgroup),
-                a,
-                b,
-                bias_binding,
-                out,
-            )?,
+            } => self.run_subgroup(gpu, &shape, (rows, cols, subgroup), [a, b, bias, out])?,
         }
         Ok(plan)
     }
 
-    fn run_tiled(
-        &self,
-        gpu: &Gpu,
-        shape: &MatmulShape,
-        a: &Tensor,
-        b: &Tensor,
-        bias: Binding<'_>,
-        out: &Tensor,
-    ) -> Result<()> {
+    fn run_tiled(&self, gpu: &Gpu, shape: &MatmulShape, bindings: [Binding<'_>; 4]) -> Result<()> {
         let (m, k, n) = (shape.m as u32, shape.k as u32, shape.n as u32);
         let (a_row, a_col) = if self.trans_a { (1, m) } else { (k, 1) };
         let (b_row, b_col) = if self.trans_b { (1, k) } else { (n, 1) };
@@ -316,7 +315,7 @@ impl Matmul {
             activation: self.activation.code(),
             slope: self.activation.slope(),
         };
-        let pipeline = gpu.pipeline("matmul_tiled", || {
+        let pipeline = gpu.pipeline("matmul_tiled", "main", || {
             [
                 include_str!("../../shaders/epilogue.wgsl"),
                 include_str!("../../shaders/matmul.wgsl"),
@@ -328,7 +327,7 @@ impl Matmul {
                 pass,
                 &pipeline,
                 bytemuck::bytes_of(&params),
-                &[a.binding(), b.binding(), bias, out.binding()],
+                &bindings,
                 u64::from(total_tiles),
             )
         })
@@ -340,10 +339,7 @@ impl Matmul {
         gpu: &Gpu,
         shape: &MatmulShape,
         (rows, cols, subgroup): (u32, u32, u32),
-        a: &Tensor,
-        b: &Tensor,
-        bias: Binding<'_>,
-        out: &Tensor,
+        [a, b, bias, out]: [Binding<'_>; 4],
     ) -> Result<()> {
         let (m, k, n) = (shape.m, shape.k, shape.n);
         let (k4, n4) = (k.div_ceil(4), n.div_ceil(4));
@@ -380,11 +376,12 @@ impl Matmul {
             slope: self.activation.slope(),
         };
         let key = format!("matmul_subgroup_r{rows}_c{cols}_s{subgroup}");
-        let pipeline = gpu.pipeline(&key, || {
+        let pipeline = gpu.pipeline(&key, "main", || {
             subgroup_kernel_source(rows, cols, subgroup, subgroups_per_group)
         })?;
-        let pack_pipeline =
-            gpu.pipeline("pack", || include_str!("../../shaders/pack.wgsl").into())?;
+        let pack_pipeline = gpu.pipeline("pack", "main", || {
+            include_str!("../../shaders/pack.wgsl").into()
+        })?;
 
         gpu.run_pass("matmul", |pass| {
             if let Some(packed) = &a_packed {
@@ -398,7 +395,7 @@ impl Matmul {
                     pass,
                     &pack_pipeline,
                     bytemuck::bytes_of(&pack),
-                    &[a.binding(), packed.binding()],
+                    &[a, packed.binding()],
                     pack.groups(),
                 )?;
             }
@@ -413,17 +410,17 @@ impl Matmul {
                     pass,
                     &pack_pipeline,
                     bytemuck::bytes_of(&pack),
-                    &[b.binding(), packed.binding()],
+                    &[b, packed.binding()],
                     pack.groups(),
                 )?;
             }
-            let a_use = a_packed.as_ref().unwrap_or(a).binding();
-            let b_use = b_packed.as_ref().unwrap_or(b).binding();
+            let a_use = a_packed.as_ref().map_or(a, Tensor::binding);
+            let b_use = b_packed.as_ref().map_or(b, Tensor::binding);
             gpu.encode(
                 pass,
                 &pipeline,
                 bytemuck::bytes_of(&params),
-                &[a_use, b_use, bias, out.binding()],
+                &[a_use, b_use, bias, out],
                 u64::from(total_tiles).div_ceil(u64::from(subgroups_per_group)),
             )
         })

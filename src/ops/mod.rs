@@ -1,6 +1,8 @@
 //! Operations: each file holds one op's shape rules, CPU reference and GPU dispatch.
 
+pub mod conv2d;
 pub mod matmul;
+pub(crate) mod reduce;
 
 /// An activation applied elementwise, e.g. fused into a matmul epilogue.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]

@@ -2,6 +2,8 @@
 
 #![allow(dead_code)]
 
+pub mod golden;
+
 use std::sync::OnceLock;
 
 use ndarray::{ArrayD, IxDyn};

@@ -1,0 +1,42 @@
+// Sums x viewed as [outer][mid][inner] over outer and inner: out[m] (+)= Σ_a Σ_i x[a][m][i].
+// One workgroup per output element: 64 invocations stride over the outer·inner terms, then a
+// tree reduction in workgroup memory. Used for bias and batched weight gradients.
+
+struct Params {
+    outer: u32, mid: u32, inner: u32, accumulate: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(2) var<storage, read_write> out: array<f32>;
+
+var<workgroup> partial: array<f32, 64>;
+
+@compute @workgroup_size(64)
+fn main(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lane: u32,
+) {
+    let m = wid.x + wid.y * nwg.x;
+    // Uniform across the workgroup, so the barriers below stay in uniform control flow.
+    if m >= p.mid { return; }
+    let terms = p.outer * p.inner;
+    var sum = 0.0;
+    for (var t = lane; t < terms; t += 64u) {
+        let a = t / p.inner;
+        let i = t % p.inner;
+        sum += x[(a * p.mid + m) * p.inner + i];
+    }
+    partial[lane] = sum;
+    workgroupBarrier();
+    for (var width = 32u; width > 0u; width /= 2u) {
+        if lane < width { partial[lane] += partial[lane + width]; }
+        workgroupBarrier();
+    }
+    if lane == 0u {
+        var total = partial[0];
+        if p.accumulate != 0u { total += out[m]; }
+        out[m] = total;
+    }
+}

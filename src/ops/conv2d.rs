@@ -1,0 +1,530 @@
+//! 2-D convolution (cross-correlation, as in every CNN library), forward and backward.
+//!
+//! `y[n,o,i,j] = b[o] + Σ_{c,p,q} w[o,c,p,q] · xpad[n, c, i·sh + p·dh, j·sw + q·dw]`
+//!
+//! GPU: im2col (`shaders/im2col.wgsl`) then the matmul `W[O][C·KH·KW] · col[n]`, with the
+//! bias and activation fused into its epilogue. Backward: `dcol = Wᵀ · dy` then col2im (a
+//! gather, one invocation per input pixel), `dW = Σ_n dy[n] · col[n]ᵀ`, `db = Σ dy`.
+//! Batches are processed in chunks whose col buffer fits the device's binding limit.
+//! CPU: the direct nested sums of the formula.
+
+use bytemuck::{Pod, Zeroable};
+use ndarray::{Array1, Array4, ArrayD, ArrayView4, ArrayViewD, Ix4};
+
+use super::Activation;
+use super::matmul::{BiasAxis, Matmul};
+use super::reduce::sum_axes;
+use crate::error::{Error, Result};
+use crate::gpu::Gpu;
+use crate::tensor::Tensor;
+
+const OP: &str = "conv2d";
+
+/// Largest col buffer one chunk may use, below the device's own binding limit.
+const CHUNK_BYTES: u64 = 64 << 20;
+
+/// Zero padding of a convolution.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Padding {
+    /// `(rows, columns)` of zeros on each side.
+    Explicit(usize, usize),
+    /// Output as large as the input (stride 1 only); an odd total puts the extra row and
+    /// column at the bottom and right, as PyTorch does.
+    Same,
+}
+
+/// A convolution's hyper-parameters. The default is stride 1, no padding, no dilation.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Conv2d {
+    /// `(sh, sw)`, each at least 1.
+    pub stride: (usize, usize),
+    /// Zero padding.
+    pub padding: Padding,
+    /// `(dh, dw)`, each at least 1.
+    pub dilation: (usize, usize),
+    /// Applied after the bias, fused into the matmul (forward only; backward expects none).
+    pub activation: Activation,
+}
+
+impl Default for Conv2d {
+    fn default() -> Self {
+        Self {
+            stride: (1, 1),
+            padding: Padding::Explicit(0, 0),
+            dilation: (1, 1),
+            activation: Activation::None,
+        }
+    }
+}
+
+/// The checked sizes of one convolution.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Conv2dShape {
+    /// Batch size.
+    pub n: usize,
+    /// Input channels.
+    pub c: usize,
+    /// Input height.
+    pub h: usize,
+    /// Input width.
+    pub w: usize,
+    /// Output channels (filters).
+    pub o: usize,
+    /// Kernel height.
+    pub kh: usize,
+    /// Kernel width.
+    pub kw: usize,
+    /// Output height.
+    pub oh: usize,
+    /// Output width.
+    pub ow: usize,
+    /// Zero rows above the input.
+    pub pad_top: usize,
+    /// Zero columns left of the input.
+    pub pad_left: usize,
+}
+
+impl Conv2dShape {
+    /// The output shape `[N, O, OH, OW]`.
+    pub fn output(&self) -> [usize; 4] {
+        [self.n, self.o, self.oh, self.ow]
+    }
+
+    /// Taps per filter, `C·KH·KW`: the matmul's K.
+    pub fn taps(&self) -> usize {
+        self.c * self.kh * self.kw
+    }
+
+    /// Output positions per image, `OH·OW`.
+    pub fn positions(&self) -> usize {
+        self.oh * self.ow
+    }
+
+    /// Floating-point operations of the forward pass.
+    pub fn flops(&self) -> f64 {
+        2.0 * (self.n * self.o * self.positions() * self.taps()) as f64
+    }
+}
+
+fn invalid(detail: String) -> Error {
+    Error::InvalidArgument { op: OP, detail }
+}
+
+/// Output size along one axis, or an error if the dilated kernel does not fit.
+fn output_size(
+    axis: &str,
+    size: usize,
+    pads: usize,
+    kernel: usize,
+    stride: usize,
+    dilation: usize,
+) -> Result<usize> {
+    let span = dilation * (kernel - 1) + 1;
+    let padded = size + pads;
+    if span > padded {
+        return Err(invalid(format!(
+            "the kernel spans {span} {axis} (size {kernel}, dilation {dilation}) but the padded input has only {padded}; pad more or use a smaller kernel"
+        )));
+    }
+    Ok((padded - span) / stride + 1)
+}
+
+impl Conv2d {
+    /// Checks `x [N,C,H,W]`, `weight [O,C,KH,KW]` and `bias [O]` and returns the sizes.
+    pub fn shape(
+        &self,
+        x: &[usize],
+        weight: &[usize],
+        bias: Option<&[usize]>,
+    ) -> Result<Conv2dShape> {
+        let (sh, sw) = self.stride;
+        let (dh, dw) = self.dilation;
+        if sh == 0 || sw == 0 {
+            return Err(invalid(format!(
+                "stride {:?} must be at least 1 on both axes",
+                self.stride
+            )));
+        }
+        if dh == 0 || dw == 0 {
+            return Err(invalid(format!(
+                "dilation {:?} must be at least 1 on both axes",
+                self.dilation
+            )));
+        }
+        let (&[n, c, h, w], &[o, c_w, kh, kw]) = (x, weight) else {
+            return Err(Error::ShapeMismatch {
+                op: OP,
+                detail: format!(
+                    "input must be [N, C, H, W] and weight [O, C, KH, KW]; got {x:?} and {weight:?}"
+                ),
+            });
+        };
+        for shape in [x, weight] {
+            if let Some(axis) = shape.iter().position(|&d| d == 0) {
+                return Err(Error::EmptyDimension {
+                    op: OP,
+                    shape: shape.to_vec(),
+                    axis,
+                });
+            }
+        }
+        if c != c_w {
+            return Err(Error::ShapeMismatch {
+                op: OP,
+                detail: format!(
+                    "input has {c} channels but the weight expects {c_w} (input {x:?}, weight {weight:?})"
+                ),
+            });
+        }
+        if let Some(bias) = bias
+            && bias != [o]
+        {
+            return Err(Error::ShapeMismatch {
+                op: OP,
+                detail: format!("bias must be [{o}] (one per filter), got {bias:?}"),
+            });
+        }
+        let (pad_top, pad_rows, pad_left, pad_cols) = match self.padding {
+            Padding::Explicit(ph, pw) => (ph, 2 * ph, pw, 2 * pw),
+            Padding::Same => {
+                if self.stride != (1, 1) {
+                    return Err(invalid("padding Same needs stride (1, 1)".into()));
+                }
+                let rows = dh * (kh - 1);
+                let cols = dw * (kw - 1);
+                (rows / 2, rows, cols / 2, cols)
+            }
+        };
+        let oh = output_size("rows", h, pad_rows, kh, sh, dh)?;
+        let ow = output_size("columns", w, pad_cols, kw, sw, dw)?;
+        Ok(Conv2dShape {
+            n,
+            c,
+            h,
+            w,
+            o,
+            kh,
+            kw,
+            oh,
+            ow,
+            pad_top,
+            pad_left,
+        })
+    }
+
+    /// `act(conv(x, weight) + bias)` on the GPU.
+    pub fn forward(&self, x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        let gpu = x.gpu().clone();
+        for t in [Some(weight), bias].into_iter().flatten() {
+            t.check_same_gpu(OP, &gpu)?;
+        }
+        let shape = self.shape(x.shape(), weight.shape(), bias.map(Tensor::shape))?;
+        let out = Tensor::uninit(&gpu, &shape.output())?;
+        let matmul = Matmul {
+            bias: if bias.is_some() {
+                BiasAxis::PerRow
+            } else {
+                BiasAxis::None
+            },
+            activation: self.activation,
+            ..Matmul::default()
+        };
+        let weight_matrix = [shape.o, shape.taps()];
+        for (first, count) in chunks(&gpu, &shape)? {
+            let col = self.im2col(&gpu, &shape, x, first, count)?;
+            let y = Tensor::uninit(&gpu, &[count, shape.o, shape.positions()])?;
+            matmul.run(
+                &gpu,
+                weight.operand_as(&weight_matrix),
+                col.operand(),
+                bias.map(Tensor::operand),
+                y.operand(),
+            )?;
+            let image = (shape.o * shape.positions()) as u64 * 4;
+            gpu.copy(
+                (y.buffer(), 0),
+                (out.buffer(), first as u64 * image),
+                count as u64 * image,
+            )?;
+        }
+        Ok(out)
+    }
+
+    /// Gradients of `L` given `dy = ∂L/∂y` (no activation): `(dx, dweight, dbias)`.
+    pub fn backward(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        dy: &Tensor,
+    ) -> Result<Conv2dGrads<Tensor>> {
+        let gpu = x.gpu().clone();
+        for t in [weight, dy] {
+            t.check_same_gpu(OP, &gpu)?;
+        }
+        let shape = self.shape(x.shape(), weight.shape(), None)?;
+        self.check_backward(&shape, dy.shape())?;
+        let (o, taps, positions) = (shape.o, shape.taps(), shape.positions());
+        let dx = Tensor::uninit(&gpu, x.shape())?;
+        let dweight = Tensor::uninit(&gpu, weight.shape())?;
+        let dbias = Tensor::uninit(&gpu, &[o])?;
+        sum_axes(&gpu, dy, (shape.n, o, positions), &dbias, false)?;
+
+        let weight_matrix = [o, taps];
+        let image_in = (shape.c * shape.h * shape.w) as u64 * 4;
+        let image_dy = (o * positions) as u64 * 4;
+        for (index, (first, count)) in chunks(&gpu, &shape)?.into_iter().enumerate() {
+            let dy_chunk = Tensor::uninit(&gpu, &[count, o, positions])?;
+            gpu.copy(
+                (dy.buffer(), first as u64 * image_dy),
+                (dy_chunk.buffer(), 0),
+                count as u64 * image_dy,
+            )?;
+            // dW += Σ_n dy[n] · col[n]ᵀ
+            let col = self.im2col(&gpu, &shape, x, first, count)?;
+            let per_image = Tensor::uninit(&gpu, &[count, o, taps])?;
+            let nt = Matmul {
+                trans_b: true,
+                ..Matmul::default()
+            };
+            nt.run(
+                &gpu,
+                dy_chunk.operand(),
+                col.operand(),
+                None,
+                per_image.operand(),
+            )?;
+            drop(col);
+            sum_axes(&gpu, &per_image, (count, o * taps, 1), &dweight, index > 0)?;
+            drop(per_image);
+            // dx = col2im(Wᵀ · dy[n])
+            let dcol = Tensor::uninit(&gpu, &[count, taps, positions])?;
+            let tn = Matmul {
+                trans_a: true,
+                ..Matmul::default()
+            };
+            tn.run(
+                &gpu,
+                weight.operand_as(&weight_matrix),
+                dy_chunk.operand(),
+                None,
+                dcol.operand(),
+            )?;
+            let dx_chunk = Tensor::uninit(&gpu, &[count, shape.c, shape.h, shape.w])?;
+            self.run_im2col_kernel(&gpu, &shape, "col2im", (&dcol, &dx_chunk), (0, count))?;
+            gpu.copy(
+                (dx_chunk.buffer(), 0),
+                (dx.buffer(), first as u64 * image_in),
+                count as u64 * image_in,
+            )?;
+        }
+        Ok(Conv2dGrads {
+            x: dx,
+            weight: dweight,
+            bias: dbias,
+        })
+    }
+
+    fn check_backward(&self, shape: &Conv2dShape, dy: &[usize]) -> Result<()> {
+        if self.activation != Activation::None {
+            return Err(invalid("backward takes the gradient before the activation: use Activation::None and the activation's own backward".into()));
+        }
+        if dy != shape.output() {
+            return Err(Error::ShapeMismatch {
+                op: OP,
+                detail: format!("dy is {dy:?}, the output is {:?}", shape.output()),
+            });
+        }
+        Ok(())
+    }
+
+    fn im2col(
+        &self,
+        gpu: &Gpu,
+        shape: &Conv2dShape,
+        x: &Tensor,
+        first: usize,
+        count: usize,
+    ) -> Result<Tensor> {
+        let col = Tensor::uninit(gpu, &[count, shape.taps(), shape.positions()])?;
+        self.run_im2col_kernel(gpu, shape, "im2col", (x, &col), (first, count))?;
+        Ok(col)
+    }
+
+    fn run_im2col_kernel(
+        &self,
+        gpu: &Gpu,
+        shape: &Conv2dShape,
+        entry: &str,
+        (src, dst): (&Tensor, &Tensor),
+        (first, count): (usize, usize),
+    ) -> Result<()> {
+        let params = Im2colParams {
+            images: count as u32,
+            c: shape.c as u32,
+            h: shape.h as u32,
+            w: shape.w as u32,
+            kh: shape.kh as u32,
+            kw: shape.kw as u32,
+            oh: shape.oh as u32,
+            ow: shape.ow as u32,
+            sh: self.stride.0 as u32,
+            sw: self.stride.1 as u32,
+            pad_top: shape.pad_top as u32,
+            pad_left: shape.pad_left as u32,
+            dh: self.dilation.0 as u32,
+            dw: self.dilation.1 as u32,
+            first_image: first as u32,
+            total: dst.len() as u32,
+        };
+        let pipeline = gpu.pipeline("im2col", entry, || {
+            include_str!("../../shaders/im2col.wgsl").into()
+        })?;
+        gpu.run_pass(entry, |pass| {
+            gpu.encode(
+                pass,
+                &pipeline,
+                bytemuck::bytes_of(&params),
+                &[src.binding(), dst.binding()],
+                (dst.len() as u64).div_ceil(256),
+            )
+        })
+    }
+}
+
+/// The gradients of a convolution.
+#[derive(Debug)]
+pub struct Conv2dGrads<T> {
+    /// `∂L/∂x`, shaped like x.
+    pub x: T,
+    /// `∂L/∂weight`, shaped like the weight.
+    pub weight: T,
+    /// `∂L/∂bias`, `[O]`.
+    pub bias: T,
+}
+
+/// Splits the batch into runs of images whose col buffer fits one binding.
+fn chunks(gpu: &Gpu, shape: &Conv2dShape) -> Result<Vec<(usize, usize)>> {
+    let per_image = (shape.taps() * shape.positions()) as u64 * 4;
+    let limit = CHUNK_BYTES.min(gpu.limits().max_storage_buffer_binding_size);
+    gpu.check_buffer_size("the im2col buffer of one image", per_image)?;
+    let images = ((limit / per_image) as usize).clamp(1, shape.n);
+    Ok((0..shape.n)
+        .step_by(images)
+        .map(|first| (first, images.min(shape.n - first)))
+        .collect())
+}
+
+/// Mirrors `Params` in shaders/im2col.wgsl.
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct Im2colParams {
+    images: u32,
+    c: u32,
+    h: u32,
+    w: u32,
+    kh: u32,
+    kw: u32,
+    oh: u32,
+    ow: u32,
+    sh: u32,
+    sw: u32,
+    pad_top: u32,
+    pad_left: u32,
+    dh: u32,
+    dw: u32,
+    first_image: u32,
+    total: u32,
+}
+
+fn view4<'a>(name: &str, x: &'a ArrayViewD<'a, f32>) -> Result<ArrayView4<'a, f32>> {
+    x.view()
+        .into_dimensionality::<Ix4>()
+        .map_err(|_| Error::ShapeMismatch {
+            op: OP,
+            detail: format!("{name} must be 4-D, got {:?}", x.shape()),
+        })
+}
+
+/// The padded input pixel `(i, j)` of `x[n, c]`, zero outside the image.
+fn pixel(x: &ArrayView4<'_, f32>, n: usize, c: usize, i: isize, j: isize) -> f32 {
+    let (h, w) = (x.shape()[2] as isize, x.shape()[3] as isize);
+    if i < 0 || j < 0 || i >= h || j >= w {
+        0.0
+    } else {
+        x[[n, c, i as usize, j as usize]]
+    }
+}
+
+impl Conv2dShape {
+    /// The padded input row and column that tap `(p, q)` reads for output `(i, j)`.
+    fn source(
+        &self,
+        spec: &Conv2d,
+        (i, j): (usize, usize),
+        (p, q): (usize, usize),
+    ) -> (isize, isize) {
+        let row = (i * spec.stride.0 + p * spec.dilation.0) as isize - self.pad_top as isize;
+        let col = (j * spec.stride.1 + q * spec.dilation.1) as isize - self.pad_left as isize;
+        (row, col)
+    }
+}
+
+/// CPU reference, the course formula: `u[n,o,i,j] = Σ_{p,q,r} x[.., i·l+p, j·l+q, r]·w + b[o]`.
+pub fn conv2d_cpu(
+    spec: &Conv2d,
+    x: &ArrayViewD<'_, f32>,
+    weight: &ArrayViewD<'_, f32>,
+    bias: Option<&ArrayViewD<'_, f32>>,
+) -> Result<ArrayD<f32>> {
+    let shape = spec.shape(x.shape(), weight.shape(), bias.map(|b| b.shape()))?;
+    let (x, weight) = (view4("x", x)?, view4("weight", weight)?);
+    let y = Array4::from_shape_fn(shape.output(), |(n, o, i, j)| {
+        let mut sum = bias.map_or(0.0, |b| b[[o]]);
+        for c in 0..shape.c {
+            for p in 0..shape.kh {
+                for q in 0..shape.kw {
+                    let (row, col) = shape.source(spec, (i, j), (p, q));
+                    sum += weight[[o, c, p, q]] * pixel(&x, n, c, row, col);
+                }
+            }
+        }
+        spec.activation.apply(sum)
+    });
+    Ok(y.into_dyn())
+}
+
+/// CPU reference of the backward pass: each output gradient flows back along the taps that
+/// produced it; shared weights add up their gradients over every position and image.
+pub fn conv2d_backward_cpu(
+    spec: &Conv2d,
+    x: &ArrayViewD<'_, f32>,
+    weight: &ArrayViewD<'_, f32>,
+    dy: &ArrayViewD<'_, f32>,
+) -> Result<Conv2dGrads<ArrayD<f32>>> {
+    let shape = spec.shape(x.shape(), weight.shape(), None)?;
+    spec.check_backward(&shape, dy.shape())?;
+    let (x, weight, dy) = (view4("x", x)?, view4("weight", weight)?, view4("dy", dy)?);
+    let mut dx = Array4::<f32>::zeros(x.raw_dim());
+    let mut dweight = Array4::<f32>::zeros(weight.raw_dim());
+    let mut dbias = Array1::<f32>::zeros(shape.o);
+    for ((n, o, i, j), &g) in dy.indexed_iter() {
+        dbias[o] += g;
+        for c in 0..shape.c {
+            for p in 0..shape.kh {
+                for q in 0..shape.kw {
+                    let (row, col) = shape.source(spec, (i, j), (p, q));
+                    dweight[[o, c, p, q]] += g * pixel(&x, n, c, row, col);
+                    if row >= 0 && col >= 0 && (row as usize) < shape.h && (col as usize) < shape.w
+                    {
+                        dx[[n, c, row as usize, col as usize]] += g * weight[[o, c, p, q]];
+                    }
+                }
+            }
+        }
+    }
+    Ok(Conv2dGrads {
+        x: dx.into_dyn(),
+        weight: dweight.into_dyn(),
+        bias: dbias.into_dyn(),
+    })
+}

@@ -1,0 +1,75 @@
+//! Reading the PyTorch golden cases in tests/golden/.
+
+use ndarray::{ArrayD, IxDyn};
+use serde_json::Value;
+
+/// One golden case file.
+pub struct Case {
+    pub name: String,
+    pub json: Value,
+}
+
+/// Every case whose file name starts with `prefix`.
+pub fn cases(prefix: &str) -> Vec<Case> {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/golden");
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .expect("tests/golden exists")
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.starts_with(prefix) && n.ends_with(".json"))
+        .collect();
+    names.sort();
+    assert!(!names.is_empty(), "no golden cases start with {prefix}");
+    names
+        .into_iter()
+        .map(|name| {
+            let text = std::fs::read_to_string(format!("{dir}/{name}")).unwrap();
+            Case {
+                name,
+                json: serde_json::from_str(&text).unwrap(),
+            }
+        })
+        .collect()
+}
+
+/// A stored tensor as an f32 array.
+pub fn tensor(value: &Value) -> ArrayD<f32> {
+    let shape: Vec<usize> = value["shape"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d.as_u64().unwrap() as usize)
+        .collect();
+    let data: Vec<f32> = value["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap() as f32)
+        .collect();
+    ArrayD::from_shape_vec(IxDyn(&shape), data).unwrap()
+}
+
+/// Checks `got` against `expected` with rtol/atol; names the worst element on failure.
+pub fn assert_close(what: &str, got: &ArrayD<f32>, expected: &ArrayD<f32>, rtol: f32, atol: f32) {
+    assert_eq!(got.shape(), expected.shape(), "{what}: shapes");
+    let mut worst = (0.0f32, 0usize);
+    for (i, (g, e)) in got.iter().zip(expected).enumerate() {
+        let excess = (g - e).abs() - (atol + rtol * e.abs());
+        if excess.is_nan() || excess > worst.0 {
+            worst = (
+                if excess.is_nan() {
+                    f32::INFINITY
+                } else {
+                    excess
+                },
+                i,
+            );
+        }
+    }
+    assert!(
+        worst.0 <= 0.0,
+        "{what}: element {} is {} but expected {}",
+        worst.1,
+        got.iter().nth(worst.1).unwrap(),
+        expected.iter().nth(worst.1).unwrap()
+    );
+}

@@ -1,0 +1,359 @@
+//! conv2d: the course's filters, PyTorch goldens, GPU against CPU, finite differences, errors.
+
+mod common;
+
+use common::golden::{assert_close, cases, tensor};
+use common::{gpu, max_abs_diff, random};
+use ndarray::{ArrayD, IxDyn};
+use proptest::prelude::*;
+use serde_json::Value;
+use wgcnn::{Activation, Conv2d, Error, Padding, Tensor};
+
+fn pair(value: &Value) -> (usize, usize) {
+    let v = value.as_array().unwrap();
+    (
+        v[0].as_u64().unwrap() as usize,
+        v[1].as_u64().unwrap() as usize,
+    )
+}
+
+fn spec_of(params: &Value) -> Conv2d {
+    let padding = if params["padding"] == "same" {
+        Padding::Same
+    } else {
+        let (ph, pw) = pair(&params["padding"]);
+        Padding::Explicit(ph, pw)
+    };
+    Conv2d {
+        stride: pair(&params["stride"]),
+        padding,
+        dilation: pair(&params["dilation"]),
+        ..Conv2d::default()
+    }
+}
+
+fn upload(x: &ArrayD<f32>) -> Tensor {
+    Tensor::from_array(gpu().unwrap(), x).unwrap()
+}
+
+/// The 6×6 step image of the course: three columns of ones, three of zeros.
+fn step_image() -> ArrayD<f32> {
+    ArrayD::from_shape_fn(IxDyn(&[1, 1, 6, 6]), |d| if d[3] < 3 { 1.0 } else { 0.0 })
+}
+
+#[test]
+fn the_course_filters_on_the_step_image() {
+    let mean = ArrayD::from_elem(IxDyn(&[1, 1, 3, 3]), 1.0f32 / 9.0);
+    let sobel = ArrayD::from_shape_vec(
+        IxDyn(&[1, 1, 3, 3]),
+        vec![1.0, 0.0, -1.0, 2.0, 0.0, -2.0, 1.0, 0.0, -1.0],
+    )
+    .unwrap();
+    let spec = Conv2d::default();
+    for (kernel, row) in [
+        (&mean, [1.0, 2.0 / 3.0, 1.0 / 3.0, 0.0]),
+        (&sobel, [0.0, 4.0, 4.0, 0.0]),
+    ] {
+        let cpu = wgcnn::cpu::conv2d(&spec, &step_image().view(), &kernel.view(), None).unwrap();
+        assert_eq!(cpu.shape(), &[1, 1, 4, 4]);
+        if gpu().is_none() {
+            return;
+        }
+        let y = spec
+            .forward(&upload(&step_image()), &upload(kernel), None)
+            .unwrap()
+            .to_array()
+            .unwrap();
+        for out in [&cpu, &y] {
+            for i in 0..4 {
+                for (j, expected) in row.iter().enumerate() {
+                    assert!(
+                        (out[[0, 0, i, j]] - expected).abs() < 1e-6,
+                        "row {i}: {:?}",
+                        out
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn pytorch_goldens_forward_and_backward_on_gpu_and_cpu() {
+    if gpu().is_none() {
+        return;
+    }
+    for case in cases("conv2d_") {
+        let json = &case.json;
+        let spec = spec_of(&json["params"]);
+        let (x, w, b) = (
+            tensor(&json["inputs"]["x"]),
+            tensor(&json["inputs"]["weight"]),
+            tensor(&json["inputs"]["bias"]),
+        );
+        let dy = tensor(&json["grad_outputs"]["y"]);
+        let expected_y = tensor(&json["outputs"]["y"]);
+        let grads = &json["grads"];
+        let (gx, gw, gb) = (
+            tensor(&grads["x"]),
+            tensor(&grads["weight"]),
+            tensor(&grads["bias"]),
+        );
+        let name = &case.name;
+
+        let cpu_y = wgcnn::cpu::conv2d(&spec, &x.view(), &w.view(), Some(&b.view())).unwrap();
+        assert_close(&format!("{name} cpu y"), &cpu_y, &expected_y, 1e-4, 1e-5);
+        let cpu = wgcnn::cpu::conv2d_backward(&spec, &x.view(), &w.view(), &dy.view()).unwrap();
+        assert_close(&format!("{name} cpu dx"), &cpu.x, &gx, 1e-4, 1e-5);
+        assert_close(&format!("{name} cpu dw"), &cpu.weight, &gw, 1e-4, 1e-5);
+        assert_close(&format!("{name} cpu db"), &cpu.bias, &gb, 1e-4, 1e-5);
+
+        let (tx, tw, tb, tdy) = (upload(&x), upload(&w), upload(&b), upload(&dy));
+        let y = spec
+            .forward(&tx, &tw, Some(&tb))
+            .unwrap()
+            .to_array()
+            .unwrap();
+        assert_close(&format!("{name} gpu y"), &y, &expected_y, 1e-4, 1e-5);
+        let g = spec.backward(&tx, &tw, &tdy).unwrap();
+        assert_close(
+            &format!("{name} gpu dx"),
+            &g.x.to_array().unwrap(),
+            &gx,
+            1e-4,
+            1e-5,
+        );
+        assert_close(
+            &format!("{name} gpu dw"),
+            &g.weight.to_array().unwrap(),
+            &gw,
+            1e-4,
+            1e-5,
+        );
+        assert_close(
+            &format!("{name} gpu db"),
+            &g.bias.to_array().unwrap(),
+            &gb,
+            1e-4,
+            1e-5,
+        );
+    }
+}
+
+fn padding_strategy() -> impl Strategy<Value = Padding> {
+    prop_oneof![
+        Just(Padding::Same),
+        (0usize..3, 0usize..3).prop_map(|(a, b)| Padding::Explicit(a, b))
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
+
+    #[test]
+    fn gpu_matches_cpu_forward_and_backward(
+        n in 1usize..4, c in 1usize..5, o in 1usize..6, h in 1usize..12, w in 1usize..12,
+        kh in 1usize..6, kw in 1usize..6, sh in 1usize..4, sw in 1usize..4, dh in 1usize..3, dw in 1usize..3,
+        padding in padding_strategy(), relu: bool, seed in 0u64..1000,
+    ) {
+        let stride = if padding == Padding::Same { (1, 1) } else { (sh, sw) };
+        let spec = Conv2d { stride, padding, dilation: (dh, dw), activation: Activation::None };
+        let (x, weight, bias) = (random(&[n, c, h, w], seed), random(&[o, c, kh, kw], seed + 1), random(&[o], seed + 2));
+        let Ok(shape) = spec.shape(x.shape(), weight.shape(), None) else {
+            // The kernel does not fit the padded input: both paths must say so.
+            prop_assert!(wgcnn::cpu::conv2d(&spec, &x.view(), &weight.view(), None).is_err());
+            return Ok(());
+        };
+        if gpu().is_none() { return Ok(()); }
+        let tolerance = 1e-5 * (shape.taps() as f32).sqrt() * 4.0 + 1e-5;
+        let forward = Conv2d { activation: if relu { Activation::Relu } else { Activation::None }, ..spec };
+        let expected = wgcnn::cpu::conv2d(&forward, &x.view(), &weight.view(), Some(&bias.view())).unwrap();
+        let (tx, tw, tb) = (upload(&x), upload(&weight), upload(&bias));
+        let y = forward.forward(&tx, &tw, Some(&tb)).unwrap().to_array().unwrap();
+        prop_assert!(max_abs_diff(&y, &expected) <= tolerance, "forward {spec:?}: {}", max_abs_diff(&y, &expected));
+
+        let dy = random(&shape.output(), seed + 3);
+        let cpu = wgcnn::cpu::conv2d_backward(&spec, &x.view(), &weight.view(), &dy.view()).unwrap();
+        let g = spec.backward(&tx, &tw, &upload(&dy)).unwrap();
+        let positions = (n * shape.positions()) as f32;
+        for (what, got, want, scale) in [
+            ("dx", g.x.to_array().unwrap(), cpu.x, (o * kh * kw) as f32),
+            ("dw", g.weight.to_array().unwrap(), cpu.weight, positions),
+            ("db", g.bias.to_array().unwrap(), cpu.bias, positions),
+        ] {
+            let diff = max_abs_diff(&got, &want);
+            prop_assert!(diff <= 1e-5 * scale.sqrt() * 4.0 + 1e-5, "{what} {spec:?} {shape:?}: {diff}");
+        }
+    }
+}
+
+#[test]
+fn cpu_backward_matches_finite_differences() {
+    let spec = Conv2d {
+        stride: (2, 1),
+        padding: Padding::Explicit(1, 2),
+        dilation: (1, 2),
+        ..Conv2d::default()
+    };
+    let (x, w, b) = (
+        random(&[2, 2, 5, 6], 1),
+        random(&[3, 2, 3, 2], 2),
+        random(&[3], 3),
+    );
+    let y = wgcnn::cpu::conv2d(&spec, &x.view(), &w.view(), Some(&b.view())).unwrap();
+    let dy = random(y.shape(), 4);
+    // L = Σ y ⊙ dy, accumulated in f64.
+    let loss = |x: &ArrayD<f32>, w: &ArrayD<f32>, b: &ArrayD<f32>| -> f64 {
+        let y = wgcnn::cpu::conv2d(&spec, &x.view(), &w.view(), Some(&b.view())).unwrap();
+        y.iter()
+            .zip(&dy)
+            .map(|(a, g)| f64::from(*a) * f64::from(*g))
+            .sum()
+    };
+    let grads = wgcnn::cpu::conv2d_backward(&spec, &x.view(), &w.view(), &dy.view()).unwrap();
+    let eps = 1e-2f32;
+    let check = |name: &str, analytic: &ArrayD<f32>, perturb: &dyn Fn(usize, f32) -> f64| {
+        for i in (0..analytic.len()).step_by(3) {
+            let numeric = (perturb(i, eps) - perturb(i, -eps)) / (2.0 * f64::from(eps));
+            let a = f64::from(analytic.iter().nth(i).unwrap().to_owned());
+            assert!(
+                (numeric - a).abs() <= 2e-3 * (1.0 + a.abs()),
+                "{name}[{i}]: analytic {a}, numeric {numeric}"
+            );
+        }
+    };
+    check("dx", &grads.x, &|i, e| {
+        let mut x2 = x.clone();
+        x2.as_slice_mut().unwrap()[i] += e;
+        loss(&x2, &w, &b)
+    });
+    check("dw", &grads.weight, &|i, e| {
+        let mut w2 = w.clone();
+        w2.as_slice_mut().unwrap()[i] += e;
+        loss(&x, &w2, &b)
+    });
+    check("db", &grads.bias, &|i, e| {
+        let mut b2 = b.clone();
+        b2.as_slice_mut().unwrap()[i] += e;
+        loss(&x, &w, &b2)
+    });
+}
+
+#[test]
+fn large_batches_run_in_chunks() {
+    let Some(gpu) = gpu() else { return };
+    // 300 images of 3×64×64 with a 3×3 kernel: the col buffer (300·27·62·62·4 B ≈ 125 MB)
+    // exceeds one 64 MiB chunk, so the batch is split.
+    let spec = Conv2d::default();
+    let (x, w, b) = (
+        random(&[300, 3, 64, 64], 5),
+        random(&[4, 3, 3, 3], 6),
+        random(&[4], 7),
+    );
+    let expected = wgcnn::cpu::conv2d(&spec, &x.view(), &w.view(), Some(&b.view())).unwrap();
+    let (tx, tw) = (
+        Tensor::from_array(gpu, &x).unwrap(),
+        Tensor::from_array(gpu, &w).unwrap(),
+    );
+    let y = spec
+        .forward(&tx, &tw, Some(&Tensor::from_array(gpu, &b).unwrap()))
+        .unwrap();
+    assert!(max_abs_diff(&y.to_array().unwrap(), &expected) < 1e-4);
+    let dy = random(expected.shape(), 8);
+    let cpu = wgcnn::cpu::conv2d_backward(&spec, &x.view(), &w.view(), &dy.view()).unwrap();
+    let g = spec
+        .backward(&tx, &tw, &Tensor::from_array(gpu, &dy).unwrap())
+        .unwrap();
+    assert!(max_abs_diff(&g.x.to_array().unwrap(), &cpu.x) < 1e-4);
+    let dw_scale = cpu.weight.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+    assert!(max_abs_diff(&g.weight.to_array().unwrap(), &cpu.weight) < 1e-4 * dw_scale);
+}
+
+#[test]
+fn bad_hyper_parameters_and_shapes_are_errors() {
+    let x = [1, 3, 8, 8];
+    let w = [4, 3, 3, 3];
+    let message = |spec: Conv2d, x: &[usize], w: &[usize], b: Option<&[usize]>| {
+        spec.shape(x, w, b).unwrap_err().to_string()
+    };
+    let m = message(
+        Conv2d {
+            stride: (0, 1),
+            ..Conv2d::default()
+        },
+        &x,
+        &w,
+        None,
+    );
+    assert!(m.contains("stride (0, 1) must be at least 1"), "{m}");
+    let m = message(
+        Conv2d {
+            dilation: (1, 0),
+            ..Conv2d::default()
+        },
+        &x,
+        &w,
+        None,
+    );
+    assert!(m.contains("dilation (1, 0) must be at least 1"), "{m}");
+    let m = message(Conv2d::default(), &[1, 3, 2, 8], &w, None);
+    assert!(
+        m.contains("the kernel spans 3 rows") && m.contains("padded input has only 2"),
+        "{m}"
+    );
+    let dilated = Conv2d {
+        dilation: (3, 1),
+        padding: Padding::Explicit(1, 0),
+        ..Conv2d::default()
+    };
+    let m = message(dilated, &[1, 3, 4, 8], &w, None);
+    assert!(
+        m.contains("spans 7 rows (size 3, dilation 3) but the padded input has only 6"),
+        "{m}"
+    );
+    let m = message(Conv2d::default(), &[1, 2, 8, 8], &w, None);
+    assert!(
+        m.contains("input has 2 channels but the weight expects 3"),
+        "{m}"
+    );
+    let m = message(Conv2d::default(), &x, &w, Some(&[5]));
+    assert!(m.contains("bias must be [4]"), "{m}");
+    let m = message(
+        Conv2d {
+            stride: (2, 2),
+            padding: Padding::Same,
+            ..Conv2d::default()
+        },
+        &x,
+        &w,
+        None,
+    );
+    assert!(m.contains("padding Same needs stride (1, 1)"), "{m}");
+    let m = message(Conv2d::default(), &[8, 8], &w, None);
+    assert!(m.contains("must be [N, C, H, W]"), "{m}");
+    assert!(matches!(
+        Conv2d::default().shape(&[0, 3, 8, 8], &w, None),
+        Err(Error::EmptyDimension { .. })
+    ));
+    // A kernel larger than the padded input on the column axis only.
+    let m = message(Conv2d::default(), &[1, 3, 8, 2], &w, None);
+    assert!(m.contains("columns"), "{m}");
+    // Backward with a fused activation is refused, not silently wrong.
+    let spec = Conv2d {
+        activation: Activation::Relu,
+        ..Conv2d::default()
+    };
+    let (xs, ws) = (random(&x, 1), random(&w, 2));
+    let dy = random(&[1, 4, 6, 6], 3);
+    let err = wgcnn::cpu::conv2d_backward(&spec, &xs.view(), &ws.view(), &dy.view()).unwrap_err();
+    assert!(err.to_string().contains("Activation::None"), "{err}");
+    let wrong_dy = random(&[1, 4, 5, 6], 3);
+    let err =
+        wgcnn::cpu::conv2d_backward(&Conv2d::default(), &xs.view(), &ws.view(), &wrong_dy.view())
+            .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("dy is [1, 4, 5, 6], the output is [1, 4, 6, 6]"),
+        "{err}"
+    );
+}
