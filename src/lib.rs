@@ -31,6 +31,9 @@ pub use gpu::{Gpu, GpuOptions, PoolStats};
 pub use ops::Activation;
 pub use ops::conv2d::{Conv2d, Conv2dGrads, Conv2dShape, Padding};
 pub use ops::matmul::{BiasAxis, KernelChoice, Matmul, MatmulPlan, MatmulShape};
+pub use ops::pool2d::{
+    Pool2d, Pool2dShape, PoolKind, Pooled, global_avg_pool, global_avg_pool_backward,
+};
 pub use tensor::Tensor;
 /// The wgpu version wgcnn is built on, for `GpuOptions::backends` and adapter info.
 pub use wgpu;
@@ -39,4 +42,5 @@ pub use wgpu;
 pub mod cpu {
     pub use crate::ops::conv2d::{conv2d_backward_cpu as conv2d_backward, conv2d_cpu as conv2d};
     pub use crate::ops::matmul::matmul_cpu as matmul;
+    pub use crate::ops::pool2d::{pool2d_backward_cpu as pool2d_backward, pool2d_cpu as pool2d};
 }

@@ -2,6 +2,7 @@
 
 pub mod conv2d;
 pub mod matmul;
+pub mod pool2d;
 pub(crate) mod reduce;
 
 /// An activation applied elementwise, e.g. fused into a matmul epilogue.

@@ -1,0 +1,129 @@
+// Max and average pooling over KH×KW windows with stride and zero padding, and their
+// backward passes as gathers (one invocation per input pixel, overlapping windows add up).
+// Max pooling records the arg-max as the flat index h·W + w within the (n, c) plane, stored
+// as f32 (exact below 2^24 pixels); padding never wins, and ties go to the first maximum in
+// row-major window order, as in PyTorch.
+
+struct Params {
+    planes: u32, h: u32, w: u32, oh: u32,
+    ow: u32, kh: u32, kw: u32, sh: u32,
+    sw: u32, pad_top: u32, pad_left: u32, count_include_pad: u32,
+    total: u32, _pad0: u32, _pad1: u32, _pad2: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> src: array<f32>;
+@group(0) @binding(2) var<storage, read_write> dst: array<f32>;
+@group(0) @binding(3) var<storage, read_write> argmax: array<f32>;
+
+fn linear_index(gid: vec3<u32>, nwg: vec3<u32>) -> u32 {
+    return gid.x + gid.y * nwg.x * 256u;
+}
+
+/// In-bounds elements of the window at output (oh, ow), for count_include_pad = false.
+fn window_count(oh: u32, ow: u32) -> f32 {
+    let top = i32(oh * p.sh) - i32(p.pad_top);
+    let left = i32(ow * p.sw) - i32(p.pad_left);
+    let rows = min(top + i32(p.kh), i32(p.h)) - max(top, 0);
+    let cols = min(left + i32(p.kw), i32(p.w)) - max(left, 0);
+    return f32(rows * cols);
+}
+
+fn divisor(oh: u32, ow: u32) -> f32 {
+    if p.count_include_pad != 0u { return f32(p.kh * p.kw); }
+    return window_count(oh, ow);
+}
+
+// src = x [planes][H][W], dst = y [planes][OH][OW], argmax likewise (max only).
+@compute @workgroup_size(256)
+fn max_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let index = linear_index(gid, nwg);
+    if index >= p.total { return; }
+    let ow = index % p.ow;
+    let oh = (index / p.ow) % p.oh;
+    let plane = index / (p.ow * p.oh);
+    var best = -3.402823e38;
+    var best_at = 0u;
+    var found = false;
+    for (var ki = 0u; ki < p.kh; ki++) {
+        let ih = i32(oh * p.sh + ki) - i32(p.pad_top);
+        if ih < 0 || ih >= i32(p.h) { continue; }
+        for (var kj = 0u; kj < p.kw; kj++) {
+            let iw = i32(ow * p.sw + kj) - i32(p.pad_left);
+            if iw < 0 || iw >= i32(p.w) { continue; }
+            let at = u32(ih) * p.w + u32(iw);
+            let v = src[plane * p.h * p.w + at];
+            if !found || v > best || (v != v && best == best) {
+                best = v;
+                best_at = at;
+                found = true;
+            }
+        }
+    }
+    dst[index] = best;
+    argmax[index] = f32(best_at);
+}
+
+@compute @workgroup_size(256)
+fn avg_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let index = linear_index(gid, nwg);
+    if index >= p.total { return; }
+    let ow = index % p.ow;
+    let oh = (index / p.ow) % p.oh;
+    let plane = index / (p.ow * p.oh);
+    var sum = 0.0;
+    for (var ki = 0u; ki < p.kh; ki++) {
+        let ih = i32(oh * p.sh + ki) - i32(p.pad_top);
+        if ih < 0 || ih >= i32(p.h) { continue; }
+        for (var kj = 0u; kj < p.kw; kj++) {
+            let iw = i32(ow * p.sw + kj) - i32(p.pad_left);
+            if iw < 0 || iw >= i32(p.w) { continue; }
+            sum += src[(plane * p.h + u32(ih)) * p.w + u32(iw)];
+        }
+    }
+    dst[index] = sum / divisor(oh, ow);
+}
+
+/// The output windows that contain input row `i` along one axis: [first, last].
+fn windows(i: u32, pad: u32, k: u32, s: u32, n: u32) -> vec2<i32> {
+    let t = i32(i + pad);
+    let first = max(0, (t - i32(k) + i32(s)) / i32(s));
+    let last = min(i32(n) - 1, t / i32(s));
+    return vec2<i32>(first, last);
+}
+
+// src = dy [planes][OH][OW], dst = dx [planes][H][W]; argmax from the forward pass.
+@compute @workgroup_size(256)
+fn max_backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let index = linear_index(gid, nwg);
+    if index >= p.total { return; }
+    let at = index % (p.h * p.w);
+    let plane = index / (p.h * p.w);
+    let rows = windows(at / p.w, p.pad_top, p.kh, p.sh, p.oh);
+    let cols = windows(at % p.w, p.pad_left, p.kw, p.sw, p.ow);
+    var sum = 0.0;
+    for (var oh = rows.x; oh <= rows.y; oh++) {
+        for (var ow = cols.x; ow <= cols.y; ow++) {
+            let out = (plane * p.oh + u32(oh)) * p.ow + u32(ow);
+            if u32(argmax[out]) == at { sum += src[out]; }
+        }
+    }
+    dst[index] = sum;
+}
+
+@compute @workgroup_size(256)
+fn avg_backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let index = linear_index(gid, nwg);
+    if index >= p.total { return; }
+    let at = index % (p.h * p.w);
+    let plane = index / (p.h * p.w);
+    let rows = windows(at / p.w, p.pad_top, p.kh, p.sh, p.oh);
+    let cols = windows(at % p.w, p.pad_left, p.kw, p.sw, p.ow);
+    var sum = 0.0;
+    for (var oh = rows.x; oh <= rows.y; oh++) {
+        for (var ow = cols.x; ow <= cols.y; ow++) {
+            sum += src[(plane * p.oh + u32(oh)) * p.ow + u32(ow)] / divisor(u32(oh), u32(ow));
+        }
+    }
+    dst[index] = sum;
+}

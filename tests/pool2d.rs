@@ -1,0 +1,233 @@
+//! Pooling: PyTorch goldens (ties included), GPU against CPU, gradient routing, errors.
+
+mod common;
+
+use common::golden::{assert_close, cases, tensor};
+use common::{gpu, max_abs_diff, random};
+use ndarray::{ArrayD, IxDyn};
+use proptest::prelude::*;
+use serde_json::Value;
+use wgcnn::{Pool2d, PoolKind, Tensor};
+
+fn pair(value: &Value) -> (usize, usize) {
+    let v = value.as_array().unwrap();
+    (
+        v[0].as_u64().unwrap() as usize,
+        v[1].as_u64().unwrap() as usize,
+    )
+}
+
+fn upload(x: &ArrayD<f32>) -> Tensor {
+    Tensor::from_array(gpu().unwrap(), x).unwrap()
+}
+
+#[test]
+fn pytorch_goldens_on_gpu_and_cpu() {
+    if gpu().is_none() {
+        return;
+    }
+    for prefix in ["maxpool2d_", "avgpool2d_"] {
+        for case in cases(prefix) {
+            let (json, name) = (&case.json, &case.name);
+            let params = &json["params"];
+            let kind = if prefix.starts_with("max") {
+                PoolKind::Max
+            } else {
+                PoolKind::Avg {
+                    count_include_pad: params["count_include_pad"].as_bool().unwrap(),
+                }
+            };
+            let spec = Pool2d {
+                kind,
+                kernel: pair(&params["kernel"]),
+                stride: pair(&params["stride"]),
+                padding: pair(&params["padding"]),
+            };
+            let x = tensor(&json["inputs"]["x"]);
+            let dy = tensor(&json["grad_outputs"]["y"]);
+            let (y, dx) = (tensor(&json["outputs"]["y"]), tensor(&json["grads"]["x"]));
+
+            let cpu = wgcnn::cpu::pool2d(&spec, &x.view()).unwrap();
+            assert_close(&format!("{name} cpu y"), &cpu.y, &y, 1e-6, 1e-7);
+            let cpu_dx = wgcnn::cpu::pool2d_backward(
+                &spec,
+                x.shape(),
+                &dy.view(),
+                cpu.argmax.as_ref().map(|a| a.view()).as_ref(),
+            )
+            .unwrap();
+            assert_close(&format!("{name} cpu dx"), &cpu_dx, &dx, 1e-5, 1e-6);
+
+            let pooled = spec.forward(&upload(&x)).unwrap();
+            assert_close(
+                &format!("{name} gpu y"),
+                &pooled.y.to_array().unwrap(),
+                &y,
+                1e-6,
+                1e-7,
+            );
+            if kind == PoolKind::Max {
+                let indices = tensor(&json["outputs"]["indices"]);
+                assert_eq!(
+                    pooled.argmax.as_ref().unwrap().to_array().unwrap(),
+                    indices,
+                    "{name} gpu indices"
+                );
+                assert_eq!(cpu.argmax.unwrap(), indices, "{name} cpu indices");
+            }
+            let gpu_dx = spec
+                .backward(x.shape(), &upload(&dy), pooled.argmax.as_ref())
+                .unwrap();
+            assert_close(
+                &format!("{name} gpu dx"),
+                &gpu_dx.to_array().unwrap(),
+                &dx,
+                1e-5,
+                1e-6,
+            );
+        }
+    }
+}
+
+fn kind_strategy() -> impl Strategy<Value = PoolKind> {
+    prop_oneof![
+        Just(PoolKind::Max),
+        any::<bool>().prop_map(|count_include_pad| PoolKind::Avg { count_include_pad })
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
+
+    #[test]
+    fn gpu_matches_cpu(
+        n in 1usize..3, c in 1usize..4, h in 1usize..14, w in 1usize..14,
+        kh in 1usize..5, kw in 1usize..5, sh in 1usize..4, sw in 1usize..4, ph in 0usize..3, pw in 0usize..3,
+        kind in kind_strategy(), seed in 0u64..1000, coarse: bool,
+    ) {
+        let spec = Pool2d { kind, kernel: (kh, kw), stride: (sh, sw), padding: (ph, pw) };
+        // Coarse values make ties common, which exercises the first-maximum rule.
+        let mut x = random(&[n, c, h, w], seed);
+        if coarse { x.mapv_inplace(|v| (v * 2.0).round()); }
+        let Ok(shape) = spec.shape(x.shape()) else {
+            prop_assert!(wgcnn::cpu::pool2d(&spec, &x.view()).is_err());
+            return Ok(());
+        };
+        if gpu().is_none() { return Ok(()); }
+        let cpu = wgcnn::cpu::pool2d(&spec, &x.view()).unwrap();
+        let pooled = spec.forward(&upload(&x)).unwrap();
+        prop_assert!(max_abs_diff(&pooled.y.to_array().unwrap(), &cpu.y) <= 1e-6);
+        if let (Some(g), Some(c)) = (&pooled.argmax, &cpu.argmax) {
+            prop_assert_eq!(&g.to_array().unwrap(), c);
+        }
+        let dy = random(&shape.output(), seed + 1);
+        let want = wgcnn::cpu::pool2d_backward(&spec, x.shape(), &dy.view(), cpu.argmax.as_ref().map(|a| a.view()).as_ref()).unwrap();
+        let got = spec.backward(x.shape(), &upload(&dy), pooled.argmax.as_ref()).unwrap().to_array().unwrap();
+        prop_assert!(max_abs_diff(&got, &want) <= 1e-5, "{spec:?}: {}", max_abs_diff(&got, &want));
+    }
+}
+
+#[test]
+fn max_sends_the_gradient_to_the_maximum_and_avg_spreads_it() {
+    // One 2×2 window: max at (1, 0).
+    let x = ArrayD::from_shape_vec(IxDyn(&[1, 1, 2, 2]), vec![1.0, 2.0, 5.0, 3.0]).unwrap();
+    let dy = ArrayD::from_elem(IxDyn(&[1, 1, 1, 1]), 8.0f32);
+    let max = Pool2d::max((2, 2));
+    let pooled = wgcnn::cpu::pool2d(&max, &x.view()).unwrap();
+    assert_eq!(pooled.y[[0, 0, 0, 0]], 5.0);
+    let dx = wgcnn::cpu::pool2d_backward(
+        &max,
+        x.shape(),
+        &dy.view(),
+        pooled.argmax.as_ref().map(|a| a.view()).as_ref(),
+    )
+    .unwrap();
+    assert_eq!(dx.as_slice().unwrap(), &[0.0, 0.0, 8.0, 0.0]);
+    let avg = Pool2d::avg((2, 2));
+    let dx = wgcnn::cpu::pool2d_backward(&avg, x.shape(), &dy.view(), None).unwrap();
+    assert_eq!(dx.as_slice().unwrap(), &[2.0, 2.0, 2.0, 2.0]);
+    if gpu().is_none() {
+        return;
+    }
+    let gpu_pooled = max.forward(&upload(&x)).unwrap();
+    let gpu_dx = max
+        .backward(x.shape(), &upload(&dy), gpu_pooled.argmax.as_ref())
+        .unwrap();
+    assert_eq!(
+        gpu_dx.to_array().unwrap().as_slice().unwrap(),
+        &[0.0, 0.0, 8.0, 0.0]
+    );
+}
+
+#[test]
+fn global_average_pooling() {
+    let Some(gpu) = gpu() else { return };
+    let x = random(&[2, 3, 5, 7], 4);
+    let y = wgcnn::global_avg_pool(&Tensor::from_array(gpu, &x).unwrap())
+        .unwrap()
+        .to_array()
+        .unwrap();
+    assert_eq!(y.shape(), &[2, 3]);
+    for n in 0..2 {
+        for c in 0..3 {
+            let mean = (0..5)
+                .flat_map(|i| (0..7).map(move |j| (i, j)))
+                .map(|(i, j)| x[[n, c, i, j]])
+                .sum::<f32>()
+                / 35.0;
+            assert!((y[[n, c]] - mean).abs() < 1e-6);
+        }
+    }
+    let dy = random(&[2, 3], 5);
+    let dx = wgcnn::global_avg_pool_backward(x.shape(), &Tensor::from_array(gpu, &dy).unwrap())
+        .unwrap()
+        .to_array()
+        .unwrap();
+    assert!((dx[[1, 2, 4, 6]] - dy[[1, 2]] / 35.0).abs() < 1e-7);
+    let err = wgcnn::global_avg_pool_backward(
+        x.shape(),
+        &Tensor::from_array(gpu, &random(&[3, 2], 1)).unwrap(),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("expected [2, 3]"), "{err}");
+}
+
+#[test]
+fn bad_windows_are_errors() {
+    let x = [1, 1, 4, 4];
+    let m = |spec: Pool2d| spec.shape(&x).unwrap_err().to_string();
+    assert!(m(Pool2d::max((0, 2))).contains("window (0, 2) must be at least 1×1"));
+    assert!(
+        m(Pool2d {
+            stride: (0, 1),
+            ..Pool2d::max((2, 2))
+        })
+        .contains("stride (0, 1) must be at least 1")
+    );
+    assert!(
+        m(Pool2d {
+            padding: (2, 0),
+            ..Pool2d::max((2, 2))
+        })
+        .contains("at most half the window")
+    );
+    assert!(m(Pool2d::max((5, 1))).contains("larger than the padded input 4×4"));
+    assert!(
+        Pool2d::max((2, 2))
+            .shape(&[4, 4])
+            .unwrap_err()
+            .to_string()
+            .contains("[N, C, H, W]")
+    );
+    let dy = random(&[1, 1, 2, 2], 1);
+    let err = wgcnn::cpu::pool2d_backward(&Pool2d::max((2, 2)), &x, &dy.view(), None).unwrap_err();
+    assert!(err.to_string().contains("needs the arg-max"), "{err}");
+    let wrong = random(&[1, 1, 3, 2], 1);
+    let err =
+        wgcnn::cpu::pool2d_backward(&Pool2d::avg((2, 2)), &x, &wrong.view(), None).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("dy is [1, 1, 3, 2], the output is [1, 1, 2, 2]"),
+        "{err}"
+    );
+}
