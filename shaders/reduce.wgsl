@@ -1,9 +1,11 @@
-// Sums x viewed as [outer][mid][inner] over outer and inner: out[m] (+)= Σ_a Σ_i x[a][m][i].
+// Sums x viewed as [outer][mid][inner] over outer and inner:
+// out[m] (+)= scale · Σ_a Σ_i x[a][m][i].
 // One workgroup per output element: 64 invocations stride over the outer·inner terms, then a
 // tree reduction in workgroup memory. Used for bias and batched weight gradients.
 
 struct Params {
     outer: u32, mid: u32, inner: u32, accumulate: u32,
+    scale: f32, _pad0: u32, _pad1: u32, _pad2: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -35,7 +37,7 @@ fn main(
         workgroupBarrier();
     }
     if lane == 0u {
-        var total = partial[0];
+        var total = p.scale * partial[0];
         if p.accumulate != 0u { total += out[m]; }
         out[m] = total;
     }

@@ -29,18 +29,26 @@ pub mod tensor;
 pub use error::{Error, Result};
 pub use gpu::{Gpu, GpuOptions, PoolStats};
 pub use ops::Activation;
+pub use ops::activation::{softmax, softmax_backward};
 pub use ops::conv2d::{Conv2d, Conv2dGrads, Conv2dShape, Padding};
+pub use ops::linear::{LinearGrads, linear, linear_backward};
 pub use ops::matmul::{BiasAxis, KernelChoice, Matmul, MatmulPlan, MatmulShape};
 pub use ops::pool2d::{
     Pool2d, Pool2dShape, PoolKind, Pooled, global_avg_pool, global_avg_pool_backward,
 };
+pub use ops::softmax_cross_entropy::{CrossEntropy, softmax_cross_entropy};
 pub use tensor::Tensor;
 /// The wgpu version wgcnn is built on, for `GpuOptions::backends` and adapter info.
 pub use wgpu;
 
 /// CPU references of every op, on ndarray: readable and formula-faithful.
 pub mod cpu {
+    pub use crate::ops::activation::{
+        softmax_backward_cpu as softmax_backward, softmax_cpu as softmax,
+    };
     pub use crate::ops::conv2d::{conv2d_backward_cpu as conv2d_backward, conv2d_cpu as conv2d};
+    pub use crate::ops::linear::{linear_backward_cpu as linear_backward, linear_cpu as linear};
     pub use crate::ops::matmul::matmul_cpu as matmul;
     pub use crate::ops::pool2d::{pool2d_backward_cpu as pool2d_backward, pool2d_cpu as pool2d};
+    pub use crate::ops::softmax_cross_entropy::softmax_cross_entropy_cpu as softmax_cross_entropy;
 }

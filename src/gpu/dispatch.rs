@@ -41,6 +41,20 @@ impl Gpu {
         storage: &[Binding<'_>],
         groups: u64,
     ) -> Result<()> {
+        self.encode_from(pass, pipeline, params, 1, storage, groups)
+    }
+
+    /// Like [`Gpu::encode`], with the storage bindings numbered from `first` (for shaders
+    /// whose entry points use different bindings).
+    pub(crate) fn encode_from(
+        &self,
+        pass: &mut wgpu::ComputePass<'_>,
+        pipeline: &wgpu::ComputePipeline,
+        params: &[u8],
+        first: u32,
+        storage: &[Binding<'_>],
+        groups: u64,
+    ) -> Result<()> {
         let (x, y) = grid(groups)?;
         let device = self.device();
         let uniform = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
@@ -54,7 +68,7 @@ impl Gpu {
         }];
         for (i, binding) in storage.iter().enumerate() {
             entries.push(wgpu::BindGroupEntry {
-                binding: i as u32 + 1,
+                binding: i as u32 + first,
                 resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
                     buffer: binding.buffer,
                     offset: 0,

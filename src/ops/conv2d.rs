@@ -267,7 +267,7 @@ impl Conv2d {
         let dx = Tensor::uninit(&gpu, x.shape())?;
         let dweight = Tensor::uninit(&gpu, weight.shape())?;
         let dbias = Tensor::uninit(&gpu, &[o])?;
-        sum_axes(&gpu, dy, (shape.n, o, positions), &dbias, false)?;
+        sum_axes(&gpu, dy, (shape.n, o, positions), &dbias, 1.0, false)?;
 
         let weight_matrix = [o, taps];
         let image_in = (shape.c * shape.h * shape.w) as u64 * 4;
@@ -294,7 +294,14 @@ impl Conv2d {
                 per_image.operand(),
             )?;
             drop(col);
-            sum_axes(&gpu, &per_image, (count, o * taps, 1), &dweight, index > 0)?;
+            sum_axes(
+                &gpu,
+                &per_image,
+                (count, o * taps, 1),
+                &dweight,
+                1.0,
+                index > 0,
+            )?;
             drop(per_image);
             // dx = col2im(Wᵀ · dy[n])
             let dcol = Tensor::uninit(&gpu, &[count, taps, positions])?;

@@ -14,14 +14,17 @@ struct ReduceParams {
     mid: u32,
     inner: u32,
     accumulate: u32,
+    scale: f32,
+    _pad: [u32; 3],
 }
 
-/// `out[m] (+)= Σ_a Σ_i x[a][m][i]` for `x` viewed as `[outer][mid][inner]`.
+/// `out[m] (+)= scale · Σ_a Σ_i x[a][m][i]` for `x` viewed as `[outer][mid][inner]`.
 pub(crate) fn sum_axes(
     gpu: &Gpu,
     x: &Tensor,
     (outer, mid, inner): (usize, usize, usize),
     out: &Tensor,
+    scale: f32,
     accumulate: bool,
 ) -> Result<()> {
     if outer * mid * inner != x.len() || out.len() != mid {
@@ -38,6 +41,8 @@ pub(crate) fn sum_axes(
         mid: mid as u32,
         inner: inner as u32,
         accumulate: u32::from(accumulate),
+        scale,
+        _pad: [0; 3],
     };
     let pipeline = gpu.pipeline("reduce", "main", || {
         include_str!("../../shaders/reduce.wgsl").into()

@@ -1,0 +1,246 @@
+//! Activations: relu, leaky relu, sigmoid, tanh (elementwise) and softmax (over the last
+//! axis), forward and backward (`shaders/activation.wgsl`), with CPU references.
+
+use bytemuck::{Pod, Zeroable};
+use ndarray::{ArrayD, ArrayViewD, Axis};
+
+use crate::error::{Error, Result};
+use crate::gpu::Gpu;
+use crate::tensor::Tensor;
+
+/// An activation applied elementwise, e.g. fused into a matmul epilogue.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub enum Activation {
+    /// The identity.
+    #[default]
+    None,
+    /// `max(x, 0)`.
+    Relu,
+    /// `x` for positive `x`, else `slope · x`.
+    LeakyRelu(f32),
+    /// `1 / (1 + e^-x)`.
+    Sigmoid,
+    /// `tanh(x)`.
+    Tanh,
+}
+
+impl Activation {
+    /// The code the WGSL `activate` function switches on (shaders/epilogue.wgsl).
+    pub(crate) fn code(self) -> u32 {
+        match self {
+            Activation::None => 0,
+            Activation::Relu => 1,
+            Activation::LeakyRelu(_) => 2,
+            Activation::Sigmoid => 3,
+            Activation::Tanh => 4,
+        }
+    }
+
+    pub(crate) fn slope(self) -> f32 {
+        match self {
+            Activation::LeakyRelu(slope) => slope,
+            _ => 0.0,
+        }
+    }
+
+    /// The CPU reference of the same function.
+    pub fn apply(self, x: f32) -> f32 {
+        match self {
+            Activation::None => x,
+            Activation::Relu => x.max(0.0),
+            Activation::LeakyRelu(slope) => {
+                if x > 0.0 {
+                    x
+                } else {
+                    slope * x
+                }
+            }
+            Activation::Sigmoid => 1.0 / (1.0 + (-x).exp()),
+            Activation::Tanh => x.tanh(),
+        }
+    }
+}
+
+/// Mirrors `Params` in shaders/activation.wgsl.
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct ActivationParams {
+    total: u32,
+    code: u32,
+    slope: f32,
+    row: u32,
+}
+
+fn same_shapes(op: &'static str, tensors: &[&Tensor]) -> Result<()> {
+    let gpu = tensors[0].gpu();
+    for t in tensors {
+        t.check_same_gpu(op, gpu)?;
+        if t.shape() != tensors[0].shape() {
+            return Err(Error::ShapeMismatch {
+                op,
+                detail: format!(
+                    "{:?} and {:?} must have the same shape",
+                    tensors[0].shape(),
+                    t.shape()
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+fn launch(
+    gpu: &Gpu,
+    entry: &str,
+    params: ActivationParams,
+    first: u32,
+    tensors: &[&Tensor],
+) -> Result<()> {
+    let pipeline = gpu.pipeline("activation", entry, || {
+        [
+            include_str!("../../shaders/epilogue.wgsl"),
+            include_str!("../../shaders/activation.wgsl"),
+        ]
+        .concat()
+    })?;
+    let bindings: Vec<_> = tensors.iter().map(|t| t.binding()).collect();
+    gpu.run_pass(entry, |pass| {
+        gpu.encode_from(
+            pass,
+            &pipeline,
+            bytemuck::bytes_of(&params),
+            first,
+            &bindings,
+            u64::from(params.total).div_ceil(256),
+        )
+    })
+}
+
+impl Activation {
+    fn params(self, total: usize, row: usize) -> ActivationParams {
+        ActivationParams {
+            total: total as u32,
+            code: self.code(),
+            slope: self.slope(),
+            row: row as u32,
+        }
+    }
+
+    /// `act(x)` elementwise on the GPU.
+    pub fn forward(self, x: &Tensor) -> Result<Tensor> {
+        let y = Tensor::uninit(x.gpu(), x.shape())?;
+        launch(x.gpu(), "forward", self.params(x.len(), 1), 1, &[x, &y])?;
+        Ok(y)
+    }
+
+    /// `dx = dy · act'(x)`, given the forward input `x` and output `y`.
+    pub fn backward(self, x: &Tensor, y: &Tensor, dy: &Tensor) -> Result<Tensor> {
+        same_shapes("activation backward", &[x, y, dy])?;
+        let dx = Tensor::uninit(x.gpu(), x.shape())?;
+        launch(
+            x.gpu(),
+            "backward",
+            self.params(x.len(), 1),
+            3,
+            &[x, y, dy, &dx],
+        )?;
+        Ok(dx)
+    }
+
+    /// The derivative at `x` (with `y = act(x)`): the CPU reference of the backward pass.
+    pub fn derivative(self, x: f32, y: f32) -> f32 {
+        match self {
+            Activation::None => 1.0,
+            Activation::Relu => f32::from(u8::from(x > 0.0)),
+            Activation::LeakyRelu(slope) => {
+                if x > 0.0 {
+                    1.0
+                } else {
+                    slope
+                }
+            }
+            Activation::Sigmoid => y * (1.0 - y),
+            Activation::Tanh => 1.0 - y * y,
+        }
+    }
+}
+
+fn rows(op: &'static str, shape: &[usize]) -> Result<(usize, usize)> {
+    match shape.split_last() {
+        Some((&row, rest)) if row > 0 => Ok((rest.iter().product(), row)),
+        _ => Err(Error::ShapeMismatch {
+            op,
+            detail: format!("softmax needs at least one axis, got {shape:?}"),
+        }),
+    }
+}
+
+/// Softmax over the last axis on the GPU, stable (the row maximum is subtracted first).
+pub fn softmax(x: &Tensor) -> Result<Tensor> {
+    let (count, row) = rows("softmax", x.shape())?;
+    let y = Tensor::uninit(x.gpu(), x.shape())?;
+    launch(
+        x.gpu(),
+        "softmax",
+        Activation::None.params(count, row),
+        1,
+        &[x, &y],
+    )?;
+    Ok(y)
+}
+
+/// Backward of [`softmax`] from its output: `dx = y ⊙ (dy − Σ dy ⊙ y)` per row.
+pub fn softmax_backward(y: &Tensor, dy: &Tensor) -> Result<Tensor> {
+    same_shapes("softmax backward", &[y, dy])?;
+    let (count, row) = rows("softmax", y.shape())?;
+    let dx = Tensor::uninit(y.gpu(), y.shape())?;
+    launch(
+        y.gpu(),
+        "softmax_backward",
+        Activation::None.params(count, row),
+        4,
+        &[y, dy, &dx],
+    )?;
+    Ok(dx)
+}
+
+/// CPU reference of [`softmax`].
+pub fn softmax_cpu(x: &ArrayViewD<'_, f32>) -> Result<ArrayD<f32>> {
+    rows("softmax", x.shape())?;
+    let mut y = x.to_owned();
+    for mut row in y.lanes_mut(Axis(x.ndim() - 1)) {
+        let top = row.fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+        row.mapv_inplace(|v| (v - top).exp());
+        let sum = row.sum();
+        row.mapv_inplace(|v| v / sum);
+    }
+    Ok(y)
+}
+
+/// CPU reference of [`softmax_backward`].
+pub fn softmax_backward_cpu(
+    y: &ArrayViewD<'_, f32>,
+    dy: &ArrayViewD<'_, f32>,
+) -> Result<ArrayD<f32>> {
+    rows("softmax", y.shape())?;
+    if y.shape() != dy.shape() {
+        return Err(Error::ShapeMismatch {
+            op: "softmax backward",
+            detail: format!("{:?} and {:?} differ", y.shape(), dy.shape()),
+        });
+    }
+    let axis = Axis(y.ndim() - 1);
+    let mut dx = ArrayD::zeros(y.raw_dim());
+    for ((mut out, y), dy) in dx
+        .lanes_mut(axis)
+        .into_iter()
+        .zip(y.lanes(axis))
+        .zip(dy.lanes(axis))
+    {
+        let dot: f32 = y.iter().zip(&dy).map(|(a, b)| a * b).sum();
+        for ((o, &yv), &g) in out.iter_mut().zip(&y).zip(&dy) {
+            *o = yv * (g - dot);
+        }
+    }
+    Ok(dx)
+}

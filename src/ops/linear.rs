@@ -1,0 +1,120 @@
+//! Fully connected layer `y = act(x·Wᵀ + b)` in PyTorch's layout (`W` is `[out, in]`), as
+//! the matmul with its fused epilogue; backward `dx = dy·W`, `dW = dyᵀ·x`, `db = Σ_n dy`.
+
+use ndarray::{ArrayD, ArrayViewD, Axis};
+
+use super::Activation;
+use super::matmul::{BiasAxis, Matmul, matmul_cpu};
+use super::reduce::sum_axes;
+use crate::error::{Error, Result};
+use crate::tensor::Tensor;
+
+const OP: &str = "linear";
+
+/// The gradients of a linear layer.
+#[derive(Debug)]
+pub struct LinearGrads<T> {
+    /// `∂L/∂x`, `[N, in]`.
+    pub x: T,
+    /// `∂L/∂W`, `[out, in]`.
+    pub weight: T,
+    /// `∂L/∂b`, `[out]`.
+    pub bias: T,
+}
+
+fn check(x: &[usize], weight: &[usize]) -> Result<(usize, usize, usize)> {
+    match (x, weight) {
+        (&[n, i], &[o, i_w]) if i == i_w => Ok((n, i, o)),
+        _ => Err(Error::ShapeMismatch {
+            op: OP,
+            detail: format!("x must be [N, in] and weight [out, in]; got {x:?} and {weight:?}"),
+        }),
+    }
+}
+
+fn forward_spec(bias: bool, activation: Activation) -> Matmul {
+    Matmul {
+        trans_b: true,
+        bias: if bias {
+            BiasAxis::PerColumn
+        } else {
+            BiasAxis::None
+        },
+        activation,
+        ..Matmul::default()
+    }
+}
+
+/// `act(x·Wᵀ + b)` on the GPU.
+pub fn linear(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    activation: Activation,
+) -> Result<Tensor> {
+    check(x.shape(), weight.shape())?;
+    forward_spec(bias.is_some(), activation).forward(x, weight, bias)
+}
+
+/// Gradients of `L` from `dy = ∂L/∂y` (taken before any activation).
+pub fn linear_backward(x: &Tensor, weight: &Tensor, dy: &Tensor) -> Result<LinearGrads<Tensor>> {
+    let (n, _, o) = check(x.shape(), weight.shape())?;
+    if dy.shape() != [n, o] {
+        return Err(Error::ShapeMismatch {
+            op: OP,
+            detail: format!("dy is {:?}, the output is [{n}, {o}]", dy.shape()),
+        });
+    }
+    let dx = Matmul::default().forward(dy, weight, None)?;
+    let dweight = Matmul {
+        trans_a: true,
+        ..Matmul::default()
+    }
+    .forward(dy, x, None)?;
+    let dbias = Tensor::uninit(x.gpu(), &[o])?;
+    sum_axes(x.gpu(), dy, (n, o, 1), &dbias, 1.0, false)?;
+    Ok(LinearGrads {
+        x: dx,
+        weight: dweight,
+        bias: dbias,
+    })
+}
+
+/// CPU reference of [`linear`].
+pub fn linear_cpu(
+    x: &ArrayViewD<'_, f32>,
+    weight: &ArrayViewD<'_, f32>,
+    bias: Option<&ArrayViewD<'_, f32>>,
+    activation: Activation,
+) -> Result<ArrayD<f32>> {
+    check(x.shape(), weight.shape())?;
+    matmul_cpu(&forward_spec(bias.is_some(), activation), x, weight, bias)
+}
+
+/// CPU reference of [`linear_backward`].
+pub fn linear_backward_cpu(
+    x: &ArrayViewD<'_, f32>,
+    weight: &ArrayViewD<'_, f32>,
+    dy: &ArrayViewD<'_, f32>,
+) -> Result<LinearGrads<ArrayD<f32>>> {
+    let (n, _, o) = check(x.shape(), weight.shape())?;
+    if dy.shape() != [n, o] {
+        return Err(Error::ShapeMismatch {
+            op: OP,
+            detail: format!("dy is {:?}, the output is [{n}, {o}]", dy.shape()),
+        });
+    }
+    Ok(LinearGrads {
+        x: matmul_cpu(&Matmul::default(), dy, weight, None)?,
+        weight: matmul_cpu(
+            &Matmul {
+                trans_a: true,
+                ..Matmul::default()
+            },
+            dy,
+            x,
+            None,
+        )?,
+        bias: dy.sum_axis(Axis(0)),
+    })
+}

@@ -1,0 +1,144 @@
+//! Softmax cross-entropy over integer labels with mean reduction, fused and stable
+//! (`shaders/loss.wgsl`): one pass gives the loss, the gradient of the logits and the
+//! number of correct predictions.
+
+use bytemuck::{Pod, Zeroable};
+use ndarray::{Array1, ArrayD, ArrayViewD, Axis};
+
+use super::reduce::sum_axes;
+use crate::error::{Error, Result};
+use crate::tensor::Tensor;
+
+const OP: &str = "softmax_cross_entropy";
+
+/// The results of [`softmax_cross_entropy`]; nothing is read back until asked.
+#[derive(Debug)]
+pub struct CrossEntropy<T> {
+    /// Mean loss, shape `[1]`.
+    pub loss: T,
+    /// `∂loss/∂logits = (softmax − onehot) / N`, shaped like the logits.
+    pub grad_logits: T,
+    /// How many rows have their first arg-max at the label, shape `[1]`.
+    pub correct: T,
+}
+
+fn check(logits: &[usize], labels: &[usize]) -> Result<(usize, usize)> {
+    let &[rows, classes] = logits else {
+        return Err(Error::ShapeMismatch {
+            op: OP,
+            detail: format!("logits must be [N, K], got {logits:?}"),
+        });
+    };
+    if rows == 0 || classes == 0 {
+        return Err(Error::EmptyDimension {
+            op: OP,
+            shape: logits.to_vec(),
+            axis: usize::from(rows != 0),
+        });
+    }
+    if labels.len() != rows {
+        return Err(Error::ShapeMismatch {
+            op: OP,
+            detail: format!("{} labels for {rows} rows of logits", labels.len()),
+        });
+    }
+    if let Some((i, &bad)) = labels.iter().enumerate().find(|&(_, &l)| l >= classes) {
+        return Err(Error::InvalidArgument {
+            op: OP,
+            detail: format!("label {bad} at row {i} is not below the {classes} classes"),
+        });
+    }
+    Ok((rows, classes))
+}
+
+/// Mirrors `Params` in shaders/loss.wgsl.
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct LossParams {
+    rows: u32,
+    classes: u32,
+    scale: f32,
+    _pad: u32,
+}
+
+/// Loss, gradient and correct count for `logits [N, K]` and `labels` (each below K).
+pub fn softmax_cross_entropy(logits: &Tensor, labels: &[usize]) -> Result<CrossEntropy<Tensor>> {
+    let (rows, classes) = check(logits.shape(), labels)?;
+    let gpu = logits.gpu();
+    let label_values: Array1<f32> = labels.iter().map(|&l| l as f32).collect();
+    let labels = Tensor::from_array(gpu, &label_values)?;
+    let grad = Tensor::uninit(gpu, logits.shape())?;
+    let row_loss = Tensor::uninit(gpu, &[rows])?;
+    let row_correct = Tensor::uninit(gpu, &[rows])?;
+    let params = LossParams {
+        rows: rows as u32,
+        classes: classes as u32,
+        scale: 1.0 / rows as f32,
+        _pad: 0,
+    };
+    let pipeline = gpu.pipeline("loss", "main", || {
+        include_str!("../../shaders/loss.wgsl").into()
+    })?;
+    gpu.run_pass(OP, |pass| {
+        let bindings = [
+            logits.binding(),
+            labels.binding(),
+            grad.binding(),
+            row_loss.binding(),
+            row_correct.binding(),
+        ];
+        gpu.encode(
+            pass,
+            &pipeline,
+            bytemuck::bytes_of(&params),
+            &bindings,
+            (rows as u64).div_ceil(64),
+        )
+    })?;
+    let loss = Tensor::uninit(gpu, &[1])?;
+    let correct = Tensor::uninit(gpu, &[1])?;
+    sum_axes(
+        gpu,
+        &row_loss,
+        (rows, 1, 1),
+        &loss,
+        1.0 / rows as f32,
+        false,
+    )?;
+    sum_axes(gpu, &row_correct, (rows, 1, 1), &correct, 1.0, false)?;
+    Ok(CrossEntropy {
+        loss,
+        grad_logits: grad,
+        correct,
+    })
+}
+
+/// CPU reference of [`softmax_cross_entropy`], from the definition.
+pub fn softmax_cross_entropy_cpu(
+    logits: &ArrayViewD<'_, f32>,
+    labels: &[usize],
+) -> Result<CrossEntropy<ArrayD<f32>>> {
+    let (rows, _) = check(logits.shape(), labels)?;
+    let mut grad = logits.to_owned();
+    let (mut loss, mut correct) = (0.0f64, 0usize);
+    for ((row, mut g), &label) in logits
+        .axis_iter(Axis(0))
+        .zip(grad.axis_iter_mut(Axis(0)))
+        .zip(labels)
+    {
+        let top = row.fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+        let lse = top + row.iter().map(|&z| (z - top).exp()).sum::<f32>().ln();
+        loss += f64::from(lse - row[label]);
+        let first_max = row.iter().position(|&z| z == top).unwrap_or(0);
+        correct += usize::from(first_max == label);
+        for (j, v) in g.iter_mut().enumerate() {
+            *v = ((*v - lse).exp() - f32::from(u8::from(j == label))) / rows as f32;
+        }
+    }
+    let scalar = |v: f32| ArrayD::from_elem(ndarray::IxDyn(&[1]), v);
+    Ok(CrossEntropy {
+        loss: scalar((loss / rows as f64) as f32),
+        grad_logits: grad,
+        correct: scalar(correct as f32),
+    })
+}

@@ -1,0 +1,128 @@
+//! Activations and softmax: GPU against CPU, derivatives against finite differences.
+
+mod common;
+
+use common::{gpu, max_abs_diff, random};
+use ndarray::ArrayD;
+use wgcnn::{Activation, Tensor};
+
+const ALL: [Activation; 5] = [
+    Activation::None,
+    Activation::Relu,
+    Activation::LeakyRelu(0.01),
+    Activation::Sigmoid,
+    Activation::Tanh,
+];
+
+#[test]
+fn elementwise_forward_and_backward_match_the_cpu() {
+    let Some(gpu) = gpu() else { return };
+    for (i, shape) in [vec![1], vec![7, 13], vec![3, 4, 5, 6], vec![1000]]
+        .iter()
+        .enumerate()
+    {
+        let x = random(shape, i as u64).mapv(|v| v * 4.0);
+        let dy = random(shape, 100 + i as u64);
+        let tx = Tensor::from_array(gpu, &x).unwrap();
+        for act in ALL {
+            let y = act.forward(&tx).unwrap();
+            let want_y = x.mapv(|v| act.apply(v));
+            assert!(
+                max_abs_diff(&y.to_array().unwrap(), &want_y) < 1e-6,
+                "{act:?} forward"
+            );
+            let dx = act
+                .backward(&tx, &y, &Tensor::from_array(gpu, &dy).unwrap())
+                .unwrap();
+            let want_dx =
+                ArrayD::from_shape_fn(x.raw_dim(), |d| dy[&d] * act.derivative(x[&d], want_y[&d]));
+            assert!(
+                max_abs_diff(&dx.to_array().unwrap(), &want_dx) < 1e-6,
+                "{act:?} backward"
+            );
+        }
+    }
+}
+
+#[test]
+fn derivatives_match_finite_differences() {
+    for act in ALL {
+        for x in [-2.5f32, -0.7, -0.1, 0.2, 0.9, 3.0] {
+            let eps = 1e-3f64;
+            let f = |v: f64| f64::from(act.apply(v as f32));
+            let numeric = (f(f64::from(x) + eps) - f(f64::from(x) - eps)) / (2.0 * eps);
+            let analytic = f64::from(act.derivative(x, act.apply(x)));
+            assert!(
+                (numeric - analytic).abs() < 2e-3,
+                "{act:?} at {x}: {analytic} vs {numeric}"
+            );
+        }
+    }
+}
+
+#[test]
+fn softmax_is_stable_and_matches_the_cpu() {
+    let Some(gpu) = gpu() else { return };
+    let mut x = random(&[5, 10], 3);
+    x[[0, 0]] = 1000.0; // would overflow exp() without subtracting the row maximum
+    x[[1, 3]] = -1000.0;
+    let y = wgcnn::softmax(&Tensor::from_array(gpu, &x).unwrap())
+        .unwrap()
+        .to_array()
+        .unwrap();
+    let want = wgcnn::cpu::softmax(&x.view()).unwrap();
+    assert!(y.iter().all(|v| v.is_finite()));
+    assert!(max_abs_diff(&y, &want) < 1e-6);
+    for row in y.axis_iter(ndarray::Axis(0)) {
+        assert!((row.sum() - 1.0).abs() < 1e-5);
+    }
+    assert!((y[[0, 0]] - 1.0).abs() < 1e-6);
+
+    let dy = random(&[5, 10], 4);
+    let dx = wgcnn::softmax_backward(
+        &Tensor::from_array(gpu, &want).unwrap(),
+        &Tensor::from_array(gpu, &dy).unwrap(),
+    )
+    .unwrap();
+    let want_dx = wgcnn::cpu::softmax_backward(&want.view(), &dy.view()).unwrap();
+    assert!(max_abs_diff(&dx.to_array().unwrap(), &want_dx) < 1e-6);
+}
+
+#[test]
+fn softmax_backward_matches_finite_differences() {
+    let x = random(&[3, 6], 5);
+    let dy = random(&[3, 6], 6);
+    let loss = |x: &ArrayD<f32>| -> f64 {
+        let y = wgcnn::cpu::softmax(&x.view()).unwrap();
+        y.iter()
+            .zip(&dy)
+            .map(|(a, b)| f64::from(*a) * f64::from(*b))
+            .sum()
+    };
+    let y = wgcnn::cpu::softmax(&x.view()).unwrap();
+    let dx = wgcnn::cpu::softmax_backward(&y.view(), &dy.view()).unwrap();
+    for i in 0..x.len() {
+        let mut plus = x.clone();
+        plus.as_slice_mut().unwrap()[i] += 1e-2;
+        let mut minus = x.clone();
+        minus.as_slice_mut().unwrap()[i] -= 1e-2;
+        let numeric = (loss(&plus) - loss(&minus)) / 2e-2;
+        let analytic = f64::from(dx.as_slice().unwrap()[i]);
+        assert!(
+            (numeric - analytic).abs() < 1e-3,
+            "[{i}] {analytic} vs {numeric}"
+        );
+    }
+}
+
+#[test]
+fn mismatched_shapes_are_errors() {
+    let Some(gpu) = gpu() else { return };
+    let a = Tensor::from_array(gpu, &random(&[2, 3], 1)).unwrap();
+    let b = Tensor::from_array(gpu, &random(&[3, 2], 2)).unwrap();
+    let err = Activation::Relu.backward(&a, &a, &b).unwrap_err();
+    assert!(
+        err.to_string().contains("must have the same shape"),
+        "{err}"
+    );
+}
