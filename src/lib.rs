@@ -31,8 +31,10 @@ pub use gpu::{Gpu, GpuOptions, PoolStats};
 pub use ops::Activation;
 pub use ops::activation::{softmax, softmax_backward};
 pub use ops::conv2d::{Conv2d, Conv2dGrads, Conv2dShape, Padding};
+pub use ops::dropout::Dropout;
 pub use ops::linear::{LinearGrads, linear, linear_backward};
 pub use ops::matmul::{BiasAxis, KernelChoice, Matmul, MatmulPlan, MatmulShape};
+pub use ops::normalize::Normalize;
 pub use ops::pool2d::{
     Pool2d, Pool2dShape, PoolKind, Pooled, global_avg_pool, global_avg_pool_backward,
 };

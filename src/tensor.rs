@@ -116,6 +116,16 @@ impl Tensor {
         Ok(tensor)
     }
 
+    /// A 1-D tensor holding raw 32-bit words (e.g. packed bytes for a kernel that reads u32).
+    pub(crate) fn from_words(gpu: &Gpu, words: &[u32]) -> Result<Self> {
+        let tensor = Self::uninit(gpu, &[words.len()])?;
+        gpu.checked("uploading words", || {
+            gpu.queue()
+                .write_buffer(tensor.buffer(), 0, bytemuck::cast_slice(words));
+        })?;
+        Ok(tensor)
+    }
+
     /// A tensor with every element equal to `value` (e.g. NaN to poison an output).
     pub fn full(gpu: &Gpu, shape: &[usize], value: f32) -> Result<Self> {
         let tensor = Self::uninit(gpu, shape)?;

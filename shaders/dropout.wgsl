@@ -1,0 +1,35 @@
+// Inverted dropout with a counter-based RNG: element i of step `step` under `seed` is kept
+// when uniform(seed, step, i) >= rate, and scaled by 1/(1 - rate). The mask is a pure
+// function of (seed, step, i), so backward recomputes exactly the mask forward used.
+
+struct Params {
+    total: u32, seed: u32, step: u32, rate: f32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> src: array<f32>;
+@group(0) @binding(2) var<storage, read_write> dst: array<f32>;
+
+// A 32-bit integer hash with good avalanche (lowbias32).
+fn hash(v: u32) -> u32 {
+    var x = v;
+    x ^= x >> 16u;
+    x *= 0x7feb352du;
+    x ^= x >> 15u;
+    x *= 0x846ca68bu;
+    x ^= x >> 16u;
+    return x;
+}
+
+fn draw(i: u32) -> f32 {
+    let h = hash(i ^ hash(p.seed ^ hash(p.step + 0x9e3779b9u)));
+    return f32(h >> 8u) / 16777216.0;
+}
+
+// Forward (src = x, dst = y) and backward (src = dy, dst = dx) are the same map.
+@compute @workgroup_size(256)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = gid.x + gid.y * nwg.x * 256u;
+    if i >= p.total { return; }
+    dst[i] = select(0.0, src[i] / (1.0 - p.rate), draw(i) >= p.rate);
+}

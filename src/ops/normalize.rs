@@ -1,0 +1,131 @@
+//! Input normalisation per channel, `(x − mean[c]) / std[c]` on NCHW data
+//! (`shaders/normalize.wgsl`), from f32 tensors or straight from image bytes (÷255 on the
+//! GPU, so uploads are a quarter of the size).
+
+use bytemuck::{Pod, Zeroable};
+use ndarray::{Array1, ArrayD, ArrayView4, ArrayViewD};
+
+use crate::error::{Error, Result};
+use crate::gpu::Gpu;
+use crate::tensor::Tensor;
+
+const OP: &str = "normalize";
+
+/// Per-channel statistics, e.g. MNIST's `Normalize::new(&[0.1307], &[0.3081])`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Normalize {
+    mean: Vec<f32>,
+    std: Vec<f32>,
+}
+
+/// Mirrors `Params` in shaders/normalize.wgsl.
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct NormalizeParams {
+    total: u32,
+    channels: u32,
+    plane: u32,
+    _pad: u32,
+}
+
+impl Normalize {
+    /// One mean and one positive standard deviation per channel.
+    pub fn new(mean: &[f32], std: &[f32]) -> Result<Self> {
+        if mean.is_empty() || mean.len() != std.len() {
+            return Err(Error::InvalidArgument {
+                op: OP,
+                detail: format!(
+                    "{} means and {} standard deviations; give one of each per channel",
+                    mean.len(),
+                    std.len()
+                ),
+            });
+        }
+        if let Some(bad) = std.iter().find(|s| !(**s > 0.0 && s.is_finite())) {
+            return Err(Error::InvalidArgument {
+                op: OP,
+                detail: format!("standard deviation {bad} must be positive and finite"),
+            });
+        }
+        Ok(Self {
+            mean: mean.to_vec(),
+            std: std.to_vec(),
+        })
+    }
+
+    fn check(&self, shape: &[usize]) -> Result<(usize, usize)> {
+        match *shape {
+            [_, c, h, w] if c == self.mean.len() => Ok((c, h * w)),
+            _ => Err(Error::ShapeMismatch {
+                op: OP,
+                detail: format!(
+                    "input must be [N, {}, H, W], got {shape:?}",
+                    self.mean.len()
+                ),
+            }),
+        }
+    }
+
+    fn run(&self, gpu: &Gpu, shape: &[usize], entry: &str, src: &Tensor) -> Result<Tensor> {
+        let (channels, plane) = self.check(shape)?;
+        let dst = Tensor::uninit(gpu, shape)?;
+        let mean = Tensor::from_array(gpu, &Array1::from(self.mean.clone()))?;
+        let inv_std = Tensor::from_array(
+            gpu,
+            &self.std.iter().map(|s| 1.0 / s).collect::<Array1<f32>>(),
+        )?;
+        let params = NormalizeParams {
+            total: dst.len() as u32,
+            channels: channels as u32,
+            plane: plane as u32,
+            _pad: 0,
+        };
+        let element = if entry == "from_floats" { "f32" } else { "u32" };
+        let pipeline = gpu.pipeline("normalize", entry, || {
+            include_str!("../../shaders/normalize.wgsl").replace("{{SRC_TYPE}}", element)
+        })?;
+        let bindings = [
+            mean.binding(),
+            inv_std.binding(),
+            dst.binding(),
+            src.binding(),
+        ];
+        gpu.run_pass(OP, |pass| {
+            gpu.encode(
+                pass,
+                &pipeline,
+                bytemuck::bytes_of(&params),
+                &bindings,
+                (dst.len() as u64).div_ceil(256),
+            )
+        })?;
+        Ok(dst)
+    }
+
+    /// Normalises an f32 `[N, C, H, W]` tensor.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.run(x.gpu(), x.shape(), "from_floats", x)
+    }
+
+    /// Uploads image bytes `[N, C, H, W]` and normalises `byte / 255` on the GPU.
+    pub fn from_bytes(&self, gpu: &Gpu, images: &ArrayView4<'_, u8>) -> Result<Tensor> {
+        let mut bytes: Vec<u8> = images.iter().copied().collect();
+        bytes.resize(bytes.len().next_multiple_of(4), 0);
+        // Four bytes per 32-bit word; the tensor only carries them, the shader reads u32.
+        let packed = Tensor::from_words(gpu, &bytemuck::pod_collect_to_vec::<u8, u32>(&bytes))?;
+        self.run(gpu, images.shape(), "from_bytes", &packed)
+    }
+
+    /// CPU reference of [`Normalize::forward`].
+    pub fn forward_cpu(&self, x: &ArrayViewD<'_, f32>) -> Result<ArrayD<f32>> {
+        let (channels, plane) = self.check(x.shape())?;
+        let values = x.iter().enumerate().map(|(i, &v)| {
+            let c = (i / plane) % channels;
+            (v - self.mean[c]) / self.std[c]
+        });
+        ArrayD::from_shape_vec(x.raw_dim(), values.collect()).map_err(|e| Error::ShapeMismatch {
+            op: OP,
+            detail: e.to_string(),
+        })
+    }
+}
