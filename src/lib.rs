@@ -30,8 +30,10 @@ pub use error::{Error, Result};
 pub use gpu::{Gpu, GpuOptions, PoolStats};
 pub use ops::Activation;
 pub use ops::activation::{softmax, softmax_backward};
+pub use ops::batch_norm::{BatchNorm2d, NormGrads, Normalized};
 pub use ops::conv2d::{Conv2d, Conv2dGrads, Conv2dShape, Padding};
 pub use ops::dropout::Dropout;
+pub use ops::layer_norm::LayerNorm;
 pub use ops::linear::{LinearGrads, linear, linear_backward};
 pub use ops::matmul::{BiasAxis, KernelChoice, Matmul, MatmulPlan, MatmulShape};
 pub use ops::normalize::Normalize;
@@ -48,6 +50,7 @@ pub mod cpu {
     pub use crate::ops::activation::{
         softmax_backward_cpu as softmax_backward, softmax_cpu as softmax,
     };
+    pub use crate::ops::batch_norm::BatchNormCpu;
     pub use crate::ops::conv2d::{conv2d_backward_cpu as conv2d_backward, conv2d_cpu as conv2d};
     pub use crate::ops::linear::{linear_backward_cpu as linear_backward, linear_cpu as linear};
     pub use crate::ops::matmul::matmul_cpu as matmul;

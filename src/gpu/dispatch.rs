@@ -41,18 +41,18 @@ impl Gpu {
         storage: &[Binding<'_>],
         groups: u64,
     ) -> Result<()> {
-        self.encode_from(pass, pipeline, params, 1, storage, groups)
+        let numbered: Vec<_> = (1..).zip(storage.iter().copied()).collect();
+        self.encode_at(pass, pipeline, params, &numbered, groups)
     }
 
-    /// Like [`Gpu::encode`], with the storage bindings numbered from `first` (for shaders
-    /// whose entry points use different bindings).
-    pub(crate) fn encode_from(
+    /// Like [`Gpu::encode`], with each storage buffer at the binding number given with it
+    /// (for shaders whose entry points use different bindings).
+    pub(crate) fn encode_at(
         &self,
         pass: &mut wgpu::ComputePass<'_>,
         pipeline: &wgpu::ComputePipeline,
         params: &[u8],
-        first: u32,
-        storage: &[Binding<'_>],
+        storage: &[(u32, Binding<'_>)],
         groups: u64,
     ) -> Result<()> {
         let (x, y) = grid(groups)?;
@@ -66,9 +66,9 @@ impl Gpu {
             binding: 0,
             resource: uniform.as_entire_binding(),
         }];
-        for (i, binding) in storage.iter().enumerate() {
+        for &(number, binding) in storage {
             entries.push(wgpu::BindGroupEntry {
-                binding: i as u32 + first,
+                binding: number,
                 resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
                     buffer: binding.buffer,
                     offset: 0,

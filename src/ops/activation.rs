@@ -103,13 +103,12 @@ fn launch(
         ]
         .concat()
     })?;
-    let bindings: Vec<_> = tensors.iter().map(|t| t.binding()).collect();
+    let bindings: Vec<_> = (first..).zip(tensors.iter().map(|t| t.binding())).collect();
     gpu.run_pass(entry, |pass| {
-        gpu.encode_from(
+        gpu.encode_at(
             pass,
             &pipeline,
             bytemuck::bytes_of(&params),
-            first,
             &bindings,
             u64::from(params.total).div_ceil(256),
         )

@@ -1,10 +1,13 @@
 //! Operations: each file holds one op's shape rules, CPU reference and GPU dispatch.
 
 pub mod activation;
+pub mod batch_norm;
 pub mod conv2d;
 pub mod dropout;
+pub mod layer_norm;
 pub mod linear;
 pub mod matmul;
+pub(crate) mod norm;
 pub mod normalize;
 pub mod pool2d;
 pub(crate) mod reduce;

@@ -1,0 +1,162 @@
+// Batch and layer normalisation, forward and backward. x is viewed as [outer][groups][inner]
+// and statistics are taken per group over its outer·inner = count elements:
+//   batch norm: outer = N, groups = C, inner = H·W, affine parameters indexed by group;
+//   layer norm: outer = 1, groups = N, inner = C·H·W, affine parameters indexed by inner.
+// Per-group sums are real parallel reductions: one 64-invocation workgroup per group,
+// strided partial sums, then a tree in workgroup memory.
+
+struct Params {
+    outer: u32, groups: u32, inner: u32, affine_per_inner: u32,
+    eps: f32, momentum: f32, update_running: u32, training: u32,
+    total: u32, _pad0: u32, _pad1: u32, _pad2: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(2) var<storage, read> dy: array<f32>;
+@group(0) @binding(3) var<storage, read> gamma: array<f32>;
+@group(0) @binding(4) var<storage, read> beta: array<f32>;
+@group(0) @binding(5) var<storage, read_write> mean: array<f32>;
+@group(0) @binding(6) var<storage, read_write> rstd: array<f32>;
+@group(0) @binding(7) var<storage, read_write> var_biased: array<f32>;
+@group(0) @binding(8) var<storage, read_write> running_mean: array<f32>;
+@group(0) @binding(9) var<storage, read_write> running_var: array<f32>;
+@group(0) @binding(10) var<storage, read_write> y: array<f32>;
+@group(0) @binding(11) var<storage, read_write> sums: array<vec4<f32>>;   // per group: Σg, Σg·x̂, Σdy, Σdy·x̂
+@group(0) @binding(12) var<storage, read_write> dx: array<f32>;
+@group(0) @binding(13) var<storage, read_write> dgamma: array<f32>;
+@group(0) @binding(14) var<storage, read_write> dbeta: array<f32>;
+
+var<workgroup> partial: array<vec4<f32>, 64>;
+
+fn count() -> u32 { return p.outer * p.inner; }
+
+/// Flat index of the t-th element (t < count) of group g.
+fn element(g: u32, t: u32) -> u32 {
+    return ((t / p.inner) * p.groups + g) * p.inner + t % p.inner;
+}
+
+fn group_of(i: u32) -> u32 { return (i / p.inner) % p.groups; }
+
+fn affine_index(i: u32) -> u32 {
+    return select(group_of(i), i % p.inner, p.affine_per_inner != 0u);
+}
+
+/// Sums `value` over the workgroup; every invocation gets the total.
+fn workgroup_sum(lane: u32, value: vec4<f32>) -> vec4<f32> {
+    partial[lane] = value;
+    workgroupBarrier();
+    for (var width = 32u; width > 0u; width /= 2u) {
+        if lane < width { partial[lane] += partial[lane + width]; }
+        workgroupBarrier();
+    }
+    let total = partial[0];
+    workgroupBarrier();
+    return total;
+}
+
+fn group_id(wid: vec3<u32>, nwg: vec3<u32>) -> u32 { return wid.x + wid.y * nwg.x; }
+
+// Batch statistics (mean, then the biased variance around it) and the running averages.
+@compute @workgroup_size(64)
+fn stats(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+         @builtin(local_invocation_index) lane: u32) {
+    let g = group_id(wid, nwg);
+    if g >= p.groups { return; }   // uniform across the workgroup
+    let n = count();
+    var s = 0.0;
+    for (var t = lane; t < n; t += 64u) { s += x[element(g, t)]; }
+    let mu = workgroup_sum(lane, vec4<f32>(s, 0.0, 0.0, 0.0)).x / f32(n);
+    var q = 0.0;
+    for (var t = lane; t < n; t += 64u) { let d = x[element(g, t)] - mu; q += d * d; }
+    let v = workgroup_sum(lane, vec4<f32>(q, 0.0, 0.0, 0.0)).x / f32(n);
+    if lane == 0u {
+        mean[g] = mu;
+        var_biased[g] = v;
+        rstd[g] = inverseSqrt(v + p.eps);
+        if p.update_running != 0u {
+            let unbiased = v * f32(n) / f32(max(n, 2u) - 1u);
+            running_mean[g] = (1.0 - p.momentum) * running_mean[g] + p.momentum * mu;
+            running_var[g] = (1.0 - p.momentum) * running_var[g] + p.momentum * unbiased;
+        }
+    }
+}
+
+// Eval mode: the statistics are the running ones.
+@compute @workgroup_size(64)
+fn eval_stats(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let g = gid.x;
+    if g >= p.groups { return; }
+    mean[g] = running_mean[g];
+    rstd[g] = inverseSqrt(running_var[g] + p.eps);
+}
+
+@compute @workgroup_size(256)
+fn normalize(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = gid.x + gid.y * nwg.x * 256u;
+    if i >= p.total { return; }
+    let g = group_of(i);
+    let a = affine_index(i);
+    y[i] = (x[i] - mean[g]) * rstd[g] * gamma[a] + beta[a];
+}
+
+// Per group: Σ dy·γ, Σ dy·γ·x̂ (for dx) and Σ dy, Σ dy·x̂ (batch norm's dβ, dγ).
+@compute @workgroup_size(64)
+fn backward_sums(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                 @builtin(local_invocation_index) lane: u32) {
+    let g = group_id(wid, nwg);
+    if g >= p.groups { return; }
+    let n = count();
+    var s = vec4<f32>(0.0);
+    for (var t = lane; t < n; t += 64u) {
+        let i = element(g, t);
+        let xhat = (x[i] - mean[g]) * rstd[g];
+        let gy = dy[i] * gamma[affine_index(i)];
+        s += vec4<f32>(gy, gy * xhat, dy[i], dy[i] * xhat);
+    }
+    let total = workgroup_sum(lane, s);
+    if lane == 0u { sums[g] = total; }
+}
+
+// Training: dx = rstd·(g − mean(g) − x̂·mean(g·x̂)), g = dy·γ; eval: dx = g·rstd.
+@compute @workgroup_size(256)
+fn backward_dx(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = gid.x + gid.y * nwg.x * 256u;
+    if i >= p.total { return; }
+    let g = group_of(i);
+    let gy = dy[i] * gamma[affine_index(i)];
+    if p.training == 0u {
+        dx[i] = gy * rstd[g];
+        return;
+    }
+    let xhat = (x[i] - mean[g]) * rstd[g];
+    let n = f32(count());
+    dx[i] = rstd[g] * (gy - sums[g].x / n - xhat * sums[g].y / n);
+}
+
+// Layer norm's dγ, dβ: one invocation per affine element, summing over the groups.
+@compute @workgroup_size(64)
+fn affine_grads_per_inner(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let k = gid.x + gid.y * nwg.x * 64u;
+    if k >= p.inner { return; }
+    var dg = 0.0;
+    var db = 0.0;
+    for (var a = 0u; a < p.outer; a++) {
+        for (var g = 0u; g < p.groups; g++) {
+            let i = (a * p.groups + g) * p.inner + k;
+            dg += dy[i] * (x[i] - mean[g]) * rstd[g];
+            db += dy[i];
+        }
+    }
+    dgamma[k] = dg;
+    dbeta[k] = db;
+}
+
+// Batch norm's dγ, dβ: the per-group sums.
+@compute @workgroup_size(64)
+fn affine_grads_per_group(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let g = gid.x;
+    if g >= p.groups { return; }
+    dgamma[g] = sums[g].w;
+    dbeta[g] = sums[g].z;
+}

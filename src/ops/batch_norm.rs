@@ -1,0 +1,408 @@
+//! Batch normalisation over `[N, C, H, W]`: statistics per channel over (N, H, W), learnable
+//! γ and β per channel, running averages for eval mode (as PyTorch: momentum, unbiased
+//! running variance). GPU kernels in `shaders/norm.wgsl` via `norm.rs`.
+
+use ndarray::{Array1, ArrayD, ArrayView1, ArrayViewD, Axis, Ix4};
+
+use super::norm::{self, Grid, Grouping, Settings};
+use crate::error::{Error, Result};
+use crate::tensor::Tensor;
+
+const OP: &str = "batch_norm2d";
+
+/// Batch-norm hyper-parameters; the default is PyTorch's (eps 1e-5, momentum 0.1).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BatchNorm2d {
+    /// Added to the variance before the square root.
+    pub eps: f32,
+    /// Weight of the new batch in the running averages.
+    pub momentum: f32,
+}
+
+impl Default for BatchNorm2d {
+    fn default() -> Self {
+        Self {
+            eps: 1e-5,
+            momentum: 0.1,
+        }
+    }
+}
+
+/// What the forward pass keeps for backward: the output and the statistics it used.
+#[derive(Debug)]
+pub struct Normalized<T> {
+    /// The normalised, scaled and shifted output.
+    pub y: T,
+    /// Mean per group (channel or sample).
+    pub mean: T,
+    /// `1 / sqrt(var + eps)` per group.
+    pub rstd: T,
+}
+
+/// Gradients of a normalisation layer.
+#[derive(Debug)]
+pub struct NormGrads<T> {
+    /// `∂L/∂x`.
+    pub x: T,
+    /// `∂L/∂γ`.
+    pub gamma: T,
+    /// `∂L/∂β`.
+    pub beta: T,
+}
+
+fn grouping(x: &[usize], params: &[&[usize]]) -> Result<Grouping> {
+    let &[n, c, h, w] = x else {
+        return Err(Error::ShapeMismatch {
+            op: OP,
+            detail: format!("input must be [N, C, H, W], got {x:?}"),
+        });
+    };
+    if let Some(axis) = x.iter().position(|&d| d == 0) {
+        return Err(Error::EmptyDimension {
+            op: OP,
+            shape: x.to_vec(),
+            axis,
+        });
+    }
+    if let Some(bad) = params.iter().find(|p| **p != [c]) {
+        return Err(Error::ShapeMismatch {
+            op: OP,
+            detail: format!("γ, β and running statistics must be [{c}], got {bad:?}"),
+        });
+    }
+    Ok(Grouping {
+        outer: n,
+        groups: c,
+        inner: h * w,
+        affine_per_inner: false,
+    })
+}
+
+impl BatchNorm2d {
+    fn settings(&self, training: bool) -> Settings {
+        Settings {
+            eps: self.eps,
+            momentum: self.momentum,
+            update_running: training,
+            training,
+        }
+    }
+
+    /// Training mode: normalises with the batch statistics and updates the running
+    /// averages in place.
+    pub fn forward_train(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        running_mean: &Tensor,
+        running_var: &Tensor,
+    ) -> Result<Normalized<Tensor>> {
+        let grouping = grouping(
+            x.shape(),
+            &[
+                gamma.shape(),
+                beta.shape(),
+                running_mean.shape(),
+                running_var.shape(),
+            ],
+        )?;
+        let gpu = x.gpu();
+        let c = grouping.groups;
+        let (mean, rstd, var) = (
+            Tensor::uninit(gpu, &[c])?,
+            Tensor::uninit(gpu, &[c])?,
+            Tensor::uninit(gpu, &[c])?,
+        );
+        let settings = self.settings(true);
+        norm::launch(
+            gpu,
+            grouping,
+            settings,
+            "stats",
+            Grid::PerGroup,
+            &[
+                (norm::X, x),
+                (norm::MEAN, &mean),
+                (norm::RSTD, &rstd),
+                (norm::VAR, &var),
+                (norm::RUNNING_MEAN, running_mean),
+                (norm::RUNNING_VAR, running_var),
+            ],
+        )?;
+        self.normalize(x, gamma, beta, grouping, mean, rstd)
+    }
+
+    /// Eval mode: normalises with the running statistics.
+    pub fn forward_eval(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        running_mean: &Tensor,
+        running_var: &Tensor,
+    ) -> Result<Normalized<Tensor>> {
+        let grouping = grouping(
+            x.shape(),
+            &[
+                gamma.shape(),
+                beta.shape(),
+                running_mean.shape(),
+                running_var.shape(),
+            ],
+        )?;
+        let gpu = x.gpu();
+        let (mean, rstd) = (
+            Tensor::uninit(gpu, &[grouping.groups])?,
+            Tensor::uninit(gpu, &[grouping.groups])?,
+        );
+        norm::launch(
+            gpu,
+            grouping,
+            self.settings(false),
+            "eval_stats",
+            Grid::GroupThreads,
+            &[
+                (norm::MEAN, &mean),
+                (norm::RSTD, &rstd),
+                (norm::RUNNING_MEAN, running_mean),
+                (norm::RUNNING_VAR, running_var),
+            ],
+        )?;
+        self.normalize(x, gamma, beta, grouping, mean, rstd)
+    }
+
+    fn normalize(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        grouping: Grouping,
+        mean: Tensor,
+        rstd: Tensor,
+    ) -> Result<Normalized<Tensor>> {
+        let y = Tensor::uninit(x.gpu(), x.shape())?;
+        norm::launch(
+            x.gpu(),
+            grouping,
+            self.settings(false),
+            "normalize",
+            Grid::Elements,
+            &[
+                (norm::X, x),
+                (norm::GAMMA, gamma),
+                (norm::BETA, beta),
+                (norm::MEAN, &mean),
+                (norm::RSTD, &rstd),
+                (norm::Y, &y),
+            ],
+        )?;
+        Ok(Normalized { y, mean, rstd })
+    }
+
+    /// Gradients from `dy`, with the statistics the forward pass used; in training mode
+    /// they flow through the batch mean and variance too.
+    pub fn backward(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        saved: &Normalized<Tensor>,
+        dy: &Tensor,
+        training: bool,
+    ) -> Result<NormGrads<Tensor>> {
+        let grouping = grouping(
+            x.shape(),
+            &[gamma.shape(), saved.mean.shape(), saved.rstd.shape()],
+        )?;
+        if dy.shape() != x.shape() {
+            return Err(Error::ShapeMismatch {
+                op: OP,
+                detail: format!("dy is {:?}, x is {:?}", dy.shape(), x.shape()),
+            });
+        }
+        let gpu = x.gpu();
+        let (dx, sums) = norm::backward_dx(
+            gpu,
+            grouping,
+            training,
+            [x, gamma, &saved.mean, &saved.rstd, dy],
+        )?;
+        let (dgamma, dbeta) = (
+            Tensor::uninit(gpu, gamma.shape())?,
+            Tensor::uninit(gpu, gamma.shape())?,
+        );
+        norm::launch(
+            gpu,
+            grouping,
+            Settings::default(),
+            "affine_grads_per_group",
+            Grid::GroupThreads,
+            &[
+                (norm::SUMS, &sums),
+                (norm::DGAMMA, &dgamma),
+                (norm::DBETA, &dbeta),
+            ],
+        )?;
+        Ok(NormGrads {
+            x: dx,
+            gamma: dgamma,
+            beta: dbeta,
+        })
+    }
+}
+
+/// The CPU reference: statistics per channel from the definition, in f64.
+pub struct BatchNormCpu;
+
+impl BatchNormCpu {
+    fn channel_stats(x: &ArrayViewD<'_, f32>) -> Result<(Array1<f32>, Array1<f32>, Array1<f32>)> {
+        let x4 = x
+            .view()
+            .into_dimensionality::<Ix4>()
+            .map_err(|e| Error::ShapeMismatch {
+                op: OP,
+                detail: e.to_string(),
+            })?;
+        let c = x4.shape()[1];
+        let (mut mean, mut var, mut unbiased) =
+            (Array1::zeros(c), Array1::zeros(c), Array1::zeros(c));
+        for (ch, plane) in x4.axis_iter(Axis(1)).enumerate() {
+            let n = plane.len() as f64;
+            let mu = plane.iter().map(|&v| f64::from(v)).sum::<f64>() / n;
+            let ss = plane
+                .iter()
+                .map(|&v| (f64::from(v) - mu).powi(2))
+                .sum::<f64>();
+            mean[ch] = mu as f32;
+            var[ch] = (ss / n) as f32;
+            unbiased[ch] = (ss / (n - 1.0).max(1.0)) as f32;
+        }
+        Ok((mean, var, unbiased))
+    }
+
+    fn apply(
+        x: &ArrayViewD<'_, f32>,
+        gamma: &ArrayView1<'_, f32>,
+        beta: &ArrayView1<'_, f32>,
+        mean: &Array1<f32>,
+        rstd: &Array1<f32>,
+    ) -> ArrayD<f32> {
+        let mut y = x.to_owned();
+        for ((i, v), xv) in y.indexed_iter_mut().zip(x.iter()) {
+            let c = i[1];
+            *v = (xv - mean[c]) * rstd[c] * gamma[c] + beta[c];
+        }
+        y
+    }
+
+    /// Training-mode forward; returns the output and the updated running mean and variance.
+    pub fn forward_train(
+        spec: &BatchNorm2d,
+        x: &ArrayViewD<'_, f32>,
+        gamma: &ArrayView1<'_, f32>,
+        beta: &ArrayView1<'_, f32>,
+        running_mean: &ArrayView1<'_, f32>,
+        running_var: &ArrayView1<'_, f32>,
+    ) -> Result<(Normalized<ArrayD<f32>>, Array1<f32>, Array1<f32>)> {
+        grouping(
+            x.shape(),
+            &[
+                gamma.shape(),
+                beta.shape(),
+                running_mean.shape(),
+                running_var.shape(),
+            ],
+        )?;
+        let (mean, var, unbiased) = Self::channel_stats(x)?;
+        let rstd = var.mapv(|v| 1.0 / (v + spec.eps).sqrt());
+        let m = spec.momentum;
+        let new_mean = running_mean.mapv(|r| (1.0 - m) * r) + &mean.mapv(|v| m * v);
+        let new_var = running_var.mapv(|r| (1.0 - m) * r) + &unbiased.mapv(|v| m * v);
+        let y = Self::apply(x, gamma, beta, &mean, &rstd);
+        Ok((
+            Normalized {
+                y,
+                mean: mean.into_dyn(),
+                rstd: rstd.into_dyn(),
+            },
+            new_mean,
+            new_var,
+        ))
+    }
+
+    /// Eval-mode forward with the running statistics.
+    pub fn forward_eval(
+        spec: &BatchNorm2d,
+        x: &ArrayViewD<'_, f32>,
+        gamma: &ArrayView1<'_, f32>,
+        beta: &ArrayView1<'_, f32>,
+        running_mean: &ArrayView1<'_, f32>,
+        running_var: &ArrayView1<'_, f32>,
+    ) -> Result<Normalized<ArrayD<f32>>> {
+        grouping(
+            x.shape(),
+            &[
+                gamma.shape(),
+                beta.shape(),
+                running_mean.shape(),
+                running_var.shape(),
+            ],
+        )?;
+        let mean = running_mean.to_owned();
+        let rstd = running_var.mapv(|v| 1.0 / (v + spec.eps).sqrt());
+        let y = Self::apply(x, gamma, beta, &mean, &rstd);
+        Ok(Normalized {
+            y,
+            mean: mean.into_dyn(),
+            rstd: rstd.into_dyn(),
+        })
+    }
+
+    /// Backward from the saved statistics (through them in training mode).
+    pub fn backward(
+        x: &ArrayViewD<'_, f32>,
+        gamma: &ArrayView1<'_, f32>,
+        mean: &ArrayView1<'_, f32>,
+        rstd: &ArrayView1<'_, f32>,
+        dy: &ArrayViewD<'_, f32>,
+        training: bool,
+    ) -> Result<NormGrads<ArrayD<f32>>> {
+        let g = grouping(x.shape(), &[gamma.shape(), mean.shape(), rstd.shape()])?;
+        if dy.shape() != x.shape() {
+            return Err(Error::ShapeMismatch {
+                op: OP,
+                detail: format!("dy is {:?}, x is {:?}", dy.shape(), x.shape()),
+            });
+        }
+        let count = (g.outer * g.inner) as f64;
+        let mut sum_dy = vec![0f64; g.groups];
+        let mut sum_dy_xhat = vec![0f64; g.groups];
+        for ((i, &d), &xv) in dy.indexed_iter().zip(x.iter()) {
+            let c = i[1];
+            sum_dy[c] += f64::from(d);
+            sum_dy_xhat[c] += f64::from(d) * f64::from((xv - mean[c]) * rstd[c]);
+        }
+        let mut dx = x.to_owned();
+        for ((i, out), (&xv, &d)) in dx.indexed_iter_mut().zip(x.iter().zip(dy.iter())) {
+            let c = i[1];
+            let xhat = f64::from((xv - mean[c]) * rstd[c]);
+            let gy = f64::from(d) * f64::from(gamma[c]);
+            let scale = f64::from(rstd[c]);
+            *out = if training {
+                let gamma = f64::from(gamma[c]);
+                (scale * (gy - gamma * sum_dy[c] / count - xhat * gamma * sum_dy_xhat[c] / count))
+                    as f32
+            } else {
+                (gy * scale) as f32
+            };
+        }
+        let to_array = |v: Vec<f64>| {
+            Array1::from(v.into_iter().map(|s| s as f32).collect::<Vec<_>>()).into_dyn()
+        };
+        Ok(NormGrads {
+            x: dx,
+            gamma: to_array(sum_dy_xhat),
+            beta: to_array(sum_dy),
+        })
+    }
+}

@@ -1,0 +1,256 @@
+//! Layer normalisation over the trailing dimensions (e.g. C, H, W) of each sample, with
+//! element-wise affine γ, β of those dimensions' shape; biased variance, as PyTorch.
+//! GPU kernels in `shaders/norm.wgsl` via `norm.rs`.
+
+use ndarray::{ArrayD, ArrayViewD, IxDyn};
+
+use super::batch_norm::{NormGrads, Normalized};
+use super::norm::{self, Grid, Grouping, Settings};
+use crate::error::{Error, Result};
+use crate::tensor::Tensor;
+
+const OP: &str = "layer_norm";
+
+/// Layer-norm hyper-parameters; the default eps is PyTorch's 1e-5.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LayerNorm {
+    /// Added to the variance before the square root.
+    pub eps: f32,
+}
+
+impl Default for LayerNorm {
+    fn default() -> Self {
+        Self { eps: 1e-5 }
+    }
+}
+
+/// Samples are the leading dimensions; γ's shape names the normalised trailing ones.
+fn grouping(x: &[usize], gamma: &[usize], beta: &[usize]) -> Result<Grouping> {
+    if gamma != beta || gamma.is_empty() || gamma.len() > x.len() || !x.ends_with(gamma) {
+        return Err(Error::ShapeMismatch {
+            op: OP,
+            detail: format!(
+                "γ {gamma:?} and β {beta:?} must equal the trailing dimensions of x {x:?}"
+            ),
+        });
+    }
+    if let Some(axis) = x.iter().position(|&d| d == 0) {
+        return Err(Error::EmptyDimension {
+            op: OP,
+            shape: x.to_vec(),
+            axis,
+        });
+    }
+    let inner: usize = gamma.iter().product();
+    Ok(Grouping {
+        outer: 1,
+        groups: x.iter().product::<usize>() / inner,
+        inner,
+        affine_per_inner: true,
+    })
+}
+
+impl LayerNorm {
+    /// Normalises each sample of `x` over γ's dimensions, then scales and shifts.
+    pub fn forward(&self, x: &Tensor, gamma: &Tensor, beta: &Tensor) -> Result<Normalized<Tensor>> {
+        let grouping = grouping(x.shape(), gamma.shape(), beta.shape())?;
+        let gpu = x.gpu();
+        let g = grouping.groups;
+        let (mean, rstd, var) = (
+            Tensor::uninit(gpu, &[g])?,
+            Tensor::uninit(gpu, &[g])?,
+            Tensor::uninit(gpu, &[g])?,
+        );
+        let settings = Settings {
+            eps: self.eps,
+            ..Settings::default()
+        };
+        // No running statistics: the variance buffer stands in for the unused bindings.
+        norm::launch(
+            gpu,
+            grouping,
+            settings,
+            "stats",
+            Grid::PerGroup,
+            &[
+                (norm::X, x),
+                (norm::MEAN, &mean),
+                (norm::RSTD, &rstd),
+                (norm::VAR, &var),
+                (norm::RUNNING_MEAN, &var),
+                (norm::RUNNING_VAR, &var),
+            ],
+        )?;
+        let y = Tensor::uninit(gpu, x.shape())?;
+        norm::launch(
+            gpu,
+            grouping,
+            settings,
+            "normalize",
+            Grid::Elements,
+            &[
+                (norm::X, x),
+                (norm::GAMMA, gamma),
+                (norm::BETA, beta),
+                (norm::MEAN, &mean),
+                (norm::RSTD, &rstd),
+                (norm::Y, &y),
+            ],
+        )?;
+        Ok(Normalized { y, mean, rstd })
+    }
+
+    /// Gradients from `dy` through the per-sample statistics.
+    pub fn backward(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        saved: &Normalized<Tensor>,
+        dy: &Tensor,
+    ) -> Result<NormGrads<Tensor>> {
+        let grouping = grouping(x.shape(), gamma.shape(), gamma.shape())?;
+        if dy.shape() != x.shape() {
+            return Err(Error::ShapeMismatch {
+                op: OP,
+                detail: format!("dy is {:?}, x is {:?}", dy.shape(), x.shape()),
+            });
+        }
+        let gpu = x.gpu();
+        let (dx, _) = norm::backward_dx(
+            gpu,
+            grouping,
+            true,
+            [x, gamma, &saved.mean, &saved.rstd, dy],
+        )?;
+        let (dgamma, dbeta) = (
+            Tensor::uninit(gpu, gamma.shape())?,
+            Tensor::uninit(gpu, gamma.shape())?,
+        );
+        norm::launch(
+            gpu,
+            grouping,
+            Settings::default(),
+            "affine_grads_per_inner",
+            Grid::InnerThreads,
+            &[
+                (norm::X, x),
+                (norm::DY, dy),
+                (norm::MEAN, &saved.mean),
+                (norm::RSTD, &saved.rstd),
+                (norm::DGAMMA, &dgamma),
+                (norm::DBETA, &dbeta),
+            ],
+        )?;
+        Ok(NormGrads {
+            x: dx,
+            gamma: dgamma,
+            beta: dbeta,
+        })
+    }
+
+    /// CPU reference of [`LayerNorm::forward`], statistics in f64.
+    pub fn forward_cpu(
+        &self,
+        x: &ArrayViewD<'_, f32>,
+        gamma: &ArrayViewD<'_, f32>,
+        beta: &ArrayViewD<'_, f32>,
+    ) -> Result<Normalized<ArrayD<f32>>> {
+        let g = grouping(x.shape(), gamma.shape(), beta.shape())?;
+        let data: Vec<f32> = x.iter().copied().collect();
+        let (gamma, beta): (Vec<f32>, Vec<f32>) = (
+            gamma.iter().copied().collect(),
+            beta.iter().copied().collect(),
+        );
+        let (mut y, mut means, mut rstds) = (Vec::with_capacity(data.len()), vec![], vec![]);
+        for sample in data.chunks(g.inner) {
+            let n = sample.len() as f64;
+            let mu = sample.iter().map(|&v| f64::from(v)).sum::<f64>() / n;
+            let var = sample
+                .iter()
+                .map(|&v| (f64::from(v) - mu).powi(2))
+                .sum::<f64>()
+                / n;
+            let rstd = (1.0 / (var + f64::from(self.eps)).sqrt()) as f32;
+            let mu = mu as f32;
+            y.extend(
+                sample
+                    .iter()
+                    .enumerate()
+                    .map(|(k, &v)| (v - mu) * rstd * gamma[k] + beta[k]),
+            );
+            means.push(mu);
+            rstds.push(rstd);
+        }
+        let array = |shape: &[usize], v: Vec<f32>| {
+            ArrayD::from_shape_vec(IxDyn(shape), v).map_err(|e| Error::ShapeMismatch {
+                op: OP,
+                detail: e.to_string(),
+            })
+        };
+        Ok(Normalized {
+            y: array(x.shape(), y)?,
+            mean: array(&[g.groups], means)?,
+            rstd: array(&[g.groups], rstds)?,
+        })
+    }
+
+    /// CPU reference of [`LayerNorm::backward`].
+    pub fn backward_cpu(
+        &self,
+        x: &ArrayViewD<'_, f32>,
+        gamma: &ArrayViewD<'_, f32>,
+        saved: &Normalized<ArrayD<f32>>,
+        dy: &ArrayViewD<'_, f32>,
+    ) -> Result<NormGrads<ArrayD<f32>>> {
+        let g = grouping(x.shape(), gamma.shape(), gamma.shape())?;
+        if dy.shape() != x.shape() {
+            return Err(Error::ShapeMismatch {
+                op: OP,
+                detail: format!("dy is {:?}, x is {:?}", dy.shape(), x.shape()),
+            });
+        }
+        let (xs, dys): (Vec<f32>, Vec<f32>) =
+            (x.iter().copied().collect(), dy.iter().copied().collect());
+        let affine_shape = gamma.shape().to_vec();
+        let gamma: Vec<f32> = gamma.iter().copied().collect();
+        let (mut dx, mut dgamma, mut dbeta) = (
+            vec![0f32; xs.len()],
+            vec![0f64; g.inner],
+            vec![0f64; g.inner],
+        );
+        for s in 0..g.groups {
+            let (mu, rstd) = (saved.mean[[s]], saved.rstd[[s]]);
+            let range = s * g.inner..(s + 1) * g.inner;
+            let xhat: Vec<f64> = xs[range.clone()]
+                .iter()
+                .map(|&v| f64::from((v - mu) * rstd))
+                .collect();
+            let gy: Vec<f64> = dys[range.clone()]
+                .iter()
+                .zip(&gamma)
+                .map(|(&d, &w)| f64::from(d) * f64::from(w))
+                .collect();
+            let n = g.inner as f64;
+            let mean_gy = gy.iter().sum::<f64>() / n;
+            let mean_gy_xhat = gy.iter().zip(&xhat).map(|(a, b)| a * b).sum::<f64>() / n;
+            for k in 0..g.inner {
+                dx[s * g.inner + k] =
+                    (f64::from(rstd) * (gy[k] - mean_gy - xhat[k] * mean_gy_xhat)) as f32;
+                dgamma[k] += f64::from(dys[s * g.inner + k]) * xhat[k];
+                dbeta[k] += f64::from(dys[s * g.inner + k]);
+            }
+        }
+        let array = |shape: &[usize], v: Vec<f32>| {
+            ArrayD::from_shape_vec(IxDyn(shape), v).map_err(|e| Error::ShapeMismatch {
+                op: OP,
+                detail: e.to_string(),
+            })
+        };
+        let narrow = |v: Vec<f64>| v.into_iter().map(|s| s as f32).collect();
+        Ok(NormGrads {
+            x: array(x.shape(), dx)?,
+            gamma: array(&affine_shape, narrow(dgamma))?,
+            beta: array(&affine_shape, narrow(dbeta))?,
+        })
+    }
+}

@@ -1,0 +1,161 @@
+//! The machinery batch norm and layer norm share (`shaders/norm.wgsl`): statistics per
+//! group of a `[outer][groups][inner]` view, normalisation, and the backward pass.
+
+use bytemuck::{Pod, Zeroable};
+
+use crate::error::Result;
+use crate::gpu::Gpu;
+use crate::tensor::Tensor;
+
+/// How the tensor splits into groups, and where the affine parameters vary.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Grouping {
+    pub outer: usize,
+    pub groups: usize,
+    pub inner: usize,
+    /// Layer norm: γ and β have one value per inner element; batch norm: per group.
+    pub affine_per_inner: bool,
+}
+
+/// Mirrors `Params` in shaders/norm.wgsl.
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct NormParams {
+    outer: u32,
+    groups: u32,
+    inner: u32,
+    affine_per_inner: u32,
+    eps: f32,
+    momentum: f32,
+    update_running: u32,
+    training: u32,
+    total: u32,
+    _pad: [u32; 3],
+}
+
+// Binding numbers in shaders/norm.wgsl.
+pub(crate) const X: u32 = 1;
+pub(crate) const DY: u32 = 2;
+pub(crate) const GAMMA: u32 = 3;
+pub(crate) const BETA: u32 = 4;
+pub(crate) const MEAN: u32 = 5;
+pub(crate) const RSTD: u32 = 6;
+pub(crate) const VAR: u32 = 7;
+pub(crate) const RUNNING_MEAN: u32 = 8;
+pub(crate) const RUNNING_VAR: u32 = 9;
+pub(crate) const Y: u32 = 10;
+pub(crate) const SUMS: u32 = 11;
+pub(crate) const DX: u32 = 12;
+pub(crate) const DGAMMA: u32 = 13;
+pub(crate) const DBETA: u32 = 14;
+
+/// Settings of one launch beyond the grouping.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Settings {
+    pub eps: f32,
+    pub momentum: f32,
+    pub update_running: bool,
+    pub training: bool,
+}
+
+/// The grid an entry point needs.
+#[derive(Clone, Copy)]
+pub(crate) enum Grid {
+    /// One workgroup per group (the reductions).
+    PerGroup,
+    /// One invocation per group, 64 to a workgroup.
+    GroupThreads,
+    /// One invocation per inner element, 64 to a workgroup.
+    InnerThreads,
+    /// One invocation per element, 256 to a workgroup.
+    Elements,
+}
+
+pub(crate) fn launch(
+    gpu: &Gpu,
+    grouping: Grouping,
+    settings: Settings,
+    entry: &str,
+    grid: Grid,
+    tensors: &[(u32, &Tensor)],
+) -> Result<()> {
+    let total = grouping.outer * grouping.groups * grouping.inner;
+    let params = NormParams {
+        outer: grouping.outer as u32,
+        groups: grouping.groups as u32,
+        inner: grouping.inner as u32,
+        affine_per_inner: u32::from(grouping.affine_per_inner),
+        eps: settings.eps,
+        momentum: settings.momentum,
+        update_running: u32::from(settings.update_running),
+        training: u32::from(settings.training),
+        total: total as u32,
+        _pad: [0; 3],
+    };
+    let groups = match grid {
+        Grid::PerGroup => grouping.groups as u64,
+        Grid::GroupThreads => (grouping.groups as u64).div_ceil(64),
+        Grid::InnerThreads => (grouping.inner as u64).div_ceil(64),
+        Grid::Elements => (total as u64).div_ceil(256),
+    };
+    let pipeline = gpu.pipeline("norm", entry, || {
+        include_str!("../../shaders/norm.wgsl").into()
+    })?;
+    let bindings: Vec<_> = tensors.iter().map(|&(n, t)| (n, t.binding())).collect();
+    gpu.run_pass(entry, |pass| {
+        gpu.encode_at(
+            pass,
+            &pipeline,
+            bytemuck::bytes_of(&params),
+            &bindings,
+            groups,
+        )
+    })
+}
+
+/// `dx` (and the per-group sums) for either norm, given the saved mean and rstd.
+pub(crate) fn backward_dx(
+    gpu: &Gpu,
+    grouping: Grouping,
+    training: bool,
+    [x, gamma, mean, rstd, dy]: [&Tensor; 5],
+) -> Result<(Tensor, Tensor)> {
+    let sums = Tensor::uninit(gpu, &[grouping.groups, 4])?;
+    let dx = Tensor::uninit(gpu, x.shape())?;
+    let settings = Settings {
+        training,
+        ..Settings::default()
+    };
+    launch(
+        gpu,
+        grouping,
+        settings,
+        "backward_sums",
+        Grid::PerGroup,
+        &[
+            (X, x),
+            (DY, dy),
+            (GAMMA, gamma),
+            (MEAN, mean),
+            (RSTD, rstd),
+            (SUMS, &sums),
+        ],
+    )?;
+    launch(
+        gpu,
+        grouping,
+        settings,
+        "backward_dx",
+        Grid::Elements,
+        &[
+            (X, x),
+            (DY, dy),
+            (GAMMA, gamma),
+            (MEAN, mean),
+            (RSTD, rstd),
+            (SUMS, &sums),
+            (DX, &dx),
+        ],
+    )?;
+    Ok((dx, sums))
+}

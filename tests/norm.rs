@@ -1,0 +1,434 @@
+//! Batch and layer normalisation: PyTorch goldens, GPU against CPU, finite differences.
+
+mod common;
+
+use common::golden::{assert_close, cases, tensor};
+use common::{gpu, max_abs_diff, random};
+use ndarray::{Array1, ArrayD, Ix1};
+use wgcnn::cpu::BatchNormCpu;
+use wgcnn::{BatchNorm2d, LayerNorm, Tensor};
+
+fn upload(x: &ArrayD<f32>) -> Tensor {
+    Tensor::from_array(gpu().unwrap(), x).unwrap()
+}
+
+fn one_d(x: &ArrayD<f32>) -> Array1<f32> {
+    x.clone().into_dimensionality::<Ix1>().unwrap()
+}
+
+#[test]
+fn batch_norm_golden_train_then_eval() {
+    if gpu().is_none() {
+        return;
+    }
+    let case = cases("batchnorm2d_").remove(0);
+    let (json, spec) = (&case.json, BatchNorm2d::default());
+    let input = |k: &str| tensor(&json["inputs"][k]);
+    let output = |k: &str| tensor(&json["outputs"][k]);
+    let (x, gamma, beta, rm, rv) = (
+        input("x"),
+        input("weight"),
+        input("bias"),
+        input("running_mean"),
+        input("running_var"),
+    );
+    let (g1, b1, rm1, rv1) = (one_d(&gamma), one_d(&beta), one_d(&rm), one_d(&rv));
+
+    // CPU reference.
+    let (train, new_mean, new_var) = BatchNormCpu::forward_train(
+        &spec,
+        &x.view(),
+        &g1.view(),
+        &b1.view(),
+        &rm1.view(),
+        &rv1.view(),
+    )
+    .unwrap();
+    assert_close("cpu y_train", &train.y, &output("y_train"), 1e-4, 1e-5);
+    assert_close(
+        "cpu batch mean",
+        &train.mean,
+        &output("batch_mean"),
+        1e-5,
+        1e-6,
+    );
+    assert_close(
+        "cpu running mean",
+        &new_mean.clone().into_dyn(),
+        &output("running_mean_after"),
+        1e-5,
+        1e-6,
+    );
+    assert_close(
+        "cpu running var",
+        &new_var.clone().into_dyn(),
+        &output("running_var_after"),
+        1e-5,
+        1e-6,
+    );
+    let dy_train = tensor(&json["grad_outputs"]["y_train"]);
+    let grads = &json["grads"];
+    let g = BatchNormCpu::backward(
+        &x.view(),
+        &g1.view(),
+        &one_d(&train.mean).view(),
+        &one_d(&train.rstd).view(),
+        &dy_train.view(),
+        true,
+    )
+    .unwrap();
+    for (name, got) in [("x", &g.x), ("weight", &g.gamma), ("bias", &g.beta)] {
+        assert_close(
+            &format!("cpu train d{name}"),
+            got,
+            &tensor(&grads["train"][name]),
+            1e-4,
+            1e-5,
+        );
+    }
+    let eval = BatchNormCpu::forward_eval(
+        &spec,
+        &x.view(),
+        &g1.view(),
+        &b1.view(),
+        &new_mean.view(),
+        &new_var.view(),
+    )
+    .unwrap();
+    assert_close("cpu y_eval", &eval.y, &output("y_eval"), 1e-4, 1e-5);
+    let dy_eval = tensor(&json["grad_outputs"]["y_eval"]);
+    let g = BatchNormCpu::backward(
+        &x.view(),
+        &g1.view(),
+        &one_d(&eval.mean).view(),
+        &one_d(&eval.rstd).view(),
+        &dy_eval.view(),
+        false,
+    )
+    .unwrap();
+    for (name, got) in [("x", &g.x), ("weight", &g.gamma), ("bias", &g.beta)] {
+        assert_close(
+            &format!("cpu eval d{name}"),
+            got,
+            &tensor(&grads["eval"][name]),
+            1e-4,
+            1e-5,
+        );
+    }
+
+    // GPU, with the running statistics updated in place.
+    let (tx, tg, tb, trm, trv) = (
+        upload(&x),
+        upload(&gamma),
+        upload(&beta),
+        upload(&rm),
+        upload(&rv),
+    );
+    let train = spec.forward_train(&tx, &tg, &tb, &trm, &trv).unwrap();
+    assert_close(
+        "gpu y_train",
+        &train.y.to_array().unwrap(),
+        &output("y_train"),
+        1e-4,
+        1e-5,
+    );
+    assert_close(
+        "gpu running mean",
+        &trm.to_array().unwrap(),
+        &output("running_mean_after"),
+        1e-5,
+        1e-6,
+    );
+    assert_close(
+        "gpu running var",
+        &trv.to_array().unwrap(),
+        &output("running_var_after"),
+        1e-5,
+        1e-6,
+    );
+    let g = spec
+        .backward(&tx, &tg, &train, &upload(&dy_train), true)
+        .unwrap();
+    for (name, got) in [("x", &g.x), ("weight", &g.gamma), ("bias", &g.beta)] {
+        assert_close(
+            &format!("gpu train d{name}"),
+            &got.to_array().unwrap(),
+            &tensor(&grads["train"][name]),
+            1e-4,
+            1e-5,
+        );
+    }
+    let eval = spec.forward_eval(&tx, &tg, &tb, &trm, &trv).unwrap();
+    assert_close(
+        "gpu y_eval",
+        &eval.y.to_array().unwrap(),
+        &output("y_eval"),
+        1e-4,
+        1e-5,
+    );
+    let g = spec
+        .backward(&tx, &tg, &eval, &upload(&dy_eval), false)
+        .unwrap();
+    for (name, got) in [("x", &g.x), ("weight", &g.gamma), ("bias", &g.beta)] {
+        assert_close(
+            &format!("gpu eval d{name}"),
+            &got.to_array().unwrap(),
+            &tensor(&grads["eval"][name]),
+            1e-4,
+            1e-5,
+        );
+    }
+}
+
+#[test]
+fn layer_norm_golden() {
+    if gpu().is_none() {
+        return;
+    }
+    let case = cases("layernorm_").remove(0);
+    let json = &case.json;
+    let (x, gamma, beta) = (
+        tensor(&json["inputs"]["x"]),
+        tensor(&json["inputs"]["weight"]),
+        tensor(&json["inputs"]["bias"]),
+    );
+    let dy = tensor(&json["grad_outputs"]["y"]);
+    let spec = LayerNorm::default();
+    let cpu = spec
+        .forward_cpu(&x.view(), &gamma.view(), &beta.view())
+        .unwrap();
+    for (name, got) in [("y", &cpu.y), ("mean", &cpu.mean), ("rstd", &cpu.rstd)] {
+        assert_close(
+            &format!("cpu {name}"),
+            got,
+            &tensor(&json["outputs"][name]),
+            1e-4,
+            1e-5,
+        );
+    }
+    let g = spec
+        .backward_cpu(&x.view(), &gamma.view(), &cpu, &dy.view())
+        .unwrap();
+    for (name, got) in [("x", &g.x), ("weight", &g.gamma), ("bias", &g.beta)] {
+        assert_close(
+            &format!("cpu d{name}"),
+            got,
+            &tensor(&json["grads"][name]),
+            1e-4,
+            1e-5,
+        );
+    }
+    let (tx, tg) = (upload(&x), upload(&gamma));
+    let out = spec.forward(&tx, &tg, &upload(&beta)).unwrap();
+    for (name, got) in [("y", &out.y), ("mean", &out.mean), ("rstd", &out.rstd)] {
+        assert_close(
+            &format!("gpu {name}"),
+            &got.to_array().unwrap(),
+            &tensor(&json["outputs"][name]),
+            1e-4,
+            1e-5,
+        );
+    }
+    let g = spec.backward(&tx, &tg, &out, &upload(&dy)).unwrap();
+    for (name, got) in [("x", &g.x), ("weight", &g.gamma), ("bias", &g.beta)] {
+        assert_close(
+            &format!("gpu d{name}"),
+            &got.to_array().unwrap(),
+            &tensor(&json["grads"][name]),
+            1e-4,
+            1e-5,
+        );
+    }
+}
+
+#[test]
+fn random_shapes_match_the_cpu() {
+    if gpu().is_none() {
+        return;
+    }
+    let spec = BatchNorm2d::default();
+    for (i, shape) in [[1, 1, 1, 2], [2, 3, 5, 7], [8, 16, 9, 9], [3, 2, 31, 17]]
+        .iter()
+        .enumerate()
+    {
+        let seed = i as u64 * 10;
+        let x = random(shape, seed).mapv(|v| v * 3.0 + 1.0);
+        let c = shape[1];
+        let (gamma, beta, rm, rv) = (
+            random(&[c], seed + 1),
+            random(&[c], seed + 2),
+            random(&[c], seed + 3),
+            random(&[c], seed + 4).mapv(|v| v.abs() + 0.5),
+        );
+        let (g1, b1, rm1, rv1) = (one_d(&gamma), one_d(&beta), one_d(&rm), one_d(&rv));
+        let dy = random(shape, seed + 5);
+        let (want, want_rm, want_rv) = BatchNormCpu::forward_train(
+            &spec,
+            &x.view(),
+            &g1.view(),
+            &b1.view(),
+            &rm1.view(),
+            &rv1.view(),
+        )
+        .unwrap();
+        let (tx, tg, trm, trv) = (upload(&x), upload(&gamma), upload(&rm), upload(&rv));
+        let got = spec
+            .forward_train(&tx, &tg, &upload(&beta), &trm, &trv)
+            .unwrap();
+        assert!(
+            max_abs_diff(&got.y.to_array().unwrap(), &want.y) < 1e-4,
+            "{shape:?} y"
+        );
+        assert!(max_abs_diff(&trm.to_array().unwrap(), &want_rm.into_dyn()) < 1e-5);
+        assert!(max_abs_diff(&trv.to_array().unwrap(), &want_rv.into_dyn()) < 1e-4);
+        let want_g = BatchNormCpu::backward(
+            &x.view(),
+            &g1.view(),
+            &one_d(&want.mean).view(),
+            &one_d(&want.rstd).view(),
+            &dy.view(),
+            true,
+        )
+        .unwrap();
+        let got_g = spec.backward(&tx, &tg, &got, &upload(&dy), true).unwrap();
+        let m = (shape[0] * shape[2] * shape[3]) as f32;
+        assert!(
+            max_abs_diff(&got_g.x.to_array().unwrap(), &want_g.x) < 1e-4,
+            "{shape:?} dx"
+        );
+        assert!(
+            max_abs_diff(&got_g.gamma.to_array().unwrap(), &want_g.gamma) < 1e-5 * m.sqrt() * 10.0,
+            "{shape:?} dgamma"
+        );
+        assert!(
+            max_abs_diff(&got_g.beta.to_array().unwrap(), &want_g.beta) < 1e-5 * m.sqrt() * 10.0,
+            "{shape:?} dbeta"
+        );
+
+        let ln = LayerNorm::default();
+        let trailing = &shape[1..];
+        let (lg, lb) = (random(trailing, seed + 6), random(trailing, seed + 7));
+        let want = ln.forward_cpu(&x.view(), &lg.view(), &lb.view()).unwrap();
+        let got = ln.forward(&tx, &upload(&lg), &upload(&lb)).unwrap();
+        assert!(
+            max_abs_diff(&got.y.to_array().unwrap(), &want.y) < 1e-4,
+            "{shape:?} layer norm y"
+        );
+        let want_g = ln
+            .backward_cpu(&x.view(), &lg.view(), &want, &dy.view())
+            .unwrap();
+        let got_g = ln.backward(&tx, &upload(&lg), &got, &upload(&dy)).unwrap();
+        assert!(
+            max_abs_diff(&got_g.x.to_array().unwrap(), &want_g.x) < 1e-4,
+            "{shape:?} layer norm dx"
+        );
+        assert!(
+            max_abs_diff(&got_g.gamma.to_array().unwrap(), &want_g.gamma) < 1e-4,
+            "{shape:?} layer norm dgamma"
+        );
+    }
+}
+
+#[test]
+fn cpu_backward_matches_finite_differences() {
+    let spec = BatchNorm2d::default();
+    let x = random(&[3, 2, 2, 3], 1);
+    let (gamma, beta) = (
+        Array1::from(vec![1.5f32, -0.7]),
+        Array1::from(vec![0.2f32, 0.1]),
+    );
+    let stats = Array1::from(vec![0.0f32, 1.0]);
+    let dy = random(&[3, 2, 2, 3], 2);
+    let loss = |x: &ArrayD<f32>| -> f64 {
+        let (out, _, _) = BatchNormCpu::forward_train(
+            &spec,
+            &x.view(),
+            &gamma.view(),
+            &beta.view(),
+            &stats.view(),
+            &stats.view(),
+        )
+        .unwrap();
+        out.y
+            .iter()
+            .zip(&dy)
+            .map(|(a, b)| f64::from(*a) * f64::from(*b))
+            .sum()
+    };
+    let (out, _, _) = BatchNormCpu::forward_train(
+        &spec,
+        &x.view(),
+        &gamma.view(),
+        &beta.view(),
+        &stats.view(),
+        &stats.view(),
+    )
+    .unwrap();
+    let g = BatchNormCpu::backward(
+        &x.view(),
+        &gamma.view(),
+        &one_d(&out.mean).view(),
+        &one_d(&out.rstd).view(),
+        &dy.view(),
+        true,
+    )
+    .unwrap();
+    for i in 0..x.len() {
+        let (mut plus, mut minus) = (x.clone(), x.clone());
+        plus.as_slice_mut().unwrap()[i] += 1e-2;
+        minus.as_slice_mut().unwrap()[i] -= 1e-2;
+        let numeric = (loss(&plus) - loss(&minus)) / 2e-2;
+        let analytic = f64::from(g.x.as_slice().unwrap()[i]);
+        assert!(
+            (numeric - analytic).abs() < 5e-3 * (1.0 + analytic.abs()),
+            "batch norm dx[{i}]: {analytic} vs {numeric}"
+        );
+    }
+
+    let ln = LayerNorm::default();
+    let (lg, lb) = (random(&[2, 2, 3], 3), random(&[2, 2, 3], 4));
+    let ln_loss = |x: &ArrayD<f32>| -> f64 {
+        let out = ln.forward_cpu(&x.view(), &lg.view(), &lb.view()).unwrap();
+        out.y
+            .iter()
+            .zip(&dy)
+            .map(|(a, b)| f64::from(*a) * f64::from(*b))
+            .sum()
+    };
+    let out = ln.forward_cpu(&x.view(), &lg.view(), &lb.view()).unwrap();
+    let g = ln
+        .backward_cpu(&x.view(), &lg.view(), &out, &dy.view())
+        .unwrap();
+    for i in 0..x.len() {
+        let (mut plus, mut minus) = (x.clone(), x.clone());
+        plus.as_slice_mut().unwrap()[i] += 1e-2;
+        minus.as_slice_mut().unwrap()[i] -= 1e-2;
+        let numeric = (ln_loss(&plus) - ln_loss(&minus)) / 2e-2;
+        let analytic = f64::from(g.x.as_slice().unwrap()[i]);
+        assert!(
+            (numeric - analytic).abs() < 5e-3 * (1.0 + analytic.abs()),
+            "layer norm dx[{i}]: {analytic} vs {numeric}"
+        );
+    }
+}
+
+#[test]
+fn mismatched_parameters_are_errors() {
+    let x = random(&[2, 3, 4, 4], 1);
+    let c2 = Array1::from(vec![1.0f32, 1.0]);
+    let err = BatchNormCpu::forward_train(
+        &BatchNorm2d::default(),
+        &x.view(),
+        &c2.view(),
+        &c2.view(),
+        &c2.view(),
+        &c2.view(),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("must be [3], got [2]"), "{err}");
+    let wrong = random(&[4, 4, 3], 2);
+    let err = LayerNorm::default()
+        .forward_cpu(&x.view(), &wrong.view(), &wrong.view())
+        .unwrap_err();
+    assert!(err.to_string().contains("trailing dimensions"), "{err}");
+}
