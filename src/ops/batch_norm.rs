@@ -251,6 +251,9 @@ impl BatchNorm2d {
     }
 }
 
+/// A CPU training step's output and the updated running mean and variance.
+pub type CpuTrainStep = (Normalized<ArrayD<f32>>, Array1<f32>, Array1<f32>);
+
 /// The CPU reference: statistics per channel from the definition, in f64.
 pub struct BatchNormCpu;
 
@@ -303,7 +306,7 @@ impl BatchNormCpu {
         beta: &ArrayView1<'_, f32>,
         running_mean: &ArrayView1<'_, f32>,
         running_var: &ArrayView1<'_, f32>,
-    ) -> Result<(Normalized<ArrayD<f32>>, Array1<f32>, Array1<f32>)> {
+    ) -> Result<CpuTrainStep> {
         grouping(
             x.shape(),
             &[
