@@ -5,38 +5,33 @@
 
 use std::time::Instant;
 
-use ndarray::{Array2, ArrayD, IxDyn};
-use wgcnn::{Gpu, Matmul, Tensor};
+use ndarray::{Array1, Array2, ArrayD, IxDyn};
+use wgcnn::cpu::BatchNormCpu;
+use wgcnn::{BatchNorm2d, Conv2d, Gpu, Matmul, Padding, Pool2d, Result, Tensor};
 
-struct Options {
-    quick: bool,
-    json: bool,
-    filter: Option<String>,
-}
-
-struct Row {
-    op: String,
+/// One benchmarked operation: GPU and CPU runs of the same work.
+struct Case<'a> {
+    op: &'static str,
     shape: String,
     kernel: String,
-    gpu_ms: f64,
-    cpu_ms: f64,
     flops: f64,
+    gpu: Box<dyn FnMut() -> Result<()> + 'a>,
+    cpu: Box<dyn FnMut() -> Result<()> + 'a>,
 }
 
-fn median_ms(runs: usize, mut f: impl FnMut()) -> f64 {
-    let mut times: Vec<f64> = (0..runs)
-        .map(|_| {
-            let start = Instant::now();
-            f();
-            start.elapsed().as_secs_f64() * 1e3
-        })
-        .collect();
+fn median_ms(runs: usize, f: &mut dyn FnMut() -> Result<()>) -> Result<f64> {
+    let mut times = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        let start = Instant::now();
+        f()?;
+        times.push(start.elapsed().as_secs_f64() * 1e3);
+    }
     times.sort_by(f64::total_cmp);
-    times[times.len() / 2]
+    Ok(times[times.len() / 2])
 }
 
 fn random(shape: &[usize], seed: u32) -> ArrayD<f32> {
-    // A cheap hash fill: benchmarks need non-trivial data, not statistical quality.
+    // A cheap xorshift fill: benchmarks need non-trivial data, not statistical quality.
     let mut state = seed.wrapping_mul(0x9E37_79B9) | 1;
     ArrayD::from_shape_simple_fn(IxDyn(shape), || {
         state ^= state << 13;
@@ -46,116 +41,275 @@ fn random(shape: &[usize], seed: u32) -> ArrayD<f32> {
     })
 }
 
-/// One matmul shape: M×K times K×N.
-fn matmul_row(
-    gpu: &Gpu,
-    options: &Options,
-    (m, k, n): (usize, usize, usize),
-) -> wgcnn::Result<Row> {
-    let runs = if options.quick { 3 } else { 9 };
+fn matmul_case(gpu: &Gpu, (m, k, n): (usize, usize, usize)) -> Result<Case<'_>> {
     let a = random(&[m, k], 1);
     let b = random(&[k, n], 2);
-    let spec = Matmul::default();
-    let ta = Tensor::from_array(gpu, &a)?;
-    let tb = Tensor::from_array(gpu, &b)?;
+    let (ta, tb) = (Tensor::from_array(gpu, &a)?, Tensor::from_array(gpu, &b)?);
     let mut out = Tensor::full(gpu, &[m, n], 0.0)?;
-    // Warm-up: compiles the pipeline and lets the driver JIT the kernel.
-    let plan = spec.forward_into(&ta, &tb, None, &mut out)?;
-    gpu.synchronize()?;
-    let mut failure = None;
-    let gpu_ms = median_ms(runs, || {
-        let result = spec
-            .forward_into(&ta, &tb, None, &mut out)
-            .and_then(|_| gpu.synchronize());
-        if let Err(e) = result {
-            failure = Some(e);
-        }
-    });
-    if let Some(e) = failure {
-        return Err(e);
-    }
+    let spec = Matmul::default();
+    let kernel = spec
+        .plan(gpu, &spec.shape(&[m, k], &[k, n], None)?)?
+        .to_string();
     let a2: Array2<f32> = a
         .into_dimensionality()
         .map_err(|e| wgcnn::Error::Readback(e.to_string()))?;
     let b2: Array2<f32> = b
         .into_dimensionality()
         .map_err(|e| wgcnn::Error::Readback(e.to_string()))?;
-    let cpu_ms = median_ms(runs, || {
-        std::hint::black_box(a2.dot(&b2));
-    });
-    Ok(Row {
-        op: "matmul".into(),
+    Ok(Case {
+        op: "matmul",
         shape: format!("{m}x{k}x{n}"),
-        kernel: plan.to_string(),
-        gpu_ms,
-        cpu_ms,
+        kernel,
         flops: 2.0 * (m * k * n) as f64,
+        gpu: Box::new(move || spec.forward_into(&ta, &tb, None, &mut out).map(drop)),
+        cpu: Box::new(move || {
+            std::hint::black_box(a2.dot(&b2));
+            Ok(())
+        }),
     })
 }
 
-fn main() -> wgcnn::Result<()> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let options = Options {
-        quick: args.iter().any(|a| a == "--quick"),
-        json: args.iter().any(|a| a == "--json"),
-        filter: args
-            .iter()
-            .position(|a| a == "--filter")
-            .and_then(|i| args.get(i + 1).cloned()),
+fn conv_cases(gpu: &Gpu, [n, c, h, o, k, pad]: [usize; 6]) -> Result<Vec<Case<'_>>> {
+    let spec = Conv2d {
+        padding: Padding::Explicit(pad, pad),
+        ..Conv2d::default()
     };
+    let x = random(&[n, c, h, h], 3);
+    let w = random(&[o, c, k, k], 4);
+    let b = random(&[o], 5);
+    let shape = spec.shape(x.shape(), w.shape(), Some(b.shape()))?;
+    let dy = random(&shape.output(), 6);
+    let label = format!("N{n} {c}->{o} {h}x{h} k{k} p{pad}");
+    let (tx, tw, tb, tdy) = (
+        Tensor::from_array(gpu, &x)?,
+        Tensor::from_array(gpu, &w)?,
+        Tensor::from_array(gpu, &b)?,
+        Tensor::from_array(gpu, &dy)?,
+    );
+    let tensors = std::rc::Rc::new((tx, tw, tb, tdy));
+    let arrays = std::rc::Rc::new((x, w, b, dy));
+    let (t1, t2, a1, a2) = (tensors.clone(), tensors, arrays.clone(), arrays);
+    Ok(vec![
+        Case {
+            op: "conv2d_fwd",
+            shape: label.clone(),
+            kernel: "im2col+matmul".into(),
+            flops: shape.flops(),
+            gpu: Box::new(move || spec.forward(&t1.0, &t1.1, Some(&t1.2)).map(drop)),
+            cpu: Box::new(move || {
+                wgcnn::cpu::conv2d(&spec, &a1.0.view(), &a1.1.view(), Some(&a1.2.view())).map(drop)
+            }),
+        },
+        Case {
+            op: "conv2d_fwd_bwd",
+            shape: label,
+            kernel: "im2col+matmul,col2im".into(),
+            flops: 3.0 * shape.flops(),
+            gpu: Box::new(move || {
+                spec.forward(&t2.0, &t2.1, Some(&t2.2))?;
+                spec.backward(&t2.0, &t2.1, &t2.3).map(drop)
+            }),
+            cpu: Box::new(move || {
+                wgcnn::cpu::conv2d(&spec, &a2.0.view(), &a2.1.view(), Some(&a2.2.view()))?;
+                wgcnn::cpu::conv2d_backward(&spec, &a2.0.view(), &a2.1.view(), &a2.3.view())
+                    .map(drop)
+            }),
+        },
+    ])
+}
+
+fn pool_cases(gpu: &Gpu) -> Result<Vec<Case<'_>>> {
+    let spec = Pool2d::max((2, 2));
+    let x = random(&[64, 6, 24, 24], 7);
+    let dy = random(&[64, 6, 12, 12], 8);
+    let (tx, tdy) = (Tensor::from_array(gpu, &x)?, Tensor::from_array(gpu, &dy)?);
+    let shape = x.shape().to_vec();
+    let label = "N64 C6 24x24 2x2".to_string();
+    let flops = x.len() as f64;
+    let tensors = std::rc::Rc::new((tx, tdy));
+    let arrays = std::rc::Rc::new((x, dy));
+    let (t1, t2, a1, a2) = (tensors.clone(), tensors, arrays.clone(), arrays);
+    Ok(vec![
+        Case {
+            op: "max_pool2d_fwd",
+            shape: label.clone(),
+            kernel: "pool".into(),
+            flops,
+            gpu: Box::new(move || spec.forward(&t1.0).map(drop)),
+            cpu: Box::new(move || wgcnn::cpu::pool2d(&spec, &a1.0.view()).map(drop)),
+        },
+        Case {
+            op: "max_pool2d_fwd_bwd",
+            shape: label,
+            kernel: "pool".into(),
+            flops: 2.0 * flops,
+            gpu: Box::new(move || {
+                let pooled = spec.forward(&t2.0)?;
+                spec.backward(&shape, &t2.1, pooled.argmax.as_ref())
+                    .map(drop)
+            }),
+            cpu: Box::new(move || {
+                let pooled = wgcnn::cpu::pool2d(&spec, &a2.0.view())?;
+                let argmax = pooled.argmax.as_ref().map(|a| a.view());
+                wgcnn::cpu::pool2d_backward(&spec, a2.0.shape(), &a2.1.view(), argmax.as_ref())
+                    .map(drop)
+            }),
+        },
+    ])
+}
+
+fn batch_norm_cases(gpu: &Gpu) -> Result<Vec<Case<'_>>> {
+    let spec = BatchNorm2d::default();
+    let x = random(&[8, 64, 56, 56], 9);
+    let dy = random(&[8, 64, 56, 56], 10);
+    let ones = Array1::from_elem(64, 1.0f32);
+    let zeros = Array1::from_elem(64, 0.0f32);
+    let t = std::rc::Rc::new((
+        Tensor::from_array(gpu, &x)?,
+        Tensor::from_array(gpu, &ones)?,
+        Tensor::from_array(gpu, &zeros)?,
+        Tensor::from_array(gpu, &zeros)?,
+        Tensor::from_array(gpu, &ones)?,
+        Tensor::from_array(gpu, &dy)?,
+    ));
+    let a = std::rc::Rc::new((x, dy, ones, zeros));
+    let flops = 8.0 * a.0.len() as f64;
+    let (t1, t2, a1, a2) = (t.clone(), t, a.clone(), a);
+    let label = "N8 C64 56x56".to_string();
+    Ok(vec![
+        Case {
+            op: "batch_norm2d_fwd",
+            shape: label.clone(),
+            kernel: "norm".into(),
+            flops,
+            gpu: Box::new(move || {
+                spec.forward_train(&t1.0, &t1.1, &t1.2, &t1.3, &t1.4)
+                    .map(drop)
+            }),
+            cpu: Box::new(move || {
+                BatchNormCpu::forward_train(
+                    &spec,
+                    &a1.0.view(),
+                    &a1.2.view(),
+                    &a1.3.view(),
+                    &a1.3.view(),
+                    &a1.2.view(),
+                )
+                .map(drop)
+            }),
+        },
+        Case {
+            op: "batch_norm2d_fwd_bwd",
+            shape: label,
+            kernel: "norm".into(),
+            flops: 2.0 * flops,
+            gpu: Box::new(move || {
+                let out = spec.forward_train(&t2.0, &t2.1, &t2.2, &t2.3, &t2.4)?;
+                spec.backward(&t2.0, &t2.1, &out, &t2.5, true).map(drop)
+            }),
+            cpu: Box::new(move || {
+                let (out, _, _) = BatchNormCpu::forward_train(
+                    &spec,
+                    &a2.0.view(),
+                    &a2.2.view(),
+                    &a2.3.view(),
+                    &a2.3.view(),
+                    &a2.2.view(),
+                )?;
+                let mean = out
+                    .mean
+                    .into_dimensionality()
+                    .map_err(|e| wgcnn::Error::Readback(e.to_string()))?;
+                let rstd = out
+                    .rstd
+                    .into_dimensionality()
+                    .map_err(|e| wgcnn::Error::Readback(e.to_string()))?;
+                let (mean, rstd): (Array1<f32>, Array1<f32>) = (mean, rstd);
+                BatchNormCpu::backward(
+                    &a2.0.view(),
+                    &a2.2.view(),
+                    &mean.view(),
+                    &rstd.view(),
+                    &a2.1.view(),
+                    true,
+                )
+                .map(drop)
+            }),
+        },
+    ])
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let json = args.iter().any(|a| a == "--json");
+    let filter = args
+        .iter()
+        .position(|a| a == "--filter")
+        .and_then(|i| args.get(i + 1).cloned());
+    let runs = if quick { 3 } else { 9 };
+
     let gpu = Gpu::new()?;
-    let info = gpu.adapter_info();
-    if !options.json {
+    let adapter = gpu.adapter_info().name.clone();
+    if !json {
         println!(
-            "adapter: {} ({:?}, {:?})",
-            info.name, info.backend, info.device_type
+            "adapter: {adapter} ({:?}, {:?})",
+            gpu.adapter_info().backend,
+            gpu.adapter_info().device_type
         );
         println!(
-            "{:<10} {:<16} {:<18} {:>10} {:>10} {:>10} {:>10} {:>8}",
+            "{:<22} {:<26} {:<20} {:>10} {:>10} {:>9} {:>9} {:>7}",
             "op", "shape", "kernel", "gpu_ms", "cpu_ms", "gpu_GF/s", "cpu_GF/s", "gpu/cpu"
         );
     }
-    let shapes = [
+    let mut cases = Vec::new();
+    for shape in [
         (256, 256, 256),
         (1024, 1024, 1024),
         (2048, 2048, 2048),
         (4096, 150, 16),
         (25088, 576, 64),
-    ];
-    for shape in shapes {
-        let label = format!("matmul {}x{}x{}", shape.0, shape.1, shape.2);
-        if options
-            .filter
-            .as_ref()
-            .is_some_and(|f| !label.contains(f.as_str()))
-        {
+    ] {
+        cases.push(matmul_case(&gpu, shape)?);
+    }
+    for conv in [
+        [64, 1, 28, 6, 5, 0],
+        [64, 6, 12, 16, 5, 0],
+        [8, 64, 56, 64, 3, 1],
+    ] {
+        cases.extend(conv_cases(&gpu, conv)?);
+    }
+    cases.extend(pool_cases(&gpu)?);
+    cases.extend(batch_norm_cases(&gpu)?);
+
+    for mut case in cases {
+        let label = format!("{} {}", case.op, case.shape);
+        if filter.as_ref().is_some_and(|f| !label.contains(f.as_str())) {
             continue;
         }
-        let row = matmul_row(&gpu, &options, shape)?;
-        print_row(&options, &row, &info.name);
+        let mut gpu_run = || -> Result<()> {
+            (case.gpu)()?;
+            gpu.synchronize()
+        };
+        gpu_run()?; // warm-up: compiles pipelines, lets the driver JIT the kernels
+        let gpu_ms = median_ms(runs, &mut gpu_run)?;
+        (case.cpu)()?;
+        let cpu_ms = median_ms(runs, &mut case.cpu)?;
+        let (gpu_gflops, cpu_gflops) = (case.flops / gpu_ms / 1e6, case.flops / cpu_ms / 1e6);
+        if json {
+            println!(
+                "{{\"op\":\"{}\",\"shape\":\"{}\",\"kernel\":\"{}\",\"gpu_ms\":{gpu_ms:.4},\"cpu_ms\":{cpu_ms:.4},\"gpu_gflops\":{gpu_gflops:.3},\"cpu_gflops\":{cpu_gflops:.3},\"adapter\":\"{adapter}\"}}",
+                case.op, case.shape, case.kernel
+            );
+        } else {
+            println!(
+                "{:<22} {:<26} {:<20} {gpu_ms:>10.3} {cpu_ms:>10.3} {gpu_gflops:>9.2} {cpu_gflops:>9.2} {:>7.2}",
+                case.op,
+                case.shape,
+                case.kernel,
+                cpu_ms / gpu_ms
+            );
+        }
     }
     Ok(())
-}
-
-fn print_row(options: &Options, row: &Row, adapter: &str) {
-    let gpu_gflops = row.flops / row.gpu_ms / 1e6;
-    let cpu_gflops = row.flops / row.cpu_ms / 1e6;
-    if options.json {
-        println!(
-            "{{\"op\":\"{}\",\"shape\":\"{}\",\"kernel\":\"{}\",\"gpu_ms\":{:.4},\"cpu_ms\":{:.4},\"gpu_gflops\":{:.2},\"cpu_gflops\":{:.2},\"adapter\":\"{}\"}}",
-            row.op, row.shape, row.kernel, row.gpu_ms, row.cpu_ms, gpu_gflops, cpu_gflops, adapter
-        );
-    } else {
-        println!(
-            "{:<10} {:<16} {:<18} {:>10.3} {:>10.3} {:>10.2} {:>10.2} {:>8.2}",
-            row.op,
-            row.shape,
-            row.kernel,
-            row.gpu_ms,
-            row.cpu_ms,
-            gpu_gflops,
-            cpu_gflops,
-            row.cpu_ms / row.gpu_ms
-        );
-    }
 }
