@@ -213,3 +213,48 @@ fn cpu_reference_follows_the_definition() {
     let c = wgcnn::cpu::matmul(&nt, &a.view(), &b.view(), None).unwrap();
     assert_eq!(c.as_slice().unwrap(), &[17.0, 23.0, 39.0, 53.0]);
 }
+
+#[test]
+fn few_rows_run_transposed_on_the_subgroup_kernel() {
+    let Some(gpu) = gpu() else { return };
+    if gpu.fixed_subgroup_size().is_none() {
+        return;
+    }
+    // LeNet conv1 as W[6, 25] · col[n][25, 576], bias per filter (row), relu.
+    let spec = Matmul {
+        bias: BiasAxis::PerRow,
+        activation: Activation::Relu,
+        kernel: KernelChoice::Subgroup,
+        ..Matmul::default()
+    };
+    let plan = check(gpu, spec, (None, Some(3)), (6, 25, 576), 11);
+    assert!(
+        matches!(
+            plan,
+            MatmulPlan::Subgroup {
+                transposed: true,
+                ..
+            }
+        ),
+        "{plan}"
+    );
+    for (trans_a, trans_b) in [(true, false), (false, true), (true, true)] {
+        let spec = Matmul {
+            trans_a,
+            trans_b,
+            bias: BiasAxis::PerColumn,
+            ..spec
+        };
+        let plan = check(gpu, spec, (Some(2), Some(2)), (5, 9, 100), 12);
+        assert!(
+            matches!(
+                plan,
+                MatmulPlan::Subgroup {
+                    transposed: true,
+                    ..
+                }
+            ),
+            "{plan}"
+        );
+    }
+}

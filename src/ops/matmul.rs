@@ -55,6 +55,9 @@ pub enum MatmulPlan {
         cols: u32,
         /// The adapter's subgroup size.
         subgroup: u32,
+        /// Computes `Cᵀ = op(B)ᵀ·op(A)ᵀ` and stores it transposed: for products with
+        /// fewer rows than one subgroup tile (e.g. convolutions with few filters).
+        transposed: bool,
     },
 }
 
@@ -62,7 +65,15 @@ impl fmt::Display for MatmulPlan {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             MatmulPlan::Tiled => write!(f, "tiled64x64"),
-            MatmulPlan::Subgroup { rows, cols, .. } => write!(f, "subgroup-r{rows}c{cols}"),
+            MatmulPlan::Subgroup {
+                rows,
+                cols,
+                transposed,
+                ..
+            } => {
+                let t = if *transposed { "-t" } else { "" };
+                write!(f, "subgroup-r{rows}c{cols}{t}")
+            }
         }
     }
 }
@@ -214,19 +225,25 @@ impl Matmul {
                      from 4 to 32; use KernelChoice::Auto or Tiled"
                 .into(),
         })?;
+        let rows = 4;
+        // A tile spans subgroup·rows output rows: a product with fewer rows and more columns
+        // runs transposed, so that its long side fills the lanes.
+        let transposed = shape.m < (subgroup * rows) as usize && shape.n > shape.m;
+        let n = if transposed { shape.m } else { shape.n };
         // Wide column tiles share each broadcast B value across more FMAs; narrow outputs
-        // (conv layers with few filters) would waste them.
-        let cols = if shape.n <= 8 {
+        // would waste them.
+        let cols = if n <= 8 {
             8
-        } else if shape.n <= 16 {
+        } else if n <= 16 {
             16
         } else {
             32
         };
         Ok(MatmulPlan::Subgroup {
-            rows: 4,
+            rows,
             cols: cols.max(subgroup),
             subgroup,
+            transposed,
         })
     }
 
@@ -285,7 +302,46 @@ impl Matmul {
                 rows,
                 cols,
                 subgroup,
-            } => self.run_subgroup(gpu, &shape, (rows, cols, subgroup), [a, b, bias, out])?,
+                transposed: false,
+            } => self.run_subgroup(
+                gpu,
+                &shape,
+                (rows, cols, subgroup),
+                false,
+                [a, b, bias, out],
+            )?,
+            MatmulPlan::Subgroup {
+                rows,
+                cols,
+                subgroup,
+                transposed: true,
+            } => {
+                // Cᵀ = op(B)ᵀ · op(A)ᵀ: B becomes the left operand, rows and columns trade places.
+                let swapped = Matmul {
+                    trans_a: !self.trans_b,
+                    trans_b: !self.trans_a,
+                    bias: match self.bias {
+                        BiasAxis::PerRow => BiasAxis::PerColumn,
+                        BiasAxis::PerColumn => BiasAxis::PerRow,
+                        BiasAxis::None => BiasAxis::None,
+                    },
+                    ..*self
+                };
+                let swapped_shape = MatmulShape {
+                    m: shape.n,
+                    n: shape.m,
+                    a_batched: shape.b_batched,
+                    b_batched: shape.a_batched,
+                    ..shape.clone()
+                };
+                swapped.run_subgroup(
+                    gpu,
+                    &swapped_shape,
+                    (rows, cols, subgroup),
+                    true,
+                    [b, a, bias, out],
+                )?
+            }
         }
         Ok(plan)
     }
@@ -339,6 +395,7 @@ impl Matmul {
         gpu: &Gpu,
         shape: &MatmulShape,
         (rows, cols, subgroup): (u32, u32, u32),
+        transpose_c: bool,
         [a, b, bias, out]: [Binding<'_>; 4],
     ) -> Result<()> {
         let (m, k, n) = (shape.m, shape.k, shape.n);
@@ -374,6 +431,8 @@ impl Matmul {
             bias_mode: self.bias_mode(),
             activation: self.activation.code(),
             slope: self.activation.slope(),
+            transpose_c: u32::from(transpose_c),
+            _pad: [0; 3],
         };
         let key = format!("matmul_subgroup_r{rows}_c{cols}_s{subgroup}");
         let pipeline = gpu.pipeline(&key, "main", || {
@@ -480,6 +539,8 @@ struct SubgroupParams {
     bias_mode: u32,
     activation: u32,
     slope: f32,
+    transpose_c: u32,
+    _pad: [u32; 3],
 }
 
 /// Mirrors `Params` in shaders/pack.wgsl.
