@@ -121,6 +121,17 @@ fn pool_and_norm(c: &mut Criterion, gpu: &Gpu) {
             gpu.synchronize().expect("sync");
         })
     });
+    let tdy = Tensor::from_array(gpu, &filled(&[8, 64, 56, 56], 8)).expect("upload");
+    group.bench_function("batch_norm2d/gpu_fwd_bwd", |bench| {
+        bench.iter(|| {
+            let out = bn
+                .forward_train(&tx, &gamma, &beta, &mean, &var)
+                .expect("batch norm");
+            bn.backward(&tx, &gamma, &out, &tdy, true)
+                .expect("batch norm backward");
+            gpu.synchronize().expect("sync");
+        })
+    });
     group.bench_function("batch_norm2d/cpu_fwd", |bench| {
         bench.iter(|| {
             BatchNormCpu::forward_train(

@@ -231,3 +231,50 @@ fn bad_windows_are_errors() {
         "{err}"
     );
 }
+
+#[test]
+fn cpu_backward_matches_finite_differences() {
+    // Distinct values (no ties within eps), overlapping windows and padding.
+    let x = ArrayD::from_shape_fn(IxDyn(&[2, 2, 5, 6]), |d| {
+        ((d[0] * 131 + d[1] * 71 + d[2] * 17 + d[3] * 7) % 97) as f32 / 10.0
+    });
+    for kind in [
+        PoolKind::Max,
+        PoolKind::Avg {
+            count_include_pad: true,
+        },
+        PoolKind::Avg {
+            count_include_pad: false,
+        },
+    ] {
+        let spec = Pool2d {
+            kind,
+            kernel: (3, 2),
+            stride: (2, 1),
+            padding: (1, 1),
+        };
+        let pooled = wgcnn::cpu::pool2d(&spec, &x.view()).unwrap();
+        let dy = random(pooled.y.shape(), 3);
+        let loss = |x: &ArrayD<f32>| -> f64 {
+            let y = wgcnn::cpu::pool2d(&spec, &x.view()).unwrap().y;
+            y.iter()
+                .zip(&dy)
+                .map(|(a, b)| f64::from(*a) * f64::from(*b))
+                .sum()
+        };
+        let argmax = pooled.argmax.as_ref().map(|a| a.view());
+        let dx =
+            wgcnn::cpu::pool2d_backward(&spec, x.shape(), &dy.view(), argmax.as_ref()).unwrap();
+        for i in 0..x.len() {
+            let (mut plus, mut minus) = (x.clone(), x.clone());
+            plus.as_slice_mut().unwrap()[i] += 1e-3;
+            minus.as_slice_mut().unwrap()[i] -= 1e-3;
+            let numeric = (loss(&plus) - loss(&minus)) / 2e-3;
+            let analytic = f64::from(dx.as_slice().unwrap()[i]);
+            assert!(
+                (numeric - analytic).abs() < 1e-2,
+                "{kind:?} dx[{i}]: {analytic} vs {numeric}"
+            );
+        }
+    }
+}
