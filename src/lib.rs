@@ -24,6 +24,7 @@
 pub mod error;
 pub mod gpu;
 pub mod ops;
+pub mod optim;
 pub mod tensor;
 
 pub use error::{Error, Result};
@@ -41,6 +42,7 @@ pub use ops::pool2d::{
     Pool2d, Pool2dShape, PoolKind, Pooled, global_avg_pool, global_avg_pool_backward,
 };
 pub use ops::softmax_cross_entropy::{CrossEntropy, softmax_cross_entropy};
+pub use optim::{GpuOptimizer, Optimizer};
 pub use tensor::Tensor;
 /// The wgpu version wgcnn is built on, for `GpuOptions::backends` and adapter info.
 pub use wgpu;
