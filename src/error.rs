@@ -98,6 +98,15 @@ pub enum Error {
         detail: String,
     },
 
+    /// A data file is missing, unreadable or malformed.
+    #[error("{path}: {detail}")]
+    Data {
+        /// The file.
+        path: String,
+        /// What is wrong with it and, where it helps, what was expected.
+        detail: String,
+    },
+
     /// Reading a buffer back to the host failed.
     #[error("reading GPU memory back failed: {0}")]
     Readback(String),

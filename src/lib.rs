@@ -21,6 +21,7 @@
 //! # }
 //! ```
 
+pub mod data;
 pub mod error;
 pub mod gpu;
 pub mod ops;
