@@ -16,7 +16,7 @@ struct PooledBuffer {
 impl Drop for PooledBuffer {
     fn drop(&mut self) {
         // wgpu buffers are reference-counted handles: the pool keeps this one alive.
-        lock(&self.gpu.inner.pool).give_back(self.buffer.clone(), self.class);
+        self.gpu.release_buffer(self.buffer.clone(), self.class);
     }
 }
 

@@ -4,6 +4,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use super::pipelines::PipelineCache;
 use super::pool::{BufferPool, PoolStats};
+use super::recording::Recording;
 use crate::error::{Error, Result};
 
 /// How to pick the adapter. [`GpuOptions::from_env`] reads wgpu's usual variables.
@@ -59,6 +60,8 @@ pub(crate) struct GpuInner {
     features: wgpu::Features,
     pub(crate) pool: Mutex<BufferPool>,
     pub(crate) pipelines: Mutex<PipelineCache>,
+    pub(crate) recording: Mutex<Option<Recording>>,
+    submissions: std::sync::atomic::AtomicU64,
     lost: Arc<Mutex<Option<String>>>,
     uncaptured: Arc<Mutex<Option<String>>>,
 }
@@ -146,6 +149,8 @@ impl Gpu {
                 features,
                 pool: Mutex::new(BufferPool::new(options.pool_cache_bytes)),
                 pipelines: Mutex::new(PipelineCache::default()),
+                recording: Mutex::new(None),
+                submissions: std::sync::atomic::AtomicU64::new(0),
                 lost,
                 uncaptured,
             }),
@@ -188,6 +193,19 @@ impl Gpu {
     /// How many compute pipelines have been compiled on this context.
     pub fn pipelines_compiled(&self) -> usize {
         lock(&self.inner.pipelines).len()
+    }
+
+    /// How many command buffers this context has submitted (a recorded step counts one).
+    pub fn submissions(&self) -> u64 {
+        self.inner
+            .submissions
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub(crate) fn count_submit(&self) {
+        self.inner
+            .submissions
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub(crate) fn device(&self) -> &wgpu::Device {

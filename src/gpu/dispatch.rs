@@ -87,30 +87,24 @@ impl Gpu {
         Ok(())
     }
 
-    /// Records kernels with `record` into one compute pass and submits them.
+    /// Records kernels with `record` into one compute pass, submitted at once (or with the
+    /// active recording, see [`Gpu::record`]).
     pub(crate) fn run_pass(
         &self,
         label: &str,
         record: impl FnOnce(&mut wgpu::ComputePass<'_>) -> Result<()>,
     ) -> Result<()> {
         self.checked(label, || {
-            let mut encoder = self
-                .device()
-                .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some(label) });
-            {
+            self.with_encoder(label, |encoder| {
                 let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
                     label: Some(label),
                     timestamp_writes: None,
                 });
-                record(&mut pass)?;
-            }
-            self.queue().submit([encoder.finish()]);
-            Ok(())
+                record(&mut pass)
+            })
         })?
     }
-}
 
-impl Gpu {
     /// Copies `bytes` from `src` at `src_offset` to `dst` at `dst_offset` (multiples of 4).
     pub(crate) fn copy(
         &self,
@@ -119,14 +113,11 @@ impl Gpu {
         bytes: u64,
     ) -> Result<()> {
         self.checked("copying a tensor", || {
-            let mut encoder =
-                self.device()
-                    .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                        label: Some("copy"),
-                    });
-            encoder.copy_buffer_to_buffer(src, src_offset, dst, dst_offset, bytes);
-            self.queue().submit([encoder.finish()]);
-        })
+            self.with_encoder("copy", |encoder| {
+                encoder.copy_buffer_to_buffer(src, src_offset, dst, dst_offset, bytes);
+                Ok(())
+            })
+        })?
     }
 }
 

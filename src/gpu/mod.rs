@@ -5,6 +5,7 @@ pub(crate) mod dispatch;
 mod pipelines;
 mod pool;
 mod readback;
+mod recording;
 
 pub(crate) use context::lock;
 pub use context::{Gpu, GpuOptions};

@@ -2,8 +2,9 @@
 //!
 //! Buffers are rounded up to a size class (powers of two split in four steps, so at most
 //! 25% is wasted) and kept on a free list when a tensor drops them. Reuse is safe because
-//! every public op submits its commands before returning: a buffer handed out again can
-//! only be written by work queued after the work that last read it.
+//! every public op submits its commands before returning, and inside `Gpu::record` dropped
+//! buffers come back only after the recorded step is submitted: a buffer handed out again
+//! can only be written by work queued after the work that last used it.
 
 use std::collections::HashMap;
 

@@ -9,6 +9,8 @@ impl Gpu {
     /// Native wgpu only completes mappings while the device is polled, so this polls
     /// (blocking) before awaiting the mapping; the future never waits on another thread.
     pub(crate) async fn read_bytes(&self, buffer: &wgpu::Buffer, bytes: u64) -> Result<Vec<u8>> {
+        // Inside a recording, the commands that produce `buffer` must run first.
+        self.flush_recording();
         let staging = self.checked("creating a readback buffer", || {
             let staging = self.device().create_buffer(&wgpu::BufferDescriptor {
                 label: Some("readback"),
@@ -23,6 +25,7 @@ impl Gpu {
                     });
             encoder.copy_buffer_to_buffer(buffer, 0, &staging, 0, bytes);
             self.queue().submit([encoder.finish()]);
+            self.count_submit();
             staging
         })?;
 
