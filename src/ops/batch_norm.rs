@@ -181,22 +181,7 @@ impl BatchNorm2d {
         mean: Tensor,
         rstd: Tensor,
     ) -> Result<Normalized<Tensor>> {
-        let y = Tensor::uninit(x.gpu(), x.shape())?;
-        norm::launch(
-            x.gpu(),
-            grouping,
-            self.settings(false),
-            "normalize",
-            Grid::Elements,
-            &[
-                (norm::X, x),
-                (norm::GAMMA, gamma),
-                (norm::BETA, beta),
-                (norm::MEAN, &mean),
-                (norm::RSTD, &rstd),
-                (norm::Y, &y),
-            ],
-        )?;
+        let y = norm::normalize(x.gpu(), grouping, [x, gamma, beta, &mean, &rstd])?;
         Ok(Normalized { y, mean, rstd })
     }
 

@@ -81,22 +81,7 @@ impl LayerNorm {
                 (norm::RUNNING_VAR, &var),
             ],
         )?;
-        let y = Tensor::uninit(gpu, x.shape())?;
-        norm::launch(
-            gpu,
-            grouping,
-            settings,
-            "normalize",
-            Grid::Elements,
-            &[
-                (norm::X, x),
-                (norm::GAMMA, gamma),
-                (norm::BETA, beta),
-                (norm::MEAN, &mean),
-                (norm::RSTD, &rstd),
-                (norm::Y, &y),
-            ],
-        )?;
+        let y = norm::normalize(gpu, grouping, [x, gamma, beta, &mean, &rstd])?;
         Ok(Normalized { y, mean, rstd })
     }
 

@@ -113,6 +113,31 @@ pub(crate) fn launch(
     })
 }
 
+/// `y = (x − mean)·rstd·γ + β` with the given statistics, for either norm.
+pub(crate) fn normalize(
+    gpu: &Gpu,
+    grouping: Grouping,
+    [x, gamma, beta, mean, rstd]: [&Tensor; 5],
+) -> Result<Tensor> {
+    let y = Tensor::uninit(gpu, x.shape())?;
+    launch(
+        gpu,
+        grouping,
+        Settings::default(),
+        "normalize",
+        Grid::Elements,
+        &[
+            (X, x),
+            (GAMMA, gamma),
+            (BETA, beta),
+            (MEAN, mean),
+            (RSTD, rstd),
+            (Y, &y),
+        ],
+    )?;
+    Ok(y)
+}
+
 /// `dx` (and the per-group sums) for either norm, given the saved mean and rstd.
 pub(crate) fn backward_dx(
     gpu: &Gpu,
