@@ -27,6 +27,7 @@ pub mod gpu;
 pub mod ops;
 pub mod optim;
 pub mod tensor;
+pub mod train;
 
 pub use error::{Error, Result};
 pub use gpu::{Gpu, GpuOptions, PoolStats};

@@ -1,0 +1,167 @@
+//! Checkpoints in the safetensors format: named f32 tensors, row-major, with PyTorch
+//! state-dict names (`features.0.weight`, …). Writing goes to a temporary file beside the
+//! target, synced, then renamed over it, so a failed save never corrupts the previous file.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use ndarray::{ArrayD, IxDyn};
+use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+
+use crate::error::{Error, Result};
+use crate::tensor::Tensor;
+
+/// Named tensors on the host, sorted by name.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Checkpoint {
+    /// `(name, value)` pairs, sorted by name.
+    pub tensors: Vec<(String, ArrayD<f32>)>,
+}
+
+fn data_error(path: &Path, detail: impl Into<String>) -> Error {
+    Error::Data {
+        path: path.display().to_string(),
+        detail: detail.into(),
+    }
+}
+
+impl Checkpoint {
+    /// Collects named arrays (names must be unique).
+    pub fn new(tensors: Vec<(String, ArrayD<f32>)>) -> Result<Self> {
+        let mut tensors = tensors;
+        tensors.sort_by(|a, b| a.0.cmp(&b.0));
+        if let Some(pair) = tensors.windows(2).find(|w| w[0].0 == w[1].0) {
+            return Err(Error::InvalidArgument {
+                op: "checkpoint",
+                detail: format!("the name {:?} appears twice", pair[0].0),
+            });
+        }
+        Ok(Self { tensors })
+    }
+
+    /// Reads named GPU tensors back to the host.
+    pub fn from_tensors(tensors: &[(&str, &Tensor)]) -> Result<Self> {
+        Self::new(
+            tensors
+                .iter()
+                .map(|(name, t)| Ok((name.to_string(), t.to_array()?)))
+                .collect::<Result<_>>()?,
+        )
+    }
+
+    /// The tensor called `name`.
+    pub fn get(&self, name: &str) -> Option<&ArrayD<f32>> {
+        self.tensors.iter().find(|(n, _)| n == name).map(|(_, t)| t)
+    }
+
+    /// Writes the checkpoint to `path` atomically (temporary file, sync, rename).
+    pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
+        let path = path.as_ref();
+        let bytes: Vec<Vec<u8>> = self
+            .tensors
+            .iter()
+            .map(|(_, t)| t.iter().flat_map(|v| v.to_le_bytes()).collect())
+            .collect();
+        let views = self
+            .tensors
+            .iter()
+            .zip(&bytes)
+            .map(|((name, t), data)| {
+                Ok((
+                    name.as_str(),
+                    TensorView::new(Dtype::F32, t.shape().to_vec(), data)
+                        .map_err(|e| data_error(path, e.to_string()))?,
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let serialized = safetensors::tensor::serialize(views, None)
+            .map_err(|e| data_error(path, format!("cannot serialise: {e}")))?;
+        let temporary = temporary_path(path);
+        let write = || -> std::io::Result<()> {
+            let mut file = std::fs::File::create(&temporary)?;
+            file.write_all(&serialized)?;
+            file.sync_all()?;
+            std::fs::rename(&temporary, path)
+        };
+        write().map_err(|e| {
+            // Best effort: the previous checkpoint at `path` is untouched either way.
+            let _ = std::fs::remove_file(&temporary);
+            data_error(path, format!("cannot write the checkpoint: {e}"))
+        })
+    }
+
+    /// Reads a checkpoint written by [`Checkpoint::save`] or by PyTorch's safetensors
+    /// (f32 tensors only).
+    pub fn load(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let bytes = std::fs::read(path)
+            .map_err(|e| data_error(path, format!("cannot read the checkpoint: {e}")))?;
+        let file = SafeTensors::deserialize(&bytes)
+            .map_err(|e| data_error(path, format!("not a valid safetensors file: {e}")))?;
+        let tensors = file
+            .tensors()
+            .into_iter()
+            .map(|(name, view)| {
+                if view.dtype() != Dtype::F32 {
+                    return Err(data_error(
+                        path,
+                        format!(
+                            "tensor {name:?} is {:?}; only F32 is supported",
+                            view.dtype()
+                        ),
+                    ));
+                }
+                let values = view
+                    .data()
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect();
+                let array = ArrayD::from_shape_vec(IxDyn(view.shape()), values)
+                    .map_err(|e| data_error(path, format!("tensor {name:?}: {e}")))?;
+                Ok((name, array))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Self::new(tensors)
+    }
+}
+
+fn temporary_path(path: &Path) -> PathBuf {
+    let mut name = path
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
+    name.push(".tmp");
+    path.with_file_name(name)
+}
+
+/// Checks a checkpoint against the names and shapes a model expects; the error lists every
+/// missing, unexpected and differently shaped tensor.
+pub fn check_names_and_shapes(
+    checkpoint: &Checkpoint,
+    expected: &[(&str, &[usize])],
+) -> Result<()> {
+    let mut problems = Vec::new();
+    for (name, shape) in expected {
+        match checkpoint.get(name) {
+            None => problems.push(format!("missing {name:?}")),
+            Some(t) if t.shape() != *shape => problems.push(format!(
+                "{name:?} is {:?}, the model needs {shape:?}",
+                t.shape()
+            )),
+            Some(_) => {}
+        }
+    }
+    for (name, _) in &checkpoint.tensors {
+        if !expected.iter().any(|(n, _)| n == name) {
+            problems.push(format!("unexpected {name:?}"));
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::ShapeMismatch {
+            op: "checkpoint",
+            detail: problems.join("; "),
+        })
+    }
+}
