@@ -199,34 +199,11 @@ impl BatchNorm2d {
             x.shape(),
             &[gamma.shape(), saved.mean.shape(), saved.rstd.shape()],
         )?;
-        if dy.shape() != x.shape() {
-            return Err(Error::ShapeMismatch {
-                op: OP,
-                detail: format!("dy is {:?}, x is {:?}", dy.shape(), x.shape()),
-            });
-        }
-        let gpu = x.gpu();
-        let (dx, sums) = norm::backward_dx(
-            gpu,
+        let [dx, dgamma, dbeta] = norm::backward(
+            OP,
             grouping,
             training,
             [x, gamma, &saved.mean, &saved.rstd, dy],
-        )?;
-        let (dgamma, dbeta) = (
-            Tensor::uninit(gpu, gamma.shape())?,
-            Tensor::uninit(gpu, gamma.shape())?,
-        );
-        norm::launch(
-            gpu,
-            grouping,
-            Settings::default(),
-            "affine_grads_per_group",
-            Grid::GroupThreads,
-            &[
-                (norm::SUMS, &sums),
-                (norm::DGAMMA, &dgamma),
-                (norm::DBETA, &dbeta),
-            ],
         )?;
         Ok(NormGrads {
             x: dx,

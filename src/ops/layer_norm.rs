@@ -94,38 +94,8 @@ impl LayerNorm {
         dy: &Tensor,
     ) -> Result<NormGrads<Tensor>> {
         let grouping = grouping(x.shape(), gamma.shape(), gamma.shape())?;
-        if dy.shape() != x.shape() {
-            return Err(Error::ShapeMismatch {
-                op: OP,
-                detail: format!("dy is {:?}, x is {:?}", dy.shape(), x.shape()),
-            });
-        }
-        let gpu = x.gpu();
-        let (dx, _) = norm::backward_dx(
-            gpu,
-            grouping,
-            true,
-            [x, gamma, &saved.mean, &saved.rstd, dy],
-        )?;
-        let (dgamma, dbeta) = (
-            Tensor::uninit(gpu, gamma.shape())?,
-            Tensor::uninit(gpu, gamma.shape())?,
-        );
-        norm::launch(
-            gpu,
-            grouping,
-            Settings::default(),
-            "affine_grads_per_inner",
-            Grid::InnerThreads,
-            &[
-                (norm::X, x),
-                (norm::DY, dy),
-                (norm::MEAN, &saved.mean),
-                (norm::RSTD, &saved.rstd),
-                (norm::DGAMMA, &dgamma),
-                (norm::DBETA, &dbeta),
-            ],
-        )?;
+        let [dx, dgamma, dbeta] =
+            norm::backward(OP, grouping, true, [x, gamma, &saved.mean, &saved.rstd, dy])?;
         Ok(NormGrads {
             x: dx,
             gamma: dgamma,

@@ -3,7 +3,7 @@
 
 use bytemuck::{Pod, Zeroable};
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::tensor::Tensor;
 
@@ -138,33 +138,43 @@ pub(crate) fn normalize(
     Ok(y)
 }
 
-/// `dx` (and the per-group sums) for either norm, given the saved mean and rstd.
-pub(crate) fn backward_dx(
-    gpu: &Gpu,
+/// The whole backward pass of either norm from the saved statistics: `(dx, dγ, dβ)`.
+/// `dx` flows through the statistics in training mode; dγ and dβ are per group (batch
+/// norm, from the per-group sums) or per inner element (layer norm).
+pub(crate) fn backward(
+    op: &'static str,
     grouping: Grouping,
     training: bool,
     [x, gamma, mean, rstd, dy]: [&Tensor; 5],
-) -> Result<(Tensor, Tensor)> {
+) -> Result<[Tensor; 3]> {
+    if dy.shape() != x.shape() {
+        return Err(Error::ShapeMismatch {
+            op,
+            detail: format!("dy is {:?}, x is {:?}", dy.shape(), x.shape()),
+        });
+    }
+    let gpu = x.gpu();
     let sums = Tensor::uninit(gpu, &[grouping.groups, 4])?;
     let dx = Tensor::uninit(gpu, x.shape())?;
     let settings = Settings {
         training,
         ..Settings::default()
     };
+    let inputs = [
+        (X, x),
+        (DY, dy),
+        (GAMMA, gamma),
+        (MEAN, mean),
+        (RSTD, rstd),
+        (SUMS, &sums),
+    ];
     launch(
         gpu,
         grouping,
         settings,
         "backward_sums",
         Grid::PerGroup,
-        &[
-            (X, x),
-            (DY, dy),
-            (GAMMA, gamma),
-            (MEAN, mean),
-            (RSTD, rstd),
-            (SUMS, &sums),
-        ],
+        &inputs,
     )?;
     launch(
         gpu,
@@ -172,15 +182,32 @@ pub(crate) fn backward_dx(
         settings,
         "backward_dx",
         Grid::Elements,
-        &[
-            (X, x),
-            (DY, dy),
-            (GAMMA, gamma),
-            (MEAN, mean),
-            (RSTD, rstd),
-            (SUMS, &sums),
-            (DX, &dx),
-        ],
+        &[&inputs[..], &[(DX, &dx)]].concat(),
     )?;
-    Ok((dx, sums))
+    let (dgamma, dbeta) = (
+        Tensor::uninit(gpu, gamma.shape())?,
+        Tensor::uninit(gpu, gamma.shape())?,
+    );
+    let outputs = [(DGAMMA, &dgamma), (DBETA, &dbeta)];
+    if grouping.affine_per_inner {
+        let reads = [(X, x), (DY, dy), (MEAN, mean), (RSTD, rstd)];
+        launch(
+            gpu,
+            grouping,
+            settings,
+            "affine_grads_per_inner",
+            Grid::InnerThreads,
+            &[&reads[..], &outputs].concat(),
+        )?;
+    } else {
+        launch(
+            gpu,
+            grouping,
+            settings,
+            "affine_grads_per_group",
+            Grid::GroupThreads,
+            &[&[(SUMS, &sums)][..], &outputs].concat(),
+        )?;
+    }
+    Ok([dx, dgamma, dbeta])
 }
