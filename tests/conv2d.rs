@@ -2,20 +2,12 @@
 
 mod common;
 
-use common::golden::{assert_close, cases, tensor};
-use common::{gpu, max_abs_diff, random};
+use common::golden::{assert_close, cases, pair, tensor};
+use common::{gpu, max_abs_diff, random, upload};
 use ndarray::{ArrayD, IxDyn};
 use proptest::prelude::*;
 use serde_json::Value;
 use wgcnn::{Activation, Conv2d, Error, Padding, Tensor};
-
-fn pair(value: &Value) -> (usize, usize) {
-    let v = value.as_array().unwrap();
-    (
-        v[0].as_u64().unwrap() as usize,
-        v[1].as_u64().unwrap() as usize,
-    )
-}
 
 fn spec_of(params: &Value) -> Conv2d {
     let padding = if params["padding"] == "same" {
@@ -30,10 +22,6 @@ fn spec_of(params: &Value) -> Conv2d {
         dilation: pair(&params["dilation"]),
         ..Conv2d::default()
     }
-}
-
-fn upload(x: &ArrayD<f32>) -> Tensor {
-    Tensor::from_array(gpu().unwrap(), x).unwrap()
 }
 
 /// The 6×6 step image of the course: three columns of ones, three of zeros.

@@ -4,13 +4,9 @@
 mod common;
 
 use common::golden::{assert_close, cases, tensor};
-use common::{gpu, max_abs_diff, random};
+use common::{gpu, max_abs_diff, random, upload};
 use ndarray::{ArrayD, IxDyn};
 use wgcnn::{Activation, Tensor};
-
-fn upload(x: &ArrayD<f32>) -> Tensor {
-    Tensor::from_array(gpu().unwrap(), x).unwrap()
-}
 
 #[test]
 fn pytorch_goldens_on_gpu_and_cpu() {

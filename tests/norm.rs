@@ -3,14 +3,10 @@
 mod common;
 
 use common::golden::{assert_close, cases, tensor};
-use common::{gpu, max_abs_diff, random};
+use common::{gpu, max_abs_diff, random, upload};
 use ndarray::{Array1, ArrayD, Ix1};
 use wgcnn::cpu::BatchNormCpu;
-use wgcnn::{BatchNorm2d, LayerNorm, Tensor};
-
-fn upload(x: &ArrayD<f32>) -> Tensor {
-    Tensor::from_array(gpu().unwrap(), x).unwrap()
-}
+use wgcnn::{BatchNorm2d, LayerNorm};
 
 fn one_d(x: &ArrayD<f32>) -> Array1<f32> {
     x.clone().into_dimensionality::<Ix1>().unwrap()

@@ -2,24 +2,11 @@
 
 mod common;
 
-use common::golden::{assert_close, cases, tensor};
-use common::{gpu, max_abs_diff, random};
+use common::golden::{assert_close, cases, pair, tensor};
+use common::{gpu, max_abs_diff, random, upload};
 use ndarray::{ArrayD, IxDyn};
 use proptest::prelude::*;
-use serde_json::Value;
 use wgcnn::{Pool2d, PoolKind, Tensor};
-
-fn pair(value: &Value) -> (usize, usize) {
-    let v = value.as_array().unwrap();
-    (
-        v[0].as_u64().unwrap() as usize,
-        v[1].as_u64().unwrap() as usize,
-    )
-}
-
-fn upload(x: &ArrayD<f32>) -> Tensor {
-    Tensor::from_array(gpu().unwrap(), x).unwrap()
-}
 
 #[test]
 fn pytorch_goldens_on_gpu_and_cpu() {

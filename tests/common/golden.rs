@@ -31,6 +31,15 @@ pub fn cases(prefix: &str) -> Vec<Case> {
         .collect()
 }
 
+/// A stored pair such as `"stride": [2, 1]`.
+pub fn pair(value: &Value) -> (usize, usize) {
+    let v = value.as_array().unwrap();
+    (
+        v[0].as_u64().unwrap() as usize,
+        v[1].as_u64().unwrap() as usize,
+    )
+}
+
 /// A stored tensor as an f32 array.
 pub fn tensor(value: &Value) -> ArrayD<f32> {
     let shape: Vec<usize> = value["shape"]

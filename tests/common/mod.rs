@@ -24,6 +24,11 @@ pub fn gpu() -> Option<&'static Gpu> {
     }
 }
 
+/// Uploads to the process-wide GPU (call after `gpu()` said there is one).
+pub fn upload(x: &ArrayD<f32>) -> wgcnn::Tensor {
+    wgcnn::Tensor::from_array(gpu().expect("a GPU"), x).unwrap()
+}
+
 /// Uniform values in [-1, 1) from a seed.
 pub fn random(shape: &[usize], seed: u64) -> ArrayD<f32> {
     let mut rng = StdRng::seed_from_u64(seed);
