@@ -205,7 +205,8 @@ fn batch_norm_cases(gpu: &Gpu) -> Result<Vec<Case<'_>>> {
             flops: 2.0 * flops,
             gpu: Box::new(move || {
                 let out = spec.forward_train(&t2.0, &t2.1, &t2.2, &t2.3, &t2.4)?;
-                spec.backward(&t2.0, &t2.1, &out, &t2.5, true).map(drop)
+                spec.backward(&t2.0, &t2.1, &out.mean, &out.rstd, &t2.5, true)
+                    .map(drop)
             }),
             cpu: Box::new(move || {
                 let (out, _, _) = BatchNormCpu::forward_train(

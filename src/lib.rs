@@ -24,6 +24,8 @@
 pub mod data;
 pub mod error;
 pub mod gpu;
+pub mod graph;
+pub mod nn;
 pub mod ops;
 pub mod optim;
 pub mod tensor;
@@ -31,6 +33,7 @@ pub mod train;
 
 pub use error::{Error, Result};
 pub use gpu::{Gpu, GpuOptions, PoolStats};
+pub use graph::{Device, Graph, Layer, Mode, Value};
 pub use ops::Activation;
 pub use ops::activation::{softmax, softmax_backward};
 pub use ops::batch_norm::{BatchNorm2d, NormGrads, Normalized};

@@ -378,3 +378,51 @@ impl GpuOptimizer {
         })
     }
 }
+
+/// The CPU reference of [`GpuOptimizer`]: the same rule and state, on host arrays.
+pub struct CpuOptimizer {
+    rule: Optimizer,
+    step: u32,
+    state: Vec<[ArrayD<f32>; 2]>,
+}
+
+impl CpuOptimizer {
+    /// A fresh optimizer (state is created, zeroed, on the first step).
+    pub fn new(rule: Optimizer) -> Result<Self> {
+        rule.validate()?;
+        Ok(Self {
+            rule,
+            step: 0,
+            state: Vec::new(),
+        })
+    }
+
+    /// Updates every parameter in place; the same parameters, in the same order, must be
+    /// passed at every step.
+    pub fn step(&mut self, params: &mut [&mut ArrayD<f32>], grads: &[&ArrayD<f32>]) -> Result<()> {
+        if params.len() != grads.len()
+            || (!self.state.is_empty() && self.state.len() != params.len())
+        {
+            return Err(Error::ShapeMismatch {
+                op: "optimizer",
+                detail: format!(
+                    "{} parameters, {} gradients, state for {}",
+                    params.len(),
+                    grads.len(),
+                    self.state.len()
+                ),
+            });
+        }
+        if self.state.is_empty() {
+            self.state = params
+                .iter()
+                .map(|p| [ArrayD::zeros(p.raw_dim()), ArrayD::zeros(p.raw_dim())])
+                .collect();
+        }
+        self.step += 1;
+        for ((p, g), state) in params.iter_mut().zip(grads).zip(&mut self.state) {
+            self.rule.update_cpu(self.step, p, g, state)?;
+        }
+        Ok(())
+    }
+}

@@ -174,6 +174,20 @@ impl Tensor {
         Ok(self)
     }
 
+    /// A copy of the data under `shape` (as many elements), on the GPU.
+    pub fn copy_as(&self, shape: &[usize]) -> Result<Self> {
+        if element_count("Tensor::copy_as", shape)? != self.len() {
+            return Err(Error::ShapeMismatch {
+                op: "Tensor::copy_as",
+                detail: format!("cannot view {:?} as {shape:?}", self.shape),
+            });
+        }
+        let copy = Self::uninit(self.gpu(), shape)?;
+        self.gpu()
+            .copy((self.buffer(), 0), (copy.buffer(), 0), self.bytes())?;
+        Ok(copy)
+    }
+
     /// Reads the tensor back to the host, blocking.
     pub fn to_array(&self) -> Result<ArrayD<f32>> {
         pollster::block_on(self.to_array_async())

@@ -342,3 +342,80 @@ fn lenet_loss_and_every_gradient_match_pytorch_on_gpu_and_cpu() {
         "loss after one step {after} vs {want_after}"
     );
 }
+
+/// The same golden through the executor: `nn::lenet5` built on each device, the golden's
+/// weights loaded by name, one recorded training step.
+#[test]
+fn lenet5_through_the_executor_matches_pytorch_on_gpu_and_cpu() {
+    use wgcnn::nn::{LeNetOptions, lenet5};
+    use wgcnn::train::{cross_entropy, train_step};
+    use wgcnn::{Device, Mode};
+
+    let json = golden();
+    let x = tensor(&json["inputs"]["x"]);
+    let labels: Vec<usize> = tensor(&json["inputs"]["target"])
+        .iter()
+        .map(|&v| v as usize)
+        .collect();
+    let want_loss = json["outputs"]["loss"]["data"][0].as_f64().unwrap() as f32;
+    let want_after = json["outputs"]["loss_after_sgd_step"]["data"][0]
+        .as_f64()
+        .unwrap() as f32;
+    let mut devices = vec![Device::Cpu];
+    if let Some(gpu) = gpu() {
+        devices.push(Device::Gpu(gpu.clone()));
+    }
+    for device in devices {
+        let mut model = lenet5(LeNetOptions::default())
+            .unwrap()
+            .build(device.clone(), 7)
+            .unwrap();
+        let names: Vec<String> = model.state().into_iter().map(|(n, _)| n).collect();
+        assert_eq!(names, NAMES, "state-dict names");
+        for (name, value) in NAMES.iter().zip(init_params()) {
+            model.set_state(name, value).unwrap();
+        }
+        // Forward + backward, gradients compared by name.
+        let logits = model
+            .forward(device.upload(x.clone()).unwrap(), Mode::Train)
+            .unwrap();
+        let ce = cross_entropy(logits, &labels).unwrap();
+        let loss = ce.loss.to_array().unwrap()[[0]];
+        assert!((loss - want_loss).abs() < 1e-5, "{device:?} loss {loss}");
+        assert!(model.backward(ce.grad_logits).unwrap().is_none());
+        for (name, grad) in model.grads() {
+            assert_matches(
+                &format!("{} grad {name}", device.name()),
+                &grad.unwrap().to_array().unwrap(),
+                &json["grads"]["params"][name.as_str()],
+            );
+        }
+        // A whole recorded step with SGD, then the loss on the same batch.
+        let mut model = lenet5(LeNetOptions::default())
+            .unwrap()
+            .build(device.clone(), 7)
+            .unwrap();
+        for (name, value) in NAMES.iter().zip(init_params()) {
+            model.set_state(name, value).unwrap();
+        }
+        let mut sgd = model.optimizer(Optimizer::sgd(0.1)).unwrap();
+        let out = train_step(
+            &mut model,
+            &mut sgd,
+            |d: &Device| d.upload(x.clone()),
+            &labels,
+        )
+        .unwrap();
+        assert!((out.loss.to_array().unwrap()[[0]] - want_loss).abs() < 1e-5);
+        let logits = model
+            .forward(device.upload(x.clone()).unwrap(), Mode::Eval)
+            .unwrap();
+        let after = cross_entropy(logits, &labels).unwrap().loss;
+        let after: f32 = after.to_array().unwrap()[[0]];
+        assert!(
+            (after - want_after).abs() < 1e-5,
+            "{} loss after one step {after} vs {want_after}",
+            device.name()
+        );
+    }
+}

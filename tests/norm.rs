@@ -143,7 +143,7 @@ fn batch_norm_golden_train_then_eval() {
         1e-6,
     );
     let g = spec
-        .backward(&tx, &tg, &train, &upload(&dy_train), true)
+        .backward(&tx, &tg, &train.mean, &train.rstd, &upload(&dy_train), true)
         .unwrap();
     for (name, got) in [("x", &g.x), ("weight", &g.gamma), ("bias", &g.beta)] {
         assert_close(
@@ -163,7 +163,7 @@ fn batch_norm_golden_train_then_eval() {
         1e-5,
     );
     let g = spec
-        .backward(&tx, &tg, &eval, &upload(&dy_eval), false)
+        .backward(&tx, &tg, &eval.mean, &eval.rstd, &upload(&dy_eval), false)
         .unwrap();
     for (name, got) in [("x", &g.x), ("weight", &g.gamma), ("bias", &g.beta)] {
         assert_close(
@@ -203,7 +203,7 @@ fn layer_norm_golden() {
         );
     }
     let g = spec
-        .backward_cpu(&x.view(), &gamma.view(), &cpu, &dy.view())
+        .backward_cpu(&x.view(), &gamma.view(), &cpu.mean, &cpu.rstd, &dy.view())
         .unwrap();
     for (name, got) in [("x", &g.x), ("weight", &g.gamma), ("bias", &g.beta)] {
         assert_close(
@@ -225,7 +225,9 @@ fn layer_norm_golden() {
             1e-5,
         );
     }
-    let g = spec.backward(&tx, &tg, &out, &upload(&dy)).unwrap();
+    let g = spec
+        .backward(&tx, &tg, &out.mean, &out.rstd, &upload(&dy))
+        .unwrap();
     for (name, got) in [("x", &g.x), ("weight", &g.gamma), ("bias", &g.beta)] {
         assert_close(
             &format!("gpu d{name}"),
@@ -286,7 +288,9 @@ fn random_shapes_match_the_cpu() {
             true,
         )
         .unwrap();
-        let got_g = spec.backward(&tx, &tg, &got, &upload(&dy), true).unwrap();
+        let got_g = spec
+            .backward(&tx, &tg, &got.mean, &got.rstd, &upload(&dy), true)
+            .unwrap();
         let m = (shape[0] * shape[2] * shape[3]) as f32;
         assert!(
             max_abs_diff(&got_g.x.to_array().unwrap(), &want_g.x) < 1e-4,
@@ -311,9 +315,11 @@ fn random_shapes_match_the_cpu() {
             "{shape:?} layer norm y"
         );
         let want_g = ln
-            .backward_cpu(&x.view(), &lg.view(), &want, &dy.view())
+            .backward_cpu(&x.view(), &lg.view(), &want.mean, &want.rstd, &dy.view())
             .unwrap();
-        let got_g = ln.backward(&tx, &upload(&lg), &got, &upload(&dy)).unwrap();
+        let got_g = ln
+            .backward(&tx, &upload(&lg), &got.mean, &got.rstd, &upload(&dy))
+            .unwrap();
         assert!(
             max_abs_diff(&got_g.x.to_array().unwrap(), &want_g.x) < 1e-4,
             "{shape:?} layer norm dx"
@@ -393,7 +399,7 @@ fn cpu_backward_matches_finite_differences() {
     };
     let out = ln.forward_cpu(&x.view(), &lg.view(), &lb.view()).unwrap();
     let g = ln
-        .backward_cpu(&x.view(), &lg.view(), &out, &dy.view())
+        .backward_cpu(&x.view(), &lg.view(), &out.mean, &out.rstd, &dy.view())
         .unwrap();
     for i in 0..x.len() {
         let (mut plus, mut minus) = (x.clone(), x.clone());

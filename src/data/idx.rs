@@ -28,6 +28,17 @@ impl Images {
         let size = self.rows * self.cols;
         &self.pixels[i * size..(i + 1) * size]
     }
+
+    /// The first `n` images (all of them if there are fewer).
+    pub fn first(&self, n: usize) -> Images {
+        let count = n.min(self.count);
+        Images {
+            count,
+            rows: self.rows,
+            cols: self.cols,
+            pixels: self.pixels[..count * self.rows * self.cols].to_vec(),
+        }
+    }
 }
 
 /// A training and a test set of labelled images.

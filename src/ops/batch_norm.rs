@@ -191,20 +191,14 @@ impl BatchNorm2d {
         &self,
         x: &Tensor,
         gamma: &Tensor,
-        saved: &Normalized<Tensor>,
+        mean: &Tensor,
+        rstd: &Tensor,
         dy: &Tensor,
         training: bool,
     ) -> Result<NormGrads<Tensor>> {
-        let grouping = grouping(
-            x.shape(),
-            &[gamma.shape(), saved.mean.shape(), saved.rstd.shape()],
-        )?;
-        let [dx, dgamma, dbeta] = norm::backward(
-            OP,
-            grouping,
-            training,
-            [x, gamma, &saved.mean, &saved.rstd, dy],
-        )?;
+        let grouping = grouping(x.shape(), &[gamma.shape(), mean.shape(), rstd.shape()])?;
+        let [dx, dgamma, dbeta] =
+            norm::backward(OP, grouping, training, [x, gamma, mean, rstd, dy])?;
         Ok(NormGrads {
             x: dx,
             gamma: dgamma,

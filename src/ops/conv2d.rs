@@ -257,6 +257,30 @@ impl Conv2d {
         weight: &Tensor,
         dy: &Tensor,
     ) -> Result<Conv2dGrads<Tensor>> {
+        let (dx, weight, bias) = self.gradients(x, weight, dy, true)?;
+        let x = dx.ok_or_else(|| invalid("the input gradient was not computed".into()))?;
+        Ok(Conv2dGrads { x, weight, bias })
+    }
+
+    /// `(dweight, dbias)` only, for a layer whose input needs no gradient (the first layer
+    /// of a network): skips `Wᵀ·dy` and col2im, most of the backward pass's traffic.
+    pub fn backward_weights(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
+        let (_, weight, bias) = self.gradients(x, weight, dy, false)?;
+        Ok((weight, bias))
+    }
+
+    fn gradients(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        dy: &Tensor,
+        input_grad: bool,
+    ) -> Result<(Option<Tensor>, Tensor, Tensor)> {
         let gpu = x.gpu().clone();
         for t in [weight, dy] {
             t.check_same_gpu(OP, &gpu)?;
@@ -264,7 +288,11 @@ impl Conv2d {
         let shape = self.shape(x.shape(), weight.shape(), None)?;
         self.check_backward(&shape, dy.shape())?;
         let (o, taps, positions) = (shape.o, shape.taps(), shape.positions());
-        let dx = Tensor::uninit(&gpu, x.shape())?;
+        let dx = if input_grad {
+            Some(Tensor::uninit(&gpu, x.shape())?)
+        } else {
+            None
+        };
         let dweight = Tensor::uninit(&gpu, weight.shape())?;
         let dbias = Tensor::uninit(&gpu, &[o])?;
         sum_axes(&gpu, dy, (shape.n, o, positions), &dbias, 1.0, false)?;
@@ -303,6 +331,7 @@ impl Conv2d {
                 index > 0,
             )?;
             drop(per_image);
+            let Some(dx) = &dx else { continue };
             // dx = col2im(Wᵀ · dy[n])
             let dcol = Tensor::uninit(&gpu, &[count, taps, positions])?;
             let tn = Matmul {
@@ -324,11 +353,7 @@ impl Conv2d {
                 count as u64 * image_in,
             )?;
         }
-        Ok(Conv2dGrads {
-            x: dx,
-            weight: dweight,
-            bias: dbias,
-        })
+        Ok((dx, dweight, dbias))
     }
 
     fn check_backward(&self, shape: &Conv2dShape, dy: &[usize]) -> Result<()> {

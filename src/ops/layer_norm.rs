@@ -90,12 +90,12 @@ impl LayerNorm {
         &self,
         x: &Tensor,
         gamma: &Tensor,
-        saved: &Normalized<Tensor>,
+        mean: &Tensor,
+        rstd: &Tensor,
         dy: &Tensor,
     ) -> Result<NormGrads<Tensor>> {
         let grouping = grouping(x.shape(), gamma.shape(), gamma.shape())?;
-        let [dx, dgamma, dbeta] =
-            norm::backward(OP, grouping, true, [x, gamma, &saved.mean, &saved.rstd, dy])?;
+        let [dx, dgamma, dbeta] = norm::backward(OP, grouping, true, [x, gamma, mean, rstd, dy])?;
         Ok(NormGrads {
             x: dx,
             gamma: dgamma,
@@ -154,7 +154,8 @@ impl LayerNorm {
         &self,
         x: &ArrayViewD<'_, f32>,
         gamma: &ArrayViewD<'_, f32>,
-        saved: &Normalized<ArrayD<f32>>,
+        mean: &ArrayD<f32>,
+        rstd: &ArrayD<f32>,
         dy: &ArrayViewD<'_, f32>,
     ) -> Result<NormGrads<ArrayD<f32>>> {
         let g = grouping(x.shape(), gamma.shape(), gamma.shape())?;
@@ -174,7 +175,7 @@ impl LayerNorm {
             vec![0f64; g.inner],
         );
         for s in 0..g.groups {
-            let (mu, rstd) = (saved.mean[[s]], saved.rstd[[s]]);
+            let (mu, rstd) = (mean[[s]], rstd[[s]]);
             let range = s * g.inner..(s + 1) * g.inner;
             let xhat: Vec<f64> = xs[range.clone()]
                 .iter()

@@ -1,6 +1,7 @@
 //! Operations: each file holds one op's shape rules, CPU reference and GPU dispatch.
 
 pub mod activation;
+pub mod add;
 pub mod batch_norm;
 pub mod conv2d;
 pub mod dropout;

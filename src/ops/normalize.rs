@@ -29,6 +29,14 @@ struct NormalizeParams {
 }
 
 impl Normalize {
+    /// MNIST's statistics: mean 0.1307, standard deviation 0.3081.
+    pub fn mnist() -> Self {
+        Self {
+            mean: vec![0.1307],
+            std: vec![0.3081],
+        }
+    }
+
     /// One mean and one positive standard deviation per channel.
     pub fn new(mean: &[f32], std: &[f32]) -> Result<Self> {
         if mean.is_empty() || mean.len() != std.len() {

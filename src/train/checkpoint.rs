@@ -165,3 +165,45 @@ pub fn check_names_and_shapes(
         })
     }
 }
+
+impl crate::graph::Graph {
+    /// All state tensors (`state_dict`), read back to the host.
+    pub fn checkpoint(&self) -> Result<Checkpoint> {
+        Checkpoint::new(
+            self.state()
+                .into_iter()
+                .map(|(name, value)| Ok((name, value.to_array()?)))
+                .collect::<Result<_>>()?,
+        )
+    }
+
+    /// Saves the state to `path` atomically; the previous file survives a failed save.
+    pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
+        self.checkpoint()?.save(path)
+    }
+
+    /// Replaces every state tensor with the checkpoint's: names and shapes must match
+    /// exactly (the error lists each difference), and nothing changes if they do not.
+    pub fn load_checkpoint(&mut self, checkpoint: &Checkpoint) -> Result<()> {
+        let expected: Vec<(String, Vec<usize>)> = self
+            .state()
+            .into_iter()
+            .map(|(name, value)| (name, value.shape().to_vec()))
+            .collect();
+        let borrowed: Vec<(&str, &[usize])> = expected
+            .iter()
+            .map(|(n, s)| (n.as_str(), s.as_slice()))
+            .collect();
+        check_names_and_shapes(checkpoint, &borrowed)?;
+        for (name, value) in &checkpoint.tensors {
+            self.set_state(name, value.clone())?;
+        }
+        Ok(())
+    }
+
+    /// Loads the state from a safetensors file written by [`Graph::save`] (or by PyTorch
+    /// with the same names and layouts).
+    pub fn load(&mut self, path: impl AsRef<Path>) -> Result<()> {
+        self.load_checkpoint(&Checkpoint::load(path)?)
+    }
+}

@@ -1,0 +1,665 @@
+//! The thin graph executor: nodes (layers) over values (tensors), run forward in order and
+//! backward in reverse, on the GPU or on the CPU reference path.
+//!
+//! The executor knows no layer by name. A [`Layer`] says what state it owns, how to compute
+//! its output, and how to turn the output's gradient into its inputs' and state's gradients.
+//! The executor wires values between nodes, sums the gradients of a value that feeds several
+//! nodes, frees every intermediate value at its last use (a schedule computed once, when the
+//! node is added) and hands the trainable state to the optimizer. On the GPU no method here
+//! reads back: wrap a step in [`Gpu::record`] and it is one command encoder, one submit.
+
+use ndarray::ArrayD;
+
+use crate::error::{Error, Result};
+use crate::gpu::Gpu;
+use crate::nn::init::InitRng;
+use crate::ops::add::{accumulate, add_cpu};
+use crate::optim::{CpuOptimizer, GpuOptimizer, Optimizer};
+use crate::tensor::Tensor;
+
+/// A tensor on one of the two execution paths.
+#[derive(Debug)]
+pub enum Value {
+    /// On the GPU.
+    Gpu(Tensor),
+    /// On the host, for the CPU reference path.
+    Cpu(ArrayD<f32>),
+}
+
+impl Value {
+    /// The shape, outermost dimension first.
+    pub fn shape(&self) -> &[usize] {
+        match self {
+            Value::Gpu(t) => t.shape(),
+            Value::Cpu(a) => a.shape(),
+        }
+    }
+
+    /// The data on the host (a readback for GPU values).
+    pub fn to_array(&self) -> Result<ArrayD<f32>> {
+        match self {
+            Value::Gpu(t) => t.to_array(),
+            Value::Cpu(a) => Ok(a.clone()),
+        }
+    }
+
+    /// The GPU tensor; an error if this value lives on the CPU path.
+    pub fn gpu(&self) -> Result<&Tensor> {
+        match self {
+            Value::Gpu(t) => Ok(t),
+            Value::Cpu(_) => Err(mixed_devices()),
+        }
+    }
+
+    /// The host array; an error if this value lives on the GPU.
+    pub fn cpu(&self) -> Result<&ArrayD<f32>> {
+        match self {
+            Value::Cpu(a) => Ok(a),
+            Value::Gpu(_) => Err(mixed_devices()),
+        }
+    }
+
+    /// `self += other`, on the device of `self`.
+    pub fn accumulate(&mut self, other: &Value) -> Result<()> {
+        match self {
+            Value::Gpu(t) => accumulate(t, other.gpu()?),
+            Value::Cpu(a) => {
+                *a = add_cpu(&a.view(), &other.cpu()?.view())?;
+                Ok(())
+            }
+        }
+    }
+}
+
+fn mixed_devices() -> Error {
+    Error::InvalidArgument {
+        op: "graph",
+        detail: "a GPU value met a CPU value: upload every input with the model's Device".into(),
+    }
+}
+
+/// Where a model's values live.
+#[derive(Clone, Debug)]
+pub enum Device {
+    /// A GPU context: every op is a WGSL kernel.
+    Gpu(Gpu),
+    /// The CPU reference path (ndarray), for comparison and tests.
+    Cpu,
+}
+
+impl Device {
+    /// Puts a host array on this device.
+    pub fn upload(&self, array: ArrayD<f32>) -> Result<Value> {
+        match self {
+            Device::Gpu(gpu) => Ok(Value::Gpu(Tensor::from_array(gpu, &array)?)),
+            Device::Cpu => Ok(Value::Cpu(array)),
+        }
+    }
+
+    /// The adapter's name, or `"cpu reference"`.
+    pub fn name(&self) -> String {
+        match self {
+            Device::Gpu(gpu) => gpu.adapter_info().name.clone(),
+            Device::Cpu => "cpu reference".into(),
+        }
+    }
+
+    /// Runs `step` as one recorded submission on a GPU, or plainly on the CPU.
+    pub fn record<T>(&self, step: impl FnOnce() -> Result<T>) -> Result<T> {
+        match self {
+            Device::Gpu(gpu) => gpu.record(step),
+            Device::Cpu => step(),
+        }
+    }
+}
+
+/// What a layer's forward and backward see of the run.
+#[derive(Clone, Copy, Debug)]
+pub struct Ctx {
+    /// Training mode (dropout active, batch statistics) or eval mode.
+    pub training: bool,
+    /// The training step, from 0: varies dropout masks from step to step.
+    pub step: u32,
+}
+
+/// A piece of state a layer owns, with its initial value.
+pub struct StateInit {
+    /// Local name, e.g. `"weight"`; the model prefixes the node's name.
+    pub name: &'static str,
+    /// Initial value.
+    pub value: ArrayD<f32>,
+    /// Trained by the optimizer (weights) or not (running statistics).
+    pub trainable: bool,
+}
+
+/// A layer's forward result: its output and what its backward needs besides inputs/output.
+pub struct Forward {
+    /// The output.
+    pub y: Value,
+    /// Extra values for backward (e.g. max-pool arg-max, batch statistics).
+    pub saved: Vec<Value>,
+}
+
+/// What a layer's backward must produce.
+#[derive(Clone, Copy, Debug)]
+pub struct Needs {
+    /// Gradients with respect to the inputs.
+    pub inputs: bool,
+    /// Gradients with respect to the trainable state.
+    pub state: bool,
+}
+
+/// A layer's backward result.
+pub struct Backward {
+    /// One entry per input: `Some` when `Needs::inputs`.
+    pub inputs: Vec<Option<Value>>,
+    /// One entry per state tensor: `Some` for trainable state when `Needs::state`.
+    pub state: Vec<Option<Value>>,
+}
+
+/// Everything a layer's backward can read.
+pub struct BackwardArgs<'a> {
+    /// The run's mode and step.
+    pub ctx: Ctx,
+    /// The forward inputs.
+    pub inputs: &'a [&'a Value],
+    /// The layer's state.
+    pub state: &'a [Value],
+    /// The forward output.
+    pub y: &'a Value,
+    /// What forward saved.
+    pub saved: &'a [Value],
+    /// `∂L/∂y`.
+    pub dy: &'a Value,
+    /// Which gradients are wanted.
+    pub needs: Needs,
+}
+
+/// A node's computation: forward on the GPU or the CPU, and its backward.
+pub trait Layer: Send {
+    /// A short description for errors, e.g. `"Conv2d(1→6, 5×5)"`.
+    fn describe(&self) -> String;
+
+    /// How many inputs the layer takes.
+    fn arity(&self) -> usize {
+        1
+    }
+
+    /// The state the layer owns, initialised from `rng` (seeded per tensor by the model).
+    fn init_state(&self, _rng: &mut dyn FnMut(&'static str) -> InitRng) -> Vec<StateInit> {
+        Vec::new()
+    }
+
+    /// Computes the output; may update non-trainable state (running statistics).
+    fn forward(&self, ctx: Ctx, inputs: &[&Value], state: &mut [Value]) -> Result<Forward>;
+
+    /// Gradients from `∂L/∂y`.
+    fn backward(&self, args: BackwardArgs<'_>) -> Result<Backward>;
+}
+
+/// A value in a graph: the input (0) or a node's output.
+pub type ValueId = usize;
+
+struct Node {
+    name: String,
+    layer: Box<dyn Layer>,
+    inputs: Vec<ValueId>,
+    /// The layer's state tensors, and per tensor its local name, whether it is trained,
+    /// and its gradient from the last backward.
+    state: Vec<Value>,
+    state_names: Vec<&'static str>,
+    trainable: Vec<bool>,
+    grads: Vec<Option<Value>>,
+    frozen: bool,
+}
+
+impl Node {
+    fn full_names(&self) -> impl Iterator<Item = String> + '_ {
+        self.state_names
+            .iter()
+            .map(move |local| format!("{}.{local}", self.name))
+    }
+
+    fn trains(&self) -> bool {
+        !self.frozen && self.trainable.iter().any(|&t| t)
+    }
+}
+
+/// How a forward pass runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Training mode, keeping what backward needs.
+    Train,
+    /// Eval mode, freeing each value at its last use.
+    Eval,
+    /// Eval mode, keeping what backward needs (gradients of a fixed model, e.g. for attacks).
+    EvalWithGrad,
+}
+
+/// A model: layers wired over values, with their state on one device.
+pub struct Graph {
+    device: Device,
+    seed: u64,
+    nodes: Vec<Node>,
+    /// Values of the last forward pass (index = ValueId); intermediates are freed early.
+    values: Vec<Option<Value>>,
+    saved: Vec<Vec<Value>>,
+    mode: Option<Mode>,
+    step: u32,
+    input_grad: bool,
+    /// Per node: the values whose last forward use it is.
+    last_forward_use: Vec<Vec<ValueId>>,
+    /// Per node: the values whose last backward use it is.
+    last_backward_use: Vec<Vec<ValueId>>,
+}
+
+impl Graph {
+    /// An empty model on `device`; `seed` fixes every initial weight.
+    pub fn new(device: Device, seed: u64) -> Self {
+        Self {
+            device,
+            seed,
+            nodes: Vec::new(),
+            values: Vec::new(),
+            saved: Vec::new(),
+            mode: None,
+            step: 0,
+            input_grad: false,
+            last_forward_use: Vec::new(),
+            last_backward_use: Vec::new(),
+        }
+    }
+
+    /// The model's input.
+    pub const INPUT: ValueId = 0;
+
+    /// Adds a node named `name` (its state is named `name.weight`, …) reading `inputs`, and
+    /// returns its output. The last node added is the model's output.
+    pub fn add(
+        &mut self,
+        name: &str,
+        layer: impl Layer + 'static,
+        inputs: &[ValueId],
+    ) -> Result<ValueId> {
+        self.add_boxed(name, Box::new(layer), inputs)
+    }
+
+    /// [`Graph::add`] for a boxed layer.
+    pub fn add_boxed(
+        &mut self,
+        name: &str,
+        layer: Box<dyn Layer>,
+        inputs: &[ValueId],
+    ) -> Result<ValueId> {
+        let invalid = |detail: String| Error::InvalidArgument {
+            op: "graph",
+            detail,
+        };
+        if inputs.len() != layer.arity() {
+            return Err(invalid(format!(
+                "{name} ({}) takes {} inputs, got {}",
+                layer.describe(),
+                layer.arity(),
+                inputs.len()
+            )));
+        }
+        if let Some(&bad) = inputs.iter().find(|&&v| v > self.nodes.len()) {
+            return Err(invalid(format!(
+                "{name} reads value {bad}, which is not defined yet (0 is the input, node k's output is k+1)"
+            )));
+        }
+        let seed = self.seed;
+        let mut rng = |local: &'static str| InitRng::for_tensor(seed, &format!("{name}.{local}"));
+        let inits = layer.init_state(&mut rng);
+        if !inits.is_empty() && self.nodes.iter().any(|n| n.name == name) {
+            return Err(invalid(format!(
+                "two nodes are named {name:?}; state names must be unique"
+            )));
+        }
+        let state_names = inits.iter().map(|i| i.name).collect();
+        let trainable = inits.iter().map(|i| i.trainable).collect();
+        let grads = inits.iter().map(|_| None).collect();
+        let state = inits
+            .into_iter()
+            .map(|init| self.device.upload(init.value))
+            .collect::<Result<Vec<_>>>()?;
+        self.nodes.push(Node {
+            name: name.to_string(),
+            layer,
+            inputs: inputs.to_vec(),
+            state,
+            state_names,
+            trainable,
+            grads,
+            frozen: false,
+        });
+        self.plan_liveness();
+        Ok(self.nodes.len())
+    }
+
+    /// Recomputes, per node, which values die after its forward and after its backward.
+    fn plan_liveness(&mut self) {
+        let count = self.nodes.len();
+        let output = count;
+        let mut last_forward = vec![None; count + 1];
+        let mut first_backward: Vec<usize> = (0..=count).map(|v| v.saturating_sub(1)).collect();
+        for (i, node) in self.nodes.iter().enumerate() {
+            for &v in &node.inputs {
+                last_forward[v] = Some(i);
+                first_backward[v] = first_backward[v].min(i);
+            }
+        }
+        self.last_forward_use = vec![Vec::new(); count];
+        self.last_backward_use = vec![Vec::new(); count];
+        for v in 0..=count {
+            if let Some(i) = last_forward[v].filter(|_| v != output) {
+                self.last_forward_use[i].push(v);
+            }
+            // Backward runs in reverse, so a value's last use there is its earliest reader
+            // (its producer reads it as `y`).
+            if count > 0 {
+                self.last_backward_use[first_backward[v]].push(v);
+            }
+        }
+    }
+
+    /// The device the model lives on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Asks backward for `∂L/∂input` too (e.g. for adversarial examples).
+    pub fn set_input_grad(&mut self, wanted: bool) {
+        self.input_grad = wanted;
+    }
+
+    /// Training steps taken (forward passes in [`Mode::Train`]).
+    pub fn steps(&self) -> u32 {
+        self.step
+    }
+
+    /// Freezes (or unfreezes) the state of the node named `name`: backward computes no
+    /// gradients for it and the optimizer skips it.
+    pub fn freeze(&mut self, name: &str, frozen: bool) -> Result<()> {
+        let node = self
+            .nodes
+            .iter_mut()
+            .find(|n| n.name == name)
+            .ok_or_else(|| Error::InvalidArgument {
+                op: "graph",
+                detail: format!("no node is named {name:?}"),
+            })?;
+        node.frozen = frozen;
+        Ok(())
+    }
+
+    /// Runs the model on `input` and returns its output (kept until the next forward).
+    pub fn forward(&mut self, input: Value, mode: Mode) -> Result<&Value> {
+        if self.nodes.is_empty() {
+            return Err(Error::InvalidArgument {
+                op: "graph",
+                detail: "the model has no layers; add some with Graph::add".into(),
+            });
+        }
+        let ctx = Ctx {
+            training: mode == Mode::Train,
+            step: self.step,
+        };
+        let keep = mode != Mode::Eval;
+        self.values = (0..=self.nodes.len()).map(|_| None).collect();
+        self.values[0] = Some(input);
+        self.saved = (0..self.nodes.len()).map(|_| Vec::new()).collect();
+        self.mode = None;
+        for (i, node) in self.nodes.iter_mut().enumerate() {
+            let inputs = node
+                .inputs
+                .iter()
+                .map(|&v| self.values[v].as_ref().ok_or_else(|| freed(v)))
+                .collect::<Result<Vec<_>>>()?;
+            let out = node
+                .layer
+                .forward(ctx, &inputs, &mut node.state)
+                .map_err(|e| in_node(&node.name, e))?;
+            self.values[i + 1] = Some(out.y);
+            if keep {
+                self.saved[i] = out.saved;
+            } else {
+                for &v in &self.last_forward_use[i] {
+                    self.values[v] = None;
+                }
+            }
+        }
+        if mode == Mode::Train {
+            self.step += 1;
+        }
+        self.mode = keep.then_some(mode);
+        self.values[self.nodes.len()]
+            .as_ref()
+            .ok_or_else(|| freed(self.nodes.len()))
+    }
+
+    /// Back-propagates `dy = ∂L/∂output` through the last forward pass (which must have
+    /// kept its values): stores each trainable tensor's gradient, and returns `∂L/∂input`
+    /// when [`Graph::set_input_grad`] asked for it.
+    pub fn backward(&mut self, dy: Value) -> Result<Option<Value>> {
+        let mode = self.mode.take().ok_or_else(|| Error::InvalidArgument {
+            op: "graph",
+            detail: "backward needs a forward pass in Mode::Train or Mode::EvalWithGrad first"
+                .into(),
+        })?;
+        let count = self.nodes.len();
+        if dy.shape() != self.values[count].as_ref().map_or(&[][..], |v| v.shape()) {
+            return Err(Error::ShapeMismatch {
+                op: "graph backward",
+                detail: format!(
+                    "dy is {:?}, the output is {:?}",
+                    dy.shape(),
+                    self.values[count].as_ref().map(|v| v.shape().to_vec())
+                ),
+            });
+        }
+        let ctx = Ctx {
+            training: mode == Mode::Train,
+            step: self.step.wrapping_sub(u32::from(mode == Mode::Train)),
+        };
+        // Which values need a gradient: the input if asked, and anything downstream of
+        // trainable state that is not frozen.
+        let mut wants = vec![false; count + 1];
+        wants[0] = self.input_grad;
+        for (i, node) in self.nodes.iter().enumerate() {
+            wants[i + 1] = node.trains() || node.inputs.iter().any(|&v| wants[v]);
+        }
+        let mut grads: Vec<Option<Value>> = (0..=count).map(|_| None).collect();
+        grads[count] = Some(dy);
+        for i in (0..count).rev() {
+            let node = &mut self.nodes[i];
+            let needs = Needs {
+                inputs: node.inputs.iter().any(|&v| wants[v]),
+                state: node.trains(),
+            };
+            let dy = grads[i + 1].take();
+            if let (Some(dy), true) = (dy, needs.inputs || needs.state) {
+                let inputs = node
+                    .inputs
+                    .iter()
+                    .map(|&v| self.values[v].as_ref().ok_or_else(|| freed(v)))
+                    .collect::<Result<Vec<_>>>()?;
+                let y = self.values[i + 1].as_ref().ok_or_else(|| freed(i + 1))?;
+                let back = node
+                    .layer
+                    .backward(BackwardArgs {
+                        ctx,
+                        inputs: &inputs,
+                        state: &node.state,
+                        y,
+                        saved: &self.saved[i],
+                        dy: &dy,
+                        needs,
+                    })
+                    .map_err(|e| in_node(&node.name, e))?;
+                if needs.state {
+                    for ((slot, grad), &trainable) in
+                        node.grads.iter_mut().zip(back.state).zip(&node.trainable)
+                    {
+                        *slot = grad.filter(|_| trainable);
+                    }
+                }
+                for (&v, grad) in node.inputs.iter().zip(back.inputs) {
+                    let Some(grad) = grad.filter(|_| wants[v]) else {
+                        continue;
+                    };
+                    match &mut grads[v] {
+                        Some(sum) => sum.accumulate(&grad)?,
+                        empty => *empty = Some(grad),
+                    }
+                }
+            }
+            self.saved[i].clear();
+            for &v in &self.last_backward_use[i] {
+                self.values[v] = None;
+            }
+        }
+        Ok(grads[0].take().filter(|_| self.input_grad))
+    }
+
+    /// Every state tensor with its full name (`conv1.weight`, `bn1.running_mean`, …), in
+    /// node order: the model's `state_dict`.
+    pub fn state(&self) -> Vec<(String, &Value)> {
+        self.nodes
+            .iter()
+            .flat_map(|n| n.full_names().zip(&n.state))
+            .collect()
+    }
+
+    /// The gradient of each trainable tensor from the last backward, by full name.
+    pub fn grads(&self) -> Vec<(String, Option<&Value>)> {
+        self.nodes
+            .iter()
+            .flat_map(|n| {
+                n.full_names()
+                    .zip(n.grads.iter().zip(&n.trainable))
+                    .filter(|(_, (_, t))| **t)
+                    .map(|(name, (g, _))| (name, g.as_ref()))
+            })
+            .collect()
+    }
+
+    /// Replaces the state tensor named `name` (same shape) with `value` from the host.
+    pub fn set_state(&mut self, name: &str, value: ArrayD<f32>) -> Result<()> {
+        let (node, index) = self
+            .nodes
+            .iter()
+            .enumerate()
+            .find_map(|(i, n)| n.full_names().position(|full| full == name).map(|k| (i, k)))
+            .ok_or_else(|| Error::InvalidArgument {
+                op: "graph",
+                detail: format!("the model has no state tensor named {name:?}"),
+            })?;
+        let slot = &mut self.nodes[node].state[index];
+        if slot.shape() != value.shape() {
+            return Err(Error::ShapeMismatch {
+                op: "graph",
+                detail: format!(
+                    "{name:?} is {:?} in the model, the new value is {:?}",
+                    slot.shape(),
+                    value.shape()
+                ),
+            });
+        }
+        *slot = self.device.upload(value)?;
+        Ok(())
+    }
+
+    /// Total number of trainable parameters.
+    pub fn parameter_count(&self) -> usize {
+        self.nodes
+            .iter()
+            .flat_map(|n| n.state.iter().zip(&n.trainable))
+            .filter(|(_, t)| **t)
+            .map(|(s, _)| s.shape().iter().product::<usize>())
+            .sum()
+    }
+
+    /// An optimizer for this model's device.
+    pub fn optimizer(&self, rule: Optimizer) -> Result<GraphOptimizer> {
+        Ok(match self.device {
+            Device::Gpu(_) => GraphOptimizer::Gpu(GpuOptimizer::new(rule)?),
+            Device::Cpu => GraphOptimizer::Cpu(CpuOptimizer::new(rule)?),
+        })
+    }
+
+    /// Applies one optimizer step to every trainable, unfrozen tensor from its gradient.
+    pub fn update(&mut self, optimizer: &mut GraphOptimizer) -> Result<()> {
+        let mut params = Vec::new();
+        let mut grads = Vec::new();
+        for node in self.nodes.iter_mut().filter(|n| !n.frozen) {
+            let names = node.full_names().collect::<Vec<_>>();
+            for (((value, grad), &trainable), name) in node
+                .state
+                .iter_mut()
+                .zip(&node.grads)
+                .zip(&node.trainable)
+                .zip(names)
+            {
+                if !trainable {
+                    continue;
+                }
+                let grad = grad.as_ref().ok_or_else(|| Error::InvalidArgument {
+                    op: "graph update",
+                    detail: format!(
+                        "{name} has no gradient: run forward(Mode::Train) and backward first"
+                    ),
+                })?;
+                params.push(value);
+                grads.push(grad);
+            }
+        }
+        match optimizer {
+            GraphOptimizer::Gpu(opt) => {
+                let params = params.iter().map(|p| p.gpu()).collect::<Result<Vec<_>>>()?;
+                let grads = grads.iter().map(|g| g.gpu()).collect::<Result<Vec<_>>>()?;
+                opt.step(&params, &grads)
+            }
+            GraphOptimizer::Cpu(opt) => {
+                let grads = grads.iter().map(|g| g.cpu()).collect::<Result<Vec<_>>>()?;
+                let mut params = params
+                    .into_iter()
+                    .map(|p| match p {
+                        Value::Cpu(a) => Ok(a),
+                        Value::Gpu(_) => Err(mixed_devices()),
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                opt.step(&mut params, &grads)
+            }
+        }
+    }
+}
+
+/// An optimizer on the model's device.
+pub enum GraphOptimizer {
+    /// State and update kernels on the GPU.
+    Gpu(GpuOptimizer),
+    /// The CPU reference.
+    Cpu(CpuOptimizer),
+}
+
+fn freed(v: ValueId) -> Error {
+    Error::InvalidArgument {
+        op: "graph",
+        detail: format!("value {v} is not available (freed, or no forward pass yet)"),
+    }
+}
+
+fn in_node(name: &str, error: Error) -> Error {
+    match error {
+        Error::ShapeMismatch { op, detail } => Error::ShapeMismatch {
+            op,
+            detail: format!("in node {name:?}: {detail}"),
+        },
+        Error::InvalidArgument { op, detail } => Error::InvalidArgument {
+            op,
+            detail: format!("in node {name:?}: {detail}"),
+        },
+        other => other,
+    }
+}

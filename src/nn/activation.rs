@@ -1,0 +1,90 @@
+//! Activation layers (ReLU, LeakyReLU, Sigmoid, Tanh), and the gradient through an
+//! activation fused into a conv or linear layer.
+
+use ndarray::Zip;
+
+use crate::error::Result;
+use crate::graph::{Backward, BackwardArgs, Ctx, Forward, Layer, Value};
+use crate::ops::Activation;
+
+/// An elementwise activation as a layer of its own.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Activate(pub Activation);
+
+/// `max(0, x)`.
+pub fn relu() -> Activate {
+    Activate(Activation::Relu)
+}
+
+/// `x` for `x > 0`, else `slope · x`.
+pub fn leaky_relu(slope: f32) -> Activate {
+    Activate(Activation::LeakyRelu(slope))
+}
+
+/// `1 / (1 + e^-x)`.
+pub fn sigmoid() -> Activate {
+    Activate(Activation::Sigmoid)
+}
+
+/// `tanh(x)`.
+pub fn tanh() -> Activate {
+    Activate(Activation::Tanh)
+}
+
+impl Layer for Activate {
+    fn describe(&self) -> String {
+        format!("{:?}", self.0)
+    }
+
+    fn forward(&self, _ctx: Ctx, inputs: &[&Value], _state: &mut [Value]) -> Result<Forward> {
+        let y = match inputs[0] {
+            Value::Gpu(x) => Value::Gpu(self.0.forward(x)?),
+            Value::Cpu(x) => Value::Cpu(x.mapv(|v| self.0.apply(v))),
+        };
+        Ok(Forward {
+            y,
+            saved: Vec::new(),
+        })
+    }
+
+    fn backward(&self, args: BackwardArgs<'_>) -> Result<Backward> {
+        let dx = match args.inputs[0] {
+            Value::Gpu(x) => Value::Gpu(self.0.backward(x, args.y.gpu()?, args.dy.gpu()?)?),
+            Value::Cpu(x) => {
+                let mut dx = args.dy.cpu()?.clone();
+                Zip::from(&mut dx)
+                    .and(x)
+                    .and(args.y.cpu()?)
+                    .for_each(|d, &x, &y| *d *= self.0.derivative(x, y));
+                Value::Cpu(dx)
+            }
+        };
+        Ok(Backward {
+            inputs: vec![Some(dx)],
+            state: Vec::new(),
+        })
+    }
+}
+
+/// `∂L/∂(pre-activation)` for an activation fused into a layer, from its output `y`: every
+/// supported activation's derivative can be read from `y` (ReLU and leaky ReLU are positive
+/// exactly where their input is). `None` for no activation: `dy` passes through.
+pub(crate) fn pre_activation_grad(
+    activation: Activation,
+    y: &Value,
+    dy: &Value,
+) -> Result<Option<Value>> {
+    if activation == Activation::None {
+        return Ok(None);
+    }
+    Ok(Some(match y {
+        Value::Gpu(y) => Value::Gpu(activation.backward(y, y, dy.gpu()?)?),
+        Value::Cpu(y) => {
+            let mut d = dy.cpu()?.clone();
+            Zip::from(&mut d)
+                .and(y)
+                .for_each(|d, &y| *d *= activation.derivative(y, y));
+            Value::Cpu(d)
+        }
+    }))
+}

@@ -1,0 +1,156 @@
+//! `Conv2d` layer: OIHW weights `[out, in, kh, kw]` and a bias, with an optional fused
+//! activation (applied in the matmul epilogue; its gradient is taken from the output).
+
+use crate::error::Result;
+use crate::graph::{Backward, BackwardArgs, Ctx, Forward, Layer, StateInit, Value};
+use crate::nn::activation::pre_activation_grad;
+use crate::nn::init::{Init, InitRng};
+use crate::ops::Activation;
+use crate::ops::conv2d::{self, Padding, conv2d_backward_cpu, conv2d_cpu};
+
+/// A 2-D convolution layer.
+#[derive(Clone, Debug)]
+pub struct Conv2d {
+    /// Input channels.
+    pub in_channels: usize,
+    /// Output channels (filters).
+    pub out_channels: usize,
+    /// Kernel size `(kh, kw)`.
+    pub kernel: (usize, usize),
+    /// Stride, padding, dilation and fused activation.
+    pub spec: conv2d::Conv2d,
+    /// Weight initialisation.
+    pub init: Init,
+}
+
+impl Conv2d {
+    /// `in_channels → out_channels` with a `kh × kw` kernel, stride 1, no padding.
+    pub fn new(in_channels: usize, out_channels: usize, kernel: (usize, usize)) -> Self {
+        Self {
+            in_channels,
+            out_channels,
+            kernel,
+            spec: conv2d::Conv2d::default(),
+            init: Init::default(),
+        }
+    }
+
+    /// With this stride.
+    pub fn stride(mut self, stride: (usize, usize)) -> Self {
+        self.spec.stride = stride;
+        self
+    }
+
+    /// With this padding (`Padding::Same` keeps the size).
+    pub fn padding(mut self, padding: Padding) -> Self {
+        self.spec.padding = padding;
+        self
+    }
+
+    /// With this activation fused after the bias.
+    pub fn activation(mut self, activation: Activation) -> Self {
+        self.spec.activation = activation;
+        self
+    }
+
+    /// With this weight initialisation.
+    pub fn init(mut self, init: Init) -> Self {
+        self.init = init;
+        self
+    }
+
+    fn linear_part(&self) -> conv2d::Conv2d {
+        conv2d::Conv2d {
+            activation: Activation::None,
+            ..self.spec
+        }
+    }
+}
+
+impl Layer for Conv2d {
+    fn describe(&self) -> String {
+        format!(
+            "Conv2d({}→{}, {}×{})",
+            self.in_channels, self.out_channels, self.kernel.0, self.kernel.1
+        )
+    }
+
+    fn init_state(&self, rng: &mut dyn FnMut(&'static str) -> InitRng) -> Vec<StateInit> {
+        let (kh, kw) = self.kernel;
+        let taps = kh * kw;
+        let (weight, bias) = self.init.weight_and_bias(
+            rng,
+            &[self.out_channels, self.in_channels, kh, kw],
+            self.out_channels,
+            (self.in_channels * taps, self.out_channels * taps),
+        );
+        vec![
+            StateInit {
+                name: "weight",
+                value: weight,
+                trainable: true,
+            },
+            StateInit {
+                name: "bias",
+                value: bias,
+                trainable: true,
+            },
+        ]
+    }
+
+    fn forward(&self, _ctx: Ctx, inputs: &[&Value], state: &mut [Value]) -> Result<Forward> {
+        let y = match inputs[0] {
+            Value::Gpu(x) => Value::Gpu(self.spec.forward(
+                x,
+                state[0].gpu()?,
+                Some(state[1].gpu()?),
+            )?),
+            Value::Cpu(x) => Value::Cpu(conv2d_cpu(
+                &self.spec,
+                &x.view(),
+                &state[0].cpu()?.view(),
+                Some(&state[1].cpu()?.view()),
+            )?),
+        };
+        Ok(Forward {
+            y,
+            saved: Vec::new(),
+        })
+    }
+
+    fn backward(&self, args: BackwardArgs<'_>) -> Result<Backward> {
+        let dpre = pre_activation_grad(self.spec.activation, args.y, args.dy)?;
+        let dy = dpre.as_ref().unwrap_or(args.dy);
+        let spec = self.linear_part();
+        let (dx, dweight, dbias) = match args.inputs[0] {
+            Value::Gpu(x) => {
+                let (weight, dy) = (args.state[0].gpu()?, dy.gpu()?);
+                let (dx, dweight, dbias) = if args.needs.inputs {
+                    let g = spec.backward(x, weight, dy)?;
+                    (Some(g.x), g.weight, g.bias)
+                } else {
+                    let (dweight, dbias) = spec.backward_weights(x, weight, dy)?;
+                    (None, dweight, dbias)
+                };
+                (dx.map(Value::Gpu), Value::Gpu(dweight), Value::Gpu(dbias))
+            }
+            Value::Cpu(x) => {
+                let g = conv2d_backward_cpu(
+                    &spec,
+                    &x.view(),
+                    &args.state[0].cpu()?.view(),
+                    &dy.cpu()?.view(),
+                )?;
+                (
+                    Some(Value::Cpu(g.x)),
+                    Value::Cpu(g.weight),
+                    Value::Cpu(g.bias),
+                )
+            }
+        };
+        Ok(Backward {
+            inputs: vec![dx.filter(|_| args.needs.inputs)],
+            state: vec![Some(dweight), Some(dbias)],
+        })
+    }
+}

@@ -1,0 +1,73 @@
+//! Seeded weight initialisation. Each tensor draws from its own stream, seeded by the model
+//! seed and the tensor's full name, so equal seeds give equal weights and adding a layer
+//! leaves the other layers' initial weights unchanged.
+
+use ndarray::{ArrayD, IxDyn};
+
+/// How a layer's weights start.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Init {
+    /// He (Kaiming) uniform, bound `√(6 / fan_in)`, bias zero: for ReLU networks.
+    #[default]
+    He,
+    /// Xavier (Glorot) uniform, bound `√(6 / (fan_in + fan_out))`, bias zero: for tanh/sigmoid.
+    Xavier,
+    /// PyTorch's default for Conv2d/Linear: weight and bias uniform in `±1/√fan_in`.
+    PyTorch,
+}
+
+impl Init {
+    /// Initial `(weight, bias)` for a layer with the given fan-in and fan-out.
+    pub fn weight_and_bias(
+        self,
+        rng: &mut dyn FnMut(&'static str) -> InitRng,
+        weight_shape: &[usize],
+        bias_len: usize,
+        (fan_in, fan_out): (usize, usize),
+    ) -> (ArrayD<f32>, ArrayD<f32>) {
+        let fan_in = fan_in as f64;
+        let (weight_bound, bias_bound) = match self {
+            Init::He => ((6.0 / fan_in).sqrt(), 0.0),
+            Init::Xavier => ((6.0 / (fan_in + fan_out as f64)).sqrt(), 0.0),
+            Init::PyTorch => (1.0 / fan_in.sqrt(), 1.0 / fan_in.sqrt()),
+        };
+        (
+            rng("weight").uniform(weight_shape, weight_bound as f32),
+            rng("bias").uniform(&[bias_len], bias_bound as f32),
+        )
+    }
+}
+
+/// A SplitMix64 stream for one tensor.
+pub struct InitRng {
+    state: u64,
+}
+
+impl InitRng {
+    /// The stream of the tensor called `name` under the model `seed`.
+    pub fn for_tensor(seed: u64, name: &str) -> Self {
+        // FNV-1a over the name, mixed with the seed.
+        let hash = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        });
+        Self {
+            state: seed ^ hash.rotate_left(17),
+        }
+    }
+
+    fn next_u64(&mut self) -> u64 {
+        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// An array of `shape` uniform in `[-bound, bound)`.
+    pub fn uniform(&mut self, shape: &[usize], bound: f32) -> ArrayD<f32> {
+        ArrayD::from_shape_simple_fn(IxDyn(shape), || {
+            let unit = (self.next_u64() >> 40) as f32 / 16_777_216.0;
+            (2.0 * unit - 1.0) * bound
+        })
+    }
+}

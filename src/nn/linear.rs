@@ -1,0 +1,116 @@
+//! `Linear` layer: `act(x·Wᵀ + b)` with `W` `[out, in]` as in PyTorch.
+
+use crate::error::Result;
+use crate::graph::{Backward, BackwardArgs, Ctx, Forward, Layer, StateInit, Value};
+use crate::nn::activation::pre_activation_grad;
+use crate::nn::init::{Init, InitRng};
+use crate::ops::Activation;
+use crate::ops::linear::{linear, linear_backward, linear_backward_cpu, linear_cpu};
+
+/// A fully connected layer on `[N, in]` inputs.
+#[derive(Clone, Debug)]
+pub struct Linear {
+    /// Input features.
+    pub in_features: usize,
+    /// Output features.
+    pub out_features: usize,
+    /// Activation fused after the bias.
+    pub activation: Activation,
+    /// Weight initialisation.
+    pub init: Init,
+}
+
+impl Linear {
+    /// `in_features → out_features`, no activation.
+    pub fn new(in_features: usize, out_features: usize) -> Self {
+        Self {
+            in_features,
+            out_features,
+            activation: Activation::None,
+            init: Init::default(),
+        }
+    }
+
+    /// With this activation fused after the bias.
+    pub fn activation(mut self, activation: Activation) -> Self {
+        self.activation = activation;
+        self
+    }
+
+    /// With this weight initialisation.
+    pub fn init(mut self, init: Init) -> Self {
+        self.init = init;
+        self
+    }
+}
+
+impl Layer for Linear {
+    fn describe(&self) -> String {
+        format!("Linear({}→{})", self.in_features, self.out_features)
+    }
+
+    fn init_state(&self, rng: &mut dyn FnMut(&'static str) -> InitRng) -> Vec<StateInit> {
+        let (weight, bias) = self.init.weight_and_bias(
+            rng,
+            &[self.out_features, self.in_features],
+            self.out_features,
+            (self.in_features, self.out_features),
+        );
+        vec![
+            StateInit {
+                name: "weight",
+                value: weight,
+                trainable: true,
+            },
+            StateInit {
+                name: "bias",
+                value: bias,
+                trainable: true,
+            },
+        ]
+    }
+
+    fn forward(&self, _ctx: Ctx, inputs: &[&Value], state: &mut [Value]) -> Result<Forward> {
+        let y = match inputs[0] {
+            Value::Gpu(x) => Value::Gpu(linear(
+                x,
+                state[0].gpu()?,
+                Some(state[1].gpu()?),
+                self.activation,
+            )?),
+            Value::Cpu(x) => Value::Cpu(linear_cpu(
+                &x.view(),
+                &state[0].cpu()?.view(),
+                Some(&state[1].cpu()?.view()),
+                self.activation,
+            )?),
+        };
+        Ok(Forward {
+            y,
+            saved: Vec::new(),
+        })
+    }
+
+    fn backward(&self, args: BackwardArgs<'_>) -> Result<Backward> {
+        let dpre = pre_activation_grad(self.activation, args.y, args.dy)?;
+        let dy = dpre.as_ref().unwrap_or(args.dy);
+        let (dx, dweight, dbias) = match args.inputs[0] {
+            Value::Gpu(x) => {
+                let g = linear_backward(x, args.state[0].gpu()?, dy.gpu()?)?;
+                (Value::Gpu(g.x), Value::Gpu(g.weight), Value::Gpu(g.bias))
+            }
+            Value::Cpu(x) => {
+                let g = linear_backward_cpu(
+                    &x.view(),
+                    &args.state[0].cpu()?.view(),
+                    &dy.cpu()?.view(),
+                )?;
+                (Value::Cpu(g.x), Value::Cpu(g.weight), Value::Cpu(g.bias))
+            }
+        };
+        Ok(Backward {
+            inputs: vec![Some(dx).filter(|_| args.needs.inputs)],
+            state: vec![Some(dweight), Some(dbias)],
+        })
+    }
+}

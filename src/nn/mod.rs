@@ -1,0 +1,100 @@
+//! Layers built from the ops, each a [`Layer`](crate::graph::Layer) for the executor, and
+//! [`Sequential`] to stack them. State is named as in a PyTorch `state_dict`
+//! (`conv1.weight`, `bn1.running_var`, …).
+
+mod activation;
+mod conv;
+pub mod init;
+mod linear;
+mod norm;
+mod pool;
+mod shape;
+
+pub use activation::{Activate, leaky_relu, relu, sigmoid, tanh};
+pub use conv::Conv2d;
+pub use init::Init;
+pub use linear::Linear;
+pub use norm::{BatchNorm2d, LayerNorm};
+pub use pool::{GlobalAvgPool, Pool, avg_pool2d, max_pool2d};
+pub use shape::{Add, Dropout, Flatten};
+
+use crate::error::Result;
+use crate::graph::{Device, Graph, Layer};
+use crate::ops::Activation;
+
+/// Layers applied one after another.
+#[derive(Default)]
+pub struct Sequential {
+    layers: Vec<(String, Box<dyn Layer>)>,
+}
+
+impl Sequential {
+    /// An empty stack.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Appends `layer` under `name` (its state becomes `name.weight`, …).
+    pub fn add(mut self, name: &str, layer: impl Layer + 'static) -> Self {
+        self.layers.push((name.to_string(), Box::new(layer)));
+        self
+    }
+
+    /// Appends `layer` named by its position, as PyTorch's `nn.Sequential` does (`"3"`).
+    pub fn push(self, layer: impl Layer + 'static) -> Self {
+        let name = self.layers.len().to_string();
+        self.add(&name, layer)
+    }
+
+    /// The model on `device`, its weights drawn from `seed`.
+    pub fn build(self, device: Device, seed: u64) -> Result<Graph> {
+        let mut graph = Graph::new(device, seed);
+        let mut last = Graph::INPUT;
+        for (name, layer) in self.layers {
+            last = graph.add_boxed(&name, layer, &[last])?;
+        }
+        Ok(graph)
+    }
+}
+
+/// Options of [`lenet5`].
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct LeNetOptions {
+    /// Batch normalisation after each convolution (`bn1`, `bn2`).
+    pub batch_norm: bool,
+    /// Dropout rate after `fc1` and `fc2` (0 for none).
+    pub dropout: f32,
+}
+
+/// LeNet-5 for 28×28 grey images: conv 5×5 (6) → ReLU → max-pool 2 → conv 5×5 (16) → ReLU →
+/// max-pool 2 → 120 → 84 → 10, state named `conv1`, `conv2`, `fc1`, `fc2`, `fc3` as in the
+/// PyTorch golden. Without batch norm the ReLUs are fused into the convolutions.
+pub fn lenet5(options: LeNetOptions) -> Result<Sequential> {
+    let relu_act = Activation::Relu;
+    let mut model = Sequential::new();
+    for (i, (c_in, c_out)) in [(1, 6), (6, 16)].into_iter().enumerate() {
+        let conv = Conv2d::new(c_in, c_out, (5, 5));
+        model = if options.batch_norm {
+            model
+                .add(&format!("conv{}", i + 1), conv)
+                .add(&format!("bn{}", i + 1), BatchNorm2d::new(c_out))
+                .add(&format!("relu{}", i + 1), relu())
+        } else {
+            model.add(&format!("conv{}", i + 1), conv.activation(relu_act))
+        };
+        model = model.add(&format!("pool{}", i + 1), max_pool2d(2));
+    }
+    model = model
+        .add("flatten", Flatten)
+        .add("fc1", Linear::new(256, 120).activation(relu_act));
+    let dropout = |model: Sequential, name: &str, seed: u32| -> Result<Sequential> {
+        Ok(if options.dropout > 0.0 {
+            model.add(name, Dropout::new(options.dropout, seed)?)
+        } else {
+            model
+        })
+    };
+    model = dropout(model, "drop1", 1)?.add("fc2", Linear::new(120, 84).activation(relu_act));
+    model = dropout(model, "drop2", 2)?.add("fc3", Linear::new(84, 10));
+    Ok(model)
+}

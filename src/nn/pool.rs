@@ -1,0 +1,127 @@
+//! Pooling layers: `MaxPool2d`, `AvgPool2d` and `GlobalAvgPool`.
+
+use ndarray::{Axis, IxDyn};
+
+use crate::error::{Error, Result};
+use crate::graph::{Backward, BackwardArgs, Ctx, Forward, Layer, Value};
+use crate::ops::pool2d::{
+    Pool2d, global_avg_pool, global_avg_pool_backward, pool2d_backward_cpu, pool2d_cpu,
+};
+
+/// Max or average pooling over windows; the max variant saves its arg-max for backward.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Pool(pub Pool2d);
+
+/// Max pooling over `k × k` windows with stride `k`.
+pub fn max_pool2d(k: usize) -> Pool {
+    Pool(Pool2d::max((k, k)))
+}
+
+/// Average pooling over `k × k` windows with stride `k`.
+pub fn avg_pool2d(k: usize) -> Pool {
+    Pool(Pool2d::avg((k, k)))
+}
+
+impl Layer for Pool {
+    fn describe(&self) -> String {
+        format!("{:?}", self.0)
+    }
+
+    fn forward(&self, _ctx: Ctx, inputs: &[&Value], _state: &mut [Value]) -> Result<Forward> {
+        let (y, argmax) = match inputs[0] {
+            Value::Gpu(x) => {
+                let p = self.0.forward(x)?;
+                (Value::Gpu(p.y), p.argmax.map(Value::Gpu))
+            }
+            Value::Cpu(x) => {
+                let p = pool2d_cpu(&self.0, &x.view())?;
+                (Value::Cpu(p.y), p.argmax.map(Value::Cpu))
+            }
+        };
+        Ok(Forward {
+            y,
+            saved: argmax.into_iter().collect(),
+        })
+    }
+
+    fn backward(&self, args: BackwardArgs<'_>) -> Result<Backward> {
+        let shape = args.inputs[0].shape();
+        let dx = match args.dy {
+            Value::Gpu(dy) => {
+                let argmax = args.saved.first().map(Value::gpu).transpose()?;
+                Value::Gpu(self.0.backward(shape, dy, argmax)?)
+            }
+            Value::Cpu(dy) => {
+                let argmax = args.saved.first().map(Value::cpu).transpose()?;
+                let view = argmax.map(|a| a.view());
+                Value::Cpu(pool2d_backward_cpu(
+                    &self.0,
+                    shape,
+                    &dy.view(),
+                    view.as_ref(),
+                )?)
+            }
+        };
+        Ok(Backward {
+            inputs: vec![Some(dx)],
+            state: Vec::new(),
+        })
+    }
+}
+
+/// Global average pooling: `[N, C, H, W]` → `[N, C]`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GlobalAvgPool;
+
+fn plane(shape: &[usize]) -> Result<usize> {
+    match *shape {
+        [_, _, h, w] => Ok(h * w),
+        _ => Err(Error::ShapeMismatch {
+            op: "GlobalAvgPool",
+            detail: format!("the input must be [N, C, H, W], got {shape:?}"),
+        }),
+    }
+}
+
+impl Layer for GlobalAvgPool {
+    fn describe(&self) -> String {
+        "GlobalAvgPool".into()
+    }
+
+    fn forward(&self, _ctx: Ctx, inputs: &[&Value], _state: &mut [Value]) -> Result<Forward> {
+        let y = match inputs[0] {
+            Value::Gpu(x) => Value::Gpu(global_avg_pool(x)?),
+            Value::Cpu(x) => {
+                let plane = plane(x.shape())?;
+                let flat = x
+                    .to_shape(IxDyn(&[x.shape()[0], x.shape()[1], plane]))
+                    .map_err(|e| Error::ShapeMismatch {
+                        op: "GlobalAvgPool",
+                        detail: e.to_string(),
+                    })?;
+                Value::Cpu(flat.sum_axis(Axis(2)) / plane as f32)
+            }
+        };
+        Ok(Forward {
+            y,
+            saved: Vec::new(),
+        })
+    }
+
+    fn backward(&self, args: BackwardArgs<'_>) -> Result<Backward> {
+        let shape = args.inputs[0].shape();
+        let dx = match args.dy {
+            Value::Gpu(dy) => Value::Gpu(global_avg_pool_backward(shape, dy)?),
+            Value::Cpu(dy) => {
+                let scale = 1.0 / plane(shape)? as f32;
+                Value::Cpu(ndarray::ArrayD::from_shape_fn(IxDyn(shape), |i| {
+                    dy[[i[0], i[1]]] * scale
+                }))
+            }
+        };
+        Ok(Backward {
+            inputs: vec![Some(dx)],
+            state: Vec::new(),
+        })
+    }
+}

@@ -1,0 +1,128 @@
+//! Layers that move data without arithmetic on it: `Flatten`, `Dropout`, and `Add` (a
+//! residual sum of two values).
+
+use crate::error::Result;
+use crate::graph::{Backward, BackwardArgs, Ctx, Forward, Layer, Value};
+use crate::ops::add::{add, add_cpu};
+use crate::ops::dropout;
+
+/// `[N, d1, d2, …]` → `[N, d1·d2·…]`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Flatten;
+
+/// `value` under `shape` (a copy on the GPU).
+fn reshaped(value: &Value, shape: &[usize]) -> Result<Value> {
+    Ok(match value {
+        Value::Gpu(t) => Value::Gpu(t.copy_as(shape)?),
+        Value::Cpu(a) => Value::Cpu(
+            a.to_shape(shape)
+                .map_err(|e| crate::Error::ShapeMismatch {
+                    op: "Flatten",
+                    detail: e.to_string(),
+                })?
+                .into_owned(),
+        ),
+    })
+}
+
+impl Layer for Flatten {
+    fn describe(&self) -> String {
+        "Flatten".into()
+    }
+
+    fn forward(&self, _ctx: Ctx, inputs: &[&Value], _state: &mut [Value]) -> Result<Forward> {
+        let Some((&n, rest)) = inputs[0].shape().split_first() else {
+            return Err(crate::Error::ShapeMismatch {
+                op: "Flatten",
+                detail: "the input needs a batch dimension".into(),
+            });
+        };
+        let flat = [n, rest.iter().product()];
+        Ok(Forward {
+            y: reshaped(inputs[0], &flat)?,
+            saved: Vec::new(),
+        })
+    }
+
+    fn backward(&self, args: BackwardArgs<'_>) -> Result<Backward> {
+        Ok(Backward {
+            inputs: vec![Some(reshaped(args.dy, args.inputs[0].shape())?)],
+            state: Vec::new(),
+        })
+    }
+}
+
+/// Inverted dropout; the mask depends on the seed and the training step.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Dropout(pub dropout::Dropout);
+
+impl Dropout {
+    /// Drops each element with probability `rate` in training.
+    pub fn new(rate: f32, seed: u32) -> Result<Self> {
+        Ok(Self(dropout::Dropout::new(rate, seed)?))
+    }
+
+    fn apply(&self, value: &Value, ctx: Ctx) -> Result<Value> {
+        Ok(match value {
+            Value::Gpu(t) => Value::Gpu(self.0.forward(t, ctx.step, ctx.training)?),
+            Value::Cpu(a) => Value::Cpu(self.0.forward_cpu(&a.view(), ctx.step, ctx.training)?),
+        })
+    }
+}
+
+impl Layer for Dropout {
+    fn describe(&self) -> String {
+        format!("Dropout({})", self.0.rate)
+    }
+
+    fn forward(&self, ctx: Ctx, inputs: &[&Value], _state: &mut [Value]) -> Result<Forward> {
+        Ok(Forward {
+            y: self.apply(inputs[0], ctx)?,
+            saved: Vec::new(),
+        })
+    }
+
+    fn backward(&self, args: BackwardArgs<'_>) -> Result<Backward> {
+        // The mask is a function of (seed, step, index): the same map as forward.
+        Ok(Backward {
+            inputs: vec![Some(self.apply(args.dy, args.ctx)?)],
+            state: Vec::new(),
+        })
+    }
+}
+
+/// `a + b` of two values of one shape (a residual connection).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Add;
+
+impl Layer for Add {
+    fn describe(&self) -> String {
+        "Add".into()
+    }
+
+    fn arity(&self) -> usize {
+        2
+    }
+
+    fn forward(&self, _ctx: Ctx, inputs: &[&Value], _state: &mut [Value]) -> Result<Forward> {
+        let y = match (inputs[0], inputs[1]) {
+            (Value::Gpu(a), b) => Value::Gpu(add(a, b.gpu()?)?),
+            (Value::Cpu(a), b) => Value::Cpu(add_cpu(&a.view(), &b.cpu()?.view())?),
+        };
+        Ok(Forward {
+            y,
+            saved: Vec::new(),
+        })
+    }
+
+    fn backward(&self, args: BackwardArgs<'_>) -> Result<Backward> {
+        let shape = args.dy.shape();
+        Ok(Backward {
+            inputs: vec![
+                Some(reshaped(args.dy, shape)?),
+                Some(reshaped(args.dy, shape)?),
+            ],
+            state: Vec::new(),
+        })
+    }
+}

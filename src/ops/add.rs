@@ -1,0 +1,74 @@
+//! Elementwise addition (`shaders/add.wgsl`): residual sums, and the gradient of a value that
+//! feeds several nodes (the executor accumulates their contributions in place).
+
+use bytemuck::{Pod, Zeroable};
+use ndarray::{ArrayD, ArrayViewD};
+
+use crate::error::{Error, Result};
+use crate::tensor::Tensor;
+
+const OP: &str = "add";
+
+/// Mirrors `Params` in shaders/add.wgsl.
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct AddParams {
+    total: u32,
+    _pad: [u32; 3],
+}
+
+fn same_shape(a: &[usize], b: &[usize]) -> Result<()> {
+    if a == b {
+        Ok(())
+    } else {
+        Err(Error::ShapeMismatch {
+            op: OP,
+            detail: format!("cannot add {a:?} and {b:?}: the shapes must be equal"),
+        })
+    }
+}
+
+fn launch(entry: &'static str, tensors: &[(u32, &Tensor)]) -> Result<()> {
+    let gpu = tensors[0].1.gpu();
+    for (_, t) in tensors {
+        t.check_same_gpu(OP, gpu)?;
+    }
+    let total = tensors[0].1.len();
+    let params = AddParams {
+        total: total as u32,
+        _pad: [0; 3],
+    };
+    let pipeline = gpu.pipeline("add", entry, || {
+        include_str!("../../shaders/add.wgsl").into()
+    })?;
+    let bindings: Vec<_> = tensors.iter().map(|(n, t)| (*n, t.binding())).collect();
+    gpu.run_pass(entry, |pass| {
+        gpu.encode_at(
+            pass,
+            &pipeline,
+            bytemuck::bytes_of(&params),
+            &bindings,
+            (total as u64).div_ceil(256),
+        )
+    })
+}
+
+/// `a + b` on the GPU.
+pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    same_shape(a.shape(), b.shape())?;
+    let out = Tensor::uninit(a.gpu(), a.shape())?;
+    launch("add", &[(1, a), (2, &out), (3, b)])?;
+    Ok(out)
+}
+
+/// `dst += src` on the GPU, in place.
+pub fn accumulate(dst: &Tensor, src: &Tensor) -> Result<()> {
+    same_shape(dst.shape(), src.shape())?;
+    launch("accumulate", &[(1, src), (2, dst)])
+}
+
+/// CPU reference of [`add`].
+pub fn add_cpu(a: &ArrayViewD<'_, f32>, b: &ArrayViewD<'_, f32>) -> Result<ArrayD<f32>> {
+    same_shape(a.shape(), b.shape())?;
+    Ok(a + b)
+}

@@ -1,0 +1,147 @@
+//! Training a [`Graph`] classifier: one step is forward, softmax cross-entropy, backward and
+//! the optimizer update, recorded as one GPU submission; evaluation runs in eval mode.
+
+use ndarray::{Array4, ArrayD};
+
+use crate::data::Images;
+use crate::error::{Error, Result};
+use crate::graph::{Device, Graph, GraphOptimizer, Mode, Value};
+use crate::ops::normalize::Normalize;
+use crate::ops::softmax_cross_entropy::{
+    CrossEntropy, softmax_cross_entropy, softmax_cross_entropy_cpu,
+};
+
+/// Softmax cross-entropy (mean over the batch) of `logits` against `labels`, on the
+/// logits' device: the loss, its gradient and the count of correct predictions.
+pub fn cross_entropy(logits: &Value, labels: &[usize]) -> Result<CrossEntropy<Value>> {
+    Ok(match logits {
+        Value::Gpu(t) => {
+            let ce = softmax_cross_entropy(t, labels)?;
+            CrossEntropy {
+                loss: Value::Gpu(ce.loss),
+                grad_logits: Value::Gpu(ce.grad_logits),
+                correct: Value::Gpu(ce.correct),
+            }
+        }
+        Value::Cpu(a) => {
+            let ce = softmax_cross_entropy_cpu(&a.view(), labels)?;
+            CrossEntropy {
+                loss: Value::Cpu(ce.loss),
+                grad_logits: Value::Cpu(ce.grad_logits),
+                correct: Value::Cpu(ce.correct),
+            }
+        }
+    })
+}
+
+/// A step's loss and correct count, still on the device (`[1]` each): read them back only
+/// when they are wanted, so steps need not wait for each other.
+pub struct StepOutput {
+    /// Mean cross-entropy over the batch.
+    pub loss: Value,
+    /// Correct predictions in the batch.
+    pub correct: Value,
+}
+
+/// One training step: forward in training mode, cross-entropy, backward, optimizer update.
+/// On a GPU everything, the upload of `input` included, is one submission.
+pub fn train_step(
+    model: &mut Graph,
+    optimizer: &mut GraphOptimizer,
+    input: impl FnOnce(&Device) -> Result<Value>,
+    labels: &[usize],
+) -> Result<StepOutput> {
+    let device = model.device().clone();
+    device.record(|| {
+        let x = input(&device)?;
+        let logits = model.forward(x, Mode::Train)?;
+        let ce = cross_entropy(logits, labels)?;
+        model.backward(ce.grad_logits)?;
+        model.update(optimizer)?;
+        Ok(StepOutput {
+            loss: ce.loss,
+            correct: ce.correct,
+        })
+    })
+}
+
+/// Mean loss and accuracy over a data set.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Evaluation {
+    /// Mean cross-entropy per image.
+    pub loss: f64,
+    /// Fraction classified correctly, in `[0, 1]`.
+    pub accuracy: f64,
+}
+
+/// Normalised images `indices` of `images` as an `[n, 1, rows, cols]` value on `device`
+/// (bytes are uploaded as they are and scaled on the GPU).
+pub fn image_batch(
+    device: &Device,
+    images: &Images,
+    indices: &[usize],
+    normalize: &Normalize,
+) -> Result<Value> {
+    let mut bytes = Vec::with_capacity(indices.len() * images.rows * images.cols);
+    for &i in indices {
+        if i >= images.count {
+            return Err(Error::InvalidArgument {
+                op: "image_batch",
+                detail: format!("image {i} requested, the set has {}", images.count),
+            });
+        }
+        bytes.extend_from_slice(images.image(i));
+    }
+    let shape = (indices.len(), 1, images.rows, images.cols);
+    let array = Array4::from_shape_vec(shape, bytes).map_err(|e| Error::ShapeMismatch {
+        op: "image_batch",
+        detail: e.to_string(),
+    })?;
+    match device {
+        Device::Gpu(gpu) => Ok(Value::Gpu(normalize.from_bytes(gpu, &array.view())?)),
+        Device::Cpu => {
+            let floats: ArrayD<f32> = array.mapv(|b| f32::from(b) / 255.0).into_dyn();
+            Ok(Value::Cpu(normalize.forward_cpu(&floats.view())?))
+        }
+    }
+}
+
+/// Labels `indices` as class indices.
+pub fn label_batch(labels: &[u8], indices: &[usize]) -> Vec<usize> {
+    indices.iter().map(|&i| usize::from(labels[i])).collect()
+}
+
+/// Loss and accuracy of `model` in eval mode over `images`, `batch_size` at a time.
+pub fn evaluate(
+    model: &mut Graph,
+    images: &Images,
+    labels: &[u8],
+    normalize: &Normalize,
+    batch_size: usize,
+) -> Result<Evaluation> {
+    if images.count == 0 || labels.len() != images.count || batch_size == 0 {
+        return Err(Error::InvalidArgument {
+            op: "evaluate",
+            detail: format!(
+                "{} images, {} labels, batch size {batch_size}: need as many labels as images, at least one, and a batch size ≥ 1",
+                images.count,
+                labels.len()
+            ),
+        });
+    }
+    let (mut loss, mut correct) = (0.0f64, 0.0f64);
+    let order: Vec<usize> = (0..images.count).collect();
+    for batch in order.chunks(batch_size) {
+        let device = model.device().clone();
+        let x = image_batch(&device, images, batch, normalize)?;
+        let targets = label_batch(labels, batch);
+        let ce = cross_entropy(model.forward(x, Mode::Eval)?, &targets)?;
+        loss += f64::from(ce.loss.to_array()?[[0]]) * batch.len() as f64;
+        correct += f64::from(ce.correct.to_array()?[[0]]);
+    }
+    let n = images.count as f64;
+    Ok(Evaluation {
+        loss: loss / n,
+        accuracy: correct / n,
+    })
+}
