@@ -148,10 +148,38 @@ fn pool_and_norm(c: &mut Criterion, gpu: &Gpu) {
     group.finish();
 }
 
+/// A whole LeNet-5 training step at batch 64 (`train_step_lenet_b64` in the perf report).
+fn train_step(c: &mut Criterion, gpu: &Gpu) {
+    use wgcnn::nn::{LeNetOptions, lenet5};
+    use wgcnn::{Device, Optimizer};
+    let mut group = c.benchmark_group("train_step_lenet_b64");
+    group
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(500));
+    let x = filled(&[64, 1, 28, 28], 9);
+    let labels: Vec<usize> = (0..64).map(|i| i % 10).collect();
+    for (name, device) in [("gpu", Device::Gpu(gpu.clone())), ("cpu", Device::Cpu)] {
+        let mut model = lenet5(LeNetOptions::default())
+            .expect("lenet")
+            .build(device, 1)
+            .expect("build");
+        let mut opt = model.optimizer(Optimizer::sgd(0.01)).expect("sgd");
+        group.bench_function(name, |bench| {
+            bench.iter(|| {
+                wgcnn::train::train_step(&mut model, &mut opt, |d| d.upload(x.clone()), &labels)
+                    .expect("step");
+                gpu.synchronize().expect("sync");
+            })
+        });
+    }
+    group.finish();
+}
+
 fn ops(c: &mut Criterion) {
     let gpu = Gpu::new().expect("the benchmarks need a GPU adapter (lavapipe will do)");
     conv(c, &gpu);
     pool_and_norm(c, &gpu);
+    train_step(c, &gpu);
 }
 
 criterion_group!(benches, ops);

@@ -240,6 +240,32 @@ fn batch_norm_cases(gpu: &Gpu) -> Result<Vec<Case<'_>>> {
     ])
 }
 
+/// A whole LeNet-5 training step at batch 64 (forward, cross-entropy, backward, SGD update):
+/// one recorded submission on the GPU, the CPU reference path on the other side.
+fn train_step_case(gpu: &Gpu) -> Result<Case<'_>> {
+    use wgcnn::nn::{LeNetOptions, lenet5};
+    use wgcnn::{Device, Optimizer};
+    let x = random(&[64, 1, 28, 28], 7);
+    let labels: Vec<usize> = (0..64).map(|i| i % 10).collect();
+    let runner = |device: Device| -> Result<Box<dyn FnMut() -> Result<()>>> {
+        let mut model = lenet5(LeNetOptions::default())?.build(device, 1)?;
+        let mut opt = model.optimizer(Optimizer::sgd(0.01))?;
+        let (x, labels) = (x.clone(), labels.clone());
+        Ok(Box::new(move || {
+            wgcnn::train::train_step(&mut model, &mut opt, |d| d.upload(x.clone()), &labels)
+                .map(drop)
+        }))
+    };
+    Ok(Case {
+        op: "train_step_lenet_b64",
+        shape: "N64 1x28x28".into(),
+        kernel: "graph, 1 submit".into(),
+        flops: 64.0 * 1.7e6,
+        gpu: runner(Device::Gpu(gpu.clone()))?,
+        cpu: runner(Device::Cpu)?,
+    })
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let quick = args.iter().any(|a| a == "--quick");
@@ -282,6 +308,7 @@ fn main() -> Result<()> {
     }
     cases.extend(pool_cases(&gpu)?);
     cases.extend(batch_norm_cases(&gpu)?);
+    cases.push(train_step_case(&gpu)?);
 
     for mut case in cases {
         let label = format!("{} {}", case.op, case.shape);

@@ -643,6 +643,16 @@ pub enum GraphOptimizer {
     Cpu(CpuOptimizer),
 }
 
+impl GraphOptimizer {
+    /// Changes the learning rate from the next step on (for schedules).
+    pub fn set_lr(&mut self, lr: f32) -> Result<()> {
+        match self {
+            GraphOptimizer::Gpu(opt) => opt.set_lr(lr),
+            GraphOptimizer::Cpu(opt) => opt.set_lr(lr),
+        }
+    }
+}
+
 fn freed(v: ValueId) -> Error {
     Error::InvalidArgument {
         op: "graph",

@@ -107,6 +107,21 @@ impl Optimizer {
         }
     }
 
+    /// The learning rate.
+    pub fn lr(&self) -> f32 {
+        match *self {
+            Self::Sgd { lr, .. } | Self::AdaGrad { lr, .. } | Self::Adam { lr, .. } => lr,
+        }
+    }
+
+    /// The same rule with another learning rate (for schedules).
+    pub fn with_lr(mut self, new: f32) -> Self {
+        match &mut self {
+            Self::Sgd { lr, .. } | Self::AdaGrad { lr, .. } | Self::Adam { lr, .. } => *lr = new,
+        }
+        self
+    }
+
     fn validate(&self) -> Result<()> {
         let (lr, others) = match *self {
             Self::Sgd {
@@ -298,6 +313,14 @@ pub struct GpuOptimizer {
 }
 
 impl GpuOptimizer {
+    /// Changes the learning rate from the next step on (the state is kept).
+    pub fn set_lr(&mut self, lr: f32) -> Result<()> {
+        let rule = self.rule.with_lr(lr);
+        rule.validate()?;
+        self.rule = rule;
+        Ok(())
+    }
+
     /// A fresh optimizer (state is created, zeroed, on the first step).
     pub fn new(rule: Optimizer) -> Result<Self> {
         rule.validate()?;
@@ -387,6 +410,14 @@ pub struct CpuOptimizer {
 }
 
 impl CpuOptimizer {
+    /// Changes the learning rate from the next step on (the state is kept).
+    pub fn set_lr(&mut self, lr: f32) -> Result<()> {
+        let rule = self.rule.with_lr(lr);
+        rule.validate()?;
+        self.rule = rule;
+        Ok(())
+    }
+
     /// A fresh optimizer (state is created, zeroed, on the first step).
     pub fn new(rule: Optimizer) -> Result<Self> {
         rule.validate()?;

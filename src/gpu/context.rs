@@ -60,7 +60,8 @@ pub(crate) struct GpuInner {
     features: wgpu::Features,
     pub(crate) pool: Mutex<BufferPool>,
     pub(crate) pipelines: Mutex<PipelineCache>,
-    pub(crate) recording: Mutex<Option<Recording>>,
+    /// The recording under way on each thread that called [`Gpu::record`].
+    pub(crate) recordings: Mutex<Vec<(std::thread::ThreadId, Recording)>>,
     submissions: std::sync::atomic::AtomicU64,
     lost: Arc<Mutex<Option<String>>>,
     uncaptured: Arc<Mutex<Option<String>>>,
@@ -149,7 +150,7 @@ impl Gpu {
                 features,
                 pool: Mutex::new(BufferPool::new(options.pool_cache_bytes)),
                 pipelines: Mutex::new(PipelineCache::default()),
-                recording: Mutex::new(None),
+                recordings: Mutex::new(Vec::new()),
                 submissions: std::sync::atomic::AtomicU64::new(0),
                 lost,
                 uncaptured,

@@ -1,11 +1,15 @@
 //! Recording: many ops encoded into one command encoder and submitted once.
 //!
 //! Outside a recording every op submits its own commands. Inside [`Gpu::record`], the ops
-//! append their passes and copies to one encoder, and the whole step is one `queue.submit`
-//! at the end. Buffers that tensors drop meanwhile go back to the pool only after that
-//! submit, so no buffer is handed out again while recorded commands may still use it.
+//! the calling thread runs append their passes and copies to one encoder, and the whole step
+//! is one `queue.submit` at the end. Buffers that thread's tensors drop meanwhile go back to
+//! the pool only after that submit, so no buffer is handed out again while recorded
+//! commands may still use it. Each thread has its own recording: threads sharing a `Gpu`
+//! (a test harness, a data-parallel loop) record their steps independently.
 //! Uploads (`Tensor::from_array`) run before the recorded commands, which is right for any
 //! tensor created inside the recording: its data is there before a kernel reads it.
+
+use std::thread::{ThreadId, current};
 
 use super::context::{Gpu, lock};
 use crate::error::{Error, Result};
@@ -19,15 +23,17 @@ pub(crate) struct Recording {
 impl Gpu {
     /// Runs `step` with every op it calls recorded into one command encoder, submitted
     /// once when `step` returns. Readbacks inside `step` submit what was recorded so far
-    /// first. Ops that other threads run on this `Gpu` meanwhile are recorded too.
+    /// first. Ops that other threads run on this `Gpu` meanwhile are not recorded.
     pub fn record<T>(&self, step: impl FnOnce() -> Result<T>) -> Result<T> {
+        let me = current().id();
         {
-            let mut recording = lock(&self.inner.recording);
-            if recording.is_some() {
+            let mut recordings = lock(&self.inner.recordings);
+            if recordings.iter().any(|(id, _)| *id == me) {
                 return Err(Error::InvalidArgument {
                     op: "record",
-                    detail: "a recording is already under way on this Gpu; recordings do not nest"
-                        .into(),
+                    detail:
+                        "a recording is already under way on this thread; recordings do not nest"
+                            .into(),
                 });
             }
             let encoder = self
@@ -35,13 +41,16 @@ impl Gpu {
                 .create_command_encoder(&wgpu::CommandEncoderDescriptor {
                     label: Some("recorded step"),
                 });
-            *recording = Some(Recording {
-                encoder,
-                deferred: Vec::new(),
-            });
+            recordings.push((
+                me,
+                Recording {
+                    encoder,
+                    deferred: Vec::new(),
+                },
+            ));
         }
         let result = step();
-        let finished = lock(&self.inner.recording).take();
+        let finished = take(&mut lock(&self.inner.recordings), me);
         if let Some(recording) = finished {
             if result.is_ok() {
                 self.checked("submitting a recorded step", || {
@@ -64,11 +73,11 @@ impl Gpu {
         label: &str,
         encode: impl FnOnce(&mut wgpu::CommandEncoder) -> Result<()>,
     ) -> Result<()> {
-        let mut recording = lock(&self.inner.recording);
-        if let Some(active) = recording.as_mut() {
+        let mut recordings = lock(&self.inner.recordings);
+        if let Some(active) = mine(&mut recordings) {
             return encode(&mut active.encoder);
         }
-        drop(recording);
+        drop(recordings);
         let mut encoder = self
             .device()
             .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some(label) });
@@ -80,8 +89,8 @@ impl Gpu {
 
     /// Submits what the active recording holds so far (before a readback).
     pub(crate) fn flush_recording(&self) {
-        let mut recording = lock(&self.inner.recording);
-        if let Some(active) = recording.as_mut() {
+        let mut recordings = lock(&self.inner.recordings);
+        if let Some(active) = mine(&mut recordings) {
             let fresh = self
                 .device()
                 .create_command_encoder(&wgpu::CommandEncoderDescriptor {
@@ -95,13 +104,27 @@ impl Gpu {
 
     /// Takes a dropped tensor's buffer: into the pool, or held until the recording's submit.
     pub(crate) fn release_buffer(&self, buffer: wgpu::Buffer, class: u64) {
-        let mut recording = lock(&self.inner.recording);
-        match recording.as_mut() {
+        let mut recordings = lock(&self.inner.recordings);
+        match mine(&mut recordings) {
             Some(active) => active.deferred.push((buffer, class)),
             None => {
-                drop(recording);
+                drop(recordings);
                 lock(&self.inner.pool).give_back(buffer, class);
             }
         }
     }
+}
+
+/// The calling thread's recording, if it has one.
+fn mine(recordings: &mut [(ThreadId, Recording)]) -> Option<&mut Recording> {
+    let me = current().id();
+    recordings
+        .iter_mut()
+        .find(|(id, _)| *id == me)
+        .map(|(_, r)| r)
+}
+
+fn take(recordings: &mut Vec<(ThreadId, Recording)>, me: ThreadId) -> Option<Recording> {
+    let index = recordings.iter().position(|(id, _)| *id == me)?;
+    Some(recordings.swap_remove(index).1)
 }

@@ -21,6 +21,8 @@ pub struct Conv2d {
     pub spec: conv2d::Conv2d,
     /// Weight initialisation.
     pub init: Init,
+    /// Whether the layer has a bias (not needed before batch norm, which removes it).
+    pub bias: bool,
 }
 
 impl Conv2d {
@@ -32,7 +34,14 @@ impl Conv2d {
             kernel,
             spec: conv2d::Conv2d::default(),
             init: Init::default(),
+            bias: true,
         }
+    }
+
+    /// Without a bias (before batch norm, where a bias has no effect).
+    pub fn no_bias(mut self) -> Self {
+        self.bias = false;
+        self
     }
 
     /// With this stride.
@@ -84,33 +93,39 @@ impl Layer for Conv2d {
             self.out_channels,
             (self.in_channels * taps, self.out_channels * taps),
         );
-        vec![
-            StateInit {
-                name: "weight",
-                value: weight,
-                trainable: true,
-            },
-            StateInit {
+        let mut state = vec![StateInit {
+            name: "weight",
+            value: weight,
+            trainable: true,
+        }];
+        if self.bias {
+            state.push(StateInit {
                 name: "bias",
                 value: bias,
                 trainable: true,
-            },
-        ]
+            });
+        }
+        state
     }
 
     fn forward(&self, _ctx: Ctx, inputs: &[&Value], state: &mut [Value]) -> Result<Forward> {
         let y = match inputs[0] {
-            Value::Gpu(x) => Value::Gpu(self.spec.forward(
-                x,
-                state[0].gpu()?,
-                Some(state[1].gpu()?),
-            )?),
-            Value::Cpu(x) => Value::Cpu(conv2d_cpu(
-                &self.spec,
-                &x.view(),
-                &state[0].cpu()?.view(),
-                Some(&state[1].cpu()?.view()),
-            )?),
+            Value::Gpu(x) => {
+                let bias = state.get(1).map(Value::gpu).transpose()?;
+                Value::Gpu(self.spec.forward(x, state[0].gpu()?, bias)?)
+            }
+            Value::Cpu(x) => {
+                let bias = state
+                    .get(1)
+                    .map(|b| b.cpu().map(|b| b.view()))
+                    .transpose()?;
+                Value::Cpu(conv2d_cpu(
+                    &self.spec,
+                    &x.view(),
+                    &state[0].cpu()?.view(),
+                    bias.as_ref(),
+                )?)
+            }
         };
         Ok(Forward {
             y,
@@ -150,7 +165,10 @@ impl Layer for Conv2d {
         };
         Ok(Backward {
             inputs: vec![dx.filter(|_| args.needs.inputs)],
-            state: vec![Some(dweight), Some(dbias)],
+            state: [Some(dweight), Some(dbias)]
+                .into_iter()
+                .take(args.state.len())
+                .collect(),
         })
     }
 }

@@ -68,7 +68,8 @@ pub struct LeNetOptions {
 
 /// LeNet-5 for 28×28 grey images: conv 5×5 (6) → ReLU → max-pool 2 → conv 5×5 (16) → ReLU →
 /// max-pool 2 → 120 → 84 → 10, state named `conv1`, `conv2`, `fc1`, `fc2`, `fc3` as in the
-/// PyTorch golden. Without batch norm the ReLUs are fused into the convolutions.
+/// PyTorch golden. Without batch norm the ReLUs are fused into the convolutions; with it the
+/// convolutions have no bias (batch norm would cancel it).
 pub fn lenet5(options: LeNetOptions) -> Result<Sequential> {
     let relu_act = Activation::Relu;
     let mut model = Sequential::new();
@@ -76,7 +77,7 @@ pub fn lenet5(options: LeNetOptions) -> Result<Sequential> {
         let conv = Conv2d::new(c_in, c_out, (5, 5));
         model = if options.batch_norm {
             model
-                .add(&format!("conv{}", i + 1), conv)
+                .add(&format!("conv{}", i + 1), conv.no_bias())
                 .add(&format!("bn{}", i + 1), BatchNorm2d::new(c_out))
                 .add(&format!("relu{}", i + 1), relu())
         } else {

@@ -1,0 +1,303 @@
+//! Trains LeNet-5 on MNIST (shipped in data/mnist) on the GPU, or on the CPU reference path.
+//!
+//! ```text
+//! cargo run --release --example mnist -- [--epochs 1] [--batch-size 64]
+//!     [--optimizer sgd|momentum|adagrad|adam] [--lr F] [--dropout F] [--batch-norm]
+//!     [--device gpu|cpu] [--train-limit N] [--data DIR] [--save PATH] [--plot PATH]
+//!     [--seed N] [--constant-lr] [--json]
+//! ```
+//! The learning rate follows a cosine from its initial value down to zero over the whole run
+//! (`--constant-lr` keeps it fixed).
+//! Prints test accuracy after each epoch, draws the loss and accuracy curves into a PNG, and
+//! with `--json` ends with one line of figures.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use plotters::prelude::*;
+use wgcnn::data::{Mnist, shuffled_indices};
+use wgcnn::nn::{LeNetOptions, lenet5};
+use wgcnn::train::{StepOutput, evaluate, image_batch, label_batch, train_step};
+use wgcnn::{Device, Gpu, Normalize, Optimizer};
+
+struct Args {
+    epochs: usize,
+    batch_size: usize,
+    optimizer: String,
+    lr: Option<f32>,
+    dropout: f32,
+    batch_norm: bool,
+    device: String,
+    train_limit: Option<usize>,
+    data: PathBuf,
+    save: Option<PathBuf>,
+    plot: PathBuf,
+    seed: u64,
+    constant_lr: bool,
+    json: bool,
+}
+
+const USAGE: &str = "usage: mnist [--epochs N] [--batch-size N] [--optimizer sgd|momentum|adagrad|adam] \
+[--lr F] [--dropout F] [--batch-norm] [--device gpu|cpu] [--train-limit N] [--data DIR] \
+[--save PATH] [--plot PATH] [--seed N] [--constant-lr] [--json]";
+
+fn parse_args() -> Result<Args, String> {
+    let mut args = Args {
+        epochs: 1,
+        batch_size: 64,
+        optimizer: "adam".into(),
+        lr: None,
+        dropout: 0.0,
+        batch_norm: false,
+        device: "gpu".into(),
+        train_limit: None,
+        data: PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/data/mnist")),
+        save: None,
+        plot: PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/target/mnist.png")),
+        seed: 1,
+        constant_lr: false,
+        json: false,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().ok_or(format!("{flag} needs a value\n{USAGE}"));
+        let number = |v: String| {
+            v.parse::<f64>()
+                .map_err(|_| format!("{flag}: {v:?} is not a number"))
+        };
+        match flag.as_str() {
+            "--epochs" => args.epochs = number(value()?)? as usize,
+            "--batch-size" => args.batch_size = number(value()?)? as usize,
+            "--optimizer" => args.optimizer = value()?,
+            "--lr" => args.lr = Some(number(value()?)? as f32),
+            "--dropout" => args.dropout = number(value()?)? as f32,
+            "--batch-norm" => args.batch_norm = true,
+            "--device" => args.device = value()?,
+            "--train-limit" => args.train_limit = Some(number(value()?)? as usize),
+            "--data" => args.data = value()?.into(),
+            "--save" => args.save = Some(value()?.into()),
+            "--plot" => args.plot = value()?.into(),
+            "--seed" => args.seed = number(value()?)? as u64,
+            "--json" => args.json = true,
+            "--constant-lr" => args.constant_lr = true,
+            "--help" | "-h" => return Err(USAGE.into()),
+            other => return Err(format!("unknown flag {other}\n{USAGE}")),
+        }
+    }
+    if args.epochs == 0 || args.batch_size == 0 {
+        return Err("--epochs and --batch-size must be at least 1".into());
+    }
+    Ok(args)
+}
+
+fn optimizer(name: &str, lr: Option<f32>) -> Result<Optimizer, String> {
+    Ok(match name {
+        "sgd" => Optimizer::sgd(lr.unwrap_or(0.1)),
+        "momentum" => Optimizer::momentum(lr.unwrap_or(0.02), 0.9),
+        "adagrad" => Optimizer::adagrad(lr.unwrap_or(0.02)),
+        "adam" => Optimizer::adam(lr.unwrap_or(0.002)),
+        other => {
+            return Err(format!(
+                "unknown optimizer {other:?}: sgd, momentum, adagrad or adam"
+            ));
+        }
+    })
+}
+
+/// Per-epoch and per-log-interval figures, for the printout and the plot.
+#[derive(Default)]
+struct History {
+    /// (epoch as a fraction, mean training loss over the interval)
+    loss: Vec<(f64, f64)>,
+    /// (epoch as a fraction, training accuracy over the interval)
+    train_accuracy: Vec<(f64, f64)>,
+    /// (epoch, test accuracy)
+    test_accuracy: Vec<(f64, f64)>,
+}
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<(), Box<dyn std::error::Error>> {
+    let args = parse_args()?;
+    let rule = optimizer(&args.optimizer, args.lr)?;
+    let device = match args.device.as_str() {
+        "gpu" => Device::Gpu(Gpu::new()?),
+        "cpu" => Device::Cpu,
+        other => return Err(format!("unknown device {other:?}: gpu or cpu").into()),
+    };
+    let mut mnist = Mnist::load(&args.data)?;
+    if let Some(limit) = args.train_limit {
+        mnist.train_images = mnist.train_images.first(limit);
+        mnist.train_labels.truncate(mnist.train_images.count);
+    }
+    let options = LeNetOptions {
+        batch_norm: args.batch_norm,
+        dropout: args.dropout,
+    };
+    let mut model = lenet5(options)?.build(device.clone(), args.seed)?;
+    let mut opt = model.optimizer(rule)?;
+    let normalize = Normalize::mnist();
+    let n = mnist.train_images.count;
+    let steps_per_epoch = n.div_ceil(args.batch_size);
+    if !args.json {
+        println!(
+            "LeNet-5 ({} parameters) on {} ({n} training images, batch {}, {:?})",
+            model.parameter_count(),
+            device.name(),
+            args.batch_size,
+            rule
+        );
+    }
+
+    let mut history = History::default();
+    let mut epoch_seconds = Vec::new();
+    let log_every = 20;
+    for epoch in 0..args.epochs {
+        let bar = ProgressBar::new(steps_per_epoch as u64);
+        if args.json {
+            bar.set_draw_target(ProgressDrawTarget::hidden());
+        }
+        bar.set_style(ProgressStyle::with_template(
+            "epoch {prefix} [{bar:30}] {pos}/{len} {msg} {elapsed_precise} eta {eta}",
+        )?);
+        bar.set_prefix(format!("{}/{}", epoch + 1, args.epochs));
+        let order = shuffled_indices(n, args.seed, epoch as u64);
+        let start = Instant::now();
+        let mut pending: Vec<(StepOutput, usize)> = Vec::new();
+        let mut images_since = 0usize;
+        let mut since = Instant::now();
+        for (step, batch) in order.chunks(args.batch_size).enumerate() {
+            if !args.constant_lr {
+                let progress = (epoch * steps_per_epoch + step) as f64
+                    / (args.epochs * steps_per_epoch) as f64;
+                let scale = 0.5 * (1.0 + (std::f64::consts::PI * progress).cos());
+                opt.set_lr(rule.lr() * scale as f32)?;
+            }
+            let labels = label_batch(&mnist.train_labels, batch);
+            let out = train_step(
+                &mut model,
+                &mut opt,
+                |d: &Device| image_batch(d, &mnist.train_images, batch, &normalize),
+                &labels,
+            )?;
+            pending.push((out, batch.len()));
+            images_since += batch.len();
+            if (step + 1) % log_every == 0 || step + 1 == steps_per_epoch {
+                // The only readbacks of the epoch: a few scalars per interval.
+                let (mut loss, mut correct, mut count) = (0.0, 0.0, 0usize);
+                for (out, size) in pending.drain(..) {
+                    loss += f64::from(out.loss.to_array()?[[0]]) * size as f64;
+                    correct += f64::from(out.correct.to_array()?[[0]]);
+                    count += size;
+                }
+                let at = epoch as f64 + (step + 1) as f64 / steps_per_epoch as f64;
+                history.loss.push((at, loss / count as f64));
+                history.train_accuracy.push((at, correct / count as f64));
+                let rate = images_since as f64 / since.elapsed().as_secs_f64();
+                bar.set_message(format!(
+                    "loss {:.4} acc {:.3} {rate:.0} img/s",
+                    loss / count as f64,
+                    correct / count as f64
+                ));
+                (images_since, since) = (0, Instant::now());
+            }
+            bar.set_position(step as u64 + 1);
+        }
+        let seconds = start.elapsed().as_secs_f64();
+        bar.finish_and_clear();
+        epoch_seconds.push(seconds);
+        let test = evaluate(
+            &mut model,
+            &mnist.test_images,
+            &mnist.test_labels,
+            &normalize,
+            1000,
+        )?;
+        history
+            .test_accuracy
+            .push(((epoch + 1) as f64, test.accuracy));
+        let line = format!(
+            "epoch {}: test accuracy {:.2}% (loss {:.4}), {seconds:.1} s, {:.0} images/s",
+            epoch + 1,
+            100.0 * test.accuracy,
+            test.loss,
+            n as f64 / seconds
+        );
+        if args.json {
+            eprintln!("{line}");
+        } else {
+            println!("{line}");
+        }
+    }
+
+    if let Some(path) = &args.save {
+        model.save(path)?;
+        if !args.json {
+            println!("saved {}", path.display());
+        }
+    }
+    plot(&args.plot, &history)?;
+    if !args.json {
+        println!("curves: {}", args.plot.display());
+    }
+    if args.json {
+        let epoch_mean = epoch_seconds.iter().sum::<f64>() / epoch_seconds.len() as f64;
+        let accuracy = history.test_accuracy.last().map_or(0.0, |a| a.1);
+        println!(
+            "{{\"epochs\":{},\"test_accuracy\":{accuracy:.4},\"train_images_per_sec\":{:.1},\"epoch_seconds\":{epoch_mean:.2},\"device\":{:?},\"batch_size\":{},\"optimizer\":{:?}}}",
+            args.epochs,
+            n as f64 / epoch_mean,
+            device.name(),
+            args.batch_size,
+            args.optimizer
+        );
+    }
+    Ok(())
+}
+
+/// Two panels: training loss (left, log scale) and accuracy (right: training per interval
+/// in blue, test per epoch in red).
+fn plot(path: &std::path::Path, history: &History) -> Result<(), Box<dyn std::error::Error>> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let root = BitMapBackend::new(path, (1000, 400)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let (left, right) = root.split_horizontally(500);
+    let end = history.loss.last().map_or(1.0, |p| p.0).max(1.0);
+    let top = history.loss.iter().map(|p| p.1).fold(0.1, f64::max);
+    let mut loss = ChartBuilder::on(&left)
+        .margin(20)
+        .build_cartesian_2d(0.0..end, (0.005..top).log_scale())?;
+    loss.configure_mesh().disable_x_mesh().draw()?;
+    loss.draw_series(LineSeries::new(history.loss.iter().copied(), &BLACK))?;
+    let low = history
+        .train_accuracy
+        .iter()
+        .chain(&history.test_accuracy)
+        .map(|p| p.1)
+        .fold(0.9, f64::min);
+    let mut accuracy = ChartBuilder::on(&right)
+        .margin(20)
+        .build_cartesian_2d(0.0..end, low..1.0)?;
+    accuracy.configure_mesh().disable_x_mesh().draw()?;
+    accuracy.draw_series(LineSeries::new(
+        history.train_accuracy.iter().copied(),
+        &BLUE,
+    ))?;
+    accuracy.draw_series(LineSeries::new(history.test_accuracy.iter().copied(), &RED))?;
+    accuracy.draw_series(
+        history
+            .test_accuracy
+            .iter()
+            .map(|&p| Circle::new(p, 4, RED.filled())),
+    )?;
+    root.present()?;
+    Ok(())
+}
