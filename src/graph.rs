@@ -59,6 +59,14 @@ impl Value {
         }
     }
 
+    /// A copy on the same device.
+    pub fn duplicate(&self) -> Result<Value> {
+        Ok(match self {
+            Value::Gpu(t) => Value::Gpu(t.copy_as(t.shape())?),
+            Value::Cpu(a) => Value::Cpu(a.clone()),
+        })
+    }
+
     /// `self += other`, on the device of `self`.
     pub fn accumulate(&mut self, other: &Value) -> Result<()> {
         match self {
@@ -337,6 +345,44 @@ impl Graph {
         Ok(self.nodes.len())
     }
 
+    /// Replaces the layer of the node named `name` (e.g. a new classifier head for transfer
+    /// learning); the new layer's state is freshly initialised and its inputs are kept.
+    pub fn replace(&mut self, name: &str, layer: impl Layer + 'static) -> Result<()> {
+        let index = self
+            .nodes
+            .iter()
+            .position(|n| n.name == name)
+            .ok_or_else(|| Error::InvalidArgument {
+                op: "graph",
+                detail: format!("no node is named {name:?}"),
+            })?;
+        if layer.arity() != self.nodes[index].inputs.len() {
+            return Err(Error::InvalidArgument {
+                op: "graph",
+                detail: format!(
+                    "{name} reads {} values, the new layer {} takes {}",
+                    self.nodes[index].inputs.len(),
+                    layer.describe(),
+                    layer.arity()
+                ),
+            });
+        }
+        let seed = self.seed;
+        let mut rng = |local: &'static str| InitRng::for_tensor(seed, &format!("{name}.{local}"));
+        let inits = layer.init_state(&mut rng);
+        let node = &mut self.nodes[index];
+        node.state = inits
+            .iter()
+            .map(|init| self.device.upload(init.value.clone()))
+            .collect::<Result<Vec<_>>>()?;
+        node.state_names = inits.iter().map(|i| i.name).collect();
+        node.trainable = inits.iter().map(|i| i.trainable).collect();
+        node.grads = inits.iter().map(|_| None).collect();
+        node.layer = Box::new(layer);
+        self.mode = None;
+        Ok(())
+    }
+
     /// Recomputes, per node, which values die after its forward and after its backward.
     fn plan_liveness(&mut self) {
         let count = self.nodes.len();
@@ -442,6 +488,27 @@ impl Graph {
     /// kept its values): stores each trainable tensor's gradient, and returns `∂L/∂input`
     /// when [`Graph::set_input_grad`] asked for it.
     pub fn backward(&mut self, dy: Value) -> Result<Option<Value>> {
+        let input_grad = self.input_grad;
+        self.backward_with(dy, input_grad, true)
+    }
+
+    /// `∂L/∂input` from `dy = ∂L/∂output`, computing no parameter gradients (the stored
+    /// ones stay as they were): for adversarial examples, or a model that another model's
+    /// loss flows through.
+    pub fn input_gradient(&mut self, dy: Value) -> Result<Value> {
+        self.backward_with(dy, true, false)?
+            .ok_or_else(|| Error::InvalidArgument {
+                op: "graph",
+                detail: "the input gradient was not produced".into(),
+            })
+    }
+
+    fn backward_with(
+        &mut self,
+        dy: Value,
+        input_grad: bool,
+        state_grads: bool,
+    ) -> Result<Option<Value>> {
         let mode = self.mode.take().ok_or_else(|| Error::InvalidArgument {
             op: "graph",
             detail: "backward needs a forward pass in Mode::Train or Mode::EvalWithGrad first"
@@ -465,9 +532,9 @@ impl Graph {
         // Which values need a gradient: the input if asked, and anything downstream of
         // trainable state that is not frozen.
         let mut wants = vec![false; count + 1];
-        wants[0] = self.input_grad;
+        wants[0] = input_grad;
         for (i, node) in self.nodes.iter().enumerate() {
-            wants[i + 1] = node.trains() || node.inputs.iter().any(|&v| wants[v]);
+            wants[i + 1] = (state_grads && node.trains()) || node.inputs.iter().any(|&v| wants[v]);
         }
         let mut grads: Vec<Option<Value>> = (0..=count).map(|_| None).collect();
         grads[count] = Some(dy);
@@ -475,7 +542,7 @@ impl Graph {
             let node = &mut self.nodes[i];
             let needs = Needs {
                 inputs: node.inputs.iter().any(|&v| wants[v]),
-                state: node.trains(),
+                state: state_grads && node.trains(),
             };
             let dy = grads[i + 1].take();
             if let (Some(dy), true) = (dy, needs.inputs || needs.state) {
@@ -519,7 +586,7 @@ impl Graph {
                 self.values[v] = None;
             }
         }
-        Ok(grads[0].take().filter(|_| self.input_grad))
+        Ok(grads[0].take().filter(|_| input_grad))
     }
 
     /// Every state tensor with its full name (`conv1.weight`, `bn1.running_mean`, …), in

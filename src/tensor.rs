@@ -188,6 +188,24 @@ impl Tensor {
         Ok(copy)
     }
 
+    /// `a` and `b` stacked along the first axis (their other dimensions must agree).
+    pub fn concat(a: &Tensor, b: &Tensor) -> Result<Self> {
+        if a.shape.get(1..) != b.shape.get(1..) || a.shape.is_empty() {
+            return Err(Error::ShapeMismatch {
+                op: "Tensor::concat",
+                detail: format!("cannot stack {:?} and {:?}", a.shape, b.shape),
+            });
+        }
+        b.check_same_gpu("Tensor::concat", a.gpu())?;
+        let mut shape = a.shape.clone();
+        shape[0] += b.shape[0];
+        let out = Self::uninit(a.gpu(), &shape)?;
+        let gpu = a.gpu();
+        gpu.copy((a.buffer(), 0), (out.buffer(), 0), a.bytes())?;
+        gpu.copy((b.buffer(), 0), (out.buffer(), a.bytes()), b.bytes())?;
+        Ok(out)
+    }
+
     /// Reads the tensor back to the host, blocking.
     pub fn to_array(&self) -> Result<ArrayD<f32>> {
         pollster::block_on(self.to_array_async())

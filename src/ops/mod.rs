@@ -2,8 +2,10 @@
 
 pub mod activation;
 pub mod add;
+pub mod attack;
 pub mod batch_norm;
 pub mod conv2d;
+pub mod distillation;
 pub mod dropout;
 pub mod layer_norm;
 pub mod linear;

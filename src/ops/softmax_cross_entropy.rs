@@ -22,7 +22,7 @@ pub struct CrossEntropy<T> {
     pub correct: T,
 }
 
-fn check(logits: &[usize], labels: &[usize]) -> Result<(usize, usize)> {
+pub(crate) fn check(logits: &[usize], labels: &[usize]) -> Result<(usize, usize)> {
     let &[rows, classes] = logits else {
         return Err(Error::ShapeMismatch {
             op: OP,

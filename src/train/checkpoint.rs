@@ -207,3 +207,86 @@ impl crate::graph::Graph {
         self.load_checkpoint(&Checkpoint::load(path)?)
     }
 }
+
+/// What [`Graph::load_matching`](crate::graph::Graph::load_matching) did with each tensor.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LoadReport {
+    /// Loaded: same name and shape in the checkpoint and the model.
+    pub loaded: Vec<String>,
+    /// In the checkpoint but not in the model: ignored.
+    pub skipped: Vec<String>,
+    /// In both, with different shapes `(name, checkpoint shape, model shape)`: left as the
+    /// model had it.
+    pub mismatched: Vec<(String, Vec<usize>, Vec<usize>)>,
+    /// In the model but not in the checkpoint: left as the model had it.
+    pub missing: Vec<String>,
+}
+
+impl std::fmt::Display for LoadReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "loaded {}: {}",
+            self.loaded.len(),
+            self.loaded.join(", ")
+        )?;
+        writeln!(
+            f,
+            "skipped {}: {}",
+            self.skipped.len(),
+            self.skipped.join(", ")
+        )?;
+        let mismatched: Vec<String> = self
+            .mismatched
+            .iter()
+            .map(|(n, c, m)| format!("{n} (checkpoint {c:?}, model {m:?})"))
+            .collect();
+        writeln!(
+            f,
+            "mismatched {}: {}",
+            mismatched.len(),
+            mismatched.join(", ")
+        )?;
+        write!(
+            f,
+            "missing {}: {}",
+            self.missing.len(),
+            self.missing.join(", ")
+        )
+    }
+}
+
+impl crate::graph::Graph {
+    /// Loads every tensor whose name and shape match (transfer learning: a model with a
+    /// different head takes the rest), and reports what was loaded, skipped, mismatched or
+    /// missing.
+    pub fn load_matching(&mut self, checkpoint: &Checkpoint) -> Result<LoadReport> {
+        let model: Vec<(String, Vec<usize>)> = self
+            .state()
+            .into_iter()
+            .map(|(name, value)| (name, value.shape().to_vec()))
+            .collect();
+        let mut report = LoadReport::default();
+        for (name, shape) in &model {
+            match checkpoint.get(name) {
+                None => report.missing.push(name.clone()),
+                Some(t) if t.shape() != shape.as_slice() => {
+                    report
+                        .mismatched
+                        .push((name.clone(), t.shape().to_vec(), shape.clone()))
+                }
+                Some(t) => {
+                    self.set_state(name, t.clone())?;
+                    report.loaded.push(name.clone());
+                }
+            }
+        }
+        report.skipped = checkpoint
+            .tensors
+            .iter()
+            .filter(|(n, _)| !model.iter().any(|(m, _)| m == n))
+            .map(|(n, _)| n.clone())
+            .collect();
+        Ok(report)
+    }
+}

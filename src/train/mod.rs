@@ -1,10 +1,15 @@
 //! Training: the step (forward, loss, backward, update as one submission), evaluation,
-//! and checkpoints.
+//! checkpoints, knowledge distillation and adversarial training.
 
+mod adversarial;
 mod checkpoint;
+mod distill;
 mod trainer;
 
-pub use checkpoint::{Checkpoint, check_names_and_shapes};
+pub use adversarial::{Attack, adversarial_train_step, attack, input_gradient};
+pub use checkpoint::{Checkpoint, LoadReport, check_names_and_shapes};
+pub use distill::{distill_step, distillation_loss};
 pub use trainer::{
     Evaluation, StepOutput, cross_entropy, evaluate, image_batch, label_batch, train_step,
+    train_step_with,
 };

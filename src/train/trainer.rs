@@ -51,11 +51,26 @@ pub fn train_step(
     input: impl FnOnce(&Device) -> Result<Value>,
     labels: &[usize],
 ) -> Result<StepOutput> {
+    train_step_with(model, optimizer, input, |logits, _| {
+        cross_entropy(logits, labels)
+    })
+}
+
+/// A training step with any loss: `loss(logits, x)` returns the loss, its gradient with
+/// respect to the logits and a correct count; `x` is a copy of the input for losses that
+/// need it (e.g. a teacher's forward pass). One submission on a GPU.
+pub fn train_step_with(
+    model: &mut Graph,
+    optimizer: &mut GraphOptimizer,
+    input: impl FnOnce(&Device) -> Result<Value>,
+    loss: impl FnOnce(&Value, &Value) -> Result<CrossEntropy<Value>>,
+) -> Result<StepOutput> {
     let device = model.device().clone();
     device.record(|| {
         let x = input(&device)?;
+        let kept = x.duplicate()?;
         let logits = model.forward(x, Mode::Train)?;
-        let ce = cross_entropy(logits, labels)?;
+        let ce = loss(logits, &kept)?;
         model.backward(ce.grad_logits)?;
         model.update(optimizer)?;
         Ok(StepOutput {

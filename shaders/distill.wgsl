@@ -1,0 +1,59 @@
+// Knowledge distillation loss, fused per row of logits:
+//   loss = α·T²·KL(softmax(t/T) ‖ softmax(s/T)) + (1-α)·CE(s, label)
+//   ∂loss/∂s = α·T·(softmax(s/T) − softmax(t/T)) + (1-α)·(softmax(s) − onehot)
+// (both times `scale` = 1/N: the mean over the batch, PyTorch's "batchmean"), and whether
+// the student's first arg-max equals the label. Labels are stored as f32.
+
+struct Params {
+    rows: u32, classes: u32, scale: f32, alpha: f32,
+    temperature: f32, _pad0: u32, _pad1: u32, _pad2: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> student: array<f32>;
+@group(0) @binding(2) var<storage, read> teacher: array<f32>;
+@group(0) @binding(3) var<storage, read> labels: array<f32>;
+@group(0) @binding(4) var<storage, read_write> grad: array<f32>;
+@group(0) @binding(5) var<storage, read_write> row_loss: array<f32>;
+@group(0) @binding(6) var<storage, read_write> row_correct: array<f32>;
+
+// log Σ exp(scale·v) over the row at `base` of `which` (0 = student, 1 = teacher).
+fn log_sum_exp(base: u32, which: u32, scale: f32) -> f32 {
+    var top = -3.4e38;
+    for (var j = 0u; j < p.classes; j++) {
+        top = max(top, scale * select(student[base + j], teacher[base + j], which == 1u));
+    }
+    var sum = 0.0;
+    for (var j = 0u; j < p.classes; j++) {
+        sum += exp(scale * select(student[base + j], teacher[base + j], which == 1u) - top);
+    }
+    return top + log(sum);
+}
+
+@compute @workgroup_size(64)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let r = gid.x + gid.y * nwg.x * 64u;
+    if r >= p.rows { return; }
+    let base = r * p.classes;
+    let label = u32(labels[r]);
+    let inv_t = 1.0 / p.temperature;
+    let lse = log_sum_exp(base, 0u, 1.0);
+    let lse_student = log_sum_exp(base, 0u, inv_t);
+    let lse_teacher = log_sum_exp(base, 1u, inv_t);
+    var kl = 0.0;
+    var best = 0u;
+    for (var j = 0u; j < p.classes; j++) {
+        let s = student[base + j];
+        if s > student[base + best] { best = j; }
+        let log_pt = teacher[base + j] * inv_t - lse_teacher;
+        let log_q = s * inv_t - lse_student;
+        let pt = exp(log_pt);
+        kl += pt * (log_pt - log_q);
+        let soft = p.alpha * p.temperature * (exp(log_q) - pt);
+        let hard = (1.0 - p.alpha) * (exp(s - lse) - select(0.0, 1.0, j == label));
+        grad[base + j] = (soft + hard) * p.scale;
+    }
+    let ce = lse - student[base + label];
+    row_loss[r] = p.alpha * p.temperature * p.temperature * kl + (1.0 - p.alpha) * ce;
+    row_correct[r] = select(0.0, 1.0, best == label);
+}
