@@ -37,9 +37,10 @@ struct DistillParams {
 
 impl Distillation {
     fn check(&self, student: &[usize], teacher: &[usize], labels: &[usize]) -> Result<usize> {
-        if !(0.0..=1.0).contains(&self.alpha)
-            || !(self.temperature.is_finite() && self.temperature > 0.0)
-        {
+        let valid = (0.0..=1.0).contains(&self.alpha)
+            && self.temperature.is_finite()
+            && self.temperature > 0.0;
+        if !valid {
             return Err(Error::InvalidArgument {
                 op: OP,
                 detail: format!(
