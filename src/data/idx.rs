@@ -29,6 +29,21 @@ impl Images {
         &self.pixels[i * size..(i + 1) * size]
     }
 
+    /// The images at `indices`, in that order (indices past the end are skipped).
+    pub fn select(&self, indices: &[usize]) -> Images {
+        let kept: Vec<usize> = indices
+            .iter()
+            .copied()
+            .filter(|&i| i < self.count)
+            .collect();
+        Images {
+            count: kept.len(),
+            rows: self.rows,
+            cols: self.cols,
+            pixels: kept.iter().flat_map(|&i| self.image(i)).copied().collect(),
+        }
+    }
+
     /// The first `n` images (all of them if there are fewer).
     pub fn first(&self, n: usize) -> Images {
         let count = n.min(self.count);

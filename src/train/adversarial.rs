@@ -123,3 +123,72 @@ pub fn adversarial_train_step(
         )
     })
 }
+
+/// Two models trained against each other (a generator and a discriminator): the
+/// discriminator's step. It learns to tell `real` images (class 1) from the generator's
+/// samples of `noise` (class 0); the generator runs forward only. One submission on a GPU.
+pub fn discriminator_step(
+    discriminator: &mut Graph,
+    generator: &mut Graph,
+    optimizer: &mut GraphOptimizer,
+    real: impl FnOnce(&Device) -> Result<Value>,
+    noise: impl FnOnce(&Device) -> Result<Value>,
+) -> Result<StepOutput> {
+    let device = discriminator.device().clone();
+    device.record(|| {
+        let real = real(&device)?;
+        let fake = generator.forward(noise(&device)?, Mode::Eval)?;
+        let fake = match (fake, real.shape()) {
+            (Value::Gpu(t), shape) => Value::Gpu(t.copy_as(shape)?),
+            (Value::Cpu(a), shape) => Value::Cpu(
+                a.to_shape(shape)
+                    .map_err(|e| Error::ShapeMismatch {
+                        op: "discriminator_step",
+                        detail: format!("generator output vs real images: {e}"),
+                    })?
+                    .into_owned(),
+            ),
+        };
+        let labels: Vec<usize> = (0..real.shape()[0])
+            .map(|_| 1)
+            .chain((0..fake.shape()[0]).map(|_| 0))
+            .collect();
+        let batch = stack(&real, &fake)?;
+        train_step_with(
+            discriminator,
+            optimizer,
+            |_| Ok(batch),
+            |logits, _| cross_entropy(logits, &labels),
+        )
+    })
+}
+
+/// The generator's step: its samples of `noise` go through the discriminator (eval mode,
+/// not updated), the loss is the discriminator's cross-entropy against class `target` (1,
+/// "real"), and its gradient flows back through the discriminator's input into the
+/// generator, which the optimizer updates. `correct` counts the samples that fooled the
+/// discriminator. One submission on a GPU.
+pub fn generator_step(
+    generator: &mut Graph,
+    discriminator: &mut Graph,
+    optimizer: &mut GraphOptimizer,
+    noise: impl FnOnce(&Device) -> Result<Value>,
+    target: usize,
+) -> Result<StepOutput> {
+    let device = generator.device().clone();
+    device.record(|| {
+        let fake = generator
+            .forward(noise(&device)?, Mode::Train)?
+            .duplicate()?;
+        let labels = vec![target; fake.shape()[0]];
+        let logits = discriminator.forward(fake, Mode::EvalWithGrad)?;
+        let ce = cross_entropy(logits, &labels)?;
+        let grad = discriminator.input_gradient(ce.grad_logits)?;
+        generator.backward(grad)?;
+        generator.update(optimizer)?;
+        Ok(StepOutput {
+            loss: ce.loss,
+            correct: ce.correct,
+        })
+    })
+}

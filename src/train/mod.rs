@@ -6,10 +6,12 @@ mod checkpoint;
 mod distill;
 mod trainer;
 
-pub use adversarial::{Attack, adversarial_train_step, attack, input_gradient};
+pub use adversarial::{
+    Attack, adversarial_train_step, attack, discriminator_step, generator_step, input_gradient,
+};
 pub use checkpoint::{Checkpoint, LoadReport, check_names_and_shapes};
 pub use distill::{distill_step, distillation_loss};
 pub use trainer::{
-    Evaluation, StepOutput, cross_entropy, evaluate, image_batch, label_batch, train_step,
-    train_step_with,
+    EpochStats, Evaluation, StepOutput, cross_entropy, evaluate, image_batch, label_batch,
+    train_epoch, train_step, train_step_with,
 };

@@ -121,6 +121,67 @@ pub fn image_batch(
     }
 }
 
+/// Mean loss, accuracy and wall time of one pass over a training set.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct EpochStats {
+    /// Mean training loss per image.
+    pub loss: f64,
+    /// Training accuracy, in `[0, 1]`.
+    pub accuracy: f64,
+    /// Seconds the epoch took.
+    pub seconds: f64,
+}
+
+/// One epoch of mini-batch training over `images` in the order `shuffled_indices(seed,
+/// epoch)` gives (batch 1 is online learning; `batch_size ≥ images.count` is full-batch).
+/// The losses are read back once, at the end.
+#[allow(clippy::too_many_arguments)]
+pub fn train_epoch(
+    model: &mut Graph,
+    optimizer: &mut GraphOptimizer,
+    images: &Images,
+    labels: &[u8],
+    normalize: &Normalize,
+    batch_size: usize,
+    seed: u64,
+    epoch: u64,
+) -> Result<EpochStats> {
+    if images.count == 0 || labels.len() != images.count || batch_size == 0 {
+        return Err(Error::InvalidArgument {
+            op: "train_epoch",
+            detail: format!(
+                "{} images, {} labels, batch size {batch_size}: need as many labels as images, at least one, and a batch size ≥ 1",
+                images.count,
+                labels.len()
+            ),
+        });
+    }
+    let start = std::time::Instant::now();
+    let order = crate::data::shuffled_indices(images.count, seed, epoch);
+    let mut outputs = Vec::new();
+    for batch in order.chunks(batch_size) {
+        let targets = label_batch(labels, batch);
+        let out = train_step(
+            model,
+            optimizer,
+            |d| image_batch(d, images, batch, normalize),
+            &targets,
+        )?;
+        outputs.push((out, batch.len()));
+    }
+    let (mut loss, mut correct) = (0.0, 0.0);
+    for (out, size) in outputs {
+        loss += f64::from(out.loss.to_array()?[[0]]) * size as f64;
+        correct += f64::from(out.correct.to_array()?[[0]]);
+    }
+    let n = images.count as f64;
+    Ok(EpochStats {
+        loss: loss / n,
+        accuracy: correct / n,
+        seconds: start.elapsed().as_secs_f64(),
+    })
+}
+
 /// Labels `indices` as class indices.
 pub fn label_batch(labels: &[u8], indices: &[usize]) -> Vec<usize> {
     indices.iter().map(|&i| usize::from(labels[i])).collect()

@@ -1,0 +1,107 @@
+//! Helpers shared by the technique examples: flags, data subsets, training and accuracy.
+
+#![allow(dead_code)]
+
+use wgcnn::data::{Images, Mnist};
+use wgcnn::graph::GraphOptimizer;
+use wgcnn::train::{evaluate, train_epoch};
+use wgcnn::{Device, Gpu, Graph, Normalize, Result};
+
+/// Command-line flags: `--name value` pairs and bare `--switch`es.
+pub struct Flags(Vec<String>);
+
+impl Flags {
+    pub fn parse() -> Self {
+        Self(std::env::args().skip(1).collect())
+    }
+
+    pub fn has(&self, name: &str) -> bool {
+        self.0.iter().any(|a| a == name)
+    }
+
+    /// The value after `name`, parsed, or `default`; exits with a message if it is malformed.
+    pub fn get<T: std::str::FromStr>(&self, name: &str, default: T) -> T {
+        match self.0.iter().position(|a| a == name) {
+            None => default,
+            Some(i) => match self.0.get(i + 1).map(|v| v.parse()) {
+                Some(Ok(v)) => v,
+                _ => {
+                    eprintln!("error: {name} needs a value of the right kind");
+                    std::process::exit(2);
+                }
+            },
+        }
+    }
+}
+
+/// The device named by `--device gpu|cpu` (GPU by default).
+pub fn device(flags: &Flags) -> Result<Device> {
+    Ok(match flags.get("--device", "gpu".to_string()).as_str() {
+        "cpu" => Device::Cpu,
+        _ => Device::Gpu(Gpu::new()?),
+    })
+}
+
+/// MNIST from `--data DIR` or the shipped copy.
+pub fn mnist(flags: &Flags) -> Result<Mnist> {
+    let default = concat!(env!("CARGO_MANIFEST_DIR"), "/data/mnist").to_string();
+    Mnist::load(flags.get("--data", default))
+}
+
+/// The images whose label passes `keep`, at most `per_class` of each label, with labels
+/// mapped through `relabel`.
+pub fn subset(
+    images: &Images,
+    labels: &[u8],
+    keep: impl Fn(u8) -> bool,
+    per_class: usize,
+    relabel: impl Fn(u8) -> u8,
+) -> (Images, Vec<u8>) {
+    let mut counts = [0usize; 256];
+    let mut chosen = Vec::new();
+    for (i, &label) in labels.iter().enumerate() {
+        if keep(label) && counts[usize::from(label)] < per_class {
+            counts[usize::from(label)] += 1;
+            chosen.push(i);
+        }
+    }
+    let new_labels = chosen.iter().map(|&i| relabel(labels[i])).collect();
+    (images.select(&chosen), new_labels)
+}
+
+/// Trains `epochs` epochs with a cosine learning rate from `lr` to 0; returns the seconds
+/// spent training.
+#[allow(clippy::too_many_arguments)]
+pub fn fit(
+    model: &mut Graph,
+    optimizer: &mut GraphOptimizer,
+    images: &Images,
+    labels: &[u8],
+    lr: f32,
+    epochs: usize,
+    batch_size: usize,
+    seed: u64,
+) -> Result<f64> {
+    let mut seconds = 0.0;
+    for epoch in 0..epochs {
+        let progress = epoch as f64 / epochs as f64;
+        optimizer.set_lr(lr * (0.5 * (1.0 + (std::f64::consts::PI * progress).cos())) as f32)?;
+        let stats = train_epoch(
+            model,
+            optimizer,
+            images,
+            labels,
+            &Normalize::mnist(),
+            batch_size,
+            seed,
+            epoch as u64,
+        )?;
+        seconds += stats.seconds;
+    }
+    Ok(seconds)
+}
+
+/// Test accuracy in `[0, 1]`.
+pub fn accuracy(model: &mut Graph, images: &Images, labels: &[u8]) -> Result<f64> {
+    Ok(evaluate(model, images, labels, &Normalize::mnist(), 500)?.accuracy)
+}

@@ -1,0 +1,161 @@
+//! Knowledge distillation: a small CNN learns from a larger one's softened outputs.
+//!
+//! A teacher CNN (about 80k parameters) trains on MNIST. Then a student with about a tenth of
+//! its parameters trains on a reduced training set twice, from the same initial weights:
+//! once on the labels alone, once on `α·T²·KL(teacher_T ‖ student_T) + (1-α)·CE`, the
+//! teacher running forward (eval mode, on the GPU, nothing read back) inside each step.
+//!
+//! `cargo run --release --example distill -- [--teacher-images 20000] [--student-images 2000]
+//!     [--epochs 10] [--temperature 4] [--alpha 0.7] [--device gpu|cpu] [--data DIR] [--json]`
+
+mod common;
+
+use common::{Flags, accuracy, fit, subset};
+use wgcnn::data::shuffled_indices;
+use wgcnn::nn::{Conv2d, Flatten, Linear, Sequential, max_pool2d};
+use wgcnn::train::{distill_step, image_batch, label_batch};
+use wgcnn::{Activation, Device, Distillation, Graph, Normalize, Optimizer};
+
+/// conv 5×5 (c1) → pool → conv 5×5 (c2) → pool → hidden → 10, ReLUs fused.
+fn cnn(
+    device: &Device,
+    (c1, c2, hidden): (usize, usize, usize),
+    seed: u64,
+) -> wgcnn::Result<Graph> {
+    let relu = Activation::Relu;
+    Sequential::new()
+        .add("conv1", Conv2d::new(1, c1, (5, 5)).activation(relu))
+        .add("pool1", max_pool2d(2))
+        .add("conv2", Conv2d::new(c1, c2, (5, 5)).activation(relu))
+        .add("pool2", max_pool2d(2))
+        .add("flatten", Flatten)
+        .add("fc1", Linear::new(c2 * 16, hidden).activation(relu))
+        .add("fc2", Linear::new(hidden, 10))
+        .build(device.clone(), seed)
+}
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<(), Box<dyn std::error::Error>> {
+    let flags = Flags::parse();
+    let json = flags.has("--json");
+    let teacher_images: usize = flags.get("--teacher-images", 20_000);
+    let student_images: usize = flags.get("--student-images", 2_000);
+    let epochs: usize = flags.get("--epochs", 10);
+    let spec = Distillation {
+        alpha: flags.get("--alpha", 0.7),
+        temperature: flags.get("--temperature", 4.0),
+    };
+    let device = common::device(&flags)?;
+    let data = common::mnist(&flags)?;
+    let say = |line: String| {
+        if !json {
+            println!("{line}")
+        }
+    };
+    let test = (&data.test_images, &data.test_labels[..]);
+
+    let (teacher_set, teacher_labels) = subset(
+        &data.train_images,
+        &data.train_labels,
+        |_| true,
+        teacher_images / 10,
+        |d| d,
+    );
+    let mut teacher = cnn(&device, (16, 32, 128), 1)?;
+    let mut opt = teacher.optimizer(Optimizer::adam(2e-3))?;
+    let seconds = fit(
+        &mut teacher,
+        &mut opt,
+        &teacher_set,
+        &teacher_labels,
+        2e-3,
+        1,
+        64,
+        1,
+    )?;
+    let teacher_accuracy = accuracy(&mut teacher, test.0, test.1)?;
+    say(format!(
+        "teacher: {} parameters, {} images, {seconds:.1} s: {:.2}%",
+        teacher.parameter_count(),
+        teacher_set.count,
+        100.0 * teacher_accuracy
+    ));
+
+    let (small, small_labels) = subset(
+        &data.train_images,
+        &data.train_labels,
+        |_| true,
+        student_images / 10,
+        |d| d,
+    );
+    let shape = (4, 8, 48);
+    let lr = 2e-3;
+    let mut plain = cnn(&device, shape, 7)?;
+    let mut opt = plain.optimizer(Optimizer::adam(lr))?;
+    let plain_seconds = fit(
+        &mut plain,
+        &mut opt,
+        &small,
+        &small_labels,
+        lr,
+        epochs,
+        32,
+        5,
+    )?;
+    let plain_accuracy = accuracy(&mut plain, test.0, test.1)?;
+
+    let mut student = cnn(&device, shape, 7)?;
+    let mut opt = student.optimizer(Optimizer::adam(lr))?;
+    let normalize = Normalize::mnist();
+    let start = std::time::Instant::now();
+    for epoch in 0..epochs {
+        let progress = epoch as f64 / epochs as f64;
+        opt.set_lr(lr * (0.5 * (1.0 + (std::f64::consts::PI * progress).cos())) as f32)?;
+        for batch in shuffled_indices(small.count, 5, epoch as u64).chunks(32) {
+            distill_step(
+                &mut student,
+                &mut teacher,
+                &mut opt,
+                |d| image_batch(d, &small, batch, &normalize),
+                &label_batch(&small_labels, batch),
+                spec,
+            )?;
+        }
+    }
+    let distill_seconds = start.elapsed().as_secs_f64();
+    let distilled_accuracy = accuracy(&mut student, test.0, test.1)?;
+
+    say(format!(
+        "students: {} parameters, {} images, {epochs} epochs, T = {}, α = {}",
+        student.parameter_count(),
+        small.count,
+        spec.temperature,
+        spec.alpha
+    ));
+    say(format!(
+        "  labels only:   {:.2}%  ({plain_seconds:.1} s)",
+        100.0 * plain_accuracy
+    ));
+    say(format!(
+        "  distilled:     {:.2}%  ({distill_seconds:.1} s, teacher forward included)",
+        100.0 * distilled_accuracy
+    ));
+    if json {
+        println!(
+            "{{\"teacher_accuracy\":{teacher_accuracy:.4},\"student_distilled_accuracy\":{distilled_accuracy:.4},\"student_plain_accuracy\":{plain_accuracy:.4},\"teacher_params\":{},\"student_params\":{},\"student_images\":{},\"epochs\":{epochs},\"temperature\":{},\"alpha\":{},\"device\":{:?}}}",
+            teacher.parameter_count(),
+            student.parameter_count(),
+            small.count,
+            spec.temperature,
+            spec.alpha,
+            device.name()
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,164 @@
+//! Transfer learning: LeNet-5 pre-trained on the digits 0–4 lends its convolutional features
+//! to a 5–9 classifier trained from only a few labelled images per class.
+//!
+//! 1. Pre-train on digits 0–4, save a safetensors checkpoint.
+//! 2. Build a fresh LeNet-5 with a new five-way head for 5–9, load the checkpoint by name
+//!    (the old head is reported as mismatched and left out), freeze the convolutions, and
+//!    fine-tune the fully connected classifier on `--per-class` images of each digit.
+//! 3. Train the same network from scratch on the same images, for the same epochs.
+//!
+//! `cargo run --release --example transfer -- [--pretrain-images 15000] [--per-class 100]
+//!     [--epochs 15] [--device gpu|cpu] [--data DIR] [--json]`
+
+mod common;
+
+use common::{Flags, accuracy, fit, subset};
+use wgcnn::nn::{LeNetOptions, Linear, lenet5};
+use wgcnn::{Graph, Optimizer};
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn five_way(device: &wgcnn::Device, seed: u64) -> wgcnn::Result<Graph> {
+    let mut model = lenet5(LeNetOptions::default())?.build(device.clone(), seed)?;
+    model.replace("fc3", Linear::new(84, 5))?;
+    Ok(model)
+}
+
+fn run() -> Result<(), Box<dyn std::error::Error>> {
+    let flags = Flags::parse();
+    let json = flags.has("--json");
+    let pretrain_images: usize = flags.get("--pretrain-images", 15_000);
+    let per_class: usize = flags.get("--per-class", 100);
+    let epochs: usize = flags.get("--epochs", 15);
+    let device = common::device(&flags)?;
+    let data = common::mnist(&flags)?;
+    let say = |line: String| {
+        if !json {
+            println!("{line}")
+        }
+    };
+
+    // 1. Source task: digits 0–4.
+    let (source, source_labels) = subset(
+        &data.train_images,
+        &data.train_labels,
+        |d| d < 5,
+        pretrain_images / 5,
+        |d| d,
+    );
+    // The usual ten-way LeNet-5 (only 0–4 occur): its head will not fit the new task.
+    let mut pretrained = lenet5(LeNetOptions::default())?.build(device.clone(), 1)?;
+    let mut opt = pretrained.optimizer(Optimizer::adam(2e-3))?;
+    let seconds = fit(
+        &mut pretrained,
+        &mut opt,
+        &source,
+        &source_labels,
+        2e-3,
+        1,
+        64,
+        1,
+    )?;
+    let (source_test, source_test_labels) = subset(
+        &data.test_images,
+        &data.test_labels,
+        |d| d < 5,
+        usize::MAX,
+        |d| d,
+    );
+    let source_accuracy = accuracy(&mut pretrained, &source_test, &source_test_labels)?;
+    say(format!(
+        "pre-trained on {} images of 0–4 in {seconds:.1} s: {:.2}% on the 0–4 test digits",
+        source.count,
+        100.0 * source_accuracy
+    ));
+    let checkpoint = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/target/transfer_0to4.safetensors"
+    );
+    pretrained.save(checkpoint)?;
+
+    // 2. Target task: digits 5–9, a few images each.
+    let (target, target_labels) = subset(
+        &data.train_images,
+        &data.train_labels,
+        |d| d >= 5,
+        per_class,
+        |d| d - 5,
+    );
+    let (test, test_labels) = subset(
+        &data.test_images,
+        &data.test_labels,
+        |d| d >= 5,
+        usize::MAX,
+        |d| d - 5,
+    );
+    let mut transfer = five_way(&device, 2)?;
+    let report = transfer.load_matching(&wgcnn::train::Checkpoint::load(checkpoint)?)?;
+    say(format!("loading {checkpoint}:\n{report}"));
+    // The new head keeps its fresh weights; the convolutional features stay as they are.
+    for frozen in ["conv1", "conv2"] {
+        transfer.freeze(frozen, true)?;
+    }
+    let lr = 2e-3;
+    let mut opt = transfer.optimizer(Optimizer::adam(lr))?;
+    let transfer_seconds = fit(
+        &mut transfer,
+        &mut opt,
+        &target,
+        &target_labels,
+        lr,
+        epochs,
+        32,
+        3,
+    )?;
+    let transfer_accuracy = accuracy(&mut transfer, &test, &test_labels)?;
+
+    // 3. The same network from scratch on the same images.
+    let mut scratch = five_way(&device, 2)?;
+    let mut opt = scratch.optimizer(Optimizer::adam(lr))?;
+    let scratch_seconds = fit(
+        &mut scratch,
+        &mut opt,
+        &target,
+        &target_labels,
+        lr,
+        epochs,
+        32,
+        3,
+    )?;
+    let scratch_accuracy = accuracy(&mut scratch, &test, &test_labels)?;
+
+    say(format!(
+        "digits 5–9 from {} labelled images, {epochs} epochs, tested on {} images:",
+        target.count, test.count
+    ));
+    say(format!(
+        "  transfer (convolutions frozen): {:.2}%  in {transfer_seconds:.1} s",
+        100.0 * transfer_accuracy
+    ));
+    say(format!(
+        "  from scratch:                   {:.2}%  in {scratch_seconds:.1} s",
+        100.0 * scratch_accuracy
+    ));
+    say(format!(
+        "  frozen layers saved {:.0}% of the training time",
+        100.0 * (1.0 - transfer_seconds / scratch_seconds)
+    ));
+    if json {
+        println!(
+            "{{\"transfer_accuracy\":{transfer_accuracy:.4},\"scratch_accuracy\":{scratch_accuracy:.4},\"source_accuracy\":{source_accuracy:.4},\"train_images\":{},\"test_images\":{},\"epochs\":{epochs},\"transfer_seconds\":{transfer_seconds:.2},\"scratch_seconds\":{scratch_seconds:.2},\"pretrain_seconds\":{seconds:.2},\"loaded\":{},\"mismatched\":{},\"device\":{:?}}}",
+            target.count,
+            test.count,
+            report.loaded.len(),
+            report.mismatched.len(),
+            device.name()
+        );
+    }
+    Ok(())
+}
