@@ -4,7 +4,7 @@
 //! cargo run --release --example mnist -- [--epochs 1] [--batch-size 64]
 //!     [--optimizer sgd|momentum|adagrad|adam] [--lr F] [--dropout F] [--batch-norm]
 //!     [--device gpu|cpu] [--train-limit N] [--data DIR] [--save PATH] [--plot PATH]
-//!     [--seed N] [--constant-lr] [--json]
+//!     [--seed N] [--constant-lr] [--init he|xavier|pytorch] [--json]
 //! ```
 //! The learning rate follows a cosine from its initial value down to zero over the whole run
 //! (`--constant-lr` keeps it fixed).
@@ -17,7 +17,7 @@ use std::time::Instant;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use plotters::prelude::*;
 use wgcnn::data::{Mnist, shuffled_indices};
-use wgcnn::nn::{LeNetOptions, lenet5};
+use wgcnn::nn::{Init, LeNetOptions, lenet5};
 use wgcnn::train::{StepOutput, evaluate, image_batch, label_batch, train_step};
 use wgcnn::{Device, Gpu, Normalize, Optimizer};
 
@@ -35,12 +35,13 @@ struct Args {
     plot: PathBuf,
     seed: u64,
     constant_lr: bool,
+    init: Init,
     json: bool,
 }
 
 const USAGE: &str = "usage: mnist [--epochs N] [--batch-size N] [--optimizer sgd|momentum|adagrad|adam] \
 [--lr F] [--dropout F] [--batch-norm] [--device gpu|cpu] [--train-limit N] [--data DIR] \
-[--save PATH] [--plot PATH] [--seed N] [--constant-lr] [--json]";
+[--save PATH] [--plot PATH] [--seed N] [--constant-lr] [--init he|xavier|pytorch] [--json]";
 
 fn parse_args() -> Result<Args, String> {
     let mut args = Args {
@@ -57,6 +58,7 @@ fn parse_args() -> Result<Args, String> {
         plot: PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/target/mnist.png")),
         seed: 1,
         constant_lr: false,
+        init: Init::He,
         json: false,
     };
     let mut it = std::env::args().skip(1);
@@ -81,6 +83,14 @@ fn parse_args() -> Result<Args, String> {
             "--seed" => args.seed = number(value()?)? as u64,
             "--json" => args.json = true,
             "--constant-lr" => args.constant_lr = true,
+            "--init" => {
+                args.init = match value()?.as_str() {
+                    "he" => Init::He,
+                    "xavier" => Init::Xavier,
+                    "pytorch" => Init::PyTorch,
+                    other => return Err(format!("--init {other:?}: he, xavier or pytorch")),
+                }
+            }
             "--help" | "-h" => return Err(USAGE.into()),
             other => return Err(format!("unknown flag {other}\n{USAGE}")),
         }
@@ -96,7 +106,7 @@ fn optimizer(name: &str, lr: Option<f32>) -> Result<Optimizer, String> {
         "sgd" => Optimizer::sgd(lr.unwrap_or(0.1)),
         "momentum" => Optimizer::momentum(lr.unwrap_or(0.02), 0.9),
         "adagrad" => Optimizer::adagrad(lr.unwrap_or(0.02)),
-        "adam" => Optimizer::adam(lr.unwrap_or(0.002)),
+        "adam" => Optimizer::adam(lr.unwrap_or(0.006)),
         other => {
             return Err(format!(
                 "unknown optimizer {other:?}: sgd, momentum, adagrad or adam"
@@ -139,6 +149,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     let options = LeNetOptions {
         batch_norm: args.batch_norm,
         dropout: args.dropout,
+        init: args.init,
     };
     let mut model = lenet5(options)?.build(device.clone(), args.seed)?;
     let mut opt = model.optimizer(rule)?;

@@ -104,6 +104,7 @@ fn identical_seeds_give_identical_weights_and_he_bounds_hold() {
     let bn = lenet5(LeNetOptions {
         batch_norm: true,
         dropout: 0.5,
+        ..LeNetOptions::default()
     })
     .unwrap()
     .build(Device::Cpu, 3)
@@ -154,6 +155,7 @@ fn batch_norm_and_dropout_lenet_steps_agree_on_gpu_and_cpu() {
     let options = LeNetOptions {
         batch_norm: true,
         dropout: 0.3,
+        ..LeNetOptions::default()
     };
     let run = |device: Device| {
         let mut model = lenet5(options).unwrap().build(device, 21).unwrap();
@@ -222,6 +224,7 @@ fn pool_memory_is_flat_over_500_steps() {
     let options = LeNetOptions {
         batch_norm: true,
         dropout: 0.2,
+        ..LeNetOptions::default()
     };
     let mut model = lenet5(options)
         .unwrap()
@@ -296,6 +299,7 @@ fn a_checkpoint_round_trip_gives_identical_predictions() {
     let mut bn = lenet5(LeNetOptions {
         batch_norm: true,
         dropout: 0.0,
+        ..LeNetOptions::default()
     })
     .unwrap()
     .build(Device::Cpu, 1)

@@ -64,6 +64,8 @@ pub struct LeNetOptions {
     pub batch_norm: bool,
     /// Dropout rate after `fc1` and `fc2` (0 for none).
     pub dropout: f32,
+    /// Initialisation of the conv and linear weights.
+    pub init: Init,
 }
 
 /// LeNet-5 for 28×28 grey images: conv 5×5 (6) → ReLU → max-pool 2 → conv 5×5 (16) → ReLU →
@@ -74,7 +76,7 @@ pub fn lenet5(options: LeNetOptions) -> Result<Sequential> {
     let relu_act = Activation::Relu;
     let mut model = Sequential::new();
     for (i, (c_in, c_out)) in [(1, 6), (6, 16)].into_iter().enumerate() {
-        let conv = Conv2d::new(c_in, c_out, (5, 5));
+        let conv = Conv2d::new(c_in, c_out, (5, 5)).init(options.init);
         model = if options.batch_norm {
             model
                 .add(&format!("conv{}", i + 1), conv.no_bias())
@@ -85,9 +87,12 @@ pub fn lenet5(options: LeNetOptions) -> Result<Sequential> {
         };
         model = model.add(&format!("pool{}", i + 1), max_pool2d(2));
     }
-    model = model
-        .add("flatten", Flatten)
-        .add("fc1", Linear::new(256, 120).activation(relu_act));
+    model = model.add("flatten", Flatten).add(
+        "fc1",
+        Linear::new(256, 120)
+            .activation(relu_act)
+            .init(options.init),
+    );
     let dropout = |model: Sequential, name: &str, seed: u32| -> Result<Sequential> {
         Ok(if options.dropout > 0.0 {
             model.add(name, Dropout::new(options.dropout, seed)?)
@@ -95,7 +100,8 @@ pub fn lenet5(options: LeNetOptions) -> Result<Sequential> {
             model
         })
     };
-    model = dropout(model, "drop1", 1)?.add("fc2", Linear::new(120, 84).activation(relu_act));
-    model = dropout(model, "drop2", 2)?.add("fc3", Linear::new(84, 10));
+    let fc2 = Linear::new(120, 84).activation(relu_act).init(options.init);
+    model = dropout(model, "drop1", 1)?.add("fc2", fc2);
+    model = dropout(model, "drop2", 2)?.add("fc3", Linear::new(84, 10).init(options.init));
     Ok(model)
 }

@@ -12,6 +12,7 @@ use bytemuck::{Pod, Zeroable};
 use ndarray::{Array1, Array4, ArrayD, ArrayView4, ArrayViewD, Ix4};
 
 use super::Activation;
+use super::conv_direct;
 use super::matmul::{BiasAxis, Matmul};
 use super::reduce::sum_axes;
 use crate::error::{Error, Result};
@@ -220,6 +221,10 @@ impl Conv2d {
         }
         let shape = self.shape(x.shape(), weight.shape(), bias.map(Tensor::shape))?;
         let out = Tensor::uninit(&gpu, &shape.output())?;
+        if conv_direct::eligible(&gpu, self, &shape) {
+            conv_direct::forward(self, &shape, x, weight, bias, &out)?;
+            return Ok(out);
+        }
         let matmul = Matmul {
             bias: if bias.is_some() {
                 BiasAxis::PerRow
@@ -293,6 +298,11 @@ impl Conv2d {
         } else {
             None
         };
+        // Small filter banks at stride 1: dx as a direct convolution of dy, no col2im.
+        let direct_dx = conv_direct::eligible_backward(&gpu, self, &shape);
+        if let (Some(dx), true) = (&dx, direct_dx) {
+            conv_direct::backward_data(&shape, dy, weight, dx)?;
+        }
         let dweight = Tensor::uninit(&gpu, weight.shape())?;
         let dbias = Tensor::uninit(&gpu, &[o])?;
         sum_axes(&gpu, dy, (shape.n, o, positions), &dbias, 1.0, false)?;
@@ -332,6 +342,9 @@ impl Conv2d {
             )?;
             drop(per_image);
             let Some(dx) = &dx else { continue };
+            if direct_dx {
+                continue;
+            }
             // dx = col2im(Wᵀ · dy[n])
             let dcol = Tensor::uninit(&gpu, &[count, taps, positions])?;
             let tn = Matmul {

@@ -5,6 +5,7 @@ pub mod add;
 pub mod attack;
 pub mod batch_norm;
 pub mod conv2d;
+mod conv_direct;
 pub mod distillation;
 pub mod dropout;
 pub mod layer_norm;

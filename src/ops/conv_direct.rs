@@ -1,0 +1,239 @@
+//! Direct convolution for small filter banks (`shaders/conv_direct.wgsl`): the forward pass
+//! of LeNet-sized layers without an im2col buffer. Used by `Conv2d::forward` for stride 1,
+//! no dilation, at most 16 filters whose weights fit a uniform buffer; other shapes take
+//! im2col + matmul. The kernel is generated per (filters, block, kernel width) so that the
+//! accumulators are plain registers.
+
+use std::fmt::Write;
+
+use bytemuck::{Pod, Zeroable};
+
+use super::conv2d::{Conv2d, Conv2dShape};
+use crate::error::Result;
+use crate::gpu::Gpu;
+use crate::gpu::dispatch::Binding;
+use crate::tensor::Tensor;
+
+/// Mirrors `Params` in shaders/conv_direct.wgsl.
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct DirectParams {
+    c: u32,
+    h: u32,
+    w: u32,
+    oh: u32,
+    ow: u32,
+    kh: u32,
+    pad_top: u32,
+    pad_left: u32,
+    blocks: u32,
+    total: u32,
+    taps: u32,
+    act: u32,
+    slope: f32,
+    has_bias: u32,
+    _pad: [u32; 2],
+}
+
+const MAX_FILTERS: usize = 16;
+const MAX_KERNEL_WIDTH: usize = 7;
+
+/// Outputs per invocation along a row: more reuse of each loaded input, more registers.
+fn block(filters: usize) -> usize {
+    if filters <= 8 { 4 } else { 2 }
+}
+
+fn bank_floats(shape: &Conv2dShape) -> usize {
+    shape.o * shape.taps() + shape.o
+}
+
+/// Whether the direct kernel handles this convolution.
+pub(crate) fn eligible(gpu: &Gpu, spec: &Conv2d, shape: &Conv2dShape) -> bool {
+    let bank_bytes = (bank_floats(shape).div_ceil(4) * 16) as u64;
+    let uniform_limit = gpu.limits().max_uniform_buffer_binding_size.min(65_536);
+    spec.stride == (1, 1)
+        && spec.dilation == (1, 1)
+        && shape.o <= MAX_FILTERS
+        && shape.kw <= MAX_KERNEL_WIDTH
+        && bank_bytes <= uniform_limit
+        && (shape.n * shape.oh * shape.ow.div_ceil(block(shape.o))) < u32::MAX as usize
+}
+
+/// The kernel's source for `filters` filters of width `kw`. `transposed` reads the bank as
+/// the flipped, transposed kernel of the backward pass (`dx` from `dy`).
+fn source(filters: usize, kw: usize, vec4s: usize, transposed: bool) -> String {
+    let b = block(filters);
+    let (mut decls, mut body, mut stores) = (String::new(), String::new(), String::new());
+    for o in 0..filters {
+        for j in 0..b {
+            let _ = writeln!(decls, "    var a{o}_{j} = 0.0;");
+        }
+    }
+    for r in 0..b + kw - 1 {
+        let _ = writeln!(
+            body,
+            "            let r{r} = fetch(row, left + {r}, inside);"
+        );
+    }
+    for kx in 0..kw {
+        for o in 0..filters {
+            let index = if transposed {
+                // w[c_in = loop c][c_out = o][kh-1-ky][kw-1-kx] of the forward OIHW bank.
+                format!(
+                    "(c * {filters}u + {o}u) * p.kh * {kw}u + (p.kh - 1u - ky) * {kw}u + {}u",
+                    kw - 1 - kx
+                )
+            } else {
+                format!("{o}u * p.taps + tap + {kx}u")
+            };
+            let _ = writeln!(body, "            let w{o}_{kx} = weight({index});");
+            for j in 0..b {
+                let _ = writeln!(body, "            a{o}_{j} += r{} * w{o}_{kx};", j + kx);
+            }
+        }
+    }
+    for o in 0..filters {
+        let _ = writeln!(
+            stores,
+            "    let bias{o} = select(0.0, weight({filters}u * p.taps + {o}u), p.has_bias != 0u);"
+        );
+        for j in 0..b {
+            let _ = writeln!(
+                stores,
+                "    if ox0 + {j}u < p.ow {{ y[base + {o}u * plane + {j}u] = activate(a{o}_{j} + bias{o}, p.act, p.slope); }}"
+            );
+        }
+    }
+    [
+        include_str!("../../shaders/epilogue.wgsl"),
+        &include_str!("../../shaders/conv_direct.wgsl")
+            .replace("{{VEC4S}}", &vec4s.to_string())
+            .replace("{{BLOCK}}", &b.to_string())
+            .replace("{{KW}}", &kw.to_string())
+            .replace("{{FILTERS}}", &filters.to_string())
+            .replace("{{DECLS}}", &decls)
+            .replace("{{BODY}}", &body)
+            .replace("{{STORES}}", &stores),
+    ]
+    .concat()
+}
+
+/// `out = act(conv(x, weight) + bias)` (the caller checked [`eligible`]).
+pub(crate) fn forward(
+    spec: &Conv2d,
+    shape: &Conv2dShape,
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    out: &Tensor,
+) -> Result<()> {
+    run(shape, x, weight, bias, out, spec.activation, false)
+}
+
+/// Whether [`backward_data`] handles this convolution's input gradient.
+pub(crate) fn eligible_backward(gpu: &Gpu, spec: &Conv2d, shape: &Conv2dShape) -> bool {
+    eligible(gpu, spec, &transposed(shape)) && shape.pad_top < shape.kh && shape.pad_left < shape.kw
+}
+
+/// The backward-data pass as a forward convolution: `dy` (O channels) with the flipped,
+/// transposed kernel and padding `k - 1 - pad` gives `dx` (C channels), for stride 1.
+fn transposed(shape: &Conv2dShape) -> Conv2dShape {
+    Conv2dShape {
+        n: shape.n,
+        c: shape.o,
+        h: shape.oh,
+        w: shape.ow,
+        o: shape.c,
+        kh: shape.kh,
+        kw: shape.kw,
+        oh: shape.h,
+        ow: shape.w,
+        pad_top: (shape.kh - 1).saturating_sub(shape.pad_top),
+        pad_left: (shape.kw - 1).saturating_sub(shape.pad_left),
+    }
+}
+
+/// `dx` from `dy` (the caller checked [`eligible_backward`]).
+pub(crate) fn backward_data(
+    shape: &Conv2dShape,
+    dy: &Tensor,
+    weight: &Tensor,
+    dx: &Tensor,
+) -> Result<()> {
+    run(
+        &transposed(shape),
+        dy,
+        weight,
+        None,
+        dx,
+        crate::ops::Activation::None,
+        true,
+    )
+}
+
+fn run(
+    shape: &Conv2dShape,
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    out: &Tensor,
+    activation: crate::ops::Activation,
+    flipped: bool,
+) -> Result<()> {
+    let gpu = x.gpu();
+    let b = block(shape.o);
+    let vec4s = bank_floats(shape).div_ceil(4);
+    // The bank: this step's weights and bias, copied into a uniform buffer in the same
+    // command stream (so it follows the optimizer's updates).
+    let bank = gpu.checked("allocating a filter bank", || {
+        gpu.device().create_buffer(&wgpu::BufferDescriptor {
+            label: Some("filter bank"),
+            size: (vec4s * 16) as u64,
+            usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        })
+    })?;
+    gpu.copy((weight.buffer(), 0), (&bank, 0), weight.bytes())?;
+    if let Some(bias) = bias {
+        gpu.copy((bias.buffer(), 0), (&bank, weight.bytes()), bias.bytes())?;
+    }
+    let blocks = shape.ow.div_ceil(b);
+    let total = shape.n * shape.oh * blocks;
+    let params = DirectParams {
+        c: shape.c as u32,
+        h: shape.h as u32,
+        w: shape.w as u32,
+        oh: shape.oh as u32,
+        ow: shape.ow as u32,
+        kh: shape.kh as u32,
+        pad_top: shape.pad_top as u32,
+        pad_left: shape.pad_left as u32,
+        blocks: blocks as u32,
+        total: total as u32,
+        taps: shape.taps() as u32,
+        act: activation.code(),
+        slope: activation.slope(),
+        has_bias: u32::from(bias.is_some()),
+        _pad: [0; 2],
+    };
+    let key = format!(
+        "conv_direct_o{}_kw{}_v{vec4s}_{}",
+        shape.o,
+        shape.kw,
+        if flipped { "t" } else { "f" }
+    );
+    let pipeline = gpu.pipeline(&key, "main", || source(shape.o, shape.kw, vec4s, flipped))?;
+    let bank = Binding {
+        buffer: &bank,
+        bytes: (vec4s * 16) as u64,
+    };
+    gpu.run_pass("conv2d direct", |pass| {
+        gpu.encode_at(
+            pass,
+            &pipeline,
+            bytemuck::bytes_of(&params),
+            &[(1, x.binding()), (2, out.binding()), (3, bank)],
+            (total as u64).div_ceil(64),
+        )
+    })
+}
