@@ -1,18 +1,18 @@
 //! Knowledge distillation: a small CNN learns from a larger one's softened outputs.
 //!
-//! A teacher CNN (about 80k parameters) trains on MNIST. Then a student with about a tenth of
+//! A teacher (LeNet-5, 44k parameters) trains on MNIST. Then a student with about a tenth of
 //! its parameters trains on a reduced training set twice, from the same initial weights:
 //! once on the labels alone, once on `α·T²·KL(teacher_T ‖ student_T) + (1-α)·CE`, the
 //! teacher running forward (eval mode, on the GPU, nothing read back) inside each step.
 //!
-//! `cargo run --release --example distill -- [--teacher-images 20000] [--student-images 2000]
-//!     [--epochs 10] [--temperature 4] [--alpha 0.7] [--device gpu|cpu] [--data DIR] [--json]`
+//! `cargo run --release --example distill -- [--teacher-images 30000] [--student-images 2000]
+//!     [--epochs 10] [--temperature 4] [--alpha 0.9] [--device gpu|cpu] [--data DIR] [--json]`
 
 mod common;
 
 use common::{Flags, accuracy, fit, subset};
 use wgcnn::data::shuffled_indices;
-use wgcnn::nn::{Conv2d, Flatten, Linear, Sequential, max_pool2d};
+use wgcnn::nn::{Conv2d, Flatten, Init, LeNetOptions, Linear, Sequential, lenet5, max_pool2d};
 use wgcnn::train::{distill_step, image_batch, label_batch};
 use wgcnn::{Activation, Device, Distillation, Graph, Normalize, Optimizer};
 
@@ -44,11 +44,11 @@ fn main() {
 fn run() -> Result<(), Box<dyn std::error::Error>> {
     let flags = Flags::parse();
     let json = flags.has("--json");
-    let teacher_images: usize = flags.get("--teacher-images", 20_000);
+    let teacher_images: usize = flags.get("--teacher-images", 30_000);
     let student_images: usize = flags.get("--student-images", 2_000);
     let epochs: usize = flags.get("--epochs", 10);
     let spec = Distillation {
-        alpha: flags.get("--alpha", 0.7),
+        alpha: flags.get("--alpha", 0.9),
         temperature: flags.get("--temperature", 4.0),
     };
     let device = common::device(&flags)?;
@@ -67,14 +67,19 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         teacher_images / 10,
         |d| d,
     );
-    let mut teacher = cnn(&device, (16, 32, 128), 1)?;
-    let mut opt = teacher.optimizer(Optimizer::adam(2e-3))?;
+    // The teacher: LeNet-5 as the MNIST example trains it.
+    let options = LeNetOptions {
+        init: Init::PyTorch,
+        ..LeNetOptions::default()
+    };
+    let mut teacher = lenet5(options)?.build(device.clone(), 1)?;
+    let mut opt = teacher.optimizer(Optimizer::adam(6e-3))?;
     let seconds = fit(
         &mut teacher,
         &mut opt,
         &teacher_set,
         &teacher_labels,
-        2e-3,
+        6e-3,
         1,
         64,
         1,
@@ -94,7 +99,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         student_images / 10,
         |d| d,
     );
-    let shape = (4, 8, 48);
+    let shape = (4, 8, 24);
     let lr = 2e-3;
     let mut plain = cnn(&device, shape, 7)?;
     let mut opt = plain.optimizer(Optimizer::adam(lr))?;
@@ -114,10 +119,12 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     let mut opt = student.optimizer(Optimizer::adam(lr))?;
     let normalize = Normalize::mnist();
     let start = std::time::Instant::now();
+    let total = epochs * small.count.div_ceil(32);
+    let mut step = 0;
     for epoch in 0..epochs {
-        let progress = epoch as f64 / epochs as f64;
-        opt.set_lr(lr * (0.5 * (1.0 + (std::f64::consts::PI * progress).cos())) as f32)?;
         for batch in shuffled_indices(small.count, 5, epoch as u64).chunks(32) {
+            opt.set_lr(common::cosine(lr, step, total))?;
+            step += 1;
             distill_step(
                 &mut student,
                 &mut teacher,
@@ -127,6 +134,9 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
                 spec,
             )?;
         }
+    }
+    if let Device::Gpu(gpu) = &device {
+        gpu.synchronize()?;
     }
     let distill_seconds = start.elapsed().as_secs_f64();
     let distilled_accuracy = accuracy(&mut student, test.0, test.1)?;

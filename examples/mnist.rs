@@ -58,7 +58,7 @@ fn parse_args() -> Result<Args, String> {
         plot: PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/target/mnist.png")),
         seed: 1,
         constant_lr: false,
-        init: Init::He,
+        init: Init::PyTorch,
         json: false,
     };
     let mut it = std::env::args().skip(1);

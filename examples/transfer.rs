@@ -7,13 +7,13 @@
 //!    fine-tune the fully connected classifier on `--per-class` images of each digit.
 //! 3. Train the same network from scratch on the same images, for the same epochs.
 //!
-//! `cargo run --release --example transfer -- [--pretrain-images 15000] [--per-class 100]
-//!     [--epochs 15] [--device gpu|cpu] [--data DIR] [--json]`
+//! `cargo run --release --example transfer -- [--pretrain-images 15000] [--per-class 20]
+//!     [--epochs 15] [--freeze conv1,conv2] [--lr 0.006] [--device gpu|cpu] [--data DIR] [--json]`
 
 mod common;
 
 use common::{Flags, accuracy, fit, subset};
-use wgcnn::nn::{LeNetOptions, Linear, lenet5};
+use wgcnn::nn::{Init, LeNetOptions, Linear, lenet5};
 use wgcnn::{Graph, Optimizer};
 
 fn main() {
@@ -23,8 +23,14 @@ fn main() {
     }
 }
 
+const OPTIONS: LeNetOptions = LeNetOptions {
+    batch_norm: false,
+    dropout: 0.0,
+    init: Init::PyTorch,
+};
+
 fn five_way(device: &wgcnn::Device, seed: u64) -> wgcnn::Result<Graph> {
-    let mut model = lenet5(LeNetOptions::default())?.build(device.clone(), seed)?;
+    let mut model = lenet5(OPTIONS)?.build(device.clone(), seed)?;
     model.replace("fc3", Linear::new(84, 5))?;
     Ok(model)
 }
@@ -33,8 +39,9 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     let flags = Flags::parse();
     let json = flags.has("--json");
     let pretrain_images: usize = flags.get("--pretrain-images", 15_000);
-    let per_class: usize = flags.get("--per-class", 100);
+    let per_class: usize = flags.get("--per-class", 20);
     let epochs: usize = flags.get("--epochs", 15);
+    let frozen: String = flags.get("--freeze", "conv1,conv2".to_string());
     let device = common::device(&flags)?;
     let data = common::mnist(&flags)?;
     let say = |line: String| {
@@ -52,14 +59,14 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         |d| d,
     );
     // The usual ten-way LeNet-5 (only 0–4 occur): its head will not fit the new task.
-    let mut pretrained = lenet5(LeNetOptions::default())?.build(device.clone(), 1)?;
-    let mut opt = pretrained.optimizer(Optimizer::adam(2e-3))?;
+    let mut pretrained = lenet5(OPTIONS)?.build(device.clone(), 1)?;
+    let mut opt = pretrained.optimizer(Optimizer::adam(6e-3))?;
     let seconds = fit(
         &mut pretrained,
         &mut opt,
         &source,
         &source_labels,
-        2e-3,
+        6e-3,
         1,
         64,
         1,
@@ -102,10 +109,10 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     let report = transfer.load_matching(&wgcnn::train::Checkpoint::load(checkpoint)?)?;
     say(format!("loading {checkpoint}:\n{report}"));
     // The new head keeps its fresh weights; the convolutional features stay as they are.
-    for frozen in ["conv1", "conv2"] {
+    for frozen in frozen.split(',').filter(|n| !n.is_empty()) {
         transfer.freeze(frozen, true)?;
     }
-    let lr = 2e-3;
+    let lr: f32 = flags.get("--lr", 6e-3);
     let mut opt = transfer.optimizer(Optimizer::adam(lr))?;
     let transfer_seconds = fit(
         &mut transfer,

@@ -49,7 +49,7 @@ pub use ops::pool2d::{
     Pool2d, Pool2dShape, PoolKind, Pooled, global_avg_pool, global_avg_pool_backward,
 };
 pub use ops::softmax_cross_entropy::{CrossEntropy, softmax_cross_entropy};
-pub use optim::{GpuOptimizer, Optimizer};
+pub use optim::{CpuOptimizer, GpuOptimizer, Optimizer, OptimizerState};
 pub use tensor::Tensor;
 /// The wgpu version wgcnn is built on, for `GpuOptions::backends` and adapter info.
 pub use wgpu;

@@ -305,22 +305,21 @@ struct OptimParams {
     _pad: [u32; 2],
 }
 
-/// An optimizer with its per-parameter state on the GPU.
-pub struct GpuOptimizer {
+/// An optimizer rule with its per-parameter state (two tensors per parameter, created zeroed
+/// on the first step): on the GPU as [`GpuOptimizer`], on the host as [`CpuOptimizer`].
+pub struct OptimizerState<T> {
     rule: Optimizer,
     step: u32,
-    state: Vec<[Tensor; 2]>,
+    state: Vec<[T; 2]>,
 }
 
-impl GpuOptimizer {
-    /// Changes the learning rate from the next step on (the state is kept).
-    pub fn set_lr(&mut self, lr: f32) -> Result<()> {
-        let rule = self.rule.with_lr(lr);
-        rule.validate()?;
-        self.rule = rule;
-        Ok(())
-    }
+/// An optimizer with its per-parameter state on the GPU.
+pub type GpuOptimizer = OptimizerState<Tensor>;
 
+/// The CPU reference of [`GpuOptimizer`]: the same rule and state, on host arrays.
+pub type CpuOptimizer = OptimizerState<ArrayD<f32>>;
+
+impl<T> OptimizerState<T> {
     /// A fresh optimizer (state is created, zeroed, on the first step).
     pub fn new(rule: Optimizer) -> Result<Self> {
         rule.validate()?;
@@ -331,32 +330,45 @@ impl GpuOptimizer {
         })
     }
 
+    /// Changes the learning rate from the next step on (the state is kept).
+    pub fn set_lr(&mut self, lr: f32) -> Result<()> {
+        let rule = self.rule.with_lr(lr);
+        rule.validate()?;
+        self.rule = rule;
+        Ok(())
+    }
+
     /// Steps taken so far.
     pub fn steps(&self) -> u32 {
         self.step
     }
 
     /// The state tensors of parameter `index` (momentum/sum/exp_avg, exp_avg_sq).
-    pub fn state(&self, index: usize) -> Option<&[Tensor; 2]> {
+    pub fn state(&self, index: usize) -> Option<&[T; 2]> {
         self.state.get(index)
     }
 
-    /// Updates every parameter in place from its gradient; the same parameters, in the same
-    /// order, must be passed at every step.
-    pub fn step(&mut self, params: &[&Tensor], grads: &[&Tensor]) -> Result<()> {
-        if params.len() != grads.len()
-            || (!self.state.is_empty() && self.state.len() != params.len())
-        {
+    /// Fails unless there is one gradient per parameter and, after the first step, the same
+    /// number of parameters as before.
+    fn check_counts(&self, params: usize, grads: usize) -> Result<()> {
+        if params != grads || (!self.state.is_empty() && self.state.len() != params) {
             return Err(Error::ShapeMismatch {
                 op: "optimizer",
                 detail: format!(
-                    "{} parameters, {} gradients, state for {}",
-                    params.len(),
-                    grads.len(),
+                    "{params} parameters, {grads} gradients, state for {}",
                     self.state.len()
                 ),
             });
         }
+        Ok(())
+    }
+}
+
+impl GpuOptimizer {
+    /// Updates every parameter in place from its gradient; the same parameters, in the same
+    /// order, must be passed at every step.
+    pub fn step(&mut self, params: &[&Tensor], grads: &[&Tensor]) -> Result<()> {
+        self.check_counts(params.len(), grads.len())?;
         for (p, g) in params.iter().zip(grads) {
             if p.shape() != g.shape() {
                 return Err(Error::ShapeMismatch {
@@ -402,48 +414,11 @@ impl GpuOptimizer {
     }
 }
 
-/// The CPU reference of [`GpuOptimizer`]: the same rule and state, on host arrays.
-pub struct CpuOptimizer {
-    rule: Optimizer,
-    step: u32,
-    state: Vec<[ArrayD<f32>; 2]>,
-}
-
 impl CpuOptimizer {
-    /// Changes the learning rate from the next step on (the state is kept).
-    pub fn set_lr(&mut self, lr: f32) -> Result<()> {
-        let rule = self.rule.with_lr(lr);
-        rule.validate()?;
-        self.rule = rule;
-        Ok(())
-    }
-
-    /// A fresh optimizer (state is created, zeroed, on the first step).
-    pub fn new(rule: Optimizer) -> Result<Self> {
-        rule.validate()?;
-        Ok(Self {
-            rule,
-            step: 0,
-            state: Vec::new(),
-        })
-    }
-
     /// Updates every parameter in place; the same parameters, in the same order, must be
     /// passed at every step.
     pub fn step(&mut self, params: &mut [&mut ArrayD<f32>], grads: &[&ArrayD<f32>]) -> Result<()> {
-        if params.len() != grads.len()
-            || (!self.state.is_empty() && self.state.len() != params.len())
-        {
-            return Err(Error::ShapeMismatch {
-                op: "optimizer",
-                detail: format!(
-                    "{} parameters, {} gradients, state for {}",
-                    params.len(),
-                    grads.len(),
-                    self.state.len()
-                ),
-            });
-        }
+        self.check_counts(params.len(), grads.len())?;
         if self.state.is_empty() {
             self.state = params
                 .iter()

@@ -367,3 +367,35 @@ fn misuse_is_an_error_that_says_what_to_do() {
         assert!(e.to_string().contains("Device"), "{e}");
     }
 }
+
+#[test]
+fn online_mini_batch_and_full_batch_learning_all_lower_the_loss() {
+    // The batch size picks the mode: 1 (online), a few (mini-batch), all (full batch).
+    let data = mnist();
+    let images = data.train_images.first(32);
+    let labels = &data.train_labels[..32];
+    let normalize = wgcnn::Normalize::mnist();
+    for (batch, lr) in [(1, 0.01), (8, 0.05), (32, 0.1)] {
+        let mut model = nn::Sequential::new()
+            .add("flatten", nn::Flatten)
+            .add("fc", Linear::new(784, 10))
+            .build(Device::Cpu, 4)
+            .unwrap();
+        let mut opt = model.optimizer(Optimizer::sgd(lr)).unwrap();
+        let epoch = |model: &mut Graph, opt: &mut GraphOptimizer, e| {
+            wgcnn::train::train_epoch(model, opt, &images, labels, &normalize, batch, 1, e).unwrap()
+        };
+        let first = epoch(&mut model, &mut opt, 0);
+        let mut last = first;
+        for e in 1..5 {
+            last = epoch(&mut model, &mut opt, e);
+        }
+        assert_eq!(model.steps(), 5 * 32u32.div_ceil(batch as u32));
+        assert!(
+            last.loss < first.loss,
+            "batch {batch}: {} → {}",
+            first.loss,
+            last.loss
+        );
+    }
+}

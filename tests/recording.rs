@@ -82,11 +82,39 @@ fn memory_stays_flat_over_many_recorded_steps() {
 }
 
 #[test]
-fn recordings_do_not_nest() {
+fn a_nested_recording_joins_the_outer_one_and_threads_record_apart() {
     let Some(_) = gpu() else { return };
     let gpu = &Gpu::new().unwrap();
-    let err = gpu.record(|| gpu.record(|| Ok(()))).unwrap_err();
-    assert!(err.to_string().contains("recordings do not nest"), "{err}");
-    // The failed inner call leaves the outer one usable, and nothing stays recording.
-    gpu.record(|| Ok(())).unwrap();
+    let data = random(&[4, 37], 1);
+    let x = Tensor::from_array(gpu, &data).unwrap();
+    let before = gpu.submissions();
+    let y = gpu
+        .record(|| {
+            let a = Activation::Relu.forward(&x)?;
+            gpu.record(|| Activation::Tanh.forward(&a))
+        })
+        .unwrap();
+    assert_eq!(gpu.submissions() - before, 1, "one submit for both levels");
+    let want = data.mapv(|v| v.max(0.0).tanh());
+    assert!(common::max_abs_diff(&y.to_array().unwrap(), &want) < 1e-6);
+
+    // Two threads recording at once on one Gpu: each its own encoder, both results right.
+    std::thread::scope(|scope| {
+        for seed in 0..2u64 {
+            scope.spawn(move || {
+                let data = random(&[3, 50], 10 + seed);
+                let x = Tensor::from_array(gpu, &data).unwrap();
+                for _ in 0..20 {
+                    let y = gpu
+                        .record(|| {
+                            let a = Activation::Sigmoid.forward(&x)?;
+                            Activation::Relu.forward(&a)
+                        })
+                        .unwrap();
+                    let want = data.mapv(|v| 1.0 / (1.0 + (-v).exp()));
+                    assert!(common::max_abs_diff(&y.to_array().unwrap(), &want) < 1e-6);
+                }
+            });
+        }
+    });
 }

@@ -382,3 +382,65 @@ fn distill_step_trains_the_student_and_leaves_the_teacher_alone() {
         assert!(loss.to_array().unwrap()[[0]].is_finite());
     }
 }
+
+#[test]
+fn a_generator_learns_to_fool_a_fixed_discriminator() {
+    use wgcnn::nn::{Flatten, Sequential};
+    use wgcnn::train::{discriminator_step, generator_step};
+    let data =
+        wgcnn::data::Mnist::load(concat!(env!("CARGO_MANIFEST_DIR"), "/data/mnist")).unwrap();
+    let unit = wgcnn::Normalize::new(&[0.5], &[0.5]).unwrap();
+    for device in devices() {
+        let leaky = wgcnn::Activation::LeakyRelu(0.2);
+        let mut generator = Sequential::new()
+            .add("fc1", Linear::new(8, 32).activation(leaky))
+            .add(
+                "fc2",
+                Linear::new(32, 784).activation(wgcnn::Activation::Tanh),
+            )
+            .build(device.clone(), 1)
+            .unwrap();
+        let mut discriminator = Sequential::new()
+            .add("flatten", Flatten)
+            .add("fc1", Linear::new(784, 32).activation(leaky))
+            .add("fc2", Linear::new(32, 2))
+            .build(device.clone(), 2)
+            .unwrap();
+        let mut opt_d = discriminator.optimizer(Optimizer::adam(1e-3)).unwrap();
+        let mut opt_g = generator.optimizer(Optimizer::adam(1e-2)).unwrap();
+        let noise = |step: u64| move |d: &Device| d.upload(random(&[16, 8], 1000 + step));
+        // The discriminator learns to reject the untrained generator's samples.
+        for step in 0..20 {
+            let real: Vec<usize> = (step * 16..step * 16 + 16).collect();
+            discriminator_step(
+                &mut discriminator,
+                &mut generator,
+                &mut opt_d,
+                |d| wgcnn::train::image_batch(d, &data.train_images, &real, &unit),
+                noise(step as u64),
+            )
+            .unwrap();
+        }
+        let frozen = discriminator.checkpoint().unwrap();
+        let mut fooled = Vec::new();
+        for step in 0..30 {
+            let out = generator_step(
+                &mut generator,
+                &mut discriminator,
+                &mut opt_g,
+                noise(100 + step),
+                1,
+            )
+            .unwrap();
+            fooled.push(out.correct.to_array().unwrap()[[0]]);
+        }
+        assert_eq!(
+            discriminator.checkpoint().unwrap(),
+            frozen,
+            "generator steps leave the discriminator as it was"
+        );
+        let early: f32 = fooled[..5].iter().sum();
+        let late: f32 = fooled[25..].iter().sum();
+        assert!(late > early, "{}: fooled {fooled:?}", device.name());
+    }
+}

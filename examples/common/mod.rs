@@ -2,9 +2,9 @@
 
 #![allow(dead_code)]
 
-use wgcnn::data::{Images, Mnist};
+use wgcnn::data::{Images, Mnist, shuffled_indices};
 use wgcnn::graph::GraphOptimizer;
-use wgcnn::train::{evaluate, train_epoch};
+use wgcnn::train::{evaluate, image_batch, label_batch, train_step};
 use wgcnn::{Device, Gpu, Graph, Normalize, Result};
 
 /// Command-line flags: `--name value` pairs and bare `--switch`es.
@@ -69,8 +69,14 @@ pub fn subset(
     (images.select(&chosen), new_labels)
 }
 
-/// Trains `epochs` epochs with a cosine learning rate from `lr` to 0; returns the seconds
-/// spent training.
+/// The cosine schedule: `lr` at the start, 0 at the end of `total` steps.
+pub fn cosine(lr: f32, step: usize, total: usize) -> f32 {
+    let progress = step as f64 / total.max(1) as f64;
+    (f64::from(lr) * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())) as f32
+}
+
+/// Trains `epochs` epochs of mini-batches, the learning rate following a cosine from `lr` to
+/// 0 step by step; returns the seconds spent training.
 #[allow(clippy::too_many_arguments)]
 pub fn fit(
     model: &mut Graph,
@@ -82,23 +88,27 @@ pub fn fit(
     batch_size: usize,
     seed: u64,
 ) -> Result<f64> {
-    let mut seconds = 0.0;
+    let normalize = Normalize::mnist();
+    let total = epochs * images.count.div_ceil(batch_size);
+    let start = std::time::Instant::now();
+    let mut step = 0;
     for epoch in 0..epochs {
-        let progress = epoch as f64 / epochs as f64;
-        optimizer.set_lr(lr * (0.5 * (1.0 + (std::f64::consts::PI * progress).cos())) as f32)?;
-        let stats = train_epoch(
-            model,
-            optimizer,
-            images,
-            labels,
-            &Normalize::mnist(),
-            batch_size,
-            seed,
-            epoch as u64,
-        )?;
-        seconds += stats.seconds;
+        for batch in shuffled_indices(images.count, seed, epoch as u64).chunks(batch_size) {
+            optimizer.set_lr(cosine(lr, step, total))?;
+            train_step(
+                model,
+                optimizer,
+                |d| image_batch(d, images, batch, &normalize),
+                &label_batch(labels, batch),
+            )?;
+            step += 1;
+        }
     }
-    Ok(seconds)
+    // The steps were only submitted: wait for them before taking the time.
+    if let Device::Gpu(gpu) = model.device() {
+        gpu.synchronize()?;
+    }
+    Ok(start.elapsed().as_secs_f64())
 }
 
 /// Test accuracy in `[0, 1]`.

@@ -6,8 +6,7 @@
 use bytemuck::{Pod, Zeroable};
 use ndarray::{Array1, ArrayD, ArrayViewD, Axis, IxDyn};
 
-use super::reduce::sum_axes;
-use super::softmax_cross_entropy::{CrossEntropy, check};
+use super::softmax_cross_entropy::{CrossEntropy, check, per_row_to_totals};
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
@@ -101,22 +100,7 @@ impl Distillation {
                 (rows as u64).div_ceil(64),
             )
         })?;
-        let loss = Tensor::uninit(gpu, &[1])?;
-        let correct = Tensor::uninit(gpu, &[1])?;
-        sum_axes(
-            gpu,
-            &row_loss,
-            (rows, 1, 1),
-            &loss,
-            1.0 / rows as f32,
-            false,
-        )?;
-        sum_axes(gpu, &row_correct, (rows, 1, 1), &correct, 1.0, false)?;
-        Ok(CrossEntropy {
-            loss,
-            grad_logits: grad,
-            correct,
-        })
+        per_row_to_totals(grad, &row_loss, &row_correct)
     }
 
     /// CPU reference of [`Distillation::forward`], from the definition, in f64.

@@ -95,17 +95,21 @@ pub fn softmax_cross_entropy(logits: &Tensor, labels: &[usize]) -> Result<CrossE
             (rows as u64).div_ceil(64),
         )
     })?;
+    per_row_to_totals(grad, &row_loss, &row_correct)
+}
+
+/// The batch's mean loss and correct count from per-row values, with the gradient.
+pub(crate) fn per_row_to_totals(
+    grad: Tensor,
+    row_loss: &Tensor,
+    row_correct: &Tensor,
+) -> Result<CrossEntropy<Tensor>> {
+    let gpu = grad.gpu();
+    let rows = row_loss.len();
     let loss = Tensor::uninit(gpu, &[1])?;
     let correct = Tensor::uninit(gpu, &[1])?;
-    sum_axes(
-        gpu,
-        &row_loss,
-        (rows, 1, 1),
-        &loss,
-        1.0 / rows as f32,
-        false,
-    )?;
-    sum_axes(gpu, &row_correct, (rows, 1, 1), &correct, 1.0, false)?;
+    sum_axes(gpu, row_loss, (rows, 1, 1), &loss, 1.0 / rows as f32, false)?;
+    sum_axes(gpu, row_correct, (rows, 1, 1), &correct, 1.0, false)?;
     Ok(CrossEntropy {
         loss,
         grad_logits: grad,
