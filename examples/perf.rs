@@ -79,6 +79,7 @@ fn conv_cases(gpu: &Gpu, [n, c, h, o, k, pad]: [usize; 6]) -> Result<Vec<Case<'_
     let b = random(&[o], 5);
     let shape = spec.shape(x.shape(), w.shape(), Some(b.shape()))?;
     let dy = random(&shape.output(), 6);
+    let kernels = spec.kernels(gpu, &shape);
     let label = format!("N{n} {c}->{o} {h}x{h} k{k} p{pad}");
     let (tx, tw, tb, tdy) = (
         Tensor::from_array(gpu, &x)?,
@@ -93,7 +94,7 @@ fn conv_cases(gpu: &Gpu, [n, c, h, o, k, pad]: [usize; 6]) -> Result<Vec<Case<'_
         Case {
             op: "conv2d_fwd",
             shape: label.clone(),
-            kernel: "im2col+matmul".into(),
+            kernel: kernels.into(),
             flops: shape.flops(),
             gpu: Box::new(move || spec.forward(&t1.0, &t1.1, Some(&t1.2)).map(drop)),
             cpu: Box::new(move || {
@@ -103,7 +104,7 @@ fn conv_cases(gpu: &Gpu, [n, c, h, o, k, pad]: [usize; 6]) -> Result<Vec<Case<'_
         Case {
             op: "conv2d_fwd_bwd",
             shape: label,
-            kernel: "im2col+matmul,col2im".into(),
+            kernel: kernels.into(),
             flops: 3.0 * shape.flops(),
             gpu: Box::new(move || {
                 spec.forward(&t2.0, &t2.1, Some(&t2.2))?;

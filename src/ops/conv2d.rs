@@ -213,6 +213,17 @@ impl Conv2d {
         })
     }
 
+    /// The kernels this convolution runs on `gpu`: `"direct"` (small filter banks at stride
+    /// 1: forward, input and weight gradients without im2col) or `"im2col+matmul"`.
+    pub fn kernels(&self, gpu: &Gpu, shape: &Conv2dShape) -> &'static str {
+        if conv_direct::eligible(gpu, self, shape) && conv_direct::eligible_weight_grad(self, shape)
+        {
+            "direct"
+        } else {
+            "im2col+matmul"
+        }
+    }
+
     /// `act(conv(x, weight) + bias)` on the GPU.
     pub fn forward(&self, x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
         let gpu = x.gpu().clone();
@@ -307,6 +318,16 @@ impl Conv2d {
         let dbias = Tensor::uninit(&gpu, &[o])?;
         sum_axes(&gpu, dy, (shape.n, o, positions), &dbias, 1.0, false)?;
 
+        // Stride 1: dW directly over the whole batch, no im2col.
+        let direct_dw = conv_direct::eligible_weight_grad(self, &shape);
+        if direct_dw {
+            conv_direct::weight_grad(&shape, x, dy, &dweight)?;
+        }
+        let col2im_dx = dx.as_ref().filter(|_| !direct_dx);
+        if direct_dw && col2im_dx.is_none() {
+            return Ok((dx, dweight, dbias));
+        }
+
         let weight_matrix = [o, taps];
         let image_in = (shape.c * shape.h * shape.w) as u64 * 4;
         let image_dy = (o * positions) as u64 * 4;
@@ -317,34 +338,32 @@ impl Conv2d {
                 (dy_chunk.buffer(), 0),
                 count as u64 * image_dy,
             )?;
-            // dW += Σ_n dy[n] · col[n]ᵀ
-            let col = self.im2col(&gpu, &shape, x, first, count)?;
-            let per_image = Tensor::uninit(&gpu, &[count, o, taps])?;
-            let nt = Matmul {
-                trans_b: true,
-                ..Matmul::default()
-            };
-            nt.run(
-                &gpu,
-                dy_chunk.operand(),
-                col.operand(),
-                None,
-                per_image.operand(),
-            )?;
-            drop(col);
-            sum_axes(
-                &gpu,
-                &per_image,
-                (count, o * taps, 1),
-                &dweight,
-                1.0,
-                index > 0,
-            )?;
-            drop(per_image);
-            let Some(dx) = &dx else { continue };
-            if direct_dx {
-                continue;
+            if !direct_dw {
+                // dW += Σ_n dy[n] · col[n]ᵀ
+                let col = self.im2col(&gpu, &shape, x, first, count)?;
+                let per_image = Tensor::uninit(&gpu, &[count, o, taps])?;
+                let nt = Matmul {
+                    trans_b: true,
+                    ..Matmul::default()
+                };
+                nt.run(
+                    &gpu,
+                    dy_chunk.operand(),
+                    col.operand(),
+                    None,
+                    per_image.operand(),
+                )?;
+                drop(col);
+                sum_axes(
+                    &gpu,
+                    &per_image,
+                    (count, o * taps, 1),
+                    &dweight,
+                    1.0,
+                    index > 0,
+                )?;
             }
+            let Some(dx) = col2im_dx else { continue };
             // dx = col2im(Wᵀ · dy[n])
             let dcol = Tensor::uninit(&gpu, &[count, taps, positions])?;
             let tn = Matmul {
