@@ -1,4 +1,4 @@
-//! Layers built from the ops, each a [`Layer`](crate::graph::Layer) for the executor, and
+//! Layers built from the ops, each a [`Layer`] for the executor, and
 //! [`Sequential`] to stack them. State is named as in a PyTorch `state_dict`
 //! (`conv1.weight`, `bn1.running_var`, …).
 

@@ -201,7 +201,7 @@ impl crate::graph::Graph {
         Ok(())
     }
 
-    /// Loads the state from a safetensors file written by [`Graph::save`] (or by PyTorch
+    /// Loads the state from a safetensors file written by [`Self::save`] (or by PyTorch
     /// with the same names and layouts).
     pub fn load(&mut self, path: impl AsRef<Path>) -> Result<()> {
         self.load_checkpoint(&Checkpoint::load(path)?)
