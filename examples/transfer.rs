@@ -113,33 +113,14 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         transfer.freeze(frozen, true)?;
     }
     let lr: f32 = flags.get("--lr", 6e-3);
-    let mut opt = transfer.optimizer(Optimizer::adam(lr))?;
-    let transfer_seconds = fit(
-        &mut transfer,
-        &mut opt,
-        &target,
-        &target_labels,
-        lr,
-        epochs,
-        32,
-        3,
-    )?;
-    let transfer_accuracy = accuracy(&mut transfer, &test, &test_labels)?;
-
+    let train_and_test = |model: &mut Graph| -> wgcnn::Result<(f64, f64)> {
+        let mut opt = model.optimizer(Optimizer::adam(lr))?;
+        let seconds = fit(model, &mut opt, &target, &target_labels, lr, epochs, 32, 3)?;
+        Ok((seconds, accuracy(model, &test, &test_labels)?))
+    };
+    let (transfer_seconds, transfer_accuracy) = train_and_test(&mut transfer)?;
     // 3. The same network from scratch on the same images.
-    let mut scratch = five_way(&device, 2)?;
-    let mut opt = scratch.optimizer(Optimizer::adam(lr))?;
-    let scratch_seconds = fit(
-        &mut scratch,
-        &mut opt,
-        &target,
-        &target_labels,
-        lr,
-        epochs,
-        32,
-        3,
-    )?;
-    let scratch_accuracy = accuracy(&mut scratch, &test, &test_labels)?;
+    let (scratch_seconds, scratch_accuracy) = train_and_test(&mut five_way(&device, 2)?)?;
 
     say(format!(
         "digits 5–9 from {} labelled images, {epochs} epochs, tested on {} images:",

@@ -251,15 +251,7 @@ fn cpu_pass(
 
 #[test]
 fn the_hash_init_reproduces_the_shipped_parameters() {
-    let bytes = std::fs::read(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/golden/lenet_params_init.f32le.bin"
-    ))
-    .unwrap();
-    let shipped: Vec<f32> = bytes
-        .chunks(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect();
+    let shipped = common::golden::lenet_init_values();
     let ours: Vec<f32> = init_params()
         .iter()
         .flat_map(|p| p.iter().copied())

@@ -275,15 +275,7 @@ fn frozen_layers_stay_bit_identical_and_a_new_head_trains() {
 fn a_pytorch_style_state_dict_loads_as_is() {
     // The golden's parameters were made by PyTorch (OIHW conv, [out, in] linear), under
     // PyTorch's names: saved as safetensors, they load into lenet5 unchanged.
-    let bytes = std::fs::read(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/golden/lenet_params_init.f32le.bin"
-    ))
-    .unwrap();
-    let values: Vec<f32> = bytes
-        .chunks(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect();
+    let values = common::golden::lenet_init_values();
     let model = lenet5(LeNetOptions::default())
         .unwrap()
         .build(Device::Cpu, 1)

@@ -82,3 +82,17 @@ pub fn assert_close(what: &str, got: &ArrayD<f32>, expected: &ArrayD<f32>, rtol:
         expected.iter().nth(worst.1).unwrap()
     );
 }
+
+/// The LeNet golden's initial parameters as PyTorch made them, in its parameter order
+/// (`tests/golden/lenet_params_init.f32le.bin`, little-endian f32).
+pub fn lenet_init_values() -> Vec<f32> {
+    let bytes = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/golden/lenet_params_init.f32le.bin"
+    ))
+    .unwrap();
+    bytes
+        .chunks(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
