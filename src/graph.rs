@@ -316,37 +316,20 @@ impl Graph {
                 "{name} reads value {bad}, which is not defined yet (0 is the input, node k's output is k+1)"
             )));
         }
-        let seed = self.seed;
-        let mut rng = |local: &'static str| InitRng::for_tensor(seed, &format!("{name}.{local}"));
-        let inits = layer.init_state(&mut rng);
-        if !inits.is_empty() && self.nodes.iter().any(|n| n.name == name) {
+        let node = self.fresh_node(name, layer, inputs.to_vec())?;
+        if !node.state.is_empty() && self.nodes.iter().any(|n| n.name == name) {
             return Err(invalid(format!(
                 "two nodes are named {name:?}; state names must be unique"
             )));
         }
-        let state_names = inits.iter().map(|i| i.name).collect();
-        let trainable = inits.iter().map(|i| i.trainable).collect();
-        let grads = inits.iter().map(|_| None).collect();
-        let state = inits
-            .into_iter()
-            .map(|init| self.device.upload(init.value))
-            .collect::<Result<Vec<_>>>()?;
-        self.nodes.push(Node {
-            name: name.to_string(),
-            layer,
-            inputs: inputs.to_vec(),
-            state,
-            state_names,
-            trainable,
-            grads,
-            frozen: false,
-        });
+        self.nodes.push(node);
         self.plan_liveness();
         Ok(self.nodes.len())
     }
 
     /// Replaces the layer of the node named `name` (e.g. a new classifier head for transfer
-    /// learning); the new layer's state is freshly initialised and its inputs are kept.
+    /// learning); the new layer's state is freshly initialised (and not frozen), its inputs
+    /// are kept.
     pub fn replace(&mut self, name: &str, layer: impl Layer + 'static) -> Result<()> {
         let index = self
             .nodes
@@ -367,20 +350,30 @@ impl Graph {
                 ),
             });
         }
+        let inputs = self.nodes[index].inputs.clone();
+        self.nodes[index] = self.fresh_node(name, Box::new(layer), inputs)?;
+        self.mode = None;
+        Ok(())
+    }
+
+    /// A node for `layer` with its state initialised from the model seed and uploaded.
+    fn fresh_node(&self, name: &str, layer: Box<dyn Layer>, inputs: Vec<ValueId>) -> Result<Node> {
         let seed = self.seed;
         let mut rng = |local: &'static str| InitRng::for_tensor(seed, &format!("{name}.{local}"));
         let inits = layer.init_state(&mut rng);
-        let node = &mut self.nodes[index];
-        node.state = inits
-            .iter()
-            .map(|init| self.device.upload(init.value.clone()))
-            .collect::<Result<Vec<_>>>()?;
-        node.state_names = inits.iter().map(|i| i.name).collect();
-        node.trainable = inits.iter().map(|i| i.trainable).collect();
-        node.grads = inits.iter().map(|_| None).collect();
-        node.layer = Box::new(layer);
-        self.mode = None;
-        Ok(())
+        Ok(Node {
+            name: name.to_string(),
+            inputs,
+            state_names: inits.iter().map(|i| i.name).collect(),
+            trainable: inits.iter().map(|i| i.trainable).collect(),
+            grads: inits.iter().map(|_| None).collect(),
+            state: inits
+                .into_iter()
+                .map(|init| self.device.upload(init.value))
+                .collect::<Result<Vec<_>>>()?,
+            layer,
+            frozen: false,
+        })
     }
 
     /// Recomputes, per node, which values die after its forward and after its backward.
