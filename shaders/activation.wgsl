@@ -11,15 +11,22 @@ fn linear_index(gid: vec3<u32>, nwg: vec3<u32>) -> u32 {
     return gid.x + gid.y * nwg.x * 256u;
 }
 
+// The elementwise kernels loop over the elements with the grid's stride: fewer, longer
+// invocations (src/ops/activation.rs launches one per ELEMENTS_PER_INVOCATION elements) cost
+// less per element on CPU adapters, and reads stay contiguous across the lanes.
+fn grid_stride(nwg: vec3<u32>) -> u32 {
+    return nwg.x * nwg.y * 256u;
+}
+
 // ---- forward: dst = act(src)
 @group(0) @binding(1) var<storage, read> src: array<f32>;
 @group(0) @binding(2) var<storage, read_write> dst: array<f32>;
 
 @compute @workgroup_size(256)
 fn forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let i = linear_index(gid, nwg);
-    if i >= p.total { return; }
-    dst[i] = activate(src[i], p.code, p.slope);
+    for (var i = linear_index(gid, nwg); i < p.total; i += grid_stride(nwg)) {
+        dst[i] = activate(src[i], p.code, p.slope);
+    }
 }
 
 // ---- backward: dx = dy · act'(x), with act' written through y where that is cheaper.
@@ -30,17 +37,17 @@ fn forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroup
 
 @compute @workgroup_size(256)
 fn backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let i = linear_index(gid, nwg);
-    if i >= p.total { return; }
-    var d = 1.0;
-    switch p.code {
-        case 1u: { d = select(0.0, 1.0, x[i] > 0.0); }
-        case 2u: { d = select(p.slope, 1.0, x[i] > 0.0); }
-        case 3u: { d = y[i] * (1.0 - y[i]); }
-        case 4u: { d = 1.0 - y[i] * y[i]; }
-        default: {}
+    for (var i = linear_index(gid, nwg); i < p.total; i += grid_stride(nwg)) {
+        var d = 1.0;
+        switch p.code {
+            case 1u: { d = select(0.0, 1.0, x[i] > 0.0); }
+            case 2u: { d = select(p.slope, 1.0, x[i] > 0.0); }
+            case 3u: { d = y[i] * (1.0 - y[i]); }
+            case 4u: { d = 1.0 - y[i] * y[i]; }
+            default: {}
+        }
+        dx[i] = dy[i] * d;
     }
-    dx[i] = dy[i] * d;
 }
 
 // ---- softmax over rows of length p.row; p.total counts rows.

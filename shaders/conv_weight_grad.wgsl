@@ -1,14 +1,23 @@
 // The weight gradient of a stride-1 convolution, directly (no im2col), generated per
-// (kernel height, kernel width, block) by src/ops/conv_direct.rs:
+// (kernel height, kernel width, block) by src/ops/conv_direct.rs, specialised per shape:
 //   dW[o, c, ky, kx] = Σ_{n, oy, ox} dy[n, o, oy, ox] · x[n, c, oy + ky - pad_top, ox + kx - pad_left]
 // One workgroup per (o, c) pair. Each invocation walks blocks of BLOCK outputs along a row,
 // loads the block's dy values and, per kernel row, the input segment they see once, and
 // keeps the KH·KW partial sums in registers; the workgroup then adds its 64 partial sums.
 
+// The shape, baked in per pipeline so that the index arithmetic divides by constants.
+override C: u32;
+override H: u32;
+override W: u32;
+override O: u32;
+override OH: u32;
+override OW: u32;
+override PAD_TOP: u32;
+override PAD_LEFT: u32;
+override BLOCKS: u32;
+
 struct Params {
-    c: u32, h: u32, w: u32, o: u32,
-    oh: u32, ow: u32, pad_top: u32, pad_left: u32,
-    blocks: u32, work: u32, _pad0: u32, _pad1: u32,
+    work: u32, _pad0: u32, _pad1: u32, _pad2: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -21,7 +30,7 @@ var<workgroup> partial: array<f32, {{PARTIALS}}>;
 
 // x[row + ix], zero outside the image (the padding).
 fn fetch(row: u32, ix: i32, inside: bool) -> f32 {
-    let ok = inside && ix >= 0 && ix < i32(p.w);
+    let ok = inside && ix >= 0 && ix < i32(W);
     return select(0.0, x[row + u32(max(ix, 0))], ok);
 }
 
@@ -33,18 +42,18 @@ fn main(
 ) {
     let pair = wg.x + wg.y * nwg.x;
     // Uniform per workgroup: the whole group leaves together, before any barrier.
-    if pair >= p.o * p.c { return; }
-    let o = pair / p.c;
-    let c = pair % p.c;
+    if pair >= O * C { return; }
+    let o = pair / C;
+    let c = pair % C;
 {{DECLS}}
     for (var t = lane; t < p.work; t += 64u) {
-        let block = t % p.blocks;
-        let rest = t / p.blocks;
-        let oy = rest % p.oh;
-        let n = rest / p.oh;
+        let block = t % BLOCKS;
+        let rest = t / BLOCKS;
+        let oy = rest % OH;
+        let n = rest / OH;
         let ox0 = block * {{BLOCK}}u;
-        let dy_row = ((n * p.o + o) * p.oh + oy) * p.ow + ox0;
-        let left = i32(ox0) - i32(p.pad_left);
+        let dy_row = ((n * O + o) * OH + oy) * OW + ox0;
+        let left = i32(ox0) - i32(PAD_LEFT);
 {{BODY}}
     }
 {{STORE}}

@@ -4,10 +4,21 @@
 // as f32 (exact below 2^24 pixels); padding never wins, and ties go to the first maximum in
 // row-major window order, as in PyTorch.
 
+// The shape is baked in per pipeline (src/ops/pool2d.rs sets these), so the index
+// arithmetic divides by constants.
+override H: u32;
+override W: u32;
+override OH: u32;
+override OW: u32;
+override KH: u32;
+override KW: u32;
+override SH: u32;
+override SW: u32;
+override PAD_TOP: u32;
+override PAD_LEFT: u32;
+override COUNT_INCLUDE_PAD: u32;
+
 struct Params {
-    planes: u32, h: u32, w: u32, oh: u32,
-    ow: u32, kh: u32, kw: u32, sh: u32,
-    sw: u32, pad_top: u32, pad_left: u32, count_include_pad: u32,
     total: u32, _pad0: u32, _pad1: u32, _pad2: u32,
 }
 
@@ -22,15 +33,15 @@ fn linear_index(gid: vec3<u32>, nwg: vec3<u32>) -> u32 {
 
 /// In-bounds elements of the window at output (oh, ow), for count_include_pad = false.
 fn window_count(oh: u32, ow: u32) -> f32 {
-    let top = i32(oh * p.sh) - i32(p.pad_top);
-    let left = i32(ow * p.sw) - i32(p.pad_left);
-    let rows = min(top + i32(p.kh), i32(p.h)) - max(top, 0);
-    let cols = min(left + i32(p.kw), i32(p.w)) - max(left, 0);
+    let top = i32(oh * SH) - i32(PAD_TOP);
+    let left = i32(ow * SW) - i32(PAD_LEFT);
+    let rows = min(top + i32(KH), i32(H)) - max(top, 0);
+    let cols = min(left + i32(KW), i32(W)) - max(left, 0);
     return f32(rows * cols);
 }
 
 fn divisor(oh: u32, ow: u32) -> f32 {
-    if p.count_include_pad != 0u { return f32(p.kh * p.kw); }
+    if COUNT_INCLUDE_PAD != 0u { return f32(KH * KW); }
     return window_count(oh, ow);
 }
 
@@ -39,20 +50,20 @@ fn divisor(oh: u32, ow: u32) -> f32 {
 fn max_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let index = linear_index(gid, nwg);
     if index >= p.total { return; }
-    let ow = index % p.ow;
-    let oh = (index / p.ow) % p.oh;
-    let plane = index / (p.ow * p.oh);
+    let ow = index % OW;
+    let oh = (index / OW) % OH;
+    let plane = index / (OW * OH);
     var best = -3.402823e38;
     var best_at = 0u;
     var found = false;
-    for (var ki = 0u; ki < p.kh; ki++) {
-        let ih = i32(oh * p.sh + ki) - i32(p.pad_top);
-        if ih < 0 || ih >= i32(p.h) { continue; }
-        for (var kj = 0u; kj < p.kw; kj++) {
-            let iw = i32(ow * p.sw + kj) - i32(p.pad_left);
-            if iw < 0 || iw >= i32(p.w) { continue; }
-            let at = u32(ih) * p.w + u32(iw);
-            let v = src[plane * p.h * p.w + at];
+    for (var ki = 0u; ki < KH; ki++) {
+        let ih = i32(oh * SH + ki) - i32(PAD_TOP);
+        if ih < 0 || ih >= i32(H) { continue; }
+        for (var kj = 0u; kj < KW; kj++) {
+            let iw = i32(ow * SW + kj) - i32(PAD_LEFT);
+            if iw < 0 || iw >= i32(W) { continue; }
+            let at = u32(ih) * W + u32(iw);
+            let v = src[plane * H * W + at];
             if !found || v > best || (v != v && best == best) {
                 best = v;
                 best_at = at;
@@ -68,17 +79,17 @@ fn max_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workg
 fn avg_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let index = linear_index(gid, nwg);
     if index >= p.total { return; }
-    let ow = index % p.ow;
-    let oh = (index / p.ow) % p.oh;
-    let plane = index / (p.ow * p.oh);
+    let ow = index % OW;
+    let oh = (index / OW) % OH;
+    let plane = index / (OW * OH);
     var sum = 0.0;
-    for (var ki = 0u; ki < p.kh; ki++) {
-        let ih = i32(oh * p.sh + ki) - i32(p.pad_top);
-        if ih < 0 || ih >= i32(p.h) { continue; }
-        for (var kj = 0u; kj < p.kw; kj++) {
-            let iw = i32(ow * p.sw + kj) - i32(p.pad_left);
-            if iw < 0 || iw >= i32(p.w) { continue; }
-            sum += src[(plane * p.h + u32(ih)) * p.w + u32(iw)];
+    for (var ki = 0u; ki < KH; ki++) {
+        let ih = i32(oh * SH + ki) - i32(PAD_TOP);
+        if ih < 0 || ih >= i32(H) { continue; }
+        for (var kj = 0u; kj < KW; kj++) {
+            let iw = i32(ow * SW + kj) - i32(PAD_LEFT);
+            if iw < 0 || iw >= i32(W) { continue; }
+            sum += src[(plane * H + u32(ih)) * W + u32(iw)];
         }
     }
     dst[index] = sum / divisor(oh, ow);
@@ -97,14 +108,14 @@ fn windows(i: u32, pad: u32, k: u32, s: u32, n: u32) -> vec2<i32> {
 fn max_backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let index = linear_index(gid, nwg);
     if index >= p.total { return; }
-    let at = index % (p.h * p.w);
-    let plane = index / (p.h * p.w);
-    let rows = windows(at / p.w, p.pad_top, p.kh, p.sh, p.oh);
-    let cols = windows(at % p.w, p.pad_left, p.kw, p.sw, p.ow);
+    let at = index % (H * W);
+    let plane = index / (H * W);
+    let rows = windows(at / W, PAD_TOP, KH, SH, OH);
+    let cols = windows(at % W, PAD_LEFT, KW, SW, OW);
     var sum = 0.0;
     for (var oh = rows.x; oh <= rows.y; oh++) {
         for (var ow = cols.x; ow <= cols.y; ow++) {
-            let out = (plane * p.oh + u32(oh)) * p.ow + u32(ow);
+            let out = (plane * OH + u32(oh)) * OW + u32(ow);
             if u32(argmax[out]) == at { sum += src[out]; }
         }
     }
@@ -115,14 +126,14 @@ fn max_backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_work
 fn avg_backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let index = linear_index(gid, nwg);
     if index >= p.total { return; }
-    let at = index % (p.h * p.w);
-    let plane = index / (p.h * p.w);
-    let rows = windows(at / p.w, p.pad_top, p.kh, p.sh, p.oh);
-    let cols = windows(at % p.w, p.pad_left, p.kw, p.sw, p.ow);
+    let at = index % (H * W);
+    let plane = index / (H * W);
+    let rows = windows(at / W, PAD_TOP, KH, SH, OH);
+    let cols = windows(at % W, PAD_LEFT, KW, SW, OW);
     var sum = 0.0;
     for (var oh = rows.x; oh <= rows.y; oh++) {
         for (var ow = cols.x; ow <= cols.y; ow++) {
-            sum += src[(plane * p.oh + u32(oh)) * p.ow + u32(ow)] / divisor(u32(oh), u32(ow));
+            sum += src[(plane * OH + u32(oh)) * OW + u32(ow)] / divisor(u32(oh), u32(ow));
         }
     }
     dst[index] = sum;

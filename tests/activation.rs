@@ -17,9 +17,15 @@ const ALL: [Activation; 5] = [
 #[test]
 fn elementwise_forward_and_backward_match_the_cpu() {
     let Some(gpu) = gpu() else { return };
-    for (i, shape) in [vec![1], vec![7, 13], vec![3, 4, 5, 6], vec![1000]]
-        .iter()
-        .enumerate()
+    for (i, shape) in [
+        vec![1],
+        vec![7, 13],
+        vec![3, 4, 5, 6],
+        vec![1000],
+        vec![3, 5001],
+    ]
+    .iter()
+    .enumerate()
     {
         let x = random(shape, i as u64).mapv(|v| v * 4.0);
         let dy = random(shape, 100 + i as u64);

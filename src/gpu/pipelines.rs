@@ -26,12 +26,33 @@ impl Gpu {
         entry: &str,
         source: impl FnOnce() -> String,
     ) -> Result<Arc<wgpu::ComputePipeline>> {
-        let key = format!("{key}:{entry}");
+        self.specialized(key, entry, source, &[])
+    }
+
+    /// Like [`Gpu::pipeline`], with the shader's `override` constants set to `constants`
+    /// (one pipeline per distinct set). Shapes baked in as constants let the compiler fold
+    /// the index arithmetic: on CPU adapters such as lavapipe, where integer division by a
+    /// runtime value is a scalar loop over the lanes, that halves memory-bound kernels.
+    pub(crate) fn specialized(
+        &self,
+        key: &str,
+        entry: &str,
+        source: impl FnOnce() -> String,
+        constants: &[(&str, u32)],
+    ) -> Result<Arc<wgpu::ComputePipeline>> {
+        let mut key = format!("{key}:{entry}");
+        for (name, value) in constants {
+            key.push_str(&format!(":{name}={value}"));
+        }
         let key = key.as_str();
         if let Some(found) = lock(&self.inner.pipelines).pipelines.get(key) {
             return Ok(Arc::clone(found));
         }
         let source = source();
+        let constants: Vec<(&str, f64)> = constants
+            .iter()
+            .map(|&(name, value)| (name, f64::from(value)))
+            .collect();
         let pipeline = self.checked(&format!("compiling the `{key}` kernel"), || {
             let device = self.device();
             let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
@@ -43,7 +64,10 @@ impl Gpu {
                 layout: None,
                 module: &module,
                 entry_point: Some(entry),
-                compilation_options: Default::default(),
+                compilation_options: wgpu::PipelineCompilationOptions {
+                    constants: &constants,
+                    ..Default::default()
+                },
                 cache: None,
             })
         })?;

@@ -89,6 +89,9 @@ fn same_shapes(op: &'static str, tensors: &[&Tensor]) -> Result<()> {
     Ok(())
 }
 
+/// Elements each invocation of an elementwise kernel handles (see `grid_stride` in the shader).
+const ELEMENTS_PER_INVOCATION: u64 = 8;
+
 fn launch(
     gpu: &Gpu,
     entry: &str,
@@ -104,13 +107,18 @@ fn launch(
         .concat()
     })?;
     let bindings: Vec<_> = (first..).zip(tensors.iter().map(|t| t.binding())).collect();
+    // Elementwise entries loop over ELEMENTS_PER_INVOCATION elements; softmax takes a row each.
+    let per_invocation = match entry {
+        "forward" | "backward" => ELEMENTS_PER_INVOCATION,
+        _ => 1,
+    };
     gpu.run_pass(entry, |pass| {
         gpu.encode_at(
             pass,
             &pipeline,
             bytemuck::bytes_of(&params),
             &bindings,
-            u64::from(params.total).div_ceil(256),
+            u64::from(params.total).div_ceil(256 * per_invocation),
         )
     })
 }

@@ -2,7 +2,8 @@
 //! of LeNet-sized layers without an im2col buffer. Used by `Conv2d::forward` for stride 1,
 //! no dilation, at most 16 filters whose weights fit a uniform buffer; other shapes take
 //! im2col + matmul. The kernel is generated per (filters, block, kernel width) so that the
-//! accumulators are plain registers.
+//! accumulators are plain registers, and specialised per layer shape (WGSL `override`
+//! constants, not the batch size) so that its index arithmetic folds.
 
 use std::fmt::Write;
 
@@ -18,20 +19,8 @@ use crate::tensor::Tensor;
 #[repr(C)]
 #[derive(Clone, Copy, Pod, Zeroable)]
 struct DirectParams {
-    c: u32,
-    h: u32,
-    w: u32,
-    oh: u32,
-    ow: u32,
-    kh: u32,
-    pad_top: u32,
-    pad_left: u32,
-    blocks: u32,
     total: u32,
-    taps: u32,
-    act: u32,
     slope: f32,
-    has_bias: u32,
     _pad: [u32; 2],
 }
 
@@ -80,11 +69,11 @@ fn source(filters: usize, kw: usize, vec4s: usize, transposed: bool) -> String {
             let index = if transposed {
                 // w[c_in = loop c][c_out = o][kh-1-ky][kw-1-kx] of the forward OIHW bank.
                 format!(
-                    "(c * {filters}u + {o}u) * p.kh * {kw}u + (p.kh - 1u - ky) * {kw}u + {}u",
+                    "(c * {filters}u + {o}u) * KH * {kw}u + (KH - 1u - ky) * {kw}u + {}u",
                     kw - 1 - kx
                 )
             } else {
-                format!("{o}u * p.taps + tap + {kx}u")
+                format!("{o}u * TAPS + tap + {kx}u")
             };
             let _ = writeln!(body, "            let w{o}_{kx} = weight({index});");
             for j in 0..b {
@@ -95,12 +84,12 @@ fn source(filters: usize, kw: usize, vec4s: usize, transposed: bool) -> String {
     for o in 0..filters {
         let _ = writeln!(
             stores,
-            "    let bias{o} = select(0.0, weight({filters}u * p.taps + {o}u), p.has_bias != 0u);"
+            "    let bias{o} = select(0.0, weight({filters}u * TAPS + {o}u), HAS_BIAS != 0u);"
         );
         for j in 0..b {
             let _ = writeln!(
                 stores,
-                "    if ox0 + {j}u < p.ow {{ y[base + {o}u * plane + {j}u] = activate(a{o}_{j} + bias{o}, p.act, p.slope); }}"
+                "    if ox0 + {j}u < OW {{ y[base + {o}u * plane + {j}u] = activate(a{o}_{j} + bias{o}, ACT, p.slope); }}"
             );
         }
     }
@@ -200,29 +189,36 @@ fn run(
     let blocks = shape.ow.div_ceil(b);
     let total = shape.n * shape.oh * blocks;
     let params = DirectParams {
-        c: shape.c as u32,
-        h: shape.h as u32,
-        w: shape.w as u32,
-        oh: shape.oh as u32,
-        ow: shape.ow as u32,
-        kh: shape.kh as u32,
-        pad_top: shape.pad_top as u32,
-        pad_left: shape.pad_left as u32,
-        blocks: blocks as u32,
         total: total as u32,
-        taps: shape.taps() as u32,
-        act: activation.code(),
         slope: activation.slope(),
-        has_bias: u32::from(bias.is_some()),
         _pad: [0; 2],
     };
+    let constants = [
+        ("C", shape.c as u32),
+        ("H", shape.h as u32),
+        ("W", shape.w as u32),
+        ("OH", shape.oh as u32),
+        ("OW", shape.ow as u32),
+        ("KH", shape.kh as u32),
+        ("PAD_TOP", shape.pad_top as u32),
+        ("PAD_LEFT", shape.pad_left as u32),
+        ("BLOCKS", blocks as u32),
+        ("TAPS", shape.taps() as u32),
+        ("ACT", activation.code()),
+        ("HAS_BIAS", u32::from(bias.is_some())),
+    ];
     let key = format!(
         "conv_direct_o{}_kw{}_v{vec4s}_{}",
         shape.o,
         shape.kw,
         if flipped { "t" } else { "f" }
     );
-    let pipeline = gpu.pipeline(&key, "main", || source(shape.o, shape.kw, vec4s, flipped))?;
+    let pipeline = gpu.specialized(
+        &key,
+        "main",
+        || source(shape.o, shape.kw, vec4s, flipped),
+        &constants,
+    )?;
     let bank = Binding {
         buffer: &bank,
         bytes: (vec4s * 16) as u64,
@@ -242,17 +238,8 @@ fn run(
 #[repr(C)]
 #[derive(Clone, Copy, Pod, Zeroable)]
 struct WeightGradParams {
-    c: u32,
-    h: u32,
-    w: u32,
-    o: u32,
-    oh: u32,
-    ow: u32,
-    pad_top: u32,
-    pad_left: u32,
-    blocks: u32,
     work: u32,
-    _pad: [u32; 2],
+    _pad: [u32; 3],
 }
 
 /// Outputs per invocation along a row in the weight-gradient kernel.
@@ -280,13 +267,13 @@ fn weight_grad_source(kh: usize, kw: usize) -> String {
     for j in 0..b {
         let _ = writeln!(
             body,
-            "        let d{j} = select(0.0, dy[dy_row + {j}u], ox0 + {j}u < p.ow);"
+            "        let d{j} = select(0.0, dy[dy_row + {j}u], ox0 + {j}u < OW);"
         );
     }
     for ky in 0..kh {
         let _ = writeln!(
             body,
-            "        {{\n            let iy = i32(oy + {ky}u) - i32(p.pad_top);\n            let inside = iy >= 0 && iy < i32(p.h);\n            let row = ((n * p.c + c) * p.h + u32(max(iy, 0))) * p.w;"
+            "        {{\n            let iy = i32(oy + {ky}u) - i32(PAD_TOP);\n            let inside = iy >= 0 && iy < i32(H);\n            let row = ((n * C + c) * H + u32(max(iy, 0))) * W;"
         );
         for m in 0..b + kw - 1 {
             let _ = writeln!(
@@ -325,20 +312,28 @@ pub(crate) fn weight_grad(
     let gpu = x.gpu();
     let blocks = shape.ow.div_ceil(GRAD_BLOCK);
     let params = WeightGradParams {
-        c: shape.c as u32,
-        h: shape.h as u32,
-        w: shape.w as u32,
-        o: shape.o as u32,
-        oh: shape.oh as u32,
-        ow: shape.ow as u32,
-        pad_top: shape.pad_top as u32,
-        pad_left: shape.pad_left as u32,
-        blocks: blocks as u32,
         work: (shape.n * shape.oh * blocks) as u32,
-        _pad: [0; 2],
+        _pad: [0; 3],
     };
+    let constants = [
+        ("C", shape.c),
+        ("H", shape.h),
+        ("W", shape.w),
+        ("O", shape.o),
+        ("OH", shape.oh),
+        ("OW", shape.ow),
+        ("PAD_TOP", shape.pad_top),
+        ("PAD_LEFT", shape.pad_left),
+        ("BLOCKS", blocks),
+    ]
+    .map(|(name, value)| (name, value as u32));
     let key = format!("conv_weight_grad_{}x{}", shape.kh, shape.kw);
-    let pipeline = gpu.pipeline(&key, "main", || weight_grad_source(shape.kh, shape.kw))?;
+    let pipeline = gpu.specialized(
+        &key,
+        "main",
+        || weight_grad_source(shape.kh, shape.kw),
+        &constants,
+    )?;
     gpu.run_pass("conv2d weight gradient", |pass| {
         gpu.encode(
             pass,

@@ -216,24 +216,29 @@ impl Pool2d {
             PoolKind::Max => true,
         };
         let params = PoolParams {
-            planes: (shape.n * shape.c) as u32,
-            h: shape.h as u32,
-            w: shape.w as u32,
-            oh: shape.oh as u32,
-            ow: shape.ow as u32,
-            kh: self.kernel.0 as u32,
-            kw: self.kernel.1 as u32,
-            sh: self.stride.0 as u32,
-            sw: self.stride.1 as u32,
-            pad_top: self.padding.0 as u32,
-            pad_left: self.padding.1 as u32,
-            count_include_pad: u32::from(count_include_pad),
             total: total as u32,
-            ..PoolParams::zeroed()
+            _pad: [0; 3],
         };
-        let pipeline = gpu.pipeline("pool", entry, || {
-            include_str!("../../shaders/pool.wgsl").into()
-        })?;
+        let constants = [
+            ("H", shape.h),
+            ("W", shape.w),
+            ("OH", shape.oh),
+            ("OW", shape.ow),
+            ("KH", self.kernel.0),
+            ("KW", self.kernel.1),
+            ("SH", self.stride.0),
+            ("SW", self.stride.1),
+            ("PAD_TOP", self.padding.0),
+            ("PAD_LEFT", self.padding.1),
+            ("COUNT_INCLUDE_PAD", usize::from(count_include_pad)),
+        ]
+        .map(|(name, value)| (name, value as u32));
+        let pipeline = gpu.specialized(
+            "pool",
+            entry,
+            || include_str!("../../shaders/pool.wgsl").into(),
+            &constants,
+        )?;
         let bindings: Vec<_> = tensors.iter().map(|t| t.binding()).collect();
         gpu.run_pass(entry, |pass| {
             gpu.encode(
@@ -261,18 +266,6 @@ fn check_dy(shape: &Pool2dShape, dy: &[usize]) -> Result<()> {
 #[repr(C)]
 #[derive(Clone, Copy, Pod, Zeroable)]
 struct PoolParams {
-    planes: u32,
-    h: u32,
-    w: u32,
-    oh: u32,
-    ow: u32,
-    kh: u32,
-    kw: u32,
-    sh: u32,
-    sw: u32,
-    pad_top: u32,
-    pad_left: u32,
-    count_include_pad: u32,
     total: u32,
     _pad: [u32; 3],
 }
