@@ -1,5 +1,5 @@
 // The weight gradient of a stride-1 convolution, directly (no im2col), generated per
-// (kernel height, kernel width, block) by src/ops/conv_direct.rs, specialised per shape:
+// (kernel height, kernel width, block) by src/ops/conv_weight_grad.rs, specialised per shape:
 //   dW[o, c, ky, kx] = Σ_{n, oy, ox} dy[n, o, oy, ox] · x[n, c, oy + ky - pad_top, ox + kx - pad_left]
 // One workgroup per (o, c) pair. Each invocation walks blocks of BLOCK outputs along a row,
 // loads the block's dy values and, per kernel row, the input segment they see once, and
@@ -17,7 +17,7 @@ override PAD_LEFT: u32;
 override BLOCKS: u32;
 
 struct Params {
-    work: u32, _pad0: u32, _pad1: u32, _pad2: u32,
+    work: u32, splits: u32, _pad0: u32, _pad1: u32,   // splits: always 1 here
 }
 
 @group(0) @binding(0) var<uniform> p: Params;

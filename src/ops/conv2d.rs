@@ -13,6 +13,7 @@ use ndarray::{Array1, Array4, ArrayD, ArrayView4, ArrayViewD, Ix4};
 
 use super::Activation;
 use super::conv_direct;
+use super::conv_weight_grad;
 use super::matmul::{BiasAxis, Matmul};
 use super::reduce::sum_axes;
 use crate::error::{Error, Result};
@@ -216,8 +217,7 @@ impl Conv2d {
     /// The kernels this convolution runs on `gpu`: `"direct"` (small filter banks at stride
     /// 1: forward, input and weight gradients without im2col) or `"im2col+matmul"`.
     pub fn kernels(&self, gpu: &Gpu, shape: &Conv2dShape) -> &'static str {
-        if conv_direct::eligible(gpu, self, shape) && conv_direct::eligible_weight_grad(self, shape)
-        {
+        if conv_direct::eligible(gpu, self, shape) && conv_weight_grad::eligible(self, shape) {
             "direct"
         } else {
             "im2col+matmul"
@@ -319,9 +319,9 @@ impl Conv2d {
         sum_axes(&gpu, dy, (shape.n, o, positions), &dbias, 1.0, false)?;
 
         // Stride 1: dW directly over the whole batch, no im2col.
-        let direct_dw = conv_direct::eligible_weight_grad(self, &shape);
+        let direct_dw = conv_weight_grad::eligible(self, &shape);
         if direct_dw {
-            conv_direct::weight_grad(&shape, x, dy, &dweight)?;
+            conv_weight_grad::weight_grad(&shape, x, dy, &dweight)?;
         }
         let col2im_dx = dx.as_ref().filter(|_| !direct_dx);
         if direct_dw && col2im_dx.is_none() {

@@ -24,8 +24,8 @@ struct DirectParams {
     _pad: [u32; 2],
 }
 
-const MAX_FILTERS: usize = 16;
-const MAX_KERNEL_WIDTH: usize = 7;
+pub(super) const MAX_FILTERS: usize = 16;
+pub(super) const MAX_KERNEL_WIDTH: usize = 7;
 
 /// Outputs per invocation along a row: more reuse of each loaded input, more registers.
 fn block(filters: usize) -> usize {
@@ -230,117 +230,6 @@ fn run(
             bytemuck::bytes_of(&params),
             &[(1, x.binding()), (2, out.binding()), (3, bank)],
             (total as u64).div_ceil(64),
-        )
-    })
-}
-
-/// Mirrors `Params` in shaders/conv_weight_grad.wgsl.
-#[repr(C)]
-#[derive(Clone, Copy, Pod, Zeroable)]
-struct WeightGradParams {
-    work: u32,
-    _pad: [u32; 3],
-}
-
-/// Outputs per invocation along a row in the weight-gradient kernel.
-const GRAD_BLOCK: usize = 8;
-
-/// Whether [`weight_grad`] handles this convolution's weight gradient.
-pub(crate) fn eligible_weight_grad(spec: &Conv2d, shape: &Conv2dShape) -> bool {
-    // Each (filter, channel) pair re-reads its inputs: worth it for small banks only.
-    spec.stride == (1, 1)
-        && spec.dilation == (1, 1)
-        && shape.o <= MAX_FILTERS
-        && shape.c <= MAX_FILTERS
-        && shape.kh <= MAX_KERNEL_WIDTH
-        && shape.kw <= MAX_KERNEL_WIDTH
-        && (shape.n * shape.oh * shape.ow.div_ceil(GRAD_BLOCK)) < u32::MAX as usize
-}
-
-fn weight_grad_source(kh: usize, kw: usize) -> String {
-    let b = GRAD_BLOCK;
-    let (mut decls, mut body, mut store) = (String::new(), String::new(), String::new());
-    for k in 0..kh * kw {
-        let _ = writeln!(decls, "    var g{k} = 0.0;");
-        let _ = writeln!(store, "    partial[lane * TAPS + {k}u] = g{k};");
-    }
-    for j in 0..b {
-        let _ = writeln!(
-            body,
-            "        let d{j} = select(0.0, dy[dy_row + {j}u], ox0 + {j}u < OW);"
-        );
-    }
-    for ky in 0..kh {
-        let _ = writeln!(
-            body,
-            "        {{\n            let iy = i32(oy + {ky}u) - i32(PAD_TOP);\n            let inside = iy >= 0 && iy < i32(H);\n            let row = ((n * C + c) * H + u32(max(iy, 0))) * W;"
-        );
-        for m in 0..b + kw - 1 {
-            let _ = writeln!(
-                body,
-                "            let r{m} = fetch(row, left + {m}, inside);"
-            );
-        }
-        for kx in 0..kw {
-            let terms: Vec<String> = (0..b).map(|j| format!("d{j} * r{}", j + kx)).collect();
-            let _ = writeln!(
-                body,
-                "            g{} += {};",
-                ky * kw + kx,
-                terms.join(" + ")
-            );
-        }
-        let _ = writeln!(body, "        }}");
-    }
-    include_str!("../../shaders/conv_weight_grad.wgsl")
-        .replace("{{TAPS}}", &(kh * kw).to_string())
-        .replace("{{PARTIALS}}", &(64 * kh * kw).to_string())
-        .replace("{{BLOCK}}", &b.to_string())
-        .replace("{{DECLS}}", &decls)
-        .replace("{{BODY}}", &body)
-        .replace("{{STORE}}", &store)
-}
-
-/// `dweight` from `x` and `dy` over the whole batch (the caller checked
-/// [`eligible_weight_grad`]).
-pub(crate) fn weight_grad(
-    shape: &Conv2dShape,
-    x: &Tensor,
-    dy: &Tensor,
-    dweight: &Tensor,
-) -> Result<()> {
-    let gpu = x.gpu();
-    let blocks = shape.ow.div_ceil(GRAD_BLOCK);
-    let params = WeightGradParams {
-        work: (shape.n * shape.oh * blocks) as u32,
-        _pad: [0; 3],
-    };
-    let constants = [
-        ("C", shape.c),
-        ("H", shape.h),
-        ("W", shape.w),
-        ("O", shape.o),
-        ("OH", shape.oh),
-        ("OW", shape.ow),
-        ("PAD_TOP", shape.pad_top),
-        ("PAD_LEFT", shape.pad_left),
-        ("BLOCKS", blocks),
-    ]
-    .map(|(name, value)| (name, value as u32));
-    let key = format!("conv_weight_grad_{}x{}", shape.kh, shape.kw);
-    let pipeline = gpu.specialized(
-        &key,
-        "main",
-        || weight_grad_source(shape.kh, shape.kw),
-        &constants,
-    )?;
-    gpu.run_pass("conv2d weight gradient", |pass| {
-        gpu.encode(
-            pass,
-            &pipeline,
-            bytemuck::bytes_of(&params),
-            &[x.binding(), dy.binding(), dweight.binding()],
-            (shape.o * shape.c) as u64,
         )
     })
 }

@@ -11,12 +11,13 @@ use crate::tensor::Tensor;
 #[derive(Clone, Copy, Pod, Zeroable)]
 struct ReduceParams {
     outer: u32,
-    mid: u32,
-    inner: u32,
     accumulate: u32,
     scale: f32,
-    _pad: [u32; 3],
+    _pad: u32,
 }
+
+/// Terms per output up to which one invocation sums them alone.
+const PER_OUTPUT_TERMS: usize = 64;
 
 /// `out[m] (+)= scale · Σ_a Σ_i x[a][m][i]` for `x` viewed as `[outer][mid][inner]`.
 pub(crate) fn sum_axes(
@@ -38,22 +39,29 @@ pub(crate) fn sum_axes(
     }
     let params = ReduceParams {
         outer: outer as u32,
-        mid: mid as u32,
-        inner: inner as u32,
         accumulate: u32::from(accumulate),
         scale,
-        _pad: [0; 3],
+        _pad: 0,
     };
-    let pipeline = gpu.pipeline("reduce", "main", || {
-        include_str!("../../shaders/reduce.wgsl").into()
-    })?;
+    // A workgroup per output pays barriers for its tree; many short sums go one per lane.
+    let (entry, groups) = if outer * inner <= PER_OUTPUT_TERMS {
+        ("per_output", (mid as u64).div_ceil(64))
+    } else {
+        ("main", mid as u64)
+    };
+    let pipeline = gpu.specialized(
+        "reduce",
+        entry,
+        || include_str!("../../shaders/reduce.wgsl").into(),
+        &[("MID", mid as u32), ("INNER", inner as u32)],
+    )?;
     gpu.run_pass("sum_axes", |pass| {
         gpu.encode(
             pass,
             &pipeline,
             bytemuck::bytes_of(&params),
             &[x.binding(), out.binding()],
-            mid as u64,
+            groups,
         )
     })
 }
