@@ -1,6 +1,6 @@
 //! The weight gradient of small stride-1 convolutions, directly over the whole batch with no
-//! im2col buffer (`shaders/conv_weight_grad.wgsl`, and `conv_weight_grad_subgroup.wgsl` for
-//! CPU adapters with fixed-size subgroups). Used by `Conv2d::backward` for the filter banks
+//! im2col buffer (`shaders/conv_weight_grad_common.wgsl` followed by `conv_weight_grad.wgsl`,
+//! or by `conv_weight_grad_subgroup.wgsl` on CPU adapters with fixed-size subgroups). Used by `Conv2d::backward` for the filter banks
 //! the direct forward kernel takes; both kernels are generated per kernel size and
 //! specialised per layer shape.
 
@@ -118,18 +118,22 @@ fn source(kh: usize, kw: usize, subgroup: Option<usize>) -> String {
         tap_sums(&mut body, ky, kw);
         let _ = writeln!(body, "        }}");
     }
-    let template = match subgroup {
+    let kernel = match subgroup {
         None => include_str!("../../shaders/conv_weight_grad.wgsl"),
         Some(_) => include_str!("../../shaders/conv_weight_grad_subgroup.wgsl"),
     };
-    template
-        .replace("{{TAPS}}", &(kh * kw).to_string())
-        .replace("{{PARTIALS}}", &(64 * kh * kw).to_string())
-        .replace("{{SUBGROUP}}", &subgroup.unwrap_or(0).to_string())
-        .replace("{{BLOCK}}", &b.to_string())
-        .replace("{{DECLS}}", &decls)
-        .replace("{{BODY}}", &body)
-        .replace("{{STORE}}", &store)
+    [
+        include_str!("../../shaders/conv_weight_grad_common.wgsl"),
+        kernel,
+    ]
+    .concat()
+    .replace("{{TAPS}}", &(kh * kw).to_string())
+    .replace("{{PARTIALS}}", &(64 * kh * kw).to_string())
+    .replace("{{SUBGROUP}}", &subgroup.unwrap_or(0).to_string())
+    .replace("{{BLOCK}}", &b.to_string())
+    .replace("{{DECLS}}", &decls)
+    .replace("{{BODY}}", &body)
+    .replace("{{STORE}}", &store)
 }
 
 /// `dweight` from `x` and `dy` over the whole batch (the caller checked [`eligible`]).
