@@ -10,30 +10,8 @@ use ndarray::{ArrayD, IxDyn};
 use serde_json::Value;
 use wgcnn::{Activation, Conv2d, GpuOptimizer, Optimizer, Pool2d, Tensor};
 
-const NAMES: [&str; 10] = [
-    "conv1.weight",
-    "conv1.bias",
-    "conv2.weight",
-    "conv2.bias",
-    "fc1.weight",
-    "fc1.bias",
-    "fc2.weight",
-    "fc2.bias",
-    "fc3.weight",
-    "fc3.bias",
-];
-const SHAPES: [&[usize]; 10] = [
-    &[6, 1, 5, 5],
-    &[6],
-    &[16, 6, 5, 5],
-    &[16],
-    &[120, 256],
-    &[120],
-    &[84, 120],
-    &[84],
-    &[10, 84],
-    &[10],
-];
+use common::golden::{LENET_NAMES as NAMES, LENET_SHAPES as SHAPES};
+
 const FAN_IN: [usize; 10] = [25, 25, 150, 150, 256, 256, 120, 120, 84, 84];
 
 fn golden() -> Value {
@@ -43,6 +21,17 @@ fn golden() -> Value {
     ))
     .unwrap();
     serde_json::from_str(&text).unwrap()
+}
+
+/// The golden's input batch, its labels and PyTorch's loss on it.
+fn batch(json: &Value) -> (ArrayD<f32>, Vec<usize>, f32) {
+    let x = tensor(&json["inputs"]["x"]);
+    let labels = tensor(&json["inputs"]["target"])
+        .iter()
+        .map(|&v| v as usize)
+        .collect();
+    let loss = json["outputs"]["loss"]["data"][0].as_f64().unwrap() as f32;
+    (x, labels, loss)
 }
 
 /// The golden's hash initialisation, reproduced bit for bit.
@@ -268,13 +257,8 @@ fn the_hash_init_reproduces_the_shipped_parameters() {
 #[test]
 fn lenet_loss_and_every_gradient_match_pytorch_on_gpu_and_cpu() {
     let json = golden();
-    let x = tensor(&json["inputs"]["x"]);
-    let labels: Vec<usize> = tensor(&json["inputs"]["target"])
-        .iter()
-        .map(|&v| v as usize)
-        .collect();
+    let (x, labels, want_loss) = batch(&json);
     let params = init_params();
-    let want_loss = json["outputs"]["loss"]["data"][0].as_f64().unwrap() as f32;
     let want_logits = tensor(&json["outputs"]["logits"]);
 
     let (loss, logits, grads) = cpu_pass(&params, &x, &labels);
@@ -344,12 +328,7 @@ fn lenet5_through_the_executor_matches_pytorch_on_gpu_and_cpu() {
     use wgcnn::{Device, Mode};
 
     let json = golden();
-    let x = tensor(&json["inputs"]["x"]);
-    let labels: Vec<usize> = tensor(&json["inputs"]["target"])
-        .iter()
-        .map(|&v| v as usize)
-        .collect();
-    let want_loss = json["outputs"]["loss"]["data"][0].as_f64().unwrap() as f32;
+    let (x, labels, want_loss) = batch(&json);
     let want_after = json["outputs"]["loss_after_sgd_step"]["data"][0]
         .as_f64()
         .unwrap() as f32;

@@ -275,40 +275,11 @@ fn frozen_layers_stay_bit_identical_and_a_new_head_trains() {
 fn a_pytorch_style_state_dict_loads_as_is() {
     // The golden's parameters were made by PyTorch (OIHW conv, [out, in] linear), under
     // PyTorch's names: saved as safetensors, they load into lenet5 unchanged.
-    let values = common::golden::lenet_init_values();
+    let tensors = common::golden::lenet_init_state();
     let model = lenet5(LeNetOptions::default())
         .unwrap()
         .build(Device::Cpu, 1)
         .unwrap();
-    let mut offset = 0;
-    let mut tensors = Vec::new();
-    // The golden's order is PyTorch's parameter order.
-    for name in [
-        "conv1.weight",
-        "conv1.bias",
-        "conv2.weight",
-        "conv2.bias",
-        "fc1.weight",
-        "fc1.bias",
-        "fc2.weight",
-        "fc2.bias",
-        "fc3.weight",
-        "fc3.bias",
-    ] {
-        let shape = model
-            .state()
-            .into_iter()
-            .find(|(n, _)| n == name)
-            .unwrap()
-            .1
-            .shape()
-            .to_vec();
-        let len: usize = shape.iter().product();
-        let array = ArrayD::from_shape_vec(shape, values[offset..offset + len].to_vec()).unwrap();
-        tensors.push((name.to_string(), array));
-        offset += len;
-    }
-    assert_eq!(offset, values.len());
     let dir = std::env::temp_dir().join(format!("wgcnn-sd-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("torch.safetensors");

@@ -96,3 +96,52 @@ pub fn lenet_init_values() -> Vec<f32> {
         .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
         .collect()
 }
+
+/// The LeNet golden's parameter names, in PyTorch's parameter order.
+pub const LENET_NAMES: [&str; 10] = [
+    "conv1.weight",
+    "conv1.bias",
+    "conv2.weight",
+    "conv2.bias",
+    "fc1.weight",
+    "fc1.bias",
+    "fc2.weight",
+    "fc2.bias",
+    "fc3.weight",
+    "fc3.bias",
+];
+
+/// Their shapes: OIHW convolutions, `[out, in]` linear weights.
+pub const LENET_SHAPES: [&[usize]; 10] = [
+    &[6, 1, 5, 5],
+    &[6],
+    &[16, 6, 5, 5],
+    &[16],
+    &[120, 256],
+    &[120],
+    &[84, 120],
+    &[84],
+    &[10, 84],
+    &[10],
+];
+
+/// [`lenet_init_values`] split into named tensors, like a PyTorch state dict.
+pub fn lenet_init_state() -> Vec<(String, ArrayD<f32>)> {
+    let values = lenet_init_values();
+    let mut offset = 0;
+    let state = LENET_NAMES
+        .iter()
+        .zip(LENET_SHAPES)
+        .map(|(name, shape)| {
+            let len: usize = shape.iter().product();
+            let data = values[offset..offset + len].to_vec();
+            offset += len;
+            (
+                name.to_string(),
+                ArrayD::from_shape_vec(IxDyn(shape), data).unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(offset, values.len());
+    state
+}
