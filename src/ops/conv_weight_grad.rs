@@ -71,10 +71,9 @@ fn tap_sums(body: &mut String, ky: usize, kw: usize) {
 fn source(kh: usize, kw: usize, subgroup: Option<usize>) -> String {
     let b = GRAD_BLOCK;
     let (mut decls, mut body, mut store) = (String::new(), String::new(), String::new());
-    let slot = if subgroup.is_some() { "lindex" } else { "lane" };
     for k in 0..kh * kw {
         let _ = writeln!(decls, "    var g{k} = 0.0;");
-        let _ = writeln!(store, "    partial[{slot} * TAPS + {k}u] = g{k};");
+        let _ = writeln!(store, "    partial[lindex * TAPS + {k}u] = g{k};");
     }
     for j in 0..b {
         let _ = writeln!(
