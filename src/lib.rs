@@ -32,7 +32,7 @@ pub mod tensor;
 pub mod train;
 
 pub use error::{Error, Result};
-pub use gpu::{Gpu, GpuOptions, PoolStats};
+pub use gpu::{Gpu, GpuOptions, OperandCalibration, OperandReads, PoolStats, TEXTURE_ADVANTAGE};
 pub use graph::{Device, Graph, Layer, Mode, Value};
 pub use ops::Activation;
 pub use ops::activation::{softmax, softmax_backward};

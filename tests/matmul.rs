@@ -5,15 +5,24 @@ mod common;
 use common::{gpu, max_abs_diff, random};
 use ndarray::{ArrayD, IxDyn};
 use proptest::prelude::*;
-use wgcnn::{Activation, BiasAxis, Gpu, KernelChoice, Matmul, MatmulPlan, Tensor};
+use wgcnn::{
+    Activation, BiasAxis, Gpu, KernelChoice, Matmul, MatmulPlan, OperandReads, TEXTURE_ADVANTAGE,
+    Tensor,
+};
 
 /// The kernel families this adapter can run.
 fn kernels(gpu: &Gpu) -> Vec<KernelChoice> {
     let mut kernels = vec![KernelChoice::Tiled];
-    if gpu.fixed_subgroup_size().is_some() {
-        kernels.push(KernelChoice::Subgroup);
-    }
+    kernels.extend(subgroup_kernels(gpu));
     kernels
+}
+
+/// The subgroup kernel reading storage buffers and reading textures, where subgroups exist.
+fn subgroup_kernels(gpu: &Gpu) -> Vec<KernelChoice> {
+    match gpu.fixed_subgroup_size() {
+        Some(_) => vec![KernelChoice::Subgroup, KernelChoice::SubgroupTexture],
+        None => Vec::new(),
+    }
 }
 
 fn operand_shape(batch: Option<usize>, rows: usize, cols: usize) -> Vec<usize> {
@@ -187,9 +196,55 @@ fn auto_picks_the_subgroup_kernel_on_cpu_adapters() {
     let shape = spec.shape(&[64, 64], &[64, 64], None).unwrap();
     let plan = spec.plan(gpu, &shape).unwrap();
     if gpu.is_cpu_adapter() && gpu.fixed_subgroup_size().is_some() {
-        assert!(matches!(plan, MatmulPlan::Subgroup { .. }), "{plan}");
+        // Operands come through textures exactly when the calibration chose them.
+        let textures = gpu.operand_reads().unwrap() == OperandReads::Texture;
+        assert!(
+            matches!(plan, MatmulPlan::Subgroup { textures: t, .. } if t == textures),
+            "{plan}"
+        );
     } else {
         assert_eq!(plan, MatmulPlan::Tiled);
+    }
+}
+
+#[test]
+fn the_calibration_measures_both_reads_and_keeps_its_choice() {
+    let Some(gpu) = gpu() else { return };
+    let Some(calibration) = gpu.operand_calibration().unwrap() else {
+        assert!(!gpu.is_cpu_adapter() || gpu.fixed_subgroup_size().is_none());
+        assert_eq!(gpu.operand_reads().unwrap(), OperandReads::Storage);
+        return;
+    };
+    eprintln!("{calibration:?}");
+    for ns in [calibration.storage_ns, calibration.texture_ns] {
+        assert!(ns.is_finite() && ns > 0.0, "{calibration:?}");
+    }
+    let textures_win = calibration.texture_ns * TEXTURE_ADVANTAGE < calibration.storage_ns;
+    let expected = if textures_win {
+        OperandReads::Texture
+    } else {
+        OperandReads::Storage
+    };
+    assert_eq!(calibration.choice, expected);
+    // Measured once per context: the second call returns the same figures.
+    assert_eq!(gpu.operand_calibration().unwrap(), Some(calibration));
+}
+
+#[test]
+fn forced_texture_reads_show_in_the_plan() {
+    let Some(gpu) = gpu() else { return };
+    if gpu.fixed_subgroup_size().is_none() {
+        return;
+    }
+    let spec = Matmul {
+        kernel: KernelChoice::SubgroupTexture,
+        ..Matmul::default()
+    };
+    // Packed operands (K not a multiple of 4), and dense ones copied into textures of
+    // several whole rows and a partial one (A: 10,000 texels of 4,096 per row).
+    for (m, k, n) in [(100, 37, 70), (1000, 40, 12)] {
+        let plan = check(gpu, spec, (None, None), (m, k, n), 13);
+        assert!(plan.to_string().starts_with("subgroup-tex-"), "{plan}");
     }
 }
 
@@ -220,11 +275,17 @@ fn few_rows_run_transposed_on_the_subgroup_kernel() {
     if gpu.fixed_subgroup_size().is_none() {
         return;
     }
+    for kernel in subgroup_kernels(gpu) {
+        few_rows_run_transposed(gpu, kernel);
+    }
+}
+
+fn few_rows_run_transposed(gpu: &Gpu, kernel: KernelChoice) {
     // LeNet conv1 as W[6, 25] · col[n][25, 576], bias per filter (row), relu.
     let spec = Matmul {
         bias: BiasAxis::PerRow,
         activation: Activation::Relu,
-        kernel: KernelChoice::Subgroup,
+        kernel,
         ..Matmul::default()
     };
     let plan = check(gpu, spec, (None, Some(3)), (6, 25, 576), 11);

@@ -15,6 +15,13 @@ pub(crate) struct Binding<'a> {
     pub bytes: u64,
 }
 
+/// A resource bound to a kernel at a binding number: a storage buffer or a texture view.
+#[derive(Clone, Copy)]
+pub(crate) enum Resource<'a> {
+    Buffer(Binding<'a>),
+    Texture(&'a wgpu::TextureView),
+}
+
 /// Splits `groups` workgroups into an `x * y` grid with both axes within the device limit.
 /// Kernels rebuild the linear index as `wid.x + wid.y * num_workgroups.x` and skip those
 /// at or past `groups`.
@@ -55,6 +62,22 @@ impl Gpu {
         storage: &[(u32, Binding<'_>)],
         groups: u64,
     ) -> Result<()> {
+        let resources: Vec<_> = storage
+            .iter()
+            .map(|&(number, binding)| (number, Resource::Buffer(binding)))
+            .collect();
+        self.encode_resources(pass, pipeline, params, &resources, groups)
+    }
+
+    /// Like [`Gpu::encode_at`], with textures among the resources.
+    pub(crate) fn encode_resources(
+        &self,
+        pass: &mut wgpu::ComputePass<'_>,
+        pipeline: &wgpu::ComputePipeline,
+        params: &[u8],
+        resources: &[(u32, Resource<'_>)],
+        groups: u64,
+    ) -> Result<()> {
         let (x, y) = grid(groups)?;
         let device = self.device();
         let uniform = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
@@ -66,14 +89,19 @@ impl Gpu {
             binding: 0,
             resource: uniform.as_entire_binding(),
         }];
-        for &(number, binding) in storage {
+        for &(number, resource) in resources {
             entries.push(wgpu::BindGroupEntry {
                 binding: number,
-                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                    buffer: binding.buffer,
-                    offset: 0,
-                    size: wgpu::BufferSize::new(binding.bytes),
-                }),
+                resource: match resource {
+                    Resource::Buffer(binding) => {
+                        wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                            buffer: binding.buffer,
+                            offset: 0,
+                            size: wgpu::BufferSize::new(binding.bytes),
+                        })
+                    }
+                    Resource::Texture(view) => wgpu::BindingResource::TextureView(view),
+                },
             });
         }
         let bind_group = device.create_bind_group(&wgpu::BindGroupDescriptor {
@@ -94,8 +122,19 @@ impl Gpu {
         label: &str,
         record: impl FnOnce(&mut wgpu::ComputePass<'_>) -> Result<()>,
     ) -> Result<()> {
+        self.run_pass_after(label, |_| Ok(()), record)
+    }
+
+    /// Like [`Gpu::run_pass`], with commands recorded by `before` (copies) ahead of the pass.
+    pub(crate) fn run_pass_after(
+        &self,
+        label: &str,
+        before: impl FnOnce(&mut wgpu::CommandEncoder) -> Result<()>,
+        record: impl FnOnce(&mut wgpu::ComputePass<'_>) -> Result<()>,
+    ) -> Result<()> {
         self.checked(label, || {
             self.with_encoder(label, |encoder| {
+                before(encoder)?;
                 let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
                     label: Some(label),
                     timestamp_writes: None,

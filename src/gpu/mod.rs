@@ -6,8 +6,11 @@ mod pipelines;
 mod pool;
 mod readback;
 mod recording;
+pub(crate) mod texture;
 
 pub(crate) use context::lock;
 pub use context::{Gpu, GpuOptions};
 pub use pool::PoolStats;
 pub(crate) use pool::size_class;
+pub(crate) use texture::OperandTexture;
+pub use texture::{OperandCalibration, OperandReads, TEXTURE_ADVANTAGE};

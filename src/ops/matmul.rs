@@ -3,7 +3,9 @@
 //! Two GPU kernel families, picked per adapter (see `MatmulPlan`): a workgroup-memory
 //! tiled kernel for real GPUs (`shaders/matmul.wgsl`) and a subgroup-broadcast kernel for
 //! CPU adapters such as lavapipe (`shaders/matmul_subgroup.wgsl`), where workgroup memory
-//! is slower than none. The CPU reference uses ndarray's `dot`.
+//! is slower than none. The subgroup kernel reads its operands from storage buffers or
+//! from textures, as [`Gpu::operand_reads`] found faster on the adapter. The CPU reference
+//! uses ndarray's `dot`.
 
 use std::fmt::{self, Write as _};
 
@@ -13,10 +15,15 @@ use ndarray::{Array2, ArrayD, ArrayView2, ArrayViewD, Axis, Ix2, IxDyn, s};
 use super::Activation;
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
-use crate::gpu::dispatch::Binding;
+use crate::gpu::dispatch::{Binding, Resource};
+use crate::gpu::texture::TEXTURE_WIDTH_LOG2;
+use crate::gpu::{OperandReads, OperandTexture};
 use crate::tensor::{Operand, Tensor};
 
 const OP: &str = "matmul";
+
+/// Products with fewer outputs than this run the subgroup kernel's smallest tile.
+const SMALL_PRODUCT: usize = 65_536;
 
 /// Where a fused bias is added.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -38,8 +45,12 @@ pub enum KernelChoice {
     Auto,
     /// The workgroup-memory tiled kernel (real GPUs).
     Tiled,
-    /// The subgroup-broadcast kernel (CPU adapters); needs the SUBGROUP feature.
+    /// The subgroup-broadcast kernel (CPU adapters) reading storage buffers; needs the
+    /// SUBGROUP feature.
     Subgroup,
+    /// The subgroup-broadcast kernel reading its operands through textures (falls back to
+    /// storage buffers for operands larger than the device's largest texture).
+    SubgroupTexture,
 }
 
 /// The kernel that a matmul runs, as the perf report shows it.
@@ -58,6 +69,8 @@ pub enum MatmulPlan {
         /// Computes `Cᵀ = op(B)ᵀ·op(A)ᵀ` and stores it transposed: for products with
         /// fewer rows than one subgroup tile (e.g. convolutions with few filters).
         transposed: bool,
+        /// Reads A and B through textures instead of storage buffers.
+        textures: bool,
     },
 }
 
@@ -69,10 +82,12 @@ impl fmt::Display for MatmulPlan {
                 rows,
                 cols,
                 transposed,
+                textures,
                 ..
             } => {
+                let tex = if *textures { "-tex" } else { "" };
                 let t = if *transposed { "-t" } else { "" };
-                write!(f, "subgroup-r{rows}c{cols}{t}")
+                write!(f, "subgroup{tex}-r{rows}c{cols}{t}")
             }
         }
     }
@@ -214,7 +229,7 @@ impl Matmul {
         let use_subgroup = match self.kernel {
             KernelChoice::Tiled => false,
             KernelChoice::Auto => gpu.is_cpu_adapter() && subgroup.is_some(),
-            KernelChoice::Subgroup => true,
+            KernelChoice::Subgroup | KernelChoice::SubgroupTexture => true,
         };
         if !use_subgroup {
             return Ok(MatmulPlan::Tiled);
@@ -225,25 +240,49 @@ impl Matmul {
                      from 4 to 32; use KernelChoice::Auto or Tiled"
                 .into(),
         })?;
-        let rows = 4;
+        // Small products (a linear layer at batch 64) gain nothing from large register tiles
+        // but pay for them twice: few tiles to spread over the threads, and seconds of shader
+        // compilation for the fully unrolled body. They get one row by 8 columns per lane.
+        let small = shape.batch * shape.m * shape.n < SMALL_PRODUCT;
+        let rows = if small { 1 } else { 4 };
         // A tile spans subgroup·rows output rows: a product with fewer rows and more columns
         // runs transposed, so that its long side fills the lanes.
         let transposed = shape.m < (subgroup * rows) as usize && shape.n > shape.m;
         let n = if transposed { shape.m } else { shape.n };
         // Wide column tiles share each broadcast B value across more FMAs; narrow outputs
         // would waste them.
-        let cols = if n <= 8 {
+        let cols = if n <= 8 || small {
             8
         } else if n <= 16 {
             16
         } else {
             32
         };
+        let want_textures = match self.kernel {
+            KernelChoice::SubgroupTexture => true,
+            KernelChoice::Auto => gpu.operand_reads()? == OperandReads::Texture,
+            KernelChoice::Tiled | KernelChoice::Subgroup => false,
+        };
+        // The packed operands of the product as run (transposed: B is the left operand).
+        let (k4, m4, n4) = (
+            shape.k.div_ceil(4),
+            shape.m.div_ceil(4),
+            shape.n.div_ceil(4),
+        );
+        let a_batches = if shape.a_batched { shape.batch } else { 1 };
+        let b_batches = if shape.b_batched { shape.batch } else { 1 };
+        let texels = if transposed {
+            [b_batches * shape.n * k4, a_batches * 4 * k4 * m4]
+        } else {
+            [a_batches * shape.m * k4, b_batches * 4 * k4 * n4]
+        };
+        let textures = want_textures && texels.iter().all(|&t| gpu.fits_operand_texture(t as u64));
         Ok(MatmulPlan::Subgroup {
             rows,
             cols: cols.max(subgroup),
             subgroup,
             transposed,
+            textures,
         })
     }
 
@@ -299,22 +338,10 @@ impl Matmul {
         match plan {
             MatmulPlan::Tiled => self.run_tiled(gpu, &shape, [a, b, bias, out])?,
             MatmulPlan::Subgroup {
-                rows,
-                cols,
-                subgroup,
-                transposed: false,
-            } => self.run_subgroup(
-                gpu,
-                &shape,
-                (rows, cols, subgroup),
-                false,
-                [a, b, bias, out],
-            )?,
+                transposed: false, ..
+            } => self.run_subgroup(gpu, &shape, plan, [a, b, bias, out])?,
             MatmulPlan::Subgroup {
-                rows,
-                cols,
-                subgroup,
-                transposed: true,
+                transposed: true, ..
             } => {
                 // Cᵀ = op(B)ᵀ · op(A)ᵀ: B becomes the left operand, rows and columns trade places.
                 let swapped = Matmul {
@@ -334,13 +361,7 @@ impl Matmul {
                     b_batched: shape.a_batched,
                     ..shape.clone()
                 };
-                swapped.run_subgroup(
-                    gpu,
-                    &swapped_shape,
-                    (rows, cols, subgroup),
-                    true,
-                    [b, a, bias, out],
-                )?
+                swapped.run_subgroup(gpu, &swapped_shape, plan, [b, a, bias, out])?
             }
         }
         Ok(plan)
@@ -389,26 +410,58 @@ impl Matmul {
         })
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// Runs the subgroup kernel of `plan` on `shape` as given (a transposed plan's caller
+    /// has already swapped the operands).
     fn run_subgroup(
         &self,
         gpu: &Gpu,
         shape: &MatmulShape,
-        (rows, cols, subgroup): (u32, u32, u32),
-        transpose_c: bool,
+        plan: MatmulPlan,
         [a, b, bias, out]: [Binding<'_>; 4],
     ) -> Result<()> {
+        let MatmulPlan::Subgroup {
+            rows,
+            cols,
+            subgroup,
+            transposed,
+            textures,
+        } = plan
+        else {
+            return Err(Error::InvalidArgument {
+                op: OP,
+                detail: format!("run_subgroup called with the {plan} plan"),
+            });
+        };
         let (m, k, n) = (shape.m, shape.k, shape.n);
         let (k4, n4) = (k.div_ceil(4), n.div_ceil(4));
         let a_batches = if shape.a_batched { shape.batch } else { 1 };
         let b_batches = if shape.b_batched { shape.batch } else { 1 };
-        // The kernel reads dense, vec4-aligned operands; repack only those that are not.
-        let a_packed = (self.trans_a || k % 4 != 0)
-            .then(|| Tensor::uninit(gpu, &[a_batches, m, 4 * k4]))
-            .transpose()?;
-        let b_packed = (self.trans_b || k % 4 != 0 || n % 4 != 0)
-            .then(|| Tensor::uninit(gpu, &[b_batches, 4 * k4, 4 * n4]))
-            .transpose()?;
+        let a_dense = [a_batches, m, 4 * k4];
+        let b_dense = [b_batches, 4 * k4, 4 * n4];
+        let (a_row, a_col) = if self.trans_a { (1, m) } else { (k, 1) };
+        let (b_row, b_col) = if self.trans_b { (1, k) } else { (n, 1) };
+        let a_pack = PackParams::new([m, k, m, 4 * k4], [a_row, a_col, m * k], a_batches);
+        let b_pack = PackParams::new([k, n, 4 * k4, 4 * n4], [b_row, b_col, k * n], b_batches);
+        // The kernel reads dense, vec4-aligned operands: those that are not dense already
+        // are packed (into a buffer or a texture); dense ones are read as they are or copied
+        // into a texture.
+        let a_is_dense = !self.trans_a && k % 4 == 0;
+        let b_is_dense = !self.trans_b && k % 4 == 0 && n % 4 == 0;
+        let packed = if textures {
+            Packed::Textures(
+                gpu.operand_texture(a_dense.iter().product::<usize>() as u64 / 4)?,
+                gpu.operand_texture(b_dense.iter().product::<usize>() as u64 / 4)?,
+            )
+        } else {
+            Packed::Buffers(
+                (!a_is_dense)
+                    .then(|| Tensor::uninit(gpu, &a_dense))
+                    .transpose()?,
+                (!b_is_dense)
+                    .then(|| Tensor::uninit(gpu, &b_dense))
+                    .transpose()?,
+            )
+        };
 
         let tiles_m = m.div_ceil(subgroup as usize * rows as usize);
         let tiles_n = n.div_ceil(cols as usize);
@@ -428,58 +481,93 @@ impl Matmul {
             tiles_m: tiles_m as u32,
             tiles_n: tiles_n as u32,
             total_tiles,
-            bias_mode: self.bias_mode(),
-            activation: self.activation.code(),
             slope: self.activation.slope(),
-            transpose_c: u32::from(transpose_c),
-            _pad: [0; 3],
+            _pad: [0; 2],
         };
-        let key = format!("matmul_subgroup_r{rows}_c{cols}_s{subgroup}");
-        let pipeline = gpu.pipeline(&key, "main", || {
-            subgroup_kernel_source(rows, cols, subgroup, subgroups_per_group)
-        })?;
-        let pack_pipeline = gpu.pipeline("pack", "main", || {
-            include_str!("../../shaders/pack.wgsl").into()
-        })?;
+        let kernel = SubgroupKernel {
+            rows,
+            cols,
+            subgroup,
+            subgroups_per_group,
+            textures,
+            vec4_store: !transposed && n % 4 == 0,
+        };
+        let pipeline = gpu.specialized(
+            &kernel.key(),
+            "main",
+            || kernel.source(),
+            &[
+                ("BIAS_MODE", self.bias_mode()),
+                ("ACTIVATION", self.activation.code()),
+                ("TRANSPOSE_C", u32::from(transposed)),
+            ],
+        )?;
+        let pack_entry = if textures { "to_texture" } else { "main" };
+        let pack_pipeline = gpu.pipeline("pack", pack_entry, pack_source)?;
 
-        gpu.run_pass("matmul", |pass| {
-            if let Some(packed) = &a_packed {
-                let (row_stride, col_stride) = if self.trans_a { (1, m) } else { (k, 1) };
-                let pack = PackParams::new(
-                    [m, k, m, 4 * k4],
-                    [row_stride, col_stride, m * k],
-                    a_batches,
-                );
-                gpu.encode(
+        let copies = |encoder: &mut wgpu::CommandEncoder| {
+            if let Packed::Textures(a_tex, b_tex) = &packed {
+                for (dense, src, tex, pack) in [
+                    (a_is_dense, a, a_tex, &a_pack),
+                    (b_is_dense, b, b_tex, &b_pack),
+                ] {
+                    if dense {
+                        tex.copy_from(encoder, src, u64::from(pack.total) / 4);
+                    }
+                }
+            }
+            Ok(())
+        };
+        gpu.run_pass_after("matmul", copies, |pass| {
+            let mut pack = |params: &PackParams, src: Binding<'_>, dst: Resource<'_>| {
+                let (number, per_invocation) = match dst {
+                    Resource::Buffer(_) => (2, 1),
+                    Resource::Texture(_) => (3, 4),
+                };
+                gpu.encode_resources(
                     pass,
                     &pack_pipeline,
-                    bytemuck::bytes_of(&pack),
-                    &[a, packed.binding()],
-                    pack.groups(),
-                )?;
-            }
-            if let Some(packed) = &b_packed {
-                let (row_stride, col_stride) = if self.trans_b { (1, k) } else { (n, 1) };
-                let pack = PackParams::new(
-                    [k, n, 4 * k4, 4 * n4],
-                    [row_stride, col_stride, k * n],
-                    b_batches,
-                );
-                gpu.encode(
-                    pass,
-                    &pack_pipeline,
-                    bytemuck::bytes_of(&pack),
-                    &[b, packed.binding()],
-                    pack.groups(),
-                )?;
-            }
-            let a_use = a_packed.as_ref().map_or(a, Tensor::binding);
-            let b_use = b_packed.as_ref().map_or(b, Tensor::binding);
-            gpu.encode(
+                    bytemuck::bytes_of(params),
+                    &[(1, Resource::Buffer(src)), (number, dst)],
+                    u64::from(params.total).div_ceil(256 * per_invocation),
+                )
+            };
+            let (a_use, b_use) = match &packed {
+                Packed::Textures(a_tex, b_tex) => {
+                    if !a_is_dense {
+                        pack(&a_pack, a, Resource::Texture(&a_tex.view))?;
+                    }
+                    if !b_is_dense {
+                        pack(&b_pack, b, Resource::Texture(&b_tex.view))?;
+                    }
+                    (
+                        Resource::Texture(&a_tex.view),
+                        Resource::Texture(&b_tex.view),
+                    )
+                }
+                Packed::Buffers(a_buf, b_buf) => {
+                    if let Some(t) = a_buf {
+                        pack(&a_pack, a, Resource::Buffer(t.binding()))?;
+                    }
+                    if let Some(t) = b_buf {
+                        pack(&b_pack, b, Resource::Buffer(t.binding()))?;
+                    }
+                    (
+                        Resource::Buffer(a_buf.as_ref().map_or(a, Tensor::binding)),
+                        Resource::Buffer(b_buf.as_ref().map_or(b, Tensor::binding)),
+                    )
+                }
+            };
+            gpu.encode_resources(
                 pass,
                 &pipeline,
                 bytemuck::bytes_of(&params),
-                &[a_use, b_use, bias, out],
+                &[
+                    (1, a_use),
+                    (2, b_use),
+                    (3, Resource::Buffer(bias)),
+                    (4, Resource::Buffer(out)),
+                ],
                 u64::from(total_tiles).div_ceil(u64::from(subgroups_per_group)),
             )
         })
@@ -536,11 +624,22 @@ struct SubgroupParams {
     tiles_m: u32,
     tiles_n: u32,
     total_tiles: u32,
-    bias_mode: u32,
-    activation: u32,
     slope: f32,
-    transpose_c: u32,
-    _pad: [u32; 3],
+    _pad: [u32; 2],
+}
+
+/// The operands a subgroup matmul reads, packed where needed.
+enum Packed {
+    /// Both operands as textures.
+    Textures(OperandTexture, OperandTexture),
+    /// Dense copies of the operands that were not dense already.
+    Buffers(Option<Tensor>, Option<Tensor>),
+}
+
+/// shaders/pack.wgsl with the texture width filled in.
+fn pack_source() -> String {
+    include_str!("../../shaders/pack.wgsl")
+        .replace("{{TEXTURE_WIDTH_LOG2}}", &TEXTURE_WIDTH_LOG2.to_string())
 }
 
 /// Mirrors `Params` in shaders/pack.wgsl.
@@ -572,84 +671,139 @@ impl PackParams {
             total: (batches * sizes[2] * sizes[3]) as u32,
         }
     }
+}
 
-    fn groups(&self) -> u64 {
-        u64::from(self.total).div_ceil(256)
+/// One generated subgroup kernel: everything its source depends on (the epilogue choices
+/// are `override` constants set per pipeline).
+struct SubgroupKernel {
+    rows: u32,
+    cols: u32,
+    subgroup: u32,
+    subgroups_per_group: u32,
+    /// Operands through textures instead of storage buffers.
+    textures: bool,
+    /// Row-major output with N a multiple of 4: one vec4 store per 4 columns.
+    vec4_store: bool,
+}
+
+impl SubgroupKernel {
+    fn key(&self) -> String {
+        let reads = if self.textures { "tex" } else { "buf" };
+        let stores = if self.vec4_store { "v4" } else { "s" };
+        format!(
+            "matmul_subgroup_r{}_c{}_s{}_{reads}_{stores}",
+            self.rows, self.cols, self.subgroup
+        )
+    }
+
+    /// Fills in the unrolled parts of shaders/matmul_subgroup.wgsl.
+    fn source(&self) -> String {
+        let Self {
+            rows,
+            cols,
+            subgroup,
+            subgroups_per_group,
+            ..
+        } = *self;
+        let col_groups = cols / 4;
+        // Per 4 K-steps the subgroup loads 4 × col_groups vec4s of B, `loads` per lane.
+        let loads = 4 * col_groups / subgroup;
+        let mut setup = String::new();
+        let mut body = String::new();
+        let mut store = String::new();
+        for r in 0..rows {
+            let _ = writeln!(
+                setup,
+                "    let a_row_{r} = a_base + min(row0 + {r}u, p.m - 1u) * p.k4;"
+            );
+        }
+        for j in 0..loads {
+            let v = format!("(lane + {}u)", subgroup * j);
+            let _ = writeln!(
+                setup,
+                "    let b_off_{j} = b_base + ({v} / {col_groups}u) * p.n4 + min(col4 + {v} % {col_groups}u, p.n4 - 1u);"
+            );
+        }
+        for r in 0..rows {
+            for g in 0..col_groups {
+                let _ = writeln!(setup, "    var acc_{r}_{g} = vec4<f32>(0.0);");
+            }
+        }
+        for r in 0..rows {
+            let _ = writeln!(body, "        let a_{r} = load_a(a_row_{r} + k);");
+        }
+        for j in 0..loads {
+            let _ = writeln!(body, "        let bl_{j} = load_b(b_off_{j} + k * b_step);");
+        }
+        for (kk, component) in ["x", "y", "z", "w"].iter().enumerate() {
+            for g in 0..col_groups {
+                let v = kk as u32 * col_groups + g;
+                let _ = writeln!(
+                    body,
+                    "        let bb_{kk}_{g} = subgroupBroadcast(bl_{}, {}u);",
+                    v / subgroup,
+                    v % subgroup
+                );
+                for r in 0..rows {
+                    let _ = writeln!(
+                        body,
+                        "        acc_{r}_{g} = fma(vec4<f32>(a_{r}.{component}), bb_{kk}_{g}, acc_{r}_{g});"
+                    );
+                }
+            }
+        }
+        for r in 0..rows {
+            for g in 0..col_groups {
+                if self.vec4_store {
+                    let _ = writeln!(
+                        store,
+                        "    store4(batch, row0 + {r}u, col4 + {g}u, acc_{r}_{g});"
+                    );
+                    continue;
+                }
+                for (i, component) in ["x", "y", "z", "w"].iter().enumerate() {
+                    let _ = writeln!(
+                        store,
+                        "    store(batch, row0 + {r}u, (col4 + {g}u) * 4u + {i}u, acc_{r}_{g}.{component});"
+                    );
+                }
+            }
+        }
+        let parts = include_str!("../../shaders/matmul_operands.wgsl");
+        let operands = section(parts, if self.textures { "texture" } else { "storage" })
+            .replace("{{TEXTURE_WIDTH_LOG2}}", &TEXTURE_WIDTH_LOG2.to_string());
+        let output = section(
+            parts,
+            if self.vec4_store {
+                "store_vec4"
+            } else {
+                "store_scalar"
+            },
+        );
+        let kernel = include_str!("../../shaders/matmul_subgroup.wgsl")
+            .replace("{{OPERANDS}}", &operands)
+            .replace("{{OUTPUT}}", output)
+            .replace("{{ROWS}}", &rows.to_string())
+            .replace("{{COLS}}", &cols.to_string())
+            .replace("{{SUBGROUP}}", &subgroup.to_string())
+            .replace("{{SUBGROUPS_PER_GROUP}}", &subgroups_per_group.to_string())
+            .replace(
+                "{{GROUP_SIZE}}",
+                &(subgroup * subgroups_per_group).to_string(),
+            )
+            .replace("{{SETUP}}", &setup)
+            .replace("{{BODY}}", &body)
+            .replace("{{STORE}}", &store);
+        [include_str!("../../shaders/epilogue.wgsl"), &kernel].concat()
     }
 }
 
-/// Fills in the unrolled parts of shaders/matmul_subgroup.wgsl for one tile shape.
-fn subgroup_kernel_source(rows: u32, cols: u32, subgroup: u32, subgroups_per_group: u32) -> String {
-    let col_groups = cols / 4;
-    // Per 4 K-steps the subgroup loads 4 × col_groups vec4s of B, `loads` per lane.
-    let loads = 4 * col_groups / subgroup;
-    let mut setup = String::new();
-    let mut body = String::new();
-    let mut store = String::new();
-    for r in 0..rows {
-        let _ = writeln!(
-            setup,
-            "    let a_row_{r} = a_base + min(row0 + {r}u, p.m - 1u) * p.k4;"
-        );
-    }
-    for j in 0..loads {
-        let v = format!("(lane + {}u)", subgroup * j);
-        let _ = writeln!(
-            setup,
-            "    let b_off_{j} = b_base + ({v} / {col_groups}u) * p.n4 + min(col4 + {v} % {col_groups}u, p.n4 - 1u);"
-        );
-    }
-    for r in 0..rows {
-        for g in 0..col_groups {
-            let _ = writeln!(setup, "    var acc_{r}_{g} = vec4<f32>(0.0);");
-        }
-    }
-    for r in 0..rows {
-        let _ = writeln!(body, "        let a_{r} = a[a_row_{r} + k];");
-    }
-    for j in 0..loads {
-        let _ = writeln!(body, "        let bl_{j} = b[b_off_{j} + k * b_step];");
-    }
-    for (kk, component) in ["x", "y", "z", "w"].iter().enumerate() {
-        for g in 0..col_groups {
-            let v = kk as u32 * col_groups + g;
-            let _ = writeln!(
-                body,
-                "        let bb_{kk}_{g} = subgroupBroadcast(bl_{}, {}u);",
-                v / subgroup,
-                v % subgroup
-            );
-            for r in 0..rows {
-                let _ = writeln!(
-                    body,
-                    "        acc_{r}_{g} = fma(vec4<f32>(a_{r}.{component}), bb_{kk}_{g}, acc_{r}_{g});"
-                );
-            }
-        }
-    }
-    for r in 0..rows {
-        for g in 0..col_groups {
-            for (i, component) in ["x", "y", "z", "w"].iter().enumerate() {
-                let _ = writeln!(
-                    store,
-                    "    store(batch, row0 + {r}u, (col4 + {g}u) * 4u + {i}u, acc_{r}_{g}.{component});"
-                );
-            }
-        }
-    }
-    let kernel = include_str!("../../shaders/matmul_subgroup.wgsl")
-        .replace("{{ROWS}}", &rows.to_string())
-        .replace("{{COLS}}", &cols.to_string())
-        .replace("{{SUBGROUP}}", &subgroup.to_string())
-        .replace("{{SUBGROUPS_PER_GROUP}}", &subgroups_per_group.to_string())
-        .replace(
-            "{{GROUP_SIZE}}",
-            &(subgroup * subgroups_per_group).to_string(),
-        )
-        .replace("{{SETUP}}", &setup)
-        .replace("{{BODY}}", &body)
-        .replace("{{STORE}}", &store);
-    [include_str!("../../shaders/epilogue.wgsl"), &kernel].concat()
+/// The part of a WGSL snippet file that follows the line `//- name`, up to the next such line.
+fn section<'a>(source: &'a str, name: &str) -> &'a str {
+    let marker = format!("//- {name}\n");
+    source.split_once(&marker).map_or("", |(_, rest)| {
+        rest.split_once("//- ").map_or(rest, |(part, _)| part)
+    })
 }
 
 /// The CPU reference: `act(op(A) · op(B) + bias)` with ndarray's `dot`, batch by batch.

@@ -1,0 +1,310 @@
+//! Operands read through textures, and the calibration that decides whether kernels use them.
+//!
+//! On lavapipe a per-lane storage-buffer load is a bounds-checked scalar loop over the lanes,
+//! while `textureLoad` is a vectorised fetch. How far apart the two are depends on the host
+//! CPU: 3–4× in a matmul on an AVX2-only host, about even on an AVX-512 one. So CPU adapters
+//! measure both once per context ([`Gpu::operand_reads`]) and kernels follow the winner.
+//! A texture holds a dense operand as rgba32float texels, texel `i` at
+//! `(i mod 2^TEXTURE_WIDTH_LOG2, i / 2^TEXTURE_WIDTH_LOG2)`: kernels index it like a
+//! `array<vec4<f32>>`.
+
+use std::time::Instant;
+
+use bytemuck::{Pod, Zeroable};
+
+use super::context::Gpu;
+use super::dispatch::{Binding, Resource};
+use crate::error::{Error, Result};
+
+/// How much faster a texel load must be than a storage load for kernels to use textures:
+/// filling a texture costs a copy or a pack per operand, and on hosts where the two loads
+/// cost about the same (AVX-512) the matmuls measured even.
+pub const TEXTURE_ADVANTAGE: f64 = 1.5;
+
+/// Operand textures are 2^12 = 4096 texels wide (64 KiB rows).
+pub(crate) const TEXTURE_WIDTH_LOG2: u32 = 12;
+
+/// How kernels that offer both read their large operands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OperandReads {
+    /// Per-lane loads from storage buffers (every adapter).
+    Storage,
+    /// `textureLoad` from rgba32float textures filled by a pack kernel (CPU adapters where
+    /// that is faster).
+    Texture,
+}
+
+/// What the calibration of a CPU adapter measured, and what it chose.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct OperandCalibration {
+    /// Nanoseconds per vec4 loaded from a storage buffer, per lane.
+    pub storage_ns: f64,
+    /// Nanoseconds per texel loaded with `textureLoad`, per lane.
+    pub texture_ns: f64,
+    /// The choice: textures only when a texel load is over 1.5× faster (textures also
+    /// cost a pack or copy per operand).
+    pub choice: OperandReads,
+    /// Seconds the calibration took, shader compilation included.
+    pub seconds: f64,
+}
+
+/// A dense operand as an rgba32float texture: see the module documentation.
+pub(crate) struct OperandTexture {
+    pub texture: wgpu::Texture,
+    pub view: wgpu::TextureView,
+}
+
+/// Width and height of a texture holding `texels` texels.
+fn texture_extent(texels: u64) -> (u32, u64) {
+    let width = 1u64 << TEXTURE_WIDTH_LOG2;
+    let height = texels.div_ceil(width).max(1);
+    (width as u32, height)
+}
+
+impl OperandTexture {
+    /// Records a copy of the first `texels` texels of `src` (a dense operand) into the
+    /// texture: the whole rows, then the last partial one.
+    pub(crate) fn copy_from(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        src: Binding<'_>,
+        texels: u64,
+    ) {
+        let (width, _) = texture_extent(texels);
+        let full_rows = texels / u64::from(width);
+        let rest = texels % u64::from(width);
+        let row_bytes = u64::from(width) * 16;
+        let parts = [
+            (0, 0, width, full_rows),
+            (full_rows * row_bytes, full_rows, rest as u32, 1),
+        ];
+        for (offset, y, part_width, rows) in parts {
+            if part_width == 0 || rows == 0 {
+                continue;
+            }
+            encoder.copy_buffer_to_texture(
+                wgpu::TexelCopyBufferInfo {
+                    buffer: src.buffer,
+                    layout: wgpu::TexelCopyBufferLayout {
+                        offset,
+                        bytes_per_row: Some(row_bytes as u32),
+                        rows_per_image: None,
+                    },
+                },
+                wgpu::TexelCopyTextureInfo {
+                    texture: &self.texture,
+                    mip_level: 0,
+                    origin: wgpu::Origin3d {
+                        x: 0,
+                        y: y as u32,
+                        z: 0,
+                    },
+                    aspect: wgpu::TextureAspect::All,
+                },
+                wgpu::Extent3d {
+                    width: part_width,
+                    height: rows as u32,
+                    depth_or_array_layers: 1,
+                },
+            );
+        }
+    }
+}
+
+impl Gpu {
+    /// Whether `texels` texels fit one operand texture on this device.
+    pub(crate) fn fits_operand_texture(&self, texels: u64) -> bool {
+        let (width, height) = texture_extent(texels);
+        let max = u64::from(self.limits().max_texture_dimension_2d);
+        u64::from(width) <= max && height <= max
+    }
+
+    /// A texture for `texels` texels, written by kernels (storage) and read by others.
+    pub(crate) fn operand_texture(&self, texels: u64) -> Result<OperandTexture> {
+        if !self.fits_operand_texture(texels) {
+            // 16 bytes per texel; the height is what the limit caps.
+            let max = u64::from(self.limits().max_texture_dimension_2d);
+            return Err(Error::TooLarge {
+                what: "an operand texture".into(),
+                bytes: texels * 16,
+                limit_name: "max_texture_dimension_2d",
+                limit: (max << TEXTURE_WIDTH_LOG2) * 16,
+                adapter: self.adapter_info().name.clone(),
+            });
+        }
+        let (width, height) = texture_extent(texels);
+        let texture = self.checked("allocating an operand texture", || {
+            self.device().create_texture(&wgpu::TextureDescriptor {
+                label: Some("operand"),
+                size: wgpu::Extent3d {
+                    width,
+                    height: height as u32,
+                    depth_or_array_layers: 1,
+                },
+                mip_level_count: 1,
+                sample_count: 1,
+                dimension: wgpu::TextureDimension::D2,
+                format: wgpu::TextureFormat::Rgba32Float,
+                usage: wgpu::TextureUsages::TEXTURE_BINDING
+                    | wgpu::TextureUsages::STORAGE_BINDING
+                    | wgpu::TextureUsages::COPY_DST,
+                view_formats: &[],
+            })
+        })?;
+        let view = texture.create_view(&wgpu::TextureViewDescriptor::default());
+        Ok(OperandTexture { texture, view })
+    }
+
+    /// How this context's kernels read large operands: storage buffers on real GPUs; on
+    /// CPU adapters whichever the calibration found faster, measured on the first call
+    /// (well under half a second) and kept for the context's life.
+    pub fn operand_reads(&self) -> Result<OperandReads> {
+        Ok(self
+            .operand_calibration()?
+            .map_or(OperandReads::Storage, |c| c.choice))
+    }
+
+    /// The calibration behind [`Gpu::operand_reads`]; `None` on adapters that do not
+    /// calibrate (real GPUs, or CPU adapters without fixed-size subgroups).
+    pub fn operand_calibration(&self) -> Result<Option<OperandCalibration>> {
+        if !self.is_cpu_adapter() || self.fixed_subgroup_size().is_none() {
+            return Ok(None);
+        }
+        if let Some(found) = self.inner.calibration.get() {
+            return Ok(Some(*found));
+        }
+        let measured = calibrate(self)?;
+        Ok(Some(*self.inner.calibration.get_or_init(|| measured)))
+    }
+}
+
+/// Mirrors `Params` in shaders/calibrate.wgsl.
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct CalibrateParams {
+    texels: u32,
+    _pad: [u32; 3],
+}
+
+/// Times `storage_reads` against `texture_reads` (shaders/calibrate.wgsl) on 1 MiB of data.
+/// It submits on its own, outside any recording: its resources are private to it.
+fn calibrate(gpu: &Gpu) -> Result<OperandCalibration> {
+    const TEXELS: u32 = 1 << 16;
+    const INVOCATIONS: u32 = 1 << 14;
+    const LOADS_PER_INVOCATION: f64 = 64.0;
+    const RUNS: usize = 5;
+    let start = Instant::now();
+    let device = gpu.device();
+    let data: Vec<f32> = (0..TEXELS * 4).map(|i| (i % 97) as f32 * 0.01).collect();
+    let src = gpu.checked("calibrating operand reads", || {
+        wgpu::util::DeviceExt::create_buffer_init(
+            device,
+            &wgpu::util::BufferInitDescriptor {
+                label: Some("calibration source"),
+                contents: bytemuck::cast_slice(&data),
+                usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
+            },
+        )
+    })?;
+    let out_bytes = u64::from(INVOCATIONS) * 16;
+    let out = gpu.checked("calibrating operand reads", || {
+        device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("calibration output"),
+            size: out_bytes,
+            usage: wgpu::BufferUsages::STORAGE,
+            mapped_at_creation: false,
+        })
+    })?;
+    let texture = gpu.operand_texture(u64::from(TEXELS))?;
+    let width = 1u32 << TEXTURE_WIDTH_LOG2;
+    let mut encoder = device.create_command_encoder(&Default::default());
+    encoder.copy_buffer_to_texture(
+        wgpu::TexelCopyBufferInfo {
+            buffer: &src,
+            layout: wgpu::TexelCopyBufferLayout {
+                offset: 0,
+                bytes_per_row: Some(width * 16),
+                rows_per_image: None,
+            },
+        },
+        wgpu::TexelCopyTextureInfo {
+            texture: &texture.texture,
+            mip_level: 0,
+            origin: wgpu::Origin3d::ZERO,
+            aspect: wgpu::TextureAspect::All,
+        },
+        wgpu::Extent3d {
+            width,
+            height: TEXELS / width,
+            depth_or_array_layers: 1,
+        },
+    );
+    gpu.checked("calibrating operand reads", || {
+        gpu.queue().submit([encoder.finish()])
+    })?;
+
+    let params = CalibrateParams {
+        texels: TEXELS,
+        _pad: [0; 3],
+    };
+    let source = include_str!("../../shaders/calibrate.wgsl")
+        .replace("{{TEXTURE_WIDTH_LOG2}}", &TEXTURE_WIDTH_LOG2.to_string());
+    let src_binding = Binding {
+        buffer: &src,
+        bytes: u64::from(TEXELS) * 16,
+    };
+    let out_binding = Binding {
+        buffer: &out,
+        bytes: out_bytes,
+    };
+    let kernels = [
+        (
+            gpu.pipeline("calibrate", "storage_reads", || source.clone())?,
+            (1, Resource::Buffer(src_binding)),
+        ),
+        (
+            gpu.pipeline("calibrate", "texture_reads", || source.clone())?,
+            (3, Resource::Texture(&texture.view)),
+        ),
+    ];
+    let mut best = [f64::INFINITY; 2];
+    // The two kernels alternate, so that a busy moment on the host hits both; the first
+    // round compiles the shaders (lavapipe compiles at the first dispatch) and is not kept.
+    for round in 0..=RUNS {
+        for (i, kernel) in kernels.iter().enumerate() {
+            let (pipeline, input) = kernel;
+            let mut encoder = device.create_command_encoder(&Default::default());
+            {
+                let mut pass = encoder.begin_compute_pass(&Default::default());
+                gpu.encode_resources(
+                    &mut pass,
+                    pipeline,
+                    bytemuck::bytes_of(&params),
+                    &[*input, (2, Resource::Buffer(out_binding))],
+                    u64::from(INVOCATIONS / 64),
+                )?;
+            }
+            let started = Instant::now();
+            gpu.checked("calibrating operand reads", || {
+                gpu.queue().submit([encoder.finish()])
+            })?;
+            gpu.synchronize()?;
+            if round > 0 {
+                best[i] = best[i].min(started.elapsed().as_secs_f64());
+            }
+        }
+    }
+    let loads = f64::from(INVOCATIONS) * LOADS_PER_INVOCATION;
+    let [storage_ns, texture_ns] = best.map(|seconds| seconds * 1e9 / loads);
+    let choice = if texture_ns * TEXTURE_ADVANTAGE < storage_ns {
+        OperandReads::Texture
+    } else {
+        OperandReads::Storage
+    };
+    Ok(OperandCalibration {
+        storage_ns,
+        texture_ns,
+        choice,
+        seconds: start.elapsed().as_secs_f64(),
+    })
+}
