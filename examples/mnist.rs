@@ -127,13 +127,14 @@ struct History {
 }
 
 fn main() {
-    if let Err(e) = run() {
+    let process_start = Instant::now();
+    if let Err(e) = run(process_start) {
         eprintln!("error: {e}");
         std::process::exit(1);
     }
 }
 
-fn run() -> Result<(), Box<dyn std::error::Error>> {
+fn run(process_start: Instant) -> Result<(), Box<dyn std::error::Error>> {
     let args = parse_args()?;
     let rule = optimizer(&args.optimizer, args.lr)?;
     let device = match args.device.as_str() {
@@ -166,6 +167,9 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         );
     }
 
+    // Process start to the end of the first step (shader compilation included), and the
+    // pipelines that step compiled.
+    let mut first_step: Option<(f64, usize)> = None;
     let mut history = History::default();
     let mut epoch_seconds = Vec::new();
     let log_every = 20;
@@ -197,6 +201,14 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
                 |d: &Device| image_batch(d, &mnist.train_images, batch, &normalize),
                 &labels,
             )?;
+            if first_step.is_none() {
+                out.loss.to_array()?; // waits for the step to finish
+                let pipelines = match &device {
+                    Device::Gpu(gpu) => gpu.pipelines_compiled(),
+                    Device::Cpu => 0,
+                };
+                first_step = Some((process_start.elapsed().as_secs_f64(), pipelines));
+            }
             pending.push((out, batch.len()));
             images_since += batch.len();
             if (step + 1) % log_every == 0 || step + 1 == steps_per_epoch {
@@ -260,8 +272,9 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     if args.json {
         let epoch_mean = epoch_seconds.iter().sum::<f64>() / epoch_seconds.len() as f64;
         let accuracy = history.test_accuracy.last().map_or(0.0, |a| a.1);
+        let (first_step_seconds, pipelines) = first_step.unwrap_or((f64::NAN, 0));
         println!(
-            "{{\"epochs\":{},\"test_accuracy\":{accuracy:.4},\"train_images_per_sec\":{:.1},\"epoch_seconds\":{epoch_mean:.2},\"device\":{:?},\"batch_size\":{},\"optimizer\":{:?}}}",
+            "{{\"epochs\":{},\"test_accuracy\":{accuracy:.4},\"train_images_per_sec\":{:.1},\"epoch_seconds\":{epoch_mean:.2},\"first_step_seconds\":{first_step_seconds:.3},\"pipelines\":{pipelines},\"device\":{:?},\"batch_size\":{},\"optimizer\":{:?}}}",
             args.epochs,
             n as f64 / epoch_mean,
             device.name(),

@@ -1,13 +1,15 @@
 //! The performance report: each op on the GPU and on the CPU reference, medians of several
 //! synchronised runs after a warm-up.
 //!
-//! `cargo run --release --example perf -- [--quick] [--json] [--filter TEXT]`
+//! `cargo run --release --example perf -- [--quick] [--runs N] [--json] [--filter TEXT]`
 
 use std::time::Instant;
 
 use ndarray::{Array1, Array2, ArrayD, IxDyn};
 use wgcnn::cpu::BatchNormCpu;
-use wgcnn::{BatchNorm2d, Conv2d, Gpu, Matmul, Padding, Pool2d, Result, Tensor};
+use wgcnn::{
+    BatchNorm2d, Conv2d, Gpu, KernelChoice, LayerNorm, Matmul, Padding, Pool2d, Result, Tensor,
+};
 
 /// One benchmarked operation: GPU and CPU runs of the same work.
 struct Case<'a> {
@@ -41,12 +43,19 @@ fn random(shape: &[usize], seed: u32) -> ArrayD<f32> {
     })
 }
 
-fn matmul_case(gpu: &Gpu, (m, k, n): (usize, usize, usize)) -> Result<Case<'_>> {
+fn matmul_case(
+    gpu: &Gpu,
+    (m, k, n): (usize, usize, usize),
+    kernel: KernelChoice,
+) -> Result<Case<'_>> {
     let a = random(&[m, k], 1);
     let b = random(&[k, n], 2);
     let (ta, tb) = (Tensor::from_array(gpu, &a)?, Tensor::from_array(gpu, &b)?);
     let mut out = Tensor::full(gpu, &[m, n], 0.0)?;
-    let spec = Matmul::default();
+    let spec = Matmul {
+        kernel,
+        ..Matmul::default()
+    };
     let kernel = spec
         .plan(gpu, &spec.shape(&[m, k], &[k, n], None)?)?
         .to_string();
@@ -119,8 +128,11 @@ fn conv_cases(gpu: &Gpu, [n, c, h, o, k, pad]: [usize; 6]) -> Result<Vec<Case<'_
     ])
 }
 
-fn pool_cases(gpu: &Gpu) -> Result<Vec<Case<'_>>> {
-    let spec = Pool2d::max((2, 2));
+fn pool_cases<'a>(
+    gpu: &'a Gpu,
+    spec: Pool2d,
+    [fwd, fwd_bwd]: [&'static str; 2],
+) -> Result<Vec<Case<'a>>> {
     let x = random(&[64, 6, 24, 24], 7);
     let dy = random(&[64, 6, 12, 12], 8);
     let (tx, tdy) = (Tensor::from_array(gpu, &x)?, Tensor::from_array(gpu, &dy)?);
@@ -132,7 +144,7 @@ fn pool_cases(gpu: &Gpu) -> Result<Vec<Case<'_>>> {
     let (t1, t2, a1, a2) = (tensors.clone(), tensors, arrays.clone(), arrays);
     Ok(vec![
         Case {
-            op: "max_pool2d_fwd",
+            op: fwd,
             shape: label.clone(),
             kernel: "pool".into(),
             flops,
@@ -140,7 +152,7 @@ fn pool_cases(gpu: &Gpu) -> Result<Vec<Case<'_>>> {
             cpu: Box::new(move || wgcnn::cpu::pool2d(&spec, &a1.0.view()).map(drop)),
         },
         Case {
-            op: "max_pool2d_fwd_bwd",
+            op: fwd_bwd,
             shape: label,
             kernel: "pool".into(),
             flops: 2.0 * flops,
@@ -241,6 +253,79 @@ fn batch_norm_cases(gpu: &Gpu) -> Result<Vec<Case<'_>>> {
     ])
 }
 
+/// Layer norm over each sample's C×H×W values (N8 C64 28²).
+fn layer_norm_cases(gpu: &Gpu) -> Result<Vec<Case<'_>>> {
+    let spec = LayerNorm::default();
+    let x = random(&[8, 64, 28, 28], 11);
+    let dy = random(&[8, 64, 28, 28], 12);
+    let gamma = random(&[64, 28, 28], 13);
+    let beta = random(&[64, 28, 28], 14);
+    let t = std::rc::Rc::new((
+        Tensor::from_array(gpu, &x)?,
+        Tensor::from_array(gpu, &gamma)?,
+        Tensor::from_array(gpu, &beta)?,
+        Tensor::from_array(gpu, &dy)?,
+    ));
+    let a = std::rc::Rc::new((x, gamma, beta, dy));
+    let flops = 8.0 * a.0.len() as f64;
+    let (t1, t2, a1, a2) = (t.clone(), t, a.clone(), a);
+    let label = "N8 C64 28x28".to_string();
+    Ok(vec![
+        Case {
+            op: "layer_norm_fwd",
+            shape: label.clone(),
+            kernel: "norm".into(),
+            flops,
+            gpu: Box::new(move || spec.forward(&t1.0, &t1.1, &t1.2).map(drop)),
+            cpu: Box::new(move || {
+                spec.forward_cpu(&a1.0.view(), &a1.1.view(), &a1.2.view())
+                    .map(drop)
+            }),
+        },
+        Case {
+            op: "layer_norm_fwd_bwd",
+            shape: label,
+            kernel: "norm".into(),
+            flops: 2.0 * flops,
+            gpu: Box::new(move || {
+                let out = spec.forward(&t2.0, &t2.1, &t2.2)?;
+                spec.backward(&t2.0, &t2.1, &out.mean, &out.rstd, &t2.3)
+                    .map(drop)
+            }),
+            cpu: Box::new(move || {
+                let out = spec.forward_cpu(&a2.0.view(), &a2.1.view(), &a2.2.view())?;
+                spec.backward_cpu(
+                    &a2.0.view(),
+                    &a2.1.view(),
+                    &out.mean,
+                    &out.rstd,
+                    &a2.3.view(),
+                )
+                .map(drop)
+            }),
+        },
+    ])
+}
+
+/// Softmax cross-entropy: one fused kernel gives the loss, its gradient and the correct
+/// count, so forward and backward are one row.
+fn cross_entropy_case(gpu: &Gpu, (rows, classes): (usize, usize)) -> Result<Case<'_>> {
+    let logits = random(&[rows, classes], 15);
+    let labels: Vec<usize> = (0..rows).map(|i| (i * 7) % classes).collect();
+    let t = Tensor::from_array(gpu, &logits)?;
+    let cpu_labels = labels.clone();
+    Ok(Case {
+        op: "softmax_cross_entropy_fwd_bwd",
+        shape: format!("N{rows} K{classes}"),
+        kernel: "fused".into(),
+        flops: 5.0 * (rows * classes) as f64,
+        gpu: Box::new(move || wgcnn::softmax_cross_entropy(&t, &labels).map(drop)),
+        cpu: Box::new(move || {
+            wgcnn::cpu::softmax_cross_entropy(&logits.view(), &cpu_labels).map(drop)
+        }),
+    })
+}
+
 /// A whole LeNet-5 training step at batch 64 (forward, cross-entropy, backward, SGD update):
 /// one recorded submission on the GPU, the CPU reference path on the other side.
 fn train_step_case(gpu: &Gpu) -> Result<Case<'_>> {
@@ -275,7 +360,13 @@ fn main() -> Result<()> {
         .iter()
         .position(|a| a == "--filter")
         .and_then(|i| args.get(i + 1).cloned());
-    let runs = if quick { 3 } else { 9 };
+    let runs = args
+        .iter()
+        .position(|a| a == "--runs")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|r| r.parse::<usize>().ok())
+        .filter(|&r| r > 0)
+        .unwrap_or(if quick { 3 } else { 9 });
 
     let gpu = Gpu::new()?;
     let adapter = gpu.adapter_info().name.clone();
@@ -286,10 +377,43 @@ fn main() -> Result<()> {
             gpu.adapter_info().device_type
         );
         println!(
-            "{:<22} {:<26} {:<20} {:>10} {:>10} {:>9} {:>9} {:>7}",
-            "op", "shape", "kernel", "gpu_ms", "cpu_ms", "gpu_GF/s", "cpu_GF/s", "gpu/cpu"
+            "{:<30} {:<26} {:<20} {:>10} {:>9} {:>10} {:>9} {:>9} {:>7}",
+            "op",
+            "shape",
+            "kernel",
+            "gpu_ms",
+            "host_ms",
+            "cpu_ms",
+            "gpu_GF/s",
+            "cpu_GF/s",
+            "cpu/gpu"
         );
     }
+    // Kernels that can read operands through textures follow this choice (CPU adapters).
+    let calibration = gpu.operand_calibration()?;
+    if let Some(c) = calibration {
+        let choice = format!("{:?}", c.choice).to_lowercase();
+        if json {
+            println!(
+                "{{\"calibration\":{{\"storage_ns\":{:.3},\"texture_ns\":{:.3},\"choice\":\"{choice}\",\"ms\":{:.1}}},\"adapter\":\"{adapter}\"}}",
+                c.storage_ns,
+                c.texture_ns,
+                c.seconds * 1e3
+            );
+        } else {
+            println!(
+                "operand reads: {choice} (per-lane load {:.2} ns from storage, {:.2} ns from a texture; calibrated in {:.0} ms)",
+                c.storage_ns,
+                c.texture_ns,
+                c.seconds * 1e3
+            );
+        }
+    }
+    // On CPU adapters both operand families of the subgroup kernel get rows.
+    let matmul_kernels = match calibration {
+        Some(_) => vec![KernelChoice::Subgroup, KernelChoice::SubgroupTexture],
+        None => vec![KernelChoice::Auto],
+    };
     let mut cases = Vec::new();
     for shape in [
         (256, 256, 256),
@@ -298,7 +422,9 @@ fn main() -> Result<()> {
         (4096, 150, 16),
         (25088, 576, 64),
     ] {
-        cases.push(matmul_case(&gpu, shape)?);
+        for &kernel in &matmul_kernels {
+            cases.push(matmul_case(&gpu, shape, kernel)?);
+        }
     }
     for conv in [
         [64, 1, 28, 6, 5, 0],
@@ -307,8 +433,21 @@ fn main() -> Result<()> {
     ] {
         cases.extend(conv_cases(&gpu, conv)?);
     }
-    cases.extend(pool_cases(&gpu)?);
+    cases.extend(pool_cases(
+        &gpu,
+        Pool2d::max((2, 2)),
+        ["max_pool2d_fwd", "max_pool2d_fwd_bwd"],
+    )?);
+    cases.extend(pool_cases(
+        &gpu,
+        Pool2d::avg((2, 2)),
+        ["avg_pool2d_fwd", "avg_pool2d_fwd_bwd"],
+    )?);
     cases.extend(batch_norm_cases(&gpu)?);
+    cases.extend(layer_norm_cases(&gpu)?);
+    for shape in [(64, 10), (1024, 1000)] {
+        cases.push(cross_entropy_case(&gpu, shape)?);
+    }
     cases.push(train_step_case(&gpu)?);
 
     for mut case in cases {
@@ -322,17 +461,27 @@ fn main() -> Result<()> {
         };
         gpu_run()?; // warm-up: compiles pipelines, lets the driver JIT the kernels
         let gpu_ms = median_ms(runs, &mut gpu_run)?;
+        // Host time: recording and submitting the work, without waiting for it.
+        let mut host_times = Vec::with_capacity(runs);
+        for _ in 0..runs {
+            let start = Instant::now();
+            (case.gpu)()?;
+            host_times.push(start.elapsed().as_secs_f64() * 1e3);
+            gpu.synchronize()?;
+        }
+        host_times.sort_by(f64::total_cmp);
+        let host_ms = host_times[runs / 2];
         (case.cpu)()?;
         let cpu_ms = median_ms(runs, &mut case.cpu)?;
         let (gpu_gflops, cpu_gflops) = (case.flops / gpu_ms / 1e6, case.flops / cpu_ms / 1e6);
         if json {
             println!(
-                "{{\"op\":\"{}\",\"shape\":\"{}\",\"kernel\":\"{}\",\"gpu_ms\":{gpu_ms:.4},\"cpu_ms\":{cpu_ms:.4},\"gpu_gflops\":{gpu_gflops:.3},\"cpu_gflops\":{cpu_gflops:.3},\"adapter\":\"{adapter}\"}}",
+                "{{\"op\":\"{}\",\"shape\":\"{}\",\"kernel\":\"{}\",\"gpu_ms\":{gpu_ms:.4},\"cpu_ms\":{cpu_ms:.4},\"gpu_gflops\":{gpu_gflops:.3},\"cpu_gflops\":{cpu_gflops:.3},\"host_ms\":{host_ms:.4},\"adapter\":\"{adapter}\"}}",
                 case.op, case.shape, case.kernel
             );
         } else {
             println!(
-                "{:<22} {:<26} {:<20} {gpu_ms:>10.3} {cpu_ms:>10.3} {gpu_gflops:>9.2} {cpu_gflops:>9.2} {:>7.2}",
+                "{:<30} {:<26} {:<20} {gpu_ms:>10.3} {host_ms:>9.3} {cpu_ms:>10.3} {gpu_gflops:>9.2} {cpu_gflops:>9.2} {:>7.2}",
                 case.op,
                 case.shape,
                 case.kernel,

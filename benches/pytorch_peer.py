@@ -1,0 +1,104 @@
+"""PyTorch (CPU) timings of the shapes in examples/perf.rs, for the README's comparison.
+
+    python3 benches/pytorch_peer.py [--threads 1] [--runs 9]
+
+Prints one JSON line per row with the keys of `perf --json` that apply: op, shape, torch_ms
+(median of --runs after a warm-up). Run it right after `perf` on the same host.
+"""
+
+import argparse
+import json
+import time
+
+import torch
+import torch.nn.functional as F
+
+
+def median_ms(fn, runs):
+    fn()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def rand(*shape, grad=False):
+    return (torch.rand(*shape) * 2 - 1).requires_grad_(grad)
+
+
+def rows():
+    for m, k, n in [(256, 256, 256), (1024, 1024, 1024), (2048, 2048, 2048),
+                    (4096, 150, 16), (25088, 576, 64)]:
+        a, b = rand(m, k), rand(k, n)
+        yield "matmul", f"{m}x{k}x{n}", lambda a=a, b=b: a @ b
+
+    for n, c, h, o, k, pad in [(64, 1, 28, 6, 5, 0), (64, 6, 12, 16, 5, 0), (8, 64, 56, 64, 3, 1)]:
+        x, w, b = rand(n, c, h, h, grad=True), rand(o, c, k, k, grad=True), rand(o, grad=True)
+        dy = rand(*F.conv2d(x, w, b, padding=pad).shape)
+        label = f"N{n} {c}->{o} {h}x{h} k{k} p{pad}"
+        yield "conv2d_fwd", label, lambda x=x, w=w, b=b, pad=pad: F.conv2d(x.detach(), w.detach(), b.detach(), padding=pad)
+        yield "conv2d_fwd_bwd", label, lambda x=x, w=w, b=b, pad=pad, dy=dy: torch.autograd.grad(
+            F.conv2d(x, w, b, padding=pad), (x, w, b), dy)
+
+    for name, pool in [("max_pool2d", F.max_pool2d), ("avg_pool2d", F.avg_pool2d)]:
+        x = rand(64, 6, 24, 24, grad=True)
+        dy = rand(64, 6, 12, 12)
+        yield f"{name}_fwd", "N64 C6 24x24 2x2", lambda x=x, pool=pool: pool(x.detach(), 2)
+        yield f"{name}_fwd_bwd", "N64 C6 24x24 2x2", lambda x=x, pool=pool, dy=dy: torch.autograd.grad(pool(x, 2), x, dy)
+
+    x = rand(8, 64, 56, 56, grad=True)
+    g, b = torch.ones(64, requires_grad=True), torch.zeros(64, requires_grad=True)
+    dy = rand(8, 64, 56, 56)
+    bn = lambda x: F.batch_norm(x, torch.zeros(64), torch.ones(64), g, b, training=True)
+    yield "batch_norm2d_fwd", "N8 C64 56x56", lambda: bn(x.detach())
+    yield "batch_norm2d_fwd_bwd", "N8 C64 56x56", lambda: torch.autograd.grad(bn(x), (x, g, b), dy)
+
+    x = rand(8, 64, 28, 28, grad=True)
+    g, b = rand(64, 28, 28, grad=True), rand(64, 28, 28, grad=True)
+    dy = rand(8, 64, 28, 28)
+    ln = lambda x: F.layer_norm(x, (64, 28, 28), g, b)
+    yield "layer_norm_fwd", "N8 C64 28x28", lambda: ln(x.detach())
+    yield "layer_norm_fwd_bwd", "N8 C64 28x28", lambda: torch.autograd.grad(ln(x), (x, g, b), dy)
+
+    for rows_, classes in [(64, 10), (1024, 1000)]:
+        logits = rand(rows_, classes, grad=True)
+        labels = torch.tensor([(i * 7) % classes for i in range(rows_)])
+        yield "softmax_cross_entropy_fwd_bwd", f"N{rows_} K{classes}", lambda l=logits, t=labels: torch.autograd.grad(
+            F.cross_entropy(l, t), l)
+
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 6, 5), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+        torch.nn.Conv2d(6, 16, 5), torch.nn.ReLU(), torch.nn.MaxPool2d(2), torch.nn.Flatten(),
+        torch.nn.Linear(256, 120), torch.nn.ReLU(), torch.nn.Linear(120, 84), torch.nn.ReLU(),
+        torch.nn.Linear(84, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x = rand(64, 1, 28, 28)
+    labels = torch.tensor([i % 10 for i in range(64)])
+
+    def step():
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), labels)
+        loss.backward()
+        opt.step()
+
+    yield "train_step_lenet_b64", "N64 1x28x28", step
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--runs", type=int, default=9)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    for op, shape, fn in rows():
+        ms = median_ms(fn, args.runs)
+        print(json.dumps({"op": op, "shape": shape, "torch_ms": round(ms, 4),
+                          "threads": args.threads, "torch": torch.__version__}))
+
+
+if __name__ == "__main__":
+    main()
