@@ -1,5 +1,6 @@
 // Max and average pooling over KH×KW windows with stride and zero padding, and their
-// backward passes as gathers (one invocation per input pixel, overlapping windows add up).
+// backward passes as gathers (one invocation per input pixel, overlapping windows add up),
+// or, where the windows tile the input exactly, as one invocation per window.
 // Max pooling records the arg-max as the flat index h·W + w within the (n, c) plane, stored
 // as f32 (exact below 2^24 pixels); padding never wins, and ties go to the first maximum in
 // row-major window order, as in PyTorch.
@@ -137,4 +138,44 @@ fn avg_backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_work
         }
     }
     dst[index] = sum;
+}
+
+// The `_tiled` backward passes: windows that tile the input exactly (stride = kernel, no
+// padding, no remainder), so each input pixel lies in one window. One invocation per
+// window loads dy (and the arg-max) once and writes the window's KH×KW gradients.
+// src = dy [planes][OH][OW], dst = dx [planes][H][W].
+fn tiled_window(index: u32) -> u32 {
+    let ow = index % OW;
+    let oh = (index / OW) % OH;
+    let plane = index / (OW * OH);
+    return (plane * H + oh * KH) * W + ow * KW;
+}
+
+@compute @workgroup_size(256)
+fn max_backward_tiled(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let index = linear_index(gid, nwg);
+    if index >= p.total { return; }
+    let corner = tiled_window(index);
+    let plane_start = (index / (OW * OH)) * H * W;
+    let best = plane_start + u32(argmax[index]);
+    let g = src[index];
+    for (var ki = 0u; ki < KH; ki++) {
+        for (var kj = 0u; kj < KW; kj++) {
+            let at = corner + ki * W + kj;
+            dst[at] = select(0.0, g, at == best);
+        }
+    }
+}
+
+@compute @workgroup_size(256)
+fn avg_backward_tiled(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let index = linear_index(gid, nwg);
+    if index >= p.total { return; }
+    let corner = tiled_window(index);
+    let g = src[index] / f32(KH * KW);
+    for (var ki = 0u; ki < KH; ki++) {
+        for (var kj = 0u; kj < KW; kj++) {
+            dst[corner + ki * W + kj] = g;
+        }
+    }
 }

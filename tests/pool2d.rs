@@ -115,6 +115,54 @@ proptest! {
 }
 
 #[test]
+fn backward_over_windows_that_tile_the_input() {
+    // Stride = kernel, no padding, no remainder: the one-invocation-per-window kernels.
+    let Some(gpu) = gpu() else { return };
+    for (i, (n, c, h, w, kernel)) in [
+        (2, 3, 8, 8, (2, 2)),
+        (1, 2, 9, 12, (3, 3)),
+        (3, 1, 6, 9, (2, 3)),
+        (1, 1, 5, 7, (1, 1)),
+        (64, 6, 24, 24, (2, 2)),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        for kind in [
+            PoolKind::Max,
+            PoolKind::Avg {
+                count_include_pad: true,
+            },
+        ] {
+            let spec = Pool2d {
+                kind,
+                kernel,
+                stride: kernel,
+                padding: (0, 0),
+            };
+            // Coarse values: ties within windows.
+            let x = random(&[n, c, h, w], i as u64).mapv(|v| (v * 2.0).round());
+            let cpu = wgcnn::cpu::pool2d(&spec, &x.view()).unwrap();
+            let dy = random(cpu.y.shape(), i as u64 + 10);
+            let argmax = cpu.argmax.as_ref().map(|a| a.view());
+            let want =
+                wgcnn::cpu::pool2d_backward(&spec, x.shape(), &dy.view(), argmax.as_ref()).unwrap();
+            let pooled = spec.forward(&upload(&x)).unwrap();
+            // A NaN-filled buffer of dx's size goes back to the pool first, so dx reuses it:
+            // any gradient the kernel fails to write shows as NaN.
+            drop(wgcnn::Tensor::full(gpu, x.shape(), f32::NAN).unwrap());
+            let got = spec
+                .backward(x.shape(), &upload(&dy), pooled.argmax.as_ref())
+                .unwrap()
+                .to_array()
+                .unwrap();
+            let diff = max_abs_diff(&got, &want);
+            assert!(diff <= 1e-6, "{spec:?} on {:?}: {diff}", x.shape());
+        }
+    }
+}
+
+#[test]
 fn max_sends_the_gradient_to_the_maximum_and_avg_spreads_it() {
     // One 2×2 window: max at (1, 0).
     let x = ArrayD::from_shape_vec(IxDyn(&[1, 1, 2, 2]), vec![1.0, 2.0, 5.0, 3.0]).unwrap();

@@ -185,11 +185,22 @@ impl Pool2d {
         let shape = self.shape(x_shape)?;
         check_dy(&shape, dy.shape())?;
         let dx = Tensor::uninit(gpu, x_shape)?;
+        // Windows that tile the input: one invocation per window instead of per pixel.
+        let tiled = self.stride == self.kernel
+            && self.padding == (0, 0)
+            && shape.oh * self.kernel.0 == shape.h
+            && shape.ow * self.kernel.1 == shape.w;
+        let (entry, total) = if tiled {
+            ("_tiled", dy.len())
+        } else {
+            ("", dx.len())
+        };
         match (self.kind, argmax) {
             (PoolKind::Max, Some(argmax)) => {
                 argmax.check_same_gpu("pool2d", gpu)?;
                 check_dy(&shape, argmax.shape())?;
-                self.run(gpu, &shape, "max_backward", &[dy, &dx, argmax], dx.len())?;
+                let entry = format!("max_backward{entry}");
+                self.run(gpu, &shape, &entry, &[dy, &dx, argmax], total)?;
             }
             (PoolKind::Max, None) => {
                 return Err(invalid(
@@ -197,7 +208,8 @@ impl Pool2d {
                 ));
             }
             (PoolKind::Avg { .. }, _) => {
-                self.run(gpu, &shape, "avg_backward", &[dy, &dx], dx.len())?
+                let entry = format!("avg_backward{entry}");
+                self.run(gpu, &shape, &entry, &[dy, &dx], total)?
             }
         }
         Ok(dx)
