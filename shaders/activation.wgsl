@@ -11,44 +11,63 @@ fn linear_index(gid: vec3<u32>, nwg: vec3<u32>) -> u32 {
     return gid.x + gid.y * nwg.x * 256u;
 }
 
-// The elementwise kernels loop over the elements with the grid's stride: fewer, longer
-// invocations (src/ops/activation.rs launches one per ELEMENTS_PER_INVOCATION elements) cost
-// less per element on CPU adapters, and reads stay contiguous across the lanes.
+// The elementwise kernels loop over vec4s with the grid's stride: fewer, longer invocations
+// (src/ops/activation.rs launches one per VEC4S_PER_INVOCATION vec4s) cost less per element
+// on CPU adapters, where every per-lane access costs about the same for one float or four,
+// and reads stay contiguous across the lanes. Tensors are bound in whole vec4s (their
+// buffers' size classes are multiples of 16 bytes); p.total counts vec4s, and the values
+// computed in the padding past the last element are never read.
 fn grid_stride(nwg: vec3<u32>) -> u32 {
     return nwg.x * nwg.y * 256u;
 }
 
+fn activate4(v: vec4<f32>) -> vec4<f32> {
+    return vec4<f32>(
+        activate(v.x, p.code, p.slope),
+        activate(v.y, p.code, p.slope),
+        activate(v.z, p.code, p.slope),
+        activate(v.w, p.code, p.slope),
+    );
+}
+
 // ---- forward: dst = act(src)
-@group(0) @binding(1) var<storage, read> src: array<f32>;
-@group(0) @binding(2) var<storage, read_write> dst: array<f32>;
+@group(0) @binding(7) var<storage, read> src4: array<vec4<f32>>;
+@group(0) @binding(8) var<storage, read_write> dst4: array<vec4<f32>>;
 
 @compute @workgroup_size(256)
 fn forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     for (var i = linear_index(gid, nwg); i < p.total; i += grid_stride(nwg)) {
-        dst[i] = activate(src[i], p.code, p.slope);
+        dst4[i] = activate4(src4[i]);
     }
 }
 
 // ---- backward: dx = dy · act'(x), with act' written through y where that is cheaper.
-@group(0) @binding(3) var<storage, read> x: array<f32>;
-@group(0) @binding(4) var<storage, read> y: array<f32>;
-@group(0) @binding(5) var<storage, read> dy: array<f32>;
-@group(0) @binding(6) var<storage, read_write> dx: array<f32>;
+@group(0) @binding(9) var<storage, read> x4: array<vec4<f32>>;
+@group(0) @binding(10) var<storage, read> y4: array<vec4<f32>>;
+@group(0) @binding(11) var<storage, read> dy4: array<vec4<f32>>;
+@group(0) @binding(12) var<storage, read_write> dx4: array<vec4<f32>>;
 
 @compute @workgroup_size(256)
 fn backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     for (var i = linear_index(gid, nwg); i < p.total; i += grid_stride(nwg)) {
-        var d = 1.0;
+        var d = vec4<f32>(1.0);
         switch p.code {
-            case 1u: { d = select(0.0, 1.0, x[i] > 0.0); }
-            case 2u: { d = select(p.slope, 1.0, x[i] > 0.0); }
-            case 3u: { d = y[i] * (1.0 - y[i]); }
-            case 4u: { d = 1.0 - y[i] * y[i]; }
+            case 1u: { d = select(vec4<f32>(0.0), vec4<f32>(1.0), x4[i] > vec4<f32>(0.0)); }
+            case 2u: { d = select(vec4<f32>(p.slope), vec4<f32>(1.0), x4[i] > vec4<f32>(0.0)); }
+            case 3u: { let y = y4[i]; d = y * (1.0 - y); }
+            case 4u: { let y = y4[i]; d = 1.0 - y * y; }
             default: {}
         }
-        dx[i] = dy[i] * d;
+        dx4[i] = dy4[i] * d;
     }
 }
+
+// ---- softmax: rows of f32
+@group(0) @binding(1) var<storage, read> src: array<f32>;
+@group(0) @binding(2) var<storage, read_write> dst: array<f32>;
+@group(0) @binding(4) var<storage, read> y: array<f32>;
+@group(0) @binding(5) var<storage, read> dy: array<f32>;
+@group(0) @binding(6) var<storage, read_write> dx: array<f32>;
 
 // ---- softmax over rows of length p.row; p.total counts rows.
 @compute @workgroup_size(256)

@@ -10,11 +10,13 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read_write> param: array<f32>;
-@group(0) @binding(2) var<storage, read> grad: array<f32>;
-@group(0) @binding(3) var<storage, read_write> state1: array<f32>;   // momentum / sum / exp_avg
-@group(0) @binding(4) var<storage, read_write> state2: array<f32>;   // exp_avg_sq (Adam)
+@group(0) @binding(1) var<storage, read_write> param: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> grad: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read_write> state1: array<vec4<f32>>;   // momentum / sum / exp_avg
+@group(0) @binding(4) var<storage, read_write> state2: array<vec4<f32>>;   // exp_avg_sq (Adam)
 
+// Four elements per invocation (the tensors are bound in whole vec4s; p.total counts vec4s):
+// on CPU adapters a per-lane access costs about the same for one float or four.
 @compute @workgroup_size(256)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = gid.x + gid.y * nwg.x * 256u;
@@ -32,7 +34,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
                 var buf = g;
                 if p.first_step == 0u { buf = p.momentum * state1[i] + (1.0 - p.dampening) * g; }
                 state1[i] = buf;
-                g = select(buf, g + p.momentum * buf, p.nesterov != 0u);
+                if p.nesterov != 0u { g += p.momentum * buf; } else { g = buf; }
             }
             w -= p.lr * g;
         }

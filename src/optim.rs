@@ -399,14 +399,16 @@ impl GpuOptimizer {
         })?;
         gpu.run_pass("optimizer step", |pass| {
             for ((p, g), [s1, s2]) in params.iter().zip(grads).zip(&self.state) {
-                let params = self.rule.params(p.len(), self.step);
-                let bindings = [p.binding(), g.binding(), s1.binding(), s2.binding()];
+                // Whole vec4s: see shaders/optim.wgsl.
+                let vec4s = p.len().div_ceil(4);
+                let params = self.rule.params(vec4s, self.step);
+                let bindings = [p, g, s1, s2].map(|t| t.binding_vec4());
                 gpu.encode(
                     pass,
                     &pipeline,
                     bytemuck::bytes_of(&params),
                     &bindings,
-                    (p.len() as u64).div_ceil(256),
+                    (vec4s as u64).div_ceil(256),
                 )?;
             }
             Ok(())

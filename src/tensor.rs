@@ -229,6 +229,16 @@ impl Tensor {
         }
     }
 
+    /// The buffer bound in whole vec4s, for kernels that read and write four elements at a
+    /// time: the bytes rounded up to 16, which stays inside the buffer because size classes
+    /// are multiples of 16. What such a kernel writes past the last element is never read.
+    pub(crate) fn binding_vec4(&self) -> Binding<'_> {
+        Binding {
+            buffer: self.buffer(),
+            bytes: self.bytes().div_ceil(16) * 16,
+        }
+    }
+
     /// This tensor as a kernel operand.
     pub(crate) fn operand(&self) -> Operand<'_> {
         Operand {

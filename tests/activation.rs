@@ -30,16 +30,20 @@ fn elementwise_forward_and_backward_match_the_cpu() {
         let x = random(shape, i as u64).mapv(|v| v * 4.0);
         let dy = random(shape, 100 + i as u64);
         let tx = Tensor::from_array(gpu, &x).unwrap();
+        // A NaN-filled buffer of the output's size goes back to the pool before each kernel,
+        // which then writes into it: any element a kernel leaves unwritten shows as NaN.
+        let poison = || drop(Tensor::full(gpu, shape, f32::NAN).unwrap());
         for act in ALL {
+            poison();
             let y = act.forward(&tx).unwrap();
             let want_y = x.mapv(|v| act.apply(v));
             assert!(
                 max_abs_diff(&y.to_array().unwrap(), &want_y) < 1e-6,
                 "{act:?} forward"
             );
-            let dx = act
-                .backward(&tx, &y, &Tensor::from_array(gpu, &dy).unwrap())
-                .unwrap();
+            let tdy = Tensor::from_array(gpu, &dy).unwrap();
+            poison();
+            let dx = act.backward(&tx, &y, &tdy).unwrap();
             let want_dx =
                 ArrayD::from_shape_fn(x.raw_dim(), |d| dy[&d] * act.derivative(x[&d], want_y[&d]));
             assert!(

@@ -6,6 +6,7 @@ use ndarray::{ArrayD, ArrayViewD, Axis};
 
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
+use crate::gpu::dispatch::Binding;
 use crate::tensor::Tensor;
 
 /// An activation applied elementwise, e.g. fused into a matmul epilogue.
@@ -89,15 +90,50 @@ fn same_shapes(op: &'static str, tensors: &[&Tensor]) -> Result<()> {
     Ok(())
 }
 
-/// Elements each invocation of an elementwise kernel handles (see `grid_stride` in the shader).
-const ELEMENTS_PER_INVOCATION: u64 = 8;
+/// Vec4s each invocation of an elementwise kernel handles (see `grid_stride` in the shader).
+const VEC4S_PER_INVOCATION: u64 = 2;
 
-fn launch(
+/// An elementwise kernel (`forward`, `backward`) over whole vec4s: `params.total` counts
+/// elements and the tensors are bound from binding `first` on.
+fn launch_elementwise(
+    gpu: &Gpu,
+    entry: &str,
+    mut params: ActivationParams,
+    first: u32,
+    tensors: &[&Tensor],
+) -> Result<()> {
+    params.total = params.total.div_ceil(4);
+    let bindings: Vec<_> = (first..)
+        .zip(tensors.iter().map(|t| t.binding_vec4()))
+        .collect();
+    let groups = u64::from(params.total).div_ceil(256 * VEC4S_PER_INVOCATION);
+    launch(gpu, entry, params, &bindings, groups)
+}
+
+/// A softmax kernel: one invocation per row (`params.total` rows).
+fn launch_rows(
     gpu: &Gpu,
     entry: &str,
     params: ActivationParams,
     first: u32,
     tensors: &[&Tensor],
+) -> Result<()> {
+    let bindings: Vec<_> = (first..).zip(tensors.iter().map(|t| t.binding())).collect();
+    launch(
+        gpu,
+        entry,
+        params,
+        &bindings,
+        u64::from(params.total).div_ceil(256),
+    )
+}
+
+fn launch(
+    gpu: &Gpu,
+    entry: &str,
+    params: ActivationParams,
+    bindings: &[(u32, Binding<'_>)],
+    groups: u64,
 ) -> Result<()> {
     let pipeline = gpu.pipeline("activation", entry, || {
         [
@@ -106,19 +142,13 @@ fn launch(
         ]
         .concat()
     })?;
-    let bindings: Vec<_> = (first..).zip(tensors.iter().map(|t| t.binding())).collect();
-    // Elementwise entries loop over ELEMENTS_PER_INVOCATION elements; softmax takes a row each.
-    let per_invocation = match entry {
-        "forward" | "backward" => ELEMENTS_PER_INVOCATION,
-        _ => 1,
-    };
     gpu.run_pass(entry, |pass| {
         gpu.encode_at(
             pass,
             &pipeline,
             bytemuck::bytes_of(&params),
-            &bindings,
-            u64::from(params.total).div_ceil(256 * per_invocation),
+            bindings,
+            groups,
         )
     })
 }
@@ -136,7 +166,7 @@ impl Activation {
     /// `act(x)` elementwise on the GPU.
     pub fn forward(self, x: &Tensor) -> Result<Tensor> {
         let y = Tensor::uninit(x.gpu(), x.shape())?;
-        launch(x.gpu(), "forward", self.params(x.len(), 1), 1, &[x, &y])?;
+        launch_elementwise(x.gpu(), "forward", self.params(x.len(), 1), 7, &[x, &y])?;
         Ok(y)
     }
 
@@ -144,11 +174,11 @@ impl Activation {
     pub fn backward(self, x: &Tensor, y: &Tensor, dy: &Tensor) -> Result<Tensor> {
         same_shapes("activation backward", &[x, y, dy])?;
         let dx = Tensor::uninit(x.gpu(), x.shape())?;
-        launch(
+        launch_elementwise(
             x.gpu(),
             "backward",
             self.params(x.len(), 1),
-            3,
+            9,
             &[x, y, dy, &dx],
         )?;
         Ok(dx)
@@ -186,7 +216,7 @@ fn rows(op: &'static str, shape: &[usize]) -> Result<(usize, usize)> {
 pub fn softmax(x: &Tensor) -> Result<Tensor> {
     let (count, row) = rows("softmax", x.shape())?;
     let y = Tensor::uninit(x.gpu(), x.shape())?;
-    launch(
+    launch_rows(
         x.gpu(),
         "softmax",
         Activation::None.params(count, row),
@@ -201,7 +231,7 @@ pub fn softmax_backward(y: &Tensor, dy: &Tensor) -> Result<Tensor> {
     same_shapes("softmax backward", &[y, dy])?;
     let (count, row) = rows("softmax", y.shape())?;
     let dx = Tensor::uninit(y.gpu(), y.shape())?;
-    launch(
+    launch_rows(
         y.gpu(),
         "softmax_backward",
         Activation::None.params(count, row),
