@@ -1,22 +1,60 @@
 // Sums x viewed as [outer][mid][inner] over outer and inner:
 // out[m] (+)= scale · Σ_a Σ_i x[a][m][i].
-// One workgroup per output element: 64 invocations stride over the outer·inner terms, then a
-// tree reduction in workgroup memory. Used for bias and batched weight gradients.
+// `main`: one workgroup per output element, 64 invocations striding over the outer·inner
+// terms, then a tree reduction in workgroup memory. `per_output`: one invocation per output,
+// for many short sums. Used for bias and batched weight gradients.
+// src/ops/reduce.rs fills in the `{{…}}` parts per variant:
+// - Elem is f32, or vec4<f32> where inner is a multiple of 4 (then INNER counts vec4s and
+//   each per-lane access moves four terms);
+// - TERM returns x's term, or for the gated variant dz = dy · act'(y) (x holds dy, `gate` the
+//   activation's output y), which it also stores into `gated`: an activation's backward pass
+//   fused with the bias gradient that sums it.
 
 // mid and inner are baked in per pipeline (a layer's shape), so the index arithmetic
 // divides by constants; outer (usually the batch) stays a parameter.
 override MID: u32;
 override INNER: u32;
+// The gated variant's activation (an `Activation::code`).
+override ACT: u32 = 0u;
+
+alias Elem = {{ELEM}};
 
 struct Params {
-    outer: u32, accumulate: u32, scale: f32, _pad0: u32,
+    outer: u32, accumulate: u32, scale: f32, slope: f32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(1) var<storage, read> x: array<Elem>;
 @group(0) @binding(2) var<storage, read_write> out: array<f32>;
+@group(0) @binding(3) var<storage, read> gate: array<Elem>;
+@group(0) @binding(4) var<storage, read_write> gated: array<Elem>;
 
 var<workgroup> partial: array<f32, 64>;
+
+// act'(x) written through y = act(x).
+fn derivative(y: Elem) -> Elem {
+    switch ACT {
+        case 1u: { return select(Elem(0.0), Elem(1.0), y > Elem(0.0)); }
+        case 2u: { return select(Elem(p.slope), Elem(1.0), y > Elem(0.0)); }
+        case 3u: { return y * (1.0 - y); }
+        case 4u: { return 1.0 - y * y; }
+        default: { return Elem(1.0); }
+    }
+}
+
+fn term(index: u32) -> Elem {
+{{TERM}}
+}
+
+fn total(v: Elem) -> f32 {
+{{TOTAL}}
+}
+
+fn finish(m: u32, sum: f32) {
+    var result = p.scale * sum;
+    if p.accumulate != 0u { result += out[m]; }
+    out[m] = result;
+}
 
 @compute @workgroup_size(64)
 fn main(
@@ -28,38 +66,30 @@ fn main(
     // Uniform across the workgroup, so the barriers below stay in uniform control flow.
     if m >= MID { return; }
     let terms = p.outer * INNER;
-    var sum = 0.0;
+    var sum = Elem(0.0);
     for (var t = lane; t < terms; t += 64u) {
         let a = t / INNER;
         let i = t % INNER;
-        sum += x[(a * MID + m) * INNER + i];
+        sum += term((a * MID + m) * INNER + i);
     }
-    partial[lane] = sum;
+    partial[lane] = total(sum);
     workgroupBarrier();
     for (var width = 32u; width > 0u; width /= 2u) {
         if lane < width { partial[lane] += partial[lane + width]; }
         workgroupBarrier();
     }
-    if lane == 0u {
-        var total = p.scale * partial[0];
-        if p.accumulate != 0u { total += out[m]; }
-        out[m] = total;
-    }
+    if lane == 0u { finish(m, partial[0]); }
 }
 
-// The same sum with one invocation per output element: for many outputs of few terms each
-// (adding up partial results), where a workgroup per output would mostly wait at barriers.
 @compute @workgroup_size(64)
 fn per_output(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let m = gid.x + gid.y * nwg.x * 64u;
     if m >= MID { return; }
-    var sum = 0.0;
+    var sum = Elem(0.0);
     for (var a = 0u; a < p.outer; a++) {
         for (var i = 0u; i < INNER; i++) {
-            sum += x[(a * MID + m) * INNER + i];
+            sum += term((a * MID + m) * INNER + i);
         }
     }
-    var total = p.scale * sum;
-    if p.accumulate != 0u { total += out[m]; }
-    out[m] = total;
+    finish(m, total(sum));
 }

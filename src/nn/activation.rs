@@ -6,6 +6,8 @@ use ndarray::Zip;
 use crate::error::Result;
 use crate::graph::{Backward, BackwardArgs, Ctx, Forward, Layer, Value};
 use crate::ops::Activation;
+use crate::ops::reduce::activation_backward_and_sum;
+use crate::tensor::Tensor;
 
 /// An elementwise activation as a layer of its own.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -69,6 +71,22 @@ impl Layer for Activate {
 /// `∂L/∂(pre-activation)` for an activation fused into a layer, from its output `y`: every
 /// supported activation's derivative can be read from `y` (ReLU and leaky ReLU are positive
 /// exactly where their input is). `None` for no activation: `dy` passes through.
+/// The GPU side of [`pre_activation_grad`] for a layer with a bias: the pre-activation
+/// gradient `dz` and the bias gradient (`Σ dz` over `dims` = `[outer][channels][inner]`
+/// except the channels) in one kernel that reads `dy` and `y` once. `None` without an
+/// activation: then `dz` is `dy` and the layer's op sums the bias gradient itself.
+pub(crate) fn pre_activation_and_bias_grad(
+    activation: Activation,
+    y: &Tensor,
+    dy: &Tensor,
+    dims: (usize, usize, usize),
+) -> Result<Option<(Tensor, Tensor)>> {
+    if activation == Activation::None {
+        return Ok(None);
+    }
+    activation_backward_and_sum(activation, y, dy, dims).map(Some)
+}
+
 pub(crate) fn pre_activation_grad(
     activation: Activation,
     y: &Value,

@@ -2,10 +2,10 @@
 
 use crate::error::Result;
 use crate::graph::{Backward, BackwardArgs, Ctx, Forward, Layer, StateInit, Value};
-use crate::nn::activation::pre_activation_grad;
+use crate::nn::activation::{pre_activation_and_bias_grad, pre_activation_grad};
 use crate::nn::init::{Init, InitRng};
 use crate::ops::Activation;
-use crate::ops::linear::{linear, linear_backward, linear_backward_cpu, linear_cpu};
+use crate::ops::linear::{linear, linear_backward_cpu, linear_cpu, linear_gradients};
 
 /// A fully connected layer on `[N, in]` inputs.
 #[derive(Clone, Debug)]
@@ -92,14 +92,27 @@ impl Layer for Linear {
     }
 
     fn backward(&self, args: BackwardArgs<'_>) -> Result<Backward> {
-        let dpre = pre_activation_grad(self.activation, args.y, args.dy)?;
-        let dy = dpre.as_ref().unwrap_or(args.dy);
         let (dx, dweight, dbias) = match args.inputs[0] {
             Value::Gpu(x) => {
-                let g = linear_backward(x, args.state[0].gpu()?, dy.gpu()?)?;
+                let dy = args.dy.gpu()?;
+                // The activation's derivative and the bias gradient in one kernel.
+                let fused = match dy.shape() {
+                    &[n, o] => {
+                        pre_activation_and_bias_grad(self.activation, args.y.gpu()?, dy, (n, o, 1))?
+                    }
+                    _ => None,
+                };
+                let g = match fused {
+                    Some((dz, dbias)) => {
+                        linear_gradients(x, args.state[0].gpu()?, &dz, Some(dbias))?
+                    }
+                    None => linear_gradients(x, args.state[0].gpu()?, dy, None)?,
+                };
                 (Value::Gpu(g.x), Value::Gpu(g.weight), Value::Gpu(g.bias))
             }
             Value::Cpu(x) => {
+                let dpre = pre_activation_grad(self.activation, args.y, args.dy)?;
+                let dy = dpre.as_ref().unwrap_or(args.dy);
                 let g = linear_backward_cpu(
                     &x.view(),
                     &args.state[0].cpu()?.view(),

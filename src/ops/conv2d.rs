@@ -273,7 +273,7 @@ impl Conv2d {
         weight: &Tensor,
         dy: &Tensor,
     ) -> Result<Conv2dGrads<Tensor>> {
-        let (dx, weight, bias) = self.gradients(x, weight, dy, true)?;
+        let (dx, weight, bias) = self.gradients(x, weight, dy, None, true)?;
         let x = dx.ok_or_else(|| invalid("the input gradient was not computed".into()))?;
         Ok(Conv2dGrads { x, weight, bias })
     }
@@ -286,15 +286,18 @@ impl Conv2d {
         weight: &Tensor,
         dy: &Tensor,
     ) -> Result<(Tensor, Tensor)> {
-        let (_, weight, bias) = self.gradients(x, weight, dy, false)?;
+        let (_, weight, bias) = self.gradients(x, weight, dy, None, false)?;
         Ok((weight, bias))
     }
 
-    fn gradients(
+    /// `(dx if input_grad, dweight, dbias)` from `dy`, with `dbias` given when the caller
+    /// has it already (fused with the activation's backward, see `nn::Conv2d`).
+    pub(crate) fn gradients(
         &self,
         x: &Tensor,
         weight: &Tensor,
         dy: &Tensor,
+        dbias: Option<Tensor>,
         input_grad: bool,
     ) -> Result<(Option<Tensor>, Tensor, Tensor)> {
         let gpu = x.gpu().clone();
@@ -303,6 +306,45 @@ impl Conv2d {
         }
         let shape = self.shape(x.shape(), weight.shape(), None)?;
         self.check_backward(&shape, dy.shape())?;
+        let dbias = match dbias {
+            Some(dbias) if dbias.shape() == [shape.o] => dbias,
+            Some(dbias) => {
+                return Err(Error::ShapeMismatch {
+                    op: OP,
+                    detail: format!(
+                        "dbias is {:?}, there are {} filters",
+                        dbias.shape(),
+                        shape.o
+                    ),
+                });
+            }
+            None => {
+                let dbias = Tensor::uninit(&gpu, &[shape.o])?;
+                sum_axes(
+                    &gpu,
+                    dy,
+                    (shape.n, shape.o, shape.positions()),
+                    &dbias,
+                    1.0,
+                    false,
+                )?;
+                dbias
+            }
+        };
+        self.input_and_weight_gradients(x, weight, dy, &shape, input_grad)
+            .map(|(dx, dweight)| (dx, dweight, dbias))
+    }
+
+    fn input_and_weight_gradients(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        dy: &Tensor,
+        shape: &Conv2dShape,
+        input_grad: bool,
+    ) -> Result<(Option<Tensor>, Tensor)> {
+        let gpu = x.gpu().clone();
+        let shape = *shape;
         let (o, taps, positions) = (shape.o, shape.taps(), shape.positions());
         let dx = if input_grad {
             Some(Tensor::uninit(&gpu, x.shape())?)
@@ -315,8 +357,6 @@ impl Conv2d {
             conv_direct::backward_data(&shape, dy, weight, dx)?;
         }
         let dweight = Tensor::uninit(&gpu, weight.shape())?;
-        let dbias = Tensor::uninit(&gpu, &[o])?;
-        sum_axes(&gpu, dy, (shape.n, o, positions), &dbias, 1.0, false)?;
 
         // Stride 1: dW directly over the whole batch, no im2col.
         let direct_dw = conv_weight_grad::eligible(self, &shape);
@@ -325,7 +365,7 @@ impl Conv2d {
         }
         let col2im_dx = dx.as_ref().filter(|_| !direct_dx);
         if direct_dw && col2im_dx.is_none() {
-            return Ok((dx, dweight, dbias));
+            return Ok((dx, dweight));
         }
 
         let weight_matrix = [o, taps];
@@ -385,7 +425,7 @@ impl Conv2d {
                 count as u64 * image_in,
             )?;
         }
-        Ok((dx, dweight, dbias))
+        Ok((dx, dweight))
     }
 
     fn check_backward(&self, shape: &Conv2dShape, dy: &[usize]) -> Result<()> {

@@ -58,11 +58,26 @@ pub fn linear(
 
 /// Gradients of `L` from `dy = ∂L/∂y` (taken before any activation).
 pub fn linear_backward(x: &Tensor, weight: &Tensor, dy: &Tensor) -> Result<LinearGrads<Tensor>> {
+    linear_gradients(x, weight, dy, None)
+}
+
+/// [`linear_backward`] with `dbias` given when the caller has it already (fused with the
+/// activation's backward, see `nn::Linear`).
+pub(crate) fn linear_gradients(
+    x: &Tensor,
+    weight: &Tensor,
+    dy: &Tensor,
+    dbias: Option<Tensor>,
+) -> Result<LinearGrads<Tensor>> {
     let (n, _, o) = check(x.shape(), weight.shape())?;
-    if dy.shape() != [n, o] {
+    if dy.shape() != [n, o] || dbias.as_ref().is_some_and(|b| b.shape() != [o]) {
         return Err(Error::ShapeMismatch {
             op: OP,
-            detail: format!("dy is {:?}, the output is [{n}, {o}]", dy.shape()),
+            detail: format!(
+                "dy is {:?} and dbias {:?}; the output is [{n}, {o}]",
+                dy.shape(),
+                dbias.as_ref().map(Tensor::shape)
+            ),
         });
     }
     let dx = Matmul::default().forward(dy, weight, None)?;
@@ -71,8 +86,14 @@ pub fn linear_backward(x: &Tensor, weight: &Tensor, dy: &Tensor) -> Result<Linea
         ..Matmul::default()
     }
     .forward(dy, x, None)?;
-    let dbias = Tensor::uninit(x.gpu(), &[o])?;
-    sum_axes(x.gpu(), dy, (n, o, 1), &dbias, 1.0, false)?;
+    let dbias = match dbias {
+        Some(dbias) => dbias,
+        None => {
+            let dbias = Tensor::uninit(x.gpu(), &[o])?;
+            sum_axes(x.gpu(), dy, (n, o, 1), &dbias, 1.0, false)?;
+            dbias
+        }
+    };
     Ok(LinearGrads {
         x: dx,
         weight: dweight,

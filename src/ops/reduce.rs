@@ -1,7 +1,9 @@
-//! Sums over leading and trailing axes (`shaders/reduce.wgsl`): bias and weight gradients.
+//! Sums over leading and trailing axes (`shaders/reduce.wgsl`): bias and weight gradients,
+//! optionally fused with the activation backward pass whose result they sum.
 
 use bytemuck::{Pod, Zeroable};
 
+use super::Activation;
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::tensor::Tensor;
@@ -13,7 +15,7 @@ struct ReduceParams {
     outer: u32,
     accumulate: u32,
     scale: f32,
-    _pad: u32,
+    slope: f32,
 }
 
 /// Terms per output up to which one invocation sums them alone.
@@ -23,11 +25,58 @@ const PER_OUTPUT_TERMS: usize = 64;
 pub(crate) fn sum_axes(
     gpu: &Gpu,
     x: &Tensor,
-    (outer, mid, inner): (usize, usize, usize),
+    dims: (usize, usize, usize),
     out: &Tensor,
     scale: f32,
     accumulate: bool,
 ) -> Result<()> {
+    check_dims(x, dims, out)?;
+    let params = ReduceParams {
+        outer: dims.0 as u32,
+        accumulate: u32::from(accumulate),
+        scale,
+        slope: 0.0,
+    };
+    launch(gpu, dims, params, None, &[(1, x), (2, out)])
+}
+
+/// An activation's backward pass fused with the sum that follows it (a layer's bias
+/// gradient): `dz = dy · act'(y)` elementwise, and `Σ_a Σ_i dz[a][m][i]` per `m`, in one
+/// kernel that reads `dy` and `y` once. Returns `(dz, sum)`.
+pub(crate) fn activation_backward_and_sum(
+    activation: Activation,
+    y: &Tensor,
+    dy: &Tensor,
+    dims: (usize, usize, usize),
+) -> Result<(Tensor, Tensor)> {
+    let gpu = dy.gpu();
+    y.check_same_gpu("activation backward", gpu)?;
+    if y.shape() != dy.shape() {
+        return Err(Error::ShapeMismatch {
+            op: "activation backward",
+            detail: format!("y is {:?}, dy is {:?}", y.shape(), dy.shape()),
+        });
+    }
+    let dz = Tensor::uninit(gpu, dy.shape())?;
+    let sum = Tensor::uninit(gpu, &[dims.1])?;
+    check_dims(dy, dims, &sum)?;
+    let params = ReduceParams {
+        outer: dims.0 as u32,
+        accumulate: 0,
+        scale: 1.0,
+        slope: activation.slope(),
+    };
+    launch(
+        gpu,
+        dims,
+        params,
+        Some(activation),
+        &[(1, dy), (2, &sum), (3, y), (4, &dz)],
+    )?;
+    Ok((dz, sum))
+}
+
+fn check_dims(x: &Tensor, (outer, mid, inner): (usize, usize, usize), out: &Tensor) -> Result<()> {
     if outer * mid * inner != x.len() || out.len() != mid {
         return Err(Error::ShapeMismatch {
             op: "sum_axes",
@@ -37,31 +86,164 @@ pub(crate) fn sum_axes(
             ),
         });
     }
-    let params = ReduceParams {
-        outer: outer as u32,
-        accumulate: u32::from(accumulate),
-        scale,
-        _pad: 0,
-    };
+    Ok(())
+}
+
+/// Runs the reduction variant for `dims` and `gate` (see shaders/reduce.wgsl) over the
+/// numbered tensors; binding 2 is the sum, the others are read or written in vec4s where
+/// inner allows.
+fn launch(
+    gpu: &Gpu,
+    (outer, mid, inner): (usize, usize, usize),
+    params: ReduceParams,
+    gate: Option<Activation>,
+    tensors: &[(u32, &Tensor)],
+) -> Result<()> {
+    let vec4 = inner % 4 == 0;
+    let inner_elems = if vec4 { inner / 4 } else { inner };
     // A workgroup per output pays barriers for its tree; many short sums go one per lane.
-    let (entry, groups) = if outer * inner <= PER_OUTPUT_TERMS {
+    let (entry, groups) = if outer * inner_elems <= PER_OUTPUT_TERMS {
         ("per_output", (mid as u64).div_ceil(64))
     } else {
         ("main", mid as u64)
     };
+    let key = format!(
+        "reduce_{}_{}",
+        if vec4 { "vec4" } else { "f32" },
+        if gate.is_some() { "gated" } else { "plain" }
+    );
     let pipeline = gpu.specialized(
-        "reduce",
+        &key,
         entry,
-        || include_str!("../../shaders/reduce.wgsl").into(),
-        &[("MID", mid as u32), ("INNER", inner as u32)],
+        || {
+            let term = if gate.is_some() {
+                "    let d = x[index] * derivative(gate[index]);\n    gated[index] = d;\n    return d;"
+            } else {
+                "    return x[index];"
+            };
+            let total = if vec4 {
+                "    return dot(v, vec4<f32>(1.0));"
+            } else {
+                "    return v;"
+            };
+            include_str!("../../shaders/reduce.wgsl")
+                .replace("{{ELEM}}", if vec4 { "vec4<f32>" } else { "f32" })
+                .replace("{{TERM}}", term)
+                .replace("{{TOTAL}}", total)
+        },
+        &[
+            ("MID", mid as u32),
+            ("INNER", inner_elems as u32),
+            ("ACT", gate.map_or(0, Activation::code)),
+        ],
     )?;
+    let bindings: Vec<_> = tensors
+        .iter()
+        .map(|&(number, t)| {
+            let binding = if number == 2 || !vec4 {
+                t.binding()
+            } else {
+                t.binding_vec4()
+            };
+            (number, binding)
+        })
+        .collect();
     gpu.run_pass("sum_axes", |pass| {
-        gpu.encode(
+        gpu.encode_at(
             pass,
             &pipeline,
             bytemuck::bytes_of(&params),
-            &[x.binding(), out.binding()],
+            &bindings,
             groups,
         )
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use ndarray::{ArrayD, Axis, IxDyn};
+
+    use super::*;
+
+    fn random(shape: &[usize], seed: u64) -> ArrayD<f32> {
+        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        ArrayD::from_shape_fn(IxDyn(shape), |_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        })
+    }
+
+    /// The fused activation backward and sum against the CPU reference, for every
+    /// activation, on each variant: vec4 or f32 terms, a workgroup or a lane per output.
+    #[test]
+    fn activation_backward_and_sum_match_the_cpu() {
+        let gpu = match Gpu::new() {
+            Ok(gpu) => gpu,
+            Err(e) if std::env::var_os("WGCNN_SKIP_GPU_TESTS").is_some() => {
+                eprintln!("skipping a GPU test on request: {e}");
+                return;
+            }
+            Err(e) => panic!("no GPU for the tests: {e}"),
+        };
+        let activations = [
+            Activation::None,
+            Activation::Relu,
+            Activation::LeakyRelu(0.1),
+            Activation::Sigmoid,
+            Activation::Tanh,
+        ];
+        // (outer, mid, inner): vec4 + workgroup, f32 + lane, f32 + workgroup, vec4 + lane,
+        // vec4 + workgroup on sizes that fill no vec4 group of lanes.
+        let cases = [
+            (64, 6, 576),
+            (3, 5, 7),
+            (100, 10, 1),
+            (2, 3, 8),
+            (70, 2, 12),
+        ];
+        for (i, (outer, mid, inner)) in cases.into_iter().enumerate() {
+            let shape = [outer, mid, inner];
+            let x = random(&shape, i as u64).mapv(|v| 3.0 * v);
+            let dy = random(&shape, 100 + i as u64);
+            for activation in activations {
+                let y = x.mapv(|v| activation.apply(v));
+                let want_dz = ndarray::Zip::from(&dy)
+                    .and(&y)
+                    .map_collect(|&d, &y| d * activation.derivative(y, y));
+                let want_sum = want_dz.mapv(f64::from).sum_axis(Axis(2)).sum_axis(Axis(0));
+
+                let ty = Tensor::from_array(&gpu, &y).unwrap();
+                let tdy = Tensor::from_array(&gpu, &dy).unwrap();
+                // NaN-filled buffers of the outputs' sizes go back to the pool first, so the
+                // kernel writes into them: anything it leaves unwritten shows as NaN.
+                drop(Tensor::full(&gpu, &shape, f32::NAN).unwrap());
+                drop(Tensor::full(&gpu, &[mid], f32::NAN).unwrap());
+                let (dz, sum) =
+                    activation_backward_and_sum(activation, &ty, &tdy, (outer, mid, inner))
+                        .unwrap();
+                let dz = dz.to_array().unwrap();
+                let sum = sum.to_array().unwrap();
+                let dz_diff = (&dz - &want_dz).iter().fold(0.0f32, |m, d| {
+                    if d.is_nan() {
+                        f32::INFINITY
+                    } else {
+                        m.max(d.abs())
+                    }
+                });
+                assert!(
+                    dz_diff <= 1e-6,
+                    "{activation:?} {shape:?}: dz off by {dz_diff}"
+                );
+                for (m, (&got, &want)) in sum.iter().zip(&want_sum).enumerate() {
+                    let tolerance = 1e-5 * (outer * inner) as f64;
+                    assert!(
+                        (f64::from(got) - want).abs() <= tolerance,
+                        "{activation:?} {shape:?}: sum[{m}] = {got}, want {want}"
+                    );
+                }
+            }
+        }
+    }
 }
