@@ -118,3 +118,60 @@ fn a_nested_recording_joins_the_outer_one_and_threads_record_apart() {
         }
     });
 }
+
+#[test]
+fn every_recorded_kernel_keeps_its_own_parameters() {
+    // Kernel parameters are staged per thread and written at the submit: 3,000 dispatches
+    // with distinct parameters span several staging chunks, with a readback (an early
+    // submit) midway, and each must see its own.
+    let Some(gpu) = gpu() else { return };
+    let x = Tensor::from_array(gpu, &random(&[5, 7], 4).mapv(|v| v - 0.5)).unwrap();
+    let slopes: Vec<f32> = (0..3000).map(|i| i as f32 / 3000.0).collect();
+    let outputs = gpu
+        .record(|| {
+            let mut outputs = Vec::new();
+            for (i, &slope) in slopes.iter().enumerate() {
+                outputs.push(Activation::LeakyRelu(slope).forward(&x)?);
+                if i == 1500 {
+                    outputs[0].to_array()?;
+                }
+            }
+            Ok(outputs)
+        })
+        .unwrap();
+    let xs = x.to_array().unwrap();
+    for (i, (y, &slope)) in outputs.iter().zip(&slopes).enumerate().step_by(7) {
+        let want = xs.mapv(|v| Activation::LeakyRelu(slope).apply(v));
+        assert_eq!(y.to_array().unwrap(), want, "kernel {i} (slope {slope})");
+    }
+}
+
+#[test]
+fn calibration_inside_a_recording_leaves_its_kernels_intact() {
+    // A fresh context's first matmul calibrates (and submits) inside the recording.
+    let Some(_) = gpu() else { return };
+    let gpu = Gpu::new().unwrap();
+    let x = Tensor::from_array(&gpu, &random(&[9, 12], 5).mapv(|v| v - 0.5)).unwrap();
+    let w = Tensor::from_array(&gpu, &random(&[12, 6], 6)).unwrap();
+    let (a, c, b) = gpu
+        .record(|| {
+            let a = Activation::LeakyRelu(0.25).forward(&x)?;
+            let c = wgcnn::Matmul::default().forward(&x, &w, None)?;
+            let b = Activation::LeakyRelu(0.5).forward(&x)?;
+            Ok((a, c, b))
+        })
+        .unwrap();
+    let xs = x.to_array().unwrap();
+    for (y, slope) in [(a, 0.25), (b, 0.5)] {
+        let want = xs.mapv(|v| Activation::LeakyRelu(slope).apply(v));
+        assert_eq!(y.to_array().unwrap(), want, "slope {slope}");
+    }
+    let want = wgcnn::cpu::matmul(
+        &wgcnn::Matmul::default(),
+        &xs.view(),
+        &w.to_array().unwrap().view(),
+        None,
+    )
+    .unwrap();
+    assert!(common::max_abs_diff(&c.to_array().unwrap(), &want) < 1e-5);
+}

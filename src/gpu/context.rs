@@ -63,6 +63,8 @@ pub(crate) struct GpuInner {
     /// The recording under way on each thread that called [`Gpu::record`].
     pub(crate) recordings: Mutex<Vec<(std::thread::ThreadId, Recording)>>,
     submissions: std::sync::atomic::AtomicU64,
+    /// Each thread's kernel parameters, staged until its next submit.
+    pub(crate) uniforms: Mutex<super::uniforms::UniformArenas>,
     /// How large operands are read, measured on first use (CPU adapters).
     pub(crate) calibration: std::sync::OnceLock<super::texture::OperandCalibration>,
     lost: Arc<Mutex<Option<String>>>,
@@ -154,6 +156,7 @@ impl Gpu {
                 pipelines: Mutex::new(PipelineCache::default()),
                 recordings: Mutex::new(Vec::new()),
                 submissions: std::sync::atomic::AtomicU64::new(0),
+                uniforms: Mutex::new(super::uniforms::UniformArenas::default()),
                 calibration: std::sync::OnceLock::new(),
                 lost,
                 uncaptured,

@@ -1,7 +1,5 @@
 //! Encoding kernels: uniform parameters, bind groups, and grids of any size.
 
-use wgpu::util::DeviceExt;
-
 use super::context::Gpu;
 use crate::error::{Error, Result};
 
@@ -80,14 +78,14 @@ impl Gpu {
     ) -> Result<()> {
         let (x, y) = grid(groups)?;
         let device = self.device();
-        let uniform = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-            label: Some("params"),
-            contents: params,
-            usage: wgpu::BufferUsages::UNIFORM,
-        });
+        let (uniform, offset) = self.uniform_slot(params);
         let mut entries = vec![wgpu::BindGroupEntry {
             binding: 0,
-            resource: uniform.as_entire_binding(),
+            resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                buffer: &uniform,
+                offset,
+                size: wgpu::BufferSize::new(params.len() as u64),
+            }),
         }];
         for &(number, resource) in resources {
             entries.push(wgpu::BindGroupEntry {

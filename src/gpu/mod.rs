@@ -7,6 +7,7 @@ mod pool;
 mod readback;
 mod recording;
 pub(crate) mod texture;
+mod uniforms;
 
 pub(crate) use context::lock;
 pub use context::{Gpu, GpuOptions};

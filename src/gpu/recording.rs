@@ -51,6 +51,7 @@ impl Gpu {
         if let Some(recording) = finished {
             if result.is_ok() {
                 self.checked("submitting a recorded step", || {
+                    self.write_uniforms();
                     self.queue().submit([recording.encoder.finish()]);
                     self.count_submit();
                 })?;
@@ -64,7 +65,8 @@ impl Gpu {
     }
 
     /// Encodes with the recording's encoder if one is active, else with a fresh one that is
-    /// submitted at once.
+    /// submitted at once. `encode` itself never submits: kernel parameters staged for the
+    /// encoder stay valid until its submit (see `gpu/uniforms.rs`).
     pub(crate) fn with_encoder(
         &self,
         label: &str,
@@ -79,6 +81,7 @@ impl Gpu {
             .device()
             .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some(label) });
         encode(&mut encoder)?;
+        self.write_uniforms();
         self.queue().submit([encoder.finish()]);
         self.count_submit();
         Ok(())
@@ -94,6 +97,7 @@ impl Gpu {
                     label: Some("recorded step"),
                 });
             let done = std::mem::replace(&mut active.encoder, fresh);
+            self.write_uniforms();
             self.queue().submit([done.finish()]);
             self.count_submit();
         }

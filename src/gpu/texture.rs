@@ -173,7 +173,13 @@ impl Gpu {
         if let Some(found) = self.inner.calibration.get() {
             return Ok(Some(*found));
         }
-        let measured = calibrate(self)?;
+        // On a thread of its own: the first matmul may come inside a recording, whose
+        // staged kernel parameters this thread's submits must not write early.
+        let measured = std::thread::scope(|scope| scope.spawn(|| calibrate(self)).join())
+            .map_err(|_| Error::Gpu {
+                context: "calibrating operand reads".into(),
+                detail: "the calibration thread panicked".into(),
+            })??;
         Ok(Some(*self.inner.calibration.get_or_init(|| measured)))
     }
 }
@@ -286,6 +292,7 @@ fn calibrate(gpu: &Gpu) -> Result<OperandCalibration> {
             }
             let started = Instant::now();
             gpu.checked("calibrating operand reads", || {
+                gpu.write_uniforms();
                 gpu.queue().submit([encoder.finish()])
             })?;
             gpu.synchronize()?;
