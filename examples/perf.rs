@@ -1,14 +1,17 @@
 //! The performance report: each op on the GPU and on the CPU reference, medians of several
 //! synchronised runs after a warm-up.
 //!
-//! `cargo run --release --example perf -- [--quick] [--runs N] [--json] [--filter TEXT]`
+//! `cargo run --release --example perf -- [--quick] [--runs N] [--json] [--filter TEXT]
+//! [--reads storage|texture]` (`--reads` forces how kernels read large operands instead of the
+//! adapter's calibration).
 
 use std::time::Instant;
 
 use ndarray::{Array1, Array2, ArrayD, IxDyn};
 use wgcnn::cpu::BatchNormCpu;
 use wgcnn::{
-    BatchNorm2d, Conv2d, Gpu, KernelChoice, LayerNorm, Matmul, Padding, Pool2d, Result, Tensor,
+    BatchNorm2d, Conv2d, Gpu, GpuOptions, KernelChoice, LayerNorm, Matmul, OperandReads, Padding,
+    Pool2d, Result, Tensor,
 };
 
 /// One benchmarked operation: GPU and CPU runs of the same work.
@@ -368,7 +371,25 @@ fn main() -> Result<()> {
         .filter(|&r| r > 0)
         .unwrap_or(if quick { 3 } else { 9 });
 
-    let gpu = Gpu::new()?;
+    let operand_reads = match args
+        .iter()
+        .position(|a| a == "--reads")
+        .map(|i| args.get(i + 1).map(String::as_str))
+    {
+        None => None,
+        Some(Some("storage")) => Some(OperandReads::Storage),
+        Some(Some("texture")) => Some(OperandReads::Texture),
+        Some(other) => {
+            return Err(wgcnn::Error::InvalidArgument {
+                op: "perf",
+                detail: format!("--reads {other:?}: storage or texture"),
+            });
+        }
+    };
+    let gpu = Gpu::with_options(GpuOptions {
+        operand_reads,
+        ..GpuOptions::from_env()
+    })?;
     let adapter = gpu.adapter_info().name.clone();
     if !json {
         println!(

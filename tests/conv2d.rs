@@ -345,3 +345,68 @@ fn bad_hyper_parameters_and_shapes_are_errors() {
         "{err}"
     );
 }
+
+#[test]
+fn texture_reads_match_the_cpu() {
+    // A context forced to read operands through textures: the direct convolution (forward
+    // and input gradient) and the im2col path's matmuls, against the CPU reference.
+    let Some(_) = gpu() else { return };
+    let options = wgcnn::GpuOptions {
+        operand_reads: Some(wgcnn::OperandReads::Texture),
+        ..wgcnn::GpuOptions::from_env()
+    };
+    let gpu = wgcnn::Gpu::with_options(options).unwrap();
+    assert_eq!(gpu.operand_reads().unwrap(), wgcnn::OperandReads::Texture);
+    // (n, c, h, w, o, k, padding, stride): LeNet's layers, shapes that fill no block, a
+    // large input spanning several texture rows, and a strided one (im2col + matmul).
+    let cases = [
+        (3, 1, 28, 28, 6, 5, Padding::Explicit(0, 0), (1, 1)),
+        (2, 6, 12, 12, 16, 5, Padding::Explicit(0, 0), (1, 1)),
+        (2, 3, 9, 13, 7, 3, Padding::Same, (1, 1)),
+        (4, 5, 40, 37, 3, 3, Padding::Explicit(1, 2), (1, 1)),
+        (2, 3, 11, 10, 4, 3, Padding::Explicit(1, 1), (2, 2)),
+    ];
+    for (i, (n, c, h, w, o, k, padding, stride)) in cases.into_iter().enumerate() {
+        let spec = Conv2d {
+            padding,
+            stride,
+            activation: Activation::Relu,
+            ..Conv2d::default()
+        };
+        let seed = 40 + 3 * i as u64;
+        let (x, weight, bias) = (
+            random(&[n, c, h, w], seed),
+            random(&[o, c, k, k], seed + 1),
+            random(&[o], seed + 2),
+        );
+        let up = |a: &ArrayD<f32>| Tensor::from_array(&gpu, a).unwrap();
+        let (tx, tw, tb) = (up(&x), up(&weight), up(&bias));
+        let shape = spec.shape(x.shape(), weight.shape(), None).unwrap();
+        let want =
+            wgcnn::cpu::conv2d(&spec, &x.view(), &weight.view(), Some(&bias.view())).unwrap();
+        let got = spec
+            .forward(&tx, &tw, Some(&tb))
+            .unwrap()
+            .to_array()
+            .unwrap();
+        let tolerance = 1e-5 * (shape.taps() as f32).sqrt() * 4.0 + 1e-5;
+        let kernels = spec.kernels(&gpu, &shape);
+        let diff = max_abs_diff(&got, &want);
+        assert!(diff <= tolerance, "forward {kernels} {shape:?}: {diff}");
+
+        let linear = Conv2d {
+            activation: Activation::None,
+            ..spec
+        };
+        let dy = random(&shape.output(), seed + 3);
+        let cpu =
+            wgcnn::cpu::conv2d_backward(&linear, &x.view(), &weight.view(), &dy.view()).unwrap();
+        let g = linear.backward(&tx, &tw, &up(&dy)).unwrap();
+        let diff = max_abs_diff(&g.x.to_array().unwrap(), &cpu.x);
+        let tolerance = 1e-5 * ((o * k * k) as f32).sqrt() * 4.0 + 1e-5;
+        assert!(diff <= tolerance, "dx {kernels} {shape:?}: {diff}");
+        let diff = max_abs_diff(&g.weight.to_array().unwrap(), &cpu.weight);
+        let tolerance = 1e-5 * ((n * shape.positions()) as f32).sqrt() * 4.0 + 1e-5;
+        assert!(diff <= tolerance, "dw {kernels} {shape:?}: {diff}");
+    }
+}

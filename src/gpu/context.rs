@@ -18,6 +18,9 @@ pub struct GpuOptions {
     pub power_preference: wgpu::PowerPreference,
     /// Bytes of idle buffers the pool may keep for reuse.
     pub pool_cache_bytes: u64,
+    /// Forces how kernels that offer both read large operands (tests, experiments);
+    /// `None` lets CPU adapters calibrate ([`Gpu::operand_reads`]).
+    pub operand_reads: Option<super::texture::OperandReads>,
 }
 
 impl Default for GpuOptions {
@@ -27,6 +30,7 @@ impl Default for GpuOptions {
             adapter_name: None,
             power_preference: wgpu::PowerPreference::HighPerformance,
             pool_cache_bytes: 1 << 30,
+            operand_reads: None,
         }
     }
 }
@@ -67,6 +71,8 @@ pub(crate) struct GpuInner {
     pub(crate) uniforms: Mutex<super::uniforms::UniformArenas>,
     /// How large operands are read, measured on first use (CPU adapters).
     pub(crate) calibration: std::sync::OnceLock<super::texture::OperandCalibration>,
+    /// `GpuOptions::operand_reads`.
+    pub(crate) forced_operand_reads: Option<super::texture::OperandReads>,
     lost: Arc<Mutex<Option<String>>>,
     uncaptured: Arc<Mutex<Option<String>>>,
 }
@@ -158,6 +164,7 @@ impl Gpu {
                 submissions: std::sync::atomic::AtomicU64::new(0),
                 uniforms: Mutex::new(super::uniforms::UniformArenas::default()),
                 calibration: std::sync::OnceLock::new(),
+                forced_operand_reads: options.operand_reads,
                 lost,
                 uncaptured,
             }),

@@ -78,3 +78,11 @@ impl Gpu {
         Ok(pipeline)
     }
 }
+
+/// The part of a WGSL snippet file that follows the line `//- name`, up to the next such line.
+pub(crate) fn wgsl_section<'a>(source: &'a str, name: &str) -> &'a str {
+    let marker = format!("//- {name}\n");
+    source.split_once(&marker).map_or("", |(_, rest)| {
+        rest.split_once("//- ").map_or(rest, |(part, _)| part)
+    })
+}

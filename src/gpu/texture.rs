@@ -48,10 +48,36 @@ pub struct OperandCalibration {
     pub seconds: f64,
 }
 
-/// A dense operand as an rgba32float texture: see the module documentation.
+/// What one texel of an operand texture holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Texel {
+    /// Four floats (rgba32float): operands read as vec4s.
+    Vec4,
+    /// One float (r32float): operands read element by element.
+    Scalar,
+}
+
+impl Texel {
+    fn bytes(self) -> u64 {
+        match self {
+            Texel::Vec4 => 16,
+            Texel::Scalar => 4,
+        }
+    }
+
+    fn format(self) -> wgpu::TextureFormat {
+        match self {
+            Texel::Vec4 => wgpu::TextureFormat::Rgba32Float,
+            Texel::Scalar => wgpu::TextureFormat::R32Float,
+        }
+    }
+}
+
+/// A dense operand as a texture: see the module documentation.
 pub(crate) struct OperandTexture {
     pub texture: wgpu::Texture,
     pub view: wgpu::TextureView,
+    texel: Texel,
 }
 
 /// Width and height of a texture holding `texels` texels.
@@ -73,7 +99,7 @@ impl OperandTexture {
         let (width, _) = texture_extent(texels);
         let full_rows = texels / u64::from(width);
         let rest = texels % u64::from(width);
-        let row_bytes = u64::from(width) * 16;
+        let row_bytes = u64::from(width) * self.texel.bytes();
         let parts = [
             (0, 0, width, full_rows),
             (full_rows * row_bytes, full_rows, rest as u32, 1),
@@ -120,15 +146,15 @@ impl Gpu {
     }
 
     /// A texture for `texels` texels, written by kernels (storage) and read by others.
-    pub(crate) fn operand_texture(&self, texels: u64) -> Result<OperandTexture> {
+    pub(crate) fn operand_texture(&self, texels: u64, texel: Texel) -> Result<OperandTexture> {
         if !self.fits_operand_texture(texels) {
-            // 16 bytes per texel; the height is what the limit caps.
+            // The height is what the limit caps.
             let max = u64::from(self.limits().max_texture_dimension_2d);
             return Err(Error::TooLarge {
                 what: "an operand texture".into(),
-                bytes: texels * 16,
+                bytes: texels * texel.bytes(),
                 limit_name: "max_texture_dimension_2d",
-                limit: (max << TEXTURE_WIDTH_LOG2) * 16,
+                limit: (max << TEXTURE_WIDTH_LOG2) * texel.bytes(),
                 adapter: self.adapter_info().name.clone(),
             });
         }
@@ -144,7 +170,7 @@ impl Gpu {
                 mip_level_count: 1,
                 sample_count: 1,
                 dimension: wgpu::TextureDimension::D2,
-                format: wgpu::TextureFormat::Rgba32Float,
+                format: texel.format(),
                 usage: wgpu::TextureUsages::TEXTURE_BINDING
                     | wgpu::TextureUsages::STORAGE_BINDING
                     | wgpu::TextureUsages::COPY_DST,
@@ -152,13 +178,21 @@ impl Gpu {
             })
         })?;
         let view = texture.create_view(&wgpu::TextureViewDescriptor::default());
-        Ok(OperandTexture { texture, view })
+        Ok(OperandTexture {
+            texture,
+            view,
+            texel,
+        })
     }
 
     /// How this context's kernels read large operands: storage buffers on real GPUs; on
     /// CPU adapters whichever the calibration found faster, measured on the first call
-    /// (well under half a second) and kept for the context's life.
+    /// (well under half a second) and kept for the context's life; or what
+    /// [`GpuOptions::operand_reads`](super::GpuOptions::operand_reads) forces.
     pub fn operand_reads(&self) -> Result<OperandReads> {
+        if let Some(forced) = self.inner.forced_operand_reads {
+            return Ok(forced);
+        }
         Ok(self
             .operand_calibration()?
             .map_or(OperandReads::Storage, |c| c.choice))
@@ -221,7 +255,7 @@ fn calibrate(gpu: &Gpu) -> Result<OperandCalibration> {
             mapped_at_creation: false,
         })
     })?;
-    let texture = gpu.operand_texture(u64::from(TEXELS))?;
+    let texture = gpu.operand_texture(u64::from(TEXELS), Texel::Vec4)?;
     let width = 1u32 << TEXTURE_WIDTH_LOG2;
     let mut encoder = device.create_command_encoder(&Default::default());
     encoder.copy_buffer_to_texture(

@@ -11,8 +11,9 @@ use bytemuck::{Pod, Zeroable};
 
 use super::conv2d::{Conv2d, Conv2dShape};
 use crate::error::Result;
-use crate::gpu::Gpu;
-use crate::gpu::dispatch::Binding;
+use crate::gpu::dispatch::{Binding, Resource};
+use crate::gpu::texture::TEXTURE_WIDTH_LOG2;
+use crate::gpu::{Gpu, OperandReads, Texel, wgsl_section};
 use crate::tensor::Tensor;
 
 /// Mirrors `Params` in shaders/conv_direct.wgsl.
@@ -62,7 +63,17 @@ pub(crate) fn eligible(gpu: &Gpu, spec: &Conv2d, shape: &Conv2dShape) -> bool {
 /// The kernel's source for `filters` filters of width `kw`, `b` outputs per invocation.
 /// `transposed` reads the bank as the flipped, transposed kernel of the backward pass
 /// (`dx` from `dy`).
-fn source(filters: usize, b: usize, kw: usize, vec4s: usize, transposed: bool) -> String {
+/// The kernel for `filters` filters, blocks of `b` outputs, kernel width `kw`, a bank of
+/// `vec4s` vec4s, flipped (`transposed`) for the input gradient, reading the input from
+/// storage or a texture.
+fn source(
+    filters: usize,
+    b: usize,
+    kw: usize,
+    vec4s: usize,
+    transposed: bool,
+    textures: bool,
+) -> String {
     let (mut decls, mut body, mut stores) = (String::new(), String::new(), String::new());
     for o in 0..filters {
         for j in 0..b {
@@ -107,6 +118,14 @@ fn source(filters: usize, b: usize, kw: usize, vec4s: usize, transposed: bool) -
     [
         include_str!("../../shaders/epilogue.wgsl"),
         &include_str!("../../shaders/conv_direct.wgsl")
+            .replace(
+                "{{INPUT}}",
+                wgsl_section(
+                    include_str!("../../shaders/conv_direct_input.wgsl"),
+                    if textures { "texture" } else { "storage" },
+                ),
+            )
+            .replace("{{TEXTURE_WIDTH_LOG2}}", &TEXTURE_WIDTH_LOG2.to_string())
             .replace("{{VEC4S}}", &vec4s.to_string())
             .replace("{{BLOCK}}", &b.to_string())
             .replace("{{KW}}", &kw.to_string())
@@ -218,28 +237,49 @@ fn run(
         ("ACT", activation.code()),
         ("HAS_BIAS", u32::from(bias.is_some())),
     ];
+    // The input through a texture where the adapter fetches texels faster (see
+    // `Gpu::operand_reads`): a copy of x, one float per texel.
+    let texture = (gpu.operand_reads()? == OperandReads::Texture
+        && gpu.fits_operand_texture(x.len() as u64))
+    .then(|| gpu.operand_texture(x.len() as u64, Texel::Scalar))
+    .transpose()?;
     let key = format!(
-        "conv_direct_o{}_b{b}_kw{}_v{vec4s}_{}",
+        "conv_direct_o{}_b{b}_kw{}_v{vec4s}_{}{}",
         shape.o,
         shape.kw,
-        if flipped { "t" } else { "f" }
+        if flipped { "t" } else { "f" },
+        if texture.is_some() { "_tex" } else { "" }
     );
     let pipeline = gpu.specialized(
         &key,
         "main",
-        || source(shape.o, b, shape.kw, vec4s, flipped),
+        || source(shape.o, b, shape.kw, vec4s, flipped, texture.is_some()),
         &constants,
     )?;
     let bank = Binding {
         buffer: &bank,
         bytes: (vec4s * 16) as u64,
     };
-    gpu.run_pass("conv2d direct", |pass| {
-        gpu.encode_at(
+    let input = match &texture {
+        Some(t) => Resource::Texture(&t.view),
+        None => Resource::Buffer(x.binding()),
+    };
+    let copy_input = |encoder: &mut wgpu::CommandEncoder| {
+        if let Some(t) = &texture {
+            t.copy_from(encoder, x.binding(), x.len() as u64);
+        }
+        Ok(())
+    };
+    gpu.run_pass_after("conv2d direct", copy_input, |pass| {
+        gpu.encode_resources(
             pass,
             &pipeline,
             bytemuck::bytes_of(&params),
-            &[(1, x.binding()), (2, out.binding()), (3, bank)],
+            &[
+                (1, input),
+                (2, Resource::Buffer(out.binding())),
+                (3, Resource::Buffer(bank)),
+            ],
             (total as u64).div_ceil(64),
         )
     })

@@ -16,8 +16,8 @@ use super::Activation;
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::gpu::dispatch::{Binding, Resource};
-use crate::gpu::texture::TEXTURE_WIDTH_LOG2;
-use crate::gpu::{OperandReads, OperandTexture};
+use crate::gpu::texture::{TEXTURE_WIDTH_LOG2, Texel};
+use crate::gpu::{OperandReads, OperandTexture, wgsl_section};
 use crate::tensor::{Operand, Tensor};
 
 const OP: &str = "matmul";
@@ -448,10 +448,10 @@ impl Matmul {
         let a_is_dense = !self.trans_a && k % 4 == 0;
         let b_is_dense = !self.trans_b && k % 4 == 0 && n % 4 == 0;
         let packed = if textures {
-            Packed::Textures(
-                gpu.operand_texture(a_dense.iter().product::<usize>() as u64 / 4)?,
-                gpu.operand_texture(b_dense.iter().product::<usize>() as u64 / 4)?,
-            )
+            Packed::Textures(Box::new((
+                gpu.operand_texture(a_dense.iter().product::<usize>() as u64 / 4, Texel::Vec4)?,
+                gpu.operand_texture(b_dense.iter().product::<usize>() as u64 / 4, Texel::Vec4)?,
+            )))
         } else {
             Packed::Buffers(
                 (!a_is_dense)
@@ -506,7 +506,8 @@ impl Matmul {
         let pack_pipeline = gpu.pipeline("pack", pack_entry, pack_source)?;
 
         let copies = |encoder: &mut wgpu::CommandEncoder| {
-            if let Packed::Textures(a_tex, b_tex) = &packed {
+            if let Packed::Textures(textures) = &packed {
+                let (a_tex, b_tex) = &**textures;
                 for (dense, src, tex, pack) in [
                     (a_is_dense, a, a_tex, &a_pack),
                     (b_is_dense, b, b_tex, &b_pack),
@@ -533,7 +534,8 @@ impl Matmul {
                 )
             };
             let (a_use, b_use) = match &packed {
-                Packed::Textures(a_tex, b_tex) => {
+                Packed::Textures(textures) => {
+                    let (a_tex, b_tex) = &**textures;
                     if !a_is_dense {
                         pack(&a_pack, a, Resource::Texture(&a_tex.view))?;
                     }
@@ -631,7 +633,7 @@ struct SubgroupParams {
 /// The operands a subgroup matmul reads, packed where needed.
 enum Packed {
     /// Both operands as textures.
-    Textures(OperandTexture, OperandTexture),
+    Textures(Box<(OperandTexture, OperandTexture)>),
     /// Dense copies of the operands that were not dense already.
     Buffers(Option<Tensor>, Option<Tensor>),
 }
@@ -770,9 +772,9 @@ impl SubgroupKernel {
             }
         }
         let parts = include_str!("../../shaders/matmul_operands.wgsl");
-        let operands = section(parts, if self.textures { "texture" } else { "storage" })
+        let operands = wgsl_section(parts, if self.textures { "texture" } else { "storage" })
             .replace("{{TEXTURE_WIDTH_LOG2}}", &TEXTURE_WIDTH_LOG2.to_string());
-        let output = section(
+        let output = wgsl_section(
             parts,
             if self.vec4_store {
                 "store_vec4"
@@ -796,14 +798,6 @@ impl SubgroupKernel {
             .replace("{{STORE}}", &store);
         [include_str!("../../shaders/epilogue.wgsl"), &kernel].concat()
     }
-}
-
-/// The part of a WGSL snippet file that follows the line `//- name`, up to the next such line.
-fn section<'a>(source: &'a str, name: &str) -> &'a str {
-    let marker = format!("//- {name}\n");
-    source.split_once(&marker).map_or("", |(_, rest)| {
-        rest.split_once("//- ").map_or(rest, |(part, _)| part)
-    })
 }
 
 /// The CPU reference: `act(op(A) · op(B) + bias)` with ndarray's `dot`, batch by batch.
