@@ -14,5 +14,5 @@ pub(crate) use context::lock;
 pub use context::{Gpu, GpuOptions};
 pub use pool::PoolStats;
 pub(crate) use pool::size_class;
+pub(crate) use texture::OperandTexture;
 pub use texture::{OperandCalibration, OperandReads, TEXTURE_ADVANTAGE};
-pub(crate) use texture::{OperandTexture, Texel};

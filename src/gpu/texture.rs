@@ -14,7 +14,9 @@ use bytemuck::{Pod, Zeroable};
 
 use super::context::Gpu;
 use super::dispatch::{Binding, Resource};
+use super::pipelines::wgsl_section;
 use crate::error::{Error, Result};
+use crate::tensor::Tensor;
 
 /// How much faster a texel load must be than a storage load for kernels to use textures:
 /// filling a texture costs a copy or a pack per operand, and on hosts where the two loads
@@ -135,6 +137,30 @@ impl OperandTexture {
             );
         }
     }
+}
+
+/// The WGSL declaring kernel input `name` at `binding` with its `load_NAME(i)` accessor, read
+/// from a storage buffer or an r32float operand texture (shaders/scalar_input.wgsl).
+pub(crate) fn scalar_input(name: &str, binding: u32, texture: bool) -> String {
+    wgsl_section(
+        include_str!("../../shaders/scalar_input.wgsl"),
+        if texture { "texture" } else { "storage" },
+    )
+    .replace("{{NAME}}", name)
+    .replace("{{BINDING}}", &binding.to_string())
+    .replace("{{MASK}}", &((1u32 << TEXTURE_WIDTH_LOG2) - 1).to_string())
+    .replace("{{LOG2}}", &TEXTURE_WIDTH_LOG2.to_string())
+}
+
+/// A copy of `tensor` in an r32float operand texture, when this context reads operands
+/// through textures and it fits; copied by `copy_from` ahead of the kernels that read it.
+pub(crate) fn scalar_texture(tensor: &Tensor) -> Result<Option<OperandTexture>> {
+    let gpu = tensor.gpu();
+    let texels = tensor.len() as u64;
+    if gpu.operand_reads()? != OperandReads::Texture || !gpu.fits_operand_texture(texels) {
+        return Ok(None);
+    }
+    gpu.operand_texture(texels, Texel::Scalar).map(Some)
 }
 
 impl Gpu {

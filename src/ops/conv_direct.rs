@@ -11,9 +11,9 @@ use bytemuck::{Pod, Zeroable};
 
 use super::conv2d::{Conv2d, Conv2dShape};
 use crate::error::Result;
+use crate::gpu::Gpu;
 use crate::gpu::dispatch::{Binding, Resource};
-use crate::gpu::texture::TEXTURE_WIDTH_LOG2;
-use crate::gpu::{Gpu, OperandReads, Texel, wgsl_section};
+use crate::gpu::texture::{scalar_input, scalar_texture};
 use crate::tensor::Tensor;
 
 /// Mirrors `Params` in shaders/conv_direct.wgsl.
@@ -118,14 +118,7 @@ fn source(
     [
         include_str!("../../shaders/epilogue.wgsl"),
         &include_str!("../../shaders/conv_direct.wgsl")
-            .replace(
-                "{{INPUT}}",
-                wgsl_section(
-                    include_str!("../../shaders/conv_direct_input.wgsl"),
-                    if textures { "texture" } else { "storage" },
-                ),
-            )
-            .replace("{{TEXTURE_WIDTH_LOG2}}", &TEXTURE_WIDTH_LOG2.to_string())
+            .replace("{{INPUT_X}}", &scalar_input("x", 1, textures))
             .replace("{{VEC4S}}", &vec4s.to_string())
             .replace("{{BLOCK}}", &b.to_string())
             .replace("{{KW}}", &kw.to_string())
@@ -239,10 +232,7 @@ fn run(
     ];
     // The input through a texture where the adapter fetches texels faster (see
     // `Gpu::operand_reads`): a copy of x, one float per texel.
-    let texture = (gpu.operand_reads()? == OperandReads::Texture
-        && gpu.fits_operand_texture(x.len() as u64))
-    .then(|| gpu.operand_texture(x.len() as u64, Texel::Scalar))
-    .transpose()?;
+    let texture = scalar_texture(x)?;
     let key = format!(
         "conv_direct_o{}_b{b}_kw{}_v{vec4s}_{}{}",
         shape.o,

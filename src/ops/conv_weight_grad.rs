@@ -13,6 +13,8 @@ use super::conv2d::{Conv2d, Conv2dShape};
 use super::reduce::sum_axes;
 use crate::error::Result;
 use crate::gpu::Gpu;
+use crate::gpu::dispatch::Resource;
+use crate::gpu::texture::{scalar_input, scalar_texture};
 use crate::tensor::Tensor;
 
 /// Mirrors `Params` in both weight-gradient shaders.
@@ -67,8 +69,9 @@ fn tap_sums(body: &mut String, ky: usize, kw: usize) {
     }
 }
 
-/// The source of either kernel; `subgroup` picks the broadcast variant of that width.
-fn source(kh: usize, kw: usize, subgroup: Option<usize>) -> String {
+/// The source of either kernel; `subgroup` picks the broadcast variant of that width,
+/// `textures` reads x and dy through textures.
+fn source(kh: usize, kw: usize, subgroup: Option<usize>, textures: bool) -> String {
     let b = GRAD_BLOCK;
     let (mut decls, mut body, mut store) = (String::new(), String::new(), String::new());
     for k in 0..kh * kw {
@@ -78,7 +81,7 @@ fn source(kh: usize, kw: usize, subgroup: Option<usize>) -> String {
     for j in 0..b {
         let _ = writeln!(
             body,
-            "        let d{j} = select(0.0, dy[dy_row + {j}u], ox0 + {j}u < OW);"
+            "        let d{j} = select(0.0, load_dy(dy_row + {j}u), ox0 + {j}u < OW);"
         );
     }
     for ky in 0..kh {
@@ -126,6 +129,8 @@ fn source(kh: usize, kw: usize, subgroup: Option<usize>) -> String {
         kernel,
     ]
     .concat()
+    .replace("{{INPUT_X}}", &scalar_input("x", 1, textures))
+    .replace("{{INPUT_DY}}", &scalar_input("dy", 2, textures))
     .replace("{{TAPS}}", &(kh * kw).to_string())
     .replace("{{PARTIALS}}", &(64 * kh * kw).to_string())
     .replace("{{SUBGROUP}}", &subgroup.unwrap_or(0).to_string())
@@ -193,16 +198,22 @@ fn run(
         .into_iter()
         .map(|(name, value)| (name, value as u32))
         .collect();
+    // x and dy through textures where the adapter fetches texels faster.
+    let textures = match (scalar_texture(x)?, scalar_texture(dy)?) {
+        (Some(x_tex), Some(dy_tex)) => Some((x_tex, dy_tex)),
+        _ => None,
+    };
     let key = format!(
-        "conv_weight_grad_{}x{}_s{}",
+        "conv_weight_grad_{}x{}_s{}{}",
         shape.kh,
         shape.kw,
-        subgroup.unwrap_or(0)
+        subgroup.unwrap_or(0),
+        if textures.is_some() { "_tex" } else { "" }
     );
     let pipeline = gpu.specialized(
         &key,
         "main",
-        || source(shape.kh, shape.kw, subgroup),
+        || source(shape.kh, shape.kw, subgroup, textures.is_some()),
         &constants,
     )?;
     // With several splits the kernel writes [split][O][C][taps] partial sums, added below.
@@ -212,12 +223,29 @@ fn run(
         None
     };
     let out = partials.as_ref().unwrap_or(dweight);
-    gpu.run_pass("conv2d weight gradient", |pass| {
-        gpu.encode(
+    let (x_in, dy_in) = match &textures {
+        Some((x_tex, dy_tex)) => (
+            Resource::Texture(&x_tex.view),
+            Resource::Texture(&dy_tex.view),
+        ),
+        None => (
+            Resource::Buffer(x.binding()),
+            Resource::Buffer(dy.binding()),
+        ),
+    };
+    let copies = |encoder: &mut wgpu::CommandEncoder| {
+        if let Some((x_tex, dy_tex)) = &textures {
+            x_tex.copy_from(encoder, x.binding(), x.len() as u64);
+            dy_tex.copy_from(encoder, dy.binding(), dy.len() as u64);
+        }
+        Ok(())
+    };
+    gpu.run_pass_after("conv2d weight gradient", copies, |pass| {
+        gpu.encode_resources(
             pass,
             &pipeline,
             bytemuck::bytes_of(&params),
-            &[x.binding(), dy.binding(), out.binding()],
+            &[(1, x_in), (2, dy_in), (3, Resource::Buffer(out.binding()))],
             groups as u64,
         )
     })?;
@@ -239,6 +267,7 @@ mod tests {
     use ndarray::{ArrayD, IxDyn};
 
     use super::*;
+    use crate::gpu::{GpuOptions, OperandReads};
     use crate::ops::conv2d::{Padding, conv2d_backward_cpu};
 
     fn random(shape: &[usize], seed: u64) -> ArrayD<f32> {
@@ -252,17 +281,27 @@ mod tests {
     }
 
     /// Both kernels (the broadcast one where the adapter has fixed-size subgroups) against
-    /// the CPU reference, on LeNet's layers and on sizes that fill no block or subgroup.
+    /// the CPU reference, on LeNet's layers and on sizes that fill no block or subgroup,
+    /// reading their inputs from storage buffers and from textures.
     #[test]
     fn both_kernels_match_the_cpu() {
-        let gpu = match Gpu::new() {
-            Ok(gpu) => gpu,
-            Err(e) if std::env::var_os("WGCNN_SKIP_GPU_TESTS").is_some() => {
-                eprintln!("skipping a GPU test on request: {e}");
-                return;
+        for reads in [OperandReads::Storage, OperandReads::Texture] {
+            let options = GpuOptions {
+                operand_reads: Some(reads),
+                ..GpuOptions::from_env()
+            };
+            match Gpu::with_options(options) {
+                Ok(gpu) => both_kernels_match_the_cpu_on(&gpu),
+                Err(e) if std::env::var_os("WGCNN_SKIP_GPU_TESTS").is_some() => {
+                    eprintln!("skipping a GPU test on request: {e}");
+                    return;
+                }
+                Err(e) => panic!("no GPU for the tests: {e}"),
             }
-            Err(e) => panic!("no GPU for the tests: {e}"),
-        };
+        }
+    }
+
+    fn both_kernels_match_the_cpu_on(gpu: &Gpu) {
         let mut kernels = vec![None];
         if let Some(size) = gpu.fixed_subgroup_size() {
             kernels.push(Some(size as usize));
@@ -292,11 +331,11 @@ mod tests {
                 .unwrap()
                 .weight;
             let (tx, tdy) = (
-                Tensor::from_array(&gpu, &x).unwrap(),
-                Tensor::from_array(&gpu, &dy).unwrap(),
+                Tensor::from_array(gpu, &x).unwrap(),
+                Tensor::from_array(gpu, &dy).unwrap(),
             );
             for &subgroup in &kernels {
-                let dweight = Tensor::from_array(&gpu, &weight.mapv(|_| f32::NAN)).unwrap();
+                let dweight = Tensor::from_array(gpu, &weight.mapv(|_| f32::NAN)).unwrap();
                 run(&shape, &tx, &tdy, &dweight, subgroup).unwrap();
                 let got = dweight.to_array().unwrap();
                 assert!(
@@ -307,7 +346,8 @@ mod tests {
                 let terms = (n * shape.oh * shape.ow) as f32;
                 assert!(
                     diff <= 1e-5 * terms.sqrt() * 4.0,
-                    "case {i}, subgroup {subgroup:?}: {diff}"
+                    "case {i}, subgroup {subgroup:?}, {:?}: {diff}",
+                    gpu.operand_reads()
                 );
             }
         }
