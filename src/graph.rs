@@ -43,6 +43,14 @@ impl Value {
         }
     }
 
+    /// The value of a one-element value (a loss, a count), read back from the GPU if needed.
+    pub fn scalar(&self) -> Result<f32> {
+        match self {
+            Value::Gpu(t) => t.scalar(),
+            Value::Cpu(a) => crate::tensor::scalar_of(a),
+        }
+    }
+
     /// The GPU tensor; an error if this value lives on the CPU path.
     pub fn gpu(&self) -> Result<&Tensor> {
         match self {

@@ -34,6 +34,9 @@ pub mod train;
 pub use error::{Error, Result};
 pub use gpu::{Gpu, GpuOptions, OperandCalibration, OperandReads, PoolStats, TEXTURE_ADVANTAGE};
 pub use graph::{Device, Graph, Layer, Mode, Value};
+/// The ndarray version wgcnn takes and returns arrays of: build inputs and read outputs
+/// with it, no separate dependency needed.
+pub use ndarray;
 pub use ops::Activation;
 pub use ops::activation::{softmax, softmax_backward};
 pub use ops::attack::SignedStep;
@@ -53,6 +56,43 @@ pub use optim::{CpuOptimizer, GpuOptimizer, Optimizer, OptimizerState};
 pub use tensor::Tensor;
 /// The wgpu version wgcnn is built on, for `GpuOptions::backends` and adapter info.
 pub use wgpu;
+
+/// The common imports for building, training and running a model: the layers (not the
+/// op settings of the same names, which stay at the crate root), the training and
+/// inference entry points, data and device types, and ndarray.
+///
+/// ```
+/// use wgcnn::prelude::*;
+///
+/// # fn main() -> wgcnn::Result<()> {
+/// let model = Sequential::new()
+///     .add("conv", Conv2d::new(1, 4, (3, 3)).activation(Activation::Relu))
+///     .add("pool", max_pool2d(2))
+///     .add("flatten", Flatten)
+///     .add("fc", Linear::new(4 * 3 * 3, 10));
+/// let mut model = model.build(Device::Cpu, 7)?; // or Device::Gpu(Gpu::new()?)
+/// let images = Array4::<f32>::zeros((2, 1, 8, 8)).into_dyn();
+/// let predictions = model.predict(&images)?;
+/// assert_eq!(predictions.classes.len(), 2);
+/// # Ok(())
+/// # }
+/// ```
+pub mod prelude {
+    pub use crate::data::{Images, Mnist, shuffled_indices};
+    pub use crate::ndarray::{self, Array1, Array2, Array4, ArrayD, IxDyn};
+    pub use crate::nn::{
+        Add, BatchNorm2d, Conv2d, Dropout, Flatten, GlobalAvgPool, Init, LayerNorm, LeNetOptions,
+        Linear, Sequential, avg_pool2d, leaky_relu, lenet5, max_pool2d, relu, sigmoid, tanh,
+    };
+    pub use crate::train::{
+        Checkpoint, Predictions, StepOutput, evaluate, image_batch, label_batch, train_epoch,
+        train_step,
+    };
+    pub use crate::{
+        Activation, Device, Error, Gpu, GpuOptions, Graph, Mode, Normalize, Optimizer, Padding,
+        Result, Tensor, Value,
+    };
+}
 
 /// CPU references of every op, on ndarray: readable and formula-faithful.
 pub mod cpu {

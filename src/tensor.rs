@@ -211,6 +211,11 @@ impl Tensor {
         pollster::block_on(self.to_array_async())
     }
 
+    /// Reads back the value of a one-element tensor (a loss, a count), blocking.
+    pub fn scalar(&self) -> Result<f32> {
+        scalar_of(&self.to_array()?)
+    }
+
     /// Reads the tensor back to the host.
     pub async fn to_array_async(&self) -> Result<ArrayD<f32>> {
         let bytes = self.gpu().read_bytes(self.buffer(), self.bytes()).await?;
@@ -267,5 +272,19 @@ impl Tensor {
                     .into(),
             })
         }
+    }
+}
+
+/// The only element of `array`, or an error naming its shape.
+pub(crate) fn scalar_of(array: &ArrayD<f32>) -> Result<f32> {
+    match array.as_slice() {
+        Some(&[value]) => Ok(value),
+        _ => Err(Error::ShapeMismatch {
+            op: "scalar",
+            detail: format!(
+                "a scalar read needs one element, the value is {:?}; use to_array",
+                array.shape()
+            ),
+        }),
     }
 }

@@ -4,6 +4,7 @@
 mod adversarial;
 mod checkpoint;
 mod distill;
+mod predict;
 mod trainer;
 
 pub use adversarial::{
@@ -11,6 +12,7 @@ pub use adversarial::{
 };
 pub use checkpoint::{Checkpoint, LoadReport, check_names_and_shapes};
 pub use distill::{distill_step, distillation_loss};
+pub use predict::Predictions;
 pub use trainer::{
     EpochStats, Evaluation, StepOutput, cross_entropy, evaluate, image_batch, label_batch,
     train_epoch, train_step, train_step_with,

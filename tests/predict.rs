@@ -1,0 +1,101 @@
+//! Inference: logits and predictions of a model on GPU and CPU, any batch size, scalar reads.
+
+mod common;
+
+use common::{gpu, random};
+use wgcnn::prelude::*;
+
+fn model(device: Device) -> Graph {
+    Sequential::new()
+        .add(
+            "conv",
+            Conv2d::new(1, 4, (3, 3)).activation(Activation::Relu),
+        )
+        .add("pool", max_pool2d(2))
+        .add("drop", Dropout::new(0.5, 3).unwrap())
+        .add("flatten", Flatten)
+        .add("fc", Linear::new(4 * 4 * 4, 10))
+        .build(device, 11)
+        .unwrap()
+}
+
+#[test]
+fn predictions_agree_on_gpu_and_cpu_for_any_batch_size() {
+    let Some(gpu) = gpu() else { return };
+    // 600 images: three chunks of up to 256.
+    let images = random(&[600, 1, 10, 10], 1);
+    let mut on_gpu = model(Device::Gpu(gpu.clone()));
+    let mut on_cpu = model(Device::Cpu);
+    let logits = on_gpu.logits(&images).unwrap();
+    let want = on_cpu.logits(&images).unwrap();
+    assert_eq!(logits.shape(), [600, 10]);
+    let diff = (&logits - &want)
+        .mapv(f32::abs)
+        .fold(0.0f32, |m, &d| m.max(d));
+    assert!(diff < 1e-4, "GPU and CPU logits differ by {diff}");
+    // Evaluation mode: no dropout, so a second call gives the same logits.
+    assert_eq!(on_gpu.logits(&images).unwrap(), logits);
+    // Chunks change nothing: the first image alone gives its row.
+    let first = on_gpu
+        .logits(
+            &images
+                .slice(ndarray::s![0..1, .., .., ..])
+                .to_owned()
+                .into_dyn(),
+        )
+        .unwrap();
+    assert_eq!(first.row(0), logits.row(0));
+
+    let predictions = on_gpu.predict(&images).unwrap();
+    for (i, row) in logits.rows().into_iter().enumerate() {
+        let best = row
+            .iter()
+            .enumerate()
+            .fold(0, |b, (k, &v)| if v > row[b] { k } else { b });
+        assert_eq!(predictions.classes[i], best, "image {i}");
+        let p = predictions.probabilities.row(i);
+        assert!((p.sum() - 1.0).abs() < 1e-5, "image {i}: {p}");
+        // Softmax ratios follow the logits: p_k / p_best = exp(l_k − l_best).
+        for k in 0..10 {
+            let want = f64::from(row[k] - row[best]).exp();
+            let got = f64::from(p[k]) / f64::from(p[best]);
+            assert!((got - want).abs() < 1e-5, "image {i}, class {k}");
+        }
+        assert_eq!(predictions.confidence(i), Some(p[best]));
+    }
+    assert_eq!(predictions.confidence(600), None);
+    assert_eq!(
+        on_cpu.predict(&images).unwrap().classes,
+        predictions.classes
+    );
+}
+
+#[test]
+fn bad_inference_inputs_are_errors() {
+    let mut on_cpu = model(Device::Cpu);
+    let err = on_cpu
+        .logits(&ArrayD::zeros(IxDyn(&[0, 1, 10, 10])))
+        .unwrap_err();
+    assert!(err.to_string().contains("at least one image"), "{err}");
+    let err = on_cpu
+        .logits(&ArrayD::zeros(IxDyn(&[2, 3, 10, 10])))
+        .unwrap_err();
+    assert!(matches!(err, Error::ShapeMismatch { .. }), "{err}");
+}
+
+#[test]
+fn scalars_read_without_indexing() {
+    let Some(gpu) = gpu() else { return };
+    let one = Tensor::from_array(gpu, &ndarray::arr1(&[2.5f32])).unwrap();
+    assert_eq!(one.scalar().unwrap(), 2.5);
+    assert_eq!(Value::Gpu(one).scalar().unwrap(), 2.5);
+    assert_eq!(
+        Value::Cpu(ndarray::arr0(-1.0f32).into_dyn())
+            .scalar()
+            .unwrap(),
+        -1.0
+    );
+    let two = Tensor::from_array(gpu, &ndarray::arr1(&[1.0f32, 2.0])).unwrap();
+    let err = two.scalar().unwrap_err();
+    assert!(err.to_string().contains("one element"), "{err}");
+}
