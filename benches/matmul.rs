@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use ndarray::Array2;
-use wgcnn::{Gpu, Matmul, Tensor};
+use wgcnn::ops::Matmul;
+use wgcnn::{Gpu, Tensor};
 
 const SHAPES: [(usize, usize, usize); 5] = [
     (256, 256, 256),

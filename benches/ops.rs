@@ -6,7 +6,8 @@ use std::time::Duration;
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use ndarray::{Array1, ArrayD, IxDyn};
 use wgcnn::cpu::BatchNormCpu;
-use wgcnn::{BatchNorm2d, Conv2d, Gpu, Padding, Pool2d, Tensor};
+use wgcnn::ops::{BatchNorm2d, Conv2d, Pool2d};
+use wgcnn::{Gpu, Padding, Tensor};
 
 fn filled(shape: &[usize], seed: usize) -> ArrayD<f32> {
     let mut i = seed;

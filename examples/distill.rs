@@ -13,8 +13,9 @@ mod common;
 use common::{Flags, accuracy, fit, subset};
 use wgcnn::data::shuffled_indices;
 use wgcnn::nn::{Conv2d, Flatten, Init, LeNetOptions, Linear, Sequential, lenet5, max_pool2d};
+use wgcnn::ops::Distillation;
 use wgcnn::train::{distill_step, image_batch, label_batch};
-use wgcnn::{Activation, Device, Distillation, Graph, Normalize, Optimizer};
+use wgcnn::{Activation, Device, Graph, Normalize, Optimizer};
 
 /// conv 5×5 (c1) → pool → conv 5×5 (c2) → pool → hidden → 10, ReLUs fused.
 fn cnn(

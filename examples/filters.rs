@@ -8,7 +8,8 @@
 use std::path::{Path, PathBuf};
 
 use ndarray::{Array2, array};
-use wgcnn::{Conv2d, Gpu, Tensor};
+use wgcnn::ops::Conv2d;
+use wgcnn::{Gpu, Tensor};
 
 type Error = Box<dyn std::error::Error>;
 

@@ -9,10 +9,8 @@ use std::time::Instant;
 
 use ndarray::{Array1, Array2, ArrayD, IxDyn};
 use wgcnn::cpu::BatchNormCpu;
-use wgcnn::{
-    BatchNorm2d, Conv2d, Gpu, GpuOptions, KernelChoice, LayerNorm, Matmul, OperandReads, Padding,
-    Pool2d, Result, Tensor,
-};
+use wgcnn::ops::{BatchNorm2d, Conv2d, KernelChoice, LayerNorm, Matmul, Pool2d};
+use wgcnn::{Gpu, GpuOptions, OperandReads, Padding, Result, Tensor};
 
 /// One benchmarked operation: GPU and CPU runs of the same work.
 struct Case<'a> {
@@ -322,7 +320,7 @@ fn cross_entropy_case(gpu: &Gpu, (rows, classes): (usize, usize)) -> Result<Case
         shape: format!("N{rows} K{classes}"),
         kernel: "fused".into(),
         flops: 5.0 * (rows * classes) as f64,
-        gpu: Box::new(move || wgcnn::softmax_cross_entropy(&t, &labels).map(drop)),
+        gpu: Box::new(move || wgcnn::ops::softmax_cross_entropy(&t, &labels).map(drop)),
         cpu: Box::new(move || {
             wgcnn::cpu::softmax_cross_entropy(&logits.view(), &cpu_labels).map(drop)
         }),

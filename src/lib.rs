@@ -1,12 +1,14 @@
 //! wgcnn: convolutional neural networks trained and run on any GPU through wgpu and WGSL.
 //!
 //! Start with [`Gpu::new`], upload arrays with [`Tensor::from_array`], run ops such as
-//! [`Matmul`], and read results back with [`Tensor::to_array`]. Every op also has a CPU
+//! [`ops::Matmul`], and read results back with [`Tensor::to_array`]. Models are built from
+//! the layers in [`nn`]; [`prelude`] has the common imports. Every op also has a CPU
 //! reference on ndarray in [`cpu`], used by the tests to check the GPU.
 //!
 //! ```
 //! use ndarray::array;
-//! use wgcnn::{Activation, BiasAxis, Gpu, Matmul, Tensor};
+//! use wgcnn::ops::{BiasAxis, Matmul};
+//! use wgcnn::{Activation, Gpu, Tensor};
 //!
 //! # fn main() -> wgcnn::Result<()> {
 //! let gpu = Gpu::new()?; // WGPU_BACKEND / WGPU_ADAPTER_NAME / WGPU_POWER_PREF pick the adapter
@@ -20,6 +22,8 @@
 //! # Ok(())
 //! # }
 //! ```
+
+#![warn(missing_docs)]
 
 pub mod data;
 pub mod error;
@@ -37,29 +41,16 @@ pub use graph::{Device, Graph, Layer, Mode, Value};
 /// The ndarray version wgcnn takes and returns arrays of: build inputs and read outputs
 /// with it, no separate dependency needed.
 pub use ndarray;
-pub use ops::Activation;
-pub use ops::activation::{softmax, softmax_backward};
-pub use ops::attack::SignedStep;
-pub use ops::batch_norm::{BatchNorm2d, NormGrads, Normalized};
-pub use ops::conv2d::{Conv2d, Conv2dGrads, Conv2dShape, Padding};
-pub use ops::distillation::Distillation;
-pub use ops::dropout::Dropout;
-pub use ops::layer_norm::LayerNorm;
-pub use ops::linear::{LinearGrads, linear, linear_backward};
-pub use ops::matmul::{BiasAxis, KernelChoice, Matmul, MatmulPlan, MatmulShape};
-pub use ops::normalize::Normalize;
-pub use ops::pool2d::{
-    Pool2d, Pool2dShape, PoolKind, Pooled, global_avg_pool, global_avg_pool_backward,
-};
-pub use ops::softmax_cross_entropy::{CrossEntropy, softmax_cross_entropy};
+// Shared by ops and layers; the op settings themselves are in `ops`, the layers in `nn`.
+pub use ops::{Activation, Normalize, Padding};
 pub use optim::{CpuOptimizer, GpuOptimizer, Optimizer, OptimizerState};
 pub use tensor::Tensor;
 /// The wgpu version wgcnn is built on, for `GpuOptions::backends` and adapter info.
 pub use wgpu;
 
-/// The common imports for building, training and running a model: the layers (not the
-/// op settings of the same names, which stay at the crate root), the training and
-/// inference entry points, data and device types, and ndarray.
+/// The common imports for building, training and running a model: the layers (the op
+/// settings of the same names stay in [`ops`]), the training and inference entry points,
+/// data and device types, and ndarray.
 ///
 /// ```
 /// use wgcnn::prelude::*;

@@ -76,7 +76,7 @@ fn softmax_is_stable_and_matches_the_cpu() {
     let mut x = random(&[5, 10], 3);
     x[[0, 0]] = 1000.0; // would overflow exp() without subtracting the row maximum
     x[[1, 3]] = -1000.0;
-    let y = wgcnn::softmax(&Tensor::from_array(gpu, &x).unwrap())
+    let y = wgcnn::ops::softmax(&Tensor::from_array(gpu, &x).unwrap())
         .unwrap()
         .to_array()
         .unwrap();
@@ -89,7 +89,7 @@ fn softmax_is_stable_and_matches_the_cpu() {
     assert!((y[[0, 0]] - 1.0).abs() < 1e-6);
 
     let dy = random(&[5, 10], 4);
-    let dx = wgcnn::softmax_backward(
+    let dx = wgcnn::ops::softmax_backward(
         &Tensor::from_array(gpu, &want).unwrap(),
         &Tensor::from_array(gpu, &dy).unwrap(),
     )

@@ -7,7 +7,8 @@ use common::{gpu, max_abs_diff, random, upload};
 use ndarray::{ArrayD, IxDyn};
 use proptest::prelude::*;
 use serde_json::Value;
-use wgcnn::{Activation, Conv2d, Error, Padding, Tensor};
+use wgcnn::ops::Conv2d;
+use wgcnn::{Activation, Error, Padding, Tensor};
 
 fn spec_of(params: &Value) -> Conv2d {
     let padding = if params["padding"] == "same" {

@@ -5,7 +5,8 @@ mod common;
 
 use common::{gpu, max_abs_diff, random};
 use ndarray::{Array4, ArrayD, IxDyn};
-use wgcnn::{Dropout, Normalize, Tensor};
+use wgcnn::ops::Dropout;
+use wgcnn::{Normalize, Tensor};
 
 #[test]
 fn dropout_keeps_one_minus_rate_and_scales_exactly() {

@@ -4,7 +4,8 @@ mod common;
 
 use common::{gpu, random};
 use ndarray::{ArrayD, IxDyn};
-use wgcnn::{BiasAxis, Error, Gpu, GpuOptions, KernelChoice, Matmul, Tensor};
+use wgcnn::ops::{BiasAxis, KernelChoice, Matmul};
+use wgcnn::{Error, Gpu, GpuOptions, Tensor};
 
 #[test]
 fn no_adapter_explains_how_to_get_lavapipe() {

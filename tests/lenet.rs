@@ -8,7 +8,8 @@ use common::golden::{assert_close, tensor};
 use common::gpu;
 use ndarray::{ArrayD, IxDyn};
 use serde_json::Value;
-use wgcnn::{Activation, Conv2d, GpuOptimizer, Optimizer, Pool2d, Tensor};
+use wgcnn::ops::{Conv2d, Pool2d};
+use wgcnn::{Activation, GpuOptimizer, Optimizer, Tensor};
 
 use common::golden::{LENET_NAMES as NAMES, LENET_SHAPES as SHAPES};
 
@@ -110,18 +111,19 @@ fn gpu_pass(params: &[Tensor], x: &Tensor, labels: &[usize]) -> (f32, ArrayD<f32
     let p2 = pool.forward(&r2).unwrap();
     let p2_shape = p2.y.shape().to_vec();
     let flat = p2.y.reshape(&[4, 256]).unwrap();
-    let f1 = wgcnn::linear(&flat, &params[4], Some(&params[5]), Activation::None).unwrap();
+    let f1 = wgcnn::ops::linear(&flat, &params[4], Some(&params[5]), Activation::None).unwrap();
     let r3 = relu.forward(&f1).unwrap();
-    let f2 = wgcnn::linear(&r3, &params[6], Some(&params[7]), Activation::None).unwrap();
+    let f2 = wgcnn::ops::linear(&r3, &params[6], Some(&params[7]), Activation::None).unwrap();
     let r4 = relu.forward(&f2).unwrap();
-    let logits = wgcnn::linear(&r4, &params[8], Some(&params[9]), Activation::None).unwrap();
-    let ce = wgcnn::softmax_cross_entropy(&logits, labels).unwrap();
+    let logits = wgcnn::ops::linear(&r4, &params[8], Some(&params[9]), Activation::None).unwrap();
+    let ce = wgcnn::ops::softmax_cross_entropy(&logits, labels).unwrap();
 
-    let g3 = wgcnn::linear_backward(&r4, &params[8], &ce.grad_logits).unwrap();
-    let g2 =
-        wgcnn::linear_backward(&r3, &params[6], &relu.backward(&f2, &r4, &g3.x).unwrap()).unwrap();
-    let g1 = wgcnn::linear_backward(&flat, &params[4], &relu.backward(&f1, &r3, &g2.x).unwrap())
+    let g3 = wgcnn::ops::linear_backward(&r4, &params[8], &ce.grad_logits).unwrap();
+    let g2 = wgcnn::ops::linear_backward(&r3, &params[6], &relu.backward(&f2, &r4, &g3.x).unwrap())
         .unwrap();
+    let g1 =
+        wgcnn::ops::linear_backward(&flat, &params[4], &relu.backward(&f1, &r3, &g2.x).unwrap())
+            .unwrap();
     let d_p2 = g1.x.reshape(&p2_shape).unwrap();
     let d_r2 = pool
         .backward(r2.shape(), &d_p2, p2.argmax.as_ref())

@@ -80,7 +80,7 @@ fn pytorch_goldens_on_gpu_and_cpu() {
         );
 
         let (tx, tw) = (upload(&x), upload(&w));
-        let gpu_logits = wgcnn::linear(&tx, &tw, Some(&upload(&b)), Activation::None).unwrap();
+        let gpu_logits = wgcnn::ops::linear(&tx, &tw, Some(&upload(&b)), Activation::None).unwrap();
         assert_close(
             &format!("{name} gpu logits"),
             &gpu_logits.to_array().unwrap(),
@@ -88,7 +88,7 @@ fn pytorch_goldens_on_gpu_and_cpu() {
             1e-4,
             1e-5,
         );
-        let ce = wgcnn::softmax_cross_entropy(&gpu_logits, &labels).unwrap();
+        let ce = wgcnn::ops::softmax_cross_entropy(&gpu_logits, &labels).unwrap();
         assert_close(
             &format!("{name} gpu loss"),
             &ce.loss.to_array().unwrap(),
@@ -103,7 +103,7 @@ fn pytorch_goldens_on_gpu_and_cpu() {
             1e-4,
             1e-5,
         );
-        let g = wgcnn::linear_backward(&tx, &tw, &ce.grad_logits).unwrap();
+        let g = wgcnn::ops::linear_backward(&tx, &tw, &ce.grad_logits).unwrap();
         assert_close(
             &format!("{name} gpu dx"),
             &g.x.to_array().unwrap(),
@@ -135,8 +135,9 @@ fn random_batches_match_the_cpu_including_accuracy() {
         let logits = random(&[n, k], seed).mapv(|v| v * 5.0);
         let labels: Vec<usize> = (0..n).map(|i| (i * 7 + seed as usize) % k).collect();
         let want = wgcnn::cpu::softmax_cross_entropy(&logits.view(), &labels).unwrap();
-        let got = wgcnn::softmax_cross_entropy(&Tensor::from_array(gpu, &logits).unwrap(), &labels)
-            .unwrap();
+        let got =
+            wgcnn::ops::softmax_cross_entropy(&Tensor::from_array(gpu, &logits).unwrap(), &labels)
+                .unwrap();
         assert!(max_abs_diff(&got.loss.to_array().unwrap(), &want.loss) < 1e-5);
         assert!(max_abs_diff(&got.grad_logits.to_array().unwrap(), &want.grad_logits) < 1e-6);
         assert_eq!(got.correct.to_array().unwrap(), want.correct);
@@ -236,9 +237,9 @@ fn bad_labels_and_shapes_are_errors() {
     assert!(err.to_string().contains("2 labels for 3 rows"), "{err}");
     let Some(gpu) = gpu() else { return };
     let t = Tensor::from_array(gpu, &logits).unwrap();
-    assert!(wgcnn::softmax_cross_entropy(&t, &[9, 0, 0]).is_err());
+    assert!(wgcnn::ops::softmax_cross_entropy(&t, &[9, 0, 0]).is_err());
     let w = Tensor::from_array(gpu, &random(&[5, 3], 2)).unwrap();
-    let err = wgcnn::linear(&t, &w, None, Activation::None).unwrap_err();
+    let err = wgcnn::ops::linear(&t, &w, None, Activation::None).unwrap_err();
     assert!(
         err.to_string()
             .contains("x must be [N, in] and weight [out, in]"),

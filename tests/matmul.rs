@@ -5,10 +5,8 @@ mod common;
 use common::{gpu, max_abs_diff, random};
 use ndarray::{ArrayD, IxDyn};
 use proptest::prelude::*;
-use wgcnn::{
-    Activation, BiasAxis, Gpu, KernelChoice, Matmul, MatmulPlan, OperandReads, TEXTURE_ADVANTAGE,
-    Tensor,
-};
+use wgcnn::ops::{BiasAxis, KernelChoice, Matmul, MatmulPlan};
+use wgcnn::{Activation, Gpu, OperandReads, TEXTURE_ADVANTAGE, Tensor};
 
 /// The kernel families this adapter can run.
 fn kernels(gpu: &Gpu) -> Vec<KernelChoice> {

@@ -6,7 +6,7 @@ use common::golden::{assert_close, cases, tensor};
 use common::{gpu, max_abs_diff, random, upload};
 use ndarray::{Array1, ArrayD, Ix1};
 use wgcnn::cpu::BatchNormCpu;
-use wgcnn::{BatchNorm2d, LayerNorm};
+use wgcnn::ops::{BatchNorm2d, LayerNorm};
 
 fn one_d(x: &ArrayD<f32>) -> Array1<f32> {
     x.clone().into_dimensionality::<Ix1>().unwrap()

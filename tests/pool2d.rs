@@ -6,7 +6,8 @@ use common::golden::{assert_close, cases, pair, tensor};
 use common::{gpu, max_abs_diff, random, upload};
 use ndarray::{ArrayD, IxDyn};
 use proptest::prelude::*;
-use wgcnn::{Pool2d, PoolKind, Tensor};
+use wgcnn::Tensor;
+use wgcnn::ops::{Pool2d, PoolKind};
 
 #[test]
 fn pytorch_goldens_on_gpu_and_cpu() {
@@ -198,7 +199,7 @@ fn max_sends_the_gradient_to_the_maximum_and_avg_spreads_it() {
 fn global_average_pooling() {
     let Some(gpu) = gpu() else { return };
     let x = random(&[2, 3, 5, 7], 4);
-    let y = wgcnn::global_avg_pool(&Tensor::from_array(gpu, &x).unwrap())
+    let y = wgcnn::ops::global_avg_pool(&Tensor::from_array(gpu, &x).unwrap())
         .unwrap()
         .to_array()
         .unwrap();
@@ -214,12 +215,13 @@ fn global_average_pooling() {
         }
     }
     let dy = random(&[2, 3], 5);
-    let dx = wgcnn::global_avg_pool_backward(x.shape(), &Tensor::from_array(gpu, &dy).unwrap())
-        .unwrap()
-        .to_array()
-        .unwrap();
+    let dx =
+        wgcnn::ops::global_avg_pool_backward(x.shape(), &Tensor::from_array(gpu, &dy).unwrap())
+            .unwrap()
+            .to_array()
+            .unwrap();
     assert!((dx[[1, 2, 4, 6]] - dy[[1, 2]] / 35.0).abs() < 1e-7);
-    let err = wgcnn::global_avg_pool_backward(
+    let err = wgcnn::ops::global_avg_pool_backward(
         x.shape(),
         &Tensor::from_array(gpu, &random(&[3, 2], 1)).unwrap(),
     )

@@ -3,7 +3,8 @@
 mod common;
 
 use common::{gpu, random};
-use wgcnn::{Activation, Conv2d, Gpu, Pool2d, Tensor};
+use wgcnn::ops::{Conv2d, Pool2d};
+use wgcnn::{Activation, Gpu, Tensor};
 
 /// conv → relu → max pool, then the backward chain: 20-odd kernels and copies.
 fn step(x: &Tensor, w: &Tensor, b: &Tensor) -> wgcnn::Result<(Tensor, Tensor)> {
@@ -156,7 +157,7 @@ fn calibration_inside_a_recording_leaves_its_kernels_intact() {
     let (a, c, b) = gpu
         .record(|| {
             let a = Activation::LeakyRelu(0.25).forward(&x)?;
-            let c = wgcnn::Matmul::default().forward(&x, &w, None)?;
+            let c = wgcnn::ops::Matmul::default().forward(&x, &w, None)?;
             let b = Activation::LeakyRelu(0.5).forward(&x)?;
             Ok((a, c, b))
         })
@@ -167,7 +168,7 @@ fn calibration_inside_a_recording_leaves_its_kernels_intact() {
         assert_eq!(y.to_array().unwrap(), want, "slope {slope}");
     }
     let want = wgcnn::cpu::matmul(
-        &wgcnn::Matmul::default(),
+        &wgcnn::ops::Matmul::default(),
         &xs.view(),
         &w.to_array().unwrap().view(),
         None,

@@ -7,8 +7,9 @@ mod common;
 use common::{gpu, max_abs_diff, random};
 use ndarray::ArrayD;
 use wgcnn::nn::{LeNetOptions, Linear, lenet5};
+use wgcnn::ops::{Distillation, SignedStep};
 use wgcnn::train::{Attack, Checkpoint, attack, cross_entropy, distillation_loss, train_step};
-use wgcnn::{Device, Distillation, Graph, Mode, Optimizer, SignedStep, Tensor, Value};
+use wgcnn::{Device, Graph, Mode, Optimizer, Tensor, Value};
 
 fn devices() -> Vec<Device> {
     let mut list = vec![Device::Cpu];

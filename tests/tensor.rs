@@ -4,7 +4,8 @@ mod common;
 
 use common::{gpu, random};
 use ndarray::{Array3, ArrayD, IxDyn, s};
-use wgcnn::{Gpu, Matmul, Tensor};
+use wgcnn::ops::Matmul;
+use wgcnn::{Gpu, Tensor};
 
 #[test]
 fn contiguous_and_strided_arrays_round_trip() {

@@ -1,4 +1,6 @@
-//! Operations: each file holds one op's shape rules, CPU reference and GPU dispatch.
+//! Operations on tensors: each file holds one op's shape rules, CPU reference and GPU
+//! dispatch. The op settings here (`ops::Conv2d`, `ops::BatchNorm2d`, …) run single ops; the
+//! layers of the same names that a model is built from are in [`crate::nn`].
 
 pub mod activation;
 pub mod add;
@@ -18,4 +20,17 @@ pub mod pool2d;
 pub(crate) mod reduce;
 pub mod softmax_cross_entropy;
 
-pub use activation::Activation;
+pub use activation::{Activation, softmax, softmax_backward};
+pub use attack::SignedStep;
+pub use batch_norm::{BatchNorm2d, NormGrads, Normalized};
+pub use conv2d::{Conv2d, Conv2dGrads, Conv2dShape, Padding};
+pub use distillation::Distillation;
+pub use dropout::Dropout;
+pub use layer_norm::LayerNorm;
+pub use linear::{LinearGrads, linear, linear_backward};
+pub use matmul::{BiasAxis, KernelChoice, Matmul, MatmulPlan, MatmulShape};
+pub use normalize::Normalize;
+pub use pool2d::{
+    Pool2d, Pool2dShape, PoolKind, Pooled, global_avg_pool, global_avg_pool_backward,
+};
+pub use softmax_cross_entropy::{CrossEntropy, softmax_cross_entropy};
