@@ -213,6 +213,16 @@ pub trait Layer: Send {
     fn backward(&self, args: BackwardArgs<'_>) -> Result<Backward>;
 }
 
+/// One line of a model summary (see `crate::summary`).
+#[derive(Debug)]
+pub(crate) struct LayerRow {
+    pub name: String,
+    pub layer: String,
+    pub output: Option<Vec<usize>>,
+    pub trainable: usize,
+    pub other: usize,
+}
+
 /// A value in a graph: the input (0) or a node's output.
 pub type ValueId = usize;
 
@@ -636,6 +646,37 @@ impl Graph {
         }
         *slot = self.device.upload(value)?;
         Ok(())
+    }
+
+    /// Per node, in order: its name, its layer's description, its output shape in the last
+    /// forward pass (if that value is still held), and its trainable and other state sizes.
+    pub(crate) fn layer_rows(&self) -> Vec<LayerRow> {
+        self.nodes
+            .iter()
+            .enumerate()
+            .map(|(i, node)| {
+                let sizes = node.state.iter().zip(&node.trainable);
+                // Frozen parameters count as other state, like running statistics.
+                let count = |trained: bool| -> usize {
+                    sizes
+                        .clone()
+                        .filter(|(_, t)| (**t && !node.frozen) == trained)
+                        .map(|(s, _)| s.shape().iter().product::<usize>())
+                        .sum()
+                };
+                LayerRow {
+                    name: node.name.clone(),
+                    layer: node.layer.describe(),
+                    output: self
+                        .values
+                        .get(i + 1)
+                        .and_then(Option::as_ref)
+                        .map(|v| v.shape().to_vec()),
+                    trainable: count(true),
+                    other: count(false),
+                }
+            })
+            .collect()
     }
 
     /// Total number of trainable parameters.

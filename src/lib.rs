@@ -32,6 +32,7 @@ pub mod graph;
 pub mod nn;
 pub mod ops;
 pub mod optim;
+mod summary;
 pub mod tensor;
 pub mod train;
 
@@ -44,6 +45,7 @@ pub use ndarray;
 // Shared by ops and layers; the op settings themselves are in `ops`, the layers in `nn`.
 pub use ops::{Activation, Normalize, Padding};
 pub use optim::{CpuOptimizer, GpuOptimizer, Optimizer, OptimizerState};
+pub use summary::Summary;
 pub use tensor::Tensor;
 /// The wgpu version wgcnn is built on, for `GpuOptions::backends` and adapter info.
 pub use wgpu;

@@ -99,3 +99,66 @@ fn scalars_read_without_indexing() {
     let err = two.scalar().unwrap_err();
     assert!(err.to_string().contains("one element"), "{err}");
 }
+
+#[test]
+fn a_summary_lists_every_layer_with_its_output_shape_and_parameters() {
+    let Some(gpu) = gpu() else { return };
+    for device in [Device::Gpu(gpu.clone()), Device::Cpu] {
+        let mut model = lenet5(LeNetOptions::default())
+            .unwrap()
+            .build(device.clone(), 1)
+            .unwrap();
+        let summary = model.summary(&[1, 1, 28, 28]).unwrap();
+        let shapes: Vec<Vec<usize>> = summary
+            .output_shapes()
+            .into_iter()
+            .map(|s| s.unwrap().to_vec())
+            .collect();
+        let want: Vec<Vec<usize>> = vec![
+            vec![1, 6, 24, 24],
+            vec![1, 6, 12, 12],
+            vec![1, 16, 8, 8],
+            vec![1, 16, 4, 4],
+            vec![1, 256],
+            vec![1, 120],
+            vec![1, 84],
+            vec![1, 10],
+        ];
+        assert_eq!(shapes, want);
+        assert_eq!(summary.trainable(), model.parameter_count());
+        assert_eq!(
+            summary.trainable(),
+            6 * 25 + 6 + 16 * 150 + 16 + 256 * 120 + 120 + 120 * 84 + 84 + 84 * 10 + 10
+        );
+        assert_eq!(summary.non_trainable(), 0);
+        let table = summary.to_string();
+        for needle in [
+            "conv1 (",
+            "[1, 6, 24, 24]",
+            "fc3 (",
+            "[1, 10]",
+            "44426 trainable",
+        ] {
+            assert!(table.contains(needle), "{needle:?} missing from\n{table}");
+        }
+        // Display on the model itself: the shapes of the last forward pass.
+        assert!(model.to_string().contains("[1, 16, 4, 4]"), "{model}");
+        // A frozen layer's parameters move to the other column.
+        model.freeze("conv1", true).unwrap();
+        let frozen = model.summary(&[2, 1, 28, 28]).unwrap();
+        assert_eq!(frozen.non_trainable(), 156);
+        assert_eq!(frozen.trainable(), summary.trainable() - 156);
+        // A shape the model cannot take: an error naming the layer.
+        let err = model.summary(&[1, 3, 28, 28]).unwrap_err();
+        assert!(err.to_string().contains("conv1"), "{err}");
+        assert!(model.summary(&[]).is_err());
+    }
+    // Batch norm's running statistics count as other state.
+    let options = LeNetOptions {
+        batch_norm: true,
+        ..LeNetOptions::default()
+    };
+    let mut model = lenet5(options).unwrap().build(Device::Cpu, 1).unwrap();
+    let summary = model.summary(&[1, 1, 28, 28]).unwrap();
+    assert_eq!(summary.non_trainable(), 2 * (6 + 16));
+}

@@ -24,7 +24,20 @@ pub fn avg_pool2d(k: usize) -> Pool {
 
 impl Layer for Pool {
     fn describe(&self) -> String {
-        format!("{:?}", self.0)
+        let p = &self.0;
+        let kind = match p.kind {
+            crate::ops::PoolKind::Max => "MaxPool2d",
+            crate::ops::PoolKind::Avg { .. } => "AvgPool2d",
+        };
+        let (kh, kw) = p.kernel;
+        let mut text = format!("{kind}({kh}×{kw}");
+        if p.stride != p.kernel {
+            text += &format!(", stride {}×{}", p.stride.0, p.stride.1);
+        }
+        if p.padding != (0, 0) {
+            text += &format!(", padding {}×{}", p.padding.0, p.padding.1);
+        }
+        text + ")"
     }
 
     fn forward(&self, _ctx: Ctx, inputs: &[&Value], _state: &mut [Value]) -> Result<Forward> {
