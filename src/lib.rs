@@ -71,15 +71,15 @@ pub use wgpu;
 /// # }
 /// ```
 pub mod prelude {
-    pub use crate::data::{Images, Mnist, shuffled_indices};
+    pub use crate::data::{Dataset, Images, Mnist, Pixels, shuffled_indices};
     pub use crate::ndarray::{self, Array1, Array2, Array4, ArrayD, IxDyn};
     pub use crate::nn::{
         Add, BatchNorm2d, Conv2d, Dropout, Flatten, GlobalAvgPool, Init, LayerNorm, LeNetOptions,
         Linear, Sequential, avg_pool2d, leaky_relu, lenet5, max_pool2d, relu, sigmoid, tanh,
     };
     pub use crate::train::{
-        Checkpoint, Predictions, StepOutput, evaluate, image_batch, label_batch, train_epoch,
-        train_step,
+        Checkpoint, Predictions, StepOutput, evaluate, evaluate_on, image_batch, label_batch,
+        train_epoch, train_epoch_on, train_step,
     };
     pub use crate::{
         Activation, Device, Error, Gpu, GpuOptions, Graph, Mode, Normalize, Optimizer, Padding,

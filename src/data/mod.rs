@@ -1,7 +1,10 @@
-//! Data: the IDX format of MNIST (and Fashion-MNIST), and seeded shuffling for mini-batches.
+//! Data: `Dataset` (labelled images of any size and channel count, from memory, MNIST or a
+//! folder of images), the IDX format of MNIST (and Fashion-MNIST), and seeded shuffling.
 
+mod dataset;
 mod idx;
 
+pub use dataset::{Dataset, Pixels};
 pub use idx::{Images, Mnist, read_idx_images, read_idx_labels};
 
 /// A permutation of `0..n` for `epoch` under `seed` (Fisher–Yates on SplitMix64): the same

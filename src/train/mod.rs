@@ -14,6 +14,6 @@ pub use checkpoint::{Checkpoint, LoadReport, check_names_and_shapes};
 pub use distill::{distill_step, distillation_loss};
 pub use predict::Predictions;
 pub use trainer::{
-    EpochStats, Evaluation, StepOutput, cross_entropy, evaluate, image_batch, label_batch,
-    train_epoch, train_step, train_step_with,
+    EpochStats, Evaluation, StepOutput, cross_entropy, evaluate, evaluate_on, image_batch,
+    label_batch, train_epoch, train_epoch_on, train_step, train_step_with,
 };

@@ -3,7 +3,7 @@
 
 use ndarray::{Array4, ArrayD};
 
-use crate::data::Images;
+use crate::data::{Dataset, Images};
 use crate::error::{Error, Result};
 use crate::graph::{Device, Graph, GraphOptimizer, Mode, Value};
 use crate::ops::normalize::Normalize;
@@ -156,25 +156,39 @@ pub fn train_epoch(
             ),
         });
     }
+    let data = Dataset::from_images(images, labels)?;
+    train_epoch_on(model, optimizer, &data, normalize, batch_size, seed, epoch)
+}
+
+/// [`train_epoch`] over any [`Dataset`]: the batches of `data.batches(batch_size, seed,
+/// epoch)`, each normalised on the model's device by `normalize`.
+pub fn train_epoch_on(
+    model: &mut Graph,
+    optimizer: &mut GraphOptimizer,
+    data: &Dataset,
+    normalize: &Normalize,
+    batch_size: usize,
+    seed: u64,
+    epoch: u64,
+) -> Result<EpochStats> {
     let start = std::time::Instant::now();
-    let order = crate::data::shuffled_indices(images.count, seed, epoch);
     let mut outputs = Vec::new();
-    for batch in order.chunks(batch_size) {
-        let targets = label_batch(labels, batch);
+    for batch in data.batches(batch_size, seed, epoch)? {
+        let targets = data.labels_at(&batch)?;
         let out = train_step(
             model,
             optimizer,
-            |d| image_batch(d, images, batch, normalize),
+            |d| data.batch(d, &batch, normalize),
             &targets,
         )?;
         outputs.push((out, batch.len()));
     }
     let (mut loss, mut correct) = (0.0, 0.0);
     for (out, size) in outputs {
-        loss += f64::from(out.loss.to_array()?[[0]]) * size as f64;
-        correct += f64::from(out.correct.to_array()?[[0]]);
+        loss += f64::from(out.loss.scalar()?) * size as f64;
+        correct += f64::from(out.correct.scalar()?);
     }
-    let n = images.count as f64;
+    let n = data.len() as f64;
     Ok(EpochStats {
         loss: loss / n,
         accuracy: correct / n,
@@ -205,17 +219,37 @@ pub fn evaluate(
             ),
         });
     }
+    evaluate_on(
+        model,
+        &Dataset::from_images(images, labels)?,
+        normalize,
+        batch_size,
+    )
+}
+
+/// [`evaluate`] over any [`Dataset`], in its order, `batch_size` images at a time.
+pub fn evaluate_on(
+    model: &mut Graph,
+    data: &Dataset,
+    normalize: &Normalize,
+    batch_size: usize,
+) -> Result<Evaluation> {
+    if batch_size == 0 {
+        return Err(Error::InvalidArgument {
+            op: "evaluate",
+            detail: "the batch size must be at least 1".into(),
+        });
+    }
     let (mut loss, mut correct) = (0.0f64, 0.0f64);
-    let order: Vec<usize> = (0..images.count).collect();
+    let order: Vec<usize> = (0..data.len()).collect();
     for batch in order.chunks(batch_size) {
         let device = model.device().clone();
-        let x = image_batch(&device, images, batch, normalize)?;
-        let targets = label_batch(labels, batch);
-        let ce = cross_entropy(model.forward(x, Mode::Eval)?, &targets)?;
-        loss += f64::from(ce.loss.to_array()?[[0]]) * batch.len() as f64;
-        correct += f64::from(ce.correct.to_array()?[[0]]);
+        let x = data.batch(&device, batch, normalize)?;
+        let ce = cross_entropy(model.forward(x, Mode::Eval)?, &data.labels_at(batch)?)?;
+        loss += f64::from(ce.loss.scalar()?) * batch.len() as f64;
+        correct += f64::from(ce.correct.scalar()?);
     }
-    let n = images.count as f64;
+    let n = data.len() as f64;
     Ok(Evaluation {
         loss: loss / n,
         accuracy: correct / n,

@@ -1,0 +1,315 @@
+//! `Dataset`: labelled images `[N, C, H, W]` of bytes or floats, from memory, from MNIST, or
+//! from a folder with one sub-folder per class; per-channel statistics, seeded batches, and
+//! upload as a normalised batch on any device.
+
+#[cfg(feature = "image")]
+use std::path::Path;
+
+use ndarray::{Array4, ArrayD, IxDyn};
+
+use super::{Images, shuffled_indices};
+use crate::error::{Error, Result};
+use crate::graph::{Device, Value};
+use crate::ops::Normalize;
+use crate::tensor::Tensor;
+
+/// The pixels of a dataset, image after image in `[C, H, W]` order.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Pixels {
+    /// Bytes, 0 to 255: uploaded as they are (four per word) and scaled by `1/255` on the
+    /// GPU before normalisation.
+    U8(Vec<u8>),
+    /// Floats, normalised as they are.
+    F32(Vec<f32>),
+}
+
+impl Pixels {
+    fn len(&self) -> usize {
+        match self {
+            Pixels::U8(p) => p.len(),
+            Pixels::F32(p) => p.len(),
+        }
+    }
+
+    /// Pixel `i` as a float in the scale the model sees before normalisation.
+    fn value(&self, i: usize) -> f32 {
+        match self {
+            Pixels::U8(p) => f32::from(p[i]) / 255.0,
+            Pixels::F32(p) => p[i],
+        }
+    }
+}
+
+/// Labelled images `[N, C, H, W]`: what `train_epoch_on`, `evaluate_on` and
+/// [`Dataset::batch`] take.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Dataset {
+    shape: [usize; 4],
+    pixels: Pixels,
+    labels: Vec<usize>,
+    classes: Vec<String>,
+}
+
+impl Dataset {
+    /// `shape[0]` images of `shape[1..]` with one label each, below `classes.len()` (class
+    /// names, e.g. the folder names; pass `None` to name them by number from the labels).
+    pub fn new(
+        shape: [usize; 4],
+        pixels: Pixels,
+        labels: Vec<usize>,
+        classes: Option<Vec<String>>,
+    ) -> Result<Self> {
+        let count = shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
+        if shape.contains(&0) || count != Some(pixels.len()) || labels.len() != shape[0] {
+            return Err(invalid(format!(
+                "shape {shape:?} needs {} pixels and {} labels, got {} and {}; every dimension \
+                 must be at least 1",
+                count.map_or("too many".to_string(), |c| c.to_string()),
+                shape[0],
+                pixels.len(),
+                labels.len()
+            )));
+        }
+        let classes = classes.unwrap_or_else(|| {
+            let count = labels.iter().max().map_or(0, |&l| l + 1);
+            (0..count).map(|c| c.to_string()).collect()
+        });
+        if let Some((i, &bad)) = labels
+            .iter()
+            .enumerate()
+            .find(|&(_, &l)| l >= classes.len())
+        {
+            return Err(invalid(format!(
+                "label {bad} of image {i} is not below the {} classes",
+                classes.len()
+            )));
+        }
+        Ok(Self {
+            shape,
+            pixels,
+            labels,
+            classes,
+        })
+    }
+
+    /// Grey images (MNIST's `Images` and labels) as a one-channel dataset.
+    pub fn from_images(images: &Images, labels: &[u8]) -> Result<Self> {
+        Self::new(
+            [images.count, 1, images.rows, images.cols],
+            Pixels::U8(images.pixels.clone()),
+            labels.iter().map(|&l| usize::from(l)).collect(),
+            None,
+        )
+    }
+
+    /// The images under `dir`, one sub-folder per class (sorted by name: the first is class
+    /// 0), each PNG or JPEG converted to `channels` (1 grey, 3 RGB) and resized to
+    /// `height × width`. Files that are not images of those formats are errors naming them.
+    #[cfg(feature = "image")]
+    pub fn from_folder(
+        dir: impl AsRef<Path>,
+        (height, width): (usize, usize),
+        channels: usize,
+    ) -> Result<Self> {
+        let dir = dir.as_ref();
+        if !matches!(channels, 1 | 3) || height == 0 || width == 0 {
+            return Err(invalid(format!(
+                "{channels} channels of {height}×{width}: give 1 (grey) or 3 (RGB) channels \
+                 and a size of at least 1×1"
+            )));
+        }
+        let (h, w) = (dim_u32(height)?, dim_u32(width)?);
+        let mut classes = sorted_entries(dir, true)?;
+        classes.retain(|p| sorted_entries(p, false).is_ok_and(|files| !files.is_empty()));
+        if classes.is_empty() {
+            return Err(data_error(
+                dir,
+                "no class folders with files: put each class's images in a sub-folder",
+            ));
+        }
+        let (mut pixels, mut labels) = (Vec::new(), Vec::new());
+        for (label, class_dir) in classes.iter().enumerate() {
+            for file in sorted_entries(class_dir, false)? {
+                let image = image::open(&file).map_err(|e| data_error(&file, e.to_string()))?;
+                let resized = image.resize_exact(w, h, image::imageops::FilterType::Triangle);
+                let interleaved = match channels {
+                    1 => resized.to_luma8().into_raw(),
+                    _ => resized.to_rgb8().into_raw(),
+                };
+                // Interleaved HWC to planar CHW.
+                for c in 0..channels {
+                    pixels.extend(interleaved.iter().skip(c).step_by(channels));
+                }
+                labels.push(label);
+            }
+        }
+        let names = classes
+            .iter()
+            .map(|p| {
+                p.file_name()
+                    .map_or(String::new(), |n| n.to_string_lossy().into())
+            })
+            .collect();
+        Self::new(
+            [labels.len(), channels, height, width],
+            Pixels::U8(pixels),
+            labels,
+            Some(names),
+        )
+    }
+
+    /// Number of images.
+    pub fn len(&self) -> usize {
+        self.shape[0]
+    }
+
+    /// Whether there are no images (never true for a constructed dataset).
+    pub fn is_empty(&self) -> bool {
+        self.shape[0] == 0
+    }
+
+    /// `[N, C, H, W]`.
+    pub fn shape(&self) -> [usize; 4] {
+        self.shape
+    }
+
+    /// The class of each image.
+    pub fn labels(&self) -> &[usize] {
+        &self.labels
+    }
+
+    /// The class names, by label.
+    pub fn classes(&self) -> &[String] {
+        &self.classes
+    }
+
+    /// Per-channel mean and standard deviation of the pixels (bytes scaled to [0, 1]), for
+    /// `Normalize::new` (in f64, population statistics).
+    pub fn channel_stats(&self) -> (Vec<f32>, Vec<f32>) {
+        let [n, c, h, w] = self.shape;
+        let plane = h * w;
+        (0..c)
+            .map(|channel| {
+                let values = (0..n).flat_map(|i| {
+                    let start = (i * c + channel) * plane;
+                    (start..start + plane).map(|p| f64::from(self.pixels.value(p)))
+                });
+                let count = (n * plane) as f64;
+                let mean = values.clone().sum::<f64>() / count;
+                let var = values.map(|v| (v - mean).powi(2)).sum::<f64>() / count;
+                (mean as f32, var.sqrt() as f32)
+            })
+            .unzip()
+    }
+
+    /// The images in the order of `shuffled_indices(len, seed, epoch)`, cut into batches of
+    /// `batch_size` (the last may be smaller).
+    pub fn batches(&self, batch_size: usize, seed: u64, epoch: u64) -> Result<Vec<Vec<usize>>> {
+        if batch_size == 0 {
+            return Err(invalid("the batch size must be at least 1".into()));
+        }
+        let order = shuffled_indices(self.len(), seed, epoch);
+        Ok(order.chunks(batch_size).map(<[usize]>::to_vec).collect())
+    }
+
+    /// The labels of images `indices`.
+    pub fn labels_at(&self, indices: &[usize]) -> Result<Vec<usize>> {
+        indices
+            .iter()
+            .map(|&i| self.labels.get(i).copied().ok_or_else(|| self.missing(i)))
+            .collect()
+    }
+
+    /// Images `indices` as one normalised `[n, C, H, W]` value on `device`: bytes go up as
+    /// bytes and are scaled and normalised by a kernel; floats are normalised there too.
+    pub fn batch(
+        &self,
+        device: &Device,
+        indices: &[usize],
+        normalize: &Normalize,
+    ) -> Result<Value> {
+        let [_, c, h, w] = self.shape;
+        let size = c * h * w;
+        if let Some(&bad) = indices.iter().find(|&&i| i >= self.len()) {
+            return Err(self.missing(bad));
+        }
+        let shape = (indices.len(), c, h, w);
+        match (&self.pixels, device) {
+            (Pixels::U8(all), Device::Gpu(gpu)) => {
+                let array = Array4::from_shape_vec(shape, gather(all, indices, size))
+                    .map_err(shape_error)?;
+                Ok(Value::Gpu(normalize.from_bytes(gpu, &array.view())?))
+            }
+            (Pixels::F32(all), Device::Gpu(gpu)) => {
+                let array = Array4::from_shape_vec(shape, gather(all, indices, size))
+                    .map_err(shape_error)?;
+                let x = Tensor::from_array(gpu, &array)?;
+                Ok(Value::Gpu(normalize.forward(&x)?))
+            }
+            (pixels, Device::Cpu) => {
+                let floats = indices
+                    .iter()
+                    .flat_map(|&i| (i * size..(i + 1) * size).map(|p| pixels.value(p)))
+                    .collect();
+                let array = ArrayD::from_shape_vec(IxDyn(&[shape.0, c, h, w]), floats)
+                    .map_err(shape_error)?;
+                Ok(Value::Cpu(normalize.forward_cpu(&array.view())?))
+            }
+        }
+    }
+
+    fn missing(&self, i: usize) -> Error {
+        invalid(format!("image {i} requested, the set has {}", self.len()))
+    }
+}
+
+/// Images `indices` of `size` values each, one after another.
+fn gather<T: Copy>(all: &[T], indices: &[usize], size: usize) -> Vec<T> {
+    let mut out = Vec::with_capacity(indices.len() * size);
+    for &i in indices {
+        out.extend_from_slice(&all[i * size..(i + 1) * size]);
+    }
+    out
+}
+
+fn invalid(detail: String) -> Error {
+    Error::InvalidArgument {
+        op: "dataset",
+        detail,
+    }
+}
+
+fn shape_error(e: ndarray::ShapeError) -> Error {
+    Error::ShapeMismatch {
+        op: "dataset",
+        detail: e.to_string(),
+    }
+}
+
+#[cfg(feature = "image")]
+fn data_error(path: &Path, detail: impl Into<String>) -> Error {
+    Error::Data {
+        path: path.display().to_string(),
+        detail: detail.into(),
+    }
+}
+
+#[cfg(feature = "image")]
+fn dim_u32(size: usize) -> Result<u32> {
+    u32::try_from(size).map_err(|_| invalid(format!("image size {size} is too large")))
+}
+
+/// The sub-folders (`dirs`) or files of `dir`, sorted by name.
+#[cfg(feature = "image")]
+fn sorted_entries(dir: &Path, dirs: bool) -> Result<Vec<std::path::PathBuf>> {
+    let entries = std::fs::read_dir(dir).map_err(|e| data_error(dir, e.to_string()))?;
+    let mut paths = Vec::new();
+    for entry in entries {
+        let path = entry.map_err(|e| data_error(dir, e.to_string()))?.path();
+        if path.is_dir() == dirs {
+            paths.push(path);
+        }
+    }
+    paths.sort();
+    Ok(paths)
+}
