@@ -34,6 +34,8 @@ pub mod ops;
 pub mod optim;
 mod summary;
 pub mod tensor;
+#[cfg(test)]
+mod test_support;
 pub mod train;
 
 pub use error::{Error, Result};

@@ -264,21 +264,10 @@ fn run(
 
 #[cfg(test)]
 mod tests {
-    use ndarray::{ArrayD, IxDyn};
-
     use super::*;
     use crate::gpu::{GpuOptions, OperandReads};
     use crate::ops::conv2d::{Padding, conv2d_backward_cpu};
-
-    fn random(shape: &[usize], seed: u64) -> ArrayD<f32> {
-        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        ArrayD::from_shape_fn(IxDyn(shape), |_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-        })
-    }
+    use crate::test_support::random;
 
     /// Both kernels (the broadcast one where the adapter has fixed-size subgroups) against
     /// the CPU reference, on LeNet's layers and on sizes that fill no block or subgroup,
@@ -290,14 +279,10 @@ mod tests {
                 operand_reads: Some(reads),
                 ..GpuOptions::from_env()
             };
-            match Gpu::with_options(options) {
-                Ok(gpu) => both_kernels_match_the_cpu_on(&gpu),
-                Err(e) if std::env::var_os("WGCNN_SKIP_GPU_TESTS").is_some() => {
-                    eprintln!("skipping a GPU test on request: {e}");
-                    return;
-                }
-                Err(e) => panic!("no GPU for the tests: {e}"),
-            }
+            let Some(gpu) = crate::test_support::gpu(options) else {
+                return;
+            };
+            both_kernels_match_the_cpu_on(&gpu);
         }
     }
 

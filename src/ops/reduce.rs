@@ -161,31 +161,18 @@ fn launch(
 
 #[cfg(test)]
 mod tests {
-    use ndarray::{ArrayD, Axis, IxDyn};
+    use ndarray::Axis;
 
     use super::*;
-
-    fn random(shape: &[usize], seed: u64) -> ArrayD<f32> {
-        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        ArrayD::from_shape_fn(IxDyn(shape), |_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-        })
-    }
+    use crate::gpu::GpuOptions;
+    use crate::test_support::random;
 
     /// The fused activation backward and sum against the CPU reference, for every
     /// activation, on each variant: vec4 or f32 terms, a workgroup or a lane per output.
     #[test]
     fn activation_backward_and_sum_match_the_cpu() {
-        let gpu = match Gpu::new() {
-            Ok(gpu) => gpu,
-            Err(e) if std::env::var_os("WGCNN_SKIP_GPU_TESTS").is_some() => {
-                eprintln!("skipping a GPU test on request: {e}");
-                return;
-            }
-            Err(e) => panic!("no GPU for the tests: {e}"),
+        let Some(gpu) = crate::test_support::gpu(GpuOptions::from_env()) else {
+            return;
         };
         let activations = [
             Activation::None,

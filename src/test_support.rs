@@ -1,0 +1,29 @@
+//! Helpers for the unit tests inside the crate (the integration tests have tests/common).
+
+use ndarray::{ArrayD, IxDyn};
+
+use crate::gpu::{Gpu, GpuOptions};
+
+/// Values in [-1, 1) from a cheap xorshift: reproducible per seed.
+pub(crate) fn random(shape: &[usize], seed: u64) -> ArrayD<f32> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    ArrayD::from_shape_fn(IxDyn(shape), |_| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    })
+}
+
+/// A context opened with `options`. A missing adapter fails the test unless
+/// WGCNN_SKIP_GPU_TESTS is set (then `None`: the test skips, saying so).
+pub(crate) fn gpu(options: GpuOptions) -> Option<Gpu> {
+    match Gpu::with_options(options) {
+        Ok(gpu) => Some(gpu),
+        Err(e) if std::env::var_os("WGCNN_SKIP_GPU_TESTS").is_some() => {
+            eprintln!("skipping a GPU test on request: {e}");
+            None
+        }
+        Err(e) => panic!("no GPU for the tests: {e}"),
+    }
+}
