@@ -201,6 +201,18 @@ pub trait Layer: Send {
         1
     }
 
+    /// Checks the layer against the shape of its input (batch first) and takes any size it
+    /// was built without from it (`nn::Linear::lazy`); `Sequential::build_for` calls it
+    /// before the layer's state is made. A mismatch is an error that names both sizes.
+    fn fit_input(&mut self, _input: &[usize]) -> Result<()> {
+        Ok(())
+    }
+
+    /// Whether the layer still needs [`Layer::fit_input`] to know its sizes.
+    fn needs_input_shape(&self) -> bool {
+        false
+    }
+
     /// The state the layer owns, initialised from `rng` (seeded per tensor by the model).
     fn init_state(&self, _rng: &mut dyn FnMut(&'static str) -> InitRng) -> Vec<StateInit> {
         Vec::new()
@@ -769,7 +781,7 @@ fn freed(v: ValueId) -> Error {
     }
 }
 
-fn in_node(name: &str, error: Error) -> Error {
+pub(crate) fn in_node(name: &str, error: Error) -> Error {
     match error {
         Error::ShapeMismatch { op, detail } => Error::ShapeMismatch {
             op,

@@ -162,3 +162,66 @@ fn a_summary_lists_every_layer_with_its_output_shape_and_parameters() {
     let summary = model.summary(&[1, 1, 28, 28]).unwrap();
     assert_eq!(summary.non_trainable(), 2 * (6 + 16));
 }
+
+#[test]
+fn layers_size_themselves_from_the_input_shape() {
+    let Some(gpu) = gpu() else { return };
+    let layers = || {
+        Sequential::new()
+            .add(
+                "conv1",
+                Conv2d::new(1, 6, (5, 5)).activation(Activation::Relu),
+            )
+            .add("pool1", max_pool2d(2))
+            .add(
+                "conv2",
+                Conv2d::new(6, 16, (5, 5)).activation(Activation::Relu),
+            )
+            .add("pool2", max_pool2d(2))
+            .add("flatten", Flatten)
+            .add("fc1", Linear::lazy(120).activation(Activation::Relu))
+            .add("fc2", Linear::lazy(84).activation(Activation::Relu))
+            .add("fc3", Linear::lazy(10))
+    };
+    for device in [Device::Gpu(gpu.clone()), Device::Cpu] {
+        let mut model = layers()
+            .build_for(&[64, 1, 28, 28], device.clone(), 1)
+            .unwrap();
+        let mut lenet = lenet5(LeNetOptions::default())
+            .unwrap()
+            .build(device, 1)
+            .unwrap();
+        // The same sizes as LeNet-5 built by hand, hence the same seeded weights.
+        assert_eq!(model.parameter_count(), lenet.parameter_count());
+        let x = random(&[3, 1, 28, 28], 9);
+        assert_eq!(model.logits(&x).unwrap(), lenet.logits(&x).unwrap());
+    }
+    // Without an input shape the lazy layers cannot be built.
+    let err = layers().build(Device::Cpu, 1).err().unwrap();
+    assert!(err.to_string().contains("build_for"), "{err}");
+    // Sizes that do not fit are errors naming the layer, before any data runs.
+    let wrong = Sequential::new()
+        .add("flatten", Flatten)
+        .add("fc", Linear::new(100, 10));
+    let err = wrong
+        .build_for(&[1, 1, 28, 28], Device::Cpu, 1)
+        .err()
+        .unwrap();
+    let message = err.to_string();
+    assert!(
+        message.contains("\"fc\"") && message.contains("784"),
+        "{message}"
+    );
+    let err = Sequential::new()
+        .add("conv", Conv2d::new(3, 4, (3, 3)))
+        .build_for(&[1, 1, 28, 28], Device::Cpu, 1)
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("\"conv\""), "{err}");
+    let err = Sequential::new()
+        .add("fc", Linear::lazy(3))
+        .build_for(&[1, 1, 28, 28], Device::Cpu, 1)
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("Flatten"), "{err}");
+}

@@ -1,7 +1,7 @@
 //! `Conv2d` layer: OIHW weights `[out, in, kh, kw]` and a bias, with an optional fused
 //! activation (applied in the matmul epilogue; its gradient is taken from the output).
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::graph::{Backward, BackwardArgs, Ctx, Forward, Layer, StateInit, Value};
 use crate::nn::activation::{pre_activation_and_bias_grad, pre_activation_grad};
 use crate::nn::init::{Init, InitRng};
@@ -82,6 +82,19 @@ impl Layer for Conv2d {
             "Conv2d({}→{}, {}×{})",
             self.in_channels, self.out_channels, self.kernel.0, self.kernel.1
         )
+    }
+
+    fn fit_input(&mut self, input: &[usize]) -> Result<()> {
+        match input {
+            [_, c, _, _] if *c == self.in_channels => Ok(()),
+            _ => Err(Error::ShapeMismatch {
+                op: "Conv2d",
+                detail: format!(
+                    "built for [N, {}, H, W] inputs, the layer before gives {input:?}",
+                    self.in_channels
+                ),
+            }),
+        }
     }
 
     fn init_state(&self, rng: &mut dyn FnMut(&'static str) -> InitRng) -> Vec<StateInit> {

@@ -1,6 +1,6 @@
 //! `Linear` layer: `act(x·Wᵀ + b)` with `W` `[out, in]` as in PyTorch.
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::graph::{Backward, BackwardArgs, Ctx, Forward, Layer, StateInit, Value};
 use crate::nn::activation::{pre_activation_and_bias_grad, pre_activation_grad};
 use crate::nn::init::{Init, InitRng};
@@ -31,6 +31,12 @@ impl Linear {
         }
     }
 
+    /// `? → out_features`: the input size is taken from the model's input shape when it is
+    /// built with `Sequential::build_for`.
+    pub fn lazy(out_features: usize) -> Self {
+        Self::new(0, out_features)
+    }
+
     /// With this activation fused after the bias.
     pub fn activation(mut self, activation: Activation) -> Self {
         self.activation = activation;
@@ -47,6 +53,38 @@ impl Linear {
 impl Layer for Linear {
     fn describe(&self) -> String {
         format!("Linear({}→{})", self.in_features, self.out_features)
+    }
+
+    fn fit_input(&mut self, input: &[usize]) -> Result<()> {
+        let features = match input {
+            [_, features] => *features,
+            _ => {
+                return Err(Error::ShapeMismatch {
+                    op: "Linear",
+                    detail: format!(
+                        "the input is {input:?}; a linear layer takes [N, features]: put a \
+                         Flatten before it"
+                    ),
+                });
+            }
+        };
+        if self.in_features == 0 {
+            self.in_features = features;
+        } else if self.in_features != features {
+            return Err(Error::ShapeMismatch {
+                op: "Linear",
+                detail: format!(
+                    "built for {} inputs, the layer before gives {features} (input {input:?}); \
+                     use Linear::new({features}, {}) or Linear::lazy({})",
+                    self.in_features, self.out_features, self.out_features
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    fn needs_input_shape(&self) -> bool {
+        self.in_features == 0
     }
 
     fn init_state(&self, rng: &mut dyn FnMut(&'static str) -> InitRng) -> Vec<StateInit> {

@@ -18,8 +18,10 @@ pub use norm::{BatchNorm2d, LayerNorm};
 pub use pool::{GlobalAvgPool, Pool, avg_pool2d, max_pool2d};
 pub use shape::{Add, Dropout, Flatten};
 
-use crate::error::Result;
-use crate::graph::{Device, Graph, Layer};
+use ndarray::{ArrayD, IxDyn};
+
+use crate::error::{Error, Result};
+use crate::graph::{Device, Graph, Layer, Mode};
 use crate::ops::Activation;
 
 /// Layers applied one after another.
@@ -46,12 +48,49 @@ impl Sequential {
         self.add(&name, layer)
     }
 
-    /// The model on `device`, its weights drawn from `seed`.
+    /// The model on `device`, its weights drawn from `seed`. Every layer must know its
+    /// sizes: with `Linear::lazy`, use [`Sequential::build_for`].
     pub fn build(self, device: Device, seed: u64) -> Result<Graph> {
+        if let Some((name, _)) = self.layers.iter().find(|(_, l)| l.needs_input_shape()) {
+            return Err(Error::InvalidArgument {
+                op: "Sequential",
+                detail: format!(
+                    "{name:?} takes its input size from the model: build with \
+                     Sequential::build_for(input shape, …)"
+                ),
+            });
+        }
         let mut graph = Graph::new(device, seed);
         let mut last = Graph::INPUT;
         for (name, layer) in self.layers {
             last = graph.add_boxed(&name, layer, &[last])?;
+        }
+        Ok(graph)
+    }
+
+    /// The model for inputs of `input` shape (batch first; the batch size is free): each
+    /// layer is checked against the shape it will receive, and sizes left open
+    /// (`Linear::lazy`) are taken from it, by running the layers added so far on zeros.
+    /// A mismatch is an error naming the layer before anything runs on real data.
+    pub fn build_for(self, input: &[usize], device: Device, seed: u64) -> Result<Graph> {
+        if input.len() < 2 || input.contains(&0) {
+            return Err(Error::InvalidArgument {
+                op: "Sequential",
+                detail: format!("input shape {input:?}: give [N, …] with every size at least 1"),
+            });
+        }
+        let mut one = input.to_vec();
+        one[0] = 1;
+        let mut graph = Graph::new(device, seed);
+        let mut last = Graph::INPUT;
+        let mut shape = one.clone();
+        for (name, mut layer) in self.layers {
+            layer
+                .fit_input(&shape)
+                .map_err(|e| crate::graph::in_node(&name, e))?;
+            last = graph.add_boxed(&name, layer, &[last])?;
+            let x = graph.device().upload(ArrayD::zeros(IxDyn(&one)))?;
+            shape = graph.forward(x, Mode::Eval)?.shape().to_vec();
         }
         Ok(graph)
     }
