@@ -42,6 +42,28 @@ impl Pixels {
 
 /// Labelled images `[N, C, H, W]`: what `train_epoch_on`, `evaluate_on` and
 /// [`Dataset::batch`] take.
+///
+/// ```
+/// use wgcnn::prelude::*;
+///
+/// # fn main() -> wgcnn::Result<()> {
+/// // Four 2×2 RGB images of bytes: two dark (class 0), two bright (class 1).
+/// let pixels = [20u8, 40, 215, 235].iter().flat_map(|&v| [v; 12]).collect();
+/// let data = Dataset::new([4, 3, 2, 2], Pixels::U8(pixels), vec![0, 0, 1, 1], None)?;
+/// let (mean, std) = data.channel_stats();
+/// let normalize = Normalize::new(&mean, &std)?;
+/// let mut model = Sequential::new()
+///     .add("flatten", Flatten)
+///     .add("fc", Linear::lazy(2))
+///     .build_for(&data.shape(), Device::Cpu, 1)?;
+/// let mut sgd = model.optimizer(Optimizer::sgd(0.5))?;
+/// for epoch in 0..20 {
+///     train_epoch_on(&mut model, &mut sgd, &data, &normalize, 2, 7, epoch)?;
+/// }
+/// assert_eq!(evaluate_on(&mut model, &data, &normalize, 4)?.accuracy, 1.0);
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone, Debug, PartialEq)]
 pub struct Dataset {
     shape: [usize; 4],

@@ -178,6 +178,24 @@ impl crate::graph::Graph {
     }
 
     /// Saves the state to `path` atomically; the previous file survives a failed save.
+    ///
+    /// ```
+    /// use wgcnn::prelude::*;
+    ///
+    /// # fn main() -> wgcnn::Result<()> {
+    /// let layers = || Sequential::new().add("flatten", Flatten).add("fc", Linear::lazy(2));
+    /// let mut model = layers().build_for(&[1, 1, 2, 2], Device::Cpu, 1)?;
+    /// let path = std::env::temp_dir().join("wgcnn-doc-checkpoint.safetensors");
+    /// model.save(&path)?; // safetensors, PyTorch state_dict names: fc.weight, fc.bias
+    ///
+    /// let mut restored = layers().build_for(&[1, 1, 2, 2], Device::Cpu, 2)?; // other seed
+    /// restored.load(&path)?;
+    /// let x = ArrayD::from_elem(IxDyn(&[1, 1, 2, 2]), 0.5f32);
+    /// assert_eq!(restored.logits(&x)?, model.logits(&x)?);
+    /// # std::fs::remove_file(path).ok();
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
         self.checkpoint()?.save(path)
     }

@@ -44,7 +44,26 @@ pub struct StepOutput {
 }
 
 /// One training step: forward in training mode, cross-entropy, backward, optimizer update.
-/// On a GPU everything, the upload of `input` included, is one submission.
+/// On a GPU everything, the upload of `input` included, is one submission; the loss and
+/// the correct count stay on the device until read.
+///
+/// ```
+/// use wgcnn::prelude::*;
+///
+/// # fn main() -> wgcnn::Result<()> {
+/// let mut model = Sequential::new()
+///     .add("flatten", Flatten)
+///     .add("fc", Linear::lazy(3))
+///     .build_for(&[4, 2, 2, 2], Device::Cpu, 1)?; // or Device::Gpu(Gpu::new()?)
+/// let mut sgd = model.optimizer(Optimizer::sgd(0.5))?;
+/// let x = ArrayD::from_shape_fn(IxDyn(&[4, 2, 2, 2]), |i| i[0] as f32 - 1.5);
+/// let labels = [0, 1, 2, 0];
+/// let first = train_step(&mut model, &mut sgd, |d| d.upload(x.clone()), &labels)?;
+/// let later = train_step(&mut model, &mut sgd, |d| d.upload(x.clone()), &labels)?;
+/// assert!(later.loss.scalar()? < first.loss.scalar()?);
+/// # Ok(())
+/// # }
+/// ```
 pub fn train_step(
     model: &mut Graph,
     optimizer: &mut GraphOptimizer,
