@@ -11,7 +11,8 @@
 
 mod common;
 
-use common::{Flags, fit, subset};
+use clap::Parser;
+use common::{CommonArgs, fit, subset};
 use wgcnn::data::{Images, shuffled_indices};
 use wgcnn::nn::{Flatten, Init, LeNetOptions, Linear, Sequential, lenet5};
 use wgcnn::train::{
@@ -171,6 +172,32 @@ fn save_grid(
     Ok(())
 }
 
+/// FGSM and PGD attacks on a standard and an adversarially trained LeNet-5, then a small
+/// generator/discriminator pair trained in alternation.
+#[derive(Parser, Debug)]
+struct Args {
+    /// Training images for both classifiers.
+    #[arg(long, default_value_t = 10_000)]
+    train_images: usize,
+    /// Test images the attacks run on.
+    #[arg(long, default_value_t = 1_000)]
+    test_images: usize,
+    /// ε of the FGSM examples used in adversarial training.
+    #[arg(long, default_value_t = 0.15)]
+    train_epsilon: f32,
+    /// Steps of the generator/discriminator game.
+    #[arg(long, default_value_t = 400)]
+    gan_steps: usize,
+    /// Only the generator/discriminator part.
+    #[arg(long)]
+    gan_only: bool,
+    /// One JSON line of results instead of the report.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    common: CommonArgs,
+}
+
 fn main() {
     if let Err(e) = run() {
         eprintln!("error: {e}");
@@ -179,14 +206,14 @@ fn main() {
 }
 
 fn run() -> Result<(), Box<dyn std::error::Error>> {
-    let flags = Flags::parse();
-    let json = flags.has("--json");
-    let train_images: usize = flags.get("--train-images", 10_000);
-    let test_images: usize = flags.get("--test-images", 1_000);
-    let train_epsilon: f32 = flags.get("--train-epsilon", 0.15);
-    let gan_steps: usize = flags.get("--gan-steps", 400);
-    let device = common::device(&flags)?;
-    let data = common::mnist(&flags)?;
+    let args = Args::parse();
+    let json = args.json;
+    let train_images = args.train_images;
+    let test_images = args.test_images;
+    let train_epsilon = args.train_epsilon;
+    let gan_steps = args.gan_steps;
+    let device = common::device(&args.common)?;
+    let data = common::mnist(&args.common)?;
     let say = |line: String| {
         if !json {
             println!("{line}")
@@ -199,7 +226,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         train_images / 10,
         |d| d,
     );
-    if flags.has("--gan-only") {
+    if args.gan_only {
         let (d_accuracy, fooled, samples) = gan(&device, &train, gan_steps, &|l| println!("{l}"))?;
         let grid = std::path::PathBuf::from(concat!(
             env!("CARGO_MANIFEST_DIR"),

@@ -10,7 +10,8 @@
 
 mod common;
 
-use common::{Flags, accuracy, fit, subset};
+use clap::Parser;
+use common::{CommonArgs, accuracy, fit, subset};
 use wgcnn::data::shuffled_indices;
 use wgcnn::nn::{Conv2d, Flatten, Init, LeNetOptions, Linear, Sequential, lenet5, max_pool2d};
 use wgcnn::ops::Distillation;
@@ -35,6 +36,31 @@ fn cnn(
         .build(device.clone(), seed)
 }
 
+/// Knowledge distillation: a small student learns from a LeNet-5 teacher's softened outputs.
+#[derive(Parser, Debug)]
+struct Args {
+    /// Training images for the teacher.
+    #[arg(long, default_value_t = 30_000)]
+    teacher_images: usize,
+    /// Training images for the students.
+    #[arg(long, default_value_t = 2_000)]
+    student_images: usize,
+    /// Epochs for each model.
+    #[arg(long, default_value_t = 10)]
+    epochs: usize,
+    /// Weight of the teacher's soft targets (1 − α on the labels).
+    #[arg(long, default_value_t = 0.9)]
+    alpha: f32,
+    /// Softmax temperature of the soft targets.
+    #[arg(long, default_value_t = 4.0)]
+    temperature: f32,
+    /// One JSON line of results instead of the report.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    common: CommonArgs,
+}
+
 fn main() {
     if let Err(e) = run() {
         eprintln!("error: {e}");
@@ -43,17 +69,17 @@ fn main() {
 }
 
 fn run() -> Result<(), Box<dyn std::error::Error>> {
-    let flags = Flags::parse();
-    let json = flags.has("--json");
-    let teacher_images: usize = flags.get("--teacher-images", 30_000);
-    let student_images: usize = flags.get("--student-images", 2_000);
-    let epochs: usize = flags.get("--epochs", 10);
+    let args = Args::parse();
+    let json = args.json;
+    let teacher_images = args.teacher_images;
+    let student_images = args.student_images;
+    let epochs = args.epochs;
     let spec = Distillation {
-        alpha: flags.get("--alpha", 0.9),
-        temperature: flags.get("--temperature", 4.0),
+        alpha: args.alpha,
+        temperature: args.temperature,
     };
-    let device = common::device(&flags)?;
-    let data = common::mnist(&flags)?;
+    let device = common::device(&args.common)?;
+    let data = common::mnist(&args.common)?;
     let say = |line: String| {
         if !json {
             println!("{line}")

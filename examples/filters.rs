@@ -7,6 +7,8 @@
 
 use std::path::{Path, PathBuf};
 
+use clap::Parser;
+
 use ndarray::{Array2, array};
 use wgcnn::ops::Conv2d;
 use wgcnn::{Gpu, Tensor};
@@ -98,22 +100,23 @@ fn main() {
     }
 }
 
+/// The course's filters (3×3 mean, Sobel) on the 6×6 step image, checked GPU against CPU,
+/// then applied to an MNIST digit or to the image given.
+#[derive(Parser, Debug)]
+struct Args {
+    /// Where the filtered PNGs go.
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/target/filters"))]
+    out: PathBuf,
+    /// One JSON line of results.
+    #[arg(long)]
+    json: bool,
+    /// A PNG or JPEG to filter (default: the first MNIST test digit).
+    image: Option<PathBuf>,
+}
+
 fn run() -> Result<(), Error> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let json = args.iter().any(|a| a == "--json");
-    let out_dir = args
-        .iter()
-        .position(|a| a == "--out")
-        .and_then(|i| args.get(i + 1))
-        .map_or_else(
-            || PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/target/filters")),
-            PathBuf::from,
-        );
-    let input = args
-        .iter()
-        .enumerate()
-        .find(|(i, a)| !a.starts_with("--") && (*i == 0 || args[i - 1] != "--out"))
-        .map(|(_, a)| PathBuf::from(a));
+    let args = Args::parse();
+    let (json, out_dir, input) = (args.json, args.out, args.image);
     let gpu = Gpu::new()?;
 
     // The 6×6 step image: three bright columns, then three dark ones.

@@ -14,105 +14,113 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
+use clap::Parser;
+use common::CommonArgs;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use plotters::prelude::*;
-use wgcnn::data::{Mnist, shuffled_indices};
+use wgcnn::data::shuffled_indices;
 use wgcnn::nn::{Init, LeNetOptions, lenet5};
 use wgcnn::train::{StepOutput, evaluate, image_batch, label_batch, train_step};
-use wgcnn::{Device, Gpu, Normalize, Optimizer};
+use wgcnn::{Device, Normalize, Optimizer};
 
+mod common;
+
+/// Trains LeNet-5 on MNIST on the GPU (or the CPU reference path), prints the test accuracy
+/// after each epoch and draws the curves into a PNG.
+#[derive(Parser, Debug)]
 struct Args {
+    /// Passes over the training set.
+    #[arg(long, default_value_t = 1, value_parser = at_least_one)]
     epochs: usize,
+    /// Images per step (1: online learning; 60000: full batch).
+    #[arg(long, default_value_t = 64, value_parser = at_least_one)]
     batch_size: usize,
-    optimizer: String,
+    /// The update rule.
+    #[arg(long, value_enum, default_value_t = Rule::Adam)]
+    optimizer: Rule,
+    /// Initial learning rate (default per rule: sgd 0.1, momentum 0.02, adagrad 0.02, adam 0.006).
+    #[arg(long)]
     lr: Option<f32>,
+    /// Dropout rate after fc1 and fc2 (0: none).
+    #[arg(long, default_value_t = 0.0)]
     dropout: f32,
+    /// Batch norm after each convolution.
+    #[arg(long)]
     batch_norm: bool,
-    device: String,
+    /// Train on only the first N training images.
+    #[arg(long)]
     train_limit: Option<usize>,
-    data: PathBuf,
+    /// Save the trained model here (safetensors; `predict --checkpoint` reads it).
+    #[arg(long)]
     save: Option<PathBuf>,
+    /// Where to draw the loss and accuracy curves.
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/target/mnist.png"))]
     plot: PathBuf,
+    /// Seed of the initial weights and of the shuffling.
+    #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Keep the learning rate fixed instead of the cosine decay to zero.
+    #[arg(long)]
     constant_lr: bool,
-    init: Init,
+    /// Weight initialisation.
+    #[arg(long, value_enum, default_value_t = InitArg::Pytorch)]
+    init: InitArg,
+    /// One JSON line of figures at the end (the progress bar and table go away).
+    #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    common: CommonArgs,
 }
 
-const USAGE: &str = "usage: mnist [--epochs N] [--batch-size N] [--optimizer sgd|momentum|adagrad|adam] \
-[--lr F] [--dropout F] [--batch-norm] [--device gpu|cpu] [--train-limit N] [--data DIR] \
-[--save PATH] [--plot PATH] [--seed N] [--constant-lr] [--init he|xavier|pytorch] [--json]";
-
-fn parse_args() -> Result<Args, String> {
-    let mut args = Args {
-        epochs: 1,
-        batch_size: 64,
-        optimizer: "adam".into(),
-        lr: None,
-        dropout: 0.0,
-        batch_norm: false,
-        device: "gpu".into(),
-        train_limit: None,
-        data: PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/data/mnist")),
-        save: None,
-        plot: PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/target/mnist.png")),
-        seed: 1,
-        constant_lr: false,
-        init: Init::PyTorch,
-        json: false,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let mut value = || it.next().ok_or(format!("{flag} needs a value\n{USAGE}"));
-        let number = |v: String| {
-            v.parse::<f64>()
-                .map_err(|_| format!("{flag}: {v:?} is not a number"))
-        };
-        match flag.as_str() {
-            "--epochs" => args.epochs = number(value()?)? as usize,
-            "--batch-size" => args.batch_size = number(value()?)? as usize,
-            "--optimizer" => args.optimizer = value()?,
-            "--lr" => args.lr = Some(number(value()?)? as f32),
-            "--dropout" => args.dropout = number(value()?)? as f32,
-            "--batch-norm" => args.batch_norm = true,
-            "--device" => args.device = value()?,
-            "--train-limit" => args.train_limit = Some(number(value()?)? as usize),
-            "--data" => args.data = value()?.into(),
-            "--save" => args.save = Some(value()?.into()),
-            "--plot" => args.plot = value()?.into(),
-            "--seed" => args.seed = number(value()?)? as u64,
-            "--json" => args.json = true,
-            "--constant-lr" => args.constant_lr = true,
-            "--init" => {
-                args.init = match value()?.as_str() {
-                    "he" => Init::He,
-                    "xavier" => Init::Xavier,
-                    "pytorch" => Init::PyTorch,
-                    other => return Err(format!("--init {other:?}: he, xavier or pytorch")),
-                }
-            }
-            "--help" | "-h" => return Err(USAGE.into()),
-            other => return Err(format!("unknown flag {other}\n{USAGE}")),
-        }
+/// A count of at least 1.
+fn at_least_one(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!("{text:?} is not a whole number of at least 1")),
     }
-    if args.epochs == 0 || args.batch_size == 0 {
-        return Err("--epochs and --batch-size must be at least 1".into());
-    }
-    Ok(args)
 }
 
-fn optimizer(name: &str, lr: Option<f32>) -> Result<Optimizer, String> {
-    Ok(match name {
-        "sgd" => Optimizer::sgd(lr.unwrap_or(0.1)),
-        "momentum" => Optimizer::momentum(lr.unwrap_or(0.02), 0.9),
-        "adagrad" => Optimizer::adagrad(lr.unwrap_or(0.02)),
-        "adam" => Optimizer::adam(lr.unwrap_or(0.006)),
-        other => {
-            return Err(format!(
-                "unknown optimizer {other:?}: sgd, momentum, adagrad or adam"
-            ));
+/// `--optimizer` values.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Rule {
+    /// Plain SGD.
+    Sgd,
+    /// SGD with momentum 0.9.
+    Momentum,
+    /// AdaGrad.
+    Adagrad,
+    /// Adam.
+    Adam,
+}
+
+/// `--init` values.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum InitArg {
+    /// He (Kaiming) normal.
+    He,
+    /// Xavier (Glorot) uniform.
+    Xavier,
+    /// PyTorch's default uniform.
+    Pytorch,
+}
+
+impl From<InitArg> for Init {
+    fn from(init: InitArg) -> Self {
+        match init {
+            InitArg::He => Init::He,
+            InitArg::Xavier => Init::Xavier,
+            InitArg::Pytorch => Init::PyTorch,
         }
-    })
+    }
+}
+
+fn optimizer(rule: Rule, lr: Option<f32>) -> Optimizer {
+    match rule {
+        Rule::Sgd => Optimizer::sgd(lr.unwrap_or(0.1)),
+        Rule::Momentum => Optimizer::momentum(lr.unwrap_or(0.02), 0.9),
+        Rule::Adagrad => Optimizer::adagrad(lr.unwrap_or(0.02)),
+        Rule::Adam => Optimizer::adam(lr.unwrap_or(0.006)),
+    }
 }
 
 /// Per-epoch and per-log-interval figures, for the printout and the plot.
@@ -135,14 +143,10 @@ fn main() {
 }
 
 fn run(process_start: Instant) -> Result<(), Box<dyn std::error::Error>> {
-    let args = parse_args()?;
-    let rule = optimizer(&args.optimizer, args.lr)?;
-    let device = match args.device.as_str() {
-        "gpu" => Device::Gpu(Gpu::new()?),
-        "cpu" => Device::Cpu,
-        other => return Err(format!("unknown device {other:?}: gpu or cpu").into()),
-    };
-    let mut mnist = Mnist::load(&args.data)?;
+    let args = Args::parse();
+    let rule = optimizer(args.optimizer, args.lr);
+    let device = common::device(&args.common)?;
+    let mut mnist = common::mnist(&args.common)?;
     if let Some(limit) = args.train_limit {
         mnist.train_images = mnist.train_images.first(limit);
         mnist.train_labels.truncate(mnist.train_images.count);
@@ -150,7 +154,7 @@ fn run(process_start: Instant) -> Result<(), Box<dyn std::error::Error>> {
     let options = LeNetOptions {
         batch_norm: args.batch_norm,
         dropout: args.dropout,
-        init: args.init,
+        init: args.init.into(),
     };
     let mut model = lenet5(options)?.build(device.clone(), args.seed)?;
     let mut opt = model.optimizer(rule)?;
@@ -279,7 +283,7 @@ fn run(process_start: Instant) -> Result<(), Box<dyn std::error::Error>> {
             n as f64 / epoch_mean,
             device.name(),
             args.batch_size,
-            args.optimizer
+            format!("{:?}", args.optimizer).to_lowercase()
         );
     }
     Ok(())

@@ -7,6 +7,8 @@
 
 use std::time::Instant;
 
+use clap::Parser;
+
 use ndarray::{Array1, Array2, ArrayD, IxDyn};
 use wgcnn::cpu::BatchNormCpu;
 use wgcnn::ops::{BatchNorm2d, Conv2d, KernelChoice, LayerNorm, Matmul, Pool2d};
@@ -353,37 +355,46 @@ fn train_step_case(gpu: &Gpu) -> Result<Case<'_>> {
     })
 }
 
-fn main() -> Result<()> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let quick = args.iter().any(|a| a == "--quick");
-    let json = args.iter().any(|a| a == "--json");
-    let filter = args
-        .iter()
-        .position(|a| a == "--filter")
-        .and_then(|i| args.get(i + 1).cloned());
-    let runs = args
-        .iter()
-        .position(|a| a == "--runs")
-        .and_then(|i| args.get(i + 1))
-        .and_then(|r| r.parse::<usize>().ok())
-        .filter(|&r| r > 0)
-        .unwrap_or(if quick { 3 } else { 9 });
+/// The performance report: each op on the GPU and on the CPU reference, medians of
+/// synchronised runs after a warm-up.
+#[derive(Parser, Debug)]
+struct Args {
+    /// Three runs per row instead of nine.
+    #[arg(long)]
+    quick: bool,
+    /// Runs per row (the median is reported).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    runs: Option<u64>,
+    /// One JSON object per row.
+    #[arg(long)]
+    json: bool,
+    /// Only the rows whose "op shape" contains this text.
+    #[arg(long)]
+    filter: Option<String>,
+    /// Force how kernels read large operands (default: the adapter's calibration).
+    #[arg(long, value_enum)]
+    reads: Option<Reads>,
+}
 
-    let operand_reads = match args
-        .iter()
-        .position(|a| a == "--reads")
-        .map(|i| args.get(i + 1).map(String::as_str))
-    {
-        None => None,
-        Some(Some("storage")) => Some(OperandReads::Storage),
-        Some(Some("texture")) => Some(OperandReads::Texture),
-        Some(other) => {
-            return Err(wgcnn::Error::InvalidArgument {
-                op: "perf",
-                detail: format!("--reads {other:?}: storage or texture"),
-            });
-        }
-    };
+/// `--reads` values.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Reads {
+    /// Storage buffers.
+    Storage,
+    /// Textures.
+    Texture,
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let (json, filter) = (args.json, args.filter.clone());
+    let runs = args
+        .runs
+        .map_or(if args.quick { 3 } else { 9 }, |r| r as usize);
+    let operand_reads = args.reads.map(|reads| match reads {
+        Reads::Storage => OperandReads::Storage,
+        Reads::Texture => OperandReads::Texture,
+    });
     let gpu = Gpu::with_options(GpuOptions {
         operand_reads,
         ..GpuOptions::from_env()

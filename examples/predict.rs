@@ -10,12 +10,30 @@
 
 mod common;
 
-use common::Flags;
+use clap::Parser;
+use common::CommonArgs;
 use wgcnn::nn::{LeNetOptions, lenet5};
 use wgcnn::prelude::{Array4, ArrayD};
 
-const USAGE: &str =
-    "usage: predict --checkpoint FILE [--json] [--batch-norm] [--device gpu|cpu] IMAGE...";
+/// Classifies PNG or JPEG files with a LeNet-5 checkpoint saved by the MNIST example.
+#[derive(Parser, Debug)]
+struct Args {
+    /// The safetensors checkpoint (`mnist -- --save PATH`).
+    #[arg(long)]
+    checkpoint: String,
+    /// The checkpoint's model has batch norm (`mnist -- --batch-norm`).
+    #[arg(long)]
+    batch_norm: bool,
+    /// One JSON line: {"predictions":[{"file":…,"class":…,"probability":…}]}.
+    #[arg(long)]
+    json: bool,
+    /// The images to classify.
+    #[arg(required = true)]
+    images: Vec<String>,
+    #[command(flatten)]
+    common: CommonArgs,
+}
+
 /// MNIST's pixel mean and standard deviation (`Normalize::mnist`).
 const MEAN: f32 = 0.1307;
 const STD: f32 = 0.3081;
@@ -49,38 +67,16 @@ fn load_images(paths: &[String]) -> Result<ArrayD<f32>, Box<dyn std::error::Erro
 }
 
 fn run() -> Result<(), Box<dyn std::error::Error>> {
-    let flags = Flags::parse();
-    if flags.has("--help") || flags.has("-h") {
-        println!("{USAGE}");
-        return Ok(());
-    }
-    let checkpoint: String = flags.get("--checkpoint", String::new());
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    // Image paths: every argument that is neither a flag nor a flag's value.
-    let mut images = Vec::new();
-    let mut i = 0;
-    while i < args.len() {
-        match args[i].as_str() {
-            "--checkpoint" | "--device" => i += 2,
-            a if a.starts_with("--") => i += 1,
-            _ => {
-                images.push(args[i].clone());
-                i += 1;
-            }
-        }
-    }
-    if checkpoint.is_empty() || images.is_empty() {
-        return Err(USAGE.into());
-    }
+    let args = Args::parse();
     let options = LeNetOptions {
-        batch_norm: flags.has("--batch-norm"),
+        batch_norm: args.batch_norm,
         ..LeNetOptions::default()
     };
-    let mut model = lenet5(options)?.build(common::device(&flags)?, 0)?;
-    model.load(&checkpoint)?;
-    let predictions = model.predict(&load_images(&images)?)?;
-    let rows = images.iter().zip(&predictions.classes).enumerate();
-    if flags.has("--json") {
+    let mut model = lenet5(options)?.build(common::device(&args.common)?, 0)?;
+    model.load(&args.checkpoint)?;
+    let predictions = model.predict(&load_images(&args.images)?)?;
+    let rows = args.images.iter().zip(&predictions.classes).enumerate();
+    if args.json {
         let entries: Vec<String> = rows
             .map(|(i, (file, class))| {
                 format!(

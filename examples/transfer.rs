@@ -12,9 +12,35 @@
 
 mod common;
 
-use common::{Flags, accuracy, fit, subset};
+use clap::Parser;
+use common::{CommonArgs, accuracy, fit, subset};
 use wgcnn::nn::{Init, LeNetOptions, Linear, lenet5};
 use wgcnn::{Graph, Optimizer};
+
+/// Transfer learning from digits 0–4 to 5–9 with few labels, against training from scratch.
+#[derive(Parser, Debug)]
+struct Args {
+    /// Images of digits 0–4 for pre-training.
+    #[arg(long, default_value_t = 15_000)]
+    pretrain_images: usize,
+    /// Labelled images of each digit 5–9 for fine-tuning.
+    #[arg(long, default_value_t = 20)]
+    per_class: usize,
+    /// Fine-tuning epochs (and from-scratch epochs).
+    #[arg(long, default_value_t = 15)]
+    epochs: usize,
+    /// Layers frozen while fine-tuning, comma-separated (empty for none).
+    #[arg(long, default_value = "conv1,conv2")]
+    freeze: String,
+    /// Learning rate of the fine-tuning and from-scratch runs.
+    #[arg(long, default_value_t = 6e-3)]
+    lr: f32,
+    /// One JSON line of results instead of the report.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    common: CommonArgs,
+}
 
 fn main() {
     if let Err(e) = run() {
@@ -36,14 +62,14 @@ fn five_way(device: &wgcnn::Device, seed: u64) -> wgcnn::Result<Graph> {
 }
 
 fn run() -> Result<(), Box<dyn std::error::Error>> {
-    let flags = Flags::parse();
-    let json = flags.has("--json");
-    let pretrain_images: usize = flags.get("--pretrain-images", 15_000);
-    let per_class: usize = flags.get("--per-class", 20);
-    let epochs: usize = flags.get("--epochs", 15);
-    let frozen: String = flags.get("--freeze", "conv1,conv2".to_string());
-    let device = common::device(&flags)?;
-    let data = common::mnist(&flags)?;
+    let args = Args::parse();
+    let json = args.json;
+    let pretrain_images = args.pretrain_images;
+    let per_class = args.per_class;
+    let epochs = args.epochs;
+    let frozen = args.freeze.clone();
+    let device = common::device(&args.common)?;
+    let data = common::mnist(&args.common)?;
     let say = |line: String| {
         if !json {
             println!("{line}")
@@ -112,7 +138,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     for frozen in frozen.split(',').filter(|n| !n.is_empty()) {
         transfer.freeze(frozen, true)?;
     }
-    let lr: f32 = flags.get("--lr", 6e-3);
+    let lr = args.lr;
     let train_and_test = |model: &mut Graph| -> wgcnn::Result<(f64, f64)> {
         let mut opt = model.optimizer(Optimizer::adam(lr))?;
         let seconds = fit(model, &mut opt, &target, &target_labels, lr, epochs, 32, 3)?;

@@ -1,4 +1,4 @@
-//! Helpers shared by the technique examples: flags, data subsets, training and accuracy.
+//! Helpers shared by the technique examples: common flags, data subsets, training and accuracy.
 
 #![allow(dead_code)]
 
@@ -7,45 +7,37 @@ use wgcnn::graph::GraphOptimizer;
 use wgcnn::train::{evaluate, image_batch, label_batch, train_step};
 use wgcnn::{Device, Gpu, Graph, Normalize, Result};
 
-/// Command-line flags: `--name value` pairs and bare `--switch`es.
-pub struct Flags(Vec<String>);
-
-impl Flags {
-    pub fn parse() -> Self {
-        Self(std::env::args().skip(1).collect())
-    }
-
-    pub fn has(&self, name: &str) -> bool {
-        self.0.iter().any(|a| a == name)
-    }
-
-    /// The value after `name`, parsed, or `default`; exits with a message if it is malformed.
-    pub fn get<T: std::str::FromStr>(&self, name: &str, default: T) -> T {
-        match self.0.iter().position(|a| a == name) {
-            None => default,
-            Some(i) => match self.0.get(i + 1).map(|v| v.parse()) {
-                Some(Ok(v)) => v,
-                _ => {
-                    eprintln!("error: {name} needs a value of the right kind");
-                    std::process::exit(2);
-                }
-            },
-        }
-    }
+/// The flags every technique example takes (flattened into each example's own).
+#[derive(clap::Args, Debug)]
+pub struct CommonArgs {
+    /// Where to run: the GPU, or the CPU reference path.
+    #[arg(long, value_enum, default_value_t = Where::Gpu)]
+    pub device: Where,
+    /// MNIST's directory (the four IDX files, gzipped or raw).
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/data/mnist"))]
+    pub data: String,
 }
 
-/// The device named by `--device gpu|cpu` (GPU by default).
-pub fn device(flags: &Flags) -> Result<Device> {
-    Ok(match flags.get("--device", "gpu".to_string()).as_str() {
-        "cpu" => Device::Cpu,
-        _ => Device::Gpu(Gpu::new()?),
+/// `--device` values.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Where {
+    /// The GPU adapter that WGPU_BACKEND / WGPU_ADAPTER_NAME pick.
+    Gpu,
+    /// The CPU reference path.
+    Cpu,
+}
+
+/// The device `--device` names.
+pub fn device(args: &CommonArgs) -> Result<Device> {
+    Ok(match args.device {
+        Where::Cpu => Device::Cpu,
+        Where::Gpu => Device::Gpu(Gpu::new()?),
     })
 }
 
-/// MNIST from `--data DIR` or the shipped copy.
-pub fn mnist(flags: &Flags) -> Result<Mnist> {
-    let default = concat!(env!("CARGO_MANIFEST_DIR"), "/data/mnist").to_string();
-    Mnist::load(flags.get("--data", default))
+/// MNIST from `--data`.
+pub fn mnist(args: &CommonArgs) -> Result<Mnist> {
+    Mnist::load(&args.data)
 }
 
 /// The images whose label passes `keep`, at most `per_class` of each label, with labels
