@@ -97,6 +97,10 @@ pub mod cpu {
     pub use crate::ops::batch_norm::BatchNormCpu;
     pub use crate::ops::conv2d::{conv2d_backward_cpu as conv2d_backward, conv2d_cpu as conv2d};
     pub use crate::ops::linear::{linear_backward_cpu as linear_backward, linear_cpu as linear};
+    pub use crate::ops::log_softmax::{
+        log_softmax_backward_cpu as log_softmax_backward, log_softmax_cpu as log_softmax,
+        nll_loss_cpu as nll_loss,
+    };
     pub use crate::ops::matmul::matmul_cpu as matmul;
     pub use crate::ops::pool2d::{pool2d_backward_cpu as pool2d_backward, pool2d_cpu as pool2d};
     pub use crate::ops::softmax_cross_entropy::softmax_cross_entropy_cpu as softmax_cross_entropy;

@@ -13,6 +13,7 @@ pub mod distillation;
 pub mod dropout;
 pub mod layer_norm;
 pub mod linear;
+pub mod log_softmax;
 pub mod matmul;
 pub(crate) mod norm;
 pub mod normalize;
@@ -28,6 +29,7 @@ pub use distillation::Distillation;
 pub use dropout::Dropout;
 pub use layer_norm::LayerNorm;
 pub use linear::{LinearGrads, linear, linear_backward};
+pub use log_softmax::{log_softmax, log_softmax_backward, nll_loss};
 pub use matmul::{BiasAxis, KernelChoice, Matmul, MatmulPlan, MatmulShape};
 pub use normalize::Normalize;
 pub use pool2d::{

@@ -1,0 +1,64 @@
+// log_softmax over the last axis, stable for logits of any magnitude (the row maximum is
+// subtracted before exp), its backward pass, and the negative log-likelihood loss on it.
+// One invocation per row; labels are stored as f32 (exact below 2^24).
+
+struct Params {
+    rows: u32, classes: u32, scale: f32, _pad: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(2) var<storage, read_write> y: array<f32>;
+// backward: y holds log_softmax's output, dy the gradient of the loss by it.
+@group(0) @binding(3) var<storage, read> dy: array<f32>;
+@group(0) @binding(4) var<storage, read_write> dx: array<f32>;
+// nll: x holds log-probabilities.
+@group(0) @binding(5) var<storage, read> labels: array<f32>;
+@group(0) @binding(6) var<storage, read_write> row_loss: array<f32>;
+@group(0) @binding(7) var<storage, read_write> row_correct: array<f32>;
+
+fn row(gid: vec3<u32>, nwg: vec3<u32>) -> u32 {
+    return gid.x + gid.y * nwg.x * 64u;
+}
+
+// y = x − max − log Σ exp(x − max)
+@compute @workgroup_size(64)
+fn forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let r = row(gid, nwg);
+    if r >= p.rows { return; }
+    let base = r * p.classes;
+    var top = x[base];
+    for (var j = 1u; j < p.classes; j++) { top = max(top, x[base + j]); }
+    var sum = 0.0;
+    for (var j = 0u; j < p.classes; j++) { sum += exp(x[base + j] - top); }
+    let shift = top + log(sum);
+    for (var j = 0u; j < p.classes; j++) { y[base + j] = x[base + j] - shift; }
+}
+
+// dx = dy − exp(y) · Σ dy
+@compute @workgroup_size(64)
+fn backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let r = row(gid, nwg);
+    if r >= p.rows { return; }
+    let base = r * p.classes;
+    var total = 0.0;
+    for (var j = 0u; j < p.classes; j++) { total += dy[base + j]; }
+    for (var j = 0u; j < p.classes; j++) { dx[base + j] = dy[base + j] - exp(y[base + j]) * total; }
+}
+
+// Per row: the loss −x[label], the gradient −scale at the label (0 elsewhere), and whether
+// the first arg-max is the label.
+@compute @workgroup_size(64)
+fn nll(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let r = row(gid, nwg);
+    if r >= p.rows { return; }
+    let base = r * p.classes;
+    let label = u32(labels[r]);
+    var best = 0u;
+    for (var j = 1u; j < p.classes; j++) {
+        if x[base + j] > x[base + best] { best = j; }
+    }
+    row_loss[r] = -x[base + label];
+    row_correct[r] = select(0.0, 1.0, best == label);
+    for (var j = 0u; j < p.classes; j++) { dx[base + j] = select(0.0, -p.scale, j == label); }
+}

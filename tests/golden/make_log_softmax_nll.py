@@ -1,0 +1,88 @@
+"""PyTorch (CPU, float32) golden cases for log_softmax (forward, backward) and nll_loss, in
+the schema of ../../shared/golden (cnn-golden/1). Run from the repository root:
+
+    python3 tests/golden/make_log_softmax_nll.py
+
+Needs only torch (no numpy). Writes tests/golden/log_softmax_*.json and nll_*.json.
+"""
+
+import json
+import os
+import platform
+
+import torch
+import torch.nn.functional as F
+
+OUT = os.path.dirname(os.path.abspath(__file__))
+REFERENCE = {
+    "impl": "PyTorch",
+    "torch_version": torch.__version__,
+    "python_version": platform.python_version(),
+    "device": "cpu",
+    "dtype": "float32",
+}
+
+
+def T(t):
+    t = t.detach().cpu()
+    if t.dtype == torch.int64:
+        return {"shape": list(t.shape), "dtype": "int64", "data": [int(v) for v in t.reshape(-1)]}
+    return {"shape": list(t.shape), "dtype": "float32",
+            "data": [float("%.9g" % v) for v in t.reshape(-1).tolist()]}
+
+
+def write(name, op, description, seed, inputs, outputs, grad_outputs, grads):
+    obj = {"schema": "cnn-golden/1", "case": name, "op": op, "description": description,
+           "reference": REFERENCE, "seed": seed, "params": {"dim": -1, "reduction": "mean"},
+           "inputs": inputs, "outputs": outputs, "grad_outputs": grad_outputs, "grads": grads}
+    with open(os.path.join(OUT, name + ".json"), "w") as f:
+        json.dump(obj, f, indent=1)
+        f.write("\n")
+    print(name)
+
+
+def log_softmax_case(name, x, seed):
+    x = x.clone().requires_grad_(True)
+    y = F.log_softmax(x, dim=-1)
+    dy = torch.randn(y.shape)
+    (gx,) = torch.autograd.grad(y, x, dy)
+    write(name, "log_softmax", "y = log_softmax(x, dim=-1); dx from dy", seed,
+          {"x": T(x)}, {"y": T(y)}, {"y": T(dy)}, {"x": T(gx)})
+
+
+def nll_case(name, logits, target, seed):
+    z = logits.clone().requires_grad_(True)
+    logp = F.log_softmax(z, dim=-1)
+    logp_leaf = logp.detach().requires_grad_(True)
+    loss = F.nll_loss(logp_leaf, target)
+    (glogp,) = torch.autograd.grad(loss, logp_leaf)
+    (gz,) = torch.autograd.grad(F.nll_loss(F.log_softmax(z, dim=-1), target), z)
+    write(name, "nll_loss",
+          "log_probs = log_softmax(logits); loss = nll_loss(log_probs, target) (mean); "
+          "grads: by log_probs, and by logits through log_softmax", seed,
+          {"logits": T(z), "target": T(target)}, {"log_probs": T(logp), "loss": T(loss.reshape(1))},
+          {"loss": T(torch.ones(1))}, {"log_probs": T(glogp), "logits": T(gz)})
+
+
+def main():
+    torch.set_num_threads(1)
+    torch.manual_seed(5000)
+    log_softmax_case("log_softmax_n4_k10", torch.randn(4, 10) * 3, 5000)
+    torch.manual_seed(5001)
+    # Logits of ±100 in one row, a tie, a single class: exp() would overflow unshifted.
+    x = torch.tensor([[100.0, -100.0, 0.0, 99.5, -50.0],
+                      [-100.0, -100.0, -100.0, -100.0, -100.0],
+                      [88.0, 90.0, -3.0, 90.0, 1e-3]])
+    log_softmax_case("log_softmax_extreme_n3_k5", x, 5001)
+    torch.manual_seed(5002)
+    log_softmax_case("log_softmax_n7_k1", torch.randn(7, 1), 5002)
+    torch.manual_seed(5003)
+    nll_case("nll_n6_k5", torch.randn(6, 5) * 2, torch.tensor([0, 4, 2, 2, 1, 3]), 5003)
+    torch.manual_seed(5004)
+    nll_case("nll_extreme_n3_k4",
+             torch.tensor([[100.0, -100.0, 0.0, 5.0], [-100.0, 100.0, 100.0, 0.0], [1.0, 2.0, 3.0, 4.0]]),
+             torch.tensor([1, 2, 3]), 5004)
+
+
+if __name__ == "__main__":
+    main()
