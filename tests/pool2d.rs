@@ -315,3 +315,92 @@ fn cpu_backward_matches_finite_differences() {
         }
     }
 }
+
+#[test]
+fn adaptive_average_pooling_matches_pytorch_and_the_cpu() {
+    use wgcnn::ops::AdaptiveAvgPool2d;
+    let goldens = cases("adaptive_avgpool2d_");
+    assert!(goldens.len() >= 4);
+    for case in goldens {
+        let j = &case.json;
+        let (oh, ow) = pair(&j["params"]["output"]);
+        let spec = AdaptiveAvgPool2d::new(oh, ow);
+        let (x, want_y) = (tensor(&j["inputs"]["x"]), tensor(&j["outputs"]["y"]));
+        let (dy, want_dx) = (tensor(&j["grad_outputs"]["y"]), tensor(&j["grads"]["x"]));
+        assert_close(
+            &case.name,
+            &spec.forward_cpu(&x.view()).unwrap(),
+            &want_y,
+            1e-5,
+            1e-6,
+        );
+        let dx = spec.backward_cpu(x.shape(), &dy.view()).unwrap();
+        assert_close(&case.name, &dx, &want_dx, 1e-5, 1e-6);
+        if gpu().is_some() {
+            let y = spec.forward(&upload(&x)).unwrap().to_array().unwrap();
+            assert_close(&case.name, &y, &want_y, 1e-5, 1e-6);
+            let dx = spec
+                .backward(x.shape(), &upload(&dy))
+                .unwrap()
+                .to_array()
+                .unwrap();
+            assert_close(&case.name, &dx, &want_dx, 1e-5, 1e-6);
+        }
+    }
+    // GPU against CPU on other sizes (poisoned outputs), finite differences, errors.
+    let Some(gpu) = gpu() else { return };
+    for (i, (shape, output)) in [
+        ([2, 3, 13, 11], (5, 3)),
+        ([1, 2, 4, 3], (9, 8)),
+        ([3, 1, 32, 30], (7, 7)),
+        ([1, 4, 5, 5], (5, 5)),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let spec = AdaptiveAvgPool2d::new(output.0, output.1);
+        let x = random(&shape, 60 + i as u64);
+        let want = spec.forward_cpu(&x.view()).unwrap();
+        drop(Tensor::full(gpu, want.shape(), f32::NAN).unwrap());
+        let got = spec.forward(&upload(&x)).unwrap().to_array().unwrap();
+        assert!(
+            max_abs_diff(&got, &want) < 1e-5,
+            "forward {shape:?} → {output:?}"
+        );
+        let dy = random(want.shape(), 70 + i as u64);
+        let want_dx = spec.backward_cpu(&shape, &dy.view()).unwrap();
+        drop(Tensor::full(gpu, &shape, f32::NAN).unwrap());
+        let dx = spec
+            .backward(&shape, &upload(&dy))
+            .unwrap()
+            .to_array()
+            .unwrap();
+        assert!(
+            max_abs_diff(&dx, &want_dx) < 1e-5,
+            "backward {shape:?} → {output:?}"
+        );
+        // The backward is the adjoint of the (linear) forward: <dy, f(x)> = <f*(dy), x>.
+        let lhs: f64 = dy
+            .iter()
+            .zip(&want)
+            .map(|(&a, &b)| f64::from(a) * f64::from(b))
+            .sum();
+        let rhs: f64 = want_dx
+            .iter()
+            .zip(&x)
+            .map(|(&a, &b)| f64::from(a) * f64::from(b))
+            .sum();
+        assert!(
+            (lhs - rhs).abs() < 1e-4 * lhs.abs().max(1.0),
+            "adjoint {shape:?}: {lhs} vs {rhs}"
+        );
+    }
+    let spec = AdaptiveAvgPool2d::new(0, 2);
+    assert!(spec.forward(&upload(&random(&[1, 1, 4, 4], 1))).is_err());
+    let spec = AdaptiveAvgPool2d::new(2, 2);
+    assert!(spec.forward(&upload(&random(&[1, 4, 4], 1))).is_err());
+    assert!(
+        spec.backward(&[1, 1, 4, 4], &upload(&random(&[1, 1, 3, 2], 1)))
+            .is_err()
+    );
+}

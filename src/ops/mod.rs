@@ -3,6 +3,7 @@
 //! layers of the same names that a model is built from are in [`crate::nn`].
 
 pub mod activation;
+pub mod adaptive_pool;
 pub mod add;
 pub mod attack;
 pub mod batch_norm;
@@ -22,6 +23,7 @@ pub(crate) mod reduce;
 pub mod softmax_cross_entropy;
 
 pub use activation::{Activation, softmax, softmax_backward};
+pub use adaptive_pool::AdaptiveAvgPool2d;
 pub use attack::SignedStep;
 pub use batch_norm::{BatchNorm2d, NormGrads, Normalized};
 pub use conv2d::{Conv2d, Conv2dGrads, Conv2dShape, Padding};

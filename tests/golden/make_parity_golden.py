@@ -1,9 +1,10 @@
-"""PyTorch (CPU, float32) golden cases for log_softmax (forward, backward) and nll_loss, in
-the schema of ../../shared/golden (cnn-golden/1). Run from the repository root:
+"""PyTorch (CPU, float32) golden cases for the PyTorch-parity ops: log_softmax (forward,
+backward), nll_loss and adaptive_avg_pool2d, in the schema of ../../shared/golden
+(cnn-golden/1). Run from the repository root:
 
-    python3 tests/golden/make_log_softmax_nll.py
+    python3 tests/golden/make_parity_golden.py
 
-Needs only torch (no numpy). Writes tests/golden/log_softmax_*.json and nll_*.json.
+Needs only torch (no numpy). Writes tests/golden/{log_softmax,nll,adaptive_avgpool2d}_*.json.
 """
 
 import json
@@ -31,9 +32,10 @@ def T(t):
             "data": [float("%.9g" % v) for v in t.reshape(-1).tolist()]}
 
 
-def write(name, op, description, seed, inputs, outputs, grad_outputs, grads):
+def write(name, op, description, seed, inputs, outputs, grad_outputs, grads, params=None):
+    params = params or {"dim": -1, "reduction": "mean"}
     obj = {"schema": "cnn-golden/1", "case": name, "op": op, "description": description,
-           "reference": REFERENCE, "seed": seed, "params": {"dim": -1, "reduction": "mean"},
+           "reference": REFERENCE, "seed": seed, "params": params,
            "inputs": inputs, "outputs": outputs, "grad_outputs": grad_outputs, "grads": grads}
     with open(os.path.join(OUT, name + ".json"), "w") as f:
         json.dump(obj, f, indent=1)
@@ -64,6 +66,18 @@ def nll_case(name, logits, target, seed):
           {"loss": T(torch.ones(1))}, {"log_probs": T(glogp), "logits": T(gz)})
 
 
+def adaptive_case(name, shape, output, seed):
+    torch.manual_seed(seed)
+    x = torch.randn(*shape).requires_grad_(True)
+    y = F.adaptive_avg_pool2d(x, output)
+    dy = torch.randn(y.shape)
+    (gx,) = torch.autograd.grad(y, x, dy)
+    write(name, "adaptive_avg_pool2d",
+          "y = adaptive_avg_pool2d(x, output): windows floor(i*H/OH) .. ceil((i+1)*H/OH)", seed,
+          {"x": T(x)}, {"y": T(y)}, {"y": T(dy)}, {"x": T(gx)},
+          params={"output": list(output)})
+
+
 def main():
     torch.set_num_threads(1)
     torch.manual_seed(5000)
@@ -82,6 +96,12 @@ def main():
     nll_case("nll_extreme_n3_k4",
              torch.tensor([[100.0, -100.0, 0.0, 5.0], [-100.0, 100.0, 100.0, 0.0], [1.0, 2.0, 3.0, 4.0]]),
              torch.tensor([1, 2, 3]), 5004)
+    # Windows that overlap (7 → 3), that do not divide (10 → 4), upsampling (3 → 5),
+    # global (→ 1×1), and a non-square mix.
+    adaptive_case("adaptive_avgpool2d_h7w7_o3x3", (2, 3, 7, 7), (3, 3), 5005)
+    adaptive_case("adaptive_avgpool2d_h10w9_o4x2", (1, 2, 10, 9), (4, 2), 5006)
+    adaptive_case("adaptive_avgpool2d_h3w4_o5x7", (2, 1, 3, 4), (5, 7), 5007)
+    adaptive_case("adaptive_avgpool2d_h6w5_o1x1", (3, 2, 6, 5), (1, 1), 5008)
 
 
 if __name__ == "__main__":
