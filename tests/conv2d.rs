@@ -411,3 +411,92 @@ fn texture_reads_match_the_cpu() {
         assert!(diff <= tolerance, "dw {kernels} {shape:?}: {diff}");
     }
 }
+
+#[test]
+fn asymmetric_padding_matches_pytorch_pad_then_conv() {
+    let goldens = cases("asympad_conv2d_");
+    assert!(goldens.len() >= 3);
+    for case in goldens {
+        let j = &case.json;
+        let p = &j["params"];
+        let side = |name: &str| p[name].as_u64().unwrap() as usize;
+        let spec = Conv2d {
+            stride: pair(&p["stride"]),
+            padding: Padding::Asymmetric {
+                top: side("top"),
+                bottom: side("bottom"),
+                left: side("left"),
+                right: side("right"),
+            },
+            ..Conv2d::default()
+        };
+        let (x, w, b) = (
+            tensor(&j["inputs"]["x"]),
+            tensor(&j["inputs"]["weight"]),
+            tensor(&j["inputs"]["bias"]),
+        );
+        let (want_y, dy) = (tensor(&j["outputs"]["y"]), tensor(&j["grad_outputs"]["y"]));
+        let grads = &j["grads"];
+        let y = wgcnn::cpu::conv2d(&spec, &x.view(), &w.view(), Some(&b.view())).unwrap();
+        assert_close(&format!("{} cpu y", case.name), &y, &want_y, 1e-4, 1e-5);
+        let g = wgcnn::cpu::conv2d_backward(&spec, &x.view(), &w.view(), &dy.view()).unwrap();
+        for (what, got) in [("x", &g.x), ("weight", &g.weight), ("bias", &g.bias)] {
+            assert_close(
+                &format!("{} cpu d{what}", case.name),
+                got,
+                &tensor(&grads[what]),
+                1e-4,
+                1e-5,
+            );
+        }
+        if gpu().is_none() {
+            continue;
+        }
+        let (tx, tw) = (upload(&x), upload(&w));
+        let y = spec
+            .forward(&tx, &tw, Some(&upload(&b)))
+            .unwrap()
+            .to_array()
+            .unwrap();
+        assert_close(&format!("{} gpu y", case.name), &y, &want_y, 1e-4, 1e-5);
+        let g = spec.backward(&tx, &tw, &upload(&dy)).unwrap();
+        for (what, got) in [("x", g.x), ("weight", g.weight), ("bias", g.bias)] {
+            let got = got.to_array().unwrap();
+            assert_close(
+                &format!("{} gpu d{what}", case.name),
+                &got,
+                &tensor(&grads[what]),
+                1e-4,
+                1e-5,
+            );
+        }
+    }
+    // Sizes that overflow are errors, not wraps.
+    let x = random(&[1, 1, 5, 5], 1);
+    let w = random(&[1, 1, 3, 3], 2);
+    for padding in [
+        Padding::Explicit(1 << 63, 0),
+        Padding::Asymmetric {
+            top: 1,
+            bottom: usize::MAX,
+            left: 0,
+            right: 0,
+        },
+        Padding::Asymmetric {
+            top: 0,
+            bottom: 0,
+            left: usize::MAX,
+            right: 1,
+        },
+    ] {
+        let spec = Conv2d {
+            padding,
+            ..Conv2d::default()
+        };
+        let err = spec.shape(x.shape(), w.shape(), None).unwrap_err();
+        assert!(
+            matches!(err, Error::InvalidArgument { .. }),
+            "{padding:?}: {err}"
+        );
+    }
+}

@@ -248,6 +248,14 @@ fn bad_windows_are_errors() {
         })
         .contains("at most half the window")
     );
+    // Padding whose double overflows: still "at most half the window", not a wrap.
+    assert!(
+        m(Pool2d {
+            padding: (1 << 63, 0),
+            ..Pool2d::max((2, 2))
+        })
+        .contains("at most half the window")
+    );
     assert!(m(Pool2d::max((5, 1))).contains("larger than the padded input 4×4"));
     assert!(
         Pool2d::max((2, 2))

@@ -33,6 +33,23 @@ pub enum Padding {
     /// Output as large as the input (stride 1 only); an odd total puts the extra row and
     /// column at the bottom and right, as PyTorch does.
     Same,
+    /// Each side on its own, as `F.pad(x, (left, right, top, bottom))` before a convolution
+    /// gives, or TensorFlow's "SAME" with a stride.
+    Asymmetric {
+        /// Rows of zeros above.
+        top: usize,
+        /// Rows of zeros below.
+        bottom: usize,
+        /// Columns of zeros on the left.
+        left: usize,
+        /// Columns of zeros on the right.
+        right: usize,
+    },
+}
+
+/// Padding so large that the padded size overflows: an error instead of a wrap.
+fn too_large(padding: usize) -> Error {
+    invalid(format!("padding {padding} is too large for any input"))
 }
 
 /// A convolution's hyper-parameters. The default is stride 1, no padding, no dilation.
@@ -121,8 +138,16 @@ fn output_size(
     stride: usize,
     dilation: usize,
 ) -> Result<usize> {
-    let span = dilation * (kernel - 1) + 1;
-    let padded = size + pads;
+    let overflow = || {
+        invalid(format!(
+            "the {axis} sizes overflow: kernel {kernel}, dilation {dilation}, padding {pads}"
+        ))
+    };
+    let span = dilation
+        .checked_mul(kernel - 1)
+        .and_then(|s| s.checked_add(1))
+        .ok_or_else(overflow)?;
+    let padded = size.checked_add(pads).ok_or_else(overflow)?;
     if span > padded {
         return Err(invalid(format!(
             "the kernel spans {span} {axis} (size {kernel}, dilation {dilation}) but the padded input has only {padded}; pad more or use a smaller kernel"
@@ -187,7 +212,23 @@ impl Conv2d {
             });
         }
         let (pad_top, pad_rows, pad_left, pad_cols) = match self.padding {
-            Padding::Explicit(ph, pw) => (ph, 2 * ph, pw, 2 * pw),
+            Padding::Explicit(ph, pw) => (
+                ph,
+                ph.checked_mul(2).ok_or_else(|| too_large(ph))?,
+                pw,
+                pw.checked_mul(2).ok_or_else(|| too_large(pw))?,
+            ),
+            Padding::Asymmetric {
+                top,
+                bottom,
+                left,
+                right,
+            } => (
+                top,
+                top.checked_add(bottom).ok_or_else(|| too_large(bottom))?,
+                left,
+                left.checked_add(right).ok_or_else(|| too_large(right))?,
+            ),
             Padding::Same => {
                 if self.stride != (1, 1) {
                     return Err(invalid("padding Same needs stride (1, 1)".into()));

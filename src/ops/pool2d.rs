@@ -129,7 +129,8 @@ impl Pool2d {
                 self.stride
             )));
         }
-        if 2 * ph > kh || 2 * pw > kw {
+        // ph > kh / 2 is 2·ph > kh without the overflow of 2·ph.
+        if ph > kh / 2 || pw > kw / 2 {
             return Err(invalid(format!(
                 "padding {:?} must be at most half the window {:?}",
                 self.padding, self.kernel

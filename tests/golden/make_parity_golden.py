@@ -78,6 +78,23 @@ def adaptive_case(name, shape, output, seed):
           params={"output": list(output)})
 
 
+def padded_conv_case(name, shape, weight_shape, pad, stride, seed):
+    """F.pad (left, right, top, bottom) then conv2d: what Padding::Asymmetric computes."""
+    torch.manual_seed(seed)
+    x = torch.randn(*shape).requires_grad_(True)
+    w = torch.randn(*weight_shape).requires_grad_(True)
+    b = torch.randn(weight_shape[0]).requires_grad_(True)
+    y = F.conv2d(F.pad(x, pad), w, b, stride=stride)
+    dy = torch.randn(y.shape)
+    gx, gw, gb = torch.autograd.grad(y, (x, w, b), dy)
+    left, right, top, bottom = pad
+    write(name, "conv2d", "y = conv2d(F.pad(x, (left, right, top, bottom)), weight, bias, stride)",
+          seed, {"x": T(x), "weight": T(w), "bias": T(b)}, {"y": T(y)}, {"y": T(dy)},
+          {"x": T(gx), "weight": T(gw), "bias": T(gb)},
+          params={"top": top, "bottom": bottom, "left": left, "right": right,
+                  "stride": list(stride)})
+
+
 def main():
     torch.set_num_threads(1)
     torch.manual_seed(5000)
@@ -102,6 +119,10 @@ def main():
     adaptive_case("adaptive_avgpool2d_h10w9_o4x2", (1, 2, 10, 9), (4, 2), 5006)
     adaptive_case("adaptive_avgpool2d_h3w4_o5x7", (2, 1, 3, 4), (5, 7), 5007)
     adaptive_case("adaptive_avgpool2d_h6w5_o1x1", (3, 2, 6, 5), (1, 1), 5008)
+    # TensorFlow "SAME" with stride 2 on an even input pads (0, 1); others pad more on one side.
+    padded_conv_case("asympad_conv2d_h8w8_k3_s2_p0101", (2, 3, 8, 8), (4, 3, 3, 3), (0, 1, 0, 1), (2, 2), 5009)
+    padded_conv_case("asympad_conv2d_h7w9_k5x3_s1_p2103", (1, 2, 7, 9), (3, 2, 5, 3), (2, 1, 0, 3), (1, 1), 5010)
+    padded_conv_case("asympad_conv2d_h6w6_k3_s1_p3000", (2, 1, 6, 6), (2, 1, 3, 3), (3, 0, 0, 0), (1, 1), 5011)
 
 
 if __name__ == "__main__":
