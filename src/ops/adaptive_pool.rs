@@ -40,19 +40,7 @@ impl AdaptiveAvgPool2d {
 
     /// `[N, C, OH, OW]` for `x [N, C, H, W]`, checked.
     pub fn shape(&self, x: &[usize]) -> Result<[usize; 4]> {
-        let &[n, c, h, w] = x else {
-            return Err(Error::ShapeMismatch {
-                op: OP,
-                detail: format!("input must be [N, C, H, W], got {x:?}"),
-            });
-        };
-        if let Some(axis) = x.iter().position(|&d| d == 0) {
-            return Err(Error::EmptyDimension {
-                op: OP,
-                shape: x.to_vec(),
-                axis,
-            });
-        }
+        let [n, c, h, w] = super::nchw(OP, x)?;
         let (oh, ow) = self.output;
         let fits = |d: usize| u32::try_from(d).is_ok();
         if oh == 0 || ow == 0 || ![h, w, oh, ow].into_iter().all(fits) {

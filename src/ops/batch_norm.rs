@@ -51,19 +51,7 @@ pub struct NormGrads<T> {
 }
 
 fn grouping(x: &[usize], params: &[&[usize]]) -> Result<Grouping> {
-    let &[n, c, h, w] = x else {
-        return Err(Error::ShapeMismatch {
-            op: OP,
-            detail: format!("input must be [N, C, H, W], got {x:?}"),
-        });
-    };
-    if let Some(axis) = x.iter().position(|&d| d == 0) {
-        return Err(Error::EmptyDimension {
-            op: OP,
-            shape: x.to_vec(),
-            axis,
-        });
-    }
+    let [n, c, h, w] = super::nchw(OP, x)?;
     if let Some(bad) = params.iter().find(|p| **p != [c]) {
         return Err(Error::ShapeMismatch {
             op: OP,

@@ -38,3 +38,22 @@ pub use pool2d::{
     Pool2d, Pool2dShape, PoolKind, Pooled, global_avg_pool, global_avg_pool_backward,
 };
 pub use softmax_cross_entropy::{CrossEntropy, softmax_cross_entropy};
+
+/// `x` as `[N, C, H, W]` with every size at least 1, or the error naming `op`.
+pub(crate) fn nchw(op: &'static str, x: &[usize]) -> crate::error::Result<[usize; 4]> {
+    use crate::error::Error;
+    let &[n, c, h, w] = x else {
+        return Err(Error::ShapeMismatch {
+            op,
+            detail: format!("input must be [N, C, H, W], got {x:?}"),
+        });
+    };
+    if let Some(axis) = x.iter().position(|&d| d == 0) {
+        return Err(Error::EmptyDimension {
+            op,
+            shape: x.to_vec(),
+            axis,
+        });
+    }
+    Ok([n, c, h, w])
+}

@@ -103,19 +103,7 @@ impl Pool2d {
 
     /// Checks `x [N, C, H, W]` against the hyper-parameters.
     pub fn shape(&self, x: &[usize]) -> Result<Pool2dShape> {
-        let &[n, c, h, w] = x else {
-            return Err(Error::ShapeMismatch {
-                op: "pool2d",
-                detail: format!("input must be [N, C, H, W], got {x:?}"),
-            });
-        };
-        if let Some(axis) = x.iter().position(|&d| d == 0) {
-            return Err(Error::EmptyDimension {
-                op: "pool2d",
-                shape: x.to_vec(),
-                axis,
-            });
-        }
+        let [n, c, h, w] = super::nchw("pool2d", x)?;
         let ((kh, kw), (sh, sw), (ph, pw)) = (self.kernel, self.stride, self.padding);
         if kh == 0 || kw == 0 {
             return Err(invalid(format!(
