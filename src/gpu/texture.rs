@@ -77,7 +77,7 @@ impl Texel {
 
 /// A dense operand as a texture: see the module documentation.
 pub(crate) struct OperandTexture {
-    pub texture: wgpu::Texture,
+    texture: wgpu::Texture,
     pub view: wgpu::TextureView,
     texel: Texel,
 }
@@ -282,29 +282,12 @@ fn calibrate(gpu: &Gpu) -> Result<OperandCalibration> {
         })
     })?;
     let texture = gpu.operand_texture(u64::from(TEXELS), Texel::Vec4)?;
-    let width = 1u32 << TEXTURE_WIDTH_LOG2;
+    let src_binding = Binding {
+        buffer: &src,
+        bytes: u64::from(TEXELS) * 16,
+    };
     let mut encoder = device.create_command_encoder(&Default::default());
-    encoder.copy_buffer_to_texture(
-        wgpu::TexelCopyBufferInfo {
-            buffer: &src,
-            layout: wgpu::TexelCopyBufferLayout {
-                offset: 0,
-                bytes_per_row: Some(width * 16),
-                rows_per_image: None,
-            },
-        },
-        wgpu::TexelCopyTextureInfo {
-            texture: &texture.texture,
-            mip_level: 0,
-            origin: wgpu::Origin3d::ZERO,
-            aspect: wgpu::TextureAspect::All,
-        },
-        wgpu::Extent3d {
-            width,
-            height: TEXELS / width,
-            depth_or_array_layers: 1,
-        },
-    );
+    texture.copy_from(&mut encoder, src_binding, u64::from(TEXELS));
     gpu.checked("calibrating operand reads", || {
         gpu.queue().submit([encoder.finish()])
     })?;
@@ -315,10 +298,6 @@ fn calibrate(gpu: &Gpu) -> Result<OperandCalibration> {
     };
     let source = include_str!("../../shaders/calibrate.wgsl")
         .replace("{{TEXTURE_WIDTH_LOG2}}", &TEXTURE_WIDTH_LOG2.to_string());
-    let src_binding = Binding {
-        buffer: &src,
-        bytes: u64::from(TEXELS) * 16,
-    };
     let out_binding = Binding {
         buffer: &out,
         bytes: out_bytes,
