@@ -81,18 +81,23 @@ fn matmul_case(
     })
 }
 
-fn conv_cases(gpu: &Gpu, [n, c, h, o, k, pad]: [usize; 6]) -> Result<Vec<Case<'_>>> {
+fn conv_cases(gpu: &Gpu, [n, c, h, o, k, pad, groups]: [usize; 7]) -> Result<Vec<Case<'_>>> {
     let spec = Conv2d {
         padding: Padding::Explicit(pad, pad),
+        groups,
         ..Conv2d::default()
     };
     let x = random(&[n, c, h, h], 3);
-    let w = random(&[o, c, k, k], 4);
+    let w = random(&[o, c / groups, k, k], 4);
     let b = random(&[o], 5);
     let shape = spec.shape(x.shape(), w.shape(), Some(b.shape()))?;
     let dy = random(&shape.output(), 6);
     let kernels = spec.kernels(gpu, &shape);
-    let label = format!("N{n} {c}->{o} {h}x{h} k{k} p{pad}");
+    let label = match groups {
+        1 => format!("N{n} {c}->{o} {h}x{h} k{k} p{pad}"),
+        g if g == c => format!("N{n} {c}->{o} {h}x{h} k{k} p{pad} depthwise"),
+        g => format!("N{n} {c}->{o} {h}x{h} k{k} p{pad} groups{g}"),
+    };
     let (tx, tw, tb, tdy) = (
         Tensor::from_array(gpu, &x)?,
         Tensor::from_array(gpu, &w)?,
@@ -456,10 +461,14 @@ fn main() -> Result<()> {
             cases.push(matmul_case(&gpu, shape, kernel)?);
         }
     }
+    // [N, C, H, O, K, padding, groups]: LeNet's two layers, a ResNet 3×3, and MobileNet's
+    // depthwise 3×3 and pointwise 1×1.
     for conv in [
-        [64, 1, 28, 6, 5, 0],
-        [64, 6, 12, 16, 5, 0],
-        [8, 64, 56, 64, 3, 1],
+        [64, 1, 28, 6, 5, 0, 1],
+        [64, 6, 12, 16, 5, 0, 1],
+        [8, 64, 56, 64, 3, 1, 1],
+        [8, 64, 56, 64, 3, 1, 64],
+        [8, 64, 56, 64, 1, 0, 1],
     ] {
         cases.extend(conv_cases(&gpu, conv)?);
     }

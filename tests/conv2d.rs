@@ -21,6 +21,7 @@ fn spec_of(params: &Value) -> Conv2d {
         stride: pair(&params["stride"]),
         padding,
         dilation: pair(&params["dilation"]),
+        groups: params["groups"].as_u64().map_or(1, |g| g as usize),
         ..Conv2d::default()
     }
 }
@@ -72,7 +73,13 @@ fn pytorch_goldens_forward_and_backward_on_gpu_and_cpu() {
     if gpu().is_none() {
         return;
     }
-    for case in cases("conv2d_") {
+    let goldens = cases("conv2d_");
+    let grouped = goldens
+        .iter()
+        .filter(|case| spec_of(&case.json["params"]).groups > 1)
+        .count();
+    assert!(grouped >= 4, "{grouped} grouped cases");
+    for case in goldens {
         let json = &case.json;
         let spec = spec_of(&json["params"]);
         let (x, w, b) = (
@@ -137,17 +144,20 @@ fn padding_strategy() -> impl Strategy<Value = Padding> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
 
     #[test]
     fn gpu_matches_cpu_forward_and_backward(
-        n in 1usize..4, c in 1usize..5, o in 1usize..6, h in 1usize..12, w in 1usize..12,
+        n in 1usize..4, per_group in 1usize..5, filters in 1usize..6, h in 1usize..12, w in 1usize..12,
         kh in 1usize..6, kw in 1usize..6, sh in 1usize..4, sw in 1usize..4, dh in 1usize..3, dw in 1usize..3,
-        padding in padding_strategy(), relu: bool, seed in 0u64..1000,
+        groups in prop_oneof![2 => Just(1usize), 1 => 2usize..5], padding in padding_strategy(),
+        relu: bool, seed in 0u64..1000,
     ) {
+        // Channels and filters per group; one channel per group is a depthwise convolution.
+        let (c, o) = (per_group * groups, filters * groups);
         let stride = if padding == Padding::Same { (1, 1) } else { (sh, sw) };
-        let spec = Conv2d { stride, padding, dilation: (dh, dw), activation: Activation::None };
-        let (x, weight, bias) = (random(&[n, c, h, w], seed), random(&[o, c, kh, kw], seed + 1), random(&[o], seed + 2));
+        let spec = Conv2d { stride, padding, dilation: (dh, dw), activation: Activation::None, groups };
+        let (x, weight, bias) = (random(&[n, c, h, w], seed), random(&[o, per_group, kh, kw], seed + 1), random(&[o], seed + 2));
         let Ok(shape) = spec.shape(x.shape(), weight.shape(), None) else {
             // The kernel does not fit the padded input: both paths must say so.
             prop_assert!(wgcnn::cpu::conv2d(&spec, &x.view(), &weight.view(), None).is_err());
@@ -158,15 +168,20 @@ proptest! {
         let forward = Conv2d { activation: if relu { Activation::Relu } else { Activation::None }, ..spec };
         let expected = wgcnn::cpu::conv2d(&forward, &x.view(), &weight.view(), Some(&bias.view())).unwrap();
         let (tx, tw, tb) = (upload(&x), upload(&weight), upload(&bias));
+        let poison = |shape: &[usize]| drop(Tensor::full(gpu().unwrap(), shape, f32::NAN).unwrap());
+        poison(&shape.output());
         let y = forward.forward(&tx, &tw, Some(&tb)).unwrap().to_array().unwrap();
         prop_assert!(max_abs_diff(&y, &expected) <= tolerance, "forward {spec:?}: {}", max_abs_diff(&y, &expected));
 
         let dy = random(&shape.output(), seed + 3);
         let cpu = wgcnn::cpu::conv2d_backward(&spec, &x.view(), &weight.view(), &dy.view()).unwrap();
-        let g = spec.backward(&tx, &tw, &upload(&dy)).unwrap();
+        let tdy = upload(&dy);
+        poison(x.shape());
+        poison(weight.shape());
+        let g = spec.backward(&tx, &tw, &tdy).unwrap();
         let positions = (n * shape.positions()) as f32;
         for (what, got, want, scale) in [
-            ("dx", g.x.to_array().unwrap(), cpu.x, (o * kh * kw) as f32),
+            ("dx", g.x.to_array().unwrap(), cpu.x, (filters * kh * kw) as f32),
             ("dw", g.weight.to_array().unwrap(), cpu.weight, positions),
             ("db", g.bias.to_array().unwrap(), cpu.bias, positions),
         ] {
@@ -184,10 +199,34 @@ fn cpu_backward_matches_finite_differences() {
         dilation: (1, 2),
         ..Conv2d::default()
     };
+    check_finite_differences(spec, &[2, 2, 5, 6], &[3, 2, 3, 2]);
+}
+
+#[test]
+fn grouped_and_depthwise_cpu_backward_match_finite_differences() {
+    // Two groups of two channels and three filters each, strided and padded.
+    let grouped = Conv2d {
+        stride: (2, 1),
+        padding: Padding::Explicit(1, 0),
+        groups: 2,
+        ..Conv2d::default()
+    };
+    check_finite_differences(grouped, &[2, 4, 5, 6], &[6, 2, 3, 2]);
+    // Depthwise with a channel multiplier of 2, dilated.
+    let depthwise = Conv2d {
+        padding: Padding::Same,
+        dilation: (2, 1),
+        groups: 3,
+        ..Conv2d::default()
+    };
+    check_finite_differences(depthwise, &[1, 3, 6, 5], &[6, 1, 3, 3]);
+}
+
+fn check_finite_differences(spec: Conv2d, x_shape: &[usize], w_shape: &[usize]) {
     let (x, w, b) = (
-        random(&[2, 2, 5, 6], 1),
-        random(&[3, 2, 3, 2], 2),
-        random(&[3], 3),
+        random(x_shape, 1),
+        random(w_shape, 2),
+        random(&w_shape[..1], 3),
     );
     let y = wgcnn::cpu::conv2d(&spec, &x.view(), &w.view(), Some(&b.view())).unwrap();
     let dy = random(y.shape(), 4);
@@ -307,6 +346,31 @@ fn bad_hyper_parameters_and_shapes_are_errors() {
     );
     let m = message(Conv2d::default(), &x, &w, Some(&[5]));
     assert!(m.contains("bias must be [4]"), "{m}");
+    for groups in [0, 2, 3] {
+        // 0 groups; 2 does not divide 3 channels; 3 does not divide 4 filters.
+        let spec = Conv2d {
+            groups,
+            ..Conv2d::default()
+        };
+        let m = message(spec, &x, &[4, 1, 3, 3], None);
+        assert!(
+            m.contains(&format!(
+                "groups {groups} must be at least 1 and divide both the 3 input channels and the 4 filters"
+            )),
+            "{m}"
+        );
+    }
+    let depthwise = Conv2d {
+        groups: 3,
+        ..Conv2d::default()
+    };
+    let m = message(depthwise, &x, &[6, 3, 3, 3], None);
+    assert!(
+        m.contains(
+            "input has 1 channels per group (3 channels / 3 groups) but the weight expects 3"
+        ),
+        "{m}"
+    );
     let m = message(
         Conv2d {
             stride: (2, 2),
@@ -498,5 +562,98 @@ fn asymmetric_padding_matches_pytorch_pad_then_conv() {
             matches!(err, Error::InvalidArgument { .. }),
             "{padding:?}: {err}"
         );
+    }
+}
+
+/// MobileNet's depthwise-separable block (depthwise 3×3, batch norm, ReLU, pointwise 1×1,
+/// batch norm, ReLU) under a classifier head, trained on a task it can only solve by
+/// looking at space: which quadrant of the image is bright.
+#[test]
+fn a_mobilenet_depthwise_separable_block_trains_on_gpu_and_cpu() {
+    use wgcnn::nn::{
+        BatchNorm2d, Conv2d as Layer, Flatten, GlobalAvgPool, Linear, Sequential, relu,
+    };
+    use wgcnn::train::train_step;
+    use wgcnn::{Device, Optimizer};
+
+    let n = 16;
+    let labels: Vec<usize> = (0..n).map(|i| i % 4).collect();
+    let mut x = random(&[n, 3, 8, 8], 40).mapv(|v| 0.1 * v);
+    for (i, &label) in labels.iter().enumerate() {
+        let (top, left) = (4 * (label / 2), 4 * (label % 2));
+        for c in 0..3 {
+            for r in top..top + 4 {
+                for col in left..left + 4 {
+                    x[[i, c, r, col]] += 1.0;
+                }
+            }
+        }
+    }
+    // A layer whose groups do not divide its channels is refused when the model is built.
+    let err = Sequential::new()
+        .add("bad", Layer::new(6, 4, (3, 3)).groups(4))
+        .build_for(&[1, 6, 8, 8], Device::Cpu, 0)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains(
+            "groups 4 must be at least 1 and divide both in_channels 6 and out_channels 4"
+        ),
+        "{err}"
+    );
+    let mut devices = vec![Device::Cpu];
+    if let Some(gpu) = gpu() {
+        devices.push(Device::Gpu(gpu.clone()));
+    }
+    let mut curves = Vec::new();
+    for device in devices {
+        let mut model = Sequential::new()
+            .add("stem", Layer::new(3, 8, (3, 3)).padding(Padding::Same))
+            .add("stem_relu", relu())
+            .add(
+                "depthwise",
+                Layer::new(8, 8, (3, 3))
+                    .groups(8)
+                    .padding(Padding::Same)
+                    .no_bias(),
+            )
+            .add("bn1", BatchNorm2d::new(8))
+            .add("relu1", relu())
+            .add("pointwise", Layer::new(8, 16, (1, 1)).no_bias())
+            .add("bn2", BatchNorm2d::new(16))
+            .add("relu2", relu())
+            .add("pool", GlobalAvgPool)
+            .add("flatten", Flatten)
+            .add("fc", Linear::new(16, 4))
+            .build(device.clone(), 3)
+            .unwrap();
+        let checkpoint = model.checkpoint().unwrap();
+        let depthwise = checkpoint
+            .tensors
+            .iter()
+            .find(|(name, _)| name == "depthwise.weight");
+        assert_eq!(depthwise.unwrap().1.shape(), &[8, 1, 3, 3]);
+        let mut opt = model.optimizer(Optimizer::adam(2e-2)).unwrap();
+        let losses: Vec<f32> = (0..40)
+            .map(|_| {
+                let out = train_step(&mut model, &mut opt, |d| d.upload(x.clone()), &labels);
+                out.unwrap().loss.to_array().unwrap()[[0]]
+            })
+            .collect();
+        assert!(
+            losses[39] < 0.25 * losses[0],
+            "{}: {losses:?}",
+            device.name()
+        );
+        curves.push(losses);
+    }
+    if let [cpu, gpu] = &curves[..] {
+        for (step, (a, b)) in cpu.iter().zip(gpu).take(10).enumerate() {
+            assert!(
+                (a - b).abs() < 1e-3 * (1.0 + a.abs()),
+                "step {step}: {a} vs {b}"
+            );
+        }
     }
 }

@@ -1,4 +1,4 @@
-//! `Conv2d` layer: OIHW weights `[out, in, kh, kw]` and a bias, with an optional fused
+//! `Conv2d` layer: OIHW weights `[out, in/groups, kh, kw]` and a bias, with an optional fused
 //! activation (applied in the matmul epilogue; its gradient is taken from the output).
 
 use crate::error::{Error, Result};
@@ -56,6 +56,14 @@ impl Conv2d {
         self
     }
 
+    /// With `groups` channel groups (PyTorch's `groups`): each filter sees `in/groups`
+    /// channels. `groups = in_channels` is a depthwise convolution (MobileNet), with
+    /// `out_channels / in_channels` filters per channel.
+    pub fn groups(mut self, groups: usize) -> Self {
+        self.spec.groups = groups;
+        self
+    }
+
     /// With this activation fused after the bias.
     pub fn activation(mut self, activation: Activation) -> Self {
         self.spec.activation = activation;
@@ -78,13 +86,31 @@ impl Conv2d {
 
 impl Layer for Conv2d {
     fn describe(&self) -> String {
+        let groups = match self.spec.groups {
+            1 => String::new(),
+            g if g == self.in_channels => ", depthwise".into(),
+            g => format!(", {g} groups"),
+        };
         format!(
-            "Conv2d({}→{}, {}×{})",
+            "Conv2d({}→{}, {}×{}{groups})",
             self.in_channels, self.out_channels, self.kernel.0, self.kernel.1
         )
     }
 
     fn fit_input(&mut self, input: &[usize]) -> Result<()> {
+        let groups = self.spec.groups;
+        if groups == 0
+            || !self.in_channels.is_multiple_of(groups)
+            || !self.out_channels.is_multiple_of(groups)
+        {
+            return Err(Error::InvalidArgument {
+                op: "Conv2d",
+                detail: format!(
+                    "groups {groups} must be at least 1 and divide both in_channels {} and out_channels {}",
+                    self.in_channels, self.out_channels
+                ),
+            });
+        }
         match input {
             [_, c, _, _] if *c == self.in_channels => Ok(()),
             _ => Err(Error::ShapeMismatch {
@@ -100,11 +126,13 @@ impl Layer for Conv2d {
     fn init_state(&self, rng: &mut dyn FnMut(&'static str) -> InitRng) -> Vec<StateInit> {
         let (kh, kw) = self.kernel;
         let taps = kh * kw;
+        // PyTorch's fans: a filter reads in/groups channels.
+        let per_group = self.in_channels / self.spec.groups.max(1);
         let (weight, bias) = self.init.weight_and_bias(
             rng,
-            &[self.out_channels, self.in_channels, kh, kw],
+            &[self.out_channels, per_group, kh, kw],
             self.out_channels,
-            (self.in_channels * taps, self.out_channels * taps),
+            (per_group * taps, self.out_channels * taps),
         );
         let mut state = vec![StateInit {
             name: "weight",

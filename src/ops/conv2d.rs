@@ -1,11 +1,14 @@
 //! 2-D convolution (cross-correlation, as in every CNN library), forward and backward.
 //!
-//! `y[n,o,i,j] = b[o] + Σ_{c,p,q} w[o,c,p,q] · xpad[n, c, i·sh + p·dh, j·sw + q·dw]`
+//! `y[n,o,i,j] = b[o] + Σ_{c,p,q} w[o,c,p,q] · xpad[n, g·C/G + c, i·sh + p·dh, j·sw + q·dw]`
+//! where filter `o` belongs to group `g = o / (O/G)` and sees only its group's `C/G` channels
+//! (`G = 1`: every channel; `G = C`: depthwise).
 //!
 //! GPU: im2col (`shaders/im2col.wgsl`) then the matmul `W[O][C·KH·KW] · col[n]`, with the
 //! bias and activation fused into its epilogue. Backward: `dcol = Wᵀ · dy` then col2im (a
 //! gather, one invocation per input pixel), `dW = Σ_n dy[n] · col[n]ᵀ`, `db = Σ dy`.
 //! Batches are processed in chunks whose col buffer fits the device's binding limit.
+//! Grouped convolutions run their own direct kernels (`conv_grouped`).
 //! CPU: the direct nested sums of the formula.
 
 use bytemuck::{Pod, Zeroable};
@@ -13,6 +16,7 @@ use ndarray::{Array1, Array4, ArrayD, ArrayView4, ArrayViewD, Ix4};
 
 use super::Activation;
 use super::conv_direct;
+use super::conv_grouped;
 use super::conv_weight_grad;
 use super::matmul::{BiasAxis, Matmul};
 use super::reduce::sum_axes;
@@ -52,7 +56,8 @@ fn too_large(padding: usize) -> Error {
     invalid(format!("padding {padding} is too large for any input"))
 }
 
-/// A convolution's hyper-parameters. The default is stride 1, no padding, no dilation.
+/// A convolution's hyper-parameters. The default is stride 1, no padding, no dilation, one
+/// group.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Conv2d {
     /// `(sh, sw)`, each at least 1.
@@ -63,6 +68,10 @@ pub struct Conv2d {
     pub dilation: (usize, usize),
     /// Applied after the bias, fused into the matmul (forward only; backward expects none).
     pub activation: Activation,
+    /// Channel groups `G`, dividing both channel counts: filter `o` sees only the `C/G` input
+    /// channels of its group, and the weight is `[O, C/G, KH, KW]` (PyTorch's `groups`).
+    /// `G = C` is a depthwise convolution (`O = m·C` for a channel multiplier `m`).
+    pub groups: usize,
 }
 
 impl Default for Conv2d {
@@ -72,6 +81,7 @@ impl Default for Conv2d {
             padding: Padding::Explicit(0, 0),
             dilation: (1, 1),
             activation: Activation::None,
+            groups: 1,
         }
     }
 }
@@ -81,13 +91,15 @@ impl Default for Conv2d {
 pub struct Conv2dShape {
     /// Batch size.
     pub n: usize,
-    /// Input channels.
+    /// Input channels (all groups).
     pub c: usize,
+    /// Channel groups (1 for an ordinary convolution).
+    pub groups: usize,
     /// Input height.
     pub h: usize,
     /// Input width.
     pub w: usize,
-    /// Output channels (filters).
+    /// Output channels (filters, all groups).
     pub o: usize,
     /// Kernel height.
     pub kh: usize,
@@ -109,9 +121,9 @@ impl Conv2dShape {
         [self.n, self.o, self.oh, self.ow]
     }
 
-    /// Taps per filter, `C·KH·KW`: the matmul's K.
+    /// Taps per filter, `C/G·KH·KW` (the matmul's K when `G = 1`).
     pub fn taps(&self) -> usize {
-        self.c * self.kh * self.kw
+        self.c / self.groups * self.kh * self.kw
     }
 
     /// Output positions per image, `OH·OW`.
@@ -127,6 +139,15 @@ impl Conv2dShape {
 
 fn invalid(detail: String) -> Error {
     Error::InvalidArgument { op: OP, detail }
+}
+
+/// A size or hyper-parameter as the 32-bit word the GPU kernels index with.
+pub(super) fn gpu_word(value: usize) -> Result<u32> {
+    u32::try_from(value).map_err(|_| {
+        invalid(format!(
+            "{value} is over the GPU kernels' 32-bit index range; use a smaller stride, padding or dilation"
+        ))
+    })
 }
 
 /// Output size along one axis, or an error if the dilated kernel does not fit.
@@ -157,7 +178,7 @@ fn output_size(
 }
 
 impl Conv2d {
-    /// Checks `x [N,C,H,W]`, `weight [O,C,KH,KW]` and `bias [O]` and returns the sizes.
+    /// Checks `x [N,C,H,W]`, `weight [O,C/G,KH,KW]` and `bias [O]` and returns the sizes.
     pub fn shape(
         &self,
         x: &[usize],
@@ -182,10 +203,11 @@ impl Conv2d {
             return Err(Error::ShapeMismatch {
                 op: OP,
                 detail: format!(
-                    "input must be [N, C, H, W] and weight [O, C, KH, KW]; got {x:?} and {weight:?}"
+                    "input must be [N, C, H, W] and weight [O, C/groups, KH, KW]; got {x:?} and {weight:?}"
                 ),
             });
         };
+        let groups = self.groups;
         for shape in [x, weight] {
             if let Some(axis) = shape.iter().position(|&d| d == 0) {
                 return Err(Error::EmptyDimension {
@@ -195,11 +217,22 @@ impl Conv2d {
                 });
             }
         }
-        if c != c_w {
+        if groups == 0 || !c.is_multiple_of(groups) || !o.is_multiple_of(groups) {
+            return Err(invalid(format!(
+                "groups {groups} must be at least 1 and divide both the {c} input channels and the {o} filters"
+            )));
+        }
+        if c / groups != c_w {
+            let per_group = if groups == 1 {
+                String::new()
+            } else {
+                format!(" per group ({c} channels / {groups} groups)")
+            };
             return Err(Error::ShapeMismatch {
                 op: OP,
                 detail: format!(
-                    "input has {c} channels but the weight expects {c_w} (input {x:?}, weight {weight:?})"
+                    "input has {} channels{per_group} but the weight expects {c_w} (input {x:?}, weight {weight:?})",
+                    c / groups
                 ),
             });
         }
@@ -243,6 +276,7 @@ impl Conv2d {
         Ok(Conv2dShape {
             n,
             c,
+            groups,
             h,
             w,
             o,
@@ -255,10 +289,14 @@ impl Conv2d {
         })
     }
 
-    /// The kernels this convolution runs on `gpu`: `"direct"` (small filter banks at stride
-    /// 1: forward, input and weight gradients without im2col) or `"im2col+matmul"`.
+    /// The kernels this convolution runs on `gpu`: `"grouped"` (more than one group),
+    /// `"direct"` (small filter banks at stride 1: forward, input and weight gradients without
+    /// im2col) or `"im2col+matmul"`.
     pub fn kernels(&self, gpu: &Gpu, shape: &Conv2dShape) -> &'static str {
-        if conv_direct::eligible(gpu, self, shape) && conv_weight_grad::eligible(self, shape) {
+        if shape.groups > 1 {
+            "grouped"
+        } else if conv_direct::eligible(gpu, self, shape) && conv_weight_grad::eligible(self, shape)
+        {
             "direct"
         } else {
             "im2col+matmul"
@@ -273,6 +311,10 @@ impl Conv2d {
         }
         let shape = self.shape(x.shape(), weight.shape(), bias.map(Tensor::shape))?;
         let out = Tensor::uninit(&gpu, &shape.output())?;
+        if shape.groups > 1 {
+            conv_grouped::forward(self, &shape, x, weight, bias, &out)?;
+            return Ok(out);
+        }
         if conv_direct::eligible(&gpu, self, &shape) {
             conv_direct::forward(self, &shape, x, weight, bias, &out)?;
             return Ok(out);
@@ -392,6 +434,14 @@ impl Conv2d {
         } else {
             None
         };
+        if shape.groups > 1 {
+            if let Some(dx) = &dx {
+                conv_grouped::backward_data(self, &shape, dy, weight, dx)?;
+            }
+            let dweight = Tensor::uninit(&gpu, weight.shape())?;
+            conv_grouped::weight_grad(self, &shape, x, dy, &dweight)?;
+            return Ok((dx, dweight));
+        }
         // Small filter banks at stride 1: dx as a direct convolution of dy, no col2im.
         let direct_dx = conv_direct::eligible_backward(&gpu, self, &shape);
         if let (Some(dx), true) = (&dx, direct_dx) {
@@ -601,6 +651,11 @@ fn pixel(x: &ArrayView4<'_, f32>, n: usize, c: usize, i: isize, j: isize) -> f32
 }
 
 impl Conv2dShape {
+    /// The input channel that channel `c` of filter `o`'s weight reads (its group's `c`-th).
+    fn channel(&self, o: usize, c: usize) -> usize {
+        o / (self.o / self.groups) * (self.c / self.groups) + c
+    }
+
     /// The padded input row and column that tap `(p, q)` reads for output `(i, j)`.
     fn source(
         &self,
@@ -625,11 +680,12 @@ pub fn conv2d_cpu(
     let (x, weight) = (view4("x", x)?, view4("weight", weight)?);
     let y = Array4::from_shape_fn(shape.output(), |(n, o, i, j)| {
         let mut sum = bias.map_or(0.0, |b| b[[o]]);
-        for c in 0..shape.c {
+        for c in 0..shape.c / shape.groups {
+            let channel = shape.channel(o, c);
             for p in 0..shape.kh {
                 for q in 0..shape.kw {
                     let (row, col) = shape.source(spec, (i, j), (p, q));
-                    sum += weight[[o, c, p, q]] * pixel(&x, n, c, row, col);
+                    sum += weight[[o, c, p, q]] * pixel(&x, n, channel, row, col);
                 }
             }
         }
@@ -654,14 +710,15 @@ pub fn conv2d_backward_cpu(
     let mut dbias = Array1::<f32>::zeros(shape.o);
     for ((n, o, i, j), &g) in dy.indexed_iter() {
         dbias[o] += g;
-        for c in 0..shape.c {
+        for c in 0..shape.c / shape.groups {
+            let channel = shape.channel(o, c);
             for p in 0..shape.kh {
                 for q in 0..shape.kw {
                     let (row, col) = shape.source(spec, (i, j), (p, q));
-                    dweight[[o, c, p, q]] += g * pixel(&x, n, c, row, col);
+                    dweight[[o, c, p, q]] += g * pixel(&x, n, channel, row, col);
                     if row >= 0 && col >= 0 && (row as usize) < shape.h && (col as usize) < shape.w
                     {
-                        dx[[n, c, row as usize, col as usize]] += g * weight[[o, c, p, q]];
+                        dx[[n, channel, row as usize, col as usize]] += g * weight[[o, c, p, q]];
                     }
                 }
             }

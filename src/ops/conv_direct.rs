@@ -54,6 +54,7 @@ pub(crate) fn eligible(gpu: &Gpu, spec: &Conv2d, shape: &Conv2dShape) -> bool {
     let uniform_limit = gpu.limits().max_uniform_buffer_binding_size.min(65_536);
     spec.stride == (1, 1)
         && spec.dilation == (1, 1)
+        && shape.groups == 1
         && shape.o <= MAX_FILTERS
         && shape.kw <= MAX_KERNEL_WIDTH
         && bank_bytes <= uniform_limit
@@ -153,6 +154,7 @@ fn transposed(shape: &Conv2dShape) -> Conv2dShape {
     Conv2dShape {
         n: shape.n,
         c: shape.o,
+        groups: 1,
         h: shape.oh,
         w: shape.ow,
         o: shape.c,

@@ -37,6 +37,7 @@ pub(crate) fn eligible(spec: &Conv2d, shape: &Conv2dShape) -> bool {
     // Each (filter, channel) pair re-reads its inputs: worth it for small banks only.
     spec.stride == (1, 1)
         && spec.dilation == (1, 1)
+        && shape.groups == 1
         && shape.o <= MAX_FILTERS
         && shape.c <= MAX_FILTERS
         && shape.kh <= MAX_KERNEL_WIDTH

@@ -9,6 +9,7 @@ pub mod attack;
 pub mod batch_norm;
 pub mod conv2d;
 mod conv_direct;
+mod conv_grouped;
 mod conv_weight_grad;
 pub mod distillation;
 pub mod dropout;

@@ -1,10 +1,12 @@
 """PyTorch (CPU, float32) golden cases for the PyTorch-parity ops: log_softmax (forward,
-backward), nll_loss and adaptive_avg_pool2d, in the schema of ../../shared/golden
+backward), nll_loss, adaptive_avg_pool2d, asymmetric padding and grouped/depthwise
+convolution, in the schema of ../../shared/golden
 (cnn-golden/1). Run from the repository root:
 
     python3 tests/golden/make_parity_golden.py
 
-Needs only torch (no numpy). Writes tests/golden/{log_softmax,nll,adaptive_avgpool2d}_*.json.
+Needs only torch (no numpy). Writes tests/golden/{log_softmax,nll,adaptive_avgpool2d,asympad_conv2d}_*.json and
+tests/golden/conv2d_{groups,depthwise}*.json.
 """
 
 import json
@@ -95,6 +97,22 @@ def padded_conv_case(name, shape, weight_shape, pad, stride, seed):
                   "stride": list(stride)})
 
 
+def grouped_conv_case(name, shape, weight_shape, stride, padding, dilation, groups, seed):
+    """conv2d with groups; params as the shared conv2d cases plus "groups"."""
+    torch.manual_seed(seed)
+    x = torch.randn(*shape).requires_grad_(True)
+    w = torch.randn(*weight_shape).requires_grad_(True)
+    b = torch.randn(weight_shape[0]).requires_grad_(True)
+    y = F.conv2d(x, w, b, stride=stride, padding=padding, dilation=dilation, groups=groups)
+    dy = torch.randn(y.shape)
+    gx, gw, gb = torch.autograd.grad(y, (x, w, b), dy)
+    write(name, "conv2d", "y = conv2d(x, weight, bias, stride, padding, dilation, groups)",
+          seed, {"x": T(x), "weight": T(w), "bias": T(b)}, {"y": T(y)}, {"y": T(dy)},
+          {"x": T(gx), "weight": T(gw), "bias": T(gb)},
+          params={"stride": list(stride), "padding": padding if padding == "same" else list(padding),
+                  "dilation": list(dilation), "groups": groups})
+
+
 def main():
     torch.set_num_threads(1)
     torch.manual_seed(5000)
@@ -123,6 +141,12 @@ def main():
     padded_conv_case("asympad_conv2d_h8w8_k3_s2_p0101", (2, 3, 8, 8), (4, 3, 3, 3), (0, 1, 0, 1), (2, 2), 5009)
     padded_conv_case("asympad_conv2d_h7w9_k5x3_s1_p2103", (1, 2, 7, 9), (3, 2, 5, 3), (2, 1, 0, 3), (1, 1), 5010)
     padded_conv_case("asympad_conv2d_h6w6_k3_s1_p3000", (2, 1, 6, 6), (2, 1, 3, 3), (3, 0, 0, 0), (1, 1), 5011)
+    # Two groups (ResNeXt/AlexNet style), depthwise (MobileNet), depthwise with a channel
+    # multiplier, strided and dilated.
+    grouped_conv_case("conv2d_groups2_h7w9_k3_s1_p1", (2, 4, 7, 9), (6, 2, 3, 3), (1, 1), (1, 1), (1, 1), 2, 5012)
+    grouped_conv_case("conv2d_depthwise_h8w8_k3_s1_same", (2, 5, 8, 8), (5, 1, 3, 3), (1, 1), "same", (1, 1), 5, 5013)
+    grouped_conv_case("conv2d_depthwise_m2_h9w7_k3_s2_p1", (1, 3, 9, 7), (6, 1, 3, 3), (2, 2), (1, 1), (1, 1), 3, 5014)
+    grouped_conv_case("conv2d_groups3_h8w10_k5x3_s2x1_p2x1_d1x2", (2, 6, 8, 10), (9, 2, 5, 3), (2, 1), (2, 1), (1, 2), 3, 5015)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,142 @@
+//! Grouped and depthwise convolution on the GPU (`shaders/conv_grouped.wgsl`): the forward
+//! pass, the input gradient and the weight gradient of a `Conv2d` with `groups > 1`, each a
+//! direct kernel (one output, one input pixel, one weight per invocation or workgroup). A
+//! group's sums are short (`C/G·KH·KW` taps; 9 for a depthwise 3×3), so there is nothing for
+//! an im2col matmul to reuse. The CPU reference is `conv2d_cpu`, whose formula covers groups.
+
+use bytemuck::{Pod, Zeroable};
+
+use super::conv2d::{Conv2d, Conv2dShape, gpu_word};
+use crate::error::Result;
+use crate::gpu::Gpu;
+use crate::gpu::dispatch::Binding;
+use crate::tensor::Tensor;
+
+/// Mirrors `Params` in shaders/conv_grouped.wgsl.
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct GroupedParams {
+    n: u32,
+    total: u32,
+    slope: f32,
+    _pad: u32,
+}
+
+/// The kernel's `override` constants: the layer's shape, stride, padding, dilation and
+/// epilogue.
+fn constants(spec: &Conv2d, shape: &Conv2dShape, bias: bool) -> Result<[(&'static str, u32); 17]> {
+    Ok([
+        ("C", gpu_word(shape.c)?),
+        ("H", gpu_word(shape.h)?),
+        ("W", gpu_word(shape.w)?),
+        ("O", gpu_word(shape.o)?),
+        ("KH", gpu_word(shape.kh)?),
+        ("KW", gpu_word(shape.kw)?),
+        ("OH", gpu_word(shape.oh)?),
+        ("OW", gpu_word(shape.ow)?),
+        ("SH", gpu_word(spec.stride.0)?),
+        ("SW", gpu_word(spec.stride.1)?),
+        ("PAD_TOP", gpu_word(shape.pad_top)?),
+        ("PAD_LEFT", gpu_word(shape.pad_left)?),
+        ("DH", gpu_word(spec.dilation.0)?),
+        ("DW", gpu_word(spec.dilation.1)?),
+        ("GROUPS", gpu_word(shape.groups)?),
+        ("ACT", spec.activation.code()),
+        ("HAS_BIAS", u32::from(bias)),
+    ])
+}
+
+fn run(
+    gpu: &Gpu,
+    (spec, shape): (&Conv2d, &Conv2dShape),
+    (entry, bias): (&str, bool),
+    bindings: &[(u32, Binding<'_>)],
+    (total, workgroups): (usize, u64),
+) -> Result<()> {
+    let params = GroupedParams {
+        n: gpu_word(shape.n)?,
+        total: gpu_word(total)?,
+        slope: spec.activation.slope(),
+        _pad: 0,
+    };
+    let pipeline = gpu.specialized(
+        "conv_grouped",
+        entry,
+        || {
+            [
+                include_str!("../../shaders/epilogue.wgsl"),
+                include_str!("../../shaders/conv_grouped.wgsl"),
+            ]
+            .concat()
+        },
+        &constants(spec, shape, bias)?,
+    )?;
+    gpu.run_pass(entry, |pass| {
+        gpu.encode_at(
+            pass,
+            &pipeline,
+            bytemuck::bytes_of(&params),
+            bindings,
+            workgroups,
+        )
+    })
+}
+
+/// `out = act(conv(x, weight) + bias)` with groups.
+pub(crate) fn forward(
+    spec: &Conv2d,
+    shape: &Conv2dShape,
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    out: &Tensor,
+) -> Result<()> {
+    // Without a bias the weights fill the (unread) bias slot.
+    let bias_slot = bias.unwrap_or(weight);
+    run(
+        x.gpu(),
+        (spec, shape),
+        ("forward", bias.is_some()),
+        &[
+            (1, x.binding()),
+            (2, weight.binding()),
+            (3, bias_slot.binding()),
+            (4, out.binding()),
+        ],
+        (out.len(), (out.len() as u64).div_ceil(64)),
+    )
+}
+
+/// `dx` from `dy` with groups (`spec` without an activation).
+pub(crate) fn backward_data(
+    spec: &Conv2d,
+    shape: &Conv2dShape,
+    dy: &Tensor,
+    weight: &Tensor,
+    dx: &Tensor,
+) -> Result<()> {
+    run(
+        dy.gpu(),
+        (spec, shape),
+        ("backward_data", false),
+        &[(1, dy.binding()), (2, weight.binding()), (4, dx.binding())],
+        (dx.len(), (dx.len() as u64).div_ceil(64)),
+    )
+}
+
+/// `dweight` from `x` and `dy` with groups: one workgroup per weight.
+pub(crate) fn weight_grad(
+    spec: &Conv2d,
+    shape: &Conv2dShape,
+    x: &Tensor,
+    dy: &Tensor,
+    dweight: &Tensor,
+) -> Result<()> {
+    run(
+        x.gpu(),
+        (spec, shape),
+        ("weight_grad", false),
+        &[(1, x.binding()), (2, dy.binding()), (4, dweight.binding())],
+        (dweight.len(), dweight.len() as u64),
+    )
+}
