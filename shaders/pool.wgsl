@@ -1,4 +1,5 @@
-// Max and average pooling over KH×KW windows with stride and zero padding, and their
+// Max and average pooling over KH×KW windows with stride, zero padding and (max pooling)
+// dilation; output sizes (ceil_mode included) come from src/ops/pool2d.rs. Their
 // backward passes as gathers (one invocation per input pixel, overlapping windows add up),
 // or, where the windows tile the input exactly, as one invocation per window.
 // Max pooling records the arg-max as the flat index h·W + w within the (n, c) plane, stored
@@ -17,6 +18,8 @@ override SH: u32;
 override SW: u32;
 override PAD_TOP: u32;
 override PAD_LEFT: u32;
+override DH: u32;
+override DW: u32;
 override COUNT_INCLUDE_PAD: u32;
 
 struct Params {
@@ -41,8 +44,14 @@ fn window_count(oh: u32, ow: u32) -> f32 {
     return f32(rows * cols);
 }
 
+// PyTorch's rule: with count_include_pad the window clipped to the padded input (a
+// ceil_mode window can overhang it), else its cells inside the input.
 fn divisor(oh: u32, ow: u32) -> f32 {
-    if COUNT_INCLUDE_PAD != 0u { return f32(KH * KW); }
+    if COUNT_INCLUDE_PAD != 0u {
+        let rows = min(oh * SH + KH, H + 2u * PAD_TOP) - oh * SH;
+        let cols = min(ow * SW + KW, W + 2u * PAD_LEFT) - ow * SW;
+        return f32(rows * cols);
+    }
     return window_count(oh, ow);
 }
 
@@ -58,10 +67,10 @@ fn max_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workg
     var best_at = 0u;
     var found = false;
     for (var ki = 0u; ki < KH; ki++) {
-        let ih = i32(oh * SH + ki) - i32(PAD_TOP);
+        let ih = i32(oh * SH + ki * DH) - i32(PAD_TOP);
         if ih < 0 || ih >= i32(H) { continue; }
         for (var kj = 0u; kj < KW; kj++) {
-            let iw = i32(ow * SW + kj) - i32(PAD_LEFT);
+            let iw = i32(ow * SW + kj * DW) - i32(PAD_LEFT);
             if iw < 0 || iw >= i32(W) { continue; }
             let at = u32(ih) * W + u32(iw);
             let v = src[plane * H * W + at];
@@ -111,12 +120,15 @@ fn max_backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_work
     if index >= p.total { return; }
     let at = index % (H * W);
     let plane = index / (H * W);
-    let rows = windows(at / W, PAD_TOP, KH, SH, OH);
-    let cols = windows(at % W, PAD_LEFT, KW, SW, OW);
+    // Every (window, tap) that lands on this pixel, as col2im finds them (taps are dilated).
     var sum = 0.0;
-    for (var oh = rows.x; oh <= rows.y; oh++) {
-        for (var ow = cols.x; ow <= cols.y; ow++) {
-            let out = (plane * OH + u32(oh)) * OW + u32(ow);
+    for (var ki = 0u; ki < KH; ki++) {
+        let t = i32(at / W + PAD_TOP) - i32(ki * DH);
+        if t < 0 || t % i32(SH) != 0 || u32(t) / SH >= OH { continue; }
+        for (var kj = 0u; kj < KW; kj++) {
+            let u = i32(at % W + PAD_LEFT) - i32(kj * DW);
+            if u < 0 || u % i32(SW) != 0 || u32(u) / SW >= OW { continue; }
+            let out = (plane * OH + u32(t) / SH) * OW + u32(u) / SW;
             if u32(argmax[out]) == at { sum += src[out]; }
         }
     }

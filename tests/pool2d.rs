@@ -30,6 +30,12 @@ fn pytorch_goldens_on_gpu_and_cpu() {
                 kernel: pair(&params["kernel"]),
                 stride: pair(&params["stride"]),
                 padding: pair(&params["padding"]),
+                dilation: if params["dilation"].is_null() {
+                    (1, 1)
+                } else {
+                    pair(&params["dilation"])
+                },
+                ceil_mode: params["ceil_mode"].as_bool().unwrap_or(false),
             };
             let x = tensor(&json["inputs"]["x"]);
             let dy = tensor(&json["grad_outputs"]["y"]);
@@ -55,13 +61,13 @@ fn pytorch_goldens_on_gpu_and_cpu() {
                 1e-7,
             );
             if kind == PoolKind::Max {
-                let indices = tensor(&json["outputs"]["indices"]);
+                let indices = integers(&json["outputs"]["indices"]);
                 assert_eq!(
-                    pooled.argmax.as_ref().unwrap().to_array().unwrap(),
+                    pooled.indices().unwrap().unwrap(),
                     indices,
                     "{name} gpu indices"
                 );
-                assert_eq!(cpu.argmax.unwrap(), indices, "{name} cpu indices");
+                assert_eq!(cpu.indices().unwrap(), indices, "{name} cpu indices");
             }
             let gpu_dx = spec
                 .backward(x.shape(), &upload(&dy), pooled.argmax.as_ref())
@@ -75,6 +81,24 @@ fn pytorch_goldens_on_gpu_and_cpu() {
             );
         }
     }
+}
+
+/// A golden tensor of int64 values (PyTorch's indices).
+fn integers(json: &serde_json::Value) -> ArrayD<i64> {
+    assert_eq!(json["dtype"], "int64");
+    let shape: Vec<usize> = json["shape"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d.as_u64().unwrap() as usize)
+        .collect();
+    let data = json["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_i64().unwrap())
+        .collect();
+    ArrayD::from_shape_vec(IxDyn(&shape), data).unwrap()
 }
 
 fn kind_strategy() -> impl Strategy<Value = PoolKind> {
@@ -91,9 +115,11 @@ proptest! {
     fn gpu_matches_cpu(
         n in 1usize..3, c in 1usize..4, h in 1usize..14, w in 1usize..14,
         kh in 1usize..5, kw in 1usize..5, sh in 1usize..4, sw in 1usize..4, ph in 0usize..3, pw in 0usize..3,
-        kind in kind_strategy(), seed in 0u64..1000, coarse: bool,
+        kind in kind_strategy(), seed in 0u64..1000, coarse: bool, ceil_mode: bool, dilation in 1usize..4,
     ) {
-        let spec = Pool2d { kind, kernel: (kh, kw), stride: (sh, sw), padding: (ph, pw) };
+        // Dilation is for max pooling only (the shape rule refuses it for average pooling).
+        let dilation = if kind == PoolKind::Max { (dilation, 1 + dilation % 2) } else { (1, 1) };
+        let spec = Pool2d { kind, kernel: (kh, kw), stride: (sh, sw), padding: (ph, pw), dilation, ceil_mode };
         // Coarse values make ties common, which exercises the first-maximum rule.
         let mut x = random(&[n, c, h, w], seed);
         if coarse { x.mapv_inplace(|v| (v * 2.0).round()); }
@@ -103,6 +129,8 @@ proptest! {
         };
         if gpu().is_none() { return Ok(()); }
         let cpu = wgcnn::cpu::pool2d(&spec, &x.view()).unwrap();
+        let poison = |shape: &[usize]| drop(Tensor::full(gpu().unwrap(), shape, f32::NAN).unwrap());
+        poison(&shape.output());
         let pooled = spec.forward(&upload(&x)).unwrap();
         prop_assert!(max_abs_diff(&pooled.y.to_array().unwrap(), &cpu.y) <= 1e-6);
         if let (Some(g), Some(c)) = (&pooled.argmax, &cpu.argmax) {
@@ -110,7 +138,9 @@ proptest! {
         }
         let dy = random(&shape.output(), seed + 1);
         let want = wgcnn::cpu::pool2d_backward(&spec, x.shape(), &dy.view(), cpu.argmax.as_ref().map(|a| a.view()).as_ref()).unwrap();
-        let got = spec.backward(x.shape(), &upload(&dy), pooled.argmax.as_ref()).unwrap().to_array().unwrap();
+        let tdy = upload(&dy);
+        poison(x.shape());
+        let got = spec.backward(x.shape(), &tdy, pooled.argmax.as_ref()).unwrap().to_array().unwrap();
         prop_assert!(max_abs_diff(&got, &want) <= 1e-5, "{spec:?}: {}", max_abs_diff(&got, &want));
     }
 }
@@ -137,9 +167,7 @@ fn backward_over_windows_that_tile_the_input() {
         ] {
             let spec = Pool2d {
                 kind,
-                kernel,
-                stride: kernel,
-                padding: (0, 0),
+                ..Pool2d::max(kernel)
             };
             // Coarse values: ties within windows.
             let x = random(&[n, c, h, w], i as u64).mapv(|v| (v * 2.0).round());
@@ -256,7 +284,19 @@ fn bad_windows_are_errors() {
         })
         .contains("at most half the window")
     );
-    assert!(m(Pool2d::max((5, 1))).contains("larger than the padded input 4×4"));
+    assert!(m(Pool2d::max((5, 1))).contains(
+        "window (5, 1) with dilation (1, 1) does not fit the input 4×4 padded by (0, 0)"
+    ));
+    assert!(m(Pool2d::max((2, 2)).dilation((4, 1))).contains("does not fit"));
+    assert!(m(Pool2d::max((2, 2)).dilation((0, 1))).contains("dilation (0, 1) must be at least 1"));
+    assert!(m(Pool2d::avg((2, 2)).dilation((2, 2))).contains("max pooling only"));
+    assert!(
+        Pool2d::max((1, 1))
+            .shape(&[1, 1, 8192, 4096])
+            .unwrap_err()
+            .to_string()
+            .contains("arg-max indices are exact")
+    );
     assert!(
         Pool2d::max((2, 2))
             .shape(&[4, 4])
@@ -280,7 +320,7 @@ fn bad_windows_are_errors() {
 #[test]
 fn cpu_backward_matches_finite_differences() {
     // Distinct values (no ties within eps), overlapping windows and padding.
-    let x = ArrayD::from_shape_fn(IxDyn(&[2, 2, 5, 6]), |d| {
+    let x = ArrayD::from_shape_fn(IxDyn(&[2, 2, 6, 6]), |d| {
         ((d[0] * 131 + d[1] * 71 + d[2] * 17 + d[3] * 7) % 97) as f32 / 10.0
     });
     for kind in [
@@ -292,11 +332,14 @@ fn cpu_backward_matches_finite_differences() {
             count_include_pad: false,
         },
     ] {
+        // ceil_mode: the last row of windows overhangs the padded input.
         let spec = Pool2d {
             kind,
             kernel: (3, 2),
             stride: (2, 1),
             padding: (1, 1),
+            dilation: (1, 1),
+            ceil_mode: true,
         };
         let pooled = wgcnn::cpu::pool2d(&spec, &x.view()).unwrap();
         let dy = random(pooled.y.shape(), 3);

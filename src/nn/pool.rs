@@ -37,6 +37,12 @@ impl Layer for Pool {
         if p.padding != (0, 0) {
             text += &format!(", padding {}×{}", p.padding.0, p.padding.1);
         }
+        if p.dilation != (1, 1) {
+            text += &format!(", dilation {}×{}", p.dilation.0, p.dilation.1);
+        }
+        if p.ceil_mode {
+            text += ", ceil_mode";
+        }
         text + ")"
     }
 

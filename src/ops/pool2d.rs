@@ -3,7 +3,8 @@
 //! Max pooling sends each window's gradient only to its maximum (the first one in
 //! row-major order on ties, as PyTorch); average pooling sends `delta / (M1·M2)` to every
 //! element of the window (or divides by the in-bounds count with `count_include_pad: false`).
-//! Overlapping windows add up.
+//! Overlapping windows add up. Output sizes, `ceil_mode` and the divisor of windows that
+//! overhang the edge follow PyTorch exactly; max pooling takes a dilation.
 
 use bytemuck::{Pod, Zeroable};
 use ndarray::{Array4, ArrayD, ArrayView4, ArrayViewD, Ix4};
@@ -35,6 +36,13 @@ pub struct Pool2d {
     pub stride: (usize, usize),
     /// Padding `(rows, columns)` on each side, at most half the window.
     pub padding: (usize, usize),
+    /// Spacing of the window's taps `(dh, dw)`, at least 1; above 1 for max pooling only
+    /// (PyTorch's `avg_pool2d` has none).
+    pub dilation: (usize, usize),
+    /// Round the output size up, so that a last, partial window covers the remainder (it
+    /// must start inside the input or the left/top padding, as in PyTorch). Average pooling
+    /// divides such a window by its part inside the padded input.
+    pub ceil_mode: bool,
 }
 
 /// The checked sizes of one pooling.
@@ -62,7 +70,9 @@ impl Pool2dShape {
 }
 
 /// What the forward pass returns: the pooled tensor and, for max pooling, the arg-max of
-/// each window as a flat `h·W + w` index within its plane (as f32), for the backward pass.
+/// each window as a flat `h·W + w` index within its plane, for the backward pass. The arg-max
+/// is held as f32 (exact: planes are limited to 2²⁴ pixels); [`Pooled::indices`] gives the
+/// integers, as PyTorch's `return_indices`.
 #[derive(Debug)]
 pub struct Pooled<T> {
     /// `[N, C, OH, OW]`.
@@ -71,11 +81,54 @@ pub struct Pooled<T> {
     pub argmax: Option<T>,
 }
 
+impl Pooled<ArrayD<f32>> {
+    /// The arg-max as integers (max pooling only).
+    pub fn indices(&self) -> Option<ArrayD<i64>> {
+        self.argmax.as_ref().map(|a| a.mapv(|v| v as i64))
+    }
+}
+
+impl Pooled<Tensor> {
+    /// The arg-max read back as integers (max pooling only).
+    pub fn indices(&self) -> Result<Option<ArrayD<i64>>> {
+        self.argmax
+            .as_ref()
+            .map(|a| Ok(a.to_array()?.mapv(|v| v as i64)))
+            .transpose()
+    }
+}
+
+/// The largest plane whose flat indices f32 holds exactly.
+const MAX_PLANE: usize = 1 << 24;
+
 fn invalid(detail: String) -> Error {
     Error::InvalidArgument {
         op: "pool2d",
         detail,
     }
+}
+
+/// PyTorch's output size along one axis (`pooling_output_shape`), or `None` when the window
+/// does not fit or a size overflows.
+fn output_size(
+    size: usize,
+    kernel: usize,
+    stride: usize,
+    pad: usize,
+    dilation: usize,
+    ceil_mode: bool,
+) -> Option<usize> {
+    let span = dilation.checked_mul(kernel - 1)?.checked_add(1)?;
+    let padded = size.checked_add(pad.checked_mul(2)?)?;
+    let room = padded.checked_sub(span)?;
+    let steps = if ceil_mode {
+        room.div_ceil(stride)
+    } else {
+        room / stride
+    };
+    // A last window must start inside the input or its left padding.
+    let too_far = ceil_mode && steps * stride >= size + pad;
+    Some(steps + 1 - usize::from(too_far))
 }
 
 impl Pool2d {
@@ -86,6 +139,8 @@ impl Pool2d {
             kernel,
             stride: kernel,
             padding: (0, 0),
+            dilation: (1, 1),
+            ceil_mode: false,
         }
     }
 
@@ -98,13 +153,40 @@ impl Pool2d {
             kernel,
             stride: kernel,
             padding: (0, 0),
+            dilation: (1, 1),
+            ceil_mode: false,
         }
+    }
+
+    /// With this stride.
+    pub fn stride(mut self, stride: (usize, usize)) -> Self {
+        self.stride = stride;
+        self
+    }
+
+    /// With this padding on each side.
+    pub fn padding(mut self, padding: (usize, usize)) -> Self {
+        self.padding = padding;
+        self
+    }
+
+    /// With this dilation (max pooling).
+    pub fn dilation(mut self, dilation: (usize, usize)) -> Self {
+        self.dilation = dilation;
+        self
+    }
+
+    /// With the output size rounded up (PyTorch's `ceil_mode=True`).
+    pub fn ceil_mode(mut self, ceil_mode: bool) -> Self {
+        self.ceil_mode = ceil_mode;
+        self
     }
 
     /// Checks `x [N, C, H, W]` against the hyper-parameters.
     pub fn shape(&self, x: &[usize]) -> Result<Pool2dShape> {
         let [n, c, h, w] = super::nchw("pool2d", x)?;
         let ((kh, kw), (sh, sw), (ph, pw)) = (self.kernel, self.stride, self.padding);
+        let (dh, dw) = self.dilation;
         if kh == 0 || kw == 0 {
             return Err(invalid(format!(
                 "window {:?} must be at least 1×1",
@@ -117,6 +199,18 @@ impl Pool2d {
                 self.stride
             )));
         }
+        if dh == 0 || dw == 0 {
+            return Err(invalid(format!(
+                "dilation {:?} must be at least 1 on both axes",
+                self.dilation
+            )));
+        }
+        if self.dilation != (1, 1) && self.kind != PoolKind::Max {
+            return Err(invalid(format!(
+                "dilation {:?} applies to max pooling only (average pooling has none, as in PyTorch)",
+                self.dilation
+            )));
+        }
         // ph > kh / 2 is 2·ph > kh without the overflow of 2·ph.
         if ph > kh / 2 || pw > kw / 2 {
             return Err(invalid(format!(
@@ -124,22 +218,21 @@ impl Pool2d {
                 self.padding, self.kernel
             )));
         }
-        if kh > h + 2 * ph || kw > w + 2 * pw {
+        let (Some(oh), Some(ow)) = (
+            output_size(h, kh, sh, ph, dh, self.ceil_mode),
+            output_size(w, kw, sw, pw, dw, self.ceil_mode),
+        ) else {
             return Err(invalid(format!(
-                "window {:?} is larger than the padded input {}×{}",
-                self.kernel,
-                h + 2 * ph,
-                w + 2 * pw
+                "window {:?} with dilation {:?} does not fit the input {h}×{w} padded by {:?}",
+                self.kernel, self.dilation, self.padding
+            )));
+        };
+        if h.checked_mul(w).is_none_or(|pixels| pixels > MAX_PLANE) {
+            return Err(invalid(format!(
+                "planes of {h}×{w} exceed the {MAX_PLANE} pixels whose arg-max indices are exact; pool tiles of the image"
             )));
         }
-        Ok(Pool2dShape {
-            n,
-            c,
-            h,
-            w,
-            oh: (h + 2 * ph - kh) / sh + 1,
-            ow: (w + 2 * pw - kw) / sw + 1,
-        })
+        Ok(Pool2dShape { n, c, h, w, oh, ow })
     }
 
     /// Pools `x` on the GPU.
@@ -177,6 +270,7 @@ impl Pool2d {
         // Windows that tile the input: one invocation per window instead of per pixel.
         let tiled = self.stride == self.kernel
             && self.padding == (0, 0)
+            && self.dilation == (1, 1)
             && shape.oh * self.kernel.0 == shape.h
             && shape.ow * self.kernel.1 == shape.w;
         let (entry, total) = if tiled {
@@ -231,6 +325,8 @@ impl Pool2d {
             ("SW", self.stride.1),
             ("PAD_TOP", self.padding.0),
             ("PAD_LEFT", self.padding.1),
+            ("DH", self.dilation.0),
+            ("DW", self.dilation.1),
             ("COUNT_INCLUDE_PAD", usize::from(count_include_pad)),
         ]
         .map(|(name, value)| (name, value as u32));
@@ -281,21 +377,25 @@ impl Pool2d {
     ) -> impl Iterator<Item = (usize, usize)> {
         let top = (i * self.stride.0) as isize - self.padding.0 as isize;
         let left = (j * self.stride.1) as isize - self.padding.1 as isize;
-        let (kh, kw, h, w) = (
-            self.kernel.0 as isize,
-            self.kernel.1 as isize,
-            shape.h as isize,
-            shape.w as isize,
-        );
-        (top..top + kh)
-            .flat_map(move |r| (left..left + kw).map(move |c| (r, c)))
+        let (h, w) = (shape.h as isize, shape.w as isize);
+        let (dh, dw) = (self.dilation.0 as isize, self.dilation.1 as isize);
+        let (kh, kw) = (self.kernel.0 as isize, self.kernel.1 as isize);
+        (0..kh)
+            .flat_map(move |p| (0..kw).map(move |q| (top + p * dh, left + q * dw)))
             .filter(move |&(r, c)| r >= 0 && c >= 0 && r < h && c < w)
             .map(|(r, c)| (r as usize, c as usize))
     }
 
+    /// PyTorch's divisor: the window clipped to the padded input (a `ceil_mode` window can
+    /// overhang it) with `count_include_pad`, else its cells inside the input.
     fn divisor(&self, shape: &Pool2dShape, i: usize, j: usize, include_pad: bool) -> f32 {
         if include_pad {
-            (self.kernel.0 * self.kernel.1) as f32
+            let extent = |start: usize, kernel: usize, size: usize, pad: usize| {
+                (start + kernel).min(size + 2 * pad) - start
+            };
+            let rows = extent(i * self.stride.0, self.kernel.0, shape.h, self.padding.0);
+            let cols = extent(j * self.stride.1, self.kernel.1, shape.w, self.padding.1);
+            (rows * cols) as f32
         } else {
             self.window(shape, i, j).count() as f32
         }

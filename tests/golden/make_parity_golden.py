@@ -1,12 +1,12 @@
 """PyTorch (CPU, float32) golden cases for the PyTorch-parity ops: log_softmax (forward,
-backward), nll_loss, adaptive_avg_pool2d, asymmetric padding and grouped/depthwise
-convolution, in the schema of ../../shared/golden
+backward), nll_loss, adaptive_avg_pool2d, asymmetric padding, grouped/depthwise
+convolution and pooling with ceil_mode and dilation, in the schema of ../../shared/golden
 (cnn-golden/1). Run from the repository root:
 
     python3 tests/golden/make_parity_golden.py
 
 Needs only torch (no numpy). Writes tests/golden/{log_softmax,nll,adaptive_avgpool2d,asympad_conv2d}_*.json and
-tests/golden/conv2d_{groups,depthwise}*.json.
+tests/golden/conv2d_{groups,depthwise}*.json, tests/golden/{max,avg}pool2d_{ceil,dil}*.json.
 """
 
 import json
@@ -113,6 +113,31 @@ def grouped_conv_case(name, shape, weight_shape, stride, padding, dilation, grou
                   "dilation": list(dilation), "groups": groups})
 
 
+def pool_case(name, kind, shape, kernel, stride, padding, seed, dilation=(1, 1), ceil_mode=False,
+              count_include_pad=True, coarse=False):
+    torch.manual_seed(seed)
+    x = torch.randn(*shape)
+    if coarse:  # ties inside windows
+        x = (x * 2).round()
+    x.requires_grad_(True)
+    params = {"kernel": list(kernel), "stride": list(stride), "padding": list(padding),
+              "dilation": list(dilation), "ceil_mode": ceil_mode}
+    outputs = {}
+    if kind == "max":
+        y, indices = F.max_pool2d(x, kernel, stride, padding, dilation, ceil_mode=ceil_mode,
+                                  return_indices=True)
+        outputs["indices"] = T(indices)
+    else:
+        y = F.avg_pool2d(x, kernel, stride, padding, ceil_mode=ceil_mode,
+                         count_include_pad=count_include_pad)
+        params["count_include_pad"] = count_include_pad
+    outputs = {"y": T(y), **outputs}
+    dy = torch.randn(y.shape)
+    (gx,) = torch.autograd.grad(y, x, dy)
+    write(name, kind + "_pool2d", f"y = {kind}_pool2d(x, ...) with the params", seed,
+          {"x": T(x)}, outputs, {"y": T(dy)}, {"x": T(gx)}, params=params)
+
+
 def main():
     torch.set_num_threads(1)
     torch.manual_seed(5000)
@@ -147,6 +172,18 @@ def main():
     grouped_conv_case("conv2d_depthwise_h8w8_k3_s1_same", (2, 5, 8, 8), (5, 1, 3, 3), (1, 1), "same", (1, 1), 5, 5013)
     grouped_conv_case("conv2d_depthwise_m2_h9w7_k3_s2_p1", (1, 3, 9, 7), (6, 1, 3, 3), (2, 2), (1, 1), (1, 1), 3, 5014)
     grouped_conv_case("conv2d_groups3_h8w10_k5x3_s2x1_p2x1_d1x2", (2, 6, 8, 10), (9, 2, 5, 3), (2, 1), (2, 1), (1, 2), 3, 5015)
+    # ceil_mode: a last, partial window (overhanging the padded input: PyTorch's divisor rule),
+    # a window dropped because it would start in the right padding; dilated max pooling.
+    pool_case("maxpool2d_ceil_k3s2_h8w9", "max", (2, 2, 8, 9), (3, 3), (2, 2), (0, 0), 5016, ceil_mode=True)
+    pool_case("maxpool2d_ceil_k2s2p1_h5w6", "max", (1, 3, 5, 6), (2, 2), (2, 2), (1, 1), 5017, ceil_mode=True,
+              coarse=True)
+    pool_case("maxpool2d_dil2_k3s1p1_h9w8", "max", (2, 2, 9, 8), (3, 3), (1, 1), (1, 1), 5018, dilation=(2, 2))
+    pool_case("maxpool2d_dil2x3_ceil_k2s2_h9w11", "max", (1, 2, 9, 11), (2, 2), (2, 2), (1, 0), 5019,
+              dilation=(2, 3), ceil_mode=True, coarse=True)
+    pool_case("avgpool2d_ceil_k3s2p1_h6w7", "avg", (2, 2, 6, 7), (3, 3), (2, 2), (1, 1), 5020, ceil_mode=True)
+    pool_case("avgpool2d_ceil_k3s2p1_h6w7_excludepad", "avg", (2, 2, 6, 7), (3, 3), (2, 2), (1, 1), 5021,
+              ceil_mode=True, count_include_pad=False)
+    pool_case("avgpool2d_ceil_k2s3_h8w7", "avg", (1, 2, 8, 7), (2, 2), (3, 3), (0, 0), 5022, ceil_mode=True)
 
 
 if __name__ == "__main__":
