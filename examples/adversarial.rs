@@ -91,14 +91,7 @@ fn gan(
         .add("fc1", Linear::new(784, 128).activation(leaky))
         .add("fc2", Linear::new(128, 2))
         .build(device.clone(), 12)?;
-    let adam = |lr| Optimizer::Adam {
-        lr,
-        beta1: 0.5,
-        beta2: 0.999,
-        eps: 1e-8,
-        weight_decay: 0.0,
-        decoupled: false,
-    };
+    let adam = |lr| Optimizer::adam(lr).betas(0.5, 0.999);
     // The generator learns faster than the discriminator, which otherwise wins outright.
     let mut opt_g = generator.optimizer(adam(5e-4))?;
     let mut opt_d = discriminator.optimizer(adam(2e-4))?;

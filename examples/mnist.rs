@@ -116,10 +116,10 @@ impl From<InitArg> for Init {
 
 fn optimizer(rule: Rule, lr: Option<f32>) -> Optimizer {
     match rule {
-        Rule::Sgd => Optimizer::sgd(lr.unwrap_or(0.1)),
-        Rule::Momentum => Optimizer::momentum(lr.unwrap_or(0.02), 0.9),
-        Rule::Adagrad => Optimizer::adagrad(lr.unwrap_or(0.02)),
-        Rule::Adam => Optimizer::adam(lr.unwrap_or(0.006)),
+        Rule::Sgd => Optimizer::sgd(lr.unwrap_or(0.1)).into(),
+        Rule::Momentum => Optimizer::momentum(lr.unwrap_or(0.02), 0.9).into(),
+        Rule::Adagrad => Optimizer::adagrad(lr.unwrap_or(0.02)).into(),
+        Rule::Adam => Optimizer::adam(lr.unwrap_or(0.006)).into(),
     }
 }
 

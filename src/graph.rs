@@ -621,6 +621,26 @@ impl Graph {
             .collect()
     }
 
+    /// The full names and shapes of the tensors [`Graph::update`] trains, in its order (the
+    /// order of an optimizer's per-parameter state).
+    pub(crate) fn trained(&self) -> Vec<(String, Vec<usize>)> {
+        self.nodes
+            .iter()
+            .filter(|n| !n.frozen)
+            .flat_map(|n| {
+                n.full_names()
+                    .zip(n.state.iter().zip(&n.trainable))
+                    .filter(|(_, (_, t))| **t)
+                    .map(|(name, (value, _))| (name, value.shape().to_vec()))
+            })
+            .collect()
+    }
+
+    /// Sets the training-step count (resuming a run: it seeds the dropout masks).
+    pub(crate) fn set_steps(&mut self, step: u32) {
+        self.step = step;
+    }
+
     /// The gradient of each trainable tensor from the last backward, by full name.
     pub fn grads(&self) -> Vec<(String, Option<&Value>)> {
         self.nodes
@@ -702,7 +722,7 @@ impl Graph {
     }
 
     /// An optimizer for this model's device.
-    pub fn optimizer(&self, rule: Optimizer) -> Result<GraphOptimizer> {
+    pub fn optimizer(&self, rule: impl Into<Optimizer>) -> Result<GraphOptimizer> {
         Ok(match self.device {
             Device::Gpu(_) => GraphOptimizer::Gpu(GpuOptimizer::new(rule)?),
             Device::Cpu => GraphOptimizer::Cpu(CpuOptimizer::new(rule)?),
@@ -770,6 +790,44 @@ impl GraphOptimizer {
         match self {
             GraphOptimizer::Gpu(opt) => opt.set_lr(lr),
             GraphOptimizer::Cpu(opt) => opt.set_lr(lr),
+        }
+    }
+
+    /// The rule and its hyper-parameters.
+    pub fn rule(&self) -> Optimizer {
+        match self {
+            GraphOptimizer::Gpu(opt) => opt.rule(),
+            GraphOptimizer::Cpu(opt) => opt.rule(),
+        }
+    }
+
+    /// Steps taken so far.
+    pub fn steps(&self) -> u32 {
+        match self {
+            GraphOptimizer::Gpu(opt) => opt.steps(),
+            GraphOptimizer::Cpu(opt) => opt.steps(),
+        }
+    }
+
+    /// The per-parameter state on the host (empty before the first step).
+    pub fn state_arrays(&self) -> Result<Vec<Vec<ArrayD<f32>>>> {
+        match self {
+            GraphOptimizer::Gpu(opt) => opt.state_arrays(),
+            GraphOptimizer::Cpu(opt) => opt.state_arrays(),
+        }
+    }
+
+    /// Replaces the step count and the state, on `device`.
+    pub(crate) fn restore(
+        &mut self,
+        device: &Device,
+        step: u32,
+        state: Vec<Vec<ArrayD<f32>>>,
+    ) -> Result<()> {
+        match (self, device) {
+            (GraphOptimizer::Gpu(opt), Device::Gpu(gpu)) => opt.restore(gpu, step, state),
+            (GraphOptimizer::Cpu(opt), Device::Cpu) => opt.restore(step, state),
+            _ => Err(mixed_devices()),
         }
     }
 }

@@ -1,60 +1,190 @@
 //! Optimizers as GPU kernels (`shaders/optim.wgsl`) with CPU references, following PyTorch's
-//! update rules: SGD (momentum, dampening, Nesterov), AdaGrad, Adam and AdamW, each with
-//! weight decay. Parameters are updated in place.
+//! update rules and options: SGD (momentum, dampening, Nesterov), AdaGrad (lr_decay,
+//! initial_accumulator_value), Adam, AdamW and AMSGrad, each with weight decay. Parameters are
+//! updated in place; the state has PyTorch's names and can be saved and restored.
 
 use bytemuck::{Pod, Zeroable};
-use ndarray::{ArrayD, Zip};
+use ndarray::{ArrayD, IxDyn, Zip};
 
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
-/// An optimizer's rule and hyper-parameters.
+/// SGD: `p -= lr·g`, with optional momentum (PyTorch's buffer: `b = m·b + (1-dampening)·g`,
+/// `b = g` on the first step), Nesterov's variant and weight decay. Build it with
+/// [`Optimizer::sgd`] and the methods below, as PyTorch's keyword arguments.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Sgd {
+    /// Learning rate.
+    pub lr: f32,
+    /// Momentum factor (0 for plain SGD).
+    pub momentum: f32,
+    /// Dampening of the gradient in the momentum buffer.
+    pub dampening: f32,
+    /// Nesterov momentum (needs momentum and no dampening, as in PyTorch).
+    pub nesterov: bool,
+    /// L2 penalty added to the gradient.
+    pub weight_decay: f32,
+}
+
+impl Sgd {
+    /// With this momentum factor.
+    pub fn momentum(self, momentum: f32) -> Self {
+        Self { momentum, ..self }
+    }
+
+    /// With this dampening of the momentum buffer's gradient term.
+    pub fn dampening(self, dampening: f32) -> Self {
+        Self { dampening, ..self }
+    }
+
+    /// With Nesterov momentum on or off.
+    pub fn nesterov(self, nesterov: bool) -> Self {
+        Self { nesterov, ..self }
+    }
+
+    /// With this L2 penalty.
+    pub fn weight_decay(self, weight_decay: f32) -> Self {
+        Self {
+            weight_decay,
+            ..self
+        }
+    }
+}
+
+/// AdaGrad: `s += g²; p -= clr·g / (√s + eps)` with `clr = lr / (1 + (t-1)·lr_decay)` and
+/// `s` starting at `initial_accumulator_value`, as PyTorch's `Adagrad`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdaGrad {
+    /// Learning rate.
+    pub lr: f32,
+    /// Decay of the learning rate with the step count.
+    pub lr_decay: f32,
+    /// L2 penalty added to the gradient.
+    pub weight_decay: f32,
+    /// The sum of squares before the first step.
+    pub initial_accumulator_value: f32,
+    /// Added to the denominator.
+    pub eps: f32,
+}
+
+impl AdaGrad {
+    /// With this learning-rate decay.
+    pub fn lr_decay(self, lr_decay: f32) -> Self {
+        Self { lr_decay, ..self }
+    }
+
+    /// With this L2 penalty.
+    pub fn weight_decay(self, weight_decay: f32) -> Self {
+        Self {
+            weight_decay,
+            ..self
+        }
+    }
+
+    /// With the sum of squares starting at this value.
+    pub fn initial_accumulator_value(self, initial_accumulator_value: f32) -> Self {
+        Self {
+            initial_accumulator_value,
+            ..self
+        }
+    }
+
+    /// With this eps.
+    pub fn eps(self, eps: f32) -> Self {
+        Self { eps, ..self }
+    }
+}
+
+/// Adam with bias correction (`decoupled`: AdamW, the decay applied to the weights), and
+/// optionally AMSGrad (the running maximum of the second moment in the denominator).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Adam {
+    /// Learning rate.
+    pub lr: f32,
+    /// Decays of the first and second moments.
+    pub betas: (f32, f32),
+    /// Added to the denominator.
+    pub eps: f32,
+    /// L2 penalty (Adam) or decoupled decay (AdamW).
+    pub weight_decay: f32,
+    /// AMSGrad.
+    pub amsgrad: bool,
+    /// AdamW.
+    pub decoupled: bool,
+}
+
+impl Adam {
+    /// With these moment decays.
+    pub fn betas(self, beta1: f32, beta2: f32) -> Self {
+        Self {
+            betas: (beta1, beta2),
+            ..self
+        }
+    }
+
+    /// With this eps.
+    pub fn eps(self, eps: f32) -> Self {
+        Self { eps, ..self }
+    }
+
+    /// With this weight decay (L2 for Adam, decoupled for AdamW).
+    pub fn weight_decay(self, weight_decay: f32) -> Self {
+        Self {
+            weight_decay,
+            ..self
+        }
+    }
+
+    /// With AMSGrad on or off.
+    pub fn amsgrad(self, amsgrad: bool) -> Self {
+        Self { amsgrad, ..self }
+    }
+}
+
+/// An optimizer's rule and hyper-parameters: one of [`Sgd`], [`AdaGrad`], [`Adam`], each
+/// built from its constructor here with methods named as PyTorch's arguments:
+///
+/// ```
+/// use wgcnn::Optimizer;
+///
+/// let sgd = Optimizer::sgd(0.1).momentum(0.9).nesterov(true).weight_decay(5e-4);
+/// let adam = Optimizer::adam(1e-3).betas(0.9, 0.99).eps(1e-6).amsgrad(true);
+/// let adagrad = Optimizer::adagrad(0.1).lr_decay(1e-3).initial_accumulator_value(0.1);
+/// assert_eq!(Optimizer::from(adam).state_names(), ["exp_avg", "exp_avg_sq", "max_exp_avg_sq"]);
+/// # let _ = (sgd, adagrad);
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Optimizer {
-    /// `p -= lr·g`, with optional momentum (PyTorch's buffer: `b = m·b + (1-dampening)·g`,
-    /// `b = g` on the first step) and Nesterov's variant.
-    Sgd {
-        /// Learning rate.
-        lr: f32,
-        /// Momentum factor (0 for plain SGD).
-        momentum: f32,
-        /// Dampening of the gradient in the momentum buffer.
-        dampening: f32,
-        /// Nesterov momentum.
-        nesterov: bool,
-        /// L2 penalty added to the gradient.
-        weight_decay: f32,
-    },
-    /// `s += g²; p -= lr·g / (√s + eps)`.
-    AdaGrad {
-        /// Learning rate.
-        lr: f32,
-        /// Added to the denominator.
-        eps: f32,
-        /// L2 penalty added to the gradient.
-        weight_decay: f32,
-    },
-    /// Adam with bias correction; `decoupled` makes it AdamW (decay applied to the weights).
-    Adam {
-        /// Learning rate.
-        lr: f32,
-        /// Decay of the first moment.
-        beta1: f32,
-        /// Decay of the second moment.
-        beta2: f32,
-        /// Added to the denominator.
-        eps: f32,
-        /// L2 penalty (Adam) or decoupled decay (AdamW).
-        weight_decay: f32,
-        /// AdamW.
-        decoupled: bool,
-    },
+    /// SGD with momentum, dampening, Nesterov and weight decay.
+    Sgd(Sgd),
+    /// AdaGrad.
+    AdaGrad(AdaGrad),
+    /// Adam, AdamW, AMSGrad.
+    Adam(Adam),
+}
+
+impl From<Sgd> for Optimizer {
+    fn from(rule: Sgd) -> Self {
+        Self::Sgd(rule)
+    }
+}
+
+impl From<AdaGrad> for Optimizer {
+    fn from(rule: AdaGrad) -> Self {
+        Self::AdaGrad(rule)
+    }
+}
+
+impl From<Adam> for Optimizer {
+    fn from(rule: Adam) -> Self {
+        Self::Adam(rule)
+    }
 }
 
 impl Optimizer {
-    /// Plain SGD.
-    pub fn sgd(lr: f32) -> Self {
-        Self::Sgd {
+    /// Plain SGD (PyTorch's defaults for everything but the learning rate).
+    pub fn sgd(lr: f32) -> Sgd {
+        Sgd {
             lr,
             momentum: 0.0,
             dampening: 0.0,
@@ -64,103 +194,124 @@ impl Optimizer {
     }
 
     /// SGD with momentum.
-    pub fn momentum(lr: f32, momentum: f32) -> Self {
-        Self::Sgd {
-            lr,
-            momentum,
-            dampening: 0.0,
-            nesterov: false,
-            weight_decay: 0.0,
-        }
+    pub fn momentum(lr: f32, momentum: f32) -> Sgd {
+        Self::sgd(lr).momentum(momentum)
     }
 
-    /// AdaGrad with PyTorch's eps.
-    pub fn adagrad(lr: f32) -> Self {
-        Self::AdaGrad {
+    /// AdaGrad with PyTorch's defaults (eps 1e-10).
+    pub fn adagrad(lr: f32) -> AdaGrad {
+        AdaGrad {
             lr,
-            eps: 1e-10,
+            lr_decay: 0.0,
             weight_decay: 0.0,
+            initial_accumulator_value: 0.0,
+            eps: 1e-10,
         }
     }
 
     /// Adam with PyTorch's defaults for the betas and eps.
-    pub fn adam(lr: f32) -> Self {
-        Self::Adam {
+    pub fn adam(lr: f32) -> Adam {
+        Adam {
             lr,
-            beta1: 0.9,
-            beta2: 0.999,
+            betas: (0.9, 0.999),
             eps: 1e-8,
             weight_decay: 0.0,
+            amsgrad: false,
             decoupled: false,
         }
     }
 
     /// AdamW (decoupled weight decay).
-    pub fn adamw(lr: f32, weight_decay: f32) -> Self {
-        Self::Adam {
-            lr,
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
+    pub fn adamw(lr: f32, weight_decay: f32) -> Adam {
+        Adam {
             weight_decay,
             decoupled: true,
+            ..Self::adam(lr)
         }
     }
 
     /// The learning rate.
     pub fn lr(&self) -> f32 {
         match *self {
-            Self::Sgd { lr, .. } | Self::AdaGrad { lr, .. } | Self::Adam { lr, .. } => lr,
+            Self::Sgd(Sgd { lr, .. })
+            | Self::AdaGrad(AdaGrad { lr, .. })
+            | Self::Adam(Adam { lr, .. }) => lr,
         }
     }
 
     /// The same rule with another learning rate (for schedules).
     pub fn with_lr(mut self, new: f32) -> Self {
         match &mut self {
-            Self::Sgd { lr, .. } | Self::AdaGrad { lr, .. } | Self::Adam { lr, .. } => *lr = new,
+            Self::Sgd(Sgd { lr, .. })
+            | Self::AdaGrad(AdaGrad { lr, .. })
+            | Self::Adam(Adam { lr, .. }) => *lr = new,
         }
         self
     }
 
+    /// PyTorch's names of the state each parameter gets, in the order
+    /// [`OptimizerState::state`] holds it (none for SGD without momentum).
+    pub fn state_names(&self) -> &'static [&'static str] {
+        match *self {
+            Self::Sgd(Sgd { momentum: 0.0, .. }) => &[],
+            Self::Sgd(_) => &["momentum_buffer"],
+            Self::AdaGrad(_) => &["sum"],
+            Self::Adam(Adam { amsgrad: false, .. }) => &["exp_avg", "exp_avg_sq"],
+            Self::Adam(Adam { amsgrad: true, .. }) => &["exp_avg", "exp_avg_sq", "max_exp_avg_sq"],
+        }
+    }
+
+    /// The state of a parameter of this shape before the first step.
+    pub fn initial_state(&self, shape: &[usize]) -> Vec<ArrayD<f32>> {
+        self.state_names()
+            .iter()
+            .map(|_| ArrayD::from_elem(IxDyn(shape), self.initial_fill()))
+            .collect()
+    }
+
+    /// What every state tensor holds before the first step.
+    fn initial_fill(&self) -> f32 {
+        match *self {
+            Self::AdaGrad(rule) => rule.initial_accumulator_value,
+            _ => 0.0,
+        }
+    }
+
     fn validate(&self) -> Result<()> {
         let (lr, others) = match *self {
-            Self::Sgd {
-                lr,
-                momentum,
-                dampening,
-                weight_decay,
-                ..
-            } => (lr, [momentum, dampening, weight_decay]),
-            Self::AdaGrad {
-                lr,
-                eps,
-                weight_decay,
-            } => (lr, [eps, weight_decay, 0.0]),
-            Self::Adam {
-                lr,
-                eps,
-                weight_decay,
-                ..
-            } => (lr, [eps, weight_decay, 0.0]),
+            Self::Sgd(r) => (r.lr, [r.momentum, r.dampening, r.weight_decay, 0.0]),
+            Self::AdaGrad(r) => (
+                r.lr,
+                [
+                    r.eps,
+                    r.weight_decay,
+                    r.lr_decay,
+                    r.initial_accumulator_value,
+                ],
+            ),
+            Self::Adam(r) => (r.lr, [r.eps, r.weight_decay, 0.0, 0.0]),
         };
-        let betas_ok = match *self {
-            Self::Adam { beta1, beta2, .. } => {
-                (0.0..1.0).contains(&beta1) && (0.0..1.0).contains(&beta2)
-            }
-            _ => true,
-        };
-        if !(lr.is_finite() && lr >= 0.0)
-            || others.iter().any(|v| !(v.is_finite() && *v >= 0.0))
-            || !betas_ok
-        {
-            return Err(Error::InvalidArgument {
+        let invalid = |detail: String| {
+            Err(Error::InvalidArgument {
                 op: "optimizer",
-                detail: format!(
-                    "{self:?}: rates and decays must be finite and non-negative, betas in [0, 1)"
-                ),
-            });
+                detail: format!("{self:?}: {detail}"),
+            })
+        };
+        if !(lr.is_finite() && lr >= 0.0) || others.iter().any(|v| !(v.is_finite() && *v >= 0.0)) {
+            return invalid("rates, decays and eps must be finite and non-negative".into());
         }
-        Ok(())
+        match *self {
+            Self::Adam(Adam {
+                betas: (beta1, beta2),
+                ..
+            }) if !((0.0..1.0).contains(&beta1) && (0.0..1.0).contains(&beta2)) => {
+                invalid("betas must be in [0, 1)".into())
+            }
+            Self::Sgd(r) if r.nesterov && (r.momentum <= 0.0 || r.dampening != 0.0) => {
+                invalid("Nesterov momentum requires a momentum and zero dampening".into())
+            }
+            _ => Ok(()),
+        }
     }
 
     /// The uniform parameters of step `t` (from 1).
@@ -171,37 +322,24 @@ impl Optimizer {
             ..OptimParams::zeroed()
         };
         match *self {
-            Self::Sgd {
-                lr,
-                momentum,
-                dampening,
-                nesterov,
-                weight_decay,
-            } => {
+            Self::Sgd(r) => {
                 (
                     params.lr,
                     params.momentum,
                     params.dampening,
                     params.weight_decay,
-                ) = (lr, momentum, dampening, weight_decay);
-                params.nesterov = u32::from(nesterov);
+                ) = (r.lr, r.momentum, r.dampening, r.weight_decay);
+                params.nesterov = u32::from(r.nesterov);
             }
-            Self::AdaGrad {
-                lr,
-                eps,
-                weight_decay,
-            } => {
+            Self::AdaGrad(r) => {
                 params.kind = 1;
-                (params.lr, params.eps, params.weight_decay) = (lr, eps, weight_decay);
+                (params.lr, params.eps, params.weight_decay) = (r.lr, r.eps, r.weight_decay);
+                // PyTorch's clr, in f64 as the bias corrections below.
+                let decayed = 1.0 + f64::from(t - 1) * f64::from(r.lr_decay);
+                params.step_size = (f64::from(r.lr) / decayed) as f32;
             }
-            Self::Adam {
-                lr,
-                beta1,
-                beta2,
-                eps,
-                weight_decay,
-                decoupled,
-            } => {
+            Self::Adam(r) => {
+                let (beta1, beta2) = r.betas;
                 params.kind = 2;
                 (
                     params.lr,
@@ -209,43 +347,62 @@ impl Optimizer {
                     params.beta2,
                     params.eps,
                     params.weight_decay,
-                ) = (lr, beta1, beta2, eps, weight_decay);
-                params.decoupled = u32::from(decoupled);
+                ) = (r.lr, beta1, beta2, r.eps, r.weight_decay);
+                params.decoupled = u32::from(r.decoupled);
+                params.amsgrad = u32::from(r.amsgrad);
                 let t = i32::try_from(t).unwrap_or(i32::MAX);
-                params.step_size = (f64::from(lr) / (1.0 - f64::from(beta1).powi(t))) as f32;
+                params.step_size = (f64::from(r.lr) / (1.0 - f64::from(beta1).powi(t))) as f32;
                 params.bias_correction2_sqrt = (1.0 - f64::from(beta2).powi(t)).sqrt() as f32;
             }
         }
         params
     }
 
-    /// CPU reference: one update of `param` at step `t` (from 1) with two state arrays
-    /// (zeros before the first step), element by element as the kernel does.
+    /// CPU reference: one update of `param` at step `t` (from 1) with its state (as
+    /// [`Optimizer::initial_state`] makes it before the first step), element by element as
+    /// the kernel does.
     pub fn update_cpu(
         &self,
         t: u32,
         param: &mut ArrayD<f32>,
         grad: &ArrayD<f32>,
-        state: &mut [ArrayD<f32>; 2],
+        state: &mut [ArrayD<f32>],
     ) -> Result<()> {
         self.validate()?;
-        if param.shape() != grad.shape() || state.iter().any(|s| s.shape() != param.shape()) {
+        if param.shape() != grad.shape()
+            || state.len() != self.state_names().len()
+            || state.iter().any(|s| s.shape() != param.shape())
+        {
             return Err(Error::ShapeMismatch {
                 op: "optimizer",
                 detail: format!(
-                    "param {:?} and grad {:?} (and state) must match",
+                    "param {:?} and grad {:?} must match, with {} state arrays ({:?}) of that shape; got {}",
                     param.shape(),
-                    grad.shape()
+                    grad.shape(),
+                    self.state_names().len(),
+                    self.state_names(),
+                    state.len()
                 ),
             });
         }
         let p = self.params(param.len(), t);
-        let [s1, s2] = state;
+        // Slots the rule does not use read as zeros, as the kernel's placeholders.
+        let mut spare: Vec<ArrayD<f32>> = (state.len()..3)
+            .map(|_| ArrayD::zeros(param.raw_dim()))
+            .collect();
+        let mut slots = state.iter_mut().chain(spare.iter_mut());
+        let (Some(s1), Some(s2), Some(s3)) = (slots.next(), slots.next(), slots.next()) else {
+            return Err(Error::InvalidArgument {
+                op: "optimizer",
+                detail: "more than three state arrays".into(),
+            });
+        };
         Zip::from(param)
             .and(grad)
             .and(s1)
             .and(s2)
-            .for_each(|w, &g, s1, s2| {
+            .and(s3)
+            .for_each(|w, &g, s1, s2, s3| {
                 let mut g = g;
                 if p.decoupled != 0 {
                     *w *= 1.0 - p.lr * p.weight_decay;
@@ -271,12 +428,17 @@ impl Optimizer {
                     }
                     1 => {
                         *s1 += g * g;
-                        *w -= p.lr * g / (s1.sqrt() + p.eps);
+                        *w -= p.step_size * g / (s1.sqrt() + p.eps);
                     }
                     _ => {
                         *s1 += (1.0 - p.beta1) * (g - *s1);
                         *s2 = *s2 * p.beta2 + (1.0 - p.beta2) * g * g;
-                        *w -= p.step_size * *s1 / (s2.sqrt() / p.bias_correction2_sqrt + p.eps);
+                        let mut second = *s2;
+                        if p.amsgrad != 0 {
+                            *s3 = s3.max(*s2);
+                            second = *s3;
+                        }
+                        *w -= p.step_size * *s1 / (second.sqrt() / p.bias_correction2_sqrt + p.eps);
                     }
                 }
             });
@@ -302,15 +464,17 @@ struct OptimParams {
     decoupled: u32,
     step_size: f32,
     bias_correction2_sqrt: f32,
-    _pad: [u32; 2],
+    amsgrad: u32,
+    _pad: u32,
 }
 
-/// An optimizer rule with its per-parameter state (two tensors per parameter, created zeroed
-/// on the first step): on the GPU as [`GpuOptimizer`], on the host as [`CpuOptimizer`].
+/// An optimizer rule with its per-parameter state (the tensors of
+/// [`Optimizer::state_names`], created on the first step): on the GPU as [`GpuOptimizer`], on
+/// the host as [`CpuOptimizer`].
 pub struct OptimizerState<T> {
     rule: Optimizer,
     step: u32,
-    state: Vec<[T; 2]>,
+    state: Vec<Vec<T>>,
 }
 
 /// An optimizer with its per-parameter state on the GPU.
@@ -320,14 +484,20 @@ pub type GpuOptimizer = OptimizerState<Tensor>;
 pub type CpuOptimizer = OptimizerState<ArrayD<f32>>;
 
 impl<T> OptimizerState<T> {
-    /// A fresh optimizer (state is created, zeroed, on the first step).
-    pub fn new(rule: Optimizer) -> Result<Self> {
+    /// A fresh optimizer (state is created on the first step).
+    pub fn new(rule: impl Into<Optimizer>) -> Result<Self> {
+        let rule = rule.into();
         rule.validate()?;
         Ok(Self {
             rule,
             step: 0,
             state: Vec::new(),
         })
+    }
+
+    /// The rule and its hyper-parameters.
+    pub fn rule(&self) -> Optimizer {
+        self.rule
     }
 
     /// Changes the learning rate from the next step on (the state is kept).
@@ -343,9 +513,10 @@ impl<T> OptimizerState<T> {
         self.step
     }
 
-    /// The state tensors of parameter `index` (momentum/sum/exp_avg, exp_avg_sq).
-    pub fn state(&self, index: usize) -> Option<&[T; 2]> {
-        self.state.get(index)
+    /// The state of parameter `index`, in the order of [`Optimizer::state_names`]; `None`
+    /// before the first step.
+    pub fn state(&self, index: usize) -> Option<&[T]> {
+        self.state.get(index).map(Vec::as_slice)
     }
 
     /// Fails unless there is one gradient per parameter and, after the first step, the same
@@ -382,11 +553,13 @@ impl GpuOptimizer {
             }
         }
         if self.state.is_empty() {
+            let (slots, fill) = (self.rule.state_names().len(), self.rule.initial_fill());
             for p in params {
-                self.state.push([
-                    Tensor::full(p.gpu(), p.shape(), 0.0)?,
-                    Tensor::full(p.gpu(), p.shape(), 0.0)?,
-                ]);
+                self.state.push(
+                    (0..slots)
+                        .map(|_| Tensor::full(p.gpu(), p.shape(), fill))
+                        .collect::<Result<_>>()?,
+                );
             }
         }
         self.step += 1;
@@ -397,12 +570,26 @@ impl GpuOptimizer {
         let pipeline = gpu.pipeline("optim", "main", || {
             include_str!("../shaders/optim.wgsl").into()
         })?;
+        // The kernel binds three state buffers; a rule with fewer gets placeholders it never
+        // reads.
+        let placeholders = [
+            Tensor::full(gpu, &[4], 0.0)?,
+            Tensor::full(gpu, &[4], 0.0)?,
+            Tensor::full(gpu, &[4], 0.0)?,
+        ];
         gpu.run_pass("optimizer step", |pass| {
-            for ((p, g), [s1, s2]) in params.iter().zip(grads).zip(&self.state) {
+            for ((p, g), state) in params.iter().zip(grads).zip(&self.state) {
                 // Whole vec4s: see shaders/optim.wgsl.
                 let vec4s = p.len().div_ceil(4);
                 let params = self.rule.params(vec4s, self.step);
-                let bindings = [p, g, s1, s2].map(|t| t.binding_vec4());
+                let slot = |i: usize| state.get(i).unwrap_or(&placeholders[i]).binding_vec4();
+                let bindings = [
+                    p.binding_vec4(),
+                    g.binding_vec4(),
+                    slot(0),
+                    slot(1),
+                    slot(2),
+                ];
                 gpu.encode(
                     pass,
                     &pipeline,
@@ -414,6 +601,48 @@ impl GpuOptimizer {
             Ok(())
         })
     }
+
+    /// The state as host arrays, per parameter in the order of the steps.
+    pub fn state_arrays(&self) -> Result<Vec<Vec<ArrayD<f32>>>> {
+        self.state
+            .iter()
+            .map(|slots| slots.iter().map(Tensor::to_array).collect())
+            .collect()
+    }
+
+    /// Replaces the step count and the state (as [`Self::state_arrays`] gives it) on `gpu`,
+    /// to resume a run.
+    pub fn restore(
+        &mut self,
+        gpu: &crate::gpu::Gpu,
+        step: u32,
+        state: Vec<Vec<ArrayD<f32>>>,
+    ) -> Result<()> {
+        self.check_restored(&state)?;
+        self.state = state
+            .iter()
+            .map(|slots| slots.iter().map(|a| Tensor::from_array(gpu, a)).collect())
+            .collect::<Result<_>>()?;
+        self.step = step;
+        Ok(())
+    }
+}
+
+impl<T> OptimizerState<T> {
+    fn check_restored(&self, state: &[Vec<ArrayD<f32>>]) -> Result<()> {
+        let names = self.rule.state_names();
+        if let Some(slots) = state.iter().find(|slots| slots.len() != names.len()) {
+            return Err(Error::ShapeMismatch {
+                op: "optimizer",
+                detail: format!(
+                    "the rule keeps {} state tensors per parameter ({names:?}), the saved state has {}",
+                    names.len(),
+                    slots.len()
+                ),
+            });
+        }
+        Ok(())
+    }
 }
 
 impl CpuOptimizer {
@@ -424,13 +653,26 @@ impl CpuOptimizer {
         if self.state.is_empty() {
             self.state = params
                 .iter()
-                .map(|p| [ArrayD::zeros(p.raw_dim()), ArrayD::zeros(p.raw_dim())])
+                .map(|p| self.rule.initial_state(p.shape()))
                 .collect();
         }
         self.step += 1;
         for ((p, g), state) in params.iter_mut().zip(grads).zip(&mut self.state) {
             self.rule.update_cpu(self.step, p, g, state)?;
         }
+        Ok(())
+    }
+
+    /// The state, per parameter in the order of the steps.
+    pub fn state_arrays(&self) -> Result<Vec<Vec<ArrayD<f32>>>> {
+        Ok(self.state.clone())
+    }
+
+    /// Replaces the step count and the state, to resume a run.
+    pub fn restore(&mut self, step: u32, state: Vec<Vec<ArrayD<f32>>>) -> Result<()> {
+        self.check_restored(&state)?;
+        self.state = state;
+        self.step = step;
         Ok(())
     }
 }

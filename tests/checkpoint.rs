@@ -109,3 +109,163 @@ fn corrupt_and_mismatched_checkpoints_are_clear_errors() {
     .unwrap_err();
     assert!(err.to_string().contains("appears twice"), "{err}");
 }
+
+/// A small network with dropout (whose masks follow the step count) and batch-free layers.
+fn small_model(device: wgcnn::Device, seed: u64) -> wgcnn::Graph {
+    use wgcnn::nn::{Conv2d, Dropout, Flatten, Linear, Sequential, max_pool2d, relu};
+    Sequential::new()
+        .add("conv", Conv2d::new(2, 4, (3, 3)))
+        .add("relu", relu())
+        .add("pool", max_pool2d(2))
+        .add("flatten", Flatten)
+        .add("dropout", Dropout::new(0.3, 7).unwrap())
+        .add("fc", Linear::new(4 * 3 * 3, 3))
+        .build(device, seed)
+        .unwrap()
+}
+
+#[test]
+fn resuming_a_run_gives_the_weights_of_not_stopping() {
+    use wgcnn::train::train_step;
+    use wgcnn::{Device, Optimizer};
+    let x = random(&[6, 2, 8, 8], 20);
+    let labels = [0, 1, 2, 2, 1, 0];
+    let mut devices = vec![Device::Cpu];
+    if let Some(gpu) = gpu() {
+        devices.push(Device::Gpu(gpu.clone()));
+    }
+    let rules: [wgcnn::Optimizer; 3] = [
+        Optimizer::adam(1e-2)
+            .amsgrad(true)
+            .weight_decay(1e-3)
+            .into(),
+        Optimizer::momentum(0.05, 0.9).nesterov(true).into(),
+        Optimizer::adagrad(0.05)
+            .lr_decay(0.01)
+            .initial_accumulator_value(0.1)
+            .into(),
+    ];
+    for device in devices {
+        for rule in rules {
+            let step = |model: &mut wgcnn::Graph, opt: &mut wgcnn::graph::GraphOptimizer| {
+                train_step(model, opt, |d| d.upload(x.clone()), &labels).unwrap();
+            };
+            // Six steps without stopping.
+            let mut straight = small_model(device.clone(), 1);
+            let mut straight_opt = straight.optimizer(rule).unwrap();
+            for _ in 0..6 {
+                step(&mut straight, &mut straight_opt);
+            }
+            // Three steps, save, and three more in a fresh model and optimizer.
+            let mut first = small_model(device.clone(), 1);
+            let mut first_opt = first.optimizer(rule).unwrap();
+            for _ in 0..3 {
+                step(&mut first, &mut first_opt);
+            }
+            let path = scratch(&format!("resume-{}", device.name().len()));
+            first.save_training(&first_opt, &path).unwrap();
+            let saved = Checkpoint::load(&path).unwrap();
+            for slot in rule.state_names() {
+                let name = format!("optimizer.fc.weight.{slot}");
+                assert_eq!(saved.get(&name).unwrap().shape(), &[3, 36], "{name}");
+            }
+            assert_eq!(saved.get_integer("optimizer.step").unwrap()[[]], 3);
+            assert_eq!(saved.get_integer("graph.step").unwrap()[[]], 3);
+            let mut resumed = small_model(device.clone(), 99);
+            let mut resumed_opt = resumed.optimizer(rule).unwrap();
+            resumed.load_training(&mut resumed_opt, &path).unwrap();
+            assert_eq!((resumed_opt.steps(), resumed.steps()), (3, 3));
+            for _ in 0..3 {
+                step(&mut resumed, &mut resumed_opt);
+            }
+            let cpu = matches!(device, Device::Cpu);
+            let same = |what: &str, a: &ndarray::ArrayD<f32>, b: &ndarray::ArrayD<f32>| {
+                if cpu {
+                    let exact = a.iter().zip(b).all(|(p, q)| p.to_bits() == q.to_bits());
+                    assert!(exact, "{what} with {rule:?}: not bit-identical on the CPU");
+                } else {
+                    let diff = a
+                        .iter()
+                        .zip(b)
+                        .map(|(p, q)| (p - q).abs())
+                        .fold(0.0, f32::max);
+                    assert!(diff < 1e-5, "{what} with {rule:?} on the GPU: {diff}");
+                }
+            };
+            let (want, got) = (
+                straight.checkpoint().unwrap(),
+                resumed.checkpoint().unwrap(),
+            );
+            for ((name, a), (_, b)) in want.tensors.iter().zip(&got.tensors) {
+                same(name, a, b);
+            }
+            // The optimizer's state too: it drives every later step.
+            let want = straight_opt.state_arrays().unwrap();
+            let got = resumed_opt.state_arrays().unwrap();
+            assert_eq!(want.len(), 4);
+            for (a, b) in want.iter().flatten().zip(got.iter().flatten()) {
+                same("state", a, b);
+            }
+            std::fs::remove_file(&path).ok();
+        }
+    }
+}
+
+#[test]
+fn a_training_checkpoint_for_another_rule_or_model_is_refused_untouched() {
+    use wgcnn::train::train_step;
+    use wgcnn::{Device, Optimizer};
+    let x = random(&[2, 2, 8, 8], 21);
+    let mut model = small_model(Device::Cpu, 1);
+    let mut adam = model.optimizer(Optimizer::adam(1e-2)).unwrap();
+    train_step(&mut model, &mut adam, |d| d.upload(x.clone()), &[0, 1]).unwrap();
+    let saved = model.training_checkpoint(&adam).unwrap();
+
+    // SGD with momentum keeps a momentum_buffer, which the Adam checkpoint lacks.
+    let mut other = small_model(Device::Cpu, 5);
+    let before = other.checkpoint().unwrap();
+    let mut sgd = other.optimizer(Optimizer::momentum(0.1, 0.9)).unwrap();
+    let err = other
+        .load_training_checkpoint(&mut sgd, &saved)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("missing \"optimizer.conv.weight.momentum_buffer\""),
+        "{err}"
+    );
+    assert!(err.contains("a different rule or model?"), "{err}");
+    assert_eq!(
+        other.checkpoint().unwrap(),
+        before,
+        "the model is unchanged"
+    );
+    assert_eq!(sgd.steps(), 0);
+
+    // A model checkpoint (no optimizer, no counts) is not a training checkpoint.
+    let err = other
+        .load_training_checkpoint(&mut sgd, &before)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("not a checkpoint written by Graph::save_training"),
+        "{err}"
+    );
+
+    // A parameter of another shape.
+    let mut bad = saved.clone();
+    let fc = bad
+        .tensors
+        .iter_mut()
+        .find(|(n, _)| n == "optimizer.fc.weight.exp_avg")
+        .unwrap();
+    fc.1 = random(&[3, 35], 1);
+    let mut fresh = other.optimizer(Optimizer::adam(1e-2)).unwrap();
+    let err = other
+        .load_training_checkpoint(&mut fresh, &bad)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("\"optimizer.fc.weight.exp_avg\" is [3, 35], the parameter is [3, 36]"),
+        "{err}"
+    );
+}

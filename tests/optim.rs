@@ -8,30 +8,38 @@ use ndarray::ArrayD;
 use serde_json::Value;
 use wgcnn::{GpuOptimizer, Optimizer, Tensor};
 
+/// The rule of a golden case, built as a user would from PyTorch's hyper-parameters.
 fn rule_of(params: &Value) -> Optimizer {
     let h = &params["hyperparams"];
     let f = |k: &str| h[k].as_f64().unwrap() as f32;
+    let flag = |k: &str| h[k].as_bool().unwrap_or(false);
     match params["optimizer"].as_str().unwrap() {
-        "SGD" => Optimizer::Sgd {
-            lr: f("lr"),
-            momentum: f("momentum"),
-            dampening: f("dampening"),
-            nesterov: h["nesterov"].as_bool().unwrap(),
-            weight_decay: f("weight_decay"),
-        },
-        "Adagrad" => Optimizer::AdaGrad {
-            lr: f("lr"),
-            eps: f("eps"),
-            weight_decay: f("weight_decay"),
-        },
-        "Adam" => Optimizer::Adam {
-            lr: f("lr"),
-            beta1: h["betas"][0].as_f64().unwrap() as f32,
-            beta2: h["betas"][1].as_f64().unwrap() as f32,
-            eps: f("eps"),
-            weight_decay: f("weight_decay"),
-            decoupled: h["decoupled_weight_decay"].as_bool().unwrap_or(false),
-        },
+        "SGD" => Optimizer::sgd(f("lr"))
+            .momentum(f("momentum"))
+            .dampening(f("dampening"))
+            .nesterov(flag("nesterov"))
+            .weight_decay(f("weight_decay"))
+            .into(),
+        "Adagrad" => Optimizer::adagrad(f("lr"))
+            .eps(f("eps"))
+            .weight_decay(f("weight_decay"))
+            .lr_decay(f("lr_decay"))
+            .initial_accumulator_value(f("initial_accumulator_value"))
+            .into(),
+        "Adam" | "AdamW" => {
+            let adam = if params["optimizer"] == "AdamW" || flag("decoupled_weight_decay") {
+                Optimizer::adamw(f("lr"), f("weight_decay"))
+            } else {
+                Optimizer::adam(f("lr")).weight_decay(f("weight_decay"))
+            };
+            adam.betas(
+                h["betas"][0].as_f64().unwrap() as f32,
+                h["betas"][1].as_f64().unwrap() as f32,
+            )
+            .eps(f("eps"))
+            .amsgrad(flag("amsgrad"))
+            .into()
+        }
         other => panic!("unknown optimizer {other}"),
     }
 }
@@ -57,10 +65,7 @@ fn pytorch_goldens_on_gpu_and_cpu() {
             .collect();
 
         let mut cpu_param = param.clone();
-        let mut state = [
-            ArrayD::zeros(param.raw_dim()),
-            ArrayD::zeros(param.raw_dim()),
-        ];
+        let mut state = rule.initial_state(param.shape());
         let gpu_param = Tensor::from_array(gpu, &param).unwrap();
         let mut optimizer = GpuOptimizer::new(rule).unwrap();
         for (t, (g, want)) in grads.iter().zip(&expected).enumerate() {
@@ -84,8 +89,10 @@ fn pytorch_goldens_on_gpu_and_cpu() {
             );
         }
         let final_state = json["outputs"]["final_state"].as_object().unwrap();
+        let names = rule.state_names();
+        assert_eq!(final_state.len(), names.len(), "{name}: {final_state:?}");
         for (key, value) in final_state {
-            let slot = usize::from(key == "exp_avg_sq");
+            let slot = names.iter().position(|n| n == key).unwrap();
             let want = tensor(value);
             assert_close(
                 &format!("{name} cpu {key}"),
@@ -108,37 +115,27 @@ fn pytorch_goldens_on_gpu_and_cpu() {
 #[test]
 fn every_variant_matches_the_cpu_over_several_steps() {
     let Some(gpu) = gpu() else { return };
-    let rules = [
-        Optimizer::sgd(0.05),
-        Optimizer::Sgd {
-            lr: 0.05,
-            momentum: 0.9,
-            dampening: 0.1,
-            nesterov: false,
-            weight_decay: 1e-3,
-        },
-        Optimizer::Sgd {
-            lr: 0.05,
-            momentum: 0.9,
-            dampening: 0.0,
-            nesterov: true,
-            weight_decay: 0.0,
-        },
-        Optimizer::AdaGrad {
-            lr: 0.1,
-            eps: 1e-10,
-            weight_decay: 1e-2,
-        },
-        Optimizer::adam(0.01),
-        Optimizer::Adam {
-            lr: 0.01,
-            beta1: 0.8,
-            beta2: 0.99,
-            eps: 1e-6,
-            weight_decay: 1e-2,
-            decoupled: false,
-        },
-        Optimizer::adamw(0.01, 0.1),
+    let rules: [Optimizer; 10] = [
+        Optimizer::sgd(0.05).into(),
+        Optimizer::momentum(0.05, 0.9)
+            .dampening(0.1)
+            .weight_decay(1e-3)
+            .into(),
+        Optimizer::momentum(0.05, 0.9).nesterov(true).into(),
+        Optimizer::adagrad(0.1).weight_decay(1e-2).into(),
+        Optimizer::adagrad(0.1)
+            .lr_decay(0.05)
+            .initial_accumulator_value(0.3)
+            .into(),
+        Optimizer::adam(0.01).into(),
+        Optimizer::adam(0.01)
+            .betas(0.8, 0.99)
+            .eps(1e-6)
+            .weight_decay(1e-2)
+            .into(),
+        Optimizer::adam(0.01).amsgrad(true).into(),
+        Optimizer::adamw(0.01, 0.1).into(),
+        Optimizer::adamw(0.01, 0.1).amsgrad(true).into(),
     ];
     for (i, rule) in rules.into_iter().enumerate() {
         let shapes = [vec![3, 7], vec![300]];
@@ -147,9 +144,9 @@ fn every_variant_matches_the_cpu_over_several_steps() {
             .enumerate()
             .map(|(j, s)| random(s, (i * 10 + j) as u64))
             .collect();
-        let mut states: Vec<[ArrayD<f32>; 2]> = cpu_params
+        let mut states: Vec<Vec<ArrayD<f32>>> = cpu_params
             .iter()
-            .map(|p| [ArrayD::zeros(p.raw_dim()), ArrayD::zeros(p.raw_dim())])
+            .map(|p| rule.initial_state(p.shape()))
             .collect();
         let gpu_params: Vec<Tensor> = cpu_params
             .iter()
@@ -183,22 +180,40 @@ fn every_variant_matches_the_cpu_over_several_steps() {
             );
         }
         assert_eq!(optimizer.steps(), 5);
+        for (index, want) in states.iter().enumerate() {
+            let got = optimizer.state(index).unwrap();
+            assert_eq!(got.len(), rule.state_names().len());
+            for (g, w) in got.iter().zip(want) {
+                assert!(
+                    max_abs_diff(&g.to_array().unwrap(), w) < 1e-6,
+                    "{rule:?} state"
+                );
+            }
+        }
     }
 }
 
 #[test]
 fn bad_hyper_parameters_and_mismatches_are_errors() {
     assert!(GpuOptimizer::new(Optimizer::sgd(-1.0)).is_err());
+    let err = GpuOptimizer::new(Optimizer::adam(0.1).betas(1.0, 0.9))
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("betas must be in [0, 1)"), "{err}");
+    for nesterov in [
+        Optimizer::sgd(0.1).nesterov(true),
+        Optimizer::momentum(0.1, 0.9).dampening(0.1).nesterov(true),
+    ] {
+        let err = GpuOptimizer::new(nesterov).err().unwrap();
+        assert!(
+            err.to_string()
+                .contains("Nesterov momentum requires a momentum and zero dampening"),
+            "{err}"
+        );
+    }
+    assert!(GpuOptimizer::new(Optimizer::adagrad(0.1).lr_decay(-1.0)).is_err());
     assert!(
-        GpuOptimizer::new(Optimizer::Adam {
-            lr: 0.1,
-            beta1: 1.0,
-            beta2: 0.9,
-            eps: 1e-8,
-            weight_decay: 0.0,
-            decoupled: false
-        })
-        .is_err()
+        GpuOptimizer::new(Optimizer::adagrad(0.1).initial_accumulator_value(f32::NAN)).is_err()
     );
     let err = GpuOptimizer::new(Optimizer::adagrad(f32::NAN))
         .err()

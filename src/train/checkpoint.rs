@@ -1,5 +1,6 @@
 //! Checkpoints in the safetensors format: named f32 tensors, row-major, with PyTorch
-//! state-dict names (`features.0.weight`, …). Writing goes to a temporary file beside the
+//! state-dict names (`features.0.weight`, …), and int64 tensors for counters (batch norm's
+//! `num_batches_tracked`, step counts). Writing goes to a temporary file beside the
 //! target, synced, then renamed over it, so a failed save never corrupts the previous file.
 
 use std::io::Write;
@@ -14,8 +15,10 @@ use crate::tensor::Tensor;
 /// Named tensors on the host, sorted by name.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Checkpoint {
-    /// `(name, value)` pairs, sorted by name.
+    /// `(name, value)` pairs of f32 tensors, sorted by name.
     pub tensors: Vec<(String, ArrayD<f32>)>,
+    /// `(name, value)` pairs of int64 tensors (counters), sorted by name.
+    pub integers: Vec<(String, ArrayD<i64>)>,
 }
 
 fn data_error(path: &Path, detail: impl Into<String>) -> Error {
@@ -26,17 +29,40 @@ fn data_error(path: &Path, detail: impl Into<String>) -> Error {
 }
 
 impl Checkpoint {
-    /// Collects named arrays (names must be unique).
+    /// Collects named f32 arrays (names must be unique).
     pub fn new(tensors: Vec<(String, ArrayD<f32>)>) -> Result<Self> {
-        let mut tensors = tensors;
+        Self::with_integers(tensors, Vec::new())
+    }
+
+    /// Collects named f32 and int64 arrays (names must be unique across both).
+    pub fn with_integers(
+        tensors: Vec<(String, ArrayD<f32>)>,
+        integers: Vec<(String, ArrayD<i64>)>,
+    ) -> Result<Self> {
+        let (mut tensors, mut integers) = (tensors, integers);
         tensors.sort_by(|a, b| a.0.cmp(&b.0));
-        if let Some(pair) = tensors.windows(2).find(|w| w[0].0 == w[1].0) {
+        integers.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut names: Vec<&str> = tensors
+            .iter()
+            .map(|(n, _)| n.as_str())
+            .chain(integers.iter().map(|(n, _)| n.as_str()))
+            .collect();
+        names.sort_unstable();
+        if let Some(pair) = names.windows(2).find(|w| w[0] == w[1]) {
             return Err(Error::InvalidArgument {
                 op: "checkpoint",
-                detail: format!("the name {:?} appears twice", pair[0].0),
+                detail: format!("the name {:?} appears twice", pair[0]),
             });
         }
-        Ok(Self { tensors })
+        Ok(Self { tensors, integers })
+    }
+
+    /// The int64 tensor called `name`.
+    pub fn get_integer(&self, name: &str) -> Option<&ArrayD<i64>> {
+        self.integers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, t)| t)
     }
 
     /// Reads named GPU tensors back to the host.
@@ -57,19 +83,21 @@ impl Checkpoint {
     /// Writes the checkpoint to `path` atomically (temporary file, sync, rename).
     pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
         let path = path.as_ref();
-        let bytes: Vec<Vec<u8>> = self
-            .tensors
+        let floats = self.tensors.iter().map(|(name, t)| {
+            let data: Vec<u8> = t.iter().flat_map(|v| v.to_le_bytes()).collect();
+            (name, Dtype::F32, t.shape(), data)
+        });
+        let integers = self.integers.iter().map(|(name, t)| {
+            let data: Vec<u8> = t.iter().flat_map(|v| v.to_le_bytes()).collect();
+            (name, Dtype::I64, t.shape(), data)
+        });
+        let encoded: Vec<_> = floats.chain(integers).collect();
+        let views = encoded
             .iter()
-            .map(|(_, t)| t.iter().flat_map(|v| v.to_le_bytes()).collect())
-            .collect();
-        let views = self
-            .tensors
-            .iter()
-            .zip(&bytes)
-            .map(|((name, t), data)| {
+            .map(|(name, dtype, shape, data)| {
                 Ok((
                     name.as_str(),
-                    TensorView::new(Dtype::F32, t.shape().to_vec(), data)
+                    TensorView::new(*dtype, shape.to_vec(), data)
                         .map_err(|e| data_error(path, e.to_string()))?,
                 ))
             })
@@ -91,38 +119,50 @@ impl Checkpoint {
     }
 
     /// Reads a checkpoint written by [`Checkpoint::save`] or by PyTorch's safetensors
-    /// (f32 tensors only).
+    /// (f32 and int64 tensors).
     pub fn load(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         let bytes = std::fs::read(path)
             .map_err(|e| data_error(path, format!("cannot read the checkpoint: {e}")))?;
         let file = SafeTensors::deserialize(&bytes)
             .map_err(|e| data_error(path, format!("not a valid safetensors file: {e}")))?;
-        let tensors = file
-            .tensors()
-            .into_iter()
-            .map(|(name, view)| {
-                if view.dtype() != Dtype::F32 {
+        let (mut tensors, mut integers) = (Vec::new(), Vec::new());
+        for (name, view) in file.tensors() {
+            match view.dtype() {
+                Dtype::F32 => {
+                    let values = view
+                        .data()
+                        .chunks_exact(4)
+                        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                        .collect();
+                    tensors.push((name.clone(), shaped(path, &name, view.shape(), values)?));
+                }
+                Dtype::I64 => {
+                    let values = view
+                        .data()
+                        .chunks_exact(8)
+                        .map(|c| {
+                            i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])
+                        })
+                        .collect();
+                    integers.push((name.clone(), shaped(path, &name, view.shape(), values)?));
+                }
+                other => {
                     return Err(data_error(
                         path,
-                        format!(
-                            "tensor {name:?} is {:?}; only F32 is supported",
-                            view.dtype()
-                        ),
+                        format!("tensor {name:?} is {other:?}; only F32 and I64 are supported"),
                     ));
                 }
-                let values = view
-                    .data()
-                    .chunks_exact(4)
-                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                    .collect();
-                let array = ArrayD::from_shape_vec(IxDyn(view.shape()), values)
-                    .map_err(|e| data_error(path, format!("tensor {name:?}: {e}")))?;
-                Ok((name, array))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Self::new(tensors)
+            }
+        }
+        Self::with_integers(tensors, integers)
     }
+}
+
+/// A loaded tensor's values under its shape.
+fn shaped<T>(path: &Path, name: &str, shape: &[usize], values: Vec<T>) -> Result<ArrayD<T>> {
+    ArrayD::from_shape_vec(IxDyn(shape), values)
+        .map_err(|e| data_error(path, format!("tensor {name:?}: {e}")))
 }
 
 fn temporary_path(path: &Path) -> PathBuf {

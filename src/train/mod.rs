@@ -1,10 +1,12 @@
 //! Training: the step (forward, loss, backward, update as one submission), evaluation,
-//! checkpoints, knowledge distillation and adversarial training.
+//! checkpoints (the model alone, or with the optimizer to resume a run), knowledge distillation
+//! and adversarial training.
 
 mod adversarial;
 mod checkpoint;
 mod distill;
 mod predict;
+mod resume;
 mod trainer;
 
 pub use adversarial::{

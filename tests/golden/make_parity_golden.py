@@ -1,12 +1,13 @@
 """PyTorch (CPU, float32) golden cases for the PyTorch-parity ops: log_softmax (forward,
 backward), nll_loss, adaptive_avg_pool2d, asymmetric padding, grouped/depthwise
-convolution and pooling with ceil_mode and dilation, in the schema of ../../shared/golden
+convolution, pooling with ceil_mode and dilation, and optimizer options, in the schema of ../../shared/golden
 (cnn-golden/1). Run from the repository root:
 
     python3 tests/golden/make_parity_golden.py
 
 Needs only torch (no numpy). Writes tests/golden/{log_softmax,nll,adaptive_avgpool2d,asympad_conv2d}_*.json and
-tests/golden/conv2d_{groups,depthwise}*.json, tests/golden/{max,avg}pool2d_{ceil,dil}*.json.
+tests/golden/conv2d_{groups,depthwise}*.json, tests/golden/{max,avg}pool2d_{ceil,dil}*.json,
+tests/golden/optim_*_{options,amsgrad,nesterov}.json.
 """
 
 import json
@@ -138,6 +139,27 @@ def pool_case(name, kind, shape, kernel, stride, padding, seed, dilation=(1, 1),
           {"x": T(x)}, outputs, {"y": T(dy)}, {"x": T(gx)}, params=params)
 
 
+def optim_case(name, cls, kwargs, seed, steps=4):
+    """Steps of torch.optim on one parameter with fixed gradients; the final state by name."""
+    torch.manual_seed(seed)
+    param = torch.randn(3, 5)
+    grads = [torch.randn(3, 5) for _ in range(steps)]
+    p = param.clone().requires_grad_(True)
+    opt = cls([p], **kwargs)
+    after = []
+    for g in grads:
+        p.grad = g.clone()
+        opt.step()
+        after.append(p.detach().clone())
+    state = {k: T(v) for k, v in opt.state[p].items() if k != "step"}
+    hyper = {k: (list(v) if isinstance(v, tuple) else v) for k, v in opt.defaults.items()}
+    write(name, "optimizer", f"torch.optim.{cls.__name__}({kwargs}) on one (3, 5) parameter: "
+          f"{steps} steps with fixed grads", seed,
+          {"param": T(param), "grads_per_step": [T(g) for g in grads]},
+          {"param_after_step": [T(a) for a in after], "final_state": state}, {}, {},
+          params={"optimizer": cls.__name__, "hyperparams": hyper})
+
+
 def main():
     torch.set_num_threads(1)
     torch.manual_seed(5000)
@@ -184,6 +206,19 @@ def main():
     pool_case("avgpool2d_ceil_k3s2p1_h6w7_excludepad", "avg", (2, 2, 6, 7), (3, 3), (2, 2), (1, 1), 5021,
               ceil_mode=True, count_include_pad=False)
     pool_case("avgpool2d_ceil_k2s3_h8w7", "avg", (1, 2, 8, 7), (2, 2), (3, 3), (0, 0), 5022, ceil_mode=True)
+    # Every optimizer option PyTorch's single-tensor rules take.
+    optim_case("optim_sgd_nesterov", torch.optim.SGD,
+               {"lr": 0.05, "momentum": 0.8, "nesterov": True, "weight_decay": 1e-2}, 5023)
+    optim_case("optim_sgd_dampening_options", torch.optim.SGD,
+               {"lr": 0.05, "momentum": 0.9, "dampening": 0.3, "weight_decay": 1e-3}, 5024)
+    optim_case("optim_adagrad_options", torch.optim.Adagrad,
+               {"lr": 0.1, "lr_decay": 0.05, "initial_accumulator_value": 0.4, "eps": 1e-6,
+                "weight_decay": 1e-2}, 5025)
+    optim_case("optim_adam_amsgrad", torch.optim.Adam,
+               {"lr": 0.01, "betas": (0.8, 0.95), "eps": 1e-6, "weight_decay": 1e-2, "amsgrad": True},
+               5026, steps=6)
+    optim_case("optim_adamw_amsgrad", torch.optim.AdamW,
+               {"lr": 0.01, "weight_decay": 0.1, "amsgrad": True}, 5027, steps=6)
 
 
 if __name__ == "__main__":
