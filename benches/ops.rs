@@ -6,6 +6,7 @@ use std::time::Duration;
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use ndarray::{Array1, ArrayD, IxDyn};
 use wgcnn::cpu::BatchNormCpu;
+use wgcnn::ops::batch_norm::batches_state;
 use wgcnn::ops::{BatchNorm2d, Conv2d, Pool2d};
 use wgcnn::{Gpu, Padding, Tensor};
 
@@ -115,9 +116,10 @@ fn pool_and_norm(c: &mut Criterion, gpu: &Gpu) {
         up(&zeros),
         up(&ones),
     );
+    let batches = Tensor::from_array(gpu, &batches_state(0)).expect("upload");
     group.bench_function("batch_norm2d/gpu_fwd", |bench| {
         bench.iter(|| {
-            bn.forward_train(&tx, &gamma, &beta, &mean, &var)
+            bn.forward_train(&tx, &gamma, &beta, &mean, &var, &batches)
                 .expect("batch norm");
             gpu.synchronize().expect("sync");
         })
@@ -126,7 +128,7 @@ fn pool_and_norm(c: &mut Criterion, gpu: &Gpu) {
     group.bench_function("batch_norm2d/gpu_fwd_bwd", |bench| {
         bench.iter(|| {
             let out = bn
-                .forward_train(&tx, &gamma, &beta, &mean, &var)
+                .forward_train(&tx, &gamma, &beta, &mean, &var, &batches)
                 .expect("batch norm");
             bn.backward(&tx, &gamma, &out.mean, &out.rstd, &tdy, true)
                 .expect("batch norm backward");
@@ -142,6 +144,7 @@ fn pool_and_norm(c: &mut Criterion, gpu: &Gpu) {
                 &zeros.view(),
                 &zeros.view(),
                 &ones.view(),
+                0,
             )
             .expect("batch norm")
         })

@@ -11,6 +11,7 @@ use clap::Parser;
 
 use ndarray::{Array1, Array2, ArrayD, IxDyn};
 use wgcnn::cpu::BatchNormCpu;
+use wgcnn::ops::batch_norm::batches_state;
 use wgcnn::ops::{BatchNorm2d, Conv2d, KernelChoice, LayerNorm, Matmul, Pool2d};
 use wgcnn::{Gpu, GpuOptions, OperandReads, Padding, Result, Tensor};
 
@@ -192,6 +193,7 @@ fn batch_norm_cases(gpu: &Gpu) -> Result<Vec<Case<'_>>> {
         Tensor::from_array(gpu, &zeros)?,
         Tensor::from_array(gpu, &ones)?,
         Tensor::from_array(gpu, &dy)?,
+        Tensor::from_array(gpu, &batches_state(0))?,
     ));
     let a = std::rc::Rc::new((x, dy, ones, zeros));
     let flops = 8.0 * a.0.len() as f64;
@@ -204,7 +206,7 @@ fn batch_norm_cases(gpu: &Gpu) -> Result<Vec<Case<'_>>> {
             kernel: "norm".into(),
             flops,
             gpu: Box::new(move || {
-                spec.forward_train(&t1.0, &t1.1, &t1.2, &t1.3, &t1.4)
+                spec.forward_train(&t1.0, &t1.1, &t1.2, &t1.3, &t1.4, &t1.6)
                     .map(drop)
             }),
             cpu: Box::new(move || {
@@ -215,6 +217,7 @@ fn batch_norm_cases(gpu: &Gpu) -> Result<Vec<Case<'_>>> {
                     &a1.3.view(),
                     &a1.3.view(),
                     &a1.2.view(),
+                    0,
                 )
                 .map(drop)
             }),
@@ -225,7 +228,7 @@ fn batch_norm_cases(gpu: &Gpu) -> Result<Vec<Case<'_>>> {
             kernel: "norm".into(),
             flops: 2.0 * flops,
             gpu: Box::new(move || {
-                let out = spec.forward_train(&t2.0, &t2.1, &t2.2, &t2.3, &t2.4)?;
+                let out = spec.forward_train(&t2.0, &t2.1, &t2.2, &t2.3, &t2.4, &t2.6)?;
                 spec.backward(&t2.0, &t2.1, &out.mean, &out.rstd, &t2.5, true)
                     .map(drop)
             }),
@@ -237,6 +240,7 @@ fn batch_norm_cases(gpu: &Gpu) -> Result<Vec<Case<'_>>> {
                     &a2.3.view(),
                     &a2.3.view(),
                     &a2.2.view(),
+                    0,
                 )?;
                 let mean = out
                     .mean

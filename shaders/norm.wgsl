@@ -8,7 +8,7 @@
 struct Params {
     outer: u32, groups: u32, inner: u32, affine_per_inner: u32,
     eps: f32, momentum: f32, update_running: u32, training: u32,
-    total: u32, _pad0: u32, _pad1: u32, _pad2: u32,
+    total: u32, cumulative: u32, _pad1: u32, _pad2: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -26,6 +26,7 @@ struct Params {
 @group(0) @binding(12) var<storage, read_write> dx: array<f32>;
 @group(0) @binding(13) var<storage, read_write> dgamma: array<f32>;
 @group(0) @binding(14) var<storage, read_write> dbeta: array<f32>;
+@group(0) @binding(15) var<storage, read_write> batches: array<u32>;   // num_batches_tracked
 
 var<workgroup> partial: array<vec4<f32>, 64>;
 
@@ -76,9 +77,19 @@ fn stats(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: ve
         rstd[g] = inverseSqrt(v + p.eps);
         if p.update_running != 0u {
             let unbiased = v * f32(n) / f32(max(n, 2u) - 1u);
-            running_mean[g] = (1.0 - p.momentum) * running_mean[g] + p.momentum * mu;
-            running_var[g] = (1.0 - p.momentum) * running_var[g] + p.momentum * unbiased;
+            // momentum = None in PyTorch: the cumulative average, 1 / (batches so far + this).
+            let factor = select(p.momentum, 1.0 / (f32(batches[0]) + 1.0), p.cumulative != 0u);
+            running_mean[g] = (1.0 - factor) * running_mean[g] + factor * mu;
+            running_var[g] = (1.0 - factor) * running_var[g] + factor * unbiased;
         }
+    }
+}
+
+// After `stats` (which every group reads it in): one more batch tracked.
+@compute @workgroup_size(1)
+fn count_batch() {
+    if p.update_running != 0u {
+        batches[0] = batches[0] + select(1u, 0u, batches[0] == 0xffffffffu);
     }
 }
 

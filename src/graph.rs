@@ -146,6 +146,9 @@ pub struct StateInit {
     pub value: ArrayD<f32>,
     /// Trained by the optimizer (weights) or not (running statistics).
     pub trainable: bool,
+    /// A count (batch norm's `num_batches_tracked`): one element holding the bits of a
+    /// `u32`, never trained, saved in checkpoints as int64.
+    pub counter: bool,
 }
 
 /// A layer's forward result: its output and what its backward needs besides inputs/output.
@@ -247,6 +250,7 @@ struct Node {
     state: Vec<Value>,
     state_names: Vec<&'static str>,
     trainable: Vec<bool>,
+    counter: Vec<bool>,
     grads: Vec<Option<Value>>,
     frozen: bool,
 }
@@ -396,6 +400,7 @@ impl Graph {
             inputs,
             state_names: inits.iter().map(|i| i.name).collect(),
             trainable: inits.iter().map(|i| i.trainable).collect(),
+            counter: inits.iter().map(|i| i.counter).collect(),
             grads: inits.iter().map(|_| None).collect(),
             state: inits
                 .into_iter()
@@ -621,6 +626,15 @@ impl Graph {
             .collect()
     }
 
+    /// Whether the state tensor `name` is a count (see [`StateInit::counter`]).
+    pub(crate) fn is_counter(&self, name: &str) -> bool {
+        self.nodes.iter().any(|n| {
+            n.full_names()
+                .zip(&n.counter)
+                .any(|(full, &counter)| counter && full == name)
+        })
+    }
+
     /// The full names and shapes of the tensors [`Graph::update`] trains, in its order (the
     /// order of an optimizer's per-parameter state).
     pub(crate) fn trained(&self) -> Vec<(String, Vec<usize>)> {
@@ -687,7 +701,14 @@ impl Graph {
             .iter()
             .enumerate()
             .map(|(i, node)| {
-                let sizes = node.state.iter().zip(&node.trainable);
+                // Counts (num_batches_tracked) are not parameters: left out.
+                let sizes = node
+                    .state
+                    .iter()
+                    .zip(&node.trainable)
+                    .zip(&node.counter)
+                    .filter(|(_, counter)| !**counter)
+                    .map(|(pair, _)| pair);
                 // Frozen parameters count as other state, like running statistics.
                 let count = |trained: bool| -> usize {
                     sizes

@@ -269,3 +269,73 @@ fn a_training_checkpoint_for_another_rule_or_model_is_refused_untouched() {
         "{err}"
     );
 }
+
+#[test]
+fn a_pytorch_state_dict_with_batch_norm_loads_whole_and_resumes_training() {
+    use common::golden::{assert_close, cases, tensor};
+    use wgcnn::nn::{BatchNorm2d, Conv2d, Flatten, Linear, Sequential, relu};
+    use wgcnn::train::train_step;
+    use wgcnn::{Device, Optimizer, Padding};
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/golden");
+    // Written by PyTorch's safetensors after two SGD steps: num_batches_tracked is int64.
+    let saved = Checkpoint::load(format!("{dir}/bn_state_dict.safetensors")).unwrap();
+    assert_eq!(saved.get_integer("bn.num_batches_tracked").unwrap()[[]], 2);
+    let case = cases("bn_state_dict_resume").remove(0);
+    let j = &case.json;
+    let x = tensor(&j["inputs"]["x"]);
+    let labels: Vec<usize> = j["inputs"]["labels"]["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as usize)
+        .collect();
+    let mut devices = vec![Device::Cpu];
+    if let Some(gpu) = gpu() {
+        devices.push(Device::Gpu(gpu.clone()));
+    }
+    for device in devices {
+        let mut model = Sequential::new()
+            .add(
+                "conv",
+                Conv2d::new(2, 3, (3, 3))
+                    .padding(Padding::Explicit(1, 1))
+                    .no_bias(),
+            )
+            .add("bn", BatchNorm2d::new(3))
+            .add("relu", relu())
+            .add("flatten", Flatten)
+            .add("fc", Linear::new(75, 4))
+            .build(device.clone(), 0)
+            .unwrap();
+        // Every name of the state dict, counts included, and nothing left over.
+        model.load_checkpoint(&saved).unwrap();
+        assert_eq!(model.checkpoint().unwrap(), saved);
+        let mut sgd = model.optimizer(Optimizer::sgd(0.1)).unwrap();
+        let out = train_step(&mut model, &mut sgd, |d| d.upload(x.clone()), &labels).unwrap();
+        let name = device.name();
+        assert_close(
+            &format!("{name} loss"),
+            &out.loss.to_array().unwrap(),
+            &tensor(&j["outputs"]["loss"]),
+            1e-5,
+            1e-6,
+        );
+        let after = model.checkpoint().unwrap();
+        let want = j["outputs"]["state_after"].as_object().unwrap();
+        assert_eq!(want.len(), after.tensors.len() + after.integers.len());
+        for (key, value) in want {
+            if key.ends_with("num_batches_tracked") {
+                let count = after.get_integer(key).unwrap()[[]];
+                assert_eq!(count, value["data"][0].as_i64().unwrap(), "{name} {key}");
+            } else {
+                assert_close(
+                    &format!("{name} {key}"),
+                    after.get(key).unwrap(),
+                    &tensor(value),
+                    1e-4,
+                    1e-5,
+                );
+            }
+        }
+    }
+}

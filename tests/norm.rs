@@ -6,6 +6,7 @@ use common::golden::{assert_close, cases, tensor};
 use common::{gpu, max_abs_diff, random, upload};
 use ndarray::{Array1, ArrayD, Ix1};
 use wgcnn::cpu::BatchNormCpu;
+use wgcnn::ops::batch_norm::batches_state;
 use wgcnn::ops::{BatchNorm2d, LayerNorm};
 
 fn one_d(x: &ArrayD<f32>) -> Array1<f32> {
@@ -38,6 +39,7 @@ fn batch_norm_golden_train_then_eval() {
         &b1.view(),
         &rm1.view(),
         &rv1.view(),
+        0,
     )
     .unwrap();
     assert_close("cpu y_train", &train.y, &output("y_train"), 1e-4, 1e-5);
@@ -120,7 +122,9 @@ fn batch_norm_golden_train_then_eval() {
         upload(&rm),
         upload(&rv),
     );
-    let train = spec.forward_train(&tx, &tg, &tb, &trm, &trv).unwrap();
+    let train = spec
+        .forward_train(&tx, &tg, &tb, &trm, &trv, &upload(&batches_state(0)))
+        .unwrap();
     assert_close(
         "gpu y_train",
         &train.y.to_array().unwrap(),
@@ -267,11 +271,19 @@ fn random_shapes_match_the_cpu() {
             &b1.view(),
             &rm1.view(),
             &rv1.view(),
+            0,
         )
         .unwrap();
         let (tx, tg, trm, trv) = (upload(&x), upload(&gamma), upload(&rm), upload(&rv));
         let got = spec
-            .forward_train(&tx, &tg, &upload(&beta), &trm, &trv)
+            .forward_train(
+                &tx,
+                &tg,
+                &upload(&beta),
+                &trm,
+                &trv,
+                &upload(&batches_state(0)),
+            )
             .unwrap();
         assert!(
             max_abs_diff(&got.y.to_array().unwrap(), &want.y) < 1e-4,
@@ -349,6 +361,7 @@ fn cpu_backward_matches_finite_differences() {
             &beta.view(),
             &stats.view(),
             &stats.view(),
+            0,
         )
         .unwrap();
         out.y
@@ -364,6 +377,7 @@ fn cpu_backward_matches_finite_differences() {
         &beta.view(),
         &stats.view(),
         &stats.view(),
+        0,
     )
     .unwrap();
     let g = BatchNormCpu::backward(
@@ -425,6 +439,7 @@ fn mismatched_parameters_are_errors() {
         &c2.view(),
         &c2.view(),
         &c2.view(),
+        0,
     )
     .unwrap_err();
     assert!(err.to_string().contains("must be [3], got [2]"), "{err}");
@@ -433,4 +448,200 @@ fn mismatched_parameters_are_errors() {
         .forward_cpu(&x.view(), &wrong.view(), &wrong.view())
         .unwrap_err();
     assert!(err.to_string().contains("trailing dimensions"), "{err}");
+}
+
+#[test]
+fn running_statistics_match_pytorch_with_momentum_or_cumulative() {
+    use wgcnn::ops::batch_norm::batches_tracked;
+    let goldens = cases("bn_running_");
+    assert_eq!(goldens.len(), 2);
+    for case in goldens {
+        let (j, name) = (&case.json, &case.name);
+        let spec = BatchNorm2d {
+            eps: j["params"]["eps"].as_f64().unwrap() as f32,
+            momentum: j["params"]["momentum"].as_f64().map(|m| m as f32),
+        };
+        let list = |v: &serde_json::Value| -> Vec<ArrayD<f32>> {
+            v.as_array().unwrap().iter().map(tensor).collect()
+        };
+        let xs = list(&j["inputs"]["x_batches"]);
+        let (means, vars) = (
+            list(&j["outputs"]["running_mean_after"]),
+            list(&j["outputs"]["running_var_after"]),
+        );
+        let (gamma, beta) = (tensor(&j["inputs"]["weight"]), tensor(&j["inputs"]["bias"]));
+        let tracked = j["outputs"]["num_batches_tracked"]["data"][0]
+            .as_u64()
+            .unwrap() as u32;
+        assert_eq!(tracked, xs.len() as u32);
+
+        // CPU reference.
+        let (mut rm, mut rv) = (Array1::zeros(3), Array1::ones(3));
+        let mut last_var = None;
+        for (t, x) in xs.iter().enumerate() {
+            let (out, m, v) = BatchNormCpu::forward_train(
+                &spec,
+                &x.view(),
+                &one_d(&gamma).view(),
+                &one_d(&beta).view(),
+                &rm.view(),
+                &rv.view(),
+                t as u32,
+            )
+            .unwrap();
+            (rm, rv, last_var) = (m, v, out.var);
+            assert_close(
+                &format!("{name} cpu mean {t}"),
+                &rm.clone().into_dyn(),
+                &means[t],
+                1e-5,
+                1e-6,
+            );
+            assert_close(
+                &format!("{name} cpu var {t}"),
+                &rv.clone().into_dyn(),
+                &vars[t],
+                1e-5,
+                1e-6,
+            );
+        }
+        let want_var = tensor(&j["outputs"]["batch_var"]);
+        assert_close(
+            &format!("{name} cpu batch var"),
+            &last_var.unwrap(),
+            &want_var,
+            1e-5,
+            1e-6,
+        );
+
+        if gpu().is_none() {
+            continue;
+        }
+        let (trm, trv) = (
+            upload(&ArrayD::zeros(ndarray::IxDyn(&[3]))),
+            upload(&ArrayD::ones(ndarray::IxDyn(&[3]))),
+        );
+        let count = upload(&batches_state(0));
+        let (tg, tb) = (upload(&gamma), upload(&beta));
+        let mut last_var = None;
+        for (t, x) in xs.iter().enumerate() {
+            let out = spec
+                .forward_train(&upload(x), &tg, &tb, &trm, &trv, &count)
+                .unwrap();
+            last_var = out.var;
+            assert_close(
+                &format!("{name} gpu mean {t}"),
+                &trm.to_array().unwrap(),
+                &means[t],
+                1e-5,
+                1e-6,
+            );
+            assert_close(
+                &format!("{name} gpu var {t}"),
+                &trv.to_array().unwrap(),
+                &vars[t],
+                1e-5,
+                1e-6,
+            );
+        }
+        assert_eq!(
+            batches_tracked(&count.to_array().unwrap()),
+            tracked,
+            "{name} gpu count"
+        );
+        let var = last_var.unwrap().to_array().unwrap();
+        assert_close(
+            &format!("{name} gpu batch var"),
+            &var,
+            &want_var,
+            1e-5,
+            1e-6,
+        );
+        let eval = spec
+            .forward_eval(
+                &upload(&tensor(&j["inputs"]["x_eval"])),
+                &tg,
+                &tb,
+                &trm,
+                &trv,
+            )
+            .unwrap();
+        let y = eval.y.to_array().unwrap();
+        assert_close(
+            &format!("{name} gpu y_eval"),
+            &y,
+            &tensor(&j["outputs"]["y_eval"]),
+            1e-4,
+            1e-5,
+        );
+    }
+}
+
+#[test]
+fn one_value_per_channel_cannot_train() {
+    let spec = BatchNorm2d::default();
+    let x = random(&[1, 3, 1, 1], 1);
+    let (ones, zeros) = (Array1::<f32>::ones(3), Array1::<f32>::zeros(3));
+    let err = BatchNormCpu::forward_train(
+        &spec,
+        &x.view(),
+        &ones.view(),
+        &zeros.view(),
+        &zeros.view(),
+        &ones.view(),
+        0,
+    )
+    .unwrap_err()
+    .to_string();
+    let expected =
+        "expected more than 1 value per channel when training, got input size [1, 3, 1, 1]";
+    assert!(err.contains(expected), "{err}");
+    assert!(
+        BatchNormCpu::forward_eval(
+            &spec,
+            &x.view(),
+            &ones.view(),
+            &zeros.view(),
+            &zeros.view(),
+            &ones.view()
+        )
+        .is_ok()
+    );
+    let bad = BatchNorm2d {
+        momentum: Some(1.5),
+        ..spec
+    };
+    assert!(
+        BatchNormCpu::forward_train(
+            &bad,
+            &random(&[2, 3, 2, 2], 2).view(),
+            &ones.view(),
+            &zeros.view(),
+            &zeros.view(),
+            &ones.view(),
+            0
+        )
+        .is_err()
+    );
+    let Some(_) = gpu() else { return };
+    let (o, z) = (
+        upload(&ones.clone().into_dyn()),
+        upload(&zeros.clone().into_dyn()),
+    );
+    let (rm, rv, count) = (
+        upload(&zeros.into_dyn()),
+        upload(&ones.into_dyn()),
+        upload(&batches_state(0)),
+    );
+    let err = spec
+        .forward_train(&upload(&x), &o, &z, &rm, &rv, &count)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains(expected), "{err}");
+    // Nothing was updated.
+    assert_eq!(
+        rm.to_array().unwrap(),
+        ArrayD::<f32>::zeros(ndarray::IxDyn(&[3]))
+    );
+    assert_eq!(count.to_array().unwrap()[[]].to_bits(), 0);
 }

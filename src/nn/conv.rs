@@ -138,12 +138,14 @@ impl Layer for Conv2d {
             name: "weight",
             value: weight,
             trainable: true,
+            counter: false,
         }];
         if self.bias {
             state.push(StateInit {
                 name: "bias",
                 value: bias,
                 trainable: true,
+                counter: false,
             });
         }
         state

@@ -99,11 +99,13 @@ impl Layer for Linear {
                 name: "weight",
                 value: weight,
                 trainable: true,
+                counter: false,
             },
             StateInit {
                 name: "bias",
                 value: bias,
                 trainable: true,
+                counter: false,
             },
         ]
     }

@@ -6,7 +6,7 @@ use ndarray::{ArrayD, IxDyn};
 use crate::error::Result;
 use crate::graph::{Backward, BackwardArgs, Ctx, Forward, Layer, StateInit, Value};
 use crate::nn::init::InitRng;
-use crate::ops::batch_norm::{self, BatchNormCpu};
+use crate::ops::batch_norm::{self, BatchNormCpu, batches_state, batches_tracked};
 use crate::ops::layer_norm;
 
 fn state(name: &'static str, shape: &[usize], fill: f32, trainable: bool) -> StateInit {
@@ -14,6 +14,7 @@ fn state(name: &'static str, shape: &[usize], fill: f32, trainable: bool) -> Sta
         name,
         value: ArrayD::from_elem(IxDyn(shape), fill),
         trainable,
+        counter: false,
     }
 }
 
@@ -29,7 +30,8 @@ fn one_d(value: &Value) -> Result<ndarray::ArrayView1<'_, f32>> {
 }
 
 /// Batch normalisation over `[N, C, H, W]` per channel; state `weight` (γ), `bias` (β),
-/// `running_mean`, `running_var`, named as in PyTorch.
+/// `running_mean`, `running_var` and `num_batches_tracked` (int64 in checkpoints), named and
+/// updated as in PyTorch.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct BatchNorm2d {
     /// Channels.
@@ -46,6 +48,18 @@ impl BatchNorm2d {
             spec: batch_norm::BatchNorm2d::default(),
         }
     }
+
+    /// With this momentum; `None` keeps cumulative averages (PyTorch's `momentum=None`).
+    pub fn momentum(mut self, momentum: Option<f32>) -> Self {
+        self.spec.momentum = momentum;
+        self
+    }
+
+    /// With this eps.
+    pub fn eps(mut self, eps: f32) -> Self {
+        self.spec.eps = eps;
+        self
+    }
 }
 
 impl Layer for BatchNorm2d {
@@ -60,15 +74,21 @@ impl Layer for BatchNorm2d {
             state("bias", &c, 0.0, true),
             state("running_mean", &c, 0.0, false),
             state("running_var", &c, 1.0, false),
+            StateInit {
+                name: "num_batches_tracked",
+                value: batches_state(0),
+                trainable: false,
+                counter: true,
+            },
         ]
     }
 
     fn forward(&self, ctx: Ctx, inputs: &[&Value], state: &mut [Value]) -> Result<Forward> {
         let out = match inputs[0] {
             Value::Gpu(x) => {
-                let [g, b, m, v] = [0, 1, 2, 3].map(|i| state[i].gpu());
+                let [g, b, m, v, count] = [0, 1, 2, 3, 4].map(|i| state[i].gpu());
                 let out = if ctx.training {
-                    self.spec.forward_train(x, g?, b?, m?, v?)?
+                    self.spec.forward_train(x, g?, b?, m?, v?, count?)?
                 } else {
                     self.spec.forward_eval(x, g?, b?, m?, v?)?
                 };
@@ -82,10 +102,12 @@ impl Layer for BatchNorm2d {
                     one_d(&state[3])?,
                 );
                 let out = if ctx.training {
+                    let before = batches_tracked(state[4].cpu()?);
                     let (out, mean, var) =
-                        BatchNormCpu::forward_train(&self.spec, &x.view(), &g, &b, &m, &v)?;
+                        BatchNormCpu::forward_train(&self.spec, &x.view(), &g, &b, &m, &v, before)?;
                     state[2] = Value::Cpu(mean.into_dyn());
                     state[3] = Value::Cpu(var.into_dyn());
+                    state[4] = Value::Cpu(batches_state(before.saturating_add(1)));
                     out
                 } else {
                     BatchNormCpu::forward_eval(&self.spec, &x.view(), &g, &b, &m, &v)?
@@ -133,7 +155,7 @@ impl Layer for BatchNorm2d {
         };
         Ok(Backward {
             inputs: vec![Some(dx)],
-            state: vec![Some(dgamma), Some(dbeta), None, None],
+            state: vec![Some(dgamma), Some(dbeta), None, None, None],
         })
     }
 }

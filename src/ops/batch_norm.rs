@@ -1,6 +1,10 @@
 //! Batch normalisation over `[N, C, H, W]`: statistics per channel over (N, H, W), learnable
-//! γ and β per channel, running averages for eval mode (as PyTorch: momentum, unbiased
-//! running variance). GPU kernels in `shaders/norm.wgsl` via `norm.rs`.
+//! γ and β per channel, running averages for eval mode (as PyTorch: momentum or, with
+//! `momentum: None`, the cumulative average over `num_batches_tracked`; unbiased running
+//! variance). GPU kernels in `shaders/norm.wgsl` via `norm.rs`.
+//!
+//! `num_batches_tracked` is a one-element tensor holding the bits of a `u32` (checkpoints
+//! save it as int64): the GPU counts batches without a readback, exactly to 2³² − 1.
 
 use ndarray::{Array1, ArrayD, ArrayView1, ArrayViewD, Axis, Ix4};
 
@@ -15,17 +19,28 @@ const OP: &str = "batch_norm2d";
 pub struct BatchNorm2d {
     /// Added to the variance before the square root.
     pub eps: f32,
-    /// Weight of the new batch in the running averages.
-    pub momentum: f32,
+    /// Weight of the new batch in the running averages; `None` makes them cumulative
+    /// averages over every tracked batch (PyTorch's `momentum=None`).
+    pub momentum: Option<f32>,
 }
 
 impl Default for BatchNorm2d {
     fn default() -> Self {
         Self {
             eps: 1e-5,
-            momentum: 0.1,
+            momentum: Some(0.1),
         }
     }
+}
+
+/// A count as the bits of the one-element `num_batches_tracked` state.
+pub fn batches_tracked(state: &ArrayD<f32>) -> u32 {
+    state.iter().next().map_or(0, |v| v.to_bits())
+}
+
+/// The one-element `num_batches_tracked` state holding `count`.
+pub fn batches_state(count: u32) -> ArrayD<f32> {
+    ndarray::arr0(f32::from_bits(count)).into_dyn()
 }
 
 /// What the forward pass keeps for backward: the output and the statistics it used.
@@ -37,6 +52,8 @@ pub struct Normalized<T> {
     pub mean: T,
     /// `1 / sqrt(var + eps)` per group.
     pub rstd: T,
+    /// The batch's biased variance per group (training mode: what normalised the batch).
+    pub var: Option<T>,
 }
 
 /// Gradients of a normalisation layer.
@@ -48,6 +65,29 @@ pub struct NormGrads<T> {
     pub gamma: T,
     /// `∂L/∂β`.
     pub beta: T,
+}
+
+/// Training needs more than one value per channel (else the variance is 0/0).
+fn check_training(grouping: &Grouping, x: &[usize]) -> Result<()> {
+    if grouping.outer * grouping.inner < 2 {
+        return Err(Error::InvalidArgument {
+            op: OP,
+            detail: format!(
+                "expected more than 1 value per channel when training, got input size {x:?}; use a larger batch or eval mode"
+            ),
+        });
+    }
+    Ok(())
+}
+
+fn check_counter(batches: &[usize]) -> Result<()> {
+    if batches.iter().product::<usize>() != 1 {
+        return Err(Error::ShapeMismatch {
+            op: OP,
+            detail: format!("num_batches_tracked holds one count, got shape {batches:?}"),
+        });
+    }
+    Ok(())
 }
 
 fn grouping(x: &[usize], params: &[&[usize]]) -> Result<Grouping> {
@@ -70,14 +110,29 @@ impl BatchNorm2d {
     fn settings(&self, training: bool) -> Settings {
         Settings {
             eps: self.eps,
-            momentum: self.momentum,
+            momentum: self.momentum.unwrap_or(0.0),
+            cumulative: self.momentum.is_none(),
             update_running: training,
             training,
         }
     }
 
-    /// Training mode: normalises with the batch statistics and updates the running
-    /// averages in place.
+    fn validate(&self) -> Result<()> {
+        let momentum_ok = self.momentum.is_none_or(|m| (0.0..=1.0).contains(&m));
+        if !(self.eps.is_finite() && self.eps >= 0.0 && momentum_ok) {
+            return Err(Error::InvalidArgument {
+                op: OP,
+                detail: format!(
+                    "eps {} must be finite and non-negative, momentum {:?} in [0, 1] or None",
+                    self.eps, self.momentum
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// Training mode: normalises with the batch statistics, updates the running averages
+    /// in place and counts the batch in `num_batches_tracked`.
     pub fn forward_train(
         &self,
         x: &Tensor,
@@ -85,7 +140,10 @@ impl BatchNorm2d {
         beta: &Tensor,
         running_mean: &Tensor,
         running_var: &Tensor,
+        num_batches_tracked: &Tensor,
     ) -> Result<Normalized<Tensor>> {
+        self.validate()?;
+        check_counter(num_batches_tracked.shape())?;
         let grouping = grouping(
             x.shape(),
             &[
@@ -95,6 +153,7 @@ impl BatchNorm2d {
                 running_var.shape(),
             ],
         )?;
+        check_training(&grouping, x.shape())?;
         let gpu = x.gpu();
         let c = grouping.groups;
         let (mean, rstd, var) = (
@@ -116,9 +175,24 @@ impl BatchNorm2d {
                 (norm::VAR, &var),
                 (norm::RUNNING_MEAN, running_mean),
                 (norm::RUNNING_VAR, running_var),
+                (norm::BATCHES, num_batches_tracked),
             ],
         )?;
-        self.normalize(x, gamma, beta, grouping, mean, rstd)
+        norm::launch(
+            gpu,
+            grouping,
+            settings,
+            "count_batch",
+            Grid::Single,
+            &[(norm::BATCHES, num_batches_tracked)],
+        )?;
+        let y = norm::normalize(gpu, grouping, [x, gamma, beta, &mean, &rstd])?;
+        Ok(Normalized {
+            y,
+            mean,
+            rstd,
+            var: Some(var),
+        })
     }
 
     /// Eval mode: normalises with the running statistics.
@@ -157,20 +231,13 @@ impl BatchNorm2d {
                 (norm::RUNNING_VAR, running_var),
             ],
         )?;
-        self.normalize(x, gamma, beta, grouping, mean, rstd)
-    }
-
-    fn normalize(
-        &self,
-        x: &Tensor,
-        gamma: &Tensor,
-        beta: &Tensor,
-        grouping: Grouping,
-        mean: Tensor,
-        rstd: Tensor,
-    ) -> Result<Normalized<Tensor>> {
-        let y = norm::normalize(x.gpu(), grouping, [x, gamma, beta, &mean, &rstd])?;
-        Ok(Normalized { y, mean, rstd })
+        let y = norm::normalize(gpu, grouping, [x, gamma, beta, &mean, &rstd])?;
+        Ok(Normalized {
+            y,
+            mean,
+            rstd,
+            var: None,
+        })
     }
 
     /// Gradients from `dy`, with the statistics the forward pass used; in training mode
@@ -242,7 +309,8 @@ impl BatchNormCpu {
         y
     }
 
-    /// Training-mode forward; returns the output and the updated running mean and variance.
+    /// Training-mode forward after `batches_before` tracked batches; returns the output
+    /// and the updated running mean and variance (the caller counts the batch).
     pub fn forward_train(
         spec: &BatchNorm2d,
         x: &ArrayViewD<'_, f32>,
@@ -250,8 +318,10 @@ impl BatchNormCpu {
         beta: &ArrayView1<'_, f32>,
         running_mean: &ArrayView1<'_, f32>,
         running_var: &ArrayView1<'_, f32>,
+        batches_before: u32,
     ) -> Result<CpuTrainStep> {
-        grouping(
+        spec.validate()?;
+        let grouping = grouping(
             x.shape(),
             &[
                 gamma.shape(),
@@ -260,9 +330,12 @@ impl BatchNormCpu {
                 running_var.shape(),
             ],
         )?;
+        check_training(&grouping, x.shape())?;
         let (mean, var, unbiased) = Self::channel_stats(x)?;
         let rstd = var.mapv(|v| 1.0 / (v + spec.eps).sqrt());
-        let m = spec.momentum;
+        let m = spec
+            .momentum
+            .unwrap_or_else(|| 1.0 / (batches_before as f32 + 1.0));
         let new_mean = running_mean.mapv(|r| (1.0 - m) * r) + &mean.mapv(|v| m * v);
         let new_var = running_var.mapv(|r| (1.0 - m) * r) + &unbiased.mapv(|v| m * v);
         let y = Self::apply(x, gamma, beta, &mean, &rstd);
@@ -271,6 +344,7 @@ impl BatchNormCpu {
                 y,
                 mean: mean.into_dyn(),
                 rstd: rstd.into_dyn(),
+                var: Some(var.into_dyn()),
             },
             new_mean,
             new_var,
@@ -302,6 +376,7 @@ impl BatchNormCpu {
             y,
             mean: mean.into_dyn(),
             rstd: rstd.into_dyn(),
+            var: None,
         })
     }
 

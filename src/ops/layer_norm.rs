@@ -79,10 +79,16 @@ impl LayerNorm {
                 (norm::VAR, &var),
                 (norm::RUNNING_MEAN, &var),
                 (norm::RUNNING_VAR, &var),
+                (norm::BATCHES, &var),
             ],
         )?;
         let y = norm::normalize(gpu, grouping, [x, gamma, beta, &mean, &rstd])?;
-        Ok(Normalized { y, mean, rstd })
+        Ok(Normalized {
+            y,
+            mean,
+            rstd,
+            var: Some(var),
+        })
     }
 
     /// Gradients from `dy` through the per-sample statistics.
@@ -116,7 +122,8 @@ impl LayerNorm {
             gamma.iter().copied().collect(),
             beta.iter().copied().collect(),
         );
-        let (mut y, mut means, mut rstds) = (Vec::with_capacity(data.len()), vec![], vec![]);
+        let (mut y, mut means, mut rstds, mut vars) =
+            (Vec::with_capacity(data.len()), vec![], vec![], vec![]);
         for sample in data.chunks(g.inner) {
             let n = sample.len() as f64;
             let mu = sample.iter().map(|&v| f64::from(v)).sum::<f64>() / n;
@@ -135,6 +142,7 @@ impl LayerNorm {
             );
             means.push(mu);
             rstds.push(rstd);
+            vars.push(var as f32);
         }
         let array = |shape: &[usize], v: Vec<f32>| {
             ArrayD::from_shape_vec(IxDyn(shape), v).map_err(|e| Error::ShapeMismatch {
@@ -146,6 +154,7 @@ impl LayerNorm {
             y: array(x.shape(), y)?,
             mean: array(&[g.groups], means)?,
             rstd: array(&[g.groups], rstds)?,
+            var: Some(array(&[g.groups], vars)?),
         })
     }
 

@@ -30,7 +30,8 @@ struct NormParams {
     update_running: u32,
     training: u32,
     total: u32,
-    _pad: [u32; 3],
+    cumulative: u32,
+    _pad: [u32; 2],
 }
 
 // Binding numbers in shaders/norm.wgsl.
@@ -48,12 +49,15 @@ pub(crate) const SUMS: u32 = 11;
 pub(crate) const DX: u32 = 12;
 pub(crate) const DGAMMA: u32 = 13;
 pub(crate) const DBETA: u32 = 14;
+pub(crate) const BATCHES: u32 = 15;
 
 /// Settings of one launch beyond the grouping.
 #[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct Settings {
     pub eps: f32,
     pub momentum: f32,
+    /// Running averages as cumulative averages over the tracked batches (momentum None).
+    pub cumulative: bool,
     pub update_running: bool,
     pub training: bool,
 }
@@ -69,6 +73,8 @@ pub(crate) enum Grid {
     InnerThreads,
     /// One invocation per element, 256 to a workgroup.
     Elements,
+    /// One invocation.
+    Single,
 }
 
 pub(crate) fn launch(
@@ -90,13 +96,15 @@ pub(crate) fn launch(
         update_running: u32::from(settings.update_running),
         training: u32::from(settings.training),
         total: total as u32,
-        _pad: [0; 3],
+        cumulative: u32::from(settings.cumulative),
+        _pad: [0; 2],
     };
     let groups = match grid {
         Grid::PerGroup => grouping.groups as u64,
         Grid::GroupThreads => (grouping.groups as u64).div_ceil(64),
         Grid::InnerThreads => (grouping.inner as u64).div_ceil(64),
         Grid::Elements => (total as u64).div_ceil(256),
+        Grid::Single => 1,
     };
     let pipeline = gpu.pipeline("norm", entry, || {
         include_str!("../../shaders/norm.wgsl").into()

@@ -180,6 +180,22 @@ pub fn check_names_and_shapes(
     checkpoint: &Checkpoint,
     expected: &[(&str, &[usize])],
 ) -> Result<()> {
+    into_result(name_and_shape_problems(checkpoint, expected))
+}
+
+fn into_result(problems: Vec<String>) -> Result<()> {
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::ShapeMismatch {
+            op: "checkpoint",
+            detail: problems.join("; "),
+        })
+    }
+}
+
+/// Each missing, unexpected or differently shaped f32 tensor.
+fn name_and_shape_problems(checkpoint: &Checkpoint, expected: &[(&str, &[usize])]) -> Vec<String> {
     let mut problems = Vec::new();
     for (name, shape) in expected {
         match checkpoint.get(name) {
@@ -196,25 +212,33 @@ pub fn check_names_and_shapes(
             problems.push(format!("unexpected {name:?}"));
         }
     }
-    if problems.is_empty() {
-        Ok(())
-    } else {
-        Err(Error::ShapeMismatch {
-            op: "checkpoint",
-            detail: problems.join("; "),
-        })
-    }
+    problems
+}
+
+/// A saved count as the state tensor that holds it (the bits of a `u32`).
+fn counter_state(name: &str, saved: &ArrayD<i64>) -> std::result::Result<ArrayD<f32>, String> {
+    saved
+        .iter()
+        .map(|&v| u32::try_from(v).map(f32::from_bits))
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map(|bits| ArrayD::from_shape_vec(saved.raw_dim(), bits).unwrap_or_default())
+        .map_err(|_| format!("{name:?} holds a count outside 0..=u32::MAX"))
 }
 
 impl crate::graph::Graph {
-    /// All state tensors (`state_dict`), read back to the host.
+    /// All state tensors (`state_dict`), read back to the host; counts (batch norm's
+    /// `num_batches_tracked`) as int64, as PyTorch keeps them.
     pub fn checkpoint(&self) -> Result<Checkpoint> {
-        Checkpoint::new(
-            self.state()
-                .into_iter()
-                .map(|(name, value)| Ok((name, value.to_array()?)))
-                .collect::<Result<_>>()?,
-        )
+        let (mut tensors, mut integers) = (Vec::new(), Vec::new());
+        for (name, value) in self.state() {
+            let array = value.to_array()?;
+            if self.is_counter(&name) {
+                integers.push((name, array.mapv(|v| i64::from(v.to_bits()))));
+            } else {
+                tensors.push((name, array));
+            }
+        }
+        Checkpoint::with_integers(tensors, integers)
     }
 
     /// Saves the state to `path` atomically; the previous file survives a failed save.
@@ -241,20 +265,42 @@ impl crate::graph::Graph {
     }
 
     /// Replaces every state tensor with the checkpoint's: names and shapes must match
-    /// exactly (the error lists each difference), and nothing changes if they do not.
+    /// exactly (the error lists each difference), and nothing changes if they do not. A
+    /// count the checkpoint lacks (one written before batch norm kept `num_batches_tracked`)
+    /// is left as it is, as PyTorch does for old state dicts.
     pub fn load_checkpoint(&mut self, checkpoint: &Checkpoint) -> Result<()> {
-        let expected: Vec<(String, Vec<usize>)> = self
+        let state: Vec<(String, Vec<usize>)> = self
             .state()
             .into_iter()
             .map(|(name, value)| (name, value.shape().to_vec()))
             .collect();
-        let borrowed: Vec<(&str, &[usize])> = expected
+        let (counters, weights): (Vec<_>, Vec<_>) =
+            state.iter().partition(|(name, _)| self.is_counter(name));
+        let borrowed: Vec<(&str, &[usize])> = weights
             .iter()
             .map(|(n, s)| (n.as_str(), s.as_slice()))
             .collect();
-        check_names_and_shapes(checkpoint, &borrowed)?;
+        let mut problems = name_and_shape_problems(checkpoint, &borrowed);
+        let mut counts = Vec::new();
+        for (name, saved) in &checkpoint.integers {
+            match counters.iter().find(|(n, _)| n == name) {
+                None => problems.push(format!("unexpected {name:?}")),
+                Some((_, shape)) if saved.shape() != shape.as_slice() => problems.push(format!(
+                    "{name:?} is {:?}, the model needs {shape:?}",
+                    saved.shape()
+                )),
+                Some(_) => match counter_state(name, saved) {
+                    Ok(value) => counts.push((name, value)),
+                    Err(problem) => problems.push(problem),
+                },
+            }
+        }
+        into_result(problems)?;
         for (name, value) in &checkpoint.tensors {
             self.set_state(name, value.clone())?;
+        }
+        for (name, value) in counts {
+            self.set_state(name, value)?;
         }
         Ok(())
     }
@@ -326,6 +372,25 @@ impl crate::graph::Graph {
             .collect();
         let mut report = LoadReport::default();
         for (name, shape) in &model {
+            if self.is_counter(name) {
+                let count = checkpoint
+                    .get_integer(name)
+                    .filter(|t| t.shape() == shape.as_slice());
+                match count.map(|t| counter_state(name, t)) {
+                    Some(Ok(value)) => {
+                        self.set_state(name, value)?;
+                        report.loaded.push(name.clone());
+                    }
+                    Some(Err(problem)) => {
+                        return Err(Error::ShapeMismatch {
+                            op: "checkpoint",
+                            detail: problem,
+                        });
+                    }
+                    None => report.missing.push(name.clone()),
+                }
+                continue;
+            }
             match checkpoint.get(name) {
                 None => report.missing.push(name.clone()),
                 Some(t) if t.shape() != shape.as_slice() => {
@@ -339,11 +404,11 @@ impl crate::graph::Graph {
                 }
             }
         }
-        report.skipped = checkpoint
-            .tensors
-            .iter()
-            .filter(|(n, _)| !model.iter().any(|(m, _)| m == n))
-            .map(|(n, _)| n.clone())
+        let names = checkpoint.tensors.iter().map(|(n, _)| n);
+        report.skipped = names
+            .chain(checkpoint.integers.iter().map(|(n, _)| n))
+            .filter(|n| !model.iter().any(|(m, _)| m == *n))
+            .cloned()
             .collect();
         Ok(report)
     }

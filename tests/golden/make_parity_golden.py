@@ -1,13 +1,15 @@
 """PyTorch (CPU, float32) golden cases for the PyTorch-parity ops: log_softmax (forward,
 backward), nll_loss, adaptive_avg_pool2d, asymmetric padding, grouped/depthwise
-convolution, pooling with ceil_mode and dilation, and optimizer options, in the schema of ../../shared/golden
+convolution, pooling with ceil_mode and dilation, optimizer options and batch norm's state,
+in the schema of ../../shared/golden
 (cnn-golden/1). Run from the repository root:
 
     python3 tests/golden/make_parity_golden.py
 
 Needs only torch (no numpy). Writes tests/golden/{log_softmax,nll,adaptive_avgpool2d,asympad_conv2d}_*.json and
 tests/golden/conv2d_{groups,depthwise}*.json, tests/golden/{max,avg}pool2d_{ceil,dil}*.json,
-tests/golden/optim_*_{options,amsgrad,nesterov}.json.
+tests/golden/optim_*_{options,amsgrad,nesterov}.json, tests/golden/bn_running_{cumulative,momentum03}.json,
+tests/golden/bn_state_dict.{safetensors,json} (needs the safetensors package too).
 """
 
 import json
@@ -160,6 +162,65 @@ def optim_case(name, cls, kwargs, seed, steps=4):
           params={"optimizer": cls.__name__, "hyperparams": hyper})
 
 
+def batch_norm_running_case(name, momentum, seed, batches=3):
+    """Running statistics over several training batches (momentum None: cumulative average),
+    num_batches_tracked, the last batch's biased variance, then eval mode."""
+    torch.manual_seed(seed)
+    bn = torch.nn.BatchNorm2d(3, momentum=momentum)
+    with torch.no_grad():
+        bn.weight.copy_(torch.randn(3))
+        bn.bias.copy_(torch.randn(3))
+    weight, bias = bn.weight.detach().clone(), bn.bias.detach().clone()
+    xs = [torch.randn(2, 3, 4, 5) * 2 + 1 for _ in range(batches)]
+    means, variances = [], []
+    bn.train()
+    for x in xs:
+        bn(x)
+        means.append(T(bn.running_mean))
+        variances.append(T(bn.running_var))
+    batch_var = xs[-1].var(dim=(0, 2, 3), unbiased=False)
+    bn.eval()
+    x_eval = torch.randn(2, 3, 4, 5)
+    y_eval = bn(x_eval)
+    write(name, "batch_norm2d", f"BatchNorm2d(3, momentum={momentum}): {batches} training batches, "
+          "then eval", seed,
+          {"x_batches": [T(x) for x in xs], "weight": T(weight), "bias": T(bias), "x_eval": T(x_eval)},
+          {"running_mean_after": means, "running_var_after": variances,
+           "num_batches_tracked": T(bn.num_batches_tracked.reshape(1)), "batch_var": T(batch_var),
+           "y_eval": T(y_eval)}, {}, {}, params={"momentum": momentum, "eps": bn.eps})
+
+
+def bn_state_dict_case(seed):
+    """A conv → batch norm → ReLU → linear network's state_dict as PyTorch writes it to
+    safetensors (num_batches_tracked int64 included), then one more SGD step in training
+    mode from there."""
+    from collections import OrderedDict
+    from safetensors.torch import save_file
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(OrderedDict(
+        conv=torch.nn.Conv2d(2, 3, 3, padding=1, bias=False), bn=torch.nn.BatchNorm2d(3),
+        relu=torch.nn.ReLU(), flatten=torch.nn.Flatten(), fc=torch.nn.Linear(3 * 5 * 5, 4)))
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    for _ in range(2):
+        x = torch.randn(4, 2, 5, 5)
+        loss = F.cross_entropy(net(x), torch.tensor([0, 1, 2, 3]))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()},
+              os.path.join(OUT, "bn_state_dict.safetensors"))
+    x, labels = torch.randn(4, 2, 5, 5), torch.tensor([3, 1, 0, 2])
+    loss = F.cross_entropy(net(x), labels)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    after = {k: (T(v.reshape(1)) if v.dtype == torch.int64 else T(v)) for k, v in net.state_dict().items()}
+    write("bn_state_dict_resume", "state_dict",
+          "bn_state_dict.safetensors (after 2 SGD steps), then one more step (lr 0.1, train mode)",
+          seed, {"x": T(x), "labels": T(labels)}, {"loss": T(loss.reshape(1)), "state_after": after},
+          {}, {}, params={"lr": 0.1})
+
+
 def main():
     torch.set_num_threads(1)
     torch.manual_seed(5000)
@@ -219,6 +280,9 @@ def main():
                5026, steps=6)
     optim_case("optim_adamw_amsgrad", torch.optim.AdamW,
                {"lr": 0.01, "weight_decay": 0.1, "amsgrad": True}, 5027, steps=6)
+    batch_norm_running_case("bn_running_cumulative", None, 5028)
+    batch_norm_running_case("bn_running_momentum03", 0.3, 5029)
+    bn_state_dict_case(5030)
 
 
 if __name__ == "__main__":
