@@ -52,7 +52,8 @@ fn backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgrou
     for (var i = linear_index(gid, nwg); i < p.total; i += grid_stride(nwg)) {
         var d = vec4<f32>(1.0);
         switch p.code {
-            case 1u: { d = select(vec4<f32>(0.0), vec4<f32>(1.0), x4[i] > vec4<f32>(0.0)); }
+            // PyTorch's rule: only x ≤ 0 blocks the gradient (NaN passes it on).
+            case 1u: { d = select(vec4<f32>(1.0), vec4<f32>(0.0), x4[i] <= vec4<f32>(0.0)); }
             case 2u: { d = select(vec4<f32>(p.slope), vec4<f32>(1.0), x4[i] > vec4<f32>(0.0)); }
             case 3u: { let y = y4[i]; d = y * (1.0 - y); }
             case 4u: { let y = y4[i]; d = 1.0 - y * y; }

@@ -55,6 +55,12 @@ fn divisor(oh: u32, ow: u32) -> f32 {
     return window_count(oh, ow);
 }
 
+// NaN by its bits: WGSL lets compilers assume floats are finite, and on lavapipe `v != v`
+// never fired, so a NaN lost its window. As in PyTorch, NaN wins.
+fn is_nan(v: f32) -> bool {
+    return (bitcast<u32>(v) & 0x7fffffffu) > 0x7f800000u;
+}
+
 // src = x [planes][H][W], dst = y [planes][OH][OW], argmax likewise (max only).
 @compute @workgroup_size(256)
 fn max_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
@@ -74,7 +80,7 @@ fn max_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workg
             if iw < 0 || iw >= i32(W) { continue; }
             let at = u32(ih) * W + u32(iw);
             let v = src[plane * H * W + at];
-            if !found || v > best || (v != v && best == best) {
+            if !found || v > best || (is_nan(v) && !is_nan(best)) {
                 best = v;
                 best_at = at;
                 found = true;

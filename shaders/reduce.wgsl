@@ -34,7 +34,7 @@ var<workgroup> partial: array<f32, 64>;
 // act'(x) written through y = act(x).
 fn derivative(y: Elem) -> Elem {
     switch ACT {
-        case 1u: { return select(Elem(0.0), Elem(1.0), y > Elem(0.0)); }
+        case 1u: { return select(Elem(1.0), Elem(0.0), y <= Elem(0.0)); }   // NaN passes, as in PyTorch
         case 2u: { return select(Elem(p.slope), Elem(1.0), y > Elem(0.0)); }
         case 3u: { return y * (1.0 - y); }
         case 4u: { return 1.0 - y * y; }

@@ -107,6 +107,20 @@ pub enum Error {
         detail: String,
     },
 
+    /// NaN or infinity appeared while [`Graph::set_check_finite`](crate::Graph::set_check_finite)
+    /// was on.
+    #[error(
+        "non-finite values (NaN or infinity) first appeared in {what} at training step {step}; \
+         check the batch for NaN, lower the learning rate or clip gradients, then resume from \
+         the last good checkpoint"
+    )]
+    NonFinite {
+        /// The first output, gradient or parameter that held one, by name.
+        what: String,
+        /// The model's training-step count.
+        step: u32,
+    },
+
     /// Reading a buffer back to the host failed.
     #[error("reading GPU memory back failed: {0}")]
     Readback(String),

@@ -14,6 +14,7 @@ use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::nn::init::InitRng;
 use crate::ops::add::{accumulate, add_cpu};
+use crate::ops::finite::FiniteChecks;
 use crate::optim::{CpuOptimizer, GpuOptimizer, Optimizer};
 use crate::tensor::Tensor;
 
@@ -289,6 +290,9 @@ pub struct Graph {
     mode: Option<Mode>,
     step: u32,
     input_grad: bool,
+    check_finite: bool,
+    /// The checks of the current step, while `check_finite` is on.
+    finite: Option<FiniteChecks>,
     /// Per node: the values whose last forward use it is.
     last_forward_use: Vec<Vec<ValueId>>,
     /// Per node: the values whose last backward use it is.
@@ -307,6 +311,8 @@ impl Graph {
             mode: None,
             step: 0,
             input_grad: false,
+            check_finite: false,
+            finite: None,
             last_forward_use: Vec::new(),
             last_backward_use: Vec::new(),
         }
@@ -447,6 +453,30 @@ impl Graph {
         self.input_grad = wanted;
     }
 
+    /// Checks every layer's output, every gradient and every parameter after its update
+    /// for NaN and infinity (off by default: one extra kernel per tensor, and one readback
+    /// per step). `train_step` then returns [`Error::NonFinite`] naming the first one;
+    /// elsewhere call [`Graph::check_finite`] after the step.
+    pub fn set_check_finite(&mut self, on: bool) {
+        self.check_finite = on;
+        self.finite = None;
+    }
+
+    /// With [`Graph::set_check_finite`] on: an error naming the first output, gradient or
+    /// parameter of the last forward / backward / update that held a NaN or an infinity.
+    pub fn check_finite(&self) -> Result<()> {
+        let Some(checks) = &self.finite else {
+            return Ok(());
+        };
+        match checks.first_failure()? {
+            Some(what) => Err(Error::NonFinite {
+                what: what.to_string(),
+                step: self.step,
+            }),
+            None => Ok(()),
+        }
+    }
+
     /// Training steps taken (forward passes in [`Mode::Train`]).
     pub fn steps(&self) -> u32 {
         self.step
@@ -484,6 +514,16 @@ impl Graph {
         self.values[0] = Some(input);
         self.saved = (0..self.nodes.len()).map(|_| Vec::new()).collect();
         self.mode = None;
+        self.finite = if self.check_finite {
+            // An output per node; a gradient and an updated value per state tensor.
+            let states: usize = self.nodes.iter().map(|n| n.state.len()).sum();
+            Some(FiniteChecks::new(
+                &self.device,
+                self.nodes.len() + 2 * states,
+            )?)
+        } else {
+            None
+        };
         for (i, node) in self.nodes.iter_mut().enumerate() {
             let inputs = node
                 .inputs
@@ -494,6 +534,9 @@ impl Graph {
                 .layer
                 .forward(ctx, &inputs, &mut node.state)
                 .map_err(|e| in_node(&node.name, e))?;
+            if let Some(checks) = &mut self.finite {
+                checks.check(|| format!("the output of node {:?}", node.name), &out.y)?;
+            }
             self.values[i + 1] = Some(out.y);
             if keep {
                 self.saved[i] = out.saved;
@@ -597,6 +640,13 @@ impl Graph {
                         node.grads.iter_mut().zip(back.state).zip(&node.trainable)
                     {
                         *slot = grad.filter(|_| trainable);
+                    }
+                    if let Some(checks) = &mut self.finite {
+                        for (name, grad) in node.full_names().zip(&node.grads) {
+                            if let Some(grad) = grad {
+                                checks.check(|| format!("the gradient of {name}"), grad)?;
+                            }
+                        }
                     }
                 }
                 for (&v, grad) in node.inputs.iter().zip(back.inputs) {
@@ -780,7 +830,7 @@ impl Graph {
             GraphOptimizer::Gpu(opt) => {
                 let params = params.iter().map(|p| p.gpu()).collect::<Result<Vec<_>>>()?;
                 let grads = grads.iter().map(|g| g.gpu()).collect::<Result<Vec<_>>>()?;
-                opt.step(&params, &grads)
+                opt.step(&params, &grads)?;
             }
             GraphOptimizer::Cpu(opt) => {
                 let grads = grads.iter().map(|g| g.cpu()).collect::<Result<Vec<_>>>()?;
@@ -791,9 +841,22 @@ impl Graph {
                         Value::Gpu(_) => Err(mixed_devices()),
                     })
                     .collect::<Result<Vec<_>>>()?;
-                opt.step(&mut params, &grads)
+                opt.step(&mut params, &grads)?;
             }
         }
+        if let Some(checks) = &mut self.finite {
+            for (name, value) in self
+                .nodes
+                .iter()
+                .filter(|n| !n.frozen)
+                .flat_map(|n| n.full_names().zip(n.state.iter().zip(&n.trainable)))
+                .filter(|(_, (_, trainable))| **trainable)
+                .map(|(name, (value, _))| (name, value))
+            {
+                checks.check(|| format!("{name} after the optimizer step"), value)?;
+            }
+        }
+        Ok(())
     }
 }
 

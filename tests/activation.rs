@@ -136,3 +136,80 @@ fn mismatched_shapes_are_errors() {
         "{err}"
     );
 }
+
+/// NaN in, NaN out, as in PyTorch: a ReLU that turned NaN into 0 hid a poisoned batch
+/// (the weights went NaN while the loss still read 2.30).
+#[test]
+fn nan_propagates_through_every_activation_as_in_pytorch() {
+    use wgcnn::ops::{Conv2d, Matmul};
+    let values = [
+        f32::NAN,
+        1.5,
+        -2.0,
+        0.0,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        3.0,
+        -0.5,
+    ];
+    let x = ArrayD::from_shape_vec(ndarray::IxDyn(&[8]), values.to_vec()).unwrap();
+    for act in ALL {
+        assert!(act.apply(f32::NAN).is_nan(), "{act:?} on the CPU");
+    }
+    // PyTorch's ReLU backward passes the gradient where the output is NaN (only y ≤ 0 blocks it).
+    assert_eq!(Activation::Relu.derivative(f32::NAN, f32::NAN), 1.0);
+    let Some(gpu) = gpu() else { return };
+    let tx = Tensor::from_array(gpu, &x).unwrap();
+    for act in ALL {
+        let y = act.forward(&tx).unwrap().to_array().unwrap();
+        assert!(y[[0]].is_nan(), "{act:?} on the GPU: {y}");
+        let want = x.mapv(|v| act.apply(v));
+        for (got, want) in y.iter().zip(&want) {
+            let same = (got - want).abs() <= 1e-6 || got == want || (got.is_nan() && want.is_nan());
+            assert!(same, "{act:?}: {y} vs {want}");
+        }
+        let ones = Tensor::full(gpu, &[8], 1.0).unwrap();
+        let dx = act
+            .backward(&tx, &act.forward(&tx).unwrap(), &ones)
+            .unwrap()
+            .to_array()
+            .unwrap();
+        let want_dx = x.mapv(|v| act.derivative(v, act.apply(v)));
+        for (got, want) in dx.iter().zip(&want_dx) {
+            let same = (got - want).abs() <= 1e-6 || got == want || (got.is_nan() && want.is_nan());
+            assert!(same, "{act:?} backward: {dx} vs {want_dx}");
+        }
+    }
+    // The fused epilogues: a matmul, a direct convolution and an im2col convolution with ReLU.
+    let a = Tensor::from_array(
+        gpu,
+        &x.clone()
+            .into_shape_with_order(ndarray::IxDyn(&[2, 4]))
+            .unwrap(),
+    )
+    .unwrap();
+    let b = Tensor::full(gpu, &[4, 3], 1.0).unwrap();
+    let relu = Matmul {
+        activation: Activation::Relu,
+        ..Matmul::default()
+    };
+    let y = relu.forward(&a, &b, None).unwrap().to_array().unwrap();
+    assert!(y.iter().take(3).all(|v| v.is_nan()), "matmul epilogue: {y}");
+    let image = x
+        .clone()
+        .into_shape_with_order(ndarray::IxDyn(&[1, 2, 2, 2]))
+        .unwrap();
+    let timage = Tensor::from_array(gpu, &image).unwrap();
+    for filters in [2, 20] {
+        let conv = Conv2d {
+            activation: Activation::Relu,
+            ..Conv2d::default()
+        };
+        let w = Tensor::full(gpu, &[filters, 2, 1, 1], 1.0).unwrap();
+        let y = conv.forward(&timage, &w, None).unwrap().to_array().unwrap();
+        assert!(
+            y[[0, 0, 0, 0]].is_nan(),
+            "conv ({filters} filters) epilogue: {y}"
+        );
+    }
+}

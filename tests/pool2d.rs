@@ -455,3 +455,20 @@ fn adaptive_average_pooling_matches_pytorch_and_the_cpu() {
             .is_err()
     );
 }
+
+/// NaN wins a max-pooling window, as in PyTorch (a window that dropped it would hide a
+/// poisoned batch), and its gradient goes to the NaN's position.
+#[test]
+fn nan_wins_max_pooling_as_in_pytorch() {
+    let mut x = random(&[1, 2, 4, 4], 9);
+    x[[0, 0, 1, 0]] = f32::NAN;
+    x[[0, 1, 3, 3]] = f32::NAN;
+    let spec = Pool2d::max((2, 2));
+    let cpu = wgcnn::cpu::pool2d(&spec, &x.view()).unwrap();
+    assert!(cpu.y[[0, 0, 0, 0]].is_nan() && cpu.y[[0, 1, 1, 1]].is_nan());
+    let Some(_) = gpu() else { return };
+    let pooled = spec.forward(&upload(&x)).unwrap();
+    let y = pooled.y.to_array().unwrap();
+    assert!(y[[0, 0, 0, 0]].is_nan() && y[[0, 1, 1, 1]].is_nan(), "{y}");
+    assert_eq!(pooled.indices().unwrap().unwrap(), cpu.indices().unwrap());
+}

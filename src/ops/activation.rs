@@ -48,7 +48,14 @@ impl Activation {
     pub fn apply(self, x: f32) -> f32 {
         match self {
             Activation::None => x,
-            Activation::Relu => x.max(0.0),
+            // Not x.max(0.0), which turns NaN into 0: NaN must show, as in PyTorch.
+            Activation::Relu => {
+                if x <= 0.0 {
+                    0.0
+                } else {
+                    x
+                }
+            }
             Activation::LeakyRelu(slope) => {
                 if x > 0.0 {
                     x
@@ -188,7 +195,14 @@ impl Activation {
     pub fn derivative(self, x: f32, y: f32) -> f32 {
         match self {
             Activation::None => 1.0,
-            Activation::Relu => f32::from(u8::from(x > 0.0)),
+            // PyTorch's rule: only x ≤ 0 blocks the gradient (NaN passes it on).
+            Activation::Relu => {
+                if x <= 0.0 {
+                    0.0
+                } else {
+                    1.0
+                }
+            }
             Activation::LeakyRelu(slope) => {
                 if x > 0.0 {
                     1.0

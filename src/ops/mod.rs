@@ -13,6 +13,7 @@ mod conv_grouped;
 mod conv_weight_grad;
 pub mod distillation;
 pub mod dropout;
+pub(crate) mod finite;
 pub mod layer_norm;
 pub mod linear;
 pub mod log_softmax;

@@ -43,6 +43,14 @@ pub struct StepOutput {
     pub correct: Value,
 }
 
+impl StepOutput {
+    /// Whether the loss is a finite number: a NaN or an infinity anywhere in the step's
+    /// forward pass shows here (it reads back only the loss).
+    pub fn loss_is_finite(&self) -> Result<bool> {
+        Ok(self.loss.scalar()?.is_finite())
+    }
+}
+
 /// One training step: forward in training mode, cross-entropy, backward, optimizer update.
 /// On a GPU everything, the upload of `input` included, is one submission; the loss and
 /// the correct count stay on the device until read.
@@ -85,7 +93,7 @@ pub fn train_step_with(
     loss: impl FnOnce(&Value, &Value) -> Result<CrossEntropy<Value>>,
 ) -> Result<StepOutput> {
     let device = model.device().clone();
-    device.record(|| {
+    let out = device.record(|| {
         let x = input(&device)?;
         let kept = x.duplicate()?;
         let logits = model.forward(x, Mode::Train)?;
@@ -96,7 +104,10 @@ pub fn train_step_with(
             loss: ce.loss,
             correct: ce.correct,
         })
-    })
+    })?;
+    // With Graph::set_check_finite: the first non-finite output, gradient or parameter.
+    model.check_finite()?;
+    Ok(out)
 }
 
 /// Mean loss and accuracy over a data set.
