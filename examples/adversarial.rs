@@ -39,7 +39,7 @@ fn robustness(
     let order: Vec<usize> = (0..images.count).collect();
     for batch in order.chunks(250) {
         let x = image_batch(&device, images, batch, &normalize)?;
-        let targets = label_batch(labels, batch);
+        let targets = label_batch(labels, batch)?;
         for (slot, kind) in std::iter::once(None)
             .chain(attacks.iter().map(Some))
             .enumerate()
@@ -261,7 +261,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             &mut robust,
             &mut opt,
             |d| image_batch(d, &train, batch, &normalize),
-            &label_batch(&train_labels, batch),
+            &label_batch(&train_labels, batch)?,
             Attack::Fgsm {
                 epsilon: train_epsilon / STD,
             },

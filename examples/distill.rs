@@ -157,7 +157,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
                 &mut teacher,
                 &mut opt,
                 |d| image_batch(d, &small, batch, &normalize),
-                &label_batch(&small_labels, batch),
+                &label_batch(&small_labels, batch)?,
                 spec,
             )?;
         }

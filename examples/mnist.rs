@@ -198,7 +198,7 @@ fn run(process_start: Instant) -> Result<(), Box<dyn std::error::Error>> {
                 let scale = 0.5 * (1.0 + (std::f64::consts::PI * progress).cos());
                 opt.set_lr(rule.lr() * scale as f32)?;
             }
-            let labels = label_batch(&mnist.train_labels, batch);
+            let labels = label_batch(&mnist.train_labels, batch)?;
             let out = train_step(
                 &mut model,
                 &mut opt,

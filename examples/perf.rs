@@ -406,7 +406,7 @@ fn main() -> Result<()> {
     });
     let gpu = Gpu::with_options(GpuOptions {
         operand_reads,
-        ..GpuOptions::from_env()
+        ..GpuOptions::from_env()?
     })?;
     let adapter = gpu.adapter_info().name.clone();
     if !json {

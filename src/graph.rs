@@ -217,9 +217,10 @@ pub trait Layer: Send {
         false
     }
 
-    /// The state the layer owns, initialised from `rng` (seeded per tensor by the model).
-    fn init_state(&self, _rng: &mut dyn FnMut(&'static str) -> InitRng) -> Vec<StateInit> {
-        Vec::new()
+    /// The state the layer owns, initialised from `rng` (seeded per tensor by the model;
+    /// it also refuses tensors too large for the device or the host).
+    fn init_state(&self, _rng: &mut dyn FnMut(&'static str) -> InitRng) -> Result<Vec<StateInit>> {
+        Ok(Vec::new())
     }
 
     /// Computes the output; may update non-trainable state (running statistics).
@@ -399,8 +400,14 @@ impl Graph {
     /// A node for `layer` with its state initialised from the model seed and uploaded.
     fn fresh_node(&self, name: &str, layer: Box<dyn Layer>, inputs: Vec<ValueId>) -> Result<Node> {
         let seed = self.seed;
-        let mut rng = |local: &'static str| InitRng::for_tensor(seed, &format!("{name}.{local}"));
-        let inits = layer.init_state(&mut rng);
+        let gpu = match &self.device {
+            Device::Gpu(gpu) => Some(gpu),
+            Device::Cpu => None,
+        };
+        let mut rng = |local: &'static str| {
+            InitRng::for_tensor(seed, &format!("{name}.{local}")).for_gpu(gpu)
+        };
+        let inits = layer.init_state(&mut rng).map_err(|e| in_node(name, e))?;
         Ok(Node {
             name: name.to_string(),
             inputs,

@@ -418,7 +418,7 @@ fn texture_reads_match_the_cpu() {
     let Some(_) = gpu() else { return };
     let options = wgcnn::GpuOptions {
         operand_reads: Some(wgcnn::OperandReads::Texture),
-        ..wgcnn::GpuOptions::from_env()
+        ..wgcnn::GpuOptions::from_env().unwrap()
     };
     let gpu = wgcnn::Gpu::with_options(options).unwrap();
     assert_eq!(gpu.operand_reads().unwrap(), wgcnn::OperandReads::Texture);

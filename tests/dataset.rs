@@ -114,7 +114,7 @@ fn mnist_is_one_source_and_trains_as_before() {
     assert_eq!(got, want);
     assert_eq!(
         data.labels_at(&indices).unwrap(),
-        label_batch(labels, &indices)
+        label_batch(labels, &indices).unwrap()
     );
 
     // train_epoch over the images and train_epoch_on over the dataset: the same weights.

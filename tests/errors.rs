@@ -11,7 +11,7 @@ use wgcnn::{Error, Gpu, GpuOptions, Tensor};
 fn no_adapter_explains_how_to_get_lavapipe() {
     let options = GpuOptions {
         adapter_name: Some("no-such-adapter-anywhere".into()),
-        ..GpuOptions::from_env()
+        ..GpuOptions::from_env().unwrap()
     };
     let err = Gpu::with_options(options).unwrap_err();
     assert!(matches!(err, Error::NoAdapter { .. }), "{err:?}");

@@ -94,3 +94,93 @@ fn an_update_that_overflows_is_named() {
         );
     }
 }
+
+/// 10¹⁰ parameters: an error naming the layer and the size, before anything is allocated
+/// (it used to abort the process with "memory allocation of 40000000000 bytes failed").
+/// On a GPU that is over the buffer limit; on the CPU path the host refuses the allocation,
+/// shown here with 2⁵¹ bytes (beyond any address space) so that a large host cannot grant it.
+#[test]
+fn a_layer_too_large_for_the_device_or_host_is_an_error() {
+    use wgcnn::nn::{Flatten, Linear, Sequential};
+    for device in devices() {
+        let (features, size) = match device {
+            Device::Gpu(_) => ((100_000, 100_000), "40000000000"),
+            Device::Cpu => ((1 << 25, 1 << 24), "2251799813685248"),
+        };
+        let err = Sequential::new()
+            .add("flatten", Flatten)
+            .add("huge", Linear::new(features.0, features.1))
+            .build(device.clone(), 0)
+            .err()
+            .unwrap()
+            .to_string();
+        let shape = format!("huge.weight [{}, {}]", features.1, features.0);
+        assert!(err.contains(&shape), "{}: {err}", device.name());
+        assert!(err.contains(size), "{}: {err}", device.name());
+    }
+    // A size whose byte count overflows usize.
+    let err = Sequential::new()
+        .add("flatten", Flatten)
+        .add("absurd", Linear::new(usize::MAX / 2, 4))
+        .build(Device::Cpu, 0)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("absurd.weight") && err.contains("more elements than fit"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_label_index_past_the_end_is_an_error() {
+    let labels = vec![1u8; 10_000];
+    let err = wgcnn::train::label_batch(&labels, &[3, 10_000])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("label 10000 requested, the set has 10000"),
+        "{err}"
+    );
+    assert_eq!(
+        wgcnn::train::label_batch(&labels, &[0, 9_999]).unwrap(),
+        vec![1, 1]
+    );
+}
+
+/// An IDX header of 2³¹ × 2³¹ × 4 on a 16-byte file: the size product used to wrap to 0,
+/// the file was accepted, and reading an image panicked.
+#[test]
+fn an_idx_header_whose_sizes_overflow_is_refused() {
+    let mut bytes = vec![0, 0, 8, 3];
+    for dim in [1u32 << 31, 1 << 31, 4] {
+        bytes.extend_from_slice(&dim.to_be_bytes());
+    }
+    let path = std::env::temp_dir().join(format!("wgcnn-overflow-{}.idx", std::process::id()));
+    std::fs::write(&path, &bytes).unwrap();
+    let err = wgcnn::data::read_idx_images(&path).unwrap_err().to_string();
+    assert!(err.contains("overflow"), "{err}");
+    std::fs::remove_file(path).ok();
+}
+
+/// A save killed between writing and renaming leaves `<name>.tmp`; the next save replaces
+/// it and leaves no temporary file behind.
+#[test]
+fn the_next_save_removes_a_stale_temporary_file() {
+    let dir = std::env::temp_dir().join(format!("wgcnn-stale-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("model.safetensors");
+    let stale = dir.join("model.safetensors.tmp");
+    std::fs::write(&stale, b"half a checkpoint").unwrap();
+    let model = lenet5(LeNetOptions::default())
+        .unwrap()
+        .build(Device::Cpu, 1)
+        .unwrap();
+    model.save(&path).unwrap();
+    assert!(!stale.exists(), "the stale temporary file is gone");
+    assert_eq!(
+        wgcnn::train::Checkpoint::load(&path).unwrap(),
+        model.checkpoint().unwrap()
+    );
+    std::fs::remove_dir_all(dir).ok();
+}

@@ -135,7 +135,7 @@ fn train(
     order[..batch * steps]
         .chunks(batch)
         .map(|indices| {
-            let labels = wgcnn::train::label_batch(&data.train_labels, indices);
+            let labels = wgcnn::train::label_batch(&data.train_labels, indices).unwrap();
             let out = train_step(
                 model,
                 opt,
@@ -234,7 +234,7 @@ fn pool_memory_is_flat_over_500_steps() {
     let normalize = wgcnn::Normalize::mnist();
     let mut step = |i: usize| {
         let indices: Vec<usize> = (i * 4..i * 4 + 4).collect();
-        let labels = wgcnn::train::label_batch(&data.train_labels, &indices);
+        let labels = wgcnn::train::label_batch(&data.train_labels, &indices).unwrap();
         train_step(
             &mut model,
             &mut opt,

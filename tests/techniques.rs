@@ -137,7 +137,7 @@ fn trained_lenet(device: &Device, steps: usize) -> Graph {
     let normalize = wgcnn::Normalize::mnist();
     for step in 0..steps {
         let indices: Vec<usize> = (step * 32..step * 32 + 32).collect();
-        let labels = wgcnn::train::label_batch(&data.train_labels, &indices);
+        let labels = wgcnn::train::label_batch(&data.train_labels, &indices).unwrap();
         train_step(
             &mut model,
             &mut opt,
@@ -165,7 +165,7 @@ fn adversarial_examples_raise_the_loss_of_their_model_on_gpu_and_cpu() {
     let normalize = wgcnn::Normalize::mnist();
     let range = (-0.1307 / 0.3081, (1.0 - 0.1307) / 0.3081);
     let indices: Vec<usize> = (0..16).collect();
-    let labels = wgcnn::train::label_batch(&data.test_labels, &indices);
+    let labels = wgcnn::train::label_batch(&data.test_labels, &indices).unwrap();
     let mut grads = Vec::new();
     for device in devices() {
         let mut model = trained_lenet(&device, 30);

@@ -91,7 +91,7 @@ pub fn fit(
                 model,
                 optimizer,
                 |d| image_batch(d, images, batch, &normalize),
-                &label_batch(labels, batch),
+                &label_batch(labels, batch)?,
             )?;
             step += 1;
         }

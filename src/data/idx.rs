@@ -120,7 +120,17 @@ fn parse(path: &Path, bytes: &[u8], magic: u32, dims: usize) -> Result<Vec<usize
         ));
     }
     let sizes: Vec<usize> = (1..=dims).map(|i| word(i) as usize).collect();
-    let expected = sizes.iter().product::<usize>() + header;
+    // Checked: a header of 2³¹ × 2³¹ × 4 must not wrap to a size that matches the file.
+    let expected = sizes
+        .iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d))
+        .and_then(|payload| payload.checked_add(header))
+        .ok_or_else(|| {
+            data_error(
+                path,
+                format!("the header's sizes {sizes:?} overflow: a corrupt or hostile file"),
+            )
+        })?;
     if bytes.len() != expected {
         return Err(data_error(
             path,

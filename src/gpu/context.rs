@@ -37,16 +37,72 @@ impl Default for GpuOptions {
 
 impl GpuOptions {
     /// Defaults, overridden by `WGPU_BACKEND`, `WGPU_ADAPTER_NAME` and `WGPU_POWER_PREF`.
-    pub fn from_env() -> Self {
+    /// A value not understood is an error listing the accepted ones (wgpu itself would
+    /// ignore it and search no backend, or keep the default preference).
+    pub fn from_env() -> Result<Self> {
         let default = Self::default();
-        Self {
-            backends: wgpu::Backends::from_env().unwrap_or(default.backends),
-            adapter_name: std::env::var("WGPU_ADAPTER_NAME")
-                .ok()
-                .filter(|s| !s.is_empty()),
-            power_preference: wgpu::PowerPreference::from_env().unwrap_or(default.power_preference),
+        let var = |name| std::env::var(name).ok().filter(|s| !s.trim().is_empty());
+        Ok(Self {
+            backends: match var("WGPU_BACKEND") {
+                Some(list) => parse_backends(&list)?,
+                None => default.backends,
+            },
+            adapter_name: var("WGPU_ADAPTER_NAME"),
+            power_preference: match var("WGPU_POWER_PREF") {
+                Some(value) => parse_power_preference(&value)?,
+                None => default.power_preference,
+            },
             ..default
+        })
+    }
+}
+
+/// The backends `WGPU_BACKEND` names (comma-separated, as wgpu reads it), each one built
+/// into this crate for this platform.
+fn parse_backends(list: &str) -> Result<wgpu::Backends> {
+    const NAMES: &str = "vulkan (vk), metal (mtl), dx12 (d3d12), gl (gles, opengl)";
+    let built = wgpu::Instance::enabled_backend_features();
+    let mut backends = wgpu::Backends::empty();
+    for name in list.split(',').map(|n| n.trim().to_lowercase()) {
+        let backend = match name.as_str() {
+            "vulkan" | "vk" => wgpu::Backends::VULKAN,
+            "metal" | "mtl" => wgpu::Backends::METAL,
+            "dx12" | "d3d12" => wgpu::Backends::DX12,
+            "gl" | "gles" | "opengl" => wgpu::Backends::GL,
+            _ => {
+                return Err(Error::InvalidArgument {
+                    op: "WGPU_BACKEND",
+                    detail: format!(
+                        "unknown backend {name:?} in {list:?}; accepted, comma-separated: {NAMES}"
+                    ),
+                });
+            }
+        };
+        if !built.contains(backend) {
+            let available: Vec<String> = built.iter().map(|b| format!("{b:?}")).collect();
+            return Err(Error::InvalidArgument {
+                op: "WGPU_BACKEND",
+                detail: format!(
+                    "the {name} backend is not built into wgcnn on this platform; it has {}",
+                    available.join(", ")
+                ),
+            });
         }
+        backends |= backend;
+    }
+    Ok(backends)
+}
+
+/// `WGPU_POWER_PREF`'s value.
+fn parse_power_preference(value: &str) -> Result<wgpu::PowerPreference> {
+    match value.trim().to_lowercase().as_str() {
+        "low" => Ok(wgpu::PowerPreference::LowPower),
+        "high" => Ok(wgpu::PowerPreference::HighPerformance),
+        "none" => Ok(wgpu::PowerPreference::None),
+        _ => Err(Error::InvalidArgument {
+            op: "WGPU_POWER_PREF",
+            detail: format!("unknown preference {value:?}; accepted: low, high, none"),
+        }),
     }
 }
 
@@ -101,7 +157,7 @@ impl Gpu {
 
     /// Opens the adapter chosen by [`GpuOptions::from_env`].
     pub async fn new_async() -> Result<Self> {
-        Self::with_options_async(GpuOptions::from_env()).await
+        Self::with_options_async(GpuOptions::from_env()?).await
     }
 
     /// Opens the adapter chosen by `options`, blocking.

@@ -123,7 +123,7 @@ impl Layer for Conv2d {
         }
     }
 
-    fn init_state(&self, rng: &mut dyn FnMut(&'static str) -> InitRng) -> Vec<StateInit> {
+    fn init_state(&self, rng: &mut dyn FnMut(&'static str) -> InitRng) -> Result<Vec<StateInit>> {
         let (kh, kw) = self.kernel;
         let taps = kh * kw;
         // PyTorch's fans: a filter reads in/groups channels.
@@ -133,7 +133,7 @@ impl Layer for Conv2d {
             &[self.out_channels, per_group, kh, kw],
             self.out_channels,
             (per_group * taps, self.out_channels * taps),
-        );
+        )?;
         let mut state = vec![StateInit {
             name: "weight",
             value: weight,
@@ -148,7 +148,7 @@ impl Layer for Conv2d {
                 counter: false,
             });
         }
-        state
+        Ok(state)
     }
 
     fn forward(&self, _ctx: Ctx, inputs: &[&Value], state: &mut [Value]) -> Result<Forward> {

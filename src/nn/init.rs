@@ -4,6 +4,9 @@
 
 use ndarray::{ArrayD, IxDyn};
 
+use crate::error::{Error, Result};
+use crate::gpu::Gpu;
+
 /// How a layer's weights start.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Init {
@@ -24,23 +27,26 @@ impl Init {
         weight_shape: &[usize],
         bias_len: usize,
         (fan_in, fan_out): (usize, usize),
-    ) -> (ArrayD<f32>, ArrayD<f32>) {
+    ) -> Result<(ArrayD<f32>, ArrayD<f32>)> {
         let fan_in = fan_in as f64;
         let (weight_bound, bias_bound) = match self {
             Init::He => ((6.0 / fan_in).sqrt(), 0.0),
             Init::Xavier => ((6.0 / (fan_in + fan_out as f64)).sqrt(), 0.0),
             Init::PyTorch => (1.0 / fan_in.sqrt(), 1.0 / fan_in.sqrt()),
         };
-        (
-            rng("weight").uniform(weight_shape, weight_bound as f32),
-            rng("bias").uniform(&[bias_len], bias_bound as f32),
-        )
+        Ok((
+            rng("weight").uniform(weight_shape, weight_bound as f32)?,
+            rng("bias").uniform(&[bias_len], bias_bound as f32)?,
+        ))
     }
 }
 
-/// A SplitMix64 stream for one tensor.
+/// A SplitMix64 stream for one tensor, which also checks the tensor's size before it is
+/// allocated (against the GPU's buffer limit when it will live there, and the host's memory).
 pub struct InitRng {
     state: u64,
+    name: String,
+    gpu: Option<Gpu>,
 }
 
 impl InitRng {
@@ -52,7 +58,52 @@ impl InitRng {
         });
         Self {
             state: seed ^ hash.rotate_left(17),
+            name: name.to_string(),
+            gpu: None,
         }
+    }
+
+    /// Checks sizes against `gpu`'s buffer limit too (the tensor will be uploaded there).
+    pub(crate) fn for_gpu(mut self, gpu: Option<&Gpu>) -> Self {
+        self.gpu = gpu.cloned();
+        self
+    }
+
+    /// Room for the elements of a tensor of `shape`, and their count, allocated only if it
+    /// can exist: an error names the tensor and its size instead of aborting the process
+    /// (`Linear::new(100_000, 100_000)` asks for 40 GB).
+    fn allocate(&self, shape: &[usize]) -> Result<(Vec<f32>, usize)> {
+        let too_large = || Error::InvalidArgument {
+            op: "initialisation",
+            detail: format!(
+                "{} {shape:?} has more elements than fit in memory; use smaller layers",
+                self.name
+            ),
+        };
+        let count = shape
+            .iter()
+            .try_fold(1usize, |n, &d| n.checked_mul(d))
+            .ok_or_else(too_large)?;
+        let bytes = count.checked_mul(4).ok_or_else(too_large)? as u64;
+        if let Some(gpu) = &self.gpu {
+            gpu.check_buffer_size(&format!("{} {shape:?}", self.name), bytes)?;
+        }
+        let mut values = Vec::new();
+        values.try_reserve_exact(count).map_err(|_| Error::InvalidArgument {
+            op: "initialisation",
+            detail: format!(
+                "{} {shape:?} needs {bytes} bytes, which the host cannot allocate; use smaller layers",
+                self.name
+            ),
+        })?;
+        Ok((values, count))
+    }
+
+    /// An array of `shape` filled with `value` (running statistics, scales).
+    pub fn filled(&self, shape: &[usize], value: f32) -> Result<ArrayD<f32>> {
+        let (mut values, count) = self.allocate(shape)?;
+        values.resize(count, value);
+        shaped(shape, values)
     }
 
     fn next_u64(&mut self) -> u64 {
@@ -64,10 +115,19 @@ impl InitRng {
     }
 
     /// An array of `shape` uniform in `[-bound, bound)`.
-    pub fn uniform(&mut self, shape: &[usize], bound: f32) -> ArrayD<f32> {
-        ArrayD::from_shape_simple_fn(IxDyn(shape), || {
+    pub fn uniform(&mut self, shape: &[usize], bound: f32) -> Result<ArrayD<f32>> {
+        let (mut values, count) = self.allocate(shape)?;
+        for _ in 0..count {
             let unit = (self.next_u64() >> 40) as f32 / 16_777_216.0;
-            (2.0 * unit - 1.0) * bound
-        })
+            values.push((2.0 * unit - 1.0) * bound);
+        }
+        shaped(shape, values)
     }
+}
+
+fn shaped(shape: &[usize], values: Vec<f32>) -> Result<ArrayD<f32>> {
+    ArrayD::from_shape_vec(IxDyn(shape), values).map_err(|e| Error::ShapeMismatch {
+        op: "initialisation",
+        detail: e.to_string(),
+    })
 }

@@ -87,14 +87,14 @@ impl Layer for Linear {
         self.in_features == 0
     }
 
-    fn init_state(&self, rng: &mut dyn FnMut(&'static str) -> InitRng) -> Vec<StateInit> {
+    fn init_state(&self, rng: &mut dyn FnMut(&'static str) -> InitRng) -> Result<Vec<StateInit>> {
         let (weight, bias) = self.init.weight_and_bias(
             rng,
             &[self.out_features, self.in_features],
             self.out_features,
             (self.in_features, self.out_features),
-        );
-        vec![
+        )?;
+        Ok(vec![
             StateInit {
                 name: "weight",
                 value: weight,
@@ -107,7 +107,7 @@ impl Layer for Linear {
                 trainable: true,
                 counter: false,
             },
-        ]
+        ])
     }
 
     fn forward(&self, _ctx: Ctx, inputs: &[&Value], state: &mut [Value]) -> Result<Forward> {

@@ -1,21 +1,25 @@
 //! Normalisation layers: `BatchNorm2d` (per channel, running statistics for eval) and
 //! `LayerNorm` (per sample over the trailing dimensions).
 
-use ndarray::{ArrayD, IxDyn};
-
 use crate::error::Result;
 use crate::graph::{Backward, BackwardArgs, Ctx, Forward, Layer, StateInit, Value};
 use crate::nn::init::InitRng;
 use crate::ops::batch_norm::{self, BatchNormCpu, batches_state, batches_tracked};
 use crate::ops::layer_norm;
 
-fn state(name: &'static str, shape: &[usize], fill: f32, trainable: bool) -> StateInit {
-    StateInit {
+fn state(
+    rng: &mut dyn FnMut(&'static str) -> InitRng,
+    name: &'static str,
+    shape: &[usize],
+    fill: f32,
+    trainable: bool,
+) -> Result<StateInit> {
+    Ok(StateInit {
         name,
-        value: ArrayD::from_elem(IxDyn(shape), fill),
+        value: rng(name).filled(shape, fill)?,
         trainable,
         counter: false,
-    }
+    })
 }
 
 fn one_d(value: &Value) -> Result<ndarray::ArrayView1<'_, f32>> {
@@ -67,20 +71,20 @@ impl Layer for BatchNorm2d {
         format!("BatchNorm2d({})", self.channels)
     }
 
-    fn init_state(&self, _rng: &mut dyn FnMut(&'static str) -> InitRng) -> Vec<StateInit> {
+    fn init_state(&self, rng: &mut dyn FnMut(&'static str) -> InitRng) -> Result<Vec<StateInit>> {
         let c = [self.channels];
-        vec![
-            state("weight", &c, 1.0, true),
-            state("bias", &c, 0.0, true),
-            state("running_mean", &c, 0.0, false),
-            state("running_var", &c, 1.0, false),
+        Ok(vec![
+            state(rng, "weight", &c, 1.0, true)?,
+            state(rng, "bias", &c, 0.0, true)?,
+            state(rng, "running_mean", &c, 0.0, false)?,
+            state(rng, "running_var", &c, 1.0, false)?,
             StateInit {
                 name: "num_batches_tracked",
                 value: batches_state(0),
                 trainable: false,
                 counter: true,
             },
-        ]
+        ])
     }
 
     fn forward(&self, ctx: Ctx, inputs: &[&Value], state: &mut [Value]) -> Result<Forward> {
@@ -185,11 +189,11 @@ impl Layer for LayerNorm {
         format!("LayerNorm({:?})", self.shape)
     }
 
-    fn init_state(&self, _rng: &mut dyn FnMut(&'static str) -> InitRng) -> Vec<StateInit> {
-        vec![
-            state("weight", &self.shape, 1.0, true),
-            state("bias", &self.shape, 0.0, true),
-        ]
+    fn init_state(&self, rng: &mut dyn FnMut(&'static str) -> InitRng) -> Result<Vec<StateInit>> {
+        Ok(vec![
+            state(rng, "weight", &self.shape, 1.0, true)?,
+            state(rng, "bias", &self.shape, 0.0, true)?,
+        ])
     }
 
     fn forward(&self, _ctx: Ctx, inputs: &[&Value], state: &mut [Value]) -> Result<Forward> {

@@ -278,7 +278,7 @@ mod tests {
         for reads in [OperandReads::Storage, OperandReads::Texture] {
             let options = GpuOptions {
                 operand_reads: Some(reads),
-                ..GpuOptions::from_env()
+                ..GpuOptions::from_env().unwrap()
             };
             let Some(gpu) = crate::test_support::gpu(options) else {
                 return;

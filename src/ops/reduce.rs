@@ -171,7 +171,7 @@ mod tests {
     /// activation, on each variant: vec4 or f32 terms, a workgroup or a lane per output.
     #[test]
     fn activation_backward_and_sum_match_the_cpu() {
-        let Some(gpu) = crate::test_support::gpu(GpuOptions::from_env()) else {
+        let Some(gpu) = crate::test_support::gpu(GpuOptions::from_env().unwrap()) else {
             return;
         };
         let activations = [

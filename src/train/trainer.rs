@@ -226,9 +226,20 @@ pub fn train_epoch_on(
     })
 }
 
-/// Labels `indices` as class indices.
-pub fn label_batch(labels: &[u8], indices: &[usize]) -> Vec<usize> {
-    indices.iter().map(|&i| usize::from(labels[i])).collect()
+/// Labels `indices` as class indices; an index past the end is an error.
+pub fn label_batch(labels: &[u8], indices: &[usize]) -> Result<Vec<usize>> {
+    indices
+        .iter()
+        .map(|&i| {
+            labels
+                .get(i)
+                .map(|&l| usize::from(l))
+                .ok_or_else(|| Error::InvalidArgument {
+                    op: "label_batch",
+                    detail: format!("label {i} requested, the set has {}", labels.len()),
+                })
+        })
+        .collect()
 }
 
 /// Loss and accuracy of `model` in eval mode over `images`, `batch_size` at a time.

@@ -1,0 +1,48 @@
+//! The variables that pick a backend and adapter: a value not understood is an error that
+//! lists the accepted ones. One test in its own binary, since it changes the environment.
+
+use wgcnn::{Gpu, GpuOptions};
+
+fn with_var(name: &str, value: &str) -> String {
+    // SAFETY: this binary's only test; no other thread reads the environment meanwhile.
+    unsafe { std::env::set_var(name, value) };
+    let options = GpuOptions::from_env().err().map(|e| e.to_string());
+    let gpu = Gpu::new().err().map(|e| e.to_string());
+    // SAFETY: as above.
+    unsafe { std::env::remove_var(name) };
+    assert_eq!(options, gpu, "Gpu::new reads the same variables");
+    options.unwrap_or_default()
+}
+
+#[test]
+fn unknown_or_unbuilt_backends_and_preferences_are_errors() {
+    let err = with_var("WGPU_BACKEND", "bogus");
+    assert!(err.contains("unknown backend \"bogus\""), "{err}");
+    assert!(
+        err.contains("vulkan (vk), metal (mtl), dx12 (d3d12), gl (gles, opengl)"),
+        "{err}"
+    );
+    // GL is a real wgpu backend, but not built into wgcnn: say so, not "no adapter".
+    let err = with_var("WGPU_BACKEND", "gl");
+    assert!(
+        err.contains("the gl backend is not built into wgcnn"),
+        "{err}"
+    );
+    let err = with_var("WGPU_BACKEND", "vulkan, bogus");
+    assert!(err.contains("unknown backend \"bogus\""), "{err}");
+    let err = with_var("WGPU_POWER_PREF", "bogus");
+    assert!(
+        err.contains("unknown preference \"bogus\"; accepted: low, high, none"),
+        "{err}"
+    );
+    for fine in [
+        ("WGPU_BACKEND", "Vulkan"),
+        ("WGPU_POWER_PREF", "low"),
+        ("WGPU_BACKEND", " "),
+    ] {
+        // SAFETY: as above.
+        unsafe { std::env::set_var(fine.0, fine.1) };
+        assert!(GpuOptions::from_env().is_ok(), "{fine:?}");
+        unsafe { std::env::remove_var(fine.0) };
+    }
+}
