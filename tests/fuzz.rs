@@ -1,0 +1,170 @@
+//! The loaders under hostile bytes: the IDX reader, the safetensors checkpoint loader and
+//! image decoding (`Dataset::from_folder`) must return an error, never panic or abort. The
+//! corpus in `tests/corpus/` (hand-made cases, `make_corpus.py`, plus anything a fuzz run
+//! finds) is replayed on every run; proptest then mutates the good files and tries random
+//! bytes.
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use proptest::prelude::*;
+use wgcnn::data::{Dataset, read_idx_images, read_idx_labels};
+use wgcnn::train::{Checkpoint, image_batch};
+use wgcnn::{Device, Normalize};
+
+const CORPUS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/corpus");
+
+/// A scratch file holding `bytes`, named `name` inside a class folder of a directory of its
+/// own, removed on drop.
+struct Scratch {
+    root: PathBuf,
+    file: PathBuf,
+}
+
+impl Scratch {
+    fn new(tag: &str, name: &str, bytes: &[u8]) -> Self {
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let id = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let root =
+            std::env::temp_dir().join(format!("wgcnn-fuzz-{}-{tag}-{id}", std::process::id()));
+        let class = root.join("class0");
+        std::fs::create_dir_all(&class).unwrap();
+        let file = class.join(name);
+        std::fs::write(&file, bytes).unwrap();
+        Self { root, file }
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
+
+/// Runs `load` and fails the test on a panic; returns whether it loaded.
+fn no_panic(what: &str, load: impl FnOnce() -> bool) -> bool {
+    catch_unwind(AssertUnwindSafe(load)).unwrap_or_else(|_| panic!("{what} panicked"))
+}
+
+/// IDX: read as images and as labels; whatever loads is used (every image of a batch).
+fn idx(path: &Path) -> bool {
+    let images = read_idx_images(path).ok().map(|images| {
+        let all: Vec<usize> = (0..images.count.min(64)).collect();
+        for i in &all {
+            assert_eq!(images.image(*i).len(), images.rows * images.cols);
+        }
+        let _ = image_batch(&Device::Cpu, &images, &all, &Normalize::mnist());
+    });
+    let labels = read_idx_labels(path).ok();
+    images.is_some() || labels.is_some()
+}
+
+/// safetensors: load, then save the result and load it again, unchanged.
+fn checkpoint(path: &Path) -> bool {
+    let Ok(loaded) = Checkpoint::load(path) else {
+        return false;
+    };
+    let copy = path.with_extension("copy");
+    loaded.save(&copy).unwrap();
+    assert_eq!(Checkpoint::load(&copy).unwrap(), loaded);
+    true
+}
+
+/// An image file as the only image of a one-class folder.
+fn image_folder(path: &Path) -> bool {
+    #[cfg(feature = "image")]
+    {
+        let root = path.parent().and_then(Path::parent).unwrap();
+        Dataset::from_folder(root, (4, 4), 1).is_ok()
+    }
+    #[cfg(not(feature = "image"))]
+    {
+        let _ = path;
+        false
+    }
+}
+
+fn loader(kind: &str) -> fn(&Path) -> bool {
+    match kind {
+        "idx" => idx,
+        "safetensors" => checkpoint,
+        _ => image_folder,
+    }
+}
+
+#[test]
+fn the_corpus_loads_or_fails_cleanly() {
+    let mut replayed = 0;
+    for kind in ["idx", "safetensors", "image"] {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(Path::new(CORPUS).join(kind))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        files.sort();
+        for file in files {
+            let name = file.file_name().unwrap().to_string_lossy().to_string();
+            let scratch = Scratch::new(kind, &name, &std::fs::read(&file).unwrap());
+            let loaded = no_panic(&format!("{kind} {name}"), || loader(kind)(&scratch.file));
+            // The good files must load: a loader that refused everything would pass too.
+            if name.starts_with("good") && (kind != "image" || cfg!(feature = "image")) {
+                assert!(loaded, "{kind} {name} must load");
+            }
+            replayed += 1;
+        }
+    }
+    assert!(replayed >= 30, "{replayed} corpus files");
+}
+
+fn good(kind: &str, name: &str) -> Vec<u8> {
+    std::fs::read(Path::new(CORPUS).join(kind).join(name)).unwrap()
+}
+
+/// A good file with some bytes overwritten and perhaps cut short.
+fn mutated(original: Vec<u8>) -> impl Strategy<Value = Vec<u8>> {
+    let len = original.len();
+    (
+        proptest::collection::vec((0..len, any::<u8>()), 1..6),
+        0..=len,
+    )
+        .prop_map(move |(edits, keep)| {
+            let mut bytes = original.clone();
+            for (at, value) in edits {
+                bytes[at] = value;
+            }
+            bytes.truncate(keep.max(1));
+            bytes
+        })
+}
+
+proptest! {
+    // 256 cases each by default; PROPTEST_CASES=100000 for a longer fuzz run.
+    #[test]
+    fn idx_files_never_panic(bytes in prop_oneof![
+        mutated(good("idx", "good_images.idx")),
+        mutated(good("idx", "good_labels.idx")),
+        proptest::collection::vec(any::<u8>(), 0..64),
+    ]) {
+        let scratch = Scratch::new("idx", "data.idx", &bytes);
+        no_panic("idx", || idx(&scratch.file));
+    }
+
+    #[test]
+    fn checkpoints_never_panic(bytes in prop_oneof![
+        mutated(good("safetensors", "good.safetensors")),
+        proptest::collection::vec(any::<u8>(), 0..96),
+    ]) {
+        let scratch = Scratch::new("safetensors", "model.safetensors", &bytes);
+        no_panic("safetensors", || checkpoint(&scratch.file));
+    }
+
+    #[test]
+    fn images_never_panic(bytes in prop_oneof![
+        mutated(good("image", "good.png")),
+        proptest::collection::vec(any::<u8>(), 0..96),
+    ], jpeg: bool) {
+        let name = if jpeg { "picture.jpg" } else { "picture.png" };
+        let scratch = Scratch::new("image", name, &bytes);
+        no_panic("image", || image_folder(&scratch.file));
+    }
+}
