@@ -141,6 +141,16 @@ fn invalid(detail: String) -> Error {
     Error::InvalidArgument { op: OP, detail }
 }
 
+/// Fails unless `value` fits the signed 32-bit positions the GPU kernels compute.
+fn gpu_index(value: usize) -> Result<()> {
+    if i32::try_from(value).is_err() {
+        return Err(invalid(format!(
+            "{value} is over the GPU kernels' 31-bit index range; use a smaller stride, padding or dilation"
+        )));
+    }
+    Ok(())
+}
+
 /// A size or hyper-parameter as the 32-bit word the GPU kernels index with.
 pub(super) fn gpu_word(value: usize) -> Result<u32> {
     u32::try_from(value).map_err(|_| {
@@ -271,6 +281,16 @@ impl Conv2d {
                 (rows / 2, rows, cols / 2, cols)
             }
         };
+        // The GPU kernels compute positions in signed 32-bit words, all below the padded
+        // sizes: larger values are refused on both paths alike (they used to be truncated by
+        // `as u32`, or wrapped negative).
+        let padded = (h.checked_add(pad_rows), w.checked_add(pad_cols));
+        for value in [sh, sw, dh, dw, groups] {
+            gpu_index(value)?;
+        }
+        for value in [padded.0, padded.1] {
+            gpu_index(value.ok_or_else(|| too_large(pad_rows.max(pad_cols)))?)?;
+        }
         let oh = output_size("rows", h, pad_rows, kh, sh, dh)?;
         let ow = output_size("columns", w, pad_cols, kw, sw, dw)?;
         Ok(Conv2dShape {

@@ -218,6 +218,23 @@ impl Pool2d {
                 self.padding, self.kernel
             )));
         }
+        // The kernels compute positions in signed 32-bit words, all below the padded sizes:
+        // larger values are refused, not truncated or wrapped negative.
+        let padded = [
+            h.checked_add(ph.saturating_mul(2)),
+            w.checked_add(pw.saturating_mul(2)),
+        ];
+        if [kh, kw, sh, sw, dh, dw]
+            .into_iter()
+            .map(Some)
+            .chain(padded)
+            .any(|v| v.is_none_or(|v| i32::try_from(v).is_err()))
+        {
+            return Err(invalid(format!(
+                "window {:?}, stride {:?}, dilation {:?} or the padded input ({:?} padding) is over the 31-bit range the GPU kernels index with",
+                self.kernel, self.stride, self.dilation, self.padding
+            )));
+        }
         let (Some(oh), Some(ow)) = (
             output_size(h, kh, sh, ph, dh, self.ceil_mode),
             output_size(w, kw, sw, pw, dw, self.ceil_mode),
