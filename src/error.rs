@@ -76,14 +76,21 @@ pub enum Error {
     },
 
     /// The device ran out of memory.
-    #[error("GPU out of memory while {context}; free tensors or use smaller batches")]
+    #[error(
+        "GPU out of memory while {context}; free tensors or use smaller batches. If later calls \
+         report the device lost (wgpu loses it when an internal allocation fails), drop this \
+         Gpu and its tensors, create a new Gpu and reload the model from its last checkpoint"
+    )]
     OutOfMemory {
         /// What was being done.
         context: String,
     },
 
     /// The device was lost (driver reset, removal, or destruction).
-    #[error("GPU device lost: {reason}; create a new Gpu")]
+    #[error(
+        "GPU device lost: {reason}; drop this Gpu and its tensors, create a new Gpu and reload \
+         the model from its last checkpoint (Graph::load_training resumes a run)"
+    )]
     DeviceLost {
         /// The driver's reason.
         reason: String,

@@ -20,6 +20,15 @@ impl Drop for PooledBuffer {
     }
 }
 
+/// Mirrors `Params` in shaders/fill.wgsl.
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct FillParams {
+    total: u32,
+    value: f32,
+    _pad: [u32; 2],
+}
+
 /// An f32 tensor in row-major (C) order on the GPU. Activations are NCHW.
 pub struct Tensor {
     shape: Vec<usize>,
@@ -126,13 +135,27 @@ impl Tensor {
         Ok(tensor)
     }
 
-    /// A tensor with every element equal to `value` (e.g. NaN to poison an output).
+    /// A tensor with every element equal to `value` (e.g. NaN to poison an output), filled
+    /// by a kernel (`shaders/fill.wgsl`): no host copy, and no staging buffer whose failed
+    /// allocation would lose the device.
     pub fn full(gpu: &Gpu, shape: &[usize], value: f32) -> Result<Self> {
         let tensor = Self::uninit(gpu, shape)?;
-        let data = vec![value; tensor.len()];
-        gpu.checked("filling a tensor", || {
-            gpu.queue()
-                .write_buffer(tensor.buffer(), 0, bytemuck::cast_slice(&data));
+        let params = FillParams {
+            total: tensor.len() as u32,
+            value,
+            _pad: [0; 2],
+        };
+        let pipeline = gpu.pipeline("fill", "main", || {
+            include_str!("../shaders/fill.wgsl").into()
+        })?;
+        gpu.run_pass("filling a tensor", |pass| {
+            gpu.encode(
+                pass,
+                &pipeline,
+                bytemuck::bytes_of(&params),
+                &[tensor.binding()],
+                (tensor.len() as u64).div_ceil(256),
+            )
         })?;
         Ok(tensor)
     }
