@@ -184,3 +184,25 @@ fn the_next_save_removes_a_stale_temporary_file() {
     );
     std::fs::remove_dir_all(dir).ok();
 }
+
+/// The CPU references size their outputs from hyper-parameters: one the host cannot hold is
+/// an error (sizes past 2⁴⁷ bytes, beyond any address space, so no host can grant them).
+#[test]
+fn cpu_references_refuse_outputs_the_host_cannot_hold() {
+    use wgcnn::ops::{AdaptiveAvgPool2d, Conv2d};
+    let x = random(&[1, 1, 2, 2], 1);
+    let err = AdaptiveAvgPool2d::new(1 << 23, 1 << 23)
+        .forward_cpu(&x.view())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("more than the host can allocate"), "{err}");
+    let spec = Conv2d {
+        padding: wgcnn::Padding::Explicit(1 << 29, 1 << 29),
+        ..Conv2d::default()
+    };
+    let w = random(&[1, 1, 1, 1], 2);
+    let err = wgcnn::cpu::conv2d(&spec, &x.view(), &w.view(), None)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("more than the host can allocate"), "{err}");
+}

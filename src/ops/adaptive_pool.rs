@@ -115,7 +115,8 @@ impl AdaptiveAvgPool2d {
     pub fn forward_cpu(&self, x: &ArrayViewD<'_, f32>) -> Result<ArrayD<f32>> {
         let [n, c, oh, ow] = self.shape(x.shape())?;
         let (h, w) = (x.shape()[2], x.shape()[3]);
-        Ok(ArrayD::from_shape_fn(IxDyn(&[n, c, oh, ow]), |i| {
+        let mut out = super::host_output(OP, &[n, c, oh, ow])?;
+        for (i, value) in out.indexed_iter_mut() {
             let ((y0, y1), (x0, x1)) = (window(i[2], h, oh), window(i[3], w, ow));
             let mut sum = 0.0f64;
             for y in y0..y1 {
@@ -123,8 +124,9 @@ impl AdaptiveAvgPool2d {
                     sum += f64::from(x[[i[0], i[1], y, xx]]);
                 }
             }
-            (sum / ((y1 - y0) * (x1 - x0)) as f64) as f32
-        }))
+            *value = (sum / ((y1 - y0) * (x1 - x0)) as f64) as f32;
+        }
+        Ok(out)
     }
 
     /// CPU reference of [`AdaptiveAvgPool2d::backward`].

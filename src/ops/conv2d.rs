@@ -698,7 +698,10 @@ pub fn conv2d_cpu(
 ) -> Result<ArrayD<f32>> {
     let shape = spec.shape(x.shape(), weight.shape(), bias.map(|b| b.shape()))?;
     let (x, weight) = (view4("x", x)?, view4("weight", weight)?);
-    let y = Array4::from_shape_fn(shape.output(), |(n, o, i, j)| {
+    let mut y = super::host_output(OP, &shape.output())?
+        .into_dimensionality::<Ix4>()
+        .map_err(|e| invalid(e.to_string()))?;
+    for ((n, o, i, j), out) in y.indexed_iter_mut() {
         let mut sum = bias.map_or(0.0, |b| b[[o]]);
         for c in 0..shape.c / shape.groups {
             let channel = shape.channel(o, c);
@@ -709,8 +712,8 @@ pub fn conv2d_cpu(
                 }
             }
         }
-        spec.activation.apply(sum)
-    });
+        *out = spec.activation.apply(sum);
+    }
     Ok(y.into_dyn())
 }
 

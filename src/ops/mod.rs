@@ -42,6 +42,30 @@ pub use pool2d::{
 pub use softmax_cross_entropy::{CrossEntropy, softmax_cross_entropy};
 
 /// `x` as `[N, C, H, W]` with every size at least 1, or the error naming `op`.
+/// Zeros of `shape` for a CPU reference's output, allocated only if the host can: an output
+/// sized by hyper-parameters (a padding of billions) is an error, not an aborted process.
+pub(crate) fn host_output(
+    op: &'static str,
+    shape: &[usize],
+) -> crate::error::Result<ndarray::ArrayD<f32>> {
+    use crate::error::Error;
+    let count = crate::tensor::element_count(op, shape)?;
+    let mut values = Vec::new();
+    values
+        .try_reserve_exact(count)
+        .map_err(|_| Error::InvalidArgument {
+            op,
+            detail: format!("an output of shape {shape:?} is more than the host can allocate"),
+        })?;
+    values.resize(count, 0.0);
+    ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(shape), values).map_err(|e| {
+        Error::ShapeMismatch {
+            op,
+            detail: e.to_string(),
+        }
+    })
+}
+
 pub(crate) fn nchw(op: &'static str, x: &[usize]) -> crate::error::Result<[usize; 4]> {
     use crate::error::Error;
     let &[n, c, h, w] = x else {

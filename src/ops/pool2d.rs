@@ -432,8 +432,12 @@ fn view4<'a>(x: &'a ArrayViewD<'a, f32>) -> Result<ArrayView4<'a, f32>> {
 pub fn pool2d_cpu(spec: &Pool2d, x: &ArrayViewD<'_, f32>) -> Result<Pooled<ArrayD<f32>>> {
     let shape = spec.shape(x.shape())?;
     let x = view4(x)?;
-    let mut y = Array4::<f32>::zeros(shape.output());
-    let mut argmax = Array4::<f32>::zeros(shape.output());
+    let output = || {
+        super::host_output("pool2d", &shape.output())?
+            .into_dimensionality::<Ix4>()
+            .map_err(|e| invalid(e.to_string()))
+    };
+    let (mut y, mut argmax) = (output()?, output()?);
     for ((n, c, i, j), out) in y.indexed_iter_mut() {
         let cells = spec.window(&shape, i, j);
         match spec.kind {
