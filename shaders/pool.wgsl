@@ -69,8 +69,10 @@ fn max_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workg
     let ow = index % OW;
     let oh = (index / OW) % OH;
     let plane = index / (OW * OH);
-    var best = -3.402823e38;
-    var best_at = 0u;
+    // A window whose dilated taps all fall in the padding is -inf with no arg-max: the index
+    // H·W, past the plane, which the backward pass never matches.
+    var best = bitcast<f32>(0xff800000u);
+    var best_at = H * W;
     var found = false;
     for (var ki = 0u; ki < KH; ki++) {
         let ih = i32(oh * SH + ki * DH) - i32(PAD_TOP);

@@ -472,3 +472,30 @@ fn nan_wins_max_pooling_as_in_pytorch() {
     assert!(y[[0, 0, 0, 0]].is_nan() && y[[0, 1, 1, 1]].is_nan(), "{y}");
     assert_eq!(pooled.indices().unwrap().unwrap(), cpu.indices().unwrap());
 }
+
+/// Dilation can skip every input row of a window (rows −1 and 2 of a 2-row input): the
+/// window is −inf, its index H·W names no element, and its gradient goes nowhere.
+#[test]
+fn a_window_of_padding_alone_is_minus_infinity_with_no_index() {
+    let spec = Pool2d::max((2, 1))
+        .stride((1, 1))
+        .padding((1, 0))
+        .dilation((3, 1));
+    let x = random(&[1, 1, 2, 3], 4);
+    let cpu = wgcnn::cpu::pool2d(&spec, &x.view()).unwrap();
+    assert_eq!(cpu.y.shape(), &[1, 1, 1, 3]);
+    assert!(cpu.y.iter().all(|&v| v == f32::NEG_INFINITY));
+    assert!(cpu.indices().unwrap().iter().all(|&i| i == 6));
+    let dy = random(&[1, 1, 1, 3], 5);
+    let argmax = cpu.argmax.as_ref().map(|a| a.view());
+    let dx = wgcnn::cpu::pool2d_backward(&spec, x.shape(), &dy.view(), argmax.as_ref()).unwrap();
+    assert!(dx.iter().all(|&v| v == 0.0));
+    let Some(_) = gpu() else { return };
+    let pooled = spec.forward(&upload(&x)).unwrap();
+    assert_eq!(pooled.y.to_array().unwrap(), cpu.y);
+    assert_eq!(pooled.indices().unwrap().unwrap(), cpu.indices().unwrap());
+    let got = spec
+        .backward(x.shape(), &upload(&dy), pooled.argmax.as_ref())
+        .unwrap();
+    assert!(got.to_array().unwrap().iter().all(|&v| v == 0.0));
+}

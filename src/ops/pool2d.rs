@@ -72,7 +72,8 @@ impl Pool2dShape {
 /// What the forward pass returns: the pooled tensor and, for max pooling, the arg-max of
 /// each window as a flat `h·W + w` index within its plane, for the backward pass. The arg-max
 /// is held as f32 (exact: planes are limited to 2²⁴ pixels); [`Pooled::indices`] gives the
-/// integers, as PyTorch's `return_indices`.
+/// integers, as PyTorch's `return_indices`. A window whose dilated taps all fall in the
+/// padding is -inf with index `H·W` (no element; its gradient goes nowhere).
 #[derive(Debug)]
 pub struct Pooled<T> {
     /// `[N, C, OH, OW]`.
@@ -450,7 +451,9 @@ pub fn pool2d_cpu(spec: &Pool2d, x: &ArrayViewD<'_, f32>) -> Result<Pooled<Array
                         best = Some((v, r * shape.w + col));
                     }
                 }
-                let (v, at) = best.unwrap_or((f32::NEG_INFINITY, 0));
+                // A window whose dilated taps all fall in the padding: -inf, and the index
+                // H·W, past the plane (no input gets its gradient).
+                let (v, at) = best.unwrap_or((f32::NEG_INFINITY, shape.h * shape.w));
                 *out = v;
                 argmax[[n, c, i, j]] = at as f32;
             }
@@ -485,7 +488,9 @@ pub fn pool2d_backward_cpu(
                     invalid("max pooling backward needs the arg-max from forward".into())
                 })?;
                 let at = argmax[[n, c, i, j]] as usize;
-                dx[[n, c, at / shape.w, at % shape.w]] += g;
+                if at < shape.h * shape.w {
+                    dx[[n, c, at / shape.w, at % shape.w]] += g;
+                }
             }
             PoolKind::Avg { count_include_pad } => {
                 let share = g / spec.divisor(&shape, i, j, count_include_pad);
