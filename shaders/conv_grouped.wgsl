@@ -109,6 +109,19 @@ fn backward_data(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wor
     dst[index] = sum;
 }
 
+// dst = y [N][O][OH][OW] from the grouped im2col + matmul path: y = act(y + bias[o]) in
+// place (that path's batched product has no per-group bias epilogue).
+@compute @workgroup_size(64)
+fn bias_activation(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let index = linear_index(gid, nwg);
+    if index >= p.total { return; }
+    var value = dst[index];
+    if HAS_BIAS != 0u {
+        value += bias[(index / (OH * OW)) % O];
+    }
+    dst[index] = activate(value, ACT, p.slope);
+}
+
 var<workgroup> partial: array<f32, 64>;
 
 // src = x, weight = dy (bound in the weight slot), dst = dW [O][C/G][KH][KW]: one workgroup

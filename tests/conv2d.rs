@@ -657,3 +657,83 @@ fn a_mobilenet_depthwise_separable_block_trains_on_gpu_and_cpu() {
         }
     }
 }
+
+/// Groups with long sums (≥ 64 taps each) take im2col and one matmul product per image and
+/// group; against the CPU, with bias and ReLU, strides, padding, dilation, a channel
+/// multiplier, and a batch large enough to run in two chunks.
+#[test]
+fn grouped_convolutions_with_long_sums_run_as_matmuls() {
+    let Some(gpu) = gpu() else { return };
+    let cases = [
+        // (x, weight, groups, stride, padding, dilation)
+        ([2, 16, 9, 11], [12, 8, 3, 3], 2, (1, 1), (1, 1), (1, 1)),
+        ([3, 12, 10, 7], [8, 3, 5, 5], 4, (2, 1), (2, 0), (1, 1)),
+        ([1, 32, 8, 8], [64, 16, 2, 3], 2, (1, 2), (0, 1), (2, 1)),
+        ([40, 16, 64, 64], [4, 8, 3, 3], 2, (1, 1), (0, 0), (1, 1)),
+    ];
+    for (i, (xs, ws, groups, stride, (ph, pw), dilation)) in cases.into_iter().enumerate() {
+        let spec = Conv2d {
+            stride,
+            padding: Padding::Explicit(ph, pw),
+            dilation,
+            groups,
+            activation: Activation::None,
+        };
+        let seed = 100 + 10 * i as u64;
+        let (x, w, b) = (
+            random(&xs, seed),
+            random(&ws, seed + 1),
+            random(&ws[..1], seed + 2),
+        );
+        let shape = spec.shape(&xs, &ws, None).unwrap();
+        assert_eq!(spec.kernels(gpu, &shape), "grouped im2col+matmul");
+        let relu = Conv2d {
+            activation: Activation::Relu,
+            ..spec
+        };
+        let want = wgcnn::cpu::conv2d(&relu, &x.view(), &w.view(), Some(&b.view())).unwrap();
+        let (tx, tw) = (upload(&x), upload(&w));
+        drop(Tensor::full(gpu, want.shape(), f32::NAN).unwrap());
+        let got = relu
+            .forward(&tx, &tw, Some(&upload(&b)))
+            .unwrap()
+            .to_array()
+            .unwrap();
+        let tolerance = 1e-5 * (shape.taps() as f32).sqrt() * 4.0;
+        assert!(
+            max_abs_diff(&got, &want) <= tolerance,
+            "case {i} forward: {}",
+            max_abs_diff(&got, &want)
+        );
+        let unbiased = wgcnn::cpu::conv2d(&spec, &x.view(), &w.view(), None).unwrap();
+        let got = spec.forward(&tx, &tw, None).unwrap().to_array().unwrap();
+        assert!(
+            max_abs_diff(&got, &unbiased) <= tolerance,
+            "case {i} forward without bias"
+        );
+
+        let dy = random(&shape.output(), seed + 3);
+        let cpu = wgcnn::cpu::conv2d_backward(&spec, &x.view(), &w.view(), &dy.view()).unwrap();
+        let tdy = upload(&dy);
+        drop(Tensor::full(gpu, &xs, f32::NAN).unwrap());
+        drop(Tensor::full(gpu, &ws, f32::NAN).unwrap());
+        let g = spec.backward(&tx, &tw, &tdy).unwrap();
+        let sums = (shape.n * shape.positions()) as f32;
+        for (what, got, want, terms) in [
+            (
+                "dx",
+                g.x.to_array().unwrap(),
+                cpu.x,
+                (ws[0] / groups * ws[2] * ws[3]) as f32,
+            ),
+            ("dw", g.weight.to_array().unwrap(), cpu.weight, sums),
+            ("db", g.bias.to_array().unwrap(), cpu.bias, sums),
+        ] {
+            let diff = max_abs_diff(&got, &want);
+            assert!(
+                diff <= 1e-5 * terms.sqrt() * 4.0 + 1e-5,
+                "case {i} {what}: {diff}"
+            );
+        }
+    }
+}

@@ -145,7 +145,10 @@ pub(crate) fn forward(
 
 /// Whether [`backward_data`] handles this convolution's input gradient.
 pub(crate) fn eligible_backward(gpu: &Gpu, spec: &Conv2d, shape: &Conv2dShape) -> bool {
-    eligible(gpu, spec, &transposed(shape)) && shape.pad_top < shape.kh && shape.pad_left < shape.kw
+    shape.groups == 1
+        && eligible(gpu, spec, &transposed(shape))
+        && shape.pad_top < shape.kh
+        && shape.pad_left < shape.kw
 }
 
 /// The backward-data pass as a forward convolution: `dy` (O channels) with the flipped,

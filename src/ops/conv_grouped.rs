@@ -1,8 +1,10 @@
-//! Grouped and depthwise convolution on the GPU (`shaders/conv_grouped.wgsl`): the forward
-//! pass, the input gradient and the weight gradient of a `Conv2d` with `groups > 1`, each a
-//! direct kernel (one output, one input pixel, one weight per invocation or workgroup). A
-//! group's sums are short (`C/G·KH·KW` taps; 9 for a depthwise 3×3), so there is nothing for
-//! an im2col matmul to reuse. The CPU reference is `conv2d_cpu`, whose formula covers groups.
+//! Grouped and depthwise convolution on the GPU (`shaders/conv_grouped.wgsl`) where each
+//! group's sums are short (`C/G·KH·KW` taps; 9 for a depthwise 3×3: nothing for an im2col
+//! matmul to reuse): the forward pass, the input gradient and the weight gradient of a
+//! `Conv2d` with `groups > 1`, each a direct kernel (one output, one input pixel, one weight
+//! per invocation or workgroup). Groups with long sums take im2col + a batched matmul in
+//! `conv2d.rs`, with `bias_activation` here as their epilogue. The CPU reference is
+//! `conv2d_cpu`, whose formula covers groups.
 
 use bytemuck::{Pod, Zeroable};
 
@@ -103,6 +105,32 @@ pub(crate) fn forward(
             (3, bias_slot.binding()),
             (4, out.binding()),
         ],
+        (out.len(), (out.len() as u64).div_ceil(64)),
+    )
+}
+
+/// `out = act(out + bias)` in place, after the grouped im2col + matmul forward pass.
+pub(crate) fn bias_activation(
+    spec: &Conv2d,
+    shape: &Conv2dShape,
+    bias: Option<&Tensor>,
+    out: &Tensor,
+) -> Result<()> {
+    // Without a bias a one-element placeholder fills the (unread) bias slot: the output
+    // itself cannot, being bound for writing.
+    let placeholder;
+    let bias_slot = match bias {
+        Some(bias) => bias,
+        None => {
+            placeholder = Tensor::uninit(out.gpu(), &[1])?;
+            &placeholder
+        }
+    };
+    run(
+        out.gpu(),
+        (spec, shape),
+        ("bias_activation", bias.is_some()),
+        &[(3, bias_slot.binding()), (4, out.binding())],
         (out.len(), (out.len() as u64).div_ceil(64)),
     )
 }
