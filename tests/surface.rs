@@ -199,6 +199,47 @@ proptest! {
     }
 
     #[test]
+    fn normalisation_and_dropout(x in shape(), params in proptest::collection::vec(0usize..5, 0..3),
+                                 eps in prop_oneof![Just(1e-5f32), Just(0.0f32), Just(-1.0f32), Just(f32::NAN)],
+                                 momentum in prop_oneof![Just(Some(0.1f32)), Just(None), Just(Some(2.0f32)), Just(Some(f32::NAN))],
+                                 rate in prop_oneof![Just(0.0f32), Just(0.5f32), Just(0.99f32)],
+                                 seed in 0u64..100, poison: u8) {
+        use wgcnn::ops::batch_norm::batches_state;
+        use wgcnn::ops::{BatchNorm2d, Dropout, LayerNorm};
+        never_panics(&format!("norms x {x:?} params {params:?} eps {eps} momentum {momentum:?}"), || {
+            let Some(gpu) = gpu() else { return };
+            let xs = values(&x, seed, poison);
+            let Ok(tx) = Tensor::from_array(gpu, &xs) else { return };
+            // γ, β and the running statistics: the right [C] or a wrong shape.
+            let c = x.get(1).copied().unwrap_or(1);
+            let p_shape = if params.is_empty() { vec![c] } else { params.clone() };
+            let ones = ArrayD::from_elem(ndarray::IxDyn(&p_shape), 1.0f32);
+            let Ok(tp) = Tensor::from_array(gpu, &ones) else { return };
+            let (rm, rv, count) = (
+                Tensor::from_array(gpu, &ones).unwrap(),
+                Tensor::from_array(gpu, &ones).unwrap(),
+                Tensor::from_array(gpu, &batches_state(0)).unwrap(),
+            );
+            let bn = BatchNorm2d { eps: eps.max(0.0), momentum };
+            let gpu_y = bn.forward_train(&tx, &tp, &tp, &rm, &rv, &count).and_then(|o| o.y.to_array());
+            let cpu_y = match ones.view().into_dimensionality::<ndarray::Ix1>() {
+                Ok(p) => wgcnn::cpu::BatchNormCpu::forward_train(&bn, &xs.view(), &p, &p, &p, &p, 0).map(|o| o.0.y),
+                Err(_) => Err(wgcnn::Error::InvalidArgument { op: "test", detail: "not 1-D".into() }),
+            };
+            agree("batch norm", gpu_y, cpu_y);
+            let ln = LayerNorm { eps };
+            let (lg, lb) = (ArrayD::from_elem(ndarray::IxDyn(&x[x.len().min(1)..]), 1.0f32), ArrayD::from_elem(ndarray::IxDyn(&x[x.len().min(1)..]), 0.0f32));
+            if let (Ok(tg), Ok(tb)) = (Tensor::from_array(gpu, &lg), Tensor::from_array(gpu, &lb)) {
+                agree("layer norm", ln.forward(&tx, &tg, &tb).and_then(|o| o.y.to_array()),
+                      ln.forward_cpu(&xs.view(), &lg.view(), &lb.view()).map(|o| o.y));
+            }
+            let dropout = Dropout::new(rate, 3).unwrap();
+            agree("dropout", dropout.forward(&tx, 1, true).and_then(|t| t.to_array()),
+                  dropout.forward_cpu(&xs.view(), 1, true));
+        });
+    }
+
+    #[test]
     fn tensors_dropout_and_layers(dims in proptest::collection::vec(hostile(), 0..4), rate in prop_oneof![
         Just(f32::NAN), Just(-1.0f32), Just(0.0f32), Just(0.5f32), Just(1.0f32), Just(f32::INFINITY)],
         features in (sizes_or_overflow(), sizes_or_overflow()), channels in sizes_or_overflow()) {
