@@ -737,3 +737,63 @@ fn grouped_convolutions_with_long_sums_run_as_matmuls() {
         }
     }
 }
+
+/// A 1×1 convolution at stride 1 without padding reads the input as its im2col buffer and
+/// writes dx straight from the matmul; against the CPU with bias and ReLU, forward and
+/// backward (filter banks too large for the direct kernels, dilation ignored by a 1×1).
+#[test]
+fn pointwise_convolutions_skip_im2col() {
+    let Some(gpu) = gpu() else { return };
+    for (i, (xs, o, dilation)) in [
+        ([2, 24, 7, 9], 32, (1, 1)),
+        ([3, 5, 4, 4], 40, (2, 3)),
+        ([1, 64, 13, 1], 17, (1, 1)),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let spec = Conv2d {
+            dilation,
+            ..Conv2d::default()
+        };
+        let ws = [o, xs[1], 1, 1];
+        let seed = 300 + 10 * i as u64;
+        let (x, w, b) = (
+            random(&xs, seed),
+            random(&ws, seed + 1),
+            random(&[o], seed + 2),
+        );
+        let shape = spec.shape(&xs, &ws, None).unwrap();
+        assert_eq!(spec.kernels(gpu, &shape), "pointwise matmul");
+        let relu = Conv2d {
+            activation: Activation::Relu,
+            ..spec
+        };
+        let want = wgcnn::cpu::conv2d(&relu, &x.view(), &w.view(), Some(&b.view())).unwrap();
+        let (tx, tw) = (upload(&x), upload(&w));
+        drop(Tensor::full(gpu, want.shape(), f32::NAN).unwrap());
+        let got = relu
+            .forward(&tx, &tw, Some(&upload(&b)))
+            .unwrap()
+            .to_array()
+            .unwrap();
+        assert!(max_abs_diff(&got, &want) < 1e-4, "case {i} forward");
+        let dy = random(want.shape(), seed + 3);
+        let cpu = wgcnn::cpu::conv2d_backward(&spec, &x.view(), &w.view(), &dy.view()).unwrap();
+        let tdy = upload(&dy);
+        drop(Tensor::full(gpu, &xs, f32::NAN).unwrap());
+        drop(Tensor::full(gpu, &ws, f32::NAN).unwrap());
+        let g = spec.backward(&tx, &tw, &tdy).unwrap();
+        for (what, got, want) in [
+            ("dx", g.x.to_array().unwrap(), cpu.x),
+            ("dw", g.weight.to_array().unwrap(), cpu.weight),
+            ("db", g.bias.to_array().unwrap(), cpu.bias),
+        ] {
+            assert!(
+                max_abs_diff(&got, &want) < 1e-4,
+                "case {i} {what}: {}",
+                max_abs_diff(&got, &want)
+            );
+        }
+    }
+}

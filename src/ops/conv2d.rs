@@ -138,6 +138,15 @@ impl Conv2dShape {
         self.c * self.kh * self.kw
     }
 
+    /// A 1×1 convolution at stride 1 without padding: its im2col buffer would be the input
+    /// itself, so the matmul reads `x` (and writes `y`, `dx`) directly.
+    fn pointwise(&self, spec: &Conv2d) -> bool {
+        self.groups == 1
+            && (self.kh, self.kw) == (1, 1)
+            && spec.stride == (1, 1)
+            && (self.oh, self.ow) == (self.h, self.w)
+    }
+
     /// Whether a grouped convolution takes im2col + matmul (long sums per group).
     fn grouped_matmul(&self) -> bool {
         self.groups > 1 && self.taps() >= GROUPED_MATMUL_TAPS
@@ -327,7 +336,8 @@ impl Conv2d {
     }
 
     /// The kernels this convolution runs on `gpu`: `"grouped"` (more than one group, short
-    /// sums), `"grouped im2col+matmul"` (more than one group, long sums),
+    /// sums), `"grouped im2col+matmul"` (more than one group, long sums), `"pointwise matmul"`
+    /// (1×1 at stride 1 without padding: the input is the im2col buffer),
     /// `"direct"` (small filter banks at stride 1: forward, input and weight gradients without
     /// im2col) or `"im2col+matmul"`.
     pub fn kernels(&self, gpu: &Gpu, shape: &Conv2dShape) -> &'static str {
@@ -338,6 +348,8 @@ impl Conv2d {
         } else if conv_direct::eligible(gpu, self, shape) && conv_weight_grad::eligible(self, shape)
         {
             "direct"
+        } else if shape.pointwise(self) {
+            "pointwise matmul"
         } else {
             "im2col+matmul"
         }
@@ -357,6 +369,26 @@ impl Conv2d {
         }
         if conv_direct::eligible(&gpu, self, &shape) {
             conv_direct::forward(self, &shape, x, weight, bias, &out)?;
+            return Ok(out);
+        }
+        if shape.pointwise(self) && fits_binding(&gpu, &[x, &out]) {
+            let matmul = Matmul {
+                bias: if bias.is_some() {
+                    BiasAxis::PerRow
+                } else {
+                    BiasAxis::None
+                },
+                activation: self.activation,
+                ..Matmul::default()
+            };
+            let (n, c, o, hw) = (shape.n, shape.c, shape.o, shape.positions());
+            matmul.run(
+                &gpu,
+                weight.operand_as(&[o, c]),
+                x.operand_as(&[n, c, hw]),
+                bias.map(Tensor::operand),
+                out.operand_as(&[n, o, hw]),
+            )?;
             return Ok(out);
         }
         // Groups: bias and activation after the product (their bias differs per group).
@@ -510,6 +542,31 @@ impl Conv2d {
         }
         let col2im_dx = dx.as_ref().filter(|_| !direct_dx);
         if direct_dw && col2im_dx.is_none() {
+            return Ok((dx, dweight));
+        }
+        let bound: Vec<&Tensor> = [x, dy].into_iter().chain(col2im_dx).collect();
+        if shape.pointwise(self) && fits_binding(&gpu, &bound) {
+            // No im2col, no col2im: x is the col buffer and dx the dcol one.
+            let (n, c, hw) = (shape.n, shape.c, positions);
+            let (x3, dy3, w2) = ([n, c, hw], [n, o, hw], [o, c]);
+            if !direct_dw {
+                let per_image = Tensor::uninit(&gpu, &[n, o, c])?;
+                let nt = Matmul {
+                    trans_b: true,
+                    ..Matmul::default()
+                };
+                let (dy_op, x_op) = (dy.operand_as(&dy3), x.operand_as(&x3));
+                nt.run(&gpu, dy_op, x_op, None, per_image.operand())?;
+                sum_axes(&gpu, &per_image, (n, o * c, 1), &dweight, 1.0, false)?;
+            }
+            if let Some(dx) = col2im_dx {
+                let tn = Matmul {
+                    trans_a: true,
+                    ..Matmul::default()
+                };
+                let (w_op, dy_op) = (weight.operand_as(&w2), dy.operand_as(&dy3));
+                tn.run(&gpu, w_op, dy_op, None, dx.operand_as(&x3))?;
+            }
             return Ok((dx, dweight));
         }
 
@@ -697,6 +754,12 @@ impl<'a> GroupWeights<'a> {
             None => self.weight.operand_as(&self.shape[1..]),
         }
     }
+}
+
+/// Whether every tensor fits one storage binding (the pointwise path binds them whole).
+fn fits_binding(gpu: &Gpu, tensors: &[&Tensor]) -> bool {
+    let limit = gpu.limits().max_storage_buffer_binding_size;
+    tensors.iter().all(|t| t.bytes() <= limit)
 }
 
 /// Splits the batch into runs of images whose col buffer fits one binding.
