@@ -670,26 +670,34 @@ impl Conv2d {
         (first, count): (usize, usize),
     ) -> Result<()> {
         let params = Im2colParams {
-            images: count as u32,
-            c: shape.c as u32,
-            h: shape.h as u32,
-            w: shape.w as u32,
-            kh: shape.kh as u32,
-            kw: shape.kw as u32,
-            oh: shape.oh as u32,
-            ow: shape.ow as u32,
-            sh: self.stride.0 as u32,
-            sw: self.stride.1 as u32,
-            pad_top: shape.pad_top as u32,
-            pad_left: shape.pad_left as u32,
-            dh: self.dilation.0 as u32,
-            dw: self.dilation.1 as u32,
-            first_image: first as u32,
-            total: dst.len() as u32,
+            images: gpu_word(count)?,
+            first_image: gpu_word(first)?,
+            total: gpu_word(dst.len())?,
+            _pad: 0,
         };
-        let pipeline = gpu.pipeline("im2col", entry, || {
-            include_str!("../../shaders/im2col.wgsl").into()
-        })?;
+        let constants = [
+            ("C", shape.c),
+            ("H", shape.h),
+            ("W", shape.w),
+            ("KH", shape.kh),
+            ("KW", shape.kw),
+            ("OH", shape.oh),
+            ("OW", shape.ow),
+            ("SH", self.stride.0),
+            ("SW", self.stride.1),
+            ("PAD_TOP", shape.pad_top),
+            ("PAD_LEFT", shape.pad_left),
+            ("DH", self.dilation.0),
+            ("DW", self.dilation.1),
+        ]
+        .map(|(name, value)| gpu_word(value).map(|v| (name, v)));
+        let constants = constants.into_iter().collect::<Result<Vec<_>>>()?;
+        let pipeline = gpu.specialized(
+            "im2col",
+            entry,
+            || include_str!("../../shaders/im2col.wgsl").into(),
+            &constants,
+        )?;
         gpu.run_pass(entry, |pass| {
             gpu.encode(
                 pass,
@@ -779,21 +787,9 @@ fn chunks(gpu: &Gpu, shape: &Conv2dShape) -> Result<Vec<(usize, usize)>> {
 #[derive(Clone, Copy, Pod, Zeroable)]
 struct Im2colParams {
     images: u32,
-    c: u32,
-    h: u32,
-    w: u32,
-    kh: u32,
-    kw: u32,
-    oh: u32,
-    ow: u32,
-    sh: u32,
-    sw: u32,
-    pad_top: u32,
-    pad_left: u32,
-    dh: u32,
-    dw: u32,
     first_image: u32,
     total: u32,
+    _pad: u32,
 }
 
 fn view4<'a>(name: &str, x: &'a ArrayViewD<'a, f32>) -> Result<ArrayView4<'a, f32>> {
