@@ -12,6 +12,16 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
+
+// The layer's sizes, baked in per pipeline so that the per-element index arithmetic divides
+// by constants (on lavapipe a division by a runtime value is a loop over the lanes): INNER
+// always; GROUPS for batch norm (the channels), 0 for layer norm, whose groups are the batch
+// and stay a parameter.
+override INNER: u32;
+override GROUPS: u32 = 0u;
+
+fn inner() -> u32 { return INNER; }
+fn groups() -> u32 { return select(p.groups, GROUPS, GROUPS != 0u); }
 @group(0) @binding(1) var<storage, read> x: array<f32>;
 @group(0) @binding(2) var<storage, read> dy: array<f32>;
 @group(0) @binding(3) var<storage, read> gamma: array<f32>;
@@ -30,17 +40,17 @@ struct Params {
 
 var<workgroup> partial: array<vec4<f32>, 64>;
 
-fn count() -> u32 { return p.outer * p.inner; }
+fn count() -> u32 { return p.outer * inner(); }
 
 /// Flat index of the t-th element (t < count) of group g.
 fn element(g: u32, t: u32) -> u32 {
-    return ((t / p.inner) * p.groups + g) * p.inner + t % p.inner;
+    return ((t / inner()) * groups() + g) * inner() + t % inner();
 }
 
-fn group_of(i: u32) -> u32 { return (i / p.inner) % p.groups; }
+fn group_of(i: u32) -> u32 { return (i / inner()) % groups(); }
 
 fn affine_index(i: u32) -> u32 {
-    return select(group_of(i), i % p.inner, p.affine_per_inner != 0u);
+    return select(group_of(i), i % inner(), p.affine_per_inner != 0u);
 }
 
 /// Sums `value` over the workgroup; every invocation gets the total.
@@ -63,7 +73,7 @@ fn group_id(wid: vec3<u32>, nwg: vec3<u32>) -> u32 { return wid.x + wid.y * nwg.
 fn stats(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
          @builtin(local_invocation_index) lane: u32) {
     let g = group_id(wid, nwg);
-    if g >= p.groups { return; }   // uniform across the workgroup
+    if g >= groups() { return; }   // uniform across the workgroup
     let n = count();
     var s = 0.0;
     for (var t = lane; t < n; t += 64u) { s += x[element(g, t)]; }
@@ -97,7 +107,7 @@ fn count_batch() {
 @compute @workgroup_size(64)
 fn eval_stats(@builtin(global_invocation_id) gid: vec3<u32>) {
     let g = gid.x;
-    if g >= p.groups { return; }
+    if g >= groups() { return; }
     mean[g] = running_mean[g];
     rstd[g] = inverseSqrt(running_var[g] + p.eps);
 }
@@ -116,7 +126,7 @@ fn normalize(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgro
 fn backward_sums(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                  @builtin(local_invocation_index) lane: u32) {
     let g = group_id(wid, nwg);
-    if g >= p.groups { return; }
+    if g >= groups() { return; }
     let n = count();
     var s = vec4<f32>(0.0);
     for (var t = lane; t < n; t += 64u) {
@@ -149,12 +159,12 @@ fn backward_dx(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workg
 @compute @workgroup_size(64)
 fn affine_grads_per_inner(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let k = gid.x + gid.y * nwg.x * 64u;
-    if k >= p.inner { return; }
+    if k >= inner() { return; }
     var dg = 0.0;
     var db = 0.0;
     for (var a = 0u; a < p.outer; a++) {
-        for (var g = 0u; g < p.groups; g++) {
-            let i = (a * p.groups + g) * p.inner + k;
+        for (var g = 0u; g < groups(); g++) {
+            let i = (a * groups() + g) * inner() + k;
             dg += dy[i] * (x[i] - mean[g]) * rstd[g];
             db += dy[i];
         }
@@ -167,7 +177,7 @@ fn affine_grads_per_inner(@builtin(global_invocation_id) gid: vec3<u32>, @builti
 @compute @workgroup_size(64)
 fn affine_grads_per_group(@builtin(global_invocation_id) gid: vec3<u32>) {
     let g = gid.x;
-    if g >= p.groups { return; }
+    if g >= groups() { return; }
     dgamma[g] = sums[g].w;
     dbeta[g] = sums[g].z;
 }

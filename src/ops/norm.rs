@@ -3,6 +3,7 @@
 
 use bytemuck::{Pod, Zeroable};
 
+use super::conv2d::gpu_word;
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::tensor::Tensor;
@@ -106,9 +107,22 @@ pub(crate) fn launch(
         Grid::Elements => (total as u64).div_ceil(256),
         Grid::Single => 1,
     };
-    let pipeline = gpu.pipeline("norm", entry, || {
-        include_str!("../../shaders/norm.wgsl").into()
-    })?;
+    // Batch norm's groups are its channels, a layer constant; layer norm's are the batch.
+    let constant_groups = if grouping.affine_per_inner {
+        0
+    } else {
+        grouping.groups
+    };
+    let constants = [
+        ("INNER", gpu_word(grouping.inner)?),
+        ("GROUPS", gpu_word(constant_groups)?),
+    ];
+    let pipeline = gpu.specialized(
+        "norm",
+        entry,
+        || include_str!("../../shaders/norm.wgsl").into(),
+        &constants,
+    )?;
     let bindings: Vec<_> = tensors.iter().map(|&(n, t)| (n, t.binding())).collect();
     gpu.run_pass(entry, |pass| {
         gpu.encode_at(
