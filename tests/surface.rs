@@ -240,6 +240,44 @@ proptest! {
     }
 
     #[test]
+    fn linear_softmax_distillation_attack_normalize_add(a in proptest::collection::vec(0usize..5, 1..4),
+            b in proptest::collection::vec(0usize..5, 1..4), labels in proptest::collection::vec(hostile(), 0..4),
+            scalars in (prop_oneof![Just(0.5f32), Just(-1.0f32), Just(f32::NAN), Just(0.0f32)],
+                        prop_oneof![Just(2.0f32), Just(0.0f32), Just(f32::INFINITY)]),
+            seed in 0u64..100, poison: u8) {
+        use wgcnn::ops::{Distillation, Normalize, SignedStep};
+        never_panics(&format!("misc a {a:?} b {b:?} labels {labels:?} scalars {scalars:?}"), || {
+            let Some(gpu) = gpu() else { return };
+            let (xa, xb) = (values(&a, seed, poison), random(&b, seed + 1));
+            let (Ok(ta), Ok(tb)) = (Tensor::from_array(gpu, &xa), Tensor::from_array(gpu, &xb)) else { return };
+            let err = |e: wgcnn::Error| e.to_string();
+            // linear: x [N, in], weight [out, in], bias [out].
+            let bias = ArrayD::from_elem(ndarray::IxDyn(&b[..1]), 0.5f32);
+            let tbias = Tensor::from_array(gpu, &bias).unwrap();
+            agree("linear",
+                  wgcnn::ops::linear(&ta, &tb, Some(&tbias), Activation::Relu).and_then(|t| t.to_array()).map_err(err),
+                  wgcnn::cpu::linear(&xa.view(), &xb.view(), Some(&bias.view()), Activation::Relu).map_err(err));
+            agree("softmax", wgcnn::ops::softmax(&ta).and_then(|t| t.to_array()).map_err(err),
+                  wgcnn::cpu::softmax(&xa.view()).map_err(err));
+            agree("add", wgcnn::ops::add::add(&ta, &tb).and_then(|t| t.to_array()).map_err(err),
+                  wgcnn::ops::add::add_cpu(&xa.view(), &xb.view()).map_err(err));
+            let spec = Distillation { alpha: scalars.0, temperature: scalars.1 };
+            agree("distillation",
+                  spec.forward(&ta, &tb, &labels).and_then(|c| c.loss.to_array()).map_err(err),
+                  spec.forward_cpu(&xa.view(), &xb.view(), &labels).map(|c| c.loss).map_err(err));
+            let step = SignedStep::fgsm(scalars.0, (-scalars.1, scalars.1));
+            agree("signed step",
+                  step.apply(&ta, &tb, &ta).and_then(|t| t.to_array()).map_err(err),
+                  step.apply_cpu(&xa.view(), &xb.view(), &xa.view()).map_err(err));
+            if let Ok(normalize) = Normalize::new(&[scalars.0; 2], &[scalars.1; 2]) {
+                agree("normalize", normalize.forward(&ta).and_then(|t| t.to_array()).map_err(err),
+                      normalize.forward_cpu(&xa.view()).map_err(err));
+            }
+            let _ = wgcnn::ops::global_avg_pool(&ta).and_then(|t| t.to_array());
+        });
+    }
+
+    #[test]
     fn tensors_dropout_and_layers(dims in proptest::collection::vec(hostile(), 0..4), rate in prop_oneof![
         Just(f32::NAN), Just(-1.0f32), Just(0.0f32), Just(0.5f32), Just(1.0f32), Just(f32::INFINITY)],
         features in (sizes_or_overflow(), sizes_or_overflow()), channels in sizes_or_overflow()) {
