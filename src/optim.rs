@@ -386,7 +386,7 @@ impl Optimizer {
             });
         }
         let p = self.params(param.len(), t);
-        // Slots the rule does not use read as zeros, as the kernel's placeholders.
+        // Slots the rule does not use (never read, as the kernel's placeholders).
         let mut spare: Vec<ArrayD<f32>> = (state.len()..3)
             .map(|_| ArrayD::zeros(param.raw_dim()))
             .collect();
@@ -571,11 +571,11 @@ impl GpuOptimizer {
             include_str!("../shaders/optim.wgsl").into()
         })?;
         // The kernel binds three state buffers; a rule with fewer gets placeholders it never
-        // reads.
+        // reads (left unfilled: filling them would cost a dispatch each per step).
         let placeholders = [
-            Tensor::full(gpu, &[4], 0.0)?,
-            Tensor::full(gpu, &[4], 0.0)?,
-            Tensor::full(gpu, &[4], 0.0)?,
+            Tensor::uninit(gpu, &[4])?,
+            Tensor::uninit(gpu, &[4])?,
+            Tensor::uninit(gpu, &[4])?,
         ];
         gpu.run_pass("optimizer step", |pass| {
             for ((p, g), state) in params.iter().zip(grads).zip(&self.state) {
