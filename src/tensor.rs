@@ -141,7 +141,10 @@ impl Tensor {
     pub fn full(gpu: &Gpu, shape: &[usize], value: f32) -> Result<Self> {
         let tensor = Self::uninit(gpu, shape)?;
         let params = FillParams {
-            total: tensor.len() as u32,
+            total: u32::try_from(tensor.len()).map_err(|_| Error::InvalidArgument {
+                op: "Tensor::full",
+                detail: format!("{shape:?} has more than 2³² elements for the fill kernel"),
+            })?,
             value,
             _pad: [0; 2],
         };

@@ -49,7 +49,7 @@ impl FiniteChecks {
             (Value::Gpu(x), Some(flags)) if slot < flags.len() => {
                 let gpu = x.gpu();
                 let params = FiniteParams {
-                    total: x.len() as u32,
+                    total: super::conv2d::gpu_word(x.len())?,
                     slot: slot as u32,
                     _pad: [0; 2],
                 };
