@@ -278,6 +278,30 @@ proptest! {
     }
 
     #[test]
+    fn layers_build_or_refuse_and_agree(pool in sizes_or_overflow(), avg: bool, norm in proptest::collection::vec(sizes_or_overflow(), 0..4),
+                                        x in proptest::collection::vec(1usize..5, 4), seed in 0u64..100) {
+        use wgcnn::nn::{Flatten, LayerNorm, Sequential, avg_pool2d, max_pool2d};
+        never_panics(&format!("layers pool {pool} avg {avg} norm {norm:?} x {x:?}"), || {
+            // Usually the normalised shape the pooled input has; now and then a random one.
+            let pooled = [x[1], x[2] / pool.max(1), x[3] / pool.max(1)];
+            let norm = match seed % 3 {
+                0 => pooled.to_vec(),
+                1 => pooled[2..].to_vec(),
+                _ => norm.clone(),
+            };
+            let layers = || {
+                let pooling = if avg { avg_pool2d(pool) } else { max_pool2d(pool) };
+                Sequential::new().add("pool", pooling).add("norm", LayerNorm::new(&norm)).add("flatten", Flatten)
+            };
+            let input = random(&x, seed);
+            let cpu = layers().build_for(&x, wgcnn::Device::Cpu, 1).and_then(|mut m| m.logits(&input));
+            let Some(gpu) = gpu() else { return };
+            let on_gpu = layers().build_for(&x, wgcnn::Device::Gpu(gpu.clone()), 1).and_then(|mut m| m.logits(&input));
+            agree("layers", on_gpu.map(|a| a.into_dyn()), cpu.map(|a| a.into_dyn()));
+        });
+    }
+
+    #[test]
     fn tensors_dropout_and_layers(dims in proptest::collection::vec(hostile(), 0..4), rate in prop_oneof![
         Just(f32::NAN), Just(-1.0f32), Just(0.0f32), Just(0.5f32), Just(1.0f32), Just(f32::INFINITY)],
         features in (sizes_or_overflow(), sizes_or_overflow()), channels in sizes_or_overflow()) {
