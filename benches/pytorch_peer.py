@@ -36,7 +36,7 @@ def rows():
         yield "matmul", f"{m}x{k}x{n}", lambda a=a, b=b: a @ b
 
     for n, c, h, o, k, pad, g in [(64, 1, 28, 6, 5, 0, 1), (64, 6, 12, 16, 5, 0, 1), (8, 64, 56, 64, 3, 1, 1),
-                                  (8, 64, 56, 64, 3, 1, 64), (8, 64, 56, 64, 3, 1, 2),
+                                  (8, 64, 56, 64, 3, 1, 64), (8, 64, 56, 64, 3, 1, 2), (8, 128, 28, 128, 3, 1, 32),
                                   (8, 64, 56, 64, 1, 0, 1)]:
         x, w, b = rand(n, c, h, h, grad=True), rand(o, c // g, k, k, grad=True), rand(o, grad=True)
         dy = rand(*F.conv2d(x, w, b, padding=pad, groups=g).shape)

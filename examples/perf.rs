@@ -466,13 +466,15 @@ fn main() -> Result<()> {
         }
     }
     // [N, C, H, O, K, padding, groups]: LeNet's two layers, a ResNet 3×3, MobileNet's
-    // depthwise 3×3, a two-group 3×3 (AlexNet, ResNeXt style) and MobileNet's pointwise 1×1.
+    // depthwise 3×3, a two-group 3×3 (AlexNet style), ResNeXt's 32 groups of 4 channels and
+    // MobileNet's pointwise 1×1.
     for conv in [
         [64, 1, 28, 6, 5, 0, 1],
         [64, 6, 12, 16, 5, 0, 1],
         [8, 64, 56, 64, 3, 1, 1],
         [8, 64, 56, 64, 3, 1, 64],
         [8, 64, 56, 64, 3, 1, 2],
+        [8, 128, 28, 128, 3, 1, 32],
         [8, 64, 56, 64, 1, 0, 1],
     ] {
         cases.extend(conv_cases(&gpu, conv)?);

@@ -659,7 +659,7 @@ fn a_mobilenet_depthwise_separable_block_trains_on_gpu_and_cpu() {
 }
 
 /// Groups with long sums (≥ 64 taps each) take im2col and one matmul product per image and
-/// group; against the CPU, with bias and ReLU, strides, padding, dilation, a channel
+/// group (middling ones, for their backward pass only); against the CPU, with bias and ReLU, strides, padding, dilation, a channel
 /// multiplier, and a batch large enough to run in two chunks.
 #[test]
 fn grouped_convolutions_with_long_sums_run_as_matmuls() {
@@ -667,6 +667,8 @@ fn grouped_convolutions_with_long_sums_run_as_matmuls() {
     let cases = [
         // (x, weight, groups, stride, padding, dilation)
         ([2, 16, 9, 11], [12, 8, 3, 3], 2, (1, 1), (1, 1), (1, 1)),
+        // 36 taps per group (ResNeXt): direct forward, matmul backward.
+        ([2, 16, 7, 9], [32, 4, 3, 3], 4, (1, 1), (1, 1), (1, 1)),
         ([3, 12, 10, 7], [8, 3, 5, 5], 4, (2, 1), (2, 0), (1, 1)),
         ([1, 32, 8, 8], [64, 16, 2, 3], 2, (1, 2), (0, 1), (2, 1)),
         ([40, 16, 64, 64], [4, 8, 3, 3], 2, (1, 1), (0, 0), (1, 1)),
@@ -686,7 +688,12 @@ fn grouped_convolutions_with_long_sums_run_as_matmuls() {
             random(&ws[..1], seed + 2),
         );
         let shape = spec.shape(&xs, &ws, None).unwrap();
-        assert_eq!(spec.kernels(gpu, &shape), "grouped im2col+matmul");
+        let expected = if shape.taps() >= 64 {
+            "grouped im2col+matmul"
+        } else {
+            "grouped direct, im2col+matmul backward"
+        };
+        assert_eq!(spec.kernels(gpu, &shape), expected);
         let relu = Conv2d {
             activation: Activation::Relu,
             ..spec

@@ -28,10 +28,13 @@ use crate::tensor::Tensor;
 
 const OP: &str = "conv2d";
 
-/// Taps per group from which a grouped convolution takes im2col + matmul instead of its
-/// direct kernels. Measured on lavapipe, N8 64→64 56² 3×3: two groups (288 taps) took 590 ms
-/// forward directly; a depthwise layer (9 taps) is fastest direct.
-const GROUPED_MATMUL_TAPS: usize = 64;
+/// Taps per group from which a grouped convolution's forward pass, and its backward pass,
+/// take im2col + matmul instead of the direct kernels. Measured on lavapipe (`perf`, ms
+/// direct → matmul): N8 64→64 56² 3×3 in two groups (288 taps) forward 590 → 166; N8
+/// 128→128 28² 3×3 in 32 groups (36 taps, ResNeXt) forward 48.6 → 69.3 but backward 133 →
+/// 62; a depthwise layer (9 taps) stays direct.
+const GROUPED_MATMUL_TAPS_FORWARD: usize = 64;
+const GROUPED_MATMUL_TAPS_BACKWARD: usize = 16;
 
 /// Largest col buffer one chunk may use, below the device's own binding limit.
 const CHUNK_BYTES: u64 = 64 << 20;
@@ -147,9 +150,14 @@ impl Conv2dShape {
             && (self.oh, self.ow) == (self.h, self.w)
     }
 
-    /// Whether a grouped convolution takes im2col + matmul (long sums per group).
+    /// Whether a grouped convolution's forward pass takes im2col + matmul (long sums).
     fn grouped_matmul(&self) -> bool {
-        self.groups > 1 && self.taps() >= GROUPED_MATMUL_TAPS
+        self.groups > 1 && self.taps() >= GROUPED_MATMUL_TAPS_FORWARD
+    }
+
+    /// Whether a grouped convolution's backward pass takes im2col + matmul.
+    fn grouped_matmul_backward(&self) -> bool {
+        self.groups > 1 && self.taps() >= GROUPED_MATMUL_TAPS_BACKWARD
     }
 
     /// Output positions per image, `OH·OW`.
@@ -336,13 +344,16 @@ impl Conv2d {
     }
 
     /// The kernels this convolution runs on `gpu`: `"grouped"` (more than one group, short
-    /// sums), `"grouped im2col+matmul"` (more than one group, long sums), `"pointwise matmul"`
+    /// sums), `"grouped direct, im2col+matmul backward"` (middling sums),
+    /// `"grouped im2col+matmul"` (more than one group, long sums), `"pointwise matmul"`
     /// (1×1 at stride 1 without padding: the input is the im2col buffer),
     /// `"direct"` (small filter banks at stride 1: forward, input and weight gradients without
     /// im2col) or `"im2col+matmul"`.
     pub fn kernels(&self, gpu: &Gpu, shape: &Conv2dShape) -> &'static str {
         if shape.grouped_matmul() {
             "grouped im2col+matmul"
+        } else if shape.grouped_matmul_backward() {
+            "grouped direct, im2col+matmul backward"
         } else if shape.groups > 1 {
             "grouped"
         } else if conv_direct::eligible(gpu, self, shape) && conv_weight_grad::eligible(self, shape)
@@ -520,7 +531,7 @@ impl Conv2d {
         } else {
             None
         };
-        if shape.groups > 1 && !shape.grouped_matmul() {
+        if shape.groups > 1 && !shape.grouped_matmul_backward() {
             if let Some(dx) = &dx {
                 conv_grouped::backward_data(self, &shape, dy, weight, dx)?;
             }
