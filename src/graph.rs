@@ -695,15 +695,8 @@ impl Graph {
     /// The full names and shapes of the tensors [`Graph::update`] trains, in its order (the
     /// order of an optimizer's per-parameter state).
     pub(crate) fn trained(&self) -> Vec<(String, Vec<usize>)> {
-        self.nodes
-            .iter()
-            .filter(|n| !n.frozen)
-            .flat_map(|n| {
-                n.full_names()
-                    .zip(n.state.iter().zip(&n.trainable))
-                    .filter(|(_, (_, t))| **t)
-                    .map(|(name, (value, _))| (name, value.shape().to_vec()))
-            })
+        trained_values(&self.nodes)
+            .map(|(name, value)| (name, value.shape().to_vec()))
             .collect()
     }
 
@@ -852,19 +845,23 @@ impl Graph {
             }
         }
         if let Some(checks) = &mut self.finite {
-            for (name, value) in self
-                .nodes
-                .iter()
-                .filter(|n| !n.frozen)
-                .flat_map(|n| n.full_names().zip(n.state.iter().zip(&n.trainable)))
-                .filter(|(_, (_, trainable))| **trainable)
-                .map(|(name, (value, _))| (name, value))
-            {
+            for (name, value) in trained_values(&self.nodes) {
                 checks.check(|| format!("{name} after the optimizer step"), value)?;
             }
         }
         Ok(())
     }
+}
+
+/// The tensors an update trains, by full name, in its order: the trainable state of the
+/// nodes that are not frozen.
+fn trained_values(nodes: &[Node]) -> impl Iterator<Item = (String, &Value)> + '_ {
+    nodes.iter().filter(|n| !n.frozen).flat_map(|n| {
+        n.full_names()
+            .zip(n.state.iter().zip(&n.trainable))
+            .filter(|(_, (_, trainable))| **trainable)
+            .map(|(name, (value, _))| (name, value))
+    })
 }
 
 /// An optimizer on the model's device.

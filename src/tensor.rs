@@ -68,6 +68,46 @@ pub(crate) fn element_count(op: &'static str, shape: &[usize]) -> Result<usize> 
         })
 }
 
+/// A size as the 32-bit word the GPU kernels index and count with: larger is an error, not
+/// a truncation.
+pub(crate) fn gpu_word(op: &'static str, value: usize) -> Result<u32> {
+    u32::try_from(value).map_err(|_| Error::InvalidArgument {
+        op,
+        detail: format!("{value} is over the 32-bit range the GPU kernels index with"),
+    })
+}
+
+/// Room on the host for the f32 elements of `what`, a tensor of `shape`, reserved only if
+/// the host grants it: an error instead of an aborted process. `check` sees the bytes first
+/// (a device's limit). Returns the empty vector and the element count.
+pub(crate) fn host_vec(
+    op: &'static str,
+    what: &str,
+    shape: &[usize],
+    check: impl FnOnce(u64) -> Result<()>,
+) -> Result<(Vec<f32>, usize)> {
+    let too_large = || Error::InvalidArgument {
+        op,
+        detail: format!("{what} {shape:?} has more elements than fit in memory"),
+    };
+    let count = shape
+        .iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d))
+        .ok_or_else(too_large)?;
+    let bytes = count.checked_mul(4).ok_or_else(too_large)? as u64;
+    check(bytes)?;
+    let mut values = Vec::new();
+    values
+        .try_reserve_exact(count)
+        .map_err(|_| Error::InvalidArgument {
+            op,
+            detail: format!(
+                "{what} {shape:?} needs {bytes} bytes, more than the host can allocate"
+            ),
+        })?;
+    Ok((values, count))
+}
+
 impl Tensor {
     /// A tensor whose contents are unspecified (a recycled buffer): for kernel outputs.
     pub(crate) fn uninit(gpu: &Gpu, shape: &[usize]) -> Result<Self> {
@@ -141,10 +181,7 @@ impl Tensor {
     pub fn full(gpu: &Gpu, shape: &[usize], value: f32) -> Result<Self> {
         let tensor = Self::uninit(gpu, shape)?;
         let params = FillParams {
-            total: u32::try_from(tensor.len()).map_err(|_| Error::InvalidArgument {
-                op: "Tensor::full",
-                detail: format!("{shape:?} has more than 2³² elements for the fill kernel"),
-            })?,
+            total: gpu_word("Tensor::full", tensor.len())?,
             value,
             _pad: [0; 2],
         };

@@ -6,6 +6,7 @@ use ndarray::{ArrayD, IxDyn};
 
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
+use crate::tensor::host_vec;
 
 /// How a layer's weights start.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -73,30 +74,12 @@ impl InitRng {
     /// can exist: an error names the tensor and its size instead of aborting the process
     /// (`Linear::new(100_000, 100_000)` asks for 40 GB).
     fn allocate(&self, shape: &[usize]) -> Result<(Vec<f32>, usize)> {
-        let too_large = || Error::InvalidArgument {
-            op: "initialisation",
-            detail: format!(
-                "{} {shape:?} has more elements than fit in memory; use smaller layers",
-                self.name
-            ),
-        };
-        let count = shape
-            .iter()
-            .try_fold(1usize, |n, &d| n.checked_mul(d))
-            .ok_or_else(too_large)?;
-        let bytes = count.checked_mul(4).ok_or_else(too_large)? as u64;
-        if let Some(gpu) = &self.gpu {
-            gpu.check_buffer_size(&format!("{} {shape:?}", self.name), bytes)?;
-        }
-        let mut values = Vec::new();
-        values.try_reserve_exact(count).map_err(|_| Error::InvalidArgument {
-            op: "initialisation",
-            detail: format!(
-                "{} {shape:?} needs {bytes} bytes, which the host cannot allocate; use smaller layers",
-                self.name
-            ),
-        })?;
-        Ok((values, count))
+        host_vec("initialisation", &self.name, shape, |bytes| {
+            match &self.gpu {
+                Some(gpu) => gpu.check_buffer_size(&format!("{} {shape:?}", self.name), bytes),
+                None => Ok(()),
+            }
+        })
     }
 
     /// An array of `shape` filled with `value` (running statistics, scales).

@@ -24,7 +24,7 @@ use super::matmul::{BiasAxis, Matmul};
 use super::reduce::sum_axes;
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
-use crate::tensor::Tensor;
+use crate::tensor::{Tensor, gpu_word};
 
 const OP: &str = "conv2d";
 
@@ -183,15 +183,6 @@ fn gpu_index(value: usize) -> Result<()> {
         )));
     }
     Ok(())
-}
-
-/// A size or hyper-parameter as the 32-bit word the GPU kernels index with.
-pub(super) fn gpu_word(value: usize) -> Result<u32> {
-    u32::try_from(value).map_err(|_| {
-        invalid(format!(
-            "{value} is over the GPU kernels' 32-bit index range; use a smaller stride, padding or dilation"
-        ))
-    })
 }
 
 /// Output size along one axis, or an error if the dilated kernel does not fit.
@@ -681,9 +672,9 @@ impl Conv2d {
         (first, count): (usize, usize),
     ) -> Result<()> {
         let params = Im2colParams {
-            images: gpu_word(count)?,
-            first_image: gpu_word(first)?,
-            total: gpu_word(dst.len())?,
+            images: gpu_word(OP, count)?,
+            first_image: gpu_word(OP, first)?,
+            total: gpu_word(OP, dst.len())?,
             _pad: 0,
         };
         let constants = [
@@ -701,7 +692,7 @@ impl Conv2d {
             ("DH", self.dilation.0),
             ("DW", self.dilation.1),
         ]
-        .map(|(name, value)| gpu_word(value).map(|v| (name, v)));
+        .map(|(name, value)| gpu_word(OP, value).map(|v| (name, v)));
         let constants = constants.into_iter().collect::<Result<Vec<_>>>()?;
         let pipeline = gpu.specialized(
             "im2col",

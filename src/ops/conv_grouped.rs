@@ -8,11 +8,11 @@
 
 use bytemuck::{Pod, Zeroable};
 
-use super::conv2d::{Conv2d, Conv2dShape, gpu_word};
+use super::conv2d::{Conv2d, Conv2dShape};
 use crate::error::Result;
 use crate::gpu::Gpu;
 use crate::gpu::dispatch::Binding;
-use crate::tensor::Tensor;
+use crate::tensor::{Tensor, gpu_word};
 
 /// Mirrors `Params` in shaders/conv_grouped.wgsl.
 #[repr(C)]
@@ -28,21 +28,21 @@ struct GroupedParams {
 /// epilogue.
 fn constants(spec: &Conv2d, shape: &Conv2dShape, bias: bool) -> Result<[(&'static str, u32); 17]> {
     Ok([
-        ("C", gpu_word(shape.c)?),
-        ("H", gpu_word(shape.h)?),
-        ("W", gpu_word(shape.w)?),
-        ("O", gpu_word(shape.o)?),
-        ("KH", gpu_word(shape.kh)?),
-        ("KW", gpu_word(shape.kw)?),
-        ("OH", gpu_word(shape.oh)?),
-        ("OW", gpu_word(shape.ow)?),
-        ("SH", gpu_word(spec.stride.0)?),
-        ("SW", gpu_word(spec.stride.1)?),
-        ("PAD_TOP", gpu_word(shape.pad_top)?),
-        ("PAD_LEFT", gpu_word(shape.pad_left)?),
-        ("DH", gpu_word(spec.dilation.0)?),
-        ("DW", gpu_word(spec.dilation.1)?),
-        ("GROUPS", gpu_word(shape.groups)?),
+        ("C", gpu_word("conv2d", shape.c)?),
+        ("H", gpu_word("conv2d", shape.h)?),
+        ("W", gpu_word("conv2d", shape.w)?),
+        ("O", gpu_word("conv2d", shape.o)?),
+        ("KH", gpu_word("conv2d", shape.kh)?),
+        ("KW", gpu_word("conv2d", shape.kw)?),
+        ("OH", gpu_word("conv2d", shape.oh)?),
+        ("OW", gpu_word("conv2d", shape.ow)?),
+        ("SH", gpu_word("conv2d", spec.stride.0)?),
+        ("SW", gpu_word("conv2d", spec.stride.1)?),
+        ("PAD_TOP", gpu_word("conv2d", shape.pad_top)?),
+        ("PAD_LEFT", gpu_word("conv2d", shape.pad_left)?),
+        ("DH", gpu_word("conv2d", spec.dilation.0)?),
+        ("DW", gpu_word("conv2d", spec.dilation.1)?),
+        ("GROUPS", gpu_word("conv2d", shape.groups)?),
         ("ACT", spec.activation.code()),
         ("HAS_BIAS", u32::from(bias)),
     ])
@@ -56,8 +56,8 @@ fn run(
     (total, workgroups): (usize, u64),
 ) -> Result<()> {
     let params = GroupedParams {
-        n: gpu_word(shape.n)?,
-        total: gpu_word(total)?,
+        n: gpu_word("conv2d", shape.n)?,
+        total: gpu_word("conv2d", total)?,
         slope: spec.activation.slope(),
         _pad: 0,
     };

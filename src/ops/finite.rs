@@ -7,7 +7,7 @@ use bytemuck::{Pod, Zeroable};
 
 use crate::error::{Error, Result};
 use crate::graph::{Device, Value};
-use crate::tensor::Tensor;
+use crate::tensor::{Tensor, gpu_word};
 
 /// Mirrors `Params` in shaders/finite.wgsl.
 #[repr(C)]
@@ -49,7 +49,7 @@ impl FiniteChecks {
             (Value::Gpu(x), Some(flags)) if slot < flags.len() => {
                 let gpu = x.gpu();
                 let params = FiniteParams {
-                    total: super::conv2d::gpu_word(x.len())?,
+                    total: gpu_word("check_finite", x.len())?,
                     slot: slot as u32,
                     _pad: [0; 2],
                 };

@@ -49,14 +49,7 @@ pub(crate) fn host_output(
     shape: &[usize],
 ) -> crate::error::Result<ndarray::ArrayD<f32>> {
     use crate::error::Error;
-    let count = crate::tensor::element_count(op, shape)?;
-    let mut values = Vec::new();
-    values
-        .try_reserve_exact(count)
-        .map_err(|_| Error::InvalidArgument {
-            op,
-            detail: format!("an output of shape {shape:?} is more than the host can allocate"),
-        })?;
+    let (mut values, count) = crate::tensor::host_vec(op, "an output", shape, |_| Ok(()))?;
     values.resize(count, 0.0);
     ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(shape), values).map_err(|e| {
         Error::ShapeMismatch {

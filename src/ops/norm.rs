@@ -3,10 +3,9 @@
 
 use bytemuck::{Pod, Zeroable};
 
-use super::conv2d::gpu_word;
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
-use crate::tensor::Tensor;
+use crate::tensor::{Tensor, gpu_word};
 
 /// How the tensor splits into groups, and where the affine parameters vary.
 #[derive(Clone, Copy, Debug)]
@@ -114,8 +113,8 @@ pub(crate) fn launch(
         grouping.groups
     };
     let constants = [
-        ("INNER", gpu_word(grouping.inner)?),
-        ("GROUPS", gpu_word(constant_groups)?),
+        ("INNER", gpu_word("norm", grouping.inner)?),
+        ("GROUPS", gpu_word("norm", constant_groups)?),
     ];
     let pipeline = gpu.specialized(
         "norm",
