@@ -217,12 +217,10 @@ fn name_and_shape_problems(checkpoint: &Checkpoint, expected: &[(&str, &[usize])
 
 /// A saved count as the state tensor that holds it (the bits of a `u32`).
 fn counter_state(name: &str, saved: &ArrayD<i64>) -> std::result::Result<ArrayD<f32>, String> {
-    saved
-        .iter()
-        .map(|&v| u32::try_from(v).map(f32::from_bits))
-        .collect::<std::result::Result<Vec<_>, _>>()
-        .map(|bits| ArrayD::from_shape_vec(saved.raw_dim(), bits).unwrap_or_default())
-        .map_err(|_| format!("{name:?} holds a count outside 0..=u32::MAX"))
+    if saved.iter().any(|&v| u32::try_from(v).is_err()) {
+        return Err(format!("{name:?} holds a count outside 0..=u32::MAX"));
+    }
+    Ok(saved.mapv(|v| f32::from_bits(v as u32)))
 }
 
 impl crate::graph::Graph {
