@@ -3,7 +3,7 @@
 
 use crate::error::{Error, Result};
 use crate::graph::{Backward, BackwardArgs, Ctx, Forward, Layer, StateInit, Value};
-use crate::nn::activation::{pre_activation_and_bias_grad, pre_activation_grad};
+use crate::nn::activation::pre_activation_grad;
 use crate::nn::init::{Init, InitRng};
 use crate::ops::Activation;
 use crate::ops::conv2d::{self, Padding, conv2d_backward_cpu, conv2d_cpu};
@@ -181,27 +181,11 @@ impl Layer for Conv2d {
         let (dx, dweight, dbias) = match args.inputs[0] {
             Value::Gpu(x) => {
                 let (weight, dy) = (args.state[0].gpu()?, args.dy.gpu()?);
-                // With a bias, the activation's derivative and the bias gradient are one
-                // kernel; otherwise the op sums the bias gradient of dz itself.
-                let fused = match (self.bias, dy.shape()) {
-                    (true, &[n, o, oh, ow]) => pre_activation_and_bias_grad(
-                        self.spec.activation,
-                        args.y.gpu()?,
-                        dy,
-                        (n, o, oh * ow),
-                    )?,
-                    _ => None,
-                };
-                let (dpre, dbias) = match fused {
-                    Some((dz, dbias)) => (Some(Value::Gpu(dz)), Some(dbias)),
-                    None => (
-                        pre_activation_grad(self.spec.activation, args.y, args.dy)?,
-                        None,
-                    ),
-                };
-                let dz = dpre.as_ref().unwrap_or(args.dy).gpu()?;
+                // The op takes the gradient through the activation itself (fused into its
+                // weight-gradient kernel where it can).
+                let gate = Some((self.spec.activation, args.y.gpu()?));
                 let (dx, dweight, dbias) =
-                    spec.gradients(x, weight, dz, dbias, args.needs.inputs)?;
+                    spec.gradients(x, weight, dy, gate, args.needs.inputs)?;
                 (dx.map(Value::Gpu), Value::Gpu(dweight), Value::Gpu(dbias))
             }
             Value::Cpu(x) => {

@@ -19,9 +19,9 @@ use ndarray::{Array1, Array4, ArrayD, ArrayView4, ArrayViewD, Ix4};
 use super::Activation;
 use super::conv_direct;
 use super::conv_grouped;
-use super::conv_weight_grad;
+use super::conv_weight_grad::{self, Gate, WeightAndBias};
 use super::matmul::{BiasAxis, Matmul};
-use super::reduce::sum_axes;
+use super::reduce::{activation_backward_and_sum, sum_axes};
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::tensor::{Tensor, gpu_word};
@@ -461,14 +461,17 @@ impl Conv2d {
         Ok((weight, bias))
     }
 
-    /// `(dx if input_grad, dweight, dbias)` from `dy`, with `dbias` given when the caller
-    /// has it already (fused with the activation's backward, see `nn::Conv2d`).
+    /// `(dx if input_grad, dweight, dbias)` from `dy`, through `gate` = (activation, the
+    /// layer's output y) for a layer with an activation fused in (see `nn::Conv2d`). Where
+    /// the direct weight-gradient kernel takes the shape, it applies the activation's
+    /// derivative as it reads `dy` and sums the bias gradient as well: one pass, and `dz` is
+    /// stored only when the input gradient needs it.
     pub(crate) fn gradients(
         &self,
         x: &Tensor,
         weight: &Tensor,
         dy: &Tensor,
-        dbias: Option<Tensor>,
+        gate: Option<(Activation, &Tensor)>,
         input_grad: bool,
     ) -> Result<(Option<Tensor>, Tensor, Tensor)> {
         let gpu = x.gpu().clone();
@@ -477,35 +480,66 @@ impl Conv2d {
         }
         let shape = self.shape(x.shape(), weight.shape(), None)?;
         self.check_backward(&shape, dy.shape())?;
-        let dbias = match dbias {
-            Some(dbias) if dbias.shape() == [shape.o] => dbias,
-            Some(dbias) => {
+        let gate = gate.filter(|(activation, _)| *activation != Activation::None);
+        if let Some((_, y)) = gate {
+            y.check_same_gpu(OP, &gpu)?;
+            if y.shape() != dy.shape() {
                 return Err(Error::ShapeMismatch {
                     op: OP,
-                    detail: format!(
-                        "dbias is {:?}, there are {} filters",
-                        dbias.shape(),
-                        shape.o
-                    ),
+                    detail: format!("y is {:?}, dy is {:?}", y.shape(), dy.shape()),
                 });
+            }
+        }
+        let dims = (shape.n, shape.o, shape.positions());
+        if conv_weight_grad::eligible(self, &shape) {
+            let (dweight, dbias) = (
+                Tensor::uninit(&gpu, weight.shape())?,
+                Tensor::uninit(&gpu, &[shape.o])?,
+            );
+            let dz = match gate {
+                Some(_) if input_grad => Some(Tensor::uninit(&gpu, dy.shape())?),
+                _ => None,
+            };
+            conv_weight_grad::weight_and_bias_grad(
+                &shape,
+                x,
+                dy,
+                gate.map(|(activation, y)| Gate {
+                    activation,
+                    y,
+                    dz: dz.as_ref(),
+                }),
+                WeightAndBias {
+                    weight: &dweight,
+                    bias: &dbias,
+                },
+            )?;
+            let dz = dz.as_ref().unwrap_or(dy);
+            let (dx, _) =
+                self.input_and_weight_gradients(x, weight, dz, &shape, input_grad, false)?;
+            return Ok((dx, dweight, dbias));
+        }
+        // Elsewhere the activation's backward pass comes first, fused with the bias sum.
+        let (dz, dbias) = match gate {
+            Some((activation, y)) => {
+                let (dz, dbias) = activation_backward_and_sum(activation, y, dy, dims)?;
+                (Some(dz), dbias)
             }
             None => {
                 let dbias = Tensor::uninit(&gpu, &[shape.o])?;
-                sum_axes(
-                    &gpu,
-                    dy,
-                    (shape.n, shape.o, shape.positions()),
-                    &dbias,
-                    1.0,
-                    false,
-                )?;
-                dbias
+                sum_axes(&gpu, dy, dims, &dbias, 1.0, false)?;
+                (None, dbias)
             }
         };
-        self.input_and_weight_gradients(x, weight, dy, &shape, input_grad)
-            .map(|(dx, dweight)| (dx, dweight, dbias))
+        let dz = dz.as_ref().unwrap_or(dy);
+        let (dx, dweight) =
+            self.input_and_weight_gradients(x, weight, dz, &shape, input_grad, true)?;
+        let dweight =
+            dweight.ok_or_else(|| invalid("the weight gradient was not computed".into()))?;
+        Ok((dx, dweight, dbias))
     }
 
+    /// `dx` if `input_grad` and `dweight` if `weight_grad`, from the pre-activation `dy`.
     fn input_and_weight_gradients(
         &self,
         x: &Tensor,
@@ -513,7 +547,8 @@ impl Conv2d {
         dy: &Tensor,
         shape: &Conv2dShape,
         input_grad: bool,
-    ) -> Result<(Option<Tensor>, Tensor)> {
+        weight_grad: bool,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let gpu = x.gpu().clone();
         let shape = *shape;
         let (o, taps, positions) = (shape.o, shape.taps(), shape.positions());
@@ -526,8 +561,12 @@ impl Conv2d {
             if let Some(dx) = &dx {
                 conv_grouped::backward_data(self, &shape, dy, weight, dx)?;
             }
-            let dweight = Tensor::uninit(&gpu, weight.shape())?;
-            conv_grouped::weight_grad(self, &shape, x, dy, &dweight)?;
+            let dweight = weight_grad
+                .then(|| Tensor::uninit(&gpu, weight.shape()))
+                .transpose()?;
+            if let Some(dweight) = &dweight {
+                conv_grouped::weight_grad(self, &shape, x, dy, dweight)?;
+            }
             return Ok((dx, dweight));
         }
         // Small filter banks at stride 1: dx as a direct convolution of dy, no col2im.
@@ -535,15 +574,11 @@ impl Conv2d {
         if let (Some(dx), true) = (&dx, direct_dx) {
             conv_direct::backward_data(&shape, dy, weight, dx)?;
         }
-        let dweight = Tensor::uninit(&gpu, weight.shape())?;
-
-        // Stride 1: dW directly over the whole batch, no im2col.
-        let direct_dw = conv_weight_grad::eligible(self, &shape);
-        if direct_dw {
-            conv_weight_grad::weight_grad(&shape, x, dy, &dweight)?;
-        }
+        let dweight = weight_grad
+            .then(|| Tensor::uninit(&gpu, weight.shape()))
+            .transpose()?;
         let col2im_dx = dx.as_ref().filter(|_| !direct_dx);
-        if direct_dw && col2im_dx.is_none() {
+        if dweight.is_none() && col2im_dx.is_none() {
             return Ok((dx, dweight));
         }
         let bound: Vec<&Tensor> = [x, dy].into_iter().chain(col2im_dx).collect();
@@ -551,7 +586,7 @@ impl Conv2d {
             // No im2col, no col2im: x is the col buffer and dx the dcol one.
             let (n, c, hw) = (shape.n, shape.c, positions);
             let (x3, dy3, w2) = ([n, c, hw], [n, o, hw], [o, c]);
-            if !direct_dw {
+            if let Some(dweight) = &dweight {
                 let per_image = Tensor::uninit(&gpu, &[n, o, c])?;
                 let nt = Matmul {
                     trans_b: true,
@@ -559,7 +594,7 @@ impl Conv2d {
                 };
                 let (dy_op, x_op) = (dy.operand_as(&dy3), x.operand_as(&x3));
                 nt.run(&gpu, dy_op, x_op, None, per_image.operand())?;
-                sum_axes(&gpu, &per_image, (n, o * c, 1), &dweight, 1.0, false)?;
+                sum_axes(&gpu, &per_image, (n, o * c, 1), dweight, 1.0, false)?;
             }
             if let Some(dx) = col2im_dx {
                 let tn = Matmul {
@@ -586,7 +621,7 @@ impl Conv2d {
                 (dy_chunk.buffer(), 0),
                 count as u64 * image_dy,
             )?;
-            if !direct_dw {
+            if let Some(dweight) = &dweight {
                 // dW += Σ_n dy[n] · col[n]ᵀ
                 let col = self.im2col(&gpu, &shape, x, first, count)?;
                 let per_image = Tensor::uninit(&gpu, &[count * g, o / g, taps])?;
@@ -606,7 +641,7 @@ impl Conv2d {
                     &gpu,
                     &per_image,
                     (count, o * taps, 1),
-                    &dweight,
+                    dweight,
                     1.0,
                     index > 0,
                 )?;

@@ -1,7 +1,9 @@
-//! The weight gradient of small stride-1 convolutions, directly over the whole batch with no
-//! im2col buffer (`shaders/conv_weight_grad_common.wgsl` followed by `conv_weight_grad.wgsl`,
-//! or by `conv_weight_grad_subgroup.wgsl` on CPU adapters with fixed-size subgroups). Used by `Conv2d::backward` for the filter banks
-//! the direct forward kernel takes; both kernels are generated per kernel size and
+//! The weight and bias gradients of small stride-1 convolutions, directly over the whole
+//! batch with no im2col buffer (`shaders/conv_weight_grad_common.wgsl` followed by
+//! `conv_weight_grad.wgsl`, or by `conv_weight_grad_subgroup.wgsl` on CPU adapters with
+//! fixed-size subgroups), optionally through the layer's activation so that it needs no
+//! backward pass of its own. Used by `Conv2d::gradients` for the filter banks the direct
+//! forward kernel takes; both kernels are generated per kernel size and variant and
 //! specialised per layer shape.
 
 use std::fmt::Write;
@@ -15,7 +17,10 @@ use crate::error::Result;
 use crate::gpu::Gpu;
 use crate::gpu::dispatch::Resource;
 use crate::gpu::texture::{scalar_input, scalar_texture};
-use crate::tensor::Tensor;
+use crate::ops::Activation;
+use crate::tensor::{Tensor, gpu_word};
+
+const OP: &str = "conv2d weight gradient";
 
 /// Mirrors `Params` in both weight-gradient shaders.
 #[repr(C)]
@@ -23,7 +28,23 @@ use crate::tensor::Tensor;
 struct WeightGradParams {
     work: u32,
     splits: u32,
-    _pad: [u32; 2],
+    slope: f32,
+    _pad: u32,
+}
+
+/// The activation fused into the layer, which the gradient flows back through: the kernel
+/// reads `dz = dy · act'(y)` from the layer's output `y`, and stores `dz` where asked (for
+/// the input gradient).
+pub(crate) struct Gate<'a> {
+    pub activation: Activation,
+    pub y: &'a Tensor,
+    pub dz: Option<&'a Tensor>,
+}
+
+/// What the kernel writes: the weight and bias gradients.
+pub(crate) struct WeightAndBias<'a> {
+    pub weight: &'a Tensor,
+    pub bias: &'a Tensor,
 }
 
 /// Outputs per invocation along a row.
@@ -32,7 +53,7 @@ const GRAD_BLOCK: usize = 8;
 /// Workgroups the subgroup kernel aims for: fewer leave a CPU adapter's threads idle.
 const TARGET_GROUPS: usize = 16;
 
-/// Whether [`weight_grad`] handles this convolution's weight gradient.
+/// Whether [`weight_and_bias_grad`] handles this convolution's weight gradient.
 pub(crate) fn eligible(spec: &Conv2d, shape: &Conv2dShape) -> bool {
     // Each (filter, channel) pair re-reads its inputs: worth it for small banks only.
     spec.stride == (1, 1)
@@ -70,21 +91,139 @@ fn tap_sums(body: &mut String, ky: usize, kw: usize) {
     }
 }
 
+/// What a generated kernel reads and writes besides x and the sums.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Variant {
+    /// dz = dy · act'(y) instead of dy.
+    gated: bool,
+    /// dz stored (gated only).
+    store_dz: bool,
+    /// dy, y and dz read and written as vec4s (rows of whole vec4s in storage buffers):
+    /// a quarter of the per-lane loads, the cost that bounds this kernel on CPU adapters.
+    vec4: bool,
+}
+
+impl Variant {
+    fn key(self) -> String {
+        format!(
+            "{}{}{}",
+            if self.gated { "_gated" } else { "" },
+            if self.store_dz { "_dz" } else { "" },
+            if self.vec4 { "_v4" } else { "" }
+        )
+    }
+
+    /// The declarations of dy, y and dz, and `load_dz` or `load_dz4`.
+    fn declarations(self, textures: bool) -> String {
+        let mut out = String::new();
+        let gate = "activation_derivative({Y}, ACT, p.slope)";
+        if self.vec4 {
+            let _ = writeln!(
+                out,
+                "@group(0) @binding(2) var<storage, read> dy: array<vec4<f32>>;"
+            );
+            let value = if self.gated {
+                let _ = writeln!(
+                    out,
+                    "@group(0) @binding(4) var<storage, read> y: array<vec4<f32>>;"
+                );
+                let derivatives: Vec<String> = ["x", "y", "z", "w"]
+                    .iter()
+                    .map(|c| gate.replace("{Y}", &format!("y[i].{c}")))
+                    .collect();
+                format!("dy[i] * vec4<f32>({})", derivatives.join(", "))
+            } else {
+                "dy[i]".into()
+            };
+            let _ = writeln!(
+                out,
+                "fn load_dz4(i: u32) -> vec4<f32> {{ return {value}; }}"
+            );
+        } else {
+            out.push_str(&scalar_input("dy", 2, textures));
+            let value = if self.gated {
+                out.push_str(&scalar_input("y", 4, textures));
+                format!("load_dy(i) * {}", gate.replace("{Y}", "load_y(i)"))
+            } else {
+                "load_dy(i)".into()
+            };
+            let _ = writeln!(out, "fn load_dz(i: u32) -> f32 {{ return {value}; }}");
+        }
+        if self.store_dz {
+            let element = if self.vec4 { "vec4<f32>" } else { "f32" };
+            let _ = writeln!(
+                out,
+                "@group(0) @binding(5) var<storage, read_write> dz: array<{element}>;"
+            );
+        }
+        out
+    }
+
+    /// The lines loading the block's dz values `d0`, `d1`, … (zero past the row's end),
+    /// storing them where asked, and adding them to the bias sum.
+    fn block_loads(self, body: &mut String) {
+        let b = GRAD_BLOCK;
+        if self.vec4 {
+            for q in 0..b / 4 {
+                let inside = format!("ox0 + {}u < OW", 4 * q);
+                let _ = writeln!(
+                    body,
+                    "        let q{q} = select(vec4<f32>(0.0), load_dz4(dy_row / 4u + {q}u), {inside});"
+                );
+                if self.store_dz {
+                    let _ = writeln!(
+                        body,
+                        "        if owns_dz && {inside} {{ dz[dy_row / 4u + {q}u] = q{q}; }}"
+                    );
+                }
+                for (k, c) in ["x", "y", "z", "w"].iter().enumerate() {
+                    let _ = writeln!(body, "        let d{} = q{q}.{c};", 4 * q + k);
+                }
+            }
+            let quads: Vec<String> = (0..b / 4).map(|q| format!("q{q}")).collect();
+            let _ = writeln!(
+                body,
+                "        bias_sum += dot({}, vec4<f32>(1.0));",
+                quads.join(" + ")
+            );
+            return;
+        }
+        for j in 0..b {
+            let inside = format!("ox0 + {j}u < OW");
+            let _ = writeln!(
+                body,
+                "        let d{j} = select(0.0, load_dz(dy_row + {j}u), {inside});"
+            );
+            if self.store_dz {
+                let _ = writeln!(
+                    body,
+                    "        if owns_dz && {inside} {{ dz[dy_row + {j}u] = d{j}; }}"
+                );
+            }
+        }
+        let terms: Vec<String> = (0..b).map(|j| format!("d{j}")).collect();
+        let _ = writeln!(body, "        bias_sum += {};", terms.join(" + "));
+    }
+}
+
 /// The source of either kernel; `subgroup` picks the broadcast variant of that width,
-/// `textures` reads x and dy through textures.
-fn source(kh: usize, kw: usize, subgroup: Option<usize>, textures: bool) -> String {
+/// `textures` reads x (and dy and y, unless the variant reads vec4s) through textures.
+fn source(
+    kh: usize,
+    kw: usize,
+    subgroup: Option<usize>,
+    textures: bool,
+    variant: Variant,
+) -> String {
     let b = GRAD_BLOCK;
     let (mut decls, mut body, mut store) = (String::new(), String::new(), String::new());
     for k in 0..kh * kw {
         let _ = writeln!(decls, "    var g{k} = 0.0;");
-        let _ = writeln!(store, "    partial[lindex * TAPS + {k}u] = g{k};");
+        let _ = writeln!(store, "    partial[lindex * SLOTS + {k}u] = g{k};");
     }
-    for j in 0..b {
-        let _ = writeln!(
-            body,
-            "        let d{j} = select(0.0, load_dy(dy_row + {j}u), ox0 + {j}u < OW);"
-        );
-    }
+    let _ = writeln!(decls, "    var bias_sum = 0.0;");
+    let _ = writeln!(store, "    partial[lindex * SLOTS + TAPS] = bias_sum;");
+    variant.block_loads(&mut body);
     for ky in 0..kh {
         let _ = writeln!(
             body,
@@ -126,14 +265,15 @@ fn source(kh: usize, kw: usize, subgroup: Option<usize>, textures: bool) -> Stri
         Some(_) => include_str!("../../shaders/conv_weight_grad_subgroup.wgsl"),
     };
     [
+        include_str!("../../shaders/epilogue.wgsl"),
         include_str!("../../shaders/conv_weight_grad_common.wgsl"),
         kernel,
     ]
     .concat()
     .replace("{{INPUT_X}}", &scalar_input("x", 1, textures))
-    .replace("{{INPUT_DY}}", &scalar_input("dy", 2, textures))
+    .replace("{{DZ}}", &variant.declarations(textures))
     .replace("{{TAPS}}", &(kh * kw).to_string())
-    .replace("{{PARTIALS}}", &(64 * kh * kw).to_string())
+    .replace("{{PARTIALS}}", &(64 * (kh * kw + 1)).to_string())
     .replace("{{SUBGROUP}}", &subgroup.unwrap_or(0).to_string())
     .replace("{{BLOCK}}", &b.to_string())
     .replace("{{DECLS}}", &decls)
@@ -141,23 +281,26 @@ fn source(kh: usize, kw: usize, subgroup: Option<usize>, textures: bool) -> Stri
     .replace("{{STORE}}", &store)
 }
 
-/// `dweight` from `x` and `dy` over the whole batch (the caller checked [`eligible`]).
-pub(crate) fn weight_grad(
+/// The weight and bias gradients from `x` and `dy` over the whole batch, through `gate`'s
+/// activation where given (the caller checked [`eligible`]).
+pub(crate) fn weight_and_bias_grad(
     shape: &Conv2dShape,
     x: &Tensor,
     dy: &Tensor,
-    dweight: &Tensor,
+    gate: Option<Gate<'_>>,
+    out: WeightAndBias<'_>,
 ) -> Result<()> {
-    run(shape, x, dy, dweight, broadcast_subgroup(x.gpu()))
+    run(shape, x, dy, gate, out, broadcast_subgroup(x.gpu()))
 }
 
-/// [`weight_grad`] with the kernel chosen: the broadcast one for subgroups of `subgroup`
-/// lanes, or the portable one.
+/// [`weight_and_bias_grad`] with the kernel chosen: the broadcast one for subgroups of
+/// `subgroup` lanes, or the portable one.
 fn run(
     shape: &Conv2dShape,
     x: &Tensor,
     dy: &Tensor,
-    dweight: &Tensor,
+    gate: Option<Gate<'_>>,
+    out: WeightAndBias<'_>,
     subgroup: Option<usize>,
 ) -> Result<()> {
     let gpu = x.gpu();
@@ -176,10 +319,12 @@ fn run(
             (per_split * splits, splits)
         }
     };
+    let activation = gate.as_ref().map_or(Activation::None, |g| g.activation);
     let params = WeightGradParams {
-        work: work as u32,
+        work: gpu_word(OP, work)?,
         splits: splits as u32,
-        _pad: [0; 2],
+        slope: activation.slope(),
+        _pad: 0,
     };
     let mut constants = vec![
         ("C", shape.c),
@@ -191,6 +336,7 @@ fn run(
         ("PAD_TOP", shape.pad_top),
         ("PAD_LEFT", shape.pad_left),
         ("BLOCKS", blocks),
+        ("ACT", activation.code() as usize),
     ];
     if subgroup.is_some() {
         constants.push(("FILTER_GROUPS", filter_groups));
@@ -199,45 +345,62 @@ fn run(
         .into_iter()
         .map(|(name, value)| (name, value as u32))
         .collect();
-    // x and dy through textures where the adapter fetches texels faster.
-    let textures = match (scalar_texture(x)?, scalar_texture(dy)?) {
-        (Some(x_tex), Some(dy_tex)) => Some((x_tex, dy_tex)),
-        _ => None,
+    // x, dy and y (bound at 1, 2 and 4) through textures where the adapter fetches texels
+    // faster: all of them or none.
+    let inputs: Vec<(u32, &Tensor)> = [(1, x), (2, dy)]
+        .into_iter()
+        .chain(gate.as_ref().map(|g| (4, g.y)))
+        .collect();
+    let textures: Option<Vec<_>> = inputs
+        .iter()
+        .map(|(_, t)| scalar_texture(t))
+        .collect::<Result<Vec<_>>>()?
+        .into_iter()
+        .collect();
+    let variant = Variant {
+        gated: gate.is_some(),
+        store_dz: gate.as_ref().is_some_and(|g| g.dz.is_some()),
+        // Rows of whole vec4s start at vec4 boundaries, as blocks of GRAD_BLOCK do.
+        vec4: textures.is_none() && shape.ow.is_multiple_of(4) && GRAD_BLOCK.is_multiple_of(4),
     };
     let key = format!(
-        "conv_weight_grad_{}x{}_s{}{}",
+        "conv_weight_grad_{}x{}_s{}{}{}",
         shape.kh,
         shape.kw,
         subgroup.unwrap_or(0),
-        if textures.is_some() { "_tex" } else { "" }
+        if textures.is_some() { "_tex" } else { "" },
+        variant.key()
     );
     let pipeline = gpu.specialized(
         &key,
         "main",
-        || source(shape.kh, shape.kw, subgroup, textures.is_some()),
+        || source(shape.kh, shape.kw, subgroup, textures.is_some(), variant),
         &constants,
     )?;
-    // With several splits the kernel writes [split][O][C][taps] partial sums, added below.
-    let partials = if splits > 1 {
-        Some(Tensor::uninit(gpu, &[splits, dweight.len()])?)
-    } else {
-        None
-    };
-    let out = partials.as_ref().unwrap_or(dweight);
-    let (x_in, dy_in) = match &textures {
-        Some((x_tex, dy_tex)) => (
-            Resource::Texture(&x_tex.view),
-            Resource::Texture(&dy_tex.view),
-        ),
-        None => (
-            Resource::Buffer(x.binding()),
-            Resource::Buffer(dy.binding()),
-        ),
-    };
+    // [split][O·C·TAPS + O]: each split's sums of dW, then of db.
+    let (weights, filters) = (out.weight.len(), out.bias.len());
+    let sums = Tensor::uninit(gpu, &[splits, weights + filters])?;
+    let mut resources: Vec<_> = inputs
+        .iter()
+        .enumerate()
+        .map(|(i, &(number, t))| match &textures {
+            Some(textures) => (number, Resource::Texture(&textures[i].view)),
+            None if variant.vec4 && number != 1 => (number, Resource::Buffer(t.binding_vec4())),
+            None => (number, Resource::Buffer(t.binding())),
+        })
+        .collect();
+    resources.push((3, Resource::Buffer(sums.binding())));
+    if let Some(dz) = gate.as_ref().and_then(|g| g.dz) {
+        let dz = if variant.vec4 {
+            dz.binding_vec4()
+        } else {
+            dz.binding()
+        };
+        resources.push((5, Resource::Buffer(dz)));
+    }
     let copies = |encoder: &mut wgpu::CommandEncoder| {
-        if let Some((x_tex, dy_tex)) = &textures {
-            x_tex.copy_from(encoder, x.binding(), x.len() as u64);
-            dy_tex.copy_from(encoder, dy.binding(), dy.len() as u64);
+        for (texture, (_, t)) in textures.iter().flatten().zip(&inputs) {
+            texture.copy_from(encoder, t.binding(), t.len() as u64);
         }
         Ok(())
     };
@@ -246,21 +409,34 @@ fn run(
             pass,
             &pipeline,
             bytemuck::bytes_of(&params),
-            &[(1, x_in), (2, dy_in), (3, Resource::Buffer(out.binding()))],
+            &resources,
             groups as u64,
         )
     })?;
-    if let Some(partials) = &partials {
+    let total = if splits > 1 {
+        let total = Tensor::uninit(gpu, &[weights + filters])?;
         sum_axes(
             gpu,
-            partials,
-            (splits, dweight.len(), 1),
-            dweight,
+            &sums,
+            (splits, weights + filters, 1),
+            &total,
             1.0,
             false,
         )?;
-    }
-    Ok(())
+        total
+    } else {
+        sums
+    };
+    gpu.copy(
+        (total.buffer(), 0),
+        (out.weight.buffer(), 0),
+        out.weight.bytes(),
+    )?;
+    gpu.copy(
+        (total.buffer(), out.weight.bytes()),
+        (out.bias.buffer(), 0),
+        out.bias.bytes(),
+    )
 }
 
 #[cfg(test)]
@@ -272,7 +448,9 @@ mod tests {
 
     /// Both kernels (the broadcast one where the adapter has fixed-size subgroups) against
     /// the CPU reference, on LeNet's layers and on sizes that fill no block or subgroup,
-    /// reading their inputs from storage buffers and from textures.
+    /// reading their inputs from storage buffers and from textures: weight and bias
+    /// gradients of dy itself and through each activation, with dz stored or not, into
+    /// NaN-poisoned outputs.
     #[test]
     fn both_kernels_match_the_cpu() {
         for reads in [OperandReads::Storage, OperandReads::Texture] {
@@ -299,6 +477,8 @@ mod tests {
             (2, 3, 9, 13, 11, 3, 4, Padding::Explicit(1, 2)),
             (5, 2, 7, 6, 9, 7, 7, Padding::Same),
             (1, 16, 5, 19, 1, 1, 3, Padding::Explicit(0, 1)),
+            // Rows of whole vec4s that end half-way through a block.
+            (2, 2, 14, 16, 5, 3, 5, Padding::Explicit(0, 0)),
         ];
         for (i, &(n, c, h, w, o, kh, kw, padding)) in cases.iter().enumerate() {
             let spec = Conv2d {
@@ -313,29 +493,79 @@ mod tests {
             let shape = spec.shape(x.shape(), weight.shape(), None).unwrap();
             assert!(eligible(&spec, &shape));
             let dy = random(&shape.output(), seed + 2);
-            let want = conv2d_backward_cpu(&spec, &x.view(), &weight.view(), &dy.view())
-                .unwrap()
-                .weight;
+            // y as the layer's output would be: ReLU's zeros, negatives for leaky ReLU, and
+            // values in (0, 1) and (-1, 1) for sigmoid and tanh, as `random` gives.
+            let y = random(&shape.output(), seed + 3);
+            let gates = [
+                None,
+                Some((Activation::Relu, y.mapv(|v| v.max(0.0)), true)),
+                Some((Activation::LeakyRelu(0.1), y.clone(), false)),
+                Some((Activation::Tanh, y.clone(), true)),
+                Some((Activation::Sigmoid, y.mapv(f32::abs), false)),
+            ];
             let (tx, tdy) = (
                 Tensor::from_array(gpu, &x).unwrap(),
                 Tensor::from_array(gpu, &dy).unwrap(),
             );
-            for &subgroup in &kernels {
-                let dweight = Tensor::from_array(gpu, &weight.mapv(|_| f32::NAN)).unwrap();
-                run(&shape, &tx, &tdy, &dweight, subgroup).unwrap();
-                let got = dweight.to_array().unwrap();
-                assert!(
-                    got.iter().all(|v| v.is_finite()),
-                    "case {i}: unwritten outputs"
-                );
-                let diff = (&got - &want).mapv(f32::abs).fold(0.0f32, |a, &b| a.max(b));
-                let terms = (n * shape.oh * shape.ow) as f32;
-                assert!(
-                    diff <= 1e-5 * terms.sqrt() * 4.0,
-                    "case {i}, subgroup {subgroup:?}, {:?}: {diff}",
-                    gpu.operand_reads()
-                );
+            for (activation, y, store_dz) in gates.into_iter().map(|g| match g {
+                Some((a, y, store)) => (a, Some(y), store),
+                None => (Activation::None, None, false),
+            }) {
+                let dz = match &y {
+                    Some(y) => ndarray::Zip::from(&dy)
+                        .and(y)
+                        .map_collect(|&d, &y| d * activation.derivative(y, y)),
+                    None => dy.clone(),
+                };
+                let want =
+                    conv2d_backward_cpu(&spec, &x.view(), &weight.view(), &dz.view()).unwrap();
+                let ty = y.as_ref().map(|y| Tensor::from_array(gpu, y).unwrap());
+                let poisoned = |shape: &[usize]| {
+                    Tensor::from_array(gpu, &ndarray::ArrayD::from_elem(shape, f32::NAN)).unwrap()
+                };
+                for &subgroup in &kernels {
+                    let dweight = poisoned(weight.shape());
+                    let dbias = poisoned(&[o]);
+                    let tdz = poisoned(dy.shape());
+                    let gate = ty.as_ref().map(|y| Gate {
+                        activation,
+                        y,
+                        dz: store_dz.then_some(&tdz),
+                    });
+                    let out = WeightAndBias {
+                        weight: &dweight,
+                        bias: &dbias,
+                    };
+                    run(&shape, &tx, &tdy, gate, out, subgroup).unwrap();
+                    let terms = (n * shape.oh * shape.ow) as f32;
+                    let what = format!(
+                        "case {i}, subgroup {subgroup:?}, {activation:?}, {:?}",
+                        gpu.operand_reads()
+                    );
+                    assert_close(&dweight.to_array().unwrap(), &want.weight, terms, &what);
+                    assert_close(&dbias.to_array().unwrap(), &want.bias, terms, &what);
+                    if store_dz {
+                        assert_close(&tdz.to_array().unwrap(), &dz.clone().into_dyn(), 1.0, &what);
+                    }
+                }
             }
         }
+    }
+
+    /// Every value written (no NaN left of the poison) and within float rounding of a sum
+    /// of `terms` products.
+    fn assert_close(
+        got: &ndarray::ArrayD<f32>,
+        want: &ndarray::ArrayD<f32>,
+        terms: f32,
+        what: &str,
+    ) {
+        assert!(
+            got.iter().all(|v| v.is_finite()),
+            "{what}: unwritten outputs"
+        );
+        assert_eq!(got.shape(), want.shape(), "{what}");
+        let diff = (got - want).mapv(f32::abs).fold(0.0f32, |a, &b| a.max(b));
+        assert!(diff <= 1e-5 * terms.sqrt() * 4.0, "{what}: {diff}");
     }
 }
