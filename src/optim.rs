@@ -3,6 +3,8 @@
 //! initial_accumulator_value), Adam, AdamW and AMSGrad, each with weight decay. Parameters are
 //! updated in place; the state has PyTorch's names and can be saved and restored.
 
+use std::fmt::Write;
+
 use bytemuck::{Pod, Zeroable};
 use ndarray::{ArrayD, IxDyn, Zip};
 
@@ -315,9 +317,17 @@ impl Optimizer {
     }
 
     /// The uniform parameters of step `t` (from 1).
-    fn params(&self, total: usize, t: u32) -> OptimParams {
+    /// The rule's number in shaders/optim.wgsl (`KIND`).
+    fn kind(&self) -> u32 {
+        match self {
+            Self::Sgd(_) => 0,
+            Self::AdaGrad(_) => 1,
+            Self::Adam(_) => 2,
+        }
+    }
+
+    fn params(&self, t: u32) -> OptimParams {
         let mut params = OptimParams {
-            total: total as u32,
             first_step: u32::from(t == 1),
             ..OptimParams::zeroed()
         };
@@ -332,7 +342,6 @@ impl Optimizer {
                 params.nesterov = u32::from(r.nesterov);
             }
             Self::AdaGrad(r) => {
-                params.kind = 1;
                 (params.lr, params.eps, params.weight_decay) = (r.lr, r.eps, r.weight_decay);
                 // PyTorch's clr, in f64 as the bias corrections below.
                 let decayed = 1.0 + f64::from(t - 1) * f64::from(r.lr_decay);
@@ -340,7 +349,6 @@ impl Optimizer {
             }
             Self::Adam(r) => {
                 let (beta1, beta2) = r.betas;
-                params.kind = 2;
                 (
                     params.lr,
                     params.beta1,
@@ -385,7 +393,7 @@ impl Optimizer {
                 ),
             });
         }
-        let p = self.params(param.len(), t);
+        let (p, kind) = (self.params(t), self.kind());
         // Slots the rule does not use (never read, as the kernel's placeholders).
         let mut spare: Vec<ArrayD<f32>> = (state.len()..3)
             .map(|_| ArrayD::zeros(param.raw_dim()))
@@ -409,7 +417,7 @@ impl Optimizer {
                 } else if p.weight_decay != 0.0 {
                     g += p.weight_decay * *w;
                 }
-                match p.kind {
+                match kind {
                     0 => {
                         if p.momentum != 0.0 {
                             let buf = if p.first_step != 0 {
@@ -446,14 +454,14 @@ impl Optimizer {
     }
 }
 
-/// Mirrors `Params` in shaders/optim.wgsl.
+/// Mirrors `Params` in shaders/optim.wgsl up to its table of tensors.
 #[repr(C)]
 #[derive(Clone, Copy, Pod, Zeroable)]
 struct OptimParams {
-    total: u32,
-    kind: u32,
     first_step: u32,
     nesterov: u32,
+    decoupled: u32,
+    amsgrad: u32,
     lr: f32,
     momentum: f32,
     dampening: f32,
@@ -461,11 +469,52 @@ struct OptimParams {
     beta1: f32,
     beta2: f32,
     eps: f32,
-    decoupled: u32,
     step_size: f32,
     bias_correction2_sqrt: f32,
-    amsgrad: u32,
-    _pad: u32,
+    _pad: [u32; 3],
+}
+
+/// Parameters one optimizer dispatch updates at most (fewer where the device binds fewer
+/// storage buffers per kernel); more take further dispatches.
+const MOST_TENSORS_PER_DISPATCH: usize = 16;
+
+/// shaders/optim.wgsl for `tensors` parameters with `slots` state tensors each: per
+/// parameter its bindings and the `case` that updates one vec4 of it.
+fn optim_source(tensors: usize, slots: usize) -> String {
+    let (mut bindings, mut cases) = (String::new(), String::new());
+    let names = ["s1", "s2", "s3"];
+    for k in 0..tensors {
+        let first = 1 + k * (2 + slots);
+        let _ = writeln!(
+            bindings,
+            "@group(0) @binding({first}) var<storage, read_write> param_{k}: array<vec4<f32>>;\n\
+             @group(0) @binding({}) var<storage, read> grad_{k}: array<vec4<f32>>;",
+            first + 1
+        );
+        let mut load = format!("param_{k}[i]");
+        let mut store = format!("param_{k}[i] = s.w;");
+        for (j, name) in names.iter().enumerate() {
+            if j < slots {
+                let _ = writeln!(
+                    bindings,
+                    "@group(0) @binding({}) var<storage, read_write> state_{k}_{j}: array<vec4<f32>>;",
+                    first + 2 + j
+                );
+                load.push_str(&format!(", state_{k}_{j}[i]"));
+                store.push_str(&format!(" state_{k}_{j}[i] = s.{name};"));
+            } else {
+                load.push_str(", vec4<f32>(0.0)");
+            }
+        }
+        let _ = writeln!(
+            cases,
+            "        case {k}u: {{\n            let s = update(Slots({load}), grad_{k}[i]);\n            {store}\n        }}"
+        );
+    }
+    include_str!("../shaders/optim.wgsl")
+        .replace("{{TENSORS}}", &tensors.to_string())
+        .replace("{{BINDINGS}}", &bindings)
+        .replace("{{CASES}}", &cases)
 }
 
 /// An optimizer rule with its per-parameter state (the tensors of
@@ -567,36 +616,46 @@ impl GpuOptimizer {
             return Ok(());
         };
         let gpu = first.gpu();
-        let pipeline = gpu.pipeline("optim", "main", || {
-            include_str!("../shaders/optim.wgsl").into()
-        })?;
-        // The kernel binds three state buffers; a rule with fewer gets placeholders it never
-        // reads (left unfilled: filling them would cost a dispatch each per step).
-        let placeholders = [
-            Tensor::uninit(gpu, &[4])?,
-            Tensor::uninit(gpu, &[4])?,
-            Tensor::uninit(gpu, &[4])?,
-        ];
+        let slots = self.rule.state_names().len();
+        let kind = self.rule.kind();
+        let bindable = gpu.limits().max_storage_buffers_per_shader_stage as usize / (2 + slots);
+        let per_dispatch = bindable.clamp(1, MOST_TENSORS_PER_DISPATCH);
+        let rule = bytemuck::bytes_of(&self.rule.params(self.step)).to_vec();
+        let chunks: Vec<_> = params
+            .chunks(per_dispatch)
+            .zip(grads.chunks(per_dispatch))
+            .zip(self.state.chunks(per_dispatch))
+            .collect();
         gpu.run_pass("optimizer step", |pass| {
-            for ((p, g), state) in params.iter().zip(grads).zip(&self.state) {
-                // Whole vec4s: see shaders/optim.wgsl.
-                let vec4s = p.len().div_ceil(4);
-                let params = self.rule.params(vec4s, self.step);
-                let slot = |i: usize| state.get(i).unwrap_or(&placeholders[i]).binding_vec4();
-                let bindings = [
-                    p.binding_vec4(),
-                    g.binding_vec4(),
-                    slot(0),
-                    slot(1),
-                    slot(2),
-                ];
-                gpu.encode(
-                    pass,
-                    &pipeline,
-                    bytemuck::bytes_of(&params),
-                    &bindings,
-                    (vec4s as u64).div_ceil(256),
+            for ((params, grads), state) in chunks {
+                let count = params.len();
+                let pipeline = gpu.specialized(
+                    &format!("optim_{count}x{slots}"),
+                    "main",
+                    || optim_source(count, slots),
+                    &[("KIND", kind)],
                 )?;
+                // The table of tensors: each one's first workgroup and length in vec4s.
+                let (mut table, mut groups) = (Vec::with_capacity(4 * count), 0u64);
+                let mut bindings = Vec::with_capacity(count * (2 + slots));
+                for ((p, g), state) in params.iter().zip(grads).zip(state) {
+                    let vec4s = p.len().div_ceil(4) as u64;
+                    table.extend([groups, vec4s, 0, 0].map(|v| v as u32));
+                    groups += vec4s.div_ceil(256);
+                    bindings.extend([p.binding_vec4(), g.binding_vec4()]);
+                    bindings.extend(state.iter().map(Tensor::binding_vec4));
+                }
+                if groups > u64::from(u32::MAX) {
+                    return Err(Error::InvalidArgument {
+                        op: "optimizer",
+                        detail: format!(
+                            "{groups} workgroups for one update; use smaller parameters"
+                        ),
+                    });
+                }
+                let mut uniform = rule.clone();
+                uniform.extend_from_slice(bytemuck::cast_slice(&table));
+                gpu.encode(pass, &pipeline, &uniform, &bindings, groups)?;
             }
             Ok(())
         })

@@ -138,7 +138,16 @@ fn every_variant_matches_the_cpu_over_several_steps() {
         Optimizer::adamw(0.01, 0.1).amsgrad(true).into(),
     ];
     for (i, rule) in rules.into_iter().enumerate() {
-        let shapes = [vec![3, 7], vec![300]];
+        // Twenty parameters (more than one dispatch updates for every rule) whose lengths
+        // fill no vec4 or workgroup, or span several workgroups.
+        let shapes: Vec<Vec<usize>> = (0..20)
+            .map(|j| match j % 4 {
+                0 => vec![3, 7],
+                1 => vec![300],
+                2 => vec![1],
+                _ => vec![2, 515 + j],
+            })
+            .collect();
         let mut cpu_params: Vec<ArrayD<f32>> = shapes
             .iter()
             .enumerate()
