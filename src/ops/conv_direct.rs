@@ -61,74 +61,153 @@ pub(crate) fn eligible(gpu: &Gpu, spec: &Conv2d, shape: &Conv2dShape) -> bool {
         && (shape.n * shape.oh * shape.ow.div_ceil(block(shape))) < u32::MAX as usize
 }
 
-/// The kernel's source for `filters` filters of width `kw`, `b` outputs per invocation.
-/// `transposed` reads the bank as the flipped, transposed kernel of the backward pass
-/// (`dx` from `dy`).
-/// The kernel for `filters` filters, blocks of `b` outputs, kernel width `kw`, a bank of
-/// `vec4s` vec4s, flipped (`transposed`) for the input gradient, reading the input from
-/// storage or a texture.
-fn source(
+/// One generated direct-convolution kernel: everything its source depends on (the layer's
+/// shape is set per pipeline as `override` constants).
+struct DirectKernel {
     filters: usize,
-    b: usize,
+    /// Outputs per invocation along a row.
+    block: usize,
     kw: usize,
+    /// The bank's size in vec4s.
     vec4s: usize,
-    transposed: bool,
+    /// The flipped, transposed bank of the input gradient (`dx` from `dy`).
+    flipped: bool,
+    /// The input through a texture.
     textures: bool,
-) -> String {
-    let (mut decls, mut body, mut stores) = (String::new(), String::new(), String::new());
-    for o in 0..filters {
-        for j in 0..b {
-            let _ = writeln!(decls, "    var a{o}_{j} = 0.0;");
+    /// Weights shared through subgroups of this size: each lane loads a few of an input
+    /// row's weights and hands them to the others with `subgroupBroadcast`. On CPU adapters
+    /// a bank read at a computed index is a per-lane gather (a read at a constant one is
+    /// not): this cuts those reads by the subgroup size, and the forward pass by a third.
+    subgroup: Option<usize>,
+}
+
+impl DirectKernel {
+    fn key(&self) -> String {
+        format!(
+            "conv_direct_o{}_b{}_kw{}_v{}_{}{}_s{}",
+            self.filters,
+            self.block,
+            self.kw,
+            self.vec4s,
+            if self.flipped { "t" } else { "f" },
+            if self.textures { "_tex" } else { "" },
+            self.subgroup.unwrap_or(0)
+        )
+    }
+
+    /// The bank index of weight (filter `o`, kernel column `kx`) for the current channel
+    /// and kernel row of the kernel's loops; `o` and `kx` are WGSL expressions.
+    fn weight_index(&self, o: &str, kx: &str) -> String {
+        let (filters, kw) = (self.filters, self.kw);
+        if self.flipped {
+            // w[c_in = loop c][c_out = o][kh-1-ky][kw-1-kx] of the forward OIHW bank.
+            format!(
+                "(c * {filters}u + {o}) * KH * {kw}u + (KH - 1u - ky) * {kw}u + {}u - {kx}",
+                kw - 1
+            )
+        } else {
+            format!("{o} * TAPS + tap + {kx}")
         }
     }
-    for r in 0..b + kw - 1 {
-        let _ = writeln!(
-            body,
-            "            let r{r} = fetch(row, left + {r}, inside);"
-        );
-    }
-    for kx in 0..kw {
+
+    fn source(&self) -> String {
+        let Self {
+            filters,
+            block: b,
+            kw,
+            ..
+        } = *self;
+        let (mut decls, mut body, mut stores) = (String::new(), String::new(), String::new());
         for o in 0..filters {
-            let index = if transposed {
-                // w[c_in = loop c][c_out = o][kh-1-ky][kw-1-kx] of the forward OIHW bank.
-                format!(
-                    "(c * {filters}u + {o}u) * KH * {kw}u + (KH - 1u - ky) * {kw}u + {}u",
-                    kw - 1 - kx
-                )
-            } else {
-                format!("{o}u * TAPS + tap + {kx}u")
-            };
-            let _ = writeln!(body, "            let w{o}_{kx} = weight({index});");
             for j in 0..b {
-                let _ = writeln!(body, "            a{o}_{j} += r{} * w{o}_{kx};", j + kx);
+                let _ = writeln!(decls, "    var a{o}_{j} = 0.0;");
             }
         }
-    }
-    for o in 0..filters {
-        let _ = writeln!(
-            stores,
-            "    let bias{o} = select(0.0, weight({filters}u * TAPS + {o}u), HAS_BIAS != 0u);"
-        );
-        for j in 0..b {
+        for r in 0..b + kw - 1 {
             let _ = writeln!(
-                stores,
-                "    if ox0 + {j}u < OW {{ y[base + {o}u * plane + {j}u] = activate(a{o}_{j} + bias{o}, ACT, p.slope); }}"
+                body,
+                "            let r{r} = fetch(row, left + {r}, inside);"
             );
         }
+        if let Some(size) = self.subgroup {
+            // Weight f = o·kw + kx of the row is loaded by lane f mod size as its load
+            // f / size, then broadcast.
+            let weights = filters * kw;
+            for v in 0..weights.div_ceil(size) {
+                let _ = writeln!(
+                    decls,
+                    "    let f{v} = min({}u + lane, {}u);",
+                    v * size,
+                    weights - 1
+                );
+                let index = self.weight_index(&format!("(f{v} / {kw}u)"), &format!("f{v} % {kw}u"));
+                let _ = writeln!(body, "            let wv{v} = weight({index});");
+            }
+            for o in 0..filters {
+                for kx in 0..kw {
+                    let f = o * kw + kx;
+                    let _ = writeln!(
+                        body,
+                        "            let w{o}_{kx} = subgroupBroadcast(wv{}, {}u);",
+                        f / size,
+                        f % size
+                    );
+                }
+            }
+        } else {
+            for o in 0..filters {
+                for kx in 0..kw {
+                    let index = self.weight_index(&format!("{o}u"), &format!("{kx}u"));
+                    let _ = writeln!(body, "            let w{o}_{kx} = weight({index});");
+                }
+            }
+        }
+        for kx in 0..kw {
+            for o in 0..filters {
+                for j in 0..b {
+                    let _ = writeln!(body, "            a{o}_{j} += r{} * w{o}_{kx};", j + kx);
+                }
+            }
+        }
+        for o in 0..filters {
+            let _ = writeln!(
+                stores,
+                "    let bias{o} = select(0.0, weight({filters}u * TAPS + {o}u), HAS_BIAS != 0u);"
+            );
+            for j in 0..b {
+                let _ = writeln!(
+                    stores,
+                    "    if live && ox0 + {j}u < OW {{ y[base + {o}u * plane + {j}u] = activate(a{o}_{j} + bias{o}, ACT, p.slope); }}"
+                );
+            }
+        }
+        let (lane, exit) = match self.subgroup {
+            // Whole subgroups keep running for the broadcasts.
+            Some(_) => (", @builtin(subgroup_invocation_id) lane: u32", ""),
+            None => ("", "    if !live { return; }"),
+        };
+        [
+            include_str!("../../shaders/epilogue.wgsl"),
+            &include_str!("../../shaders/conv_direct.wgsl")
+                .replace("{{INPUT_X}}", &scalar_input("x", 1, self.textures))
+                .replace("{{VEC4S}}", &self.vec4s.to_string())
+                .replace("{{BLOCK}}", &b.to_string())
+                .replace("{{KW}}", &kw.to_string())
+                .replace("{{FILTERS}}", &filters.to_string())
+                .replace("{{LANE}}", lane)
+                .replace("{{EXIT}}", exit)
+                .replace("{{DECLS}}", &decls)
+                .replace("{{BODY}}", &body)
+                .replace("{{STORES}}", &stores),
+        ]
+        .concat()
     }
-    [
-        include_str!("../../shaders/epilogue.wgsl"),
-        &include_str!("../../shaders/conv_direct.wgsl")
-            .replace("{{INPUT_X}}", &scalar_input("x", 1, textures))
-            .replace("{{VEC4S}}", &vec4s.to_string())
-            .replace("{{BLOCK}}", &b.to_string())
-            .replace("{{KW}}", &kw.to_string())
-            .replace("{{FILTERS}}", &filters.to_string())
-            .replace("{{DECLS}}", &decls)
-            .replace("{{BODY}}", &body)
-            .replace("{{STORES}}", &stores),
-    ]
-    .concat()
+}
+
+/// The subgroup size the weight-sharing kernel would use on `gpu`, if it suits it.
+fn broadcast_subgroup(gpu: &Gpu) -> Option<usize> {
+    let size = gpu.fixed_subgroup_size()? as usize;
+    (gpu.is_cpu_adapter() && (4..=32).contains(&size) && 64 % size == 0).then_some(size)
 }
 
 /// `out = act(conv(x, weight) + bias)` (the caller checked [`eligible`]).
@@ -140,7 +219,17 @@ pub(crate) fn forward(
     bias: Option<&Tensor>,
     out: &Tensor,
 ) -> Result<()> {
-    run(shape, x, weight, bias, out, spec.activation, false)
+    let subgroup = broadcast_subgroup(x.gpu());
+    run(
+        shape,
+        x,
+        weight,
+        bias,
+        out,
+        spec.activation,
+        false,
+        subgroup,
+    )
 }
 
 /// Whether [`backward_data`] handles this convolution's input gradient.
@@ -185,9 +274,13 @@ pub(crate) fn backward_data(
         dx,
         crate::ops::Activation::None,
         true,
+        broadcast_subgroup(dy.gpu()),
     )
 }
 
+/// The kernel for `shape` (the transposed one if `flipped`), sharing weights through
+/// subgroups of `subgroup` lanes or not.
+#[allow(clippy::too_many_arguments)]
 fn run(
     shape: &Conv2dShape,
     x: &Tensor,
@@ -196,6 +289,7 @@ fn run(
     out: &Tensor,
     activation: crate::ops::Activation,
     flipped: bool,
+    subgroup: Option<usize>,
 ) -> Result<()> {
     let gpu = x.gpu();
     let b = block(shape);
@@ -238,19 +332,16 @@ fn run(
     // The input through a texture where the adapter fetches texels faster (see
     // `Gpu::operand_reads`): a copy of x, one float per texel.
     let texture = scalar_texture(x)?;
-    let key = format!(
-        "conv_direct_o{}_b{b}_kw{}_v{vec4s}_{}{}",
-        shape.o,
-        shape.kw,
-        if flipped { "t" } else { "f" },
-        if texture.is_some() { "_tex" } else { "" }
-    );
-    let pipeline = gpu.specialized(
-        &key,
-        "main",
-        || source(shape.o, b, shape.kw, vec4s, flipped, texture.is_some()),
-        &constants,
-    )?;
+    let kernel = DirectKernel {
+        filters: shape.o,
+        block: b,
+        kw: shape.kw,
+        vec4s,
+        flipped,
+        textures: texture.is_some(),
+        subgroup,
+    };
+    let pipeline = gpu.specialized(&kernel.key(), "main", || kernel.source(), &constants)?;
     let bank = Binding {
         buffer: &bank,
         bytes: (vec4s * 16) as u64,
@@ -278,4 +369,128 @@ fn run(
             (total as u64).div_ceil(64),
         )
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gpu::GpuOptions;
+    use crate::ops::Activation;
+    use crate::ops::conv2d::{Padding, conv2d_backward_cpu, conv2d_cpu};
+    use crate::test_support::random;
+
+    /// Both kernels (weights shared through subgroups where the adapter has fixed-size ones,
+    /// and read by every lane) against the CPU reference, forward with bias and activation
+    /// and the input gradient, into NaN-poisoned outputs: LeNet's layers, and sizes whose
+    /// rows, batches and banks fill no block, workgroup or subgroup.
+    #[test]
+    fn both_kernels_match_the_cpu() {
+        let Some(gpu) = crate::test_support::gpu(GpuOptions::from_env().unwrap()) else {
+            return;
+        };
+        let mut kernels = vec![None];
+        if let Some(size) = gpu.fixed_subgroup_size() {
+            kernels.push(Some(size as usize));
+        }
+        // (n, c, h, w, o, kh, kw, padding, activation)
+        let cases = [
+            (
+                5,
+                1,
+                28,
+                28,
+                6,
+                5,
+                5,
+                Padding::Explicit(0, 0),
+                Activation::Relu,
+            ),
+            (
+                3,
+                6,
+                12,
+                12,
+                16,
+                5,
+                5,
+                Padding::Explicit(0, 0),
+                Activation::Relu,
+            ),
+            (
+                2,
+                3,
+                9,
+                13,
+                7,
+                3,
+                4,
+                Padding::Explicit(1, 2),
+                Activation::Tanh,
+            ),
+            (1, 2, 5, 7, 1, 7, 7, Padding::Same, Activation::None),
+            (
+                3,
+                16,
+                6,
+                11,
+                11,
+                3,
+                3,
+                Padding::Explicit(1, 1),
+                Activation::LeakyRelu(0.1),
+            ),
+        ];
+        for (i, &(n, c, h, w, o, kh, kw, padding, activation)) in cases.iter().enumerate() {
+            let spec = Conv2d {
+                padding,
+                activation,
+                ..Conv2d::default()
+            };
+            let seed = 10 * i as u64;
+            let (x, weight, bias) = (
+                random(&[n, c, h, w], seed),
+                random(&[o, c, kh, kw], seed + 1),
+                random(&[o], seed + 2),
+            );
+            let shape = spec.shape(x.shape(), weight.shape(), None).unwrap();
+            assert!(eligible(&gpu, &spec, &shape) && eligible_backward(&gpu, &spec, &shape));
+            let dy = random(&shape.output(), seed + 3);
+            let want_y = conv2d_cpu(&spec, &x.view(), &weight.view(), Some(&bias.view())).unwrap();
+            let linear = Conv2d {
+                activation: Activation::None,
+                ..spec
+            };
+            let want_dx = conv2d_backward_cpu(&linear, &x.view(), &weight.view(), &dy.view())
+                .unwrap()
+                .x;
+            let upload = |a: &ndarray::ArrayD<f32>| Tensor::from_array(&gpu, a).unwrap();
+            let (tx, tw, tb, tdy) = (upload(&x), upload(&weight), upload(&bias), upload(&dy));
+            for &subgroup in &kernels {
+                let y = upload(&want_y.mapv(|_| f32::NAN));
+                run(&shape, &tx, &tw, Some(&tb), &y, activation, false, subgroup).unwrap();
+                let dx = upload(&x.mapv(|_| f32::NAN));
+                run(
+                    &transposed(&shape),
+                    &tdy,
+                    &tw,
+                    None,
+                    &dx,
+                    Activation::None,
+                    true,
+                    subgroup,
+                )
+                .unwrap();
+                for (name, got, want) in [("y", &y, &want_y), ("dx", &dx, &want_dx)] {
+                    let got = got.to_array().unwrap();
+                    let diff = (&got - want).mapv(f32::abs).fold(0.0f32, |a, &b| {
+                        if b.is_nan() { f32::INFINITY } else { a.max(b) }
+                    });
+                    assert!(
+                        diff < 1e-4,
+                        "case {i}, subgroup {subgroup:?}, {name}: {diff}"
+                    );
+                }
+            }
+        }
+    }
 }
