@@ -35,13 +35,27 @@ const MAX_ACCUMULATORS: usize = 48;
 /// the register budget, and one that divides the row wastes no lanes on the edge (measured
 /// on lavapipe for LeNet's input gradient, 12 wide: blocks of 2, 4, 8 and 6 took 11, 7.4,
 /// 7.7 and 6.3 ms).
-fn block(shape: &Conv2dShape) -> usize {
-    let most = (MAX_ACCUMULATORS / shape.o).clamp(1, 8);
-    let dividing = (1..=most)
+/// With `vec4_rows` the block is a multiple of 4 (so that its input segment starts on a
+/// vec4).
+fn block(shape: &Conv2dShape, vec4_rows: bool) -> usize {
+    let step = if vec4_rows { 4 } else { 1 };
+    let most = (MAX_ACCUMULATORS / shape.o).clamp(step, 8) / step * step;
+    let dividing = (step..=most)
         .rev()
+        .step_by(step)
         .find(|b| shape.ow.is_multiple_of(*b))
-        .unwrap_or(1);
+        .unwrap_or(step);
     if 2 * dividing >= most { dividing } else { most }
+}
+
+/// Whether the kernel can read the input as vec4s: storage reads, rows of whole vec4s, a
+/// padding that keeps blocks' segments on vec4 boundaries, and room for blocks of 4. On CPU
+/// adapters a per-lane load costs about the same for four floats as for one.
+fn vec4_rows(shape: &Conv2dShape, textures: bool) -> bool {
+    !textures
+        && shape.w.is_multiple_of(4)
+        && shape.pad_left.is_multiple_of(4)
+        && MAX_ACCUMULATORS / shape.o >= 4
 }
 
 fn bank_floats(shape: &Conv2dShape) -> usize {
@@ -58,7 +72,7 @@ pub(crate) fn eligible(gpu: &Gpu, spec: &Conv2d, shape: &Conv2dShape) -> bool {
         && shape.o <= MAX_FILTERS
         && shape.kw <= MAX_KERNEL_WIDTH
         && bank_bytes <= uniform_limit
-        && (shape.n * shape.oh * shape.ow.div_ceil(block(shape))) < u32::MAX as usize
+        && (shape.n * shape.oh * shape.ow) < u32::MAX as usize
 }
 
 /// One generated direct-convolution kernel: everything its source depends on (the layer's
@@ -74,6 +88,8 @@ struct DirectKernel {
     flipped: bool,
     /// The input through a texture.
     textures: bool,
+    /// The input read as vec4s ([`vec4_rows`]).
+    vec4_rows: bool,
     /// Weights shared through subgroups of this size: each lane loads a few of an input
     /// row's weights and hands them to the others with `subgroupBroadcast`. On CPU adapters
     /// a bank read at a computed index is a per-lane gather (a read at a constant one is
@@ -84,13 +100,14 @@ struct DirectKernel {
 impl DirectKernel {
     fn key(&self) -> String {
         format!(
-            "conv_direct_o{}_b{}_kw{}_v{}_{}{}_s{}",
+            "conv_direct_o{}_b{}_kw{}_v{}_{}{}{}_s{}",
             self.filters,
             self.block,
             self.kw,
             self.vec4s,
             if self.flipped { "t" } else { "f" },
             if self.textures { "_tex" } else { "" },
+            if self.vec4_rows { "_x4" } else { "" },
             self.subgroup.unwrap_or(0)
         )
     }
@@ -110,6 +127,25 @@ impl DirectKernel {
         }
     }
 
+    /// The input's binding and its fetch function: `fetch(row, ix, inside)` = x[row + ix]
+    /// or `fetch4(row4, q, inside)` = vec4 number `row4 + q`, zero outside the image (the
+    /// padding).
+    fn input(&self) -> String {
+        if self.vec4_rows {
+            return "@group(0) @binding(1) var<storage, read> x4: array<vec4<f32>>;\n\
+                    fn fetch4(row4: u32, q: i32, inside: bool) -> vec4<f32> {\n\
+                    \x20   let ok = inside && q >= 0 && q < i32(W / 4u);\n\
+                    \x20   return select(vec4<f32>(0.0), x4[row4 + u32(max(q, 0))], ok);\n\
+                    }\n"
+            .into();
+        }
+        scalar_input("x", 1, self.textures)
+            + "fn fetch(row: u32, ix: i32, inside: bool) -> f32 {\n\
+               \x20   let ok = inside && ix >= 0 && ix < i32(W);\n\
+               \x20   return select(0.0, load_x(row + u32(max(ix, 0))), ok);\n\
+               }\n"
+    }
+
     fn source(&self) -> String {
         let Self {
             filters,
@@ -123,11 +159,25 @@ impl DirectKernel {
                 let _ = writeln!(decls, "    var a{o}_{j} = 0.0;");
             }
         }
-        for r in 0..b + kw - 1 {
-            let _ = writeln!(
-                body,
-                "            let r{r} = fetch(row, left + {r}, inside);"
-            );
+        let segment = b + kw - 1;
+        if self.vec4_rows {
+            for q in 0..segment.div_ceil(4) {
+                let _ = writeln!(
+                    body,
+                    "            let v{q} = fetch4(row / 4u, left / 4 + {q}, inside);"
+                );
+            }
+            for r in 0..segment {
+                let c = ["x", "y", "z", "w"][r % 4];
+                let _ = writeln!(body, "            let r{r} = v{}.{c};", r / 4);
+            }
+        } else {
+            for r in 0..segment {
+                let _ = writeln!(
+                    body,
+                    "            let r{r} = fetch(row, left + {r}, inside);"
+                );
+            }
         }
         if let Some(size) = self.subgroup {
             // Weight f = o·kw + kx of the row is loaded by lane f mod size as its load
@@ -189,7 +239,7 @@ impl DirectKernel {
         [
             include_str!("../../shaders/epilogue.wgsl"),
             &include_str!("../../shaders/conv_direct.wgsl")
-                .replace("{{INPUT_X}}", &scalar_input("x", 1, self.textures))
+                .replace("{{INPUT_X}}", &self.input())
                 .replace("{{VEC4S}}", &self.vec4s.to_string())
                 .replace("{{BLOCK}}", &b.to_string())
                 .replace("{{KW}}", &kw.to_string())
@@ -292,7 +342,11 @@ fn run(
     subgroup: Option<usize>,
 ) -> Result<()> {
     let gpu = x.gpu();
-    let b = block(shape);
+    // The input through a texture where the adapter fetches texels faster (see
+    // `Gpu::operand_reads`): a copy of x, one float per texel.
+    let texture = scalar_texture(x)?;
+    let vec4_rows = vec4_rows(shape, texture.is_some());
+    let b = block(shape, vec4_rows);
     let vec4s = bank_floats(shape).div_ceil(4);
     // The bank: this step's weights and bias, copied into a uniform buffer in the same
     // command stream (so it follows the optimizer's updates).
@@ -329,9 +383,6 @@ fn run(
         ("ACT", activation.code()),
         ("HAS_BIAS", u32::from(bias.is_some())),
     ];
-    // The input through a texture where the adapter fetches texels faster (see
-    // `Gpu::operand_reads`): a copy of x, one float per texel.
-    let texture = scalar_texture(x)?;
     let kernel = DirectKernel {
         filters: shape.o,
         block: b,
@@ -339,6 +390,7 @@ fn run(
         vec4s,
         flipped,
         textures: texture.is_some(),
+        vec4_rows,
         subgroup,
     };
     let pipeline = gpu.specialized(&kernel.key(), "main", || kernel.source(), &constants)?;
@@ -348,6 +400,7 @@ fn run(
     };
     let input = match &texture {
         Some(t) => Resource::Texture(&t.view),
+        None if vec4_rows => Resource::Buffer(x.binding_vec4()),
         None => Resource::Buffer(x.binding()),
     };
     let copy_input = |encoder: &mut wgpu::CommandEncoder| {
