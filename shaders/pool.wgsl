@@ -199,3 +199,78 @@ fn avg_backward_tiled(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(nu
         }
     }
 }
+
+// The `_quads` passes: 2×2 windows at stride 2 that tile the input exactly, with rows of
+// whole vec4s of outputs (src/ops/pool2d.rs `quads`). One invocation per four neighbouring
+// windows of a row: it reads their two input rows as four vec4s and writes values and
+// arg-maxes as vec4s, where the per-window passes made a per-lane access per float (on CPU
+// adapters one costs about the same for four floats as for one).
+@group(0) @binding(4) var<storage, read> src4: array<vec4<f32>>;
+@group(0) @binding(5) var<storage, read_write> dst4: array<vec4<f32>>;
+@group(0) @binding(6) var<storage, read_write> argmax4: array<vec4<f32>>;
+
+// The input vec4 where output quad q's windows start, and their first tap's index in the plane.
+fn quad_corner(q: u32) -> vec2<u32> {
+    let ow = (q * 4u) % OW;
+    let oh = (q * 4u / OW) % OH;
+    let plane = q * 4u / (OW * OH);
+    return vec2<u32>(((plane * H + 2u * oh) * W + 2u * ow) / 4u, 2u * oh * W + 2u * ow);
+}
+
+// The max of taps a0 a1 / b0 b1 (row-major order: the first maximum wins, NaN wins) and its
+// index in the plane, `at` being a0's.
+fn max_of_window(a0: f32, a1: f32, b0: f32, b1: f32, at: u32) -> vec2<f32> {
+    var best = a0;
+    var best_at = at;
+    let taps = array<f32, 3>(a1, b0, b1);
+    let offsets = array<u32, 3>(1u, W, W + 1u);
+    for (var t = 0u; t < 3u; t++) {
+        let v = taps[t];
+        if v > best || (is_nan(v) && !is_nan(best)) {
+            best = v;
+            best_at = at + offsets[t];
+        }
+    }
+    return vec2<f32>(best, f32(best_at));
+}
+
+@compute @workgroup_size(256)
+fn max_forward_quads(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let q = linear_index(gid, nwg);
+    if q >= p.total { return; }
+    let corner = quad_corner(q);
+    let a = array<vec4<f32>, 2>(src4[corner.x], src4[corner.x + 1u]);
+    let b = array<vec4<f32>, 2>(src4[corner.x + W / 4u], src4[corner.x + W / 4u + 1u]);
+    var values = vec4<f32>(0.0);
+    var indices = vec4<f32>(0.0);
+    for (var j = 0u; j < 4u; j++) {
+        let half = j / 2u;
+        let c = (j % 2u) * 2u;
+        let m = max_of_window(a[half][c], a[half][c + 1u], b[half][c], b[half][c + 1u], corner.y + 2u * j);
+        values[j] = m.x;
+        indices[j] = m.y;
+    }
+    dst4[q] = values;
+    argmax4[q] = indices;
+}
+
+// src4 = dy, dst4 = dx, argmax4 from the forward pass.
+@compute @workgroup_size(256)
+fn max_backward_quads(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let q = linear_index(gid, nwg);
+    if q >= p.total { return; }
+    let corner = quad_corner(q);
+    let g = src4[q];
+    let best = argmax4[q];
+    for (var row = 0u; row < 2u; row++) {
+        for (var half = 0u; half < 2u; half++) {
+            var out = vec4<f32>(0.0);
+            for (var c = 0u; c < 4u; c++) {
+                let j = half * 2u + c / 2u;
+                let at = corner.y + row * W + half * 4u + c;
+                out[c] = select(0.0, g[j], u32(best[j]) == at);
+            }
+            dst4[corner.x + row * (W / 4u) + half] = out;
+        }
+    }
+}

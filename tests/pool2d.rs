@@ -147,10 +147,12 @@ proptest! {
 
 #[test]
 fn backward_over_windows_that_tile_the_input() {
-    // Stride = kernel, no padding, no remainder: the one-invocation-per-window kernels.
+    // Stride = kernel, no padding, no remainder: the one-invocation-per-window kernels, and
+    // for max pooling of 2×2 windows over rows of whole vec4s of outputs, the quad ones.
     let Some(gpu) = gpu() else { return };
     for (i, (n, c, h, w, kernel)) in [
         (2, 3, 8, 8, (2, 2)),
+        (3, 2, 6, 24, (2, 2)),
         (1, 2, 9, 12, (3, 3)),
         (3, 1, 6, 9, (2, 3)),
         (1, 1, 5, 7, (1, 1)),
@@ -176,7 +178,18 @@ fn backward_over_windows_that_tile_the_input() {
             let argmax = cpu.argmax.as_ref().map(|a| a.view());
             let want =
                 wgcnn::cpu::pool2d_backward(&spec, x.shape(), &dy.view(), argmax.as_ref()).unwrap();
+            // Outputs (and arg-maxes) land in NaN-filled buffers: unwritten ones show.
+            for _ in 0..2 {
+                drop(wgcnn::Tensor::full(gpu, cpu.y.shape(), f32::NAN).unwrap());
+            }
             let pooled = spec.forward(&upload(&x)).unwrap();
+            let y = pooled.y.to_array().unwrap();
+            assert!(
+                max_abs_diff(&y, &cpu.y) <= 1e-6,
+                "{spec:?} on {:?}",
+                x.shape()
+            );
+            assert_eq!(pooled.indices().unwrap(), cpu.indices(), "{spec:?}");
             // A NaN-filled buffer of dx's size goes back to the pool first, so dx reuses it:
             // any gradient the kernel fails to write shows as NaN.
             drop(wgcnn::Tensor::full(gpu, x.shape(), f32::NAN).unwrap());
@@ -460,17 +473,20 @@ fn adaptive_average_pooling_matches_pytorch_and_the_cpu() {
 /// poisoned batch), and its gradient goes to the NaN's position.
 #[test]
 fn nan_wins_max_pooling_as_in_pytorch() {
-    let mut x = random(&[1, 2, 4, 4], 9);
-    x[[0, 0, 1, 0]] = f32::NAN;
-    x[[0, 1, 3, 3]] = f32::NAN;
-    let spec = Pool2d::max((2, 2));
-    let cpu = wgcnn::cpu::pool2d(&spec, &x.view()).unwrap();
-    assert!(cpu.y[[0, 0, 0, 0]].is_nan() && cpu.y[[0, 1, 1, 1]].is_nan());
-    let Some(_) = gpu() else { return };
-    let pooled = spec.forward(&upload(&x)).unwrap();
-    let y = pooled.y.to_array().unwrap();
-    assert!(y[[0, 0, 0, 0]].is_nan() && y[[0, 1, 1, 1]].is_nan(), "{y}");
-    assert_eq!(pooled.indices().unwrap().unwrap(), cpu.indices().unwrap());
+    // 8 wide: the quad kernel (four windows per invocation) takes it.
+    for width in [4, 8] {
+        let mut x = random(&[1, 2, 4, width], 9);
+        x[[0, 0, 1, 0]] = f32::NAN;
+        x[[0, 1, 3, 3]] = f32::NAN;
+        let spec = Pool2d::max((2, 2));
+        let cpu = wgcnn::cpu::pool2d(&spec, &x.view()).unwrap();
+        assert!(cpu.y[[0, 0, 0, 0]].is_nan() && cpu.y[[0, 1, 1, 1]].is_nan());
+        let Some(_) = gpu() else { return };
+        let pooled = spec.forward(&upload(&x)).unwrap();
+        let y = pooled.y.to_array().unwrap();
+        assert!(y[[0, 0, 0, 0]].is_nan() && y[[0, 1, 1, 1]].is_nan(), "{y}");
+        assert_eq!(pooled.indices().unwrap().unwrap(), cpu.indices().unwrap());
+    }
 }
 
 /// Dilation can skip every input row of a window (rows −1 and 2 of a 2-row input): the

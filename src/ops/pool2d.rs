@@ -261,14 +261,20 @@ impl Pool2d {
         match self.kind {
             PoolKind::Max => {
                 let argmax = Tensor::uninit(gpu, &shape.output())?;
-                self.run(gpu, &shape, "max_forward", &[x, &y, &argmax], y.len())?;
+                if self.quads(&shape) {
+                    let tensors = [(4, x), (5, &y), (6, &argmax)];
+                    self.run(gpu, &shape, "max_forward_quads", &tensors, y.len() / 4)?;
+                } else {
+                    let tensors = [(1, x), (2, &y), (3, &argmax)];
+                    self.run(gpu, &shape, "max_forward", &tensors, y.len())?;
+                }
                 Ok(Pooled {
                     y,
                     argmax: Some(argmax),
                 })
             }
             PoolKind::Avg { .. } => {
-                self.run(gpu, &shape, "avg_forward", &[x, &y], y.len())?;
+                self.run(gpu, &shape, "avg_forward", &[(1, x), (2, &y)], y.len())?;
                 Ok(Pooled { y, argmax: None })
             }
         }
@@ -300,8 +306,14 @@ impl Pool2d {
             (PoolKind::Max, Some(argmax)) => {
                 argmax.check_same_gpu("pool2d", gpu)?;
                 check_dy(&shape, argmax.shape())?;
-                let entry = format!("max_backward{entry}");
-                self.run(gpu, &shape, &entry, &[dy, &dx, argmax], total)?;
+                if self.quads(&shape) {
+                    let tensors = [(4, dy), (5, &dx), (6, argmax)];
+                    self.run(gpu, &shape, "max_backward_quads", &tensors, dy.len() / 4)?;
+                } else {
+                    let entry = format!("max_backward{entry}");
+                    let tensors = [(1, dy), (2, &dx), (3, argmax)];
+                    self.run(gpu, &shape, &entry, &tensors, total)?;
+                }
             }
             (PoolKind::Max, None) => {
                 return Err(invalid(
@@ -310,18 +322,32 @@ impl Pool2d {
             }
             (PoolKind::Avg { .. }, _) => {
                 let entry = format!("avg_backward{entry}");
-                self.run(gpu, &shape, &entry, &[dy, &dx], total)?
+                self.run(gpu, &shape, &entry, &[(1, dy), (2, &dx)], total)?
             }
         }
         Ok(dx)
     }
 
+    /// Whether max pooling takes the `_quads` kernels: 2×2 windows at stride 2 that tile the
+    /// input, rows of whole vec4s of outputs (see shaders/pool.wgsl).
+    fn quads(&self, shape: &Pool2dShape) -> bool {
+        self.kernel == (2, 2)
+            && self.stride == (2, 2)
+            && self.padding == (0, 0)
+            && self.dilation == (1, 1)
+            && shape.h == 2 * shape.oh
+            && shape.w == 2 * shape.ow
+            && shape.ow.is_multiple_of(4)
+    }
+
+    /// Runs `entry` over `total` items with each tensor at its binding number (the `_quads`
+    /// entries bind theirs, at 4 and up, as vec4s).
     fn run(
         &self,
         gpu: &Gpu,
         shape: &Pool2dShape,
         entry: &str,
-        tensors: &[&Tensor],
+        tensors: &[(u32, &Tensor)],
         total: usize,
     ) -> Result<()> {
         let count_include_pad = match self.kind {
@@ -354,9 +380,19 @@ impl Pool2d {
             || include_str!("../../shaders/pool.wgsl").into(),
             &constants,
         )?;
-        let bindings: Vec<_> = tensors.iter().map(|t| t.binding()).collect();
+        let bindings: Vec<_> = tensors
+            .iter()
+            .map(|&(number, t)| {
+                let binding = if number >= 4 {
+                    t.binding_vec4()
+                } else {
+                    t.binding()
+                };
+                (number, binding)
+            })
+            .collect();
         gpu.run_pass(entry, |pass| {
-            gpu.encode(
+            gpu.encode_at(
                 pass,
                 &pipeline,
                 bytemuck::bytes_of(&params),
@@ -507,7 +543,7 @@ pub fn pool2d_backward_cpu(
 pub fn global_avg_pool(x: &Tensor) -> Result<Tensor> {
     let (spec, shape) = global_window(x.shape())?;
     let y = Tensor::uninit(x.gpu(), &[shape.n, shape.c])?;
-    spec.run(x.gpu(), &shape, "avg_forward", &[x, &y], y.len())?;
+    spec.run(x.gpu(), &shape, "avg_forward", &[(1, x), (2, &y)], y.len())?;
     Ok(y)
 }
 
@@ -526,7 +562,13 @@ pub fn global_avg_pool_backward(x_shape: &[usize], dy: &Tensor) -> Result<Tensor
         });
     }
     let dx = Tensor::uninit(dy.gpu(), x_shape)?;
-    spec.run(dy.gpu(), &shape, "avg_backward", &[dy, &dx], dx.len())?;
+    spec.run(
+        dy.gpu(),
+        &shape,
+        "avg_backward",
+        &[(1, dy), (2, &dx)],
+        dx.len(),
+    )?;
     Ok(dx)
 }
 
