@@ -22,7 +22,8 @@ use crate::tensor::Tensor;
 struct DirectParams {
     total: u32,
     slope: f32,
-    _pad: [u32; 2],
+    images: u32,
+    _pad: u32,
 }
 
 pub(super) const MAX_FILTERS: usize = 16;
@@ -231,10 +232,14 @@ impl DirectKernel {
                 );
             }
         }
-        let (lane, exit) = match self.subgroup {
+        let (lane, exit, shared_rows) = match self.subgroup {
             // Whole subgroups keep running for the broadcasts.
-            Some(_) => (", @builtin(subgroup_invocation_id) lane: u32", ""),
-            None => ("", "    if !live { return; }"),
+            Some(_) => (
+                ", @builtin(subgroup_invocation_id) lane: u32",
+                "",
+                "    ky_first = subgroupMin(ky_first);\n    ky_end = subgroupMax(ky_end);",
+            ),
+            None => ("", "    if !live { return; }", ""),
         };
         [
             include_str!("../../shaders/epilogue.wgsl"),
@@ -246,6 +251,7 @@ impl DirectKernel {
                 .replace("{{FILTERS}}", &filters.to_string())
                 .replace("{{LANE}}", lane)
                 .replace("{{EXIT}}", exit)
+                .replace("{{SHARED_ROWS}}", shared_rows)
                 .replace("{{DECLS}}", &decls)
                 .replace("{{BODY}}", &body)
                 .replace("{{STORES}}", &stores),
@@ -367,7 +373,8 @@ fn run(
     let params = DirectParams {
         total: total as u32,
         slope: activation.slope(),
-        _pad: [0; 2],
+        images: shape.n as u32,
+        _pad: 0,
     };
     let constants = [
         ("C", shape.c as u32),
