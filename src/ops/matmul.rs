@@ -503,7 +503,6 @@ impl Matmul {
             ],
         )?;
         let pack_entry = if textures { "to_texture" } else { "main" };
-        let pack_pipeline = gpu.pipeline("pack", pack_entry, pack_source)?;
 
         let copies = |encoder: &mut wgpu::CommandEncoder| {
             if let Packed::Textures(textures) = &packed {
@@ -525,10 +524,12 @@ impl Matmul {
                     Resource::Buffer(_) => (2, 1),
                     Resource::Texture(_) => (3, 4),
                 };
+                let pipeline =
+                    gpu.specialized("pack", pack_entry, pack_source, &params.constants)?;
                 gpu.encode_resources(
                     pass,
-                    &pack_pipeline,
-                    bytemuck::bytes_of(params),
+                    &pipeline,
+                    bytemuck::cast_slice(&params.uniform()),
                     &[(1, Resource::Buffer(src)), (number, dst)],
                     u64::from(params.total).div_ceil(256 * per_invocation),
                 )
@@ -644,17 +645,10 @@ fn pack_source() -> String {
         .replace("{{TEXTURE_WIDTH_LOG2}}", &TEXTURE_WIDTH_LOG2.to_string())
 }
 
-/// Mirrors `Params` in shaders/pack.wgsl.
-#[repr(C)]
-#[derive(Clone, Copy, Pod, Zeroable)]
+/// One pack: the operand's shape and strides (the pack kernel's override constants) and its
+/// length in elements, padded.
 struct PackParams {
-    rows: u32,
-    cols: u32,
-    rows_out: u32,
-    cols_out: u32,
-    row_stride: u32,
-    col_stride: u32,
-    batch_stride: u32,
+    constants: [(&'static str, u32); 7],
     total: u32,
 }
 
@@ -663,15 +657,22 @@ impl PackParams {
         let [rows, cols, rows_out, cols_out] = sizes.map(|x| x as u32);
         let [row_stride, col_stride, batch_stride] = strides.map(|x| x as u32);
         Self {
-            rows,
-            cols,
-            rows_out,
-            cols_out,
-            row_stride,
-            col_stride,
-            batch_stride,
+            constants: [
+                ("ROWS", rows),
+                ("COLS", cols),
+                ("ROWS_OUT", rows_out),
+                ("COLS_OUT", cols_out),
+                ("ROW_STRIDE", row_stride),
+                ("COL_STRIDE", col_stride),
+                ("BATCH_STRIDE", batch_stride),
+            ],
             total: (batches * sizes[2] * sizes[3]) as u32,
         }
+    }
+
+    /// Mirrors `Params` in shaders/pack.wgsl.
+    fn uniform(&self) -> [u32; 4] {
+        [self.total, 0, 0, 0]
     }
 }
 
