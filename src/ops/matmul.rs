@@ -436,8 +436,16 @@ impl Matmul {
         let (k4, n4) = (k.div_ceil(4), n.div_ceil(4));
         let a_batches = if shape.a_batched { shape.batch } else { 1 };
         let b_batches = if shape.b_batched { shape.batch } else { 1 };
+        // B given transposed ([N][K], a linear layer's weight) with rows of whole vec4s is
+        // read as it lies: each lane loads a column's four K values and the kernel turns them
+        // into the rows it broadcasts (no pack).
+        let b_rows = self.trans_b && k % 4 == 0;
         let a_dense = [a_batches, m, 4 * k4];
-        let b_dense = [b_batches, 4 * k4, 4 * n4];
+        let b_dense = if b_rows {
+            [b_batches, n, 4 * k4]
+        } else {
+            [b_batches, 4 * k4, 4 * n4]
+        };
         let (a_row, a_col) = if self.trans_a { (1, m) } else { (k, 1) };
         let (b_row, b_col) = if self.trans_b { (1, k) } else { (n, 1) };
         let a_pack = PackParams::new([m, k, m, 4 * k4], [a_row, a_col, m * k], a_batches);
@@ -446,7 +454,7 @@ impl Matmul {
         // are packed (into a buffer or a texture); dense ones are read as they are or copied
         // into a texture.
         let a_is_dense = !self.trans_a && k % 4 == 0;
-        let b_is_dense = !self.trans_b && k % 4 == 0 && n % 4 == 0;
+        let b_is_dense = b_rows || (!self.trans_b && k % 4 == 0 && n % 4 == 0);
         let packed = if textures {
             Packed::Textures(Box::new((
                 gpu.operand_texture(a_dense.iter().product::<usize>() as u64 / 4, Texel::Vec4)?,
@@ -474,7 +482,7 @@ impl Matmul {
             n4: n4 as u32,
             a_batch: if shape.a_batched { (m * k4) as u32 } else { 0 },
             b_batch: if shape.b_batched {
-                (4 * k4 * n4) as u32
+                (b_dense[1] * b_dense[2] / 4) as u32
             } else {
                 0
             },
@@ -491,6 +499,7 @@ impl Matmul {
             subgroups_per_group,
             textures,
             vec4_store: !transposed && n % 4 == 0,
+            b_rows,
         };
         let pipeline = gpu.specialized(
             &kernel.key(),
@@ -507,12 +516,13 @@ impl Matmul {
         let copies = |encoder: &mut wgpu::CommandEncoder| {
             if let Packed::Textures(textures) = &packed {
                 let (a_tex, b_tex) = &**textures;
-                for (dense, src, tex, pack) in [
-                    (a_is_dense, a, a_tex, &a_pack),
-                    (b_is_dense, b, b_tex, &b_pack),
+                for (dense, src, tex, sizes) in [
+                    (a_is_dense, a, a_tex, a_dense),
+                    (b_is_dense, b, b_tex, b_dense),
                 ] {
                     if dense {
-                        tex.copy_from(encoder, src, u64::from(pack.total) / 4);
+                        let texels = sizes.iter().product::<usize>() as u64 / 4;
+                        tex.copy_from(encoder, src, texels);
                     }
                 }
             }
@@ -687,14 +697,17 @@ struct SubgroupKernel {
     textures: bool,
     /// Row-major output with N a multiple of 4: one vec4 store per 4 columns.
     vec4_store: bool,
+    /// B read as its transpose's rows ([N][K], K a multiple of 4) instead of dense [K][N].
+    b_rows: bool,
 }
 
 impl SubgroupKernel {
     fn key(&self) -> String {
         let reads = if self.textures { "tex" } else { "buf" };
         let stores = if self.vec4_store { "v4" } else { "s" };
+        let b = if self.b_rows { "_bt" } else { "" };
         format!(
-            "matmul_subgroup_r{}_c{}_s{}_{reads}_{stores}",
+            "matmul_subgroup_r{}_c{}_s{}_{reads}_{stores}{b}",
             self.rows, self.cols, self.subgroup
         )
     }
@@ -709,7 +722,8 @@ impl SubgroupKernel {
             ..
         } = *self;
         let col_groups = cols / 4;
-        // Per 4 K-steps the subgroup loads 4 × col_groups vec4s of B, `loads` per lane.
+        // Per 4 K-steps the subgroup loads 4 × col_groups vec4s of B, `loads` per lane (as
+        // rows of B, or as columns: four K values of one column each).
         let loads = 4 * col_groups / subgroup;
         let mut setup = String::new();
         let mut body = String::new();
@@ -722,10 +736,17 @@ impl SubgroupKernel {
         }
         for j in 0..loads {
             let v = format!("(lane + {}u)", subgroup * j);
-            let _ = writeln!(
-                setup,
-                "    let b_off_{j} = b_base + ({v} / {col_groups}u) * p.n4 + min(col4 + {v} % {col_groups}u, p.n4 - 1u);"
-            );
+            let _ = if self.b_rows {
+                writeln!(
+                    setup,
+                    "    let b_off_{j} = b_base + min(col4 * 4u + {v}, p.n - 1u) * p.k4;"
+                )
+            } else {
+                writeln!(
+                    setup,
+                    "    let b_off_{j} = b_base + ({v} / {col_groups}u) * p.n4 + min(col4 + {v} % {col_groups}u, p.n4 - 1u);"
+                )
+            };
         }
         for r in 0..rows {
             for g in 0..col_groups {
@@ -735,18 +756,42 @@ impl SubgroupKernel {
         for r in 0..rows {
             let _ = writeln!(body, "        let a_{r} = load_a(a_row_{r} + k);");
         }
+        let components = ["x", "y", "z", "w"];
         for j in 0..loads {
-            let _ = writeln!(body, "        let bl_{j} = load_b(b_off_{j} + k * b_step);");
+            let step = if self.b_rows { "k" } else { "k * b_step" };
+            let _ = writeln!(body, "        let bl_{j} = load_b(b_off_{j} + {step});");
         }
-        for (kk, component) in ["x", "y", "z", "w"].iter().enumerate() {
-            for g in 0..col_groups {
-                let v = kk as u32 * col_groups + g;
+        if self.b_rows {
+            // Column c's four K values, then row kk of each group of four columns.
+            for c in 0..cols {
                 let _ = writeln!(
                     body,
-                    "        let bb_{kk}_{g} = subgroupBroadcast(bl_{}, {}u);",
-                    v / subgroup,
-                    v % subgroup
+                    "        let bc_{c} = subgroupBroadcast(bl_{}, {}u);",
+                    c / subgroup,
+                    c % subgroup
                 );
+            }
+        }
+        for (kk, component) in components.iter().enumerate() {
+            for g in 0..col_groups {
+                let v = kk as u32 * col_groups + g;
+                let _ = if self.b_rows {
+                    let row: Vec<String> = (4 * g..4 * g + 4)
+                        .map(|c| format!("bc_{c}.{component}"))
+                        .collect();
+                    writeln!(
+                        body,
+                        "        let bb_{kk}_{g} = vec4<f32>({});",
+                        row.join(", ")
+                    )
+                } else {
+                    writeln!(
+                        body,
+                        "        let bb_{kk}_{g} = subgroupBroadcast(bl_{}, {}u);",
+                        v / subgroup,
+                        v % subgroup
+                    )
+                };
                 for r in 0..rows {
                     let _ = writeln!(
                         body,
