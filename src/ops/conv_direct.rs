@@ -29,8 +29,10 @@ struct DirectParams {
 pub(super) const MAX_FILTERS: usize = 16;
 pub(super) const MAX_KERNEL_WIDTH: usize = 7;
 
-/// Accumulators one invocation keeps (filters × block) before registers spill.
-const MAX_ACCUMULATORS: usize = 48;
+/// Accumulators one invocation keeps (filters × block) before registers spill. 64 lets 16
+/// filters take blocks of 4 read as vec4s: LeNet's conv2 forward 1.26 -> 0.91 ms on lavapipe
+/// against 48 (blocks of 2, scalar reads).
+const MAX_ACCUMULATORS: usize = 64;
 
 /// Outputs per invocation along a row: a longer block reuses each loaded input more, up to
 /// the register budget, and one that divides the row wastes no lanes on the edge (measured
