@@ -2,8 +2,9 @@
 //! synchronised runs after a warm-up.
 //!
 //! `cargo run --release --example perf -- [--quick] [--runs N] [--json] [--filter TEXT]
-//! [--reads storage|texture]` (`--reads` forces how kernels read large operands instead of the
-//! adapter's calibration).
+//! [--reads storage|texture] [--profile]` (`--reads` forces how kernels read large operands
+//! instead of the adapter's calibration; `--profile` prints where a LeNet training step's
+//! device time goes, pass by pass, instead of the table).
 
 use std::time::Instant;
 
@@ -13,7 +14,7 @@ use ndarray::{Array1, Array2, ArrayD, IxDyn};
 use wgcnn::cpu::BatchNormCpu;
 use wgcnn::ops::batch_norm::batches_state;
 use wgcnn::ops::{BatchNorm2d, Conv2d, KernelChoice, LayerNorm, Matmul, Pool2d};
-use wgcnn::{Gpu, GpuOptions, OperandReads, Padding, Result, Tensor};
+use wgcnn::{Device, Gpu, GpuOptions, OperandReads, Padding, Result, Tensor};
 
 /// One benchmarked operation: GPU and CPU runs of the same work.
 struct Case<'a> {
@@ -341,27 +342,57 @@ fn cross_entropy_case(gpu: &Gpu, (rows, classes): (usize, usize)) -> Result<Case
 /// A whole LeNet-5 training step at batch 64 (forward, cross-entropy, backward, SGD update):
 /// one recorded submission on the GPU, the CPU reference path on the other side.
 fn train_step_case(gpu: &Gpu) -> Result<Case<'_>> {
-    use wgcnn::nn::{LeNetOptions, lenet5};
-    use wgcnn::{Device, Optimizer};
-    let x = random(&[64, 1, 28, 28], 7);
-    let labels: Vec<usize> = (0..64).map(|i| i % 10).collect();
-    let runner = |device: Device| -> Result<Box<dyn FnMut() -> Result<()>>> {
-        let mut model = lenet5(LeNetOptions::default())?.build(device, 1)?;
-        let mut opt = model.optimizer(Optimizer::sgd(0.01))?;
-        let (x, labels) = (x.clone(), labels.clone());
-        Ok(Box::new(move || {
-            wgcnn::train::train_step(&mut model, &mut opt, |d| d.upload(x.clone()), &labels)
-                .map(drop)
-        }))
-    };
     Ok(Case {
         op: "train_step_lenet_b64",
         shape: "N64 1x28x28".into(),
         kernel: "graph, 1 submit".into(),
         flops: 64.0 * 1.7e6,
-        gpu: runner(Device::Gpu(gpu.clone()))?,
-        cpu: runner(Device::Cpu)?,
+        gpu: lenet_step(Device::Gpu(gpu.clone()))?,
+        cpu: lenet_step(Device::Cpu)?,
     })
+}
+
+/// LeNet-5 at batch 64 with SGD on `device`: a closure running one training step.
+fn lenet_step(device: Device) -> Result<Box<dyn FnMut() -> Result<()>>> {
+    use wgcnn::Optimizer;
+    use wgcnn::nn::{LeNetOptions, lenet5};
+    let x = random(&[64, 1, 28, 28], 7);
+    let labels: Vec<usize> = (0..64).map(|i| i % 10).collect();
+    let mut model = lenet5(LeNetOptions::default())?.build(device, 1)?;
+    let mut opt = model.optimizer(Optimizer::sgd(0.01))?;
+    Ok(Box::new(move || {
+        wgcnn::train::train_step(&mut model, &mut opt, |d| d.upload(x.clone()), &labels).map(drop)
+    }))
+}
+
+/// `--profile`: the passes of a LeNet training step, each submitted and waited for on its
+/// own (`Gpu::profile_passes`), medians of `runs` steps.
+fn profile_lenet(gpu: &Gpu, runs: usize, json: bool) -> Result<()> {
+    let mut step = lenet_step(Device::Gpu(gpu.clone()))?;
+    step()?; // warm-up: compiles pipelines
+    let mut steps = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        steps.push(gpu.profile_passes(&mut step)?.1);
+    }
+    let passes = steps.iter().map(Vec::len).min().unwrap_or(0);
+    let mut total = 0.0;
+    for pass in 0..passes {
+        let mut times: Vec<f64> = steps.iter().map(|s| s[pass].ms).collect();
+        times.sort_by(f64::total_cmp);
+        let (label, ms) = (&steps[0][pass].label, times[times.len() / 2]);
+        total += ms;
+        if json {
+            println!("{{\"pass\":{pass},\"label\":{label:?},\"ms\":{ms:.4}}}");
+        } else {
+            println!("{pass:>3} {label:<28} {ms:>8.3} ms");
+        }
+    }
+    if json {
+        println!("{{\"passes\":{passes},\"total_ms\":{total:.4}}}");
+    } else {
+        println!("{passes} passes, {total:.2} ms in all (each with its own submit and wait)");
+    }
+    Ok(())
 }
 
 /// The performance report: each op on the GPU and on the CPU reference, medians of
@@ -383,6 +414,10 @@ struct Args {
     /// Force how kernels read large operands (default: the adapter's calibration).
     #[arg(long, value_enum)]
     reads: Option<Reads>,
+    /// Instead of the table: where a LeNet training step's device time goes, pass by pass
+    /// (each pass submitted and waited for on its own; medians of --runs steps).
+    #[arg(long)]
+    profile: bool,
 }
 
 /// `--reads` values.
@@ -409,6 +444,9 @@ fn main() -> Result<()> {
         ..GpuOptions::from_env()?
     })?;
     let adapter = gpu.adapter_info().name.clone();
+    if args.profile {
+        return profile_lenet(&gpu, runs, json);
+    }
     if !json {
         println!(
             "adapter: {adapter} ({:?}, {:?})",

@@ -176,3 +176,38 @@ fn calibration_inside_a_recording_leaves_its_kernels_intact() {
     .unwrap();
     assert!(common::max_abs_diff(&c.to_array().unwrap(), &want) < 1e-5);
 }
+
+/// Profiling submits each pass on its own and times it, in order, without changing what the
+/// step computes; it ends with the closure.
+#[test]
+fn profiled_passes_are_timed_in_order_with_the_same_results() {
+    let Some(_) = gpu() else { return };
+    let gpu = Gpu::new().unwrap();
+    let up = |a: &ndarray::ArrayD<f32>| Tensor::from_array(&gpu, a).unwrap();
+    let (x, w, b) = (
+        up(&random(&[4, 2, 12, 12], 1)),
+        up(&random(&[3, 2, 3, 3], 2)),
+        up(&random(&[3], 3)),
+    );
+    let (y_plain, dw_plain) = gpu.record(|| step(&x, &w, &b)).unwrap();
+    let before = gpu.submissions();
+    let ((y, dw), passes) = gpu
+        .profile_passes(|| gpu.record(|| step(&x, &w, &b)))
+        .unwrap();
+    let labels: Vec<&str> = passes.iter().map(|p| p.label.as_str()).collect();
+    // The filter bank's copies come first, then the convolution.
+    let kernels: Vec<&str> = labels.iter().copied().filter(|l| *l != "copy").collect();
+    assert_eq!(kernels.first(), Some(&"conv2d direct"), "{labels:?}");
+    assert!(labels.contains(&"max_forward") && labels.contains(&"conv2d weight gradient"));
+    assert!(passes.iter().all(|p| p.ms > 0.0), "{passes:?}");
+    assert!(
+        gpu.submissions() >= before + passes.len() as u64,
+        "each pass is submitted on its own"
+    );
+    assert_eq!(y.to_array().unwrap(), y_plain.to_array().unwrap());
+    assert_eq!(dw.to_array().unwrap(), dw_plain.to_array().unwrap());
+    // Profiling has ended: a later step records no times and submits once.
+    let before = gpu.submissions();
+    gpu.record(|| step(&x, &w, &b)).unwrap();
+    assert_eq!(gpu.submissions(), before + 1);
+}

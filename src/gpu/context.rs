@@ -122,6 +122,8 @@ pub(crate) struct GpuInner {
     pub(crate) pipelines: Mutex<PipelineCache>,
     /// The recording under way on each thread that called [`Gpu::record`].
     pub(crate) recordings: Mutex<Vec<(std::thread::ThreadId, Recording)>>,
+    /// The pass times of each thread inside [`Gpu::profile_passes`].
+    pub(crate) profiles: Mutex<Vec<(std::thread::ThreadId, Vec<super::profile::PassTime>)>>,
     submissions: std::sync::atomic::AtomicU64,
     /// Each thread's kernel parameters, staged until its next submit.
     pub(crate) uniforms: Mutex<super::uniforms::UniformArenas>,
@@ -217,6 +219,7 @@ impl Gpu {
                 pool: Mutex::new(BufferPool::new(options.pool_cache_bytes)),
                 pipelines: Mutex::new(PipelineCache::default()),
                 recordings: Mutex::new(Vec::new()),
+                profiles: Mutex::new(Vec::new()),
                 submissions: std::sync::atomic::AtomicU64::new(0),
                 uniforms: Mutex::new(super::uniforms::UniformArenas::default()),
                 calibration: std::sync::OnceLock::new(),

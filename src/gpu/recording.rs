@@ -72,19 +72,25 @@ impl Gpu {
         label: &str,
         encode: impl FnOnce(&mut wgpu::CommandEncoder) -> Result<()>,
     ) -> Result<()> {
+        let started = self.profiling().then(std::time::Instant::now);
         let mut recordings = lock(&self.inner.recordings);
         if let Some(active) = mine(&mut recordings) {
-            return encode(&mut active.encoder);
+            encode(&mut active.encoder)?;
+            drop(recordings);
+        } else {
+            drop(recordings);
+            let mut encoder = self
+                .device()
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some(label) });
+            encode(&mut encoder)?;
+            self.write_uniforms();
+            self.queue().submit([encoder.finish()]);
+            self.count_submit();
         }
-        drop(recordings);
-        let mut encoder = self
-            .device()
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some(label) });
-        encode(&mut encoder)?;
-        self.write_uniforms();
-        self.queue().submit([encoder.finish()]);
-        self.count_submit();
-        Ok(())
+        match started {
+            Some(started) => self.finish_profiled_pass(label, started),
+            None => Ok(()),
+        }
     }
 
     /// Submits what the active recording holds so far (before a readback).
