@@ -133,6 +133,10 @@ fn sizes_around_the_tiles_and_tiny_ones() {
         (65, 63, 129),
         (8, 4, 32),
         (33, 5, 31),
+        // A transposed A read as it lies (M a multiple of 4): LeNet's fc1 weight gradient,
+        // and a K that ends inside four steps.
+        (120, 64, 256),
+        (84, 67, 36),
     ] {
         for kernel in kernels(gpu) {
             for (trans_a, trans_b) in [(false, false), (false, true), (true, false), (true, true)] {

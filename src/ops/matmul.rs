@@ -244,7 +244,12 @@ impl Matmul {
         // but pay for them twice: few tiles to spread over the threads, and seconds of shader
         // compilation for the fully unrolled body. They get one row by 8 columns per lane.
         let small = shape.batch * shape.m * shape.n < SMALL_PRODUCT;
-        let rows = if small { 1 } else { 4 };
+        // A given transposed with M a multiple of 4 (a weight gradient's dzᵀ) is read as it
+        // lies, four rows per lane (see `SubgroupKernel::a_cols`), when that needs no
+        // transposed run.
+        let a_cols =
+            self.trans_a && shape.m.is_multiple_of(4) && shape.m >= (subgroup * 4) as usize;
+        let rows = if small && !a_cols { 1 } else { 4 };
         // A tile spans subgroup·rows output rows: a product with fewer rows and more columns
         // runs transposed, so that its long side fills the lanes.
         let transposed = shape.m < (subgroup * rows) as usize && shape.n > shape.m;
@@ -440,7 +445,14 @@ impl Matmul {
         // read as it lies: each lane loads a column's four K values and the kernel turns them
         // into the rows it broadcasts (no pack).
         let b_rows = self.trans_b && k % 4 == 0;
-        let a_dense = [a_batches, m, 4 * k4];
+        // A given transposed ([K][M]) with M a multiple of 4 is read as it lies: each lane
+        // loads its four rows' values at four K steps and transposes them in registers.
+        let a_cols = self.trans_a && m.is_multiple_of(4) && rows == 4;
+        let a_dense = if a_cols {
+            [a_batches, k, m]
+        } else {
+            [a_batches, m, 4 * k4]
+        };
         let b_dense = if b_rows {
             [b_batches, n, 4 * k4]
         } else {
@@ -453,7 +465,7 @@ impl Matmul {
         // The kernel reads dense, vec4-aligned operands: those that are not dense already
         // are packed (into a buffer or a texture); dense ones are read as they are or copied
         // into a texture.
-        let a_is_dense = !self.trans_a && k % 4 == 0;
+        let a_is_dense = a_cols || (!self.trans_a && k % 4 == 0);
         let b_is_dense = b_rows || (!self.trans_b && k % 4 == 0 && n % 4 == 0);
         let packed = if textures {
             Packed::Textures(Box::new((
@@ -480,7 +492,11 @@ impl Matmul {
             n: n as u32,
             k4: k4 as u32,
             n4: n4 as u32,
-            a_batch: if shape.a_batched { (m * k4) as u32 } else { 0 },
+            a_batch: if shape.a_batched {
+                (a_dense[1] * a_dense[2] / 4) as u32
+            } else {
+                0
+            },
             b_batch: if shape.b_batched {
                 (b_dense[1] * b_dense[2] / 4) as u32
             } else {
@@ -490,7 +506,8 @@ impl Matmul {
             tiles_n: tiles_n as u32,
             total_tiles,
             slope: self.activation.slope(),
-            _pad: [0; 2],
+            k: k as u32,
+            m4: m.div_ceil(4) as u32,
         };
         let kernel = SubgroupKernel {
             rows,
@@ -499,6 +516,7 @@ impl Matmul {
             subgroups_per_group,
             textures,
             vec4_store: !transposed && n % 4 == 0,
+            a_cols,
             b_rows,
         };
         let pipeline = gpu.specialized(
@@ -638,7 +656,8 @@ struct SubgroupParams {
     tiles_n: u32,
     total_tiles: u32,
     slope: f32,
-    _pad: [u32; 2],
+    k: u32,
+    m4: u32,
 }
 
 /// The operands a subgroup matmul reads, packed where needed.
@@ -697,6 +716,9 @@ struct SubgroupKernel {
     textures: bool,
     /// Row-major output with N a multiple of 4: one vec4 store per 4 columns.
     vec4_store: bool,
+    /// A read as its transpose's rows ([K][M], M a multiple of 4, four rows per lane) instead
+    /// of dense [M][K]: per four K steps, four vec4 loads as the dense layout takes.
+    a_cols: bool,
     /// B read as its transpose's rows ([N][K], K a multiple of 4) instead of dense [K][N].
     b_rows: bool,
 }
@@ -705,7 +727,12 @@ impl SubgroupKernel {
     fn key(&self) -> String {
         let reads = if self.textures { "tex" } else { "buf" };
         let stores = if self.vec4_store { "v4" } else { "s" };
-        let b = if self.b_rows { "_bt" } else { "" };
+        let b = match (self.a_cols, self.b_rows) {
+            (false, false) => "",
+            (false, true) => "_bt",
+            (true, false) => "_at",
+            (true, true) => "_at_bt",
+        };
         format!(
             "matmul_subgroup_r{}_c{}_s{}_{reads}_{stores}{b}",
             self.rows, self.cols, self.subgroup
@@ -728,11 +755,15 @@ impl SubgroupKernel {
         let mut setup = String::new();
         let mut body = String::new();
         let mut store = String::new();
-        for r in 0..rows {
-            let _ = writeln!(
-                setup,
-                "    let a_row_{r} = a_base + min(row0 + {r}u, p.m - 1u) * p.k4;"
-            );
+        if self.a_cols {
+            let _ = writeln!(setup, "    let a_col = a_base + min(row0 / 4u, p.m4 - 1u);");
+        } else {
+            for r in 0..rows {
+                let _ = writeln!(
+                    setup,
+                    "    let a_row_{r} = a_base + min(row0 + {r}u, p.m - 1u) * p.k4;"
+                );
+            }
         }
         for j in 0..loads {
             let v = format!("(lane + {}u)", subgroup * j);
@@ -753,10 +784,27 @@ impl SubgroupKernel {
                 let _ = writeln!(setup, "    var acc_{r}_{g} = vec4<f32>(0.0);");
             }
         }
-        for r in 0..rows {
-            let _ = writeln!(body, "        let a_{r} = load_a(a_row_{r} + k);");
-        }
         let components = ["x", "y", "z", "w"];
+        if self.a_cols {
+            // Four K steps of the lane's four rows, then row r across them. Past K they are
+            // zero: B's padding is zero there too, but an infinite A value times it is NaN.
+            for kk in 0..4 {
+                let _ = writeln!(
+                    body,
+                    "        let at_{kk} = select(vec4<f32>(0.0), load_a(a_col + min(4u * k + {kk}u, p.k - 1u) * p.m4), 4u * k + {kk}u < p.k);"
+                );
+            }
+            for (r, component) in components.iter().enumerate().take(rows as usize) {
+                let _ = writeln!(
+                    body,
+                    "        let a_{r} = vec4<f32>(at_0.{component}, at_1.{component}, at_2.{component}, at_3.{component});"
+                );
+            }
+        } else {
+            for r in 0..rows {
+                let _ = writeln!(body, "        let a_{r} = load_a(a_row_{r} + k);");
+            }
+        }
         for j in 0..loads {
             let step = if self.b_rows { "k" } else { "k * b_step" };
             let _ = writeln!(body, "        let bl_{j} = load_b(b_off_{j} + {step});");
