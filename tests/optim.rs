@@ -139,9 +139,11 @@ fn every_variant_matches_the_cpu_over_several_steps() {
     ];
     for (i, rule) in rules.into_iter().enumerate() {
         // Twenty parameters (more than one dispatch updates for every rule) whose lengths
-        // fill no vec4 or workgroup, or span several workgroups.
+        // fill no vec4 or workgroup, or span several workgroups; two long enough for a
+        // dispatch of their own.
         let shapes: Vec<Vec<usize>> = (0..20)
             .map(|j| match j % 4 {
+                _ if j == 5 || j == 19 => vec![70, 61 + j],
                 0 => vec![3, 7],
                 1 => vec![300],
                 2 => vec![1],
