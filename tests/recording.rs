@@ -19,16 +19,21 @@ fn step(x: &Tensor, w: &Tensor, b: &Tensor) -> wgcnn::Result<(Tensor, Tensor)> {
     Ok((p.y, g.weight))
 }
 
+/// The input, weight and bias of [`step`] on `gpu`.
+fn step_inputs(gpu: &Gpu) -> (Tensor, Tensor, Tensor) {
+    let up = |a: &ndarray::ArrayD<f32>| Tensor::from_array(gpu, a).unwrap();
+    (
+        up(&random(&[4, 2, 12, 12], 1)),
+        up(&random(&[3, 2, 3, 3], 2)),
+        up(&random(&[3], 3)),
+    )
+}
+
 #[test]
 fn a_recorded_step_is_one_submit_with_the_same_results() {
     let Some(_) = gpu() else { return };
     let gpu = Gpu::new().unwrap();
-    let up = |a: &ndarray::ArrayD<f32>| Tensor::from_array(&gpu, a).unwrap();
-    let (x, w, b) = (
-        up(&random(&[4, 2, 12, 12], 1)),
-        up(&random(&[3, 2, 3, 3], 2)),
-        up(&random(&[3], 3)),
-    );
+    let (x, w, b) = step_inputs(&gpu);
     let (y_plain, dw_plain) = step(&x, &w, &b).unwrap();
     let before = gpu.submissions();
     let (y, dw) = gpu.record(|| step(&x, &w, &b)).unwrap();
@@ -183,12 +188,7 @@ fn calibration_inside_a_recording_leaves_its_kernels_intact() {
 fn profiled_passes_are_timed_in_order_with_the_same_results() {
     let Some(_) = gpu() else { return };
     let gpu = Gpu::new().unwrap();
-    let up = |a: &ndarray::ArrayD<f32>| Tensor::from_array(&gpu, a).unwrap();
-    let (x, w, b) = (
-        up(&random(&[4, 2, 12, 12], 1)),
-        up(&random(&[3, 2, 3, 3], 2)),
-        up(&random(&[3], 3)),
-    );
+    let (x, w, b) = step_inputs(&gpu);
     let (y_plain, dw_plain) = gpu.record(|| step(&x, &w, &b)).unwrap();
     let before = gpu.submissions();
     let ((y, dw), passes) = gpu
