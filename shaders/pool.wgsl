@@ -5,6 +5,10 @@
 // Max pooling records the arg-max as the flat index h·W + w within the (n, c) plane, stored
 // as f32 (exact below 2^24 pixels); padding never wins, and ties go to the first maximum in
 // row-major window order, as in PyTorch.
+// Max pooling's backward can also take the gradient through the activation that produced
+// its input (ACT, an `Activation::code`; epilogue.wgsl is put in front): the window's
+// maximum is that activation's output at the arg-max, so dy · act'(y) there is the gradient
+// before the activation, and the producing layer needs no pass of its own for it.
 
 // The shape is baked in per pipeline (src/ops/pool2d.rs sets these), so the index
 // arithmetic divides by constants.
@@ -21,15 +25,24 @@ override PAD_LEFT: u32;
 override DH: u32;
 override DW: u32;
 override COUNT_INCLUDE_PAD: u32;
+override ACT: u32 = 0u;
 
 struct Params {
-    total: u32, _pad0: u32, _pad1: u32, _pad2: u32,
+    total: u32, slope: f32, _pad1: u32, _pad2: u32,   // slope: leaky ReLU's, with ACT
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> src: array<f32>;
 @group(0) @binding(2) var<storage, read_write> dst: array<f32>;
 @group(0) @binding(3) var<storage, read_write> argmax: array<f32>;
+// Max pooling backward: the forward output, read where ACT takes the gradient through.
+@group(0) @binding(4) var<storage, read> pooled: array<f32>;
+
+// dy[i] of max pooling, taken through ACT where there is one.
+fn max_gradient(i: u32) -> f32 {
+    if ACT == 0u { return src[i]; }
+    return src[i] * activation_derivative(pooled[i], ACT, p.slope);
+}
 
 fn linear_index(gid: vec3<u32>, nwg: vec3<u32>) -> u32 {
     return gid.x + gid.y * nwg.x * 256u;
@@ -137,7 +150,7 @@ fn max_backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_work
             let u = i32(at % W + PAD_LEFT) - i32(kj * DW);
             if u < 0 || u % i32(SW) != 0 || u32(u) / SW >= OW { continue; }
             let out = (plane * OH + u32(t) / SH) * OW + u32(u) / SW;
-            if u32(argmax[out]) == at { sum += src[out]; }
+            if u32(argmax[out]) == at { sum += max_gradient(out); }
         }
     }
     dst[index] = sum;
@@ -178,7 +191,7 @@ fn max_backward_tiled(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(nu
     let corner = tiled_window(index);
     let plane_start = (index / (OW * OH)) * H * W;
     let best = plane_start + u32(argmax[index]);
-    let g = src[index];
+    let g = max_gradient(index);
     for (var ki = 0u; ki < KH; ki++) {
         for (var kj = 0u; kj < KW; kj++) {
             let at = corner + ki * W + kj;
@@ -205,9 +218,10 @@ fn avg_backward_tiled(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(nu
 // windows of a row: it reads their two input rows as four vec4s and writes values and
 // arg-maxes as vec4s, where the per-window passes made a per-lane access per float (on CPU
 // adapters one costs about the same for four floats as for one).
-@group(0) @binding(4) var<storage, read> src4: array<vec4<f32>>;
-@group(0) @binding(5) var<storage, read_write> dst4: array<vec4<f32>>;
-@group(0) @binding(6) var<storage, read_write> argmax4: array<vec4<f32>>;
+@group(0) @binding(5) var<storage, read> src4: array<vec4<f32>>;
+@group(0) @binding(6) var<storage, read_write> dst4: array<vec4<f32>>;
+@group(0) @binding(7) var<storage, read_write> argmax4: array<vec4<f32>>;
+@group(0) @binding(8) var<storage, read> pooled4: array<vec4<f32>>;
 
 // The input vec4 where output quad q's windows start, and their first tap's index in the plane.
 fn quad_corner(q: u32) -> vec2<u32> {
@@ -254,13 +268,17 @@ fn max_forward_quads(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num
     argmax4[q] = indices;
 }
 
-// src4 = dy, dst4 = dx, argmax4 from the forward pass.
+// src4 = dy, dst4 = dx, argmax4 (and pooled4, with ACT) from the forward pass.
 @compute @workgroup_size(256)
 fn max_backward_quads(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let q = linear_index(gid, nwg);
     if q >= p.total { return; }
     let corner = quad_corner(q);
-    let g = src4[q];
+    var g = src4[q];
+    if ACT != 0u {
+        let y = pooled4[q];
+        for (var j = 0u; j < 4u; j++) { g[j] *= activation_derivative(y[j], ACT, p.slope); }
+    }
     let best = argmax4[q];
     for (var row = 0u; row < 2u; row++) {
         for (var half = 0u; half < 2u; half++) {

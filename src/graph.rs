@@ -13,6 +13,7 @@ use ndarray::ArrayD;
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::nn::init::InitRng;
+use crate::ops::Activation;
 use crate::ops::add::{accumulate, add_cpu};
 use crate::ops::finite::FiniteChecks;
 use crate::optim::{CpuOptimizer, GpuOptimizer, Optimizer};
@@ -193,6 +194,13 @@ pub struct BackwardArgs<'a> {
     pub dy: &'a Value,
     /// Which gradients are wanted.
     pub needs: Needs,
+    /// The activation this backward takes its input gradient on through: the one the layer
+    /// producing its input applies last, where [`Layer::takes_input_activation`] accepted it.
+    /// `Activation::None` otherwise.
+    pub input_activation: Activation,
+    /// `dy` is already the gradient before this layer's [`Layer::output_activation`]: the
+    /// layer reading the output took it through (see `input_activation`).
+    pub dy_through_activation: bool,
 }
 
 /// A node's computation: forward on the GPU or the CPU, and its backward.
@@ -228,6 +236,22 @@ pub trait Layer: Send {
 
     /// Gradients from `∂L/∂y`.
     fn backward(&self, args: BackwardArgs<'_>) -> Result<Backward>;
+
+    /// The activation this layer applies last, whose derivative its backward reads from its
+    /// output `y` and skips when told `BackwardArgs::dy_through_activation` (a convolution
+    /// with a fused activation).
+    fn output_activation(&self) -> Activation {
+        Activation::None
+    }
+
+    /// Whether this layer's backward can take its input gradient on through `activation`,
+    /// applied last by the layer producing its input, from its own output (max pooling: a
+    /// window's maximum is that activation's output at the arg-max). The graph hands it over
+    /// (`BackwardArgs::input_activation`) where that input feeds nothing else, and the
+    /// producer's backward then skips its activation: one pass fewer over its output.
+    fn takes_input_activation(&self, _activation: Activation) -> bool {
+        false
+    }
 }
 
 /// One line of a model summary (see `crate::summary`).
@@ -614,6 +638,7 @@ impl Graph {
         for (i, node) in self.nodes.iter().enumerate() {
             wants[i + 1] = (state_grads && node.trains()) || node.inputs.iter().any(|&v| wants[v]);
         }
+        let (taken, through) = self.activation_handoffs();
         let mut grads: Vec<Option<Value>> = (0..=count).map(|_| None).collect();
         grads[count] = Some(dy);
         for i in (0..count).rev() {
@@ -640,6 +665,8 @@ impl Graph {
                         saved: &self.saved[i],
                         dy: &dy,
                         needs,
+                        input_activation: taken[i],
+                        dy_through_activation: through[i],
                     })
                     .map_err(|e| in_node(&node.name, e))?;
                 if needs.state {
@@ -672,6 +699,35 @@ impl Graph {
             }
         }
         Ok(grads[0].take().filter(|_| input_grad))
+    }
+
+    /// Per node, the activation its backward takes on for the layer producing its input (see
+    /// [`Layer::takes_input_activation`]: only for a single input that is a node's output
+    /// read by no other node), and whether its own output activation is taken so by its
+    /// reader.
+    fn activation_handoffs(&self) -> (Vec<Activation>, Vec<bool>) {
+        let count = self.nodes.len();
+        let mut readers = vec![0usize; count + 1];
+        for node in &self.nodes {
+            for &v in &node.inputs {
+                readers[v] += 1;
+            }
+        }
+        let mut taken = vec![Activation::None; count];
+        let mut through = vec![false; count];
+        for (i, node) in self.nodes.iter().enumerate() {
+            if let [v] = node.inputs[..]
+                && v > 0
+                && readers[v] == 1
+            {
+                let activation = self.nodes[v - 1].layer.output_activation();
+                if activation != Activation::None && node.layer.takes_input_activation(activation) {
+                    taken[i] = activation;
+                    through[v - 1] = true;
+                }
+            }
+        }
+        (taken, through)
     }
 
     /// Every state tensor with its full name (`conv1.weight`, `bn1.running_mean`, …), in

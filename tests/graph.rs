@@ -7,6 +7,7 @@ use common::{gpu, max_abs_diff, random};
 use ndarray::ArrayD;
 use wgcnn::graph::GraphOptimizer;
 use wgcnn::nn::{self, Conv2d, LeNetOptions, Linear, lenet5};
+use wgcnn::ops::Pool2d;
 use wgcnn::train::{cross_entropy, train_step};
 use wgcnn::{Activation, Device, Error, Graph, Mode, Optimizer, Padding};
 
@@ -397,5 +398,80 @@ fn online_mini_batch_and_full_batch_learning_all_lower_the_loss() {
             first.loss,
             last.loss
         );
+    }
+}
+
+/// x → conv 3×3 (act) → each pooling (their outputs added) → flatten → linear, with the
+/// activation fused into the convolution, or (`separate`) as a layer of its own, which no
+/// pooling takes over.
+fn conv_then_pools(device: Device, act: Activation, pools: &[Pool2d], separate: bool) -> Graph {
+    let mut g = Graph::new(device, 9);
+    let conv = Conv2d::new(2, 4, (3, 3)).padding(Padding::Same);
+    let mut y = if separate {
+        let z = g.add("conv", conv, &[Graph::INPUT]).unwrap();
+        g.add("act", nn::Activate(act), &[z]).unwrap()
+    } else {
+        g.add("conv", conv.activation(act), &[Graph::INPUT])
+            .unwrap()
+    };
+    let pooled: Vec<_> = pools
+        .iter()
+        .enumerate()
+        .map(|(i, &p)| g.add(&format!("pool{i}"), nn::Pool(p), &[y]).unwrap())
+        .collect();
+    y = pooled[0];
+    for &other in &pooled[1..] {
+        y = g.add("sum", nn::Add, &[y, other]).unwrap();
+    }
+    let [_, _, oh, ow] = pools[0].shape(&[1, 4, 16, 16]).unwrap().output();
+    let flat = g.add("flatten", nn::Flatten, &[y]).unwrap();
+    g.add("fc", Linear::new(4 * oh * ow, 3), &[flat]).unwrap();
+    g.set_input_grad(true);
+    g
+}
+
+#[test]
+fn a_max_pool_takes_the_gradient_through_the_activation_before_it() {
+    // The fused model's max pooling takes the convolution's activation over (where the
+    // convolution's output feeds it alone); every gradient must equal the model that applies
+    // the activation as a layer of its own, on both devices.
+    let x = random(&[2, 2, 16, 16], 21);
+    let labels = [2, 0];
+    let max = Pool2d::max((2, 2));
+    let layouts: [&[Pool2d]; 4] = [
+        &[max],                                                // 2×2 over vec4 rows: the quads kernel
+        &[Pool2d::max((4, 4))],                                // windows tiling the input
+        &[Pool2d::max((3, 3)).stride((2, 2)).padding((1, 1))], // overlapping windows
+        &[max, Pool2d::avg((2, 2))],                           // the convolution feeds two nodes
+    ];
+    let mut devices = vec![Device::Cpu];
+    devices.extend(gpu().map(|gpu| Device::Gpu(gpu.clone())));
+    for act in [
+        Activation::Relu,
+        Activation::LeakyRelu(0.2),
+        Activation::Sigmoid,
+        Activation::Tanh,
+    ] {
+        for pools in layouts {
+            for device in &devices {
+                let what = format!("{act:?}, {pools:?} on {}", device.name());
+                let mut fused = conv_then_pools(device.clone(), act, pools, false);
+                let mut separate = conv_then_pools(device.clone(), act, pools, true);
+                let (loss, dx) = loss_and_input_grad(&mut fused, &x, &labels);
+                let (want_loss, want_dx) = loss_and_input_grad(&mut separate, &x, &labels);
+                assert!((loss - want_loss).abs() < 1e-6, "loss, {what}");
+                assert!(max_abs_diff(&dx, &want_dx) < 1e-6, "input gradient, {what}");
+                let want: Vec<_> = separate.grads().into_iter().collect();
+                for (name, grad) in fused.grads() {
+                    let (_, expected) = want.iter().find(|(n, _)| *n == name).unwrap();
+                    let (got, expected) = (
+                        grad.unwrap().to_array().unwrap(),
+                        expected.unwrap().to_array().unwrap(),
+                    );
+                    let diff = max_abs_diff(&got, &expected);
+                    assert!(diff < 1e-5, "{name}, {what}: {diff}");
+                }
+            }
+        }
     }
 }

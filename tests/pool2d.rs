@@ -6,8 +6,8 @@ use common::golden::{assert_close, cases, pair, tensor};
 use common::{gpu, max_abs_diff, random, upload};
 use ndarray::{ArrayD, IxDyn};
 use proptest::prelude::*;
-use wgcnn::Tensor;
 use wgcnn::ops::{Pool2d, PoolKind};
+use wgcnn::{Activation, Tensor};
 
 #[test]
 fn pytorch_goldens_on_gpu_and_cpu() {
@@ -514,4 +514,61 @@ fn a_window_of_padding_alone_is_minus_infinity_with_no_index() {
         .backward(x.shape(), &upload(&dy), pooled.argmax.as_ref())
         .unwrap();
     assert!(got.to_array().unwrap().iter().all(|&v| v == 0.0));
+}
+
+#[test]
+fn max_backward_through_the_activation_before_it_matches_the_cpu() {
+    // x = act(z): max pooling's backward taken on through act must equal the CPU's
+    // dy · act'(y) routed to the arg-max, on the quads, tiled and gathering kernels.
+    let Some(gpu) = gpu() else { return };
+    let overlapping = Pool2d::max((3, 3)).stride((2, 2)).padding((1, 1));
+    let dilated = Pool2d::max((2, 2)).dilation((2, 1));
+    for (i, (spec, shape)) in [
+        (Pool2d::max((2, 2)), [2, 3, 8, 8]),
+        (Pool2d::max((2, 2)), [64, 6, 24, 24]),
+        (Pool2d::max((3, 3)), [1, 2, 9, 12]),
+        (overlapping, [2, 2, 9, 11]),
+        (dilated, [1, 3, 7, 6]),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        for act in [
+            Activation::Relu,
+            Activation::LeakyRelu(0.1),
+            Activation::Sigmoid,
+            Activation::Tanh,
+        ] {
+            // Coarse pre-activations: ties, and ReLU zeros at window maxima.
+            let z = random(&shape, i as u64).mapv(|v| (v * 2.0).round() / 2.0);
+            let x = z.mapv(|v| act.apply(v));
+            let cpu = wgcnn::cpu::pool2d(&spec, &x.view()).unwrap();
+            let dy = random(cpu.y.shape(), i as u64 + 20);
+            let gated = &dy * &cpu.y.mapv(|y| act.derivative(y, y));
+            let argmax = cpu.argmax.as_ref().map(|a| a.view());
+            let want =
+                wgcnn::cpu::pool2d_backward(&spec, &shape, &gated.view(), argmax.as_ref()).unwrap();
+            let pooled = spec.forward(&upload(&x)).unwrap();
+            let argmax = pooled.argmax.as_ref().unwrap();
+            drop(Tensor::full(gpu, &shape, f32::NAN).unwrap());
+            let got = spec
+                .backward_through(&shape, &upload(&dy), argmax, (act, &pooled.y))
+                .unwrap()
+                .to_array()
+                .unwrap();
+            let diff = max_abs_diff(&got, &want);
+            assert!(
+                diff <= 1e-6,
+                "{spec:?} through {act:?} on {shape:?}: {diff}"
+            );
+        }
+    }
+    // Average pooling cannot: it would need the activation's output at every input.
+    let avg = Pool2d::avg((2, 2));
+    let x = upload(&random(&[1, 1, 4, 4], 3));
+    let y = avg.forward(&x).unwrap().y;
+    let err = avg
+        .backward_through(&[1, 1, 4, 4], &y, &y, (Activation::Relu, &y))
+        .unwrap_err();
+    assert!(err.to_string().contains("only max pooling"), "{err}");
 }

@@ -68,9 +68,6 @@ impl Layer for Activate {
     }
 }
 
-/// `∂L/∂(pre-activation)` for an activation fused into a layer, from its output `y`: every
-/// supported activation's derivative can be read from `y` (ReLU and leaky ReLU are positive
-/// exactly where their input is). `None` for no activation: `dy` passes through.
 /// The GPU side of [`pre_activation_grad`] for a layer with a bias: the pre-activation
 /// gradient `dz` and the bias gradient (`Σ dz` over `dims` = `[outer][channels][inner]`
 /// except the channels) in one kernel that reads `dy` and `y` once. `None` without an
@@ -87,6 +84,9 @@ pub(crate) fn pre_activation_and_bias_grad(
     activation_backward_and_sum(activation, y, dy, dims).map(Some)
 }
 
+/// `∂L/∂(pre-activation)` for an activation fused into a layer, from its output `y`: every
+/// supported activation's derivative can be read from `y` (ReLU and leaky ReLU are positive
+/// exactly where their input is). `None` for no activation: `dy` passes through.
 pub(crate) fn pre_activation_grad(
     activation: Activation,
     y: &Value,

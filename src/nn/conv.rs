@@ -85,6 +85,10 @@ impl Conv2d {
 }
 
 impl Layer for Conv2d {
+    fn output_activation(&self) -> Activation {
+        self.spec.activation
+    }
+
     fn describe(&self) -> String {
         let groups = match self.spec.groups {
             1 => String::new(),
@@ -182,14 +186,23 @@ impl Layer for Conv2d {
             Value::Gpu(x) => {
                 let (weight, dy) = (args.state[0].gpu()?, args.dy.gpu()?);
                 // The op takes the gradient through the activation itself (fused into its
-                // weight-gradient kernel where it can).
-                let gate = Some((self.spec.activation, args.y.gpu()?));
+                // weight-gradient kernel where it can), unless the layer reading y did.
+                let gate = if args.dy_through_activation {
+                    None
+                } else {
+                    Some((self.spec.activation, args.y.gpu()?))
+                };
                 let (dx, dweight, dbias) =
                     spec.gradients(x, weight, dy, gate, args.needs.inputs)?;
                 (dx.map(Value::Gpu), Value::Gpu(dweight), Value::Gpu(dbias))
             }
             Value::Cpu(x) => {
-                let dpre = pre_activation_grad(self.spec.activation, args.y, args.dy)?;
+                let activation = if args.dy_through_activation {
+                    Activation::None
+                } else {
+                    self.spec.activation
+                };
+                let dpre = pre_activation_grad(activation, args.y, args.dy)?;
                 let dy = dpre.as_ref().unwrap_or(args.dy);
                 let g = conv2d_backward_cpu(
                     &spec,

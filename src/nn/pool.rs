@@ -4,9 +4,11 @@ use ndarray::{Axis, IxDyn};
 
 use crate::error::{Error, Result};
 use crate::graph::{Backward, BackwardArgs, Ctx, Forward, Layer, Value};
+use crate::nn::activation::pre_activation_grad;
 use crate::ops::pool2d::{
     Pool2d, global_avg_pool, global_avg_pool_backward, pool2d_backward_cpu, pool2d_cpu,
 };
+use crate::ops::{Activation, PoolKind};
 
 /// Max or average pooling over windows; the max variant saves its arg-max for backward.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -26,8 +28,8 @@ impl Layer for Pool {
     fn describe(&self) -> String {
         let p = &self.0;
         let kind = match p.kind {
-            crate::ops::PoolKind::Max => "MaxPool2d",
-            crate::ops::PoolKind::Avg { .. } => "AvgPool2d",
+            PoolKind::Max => "MaxPool2d",
+            PoolKind::Avg { .. } => "AvgPool2d",
         };
         let (kh, kw) = p.kernel;
         let mut text = format!("{kind}({kh}×{kw}");
@@ -63,16 +65,29 @@ impl Layer for Pool {
         })
     }
 
+    fn takes_input_activation(&self, _activation: Activation) -> bool {
+        self.0.kind == PoolKind::Max
+    }
+
     fn backward(&self, args: BackwardArgs<'_>) -> Result<Backward> {
         let shape = args.inputs[0].shape();
+        let through = args.input_activation;
         let dx = match args.dy {
             Value::Gpu(dy) => {
                 let argmax = args.saved.first().map(Value::gpu).transpose()?;
-                Value::Gpu(self.0.backward(shape, dy, argmax)?)
+                Value::Gpu(match argmax {
+                    Some(argmax) if through != Activation::None => {
+                        let gate = (through, args.y.gpu()?);
+                        self.0.backward_through(shape, dy, argmax, gate)?
+                    }
+                    _ => self.0.backward(shape, dy, argmax)?,
+                })
             }
-            Value::Cpu(dy) => {
+            Value::Cpu(_) => {
                 let argmax = args.saved.first().map(Value::cpu).transpose()?;
                 let view = argmax.map(|a| a.view());
+                let dpre = pre_activation_grad(through, args.y, args.dy)?;
+                let dy = dpre.as_ref().unwrap_or(args.dy).cpu()?;
                 Value::Cpu(pool2d_backward_cpu(
                     &self.0,
                     shape,

@@ -11,6 +11,7 @@ use ndarray::{Array4, ArrayD, ArrayView4, ArrayViewD, Ix4};
 
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
+use crate::ops::Activation;
 use crate::tensor::Tensor;
 
 /// Which statistic a window takes.
@@ -262,11 +263,12 @@ impl Pool2d {
             PoolKind::Max => {
                 let argmax = Tensor::uninit(gpu, &shape.output())?;
                 if self.quads(&shape) {
-                    let tensors = [(4, x), (5, &y), (6, &argmax)];
-                    self.run(gpu, &shape, "max_forward_quads", &tensors, y.len() / 4)?;
+                    let tensors = [(5, x), (6, &y), (7, &argmax)];
+                    let quads = y.len() / 4;
+                    self.run(gpu, &shape, "max_forward_quads", &tensors, quads, NONE)?;
                 } else {
                     let tensors = [(1, x), (2, &y), (3, &argmax)];
-                    self.run(gpu, &shape, "max_forward", &tensors, y.len())?;
+                    self.run(gpu, &shape, "max_forward", &tensors, y.len(), NONE)?;
                 }
                 Ok(Pooled {
                     y,
@@ -274,7 +276,8 @@ impl Pool2d {
                 })
             }
             PoolKind::Avg { .. } => {
-                self.run(gpu, &shape, "avg_forward", &[(1, x), (2, &y)], y.len())?;
+                let tensors = [(1, x), (2, &y)];
+                self.run(gpu, &shape, "avg_forward", &tensors, y.len(), NONE)?;
                 Ok(Pooled { y, argmax: None })
             }
         }
@@ -286,6 +289,40 @@ impl Pool2d {
         x_shape: &[usize],
         dy: &Tensor,
         argmax: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        self.backward_gated(x_shape, dy, argmax, None)
+    }
+
+    /// Max pooling's backward taken on through `activation`, the one that produced its input:
+    /// the gradient before that activation, `∂L/∂x · act'(x)`. Each window's maximum `y`
+    /// (this pooling's output) is the activation's output at the arg-max, so the kernel
+    /// scales `dy` by `act'(y)` as it loads it, and the producing layer needs no pass of its
+    /// own for the activation.
+    pub fn backward_through(
+        &self,
+        x_shape: &[usize],
+        dy: &Tensor,
+        argmax: &Tensor,
+        (activation, y): (Activation, &Tensor),
+    ) -> Result<Tensor> {
+        if self.kind != PoolKind::Max {
+            return Err(invalid(
+                "only max pooling takes the gradient through the activation before it: \
+                 average pooling needs that activation's output at every input"
+                    .into(),
+            ));
+        }
+        y.check_same_gpu("pool2d", dy.gpu())?;
+        check_dy(&self.shape(x_shape)?, y.shape())?;
+        self.backward_gated(x_shape, dy, Some(argmax), Some((activation, y)))
+    }
+
+    fn backward_gated(
+        &self,
+        x_shape: &[usize],
+        dy: &Tensor,
+        argmax: Option<&Tensor>,
+        gate: Option<(Activation, &Tensor)>,
     ) -> Result<Tensor> {
         let gpu = dy.gpu();
         let shape = self.shape(x_shape)?;
@@ -302,17 +339,28 @@ impl Pool2d {
         } else {
             ("", dx.len())
         };
+        let activation = gate.map_or(Activation::None, |(activation, _)| activation);
+        // Without an activation the kernel never reads `pooled`; dy stands in for it.
+        let pooled = gate.map_or(dy, |(_, y)| y);
         match (self.kind, argmax) {
             (PoolKind::Max, Some(argmax)) => {
                 argmax.check_same_gpu("pool2d", gpu)?;
                 check_dy(&shape, argmax.shape())?;
                 if self.quads(&shape) {
-                    let tensors = [(4, dy), (5, &dx), (6, argmax)];
-                    self.run(gpu, &shape, "max_backward_quads", &tensors, dy.len() / 4)?;
+                    let tensors = [(5, dy), (6, &dx), (7, argmax), (8, pooled)];
+                    let quads = dy.len() / 4;
+                    self.run(
+                        gpu,
+                        &shape,
+                        "max_backward_quads",
+                        &tensors,
+                        quads,
+                        activation,
+                    )?;
                 } else {
                     let entry = format!("max_backward{entry}");
-                    let tensors = [(1, dy), (2, &dx), (3, argmax)];
-                    self.run(gpu, &shape, &entry, &tensors, total)?;
+                    let tensors = [(1, dy), (2, &dx), (3, argmax), (4, pooled)];
+                    self.run(gpu, &shape, &entry, &tensors, total, activation)?;
                 }
             }
             (PoolKind::Max, None) => {
@@ -322,7 +370,8 @@ impl Pool2d {
             }
             (PoolKind::Avg { .. }, _) => {
                 let entry = format!("avg_backward{entry}");
-                self.run(gpu, &shape, &entry, &[(1, dy), (2, &dx)], total)?
+                let tensors = [(1, dy), (2, &dx)];
+                self.run(gpu, &shape, &entry, &tensors, total, NONE)?
             }
         }
         Ok(dx)
@@ -341,7 +390,8 @@ impl Pool2d {
     }
 
     /// Runs `entry` over `total` items with each tensor at its binding number (the `_quads`
-    /// entries bind theirs, at 4 and up, as vec4s).
+    /// entries bind theirs, at 5 and up, as vec4s); max pooling's backward entries take the
+    /// gradient through `activation`.
     fn run(
         &self,
         gpu: &Gpu,
@@ -349,6 +399,7 @@ impl Pool2d {
         entry: &str,
         tensors: &[(u32, &Tensor)],
         total: usize,
+        activation: Activation,
     ) -> Result<()> {
         let count_include_pad = match self.kind {
             PoolKind::Avg { count_include_pad } => count_include_pad,
@@ -356,7 +407,8 @@ impl Pool2d {
         };
         let params = PoolParams {
             total: total as u32,
-            _pad: [0; 3],
+            slope: activation.slope(),
+            _pad: [0; 2],
         };
         let constants = [
             ("H", shape.h),
@@ -372,18 +424,25 @@ impl Pool2d {
             ("DH", self.dilation.0),
             ("DW", self.dilation.1),
             ("COUNT_INCLUDE_PAD", usize::from(count_include_pad)),
+            ("ACT", activation.code() as usize),
         ]
         .map(|(name, value)| (name, value as u32));
         let pipeline = gpu.specialized(
             "pool",
             entry,
-            || include_str!("../../shaders/pool.wgsl").into(),
+            || {
+                [
+                    include_str!("../../shaders/epilogue.wgsl"),
+                    include_str!("../../shaders/pool.wgsl"),
+                ]
+                .concat()
+            },
             &constants,
         )?;
         let bindings: Vec<_> = tensors
             .iter()
             .map(|&(number, t)| {
-                let binding = if number >= 4 {
+                let binding = if number >= 5 {
                     t.binding_vec4()
                 } else {
                     t.binding()
@@ -413,12 +472,16 @@ fn check_dy(shape: &Pool2dShape, dy: &[usize]) -> Result<()> {
     Ok(())
 }
 
+/// No activation to take the gradient through (every pass but max pooling's backward).
+const NONE: Activation = Activation::None;
+
 /// Mirrors `Params` in shaders/pool.wgsl.
 #[repr(C)]
 #[derive(Clone, Copy, Pod, Zeroable)]
 struct PoolParams {
     total: u32,
-    _pad: [u32; 3],
+    slope: f32,
+    _pad: [u32; 2],
 }
 
 impl Pool2d {
@@ -543,7 +606,8 @@ pub fn pool2d_backward_cpu(
 pub fn global_avg_pool(x: &Tensor) -> Result<Tensor> {
     let (spec, shape) = global_window(x.shape())?;
     let y = Tensor::uninit(x.gpu(), &[shape.n, shape.c])?;
-    spec.run(x.gpu(), &shape, "avg_forward", &[(1, x), (2, &y)], y.len())?;
+    let tensors = [(1, x), (2, &y)];
+    spec.run(x.gpu(), &shape, "avg_forward", &tensors, y.len(), NONE)?;
     Ok(y)
 }
 
@@ -568,6 +632,7 @@ pub fn global_avg_pool_backward(x_shape: &[usize], dy: &Tensor) -> Result<Tensor
         "avg_backward",
         &[(1, dy), (2, &dx)],
         dx.len(),
+        NONE,
     )?;
     Ok(dx)
 }
