@@ -2,6 +2,9 @@
 // (row maximum subtracted), the loss −log softmax(z)[label], the gradient
 // (softmax − onehot)·scale, and whether the first arg-max equals the label.
 // Labels are stored as f32 (exact for class ids below 2^24).
+// A batch of at most 256 rows is one workgroup that also sums the mean loss and the correct
+// count (`main_small`); larger ones store per-row values (`main`) that `totals` sums, as it
+// does for the other losses' (log_softmax.wgsl's nll, distill.wgsl).
 
 struct Params {
     rows: u32, classes: u32, scale: f32, _pad: u32,
@@ -13,11 +16,11 @@ struct Params {
 @group(0) @binding(3) var<storage, read_write> grad: array<f32>;
 @group(0) @binding(4) var<storage, read_write> row_loss: array<f32>;
 @group(0) @binding(5) var<storage, read_write> row_correct: array<f32>;
+@group(0) @binding(6) var<storage, read_write> loss: array<f32>;      // [1]: scale · Σ losses
+@group(0) @binding(7) var<storage, read_write> correct: array<f32>;   // [1]: Σ correct
 
-@compute @workgroup_size(64)
-fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let r = gid.x + gid.y * nwg.x * 64u;
-    if r >= p.rows { return; }
+// Row r's loss and whether its first arg-max is the label; stores its gradient.
+fn row(r: u32) -> vec2<f32> {
     let base = r * p.classes;
     let label = u32(labels[r]);
     var top = logits[base];
@@ -29,10 +32,51 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
     var sum = 0.0;
     for (var j = 0u; j < p.classes; j++) { sum += exp(logits[base + j] - top); }
     let lse = top + log(sum);
-    row_loss[r] = lse - logits[base + label];
-    row_correct[r] = select(0.0, 1.0, best == label);
     for (var j = 0u; j < p.classes; j++) {
         let prob = exp(logits[base + j] - lse);
         grad[base + j] = (prob - select(0.0, 1.0, j == label)) * p.scale;
     }
+    return vec2<f32>(lse - logits[base + label], select(0.0, 1.0, best == label));
+}
+
+@compute @workgroup_size(64)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let r = gid.x + gid.y * nwg.x * 64u;
+    if r >= p.rows { return; }
+    let v = row(r);
+    row_loss[r] = v.x;
+    row_correct[r] = v.y;
+}
+
+var<workgroup> partial: array<vec2<f32>, 256>;
+
+// Adds up the workgroup's (loss, correct) pairs in `partial` and stores the totals.
+fn store_totals(i: u32) {
+    workgroupBarrier();
+    for (var half = 128u; half > 0u; half >>= 1u) {
+        if i < half { partial[i] += partial[i + half]; }
+        workgroupBarrier();
+    }
+    if i == 0u {
+        loss[0] = partial[0].x * p.scale;
+        correct[0] = partial[0].y;
+    }
+}
+
+@compute @workgroup_size(256)
+fn main_small(@builtin(local_invocation_index) i: u32) {
+    var v = vec2<f32>(0.0);
+    if i < p.rows { v = row(i); }
+    partial[i] = v;
+    store_totals(i);
+}
+
+@compute @workgroup_size(256)
+fn totals(@builtin(local_invocation_index) i: u32) {
+    var v = vec2<f32>(0.0);
+    for (var r = i; r < p.rows; r += 256u) {
+        v += vec2<f32>(row_loss[r], row_correct[r]);
+    }
+    partial[i] = v;
+    store_totals(i);
 }

@@ -131,10 +131,25 @@ fn pytorch_goldens_on_gpu_and_cpu() {
 #[test]
 fn random_batches_match_the_cpu_including_accuracy() {
     let Some(gpu) = gpu() else { return };
-    for (n, k, seed) in [(1, 2, 1), (64, 10, 2), (37, 3, 3), (200, 100, 4)] {
+    // Up to 256 rows one workgroup sums the totals too; past that, per-row values and a
+    // summing pass (1000 rows: more than one row per lane).
+    let shapes = [
+        (1, 2, 1),
+        (64, 10, 2),
+        (37, 3, 3),
+        (200, 100, 4),
+        (256, 7, 5),
+        (257, 5, 6),
+        (1000, 12, 7),
+    ];
+    for (n, k, seed) in shapes {
         let logits = random(&[n, k], seed).mapv(|v| v * 5.0);
         let labels: Vec<usize> = (0..n).map(|i| (i * 7 + seed as usize) % k).collect();
         let want = wgcnn::cpu::softmax_cross_entropy(&logits.view(), &labels).unwrap();
+        // Outputs land in NaN-filled buffers: an unwritten one shows.
+        for shape in [&[1][..], &[1], &[n], &[n], &[n, k]] {
+            drop(Tensor::full(gpu, shape, f32::NAN).unwrap());
+        }
         let got =
             wgcnn::ops::softmax_cross_entropy(&Tensor::from_array(gpu, &logits).unwrap(), &labels)
                 .unwrap();

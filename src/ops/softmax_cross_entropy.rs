@@ -5,9 +5,8 @@
 use bytemuck::{Pod, Zeroable};
 use ndarray::{Array1, ArrayD, ArrayViewD, Axis};
 
-use super::reduce::sum_axes;
 use crate::error::{Error, Result};
-use crate::tensor::Tensor;
+use crate::tensor::{Tensor, gpu_word};
 
 const OP: &str = "softmax_cross_entropy";
 
@@ -61,6 +60,10 @@ struct LossParams {
     _pad: u32,
 }
 
+/// Batches up to this many rows are one workgroup that sums the loss and the correct count
+/// too: one dispatch in all (shaders/loss.wgsl `main_small`).
+const ONE_GROUP_ROWS: usize = 256;
+
 /// Loss, gradient and correct count for `logits [N, K]` and `labels` (each below K).
 pub fn softmax_cross_entropy(logits: &Tensor, labels: &[usize]) -> Result<CrossEntropy<Tensor>> {
     let (rows, classes) = check(logits.shape(), labels)?;
@@ -68,37 +71,53 @@ pub fn softmax_cross_entropy(logits: &Tensor, labels: &[usize]) -> Result<CrossE
     let label_values: Array1<f32> = labels.iter().map(|&l| l as f32).collect();
     let labels = Tensor::from_array(gpu, &label_values)?;
     let grad = Tensor::uninit(gpu, logits.shape())?;
-    let row_loss = Tensor::uninit(gpu, &[rows])?;
-    let row_correct = Tensor::uninit(gpu, &[rows])?;
     let params = LossParams {
         rows: rows as u32,
         classes: classes as u32,
         scale: 1.0 / rows as f32,
         _pad: 0,
     };
-    let pipeline = gpu.pipeline("loss", "main", || {
-        include_str!("../../shaders/loss.wgsl").into()
-    })?;
-    gpu.run_pass(OP, |pass| {
-        let bindings = [
-            logits.binding(),
-            labels.binding(),
-            grad.binding(),
-            row_loss.binding(),
-            row_correct.binding(),
-        ];
-        gpu.encode(
-            pass,
-            &pipeline,
-            bytemuck::bytes_of(&params),
-            &bindings,
-            (rows as u64).div_ceil(64),
-        )
-    })?;
+    let run = |entry: &str, outputs: [(u32, &Tensor); 2], groups: usize| {
+        let pipeline = gpu.pipeline("loss", entry, loss_source)?;
+        gpu.run_pass(OP, |pass| {
+            let [first, second] = outputs.map(|(number, t)| (number, t.binding()));
+            let bindings = [
+                (1, logits.binding()),
+                (2, labels.binding()),
+                (3, grad.binding()),
+                first,
+                second,
+            ];
+            let params = bytemuck::bytes_of(&params);
+            gpu.encode_at(pass, &pipeline, params, &bindings, groups as u64)
+        })
+    };
+    if rows <= ONE_GROUP_ROWS {
+        let loss = Tensor::uninit(gpu, &[1])?;
+        let correct = Tensor::uninit(gpu, &[1])?;
+        run("main_small", [(6, &loss), (7, &correct)], 1)?;
+        return Ok(CrossEntropy {
+            loss,
+            grad_logits: grad,
+            correct,
+        });
+    }
+    let row_loss = Tensor::uninit(gpu, &[rows])?;
+    let row_correct = Tensor::uninit(gpu, &[rows])?;
+    run(
+        "main",
+        [(4, &row_loss), (5, &row_correct)],
+        rows.div_ceil(64),
+    )?;
     per_row_to_totals(grad, &row_loss, &row_correct)
 }
 
-/// The batch's mean loss and correct count from per-row values, with the gradient.
+fn loss_source() -> String {
+    include_str!("../../shaders/loss.wgsl").into()
+}
+
+/// The batch's mean loss and correct count from per-row values, with the gradient: one
+/// workgroup sums both (shaders/loss.wgsl `totals`).
 pub(crate) fn per_row_to_totals(
     grad: Tensor,
     row_loss: &Tensor,
@@ -108,8 +127,22 @@ pub(crate) fn per_row_to_totals(
     let rows = row_loss.len();
     let loss = Tensor::uninit(gpu, &[1])?;
     let correct = Tensor::uninit(gpu, &[1])?;
-    sum_axes(gpu, row_loss, (rows, 1, 1), &loss, 1.0 / rows as f32, false)?;
-    sum_axes(gpu, row_correct, (rows, 1, 1), &correct, 1.0, false)?;
+    let params = LossParams {
+        rows: gpu_word(OP, rows)?,
+        classes: 0,
+        scale: 1.0 / rows as f32,
+        _pad: 0,
+    };
+    let pipeline = gpu.pipeline("loss", "totals", loss_source)?;
+    gpu.run_pass(OP, |pass| {
+        let bindings = [
+            (4, row_loss.binding()),
+            (5, row_correct.binding()),
+            (6, loss.binding()),
+            (7, correct.binding()),
+        ];
+        gpu.encode_at(pass, &pipeline, bytemuck::bytes_of(&params), &bindings, 1)
+    })?;
     Ok(CrossEntropy {
         loss,
         grad_logits: grad,
