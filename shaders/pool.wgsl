@@ -218,10 +218,12 @@ fn avg_backward_tiled(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(nu
 // windows of a row: it reads their two input rows as four vec4s and writes values and
 // arg-maxes as vec4s, where the per-window passes made a per-lane access per float (on CPU
 // adapters one costs about the same for four floats as for one).
-@group(0) @binding(5) var<storage, read> src4: array<vec4<f32>>;
+// Their inputs come through `load_src4` (x, or dy; binding 5), `load_best4` (the arg-max in
+// backward; 9) and `load_pooled4` (the forward output in backward, with ACT; 8): vec4s from
+// storage or, where the adapter's calibration prefers them, from textures (src/ops/pool2d.rs
+// puts their declarations in front).
 @group(0) @binding(6) var<storage, read_write> dst4: array<vec4<f32>>;
 @group(0) @binding(7) var<storage, read_write> argmax4: array<vec4<f32>>;
-@group(0) @binding(8) var<storage, read> pooled4: array<vec4<f32>>;
 
 // The input vec4 where output quad q's windows start, and their first tap's index in the plane.
 fn quad_corner(q: u32) -> vec2<u32> {
@@ -253,8 +255,8 @@ fn max_forward_quads(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num
     let q = linear_index(gid, nwg);
     if q >= p.total { return; }
     let corner = quad_corner(q);
-    let a = array<vec4<f32>, 2>(src4[corner.x], src4[corner.x + 1u]);
-    let b = array<vec4<f32>, 2>(src4[corner.x + W / 4u], src4[corner.x + W / 4u + 1u]);
+    let a = array<vec4<f32>, 2>(load_src4(corner.x), load_src4(corner.x + 1u));
+    let b = array<vec4<f32>, 2>(load_src4(corner.x + W / 4u), load_src4(corner.x + W / 4u + 1u));
     var values = vec4<f32>(0.0);
     var indices = vec4<f32>(0.0);
     for (var j = 0u; j < 4u; j++) {
@@ -268,18 +270,18 @@ fn max_forward_quads(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num
     argmax4[q] = indices;
 }
 
-// src4 = dy, dst4 = dx, argmax4 (and pooled4, with ACT) from the forward pass.
+// src4 = dy, dst4 = dx, best4 (and pooled4, with ACT) from the forward pass.
 @compute @workgroup_size(256)
 fn max_backward_quads(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let q = linear_index(gid, nwg);
     if q >= p.total { return; }
     let corner = quad_corner(q);
-    var g = src4[q];
+    var g = load_src4(q);
     if ACT != 0u {
-        let y = pooled4[q];
+        let y = load_pooled4(q);
         for (var j = 0u; j < 4u; j++) { g[j] *= activation_derivative(y[j], ACT, p.slope); }
     }
-    let best = argmax4[q];
+    let best = load_best4(q);
     for (var row = 0u; row < 2u; row++) {
         for (var half = 0u; half < 2u; half++) {
             var out = vec4<f32>(0.0);

@@ -3,7 +3,7 @@
 mod common;
 
 use common::golden::{assert_close, cases, pair, tensor};
-use common::{gpu, max_abs_diff, random, upload};
+use common::{gpu, max_abs_diff, random, texture_gpu, upload};
 use ndarray::{ArrayD, IxDyn};
 use proptest::prelude::*;
 use serde_json::Value;
@@ -415,12 +415,7 @@ fn bad_hyper_parameters_and_shapes_are_errors() {
 fn texture_reads_match_the_cpu() {
     // A context forced to read operands through textures: the direct convolution (forward
     // and input gradient) and the im2col path's matmuls, against the CPU reference.
-    let Some(_) = gpu() else { return };
-    let options = wgcnn::GpuOptions {
-        operand_reads: Some(wgcnn::OperandReads::Texture),
-        ..wgcnn::GpuOptions::from_env().unwrap()
-    };
-    let gpu = wgcnn::Gpu::with_options(options).unwrap();
+    let Some(gpu) = texture_gpu() else { return };
     assert_eq!(gpu.operand_reads().unwrap(), wgcnn::OperandReads::Texture);
     // (n, c, h, w, o, k, padding, stride): LeNet's layers, shapes that fill no block, a
     // large input spanning several texture rows, and a strided one (im2col + matmul).
@@ -444,7 +439,7 @@ fn texture_reads_match_the_cpu() {
             random(&[o, c, k, k], seed + 1),
             random(&[o], seed + 2),
         );
-        let up = |a: &ArrayD<f32>| Tensor::from_array(&gpu, a).unwrap();
+        let up = |a: &ArrayD<f32>| Tensor::from_array(gpu, a).unwrap();
         let (tx, tw, tb) = (up(&x), up(&weight), up(&bias));
         let shape = spec.shape(x.shape(), weight.shape(), None).unwrap();
         let want =
@@ -455,7 +450,7 @@ fn texture_reads_match_the_cpu() {
             .to_array()
             .unwrap();
         let tolerance = 1e-5 * (shape.taps() as f32).sqrt() * 4.0 + 1e-5;
-        let kernels = spec.kernels(&gpu, &shape);
+        let kernels = spec.kernels(gpu, &shape);
         let diff = max_abs_diff(&got, &want);
         assert!(diff <= tolerance, "forward {kernels} {shape:?}: {diff}");
 

@@ -3,7 +3,7 @@
 mod common;
 
 use common::golden::{assert_close, cases, pair, tensor};
-use common::{gpu, max_abs_diff, random, upload};
+use common::{gpu, max_abs_diff, random, texture_gpu, upload};
 use ndarray::{ArrayD, IxDyn};
 use proptest::prelude::*;
 use wgcnn::ops::{Pool2d, PoolKind};
@@ -148,8 +148,16 @@ proptest! {
 #[test]
 fn backward_over_windows_that_tile_the_input() {
     // Stride = kernel, no padding, no remainder: the one-invocation-per-window kernels, and
-    // for max pooling of 2×2 windows over rows of whole vec4s of outputs, the quad ones.
+    // for max pooling of 2×2 windows over rows of whole vec4s of outputs, the quad ones
+    // (their inputs read from storage, and through textures).
     let Some(gpu) = gpu() else { return };
+    for gpu in [gpu, texture_gpu().unwrap()] {
+        tiled_windows_match_the_cpu(gpu);
+    }
+}
+
+fn tiled_windows_match_the_cpu(gpu: &wgcnn::Gpu) {
+    let upload = |x: &ArrayD<f32>| Tensor::from_array(gpu, x).unwrap();
     for (i, (n, c, h, w, kernel)) in [
         (2, 3, 8, 8, (2, 2)),
         (3, 2, 6, 24, (2, 2)),
@@ -519,8 +527,24 @@ fn a_window_of_padding_alone_is_minus_infinity_with_no_index() {
 #[test]
 fn max_backward_through_the_activation_before_it_matches_the_cpu() {
     // x = act(z): max pooling's backward taken on through act must equal the CPU's
-    // dy · act'(y) routed to the arg-max, on the quads, tiled and gathering kernels.
+    // dy · act'(y) routed to the arg-max, on the quads (inputs from storage and from
+    // textures), tiled and gathering kernels.
     let Some(gpu) = gpu() else { return };
+    for gpu in [gpu, texture_gpu().unwrap()] {
+        gated_backward_matches_the_cpu(gpu);
+    }
+    // Average pooling cannot: it would need the activation's output at every input.
+    let avg = Pool2d::avg((2, 2));
+    let x = upload(&random(&[1, 1, 4, 4], 3));
+    let y = avg.forward(&x).unwrap().y;
+    let err = avg
+        .backward_through(&[1, 1, 4, 4], &y, &y, (Activation::Relu, &y))
+        .unwrap_err();
+    assert!(err.to_string().contains("only max pooling"), "{err}");
+}
+
+fn gated_backward_matches_the_cpu(gpu: &wgcnn::Gpu) {
+    let upload = |x: &ArrayD<f32>| Tensor::from_array(gpu, x).unwrap();
     let overlapping = Pool2d::max((3, 3)).stride((2, 2)).padding((1, 1));
     let dilated = Pool2d::max((2, 2)).dilation((2, 1));
     for (i, (spec, shape)) in [
@@ -563,12 +587,4 @@ fn max_backward_through_the_activation_before_it_matches_the_cpu() {
             );
         }
     }
-    // Average pooling cannot: it would need the activation's output at every input.
-    let avg = Pool2d::avg((2, 2));
-    let x = upload(&random(&[1, 1, 4, 4], 3));
-    let y = avg.forward(&x).unwrap().y;
-    let err = avg
-        .backward_through(&[1, 1, 4, 4], &y, &y, (Activation::Relu, &y))
-        .unwrap_err();
-    assert!(err.to_string().contains("only max pooling"), "{err}");
 }

@@ -142,25 +142,55 @@ impl OperandTexture {
 /// The WGSL declaring kernel input `name` at `binding` with its `load_NAME(i)` accessor, read
 /// from a storage buffer or an r32float operand texture (shaders/scalar_input.wgsl).
 pub(crate) fn scalar_input(name: &str, binding: u32, texture: bool) -> String {
-    wgsl_section(
-        include_str!("../../shaders/scalar_input.wgsl"),
-        if texture { "texture" } else { "storage" },
-    )
-    .replace("{{NAME}}", name)
-    .replace("{{BINDING}}", &binding.to_string())
-    .replace("{{MASK}}", &((1u32 << TEXTURE_WIDTH_LOG2) - 1).to_string())
-    .replace("{{LOG2}}", &TEXTURE_WIDTH_LOG2.to_string())
+    input_declaration(if texture { "texture" } else { "storage" }, name, binding)
+}
+
+/// Like [`scalar_input`] for an input read as vec4s (`load_NAME(i)` returns vec4 number `i`),
+/// from an array of vec4s or an rgba32float operand texture.
+pub(crate) fn vec4_input(name: &str, binding: u32, texture: bool) -> String {
+    let section = if texture {
+        "texture_vec4"
+    } else {
+        "storage_vec4"
+    };
+    input_declaration(section, name, binding)
+}
+
+fn input_declaration(section: &str, name: &str, binding: u32) -> String {
+    wgsl_section(include_str!("../../shaders/scalar_input.wgsl"), section)
+        .replace("{{NAME}}", name)
+        .replace("{{BINDING}}", &binding.to_string())
+        .replace("{{MASK}}", &((1u32 << TEXTURE_WIDTH_LOG2) - 1).to_string())
+        .replace("{{LOG2}}", &TEXTURE_WIDTH_LOG2.to_string())
 }
 
 /// A copy of `tensor` in an r32float operand texture, when this context reads operands
 /// through textures and it fits; copied by `copy_from` ahead of the kernels that read it.
 pub(crate) fn scalar_texture(tensor: &Tensor) -> Result<Option<OperandTexture>> {
+    operand_copy(tensor, Texel::Scalar)
+}
+
+/// Copies of all of `tensors` in operand textures of `texel`s (vec4 texels for tensors read
+/// as vec4s), or `None` where this context reads storage or one does not fit: a kernel reads
+/// its inputs one way.
+pub(crate) fn operand_copies<'a>(
+    tensors: impl IntoIterator<Item = &'a Tensor>,
+    texel: Texel,
+) -> Result<Option<Vec<OperandTexture>>> {
+    let copies = tensors
+        .into_iter()
+        .map(|t| operand_copy(t, texel))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(copies.into_iter().collect())
+}
+
+fn operand_copy(tensor: &Tensor, texel: Texel) -> Result<Option<OperandTexture>> {
     let gpu = tensor.gpu();
-    let texels = tensor.len() as u64;
+    let texels = tensor.bytes() / texel.bytes();
     if gpu.operand_reads()? != OperandReads::Texture || !gpu.fits_operand_texture(texels) {
         return Ok(None);
     }
-    gpu.operand_texture(texels, Texel::Scalar).map(Some)
+    gpu.operand_texture(texels, texel).map(Some)
 }
 
 impl Gpu {

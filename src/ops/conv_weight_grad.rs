@@ -16,7 +16,7 @@ use super::reduce::sum_axes;
 use crate::error::Result;
 use crate::gpu::Gpu;
 use crate::gpu::dispatch::Resource;
-use crate::gpu::texture::{scalar_input, scalar_texture};
+use crate::gpu::texture::{Texel, operand_copies, scalar_input};
 use crate::ops::Activation;
 use crate::tensor::{Tensor, gpu_word};
 
@@ -351,12 +351,7 @@ fn run(
         .into_iter()
         .chain(gate.as_ref().map(|g| (4, g.y)))
         .collect();
-    let textures: Option<Vec<_>> = inputs
-        .iter()
-        .map(|(_, t)| scalar_texture(t))
-        .collect::<Result<Vec<_>>>()?
-        .into_iter()
-        .collect();
+    let textures = operand_copies(inputs.iter().map(|&(_, t)| t), Texel::Scalar)?;
     let variant = Variant {
         gated: gate.is_some(),
         store_dz: gate.as_ref().is_some_and(|g| g.dz.is_some()),

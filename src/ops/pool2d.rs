@@ -11,6 +11,8 @@ use ndarray::{Array4, ArrayD, ArrayView4, ArrayViewD, Ix4};
 
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
+use crate::gpu::dispatch::Resource;
+use crate::gpu::texture::{Texel, operand_copies, vec4_input};
 use crate::ops::Activation;
 use crate::tensor::Tensor;
 
@@ -347,7 +349,8 @@ impl Pool2d {
                 argmax.check_same_gpu("pool2d", gpu)?;
                 check_dy(&shape, argmax.shape())?;
                 if self.quads(&shape) {
-                    let tensors = [(5, dy), (6, &dx), (7, argmax), (8, pooled)];
+                    let mut tensors = vec![(5, dy), (6, &dx), (9, argmax)];
+                    tensors.extend(gate.map(|(_, y)| (8, y)));
                     let quads = dy.len() / 4;
                     self.run(
                         gpu,
@@ -427,35 +430,56 @@ impl Pool2d {
             ("ACT", activation.code() as usize),
         ]
         .map(|(name, value)| (name, value as u32));
-        let pipeline = gpu.specialized(
-            "pool",
-            entry,
-            || {
-                [
-                    include_str!("../../shaders/epilogue.wgsl"),
-                    include_str!("../../shaders/pool.wgsl"),
-                ]
-                .concat()
-            },
-            &constants,
-        )?;
-        let bindings: Vec<_> = tensors
+        // The `_quads` kernels read their inputs through textures where this context reads
+        // operands so (all of them or none).
+        let quads = entry.ends_with("_quads");
+        let inputs: Vec<_> = tensors
+            .iter()
+            .filter(|(number, _)| quads && QUAD_INPUTS.contains(number))
+            .collect();
+        let textures = operand_copies(inputs.iter().map(|&&(_, t)| t), Texel::Vec4)?;
+        let gated = activation != Activation::None;
+        let key = format!(
+            "pool{}{}",
+            if textures.is_some() { "_tex" } else { "" },
+            if gated { "_gated" } else { "" }
+        );
+        let source = || {
+            [
+                include_str!("../../shaders/epilogue.wgsl"),
+                &quad_inputs(textures.is_some(), gated),
+                include_str!("../../shaders/pool.wgsl"),
+            ]
+            .concat()
+        };
+        let pipeline = gpu.specialized(&key, entry, source, &constants)?;
+        let resources: Vec<_> = tensors
             .iter()
             .map(|&(number, t)| {
-                let binding = if number >= 5 {
-                    t.binding_vec4()
-                } else {
-                    t.binding()
+                let texture = textures.as_ref().and_then(|textures| {
+                    let at = inputs.iter().position(|&&(n, _)| n == number)?;
+                    Some(&textures[at].view)
+                });
+                let resource = match texture {
+                    Some(view) => Resource::Texture(view),
+                    None if number >= 5 => Resource::Buffer(t.binding_vec4()),
+                    None => Resource::Buffer(t.binding()),
                 };
-                (number, binding)
+                (number, resource)
             })
             .collect();
-        gpu.run_pass(entry, |pass| {
-            gpu.encode_at(
+        let copies = |encoder: &mut wgpu::CommandEncoder| {
+            for (texture, (_, t)) in textures.iter().flatten().zip(&inputs) {
+                texture.copy_from(encoder, t.binding(), t.len() as u64 / 4);
+            }
+            Ok(())
+        };
+        gpu.run_pass_after(entry, copies, |pass| {
+            gpu.encode_resources(
                 pass,
                 &pipeline,
                 bytemuck::bytes_of(&params),
-                &bindings,
+                &resources,
                 (total as u64).div_ceil(256),
             )
         })
@@ -470,6 +494,22 @@ fn check_dy(shape: &Pool2dShape, dy: &[usize]) -> Result<()> {
         });
     }
     Ok(())
+}
+
+/// The bindings of the `_quads` kernels' inputs: x or dy, the forward output, the arg-max.
+const QUAD_INPUTS: [u32; 3] = [5, 8, 9];
+
+/// The declarations of the `_quads` kernels' inputs (shaders/pool.wgsl): vec4s from storage
+/// or textures; the forward output only where backward takes the gradient through an
+/// activation (elsewhere `load_pooled4` is never called).
+fn quad_inputs(textures: bool, gated: bool) -> String {
+    let mut out = vec4_input("src4", 5, textures) + &vec4_input("best4", 9, textures);
+    if gated {
+        out += &vec4_input("pooled4", 8, textures);
+    } else {
+        out += "fn load_pooled4(i: u32) -> vec4<f32> { return vec4<f32>(1.0); }\n";
+    }
+    out
 }
 
 /// No activation to take the gradient through (every pass but max pooling's backward).

@@ -24,6 +24,21 @@ pub fn gpu() -> Option<&'static Gpu> {
     }
 }
 
+/// A second context on the same adapter, forced to read kernel operands through textures
+/// (what the calibration picks on hosts where texel loads are the cheaper ones): the kernel
+/// family the process-wide GPU may not take here. `None` where `gpu()` is.
+pub fn texture_gpu() -> Option<&'static Gpu> {
+    gpu()?;
+    static GPU: OnceLock<Gpu> = OnceLock::new();
+    Some(GPU.get_or_init(|| {
+        let options = wgcnn::GpuOptions {
+            operand_reads: Some(wgcnn::OperandReads::Texture),
+            ..wgcnn::GpuOptions::from_env().unwrap()
+        };
+        Gpu::with_options(options).unwrap()
+    }))
+}
+
 /// Uploads to the process-wide GPU (call after `gpu()` said there is one).
 pub fn upload(x: &ArrayD<f32>) -> wgcnn::Tensor {
     wgcnn::Tensor::from_array(gpu().expect("a GPU"), x).unwrap()
