@@ -335,6 +335,16 @@ fn misuse_is_an_error_that_says_what_to_do() {
     g.add("fc", Linear::new(4, 2), &[0]).unwrap();
     let e = g.add("fc", Linear::new(2, 2), &[1]).unwrap_err();
     assert!(e.to_string().contains("unique"), "{e}");
+    // A fused leaky ReLU with a negative slope would get its gradient wrong (it is read from
+    // the output): refused, with the way out.
+    let leaky = Activation::LeakyRelu(-0.5);
+    let e = g
+        .add("leaky", Linear::new(2, 2).activation(leaky), &[1])
+        .unwrap_err();
+    assert!(e.to_string().contains("nn::leaky_relu(-0.5)"), "{e}");
+    let conv = Conv2d::new(1, 1, (1, 1)).activation(leaky);
+    let e = g.add("leaky", conv, &[0]).unwrap_err();
+    assert!(e.to_string().contains("slope of at least 0"), "{e}");
 
     // Backward with no kept forward pass.
     let e = g

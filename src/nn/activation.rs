@@ -3,7 +3,7 @@
 
 use ndarray::Zip;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::graph::{Backward, BackwardArgs, Ctx, Forward, Layer, Value};
 use crate::ops::Activation;
 use crate::ops::reduce::activation_backward_and_sum;
@@ -65,6 +65,25 @@ impl Layer for Activate {
             inputs: vec![Some(dx)],
             state: Vec::new(),
         })
+    }
+}
+
+/// Refuses an activation that `layer` cannot fuse: the fused gradient is read from the
+/// output (see [`pre_activation_grad`]), and a leaky ReLU with a negative slope has positive
+/// outputs on both sides of 0, so its gradient would silently be wrong.
+pub(crate) fn check_fused(activation: Activation, layer: &'static str) -> Result<()> {
+    match activation {
+        Activation::LeakyRelu(slope) if slope < 0.0 || slope.is_nan() => {
+            Err(Error::InvalidArgument {
+                op: layer,
+                detail: format!(
+                    "a fused leaky ReLU needs a slope of at least 0 (got {slope}): its gradient is \
+                 read from the layer's output, whose sign is the input's only then; add \
+                 nn::leaky_relu({slope}) as a layer of its own instead"
+                ),
+            })
+        }
+        _ => Ok(()),
     }
 }
 

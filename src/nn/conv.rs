@@ -3,7 +3,7 @@
 
 use crate::error::{Error, Result};
 use crate::graph::{Backward, BackwardArgs, Ctx, Forward, Layer, StateInit, Value};
-use crate::nn::activation::pre_activation_grad;
+use crate::nn::activation::{check_fused, pre_activation_grad};
 use crate::nn::init::{Init, InitRng};
 use crate::ops::Activation;
 use crate::ops::conv2d::{self, Padding, conv2d_backward_cpu, conv2d_cpu};
@@ -128,6 +128,7 @@ impl Layer for Conv2d {
     }
 
     fn init_state(&self, rng: &mut dyn FnMut(&'static str) -> InitRng) -> Result<Vec<StateInit>> {
+        check_fused(self.spec.activation, "Conv2d")?;
         let (kh, kw) = self.kernel;
         let taps = kh * kw;
         // PyTorch's fans: a filter reads in/groups channels.

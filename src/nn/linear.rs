@@ -2,7 +2,7 @@
 
 use crate::error::{Error, Result};
 use crate::graph::{Backward, BackwardArgs, Ctx, Forward, Layer, StateInit, Value};
-use crate::nn::activation::{pre_activation_and_bias_grad, pre_activation_grad};
+use crate::nn::activation::{check_fused, pre_activation_and_bias_grad, pre_activation_grad};
 use crate::nn::init::{Init, InitRng};
 use crate::ops::Activation;
 use crate::ops::linear::{linear, linear_backward_cpu, linear_cpu, linear_gradients};
@@ -88,6 +88,7 @@ impl Layer for Linear {
     }
 
     fn init_state(&self, rng: &mut dyn FnMut(&'static str) -> InitRng) -> Result<Vec<StateInit>> {
+        check_fused(self.activation, "Linear")?;
         let (weight, bias) = self.init.weight_and_bias(
             rng,
             &[self.out_features, self.in_features],
