@@ -4,6 +4,9 @@
 //   layer norm: outer = 1, groups = N, inner = C·H·W, affine parameters indexed by inner.
 // Per-group sums are real parallel reductions: one 64-invocation workgroup per group,
 // strided partial sums, then a tree in workgroup memory.
+// Where INNER is a multiple of 4, src/ops/norm.rs runs the `…4` entries instead: the same
+// passes over vec4s (x, dy, y, dx, γ, β and layer norm's dγ, dβ bound as arrays of vec4s),
+// a quarter of the per-lane loads that bound these kernels on CPU adapters.
 
 struct Params {
     outer: u32, groups: u32, inner: u32, affine_per_inner: u32,
@@ -47,7 +50,11 @@ fn element(g: u32, t: u32) -> u32 {
     return ((t / inner()) * groups() + g) * inner() + t % inner();
 }
 
-fn group_of(i: u32) -> u32 { return (i / inner()) % groups(); }
+// Layer norm's outer is 1: element i's group is i / INNER, with no division by the groups.
+fn group_of(i: u32) -> u32 {
+    if GROUPS == 0u { return i / inner(); }
+    return (i / inner()) % groups();
+}
 
 fn affine_index(i: u32) -> u32 {
     return select(group_of(i), i % inner(), p.affine_per_inner != 0u);
@@ -81,17 +88,21 @@ fn stats(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: ve
     var q = 0.0;
     for (var t = lane; t < n; t += 64u) { let d = x[element(g, t)] - mu; q += d * d; }
     let v = workgroup_sum(lane, vec4<f32>(q, 0.0, 0.0, 0.0)).x / f32(n);
-    if lane == 0u {
-        mean[g] = mu;
-        var_biased[g] = v;
-        rstd[g] = inverseSqrt(v + p.eps);
-        if p.update_running != 0u {
-            let unbiased = v * f32(n) / f32(max(n, 2u) - 1u);
-            // momentum = None in PyTorch: the cumulative average, 1 / (batches so far + this).
-            let factor = select(p.momentum, 1.0 / (f32(batches[0]) + 1.0), p.cumulative != 0u);
-            running_mean[g] = (1.0 - factor) * running_mean[g] + factor * mu;
-            running_var[g] = (1.0 - factor) * running_var[g] + factor * unbiased;
-        }
+    if lane == 0u { store_stats(g, mu, v); }
+}
+
+// Group g's mean and biased variance, its rstd and the running averages.
+fn store_stats(g: u32, mu: f32, v: f32) {
+    let n = count();
+    mean[g] = mu;
+    var_biased[g] = v;
+    rstd[g] = inverseSqrt(v + p.eps);
+    if p.update_running != 0u {
+        let unbiased = v * f32(n) / f32(max(n, 2u) - 1u);
+        // momentum = None in PyTorch: the cumulative average, 1 / (batches so far + this).
+        let factor = select(p.momentum, 1.0 / (f32(batches[0]) + 1.0), p.cumulative != 0u);
+        running_mean[g] = (1.0 - factor) * running_mean[g] + factor * mu;
+        running_var[g] = (1.0 - factor) * running_var[g] + factor * unbiased;
     }
 }
 
@@ -180,4 +191,117 @@ fn affine_grads_per_group(@builtin(global_invocation_id) gid: vec3<u32>) {
     if g >= groups() { return; }
     dgamma[g] = sums[g].w;
     dbeta[g] = sums[g].z;
+}
+
+// The vec4 passes (INNER a multiple of 4): vec4 number i of the tensor, INNER4 per row.
+@group(0) @binding(16) var<storage, read> x4: array<vec4<f32>>;
+@group(0) @binding(17) var<storage, read> dy4: array<vec4<f32>>;
+@group(0) @binding(18) var<storage, read_write> y4: array<vec4<f32>>;
+@group(0) @binding(19) var<storage, read_write> dx4: array<vec4<f32>>;
+@group(0) @binding(20) var<storage, read> gamma4: array<vec4<f32>>;
+@group(0) @binding(21) var<storage, read> beta4: array<vec4<f32>>;
+@group(0) @binding(22) var<storage, read_write> dgamma4: array<vec4<f32>>;
+@group(0) @binding(23) var<storage, read_write> dbeta4: array<vec4<f32>>;
+
+fn inner4() -> u32 { return INNER / 4u; }
+
+fn element4(g: u32, t: u32) -> u32 {
+    return ((t / inner4()) * groups() + g) * inner4() + t % inner4();
+}
+
+fn group_of4(i: u32) -> u32 { return group_of(4u * i); }
+
+// Where vec4 i's γ and β lie in gamma4 / beta4: the four values at inner position k (layer
+// norm), or in vec4 g / 4, which holds group g's (batch norm); `affine4` takes the value out.
+fn affine_at4(i: u32) -> u32 {
+    return select(group_of4(i) / 4u, i % inner4(), GROUPS == 0u);
+}
+
+fn affine4(v: vec4<f32>, i: u32) -> vec4<f32> {
+    if GROUPS == 0u { return v; }
+    return vec4<f32>(v[group_of4(i) % 4u]);
+}
+
+fn total(v: vec4<f32>) -> f32 { return v.x + v.y + v.z + v.w; }
+
+@compute @workgroup_size(64)
+fn stats4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+          @builtin(local_invocation_index) lane: u32) {
+    let g = group_id(wid, nwg);
+    if g >= groups() { return; }
+    let n4 = p.outer * inner4();
+    var s = vec4<f32>(0.0);
+    for (var t = lane; t < n4; t += 64u) { s += x4[element4(g, t)]; }
+    let mu = total(workgroup_sum(lane, s)) / f32(count());
+    var q = vec4<f32>(0.0);
+    for (var t = lane; t < n4; t += 64u) { let d = x4[element4(g, t)] - mu; q += d * d; }
+    let v = total(workgroup_sum(lane, q)) / f32(count());
+    if lane == 0u { store_stats(g, mu, v); }
+}
+
+@compute @workgroup_size(256)
+fn normalize4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = gid.x + gid.y * nwg.x * 256u;
+    if i >= p.total / 4u { return; }
+    let g = group_of4(i);
+    y4[i] = (x4[i] - mean[g]) * rstd[g] * affine4(gamma4[affine_at4(i)], i) + affine4(beta4[affine_at4(i)], i);
+}
+
+@compute @workgroup_size(64)
+fn backward_sums4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                  @builtin(local_invocation_index) lane: u32) {
+    let g = group_id(wid, nwg);
+    if g >= groups() { return; }
+    let n4 = p.outer * inner4();
+    let mu = mean[g];
+    let r = rstd[g];
+    var sg = vec4<f32>(0.0);
+    var sgx = vec4<f32>(0.0);
+    var sd = vec4<f32>(0.0);
+    var sdx = vec4<f32>(0.0);
+    for (var t = lane; t < n4; t += 64u) {
+        let i = element4(g, t);
+        let xhat = (x4[i] - mu) * r;
+        let d = dy4[i];
+        let gy = d * affine4(gamma4[affine_at4(i)], i);
+        sg += gy;
+        sgx += gy * xhat;
+        sd += d;
+        sdx += d * xhat;
+    }
+    let sums4 = workgroup_sum(lane, vec4<f32>(total(sg), total(sgx), total(sd), total(sdx)));
+    if lane == 0u { sums[g] = sums4; }
+}
+
+@compute @workgroup_size(256)
+fn backward_dx4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = gid.x + gid.y * nwg.x * 256u;
+    if i >= p.total / 4u { return; }
+    let g = group_of4(i);
+    let gy = dy4[i] * affine4(gamma4[affine_at4(i)], i);
+    if p.training == 0u {
+        dx4[i] = gy * rstd[g];
+        return;
+    }
+    let xhat = (x4[i] - mean[g]) * rstd[g];
+    let n = f32(count());
+    dx4[i] = rstd[g] * (gy - sums[g].x / n - xhat * sums[g].y / n);
+}
+
+@compute @workgroup_size(64)
+fn affine_grads_per_inner4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let k = gid.x + gid.y * nwg.x * 64u;
+    if k >= inner4() { return; }
+    var dg = vec4<f32>(0.0);
+    var db = vec4<f32>(0.0);
+    for (var a = 0u; a < p.outer; a++) {
+        for (var g = 0u; g < groups(); g++) {
+            let i = (a * groups() + g) * inner4() + k;
+            let d = dy4[i];
+            dg += d * (x4[i] - mean[g]) * rstd[g];
+            db += d;
+        }
+    }
+    dgamma4[k] = dg;
+    dbeta4[k] = db;
 }

@@ -5,6 +5,7 @@ mod common;
 use common::golden::{assert_close, cases, tensor};
 use common::{gpu, max_abs_diff, random, upload};
 use ndarray::{Array1, ArrayD, Ix1};
+use wgcnn::Tensor;
 use wgcnn::cpu::BatchNormCpu;
 use wgcnn::ops::batch_norm::batches_state;
 use wgcnn::ops::{BatchNorm2d, LayerNorm};
@@ -249,10 +250,25 @@ fn random_shapes_match_the_cpu() {
         return;
     }
     let spec = BatchNorm2d::default();
-    for (i, shape) in [[1, 1, 1, 2], [2, 3, 5, 7], [8, 16, 9, 9], [3, 2, 31, 17]]
-        .iter()
-        .enumerate()
-    {
+    // Rows of whole vec4s (H·W, and for layer norm C·H·W, multiples of 4) take the vec4
+    // kernels, the others the scalar ones; outputs land in NaN-filled buffers.
+    let shapes = [
+        [1, 1, 1, 2],
+        [2, 3, 5, 7],
+        [8, 16, 9, 9],
+        [3, 2, 31, 17],
+        [2, 3, 4, 6],
+        [1, 2, 2, 2],
+        [4, 5, 8, 8],
+        [3, 5, 3, 4],
+    ];
+    let poison = |shape: &[usize]| {
+        for _ in 0..2 {
+            drop(Tensor::full(gpu().unwrap(), shape, f32::NAN).unwrap());
+            drop(Tensor::full(gpu().unwrap(), &shape[1..2], f32::NAN).unwrap());
+        }
+    };
+    for (i, shape) in shapes.iter().enumerate() {
         let seed = i as u64 * 10;
         let x = random(shape, seed).mapv(|v| v * 3.0 + 1.0);
         let c = shape[1];
@@ -275,6 +291,7 @@ fn random_shapes_match_the_cpu() {
         )
         .unwrap();
         let (tx, tg, trm, trv) = (upload(&x), upload(&gamma), upload(&rm), upload(&rv));
+        poison(shape);
         let got = spec
             .forward_train(
                 &tx,
@@ -300,8 +317,10 @@ fn random_shapes_match_the_cpu() {
             true,
         )
         .unwrap();
+        let tdy = upload(&dy);
+        poison(shape);
         let got_g = spec
-            .backward(&tx, &tg, &got.mean, &got.rstd, &upload(&dy), true)
+            .backward(&tx, &tg, &got.mean, &got.rstd, &tdy, true)
             .unwrap();
         let m = (shape[0] * shape[2] * shape[3]) as f32;
         assert!(
@@ -321,7 +340,9 @@ fn random_shapes_match_the_cpu() {
         let trailing = &shape[1..];
         let (lg, lb) = (random(trailing, seed + 6), random(trailing, seed + 7));
         let want = ln.forward_cpu(&x.view(), &lg.view(), &lb.view()).unwrap();
-        let got = ln.forward(&tx, &upload(&lg), &upload(&lb)).unwrap();
+        let (tlg, tlb) = (upload(&lg), upload(&lb));
+        poison(shape);
+        let got = ln.forward(&tx, &tlg, &tlb).unwrap();
         assert!(
             max_abs_diff(&got.y.to_array().unwrap(), &want.y) < 1e-4,
             "{shape:?} layer norm y"
@@ -329,9 +350,8 @@ fn random_shapes_match_the_cpu() {
         let want_g = ln
             .backward_cpu(&x.view(), &lg.view(), &want.mean, &want.rstd, &dy.view())
             .unwrap();
-        let got_g = ln
-            .backward(&tx, &upload(&lg), &got.mean, &got.rstd, &upload(&dy))
-            .unwrap();
+        poison(shape);
+        let got_g = ln.backward(&tx, &tlg, &got.mean, &got.rstd, &tdy).unwrap();
         assert!(
             max_abs_diff(&got_g.x.to_array().unwrap(), &want_g.x) < 1e-4,
             "{shape:?} layer norm dx"

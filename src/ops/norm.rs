@@ -51,6 +51,27 @@ pub(crate) const DGAMMA: u32 = 13;
 pub(crate) const DBETA: u32 = 14;
 pub(crate) const BATCHES: u32 = 15;
 
+/// The entries with a `…4` twin over vec4s, run where rows are whole vec4s.
+const VEC4_ENTRIES: [&str; 5] = [
+    "stats",
+    "normalize",
+    "backward_sums",
+    "backward_dx",
+    "affine_grads_per_inner",
+];
+
+/// Where the `…4` entries bind the tensors they read and write as vec4s.
+const VEC4_BINDINGS: [(u32, u32); 8] = [
+    (X, 16),
+    (DY, 17),
+    (Y, 18),
+    (DX, 19),
+    (GAMMA, 20),
+    (BETA, 21),
+    (DGAMMA, 22),
+    (DBETA, 23),
+];
+
 /// Settings of one launch beyond the grouping.
 #[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct Settings {
@@ -99,11 +120,14 @@ pub(crate) fn launch(
         cumulative: u32::from(settings.cumulative),
         _pad: [0; 2],
     };
+    // Rows of whole vec4s: the `…4` twin of the entry, over vec4s.
+    let vec4 = grouping.inner.is_multiple_of(4) && VEC4_ENTRIES.contains(&entry);
+    let per_vec4 = if vec4 { 4 } else { 1 };
     let groups = match grid {
         Grid::PerGroup => grouping.groups as u64,
         Grid::GroupThreads => (grouping.groups as u64).div_ceil(64),
-        Grid::InnerThreads => (grouping.inner as u64).div_ceil(64),
-        Grid::Elements => (total as u64).div_ceil(256),
+        Grid::InnerThreads => (grouping.inner as u64 / per_vec4).div_ceil(64),
+        Grid::Elements => (total as u64 / per_vec4).div_ceil(256),
         Grid::Single => 1,
     };
     // Batch norm's groups are its channels, a layer constant; layer norm's are the batch.
@@ -116,14 +140,27 @@ pub(crate) fn launch(
         ("INNER", gpu_word("norm", grouping.inner)?),
         ("GROUPS", gpu_word("norm", constant_groups)?),
     ];
+    let entry = if vec4 {
+        format!("{entry}4")
+    } else {
+        entry.to_string()
+    };
     let pipeline = gpu.specialized(
         "norm",
-        entry,
+        &entry,
         || include_str!("../../shaders/norm.wgsl").into(),
         &constants,
     )?;
-    let bindings: Vec<_> = tensors.iter().map(|&(n, t)| (n, t.binding())).collect();
-    gpu.run_pass(entry, |pass| {
+    let bindings: Vec<_> = tensors
+        .iter()
+        .map(
+            |&(n, t)| match VEC4_BINDINGS.iter().find(|&&(of, _)| of == n) {
+                Some(&(_, n4)) if vec4 => (n4, t.binding_vec4()),
+                _ => (n, t.binding()),
+            },
+        )
+        .collect();
+    gpu.run_pass(&entry, |pass| {
         gpu.encode_at(
             pass,
             &pipeline,
