@@ -270,14 +270,20 @@ fn check_finite_differences(spec: Conv2d, x_shape: &[usize], w_shape: &[usize]) 
 #[test]
 fn large_batches_run_in_chunks() {
     let Some(gpu) = gpu() else { return };
-    // 300 images of 3×64×64 with a 3×3 kernel: the col buffer (300·27·62·62·4 B ≈ 125 MB)
-    // exceeds one 64 MiB chunk, so the batch is split.
-    let spec = Conv2d::default();
+    // 300 images of 3×64×64 with 20 filters of 3×3 ("same"): im2col + matmul, whose col
+    // buffer (300·27·64·64·4 B ≈ 133 MB) exceeds one 64 MiB chunk, so the batch is split and
+    // later chunks start past the first image.
+    let spec = Conv2d {
+        padding: Padding::Same,
+        ..Conv2d::default()
+    };
     let (x, w, b) = (
         random(&[300, 3, 64, 64], 5),
-        random(&[4, 3, 3, 3], 6),
-        random(&[4], 7),
+        random(&[20, 3, 3, 3], 6),
+        random(&[20], 7),
     );
+    let shape = spec.shape(x.shape(), w.shape(), None).unwrap();
+    assert_eq!(spec.kernels(gpu, &shape), "im2col+matmul");
     let expected = wgcnn::cpu::conv2d(&spec, &x.view(), &w.view(), Some(&b.view())).unwrap();
     let (tx, tw) = (
         Tensor::from_array(gpu, &x).unwrap(),

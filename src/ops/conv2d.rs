@@ -706,10 +706,17 @@ impl Conv2d {
         (src, dst): (&Tensor, &Tensor),
         (first, count): (usize, usize),
     ) -> Result<()> {
+        // Output rows of whole vec4s: four positions per invocation (`im2col4`).
+        let quads = entry == "im2col" && shape.ow.is_multiple_of(4);
+        let (entry, total, dst_binding) = if quads {
+            ("im2col4", dst.len() / 4, (3, dst.binding_vec4()))
+        } else {
+            (entry, dst.len(), (2, dst.binding()))
+        };
         let params = Im2colParams {
             images: gpu_word(OP, count)?,
             first_image: gpu_word(OP, first)?,
-            total: gpu_word(OP, dst.len())?,
+            total: gpu_word(OP, total)?,
             _pad: 0,
         };
         let constants = [
@@ -736,12 +743,12 @@ impl Conv2d {
             &constants,
         )?;
         gpu.run_pass(entry, |pass| {
-            gpu.encode(
+            gpu.encode_at(
                 pass,
                 &pipeline,
                 bytemuck::bytes_of(&params),
-                &[src.binding(), dst.binding()],
-                (dst.len() as u64).div_ceil(256),
+                &[(1, src.binding()), dst_binding],
+                (total as u64).div_ceil(256),
             )
         })
     }
