@@ -529,7 +529,7 @@ fn main() -> Result<()> {
     )?);
     cases.extend(batch_norm_cases(&gpu)?);
     cases.extend(layer_norm_cases(&gpu)?);
-    for shape in [(64, 10), (1024, 1000)] {
+    for shape in [(64, 10), (64, 1000), (1024, 1000)] {
         cases.push(cross_entropy_case(&gpu, shape)?);
     }
     cases.push(train_step_case(&gpu)?);

@@ -131,8 +131,8 @@ fn pytorch_goldens_on_gpu_and_cpu() {
 #[test]
 fn random_batches_match_the_cpu_including_accuracy() {
     let Some(gpu) = gpu() else { return };
-    // Up to 256 rows one workgroup sums the totals too; past that, per-row values and a
-    // summing pass (1000 rows: more than one row per lane).
+    // Up to 256 rows (of at most 65536 logits) one workgroup sums the totals too; past that,
+    // per-row values and a summing pass (1000 rows: more than one row per lane).
     let shapes = [
         (1, 2, 1),
         (64, 10, 2),
@@ -141,6 +141,7 @@ fn random_batches_match_the_cpu_including_accuracy() {
         (256, 7, 5),
         (257, 5, 6),
         (1000, 12, 7),
+        (200, 400, 8),
     ];
     for (n, k, seed) in shapes {
         let logits = random(&[n, k], seed).mapv(|v| v * 5.0);
