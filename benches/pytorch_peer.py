@@ -66,7 +66,7 @@ def rows():
     yield "layer_norm_fwd", "N8 C64 28x28", lambda: ln(x.detach())
     yield "layer_norm_fwd_bwd", "N8 C64 28x28", lambda: torch.autograd.grad(ln(x), (x, g, b), dy)
 
-    for rows_, classes in [(64, 10), (1024, 1000)]:
+    for rows_, classes in [(64, 10), (64, 1000), (1024, 1000)]:
         logits = rand(rows_, classes, grad=True)
         labels = torch.tensor([(i * 7) % classes for i in range(rows_)])
         yield "softmax_cross_entropy_fwd_bwd", f"N{rows_} K{classes}", lambda l=logits, t=labels: torch.autograd.grad(
