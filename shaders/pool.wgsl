@@ -35,13 +35,11 @@ struct Params {
 @group(0) @binding(1) var<storage, read> src: array<f32>;
 @group(0) @binding(2) var<storage, read_write> dst: array<f32>;
 @group(0) @binding(3) var<storage, read_write> argmax: array<f32>;
-// Max pooling backward: the forward output, read where ACT takes the gradient through.
-@group(0) @binding(4) var<storage, read> pooled: array<f32>;
-
-// dy[i] of max pooling, taken through ACT where there is one.
+// dy[i] of max pooling, taken through ACT where there is one: `load_pooled(i)` reads the
+// forward output (binding 4; src/ops/pool2d.rs declares it only then).
 fn max_gradient(i: u32) -> f32 {
     if ACT == 0u { return src[i]; }
-    return src[i] * activation_derivative(pooled[i], ACT, p.slope);
+    return src[i] * activation_derivative(load_pooled(i), ACT, p.slope);
 }
 
 fn linear_index(gid: vec3<u32>, nwg: vec3<u32>) -> u32 {

@@ -183,26 +183,24 @@ impl Layer for Conv2d {
 
     fn backward(&self, args: BackwardArgs<'_>) -> Result<Backward> {
         let spec = self.linear_part();
+        // The activation the gradient still has to go through: none if the layer reading y
+        // took it (see `Layer::takes_input_activation`).
+        let activation = if args.dy_through_activation {
+            Activation::None
+        } else {
+            self.spec.activation
+        };
         let (dx, dweight, dbias) = match args.inputs[0] {
             Value::Gpu(x) => {
                 let (weight, dy) = (args.state[0].gpu()?, args.dy.gpu()?);
                 // The op takes the gradient through the activation itself (fused into its
-                // weight-gradient kernel where it can), unless the layer reading y did.
-                let gate = if args.dy_through_activation {
-                    None
-                } else {
-                    Some((self.spec.activation, args.y.gpu()?))
-                };
+                // weight-gradient kernel where it can).
+                let gate = Some((activation, args.y.gpu()?));
                 let (dx, dweight, dbias) =
                     spec.gradients(x, weight, dy, gate, args.needs.inputs)?;
                 (dx.map(Value::Gpu), Value::Gpu(dweight), Value::Gpu(dbias))
             }
             Value::Cpu(x) => {
-                let activation = if args.dy_through_activation {
-                    Activation::None
-                } else {
-                    self.spec.activation
-                };
                 let dpre = pre_activation_grad(activation, args.y, args.dy)?;
                 let dy = dpre.as_ref().unwrap_or(args.dy);
                 let g = conv2d_backward_cpu(

@@ -12,7 +12,7 @@ use ndarray::{Array4, ArrayD, ArrayView4, ArrayViewD, Ix4};
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::gpu::dispatch::Resource;
-use crate::gpu::texture::{Texel, operand_copies, vec4_input};
+use crate::gpu::texture::{Texel, operand_copies, scalar_input, vec4_input};
 use crate::ops::Activation;
 use crate::tensor::Tensor;
 
@@ -342,8 +342,6 @@ impl Pool2d {
             ("", dx.len())
         };
         let activation = gate.map_or(Activation::None, |(activation, _)| activation);
-        // Without an activation the kernel never reads `pooled`; dy stands in for it.
-        let pooled = gate.map_or(dy, |(_, y)| y);
         match (self.kind, argmax) {
             (PoolKind::Max, Some(argmax)) => {
                 argmax.check_same_gpu("pool2d", gpu)?;
@@ -362,7 +360,8 @@ impl Pool2d {
                     )?;
                 } else {
                     let entry = format!("max_backward{entry}");
-                    let tensors = [(1, dy), (2, &dx), (3, argmax), (4, pooled)];
+                    let mut tensors = vec![(1, dy), (2, &dx), (3, argmax)];
+                    tensors.extend(gate.map(|(_, y)| (4, y)));
                     self.run(gpu, &shape, &entry, &tensors, total, activation)?;
                 }
             }
@@ -447,7 +446,7 @@ impl Pool2d {
         let source = || {
             [
                 include_str!("../../shaders/epilogue.wgsl"),
-                &quad_inputs(textures.is_some(), gated),
+                &pool_inputs(textures.is_some(), gated),
                 include_str!("../../shaders/pool.wgsl"),
             ]
             .concat()
@@ -499,14 +498,17 @@ fn check_dy(shape: &Pool2dShape, dy: &[usize]) -> Result<()> {
 /// The bindings of the `_quads` kernels' inputs: x or dy, the forward output, the arg-max.
 const QUAD_INPUTS: [u32; 3] = [5, 8, 9];
 
-/// The declarations of the `_quads` kernels' inputs (shaders/pool.wgsl): vec4s from storage
-/// or textures; the forward output only where backward takes the gradient through an
-/// activation (elsewhere `load_pooled4` is never called).
-fn quad_inputs(textures: bool, gated: bool) -> String {
+/// The declarations of inputs shaders/pool.wgsl reads through functions: the `_quads`
+/// kernels' vec4s, from storage or textures; and the forward output (`load_pooled`,
+/// `load_pooled4`) only where max pooling's backward takes the gradient through an
+/// activation (elsewhere they are never called and bind nothing).
+fn pool_inputs(textures: bool, gated: bool) -> String {
     let mut out = vec4_input("src4", 5, textures) + &vec4_input("best4", 9, textures);
     if gated {
+        out += &scalar_input("pooled", 4, false);
         out += &vec4_input("pooled4", 8, textures);
     } else {
+        out += "fn load_pooled(i: u32) -> f32 { return 1.0; }\n";
         out += "fn load_pooled4(i: u32) -> vec4<f32> { return vec4<f32>(1.0); }\n";
     }
     out
