@@ -193,13 +193,12 @@ fn affine_grads_per_group(@builtin(global_invocation_id) gid: vec3<u32>) {
     dbeta[g] = sums[g].z;
 }
 
-// The vec4 passes (INNER a multiple of 4): vec4 number i of the tensor, INNER4 per row.
-@group(0) @binding(16) var<storage, read> x4: array<vec4<f32>>;
-@group(0) @binding(17) var<storage, read> dy4: array<vec4<f32>>;
+// The vec4 passes (INNER a multiple of 4): vec4 number i of the tensor, INNER4 per row. They
+// read x, dy, γ and β through `load_x4`, `load_dy4`, `load_gamma4`, `load_beta4` (bindings
+// 16, 17, 20, 21), from storage or, where the adapter's calibration prefers them, textures:
+// src/ops/norm.rs puts their declarations in front.
 @group(0) @binding(18) var<storage, read_write> y4: array<vec4<f32>>;
 @group(0) @binding(19) var<storage, read_write> dx4: array<vec4<f32>>;
-@group(0) @binding(20) var<storage, read> gamma4: array<vec4<f32>>;
-@group(0) @binding(21) var<storage, read> beta4: array<vec4<f32>>;
 @group(0) @binding(22) var<storage, read_write> dgamma4: array<vec4<f32>>;
 @group(0) @binding(23) var<storage, read_write> dbeta4: array<vec4<f32>>;
 
@@ -211,7 +210,7 @@ fn element4(g: u32, t: u32) -> u32 {
 
 fn group_of4(i: u32) -> u32 { return group_of(4u * i); }
 
-// Where vec4 i's γ and β lie in gamma4 / beta4: the four values at inner position k (layer
+// Where vec4 i's γ and β lie among the vec4s of γ and β: the four values at inner position k (layer
 // norm), or in vec4 g / 4, which holds group g's (batch norm); `affine4` takes the value out.
 fn affine_at4(i: u32) -> u32 {
     return select(group_of4(i) / 4u, i % inner4(), GROUPS == 0u);
@@ -231,10 +230,10 @@ fn stats4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
     if g >= groups() { return; }
     let n4 = p.outer * inner4();
     var s = vec4<f32>(0.0);
-    for (var t = lane; t < n4; t += 64u) { s += x4[element4(g, t)]; }
+    for (var t = lane; t < n4; t += 64u) { s += load_x4(element4(g, t)); }
     let mu = total(workgroup_sum(lane, s)) / f32(count());
     var q = vec4<f32>(0.0);
-    for (var t = lane; t < n4; t += 64u) { let d = x4[element4(g, t)] - mu; q += d * d; }
+    for (var t = lane; t < n4; t += 64u) { let d = load_x4(element4(g, t)) - mu; q += d * d; }
     let v = total(workgroup_sum(lane, q)) / f32(count());
     if lane == 0u { store_stats(g, mu, v); }
 }
@@ -244,7 +243,8 @@ fn normalize4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgr
     let i = gid.x + gid.y * nwg.x * 256u;
     if i >= p.total / 4u { return; }
     let g = group_of4(i);
-    y4[i] = (x4[i] - mean[g]) * rstd[g] * affine4(gamma4[affine_at4(i)], i) + affine4(beta4[affine_at4(i)], i);
+    y4[i] = (load_x4(i) - mean[g]) * rstd[g] * affine4(load_gamma4(affine_at4(i)), i)
+        + affine4(load_beta4(affine_at4(i)), i);
 }
 
 @compute @workgroup_size(64)
@@ -261,9 +261,9 @@ fn backward_sums4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups
     var sdx = vec4<f32>(0.0);
     for (var t = lane; t < n4; t += 64u) {
         let i = element4(g, t);
-        let xhat = (x4[i] - mu) * r;
-        let d = dy4[i];
-        let gy = d * affine4(gamma4[affine_at4(i)], i);
+        let xhat = (load_x4(i) - mu) * r;
+        let d = load_dy4(i);
+        let gy = d * affine4(load_gamma4(affine_at4(i)), i);
         sg += gy;
         sgx += gy * xhat;
         sd += d;
@@ -278,12 +278,12 @@ fn backward_dx4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_work
     let i = gid.x + gid.y * nwg.x * 256u;
     if i >= p.total / 4u { return; }
     let g = group_of4(i);
-    let gy = dy4[i] * affine4(gamma4[affine_at4(i)], i);
+    let gy = load_dy4(i) * affine4(load_gamma4(affine_at4(i)), i);
     if p.training == 0u {
         dx4[i] = gy * rstd[g];
         return;
     }
-    let xhat = (x4[i] - mean[g]) * rstd[g];
+    let xhat = (load_x4(i) - mean[g]) * rstd[g];
     let n = f32(count());
     dx4[i] = rstd[g] * (gy - sums[g].x / n - xhat * sums[g].y / n);
 }
@@ -297,8 +297,8 @@ fn affine_grads_per_inner4(@builtin(global_invocation_id) gid: vec3<u32>, @built
     for (var a = 0u; a < p.outer; a++) {
         for (var g = 0u; g < groups(); g++) {
             let i = (a * groups() + g) * inner4() + k;
-            let d = dy4[i];
-            dg += d * (x4[i] - mean[g]) * rstd[g];
+            let d = load_dy4(i);
+            dg += d * (load_x4(i) - mean[g]) * rstd[g];
             db += d;
         }
     }

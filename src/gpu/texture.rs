@@ -90,6 +90,13 @@ fn texture_extent(texels: u64) -> (u32, u64) {
 }
 
 impl OperandTexture {
+    /// Records a copy of `tensor` into the texture (its last texel completed from the
+    /// buffer's padding: buffers come in whole vec4s).
+    pub(crate) fn copy_tensor(&self, encoder: &mut wgpu::CommandEncoder, tensor: &Tensor) {
+        let texels = tensor.bytes().div_ceil(self.texel.bytes());
+        self.copy_from(encoder, tensor.binding_vec4(), texels);
+    }
+
     /// Records a copy of the first `texels` texels of `src` (a dense operand) into the
     /// texture: the whole rows, then the last partial one.
     pub(crate) fn copy_from(
@@ -173,7 +180,7 @@ pub(crate) fn scalar_texture(tensor: &Tensor) -> Result<Option<OperandTexture>> 
 /// Copies of all of `tensors` in operand textures of `texel`s (vec4 texels for tensors read
 /// as vec4s), or `None` where this context reads storage or one does not fit: a kernel reads
 /// its inputs one way.
-pub(crate) fn operand_copies<'a>(
+fn operand_copies<'a>(
     tensors: impl IntoIterator<Item = &'a Tensor>,
     texel: Texel,
 ) -> Result<Option<Vec<OperandTexture>>> {
@@ -184,9 +191,45 @@ pub(crate) fn operand_copies<'a>(
     Ok(copies.into_iter().collect())
 }
 
+/// A kernel's inputs (binding number, tensor) and, where this context reads operands through
+/// textures and they all fit, their copies as textures of `texel`s: all of them or none.
+pub(crate) struct TextureInputs<'a> {
+    inputs: Vec<(u32, &'a Tensor)>,
+    textures: Option<Vec<OperandTexture>>,
+}
+
+impl<'a> TextureInputs<'a> {
+    pub(crate) fn new(
+        inputs: impl IntoIterator<Item = (u32, &'a Tensor)>,
+        texel: Texel,
+    ) -> Result<Self> {
+        let inputs: Vec<_> = inputs.into_iter().collect();
+        let textures = operand_copies(inputs.iter().map(|&(_, t)| t), texel)?;
+        Ok(Self { inputs, textures })
+    }
+
+    /// Whether the inputs are read through textures.
+    pub(crate) fn textures(&self) -> bool {
+        self.textures.is_some()
+    }
+
+    /// The texture standing for the input at `binding`, if the inputs are read so.
+    pub(crate) fn view(&self, binding: u32) -> Option<&wgpu::TextureView> {
+        let at = self.inputs.iter().position(|&(n, _)| n == binding)?;
+        Some(&self.textures.as_ref()?[at].view)
+    }
+
+    /// Records the copies of the inputs into their textures (nothing if read from storage).
+    pub(crate) fn copy(&self, encoder: &mut wgpu::CommandEncoder) {
+        for (texture, (_, t)) in self.textures.iter().flatten().zip(&self.inputs) {
+            texture.copy_tensor(encoder, t);
+        }
+    }
+}
+
 fn operand_copy(tensor: &Tensor, texel: Texel) -> Result<Option<OperandTexture>> {
     let gpu = tensor.gpu();
-    let texels = tensor.bytes() / texel.bytes();
+    let texels = tensor.bytes().div_ceil(texel.bytes());
     if gpu.operand_reads()? != OperandReads::Texture || !gpu.fits_operand_texture(texels) {
         return Ok(None);
     }

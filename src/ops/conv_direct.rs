@@ -414,7 +414,7 @@ fn run(
     };
     let copy_input = |encoder: &mut wgpu::CommandEncoder| {
         if let Some(t) = &texture {
-            t.copy_from(encoder, x.binding(), x.len() as u64);
+            t.copy_tensor(encoder, x);
         }
         Ok(())
     };

@@ -16,7 +16,7 @@ use super::reduce::sum_axes;
 use crate::error::Result;
 use crate::gpu::Gpu;
 use crate::gpu::dispatch::Resource;
-use crate::gpu::texture::{Texel, operand_copies, scalar_input};
+use crate::gpu::texture::{Texel, TextureInputs, scalar_input};
 use crate::ops::Activation;
 use crate::tensor::{Tensor, gpu_word};
 
@@ -347,39 +347,39 @@ fn run(
         .collect();
     // x, dy and y (bound at 1, 2 and 4) through textures where the adapter fetches texels
     // faster: all of them or none.
-    let inputs: Vec<(u32, &Tensor)> = [(1, x), (2, dy)]
+    let tensors: Vec<(u32, &Tensor)> = [(1, x), (2, dy)]
         .into_iter()
         .chain(gate.as_ref().map(|g| (4, g.y)))
         .collect();
-    let textures = operand_copies(inputs.iter().map(|&(_, t)| t), Texel::Scalar)?;
+    let inputs = TextureInputs::new(tensors.iter().copied(), Texel::Scalar)?;
+    let textures = inputs.textures();
     let variant = Variant {
         gated: gate.is_some(),
         store_dz: gate.as_ref().is_some_and(|g| g.dz.is_some()),
         // Rows of whole vec4s start at vec4 boundaries, as blocks of GRAD_BLOCK do.
-        vec4: textures.is_none() && shape.ow.is_multiple_of(4) && GRAD_BLOCK.is_multiple_of(4),
+        vec4: !textures && shape.ow.is_multiple_of(4) && GRAD_BLOCK.is_multiple_of(4),
     };
     let key = format!(
         "conv_weight_grad_{}x{}_s{}{}{}",
         shape.kh,
         shape.kw,
         subgroup.unwrap_or(0),
-        if textures.is_some() { "_tex" } else { "" },
+        if textures { "_tex" } else { "" },
         variant.key()
     );
     let pipeline = gpu.specialized(
         &key,
         "main",
-        || source(shape.kh, shape.kw, subgroup, textures.is_some(), variant),
+        || source(shape.kh, shape.kw, subgroup, textures, variant),
         &constants,
     )?;
     // [split][O·C·TAPS + O]: each split's sums of dW, then of db.
     let (weights, filters) = (out.weight.len(), out.bias.len());
     let sums = Tensor::uninit(gpu, &[splits, weights + filters])?;
-    let mut resources: Vec<_> = inputs
+    let mut resources: Vec<_> = tensors
         .iter()
-        .enumerate()
-        .map(|(i, &(number, t))| match &textures {
-            Some(textures) => (number, Resource::Texture(&textures[i].view)),
+        .map(|&(number, t)| match inputs.view(number) {
+            Some(view) => (number, Resource::Texture(view)),
             None if variant.vec4 && number != 1 => (number, Resource::Buffer(t.binding_vec4())),
             None => (number, Resource::Buffer(t.binding())),
         })
@@ -394,9 +394,7 @@ fn run(
         resources.push((5, Resource::Buffer(dz)));
     }
     let copies = |encoder: &mut wgpu::CommandEncoder| {
-        for (texture, (_, t)) in textures.iter().flatten().zip(&inputs) {
-            texture.copy_from(encoder, t.binding(), t.len() as u64);
-        }
+        inputs.copy(encoder);
         Ok(())
     };
     gpu.run_pass_after("conv2d weight gradient", copies, |pass| {

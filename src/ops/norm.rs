@@ -5,6 +5,8 @@ use bytemuck::{Pod, Zeroable};
 
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
+use crate::gpu::dispatch::Resource;
+use crate::gpu::texture::{Texel, TextureInputs, vec4_input};
 use crate::tensor::{Tensor, gpu_word};
 
 /// How the tensor splits into groups, and where the affine parameters vary.
@@ -59,6 +61,9 @@ const VEC4_ENTRIES: [&str; 5] = [
     "backward_dx",
     "affine_grads_per_inner",
 ];
+
+/// What the `…4` entries read through `load_x4` and its kin: storage or textures.
+const VEC4_INPUTS: [u32; 4] = [X, DY, GAMMA, BETA];
 
 /// Where the `…4` entries bind the tensors they read and write as vec4s.
 const VEC4_BINDINGS: [(u32, u32); 8] = [
@@ -145,30 +150,61 @@ pub(crate) fn launch(
     } else {
         entry.to_string()
     };
-    let pipeline = gpu.specialized(
-        "norm",
-        &entry,
-        || include_str!("../../shaders/norm.wgsl").into(),
-        &constants,
+    // The vec4 entries read x, dy, γ and β through textures where this context reads
+    // operands so (all of them or none).
+    let inputs = TextureInputs::new(
+        tensors
+            .iter()
+            .copied()
+            .filter(|(n, _)| vec4 && VEC4_INPUTS.contains(n)),
+        Texel::Vec4,
     )?;
-    let bindings: Vec<_> = tensors
+    let key = if inputs.textures() {
+        "norm_tex"
+    } else {
+        "norm"
+    };
+    let source = || {
+        let declarations: String = VEC4_INPUTS
+            .iter()
+            .zip(["x4", "dy4", "gamma4", "beta4"])
+            .map(|(&n, name)| vec4_input(name, vec4_binding(n), inputs.textures()))
+            .collect();
+        declarations + include_str!("../../shaders/norm.wgsl")
+    };
+    let pipeline = gpu.specialized(key, &entry, source, &constants)?;
+    let resources: Vec<_> = tensors
         .iter()
-        .map(
-            |&(n, t)| match VEC4_BINDINGS.iter().find(|&&(of, _)| of == n) {
-                Some(&(_, n4)) if vec4 => (n4, t.binding_vec4()),
-                _ => (n, t.binding()),
-            },
-        )
+        .map(|&(n, t)| {
+            let rebound = vec4 && vec4_binding(n) != n;
+            match inputs.view(n) {
+                Some(view) => (vec4_binding(n), Resource::Texture(view)),
+                None if rebound => (vec4_binding(n), Resource::Buffer(t.binding_vec4())),
+                None => (n, Resource::Buffer(t.binding())),
+            }
+        })
         .collect();
-    gpu.run_pass(&entry, |pass| {
-        gpu.encode_at(
+    let copies = |encoder: &mut wgpu::CommandEncoder| {
+        inputs.copy(encoder);
+        Ok(())
+    };
+    gpu.run_pass_after(&entry, copies, |pass| {
+        gpu.encode_resources(
             pass,
             &pipeline,
             bytemuck::bytes_of(&params),
-            &bindings,
+            &resources,
             groups,
         )
     })
+}
+
+/// Where the `…4` entries bind tensor binding `n` (as vec4s), or `n` for the scalar ones.
+fn vec4_binding(n: u32) -> u32 {
+    VEC4_BINDINGS
+        .iter()
+        .find(|&&(of, _)| of == n)
+        .map_or(n, |&(_, n4)| n4)
 }
 
 /// `y = (x − mean)·rstd·γ + β` with the given statistics, for either norm.

@@ -12,7 +12,7 @@ use ndarray::{Array4, ArrayD, ArrayView4, ArrayViewD, Ix4};
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::gpu::dispatch::Resource;
-use crate::gpu::texture::{Texel, operand_copies, scalar_input, vec4_input};
+use crate::gpu::texture::{Texel, TextureInputs, scalar_input, vec4_input};
 use crate::ops::Activation;
 use crate::tensor::Tensor;
 
@@ -432,21 +432,23 @@ impl Pool2d {
         // The `_quads` kernels read their inputs through textures where this context reads
         // operands so (all of them or none).
         let quads = entry.ends_with("_quads");
-        let inputs: Vec<_> = tensors
-            .iter()
-            .filter(|(number, _)| quads && QUAD_INPUTS.contains(number))
-            .collect();
-        let textures = operand_copies(inputs.iter().map(|&&(_, t)| t), Texel::Vec4)?;
+        let inputs = TextureInputs::new(
+            tensors
+                .iter()
+                .copied()
+                .filter(|(number, _)| quads && QUAD_INPUTS.contains(number)),
+            Texel::Vec4,
+        )?;
         let gated = activation != Activation::None;
         let key = format!(
             "pool{}{}",
-            if textures.is_some() { "_tex" } else { "" },
+            if inputs.textures() { "_tex" } else { "" },
             if gated { "_gated" } else { "" }
         );
         let source = || {
             [
                 include_str!("../../shaders/epilogue.wgsl"),
-                &pool_inputs(textures.is_some(), gated),
+                &pool_inputs(inputs.textures(), gated),
                 include_str!("../../shaders/pool.wgsl"),
             ]
             .concat()
@@ -455,11 +457,7 @@ impl Pool2d {
         let resources: Vec<_> = tensors
             .iter()
             .map(|&(number, t)| {
-                let texture = textures.as_ref().and_then(|textures| {
-                    let at = inputs.iter().position(|&&(n, _)| n == number)?;
-                    Some(&textures[at].view)
-                });
-                let resource = match texture {
+                let resource = match inputs.view(number) {
                     Some(view) => Resource::Texture(view),
                     None if number >= 5 => Resource::Buffer(t.binding_vec4()),
                     None => Resource::Buffer(t.binding()),
@@ -468,9 +466,7 @@ impl Pool2d {
             })
             .collect();
         let copies = |encoder: &mut wgpu::CommandEncoder| {
-            for (texture, (_, t)) in textures.iter().flatten().zip(&inputs) {
-                texture.copy_from(encoder, t.binding(), t.len() as u64 / 4);
-            }
+            inputs.copy(encoder);
             Ok(())
         };
         gpu.run_pass_after(entry, copies, |pass| {
