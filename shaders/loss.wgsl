@@ -2,9 +2,9 @@
 // (row maximum subtracted), the loss −log softmax(z)[label], the gradient
 // (softmax − onehot)·scale, and whether the first arg-max equals the label.
 // Labels are stored as f32 (exact for class ids below 2^24).
-// A batch of at most 256 rows is one workgroup that also sums the mean loss and the correct
-// count (`main_small`); larger ones store per-row values (`main`) that `totals` sums, as it
-// does for the other losses' (log_softmax.wgsl's nll, distill.wgsl).
+// A batch of at most 256 rows and 65,536 logits is one workgroup that also sums the mean
+// loss and the correct count (`main_small`); larger ones store per-row values (`main`) that
+// `totals` sums, as it does for the other losses' (log_softmax.wgsl's nll, distill.wgsl).
 
 struct Params {
     rows: u32, classes: u32, scale: f32, _pad: u32,
