@@ -57,6 +57,7 @@ fn backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgrou
             case 2u: { d = select(vec4<f32>(p.slope), vec4<f32>(1.0), x4[i] > vec4<f32>(0.0)); }
             case 3u: { let y = y4[i]; d = y * (1.0 - y); }
             case 4u: { let y = y4[i]; d = 1.0 - y * y; }
+            case 5u: { let x = x4[i]; d = select(vec4<f32>(0.0), vec4<f32>(1.0), (x > vec4<f32>(0.0)) & (x < vec4<f32>(6.0))); }
             default: {}
         }
         dx4[i] = dy4[i] * d;

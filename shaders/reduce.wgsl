@@ -38,6 +38,7 @@ fn derivative(y: Elem) -> Elem {
         case 2u: { return select(Elem(p.slope), Elem(1.0), y > Elem(0.0)); }
         case 3u: { return y * (1.0 - y); }
         case 4u: { return 1.0 - y * y; }
+        case 5u: { return select(Elem(0.0), Elem(1.0), (y > Elem(0.0)) & (y < Elem(6.0))); }   // ReLU6
         default: { return Elem(1.0); }
     }
 }

@@ -6,12 +6,13 @@ use common::{gpu, max_abs_diff, random};
 use ndarray::ArrayD;
 use wgcnn::{Activation, Tensor};
 
-const ALL: [Activation; 5] = [
+const ALL: [Activation; 6] = [
     Activation::None,
     Activation::Relu,
     Activation::LeakyRelu(0.01),
     Activation::Sigmoid,
     Activation::Tanh,
+    Activation::Relu6,
 ];
 
 #[test]
@@ -27,7 +28,8 @@ fn elementwise_forward_and_backward_match_the_cpu() {
     .iter()
     .enumerate()
     {
-        let x = random(shape, i as u64).mapv(|v| v * 4.0);
+        // ±8 reaches both of ReLU6's bends.
+        let x = random(shape, i as u64).mapv(|v| v * 8.0);
         let dy = random(shape, 100 + i as u64);
         let tx = Tensor::from_array(gpu, &x).unwrap();
         // A NaN-filled buffer of the output's size goes back to the pool before each kernel,
@@ -57,7 +59,7 @@ fn elementwise_forward_and_backward_match_the_cpu() {
 #[test]
 fn derivatives_match_finite_differences() {
     for act in ALL {
-        for x in [-2.5f32, -0.7, -0.1, 0.2, 0.9, 3.0] {
+        for x in [-2.5f32, -0.7, -0.1, 0.2, 0.9, 3.0, 5.9, 6.2, 9.0] {
             let eps = 1e-3f64;
             let f = |v: f64| f64::from(act.apply(v as f32));
             let numeric = (f(f64::from(x) + eps) - f(f64::from(x) - eps)) / (2.0 * eps);

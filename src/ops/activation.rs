@@ -1,4 +1,4 @@
-//! Activations: relu, leaky relu, sigmoid, tanh (elementwise) and softmax (over the last
+//! Activations: relu, leaky relu, sigmoid, tanh, relu6 (elementwise) and softmax (over the last
 //! axis), forward and backward (`shaders/activation.wgsl`), with CPU references.
 
 use bytemuck::{Pod, Zeroable};
@@ -23,6 +23,8 @@ pub enum Activation {
     Sigmoid,
     /// `tanh(x)`.
     Tanh,
+    /// `min(max(x, 0), 6)` (PyTorch's `ReLU6`, `hardtanh(x, 0, 6)`), MobileNet's activation.
+    Relu6,
 }
 
 impl Activation {
@@ -34,6 +36,7 @@ impl Activation {
             Activation::LeakyRelu(_) => 2,
             Activation::Sigmoid => 3,
             Activation::Tanh => 4,
+            Activation::Relu6 => 5,
         }
     }
 
@@ -65,6 +68,16 @@ impl Activation {
             }
             Activation::Sigmoid => 1.0 / (1.0 + (-x).exp()),
             Activation::Tanh => x.tanh(),
+            // NaN passes through, as in PyTorch.
+            Activation::Relu6 => {
+                if x <= 0.0 {
+                    0.0
+                } else if x >= 6.0 {
+                    6.0
+                } else {
+                    x
+                }
+            }
         }
     }
 }
@@ -212,6 +225,14 @@ impl Activation {
             }
             Activation::Sigmoid => y * (1.0 - y),
             Activation::Tanh => 1.0 - y * y,
+            // hardtanh_backward: only 0 < x < 6 passes the gradient (NaN does not).
+            Activation::Relu6 => {
+                if x > 0.0 && x < 6.0 {
+                    1.0
+                } else {
+                    0.0
+                }
+            }
         }
     }
 }

@@ -495,6 +495,12 @@ mod tests {
                 Some((Activation::LeakyRelu(0.1), y.clone(), false)),
                 Some((Activation::Tanh, y.clone(), true)),
                 Some((Activation::Sigmoid, y.mapv(f32::abs), false)),
+                // ReLU6's outputs: 0, 6 and values between (both bends block the gradient).
+                Some((
+                    Activation::Relu6,
+                    y.mapv(|v| Activation::Relu6.apply(8.0 * v)),
+                    true,
+                )),
             ];
             let (tx, tdy) = (
                 Tensor::from_array(gpu, &x).unwrap(),

@@ -180,6 +180,7 @@ mod tests {
             Activation::LeakyRelu(0.1),
             Activation::Sigmoid,
             Activation::Tanh,
+            Activation::Relu6,
         ];
         // (outer, mid, inner): vec4 + workgroup, f32 + lane, f32 + workgroup, vec4 + lane,
         // vec4 + workgroup on sizes that fill no vec4 group of lanes.
@@ -192,7 +193,7 @@ mod tests {
         ];
         for (i, (outer, mid, inner)) in cases.into_iter().enumerate() {
             let shape = [outer, mid, inner];
-            let x = random(&shape, i as u64).mapv(|v| 3.0 * v);
+            let x = random(&shape, i as u64).mapv(|v| 8.0 * v);
             let dy = random(&shape, 100 + i as u64);
             for activation in activations {
                 let y = x.mapv(|v| activation.apply(v));
