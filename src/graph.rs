@@ -8,7 +8,7 @@
 //! node is added) and hands the trainable state to the optimizer. On the GPU no method here
 //! reads back: wrap a step in [`Gpu::record`] and it is one command encoder, one submit.
 
-use ndarray::ArrayD;
+use ndarray::{ArrayD, IxDyn};
 
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
@@ -225,6 +225,14 @@ pub trait Layer: Send {
         false
     }
 
+    /// The output shape for inputs of these shapes (batch first), or an error naming what
+    /// does not fit: [`GraphBuilder`](crate::GraphBuilder) checks a model with it before
+    /// any state exists. The default runs the layer once on zeros on the CPU path, so a
+    /// layer of your own works as it is; the built-in layers answer from their shape rules.
+    fn output_shape(&self, inputs: &[&[usize]]) -> Result<Vec<usize>> {
+        dry_run_shape(self, inputs)
+    }
+
     /// The state the layer owns, initialised from `rng` (seeded per tensor by the model;
     /// it also refuses tensors too large for the device or the host).
     fn init_state(&self, _rng: &mut dyn FnMut(&'static str) -> InitRng) -> Result<Vec<StateInit>> {
@@ -254,6 +262,27 @@ pub trait Layer: Send {
     }
 }
 
+/// [`Layer::output_shape`] by running `layer` on zeros on the CPU path, its state freshly
+/// initialised.
+fn dry_run_shape<L: Layer + ?Sized>(layer: &L, inputs: &[&[usize]]) -> Result<Vec<usize>> {
+    let mut rng = |local: &'static str| InitRng::for_tensor(0, local);
+    let mut state: Vec<Value> = layer
+        .init_state(&mut rng)?
+        .into_iter()
+        .map(|init| Value::Cpu(init.value))
+        .collect();
+    let zeros: Vec<Value> = inputs
+        .iter()
+        .map(|shape| Value::Cpu(ArrayD::zeros(IxDyn(shape))))
+        .collect();
+    let refs: Vec<&Value> = zeros.iter().collect();
+    let ctx = Ctx {
+        training: false,
+        step: 0,
+    };
+    Ok(layer.forward(ctx, &refs, &mut state)?.y.shape().to_vec())
+}
+
 /// One line of a model summary (see `crate::summary`).
 #[derive(Debug)]
 pub(crate) struct LayerRow {
@@ -279,6 +308,8 @@ struct Node {
     counter: Vec<bool>,
     grads: Vec<Option<Value>>,
     frozen: bool,
+    /// The output shape a [`GraphBuilder`](crate::GraphBuilder) inferred, for summaries.
+    planned_shape: Option<Vec<usize>>,
 }
 
 impl Node {
@@ -392,6 +423,13 @@ impl Graph {
         Ok(self.nodes.len())
     }
 
+    /// Records the output shape a builder inferred for the node whose output is `value`.
+    pub(crate) fn set_planned_shape(&mut self, value: ValueId, shape: Vec<usize>) {
+        if let Some(node) = value.checked_sub(1).and_then(|i| self.nodes.get_mut(i)) {
+            node.planned_shape = Some(shape);
+        }
+    }
+
     /// Replaces the layer of the node named `name` (e.g. a new classifier head for transfer
     /// learning); the new layer's state is freshly initialised (and not frozen), its inputs
     /// are kept.
@@ -445,6 +483,7 @@ impl Graph {
                 .collect::<Result<Vec<_>>>()?,
             layer,
             frozen: false,
+            planned_shape: None,
         })
     }
 
@@ -830,7 +869,8 @@ impl Graph {
                         .values
                         .get(i + 1)
                         .and_then(Option::as_ref)
-                        .map(|v| v.shape().to_vec()),
+                        .map(|v| v.shape().to_vec())
+                        .or_else(|| node.planned_shape.clone()),
                     trainable: count(true),
                     other: count(false),
                 }

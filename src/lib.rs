@@ -25,6 +25,7 @@
 
 #![warn(missing_docs)]
 
+mod builder;
 pub mod data;
 pub mod error;
 pub mod gpu;
@@ -38,6 +39,7 @@ pub mod tensor;
 mod test_support;
 pub mod train;
 
+pub use builder::{GraphBuilder, ValueRef};
 pub use error::{Error, Result};
 pub use gpu::{Gpu, GpuOptions, OperandCalibration, OperandReads, PoolStats, TEXTURE_ADVANTAGE};
 pub use graph::{Device, Graph, Layer, Mode, Value};
@@ -76,16 +78,17 @@ pub mod prelude {
     pub use crate::data::{Dataset, Images, Mnist, Pixels, shuffled_indices};
     pub use crate::ndarray::{self, Array1, Array2, Array4, ArrayD, IxDyn};
     pub use crate::nn::{
-        Add, BatchNorm2d, Conv2d, Dropout, Flatten, GlobalAvgPool, Init, LayerNorm, LeNetOptions,
-        Linear, Sequential, avg_pool2d, leaky_relu, lenet5, max_pool2d, relu, sigmoid, tanh,
+        AdaptiveAvgPool2d, Add, BatchNorm2d, Conv2d, Dropout, Flatten, GlobalAvgPool, Init,
+        LayerNorm, LeNetOptions, Linear, Sequential, avg_pool2d, leaky_relu, lenet5, max_pool2d,
+        relu, relu6, sigmoid, tanh,
     };
     pub use crate::train::{
         Checkpoint, Predictions, StepOutput, evaluate, evaluate_on, image_batch, label_batch,
         train_epoch, train_epoch_on, train_step,
     };
     pub use crate::{
-        Activation, Device, Error, Gpu, GpuOptions, Graph, Mode, Normalize, Optimizer, Padding,
-        Result, Tensor, Value,
+        Activation, Device, Error, Gpu, GpuOptions, Graph, GraphBuilder, Mode, Normalize,
+        Optimizer, Padding, Result, Tensor, Value, ValueRef,
     };
 }
 

@@ -1,4 +1,4 @@
-//! Activation layers (ReLU, LeakyReLU, Sigmoid, Tanh), and the gradient through an
+//! Activation layers (ReLU, LeakyReLU, Sigmoid, Tanh, ReLU6), and the gradient through an
 //! activation fused into a conv or linear layer.
 
 use ndarray::Zip;
@@ -33,9 +33,18 @@ pub fn tanh() -> Activate {
     Activate(Activation::Tanh)
 }
 
+/// `min(max(x, 0), 6)`: PyTorch's `nn.ReLU6` (MobileNetV2, EfficientNet-Lite).
+pub fn relu6() -> Activate {
+    Activate(Activation::Relu6)
+}
+
 impl Layer for Activate {
     fn describe(&self) -> String {
         format!("{:?}", self.0)
+    }
+
+    fn output_shape(&self, inputs: &[&[usize]]) -> Result<Vec<usize>> {
+        Ok(inputs[0].to_vec())
     }
 
     fn forward(&self, _ctx: Ctx, inputs: &[&Value], _state: &mut [Value]) -> Result<Forward> {

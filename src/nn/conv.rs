@@ -127,6 +127,12 @@ impl Layer for Conv2d {
         }
     }
 
+    fn output_shape(&self, inputs: &[&[usize]]) -> Result<Vec<usize>> {
+        let per_group = self.in_channels / self.spec.groups.max(1);
+        let weight = [self.out_channels, per_group, self.kernel.0, self.kernel.1];
+        Ok(self.spec.shape(inputs[0], &weight, None)?.output().to_vec())
+    }
+
     fn init_state(&self, rng: &mut dyn FnMut(&'static str) -> InitRng) -> Result<Vec<StateInit>> {
         check_fused(self.spec.activation, "Conv2d")?;
         let (kh, kw) = self.kernel;

@@ -55,6 +55,11 @@ impl Layer for Linear {
         format!("Linear({}→{})", self.in_features, self.out_features)
     }
 
+    fn output_shape(&self, inputs: &[&[usize]]) -> Result<Vec<usize>> {
+        // `fit_input` has checked the input is [N, in_features].
+        Ok(vec![inputs[0][0], self.out_features])
+    }
+
     fn fit_input(&mut self, input: &[usize]) -> Result<()> {
         let features = match input {
             [_, features] => *features,

@@ -10,12 +10,12 @@ mod norm;
 mod pool;
 mod shape;
 
-pub use activation::{Activate, leaky_relu, relu, sigmoid, tanh};
+pub use activation::{Activate, leaky_relu, relu, relu6, sigmoid, tanh};
 pub use conv::Conv2d;
 pub use init::Init;
 pub use linear::Linear;
 pub use norm::{BatchNorm2d, LayerNorm};
-pub use pool::{GlobalAvgPool, Pool, avg_pool2d, max_pool2d};
+pub use pool::{AdaptiveAvgPool2d, GlobalAvgPool, Pool, avg_pool2d, max_pool2d};
 pub use shape::{Add, Dropout, Flatten};
 
 use ndarray::{ArrayD, IxDyn};

@@ -1,7 +1,7 @@
 //! Normalisation layers: `BatchNorm2d` (per channel, running statistics for eval) and
 //! `LayerNorm` (per sample over the trailing dimensions).
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::graph::{Backward, BackwardArgs, Ctx, Forward, Layer, StateInit, Value};
 use crate::nn::init::InitRng;
 use crate::ops::batch_norm::{self, BatchNormCpu, batches_state, batches_tracked};
@@ -69,6 +69,19 @@ impl BatchNorm2d {
 impl Layer for BatchNorm2d {
     fn describe(&self) -> String {
         format!("BatchNorm2d({})", self.channels)
+    }
+
+    fn output_shape(&self, inputs: &[&[usize]]) -> Result<Vec<usize>> {
+        match inputs[0] {
+            [_, c, _, _] if *c == self.channels => Ok(inputs[0].to_vec()),
+            shape => Err(Error::ShapeMismatch {
+                op: "BatchNorm2d",
+                detail: format!(
+                    "built for [N, {}, H, W] inputs, the layer before gives {shape:?}",
+                    self.channels
+                ),
+            }),
+        }
     }
 
     fn init_state(&self, rng: &mut dyn FnMut(&'static str) -> InitRng) -> Result<Vec<StateInit>> {
@@ -187,6 +200,20 @@ impl LayerNorm {
 impl Layer for LayerNorm {
     fn describe(&self) -> String {
         format!("LayerNorm({:?})", self.shape)
+    }
+
+    fn output_shape(&self, inputs: &[&[usize]]) -> Result<Vec<usize>> {
+        let x = inputs[0];
+        if x.len() <= self.shape.len() || !x.ends_with(&self.shape) {
+            return Err(Error::ShapeMismatch {
+                op: "LayerNorm",
+                detail: format!(
+                    "normalises trailing dimensions {:?}, the layer before gives {x:?}",
+                    self.shape
+                ),
+            });
+        }
+        Ok(x.to_vec())
     }
 
     fn init_state(&self, rng: &mut dyn FnMut(&'static str) -> InitRng) -> Result<Vec<StateInit>> {

@@ -1,4 +1,5 @@
-//! Pooling layers: `MaxPool2d`, `AvgPool2d` and `GlobalAvgPool`.
+//! Pooling layers: max and average pooling (PyTorch's `MaxPool2d` / `AvgPool2d` with
+//! stride, padding, dilation and ceil_mode), `AdaptiveAvgPool2d` and `GlobalAvgPool`.
 
 use ndarray::{Axis, IxDyn};
 
@@ -8,7 +9,7 @@ use crate::nn::activation::pre_activation_grad;
 use crate::ops::pool2d::{
     Pool2d, global_avg_pool, global_avg_pool_backward, pool2d_backward_cpu, pool2d_cpu,
 };
-use crate::ops::{Activation, PoolKind};
+use crate::ops::{self, Activation, PoolKind};
 
 /// Max or average pooling over windows; the max variant saves its arg-max for backward.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -22,6 +23,29 @@ pub fn max_pool2d(k: usize) -> Pool {
 /// Average pooling over `k × k` windows with stride `k`.
 pub fn avg_pool2d(k: usize) -> Pool {
     Pool(Pool2d::avg((k, k)))
+}
+
+/// PyTorch's module options, e.g. ResNet's stem `max_pool2d(3).stride(2).padding(1)`.
+impl Pool {
+    /// With stride `s` on both axes (the default is the kernel size, as in PyTorch).
+    pub fn stride(self, s: usize) -> Self {
+        Self(self.0.stride((s, s)))
+    }
+
+    /// With `p` zeros (max pooling: never chosen) on every side.
+    pub fn padding(self, p: usize) -> Self {
+        Self(self.0.padding((p, p)))
+    }
+
+    /// With dilation `d` on both axes.
+    pub fn dilation(self, d: usize) -> Self {
+        Self(self.0.dilation((d, d)))
+    }
+
+    /// Rounding the output size up (PyTorch's `ceil_mode`).
+    pub fn ceil_mode(self, ceil: bool) -> Self {
+        Self(self.0.ceil_mode(ceil))
+    }
 }
 
 impl Layer for Pool {
@@ -46,6 +70,10 @@ impl Layer for Pool {
             text += ", ceil_mode";
         }
         text + ")"
+    }
+
+    fn output_shape(&self, inputs: &[&[usize]]) -> Result<Vec<usize>> {
+        Ok(self.0.shape(inputs[0])?.output().to_vec())
     }
 
     fn forward(&self, _ctx: Ctx, inputs: &[&Value], _state: &mut [Value]) -> Result<Forward> {
@@ -122,6 +150,11 @@ impl Layer for GlobalAvgPool {
         "GlobalAvgPool".into()
     }
 
+    fn output_shape(&self, inputs: &[&[usize]]) -> Result<Vec<usize>> {
+        plane(inputs[0])?;
+        Ok(inputs[0][..2].to_vec())
+    }
+
     fn forward(&self, _ctx: Ctx, inputs: &[&Value], _state: &mut [Value]) -> Result<Forward> {
         let y = match inputs[0] {
             Value::Gpu(x) => Value::Gpu(global_avg_pool(x)?),
@@ -152,6 +185,53 @@ impl Layer for GlobalAvgPool {
                     dy[[i[0], i[1]]] * scale
                 }))
             }
+        };
+        Ok(Backward {
+            inputs: vec![Some(dx)],
+            state: Vec::new(),
+        })
+    }
+}
+
+/// Average pooling to a fixed output size whatever the input's (PyTorch's
+/// `AdaptiveAvgPool2d((oh, ow))`): `[N, C, H, W]` → `[N, C, OH, OW]`. Torchvision's models
+/// end with `AdaptiveAvgPool2d(1)` followed by a flatten.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AdaptiveAvgPool2d(pub ops::AdaptiveAvgPool2d);
+
+impl AdaptiveAvgPool2d {
+    /// Pooling to `oh × ow`.
+    pub fn new(oh: usize, ow: usize) -> Self {
+        Self(ops::AdaptiveAvgPool2d::new(oh, ow))
+    }
+}
+
+impl Layer for AdaptiveAvgPool2d {
+    fn describe(&self) -> String {
+        let (oh, ow) = self.0.output;
+        format!("AdaptiveAvgPool2d({oh}×{ow})")
+    }
+
+    fn output_shape(&self, inputs: &[&[usize]]) -> Result<Vec<usize>> {
+        Ok(self.0.shape(inputs[0])?.to_vec())
+    }
+
+    fn forward(&self, _ctx: Ctx, inputs: &[&Value], _state: &mut [Value]) -> Result<Forward> {
+        let y = match inputs[0] {
+            Value::Gpu(x) => Value::Gpu(self.0.forward(x)?),
+            Value::Cpu(x) => Value::Cpu(self.0.forward_cpu(&x.view())?),
+        };
+        Ok(Forward {
+            y,
+            saved: Vec::new(),
+        })
+    }
+
+    fn backward(&self, args: BackwardArgs<'_>) -> Result<Backward> {
+        let shape = args.inputs[0].shape();
+        let dx = match args.dy {
+            Value::Gpu(dy) => Value::Gpu(self.0.backward(shape, dy)?),
+            Value::Cpu(dy) => Value::Cpu(self.0.backward_cpu(shape, &dy.view())?),
         };
         Ok(Backward {
             inputs: vec![Some(dx)],

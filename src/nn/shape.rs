@@ -30,6 +30,11 @@ impl Layer for Flatten {
         "Flatten".into()
     }
 
+    fn output_shape(&self, inputs: &[&[usize]]) -> Result<Vec<usize>> {
+        let (n, rest) = inputs[0].split_first().unwrap_or((&0, &[]));
+        Ok(vec![*n, rest.iter().product()])
+    }
+
     fn forward(&self, _ctx: Ctx, inputs: &[&Value], _state: &mut [Value]) -> Result<Forward> {
         let Some((&n, rest)) = inputs[0].shape().split_first() else {
             return Err(crate::Error::ShapeMismatch {
@@ -75,6 +80,10 @@ impl Layer for Dropout {
         format!("Dropout({})", self.0.rate)
     }
 
+    fn output_shape(&self, inputs: &[&[usize]]) -> Result<Vec<usize>> {
+        Ok(inputs[0].to_vec())
+    }
+
     fn forward(&self, ctx: Ctx, inputs: &[&Value], _state: &mut [Value]) -> Result<Forward> {
         Ok(Forward {
             y: self.apply(inputs[0], ctx)?,
@@ -102,6 +111,20 @@ impl Layer for Add {
 
     fn arity(&self) -> usize {
         2
+    }
+
+    fn output_shape(&self, inputs: &[&[usize]]) -> Result<Vec<usize>> {
+        if inputs[0] != inputs[1] {
+            return Err(crate::Error::ShapeMismatch {
+                op: "Add",
+                detail: format!(
+                    "adds values of one shape, got {:?} and {:?} (a residual branch that \
+                     changes channels or stride needs a downsample on the shortcut)",
+                    inputs[0], inputs[1]
+                ),
+            });
+        }
+        Ok(inputs[0].to_vec())
     }
 
     fn forward(&self, _ctx: Ctx, inputs: &[&Value], _state: &mut [Value]) -> Result<Forward> {
