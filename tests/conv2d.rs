@@ -303,6 +303,41 @@ fn large_batches_run_in_chunks() {
     assert!(max_abs_diff(&g.weight.to_array().unwrap(), &cpu.weight) < 1e-4 * dw_scale);
 }
 
+/// The weight gradient of a wide layer keeps one `[O, C·KH·KW]` product per image before
+/// summing them: at ResNet-50's layer4 widths and a batch of 32 those would be hundreds of
+/// MB, past lavapipe's 128 MiB binding limit. The batch is split so that none of them grows
+/// with it: a 3×3 (im2col) and a 1×1 (pointwise) layer whose per-image products exceed
+/// 128 MiB together, against the CPU (tiny images keep the reference fast).
+#[test]
+fn wide_weight_gradients_are_summed_in_chunks() {
+    let Some(gpu) = gpu() else { return };
+    // (batch, in, out, kernel, padding): 16·512·4608·4 B = 151 MB of 3×3 products;
+    // 40·2048·512·4 B = 168 MB of 1×1 products.
+    for (n, c, o, k, p) in [(16, 512, 512, 3, 1), (40, 512, 2048, 1, 0)] {
+        let spec = Conv2d {
+            padding: Padding::Explicit(p, p),
+            ..Conv2d::default()
+        };
+        let (x, w) = (random(&[n, c, 2, 1], 11), random(&[o, c, k, k], 12));
+        let shape = spec.shape(x.shape(), w.shape(), None).unwrap();
+        let partials = (n * o * shape.taps()) as u64 * 4;
+        assert!(partials > gpu.limits().max_storage_buffer_binding_size.min(128 << 20));
+        let dy = random(&shape.output(), 13);
+        let cpu = wgcnn::cpu::conv2d_backward(&spec, &x.view(), &w.view(), &dy.view()).unwrap();
+        let g = spec
+            .backward(&upload(&x), &upload(&w), &upload(&dy))
+            .unwrap();
+        let scale = |a: &ArrayD<f32>| a.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+        let dw = g.weight.to_array().unwrap();
+        assert!(
+            max_abs_diff(&dw, &cpu.weight) < 1e-4 * scale(&cpu.weight),
+            "{k}×{k} dW"
+        );
+        assert!(max_abs_diff(&g.x.to_array().unwrap(), &cpu.x) < 1e-4 * scale(&cpu.x));
+        assert!(max_abs_diff(&g.bias.to_array().unwrap(), &cpu.bias) < 1e-4 * scale(&cpu.bias));
+    }
+}
+
 #[test]
 fn bad_hyper_parameters_and_shapes_are_errors() {
     let x = [1, 3, 8, 8];

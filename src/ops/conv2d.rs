@@ -409,7 +409,7 @@ impl Conv2d {
             ..Matmul::default()
         };
         let (g, positions) = (shape.groups, shape.positions());
-        for (first, count) in chunks(&gpu, &shape)? {
+        for (first, count) in chunks(&gpu, &shape, false)? {
             let col = self.im2col(&gpu, &shape, x, first, count)?;
             let y = Tensor::uninit(&gpu, &[count, shape.o, positions])?;
             let weights = GroupWeights::new(&gpu, &shape, weight, count)?;
@@ -582,7 +582,9 @@ impl Conv2d {
             return Ok((dx, dweight));
         }
         let bound: Vec<&Tensor> = [x, dy].into_iter().chain(col2im_dx).collect();
-        if shape.pointwise(self) && fits_binding(&gpu, &bound) {
+        let partials = (shape.n * o * shape.c) as u64 * 4;
+        let partials_fit = dweight.is_none() || partials <= chunk_limit(&gpu);
+        if shape.pointwise(self) && fits_binding(&gpu, &bound) && partials_fit {
             // No im2col, no col2im: x is the col buffer and dx the dcol one.
             let (n, c, hw) = (shape.n, shape.c, positions);
             let (x3, dy3, w2) = ([n, c, hw], [n, o, hw], [o, c]);
@@ -610,7 +612,8 @@ impl Conv2d {
         let g = shape.groups;
         let image_in = (shape.c * shape.h * shape.w) as u64 * 4;
         let image_dy = (o * positions) as u64 * 4;
-        for (index, (first, count)) in chunks(&gpu, &shape)?.into_iter().enumerate() {
+        let partials = dweight.is_some();
+        for (index, (first, count)) in chunks(&gpu, &shape, partials)?.into_iter().enumerate() {
             // One product per image and group: dy as [images·G, O/G, positions], col as
             // [images·G, C/G·KH·KW, positions].
             let (dy_shape, col_shape) =
@@ -814,10 +817,20 @@ fn fits_binding(gpu: &Gpu, tensors: &[&Tensor]) -> bool {
     tensors.iter().all(|t| t.bytes() <= limit)
 }
 
-/// Splits the batch into runs of images whose col buffer fits one binding.
-fn chunks(gpu: &Gpu, shape: &Conv2dShape) -> Result<Vec<(usize, usize)>> {
-    let per_image = (shape.col_rows() * shape.positions()) as u64 * 4;
-    let limit = CHUNK_BYTES.min(gpu.limits().max_storage_buffer_binding_size);
+/// The most bytes one chunk's buffer may take: below the device's binding limit.
+fn chunk_limit(gpu: &Gpu) -> u64 {
+    CHUNK_BYTES.min(gpu.limits().max_storage_buffer_binding_size)
+}
+
+/// Splits the batch into runs of images whose col buffer fits one binding, and, for the
+/// weight gradient (`partials`), whose per-image products `[O, C/G·KH·KW]` do too: summed
+/// chunk by chunk, no buffer grows with the batch (ResNet-50's layer4 3×3 at batch 32
+/// would otherwise take 302 MB of partials).
+fn chunks(gpu: &Gpu, shape: &Conv2dShape, partials: bool) -> Result<Vec<(usize, usize)>> {
+    let col = (shape.col_rows() * shape.positions()) as u64 * 4;
+    let partial = (shape.o * shape.taps()) as u64 * 4;
+    let per_image = if partials { col.max(partial) } else { col };
+    let limit = chunk_limit(gpu);
     gpu.check_buffer_size("the im2col buffer of one image", per_image)?;
     let images = ((limit / per_image) as usize).clamp(1, shape.n);
     Ok((0..shape.n)
