@@ -1,9 +1,11 @@
-//! The loaders under hostile bytes: the IDX reader, the safetensors checkpoint loader and
-//! image decoding (`Dataset::from_folder`) must return an error, never panic or abort. The
-//! corpus in `tests/corpus/` (hand-made cases, `make_corpus.py`, plus anything a fuzz run
-//! finds) is replayed on every run; proptest then mutates the good files and tries random
-//! bytes.
+//! The loaders under hostile bytes: the IDX reader, the checkpoint loader (safetensors and
+//! PyTorch `.pth`) and image decoding (`Dataset::from_folder`) must return an error, never
+//! panic or abort. The corpus in `tests/corpus/` (hand-made cases, `make_corpus.py` and
+//! `make_pth_corpus.py`, plus anything a fuzz run finds) is replayed on every run; proptest
+//! then mutates the good files and tries random bytes. A `.pth` file's pickle is also mutated
+//! on its own and packed again, so that the zip's checksums pass and the pickle reader sees it.
 
+use std::io::{Cursor, Read, Write};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -60,15 +62,75 @@ fn idx(path: &Path) -> bool {
     images.is_some() || labels.is_some()
 }
 
-/// safetensors: load, then save the result and load it again, unchanged.
+/// Equal names, shapes and bits (a loaded NaN is not equal to itself).
+fn assert_same_bits(a: &Checkpoint, b: &Checkpoint) {
+    let bits = |c: &Checkpoint| -> Vec<(String, Vec<usize>, Vec<u32>)> {
+        c.tensors
+            .iter()
+            .map(|(n, t)| {
+                (
+                    n.clone(),
+                    t.shape().to_vec(),
+                    t.iter().map(|v| v.to_bits()).collect(),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(bits(a), bits(b));
+    assert_eq!(a.integers, b.integers);
+}
+
+/// A checkpoint (safetensors or `.pth`): load, then save the result as safetensors and load it
+/// again, unchanged.
 fn checkpoint(path: &Path) -> bool {
     let Ok(loaded) = Checkpoint::load(path) else {
         return false;
     };
     let copy = path.with_extension("copy");
     loaded.save(&copy).unwrap();
-    assert_eq!(Checkpoint::load(&copy).unwrap(), loaded);
+    assert_same_bits(&Checkpoint::load(&copy).unwrap(), &loaded);
     true
+}
+
+/// A `.pth` file's zip entries, in order.
+fn zip_entries(bytes: &[u8]) -> Vec<(String, Vec<u8>)> {
+    let mut archive = zip::ZipArchive::new(Cursor::new(bytes)).unwrap();
+    (0..archive.len())
+        .map(|i| {
+            let mut entry = archive.by_index(i).unwrap();
+            let mut body = Vec::new();
+            entry.read_to_end(&mut body).unwrap();
+            (entry.name().unwrap().to_string(), body)
+        })
+        .collect()
+}
+
+/// The entries packed again, `data.pkl` replaced by `pickle` (stored, valid checksums).
+fn with_pickle(entries: &[(String, Vec<u8>)], pickle: &[u8]) -> Vec<u8> {
+    let mut writer = zip::ZipWriter::new(Cursor::new(Vec::new()));
+    let options =
+        zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+    for (name, body) in entries {
+        writer.start_file(name.as_str(), options).unwrap();
+        let body = if name.ends_with("/data.pkl") {
+            pickle
+        } else {
+            body
+        };
+        writer.write_all(body).unwrap();
+    }
+    writer.finish().unwrap().into_inner()
+}
+
+/// The `data.pkl` of a good `.pth` file, mutated, in the file's zip.
+fn mutated_pickle(name: &str) -> impl Strategy<Value = Vec<u8>> {
+    let entries = zip_entries(&good("pth", name));
+    let pickle = entries
+        .iter()
+        .find(|(n, _)| n.ends_with("/data.pkl"))
+        .map(|(_, body)| body.clone())
+        .unwrap();
+    mutated(pickle).prop_map(move |pickle| with_pickle(&entries, &pickle))
 }
 
 /// An image file as the only image of a one-class folder.
@@ -88,7 +150,7 @@ fn image_folder(path: &Path) -> bool {
 fn loader(kind: &str) -> fn(&Path) -> bool {
     match kind {
         "idx" => idx,
-        "safetensors" => checkpoint,
+        "safetensors" | "pth" => checkpoint,
         _ => image_folder,
     }
 }
@@ -96,7 +158,7 @@ fn loader(kind: &str) -> fn(&Path) -> bool {
 #[test]
 fn the_corpus_loads_or_fails_cleanly() {
     let mut replayed = 0;
-    for kind in ["idx", "safetensors", "image"] {
+    for kind in ["idx", "safetensors", "pth", "image"] {
         let mut files: Vec<PathBuf> = std::fs::read_dir(Path::new(CORPUS).join(kind))
             .unwrap()
             .map(|e| e.unwrap().path())
@@ -156,6 +218,22 @@ proptest! {
     ]) {
         let scratch = Scratch::new("safetensors", "model.safetensors", &bytes);
         no_panic("safetensors", || checkpoint(&scratch.file));
+    }
+
+    #[test]
+    fn pth_files_never_panic(bytes in prop_oneof![
+        mutated(good("pth", "good_model.pth")),
+        mutated(good("pth", "good_views.pth")),
+        mutated(good("pth", "good_hand_made.pth")),
+        mutated_pickle("good_views.pth"),
+        mutated_pickle("good_protocol4.pth"),
+        mutated_pickle("good_checkpoint.pth"),
+        mutated_pickle("good_dtypes.pth"),
+        proptest::collection::vec(any::<u8>(), 0..96).prop_map(|tail| [b"PK\x03\x04".as_slice(), &tail].concat()),
+        proptest::collection::vec(any::<u8>(), 0..96),
+    ]) {
+        let scratch = Scratch::new("pth", "model.pth", &bytes);
+        no_panic("pth", || checkpoint(&scratch.file));
     }
 
     #[test]

@@ -2,6 +2,8 @@
 //! state-dict names (`features.0.weight`, …), and int64 tensors for counters (batch norm's
 //! `num_batches_tracked`, step counts). Writing goes to a temporary file beside the
 //! target, synced, then renamed over it, so a failed save never corrupts the previous file.
+//! Loading also reads PyTorch's own `torch.save` files (`pth.rs`), so models trained there
+//! load without a conversion step.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -9,6 +11,7 @@ use std::path::{Path, PathBuf};
 use ndarray::{ArrayD, IxDyn};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 
+use super::pth;
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
@@ -21,7 +24,7 @@ pub struct Checkpoint {
     pub integers: Vec<(String, ArrayD<i64>)>,
 }
 
-fn data_error(path: &Path, detail: impl Into<String>) -> Error {
+pub(super) fn data_error(path: &Path, detail: impl Into<String>) -> Error {
     Error::Data {
         path: path.display().to_string(),
         detail: detail.into(),
@@ -118,45 +121,92 @@ impl Checkpoint {
         })
     }
 
-    /// Reads a checkpoint written by [`Checkpoint::save`] or by PyTorch's safetensors
-    /// (f32 and int64 tensors).
+    /// Reads a checkpoint: safetensors (as [`Checkpoint::save`] writes, or PyTorch's
+    /// `safetensors.torch.save_file`) or PyTorch's `torch.save(model.state_dict(), path)`
+    /// (`.pth`/`.pt`), told apart by content, not by the file's name.
+    ///
+    /// Float tensors (float32; float16, bfloat16 and float64 converted to f32, exactly or
+    /// rounded to nearest) land in [`Checkpoint::tensors`], integer ones (int64, int32) in
+    /// [`Checkpoint::integers`]. A `.pth` file is read without running its pickle: only
+    /// state dicts of tensors load, and a pickled module (`torch.save(model)`) or any other
+    /// callable is refused by name. Of a training checkpoint (a dict such as `{"model":
+    /// state_dict, "optimizer": ..., "epoch": 3}`) the tensors under `"state_dict"`, else
+    /// `"model"`, load. The legacy pre-1.6 torch format and big-endian files are refused
+    /// with how to re-save them. Every failure is [`Error::Data`].
     pub fn load(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         let bytes = std::fs::read(path)
             .map_err(|e| data_error(path, format!("cannot read the checkpoint: {e}")))?;
-        let file = SafeTensors::deserialize(&bytes)
-            .map_err(|e| data_error(path, format!("not a valid safetensors file: {e}")))?;
+        if pth::is_zip(&bytes) {
+            let (tensors, integers) = pth::load(path, &bytes)?;
+            return Self::with_integers(tensors, integers);
+        }
+        if pth::is_legacy(&bytes) {
+            return Err(data_error(
+                path,
+                "this is PyTorch's legacy (pre-1.6) checkpoint format; re-save it with a \
+                 current PyTorch (torch.save's default zip format) or as safetensors",
+            ));
+        }
+        let file = SafeTensors::deserialize(&bytes).map_err(|e| {
+            let hint = if pth::looks_like_pickle(&bytes) {
+                " (it starts like a bare Python pickle: wgcnn reads torch.save's zip format \
+                 and safetensors)"
+            } else {
+                ""
+            };
+            data_error(path, format!("not a valid safetensors file: {e}{hint}"))
+        })?;
         let (mut tensors, mut integers) = (Vec::new(), Vec::new());
         for (name, view) in file.tensors() {
+            let data = view.data();
+            let shape = view.shape();
             match view.dtype() {
                 Dtype::F32 => {
-                    let values = view
-                        .data()
-                        .chunks_exact(4)
-                        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                        .collect();
-                    tensors.push((name.clone(), shaped(path, &name, view.shape(), values)?));
+                    let values = elements(data, f32::from_le_bytes);
+                    tensors.push((name.clone(), shaped(path, &name, shape, values)?));
+                }
+                Dtype::F16 => {
+                    let values = elements(data, |b| pth::f16_to_f32(u16::from_le_bytes(b)));
+                    tensors.push((name.clone(), shaped(path, &name, shape, values)?));
+                }
+                Dtype::BF16 => {
+                    let values = elements(data, |b| pth::bf16_to_f32(u16::from_le_bytes(b)));
+                    tensors.push((name.clone(), shaped(path, &name, shape, values)?));
+                }
+                Dtype::F64 => {
+                    let values = elements(data, |b| f64::from_le_bytes(b) as f32);
+                    tensors.push((name.clone(), shaped(path, &name, shape, values)?));
                 }
                 Dtype::I64 => {
-                    let values = view
-                        .data()
-                        .chunks_exact(8)
-                        .map(|c| {
-                            i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])
-                        })
-                        .collect();
-                    integers.push((name.clone(), shaped(path, &name, view.shape(), values)?));
+                    let values = elements(data, i64::from_le_bytes);
+                    integers.push((name.clone(), shaped(path, &name, shape, values)?));
+                }
+                Dtype::I32 => {
+                    let values = elements(data, |b| i64::from(i32::from_le_bytes(b)));
+                    integers.push((name.clone(), shaped(path, &name, shape, values)?));
                 }
                 other => {
                     return Err(data_error(
                         path,
-                        format!("tensor {name:?} is {other:?}; only F32 and I64 are supported"),
+                        format!(
+                            "tensor {name:?} is {other:?}; wgcnn reads F32, F16, BF16, F64 \
+                             (as f32), I64 and I32 (as int64)"
+                        ),
                     ));
                 }
             }
         }
         Self::with_integers(tensors, integers)
     }
+}
+
+/// Little-endian elements of `N` bytes each.
+fn elements<T, const N: usize>(data: &[u8], decode: impl Fn([u8; N]) -> T) -> Vec<T> {
+    data.chunks_exact(N)
+        .filter_map(|c| c.first_chunk::<N>())
+        .map(|c| decode(*c))
+        .collect()
 }
 
 /// A loaded tensor's values under its shape.
@@ -303,8 +353,9 @@ impl crate::graph::Graph {
         Ok(())
     }
 
-    /// Loads the state from a safetensors file written by [`Self::save`] (or by PyTorch
-    /// with the same names and layouts).
+    /// Loads the state from a file [`Checkpoint::load`] reads: a safetensors file written by
+    /// [`Self::save`], or PyTorch's `state_dict` as `.pth` or `.safetensors` (same names and
+    /// layouts, as the models of [`crate::models`] have).
     pub fn load(&mut self, path: impl AsRef<Path>) -> Result<()> {
         self.load_checkpoint(&Checkpoint::load(path)?)
     }

@@ -6,6 +6,7 @@ mod adversarial;
 mod checkpoint;
 mod distill;
 mod predict;
+mod pth;
 mod resume;
 mod trainer;
 
