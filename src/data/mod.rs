@@ -1,11 +1,20 @@
 //! Data: `Dataset` (labelled images of any size and channel count, from memory, MNIST or a
-//! folder of images), the IDX format of MNIST (and Fashion-MNIST), and seeded shuffling.
+//! folder of images), the IDX format of MNIST (and Fashion-MNIST), seeded shuffling, and
+//! torchvision's image preprocessing (`Preprocess`: resize, center crop, normalise; photos
+//! decoded with their EXIF orientation).
 
 mod dataset;
 mod idx;
+mod preprocess;
 
 pub use dataset::{Dataset, Pixels};
 pub use idx::{Images, Mnist, read_idx_images, read_idx_labels};
+#[cfg(feature = "image")]
+pub use preprocess::load_image;
+pub use preprocess::{
+    IMAGENET_MEAN, IMAGENET_STD, Preprocess, Sample, center_crop, normalize, resize,
+    resize_shorter, resized_size,
+};
 
 /// A permutation of `0..n` for `epoch` under `seed` (Fisher–Yates on SplitMix64): the same
 /// seed and epoch always give the same order, each epoch a different one.
