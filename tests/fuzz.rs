@@ -224,6 +224,7 @@ proptest! {
     fn pth_files_never_panic(bytes in prop_oneof![
         mutated(good("pth", "good_model.pth")),
         mutated(good("pth", "good_views.pth")),
+        mutated(good("pth", "good_legacy_model.pth")),
         mutated(good("pth", "good_hand_made.pth")),
         mutated_pickle("good_views.pth"),
         mutated_pickle("good_protocol4.pth"),

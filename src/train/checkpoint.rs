@@ -142,11 +142,8 @@ impl Checkpoint {
             return Self::with_integers(tensors, integers);
         }
         if pth::is_legacy(&bytes) {
-            return Err(data_error(
-                path,
-                "this is PyTorch's legacy (pre-1.6) checkpoint format; re-save it with a \
-                 current PyTorch (torch.save's default zip format) or as safetensors",
-            ));
+            let (tensors, integers) = pth::load_legacy(path, &bytes)?;
+            return Self::with_integers(tensors, integers);
         }
         let file = SafeTensors::deserialize(&bytes).map_err(|e| {
             let hint = if pth::looks_like_pickle(&bytes) {

@@ -186,8 +186,9 @@ impl<T> Default for Node<T> {
 #[derive(Clone, Debug)]
 enum Value {
     None,
-    /// Booleans and floats (flags, optimizer settings) matter to no tensor: only their kind is kept.
-    Bool,
+    /// Booleans (the legacy format's `little_endian` flag among them).
+    Bool(bool),
+    /// Floats (optimizer settings) matter to no tensor: only their kind is kept.
     Int(i64),
     Float,
     Str(Rc<str>),
@@ -211,7 +212,7 @@ impl Value {
     fn kind(&self) -> &'static str {
         match self {
             Self::None => "None",
-            Self::Bool => "bool",
+            Self::Bool(_) => "bool",
             Self::Int(_) => "int",
             Self::Float => "float",
             Self::Str(_) => "str",
@@ -258,13 +259,113 @@ pub(super) fn load(path: &Path, bytes: &[u8]) -> Result<Loaded> {
         .run()
         .map_err(|e| error(format!("{folder}/data.pkl: {e}")))?;
     let entries = state_dict(&root).map_err(error)?;
+    tensors_of(path, entries, |name, storage| {
+        read_storage(&mut archive, &folder, name, storage)
+    })
+}
 
+/// Reads torch.save's legacy format (PyTorch before 1.6, e.g. 2020's pretrained files): five
+/// pickles in a row (magic number, protocol, system info, the state dict, its storage keys),
+/// then each storage in the keys' order as an int64 element count and its raw elements.
+pub(super) fn load_legacy(path: &Path, bytes: &[u8]) -> Result<Loaded> {
+    let error = |detail: String| data_error(path, detail);
+    let legacy = |what: &str, e: String| error(format!("legacy torch.save file, {what}: {e}"));
+    let pickle = |at: usize, what: &str| -> Result<(Value, usize)> {
+        let rest = bytes.get(at..).unwrap_or_default();
+        let (value, used) = Machine::new(rest)
+            .run_prefix()
+            .map_err(|e| legacy(what, e))?;
+        Ok((value, at + used))
+    };
+    // The magic number (a long beyond i64) is checked by `is_legacy`: skip its pickle.
+    let at = 2 + LEGACY_MAGIC.len() + 1;
+    let (protocol, at) = pickle(at, "protocol")?;
+    if !matches!(protocol, Value::Int(1001)) {
+        return Err(legacy("protocol", "not the 1001 torch.save wrote".into()));
+    }
+    let (info, at) = pickle(at, "system info")?;
+    let little = match &info {
+        Value::Dict(d) => d.items.iter().find_map(|(k, v)| match (k, v) {
+            (Value::Str(k), Value::Bool(b)) if &**k == "little_endian" => Some(*b),
+            _ => None,
+        }),
+        _ => None,
+    };
+    if little != Some(true) {
+        return Err(error(
+            "the tensors are stored big-endian (or the byte order is not recorded); re-save \
+             the state_dict on a little-endian machine, or as safetensors"
+                .into(),
+        ));
+    }
+    let (root, at) = pickle(at, "state dict")?;
+    let entries = state_dict(&root).map_err(error)?;
+    let (keys, mut at) = pickle(at, "storage keys")?;
+    let Value::List(keys) = keys else {
+        return Err(legacy("storage keys", "not a list".into()));
+    };
+    // The raw storages, in the keys' order, each `elements: i64` then its bytes.
+    let mut raw: HashMap<String, &[u8]> = HashMap::new();
+    for key in &keys.items {
+        let Value::Str(key) = key else {
+            return Err(legacy("storage keys", format!("a key is a {}", key.kind())));
+        };
+        let count = bytes
+            .get(at..at + 8)
+            .and_then(|b| b.first_chunk::<8>())
+            .map(|b| u64::from_le_bytes(*b))
+            .ok_or_else(|| legacy("storages", format!("storage {key} is cut off")))?;
+        let size = entries
+            .iter()
+            .map(|(_, v)| &v.storage)
+            .find(|s| *s.key == **key)
+            .map(|s| s.dtype.size())
+            .ok_or_else(|| legacy("storages", format!("no tensor uses storage {key}")))?;
+        let length = count
+            .checked_mul(size)
+            .and_then(|n| usize::try_from(n).ok())
+            .filter(|&n| n <= bytes.len())
+            .ok_or_else(|| legacy("storages", format!("storage {key} claims {count} elements")))?;
+        let start = at + 8;
+        let data = bytes
+            .get(start..start + length)
+            .ok_or_else(|| legacy("storages", format!("storage {key} is cut off")))?;
+        raw.insert(key.to_string(), data);
+        at = start + length;
+    }
+    tensors_of(path, entries, |name, storage| {
+        let data = raw.get(&storage.key).ok_or_else(|| {
+            format!("storage {}, of tensor {name:?}, is not in the file", storage.key)
+        })?;
+        if data.len() as u64 != storage_bytes(storage)? {
+            return Err(format!(
+                "storage {} holds {} bytes, tensor {name:?} needs {} {} elements",
+                storage.key,
+                data.len(),
+                storage.elements,
+                storage.dtype.name()
+            ));
+        }
+        Ok(data.to_vec())
+    })
+}
+
+/// The state dict's tensors, each storage's bytes fetched once by `read`.
+fn tensors_of(
+    path: &Path,
+    entries: Vec<(String, Rc<View>)>,
+    mut read: impl FnMut(&str, &Storage) -> Step<Vec<u8>>,
+) -> Result<Loaded> {
+    let error = |detail: String| data_error(path, detail);
     let mut storages: HashMap<String, Vec<u8>> = HashMap::new();
     let (mut tensors, mut integers) = (Vec::new(), Vec::new());
     for (name, view) in entries {
         let storage = &view.storage;
         if !storages.contains_key(&storage.key) {
-            let bytes = read_storage(&mut archive, &folder, &name, storage).map_err(error)?;
+            if let Dtype::Other(_) = storage.dtype {
+                return Err(error(unsupported_dtype(&name, storage.dtype)));
+            }
+            let bytes = read(&name, storage).map_err(error)?;
             storages.insert(storage.key.clone(), bytes);
         }
         let bytes = storages
@@ -586,7 +687,13 @@ impl<'a> Machine<'a> {
     }
 
     /// Runs to STOP; the value on top of the stack is the result.
-    fn run(mut self) -> Step<Value> {
+    fn run(self) -> Step<Value> {
+        Ok(self.run_prefix()?.0)
+    }
+
+    /// Runs to STOP, and returns the result and where the pickle ended (the legacy format
+    /// writes several pickles one after another).
+    fn run_prefix(mut self) -> Step<(Value, usize)> {
         loop {
             let start = self.at;
             let opcode = self.byte()?;
@@ -594,10 +701,11 @@ impl<'a> Machine<'a> {
                 .step(opcode)
                 .map_err(|e| format!("{e} (opcode 0x{opcode:02x} at byte {start})"))?;
             if done {
-                return self
+                let value = self
                     .stack
                     .pop()
-                    .ok_or_else(|| "the pickle stops with an empty stack".into());
+                    .ok_or("the pickle stops with an empty stack")?;
+                return Ok((value, self.at));
             }
         }
     }
@@ -810,19 +918,31 @@ impl<'a> Machine<'a> {
         self.push(value)
     }
 
-    /// BINPERSID: `('storage', storage type, key, location, elements)`.
+    /// BINPERSID: `('storage', storage type, key, location, elements)`, with a sixth item
+    /// `None` in the legacy format (a view of another storage, which torch.save stopped
+    /// writing long ago, is refused).
     fn persistent(&mut self) -> Step<()> {
         let id = self.pop()?;
         let Value::Tuple(id) = &id else {
             return Err(format!("a persistent id is a {}, not a tuple", id.kind()));
         };
-        let [
-            Value::Str(tag),
-            Value::Global(Global::Storage(dtype)),
-            Value::Str(key),
-            Value::Str(_location),
-            Value::Int(elements),
-        ] = id.items.as_slice()
+        let (
+            [
+                Value::Str(tag),
+                Value::Global(Global::Storage(dtype)),
+                Value::Str(key),
+                Value::Str(_location),
+                Value::Int(elements),
+            ]
+            | [
+                Value::Str(tag),
+                Value::Global(Global::Storage(dtype)),
+                Value::Str(key),
+                Value::Str(_location),
+                Value::Int(elements),
+                Value::None,
+            ]
+        ) = id.items.as_slice()
         else {
             return Err("a persistent id is not ('storage', type, key, location, elements)".into());
         };
@@ -923,7 +1043,7 @@ impl<'a> Machine<'a> {
                 self.take(8)?;
                 self.push(Value::Float)?;
             }
-            0x88 | 0x89 => self.push(Value::Bool)?,
+            0x88 | 0x89 => self.push(Value::Bool(opcode == 0x88))?,
             b'N' => self.push(Value::None)?,
             b't' => {
                 let items = self.pop_mark()?;

@@ -210,7 +210,11 @@ def main():
                                    lambda f: f))
     put("main_module.pth", hand_made(b"\x80\x02" + op_global("__main__", "Net") + b")\x81."))
     put("os_system.pth", hand_made(pickle.dumps(Evil(), protocol=2)))
-    put("legacy.pth", torch_bytes({"w": torch.ones(1)}, _use_new_zipfile_serialization=False))
+    # The legacy (pre-1.6) format, as 2020's pretrained files are: good ones, and one cut
+    # off inside its raw storages.
+    legacy = good("legacy_model", model_state, _use_new_zipfile_serialization=False)
+    good("legacy_views", views, _use_new_zipfile_serialization=False)
+    put("legacy_truncated.pth", legacy[:-10])
     put("bare_pickle.pth", pickle.dumps({"w": [1.0, 2.0]}, protocol=2))
     put("truncated.pth", model_bytes[: len(model_bytes) // 2])
 
