@@ -30,6 +30,7 @@ pub mod data;
 pub mod error;
 pub mod gpu;
 pub mod graph;
+pub mod models;
 pub mod nn;
 pub mod ops;
 pub mod optim;

@@ -68,16 +68,8 @@ impl Activation {
             }
             Activation::Sigmoid => 1.0 / (1.0 + (-x).exp()),
             Activation::Tanh => x.tanh(),
-            // NaN passes through, as in PyTorch.
-            Activation::Relu6 => {
-                if x <= 0.0 {
-                    0.0
-                } else if x >= 6.0 {
-                    6.0
-                } else {
-                    x
-                }
-            }
+            // clamp keeps NaN, as PyTorch does.
+            Activation::Relu6 => x.clamp(0.0, 6.0),
         }
     }
 }
