@@ -89,6 +89,56 @@ def rows():
 
     yield "train_step_lenet_b64", "N64 1x28x28", step
 
+    # Real networks (torchvision, and efficientnet-lite-pytorch when installed).
+    import torchvision
+    nets = [("resnet18_inference", torchvision.models.resnet18())]
+    try:
+        from efficientnet_lite_pytorch import EfficientNet
+        nets.append(("efficientnet_lite0_inference", EfficientNet.from_name("efficientnet-lite0")))
+    except ImportError:
+        pass
+    for op, net in nets:
+        net.eval()
+        for n in (1, 8):
+            x = rand(n, 3, 224, 224)
+
+            def infer(net=net, x=x):
+                with torch.no_grad():
+                    net(x)
+
+            yield op, f"N{n} 3x224x224", infer
+
+    resnet20 = cifar_resnet20()
+    opt20 = torch.optim.SGD(resnet20.parameters(), lr=0.05, momentum=0.9)
+    x20 = rand(128, 3, 32, 32)
+    labels20 = torch.tensor([i % 10 for i in range(128)])
+
+    def step20():
+        opt20.zero_grad()
+        F.cross_entropy(resnet20(x20), labels20).backward()
+        opt20.step()
+
+    yield "train_step_resnet20_b128", "N128 3x32x32", step20
+
+
+def cifar_resnet20():
+    """ResNet-20 for CIFAR as wgcnn::models::resnet20 builds it (option-B shortcuts)."""
+    from torchvision.models.resnet import BasicBlock
+
+    def stage(c_in, c_out, stride):
+        down = None
+        if stride != 1 or c_in != c_out:
+            down = torch.nn.Sequential(torch.nn.Conv2d(c_in, c_out, 1, stride, bias=False),
+                                       torch.nn.BatchNorm2d(c_out))
+        blocks = [BasicBlock(c_in, c_out, stride, down)]
+        blocks += [BasicBlock(c_out, c_out) for _ in range(2)]
+        return blocks
+
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 16, 3, 1, 1, bias=False), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
+        *stage(16, 16, 1), *stage(16, 32, 2), *stage(32, 64, 2),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(64, 10)).train()
+
 
 def main():
     parser = argparse.ArgumentParser()

@@ -365,6 +365,108 @@ fn lenet_step(device: Device) -> Result<Box<dyn FnMut() -> Result<()>>> {
     }))
 }
 
+/// Inference with a model of `wgcnn::models` at `[n, 3, 224, 224]` (eval mode, the output
+/// left on the device), `flops` per image counted by forward hooks on PyTorch's model.
+fn inference_case<'a>(gpu: &Gpu, model: &'static str, n: usize, flops: f64) -> Case<'a> {
+    let op = match model {
+        "resnet18" => "resnet18_inference",
+        _ => "efficientnet_lite0_inference",
+    };
+    Case {
+        op,
+        shape: format!("N{n} 3x224x224"),
+        kernel: "graph".into(),
+        flops: n as f64 * flops,
+        gpu: model_step(Device::Gpu(gpu.clone()), model, n, false),
+        cpu: model_step(Device::Cpu, model, n, false),
+    }
+}
+
+/// ResNet-20 (CIFAR) training steps at batch 128 with SGD and momentum; a step costs
+/// about three forward passes (0.0816 GFLOP per image, counted on PyTorch's model).
+fn resnet20_step_case(gpu: &Gpu) -> Case<'_> {
+    Case {
+        op: "train_step_resnet20_b128",
+        shape: "N128 3x32x32".into(),
+        kernel: "graph, 1 submit".into(),
+        flops: 128.0 * 3.0 * 8.16e7,
+        gpu: model_step(Device::Gpu(gpu.clone()), "resnet20", 128, true),
+        cpu: model_step(Device::Cpu, "resnet20", 128, true),
+    }
+}
+
+/// A closure running the model called `name` on `device` for a batch of `n`: one eval
+/// forward, or one training step. The model is built on the first call (the warm-up), so
+/// rows left out by `--filter` build nothing.
+fn model_step(
+    device: Device,
+    name: &'static str,
+    n: usize,
+    train: bool,
+) -> Box<dyn FnMut() -> Result<()>> {
+    use wgcnn::{Graph, Mode, Optimizer, graph::GraphOptimizer};
+    let mut state: Option<(Graph, GraphOptimizer, ArrayD<f32>)> = None;
+    let labels: Vec<usize> = (0..n).map(|i| i % 10).collect();
+    Box::new(move || {
+        if state.is_none() {
+            let classes = if matches!(name, "resnet20" | "resnet56") {
+                10
+            } else {
+                1000
+            };
+            let model = wgcnn::models::by_name(name, classes)?;
+            let mut shape = model.input_shape();
+            shape[0] = n;
+            let graph = model.build(device.clone(), 1)?;
+            let optimizer = graph.optimizer(Optimizer::momentum(0.05, 0.9))?;
+            state = Some((graph, optimizer, random(&shape, 9)));
+        }
+        let Some((graph, optimizer, x)) = state.as_mut() else {
+            return Ok(());
+        };
+        if train {
+            let input = |d: &Device| d.upload(x.clone());
+            wgcnn::train::train_step(graph, optimizer, input, &labels).map(drop)
+        } else {
+            let input = graph.device().upload(x.clone())?;
+            graph.forward(input, Mode::Eval).map(drop)
+        }
+    })
+}
+
+/// `--memory`: the peak bytes the buffer pool holds during one ResNet inference pass or
+/// training step at 224×224 (weights, optimizer state and the input included), and its
+/// time, after a first step that compiles the pipelines.
+fn memory_report(gpu: &Gpu, filter: Option<&str>) -> Result<()> {
+    let mib = |bytes: u64| bytes as f64 / f64::from(1u32 << 20);
+    let limit = gpu.limits().max_storage_buffer_binding_size;
+    println!("binding limit {:.0} MiB", mib(limit));
+    for name in ["resnet18", "resnet50"] {
+        for train in [false, true] {
+            for n in [1, 8, 32] {
+                let label = format!("{name} {} N{n}", if train { "train" } else { "eval" });
+                if filter.is_some_and(|f| !label.contains(f)) {
+                    continue;
+                }
+                let mut step = model_step(Device::Gpu(gpu.clone()), name, n, train);
+                step()?;
+                gpu.synchronize()?;
+                gpu.reset_peak_bytes();
+                let start = Instant::now();
+                step()?;
+                gpu.synchronize()?;
+                let seconds = start.elapsed().as_secs_f64();
+                let stats = gpu.pool_stats();
+                println!(
+                    "{label:<22} peak {:>8.1} MiB  {seconds:>7.2} s",
+                    mib(stats.peak_live_bytes)
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 /// `--profile`: the passes of a LeNet training step, each submitted and waited for on its
 /// own (`Gpu::profile_passes`), medians of `runs` steps.
 fn profile_lenet(gpu: &Gpu, runs: usize, json: bool) -> Result<()> {
@@ -418,6 +520,10 @@ struct Args {
     /// (each pass submitted and waited for on its own; medians of --runs steps).
     #[arg(long)]
     profile: bool,
+    /// Instead of the table: the peak device bytes (buffer pool) and time of ResNet-18/50
+    /// inference and training steps at 224×224, batches 1, 8 and 32.
+    #[arg(long)]
+    memory: bool,
 }
 
 /// `--reads` values.
@@ -446,6 +552,9 @@ fn main() -> Result<()> {
     let adapter = gpu.adapter_info().name.clone();
     if args.profile {
         return profile_lenet(&gpu, runs, json);
+    }
+    if args.memory {
+        return memory_report(&gpu, filter.as_deref());
     }
     if !json {
         println!(
@@ -533,6 +642,11 @@ fn main() -> Result<()> {
         cases.push(cross_entropy_case(&gpu, shape)?);
     }
     cases.push(train_step_case(&gpu)?);
+    for n in [1, 8] {
+        cases.push(inference_case(&gpu, "resnet18", n, 3.628e9));
+        cases.push(inference_case(&gpu, "efficientnet_lite0", n, 7.70e8));
+    }
+    cases.push(resnet20_step_case(&gpu));
 
     for mut case in cases {
         let label = format!("{} {}", case.op, case.shape);

@@ -262,6 +262,14 @@ pub trait Layer: Send {
     }
 }
 
+/// Between two layers: a recorded step that holds too many dropped buffers back from
+/// reuse submits what it has (`GpuOptions::recording_hold_bytes`).
+fn bound_held_buffers(device: &Device) {
+    if let Device::Gpu(gpu) = device {
+        gpu.bound_held_buffers();
+    }
+}
+
 /// [`Layer::output_shape`] by running `layer` on zeros on the CPU path, its state freshly
 /// initialised.
 fn dry_run_shape<L: Layer + ?Sized>(layer: &L, inputs: &[&[usize]]) -> Result<Vec<usize>> {
@@ -615,6 +623,7 @@ impl Graph {
                     self.values[v] = None;
                 }
             }
+            bound_held_buffers(&self.device);
         }
         if mode == Mode::Train {
             self.step += 1;
@@ -736,6 +745,7 @@ impl Graph {
             for &v in &self.last_backward_use[i] {
                 self.values[v] = None;
             }
+            bound_held_buffers(&self.device);
         }
         Ok(grads[0].take().filter(|_| input_grad))
     }

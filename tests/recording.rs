@@ -211,3 +211,49 @@ fn profiled_passes_are_timed_in_order_with_the_same_results() {
     gpu.record(|| step(&x, &w, &b)).unwrap();
     assert_eq!(gpu.submissions(), before + 1);
 }
+
+/// A recorded training step that drops more buffers than `recording_hold_bytes` submits what
+/// it has between layers and reuses them: the same losses and weights, bit for bit, as
+/// steps that are one submit each.
+#[test]
+fn a_step_holding_too_many_buffers_submits_early_with_the_same_results() {
+    use wgcnn::nn::{LeNetOptions, lenet5};
+    use wgcnn::train::train_step;
+    use wgcnn::{Device, GpuOptions, Optimizer};
+    let Some(_) = gpu() else { return };
+    let x = random(&[16, 1, 28, 28], 8);
+    let labels: Vec<usize> = (0..16).map(|i| i % 10).collect();
+    let mut runs = Vec::new();
+    for hold in [0, u64::MAX] {
+        let options = GpuOptions {
+            recording_hold_bytes: hold,
+            ..GpuOptions::from_env().unwrap()
+        };
+        let gpu = Gpu::with_options(options).unwrap();
+        let mut model = lenet5(LeNetOptions::default())
+            .unwrap()
+            .build(Device::Gpu(gpu.clone()), 3)
+            .unwrap();
+        let mut optimizer = model.optimizer(Optimizer::momentum(0.05, 0.9)).unwrap();
+        let before = gpu.submissions();
+        let mut losses = Vec::new();
+        for _ in 0..3 {
+            let input = |d: &Device| d.upload(x.clone());
+            let out = train_step(&mut model, &mut optimizer, input, &labels).unwrap();
+            losses.push(out.loss);
+        }
+        let submits = gpu.submissions() - before;
+        let losses: Vec<f32> = losses.iter().map(|l| l.scalar().unwrap()).collect();
+        let weights: Vec<_> = model
+            .state()
+            .into_iter()
+            .map(|(n, v)| (n, v.to_array().unwrap()))
+            .collect();
+        runs.push((submits, losses, weights));
+    }
+    let (early, whole) = (&runs[0], &runs[1]);
+    assert_eq!(whole.0, 3, "one submit per step");
+    assert!(early.0 > 2 * whole.0, "{} submits: a step should split at its layers", early.0);
+    assert_eq!(early.1, whole.1, "losses");
+    assert_eq!(early.2, whole.2, "weights");
+}

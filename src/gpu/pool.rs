@@ -85,6 +85,10 @@ impl BufferPool {
     pub(crate) fn stats(&self) -> PoolStats {
         self.stats
     }
+
+    pub(crate) fn reset_peak(&mut self) {
+        self.stats.peak_live_bytes = self.stats.live_bytes;
+    }
 }
 
 #[cfg(test)]

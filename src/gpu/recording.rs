@@ -93,7 +93,9 @@ impl Gpu {
         }
     }
 
-    /// Submits what the active recording holds so far (before a readback).
+    /// Submits what the active recording holds so far (before a readback), and returns the
+    /// buffers dropped until now to the pool: whatever is recorded or uploaded after this
+    /// submit runs after it.
     pub(crate) fn flush_recording(&self) {
         let mut recordings = lock(&self.inner.recordings);
         if let Some(active) = mine(&mut recordings) {
@@ -103,9 +105,33 @@ impl Gpu {
                     label: Some("recorded step"),
                 });
             let done = std::mem::replace(&mut active.encoder, fresh);
+            let deferred = std::mem::take(&mut active.deferred);
+            drop(recordings);
             self.write_uniforms();
             self.queue().submit([done.finish()]);
             self.count_submit();
+            let mut pool = lock(&self.inner.pool);
+            for (buffer, class) in deferred {
+                pool.give_back(buffer, class);
+            }
+        }
+    }
+
+    /// Submits the active recording early when the buffers it holds back exceed
+    /// `GpuOptions::recording_hold_bytes`, so that a large model's step reuses its
+    /// temporaries instead of holding every one until the end. Called by the graph between
+    /// layers, where no op is half encoded.
+    pub(crate) fn bound_held_buffers(&self) {
+        let bytes = self.inner.recording_hold_bytes;
+        let held: u64 = {
+            let mut recordings = lock(&self.inner.recordings);
+            match mine(&mut recordings) {
+                Some(active) => active.deferred.iter().map(|(_, class)| class).sum(),
+                None => return,
+            }
+        };
+        if held > bytes {
+            self.flush_recording();
         }
     }
 
