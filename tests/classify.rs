@@ -72,7 +72,10 @@ fn pytorch_logits(golden: &serde_json::Value) -> Vec<(String, Vec<f32>)> {
         .iter()
         .map(|(name, photo)| {
             let logits = photo["logits"].as_array().unwrap();
-            (name.clone(), logits.iter().map(|v| v.as_f64().unwrap() as f32).collect())
+            (
+                name.clone(),
+                logits.iter().map(|v| v.as_f64().unwrap() as f32).collect(),
+            )
         })
         .collect()
 }
@@ -85,7 +88,10 @@ fn top5(row: &[f32]) -> Vec<usize> {
 }
 
 fn max_diff(got: &[f32], want: &[f32]) -> (f32, f32) {
-    let diff = got.iter().zip(want).fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+    let diff = got
+        .iter()
+        .zip(want)
+        .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
     (diff, want.iter().fold(0.0f32, |m, v| m.max(v.abs())))
 }
 
@@ -114,7 +120,10 @@ fn pretrained_logits_match_pytorch_on_the_same_pixels() {
             let got = row.to_vec();
             let (diff, top) = max_diff(&got, want);
             eprintln!("{name} on {on}: max |logit diff| {diff:.2e} (max |logit| {top:.2})");
-            assert!(diff <= 1e-3 * top + 1e-4, "{name} on {on}: {diff} (max {top})");
+            assert!(
+                diff <= 1e-3 * top + 1e-4,
+                "{name} on {on}: {diff} (max {top})"
+            );
             assert_eq!(top5(&got)[0], top5(want)[0], "{name} on {on}");
         }
     }

@@ -73,6 +73,7 @@ fn assert_logits_close(what: &str, got: &ArrayD<f32>, want: &ArrayD<f32>) {
     assert_eq!(got.shape(), want.shape(), "{what}");
     let top = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
     let diff = common::max_abs_diff(got, want);
+    eprintln!("{what}: max |logit diff| {diff:.2e}, max |logit| {top:.3}");
     assert!(
         diff <= 1e-3 * top + 1e-4,
         "{what}: max |diff| {diff}, max |logit| {top}"

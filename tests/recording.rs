@@ -253,7 +253,11 @@ fn a_step_holding_too_many_buffers_submits_early_with_the_same_results() {
     }
     let (early, whole) = (&runs[0], &runs[1]);
     assert_eq!(whole.0, 3, "one submit per step");
-    assert!(early.0 > 2 * whole.0, "{} submits: a step should split at its layers", early.0);
+    assert!(
+        early.0 > 2 * whole.0,
+        "{} submits: a step should split at its layers",
+        early.0
+    );
     assert_eq!(early.1, whole.1, "losses");
     assert_eq!(early.2, whole.2, "weights");
 }

@@ -335,7 +335,10 @@ pub(super) fn load_legacy(path: &Path, bytes: &[u8]) -> Result<Loaded> {
     }
     tensors_of(path, entries, |name, storage| {
         let data = raw.get(&storage.key).ok_or_else(|| {
-            format!("storage {}, of tensor {name:?}, is not in the file", storage.key)
+            format!(
+                "storage {}, of tensor {name:?}, is not in the file",
+                storage.key
+            )
         })?;
         if data.len() as u64 != storage_bytes(storage)? {
             return Err(format!(
@@ -926,23 +929,21 @@ impl<'a> Machine<'a> {
         let Value::Tuple(id) = &id else {
             return Err(format!("a persistent id is a {}, not a tuple", id.kind()));
         };
-        let (
-            [
-                Value::Str(tag),
-                Value::Global(Global::Storage(dtype)),
-                Value::Str(key),
-                Value::Str(_location),
-                Value::Int(elements),
-            ]
-            | [
-                Value::Str(tag),
-                Value::Global(Global::Storage(dtype)),
-                Value::Str(key),
-                Value::Str(_location),
-                Value::Int(elements),
-                Value::None,
-            ]
-        ) = id.items.as_slice()
+        let ([
+            Value::Str(tag),
+            Value::Global(Global::Storage(dtype)),
+            Value::Str(key),
+            Value::Str(_location),
+            Value::Int(elements),
+        ]
+        | [
+            Value::Str(tag),
+            Value::Global(Global::Storage(dtype)),
+            Value::Str(key),
+            Value::Str(_location),
+            Value::Int(elements),
+            Value::None,
+        ]) = id.items.as_slice()
         else {
             return Err("a persistent id is not ('storage', type, key, location, elements)".into());
         };
