@@ -194,3 +194,44 @@ fn a_folder_of_images_with_one_sub_folder_per_class() {
     assert!(Dataset::from_folder(&dir, (4, 4), 2).is_err());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A folder of photos prepared as a model's recipe prepares them (EXIF orientation, the
+/// torchvision resize and centre crop), kept as bytes and normalised per batch.
+#[test]
+fn a_folder_of_photos_takes_a_models_preprocessing() {
+    use wgcnn::data::{IMAGENET_MEAN, IMAGENET_STD, Preprocess, load_image};
+    let photos = concat!(env!("CARGO_MANIFEST_DIR"), "/data/photos");
+    let dir = std::env::temp_dir().join(format!("wgcnn-photos-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    for (class, file) in [
+        ("cat", "chelsea.jpg"),
+        ("cat", "chelsea_exif_rotate90.jpg"),
+        ("coffee", "coffee.jpg"),
+    ] {
+        std::fs::create_dir_all(dir.join(class)).unwrap();
+        std::fs::copy(format!("{photos}/{file}"), dir.join(class).join(file)).unwrap();
+    }
+    let preprocess = Preprocess::imagenet();
+    let data = Dataset::from_folder_preprocessed(&dir, &preprocess).unwrap();
+    assert_eq!(data.shape(), [3, 3, 224, 224]);
+    assert_eq!(data.classes(), ["cat", "coffee"]);
+    assert_eq!(data.labels(), [0, 0, 1]);
+    // Batches normalised with the recipe's statistics are the recipe's own output.
+    let normalize = Normalize::new(&IMAGENET_MEAN, &IMAGENET_STD).unwrap();
+    let x = data
+        .batch(&Device::Cpu, &[1], &normalize)
+        .unwrap()
+        .to_array()
+        .unwrap();
+    let want = preprocess
+        .apply(&load_image(format!("{photos}/chelsea_exif_rotate90.jpg")).unwrap())
+        .unwrap()
+        .insert_axis(ndarray::Axis(0))
+        .into_dyn();
+    assert!(max_abs_diff(&x, &want) < 1e-5);
+    // Without a crop the images would differ in size: an error that says so.
+    let err = Dataset::from_folder_preprocessed(&dir, &Preprocess::new().resize(64).unwrap())
+        .unwrap_err();
+    assert!(err.to_string().contains("center_crop"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

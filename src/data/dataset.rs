@@ -133,7 +133,6 @@ impl Dataset {
         (height, width): (usize, usize),
         channels: usize,
     ) -> Result<Self> {
-        let dir = dir.as_ref();
         if !matches!(channels, 1 | 3) || height == 0 || width == 0 {
             return Err(invalid(format!(
                 "{channels} channels of {height}×{width}: give 1 (grey) or 3 (RGB) channels \
@@ -141,6 +140,51 @@ impl Dataset {
             )));
         }
         let (h, w) = (dim_u32(height)?, dim_u32(width)?);
+        Self::from_class_folders(dir.as_ref(), [channels, height, width], |file| {
+            let image = image::open(file).map_err(|e| data_error(file, e.to_string()))?;
+            let resized = image.resize_exact(w, h, image::imageops::FilterType::Triangle);
+            let interleaved = match channels {
+                1 => resized.to_luma8().into_raw(),
+                _ => resized.to_rgb8().into_raw(),
+            };
+            // Interleaved HWC to planar CHW.
+            Ok((0..channels)
+                .flat_map(|c| interleaved.iter().skip(c).step_by(channels).copied())
+                .collect())
+        })
+    }
+
+    /// The images under `dir`, one sub-folder per class, prepared as `preprocess` prepares
+    /// a model's input (RGB with the EXIF orientation applied, torchvision's resize and
+    /// centre crop), kept as bytes: batch them with the recipe's normalisation as a
+    /// [`Normalize`] (for ImageNet's, `Normalize::new(&IMAGENET_MEAN, &IMAGENET_STD)`).
+    /// The recipe must crop, so that every image has one size.
+    #[cfg(feature = "image")]
+    pub fn from_folder_preprocessed(
+        dir: impl AsRef<Path>,
+        preprocess: &super::Preprocess,
+    ) -> Result<Self> {
+        let Some((height, width)) = preprocess.crop() else {
+            return Err(invalid(
+                "the preprocessing has no centre crop, so images keep sizes of their own: \
+                 add .center_crop(h, w)"
+                    .into(),
+            ));
+        };
+        Self::from_class_folders(dir.as_ref(), [3, height, width], |file| {
+            let image = super::load_image(file)?;
+            Ok(preprocess.resize_crop(&image)?.into_raw_vec_and_offset().0)
+        })
+    }
+
+    /// Every file of every class folder under `dir` (sorted by name: the first folder is
+    /// class 0) as `[C, H, W]` bytes, by `load`.
+    #[cfg(feature = "image")]
+    fn from_class_folders(
+        dir: &Path,
+        [channels, height, width]: [usize; 3],
+        load: impl Fn(&Path) -> Result<Vec<u8>>,
+    ) -> Result<Self> {
         let mut classes = sorted_entries(dir, true)?;
         classes.retain(|p| sorted_entries(p, false).is_ok_and(|files| !files.is_empty()));
         if classes.is_empty() {
@@ -152,16 +196,7 @@ impl Dataset {
         let (mut pixels, mut labels) = (Vec::new(), Vec::new());
         for (label, class_dir) in classes.iter().enumerate() {
             for file in sorted_entries(class_dir, false)? {
-                let image = image::open(&file).map_err(|e| data_error(&file, e.to_string()))?;
-                let resized = image.resize_exact(w, h, image::imageops::FilterType::Triangle);
-                let interleaved = match channels {
-                    1 => resized.to_luma8().into_raw(),
-                    _ => resized.to_rgb8().into_raw(),
-                };
-                // Interleaved HWC to planar CHW.
-                for c in 0..channels {
-                    pixels.extend(interleaved.iter().skip(c).step_by(channels));
-                }
+                pixels.extend(load(&file)?);
                 labels.push(label);
             }
         }

@@ -485,6 +485,11 @@ impl Preprocess {
         Ok(self)
     }
 
+    /// The centre crop's `(height, width)`, if the recipe crops.
+    pub fn crop(&self) -> Option<(usize, usize)> {
+        self.crop
+    }
+
     /// The resize and crop only, on bytes: for a `Dataset` of bytes that is normalised on
     /// the device.
     pub fn resize_crop(&self, image: &Array3<u8>) -> Result<Array3<u8>> {
