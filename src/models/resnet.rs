@@ -109,6 +109,20 @@ fn stages(
     Ok((x, channels))
 }
 
+/// The stem on the model's input: `relu(bn1(conv1(x)))`.
+fn stem(b: &GraphBuilder, conv1: Conv2d) -> Result<ValueRef> {
+    let channels = conv1.out_channels;
+    let names = ["conv1", "bn1", "relu"];
+    conv_bn(
+        b,
+        names,
+        conv1,
+        BatchNorm2d::new(channels),
+        Some(relu()),
+        b.input(),
+    )
+}
+
 /// Global average pooling, flatten and the classifier `fc`.
 fn head(b: &GraphBuilder, x: ValueRef, channels: usize, num_classes: usize) -> Result<ValueRef> {
     let x = b.apply("avgpool", AdaptiveAvgPool2d::new(1, 1), x)?;
@@ -125,14 +139,7 @@ fn imagenet_resnet(
 ) -> Result<Model> {
     let num_classes = classes(num_classes)?;
     let b = image_builder(3, 224)?;
-    let x = conv_bn(
-        &b,
-        ["conv1", "bn1", "relu"],
-        conv(3, 64, 7, 2),
-        BatchNorm2d::new(64),
-        Some(relu()),
-        b.input(),
-    )?;
+    let x = stem(&b, conv(3, 64, 7, 2))?;
     let x = b.apply("maxpool", max_pool2d(3).stride(2).padding(1), x)?;
     let (x, channels) = stages(&b, kind, x, 64, &blocks, &[64, 128, 256, 512])?;
     let output = head(&b, x, channels, num_classes)?;
@@ -167,14 +174,7 @@ pub fn resnet50(num_classes: usize) -> Result<Model> {
 fn cifar_resnet(name: &'static str, n: usize, num_classes: usize) -> Result<Model> {
     let num_classes = classes(num_classes)?;
     let b = image_builder(3, 32)?;
-    let x = conv_bn(
-        &b,
-        ["conv1", "bn1", "relu"],
-        conv(3, 16, 3, 1),
-        BatchNorm2d::new(16),
-        Some(relu()),
-        b.input(),
-    )?;
+    let x = stem(&b, conv(3, 16, 3, 1))?;
     let (x, channels) = stages(&b, Block::Basic, x, 16, &[n; 3], &[16, 32, 64])?;
     let output = head(&b, x, channels, num_classes)?;
     Ok(Model {
