@@ -261,3 +261,27 @@ fn a_step_holding_too_many_buffers_submits_early_with_the_same_results() {
     assert_eq!(early.1, whole.1, "losses");
     assert_eq!(early.2, whole.2, "weights");
 }
+
+/// A step that panics inside a recording leaves the thread able to record: the next step is
+/// one submit with the same results as an unrecorded one.
+#[test]
+fn a_panicking_step_leaves_the_thread_able_to_record() {
+    let Some(_) = gpu() else { return };
+    let gpu = Gpu::new().unwrap();
+    let (x, w, b) = step_inputs(&gpu);
+    let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        gpu.record(|| {
+            step(&x, &w, &b)?;
+            panic!("a bug inside a training step");
+            #[allow(unreachable_code)]
+            Ok(())
+        })
+    }));
+    assert!(panicked.is_err());
+    let (y_plain, dw_plain) = step(&x, &w, &b).unwrap();
+    let before = gpu.submissions();
+    let (y, dw) = gpu.record(|| step(&x, &w, &b)).unwrap();
+    assert_eq!(gpu.submissions(), before + 1, "the next step is one submit");
+    assert_eq!(y.to_array().unwrap(), y_plain.to_array().unwrap());
+    assert_eq!(dw.to_array().unwrap(), dw_plain.to_array().unwrap());
+}

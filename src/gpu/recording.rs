@@ -46,7 +46,14 @@ impl Gpu {
                 },
             ));
         }
+        // A panic inside `step` must not leave this thread recording for good (every later
+        // op would be encoded and never submitted): the guard ends the recording on unwind.
+        let guard = EndOnUnwind {
+            gpu: self,
+            thread: me,
+        };
         let result = step();
+        std::mem::forget(guard);
         let finished = take(&mut lock(&self.inner.recordings), me);
         if let Some(recording) = finished {
             if result.is_ok() {
@@ -143,6 +150,23 @@ impl Gpu {
             None => {
                 drop(recordings);
                 lock(&self.inner.pool).give_back(buffer, class);
+            }
+        }
+    }
+}
+
+/// Ends a thread's recording, submitting nothing, when `step` unwinds out of [`Gpu::record`].
+struct EndOnUnwind<'a> {
+    gpu: &'a Gpu,
+    thread: ThreadId,
+}
+
+impl Drop for EndOnUnwind<'_> {
+    fn drop(&mut self) {
+        if let Some(recording) = take(&mut lock(&self.gpu.inner.recordings), self.thread) {
+            let mut pool = lock(&self.gpu.inner.pool);
+            for (buffer, class) in recording.deferred {
+                pool.give_back(buffer, class);
             }
         }
     }
