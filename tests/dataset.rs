@@ -148,6 +148,7 @@ fn mnist_is_one_source_and_trains_as_before() {
     assert!(eval.loss.is_finite() && (0.0..=1.0).contains(&eval.accuracy));
 }
 
+#[cfg(feature = "image")]
 #[test]
 fn a_folder_of_images_with_one_sub_folder_per_class() {
     let dir = std::env::temp_dir().join(format!("wgcnn-dataset-{}", std::process::id()));
@@ -197,6 +198,7 @@ fn a_folder_of_images_with_one_sub_folder_per_class() {
 
 /// A folder of photos prepared as a model's recipe prepares them (EXIF orientation, the
 /// torchvision resize and centre crop), kept as bytes and normalised per batch.
+#[cfg(feature = "image")]
 #[test]
 fn a_folder_of_photos_takes_a_models_preprocessing() {
     use wgcnn::data::{IMAGENET_MEAN, IMAGENET_STD, Preprocess, load_image};

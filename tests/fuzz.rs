@@ -11,7 +11,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use proptest::prelude::*;
-use wgcnn::data::{Dataset, read_idx_images, read_idx_labels};
+#[cfg(feature = "image")]
+use wgcnn::data::Dataset;
+use wgcnn::data::{read_idx_images, read_idx_labels};
 use wgcnn::train::{Checkpoint, image_batch};
 use wgcnn::{Device, Normalize};
 
