@@ -16,7 +16,7 @@ use crate::nn::init::InitRng;
 use crate::ops::Activation;
 use crate::ops::add::{accumulate, add_cpu};
 use crate::ops::finite::FiniteChecks;
-use crate::optim::{CpuOptimizer, GpuOptimizer, Optimizer};
+use crate::optim::{CpuOptimizer, GpuOptimizer, NamedState, Optimizer};
 use crate::tensor::Tensor;
 
 /// A tensor on one of the two execution paths.
@@ -361,6 +361,10 @@ pub struct Graph {
     last_forward_use: Vec<Vec<ValueId>>,
     /// Per node: the values whose last backward use it is.
     last_backward_use: Vec<Vec<ValueId>>,
+    /// Parameters of layers replaced since the last update: new parameters under old names,
+    /// whose optimizer state (if any) the next update drops, as PyTorch's optimizer never
+    /// saw them.
+    replaced: Vec<String>,
 }
 
 impl Graph {
@@ -379,6 +383,7 @@ impl Graph {
             finite: None,
             last_forward_use: Vec::new(),
             last_backward_use: Vec::new(),
+            replaced: Vec::new(),
         }
     }
 
@@ -463,6 +468,7 @@ impl Graph {
         }
         let inputs = self.nodes[index].inputs.clone();
         self.nodes[index] = self.fresh_node(name, Box::new(layer), inputs)?;
+        self.replaced.extend(self.nodes[index].full_names());
         self.mode = None;
         Ok(())
     }
@@ -797,11 +803,16 @@ impl Graph {
         })
     }
 
-    /// The full names and shapes of the tensors [`Graph::update`] trains, in its order (the
-    /// order of an optimizer's per-parameter state).
-    pub(crate) fn trained(&self) -> Vec<(String, Vec<usize>)> {
-        trained_values(&self.nodes)
-            .map(|(name, value)| (name, value.shape().to_vec()))
+    /// The full names and shapes of every trainable tensor, frozen or not.
+    pub(crate) fn trainable(&self) -> Vec<(String, Vec<usize>)> {
+        self.nodes
+            .iter()
+            .flat_map(|n| {
+                n.full_names()
+                    .zip(n.state.iter().zip(&n.trainable))
+                    .filter(|(_, (_, trainable))| **trainable)
+                    .map(|(name, (value, _))| (name, value.shape().to_vec()))
+            })
             .collect()
     }
 
@@ -910,6 +921,7 @@ impl Graph {
     pub fn update(&mut self, optimizer: &mut GraphOptimizer) -> Result<()> {
         let mut params = Vec::new();
         let mut grads = Vec::new();
+        let mut param_names = Vec::new();
         for node in self.nodes.iter_mut().filter(|n| !n.frozen) {
             let names = node.full_names().collect::<Vec<_>>();
             for (((value, grad), &trainable), name) in node
@@ -930,24 +942,36 @@ impl Graph {
                 })?;
                 params.push(value);
                 grads.push(grad);
+                param_names.push(name);
             }
         }
+        // The optimizer keys its state by these names: freezing, unfreezing or replacing a
+        // layer keeps every other parameter's state with it.
+        let replaced = std::mem::take(&mut self.replaced);
+        match optimizer {
+            GraphOptimizer::Gpu(opt) => opt.forget(&replaced),
+            GraphOptimizer::Cpu(opt) => opt.forget(&replaced),
+        }
+        let names = param_names.iter().map(String::as_str);
         match optimizer {
             GraphOptimizer::Gpu(opt) => {
-                let params = params.iter().map(|p| p.gpu()).collect::<Result<Vec<_>>>()?;
+                let params = names
+                    .zip(&params)
+                    .map(|(n, p)| Ok((n, p.gpu()?)))
+                    .collect::<Result<Vec<_>>>()?;
                 let grads = grads.iter().map(|g| g.gpu()).collect::<Result<Vec<_>>>()?;
-                opt.step(&params, &grads)?;
+                opt.step_named(&params, &grads)?;
             }
             GraphOptimizer::Cpu(opt) => {
                 let grads = grads.iter().map(|g| g.cpu()).collect::<Result<Vec<_>>>()?;
-                let mut params = params
-                    .into_iter()
-                    .map(|p| match p {
-                        Value::Cpu(a) => Ok(a),
+                let mut params = names
+                    .zip(params)
+                    .map(|(n, p)| match p {
+                        Value::Cpu(a) => Ok((n, a)),
                         Value::Gpu(_) => Err(mixed_devices()),
                     })
                     .collect::<Result<Vec<_>>>()?;
-                opt.step(&mut params, &grads)?;
+                opt.step_named(&mut params, &grads)?;
             }
         }
         if let Some(checks) = &mut self.finite {
@@ -1004,7 +1028,7 @@ impl GraphOptimizer {
     }
 
     /// The per-parameter state on the host (empty before the first step).
-    pub fn state_arrays(&self) -> Result<Vec<Vec<ArrayD<f32>>>> {
+    pub fn state_arrays(&self) -> Result<Vec<NamedState>> {
         match self {
             GraphOptimizer::Gpu(opt) => opt.state_arrays(),
             GraphOptimizer::Cpu(opt) => opt.state_arrays(),
@@ -1016,7 +1040,7 @@ impl GraphOptimizer {
         &mut self,
         device: &Device,
         step: u32,
-        state: Vec<Vec<ArrayD<f32>>>,
+        state: Vec<NamedState>,
     ) -> Result<()> {
         match (self, device) {
             (GraphOptimizer::Gpu(opt), Device::Gpu(gpu)) => opt.restore(gpu, step, state),

@@ -525,13 +525,33 @@ fn optim_source(tensors: usize, slots: usize) -> String {
 }
 
 /// An optimizer rule with its per-parameter state (the tensors of
-/// [`Optimizer::state_names`], created on the first step): on the GPU as [`GpuOptimizer`], on
-/// the host as [`CpuOptimizer`].
+/// [`Optimizer::state_names`], created on a parameter's first step): on the GPU as
+/// [`GpuOptimizer`], on the host as [`CpuOptimizer`].
+///
+/// State is kept by parameter name, as PyTorch keys it by parameter: freezing a layer,
+/// unfreezing it later, replacing a head or loading weights after the optimizer exists keep
+/// each parameter's state (its own step count included, which bias correction follows) with
+/// that parameter; a parameter seen for the first time starts fresh, and one whose shape
+/// changed under its name is an error naming it.
 pub struct OptimizerState<T> {
     rule: Optimizer,
     step: u32,
-    state: Vec<Vec<T>>,
+    params: Vec<ParamState<T>>,
 }
+
+/// One parameter's optimizer state.
+struct ParamState<T> {
+    name: String,
+    shape: Vec<usize>,
+    /// Updates this parameter has had: bias correction and SGD's first momentum step follow
+    /// it, as PyTorch keeps `step` per parameter.
+    step: u32,
+    slots: Vec<T>,
+}
+
+/// A parameter's saved optimizer state: its name, its own step count and its state tensors
+/// in the order of [`Optimizer::state_names`].
+pub type NamedState = (String, u32, Vec<ArrayD<f32>>);
 
 /// An optimizer with its per-parameter state on the GPU.
 pub type GpuOptimizer = OptimizerState<Tensor>;
@@ -540,14 +560,14 @@ pub type GpuOptimizer = OptimizerState<Tensor>;
 pub type CpuOptimizer = OptimizerState<ArrayD<f32>>;
 
 impl<T> OptimizerState<T> {
-    /// A fresh optimizer (state is created on the first step).
+    /// A fresh optimizer (state is created on each parameter's first step).
     pub fn new(rule: impl Into<Optimizer>) -> Result<Self> {
         let rule = rule.into();
         rule.validate()?;
         Ok(Self {
             rule,
             step: 0,
-            state: Vec::new(),
+            params: Vec::new(),
         })
     }
 
@@ -569,21 +589,94 @@ impl<T> OptimizerState<T> {
         self.step
     }
 
-    /// The state of parameter `index`, in the order of [`Optimizer::state_names`]; `None`
-    /// before the first step.
+    /// The state of the `index`-th parameter this optimizer has seen, in the order of
+    /// [`Optimizer::state_names`]; `None` before its first step.
     pub fn state(&self, index: usize) -> Option<&[T]> {
-        self.state.get(index).map(Vec::as_slice)
+        self.params.get(index).map(|p| p.slots.as_slice())
     }
 
-    /// Fails unless there is one gradient per parameter and, after the first step, the same
-    /// number of parameters as before.
-    fn check_counts(&self, params: usize, grads: usize) -> Result<()> {
-        if params != grads || (!self.state.is_empty() && self.state.len() != params) {
+    /// The state of the parameter called `name`, and its own step count.
+    pub fn state_of(&self, name: &str) -> Option<(u32, &[T])> {
+        let param = self.params.iter().find(|p| p.name == name)?;
+        Some((param.step, &param.slots))
+    }
+
+    /// Drops the state of the parameters called `names` (new parameters under old names:
+    /// their next step starts fresh).
+    pub fn forget(&mut self, names: &[String]) {
+        self.params.retain(|p| !names.contains(&p.name));
+    }
+
+    /// For each parameter of this step, the index of its state: found by name (its shape
+    /// checked) or created by `fresh`. Then every one of them counts one more step.
+    fn prepare(
+        &mut self,
+        params: &[(&str, &[usize])],
+        grads: &[&[usize]],
+        mut fresh: impl FnMut(&[usize]) -> Result<Vec<T>>,
+    ) -> Result<Vec<usize>> {
+        if params.len() != grads.len() {
+            return Err(Error::ShapeMismatch {
+                op: "optimizer",
+                detail: format!("{} parameters, {} gradients", params.len(), grads.len()),
+            });
+        }
+        let mut indices = Vec::with_capacity(params.len());
+        for (&(name, shape), &grad) in params.iter().zip(grads) {
+            if shape != grad {
+                return Err(Error::ShapeMismatch {
+                    op: "optimizer",
+                    detail: format!("parameter {name} {shape:?} has a gradient of shape {grad:?}"),
+                });
+            }
+            if indices.iter().any(|&i: &usize| self.params[i].name == name) {
+                return Err(Error::InvalidArgument {
+                    op: "optimizer",
+                    detail: format!("parameter {name} is passed twice in one step"),
+                });
+            }
+            let index = match self.params.iter().position(|p| p.name == name) {
+                // Without state tensors (plain SGD) there is nothing a new shape could misfit.
+                Some(i) if !self.params[i].slots.is_empty() && self.params[i].shape != shape => {
+                    return Err(Error::ShapeMismatch {
+                        op: "optimizer",
+                        detail: format!(
+                            "parameter {name} is {shape:?}, its optimizer state {:?}: a layer \
+                             replaced under the same name needs a new optimizer, or the old \
+                             layer's shape",
+                            self.params[i].shape
+                        ),
+                    });
+                }
+                Some(i) => i,
+                None => {
+                    self.params.push(ParamState {
+                        name: name.to_string(),
+                        shape: shape.to_vec(),
+                        step: 0,
+                        slots: fresh(shape)?,
+                    });
+                    self.params.len() - 1
+                }
+            };
+            indices.push(index);
+        }
+        self.step += 1;
+        for &i in &indices {
+            self.params[i].step += 1;
+        }
+        Ok(indices)
+    }
+
+    fn check_restored(&self, state: &[NamedState]) -> Result<()> {
+        let names = self.rule.state_names();
+        if let Some((name, _, slots)) = state.iter().find(|(_, _, s)| s.len() != names.len()) {
             return Err(Error::ShapeMismatch {
                 op: "optimizer",
                 detail: format!(
-                    "{params} parameters, {grads} gradients, state for {}",
-                    self.state.len()
+                    "the rule keeps {} state tensors per parameter ({names:?}), the saved state of {name} has {}",
+                    names.len(),
+                    slots.len()
                 ),
             });
         }
@@ -591,54 +684,64 @@ impl<T> OptimizerState<T> {
     }
 }
 
+/// Positional names for the positional `step` forms: parameter `i` is `"i"`.
+fn positional(count: usize) -> Vec<String> {
+    (0..count).map(|i| i.to_string()).collect()
+}
+
 impl GpuOptimizer {
-    /// Updates every parameter in place from its gradient; the same parameters, in the same
-    /// order, must be passed at every step.
+    /// Updates every parameter in place from its gradient; parameter `i` keeps its state
+    /// under the name `"i"` (so pass the same parameters in the same order at every step, or
+    /// use [`GpuOptimizer::step_named`]).
     pub fn step(&mut self, params: &[&Tensor], grads: &[&Tensor]) -> Result<()> {
-        self.check_counts(params.len(), grads.len())?;
-        for (p, g) in params.iter().zip(grads) {
-            if p.shape() != g.shape() {
-                return Err(Error::ShapeMismatch {
-                    op: "optimizer",
-                    detail: format!(
-                        "parameter {:?} has a gradient of shape {:?}",
-                        p.shape(),
-                        g.shape()
-                    ),
-                });
-            }
-        }
-        if self.state.is_empty() {
-            let (slots, fill) = (self.rule.state_names().len(), self.rule.initial_fill());
-            for p in params {
-                self.state.push(
-                    (0..slots)
-                        .map(|_| Tensor::full(p.gpu(), p.shape(), fill))
-                        .collect::<Result<_>>()?,
-                );
-            }
-        }
-        self.step += 1;
-        let Some(first) = params.first() else {
+        let names = positional(params.len());
+        let named: Vec<(&str, &Tensor)> = names
+            .iter()
+            .map(String::as_str)
+            .zip(params.iter().copied())
+            .collect();
+        self.step_named(&named, grads)
+    }
+
+    /// Updates every parameter in place from its gradient, its state found by its name.
+    pub fn step_named(&mut self, params: &[(&str, &Tensor)], grads: &[&Tensor]) -> Result<()> {
+        let shapes: Vec<(&str, &[usize])> = params.iter().map(|(n, p)| (*n, p.shape())).collect();
+        let grad_shapes: Vec<&[usize]> = grads.iter().map(|g| g.shape()).collect();
+        let (slots, fill) = (self.rule.state_names().len(), self.rule.initial_fill());
+        let Some(gpu) = params.first().map(|(_, p)| p.gpu().clone()) else {
+            self.step += 1;
             return Ok(());
         };
-        let gpu = first.gpu();
-        let slots = self.rule.state_names().len();
+        let indices = self.prepare(&shapes, &grad_shapes, |shape| {
+            (0..slots)
+                .map(|_| Tensor::full(&gpu, shape, fill))
+                .collect()
+        })?;
         let kind = self.rule.kind();
         let bindable = gpu.limits().max_storage_buffers_per_shader_stage as usize / (2 + slots);
         let per_dispatch = bindable.clamp(1, MOST_TENSORS_PER_DISPATCH);
-        let rule = bytemuck::bytes_of(&self.rule.params(self.step)).to_vec();
-        // Parameters of SOLO_ELEMENTS or more get a dispatch each; the rest share them.
-        let (solo, shared): (Vec<usize>, Vec<usize>) =
-            (0..params.len()).partition(|&i| params[i].len() >= SOLO_ELEMENTS);
-        let dispatches: Vec<Vec<usize>> = solo
-            .into_iter()
-            .map(|i| vec![i])
-            .chain(shared.chunks(per_dispatch).map(<[usize]>::to_vec))
-            .collect();
+        // Parameters of SOLO_ELEMENTS or more get a dispatch each; the rest share them, among
+        // those at the same step count (their bias corrections are the dispatch's).
+        let mut dispatches: Vec<Vec<usize>> = Vec::new();
+        let mut shared: Vec<(u32, Vec<usize>)> = Vec::new();
+        for (k, &i) in indices.iter().enumerate() {
+            let step = self.params[i].step;
+            if params[k].1.len() >= SOLO_ELEMENTS {
+                dispatches.push(vec![k]);
+            } else if let Some((_, group)) = shared.iter_mut().find(|(s, _)| *s == step) {
+                group.push(k);
+            } else {
+                shared.push((step, vec![k]));
+            }
+        }
+        for (_, group) in shared {
+            dispatches.extend(group.chunks(per_dispatch).map(<[usize]>::to_vec));
+        }
         gpu.run_pass("optimizer step", |pass| {
             for members in dispatches {
                 let count = members.len();
+                let step = self.params[indices[members[0]]].step;
+                let rule = bytemuck::bytes_of(&self.rule.params(step)).to_vec();
                 let pipeline = gpu.specialized(
                     &format!("optim_{count}x{slots}"),
                     "main",
@@ -648,8 +751,9 @@ impl GpuOptimizer {
                 // The table of tensors: each one's first workgroup and length in vec4s.
                 let (mut table, mut groups) = (Vec::with_capacity(4 * count), 0u64);
                 let mut bindings = Vec::with_capacity(count * (2 + slots));
-                for i in members {
-                    let (p, g, state) = (params[i], grads[i], &self.state[i]);
+                for k in members {
+                    let (p, g) = (params[k].1, grads[k]);
+                    let state = &self.params[indices[k]].slots;
                     let vec4s = p.len().div_ceil(4) as u64;
                     table.extend([groups, vec4s, 0, 0].map(|v| v as u32));
                     groups += vec4s.div_ceil(256);
@@ -664,7 +768,7 @@ impl GpuOptimizer {
                         ),
                     });
                 }
-                let mut uniform = rule.clone();
+                let mut uniform = rule;
                 uniform.extend_from_slice(bytemuck::cast_slice(&table));
                 gpu.encode(pass, &pipeline, &uniform, &bindings, groups)?;
             }
@@ -672,11 +776,18 @@ impl GpuOptimizer {
         })
     }
 
-    /// The state as host arrays, per parameter in the order of the steps.
-    pub fn state_arrays(&self) -> Result<Vec<Vec<ArrayD<f32>>>> {
-        self.state
+    /// The state as host arrays: per parameter, its name, its step count and its tensors.
+    pub fn state_arrays(&self) -> Result<Vec<NamedState>> {
+        self.params
             .iter()
-            .map(|slots| slots.iter().map(Tensor::to_array).collect())
+            .map(|p| {
+                let slots = p
+                    .slots
+                    .iter()
+                    .map(Tensor::to_array)
+                    .collect::<Result<_>>()?;
+                Ok((p.name.clone(), p.step, slots))
+            })
             .collect()
     }
 
@@ -686,62 +797,86 @@ impl GpuOptimizer {
         &mut self,
         gpu: &crate::gpu::Gpu,
         step: u32,
-        state: Vec<Vec<ArrayD<f32>>>,
+        state: Vec<NamedState>,
     ) -> Result<()> {
         self.check_restored(&state)?;
-        self.state = state
-            .iter()
-            .map(|slots| slots.iter().map(|a| Tensor::from_array(gpu, a)).collect())
+        self.params = state
+            .into_iter()
+            .map(|(name, step, slots)| {
+                Ok(ParamState {
+                    shape: slots
+                        .first()
+                        .map_or_else(Vec::new, |a: &ArrayD<f32>| a.shape().to_vec()),
+                    slots: slots
+                        .iter()
+                        .map(|a| Tensor::from_array(gpu, a))
+                        .collect::<Result<_>>()?,
+                    name,
+                    step,
+                })
+            })
             .collect::<Result<_>>()?;
         self.step = step;
         Ok(())
     }
 }
 
-impl<T> OptimizerState<T> {
-    fn check_restored(&self, state: &[Vec<ArrayD<f32>>]) -> Result<()> {
-        let names = self.rule.state_names();
-        if let Some(slots) = state.iter().find(|slots| slots.len() != names.len()) {
-            return Err(Error::ShapeMismatch {
-                op: "optimizer",
-                detail: format!(
-                    "the rule keeps {} state tensors per parameter ({names:?}), the saved state has {}",
-                    names.len(),
-                    slots.len()
-                ),
-            });
-        }
-        Ok(())
-    }
-}
-
 impl CpuOptimizer {
-    /// Updates every parameter in place; the same parameters, in the same order, must be
-    /// passed at every step.
+    /// Updates every parameter in place; parameter `i` keeps its state under the name `"i"`
+    /// (see [`CpuOptimizer::step_named`]).
     pub fn step(&mut self, params: &mut [&mut ArrayD<f32>], grads: &[&ArrayD<f32>]) -> Result<()> {
-        self.check_counts(params.len(), grads.len())?;
-        if self.state.is_empty() {
-            self.state = params
-                .iter()
-                .map(|p| self.rule.initial_state(p.shape()))
-                .collect();
-        }
-        self.step += 1;
-        for ((p, g), state) in params.iter_mut().zip(grads).zip(&mut self.state) {
-            self.rule.update_cpu(self.step, p, g, state)?;
+        let names = positional(params.len());
+        let mut named: Vec<(&str, &mut ArrayD<f32>)> = names
+            .iter()
+            .map(String::as_str)
+            .zip(params.iter_mut().map(|p| &mut **p))
+            .collect();
+        self.step_named(&mut named, grads)
+    }
+
+    /// Updates every parameter in place, its state found by its name.
+    pub fn step_named(
+        &mut self,
+        params: &mut [(&str, &mut ArrayD<f32>)],
+        grads: &[&ArrayD<f32>],
+    ) -> Result<()> {
+        let shapes: Vec<(&str, Vec<usize>)> = params
+            .iter()
+            .map(|(n, p)| (*n, p.shape().to_vec()))
+            .collect();
+        let shapes: Vec<(&str, &[usize])> =
+            shapes.iter().map(|(n, s)| (*n, s.as_slice())).collect();
+        let grad_shapes: Vec<&[usize]> = grads.iter().map(|g| g.shape()).collect();
+        let rule = self.rule;
+        let indices = self.prepare(&shapes, &grad_shapes, |shape| Ok(rule.initial_state(shape)))?;
+        for (((_, p), g), i) in params.iter_mut().zip(grads).zip(indices) {
+            let state = &mut self.params[i];
+            rule.update_cpu(state.step, p, g, &mut state.slots)?;
         }
         Ok(())
     }
 
-    /// The state, per parameter in the order of the steps.
-    pub fn state_arrays(&self) -> Result<Vec<Vec<ArrayD<f32>>>> {
-        Ok(self.state.clone())
+    /// The state: per parameter, its name, its step count and its tensors.
+    pub fn state_arrays(&self) -> Result<Vec<NamedState>> {
+        Ok(self
+            .params
+            .iter()
+            .map(|p| (p.name.clone(), p.step, p.slots.clone()))
+            .collect())
     }
 
     /// Replaces the step count and the state, to resume a run.
-    pub fn restore(&mut self, step: u32, state: Vec<Vec<ArrayD<f32>>>) -> Result<()> {
+    pub fn restore(&mut self, step: u32, state: Vec<NamedState>) -> Result<()> {
         self.check_restored(&state)?;
-        self.state = state;
+        self.params = state
+            .into_iter()
+            .map(|(name, step, slots)| ParamState {
+                shape: slots.first().map_or_else(Vec::new, |a| a.shape().to_vec()),
+                name,
+                step,
+                slots,
+            })
+            .collect();
         self.step = step;
         Ok(())
     }

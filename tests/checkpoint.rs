@@ -203,8 +203,11 @@ fn resuming_a_run_gives_the_weights_of_not_stopping() {
             let want = straight_opt.state_arrays().unwrap();
             let got = resumed_opt.state_arrays().unwrap();
             assert_eq!(want.len(), 4);
-            for (a, b) in want.iter().flatten().zip(got.iter().flatten()) {
-                same("state", a, b);
+            for ((name, step, a), (got_name, got_step, b)) in want.iter().zip(&got) {
+                assert_eq!((name, step), (got_name, got_step), "state names and steps");
+                for (a, b) in a.iter().zip(b) {
+                    same(name, a, b);
+                }
             }
             std::fs::remove_file(&path).ok();
         }

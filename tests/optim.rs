@@ -245,3 +245,96 @@ fn bad_hyper_parameters_and_mismatches_are_errors() {
         "{err}"
     );
 }
+
+/// Adam's state follows each parameter by name, as PyTorch keys it by parameter: a layer
+/// frozen after the optimizer exists is skipped and keeps its moments and step count, picks
+/// them up again when unfrozen (its bias correction at its own second step while the other
+/// layer is at its fourth), and a replaced head starts fresh. Against PyTorch
+/// (`tests/golden/make_optimizer_freeze_golden.py`), on GPU and CPU.
+#[test]
+fn optimizer_state_follows_parameters_through_freezing_and_replacing() {
+    use wgcnn::nn::{Linear, Sequential};
+    use wgcnn::{Activation, Device, train::train_step};
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/golden/freeze_replace_adam.json"
+    ))
+    .unwrap();
+    let golden: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let x = tensor(&golden["x"]);
+    let labels: Vec<usize> = golden["labels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as usize)
+        .collect();
+    let mut devices = vec![Device::Cpu];
+    if let Some(gpu) = gpu() {
+        devices.push(Device::Gpu(gpu.clone()));
+    }
+    for device in devices {
+        let on = device.name();
+        let mut model = Sequential::new()
+            .add("fc1", Linear::new(4, 3).activation(Activation::Relu))
+            .add("fc2", Linear::new(3, 2))
+            .build(device.clone(), 0)
+            .unwrap();
+        let set = |model: &mut wgcnn::Graph, values: &serde_json::Value| {
+            for (name, value) in values.as_object().unwrap() {
+                model.set_state(name, tensor(value)).unwrap();
+            }
+        };
+        set(&mut model, &golden["init"]);
+        let mut adam = model.optimizer(Optimizer::adam(0.1)).unwrap();
+        for (step, after) in golden["after"].as_array().unwrap().iter().enumerate() {
+            match step {
+                1 => model.freeze("fc1", true).unwrap(),
+                3 => model.freeze("fc1", false).unwrap(),
+                4 => {
+                    model.replace("fc2", Linear::new(3, 2)).unwrap();
+                    set(&mut model, &golden["new_head"]);
+                }
+                _ => {}
+            }
+            let out = train_step(&mut model, &mut adam, |d| d.upload(x.clone()), &labels).unwrap();
+            let loss = out.loss.scalar().unwrap();
+            let want_loss = after["loss"].as_f64().unwrap() as f32;
+            assert!(
+                (loss - want_loss).abs() < 1e-5,
+                "step {} loss on {on}",
+                step + 1
+            );
+            let state: std::collections::HashMap<String, ArrayD<f32>> = model
+                .state()
+                .into_iter()
+                .map(|(n, v)| (n, v.to_array().unwrap()))
+                .collect();
+            for name in ["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"] {
+                let want = tensor(&after[name]);
+                let what = format!("{name} after step {} on {on}", step + 1);
+                assert_close(&what, &state[name], &want, 1e-5, 1e-6);
+            }
+        }
+    }
+    // A parameter whose shape changes under its name (not through `replace`) is an error
+    // naming it, on both devices.
+    let zeros = |n: usize| ArrayD::<f32>::zeros(ndarray::IxDyn(&[n]));
+    let mut cpu = wgcnn::CpuOptimizer::new(Optimizer::adam(0.1)).unwrap();
+    let (mut a, mut b) = (zeros(2), zeros(3));
+    cpu.step_named(&mut [("fc.weight", &mut a)], &[&zeros(2)])
+        .unwrap();
+    let e = cpu
+        .step_named(&mut [("fc.weight", &mut b)], &[&zeros(3)])
+        .unwrap_err();
+    assert!(e.to_string().contains("fc.weight"), "{e}");
+    if let Some(gpu) = gpu() {
+        let mut opt = GpuOptimizer::new(Optimizer::adam(0.1)).unwrap();
+        let up = |a: &ArrayD<f32>| Tensor::from_array(gpu, a).unwrap();
+        opt.step_named(&[("fc.weight", &up(&zeros(2)))], &[&up(&zeros(2))])
+            .unwrap();
+        let e = opt
+            .step_named(&[("fc.weight", &up(&zeros(3)))], &[&up(&zeros(3))])
+            .unwrap_err();
+        assert!(e.to_string().contains("fc.weight"), "{e}");
+    }
+}

@@ -4,8 +4,9 @@
 //!
 //! Names: the model's own (`conv1.weight`, …); the optimizer's state per trained tensor under
 //! PyTorch's state names (`optimizer.conv1.weight.exp_avg`, `….momentum_buffer`, `….sum`,
-//! `….max_exp_avg_sq`); the counts as int64 scalars (`optimizer.step`, `graph.step`, which
-//! seeds the dropout masks).
+//! `….max_exp_avg_sq`) with each parameter's own step count (`optimizer.conv1.weight.step`,
+//! as PyTorch keeps `step` per parameter); the counts as int64 scalars (`optimizer.step`,
+//! `graph.step`, which seeds the dropout masks).
 
 use std::path::Path;
 
@@ -44,23 +45,16 @@ impl Graph {
     /// The model's state, `optimizer`'s state and the step counts, as one checkpoint.
     pub fn training_checkpoint(&self, optimizer: &GraphOptimizer) -> Result<Checkpoint> {
         let model = self.checkpoint()?;
-        let trained = self.trained();
-        let state = optimizer.state_arrays()?;
-        if !state.is_empty() && state.len() != trained.len() {
-            return Err(mismatch(format!(
-                "the optimizer holds state for {} tensors but the model trains {}: was a layer frozen or unfrozen since the last step?",
-                state.len(),
-                trained.len()
-            )));
-        }
         let slots = optimizer.rule().state_names();
         let mut tensors = model.tensors;
-        for ((name, _), arrays) in trained.iter().zip(state) {
+        let mut integers = model.integers;
+        for (name, step, arrays) in optimizer.state_arrays()? {
             for (slot, array) in slots.iter().zip(arrays) {
                 tensors.push((format!("{OPTIMIZER}{name}.{slot}"), array));
             }
+            let key = format!("{OPTIMIZER}{name}.step");
+            integers.push((key, arr0(i64::from(step)).into_dyn()));
         }
-        let mut integers = model.integers;
         for (name, value) in [
             (OPTIMIZER_STEP, optimizer.steps()),
             (GRAPH_STEP, self.steps()),
@@ -119,31 +113,48 @@ impl Graph {
         let slots = optimizer.rule().state_names();
         let mut problems = Vec::new();
         let mut state = Vec::new();
-        // Before the first step an optimizer has no state to restore.
-        if !(saved.is_empty() && optimizer_step == 0) {
-            for (name, shape) in self.trained() {
-                let mut arrays = Vec::new();
-                for slot in slots {
-                    let key = format!("{OPTIMIZER}{name}.{slot}");
-                    match saved.iter().find(|(n, _)| *n == key) {
-                        None => problems.push(format!("missing {key:?}")),
-                        Some((_, a)) if a.shape() != shape.as_slice() => problems.push(format!(
-                            "{key:?} is {:?}, the parameter is {shape:?}",
-                            a.shape()
-                        )),
-                        Some((_, a)) => arrays.push(a.clone()),
-                    }
+        // Every trainable parameter (frozen ones too) the checkpoint holds state for: all of
+        // the rule's tensors at its shape, and its own step count (older files kept only
+        // the optimizer's).
+        let mut used = 0;
+        for (name, shape) in self.trainable() {
+            let prefix = format!("{OPTIMIZER}{name}.");
+            let step_key = format!("{prefix}step");
+            let has_state = saved.iter().any(|(n, _)| {
+                n.strip_prefix(&prefix)
+                    .is_some_and(|rest| !rest.contains('.'))
+            }) || checkpoint.get_integer(&step_key).is_some();
+            if !has_state {
+                continue;
+            }
+            let mut arrays = Vec::new();
+            for slot in slots {
+                let key = format!("{prefix}{slot}");
+                match saved.iter().find(|(n, _)| *n == key) {
+                    None => problems.push(format!("missing {key:?}")),
+                    Some((_, a)) if a.shape() != shape.as_slice() => problems.push(format!(
+                        "{key:?} is {:?}, the parameter is {shape:?}",
+                        a.shape()
+                    )),
+                    Some((_, a)) => arrays.push(a.clone()),
                 }
-                state.push(arrays);
             }
-            let expected = state.len() * slots.len();
-            if saved.len() > expected {
-                problems.push(format!(
-                    "{} optimizer tensors for {expected} expected ({:?} per trained tensor): a different rule or model?",
-                    saved.len(),
-                    slots
-                ));
-            }
+            used += slots.len();
+            let step = match checkpoint.get_integer(&step_key) {
+                Some(_) => count(checkpoint, &step_key)?,
+                None => optimizer_step,
+            };
+            state.push((name, step, arrays));
+        }
+        if saved.len() > used {
+            problems.push(format!(
+                "{} optimizer tensors for {used} expected ({:?} per trained tensor): a different rule or model?",
+                saved.len(),
+                slots
+            ));
+        }
+        if optimizer_step > 0 && state.is_empty() && !slots.is_empty() {
+            problems.push("no optimizer state for any parameter of this model".into());
         }
         if !problems.is_empty() {
             return Err(mismatch(problems.join("; ")));
@@ -158,7 +169,7 @@ impl Graph {
             checkpoint
                 .integers
                 .iter()
-                .filter(|(name, _)| name != OPTIMIZER_STEP && name != GRAPH_STEP)
+                .filter(|(name, _)| !name.starts_with(OPTIMIZER) && name != GRAPH_STEP)
                 .cloned()
                 .collect(),
         )?;
