@@ -157,6 +157,12 @@ fn a_lost_device_turns_into_errors_not_panics() {
     assert!(err.to_string().contains("create a new Gpu"), "{err}");
     assert!(a.to_array().is_err());
     assert!(Tensor::full(&gpu, &[2], 0.0).is_err());
+    assert!(matches!(gpu.synchronize(), Err(Error::DeviceLost { .. })));
+    // A new context works.
+    let fresh = Gpu::new().unwrap();
+    let b = Tensor::from_array(&fresh, &random(&[3, 3], 2)).unwrap();
+    let y = Matmul::default().forward(&b, &b, None).unwrap();
+    assert_eq!(y.to_array().unwrap().shape(), [3, 3]);
 }
 
 #[test]

@@ -204,10 +204,10 @@ impl Gpu {
 
         let lost = Arc::new(Mutex::new(None));
         let lost_in_callback = Arc::clone(&lost);
+        // wgpu reports a loss (a driver reset, or `destroy`) from a later poll: every checked
+        // call and readback sees it from then on.
         device.set_device_lost_callback(move |reason, message| {
-            if reason != wgpu::DeviceLostReason::Destroyed {
-                *lock(&lost_in_callback) = Some(format!("{reason:?}: {message}"));
-            }
+            *lock(&lost_in_callback) = Some(format!("{reason:?}: {message}"));
         });
         // Errors outside an error scope must not panic (wgpu's default): keep the first
         // one and report it from the next checked call.
@@ -381,8 +381,9 @@ impl Gpu {
     /// Meant for tests of error handling.
     #[doc(hidden)]
     pub fn simulate_device_loss(&self) {
-        *lock(&self.inner.lost) = Some("destroyed by simulate_device_loss".into());
         self.inner.device.destroy();
+        // The poll that delivers the loss to the lost callback, as after a driver reset.
+        let _ = self.inner.device.poll(wgpu::PollType::wait_indefinitely());
     }
 }
 

@@ -306,6 +306,9 @@ impl Gpu {
         if let Some(found) = self.inner.calibration.get() {
             return Ok(Some(*found));
         }
+        // Its buffers are made mapped at creation, which wgpu refuses by panicking on a lost
+        // device.
+        self.check_alive()?;
         // On a thread of its own: the first matmul may come inside a recording, whose
         // staged kernel parameters this thread's submits must not write early.
         let measured = std::thread::scope(|scope| scope.spawn(|| calibrate(self)).join())
