@@ -785,13 +785,52 @@ impl Graph {
         (taken, through)
     }
 
-    /// Every state tensor with its full name (`conv1.weight`, `bn1.running_mean`, …), in
-    /// node order: the model's `state_dict`.
+    /// Every float state tensor with its full name (`conv1.weight`, `bn1.running_mean`, …),
+    /// in node order: the model's `state_dict` less its counts, which are integers
+    /// ([`Graph::counts`]).
     pub fn state(&self) -> Vec<(String, &Value)> {
+        self.nodes
+            .iter()
+            .flat_map(|n| {
+                n.full_names()
+                    .zip(n.state.iter().zip(&n.counter))
+                    .filter(|(_, (_, counter))| !**counter)
+                    .map(|(name, (value, _))| (name, value))
+            })
+            .collect()
+    }
+
+    /// Every state tensor, counts included (held as the bits of a `u32` in an f32).
+    pub(crate) fn all_state(&self) -> Vec<(String, &Value)> {
         self.nodes
             .iter()
             .flat_map(|n| n.full_names().zip(&n.state))
             .collect()
+    }
+
+    /// The counts (batch norm's `num_batches_tracked`) by full name, as integers.
+    pub fn counts(&self) -> Result<Vec<(String, u32)>> {
+        self.all_state()
+            .into_iter()
+            .filter(|(name, _)| self.is_counter(name))
+            .map(|(name, value)| {
+                let bits = value.to_array()?.iter().next().map_or(0, |v| v.to_bits());
+                Ok((name, bits))
+            })
+            .collect()
+    }
+
+    /// Sets the count called `name` (e.g. `bn1.num_batches_tracked`).
+    pub fn set_count(&mut self, name: &str, count: u32) -> Result<()> {
+        if !self.is_counter(name) {
+            return Err(Error::InvalidArgument {
+                op: "graph",
+                detail: format!("the model has no count named {name:?}"),
+            });
+        }
+        let shape = self.state_slot(name)?.shape().to_vec();
+        let bits = ArrayD::from_elem(IxDyn(&shape), f32::from_bits(count));
+        self.set_state_raw(name, bits)
     }
 
     /// Whether the state tensor `name` is a count (see [`StateInit::counter`]).
@@ -836,6 +875,31 @@ impl Graph {
 
     /// Replaces the state tensor named `name` (same shape) with `value` from the host.
     pub fn set_state(&mut self, name: &str, value: ArrayD<f32>) -> Result<()> {
+        if self.is_counter(name) {
+            return Err(Error::InvalidArgument {
+                op: "graph",
+                detail: format!(
+                    "{name:?} is a count, not a float tensor: set it with Graph::set_count"
+                ),
+            });
+        }
+        self.set_state_raw(name, value)
+    }
+
+    /// The state tensor called `name`.
+    fn state_slot(&self, name: &str) -> Result<&Value> {
+        self.all_state()
+            .into_iter()
+            .find(|(full, _)| full == name)
+            .map(|(_, value)| value)
+            .ok_or_else(|| Error::InvalidArgument {
+                op: "graph",
+                detail: format!("the model has no state tensor named {name:?}"),
+            })
+    }
+
+    /// [`Graph::set_state`] for any state tensor, a count's bits included.
+    pub(crate) fn set_state_raw(&mut self, name: &str, value: ArrayD<f32>) -> Result<()> {
         let (node, index) = self
             .nodes
             .iter()

@@ -485,3 +485,53 @@ fn a_max_pool_takes_the_gradient_through_the_activation_before_it() {
         }
     }
 }
+
+/// Counts are integers in the API: `counts` reads batch norm's `num_batches_tracked` as a
+/// number, `set_count` sets one (checkpoints hold it as int64, training counts on from it),
+/// `state` lists only float tensors, and `set_state` on a count is an error that says what
+/// to call (it used to store a float's bits: 5.0 became the count 1084227584).
+#[test]
+fn counts_are_integers() {
+    let mut devices = vec![Device::Cpu];
+    if let Some(gpu) = gpu() {
+        devices.push(Device::Gpu(gpu.clone()));
+    }
+    for device in devices {
+        let options = LeNetOptions {
+            batch_norm: true,
+            ..LeNetOptions::default()
+        };
+        let mut model = lenet5(options).unwrap().build(device.clone(), 3).unwrap();
+        let mut sgd = model.optimizer(wgcnn::Optimizer::sgd(0.01)).unwrap();
+        let x = random(&[4, 1, 28, 28], 9);
+        let labels = [1, 2, 3, 4];
+        let mut step = |model: &mut wgcnn::Graph| {
+            train_step(model, &mut sgd, |d| d.upload(x.clone()), &labels).unwrap();
+        };
+        step(&mut model);
+        step(&mut model);
+        let names = ["bn1.num_batches_tracked", "bn2.num_batches_tracked"];
+        let want: Vec<(String, u32)> = names.iter().map(|n| (n.to_string(), 2)).collect();
+        assert_eq!(model.counts().unwrap(), want);
+        assert!(
+            model
+                .state()
+                .iter()
+                .all(|(n, _)| !n.ends_with("num_batches_tracked"))
+        );
+        let e = model
+            .set_state(
+                names[0],
+                ndarray::ArrayD::from_elem(ndarray::IxDyn(&[]), 5.0),
+            )
+            .unwrap_err();
+        assert!(e.to_string().contains("set_count"), "{e}");
+        model.set_count(names[0], 5).unwrap();
+        step(&mut model);
+        let counts = model.counts().unwrap();
+        assert_eq!((counts[0].1, counts[1].1), (6, 3), "{}", device.name());
+        let saved = model.checkpoint().unwrap();
+        assert_eq!(saved.get_integer(names[0]).unwrap().iter().next(), Some(&6));
+        assert!(model.set_count("bn1.running_var", 1).is_err());
+    }
+}

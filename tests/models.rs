@@ -120,11 +120,19 @@ fn state_names_and_shapes_are_the_pytorch_sources() {
             .unwrap()
             .build(Device::Cpu, 0)
             .unwrap();
-        let ours: HashMap<String, Vec<usize>> = graph
+        let mut ours: HashMap<String, Vec<usize>> = graph
             .state()
             .into_iter()
             .map(|(n, v)| (n, v.shape().to_vec()))
             .collect();
+        // The counts (num_batches_tracked), integers of shape [] as in PyTorch.
+        ours.extend(
+            graph
+                .counts()
+                .unwrap()
+                .into_iter()
+                .map(|(n, _)| (n, vec![])),
+        );
         let theirs = check["models"][name].as_array().unwrap();
         assert_eq!(ours.len(), theirs.len(), "{name}: state entries");
         for entry in theirs {

@@ -275,7 +275,7 @@ impl crate::graph::Graph {
     /// `num_batches_tracked`) as int64, as PyTorch keeps them.
     pub fn checkpoint(&self) -> Result<Checkpoint> {
         let (mut tensors, mut integers) = (Vec::new(), Vec::new());
-        for (name, value) in self.state() {
+        for (name, value) in self.all_state() {
             let array = value.to_array()?;
             if self.is_counter(&name) {
                 integers.push((name, array.mapv(|v| i64::from(v.to_bits()))));
@@ -315,7 +315,7 @@ impl crate::graph::Graph {
     /// is left as it is, as PyTorch does for old state dicts.
     pub fn load_checkpoint(&mut self, checkpoint: &Checkpoint) -> Result<()> {
         let state: Vec<(String, Vec<usize>)> = self
-            .state()
+            .all_state()
             .into_iter()
             .map(|(name, value)| (name, value.shape().to_vec()))
             .collect();
@@ -345,7 +345,7 @@ impl crate::graph::Graph {
             self.set_state(name, value.clone())?;
         }
         for (name, value) in counts {
-            self.set_state(name, value)?;
+            self.set_state_raw(name, value)?;
         }
         Ok(())
     }
@@ -412,7 +412,7 @@ impl crate::graph::Graph {
     /// missing.
     pub fn load_matching(&mut self, checkpoint: &Checkpoint) -> Result<LoadReport> {
         let model: Vec<(String, Vec<usize>)> = self
-            .state()
+            .all_state()
             .into_iter()
             .map(|(name, value)| (name, value.shape().to_vec()))
             .collect();
@@ -424,7 +424,7 @@ impl crate::graph::Graph {
                     .filter(|t| t.shape() == shape.as_slice());
                 match count.map(|t| counter_state(name, t)) {
                     Some(Ok(value)) => {
-                        self.set_state(name, value)?;
+                        self.set_state_raw(name, value)?;
                         report.loaded.push(name.clone());
                     }
                     Some(Err(problem)) => {
