@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::context::{Gpu, lock};
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 #[derive(Default)]
 pub(crate) struct PipelineCache {
@@ -49,6 +49,14 @@ impl Gpu {
             return Ok(Arc::clone(found));
         }
         let source = source();
+        // A `{{NAME}}` the generator left unfilled would compile to something else, or fail
+        // far from its cause.
+        if let Some(placeholder) = unfilled_placeholder(&source) {
+            return Err(Error::Gpu {
+                context: format!("generating the `{key}` kernel"),
+                detail: format!("the placeholder {placeholder} was left unfilled"),
+            });
+        }
         let constants: Vec<(&str, f64)> = constants
             .iter()
             .map(|&(name, value)| (name, f64::from(value)))
@@ -85,4 +93,43 @@ pub(crate) fn wgsl_section<'a>(source: &'a str, name: &str) -> &'a str {
     source.split_once(&marker).map_or("", |(_, rest)| {
         rest.split_once("//- ").map_or(rest, |(part, _)| part)
     })
+}
+
+/// The first `{{NAME}}` (upper-case letters, digits, `_`) in `source`; comments may write
+/// `{{…}}` about the parts a generator fills.
+fn unfilled_placeholder(source: &str) -> Option<&str> {
+    let mut rest = source;
+    while let Some(start) = rest.find("{{") {
+        let after = &rest[start + 2..];
+        let end = after.find("}}")?;
+        let name = &after[..end];
+        if !name.is_empty()
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
+        {
+            return Some(&rest[start..start + 2 + end + 2]);
+        }
+        rest = after;
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::gpu::GpuOptions;
+
+    /// A generator that leaves a `{{…}}` placeholder is an error naming it, before
+    /// anything compiles.
+    #[test]
+    fn an_unfilled_placeholder_is_an_error() {
+        let Some(gpu) = crate::test_support::gpu(GpuOptions::from_env().unwrap()) else {
+            return;
+        };
+        let source = || "@compute @workgroup_size({{SIZE}}) fn main() {}".to_string();
+        let e = gpu.pipeline("unfilled", "main", source).unwrap_err();
+        assert!(e.to_string().contains("{{SIZE}}"), "{e}");
+        let filled = || "@compute @workgroup_size(1) fn main() {}".to_string();
+        assert!(gpu.pipeline("filled", "main", filled).is_ok());
+    }
 }
