@@ -3,8 +3,10 @@
 /// The result type of every fallible wgcnn call.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// What went wrong, worded so that the message alone says how to fix it.
+/// What went wrong, worded so that the message alone says how to fix it. New kinds of
+/// failure may be added: match with a wildcard arm.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// No GPU adapter matched the request.
     #[error(
@@ -112,6 +114,9 @@ pub enum Error {
         path: String,
         /// What is wrong with it and, where it helps, what was expected.
         detail: String,
+        /// The I/O error behind it, if one was (also `std::error::Error::source`).
+        #[source]
+        source: Option<std::io::Error>,
     },
 
     /// NaN or infinity appeared while [`Graph::set_check_finite`](crate::Graph::set_check_finite)
@@ -131,4 +136,28 @@ pub enum Error {
     /// Reading a buffer back to the host failed.
     #[error("reading GPU memory back failed: {0}")]
     Readback(String),
+}
+
+impl Error {
+    /// A problem with the data file at `path`.
+    pub(crate) fn data(path: &std::path::Path, detail: impl Into<String>) -> Self {
+        Self::Data {
+            path: path.display().to_string(),
+            detail: detail.into(),
+            source: None,
+        }
+    }
+
+    /// A data file at `path` that could not be read or written, keeping the I/O error.
+    pub(crate) fn data_io(
+        path: &std::path::Path,
+        detail: impl Into<String>,
+        source: std::io::Error,
+    ) -> Self {
+        Self::Data {
+            path: path.display().to_string(),
+            detail: format!("{}: {source}", detail.into()),
+            source: Some(source),
+        }
+    }
 }

@@ -81,6 +81,10 @@ fn corrupt_and_mismatched_checkpoints_are_clear_errors() {
         err.to_string().contains("cannot read the checkpoint"),
         "{err}"
     );
+    // The I/O error behind it is kept as the error's source.
+    let source = std::error::Error::source(&err).expect("an io::Error source");
+    let io = source.downcast_ref::<std::io::Error>().unwrap();
+    assert_eq!(io.kind(), std::io::ErrorKind::NotFound);
 
     let err = check_names_and_shapes(
         &sample(4),

@@ -141,7 +141,7 @@ impl Dataset {
         }
         let (h, w) = (dim_u32(height)?, dim_u32(width)?);
         Self::from_class_folders(dir.as_ref(), [channels, height, width], |file| {
-            let image = image::open(file).map_err(|e| data_error(file, e.to_string()))?;
+            let image = image::open(file).map_err(|e| Error::data(file, e.to_string()))?;
             let resized = image.resize_exact(w, h, image::imageops::FilterType::Triangle);
             let interleaved = match channels {
                 1 => resized.to_luma8().into_raw(),
@@ -188,7 +188,7 @@ impl Dataset {
         let mut classes = sorted_entries(dir, true)?;
         classes.retain(|p| sorted_entries(p, false).is_ok_and(|files| !files.is_empty()));
         if classes.is_empty() {
-            return Err(data_error(
+            return Err(Error::data(
                 dir,
                 "no class folders with files: put each class's images in a sub-folder",
             ));
@@ -344,14 +344,6 @@ fn shape_error(e: ndarray::ShapeError) -> Error {
 }
 
 #[cfg(feature = "image")]
-fn data_error(path: &Path, detail: impl Into<String>) -> Error {
-    Error::Data {
-        path: path.display().to_string(),
-        detail: detail.into(),
-    }
-}
-
-#[cfg(feature = "image")]
 fn dim_u32(size: usize) -> Result<u32> {
     u32::try_from(size).map_err(|_| invalid(format!("image size {size} is too large")))
 }
@@ -359,10 +351,12 @@ fn dim_u32(size: usize) -> Result<u32> {
 /// The sub-folders (`dirs`) or files of `dir`, sorted by name.
 #[cfg(feature = "image")]
 fn sorted_entries(dir: &Path, dirs: bool) -> Result<Vec<std::path::PathBuf>> {
-    let entries = std::fs::read_dir(dir).map_err(|e| data_error(dir, e.to_string()))?;
+    let entries = std::fs::read_dir(dir).map_err(|e| Error::data_io(dir, "cannot list", e))?;
     let mut paths = Vec::new();
     for entry in entries {
-        let path = entry.map_err(|e| data_error(dir, e.to_string()))?.path();
+        let path = entry
+            .map_err(|e| Error::data_io(dir, "cannot list", e))?
+            .path();
         if path.is_dir() == dirs {
             paths.push(path);
         }

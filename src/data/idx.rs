@@ -69,24 +69,16 @@ pub struct Mnist {
     pub test_labels: Vec<u8>,
 }
 
-fn data_error(path: &Path, detail: impl Into<String>) -> Error {
-    Error::Data {
-        path: path.display().to_string(),
-        detail: detail.into(),
-    }
-}
-
 /// The file's bytes, gunzipped if they start with the gzip magic.
 fn read_maybe_gzip(path: &Path) -> Result<Vec<u8>> {
-    let raw =
-        std::fs::read(path).map_err(|e| data_error(path, format!("cannot read the file: {e}")))?;
+    let raw = std::fs::read(path).map_err(|e| Error::data_io(path, "cannot read the file", e))?;
     if !raw.starts_with(&[0x1f, 0x8b]) {
         return Ok(raw);
     }
     let mut out = Vec::new();
     flate2::read::GzDecoder::new(raw.as_slice())
         .read_to_end(&mut out)
-        .map_err(|e| data_error(path, format!("corrupt gzip data: {e}")))?;
+        .map_err(|e| Error::data(path, format!("corrupt gzip data: {e}")))?;
     Ok(out)
 }
 
@@ -94,7 +86,7 @@ fn read_maybe_gzip(path: &Path) -> Result<Vec<u8>> {
 fn parse(path: &Path, bytes: &[u8], magic: u32, dims: usize) -> Result<Vec<usize>> {
     let header = 4 + 4 * dims;
     if bytes.len() < header {
-        return Err(data_error(
+        return Err(Error::data(
             path,
             format!(
                 "truncated: {} bytes, shorter than the {header}-byte IDX header",
@@ -111,7 +103,7 @@ fn parse(path: &Path, bytes: &[u8], magic: u32, dims: usize) -> Result<Vec<usize
         ])
     };
     if word(0) != magic {
-        return Err(data_error(
+        return Err(Error::data(
             path,
             format!(
                 "wrong magic number 0x{:08x}, expected 0x{magic:08x} (is this the right IDX file?)",
@@ -126,13 +118,13 @@ fn parse(path: &Path, bytes: &[u8], magic: u32, dims: usize) -> Result<Vec<usize
         .try_fold(1usize, |n, &d| n.checked_mul(d))
         .and_then(|payload| payload.checked_add(header))
         .ok_or_else(|| {
-            data_error(
+            Error::data(
                 path,
                 format!("the header's sizes {sizes:?} overflow: a corrupt or hostile file"),
             )
         })?;
     if bytes.len() != expected {
-        return Err(data_error(
+        return Err(Error::data(
             path,
             format!(
                 "truncated or padded: {} bytes, the header {sizes:?} implies {expected}",
@@ -180,7 +172,7 @@ impl Mnist {
             let images = read_idx_images(&image_path)?;
             let labels = read_idx_labels(&label_path)?;
             if images.count != labels.len() {
-                return Err(data_error(
+                return Err(Error::data(
                     &label_path,
                     format!(
                         "{} labels for the {} images of {}",

@@ -561,9 +561,9 @@ pub fn load_image(path: impl AsRef<Path>) -> Result<Array3<u8>> {
     let path = path.as_ref();
     let reader = image::ImageReader::open(path)
         .and_then(image::ImageReader::with_guessed_format)
-        .map_err(|e| data_error(path, format!("cannot read the file ({e}); check the path")))?;
+        .map_err(|e| Error::data_io(path, "cannot read the file; check the path", e))?;
     let undecodable = |e: image::ImageError| {
-        data_error(
+        Error::data(
             path,
             format!("not an image this build can decode ({e}); give an intact PNG or JPEG file"),
         )
@@ -634,13 +634,5 @@ fn shape_error(e: ndarray::ShapeError) -> Error {
     Error::ShapeMismatch {
         op: OP,
         detail: e.to_string(),
-    }
-}
-
-#[cfg(feature = "image")]
-fn data_error(path: &Path, detail: String) -> Error {
-    Error::Data {
-        path: path.display().to_string(),
-        detail,
     }
 }

@@ -24,13 +24,6 @@ pub struct Checkpoint {
     pub integers: Vec<(String, ArrayD<i64>)>,
 }
 
-pub(super) fn data_error(path: &Path, detail: impl Into<String>) -> Error {
-    Error::Data {
-        path: path.display().to_string(),
-        detail: detail.into(),
-    }
-}
-
 impl Checkpoint {
     /// Collects named f32 arrays (names must be unique).
     pub fn new(tensors: Vec<(String, ArrayD<f32>)>) -> Result<Self> {
@@ -101,12 +94,12 @@ impl Checkpoint {
                 Ok((
                     name.as_str(),
                     TensorView::new(*dtype, shape.to_vec(), data)
-                        .map_err(|e| data_error(path, e.to_string()))?,
+                        .map_err(|e| Error::data(path, e.to_string()))?,
                 ))
             })
             .collect::<Result<Vec<_>>>()?;
         let serialized = safetensors::tensor::serialize(views, None)
-            .map_err(|e| data_error(path, format!("cannot serialise: {e}")))?;
+            .map_err(|e| Error::data(path, format!("cannot serialise: {e}")))?;
         let temporary = temporary_path(path);
         let write = || -> std::io::Result<()> {
             let mut file = std::fs::File::create(&temporary)?;
@@ -117,7 +110,7 @@ impl Checkpoint {
         write().map_err(|e| {
             // Best effort: the previous checkpoint at `path` is untouched either way.
             let _ = std::fs::remove_file(&temporary);
-            data_error(path, format!("cannot write the checkpoint: {e}"))
+            Error::data_io(path, "cannot write the checkpoint", e)
         })
     }
 
@@ -136,7 +129,7 @@ impl Checkpoint {
     pub fn load(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         let bytes = std::fs::read(path)
-            .map_err(|e| data_error(path, format!("cannot read the checkpoint: {e}")))?;
+            .map_err(|e| Error::data_io(path, "cannot read the checkpoint", e))?;
         if pth::is_zip(&bytes) {
             let (tensors, integers) = pth::load(path, &bytes)?;
             return Self::with_integers(tensors, integers);
@@ -152,7 +145,7 @@ impl Checkpoint {
             } else {
                 ""
             };
-            data_error(path, format!("not a valid safetensors file: {e}{hint}"))
+            Error::data(path, format!("not a valid safetensors file: {e}{hint}"))
         })?;
         let (mut tensors, mut integers) = (Vec::new(), Vec::new());
         for (name, view) in file.tensors() {
@@ -184,7 +177,7 @@ impl Checkpoint {
                     integers.push((name.clone(), shaped(path, &name, shape, values)?));
                 }
                 other => {
-                    return Err(data_error(
+                    return Err(Error::data(
                         path,
                         format!(
                             "tensor {name:?} is {other:?}; wgcnn reads F32, F16, BF16, F64 \
@@ -209,7 +202,7 @@ fn elements<T, const N: usize>(data: &[u8], decode: impl Fn([u8; N]) -> T) -> Ve
 /// A loaded tensor's values under its shape.
 fn shaped<T>(path: &Path, name: &str, shape: &[usize], values: Vec<T>) -> Result<ArrayD<T>> {
     ArrayD::from_shape_vec(IxDyn(shape), values)
-        .map_err(|e| data_error(path, format!("tensor {name:?}: {e}")))
+        .map_err(|e| Error::data(path, format!("tensor {name:?}: {e}")))
 }
 
 fn temporary_path(path: &Path) -> PathBuf {

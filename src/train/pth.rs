@@ -16,8 +16,7 @@ use std::rc::Rc;
 use ndarray::{ArrayD, IxDyn};
 use zip::ZipArchive;
 
-use super::checkpoint::data_error;
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// The f32 and int64 tensors of a checkpoint, by name.
 pub(super) type Loaded = (Vec<(String, ArrayD<f32>)>, Vec<(String, ArrayD<i64>)>);
@@ -228,7 +227,7 @@ impl Value {
 
 /// Reads a `torch.save` zip archive. `path` only names the file in errors.
 pub(super) fn load(path: &Path, bytes: &[u8]) -> Result<Loaded> {
-    let error = |detail: String| data_error(path, detail);
+    let error = |detail: String| Error::data(path, detail);
     let mut archive = ZipArchive::new(Cursor::new(bytes)).map_err(|e| {
         error(format!(
             "not a readable zip archive, as torch.save writes (truncated or damaged?): {e}"
@@ -268,7 +267,7 @@ pub(super) fn load(path: &Path, bytes: &[u8]) -> Result<Loaded> {
 /// pickles in a row (magic number, protocol, system info, the state dict, its storage keys),
 /// then each storage in the keys' order as an int64 element count and its raw elements.
 pub(super) fn load_legacy(path: &Path, bytes: &[u8]) -> Result<Loaded> {
-    let error = |detail: String| data_error(path, detail);
+    let error = |detail: String| Error::data(path, detail);
     let legacy = |what: &str, e: String| error(format!("legacy torch.save file, {what}: {e}"));
     let pickle = |at: usize, what: &str| -> Result<(Value, usize)> {
         let rest = bytes.get(at..).unwrap_or_default();
@@ -359,7 +358,7 @@ fn tensors_of(
     entries: Vec<(String, Rc<View>)>,
     mut read: impl FnMut(&str, &Storage) -> Step<Vec<u8>>,
 ) -> Result<Loaded> {
-    let error = |detail: String| data_error(path, detail);
+    let error = |detail: String| Error::data(path, detail);
     let mut storages: HashMap<String, Vec<u8>> = HashMap::new();
     let (mut tensors, mut integers) = (Vec::new(), Vec::new());
     for (name, view) in entries {
@@ -423,9 +422,9 @@ fn shaped<T>(
     shape: &[usize],
     values: Step<Vec<T>>,
 ) -> Result<(String, ArrayD<T>)> {
-    let values = values.map_err(|e| data_error(path, format!("tensor {name:?}: {e}")))?;
+    let values = values.map_err(|e| Error::data(path, format!("tensor {name:?}: {e}")))?;
     let array = ArrayD::from_shape_vec(IxDyn(shape), values)
-        .map_err(|e| data_error(path, format!("tensor {name:?}: {e}")))?;
+        .map_err(|e| Error::data(path, format!("tensor {name:?}: {e}")))?;
     Ok((name, array))
 }
 
