@@ -109,11 +109,7 @@ fn pretrained_logits_match_pytorch_on_the_same_pixels() {
             .assign(&crop.mapv(|v| (f32::from(v) - 127.0) / 128.0));
     }
     let batch: ArrayD<f32> = batch.into_dyn();
-    let mut devices = vec![Device::Cpu];
-    if let Some(gpu) = common::gpu() {
-        devices.insert(0, Device::Gpu(gpu.clone()));
-    }
-    for device in devices {
+    for device in common::devices() {
         let on = device.name();
         let logits = pretrained(device).logits(&batch).unwrap();
         for ((name, want), row) in expected.iter().zip(logits.rows()) {

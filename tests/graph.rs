@@ -492,11 +492,7 @@ fn a_max_pool_takes_the_gradient_through_the_activation_before_it() {
 /// to call (it used to store a float's bits: 5.0 became the count 1084227584).
 #[test]
 fn counts_are_integers() {
-    let mut devices = vec![Device::Cpu];
-    if let Some(gpu) = gpu() {
-        devices.push(Device::Gpu(gpu.clone()));
-    }
-    for device in devices {
+    for device in common::devices() {
         let options = LeNetOptions {
             batch_norm: true,
             ..LeNetOptions::default()

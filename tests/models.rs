@@ -7,7 +7,7 @@ mod common;
 
 use std::collections::HashMap;
 
-use common::gpu;
+use common::devices;
 use ndarray::{ArrayD, IxDyn};
 use wgcnn::models::{self, Model};
 use wgcnn::train::{Checkpoint, cross_entropy};
@@ -58,14 +58,6 @@ fn load_golden_state(model: &mut Graph, name: &str) {
     }
     let checkpoint = Checkpoint::with_integers(tensors, stats.integers.clone()).unwrap();
     model.load_checkpoint(&checkpoint).unwrap();
-}
-
-fn devices() -> Vec<Device> {
-    let mut devices = vec![Device::Cpu];
-    if let Some(gpu) = gpu() {
-        devices.insert(0, Device::Gpu(gpu.clone()));
-    }
-    devices
 }
 
 /// max |diff| ≤ 1e-3 · max |want| + 1e-4, the bound.

@@ -254,7 +254,7 @@ fn bad_hyper_parameters_and_mismatches_are_errors() {
 #[test]
 fn optimizer_state_follows_parameters_through_freezing_and_replacing() {
     use wgcnn::nn::{Linear, Sequential};
-    use wgcnn::{Activation, Device, train::train_step};
+    use wgcnn::{Activation, train::train_step};
     let text = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/tests/golden/freeze_replace_adam.json"
@@ -268,11 +268,7 @@ fn optimizer_state_follows_parameters_through_freezing_and_replacing() {
         .iter()
         .map(|v| v.as_u64().unwrap() as usize)
         .collect();
-    let mut devices = vec![Device::Cpu];
-    if let Some(gpu) = gpu() {
-        devices.push(Device::Gpu(gpu.clone()));
-    }
-    for device in devices {
+    for device in common::devices() {
         let on = device.name();
         let mut model = Sequential::new()
             .add("fc1", Linear::new(4, 3).activation(Activation::Relu))

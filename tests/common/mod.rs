@@ -39,6 +39,17 @@ pub fn texture_gpu() -> Option<&'static Gpu> {
     }))
 }
 
+/// The process-wide GPU (first, where there is one) and the CPU reference path: the
+/// devices a test runs the same model on.
+pub fn devices() -> Vec<wgcnn::Device> {
+    let mut devices: Vec<_> = gpu()
+        .map(|g| wgcnn::Device::Gpu(g.clone()))
+        .into_iter()
+        .collect();
+    devices.push(wgcnn::Device::Cpu);
+    devices
+}
+
 /// Uploads to the process-wide GPU (call after `gpu()` said there is one).
 pub fn upload(x: &ArrayD<f32>) -> wgcnn::Tensor {
     wgcnn::Tensor::from_array(gpu().expect("a GPU"), x).unwrap()
