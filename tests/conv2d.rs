@@ -3,7 +3,7 @@
 mod common;
 
 use common::golden::{assert_close, cases, pair, tensor};
-use common::{gpu, max_abs_diff, random, texture_gpu, upload};
+use common::{gpu, max_abs_diff, random, read_family_gpus, upload};
 use ndarray::{ArrayD, IxDyn};
 use proptest::prelude::*;
 use serde_json::Value;
@@ -453,11 +453,25 @@ fn bad_hyper_parameters_and_shapes_are_errors() {
 }
 
 #[test]
-fn texture_reads_match_the_cpu() {
-    // A context forced to read operands through textures: the direct convolution (forward
-    // and input gradient) and the im2col path's matmuls, against the CPU reference.
-    let Some(gpu) = texture_gpu() else { return };
-    assert_eq!(gpu.operand_reads().unwrap(), wgcnn::OperandReads::Texture);
+fn both_read_families_match_the_cpu() {
+    // Contexts forced to read operands from storage and through textures, whatever this
+    // host's calibration picks.
+    let Some(gpus) = read_family_gpus() else {
+        return;
+    };
+    let reads = gpus.map(|gpu| gpu.operand_reads().unwrap());
+    assert_eq!(
+        reads,
+        [wgcnn::OperandReads::Storage, wgcnn::OperandReads::Texture]
+    );
+    for gpu in gpus {
+        forced_reads_match_the_cpu(gpu);
+    }
+}
+
+/// The direct convolution (forward and input gradient) and the im2col path's matmuls on a
+/// context whose operand reads are forced, against the CPU reference.
+fn forced_reads_match_the_cpu(gpu: &wgcnn::Gpu) {
     // (n, c, h, w, o, k, padding, stride): LeNet's layers, shapes that fill no block, a
     // large input spanning several texture rows, and a strided one (im2col + matmul).
     let cases = [

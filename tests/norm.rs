@@ -3,7 +3,7 @@
 mod common;
 
 use common::golden::{assert_close, cases, tensor};
-use common::{gpu, max_abs_diff, random, texture_gpu, upload};
+use common::{gpu, max_abs_diff, random, read_family_gpus, upload};
 use ndarray::{Array1, ArrayD, Ix1};
 use wgcnn::Tensor;
 use wgcnn::cpu::BatchNormCpu;
@@ -248,8 +248,10 @@ fn layer_norm_golden() {
 fn random_shapes_match_the_cpu() {
     // On the default context and on one that reads the vec4 kernels' inputs through
     // textures (what the calibration picks where texel loads are cheaper).
-    let Some(gpu) = gpu() else { return };
-    for gpu in [gpu, texture_gpu().unwrap()] {
+    let Some(gpus) = read_family_gpus() else {
+        return;
+    };
+    for gpu in gpus {
         norms_match_the_cpu(gpu);
     }
 }

@@ -3,7 +3,7 @@
 mod common;
 
 use common::golden::{assert_close, cases, pair, tensor};
-use common::{gpu, max_abs_diff, random, texture_gpu, upload};
+use common::{gpu, max_abs_diff, random, read_family_gpus, upload};
 use ndarray::{ArrayD, IxDyn};
 use proptest::prelude::*;
 use wgcnn::ops::{Pool2d, PoolKind};
@@ -150,8 +150,10 @@ fn backward_over_windows_that_tile_the_input() {
     // Stride = kernel, no padding, no remainder: the one-invocation-per-window kernels, and
     // for max pooling of 2×2 windows over rows of whole vec4s of outputs, the quad ones
     // (their inputs read from storage, and through textures).
-    let Some(gpu) = gpu() else { return };
-    for gpu in [gpu, texture_gpu().unwrap()] {
+    let Some(gpus) = read_family_gpus() else {
+        return;
+    };
+    for gpu in gpus {
         tiled_windows_match_the_cpu(gpu);
     }
 }
@@ -529,8 +531,10 @@ fn max_backward_through_the_activation_before_it_matches_the_cpu() {
     // x = act(z): max pooling's backward taken on through act must equal the CPU's
     // dy · act'(y) routed to the arg-max, on the quads (inputs from storage and from
     // textures), tiled and gathering kernels.
-    let Some(gpu) = gpu() else { return };
-    for gpu in [gpu, texture_gpu().unwrap()] {
+    let Some(gpus) = read_family_gpus() else {
+        return;
+    };
+    for gpu in gpus {
         gated_backward_matches_the_cpu(gpu);
     }
     // Average pooling cannot: it would need the activation's output at every input.

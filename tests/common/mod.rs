@@ -24,19 +24,36 @@ pub fn gpu() -> Option<&'static Gpu> {
     }
 }
 
-/// A second context on the same adapter, forced to read kernel operands through textures
-/// (what the calibration picks on hosts where texel loads are the cheaper ones): the kernel
-/// family the process-wide GPU may not take here. `None` where `gpu()` is.
-pub fn texture_gpu() -> Option<&'static Gpu> {
+/// A context on the same adapter forced to read kernel operands one way, whatever this
+/// host's calibration would pick. `None` where `gpu()` is.
+fn forced_gpu(reads: wgcnn::OperandReads, cell: &'static OnceLock<Gpu>) -> Option<&'static Gpu> {
     gpu()?;
-    static GPU: OnceLock<Gpu> = OnceLock::new();
-    Some(GPU.get_or_init(|| {
+    Some(cell.get_or_init(|| {
         let options = wgcnn::GpuOptions {
-            operand_reads: Some(wgcnn::OperandReads::Texture),
+            operand_reads: Some(reads),
             ..wgcnn::GpuOptions::from_env().unwrap()
         };
         Gpu::with_options(options).unwrap()
     }))
+}
+
+/// A context forced to read kernel operands through textures (what the calibration picks
+/// on hosts where texel loads are the cheaper ones).
+pub fn texture_gpu() -> Option<&'static Gpu> {
+    static GPU: OnceLock<Gpu> = OnceLock::new();
+    forced_gpu(wgcnn::OperandReads::Texture, &GPU)
+}
+
+/// A context forced to read kernel operands from storage buffers.
+pub fn storage_gpu() -> Option<&'static Gpu> {
+    static GPU: OnceLock<Gpu> = OnceLock::new();
+    forced_gpu(wgcnn::OperandReads::Storage, &GPU)
+}
+
+/// Both operand-read families, forced, so that a test runs every kernel variant on any host
+/// (the process-wide GPU runs only the one its calibration picked).
+pub fn read_family_gpus() -> Option<[&'static Gpu; 2]> {
+    Some([storage_gpu()?, texture_gpu()?])
 }
 
 /// The process-wide GPU (first, where there is one) and the CPU reference path: the
