@@ -662,6 +662,17 @@ fn state_dict(root: &Value) -> std::result::Result<Vec<(String, Rc<View>)>, Stri
     Ok(entries)
 }
 
+/// The nesting depth of a container holding `items`, within `DEPTH_LIMIT`.
+fn container_depth(items: &[Value]) -> Step<u32> {
+    let depth = items.iter().map(Value::depth).max().unwrap_or(0) + 1;
+    if depth > DEPTH_LIMIT {
+        return Err(format!(
+            "values nested more than {DEPTH_LIMIT} deep: not a state_dict"
+        ));
+    }
+    Ok(depth)
+}
+
 /// The restricted pickle machine.
 struct Machine<'a> {
     data: &'a [u8],
@@ -806,7 +817,7 @@ impl<'a> Machine<'a> {
     }
 
     fn tuple(&mut self, items: Vec<Value>) -> Step<()> {
-        let depth = items.iter().map(Value::depth).max().unwrap_or(0) + 1;
+        let depth = container_depth(&items)?;
         self.push(Value::Tuple(Rc::new(Node { depth, items })))
     }
 
@@ -1122,10 +1133,7 @@ impl<'a> Machine<'a> {
         if !items.len().is_multiple_of(2) {
             return Err("SETITEMS with an odd number of values".into());
         }
-        let depth = items.iter().map(Value::depth).max().unwrap_or(0) + 1;
-        if depth > DEPTH_LIMIT {
-            return Err(format!("values nested more than {DEPTH_LIMIT} deep"));
-        }
+        let depth = container_depth(&items)?;
         let shared = match self.top()? {
             Value::Dict(dict) => Rc::strong_count(dict) > 1,
             other => return Err(format!("SETITEM on a {}, not a dict", other.kind())),
@@ -1145,10 +1153,7 @@ impl<'a> Machine<'a> {
 
     /// APPEND(S): values onto the list below them.
     fn append(&mut self, items: Vec<Value>) -> Step<()> {
-        let depth = items.iter().map(Value::depth).max().unwrap_or(0) + 1;
-        if depth > DEPTH_LIMIT {
-            return Err(format!("values nested more than {DEPTH_LIMIT} deep"));
-        }
+        let depth = container_depth(&items)?;
         let shared = match self.top()? {
             Value::List(list) => Rc::strong_count(list) > 1,
             other => return Err(format!("APPEND on a {}, not a list", other.kind())),
