@@ -39,11 +39,12 @@ pub mod tensor;
 #[cfg(test)]
 mod test_support;
 pub mod train;
+pub mod value;
 
 pub use builder::{GraphBuilder, ValueRef};
 pub use error::{Error, Result};
 pub use gpu::{Gpu, GpuOptions, OperandCalibration, OperandReads, PoolStats, TEXTURE_ADVANTAGE};
-pub use graph::{Device, Graph, Layer, Mode, Value};
+pub use graph::{Graph, Layer, Mode};
 /// The ndarray version wgcnn takes and returns arrays of: build inputs and read outputs
 /// with it, no separate dependency needed.
 pub use ndarray;
@@ -52,6 +53,7 @@ pub use ops::{Activation, Normalize, Padding};
 pub use optim::{CpuOptimizer, GpuOptimizer, Optimizer, OptimizerState};
 pub use summary::Summary;
 pub use tensor::Tensor;
+pub use value::{Device, Value};
 /// The wgpu version wgcnn is built on, for `GpuOptions::backends` and adapter info.
 pub use wgpu;
 

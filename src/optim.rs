@@ -10,6 +10,7 @@ use ndarray::{ArrayD, IxDyn, Zip};
 
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
+use crate::value::{Device, Value, mixed_devices};
 
 /// SGD: `p -= lr·g`, with optional momentum (PyTorch's buffer: `b = m·b + (1-dampening)·g`,
 /// `b = g` on the first step), Nesterov's variant and weight decay. Build it with
@@ -879,5 +880,107 @@ impl CpuOptimizer {
             .collect();
         self.step = step;
         Ok(())
+    }
+}
+
+/// An optimizer on the model's device.
+pub enum GraphOptimizer {
+    /// State and update kernels on the GPU.
+    Gpu(GpuOptimizer),
+    /// The CPU reference.
+    Cpu(CpuOptimizer),
+}
+
+impl GraphOptimizer {
+    /// An optimizer following `rule` for values on `device`.
+    pub fn new(device: &Device, rule: impl Into<Optimizer>) -> Result<Self> {
+        Ok(match device {
+            Device::Gpu(_) => GraphOptimizer::Gpu(GpuOptimizer::new(rule)?),
+            Device::Cpu => GraphOptimizer::Cpu(CpuOptimizer::new(rule)?),
+        })
+    }
+
+    /// Drops the state of the parameters `names` (a replaced layer's): they start fresh.
+    pub(crate) fn forget(&mut self, names: &[String]) {
+        match self {
+            GraphOptimizer::Gpu(opt) => opt.forget(names),
+            GraphOptimizer::Cpu(opt) => opt.forget(names),
+        }
+    }
+
+    /// One step of the parameters `params`, named `names`, from their gradients `grads`,
+    /// on the optimizer's device (a value on the other one is an error).
+    pub(crate) fn step_values(
+        &mut self,
+        names: &[&str],
+        params: &mut [&mut Value],
+        grads: &[&Value],
+    ) -> Result<()> {
+        match self {
+            GraphOptimizer::Gpu(opt) => {
+                let params = names
+                    .iter()
+                    .zip(params.iter())
+                    .map(|(n, p)| Ok((*n, p.gpu()?)))
+                    .collect::<Result<Vec<_>>>()?;
+                let grads = grads.iter().map(|g| g.gpu()).collect::<Result<Vec<_>>>()?;
+                opt.step_named(&params, &grads)
+            }
+            GraphOptimizer::Cpu(opt) => {
+                let grads = grads.iter().map(|g| g.cpu()).collect::<Result<Vec<_>>>()?;
+                let mut params = names
+                    .iter()
+                    .zip(params.iter_mut())
+                    .map(|(n, p)| Ok((*n, p.cpu_mut()?)))
+                    .collect::<Result<Vec<_>>>()?;
+                opt.step_named(&mut params, &grads)
+            }
+        }
+    }
+
+    /// Changes the learning rate from the next step on (for schedules).
+    pub fn set_lr(&mut self, lr: f32) -> Result<()> {
+        match self {
+            GraphOptimizer::Gpu(opt) => opt.set_lr(lr),
+            GraphOptimizer::Cpu(opt) => opt.set_lr(lr),
+        }
+    }
+
+    /// The rule and its hyper-parameters.
+    pub fn rule(&self) -> Optimizer {
+        match self {
+            GraphOptimizer::Gpu(opt) => opt.rule(),
+            GraphOptimizer::Cpu(opt) => opt.rule(),
+        }
+    }
+
+    /// Steps taken so far.
+    pub fn steps(&self) -> u32 {
+        match self {
+            GraphOptimizer::Gpu(opt) => opt.steps(),
+            GraphOptimizer::Cpu(opt) => opt.steps(),
+        }
+    }
+
+    /// The per-parameter state on the host (empty before the first step).
+    pub fn state_arrays(&self) -> Result<Vec<NamedState>> {
+        match self {
+            GraphOptimizer::Gpu(opt) => opt.state_arrays(),
+            GraphOptimizer::Cpu(opt) => opt.state_arrays(),
+        }
+    }
+
+    /// Replaces the step count and the state, on `device`.
+    pub(crate) fn restore(
+        &mut self,
+        device: &Device,
+        step: u32,
+        state: Vec<NamedState>,
+    ) -> Result<()> {
+        match (self, device) {
+            (GraphOptimizer::Gpu(opt), Device::Gpu(gpu)) => opt.restore(gpu, step, state),
+            (GraphOptimizer::Cpu(opt), Device::Cpu) => opt.restore(step, state),
+            _ => Err(mixed_devices()),
+        }
     }
 }

@@ -259,8 +259,8 @@ proptest! {
                   wgcnn::cpu::linear(&xa.view(), &xb.view(), Some(&bias.view()), Activation::Relu).map_err(err));
             agree("softmax", wgcnn::ops::softmax(&ta).and_then(|t| t.to_array()).map_err(err),
                   wgcnn::cpu::softmax(&xa.view()).map_err(err));
-            agree("add", wgcnn::ops::add::add(&ta, &tb).and_then(|t| t.to_array()).map_err(err),
-                  wgcnn::ops::add::add_cpu(&xa.view(), &xb.view()).map_err(err));
+            agree("add", wgcnn::value::add::add(&ta, &tb).and_then(|t| t.to_array()).map_err(err),
+                  wgcnn::value::add::add_cpu(&xa.view(), &xb.view()).map_err(err));
             let spec = Distillation { alpha: scalars.0, temperature: scalars.1 };
             agree("distillation",
                   spec.forward(&ta, &tb, &labels).and_then(|c| c.loss.to_array()).map_err(err),

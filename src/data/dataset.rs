@@ -5,13 +5,12 @@
 #[cfg(feature = "image")]
 use std::path::Path;
 
-use ndarray::{Array4, ArrayD, IxDyn};
+use ndarray::Array4;
 
 use super::{Images, shuffled_indices};
 use crate::error::{Error, Result};
-use crate::graph::{Device, Value};
 use crate::ops::Normalize;
-use crate::tensor::Tensor;
+use crate::value::{Device, Value};
 
 /// The pixels of a dataset, image after image in `[C, H, W]` order.
 #[derive(Clone, Debug, PartialEq)]
@@ -291,26 +290,18 @@ impl Dataset {
             return Err(self.missing(bad));
         }
         let shape = (indices.len(), c, h, w);
-        match (&self.pixels, device) {
-            (Pixels::U8(all), Device::Gpu(gpu)) => {
+        // Bytes go to the device as they are (a quarter of the floats' traffic) and are
+        // scaled there.
+        match &self.pixels {
+            Pixels::U8(all) => {
                 let array = Array4::from_shape_vec(shape, gather(all, indices, size))
                     .map_err(shape_error)?;
-                Ok(Value::Gpu(normalize.from_bytes(gpu, &array.view())?))
+                normalize.bytes_on(device, &array.view())
             }
-            (Pixels::F32(all), Device::Gpu(gpu)) => {
+            Pixels::F32(all) => {
                 let array = Array4::from_shape_vec(shape, gather(all, indices, size))
                     .map_err(shape_error)?;
-                let x = Tensor::from_array(gpu, &array)?;
-                Ok(Value::Gpu(normalize.forward(&x)?))
-            }
-            (pixels, Device::Cpu) => {
-                let floats = indices
-                    .iter()
-                    .flat_map(|&i| (i * size..(i + 1) * size).map(|p| pixels.value(p)))
-                    .collect();
-                let array = ArrayD::from_shape_vec(IxDyn(&[shape.0, c, h, w]), floats)
-                    .map_err(shape_error)?;
-                Ok(Value::Cpu(normalize.forward_cpu(&array.view())?))
+                device.upload(array.into_dyn())?.normalize(normalize)
             }
         }
     }

@@ -1,13 +1,9 @@
 //! Activation layers (ReLU, LeakyReLU, Sigmoid, Tanh, ReLU6), and the gradient through an
 //! activation fused into a conv or linear layer.
 
-use ndarray::Zip;
-
 use crate::error::{Error, Result};
 use crate::graph::{Backward, BackwardArgs, Ctx, Forward, Layer, Value};
-use crate::ops::Activation;
-use crate::ops::reduce::activation_backward_and_sum;
-use crate::tensor::Tensor;
+use crate::value::Activation;
 
 /// An elementwise activation as a layer of its own.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -48,37 +44,24 @@ impl Layer for Activate {
     }
 
     fn forward(&self, _ctx: Ctx, inputs: &[&Value], _state: &mut [Value]) -> Result<Forward> {
-        let y = match inputs[0] {
-            Value::Gpu(x) => Value::Gpu(self.0.forward(x)?),
-            Value::Cpu(x) => Value::Cpu(x.mapv(|v| self.0.apply(v))),
-        };
         Ok(Forward {
-            y,
+            y: inputs[0].activate(self.0)?,
             saved: Vec::new(),
         })
     }
 
     fn backward(&self, args: BackwardArgs<'_>) -> Result<Backward> {
-        let dx = match args.inputs[0] {
-            Value::Gpu(x) => Value::Gpu(self.0.backward(x, args.y.gpu()?, args.dy.gpu()?)?),
-            Value::Cpu(x) => {
-                let mut dx = args.dy.cpu()?.clone();
-                Zip::from(&mut dx)
-                    .and(x)
-                    .and(args.y.cpu()?)
-                    .for_each(|d, &x, &y| *d *= self.0.derivative(x, y));
-                Value::Cpu(dx)
-            }
-        };
         Ok(Backward {
-            inputs: vec![Some(dx)],
+            inputs: vec![Some(
+                args.inputs[0].activation_backward(self.0, args.y, args.dy)?,
+            )],
             state: Vec::new(),
         })
     }
 }
 
 /// Refuses an activation that `layer` cannot fuse: the fused gradient is read from the
-/// output (see [`pre_activation_grad`]), and a leaky ReLU with a negative slope has positive
+/// output (see `ops::activation::through_activation_cpu`), and a leaky ReLU with a negative slope has positive
 /// outputs on both sides of 0, so its gradient would silently be wrong.
 pub(crate) fn check_fused(activation: Activation, layer: &'static str) -> Result<()> {
     match activation {
@@ -94,43 +77,4 @@ pub(crate) fn check_fused(activation: Activation, layer: &'static str) -> Result
         }
         _ => Ok(()),
     }
-}
-
-/// The GPU side of [`pre_activation_grad`] for a layer with a bias: the pre-activation
-/// gradient `dz` and the bias gradient (`Σ dz` over `dims` = `[outer][channels][inner]`
-/// except the channels) in one kernel that reads `dy` and `y` once. `None` without an
-/// activation: then `dz` is `dy` and the layer's op sums the bias gradient itself.
-pub(crate) fn pre_activation_and_bias_grad(
-    activation: Activation,
-    y: &Tensor,
-    dy: &Tensor,
-    dims: (usize, usize, usize),
-) -> Result<Option<(Tensor, Tensor)>> {
-    if activation == Activation::None {
-        return Ok(None);
-    }
-    activation_backward_and_sum(activation, y, dy, dims).map(Some)
-}
-
-/// `∂L/∂(pre-activation)` for an activation fused into a layer, from its output `y`: every
-/// supported activation's derivative can be read from `y` (ReLU and leaky ReLU are positive
-/// exactly where their input is). `None` for no activation: `dy` passes through.
-pub(crate) fn pre_activation_grad(
-    activation: Activation,
-    y: &Value,
-    dy: &Value,
-) -> Result<Option<Value>> {
-    if activation == Activation::None {
-        return Ok(None);
-    }
-    Ok(Some(match y {
-        Value::Gpu(y) => Value::Gpu(activation.backward(y, y, dy.gpu()?)?),
-        Value::Cpu(y) => {
-            let mut d = dy.cpu()?.clone();
-            Zip::from(&mut d)
-                .and(y)
-                .for_each(|d, &y| *d *= activation.derivative(y, y));
-            Value::Cpu(d)
-        }
-    }))
 }

@@ -3,10 +3,10 @@
 
 use crate::error::{Error, Result};
 use crate::graph::{Backward, BackwardArgs, Ctx, Forward, Layer, StateInit, Value};
-use crate::nn::activation::{check_fused, pre_activation_grad};
+use crate::nn::activation::check_fused;
 use crate::nn::init::{Init, InitRng};
-use crate::ops::Activation;
-use crate::ops::conv2d::{self, Padding, conv2d_backward_cpu, conv2d_cpu};
+use crate::ops::conv2d::{self, Padding};
+use crate::value::Activation;
 
 /// A 2-D convolution layer.
 #[derive(Clone, Debug)]
@@ -163,65 +163,27 @@ impl Layer for Conv2d {
     }
 
     fn forward(&self, _ctx: Ctx, inputs: &[&Value], state: &mut [Value]) -> Result<Forward> {
-        let y = match inputs[0] {
-            Value::Gpu(x) => {
-                let bias = state.get(1).map(Value::gpu).transpose()?;
-                Value::Gpu(self.spec.forward(x, state[0].gpu()?, bias)?)
-            }
-            Value::Cpu(x) => {
-                let bias = state
-                    .get(1)
-                    .map(|b| b.cpu().map(|b| b.view()))
-                    .transpose()?;
-                Value::Cpu(conv2d_cpu(
-                    &self.spec,
-                    &x.view(),
-                    &state[0].cpu()?.view(),
-                    bias.as_ref(),
-                )?)
-            }
-        };
         Ok(Forward {
-            y,
+            y: inputs[0].conv2d(&self.spec, &state[0], state.get(1))?,
             saved: Vec::new(),
         })
     }
 
     fn backward(&self, args: BackwardArgs<'_>) -> Result<Backward> {
-        let spec = self.linear_part();
         // The activation the gradient still has to go through: none if the layer reading y
         // took it (see `Layer::takes_input_activation`).
-        let activation = if args.dy_through_activation {
-            Activation::None
+        let spec = if args.dy_through_activation {
+            self.linear_part()
         } else {
-            self.spec.activation
+            self.spec
         };
-        let (dx, dweight, dbias) = match args.inputs[0] {
-            Value::Gpu(x) => {
-                let (weight, dy) = (args.state[0].gpu()?, args.dy.gpu()?);
-                // The op takes the gradient through the activation itself (fused into its
-                // weight-gradient kernel where it can).
-                let gate = Some((activation, args.y.gpu()?));
-                let (dx, dweight, dbias) =
-                    spec.gradients(x, weight, dy, gate, args.needs.inputs)?;
-                (dx.map(Value::Gpu), Value::Gpu(dweight), Value::Gpu(dbias))
-            }
-            Value::Cpu(x) => {
-                let dpre = pre_activation_grad(activation, args.y, args.dy)?;
-                let dy = dpre.as_ref().unwrap_or(args.dy);
-                let g = conv2d_backward_cpu(
-                    &spec,
-                    &x.view(),
-                    &args.state[0].cpu()?.view(),
-                    &dy.cpu()?.view(),
-                )?;
-                (
-                    Some(Value::Cpu(g.x)),
-                    Value::Cpu(g.weight),
-                    Value::Cpu(g.bias),
-                )
-            }
-        };
+        let (dx, dweight, dbias) = args.inputs[0].conv2d_backward(
+            &spec,
+            &args.state[0],
+            args.y,
+            args.dy,
+            args.needs.inputs,
+        )?;
         Ok(Backward {
             inputs: vec![dx.filter(|_| args.needs.inputs)],
             state: [Some(dweight), Some(dbias)]

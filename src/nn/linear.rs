@@ -2,10 +2,9 @@
 
 use crate::error::{Error, Result};
 use crate::graph::{Backward, BackwardArgs, Ctx, Forward, Layer, StateInit, Value};
-use crate::nn::activation::{check_fused, pre_activation_and_bias_grad, pre_activation_grad};
+use crate::nn::activation::check_fused;
 use crate::nn::init::{Init, InitRng};
-use crate::ops::Activation;
-use crate::ops::linear::{linear, linear_backward_cpu, linear_cpu, linear_gradients};
+use crate::value::Activation;
 
 /// A fully connected layer on `[N, in]` inputs.
 #[derive(Clone, Debug)]
@@ -117,59 +116,17 @@ impl Layer for Linear {
     }
 
     fn forward(&self, _ctx: Ctx, inputs: &[&Value], state: &mut [Value]) -> Result<Forward> {
-        let y = match inputs[0] {
-            Value::Gpu(x) => Value::Gpu(linear(
-                x,
-                state[0].gpu()?,
-                Some(state[1].gpu()?),
-                self.activation,
-            )?),
-            Value::Cpu(x) => Value::Cpu(linear_cpu(
-                &x.view(),
-                &state[0].cpu()?.view(),
-                Some(&state[1].cpu()?.view()),
-                self.activation,
-            )?),
-        };
         Ok(Forward {
-            y,
+            y: inputs[0].linear(&state[0], Some(&state[1]), self.activation)?,
             saved: Vec::new(),
         })
     }
 
     fn backward(&self, args: BackwardArgs<'_>) -> Result<Backward> {
-        let (dx, dweight, dbias) = match args.inputs[0] {
-            Value::Gpu(x) => {
-                let dy = args.dy.gpu()?;
-                // The activation's derivative and the bias gradient in one kernel.
-                let fused = match dy.shape() {
-                    &[n, o] => {
-                        pre_activation_and_bias_grad(self.activation, args.y.gpu()?, dy, (n, o, 1))?
-                    }
-                    _ => None,
-                };
-                let g = match fused {
-                    Some((dz, dbias)) => {
-                        linear_gradients(x, args.state[0].gpu()?, &dz, Some(dbias))?
-                    }
-                    None => linear_gradients(x, args.state[0].gpu()?, dy, None)?,
-                };
-                (Value::Gpu(g.x), Value::Gpu(g.weight), Value::Gpu(g.bias))
-            }
-            Value::Cpu(x) => {
-                let dpre = pre_activation_grad(self.activation, args.y, args.dy)?;
-                let dy = dpre.as_ref().unwrap_or(args.dy);
-                let g = linear_backward_cpu(
-                    &x.view(),
-                    &args.state[0].cpu()?.view(),
-                    &dy.cpu()?.view(),
-                )?;
-                (Value::Cpu(g.x), Value::Cpu(g.weight), Value::Cpu(g.bias))
-            }
-        };
+        let g = args.inputs[0].linear_backward(&args.state[0], args.y, args.dy, self.activation)?;
         Ok(Backward {
-            inputs: vec![Some(dx).filter(|_| args.needs.inputs)],
-            state: vec![Some(dweight), Some(dbias)],
+            inputs: vec![Some(g.x).filter(|_| args.needs.inputs)],
+            state: vec![Some(g.weight), Some(g.bias)],
         })
     }
 }

@@ -22,7 +22,7 @@ use ndarray::{ArrayD, IxDyn};
 
 use crate::error::{Error, Result};
 use crate::graph::{Device, Graph, Layer, Mode};
-use crate::ops::Activation;
+use crate::value::Activation;
 
 /// Layers applied one after another.
 #[derive(Default)]

@@ -4,7 +4,7 @@
 use crate::error::{Error, Result};
 use crate::graph::{Backward, BackwardArgs, Ctx, Forward, Layer, StateInit, Value};
 use crate::nn::init::InitRng;
-use crate::ops::batch_norm::{self, BatchNormCpu, batches_state, batches_tracked};
+use crate::ops::batch_norm::{self, batches_state};
 use crate::ops::layer_norm;
 
 fn state(
@@ -22,15 +22,12 @@ fn state(
     })
 }
 
-fn one_d(value: &Value) -> Result<ndarray::ArrayView1<'_, f32>> {
-    value
-        .cpu()?
-        .view()
-        .into_dimensionality()
-        .map_err(|e| crate::Error::ShapeMismatch {
-            op: "batch norm",
-            detail: e.to_string(),
-        })
+/// The error for a layer handed another number of state tensors than it owns.
+fn state_count(layer: &'static str, owned: usize, given: usize) -> Error {
+    Error::InvalidArgument {
+        op: layer,
+        detail: format!("owns {owned} state tensors, was given {given}"),
+    }
 }
 
 /// Batch normalisation over `[N, C, H, W]` per channel; state `weight` (γ), `bias` (β),
@@ -101,78 +98,33 @@ impl Layer for BatchNorm2d {
     }
 
     fn forward(&self, ctx: Ctx, inputs: &[&Value], state: &mut [Value]) -> Result<Forward> {
-        let out = match inputs[0] {
-            Value::Gpu(x) => {
-                let [g, b, m, v, count] = [0, 1, 2, 3, 4].map(|i| state[i].gpu());
-                let out = if ctx.training {
-                    self.spec.forward_train(x, g?, b?, m?, v?, count?)?
-                } else {
-                    self.spec.forward_eval(x, g?, b?, m?, v?)?
-                };
-                [out.y, out.mean, out.rstd].map(Value::Gpu)
+        let x = inputs[0];
+        let out = match state {
+            [gamma, beta, mean, var, count] if ctx.training => {
+                x.batch_norm_train(&self.spec, [&*gamma, &*beta], mean, var, count)?
             }
-            Value::Cpu(x) => {
-                let (g, b, m, v) = (
-                    one_d(&state[0])?,
-                    one_d(&state[1])?,
-                    one_d(&state[2])?,
-                    one_d(&state[3])?,
-                );
-                let out = if ctx.training {
-                    let before = batches_tracked(state[4].cpu()?);
-                    let (out, mean, var) =
-                        BatchNormCpu::forward_train(&self.spec, &x.view(), &g, &b, &m, &v, before)?;
-                    state[2] = Value::Cpu(mean.into_dyn());
-                    state[3] = Value::Cpu(var.into_dyn());
-                    state[4] = Value::Cpu(batches_state(before.saturating_add(1)));
-                    out
-                } else {
-                    BatchNormCpu::forward_eval(&self.spec, &x.view(), &g, &b, &m, &v)?
-                };
-                [out.y, out.mean, out.rstd].map(Value::Cpu)
+            [gamma, beta, mean, var, _] => {
+                x.batch_norm_eval(&self.spec, [&*gamma, &*beta], mean, var)?
             }
+            _ => return Err(state_count("BatchNorm2d", 5, state.len())),
         };
-        let [y, mean, rstd] = out;
         Ok(Forward {
-            y,
-            saved: vec![mean, rstd],
+            y: out.y,
+            saved: vec![out.mean, out.rstd],
         })
     }
 
     fn backward(&self, args: BackwardArgs<'_>) -> Result<Backward> {
-        let (x, gamma, saved, training) = (
-            args.inputs[0],
+        let g = args.inputs[0].batch_norm_backward(
+            &self.spec,
             &args.state[0],
-            args.saved,
+            [&args.saved[0], &args.saved[1]],
+            args.dy,
             args.ctx.training,
-        );
-        let [dx, dgamma, dbeta] = match x {
-            Value::Gpu(x) => {
-                let g = self.spec.backward(
-                    x,
-                    gamma.gpu()?,
-                    saved[0].gpu()?,
-                    saved[1].gpu()?,
-                    args.dy.gpu()?,
-                    training,
-                )?;
-                [g.x, g.gamma, g.beta].map(Value::Gpu)
-            }
-            Value::Cpu(x) => {
-                let g = BatchNormCpu::backward(
-                    &x.view(),
-                    &one_d(gamma)?,
-                    &one_d(&saved[0])?,
-                    &one_d(&saved[1])?,
-                    &args.dy.cpu()?.view(),
-                    training,
-                )?;
-                [g.x, g.gamma, g.beta].map(Value::Cpu)
-            }
-        };
+        )?;
         Ok(Backward {
-            inputs: vec![Some(dx)],
-            state: vec![Some(dgamma), Some(dbeta), None, None, None],
+            inputs: vec![Some(g.x)],
+            state: vec![Some(g.gamma), Some(g.beta), None, None, None],
         })
     }
 }
@@ -224,53 +176,23 @@ impl Layer for LayerNorm {
     }
 
     fn forward(&self, _ctx: Ctx, inputs: &[&Value], state: &mut [Value]) -> Result<Forward> {
-        let [y, mean, rstd] = match inputs[0] {
-            Value::Gpu(x) => {
-                let out = self.spec.forward(x, state[0].gpu()?, state[1].gpu()?)?;
-                [out.y, out.mean, out.rstd].map(Value::Gpu)
-            }
-            Value::Cpu(x) => {
-                let out = self.spec.forward_cpu(
-                    &x.view(),
-                    &state[0].cpu()?.view(),
-                    &state[1].cpu()?.view(),
-                )?;
-                [out.y, out.mean, out.rstd].map(Value::Cpu)
-            }
-        };
+        let out = inputs[0].layer_norm(&self.spec, &state[0], &state[1])?;
         Ok(Forward {
-            y,
-            saved: vec![mean, rstd],
+            y: out.y,
+            saved: vec![out.mean, out.rstd],
         })
     }
 
     fn backward(&self, args: BackwardArgs<'_>) -> Result<Backward> {
-        let (gamma, saved) = (&args.state[0], args.saved);
-        let [dx, dgamma, dbeta] = match args.inputs[0] {
-            Value::Gpu(x) => {
-                let g = self.spec.backward(
-                    x,
-                    gamma.gpu()?,
-                    saved[0].gpu()?,
-                    saved[1].gpu()?,
-                    args.dy.gpu()?,
-                )?;
-                [g.x, g.gamma, g.beta].map(Value::Gpu)
-            }
-            Value::Cpu(x) => {
-                let g = self.spec.backward_cpu(
-                    &x.view(),
-                    &gamma.cpu()?.view(),
-                    saved[0].cpu()?,
-                    saved[1].cpu()?,
-                    &args.dy.cpu()?.view(),
-                )?;
-                [g.x, g.gamma, g.beta].map(Value::Cpu)
-            }
-        };
+        let g = args.inputs[0].layer_norm_backward(
+            &self.spec,
+            &args.state[0],
+            [&args.saved[0], &args.saved[1]],
+            args.dy,
+        )?;
         Ok(Backward {
-            inputs: vec![Some(dx)],
-            state: vec![Some(dgamma), Some(dbeta)],
+            inputs: vec![Some(g.x)],
+            state: vec![Some(g.gamma), Some(g.beta)],
         })
     }
 }

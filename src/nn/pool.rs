@@ -1,14 +1,9 @@
 //! Pooling layers: max and average pooling (PyTorch's `MaxPool2d` / `AvgPool2d` with
 //! stride, padding, dilation and ceil_mode), `AdaptiveAvgPool2d` and `GlobalAvgPool`.
 
-use ndarray::{Axis, IxDyn};
-
 use crate::error::{Error, Result};
 use crate::graph::{Backward, BackwardArgs, Ctx, Forward, Layer, Value};
-use crate::nn::activation::pre_activation_grad;
-use crate::ops::pool2d::{
-    Pool2d, global_avg_pool, global_avg_pool_backward, pool2d_backward_cpu, pool2d_cpu,
-};
+use crate::ops::pool2d::Pool2d;
 use crate::ops::{self, Activation, PoolKind};
 
 /// Max or average pooling over windows; the max variant saves its arg-max for backward.
@@ -77,19 +72,10 @@ impl Layer for Pool {
     }
 
     fn forward(&self, _ctx: Ctx, inputs: &[&Value], _state: &mut [Value]) -> Result<Forward> {
-        let (y, argmax) = match inputs[0] {
-            Value::Gpu(x) => {
-                let p = self.0.forward(x)?;
-                (Value::Gpu(p.y), p.argmax.map(Value::Gpu))
-            }
-            Value::Cpu(x) => {
-                let p = pool2d_cpu(&self.0, &x.view())?;
-                (Value::Cpu(p.y), p.argmax.map(Value::Cpu))
-            }
-        };
+        let pooled = inputs[0].pool2d(&self.0)?;
         Ok(Forward {
-            y,
-            saved: argmax.into_iter().collect(),
+            y: pooled.y,
+            saved: pooled.argmax.into_iter().collect(),
         })
     }
 
@@ -98,32 +84,13 @@ impl Layer for Pool {
     }
 
     fn backward(&self, args: BackwardArgs<'_>) -> Result<Backward> {
-        let shape = args.inputs[0].shape();
         let through = args.input_activation;
-        let dx = match args.dy {
-            Value::Gpu(dy) => {
-                let argmax = args.saved.first().map(Value::gpu).transpose()?;
-                Value::Gpu(match argmax {
-                    Some(argmax) if through != Activation::None => {
-                        let gate = (through, args.y.gpu()?);
-                        self.0.backward_through(shape, dy, argmax, gate)?
-                    }
-                    _ => self.0.backward(shape, dy, argmax)?,
-                })
-            }
-            Value::Cpu(_) => {
-                let argmax = args.saved.first().map(Value::cpu).transpose()?;
-                let view = argmax.map(|a| a.view());
-                let dpre = pre_activation_grad(through, args.y, args.dy)?;
-                let dy = dpre.as_ref().unwrap_or(args.dy).cpu()?;
-                Value::Cpu(pool2d_backward_cpu(
-                    &self.0,
-                    shape,
-                    &dy.view(),
-                    view.as_ref(),
-                )?)
-            }
-        };
+        let dx = args.inputs[0].pool2d_backward(
+            &self.0,
+            args.dy,
+            args.saved.first(),
+            (through != Activation::None).then_some((through, args.y)),
+        )?;
         Ok(Backward {
             inputs: vec![Some(dx)],
             state: Vec::new(),
@@ -156,19 +123,7 @@ impl Layer for GlobalAvgPool {
     }
 
     fn forward(&self, _ctx: Ctx, inputs: &[&Value], _state: &mut [Value]) -> Result<Forward> {
-        let y = match inputs[0] {
-            Value::Gpu(x) => Value::Gpu(global_avg_pool(x)?),
-            Value::Cpu(x) => {
-                let plane = plane(x.shape())?;
-                let flat = x
-                    .to_shape(IxDyn(&[x.shape()[0], x.shape()[1], plane]))
-                    .map_err(|e| Error::ShapeMismatch {
-                        op: "GlobalAvgPool",
-                        detail: e.to_string(),
-                    })?;
-                Value::Cpu(flat.sum_axis(Axis(2)) / plane as f32)
-            }
-        };
+        let y = inputs[0].global_avg_pool()?;
         Ok(Forward {
             y,
             saved: Vec::new(),
@@ -176,16 +131,7 @@ impl Layer for GlobalAvgPool {
     }
 
     fn backward(&self, args: BackwardArgs<'_>) -> Result<Backward> {
-        let shape = args.inputs[0].shape();
-        let dx = match args.dy {
-            Value::Gpu(dy) => Value::Gpu(global_avg_pool_backward(shape, dy)?),
-            Value::Cpu(dy) => {
-                let scale = 1.0 / plane(shape)? as f32;
-                Value::Cpu(ndarray::ArrayD::from_shape_fn(IxDyn(shape), |i| {
-                    dy[[i[0], i[1]]] * scale
-                }))
-            }
-        };
+        let dx = args.inputs[0].global_avg_pool_backward(args.dy)?;
         Ok(Backward {
             inputs: vec![Some(dx)],
             state: Vec::new(),
@@ -217,10 +163,7 @@ impl Layer for AdaptiveAvgPool2d {
     }
 
     fn forward(&self, _ctx: Ctx, inputs: &[&Value], _state: &mut [Value]) -> Result<Forward> {
-        let y = match inputs[0] {
-            Value::Gpu(x) => Value::Gpu(self.0.forward(x)?),
-            Value::Cpu(x) => Value::Cpu(self.0.forward_cpu(&x.view())?),
-        };
+        let y = inputs[0].adaptive_avg_pool2d(&self.0)?;
         Ok(Forward {
             y,
             saved: Vec::new(),
@@ -228,11 +171,7 @@ impl Layer for AdaptiveAvgPool2d {
     }
 
     fn backward(&self, args: BackwardArgs<'_>) -> Result<Backward> {
-        let shape = args.inputs[0].shape();
-        let dx = match args.dy {
-            Value::Gpu(dy) => Value::Gpu(self.0.backward(shape, dy)?),
-            Value::Cpu(dy) => Value::Cpu(self.0.backward_cpu(shape, &dy.view())?),
-        };
+        let dx = args.inputs[0].adaptive_avg_pool2d_backward(&self.0, args.dy)?;
         Ok(Backward {
             inputs: vec![Some(dx)],
             state: Vec::new(),

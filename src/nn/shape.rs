@@ -3,27 +3,11 @@
 
 use crate::error::Result;
 use crate::graph::{Backward, BackwardArgs, Ctx, Forward, Layer, Value};
-use crate::ops::add::{add, add_cpu};
 use crate::ops::dropout;
 
 /// `[N, d1, d2, …]` → `[N, d1·d2·…]`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Flatten;
-
-/// `value` under `shape` (a copy on the GPU).
-fn reshaped(value: &Value, shape: &[usize]) -> Result<Value> {
-    Ok(match value {
-        Value::Gpu(t) => Value::Gpu(t.copy_as(shape)?),
-        Value::Cpu(a) => Value::Cpu(
-            a.to_shape(shape)
-                .map_err(|e| crate::Error::ShapeMismatch {
-                    op: "Flatten",
-                    detail: e.to_string(),
-                })?
-                .into_owned(),
-        ),
-    })
-}
 
 impl Layer for Flatten {
     fn describe(&self) -> String {
@@ -44,14 +28,14 @@ impl Layer for Flatten {
         };
         let flat = [n, rest.iter().product()];
         Ok(Forward {
-            y: reshaped(inputs[0], &flat)?,
+            y: inputs[0].reshaped("Flatten", &flat)?,
             saved: Vec::new(),
         })
     }
 
     fn backward(&self, args: BackwardArgs<'_>) -> Result<Backward> {
         Ok(Backward {
-            inputs: vec![Some(reshaped(args.dy, args.inputs[0].shape())?)],
+            inputs: vec![Some(args.dy.reshaped("Flatten", args.inputs[0].shape())?)],
             state: Vec::new(),
         })
     }
@@ -68,10 +52,7 @@ impl Dropout {
     }
 
     fn apply(&self, value: &Value, ctx: Ctx) -> Result<Value> {
-        Ok(match value {
-            Value::Gpu(t) => Value::Gpu(self.0.forward(t, ctx.step, ctx.training)?),
-            Value::Cpu(a) => Value::Cpu(self.0.forward_cpu(&a.view(), ctx.step, ctx.training)?),
-        })
+        value.dropout(&self.0, ctx.step, ctx.training)
     }
 }
 
@@ -128,10 +109,7 @@ impl Layer for Add {
     }
 
     fn forward(&self, _ctx: Ctx, inputs: &[&Value], _state: &mut [Value]) -> Result<Forward> {
-        let y = match (inputs[0], inputs[1]) {
-            (Value::Gpu(a), b) => Value::Gpu(add(a, b.gpu()?)?),
-            (Value::Cpu(a), b) => Value::Cpu(add_cpu(&a.view(), &b.cpu()?.view())?),
-        };
+        let y = inputs[0].add(inputs[1])?;
         Ok(Forward {
             y,
             saved: Vec::new(),
@@ -139,12 +117,8 @@ impl Layer for Add {
     }
 
     fn backward(&self, args: BackwardArgs<'_>) -> Result<Backward> {
-        let shape = args.dy.shape();
         Ok(Backward {
-            inputs: vec![
-                Some(reshaped(args.dy, shape)?),
-                Some(reshaped(args.dy, shape)?),
-            ],
+            inputs: vec![Some(args.dy.duplicate()?), Some(args.dy.duplicate()?)],
             state: Vec::new(),
         })
     }

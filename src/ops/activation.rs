@@ -2,77 +2,13 @@
 //! axis), forward and backward (`shaders/activation.wgsl`), with CPU references.
 
 use bytemuck::{Pod, Zeroable};
-use ndarray::{ArrayD, ArrayViewD, Axis};
+use ndarray::{ArrayD, ArrayViewD, Axis, Zip};
 
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::gpu::dispatch::Binding;
 use crate::tensor::Tensor;
-
-/// An activation applied elementwise, e.g. fused into a matmul epilogue.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub enum Activation {
-    /// The identity.
-    #[default]
-    None,
-    /// `max(x, 0)`.
-    Relu,
-    /// `x` for positive `x`, else `slope · x`.
-    LeakyRelu(f32),
-    /// `1 / (1 + e^-x)`.
-    Sigmoid,
-    /// `tanh(x)`.
-    Tanh,
-    /// `min(max(x, 0), 6)` (PyTorch's `ReLU6`, `hardtanh(x, 0, 6)`), MobileNet's activation.
-    Relu6,
-}
-
-impl Activation {
-    /// The code the WGSL `activate` function switches on (shaders/epilogue.wgsl).
-    pub(crate) fn code(self) -> u32 {
-        match self {
-            Activation::None => 0,
-            Activation::Relu => 1,
-            Activation::LeakyRelu(_) => 2,
-            Activation::Sigmoid => 3,
-            Activation::Tanh => 4,
-            Activation::Relu6 => 5,
-        }
-    }
-
-    pub(crate) fn slope(self) -> f32 {
-        match self {
-            Activation::LeakyRelu(slope) => slope,
-            _ => 0.0,
-        }
-    }
-
-    /// The CPU reference of the same function.
-    pub fn apply(self, x: f32) -> f32 {
-        match self {
-            Activation::None => x,
-            // Not x.max(0.0), which turns NaN into 0: NaN must show, as in PyTorch.
-            Activation::Relu => {
-                if x <= 0.0 {
-                    0.0
-                } else {
-                    x
-                }
-            }
-            Activation::LeakyRelu(slope) => {
-                if x > 0.0 {
-                    x
-                } else {
-                    slope * x
-                }
-            }
-            Activation::Sigmoid => 1.0 / (1.0 + (-x).exp()),
-            Activation::Tanh => x.tanh(),
-            // clamp keeps NaN, as PyTorch does.
-            Activation::Relu6 => x.clamp(0.0, 6.0),
-        }
-    }
-}
+use crate::value::{Activation, Value};
 
 /// Mirrors `Params` in shaders/activation.wgsl.
 #[repr(C)]
@@ -195,38 +131,6 @@ impl Activation {
         )?;
         Ok(dx)
     }
-
-    /// The derivative at `x` (with `y = act(x)`): the CPU reference of the backward pass.
-    pub fn derivative(self, x: f32, y: f32) -> f32 {
-        match self {
-            Activation::None => 1.0,
-            // PyTorch's rule: only x ≤ 0 blocks the gradient (NaN passes it on).
-            Activation::Relu => {
-                if x <= 0.0 {
-                    0.0
-                } else {
-                    1.0
-                }
-            }
-            Activation::LeakyRelu(slope) => {
-                if x > 0.0 {
-                    1.0
-                } else {
-                    slope
-                }
-            }
-            Activation::Sigmoid => y * (1.0 - y),
-            Activation::Tanh => 1.0 - y * y,
-            // hardtanh_backward: only 0 < x < 6 passes the gradient (NaN does not).
-            Activation::Relu6 => {
-                if x > 0.0 && x < 6.0 {
-                    1.0
-                } else {
-                    0.0
-                }
-            }
-        }
-    }
 }
 
 fn rows(op: &'static str, shape: &[usize]) -> Result<(usize, usize)> {
@@ -237,6 +141,72 @@ fn rows(op: &'static str, shape: &[usize]) -> Result<(usize, usize)> {
             detail: format!("softmax needs at least one axis, got {shape:?}"),
         }),
     }
+}
+
+impl Value {
+    /// `act(x)` elementwise, on this value's device.
+    pub fn activate(&self, activation: Activation) -> Result<Value> {
+        self.map(
+            |x| activation.forward(x),
+            |x| Ok(x.mapv(|v| activation.apply(v))),
+        )
+    }
+
+    /// `dx = dy · act'(x)` from this forward input `x` and the forward output `y`.
+    pub fn activation_backward(
+        &self,
+        activation: Activation,
+        y: &Value,
+        dy: &Value,
+    ) -> Result<Value> {
+        self.map(
+            |x| activation.backward(x, y.gpu()?, dy.gpu()?),
+            |x| activation_backward_cpu(activation, &x.view(), &y.cpu()?.view(), &dy.cpu()?.view()),
+        )
+    }
+
+    /// Softmax over the last axis, on this value's device.
+    pub fn softmax(&self) -> Result<Value> {
+        self.map(softmax, |x| softmax_cpu(&x.view()))
+    }
+}
+
+/// CPU reference of [`Activation::backward`]: `dy · act'(x)` elementwise.
+pub fn activation_backward_cpu(
+    activation: Activation,
+    x: &ArrayViewD<'_, f32>,
+    y: &ArrayViewD<'_, f32>,
+    dy: &ArrayViewD<'_, f32>,
+) -> Result<ArrayD<f32>> {
+    if x.shape() != y.shape() || x.shape() != dy.shape() {
+        return Err(Error::ShapeMismatch {
+            op: "activation backward",
+            detail: format!(
+                "x {:?}, y {:?} and dy {:?} must have the same shape",
+                x.shape(),
+                y.shape(),
+                dy.shape()
+            ),
+        });
+    }
+    let mut dx = dy.to_owned();
+    Zip::from(&mut dx)
+        .and(x)
+        .and(y)
+        .for_each(|d, &x, &y| *d *= activation.derivative(x, y));
+    Ok(dx)
+}
+
+/// `∂L/∂(pre-activation)` from an activation's output `y` and `dy = ∂L/∂y`, on the CPU:
+/// every supported activation's derivative can be read from its output (ReLU and leaky
+/// ReLU with a slope ≥ 0 are positive exactly where their input is), which is how layers
+/// with a fused activation take its gradient without keeping the input.
+pub(crate) fn through_activation_cpu(
+    activation: Activation,
+    y: &ArrayViewD<'_, f32>,
+    dy: &ArrayViewD<'_, f32>,
+) -> Result<ArrayD<f32>> {
+    activation_backward_cpu(activation, y, y, dy)
 }
 
 /// Softmax over the last axis on the GPU, stable (the row maximum is subtracted first).

@@ -8,6 +8,7 @@ use ndarray::{ArrayD, ArrayViewD, IxDyn};
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::tensor::Tensor;
+use crate::value::Value;
 
 const OP: &str = "adaptive_avg_pool2d";
 
@@ -150,5 +151,25 @@ impl AdaptiveAvgPool2d {
             }
         }
         Ok(dx)
+    }
+}
+
+impl Value {
+    /// Adaptive average pooling of this `[N, C, H, W]` value, on its device.
+    pub fn adaptive_avg_pool2d(&self, spec: &AdaptiveAvgPool2d) -> Result<Value> {
+        self.map(|x| spec.forward(x), |x| spec.forward_cpu(&x.view()))
+    }
+
+    /// `∂L/∂x` of [`Value::adaptive_avg_pool2d`] of this value `x`, from `dy`.
+    pub fn adaptive_avg_pool2d_backward(
+        &self,
+        spec: &AdaptiveAvgPool2d,
+        dy: &Value,
+    ) -> Result<Value> {
+        let x_shape = self.shape();
+        dy.map(
+            |dy| spec.backward(x_shape, dy),
+            |dy| spec.backward_cpu(x_shape, &dy.view()),
+        )
     }
 }

@@ -6,6 +6,7 @@ use ndarray::{ArrayD, ArrayViewD, Zip};
 
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
+use crate::value::Value;
 
 const OP: &str = "attack";
 
@@ -124,5 +125,16 @@ impl SignedStep {
                     .min(self.range.1);
             });
         Ok(out)
+    }
+}
+
+impl Value {
+    /// One signed-gradient step of these images from `grad`, projected back into the ball
+    /// around `origin` and the range, on their device.
+    pub fn signed_step(&self, step: &SignedStep, grad: &Value, origin: &Value) -> Result<Value> {
+        self.map(
+            |x| step.apply(x, grad.gpu()?, origin.gpu()?),
+            |x| step.apply_cpu(&x.view(), &grad.cpu()?.view(), &origin.cpu()?.view()),
+        )
     }
 }

@@ -11,6 +11,7 @@ use ndarray::{Array1, ArrayD, ArrayView1, ArrayViewD, Axis, Ix4};
 use super::norm::{self, Grid, Grouping, Settings};
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
+use crate::value::Value;
 
 const OP: &str = "batch_norm2d";
 
@@ -56,6 +57,18 @@ pub struct Normalized<T> {
     pub var: Option<T>,
 }
 
+impl<T> Normalized<T> {
+    /// The same results as another type (tensors or arrays as values).
+    pub(crate) fn map<U>(self, f: impl Fn(T) -> U) -> Normalized<U> {
+        Normalized {
+            y: f(self.y),
+            mean: f(self.mean),
+            rstd: f(self.rstd),
+            var: self.var.map(&f),
+        }
+    }
+}
+
 /// Gradients of a normalisation layer.
 #[derive(Debug)]
 pub struct NormGrads<T> {
@@ -65,6 +78,17 @@ pub struct NormGrads<T> {
     pub gamma: T,
     /// `∂L/∂β`.
     pub beta: T,
+}
+
+impl<T> NormGrads<T> {
+    /// The same gradients as another type (tensors or arrays as values).
+    pub(crate) fn map<U>(self, f: impl Fn(T) -> U) -> NormGrads<U> {
+        NormGrads {
+            x: f(self.x),
+            gamma: f(self.gamma),
+            beta: f(self.beta),
+        }
+    }
 }
 
 /// Training needs more than one value per channel (else the variance is 0/0).
@@ -425,6 +449,125 @@ impl BatchNormCpu {
             x: dx,
             gamma: to_array(sum_dy_xhat),
             beta: to_array(sum_dy),
+        })
+    }
+}
+
+/// A per-channel value as the 1-D view the CPU references take.
+fn channels(value: &Value) -> Result<ArrayView1<'_, f32>> {
+    value
+        .cpu()?
+        .view()
+        .into_dimensionality()
+        .map_err(|e| Error::ShapeMismatch {
+            op: OP,
+            detail: format!("a per-channel tensor is {:?}: {e}", value.shape()),
+        })
+}
+
+impl Value {
+    /// Batch normalisation of this `[N, C, H, W]` value in training mode, on its device:
+    /// normalises with the batch statistics, updates the running averages and counts the
+    /// batch in `count` (`num_batches_tracked`).
+    pub fn batch_norm_train(
+        &self,
+        spec: &BatchNorm2d,
+        [gamma, beta]: [&Value; 2],
+        running_mean: &mut Value,
+        running_var: &mut Value,
+        count: &mut Value,
+    ) -> Result<Normalized<Value>> {
+        Ok(match self {
+            Value::Gpu(x) => spec
+                .forward_train(
+                    x,
+                    gamma.gpu()?,
+                    beta.gpu()?,
+                    running_mean.gpu()?,
+                    running_var.gpu()?,
+                    count.gpu()?,
+                )?
+                .map(Value::from),
+            Value::Cpu(x) => {
+                let before = batches_tracked(count.cpu()?);
+                let (out, mean, var) = BatchNormCpu::forward_train(
+                    spec,
+                    &x.view(),
+                    &channels(gamma)?,
+                    &channels(beta)?,
+                    &channels(running_mean)?,
+                    &channels(running_var)?,
+                    before,
+                )?;
+                *running_mean = mean.into_dyn().into();
+                *running_var = var.into_dyn().into();
+                *count = batches_state(before.saturating_add(1)).into();
+                out.map(Value::from)
+            }
+        })
+    }
+
+    /// Batch normalisation of this `[N, C, H, W]` value in eval mode (the running
+    /// statistics), on its device.
+    pub fn batch_norm_eval(
+        &self,
+        spec: &BatchNorm2d,
+        [gamma, beta]: [&Value; 2],
+        running_mean: &Value,
+        running_var: &Value,
+    ) -> Result<Normalized<Value>> {
+        Ok(match self {
+            Value::Gpu(x) => spec
+                .forward_eval(
+                    x,
+                    gamma.gpu()?,
+                    beta.gpu()?,
+                    running_mean.gpu()?,
+                    running_var.gpu()?,
+                )?
+                .map(Value::from),
+            Value::Cpu(x) => BatchNormCpu::forward_eval(
+                spec,
+                &x.view(),
+                &channels(gamma)?,
+                &channels(beta)?,
+                &channels(running_mean)?,
+                &channels(running_var)?,
+            )?
+            .map(Value::from),
+        })
+    }
+
+    /// The gradients of batch normalisation of this value `x` from `dy`, with the `mean`
+    /// and `rstd` its forward pass used (the batch's in training, the running ones in eval).
+    pub fn batch_norm_backward(
+        &self,
+        spec: &BatchNorm2d,
+        gamma: &Value,
+        [mean, rstd]: [&Value; 2],
+        dy: &Value,
+        training: bool,
+    ) -> Result<NormGrads<Value>> {
+        Ok(match self {
+            Value::Gpu(x) => spec
+                .backward(
+                    x,
+                    gamma.gpu()?,
+                    mean.gpu()?,
+                    rstd.gpu()?,
+                    dy.gpu()?,
+                    training,
+                )?
+                .map(Value::from),
+            Value::Cpu(x) => BatchNormCpu::backward(
+                &x.view(),
+                &channels(gamma)?,
+                &channels(mean)?,
+                &channels(rstd)?,
+                &dy.cpu()?.view(),
+                training,
+            )?
+            .map(Value::from),
         })
     }
 }

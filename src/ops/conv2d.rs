@@ -17,6 +17,7 @@ use bytemuck::{Pod, Zeroable};
 use ndarray::{Array1, Array4, ArrayD, ArrayView4, ArrayViewD, Ix4};
 
 use super::Activation;
+use super::activation::through_activation_cpu;
 use super::conv_direct;
 use super::conv_grouped;
 use super::conv_weight_grad::{self, Gate, WeightAndBias};
@@ -25,6 +26,7 @@ use super::reduce::{activation_backward_and_sum, sum_axes};
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::tensor::{Tensor, gpu_word};
+use crate::value::Value;
 
 const OP: &str = "conv2d";
 
@@ -884,6 +886,51 @@ impl Conv2dShape {
         let row = (i * spec.stride.0 + p * spec.dilation.0) as isize - self.pad_top as isize;
         let col = (j * spec.stride.1 + q * spec.dilation.1) as isize - self.pad_left as isize;
         (row, col)
+    }
+}
+
+impl Value {
+    /// `act(conv(x, weight) + bias)` of this `[N, C, H, W]` input, on its device.
+    pub fn conv2d(&self, spec: &Conv2d, weight: &Value, bias: Option<&Value>) -> Result<Value> {
+        self.map(
+            |x| spec.forward(x, weight.gpu()?, bias.map(Value::gpu).transpose()?),
+            |x| {
+                let bias = bias.map(|b| b.cpu().map(|b| b.view())).transpose()?;
+                conv2d_cpu(spec, &x.view(), &weight.cpu()?.view(), bias.as_ref())
+            },
+        )
+    }
+
+    /// `(dx if input_grad, dweight, dbias)` of `y = act(conv(x, weight) + bias)` (this
+    /// value is `x`, `act` is `spec.activation`) from `dy = ∂L/∂y` and the output `y`. On
+    /// the GPU the activation's derivative is applied as the weight-gradient kernel reads
+    /// `dy` where that kernel takes the shape.
+    pub fn conv2d_backward(
+        &self,
+        spec: &Conv2d,
+        weight: &Value,
+        y: &Value,
+        dy: &Value,
+        input_grad: bool,
+    ) -> Result<(Option<Value>, Value, Value)> {
+        let linear = Conv2d {
+            activation: Activation::None,
+            ..*spec
+        };
+        Ok(match self {
+            Value::Gpu(x) => {
+                let gate = Some((spec.activation, y.gpu()?));
+                let (dx, dweight, dbias) =
+                    linear.gradients(x, weight.gpu()?, dy.gpu()?, gate, input_grad)?;
+                (dx.map(Value::from), dweight.into(), dbias.into())
+            }
+            Value::Cpu(x) => {
+                let dz =
+                    through_activation_cpu(spec.activation, &y.cpu()?.view(), &dy.cpu()?.view())?;
+                let g = conv2d_backward_cpu(&linear, &x.view(), &weight.cpu()?.view(), &dz.view())?;
+                (Some(g.x.into()), g.weight.into(), g.bias.into())
+            }
+        })
     }
 }
 

@@ -437,9 +437,9 @@ fn run(
 mod tests {
     use super::*;
     use crate::gpu::GpuOptions;
-    use crate::ops::Activation;
     use crate::ops::conv2d::{Padding, conv2d_backward_cpu, conv2d_cpu};
     use crate::test_support::random;
+    use crate::value::Activation;
 
     /// Both kernels (weights shared through subgroups where the adapter has fixed-size ones,
     /// and read by every lane) against the CPU reference, forward with bias and activation

@@ -17,8 +17,8 @@ use crate::error::Result;
 use crate::gpu::Gpu;
 use crate::gpu::dispatch::Resource;
 use crate::gpu::texture::{Texel, TextureInputs, scalar_input};
-use crate::ops::Activation;
 use crate::tensor::{Tensor, gpu_word};
+use crate::value::Activation;
 
 const OP: &str = "conv2d weight gradient";
 

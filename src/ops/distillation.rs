@@ -9,6 +9,7 @@ use ndarray::{Array1, ArrayD, ArrayViewD, Axis, IxDyn};
 use super::softmax_cross_entropy::{CrossEntropy, check, per_row_to_totals};
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
+use crate::value::Value;
 
 const OP: &str = "distillation";
 
@@ -154,6 +155,24 @@ impl Distillation {
             loss: scalar(loss / rows as f64),
             grad_logits: grad,
             correct: scalar(correct as f64),
+        })
+    }
+}
+
+impl Value {
+    /// The distillation loss of these student logits against the `teacher`'s and `labels`,
+    /// on their device: loss, its gradient for the student, and the correct count.
+    pub fn distillation(
+        &self,
+        spec: &Distillation,
+        teacher: &Value,
+        labels: &[usize],
+    ) -> Result<CrossEntropy<Value>> {
+        Ok(match self {
+            Value::Gpu(s) => spec.forward(s, teacher.gpu()?, labels)?.map(Value::from),
+            Value::Cpu(s) => spec
+                .forward_cpu(&s.view(), &teacher.cpu()?.view(), labels)?
+                .map(Value::from),
         })
     }
 }

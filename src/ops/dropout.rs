@@ -8,6 +8,7 @@ use ndarray::{ArrayD, ArrayViewD};
 
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
+use crate::value::Value;
 
 /// Dropout with a rate in `[0, 1)` and a seed; `step` (e.g. the training step) varies the mask.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -116,5 +117,16 @@ impl Dropout {
             op: "dropout",
             detail: e.to_string(),
         })
+    }
+}
+
+impl Value {
+    /// Inverted dropout of this value at `step` (the identity in eval), on its device; the
+    /// backward pass is the same map applied to `dy`.
+    pub fn dropout(&self, spec: &Dropout, step: u32, training: bool) -> Result<Value> {
+        self.map(
+            |x| spec.forward(x, step, training),
+            |x| spec.forward_cpu(&x.view(), step, training),
+        )
     }
 }

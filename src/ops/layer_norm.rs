@@ -8,6 +8,7 @@ use super::batch_norm::{NormGrads, Normalized};
 use super::norm::{self, Grid, Grouping, Settings};
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
+use crate::value::Value;
 
 const OP: &str = "layer_norm";
 
@@ -216,6 +217,48 @@ impl LayerNorm {
             x: array(x.shape(), dx)?,
             gamma: array(&affine_shape, narrow(dgamma))?,
             beta: array(&affine_shape, narrow(dbeta))?,
+        })
+    }
+}
+
+impl Value {
+    /// Layer normalisation of this value over the trailing dimensions of γ, on its device.
+    pub fn layer_norm(
+        &self,
+        spec: &LayerNorm,
+        gamma: &Value,
+        beta: &Value,
+    ) -> Result<Normalized<Value>> {
+        Ok(match self {
+            Value::Gpu(x) => spec.forward(x, gamma.gpu()?, beta.gpu()?)?.map(Value::from),
+            Value::Cpu(x) => spec
+                .forward_cpu(&x.view(), &gamma.cpu()?.view(), &beta.cpu()?.view())?
+                .map(Value::from),
+        })
+    }
+
+    /// The gradients of layer normalisation of this value `x` from `dy`, with the
+    /// per-sample `mean` and `rstd` of its forward pass.
+    pub fn layer_norm_backward(
+        &self,
+        spec: &LayerNorm,
+        gamma: &Value,
+        [mean, rstd]: [&Value; 2],
+        dy: &Value,
+    ) -> Result<NormGrads<Value>> {
+        Ok(match self {
+            Value::Gpu(x) => spec
+                .backward(x, gamma.gpu()?, mean.gpu()?, rstd.gpu()?, dy.gpu()?)?
+                .map(Value::from),
+            Value::Cpu(x) => spec
+                .backward_cpu(
+                    &x.view(),
+                    &gamma.cpu()?.view(),
+                    mean.cpu()?,
+                    rstd.cpu()?,
+                    &dy.cpu()?.view(),
+                )?
+                .map(Value::from),
         })
     }
 }

@@ -4,10 +4,12 @@
 use ndarray::{ArrayD, ArrayViewD, Axis};
 
 use super::Activation;
+use super::activation::through_activation_cpu;
 use super::matmul::{BiasAxis, Matmul, matmul_cpu};
-use super::reduce::sum_axes;
+use super::reduce::{activation_backward_and_sum, sum_axes};
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
+use crate::value::Value;
 
 const OP: &str = "linear";
 
@@ -99,6 +101,71 @@ pub(crate) fn linear_gradients(
         weight: dweight,
         bias: dbias,
     })
+}
+
+impl Value {
+    /// `act(x·Wᵀ + b)` of this `[N, in]` input, on its device.
+    pub fn linear(
+        &self,
+        weight: &Value,
+        bias: Option<&Value>,
+        activation: Activation,
+    ) -> Result<Value> {
+        self.map(
+            |x| {
+                linear(
+                    x,
+                    weight.gpu()?,
+                    bias.map(Value::gpu).transpose()?,
+                    activation,
+                )
+            },
+            |x| {
+                let bias = bias.map(|b| b.cpu().map(|b| b.view())).transpose()?;
+                linear_cpu(&x.view(), &weight.cpu()?.view(), bias.as_ref(), activation)
+            },
+        )
+    }
+
+    /// The gradients of `y = act(x·Wᵀ + b)` (this value is `x`) from `dy = ∂L/∂y` and the
+    /// output `y`: the gradient goes through the activation first. On the GPU the
+    /// activation's derivative and the bias gradient are one kernel.
+    pub fn linear_backward(
+        &self,
+        weight: &Value,
+        y: &Value,
+        dy: &Value,
+        activation: Activation,
+    ) -> Result<LinearGrads<Value>> {
+        let grads = match self {
+            Value::Gpu(x) => {
+                let (weight, dy) = (weight.gpu()?, dy.gpu()?);
+                let g = match dy.shape() {
+                    &[n, o] if activation != Activation::None => {
+                        let (dz, dbias) =
+                            activation_backward_and_sum(activation, y.gpu()?, dy, (n, o, 1))?;
+                        linear_gradients(x, weight, &dz, Some(dbias))?
+                    }
+                    _ => linear_gradients(x, weight, dy, None)?,
+                };
+                LinearGrads {
+                    x: g.x.into(),
+                    weight: g.weight.into(),
+                    bias: g.bias.into(),
+                }
+            }
+            Value::Cpu(x) => {
+                let dz = through_activation_cpu(activation, &y.cpu()?.view(), &dy.cpu()?.view())?;
+                let g = linear_backward_cpu(&x.view(), &weight.cpu()?.view(), &dz.view())?;
+                LinearGrads {
+                    x: g.x.into(),
+                    weight: g.weight.into(),
+                    bias: g.bias.into(),
+                }
+            }
+        };
+        Ok(grads)
+    }
 }
 
 /// CPU reference of [`linear`].

@@ -4,7 +4,6 @@
 
 pub mod activation;
 pub mod adaptive_pool;
-pub mod add;
 pub mod attack;
 pub mod batch_norm;
 pub mod conv2d;
@@ -13,7 +12,6 @@ mod conv_grouped;
 mod conv_weight_grad;
 pub mod distillation;
 pub mod dropout;
-pub(crate) mod finite;
 pub mod layer_norm;
 pub mod linear;
 pub mod log_softmax;
@@ -24,7 +22,8 @@ pub mod pool2d;
 pub(crate) mod reduce;
 pub mod softmax_cross_entropy;
 
-pub use activation::{Activation, softmax, softmax_backward};
+pub use crate::value::Activation;
+pub use activation::{softmax, softmax_backward};
 pub use adaptive_pool::AdaptiveAvgPool2d;
 pub use attack::SignedStep;
 pub use batch_norm::{BatchNorm2d, NormGrads, Normalized};

@@ -8,6 +8,7 @@ use ndarray::{Array1, ArrayD, ArrayView4, ArrayViewD};
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::tensor::Tensor;
+use crate::value::{Device, Value};
 
 const OP: &str = "normalize";
 
@@ -124,6 +125,21 @@ impl Normalize {
         self.run(gpu, images.shape(), "from_bytes", &packed)
     }
 
+    /// Image bytes `[N, C, H, W]` as normalised values `byte / 255` on `device` (on a GPU
+    /// the bytes are uploaded as they are and scaled there).
+    pub fn bytes_on(&self, device: &Device, images: &ArrayView4<'_, u8>) -> Result<Value> {
+        match device.gpu() {
+            Some(gpu) => Ok(self.from_bytes(gpu, images)?.into()),
+            None => Ok(self.from_bytes_cpu(images)?.into()),
+        }
+    }
+
+    /// CPU reference of [`Normalize::from_bytes`].
+    pub fn from_bytes_cpu(&self, images: &ArrayView4<'_, u8>) -> Result<ArrayD<f32>> {
+        let floats = images.mapv(|b| f32::from(b) / 255.0).into_dyn();
+        self.forward_cpu(&floats.view())
+    }
+
     /// CPU reference of [`Normalize::forward`].
     pub fn forward_cpu(&self, x: &ArrayViewD<'_, f32>) -> Result<ArrayD<f32>> {
         let (channels, plane) = self.check(x.shape())?;
@@ -135,5 +151,12 @@ impl Normalize {
             op: OP,
             detail: e.to_string(),
         })
+    }
+}
+
+impl Value {
+    /// This `[N, C, H, W]` value normalised per channel, on its device.
+    pub fn normalize(&self, spec: &Normalize) -> Result<Value> {
+        self.map(|x| spec.forward(x), |x| spec.forward_cpu(&x.view()))
     }
 }

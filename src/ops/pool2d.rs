@@ -9,12 +9,13 @@
 use bytemuck::{Pod, Zeroable};
 use ndarray::{Array4, ArrayD, ArrayView4, ArrayViewD, Ix4};
 
+use super::activation::through_activation_cpu;
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::gpu::dispatch::Resource;
 use crate::gpu::texture::{Texel, TextureInputs, scalar_input, vec4_input};
-use crate::ops::Activation;
 use crate::tensor::Tensor;
+use crate::value::{Activation, Value};
 
 /// Which statistic a window takes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -673,6 +674,103 @@ pub fn global_avg_pool_backward(x_shape: &[usize], dy: &Tensor) -> Result<Tensor
         NONE,
     )?;
     Ok(dx)
+}
+
+/// CPU reference of [`global_avg_pool`].
+pub fn global_avg_pool_cpu(x: &ArrayViewD<'_, f32>) -> Result<ArrayD<f32>> {
+    let (spec, shape) = global_window(x.shape())?;
+    let pooled = pool2d_cpu(&spec, x)?.y;
+    reshape_cpu(pooled, &[shape.n, shape.c])
+}
+
+/// CPU reference of [`global_avg_pool_backward`].
+pub fn global_avg_pool_backward_cpu(
+    x_shape: &[usize],
+    dy: &ArrayViewD<'_, f32>,
+) -> Result<ArrayD<f32>> {
+    let (spec, shape) = global_window(x_shape)?;
+    let dy = reshape_cpu(dy.to_owned(), &shape.output())?;
+    pool2d_backward_cpu(&spec, x_shape, &dy.view(), None)
+}
+
+fn reshape_cpu(array: ArrayD<f32>, shape: &[usize]) -> Result<ArrayD<f32>> {
+    let from = array.shape().to_vec();
+    array
+        .into_shape_with_order(shape)
+        .map_err(|e| Error::ShapeMismatch {
+            op: "global_avg_pool",
+            detail: format!("{from:?} as {shape:?}: {e}"),
+        })
+}
+
+impl Value {
+    /// Pools this `[N, C, H, W]` value on its device (with the arg-max for max pooling).
+    pub fn pool2d(&self, spec: &Pool2d) -> Result<Pooled<Value>> {
+        Ok(match self {
+            Value::Gpu(x) => {
+                let p = spec.forward(x)?;
+                Pooled {
+                    y: p.y.into(),
+                    argmax: p.argmax.map(Value::from),
+                }
+            }
+            Value::Cpu(x) => {
+                let p = pool2d_cpu(spec, &x.view())?;
+                Pooled {
+                    y: p.y.into(),
+                    argmax: p.argmax.map(Value::from),
+                }
+            }
+        })
+    }
+
+    /// `∂L/∂x` of pooling this value `x`, from `dy = ∂L/∂y` and the forward arg-max (max
+    /// pooling); with `through` = (activation, this pooling's output `y`), taken on through
+    /// the activation that produced `x` (see [`Pool2d::backward_through`]).
+    pub fn pool2d_backward(
+        &self,
+        spec: &Pool2d,
+        dy: &Value,
+        argmax: Option<&Value>,
+        through: Option<(Activation, &Value)>,
+    ) -> Result<Value> {
+        let x_shape = self.shape();
+        dy.map(
+            |dy| {
+                let argmax = argmax.map(Value::gpu).transpose()?;
+                match (argmax, through) {
+                    (Some(argmax), Some((activation, y))) => {
+                        spec.backward_through(x_shape, dy, argmax, (activation, y.gpu()?))
+                    }
+                    _ => spec.backward(x_shape, dy, argmax),
+                }
+            },
+            |dy| {
+                let argmax = argmax.map(|a| a.cpu().map(|a| a.view())).transpose()?;
+                let dz = match through {
+                    Some((activation, y)) => {
+                        through_activation_cpu(activation, &y.cpu()?.view(), &dy.view())?
+                    }
+                    None => dy.clone(),
+                };
+                pool2d_backward_cpu(spec, x_shape, &dz.view(), argmax.as_ref())
+            },
+        )
+    }
+
+    /// Global average pooling of this `[N, C, H, W]` value: `[N, C]`, on its device.
+    pub fn global_avg_pool(&self) -> Result<Value> {
+        self.map(global_avg_pool, |x| global_avg_pool_cpu(&x.view()))
+    }
+
+    /// `∂L/∂x` of [`Value::global_avg_pool`] of this value `x`, from `dy`.
+    pub fn global_avg_pool_backward(&self, dy: &Value) -> Result<Value> {
+        let x_shape = self.shape();
+        dy.map(
+            |dy| global_avg_pool_backward(x_shape, dy),
+            |dy| global_avg_pool_backward_cpu(x_shape, &dy.view()),
+        )
+    }
 }
 
 /// Global average pooling is average pooling with one window over the whole plane.

@@ -7,6 +7,7 @@ use ndarray::{Array1, ArrayD, ArrayViewD, Axis};
 
 use crate::error::{Error, Result};
 use crate::tensor::{Tensor, gpu_word};
+use crate::value::Value;
 
 const OP: &str = "softmax_cross_entropy";
 
@@ -19,6 +20,28 @@ pub struct CrossEntropy<T> {
     pub grad_logits: T,
     /// How many rows have their first arg-max at the label, shape `[1]`.
     pub correct: T,
+}
+
+impl<T> CrossEntropy<T> {
+    /// The same results as another type (tensors or arrays as values).
+    pub(crate) fn map<U>(self, f: impl Fn(T) -> U) -> CrossEntropy<U> {
+        CrossEntropy {
+            loss: f(self.loss),
+            grad_logits: f(self.grad_logits),
+            correct: f(self.correct),
+        }
+    }
+}
+
+impl Value {
+    /// Softmax cross-entropy (mean over the batch) of these `[N, classes]` logits against
+    /// `labels`, on their device: the loss, its gradient and the count of correct rows.
+    pub fn softmax_cross_entropy(&self, labels: &[usize]) -> Result<CrossEntropy<Value>> {
+        Ok(match self {
+            Value::Gpu(x) => softmax_cross_entropy(x, labels)?.map(Value::from),
+            Value::Cpu(x) => softmax_cross_entropy_cpu(&x.view(), labels)?.map(Value::from),
+        })
+    }
 }
 
 pub(crate) fn check(logits: &[usize], labels: &[usize]) -> Result<(usize, usize)> {

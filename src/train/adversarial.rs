@@ -2,13 +2,10 @@
 //! the input, FGSM and PGD built on it (GPU kernels in `shaders/attack.wgsl`), and a
 //! training step on clean and adversarial images together.
 
-use ndarray::{Axis, concatenate};
-
 use super::trainer::{StepOutput, cross_entropy, train_step_with};
 use crate::error::{Error, Result};
 use crate::graph::{Device, Graph, GraphOptimizer, Mode, Value};
 use crate::ops::attack::SignedStep;
-use crate::tensor::Tensor;
 
 /// An attack within an L∞ ball of radius `epsilon`, keeping values in `range`.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -36,15 +33,6 @@ pub fn input_gradient(model: &mut Graph, x: Value, labels: &[usize]) -> Result<V
     model.input_gradient(ce.grad_logits)
 }
 
-fn signed_step(step: SignedStep, x: &Value, grad: &Value, origin: &Value) -> Result<Value> {
-    Ok(match x {
-        Value::Gpu(t) => Value::Gpu(step.apply(t, grad.gpu()?, origin.gpu()?)?),
-        Value::Cpu(a) => {
-            Value::Cpu(step.apply_cpu(&a.view(), &grad.cpu()?.view(), &origin.cpu()?.view())?)
-        }
-    })
-}
-
 /// Adversarial versions of the images `x` (labelled `labels`) against `model`; values stay
 /// in `range` (e.g. the normalised image of pixels 0 and 1).
 pub fn attack(
@@ -57,7 +45,7 @@ pub fn attack(
     match attack {
         Attack::Fgsm { epsilon } => {
             let grad = input_gradient(model, x.duplicate()?, labels)?;
-            signed_step(SignedStep::fgsm(epsilon, range), x, &grad, x)
+            x.signed_step(&SignedStep::fgsm(epsilon, range), &grad, x)
         }
         Attack::Pgd {
             epsilon,
@@ -78,23 +66,11 @@ pub fn attack(
             let mut current = x.duplicate()?;
             for _ in 0..steps {
                 let grad = input_gradient(model, current.duplicate()?, labels)?;
-                current = signed_step(step, &current, &grad, x)?;
+                current = current.signed_step(&step, &grad, x)?;
             }
             Ok(current)
         }
     }
-}
-
-fn stack(a: &Value, b: &Value) -> Result<Value> {
-    Ok(match a {
-        Value::Gpu(t) => Value::Gpu(Tensor::concat(t, b.gpu()?)?),
-        Value::Cpu(x) => Value::Cpu(concatenate(Axis(0), &[x.view(), b.cpu()?.view()]).map_err(
-            |e| Error::ShapeMismatch {
-                op: "stack",
-                detail: e.to_string(),
-            },
-        )?),
-    })
 }
 
 /// One adversarial training step: adversarial examples of the batch are made against the
@@ -113,7 +89,7 @@ pub fn adversarial_train_step(
     device.record(|| {
         let x = input(&device)?;
         let adversarial = attack(model, &x, labels, kind, range)?;
-        let batch = stack(&x, &adversarial)?;
+        let batch = x.concat(&adversarial)?;
         // Already inside this recording: the inner step records into it too.
         train_step_with(
             model,
@@ -138,22 +114,13 @@ pub fn discriminator_step(
     device.record(|| {
         let real = real(&device)?;
         let fake = generator.forward(noise(&device)?, Mode::Eval)?;
-        let fake = match (fake, real.shape()) {
-            (Value::Gpu(t), shape) => Value::Gpu(t.copy_as(shape)?),
-            (Value::Cpu(a), shape) => Value::Cpu(
-                a.to_shape(shape)
-                    .map_err(|e| Error::ShapeMismatch {
-                        op: "discriminator_step",
-                        detail: format!("generator output vs real images: {e}"),
-                    })?
-                    .into_owned(),
-            ),
-        };
+        // The generator's output under the real images' shape.
+        let fake = fake.reshaped("discriminator_step", real.shape())?;
         let labels: Vec<usize> = (0..real.shape()[0])
             .map(|_| 1)
             .chain((0..fake.shape()[0]).map(|_| 0))
             .collect();
-        let batch = stack(&real, &fake)?;
+        let batch = real.concat(&fake)?;
         train_step_with(
             discriminator,
             optimizer,

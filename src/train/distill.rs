@@ -16,24 +16,7 @@ pub fn distillation_loss(
     teacher: &Value,
     labels: &[usize],
 ) -> Result<CrossEntropy<Value>> {
-    Ok(match student {
-        Value::Gpu(s) => {
-            let out = spec.forward(s, teacher.gpu()?, labels)?;
-            CrossEntropy {
-                loss: Value::Gpu(out.loss),
-                grad_logits: Value::Gpu(out.grad_logits),
-                correct: Value::Gpu(out.correct),
-            }
-        }
-        Value::Cpu(s) => {
-            let out = spec.forward_cpu(&s.view(), &teacher.cpu()?.view(), labels)?;
-            CrossEntropy {
-                loss: Value::Cpu(out.loss),
-                grad_logits: Value::Cpu(out.grad_logits),
-                correct: Value::Cpu(out.correct),
-            }
-        }
-    })
+    student.distillation(&spec, teacher, labels)
 }
 
 /// One student step under `teacher`: teacher forward (eval), student forward, distillation

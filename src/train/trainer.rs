@@ -1,37 +1,18 @@
 //! Training a [`Graph`] classifier: one step is forward, softmax cross-entropy, backward and
 //! the optimizer update, recorded as one GPU submission; evaluation runs in eval mode.
 
-use ndarray::{Array4, ArrayD};
+use ndarray::Array4;
 
 use crate::data::{Dataset, Images};
 use crate::error::{Error, Result};
 use crate::graph::{Device, Graph, GraphOptimizer, Mode, Value};
 use crate::ops::normalize::Normalize;
-use crate::ops::softmax_cross_entropy::{
-    CrossEntropy, softmax_cross_entropy, softmax_cross_entropy_cpu,
-};
+use crate::ops::softmax_cross_entropy::CrossEntropy;
 
 /// Softmax cross-entropy (mean over the batch) of `logits` against `labels`, on the
 /// logits' device: the loss, its gradient and the count of correct predictions.
 pub fn cross_entropy(logits: &Value, labels: &[usize]) -> Result<CrossEntropy<Value>> {
-    Ok(match logits {
-        Value::Gpu(t) => {
-            let ce = softmax_cross_entropy(t, labels)?;
-            CrossEntropy {
-                loss: Value::Gpu(ce.loss),
-                grad_logits: Value::Gpu(ce.grad_logits),
-                correct: Value::Gpu(ce.correct),
-            }
-        }
-        Value::Cpu(a) => {
-            let ce = softmax_cross_entropy_cpu(&a.view(), labels)?;
-            CrossEntropy {
-                loss: Value::Cpu(ce.loss),
-                grad_logits: Value::Cpu(ce.grad_logits),
-                correct: Value::Cpu(ce.correct),
-            }
-        }
-    })
+    logits.softmax_cross_entropy(labels)
 }
 
 /// A step's loss and correct count, still on the device (`[1]` each): read them back only
@@ -142,13 +123,7 @@ pub fn image_batch(
         op: "image_batch",
         detail: e.to_string(),
     })?;
-    match device {
-        Device::Gpu(gpu) => Ok(Value::Gpu(normalize.from_bytes(gpu, &array.view())?)),
-        Device::Cpu => {
-            let floats: ArrayD<f32> = array.mapv(|b| f32::from(b) / 255.0).into_dyn();
-            Ok(Value::Cpu(normalize.forward_cpu(&floats.view())?))
-        }
-    }
+    normalize.bytes_on(device, &array.view())
 }
 
 /// Mean loss, accuracy and wall time of one pass over a training set.

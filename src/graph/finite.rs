@@ -6,8 +6,8 @@
 use bytemuck::{Pod, Zeroable};
 
 use crate::error::{Error, Result};
-use crate::graph::{Device, Value};
 use crate::tensor::{Tensor, gpu_word};
+use crate::value::{Device, Value};
 
 /// Mirrors `Params` in shaders/finite.wgsl.
 #[repr(C)]
@@ -45,39 +45,18 @@ impl FiniteChecks {
     /// Checks `value`, described by `label` ("the output of node \"conv1\"", …).
     pub(crate) fn check(&mut self, label: impl FnOnce() -> String, value: &Value) -> Result<()> {
         let slot = self.labels.len();
-        match (value, &self.flags) {
-            (Value::Gpu(x), Some(flags)) if slot < flags.len() => {
-                let gpu = x.gpu();
-                let params = FiniteParams {
-                    total: gpu_word("check_finite", x.len())?,
-                    slot: slot as u32,
-                    _pad: [0; 2],
-                };
-                let pipeline = gpu.pipeline("finite", "main", || {
-                    include_str!("../../shaders/finite.wgsl").into()
-                })?;
-                // A few invocations per workgroup's worth of elements: the loop strides.
-                let workgroups = (x.len() as u64).div_ceil(256 * 16);
-                gpu.run_pass("checking for non-finite values", |pass| {
-                    gpu.encode(
-                        pass,
-                        &pipeline,
-                        bytemuck::bytes_of(&params),
-                        &[x.binding(), flags.binding()],
-                        workgroups,
-                    )
-                })?;
-            }
-            (Value::Cpu(a), None) => {
-                if self.first_cpu.is_none() && a.iter().any(|v| !v.is_finite()) {
-                    self.first_cpu = Some(slot);
-                }
-            }
-            _ => {
+        match &self.flags {
+            Some(flags) if slot < flags.len() => mark_non_finite(value.gpu()?, flags, slot)?,
+            Some(_) => {
                 return Err(Error::InvalidArgument {
                     op: "check_finite",
-                    detail: "more checks than planned, or values on another device".into(),
+                    detail: format!("more checks than the {slot} planned"),
                 });
+            }
+            None => {
+                if self.first_cpu.is_none() && value.cpu()?.iter().any(|v| !v.is_finite()) {
+                    self.first_cpu = Some(slot);
+                }
             }
         }
         self.labels.push(label());
@@ -96,4 +75,29 @@ impl FiniteChecks {
         };
         Ok(first.map(|i| self.labels[i].as_str()))
     }
+}
+
+/// Sets word `slot` of `flags` if `x` holds a NaN or an infinity (`shaders/finite.wgsl`).
+fn mark_non_finite(x: &Tensor, flags: &Tensor, slot: usize) -> Result<()> {
+    let gpu = x.gpu();
+    flags.check_same_gpu("check_finite", gpu)?;
+    let params = FiniteParams {
+        total: gpu_word("check_finite", x.len())?,
+        slot: slot as u32,
+        _pad: [0; 2],
+    };
+    let pipeline = gpu.pipeline("finite", "main", || {
+        include_str!("../../shaders/finite.wgsl").into()
+    })?;
+    // A few invocations per workgroup's worth of elements: the loop strides.
+    let workgroups = (x.len() as u64).div_ceil(256 * 16);
+    gpu.run_pass("checking for non-finite values", |pass| {
+        gpu.encode(
+            pass,
+            &pipeline,
+            bytemuck::bytes_of(&params),
+            &[x.binding(), flags.binding()],
+            workgroups,
+        )
+    })
 }

@@ -6,130 +6,21 @@
 //! The executor wires values between nodes, sums the gradients of a value that feeds several
 //! nodes, frees every intermediate value at its last use (a schedule computed once, when the
 //! node is added) and hands the trainable state to the optimizer. On the GPU no method here
-//! reads back: wrap a step in [`Gpu::record`] and it is one command encoder, one submit.
+//! reads back: wrap a step in [`Gpu::record`](crate::Gpu::record) and it is one command encoder, one submit.
 
 use ndarray::{ArrayD, IxDyn};
 
+mod finite;
+mod init_rng;
+
+pub use crate::optim::GraphOptimizer;
+pub use crate::value::{Device, Value};
+pub use init_rng::InitRng;
+
 use crate::error::{Error, Result};
-use crate::gpu::Gpu;
-use crate::nn::init::InitRng;
-use crate::ops::Activation;
-use crate::ops::add::{accumulate, add_cpu};
-use crate::ops::finite::FiniteChecks;
-use crate::optim::{CpuOptimizer, GpuOptimizer, NamedState, Optimizer};
-use crate::tensor::Tensor;
-
-/// A tensor on one of the two execution paths.
-#[derive(Debug)]
-pub enum Value {
-    /// On the GPU.
-    Gpu(Tensor),
-    /// On the host, for the CPU reference path.
-    Cpu(ArrayD<f32>),
-}
-
-impl Value {
-    /// The shape, outermost dimension first.
-    pub fn shape(&self) -> &[usize] {
-        match self {
-            Value::Gpu(t) => t.shape(),
-            Value::Cpu(a) => a.shape(),
-        }
-    }
-
-    /// The data on the host (a readback for GPU values).
-    pub fn to_array(&self) -> Result<ArrayD<f32>> {
-        match self {
-            Value::Gpu(t) => t.to_array(),
-            Value::Cpu(a) => Ok(a.clone()),
-        }
-    }
-
-    /// The value of a one-element value (a loss, a count), read back from the GPU if needed.
-    pub fn scalar(&self) -> Result<f32> {
-        match self {
-            Value::Gpu(t) => t.scalar(),
-            Value::Cpu(a) => crate::tensor::scalar_of(a),
-        }
-    }
-
-    /// The GPU tensor; an error if this value lives on the CPU path.
-    pub fn gpu(&self) -> Result<&Tensor> {
-        match self {
-            Value::Gpu(t) => Ok(t),
-            Value::Cpu(_) => Err(mixed_devices()),
-        }
-    }
-
-    /// The host array; an error if this value lives on the GPU.
-    pub fn cpu(&self) -> Result<&ArrayD<f32>> {
-        match self {
-            Value::Cpu(a) => Ok(a),
-            Value::Gpu(_) => Err(mixed_devices()),
-        }
-    }
-
-    /// A copy on the same device.
-    pub fn duplicate(&self) -> Result<Value> {
-        Ok(match self {
-            Value::Gpu(t) => Value::Gpu(t.copy_as(t.shape())?),
-            Value::Cpu(a) => Value::Cpu(a.clone()),
-        })
-    }
-
-    /// `self += other`, on the device of `self`.
-    pub fn accumulate(&mut self, other: &Value) -> Result<()> {
-        match self {
-            Value::Gpu(t) => accumulate(t, other.gpu()?),
-            Value::Cpu(a) => {
-                *a = add_cpu(&a.view(), &other.cpu()?.view())?;
-                Ok(())
-            }
-        }
-    }
-}
-
-fn mixed_devices() -> Error {
-    Error::InvalidArgument {
-        op: "graph",
-        detail: "a GPU value met a CPU value: upload every input with the model's Device".into(),
-    }
-}
-
-/// Where a model's values live.
-#[derive(Clone, Debug)]
-pub enum Device {
-    /// A GPU context: every op is a WGSL kernel.
-    Gpu(Gpu),
-    /// The CPU reference path (ndarray), for comparison and tests.
-    Cpu,
-}
-
-impl Device {
-    /// Puts a host array on this device.
-    pub fn upload(&self, array: ArrayD<f32>) -> Result<Value> {
-        match self {
-            Device::Gpu(gpu) => Ok(Value::Gpu(Tensor::from_array(gpu, &array)?)),
-            Device::Cpu => Ok(Value::Cpu(array)),
-        }
-    }
-
-    /// The adapter's name, or `"cpu reference"`.
-    pub fn name(&self) -> String {
-        match self {
-            Device::Gpu(gpu) => gpu.adapter_info().name.clone(),
-            Device::Cpu => "cpu reference".into(),
-        }
-    }
-
-    /// Runs `step` as one recorded submission on a GPU, or plainly on the CPU.
-    pub fn record<T>(&self, step: impl FnOnce() -> Result<T>) -> Result<T> {
-        match self {
-            Device::Gpu(gpu) => gpu.record(step),
-            Device::Cpu => step(),
-        }
-    }
-}
+use crate::optim::Optimizer;
+use crate::value::Activation;
+use finite::FiniteChecks;
 
 /// What a layer's forward and backward see of the run.
 #[derive(Clone, Copy, Debug)]
@@ -277,11 +168,11 @@ fn dry_run_shape<L: Layer + ?Sized>(layer: &L, inputs: &[&[usize]]) -> Result<Ve
     let mut state: Vec<Value> = layer
         .init_state(&mut rng)?
         .into_iter()
-        .map(|init| Value::Cpu(init.value))
+        .map(|init| Value::from(init.value))
         .collect();
     let zeros: Vec<Value> = inputs
         .iter()
-        .map(|shape| Value::Cpu(ArrayD::zeros(IxDyn(shape))))
+        .map(|shape| Value::from(ArrayD::zeros(IxDyn(shape))))
         .collect();
     let refs: Vec<&Value> = zeros.iter().collect();
     let ctx = Ctx {
@@ -476,10 +367,7 @@ impl Graph {
     /// A node for `layer` with its state initialised from the model seed and uploaded.
     fn fresh_node(&self, name: &str, layer: Box<dyn Layer>, inputs: Vec<ValueId>) -> Result<Node> {
         let seed = self.seed;
-        let gpu = match &self.device {
-            Device::Gpu(gpu) => Some(gpu),
-            Device::Cpu => None,
-        };
+        let gpu = self.device.gpu();
         let mut rng = |local: &'static str| {
             InitRng::for_tensor(seed, &format!("{name}.{local}")).for_gpu(gpu)
         };
@@ -975,10 +863,7 @@ impl Graph {
 
     /// An optimizer for this model's device.
     pub fn optimizer(&self, rule: impl Into<Optimizer>) -> Result<GraphOptimizer> {
-        Ok(match self.device {
-            Device::Gpu(_) => GraphOptimizer::Gpu(GpuOptimizer::new(rule)?),
-            Device::Cpu => GraphOptimizer::Cpu(CpuOptimizer::new(rule)?),
-        })
+        GraphOptimizer::new(&self.device, rule)
     }
 
     /// Applies one optimizer step to every trainable, unfrozen tensor from its gradient.
@@ -1011,33 +896,9 @@ impl Graph {
         }
         // The optimizer keys its state by these names: freezing, unfreezing or replacing a
         // layer keeps every other parameter's state with it.
-        let replaced = std::mem::take(&mut self.replaced);
-        match optimizer {
-            GraphOptimizer::Gpu(opt) => opt.forget(&replaced),
-            GraphOptimizer::Cpu(opt) => opt.forget(&replaced),
-        }
-        let names = param_names.iter().map(String::as_str);
-        match optimizer {
-            GraphOptimizer::Gpu(opt) => {
-                let params = names
-                    .zip(&params)
-                    .map(|(n, p)| Ok((n, p.gpu()?)))
-                    .collect::<Result<Vec<_>>>()?;
-                let grads = grads.iter().map(|g| g.gpu()).collect::<Result<Vec<_>>>()?;
-                opt.step_named(&params, &grads)?;
-            }
-            GraphOptimizer::Cpu(opt) => {
-                let grads = grads.iter().map(|g| g.cpu()).collect::<Result<Vec<_>>>()?;
-                let mut params = names
-                    .zip(params)
-                    .map(|(n, p)| match p {
-                        Value::Cpu(a) => Ok((n, a)),
-                        Value::Gpu(_) => Err(mixed_devices()),
-                    })
-                    .collect::<Result<Vec<_>>>()?;
-                opt.step_named(&mut params, &grads)?;
-            }
-        }
+        optimizer.forget(&std::mem::take(&mut self.replaced));
+        let names: Vec<&str> = param_names.iter().map(String::as_str).collect();
+        optimizer.step_values(&names, &mut params, &grads)?;
         if let Some(checks) = &mut self.finite {
             for (name, value) in trained_values(&self.nodes) {
                 checks.check(|| format!("{name} after the optimizer step"), value)?;
@@ -1056,62 +917,6 @@ fn trained_values(nodes: &[Node]) -> impl Iterator<Item = (String, &Value)> + '_
             .filter(|(_, (_, trainable))| **trainable)
             .map(|(name, (value, _))| (name, value))
     })
-}
-
-/// An optimizer on the model's device.
-pub enum GraphOptimizer {
-    /// State and update kernels on the GPU.
-    Gpu(GpuOptimizer),
-    /// The CPU reference.
-    Cpu(CpuOptimizer),
-}
-
-impl GraphOptimizer {
-    /// Changes the learning rate from the next step on (for schedules).
-    pub fn set_lr(&mut self, lr: f32) -> Result<()> {
-        match self {
-            GraphOptimizer::Gpu(opt) => opt.set_lr(lr),
-            GraphOptimizer::Cpu(opt) => opt.set_lr(lr),
-        }
-    }
-
-    /// The rule and its hyper-parameters.
-    pub fn rule(&self) -> Optimizer {
-        match self {
-            GraphOptimizer::Gpu(opt) => opt.rule(),
-            GraphOptimizer::Cpu(opt) => opt.rule(),
-        }
-    }
-
-    /// Steps taken so far.
-    pub fn steps(&self) -> u32 {
-        match self {
-            GraphOptimizer::Gpu(opt) => opt.steps(),
-            GraphOptimizer::Cpu(opt) => opt.steps(),
-        }
-    }
-
-    /// The per-parameter state on the host (empty before the first step).
-    pub fn state_arrays(&self) -> Result<Vec<NamedState>> {
-        match self {
-            GraphOptimizer::Gpu(opt) => opt.state_arrays(),
-            GraphOptimizer::Cpu(opt) => opt.state_arrays(),
-        }
-    }
-
-    /// Replaces the step count and the state, on `device`.
-    pub(crate) fn restore(
-        &mut self,
-        device: &Device,
-        step: u32,
-        state: Vec<NamedState>,
-    ) -> Result<()> {
-        match (self, device) {
-            (GraphOptimizer::Gpu(opt), Device::Gpu(gpu)) => opt.restore(gpu, step, state),
-            (GraphOptimizer::Cpu(opt), Device::Cpu) => opt.restore(step, state),
-            _ => Err(mixed_devices()),
-        }
-    }
 }
 
 fn freed(v: ValueId) -> Error {

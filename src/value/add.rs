@@ -6,6 +6,7 @@ use ndarray::{ArrayD, ArrayViewD};
 
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
+use crate::value::Value;
 
 const OP: &str = "add";
 
@@ -71,4 +72,26 @@ pub fn accumulate(dst: &Tensor, src: &Tensor) -> Result<()> {
 pub fn add_cpu(a: &ArrayViewD<'_, f32>, b: &ArrayViewD<'_, f32>) -> Result<ArrayD<f32>> {
     same_shape(a.shape(), b.shape())?;
     Ok(a + b)
+}
+
+impl Value {
+    /// `self + other`, on this value's device.
+    pub fn add(&self, other: &Value) -> Result<Value> {
+        self.map(
+            |a| add(a, other.gpu()?),
+            |a| add_cpu(&a.view(), &other.cpu()?.view()),
+        )
+    }
+
+    /// `self += other`, in place on this value's device: the executor sums the gradients
+    /// of a value that feeds several nodes with it.
+    pub fn accumulate(&mut self, other: &Value) -> Result<()> {
+        match self {
+            Value::Gpu(t) => accumulate(t, other.gpu()?),
+            Value::Cpu(a) => {
+                *a = add_cpu(&a.view(), &other.cpu()?.view())?;
+                Ok(())
+            }
+        }
+    }
 }
