@@ -174,3 +174,52 @@ fn tensors_from_two_contexts_do_not_mix() {
     let err = Matmul::default().forward(&a, &b, None).unwrap_err();
     assert!(err.to_string().contains("different Gpu contexts"), "{err}");
 }
+
+#[test]
+fn an_op_on_values_of_two_devices_is_an_error_naming_the_fix() {
+    let Some(gpu) = gpu() else { return };
+    let on_gpu = |shape: &[usize], seed| {
+        wgcnn::Value::from(Tensor::from_array(gpu, &random(shape, seed)).unwrap())
+    };
+    let on_cpu = |shape: &[usize], seed| wgcnn::Value::from(random(shape, seed));
+    let spec = wgcnn::ops::Conv2d::default();
+    let bn = wgcnn::ops::BatchNorm2d::default();
+    let outcomes = [
+        ("add", on_gpu(&[2, 3], 1).add(&on_cpu(&[2, 3], 2)).err()),
+        (
+            "add (cpu first)",
+            on_cpu(&[2, 3], 1).add(&on_gpu(&[2, 3], 2)).err(),
+        ),
+        (
+            "linear",
+            on_cpu(&[2, 3], 3)
+                .linear(&on_gpu(&[4, 3], 4), None, wgcnn::Activation::None)
+                .err(),
+        ),
+        (
+            "conv2d",
+            on_gpu(&[1, 1, 5, 5], 5)
+                .conv2d(&spec, &on_cpu(&[2, 1, 3, 3], 6), None)
+                .err(),
+        ),
+        (
+            "batch_norm_eval",
+            on_gpu(&[2, 3, 4, 4], 7)
+                .batch_norm_eval(
+                    &bn,
+                    [&on_gpu(&[3], 8), &on_cpu(&[3], 9)],
+                    &on_gpu(&[3], 10),
+                    &on_gpu(&[3], 11),
+                )
+                .err(),
+        ),
+    ];
+    for (op, err) in outcomes {
+        let err = err.unwrap_or_else(|| panic!("{op} ran on values of two devices"));
+        let message = err.to_string();
+        assert!(
+            message.contains("upload every input with the model's Device"),
+            "{op}: {message}"
+        );
+    }
+}
