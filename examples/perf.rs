@@ -94,7 +94,7 @@ fn conv_cases(gpu: &Gpu, [n, c, h, o, k, pad, groups]: [usize; 7]) -> Result<Vec
     let b = random(&[o], 5);
     let shape = spec.shape(x.shape(), w.shape(), Some(b.shape()))?;
     let dy = random(&shape.output(), 6);
-    let kernels = spec.kernels(gpu, &shape);
+    let plan = spec.plan(gpu, &shape);
     let label = match groups {
         1 => format!("N{n} {c}->{o} {h}x{h} k{k} p{pad}"),
         g if g == c => format!("N{n} {c}->{o} {h}x{h} k{k} p{pad} depthwise"),
@@ -113,7 +113,7 @@ fn conv_cases(gpu: &Gpu, [n, c, h, o, k, pad, groups]: [usize; 7]) -> Result<Vec
         Case {
             op: "conv2d_fwd",
             shape: label.clone(),
-            kernel: kernels.into(),
+            kernel: plan.forward.name().into(),
             flops: shape.flops(),
             gpu: Box::new(move || spec.forward(&t1.0, &t1.1, Some(&t1.2)).map(drop)),
             cpu: Box::new(move || {
@@ -123,7 +123,7 @@ fn conv_cases(gpu: &Gpu, [n, c, h, o, k, pad, groups]: [usize; 7]) -> Result<Vec
         Case {
             op: "conv2d_fwd_bwd",
             shape: label,
-            kernel: kernels.into(),
+            kernel: plan.label(),
             flops: 3.0 * shape.flops(),
             gpu: Box::new(move || {
                 spec.forward(&t2.0, &t2.1, Some(&t2.2))?;

@@ -7,10 +7,6 @@ struct Params {
 
 @group(0) @binding(0) var<uniform> p: Params;
 
-fn linear_index(gid: vec3<u32>, nwg: vec3<u32>) -> u32 {
-    return gid.x + gid.y * nwg.x * 256u;
-}
-
 // The elementwise kernels loop over vec4s with the grid's stride: fewer, longer invocations
 // (src/ops/activation.rs launches one per VEC4S_PER_INVOCATION vec4s) cost less per element
 // on CPU adapters, where every per-lane access costs about the same for one float or four,
@@ -18,7 +14,7 @@ fn linear_index(gid: vec3<u32>, nwg: vec3<u32>) -> u32 {
 // buffers' size classes are multiples of 16 bytes); p.total counts vec4s, and the values
 // computed in the padding past the last element are never read.
 fn grid_stride(nwg: vec3<u32>) -> u32 {
-    return nwg.x * nwg.y * 256u;
+    return nwg.x * nwg.y * WORKGROUP;
 }
 
 fn activate4(v: vec4<f32>) -> vec4<f32> {
@@ -34,9 +30,9 @@ fn activate4(v: vec4<f32>) -> vec4<f32> {
 @group(0) @binding(7) var<storage, read> src4: array<vec4<f32>>;
 @group(0) @binding(8) var<storage, read_write> dst4: array<vec4<f32>>;
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WORKGROUP)
 fn forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    for (var i = linear_index(gid, nwg); i < p.total; i += grid_stride(nwg)) {
+    for (var i = invocation_index(gid, nwg); i < p.total; i += grid_stride(nwg)) {
         dst4[i] = activate4(src4[i]);
     }
 }
@@ -47,17 +43,17 @@ fn forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroup
 @group(0) @binding(11) var<storage, read> dy4: array<vec4<f32>>;
 @group(0) @binding(12) var<storage, read_write> dx4: array<vec4<f32>>;
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WORKGROUP)
 fn backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    for (var i = linear_index(gid, nwg); i < p.total; i += grid_stride(nwg)) {
+    for (var i = invocation_index(gid, nwg); i < p.total; i += grid_stride(nwg)) {
         var d = vec4<f32>(1.0);
         switch p.code {
             // PyTorch's rule: only x ≤ 0 blocks the gradient (NaN passes it on).
-            case 1u: { d = select(vec4<f32>(1.0), vec4<f32>(0.0), x4[i] <= vec4<f32>(0.0)); }
-            case 2u: { d = select(vec4<f32>(p.slope), vec4<f32>(1.0), x4[i] > vec4<f32>(0.0)); }
-            case 3u: { let y = y4[i]; d = y * (1.0 - y); }
-            case 4u: { let y = y4[i]; d = 1.0 - y * y; }
-            case 5u: { let x = x4[i]; d = select(vec4<f32>(0.0), vec4<f32>(1.0), (x > vec4<f32>(0.0)) & (x < vec4<f32>(6.0))); }
+            case ACT_RELU: { d = select(vec4<f32>(1.0), vec4<f32>(0.0), x4[i] <= vec4<f32>(0.0)); }
+            case ACT_LEAKY_RELU: { d = select(vec4<f32>(p.slope), vec4<f32>(1.0), x4[i] > vec4<f32>(0.0)); }
+            case ACT_SIGMOID: { let y = y4[i]; d = y * (1.0 - y); }
+            case ACT_TANH: { let y = y4[i]; d = 1.0 - y * y; }
+            case ACT_RELU6: { let x = x4[i]; d = select(vec4<f32>(0.0), vec4<f32>(1.0), (x > vec4<f32>(0.0)) & (x < vec4<f32>(6.0))); }
             default: {}
         }
         dx4[i] = dy4[i] * d;
@@ -72,9 +68,9 @@ fn backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgrou
 @group(0) @binding(6) var<storage, read_write> dx: array<f32>;
 
 // ---- softmax over rows of length p.row; p.total counts rows.
-@compute @workgroup_size(256)
+@compute @workgroup_size(WORKGROUP)
 fn softmax(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let r = linear_index(gid, nwg);
+    let r = invocation_index(gid, nwg);
     if r >= p.total { return; }
     let base = r * p.row;
     var top = src[base];
@@ -85,9 +81,9 @@ fn softmax(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroup
 }
 
 // dx = y ⊙ (dy − Σ_j dy_j y_j), row by row.
-@compute @workgroup_size(256)
+@compute @workgroup_size(WORKGROUP)
 fn softmax_backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let r = linear_index(gid, nwg);
+    let r = invocation_index(gid, nwg);
     if r >= p.total { return; }
     let base = r * p.row;
     var dot = 0.0;

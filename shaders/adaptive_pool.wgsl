@@ -15,19 +15,15 @@ struct Params {
 @group(0) @binding(1) var<storage, read> src: array<f32>;
 @group(0) @binding(2) var<storage, read_write> dst: array<f32>;
 
-fn index(gid: vec3<u32>, nwg: vec3<u32>) -> u32 {
-    return gid.x + gid.y * nwg.x * 256u;
-}
-
 // The window [start, end) of output `i` along an axis of `n` inputs and `out` outputs.
 fn window(i: u32, n: u32, out: u32) -> vec2<u32> {
     return vec2<u32>((i * n) / out, ((i + 1u) * n + out - 1u) / out);
 }
 
 // src = x [planes][H][W], dst = y [planes][OH][OW]
-@compute @workgroup_size(256)
+@compute @workgroup_size(WORKGROUP)
 fn forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let o = index(gid, nwg);
+    let o = invocation_index(gid, nwg);
     if o >= p.total { return; }
     let ox = o % OW;
     let oy = (o / OW) % OH;
@@ -45,9 +41,9 @@ fn forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroup
 
 // src = dy [planes][OH][OW], dst = dx [planes][H][W]: each input pixel gathers from the
 // windows that hold it.
-@compute @workgroup_size(256)
+@compute @workgroup_size(WORKGROUP)
 fn backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let i = index(gid, nwg);
+    let i = invocation_index(gid, nwg);
     if i >= p.total { return; }
     let x = i % W;
     let y = (i / W) % H;

@@ -15,9 +15,9 @@ struct Params {
 @group(0) @binding(3) var<storage, read> origin: array<f32>;
 @group(0) @binding(4) var<storage, read_write> out: array<f32>;
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WORKGROUP)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let i = gid.x + gid.y * nwg.x * 256u;
+    let i = invocation_index(gid, nwg);
     if i >= p.total { return; }
     let moved = x[i] + p.step * sign(g[i]);
     let projected = clamp(moved, origin[i] - p.radius, origin[i] + p.radius);

@@ -36,18 +36,14 @@ struct Params {
 @group(0) @binding(3) var<storage, read> bias: array<f32>;
 @group(0) @binding(4) var<storage, read_write> dst: array<f32>;
 
-fn linear_index(gid: vec3<u32>, nwg: vec3<u32>) -> u32 {
-    return gid.x + gid.y * nwg.x * 64u;
-}
-
 fn weight_index(oc: u32, ci: u32, ky: u32, kx: u32) -> u32 {
     return ((oc * (C / GROUPS) + ci) * KH + ky) * KW + kx;
 }
 
 // src = x [N][C][H][W], dst = y [N][O][OH][OW]: one invocation per output.
-@compute @workgroup_size(64)
+@compute @workgroup_size(WORKGROUP_SMALL)
 fn forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let index = linear_index(gid, nwg);
+    let index = small_invocation_index(gid, nwg);
     if index >= p.total { return; }
     let ox = index % OW;
     let oy = (index / OW) % OH;
@@ -76,9 +72,9 @@ fn forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroup
 
 // src = dy [N][O][OH][OW], dst = dx [N][C][H][W]: one invocation per input pixel gathers
 // every output of its group whose window covered it.
-@compute @workgroup_size(64)
+@compute @workgroup_size(WORKGROUP_SMALL)
 fn backward_data(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let index = linear_index(gid, nwg);
+    let index = small_invocation_index(gid, nwg);
     if index >= p.total { return; }
     let ix = index % W;
     let iy = (index / W) % H;
@@ -111,9 +107,9 @@ fn backward_data(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wor
 
 // dst = y [N][O][OH][OW] from the grouped im2col + matmul path: y = act(y + bias[o]) in
 // place (that path's batched product has no per-group bias epilogue).
-@compute @workgroup_size(64)
+@compute @workgroup_size(WORKGROUP_SMALL)
 fn bias_activation(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let index = linear_index(gid, nwg);
+    let index = small_invocation_index(gid, nwg);
     if index >= p.total { return; }
     var value = dst[index];
     if HAS_BIAS != 0u {
@@ -122,11 +118,11 @@ fn bias_activation(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_w
     dst[index] = activate(value, ACT, p.slope);
 }
 
-var<workgroup> partial: array<f32, 64>;
+var<workgroup> partial: array<f32, WORKGROUP_SMALL>;
 
 // src = x, weight = dy (bound in the weight slot), dst = dW [O][C/G][KH][KW]: one workgroup
-// per weight, its 64 lanes striding over the N·OH·OW products and adding up in a tree.
-@compute @workgroup_size(64)
+// per weight, its WORKGROUP_SMALL (64) lanes striding over the N·OH·OW products and adding up in a tree.
+@compute @workgroup_size(WORKGROUP_SMALL)
 fn weight_grad(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
@@ -143,7 +139,7 @@ fn weight_grad(
     let positions = OH * OW;
     var sum = 0.0;
     if valid {
-        for (var t = lane; t < p.n * positions; t += 64u) {
+        for (var t = lane; t < p.n * positions; t += WORKGROUP_SMALL) {
             let n = t / positions;
             let oy = (t % positions) / OW;
             let ox = t % OW;
@@ -156,7 +152,7 @@ fn weight_grad(
     }
     partial[lane] = sum;
     workgroupBarrier();
-    for (var half = 32u; half > 0u; half >>= 1u) {
+    for (var half = WORKGROUP_SMALL / 2u; half > 0u; half >>= 1u) {
         if lane < half {
             partial[lane] += partial[lane + half];
         }

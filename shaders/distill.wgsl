@@ -30,9 +30,9 @@ fn log_sum_exp(base: u32, which: u32, scale: f32) -> f32 {
     return top + log(sum);
 }
 
-@compute @workgroup_size(64)
+@compute @workgroup_size(WORKGROUP_SMALL)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let r = gid.x + gid.y * nwg.x * 64u;
+    let r = small_invocation_index(gid, nwg);
     if r >= p.rows { return; }
     let base = r * p.classes;
     let label = u32(labels[r]);

@@ -27,9 +27,9 @@ fn draw(i: u32) -> f32 {
 }
 
 // Forward (src = x, dst = y) and backward (src = dy, dst = dx) are the same map.
-@compute @workgroup_size(256)
+@compute @workgroup_size(WORKGROUP)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let i = gid.x + gid.y * nwg.x * 256u;
+    let i = invocation_index(gid, nwg);
     if i >= p.total { return; }
     dst[i] = select(0.0, src[i] / (1.0 - p.rate), draw(i) >= p.rate);
 }

@@ -10,10 +10,10 @@ struct Params {
 @group(0) @binding(1) var<storage, read> x: array<f32>;
 @group(0) @binding(2) var<storage, read_write> flags: array<atomic<u32>>;
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WORKGROUP)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     var bad = false;
-    for (var i = gid.x + gid.y * nwg.x * 256u; i < p.total; i += nwg.x * nwg.y * 256u) {
+    for (var i = invocation_index(gid, nwg); i < p.total; i += nwg.x * nwg.y * WORKGROUP) {
         // All exponent bits set: an infinity or a NaN. Bits, not `v != v`: WGSL lets
         // compilers assume floats are finite, and on lavapipe that comparison never fired.
         let exponent = bitcast<u32>(x[i]) & 0x7f800000u;

@@ -17,14 +17,10 @@ struct Params {
 @group(0) @binding(6) var<storage, read_write> row_loss: array<f32>;
 @group(0) @binding(7) var<storage, read_write> row_correct: array<f32>;
 
-fn row(gid: vec3<u32>, nwg: vec3<u32>) -> u32 {
-    return gid.x + gid.y * nwg.x * 64u;
-}
-
 // y = x − max − log Σ exp(x − max)
-@compute @workgroup_size(64)
+@compute @workgroup_size(WORKGROUP_SMALL)
 fn forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let r = row(gid, nwg);
+    let r = small_invocation_index(gid, nwg);
     if r >= p.rows { return; }
     let base = r * p.classes;
     var top = x[base];
@@ -36,9 +32,9 @@ fn forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroup
 }
 
 // dx = dy − exp(y) · Σ dy
-@compute @workgroup_size(64)
+@compute @workgroup_size(WORKGROUP_SMALL)
 fn backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let r = row(gid, nwg);
+    let r = small_invocation_index(gid, nwg);
     if r >= p.rows { return; }
     let base = r * p.classes;
     var total = 0.0;
@@ -48,9 +44,9 @@ fn backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgrou
 
 // Per row: the loss −x[label], the gradient −scale at the label (0 elsewhere), and whether
 // the first arg-max is the label.
-@compute @workgroup_size(64)
+@compute @workgroup_size(WORKGROUP_SMALL)
 fn nll(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let r = row(gid, nwg);
+    let r = small_invocation_index(gid, nwg);
     if r >= p.rows { return; }
     let base = r * p.classes;
     let label = u32(labels[r]);

@@ -2,7 +2,7 @@
 // (row maximum subtracted), the loss −log softmax(z)[label], the gradient
 // (softmax − onehot)·scale, and whether the first arg-max equals the label.
 // Labels are stored as f32 (exact for class ids below 2^24).
-// A batch of at most 256 rows and 65,536 logits is one workgroup that also sums the mean
+// A batch of at most WORKGROUP rows and 65,536 logits is one workgroup that also sums the mean
 // loss and the correct count (`main_small`); larger ones store per-row values (`main`) that
 // `totals` sums, as it does for the other losses' (log_softmax.wgsl's nll, distill.wgsl).
 
@@ -39,21 +39,21 @@ fn row(r: u32) -> vec2<f32> {
     return vec2<f32>(lse - logits[base + label], select(0.0, 1.0, best == label));
 }
 
-@compute @workgroup_size(64)
+@compute @workgroup_size(WORKGROUP_SMALL)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let r = gid.x + gid.y * nwg.x * 64u;
+    let r = small_invocation_index(gid, nwg);
     if r >= p.rows { return; }
     let v = row(r);
     row_loss[r] = v.x;
     row_correct[r] = v.y;
 }
 
-var<workgroup> partial: array<vec2<f32>, 256>;
+var<workgroup> partial: array<vec2<f32>, WORKGROUP>;
 
 // Adds up the workgroup's (loss, correct) pairs in `partial` and stores the totals.
 fn store_totals(i: u32) {
     workgroupBarrier();
-    for (var half = 128u; half > 0u; half >>= 1u) {
+    for (var half = WORKGROUP / 2u; half > 0u; half >>= 1u) {
         if i < half { partial[i] += partial[i + half]; }
         workgroupBarrier();
     }
@@ -63,7 +63,7 @@ fn store_totals(i: u32) {
     }
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WORKGROUP)
 fn main_small(@builtin(local_invocation_index) i: u32) {
     var v = vec2<f32>(0.0);
     if i < p.rows { v = row(i); }
@@ -71,10 +71,10 @@ fn main_small(@builtin(local_invocation_index) i: u32) {
     store_totals(i);
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WORKGROUP)
 fn totals(@builtin(local_invocation_index) i: u32) {
     var v = vec2<f32>(0.0);
-    for (var r = i; r < p.rows; r += 256u) {
+    for (var r = i; r < p.rows; r += WORKGROUP) {
         v += vec2<f32>(row_loss[r], row_correct[r]);
     }
     partial[i] = v;

@@ -8,7 +8,7 @@ struct Params {
     a_row: u32, a_col: u32, a_batch: u32,   // element strides of op(A) as an M×K matrix
     b_row: u32, b_col: u32, b_batch: u32,   // element strides of op(B) as a K×N matrix
     tiles_m: u32, tiles_n: u32, total_tiles: u32,
-    bias_mode: u32,                         // 0 none, 1 per column (bias[n]), 2 per row (bias[m])
+    bias_mode: u32,                         // BIAS_NONE, BIAS_PER_COLUMN (bias[n]), BIAS_PER_ROW (bias[m])
     activation: u32, slope: f32,
 }
 
@@ -80,8 +80,8 @@ fn main(
             let col = n0 + lid.x * 4u + j;
             if row < p.m && col < p.n {
                 var v = acc[i][j];
-                if p.bias_mode == 1u { v += bias[col]; }
-                if p.bias_mode == 2u { v += bias[row]; }
+                if p.bias_mode == BIAS_PER_COLUMN { v += bias[col]; }
+                if p.bias_mode == BIAS_PER_ROW { v += bias[row]; }
                 c[c_base + row * p.n + col] = activate(v, p.activation, p.slope);
             }
         }

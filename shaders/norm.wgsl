@@ -2,7 +2,7 @@
 // and statistics are taken per group over its outer·inner = count elements:
 //   batch norm: outer = N, groups = C, inner = H·W, affine parameters indexed by group;
 //   layer norm: outer = 1, groups = N, inner = C·H·W, affine parameters indexed by inner.
-// Per-group sums are real parallel reductions: one 64-invocation workgroup per group,
+// Per-group sums are real parallel reductions: one WORKGROUP_SMALL-invocation workgroup per group,
 // strided partial sums, then a tree in workgroup memory.
 // Where INNER is a multiple of 4, src/ops/norm.rs runs the `…4` entries instead: the same
 // passes over vec4s (x, dy, y, dx, γ, β and layer norm's dγ, dβ bound as arrays of vec4s),
@@ -41,7 +41,7 @@ fn groups() -> u32 { return select(p.groups, GROUPS, GROUPS != 0u); }
 @group(0) @binding(14) var<storage, read_write> dbeta: array<f32>;
 @group(0) @binding(15) var<storage, read_write> batches: array<u32>;   // num_batches_tracked
 
-var<workgroup> partial: array<vec4<f32>, 64>;
+var<workgroup> partial: array<vec4<f32>, WORKGROUP_SMALL>;
 
 fn count() -> u32 { return p.outer * inner(); }
 
@@ -64,7 +64,7 @@ fn affine_index(i: u32) -> u32 {
 fn workgroup_sum(lane: u32, value: vec4<f32>) -> vec4<f32> {
     partial[lane] = value;
     workgroupBarrier();
-    for (var width = 32u; width > 0u; width /= 2u) {
+    for (var width = WORKGROUP_SMALL / 2u; width > 0u; width /= 2u) {
         if lane < width { partial[lane] += partial[lane + width]; }
         workgroupBarrier();
     }
@@ -76,17 +76,17 @@ fn workgroup_sum(lane: u32, value: vec4<f32>) -> vec4<f32> {
 fn group_id(wid: vec3<u32>, nwg: vec3<u32>) -> u32 { return wid.x + wid.y * nwg.x; }
 
 // Batch statistics (mean, then the biased variance around it) and the running averages.
-@compute @workgroup_size(64)
+@compute @workgroup_size(WORKGROUP_SMALL)
 fn stats(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
          @builtin(local_invocation_index) lane: u32) {
     let g = group_id(wid, nwg);
     if g >= groups() { return; }   // uniform across the workgroup
     let n = count();
     var s = 0.0;
-    for (var t = lane; t < n; t += 64u) { s += x[element(g, t)]; }
+    for (var t = lane; t < n; t += WORKGROUP_SMALL) { s += x[element(g, t)]; }
     let mu = workgroup_sum(lane, vec4<f32>(s, 0.0, 0.0, 0.0)).x / f32(n);
     var q = 0.0;
-    for (var t = lane; t < n; t += 64u) { let d = x[element(g, t)] - mu; q += d * d; }
+    for (var t = lane; t < n; t += WORKGROUP_SMALL) { let d = x[element(g, t)] - mu; q += d * d; }
     let v = workgroup_sum(lane, vec4<f32>(q, 0.0, 0.0, 0.0)).x / f32(n);
     if lane == 0u { store_stats(g, mu, v); }
 }
@@ -115,7 +115,7 @@ fn count_batch() {
 }
 
 // Eval mode: the statistics are the running ones.
-@compute @workgroup_size(64)
+@compute @workgroup_size(WORKGROUP_SMALL)
 fn eval_stats(@builtin(global_invocation_id) gid: vec3<u32>) {
     let g = gid.x;
     if g >= groups() { return; }
@@ -123,9 +123,9 @@ fn eval_stats(@builtin(global_invocation_id) gid: vec3<u32>) {
     rstd[g] = inverseSqrt(running_var[g] + p.eps);
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WORKGROUP)
 fn normalize(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let i = gid.x + gid.y * nwg.x * 256u;
+    let i = invocation_index(gid, nwg);
     if i >= p.total { return; }
     let g = group_of(i);
     let a = affine_index(i);
@@ -133,14 +133,14 @@ fn normalize(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgro
 }
 
 // Per group: Σ dy·γ, Σ dy·γ·x̂ (for dx) and Σ dy, Σ dy·x̂ (batch norm's dβ, dγ).
-@compute @workgroup_size(64)
+@compute @workgroup_size(WORKGROUP_SMALL)
 fn backward_sums(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                  @builtin(local_invocation_index) lane: u32) {
     let g = group_id(wid, nwg);
     if g >= groups() { return; }
     let n = count();
     var s = vec4<f32>(0.0);
-    for (var t = lane; t < n; t += 64u) {
+    for (var t = lane; t < n; t += WORKGROUP_SMALL) {
         let i = element(g, t);
         let xhat = (x[i] - mean[g]) * rstd[g];
         let gy = dy[i] * gamma[affine_index(i)];
@@ -151,9 +151,9 @@ fn backward_sums(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups)
 }
 
 // Training: dx = rstd·(g − mean(g) − x̂·mean(g·x̂)), g = dy·γ; eval: dx = g·rstd.
-@compute @workgroup_size(256)
+@compute @workgroup_size(WORKGROUP)
 fn backward_dx(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let i = gid.x + gid.y * nwg.x * 256u;
+    let i = invocation_index(gid, nwg);
     if i >= p.total { return; }
     let g = group_of(i);
     let gy = dy[i] * gamma[affine_index(i)];
@@ -167,9 +167,9 @@ fn backward_dx(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workg
 }
 
 // Layer norm's dγ, dβ: one invocation per affine element, summing over the groups.
-@compute @workgroup_size(64)
+@compute @workgroup_size(WORKGROUP_SMALL)
 fn affine_grads_per_inner(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let k = gid.x + gid.y * nwg.x * 64u;
+    let k = small_invocation_index(gid, nwg);
     if k >= inner() { return; }
     var dg = 0.0;
     var db = 0.0;
@@ -185,7 +185,7 @@ fn affine_grads_per_inner(@builtin(global_invocation_id) gid: vec3<u32>, @builti
 }
 
 // Batch norm's dγ, dβ: the per-group sums.
-@compute @workgroup_size(64)
+@compute @workgroup_size(WORKGROUP_SMALL)
 fn affine_grads_per_group(@builtin(global_invocation_id) gid: vec3<u32>) {
     let g = gid.x;
     if g >= groups() { return; }
@@ -223,31 +223,31 @@ fn affine4(v: vec4<f32>, i: u32) -> vec4<f32> {
 
 fn total(v: vec4<f32>) -> f32 { return v.x + v.y + v.z + v.w; }
 
-@compute @workgroup_size(64)
+@compute @workgroup_size(WORKGROUP_SMALL)
 fn stats4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
           @builtin(local_invocation_index) lane: u32) {
     let g = group_id(wid, nwg);
     if g >= groups() { return; }
     let n4 = p.outer * inner4();
     var s = vec4<f32>(0.0);
-    for (var t = lane; t < n4; t += 64u) { s += load_x4(element4(g, t)); }
+    for (var t = lane; t < n4; t += WORKGROUP_SMALL) { s += load_x4(element4(g, t)); }
     let mu = total(workgroup_sum(lane, s)) / f32(count());
     var q = vec4<f32>(0.0);
-    for (var t = lane; t < n4; t += 64u) { let d = load_x4(element4(g, t)) - mu; q += d * d; }
+    for (var t = lane; t < n4; t += WORKGROUP_SMALL) { let d = load_x4(element4(g, t)) - mu; q += d * d; }
     let v = total(workgroup_sum(lane, q)) / f32(count());
     if lane == 0u { store_stats(g, mu, v); }
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WORKGROUP)
 fn normalize4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let i = gid.x + gid.y * nwg.x * 256u;
+    let i = invocation_index(gid, nwg);
     if i >= p.total / 4u { return; }
     let g = group_of4(i);
     y4[i] = (load_x4(i) - mean[g]) * rstd[g] * affine4(load_gamma4(affine_at4(i)), i)
         + affine4(load_beta4(affine_at4(i)), i);
 }
 
-@compute @workgroup_size(64)
+@compute @workgroup_size(WORKGROUP_SMALL)
 fn backward_sums4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                   @builtin(local_invocation_index) lane: u32) {
     let g = group_id(wid, nwg);
@@ -259,7 +259,7 @@ fn backward_sums4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups
     var sgx = vec4<f32>(0.0);
     var sd = vec4<f32>(0.0);
     var sdx = vec4<f32>(0.0);
-    for (var t = lane; t < n4; t += 64u) {
+    for (var t = lane; t < n4; t += WORKGROUP_SMALL) {
         let i = element4(g, t);
         let xhat = (load_x4(i) - mu) * r;
         let d = load_dy4(i);
@@ -273,9 +273,9 @@ fn backward_sums4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups
     if lane == 0u { sums[g] = sums4; }
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WORKGROUP)
 fn backward_dx4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let i = gid.x + gid.y * nwg.x * 256u;
+    let i = invocation_index(gid, nwg);
     if i >= p.total / 4u { return; }
     let g = group_of4(i);
     let gy = load_dy4(i) * affine4(load_gamma4(affine_at4(i)), i);
@@ -288,9 +288,9 @@ fn backward_dx4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_work
     dx4[i] = rstd[g] * (gy - sums[g].x / n - xhat * sums[g].y / n);
 }
 
-@compute @workgroup_size(64)
+@compute @workgroup_size(WORKGROUP_SMALL)
 fn affine_grads_per_inner4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let k = gid.x + gid.y * nwg.x * 64u;
+    let k = small_invocation_index(gid, nwg);
     if k >= inner4() { return; }
     var dg = vec4<f32>(0.0);
     var db = vec4<f32>(0.0);

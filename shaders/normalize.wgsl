@@ -14,25 +14,21 @@ struct Params {
 // src/ops/normalize.rs.
 @group(0) @binding(4) var<storage, read> src: array<{{SRC_TYPE}}>;
 
-fn index(gid: vec3<u32>, nwg: vec3<u32>) -> u32 {
-    return gid.x + gid.y * nwg.x * 256u;
-}
-
 fn channel(i: u32) -> u32 {
     return (i / p.plane) % p.channels;
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WORKGROUP)
 fn from_floats(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let i = index(gid, nwg);
+    let i = invocation_index(gid, nwg);
     if i >= p.total { return; }
     let c = channel(i);
     dst[i] = (f32(src[i]) - mean[c]) * inv_std[c];
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WORKGROUP)
 fn from_bytes(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let i = index(gid, nwg);
+    let i = invocation_index(gid, nwg);
     if i >= p.total { return; }
     let byte = (u32(src[i / 4u]) >> (8u * (i % 4u))) & 0xffu;
     let c = channel(i);

@@ -39,7 +39,7 @@ fn update(slots: Slots, gradient: vec4<f32>) -> Slots {
         g += p.weight_decay * s.w;
     }
     switch KIND {
-        case 0u: {
+        case OPT_SGD: {
             if p.momentum != 0.0 {
                 var buf = g;
                 if p.first_step == 0u { buf = p.momentum * s.s1 + (1.0 - p.dampening) * g; }
@@ -48,11 +48,11 @@ fn update(slots: Slots, gradient: vec4<f32>) -> Slots {
             }
             s.w -= p.lr * g;
         }
-        case 1u: {
+        case OPT_ADAGRAD: {
             s.s1 += g * g;
             s.w -= p.step_size * g / (sqrt(s.s1) + p.eps);
         }
-        default: {
+        default: {   // OPT_ADAM
             s.s1 += (1.0 - p.beta1) * (g - s.s1);
             s.s2 = s.s2 * p.beta2 + (1.0 - p.beta2) * g * g;
             var second = s.s2;
@@ -66,7 +66,7 @@ fn update(slots: Slots, gradient: vec4<f32>) -> Slots {
     return s;
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WORKGROUP)
 fn main(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
@@ -78,7 +78,7 @@ fn main(
     for (var j = 1u; j < {{TENSORS}}u; j++) {
         if group >= p.tensors[j].x { k = j; }
     }
-    let i = (group - p.tensors[k].x) * 256u + lindex;
+    let i = (group - p.tensors[k].x) * WORKGROUP + lindex;
     if i >= p.tensors[k].y { return; }
     switch k {
 {{CASES}}

@@ -42,10 +42,6 @@ fn max_gradient(i: u32) -> f32 {
     return src[i] * activation_derivative(load_pooled(i), ACT, p.slope);
 }
 
-fn linear_index(gid: vec3<u32>, nwg: vec3<u32>) -> u32 {
-    return gid.x + gid.y * nwg.x * 256u;
-}
-
 /// In-bounds elements of the window at output (oh, ow), for count_include_pad = false.
 fn window_count(oh: u32, ow: u32) -> f32 {
     let top = i32(oh * SH) - i32(PAD_TOP);
@@ -73,9 +69,9 @@ fn is_nan(v: f32) -> bool {
 }
 
 // src = x [planes][H][W], dst = y [planes][OH][OW], argmax likewise (max only).
-@compute @workgroup_size(256)
+@compute @workgroup_size(WORKGROUP)
 fn max_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let index = linear_index(gid, nwg);
+    let index = invocation_index(gid, nwg);
     if index >= p.total { return; }
     let ow = index % OW;
     let oh = (index / OW) % OH;
@@ -104,9 +100,9 @@ fn max_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workg
     argmax[index] = f32(best_at);
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WORKGROUP)
 fn avg_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let index = linear_index(gid, nwg);
+    let index = invocation_index(gid, nwg);
     if index >= p.total { return; }
     let ow = index % OW;
     let oh = (index / OW) % OH;
@@ -133,9 +129,9 @@ fn windows(i: u32, pad: u32, k: u32, s: u32, n: u32) -> vec2<i32> {
 }
 
 // src = dy [planes][OH][OW], dst = dx [planes][H][W]; argmax from the forward pass.
-@compute @workgroup_size(256)
+@compute @workgroup_size(WORKGROUP)
 fn max_backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let index = linear_index(gid, nwg);
+    let index = invocation_index(gid, nwg);
     if index >= p.total { return; }
     let at = index % (H * W);
     let plane = index / (H * W);
@@ -154,9 +150,9 @@ fn max_backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_work
     dst[index] = sum;
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WORKGROUP)
 fn avg_backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let index = linear_index(gid, nwg);
+    let index = invocation_index(gid, nwg);
     if index >= p.total { return; }
     let at = index % (H * W);
     let plane = index / (H * W);
@@ -182,9 +178,9 @@ fn tiled_window(index: u32) -> u32 {
     return (plane * H + oh * KH) * W + ow * KW;
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WORKGROUP)
 fn max_backward_tiled(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let index = linear_index(gid, nwg);
+    let index = invocation_index(gid, nwg);
     if index >= p.total { return; }
     let corner = tiled_window(index);
     let plane_start = (index / (OW * OH)) * H * W;
@@ -198,9 +194,9 @@ fn max_backward_tiled(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(nu
     }
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WORKGROUP)
 fn avg_backward_tiled(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let index = linear_index(gid, nwg);
+    let index = invocation_index(gid, nwg);
     if index >= p.total { return; }
     let corner = tiled_window(index);
     let g = src[index] / f32(KH * KW);
@@ -248,9 +244,9 @@ fn max_of_window(a0: f32, a1: f32, b0: f32, b1: f32, at: u32) -> vec2<f32> {
     return vec2<f32>(best, f32(best_at));
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WORKGROUP)
 fn max_forward_quads(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let q = linear_index(gid, nwg);
+    let q = invocation_index(gid, nwg);
     if q >= p.total { return; }
     let corner = quad_corner(q);
     let a = array<vec4<f32>, 2>(load_src4(corner.x), load_src4(corner.x + 1u));
@@ -269,9 +265,9 @@ fn max_forward_quads(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num
 }
 
 // src4 = dy, dst4 = dx, best4 (and pooled4, with ACT) from the forward pass.
-@compute @workgroup_size(256)
+@compute @workgroup_size(WORKGROUP)
 fn max_backward_quads(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let q = linear_index(gid, nwg);
+    let q = invocation_index(gid, nwg);
     if q >= p.total { return; }
     let corner = quad_corner(q);
     var g = load_src4(q);

@@ -1,6 +1,6 @@
 // Sums x viewed as [outer][mid][inner] over outer and inner:
 // out[m] (+)= scale · Σ_a Σ_i x[a][m][i].
-// `main`: one workgroup per output element, 64 invocations striding over the outer·inner
+// `main`: one workgroup per output element, WORKGROUP_SMALL invocations striding over the outer·inner
 // terms, then a tree reduction in workgroup memory. `per_output`: one invocation per output,
 // for many short sums. Used for bias and batched weight gradients.
 // src/ops/reduce.rs fills in the `{{…}}` parts per variant:
@@ -29,16 +29,16 @@ struct Params {
 @group(0) @binding(3) var<storage, read> gate: array<Elem>;
 @group(0) @binding(4) var<storage, read_write> gated: array<Elem>;
 
-var<workgroup> partial: array<f32, 64>;
+var<workgroup> partial: array<f32, WORKGROUP_SMALL>;
 
 // act'(x) written through y = act(x).
 fn derivative(y: Elem) -> Elem {
     switch ACT {
-        case 1u: { return select(Elem(1.0), Elem(0.0), y <= Elem(0.0)); }   // NaN passes, as in PyTorch
-        case 2u: { return select(Elem(p.slope), Elem(1.0), y > Elem(0.0)); }
-        case 3u: { return y * (1.0 - y); }
-        case 4u: { return 1.0 - y * y; }
-        case 5u: { return select(Elem(0.0), Elem(1.0), (y > Elem(0.0)) & (y < Elem(6.0))); }   // ReLU6
+        case ACT_RELU: { return select(Elem(1.0), Elem(0.0), y <= Elem(0.0)); }   // NaN passes, as in PyTorch
+        case ACT_LEAKY_RELU: { return select(Elem(p.slope), Elem(1.0), y > Elem(0.0)); }
+        case ACT_SIGMOID: { return y * (1.0 - y); }
+        case ACT_TANH: { return 1.0 - y * y; }
+        case ACT_RELU6: { return select(Elem(0.0), Elem(1.0), (y > Elem(0.0)) & (y < Elem(6.0))); }   // ReLU6
         default: { return Elem(1.0); }
     }
 }
@@ -57,7 +57,7 @@ fn finish(m: u32, sum: f32) {
     out[m] = result;
 }
 
-@compute @workgroup_size(64)
+@compute @workgroup_size(WORKGROUP_SMALL)
 fn main(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
@@ -68,23 +68,23 @@ fn main(
     if m >= MID { return; }
     let terms = p.outer * INNER;
     var sum = Elem(0.0);
-    for (var t = lane; t < terms; t += 64u) {
+    for (var t = lane; t < terms; t += WORKGROUP_SMALL) {
         let a = t / INNER;
         let i = t % INNER;
         sum += term((a * MID + m) * INNER + i);
     }
     partial[lane] = total(sum);
     workgroupBarrier();
-    for (var width = 32u; width > 0u; width /= 2u) {
+    for (var width = WORKGROUP_SMALL / 2u; width > 0u; width /= 2u) {
         if lane < width { partial[lane] += partial[lane + width]; }
         workgroupBarrier();
     }
     if lane == 0u { finish(m, partial[0]); }
 }
 
-@compute @workgroup_size(64)
+@compute @workgroup_size(WORKGROUP_SMALL)
 fn per_output(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let m = gid.x + gid.y * nwg.x * 64u;
+    let m = small_invocation_index(gid, nwg);
     if m >= MID { return; }
     var sum = Elem(0.0);
     for (var a = 0u; a < p.outer; a++) {

@@ -9,6 +9,8 @@ use bytemuck::{Pod, Zeroable};
 use ndarray::{ArrayD, IxDyn, Zip};
 
 use crate::error::{Error, Result};
+use crate::gpu::Generated;
+use crate::gpu::shared::{optimizer_kind, workgroups};
 use crate::tensor::Tensor;
 use crate::value::{Device, Value, mixed_devices};
 
@@ -321,9 +323,9 @@ impl Optimizer {
     /// The rule's number in shaders/optim.wgsl (`KIND`).
     fn kind(&self) -> u32 {
         match self {
-            Self::Sgd(_) => 0,
-            Self::AdaGrad(_) => 1,
-            Self::Adam(_) => 2,
+            Self::Sgd(_) => optimizer_kind::SGD,
+            Self::AdaGrad(_) => optimizer_kind::ADAGRAD,
+            Self::Adam(_) => optimizer_kind::ADAM,
         }
     }
 
@@ -486,8 +488,22 @@ const MOST_TENSORS_PER_DISPATCH: usize = 16;
 /// one parameter of the same total length.
 const SOLO_ELEMENTS: usize = 4096;
 
-/// shaders/optim.wgsl for `tensors` parameters with `slots` state tensors each: per
-/// parameter its bindings and the `case` that updates one vec4 of it.
+/// One generated update kernel: shaders/optim.wgsl for `tensors` parameters with `slots`
+/// state tensors each (the rule is its `KIND` override).
+#[derive(Debug)]
+struct UpdateKernel {
+    tensors: usize,
+    slots: usize,
+}
+
+impl Generated for UpdateKernel {
+    fn source(&self) -> String {
+        optim_source(self.tensors, self.slots)
+    }
+}
+
+/// The source of an [`UpdateKernel`]: per parameter its bindings and the `case` that
+/// updates one vec4 of it.
 fn optim_source(tensors: usize, slots: usize) -> String {
     let (mut bindings, mut cases) = (String::new(), String::new());
     let names = ["s1", "s2", "s3"];
@@ -743,12 +759,11 @@ impl GpuOptimizer {
                 let count = members.len();
                 let step = self.params[indices[members[0]]].step;
                 let rule = bytemuck::bytes_of(&self.rule.params(step)).to_vec();
-                let pipeline = gpu.specialized(
-                    &format!("optim_{count}x{slots}"),
-                    "main",
-                    || optim_source(count, slots),
-                    &[("KIND", kind)],
-                )?;
+                let kernel = UpdateKernel {
+                    tensors: count,
+                    slots,
+                };
+                let pipeline = gpu.generated(&kernel, "main", &[("KIND", kind)])?;
                 // The table of tensors: each one's first workgroup and length in vec4s.
                 let (mut table, mut groups) = (Vec::with_capacity(4 * count), 0u64);
                 let mut bindings = Vec::with_capacity(count * (2 + slots));
@@ -757,7 +772,7 @@ impl GpuOptimizer {
                     let state = &self.params[indices[k]].slots;
                     let vec4s = p.len().div_ceil(4) as u64;
                     table.extend([groups, vec4s, 0, 0].map(|v| v as u32));
-                    groups += vec4s.div_ceil(256);
+                    groups += workgroups(vec4s);
                     bindings.extend([p.binding_vec4(), g.binding_vec4()]);
                     bindings.extend(state.iter().map(Tensor::binding_vec4));
                 }

@@ -4,6 +4,7 @@ use ndarray::{ArrayBase, ArrayD, Data, Dimension, IxDyn};
 
 use crate::error::{Error, Result};
 use crate::gpu::dispatch::Binding;
+use crate::gpu::shared::workgroups;
 use crate::gpu::{Gpu, lock, size_class};
 
 /// A GPU buffer on loan from the pool; dropping it hands it back.
@@ -194,7 +195,7 @@ impl Tensor {
                 &pipeline,
                 bytemuck::bytes_of(&params),
                 &[tensor.binding()],
-                (tensor.len() as u64).div_ceil(256),
+                workgroups(tensor.len() as u64),
             )
         })?;
         Ok(tensor)

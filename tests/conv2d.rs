@@ -7,7 +7,7 @@ use common::{gpu, max_abs_diff, random, read_family_gpus, upload};
 use ndarray::{ArrayD, IxDyn};
 use proptest::prelude::*;
 use serde_json::Value;
-use wgcnn::ops::Conv2d;
+use wgcnn::ops::{Conv2d, ConvKernel};
 use wgcnn::{Activation, Error, Padding, Tensor};
 
 fn spec_of(params: &Value) -> Conv2d {
@@ -283,7 +283,15 @@ fn large_batches_run_in_chunks() {
         random(&[20], 7),
     );
     let shape = spec.shape(x.shape(), w.shape(), None).unwrap();
-    assert_eq!(spec.kernels(gpu, &shape), "im2col+matmul");
+    // dx may run as a direct convolution of dy; the forward pass and dW take the chunks.
+    let plan = spec.plan(gpu, &shape);
+    assert_eq!(plan.forward, ConvKernel::Im2colMatmul, "{}", plan.label());
+    assert_eq!(
+        plan.weight_grad,
+        ConvKernel::Im2colMatmul,
+        "{}",
+        plan.label()
+    );
     let expected = wgcnn::cpu::conv2d(&spec, &x.view(), &w.view(), Some(&b.view())).unwrap();
     let (tx, tw) = (
         Tensor::from_array(gpu, &x).unwrap(),
@@ -505,7 +513,7 @@ fn forced_reads_match_the_cpu(gpu: &wgcnn::Gpu) {
             .to_array()
             .unwrap();
         let tolerance = 1e-5 * (shape.taps() as f32).sqrt() * 4.0 + 1e-5;
-        let kernels = spec.kernels(gpu, &shape);
+        let kernels = spec.plan(gpu, &shape).label();
         let diff = max_abs_diff(&got, &want);
         assert!(diff <= tolerance, "forward {kernels} {shape:?}: {diff}");
 
@@ -743,7 +751,7 @@ fn grouped_convolutions_with_long_sums_run_as_matmuls() {
         } else {
             "grouped direct, im2col+matmul backward"
         };
-        assert_eq!(spec.kernels(gpu, &shape), expected);
+        assert_eq!(spec.plan(gpu, &shape).label(), expected);
         let relu = Conv2d {
             activation: Activation::Relu,
             ..spec
@@ -821,7 +829,7 @@ fn pointwise_convolutions_skip_im2col() {
             random(&[o], seed + 2),
         );
         let shape = spec.shape(&xs, &ws, None).unwrap();
-        assert_eq!(spec.kernels(gpu, &shape), "pointwise matmul");
+        assert_eq!(spec.plan(gpu, &shape).label(), "pointwise matmul");
         let relu = Conv2d {
             activation: Activation::Relu,
             ..spec

@@ -3,11 +3,12 @@
 mod context;
 pub(crate) mod dispatch;
 mod pipelines;
-pub(crate) use pipelines::wgsl_section;
+pub(crate) use pipelines::{Generated, wgsl_section};
 mod pool;
 mod profile;
 mod readback;
 mod recording;
+pub(crate) mod shared;
 pub(crate) mod texture;
 mod uniforms;
 

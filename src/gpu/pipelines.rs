@@ -17,9 +17,28 @@ impl PipelineCache {
     }
 }
 
+/// A generated kernel: the inputs its WGSL is made from, and the generator. The pipeline
+/// cache keys it by those inputs (its `Debug` form, field by field), so no key can leave out
+/// an input that changes the source.
+pub(crate) trait Generated: std::fmt::Debug {
+    /// The WGSL made from these inputs.
+    fn source(&self) -> String;
+}
+
 impl Gpu {
+    /// The pipeline for `entry` of a generated kernel, keyed by the generator's inputs.
+    pub(crate) fn generated(
+        &self,
+        kernel: &impl Generated,
+        entry: &str,
+        constants: &[(&str, u32)],
+    ) -> Result<Arc<wgpu::ComputePipeline>> {
+        self.specialized(&format!("{kernel:?}"), entry, || kernel.source(), constants)
+    }
+
     /// The pipeline for `entry` in `source()`, compiled on first use and cached under
-    /// `key`, which must name everything the source depends on.
+    /// `key`: a fixed source (a shader file) has a fixed key; a generated one goes through
+    /// [`Gpu::generated`].
     pub(crate) fn pipeline(
         &self,
         key: &str,
@@ -48,7 +67,7 @@ impl Gpu {
         if let Some(found) = lock(&self.inner.pipelines).pipelines.get(key) {
             return Ok(Arc::clone(found));
         }
-        let source = source();
+        let source = super::shared::prelude() + &source();
         // A `{{NAME}}` the generator left unfilled would compile to something else, or fail
         // far from its cause.
         if let Some(placeholder) = unfilled_placeholder(&source) {

@@ -6,6 +6,7 @@
 use bytemuck::{Pod, Zeroable};
 
 use crate::error::{Error, Result};
+use crate::gpu::shared::workgroups;
 use crate::tensor::{Tensor, gpu_word};
 use crate::value::{Device, Value};
 
@@ -90,14 +91,14 @@ fn mark_non_finite(x: &Tensor, flags: &Tensor, slot: usize) -> Result<()> {
         include_str!("../../shaders/finite.wgsl").into()
     })?;
     // A few invocations per workgroup's worth of elements: the loop strides.
-    let workgroups = (x.len() as u64).div_ceil(256 * 16);
+    let groups = workgroups((x.len() as u64).div_ceil(16));
     gpu.run_pass("checking for non-finite values", |pass| {
         gpu.encode(
             pass,
             &pipeline,
             bytemuck::bytes_of(&params),
             &[x.binding(), flags.binding()],
-            workgroups,
+            groups,
         )
     })
 }

@@ -7,6 +7,7 @@ use ndarray::{ArrayD, ArrayViewD, Axis, Zip};
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::gpu::dispatch::Binding;
+use crate::gpu::shared::workgroups;
 use crate::tensor::Tensor;
 use crate::value::{Activation, Value};
 
@@ -54,7 +55,7 @@ fn launch_elementwise(
     let bindings: Vec<_> = (first..)
         .zip(tensors.iter().map(|t| t.binding_vec4()))
         .collect();
-    let groups = u64::from(params.total).div_ceil(256 * VEC4S_PER_INVOCATION);
+    let groups = workgroups(u64::from(params.total).div_ceil(VEC4S_PER_INVOCATION));
     launch(gpu, entry, params, &bindings, groups)
 }
 
@@ -72,7 +73,7 @@ fn launch_rows(
         entry,
         params,
         &bindings,
-        u64::from(params.total).div_ceil(256),
+        workgroups(u64::from(params.total)),
     )
 }
 

@@ -7,6 +7,7 @@ use ndarray::{ArrayD, ArrayViewD, IxDyn};
 
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
+use crate::gpu::shared::workgroups;
 use crate::tensor::Tensor;
 use crate::value::Value;
 
@@ -86,7 +87,7 @@ impl AdaptiveAvgPool2d {
                 &pipeline,
                 bytemuck::bytes_of(&params),
                 &[src.binding(), dst.binding()],
-                (dst.len() as u64).div_ceil(256),
+                workgroups(dst.len() as u64),
             )
         })
     }

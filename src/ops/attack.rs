@@ -5,6 +5,7 @@ use bytemuck::{Pod, Zeroable};
 use ndarray::{ArrayD, ArrayViewD, Zip};
 
 use crate::error::{Error, Result};
+use crate::gpu::shared::workgroups;
 use crate::tensor::Tensor;
 use crate::value::Value;
 
@@ -90,7 +91,7 @@ impl SignedStep {
                 &pipeline,
                 bytemuck::bytes_of(&params),
                 &[x.binding(), grad.binding(), origin.binding(), out.binding()],
-                (x.len() as u64).div_ceil(256),
+                workgroups(x.len() as u64),
             )
         })?;
         Ok(out)

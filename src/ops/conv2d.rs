@@ -25,6 +25,7 @@ use super::matmul::{BiasAxis, Matmul};
 use super::reduce::{activation_backward_and_sum, sum_axes};
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
+use crate::gpu::shared::workgroups;
 use crate::tensor::{Tensor, gpu_word};
 use crate::value::Value;
 
@@ -214,6 +215,67 @@ fn output_size(
     Ok((padded - span) / stride + 1)
 }
 
+/// A family of convolution kernels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConvKernel {
+    /// One group's short sums per invocation (conv_grouped.rs): depthwise and small groups.
+    GroupedDirect,
+    /// Small filter banks at stride 1 with no im2col (conv_direct.rs, conv_weight_grad.rs;
+    /// the weight-gradient kernel takes the fused activation's derivative as it reads `dy`).
+    Direct,
+    /// 1×1 at stride 1 without padding: plain matmuls, the input is the column buffer.
+    Pointwise,
+    /// im2col (col2im for the input gradient) and batched matmuls, in chunks of images.
+    Im2colMatmul,
+}
+
+impl ConvKernel {
+    /// The family in words, as `perf` prints it.
+    pub fn name(self) -> &'static str {
+        match self {
+            ConvKernel::GroupedDirect => "grouped direct",
+            ConvKernel::Direct => "direct",
+            ConvKernel::Pointwise => "pointwise matmul",
+            ConvKernel::Im2colMatmul => "im2col+matmul",
+        }
+    }
+}
+
+/// How one convolution runs on one adapter ([`Conv2d::plan`]): forward and backward
+/// dispatch from it, and [`ConvPlan::label`] names what they run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConvPlan {
+    /// The forward pass.
+    pub forward: ConvKernel,
+    /// The input gradient `dx`.
+    pub input_grad: ConvKernel,
+    /// The weight and bias gradients.
+    pub weight_grad: ConvKernel,
+    /// Groups of the convolution (a grouped im2col+matmul runs one product per group).
+    pub groups: usize,
+}
+
+impl ConvPlan {
+    /// The kernels in words, e.g. `"direct"` (all three passes), `"grouped direct,
+    /// im2col+matmul backward"` or `"direct forward, im2col+matmul dx, direct dW"`.
+    pub fn label(&self) -> String {
+        let [forward, dx, dw] =
+            [self.forward, self.input_grad, self.weight_grad].map(ConvKernel::name);
+        let label = if forward == dx && dx == dw {
+            forward.to_string()
+        } else if dx == dw {
+            format!("{forward}, {dx} backward")
+        } else {
+            format!("{forward} forward, {dx} dx, {dw} dW")
+        };
+        if self.groups > 1 && !label.starts_with("grouped") {
+            format!("grouped {label}")
+        } else {
+            label
+        }
+    }
+}
+
 impl Conv2d {
     /// Checks `x [N,C,H,W]`, `weight [O,C/G,KH,KW]` and `bias [O]` and returns the sizes.
     pub fn shape(
@@ -336,26 +398,56 @@ impl Conv2d {
         })
     }
 
-    /// The kernels this convolution runs on `gpu`: `"grouped"` (more than one group, short
-    /// sums), `"grouped direct, im2col+matmul backward"` (middling sums),
-    /// `"grouped im2col+matmul"` (more than one group, long sums), `"pointwise matmul"`
-    /// (1×1 at stride 1 without padding: the input is the im2col buffer),
-    /// `"direct"` (small filter banks at stride 1: forward, input and weight gradients without
-    /// im2col) or `"im2col+matmul"`.
-    pub fn kernels(&self, gpu: &Gpu, shape: &Conv2dShape) -> &'static str {
-        if shape.grouped_matmul() {
-            "grouped im2col+matmul"
-        } else if shape.grouped_matmul_backward() {
-            "grouped direct, im2col+matmul backward"
-        } else if shape.groups > 1 {
-            "grouped"
-        } else if conv_direct::eligible(gpu, self, shape) && conv_weight_grad::eligible(self, shape)
-        {
-            "direct"
-        } else if shape.pointwise(self) {
-            "pointwise matmul"
+    /// How this convolution runs on `gpu`: the kernel family of its forward pass, input
+    /// gradient and weight gradient, decided here once; forward and backward follow it.
+    pub fn plan(&self, gpu: &Gpu, shape: &Conv2dShape) -> ConvPlan {
+        let binding = gpu.limits().max_storage_buffer_binding_size;
+        let input = (shape.n * shape.c * shape.h * shape.w) as u64 * 4;
+        let output = (shape.n * shape.o * shape.positions()) as u64 * 4;
+        // Pointwise: x is the column buffer and dx the dcol one, each bound whole; the
+        // weight gradient's per-image products `[N, O, C]` must fit one chunk.
+        let pointwise = |weight_grad: bool| {
+            let partials = (shape.n * shape.o * shape.c) as u64 * 4;
+            shape.pointwise(self)
+                && input <= binding
+                && output <= binding
+                && (!weight_grad || partials <= chunk_limit(gpu))
+        };
+        let grouped_backward = shape.groups > 1 && !shape.grouped_matmul_backward();
+        let forward = if shape.groups > 1 && !shape.grouped_matmul() {
+            ConvKernel::GroupedDirect
+        } else if conv_direct::eligible(gpu, self, shape) {
+            ConvKernel::Direct
+        } else if pointwise(false) {
+            ConvKernel::Pointwise
         } else {
-            "im2col+matmul"
+            ConvKernel::Im2colMatmul
+        };
+        let weight_grad = if conv_weight_grad::eligible(self, shape) {
+            ConvKernel::Direct
+        } else if grouped_backward {
+            ConvKernel::GroupedDirect
+        } else if pointwise(true) {
+            ConvKernel::Pointwise
+        } else {
+            ConvKernel::Im2colMatmul
+        };
+        // The input gradient shares the weight gradient's matmul path unless the direct
+        // weight-gradient kernel took that.
+        let input_grad = if grouped_backward {
+            ConvKernel::GroupedDirect
+        } else if conv_direct::eligible_backward(gpu, self, shape) {
+            ConvKernel::Direct
+        } else if pointwise(weight_grad != ConvKernel::Direct) {
+            ConvKernel::Pointwise
+        } else {
+            ConvKernel::Im2colMatmul
+        };
+        ConvPlan {
+            forward,
+            input_grad,
+            weight_grad,
+            groups: shape.groups,
         }
     }
 
@@ -367,15 +459,16 @@ impl Conv2d {
         }
         let shape = self.shape(x.shape(), weight.shape(), bias.map(Tensor::shape))?;
         let out = Tensor::uninit(&gpu, &shape.output())?;
-        if shape.groups > 1 && !shape.grouped_matmul() {
+        let kernel = self.plan(&gpu, &shape).forward;
+        if kernel == ConvKernel::GroupedDirect {
             conv_grouped::forward(self, &shape, x, weight, bias, &out)?;
             return Ok(out);
         }
-        if conv_direct::eligible(&gpu, self, &shape) {
+        if kernel == ConvKernel::Direct {
             conv_direct::forward(self, &shape, x, weight, bias, &out)?;
             return Ok(out);
         }
-        if shape.pointwise(self) && fits_binding(&gpu, &[x, &out]) {
+        if kernel == ConvKernel::Pointwise {
             let matmul = Matmul {
                 bias: if bias.is_some() {
                     BiasAxis::PerRow
@@ -493,7 +586,8 @@ impl Conv2d {
             }
         }
         let dims = (shape.n, shape.o, shape.positions());
-        if conv_weight_grad::eligible(self, &shape) {
+        let plan = self.plan(&gpu, &shape);
+        if plan.weight_grad == ConvKernel::Direct {
             let (dweight, dbias) = (
                 Tensor::uninit(&gpu, weight.shape())?,
                 Tensor::uninit(&gpu, &[shape.o])?,
@@ -518,7 +612,7 @@ impl Conv2d {
             )?;
             let dz = dz.as_ref().unwrap_or(dy);
             let (dx, _) =
-                self.input_and_weight_gradients(x, weight, dz, &shape, input_grad, false)?;
+                self.input_and_weight_gradients(x, weight, dz, (&shape, plan), input_grad, false)?;
             return Ok((dx, dweight, dbias));
         }
         // Elsewhere the activation's backward pass comes first, fused with the bias sum.
@@ -535,7 +629,7 @@ impl Conv2d {
         };
         let dz = dz.as_ref().unwrap_or(dy);
         let (dx, dweight) =
-            self.input_and_weight_gradients(x, weight, dz, &shape, input_grad, true)?;
+            self.input_and_weight_gradients(x, weight, dz, (&shape, plan), input_grad, true)?;
         let dweight =
             dweight.ok_or_else(|| invalid("the weight gradient was not computed".into()))?;
         Ok((dx, dweight, dbias))
@@ -547,7 +641,7 @@ impl Conv2d {
         x: &Tensor,
         weight: &Tensor,
         dy: &Tensor,
-        shape: &Conv2dShape,
+        (shape, plan): (&Conv2dShape, ConvPlan),
         input_grad: bool,
         weight_grad: bool,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
@@ -559,7 +653,7 @@ impl Conv2d {
         } else {
             None
         };
-        if shape.groups > 1 && !shape.grouped_matmul_backward() {
+        if plan.input_grad == ConvKernel::GroupedDirect {
             if let Some(dx) = &dx {
                 conv_grouped::backward_data(self, &shape, dy, weight, dx)?;
             }
@@ -572,7 +666,7 @@ impl Conv2d {
             return Ok((dx, dweight));
         }
         // Small filter banks at stride 1: dx as a direct convolution of dy, no col2im.
-        let direct_dx = conv_direct::eligible_backward(&gpu, self, &shape);
+        let direct_dx = plan.input_grad == ConvKernel::Direct;
         if let (Some(dx), true) = (&dx, direct_dx) {
             conv_direct::backward_data(&shape, dy, weight, dx)?;
         }
@@ -583,10 +677,12 @@ impl Conv2d {
         if dweight.is_none() && col2im_dx.is_none() {
             return Ok((dx, dweight));
         }
-        let bound: Vec<&Tensor> = [x, dy].into_iter().chain(col2im_dx).collect();
-        let partials = (shape.n * o * shape.c) as u64 * 4;
-        let partials_fit = dweight.is_none() || partials <= chunk_limit(&gpu);
-        if shape.pointwise(self) && fits_binding(&gpu, &bound) && partials_fit {
+        let pointwise = if weight_grad {
+            plan.weight_grad
+        } else {
+            plan.input_grad
+        };
+        if pointwise == ConvKernel::Pointwise {
             // No im2col, no col2im: x is the col buffer and dx the dcol one.
             let (n, c, hw) = (shape.n, shape.c, positions);
             let (x3, dy3, w2) = ([n, c, hw], [n, o, hw], [o, c]);
@@ -753,7 +849,7 @@ impl Conv2d {
                 &pipeline,
                 bytemuck::bytes_of(&params),
                 &[(1, src.binding()), dst_binding],
-                (total as u64).div_ceil(256),
+                workgroups(total as u64),
             )
         })
     }
@@ -811,12 +907,6 @@ impl<'a> GroupWeights<'a> {
             None => self.weight.operand_as(&self.shape[1..]),
         }
     }
-}
-
-/// Whether every tensor fits one storage binding (the pointwise path binds them whole).
-fn fits_binding(gpu: &Gpu, tensors: &[&Tensor]) -> bool {
-    let limit = gpu.limits().max_storage_buffer_binding_size;
-    tensors.iter().all(|t| t.bytes() <= limit)
 }
 
 /// The most bytes one chunk's buffer may take: below the device's binding limit.

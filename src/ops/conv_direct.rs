@@ -11,9 +11,10 @@ use bytemuck::{Pod, Zeroable};
 
 use super::conv2d::{Conv2d, Conv2dShape};
 use crate::error::Result;
-use crate::gpu::Gpu;
 use crate::gpu::dispatch::{Binding, Resource};
+use crate::gpu::shared::small_workgroups;
 use crate::gpu::texture::{scalar_input, scalar_texture};
+use crate::gpu::{Generated, Gpu};
 use crate::tensor::Tensor;
 
 /// Mirrors `Params` in shaders/conv_direct.wgsl.
@@ -80,6 +81,7 @@ pub(crate) fn eligible(gpu: &Gpu, spec: &Conv2d, shape: &Conv2dShape) -> bool {
 
 /// One generated direct-convolution kernel: everything its source depends on (the layer's
 /// shape is set per pipeline as `override` constants).
+#[derive(Debug)]
 struct DirectKernel {
     filters: usize,
     /// Outputs per invocation along a row.
@@ -101,20 +103,6 @@ struct DirectKernel {
 }
 
 impl DirectKernel {
-    fn key(&self) -> String {
-        format!(
-            "conv_direct_o{}_b{}_kw{}_v{}_{}{}{}_s{}",
-            self.filters,
-            self.block,
-            self.kw,
-            self.vec4s,
-            if self.flipped { "t" } else { "f" },
-            if self.textures { "_tex" } else { "" },
-            if self.vec4_rows { "_x4" } else { "" },
-            self.subgroup.unwrap_or(0)
-        )
-    }
-
     /// The bank index of weight (filter `o`, kernel column `kx`) for the current channel
     /// and kernel row of the kernel's loops; `o` and `kx` are WGSL expressions.
     fn weight_index(&self, o: &str, kx: &str) -> String {
@@ -147,118 +135,6 @@ impl DirectKernel {
                \x20   let ok = inside && ix >= 0 && ix < i32(W);\n\
                \x20   return select(0.0, load_x(row + u32(max(ix, 0))), ok);\n\
                }\n"
-    }
-
-    fn source(&self) -> String {
-        let Self {
-            filters,
-            block: b,
-            kw,
-            ..
-        } = *self;
-        let (mut decls, mut body, mut stores) = (String::new(), String::new(), String::new());
-        for o in 0..filters {
-            for j in 0..b {
-                let _ = writeln!(decls, "    var a{o}_{j} = 0.0;");
-            }
-        }
-        let segment = b + kw - 1;
-        if self.vec4_rows {
-            for q in 0..segment.div_ceil(4) {
-                let _ = writeln!(
-                    body,
-                    "            let v{q} = fetch4(row / 4u, left / 4 + {q}, inside);"
-                );
-            }
-            for r in 0..segment {
-                let c = ["x", "y", "z", "w"][r % 4];
-                let _ = writeln!(body, "            let r{r} = v{}.{c};", r / 4);
-            }
-        } else {
-            for r in 0..segment {
-                let _ = writeln!(
-                    body,
-                    "            let r{r} = fetch(row, left + {r}, inside);"
-                );
-            }
-        }
-        if let Some(size) = self.subgroup {
-            // Weight f = o·kw + kx of the row is loaded by lane f mod size as its load
-            // f / size, then broadcast.
-            let weights = filters * kw;
-            for v in 0..weights.div_ceil(size) {
-                let _ = writeln!(
-                    decls,
-                    "    let f{v} = min({}u + lane, {}u);",
-                    v * size,
-                    weights - 1
-                );
-                let index = self.weight_index(&format!("(f{v} / {kw}u)"), &format!("f{v} % {kw}u"));
-                let _ = writeln!(body, "            let wv{v} = weight({index});");
-            }
-            for o in 0..filters {
-                for kx in 0..kw {
-                    let f = o * kw + kx;
-                    let _ = writeln!(
-                        body,
-                        "            let w{o}_{kx} = subgroupBroadcast(wv{}, {}u);",
-                        f / size,
-                        f % size
-                    );
-                }
-            }
-        } else {
-            for o in 0..filters {
-                for kx in 0..kw {
-                    let index = self.weight_index(&format!("{o}u"), &format!("{kx}u"));
-                    let _ = writeln!(body, "            let w{o}_{kx} = weight({index});");
-                }
-            }
-        }
-        for kx in 0..kw {
-            for o in 0..filters {
-                for j in 0..b {
-                    let _ = writeln!(body, "            a{o}_{j} += r{} * w{o}_{kx};", j + kx);
-                }
-            }
-        }
-        for o in 0..filters {
-            let _ = writeln!(
-                stores,
-                "    let bias{o} = select(0.0, weight({filters}u * TAPS + {o}u), HAS_BIAS != 0u);"
-            );
-            for j in 0..b {
-                let _ = writeln!(
-                    stores,
-                    "    if live && ox0 + {j}u < OW {{ y[base + {o}u * plane + {j}u] = activate(a{o}_{j} + bias{o}, ACT, p.slope); }}"
-                );
-            }
-        }
-        let (lane, exit, shared_rows) = match self.subgroup {
-            // Whole subgroups keep running for the broadcasts.
-            Some(_) => (
-                ", @builtin(subgroup_invocation_id) lane: u32",
-                "",
-                "    ky_first = subgroupMin(ky_first);\n    ky_end = subgroupMax(ky_end);",
-            ),
-            None => ("", "    if !live { return; }", ""),
-        };
-        [
-            include_str!("../../shaders/epilogue.wgsl"),
-            &include_str!("../../shaders/conv_direct.wgsl")
-                .replace("{{INPUT_X}}", &self.input())
-                .replace("{{VEC4S}}", &self.vec4s.to_string())
-                .replace("{{BLOCK}}", &b.to_string())
-                .replace("{{KW}}", &kw.to_string())
-                .replace("{{FILTERS}}", &filters.to_string())
-                .replace("{{LANE}}", lane)
-                .replace("{{EXIT}}", exit)
-                .replace("{{SHARED_ROWS}}", shared_rows)
-                .replace("{{DECLS}}", &decls)
-                .replace("{{BODY}}", &body)
-                .replace("{{STORES}}", &stores),
-        ]
-        .concat()
     }
 }
 
@@ -402,7 +278,7 @@ fn run(
         vec4_rows,
         subgroup,
     };
-    let pipeline = gpu.specialized(&kernel.key(), "main", || kernel.source(), &constants)?;
+    let pipeline = gpu.generated(&kernel, "main", &constants)?;
     let bank = Binding {
         buffer: &bank,
         bytes: (vec4s * 16) as u64,
@@ -428,9 +304,123 @@ fn run(
                 (2, Resource::Buffer(out.binding())),
                 (3, Resource::Buffer(bank)),
             ],
-            (total as u64).div_ceil(64),
+            small_workgroups(total as u64),
         )
     })
+}
+
+impl Generated for DirectKernel {
+    fn source(&self) -> String {
+        let Self {
+            filters,
+            block: b,
+            kw,
+            ..
+        } = *self;
+        let (mut decls, mut body, mut stores) = (String::new(), String::new(), String::new());
+        for o in 0..filters {
+            for j in 0..b {
+                let _ = writeln!(decls, "    var a{o}_{j} = 0.0;");
+            }
+        }
+        let segment = b + kw - 1;
+        if self.vec4_rows {
+            for q in 0..segment.div_ceil(4) {
+                let _ = writeln!(
+                    body,
+                    "            let v{q} = fetch4(row / 4u, left / 4 + {q}, inside);"
+                );
+            }
+            for r in 0..segment {
+                let c = ["x", "y", "z", "w"][r % 4];
+                let _ = writeln!(body, "            let r{r} = v{}.{c};", r / 4);
+            }
+        } else {
+            for r in 0..segment {
+                let _ = writeln!(
+                    body,
+                    "            let r{r} = fetch(row, left + {r}, inside);"
+                );
+            }
+        }
+        if let Some(size) = self.subgroup {
+            // Weight f = o·kw + kx of the row is loaded by lane f mod size as its load
+            // f / size, then broadcast.
+            let weights = filters * kw;
+            for v in 0..weights.div_ceil(size) {
+                let _ = writeln!(
+                    decls,
+                    "    let f{v} = min({}u + lane, {}u);",
+                    v * size,
+                    weights - 1
+                );
+                let index = self.weight_index(&format!("(f{v} / {kw}u)"), &format!("f{v} % {kw}u"));
+                let _ = writeln!(body, "            let wv{v} = weight({index});");
+            }
+            for o in 0..filters {
+                for kx in 0..kw {
+                    let f = o * kw + kx;
+                    let _ = writeln!(
+                        body,
+                        "            let w{o}_{kx} = subgroupBroadcast(wv{}, {}u);",
+                        f / size,
+                        f % size
+                    );
+                }
+            }
+        } else {
+            for o in 0..filters {
+                for kx in 0..kw {
+                    let index = self.weight_index(&format!("{o}u"), &format!("{kx}u"));
+                    let _ = writeln!(body, "            let w{o}_{kx} = weight({index});");
+                }
+            }
+        }
+        for kx in 0..kw {
+            for o in 0..filters {
+                for j in 0..b {
+                    let _ = writeln!(body, "            a{o}_{j} += r{} * w{o}_{kx};", j + kx);
+                }
+            }
+        }
+        for o in 0..filters {
+            let _ = writeln!(
+                stores,
+                "    let bias{o} = select(0.0, weight({filters}u * TAPS + {o}u), HAS_BIAS != 0u);"
+            );
+            for j in 0..b {
+                let _ = writeln!(
+                    stores,
+                    "    if live && ox0 + {j}u < OW {{ y[base + {o}u * plane + {j}u] = activate(a{o}_{j} + bias{o}, ACT, p.slope); }}"
+                );
+            }
+        }
+        let (lane, exit, shared_rows) = match self.subgroup {
+            // Whole subgroups keep running for the broadcasts.
+            Some(_) => (
+                ", @builtin(subgroup_invocation_id) lane: u32",
+                "",
+                "    ky_first = subgroupMin(ky_first);\n    ky_end = subgroupMax(ky_end);",
+            ),
+            None => ("", "    if !live { return; }", ""),
+        };
+        [
+            include_str!("../../shaders/epilogue.wgsl"),
+            &include_str!("../../shaders/conv_direct.wgsl")
+                .replace("{{INPUT_X}}", &self.input())
+                .replace("{{VEC4S}}", &self.vec4s.to_string())
+                .replace("{{BLOCK}}", &b.to_string())
+                .replace("{{KW}}", &kw.to_string())
+                .replace("{{FILTERS}}", &filters.to_string())
+                .replace("{{LANE}}", lane)
+                .replace("{{EXIT}}", exit)
+                .replace("{{SHARED_ROWS}}", shared_rows)
+                .replace("{{DECLS}}", &decls)
+                .replace("{{BODY}}", &body)
+                .replace("{{STORES}}", &stores),
+        ]
+        .concat()
+    }
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@ use super::conv2d::{Conv2d, Conv2dShape};
 use crate::error::Result;
 use crate::gpu::Gpu;
 use crate::gpu::dispatch::Binding;
+use crate::gpu::shared::small_workgroups;
 use crate::tensor::{Tensor, gpu_word};
 
 /// Mirrors `Params` in shaders/conv_grouped.wgsl.
@@ -105,7 +106,7 @@ pub(crate) fn forward(
             (3, bias_slot.binding()),
             (4, out.binding()),
         ],
-        (out.len(), (out.len() as u64).div_ceil(64)),
+        (out.len(), small_workgroups(out.len() as u64)),
     )
 }
 
@@ -131,7 +132,7 @@ pub(crate) fn bias_activation(
         (spec, shape),
         ("bias_activation", bias.is_some()),
         &[(3, bias_slot.binding()), (4, out.binding())],
-        (out.len(), (out.len() as u64).div_ceil(64)),
+        (out.len(), small_workgroups(out.len() as u64)),
     )
 }
 
@@ -148,7 +149,7 @@ pub(crate) fn backward_data(
         (spec, shape),
         ("backward_data", false),
         &[(1, dy.binding()), (2, weight.binding()), (4, dx.binding())],
-        (dx.len(), (dx.len() as u64).div_ceil(64)),
+        (dx.len(), small_workgroups(dx.len() as u64)),
     )
 }
 

@@ -14,9 +14,10 @@ use super::conv_direct::{MAX_FILTERS, MAX_KERNEL_WIDTH};
 use super::conv2d::{Conv2d, Conv2dShape};
 use super::reduce::sum_axes;
 use crate::error::Result;
-use crate::gpu::Gpu;
 use crate::gpu::dispatch::Resource;
+use crate::gpu::shared::WORKGROUP_SMALL;
 use crate::gpu::texture::{Texel, TextureInputs, scalar_input};
+use crate::gpu::{Generated, Gpu};
 use crate::tensor::{Tensor, gpu_word};
 use crate::value::Activation;
 
@@ -92,7 +93,7 @@ fn tap_sums(body: &mut String, ky: usize, kw: usize) {
 }
 
 /// What a generated kernel reads and writes besides x and the sums.
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Variant {
     /// dz = dy · act'(y) instead of dy.
     gated: bool,
@@ -104,15 +105,6 @@ struct Variant {
 }
 
 impl Variant {
-    fn key(self) -> String {
-        format!(
-            "{}{}{}",
-            if self.gated { "_gated" } else { "" },
-            if self.store_dz { "_dz" } else { "" },
-            if self.vec4 { "_v4" } else { "" }
-        )
-    }
-
     /// The declarations of dy, y and dz, and `load_dz` or `load_dz4`.
     fn declarations(self, textures: bool) -> String {
         let mut out = String::new();
@@ -206,8 +198,32 @@ impl Variant {
     }
 }
 
-/// The source of either kernel; `subgroup` picks the broadcast variant of that width,
-/// `textures` reads x (and dy and y, unless the variant reads vec4s) through textures.
+/// One generated weight-gradient kernel: everything its source depends on.
+#[derive(Debug)]
+struct WeightGradKernel {
+    kh: usize,
+    kw: usize,
+    /// The broadcast variant of this subgroup width, or the portable one.
+    subgroup: Option<usize>,
+    /// x (and dy and y, unless the variant reads vec4s) read through textures.
+    textures: bool,
+    variant: Variant,
+}
+
+impl Generated for WeightGradKernel {
+    fn source(&self) -> String {
+        let Self {
+            kh,
+            kw,
+            subgroup,
+            textures,
+            variant,
+        } = *self;
+        source(kh, kw, subgroup, textures, variant)
+    }
+}
+
+/// The source of either kernel (see [`WeightGradKernel`]).
 fn source(
     kh: usize,
     kw: usize,
@@ -273,7 +289,10 @@ fn source(
     .replace("{{INPUT_X}}", &scalar_input("x", 1, textures))
     .replace("{{DZ}}", &variant.declarations(textures))
     .replace("{{TAPS}}", &(kh * kw).to_string())
-    .replace("{{PARTIALS}}", &(64 * (kh * kw + 1)).to_string())
+    .replace(
+        "{{PARTIALS}}",
+        &(WORKGROUP_SMALL * (kh * kw + 1) as u32).to_string(),
+    )
     .replace("{{SUBGROUP}}", &subgroup.unwrap_or(0).to_string())
     .replace("{{BLOCK}}", &b.to_string())
     .replace("{{DECLS}}", &decls)
@@ -314,7 +333,7 @@ fn run(
         // but no more than there are blocks for every subgroup.
         Some(size) => {
             let per_split = shape.c * filter_groups;
-            let most = work.div_ceil(64 / size).max(1);
+            let most = work.div_ceil(WORKGROUP_SMALL as usize / size).max(1);
             let splits = TARGET_GROUPS.div_ceil(per_split).min(most);
             (per_split * splits, splits)
         }
@@ -359,20 +378,14 @@ fn run(
         // Rows of whole vec4s start at vec4 boundaries, as blocks of GRAD_BLOCK do.
         vec4: !textures && shape.ow.is_multiple_of(4) && GRAD_BLOCK.is_multiple_of(4),
     };
-    let key = format!(
-        "conv_weight_grad_{}x{}_s{}{}{}",
-        shape.kh,
-        shape.kw,
-        subgroup.unwrap_or(0),
-        if textures { "_tex" } else { "" },
-        variant.key()
-    );
-    let pipeline = gpu.specialized(
-        &key,
-        "main",
-        || source(shape.kh, shape.kw, subgroup, textures, variant),
-        &constants,
-    )?;
+    let kernel = WeightGradKernel {
+        kh: shape.kh,
+        kw: shape.kw,
+        subgroup,
+        textures,
+        variant,
+    };
+    let pipeline = gpu.generated(&kernel, "main", &constants)?;
     // [split][O·C·TAPS + O]: each split's sums of dW, then of db.
     let (weights, filters) = (out.weight.len(), out.bias.len());
     let sums = Tensor::uninit(gpu, &[splits, weights + filters])?;

@@ -8,6 +8,7 @@ use ndarray::{Array1, ArrayD, ArrayViewD, Axis, IxDyn};
 
 use super::softmax_cross_entropy::{CrossEntropy, check, per_row_to_totals};
 use crate::error::{Error, Result};
+use crate::gpu::shared::small_workgroups;
 use crate::tensor::Tensor;
 use crate::value::Value;
 
@@ -98,7 +99,7 @@ impl Distillation {
                 &pipeline,
                 bytemuck::bytes_of(&params),
                 &bindings,
-                (rows as u64).div_ceil(64),
+                small_workgroups(rows as u64),
             )
         })?;
         per_row_to_totals(grad, &row_loss, &row_correct)

@@ -7,6 +7,7 @@ use bytemuck::{Pod, Zeroable};
 use ndarray::{ArrayD, ArrayViewD};
 
 use crate::error::{Error, Result};
+use crate::gpu::shared::workgroups;
 use crate::tensor::Tensor;
 use crate::value::Value;
 
@@ -79,7 +80,7 @@ impl Dropout {
                 &pipeline,
                 bytemuck::bytes_of(&params),
                 &[src.binding(), dst.binding()],
-                (src.len() as u64).div_ceil(256),
+                workgroups(src.len() as u64),
             )
         })?;
         Ok(dst)

@@ -10,6 +10,7 @@ use super::softmax_cross_entropy::{CrossEntropy, check, per_row_to_totals};
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::gpu::dispatch::Binding;
+use crate::gpu::shared::small_workgroups;
 use crate::tensor::Tensor;
 
 const OP: &str = "log_softmax";
@@ -57,7 +58,7 @@ fn launch(
             &pipeline,
             bytemuck::bytes_of(&params),
             bindings,
-            (rows as u64).div_ceil(64),
+            small_workgroups(rows as u64),
         )
     })
 }

@@ -16,8 +16,9 @@ use super::Activation;
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::gpu::dispatch::{Binding, Resource};
+use crate::gpu::shared::{bias_mode, workgroups};
 use crate::gpu::texture::{TEXTURE_WIDTH_LOG2, Texel};
-use crate::gpu::{OperandReads, OperandTexture, wgsl_section};
+use crate::gpu::{Generated, OperandReads, OperandTexture, wgsl_section};
 use crate::tensor::{Operand, Tensor};
 
 const OP: &str = "matmul";
@@ -519,10 +520,9 @@ impl Matmul {
             a_cols,
             b_rows,
         };
-        let pipeline = gpu.specialized(
-            &kernel.key(),
+        let pipeline = gpu.generated(
+            &kernel,
             "main",
-            || kernel.source(),
             &[
                 ("BIAS_MODE", self.bias_mode()),
                 ("ACTIVATION", self.activation.code()),
@@ -559,7 +559,7 @@ impl Matmul {
                     &pipeline,
                     bytemuck::cast_slice(&params.uniform()),
                     &[(1, Resource::Buffer(src)), (number, dst)],
-                    u64::from(params.total).div_ceil(256 * per_invocation),
+                    workgroups(u64::from(params.total).div_ceil(per_invocation)),
                 )
             };
             let (a_use, b_use) = match &packed {
@@ -606,9 +606,9 @@ impl Matmul {
 
     fn bias_mode(&self) -> u32 {
         match self.bias {
-            BiasAxis::None => 0,
-            BiasAxis::PerColumn => 1,
-            BiasAxis::PerRow => 2,
+            BiasAxis::None => bias_mode::NONE,
+            BiasAxis::PerColumn => bias_mode::PER_COLUMN,
+            BiasAxis::PerRow => bias_mode::PER_ROW,
         }
     }
 }
@@ -707,6 +707,7 @@ impl PackParams {
 
 /// One generated subgroup kernel: everything its source depends on (the epilogue choices
 /// are `override` constants set per pipeline).
+#[derive(Debug)]
 struct SubgroupKernel {
     rows: u32,
     cols: u32,
@@ -723,22 +724,60 @@ struct SubgroupKernel {
     b_rows: bool,
 }
 
-impl SubgroupKernel {
-    fn key(&self) -> String {
-        let reads = if self.textures { "tex" } else { "buf" };
-        let stores = if self.vec4_store { "v4" } else { "s" };
-        let b = match (self.a_cols, self.b_rows) {
-            (false, false) => "",
-            (false, true) => "_bt",
-            (true, false) => "_at",
-            (true, true) => "_at_bt",
-        };
-        format!(
-            "matmul_subgroup_r{}_c{}_s{}_{reads}_{stores}{b}",
-            self.rows, self.cols, self.subgroup
-        )
+/// The CPU reference: `act(op(A) · op(B) + bias)` with ndarray's `dot`, batch by batch.
+pub fn matmul_cpu(
+    spec: &Matmul,
+    a: &ArrayViewD<'_, f32>,
+    b: &ArrayViewD<'_, f32>,
+    bias: Option<&ArrayViewD<'_, f32>>,
+) -> Result<ArrayD<f32>> {
+    let shape = spec.shape(a.shape(), b.shape(), bias.map(|x| x.shape()))?;
+    let mut out = ArrayD::<f32>::zeros(IxDyn(&[shape.batch, shape.m, shape.n]));
+    for i in 0..shape.batch {
+        let a_i = cpu_matrix(a, shape.a_batched, i, spec.trans_a)?;
+        let b_i = cpu_matrix(b, shape.b_batched, i, spec.trans_b)?;
+        let mut c: Array2<f32> = a_i.dot(&b_i);
+        if let Some(bias) = bias {
+            let bias = bias
+                .view()
+                .into_dimensionality::<ndarray::Ix1>()
+                .map_err(shape_error)?;
+            match spec.bias {
+                BiasAxis::PerColumn => c += &bias.slice(s![ndarray::NewAxis, ..]),
+                BiasAxis::PerRow => c += &bias.slice(s![.., ndarray::NewAxis]),
+                BiasAxis::None => {}
+            }
+        }
+        c.mapv_inplace(|x| spec.activation.apply(x));
+        out.index_axis_mut(Axis(0), i).assign(&c);
     }
+    out.into_shape_with_order(IxDyn(&shape.out))
+        .map_err(shape_error)
+}
 
+/// Matrix `i` of a (possibly batched) operand, transposed if asked.
+fn cpu_matrix<'a>(
+    x: &ArrayViewD<'a, f32>,
+    batched: bool,
+    i: usize,
+    trans: bool,
+) -> Result<ArrayView2<'a, f32>> {
+    let view = if batched {
+        x.clone().index_axis_move(Axis(0), i)
+    } else {
+        x.clone()
+    };
+    let view = view.into_dimensionality::<Ix2>().map_err(shape_error)?;
+    Ok(if trans { view.reversed_axes() } else { view })
+}
+
+fn shape_error(e: ndarray::ShapeError) -> Error {
+    Error::ShapeMismatch {
+        op: OP,
+        detail: e.to_string(),
+    }
+}
+impl Generated for SubgroupKernel {
     /// Fills in the unrolled parts of shaders/matmul_subgroup.wgsl.
     fn source(&self) -> String {
         let Self {
@@ -891,59 +930,5 @@ impl SubgroupKernel {
             .replace("{{BODY}}", &body)
             .replace("{{STORE}}", &store);
         [include_str!("../../shaders/epilogue.wgsl"), &kernel].concat()
-    }
-}
-
-/// The CPU reference: `act(op(A) · op(B) + bias)` with ndarray's `dot`, batch by batch.
-pub fn matmul_cpu(
-    spec: &Matmul,
-    a: &ArrayViewD<'_, f32>,
-    b: &ArrayViewD<'_, f32>,
-    bias: Option<&ArrayViewD<'_, f32>>,
-) -> Result<ArrayD<f32>> {
-    let shape = spec.shape(a.shape(), b.shape(), bias.map(|x| x.shape()))?;
-    let mut out = ArrayD::<f32>::zeros(IxDyn(&[shape.batch, shape.m, shape.n]));
-    for i in 0..shape.batch {
-        let a_i = cpu_matrix(a, shape.a_batched, i, spec.trans_a)?;
-        let b_i = cpu_matrix(b, shape.b_batched, i, spec.trans_b)?;
-        let mut c: Array2<f32> = a_i.dot(&b_i);
-        if let Some(bias) = bias {
-            let bias = bias
-                .view()
-                .into_dimensionality::<ndarray::Ix1>()
-                .map_err(shape_error)?;
-            match spec.bias {
-                BiasAxis::PerColumn => c += &bias.slice(s![ndarray::NewAxis, ..]),
-                BiasAxis::PerRow => c += &bias.slice(s![.., ndarray::NewAxis]),
-                BiasAxis::None => {}
-            }
-        }
-        c.mapv_inplace(|x| spec.activation.apply(x));
-        out.index_axis_mut(Axis(0), i).assign(&c);
-    }
-    out.into_shape_with_order(IxDyn(&shape.out))
-        .map_err(shape_error)
-}
-
-/// Matrix `i` of a (possibly batched) operand, transposed if asked.
-fn cpu_matrix<'a>(
-    x: &ArrayViewD<'a, f32>,
-    batched: bool,
-    i: usize,
-    trans: bool,
-) -> Result<ArrayView2<'a, f32>> {
-    let view = if batched {
-        x.clone().index_axis_move(Axis(0), i)
-    } else {
-        x.clone()
-    };
-    let view = view.into_dimensionality::<Ix2>().map_err(shape_error)?;
-    Ok(if trans { view.reversed_axes() } else { view })
-}
-
-fn shape_error(e: ndarray::ShapeError) -> Error {
-    Error::ShapeMismatch {
-        op: OP,
-        detail: e.to_string(),
     }
 }

@@ -27,7 +27,7 @@ pub use activation::{softmax, softmax_backward};
 pub use adaptive_pool::AdaptiveAvgPool2d;
 pub use attack::SignedStep;
 pub use batch_norm::{BatchNorm2d, NormGrads, Normalized};
-pub use conv2d::{Conv2d, Conv2dGrads, Conv2dShape, Padding};
+pub use conv2d::{Conv2d, Conv2dGrads, Conv2dShape, ConvKernel, ConvPlan, Padding};
 pub use distillation::Distillation;
 pub use dropout::Dropout;
 pub use layer_norm::LayerNorm;

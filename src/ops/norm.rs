@@ -4,9 +4,10 @@
 use bytemuck::{Pod, Zeroable};
 
 use crate::error::{Error, Result};
-use crate::gpu::Gpu;
 use crate::gpu::dispatch::Resource;
+use crate::gpu::shared::{small_workgroups, workgroups};
 use crate::gpu::texture::{Texel, TextureInputs, vec4_input};
+use crate::gpu::{Generated, Gpu};
 use crate::tensor::{Tensor, gpu_word};
 
 /// How the tensor splits into groups, and where the affine parameters vary.
@@ -103,6 +104,24 @@ pub(crate) enum Grid {
     Single,
 }
 
+/// The generated normalisation kernels: everything their source depends on.
+#[derive(Debug)]
+struct NormKernel {
+    /// The vec4 entries' x, dy, γ and β through textures.
+    textures: bool,
+}
+
+impl Generated for NormKernel {
+    fn source(&self) -> String {
+        let declarations: String = VEC4_INPUTS
+            .iter()
+            .zip(["x4", "dy4", "gamma4", "beta4"])
+            .map(|(&n, name)| vec4_input(name, vec4_binding(n), self.textures))
+            .collect();
+        declarations + include_str!("../../shaders/norm.wgsl")
+    }
+}
+
 pub(crate) fn launch(
     gpu: &Gpu,
     grouping: Grouping,
@@ -130,9 +149,9 @@ pub(crate) fn launch(
     let per_vec4 = if vec4 { 4 } else { 1 };
     let groups = match grid {
         Grid::PerGroup => grouping.groups as u64,
-        Grid::GroupThreads => (grouping.groups as u64).div_ceil(64),
-        Grid::InnerThreads => (grouping.inner as u64 / per_vec4).div_ceil(64),
-        Grid::Elements => (total as u64 / per_vec4).div_ceil(256),
+        Grid::GroupThreads => small_workgroups(grouping.groups as u64),
+        Grid::InnerThreads => small_workgroups(grouping.inner as u64 / per_vec4),
+        Grid::Elements => workgroups(total as u64 / per_vec4),
         Grid::Single => 1,
     };
     // Batch norm's groups are its channels, a layer constant; layer norm's are the batch.
@@ -159,20 +178,10 @@ pub(crate) fn launch(
             .filter(|(n, _)| vec4 && VEC4_INPUTS.contains(n)),
         Texel::Vec4,
     )?;
-    let key = if inputs.textures() {
-        "norm_tex"
-    } else {
-        "norm"
+    let kernel = NormKernel {
+        textures: inputs.textures(),
     };
-    let source = || {
-        let declarations: String = VEC4_INPUTS
-            .iter()
-            .zip(["x4", "dy4", "gamma4", "beta4"])
-            .map(|(&n, name)| vec4_input(name, vec4_binding(n), inputs.textures()))
-            .collect();
-        declarations + include_str!("../../shaders/norm.wgsl")
-    };
-    let pipeline = gpu.specialized(key, &entry, source, &constants)?;
+    let pipeline = gpu.generated(&kernel, &entry, &constants)?;
     let resources: Vec<_> = tensors
         .iter()
         .map(|&(n, t)| {

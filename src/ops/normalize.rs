@@ -6,7 +6,8 @@ use bytemuck::{Pod, Zeroable};
 use ndarray::{Array1, ArrayD, ArrayView4, ArrayViewD};
 
 use crate::error::{Error, Result};
-use crate::gpu::Gpu;
+use crate::gpu::shared::workgroups;
+use crate::gpu::{Generated, Gpu};
 use crate::tensor::Tensor;
 use crate::value::{Device, Value};
 
@@ -27,6 +28,20 @@ struct NormalizeParams {
     channels: u32,
     plane: u32,
     _pad: u32,
+}
+
+/// The normalisation kernel for f32 inputs or for packed bytes.
+#[derive(Debug)]
+struct NormalizeKernel {
+    /// The source is u8 pixels packed four to a word.
+    from_bytes: bool,
+}
+
+impl Generated for NormalizeKernel {
+    fn source(&self) -> String {
+        let element = if self.from_bytes { "u32" } else { "f32" };
+        include_str!("../../shaders/normalize.wgsl").replace("{{SRC_TYPE}}", element)
+    }
 }
 
 impl Normalize {
@@ -89,10 +104,10 @@ impl Normalize {
             plane: plane as u32,
             _pad: 0,
         };
-        let element = if entry == "from_floats" { "f32" } else { "u32" };
-        let pipeline = gpu.pipeline("normalize", entry, || {
-            include_str!("../../shaders/normalize.wgsl").replace("{{SRC_TYPE}}", element)
-        })?;
+        let kernel = NormalizeKernel {
+            from_bytes: entry == "from_bytes",
+        };
+        let pipeline = gpu.generated(&kernel, entry, &[])?;
         let bindings = [
             mean.binding(),
             inv_std.binding(),
@@ -105,7 +120,7 @@ impl Normalize {
                 &pipeline,
                 bytemuck::bytes_of(&params),
                 &bindings,
-                (dst.len() as u64).div_ceil(256),
+                workgroups(dst.len() as u64),
             )
         })?;
         Ok(dst)

@@ -11,9 +11,10 @@ use ndarray::{Array4, ArrayD, ArrayView4, ArrayViewD, Ix4};
 
 use super::activation::through_activation_cpu;
 use crate::error::{Error, Result};
-use crate::gpu::Gpu;
 use crate::gpu::dispatch::Resource;
+use crate::gpu::shared::workgroups;
 use crate::gpu::texture::{Texel, TextureInputs, scalar_input, vec4_input};
+use crate::gpu::{Generated, Gpu};
 use crate::tensor::Tensor;
 use crate::value::{Activation, Value};
 
@@ -441,20 +442,11 @@ impl Pool2d {
             Texel::Vec4,
         )?;
         let gated = activation != Activation::None;
-        let key = format!(
-            "pool{}{}",
-            if inputs.textures() { "_tex" } else { "" },
-            if gated { "_gated" } else { "" }
-        );
-        let source = || {
-            [
-                include_str!("../../shaders/epilogue.wgsl"),
-                &pool_inputs(inputs.textures(), gated),
-                include_str!("../../shaders/pool.wgsl"),
-            ]
-            .concat()
+        let kernel = PoolKernel {
+            textures: inputs.textures(),
+            gated,
         };
-        let pipeline = gpu.specialized(&key, entry, source, &constants)?;
+        let pipeline = gpu.generated(&kernel, entry, &constants)?;
         let resources: Vec<_> = tensors
             .iter()
             .map(|&(number, t)| {
@@ -476,7 +468,7 @@ impl Pool2d {
                 &pipeline,
                 bytemuck::bytes_of(&params),
                 &resources,
-                (total as u64).div_ceil(256),
+                workgroups(total as u64),
             )
         })
     }
@@ -494,6 +486,26 @@ fn check_dy(shape: &Pool2dShape, dy: &[usize]) -> Result<()> {
 
 /// The bindings of the `_quads` kernels' inputs: x or dy, the forward output, the arg-max.
 const QUAD_INPUTS: [u32; 3] = [5, 8, 9];
+
+/// One generated pooling kernel: everything its source depends on.
+#[derive(Debug)]
+struct PoolKernel {
+    /// The quads kernels' inputs through textures.
+    textures: bool,
+    /// Max pooling's backward through the activation before it.
+    gated: bool,
+}
+
+impl Generated for PoolKernel {
+    fn source(&self) -> String {
+        [
+            include_str!("../../shaders/epilogue.wgsl"),
+            &pool_inputs(self.textures, self.gated),
+            include_str!("../../shaders/pool.wgsl"),
+        ]
+        .concat()
+    }
+}
 
 /// The declarations of inputs shaders/pool.wgsl reads through functions: the `_quads`
 /// kernels' vec4s, from storage or textures; and the forward output (`load_pooled`,

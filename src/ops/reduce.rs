@@ -5,7 +5,8 @@ use bytemuck::{Pod, Zeroable};
 
 use super::Activation;
 use crate::error::{Error, Result};
-use crate::gpu::Gpu;
+use crate::gpu::shared::small_workgroups;
+use crate::gpu::{Generated, Gpu};
 use crate::tensor::Tensor;
 
 /// Mirrors `Params` in shaders/reduce.wgsl.
@@ -89,6 +90,34 @@ fn check_dims(x: &Tensor, (outer, mid, inner): (usize, usize, usize), out: &Tens
     Ok(())
 }
 
+/// One generated reduction kernel: everything its source depends on.
+#[derive(Debug)]
+struct ReduceKernel {
+    /// Rows of whole vec4s, summed as vec4s.
+    vec4: bool,
+    /// The activation's backward pass fused before the sum (`gated` written too).
+    gated: bool,
+}
+
+impl Generated for ReduceKernel {
+    fn source(&self) -> String {
+        let term = if self.gated {
+            "    let d = x[index] * derivative(gate[index]);\n    gated[index] = d;\n    return d;"
+        } else {
+            "    return x[index];"
+        };
+        let total = if self.vec4 {
+            "    return dot(v, vec4<f32>(1.0));"
+        } else {
+            "    return v;"
+        };
+        include_str!("../../shaders/reduce.wgsl")
+            .replace("{{ELEM}}", if self.vec4 { "vec4<f32>" } else { "f32" })
+            .replace("{{TERM}}", term)
+            .replace("{{TOTAL}}", total)
+    }
+}
+
 /// Runs the reduction variant for `dims` and `gate` (see shaders/reduce.wgsl) over the
 /// numbered tensors; binding 2 is the sum, the others are read or written in vec4s where
 /// inner allows.
@@ -103,34 +132,17 @@ fn launch(
     let inner_elems = if vec4 { inner / 4 } else { inner };
     // A workgroup per output pays barriers for its tree; many short sums go one per lane.
     let (entry, groups) = if outer * inner_elems <= PER_OUTPUT_TERMS {
-        ("per_output", (mid as u64).div_ceil(64))
+        ("per_output", small_workgroups(mid as u64))
     } else {
         ("main", mid as u64)
     };
-    let key = format!(
-        "reduce_{}_{}",
-        if vec4 { "vec4" } else { "f32" },
-        if gate.is_some() { "gated" } else { "plain" }
-    );
-    let pipeline = gpu.specialized(
-        &key,
+    let kernel = ReduceKernel {
+        vec4,
+        gated: gate.is_some(),
+    };
+    let pipeline = gpu.generated(
+        &kernel,
         entry,
-        || {
-            let term = if gate.is_some() {
-                "    let d = x[index] * derivative(gate[index]);\n    gated[index] = d;\n    return d;"
-            } else {
-                "    return x[index];"
-            };
-            let total = if vec4 {
-                "    return dot(v, vec4<f32>(1.0));"
-            } else {
-                "    return v;"
-            };
-            include_str!("../../shaders/reduce.wgsl")
-                .replace("{{ELEM}}", if vec4 { "vec4<f32>" } else { "f32" })
-                .replace("{{TERM}}", term)
-                .replace("{{TOTAL}}", total)
-        },
         &[
             ("MID", mid as u32),
             ("INNER", inner_elems as u32),

@@ -6,6 +6,7 @@ use bytemuck::{Pod, Zeroable};
 use ndarray::{Array1, ArrayD, ArrayViewD, Axis};
 
 use crate::error::{Error, Result};
+use crate::gpu::shared::{WORKGROUP, small_workgroups};
 use crate::tensor::{Tensor, gpu_word};
 use crate::value::Value;
 
@@ -85,7 +86,7 @@ struct LossParams {
 
 /// Batches up to this many rows are one workgroup that sums the loss and the correct count
 /// too: one dispatch in all (shaders/loss.wgsl `main_small`)…
-const ONE_GROUP_ROWS: usize = 256;
+const ONE_GROUP_ROWS: usize = WORKGROUP as usize;
 
 /// …when they hold at most this many logits: one workgroup runs on one thread of a CPU
 /// adapter, which costs more than a second dispatch once there are many logits (lavapipe,
@@ -105,7 +106,7 @@ pub fn softmax_cross_entropy(logits: &Tensor, labels: &[usize]) -> Result<CrossE
         scale: 1.0 / rows as f32,
         _pad: 0,
     };
-    let run = |entry: &str, outputs: [(u32, &Tensor); 2], groups: usize| {
+    let run = |entry: &str, outputs: [(u32, &Tensor); 2], groups: u64| {
         let pipeline = gpu.pipeline("loss", entry, loss_source)?;
         gpu.run_pass(OP, |pass| {
             let [first, second] = outputs.map(|(number, t)| (number, t.binding()));
@@ -117,7 +118,7 @@ pub fn softmax_cross_entropy(logits: &Tensor, labels: &[usize]) -> Result<CrossE
                 second,
             ];
             let params = bytemuck::bytes_of(&params);
-            gpu.encode_at(pass, &pipeline, params, &bindings, groups as u64)
+            gpu.encode_at(pass, &pipeline, params, &bindings, groups)
         })
     };
     if rows <= ONE_GROUP_ROWS && rows * classes <= ONE_GROUP_LOGITS {
@@ -135,7 +136,7 @@ pub fn softmax_cross_entropy(logits: &Tensor, labels: &[usize]) -> Result<CrossE
     run(
         "main",
         [(4, &row_loss), (5, &row_correct)],
-        rows.div_ceil(64),
+        small_workgroups(rows as u64),
     )?;
     per_row_to_totals(grad, &row_loss, &row_correct)
 }

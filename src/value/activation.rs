@@ -1,6 +1,8 @@
 //! Which elementwise function a layer applies last: the codes the kernels switch on and
 //! the scalar formulas the CPU references use. The kernels are in `ops::activation`.
 
+use crate::gpu::shared::activation_code;
+
 /// An activation applied elementwise, e.g. fused into a matmul epilogue.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub enum Activation {
@@ -20,15 +22,16 @@ pub enum Activation {
 }
 
 impl Activation {
-    /// The code the WGSL `activate` function switches on (shaders/epilogue.wgsl).
+    /// The code the WGSL `activate` function switches on (shaders/epilogue.wgsl), from
+    /// `gpu::shared`, which writes the same codes into every kernel as `ACT_*`.
     pub(crate) fn code(self) -> u32 {
         match self {
-            Activation::None => 0,
-            Activation::Relu => 1,
-            Activation::LeakyRelu(_) => 2,
-            Activation::Sigmoid => 3,
-            Activation::Tanh => 4,
-            Activation::Relu6 => 5,
+            Activation::None => activation_code::NONE,
+            Activation::Relu => activation_code::RELU,
+            Activation::LeakyRelu(_) => activation_code::LEAKY_RELU,
+            Activation::Sigmoid => activation_code::SIGMOID,
+            Activation::Tanh => activation_code::TANH,
+            Activation::Relu6 => activation_code::RELU6,
         }
     }
 

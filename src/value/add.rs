@@ -5,6 +5,7 @@ use bytemuck::{Pod, Zeroable};
 use ndarray::{ArrayD, ArrayViewD};
 
 use crate::error::{Error, Result};
+use crate::gpu::shared::workgroups;
 use crate::tensor::Tensor;
 use crate::value::Value;
 
@@ -49,7 +50,7 @@ fn launch(entry: &'static str, tensors: &[(u32, &Tensor)]) -> Result<()> {
             &pipeline,
             bytemuck::bytes_of(&params),
             &bindings,
-            (total as u64).div_ceil(256),
+            workgroups(total as u64),
         )
     })
 }
