@@ -5,7 +5,6 @@ use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use ndarray::{Array1, ArrayD, IxDyn};
-use wgcnn::cpu::BatchNormCpu;
 use wgcnn::ops::batch_norm::batches_state;
 use wgcnn::ops::{BatchNorm2d, Conv2d, Pool2d};
 use wgcnn::{Gpu, Padding, Tensor};
@@ -137,7 +136,7 @@ fn pool_and_norm(c: &mut Criterion, gpu: &Gpu) {
     });
     group.bench_function("batch_norm2d/cpu_fwd", |bench| {
         bench.iter(|| {
-            BatchNormCpu::forward_train(
+            wgcnn::cpu::batch_norm_train(
                 &bn,
                 &x.view(),
                 &ones.view(),

@@ -11,10 +11,10 @@ use std::time::Instant;
 use clap::Parser;
 
 use ndarray::{Array1, Array2, ArrayD, IxDyn};
-use wgcnn::cpu::BatchNormCpu;
 use wgcnn::ops::batch_norm::batches_state;
 use wgcnn::ops::{BatchNorm2d, Conv2d, KernelChoice, LayerNorm, Matmul, Pool2d};
-use wgcnn::{Device, Gpu, GpuOptions, OperandReads, Padding, Result, Tensor};
+use wgcnn::tuning::OperandReads;
+use wgcnn::{Device, Gpu, GpuOptions, Padding, Result, Tensor};
 
 /// One benchmarked operation: GPU and CPU runs of the same work.
 struct Case<'a> {
@@ -211,7 +211,7 @@ fn batch_norm_cases(gpu: &Gpu) -> Result<Vec<Case<'_>>> {
                     .map(drop)
             }),
             cpu: Box::new(move || {
-                BatchNormCpu::forward_train(
+                wgcnn::cpu::batch_norm_train(
                     &spec,
                     &a1.0.view(),
                     &a1.2.view(),
@@ -234,7 +234,7 @@ fn batch_norm_cases(gpu: &Gpu) -> Result<Vec<Case<'_>>> {
                     .map(drop)
             }),
             cpu: Box::new(move || {
-                let (out, _, _) = BatchNormCpu::forward_train(
+                let (out, _, _) = wgcnn::cpu::batch_norm_train(
                     &spec,
                     &a2.0.view(),
                     &a2.2.view(),
@@ -252,7 +252,7 @@ fn batch_norm_cases(gpu: &Gpu) -> Result<Vec<Case<'_>>> {
                     .into_dimensionality()
                     .map_err(|e| wgcnn::Error::Readback(e.to_string()))?;
                 let (mean, rstd): (Array1<f32>, Array1<f32>) = (mean, rstd);
-                BatchNormCpu::backward(
+                wgcnn::cpu::batch_norm_backward(
                     &a2.0.view(),
                     &a2.2.view(),
                     &mean.view(),

@@ -33,6 +33,10 @@ pub enum Error {
     ShapeMismatch {
         /// The operation that checked the shapes.
         op: &'static str,
+        /// The shapes involved, in the order `detail` names them (the one given first where
+        /// it was checked against what the op expects); empty where the mismatch is in names
+        /// or counts rather than shapes (a checkpoint's missing tensors).
+        shapes: Vec<Vec<usize>>,
         /// Which shapes, and what was expected.
         detail: String,
     },

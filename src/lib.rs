@@ -26,6 +26,7 @@
 #![warn(missing_docs)]
 
 mod builder;
+pub mod cpu;
 pub mod data;
 pub mod error;
 pub mod gpu;
@@ -43,7 +44,7 @@ pub mod value;
 
 pub use builder::{GraphBuilder, ValueRef};
 pub use error::{Error, Result};
-pub use gpu::{Gpu, GpuOptions, OperandCalibration, OperandReads, PoolStats, TEXTURE_ADVANTAGE};
+pub use gpu::{Gpu, GpuOptions, PoolStats};
 pub use graph::{Graph, Layer, Mode};
 /// The ndarray version wgcnn takes and returns arrays of: build inputs and read outputs
 /// with it, no separate dependency needed.
@@ -95,19 +96,13 @@ pub mod prelude {
     };
 }
 
-/// CPU references of every op, on ndarray: readable and formula-faithful.
-pub mod cpu {
-    pub use crate::ops::activation::{
-        softmax_backward_cpu as softmax_backward, softmax_cpu as softmax,
-    };
-    pub use crate::ops::batch_norm::BatchNormCpu;
-    pub use crate::ops::conv2d::{conv2d_backward_cpu as conv2d_backward, conv2d_cpu as conv2d};
-    pub use crate::ops::linear::{linear_backward_cpu as linear_backward, linear_cpu as linear};
-    pub use crate::ops::log_softmax::{
-        log_softmax_backward_cpu as log_softmax_backward, log_softmax_cpu as log_softmax,
-        nll_loss_cpu as nll_loss,
-    };
-    pub use crate::ops::matmul::matmul_cpu as matmul;
-    pub use crate::ops::pool2d::{pool2d_backward_cpu as pool2d_backward, pool2d_cpu as pool2d};
-    pub use crate::ops::softmax_cross_entropy::softmax_cross_entropy_cpu as softmax_cross_entropy;
+/// How kernels are chosen, for benchmarks and for tests that force one variant: the way
+/// operands are read (storage buffers or textures) and the calibration that picks it per
+/// adapter, and the plans a matmul or a convolution follows (`Matmul::plan`,
+/// `Conv2d::plan`). An application needs none of it; `GpuOptions::operand_reads` takes an
+/// [`tuning::OperandReads`] to force a family.
+pub mod tuning {
+    pub use crate::gpu::{OperandCalibration, OperandReads, TEXTURE_ADVANTAGE};
+    pub use crate::ops::conv2d::{ConvKernel, ConvPlan};
+    pub use crate::ops::matmul::MatmulPlan;
 }

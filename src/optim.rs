@@ -386,6 +386,7 @@ impl Optimizer {
         {
             return Err(Error::ShapeMismatch {
                 op: "optimizer",
+                shapes: vec![param.shape().to_vec(), grad.shape().to_vec()],
                 detail: format!(
                     "param {:?} and grad {:?} must match, with {} state arrays ({:?}) of that shape; got {}",
                     param.shape(),
@@ -635,6 +636,7 @@ impl<T> OptimizerState<T> {
         if params.len() != grads.len() {
             return Err(Error::ShapeMismatch {
                 op: "optimizer",
+                shapes: Vec::new(),
                 detail: format!("{} parameters, {} gradients", params.len(), grads.len()),
             });
         }
@@ -643,6 +645,7 @@ impl<T> OptimizerState<T> {
             if shape != grad {
                 return Err(Error::ShapeMismatch {
                     op: "optimizer",
+                    shapes: vec![shape.to_vec(), grad.to_vec()],
                     detail: format!("parameter {name} {shape:?} has a gradient of shape {grad:?}"),
                 });
             }
@@ -657,6 +660,7 @@ impl<T> OptimizerState<T> {
                 Some(i) if !self.params[i].slots.is_empty() && self.params[i].shape != shape => {
                     return Err(Error::ShapeMismatch {
                         op: "optimizer",
+                        shapes: vec![shape.to_vec(), self.params[i].shape.clone()],
                         detail: format!(
                             "parameter {name} is {shape:?}, its optimizer state {:?}: a layer \
                              replaced under the same name needs a new optimizer, or the old \
@@ -690,6 +694,7 @@ impl<T> OptimizerState<T> {
         if let Some((name, _, slots)) = state.iter().find(|(_, _, s)| s.len() != names.len()) {
             return Err(Error::ShapeMismatch {
                 op: "optimizer",
+                shapes: Vec::new(),
                 detail: format!(
                     "the rule keeps {} state tensors per parameter ({names:?}), the saved state of {name} has {}",
                     names.len(),

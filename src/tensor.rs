@@ -231,6 +231,7 @@ impl Tensor {
         if element_count("Tensor::reshape", shape)? != self.len() {
             return Err(Error::ShapeMismatch {
                 op: "Tensor::reshape",
+                shapes: vec![self.shape.clone(), shape.to_vec()],
                 detail: format!("cannot view {:?} as {shape:?}", self.shape),
             });
         }
@@ -243,6 +244,7 @@ impl Tensor {
         if element_count("Tensor::copy_as", shape)? != self.len() {
             return Err(Error::ShapeMismatch {
                 op: "Tensor::copy_as",
+                shapes: vec![self.shape.clone(), shape.to_vec()],
                 detail: format!("cannot view {:?} as {shape:?}", self.shape),
             });
         }
@@ -257,6 +259,7 @@ impl Tensor {
         if a.shape.get(1..) != b.shape.get(1..) || a.shape.is_empty() {
             return Err(Error::ShapeMismatch {
                 op: "Tensor::concat",
+                shapes: vec![a.shape.clone(), b.shape.clone()],
                 detail: format!("cannot stack {:?} and {:?}", a.shape, b.shape),
             });
         }
@@ -345,6 +348,7 @@ pub(crate) fn scalar_of(array: &ArrayD<f32>) -> Result<f32> {
         Some(&[value]) => Ok(value),
         _ => Err(Error::ShapeMismatch {
             op: "scalar",
+            shapes: vec![array.shape().to_vec()],
             detail: format!(
                 "a scalar read needs one element, the value is {:?}; use to_array",
                 array.shape()

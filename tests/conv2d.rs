@@ -7,7 +7,8 @@ use common::{gpu, max_abs_diff, random, read_family_gpus, upload};
 use ndarray::{ArrayD, IxDyn};
 use proptest::prelude::*;
 use serde_json::Value;
-use wgcnn::ops::{Conv2d, ConvKernel};
+use wgcnn::ops::Conv2d;
+use wgcnn::tuning::ConvKernel;
 use wgcnn::{Activation, Error, Padding, Tensor};
 
 fn spec_of(params: &Value) -> Conv2d {
@@ -470,7 +471,10 @@ fn both_read_families_match_the_cpu() {
     let reads = gpus.map(|gpu| gpu.operand_reads().unwrap());
     assert_eq!(
         reads,
-        [wgcnn::OperandReads::Storage, wgcnn::OperandReads::Texture]
+        [
+            wgcnn::tuning::OperandReads::Storage,
+            wgcnn::tuning::OperandReads::Texture
+        ]
     );
     for gpu in gpus {
         forced_reads_match_the_cpu(gpu);

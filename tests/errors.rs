@@ -223,3 +223,29 @@ fn an_op_on_values_of_two_devices_is_an_error_naming_the_fix() {
         );
     }
 }
+
+#[test]
+fn shape_mismatches_carry_their_shapes() {
+    let spec = wgcnn::ops::Conv2d::default();
+    let (x, w) = (random(&[1, 3, 8, 8], 1), random(&[4, 2, 3, 3], 2));
+    let err = wgcnn::cpu::conv2d(&spec, &x.view(), &w.view(), None).unwrap_err();
+    let Error::ShapeMismatch { op, shapes, .. } = &err else {
+        panic!("{err:?}");
+    };
+    assert_eq!(*op, "conv2d");
+    assert_eq!(shapes, &[vec![1, 3, 8, 8], vec![4, 2, 3, 3]]);
+
+    // A layer's error names the node and keeps the shapes.
+    let mut model = wgcnn::nn::Sequential::new()
+        .add("fc", wgcnn::nn::Linear::new(6, 2))
+        .build(wgcnn::Device::Cpu, 1)
+        .unwrap();
+    let err = model
+        .forward(wgcnn::Value::from(random(&[2, 5], 3)), wgcnn::Mode::Eval)
+        .unwrap_err();
+    let Error::ShapeMismatch { shapes, detail, .. } = &err else {
+        panic!("{err:?}");
+    };
+    assert!(detail.contains("\"fc\""), "{detail}");
+    assert_eq!(shapes, &[vec![2, 5], vec![2, 6]]);
+}

@@ -162,3 +162,28 @@ fn the_reader_finds_grouped_and_plain_paths() {
     );
     assert_eq!(names, ["ops", "graph", "nn", "data"]);
 }
+
+#[test]
+fn every_cpu_reference_is_in_wgcnn_cpu() {
+    let cpu = std::fs::read_to_string(Path::new(ROOT).join("src/cpu.rs")).unwrap();
+    let mut files = Vec::new();
+    for dir in ["src/ops", "src/value"] {
+        rust_files(&Path::new(ROOT).join(dir), &mut files);
+    }
+    let mut references = 0;
+    for file in files {
+        let source = std::fs::read_to_string(&file).unwrap();
+        for (at, _) in source.match_indices("pub fn ") {
+            let name = leading_ident(&source[at + "pub fn ".len()..]);
+            if name.ends_with("_cpu") {
+                references += 1;
+                assert!(
+                    cpu.contains(&format!("{name} as ")) || cpu.contains(&format!(".{name}(")),
+                    "{name} ({}) is not in wgcnn::cpu",
+                    file.display()
+                );
+            }
+        }
+    }
+    assert!(references > 25, "only {references} CPU references found");
+}

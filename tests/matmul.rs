@@ -5,8 +5,9 @@ mod common;
 use common::{gpu, max_abs_diff, random};
 use ndarray::{ArrayD, IxDyn};
 use proptest::prelude::*;
-use wgcnn::ops::{BiasAxis, KernelChoice, Matmul, MatmulPlan};
-use wgcnn::{Activation, Gpu, OperandReads, TEXTURE_ADVANTAGE, Tensor};
+use wgcnn::ops::{BiasAxis, KernelChoice, Matmul};
+use wgcnn::tuning::{MatmulPlan, OperandReads, TEXTURE_ADVANTAGE};
+use wgcnn::{Activation, Gpu, Tensor};
 
 /// The kernel families this adapter can run.
 fn kernels(gpu: &Gpu) -> Vec<KernelChoice> {

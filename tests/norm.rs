@@ -6,7 +6,7 @@ use common::golden::{assert_close, cases, tensor};
 use common::{gpu, max_abs_diff, random, read_family_gpus, upload};
 use ndarray::{Array1, ArrayD, Ix1};
 use wgcnn::Tensor;
-use wgcnn::cpu::BatchNormCpu;
+use wgcnn::cpu;
 use wgcnn::ops::batch_norm::batches_state;
 use wgcnn::ops::{BatchNorm2d, LayerNorm};
 
@@ -33,7 +33,7 @@ fn batch_norm_golden_train_then_eval() {
     let (g1, b1, rm1, rv1) = (one_d(&gamma), one_d(&beta), one_d(&rm), one_d(&rv));
 
     // CPU reference.
-    let (train, new_mean, new_var) = BatchNormCpu::forward_train(
+    let (train, new_mean, new_var) = cpu::batch_norm_train(
         &spec,
         &x.view(),
         &g1.view(),
@@ -67,7 +67,7 @@ fn batch_norm_golden_train_then_eval() {
     );
     let dy_train = tensor(&json["grad_outputs"]["y_train"]);
     let grads = &json["grads"];
-    let g = BatchNormCpu::backward(
+    let g = cpu::batch_norm_backward(
         &x.view(),
         &g1.view(),
         &one_d(&train.mean).view(),
@@ -85,7 +85,7 @@ fn batch_norm_golden_train_then_eval() {
             1e-5,
         );
     }
-    let eval = BatchNormCpu::forward_eval(
+    let eval = cpu::batch_norm_eval(
         &spec,
         &x.view(),
         &g1.view(),
@@ -96,7 +96,7 @@ fn batch_norm_golden_train_then_eval() {
     .unwrap();
     assert_close("cpu y_eval", &eval.y, &output("y_eval"), 1e-4, 1e-5);
     let dy_eval = tensor(&json["grad_outputs"]["y_eval"]);
-    let g = BatchNormCpu::backward(
+    let g = cpu::batch_norm_backward(
         &x.view(),
         &g1.view(),
         &one_d(&eval.mean).view(),
@@ -289,7 +289,7 @@ fn norms_match_the_cpu(gpu: &wgcnn::Gpu) {
         );
         let (g1, b1, rm1, rv1) = (one_d(&gamma), one_d(&beta), one_d(&rm), one_d(&rv));
         let dy = random(shape, seed + 5);
-        let (want, want_rm, want_rv) = BatchNormCpu::forward_train(
+        let (want, want_rm, want_rv) = cpu::batch_norm_train(
             &spec,
             &x.view(),
             &g1.view(),
@@ -317,7 +317,7 @@ fn norms_match_the_cpu(gpu: &wgcnn::Gpu) {
         );
         assert!(max_abs_diff(&trm.to_array().unwrap(), &want_rm.into_dyn()) < 1e-5);
         assert!(max_abs_diff(&trv.to_array().unwrap(), &want_rv.into_dyn()) < 1e-4);
-        let want_g = BatchNormCpu::backward(
+        let want_g = cpu::batch_norm_backward(
             &x.view(),
             &g1.view(),
             &one_d(&want.mean).view(),
@@ -383,7 +383,7 @@ fn cpu_backward_matches_finite_differences() {
     let stats = Array1::from(vec![0.0f32, 1.0]);
     let dy = random(&[3, 2, 2, 3], 2);
     let loss = |x: &ArrayD<f32>| -> f64 {
-        let (out, _, _) = BatchNormCpu::forward_train(
+        let (out, _, _) = cpu::batch_norm_train(
             &spec,
             &x.view(),
             &gamma.view(),
@@ -399,7 +399,7 @@ fn cpu_backward_matches_finite_differences() {
             .map(|(a, b)| f64::from(*a) * f64::from(*b))
             .sum()
     };
-    let (out, _, _) = BatchNormCpu::forward_train(
+    let (out, _, _) = cpu::batch_norm_train(
         &spec,
         &x.view(),
         &gamma.view(),
@@ -409,7 +409,7 @@ fn cpu_backward_matches_finite_differences() {
         0,
     )
     .unwrap();
-    let g = BatchNormCpu::backward(
+    let g = cpu::batch_norm_backward(
         &x.view(),
         &gamma.view(),
         &one_d(&out.mean).view(),
@@ -461,7 +461,7 @@ fn cpu_backward_matches_finite_differences() {
 fn mismatched_parameters_are_errors() {
     let x = random(&[2, 3, 4, 4], 1);
     let c2 = Array1::from(vec![1.0f32, 1.0]);
-    let err = BatchNormCpu::forward_train(
+    let err = cpu::batch_norm_train(
         &BatchNorm2d::default(),
         &x.view(),
         &c2.view(),
@@ -508,7 +508,7 @@ fn running_statistics_match_pytorch_with_momentum_or_cumulative() {
         let (mut rm, mut rv) = (Array1::zeros(3), Array1::ones(3));
         let mut last_var = None;
         for (t, x) in xs.iter().enumerate() {
-            let (out, m, v) = BatchNormCpu::forward_train(
+            let (out, m, v) = cpu::batch_norm_train(
                 &spec,
                 &x.view(),
                 &one_d(&gamma).view(),
@@ -611,7 +611,7 @@ fn one_value_per_channel_cannot_train() {
     let spec = BatchNorm2d::default();
     let x = random(&[1, 3, 1, 1], 1);
     let (ones, zeros) = (Array1::<f32>::ones(3), Array1::<f32>::zeros(3));
-    let err = BatchNormCpu::forward_train(
+    let err = cpu::batch_norm_train(
         &spec,
         &x.view(),
         &ones.view(),
@@ -626,7 +626,7 @@ fn one_value_per_channel_cannot_train() {
         "expected more than 1 value per channel when training, got input size [1, 3, 1, 1]";
     assert!(err.contains(expected), "{err}");
     assert!(
-        BatchNormCpu::forward_eval(
+        cpu::batch_norm_eval(
             &spec,
             &x.view(),
             &ones.view(),
@@ -641,7 +641,7 @@ fn one_value_per_channel_cannot_train() {
         ..spec
     };
     assert!(
-        BatchNormCpu::forward_train(
+        cpu::batch_norm_train(
             &bad,
             &random(&[2, 3, 2, 2], 2).view(),
             &ones.view(),

@@ -229,7 +229,7 @@ fn a_step_holding_too_many_buffers_submits_early_with_the_same_results() {
         // different kernels, whose sums round differently.
         let options = GpuOptions {
             recording_hold_bytes: hold,
-            operand_reads: Some(wgcnn::OperandReads::Storage),
+            operand_reads: Some(wgcnn::tuning::OperandReads::Storage),
             ..GpuOptions::from_env().unwrap()
         };
         let gpu = Gpu::with_options(options).unwrap();

@@ -223,7 +223,7 @@ proptest! {
             let bn = BatchNorm2d { eps: eps.max(0.0), momentum };
             let gpu_y = bn.forward_train(&tx, &tp, &tp, &rm, &rv, &count).and_then(|o| o.y.to_array());
             let cpu_y = match ones.view().into_dimensionality::<ndarray::Ix1>() {
-                Ok(p) => wgcnn::cpu::BatchNormCpu::forward_train(&bn, &xs.view(), &p, &p, &p, &p, 0).map(|o| o.0.y),
+                Ok(p) => wgcnn::cpu::batch_norm_train(&bn, &xs.view(), &p, &p, &p, &p, 0).map(|o| o.0.y),
                 Err(_) => Err(wgcnn::Error::InvalidArgument { op: "test", detail: "not 1-D".into() }),
             };
             agree("batch norm", gpu_y, cpu_y);

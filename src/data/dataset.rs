@@ -330,6 +330,7 @@ fn invalid(detail: String) -> Error {
 fn shape_error(e: ndarray::ShapeError) -> Error {
     Error::ShapeMismatch {
         op: "dataset",
+        shapes: Vec::new(),
         detail: e.to_string(),
     }
 }

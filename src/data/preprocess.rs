@@ -355,6 +355,7 @@ pub fn normalize<T: Sample>(
         (c, k) => {
             return Err(Error::ShapeMismatch {
                 op: OP,
+                shapes: Vec::new(),
                 detail: format!(
                     "{k} means and standard deviations for an image of {c} channels; give one \
                      per channel, or one for all"
@@ -536,6 +537,7 @@ impl Preprocess {
         if let Some((i, other)) = images.iter().enumerate().find(|(_, a)| a.dim() != first) {
             return Err(Error::ShapeMismatch {
                 op: OP,
+                shapes: vec![other.shape().to_vec(), images[0].shape().to_vec()],
                 detail: format!(
                     "image {i} ({}) came out {:?}, the first {first:?}; add a center_crop so \
                      every image has the same size",
@@ -633,6 +635,7 @@ fn invalid(detail: String) -> Error {
 fn shape_error(e: ndarray::ShapeError) -> Error {
     Error::ShapeMismatch {
         op: OP,
+        shapes: Vec::new(),
         detail: e.to_string(),
     }
 }

@@ -77,6 +77,7 @@ impl InitRng {
 fn shaped(shape: &[usize], values: Vec<f32>) -> Result<ArrayD<f32>> {
     ArrayD::from_shape_vec(IxDyn(shape), values).map_err(|e| Error::ShapeMismatch {
         op: "initialisation",
+        shapes: vec![shape.to_vec()],
         detail: e.to_string(),
     })
 }

@@ -562,6 +562,12 @@ impl Graph {
         if dy.shape() != self.values[count].as_ref().map_or(&[][..], |v| v.shape()) {
             return Err(Error::ShapeMismatch {
                 op: "graph backward",
+                shapes: vec![
+                    dy.shape().to_vec(),
+                    self.values[count]
+                        .as_ref()
+                        .map_or(Vec::new(), |v| v.shape().to_vec()),
+                ],
                 detail: format!(
                     "dy is {:?}, the output is {:?}",
                     dy.shape(),
@@ -801,6 +807,7 @@ impl Graph {
         if slot.shape() != value.shape() {
             return Err(Error::ShapeMismatch {
                 op: "graph",
+                shapes: vec![slot.shape().to_vec(), value.shape().to_vec()],
                 detail: format!(
                     "{name:?} is {:?} in the model, the new value is {:?}",
                     slot.shape(),
@@ -928,8 +935,9 @@ fn freed(v: ValueId) -> Error {
 
 pub(crate) fn in_node(name: &str, error: Error) -> Error {
     match error {
-        Error::ShapeMismatch { op, detail } => Error::ShapeMismatch {
+        Error::ShapeMismatch { op, shapes, detail } => Error::ShapeMismatch {
             op,
+            shapes,
             detail: format!("in node {name:?}: {detail}"),
         },
         Error::InvalidArgument { op, detail } => Error::InvalidArgument {

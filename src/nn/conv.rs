@@ -119,6 +119,7 @@ impl Layer for Conv2d {
             [_, c, _, _] if *c == self.in_channels => Ok(()),
             _ => Err(Error::ShapeMismatch {
                 op: "Conv2d",
+                shapes: vec![input.to_vec()],
                 detail: format!(
                     "built for [N, {}, H, W] inputs, the layer before gives {input:?}",
                     self.in_channels

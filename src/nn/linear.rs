@@ -65,6 +65,7 @@ impl Layer for Linear {
             _ => {
                 return Err(Error::ShapeMismatch {
                     op: "Linear",
+                    shapes: vec![input.to_vec()],
                     detail: format!(
                         "the input is {input:?}; a linear layer takes [N, features]: put a \
                          Flatten before it"
@@ -77,6 +78,7 @@ impl Layer for Linear {
         } else if self.in_features != features {
             return Err(Error::ShapeMismatch {
                 op: "Linear",
+                shapes: vec![input.to_vec()],
                 detail: format!(
                     "built for {} inputs, the layer before gives {features} (input {input:?}); \
                      use Linear::new({features}, {}) or Linear::lazy({})",

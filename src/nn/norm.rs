@@ -73,6 +73,7 @@ impl Layer for BatchNorm2d {
             [_, c, _, _] if *c == self.channels => Ok(inputs[0].to_vec()),
             shape => Err(Error::ShapeMismatch {
                 op: "BatchNorm2d",
+                shapes: vec![shape.to_vec()],
                 detail: format!(
                     "built for [N, {}, H, W] inputs, the layer before gives {shape:?}",
                     self.channels
@@ -159,6 +160,7 @@ impl Layer for LayerNorm {
         if x.len() <= self.shape.len() || !x.ends_with(&self.shape) {
             return Err(Error::ShapeMismatch {
                 op: "LayerNorm",
+                shapes: vec![x.to_vec(), self.shape.clone()],
                 detail: format!(
                     "normalises trailing dimensions {:?}, the layer before gives {x:?}",
                     self.shape

@@ -107,6 +107,7 @@ fn plane(shape: &[usize]) -> Result<usize> {
         [_, _, h, w] => Ok(h * w),
         _ => Err(Error::ShapeMismatch {
             op: "GlobalAvgPool",
+            shapes: vec![shape.to_vec()],
             detail: format!("the input must be [N, C, H, W], got {shape:?}"),
         }),
     }

@@ -23,6 +23,7 @@ impl Layer for Flatten {
         let Some((&n, rest)) = inputs[0].shape().split_first() else {
             return Err(crate::Error::ShapeMismatch {
                 op: "Flatten",
+                shapes: vec![inputs[0].shape().to_vec()],
                 detail: "the input needs a batch dimension".into(),
             });
         };
@@ -98,6 +99,7 @@ impl Layer for Add {
         if inputs[0] != inputs[1] {
             return Err(crate::Error::ShapeMismatch {
                 op: "Add",
+                shapes: vec![inputs[0].to_vec(), inputs[1].to_vec()],
                 detail: format!(
                     "adds values of one shape, got {:?} and {:?} (a residual branch that \
                      changes channels or stride needs a downsample on the shortcut)",

@@ -28,6 +28,7 @@ fn same_shapes(op: &'static str, tensors: &[&Tensor]) -> Result<()> {
         if t.shape() != tensors[0].shape() {
             return Err(Error::ShapeMismatch {
                 op,
+                shapes: vec![tensors[0].shape().to_vec(), t.shape().to_vec()],
                 detail: format!(
                     "{:?} and {:?} must have the same shape",
                     tensors[0].shape(),
@@ -139,6 +140,7 @@ fn rows(op: &'static str, shape: &[usize]) -> Result<(usize, usize)> {
         Some((&row, rest)) if row > 0 => Ok((rest.iter().product(), row)),
         _ => Err(Error::ShapeMismatch {
             op,
+            shapes: vec![shape.to_vec()],
             detail: format!("softmax needs at least one axis, got {shape:?}"),
         }),
     }
@@ -182,6 +184,7 @@ pub fn activation_backward_cpu(
     if x.shape() != y.shape() || x.shape() != dy.shape() {
         return Err(Error::ShapeMismatch {
             op: "activation backward",
+            shapes: vec![x.shape().to_vec(), y.shape().to_vec(), dy.shape().to_vec()],
             detail: format!(
                 "x {:?}, y {:?} and dy {:?} must have the same shape",
                 x.shape(),
@@ -261,6 +264,7 @@ pub fn softmax_backward_cpu(
     if y.shape() != dy.shape() {
         return Err(Error::ShapeMismatch {
             op: "softmax backward",
+            shapes: vec![y.shape().to_vec(), dy.shape().to_vec()],
             detail: format!("{:?} and {:?} differ", y.shape(), dy.shape()),
         });
     }

@@ -105,6 +105,7 @@ impl AdaptiveAvgPool2d {
         if dy.shape() != out {
             return Err(Error::ShapeMismatch {
                 op: OP,
+                shapes: vec![dy.shape().to_vec(), out.to_vec()],
                 detail: format!("dy is {:?}, the output is {out:?}", dy.shape()),
             });
         }
@@ -137,6 +138,7 @@ impl AdaptiveAvgPool2d {
         if dy.shape() != [n, c, oh, ow] {
             return Err(Error::ShapeMismatch {
                 op: OP,
+                shapes: vec![dy.shape().to_vec(), vec![n, c, oh, ow]],
                 detail: format!("dy is {:?}, the output is {:?}", dy.shape(), [n, c, oh, ow]),
             });
         }

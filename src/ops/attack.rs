@@ -58,6 +58,7 @@ impl SignedStep {
         if shapes[1] != shapes[0] || shapes[2] != shapes[0] {
             return Err(Error::ShapeMismatch {
                 op: OP,
+                shapes: shapes.iter().map(|s| s.to_vec()).collect(),
                 detail: format!(
                     "x {:?}, gradient {:?} and origin {:?} must have one shape",
                     shapes[0], shapes[1], shapes[2]

@@ -108,6 +108,7 @@ fn check_counter(batches: &[usize]) -> Result<()> {
     if batches.iter().product::<usize>() != 1 {
         return Err(Error::ShapeMismatch {
             op: OP,
+            shapes: vec![batches.to_vec()],
             detail: format!("num_batches_tracked holds one count, got shape {batches:?}"),
         });
     }
@@ -119,6 +120,7 @@ fn grouping(x: &[usize], params: &[&[usize]]) -> Result<Grouping> {
     if let Some(bad) = params.iter().find(|p| **p != [c]) {
         return Err(Error::ShapeMismatch {
             op: OP,
+            shapes: vec![bad.to_vec(), vec![c]],
             detail: format!("γ, β and running statistics must be [{c}], got {bad:?}"),
         });
     }
@@ -289,168 +291,165 @@ impl BatchNorm2d {
 /// A CPU training step's output and the updated running mean and variance.
 pub type CpuTrainStep = (Normalized<ArrayD<f32>>, Array1<f32>, Array1<f32>);
 
-/// The CPU reference: statistics per channel from the definition, in f64.
-pub struct BatchNormCpu;
+// The CPU references: statistics per channel from the definition, in f64.
 
-impl BatchNormCpu {
-    fn channel_stats(x: &ArrayViewD<'_, f32>) -> Result<(Array1<f32>, Array1<f32>, Array1<f32>)> {
-        let x4 = x
-            .view()
-            .into_dimensionality::<Ix4>()
-            .map_err(|e| Error::ShapeMismatch {
-                op: OP,
-                detail: e.to_string(),
-            })?;
-        let c = x4.shape()[1];
-        let (mut mean, mut var, mut unbiased) =
-            (Array1::zeros(c), Array1::zeros(c), Array1::zeros(c));
-        for (ch, plane) in x4.axis_iter(Axis(1)).enumerate() {
-            let n = plane.len() as f64;
-            let mu = plane.iter().map(|&v| f64::from(v)).sum::<f64>() / n;
-            let ss = plane
-                .iter()
-                .map(|&v| (f64::from(v) - mu).powi(2))
-                .sum::<f64>();
-            mean[ch] = mu as f32;
-            var[ch] = (ss / n) as f32;
-            unbiased[ch] = (ss / (n - 1.0).max(1.0)) as f32;
-        }
-        Ok((mean, var, unbiased))
+fn channel_stats(x: &ArrayViewD<'_, f32>) -> Result<(Array1<f32>, Array1<f32>, Array1<f32>)> {
+    let x4 = x
+        .view()
+        .into_dimensionality::<Ix4>()
+        .map_err(|e| Error::ShapeMismatch {
+            op: OP,
+            shapes: vec![x.shape().to_vec()],
+            detail: e.to_string(),
+        })?;
+    let c = x4.shape()[1];
+    let (mut mean, mut var, mut unbiased) = (Array1::zeros(c), Array1::zeros(c), Array1::zeros(c));
+    for (ch, plane) in x4.axis_iter(Axis(1)).enumerate() {
+        let n = plane.len() as f64;
+        let mu = plane.iter().map(|&v| f64::from(v)).sum::<f64>() / n;
+        let ss = plane
+            .iter()
+            .map(|&v| (f64::from(v) - mu).powi(2))
+            .sum::<f64>();
+        mean[ch] = mu as f32;
+        var[ch] = (ss / n) as f32;
+        unbiased[ch] = (ss / (n - 1.0).max(1.0)) as f32;
     }
+    Ok((mean, var, unbiased))
+}
 
-    fn apply(
-        x: &ArrayViewD<'_, f32>,
-        gamma: &ArrayView1<'_, f32>,
-        beta: &ArrayView1<'_, f32>,
-        mean: &Array1<f32>,
-        rstd: &Array1<f32>,
-    ) -> ArrayD<f32> {
-        let mut y = x.to_owned();
-        for ((i, v), xv) in y.indexed_iter_mut().zip(x.iter()) {
-            let c = i[1];
-            *v = (xv - mean[c]) * rstd[c] * gamma[c] + beta[c];
-        }
-        y
+fn scale_shift(
+    x: &ArrayViewD<'_, f32>,
+    gamma: &ArrayView1<'_, f32>,
+    beta: &ArrayView1<'_, f32>,
+    mean: &Array1<f32>,
+    rstd: &Array1<f32>,
+) -> ArrayD<f32> {
+    let mut y = x.to_owned();
+    for ((i, v), xv) in y.indexed_iter_mut().zip(x.iter()) {
+        let c = i[1];
+        *v = (xv - mean[c]) * rstd[c] * gamma[c] + beta[c];
     }
+    y
+}
 
-    /// Training-mode forward after `batches_before` tracked batches; returns the output
-    /// and the updated running mean and variance (the caller counts the batch).
-    pub fn forward_train(
-        spec: &BatchNorm2d,
-        x: &ArrayViewD<'_, f32>,
-        gamma: &ArrayView1<'_, f32>,
-        beta: &ArrayView1<'_, f32>,
-        running_mean: &ArrayView1<'_, f32>,
-        running_var: &ArrayView1<'_, f32>,
-        batches_before: u32,
-    ) -> Result<CpuTrainStep> {
-        spec.validate()?;
-        let grouping = grouping(
-            x.shape(),
-            &[
-                gamma.shape(),
-                beta.shape(),
-                running_mean.shape(),
-                running_var.shape(),
-            ],
-        )?;
-        check_training(&grouping, x.shape())?;
-        let (mean, var, unbiased) = Self::channel_stats(x)?;
-        let rstd = var.mapv(|v| 1.0 / (v + spec.eps).sqrt());
-        let m = spec
-            .momentum
-            .unwrap_or_else(|| 1.0 / (batches_before as f32 + 1.0));
-        let new_mean = running_mean.mapv(|r| (1.0 - m) * r) + &mean.mapv(|v| m * v);
-        let new_var = running_var.mapv(|r| (1.0 - m) * r) + &unbiased.mapv(|v| m * v);
-        let y = Self::apply(x, gamma, beta, &mean, &rstd);
-        Ok((
-            Normalized {
-                y,
-                mean: mean.into_dyn(),
-                rstd: rstd.into_dyn(),
-                var: Some(var.into_dyn()),
-            },
-            new_mean,
-            new_var,
-        ))
-    }
-
-    /// Eval-mode forward with the running statistics.
-    pub fn forward_eval(
-        spec: &BatchNorm2d,
-        x: &ArrayViewD<'_, f32>,
-        gamma: &ArrayView1<'_, f32>,
-        beta: &ArrayView1<'_, f32>,
-        running_mean: &ArrayView1<'_, f32>,
-        running_var: &ArrayView1<'_, f32>,
-    ) -> Result<Normalized<ArrayD<f32>>> {
-        grouping(
-            x.shape(),
-            &[
-                gamma.shape(),
-                beta.shape(),
-                running_mean.shape(),
-                running_var.shape(),
-            ],
-        )?;
-        let mean = running_mean.to_owned();
-        let rstd = running_var.mapv(|v| 1.0 / (v + spec.eps).sqrt());
-        let y = Self::apply(x, gamma, beta, &mean, &rstd);
-        Ok(Normalized {
+/// Training-mode forward after `batches_before` tracked batches; returns the output
+/// and the updated running mean and variance (the caller counts the batch).
+pub fn batch_norm_train_cpu(
+    spec: &BatchNorm2d,
+    x: &ArrayViewD<'_, f32>,
+    gamma: &ArrayView1<'_, f32>,
+    beta: &ArrayView1<'_, f32>,
+    running_mean: &ArrayView1<'_, f32>,
+    running_var: &ArrayView1<'_, f32>,
+    batches_before: u32,
+) -> Result<CpuTrainStep> {
+    spec.validate()?;
+    let grouping = grouping(
+        x.shape(),
+        &[
+            gamma.shape(),
+            beta.shape(),
+            running_mean.shape(),
+            running_var.shape(),
+        ],
+    )?;
+    check_training(&grouping, x.shape())?;
+    let (mean, var, unbiased) = channel_stats(x)?;
+    let rstd = var.mapv(|v| 1.0 / (v + spec.eps).sqrt());
+    let m = spec
+        .momentum
+        .unwrap_or_else(|| 1.0 / (batches_before as f32 + 1.0));
+    let new_mean = running_mean.mapv(|r| (1.0 - m) * r) + &mean.mapv(|v| m * v);
+    let new_var = running_var.mapv(|r| (1.0 - m) * r) + &unbiased.mapv(|v| m * v);
+    let y = scale_shift(x, gamma, beta, &mean, &rstd);
+    Ok((
+        Normalized {
             y,
             mean: mean.into_dyn(),
             rstd: rstd.into_dyn(),
-            var: None,
-        })
-    }
+            var: Some(var.into_dyn()),
+        },
+        new_mean,
+        new_var,
+    ))
+}
 
-    /// Backward from the saved statistics (through them in training mode).
-    pub fn backward(
-        x: &ArrayViewD<'_, f32>,
-        gamma: &ArrayView1<'_, f32>,
-        mean: &ArrayView1<'_, f32>,
-        rstd: &ArrayView1<'_, f32>,
-        dy: &ArrayViewD<'_, f32>,
-        training: bool,
-    ) -> Result<NormGrads<ArrayD<f32>>> {
-        let g = grouping(x.shape(), &[gamma.shape(), mean.shape(), rstd.shape()])?;
-        if dy.shape() != x.shape() {
-            return Err(Error::ShapeMismatch {
-                op: OP,
-                detail: format!("dy is {:?}, x is {:?}", dy.shape(), x.shape()),
-            });
-        }
-        let count = (g.outer * g.inner) as f64;
-        let mut sum_dy = vec![0f64; g.groups];
-        let mut sum_dy_xhat = vec![0f64; g.groups];
-        for ((i, &d), &xv) in dy.indexed_iter().zip(x.iter()) {
-            let c = i[1];
-            sum_dy[c] += f64::from(d);
-            sum_dy_xhat[c] += f64::from(d) * f64::from((xv - mean[c]) * rstd[c]);
-        }
-        let mut dx = x.to_owned();
-        for ((i, out), (&xv, &d)) in dx.indexed_iter_mut().zip(x.iter().zip(dy.iter())) {
-            let c = i[1];
-            let xhat = f64::from((xv - mean[c]) * rstd[c]);
-            let gy = f64::from(d) * f64::from(gamma[c]);
-            let scale = f64::from(rstd[c]);
-            *out = if training {
-                let gamma = f64::from(gamma[c]);
-                (scale * (gy - gamma * sum_dy[c] / count - xhat * gamma * sum_dy_xhat[c] / count))
-                    as f32
-            } else {
-                (gy * scale) as f32
-            };
-        }
-        let to_array = |v: Vec<f64>| {
-            Array1::from(v.into_iter().map(|s| s as f32).collect::<Vec<_>>()).into_dyn()
-        };
-        Ok(NormGrads {
-            x: dx,
-            gamma: to_array(sum_dy_xhat),
-            beta: to_array(sum_dy),
-        })
+/// Eval-mode forward with the running statistics.
+pub fn batch_norm_eval_cpu(
+    spec: &BatchNorm2d,
+    x: &ArrayViewD<'_, f32>,
+    gamma: &ArrayView1<'_, f32>,
+    beta: &ArrayView1<'_, f32>,
+    running_mean: &ArrayView1<'_, f32>,
+    running_var: &ArrayView1<'_, f32>,
+) -> Result<Normalized<ArrayD<f32>>> {
+    grouping(
+        x.shape(),
+        &[
+            gamma.shape(),
+            beta.shape(),
+            running_mean.shape(),
+            running_var.shape(),
+        ],
+    )?;
+    let mean = running_mean.to_owned();
+    let rstd = running_var.mapv(|v| 1.0 / (v + spec.eps).sqrt());
+    let y = scale_shift(x, gamma, beta, &mean, &rstd);
+    Ok(Normalized {
+        y,
+        mean: mean.into_dyn(),
+        rstd: rstd.into_dyn(),
+        var: None,
+    })
+}
+
+/// Backward from the saved statistics (through them in training mode).
+pub fn batch_norm_backward_cpu(
+    x: &ArrayViewD<'_, f32>,
+    gamma: &ArrayView1<'_, f32>,
+    mean: &ArrayView1<'_, f32>,
+    rstd: &ArrayView1<'_, f32>,
+    dy: &ArrayViewD<'_, f32>,
+    training: bool,
+) -> Result<NormGrads<ArrayD<f32>>> {
+    let g = grouping(x.shape(), &[gamma.shape(), mean.shape(), rstd.shape()])?;
+    if dy.shape() != x.shape() {
+        return Err(Error::ShapeMismatch {
+            op: OP,
+            shapes: vec![dy.shape().to_vec(), x.shape().to_vec()],
+            detail: format!("dy is {:?}, x is {:?}", dy.shape(), x.shape()),
+        });
     }
+    let count = (g.outer * g.inner) as f64;
+    let mut sum_dy = vec![0f64; g.groups];
+    let mut sum_dy_xhat = vec![0f64; g.groups];
+    for ((i, &d), &xv) in dy.indexed_iter().zip(x.iter()) {
+        let c = i[1];
+        sum_dy[c] += f64::from(d);
+        sum_dy_xhat[c] += f64::from(d) * f64::from((xv - mean[c]) * rstd[c]);
+    }
+    let mut dx = x.to_owned();
+    for ((i, out), (&xv, &d)) in dx.indexed_iter_mut().zip(x.iter().zip(dy.iter())) {
+        let c = i[1];
+        let xhat = f64::from((xv - mean[c]) * rstd[c]);
+        let gy = f64::from(d) * f64::from(gamma[c]);
+        let scale = f64::from(rstd[c]);
+        *out = if training {
+            let gamma = f64::from(gamma[c]);
+            (scale * (gy - gamma * sum_dy[c] / count - xhat * gamma * sum_dy_xhat[c] / count))
+                as f32
+        } else {
+            (gy * scale) as f32
+        };
+    }
+    let to_array =
+        |v: Vec<f64>| Array1::from(v.into_iter().map(|s| s as f32).collect::<Vec<_>>()).into_dyn();
+    Ok(NormGrads {
+        x: dx,
+        gamma: to_array(sum_dy_xhat),
+        beta: to_array(sum_dy),
+    })
 }
 
 /// A per-channel value as the 1-D view the CPU references take.
@@ -461,6 +460,7 @@ fn channels(value: &Value) -> Result<ArrayView1<'_, f32>> {
         .into_dimensionality()
         .map_err(|e| Error::ShapeMismatch {
             op: OP,
+            shapes: vec![value.shape().to_vec()],
             detail: format!("a per-channel tensor is {:?}: {e}", value.shape()),
         })
 }
@@ -490,7 +490,7 @@ impl Value {
                 .map(Value::from),
             Value::Cpu(x) => {
                 let before = batches_tracked(count.cpu()?);
-                let (out, mean, var) = BatchNormCpu::forward_train(
+                let (out, mean, var) = batch_norm_train_cpu(
                     spec,
                     &x.view(),
                     &channels(gamma)?,
@@ -526,7 +526,7 @@ impl Value {
                     running_var.gpu()?,
                 )?
                 .map(Value::from),
-            Value::Cpu(x) => BatchNormCpu::forward_eval(
+            Value::Cpu(x) => batch_norm_eval_cpu(
                 spec,
                 &x.view(),
                 &channels(gamma)?,
@@ -559,7 +559,7 @@ impl Value {
                     training,
                 )?
                 .map(Value::from),
-            Value::Cpu(x) => BatchNormCpu::backward(
+            Value::Cpu(x) => batch_norm_backward_cpu(
                 &x.view(),
                 &channels(gamma)?,
                 &channels(mean)?,

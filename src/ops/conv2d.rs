@@ -301,6 +301,7 @@ impl Conv2d {
         let (&[n, c, h, w], &[o, c_w, kh, kw]) = (x, weight) else {
             return Err(Error::ShapeMismatch {
                 op: OP,
+                shapes: vec![x.to_vec(), weight.to_vec()],
                 detail: format!(
                     "input must be [N, C, H, W] and weight [O, C/groups, KH, KW]; got {x:?} and {weight:?}"
                 ),
@@ -329,6 +330,7 @@ impl Conv2d {
             };
             return Err(Error::ShapeMismatch {
                 op: OP,
+                shapes: vec![x.to_vec(), weight.to_vec()],
                 detail: format!(
                     "input has {} channels{per_group} but the weight expects {c_w} (input {x:?}, weight {weight:?})",
                     c / groups
@@ -340,6 +342,7 @@ impl Conv2d {
         {
             return Err(Error::ShapeMismatch {
                 op: OP,
+                shapes: vec![bias.to_vec(), vec![o]],
                 detail: format!("bias must be [{o}] (one per filter), got {bias:?}"),
             });
         }
@@ -581,6 +584,7 @@ impl Conv2d {
             if y.shape() != dy.shape() {
                 return Err(Error::ShapeMismatch {
                     op: OP,
+                    shapes: vec![y.shape().to_vec(), dy.shape().to_vec()],
                     detail: format!("y is {:?}, dy is {:?}", y.shape(), dy.shape()),
                 });
             }
@@ -780,6 +784,7 @@ impl Conv2d {
         if dy != shape.output() {
             return Err(Error::ShapeMismatch {
                 op: OP,
+                shapes: vec![dy.to_vec(), shape.output().to_vec()],
                 detail: format!("dy is {dy:?}, the output is {:?}", shape.output()),
             });
         }
@@ -946,6 +951,7 @@ fn view4<'a>(name: &str, x: &'a ArrayViewD<'a, f32>) -> Result<ArrayView4<'a, f3
         .into_dimensionality::<Ix4>()
         .map_err(|_| Error::ShapeMismatch {
             op: OP,
+            shapes: vec![x.shape().to_vec()],
             detail: format!("{name} must be 4-D, got {:?}", x.shape()),
         })
 }

@@ -53,6 +53,7 @@ impl Distillation {
         if student != teacher {
             return Err(Error::ShapeMismatch {
                 op: OP,
+                shapes: vec![student.to_vec(), teacher.to_vec()],
                 detail: format!("student logits {student:?}, teacher logits {teacher:?}"),
             });
         }

@@ -116,6 +116,7 @@ impl Dropout {
         });
         ArrayD::from_shape_vec(x.raw_dim(), values.collect()).map_err(|e| Error::ShapeMismatch {
             op: "dropout",
+            shapes: vec![x.shape().to_vec()],
             detail: e.to_string(),
         })
     }

@@ -30,6 +30,7 @@ fn grouping(x: &[usize], gamma: &[usize], beta: &[usize]) -> Result<Grouping> {
     if gamma != beta || gamma.is_empty() || gamma.len() > x.len() || !x.ends_with(gamma) {
         return Err(Error::ShapeMismatch {
             op: OP,
+            shapes: vec![gamma.to_vec(), beta.to_vec(), x.to_vec()],
             detail: format!(
                 "γ {gamma:?} and β {beta:?} must equal the trailing dimensions of x {x:?}"
             ),
@@ -148,6 +149,7 @@ impl LayerNorm {
         let array = |shape: &[usize], v: Vec<f32>| {
             ArrayD::from_shape_vec(IxDyn(shape), v).map_err(|e| Error::ShapeMismatch {
                 op: OP,
+                shapes: vec![shape.to_vec()],
                 detail: e.to_string(),
             })
         };
@@ -172,6 +174,7 @@ impl LayerNorm {
         if dy.shape() != x.shape() {
             return Err(Error::ShapeMismatch {
                 op: OP,
+                shapes: vec![dy.shape().to_vec(), x.shape().to_vec()],
                 detail: format!("dy is {:?}, x is {:?}", dy.shape(), x.shape()),
             });
         }
@@ -209,6 +212,7 @@ impl LayerNorm {
         let array = |shape: &[usize], v: Vec<f32>| {
             ArrayD::from_shape_vec(IxDyn(shape), v).map_err(|e| Error::ShapeMismatch {
                 op: OP,
+                shapes: vec![shape.to_vec()],
                 detail: e.to_string(),
             })
         };

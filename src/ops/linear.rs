@@ -29,6 +29,7 @@ fn check(x: &[usize], weight: &[usize]) -> Result<(usize, usize, usize)> {
         (&[n, i], &[o, i_w]) if i == i_w => Ok((n, i, o)),
         _ => Err(Error::ShapeMismatch {
             op: OP,
+            shapes: vec![x.to_vec(), weight.to_vec()],
             detail: format!("x must be [N, in] and weight [out, in]; got {x:?} and {weight:?}"),
         }),
     }
@@ -75,6 +76,7 @@ pub(crate) fn linear_gradients(
     if dy.shape() != [n, o] || dbias.as_ref().is_some_and(|b| b.shape() != [o]) {
         return Err(Error::ShapeMismatch {
             op: OP,
+            shapes: vec![dy.shape().to_vec(), vec![n, o]],
             detail: format!(
                 "dy is {:?} and dbias {:?}; the output is [{n}, {o}]",
                 dy.shape(),
@@ -189,6 +191,7 @@ pub fn linear_backward_cpu(
     if dy.shape() != [n, o] {
         return Err(Error::ShapeMismatch {
             op: OP,
+            shapes: vec![dy.shape().to_vec(), vec![n, o]],
             detail: format!("dy is {:?}, the output is [{n}, {o}]", dy.shape()),
         });
     }

@@ -31,6 +31,7 @@ fn rows_of(op: &'static str, shape: &[usize]) -> Result<(usize, usize)> {
         [rows, classes] if rows > 0 && classes > 0 => Ok((rows, classes)),
         _ => Err(Error::ShapeMismatch {
             op,
+            shapes: vec![shape.to_vec()],
             detail: format!("expects [N, K] with N, K ≥ 1, got {shape:?}"),
         }),
     }
@@ -84,6 +85,7 @@ pub fn log_softmax_backward(y: &Tensor, dy: &Tensor) -> Result<Tensor> {
     if dy.shape() != y.shape() {
         return Err(Error::ShapeMismatch {
             op: OP,
+            shapes: vec![dy.shape().to_vec(), y.shape().to_vec()],
             detail: format!("dy is {:?}, y is {:?}", dy.shape(), y.shape()),
         });
     }
@@ -146,6 +148,7 @@ pub fn log_softmax_backward_cpu(
     if dy.shape() != y.shape() {
         return Err(Error::ShapeMismatch {
             op: OP,
+            shapes: vec![dy.shape().to_vec(), y.shape().to_vec()],
             detail: format!("dy is {:?}, y is {:?}", dy.shape(), y.shape()),
         });
     }

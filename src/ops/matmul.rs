@@ -141,6 +141,7 @@ fn split_batch(name: &str, shape: &[usize]) -> Result<(Option<usize>, usize, usi
         [batch, rows, cols] => Ok((Some(batch), rows, cols)),
         _ => Err(Error::ShapeMismatch {
             op: OP,
+            shapes: vec![shape.to_vec()],
             detail: format!("{name} must be 2-D or 3-D (batch first), got {shape:?}"),
         }),
     }
@@ -173,6 +174,7 @@ impl Matmul {
         if k != k_b {
             return Err(Error::ShapeMismatch {
                 op: OP,
+                shapes: vec![a.to_vec(), b.to_vec()],
                 detail: format!(
                     "inner dimensions differ: op(A) is {m}×{k} (A {a:?}, trans_a={}), \
                      op(B) is {k_b}×{n} (B {b:?}, trans_b={})",
@@ -184,6 +186,7 @@ impl Matmul {
             (Some(x), Some(y)) if x != y => {
                 return Err(Error::ShapeMismatch {
                     op: OP,
+                    shapes: vec![a.to_vec(), b.to_vec()],
                     detail: format!("batch sizes differ: A {a:?}, B {b:?}"),
                 });
             }
@@ -201,6 +204,7 @@ impl Matmul {
             (expected, given) => {
                 return Err(Error::ShapeMismatch {
                     op: OP,
+                    shapes: given.map(<[usize]>::to_vec).into_iter().collect(),
                     detail: format!(
                         "bias {:?} expects a 1-D bias of length {expected:?}, got {given:?}",
                         self.bias
@@ -334,6 +338,7 @@ impl Matmul {
         if out.shape != shape.out.as_slice() {
             return Err(Error::ShapeMismatch {
                 op: OP,
+                shapes: vec![out.shape.to_vec(), shape.out.to_vec()],
                 detail: format!("output is {:?}, the product is {:?}", out.shape, shape.out),
             });
         }
@@ -774,6 +779,7 @@ fn cpu_matrix<'a>(
 fn shape_error(e: ndarray::ShapeError) -> Error {
     Error::ShapeMismatch {
         op: OP,
+        shapes: Vec::new(),
         detail: e.to_string(),
     }
 }

@@ -27,13 +27,13 @@ pub use activation::{softmax, softmax_backward};
 pub use adaptive_pool::AdaptiveAvgPool2d;
 pub use attack::SignedStep;
 pub use batch_norm::{BatchNorm2d, NormGrads, Normalized};
-pub use conv2d::{Conv2d, Conv2dGrads, Conv2dShape, ConvKernel, ConvPlan, Padding};
+pub use conv2d::{Conv2d, Conv2dGrads, Conv2dShape, Padding};
 pub use distillation::Distillation;
 pub use dropout::Dropout;
 pub use layer_norm::LayerNorm;
 pub use linear::{LinearGrads, linear, linear_backward};
 pub use log_softmax::{log_softmax, log_softmax_backward, nll_loss};
-pub use matmul::{BiasAxis, KernelChoice, Matmul, MatmulPlan, MatmulShape};
+pub use matmul::{BiasAxis, KernelChoice, Matmul, MatmulShape};
 pub use normalize::Normalize;
 pub use pool2d::{
     Pool2d, Pool2dShape, PoolKind, Pooled, global_avg_pool, global_avg_pool_backward,
@@ -53,6 +53,7 @@ pub(crate) fn host_output(
     ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(shape), values).map_err(|e| {
         Error::ShapeMismatch {
             op,
+            shapes: vec![shape.to_vec()],
             detail: e.to_string(),
         }
     })
@@ -63,6 +64,7 @@ pub(crate) fn nchw(op: &'static str, x: &[usize]) -> crate::error::Result<[usize
     let &[n, c, h, w] = x else {
         return Err(Error::ShapeMismatch {
             op,
+            shapes: vec![x.to_vec()],
             detail: format!("input must be [N, C, H, W], got {x:?}"),
         });
     };

@@ -253,6 +253,7 @@ pub(crate) fn backward(
     if dy.shape() != x.shape() {
         return Err(Error::ShapeMismatch {
             op,
+            shapes: vec![dy.shape().to_vec(), x.shape().to_vec()],
             detail: format!("dy is {:?}, x is {:?}", dy.shape(), x.shape()),
         });
     }

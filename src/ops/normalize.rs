@@ -82,6 +82,7 @@ impl Normalize {
             [_, c, h, w] if c == self.mean.len() => Ok((c, h * w)),
             _ => Err(Error::ShapeMismatch {
                 op: OP,
+                shapes: vec![shape.to_vec()],
                 detail: format!(
                     "input must be [N, {}, H, W], got {shape:?}",
                     self.mean.len()
@@ -164,6 +165,7 @@ impl Normalize {
         });
         ArrayD::from_shape_vec(x.raw_dim(), values.collect()).map_err(|e| Error::ShapeMismatch {
             op: OP,
+            shapes: vec![x.shape().to_vec()],
             detail: e.to_string(),
         })
     }

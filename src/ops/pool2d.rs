@@ -478,6 +478,7 @@ fn check_dy(shape: &Pool2dShape, dy: &[usize]) -> Result<()> {
     if dy != shape.output() {
         return Err(Error::ShapeMismatch {
             op: "pool2d",
+            shapes: vec![dy.to_vec(), shape.output().to_vec()],
             detail: format!("dy is {dy:?}, the output is {:?}", shape.output()),
         });
     }
@@ -575,6 +576,7 @@ fn view4<'a>(x: &'a ArrayViewD<'a, f32>) -> Result<ArrayView4<'a, f32>> {
         .into_dimensionality::<Ix4>()
         .map_err(|_| Error::ShapeMismatch {
             op: "pool2d",
+            shapes: vec![x.shape().to_vec()],
             detail: format!("expected 4-D, got {:?}", x.shape()),
         })
 }
@@ -668,6 +670,7 @@ pub fn global_avg_pool_backward(x_shape: &[usize], dy: &Tensor) -> Result<Tensor
     if dy.shape() != [shape.n, shape.c] {
         return Err(Error::ShapeMismatch {
             op: "global_avg_pool",
+            shapes: vec![dy.shape().to_vec(), vec![shape.n, shape.c]],
             detail: format!(
                 "dy is {:?}, expected [{}, {}]",
                 dy.shape(),
@@ -711,6 +714,7 @@ fn reshape_cpu(array: ArrayD<f32>, shape: &[usize]) -> Result<ArrayD<f32>> {
         .into_shape_with_order(shape)
         .map_err(|e| Error::ShapeMismatch {
             op: "global_avg_pool",
+            shapes: vec![from.clone(), shape.to_vec()],
             detail: format!("{from:?} as {shape:?}: {e}"),
         })
 }

@@ -55,6 +55,7 @@ pub(crate) fn activation_backward_and_sum(
     if y.shape() != dy.shape() {
         return Err(Error::ShapeMismatch {
             op: "activation backward",
+            shapes: vec![y.shape().to_vec(), dy.shape().to_vec()],
             detail: format!("y is {:?}, dy is {:?}", y.shape(), dy.shape()),
         });
     }
@@ -81,6 +82,7 @@ fn check_dims(x: &Tensor, (outer, mid, inner): (usize, usize, usize), out: &Tens
     if outer * mid * inner != x.len() || out.len() != mid {
         return Err(Error::ShapeMismatch {
             op: "sum_axes",
+            shapes: vec![x.shape().to_vec(), vec![outer, mid, inner]],
             detail: format!(
                 "{:?} is not [{outer}][{mid}][{inner}] or out is not [{mid}]",
                 x.shape()

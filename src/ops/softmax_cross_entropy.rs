@@ -49,6 +49,7 @@ pub(crate) fn check(logits: &[usize], labels: &[usize]) -> Result<(usize, usize)
     let &[rows, classes] = logits else {
         return Err(Error::ShapeMismatch {
             op: OP,
+            shapes: vec![logits.to_vec()],
             detail: format!("logits must be [N, K], got {logits:?}"),
         });
     };
@@ -62,6 +63,7 @@ pub(crate) fn check(logits: &[usize], labels: &[usize]) -> Result<(usize, usize)
     if labels.len() != rows {
         return Err(Error::ShapeMismatch {
             op: OP,
+            shapes: vec![logits.to_vec(), vec![labels.len()]],
             detail: format!("{} labels for {rows} rows of logits", labels.len()),
         });
     }

@@ -229,6 +229,7 @@ fn into_result(problems: Vec<String>) -> Result<()> {
     } else {
         Err(Error::ShapeMismatch {
             op: "checkpoint",
+            shapes: Vec::new(),
             detail: problems.join("; "),
         })
     }
@@ -423,6 +424,7 @@ impl crate::graph::Graph {
                     Some(Err(problem)) => {
                         return Err(Error::ShapeMismatch {
                             op: "checkpoint",
+                            shapes: Vec::new(),
                             detail: problem,
                         });
                     }

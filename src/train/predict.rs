@@ -47,10 +47,12 @@ impl Graph {
             let chunk = input.slice_axis(Axis(0), (start..end).into()).to_owned();
             let x = self.device().upload(chunk)?;
             let y = self.forward(x, Mode::Eval)?.to_array()?;
+            let shape = y.shape().to_vec();
             let y = y
                 .into_dimensionality::<Ix2>()
                 .map_err(|_| Error::ShapeMismatch {
                     op: "logits",
+                    shapes: vec![shape],
                     detail: "the model's output is not [N, K]: end it with a linear layer".into(),
                 })?;
             chunks.push(y);
@@ -58,6 +60,7 @@ impl Graph {
         let views: Vec<_> = chunks.iter().map(|c| c.view()).collect();
         ndarray::concatenate(Axis(0), &views).map_err(|e| Error::ShapeMismatch {
             op: "logits",
+            shapes: Vec::new(),
             detail: e.to_string(),
         })
     }

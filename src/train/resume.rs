@@ -23,6 +23,7 @@ const GRAPH_STEP: &str = "graph.step";
 fn mismatch(detail: String) -> Error {
     Error::ShapeMismatch {
         op: "training checkpoint",
+        shapes: Vec::new(),
         detail,
     }
 }

@@ -121,6 +121,7 @@ pub fn image_batch(
     let shape = (indices.len(), 1, images.rows, images.cols);
     let array = Array4::from_shape_vec(shape, bytes).map_err(|e| Error::ShapeMismatch {
         op: "image_batch",
+        shapes: vec![vec![shape.0, shape.1, shape.2, shape.3]],
         detail: e.to_string(),
     })?;
     normalize.bytes_on(device, &array.view())

@@ -25,6 +25,7 @@ fn same_shape(a: &[usize], b: &[usize]) -> Result<()> {
     } else {
         Err(Error::ShapeMismatch {
             op: OP,
+            shapes: vec![a.to_vec(), b.to_vec()],
             detail: format!("cannot add {a:?} and {b:?}: the shapes must be equal"),
         })
     }

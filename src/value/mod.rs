@@ -114,6 +114,7 @@ impl Value {
                 Ok(a.to_shape(shape)
                     .map_err(|e| Error::ShapeMismatch {
                         op,
+                        shapes: vec![a.shape().to_vec(), shape.to_vec()],
                         detail: format!("{:?} as {shape:?}: {e}", a.shape()),
                     })?
                     .into_owned())
@@ -129,6 +130,7 @@ impl Value {
                 concatenate(Axis(0), &[a.view(), other.cpu()?.view()]).map_err(|e| {
                     Error::ShapeMismatch {
                         op: "concat",
+                        shapes: vec![a.shape().to_vec(), other.shape().to_vec()],
                         detail: format!("{:?} and {:?}: {e}", a.shape(), other.shape()),
                     }
                 })

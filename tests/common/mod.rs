@@ -26,7 +26,10 @@ pub fn gpu() -> Option<&'static Gpu> {
 
 /// A context on the same adapter forced to read kernel operands one way, whatever this
 /// host's calibration would pick. `None` where `gpu()` is.
-fn forced_gpu(reads: wgcnn::OperandReads, cell: &'static OnceLock<Gpu>) -> Option<&'static Gpu> {
+fn forced_gpu(
+    reads: wgcnn::tuning::OperandReads,
+    cell: &'static OnceLock<Gpu>,
+) -> Option<&'static Gpu> {
     gpu()?;
     Some(cell.get_or_init(|| {
         let options = wgcnn::GpuOptions {
@@ -41,13 +44,13 @@ fn forced_gpu(reads: wgcnn::OperandReads, cell: &'static OnceLock<Gpu>) -> Optio
 /// on hosts where texel loads are the cheaper ones).
 pub fn texture_gpu() -> Option<&'static Gpu> {
     static GPU: OnceLock<Gpu> = OnceLock::new();
-    forced_gpu(wgcnn::OperandReads::Texture, &GPU)
+    forced_gpu(wgcnn::tuning::OperandReads::Texture, &GPU)
 }
 
 /// A context forced to read kernel operands from storage buffers.
 pub fn storage_gpu() -> Option<&'static Gpu> {
     static GPU: OnceLock<Gpu> = OnceLock::new();
-    forced_gpu(wgcnn::OperandReads::Storage, &GPU)
+    forced_gpu(wgcnn::tuning::OperandReads::Storage, &GPU)
 }
 
 /// Both operand-read families, forced, so that a test runs every kernel variant on any host
