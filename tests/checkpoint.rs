@@ -43,23 +43,118 @@ fn round_trip_from_gpu_tensors_is_exact() {
     check_names_and_shapes(&loaded, &[("fc.weight", &[3, 4]), ("fc.bias", &[3])]).unwrap();
 }
 
+/// The files of `path`'s directory other than `path`: temporaries left behind.
+fn leftovers(path: &std::path::Path) -> Vec<String> {
+    let name = path.file_name().unwrap().to_string_lossy().into_owned();
+    std::fs::read_dir(path.parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| *n != name)
+        .collect()
+}
+
 #[test]
-fn a_failed_save_leaves_the_previous_checkpoint_intact() {
+fn a_failed_save_leaves_the_target_and_no_temporary_file() {
+    // The rename cannot replace a non-empty directory: the save fails after writing its
+    // temporary file, which it removes; the directory is untouched.
     let path = scratch("atomic");
-    let first = sample(1);
-    first.save(&path).unwrap();
-    // Block the temporary file with a directory: the second save must fail cleanly.
-    std::fs::create_dir_all(path.with_file_name("model.safetensors.tmp")).unwrap();
+    std::fs::create_dir_all(path.join("inside")).unwrap();
     let err = sample(2).save(&path).unwrap_err();
     assert!(
         err.to_string().contains("cannot write the checkpoint"),
         "{err}"
     );
-    assert_eq!(Checkpoint::load(&path).unwrap(), first);
-    // Once the obstacle is gone, saving replaces the file.
-    std::fs::remove_dir(path.with_file_name("model.safetensors.tmp")).unwrap();
+    assert!(path.join("inside").is_dir());
+    assert_eq!(leftovers(&path), Vec::<String>::new());
+    std::fs::remove_dir_all(&path).unwrap();
     sample(2).save(&path).unwrap();
     assert_eq!(Checkpoint::load(&path).unwrap(), sample(2));
+    // A path under a file is an error naming the path.
+    let under_a_file = path.join("model.safetensors");
+    let err = sample(1).save(&under_a_file).unwrap_err();
+    assert!(err.to_string().contains("model.safetensors"), "{err}");
+}
+
+/// Saves to one path from several threads, with a reader that loads it all the while: every
+/// load sees one whole checkpoint of those written, never a mix or a torn file.
+#[test]
+fn concurrent_saves_never_show_a_broken_file() {
+    let path = scratch("threads");
+    let versions: Vec<Checkpoint> = (0..4).map(|i| sample(10 * i)).collect();
+    versions[0].save(&path).unwrap();
+    let done = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        for version in &versions {
+            let path = &path;
+            scope.spawn(move || {
+                for _ in 0..25 {
+                    version.save(path).unwrap();
+                }
+            });
+        }
+        let reader = scope.spawn(|| {
+            let mut loads = 0;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) || loads == 0 {
+                let loaded = Checkpoint::load(&path).unwrap();
+                assert!(versions.contains(&loaded), "a load saw no saved version");
+                loads += 1;
+            }
+            loads
+        });
+        // The writers end with the scope; the reader stops once they have.
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert!(reader.join().unwrap() > 0);
+    });
+    assert_eq!(leftovers(&path), Vec::<String>::new());
+}
+
+const CHILD_PATH: &str = "WGCNN_SAVE_LOOP_PATH";
+
+/// Run by `saves_killed_at_random_points_never_break_the_file` in child processes (hence
+/// ignored in a plain run): saves to the path it is given until it is killed.
+#[test]
+#[ignore = "a child process of saves_killed_at_random_points_never_break_the_file"]
+fn save_loop_child() {
+    let path = std::env::var_os(CHILD_PATH).expect("the path to save to, from the parent");
+    for i in 0.. {
+        sample(100 + i % 3).save(&path).unwrap();
+    }
+}
+
+#[test]
+fn saves_killed_at_random_points_never_break_the_file() {
+    let path = scratch("killed");
+    sample(100).save(&path).unwrap();
+    let versions: Vec<Checkpoint> = (100..103).map(sample).collect();
+    let exe = std::env::current_exe().unwrap();
+    for round in 0..6u64 {
+        let children: Vec<_> = (0..2)
+            .map(|_| {
+                std::process::Command::new(&exe)
+                    .args(["--exact", "save_loop_child", "--ignored", "--test-threads", "1"])
+                    .env(CHILD_PATH, &path)
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        // A different moment in the save each round (write, sync or rename).
+        std::thread::sleep(std::time::Duration::from_millis(60 + 37 * round));
+        for mut child in children {
+            child.kill().unwrap(); // SIGKILL on Unix
+            child.wait().unwrap();
+        }
+        let loaded = Checkpoint::load(&path).unwrap();
+        assert!(
+            versions.contains(&loaded),
+            "round {round}: no saved version"
+        );
+    }
+    // The killed saves' temporary files go with the next save.
+    sample(100).save(&path).unwrap();
+    assert_eq!(leftovers(&path), Vec::<String>::new());
 }
 
 #[test]

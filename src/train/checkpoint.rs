@@ -1,16 +1,17 @@
 //! Checkpoints in the safetensors format: named f32 tensors, row-major, with PyTorch
 //! state-dict names (`features.0.weight`, …), and int64 tensors for counters (batch norm's
-//! `num_batches_tracked`, step counts). Writing goes to a temporary file beside the
-//! target, synced, then renamed over it, so a failed save never corrupts the previous file.
+//! `num_batches_tracked`, step counts). Writing goes to a temporary file of its own beside
+//! the target, synced, then renamed over it (`atomic.rs`), so a failed, killed or concurrent
+//! save never leaves a broken file.
 //! Loading also reads PyTorch's own `torch.save` files (`pth.rs`), so models trained there
 //! load without a conversion step.
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use ndarray::{ArrayD, IxDyn};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 
+use super::atomic::write_atomically;
 use super::pth;
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
@@ -76,7 +77,8 @@ impl Checkpoint {
         self.tensors.iter().find(|(n, _)| n == name).map(|(_, t)| t)
     }
 
-    /// Writes the checkpoint to `path` atomically (temporary file, sync, rename).
+    /// Writes the checkpoint to `path` atomically (its own temporary file, sync, rename):
+    /// readers see the old file or the new one, whatever else saves to `path` meanwhile.
     pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
         let path = path.as_ref();
         let floats = self.tensors.iter().map(|(name, t)| {
@@ -100,18 +102,8 @@ impl Checkpoint {
             .collect::<Result<Vec<_>>>()?;
         let serialized = safetensors::tensor::serialize(views, None)
             .map_err(|e| Error::data(path, format!("cannot serialise: {e}")))?;
-        let temporary = temporary_path(path);
-        let write = || -> std::io::Result<()> {
-            let mut file = std::fs::File::create(&temporary)?;
-            file.write_all(&serialized)?;
-            file.sync_all()?;
-            std::fs::rename(&temporary, path)
-        };
-        write().map_err(|e| {
-            // Best effort: the previous checkpoint at `path` is untouched either way.
-            let _ = std::fs::remove_file(&temporary);
-            Error::data_io(path, "cannot write the checkpoint", e)
-        })
+        write_atomically(path, &serialized)
+            .map_err(|e| Error::data_io(path, "cannot write the checkpoint", e))
     }
 
     /// Reads a checkpoint: safetensors (as [`Checkpoint::save`] writes, or PyTorch's
@@ -203,15 +195,6 @@ fn elements<T, const N: usize>(data: &[u8], decode: impl Fn([u8; N]) -> T) -> Ve
 fn shaped<T>(path: &Path, name: &str, shape: &[usize], values: Vec<T>) -> Result<ArrayD<T>> {
     ArrayD::from_shape_vec(IxDyn(shape), values)
         .map_err(|e| Error::data(path, format!("tensor {name:?}: {e}")))
-}
-
-fn temporary_path(path: &Path) -> PathBuf {
-    let mut name = path
-        .file_name()
-        .map(|n| n.to_os_string())
-        .unwrap_or_default();
-    name.push(".tmp");
-    path.with_file_name(name)
 }
 
 /// Checks a checkpoint against the names and shapes a model expects; the error lists every

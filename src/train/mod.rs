@@ -3,6 +3,7 @@
 //! and adversarial training.
 
 mod adversarial;
+mod atomic;
 mod checkpoint;
 mod distill;
 mod predict;
