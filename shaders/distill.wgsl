@@ -2,7 +2,7 @@
 //   loss = α·T²·KL(softmax(t/T) ‖ softmax(s/T)) + (1-α)·CE(s, label)
 //   ∂loss/∂s = α·T·(softmax(s/T) − softmax(t/T)) + (1-α)·(softmax(s) − onehot)
 // (both times `scale` = 1/N: the mean over the batch, PyTorch's "batchmean"), and whether
-// the student's first arg-max equals the label. Labels are stored as f32.
+// the student's first arg-max equals the label. Labels are u32 class indices.
 
 struct Params {
     rows: u32, classes: u32, scale: f32, alpha: f32,
@@ -12,7 +12,7 @@ struct Params {
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> student: array<f32>;
 @group(0) @binding(2) var<storage, read> teacher: array<f32>;
-@group(0) @binding(3) var<storage, read> labels: array<f32>;
+@group(0) @binding(3) var<storage, read> labels: array<u32>;
 @group(0) @binding(4) var<storage, read_write> grad: array<f32>;
 @group(0) @binding(5) var<storage, read_write> row_loss: array<f32>;
 @group(0) @binding(6) var<storage, read_write> row_correct: array<f32>;
@@ -35,7 +35,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
     let r = small_invocation_index(gid, nwg);
     if r >= p.rows { return; }
     let base = r * p.classes;
-    let label = u32(labels[r]);
+    let label = labels[r];
     let inv_t = 1.0 / p.temperature;
     let lse = log_sum_exp(base, 0u, 1.0);
     let lse_student = log_sum_exp(base, 0u, inv_t);

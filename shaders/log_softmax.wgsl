@@ -1,6 +1,6 @@
 // log_softmax over the last axis, stable for logits of any magnitude (the row maximum is
 // subtracted before exp), its backward pass, and the negative log-likelihood loss on it.
-// One invocation per row; labels are stored as f32 (exact below 2^24).
+// One invocation per row; labels are u32 class indices.
 
 struct Params {
     rows: u32, classes: u32, scale: f32, _pad: u32,
@@ -13,7 +13,7 @@ struct Params {
 @group(0) @binding(3) var<storage, read> dy: array<f32>;
 @group(0) @binding(4) var<storage, read_write> dx: array<f32>;
 // nll: x holds log-probabilities.
-@group(0) @binding(5) var<storage, read> labels: array<f32>;
+@group(0) @binding(5) var<storage, read> labels: array<u32>;
 @group(0) @binding(6) var<storage, read_write> row_loss: array<f32>;
 @group(0) @binding(7) var<storage, read_write> row_correct: array<f32>;
 
@@ -49,7 +49,7 @@ fn nll(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) n
     let r = small_invocation_index(gid, nwg);
     if r >= p.rows { return; }
     let base = r * p.classes;
-    let label = u32(labels[r]);
+    let label = labels[r];
     var best = 0u;
     for (var j = 1u; j < p.classes; j++) {
         if x[base + j] > x[base + best] { best = j; }

@@ -1,7 +1,6 @@
 // Softmax cross-entropy with integer labels, fused and stable: per row, the log-sum-exp
 // (row maximum subtracted), the loss −log softmax(z)[label], the gradient
 // (softmax − onehot)·scale, and whether the first arg-max equals the label.
-// Labels are stored as f32 (exact for class ids below 2^24).
 // A batch of at most WORKGROUP rows and 65,536 logits is one workgroup that also sums the mean
 // loss and the correct count (`main_small`); larger ones store per-row values (`main`) that
 // `totals` sums, as it does for the other losses' (log_softmax.wgsl's nll, distill.wgsl).
@@ -12,7 +11,7 @@ struct Params {
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> logits: array<f32>;
-@group(0) @binding(2) var<storage, read> labels: array<f32>;
+@group(0) @binding(2) var<storage, read> labels: array<u32>;
 @group(0) @binding(3) var<storage, read_write> grad: array<f32>;
 @group(0) @binding(4) var<storage, read_write> row_loss: array<f32>;
 @group(0) @binding(5) var<storage, read_write> row_correct: array<f32>;
@@ -22,7 +21,7 @@ struct Params {
 // Row r's loss and whether its first arg-max is the label; stores its gradient.
 fn row(r: u32) -> vec2<f32> {
     let base = r * p.classes;
-    let label = u32(labels[r]);
+    let label = labels[r];
     var top = logits[base];
     var best = 0u;
     for (var j = 1u; j < p.classes; j++) {

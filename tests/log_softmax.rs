@@ -195,3 +195,18 @@ fn bad_inputs_are_errors() {
     assert!(nll_loss(&y, &[0]).is_err());
     assert!(wgcnn::cpu::log_softmax(&random(&[0, 3], 1).view()).is_err());
 }
+
+/// Class indices travel as u32: a label past 2²⁴, where f32 steps by 2, still picks its own
+/// log-probability (as f32 it would round to a neighbour: 2²⁴ + 1 → 2²⁴).
+#[test]
+fn labels_past_two_to_the_24_are_exact() {
+    let Some(gpu) = gpu() else { return };
+    let classes = (1 << 24) + 4;
+    let label = (1 << 24) + 1;
+    let mut x = random(&[1, classes], 9);
+    x[[0, label - 1]] = -3.0;
+    x[[0, label]] = -7.0;
+    x[[0, label + 1]] = -5.0;
+    let out = nll_loss(&upload(&x), &[label]).unwrap();
+    assert_eq!(out.loss.to_array().unwrap()[[0]], 7.0);
+}

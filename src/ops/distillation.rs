@@ -4,9 +4,9 @@
 //! with its gradient with respect to the student's logits. The teacher gets no gradient.
 
 use bytemuck::{Pod, Zeroable};
-use ndarray::{Array1, ArrayD, ArrayViewD, Axis, IxDyn};
+use ndarray::{ArrayD, ArrayViewD, Axis, IxDyn};
 
-use super::softmax_cross_entropy::{CrossEntropy, check, per_row_to_totals};
+use super::softmax_cross_entropy::{CrossEntropy, check, per_row_to_totals, upload_labels};
 use crate::error::{Error, Result};
 use crate::gpu::shared::small_workgroups;
 use crate::tensor::Tensor;
@@ -70,8 +70,7 @@ impl Distillation {
         let rows = self.check(student.shape(), teacher.shape(), labels)?;
         let gpu = student.gpu();
         teacher.check_same_gpu(OP, gpu)?;
-        let label_values: Array1<f32> = labels.iter().map(|&l| l as f32).collect();
-        let labels = Tensor::from_array(gpu, &label_values)?;
+        let labels = upload_labels(gpu, labels)?;
         let grad = Tensor::uninit(gpu, student.shape())?;
         let row_loss = Tensor::uninit(gpu, &[rows])?;
         let row_correct = Tensor::uninit(gpu, &[rows])?;

@@ -4,9 +4,9 @@
 //! PyTorch's `cross_entropy(z)`, in two ops.
 
 use bytemuck::{Pod, Zeroable};
-use ndarray::{Array1, ArrayD, ArrayViewD, Axis};
+use ndarray::{ArrayD, ArrayViewD, Axis};
 
-use super::softmax_cross_entropy::{CrossEntropy, check, per_row_to_totals};
+use super::softmax_cross_entropy::{CrossEntropy, check, per_row_to_totals, upload_labels};
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::gpu::dispatch::Binding;
@@ -105,8 +105,7 @@ pub fn log_softmax_backward(y: &Tensor, dy: &Tensor) -> Result<Tensor> {
 pub fn nll_loss(log_probs: &Tensor, labels: &[usize]) -> Result<CrossEntropy<Tensor>> {
     let (rows, classes) = check(log_probs.shape(), labels)?;
     let gpu = log_probs.gpu();
-    let label_values: Array1<f32> = labels.iter().map(|&l| l as f32).collect();
-    let labels = Tensor::from_array(gpu, &label_values)?;
+    let labels = upload_labels(gpu, labels)?;
     let grad = Tensor::uninit(gpu, log_probs.shape())?;
     let row_loss = Tensor::uninit(gpu, &[rows])?;
     let row_correct = Tensor::uninit(gpu, &[rows])?;

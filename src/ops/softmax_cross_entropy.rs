@@ -3,9 +3,10 @@
 //! number of correct predictions.
 
 use bytemuck::{Pod, Zeroable};
-use ndarray::{Array1, ArrayD, ArrayViewD, Axis};
+use ndarray::{ArrayD, ArrayViewD, Axis};
 
 use crate::error::{Error, Result};
+use crate::gpu::Gpu;
 use crate::gpu::shared::{WORKGROUP, small_workgroups};
 use crate::tensor::{Tensor, gpu_word};
 use crate::value::Value;
@@ -43,6 +44,16 @@ impl Value {
             Value::Cpu(x) => softmax_cross_entropy_cpu(&x.view(), labels)?.map(Value::from),
         })
     }
+}
+
+/// `labels` on the GPU as the u32 words the loss kernels read: exact for every class index
+/// (`check` has refused any at or past the class count, itself a u32).
+pub(crate) fn upload_labels(gpu: &Gpu, labels: &[usize]) -> Result<Tensor> {
+    let words = labels
+        .iter()
+        .map(|&l| gpu_word("labels", l))
+        .collect::<Result<Vec<u32>>>()?;
+    Tensor::from_words(gpu, &words)
 }
 
 pub(crate) fn check(logits: &[usize], labels: &[usize]) -> Result<(usize, usize)> {
@@ -99,8 +110,7 @@ const ONE_GROUP_LOGITS: usize = 65_536;
 pub fn softmax_cross_entropy(logits: &Tensor, labels: &[usize]) -> Result<CrossEntropy<Tensor>> {
     let (rows, classes) = check(logits.shape(), labels)?;
     let gpu = logits.gpu();
-    let label_values: Array1<f32> = labels.iter().map(|&l| l as f32).collect();
-    let labels = Tensor::from_array(gpu, &label_values)?;
+    let labels = upload_labels(gpu, labels)?;
     let grad = Tensor::uninit(gpu, logits.shape())?;
     let params = LossParams {
         rows: rows as u32,
