@@ -126,15 +126,23 @@ pub enum Error {
     /// NaN or infinity appeared while [`Graph::set_check_finite`](crate::Graph::set_check_finite)
     /// was on.
     #[error(
-        "non-finite values (NaN or infinity) first appeared in {what} at training step {step}; \
-         check the batch for NaN, lower the learning rate or clip gradients, then resume from \
-         the last good checkpoint"
+        "non-finite values (NaN or infinity) first appeared in {what} at training step {step}\
+         {skipped}; check the batch for NaN, lower the learning rate or clip gradients, then \
+         resume from the last good checkpoint",
+        skipped = if *update_skipped {
+            " (the update was skipped: the weights and the optimizer are as before the step)"
+        } else {
+            ""
+        }
     )]
     NonFinite {
-        /// The first output, gradient or parameter that held one, by name.
+        /// The first output, loss, gradient or parameter that held one, by name.
         what: String,
         /// The model's training-step count.
         step: u32,
+        /// Found before the optimizer ran (in an output, the loss or a gradient), which then
+        /// did not: the weights and the optimizer state are those from before the step.
+        update_skipped: bool,
     },
 
     /// Reading a buffer back to the host failed.

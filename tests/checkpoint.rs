@@ -132,7 +132,13 @@ fn saves_killed_at_random_points_never_break_the_file() {
         let children: Vec<_> = (0..2)
             .map(|_| {
                 std::process::Command::new(&exe)
-                    .args(["--exact", "save_loop_child", "--ignored", "--test-threads", "1"])
+                    .args([
+                        "--exact",
+                        "save_loop_child",
+                        "--ignored",
+                        "--test-threads",
+                        "1",
+                    ])
                     .env(CHILD_PATH, &path)
                     .stdout(std::process::Stdio::null())
                     .stderr(std::process::Stdio::null())

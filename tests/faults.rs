@@ -52,6 +52,7 @@ fn a_nan_batch_shows_in_the_loss_and_the_check_names_the_first_layer() {
         checked.set_check_finite(true);
         let mut sgd = checked.optimizer(Optimizer::sgd(0.1)).unwrap();
         train_step(&mut checked, &mut sgd, |d| d.upload(clean.clone()), &labels).unwrap();
+        let before = checked.checkpoint().unwrap();
         let err = train_step(
             &mut checked,
             &mut sgd,
@@ -61,13 +62,24 @@ fn a_nan_batch_shows_in_the_loss_and_the_check_names_the_first_layer() {
         .err()
         .unwrap();
         match &err {
-            Error::NonFinite { what, step } => {
+            Error::NonFinite {
+                what,
+                step,
+                update_skipped,
+            } => {
                 assert_eq!(what, "the output of node \"conv1\"", "{name}");
                 assert_eq!(*step, 2, "{name}");
+                assert!(*update_skipped, "{name}");
             }
             other => panic!("{name}: {other}"),
         }
         assert!(err.to_string().contains("check the batch for NaN"), "{err}");
+        assert!(err.to_string().contains("the update was skipped"), "{err}");
+        // The update did not run: every weight is as before the step, none is NaN, and the
+        // next clean step trains from there.
+        assert_eq!(checked.checkpoint().unwrap(), before, "{name}");
+        let next = train_step(&mut checked, &mut sgd, |d| d.upload(clean.clone()), &labels);
+        assert!(next.unwrap().loss_is_finite().unwrap(), "{name}");
     }
 }
 

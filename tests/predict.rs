@@ -84,6 +84,22 @@ fn bad_inference_inputs_are_errors() {
 }
 
 #[test]
+fn images_holding_nan_are_refused_by_name() {
+    for device in common::devices() {
+        let mut m = model(device.clone());
+        let mut x = random(&[5, 1, 10, 10], 4);
+        x[[1, 0, 3, 3]] = f32::NAN;
+        x[[4, 0, 0, 9]] = f32::INFINITY;
+        let err = m.predict(&x).unwrap_err().to_string();
+        assert!(err.contains("2 of 5 images"), "{}: {err}", device.name());
+        assert!(err.contains("images 1, 4"), "{}: {err}", device.name());
+        x[[1, 0, 3, 3]] = 0.5;
+        x[[4, 0, 0, 9]] = 0.5;
+        assert_eq!(m.predict(&x).unwrap().classes.len(), 5);
+    }
+}
+
+#[test]
 fn scalars_read_without_indexing() {
     let Some(gpu) = gpu() else { return };
     let one = Tensor::from_array(gpu, &ndarray::arr1(&[2.5f32])).unwrap();

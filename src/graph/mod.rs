@@ -425,10 +425,14 @@ impl Graph {
         self.input_grad = wanted;
     }
 
-    /// Checks every layer's output, every gradient and every parameter after its update
-    /// for NaN and infinity (off by default: one extra kernel per tensor, and one readback
-    /// per step). `train_step` then returns [`Error::NonFinite`] naming the first one;
-    /// elsewhere call [`Graph::check_finite`] after the step.
+    /// Checks every layer's output, the loss, every gradient and every parameter after its
+    /// update for NaN and infinity (off by default: one extra kernel per tensor, and two
+    /// readbacks per step). A non-finite output, loss or gradient stops the step before the
+    /// optimizer runs, as PyTorch's `GradScaler` skips such a step: [`Graph::update`] returns
+    /// [`Error::NonFinite`] naming the first one and leaves the weights and the optimizer
+    /// state as they were (batch norm's running statistics, updated by the forward pass,
+    /// are not restored). A parameter that overflows in the update is reported after it by
+    /// `train_step`; elsewhere call [`Graph::check_finite`] after the step.
     pub fn set_check_finite(&mut self, on: bool) {
         self.check_finite = on;
         self.finite = None;
@@ -444,6 +448,7 @@ impl Graph {
             Some(what) => Err(Error::NonFinite {
                 what: what.to_string(),
                 step: self.step,
+                update_skipped: false,
             }),
             None => Ok(()),
         }
@@ -487,11 +492,11 @@ impl Graph {
         self.saved = (0..self.nodes.len()).map(|_| Vec::new()).collect();
         self.mode = None;
         self.finite = if self.check_finite {
-            // An output per node; a gradient and an updated value per state tensor.
+            // An output per node, the loss; a gradient and an updated value per state tensor.
             let states: usize = self.nodes.iter().map(|n| n.state.len()).sum();
             Some(FiniteChecks::new(
                 &self.device,
-                self.nodes.len() + 2 * states,
+                self.nodes.len() + 1 + 2 * states,
             )?)
         } else {
             None
@@ -873,8 +878,28 @@ impl Graph {
         GraphOptimizer::new(&self.device, rule)
     }
 
+    /// With [`Graph::set_check_finite`] on, checks `value` (e.g. the loss) with the
+    /// step's outputs and gradients, before the update.
+    pub fn check_finite_value(&mut self, label: &str, value: &Value) -> Result<()> {
+        match &mut self.finite {
+            Some(checks) => checks.check(|| label.to_string(), value),
+            None => Ok(()),
+        }
+    }
+
     /// Applies one optimizer step to every trainable, unfrozen tensor from its gradient.
+    /// With [`Graph::set_check_finite`] on, a non-finite output, loss or gradient of this
+    /// step is an [`Error::NonFinite`] and nothing is updated.
     pub fn update(&mut self, optimizer: &mut GraphOptimizer) -> Result<()> {
+        if let Some(checks) = &self.finite
+            && let Some(what) = checks.first_failure()?
+        {
+            return Err(Error::NonFinite {
+                what: what.to_string(),
+                step: self.step,
+                update_skipped: true,
+            });
+        }
         let mut params = Vec::new();
         let mut grads = Vec::new();
         let mut param_names = Vec::new();

@@ -41,6 +41,27 @@ impl Graph {
                 ),
             });
         }
+        // NaN would spread to every logit of its image and come out as class 0 with
+        // probability NaN: refuse it, naming the images.
+        let non_finite: Vec<usize> = input
+            .axis_iter(Axis(0))
+            .enumerate()
+            .filter(|(_, image)| image.iter().any(|v| !v.is_finite()))
+            .map(|(i, _)| i)
+            .collect();
+        if !non_finite.is_empty() {
+            let shown: Vec<String> = non_finite.iter().take(10).map(usize::to_string).collect();
+            let more = if non_finite.len() > 10 { ", …" } else { "" };
+            return Err(Error::InvalidArgument {
+                op: "logits",
+                detail: format!(
+                    "{} of {images} images hold NaN or infinity (images {}{more}); clean or \
+                     drop them before predicting",
+                    non_finite.len(),
+                    shown.join(", ")
+                ),
+            });
+        }
         let mut chunks = Vec::new();
         for start in (0..images).step_by(PREDICT_CHUNK) {
             let end = (start + PREDICT_CHUNK).min(images);

@@ -79,6 +79,7 @@ pub fn train_step_with(
         let kept = x.duplicate()?;
         let logits = model.forward(x, Mode::Train)?;
         let ce = loss(logits, &kept)?;
+        model.check_finite_value("the loss", &ce.loss)?;
         model.backward(ce.grad_logits)?;
         model.update(optimizer)?;
         Ok(StepOutput {
