@@ -166,11 +166,35 @@ fn a_folder_of_images_with_one_sub_folder_per_class() {
             image.save(dir.join(class).join(name)).unwrap();
         }
     }
-    std::fs::create_dir_all(dir.join("empty")).unwrap();
+    // Hidden files and files that are no images by extension are skipped and listed.
+    std::fs::write(dir.join("cats").join(".DS_Store"), b"finder").unwrap();
+    std::fs::write(dir.join("dogs").join("notes.txt"), b"good dogs").unwrap();
+    std::fs::create_dir_all(dir.join(".ipynb_checkpoints")).unwrap();
     let data = Dataset::from_folder(&dir, (4, 4), 3).unwrap();
     assert_eq!(data.shape(), [5, 3, 4, 4]);
     assert_eq!(data.classes(), ["cats", "dogs"]);
     assert_eq!(data.labels(), [0, 0, 1, 1, 1]);
+    let skipped: Vec<_> = data
+        .skipped()
+        .iter()
+        .map(|p| p.file_name().unwrap())
+        .collect();
+    assert_eq!(skipped, [".DS_Store", "notes.txt"]);
+
+    // An empty class folder would shift every later label: an error naming it, or with
+    // allow_empty_classes a class of its own with no images.
+    std::fs::create_dir_all(dir.join("birds")).unwrap();
+    let err = Dataset::from_folder(&dir, (4, 4), 3)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("birds") && err.contains("no images"), "{err}");
+    let options = wgcnn::data::FolderOptions {
+        allow_empty_classes: true,
+    };
+    let with_empty = Dataset::from_folder_with(&dir, (4, 4), 3, options).unwrap();
+    assert_eq!(with_empty.classes(), ["birds", "cats", "dogs"]);
+    assert_eq!(with_empty.labels(), [1, 1, 2, 2, 2]);
+    std::fs::remove_dir(dir.join("birds")).unwrap();
     let x = data
         .batch(
             &Device::Cpu,

@@ -4,6 +4,7 @@
 
 #[cfg(feature = "image")]
 use std::path::Path;
+use std::path::PathBuf;
 
 use ndarray::Array4;
 
@@ -69,7 +70,23 @@ pub struct Dataset {
     pixels: Pixels,
     labels: Vec<usize>,
     classes: Vec<String>,
+    /// Files a folder held that are not images (by extension) or are hidden: left out.
+    skipped: Vec<PathBuf>,
 }
+
+/// How [`Dataset::from_folder_with`] reads a folder of class folders.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FolderOptions {
+    /// Keep a class folder with no images as a class of its own (its label stays taken, as
+    /// torchvision's `allow_empty=True`); by default it is an error naming the folder,
+    /// because dropping it would shift every later class's label.
+    pub allow_empty_classes: bool,
+}
+
+/// The file extensions read as images (torchvision's `IMG_EXTENSIONS`), in any case.
+pub const IMAGE_EXTENSIONS: [&str; 9] = [
+    "jpg", "jpeg", "png", "ppm", "bmp", "pgm", "tif", "tiff", "webp",
+];
 
 impl Dataset {
     /// `shape[0]` images of `shape[1..]` with one label each, below `classes.len()` (class
@@ -110,6 +127,7 @@ impl Dataset {
             pixels,
             labels,
             classes,
+            skipped: Vec::new(),
         })
     }
 
@@ -124,13 +142,27 @@ impl Dataset {
     }
 
     /// The images under `dir`, one sub-folder per class (sorted by name: the first is class
-    /// 0), each PNG or JPEG converted to `channels` (1 grey, 3 RGB) and resized to
-    /// `height × width`. Files that are not images of those formats are errors naming them.
+    /// 0, as torchvision's `ImageFolder` numbers them), each converted to `channels` (1 grey,
+    /// 3 RGB) and resized to `height × width`. Hidden files and files without an image
+    /// extension ([`IMAGE_EXTENSIONS`]) are skipped and listed in [`Dataset::skipped`]; an
+    /// image that does not decode, or a class folder that cannot be read or holds no image,
+    /// is an error naming it (see [`Dataset::from_folder_with`] to keep empty classes).
     #[cfg(feature = "image")]
     pub fn from_folder(
         dir: impl AsRef<Path>,
+        size: (usize, usize),
+        channels: usize,
+    ) -> Result<Self> {
+        Self::from_folder_with(dir, size, channels, FolderOptions::default())
+    }
+
+    /// [`Dataset::from_folder`] with `options`.
+    #[cfg(feature = "image")]
+    pub fn from_folder_with(
+        dir: impl AsRef<Path>,
         (height, width): (usize, usize),
         channels: usize,
+        options: FolderOptions,
     ) -> Result<Self> {
         if !matches!(channels, 1 | 3) || height == 0 || width == 0 {
             return Err(invalid(format!(
@@ -139,7 +171,7 @@ impl Dataset {
             )));
         }
         let (h, w) = (dim_u32(height)?, dim_u32(width)?);
-        Self::from_class_folders(dir.as_ref(), [channels, height, width], |file| {
+        Self::from_class_folders(dir.as_ref(), [channels, height, width], options, |file| {
             let image = image::open(file).map_err(|e| Error::data(file, e.to_string()))?;
             let resized = image.resize_exact(w, h, image::imageops::FilterType::Triangle);
             let interleaved = match channels {
@@ -157,7 +189,8 @@ impl Dataset {
     /// a model's input (RGB with the EXIF orientation applied, torchvision's resize and
     /// centre crop), kept as bytes: batch them with the recipe's normalisation as a
     /// [`Normalize`] (for ImageNet's, `Normalize::new(&IMAGENET_MEAN, &IMAGENET_STD)`).
-    /// The recipe must crop, so that every image has one size.
+    /// The recipe must crop, so that every image has one size. Files and folders follow
+    /// [`Dataset::from_folder`]'s rules.
     #[cfg(feature = "image")]
     pub fn from_folder_preprocessed(
         dir: impl AsRef<Path>,
@@ -170,34 +203,62 @@ impl Dataset {
                     .into(),
             ));
         };
-        Self::from_class_folders(dir.as_ref(), [3, height, width], |file| {
-            let image = super::load_image(file)?;
-            Ok(preprocess.resize_crop(&image)?.into_raw_vec_and_offset().0)
-        })
+        Self::from_class_folders(
+            dir.as_ref(),
+            [3, height, width],
+            FolderOptions::default(),
+            |file| {
+                let image = super::load_image(file)?;
+                Ok(preprocess.resize_crop(&image)?.into_raw_vec_and_offset().0)
+            },
+        )
     }
 
-    /// Every file of every class folder under `dir` (sorted by name: the first folder is
-    /// class 0) as `[C, H, W]` bytes, by `load`.
+    /// Every image of every class folder under `dir` (sorted by name: the first folder is
+    /// class 0, as torchvision's `ImageFolder` numbers them) as `[C, H, W]` bytes, by
+    /// `load`. Hidden entries and files without an image extension are skipped (and listed
+    /// in [`Dataset::skipped`]); a class folder that cannot be read, or holds no image
+    /// (unless `options` allows it), is an error naming it.
     #[cfg(feature = "image")]
     fn from_class_folders(
         dir: &Path,
         [channels, height, width]: [usize; 3],
+        options: FolderOptions,
         load: impl Fn(&Path) -> Result<Vec<u8>>,
     ) -> Result<Self> {
-        let mut classes = sorted_entries(dir, true)?;
-        classes.retain(|p| sorted_entries(p, false).is_ok_and(|files| !files.is_empty()));
+        let classes: Vec<PathBuf> = sorted_entries(dir, true)?
+            .into_iter()
+            .filter(|p| !is_hidden(p))
+            .collect();
         if classes.is_empty() {
             return Err(Error::data(
                 dir,
-                "no class folders with files: put each class's images in a sub-folder",
+                "no class folders: put each class's images in a sub-folder named after it",
             ));
         }
-        let (mut pixels, mut labels) = (Vec::new(), Vec::new());
+        let (mut pixels, mut labels, mut skipped) = (Vec::new(), Vec::new(), Vec::new());
         for (label, class_dir) in classes.iter().enumerate() {
-            for file in sorted_entries(class_dir, false)? {
+            let (images, others): (Vec<PathBuf>, Vec<PathBuf>) = sorted_entries(class_dir, false)?
+                .into_iter()
+                .partition(|file| !is_hidden(file) && has_image_extension(file));
+            skipped.extend(others);
+            if images.is_empty() && !options.allow_empty_classes {
+                return Err(Error::data(
+                    class_dir,
+                    format!(
+                        "class {label} has no images (extensions {}): add some, remove the \
+                         folder, or allow empty classes with FolderOptions",
+                        IMAGE_EXTENSIONS.join(", ")
+                    ),
+                ));
+            }
+            for file in images {
                 pixels.extend(load(&file)?);
                 labels.push(label);
             }
+        }
+        if labels.is_empty() {
+            return Err(Error::data(dir, "the class folders hold no images"));
         }
         let names = classes
             .iter()
@@ -206,12 +267,20 @@ impl Dataset {
                     .map_or(String::new(), |n| n.to_string_lossy().into())
             })
             .collect();
-        Self::new(
+        let mut data = Self::new(
             [labels.len(), channels, height, width],
             Pixels::U8(pixels),
             labels,
             Some(names),
-        )
+        )?;
+        data.skipped = skipped;
+        Ok(data)
+    }
+
+    /// The files [`Dataset::from_folder`] left out: hidden ones and those without an image
+    /// extension ([`IMAGE_EXTENSIONS`]), e.g. `.DS_Store` or `notes.txt`.
+    pub fn skipped(&self) -> &[PathBuf] {
+        &self.skipped
     }
 
     /// Number of images.
@@ -341,8 +410,23 @@ fn dim_u32(size: usize) -> Result<u32> {
 }
 
 /// The sub-folders (`dirs`) or files of `dir`, sorted by name.
+/// A name starting with a dot (`.DS_Store`, `.ipynb_checkpoints`).
 #[cfg(feature = "image")]
-fn sorted_entries(dir: &Path, dirs: bool) -> Result<Vec<std::path::PathBuf>> {
+fn is_hidden(path: &Path) -> bool {
+    path.file_name()
+        .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+}
+
+#[cfg(feature = "image")]
+fn has_image_extension(path: &Path) -> bool {
+    path.extension().is_some_and(|e| {
+        let e = e.to_string_lossy().to_ascii_lowercase();
+        IMAGE_EXTENSIONS.contains(&e.as_str())
+    })
+}
+
+#[cfg(feature = "image")]
+fn sorted_entries(dir: &Path, dirs: bool) -> Result<Vec<PathBuf>> {
     let entries = std::fs::read_dir(dir).map_err(|e| Error::data_io(dir, "cannot list", e))?;
     let mut paths = Vec::new();
     for entry in entries {

@@ -7,7 +7,7 @@ mod dataset;
 mod idx;
 mod preprocess;
 
-pub use dataset::{Dataset, Pixels};
+pub use dataset::{Dataset, FolderOptions, IMAGE_EXTENSIONS, Pixels};
 pub use idx::{Images, Mnist, read_idx_images, read_idx_labels};
 #[cfg(feature = "image")]
 pub use preprocess::load_image;
