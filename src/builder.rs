@@ -219,6 +219,9 @@ impl GraphBuilder {
         let shapes = std::mem::take(&mut plan.shapes);
         plan.id = usize::MAX;
         let mut graph = Graph::new(device, seed);
+        if let Some(per_image) = shapes.first().and_then(|input| input.get(1..)) {
+            graph.expect_input(per_image);
+        }
         for (node, shape) in nodes.into_iter().zip(shapes.into_iter().skip(1)) {
             let value = graph.add_boxed(&node.name, node.layer, &node.inputs)?;
             graph.set_planned_shape(value, shape);

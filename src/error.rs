@@ -43,7 +43,9 @@ pub enum Error {
 
     /// A dimension of size zero, which no kernel can work on.
     #[error(
-        "{op}: dimension {axis} of shape {shape:?} is zero; every dimension must be at least 1"
+        "{op}: dimension {axis} of shape {shape:?} is zero{batch}; every dimension must be at \
+         least 1",
+        batch = if *axis == 0 { " (an empty batch)" } else { "" }
     )]
     EmptyDimension {
         /// The operation that checked the shape.

@@ -249,3 +249,78 @@ fn shape_mismatches_carry_their_shapes() {
     assert!(detail.contains("\"fc\""), "{detail}");
     assert_eq!(shapes, &[vec![2, 5], vec![2, 6]]);
 }
+
+/// Each of these used to be reported by its symptom (two matrix shapes in `fc1`, thirty
+/// unexpected names, "dimension 0 of shape [0]"); each message now names the fix.
+#[test]
+fn messages_name_the_fix() {
+    use wgcnn::nn::{LeNetOptions, lenet5};
+    use wgcnn::train::{Checkpoint, train_step};
+    use wgcnn::{Device, Mode, Optimizer, Value};
+    let lenet = || {
+        lenet5(LeNetOptions::default())
+            .unwrap()
+            .build(Device::Cpu, 1)
+            .unwrap()
+    };
+
+    // An image of another size than the model was written for.
+    let mut model = lenet();
+    let err = model
+        .forward(Value::from(random(&[2, 1, 32, 32], 1)), Mode::Eval)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("the model expects input [N, 1, 28, 28]"),
+        "{err}"
+    );
+    assert!(err.contains("[2, 1, 32, 32]"), "{err}");
+
+    // An empty batch.
+    let err = model
+        .forward(Value::from(random(&[0, 1, 28, 28], 1)), Mode::Eval)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("an empty batch"), "{err}");
+
+    // A weight saved as integers.
+    let mut checkpoint = model.checkpoint().unwrap();
+    let weight = checkpoint.tensors.remove(0);
+    let integers = vec![(weight.0.clone(), weight.1.mapv(|v| v as i64))];
+    let as_integers = Checkpoint::with_integers(checkpoint.tensors.clone(), integers).unwrap();
+    let err = model.load_checkpoint(&as_integers).unwrap_err().to_string();
+    assert!(
+        err.contains(&format!("{:?} is an integer tensor", weight.0)) && err.contains("float32"),
+        "{err}"
+    );
+    assert!(!err.contains("unexpected"), "{err}");
+
+    // A training checkpoint where the weights alone are expected.
+    let x = random(&[4, 1, 28, 28], 2);
+    let mut adam = model.optimizer(Optimizer::adam(1e-3)).unwrap();
+    train_step(
+        &mut model,
+        &mut adam,
+        |d| d.upload(x.clone()),
+        &[0, 1, 2, 3],
+    )
+    .unwrap();
+    let training = model.training_checkpoint(&adam).unwrap();
+    let err = lenet().load_checkpoint(&training).unwrap_err().to_string();
+    assert!(
+        err.contains("training checkpoint") && err.contains("load_training"),
+        "{err}"
+    );
+
+    // Resuming with another rule than the run's.
+    let mut fresh = lenet();
+    let mut sgd = fresh.optimizer(Optimizer::sgd(0.1).momentum(0.9)).unwrap();
+    let err = fresh
+        .load_training_checkpoint(&mut sgd, &training)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("the state of Adam or AdamW") && err.contains("(SGD with momentum)"),
+        "{err}"
+    );
+}

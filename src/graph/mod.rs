@@ -256,6 +256,9 @@ pub struct Graph {
     /// whose optimizer state (if any) the next update drops, as PyTorch's optimizer never
     /// saw them.
     replaced: Vec<String>,
+    /// One input's shape (no batch axis) the model was built for, where its builder knew
+    /// it: named when an input of another shape fails in a layer.
+    expected_input: Option<Vec<usize>>,
 }
 
 impl Graph {
@@ -275,7 +278,13 @@ impl Graph {
             last_forward_use: Vec::new(),
             last_backward_use: Vec::new(),
             replaced: Vec::new(),
+            expected_input: None,
         }
+    }
+
+    /// Records the shape of one input (no batch axis) the model was built for.
+    pub(crate) fn expect_input(&mut self, shape: &[usize]) {
+        self.expected_input = Some(shape.to_vec());
     }
 
     /// The model's input.
@@ -487,6 +496,7 @@ impl Graph {
             step: self.step,
         };
         let keep = mode != Mode::Eval;
+        let given = input.shape().to_vec();
         self.values = (0..=self.nodes.len()).map(|_| None).collect();
         self.values[0] = Some(input);
         self.saved = (0..self.nodes.len()).map(|_| Vec::new()).collect();
@@ -510,7 +520,15 @@ impl Graph {
             let out = node
                 .layer
                 .forward(ctx, &inputs, &mut node.state)
-                .map_err(|e| in_node(&node.name, e))?;
+                .map_err(|e| {
+                    let e = in_node(&node.name, e);
+                    match &self.expected_input {
+                        Some(expected) if given.get(1..) != Some(expected.as_slice()) => {
+                            not_the_input_built_for(e, expected, &given)
+                        }
+                        _ => e,
+                    }
+                })?;
             if let Some(checks) = &mut self.finite {
                 checks.check(|| format!("the output of node {:?}", node.name), &out.y)?;
             }
@@ -955,6 +973,37 @@ fn freed(v: ValueId) -> Error {
     Error::InvalidArgument {
         op: "graph",
         detail: format!("value {v} is not available (freed, or no forward pass yet)"),
+    }
+}
+
+/// A layer's shape error for an input of another shape than the model was built for: the
+/// message starts with the input the model expects.
+fn not_the_input_built_for(error: Error, expected: &[usize], given: &[usize]) -> Error {
+    match error {
+        Error::ShapeMismatch {
+            op,
+            mut shapes,
+            detail,
+        } => {
+            let mut batch = vec![given.first().copied().unwrap_or(1)];
+            batch.extend_from_slice(expected);
+            shapes.insert(0, given.to_vec());
+            shapes.insert(1, batch);
+            Error::ShapeMismatch {
+                op,
+                shapes,
+                detail: format!(
+                    "the model expects input [N, {}], this input is {given:?} (resize or \
+                     crop to that size); {detail}",
+                    expected
+                        .iter()
+                        .map(usize::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            }
+        }
+        other => other,
     }
 }
 

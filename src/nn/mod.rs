@@ -28,6 +28,8 @@ use crate::value::Activation;
 #[derive(Default)]
 pub struct Sequential {
     layers: Vec<(String, Box<dyn Layer>)>,
+    /// One input's shape (no batch axis), where the stack was written for one.
+    input: Option<Vec<usize>>,
 }
 
 impl Sequential {
@@ -61,11 +63,21 @@ impl Sequential {
             });
         }
         let mut graph = Graph::new(device, seed);
+        if let Some(input) = &self.input {
+            graph.expect_input(input);
+        }
         let mut last = Graph::INPUT;
         for (name, layer) in self.layers {
             last = graph.add_boxed(&name, layer, &[last])?;
         }
         Ok(graph)
+    }
+
+    /// Written for inputs of `shape` per image (`[C, H, W]`, no batch axis): an input of
+    /// another shape that fails in a layer is an error that names this one first.
+    pub fn expects_input(mut self, shape: &[usize]) -> Self {
+        self.input = Some(shape.to_vec());
+        self
     }
 
     /// The model for inputs of `input` shape (batch first; the batch size is free): each
@@ -82,6 +94,7 @@ impl Sequential {
         let mut one = input.to_vec();
         one[0] = 1;
         let mut graph = Graph::new(device, seed);
+        graph.expect_input(&input[1..]);
         let mut last = Graph::INPUT;
         let mut shape = one.clone();
         for (name, mut layer) in self.layers {
@@ -113,7 +126,7 @@ pub struct LeNetOptions {
 /// convolutions have no bias (batch norm would cancel it).
 pub fn lenet5(options: LeNetOptions) -> Result<Sequential> {
     let relu_act = Activation::Relu;
-    let mut model = Sequential::new();
+    let mut model = Sequential::new().expects_input(&[1, 28, 28]);
     for (i, (c_in, c_out)) in [(1, 6), (6, 16)].into_iter().enumerate() {
         let conv = Conv2d::new(c_in, c_out, (5, 5)).init(options.init);
         model = if options.batch_norm {

@@ -223,6 +223,10 @@ fn name_and_shape_problems(checkpoint: &Checkpoint, expected: &[(&str, &[usize])
     let mut problems = Vec::new();
     for (name, shape) in expected {
         match checkpoint.get(name) {
+            None if checkpoint.get_integer(name).is_some() => problems.push(format!(
+                "{name:?} is an integer tensor in the checkpoint, the model keeps it as \
+                 float32: save it as floats (PyTorch: `tensor.float()`)"
+            )),
             None => problems.push(format!("missing {name:?}")),
             Some(t) if t.shape() != *shape => problems.push(format!(
                 "{name:?} is {:?}, the model needs {shape:?}",
@@ -291,6 +295,16 @@ impl crate::graph::Graph {
     /// count the checkpoint lacks (one written before batch norm kept `num_batches_tracked`)
     /// is left as it is, as PyTorch does for old state dicts.
     pub fn load_checkpoint(&mut self, checkpoint: &Checkpoint) -> Result<()> {
+        if super::resume::is_training_checkpoint(checkpoint) {
+            return Err(Error::ShapeMismatch {
+                op: "checkpoint",
+                shapes: Vec::new(),
+                detail: "this is a training checkpoint (it holds the optimizer's state too): \
+                         resume it with Graph::load_training(path, &mut optimizer), or take \
+                         the weights alone with Graph::load_matching"
+                    .into(),
+            });
+        }
         let state: Vec<(String, Vec<usize>)> = self
             .all_state()
             .into_iter()
@@ -306,6 +320,8 @@ impl crate::graph::Graph {
         let mut counts = Vec::new();
         for (name, saved) in &checkpoint.integers {
             match counters.iter().find(|(n, _)| n == name) {
+                // Named above as a float the checkpoint holds as integers.
+                None if weights.iter().any(|(n, _)| n == name) => {}
                 None => problems.push(format!("unexpected {name:?}")),
                 Some((_, shape)) if saved.shape() != shape.as_slice() => problems.push(format!(
                     "{name:?} is {:?}, the model needs {shape:?}",

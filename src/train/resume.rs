@@ -20,6 +20,30 @@ const OPTIMIZER: &str = "optimizer.";
 const OPTIMIZER_STEP: &str = "optimizer.step";
 const GRAPH_STEP: &str = "graph.step";
 
+/// Whether `checkpoint` is a training checkpoint (it holds an optimizer's state).
+pub(crate) fn is_training_checkpoint(checkpoint: &Checkpoint) -> bool {
+    checkpoint
+        .integers
+        .iter()
+        .any(|(n, _)| n == OPTIMIZER_STEP || n == GRAPH_STEP)
+        || checkpoint
+            .tensors
+            .iter()
+            .any(|(n, _)| n.starts_with(OPTIMIZER))
+}
+
+/// The rule whose state tensors per parameter are `slots` (PyTorch's names).
+fn rule_keeping(slots: &[&str]) -> &'static str {
+    match slots {
+        [] => "SGD without momentum",
+        ["momentum_buffer"] => "SGD with momentum",
+        ["sum"] => "AdaGrad",
+        ["exp_avg", "exp_avg_sq"] => "Adam or AdamW",
+        ["exp_avg", "exp_avg_sq", "max_exp_avg_sq"] => "Adam or AdamW with amsgrad",
+        _ => "an unknown rule",
+    }
+}
+
 fn mismatch(detail: String) -> Error {
     Error::ShapeMismatch {
         op: "training checkpoint",
@@ -158,6 +182,24 @@ impl Graph {
             problems.push("no optimizer state for any parameter of this model".into());
         }
         if !problems.is_empty() {
+            // Another rule than the run's is the usual cause: name both.
+            let mut kept: Vec<&str> = saved
+                .iter()
+                .filter_map(|(n, _)| n.rsplit('.').next())
+                .collect();
+            kept.sort_unstable();
+            kept.dedup();
+            let mut wanted = slots.to_vec();
+            wanted.sort_unstable();
+            if kept != wanted {
+                problems.push(format!(
+                    "the checkpoint keeps {kept:?} per parameter, the state of {}; this \
+                     optimizer ({}) keeps {wanted:?}: resume with the rule the run was saved \
+                     with",
+                    rule_keeping(&kept),
+                    rule_keeping(&wanted)
+                ));
+            }
             return Err(mismatch(problems.join("; ")));
         }
         let model = Checkpoint::with_integers(
