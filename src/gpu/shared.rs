@@ -12,6 +12,13 @@ pub(crate) const WORKGROUP: u32 = 256;
 /// an output of a direct convolution, one output's reduction.
 pub(crate) const WORKGROUP_SMALL: u32 = 64;
 
+/// The most loop iterations one invocation may run, over all its loops: a quarter of
+/// lavapipe's cap (it silently ends an invocation's loops after 65,535 iterations in all,
+/// Mesa's `LP_MAX_TGSI_LOOP_ITERATIONS`), and short enough for real GPUs' watchdogs. A
+/// kernel whose work per invocation could pass it spreads the work over a workgroup's
+/// lanes (or more workgroups), or its op refuses the shape with an error naming the limit.
+pub(crate) const MAX_LOOP_ITERATIONS: usize = 16_384;
+
 /// The codes of `Activation` that kernels switch on (`activate` in shaders/epilogue.wgsl).
 pub(crate) mod activation_code {
     pub(crate) const NONE: u32 = 0;

@@ -7,7 +7,7 @@ use ndarray::{ArrayD, ArrayViewD, Axis};
 
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
-use crate::gpu::shared::{WORKGROUP, small_workgroups};
+use crate::gpu::shared::{MAX_LOOP_ITERATIONS, WORKGROUP, small_workgroups};
 use crate::tensor::{Tensor, gpu_word};
 use crate::value::Value;
 
@@ -106,9 +106,38 @@ const ONE_GROUP_ROWS: usize = WORKGROUP as usize;
 /// 2 threads: 64 rows of 1000 classes 0.58 ms in one group against 0.70 ms in two passes).
 const ONE_GROUP_LOGITS: usize = 65_536;
 
+/// How the loss kernels cover a row of `classes` logits within the loop bound
+/// (`MAX_LOOP_ITERATIONS`): one invocation per row reads each logit three times; one
+/// workgroup per row (`main_wide`) reads `classes / WORKGROUP` per lane three times and
+/// adds up two trees. Past that, an error.
+fn row_kernel(classes: usize) -> Result<RowKernel> {
+    let tree = WORKGROUP.ilog2() as usize;
+    if 3 * classes + tree <= MAX_LOOP_ITERATIONS {
+        Ok(RowKernel::PerInvocation)
+    } else if 3 * (classes.div_ceil(WORKGROUP as usize) + tree) <= MAX_LOOP_ITERATIONS {
+        Ok(RowKernel::PerWorkgroup)
+    } else {
+        let most = (MAX_LOOP_ITERATIONS / 3 - tree) * WORKGROUP as usize;
+        Err(Error::InvalidArgument {
+            op: OP,
+            detail: format!(
+                "{classes} classes per row; the loss kernels take at most {most} (each \
+                 invocation's loops are bounded, see ARCHITECTURE.md)"
+            ),
+        })
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum RowKernel {
+    PerInvocation,
+    PerWorkgroup,
+}
+
 /// Loss, gradient and correct count for `logits [N, K]` and `labels` (each below K).
 pub fn softmax_cross_entropy(logits: &Tensor, labels: &[usize]) -> Result<CrossEntropy<Tensor>> {
     let (rows, classes) = check(logits.shape(), labels)?;
+    let kernel = row_kernel(classes)?;
     let gpu = logits.gpu();
     let labels = upload_labels(gpu, labels)?;
     let grad = Tensor::uninit(gpu, logits.shape())?;
@@ -133,7 +162,10 @@ pub fn softmax_cross_entropy(logits: &Tensor, labels: &[usize]) -> Result<CrossE
             gpu.encode_at(pass, &pipeline, params, &bindings, groups)
         })
     };
-    if rows <= ONE_GROUP_ROWS && rows * classes <= ONE_GROUP_LOGITS {
+    if kernel == RowKernel::PerInvocation
+        && rows <= ONE_GROUP_ROWS
+        && rows * classes <= ONE_GROUP_LOGITS
+    {
         let loss = Tensor::uninit(gpu, &[1])?;
         let correct = Tensor::uninit(gpu, &[1])?;
         run("main_small", [(6, &loss), (7, &correct)], 1)?;
@@ -145,11 +177,18 @@ pub fn softmax_cross_entropy(logits: &Tensor, labels: &[usize]) -> Result<CrossE
     }
     let row_loss = Tensor::uninit(gpu, &[rows])?;
     let row_correct = Tensor::uninit(gpu, &[rows])?;
-    run(
-        "main",
-        [(4, &row_loss), (5, &row_correct)],
-        small_workgroups(rows as u64),
-    )?;
+    match kernel {
+        RowKernel::PerInvocation => run(
+            "main",
+            [(4, &row_loss), (5, &row_correct)],
+            small_workgroups(rows as u64),
+        )?,
+        RowKernel::PerWorkgroup => run(
+            "main_wide",
+            [(4, &row_loss), (5, &row_correct)],
+            rows as u64,
+        )?,
+    }
     per_row_to_totals(grad, &row_loss, &row_correct)
 }
 
