@@ -90,3 +90,40 @@ fn softmax_backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_
     for (var j = 0u; j < p.row; j++) { dot += dy[base + j] * y[base + j]; }
     for (var j = 0u; j < p.row; j++) { dx[base + j] = y[base + j] * (dy[base + j] - dot); }
 }
+
+// ---- The same per workgroup, for rows too long for one invocation's loops: one workgroup
+// per row, its lanes striding over it (rows.wgsl's trees add them up).
+@compute @workgroup_size(WORKGROUP)
+fn softmax_wide(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lane: u32,
+) {
+    let r = row_of(wid, nwg);
+    if r >= p.total { return; }   // uniform across the workgroup
+    let base = r * p.row;
+    var top = src[base];
+    for (var j = lane; j < p.row; j += WORKGROUP) { top = max(top, src[base + j]); }
+    let row_top = row_max(lane, top);
+    var sum = 0.0;
+    for (var j = lane; j < p.row; j += WORKGROUP) { sum += exp(src[base + j] - row_top); }
+    let row_total = row_sum(lane, sum);
+    for (var j = lane; j < p.row; j += WORKGROUP) {
+        dst[base + j] = exp(src[base + j] - row_top) / row_total;
+    }
+}
+
+@compute @workgroup_size(WORKGROUP)
+fn softmax_backward_wide(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lane: u32,
+) {
+    let r = row_of(wid, nwg);
+    if r >= p.total { return; }
+    let base = r * p.row;
+    var dot = 0.0;
+    for (var j = lane; j < p.row; j += WORKGROUP) { dot += dy[base + j] * y[base + j]; }
+    let row_dot = row_sum(lane, dot);
+    for (var j = lane; j < p.row; j += WORKGROUP) { dx[base + j] = y[base + j] * (dy[base + j] - row_dot); }
+}

@@ -57,3 +57,57 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
     row_loss[r] = p.alpha * p.temperature * p.temperature * kl + (1.0 - p.alpha) * ce;
     row_correct[r] = select(0.0, 1.0, best == label);
 }
+
+// ---- The same per workgroup, for rows too long for one invocation's loops: one workgroup
+// per row, its lanes striding over the classes (rows.wgsl's trees add them up).
+
+// log Σ exp(scale·v) over the row at `base` of `which`, every lane taking part.
+fn log_sum_exp_wide(lane: u32, base: u32, which: u32, scale: f32) -> f32 {
+    var top = scale * select(student[base], teacher[base], which == 1u);
+    for (var j = lane; j < p.classes; j += WORKGROUP) {
+        top = max(top, scale * select(student[base + j], teacher[base + j], which == 1u));
+    }
+    let row_top = row_max(lane, top);
+    var sum = 0.0;
+    for (var j = lane; j < p.classes; j += WORKGROUP) {
+        sum += exp(scale * select(student[base + j], teacher[base + j], which == 1u) - row_top);
+    }
+    return row_top + log(row_sum(lane, sum));
+}
+
+@compute @workgroup_size(WORKGROUP)
+fn main_wide(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lane: u32,
+) {
+    let r = row_of(wid, nwg);
+    if r >= p.rows { return; }   // uniform across the workgroup
+    let base = r * p.classes;
+    let label = labels[r];
+    let inv_t = 1.0 / p.temperature;
+    let lse = log_sum_exp_wide(lane, base, 0u, 1.0);
+    let lse_student = log_sum_exp_wide(lane, base, 0u, inv_t);
+    let lse_teacher = log_sum_exp_wide(lane, base, 1u, inv_t);
+    var kl = 0.0;
+    var top = student[base];
+    var best = 0u;
+    for (var j = lane; j < p.classes; j += WORKGROUP) {
+        let s = student[base + j];
+        if s > top { top = s; best = j; }
+        let log_pt = teacher[base + j] * inv_t - lse_teacher;
+        let log_q = s * inv_t - lse_student;
+        let pt = exp(log_pt);
+        kl += pt * (log_pt - log_q);
+        let soft = p.alpha * p.temperature * (exp(log_q) - pt);
+        let hard = (1.0 - p.alpha) * (exp(s - lse) - select(0.0, 1.0, j == label));
+        grad[base + j] = (soft + hard) * p.scale;
+    }
+    let row_kl = row_sum(lane, kl);
+    let row_best = row_argmax(lane, top, best);
+    if lane == 0u {
+        let ce = lse - student[base + label];
+        row_loss[r] = p.alpha * p.temperature * p.temperature * row_kl + (1.0 - p.alpha) * ce;
+        row_correct[r] = select(0.0, 1.0, row_best == label);
+    }
+}

@@ -58,3 +58,64 @@ fn nll(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) n
     row_correct[r] = select(0.0, 1.0, best == label);
     for (var j = 0u; j < p.classes; j++) { dx[base + j] = select(0.0, -p.scale, j == label); }
 }
+
+// ---- The same per workgroup, for rows too long for one invocation's loops: one workgroup
+// per row, its lanes striding over the classes (rows.wgsl's trees add them up).
+
+@compute @workgroup_size(WORKGROUP)
+fn forward_wide(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lane: u32,
+) {
+    let r = row_of(wid, nwg);
+    if r >= p.rows { return; }   // uniform across the workgroup
+    let base = r * p.classes;
+    var top = x[base];
+    for (var j = lane; j < p.classes; j += WORKGROUP) { top = max(top, x[base + j]); }
+    let row_top = row_max(lane, top);
+    var sum = 0.0;
+    for (var j = lane; j < p.classes; j += WORKGROUP) { sum += exp(x[base + j] - row_top); }
+    let shift = row_top + log(row_sum(lane, sum));
+    for (var j = lane; j < p.classes; j += WORKGROUP) { y[base + j] = x[base + j] - shift; }
+}
+
+@compute @workgroup_size(WORKGROUP)
+fn backward_wide(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lane: u32,
+) {
+    let r = row_of(wid, nwg);
+    if r >= p.rows { return; }
+    let base = r * p.classes;
+    var total = 0.0;
+    for (var j = lane; j < p.classes; j += WORKGROUP) { total += dy[base + j]; }
+    let row_total = row_sum(lane, total);
+    for (var j = lane; j < p.classes; j += WORKGROUP) {
+        dx[base + j] = dy[base + j] - exp(y[base + j]) * row_total;
+    }
+}
+
+@compute @workgroup_size(WORKGROUP)
+fn nll_wide(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lane: u32,
+) {
+    let r = row_of(wid, nwg);
+    if r >= p.rows { return; }
+    let base = r * p.classes;
+    let label = labels[r];
+    var top = x[base];
+    var best = 0u;
+    for (var j = lane; j < p.classes; j += WORKGROUP) {
+        if x[base + j] > top { top = x[base + j]; best = j; }
+    }
+    let row_best = row_argmax(lane, top, best);
+    for (var j = lane; j < p.classes; j += WORKGROUP) { dx[base + j] = select(0.0, -p.scale, j == label); }
+    if lane == 0u {
+        row_loss[r] = -x[base + label];
+        row_correct[r] = select(0.0, 1.0, row_best == label);
+    }
+}

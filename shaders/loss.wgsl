@@ -81,60 +81,30 @@ fn totals(@builtin(local_invocation_index) i: u32) {
 }
 
 // Rows too long for one invocation's loops (`main` reads each logit three times): one
-// workgroup per row, its lanes striding over the classes, the maximum (with its first index)
-// and the sum of exponentials added up in trees. Per-row values for `totals`, as `main`.
-var<workgroup> wide_top: array<f32, WORKGROUP>;
-var<workgroup> wide_best: array<u32, WORKGROUP>;
-var<workgroup> wide_sum: array<f32, WORKGROUP>;
-
-const NO_CLASS: u32 = 0xffffffffu;
-
+// workgroup per row, its lanes striding over the classes (rows.wgsl's trees add them up).
+// Per-row values for `totals`, as `main`.
 @compute @workgroup_size(WORKGROUP)
 fn main_wide(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lane: u32,
 ) {
-    let r = wid.x + wid.y * nwg.x;
-    // Uniform across the workgroup, so the barriers below stay in uniform control flow.
+    let r = row_of(wid, nwg);
+    // Uniform across the workgroup, so the barriers in the trees stay in uniform control flow.
     if r >= p.rows { return; }
     let base = r * p.classes;
-    // This lane's maximum and its first index (strict > keeps the first), NO_CLASS if the
-    // lane has no class.
-    var top = 0.0;
-    var best = NO_CLASS;
+    // Every lane starts from class 0, so each has a value; strict > keeps first indices.
+    var top = logits[base];
+    var best = 0u;
     for (var j = lane; j < p.classes; j += WORKGROUP) {
         let z = logits[base + j];
-        if best == NO_CLASS || z > top { top = z; best = j; }
+        if z > top { top = z; best = j; }
     }
-    wide_top[lane] = top;
-    wide_best[lane] = best;
-    workgroupBarrier();
-    for (var half = WORKGROUP / 2u; half > 0u; half >>= 1u) {
-        if lane < half {
-            let other = wide_best[lane + half];
-            let mine = wide_best[lane];
-            let z = wide_top[lane + half];
-            // The larger value wins; of equal ones the first index.
-            if other != NO_CLASS && (mine == NO_CLASS || z > wide_top[lane]
-                || (z == wide_top[lane] && other < mine)) {
-                wide_top[lane] = z;
-                wide_best[lane] = other;
-            }
-        }
-        workgroupBarrier();
-    }
-    let row_top = wide_top[0];
-    let row_best = wide_best[0];
+    let row_best = row_argmax(lane, top, best);
+    let row_top = logits[base + row_best];
     var sum = 0.0;
     for (var j = lane; j < p.classes; j += WORKGROUP) { sum += exp(logits[base + j] - row_top); }
-    wide_sum[lane] = sum;
-    workgroupBarrier();
-    for (var half = WORKGROUP / 2u; half > 0u; half >>= 1u) {
-        if lane < half { wide_sum[lane] += wide_sum[lane + half]; }
-        workgroupBarrier();
-    }
-    let lse = row_top + log(wide_sum[0]);
+    let lse = row_top + log(row_sum(lane, sum));
     let label = labels[r];
     for (var j = lane; j < p.classes; j += WORKGROUP) {
         let prob = exp(logits[base + j] - lse);

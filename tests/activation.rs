@@ -215,3 +215,32 @@ fn nan_propagates_through_every_activation_as_in_pytorch() {
         );
     }
 }
+
+/// Rows too long for one invocation's loop bound (lavapipe ended softmax's loops early at
+/// 70,000) run one workgroup per row: forward and backward against the CPU.
+#[test]
+fn softmax_over_long_rows_matches_the_cpu() {
+    let Some(gpu) = gpu() else { return };
+    let x = random(&[3, 70_000], 7).mapv(|v| 5.0 * v);
+    let want = wgcnn::cpu::softmax(&x.view()).unwrap();
+    let y = wgcnn::ops::softmax(&Tensor::from_array(gpu, &x).unwrap()).unwrap();
+    let got = y.to_array().unwrap();
+    assert!(
+        max_abs_diff(&got, &want) < 1e-7,
+        "{}",
+        max_abs_diff(&got, &want)
+    );
+    let sums: Vec<f32> = got.rows().into_iter().map(|r| r.sum()).collect();
+    assert!(sums.iter().all(|s| (s - 1.0).abs() < 1e-3), "{sums:?}");
+    let dy = random(&[3, 70_000], 8);
+    let want_dx = wgcnn::cpu::softmax_backward(&want.view(), &dy.view()).unwrap();
+    let dx = wgcnn::ops::softmax_backward(&y, &Tensor::from_array(gpu, &dy).unwrap())
+        .unwrap()
+        .to_array()
+        .unwrap();
+    assert!(
+        max_abs_diff(&dx, &want_dx) < 1e-6,
+        "{}",
+        max_abs_diff(&dx, &want_dx)
+    );
+}

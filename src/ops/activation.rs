@@ -4,6 +4,7 @@
 use bytemuck::{Pod, Zeroable};
 use ndarray::{ArrayD, ArrayViewD, Axis, Zip};
 
+use super::rows::{RowKernel, row_kernel};
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::gpu::dispatch::Binding;
@@ -60,22 +61,22 @@ fn launch_elementwise(
     launch(gpu, entry, params, &bindings, groups)
 }
 
-/// A softmax kernel: one invocation per row (`params.total` rows).
+/// A softmax kernel reading each row `passes` times: one invocation per row
+/// (`params.total` rows), or its `_wide` twin (one workgroup per row) where that would pass
+/// the loop bound.
 fn launch_rows(
     gpu: &Gpu,
-    entry: &str,
+    (entry, passes): (&'static str, usize),
     params: ActivationParams,
     first: u32,
     tensors: &[&Tensor],
 ) -> Result<()> {
     let bindings: Vec<_> = (first..).zip(tensors.iter().map(|t| t.binding())).collect();
-    launch(
-        gpu,
-        entry,
-        params,
-        &bindings,
-        workgroups(u64::from(params.total)),
-    )
+    let rows = u64::from(params.total);
+    match row_kernel(entry, params.row as usize, passes)? {
+        RowKernel::PerInvocation => launch(gpu, entry, params, &bindings, workgroups(rows)),
+        RowKernel::PerWorkgroup => launch(gpu, &format!("{entry}_wide"), params, &bindings, rows),
+    }
 }
 
 fn launch(
@@ -88,6 +89,7 @@ fn launch(
     let pipeline = gpu.pipeline("activation", entry, || {
         [
             include_str!("../../shaders/epilogue.wgsl"),
+            include_str!("../../shaders/rows.wgsl"),
             include_str!("../../shaders/activation.wgsl"),
         ]
         .concat()
@@ -219,7 +221,7 @@ pub fn softmax(x: &Tensor) -> Result<Tensor> {
     let y = Tensor::uninit(x.gpu(), x.shape())?;
     launch_rows(
         x.gpu(),
-        "softmax",
+        ("softmax", 3),
         Activation::None.params(count, row),
         1,
         &[x, &y],
@@ -234,7 +236,7 @@ pub fn softmax_backward(y: &Tensor, dy: &Tensor) -> Result<Tensor> {
     let dx = Tensor::uninit(y.gpu(), y.shape())?;
     launch_rows(
         y.gpu(),
-        "softmax_backward",
+        ("softmax_backward", 2),
         Activation::None.params(count, row),
         4,
         &[y, dy, &dx],

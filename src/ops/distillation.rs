@@ -6,6 +6,7 @@
 use bytemuck::{Pod, Zeroable};
 use ndarray::{ArrayD, ArrayViewD, Axis, IxDyn};
 
+use super::rows::{RowKernel, row_kernel};
 use super::softmax_cross_entropy::{CrossEntropy, check, per_row_to_totals, upload_labels};
 use crate::error::{Error, Result};
 use crate::gpu::shared::small_workgroups;
@@ -82,8 +83,19 @@ impl Distillation {
             temperature: self.temperature,
             _pad: [0; 3],
         };
-        let pipeline = gpu.pipeline("distill", "main", || {
-            include_str!("../../shaders/distill.wgsl").into()
+        // Seven passes over a row (three log-sum-exps of two, then the gradient), and a
+        // tree per sum in the wide kernel: eight to be safe.
+        let classes = student.shape()[1];
+        let (entry, groups) = match row_kernel(OP, classes, 8)? {
+            RowKernel::PerInvocation => ("main", small_workgroups(rows as u64)),
+            RowKernel::PerWorkgroup => ("main_wide", rows as u64),
+        };
+        let pipeline = gpu.pipeline("distill", entry, || {
+            [
+                include_str!("../../shaders/rows.wgsl"),
+                include_str!("../../shaders/distill.wgsl"),
+            ]
+            .concat()
         })?;
         gpu.run_pass(OP, |pass| {
             let bindings = [
@@ -99,7 +111,7 @@ impl Distillation {
                 &pipeline,
                 bytemuck::bytes_of(&params),
                 &bindings,
-                small_workgroups(rows as u64),
+                groups,
             )
         })?;
         per_row_to_totals(grad, &row_loss, &row_correct)

@@ -6,6 +6,7 @@
 use bytemuck::{Pod, Zeroable};
 use ndarray::{ArrayD, ArrayViewD, Axis};
 
+use super::rows::{RowKernel, row_kernel};
 use super::softmax_cross_entropy::{CrossEntropy, check, per_row_to_totals, upload_labels};
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
@@ -37,9 +38,11 @@ fn rows_of(op: &'static str, shape: &[usize]) -> Result<(usize, usize)> {
     }
 }
 
+/// Runs `entry`, which reads each row `passes` times: one invocation per row, or its
+/// `_wide` twin (one workgroup per row) where that would pass the loop bound.
 fn launch(
     gpu: &Gpu,
-    entry: &str,
+    (entry, passes): (&str, usize),
     (rows, classes): (usize, usize),
     scale: f32,
     bindings: &[(u32, Binding<'_>)],
@@ -50,8 +53,16 @@ fn launch(
         scale,
         _pad: 0,
     };
-    let pipeline = gpu.pipeline("log_softmax", entry, || {
-        include_str!("../../shaders/log_softmax.wgsl").into()
+    let (entry, groups) = match row_kernel(OP, classes, passes)? {
+        RowKernel::PerInvocation => (entry.to_string(), small_workgroups(rows as u64)),
+        RowKernel::PerWorkgroup => (format!("{entry}_wide"), rows as u64),
+    };
+    let pipeline = gpu.pipeline("log_softmax", &entry, || {
+        [
+            include_str!("../../shaders/rows.wgsl"),
+            include_str!("../../shaders/log_softmax.wgsl"),
+        ]
+        .concat()
     })?;
     gpu.run_pass(OP, |pass| {
         gpu.encode_at(
@@ -59,7 +70,7 @@ fn launch(
             &pipeline,
             bytemuck::bytes_of(&params),
             bindings,
-            small_workgroups(rows as u64),
+            groups,
         )
     })
 }
@@ -70,7 +81,7 @@ pub fn log_softmax(x: &Tensor) -> Result<Tensor> {
     let y = Tensor::uninit(x.gpu(), x.shape())?;
     launch(
         x.gpu(),
-        "forward",
+        ("forward", 3),
         dims,
         0.0,
         &[(1, x.binding()), (2, y.binding())],
@@ -92,7 +103,7 @@ pub fn log_softmax_backward(y: &Tensor, dy: &Tensor) -> Result<Tensor> {
     let dx = Tensor::uninit(y.gpu(), y.shape())?;
     launch(
         y.gpu(),
-        "backward",
+        ("backward", 2),
         dims,
         0.0,
         &[(2, y.binding()), (3, dy.binding()), (4, dx.binding())],
@@ -111,7 +122,7 @@ pub fn nll_loss(log_probs: &Tensor, labels: &[usize]) -> Result<CrossEntropy<Ten
     let row_correct = Tensor::uninit(gpu, &[rows])?;
     launch(
         gpu,
-        "nll",
+        ("nll", 2),
         (rows, classes),
         1.0 / rows as f32,
         &[

@@ -20,6 +20,7 @@ pub(crate) mod norm;
 pub mod normalize;
 pub mod pool2d;
 pub(crate) mod reduce;
+mod rows;
 pub mod softmax_cross_entropy;
 
 pub use crate::value::Activation;
