@@ -19,8 +19,11 @@ override ACT: u32 = 0u;
 
 alias Elem = {{ELEM}};
 
+// A pass sums the outer slices first_outer .. first_outer + outer: long sums run as several
+// passes, each accumulating, so that no lane loops past the bound.
 struct Params {
     outer: u32, accumulate: u32, scale: f32, slope: f32,
+    first_outer: u32, _pad0: u32, _pad1: u32, _pad2: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -69,7 +72,7 @@ fn main(
     let terms = p.outer * INNER;
     var sum = Elem(0.0);
     for (var t = lane; t < terms; t += WORKGROUP_SMALL) {
-        let a = t / INNER;
+        let a = p.first_outer + t / INNER;
         let i = t % INNER;
         sum += term((a * MID + m) * INNER + i);
     }
@@ -87,7 +90,7 @@ fn per_output(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgr
     let m = small_invocation_index(gid, nwg);
     if m >= MID { return; }
     var sum = Elem(0.0);
-    for (var a = 0u; a < p.outer; a++) {
+    for (var a = p.first_outer; a < p.first_outer + p.outer; a++) {
         for (var i = 0u; i < INNER; i++) {
             sum += term((a * MID + m) * INNER + i);
         }

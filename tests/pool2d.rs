@@ -592,3 +592,54 @@ fn gated_backward_matches_the_cpu(gpu: &wgcnn::Gpu) {
         }
     }
 }
+
+/// Planes past one invocation's loop bound (lavapipe ended a 256×256 window's loop early):
+/// global average pooling, and adaptive pooling to one output, sum each plane across a
+/// workgroup's lanes; their backward passes against the CPU. A window no kernel keeps
+/// within the bound is an error that points to them.
+#[test]
+fn whole_plane_means_of_large_planes_match_the_cpu() {
+    let Some(_) = gpu() else { return };
+    let x = random(&[2, 3, 300, 300], 21);
+    let want = wgcnn::cpu::global_avg_pool(&x.view()).unwrap();
+    let got = wgcnn::ops::global_avg_pool(&upload(&x))
+        .unwrap()
+        .to_array()
+        .unwrap();
+    assert!(
+        max_abs_diff(&got, &want) < 1e-6,
+        "{}",
+        max_abs_diff(&got, &want)
+    );
+    let dy = random(&[2, 3], 22);
+    let want_dx = wgcnn::cpu::global_avg_pool_backward(x.shape(), &dy.view()).unwrap();
+    let dx = wgcnn::ops::global_avg_pool_backward(x.shape(), &upload(&dy))
+        .unwrap()
+        .to_array()
+        .unwrap();
+    assert!(max_abs_diff(&dx, &want_dx) < 1e-9);
+
+    let one = wgcnn::ops::AdaptiveAvgPool2d::new(1, 1);
+    let got = one.forward(&upload(&x)).unwrap().to_array().unwrap();
+    let want = wgcnn::cpu::adaptive_avg_pool2d(&one, &x.view()).unwrap();
+    assert_eq!(got.shape(), [2, 3, 1, 1]);
+    assert!(
+        max_abs_diff(&got, &want) < 1e-6,
+        "{}",
+        max_abs_diff(&got, &want)
+    );
+
+    let err = Pool2d::avg((300, 300))
+        .forward(&upload(&x))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("loop bound") && err.contains("GlobalAvgPool"),
+        "{err}"
+    );
+    let err = wgcnn::ops::AdaptiveAvgPool2d::new(2, 2)
+        .forward(&upload(&x))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("loop bound"), "{err}");
+}

@@ -5,9 +5,10 @@
 use bytemuck::{Pod, Zeroable};
 use ndarray::{ArrayD, ArrayViewD, IxDyn};
 
+use super::pool2d::global_avg_pool;
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
-use crate::gpu::shared::workgroups;
+use crate::gpu::shared::{MAX_LOOP_ITERATIONS, workgroups};
 use crate::tensor::Tensor;
 use crate::value::Value;
 
@@ -67,6 +68,23 @@ impl AdaptiveAvgPool2d {
     ) -> Result<()> {
         let [_, _, oh, ow] = self.shape(x_shape)?;
         let (h, w) = (x_shape[2], x_shape[3]);
+        // The forward kernel loops over an output's window, the backward one over the
+        // outputs whose windows hold a pixel: within the loop bound, or an error.
+        let most = |n: usize, out: usize| n.div_ceil(out) + 1;
+        let loops = if entry == "forward" {
+            most(h, oh) * most(w, ow)
+        } else {
+            most(oh, h) * most(ow, w)
+        };
+        if loops > MAX_LOOP_ITERATIONS {
+            return Err(Error::InvalidArgument {
+                op: OP,
+                detail: format!(
+                    "{h}×{w} to {oh}×{ow} loops over more than {MAX_LOOP_ITERATIONS} values per \
+                     output or input pixel, past the GPU kernels' loop bound: pool in two steps"
+                ),
+            });
+        }
         let params = AdaptiveParams {
             total: u32::try_from(dst.len()).map_err(|_| Error::InvalidArgument {
                 op: OP,
@@ -94,7 +112,12 @@ impl AdaptiveAvgPool2d {
 
     /// Pools `x` on the GPU.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = Tensor::uninit(x.gpu(), &self.shape(x.shape())?)?;
+        let shape = self.shape(x.shape())?;
+        if self.output == (1, 1) {
+            // A mean per plane: summed across a workgroup's lanes, for planes of any size.
+            return global_avg_pool(x)?.reshape(&shape);
+        }
+        let y = Tensor::uninit(x.gpu(), &shape)?;
         self.run(x.gpu(), x.shape(), "forward", x, &y)?;
         Ok(y)
     }

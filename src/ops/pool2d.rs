@@ -10,9 +10,11 @@ use bytemuck::{Pod, Zeroable};
 use ndarray::{Array4, ArrayD, ArrayView4, ArrayViewD, Ix4};
 
 use super::activation::through_activation_cpu;
+use super::adaptive_pool::AdaptiveAvgPool2d;
+use super::reduce::sum_axes;
 use crate::error::{Error, Result};
 use crate::gpu::dispatch::Resource;
-use crate::gpu::shared::workgroups;
+use crate::gpu::shared::{MAX_LOOP_ITERATIONS, workgroups};
 use crate::gpu::texture::{Texel, TextureInputs, scalar_input, vec4_input};
 use crate::gpu::{Generated, Gpu};
 use crate::tensor::Tensor;
@@ -258,10 +260,29 @@ impl Pool2d {
         Ok(Pool2dShape { n, c, h, w, oh, ow })
     }
 
+    /// The GPU kernels loop over a window's taps per output, and over the windows holding
+    /// a pixel per input pixel of the backward pass: both within the loop bound.
+    fn check_loop_bound(&self) -> Result<()> {
+        let ((kh, kw), (sh, sw), (dh, dw)) = (self.kernel, self.stride, self.dilation);
+        let windows_per_pixel = |k: usize, s: usize, d: usize| ((k - 1) * d + 1).div_ceil(s);
+        if kh * kw > MAX_LOOP_ITERATIONS
+            || windows_per_pixel(kh, sh, dh) * windows_per_pixel(kw, sw, dw) > MAX_LOOP_ITERATIONS
+        {
+            return Err(invalid(format!(
+                "window {:?} (stride {:?}, dilation {:?}) loops over more than {MAX_LOOP_ITERATIONS} \
+                 values per output or input pixel, past the GPU kernels' loop bound; for a mean \
+                 over whole planes use GlobalAvgPool or AdaptiveAvgPool2d",
+                self.kernel, self.stride, self.dilation
+            )));
+        }
+        Ok(())
+    }
+
     /// Pools `x` on the GPU.
     pub fn forward(&self, x: &Tensor) -> Result<Pooled<Tensor>> {
         let gpu = x.gpu();
         let shape = self.shape(x.shape())?;
+        self.check_loop_bound()?;
         let y = Tensor::uninit(gpu, &shape.output())?;
         match self.kind {
             PoolKind::Max => {
@@ -331,6 +352,7 @@ impl Pool2d {
         let gpu = dy.gpu();
         let shape = self.shape(x_shape)?;
         check_dy(&shape, dy.shape())?;
+        self.check_loop_bound()?;
         let dx = Tensor::uninit(gpu, x_shape)?;
         // Windows that tile the input: one invocation per window instead of per pixel.
         let tiled = self.stride == self.kernel
@@ -655,47 +677,58 @@ pub fn pool2d_backward_cpu(
     Ok(dx.into_dyn())
 }
 
-/// Global average pooling: `[N, C, H, W]` → `[N, C]`, the mean of each plane.
+/// Global average pooling: `[N, C, H, W]` → `[N, C]`, the mean of each plane, summed as
+/// `sum_axes` sums (a workgroup's lanes per plane where the plane is large, so a plane of
+/// any size stays within the loop bound).
 pub fn global_avg_pool(x: &Tensor) -> Result<Tensor> {
-    let (spec, shape) = global_window(x.shape())?;
-    let y = Tensor::uninit(x.gpu(), &[shape.n, shape.c])?;
-    let tensors = [(1, x), (2, &y)];
-    spec.run(x.gpu(), &shape, "avg_forward", &tensors, y.len(), NONE)?;
+    let [n, c, h, w] = super::nchw(GLOBAL, x.shape())?;
+    let y = Tensor::uninit(x.gpu(), &[n, c])?;
+    sum_axes(
+        x.gpu(),
+        x,
+        (1, n * c, h * w),
+        &y,
+        1.0 / (h * w) as f32,
+        false,
+    )?;
     Ok(y)
 }
 
-/// Backward of [`global_avg_pool`]: each pixel gets `dy[n, c] / (H·W)`.
+/// Backward of [`global_avg_pool`]: each pixel gets `dy[n, c] / (H·W)` (adaptive pooling's
+/// backward to one output, which reads one value per pixel).
 pub fn global_avg_pool_backward(x_shape: &[usize], dy: &Tensor) -> Result<Tensor> {
-    let (spec, shape) = global_window(x_shape)?;
-    if dy.shape() != [shape.n, shape.c] {
+    let [n, c, _, _] = global_dy(x_shape, dy.shape())?;
+    AdaptiveAvgPool2d::new(1, 1).backward(x_shape, &dy.copy_as(&[n, c, 1, 1])?)
+}
+
+/// `x_shape`, checked against `dy [N, C]`.
+fn global_dy(x_shape: &[usize], dy: &[usize]) -> Result<[usize; 4]> {
+    let [n, c, h, w] = super::nchw(GLOBAL, x_shape)?;
+    if dy != [n, c] {
         return Err(Error::ShapeMismatch {
-            op: "global_avg_pool",
-            shapes: vec![dy.shape().to_vec(), vec![shape.n, shape.c]],
-            detail: format!(
-                "dy is {:?}, expected [{}, {}]",
-                dy.shape(),
-                shape.n,
-                shape.c
-            ),
+            op: GLOBAL,
+            shapes: vec![dy.to_vec(), vec![n, c]],
+            detail: format!("dy is {dy:?}, expected [{n}, {c}]"),
         });
     }
-    let dx = Tensor::uninit(dy.gpu(), x_shape)?;
-    spec.run(
-        dy.gpu(),
-        &shape,
-        "avg_backward",
-        &[(1, dy), (2, &dx)],
-        dx.len(),
-        NONE,
-    )?;
-    Ok(dx)
+    Ok([n, c, h, w])
 }
+
+const GLOBAL: &str = "global_avg_pool";
 
 /// CPU reference of [`global_avg_pool`].
 pub fn global_avg_pool_cpu(x: &ArrayViewD<'_, f32>) -> Result<ArrayD<f32>> {
-    let (spec, shape) = global_window(x.shape())?;
-    let pooled = pool2d_cpu(&spec, x)?.y;
-    reshape_cpu(pooled, &[shape.n, shape.c])
+    let [n, c, h, w] = super::nchw(GLOBAL, x.shape())?;
+    let x = view4(x)?;
+    let plane = (h * w) as f64;
+    Ok(ArrayD::from_shape_fn(ndarray::IxDyn(&[n, c]), |i| {
+        let sum: f64 = x
+            .slice(ndarray::s![i[0], i[1], .., ..])
+            .iter()
+            .map(|&v| f64::from(v))
+            .sum();
+        (sum / plane) as f32
+    }))
 }
 
 /// CPU reference of [`global_avg_pool_backward`].
@@ -703,20 +736,11 @@ pub fn global_avg_pool_backward_cpu(
     x_shape: &[usize],
     dy: &ArrayViewD<'_, f32>,
 ) -> Result<ArrayD<f32>> {
-    let (spec, shape) = global_window(x_shape)?;
-    let dy = reshape_cpu(dy.to_owned(), &shape.output())?;
-    pool2d_backward_cpu(&spec, x_shape, &dy.view(), None)
-}
-
-fn reshape_cpu(array: ArrayD<f32>, shape: &[usize]) -> Result<ArrayD<f32>> {
-    let from = array.shape().to_vec();
-    array
-        .into_shape_with_order(shape)
-        .map_err(|e| Error::ShapeMismatch {
-            op: "global_avg_pool",
-            shapes: vec![from.clone(), shape.to_vec()],
-            detail: format!("{from:?} as {shape:?}: {e}"),
-        })
+    let [_, _, h, w] = global_dy(x_shape, dy.shape())?;
+    let scale = 1.0 / (h * w) as f32;
+    Ok(ArrayD::from_shape_fn(ndarray::IxDyn(x_shape), |i| {
+        dy[[i[0], i[1]]] * scale
+    }))
 }
 
 impl Value {
@@ -787,14 +811,4 @@ impl Value {
             |dy| global_avg_pool_backward_cpu(x_shape, &dy.view()),
         )
     }
-}
-
-/// Global average pooling is average pooling with one window over the whole plane.
-fn global_window(x_shape: &[usize]) -> Result<(Pool2d, Pool2dShape)> {
-    let plane = match *x_shape {
-        [_, _, h, w] => (h, w),
-        _ => (1, 1),
-    };
-    let spec = Pool2d::avg(plane);
-    Ok((spec, spec.shape(x_shape)?))
 }

@@ -5,7 +5,7 @@ use bytemuck::{Pod, Zeroable};
 
 use super::Activation;
 use crate::error::{Error, Result};
-use crate::gpu::shared::small_workgroups;
+use crate::gpu::shared::{MAX_LOOP_ITERATIONS, WORKGROUP_SMALL, small_workgroups};
 use crate::gpu::{Generated, Gpu};
 use crate::tensor::Tensor;
 
@@ -17,6 +17,8 @@ struct ReduceParams {
     accumulate: u32,
     scale: f32,
     slope: f32,
+    first_outer: u32,
+    _pad: [u32; 3],
 }
 
 /// Terms per output up to which one invocation sums them alone.
@@ -37,6 +39,8 @@ pub(crate) fn sum_axes(
         accumulate: u32::from(accumulate),
         scale,
         slope: 0.0,
+        first_outer: 0,
+        _pad: [0; 3],
     };
     launch(gpu, dims, params, None, &[(1, x), (2, out)])
 }
@@ -67,6 +71,8 @@ pub(crate) fn activation_backward_and_sum(
         accumulate: 0,
         scale: 1.0,
         slope: activation.slope(),
+        first_outer: 0,
+        _pad: [0; 3],
     };
     launch(
         gpu,
@@ -132,6 +138,20 @@ fn launch(
 ) -> Result<()> {
     let vec4 = inner % 4 == 0;
     let inner_elems = if vec4 { inner / 4 } else { inner };
+    // `main`'s lanes each loop over a share of an output's terms, then up a tree: sums too
+    // long for that run as passes over slices of `outer`, each adding to the last.
+    let per_lane_budget =
+        (MAX_LOOP_ITERATIONS - WORKGROUP_SMALL.ilog2() as usize) * WORKGROUP_SMALL as usize;
+    if inner_elems > per_lane_budget {
+        return Err(Error::InvalidArgument {
+            op: "sum_axes",
+            detail: format!(
+                "{inner} terms per output in one slice loop past the kernels' bound of \
+                 {MAX_LOOP_ITERATIONS} per invocation"
+            ),
+        });
+    }
+    let slices = (per_lane_budget / inner_elems).min(outer);
     // A workgroup per output pays barriers for its tree; many short sums go one per lane.
     let (entry, groups) = if outer * inner_elems <= PER_OUTPUT_TERMS {
         ("per_output", small_workgroups(mid as u64))
@@ -162,15 +182,24 @@ fn launch(
             (number, binding)
         })
         .collect();
-    gpu.run_pass("sum_axes", |pass| {
-        gpu.encode_at(
-            pass,
-            &pipeline,
-            bytemuck::bytes_of(&params),
-            &bindings,
-            groups,
-        )
-    })
+    for first in (0..outer).step_by(slices) {
+        let pass_params = ReduceParams {
+            outer: (slices.min(outer - first)) as u32,
+            first_outer: first as u32,
+            accumulate: params.accumulate | u32::from(first > 0),
+            ..params
+        };
+        gpu.run_pass("sum_axes", |pass| {
+            gpu.encode_at(
+                pass,
+                &pipeline,
+                bytemuck::bytes_of(&pass_params),
+                &bindings,
+                groups,
+            )
+        })?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -197,13 +226,15 @@ mod tests {
             Activation::Relu6,
         ];
         // (outer, mid, inner): vec4 + workgroup, f32 + lane, f32 + workgroup, vec4 + lane,
-        // vec4 + workgroup on sizes that fill no vec4 group of lanes.
+        // vec4 + workgroup on sizes that fill no vec4 group of lanes; and 1,050,300 terms per
+        // output, past one pass's loop bound (two passes, the second accumulating).
         let cases = [
             (64, 6, 576),
             (3, 5, 7),
             (100, 10, 1),
             (2, 3, 8),
             (70, 2, 12),
+            (300, 2, 3501),
         ];
         for (i, (outer, mid, inner)) in cases.into_iter().enumerate() {
             let shape = [outer, mid, inner];
