@@ -324,3 +324,21 @@ fn messages_name_the_fix() {
         "{err}"
     );
 }
+
+/// An activation too large for the device names the layer that would have made it.
+#[test]
+fn an_output_too_large_for_the_device_names_its_layer() {
+    let Some(gpu) = gpu() else { return };
+    let mut model = wgcnn::nn::Sequential::new()
+        .add(
+            "wide",
+            wgcnn::nn::Conv2d::new(1, 1, (1, 1))
+                .padding(wgcnn::Padding::Explicit(1 << 14, 1 << 14)),
+        )
+        .build(wgcnn::Device::Gpu(gpu.clone()), 1)
+        .unwrap();
+    let x = wgcnn::Value::from(Tensor::from_array(gpu, &random(&[1, 1, 8, 8], 1)).unwrap());
+    let err = model.forward(x, wgcnn::Mode::Eval).unwrap_err();
+    assert!(matches!(err, Error::TooLarge { .. }), "{err}");
+    assert!(err.to_string().contains("in node \"wide\""), "{err}");
+}

@@ -1018,6 +1018,19 @@ pub(crate) fn in_node(name: &str, error: Error) -> Error {
             op,
             detail: format!("in node {name:?}: {detail}"),
         },
+        Error::TooLarge {
+            what,
+            bytes,
+            limit_name,
+            limit,
+            adapter,
+        } => Error::TooLarge {
+            what: format!("{what} in node {name:?}"),
+            bytes,
+            limit_name,
+            limit,
+            adapter,
+        },
         other => other,
     }
 }
