@@ -15,7 +15,7 @@ use super::conv2d::{Conv2d, Conv2dShape};
 use super::reduce::sum_axes;
 use crate::error::Result;
 use crate::gpu::dispatch::Resource;
-use crate::gpu::shared::WORKGROUP_SMALL;
+use crate::gpu::shared::{MAX_LOOP_ITERATIONS, WORKGROUP_SMALL};
 use crate::gpu::texture::{Texel, TextureInputs, scalar_input};
 use crate::gpu::{Generated, Gpu};
 use crate::tensor::{Tensor, gpu_word};
@@ -326,15 +326,24 @@ fn run(
     let blocks = shape.ow.div_ceil(GRAD_BLOCK);
     let work = shape.n * shape.oh * blocks;
     let filter_groups = subgroup.map_or(1, |size| shape.o.div_ceil(size));
+    // A lane walks work items, then its workgroup adds up WORKGROUP_SMALL partial sums: at
+    // least enough splits that no lane walks past the loop bound.
+    let walkers = subgroup.map_or(WORKGROUP_SMALL as usize, |size| {
+        WORKGROUP_SMALL as usize / size
+    });
+    let bounded = work.div_ceil(walkers * (MAX_LOOP_ITERATIONS - WORKGROUP_SMALL as usize));
     let (groups, splits) = match subgroup {
-        // One workgroup per (filter, channel) pair.
-        None => (shape.o * shape.c, 1),
+        // One workgroup per (filter, channel) pair and split.
+        None => {
+            let splits = bounded.max(1);
+            (shape.o * shape.c * splits, splits)
+        }
         // One per (channel, filter group, split); enough splits to keep the threads busy,
         // but no more than there are blocks for every subgroup.
-        Some(size) => {
+        Some(_) => {
             let per_split = shape.c * filter_groups;
-            let most = work.div_ceil(WORKGROUP_SMALL as usize / size).max(1);
-            let splits = TARGET_GROUPS.div_ceil(per_split).min(most);
+            let most = work.div_ceil(walkers).max(1);
+            let splits = TARGET_GROUPS.div_ceil(per_split).min(most).max(bounded);
             (per_split * splits, splits)
         }
     };
@@ -562,6 +571,60 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A batch whose work items would take a lane past the loop bound: the portable kernel
+    /// splits it (two splits here) and still sums every term, and stores dz once per term.
+    #[test]
+    fn long_batches_split_within_the_loop_bound() {
+        let Some(gpu) = crate::test_support::gpu(GpuOptions::from_env().unwrap()) else {
+            return;
+        };
+        let gpu = &gpu;
+        let (n, o) = (600, 2);
+        let spec = Conv2d::default();
+        let (x, weight) = (random(&[n, 1, 66, 258], 1), random(&[o, 1, 3, 3], 2));
+        let shape = spec.shape(x.shape(), weight.shape(), None).unwrap();
+        let work = n * shape.oh * shape.ow.div_ceil(GRAD_BLOCK);
+        assert!(work > WORKGROUP_SMALL as usize * MAX_LOOP_ITERATIONS);
+        let dy = random(&shape.output(), 3);
+        let y = random(&shape.output(), 4).mapv(|v| v.max(0.0));
+        let dz = ndarray::Zip::from(&dy)
+            .and(&y)
+            .map_collect(|&d, &y| d * Activation::Relu.derivative(y, y));
+        let want = conv2d_backward_cpu(&spec, &x.view(), &weight.view(), &dz.view()).unwrap();
+        let poisoned = |shape: &[usize]| {
+            Tensor::from_array(gpu, &ndarray::ArrayD::from_elem(shape, f32::NAN)).unwrap()
+        };
+        let (tx, tdy, ty) = (
+            Tensor::from_array(gpu, &x).unwrap(),
+            Tensor::from_array(gpu, &dy).unwrap(),
+            Tensor::from_array(gpu, &y).unwrap(),
+        );
+        let (dweight, dbias, tdz) = (
+            poisoned(&[o, 1, 3, 3]),
+            poisoned(&[o]),
+            poisoned(dy.shape()),
+        );
+        let gate = Gate {
+            activation: Activation::Relu,
+            y: &ty,
+            dz: Some(&tdz),
+        };
+        let out = WeightAndBias {
+            weight: &dweight,
+            bias: &dbias,
+        };
+        run(&shape, &tx, &tdy, Some(gate), out, None).unwrap();
+        let terms = (n * shape.oh * shape.ow) as f32;
+        assert_close(
+            &dweight.to_array().unwrap(),
+            &want.weight,
+            terms,
+            "split dW",
+        );
+        assert_close(&dbias.to_array().unwrap(), &want.bias, terms, "split db");
+        assert_close(&tdz.to_array().unwrap(), &dz.into_dyn(), 1.0, "split dz");
     }
 
     /// Every value written (no NaN left of the poison) and within float rounding of a sum
