@@ -2,8 +2,10 @@
 // and statistics are taken per group over its outer·inner = count elements:
 //   batch norm: outer = N, groups = C, inner = H·W, affine parameters indexed by group;
 //   layer norm: outer = 1, groups = N, inner = C·H·W, affine parameters indexed by inner.
-// Per-group sums are real parallel reductions: one WORKGROUP_SMALL-invocation workgroup per group,
-// strided partial sums, then a tree in workgroup memory.
+// Per-group sums are real parallel reductions: one GROUP_LANES-invocation workgroup per group,
+// strided partial sums, then a tree in workgroup memory. GROUP_LANES is the large workgroup
+// so that a lane's share of a channel stays within the loop bound up to millions of values
+// (src/ops/norm.rs refuses more).
 // Where INNER is a multiple of 4, src/ops/norm.rs runs the `…4` entries instead: the same
 // passes over vec4s (x, dy, y, dx, γ, β and layer norm's dγ, dβ bound as arrays of vec4s),
 // a quarter of the per-lane loads that bound these kernels on CPU adapters.
@@ -41,7 +43,9 @@ fn groups() -> u32 { return select(p.groups, GROUPS, GROUPS != 0u); }
 @group(0) @binding(14) var<storage, read_write> dbeta: array<f32>;
 @group(0) @binding(15) var<storage, read_write> batches: array<u32>;   // num_batches_tracked
 
-var<workgroup> partial: array<vec4<f32>, WORKGROUP_SMALL>;
+const GROUP_LANES: u32 = WORKGROUP;
+
+var<workgroup> partial: array<vec4<f32>, GROUP_LANES>;
 
 fn count() -> u32 { return p.outer * inner(); }
 
@@ -64,7 +68,7 @@ fn affine_index(i: u32) -> u32 {
 fn workgroup_sum(lane: u32, value: vec4<f32>) -> vec4<f32> {
     partial[lane] = value;
     workgroupBarrier();
-    for (var width = WORKGROUP_SMALL / 2u; width > 0u; width /= 2u) {
+    for (var width = GROUP_LANES / 2u; width > 0u; width /= 2u) {
         if lane < width { partial[lane] += partial[lane + width]; }
         workgroupBarrier();
     }
@@ -76,17 +80,17 @@ fn workgroup_sum(lane: u32, value: vec4<f32>) -> vec4<f32> {
 fn group_id(wid: vec3<u32>, nwg: vec3<u32>) -> u32 { return wid.x + wid.y * nwg.x; }
 
 // Batch statistics (mean, then the biased variance around it) and the running averages.
-@compute @workgroup_size(WORKGROUP_SMALL)
+@compute @workgroup_size(GROUP_LANES)
 fn stats(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
          @builtin(local_invocation_index) lane: u32) {
     let g = group_id(wid, nwg);
     if g >= groups() { return; }   // uniform across the workgroup
     let n = count();
     var s = 0.0;
-    for (var t = lane; t < n; t += WORKGROUP_SMALL) { s += x[element(g, t)]; }
+    for (var t = lane; t < n; t += GROUP_LANES) { s += x[element(g, t)]; }
     let mu = workgroup_sum(lane, vec4<f32>(s, 0.0, 0.0, 0.0)).x / f32(n);
     var q = 0.0;
-    for (var t = lane; t < n; t += WORKGROUP_SMALL) { let d = x[element(g, t)] - mu; q += d * d; }
+    for (var t = lane; t < n; t += GROUP_LANES) { let d = x[element(g, t)] - mu; q += d * d; }
     let v = workgroup_sum(lane, vec4<f32>(q, 0.0, 0.0, 0.0)).x / f32(n);
     if lane == 0u { store_stats(g, mu, v); }
 }
@@ -133,14 +137,14 @@ fn normalize(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgro
 }
 
 // Per group: Σ dy·γ, Σ dy·γ·x̂ (for dx) and Σ dy, Σ dy·x̂ (batch norm's dβ, dγ).
-@compute @workgroup_size(WORKGROUP_SMALL)
+@compute @workgroup_size(GROUP_LANES)
 fn backward_sums(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                  @builtin(local_invocation_index) lane: u32) {
     let g = group_id(wid, nwg);
     if g >= groups() { return; }
     let n = count();
     var s = vec4<f32>(0.0);
-    for (var t = lane; t < n; t += WORKGROUP_SMALL) {
+    for (var t = lane; t < n; t += GROUP_LANES) {
         let i = element(g, t);
         let xhat = (x[i] - mean[g]) * rstd[g];
         let gy = dy[i] * gamma[affine_index(i)];
@@ -223,17 +227,17 @@ fn affine4(v: vec4<f32>, i: u32) -> vec4<f32> {
 
 fn total(v: vec4<f32>) -> f32 { return v.x + v.y + v.z + v.w; }
 
-@compute @workgroup_size(WORKGROUP_SMALL)
+@compute @workgroup_size(GROUP_LANES)
 fn stats4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
           @builtin(local_invocation_index) lane: u32) {
     let g = group_id(wid, nwg);
     if g >= groups() { return; }
     let n4 = p.outer * inner4();
     var s = vec4<f32>(0.0);
-    for (var t = lane; t < n4; t += WORKGROUP_SMALL) { s += load_x4(element4(g, t)); }
+    for (var t = lane; t < n4; t += GROUP_LANES) { s += load_x4(element4(g, t)); }
     let mu = total(workgroup_sum(lane, s)) / f32(count());
     var q = vec4<f32>(0.0);
-    for (var t = lane; t < n4; t += WORKGROUP_SMALL) { let d = load_x4(element4(g, t)) - mu; q += d * d; }
+    for (var t = lane; t < n4; t += GROUP_LANES) { let d = load_x4(element4(g, t)) - mu; q += d * d; }
     let v = total(workgroup_sum(lane, q)) / f32(count());
     if lane == 0u { store_stats(g, mu, v); }
 }
@@ -247,7 +251,7 @@ fn normalize4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgr
         + affine4(load_beta4(affine_at4(i)), i);
 }
 
-@compute @workgroup_size(WORKGROUP_SMALL)
+@compute @workgroup_size(GROUP_LANES)
 fn backward_sums4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                   @builtin(local_invocation_index) lane: u32) {
     let g = group_id(wid, nwg);
@@ -259,7 +263,7 @@ fn backward_sums4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups
     var sgx = vec4<f32>(0.0);
     var sd = vec4<f32>(0.0);
     var sdx = vec4<f32>(0.0);
-    for (var t = lane; t < n4; t += WORKGROUP_SMALL) {
+    for (var t = lane; t < n4; t += GROUP_LANES) {
         let i = element4(g, t);
         let xhat = (load_x4(i) - mu) * r;
         let d = load_dy4(i);

@@ -674,3 +674,49 @@ fn one_value_per_channel_cannot_train() {
     );
     assert_eq!(count.to_array().unwrap()[[]].to_bits(), 0);
 }
+
+/// A channel of four million values: a workgroup's lanes each walk their share within the
+/// loop bound, the statistics and gradients as the CPU's; a channel past the bound (nine
+/// million) is an error, where lavapipe used to end the loops early and answer wrongly.
+#[test]
+fn batch_norm_over_millions_of_values_per_channel() {
+    let Some(gpu) = gpu() else { return };
+    let spec = BatchNorm2d::default();
+    let x = random(&[4, 1, 1000, 1000], 31).mapv(|v| 3.0 * v + 1.0);
+    let ones = ndarray::arr1(&[1.0f32]);
+    let (zero, one) = (ndarray::arr1(&[0.0f32]), ndarray::arr1(&[1.0f32]));
+    let (want, _, _) = cpu::batch_norm_train(
+        &spec,
+        &x.view(),
+        &ones.view(),
+        &zero.view(),
+        &zero.view(),
+        &one.view(),
+        0,
+    )
+    .unwrap();
+    let state = |a: &Array1<f32>| Tensor::from_array(gpu, a).unwrap();
+    let (g, b, m, v) = (state(&ones), state(&zero), state(&zero), state(&one));
+    let count = Tensor::from_array(gpu, &batches_state(0)).unwrap();
+    let got = spec
+        .forward_train(&upload(&x), &g, &b, &m, &v, &count)
+        .unwrap();
+    let mean = got.mean.to_array().unwrap();
+    assert!(
+        (mean[[0]] - want.mean[[0]]).abs() < 1e-4,
+        "{mean} vs {}",
+        want.mean
+    );
+    assert!(max_abs_diff(&got.rstd.to_array().unwrap(), &want.rstd) < 1e-4);
+    assert!(max_abs_diff(&got.y.to_array().unwrap(), &want.y) < 1e-3);
+
+    let too_many = Tensor::full(gpu, &[9, 1, 1000, 1000], 0.5).unwrap();
+    let err = spec
+        .forward_train(&too_many, &g, &b, &m, &v, &count)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("loop bound") && err.contains("smaller batch"),
+        "{err}"
+    );
+}

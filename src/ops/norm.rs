@@ -5,7 +5,7 @@ use bytemuck::{Pod, Zeroable};
 
 use crate::error::{Error, Result};
 use crate::gpu::dispatch::Resource;
-use crate::gpu::shared::{small_workgroups, workgroups};
+use crate::gpu::shared::{MAX_LOOP_ITERATIONS, WORKGROUP, small_workgroups, workgroups};
 use crate::gpu::texture::{Texel, TextureInputs, vec4_input};
 use crate::gpu::{Generated, Gpu};
 use crate::tensor::{Tensor, gpu_word};
@@ -90,7 +90,7 @@ pub(crate) struct Settings {
 }
 
 /// The grid an entry point needs.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Grid {
     /// One workgroup per group (the reductions).
     PerGroup,
@@ -147,6 +147,24 @@ pub(crate) fn launch(
     // Rows of whole vec4s: the `…4` twin of the entry, over vec4s.
     let vec4 = grouping.inner.is_multiple_of(4) && VEC4_ENTRIES.contains(&entry);
     let per_vec4 = if vec4 { 4 } else { 1 };
+    if grid == Grid::PerGroup {
+        // A group's WORKGROUP lanes each walk their share of its values twice (mean, then
+        // variance; or the four backward sums once), then up the trees.
+        let per_lane =
+            (grouping.outer * grouping.inner / per_vec4 as usize).div_ceil(WORKGROUP as usize);
+        if 2 * (per_lane + WORKGROUP.ilog2() as usize) > MAX_LOOP_ITERATIONS {
+            return Err(Error::InvalidArgument {
+                op: "norm",
+                detail: format!(
+                    "{} values per group ({} × {}) pass the kernels' loop bound of \
+                     {MAX_LOOP_ITERATIONS} per invocation: use a smaller batch",
+                    grouping.outer * grouping.inner,
+                    grouping.outer,
+                    grouping.inner
+                ),
+            });
+        }
+    }
     let groups = match grid {
         Grid::PerGroup => grouping.groups as u64,
         Grid::GroupThreads => small_workgroups(grouping.groups as u64),
