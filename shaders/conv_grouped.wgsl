@@ -26,8 +26,10 @@ override GROUPS: u32;
 override ACT: u32;
 override HAS_BIAS: u32;
 
+// n images from first_image on (the weight gradient runs in passes over runs of images;
+// the other kernels take the whole batch, first_image 0).
 struct Params {
-    n: u32, total: u32, slope: f32, _pad: u32,
+    n: u32, total: u32, slope: f32, first_image: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -140,7 +142,7 @@ fn weight_grad(
     var sum = 0.0;
     if valid {
         for (var t = lane; t < p.n * positions; t += WORKGROUP_SMALL) {
-            let n = t / positions;
+            let n = p.first_image + t / positions;
             let oy = (t % positions) / OW;
             let ox = t % OW;
             let iy = i32(oy * SH + ky * DH) - i32(PAD_TOP);
@@ -159,6 +161,7 @@ fn weight_grad(
         workgroupBarrier();
     }
     if valid && lane == 0u {
-        dst[index] = partial[0];
+        // Later passes add to the earlier ones' sums.
+        dst[index] = partial[0] + select(0.0, dst[index], p.first_image > 0u);
     }
 }

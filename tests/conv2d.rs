@@ -866,3 +866,27 @@ fn pointwise_convolutions_skip_im2col() {
         }
     }
 }
+
+/// A depthwise weight gradient over more products than one pass's lanes may walk (300
+/// images of 64×64: 1.2 million per weight) runs in passes over runs of images, each adding
+/// to the last, and matches the CPU.
+#[test]
+fn grouped_weight_gradients_of_long_batches_run_in_passes() {
+    let Some(gpu) = gpu() else { return };
+    let spec = Conv2d {
+        padding: Padding::Explicit(1, 1),
+        groups: 2,
+        ..Conv2d::default()
+    };
+    let (x, w) = (random(&[300, 2, 64, 64], 41), random(&[2, 1, 3, 3], 42));
+    let shape = spec.shape(x.shape(), w.shape(), None).unwrap();
+    assert_eq!(spec.plan(gpu, &shape).weight_grad, ConvKernel::GroupedDirect);
+    let dy = random(&shape.output(), 43);
+    let cpu = wgcnn::cpu::conv2d_backward(&spec, &x.view(), &w.view(), &dy.view()).unwrap();
+    let g = spec
+        .backward(&upload(&x), &upload(&w), &upload(&dy))
+        .unwrap();
+    let scale = cpu.weight.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+    let diff = max_abs_diff(&g.weight.to_array().unwrap(), &cpu.weight);
+    assert!(diff < 1e-4 * scale, "dW off by {diff} (scale {scale})");
+}

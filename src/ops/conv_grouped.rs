@@ -9,10 +9,10 @@
 use bytemuck::{Pod, Zeroable};
 
 use super::conv2d::{Conv2d, Conv2dShape};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::gpu::dispatch::Binding;
-use crate::gpu::shared::small_workgroups;
+use crate::gpu::shared::{MAX_LOOP_ITERATIONS, WORKGROUP_SMALL, small_workgroups};
 use crate::tensor::{Tensor, gpu_word};
 
 /// Mirrors `Params` in shaders/conv_grouped.wgsl.
@@ -22,7 +22,7 @@ struct GroupedParams {
     n: u32,
     total: u32,
     slope: f32,
-    _pad: u32,
+    first_image: u32,
 }
 
 /// The kernel's `override` constants: the layer's shape, stride, padding, dilation and
@@ -56,11 +56,30 @@ fn run(
     bindings: &[(u32, Binding<'_>)],
     (total, workgroups): (usize, u64),
 ) -> Result<()> {
+    run_images(
+        gpu,
+        (spec, shape),
+        (entry, bias),
+        bindings,
+        (total, workgroups),
+        (0, shape.n),
+    )
+}
+
+/// [`run`] over the images `first .. first + count` only (the weight gradient's passes).
+fn run_images(
+    gpu: &Gpu,
+    (spec, shape): (&Conv2d, &Conv2dShape),
+    (entry, bias): (&str, bool),
+    bindings: &[(u32, Binding<'_>)],
+    (total, workgroups): (usize, u64),
+    (first, count): (usize, usize),
+) -> Result<()> {
     let params = GroupedParams {
-        n: gpu_word("conv2d", shape.n)?,
+        n: gpu_word("conv2d", count)?,
         total: gpu_word("conv2d", total)?,
         slope: spec.activation.slope(),
-        _pad: 0,
+        first_image: gpu_word("conv2d", first)?,
     };
     let pipeline = gpu.specialized(
         "conv_grouped",
@@ -153,7 +172,9 @@ pub(crate) fn backward_data(
     )
 }
 
-/// `dweight` from `x` and `dy` with groups: one workgroup per weight.
+/// `dweight` from `x` and `dy` with groups: one workgroup per weight, in passes over runs
+/// of images short enough that no lane walks past the loop bound (each pass adds to the
+/// last).
 pub(crate) fn weight_grad(
     spec: &Conv2d,
     shape: &Conv2dShape,
@@ -161,11 +182,28 @@ pub(crate) fn weight_grad(
     dy: &Tensor,
     dweight: &Tensor,
 ) -> Result<()> {
-    run(
-        x.gpu(),
-        (spec, shape),
-        ("weight_grad", false),
-        &[(1, x.binding()), (2, dy.binding()), (4, dweight.binding())],
-        (dweight.len(), dweight.len() as u64),
-    )
+    let positions = shape.positions();
+    let budget =
+        (MAX_LOOP_ITERATIONS - WORKGROUP_SMALL.ilog2() as usize) * WORKGROUP_SMALL as usize;
+    if positions > budget {
+        return Err(Error::InvalidArgument {
+            op: "conv2d",
+            detail: format!(
+                "{positions} output positions per image pass the grouped weight gradient's \
+                 loop bound of {MAX_LOOP_ITERATIONS} per invocation"
+            ),
+        });
+    }
+    let per_pass = budget / positions;
+    for first in (0..shape.n).step_by(per_pass) {
+        run_images(
+            x.gpu(),
+            (spec, shape),
+            ("weight_grad", false),
+            &[(1, x.binding()), (2, dy.binding()), (4, dweight.binding())],
+            (dweight.len(), dweight.len() as u64),
+            (first, per_pass.min(shape.n - first)),
+        )?;
+    }
+    Ok(())
 }
