@@ -12,7 +12,7 @@ use bytemuck::{Pod, Zeroable};
 use super::conv2d::{Conv2d, Conv2dShape};
 use crate::error::Result;
 use crate::gpu::dispatch::{Binding, Resource};
-use crate::gpu::shared::small_workgroups;
+use crate::gpu::shared::{MAX_LOOP_ITERATIONS, small_workgroups};
 use crate::gpu::texture::{scalar_input, scalar_texture};
 use crate::gpu::{Generated, Gpu};
 use crate::tensor::Tensor;
@@ -77,6 +77,8 @@ pub(crate) fn eligible(gpu: &Gpu, spec: &Conv2d, shape: &Conv2dShape) -> bool {
         && shape.kw <= MAX_KERNEL_WIDTH
         && bank_bytes <= uniform_limit
         && (shape.n * shape.oh * shape.ow) < u32::MAX as usize
+        // Each output loops over the channels and the kernel rows.
+        && shape.c * shape.kh <= MAX_LOOP_ITERATIONS
 }
 
 /// One generated direct-convolution kernel: everything its source depends on (the layer's
