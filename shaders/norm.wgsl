@@ -3,9 +3,9 @@
 //   batch norm: outer = N, groups = C, inner = H·W, affine parameters indexed by group;
 //   layer norm: outer = 1, groups = N, inner = C·H·W, affine parameters indexed by inner.
 // Per-group sums are real parallel reductions: one GROUP_LANES-invocation workgroup per group,
-// strided partial sums, then a tree in workgroup memory. GROUP_LANES is the large workgroup
-// so that a lane's share of a channel stays within the loop bound up to millions of values
-// (src/ops/norm.rs refuses more).
+// strided partial sums, then a tree in workgroup memory. GROUP_LANES is WORKGROUP_SMALL, or
+// WORKGROUP where a lane's share of a group would pass the loop bound otherwise
+// (src/ops/norm.rs chooses, and refuses groups too large for either).
 // Where INNER is a multiple of 4, src/ops/norm.rs runs the `…4` entries instead: the same
 // passes over vec4s (x, dy, y, dx, γ, β and layer norm's dγ, dβ bound as arrays of vec4s),
 // a quarter of the per-lane loads that bound these kernels on CPU adapters.
@@ -43,7 +43,7 @@ fn groups() -> u32 { return select(p.groups, GROUPS, GROUPS != 0u); }
 @group(0) @binding(14) var<storage, read_write> dbeta: array<f32>;
 @group(0) @binding(15) var<storage, read_write> batches: array<u32>;   // num_batches_tracked
 
-const GROUP_LANES: u32 = WORKGROUP;
+const GROUP_LANES: u32 = {{GROUP_LANES}};
 
 var<workgroup> partial: array<vec4<f32>, GROUP_LANES>;
 

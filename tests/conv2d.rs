@@ -880,7 +880,10 @@ fn grouped_weight_gradients_of_long_batches_run_in_passes() {
     };
     let (x, w) = (random(&[300, 2, 64, 64], 41), random(&[2, 1, 3, 3], 42));
     let shape = spec.shape(x.shape(), w.shape(), None).unwrap();
-    assert_eq!(spec.plan(gpu, &shape).weight_grad, ConvKernel::GroupedDirect);
+    assert_eq!(
+        spec.plan(gpu, &shape).weight_grad,
+        ConvKernel::GroupedDirect
+    );
     let dy = random(&shape.output(), 43);
     let cpu = wgcnn::cpu::conv2d_backward(&spec, &x.view(), &w.view(), &dy.view()).unwrap();
     let g = spec

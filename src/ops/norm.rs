@@ -5,7 +5,9 @@ use bytemuck::{Pod, Zeroable};
 
 use crate::error::{Error, Result};
 use crate::gpu::dispatch::Resource;
-use crate::gpu::shared::{MAX_LOOP_ITERATIONS, WORKGROUP, small_workgroups, workgroups};
+use crate::gpu::shared::{
+    MAX_LOOP_ITERATIONS, WORKGROUP, WORKGROUP_SMALL, small_workgroups, workgroups,
+};
 use crate::gpu::texture::{Texel, TextureInputs, vec4_input};
 use crate::gpu::{Generated, Gpu};
 use crate::tensor::{Tensor, gpu_word};
@@ -109,6 +111,9 @@ pub(crate) enum Grid {
 struct NormKernel {
     /// The vec4 entries' x, dy, γ and β through textures.
     textures: bool,
+    /// The per-group reductions on WORKGROUP lanes instead of WORKGROUP_SMALL (groups too
+    /// large for the small one's lanes to stay within the loop bound).
+    wide_groups: bool,
 }
 
 impl Generated for NormKernel {
@@ -118,7 +123,12 @@ impl Generated for NormKernel {
             .zip(["x4", "dy4", "gamma4", "beta4"])
             .map(|(&n, name)| vec4_input(name, vec4_binding(n), self.textures))
             .collect();
-        declarations + include_str!("../../shaders/norm.wgsl")
+        let lanes = if self.wide_groups {
+            "WORKGROUP"
+        } else {
+            "WORKGROUP_SMALL"
+        };
+        declarations + &include_str!("../../shaders/norm.wgsl").replace("{{GROUP_LANES}}", lanes)
     }
 }
 
@@ -147,23 +157,26 @@ pub(crate) fn launch(
     // Rows of whole vec4s: the `…4` twin of the entry, over vec4s.
     let vec4 = grouping.inner.is_multiple_of(4) && VEC4_ENTRIES.contains(&entry);
     let per_vec4 = if vec4 { 4 } else { 1 };
-    if grid == Grid::PerGroup {
-        // A group's WORKGROUP lanes each walk their share of its values twice (mean, then
-        // variance; or the four backward sums once), then up the trees.
+    // A group's lanes each walk their share of its values twice (mean, then variance; or
+    // the four backward sums once), then up the trees: WORKGROUP_SMALL lanes where that
+    // stays within the loop bound (cheaper on CPU adapters), else WORKGROUP, else an error.
+    let walks = |lanes: u32| {
         let per_lane =
-            (grouping.outer * grouping.inner / per_vec4 as usize).div_ceil(WORKGROUP as usize);
-        if 2 * (per_lane + WORKGROUP.ilog2() as usize) > MAX_LOOP_ITERATIONS {
-            return Err(Error::InvalidArgument {
-                op: "norm",
-                detail: format!(
-                    "{} values per group ({} × {}) pass the kernels' loop bound of \
-                     {MAX_LOOP_ITERATIONS} per invocation: use a smaller batch",
-                    grouping.outer * grouping.inner,
-                    grouping.outer,
-                    grouping.inner
-                ),
-            });
-        }
+            (grouping.outer * grouping.inner / per_vec4 as usize).div_ceil(lanes as usize);
+        2 * (per_lane + lanes.ilog2() as usize)
+    };
+    let wide_groups = grid == Grid::PerGroup && walks(WORKGROUP_SMALL) > MAX_LOOP_ITERATIONS;
+    if grid == Grid::PerGroup && walks(WORKGROUP) > MAX_LOOP_ITERATIONS {
+        return Err(Error::InvalidArgument {
+            op: "norm",
+            detail: format!(
+                "{} values per group ({} × {}) pass the kernels' loop bound of \
+                 {MAX_LOOP_ITERATIONS} per invocation: use a smaller batch",
+                grouping.outer * grouping.inner,
+                grouping.outer,
+                grouping.inner
+            ),
+        });
     }
     let groups = match grid {
         Grid::PerGroup => grouping.groups as u64,
@@ -198,6 +211,7 @@ pub(crate) fn launch(
     )?;
     let kernel = NormKernel {
         textures: inputs.textures(),
+        wide_groups,
     };
     let pipeline = gpu.generated(&kernel, &entry, &constants)?;
     let resources: Vec<_> = tensors
