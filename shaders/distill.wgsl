@@ -30,6 +30,20 @@ fn log_sum_exp(base: u32, which: u32, scale: f32) -> f32 {
     return top + log(sum);
 }
 
+// Logit `i` (the label's where `is_label`): stores its gradient and returns its KL term,
+// given the row's log-sum-exps (of the student, and of both at temperature T).
+fn column(i: u32, is_label: bool, lse: f32, lse_student: f32, lse_teacher: f32) -> f32 {
+    let inv_t = 1.0 / p.temperature;
+    let s = student[i];
+    let log_pt = teacher[i] * inv_t - lse_teacher;
+    let log_q = s * inv_t - lse_student;
+    let pt = exp(log_pt);
+    let soft = p.alpha * p.temperature * (exp(log_q) - pt);
+    let hard = (1.0 - p.alpha) * (exp(s - lse) - select(0.0, 1.0, is_label));
+    grad[i] = (soft + hard) * p.scale;
+    return pt * (log_pt - log_q);
+}
+
 @compute @workgroup_size(WORKGROUP_SMALL)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let r = small_invocation_index(gid, nwg);
@@ -43,15 +57,8 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
     var kl = 0.0;
     var best = 0u;
     for (var j = 0u; j < p.classes; j++) {
-        let s = student[base + j];
-        if s > student[base + best] { best = j; }
-        let log_pt = teacher[base + j] * inv_t - lse_teacher;
-        let log_q = s * inv_t - lse_student;
-        let pt = exp(log_pt);
-        kl += pt * (log_pt - log_q);
-        let soft = p.alpha * p.temperature * (exp(log_q) - pt);
-        let hard = (1.0 - p.alpha) * (exp(s - lse) - select(0.0, 1.0, j == label));
-        grad[base + j] = (soft + hard) * p.scale;
+        if student[base + j] > student[base + best] { best = j; }
+        kl += column(base + j, j == label, lse, lse_student, lse_teacher);
     }
     let ce = lse - student[base + label];
     row_loss[r] = p.alpha * p.temperature * p.temperature * kl + (1.0 - p.alpha) * ce;
@@ -95,13 +102,7 @@ fn main_wide(
     for (var j = lane; j < p.classes; j += WORKGROUP) {
         let s = student[base + j];
         if s > top { top = s; best = j; }
-        let log_pt = teacher[base + j] * inv_t - lse_teacher;
-        let log_q = s * inv_t - lse_student;
-        let pt = exp(log_pt);
-        kl += pt * (log_pt - log_q);
-        let soft = p.alpha * p.temperature * (exp(log_q) - pt);
-        let hard = (1.0 - p.alpha) * (exp(s - lse) - select(0.0, 1.0, j == label));
-        grad[base + j] = (soft + hard) * p.scale;
+        kl += column(base + j, j == label, lse, lse_student, lse_teacher);
     }
     let row_kl = row_sum(lane, kl);
     let row_best = row_argmax(lane, top, best);
