@@ -43,6 +43,12 @@ pub(crate) mod bias_mode {
     pub(crate) const PER_ROW: u32 = 2;
 }
 
+/// How many terms a workgroup of `lanes` lanes may add up in one pass: each lane walks its
+/// share, then the tree of log2(lanes) steps, all within [`MAX_LOOP_ITERATIONS`].
+pub(crate) fn terms_per_pass(lanes: u32) -> usize {
+    (MAX_LOOP_ITERATIONS - lanes.ilog2() as usize) * lanes as usize
+}
+
 /// Workgroups of [`WORKGROUP`] invocations for `invocations` of them.
 pub(crate) fn workgroups(invocations: u64) -> u64 {
     invocations.div_ceil(u64::from(WORKGROUP))

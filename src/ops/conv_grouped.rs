@@ -12,7 +12,7 @@ use super::conv2d::{Conv2d, Conv2dShape};
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::gpu::dispatch::Binding;
-use crate::gpu::shared::{MAX_LOOP_ITERATIONS, WORKGROUP_SMALL, small_workgroups};
+use crate::gpu::shared::{MAX_LOOP_ITERATIONS, WORKGROUP_SMALL, small_workgroups, terms_per_pass};
 use crate::tensor::{Tensor, gpu_word};
 
 /// Mirrors `Params` in shaders/conv_grouped.wgsl.
@@ -183,8 +183,7 @@ pub(crate) fn weight_grad(
     dweight: &Tensor,
 ) -> Result<()> {
     let positions = shape.positions();
-    let budget =
-        (MAX_LOOP_ITERATIONS - WORKGROUP_SMALL.ilog2() as usize) * WORKGROUP_SMALL as usize;
+    let budget = terms_per_pass(WORKGROUP_SMALL);
     if positions > budget {
         return Err(Error::InvalidArgument {
             op: "conv2d",

@@ -5,7 +5,7 @@ use bytemuck::{Pod, Zeroable};
 
 use super::Activation;
 use crate::error::{Error, Result};
-use crate::gpu::shared::{MAX_LOOP_ITERATIONS, WORKGROUP_SMALL, small_workgroups};
+use crate::gpu::shared::{MAX_LOOP_ITERATIONS, WORKGROUP_SMALL, small_workgroups, terms_per_pass};
 use crate::gpu::{Generated, Gpu};
 use crate::tensor::Tensor;
 
@@ -140,8 +140,7 @@ fn launch(
     let inner_elems = if vec4 { inner / 4 } else { inner };
     // `main`'s lanes each loop over a share of an output's terms, then up a tree: sums too
     // long for that run as passes over slices of `outer`, each adding to the last.
-    let per_lane_budget =
-        (MAX_LOOP_ITERATIONS - WORKGROUP_SMALL.ilog2() as usize) * WORKGROUP_SMALL as usize;
+    let per_lane_budget = terms_per_pass(WORKGROUP_SMALL);
     if inner_elems > per_lane_budget {
         return Err(Error::InvalidArgument {
             op: "sum_axes",
