@@ -1,7 +1,9 @@
 // C[b] = act(op(A)[b] · op(B)[b] + bias), the classic GPU design: a 64×64 block tile staged
 // in workgroup memory, 16 K-steps at a time, and a 4×4 register micro-tile per invocation.
 // Operands are read through strides, so transposed and broadcast operands need no copies;
-// every load and store is guarded, so any M, N, K works.
+// every load and store is guarded, so any M, N, K works. One dispatch sums the K range
+// [k_begin, k_end): a K past the loop bound runs as passes, each adding to C (ADD_TO_C), the
+// last one adding the bias and applying the activation (FINISH).
 
 struct Params {
     m: u32, n: u32, k: u32, batch: u32,
@@ -10,7 +12,13 @@ struct Params {
     tiles_m: u32, tiles_n: u32, total_tiles: u32,
     bias_mode: u32,                         // BIAS_NONE, BIAS_PER_COLUMN (bias[n]), BIAS_PER_ROW (bias[m])
     activation: u32, slope: f32,
+    k_begin: u32, k_end: u32,               // this pass's K range (a multiple of TK from 0)
 }
+
+// 1: add this pass's sums to C's (the passes before wrote them).
+override ADD_TO_C: u32 = 0u;
+// 1: add the bias and apply the activation (the last pass); 0: store the raw sums.
+override FINISH: u32 = 1u;
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> a: array<f32>;
@@ -42,7 +50,7 @@ fn main(
     let b_base = batch * p.b_batch;
 
     var acc: array<array<f32, 4>, 4>;
-    for (var k0 = 0u; k0 < p.k; k0 += TK) {
+    for (var k0 = p.k_begin; k0 < p.k_end; k0 += TK) {
         // 256 invocations load the 16×64 slices of A and B, 4 elements each.
         for (var i = 0u; i < 4u; i++) {
             let e = lindex + i * 256u;
@@ -50,10 +58,10 @@ fn main(
             let mm = e % TILE;
             let gk = k0 + kk;
             var av = 0.0;
-            if m0 + mm < p.m && gk < p.k { av = a[a_base + (m0 + mm) * p.a_row + gk * p.a_col]; }
+            if m0 + mm < p.m && gk < p.k_end { av = a[a_base + (m0 + mm) * p.a_row + gk * p.a_col]; }
             a_tile[kk][mm] = av;
             var bv = 0.0;
-            if n0 + mm < p.n && gk < p.k { bv = b[b_base + gk * p.b_row + (n0 + mm) * p.b_col]; }
+            if n0 + mm < p.n && gk < p.k_end { bv = b[b_base + gk * p.b_row + (n0 + mm) * p.b_col]; }
             b_tile[kk][mm] = bv;
         }
         workgroupBarrier();
@@ -79,10 +87,15 @@ fn main(
         for (var j = 0u; j < 4u; j++) {
             let col = n0 + lid.x * 4u + j;
             if row < p.m && col < p.n {
+                let at = c_base + row * p.n + col;
                 var v = acc[i][j];
-                if p.bias_mode == BIAS_PER_COLUMN { v += bias[col]; }
-                if p.bias_mode == BIAS_PER_ROW { v += bias[row]; }
-                c[c_base + row * p.n + col] = activate(v, p.activation, p.slope);
+                if ADD_TO_C == 1u { v += c[at]; }
+                if FINISH == 1u {
+                    if p.bias_mode == BIAS_PER_COLUMN { v += bias[col]; }
+                    if p.bias_mode == BIAS_PER_ROW { v += bias[row]; }
+                    v = activate(v, p.activation, p.slope);
+                }
+                c[at] = v;
             }
         }
     }

@@ -25,7 +25,10 @@ fn store(batch: u32, row: u32, col: u32, value: f32) {
     if row < p.m && col < p.n {
         var at = (batch * p.m + row) * p.n + col;
         if TRANSPOSE_C == 1u { at = (batch * p.n + col) * p.m + row; }
-        c[at] = finish(row, col, value);
+        var v = value;
+        if ADD_TO_C == 1u { v += c[at]; }
+        if FINISH == 1u { v = finish(row, col, v); }
+        c[at] = v;
     }
 }
 
@@ -35,11 +38,17 @@ fn store(batch: u32, row: u32, col: u32, value: f32) {
 fn store4(batch: u32, row: u32, col4: u32, value: vec4<f32>) {
     if row < p.m && col4 < p.n4 {
         let col = col4 * 4u;
-        c[(batch * p.m + row) * p.n4 + col4] = vec4<f32>(
-            finish(row, col, value.x),
-            finish(row, col + 1u, value.y),
-            finish(row, col + 2u, value.z),
-            finish(row, col + 3u, value.w),
-        );
+        let at = (batch * p.m + row) * p.n4 + col4;
+        var v = value;
+        if ADD_TO_C == 1u { v += c[at]; }
+        if FINISH == 1u {
+            v = vec4<f32>(
+                finish(row, col, v.x),
+                finish(row, col + 1u, v.y),
+                finish(row, col + 2u, v.z),
+                finish(row, col + 3u, v.w),
+            );
+        }
+        c[at] = v;
     }
 }

@@ -329,3 +329,52 @@ fn few_rows_run_transposed(gpu: &Gpu, kernel: KernelChoice) {
         );
     }
 }
+
+/// Inner dimensions past the loop bound (issue 21): K = 270,000 walks past lavapipe's
+/// 65,535-iteration cap in one invocation, so the kernels split K into passes, each adding
+/// to C, with bias and activation applied once at the end. Small integers make every sum
+/// exact in f32 in any order, so GPU and CPU must agree bit for bit; a pass cut short, a
+/// pass missing or an activation applied to a partial sum shows as a difference.
+#[test]
+fn inner_dimensions_past_the_loop_bound_are_exact() {
+    let Some(gpu) = gpu() else { return };
+    let k = 270_000;
+    let integers = |shape: &[usize], seed| random(shape, seed).mapv(|x| (x * 2.5).round());
+    for kernel in kernels(gpu) {
+        // Few rows and columns (the subgroup kernel runs them transposed), each transpose;
+        // then a transposed A read as it lies with whole vec4 rows of C.
+        let mut cases: Vec<(usize, usize, bool, bool)> =
+            [(false, false), (false, true), (true, false), (true, true)]
+                .into_iter()
+                .map(|(ta, tb)| (3, 5, ta, tb))
+                .collect();
+        cases.push((68, 36, true, false));
+        for (m, n, trans_a, trans_b) in cases {
+            let spec = Matmul {
+                trans_a,
+                trans_b,
+                bias: BiasAxis::PerRow,
+                activation: Activation::Relu,
+                kernel,
+            };
+            let a = integers(&if trans_a { [k, m] } else { [m, k] }, 31);
+            let b = integers(&if trans_b { [n, k] } else { [k, n] }, 32);
+            // A bias that makes some outputs negative, so the ReLU clips some and not others.
+            let bias = integers(&[m], 33).mapv(|x| x * 200.0);
+            let expected =
+                wgcnn::cpu::matmul(&spec, &a.view(), &b.view(), Some(&bias.view())).unwrap();
+            assert!(expected.iter().any(|&x| x == 0.0) && expected.iter().any(|&x| x > 100.0));
+            let ta = Tensor::from_array(gpu, &a).unwrap();
+            let tb = Tensor::from_array(gpu, &b).unwrap();
+            let tbias = Tensor::from_array(gpu, &bias).unwrap();
+            let mut out = Tensor::full(gpu, expected.shape(), f32::NAN).unwrap();
+            let plan = spec.forward_into(&ta, &tb, Some(&tbias), &mut out).unwrap();
+            let got = out.to_array().unwrap();
+            assert_eq!(
+                max_abs_diff(&got, &expected),
+                0.0,
+                "{plan} m={m} n={n} trans_a={trans_a} trans_b={trans_b}"
+            );
+        }
+    }
+}

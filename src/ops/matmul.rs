@@ -16,7 +16,7 @@ use super::Activation;
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::gpu::dispatch::{Binding, Resource};
-use crate::gpu::shared::{bias_mode, workgroups};
+use crate::gpu::shared::{MAX_LOOP_ITERATIONS, bias_mode, workgroups};
 use crate::gpu::texture::{TEXTURE_WIDTH_LOG2, Texel};
 use crate::gpu::{Generated, OperandReads, OperandTexture, wgsl_section};
 use crate::tensor::{Operand, Tensor};
@@ -25,6 +25,48 @@ const OP: &str = "matmul";
 
 /// Products with fewer outputs than this run the subgroup kernel's smallest tile.
 const SMALL_PRODUCT: usize = 65_536;
+
+/// K steps per tile of the tiled kernel (`TK` in shaders/matmul.wgsl).
+const TILED_K_STEP: usize = 16;
+
+/// The most of K one tiled dispatch sums within the loop bound: each tile of K costs its
+/// `TILED_K_STEP` inner iterations and one of the tile loop.
+const TILED_K_PER_PASS: usize = MAX_LOOP_ITERATIONS / (TILED_K_STEP + 1) * TILED_K_STEP;
+
+/// One dispatch's share of the inner dimension: a K past the loop bound runs as passes over
+/// ranges of it, each after the first adding its sums to C's, the last alone adding the bias
+/// and applying the activation (the kernels' `ADD_TO_C` and `FINISH` overrides).
+#[derive(Clone, Copy, Debug)]
+struct KPass {
+    begin: u32,
+    end: u32,
+    add_to_c: bool,
+    finish: bool,
+}
+
+impl KPass {
+    /// `0..len` (in the kernel's K units) in passes of at most `per_pass`.
+    fn split(len: u32, per_pass: usize) -> Vec<KPass> {
+        let per_pass = per_pass as u32;
+        let passes = len.div_ceil(per_pass);
+        (0..passes)
+            .map(|i| KPass {
+                begin: i * per_pass,
+                end: len.min((i + 1) * per_pass),
+                add_to_c: i > 0,
+                finish: i + 1 == passes,
+            })
+            .collect()
+    }
+
+    /// The override constants that choose the pass's store.
+    fn constants(&self) -> [(&'static str, u32); 2] {
+        [
+            ("ADD_TO_C", u32::from(self.add_to_c)),
+            ("FINISH", u32::from(self.finish)),
+        ]
+    }
+}
 
 /// Where a fused bias is added.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -402,22 +444,35 @@ impl Matmul {
             bias_mode: self.bias_mode(),
             activation: self.activation.code(),
             slope: self.activation.slope(),
+            k_begin: 0,
+            k_end: k,
         };
-        let pipeline = gpu.pipeline("matmul_tiled", "main", || {
+        let source = || {
             [
                 include_str!("../../shaders/epilogue.wgsl"),
                 include_str!("../../shaders/matmul.wgsl"),
             ]
             .concat()
-        })?;
+        };
+        let passes = KPass::split(k, TILED_K_PER_PASS);
         gpu.run_pass("matmul", |pass| {
-            gpu.encode(
-                pass,
-                &pipeline,
-                bytemuck::bytes_of(&params),
-                &bindings,
-                u64::from(total_tiles),
-            )
+            for k_pass in &passes {
+                let pipeline =
+                    gpu.specialized("matmul_tiled", "main", source, &k_pass.constants())?;
+                let params = TiledParams {
+                    k_begin: k_pass.begin,
+                    k_end: k_pass.end,
+                    ..params
+                };
+                gpu.encode(
+                    pass,
+                    &pipeline,
+                    bytemuck::bytes_of(&params),
+                    &bindings,
+                    u64::from(total_tiles),
+                )?;
+            }
+            Ok(())
         })
     }
 
@@ -514,6 +569,8 @@ impl Matmul {
             slope: self.activation.slope(),
             k: k as u32,
             m4: m.div_ceil(4) as u32,
+            k4_begin: 0,
+            k4_end: k4 as u32,
         };
         let kernel = SubgroupKernel {
             rows,
@@ -525,15 +582,25 @@ impl Matmul {
             a_cols,
             b_rows,
         };
-        let pipeline = gpu.generated(
-            &kernel,
-            "main",
-            &[
-                ("BIAS_MODE", self.bias_mode()),
-                ("ACTIVATION", self.activation.code()),
-                ("TRANSPOSE_C", u32::from(transposed)),
-            ],
-        )?;
+        // One K step per loop iteration: passes of at most the loop bound of steps.
+        let passes = KPass::split(k4 as u32, MAX_LOOP_ITERATIONS);
+        let pipelines = passes
+            .iter()
+            .map(|k_pass| {
+                let [add_to_c, finish] = k_pass.constants();
+                gpu.generated(
+                    &kernel,
+                    "main",
+                    &[
+                        ("BIAS_MODE", self.bias_mode()),
+                        ("ACTIVATION", self.activation.code()),
+                        ("TRANSPOSE_C", u32::from(transposed)),
+                        add_to_c,
+                        finish,
+                    ],
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
         let pack_entry = if textures { "to_texture" } else { "main" };
 
         let copies = |encoder: &mut wgpu::CommandEncoder| {
@@ -594,18 +661,26 @@ impl Matmul {
                     )
                 }
             };
-            gpu.encode_resources(
-                pass,
-                &pipeline,
-                bytemuck::bytes_of(&params),
-                &[
-                    (1, a_use),
-                    (2, b_use),
-                    (3, Resource::Buffer(bias)),
-                    (4, Resource::Buffer(out)),
-                ],
-                u64::from(total_tiles).div_ceil(u64::from(subgroups_per_group)),
-            )
+            for (k_pass, pipeline) in passes.iter().zip(&pipelines) {
+                let params = SubgroupParams {
+                    k4_begin: k_pass.begin,
+                    k4_end: k_pass.end,
+                    ..params
+                };
+                gpu.encode_resources(
+                    pass,
+                    pipeline,
+                    bytemuck::bytes_of(&params),
+                    &[
+                        (1, a_use),
+                        (2, b_use),
+                        (3, Resource::Buffer(bias)),
+                        (4, Resource::Buffer(out)),
+                    ],
+                    u64::from(total_tiles).div_ceil(u64::from(subgroups_per_group)),
+                )?;
+            }
+            Ok(())
         })
     }
 
@@ -645,6 +720,8 @@ struct TiledParams {
     bias_mode: u32,
     activation: u32,
     slope: f32,
+    k_begin: u32,
+    k_end: u32,
 }
 
 /// Mirrors `Params` in shaders/matmul_subgroup.wgsl.
@@ -663,6 +740,8 @@ struct SubgroupParams {
     slope: f32,
     k: u32,
     m4: u32,
+    k4_begin: u32,
+    k4_end: u32,
 }
 
 /// The operands a subgroup matmul reads, packed where needed.
