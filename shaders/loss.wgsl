@@ -6,7 +6,8 @@
 // `totals` sums, as it does for the other losses' (log_softmax.wgsl's nll, distill.wgsl).
 
 struct Params {
-    rows: u32, classes: u32, scale: f32, _pad: u32,
+    rows: u32, classes: u32, scale: f32,
+    first_row: u32,   // `totals`: this pass sums rows first_row..rows, adding to the passes before
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -57,8 +58,10 @@ fn store_totals(i: u32) {
         workgroupBarrier();
     }
     if i == 0u {
-        loss[0] = partial[0].x * p.scale;
-        correct[0] = partial[0].y;
+        var before = vec2<f32>(0.0);
+        if p.first_row > 0u { before = vec2<f32>(loss[0], correct[0]); }
+        loss[0] = before.x + partial[0].x * p.scale;
+        correct[0] = before.y + partial[0].y;
     }
 }
 
@@ -73,7 +76,7 @@ fn main_small(@builtin(local_invocation_index) i: u32) {
 @compute @workgroup_size(WORKGROUP)
 fn totals(@builtin(local_invocation_index) i: u32) {
     var v = vec2<f32>(0.0);
-    for (var r = i; r < p.rows; r += WORKGROUP) {
+    for (var r = p.first_row + i; r < p.rows; r += WORKGROUP) {
         v += vec2<f32>(row_loss[r], row_correct[r]);
     }
     partial[i] = v;

@@ -13,7 +13,8 @@
 struct Params {
     outer: u32, groups: u32, inner: u32, affine_per_inner: u32,
     eps: f32, momentum: f32, update_running: u32, training: u32,
-    total: u32, cumulative: u32, _pad1: u32, _pad2: u32,
+    total: u32, cumulative: u32,
+    first_group: u32, end_group: u32,        // layer norm's dγ, dβ: this pass's groups
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -170,15 +171,21 @@ fn backward_dx(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workg
     dx[i] = rstd[g] * (gy - sums[g].x / n - xhat * sums[g].y / n);
 }
 
-// Layer norm's dγ, dβ: one invocation per affine element, summing over the groups.
+// Layer norm's dγ, dβ: one invocation per affine element, summing over the groups (the
+// batch) in passes over runs of them within the loop bound, each after the first adding to
+// the sums before.
 @compute @workgroup_size(WORKGROUP_SMALL)
 fn affine_grads_per_inner(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let k = small_invocation_index(gid, nwg);
     if k >= inner() { return; }
     var dg = 0.0;
     var db = 0.0;
+    if p.first_group > 0u {
+        dg = dgamma[k];
+        db = dbeta[k];
+    }
     for (var a = 0u; a < p.outer; a++) {
-        for (var g = 0u; g < groups(); g++) {
+        for (var g = p.first_group; g < p.end_group; g++) {
             let i = (a * groups() + g) * inner() + k;
             dg += dy[i] * (x[i] - mean[g]) * rstd[g];
             db += dy[i];
@@ -298,8 +305,12 @@ fn affine_grads_per_inner4(@builtin(global_invocation_id) gid: vec3<u32>, @built
     if k >= inner4() { return; }
     var dg = vec4<f32>(0.0);
     var db = vec4<f32>(0.0);
+    if p.first_group > 0u {
+        dg = dgamma4[k];
+        db = dbeta4[k];
+    }
     for (var a = 0u; a < p.outer; a++) {
-        for (var g = 0u; g < groups(); g++) {
+        for (var g = p.first_group; g < p.end_group; g++) {
             let i = (a * groups() + g) * inner4() + k;
             let d = load_dy4(i);
             dg += d * (load_x4(i) - mean[g]) * rstd[g];

@@ -893,3 +893,52 @@ fn grouped_weight_gradients_of_long_batches_run_in_passes() {
     let diff = max_abs_diff(&g.weight.to_array().unwrap(), &cpu.weight);
     assert!(diff < 1e-4 * scale, "dW off by {diff} (scale {scale})");
 }
+
+/// Convolutions whose kernels would loop past the loop bound: a 2×69,998 kernel (its forward
+/// matmul sums K = 279,992 in passes; col2im walked 70,000 taps per input pixel, past
+/// lavapipe's 65,535-iteration cap, and now only the windows that hold the pixel) and a
+/// grouped convolution with 65,600 filters per group (gathered per pixel by the grouped
+/// kernel, which the im2col path now takes). Forward and every gradient match the CPU.
+#[test]
+fn input_gradients_past_the_loop_bound_match_the_cpu() {
+    let Some(gpu) = gpu() else { return };
+    let cases = [
+        (Conv2d::default(), [1, 2, 2, 70_000], [3, 2, 2, 69_998]),
+        (
+            Conv2d {
+                padding: Padding::Explicit(1, 1),
+                groups: 2,
+                ..Conv2d::default()
+            },
+            [1, 2, 6, 5],
+            [131_200, 1, 3, 3],
+        ),
+    ];
+    for (i, (spec, x_shape, w_shape)) in cases.into_iter().enumerate() {
+        let (x, w) = (random(&x_shape, 51), random(&w_shape, 52));
+        let shape = spec.shape(x.shape(), w.shape(), None).unwrap();
+        assert_eq!(
+            spec.plan(gpu, &shape).input_grad,
+            ConvKernel::Im2colMatmul,
+            "case {i}"
+        );
+        let dy = random(&shape.output(), 53);
+        let y = wgcnn::cpu::conv2d(&spec, &x.view(), &w.view(), None).unwrap();
+        let cpu = wgcnn::cpu::conv2d_backward(&spec, &x.view(), &w.view(), &dy.view()).unwrap();
+        let (tx, tw) = (upload(&x), upload(&w));
+        let got_y = spec.forward(&tx, &tw, None).unwrap().to_array().unwrap();
+        let g = spec.backward(&tx, &tw, &upload(&dy)).unwrap();
+        for (what, got, want) in [
+            ("y", got_y, y),
+            ("dx", g.x.to_array().unwrap(), cpu.x),
+            ("dw", g.weight.to_array().unwrap(), cpu.weight),
+        ] {
+            let scale = want.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+            let diff = max_abs_diff(&got, &want);
+            assert!(
+                diff < 1e-4 * scale,
+                "case {i} {what}: off by {diff} (scale {scale})"
+            );
+        }
+    }
+}

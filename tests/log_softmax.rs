@@ -242,3 +242,24 @@ fn rows_of_many_classes_match_the_cpu() {
         .to_string();
     assert!(err.contains("rows of 16777220 elements"), "{err}");
 }
+
+/// A loss over more rows than one workgroup's lanes may walk within the loop bound (17
+/// million: 66,407 rows per lane, past lavapipe's 65,535-iteration cap) sums its per-row
+/// values in passes, each adding to the totals before: the mean loss and the correct count
+/// match the CPU's.
+#[test]
+fn totals_over_millions_of_rows_match_the_cpu() {
+    if gpu().is_none() {
+        return;
+    }
+    let rows = 17_000_000;
+    // One class: every row's loss is -x (in (1, 2]) and every row is correct.
+    let log_probs = random(&[rows, 1], 9).mapv(|v| v / 2.0 - 1.5);
+    let labels = vec![0; rows];
+    let cpu = wgcnn::cpu::nll_loss(&log_probs.view(), &labels).unwrap();
+    let out = nll_loss(&upload(&log_probs), &labels).unwrap();
+    let (loss, want) = (out.loss.to_array().unwrap()[[0]], cpu.loss[[0]]);
+    assert!((loss - want).abs() < 1e-4, "loss {loss} vs {want}");
+    let correct = out.correct.to_array().unwrap()[[0]];
+    assert!((correct - rows as f32).abs() <= 2.0, "correct {correct}");
+}

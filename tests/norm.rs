@@ -720,3 +720,45 @@ fn batch_norm_over_millions_of_values_per_channel() {
         "{err}"
     );
 }
+
+/// Layer norm over a batch of 70,000 samples: dγ and dβ sum over the batch, one invocation
+/// per affine element, which walked all 70,000 samples (past lavapipe's 65,535-iteration
+/// cap) and now runs in passes over runs of samples, each adding to the last. Rows of whole
+/// vec4s (8) and not (5), against the CPU.
+#[test]
+fn layer_norm_affine_gradients_over_a_long_batch() {
+    if gpu().is_none() {
+        return;
+    }
+    let spec = LayerNorm::default();
+    for (features, seed) in [(8, 71), (5, 72)] {
+        let x = random(&[70_000, features], seed);
+        let gamma = random(&[features], seed + 1);
+        let beta = random(&[features], seed + 2);
+        let dy = random(&[70_000, features], seed + 3);
+        let cpu = spec
+            .forward_cpu(&x.view(), &gamma.view(), &beta.view())
+            .unwrap();
+        let want = spec
+            .backward_cpu(&x.view(), &gamma.view(), &cpu.mean, &cpu.rstd, &dy.view())
+            .unwrap();
+        let (tx, tg) = (upload(&x), upload(&gamma));
+        let out = spec.forward(&tx, &tg, &upload(&beta)).unwrap();
+        let got = spec
+            .backward(&tx, &tg, &out.mean, &out.rstd, &upload(&dy))
+            .unwrap();
+        for (name, got, want) in [
+            ("dγ", &got.gamma, &want.gamma),
+            ("dβ", &got.beta, &want.beta),
+            ("dx", &got.x, &want.x),
+        ] {
+            let got = got.to_array().unwrap();
+            let scale = want.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+            let diff = max_abs_diff(&got, want);
+            assert!(
+                diff < 1e-4 * scale,
+                "{features} features {name}: off by {diff} (scale {scale})"
+            );
+        }
+    }
+}

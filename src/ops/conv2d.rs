@@ -25,7 +25,7 @@ use super::matmul::{BiasAxis, Matmul};
 use super::reduce::{activation_backward_and_sum, sum_axes};
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
-use crate::gpu::shared::workgroups;
+use crate::gpu::shared::{MAX_LOOP_ITERATIONS, workgroups};
 use crate::tensor::{Tensor, gpu_word};
 use crate::value::Value;
 
@@ -158,9 +158,37 @@ impl Conv2dShape {
         self.groups > 1 && self.taps() >= GROUPED_MATMUL_TAPS_FORWARD
     }
 
-    /// Whether a grouped convolution's backward pass takes im2col + matmul.
+    /// Whether a grouped convolution's backward pass takes im2col + matmul: long sums, or
+    /// so many filters per group that the direct input gradient, which gathers every
+    /// filter's taps per input pixel, would loop past the loop bound.
     fn grouped_matmul_backward(&self) -> bool {
-        self.groups > 1 && self.taps() >= GROUPED_MATMUL_TAPS_BACKWARD
+        let gathered = self.o / self.groups * self.kh * (self.kw + 1);
+        self.groups > 1
+            && (self.taps() >= GROUPED_MATMUL_TAPS_BACKWARD || gathered > MAX_LOOP_ITERATIONS)
+    }
+
+    /// col2im's entry: `col2im` walks every tap (`KH·(KW + 1)` iterations, unrolled for
+    /// small kernels), `col2im_windows` the output windows that hold a pixel (the rows, and in
+    /// each the columns, `shaders/im2col.wgsl`'s `window_range` finds), for kernels whose taps
+    /// would pass the loop bound; an error if that passes it too.
+    fn col2im_entry(&self, spec: &Conv2d) -> Result<&'static str> {
+        if self.kh * (self.kw + 1) <= MAX_LOOP_ITERATIONS {
+            return Ok("col2im");
+        }
+        let hits = |out: usize, taps: usize, stride: usize, dilation: usize| {
+            out.min((taps - 1) * dilation / stride + 1)
+        };
+        let rows = hits(self.oh, self.kh, spec.stride.0, spec.dilation.0);
+        let cols = hits(self.ow, self.kw, spec.stride.1, spec.dilation.1);
+        if rows * (cols + 1) > MAX_LOOP_ITERATIONS {
+            return Err(invalid(format!(
+                "the input gradient of a {}×{} kernel over {}×{} outputs gathers more than \
+                 {MAX_LOOP_ITERATIONS} windows per input pixel, past the GPU kernels' loop \
+                 bound: use a kernel spanning fewer pixels (size × dilation) or a larger stride",
+                self.kh, self.kw, self.oh, self.ow
+            )));
+        }
+        Ok("col2im_windows")
     }
 
     /// Output positions per image, `OH·OW`.
@@ -812,6 +840,11 @@ impl Conv2d {
         (src, dst): (&Tensor, &Tensor),
         (first, count): (usize, usize),
     ) -> Result<()> {
+        let entry = if entry == "col2im" {
+            shape.col2im_entry(self)?
+        } else {
+            entry
+        };
         // Output rows of whole vec4s: four positions per invocation (`im2col4`).
         let quads = entry == "im2col" && shape.ow.is_multiple_of(4);
         let (entry, total, dst_binding) = if quads {
@@ -1093,4 +1126,36 @@ pub fn conv2d_backward_cpu(
         weight: dweight.into_dyn(),
         bias: dbias.into_dyn(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// col2im walks a small kernel's taps, a wide kernel's output windows, and refuses a
+    /// kernel whose windows per pixel pass the loop bound too (a shape whose column buffer
+    /// only adapters with gigabyte bindings hold, so the GPU tests cannot reach it).
+    #[test]
+    fn col2im_takes_the_loop_that_stays_within_the_bound() {
+        let entry = |spec: Conv2d, x: [usize; 4], w: [usize; 4]| {
+            spec.shape(&x, &w, None)
+                .and_then(|shape| shape.col2im_entry(&spec))
+        };
+        let padded = Conv2d {
+            padding: Padding::Explicit(1, 1),
+            ..Conv2d::default()
+        };
+        let conv = Conv2d::default();
+        let col2im = entry(padded, [8, 64, 56, 56], [64, 64, 3, 3]).unwrap();
+        assert_eq!(col2im, "col2im");
+        let wide = entry(conv, [1, 2, 2, 70_000], [3, 2, 2, 69_998]).unwrap();
+        assert_eq!(wide, "col2im_windows");
+        let err = entry(conv, [1, 1, 1, 40_000], [1, 1, 1, 20_000])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("loop bound") && err.contains("dilation"),
+            "{err}"
+        );
+    }
 }

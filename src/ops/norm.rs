@@ -1,6 +1,8 @@
 //! The machinery batch norm and layer norm share (`shaders/norm.wgsl`): statistics per
 //! group of a `[outer][groups][inner]` view, normalisation, and the backward pass.
 
+use std::ops::Range;
+
 use bytemuck::{Pod, Zeroable};
 
 use crate::error::{Error, Result};
@@ -36,7 +38,8 @@ struct NormParams {
     training: u32,
     total: u32,
     cumulative: u32,
-    _pad: [u32; 2],
+    first_group: u32,
+    end_group: u32,
 }
 
 // Binding numbers in shaders/norm.wgsl.
@@ -140,6 +143,19 @@ pub(crate) fn launch(
     grid: Grid,
     tensors: &[(u32, &Tensor)],
 ) -> Result<()> {
+    let all = 0..grouping.groups;
+    launch_over(gpu, grouping, settings, (entry, all), grid, tensors)
+}
+
+/// [`launch`] for the groups in `range` (the entries that read `first_group`, `end_group`).
+fn launch_over(
+    gpu: &Gpu,
+    grouping: Grouping,
+    settings: Settings,
+    (entry, range): (&str, Range<usize>),
+    grid: Grid,
+    tensors: &[(u32, &Tensor)],
+) -> Result<()> {
     let total = grouping.outer * grouping.groups * grouping.inner;
     let params = NormParams {
         outer: grouping.outer as u32,
@@ -152,7 +168,8 @@ pub(crate) fn launch(
         training: u32::from(settings.training),
         total: total as u32,
         cumulative: u32::from(settings.cumulative),
-        _pad: [0; 2],
+        first_group: range.start as u32,
+        end_group: range.end as u32,
     };
     // Rows of whole vec4s: the `…4` twin of the entry, over vec4s.
     let vec4 = grouping.inner.is_multiple_of(4) && VEC4_ENTRIES.contains(&entry);
@@ -326,15 +343,18 @@ pub(crate) fn backward(
     );
     let outputs = [(DGAMMA, &dgamma), (DBETA, &dbeta)];
     if grouping.affine_per_inner {
+        // One invocation per affine element sums over outer × groups (layer norm: 1 × the
+        // batch): in passes over runs of groups within the loop bound, each adding to the last.
+        let per_pass = (MAX_LOOP_ITERATIONS / grouping.outer)
+            .saturating_sub(1)
+            .max(1);
         let reads = [(X, x), (DY, dy), (MEAN, mean), (RSTD, rstd)];
-        launch(
-            gpu,
-            grouping,
-            settings,
-            "affine_grads_per_inner",
-            Grid::InnerThreads,
-            &[&reads[..], &outputs].concat(),
-        )?;
+        let tensors = [&reads[..], &outputs].concat();
+        for first in (0..grouping.groups).step_by(per_pass) {
+            let range = first..grouping.groups.min(first + per_pass);
+            let entry = ("affine_grads_per_inner", range);
+            launch_over(gpu, grouping, settings, entry, Grid::InnerThreads, &tensors)?;
+        }
     } else {
         launch(
             gpu,

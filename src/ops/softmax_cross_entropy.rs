@@ -8,7 +8,7 @@ use ndarray::{ArrayD, ArrayViewD, Axis};
 use super::rows::{RowKernel, row_kernel};
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
-use crate::gpu::shared::{WORKGROUP, small_workgroups};
+use crate::gpu::shared::{WORKGROUP, small_workgroups, terms_per_pass};
 use crate::tensor::{Tensor, gpu_word};
 use crate::value::Value;
 
@@ -95,7 +95,7 @@ struct LossParams {
     rows: u32,
     classes: u32,
     scale: f32,
-    _pad: u32,
+    first_row: u32,
 }
 
 /// Batches up to this many rows are one workgroup that sums the loss and the correct count
@@ -119,7 +119,7 @@ pub fn softmax_cross_entropy(logits: &Tensor, labels: &[usize]) -> Result<CrossE
         rows: rows as u32,
         classes: classes as u32,
         scale: 1.0 / rows as f32,
-        _pad: 0,
+        first_row: 0,
     };
     let run = |entry: &str, outputs: [(u32, &Tensor); 2], groups: u64| {
         let pipeline = gpu.pipeline("loss", entry, loss_source)?;
@@ -185,12 +185,10 @@ pub(crate) fn per_row_to_totals(
     let rows = row_loss.len();
     let loss = Tensor::uninit(gpu, &[1])?;
     let correct = Tensor::uninit(gpu, &[1])?;
-    let params = LossParams {
-        rows: gpu_word(OP, rows)?,
-        classes: 0,
-        scale: 1.0 / rows as f32,
-        _pad: 0,
-    };
+    let scale = 1.0 / rows as f32;
+    // One workgroup's lanes stride over the rows: in passes of rows within the loop bound,
+    // each adding to the totals before.
+    let per_pass = terms_per_pass(WORKGROUP);
     let pipeline = gpu.pipeline("loss", "totals", loss_source)?;
     gpu.run_pass(OP, |pass| {
         let bindings = [
@@ -199,7 +197,16 @@ pub(crate) fn per_row_to_totals(
             (6, loss.binding()),
             (7, correct.binding()),
         ];
-        gpu.encode_at(pass, &pipeline, bytemuck::bytes_of(&params), &bindings, 1)
+        for first in (0..rows).step_by(per_pass) {
+            let params = LossParams {
+                rows: gpu_word(OP, rows.min(first + per_pass))?,
+                classes: 0,
+                scale,
+                first_row: gpu_word(OP, first)?,
+            };
+            gpu.encode_at(pass, &pipeline, bytemuck::bytes_of(&params), &bindings, 1)?;
+        }
+        Ok(())
     })?;
     Ok(CrossEntropy {
         loss,
