@@ -271,9 +271,10 @@ fn check_finite_differences(spec: Conv2d, x_shape: &[usize], w_shape: &[usize]) 
 #[test]
 fn large_batches_run_in_chunks() {
     let Some(gpu) = gpu() else { return };
-    // 300 images of 3×64×64 with 20 filters of 3×3 ("same"): im2col + matmul, whose col
-    // buffer (300·27·64·64·4 B ≈ 133 MB) exceeds one 64 MiB chunk, so the batch is split and
-    // later chunks start past the first image.
+    // 300 images of 3×64×64 with 20 filters of 3×3 ("same"): Winograd, whose transformed
+    // tiles (300·16·20·32·32·4 B ≈ 393 MB) exceed one 64 MiB chunk, and the weight
+    // gradient's im2col (300·27·64·64·4 B ≈ 133 MB): the batch is split and later chunks
+    // start past the first image.
     let spec = Conv2d {
         padding: Padding::Same,
         ..Conv2d::default()
@@ -286,7 +287,7 @@ fn large_batches_run_in_chunks() {
     let shape = spec.shape(x.shape(), w.shape(), None).unwrap();
     // dx may run as a direct convolution of dy; the forward pass and dW take the chunks.
     let plan = spec.plan(gpu, &shape);
-    assert_eq!(plan.forward, ConvKernel::Im2colMatmul, "{}", plan.label());
+    assert_eq!(plan.forward, ConvKernel::Winograd, "{}", plan.label());
     assert_eq!(
         plan.weight_grad,
         ConvKernel::Im2colMatmul,
@@ -939,6 +940,125 @@ fn input_gradients_past_the_loop_bound_match_the_cpu() {
                 diff < 1e-4 * scale,
                 "case {i} {what}: off by {diff} (scale {scale})"
             );
+        }
+    }
+}
+
+/// 3×3 convolutions at stride 1 with more than the direct kernels' 16 filters run as Winograd
+/// F(2×2, 3×3), forward and input gradient, on contexts forced to each operand-read family:
+/// outputs of odd sizes (tiles past the edge), paddings 0–2, "same", per-axis, and 3 (dx then
+/// takes im2col), a fused bias and activation, poisoned outputs; against the CPU within the
+/// direct kernels' tolerance (Winograd's transforms multiply by ±1 and ½ only).
+#[test]
+fn winograd_convolutions_match_the_cpu() {
+    let Some(gpus) = read_family_gpus() else {
+        return;
+    };
+    // (n, c, h, w, o, padding, activation, dx's kernel: direct for up to 16 channels)
+    let (winograd, direct, im2col) = (
+        ConvKernel::Winograd,
+        ConvKernel::Direct,
+        ConvKernel::Im2colMatmul,
+    );
+    let cases = [
+        (
+            2,
+            17,
+            9,
+            7,
+            17,
+            Padding::Explicit(0, 0),
+            Activation::None,
+            winograd,
+        ),
+        (
+            3,
+            20,
+            11,
+            13,
+            24,
+            Padding::Explicit(1, 1),
+            Activation::Relu,
+            winograd,
+        ),
+        (
+            1,
+            3,
+            8,
+            8,
+            33,
+            Padding::Same,
+            Activation::LeakyRelu(0.1),
+            direct,
+        ),
+        (
+            2,
+            18,
+            6,
+            5,
+            19,
+            Padding::Explicit(2, 1),
+            Activation::None,
+            winograd,
+        ),
+        (
+            1,
+            17,
+            7,
+            9,
+            20,
+            Padding::Explicit(3, 3),
+            Activation::Tanh,
+            im2col,
+        ),
+    ];
+    for gpu in gpus {
+        for (i, (n, c, h, w, o, padding, activation, dx_kernel)) in cases.into_iter().enumerate() {
+            let spec = Conv2d {
+                padding,
+                activation,
+                ..Conv2d::default()
+            };
+            let seed = 70 + 4 * i as u64;
+            let (x, weight, bias) = (
+                random(&[n, c, h, w], seed),
+                random(&[o, c, 3, 3], seed + 1),
+                random(&[o], seed + 2),
+            );
+            let shape = spec.shape(x.shape(), weight.shape(), None).unwrap();
+            let plan = spec.plan(gpu, &shape);
+            assert_eq!(plan.forward, ConvKernel::Winograd, "case {i}");
+            assert_eq!(plan.input_grad, dx_kernel, "case {i}");
+            let up = |a: &ArrayD<f32>| Tensor::from_array(gpu, a).unwrap();
+            let poison = |shape: &[usize]| drop(Tensor::full(gpu, shape, f32::NAN).unwrap());
+            let (tx, tw, tb) = (up(&x), up(&weight), up(&bias));
+            let want =
+                wgcnn::cpu::conv2d(&spec, &x.view(), &weight.view(), Some(&bias.view())).unwrap();
+            poison(&shape.output());
+            let got = spec
+                .forward(&tx, &tw, Some(&tb))
+                .unwrap()
+                .to_array()
+                .unwrap();
+            let tolerance = 1e-5 * (shape.taps() as f32).sqrt() * 4.0 + 1e-5;
+            let diff = max_abs_diff(&got, &want);
+            assert!(diff <= tolerance, "case {i} forward: {diff}");
+
+            let linear = Conv2d {
+                activation: Activation::None,
+                ..spec
+            };
+            let dy = random(&shape.output(), seed + 3);
+            let cpu = wgcnn::cpu::conv2d_backward(&linear, &x.view(), &weight.view(), &dy.view())
+                .unwrap();
+            poison(x.shape());
+            let g = linear.backward(&tx, &tw, &up(&dy)).unwrap();
+            let diff = max_abs_diff(&g.x.to_array().unwrap(), &cpu.x);
+            let tolerance = 1e-5 * ((o * 9) as f32).sqrt() * 4.0 + 1e-5;
+            assert!(diff <= tolerance, "case {i} dx: {diff}");
+            let diff = max_abs_diff(&g.weight.to_array().unwrap(), &cpu.weight);
+            let tolerance = 1e-5 * ((n * shape.positions()) as f32).sqrt() * 4.0 + 1e-5;
+            assert!(diff <= tolerance, "case {i} dw: {diff}");
         }
     }
 }

@@ -21,6 +21,7 @@ use super::activation::through_activation_cpu;
 use super::conv_direct;
 use super::conv_grouped;
 use super::conv_weight_grad::{self, Gate, WeightAndBias};
+use super::conv_winograd;
 use super::matmul::{BiasAxis, Matmul};
 use super::reduce::{activation_backward_and_sum, sum_axes};
 use crate::error::{Error, Result};
@@ -253,6 +254,9 @@ pub enum ConvKernel {
     Direct,
     /// 1×1 at stride 1 without padding: plain matmuls, the input is the column buffer.
     Pointwise,
+    /// 3×3 at stride 1 as Winograd F(2×2, 3×3): transformed tiles and 16 batched matmuls
+    /// (conv_winograd.rs), in chunks of images.
+    Winograd,
     /// im2col (col2im for the input gradient) and batched matmuls, in chunks of images.
     Im2colMatmul,
 }
@@ -264,6 +268,7 @@ impl ConvKernel {
             ConvKernel::GroupedDirect => "grouped direct",
             ConvKernel::Direct => "direct",
             ConvKernel::Pointwise => "pointwise matmul",
+            ConvKernel::Winograd => "winograd",
             ConvKernel::Im2colMatmul => "im2col+matmul",
         }
     }
@@ -451,6 +456,8 @@ impl Conv2d {
             ConvKernel::Direct
         } else if pointwise(false) {
             ConvKernel::Pointwise
+        } else if conv_winograd::eligible(self, shape, chunk_limit(gpu)) {
+            ConvKernel::Winograd
         } else {
             ConvKernel::Im2colMatmul
         };
@@ -471,6 +478,8 @@ impl Conv2d {
             ConvKernel::Direct
         } else if pointwise(weight_grad != ConvKernel::Direct) {
             ConvKernel::Pointwise
+        } else if conv_winograd::eligible_backward(self, shape, chunk_limit(gpu)) {
+            ConvKernel::Winograd
         } else {
             ConvKernel::Im2colMatmul
         };
@@ -497,6 +506,11 @@ impl Conv2d {
         }
         if kernel == ConvKernel::Direct {
             conv_direct::forward(self, &shape, x, weight, bias, &out)?;
+            return Ok(out);
+        }
+        if kernel == ConvKernel::Winograd {
+            let limit = chunk_limit(&gpu);
+            conv_winograd::forward(self, &shape, limit, (x, weight, bias), &out)?;
             return Ok(out);
         }
         if kernel == ConvKernel::Pointwise {
@@ -697,15 +711,24 @@ impl Conv2d {
             }
             return Ok((dx, dweight));
         }
-        // Small filter banks at stride 1: dx as a direct convolution of dy, no col2im.
-        let direct_dx = plan.input_grad == ConvKernel::Direct;
-        if let (Some(dx), true) = (&dx, direct_dx) {
-            conv_direct::backward_data(&shape, dy, weight, dx)?;
-        }
+        // Small filter banks at stride 1 (direct) and 3×3 at stride 1 (Winograd): dx as a
+        // convolution of dy, no col2im.
+        let convolved_dx = match (&dx, plan.input_grad) {
+            (Some(dx), ConvKernel::Direct) => {
+                conv_direct::backward_data(&shape, dy, weight, dx)?;
+                true
+            }
+            (Some(dx), ConvKernel::Winograd) => {
+                let limit = chunk_limit(&gpu);
+                conv_winograd::backward_data(self, &shape, limit, (dy, weight), dx)?;
+                true
+            }
+            _ => false,
+        };
         let dweight = weight_grad
             .then(|| Tensor::uninit(&gpu, weight.shape()))
             .transpose()?;
-        let col2im_dx = dx.as_ref().filter(|_| !direct_dx);
+        let col2im_dx = dx.as_ref().filter(|_| !convolved_dx);
         if dweight.is_none() && col2im_dx.is_none() {
             return Ok((dx, dweight));
         }

@@ -10,6 +10,7 @@ pub mod conv2d;
 mod conv_direct;
 mod conv_grouped;
 mod conv_weight_grad;
+mod conv_winograd;
 pub mod distillation;
 pub mod dropout;
 pub mod layer_norm;

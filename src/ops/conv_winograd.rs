@@ -1,0 +1,239 @@
+//! 3×3 convolutions at stride 1 as Winograd F(2×2, 3×3) (`shaders/conv_winograd.wgsl`):
+//! the weights and each 4×4 input tile transformed, 16 batched matmuls over the channels
+//! (`ops/matmul.rs`), then each 2×2 block of outputs transformed back with bias and
+//! activation. 2.25× fewer multiplies than direct summation and no im2col buffer (16·C
+//! values per 2×2 outputs instead of 9·C per output). The input gradient is the same
+//! algorithm over `dy` with the filters rotated and transposed. The CPU reference is
+//! `conv2d_cpu`: Winograd computes the same sums in another order.
+
+use bytemuck::{Pod, Zeroable};
+
+use super::Activation;
+use super::conv2d::{Conv2d, Conv2dShape};
+use super::matmul::Matmul;
+use crate::error::{Error, Result};
+use crate::gpu::Gpu;
+use crate::gpu::dispatch::Binding;
+use crate::gpu::shared::workgroups;
+use crate::tensor::{Tensor, gpu_word};
+
+/// Points of the transformed 4×4 tile: the matmuls per convolution.
+const POINTS: usize = 16;
+
+/// Mirrors `Params` in shaders/conv_winograd.wgsl.
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct WinogradParams {
+    images: u32,
+    first_image: u32,
+    total: u32,
+    slope: f32,
+}
+
+/// The convolution the kernels run: the layer's forward pass, or its input gradient as a
+/// convolution of `dy` (channels and filters swapped, the kernel rotated).
+#[derive(Clone, Copy, Debug)]
+struct Problem {
+    c: usize,
+    h: usize,
+    w: usize,
+    o: usize,
+    oh: usize,
+    ow: usize,
+    pad_top: usize,
+    pad_left: usize,
+    /// The input gradient's filters: `w[c][o]` rotated by 180°.
+    flip: bool,
+}
+
+impl Problem {
+    fn forward(shape: &Conv2dShape) -> Self {
+        Self {
+            c: shape.c,
+            h: shape.h,
+            w: shape.w,
+            o: shape.o,
+            oh: shape.oh,
+            ow: shape.ow,
+            pad_top: shape.pad_top,
+            pad_left: shape.pad_left,
+            flip: false,
+        }
+    }
+
+    /// `dx[ih] = Σ_k dy[ih + pad − 2 + k] · w[2 − k]`: a convolution of `dy` padded by
+    /// `2 − pad`, possible while the layer pads by at most 2.
+    fn input_gradient(shape: &Conv2dShape) -> Option<Self> {
+        Some(Self {
+            c: shape.o,
+            h: shape.oh,
+            w: shape.ow,
+            o: shape.c,
+            oh: shape.h,
+            ow: shape.w,
+            pad_top: 2usize.checked_sub(shape.pad_top)?,
+            pad_left: 2usize.checked_sub(shape.pad_left)?,
+            flip: true,
+        })
+    }
+
+    fn tiles(&self) -> usize {
+        self.oh.div_ceil(2) * self.ow.div_ceil(2)
+    }
+
+    /// Bytes of one image's transformed tiles (V) or transformed outputs (M).
+    fn image_bytes(&self) -> u64 {
+        (POINTS * self.c.max(self.o) * self.tiles()) as u64 * 4
+    }
+
+    fn constants(&self, spec: &Conv2d, bias: bool) -> Result<[(&'static str, u32); 11]> {
+        let word = |v: usize| gpu_word("conv2d", v);
+        Ok([
+            ("C", word(self.c)?),
+            ("H", word(self.h)?),
+            ("W", word(self.w)?),
+            ("O", word(self.o)?),
+            ("OH", word(self.oh)?),
+            ("OW", word(self.ow)?),
+            ("PAD_TOP", word(self.pad_top)?),
+            ("PAD_LEFT", word(self.pad_left)?),
+            ("ACT", spec.activation.code()),
+            ("HAS_BIAS", u32::from(bias)),
+            ("FLIP", u32::from(self.flip)),
+        ])
+    }
+}
+
+/// Whether Winograd takes the layer: 3×3, stride 1, no dilation, one group, and one image's
+/// transformed tiles within `chunk_bytes` (the largest binding the im2col path uses).
+fn fits(spec: &Conv2d, shape: &Conv2dShape, problem: Option<Problem>, chunk_bytes: u64) -> bool {
+    (shape.kh, shape.kw) == (3, 3)
+        && spec.stride == (1, 1)
+        && spec.dilation == (1, 1)
+        && shape.groups == 1
+        && problem.is_some_and(|p| p.image_bytes() <= chunk_bytes)
+}
+
+/// Whether the forward pass runs as Winograd.
+pub(crate) fn eligible(spec: &Conv2d, shape: &Conv2dShape, chunk_bytes: u64) -> bool {
+    fits(spec, shape, Some(Problem::forward(shape)), chunk_bytes)
+}
+
+/// Whether the input gradient runs as Winograd (the layer pads by at most 2).
+pub(crate) fn eligible_backward(spec: &Conv2d, shape: &Conv2dShape, chunk_bytes: u64) -> bool {
+    fits(spec, shape, Problem::input_gradient(shape), chunk_bytes)
+}
+
+/// `out = act(conv(x, weight) + bias)`.
+pub(crate) fn forward(
+    spec: &Conv2d,
+    shape: &Conv2dShape,
+    chunk_bytes: u64,
+    (x, weight, bias): (&Tensor, &Tensor, Option<&Tensor>),
+    out: &Tensor,
+) -> Result<()> {
+    run(
+        spec,
+        Problem::forward(shape),
+        chunk_bytes,
+        (x, weight, bias),
+        out,
+    )
+}
+
+/// `dx` from `dy` (`spec` without an activation).
+pub(crate) fn backward_data(
+    spec: &Conv2d,
+    shape: &Conv2dShape,
+    chunk_bytes: u64,
+    (dy, weight): (&Tensor, &Tensor),
+    dx: &Tensor,
+) -> Result<()> {
+    let problem = Problem::input_gradient(shape).ok_or_else(|| Error::InvalidArgument {
+        op: "conv2d",
+        detail: format!("Winograd's input gradient needs padding ≤ 2, got {shape:?}"),
+    })?;
+    let plain = Conv2d {
+        activation: Activation::None,
+        ..*spec
+    };
+    run(&plain, problem, chunk_bytes, (dy, weight, None), dx)
+}
+
+fn run(
+    spec: &Conv2d,
+    problem: Problem,
+    chunk_bytes: u64,
+    (x, weight, bias): (&Tensor, &Tensor, Option<&Tensor>),
+    out: &Tensor,
+) -> Result<()> {
+    let gpu = x.gpu();
+    let constants = problem.constants(spec, bias.is_some())?;
+    let dispatch = |entry: &str, bindings: &[(u32, Binding<'_>)], total: usize, images| {
+        encode(gpu, (entry, &constants), spec, bindings, total, images)
+    };
+    let (c, o, tiles) = (problem.c, problem.o, problem.tiles());
+    let u = Tensor::uninit(gpu, &[POINTS, o, c])?;
+    dispatch(
+        "weights",
+        &[(1, weight.binding()), (2, u.binding())],
+        o * c,
+        (0, 0),
+    )?;
+    let n = x.shape()[0];
+    let per_chunk = ((chunk_bytes / problem.image_bytes()) as usize).clamp(1, n);
+    // Without a bias the weights fill the (unread) bias slot.
+    let bias_slot = bias.unwrap_or(weight);
+    for first in (0..n).step_by(per_chunk) {
+        let count = per_chunk.min(n - first);
+        let v = Tensor::uninit(gpu, &[POINTS, c, count * tiles])?;
+        let input = [(1, x.binding()), (2, v.binding())];
+        dispatch("input", &input, count * c * tiles, (first, count))?;
+        let m = Tensor::uninit(gpu, &[POINTS, o, count * tiles])?;
+        Matmul::default().run(gpu, u.operand(), v.operand(), None, m.operand())?;
+        let output = [
+            (1, m.binding()),
+            (2, out.binding()),
+            (3, bias_slot.binding()),
+        ];
+        dispatch("output", &output, count * o * tiles, (first, count))?;
+    }
+    Ok(())
+}
+
+fn encode(
+    gpu: &Gpu,
+    (entry, constants): (&str, &[(&'static str, u32)]),
+    spec: &Conv2d,
+    bindings: &[(u32, Binding<'_>)],
+    total: usize,
+    (first, images): (usize, usize),
+) -> Result<()> {
+    let params = WinogradParams {
+        images: gpu_word("conv2d", images)?,
+        first_image: gpu_word("conv2d", first)?,
+        total: gpu_word("conv2d", total)?,
+        slope: spec.activation.slope(),
+    };
+    let pipeline = gpu.specialized(
+        "conv_winograd",
+        entry,
+        || {
+            [
+                include_str!("../../shaders/epilogue.wgsl"),
+                include_str!("../../shaders/conv_winograd.wgsl"),
+            ]
+            .concat()
+        },
+        constants,
+    )?;
+    gpu.run_pass(entry, |pass| {
+        gpu.encode_at(
+            pass,
+            &pipeline,
+            bytemuck::bytes_of(&params),
+            bindings,
+            workgroups(total as u64),
+        )
+    })
+}
