@@ -2,9 +2,11 @@
 //! synchronised runs after a warm-up.
 //!
 //! `cargo run --release --example perf -- [--quick] [--runs N] [--json] [--filter TEXT]
-//! [--reads storage|texture] [--profile]` (`--reads` forces how kernels read large operands
-//! instead of the adapter's calibration; `--profile` prints where a LeNet training step's
-//! device time goes, pass by pass, instead of the table).
+//! [--reads storage|texture] [--profile] [--memory] [--dispatches]` (`--reads` forces how
+//! kernels read large operands instead of the adapter's calibration; `--profile` prints where
+//! a LeNet training step's device time goes, pass by pass, `--memory` the peak bytes of
+//! ResNet steps, `--dispatches` the kernels and submits per training step, each instead of
+//! the table).
 
 use std::time::Instant;
 
@@ -434,6 +436,35 @@ fn model_step(
     })
 }
 
+/// `--dispatches`: kernels and submits of one training step per model, counted on the
+/// context after a first step (which builds the model and compiles its pipelines).
+fn dispatch_report(gpu: &Gpu, json: bool) -> Result<()> {
+    let device = || Device::Gpu(gpu.clone());
+    let steps = [
+        ("train_step_lenet_b64", lenet_step(device())?),
+        (
+            "train_step_resnet20_b128",
+            model_step(device(), "resnet20", 128, true),
+        ),
+        (
+            "train_step_resnet18_b1",
+            model_step(device(), "resnet18", 1, true),
+        ),
+    ];
+    for (op, mut step) in steps {
+        step()?;
+        let (dispatches, submits) = (gpu.dispatches(), gpu.submissions());
+        step()?;
+        let (dispatches, submits) = (gpu.dispatches() - dispatches, gpu.submissions() - submits);
+        if json {
+            println!(r#"{{"op":"{op}","dispatches":{dispatches},"submits":{submits}}}"#);
+        } else {
+            println!("{op:<28} {dispatches:>5} dispatches {submits:>3} submits");
+        }
+    }
+    Ok(())
+}
+
 /// `--memory`: the peak bytes the buffer pool holds during one ResNet inference pass or
 /// training step at 224×224 (weights, optimizer state and the input included), and its
 /// time, after a first step that compiles the pipelines.
@@ -524,6 +555,10 @@ struct Args {
     /// inference and training steps at 224×224, batches 1, 8 and 32.
     #[arg(long)]
     memory: bool,
+    /// Instead of the table: the kernels dispatched and the submits of one training step of
+    /// LeNet-5 (batch 64), ResNet-20 (batch 128) and ResNet-18 (batch 1, 224×224).
+    #[arg(long)]
+    dispatches: bool,
 }
 
 /// `--reads` values.
@@ -555,6 +590,9 @@ fn main() -> Result<()> {
     }
     if args.memory {
         return memory_report(&gpu, filter.as_deref());
+    }
+    if args.dispatches {
+        return dispatch_report(&gpu, json);
     }
     if !json {
         println!(

@@ -46,6 +46,32 @@ fn a_recorded_step_is_one_submit_with_the_same_results() {
     assert_eq!(dw.to_array().unwrap(), dw_plain.to_array().unwrap());
 }
 
+/// `Gpu::dispatches` counts kernels, not copies or submits: one fill is one kernel, and the
+/// same step records the same kernels every time, recorded or not.
+#[test]
+fn dispatches_count_the_kernels_recorded() {
+    let Some(_) = gpu() else { return };
+    let gpu = Gpu::new().unwrap();
+    let before = gpu.dispatches();
+    let filled = Tensor::full(&gpu, &[1000], 0.5).unwrap();
+    assert_eq!(gpu.dispatches(), before + 1);
+    let _copy = filled.copy_as(&[10, 100]).unwrap();
+    assert_eq!(gpu.dispatches(), before + 1, "a copy is no kernel");
+    let (x, w, b) = step_inputs(&gpu);
+    // The first step also runs the operand-read calibration's kernels (CPU adapters).
+    step(&x, &w, &b).unwrap();
+    let before = gpu.dispatches();
+    step(&x, &w, &b).unwrap();
+    let plain = gpu.dispatches() - before;
+    assert!(
+        plain >= 6,
+        "{plain} kernels for conv, relu, pool and their backward"
+    );
+    let before = gpu.dispatches();
+    gpu.record(|| step(&x, &w, &b)).unwrap();
+    assert_eq!(gpu.dispatches() - before, plain);
+}
+
 #[test]
 fn readback_inside_a_recording_sees_the_recorded_work() {
     let Some(_) = gpu() else { return };

@@ -131,6 +131,7 @@ pub(crate) struct GpuInner {
     /// The pass times of each thread inside [`Gpu::profile_passes`].
     pub(crate) profiles: Mutex<Vec<(std::thread::ThreadId, Vec<super::profile::PassTime>)>>,
     submissions: std::sync::atomic::AtomicU64,
+    dispatches: std::sync::atomic::AtomicU64,
     /// Each thread's kernel parameters, staged until its next submit.
     pub(crate) uniforms: Mutex<super::uniforms::UniformArenas>,
     /// How large operands are read, measured on first use (CPU adapters).
@@ -229,6 +230,7 @@ impl Gpu {
                 recordings: Mutex::new(Vec::new()),
                 profiles: Mutex::new(Vec::new()),
                 submissions: std::sync::atomic::AtomicU64::new(0),
+                dispatches: std::sync::atomic::AtomicU64::new(0),
                 uniforms: Mutex::new(super::uniforms::UniformArenas::default()),
                 calibration: std::sync::OnceLock::new(),
                 forced_operand_reads: options.operand_reads,
@@ -288,6 +290,20 @@ impl Gpu {
         self.inner
             .submissions
             .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// How many kernels this context has recorded (compute dispatches, each with its own
+    /// bind group; copies not counted): `perf --dispatches` reports them per training step.
+    pub fn dispatches(&self) -> u64 {
+        self.inner
+            .dispatches
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub(crate) fn count_dispatch(&self) {
+        self.inner
+            .dispatches
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub(crate) fn count_submit(&self) {

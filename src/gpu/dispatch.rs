@@ -110,6 +110,7 @@ impl Gpu {
         pass.set_pipeline(pipeline);
         pass.set_bind_group(0, &bind_group, &[]);
         pass.dispatch_workgroups(x, y, 1);
+        self.count_dispatch();
         Ok(())
     }
 
