@@ -507,36 +507,51 @@ fn forced_reads_match_the_cpu(gpu: &wgcnn::Gpu) {
             random(&[o, c, k, k], seed + 1),
             random(&[o], seed + 2),
         );
-        let up = |a: &ArrayD<f32>| Tensor::from_array(gpu, a).unwrap();
-        let (tx, tw, tb) = (up(&x), up(&weight), up(&bias));
         let shape = spec.shape(x.shape(), weight.shape(), None).unwrap();
-        let want =
-            wgcnn::cpu::conv2d(&spec, &x.view(), &weight.view(), Some(&bias.view())).unwrap();
-        let got = spec
-            .forward(&tx, &tw, Some(&tb))
-            .unwrap()
-            .to_array()
-            .unwrap();
-        let tolerance = 1e-5 * (shape.taps() as f32).sqrt() * 4.0 + 1e-5;
-        let kernels = spec.plan(gpu, &shape).label();
-        let diff = max_abs_diff(&got, &want);
-        assert!(diff <= tolerance, "forward {kernels} {shape:?}: {diff}");
-
-        let linear = Conv2d {
-            activation: Activation::None,
-            ..spec
-        };
-        let dy = random(&shape.output(), seed + 3);
-        let cpu =
-            wgcnn::cpu::conv2d_backward(&linear, &x.view(), &weight.view(), &dy.view()).unwrap();
-        let g = linear.backward(&tx, &tw, &up(&dy)).unwrap();
-        let diff = max_abs_diff(&g.x.to_array().unwrap(), &cpu.x);
-        let tolerance = 1e-5 * ((o * k * k) as f32).sqrt() * 4.0 + 1e-5;
-        assert!(diff <= tolerance, "dx {kernels} {shape:?}: {diff}");
-        let diff = max_abs_diff(&g.weight.to_array().unwrap(), &cpu.weight);
-        let tolerance = 1e-5 * ((n * shape.positions()) as f32).sqrt() * 4.0 + 1e-5;
-        assert!(diff <= tolerance, "dw {kernels} {shape:?}: {diff}");
+        let label = format!("{} {shape:?}", spec.plan(gpu, &shape).label());
+        matches_the_cpu(gpu, spec, (&x, &weight, &bias), seed, &label);
     }
+}
+
+/// `spec`'s forward pass (output poisoned first) and its backward pass without the
+/// activation (dx, dW; inputs poisoned first) on `gpu` against the CPU, within the
+/// tolerances of the same sums in another order; `label` names the case in failures.
+fn matches_the_cpu(
+    gpu: &wgcnn::Gpu,
+    spec: Conv2d,
+    (x, weight, bias): (&ArrayD<f32>, &ArrayD<f32>, &ArrayD<f32>),
+    seed: u64,
+    label: &str,
+) {
+    let up = |a: &ArrayD<f32>| Tensor::from_array(gpu, a).unwrap();
+    let poison = |shape: &[usize]| drop(Tensor::full(gpu, shape, f32::NAN).unwrap());
+    let (tx, tw, tb) = (up(x), up(weight), up(bias));
+    let shape = spec.shape(x.shape(), weight.shape(), None).unwrap();
+    let want = wgcnn::cpu::conv2d(&spec, &x.view(), &weight.view(), Some(&bias.view())).unwrap();
+    poison(&shape.output());
+    let got = spec
+        .forward(&tx, &tw, Some(&tb))
+        .unwrap()
+        .to_array()
+        .unwrap();
+    let tolerance = 1e-5 * (shape.taps() as f32).sqrt() * 4.0 + 1e-5;
+    let diff = max_abs_diff(&got, &want);
+    assert!(diff <= tolerance, "{label} forward: {diff}");
+
+    let linear = Conv2d {
+        activation: Activation::None,
+        ..spec
+    };
+    let dy = random(&shape.output(), seed + 3);
+    let cpu = wgcnn::cpu::conv2d_backward(&linear, &x.view(), &weight.view(), &dy.view()).unwrap();
+    poison(x.shape());
+    let g = linear.backward(&tx, &tw, &up(&dy)).unwrap();
+    let diff = max_abs_diff(&g.x.to_array().unwrap(), &cpu.x);
+    let tolerance = 1e-5 * ((shape.o * shape.kh * shape.kw) as f32).sqrt() * 4.0 + 1e-5;
+    assert!(diff <= tolerance, "{label} dx: {diff}");
+    let diff = max_abs_diff(&g.weight.to_array().unwrap(), &cpu.weight);
+    let tolerance = 1e-5 * ((shape.n * shape.positions()) as f32).sqrt() * 4.0 + 1e-5;
+    assert!(diff <= tolerance, "{label} dw: {diff}");
 }
 
 #[test]
@@ -1029,36 +1044,7 @@ fn winograd_convolutions_match_the_cpu() {
             let plan = spec.plan(gpu, &shape);
             assert_eq!(plan.forward, ConvKernel::Winograd, "case {i}");
             assert_eq!(plan.input_grad, dx_kernel, "case {i}");
-            let up = |a: &ArrayD<f32>| Tensor::from_array(gpu, a).unwrap();
-            let poison = |shape: &[usize]| drop(Tensor::full(gpu, shape, f32::NAN).unwrap());
-            let (tx, tw, tb) = (up(&x), up(&weight), up(&bias));
-            let want =
-                wgcnn::cpu::conv2d(&spec, &x.view(), &weight.view(), Some(&bias.view())).unwrap();
-            poison(&shape.output());
-            let got = spec
-                .forward(&tx, &tw, Some(&tb))
-                .unwrap()
-                .to_array()
-                .unwrap();
-            let tolerance = 1e-5 * (shape.taps() as f32).sqrt() * 4.0 + 1e-5;
-            let diff = max_abs_diff(&got, &want);
-            assert!(diff <= tolerance, "case {i} forward: {diff}");
-
-            let linear = Conv2d {
-                activation: Activation::None,
-                ..spec
-            };
-            let dy = random(&shape.output(), seed + 3);
-            let cpu = wgcnn::cpu::conv2d_backward(&linear, &x.view(), &weight.view(), &dy.view())
-                .unwrap();
-            poison(x.shape());
-            let g = linear.backward(&tx, &tw, &up(&dy)).unwrap();
-            let diff = max_abs_diff(&g.x.to_array().unwrap(), &cpu.x);
-            let tolerance = 1e-5 * ((o * 9) as f32).sqrt() * 4.0 + 1e-5;
-            assert!(diff <= tolerance, "case {i} dx: {diff}");
-            let diff = max_abs_diff(&g.weight.to_array().unwrap(), &cpu.weight);
-            let tolerance = 1e-5 * ((n * shape.positions()) as f32).sqrt() * 4.0 + 1e-5;
-            assert!(diff <= tolerance, "case {i} dw: {diff}");
+            matches_the_cpu(gpu, spec, (&x, &weight, &bias), seed, &format!("case {i}"));
         }
     }
 }

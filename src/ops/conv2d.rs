@@ -456,7 +456,7 @@ impl Conv2d {
             ConvKernel::Direct
         } else if pointwise(false) {
             ConvKernel::Pointwise
-        } else if conv_winograd::eligible(self, shape, chunk_limit(gpu)) {
+        } else if conv_winograd::eligible(gpu, self, shape) {
             ConvKernel::Winograd
         } else {
             ConvKernel::Im2colMatmul
@@ -478,7 +478,7 @@ impl Conv2d {
             ConvKernel::Direct
         } else if pointwise(weight_grad != ConvKernel::Direct) {
             ConvKernel::Pointwise
-        } else if conv_winograd::eligible_backward(self, shape, chunk_limit(gpu)) {
+        } else if conv_winograd::eligible_backward(gpu, self, shape) {
             ConvKernel::Winograd
         } else {
             ConvKernel::Im2colMatmul
@@ -509,8 +509,7 @@ impl Conv2d {
             return Ok(out);
         }
         if kernel == ConvKernel::Winograd {
-            let limit = chunk_limit(&gpu);
-            conv_winograd::forward(self, &shape, limit, (x, weight, bias), &out)?;
+            conv_winograd::forward(self, &shape, (x, weight, bias), &out)?;
             return Ok(out);
         }
         if kernel == ConvKernel::Pointwise {
@@ -719,8 +718,7 @@ impl Conv2d {
                 true
             }
             (Some(dx), ConvKernel::Winograd) => {
-                let limit = chunk_limit(&gpu);
-                conv_winograd::backward_data(self, &shape, limit, (dy, weight), dx)?;
+                conv_winograd::backward_data(self, &shape, (dy, weight), dx)?;
                 true
             }
             _ => false,
@@ -971,7 +969,7 @@ impl<'a> GroupWeights<'a> {
 }
 
 /// The most bytes one chunk's buffer may take: below the device's binding limit.
-fn chunk_limit(gpu: &Gpu) -> u64 {
+pub(crate) fn chunk_limit(gpu: &Gpu) -> u64 {
     CHUNK_BYTES.min(gpu.limits().max_storage_buffer_binding_size)
 }
 
@@ -985,11 +983,17 @@ fn chunks(gpu: &Gpu, shape: &Conv2dShape, partials: bool) -> Result<Vec<(usize, 
     let per_image = if partials { col.max(partial) } else { col };
     let limit = chunk_limit(gpu);
     gpu.check_buffer_size("the im2col buffer of one image", per_image)?;
-    let images = ((limit / per_image) as usize).clamp(1, shape.n);
-    Ok((0..shape.n)
+    Ok(image_chunks(shape.n, per_image, limit))
+}
+
+/// `n` images in runs of as many as fit `limit` bytes at `per_image` each (at least one):
+/// (first image, count) per run.
+pub(crate) fn image_chunks(n: usize, per_image: u64, limit: u64) -> Vec<(usize, usize)> {
+    let images = ((limit / per_image) as usize).clamp(1, n);
+    (0..n)
         .step_by(images)
-        .map(|first| (first, images.min(shape.n - first)))
-        .collect())
+        .map(|first| (first, images.min(n - first)))
+        .collect()
 }
 
 /// Mirrors `Params` in shaders/im2col.wgsl.

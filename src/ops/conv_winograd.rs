@@ -9,7 +9,7 @@
 use bytemuck::{Pod, Zeroable};
 
 use super::Activation;
-use super::conv2d::{Conv2d, Conv2dShape};
+use super::conv2d::{Conv2d, Conv2dShape, chunk_limit, image_chunks};
 use super::matmul::Matmul;
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
@@ -105,47 +105,39 @@ impl Problem {
 }
 
 /// Whether Winograd takes the layer: 3×3, stride 1, no dilation, one group, and one image's
-/// transformed tiles within `chunk_bytes` (the largest binding the im2col path uses).
-fn fits(spec: &Conv2d, shape: &Conv2dShape, problem: Option<Problem>, chunk_bytes: u64) -> bool {
+/// transformed tiles within the chunk the im2col path uses.
+fn fits(gpu: &Gpu, spec: &Conv2d, shape: &Conv2dShape, problem: Option<Problem>) -> bool {
     (shape.kh, shape.kw) == (3, 3)
         && spec.stride == (1, 1)
         && spec.dilation == (1, 1)
         && shape.groups == 1
-        && problem.is_some_and(|p| p.image_bytes() <= chunk_bytes)
+        && problem.is_some_and(|p| p.image_bytes() <= chunk_limit(gpu))
 }
 
 /// Whether the forward pass runs as Winograd.
-pub(crate) fn eligible(spec: &Conv2d, shape: &Conv2dShape, chunk_bytes: u64) -> bool {
-    fits(spec, shape, Some(Problem::forward(shape)), chunk_bytes)
+pub(crate) fn eligible(gpu: &Gpu, spec: &Conv2d, shape: &Conv2dShape) -> bool {
+    fits(gpu, spec, shape, Some(Problem::forward(shape)))
 }
 
 /// Whether the input gradient runs as Winograd (the layer pads by at most 2).
-pub(crate) fn eligible_backward(spec: &Conv2d, shape: &Conv2dShape, chunk_bytes: u64) -> bool {
-    fits(spec, shape, Problem::input_gradient(shape), chunk_bytes)
+pub(crate) fn eligible_backward(gpu: &Gpu, spec: &Conv2d, shape: &Conv2dShape) -> bool {
+    fits(gpu, spec, shape, Problem::input_gradient(shape))
 }
 
 /// `out = act(conv(x, weight) + bias)`.
 pub(crate) fn forward(
     spec: &Conv2d,
     shape: &Conv2dShape,
-    chunk_bytes: u64,
     (x, weight, bias): (&Tensor, &Tensor, Option<&Tensor>),
     out: &Tensor,
 ) -> Result<()> {
-    run(
-        spec,
-        Problem::forward(shape),
-        chunk_bytes,
-        (x, weight, bias),
-        out,
-    )
+    run(spec, Problem::forward(shape), (x, weight, bias), out)
 }
 
 /// `dx` from `dy` (`spec` without an activation).
 pub(crate) fn backward_data(
     spec: &Conv2d,
     shape: &Conv2dShape,
-    chunk_bytes: u64,
     (dy, weight): (&Tensor, &Tensor),
     dx: &Tensor,
 ) -> Result<()> {
@@ -157,13 +149,12 @@ pub(crate) fn backward_data(
         activation: Activation::None,
         ..*spec
     };
-    run(&plain, problem, chunk_bytes, (dy, weight, None), dx)
+    run(&plain, problem, (dy, weight, None), dx)
 }
 
 fn run(
     spec: &Conv2d,
     problem: Problem,
-    chunk_bytes: u64,
     (x, weight, bias): (&Tensor, &Tensor, Option<&Tensor>),
     out: &Tensor,
 ) -> Result<()> {
@@ -180,12 +171,10 @@ fn run(
         o * c,
         (0, 0),
     )?;
-    let n = x.shape()[0];
-    let per_chunk = ((chunk_bytes / problem.image_bytes()) as usize).clamp(1, n);
     // Without a bias the weights fill the (unread) bias slot.
     let bias_slot = bias.unwrap_or(weight);
-    for first in (0..n).step_by(per_chunk) {
-        let count = per_chunk.min(n - first);
+    let n = x.shape()[0];
+    for (first, count) in image_chunks(n, problem.image_bytes(), chunk_limit(gpu)) {
         let v = Tensor::uninit(gpu, &[POINTS, c, count * tiles])?;
         let input = [(1, x.binding()), (2, v.binding())];
         dispatch("input", &input, count * c * tiles, (first, count))?;
