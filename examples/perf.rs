@@ -15,7 +15,7 @@ use clap::Parser;
 use ndarray::{Array1, Array2, ArrayD, IxDyn};
 use wgcnn::ops::batch_norm::batches_state;
 use wgcnn::ops::{BatchNorm2d, Conv2d, KernelChoice, LayerNorm, Matmul, Pool2d};
-use wgcnn::tuning::OperandReads;
+use wgcnn::tuning::{OperandReads, Tuning};
 use wgcnn::{Device, Gpu, GpuOptions, Padding, Result, Tensor};
 
 /// One benchmarked operation: GPU and CPU runs of the same work.
@@ -96,7 +96,7 @@ fn conv_cases(gpu: &Gpu, [n, c, h, o, k, pad, groups]: [usize; 7]) -> Result<Vec
     let b = random(&[o], 5);
     let shape = spec.shape(x.shape(), w.shape(), Some(b.shape()))?;
     let dy = random(&shape.output(), 6);
-    let plan = spec.plan(gpu, &shape);
+    let plan = spec.plan(gpu, &shape)?;
     let label = match groups {
         1 => format!("N{n} {c}->{o} {h}x{h} k{k} p{pad}"),
         g if g == c => format!("N{n} {c}->{o} {h}x{h} k{k} p{pad} depthwise"),
@@ -465,6 +465,91 @@ fn dispatch_report(gpu: &Gpu, json: bool) -> Result<()> {
     Ok(())
 }
 
+/// `v` as JSON: `null` for the NaN of a skipped measurement.
+fn json_number(v: f64) -> String {
+    if v.is_finite() {
+        format!("{v:.4}")
+    } else {
+        "null".into()
+    }
+}
+
+/// `--tuning`: per model, on fresh contexts without a cache file, the first training step
+/// or inference pass under the fixed order and under the tuner (which measures during it),
+/// the median of the next three, and the tuner's seconds and choices.
+fn tuning_report(options: &GpuOptions, json: bool, filter: Option<&str>) -> Result<()> {
+    let models: [(&str, Option<&'static str>, usize, bool); 5] = [
+        ("lenet5 train N64", None, 64, true),
+        ("resnet20 train N128", Some("resnet20"), 128, true),
+        ("resnet18 eval N1", Some("resnet18"), 1, false),
+        ("resnet18 eval N8", Some("resnet18"), 8, false),
+        (
+            "efficientnet_lite0 eval N8",
+            Some("efficientnet_lite0"),
+            8,
+            false,
+        ),
+    ];
+    for (label, name, n, train) in models {
+        if filter.is_some_and(|f| !label.contains(f)) {
+            continue;
+        }
+        for tuning in [Tuning::Fixed, Tuning::Measure] {
+            let gpu = Gpu::with_options(GpuOptions {
+                tuning,
+                tuning_cache: None,
+                ..options.clone()
+            })?;
+            let device = Device::Gpu(gpu.clone());
+            let mut step = match name {
+                Some(name) => model_step(device, name, n, train),
+                None => lenet_step(device)?,
+            };
+            let mut timed = || -> Result<()> {
+                step()?;
+                gpu.synchronize()
+            };
+            let start = Instant::now();
+            timed()?;
+            let first = start.elapsed().as_secs_f64();
+            let next_ms = median_ms(3, &mut timed)?;
+            let report = gpu.tuning_report();
+            let mode = format!("{tuning:?}").to_lowercase();
+            if json {
+                println!(
+                    r#"{{"model":"{label}","tuning":"{mode}","first_step_s":{first:.3},"step_ms":{next_ms:.2},"tuning_s":{:.3},"choices":{}}}"#,
+                    report.seconds,
+                    report.choices.len()
+                );
+                continue;
+            }
+            println!(
+                "{label:<28} {mode:<8} first {first:>6.2} s  then {next_ms:>9.2} ms  measuring {:.2} s, {} choices",
+                report.seconds,
+                report.choices.len()
+            );
+            for choice in report.choices.iter().filter(|c| c.candidates.len() > 1) {
+                let times: Vec<String> = choice
+                    .candidates
+                    .iter()
+                    .map(|(name, s)| match s {
+                        Some(s) => format!("{name} {:.2} ms", s * 1e3),
+                        None => format!("{name} -"),
+                    })
+                    .collect();
+                println!(
+                    "    {} -> {} ({:?}: {})",
+                    choice.key,
+                    choice.chosen,
+                    choice.source,
+                    times.join(", ")
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 /// `--memory`: the peak bytes the buffer pool holds during one ResNet inference pass or
 /// training step at 224×224 (weights, optimizer state and the input included), and its
 /// time, after a first step that compiles the pipelines.
@@ -544,6 +629,9 @@ struct Args {
     /// Only the rows whose "op shape" contains this text.
     #[arg(long)]
     filter: Option<String>,
+    /// Skip the CPU reference (its columns read NaN): model rows take seconds per run there.
+    #[arg(long)]
+    no_cpu: bool,
     /// Force how kernels read large operands (default: the adapter's calibration).
     #[arg(long, value_enum)]
     reads: Option<Reads>,
@@ -559,6 +647,11 @@ struct Args {
     /// LeNet-5 (batch 64), ResNet-20 (batch 128) and ResNet-18 (batch 1, 224×224).
     #[arg(long)]
     dispatches: bool,
+    /// Instead of the table: per model (LeNet-5, ResNet-20, ResNet-18, EfficientNet-Lite0),
+    /// the first step and the next ones under the fixed kernel order and under the tuner,
+    /// its seconds spent measuring and its choices (fresh contexts, no cache file).
+    #[arg(long)]
+    tuning: bool,
 }
 
 /// `--reads` values.
@@ -580,10 +673,14 @@ fn main() -> Result<()> {
         Reads::Storage => OperandReads::Storage,
         Reads::Texture => OperandReads::Texture,
     });
-    let gpu = Gpu::with_options(GpuOptions {
+    let options = GpuOptions {
         operand_reads,
         ..GpuOptions::from_env()?
-    })?;
+    };
+    if args.tuning {
+        return tuning_report(&options, json, filter.as_deref());
+    }
+    let gpu = Gpu::with_options(options)?;
     let adapter = gpu.adapter_info().name.clone();
     if args.profile {
         return profile_lenet(&gpu, runs, json);
@@ -707,13 +804,21 @@ fn main() -> Result<()> {
         }
         host_times.sort_by(f64::total_cmp);
         let host_ms = host_times[runs / 2];
-        (case.cpu)()?;
-        let cpu_ms = median_ms(runs, &mut case.cpu)?;
+        let cpu_ms = if args.no_cpu {
+            f64::NAN
+        } else {
+            (case.cpu)()?;
+            median_ms(runs, &mut case.cpu)?
+        };
         let (gpu_gflops, cpu_gflops) = (case.flops / gpu_ms / 1e6, case.flops / cpu_ms / 1e6);
         if json {
             println!(
-                "{{\"op\":\"{}\",\"shape\":\"{}\",\"kernel\":\"{}\",\"gpu_ms\":{gpu_ms:.4},\"cpu_ms\":{cpu_ms:.4},\"gpu_gflops\":{gpu_gflops:.3},\"cpu_gflops\":{cpu_gflops:.3},\"host_ms\":{host_ms:.4},\"adapter\":\"{adapter}\"}}",
-                case.op, case.shape, case.kernel
+                "{{\"op\":\"{}\",\"shape\":\"{}\",\"kernel\":\"{}\",\"gpu_ms\":{gpu_ms:.4},\"cpu_ms\":{},\"gpu_gflops\":{gpu_gflops:.3},\"cpu_gflops\":{},\"host_ms\":{host_ms:.4},\"adapter\":\"{adapter}\"}}",
+                case.op,
+                case.shape,
+                case.kernel,
+                json_number(cpu_ms),
+                json_number(cpu_gflops)
             );
         } else {
             println!(
@@ -724,6 +829,15 @@ fn main() -> Result<()> {
                 cpu_ms / gpu_ms
             );
         }
+    }
+    if !json {
+        let report = gpu.tuning_report();
+        println!(
+            "kernels tuned: {} choices, {:.2} s measuring ({:?})",
+            report.choices.len(),
+            report.seconds,
+            gpu.tuning()
+        );
     }
     Ok(())
 }

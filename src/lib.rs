@@ -25,6 +25,7 @@
 
 #![warn(missing_docs)]
 
+mod atomic;
 mod builder;
 pub mod cpu;
 pub mod data;
@@ -102,7 +103,10 @@ pub mod prelude {
 /// `Conv2d::plan`). An application needs none of it; `GpuOptions::operand_reads` takes an
 /// [`tuning::OperandReads`] to force a family.
 pub mod tuning {
-    pub use crate::gpu::{OperandCalibration, OperandReads, TEXTURE_ADVANTAGE};
-    pub use crate::ops::conv2d::{ConvKernel, ConvPlan};
+    pub use crate::gpu::{
+        ChoiceSource, OperandCalibration, OperandReads, TEXTURE_ADVANTAGE, TunedChoice, Tuning,
+        TuningReport,
+    };
+    pub use crate::ops::conv_plan::{ConvKernel, ConvPlan};
     pub use crate::ops::matmul::MatmulPlan;
 }

@@ -18,6 +18,12 @@ pub(crate) fn random(shape: &[usize], seed: u64) -> ArrayD<f32> {
 /// A context opened with `options`. A missing adapter fails the test unless
 /// WGCNN_SKIP_GPU_TESTS is set (then `None`: the test skips, saying so).
 pub(crate) fn gpu(options: GpuOptions) -> Option<Gpu> {
+    // The fixed kernel order and no cache file, as the integration tests'.
+    let options = GpuOptions {
+        tuning: crate::gpu::Tuning::Fixed,
+        tuning_cache: None,
+        ..options
+    };
     match Gpu::with_options(options) {
         Ok(gpu) => Some(gpu),
         Err(e) if std::env::var_os("WGCNN_SKIP_GPU_TESTS").is_some() => {

@@ -157,7 +157,7 @@ proptest! {
         // Channels and filters per group; one channel per group is a depthwise convolution.
         let (c, o) = (per_group * groups, filters * groups);
         let stride = if padding == Padding::Same { (1, 1) } else { (sh, sw) };
-        let spec = Conv2d { stride, padding, dilation: (dh, dw), activation: Activation::None, groups };
+        let spec = Conv2d { stride, padding, dilation: (dh, dw), activation: Activation::None, groups, kernel: None };
         let (x, weight, bias) = (random(&[n, c, h, w], seed), random(&[o, per_group, kh, kw], seed + 1), random(&[o], seed + 2));
         let Ok(shape) = spec.shape(x.shape(), weight.shape(), None) else {
             // The kernel does not fit the padded input: both paths must say so.
@@ -286,7 +286,7 @@ fn large_batches_run_in_chunks() {
     );
     let shape = spec.shape(x.shape(), w.shape(), None).unwrap();
     // dx may run as a direct convolution of dy; the forward pass and dW take the chunks.
-    let plan = spec.plan(gpu, &shape);
+    let plan = spec.plan(gpu, &shape).unwrap();
     assert_eq!(plan.forward, ConvKernel::Winograd, "{}", plan.label());
     assert_eq!(
         plan.weight_grad,
@@ -508,7 +508,7 @@ fn forced_reads_match_the_cpu(gpu: &wgcnn::Gpu) {
             random(&[o], seed + 2),
         );
         let shape = spec.shape(x.shape(), weight.shape(), None).unwrap();
-        let label = format!("{} {shape:?}", spec.plan(gpu, &shape).label());
+        let label = format!("{} {shape:?}", spec.plan(gpu, &shape).unwrap().label());
         matches_the_cpu(gpu, spec, (&x, &weight, &bias), seed, &label);
     }
 }
@@ -758,6 +758,7 @@ fn grouped_convolutions_with_long_sums_run_as_matmuls() {
             dilation,
             groups,
             activation: Activation::None,
+            kernel: None,
         };
         let seed = 100 + 10 * i as u64;
         let (x, w, b) = (
@@ -771,7 +772,7 @@ fn grouped_convolutions_with_long_sums_run_as_matmuls() {
         } else {
             "grouped direct, im2col+matmul backward"
         };
-        assert_eq!(spec.plan(gpu, &shape).label(), expected);
+        assert_eq!(spec.plan(gpu, &shape).unwrap().label(), expected);
         let relu = Conv2d {
             activation: Activation::Relu,
             ..spec
@@ -849,7 +850,7 @@ fn pointwise_convolutions_skip_im2col() {
             random(&[o], seed + 2),
         );
         let shape = spec.shape(&xs, &ws, None).unwrap();
-        assert_eq!(spec.plan(gpu, &shape).label(), "pointwise matmul");
+        assert_eq!(spec.plan(gpu, &shape).unwrap().label(), "pointwise matmul");
         let relu = Conv2d {
             activation: Activation::Relu,
             ..spec
@@ -897,7 +898,7 @@ fn grouped_weight_gradients_of_long_batches_run_in_passes() {
     let (x, w) = (random(&[300, 2, 64, 64], 41), random(&[2, 1, 3, 3], 42));
     let shape = spec.shape(x.shape(), w.shape(), None).unwrap();
     assert_eq!(
-        spec.plan(gpu, &shape).weight_grad,
+        spec.plan(gpu, &shape).unwrap().weight_grad,
         ConvKernel::GroupedDirect
     );
     let dy = random(&shape.output(), 43);
@@ -934,7 +935,7 @@ fn input_gradients_past_the_loop_bound_match_the_cpu() {
         let (x, w) = (random(&x_shape, 51), random(&w_shape, 52));
         let shape = spec.shape(x.shape(), w.shape(), None).unwrap();
         assert_eq!(
-            spec.plan(gpu, &shape).input_grad,
+            spec.plan(gpu, &shape).unwrap().input_grad,
             ConvKernel::Im2colMatmul,
             "case {i}"
         );
@@ -1041,7 +1042,7 @@ fn winograd_convolutions_match_the_cpu() {
                 random(&[o], seed + 2),
             );
             let shape = spec.shape(x.shape(), weight.shape(), None).unwrap();
-            let plan = spec.plan(gpu, &shape);
+            let plan = spec.plan(gpu, &shape).unwrap();
             assert_eq!(plan.forward, ConvKernel::Winograd, "case {i}");
             assert_eq!(plan.input_grad, dx_kernel, "case {i}");
             matches_the_cpu(gpu, spec, (&x, &weight, &bias), seed, &format!("case {i}"));

@@ -1,6 +1,7 @@
-//! The variables that pick a backend and adapter: a value not understood is an error that
-//! lists the accepted ones. One test in its own binary, since it changes the environment.
+//! The variables that pick a backend and adapter and the kernel tuning: a value not
+//! understood is an error that lists the accepted ones. One test in its own binary, since it changes the environment.
 
+use wgcnn::tuning::Tuning;
 use wgcnn::{Gpu, GpuOptions};
 
 fn with_var(name: &str, value: &str) -> String {
@@ -35,6 +36,27 @@ fn unknown_or_unbuilt_backends_and_preferences_are_errors() {
         err.contains("unknown preference \"bogus\"; accepted: low, high, none"),
         "{err}"
     );
+    let err = with_var("WGCNN_TUNING", "sometimes");
+    assert!(
+        err.contains("unknown tuning \"sometimes\"; accepted: measure"),
+        "{err}"
+    );
+    for (value, tuning) in [("off", Tuning::Fixed), (" Measure ", Tuning::Measure)] {
+        // SAFETY: as above.
+        unsafe { std::env::set_var("WGCNN_TUNING", value) };
+        assert_eq!(GpuOptions::from_env().unwrap().tuning, tuning, "{value}");
+        unsafe { std::env::remove_var("WGCNN_TUNING") };
+    }
+    for (value, file) in [("none", None), ("/tmp/t.tsv", Some("/tmp/t.tsv".into()))] {
+        // SAFETY: as above.
+        unsafe { std::env::set_var("WGCNN_TUNING_CACHE", value) };
+        assert_eq!(
+            GpuOptions::from_env().unwrap().tuning_cache,
+            file,
+            "{value}"
+        );
+        unsafe { std::env::remove_var("WGCNN_TUNING_CACHE") };
+    }
     for fine in [
         ("WGPU_BACKEND", "Vulkan"),
         ("WGPU_POWER_PREF", "low"),

@@ -149,7 +149,7 @@ fn the_subgroup_kernel_needs_subgroups() {
 fn a_lost_device_turns_into_errors_not_panics() {
     let Some(_) = gpu() else { return };
     // A context of its own, since it is destroyed.
-    let gpu = Gpu::new().unwrap();
+    let gpu = common::new_gpu();
     let a = Tensor::from_array(&gpu, &random(&[3, 3], 1)).unwrap();
     gpu.simulate_device_loss();
     let err = Matmul::default().forward(&a, &a, None).unwrap_err();
@@ -159,7 +159,7 @@ fn a_lost_device_turns_into_errors_not_panics() {
     assert!(Tensor::full(&gpu, &[2], 0.0).is_err());
     assert!(matches!(gpu.synchronize(), Err(Error::DeviceLost { .. })));
     // A new context works.
-    let fresh = Gpu::new().unwrap();
+    let fresh = common::new_gpu();
     let b = Tensor::from_array(&fresh, &random(&[3, 3], 2)).unwrap();
     let y = Matmul::default().forward(&b, &b, None).unwrap();
     assert_eq!(y.to_array().unwrap().shape(), [3, 3]);
@@ -168,7 +168,7 @@ fn a_lost_device_turns_into_errors_not_panics() {
 #[test]
 fn tensors_from_two_contexts_do_not_mix() {
     let Some(shared) = gpu() else { return };
-    let other = Gpu::new().unwrap();
+    let other = common::new_gpu();
     let a = Tensor::from_array(shared, &random(&[2, 2], 1)).unwrap();
     let b = Tensor::from_array(&other, &random(&[2, 2], 2)).unwrap();
     let err = Matmul::default().forward(&a, &b, None).unwrap_err();

@@ -220,7 +220,7 @@ fn a_short_mnist_run_learns_and_gpu_follows_the_cpu_trajectory() {
 fn pool_memory_is_flat_over_500_steps() {
     let Some(_) = gpu() else { return };
     // A context of its own: the other tests' buffers must not count.
-    let gpu = &wgcnn::Gpu::new().unwrap();
+    let gpu = &common::new_gpu();
     let data = mnist();
     let options = LeNetOptions {
         batch_norm: true,

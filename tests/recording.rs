@@ -32,7 +32,7 @@ fn step_inputs(gpu: &Gpu) -> (Tensor, Tensor, Tensor) {
 #[test]
 fn a_recorded_step_is_one_submit_with_the_same_results() {
     let Some(_) = gpu() else { return };
-    let gpu = Gpu::new().unwrap();
+    let gpu = common::new_gpu();
     let (x, w, b) = step_inputs(&gpu);
     let (y_plain, dw_plain) = step(&x, &w, &b).unwrap();
     let before = gpu.submissions();
@@ -51,7 +51,7 @@ fn a_recorded_step_is_one_submit_with_the_same_results() {
 #[test]
 fn dispatches_count_the_kernels_recorded() {
     let Some(_) = gpu() else { return };
-    let gpu = Gpu::new().unwrap();
+    let gpu = common::new_gpu();
     let before = gpu.dispatches();
     let filled = Tensor::full(&gpu, &[1000], 0.5).unwrap();
     assert_eq!(gpu.dispatches(), before + 1);
@@ -76,7 +76,7 @@ fn dispatches_count_the_kernels_recorded() {
 fn readback_inside_a_recording_sees_the_recorded_work() {
     let Some(_) = gpu() else { return };
     // Contexts of their own: a recording captures every op on its Gpu, other tests' too.
-    let gpu = &Gpu::new().unwrap();
+    let gpu = &common::new_gpu();
     let x = random(&[2, 3], 4);
     let values = gpu
         .record(|| {
@@ -90,7 +90,7 @@ fn readback_inside_a_recording_sees_the_recorded_work() {
 #[test]
 fn memory_stays_flat_over_many_recorded_steps() {
     let Some(_) = gpu() else { return };
-    let gpu = Gpu::new().unwrap();
+    let gpu = common::new_gpu();
     let up = |a: &ndarray::ArrayD<f32>| Tensor::from_array(&gpu, a).unwrap();
     let (x, w, b) = (
         up(&random(&[2, 2, 10, 10], 5)),
@@ -116,7 +116,7 @@ fn memory_stays_flat_over_many_recorded_steps() {
 #[test]
 fn a_nested_recording_joins_the_outer_one_and_threads_record_apart() {
     let Some(_) = gpu() else { return };
-    let gpu = &Gpu::new().unwrap();
+    let gpu = &common::new_gpu();
     let data = random(&[4, 37], 1);
     let x = Tensor::from_array(gpu, &data).unwrap();
     let before = gpu.submissions();
@@ -182,7 +182,7 @@ fn every_recorded_kernel_keeps_its_own_parameters() {
 fn calibration_inside_a_recording_leaves_its_kernels_intact() {
     // A fresh context's first matmul calibrates (and submits) inside the recording.
     let Some(_) = gpu() else { return };
-    let gpu = Gpu::new().unwrap();
+    let gpu = common::new_gpu();
     let x = Tensor::from_array(&gpu, &random(&[9, 12], 5).mapv(|v| v - 0.5)).unwrap();
     let w = Tensor::from_array(&gpu, &random(&[12, 6], 6)).unwrap();
     let (a, c, b) = gpu
@@ -213,7 +213,7 @@ fn calibration_inside_a_recording_leaves_its_kernels_intact() {
 #[test]
 fn profiled_passes_are_timed_in_order_with_the_same_results() {
     let Some(_) = gpu() else { return };
-    let gpu = Gpu::new().unwrap();
+    let gpu = common::new_gpu();
     let (x, w, b) = step_inputs(&gpu);
     let (y_plain, dw_plain) = gpu.record(|| step(&x, &w, &b)).unwrap();
     let before = gpu.submissions();
@@ -256,7 +256,7 @@ fn a_step_holding_too_many_buffers_submits_early_with_the_same_results() {
         let options = GpuOptions {
             recording_hold_bytes: hold,
             operand_reads: Some(wgcnn::tuning::OperandReads::Storage),
-            ..GpuOptions::from_env().unwrap()
+            ..common::options()
         };
         let gpu = Gpu::with_options(options).unwrap();
         let mut model = lenet5(LeNetOptions::default())
@@ -296,7 +296,7 @@ fn a_step_holding_too_many_buffers_submits_early_with_the_same_results() {
 #[test]
 fn a_panicking_step_leaves_the_thread_able_to_record() {
     let Some(_) = gpu() else { return };
-    let gpu = Gpu::new().unwrap();
+    let gpu = common::new_gpu();
     let (x, w, b) = step_inputs(&gpu);
     let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         gpu.record(|| {

@@ -95,7 +95,7 @@ proptest! {
     #[test]
     fn convolution(x in shape(), o in 1usize..4, k in (0usize..4, 0usize..4), stride in (hostile(), hostile()),
                    pad in (hostile(), hostile()), dilation in (hostile(), 1usize..3), groups in hostile(), seed in 0u64..100, poison: u8) {
-        let spec = Conv2d { stride, padding: Padding::Explicit(pad.0, pad.1), dilation, groups, activation: Activation::None };
+        let spec = Conv2d { stride, padding: Padding::Explicit(pad.0, pad.1), dilation, groups, activation: Activation::None, kernel: None };
         let c = x.get(1).copied().unwrap_or(1);
         let w_shape = [o * groups.clamp(1, 4), (c / groups.max(1)).max(1), k.0, k.1];
         never_panics(&format!("conv {spec:?} x {x:?} w {w_shape:?}"), || {

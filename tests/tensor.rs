@@ -62,7 +62,7 @@ fn the_pool_reuses_buffers_of_a_size_class() {
     // A private context, so that other tests do not disturb the counters.
     let Some(shared) = gpu() else { return };
     let _ = shared;
-    let gpu = Gpu::new().unwrap();
+    let gpu = common::new_gpu();
     let data = ArrayD::from_elem(IxDyn(&[1000]), 1.5f32);
     let first = Tensor::from_array(&gpu, &data).unwrap();
     let after_first = gpu.pool_stats();

@@ -5,6 +5,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use super::pipelines::PipelineCache;
 use super::pool::{BufferPool, PoolStats};
 use super::recording::Recording;
+use super::tuning::Tuning;
 use crate::error::{Error, Result};
 
 /// How to pick the adapter. [`GpuOptions::from_env`] reads wgpu's usual variables.
@@ -26,6 +27,17 @@ pub struct GpuOptions {
     /// Forces how kernels that offer both read large operands (tests, experiments);
     /// `None` lets CPU adapters calibrate ([`Gpu::operand_reads`]).
     pub operand_reads: Option<super::texture::OperandReads>,
+    /// How ops with several eligible kernels choose (`WGCNN_TUNING`: `measure`, `off`):
+    /// timed on first use per shape ([`Tuning::Measure`], the default) or each op's fixed
+    /// order ([`Tuning::Fixed`], reproducible).
+    pub tuning: Tuning,
+    /// The file that keeps measured choices between runs (`WGCNN_TUNING_CACHE`: a path, or
+    /// `none`); by default `$XDG_CACHE_HOME/wgcnn/tuning.tsv` or `~/.cache/wgcnn/tuning.tsv`.
+    /// Delete it to measure again.
+    pub tuning_cache: Option<std::path::PathBuf>,
+    /// Time a context may spend measuring (trials and the candidates' compilation); shapes
+    /// met after that take the fixed order. [`Gpu::tuning_report`] says what was spent.
+    pub tuning_budget: std::time::Duration,
 }
 
 impl Default for GpuOptions {
@@ -37,12 +49,16 @@ impl Default for GpuOptions {
             pool_cache_bytes: 1 << 30,
             recording_hold_bytes: 256 << 20,
             operand_reads: None,
+            tuning: Tuning::Measure,
+            tuning_cache: super::tuning::default_cache_file(),
+            tuning_budget: std::time::Duration::from_secs(2),
         }
     }
 }
 
 impl GpuOptions {
-    /// Defaults, overridden by `WGPU_BACKEND`, `WGPU_ADAPTER_NAME` and `WGPU_POWER_PREF`.
+    /// Defaults, overridden by `WGPU_BACKEND`, `WGPU_ADAPTER_NAME`, `WGPU_POWER_PREF`,
+    /// `WGCNN_TUNING` and `WGCNN_TUNING_CACHE`.
     /// A value not understood is an error listing the accepted ones (wgpu itself would
     /// ignore it and search no backend, or keep the default preference).
     pub fn from_env() -> Result<Self> {
@@ -57,6 +73,15 @@ impl GpuOptions {
             power_preference: match var("WGPU_POWER_PREF") {
                 Some(value) => parse_power_preference(&value)?,
                 None => default.power_preference,
+            },
+            tuning: match var("WGCNN_TUNING") {
+                Some(value) => parse_tuning(&value)?,
+                None => default.tuning,
+            },
+            tuning_cache: match var("WGCNN_TUNING_CACHE") {
+                Some(path) if path.trim().eq_ignore_ascii_case("none") => None,
+                Some(path) => Some(path.into()),
+                None => default.tuning_cache.clone(),
             },
             ..default
         })
@@ -99,6 +124,21 @@ fn parse_backends(list: &str) -> Result<wgpu::Backends> {
     Ok(backends)
 }
 
+/// `WGCNN_TUNING`'s value.
+fn parse_tuning(value: &str) -> Result<Tuning> {
+    match value.trim().to_lowercase().as_str() {
+        "measure" | "on" => Ok(Tuning::Measure),
+        "off" | "fixed" => Ok(Tuning::Fixed),
+        _ => Err(Error::InvalidArgument {
+            op: "WGCNN_TUNING",
+            detail: format!(
+                "unknown tuning {value:?}; accepted: measure (time the kernels on first use), \
+                 off (each op's fixed order)"
+            ),
+        }),
+    }
+}
+
 /// `WGPU_POWER_PREF`'s value.
 fn parse_power_preference(value: &str) -> Result<wgpu::PowerPreference> {
     match value.trim().to_lowercase().as_str() {
@@ -138,6 +178,8 @@ pub(crate) struct GpuInner {
     pub(crate) calibration: std::sync::OnceLock<super::texture::OperandCalibration>,
     /// `GpuOptions::operand_reads`.
     pub(crate) forced_operand_reads: Option<super::texture::OperandReads>,
+    /// Kernel choices measured per shape (`gpu/tuning.rs`).
+    pub(crate) tuning: Mutex<super::tuning::TuningState>,
     /// `GpuOptions::recording_hold_bytes`.
     pub(crate) recording_hold_bytes: u64,
     lost: Arc<Mutex<Option<String>>>,
@@ -234,6 +276,7 @@ impl Gpu {
                 uniforms: Mutex::new(super::uniforms::UniformArenas::default()),
                 calibration: std::sync::OnceLock::new(),
                 forced_operand_reads: options.operand_reads,
+                tuning: Mutex::new(super::tuning::TuningState::new(&options)),
                 recording_hold_bytes: options.recording_hold_bytes,
                 lost,
                 uncaptured,

@@ -10,6 +10,7 @@ mod readback;
 mod recording;
 pub(crate) mod shared;
 pub(crate) mod texture;
+mod tuning;
 mod uniforms;
 
 pub(crate) use context::lock;
@@ -19,3 +20,4 @@ pub(crate) use pool::size_class;
 pub use profile::PassTime;
 pub(crate) use texture::OperandTexture;
 pub use texture::{OperandCalibration, OperandReads, TEXTURE_ADVANTAGE};
+pub use tuning::{ChoiceSource, TunedChoice, Tuning, TuningReport};

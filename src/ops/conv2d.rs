@@ -20,6 +20,7 @@ use super::Activation;
 use super::activation::through_activation_cpu;
 use super::conv_direct;
 use super::conv_grouped;
+use super::conv_plan::{BackwardKernels, ConvKernel};
 use super::conv_weight_grad::{self, Gate, WeightAndBias};
 use super::conv_winograd;
 use super::matmul::{BiasAxis, Matmul};
@@ -31,14 +32,6 @@ use crate::tensor::{Tensor, gpu_word};
 use crate::value::Value;
 
 const OP: &str = "conv2d";
-
-/// Taps per group from which a grouped convolution's forward pass, and its backward pass,
-/// take im2col + matmul instead of the direct kernels. Measured on lavapipe (`perf`, ms
-/// direct → matmul): N8 64→64 56² 3×3 in two groups (288 taps) forward 590 → 166; N8
-/// 128→128 28² 3×3 in 32 groups (36 taps, ResNeXt) forward 48.6 → 69.3 but backward 133 →
-/// 62; a depthwise layer (9 taps) stays direct.
-const GROUPED_MATMUL_TAPS_FORWARD: usize = 64;
-const GROUPED_MATMUL_TAPS_BACKWARD: usize = 16;
 
 /// Largest col buffer one chunk may use, below the device's own binding limit.
 const CHUNK_BYTES: u64 = 64 << 20;
@@ -86,6 +79,10 @@ pub struct Conv2d {
     /// channels of its group, and the weight is `[O, C/G, KH, KW]` (PyTorch's `groups`).
     /// `G = C` is a depthwise convolution (`O = m·C` for a channel multiplier `m`).
     pub groups: usize,
+    /// Forces a kernel family on each pass that can run it (tests, benchmarks); `None`, the
+    /// default, lets [`Conv2d::plan`] choose (measured per shape, or the fixed order under
+    /// `Tuning::Fixed`: [`crate::gpu::Tuning`]). Passes it cannot run choose as usual.
+    pub kernel: Option<ConvKernel>,
 }
 
 impl Default for Conv2d {
@@ -96,6 +93,7 @@ impl Default for Conv2d {
             dilation: (1, 1),
             activation: Activation::None,
             groups: 1,
+            kernel: None,
         }
     }
 }
@@ -147,25 +145,11 @@ impl Conv2dShape {
 
     /// A 1×1 convolution at stride 1 without padding: its im2col buffer would be the input
     /// itself, so the matmul reads `x` (and writes `y`, `dx`) directly.
-    fn pointwise(&self, spec: &Conv2d) -> bool {
+    pub(crate) fn pointwise(&self, spec: &Conv2d) -> bool {
         self.groups == 1
             && (self.kh, self.kw) == (1, 1)
             && spec.stride == (1, 1)
             && (self.oh, self.ow) == (self.h, self.w)
-    }
-
-    /// Whether a grouped convolution's forward pass takes im2col + matmul (long sums).
-    fn grouped_matmul(&self) -> bool {
-        self.groups > 1 && self.taps() >= GROUPED_MATMUL_TAPS_FORWARD
-    }
-
-    /// Whether a grouped convolution's backward pass takes im2col + matmul: long sums, or
-    /// so many filters per group that the direct input gradient, which gathers every
-    /// filter's taps per input pixel, would loop past the loop bound.
-    fn grouped_matmul_backward(&self) -> bool {
-        let gathered = self.o / self.groups * self.kh * (self.kw + 1);
-        self.groups > 1
-            && (self.taps() >= GROUPED_MATMUL_TAPS_BACKWARD || gathered > MAX_LOOP_ITERATIONS)
     }
 
     /// col2im's entry: `col2im` walks every tap (`KH·(KW + 1)` iterations, unrolled for
@@ -242,71 +226,6 @@ fn output_size(
         )));
     }
     Ok((padded - span) / stride + 1)
-}
-
-/// A family of convolution kernels.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ConvKernel {
-    /// One group's short sums per invocation (conv_grouped.rs): depthwise and small groups.
-    GroupedDirect,
-    /// Small filter banks at stride 1 with no im2col (conv_direct.rs, conv_weight_grad.rs;
-    /// the weight-gradient kernel takes the fused activation's derivative as it reads `dy`).
-    Direct,
-    /// 1×1 at stride 1 without padding: plain matmuls, the input is the column buffer.
-    Pointwise,
-    /// 3×3 at stride 1 as Winograd F(2×2, 3×3): transformed tiles and 16 batched matmuls
-    /// (conv_winograd.rs), in chunks of images.
-    Winograd,
-    /// im2col (col2im for the input gradient) and batched matmuls, in chunks of images.
-    Im2colMatmul,
-}
-
-impl ConvKernel {
-    /// The family in words, as `perf` prints it.
-    pub fn name(self) -> &'static str {
-        match self {
-            ConvKernel::GroupedDirect => "grouped direct",
-            ConvKernel::Direct => "direct",
-            ConvKernel::Pointwise => "pointwise matmul",
-            ConvKernel::Winograd => "winograd",
-            ConvKernel::Im2colMatmul => "im2col+matmul",
-        }
-    }
-}
-
-/// How one convolution runs on one adapter ([`Conv2d::plan`]): forward and backward
-/// dispatch from it, and [`ConvPlan::label`] names what they run.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ConvPlan {
-    /// The forward pass.
-    pub forward: ConvKernel,
-    /// The input gradient `dx`.
-    pub input_grad: ConvKernel,
-    /// The weight and bias gradients.
-    pub weight_grad: ConvKernel,
-    /// Groups of the convolution (a grouped im2col+matmul runs one product per group).
-    pub groups: usize,
-}
-
-impl ConvPlan {
-    /// The kernels in words, e.g. `"direct"` (all three passes), `"grouped direct,
-    /// im2col+matmul backward"` or `"direct forward, im2col+matmul dx, direct dW"`.
-    pub fn label(&self) -> String {
-        let [forward, dx, dw] =
-            [self.forward, self.input_grad, self.weight_grad].map(ConvKernel::name);
-        let label = if forward == dx && dx == dw {
-            forward.to_string()
-        } else if dx == dw {
-            format!("{forward}, {dx} backward")
-        } else {
-            format!("{forward} forward, {dx} dx, {dw} dW")
-        };
-        if self.groups > 1 && !label.starts_with("grouped") {
-            format!("grouped {label}")
-        } else {
-            label
-        }
-    }
 }
 
 impl Conv2d {
@@ -434,63 +353,6 @@ impl Conv2d {
         })
     }
 
-    /// How this convolution runs on `gpu`: the kernel family of its forward pass, input
-    /// gradient and weight gradient, decided here once; forward and backward follow it.
-    pub fn plan(&self, gpu: &Gpu, shape: &Conv2dShape) -> ConvPlan {
-        let binding = gpu.limits().max_storage_buffer_binding_size;
-        let input = (shape.n * shape.c * shape.h * shape.w) as u64 * 4;
-        let output = (shape.n * shape.o * shape.positions()) as u64 * 4;
-        // Pointwise: x is the column buffer and dx the dcol one, each bound whole; the
-        // weight gradient's per-image products `[N, O, C]` must fit one chunk.
-        let pointwise = |weight_grad: bool| {
-            let partials = (shape.n * shape.o * shape.c) as u64 * 4;
-            shape.pointwise(self)
-                && input <= binding
-                && output <= binding
-                && (!weight_grad || partials <= chunk_limit(gpu))
-        };
-        let grouped_backward = shape.groups > 1 && !shape.grouped_matmul_backward();
-        let forward = if shape.groups > 1 && !shape.grouped_matmul() {
-            ConvKernel::GroupedDirect
-        } else if conv_direct::eligible(gpu, self, shape) {
-            ConvKernel::Direct
-        } else if pointwise(false) {
-            ConvKernel::Pointwise
-        } else if conv_winograd::eligible(gpu, self, shape) {
-            ConvKernel::Winograd
-        } else {
-            ConvKernel::Im2colMatmul
-        };
-        let weight_grad = if conv_weight_grad::eligible(self, shape) {
-            ConvKernel::Direct
-        } else if grouped_backward {
-            ConvKernel::GroupedDirect
-        } else if pointwise(true) {
-            ConvKernel::Pointwise
-        } else {
-            ConvKernel::Im2colMatmul
-        };
-        // The input gradient shares the weight gradient's matmul path unless the direct
-        // weight-gradient kernel took that.
-        let input_grad = if grouped_backward {
-            ConvKernel::GroupedDirect
-        } else if conv_direct::eligible_backward(gpu, self, shape) {
-            ConvKernel::Direct
-        } else if pointwise(weight_grad != ConvKernel::Direct) {
-            ConvKernel::Pointwise
-        } else if conv_winograd::eligible_backward(gpu, self, shape) {
-            ConvKernel::Winograd
-        } else {
-            ConvKernel::Im2colMatmul
-        };
-        ConvPlan {
-            forward,
-            input_grad,
-            weight_grad,
-            groups: shape.groups,
-        }
-    }
-
     /// `act(conv(x, weight) + bias)` on the GPU.
     pub fn forward(&self, x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
         let gpu = x.gpu().clone();
@@ -499,18 +361,28 @@ impl Conv2d {
         }
         let shape = self.shape(x.shape(), weight.shape(), bias.map(Tensor::shape))?;
         let out = Tensor::uninit(&gpu, &shape.output())?;
-        let kernel = self.plan(&gpu, &shape).forward;
+        let kernel = self.forward_kernel(&gpu, &shape)?;
+        self.forward_with(kernel, &shape, (x, weight, bias), &out)?;
+        Ok(out)
+    }
+
+    /// The forward pass of checked `shape` through `kernel` into `out`.
+    pub(crate) fn forward_with(
+        &self,
+        kernel: ConvKernel,
+        shape: &Conv2dShape,
+        (x, weight, bias): (&Tensor, &Tensor, Option<&Tensor>),
+        out: &Tensor,
+    ) -> Result<()> {
+        let (gpu, shape) = (x.gpu().clone(), *shape);
         if kernel == ConvKernel::GroupedDirect {
-            conv_grouped::forward(self, &shape, x, weight, bias, &out)?;
-            return Ok(out);
+            return conv_grouped::forward(self, &shape, x, weight, bias, out);
         }
         if kernel == ConvKernel::Direct {
-            conv_direct::forward(self, &shape, x, weight, bias, &out)?;
-            return Ok(out);
+            return conv_direct::forward(self, &shape, x, weight, bias, out);
         }
         if kernel == ConvKernel::Winograd {
-            conv_winograd::forward(self, &shape, (x, weight, bias), &out)?;
-            return Ok(out);
+            return conv_winograd::forward(self, &shape, (x, weight, bias), out);
         }
         if kernel == ConvKernel::Pointwise {
             let matmul = Matmul {
@@ -530,7 +402,7 @@ impl Conv2d {
                 bias.map(Tensor::operand),
                 out.operand_as(&[n, o, hw]),
             )?;
-            return Ok(out);
+            return Ok(());
         }
         // Groups: bias and activation after the product (their bias differs per group).
         let fused = shape.groups == 1;
@@ -571,9 +443,9 @@ impl Conv2d {
             )?;
         }
         if !fused && (bias.is_some() || self.activation != Activation::None) {
-            conv_grouped::bias_activation(self, &shape, bias, &out)?;
+            conv_grouped::bias_activation(self, &shape, bias, out)?;
         }
-        Ok(out)
+        Ok(())
     }
 
     /// Gradients of `L` given `dy = ∂L/∂y` (no activation): `(dx, dweight, dbias)`.
@@ -630,8 +502,22 @@ impl Conv2d {
                 });
             }
         }
+        let activation = gate.map(|(activation, _)| activation);
+        let kernels = self.backward_kernels(&gpu, &shape, input_grad, activation)?;
+        self.gradients_with(kernels, (&shape, x, weight, dy), gate, input_grad)
+    }
+
+    /// The backward pass of checked shapes through `kernels`.
+    pub(crate) fn gradients_with(
+        &self,
+        kernels: BackwardKernels,
+        (shape, x, weight, dy): (&Conv2dShape, &Tensor, &Tensor, &Tensor),
+        gate: Option<(Activation, &Tensor)>,
+        input_grad: bool,
+    ) -> Result<(Option<Tensor>, Tensor, Tensor)> {
+        let (gpu, shape) = (x.gpu().clone(), *shape);
         let dims = (shape.n, shape.o, shape.positions());
-        let plan = self.plan(&gpu, &shape);
+        let plan = kernels;
         if plan.weight_grad == ConvKernel::Direct {
             let (dweight, dbias) = (
                 Tensor::uninit(&gpu, weight.shape())?,
@@ -686,7 +572,7 @@ impl Conv2d {
         x: &Tensor,
         weight: &Tensor,
         dy: &Tensor,
-        (shape, plan): (&Conv2dShape, ConvPlan),
+        (shape, plan): (&Conv2dShape, BackwardKernels),
         input_grad: bool,
         weight_grad: bool,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {

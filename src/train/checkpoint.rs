@@ -11,8 +11,8 @@ use std::path::Path;
 use ndarray::{ArrayD, IxDyn};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 
-use super::atomic::write_atomically;
 use super::pth;
+use crate::atomic::write_atomically;
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 

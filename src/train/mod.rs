@@ -3,7 +3,6 @@
 //! and adversarial training.
 
 mod adversarial;
-mod atomic;
 mod checkpoint;
 mod distill;
 mod predict;

@@ -10,11 +10,27 @@ use ndarray::{ArrayD, IxDyn};
 use rand::{RngExt, SeedableRng, rngs::StdRng};
 use wgcnn::Gpu;
 
+/// Options for the tests' contexts: the environment's, with the fixed kernel order (each
+/// test reaches the kernels its shapes are chosen for, whatever a trial would time; the
+/// tuner has its own tests) and no cache file.
+pub fn options() -> wgcnn::GpuOptions {
+    wgcnn::GpuOptions {
+        tuning: wgcnn::tuning::Tuning::Fixed,
+        tuning_cache: None,
+        ..wgcnn::GpuOptions::from_env().unwrap()
+    }
+}
+
+/// A context with the tests' [`options`].
+pub fn new_gpu() -> Gpu {
+    Gpu::with_options(options()).unwrap()
+}
+
 /// The process-wide GPU. A missing adapter fails the test (say WGCNN_SKIP_GPU_TESTS=1 to
 /// skip on purpose on a machine without one; CI never does).
 pub fn gpu() -> Option<&'static Gpu> {
     static GPU: OnceLock<Result<Gpu, String>> = OnceLock::new();
-    match GPU.get_or_init(|| Gpu::new().map_err(|e| e.to_string())) {
+    match GPU.get_or_init(|| Gpu::with_options(options()).map_err(|e| e.to_string())) {
         Ok(gpu) => Some(gpu),
         Err(e) if std::env::var_os("WGCNN_SKIP_GPU_TESTS").is_some() => {
             eprintln!("skipping a GPU test on request: {e}");
@@ -34,7 +50,7 @@ fn forced_gpu(
     Some(cell.get_or_init(|| {
         let options = wgcnn::GpuOptions {
             operand_reads: Some(reads),
-            ..wgcnn::GpuOptions::from_env().unwrap()
+            ..options()
         };
         Gpu::with_options(options).unwrap()
     }))

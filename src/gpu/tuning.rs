@@ -1,0 +1,352 @@
+//! Kernel choices measured on first use and remembered per adapter.
+//!
+//! An op offering several kernels for one shape (a convolution: direct, Winograd, im2col…)
+//! asks [`Gpu::tuned`] which to run. The first ask for a key times the candidates (the op
+//! supplies the trial), keeps the fastest in memory and in a cache file, and later asks,
+//! in this process or the next, answer at once. Measuring stops once the context has spent
+//! its budget ([`GpuOptions::tuning_budget`]); shapes met after that take the op's fixed
+//! default, as every shape does under [`Tuning::Fixed`]. The file is plain text, one line
+//! per (adapter, key); deleting it starts over, and lines it cannot read are ignored.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use super::context::{Gpu, GpuOptions, lock};
+use crate::error::Result;
+
+/// How ops with several eligible kernels choose among them (`GpuOptions::tuning`,
+/// `WGCNN_TUNING`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tuning {
+    /// Time the eligible kernels on a shape's first use and keep the fastest (the default;
+    /// `WGCNN_TUNING=measure`).
+    Measure,
+    /// Each op's fixed order, the same on every adapter and run: reproducible, no trials
+    /// (`WGCNN_TUNING=off`).
+    Fixed,
+}
+
+/// Where a choice came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChoiceSource {
+    /// Timed in this process.
+    Measured,
+    /// Read from the cache file.
+    CacheFile,
+    /// The op's default: the context had spent its tuning budget.
+    BudgetSpent,
+    /// The op's default: no candidate ran in the trial (the real run reports why).
+    TrialsFailed,
+}
+
+/// One tuned choice.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TunedChoice {
+    /// What was tuned: the op, the pass and the shape it was timed at.
+    pub key: String,
+    /// The kernel chosen.
+    pub chosen: String,
+    /// Each candidate with the fastest of its timed runs in seconds (`None`: it failed or
+    /// was not timed).
+    pub candidates: Vec<(String, Option<f64>)>,
+    /// Where the choice came from.
+    pub source: ChoiceSource,
+}
+
+/// What the tuner of one context has done ([`Gpu::tuning_report`]).
+#[derive(Clone, Debug)]
+pub struct TuningReport {
+    /// Every choice made so far, in the order of first use.
+    pub choices: Vec<TunedChoice>,
+    /// Seconds spent measuring (compiling the candidates included).
+    pub seconds: f64,
+    /// The cache file, if any.
+    pub cache_file: Option<PathBuf>,
+    /// The last failure to read or write the cache file (tuning goes on without it).
+    pub cache_error: Option<String>,
+}
+
+/// The first line of a cache file.
+const HEADER: &str = "# wgcnn kernel tuning v1: adapter\tkey\tchosen\tcandidate=seconds;…";
+
+/// The tuner's state in a context.
+pub(crate) struct TuningState {
+    mode: Tuning,
+    budget: Duration,
+    file: Option<PathBuf>,
+    /// Whether the cache file has been read.
+    loaded: bool,
+    choices: Vec<TunedChoice>,
+    by_key: HashMap<String, usize>,
+    spent: Duration,
+    cache_error: Option<String>,
+}
+
+impl TuningState {
+    pub(crate) fn new(options: &GpuOptions) -> Self {
+        Self {
+            mode: options.tuning,
+            budget: options.tuning_budget,
+            file: options.tuning_cache.clone(),
+            loaded: false,
+            choices: Vec::new(),
+            by_key: HashMap::new(),
+            spent: Duration::ZERO,
+            cache_error: None,
+        }
+    }
+
+    fn remember(&mut self, choice: TunedChoice) {
+        match self.by_key.get(&choice.key) {
+            Some(&i) => self.choices[i] = choice,
+            None => {
+                self.by_key.insert(choice.key.clone(), self.choices.len());
+                self.choices.push(choice);
+            }
+        }
+    }
+
+    /// Reads this adapter's lines of the cache file, once.
+    fn load(&mut self, adapter: &str) {
+        if self.loaded {
+            return;
+        }
+        self.loaded = true;
+        let Some(path) = self.file.clone() else {
+            return;
+        };
+        match read_lines(&path) {
+            Ok(lines) => {
+                for (line_adapter, choice) in lines {
+                    if line_adapter == adapter {
+                        self.remember(choice);
+                    }
+                }
+            }
+            Err(e) => self.cache_error = Some(e),
+        }
+    }
+
+    /// Rewrites the cache file with this adapter's timed choices and every other line
+    /// already there (another adapter's, or keys this process has not met).
+    fn save(&mut self, adapter: &str) {
+        let Some(path) = self.file.clone() else {
+            return;
+        };
+        let mut text = format!("{HEADER}\n");
+        let kept = read_lines(&path).unwrap_or_default();
+        for (line_adapter, choice) in &kept {
+            if line_adapter != adapter || !self.by_key.contains_key(&choice.key) {
+                text.push_str(&line(line_adapter, choice));
+            }
+        }
+        for choice in &self.choices {
+            if matches!(
+                choice.source,
+                ChoiceSource::Measured | ChoiceSource::CacheFile
+            ) {
+                text.push_str(&line(adapter, choice));
+            }
+        }
+        let written = path
+            .parent()
+            .filter(|dir| !dir.as_os_str().is_empty())
+            .map_or(Ok(()), std::fs::create_dir_all)
+            .and_then(|()| crate::atomic::write_atomically(&path, text.as_bytes()));
+        if let Err(e) = written {
+            self.cache_error = Some(format!("writing {}: {e}", path.display()));
+        }
+    }
+}
+
+/// One line of the cache file.
+fn line(adapter: &str, choice: &TunedChoice) -> String {
+    let candidates: Vec<String> = choice
+        .candidates
+        .iter()
+        .map(|(name, seconds)| match seconds {
+            Some(s) => format!("{name}={s:.6}"),
+            None => format!("{name}=-"),
+        })
+        .collect();
+    format!(
+        "{adapter}\t{}\t{}\t{}\n",
+        choice.key,
+        choice.chosen,
+        candidates.join(";")
+    )
+}
+
+/// The readable lines of a cache file (none if it does not exist).
+fn read_lines(path: &Path) -> std::result::Result<Vec<(String, TunedChoice)>, String> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(format!("reading {}: {e}", path.display())),
+    };
+    Ok(text.lines().filter_map(parse_line).collect())
+}
+
+fn parse_line(text: &str) -> Option<(String, TunedChoice)> {
+    let [adapter, key, chosen, candidates] = text.split('\t').collect::<Vec<_>>()[..] else {
+        return None;
+    };
+    let candidates = candidates
+        .split(';')
+        .map(|entry| {
+            let (name, seconds) = entry.rsplit_once('=')?;
+            let seconds = match seconds {
+                "-" => None,
+                s => Some(s.parse::<f64>().ok().filter(|s| s.is_finite())?),
+            };
+            Some((name.to_string(), seconds))
+        })
+        .collect::<Option<Vec<_>>>()?;
+    candidates.iter().any(|(name, _)| name == chosen).then(|| {
+        let choice = TunedChoice {
+            key: key.to_string(),
+            chosen: chosen.to_string(),
+            candidates,
+            source: ChoiceSource::CacheFile,
+        };
+        (adapter.to_string(), choice)
+    })
+}
+
+/// The cache file's default place: `$XDG_CACHE_HOME/wgcnn/tuning.tsv`, else
+/// `$HOME/.cache/wgcnn/tuning.tsv`; none without either.
+pub(crate) fn default_cache_file() -> Option<PathBuf> {
+    let var = |name| std::env::var_os(name).filter(|v| !v.is_empty());
+    let base = var("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| var("HOME").map(|home| Path::new(&home).join(".cache")))?;
+    Some(base.join("wgcnn").join("tuning.tsv"))
+}
+
+impl Gpu {
+    /// How this context's ops choose among kernels.
+    pub fn tuning(&self) -> Tuning {
+        lock(&self.inner.tuning).mode
+    }
+
+    /// The choices made so far and the time spent measuring them.
+    pub fn tuning_report(&self) -> TuningReport {
+        let state = lock(&self.inner.tuning);
+        TuningReport {
+            choices: state.choices.clone(),
+            seconds: state.spent.as_secs_f64(),
+            cache_file: state.file.clone(),
+            cache_error: state.cache_error.clone(),
+        }
+    }
+
+    /// Which of `candidates` (the op's fixed order: the first is its default) to run for
+    /// `key`: remembered, read from the cache file, or timed by `measure` (seconds per
+    /// candidate, `None` for one that failed), the fastest kept. One key is measured once,
+    /// even by threads asking at the same moment. `measure` must not ask for choices.
+    pub(crate) fn tuned(
+        &self,
+        key: &str,
+        candidates: &[String],
+        measure: impl FnOnce() -> Result<Vec<Option<f64>>>,
+    ) -> Result<usize> {
+        let mut state = lock(&self.inner.tuning);
+        if candidates.len() < 2 || state.mode == Tuning::Fixed {
+            return Ok(0);
+        }
+        let adapter = self.adapter_key();
+        state.load(&adapter);
+        if let Some(&i) = state.by_key.get(key)
+            && let Some(found) = candidates
+                .iter()
+                .position(|c| *c == state.choices[i].chosen)
+        {
+            return Ok(found);
+        }
+        let named = |times: &[Option<f64>]| -> Vec<(String, Option<f64>)> {
+            let times = times.iter().copied().chain(std::iter::repeat(None));
+            candidates.iter().cloned().zip(times).collect()
+        };
+        if state.spent >= state.budget {
+            state.remember(TunedChoice {
+                key: key.to_string(),
+                chosen: candidates[0].clone(),
+                candidates: named(&[]),
+                source: ChoiceSource::BudgetSpent,
+            });
+            return Ok(0);
+        }
+        let started = Instant::now();
+        let times = measure()?;
+        state.spent += started.elapsed();
+        let fastest = times
+            .iter()
+            .enumerate()
+            .filter_map(|(i, t)| Some((i, (*t)?)))
+            .min_by(|a, b| a.1.total_cmp(&b.1))
+            .map(|(i, _)| i);
+        state.remember(TunedChoice {
+            key: key.to_string(),
+            chosen: candidates[fastest.unwrap_or(0)].clone(),
+            candidates: named(&times),
+            source: match fastest {
+                Some(_) => ChoiceSource::Measured,
+                None => ChoiceSource::TrialsFailed,
+            },
+        });
+        if fastest.is_some() {
+            state.save(&adapter);
+        }
+        Ok(fastest.unwrap_or(0))
+    }
+
+    /// This adapter and driver and this crate's version: a choice timed on one holds for
+    /// the same kernels on the same hardware only.
+    fn adapter_key(&self) -> String {
+        let info = self.adapter_info();
+        let key = format!(
+            "{} | {:?} | {} {} | wgcnn {}",
+            info.name,
+            info.backend,
+            info.driver,
+            info.driver_info,
+            env!("CARGO_PKG_VERSION")
+        );
+        key.replace(['\t', '\n', '\r'], " ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cache_lines_read_back_and_bad_ones_are_skipped() {
+        let choice = TunedChoice {
+            key: "conv2d forward n1 c3".into(),
+            chosen: "winograd".into(),
+            candidates: vec![
+                ("im2col+matmul".into(), Some(0.25)),
+                ("winograd".into(), None),
+            ],
+            source: ChoiceSource::Measured,
+        };
+        let text = line("lavapipe | Vulkan", &choice);
+        let (adapter, read) = parse_line(text.trim_end()).unwrap();
+        assert_eq!(adapter, "lavapipe | Vulkan");
+        assert_eq!(read.candidates, choice.candidates);
+        assert_eq!(read.source, ChoiceSource::CacheFile);
+        for bad in [
+            "",
+            HEADER,
+            "a\tb\tc",
+            "a\tk\tchosen\tother=0.1",
+            "a\tk\tx\tx=abc",
+            "a\tk\tx\tx=inf",
+            "a\tk\tx\tx",
+        ] {
+            assert!(parse_line(bad).is_none(), "{bad:?}");
+        }
+    }
+}

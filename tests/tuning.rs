@@ -1,0 +1,276 @@
+//! The kernel tuner: a convolution with several eligible kernel families times them on first
+//! use, keeps the fastest in memory and in a cache file that the next context reads back;
+//! `Tuning::Fixed` and a spent budget take the fixed order; a broken cache file is ignored;
+//! and every family, forced where it can run, matches the CPU reference forward and backward.
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use common::{gpu, max_abs_diff, random};
+use wgcnn::ops::Conv2d;
+use wgcnn::tuning::{ChoiceSource, ConvKernel, Tuning};
+use wgcnn::{Gpu, GpuOptions, Padding, Tensor};
+
+/// A cache file of this test's own in the temporary directory (removed first).
+fn cache_file(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("wgcnn-tuning-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir.join("tuning.tsv")
+}
+
+fn context(tuning: Tuning, cache: Option<PathBuf>, budget: Duration) -> Gpu {
+    Gpu::with_options(GpuOptions {
+        tuning,
+        tuning_cache: cache,
+        tuning_budget: budget,
+        ..common::options()
+    })
+    .unwrap()
+}
+
+/// A 3×3 layer heavy enough to be tuned (75 MFLOP), with two forward families (Winograd,
+/// im2col) and two backward pairs.
+const X: [usize; 4] = [4, 32, 32, 32];
+const W: [usize; 4] = [32, 32, 3, 3];
+
+fn spec() -> Conv2d {
+    Conv2d {
+        padding: Padding::Explicit(1, 1),
+        ..Conv2d::default()
+    }
+}
+
+/// Runs the layer forward and backward on `gpu` and checks it against the CPU.
+fn run_against_cpu(gpu: &Gpu, spec: &Conv2d, x: &[usize], w: &[usize], label: &str) {
+    let (xa, wa, ba) = (random(x, 1), random(w, 2), random(&[w[0]], 3));
+    let expected = wgcnn::cpu::conv2d(spec, &xa.view(), &wa.view(), Some(&ba.view())).unwrap();
+    let dya = random(expected.shape(), 4);
+    let plain = Conv2d {
+        activation: wgcnn::Activation::None,
+        ..*spec
+    };
+    let grads = wgcnn::cpu::conv2d_backward(&plain, &xa.view(), &wa.view(), &dya.view()).unwrap();
+    let upload = |a: &ndarray::ArrayD<f32>| Tensor::from_array(gpu, a).unwrap();
+    let (tx, tw, tb, tdy) = (upload(&xa), upload(&wa), upload(&ba), upload(&dya));
+    let y = spec
+        .forward(&tx, &tw, Some(&tb))
+        .unwrap()
+        .to_array()
+        .unwrap();
+    let scale = |a: &ndarray::ArrayD<f32>| a.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+    let close = |got: &ndarray::ArrayD<f32>, want: &ndarray::ArrayD<f32>, what: &str| {
+        let diff = max_abs_diff(got, want);
+        assert!(diff <= 1e-4 * scale(want), "{label} {what}: off by {diff}");
+    };
+    close(&y, &expected, "y");
+    let g = plain.backward(&tx, &tw, &tdy).unwrap();
+    close(&g.x.to_array().unwrap(), &grads.x, "dx");
+    close(&g.weight.to_array().unwrap(), &grads.weight, "dW");
+    close(&g.bias.to_array().unwrap(), &grads.bias, "db");
+}
+
+#[test]
+fn measured_choices_are_kept_in_the_cache_file_and_read_back() {
+    if gpu().is_none() {
+        return;
+    }
+    let file = cache_file("kept");
+    let tuned = context(
+        Tuning::Measure,
+        Some(file.clone()),
+        Duration::from_secs(600),
+    );
+    run_against_cpu(&tuned, &spec(), &X, &W, "measured");
+    let report = tuned.tuning_report();
+    assert_eq!(report.choices.len(), 2, "{report:#?}");
+    for choice in &report.choices {
+        assert_eq!(choice.source, ChoiceSource::Measured, "{choice:?}");
+        assert!(choice.candidates.len() >= 2, "{choice:?}");
+        // The kept one is the fastest of those timed; every candidate ran.
+        let times: Vec<f64> = choice.candidates.iter().map(|(_, t)| t.unwrap()).collect();
+        let fastest = times.iter().copied().fold(f64::INFINITY, f64::min);
+        let chosen = choice.candidates.iter().find(|(n, _)| *n == choice.chosen);
+        assert_eq!(chosen.and_then(|(_, t)| *t), Some(fastest), "{choice:?}");
+    }
+    assert!(
+        report.seconds > 0.0 && report.cache_error.is_none(),
+        "{report:#?}"
+    );
+    let text = std::fs::read_to_string(&file).unwrap();
+    for choice in &report.choices {
+        assert!(text.contains(&choice.key), "{text}");
+    }
+
+    // A new context reads the choices back and measures nothing.
+    let again = context(
+        Tuning::Measure,
+        Some(file.clone()),
+        Duration::from_secs(600),
+    );
+    let shape = spec().shape(&X, &W, None).unwrap();
+    let plan = spec().plan(&again, &shape).unwrap();
+    let read = again.tuning_report();
+    assert_eq!(read.seconds, 0.0, "{read:#?}");
+    assert_eq!(read.choices.len(), 2);
+    for (kept, back) in report.choices.iter().zip(&read.choices) {
+        assert_eq!(back.source, ChoiceSource::CacheFile);
+        assert_eq!((&back.key, &back.chosen), (&kept.key, &kept.chosen));
+    }
+    assert_eq!(plan.forward.name(), report.choices[0].chosen);
+    let _ = std::fs::remove_dir_all(file.parent().unwrap());
+}
+
+#[test]
+fn fixed_order_and_a_spent_budget_take_the_default_and_write_nothing() {
+    if gpu().is_none() {
+        return;
+    }
+    let shape = spec().shape(&X, &W, None).unwrap();
+    for (tuning, budget, name) in [
+        (Tuning::Fixed, Duration::from_secs(600), "fixed"),
+        (Tuning::Measure, Duration::ZERO, "budget"),
+    ] {
+        let file = cache_file(name);
+        let gpu = context(tuning, Some(file.clone()), budget);
+        let plan = spec().plan(&gpu, &shape).unwrap();
+        assert_eq!(plan.forward, ConvKernel::Winograd, "{name}");
+        assert_eq!(plan.input_grad, ConvKernel::Winograd, "{name}");
+        let report = gpu.tuning_report();
+        assert_eq!(report.seconds, 0.0);
+        let expected = match tuning {
+            Tuning::Fixed => 0,
+            Tuning::Measure => 2,
+        };
+        assert_eq!(report.choices.len(), expected, "{report:#?}");
+        assert!(
+            report
+                .choices
+                .iter()
+                .all(|c| c.source == ChoiceSource::BudgetSpent),
+            "{report:#?}"
+        );
+        assert!(!file.exists(), "{name} wrote {}", file.display());
+        run_against_cpu(&gpu, &spec(), &X, &W, name);
+    }
+}
+
+#[test]
+fn a_broken_cache_file_is_ignored() {
+    if gpu().is_none() {
+        return;
+    }
+    // Lines that do not parse, and one naming a kernel the layer does not have.
+    let file = cache_file("broken");
+    std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+    let adapter = gpu().unwrap().adapter_info().name.clone();
+    let junk = format!(
+        "garbage\n\u{0}\u{1}\nx\ty\n{adapter}\tconv2d forward n4 c32 32x32\tnone\tnone=0.1\n"
+    );
+    std::fs::write(&file, junk).unwrap();
+    let tuned = context(
+        Tuning::Measure,
+        Some(file.clone()),
+        Duration::from_secs(600),
+    );
+    run_against_cpu(&tuned, &spec(), &X, &W, "broken file");
+    let report = tuned.tuning_report();
+    assert!(
+        report
+            .choices
+            .iter()
+            .all(|c| c.source == ChoiceSource::Measured)
+    );
+    assert!(report.cache_error.is_none(), "{report:#?}");
+    // The rewritten file keeps the readable lines of other adapters (that last one: our
+    // adapter's full key names its driver too), drops the rest and adds the new choices.
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert!(
+        !text.contains("garbage") && text.contains("\tnone=0.1"),
+        "{text}"
+    );
+    assert_eq!(
+        text.lines().filter(|l| l.contains("conv2d")).count(),
+        3,
+        "{text}"
+    );
+
+    // A cache path that cannot be a file: tuning goes on, the report says why.
+    let blocked = cache_file("blocked");
+    std::fs::create_dir_all(&blocked).unwrap();
+    let tuned = context(
+        Tuning::Measure,
+        Some(blocked.clone()),
+        Duration::from_secs(600),
+    );
+    run_against_cpu(&tuned, &spec(), &X, &W, "blocked file");
+    let report = tuned.tuning_report();
+    assert!(report.cache_error.is_some(), "{report:#?}");
+    for path in [file, blocked] {
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
+    }
+}
+
+/// Every family forced on shapes where it can run: the plan takes it on each pass that
+/// offers it, and forward and backward match the CPU. Shapes fill no tile; a forced family
+/// a pass cannot run leaves that pass to the fixed order.
+#[test]
+fn every_kernel_family_forced_matches_the_cpu() {
+    let Some(gpu) = gpu() else {
+        return;
+    };
+    use ConvKernel::*;
+    // (x, w, groups, padding, families that must take the forward pass)
+    type Case = ([usize; 4], [usize; 4], usize, usize, &'static [ConvKernel]);
+    let cases: [Case; 4] = [
+        // Direct, Winograd and im2col all run a small 3×3 bank.
+        (
+            [3, 5, 11, 9],
+            [7, 5, 3, 3],
+            1,
+            1,
+            &[Direct, Winograd, Im2colMatmul],
+        ),
+        // Pointwise, direct (1×1 is a small bank) and im2col.
+        (
+            [2, 6, 7, 5],
+            [9, 6, 1, 1],
+            1,
+            0,
+            &[Direct, Pointwise, Im2colMatmul],
+        ),
+        // Depthwise: grouped direct or im2col per group.
+        (
+            [2, 6, 9, 7],
+            [6, 1, 3, 3],
+            6,
+            1,
+            &[GroupedDirect, Im2colMatmul],
+        ),
+        // Groups of 5 channels, 5×5: long sums.
+        (
+            [2, 10, 9, 8],
+            [4, 5, 5, 5],
+            2,
+            2,
+            &[GroupedDirect, Im2colMatmul],
+        ),
+    ];
+    for (x, w, groups, pad, forward) in cases {
+        for kernel in [GroupedDirect, Direct, Pointwise, Winograd, Im2colMatmul] {
+            let spec = Conv2d {
+                padding: Padding::Explicit(pad, pad),
+                groups,
+                activation: wgcnn::Activation::Relu,
+                kernel: Some(kernel),
+                ..Conv2d::default()
+            };
+            let shape = spec.shape(&x, &w, None).unwrap();
+            let plan = spec.plan(gpu, &shape).unwrap();
+            let label = format!("{kernel:?} on {x:?} * {w:?}: {}", plan.label());
+            assert_eq!(forward.contains(&kernel), plan.forward == kernel, "{label}");
+            run_against_cpu(gpu, &spec, &x, &w, &label);
+        }
+    }
+}
