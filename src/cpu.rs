@@ -25,6 +25,7 @@ pub use crate::ops::batch_norm::{
     batch_norm_train_cpu as batch_norm_train,
 };
 pub use crate::ops::conv2d::{conv2d_backward_cpu as conv2d_backward, conv2d_cpu as conv2d};
+pub use crate::ops::fold_norm::fold_batch_norm_cpu as fold_batch_norm;
 pub use crate::ops::linear::{linear_backward_cpu as linear_backward, linear_cpu as linear};
 pub use crate::ops::log_softmax::{
     log_softmax_backward_cpu as log_softmax_backward, log_softmax_cpu as log_softmax,

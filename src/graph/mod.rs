@@ -94,6 +94,29 @@ pub struct BackwardArgs<'a> {
     pub dy_through_activation: bool,
 }
 
+/// Batch norm in evaluation mode, per channel: `y = (x − mean) · γ / sqrt(var + eps) + β`
+/// ([`Layer::eval_channel_norm`]), for the layer before it to fold in.
+pub struct ChannelNorm<'a> {
+    /// γ.
+    pub gamma: &'a Value,
+    /// β.
+    pub beta: &'a Value,
+    /// The running mean.
+    pub mean: &'a Value,
+    /// The running variance.
+    pub var: &'a Value,
+    /// Added to the variance.
+    pub eps: f32,
+}
+
+/// In an evaluation forward pass, a norm folded into the node before it: the norm's node,
+/// and the activation node after it whose activation runs in the producer's epilogue.
+#[derive(Clone, Copy, Debug)]
+struct Fold {
+    norm: usize,
+    activation: Option<(usize, Activation)>,
+}
+
 /// A node's computation: forward on the GPU or the CPU, and its backward.
 pub trait Layer: Send {
     /// A short description for errors, e.g. `"Conv2d(1→6, 5×5)"`.
@@ -150,6 +173,44 @@ pub trait Layer: Send {
     /// producer's backward then skips its activation: one pass fewer over its output.
     fn takes_input_activation(&self, _activation: Activation) -> bool {
         false
+    }
+
+    /// The per-channel map this layer is in evaluation mode (batch norm with its running
+    /// statistics): an evaluation forward pass folds it into the layer before it
+    /// ([`Layer::fold_channel_norm`]) where that layer's output feeds nothing else.
+    fn eval_channel_norm<'a>(&self, _state: &'a [Value]) -> Option<ChannelNorm<'a>> {
+        None
+    }
+
+    /// The activation this layer is, if it is nothing else: after a folded norm it runs in
+    /// the epilogue of the layer the norm was folded into.
+    fn activation_only(&self) -> Option<Activation> {
+        None
+    }
+
+    /// This layer's state with `norm`, applied to its output, folded in (a convolution:
+    /// each filter scaled, the bias shifted), for [`Layer::forward_folded`]; `None` where it
+    /// cannot fold it. The graph keeps the result until the model's state changes.
+    fn fold_channel_norm(
+        &self,
+        _state: &[Value],
+        _norm: &ChannelNorm<'_>,
+    ) -> Result<Option<Vec<Value>>> {
+        Ok(None)
+    }
+
+    /// The evaluation forward pass with the state [`Layer::fold_channel_norm`] made, and
+    /// `activation` applied last.
+    fn forward_folded(
+        &self,
+        _inputs: &[&Value],
+        _folded: &[Value],
+        _activation: Activation,
+    ) -> Result<Value> {
+        Err(Error::InvalidArgument {
+            op: "graph",
+            detail: format!("{} folds no norm into its state", self.describe()),
+        })
     }
 }
 
@@ -259,6 +320,9 @@ pub struct Graph {
     /// One input's shape (no batch axis) the model was built for, where its builder knew
     /// it: named when an input of another shape fails in a layer.
     expected_input: Option<Vec<usize>>,
+    /// Per node, the state with the batch norm after it folded in (`Some(empty)`: the
+    /// layer cannot fold it), made by the first evaluation pass after the state last changed.
+    folded: Vec<Option<Vec<Value>>>,
 }
 
 impl Graph {
@@ -279,6 +343,7 @@ impl Graph {
             last_backward_use: Vec::new(),
             replaced: Vec::new(),
             expected_input: None,
+            folded: Vec::new(),
         }
     }
 
@@ -333,6 +398,7 @@ impl Graph {
         }
         self.nodes.push(node);
         self.plan_liveness();
+        self.folded.clear();
         Ok(self.nodes.len())
     }
 
@@ -370,6 +436,7 @@ impl Graph {
         self.nodes[index] = self.fresh_node(name, Box::new(layer), inputs)?;
         self.replaced.extend(self.nodes[index].full_names());
         self.mode = None;
+        self.folded.clear();
         Ok(())
     }
 
@@ -511,31 +578,34 @@ impl Graph {
         } else {
             None
         };
-        for (i, node) in self.nodes.iter_mut().enumerate() {
-            let inputs = node
-                .inputs
-                .iter()
-                .map(|&v| self.values[v].as_ref().ok_or_else(|| freed(v)))
-                .collect::<Result<Vec<_>>>()?;
-            let out = node
-                .layer
-                .forward(ctx, &inputs, &mut node.state)
-                .map_err(|e| {
-                    let e = in_node(&node.name, e);
-                    match &self.expected_input {
-                        Some(expected) if given.get(1..) != Some(expected.as_slice()) => {
-                            not_the_input_built_for(e, expected, &given)
+        if mode == Mode::Train {
+            // Running statistics change.
+            self.folded.clear();
+        }
+        let folds = match (mode, &self.finite) {
+            (Mode::Eval, None) => self.eval_folds(),
+            _ => vec![None; self.nodes.len()],
+        };
+        self.folded.resize_with(self.nodes.len(), || None);
+        let mut skipped = vec![false; self.nodes.len()];
+        for i in 0..self.nodes.len() {
+            if !skipped[i] {
+                let folded = match folds[i] {
+                    Some(fold) => self.forward_folded(i, fold, &given)?,
+                    None => None,
+                };
+                match (folded, folds[i]) {
+                    (Some((value, y)), Some(fold)) => {
+                        self.values[value] = Some(y);
+                        skipped[fold.norm] = true;
+                        if let Some((k, _)) = fold.activation {
+                            skipped[k] = true;
                         }
-                        _ => e,
                     }
-                })?;
-            if let Some(checks) = &mut self.finite {
-                checks.check(|| format!("the output of node {:?}", node.name), &out.y)?;
+                    _ => self.forward_node(i, ctx, keep, &given)?,
+                }
             }
-            self.values[i + 1] = Some(out.y);
-            if keep {
-                self.saved[i] = out.saved;
-            } else {
+            if !keep {
                 for &v in &self.last_forward_use[i] {
                     self.values[v] = None;
                 }
@@ -549,6 +619,93 @@ impl Graph {
         self.values[self.nodes.len()]
             .as_ref()
             .ok_or_else(|| freed(self.nodes.len()))
+    }
+
+    /// Node `i`'s forward pass: its output, and what its backward needs if `keep`.
+    fn forward_node(&mut self, i: usize, ctx: Ctx, keep: bool, given: &[usize]) -> Result<()> {
+        let node = &mut self.nodes[i];
+        let inputs = node
+            .inputs
+            .iter()
+            .map(|&v| self.values[v].as_ref().ok_or_else(|| freed(v)))
+            .collect::<Result<Vec<_>>>()?;
+        let out = node
+            .layer
+            .forward(ctx, &inputs, &mut node.state)
+            .map_err(|e| node_error(&node.name, e, self.expected_input.as_deref(), given))?;
+        if let Some(checks) = &mut self.finite {
+            checks.check(|| format!("the output of node {:?}", node.name), &out.y)?;
+        }
+        self.values[i + 1] = Some(out.y);
+        if keep {
+            self.saved[i] = out.saved;
+        }
+        Ok(())
+    }
+
+    /// Per node, for an evaluation forward pass: the batch norm folded into it (its output's
+    /// only reader) and the activation after the norm (the norm's only reader), if any.
+    fn eval_folds(&self) -> Vec<Option<Fold>> {
+        let count = self.nodes.len();
+        let mut readers = vec![0usize; count + 1];
+        let mut reader = vec![0usize; count + 1];
+        for (i, node) in self.nodes.iter().enumerate() {
+            for &v in &node.inputs {
+                readers[v] += 1;
+                reader[v] = i;
+            }
+        }
+        let sole_reader = |v: ValueId| {
+            let i = reader[v];
+            (readers[v] == 1 && self.nodes[i].inputs.len() == 1).then_some(i)
+        };
+        (0..count)
+            .map(|i| {
+                let norm = sole_reader(i + 1)?;
+                let norm_node = &self.nodes[norm];
+                norm_node.layer.eval_channel_norm(&norm_node.state)?;
+                let activation = sole_reader(norm + 1)
+                    .and_then(|k| Some((k, self.nodes[k].layer.activation_only()?)));
+                Some(Fold { norm, activation })
+            })
+            .collect()
+    }
+
+    /// Node `i`'s evaluation forward pass with `fold`'s norm (and activation) folded in:
+    /// the value it stands for (the last folded node's output) and its content, or `None`
+    /// where the layer cannot fold the norm.
+    fn forward_folded(
+        &mut self,
+        i: usize,
+        fold: Fold,
+        given: &[usize],
+    ) -> Result<Option<(ValueId, Value)>> {
+        let node = &self.nodes[i];
+        if self.folded[i].is_none() {
+            let norm_node = &self.nodes[fold.norm];
+            let folded = match norm_node.layer.eval_channel_norm(&norm_node.state) {
+                Some(norm) => node
+                    .layer
+                    .fold_channel_norm(&node.state, &norm)
+                    .map_err(|e| in_node(&node.name, e))?,
+                None => None,
+            };
+            self.folded[i] = Some(folded.unwrap_or_default());
+        }
+        let Some(folded) = self.folded[i].as_ref().filter(|f| !f.is_empty()) else {
+            return Ok(None);
+        };
+        let inputs = node
+            .inputs
+            .iter()
+            .map(|&v| self.values[v].as_ref().ok_or_else(|| freed(v)))
+            .collect::<Result<Vec<_>>>()?;
+        let (last, activation) = fold.activation.unwrap_or((fold.norm, Activation::None));
+        let y = node
+            .layer
+            .forward_folded(&inputs, folded, activation)
+            .map_err(|e| node_error(&node.name, e, self.expected_input.as_deref(), given))?;
+        Ok(Some((last + 1, y)))
     }
 
     /// Back-propagates `dy = ∂L/∂output` through the last forward pass (which must have
@@ -839,6 +996,7 @@ impl Graph {
             });
         }
         *slot = self.device.upload(value)?;
+        self.folded.clear();
         Ok(())
     }
 
@@ -918,6 +1076,7 @@ impl Graph {
                 update_skipped: true,
             });
         }
+        self.folded.clear();
         let mut params = Vec::new();
         let mut grads = Vec::new();
         let mut param_names = Vec::new();
@@ -1004,6 +1163,18 @@ fn not_the_input_built_for(error: Error, expected: &[usize], given: &[usize]) ->
             }
         }
         other => other,
+    }
+}
+
+/// A layer's forward error in node `name`, naming the input the model was built for when
+/// the given one differs.
+fn node_error(name: &str, error: Error, expected: Option<&[usize]>, given: &[usize]) -> Error {
+    let error = in_node(name, error);
+    match expected {
+        Some(expected) if given.get(1..) != Some(expected) => {
+            not_the_input_built_for(error, expected, given)
+        }
+        _ => error,
     }
 }
 

@@ -43,6 +43,10 @@ impl Layer for Activate {
         Ok(inputs[0].to_vec())
     }
 
+    fn activation_only(&self) -> Option<Activation> {
+        Some(self.0)
+    }
+
     fn forward(&self, _ctx: Ctx, inputs: &[&Value], _state: &mut [Value]) -> Result<Forward> {
         Ok(Forward {
             y: inputs[0].activate(self.0)?,

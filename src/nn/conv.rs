@@ -2,7 +2,7 @@
 //! activation (applied in the matmul epilogue; its gradient is taken from the output).
 
 use crate::error::{Error, Result};
-use crate::graph::{Backward, BackwardArgs, Ctx, Forward, Layer, StateInit, Value};
+use crate::graph::{Backward, BackwardArgs, ChannelNorm, Ctx, Forward, Layer, StateInit, Value};
 use crate::nn::activation::check_fused;
 use crate::nn::init::{Init, InitRng};
 use crate::ops::conv2d::{self, Padding};
@@ -168,6 +168,33 @@ impl Layer for Conv2d {
             y: inputs[0].conv2d(&self.spec, &state[0], state.get(1))?,
             saved: Vec::new(),
         })
+    }
+
+    fn fold_channel_norm(
+        &self,
+        state: &[Value],
+        norm: &ChannelNorm<'_>,
+    ) -> Result<Option<Vec<Value>>> {
+        // A norm after the activation is not a map of the filters.
+        if self.spec.activation != Activation::None {
+            return Ok(None);
+        }
+        let statistics = [norm.gamma, norm.beta, norm.mean, norm.var];
+        let (weight, bias) = state[0].fold_batch_norm(state.get(1), statistics, norm.eps)?;
+        Ok(Some(vec![weight, bias]))
+    }
+
+    fn forward_folded(
+        &self,
+        inputs: &[&Value],
+        folded: &[Value],
+        activation: Activation,
+    ) -> Result<Value> {
+        let spec = conv2d::Conv2d {
+            activation,
+            ..self.spec
+        };
+        inputs[0].conv2d(&spec, &folded[0], folded.get(1))
     }
 
     fn backward(&self, args: BackwardArgs<'_>) -> Result<Backward> {

@@ -2,7 +2,7 @@
 //! `LayerNorm` (per sample over the trailing dimensions).
 
 use crate::error::{Error, Result};
-use crate::graph::{Backward, BackwardArgs, Ctx, Forward, Layer, StateInit, Value};
+use crate::graph::{Backward, BackwardArgs, ChannelNorm, Ctx, Forward, Layer, StateInit, Value};
 use crate::nn::init::InitRng;
 use crate::ops::batch_norm::{self, batches_state};
 use crate::ops::layer_norm;
@@ -112,6 +112,19 @@ impl Layer for BatchNorm2d {
         Ok(Forward {
             y: out.y,
             saved: vec![out.mean, out.rstd],
+        })
+    }
+
+    fn eval_channel_norm<'a>(&self, state: &'a [Value]) -> Option<ChannelNorm<'a>> {
+        let [gamma, beta, mean, var, _] = state else {
+            return None;
+        };
+        Some(ChannelNorm {
+            gamma,
+            beta,
+            mean,
+            var,
+            eps: self.spec.eps,
         })
     }
 

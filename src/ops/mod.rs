@@ -14,6 +14,7 @@ mod conv_weight_grad;
 mod conv_winograd;
 pub mod distillation;
 pub mod dropout;
+pub(crate) mod fold_norm;
 pub mod layer_norm;
 pub mod linear;
 pub mod log_softmax;
