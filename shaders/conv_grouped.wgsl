@@ -165,3 +165,229 @@ fn weight_grad(
         dst[index] = partial[0] + select(0.0, dst[index], p.first_image > 0u);
     }
 }
+
+// Depthwise layers (one filter per channel: GROUPS = C = O) read each input row once per
+// block of DEPTHWISE_BLOCK outputs instead of once per output, and keep the filter's taps
+// in registers.
+const DEPTHWISE_BLOCK: u32 = 4u;
+// The input gradient at stride 1 runs `depthwise_rows` over dy with the taps rotated by 180°.
+override FLIP: u32 = 0u;
+
+fn row_value(row: u32, ix: i32) -> f32 {
+    if ix < 0 || ix >= i32(W) { return 0.0; }
+    return src[row + u32(ix)];
+}
+
+fn tap(c: u32, ky: u32, kx: u32) -> f32 {
+    if FLIP != 0u {
+        return weight[(c * KH + KH - 1u - ky) * KW + KW - 1u - kx];
+    }
+    return weight[(c * KH + ky) * KW + kx];
+}
+
+// src = x [N][C][H][W], dst = y [N][C][OH][OW]: one invocation per DEPTHWISE_BLOCK outputs
+// along a row, invocations running over [N][C][OH][blocks].
+@compute @workgroup_size(WORKGROUP_SMALL)
+fn depthwise_rows(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let index = small_invocation_index(gid, nwg);
+    if index >= p.total { return; }
+    let blocks = (OW + DEPTHWISE_BLOCK - 1u) / DEPTHWISE_BLOCK;
+    let ox = (index % blocks) * DEPTHWISE_BLOCK;
+    let oy = (index / blocks) % OH;
+    let plane = index / (blocks * OH);
+    let c = plane % C;
+    var sum = vec4<f32>(0.0);
+    for (var ky = 0u; ky < KH; ky++) {
+        let iy = i32(oy * SH + ky * DH) - i32(PAD_TOP);
+        if iy < 0 || iy >= i32(H) { continue; }
+        let row = (plane * H + u32(iy)) * W;
+        for (var kx = 0u; kx < KW; kx++) {
+            let ix = i32(ox * SW + kx * DW) - i32(PAD_LEFT);
+            let step = i32(SW);
+            let values = vec4<f32>(
+                row_value(row, ix),
+                row_value(row, ix + step),
+                row_value(row, ix + 2 * step),
+                row_value(row, ix + 3 * step),
+            );
+            sum += values * tap(c, ky, kx);
+        }
+    }
+    if HAS_BIAS != 0u {
+        sum += vec4<f32>(bias[c]);
+    }
+    let out = (plane * OH + oy) * OW + ox;
+    for (var j = 0u; j < DEPTHWISE_BLOCK; j++) {
+        if ox + j < OW {
+            dst[out + j] = activate(sum[j], ACT, p.slope);
+        }
+    }
+}
+
+// Depthwise: room for a filter of up to 7×7 taps.
+const DEPTHWISE_MAX_TAPS: u32 = 49u;
+var<workgroup> tap_partial: array<f32, WORKGROUP_SMALL>;
+
+// src = x, weight = dy (bound in the weight slot), dst = dW [C][1][KH][KW]: one workgroup
+// per channel; each lane walks its share of the N·OH·OW outputs once, reading dy once and
+// adding into every tap's sum, then the taps are added up across the lanes one by one.
+@compute @workgroup_size(WORKGROUP_SMALL)
+fn depthwise_weight_grad(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lane: u32,
+) {
+    let c = wid.x + wid.y * nwg.x;
+    let valid = c < C;
+    let positions = OH * OW;
+    var sums: array<f32, DEPTHWISE_MAX_TAPS>;
+    if valid {
+        for (var t = lane; t < p.n * positions; t += WORKGROUP_SMALL) {
+            let n = p.first_image + t / positions;
+            let oy = (t % positions) / OW;
+            let ox = t % OW;
+            let g = weight[((n * C + c) * OH + oy) * OW + ox];
+            let plane = (n * C + c) * H;
+            for (var ky = 0u; ky < KH; ky++) {
+                let iy = i32(oy * SH + ky * DH) - i32(PAD_TOP);
+                if iy < 0 || iy >= i32(H) { continue; }
+                let row = (plane + u32(iy)) * W;
+                for (var kx = 0u; kx < KW; kx++) {
+                    let ix = i32(ox * SW + kx * DW) - i32(PAD_LEFT);
+                    sums[ky * KW + kx] += g * row_value(row, ix);
+                }
+            }
+        }
+    }
+    store_tap_sums(sums, lane, c, valid);
+}
+
+// dst[c][tap] (+)= Σ over the workgroup's lanes of their `sums`, tap by tap.
+fn store_tap_sums(sums: array<f32, DEPTHWISE_MAX_TAPS>, lane: u32, c: u32, valid: bool) {
+    for (var k = 0u; k < KH * KW; k++) {
+        tap_partial[lane] = sums[k];
+        workgroupBarrier();
+        for (var half = WORKGROUP_SMALL / 2u; half > 0u; half >>= 1u) {
+            if lane < half {
+                tap_partial[lane] += tap_partial[lane + half];
+            }
+            workgroupBarrier();
+        }
+        if valid && lane == 0u {
+            let i = c * KH * KW + k;
+            // Later passes add to the earlier ones' sums.
+            dst[i] = tap_partial[0] + select(0.0, dst[i], p.first_image > 0u);
+        }
+        workgroupBarrier();
+    }
+}
+
+// depthwise_rows over whole vec4s (stride 1, no dilation, W and OW multiples of 4, a left
+// padding of at most 4 and a filter at most PAD_LEFT + 5 wide): an invocation's QUADS vec4s
+// of outputs along a row read their inputs as the QUADS + 2 aligned vec4s around them (the
+// one before, their own, the one after) instead of 4·QUADS·KW scalars, load each tap once
+// for all of them, and store whole vec4s.
+override QUADS: u32 = 1u;
+const MAX_QUADS: u32 = 2u;
+
+@group(0) @binding(5) var<storage, read> src4: array<vec4<f32>>;
+@group(0) @binding(6) var<storage, read_write> dst4: array<vec4<f32>>;
+
+fn row_quad(row: u32, quad: i32) -> vec4<f32> {
+    if quad < 0 || quad >= i32(W / 4u) { return vec4<f32>(0.0); }
+    return src4[row + u32(quad)];
+}
+
+// Input columns 4·first_quad − 4 … 4·(first_quad + QUADS) + 3 of a row, in order.
+fn row_values(row: u32, first_quad: u32) -> array<f32, 16> {
+    var values: array<f32, 16>;
+    for (var q = 0u; q < QUADS + 2u; q++) {
+        let quad = row_quad(row, i32(first_quad + q) - 1);
+        for (var k = 0u; k < 4u; k++) {
+            values[4u * q + k] = quad[k];
+        }
+    }
+    return values;
+}
+
+// The four inputs that outputs 4·q … 4·q + 3 of the block meet at tap kx.
+fn window(values: array<f32, 16>, q: u32, kx: u32) -> vec4<f32> {
+    let first = 4u * q + 4u - PAD_LEFT + kx;
+    return vec4<f32>(values[first], values[first + 1u], values[first + 2u], values[first + 3u]);
+}
+
+@compute @workgroup_size(WORKGROUP_SMALL)
+fn depthwise_rows4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let index = small_invocation_index(gid, nwg);
+    if index >= p.total { return; }
+    let blocks = OW / (4u * QUADS);
+    let first_quad = (index % blocks) * QUADS;
+    let oy = (index / blocks) % OH;
+    let plane = index / (blocks * OH);
+    let c = plane % C;
+    var sums: array<vec4<f32>, MAX_QUADS>;
+    for (var ky = 0u; ky < KH; ky++) {
+        let iy = i32(oy + ky) - i32(PAD_TOP);
+        if iy < 0 || iy >= i32(H) { continue; }
+        let values = row_values((plane * H + u32(iy)) * (W / 4u), first_quad);
+        for (var kx = 0u; kx < KW; kx++) {
+            let w = tap(c, ky, kx);
+            for (var q = 0u; q < QUADS; q++) {
+                sums[q] += window(values, q, kx) * w;
+            }
+        }
+    }
+    let out = (plane * OH + oy) * (OW / 4u) + first_quad;
+    for (var q = 0u; q < QUADS; q++) {
+        var sum = sums[q];
+        if HAS_BIAS != 0u {
+            sum += vec4<f32>(bias[c]);
+        }
+        dst4[out + q] = vec4<f32>(
+            activate(sum.x, ACT, p.slope),
+            activate(sum.y, ACT, p.slope),
+            activate(sum.z, ACT, p.slope),
+            activate(sum.w, ACT, p.slope),
+        );
+    }
+}
+
+@group(0) @binding(7) var<storage, read> dy4: array<vec4<f32>>;
+
+// depthwise_weight_grad over whole vec4s (depthwise_rows4's shapes): each lane takes QUADS
+// vec4s of outputs along a row at a time, dy as QUADS loads and each input row as QUADS + 2.
+@compute @workgroup_size(WORKGROUP_SMALL)
+fn depthwise_weight_grad4(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lane: u32,
+) {
+    let c = wid.x + wid.y * nwg.x;
+    let valid = c < C;
+    let blocks = OW / (4u * QUADS);
+    let per_image = OH * blocks;
+    var sums: array<f32, DEPTHWISE_MAX_TAPS>;
+    if valid {
+        for (var t = lane; t < p.n * per_image; t += WORKGROUP_SMALL) {
+            let plane = (p.first_image + t / per_image) * C + c;
+            let oy = (t % per_image) / blocks;
+            let first_quad = (t % blocks) * QUADS;
+            let dy_row = (plane * OH + oy) * (OW / 4u) + first_quad;
+            var g: array<vec4<f32>, MAX_QUADS>;
+            for (var q = 0u; q < QUADS; q++) {
+                g[q] = dy4[dy_row + q];
+            }
+            for (var ky = 0u; ky < KH; ky++) {
+                let iy = i32(oy + ky) - i32(PAD_TOP);
+                if iy < 0 || iy >= i32(H) { continue; }
+                let values = row_values((plane * H + u32(iy)) * (W / 4u), first_quad);
+                for (var kx = 0u; kx < KW; kx++) {
+                    for (var q = 0u; q < QUADS; q++) {
+                        sums[ky * KW + kx] += dot(window(values, q, kx), g[q]);
+                    }
+                }
+            }
+        }
+    }
+    store_tap_sums(sums, lane, c, valid);
+}

@@ -1049,3 +1049,61 @@ fn winograd_convolutions_match_the_cpu() {
         }
     }
 }
+
+/// Depthwise layers run row blocks: four outputs per invocation read as three aligned vec4s
+/// per row (stride 1, rows of whole vec4s, filters up to 5 wide) or as scalars (any other
+/// shape), dx at stride 1 through the same kernels with the taps rotated, dW one workgroup
+/// per channel (in passes over the batch). Every variant against the CPU with poisoned
+/// outputs: widths that are and are not multiples of 4, strides 1 and 2, dilation, 3×3 to
+/// 7×7, asymmetric and no padding, a fused activation.
+#[test]
+fn depthwise_row_kernels_match_the_cpu() {
+    let Some(gpu) = gpu() else {
+        return;
+    };
+    // (n, c, h, w, k, stride, dilation, padding)
+    let cases = [
+        (2, 5, 8, 12, 3, 1, 1, Padding::Explicit(1, 1)),
+        (2, 5, 9, 16, 5, 1, 1, Padding::Explicit(2, 2)),
+        (1, 3, 7, 8, 5, 1, 1, Padding::Explicit(1, 4)),
+        (2, 4, 6, 12, 3, 1, 1, Padding::Explicit(0, 0)),
+        (2, 6, 9, 13, 3, 1, 1, Padding::Same),
+        (2, 5, 11, 12, 3, 2, 1, Padding::Explicit(1, 1)),
+        (1, 4, 10, 12, 3, 1, 2, Padding::Explicit(2, 2)),
+        (1, 3, 12, 16, 7, 1, 1, Padding::Explicit(3, 3)),
+        (
+            2,
+            4,
+            8,
+            8,
+            3,
+            1,
+            1,
+            Padding::Asymmetric {
+                top: 0,
+                bottom: 2,
+                left: 2,
+                right: 0,
+            },
+        ),
+        // 64 images of 64×64: the weight gradient runs in passes.
+        (64, 2, 64, 64, 3, 1, 1, Padding::Explicit(1, 1)),
+    ];
+    for (i, (n, c, h, w, k, stride, dilation, padding)) in cases.into_iter().enumerate() {
+        let spec = Conv2d {
+            stride: (stride, stride),
+            dilation: (dilation, dilation),
+            padding,
+            groups: c,
+            activation: Activation::Relu,
+            ..Conv2d::default()
+        };
+        let seed = 900 + 10 * i as u64;
+        let (x, weight, bias) = (
+            random(&[n, c, h, w], seed),
+            random(&[c, 1, k, k], seed + 1),
+            random(&[c], seed + 2),
+        );
+        matches_the_cpu(gpu, spec, (&x, &weight, &bias), seed, &format!("case {i}"));
+    }
+}

@@ -2,9 +2,11 @@
 //! group's sums are short (`C/G·KH·KW` taps; 9 for a depthwise 3×3: nothing for an im2col
 //! matmul to reuse): the forward pass, the input gradient and the weight gradient of a
 //! `Conv2d` with `groups > 1`, each a direct kernel (one output, one input pixel, one weight
-//! per invocation or workgroup). Groups with long sums take im2col + a batched matmul in
-//! `conv2d.rs`, with `bias_activation` here as their epilogue. The CPU reference is
-//! `conv2d_cpu`, whose formula covers groups.
+//! per invocation or workgroup). Depthwise layers (one filter per channel) take row blocks
+//! instead: several outputs along a row per invocation, read as aligned vec4s where rows
+//! are whole vec4s, and a weight gradient that reads `dy` once for all taps. Groups with
+//! long sums take im2col + a batched matmul in `conv2d.rs`, with `bias_activation` here as
+//! their epilogue. The CPU reference is `conv2d_cpu`, whose formula covers groups.
 
 use bytemuck::{Pod, Zeroable};
 
@@ -25,9 +27,21 @@ struct GroupedParams {
     first_image: u32,
 }
 
+/// Taps of the largest filter `depthwise_weight_grad` sums at once (its per-lane array).
+const DEPTHWISE_MAX_TAPS: usize = 49;
+
+/// One filter per channel (`groups = C = O`): the row-block kernels apply.
+fn depthwise(shape: &Conv2dShape) -> bool {
+    shape.groups == shape.c && shape.o == shape.c
+}
+
 /// The kernel's `override` constants: the layer's shape, stride, padding, dilation and
-/// epilogue.
-fn constants(spec: &Conv2d, shape: &Conv2dShape, bias: bool) -> Result<[(&'static str, u32); 17]> {
+/// epilogue, and whether `depthwise_rows` reads the taps rotated.
+fn constants(
+    spec: &Conv2d,
+    shape: &Conv2dShape,
+    (bias, flip): (bool, bool),
+) -> Result<[(&'static str, u32); 19]> {
     Ok([
         ("C", gpu_word("conv2d", shape.c)?),
         ("H", gpu_word("conv2d", shape.h)?),
@@ -46,6 +60,8 @@ fn constants(spec: &Conv2d, shape: &Conv2dShape, bias: bool) -> Result<[(&'stati
         ("GROUPS", gpu_word("conv2d", shape.groups)?),
         ("ACT", spec.activation.code()),
         ("HAS_BIAS", u32::from(bias)),
+        ("FLIP", u32::from(flip)),
+        ("QUADS", gpu_word("conv2d", quads_per_block(shape))?),
     ])
 }
 
@@ -59,9 +75,59 @@ fn run(
     run_images(
         gpu,
         (spec, shape),
-        (entry, bias),
+        (entry, (bias, false)),
         bindings,
         (total, workgroups),
+        (0, shape.n),
+    )
+}
+
+/// Output vec4s per invocation of the vec4 depthwise kernels: two where rows hold an even
+/// number of them (each input vec4 then serves eight outputs), else one.
+fn quads_per_block(shape: &Conv2dShape) -> usize {
+    if shape.ow.is_multiple_of(8) { 2 } else { 1 }
+}
+
+/// Whether a depthwise layer's rows are whole vec4s whose three aligned loads around a
+/// block of four outputs cover every tap (`depthwise_rows4`, `depthwise_weight_grad4`).
+fn quads(spec: &Conv2d, shape: &Conv2dShape) -> bool {
+    spec.stride == (1, 1)
+        && spec.dilation == (1, 1)
+        && shape.w.is_multiple_of(4)
+        && shape.ow.is_multiple_of(4)
+        && shape.pad_left <= 4
+        && shape.kw <= shape.pad_left + 5
+}
+
+/// `depthwise_rows`: `dst = act(conv(src, weight) + bias)` for a depthwise `shape`, one
+/// invocation per four outputs along a row; `flip` reads the taps rotated by 180°.
+fn depthwise_rows(
+    gpu: &Gpu,
+    (spec, shape): (&Conv2d, &Conv2dShape),
+    (bias, flip): (Option<&Tensor>, bool),
+    (src, weight, dst): (&Tensor, &Tensor, &Tensor),
+) -> Result<()> {
+    let bias_slot = (3, bias.unwrap_or(weight).binding());
+    let (entry, src_slot, dst_slot, blocks) = if quads(spec, shape) {
+        let blocks = shape.ow / (4 * quads_per_block(shape));
+        let slots = ((5, src.binding_vec4()), (6, dst.binding_vec4()));
+        ("depthwise_rows4", slots.0, slots.1, blocks)
+    } else {
+        let blocks = shape.ow.div_ceil(4);
+        (
+            "depthwise_rows",
+            (1, src.binding()),
+            (4, dst.binding()),
+            blocks,
+        )
+    };
+    let total = shape.n * shape.c * shape.oh * blocks;
+    run_images(
+        gpu,
+        (spec, shape),
+        (entry, (bias.is_some(), flip)),
+        &[src_slot, (2, weight.binding()), bias_slot, dst_slot],
+        (total, small_workgroups(total as u64)),
         (0, shape.n),
     )
 }
@@ -70,7 +136,7 @@ fn run(
 fn run_images(
     gpu: &Gpu,
     (spec, shape): (&Conv2d, &Conv2dShape),
-    (entry, bias): (&str, bool),
+    (entry, (bias, flip)): (&str, (bool, bool)),
     bindings: &[(u32, Binding<'_>)],
     (total, workgroups): (usize, u64),
     (first, count): (usize, usize),
@@ -91,7 +157,7 @@ fn run_images(
             ]
             .concat()
         },
-        &constants(spec, shape, bias)?,
+        &constants(spec, shape, (bias, flip))?,
     )?;
     gpu.run_pass(entry, |pass| {
         gpu.encode_at(
@@ -113,6 +179,9 @@ pub(crate) fn forward(
     bias: Option<&Tensor>,
     out: &Tensor,
 ) -> Result<()> {
+    if depthwise(shape) {
+        return depthwise_rows(x.gpu(), (spec, shape), (bias, false), (x, weight, out));
+    }
     // Without a bias the weights fill the (unread) bias slot.
     let bias_slot = bias.unwrap_or(weight);
     run(
@@ -163,6 +232,32 @@ pub(crate) fn backward_data(
     weight: &Tensor,
     dx: &Tensor,
 ) -> Result<()> {
+    // At stride 1, dx is dy convolved with the rotated filters and padding k − 1 − p.
+    let rotated = spec.stride == (1, 1)
+        && spec.dilation == (1, 1)
+        && shape.pad_top < shape.kh
+        && shape.pad_left < shape.kw;
+    if depthwise(shape) && rotated {
+        let transposed = Conv2dShape {
+            h: shape.oh,
+            w: shape.ow,
+            oh: shape.h,
+            ow: shape.w,
+            pad_top: shape.kh - 1 - shape.pad_top,
+            pad_left: shape.kw - 1 - shape.pad_left,
+            ..*shape
+        };
+        let plain = Conv2d {
+            activation: crate::value::Activation::None,
+            ..*spec
+        };
+        return depthwise_rows(
+            dy.gpu(),
+            (&plain, &transposed),
+            (None, true),
+            (dy, weight, dx),
+        );
+    }
     run(
         dy.gpu(),
         (spec, shape),
@@ -184,6 +279,32 @@ pub(crate) fn weight_grad(
 ) -> Result<()> {
     let positions = shape.positions();
     let budget = terms_per_pass(WORKGROUP_SMALL);
+    // Depthwise: one workgroup per channel summing every tap, each output's taps an inner
+    // loop of KH·(KW + 1) + 1 iterations.
+    let taps = shape.kh * shape.kw;
+    let per_output = shape.kh * (shape.kw + 1) + 1;
+    let (entry, lane_terms, slots) = if quads(spec, shape) {
+        let slots = [(5, x.binding_vec4()), (7, dy.binding_vec4())];
+        let lane_terms = positions / (4 * quads_per_block(shape));
+        ("depthwise_weight_grad4", lane_terms, slots)
+    } else {
+        let slots = [(1, x.binding()), (2, dy.binding())];
+        ("depthwise_weight_grad", positions, slots)
+    };
+    let depthwise_pass = budget / (lane_terms * per_output);
+    if depthwise(shape) && taps <= DEPTHWISE_MAX_TAPS && depthwise_pass > 0 {
+        for first in (0..shape.n).step_by(depthwise_pass) {
+            run_images(
+                x.gpu(),
+                (spec, shape),
+                (entry, (false, false)),
+                &[slots[0], slots[1], (4, dweight.binding())],
+                (shape.c, shape.c as u64),
+                (first, depthwise_pass.min(shape.n - first)),
+            )?;
+        }
+        return Ok(());
+    }
     if positions > budget {
         return Err(Error::InvalidArgument {
             op: "conv2d",
@@ -198,7 +319,7 @@ pub(crate) fn weight_grad(
         run_images(
             x.gpu(),
             (spec, shape),
-            ("weight_grad", false),
+            ("weight_grad", (false, false)),
             &[(1, x.binding()), (2, dy.binding()), (4, dweight.binding())],
             (dweight.len(), dweight.len() as u64),
             (first, per_pass.min(shape.n - first)),
