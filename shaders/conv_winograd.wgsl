@@ -158,3 +158,79 @@ fn output(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups
         }
     }
 }
+
+// The weight gradient (forward problem only). With dU[ξ][o][c] = Σ_t (A dy_t Aᵀ)[ξ][o] ·
+// V_t[ξ][c] (a batched matmul over the tiles t) the gradient of g is Gᵀ dU G:
+//   output_grad:  dM[ξ][o][t] = (A dy_t Aᵀ)[ξ]       one invocation per (image, o, tile)
+//   weights_grad: dW[o][c] = Gᵀ dU[o][c] G          one invocation per (o, c)
+// dy_t is the tile's 2×2 block of dy, zero past the output's last row or column.
+
+// src = dy [N][O][OH][OW], dst = dM [16][O][images·tiles].
+@compute @workgroup_size(WORKGROUP)
+fn output_grad(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let index = invocation_index(gid, nwg);
+    if index >= p.total { return; }
+    let tiles = tiles_h() * tiles_w();
+    let tile = index % tiles;
+    let o = (index / tiles) % O;
+    let image = index / (tiles * O);
+    let oy = tile / tiles_w() * 2u;
+    let ox = tile % tiles_w() * 2u;
+    let plane = ((p.first_image + image) * O + o) * OH * OW;
+    var g: array<array<f32, 2>, 2>;
+    for (var i = 0u; i < 2u; i++) {
+        for (var j = 0u; j < 2u; j++) {
+            var v = 0.0;
+            if oy + i < OH && ox + j < OW { v = src[plane + (oy + i) * OW + ox + j]; }
+            g[i][j] = v;
+        }
+    }
+    // A g: 4×2, with A = [1 0; 1 1; 1 -1; 0 -1].
+    var ag: array<array<f32, 2>, 4>;
+    for (var j = 0u; j < 2u; j++) {
+        ag[0][j] = g[0][j];
+        ag[1][j] = g[0][j] + g[1][j];
+        ag[2][j] = g[0][j] - g[1][j];
+        ag[3][j] = -g[1][j];
+    }
+    let columns = p.images * tiles;
+    let at = o * columns + image * tiles + tile;
+    for (var i = 0u; i < 4u; i++) {
+        let row = array<f32, 4>(ag[i][0], ag[i][0] + ag[i][1], ag[i][0] - ag[i][1], -ag[i][1]);
+        for (var j = 0u; j < 4u; j++) {
+            dst[(i * 4u + j) * O * columns + at] = row[j];
+        }
+    }
+}
+
+// src = dU [16][O][C], dst = dW [O][C][3][3].
+@compute @workgroup_size(WORKGROUP)
+fn weights_grad(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let index = invocation_index(gid, nwg);
+    if index >= p.total { return; }
+    let o = index / C;
+    let c = index % C;
+    var u: array<array<f32, 4>, 4>;
+    for (var i = 0u; i < 4u; i++) {
+        for (var j = 0u; j < 4u; j++) {
+            u[i][j] = src[((i * 4u + j) * O + o) * C + c];
+        }
+    }
+    // Gᵀ u: 3×4, with Gᵀ = [1 ½ ½ 0; 0 ½ -½ 0; 0 ½ ½ 1].
+    var gu: array<array<f32, 4>, 3>;
+    for (var j = 0u; j < 4u; j++) {
+        gu[0][j] = u[0][j] + 0.5 * (u[1][j] + u[2][j]);
+        gu[1][j] = 0.5 * (u[1][j] - u[2][j]);
+        gu[2][j] = 0.5 * (u[1][j] + u[2][j]) + u[3][j];
+    }
+    for (var i = 0u; i < 3u; i++) {
+        let row = array<f32, 3>(
+            gu[i][0] + 0.5 * (gu[i][1] + gu[i][2]),
+            0.5 * (gu[i][1] - gu[i][2]),
+            0.5 * (gu[i][1] + gu[i][2]) + gu[i][3],
+        );
+        for (var j = 0u; j < 3u; j++) {
+            dst[((o * C + c) * 3u + i) * 3u + j] = row[j];
+        }
+    }
+}

@@ -272,45 +272,47 @@ fn check_finite_differences(spec: Conv2d, x_shape: &[usize], w_shape: &[usize]) 
 fn large_batches_run_in_chunks() {
     let Some(gpu) = gpu() else { return };
     // 300 images of 3×64×64 with 20 filters of 3×3 ("same"): Winograd, whose transformed
-    // tiles (300·16·20·32·32·4 B ≈ 393 MB) exceed one 64 MiB chunk, and the weight
-    // gradient's im2col (300·27·64·64·4 B ≈ 133 MB): the batch is split and later chunks
-    // start past the first image.
-    let spec = Conv2d {
-        padding: Padding::Same,
-        ..Conv2d::default()
-    };
+    // tiles (300·16·20·32·32·4 B ≈ 393 MB) exceed one 64 MiB chunk (the weight gradient's
+    // per-chunk products then add up), and, forced, im2col (300·27·64·64·4 B ≈ 133 MB):
+    // the batch is split and later chunks start past the first image.
     let (x, w, b) = (
         random(&[300, 3, 64, 64], 5),
         random(&[20, 3, 3, 3], 6),
         random(&[20], 7),
     );
-    let shape = spec.shape(x.shape(), w.shape(), None).unwrap();
-    // dx may run as a direct convolution of dy; the forward pass and dW take the chunks.
-    let plan = spec.plan(gpu, &shape).unwrap();
-    assert_eq!(plan.forward, ConvKernel::Winograd, "{}", plan.label());
-    assert_eq!(
-        plan.weight_grad,
-        ConvKernel::Im2colMatmul,
-        "{}",
-        plan.label()
-    );
-    let expected = wgcnn::cpu::conv2d(&spec, &x.view(), &w.view(), Some(&b.view())).unwrap();
-    let (tx, tw) = (
-        Tensor::from_array(gpu, &x).unwrap(),
-        Tensor::from_array(gpu, &w).unwrap(),
-    );
-    let y = spec
-        .forward(&tx, &tw, Some(&Tensor::from_array(gpu, &b).unwrap()))
-        .unwrap();
-    assert!(max_abs_diff(&y.to_array().unwrap(), &expected) < 1e-4);
-    let dy = random(expected.shape(), 8);
-    let cpu = wgcnn::cpu::conv2d_backward(&spec, &x.view(), &w.view(), &dy.view()).unwrap();
-    let g = spec
-        .backward(&tx, &tw, &Tensor::from_array(gpu, &dy).unwrap())
-        .unwrap();
-    assert!(max_abs_diff(&g.x.to_array().unwrap(), &cpu.x) < 1e-4);
-    let dw_scale = cpu.weight.iter().fold(1.0f32, |m, v| m.max(v.abs()));
-    assert!(max_abs_diff(&g.weight.to_array().unwrap(), &cpu.weight) < 1e-4 * dw_scale);
+    for kernel in [ConvKernel::Winograd, ConvKernel::Im2colMatmul] {
+        let spec = Conv2d {
+            padding: Padding::Same,
+            kernel: Some(kernel),
+            ..Conv2d::default()
+        };
+        let shape = spec.shape(x.shape(), w.shape(), None).unwrap();
+        // dx may run as a direct convolution of dy; the forward pass and dW take the chunks.
+        let plan = spec.plan(gpu, &shape).unwrap();
+        assert_eq!(plan.forward, kernel, "{}", plan.label());
+        assert_eq!(plan.weight_grad, kernel, "{}", plan.label());
+        let expected = wgcnn::cpu::conv2d(&spec, &x.view(), &w.view(), Some(&b.view())).unwrap();
+        let (tx, tw) = (
+            Tensor::from_array(gpu, &x).unwrap(),
+            Tensor::from_array(gpu, &w).unwrap(),
+        );
+        let y = spec
+            .forward(&tx, &tw, Some(&Tensor::from_array(gpu, &b).unwrap()))
+            .unwrap();
+        assert!(max_abs_diff(&y.to_array().unwrap(), &expected) < 1e-4);
+        let dy = random(expected.shape(), 8);
+        let cpu = wgcnn::cpu::conv2d_backward(&spec, &x.view(), &w.view(), &dy.view()).unwrap();
+        let g = spec
+            .backward(&tx, &tw, &Tensor::from_array(gpu, &dy).unwrap())
+            .unwrap();
+        assert!(max_abs_diff(&g.x.to_array().unwrap(), &cpu.x) < 1e-4);
+        let dw_scale = cpu.weight.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+        let diff = max_abs_diff(&g.weight.to_array().unwrap(), &cpu.weight);
+        assert!(
+            diff < 1e-4 * dw_scale,
+            "{kernel:?}: dW off by {diff} (scale {dw_scale})"
+        );
+    }
 }
 
 /// The weight gradient of a wide layer keeps one `[O, C·KH·KW]` product per image before
@@ -324,8 +326,11 @@ fn wide_weight_gradients_are_summed_in_chunks() {
     // (batch, in, out, kernel, padding): 16·512·4608·4 B = 151 MB of 3×3 products;
     // 40·2048·512·4 B = 168 MB of 1×1 products.
     for (n, c, o, k, p) in [(16, 512, 512, 3, 1), (40, 512, 2048, 1, 0)] {
+        // The 3×3 layer's im2col forced (its weight gradient would otherwise run as
+        // Winograd, whose partial sums do not grow with the batch).
         let spec = Conv2d {
             padding: Padding::Explicit(p, p),
+            kernel: (k == 3).then_some(ConvKernel::Im2colMatmul),
             ..Conv2d::default()
         };
         let (x, w) = (random(&[n, c, 2, 1], 11), random(&[o, c, k, k], 12));

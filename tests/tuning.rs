@@ -119,6 +119,30 @@ fn measured_choices_are_kept_in_the_cache_file_and_read_back() {
         assert_eq!((&back.key, &back.chosen), (&kept.key, &kept.chosen));
     }
     assert_eq!(plan.forward.name(), report.choices[0].chosen);
+
+    // A choice made among other candidates (a kernel added since) is measured again.
+    let fewer: String = text
+        .lines()
+        .map(|line| match line.split('\t').collect::<Vec<_>>()[..] {
+            [adapter, key, chosen, _] => format!("{adapter}\t{key}\t{chosen}\t{chosen}=0.001\n"),
+            _ => format!("{line}\n"),
+        })
+        .collect();
+    std::fs::write(&file, fewer).unwrap();
+    let remeasured = context(
+        Tuning::Measure,
+        Some(file.clone()),
+        Duration::from_secs(600),
+    );
+    spec().plan(&remeasured, &shape).unwrap();
+    let report = remeasured.tuning_report();
+    assert!(
+        report
+            .choices
+            .iter()
+            .all(|c| c.source == ChoiceSource::Measured),
+        "{report:#?}"
+    );
     let _ = std::fs::remove_dir_all(file.parent().unwrap());
 }
 

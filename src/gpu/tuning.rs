@@ -242,8 +242,9 @@ impl Gpu {
     }
 
     /// Which of `candidates` (the op's fixed order: the first is its default) to run for
-    /// `key`: remembered, read from the cache file, or timed by `measure` (seconds per
-    /// candidate, `None` for one that failed), the fastest kept. One key is measured once,
+    /// `key`: remembered, read from the cache file (if it chose among these same
+    /// candidates), or timed by `measure` (seconds per candidate, `None` for one that
+    /// failed), the fastest kept. One key is measured once,
     /// even by threads asking at the same moment. `measure` must not ask for choices.
     pub(crate) fn tuned(
         &self,
@@ -257,7 +258,13 @@ impl Gpu {
         }
         let adapter = self.adapter_key();
         state.load(&adapter);
+        // A choice among other candidates (a kernel added since) is measured again.
         if let Some(&i) = state.by_key.get(key)
+            && state.choices[i]
+                .candidates
+                .iter()
+                .map(|(name, _)| name)
+                .eq(candidates)
             && let Some(found) = candidates
                 .iter()
                 .position(|c| *c == state.choices[i].chosen)

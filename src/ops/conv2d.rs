@@ -559,6 +559,13 @@ impl Conv2d {
             }
         };
         let dz = dz.as_ref().unwrap_or(dy);
+        if plan.weight_grad == ConvKernel::Winograd {
+            let dweight = Tensor::uninit(&gpu, weight.shape())?;
+            conv_winograd::weight_grad(self, &shape, (x, dz), &dweight)?;
+            let (dx, _) =
+                self.input_and_weight_gradients(x, weight, dz, (&shape, plan), input_grad, false)?;
+            return Ok((dx, dweight, dbias));
+        }
         let (dx, dweight) =
             self.input_and_weight_gradients(x, weight, dz, (&shape, plan), input_grad, true)?;
         let dweight =

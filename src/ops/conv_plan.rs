@@ -297,6 +297,10 @@ impl Conv2d {
         let weight_grads = [
             (Direct, conv_weight_grad::eligible(self, shape)),
             (Pointwise, self.pointwise_fits(gpu, shape, true)),
+            (
+                Winograd,
+                conv_winograd::eligible_weight_grad(gpu, self, shape),
+            ),
             (Im2colMatmul, true),
         ];
         let mut pairs = Vec::new();
@@ -314,7 +318,8 @@ impl Conv2d {
                 (Im2colMatmul, true),
             ];
             // The pointwise and im2col weight gradients share their loop with dx: each
-            // runs its own kind of dx there, or a convolved one (direct, Winograd).
+            // runs its own kind of dx there, or a convolved one (direct, Winograd). The
+            // direct and Winograd ones run alone.
             let shares = |dx: ConvKernel| match weight_grad {
                 Pointwise => dx != Im2colMatmul,
                 Im2colMatmul => dx != Pointwise,

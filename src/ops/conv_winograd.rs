@@ -3,7 +3,9 @@
 //! (`ops/matmul.rs`), then each 2×2 block of outputs transformed back with bias and
 //! activation. 2.25× fewer multiplies than direct summation and no im2col buffer (16·C
 //! values per 2×2 outputs instead of 9·C per output). The input gradient is the same
-//! algorithm over `dy` with the filters rotated and transposed. The CPU reference is
+//! algorithm over `dy` with the filters rotated and transposed; the weight gradient
+//! transforms the tiles of `x` and `dy` and sums their products over the tiles as one
+//! batched matmul, then transforms the sums back to 3×3. The CPU reference is
 //! `conv2d_cpu`: Winograd computes the same sums in another order.
 
 use bytemuck::{Pod, Zeroable};
@@ -16,6 +18,7 @@ use crate::gpu::Gpu;
 use crate::gpu::dispatch::Binding;
 use crate::gpu::shared::workgroups;
 use crate::tensor::{Tensor, gpu_word};
+use crate::value::add::accumulate;
 
 /// Points of the transformed 4×4 tile: the matmuls per convolution.
 const POINTS: usize = 16;
@@ -122,6 +125,60 @@ pub(crate) fn eligible(gpu: &Gpu, spec: &Conv2d, shape: &Conv2dShape) -> bool {
 /// Whether the input gradient runs as Winograd (the layer pads by at most 2).
 pub(crate) fn eligible_backward(gpu: &Gpu, spec: &Conv2d, shape: &Conv2dShape) -> bool {
     fits(gpu, spec, shape, Problem::input_gradient(shape))
+}
+
+/// Whether the weight gradient runs as Winograd (any padding: the forward problem's tiles).
+pub(crate) fn eligible_weight_grad(gpu: &Gpu, spec: &Conv2d, shape: &Conv2dShape) -> bool {
+    fits(gpu, spec, shape, Some(Problem::forward(shape)))
+}
+
+/// `dweight` from `x` and the pre-activation `dy`: per chunk of images the input tiles V
+/// and `dM = A dy Aᵀ` per 2×2 block of `dy`, `dU[ξ] = Σ_t dM[ξ]·V[ξ]ᵀ` as one batched matmul
+/// over the tiles (chunks added up), then `dW = Gᵀ dU G`.
+pub(crate) fn weight_grad(
+    spec: &Conv2d,
+    shape: &Conv2dShape,
+    (x, dy): (&Tensor, &Tensor),
+    dweight: &Tensor,
+) -> Result<()> {
+    let gpu = x.gpu();
+    let problem = Problem::forward(shape);
+    let plain = Conv2d {
+        activation: Activation::None,
+        ..*spec
+    };
+    let constants = problem.constants(&plain, false)?;
+    let dispatch = |entry: &str, bindings: &[(u32, Binding<'_>)], total: usize, images| {
+        encode(gpu, (entry, &constants), &plain, bindings, total, images)
+    };
+    let (c, o, tiles) = (problem.c, problem.o, problem.tiles());
+    let nt = Matmul {
+        trans_b: true,
+        ..Matmul::default()
+    };
+    let mut sum: Option<Tensor> = None;
+    // V and dM live together: each chunk holds half of what the forward pass's may.
+    for (first, count) in image_chunks(shape.n, 2 * problem.image_bytes(), chunk_limit(gpu)) {
+        let v = Tensor::uninit(gpu, &[POINTS, c, count * tiles])?;
+        let input = [(1, x.binding()), (2, v.binding())];
+        dispatch("input", &input, count * c * tiles, (first, count))?;
+        let dm = Tensor::uninit(gpu, &[POINTS, o, count * tiles])?;
+        let output = [(1, dy.binding()), (2, dm.binding())];
+        dispatch("output_grad", &output, count * o * tiles, (first, count))?;
+        let du = Tensor::uninit(gpu, &[POINTS, o, c])?;
+        nt.run(gpu, dm.operand(), v.operand(), None, du.operand())?;
+        match &sum {
+            Some(sum) => accumulate(sum, &du)?,
+            None => sum = Some(du),
+        }
+    }
+    let du = sum.ok_or_else(|| Error::EmptyDimension {
+        op: "conv2d",
+        shape: x.shape().to_vec(),
+        axis: 0,
+    })?;
+    let weights = [(1, du.binding()), (2, dweight.binding())];
+    dispatch("weights_grad", &weights, o * c, (0, 0))
 }
 
 /// `out = act(conv(x, weight) + bias)`.
