@@ -36,6 +36,14 @@ struct Params {
 @group(0) @binding(2) var<storage, read_write> dst: array<f32>;
 @group(0) @binding(3) var<storage, read> bias: array<f32>;
 
+// Row i of a transformed 4×4 tile into dst laid out [16 points][…]: point (i, j) at
+// (i·4 + j)·stride + at.
+fn store_point_row(i: u32, row: array<f32, 4>, stride: u32, at: u32) {
+    for (var j = 0u; j < 4u; j++) {
+        dst[(i * 4u + j) * stride + at] = row[j];
+    }
+}
+
 // U = G g Gᵀ for filter o, channel c: dst = U [16][O][C].
 @compute @workgroup_size(WORKGROUP)
 fn weights(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
@@ -69,9 +77,7 @@ fn weights(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroup
             0.5 * (gg[i][0] - gg[i][1] + gg[i][2]),
             gg[i][2],
         );
-        for (var j = 0u; j < 4u; j++) {
-            dst[((i * 4u + j) * O + o) * C + c] = row[j];
-        }
+        store_point_row(i, row, O * C, o * C + c);
     }
 }
 
@@ -114,9 +120,7 @@ fn input(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups)
             bd[i][2] - bd[i][1],
             bd[i][1] - bd[i][3],
         );
-        for (var j = 0u; j < 4u; j++) {
-            dst[(i * 4u + j) * C * columns + at] = row[j];
-        }
+        store_point_row(i, row, C * columns, at);
     }
 }
 
@@ -197,9 +201,7 @@ fn output_grad(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workg
     let at = o * columns + image * tiles + tile;
     for (var i = 0u; i < 4u; i++) {
         let row = array<f32, 4>(ag[i][0], ag[i][0] + ag[i][1], ag[i][0] - ag[i][1], -ag[i][1]);
-        for (var j = 0u; j < 4u; j++) {
-            dst[(i * 4u + j) * O * columns + at] = row[j];
-        }
+        store_point_row(i, row, O * columns, at);
     }
 }
 
