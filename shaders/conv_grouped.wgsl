@@ -122,6 +122,22 @@ fn bias_activation(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_w
 
 var<workgroup> partial: array<f32, WORKGROUP_SMALL>;
 
+// The sum of `value` over the workgroup's lanes, returned to every lane (a tree in
+// `partial`; the last barrier lets the next call reuse it).
+fn workgroup_sum(value: f32, lane: u32) -> f32 {
+    partial[lane] = value;
+    workgroupBarrier();
+    for (var half = WORKGROUP_SMALL / 2u; half > 0u; half >>= 1u) {
+        if lane < half {
+            partial[lane] += partial[lane + half];
+        }
+        workgroupBarrier();
+    }
+    let total = partial[0];
+    workgroupBarrier();
+    return total;
+}
+
 // src = x, weight = dy (bound in the weight slot), dst = dW [O][C/G][KH][KW]: one workgroup
 // per weight, its WORKGROUP_SMALL (64) lanes striding over the N·OH·OW products and adding up in a tree.
 @compute @workgroup_size(WORKGROUP_SMALL)
@@ -152,17 +168,10 @@ fn weight_grad(
             sum += g * src[((n * C + channel) * H + u32(iy)) * W + u32(ix)];
         }
     }
-    partial[lane] = sum;
-    workgroupBarrier();
-    for (var half = WORKGROUP_SMALL / 2u; half > 0u; half >>= 1u) {
-        if lane < half {
-            partial[lane] += partial[lane + half];
-        }
-        workgroupBarrier();
-    }
+    let total = workgroup_sum(sum, lane);
     if valid && lane == 0u {
         // Later passes add to the earlier ones' sums.
-        dst[index] = partial[0] + select(0.0, dst[index], p.first_image > 0u);
+        dst[index] = total + select(0.0, dst[index], p.first_image > 0u);
     }
 }
 
@@ -226,7 +235,6 @@ fn depthwise_rows(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wo
 
 // Depthwise: room for a filter of up to 7×7 taps.
 const DEPTHWISE_MAX_TAPS: u32 = 49u;
-var<workgroup> tap_partial: array<f32, WORKGROUP_SMALL>;
 
 // src = x, weight = dy (bound in the weight slot), dst = dW [C][1][KH][KW]: one workgroup
 // per channel; each lane walks its share of the N·OH·OW outputs once, reading dy once and
@@ -265,20 +273,12 @@ fn depthwise_weight_grad(
 // dst[c][tap] (+)= Σ over the workgroup's lanes of their `sums`, tap by tap.
 fn store_tap_sums(sums: array<f32, DEPTHWISE_MAX_TAPS>, lane: u32, c: u32, valid: bool) {
     for (var k = 0u; k < KH * KW; k++) {
-        tap_partial[lane] = sums[k];
-        workgroupBarrier();
-        for (var half = WORKGROUP_SMALL / 2u; half > 0u; half >>= 1u) {
-            if lane < half {
-                tap_partial[lane] += tap_partial[lane + half];
-            }
-            workgroupBarrier();
-        }
+        let total = workgroup_sum(sums[k], lane);
         if valid && lane == 0u {
             let i = c * KH * KW + k;
             // Later passes add to the earlier ones' sums.
-            dst[i] = tap_partial[0] + select(0.0, dst[i], p.first_image > 0u);
+            dst[i] = total + select(0.0, dst[i], p.first_image > 0u);
         }
-        workgroupBarrier();
     }
 }
 

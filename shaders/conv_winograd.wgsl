@@ -44,6 +44,41 @@ fn store_point_row(i: u32, row: array<f32, 4>, stride: u32, at: u32) {
     }
 }
 
+// The 16 points of one tile from src laid out [16 points][…]: point (i, j) at
+// (i·4 + j)·stride + at.
+fn load_points(stride: u32, at: u32) -> array<array<f32, 4>, 4> {
+    var points: array<array<f32, 4>, 4>;
+    for (var i = 0u; i < 4u; i++) {
+        for (var j = 0u; j < 4u; j++) {
+            points[i][j] = src[(i * 4u + j) * stride + at];
+        }
+    }
+    return points;
+}
+
+// The 2×2 block of outputs that invocation `index` over [images][O][tiles] handles: its
+// filter, its column in M or dM ([16][O][images·tiles], points `stride` apart), its first
+// row and column, and its output plane in y or dy.
+struct Block {
+    o: u32, at: u32, stride: u32, oy: u32, ox: u32, plane: u32,
+}
+
+fn output_block(index: u32) -> Block {
+    let tiles = tiles_h() * tiles_w();
+    let tile = index % tiles;
+    let o = (index / tiles) % O;
+    let image = index / (tiles * O);
+    let columns = p.images * tiles;
+    return Block(
+        o,
+        o * columns + image * tiles + tile,
+        O * columns,
+        tile / tiles_w() * 2u,
+        tile % tiles_w() * 2u,
+        ((p.first_image + image) * O + o) * OH * OW,
+    );
+}
+
 // U = G g Gᵀ for filter o, channel c: dst = U [16][O][C].
 @compute @workgroup_size(WORKGROUP)
 fn weights(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
@@ -130,18 +165,8 @@ fn input(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups)
 fn output(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let index = invocation_index(gid, nwg);
     if index >= p.total { return; }
-    let tiles = tiles_h() * tiles_w();
-    let tile = index % tiles;
-    let o = (index / tiles) % O;
-    let image = index / (tiles * O);
-    let columns = p.images * tiles;
-    let at = o * columns + image * tiles + tile;
-    var m: array<array<f32, 4>, 4>;
-    for (var i = 0u; i < 4u; i++) {
-        for (var j = 0u; j < 4u; j++) {
-            m[i][j] = src[(i * 4u + j) * O * columns + at];
-        }
-    }
+    let block = output_block(index);
+    let m = load_points(block.stride, block.at);
     // Aᵀ m: 2×4, with Aᵀ = [1 1 1 0; 0 1 -1 -1].
     var am: array<array<f32, 4>, 2>;
     for (var j = 0u; j < 4u; j++) {
@@ -149,15 +174,13 @@ fn output(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups
         am[1][j] = m[1][j] - m[2][j] - m[3][j];
     }
     var b = 0.0;
-    if HAS_BIAS == 1u { b = bias[o]; }
-    let oy = tile / tiles_w() * 2u;
-    let ox = tile % tiles_w() * 2u;
-    let plane = ((p.first_image + image) * O + o) * OH * OW;
+    if HAS_BIAS == 1u { b = bias[block.o]; }
     for (var i = 0u; i < 2u; i++) {
         let row = array<f32, 2>(am[i][0] + am[i][1] + am[i][2], am[i][1] - am[i][2] - am[i][3]);
         for (var j = 0u; j < 2u; j++) {
-            if oy + i < OH && ox + j < OW {
-                dst[plane + (oy + i) * OW + ox + j] = activate(row[j] + b, ACT, p.slope);
+            if block.oy + i < OH && block.ox + j < OW {
+                let y = block.plane + (block.oy + i) * OW + block.ox + j;
+                dst[y] = activate(row[j] + b, ACT, p.slope);
             }
         }
     }
@@ -174,18 +197,14 @@ fn output(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups
 fn output_grad(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let index = invocation_index(gid, nwg);
     if index >= p.total { return; }
-    let tiles = tiles_h() * tiles_w();
-    let tile = index % tiles;
-    let o = (index / tiles) % O;
-    let image = index / (tiles * O);
-    let oy = tile / tiles_w() * 2u;
-    let ox = tile % tiles_w() * 2u;
-    let plane = ((p.first_image + image) * O + o) * OH * OW;
+    let block = output_block(index);
     var g: array<array<f32, 2>, 2>;
     for (var i = 0u; i < 2u; i++) {
         for (var j = 0u; j < 2u; j++) {
             var v = 0.0;
-            if oy + i < OH && ox + j < OW { v = src[plane + (oy + i) * OW + ox + j]; }
+            if block.oy + i < OH && block.ox + j < OW {
+                v = src[block.plane + (block.oy + i) * OW + block.ox + j];
+            }
             g[i][j] = v;
         }
     }
@@ -197,11 +216,9 @@ fn output_grad(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workg
         ag[2][j] = g[0][j] - g[1][j];
         ag[3][j] = -g[1][j];
     }
-    let columns = p.images * tiles;
-    let at = o * columns + image * tiles + tile;
     for (var i = 0u; i < 4u; i++) {
         let row = array<f32, 4>(ag[i][0], ag[i][0] + ag[i][1], ag[i][0] - ag[i][1], -ag[i][1]);
-        store_point_row(i, row, O * columns, at);
+        store_point_row(i, row, block.stride, block.at);
     }
 }
 
@@ -212,12 +229,7 @@ fn weights_grad(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_work
     if index >= p.total { return; }
     let o = index / C;
     let c = index % C;
-    var u: array<array<f32, 4>, 4>;
-    for (var i = 0u; i < 4u; i++) {
-        for (var j = 0u; j < 4u; j++) {
-            u[i][j] = src[((i * 4u + j) * O + o) * C + c];
-        }
-    }
+    let u = load_points(O * C, o * C + c);
     // Gᵀ u: 3×4, with Gᵀ = [1 ½ ½ 0; 0 ½ -½ 0; 0 ½ ½ 1].
     var gu: array<array<f32, 4>, 3>;
     for (var j = 0u; j < 4u; j++) {
