@@ -646,25 +646,13 @@ impl Graph {
     /// Per node, for an evaluation forward pass: the batch norm folded into it (its output's
     /// only reader) and the activation after the norm (the norm's only reader), if any.
     fn eval_folds(&self) -> Vec<Option<Fold>> {
-        let count = self.nodes.len();
-        let mut readers = vec![0usize; count + 1];
-        let mut reader = vec![0usize; count + 1];
-        for (i, node) in self.nodes.iter().enumerate() {
-            for &v in &node.inputs {
-                readers[v] += 1;
-                reader[v] = i;
-            }
-        }
-        let sole_reader = |v: ValueId| {
-            let i = reader[v];
-            (readers[v] == 1 && self.nodes[i].inputs.len() == 1).then_some(i)
-        };
-        (0..count)
+        let sole_readers = self.sole_readers();
+        (0..self.nodes.len())
             .map(|i| {
-                let norm = sole_reader(i + 1)?;
+                let norm = sole_readers[i + 1]?;
                 let norm_node = &self.nodes[norm];
                 norm_node.layer.eval_channel_norm(&norm_node.state)?;
-                let activation = sole_reader(norm + 1)
+                let activation = sole_readers[norm + 1]
                     .and_then(|k| Some((k, self.nodes[k].layer.activation_only()?)));
                 Some(Fold { norm, activation })
             })
@@ -830,24 +818,34 @@ impl Graph {
         Ok(grads[0].take().filter(|_| input_grad))
     }
 
+    /// Per value, the node that reads it if that node alone reads it, and reads nothing else
+    /// (where a layer may take over the producer's activation, or fold into it).
+    fn sole_readers(&self) -> Vec<Option<usize>> {
+        let mut readers = vec![(0usize, 0usize); self.nodes.len() + 1];
+        for (i, node) in self.nodes.iter().enumerate() {
+            for &v in &node.inputs {
+                readers[v] = (readers[v].0 + 1, i);
+            }
+        }
+        readers
+            .into_iter()
+            .map(|(count, i)| (count == 1 && self.nodes[i].inputs.len() == 1).then_some(i))
+            .collect()
+    }
+
     /// Per node, the activation its backward takes on for the layer producing its input (see
     /// [`Layer::takes_input_activation`]: only for a single input that is a node's output
     /// read by no other node), and whether its own output activation is taken so by its
     /// reader.
     fn activation_handoffs(&self) -> (Vec<Activation>, Vec<bool>) {
         let count = self.nodes.len();
-        let mut readers = vec![0usize; count + 1];
-        for node in &self.nodes {
-            for &v in &node.inputs {
-                readers[v] += 1;
-            }
-        }
+        let sole_readers = self.sole_readers();
         let mut taken = vec![Activation::None; count];
         let mut through = vec![false; count];
         for (i, node) in self.nodes.iter().enumerate() {
             if let [v] = node.inputs[..]
                 && v > 0
-                && readers[v] == 1
+                && sole_readers[v] == Some(i)
             {
                 let activation = self.nodes[v - 1].layer.output_activation();
                 if activation != Activation::None && node.layer.takes_input_activation(activation) {

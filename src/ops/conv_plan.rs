@@ -183,10 +183,13 @@ impl Conv2d {
         if let Some(forced) = self.kernel.filter(|k| candidates.contains(k)) {
             return Ok(forced);
         }
+        if untimed(shape) {
+            return Ok(candidates[0]);
+        }
         let names: Vec<String> = candidates.iter().map(|k| k.name().into()).collect();
         let trial = trial_shape(shape);
         let key = self.tuning_key("forward", &trial);
-        let chosen = tuned(gpu, shape, &key, &names, false, |t, i| {
+        let chosen = tuned(gpu, &trial, &key, &names, false, |t, i| {
             let out = Tensor::uninit(gpu, &trial.output())?;
             let inputs = (&t.x, &t.weight, Some(&t.bias));
             self.forward_with(candidates[i], &trial, inputs, &out)
@@ -209,12 +212,14 @@ impl Conv2d {
                 2 * u8::from(input_grad && k.input_grad == forced)
                     + u8::from(k.weight_grad == forced)
             };
-            let best = candidates.iter().max_by_key(|k| score(k)).copied();
-            // max_by_key keeps the last of equals: take the first in the fixed order.
-            if let Some(best) = best.filter(|k| score(k) > 0) {
-                let first = candidates.iter().find(|k| score(k) == score(&best));
-                return Ok(*first.unwrap_or(&best));
+            let best = candidates.iter().map(score).max().unwrap_or(0);
+            // The first in the fixed order of those that run the forced family most.
+            if let Some(&kernels) = candidates.iter().find(|k| best > 0 && score(k) == best) {
+                return Ok(kernels);
             }
+        }
+        if untimed(shape) {
+            return Ok(candidates[0]);
         }
         let names: Vec<String> = candidates.iter().map(|k| k.name(input_grad)).collect();
         let trial = trial_shape(shape);
@@ -229,7 +234,7 @@ impl Conv2d {
             activation: Activation::None,
             ..*self
         };
-        let chosen = tuned(gpu, shape, &key, &names, true, |t, i| {
+        let chosen = tuned(gpu, &trial, &key, &names, true, |t, i| {
             let gate = gate.map(|activation| (activation, &t.y));
             let (x, w, dy) = (&t.x, &t.weight, &t.dy);
             plain
@@ -389,26 +394,27 @@ fn trial_shape(shape: &Conv2dShape) -> Conv2dShape {
     }
 }
 
+/// Whether a layer is too light to time (under [`TUNED_FLOPS`]): it takes the default, and
+/// builds no tuning key on its calls.
+fn untimed(shape: &Conv2dShape) -> bool {
+    shape.flops() < TUNED_FLOPS
+}
+
 /// The index among `names` (the first is the default) that `Gpu::tuned` picks for `key`,
-/// trials running `run(tensors, i)` on the trial shape (with `dy` for a backward pass);
-/// the default untimed for layers under [`TUNED_FLOPS`].
+/// trials running `run(tensors, i)` on `trial` (with `dy` for a backward pass).
 fn tuned(
     gpu: &Gpu,
-    shape: &Conv2dShape,
+    trial: &Conv2dShape,
     key: &str,
     names: &[String],
     backward: bool,
     run: impl Fn(&TrialTensors, usize) -> Result<()> + Sync,
 ) -> Result<usize> {
-    if shape.flops() < TUNED_FLOPS {
-        return Ok(0);
-    }
-    let trial = trial_shape(shape);
     gpu.tuned(key, names, || {
         time_trials(
             gpu,
             names.len(),
-            || TrialTensors::new(gpu, &trial, backward),
+            || TrialTensors::new(gpu, trial, backward),
             run,
         )
     })
