@@ -35,16 +35,19 @@ def rows():
         a, b = rand(m, k), rand(k, n)
         yield "matmul", f"{m}x{k}x{n}", lambda a=a, b=b: a @ b
 
-    for n, c, h, o, k, pad, g in [(64, 1, 28, 6, 5, 0, 1), (64, 6, 12, 16, 5, 0, 1), (8, 64, 56, 64, 3, 1, 1),
-                                  (8, 64, 56, 64, 3, 1, 64), (8, 64, 56, 64, 3, 1, 2), (8, 128, 28, 128, 3, 1, 32),
-                                  (8, 64, 56, 64, 1, 0, 1)]:
+    for n, c, h, o, k, pad, g, s in [(64, 1, 28, 6, 5, 0, 1, 1), (64, 6, 12, 16, 5, 0, 1, 1),
+                                     (8, 64, 56, 64, 3, 1, 1, 1), (8, 64, 56, 64, 3, 1, 64, 1),
+                                     (8, 64, 56, 64, 3, 1, 2, 1), (8, 128, 28, 128, 3, 1, 32, 1),
+                                     (8, 64, 56, 64, 1, 0, 1, 1), (8, 3, 224, 64, 7, 3, 1, 2),
+                                     (8, 64, 56, 128, 3, 1, 1, 2)]:
         x, w, b = rand(n, c, h, h, grad=True), rand(o, c // g, k, k, grad=True), rand(o, grad=True)
-        dy = rand(*F.conv2d(x, w, b, padding=pad, groups=g).shape)
-        label = f"N{n} {c}->{o} {h}x{h} k{k} p{pad}" + ("" if g == 1 else " depthwise" if g == c else f" groups{g}")
-        yield "conv2d_fwd", label, lambda x=x, w=w, b=b, pad=pad, g=g: F.conv2d(
-            x.detach(), w.detach(), b.detach(), padding=pad, groups=g)
-        yield "conv2d_fwd_bwd", label, lambda x=x, w=w, b=b, pad=pad, g=g, dy=dy: torch.autograd.grad(
-            F.conv2d(x, w, b, padding=pad, groups=g), (x, w, b), dy)
+        dy = rand(*F.conv2d(x, w, b, stride=s, padding=pad, groups=g).shape)
+        label = (f"N{n} {c}->{o} {h}x{h} k{k} p{pad}" + (f" s{s}" if s > 1 else "")
+                 + ("" if g == 1 else " depthwise" if g == c else f" groups{g}"))
+        yield "conv2d_fwd", label, lambda x=x, w=w, b=b, pad=pad, g=g, s=s: F.conv2d(
+            x.detach(), w.detach(), b.detach(), stride=s, padding=pad, groups=g)
+        yield "conv2d_fwd_bwd", label, lambda x=x, w=w, b=b, pad=pad, g=g, s=s, dy=dy: torch.autograd.grad(
+            F.conv2d(x, w, b, stride=s, padding=pad, groups=g), (x, w, b), dy)
 
     for name, pool in [("max_pool2d", F.max_pool2d), ("avg_pool2d", F.avg_pool2d)]:
         x = rand(64, 6, 24, 24, grad=True)

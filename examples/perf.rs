@@ -85,8 +85,12 @@ fn matmul_case(
     })
 }
 
-fn conv_cases(gpu: &Gpu, [n, c, h, o, k, pad, groups]: [usize; 7]) -> Result<Vec<Case<'_>>> {
+fn conv_cases(
+    gpu: &Gpu,
+    [n, c, h, o, k, pad, groups, stride]: [usize; 8],
+) -> Result<Vec<Case<'_>>> {
     let spec = Conv2d {
+        stride: (stride, stride),
         padding: Padding::Explicit(pad, pad),
         groups,
         ..Conv2d::default()
@@ -97,10 +101,15 @@ fn conv_cases(gpu: &Gpu, [n, c, h, o, k, pad, groups]: [usize; 7]) -> Result<Vec
     let shape = spec.shape(x.shape(), w.shape(), Some(b.shape()))?;
     let dy = random(&shape.output(), 6);
     let plan = spec.plan(gpu, &shape)?;
+    let strided = if stride > 1 {
+        format!(" s{stride}")
+    } else {
+        String::new()
+    };
     let label = match groups {
-        1 => format!("N{n} {c}->{o} {h}x{h} k{k} p{pad}"),
-        g if g == c => format!("N{n} {c}->{o} {h}x{h} k{k} p{pad} depthwise"),
-        g => format!("N{n} {c}->{o} {h}x{h} k{k} p{pad} groups{g}"),
+        1 => format!("N{n} {c}->{o} {h}x{h} k{k} p{pad}{strided}"),
+        g if g == c => format!("N{n} {c}->{o} {h}x{h} k{k} p{pad}{strided} depthwise"),
+        g => format!("N{n} {c}->{o} {h}x{h} k{k} p{pad}{strided} groups{g}"),
     };
     let (tx, tw, tb, tdy) = (
         Tensor::from_array(gpu, &x)?,
@@ -747,17 +756,19 @@ fn main() -> Result<()> {
             cases.push(matmul_case(&gpu, shape, kernel)?);
         }
     }
-    // [N, C, H, O, K, padding, groups]: LeNet's two layers, a ResNet 3×3, MobileNet's
-    // depthwise 3×3, a two-group 3×3 (AlexNet style), ResNeXt's 32 groups of 4 channels and
-    // MobileNet's pointwise 1×1.
+    // [N, C, H, O, K, padding, groups, stride]: LeNet's two layers, a ResNet 3×3, MobileNet's
+    // depthwise 3×3, a two-group 3×3 (AlexNet style), ResNeXt's 32 groups of 4 channels,
+    // MobileNet's pointwise 1×1, ResNet's 7×7 stem and its first strided 3×3.
     for conv in [
-        [64, 1, 28, 6, 5, 0, 1],
-        [64, 6, 12, 16, 5, 0, 1],
-        [8, 64, 56, 64, 3, 1, 1],
-        [8, 64, 56, 64, 3, 1, 64],
-        [8, 64, 56, 64, 3, 1, 2],
-        [8, 128, 28, 128, 3, 1, 32],
-        [8, 64, 56, 64, 1, 0, 1],
+        [64, 1, 28, 6, 5, 0, 1, 1],
+        [64, 6, 12, 16, 5, 0, 1, 1],
+        [8, 64, 56, 64, 3, 1, 1, 1],
+        [8, 64, 56, 64, 3, 1, 64, 1],
+        [8, 64, 56, 64, 3, 1, 2, 1],
+        [8, 128, 28, 128, 3, 1, 32, 1],
+        [8, 64, 56, 64, 1, 0, 1, 1],
+        [8, 3, 224, 64, 7, 3, 1, 2],
+        [8, 64, 56, 128, 3, 1, 1, 2],
     ] {
         cases.extend(conv_cases(&gpu, conv)?);
     }

@@ -1,6 +1,7 @@
 // C[b] = act(op(A)[b] · op(B)[b] + bias), the classic GPU design: a 64×64 block tile staged
 // in workgroup memory, 16 K-steps at a time, and a 4×4 register micro-tile per invocation.
-// Operands are read through strides, so transposed and broadcast operands need no copies;
+// Operands are read through strides, so transposed and broadcast operands need no copies
+// (B through `b_at`: shaders/matmul_operands.wgsl, or shaders/conv_implicit.wgsl's windows);
 // every load and store is guarded, so any M, N, K works. One dispatch sums the K range
 // [k_begin, k_end): a K past the loop bound runs as passes, each adding to C (ADD_TO_C), the
 // last one adding the bias and applying the activation (FINISH).
@@ -13,6 +14,7 @@ struct Params {
     bias_mode: u32,                         // BIAS_NONE, BIAS_PER_COLUMN (bias[n]), BIAS_PER_ROW (bias[m])
     activation: u32, slope: f32,
     k_begin: u32, k_end: u32,               // this pass's K range (a multiple of TK from 0)
+    first_image: u32, _pad: u32,            // an implicit B's first image (conv_implicit.wgsl)
 }
 
 // 1: add this pass's sums to C's (the passes before wrote them).
@@ -22,7 +24,6 @@ override FINISH: u32 = 1u;
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> a: array<f32>;
-@group(0) @binding(2) var<storage, read> b: array<f32>;
 @group(0) @binding(3) var<storage, read> bias: array<f32>;
 @group(0) @binding(4) var<storage, read_write> c: array<f32>;
 
@@ -47,7 +48,6 @@ fn main(
     let m0 = tm * TILE;
     let n0 = tn * TILE;
     let a_base = batch * p.a_batch;
-    let b_base = batch * p.b_batch;
 
     var acc: array<array<f32, 4>, 4>;
     for (var k0 = p.k_begin; k0 < p.k_end; k0 += TK) {
@@ -61,7 +61,7 @@ fn main(
             if m0 + mm < p.m && gk < p.k_end { av = a[a_base + (m0 + mm) * p.a_row + gk * p.a_col]; }
             a_tile[kk][mm] = av;
             var bv = 0.0;
-            if n0 + mm < p.n && gk < p.k_end { bv = b[b_base + gk * p.b_row + (n0 + mm) * p.b_col]; }
+            if n0 + mm < p.n && gk < p.k_end { bv = b_at(batch, gk, n0 + mm); }
             b_tile[kk][mm] = bv;
         }
         workgroupBarrier();

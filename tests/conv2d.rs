@@ -318,19 +318,24 @@ fn large_batches_run_in_chunks() {
 /// The weight gradient of a wide layer keeps one `[O, C·KH·KW]` product per image before
 /// summing them: at ResNet-50's layer4 widths and a batch of 32 those would be hundreds of
 /// MB, past lavapipe's 128 MiB binding limit. The batch is split so that none of them grows
-/// with it: a 3×3 (im2col) and a 1×1 (pointwise) layer whose per-image products exceed
-/// 128 MiB together, against the CPU (tiny images keep the reference fast).
+/// with it: a 3×3 (im2col, and implicit GEMM reading each chunk's images of x) and a 1×1
+/// (pointwise) layer whose per-image products exceed 128 MiB together, against the CPU
+/// (tiny images keep the reference fast).
 #[test]
 fn wide_weight_gradients_are_summed_in_chunks() {
     let Some(gpu) = gpu() else { return };
-    // (batch, in, out, kernel, padding): 16·512·4608·4 B = 151 MB of 3×3 products;
-    // 40·2048·512·4 B = 168 MB of 1×1 products.
-    for (n, c, o, k, p) in [(16, 512, 512, 3, 1), (40, 512, 2048, 1, 0)] {
-        // The 3×3 layer's im2col forced (its weight gradient would otherwise run as
-        // Winograd, whose partial sums do not grow with the batch).
+    // (batch, in, out, kernel, padding, family): 16·512·4608·4 B = 151 MB of 3×3 products;
+    // 40·2048·512·4 B = 168 MB of 1×1 products. The 3×3 layer's families are forced (its
+    // weight gradient would otherwise run as Winograd, whose partial sums do not grow with
+    // the batch).
+    for (n, c, o, k, p, kernel) in [
+        (16, 512, 512, 3, 1, Some(ConvKernel::Im2colMatmul)),
+        (16, 512, 512, 3, 1, Some(ConvKernel::ImplicitGemm)),
+        (40, 512, 2048, 1, 0, None),
+    ] {
         let spec = Conv2d {
             padding: Padding::Explicit(p, p),
-            kernel: (k == 3).then_some(ConvKernel::Im2colMatmul),
+            kernel,
             ..Conv2d::default()
         };
         let (x, w) = (random(&[n, c, 2, 1], 11), random(&[o, c, k, k], 12));
@@ -1050,6 +1055,80 @@ fn winograd_convolutions_match_the_cpu() {
             let plan = spec.plan(gpu, &shape).unwrap();
             assert_eq!(plan.forward, ConvKernel::Winograd, "case {i}");
             assert_eq!(plan.input_grad, dx_kernel, "case {i}");
+            matches_the_cpu(gpu, spec, (&x, &weight, &bias), seed, &format!("case {i}"));
+        }
+    }
+}
+
+/// Implicit GEMM, forced, on contexts forced to each operand-read family: forward, dx and
+/// dW through the public entry points against the CPU with poisoned outputs, on shapes that
+/// fill no tile: a stem-like 7×7 at stride 2, a strided 3×3 with more filters than a tile,
+/// a strided 1×1, dilation with asymmetric padding, a fused bias and activation. (The
+/// matmul families one by one: `conv_implicit`'s unit test.)
+#[test]
+fn implicit_gemm_convolutions_match_the_cpu() {
+    let Some(gpus) = read_family_gpus() else {
+        return;
+    };
+    // (x, w, stride, dilation, padding, activation)
+    let cases = [
+        (
+            [2, 3, 19, 17],
+            [10, 3, 7, 7],
+            2,
+            1,
+            Padding::Explicit(3, 3),
+            Activation::Relu,
+        ),
+        (
+            [2, 9, 13, 11],
+            [70, 9, 3, 3],
+            2,
+            1,
+            Padding::Explicit(1, 1),
+            Activation::None,
+        ),
+        (
+            [3, 12, 9, 10],
+            [20, 12, 1, 1],
+            2,
+            1,
+            Padding::Explicit(0, 0),
+            Activation::None,
+        ),
+        (
+            [1, 5, 12, 13],
+            [7, 5, 3, 3],
+            1,
+            2,
+            Padding::Asymmetric {
+                top: 2,
+                bottom: 0,
+                left: 0,
+                right: 3,
+            },
+            Activation::LeakyRelu(0.1),
+        ),
+    ];
+    for gpu in gpus {
+        for (i, (x, w, stride, dilation, padding, activation)) in cases.into_iter().enumerate() {
+            let spec = Conv2d {
+                stride: (stride, stride),
+                dilation: (dilation, dilation),
+                padding,
+                activation,
+                kernel: Some(ConvKernel::ImplicitGemm),
+                ..Conv2d::default()
+            };
+            let seed = 90 + 4 * i as u64;
+            let (x, weight, bias) = (
+                random(&x, seed),
+                random(&w, seed + 1),
+                random(&w[..1], seed + 2),
+            );
+            let shape = spec.shape(x.shape(), weight.shape(), None).unwrap();
+            let plan = spec.plan(gpu, &shape).unwrap();
+            assert_eq!(plan.label(), "implicit gemm", "case {i}");
             matches_the_cpu(gpu, spec, (&x, &weight, &bias), seed, &format!("case {i}"));
         }
     }

@@ -248,21 +248,21 @@ fn every_kernel_family_forced_matches_the_cpu() {
     // (x, w, groups, padding, families that must take the forward pass)
     type Case = ([usize; 4], [usize; 4], usize, usize, &'static [ConvKernel]);
     let cases: [Case; 4] = [
-        // Direct, Winograd and im2col all run a small 3×3 bank.
+        // Direct, Winograd, im2col and implicit GEMM all run a small 3×3 bank.
         (
             [3, 5, 11, 9],
             [7, 5, 3, 3],
             1,
             1,
-            &[Direct, Winograd, Im2colMatmul],
+            &[Direct, Winograd, Im2colMatmul, ImplicitGemm],
         ),
-        // Pointwise, direct (1×1 is a small bank) and im2col.
+        // Pointwise, direct (1×1 is a small bank), im2col and implicit GEMM.
         (
             [2, 6, 7, 5],
             [9, 6, 1, 1],
             1,
             0,
-            &[Direct, Pointwise, Im2colMatmul],
+            &[Direct, Pointwise, Im2colMatmul, ImplicitGemm],
         ),
         // Depthwise: grouped direct or im2col per group.
         (
@@ -282,7 +282,14 @@ fn every_kernel_family_forced_matches_the_cpu() {
         ),
     ];
     for (x, w, groups, pad, forward) in cases {
-        for kernel in [GroupedDirect, Direct, Pointwise, Winograd, Im2colMatmul] {
+        for kernel in [
+            GroupedDirect,
+            Direct,
+            Pointwise,
+            Winograd,
+            Im2colMatmul,
+            ImplicitGemm,
+        ] {
             let spec = Conv2d {
                 padding: Padding::Explicit(pad, pad),
                 groups,

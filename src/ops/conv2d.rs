@@ -20,10 +20,11 @@ use super::Activation;
 use super::activation::through_activation_cpu;
 use super::conv_direct;
 use super::conv_grouped;
+use super::conv_implicit;
 use super::conv_plan::{BackwardKernels, ConvKernel};
 use super::conv_weight_grad::{self, Gate, WeightAndBias};
 use super::conv_winograd;
-use super::matmul::{BiasAxis, Matmul};
+use super::matmul::{BiasAxis, KernelChoice, Matmul};
 use super::reduce::{activation_backward_and_sum, sum_axes};
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
@@ -384,6 +385,15 @@ impl Conv2d {
         if kernel == ConvKernel::Winograd {
             return conv_winograd::forward(self, &shape, (x, weight, bias), out);
         }
+        if kernel == ConvKernel::ImplicitGemm {
+            return conv_implicit::forward(
+                self,
+                &shape,
+                (x, weight, bias),
+                out,
+                KernelChoice::Auto,
+            );
+        }
         if kernel == ConvKernel::Pointwise {
             let matmul = Matmul {
                 bias: if bias.is_some() {
@@ -559,9 +569,16 @@ impl Conv2d {
             }
         };
         let dz = dz.as_ref().unwrap_or(dy);
-        if plan.weight_grad == ConvKernel::Winograd {
+        if matches!(
+            plan.weight_grad,
+            ConvKernel::Winograd | ConvKernel::ImplicitGemm
+        ) {
             let dweight = Tensor::uninit(&gpu, weight.shape())?;
-            conv_winograd::weight_grad(self, &shape, (x, dz), &dweight)?;
+            if plan.weight_grad == ConvKernel::Winograd {
+                conv_winograd::weight_grad(self, &shape, (x, dz), &dweight)?;
+            } else {
+                conv_implicit::weight_grad(self, &shape, (x, dz), &dweight, KernelChoice::Auto)?;
+            }
             let (dx, _) =
                 self.input_and_weight_gradients(x, weight, dz, (&shape, plan), input_grad, false)?;
             return Ok((dx, dweight, dbias));
@@ -612,6 +629,10 @@ impl Conv2d {
             }
             (Some(dx), ConvKernel::Winograd) => {
                 conv_winograd::backward_data(self, &shape, (dy, weight), dx)?;
+                true
+            }
+            (Some(dx), ConvKernel::ImplicitGemm) => {
+                conv_implicit::backward_data(self, &shape, dy, weight, dx, KernelChoice::Auto)?;
                 true
             }
             _ => false,
@@ -719,6 +740,35 @@ impl Conv2d {
         Ok((dx, dweight))
     }
 
+    /// The layer's windows as the override constants that im2col.wgsl and
+    /// conv_implicit.wgsl declare (sizes, kernel, stride, padding, dilation), then `more`.
+    pub(crate) fn window_constants(
+        &self,
+        shape: &Conv2dShape,
+        more: &[(&'static str, usize)],
+    ) -> Result<Vec<(&'static str, u32)>> {
+        let window = [
+            ("C", shape.c),
+            ("H", shape.h),
+            ("W", shape.w),
+            ("KH", shape.kh),
+            ("KW", shape.kw),
+            ("OH", shape.oh),
+            ("OW", shape.ow),
+            ("SH", self.stride.0),
+            ("SW", self.stride.1),
+            ("PAD_TOP", shape.pad_top),
+            ("PAD_LEFT", shape.pad_left),
+            ("DH", self.dilation.0),
+            ("DW", self.dilation.1),
+        ];
+        window
+            .iter()
+            .chain(more)
+            .map(|&(name, value)| gpu_word(OP, value).map(|v| (name, v)))
+            .collect()
+    }
+
     fn check_backward(&self, shape: &Conv2dShape, dy: &[usize]) -> Result<()> {
         if self.activation != Activation::None {
             return Err(invalid("backward takes the gradient before the activation: use Activation::None and the activation's own backward".into()));
@@ -772,23 +822,7 @@ impl Conv2d {
             total: gpu_word(OP, total)?,
             _pad: 0,
         };
-        let constants = [
-            ("C", shape.c),
-            ("H", shape.h),
-            ("W", shape.w),
-            ("KH", shape.kh),
-            ("KW", shape.kw),
-            ("OH", shape.oh),
-            ("OW", shape.ow),
-            ("SH", self.stride.0),
-            ("SW", self.stride.1),
-            ("PAD_TOP", shape.pad_top),
-            ("PAD_LEFT", shape.pad_left),
-            ("DH", self.dilation.0),
-            ("DW", self.dilation.1),
-        ]
-        .map(|(name, value)| gpu_word(OP, value).map(|v| (name, v)));
-        let constants = constants.into_iter().collect::<Result<Vec<_>>>()?;
+        let constants = self.window_constants(shape, &[])?;
         let pipeline = gpu.specialized(
             "im2col",
             entry,

@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use super::Activation;
 use super::conv2d::{Conv2d, Conv2dShape, chunk_limit};
-use super::{conv_direct, conv_weight_grad, conv_winograd};
+use super::{conv_direct, conv_implicit, conv_weight_grad, conv_winograd};
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::gpu::shared::MAX_LOOP_ITERATIONS;
@@ -59,6 +59,9 @@ pub enum ConvKernel {
     Winograd,
     /// im2col (col2im for the input gradient) and batched matmuls, in chunks of images.
     Im2colMatmul,
+    /// Batched matmuls that read the im2col operand through the layer's windows as they
+    /// load it (conv_implicit.rs): no column buffer, no col2im.
+    ImplicitGemm,
 }
 
 impl ConvKernel {
@@ -70,6 +73,7 @@ impl ConvKernel {
             ConvKernel::Pointwise => "pointwise matmul",
             ConvKernel::Winograd => "winograd",
             ConvKernel::Im2colMatmul => "im2col+matmul",
+            ConvKernel::ImplicitGemm => "implicit gemm",
         }
     }
 }
@@ -264,6 +268,7 @@ impl Conv2d {
             (Pointwise, self.pointwise_fits(gpu, shape, false)),
             (Winograd, conv_winograd::eligible(gpu, self, shape)),
             (Im2colMatmul, true),
+            (ImplicitGemm, conv_implicit::eligible(shape)),
         ]
         .into_iter()
         .filter_map(|(kernel, fits)| fits.then_some(kernel))
@@ -307,6 +312,7 @@ impl Conv2d {
                 conv_winograd::eligible_weight_grad(gpu, self, shape),
             ),
             (Im2colMatmul, true),
+            (ImplicitGemm, conv_implicit::eligible(shape)),
         ];
         let mut pairs = Vec::new();
         for weight_grad in weight_grads
@@ -321,13 +327,17 @@ impl Conv2d {
                 ),
                 (Winograd, conv_winograd::eligible_backward(gpu, self, shape)),
                 (Im2colMatmul, true),
+                (ImplicitGemm, conv_implicit::eligible(shape)),
             ];
             // The pointwise and im2col weight gradients share their loop with dx: each
-            // runs its own kind of dx there, or a convolved one (direct, Winograd). The
-            // direct and Winograd ones run alone.
-            let shares = |dx: ConvKernel| match weight_grad {
-                Pointwise => dx != Im2colMatmul,
-                Im2colMatmul => dx != Pointwise,
+            // runs its own kind of dx there, or one without a col buffer (direct, Winograd,
+            // implicit). The others run alone, the implicit dW beside those too (with a
+            // col2im dx it would pay for the col buffer it saves).
+            let shares = |dx: ConvKernel| match (weight_grad, dx) {
+                (_, ImplicitGemm) => true,
+                (ImplicitGemm, _) => !matches!(dx, Im2colMatmul | Pointwise),
+                (Pointwise, _) => dx != Im2colMatmul,
+                (Im2colMatmul, _) => dx != Pointwise,
                 _ => true,
             };
             let mut fitting = input_grads

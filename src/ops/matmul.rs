@@ -68,6 +68,58 @@ impl KPass {
     }
 }
 
+/// A B operand that the kernels compute as they read it (implicit GEMM, ops/conv_implicit.rs):
+/// element `[image][row][col]` (of B, or of Bᵀ with `trans_b`) is the `window_value` of one
+/// section of shaders/conv_implicit.wgsl, read from `source` from image `first_image` on,
+/// with the layer's shape as that shader's override constants.
+pub(crate) struct Window<'a> {
+    /// The tensor B is read from (x, or dy for the input gradient).
+    pub(crate) source: Binding<'a>,
+    /// The stored shape `[images, rows, cols]` (B's, or Bᵀ's with `trans_b`).
+    pub(crate) shape: [usize; 3],
+    /// The image of `source` that B's image 0 reads.
+    pub(crate) first_image: u32,
+    /// The section of shaders/conv_implicit.wgsl that defines `window_value`.
+    pub(crate) section: &'static str,
+    /// The shader's override constants.
+    pub(crate) constants: Vec<(&'static str, u32)>,
+}
+
+/// The shader part of a `section` of shaders/conv_implicit.wgsl that defines `b_at`
+/// (`reader` = `tiled_b`) or `load_b` (`subgroup_b`).
+fn window_source(section: &str, reader: &str) -> String {
+    let parts = include_str!("../../shaders/conv_implicit.wgsl");
+    [
+        wgsl_section(parts, "window"),
+        wgsl_section(parts, section),
+        wgsl_section(parts, reader),
+    ]
+    .concat()
+}
+
+/// A window's override constants with the layout the kernel reads it in: `transposed` (B
+/// read down the stored matrix's columns) and the dense `[rows, vec4s per row]` per image
+/// that the subgroup kernel steps through.
+fn window_layout(
+    window: &Window<'_>,
+    transposed: u32,
+    [rows, vec4s]: [usize; 2],
+) -> Vec<(&'static str, u32)> {
+    let layout = [
+        ("B_TRANSPOSED", transposed),
+        ("B_ROWS_PADDED", rows as u32),
+        ("B_COLS4", vec4s as u32),
+    ];
+    [&window.constants[..], &layout].concat()
+}
+
+/// Where B comes from: a buffer, or a convolution's windows.
+#[derive(Clone, Copy)]
+enum SourceB<'a, 'w> {
+    Buffer(Operand<'a>),
+    Window(&'w Window<'a>),
+}
+
 /// Where a fused bias is added.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum BiasAxis {
@@ -272,6 +324,12 @@ impl Matmul {
 
     /// The kernel this product would run with on `gpu`.
     pub fn plan(&self, gpu: &Gpu, shape: &MatmulShape) -> Result<MatmulPlan> {
+        self.plan_for(gpu, shape, false)
+    }
+
+    /// The plan for a B read from a convolution's windows (`implicit_b`) or from a buffer:
+    /// an implicit B is never the left operand (no transposed run) nor in a texture.
+    fn plan_for(&self, gpu: &Gpu, shape: &MatmulShape, implicit_b: bool) -> Result<MatmulPlan> {
         let subgroup = gpu.fixed_subgroup_size().filter(|s| (4..=32).contains(s));
         let use_subgroup = match self.kernel {
             KernelChoice::Tiled => false,
@@ -299,7 +357,7 @@ impl Matmul {
         let rows = if small && !a_cols { 1 } else { 4 };
         // A tile spans subgroup·rows output rows: a product with fewer rows and more columns
         // runs transposed, so that its long side fills the lanes.
-        let transposed = shape.m < (subgroup * rows) as usize && shape.n > shape.m;
+        let transposed = !implicit_b && shape.m < (subgroup * rows) as usize && shape.n > shape.m;
         let n = if transposed { shape.m } else { shape.n };
         // Wide column tiles share each broadcast B value across more FMAs; narrow outputs
         // would waste them.
@@ -328,7 +386,11 @@ impl Matmul {
         } else {
             [a_batches * shape.m * k4, b_batches * 4 * k4 * n4]
         };
-        let textures = want_textures && texels.iter().all(|&t| gpu.fits_operand_texture(t as u64));
+        let textures = want_textures
+            && texels
+                .iter()
+                .take(if implicit_b { 1 } else { 2 })
+                .all(|&t| gpu.fits_operand_texture(t as u64));
         Ok(MatmulPlan::Subgroup {
             rows,
             cols: cols.max(subgroup),
@@ -376,7 +438,35 @@ impl Matmul {
         bias: Option<Operand<'_>>,
         out: Operand<'_>,
     ) -> Result<MatmulPlan> {
-        let shape = self.shape(a.shape, b.shape, bias.map(|x| x.shape))?;
+        self.run_with(gpu, a, SourceB::Buffer(b), bias, out)
+    }
+
+    /// Runs the product with B read from a convolution's windows (implicit GEMM): no
+    /// column buffer.
+    pub(crate) fn run_window(
+        &self,
+        gpu: &Gpu,
+        a: Operand<'_>,
+        b: &Window<'_>,
+        bias: Option<Operand<'_>>,
+        out: Operand<'_>,
+    ) -> Result<MatmulPlan> {
+        self.run_with(gpu, a, SourceB::Window(b), bias, out)
+    }
+
+    fn run_with(
+        &self,
+        gpu: &Gpu,
+        a: Operand<'_>,
+        b: SourceB<'_, '_>,
+        bias: Option<Operand<'_>>,
+        out: Operand<'_>,
+    ) -> Result<MatmulPlan> {
+        let (b_shape, window) = match b {
+            SourceB::Buffer(b) => (b.shape, None),
+            SourceB::Window(window) => (&window.shape[..], Some(window)),
+        };
+        let shape = self.shape(a.shape, b_shape, bias.map(|x| x.shape))?;
         if out.shape != shape.out.as_slice() {
             return Err(Error::ShapeMismatch {
                 op: OP,
@@ -384,15 +474,19 @@ impl Matmul {
                 detail: format!("output is {:?}, the product is {:?}", out.shape, shape.out),
             });
         }
-        let plan = self.plan(gpu, &shape)?;
+        let plan = self.plan_for(gpu, &shape, window.is_some())?;
         // Without a bias, A stands in for the unused (read-only) bias binding.
         let bias = bias.unwrap_or(a).binding;
-        let (a, b, out) = (a.binding, b.binding, out.binding);
+        let b = match b {
+            SourceB::Buffer(b) => b.binding,
+            SourceB::Window(window) => window.source,
+        };
+        let (a, out) = (a.binding, out.binding);
         match plan {
-            MatmulPlan::Tiled => self.run_tiled(gpu, &shape, [a, b, bias, out])?,
+            MatmulPlan::Tiled => self.run_tiled(gpu, &shape, [a, b, bias, out], window)?,
             MatmulPlan::Subgroup {
                 transposed: false, ..
-            } => self.run_subgroup(gpu, &shape, plan, [a, b, bias, out])?,
+            } => self.run_subgroup(gpu, &shape, plan, [a, b, bias, out], window)?,
             MatmulPlan::Subgroup {
                 transposed: true, ..
             } => {
@@ -414,13 +508,19 @@ impl Matmul {
                     b_batched: shape.a_batched,
                     ..shape.clone()
                 };
-                swapped.run_subgroup(gpu, &swapped_shape, plan, [b, a, bias, out])?
+                swapped.run_subgroup(gpu, &swapped_shape, plan, [b, a, bias, out], None)?
             }
         }
         Ok(plan)
     }
 
-    fn run_tiled(&self, gpu: &Gpu, shape: &MatmulShape, bindings: [Binding<'_>; 4]) -> Result<()> {
+    fn run_tiled(
+        &self,
+        gpu: &Gpu,
+        shape: &MatmulShape,
+        bindings: [Binding<'_>; 4],
+        window: Option<&Window<'_>>,
+    ) -> Result<()> {
         let (m, k, n) = (shape.m as u32, shape.k as u32, shape.n as u32);
         let (a_row, a_col) = if self.trans_a { (1, m) } else { (k, 1) };
         let (b_row, b_col) = if self.trans_b { (1, k) } else { (n, 1) };
@@ -446,19 +546,40 @@ impl Matmul {
             slope: self.activation.slope(),
             k_begin: 0,
             k_end: k,
+            first_image: window.map_or(0, |w| w.first_image),
+            _pad: 0,
+        };
+        let b_at = match window {
+            Some(window) => window_source(window.section, "tiled_b"),
+            None => wgsl_section(
+                include_str!("../../shaders/matmul_operands.wgsl"),
+                "tiled_b",
+            )
+            .to_string(),
         };
         let source = || {
             [
                 include_str!("../../shaders/epilogue.wgsl"),
+                &b_at,
                 include_str!("../../shaders/matmul.wgsl"),
             ]
             .concat()
         };
+        let key = match window {
+            Some(window) => format!("matmul_tiled_{}", window.section),
+            None => "matmul_tiled".into(),
+        };
+        // The tiled kernel reads B element by element: `B_TRANSPOSED` picks the order, the
+        // dense layout is the subgroup kernel's.
+        let window_constants = match window {
+            Some(w) => window_layout(w, u32::from(self.trans_b), [0, 0]),
+            None => Vec::new(),
+        };
         let passes = KPass::split(k, TILED_K_PER_PASS);
         gpu.run_pass("matmul", |pass| {
             for k_pass in &passes {
-                let pipeline =
-                    gpu.specialized("matmul_tiled", "main", source, &k_pass.constants())?;
+                let constants = [&k_pass.constants()[..], &window_constants].concat();
+                let pipeline = gpu.specialized(&key, "main", source, &constants)?;
                 let params = TiledParams {
                     k_begin: k_pass.begin,
                     k_end: k_pass.end,
@@ -484,6 +605,7 @@ impl Matmul {
         shape: &MatmulShape,
         plan: MatmulPlan,
         [a, b, bias, out]: [Binding<'_>; 4],
+        window: Option<&Window<'_>>,
     ) -> Result<()> {
         let MatmulPlan::Subgroup {
             rows,
@@ -527,11 +649,15 @@ impl Matmul {
         // are packed (into a buffer or a texture); dense ones are read as they are or copied
         // into a texture.
         let a_is_dense = a_cols || (!self.trans_a && k % 4 == 0);
-        let b_is_dense = b_rows || (!self.trans_b && k % 4 == 0 && n % 4 == 0);
+        // An implicit B is read from its source as the dense layout would be (no pack).
+        let b_is_dense = window.is_some() || b_rows || (!self.trans_b && k % 4 == 0 && n % 4 == 0);
+        let texture = |dense: [usize; 3]| {
+            gpu.operand_texture(dense.iter().product::<usize>() as u64 / 4, Texel::Vec4)
+        };
         let packed = if textures {
             Packed::Textures(Box::new((
-                gpu.operand_texture(a_dense.iter().product::<usize>() as u64 / 4, Texel::Vec4)?,
-                gpu.operand_texture(b_dense.iter().product::<usize>() as u64 / 4, Texel::Vec4)?,
+                texture(a_dense)?,
+                window.is_none().then(|| texture(b_dense)).transpose()?,
             )))
         } else {
             Packed::Buffers(
@@ -571,6 +697,8 @@ impl Matmul {
             m4: m.div_ceil(4) as u32,
             k4_begin: 0,
             k4_end: k4 as u32,
+            first_image: window.map_or(0, |w| w.first_image),
+            _pad: 0,
         };
         let kernel = SubgroupKernel {
             rows,
@@ -581,6 +709,17 @@ impl Matmul {
             vec4_store: !transposed && n % 4 == 0,
             a_cols,
             b_rows,
+            window: window.map(|w| w.section),
+        };
+        // An implicit B steps through the dense layout: its rows as they lie (B's, or a
+        // transposed B's read as rows), or B's rows gathered down Bᵀ's columns.
+        let window_constants = match window {
+            Some(w) => window_layout(
+                w,
+                u32::from(self.trans_b && !b_rows),
+                [b_dense[1], b_dense[2] / 4],
+            ),
+            None => Vec::new(),
         };
         // One K step per loop iteration: passes of at most the loop bound of steps.
         let passes = KPass::split(k4 as u32, MAX_LOOP_ITERATIONS);
@@ -588,16 +727,17 @@ impl Matmul {
             .iter()
             .map(|k_pass| {
                 let [add_to_c, finish] = k_pass.constants();
+                let epilogue = [
+                    ("BIAS_MODE", self.bias_mode()),
+                    ("ACTIVATION", self.activation.code()),
+                    ("TRANSPOSE_C", u32::from(transposed)),
+                    add_to_c,
+                    finish,
+                ];
                 gpu.generated(
                     &kernel,
                     "main",
-                    &[
-                        ("BIAS_MODE", self.bias_mode()),
-                        ("ACTIVATION", self.activation.code()),
-                        ("TRANSPOSE_C", u32::from(transposed)),
-                        add_to_c,
-                        finish,
-                    ],
+                    &[&epilogue[..], &window_constants].concat(),
                 )
             })
             .collect::<Result<Vec<_>>>()?;
@@ -607,10 +747,10 @@ impl Matmul {
             if let Packed::Textures(textures) = &packed {
                 let (a_tex, b_tex) = &**textures;
                 for (dense, src, tex, sizes) in [
-                    (a_is_dense, a, a_tex, a_dense),
-                    (b_is_dense, b, b_tex, b_dense),
+                    (a_is_dense, a, Some(a_tex), a_dense),
+                    (b_is_dense, b, b_tex.as_ref(), b_dense),
                 ] {
-                    if dense {
+                    if let Some(tex) = tex.filter(|_| dense) {
                         let texels = sizes.iter().product::<usize>() as u64 / 4;
                         tex.copy_from(encoder, src, texels);
                     }
@@ -640,13 +780,17 @@ impl Matmul {
                     if !a_is_dense {
                         pack(&a_pack, a, Resource::Texture(&a_tex.view))?;
                     }
-                    if !b_is_dense {
-                        pack(&b_pack, b, Resource::Texture(&b_tex.view))?;
-                    }
-                    (
-                        Resource::Texture(&a_tex.view),
-                        Resource::Texture(&b_tex.view),
-                    )
+                    // An implicit B has no texture: it reads its source buffer.
+                    let b_use = match b_tex {
+                        Some(b_tex) => {
+                            if !b_is_dense {
+                                pack(&b_pack, b, Resource::Texture(&b_tex.view))?;
+                            }
+                            Resource::Texture(&b_tex.view)
+                        }
+                        None => Resource::Buffer(b),
+                    };
+                    (Resource::Texture(&a_tex.view), b_use)
                 }
                 Packed::Buffers(a_buf, b_buf) => {
                     if let Some(t) = a_buf {
@@ -722,6 +866,8 @@ struct TiledParams {
     slope: f32,
     k_begin: u32,
     k_end: u32,
+    first_image: u32,
+    _pad: u32,
 }
 
 /// Mirrors `Params` in shaders/matmul_subgroup.wgsl.
@@ -742,12 +888,14 @@ struct SubgroupParams {
     m4: u32,
     k4_begin: u32,
     k4_end: u32,
+    first_image: u32,
+    _pad: u32,
 }
 
 /// The operands a subgroup matmul reads, packed where needed.
 enum Packed {
-    /// Both operands as textures.
-    Textures(Box<(OperandTexture, OperandTexture)>),
+    /// A as a texture, and B too unless it is an implicit one.
+    Textures(Box<(OperandTexture, Option<OperandTexture>)>),
     /// Dense copies of the operands that were not dense already.
     Buffers(Option<Tensor>, Option<Tensor>),
 }
@@ -789,6 +937,32 @@ impl PackParams {
     }
 }
 
+/// `src` seen as `[outer, inner, rest]` copied dense as `[inner, outer·rest]` by the pack
+/// kernel: a convolution's filters `[O][C][KH·KW]` as the input gradient's `[C][O·KH·KW]`.
+pub(crate) fn swap_leading_axes(
+    gpu: &Gpu,
+    src: &Tensor,
+    [outer, inner, rest]: [usize; 3],
+) -> Result<Tensor> {
+    let out = Tensor::uninit(gpu, &[inner, outer * rest])?;
+    // One pack batch per `inner` index, whose rows are the `outer` ones.
+    let params = PackParams::new([outer, rest, outer, rest], [inner * rest, 1, rest], inner);
+    let pipeline = gpu.specialized("pack", "main", pack_source, &params.constants)?;
+    gpu.run_pass("pack", |pass| {
+        gpu.encode_resources(
+            pass,
+            &pipeline,
+            bytemuck::cast_slice(&params.uniform()),
+            &[
+                (1, Resource::Buffer(src.binding())),
+                (2, Resource::Buffer(out.binding())),
+            ],
+            workgroups(u64::from(params.total)),
+        )
+    })?;
+    Ok(out)
+}
+
 /// One generated subgroup kernel: everything its source depends on (the epilogue choices
 /// are `override` constants set per pipeline).
 #[derive(Debug)]
@@ -806,6 +980,8 @@ struct SubgroupKernel {
     a_cols: bool,
     /// B read as its transpose's rows ([N][K], K a multiple of 4) instead of dense [K][N].
     b_rows: bool,
+    /// B read through a convolution's windows: the section of shaders/conv_implicit.wgsl.
+    window: Option<&'static str>,
 }
 
 /// The CPU reference: `act(op(A) · op(B) + bias)` with ndarray's `dot`, batch by batch.
@@ -990,7 +1166,22 @@ impl Generated for SubgroupKernel {
             }
         }
         let parts = include_str!("../../shaders/matmul_operands.wgsl");
-        let operands = wgsl_section(parts, if self.textures { "texture" } else { "storage" })
+        let (a, b) = if self.textures {
+            ("texture_a", "texture_b")
+        } else {
+            ("storage_a", "storage_b")
+        };
+        let texel = if self.textures {
+            wgsl_section(parts, "texel")
+        } else {
+            ""
+        };
+        let b = match self.window {
+            Some(section) => window_source(section, "subgroup_b"),
+            None => wgsl_section(parts, b).to_string(),
+        };
+        let operands = [texel, wgsl_section(parts, a), &b]
+            .concat()
             .replace("{{TEXTURE_WIDTH_LOG2}}", &TEXTURE_WIDTH_LOG2.to_string());
         let output = wgsl_section(
             parts,

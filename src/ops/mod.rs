@@ -9,6 +9,7 @@ pub mod batch_norm;
 pub mod conv2d;
 mod conv_direct;
 mod conv_grouped;
+mod conv_implicit;
 pub(crate) mod conv_plan;
 mod conv_weight_grad;
 mod conv_winograd;
