@@ -4,7 +4,7 @@
 //! `cargo run --release --example perf -- [--quick] [--runs N] [--json] [--filter TEXT]
 //! [--reads storage|texture] [--profile] [--memory] [--dispatches]` (`--reads` forces how
 //! kernels read large operands instead of the adapter's calibration; `--profile` prints where
-//! a LeNet training step's device time goes, pass by pass, `--memory` the peak bytes of
+//! a LeNet training step's device time goes (ResNet-20's with `--filter resnet20`), pass by pass, `--memory` the peak bytes of
 //! ResNet steps, `--dispatches` the kernels and submits per training step, each instead of
 //! the table).
 
@@ -592,10 +592,17 @@ fn memory_report(gpu: &Gpu, filter: Option<&str>) -> Result<()> {
     Ok(())
 }
 
-/// `--profile`: the passes of a LeNet training step, each submitted and waited for on its
-/// own (`Gpu::profile_passes`), medians of `runs` steps.
-fn profile_lenet(gpu: &Gpu, runs: usize, json: bool) -> Result<()> {
-    let mut step = lenet_step(Device::Gpu(gpu.clone()))?;
+/// `--profile`: the passes of a LeNet training step (or of ResNet-20's at batch 128 with
+/// `--filter resnet20`), each submitted and waited for on its own (`Gpu::profile_passes`),
+/// medians of `runs` steps: pass by pass for up to 60 passes, then the time per kernel.
+fn profile_step(gpu: &Gpu, filter: Option<&str>, runs: usize, json: bool) -> Result<()> {
+    let device = Device::Gpu(gpu.clone());
+    let mut step = match filter {
+        Some(f) if "train_step_resnet20_b128".contains(f) => {
+            model_step(device, "resnet20", 128, true)
+        }
+        _ => lenet_step(device)?,
+    };
     step()?; // warm-up: compiles pipelines
     let mut steps = Vec::with_capacity(runs);
     for _ in 0..runs {
@@ -603,15 +610,31 @@ fn profile_lenet(gpu: &Gpu, runs: usize, json: bool) -> Result<()> {
     }
     let passes = steps.iter().map(Vec::len).min().unwrap_or(0);
     let mut total = 0.0;
+    let mut by_kernel: Vec<(String, f64, usize)> = Vec::new();
     for pass in 0..passes {
         let mut times: Vec<f64> = steps.iter().map(|s| s[pass].ms).collect();
         times.sort_by(f64::total_cmp);
         let (label, ms) = (&steps[0][pass].label, times[times.len() / 2]);
         total += ms;
+        match by_kernel.iter_mut().find(|(l, ..)| l == label) {
+            Some((_, sum, count)) => (*sum, *count) = (*sum + ms, *count + 1),
+            None => by_kernel.push((label.clone(), ms, 1)),
+        }
+        if passes > 60 {
+            continue;
+        }
         if json {
             println!("{{\"pass\":{pass},\"label\":{label:?},\"ms\":{ms:.4}}}");
         } else {
             println!("{pass:>3} {label:<28} {ms:>8.3} ms");
+        }
+    }
+    by_kernel.sort_by(|a, b| b.1.total_cmp(&a.1));
+    for (label, ms, count) in &by_kernel {
+        if json {
+            println!("{{\"kernel\":{label:?},\"passes\":{count},\"ms\":{ms:.4}}}");
+        } else {
+            println!("    {label:<28} {count:>4} passes {ms:>9.3} ms");
         }
     }
     if json {
@@ -692,7 +715,7 @@ fn main() -> Result<()> {
     let gpu = Gpu::with_options(options)?;
     let adapter = gpu.adapter_info().name.clone();
     if args.profile {
-        return profile_lenet(&gpu, runs, json);
+        return profile_step(&gpu, filter.as_deref(), runs, json);
     }
     if args.memory {
         return memory_report(&gpu, filter.as_deref());
