@@ -1,13 +1,15 @@
-// Winograd F(2×2, 3×3) for 3×3 convolutions at stride 1 (Lavin & Gray, 2015): each 2×2 block
-// of outputs comes from a 4×4 input tile, and the 36 multiplies per block and channel pair of
-// direct summation become 16 elementwise products in the transformed domain, which for all
-// channels are 16 matrix products. src/ops/conv_winograd.rs runs:
+// Winograd F(m×m, 3×3) for 3×3 convolutions at stride 1 (Lavin & Gray, 2015), m = TILE (2 or
+// 4): each m×m block of outputs comes from a T×T input tile (T = m + 2), and the 9·m² multiplies
+// per block and channel pair of direct summation become T² elementwise products in the
+// transformed domain, which for all channels are T² matrix products (16 for m = 2: 2.25× fewer
+// multiplies; 36 for m = 4: 4× fewer). src/ops/conv_winograd.rs runs:
 //   weights: U[ξ][o][c] = (G g Gᵀ)[ξ]                  one invocation per (o, c)
 //   input:   V[ξ][c][t] = (Bᵀ d B)[ξ]                  one invocation per (image, c, tile)
 //   the batched matmul M[ξ] = U[ξ] · V[ξ]             (ops/matmul.rs)
 //   output:  y = act(Aᵀ M A + bias)                   one invocation per (image, o, tile)
-// with ξ the 16 points of the 4×4 tile. G holds halves, Bᵀ and Aᵀ ±1, so the transforms add
-// little rounding of their own. Tiles past the output's last row or column read padding and
+// with ξ the T² points of the tile. For m = 2, G holds halves and Bᵀ, Aᵀ ±1, so the transforms
+// add little rounding of their own; for m = 4 their entries reach 1/24 and 8, which costs
+// accuracy (see conv_winograd.rs). Tiles past the output's last row or column read padding and
 // are not stored, so any OH, OW works; the layer's shape comes as `override` constants.
 
 override C: u32;
@@ -22,10 +24,19 @@ override ACT: u32 = 0u;
 override HAS_BIAS: u32 = 0u;
 // 1: the weights of the input gradient: filter o, channel c read w[c][o] rotated by 180°.
 override FLIP: u32 = 0u;
+// Outputs per block side: 2 for F(2×2, 3×3), 4 for F(4×4, 3×3).
+override TILE: u32 = 2u;
+
+// Points per tile side.
+fn side() -> u32 { return TILE + 2u; }
 
 // Tiles per image: rows, columns.
-fn tiles_h() -> u32 { return (OH + 1u) / 2u; }
-fn tiles_w() -> u32 { return (OW + 1u) / 2u; }
+fn tiles_h() -> u32 { return (OH + TILE - 1u) / TILE; }
+fn tiles_w() -> u32 { return (OW + TILE - 1u) / TILE; }
+
+// One row or column of a tile (the first `side()` entries used; blocks use `TILE`).
+alias Line = array<f32, 6>;
+alias Square = array<Line, 6>;
 
 struct Params {
     images: u32, first_image: u32, total: u32, slope: f32,
@@ -36,29 +47,128 @@ struct Params {
 @group(0) @binding(2) var<storage, read_write> dst: array<f32>;
 @group(0) @binding(3) var<storage, read> bias: array<f32>;
 
-// Row i of a transformed 4×4 tile into dst laid out [16 points][…]: point (i, j) at
-// (i·4 + j)·stride + at.
-fn store_point_row(i: u32, row: array<f32, 4>, stride: u32, at: u32) {
-    for (var j = 0u; j < 4u; j++) {
-        dst[(i * 4u + j) * stride + at] = row[j];
+// The one-dimensional transforms, each applied to a tile's columns and then to its rows.
+
+// Bᵀ d: an input tile's line.
+fn input_line(d: Line) -> Line {
+    var r: Line;
+    if TILE == 4u {
+        r[0] = 4.0 * d[0] - 5.0 * d[2] + d[4];
+        r[1] = d[3] + d[4] - 4.0 * (d[1] + d[2]);
+        r[2] = d[4] - d[3] + 4.0 * (d[1] - d[2]);
+        r[3] = d[4] - d[2] + 2.0 * (d[3] - d[1]);
+        r[4] = d[4] - d[2] + 2.0 * (d[1] - d[3]);
+        r[5] = 4.0 * d[1] - 5.0 * d[3] + d[5];
+    } else {
+        r[0] = d[0] - d[2];
+        r[1] = d[1] + d[2];
+        r[2] = d[2] - d[1];
+        r[3] = d[1] - d[3];
+    }
+    return r;
+}
+
+// G g: a filter's line of 3 taps.
+fn filter_line(g: array<f32, 3>) -> Line {
+    var r: Line;
+    if TILE == 4u {
+        r[0] = 0.25 * g[0];
+        r[1] = -(g[0] + g[1] + g[2]) / 6.0;
+        r[2] = -(g[0] - g[1] + g[2]) / 6.0;
+        r[3] = g[0] / 24.0 + g[1] / 12.0 + g[2] / 6.0;
+        r[4] = g[0] / 24.0 - g[1] / 12.0 + g[2] / 6.0;
+        r[5] = g[2];
+    } else {
+        r[0] = g[0];
+        r[1] = 0.5 * (g[0] + g[1] + g[2]);
+        r[2] = 0.5 * (g[0] - g[1] + g[2]);
+        r[3] = g[2];
+    }
+    return r;
+}
+
+// Aᵀ m: a transformed line back to TILE outputs.
+fn output_line(m: Line) -> Line {
+    var r: Line;
+    if TILE == 4u {
+        r[0] = m[0] + m[1] + m[2] + m[3] + m[4];
+        r[1] = m[1] - m[2] + 2.0 * (m[3] - m[4]);
+        r[2] = m[1] + m[2] + 4.0 * (m[3] + m[4]);
+        r[3] = m[1] - m[2] + 8.0 * (m[3] - m[4]) + m[5];
+    } else {
+        r[0] = m[0] + m[1] + m[2];
+        r[1] = m[1] - m[2] - m[3];
+    }
+    return r;
+}
+
+// A g: TILE output gradients to a transformed line (the adjoint of `output_line`).
+fn output_grad_line(g: Line) -> Line {
+    var r: Line;
+    if TILE == 4u {
+        r[0] = g[0];
+        r[1] = g[0] + g[1] + g[2] + g[3];
+        r[2] = g[0] - g[1] + g[2] - g[3];
+        r[3] = g[0] + 2.0 * g[1] + 4.0 * g[2] + 8.0 * g[3];
+        r[4] = g[0] - 2.0 * g[1] + 4.0 * g[2] - 8.0 * g[3];
+        r[5] = g[3];
+    } else {
+        r[0] = g[0];
+        r[1] = g[0] + g[1];
+        r[2] = g[0] - g[1];
+        r[3] = -g[1];
+    }
+    return r;
+}
+
+// Gᵀ u: a transformed line back to 3 taps (the adjoint of `filter_line`).
+fn filter_grad_line(u: Line) -> array<f32, 3> {
+    if TILE == 4u {
+        return array<f32, 3>(
+            0.25 * u[0] - (u[1] + u[2]) / 6.0 + (u[3] + u[4]) / 24.0,
+            (u[2] - u[1]) / 6.0 + (u[3] - u[4]) / 12.0,
+            (u[3] + u[4] - u[1] - u[2]) / 6.0 + u[5],
+        );
+    }
+    return array<f32, 3>(
+        u[0] + 0.5 * (u[1] + u[2]),
+        0.5 * (u[1] - u[2]),
+        0.5 * (u[1] + u[2]) + u[3],
+    );
+}
+
+// Column j of a square's first `rows` rows.
+fn column(s: Square, j: u32, rows: u32) -> Line {
+    var c: Line;
+    for (var i = 0u; i < rows; i++) {
+        c[i] = s[i][j];
+    }
+    return c;
+}
+
+// Row i of a transformed tile into dst laid out [T² points][…]: point (i, j) at
+// (i·T + j)·stride + at.
+fn store_point_row(i: u32, row: Line, stride: u32, at: u32) {
+    for (var j = 0u; j < side(); j++) {
+        dst[(i * side() + j) * stride + at] = row[j];
     }
 }
 
-// The 16 points of one tile from src laid out [16 points][…]: point (i, j) at
-// (i·4 + j)·stride + at.
-fn load_points(stride: u32, at: u32) -> array<array<f32, 4>, 4> {
-    var points: array<array<f32, 4>, 4>;
-    for (var i = 0u; i < 4u; i++) {
-        for (var j = 0u; j < 4u; j++) {
-            points[i][j] = src[(i * 4u + j) * stride + at];
+// The T² points of one tile from src laid out [T² points][…]: point (i, j) at
+// (i·T + j)·stride + at.
+fn load_points(stride: u32, at: u32) -> Square {
+    var points: Square;
+    for (var i = 0u; i < side(); i++) {
+        for (var j = 0u; j < side(); j++) {
+            points[i][j] = src[(i * side() + j) * stride + at];
         }
     }
     return points;
 }
 
-// The 2×2 block of outputs that invocation `index` over [images][O][tiles] handles: its
-// filter, its column in M or dM ([16][O][images·tiles], points `stride` apart), its first
-// row and column, and its output plane in y or dy.
+// The TILE×TILE block of outputs that invocation `index` over [images][O][tiles] handles:
+// its filter, its column in M or dM ([T²][O][images·tiles], points `stride` apart), its
+// first row and column, and its output plane in y or dy.
 struct Block {
     o: u32, at: u32, stride: u32, oy: u32, ox: u32, plane: u32,
 }
@@ -73,13 +183,13 @@ fn output_block(index: u32) -> Block {
         o,
         o * columns + image * tiles + tile,
         O * columns,
-        tile / tiles_w() * 2u,
-        tile % tiles_w() * 2u,
+        tile / tiles_w() * TILE,
+        tile % tiles_w() * TILE,
         ((p.first_image + image) * O + o) * OH * OW,
     );
 }
 
-// U = G g Gᵀ for filter o, channel c: dst = U [16][O][C].
+// U = G g Gᵀ for filter o, channel c: dst = U [T²][O][C].
 @compute @workgroup_size(WORKGROUP)
 fn weights(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let index = invocation_index(gid, nwg);
@@ -96,27 +206,22 @@ fn weights(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroup
             }
         }
     }
-    // G g: 4×3, with G = [1 0 0; ½ ½ ½; ½ -½ ½; 0 0 1].
-    var gg: array<array<f32, 3>, 4>;
+    // G g: T×3, column by column.
+    var gg: Square;
     for (var j = 0u; j < 3u; j++) {
-        gg[0][j] = g[0][j];
-        gg[1][j] = 0.5 * (g[0][j] + g[1][j] + g[2][j]);
-        gg[2][j] = 0.5 * (g[0][j] - g[1][j] + g[2][j]);
-        gg[3][j] = g[2][j];
+        let line = filter_line(array<f32, 3>(g[0][j], g[1][j], g[2][j]));
+        for (var i = 0u; i < side(); i++) {
+            gg[i][j] = line[i];
+        }
     }
-    // (G g) Gᵀ: 4×4.
-    for (var i = 0u; i < 4u; i++) {
-        let row = array<f32, 4>(
-            gg[i][0],
-            0.5 * (gg[i][0] + gg[i][1] + gg[i][2]),
-            0.5 * (gg[i][0] - gg[i][1] + gg[i][2]),
-            gg[i][2],
-        );
+    // (G g) Gᵀ: T×T, row by row.
+    for (var i = 0u; i < side(); i++) {
+        let row = filter_line(array<f32, 3>(gg[i][0], gg[i][1], gg[i][2]));
         store_point_row(i, row, O * C, o * C + c);
     }
 }
 
-// V = Bᵀ d B for the 4×4 tile of channel c at tile t: dst = V [16][C][images·tiles].
+// V = Bᵀ d B for the T×T tile of channel c at tile t: dst = V [T²][C][images·tiles].
 @compute @workgroup_size(WORKGROUP)
 fn input(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let index = invocation_index(gid, nwg);
@@ -125,59 +230,55 @@ fn input(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups)
     let tile = index % tiles;
     let c = (index / tiles) % C;
     let image = index / (tiles * C);
-    let y0 = i32(tile / tiles_w() * 2u) - i32(PAD_TOP);
-    let x0 = i32(tile % tiles_w() * 2u) - i32(PAD_LEFT);
+    let y0 = i32(tile / tiles_w() * TILE) - i32(PAD_TOP);
+    let x0 = i32(tile % tiles_w() * TILE) - i32(PAD_LEFT);
     let plane = ((p.first_image + image) * C + c) * H * W;
-    var d: array<array<f32, 4>, 4>;
-    for (var i = 0; i < 4; i++) {
-        for (var j = 0; j < 4; j++) {
-            let y = y0 + i;
-            let x = x0 + j;
+    var d: Square;
+    for (var i = 0u; i < side(); i++) {
+        for (var j = 0u; j < side(); j++) {
+            let y = y0 + i32(i);
+            let x = x0 + i32(j);
             var v = 0.0;
             if y >= 0 && y < i32(H) && x >= 0 && x < i32(W) { v = src[plane + u32(y) * W + u32(x)]; }
             d[i][j] = v;
         }
     }
-    // Bᵀ d: rows, with Bᵀ = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1].
-    var bd: array<array<f32, 4>, 4>;
-    for (var j = 0u; j < 4u; j++) {
-        bd[0][j] = d[0][j] - d[2][j];
-        bd[1][j] = d[1][j] + d[2][j];
-        bd[2][j] = d[2][j] - d[1][j];
-        bd[3][j] = d[1][j] - d[3][j];
+    // Bᵀ d: column by column.
+    var bd: Square;
+    for (var j = 0u; j < side(); j++) {
+        let line = input_line(column(d, j, side()));
+        for (var i = 0u; i < side(); i++) {
+            bd[i][j] = line[i];
+        }
     }
     let columns = p.images * tiles;
     let at = c * columns + image * tiles + tile;
-    for (var i = 0u; i < 4u; i++) {
-        let row = array<f32, 4>(
-            bd[i][0] - bd[i][2],
-            bd[i][1] + bd[i][2],
-            bd[i][2] - bd[i][1],
-            bd[i][1] - bd[i][3],
-        );
-        store_point_row(i, row, C * columns, at);
+    for (var i = 0u; i < side(); i++) {
+        store_point_row(i, input_line(bd[i]), C * columns, at);
     }
 }
 
-// y = act(Aᵀ m A + bias) for filter o at tile t, m = M [16][O][images·tiles]: dst = y's images
-// from first_image on.
+// y = act(Aᵀ m A + bias) for filter o at tile t, m = M [T²][O][images·tiles]: dst = y's
+// images from first_image on.
 @compute @workgroup_size(WORKGROUP)
 fn output(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let index = invocation_index(gid, nwg);
     if index >= p.total { return; }
     let block = output_block(index);
     let m = load_points(block.stride, block.at);
-    // Aᵀ m: 2×4, with Aᵀ = [1 1 1 0; 0 1 -1 -1].
-    var am: array<array<f32, 4>, 2>;
-    for (var j = 0u; j < 4u; j++) {
-        am[0][j] = m[0][j] + m[1][j] + m[2][j];
-        am[1][j] = m[1][j] - m[2][j] - m[3][j];
+    // Aᵀ m: TILE×T, column by column.
+    var am: Square;
+    for (var j = 0u; j < side(); j++) {
+        let line = output_line(column(m, j, side()));
+        for (var i = 0u; i < TILE; i++) {
+            am[i][j] = line[i];
+        }
     }
     var b = 0.0;
     if HAS_BIAS == 1u { b = bias[block.o]; }
-    for (var i = 0u; i < 2u; i++) {
-        let row = array<f32, 2>(am[i][0] + am[i][1] + am[i][2], am[i][1] - am[i][2] - am[i][3]);
-        for (var j = 0u; j < 2u; j++) {
+    for (var i = 0u; i < TILE; i++) {
+        let row = output_line(am[i]);
+        for (var j = 0u; j < TILE; j++) {
             if block.oy + i < OH && block.ox + j < OW {
                 let y = block.plane + (block.oy + i) * OW + block.ox + j;
                 dst[y] = activate(row[j] + b, ACT, p.slope);
@@ -190,17 +291,17 @@ fn output(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups
 // V_t[ξ][c] (a batched matmul over the tiles t) the gradient of g is Gᵀ dU G:
 //   output_grad:  dM[ξ][o][t] = (A dy_t Aᵀ)[ξ]       one invocation per (image, o, tile)
 //   weights_grad: dW[o][c] = Gᵀ dU[o][c] G          one invocation per (o, c)
-// dy_t is the tile's 2×2 block of dy, zero past the output's last row or column.
+// dy_t is the tile's TILE×TILE block of dy, zero past the output's last row or column.
 
-// src = dy [N][O][OH][OW], dst = dM [16][O][images·tiles].
+// src = dy [N][O][OH][OW], dst = dM [T²][O][images·tiles].
 @compute @workgroup_size(WORKGROUP)
 fn output_grad(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let index = invocation_index(gid, nwg);
     if index >= p.total { return; }
     let block = output_block(index);
-    var g: array<array<f32, 2>, 2>;
-    for (var i = 0u; i < 2u; i++) {
-        for (var j = 0u; j < 2u; j++) {
+    var g: Square;
+    for (var i = 0u; i < TILE; i++) {
+        for (var j = 0u; j < TILE; j++) {
             var v = 0.0;
             if block.oy + i < OH && block.ox + j < OW {
                 v = src[block.plane + (block.oy + i) * OW + block.ox + j];
@@ -208,21 +309,20 @@ fn output_grad(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workg
             g[i][j] = v;
         }
     }
-    // A g: 4×2, with A = [1 0; 1 1; 1 -1; 0 -1].
-    var ag: array<array<f32, 2>, 4>;
-    for (var j = 0u; j < 2u; j++) {
-        ag[0][j] = g[0][j];
-        ag[1][j] = g[0][j] + g[1][j];
-        ag[2][j] = g[0][j] - g[1][j];
-        ag[3][j] = -g[1][j];
+    // A g: T×TILE, column by column.
+    var ag: Square;
+    for (var j = 0u; j < TILE; j++) {
+        let line = output_grad_line(column(g, j, TILE));
+        for (var i = 0u; i < side(); i++) {
+            ag[i][j] = line[i];
+        }
     }
-    for (var i = 0u; i < 4u; i++) {
-        let row = array<f32, 4>(ag[i][0], ag[i][0] + ag[i][1], ag[i][0] - ag[i][1], -ag[i][1]);
-        store_point_row(i, row, block.stride, block.at);
+    for (var i = 0u; i < side(); i++) {
+        store_point_row(i, output_grad_line(ag[i]), block.stride, block.at);
     }
 }
 
-// src = dU [16][O][C], dst = dW [O][C][3][3].
+// src = dU [T²][O][C], dst = dW [O][C][3][3].
 @compute @workgroup_size(WORKGROUP)
 fn weights_grad(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let index = invocation_index(gid, nwg);
@@ -230,19 +330,16 @@ fn weights_grad(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_work
     let o = index / C;
     let c = index % C;
     let u = load_points(O * C, o * C + c);
-    // Gᵀ u: 3×4, with Gᵀ = [1 ½ ½ 0; 0 ½ -½ 0; 0 ½ ½ 1].
-    var gu: array<array<f32, 4>, 3>;
-    for (var j = 0u; j < 4u; j++) {
-        gu[0][j] = u[0][j] + 0.5 * (u[1][j] + u[2][j]);
-        gu[1][j] = 0.5 * (u[1][j] - u[2][j]);
-        gu[2][j] = 0.5 * (u[1][j] + u[2][j]) + u[3][j];
+    // Gᵀ u: 3×T, column by column.
+    var gu: Square;
+    for (var j = 0u; j < side(); j++) {
+        let line = filter_grad_line(column(u, j, side()));
+        for (var i = 0u; i < 3u; i++) {
+            gu[i][j] = line[i];
+        }
     }
     for (var i = 0u; i < 3u; i++) {
-        let row = array<f32, 3>(
-            gu[i][0] + 0.5 * (gu[i][1] + gu[i][2]),
-            0.5 * (gu[i][1] - gu[i][2]),
-            0.5 * (gu[i][1] + gu[i][2]) + gu[i][3],
-        );
+        let row = filter_grad_line(gu[i]);
         for (var j = 0u; j < 3u; j++) {
             dst[((o * C + c) * 3u + i) * 3u + j] = row[j];
         }

@@ -248,13 +248,13 @@ fn every_kernel_family_forced_matches_the_cpu() {
     // (x, w, groups, padding, families that must take the forward pass)
     type Case = ([usize; 4], [usize; 4], usize, usize, &'static [ConvKernel]);
     let cases: [Case; 4] = [
-        // Direct, Winograd, im2col and implicit GEMM all run a small 3×3 bank.
+        // Direct, both Winograds, im2col and implicit GEMM all run a small 3×3 bank.
         (
             [3, 5, 11, 9],
             [7, 5, 3, 3],
             1,
             1,
-            &[Direct, Winograd, Im2colMatmul, ImplicitGemm],
+            &[Direct, Winograd, Winograd4, Im2colMatmul, ImplicitGemm],
         ),
         // Pointwise, direct (1×1 is a small bank), im2col and implicit GEMM.
         (
@@ -287,6 +287,7 @@ fn every_kernel_family_forced_matches_the_cpu() {
             Direct,
             Pointwise,
             Winograd,
+            Winograd4,
             Im2colMatmul,
             ImplicitGemm,
         ] {

@@ -382,8 +382,8 @@ impl Conv2d {
         if kernel == ConvKernel::Direct {
             return conv_direct::forward(self, &shape, x, weight, bias, out);
         }
-        if kernel == ConvKernel::Winograd {
-            return conv_winograd::forward(self, &shape, (x, weight, bias), out);
+        if let Some(tile) = kernel.winograd_tile() {
+            return conv_winograd::forward(self, &shape, (x, weight, bias), out, tile);
         }
         if kernel == ConvKernel::ImplicitGemm {
             return conv_implicit::forward(
@@ -571,11 +571,11 @@ impl Conv2d {
         let dz = dz.as_ref().unwrap_or(dy);
         if matches!(
             plan.weight_grad,
-            ConvKernel::Winograd | ConvKernel::ImplicitGemm
+            ConvKernel::Winograd | ConvKernel::Winograd4 | ConvKernel::ImplicitGemm
         ) {
             let dweight = Tensor::uninit(&gpu, weight.shape())?;
-            if plan.weight_grad == ConvKernel::Winograd {
-                conv_winograd::weight_grad(self, &shape, (x, dz), &dweight)?;
+            if let Some(tile) = plan.weight_grad.winograd_tile() {
+                conv_winograd::weight_grad(self, &shape, (x, dz), &dweight, tile)?;
             } else {
                 conv_implicit::weight_grad(self, &shape, (x, dz), &dweight, KernelChoice::Auto)?;
             }
@@ -622,16 +622,16 @@ impl Conv2d {
         }
         // Small filter banks at stride 1 (direct) and 3×3 at stride 1 (Winograd): dx as a
         // convolution of dy, no col2im.
-        let convolved_dx = match (&dx, plan.input_grad) {
-            (Some(dx), ConvKernel::Direct) => {
+        let convolved_dx = match (&dx, plan.input_grad, plan.input_grad.winograd_tile()) {
+            (Some(dx), ConvKernel::Direct, _) => {
                 conv_direct::backward_data(&shape, dy, weight, dx)?;
                 true
             }
-            (Some(dx), ConvKernel::Winograd) => {
-                conv_winograd::backward_data(self, &shape, (dy, weight), dx)?;
+            (Some(dx), _, Some(tile)) => {
+                conv_winograd::backward_data(self, &shape, (dy, weight), dx, tile)?;
                 true
             }
-            (Some(dx), ConvKernel::ImplicitGemm) => {
+            (Some(dx), ConvKernel::ImplicitGemm, _) => {
                 conv_implicit::backward_data(self, &shape, dy, weight, dx, KernelChoice::Auto)?;
                 true
             }

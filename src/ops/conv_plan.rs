@@ -57,6 +57,9 @@ pub enum ConvKernel {
     /// 3×3 at stride 1 as Winograd F(2×2, 3×3): transformed tiles and 16 batched matmuls
     /// (conv_winograd.rs), in chunks of images.
     Winograd,
+    /// 3×3 at stride 1 as Winograd F(4×4, 3×3): 36 batched matmuls, 4× fewer multiplies
+    /// than direct summation, and rounding errors a few times F(2×2, 3×3)'s.
+    Winograd4,
     /// im2col (col2im for the input gradient) and batched matmuls, in chunks of images.
     Im2colMatmul,
     /// Batched matmuls that read the im2col operand through the layer's windows as they
@@ -65,6 +68,15 @@ pub enum ConvKernel {
 }
 
 impl ConvKernel {
+    /// The output block side of a Winograd family.
+    pub(crate) fn winograd_tile(self) -> Option<usize> {
+        match self {
+            ConvKernel::Winograd => Some(2),
+            ConvKernel::Winograd4 => Some(4),
+            _ => None,
+        }
+    }
+
     /// The family in words, as `perf` prints it.
     pub fn name(self) -> &'static str {
         match self {
@@ -72,6 +84,7 @@ impl ConvKernel {
             ConvKernel::Direct => "direct",
             ConvKernel::Pointwise => "pointwise matmul",
             ConvKernel::Winograd => "winograd",
+            ConvKernel::Winograd4 => "winograd 4x4",
             ConvKernel::Im2colMatmul => "im2col+matmul",
             ConvKernel::ImplicitGemm => "implicit gemm",
         }
@@ -266,7 +279,8 @@ impl Conv2d {
         [
             (Direct, conv_direct::eligible(gpu, self, shape)),
             (Pointwise, self.pointwise_fits(gpu, shape, false)),
-            (Winograd, conv_winograd::eligible(gpu, self, shape)),
+            (Winograd, conv_winograd::eligible(gpu, self, shape, 2)),
+            (Winograd4, conv_winograd::eligible(gpu, self, shape, 4)),
             (Im2colMatmul, true),
             (ImplicitGemm, conv_implicit::eligible(shape)),
         ]
@@ -307,10 +321,8 @@ impl Conv2d {
         let weight_grads = [
             (Direct, conv_weight_grad::eligible(self, shape)),
             (Pointwise, self.pointwise_fits(gpu, shape, true)),
-            (
-                Winograd,
-                conv_winograd::eligible_weight_grad(gpu, self, shape),
-            ),
+            (Winograd, conv_winograd::eligible(gpu, self, shape, 2)),
+            (Winograd4, conv_winograd::eligible(gpu, self, shape, 4)),
             (Im2colMatmul, true),
             (ImplicitGemm, conv_implicit::eligible(shape)),
         ];
@@ -325,15 +337,26 @@ impl Conv2d {
                     Pointwise,
                     self.pointwise_fits(gpu, shape, weight_grad != Direct),
                 ),
-                (Winograd, conv_winograd::eligible_backward(gpu, self, shape)),
+                (
+                    Winograd,
+                    conv_winograd::eligible_backward(gpu, self, shape, 2),
+                ),
+                (
+                    Winograd4,
+                    conv_winograd::eligible_backward(gpu, self, shape, 4),
+                ),
                 (Im2colMatmul, true),
                 (ImplicitGemm, conv_implicit::eligible(shape)),
             ];
             // The pointwise and im2col weight gradients share their loop with dx: each
             // runs its own kind of dx there, or one without a col buffer (direct, Winograd,
             // implicit). The others run alone, the implicit dW beside those too (with a
-            // col2im dx it would pay for the col buffer it saves).
+            // col2im dx it would pay for the col buffer it saves). The F(4×4, 3×3) dx pairs
+            // with its own dW alone, which pairs with the dx kinds that need no buffer but
+            // F(2×2, 3×3)'s: the trials stay few.
             let shares = |dx: ConvKernel| match (weight_grad, dx) {
+                (_, Winograd4) => weight_grad == Winograd4,
+                (Winograd4, _) => !matches!(dx, Winograd | Im2colMatmul | Pointwise),
                 (_, ImplicitGemm) => true,
                 (ImplicitGemm, _) => !matches!(dx, Im2colMatmul | Pointwise),
                 (Pointwise, _) => dx != Im2colMatmul,

@@ -1,9 +1,11 @@
-//! 3×3 convolutions at stride 1 as Winograd F(2×2, 3×3) (`shaders/conv_winograd.wgsl`):
-//! the weights and each 4×4 input tile transformed, 16 batched matmuls over the channels
-//! (`ops/matmul.rs`), then each 2×2 block of outputs transformed back with bias and
-//! activation. 2.25× fewer multiplies than direct summation and no im2col buffer (16·C
-//! values per 2×2 outputs instead of 9·C per output). The input gradient is the same
-//! algorithm over `dy` with the filters rotated and transposed; the weight gradient
+//! 3×3 convolutions at stride 1 as Winograd F(m×m, 3×3), m = 2 or 4
+//! (`shaders/conv_winograd.wgsl`): the weights and each (m+2)×(m+2) input tile transformed,
+//! (m+2)² batched matmuls over the channels (`ops/matmul.rs`), then each m×m block of outputs
+//! transformed back with bias and activation. F(2×2, 3×3) does 2.25× fewer multiplies than
+//! direct summation and keeps 16·C values per 2×2 outputs (im2col: 9·C per output);
+//! F(4×4, 3×3) 4× fewer and 36·C per 4×4 outputs, at the price of transforms with entries
+//! from 1/24 to 8, whose rounding the tests bound (tests/conv2d.rs). The input gradient is the
+//! same algorithm over `dy` with the filters rotated and transposed; the weight gradient
 //! transforms the tiles of `x` and `dy` and sums their products over the tiles as one
 //! batched matmul, then transforms the sums back to 3×3. The CPU reference is
 //! `conv2d_cpu`: Winograd computes the same sums in another order.
@@ -19,9 +21,6 @@ use crate::gpu::dispatch::Binding;
 use crate::gpu::shared::workgroups;
 use crate::tensor::{Tensor, gpu_word};
 use crate::value::add::accumulate;
-
-/// Points of the transformed 4×4 tile: the matmuls per convolution.
-const POINTS: usize = 16;
 
 /// Mirrors `Params` in shaders/conv_winograd.wgsl.
 #[repr(C)]
@@ -47,10 +46,12 @@ struct Problem {
     pad_left: usize,
     /// The input gradient's filters: `w[c][o]` rotated by 180°.
     flip: bool,
+    /// Outputs per block side, m: 2 or 4.
+    tile: usize,
 }
 
 impl Problem {
-    fn forward(shape: &Conv2dShape) -> Self {
+    fn forward(shape: &Conv2dShape, tile: usize) -> Self {
         Self {
             c: shape.c,
             h: shape.h,
@@ -61,12 +62,13 @@ impl Problem {
             pad_top: shape.pad_top,
             pad_left: shape.pad_left,
             flip: false,
+            tile,
         }
     }
 
     /// `dx[ih] = Σ_k dy[ih + pad − 2 + k] · w[2 − k]`: a convolution of `dy` padded by
     /// `2 − pad`, possible while the layer pads by at most 2.
-    fn input_gradient(shape: &Conv2dShape) -> Option<Self> {
+    fn input_gradient(shape: &Conv2dShape, tile: usize) -> Option<Self> {
         Some(Self {
             c: shape.o,
             h: shape.oh,
@@ -77,19 +79,25 @@ impl Problem {
             pad_top: 2usize.checked_sub(shape.pad_top)?,
             pad_left: 2usize.checked_sub(shape.pad_left)?,
             flip: true,
+            tile,
         })
     }
 
     fn tiles(&self) -> usize {
-        self.oh.div_ceil(2) * self.ow.div_ceil(2)
+        self.oh.div_ceil(self.tile) * self.ow.div_ceil(self.tile)
+    }
+
+    /// Points of the transformed tile: the matmuls per convolution.
+    fn points(&self) -> usize {
+        (self.tile + 2) * (self.tile + 2)
     }
 
     /// Bytes of one image's transformed tiles (V) or transformed outputs (M).
     fn image_bytes(&self) -> u64 {
-        (POINTS * self.c.max(self.o) * self.tiles()) as u64 * 4
+        (self.points() * self.c.max(self.o) * self.tiles()) as u64 * 4
     }
 
-    fn constants(&self, spec: &Conv2d, bias: bool) -> Result<[(&'static str, u32); 11]> {
+    fn constants(&self, spec: &Conv2d, bias: bool) -> Result<[(&'static str, u32); 12]> {
         let word = |v: usize| gpu_word("conv2d", v);
         Ok([
             ("C", word(self.c)?),
@@ -103,6 +111,7 @@ impl Problem {
             ("ACT", spec.activation.code()),
             ("HAS_BIAS", u32::from(bias)),
             ("FLIP", u32::from(self.flip)),
+            ("TILE", word(self.tile)?),
         ])
     }
 }
@@ -117,32 +126,33 @@ fn fits(gpu: &Gpu, spec: &Conv2d, shape: &Conv2dShape, problem: Option<Problem>)
         && problem.is_some_and(|p| p.image_bytes() <= chunk_limit(gpu))
 }
 
-/// Whether the forward pass runs as Winograd.
-pub(crate) fn eligible(gpu: &Gpu, spec: &Conv2d, shape: &Conv2dShape) -> bool {
-    fits(gpu, spec, shape, Some(Problem::forward(shape)))
+/// Whether the forward pass runs as Winograd with blocks of `tile`².
+pub(crate) fn eligible(gpu: &Gpu, spec: &Conv2d, shape: &Conv2dShape, tile: usize) -> bool {
+    fits(gpu, spec, shape, Some(Problem::forward(shape, tile)))
 }
 
 /// Whether the input gradient runs as Winograd (the layer pads by at most 2).
-pub(crate) fn eligible_backward(gpu: &Gpu, spec: &Conv2d, shape: &Conv2dShape) -> bool {
-    fits(gpu, spec, shape, Problem::input_gradient(shape))
-}
-
-/// Whether the weight gradient runs as Winograd (any padding: the forward problem's tiles).
-pub(crate) fn eligible_weight_grad(gpu: &Gpu, spec: &Conv2d, shape: &Conv2dShape) -> bool {
-    fits(gpu, spec, shape, Some(Problem::forward(shape)))
+pub(crate) fn eligible_backward(
+    gpu: &Gpu,
+    spec: &Conv2d,
+    shape: &Conv2dShape,
+    tile: usize,
+) -> bool {
+    fits(gpu, spec, shape, Problem::input_gradient(shape, tile))
 }
 
 /// `dweight` from `x` and the pre-activation `dy`: per chunk of images the input tiles V
-/// and `dM = A dy Aᵀ` per 2×2 block of `dy`, `dU[ξ] = Σ_t dM[ξ]·V[ξ]ᵀ` as one batched matmul
+/// and `dM = A dy Aᵀ` per m×m block of `dy`, `dU[ξ] = Σ_t dM[ξ]·V[ξ]ᵀ` as one batched matmul
 /// over the tiles (chunks added up), then `dW = Gᵀ dU G`.
 pub(crate) fn weight_grad(
     spec: &Conv2d,
     shape: &Conv2dShape,
     (x, dy): (&Tensor, &Tensor),
     dweight: &Tensor,
+    tile: usize,
 ) -> Result<()> {
     let gpu = x.gpu();
-    let problem = Problem::forward(shape);
+    let problem = Problem::forward(shape, tile);
     let plain = Conv2d {
         activation: Activation::None,
         ..*spec
@@ -151,7 +161,7 @@ pub(crate) fn weight_grad(
     let dispatch = |entry: &str, bindings: &[(u32, Binding<'_>)], total: usize, images| {
         encode(gpu, (entry, &constants), &plain, bindings, total, images)
     };
-    let (c, o, tiles) = (problem.c, problem.o, problem.tiles());
+    let (c, o, tiles, points) = (problem.c, problem.o, problem.tiles(), problem.points());
     let nt = Matmul {
         trans_b: true,
         ..Matmul::default()
@@ -159,13 +169,13 @@ pub(crate) fn weight_grad(
     let mut sum: Option<Tensor> = None;
     // V and dM live together: each chunk holds half of what the forward pass's may.
     for (first, count) in image_chunks(shape.n, 2 * problem.image_bytes(), chunk_limit(gpu)) {
-        let v = Tensor::uninit(gpu, &[POINTS, c, count * tiles])?;
+        let v = Tensor::uninit(gpu, &[points, c, count * tiles])?;
         let input = [(1, x.binding()), (2, v.binding())];
         dispatch("input", &input, count * c * tiles, (first, count))?;
-        let dm = Tensor::uninit(gpu, &[POINTS, o, count * tiles])?;
+        let dm = Tensor::uninit(gpu, &[points, o, count * tiles])?;
         let output = [(1, dy.binding()), (2, dm.binding())];
         dispatch("output_grad", &output, count * o * tiles, (first, count))?;
-        let du = Tensor::uninit(gpu, &[POINTS, o, c])?;
+        let du = Tensor::uninit(gpu, &[points, o, c])?;
         nt.run(gpu, dm.operand(), v.operand(), None, du.operand())?;
         match &sum {
             Some(sum) => accumulate(sum, &du)?,
@@ -187,8 +197,9 @@ pub(crate) fn forward(
     shape: &Conv2dShape,
     (x, weight, bias): (&Tensor, &Tensor, Option<&Tensor>),
     out: &Tensor,
+    tile: usize,
 ) -> Result<()> {
-    run(spec, Problem::forward(shape), (x, weight, bias), out)
+    run(spec, Problem::forward(shape, tile), (x, weight, bias), out)
 }
 
 /// `dx` from `dy` (`spec` without an activation).
@@ -197,8 +208,9 @@ pub(crate) fn backward_data(
     shape: &Conv2dShape,
     (dy, weight): (&Tensor, &Tensor),
     dx: &Tensor,
+    tile: usize,
 ) -> Result<()> {
-    let problem = Problem::input_gradient(shape).ok_or_else(|| Error::InvalidArgument {
+    let problem = Problem::input_gradient(shape, tile).ok_or_else(|| Error::InvalidArgument {
         op: "conv2d",
         detail: format!("Winograd's input gradient needs padding ≤ 2, got {shape:?}"),
     })?;
@@ -220,8 +232,8 @@ fn run(
     let dispatch = |entry: &str, bindings: &[(u32, Binding<'_>)], total: usize, images| {
         encode(gpu, (entry, &constants), spec, bindings, total, images)
     };
-    let (c, o, tiles) = (problem.c, problem.o, problem.tiles());
-    let u = Tensor::uninit(gpu, &[POINTS, o, c])?;
+    let (c, o, tiles, points) = (problem.c, problem.o, problem.tiles(), problem.points());
+    let u = Tensor::uninit(gpu, &[points, o, c])?;
     dispatch(
         "weights",
         &[(1, weight.binding()), (2, u.binding())],
@@ -232,10 +244,10 @@ fn run(
     let bias_slot = bias.unwrap_or(weight);
     let n = x.shape()[0];
     for (first, count) in image_chunks(n, problem.image_bytes(), chunk_limit(gpu)) {
-        let v = Tensor::uninit(gpu, &[POINTS, c, count * tiles])?;
+        let v = Tensor::uninit(gpu, &[points, c, count * tiles])?;
         let input = [(1, x.binding()), (2, v.binding())];
         dispatch("input", &input, count * c * tiles, (first, count))?;
-        let m = Tensor::uninit(gpu, &[POINTS, o, count * tiles])?;
+        let m = Tensor::uninit(gpu, &[points, o, count * tiles])?;
         Matmul::default().run(gpu, u.operand(), v.operand(), None, m.operand())?;
         let output = [
             (1, m.binding()),
