@@ -571,11 +571,11 @@ impl Conv2d {
         let dz = dz.as_ref().unwrap_or(dy);
         if matches!(
             plan.weight_grad,
-            ConvKernel::Winograd | ConvKernel::Winograd4 | ConvKernel::ImplicitGemm
+            ConvKernel::Winograd | ConvKernel::ImplicitGemm
         ) {
             let dweight = Tensor::uninit(&gpu, weight.shape())?;
-            if let Some(tile) = plan.weight_grad.winograd_tile() {
-                conv_winograd::weight_grad(self, &shape, (x, dz), &dweight, tile)?;
+            if plan.weight_grad == ConvKernel::Winograd {
+                conv_winograd::weight_grad(self, &shape, (x, dz), &dweight)?;
             } else {
                 conv_implicit::weight_grad(self, &shape, (x, dz), &dweight, KernelChoice::Auto)?;
             }

@@ -57,8 +57,9 @@ pub enum ConvKernel {
     /// 3×3 at stride 1 as Winograd F(2×2, 3×3): transformed tiles and 16 batched matmuls
     /// (conv_winograd.rs), in chunks of images.
     Winograd,
-    /// 3×3 at stride 1 as Winograd F(4×4, 3×3): 36 batched matmuls, 4× fewer multiplies
-    /// than direct summation, and rounding errors a few times F(2×2, 3×3)'s.
+    /// 3×3 at stride 1 as Winograd F(4×4, 3×3), forward and input gradient: 36 batched
+    /// matmuls, 4× fewer multiplies than direct summation, and rounding errors about ten
+    /// times F(2×2, 3×3)'s.
     Winograd4,
     /// im2col (col2im for the input gradient) and batched matmuls, in chunks of images.
     Im2colMatmul,
@@ -322,7 +323,6 @@ impl Conv2d {
             (Direct, conv_weight_grad::eligible(self, shape)),
             (Pointwise, self.pointwise_fits(gpu, shape, true)),
             (Winograd, conv_winograd::eligible(gpu, self, shape, 2)),
-            (Winograd4, conv_winograd::eligible(gpu, self, shape, 4)),
             (Im2colMatmul, true),
             (ImplicitGemm, conv_implicit::eligible(shape)),
         ];
@@ -352,11 +352,9 @@ impl Conv2d {
             // runs its own kind of dx there, or one without a col buffer (direct, Winograd,
             // implicit). The others run alone, the implicit dW beside those too (with a
             // col2im dx it would pay for the col buffer it saves). The F(4×4, 3×3) dx pairs
-            // with its own dW alone, which pairs with the dx kinds that need no buffer but
-            // F(2×2, 3×3)'s: the trials stay few.
+            // with the direct and Winograd dW alone: the trials stay few.
             let shares = |dx: ConvKernel| match (weight_grad, dx) {
-                (_, Winograd4) => weight_grad == Winograd4,
-                (Winograd4, _) => !matches!(dx, Winograd | Im2colMatmul | Pointwise),
+                (_, Winograd4) => matches!(weight_grad, Direct | Winograd),
                 (_, ImplicitGemm) => true,
                 (ImplicitGemm, _) => !matches!(dx, Im2colMatmul | Pointwise),
                 (Pointwise, _) => dx != Im2colMatmul,
