@@ -620,8 +620,8 @@ impl Conv2d {
             }
             return Ok((dx, dweight));
         }
-        // Small filter banks at stride 1 (direct) and 3×3 at stride 1 (Winograd): dx as a
-        // convolution of dy, no col2im.
+        // Small filter banks at stride 1 (direct), 3×3 at stride 1 (Winograd) and any
+        // one-group layer (implicit GEMM): dx without a dcol buffer or col2im.
         let convolved_dx = match (&dx, plan.input_grad, plan.input_grad.winograd_tile()) {
             (Some(dx), ConvKernel::Direct, _) => {
                 conv_direct::backward_data(&shape, dy, weight, dx)?;

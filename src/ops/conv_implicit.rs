@@ -177,7 +177,7 @@ mod tests {
     /// subgroup reads where subgroups have a fixed size) reads the implicit B of all three
     /// passes: against the CPU with poisoned outputs, on shapes that fill no tile (K and N
     /// not multiples of 4 or of the tiles, rows of x and y that are and are not whole vec4s),
-    /// strides 1 to 3, dilation, rectangular kernels,
+    /// strides 1 to 3, dilation, rectangular kernels, a K past the loop bound,
     /// asymmetric padding, a fused bias and activation (`wide_weight_gradients_are_summed_in_chunks`
     /// runs the weight gradient over several chunks).
     #[test]
@@ -242,6 +242,15 @@ mod tests {
                 3,
                 1,
                 Padding::Explicit(2, 2),
+                Activation::None,
+            ),
+            // 67,600 positions: the weight gradient's K runs in passes within the loop bound.
+            (
+                [1, 1, 260, 260],
+                [2, 1, 1, 1],
+                1,
+                1,
+                Padding::Explicit(0, 0),
                 Activation::None,
             ),
             // Rows of whole vec4s (x and y): the row-sharing loads.
