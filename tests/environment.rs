@@ -47,6 +47,19 @@ fn unknown_or_unbuilt_backends_and_preferences_are_errors() {
         assert_eq!(GpuOptions::from_env().unwrap().tuning, tuning, "{value}");
         unsafe { std::env::remove_var("WGCNN_TUNING") };
     }
+    let err = with_var("WGCNN_RUNTIME_CHECKS", "maybe");
+    assert!(
+        err.contains("unknown value \"maybe\"; accepted: on"),
+        "{err}"
+    );
+    for (value, checks) in [("on", true), (" OFF ", false), ("1", true)] {
+        // SAFETY: as above.
+        unsafe { std::env::set_var("WGCNN_RUNTIME_CHECKS", value) };
+        let options = GpuOptions::from_env().unwrap();
+        assert_eq!(options.runtime_checks, checks, "{value}");
+        unsafe { std::env::remove_var("WGCNN_RUNTIME_CHECKS") };
+    }
+    assert!(!GpuOptions::default().runtime_checks);
     for (value, file) in [("none", None), ("/tmp/t.tsv", Some("/tmp/t.tsv".into()))] {
         // SAFETY: as above.
         unsafe { std::env::set_var("WGCNN_TUNING_CACHE", value) };

@@ -82,10 +82,23 @@ impl Gpu {
             .collect();
         let pipeline = self.checked(&format!("compiling the `{key}` kernel"), || {
             let device = self.device();
-            let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+            let descriptor = wgpu::ShaderModuleDescriptor {
                 label: Some(key),
                 source: wgpu::ShaderSource::Wgsl(source.into()),
-            });
+            };
+            let module = if self.inner.runtime_checks {
+                device.create_shader_module(descriptor)
+            } else {
+                // SAFETY: every kernel of this crate guards its buffer and texture accesses
+                // against the sizes it is given and bounds its loops (gpu/shared.rs), and
+                // CI runs every test with the checks on as well (`GpuOptions::runtime_checks`).
+                unsafe {
+                    device.create_shader_module_trusted(
+                        descriptor,
+                        wgpu::ShaderRuntimeChecks::unchecked(),
+                    )
+                }
+            };
             device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
                 label: Some(key),
                 layout: None,
