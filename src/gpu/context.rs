@@ -35,8 +35,9 @@ pub struct GpuOptions {
     /// `none`); by default `$XDG_CACHE_HOME/wgcnn/tuning.tsv` or `~/.cache/wgcnn/tuning.tsv`.
     /// Delete it to measure again.
     pub tuning_cache: Option<std::path::PathBuf>,
-    /// Time a context may spend measuring (trials and the candidates' compilation); shapes
-    /// met after that take the fixed order. [`Gpu::tuning_report`] says what was spent.
+    /// Time a context may spend measuring (trials and the candidates' compilation; 1 s by
+    /// default, checked between shapes); shapes met after that take the fixed order, and
+    /// the next run measures them. [`Gpu::tuning_report`] says what was spent.
     pub tuning_budget: std::time::Duration,
     /// Compile the crate's kernels with wgpu's runtime checks (index clamping, loop
     /// bounding: `WGCNN_RUNTIME_CHECKS`, `on` or `off`). Off by default: every kernel guards
@@ -57,7 +58,7 @@ impl Default for GpuOptions {
             operand_reads: None,
             tuning: Tuning::Measure,
             tuning_cache: super::tuning::default_cache_file(),
-            tuning_budget: std::time::Duration::from_secs(2),
+            tuning_budget: std::time::Duration::from_secs(1),
             runtime_checks: false,
         }
     }
