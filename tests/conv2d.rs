@@ -111,17 +111,7 @@ fn pytorch_goldens_forward_and_backward_on_gpu_and_cpu() {
         let (tx, tw, tb, tdy) = (upload(&x), upload(&w), upload(&b), upload(&dy));
         let gpu = tx.gpu().clone();
         // The fixed order's kernels, then every family forced on the passes it can run.
-        let forced = [
-            None,
-            Some(ConvKernel::GroupedDirect),
-            Some(ConvKernel::Direct),
-            Some(ConvKernel::Pointwise),
-            Some(ConvKernel::Winograd),
-            Some(ConvKernel::Winograd4),
-            Some(ConvKernel::Im2colMatmul),
-            Some(ConvKernel::ImplicitGemm),
-        ];
-        for kernel in forced {
+        for kernel in std::iter::once(None).chain(ConvKernel::ALL.map(Some)) {
             let spec = Conv2d { kernel, ..spec };
             let plan = spec.plan(&gpu, &spec.shape(x.shape(), w.shape(), None).unwrap());
             let plan = plan.unwrap();

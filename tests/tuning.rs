@@ -282,15 +282,7 @@ fn every_kernel_family_forced_matches_the_cpu() {
         ),
     ];
     for (x, w, groups, pad, forward) in cases {
-        for kernel in [
-            GroupedDirect,
-            Direct,
-            Pointwise,
-            Winograd,
-            Winograd4,
-            Im2colMatmul,
-            ImplicitGemm,
-        ] {
+        for kernel in ConvKernel::ALL {
             let spec = Conv2d {
                 padding: Padding::Explicit(pad, pad),
                 groups,

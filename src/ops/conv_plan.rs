@@ -69,6 +69,17 @@ pub enum ConvKernel {
 }
 
 impl ConvKernel {
+    /// Every family (what a test forces one by one).
+    pub const ALL: [ConvKernel; 7] = [
+        ConvKernel::GroupedDirect,
+        ConvKernel::Direct,
+        ConvKernel::Pointwise,
+        ConvKernel::Winograd,
+        ConvKernel::Winograd4,
+        ConvKernel::Im2colMatmul,
+        ConvKernel::ImplicitGemm,
+    ];
+
     /// The output block side of a Winograd family.
     pub(crate) fn winograd_tile(self) -> Option<usize> {
         match self {
