@@ -106,11 +106,12 @@ fn conv_cases(
     } else {
         String::new()
     };
-    let label = match groups {
-        1 => format!("N{n} {c}->{o} {h}x{h} k{k} p{pad}{strided}"),
-        g if g == c => format!("N{n} {c}->{o} {h}x{h} k{k} p{pad}{strided} depthwise"),
-        g => format!("N{n} {c}->{o} {h}x{h} k{k} p{pad}{strided} groups{g}"),
+    let grouped = match groups {
+        1 => String::new(),
+        g if g == c => " depthwise".into(),
+        g => format!(" groups{g}"),
     };
+    let label = format!("N{n} {c}->{o} {h}x{h} k{k} p{pad}{strided}{grouped}");
     let (tx, tw, tb, tdy) = (
         Tensor::from_array(gpu, &x)?,
         Tensor::from_array(gpu, &w)?,
