@@ -129,7 +129,7 @@ fn pool_and_norm(c: &mut Criterion, gpu: &Gpu) {
             let out = bn
                 .forward_train(&tx, &gamma, &beta, &mean, &var, &batches)
                 .expect("batch norm");
-            bn.backward(&tx, &gamma, &out.mean, &out.rstd, &tdy, true)
+            bn.backward(&tx, [&gamma, &beta], [&out.mean, &out.rstd], &tdy, true)
                 .expect("batch norm backward");
             gpu.synchronize().expect("sync");
         })

@@ -242,7 +242,7 @@ fn batch_norm_cases(gpu: &Gpu) -> Result<Vec<Case<'_>>> {
             flops: 2.0 * flops,
             gpu: Box::new(move || {
                 let out = spec.forward_train(&t2.0, &t2.1, &t2.2, &t2.3, &t2.4, &t2.6)?;
-                spec.backward(&t2.0, &t2.1, &out.mean, &out.rstd, &t2.5, true)
+                spec.backward(&t2.0, [&t2.1, &t2.2], [&out.mean, &out.rstd], &t2.5, true)
                     .map(drop)
             }),
             cpu: Box::new(move || {
@@ -314,7 +314,7 @@ fn layer_norm_cases(gpu: &Gpu) -> Result<Vec<Case<'_>>> {
             flops: 2.0 * flops,
             gpu: Box::new(move || {
                 let out = spec.forward(&t2.0, &t2.1, &t2.2)?;
-                spec.backward(&t2.0, &t2.1, &out.mean, &out.rstd, &t2.3)
+                spec.backward(&t2.0, [&t2.1, &t2.2], [&out.mean, &out.rstd], &t2.3)
                     .map(drop)
             }),
             cpu: Box::new(move || {

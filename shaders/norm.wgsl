@@ -9,12 +9,17 @@
 // Where INNER is a multiple of 4, src/ops/norm.rs runs the `…4` entries instead: the same
 // passes over vec4s (x, dy, y, dx, γ, β and layer norm's dγ, dβ bound as arrays of vec4s),
 // a quarter of the per-lane loads that bound these kernels on CPU adapters.
+// ACT (an `Activation::code`; epilogue.wgsl is put in front) is an activation the norm applies
+// last, in place of the activation layer after it (`Layer::absorbs_activation`): `normalize`
+// applies it, and the backward entries take dy back through it, recomputing the output from
+// x̂, γ and β as they go (no pass of its own, no read of the output).
 
 struct Params {
     outer: u32, groups: u32, inner: u32, affine_per_inner: u32,
     eps: f32, momentum: f32, update_running: u32, training: u32,
     total: u32, cumulative: u32,
     first_group: u32, end_group: u32,        // layer norm's dγ, dβ: this pass's groups
+    slope: f32, _pad0: u32, _pad1: u32, _pad2: u32,   // leaky ReLU's, with ACT
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -25,6 +30,7 @@ struct Params {
 // and stay a parameter.
 override INNER: u32;
 override GROUPS: u32 = 0u;
+override ACT: u32 = 0u;
 
 fn inner() -> u32 { return INNER; }
 fn groups() -> u32 { return select(p.groups, GROUPS, GROUPS != 0u); }
@@ -80,6 +86,13 @@ fn workgroup_sum(lane: u32, value: vec4<f32>) -> vec4<f32> {
 
 fn group_id(wid: vec3<u32>, nwg: vec3<u32>) -> u32 { return wid.x + wid.y * nwg.x; }
 
+// The gradient before ACT from dy after it, at the value whose x̂ this is, with affine element a.
+fn through_act(d: f32, xhat: f32, a: u32) -> f32 {
+    if ACT == 0u { return d; }
+    let y = activate(xhat * gamma[a] + beta[a], ACT, p.slope);
+    return d * activation_derivative(y, ACT, p.slope);
+}
+
 // Batch statistics (mean, then the biased variance around it) and the running averages.
 @compute @workgroup_size(GROUP_LANES)
 fn stats(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
@@ -134,7 +147,7 @@ fn normalize(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgro
     if i >= p.total { return; }
     let g = group_of(i);
     let a = affine_index(i);
-    y[i] = (x[i] - mean[g]) * rstd[g] * gamma[a] + beta[a];
+    y[i] = activate((x[i] - mean[g]) * rstd[g] * gamma[a] + beta[a], ACT, p.slope);
 }
 
 // Per group: Σ dy·γ, Σ dy·γ·x̂ (for dx) and Σ dy, Σ dy·x̂ (batch norm's dβ, dγ).
@@ -148,8 +161,9 @@ fn backward_sums(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups)
     for (var t = lane; t < n; t += GROUP_LANES) {
         let i = element(g, t);
         let xhat = (x[i] - mean[g]) * rstd[g];
-        let gy = dy[i] * gamma[affine_index(i)];
-        s += vec4<f32>(gy, gy * xhat, dy[i], dy[i] * xhat);
+        let d = through_act(dy[i], xhat, affine_index(i));
+        let gy = d * gamma[affine_index(i)];
+        s += vec4<f32>(gy, gy * xhat, d, d * xhat);
     }
     let total = workgroup_sum(lane, s);
     if lane == 0u { sums[g] = total; }
@@ -161,12 +175,12 @@ fn backward_dx(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workg
     let i = invocation_index(gid, nwg);
     if i >= p.total { return; }
     let g = group_of(i);
-    let gy = dy[i] * gamma[affine_index(i)];
+    let xhat = (x[i] - mean[g]) * rstd[g];
+    let gy = through_act(dy[i], xhat, affine_index(i)) * gamma[affine_index(i)];
     if p.training == 0u {
         dx[i] = gy * rstd[g];
         return;
     }
-    let xhat = (x[i] - mean[g]) * rstd[g];
     let n = f32(count());
     dx[i] = rstd[g] * (gy - sums[g].x / n - xhat * sums[g].y / n);
 }
@@ -187,8 +201,10 @@ fn affine_grads_per_inner(@builtin(global_invocation_id) gid: vec3<u32>, @builti
     for (var a = 0u; a < p.outer; a++) {
         for (var g = p.first_group; g < p.end_group; g++) {
             let i = (a * groups() + g) * inner() + k;
-            dg += dy[i] * (x[i] - mean[g]) * rstd[g];
-            db += dy[i];
+            let xhat = (x[i] - mean[g]) * rstd[g];
+            let d = through_act(dy[i], xhat, k);
+            dg += d * xhat;
+            db += d;
         }
     }
     dgamma[k] = dg;
@@ -234,6 +250,20 @@ fn affine4(v: vec4<f32>, i: u32) -> vec4<f32> {
 
 fn total(v: vec4<f32>) -> f32 { return v.x + v.y + v.z + v.w; }
 
+fn activate4(v: vec4<f32>) -> vec4<f32> {
+    if ACT == 0u { return v; }
+    return vec4<f32>(activate(v.x, ACT, p.slope), activate(v.y, ACT, p.slope),
+                     activate(v.z, ACT, p.slope), activate(v.w, ACT, p.slope));
+}
+
+// `through_act` over vec4 number i, whose γ is `gamma4`.
+fn through_act4(d: vec4<f32>, xhat: vec4<f32>, gamma4: vec4<f32>, i: u32) -> vec4<f32> {
+    if ACT == 0u { return d; }
+    let y = activate4(xhat * gamma4 + affine4(load_beta4(affine_at4(i)), i));
+    return d * vec4<f32>(activation_derivative(y.x, ACT, p.slope), activation_derivative(y.y, ACT, p.slope),
+                         activation_derivative(y.z, ACT, p.slope), activation_derivative(y.w, ACT, p.slope));
+}
+
 @compute @workgroup_size(GROUP_LANES)
 fn stats4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
           @builtin(local_invocation_index) lane: u32) {
@@ -254,8 +284,8 @@ fn normalize4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgr
     let i = invocation_index(gid, nwg);
     if i >= p.total / 4u { return; }
     let g = group_of4(i);
-    y4[i] = (load_x4(i) - mean[g]) * rstd[g] * affine4(load_gamma4(affine_at4(i)), i)
-        + affine4(load_beta4(affine_at4(i)), i);
+    y4[i] = activate4((load_x4(i) - mean[g]) * rstd[g] * affine4(load_gamma4(affine_at4(i)), i)
+        + affine4(load_beta4(affine_at4(i)), i));
 }
 
 @compute @workgroup_size(GROUP_LANES)
@@ -273,8 +303,9 @@ fn backward_sums4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups
     for (var t = lane; t < n4; t += GROUP_LANES) {
         let i = element4(g, t);
         let xhat = (load_x4(i) - mu) * r;
-        let d = load_dy4(i);
-        let gy = d * affine4(load_gamma4(affine_at4(i)), i);
+        let gamma4 = affine4(load_gamma4(affine_at4(i)), i);
+        let d = through_act4(load_dy4(i), xhat, gamma4, i);
+        let gy = d * gamma4;
         sg += gy;
         sgx += gy * xhat;
         sd += d;
@@ -289,12 +320,13 @@ fn backward_dx4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_work
     let i = invocation_index(gid, nwg);
     if i >= p.total / 4u { return; }
     let g = group_of4(i);
-    let gy = load_dy4(i) * affine4(load_gamma4(affine_at4(i)), i);
+    let xhat = (load_x4(i) - mean[g]) * rstd[g];
+    let gamma4 = affine4(load_gamma4(affine_at4(i)), i);
+    let gy = through_act4(load_dy4(i), xhat, gamma4, i) * gamma4;
     if p.training == 0u {
         dx4[i] = gy * rstd[g];
         return;
     }
-    let xhat = (load_x4(i) - mean[g]) * rstd[g];
     let n = f32(count());
     dx4[i] = rstd[g] * (gy - sums[g].x / n - xhat * sums[g].y / n);
 }
@@ -312,8 +344,9 @@ fn affine_grads_per_inner4(@builtin(global_invocation_id) gid: vec3<u32>, @built
     for (var a = 0u; a < p.outer; a++) {
         for (var g = p.first_group; g < p.end_group; g++) {
             let i = (a * groups() + g) * inner4() + k;
-            let d = load_dy4(i);
-            dg += d * (load_x4(i) - mean[g]) * rstd[g];
+            let xhat = (load_x4(i) - mean[g]) * rstd[g];
+            let d = through_act4(load_dy4(i), xhat, load_gamma4(k), i);
+            dg += d * xhat;
             db += d;
         }
     }

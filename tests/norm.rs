@@ -5,10 +5,20 @@ mod common;
 use common::golden::{assert_close, cases, tensor};
 use common::{gpu, max_abs_diff, random, read_family_gpus, upload};
 use ndarray::{Array1, ArrayD, Ix1};
-use wgcnn::Tensor;
 use wgcnn::cpu;
-use wgcnn::ops::batch_norm::batches_state;
+use wgcnn::ops::batch_norm::{NormGrads, batches_state};
 use wgcnn::ops::{BatchNorm2d, LayerNorm};
+use wgcnn::{Activation, Tensor, Value};
+
+/// Gradients as arrays.
+fn arrays(g: NormGrads<Value>) -> NormGrads<ArrayD<f32>> {
+    let array = |v: Value| v.to_array().unwrap();
+    NormGrads {
+        x: array(g.x),
+        gamma: array(g.gamma),
+        beta: array(g.beta),
+    }
+}
 
 fn one_d(x: &ArrayD<f32>) -> Array1<f32> {
     x.clone().into_dimensionality::<Ix1>().unwrap()
@@ -148,7 +158,13 @@ fn batch_norm_golden_train_then_eval() {
         1e-6,
     );
     let g = spec
-        .backward(&tx, &tg, &train.mean, &train.rstd, &upload(&dy_train), true)
+        .backward(
+            &tx,
+            [&tg, &tb],
+            [&train.mean, &train.rstd],
+            &upload(&dy_train),
+            true,
+        )
         .unwrap();
     for (name, got) in [("x", &g.x), ("weight", &g.gamma), ("bias", &g.beta)] {
         assert_close(
@@ -168,7 +184,13 @@ fn batch_norm_golden_train_then_eval() {
         1e-5,
     );
     let g = spec
-        .backward(&tx, &tg, &eval.mean, &eval.rstd, &upload(&dy_eval), false)
+        .backward(
+            &tx,
+            [&tg, &tb],
+            [&eval.mean, &eval.rstd],
+            &upload(&dy_eval),
+            false,
+        )
         .unwrap();
     for (name, got) in [("x", &g.x), ("weight", &g.gamma), ("bias", &g.beta)] {
         assert_close(
@@ -219,8 +241,8 @@ fn layer_norm_golden() {
             1e-5,
         );
     }
-    let (tx, tg) = (upload(&x), upload(&gamma));
-    let out = spec.forward(&tx, &tg, &upload(&beta)).unwrap();
+    let (tx, tg, tb) = (upload(&x), upload(&gamma), upload(&beta));
+    let out = spec.forward(&tx, &tg, &tb).unwrap();
     for (name, got) in [("y", &out.y), ("mean", &out.mean), ("rstd", &out.rstd)] {
         assert_close(
             &format!("gpu {name}"),
@@ -231,7 +253,7 @@ fn layer_norm_golden() {
         );
     }
     let g = spec
-        .backward(&tx, &tg, &out.mean, &out.rstd, &upload(&dy))
+        .backward(&tx, [&tg, &tb], [&out.mean, &out.rstd], &upload(&dy))
         .unwrap();
     for (name, got) in [("x", &g.x), ("weight", &g.gamma), ("bias", &g.beta)] {
         assert_close(
@@ -257,28 +279,49 @@ fn random_shapes_match_the_cpu() {
 }
 
 fn norms_match_the_cpu(gpu: &wgcnn::Gpu) {
-    let upload = |x: &ArrayD<f32>| Tensor::from_array(gpu, x).unwrap();
-    let spec = BatchNorm2d::default();
-    // Rows of whole vec4s (H·W, and for layer norm C·H·W, multiples of 4) take the vec4
-    // kernels, the others the scalar ones; outputs land in NaN-filled buffers.
-    let shapes = [
-        [1, 1, 1, 2],
-        [2, 3, 5, 7],
-        [8, 16, 9, 9],
-        [3, 2, 31, 17],
-        [2, 3, 4, 6],
-        [1, 2, 2, 2],
-        [4, 5, 8, 8],
-        [3, 5, 3, 4],
+    // Each shape plain, and with one of the activations a norm can apply last (the graph's
+    // absorbed activation layers): its CPU reference composes the norm's references with
+    // the activation's, through the values' entry points.
+    let activations = [
+        Activation::Relu,
+        Activation::Relu6,
+        Activation::Sigmoid,
+        Activation::Tanh,
+        Activation::LeakyRelu(0.1),
     ];
+    for (i, shape) in NORM_SHAPES.iter().enumerate() {
+        for activation in [Activation::None, activations[i % activations.len()]] {
+            norms_match_the_cpu_on(gpu, i as u64 * 10, shape, activation);
+        }
+    }
+}
+
+// Rows of whole vec4s (H·W, and for layer norm C·H·W, multiples of 4) take the vec4
+// kernels, the others the scalar ones; outputs land in NaN-filled buffers.
+const NORM_SHAPES: [[usize; 4]; 8] = [
+    [1, 1, 1, 2],
+    [2, 3, 5, 7],
+    [8, 16, 9, 9],
+    [3, 2, 31, 17],
+    [2, 3, 4, 6],
+    [1, 2, 2, 2],
+    [4, 5, 8, 8],
+    [3, 5, 3, 4],
+];
+
+fn norms_match_the_cpu_on(gpu: &wgcnn::Gpu, seed: u64, shape: &[usize], activation: Activation) {
+    let upload = |x: &ArrayD<f32>| Tensor::from_array(gpu, x).unwrap();
+    let spec = BatchNorm2d {
+        activation,
+        ..BatchNorm2d::default()
+    };
     let poison = |shape: &[usize]| {
         for _ in 0..2 {
             drop(Tensor::full(gpu, shape, f32::NAN).unwrap());
             drop(Tensor::full(gpu, &shape[1..2], f32::NAN).unwrap());
         }
     };
-    for (i, shape) in shapes.iter().enumerate() {
-        let seed = i as u64 * 10;
+    {
         let x = random(shape, seed).mapv(|v| v * 3.0 + 1.0);
         let c = shape[1];
         let (gamma, beta, rm, rv) = (
@@ -313,39 +356,43 @@ fn norms_match_the_cpu(gpu: &wgcnn::Gpu) {
             .unwrap();
         assert!(
             max_abs_diff(&got.y.to_array().unwrap(), &want.y) < 1e-4,
-            "{shape:?} y"
+            "{shape:?} {activation:?} y"
         );
         assert!(max_abs_diff(&trm.to_array().unwrap(), &want_rm.into_dyn()) < 1e-5);
         assert!(max_abs_diff(&trv.to_array().unwrap(), &want_rv.into_dyn()) < 1e-4);
-        let want_g = cpu::batch_norm_backward(
-            &x.view(),
-            &g1.view(),
-            &one_d(&want.mean).view(),
-            &one_d(&want.rstd).view(),
-            &dy.view(),
-            true,
-        )
-        .unwrap();
-        let tdy = upload(&dy);
+        let want_g = Value::from(x.clone())
+            .batch_norm_backward(
+                &spec,
+                [&gamma.clone().into(), &beta.clone().into()],
+                [&want.mean.clone().into(), &want.rstd.clone().into()],
+                &dy.clone().into(),
+                true,
+            )
+            .map(arrays)
+            .unwrap();
+        let (tdy, tb) = (upload(&dy), upload(&beta));
         poison(shape);
         let got_g = spec
-            .backward(&tx, &tg, &got.mean, &got.rstd, &tdy, true)
+            .backward(&tx, [&tg, &tb], [&got.mean, &got.rstd], &tdy, true)
             .unwrap();
         let m = (shape[0] * shape[2] * shape[3]) as f32;
         assert!(
             max_abs_diff(&got_g.x.to_array().unwrap(), &want_g.x) < 1e-4,
-            "{shape:?} dx"
+            "{shape:?} {activation:?} dx"
         );
         assert!(
             max_abs_diff(&got_g.gamma.to_array().unwrap(), &want_g.gamma) < 1e-5 * m.sqrt() * 10.0,
-            "{shape:?} dgamma"
+            "{shape:?} {activation:?} dgamma"
         );
         assert!(
             max_abs_diff(&got_g.beta.to_array().unwrap(), &want_g.beta) < 1e-5 * m.sqrt() * 10.0,
-            "{shape:?} dbeta"
+            "{shape:?} {activation:?} dbeta"
         );
 
-        let ln = LayerNorm::default();
+        let ln = LayerNorm {
+            activation,
+            ..LayerNorm::default()
+        };
         let trailing = &shape[1..];
         let (lg, lb) = (random(trailing, seed + 6), random(trailing, seed + 7));
         let want = ln.forward_cpu(&x.view(), &lg.view(), &lb.view()).unwrap();
@@ -354,21 +401,34 @@ fn norms_match_the_cpu(gpu: &wgcnn::Gpu) {
         let got = ln.forward(&tx, &tlg, &tlb).unwrap();
         assert!(
             max_abs_diff(&got.y.to_array().unwrap(), &want.y) < 1e-4,
-            "{shape:?} layer norm y"
+            "{shape:?} {activation:?} layer norm y"
         );
-        let want_g = ln
-            .backward_cpu(&x.view(), &lg.view(), &want.mean, &want.rstd, &dy.view())
+        let want_g = Value::from(x.clone())
+            .layer_norm_backward(
+                &ln,
+                [&lg.clone().into(), &lb.clone().into()],
+                [&want.mean.clone().into(), &want.rstd.clone().into()],
+                &dy.clone().into(),
+            )
+            .map(arrays)
             .unwrap();
         poison(shape);
-        let got_g = ln.backward(&tx, &tlg, &got.mean, &got.rstd, &tdy).unwrap();
+        let got_g = ln
+            .backward(&tx, [&tlg, &tlb], [&got.mean, &got.rstd], &tdy)
+            .unwrap();
         assert!(
             max_abs_diff(&got_g.x.to_array().unwrap(), &want_g.x) < 1e-4,
-            "{shape:?} layer norm dx"
+            "{shape:?} {activation:?} layer norm dx"
         );
-        assert!(
-            max_abs_diff(&got_g.gamma.to_array().unwrap(), &want_g.gamma) < 1e-4,
-            "{shape:?} layer norm dgamma"
-        );
+        for (name, got, want) in [
+            ("dgamma", &got_g.gamma, &want_g.gamma),
+            ("dbeta", &got_g.beta, &want_g.beta),
+        ] {
+            assert!(
+                max_abs_diff(&got.to_array().unwrap(), want) < 1e-4,
+                "{shape:?} {activation:?} layer norm {name}"
+            );
+        }
     }
 }
 
@@ -489,6 +549,7 @@ fn running_statistics_match_pytorch_with_momentum_or_cumulative() {
         let spec = BatchNorm2d {
             eps: j["params"]["eps"].as_f64().unwrap() as f32,
             momentum: j["params"]["momentum"].as_f64().map(|m| m as f32),
+            ..BatchNorm2d::default()
         };
         let list = |v: &serde_json::Value| -> Vec<ArrayD<f32>> {
             v.as_array().unwrap().iter().map(tensor).collect()
@@ -742,10 +803,10 @@ fn layer_norm_affine_gradients_over_a_long_batch() {
         let want = spec
             .backward_cpu(&x.view(), &gamma.view(), &cpu.mean, &cpu.rstd, &dy.view())
             .unwrap();
-        let (tx, tg) = (upload(&x), upload(&gamma));
-        let out = spec.forward(&tx, &tg, &upload(&beta)).unwrap();
+        let (tx, tg, tb) = (upload(&x), upload(&gamma), upload(&beta));
+        let out = spec.forward(&tx, &tg, &tb).unwrap();
         let got = spec
-            .backward(&tx, &tg, &out.mean, &out.rstd, &upload(&dy))
+            .backward(&tx, [&tg, &tb], [&out.mean, &out.rstd], &upload(&dy))
             .unwrap();
         for (name, got, want) in [
             ("dγ", &got.gamma, &want.gamma),

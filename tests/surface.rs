@@ -220,14 +220,21 @@ proptest! {
                 Tensor::from_array(gpu, &ones).unwrap(),
                 Tensor::from_array(gpu, &batches_state(0)).unwrap(),
             );
-            let bn = BatchNorm2d { eps: eps.max(0.0), momentum };
+            let bn = BatchNorm2d {
+                eps: eps.max(0.0),
+                momentum,
+                ..BatchNorm2d::default()
+            };
             let gpu_y = bn.forward_train(&tx, &tp, &tp, &rm, &rv, &count).and_then(|o| o.y.to_array());
             let cpu_y = match ones.view().into_dimensionality::<ndarray::Ix1>() {
                 Ok(p) => wgcnn::cpu::batch_norm_train(&bn, &xs.view(), &p, &p, &p, &p, 0).map(|o| o.0.y),
                 Err(_) => Err(wgcnn::Error::InvalidArgument { op: "test", detail: "not 1-D".into() }),
             };
             agree("batch norm", gpu_y, cpu_y);
-            let ln = LayerNorm { eps };
+            let ln = LayerNorm {
+                eps,
+                ..LayerNorm::default()
+            };
             let (lg, lb) = (ArrayD::from_elem(ndarray::IxDyn(&x[x.len().min(1)..]), 1.0f32), ArrayD::from_elem(ndarray::IxDyn(&x[x.len().min(1)..]), 0.0f32));
             if let (Ok(tg), Ok(tb)) = (Tensor::from_array(gpu, &lg), Tensor::from_array(gpu, &lb)) {
                 agree("layer norm", ln.forward(&tx, &tg, &tb).and_then(|o| o.y.to_array()),

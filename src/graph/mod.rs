@@ -89,9 +89,28 @@ pub struct BackwardArgs<'a> {
     /// producing its input applies last, where [`Layer::takes_input_activation`] accepted it.
     /// `Activation::None` otherwise.
     pub input_activation: Activation,
-    /// `dy` is already the gradient before this layer's [`Layer::output_activation`]: the
-    /// layer reading the output took it through (see `input_activation`).
+    /// `dy` is already the gradient before this layer's [`Layer::output_activation`] (or
+    /// the `absorbed` one): the layer reading the output took it through (see
+    /// `input_activation`).
     pub dy_through_activation: bool,
+    /// The activation [`Layer::forward_activated`] applied last, where the graph ran the
+    /// activation node after this layer so ([`Layer::absorbs_activation`]): `y` is its
+    /// output, and `dy` the gradient there unless `dy_through_activation`.
+    /// `Activation::None` where the graph ran [`Layer::forward`].
+    pub absorbed: Activation,
+}
+
+impl BackwardArgs<'_> {
+    /// The activation `dy` still has to be taken back through by a layer whose own output
+    /// activation is `own`: the absorbed one if any, else `own`; none where the layer reading
+    /// the output took it (`dy_through_activation`).
+    pub fn activation_to_take(&self, own: Activation) -> Activation {
+        match (self.dy_through_activation, self.absorbed) {
+            (true, _) => Activation::None,
+            (false, Activation::None) => own,
+            (false, absorbed) => absorbed,
+        }
+    }
 }
 
 /// Batch norm in evaluation mode, per channel: `y = (x − mean) · γ / sqrt(var + eps) + β`
@@ -115,6 +134,14 @@ pub struct ChannelNorm<'a> {
 struct Fold {
     norm: usize,
     activation: Option<(usize, Activation)>,
+}
+
+/// An activation node whose work the node before it does in its own kernels
+/// ([`Layer::absorbs_activation`]): the node, and its activation.
+#[derive(Clone, Copy, Debug)]
+struct Absorbed {
+    node: usize,
+    activation: Activation,
 }
 
 /// A node's computation: forward on the GPU or the CPU, and its backward.
@@ -173,6 +200,29 @@ pub trait Layer: Send {
     /// producer's backward then skips its activation: one pass fewer over its output.
     fn takes_input_activation(&self, _activation: Activation) -> bool {
         false
+    }
+
+    /// Whether this layer can apply `activation` last in its own kernels
+    /// ([`Layer::forward_activated`]) and take the gradient back through it
+    /// (`BackwardArgs::absorbed`): where its output feeds an activation layer alone, the
+    /// graph then runs that activation so, and skips its node (one pass fewer each way).
+    fn absorbs_activation(&self, _activation: Activation) -> bool {
+        false
+    }
+
+    /// The forward pass with `activation` applied last, for an activation
+    /// [`Layer::absorbs_activation`] accepted.
+    fn forward_activated(
+        &self,
+        _ctx: Ctx,
+        _inputs: &[&Value],
+        _state: &mut [Value],
+        activation: Activation,
+    ) -> Result<Forward> {
+        Err(Error::InvalidArgument {
+            op: "graph",
+            detail: format!("{} applies no {activation:?} of its own", self.describe()),
+        })
     }
 
     /// The per-channel map this layer is in evaluation mode (batch norm with its running
@@ -323,6 +373,8 @@ pub struct Graph {
     /// Per node, the state with the batch norm after it folded in (`Some(empty)`: the
     /// layer cannot fold it), made by the first evaluation pass after the state last changed.
     folded: Vec<Option<Vec<Value>>>,
+    /// Per node, the activation node it absorbed in the last forward pass.
+    absorbed: Vec<Option<Absorbed>>,
 }
 
 impl Graph {
@@ -344,6 +396,7 @@ impl Graph {
             replaced: Vec::new(),
             expected_input: None,
             folded: Vec::new(),
+            absorbed: Vec::new(),
         }
     }
 
@@ -398,6 +451,8 @@ impl Graph {
         }
         self.nodes.push(node);
         self.plan_liveness();
+        // The last forward pass's values no longer match the model.
+        self.mode = None;
         self.folded.clear();
         Ok(self.nodes.len())
     }
@@ -587,6 +642,7 @@ impl Graph {
             _ => vec![None; self.nodes.len()],
         };
         self.folded.resize_with(self.nodes.len(), || None);
+        self.absorbed = self.absorptions(&folds);
         let mut skipped = vec![false; self.nodes.len()];
         for i in 0..self.nodes.len() {
             if !skipped[i] {
@@ -603,6 +659,9 @@ impl Graph {
                         }
                     }
                     _ => self.forward_node(i, ctx, keep, &given)?,
+                }
+                if let Some(absorbed) = self.absorbed[i] {
+                    skipped[absorbed.node] = true;
                 }
             }
             if !keep {
@@ -621,7 +680,8 @@ impl Graph {
             .ok_or_else(|| freed(self.nodes.len()))
     }
 
-    /// Node `i`'s forward pass: its output, and what its backward needs if `keep`.
+    /// Node `i`'s forward pass: its output (the absorbed activation node's, where it
+    /// absorbed one), and what its backward needs if `keep`.
     fn forward_node(&mut self, i: usize, ctx: Ctx, keep: bool, given: &[usize]) -> Result<()> {
         let node = &mut self.nodes[i];
         let inputs = node
@@ -629,14 +689,18 @@ impl Graph {
             .iter()
             .map(|&v| self.values[v].as_ref().ok_or_else(|| freed(v)))
             .collect::<Result<Vec<_>>>()?;
-        let out = node
-            .layer
-            .forward(ctx, &inputs, &mut node.state)
-            .map_err(|e| node_error(&node.name, e, self.expected_input.as_deref(), given))?;
+        let absorbed = self.absorbed[i];
+        let out = match absorbed {
+            Some(a) => node
+                .layer
+                .forward_activated(ctx, &inputs, &mut node.state, a.activation),
+            None => node.layer.forward(ctx, &inputs, &mut node.state),
+        }
+        .map_err(|e| node_error(&node.name, e, self.expected_input.as_deref(), given))?;
         if let Some(checks) = &mut self.finite {
             checks.check(|| format!("the output of node {:?}", node.name), &out.y)?;
         }
-        self.values[i + 1] = Some(out.y);
+        self.values[output_of(i, absorbed)] = Some(out.y);
         if keep {
             self.saved[i] = out.saved;
         }
@@ -655,6 +719,32 @@ impl Graph {
                 let activation = sole_readers[norm + 1]
                     .and_then(|k| Some((k, self.nodes[k].layer.activation_only()?)));
                 Some(Fold { norm, activation })
+            })
+            .collect()
+    }
+
+    /// Per node, the activation node after it that it runs in its own kernels: where its
+    /// output's only reader is an activation alone that its layer absorbs, and neither is
+    /// part of an evaluation fold (nothing is absorbed while finite checks are on, which
+    /// check every node's output).
+    fn absorptions(&self, folds: &[Option<Fold>]) -> Vec<Option<Absorbed>> {
+        let count = self.nodes.len();
+        if self.finite.is_some() {
+            return vec![None; count];
+        }
+        let sole_readers = self.sole_readers();
+        let folded: Vec<usize> = folds.iter().flatten().map(|f| f.norm).collect();
+        (0..count)
+            .map(|i| {
+                if folds[i].is_some() || folded.contains(&i) {
+                    return None;
+                }
+                let node = sole_readers[i + 1]?;
+                let activation = self.nodes[node].layer.activation_only()?;
+                let layer = &self.nodes[i].layer;
+                layer
+                    .absorbs_activation(activation)
+                    .then_some(Absorbed { node, activation })
             })
             .collect()
     }
@@ -755,9 +845,17 @@ impl Graph {
             wants[i + 1] = (state_grads && node.trains()) || node.inputs.iter().any(|&v| wants[v]);
         }
         let (taken, through) = self.activation_handoffs();
+        let absorbed_by = self.absorbed_by();
         let mut grads: Vec<Option<Value>> = (0..=count).map(|_| None).collect();
         grads[count] = Some(dy);
         for i in (0..count).rev() {
+            if let Some(producer) = absorbed_by[i] {
+                // The producer ran this activation: the gradient at its output is the
+                // producer's, and the output lives until the producer's backward reads it.
+                grads[producer + 1] = grads[i + 1].take();
+                continue;
+            }
+            let absorbed = self.absorbed[i];
             let node = &mut self.nodes[i];
             let needs = Needs {
                 inputs: node.inputs.iter().any(|&v| wants[v]),
@@ -770,7 +868,8 @@ impl Graph {
                     .iter()
                     .map(|&v| self.values[v].as_ref().ok_or_else(|| freed(v)))
                     .collect::<Result<Vec<_>>>()?;
-                let y = self.values[i + 1].as_ref().ok_or_else(|| freed(i + 1))?;
+                let output = output_of(i, absorbed);
+                let y = self.values[output].as_ref().ok_or_else(|| freed(output))?;
                 let back = node
                     .layer
                     .backward(BackwardArgs {
@@ -783,6 +882,7 @@ impl Graph {
                         needs,
                         input_activation: taken[i],
                         dy_through_activation: through[i],
+                        absorbed: absorbed.map_or(Activation::None, |a| a.activation),
                     })
                     .map_err(|e| in_node(&node.name, e))?;
                 if needs.state {
@@ -810,12 +910,27 @@ impl Graph {
                 }
             }
             self.saved[i].clear();
-            for &v in &self.last_backward_use[i] {
+            let absorbed_uses = absorbed.map(|a| &self.last_backward_use[a.node]);
+            for &v in self.last_backward_use[i]
+                .iter()
+                .chain(absorbed_uses.into_iter().flatten())
+            {
                 self.values[v] = None;
             }
             bound_held_buffers(&self.device);
         }
         Ok(grads[0].take().filter(|_| input_grad))
+    }
+
+    /// Per node, the node that absorbed it in the last forward pass, if any.
+    fn absorbed_by(&self) -> Vec<Option<usize>> {
+        let mut by = vec![None; self.nodes.len()];
+        for (i, absorbed) in self.absorbed.iter().enumerate() {
+            if let Some(a) = absorbed {
+                by[a.node] = Some(i);
+            }
+        }
+        by
     }
 
     /// Per value, the node that reads it if that node alone reads it, and reads nothing else
@@ -835,11 +950,12 @@ impl Graph {
 
     /// Per node, the activation its backward takes on for the layer producing its input (see
     /// [`Layer::takes_input_activation`]: only for a single input that is a node's output
-    /// read by no other node), and whether its own output activation is taken so by its
-    /// reader.
+    /// read by no other node), and whether its own output activation (or the one it
+    /// absorbed) is taken so by its reader.
     fn activation_handoffs(&self) -> (Vec<Activation>, Vec<bool>) {
         let count = self.nodes.len();
         let sole_readers = self.sole_readers();
+        let absorbed_by = self.absorbed_by();
         let mut taken = vec![Activation::None; count];
         let mut through = vec![false; count];
         for (i, node) in self.nodes.iter().enumerate() {
@@ -847,10 +963,14 @@ impl Graph {
                 && v > 0
                 && sole_readers[v] == Some(i)
             {
-                let activation = self.nodes[v - 1].layer.output_activation();
+                let (producer, activation) = match absorbed_by[v - 1] {
+                    Some(producer) => (producer, self.nodes[v - 1].layer.activation_only()),
+                    None => (v - 1, Some(self.nodes[v - 1].layer.output_activation())),
+                };
+                let activation = activation.unwrap_or_default();
                 if activation != Activation::None && node.layer.takes_input_activation(activation) {
                     taken[i] = activation;
-                    through[v - 1] = true;
+                    through[producer] = true;
                 }
             }
         }
@@ -1124,6 +1244,11 @@ fn trained_values(nodes: &[Node]) -> impl Iterator<Item = (String, &Value)> + '_
             .filter(|(_, (_, trainable))| **trainable)
             .map(|(name, (value, _))| (name, value))
     })
+}
+
+/// The value node `i`'s output is: its own, or that of the activation node it absorbed.
+fn output_of(i: usize, absorbed: Option<Absorbed>) -> ValueId {
+    absorbed.map_or(i + 1, |a| a.node + 1)
 }
 
 fn freed(v: ValueId) -> Error {

@@ -64,6 +64,12 @@ impl Layer for Activate {
     }
 }
 
+/// Whether a layer can apply `activation` itself and take its gradient from its output
+/// (see [`check_fused`]).
+pub(crate) fn fusable(activation: Activation) -> bool {
+    check_fused(activation, "").is_ok()
+}
+
 /// Refuses an activation that `layer` cannot fuse: the fused gradient is read from the
 /// output (see `ops::activation::through_activation_cpu`), and a leaky ReLU with a negative slope has positive
 /// outputs on both sides of 0, so its gradient would silently be wrong.

@@ -3,7 +3,7 @@
 
 use crate::error::{Error, Result};
 use crate::graph::{Backward, BackwardArgs, ChannelNorm, Ctx, Forward, Layer, StateInit, Value};
-use crate::nn::activation::check_fused;
+use crate::nn::activation::{check_fused, fusable};
 use crate::nn::init::{Init, InitRng};
 use crate::ops::conv2d::{self, Padding};
 use crate::value::Activation;
@@ -74,13 +74,6 @@ impl Conv2d {
     pub fn init(mut self, init: Init) -> Self {
         self.init = init;
         self
-    }
-
-    fn linear_part(&self) -> conv2d::Conv2d {
-        conv2d::Conv2d {
-            activation: Activation::None,
-            ..self.spec
-        }
     }
 }
 
@@ -163,9 +156,27 @@ impl Layer for Conv2d {
         Ok(state)
     }
 
-    fn forward(&self, _ctx: Ctx, inputs: &[&Value], state: &mut [Value]) -> Result<Forward> {
+    fn forward(&self, ctx: Ctx, inputs: &[&Value], state: &mut [Value]) -> Result<Forward> {
+        self.forward_activated(ctx, inputs, state, self.spec.activation)
+    }
+
+    fn absorbs_activation(&self, activation: Activation) -> bool {
+        self.spec.activation == Activation::None && fusable(activation)
+    }
+
+    fn forward_activated(
+        &self,
+        _ctx: Ctx,
+        inputs: &[&Value],
+        state: &mut [Value],
+        activation: Activation,
+    ) -> Result<Forward> {
+        let spec = conv2d::Conv2d {
+            activation,
+            ..self.spec
+        };
         Ok(Forward {
-            y: inputs[0].conv2d(&self.spec, &state[0], state.get(1))?,
+            y: inputs[0].conv2d(&spec, &state[0], state.get(1))?,
             saved: Vec::new(),
         })
     }
@@ -200,10 +211,9 @@ impl Layer for Conv2d {
     fn backward(&self, args: BackwardArgs<'_>) -> Result<Backward> {
         // The activation the gradient still has to go through: none if the layer reading y
         // took it (see `Layer::takes_input_activation`).
-        let spec = if args.dy_through_activation {
-            self.linear_part()
-        } else {
-            self.spec
+        let spec = conv2d::Conv2d {
+            activation: args.activation_to_take(self.spec.activation),
+            ..self.spec
         };
         let (dx, dweight, dbias) = args.inputs[0].conv2d_backward(
             &spec,

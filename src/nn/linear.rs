@@ -2,7 +2,7 @@
 
 use crate::error::{Error, Result};
 use crate::graph::{Backward, BackwardArgs, Ctx, Forward, Layer, StateInit, Value};
-use crate::nn::activation::check_fused;
+use crate::nn::activation::{check_fused, fusable};
 use crate::nn::init::{Init, InitRng};
 use crate::value::Activation;
 
@@ -117,15 +117,30 @@ impl Layer for Linear {
         ])
     }
 
-    fn forward(&self, _ctx: Ctx, inputs: &[&Value], state: &mut [Value]) -> Result<Forward> {
+    fn forward(&self, ctx: Ctx, inputs: &[&Value], state: &mut [Value]) -> Result<Forward> {
+        self.forward_activated(ctx, inputs, state, self.activation)
+    }
+
+    fn absorbs_activation(&self, activation: Activation) -> bool {
+        self.activation == Activation::None && fusable(activation)
+    }
+
+    fn forward_activated(
+        &self,
+        _ctx: Ctx,
+        inputs: &[&Value],
+        state: &mut [Value],
+        activation: Activation,
+    ) -> Result<Forward> {
         Ok(Forward {
-            y: inputs[0].linear(&state[0], Some(&state[1]), self.activation)?,
+            y: inputs[0].linear(&state[0], Some(&state[1]), activation)?,
             saved: Vec::new(),
         })
     }
 
     fn backward(&self, args: BackwardArgs<'_>) -> Result<Backward> {
-        let g = args.inputs[0].linear_backward(&args.state[0], args.y, args.dy, self.activation)?;
+        let activation = args.activation_to_take(self.activation);
+        let g = args.inputs[0].linear_backward(&args.state[0], args.y, args.dy, activation)?;
         Ok(Backward {
             inputs: vec![Some(g.x).filter(|_| args.needs.inputs)],
             state: vec![Some(g.weight), Some(g.bias)],

@@ -3,9 +3,11 @@
 
 use crate::error::{Error, Result};
 use crate::graph::{Backward, BackwardArgs, ChannelNorm, Ctx, Forward, Layer, StateInit, Value};
+use crate::nn::activation::fusable;
 use crate::nn::init::InitRng;
 use crate::ops::batch_norm::{self, batches_state};
 use crate::ops::layer_norm;
+use crate::value::Activation;
 
 fn state(
     rng: &mut dyn FnMut(&'static str) -> InitRng,
@@ -99,13 +101,31 @@ impl Layer for BatchNorm2d {
     }
 
     fn forward(&self, ctx: Ctx, inputs: &[&Value], state: &mut [Value]) -> Result<Forward> {
+        self.forward_activated(ctx, inputs, state, Activation::None)
+    }
+
+    fn absorbs_activation(&self, activation: Activation) -> bool {
+        fusable(activation)
+    }
+
+    fn forward_activated(
+        &self,
+        ctx: Ctx,
+        inputs: &[&Value],
+        state: &mut [Value],
+        activation: Activation,
+    ) -> Result<Forward> {
         let x = inputs[0];
+        let spec = batch_norm::BatchNorm2d {
+            activation,
+            ..self.spec
+        };
         let out = match state {
             [gamma, beta, mean, var, count] if ctx.training => {
-                x.batch_norm_train(&self.spec, [&*gamma, &*beta], mean, var, count)?
+                x.batch_norm_train(&spec, [&*gamma, &*beta], mean, var, count)?
             }
             [gamma, beta, mean, var, _] => {
-                x.batch_norm_eval(&self.spec, [&*gamma, &*beta], mean, var)?
+                x.batch_norm_eval(&spec, [&*gamma, &*beta], mean, var)?
             }
             _ => return Err(state_count("BatchNorm2d", 5, state.len())),
         };
@@ -130,8 +150,11 @@ impl Layer for BatchNorm2d {
 
     fn backward(&self, args: BackwardArgs<'_>) -> Result<Backward> {
         let g = args.inputs[0].batch_norm_backward(
-            &self.spec,
-            &args.state[0],
+            &batch_norm::BatchNorm2d {
+                activation: args.activation_to_take(Activation::None),
+                ..self.spec
+            },
+            [&args.state[0], &args.state[1]],
             [&args.saved[0], &args.saved[1]],
             args.dy,
             args.ctx.training,
@@ -190,8 +213,26 @@ impl Layer for LayerNorm {
         ])
     }
 
-    fn forward(&self, _ctx: Ctx, inputs: &[&Value], state: &mut [Value]) -> Result<Forward> {
-        let out = inputs[0].layer_norm(&self.spec, &state[0], &state[1])?;
+    fn forward(&self, ctx: Ctx, inputs: &[&Value], state: &mut [Value]) -> Result<Forward> {
+        self.forward_activated(ctx, inputs, state, Activation::None)
+    }
+
+    fn absorbs_activation(&self, activation: Activation) -> bool {
+        fusable(activation)
+    }
+
+    fn forward_activated(
+        &self,
+        _ctx: Ctx,
+        inputs: &[&Value],
+        state: &mut [Value],
+        activation: Activation,
+    ) -> Result<Forward> {
+        let spec = layer_norm::LayerNorm {
+            activation,
+            ..self.spec
+        };
+        let out = inputs[0].layer_norm(&spec, &state[0], &state[1])?;
         Ok(Forward {
             y: out.y,
             saved: vec![out.mean, out.rstd],
@@ -200,8 +241,11 @@ impl Layer for LayerNorm {
 
     fn backward(&self, args: BackwardArgs<'_>) -> Result<Backward> {
         let g = args.inputs[0].layer_norm_backward(
-            &self.spec,
-            &args.state[0],
+            &layer_norm::LayerNorm {
+                activation: args.activation_to_take(Activation::None),
+                ..self.spec
+            },
+            [&args.state[0], &args.state[1]],
             [&args.saved[0], &args.saved[1]],
             args.dy,
         )?;

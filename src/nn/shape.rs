@@ -3,7 +3,9 @@
 
 use crate::error::Result;
 use crate::graph::{Backward, BackwardArgs, Ctx, Forward, Layer, Value};
+use crate::nn::activation::fusable;
 use crate::ops::dropout;
+use crate::value::Activation;
 
 /// `[N, d1, d2, …]` → `[N, d1·d2·…]`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -110,17 +112,35 @@ impl Layer for Add {
         Ok(inputs[0].to_vec())
     }
 
-    fn forward(&self, _ctx: Ctx, inputs: &[&Value], _state: &mut [Value]) -> Result<Forward> {
-        let y = inputs[0].add(inputs[1])?;
+    fn forward(&self, ctx: Ctx, inputs: &[&Value], state: &mut [Value]) -> Result<Forward> {
+        self.forward_activated(ctx, inputs, state, Activation::None)
+    }
+
+    fn absorbs_activation(&self, activation: Activation) -> bool {
+        fusable(activation)
+    }
+
+    fn forward_activated(
+        &self,
+        _ctx: Ctx,
+        inputs: &[&Value],
+        _state: &mut [Value],
+        activation: Activation,
+    ) -> Result<Forward> {
         Ok(Forward {
-            y,
+            y: inputs[0].add_activated(inputs[1], activation)?,
             saved: Vec::new(),
         })
     }
 
     fn backward(&self, args: BackwardArgs<'_>) -> Result<Backward> {
+        let dz = match args.activation_to_take(Activation::None) {
+            Activation::None => args.dy.duplicate()?,
+            // The derivative read from the output, as for every fused activation.
+            activation => args.y.activation_backward(activation, args.y, args.dy)?,
+        };
         Ok(Backward {
-            inputs: vec![Some(args.dy.duplicate()?), Some(args.dy.duplicate()?)],
+            inputs: vec![Some(dz.duplicate()?), Some(dz)],
             state: Vec::new(),
         })
     }

@@ -3,6 +3,11 @@
 //! `momentum: None`, the cumulative average over `num_batches_tracked`; unbiased running
 //! variance). GPU kernels in `shaders/norm.wgsl` via `norm.rs`.
 //!
+//! With an `activation` the layer applies it last (the graph has it run the activation layer
+//! after it so): the output is `act(norm(x))`, and the backward pass takes `dy` back through
+//! it as it reads it, recomputing the output from x (GPU); the CPU path composes the
+//! references.
+//!
 //! `num_batches_tracked` is a one-element tensor holding the bits of a `u32` (checkpoints
 //! save it as int64): the GPU counts batches without a readback, exactly to 2³² − 1.
 
@@ -10,8 +15,9 @@ use ndarray::{Array1, ArrayD, ArrayView1, ArrayViewD, Axis, Ix4};
 
 use super::norm::{self, Grid, Grouping, Settings};
 use crate::error::{Error, Result};
+use crate::ops::activation::through_activation_cpu;
 use crate::tensor::Tensor;
-use crate::value::Value;
+use crate::value::{Activation, Value};
 
 const OP: &str = "batch_norm2d";
 
@@ -23,6 +29,8 @@ pub struct BatchNorm2d {
     /// Weight of the new batch in the running averages; `None` makes them cumulative
     /// averages over every tracked batch (PyTorch's `momentum=None`).
     pub momentum: Option<f32>,
+    /// Applied to the output last (`Activation::None`: none).
+    pub activation: Activation,
 }
 
 impl Default for BatchNorm2d {
@@ -30,6 +38,7 @@ impl Default for BatchNorm2d {
         Self {
             eps: 1e-5,
             momentum: Some(0.1),
+            activation: Activation::None,
         }
     }
 }
@@ -140,6 +149,7 @@ impl BatchNorm2d {
             cumulative: self.momentum.is_none(),
             update_running: training,
             training,
+            activation: self.activation,
         }
     }
 
@@ -212,7 +222,12 @@ impl BatchNorm2d {
             Grid::Single,
             &[(norm::BATCHES, num_batches_tracked)],
         )?;
-        let y = norm::normalize(gpu, grouping, [x, gamma, beta, &mean, &rstd])?;
+        let y = norm::normalize(
+            gpu,
+            grouping,
+            [x, gamma, beta, &mean, &rstd],
+            self.activation,
+        )?;
         Ok(Normalized {
             y,
             mean,
@@ -257,7 +272,12 @@ impl BatchNorm2d {
                 (norm::RUNNING_VAR, running_var),
             ],
         )?;
-        let y = norm::normalize(gpu, grouping, [x, gamma, beta, &mean, &rstd])?;
+        let y = norm::normalize(
+            gpu,
+            grouping,
+            [x, gamma, beta, &mean, &rstd],
+            self.activation,
+        )?;
         Ok(Normalized {
             y,
             mean,
@@ -266,20 +286,26 @@ impl BatchNorm2d {
         })
     }
 
-    /// Gradients from `dy`, with the statistics the forward pass used; in training mode
-    /// they flow through the batch mean and variance too.
+    /// Gradients from `dy` (after the activation, if any), with the statistics the forward
+    /// pass used; in training mode they flow through the batch mean and variance too.
     pub fn backward(
         &self,
         x: &Tensor,
-        gamma: &Tensor,
-        mean: &Tensor,
-        rstd: &Tensor,
+        [gamma, beta]: [&Tensor; 2],
+        [mean, rstd]: [&Tensor; 2],
         dy: &Tensor,
         training: bool,
     ) -> Result<NormGrads<Tensor>> {
-        let grouping = grouping(x.shape(), &[gamma.shape(), mean.shape(), rstd.shape()])?;
-        let [dx, dgamma, dbeta] =
-            norm::backward(OP, grouping, training, [x, gamma, mean, rstd, dy])?;
+        let grouping = grouping(
+            x.shape(),
+            &[gamma.shape(), beta.shape(), mean.shape(), rstd.shape()],
+        )?;
+        let [dx, dgamma, dbeta] = norm::backward(
+            OP,
+            grouping,
+            (training, self.activation),
+            [x, gamma, beta, mean, rstd, dy],
+        )?;
         Ok(NormGrads {
             x: dx,
             gamma: dgamma,
@@ -318,17 +344,17 @@ fn channel_stats(x: &ArrayViewD<'_, f32>) -> Result<(Array1<f32>, Array1<f32>, A
     Ok((mean, var, unbiased))
 }
 
+/// `act((x − mean)·rstd·γ + β)` per channel.
 fn scale_shift(
+    activation: Activation,
     x: &ArrayViewD<'_, f32>,
-    gamma: &ArrayView1<'_, f32>,
-    beta: &ArrayView1<'_, f32>,
-    mean: &Array1<f32>,
-    rstd: &Array1<f32>,
+    [gamma, beta]: [&ArrayView1<'_, f32>; 2],
+    [mean, rstd]: [&ArrayView1<'_, f32>; 2],
 ) -> ArrayD<f32> {
     let mut y = x.to_owned();
     for ((i, v), xv) in y.indexed_iter_mut().zip(x.iter()) {
         let c = i[1];
-        *v = (xv - mean[c]) * rstd[c] * gamma[c] + beta[c];
+        *v = activation.apply((xv - mean[c]) * rstd[c] * gamma[c] + beta[c]);
     }
     y
 }
@@ -362,7 +388,12 @@ pub fn batch_norm_train_cpu(
         .unwrap_or_else(|| 1.0 / (batches_before as f32 + 1.0));
     let new_mean = running_mean.mapv(|r| (1.0 - m) * r) + &mean.mapv(|v| m * v);
     let new_var = running_var.mapv(|r| (1.0 - m) * r) + &unbiased.mapv(|v| m * v);
-    let y = scale_shift(x, gamma, beta, &mean, &rstd);
+    let y = scale_shift(
+        spec.activation,
+        x,
+        [gamma, beta],
+        [&mean.view(), &rstd.view()],
+    );
     Ok((
         Normalized {
             y,
@@ -395,7 +426,12 @@ pub fn batch_norm_eval_cpu(
     )?;
     let mean = running_mean.to_owned();
     let rstd = running_var.mapv(|v| 1.0 / (v + spec.eps).sqrt());
-    let y = scale_shift(x, gamma, beta, &mean, &rstd);
+    let y = scale_shift(
+        spec.activation,
+        x,
+        [gamma, beta],
+        [&mean.view(), &rstd.view()],
+    );
     Ok(Normalized {
         y,
         mean: mean.into_dyn(),
@@ -404,7 +440,9 @@ pub fn batch_norm_eval_cpu(
     })
 }
 
-/// Backward from the saved statistics (through them in training mode).
+/// Backward from the saved statistics (through them in training mode), `dy` at the
+/// normalised output (before any activation: `Value::batch_norm_backward` takes it through
+/// first).
 pub fn batch_norm_backward_cpu(
     x: &ArrayViewD<'_, f32>,
     gamma: &ArrayView1<'_, f32>,
@@ -538,12 +576,13 @@ impl Value {
         })
     }
 
-    /// The gradients of batch normalisation of this value `x` from `dy`, with the `mean`
-    /// and `rstd` its forward pass used (the batch's in training, the running ones in eval).
+    /// The gradients of batch normalisation of this value `x` from `dy` (after
+    /// `spec.activation`), with the `mean` and `rstd` its forward pass used (the batch's in
+    /// training, the running ones in eval).
     pub fn batch_norm_backward(
         &self,
         spec: &BatchNorm2d,
-        gamma: &Value,
+        [gamma, beta]: [&Value; 2],
         [mean, rstd]: [&Value; 2],
         dy: &Value,
         training: bool,
@@ -552,22 +591,24 @@ impl Value {
             Value::Gpu(x) => spec
                 .backward(
                     x,
-                    gamma.gpu()?,
-                    mean.gpu()?,
-                    rstd.gpu()?,
+                    [gamma.gpu()?, beta.gpu()?],
+                    [mean.gpu()?, rstd.gpu()?],
                     dy.gpu()?,
                     training,
                 )?
                 .map(Value::from),
-            Value::Cpu(x) => batch_norm_backward_cpu(
-                &x.view(),
-                &channels(gamma)?,
-                &channels(mean)?,
-                &channels(rstd)?,
-                &dy.cpu()?.view(),
-                training,
-            )?
-            .map(Value::from),
+            Value::Cpu(x) => {
+                let affine = [&channels(gamma)?, &channels(beta)?];
+                let statistics = [&channels(mean)?, &channels(rstd)?];
+                let dy = dy.cpu()?.view();
+                // The output recomputed, for the gradient through the activation.
+                let y = scale_shift(spec.activation, &x.view(), affine, statistics);
+                let dz = through_activation_cpu(spec.activation, &y.view(), &dy)?;
+                let [gamma, _] = affine;
+                let [mean, rstd] = statistics;
+                batch_norm_backward_cpu(&x.view(), gamma, mean, rstd, &dz.view(), training)?
+                    .map(Value::from)
+            }
         })
     }
 }

@@ -1,14 +1,16 @@
 //! Layer normalisation over the trailing dimensions (e.g. C, H, W) of each sample, with
 //! element-wise affine γ, β of those dimensions' shape; biased variance, as PyTorch.
-//! GPU kernels in `shaders/norm.wgsl` via `norm.rs`.
+//! GPU kernels in `shaders/norm.wgsl` via `norm.rs`. An `activation` is applied last, as
+//! batch norm's (see `batch_norm.rs`).
 
 use ndarray::{ArrayD, ArrayViewD, IxDyn};
 
 use super::batch_norm::{NormGrads, Normalized};
 use super::norm::{self, Grid, Grouping, Settings};
 use crate::error::{Error, Result};
+use crate::ops::activation::through_activation_cpu;
 use crate::tensor::Tensor;
-use crate::value::Value;
+use crate::value::{Activation, Value};
 
 const OP: &str = "layer_norm";
 
@@ -17,11 +19,16 @@ const OP: &str = "layer_norm";
 pub struct LayerNorm {
     /// Added to the variance before the square root.
     pub eps: f32,
+    /// Applied to the output last (`Activation::None`: none).
+    pub activation: Activation,
 }
 
 impl Default for LayerNorm {
     fn default() -> Self {
-        Self { eps: 1e-5 }
+        Self {
+            eps: 1e-5,
+            activation: Activation::None,
+        }
     }
 }
 
@@ -52,6 +59,14 @@ fn grouping(x: &[usize], gamma: &[usize], beta: &[usize]) -> Result<Grouping> {
     })
 }
 
+fn array(shape: &[usize], values: Vec<f32>) -> Result<ArrayD<f32>> {
+    ArrayD::from_shape_vec(IxDyn(shape), values).map_err(|e| Error::ShapeMismatch {
+        op: OP,
+        shapes: vec![shape.to_vec()],
+        detail: e.to_string(),
+    })
+}
+
 impl LayerNorm {
     /// Normalises each sample of `x` over γ's dimensions, then scales and shifts.
     pub fn forward(&self, x: &Tensor, gamma: &Tensor, beta: &Tensor) -> Result<Normalized<Tensor>> {
@@ -65,6 +80,7 @@ impl LayerNorm {
         );
         let settings = Settings {
             eps: self.eps,
+            activation: self.activation,
             ..Settings::default()
         };
         // No running statistics: the variance buffer stands in for the unused bindings.
@@ -84,7 +100,12 @@ impl LayerNorm {
                 (norm::BATCHES, &var),
             ],
         )?;
-        let y = norm::normalize(gpu, grouping, [x, gamma, beta, &mean, &rstd])?;
+        let y = norm::normalize(
+            gpu,
+            grouping,
+            [x, gamma, beta, &mean, &rstd],
+            self.activation,
+        )?;
         Ok(Normalized {
             y,
             mean,
@@ -93,17 +114,21 @@ impl LayerNorm {
         })
     }
 
-    /// Gradients from `dy` through the per-sample statistics.
+    /// Gradients from `dy` (after the activation, if any) through the per-sample statistics.
     pub fn backward(
         &self,
         x: &Tensor,
-        gamma: &Tensor,
-        mean: &Tensor,
-        rstd: &Tensor,
+        [gamma, beta]: [&Tensor; 2],
+        [mean, rstd]: [&Tensor; 2],
         dy: &Tensor,
     ) -> Result<NormGrads<Tensor>> {
-        let grouping = grouping(x.shape(), gamma.shape(), gamma.shape())?;
-        let [dx, dgamma, dbeta] = norm::backward(OP, grouping, true, [x, gamma, mean, rstd, dy])?;
+        let grouping = grouping(x.shape(), gamma.shape(), beta.shape())?;
+        let [dx, dgamma, dbeta] = norm::backward(
+            OP,
+            grouping,
+            (true, self.activation),
+            [x, gamma, beta, mean, rstd, dy],
+        )?;
         Ok(NormGrads {
             x: dx,
             gamma: dgamma,
@@ -120,12 +145,7 @@ impl LayerNorm {
     ) -> Result<Normalized<ArrayD<f32>>> {
         let g = grouping(x.shape(), gamma.shape(), beta.shape())?;
         let data: Vec<f32> = x.iter().copied().collect();
-        let (gamma, beta): (Vec<f32>, Vec<f32>) = (
-            gamma.iter().copied().collect(),
-            beta.iter().copied().collect(),
-        );
-        let (mut y, mut means, mut rstds, mut vars) =
-            (Vec::with_capacity(data.len()), vec![], vec![], vec![]);
+        let (mut means, mut rstds, mut vars) = (vec![], vec![], vec![]);
         for sample in data.chunks(g.inner) {
             let n = sample.len() as f64;
             let mu = sample.iter().map(|&v| f64::from(v)).sum::<f64>() / n;
@@ -134,34 +154,41 @@ impl LayerNorm {
                 .map(|&v| (f64::from(v) - mu).powi(2))
                 .sum::<f64>()
                 / n;
-            let rstd = (1.0 / (var + f64::from(self.eps)).sqrt()) as f32;
-            let mu = mu as f32;
-            y.extend(
-                sample
-                    .iter()
-                    .enumerate()
-                    .map(|(k, &v)| (v - mu) * rstd * gamma[k] + beta[k]),
-            );
-            means.push(mu);
-            rstds.push(rstd);
+            means.push(mu as f32);
+            rstds.push((1.0 / (var + f64::from(self.eps)).sqrt()) as f32);
             vars.push(var as f32);
         }
-        let array = |shape: &[usize], v: Vec<f32>| {
-            ArrayD::from_shape_vec(IxDyn(shape), v).map_err(|e| Error::ShapeMismatch {
-                op: OP,
-                shapes: vec![shape.to_vec()],
-                detail: e.to_string(),
-            })
-        };
+        let (mean, rstd) = (array(&[g.groups], means)?, array(&[g.groups], rstds)?);
         Ok(Normalized {
-            y: array(x.shape(), y)?,
-            mean: array(&[g.groups], means)?,
-            rstd: array(&[g.groups], rstds)?,
+            y: self.normalized_cpu(x, [gamma, beta], [&mean, &rstd])?,
+            mean,
+            rstd,
             var: Some(array(&[g.groups], vars)?),
         })
     }
 
-    /// CPU reference of [`LayerNorm::backward`].
+    /// `act((x − mean)·rstd·γ + β)` per sample, with the given statistics.
+    fn normalized_cpu(
+        &self,
+        x: &ArrayViewD<'_, f32>,
+        [gamma, beta]: [&ArrayViewD<'_, f32>; 2],
+        [mean, rstd]: [&ArrayD<f32>; 2],
+    ) -> Result<ArrayD<f32>> {
+        let g = grouping(x.shape(), gamma.shape(), beta.shape())?;
+        let affine: Vec<(f32, f32)> = gamma.iter().copied().zip(beta.iter().copied()).collect();
+        let y = x
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| {
+                let (s, (w, b)) = (i / g.inner, affine[i % g.inner]);
+                self.activation.apply((v - mean[[s]]) * rstd[[s]] * w + b)
+            })
+            .collect();
+        array(x.shape(), y)
+    }
+
+    /// CPU reference of [`LayerNorm::backward`], `dy` at the normalised output (before any
+    /// activation: `Value::layer_norm_backward` takes it through first).
     pub fn backward_cpu(
         &self,
         x: &ArrayViewD<'_, f32>,
@@ -209,13 +236,6 @@ impl LayerNorm {
                 dbeta[k] += f64::from(dys[s * g.inner + k]);
             }
         }
-        let array = |shape: &[usize], v: Vec<f32>| {
-            ArrayD::from_shape_vec(IxDyn(shape), v).map_err(|e| Error::ShapeMismatch {
-                op: OP,
-                shapes: vec![shape.to_vec()],
-                detail: e.to_string(),
-            })
-        };
         let narrow = |v: Vec<f64>| v.into_iter().map(|s| s as f32).collect();
         Ok(NormGrads {
             x: array(x.shape(), dx)?,
@@ -241,28 +261,35 @@ impl Value {
         })
     }
 
-    /// The gradients of layer normalisation of this value `x` from `dy`, with the
-    /// per-sample `mean` and `rstd` of its forward pass.
+    /// The gradients of layer normalisation of this value `x` from `dy` (after
+    /// `spec.activation`), with the per-sample `mean` and `rstd` of its forward pass.
     pub fn layer_norm_backward(
         &self,
         spec: &LayerNorm,
-        gamma: &Value,
+        [gamma, beta]: [&Value; 2],
         [mean, rstd]: [&Value; 2],
         dy: &Value,
     ) -> Result<NormGrads<Value>> {
         Ok(match self {
             Value::Gpu(x) => spec
-                .backward(x, gamma.gpu()?, mean.gpu()?, rstd.gpu()?, dy.gpu()?)?
-                .map(Value::from),
-            Value::Cpu(x) => spec
-                .backward_cpu(
-                    &x.view(),
-                    &gamma.cpu()?.view(),
-                    mean.cpu()?,
-                    rstd.cpu()?,
-                    &dy.cpu()?.view(),
+                .backward(
+                    x,
+                    [gamma.gpu()?, beta.gpu()?],
+                    [mean.gpu()?, rstd.gpu()?],
+                    dy.gpu()?,
                 )?
                 .map(Value::from),
+            Value::Cpu(x) => {
+                let (x, gamma) = (x.view(), gamma.cpu()?.view());
+                let statistics = [mean.cpu()?, rstd.cpu()?];
+                // The output recomputed from the saved statistics, for the gradient through
+                // the activation.
+                let y = spec.normalized_cpu(&x, [&gamma, &beta.cpu()?.view()], statistics)?;
+                let dz = through_activation_cpu(spec.activation, &y.view(), &dy.cpu()?.view())?;
+                let [mean, rstd] = statistics;
+                spec.backward_cpu(&x, &gamma, mean, rstd, &dz.view())?
+                    .map(Value::from)
+            }
         })
     }
 }

@@ -13,6 +13,7 @@ use crate::gpu::shared::{
 use crate::gpu::texture::{Texel, TextureInputs, vec4_input};
 use crate::gpu::{Generated, Gpu};
 use crate::tensor::{Tensor, gpu_word};
+use crate::value::Activation;
 
 /// How the tensor splits into groups, and where the affine parameters vary.
 #[derive(Clone, Copy, Debug)]
@@ -40,6 +41,8 @@ struct NormParams {
     cumulative: u32,
     first_group: u32,
     end_group: u32,
+    slope: f32,
+    _pad: [u32; 3],
 }
 
 // Binding numbers in shaders/norm.wgsl.
@@ -92,6 +95,8 @@ pub(crate) struct Settings {
     pub cumulative: bool,
     pub update_running: bool,
     pub training: bool,
+    /// Applied last by `normalize`; the backward entries take dy back through it.
+    pub activation: Activation,
 }
 
 /// The grid an entry point needs.
@@ -131,7 +136,13 @@ impl Generated for NormKernel {
         } else {
             "WORKGROUP_SMALL"
         };
-        declarations + &include_str!("../../shaders/norm.wgsl").replace("{{GROUP_LANES}}", lanes)
+        let norm = include_str!("../../shaders/norm.wgsl").replace("{{GROUP_LANES}}", lanes);
+        [
+            include_str!("../../shaders/epilogue.wgsl"),
+            &declarations,
+            &norm,
+        ]
+        .concat()
     }
 }
 
@@ -170,6 +181,8 @@ fn launch_over(
         cumulative: u32::from(settings.cumulative),
         first_group: range.start as u32,
         end_group: range.end as u32,
+        slope: settings.activation.slope(),
+        _pad: [0; 3],
     };
     // Rows of whole vec4s: the `…4` twin of the entry, over vec4s.
     let vec4 = grouping.inner.is_multiple_of(4) && VEC4_ENTRIES.contains(&entry);
@@ -211,6 +224,7 @@ fn launch_over(
     let constants = [
         ("INNER", gpu_word("norm", grouping.inner)?),
         ("GROUPS", gpu_word("norm", constant_groups)?),
+        ("ACT", settings.activation.code()),
     ];
     let entry = if vec4 {
         format!("{entry}4")
@@ -265,17 +279,22 @@ fn vec4_binding(n: u32) -> u32 {
         .map_or(n, |&(_, n4)| n4)
 }
 
-/// `y = (x − mean)·rstd·γ + β` with the given statistics, for either norm.
+/// `y = act((x − mean)·rstd·γ + β)` with the given statistics, for either norm.
 pub(crate) fn normalize(
     gpu: &Gpu,
     grouping: Grouping,
     [x, gamma, beta, mean, rstd]: [&Tensor; 5],
+    activation: Activation,
 ) -> Result<Tensor> {
     let y = Tensor::uninit(gpu, x.shape())?;
+    let settings = Settings {
+        activation,
+        ..Settings::default()
+    };
     launch(
         gpu,
         grouping,
-        Settings::default(),
+        settings,
         "normalize",
         Grid::Elements,
         &[
@@ -292,12 +311,13 @@ pub(crate) fn normalize(
 
 /// The whole backward pass of either norm from the saved statistics: `(dx, dγ, dβ)`.
 /// `dx` flows through the statistics in training mode; dγ and dβ are per group (batch
-/// norm, from the per-group sums) or per inner element (layer norm).
+/// norm, from the per-group sums) or per inner element (layer norm). With an `activation`,
+/// `dy` is the gradient after it: every pass takes it back through as it reads it.
 pub(crate) fn backward(
     op: &'static str,
     grouping: Grouping,
-    training: bool,
-    [x, gamma, mean, rstd, dy]: [&Tensor; 5],
+    (training, activation): (bool, Activation),
+    [x, gamma, beta, mean, rstd, dy]: [&Tensor; 6],
 ) -> Result<[Tensor; 3]> {
     if dy.shape() != x.shape() {
         return Err(Error::ShapeMismatch {
@@ -311,12 +331,14 @@ pub(crate) fn backward(
     let dx = Tensor::uninit(gpu, x.shape())?;
     let settings = Settings {
         training,
+        activation,
         ..Settings::default()
     };
     let inputs = [
         (X, x),
         (DY, dy),
         (GAMMA, gamma),
+        (BETA, beta),
         (MEAN, mean),
         (RSTD, rstd),
         (SUMS, &sums),
@@ -348,7 +370,14 @@ pub(crate) fn backward(
         let per_pass = (MAX_LOOP_ITERATIONS / grouping.outer)
             .saturating_sub(1)
             .max(1);
-        let reads = [(X, x), (DY, dy), (MEAN, mean), (RSTD, rstd)];
+        let reads = [
+            (X, x),
+            (DY, dy),
+            (GAMMA, gamma),
+            (BETA, beta),
+            (MEAN, mean),
+            (RSTD, rstd),
+        ];
         let tensors = [&reads[..], &outputs].concat();
         for first in (0..grouping.groups).step_by(per_pass) {
             let range = first..grouping.groups.min(first + per_pass);

@@ -1,5 +1,6 @@
-//! Elementwise addition (`shaders/add.wgsl`): residual sums, and the gradient of a value that
-//! feeds several nodes (the executor accumulates their contributions in place).
+//! Elementwise addition (`shaders/add.wgsl`): residual sums (with the activation after them
+//! applied in the same pass), and the gradient of a value that feeds several nodes (the
+//! executor accumulates their contributions in place).
 
 use bytemuck::{Pod, Zeroable};
 use ndarray::{ArrayD, ArrayViewD};
@@ -7,7 +8,7 @@ use ndarray::{ArrayD, ArrayViewD};
 use crate::error::{Error, Result};
 use crate::gpu::shared::workgroups;
 use crate::tensor::Tensor;
-use crate::value::Value;
+use crate::value::{Activation, Value};
 
 const OP: &str = "add";
 
@@ -16,7 +17,8 @@ const OP: &str = "add";
 #[derive(Clone, Copy, Pod, Zeroable)]
 struct AddParams {
     total: u32,
-    _pad: [u32; 3],
+    slope: f32,
+    _pad: [u32; 2],
 }
 
 fn same_shape(a: &[usize], b: &[usize]) -> Result<()> {
@@ -31,7 +33,7 @@ fn same_shape(a: &[usize], b: &[usize]) -> Result<()> {
     }
 }
 
-fn launch(entry: &'static str, tensors: &[(u32, &Tensor)]) -> Result<()> {
+fn launch(entry: &'static str, activation: Activation, tensors: &[(u32, &Tensor)]) -> Result<()> {
     let gpu = tensors[0].1.gpu();
     for (_, t) in tensors {
         t.check_same_gpu(OP, gpu)?;
@@ -39,11 +41,17 @@ fn launch(entry: &'static str, tensors: &[(u32, &Tensor)]) -> Result<()> {
     let total = tensors[0].1.len();
     let params = AddParams {
         total: total as u32,
-        _pad: [0; 3],
+        slope: activation.slope(),
+        _pad: [0; 2],
     };
-    let pipeline = gpu.pipeline("add", entry, || {
-        include_str!("../../shaders/add.wgsl").into()
-    })?;
+    let source = || {
+        [
+            include_str!("../../shaders/epilogue.wgsl"),
+            include_str!("../../shaders/add.wgsl"),
+        ]
+        .concat()
+    };
+    let pipeline = gpu.specialized("add", entry, source, &[("ACT", activation.code())])?;
     let bindings: Vec<_> = tensors.iter().map(|(n, t)| (*n, t.binding())).collect();
     gpu.run_pass(entry, |pass| {
         gpu.encode_at(
@@ -58,16 +66,21 @@ fn launch(entry: &'static str, tensors: &[(u32, &Tensor)]) -> Result<()> {
 
 /// `a + b` on the GPU.
 pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    add_activated(a, b, Activation::None)
+}
+
+/// `act(a + b)` on the GPU, in one pass.
+pub fn add_activated(a: &Tensor, b: &Tensor, activation: Activation) -> Result<Tensor> {
     same_shape(a.shape(), b.shape())?;
     let out = Tensor::uninit(a.gpu(), a.shape())?;
-    launch("add", &[(1, a), (2, &out), (3, b)])?;
+    launch("add", activation, &[(1, a), (2, &out), (3, b)])?;
     Ok(out)
 }
 
 /// `dst += src` on the GPU, in place.
 pub fn accumulate(dst: &Tensor, src: &Tensor) -> Result<()> {
     same_shape(dst.shape(), src.shape())?;
-    launch("accumulate", &[(1, src), (2, dst)])
+    launch("accumulate", Activation::None, &[(1, src), (2, dst)])
 }
 
 /// CPU reference of [`add`].
@@ -79,9 +92,14 @@ pub fn add_cpu(a: &ArrayViewD<'_, f32>, b: &ArrayViewD<'_, f32>) -> Result<Array
 impl Value {
     /// `self + other`, on this value's device.
     pub fn add(&self, other: &Value) -> Result<Value> {
+        self.add_activated(other, Activation::None)
+    }
+
+    /// `act(self + other)`, on this value's device.
+    pub fn add_activated(&self, other: &Value, activation: Activation) -> Result<Value> {
         self.map(
-            |a| add(a, other.gpu()?),
-            |a| add_cpu(&a.view(), &other.cpu()?.view()),
+            |a| add_activated(a, other.gpu()?, activation),
+            |a| Ok(add_cpu(&a.view(), &other.cpu()?.view())?.mapv(|v| activation.apply(v))),
         )
     }
 
