@@ -593,14 +593,19 @@ fn memory_report(gpu: &Gpu, filter: Option<&str>) -> Result<()> {
     Ok(())
 }
 
-/// `--profile`: the passes of a LeNet training step (or of ResNet-20's at batch 128 with
-/// `--filter resnet20`), each submitted and waited for on its own (`Gpu::profile_passes`),
-/// medians of `runs` steps: pass by pass for up to 60 passes, then the time per kernel.
+/// `--profile`: the passes of a LeNet training step (or, with `--filter`, of ResNet-20's at
+/// batch 128, or of ResNet-18's or EfficientNet-Lite0's inference at batch 1), each submitted
+/// and waited for on its own (`Gpu::profile_passes`), medians of `runs` steps: pass by pass
+/// for up to 60 passes, then the time per kernel.
 fn profile_step(gpu: &Gpu, filter: Option<&str>, runs: usize, json: bool) -> Result<()> {
     let device = Device::Gpu(gpu.clone());
     let mut step = match filter {
         Some(f) if "train_step_resnet20_b128".contains(f) => {
             model_step(device, "resnet20", 128, true)
+        }
+        Some(f) if "resnet18_inference".contains(f) => model_step(device, "resnet18", 1, false),
+        Some(f) if "efficientnet_lite0_inference".contains(f) => {
+            model_step(device, "efficientnet_lite0", 1, false)
         }
         _ => lenet_step(device)?,
     };
@@ -669,7 +674,8 @@ struct Args {
     #[arg(long, value_enum)]
     reads: Option<Reads>,
     /// Instead of the table: where a LeNet training step's device time goes, pass by pass
-    /// (each pass submitted and waited for on its own; medians of --runs steps).
+    /// (each pass submitted and waited for on its own; medians of --runs steps); with
+    /// --filter resnet20, resnet18 or efficientnet, that model's step or inference.
     #[arg(long)]
     profile: bool,
     /// Instead of the table: the peak device bytes (buffer pool) and time of ResNet-18/50

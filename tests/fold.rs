@@ -10,6 +10,7 @@ use ndarray::ArrayD;
 use wgcnn::graph::Layer;
 use wgcnn::nn::{Add, BatchNorm2d, Conv2d, GlobalAvgPool, leaky_relu, relu, relu6};
 use wgcnn::ops::BatchNorm2d as BatchNormSpec;
+use wgcnn::tuning::ConvKernel;
 use wgcnn::{Activation, Device, GraphBuilder, Mode, Optimizer, Padding, Tensor, Value};
 
 /// Positive variances, γ around 1.
@@ -136,6 +137,18 @@ fn folded_matches(graph: &mut wgcnn::Graph, x: &ArrayD<f32>, label: &str) {
     assert!(diff <= 1e-5 * scale, "{label}: folded off by {diff}");
 }
 
+/// A training step on a random batch (seeded): the weights and running statistics move.
+fn train_step(graph: &mut wgcnn::Graph, sgd: &mut wgcnn::graph::GraphOptimizer, seed: u64) {
+    let xs = graph_input(graph.device(), &random(&[2, 3, 9, 7], seed));
+    let shape = graph.forward(xs, Mode::Train).unwrap().shape().to_vec();
+    let dy = graph
+        .device()
+        .upload(ArrayD::from_elem(shape, 0.5))
+        .unwrap();
+    graph.backward(dy).unwrap();
+    graph.update(sgd).unwrap();
+}
+
 fn graph_input(device: &Device, x: &ArrayD<f32>) -> Value {
     device.upload(x.clone()).unwrap()
 }
@@ -151,14 +164,7 @@ fn folded_evaluation_matches_the_unfolded_one_as_the_model_trains() {
         let mut sgd = graph.optimizer(Optimizer::sgd(0.1)).unwrap();
         for step in 0..3 {
             folded_matches(&mut graph, &x, &format!("{label} step {step}"));
-            let xs = graph_input(graph.device(), &random(&[2, 3, 9, 7], 50 + step));
-            let shape = graph.forward(xs, Mode::Train).unwrap().shape().to_vec();
-            let dy = graph
-                .device()
-                .upload(ArrayD::from_elem(shape, 0.5))
-                .unwrap();
-            graph.backward(dy).unwrap();
-            graph.update(&mut sgd).unwrap();
+            train_step(&mut graph, &mut sgd, 50 + step);
         }
         // A loaded value is folded too.
         graph
@@ -223,4 +229,52 @@ fn layers_say_what_folds() {
         .fold_channel_norm(&weights, &norm.eval_channel_norm(&state).unwrap())
         .unwrap();
     assert!(folded.is_none());
+}
+
+/// Folded convolutions that run Winograd keep their transformed filters with the fold: a
+/// second evaluation pass transforms none (it runs two kernels fewer per layer than the
+/// first: the fold's own and the filters' transform), every pass matches the unfolded one,
+/// and training drops the filters with the fold. A context of its own: the counter counts
+/// every thread's kernels.
+#[test]
+fn folded_winograd_filters_are_kept_with_the_fold() {
+    if gpu().is_none() {
+        return;
+    }
+    let gpu = &common::new_gpu();
+    let b = GraphBuilder::new(&[2, 3, 9, 7]).unwrap();
+    let mut y = b.input();
+    for (i, kernel) in [ConvKernel::Winograd, ConvKernel::Winograd4]
+        .into_iter()
+        .enumerate()
+    {
+        let mut conv = Conv2d::new([3, 8][i], 8, (3, 3)).padding(Padding::Explicit(1, 1));
+        conv.spec.kernel = Some(kernel);
+        y = b.apply(&format!("conv{i}"), conv, y).unwrap();
+        y = b.apply(&format!("bn{i}"), BatchNorm2d::new(8), y).unwrap();
+        y = b.apply(&format!("relu{i}"), relu(), y).unwrap();
+    }
+    let mut graph = b.build(y, Device::Gpu(gpu.clone()), 5).unwrap();
+    let x = random(&[2, 3, 9, 7], 70);
+    let mut sgd = graph.optimizer(Optimizer::sgd(0.1)).unwrap();
+    // The context's first kernels calibrate its operand reads.
+    graph
+        .forward(graph_input(graph.device(), &x), Mode::EvalWithGrad)
+        .unwrap();
+    for step in 0..2 {
+        let mut kernels = || {
+            gpu.synchronize().unwrap();
+            let before = gpu.dispatches();
+            folded_matches(&mut graph, &x, &format!("step {step}"));
+            gpu.synchronize().unwrap();
+            gpu.dispatches() - before
+        };
+        let (first, second) = (kernels(), kernels());
+        assert_eq!(
+            first - second,
+            4,
+            "step {step}: {first} kernels, then {second}"
+        );
+        train_step(&mut graph, &mut sgd, 80 + step);
+    }
 }

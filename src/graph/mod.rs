@@ -250,11 +250,13 @@ pub trait Layer: Send {
     }
 
     /// The evaluation forward pass with the state [`Layer::fold_channel_norm`] made, and
-    /// `activation` applied last.
+    /// `activation` applied last. The layer may keep more in `folded` after that state, for
+    /// the next passes: what it derives from the folded state alone (a convolution's
+    /// transformed filters); the graph drops it with the fold.
     fn forward_folded(
         &self,
         _inputs: &[&Value],
-        _folded: &[Value],
+        _folded: &mut Vec<Value>,
         _activation: Activation,
     ) -> Result<Value> {
         Err(Error::InvalidArgument {
@@ -770,7 +772,7 @@ impl Graph {
             };
             self.folded[i] = Some(folded.unwrap_or_default());
         }
-        let Some(folded) = self.folded[i].as_ref().filter(|f| !f.is_empty()) else {
+        let Some(folded) = self.folded[i].as_mut().filter(|f| !f.is_empty()) else {
             return Ok(None);
         };
         let inputs = node

@@ -198,14 +198,33 @@ impl Layer for Conv2d {
     fn forward_folded(
         &self,
         inputs: &[&Value],
-        folded: &[Value],
+        folded: &mut Vec<Value>,
         activation: Activation,
     ) -> Result<Value> {
         let spec = conv2d::Conv2d {
             activation,
             ..self.spec
         };
-        inputs[0].conv2d(&spec, &folded[0], folded.get(1))
+        // [weight, bias, and the filters an earlier pass transformed, if any].
+        let (y, made) = match &folded[..] {
+            [weight, bias, filters @ ..] => {
+                inputs[0].conv2d_reusing(&spec, (weight, Some(bias)), filters.first())?
+            }
+            _ => {
+                return Err(Error::InvalidArgument {
+                    op: "Conv2d",
+                    detail: format!(
+                        "a folded convolution has a weight and a bias, got {} tensors",
+                        folded.len()
+                    ),
+                });
+            }
+        };
+        if let Some(filters) = made {
+            folded.truncate(2);
+            folded.push(filters);
+        }
+        Ok(y)
     }
 
     fn backward(&self, args: BackwardArgs<'_>) -> Result<Backward> {

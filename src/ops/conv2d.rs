@@ -367,6 +367,43 @@ impl Conv2d {
         Ok(out)
     }
 
+    /// [`Conv2d::forward`] for weights that stay fixed over many passes (an evaluation
+    /// model's folded state): `filters` are what an earlier pass transformed (Winograd's
+    /// `U`), used where this pass plans the same transform. Returns the output and the
+    /// filters this pass transformed, if it did: keep them for the next pass.
+    pub fn forward_reusing(
+        &self,
+        x: &Tensor,
+        (weight, bias): (&Tensor, Option<&Tensor>),
+        filters: Option<&Tensor>,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let gpu = x.gpu().clone();
+        for t in [Some(weight), bias, filters].into_iter().flatten() {
+            t.check_same_gpu(OP, &gpu)?;
+        }
+        let shape = self.shape(x.shape(), weight.shape(), bias.map(Tensor::shape))?;
+        let out = Tensor::uninit(&gpu, &shape.output())?;
+        let kernel = self.forward_kernel(&gpu, &shape)?;
+        let Some(tile) = kernel.winograd_tile() else {
+            self.forward_with(kernel, &shape, (x, weight, bias), &out)?;
+            return Ok((out, None));
+        };
+        let run = |filters: &Tensor| {
+            conv_winograd::forward_transformed(self, &shape, (x, filters, bias), &out, tile)
+        };
+        match filters.filter(|f| conv_winograd::fits_filters(&shape, tile, f)) {
+            Some(filters) => {
+                run(filters)?;
+                Ok((out, None))
+            }
+            None => {
+                let made = conv_winograd::forward_filters(self, &shape, weight, tile)?;
+                run(&made)?;
+                Ok((out, Some(made)))
+            }
+        }
+    }
+
     /// The forward pass of checked `shape` through `kernel` into `out`.
     pub(crate) fn forward_with(
         &self,
@@ -982,6 +1019,26 @@ impl Value {
                 conv2d_cpu(spec, &x.view(), &weight.cpu()?.view(), bias.as_ref())
             },
         )
+    }
+
+    /// [`Value::conv2d`] for weights that stay fixed over many passes (see
+    /// [`Conv2d::forward_reusing`]): the output, and the filters this pass transformed on the
+    /// GPU, to hand to the next pass as `filters`.
+    pub fn conv2d_reusing(
+        &self,
+        spec: &Conv2d,
+        (weight, bias): (&Value, Option<&Value>),
+        filters: Option<&Value>,
+    ) -> Result<(Value, Option<Value>)> {
+        match self {
+            Value::Gpu(x) => {
+                let bias = bias.map(Value::gpu).transpose()?;
+                let filters = filters.map(Value::gpu).transpose()?;
+                let (y, made) = spec.forward_reusing(x, (weight.gpu()?, bias), filters)?;
+                Ok((y.into(), made.map(Value::from)))
+            }
+            Value::Cpu(_) => Ok((self.conv2d(spec, weight, bias)?, None)),
+        }
     }
 
     /// `(dx if input_grad, dweight, dbias)` of `y = act(conv(x, weight) + bias)` (this

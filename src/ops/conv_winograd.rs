@@ -202,6 +202,34 @@ pub(crate) fn forward(
     run(spec, Problem::forward(shape, tile), (x, weight, bias), out)
 }
 
+/// The forward pass's transformed filters `U = G·g·Gᵀ`, `[points, O, C]`: what
+/// [`forward_transformed`] takes, for a layer whose weights stay fixed over many passes.
+pub(crate) fn forward_filters(
+    spec: &Conv2d,
+    shape: &Conv2dShape,
+    weight: &Tensor,
+    tile: usize,
+) -> Result<Tensor> {
+    transform_filters(spec, &Problem::forward(shape, tile), weight)
+}
+
+/// Whether `filters` are [`forward_filters`] of this shape and tile (by their shape).
+pub(crate) fn fits_filters(shape: &Conv2dShape, tile: usize, filters: &Tensor) -> bool {
+    let problem = Problem::forward(shape, tile);
+    filters.shape() == [problem.points(), problem.o, problem.c]
+}
+
+/// [`forward`] with the filters [`forward_filters`] transformed.
+pub(crate) fn forward_transformed(
+    spec: &Conv2d,
+    shape: &Conv2dShape,
+    (x, filters, bias): (&Tensor, &Tensor, Option<&Tensor>),
+    out: &Tensor,
+    tile: usize,
+) -> Result<()> {
+    run_transformed(spec, Problem::forward(shape, tile), (x, filters, bias), out)
+}
+
 /// `dx` from `dy` (`spec` without an activation).
 pub(crate) fn backward_data(
     spec: &Conv2d,
@@ -227,21 +255,42 @@ fn run(
     (x, weight, bias): (&Tensor, &Tensor, Option<&Tensor>),
     out: &Tensor,
 ) -> Result<()> {
+    let u = transform_filters(spec, &problem, weight)?;
+    run_transformed(spec, problem, (x, &u, bias), out)
+}
+
+/// The filters of `problem` transformed: `[points, O, C]`.
+fn transform_filters(spec: &Conv2d, problem: &Problem, weight: &Tensor) -> Result<Tensor> {
+    let gpu = weight.gpu();
+    // One pipeline per shape, whatever the layer's activation and bias.
+    let spec = &Conv2d {
+        activation: Activation::None,
+        ..*spec
+    };
+    let constants = problem.constants(spec, false)?;
+    let (c, o) = (problem.c, problem.o);
+    let u = Tensor::uninit(gpu, &[problem.points(), o, c])?;
+    let bindings = [(1, weight.binding()), (2, u.binding())];
+    encode(gpu, ("weights", &constants), spec, &bindings, o * c, (0, 0))?;
+    Ok(u)
+}
+
+/// `problem` with its filters transformed (`u`): the input transform, the batched
+/// products and the output transform, in chunks of images.
+fn run_transformed(
+    spec: &Conv2d,
+    problem: Problem,
+    (x, u, bias): (&Tensor, &Tensor, Option<&Tensor>),
+    out: &Tensor,
+) -> Result<()> {
     let gpu = x.gpu();
     let constants = problem.constants(spec, bias.is_some())?;
     let dispatch = |entry: &str, bindings: &[(u32, Binding<'_>)], total: usize, images| {
         encode(gpu, (entry, &constants), spec, bindings, total, images)
     };
     let (c, o, tiles, points) = (problem.c, problem.o, problem.tiles(), problem.points());
-    let u = Tensor::uninit(gpu, &[points, o, c])?;
-    dispatch(
-        "weights",
-        &[(1, weight.binding()), (2, u.binding())],
-        o * c,
-        (0, 0),
-    )?;
-    // Without a bias the weights fill the (unread) bias slot.
-    let bias_slot = bias.unwrap_or(weight);
+    // Without a bias the filters fill the (unread) bias slot.
+    let bias_slot = bias.unwrap_or(u);
     let n = x.shape()[0];
     for (first, count) in image_chunks(n, problem.image_bytes(), chunk_limit(gpu)) {
         let v = Tensor::uninit(gpu, &[points, c, count * tiles])?;
