@@ -22,6 +22,8 @@ override PAD_TOP: u32;
 override PAD_LEFT: u32;
 override ACT: u32 = 0u;
 override HAS_BIAS: u32 = 0u;
+// 1: `output` adds `residual` (a residual sum folded into an evaluation pass) before ACT.
+override HAS_RESIDUAL: u32 = 0u;
 // 1: the weights of the input gradient: filter o, channel c read w[c][o] rotated by 180°.
 override FLIP: u32 = 0u;
 // Outputs per block side: 2 for F(2×2, 3×3), 4 for F(4×4, 3×3).
@@ -46,6 +48,7 @@ struct Params {
 @group(0) @binding(1) var<storage, read> src: array<f32>;
 @group(0) @binding(2) var<storage, read_write> dst: array<f32>;
 @group(0) @binding(3) var<storage, read> bias: array<f32>;
+@group(0) @binding(4) var<storage, read> residual: array<f32>;
 
 // The one-dimensional transforms, each applied to a tile's columns and then to its rows.
 
@@ -268,7 +271,9 @@ fn output(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups
         for (var j = 0u; j < TILE; j++) {
             if block.oy + i < OH && block.ox + j < OW {
                 let y = block.plane + (block.oy + i) * OW + block.ox + j;
-                dst[y] = activate(row[j] + b, ACT, p.slope);
+                var v = row[j] + b;
+                if HAS_RESIDUAL == 1u { v += residual[y]; }
+                dst[y] = activate(v, ACT, p.slope);
             }
         }
     }

@@ -137,6 +137,15 @@ fn folded_matches(graph: &mut wgcnn::Graph, x: &ArrayD<f32>, label: &str) {
     assert!(diff <= 1e-5 * scale, "{label}: folded off by {diff}");
 }
 
+/// The kernels a forward pass of `graph` on `x` runs on `gpu`.
+fn kernels_of(gpu: &wgcnn::Gpu, graph: &mut wgcnn::Graph, x: &ArrayD<f32>, mode: Mode) -> u64 {
+    gpu.synchronize().unwrap();
+    let before = gpu.dispatches();
+    graph.forward(graph_input(graph.device(), x), mode).unwrap();
+    gpu.synchronize().unwrap();
+    gpu.dispatches() - before
+}
+
 /// A training step on a random batch (seeded): the weights and running statistics move.
 fn train_step(graph: &mut wgcnn::Graph, sgd: &mut wgcnn::graph::GraphOptimizer, seed: u64) {
     let xs = graph_input(graph.device(), &random(&[2, 3, 9, 7], seed));
@@ -187,16 +196,8 @@ fn a_folded_evaluation_runs_fewer_kernels() {
     let mut graph = model(Device::Gpu(gpu.clone()));
     let x = random(&[2, 3, 9, 7], 41);
     let mut count = |mode| {
-        graph
-            .forward(graph_input(graph.device(), &x), mode)
-            .unwrap();
-        gpu.synchronize().unwrap();
-        let before = gpu.dispatches();
-        graph
-            .forward(graph_input(graph.device(), &x), mode)
-            .unwrap();
-        gpu.synchronize().unwrap();
-        gpu.dispatches() - before
+        kernels_of(gpu, &mut graph, &x, mode);
+        kernels_of(gpu, &mut graph, &x, mode)
     };
     let (unfolded, folded) = (count(Mode::EvalWithGrad), count(Mode::Eval));
     assert_eq!(
@@ -231,50 +232,47 @@ fn layers_say_what_folds() {
     assert!(folded.is_none());
 }
 
-/// Folded convolutions that run Winograd keep their transformed filters with the fold: a
-/// second evaluation pass transforms none (it runs two kernels fewer per layer than the
-/// first: the fold's own and the filters' transform), every pass matches the unfolded one,
-/// and training drops the filters with the fold. A context of its own: the counter counts
-/// every thread's kernels.
+/// Folded convolutions that run Winograd keep their transformed filters with the fold, and
+/// add a residual sum after their norm in their output transform: a second evaluation pass
+/// transforms no filters (two kernels fewer than the first per layer: the fold's own and
+/// the transform), and runs 7 fewer than the unfolded pass (the transforms, two passes per
+/// norm, the sum, the ReLUs being absorbed there); every pass matches the unfolded one, and
+/// training drops the filters with the fold. A context of its own: the counter counts every
+/// thread's kernels.
 #[test]
-fn folded_winograd_filters_are_kept_with_the_fold() {
+fn folded_winograd_layers_keep_their_filters_and_add_the_residual() {
     if gpu().is_none() {
         return;
     }
     let gpu = &common::new_gpu();
     let b = GraphBuilder::new(&[2, 3, 9, 7]).unwrap();
-    let mut y = b.input();
-    for (i, kernel) in [ConvKernel::Winograd, ConvKernel::Winograd4]
-        .into_iter()
-        .enumerate()
-    {
-        let mut conv = Conv2d::new([3, 8][i], 8, (3, 3)).padding(Padding::Explicit(1, 1));
+    let conv = |c, kernel| {
+        let mut conv = Conv2d::new(c, 8, (3, 3)).padding(Padding::Explicit(1, 1));
         conv.spec.kernel = Some(kernel);
-        y = b.apply(&format!("conv{i}"), conv, y).unwrap();
-        y = b.apply(&format!("bn{i}"), BatchNorm2d::new(8), y).unwrap();
-        y = b.apply(&format!("relu{i}"), relu(), y).unwrap();
-    }
+        conv
+    };
+    let y = b.apply("conv0", conv(3, ConvKernel::Winograd), b.input());
+    let y = b.apply("bn0", BatchNorm2d::new(8), y.unwrap()).unwrap();
+    let shortcut = b.apply("relu0", relu(), y).unwrap();
+    let y = b.apply("conv1", conv(8, ConvKernel::Winograd4), shortcut);
+    let y = b.apply("bn1", BatchNorm2d::new(8), y.unwrap()).unwrap();
+    let y = b.add("add", Add, &[y, shortcut]).unwrap();
+    let y = b.apply("relu1", relu(), y).unwrap();
     let mut graph = b.build(y, Device::Gpu(gpu.clone()), 5).unwrap();
     let x = random(&[2, 3, 9, 7], 70);
     let mut sgd = graph.optimizer(Optimizer::sgd(0.1)).unwrap();
+    let kernels = |graph: &mut wgcnn::Graph, mode| kernels_of(gpu, graph, &x, mode);
     // The context's first kernels calibrate its operand reads.
-    graph
-        .forward(graph_input(graph.device(), &x), Mode::EvalWithGrad)
-        .unwrap();
+    kernels(&mut graph, Mode::EvalWithGrad);
     for step in 0..2 {
-        let mut kernels = || {
-            gpu.synchronize().unwrap();
-            let before = gpu.dispatches();
-            folded_matches(&mut graph, &x, &format!("step {step}"));
-            gpu.synchronize().unwrap();
-            gpu.dispatches() - before
-        };
-        let (first, second) = (kernels(), kernels());
-        assert_eq!(
-            first - second,
-            4,
-            "step {step}: {first} kernels, then {second}"
+        let unfolded = kernels(&mut graph, Mode::EvalWithGrad);
+        let (first, second) = (
+            kernels(&mut graph, Mode::Eval),
+            kernels(&mut graph, Mode::Eval),
         );
+        let counts = format!("step {step}: {unfolded} unfolded, {first} folded, then {second}");
+        assert_eq!((first - second, unfolded - second), (4, 7), "{counts}");
+        folded_matches(&mut graph, &x, &format!("step {step}"));
         train_step(&mut graph, &mut sgd, 80 + step);
     }
 }

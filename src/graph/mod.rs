@@ -129,11 +129,25 @@ pub struct ChannelNorm<'a> {
 }
 
 /// In an evaluation forward pass, a norm folded into the node before it: the norm's node,
-/// and the activation node after it whose activation runs in the producer's epilogue.
+/// the residual sum after it (its node and the value it adds, made before the producer
+/// runs), and the activation node after those whose activation runs in the producer's
+/// epilogue.
 #[derive(Clone, Copy, Debug)]
 struct Fold {
     norm: usize,
+    residual: Option<(usize, ValueId)>,
     activation: Option<(usize, Activation)>,
+}
+
+impl Fold {
+    /// The folded nodes after the producer.
+    fn nodes(&self) -> impl Iterator<Item = usize> {
+        let residual = self.residual.map(|(node, _)| node);
+        let activation = self.activation.map(|(node, _)| node);
+        [Some(self.norm), residual, activation]
+            .into_iter()
+            .flatten()
+    }
 }
 
 /// An activation node whose work the node before it does in its own kernels
@@ -238,6 +252,13 @@ pub trait Layer: Send {
         None
     }
 
+    /// Whether this layer is the sum of its two inputs and nothing else (a residual
+    /// connection): after a folded norm it is added in the epilogue of the layer the norm
+    /// was folded into.
+    fn sums_inputs(&self) -> bool {
+        false
+    }
+
     /// This layer's state with `norm`, applied to its output, folded in (a convolution:
     /// each filter scaled, the bias shifted), for [`Layer::forward_folded`]; `None` where it
     /// cannot fold it. The graph keeps the result until the model's state changes.
@@ -249,14 +270,16 @@ pub trait Layer: Send {
         Ok(None)
     }
 
-    /// The evaluation forward pass with the state [`Layer::fold_channel_norm`] made, and
-    /// `activation` applied last. The layer may keep more in `folded` after that state, for
-    /// the next passes: what it derives from the folded state alone (a convolution's
-    /// transformed filters); the graph drops it with the fold.
+    /// The evaluation forward pass with the state [`Layer::fold_channel_norm`] made,
+    /// `residual` added (a residual sum after the norm) and `activation` applied last. The
+    /// layer may keep more in `folded` after that state, for the next passes: what it
+    /// derives from the folded state alone (a convolution's transformed filters); the graph
+    /// drops it with the fold.
     fn forward_folded(
         &self,
         _inputs: &[&Value],
         _folded: &mut Vec<Value>,
+        _residual: Option<&Value>,
         _activation: Activation,
     ) -> Result<Value> {
         Err(Error::InvalidArgument {
@@ -655,8 +678,7 @@ impl Graph {
                 match (folded, folds[i]) {
                     (Some((value, y)), Some(fold)) => {
                         self.values[value] = Some(y);
-                        skipped[fold.norm] = true;
-                        if let Some((k, _)) = fold.activation {
+                        for k in fold.nodes() {
                             skipped[k] = true;
                         }
                     }
@@ -710,17 +732,41 @@ impl Graph {
     }
 
     /// Per node, for an evaluation forward pass: the batch norm folded into it (its output's
-    /// only reader) and the activation after the norm (the norm's only reader), if any.
+    /// only reader), the residual sum after the norm (the norm's only reader, adding a
+    /// value made before the node runs) and the activation after those (their only
+    /// reader), if any.
     fn eval_folds(&self) -> Vec<Option<Fold>> {
         let sole_readers = self.sole_readers();
+        let mut readers = vec![Vec::new(); self.nodes.len() + 1];
+        for (k, node) in self.nodes.iter().enumerate() {
+            for &v in &node.inputs {
+                readers[v].push(k);
+            }
+        }
         (0..self.nodes.len())
             .map(|i| {
                 let norm = sole_readers[i + 1]?;
                 let norm_node = &self.nodes[norm];
                 norm_node.layer.eval_channel_norm(&norm_node.state)?;
-                let activation = sole_readers[norm + 1]
+                let residual = match readers[norm + 1][..] {
+                    [sum] if self.nodes[sum].layer.sums_inputs() => {
+                        match self.nodes[sum].inputs[..] {
+                            [a, b] if a != b && a.max(b) == norm + 1 && a.min(b) <= i => {
+                                Some((sum, a.min(b)))
+                            }
+                            _ => None,
+                        }
+                    }
+                    _ => None,
+                };
+                let last = residual.map_or(norm, |(sum, _)| sum);
+                let activation = sole_readers[last + 1]
                     .and_then(|k| Some((k, self.nodes[k].layer.activation_only()?)));
-                Some(Fold { norm, activation })
+                Some(Fold {
+                    norm,
+                    residual,
+                    activation,
+                })
             })
             .collect()
     }
@@ -735,7 +781,7 @@ impl Graph {
             return vec![None; count];
         }
         let sole_readers = self.sole_readers();
-        let folded: Vec<usize> = folds.iter().flatten().map(|f| f.norm).collect();
+        let folded: Vec<usize> = folds.iter().flatten().flat_map(Fold::nodes).collect();
         (0..count)
             .map(|i| {
                 if folds[i].is_some() || folded.contains(&i) {
@@ -780,10 +826,15 @@ impl Graph {
             .iter()
             .map(|&v| self.values[v].as_ref().ok_or_else(|| freed(v)))
             .collect::<Result<Vec<_>>>()?;
-        let (last, activation) = fold.activation.unwrap_or((fold.norm, Activation::None));
+        let residual = match fold.residual {
+            Some((_, v)) => Some(self.values[v].as_ref().ok_or_else(|| freed(v))?),
+            None => None,
+        };
+        let last = fold.nodes().last().unwrap_or(fold.norm);
+        let activation = fold.activation.map_or(Activation::None, |(_, a)| a);
         let y = node
             .layer
-            .forward_folded(&inputs, folded, activation)
+            .forward_folded(&inputs, folded, residual, activation)
             .map_err(|e| node_error(&node.name, e, self.expected_input.as_deref(), given))?;
         Ok(Some((last + 1, y)))
     }

@@ -199,6 +199,7 @@ impl Layer for Conv2d {
         &self,
         inputs: &[&Value],
         folded: &mut Vec<Value>,
+        residual: Option<&Value>,
         activation: Activation,
     ) -> Result<Value> {
         let spec = conv2d::Conv2d {
@@ -208,7 +209,8 @@ impl Layer for Conv2d {
         // [weight, bias, and the filters an earlier pass transformed, if any].
         let (y, made) = match &folded[..] {
             [weight, bias, filters @ ..] => {
-                inputs[0].conv2d_reusing(&spec, (weight, Some(bias)), filters.first())?
+                let state = (weight, Some(bias));
+                inputs[0].conv2d_reusing(&spec, state, filters.first(), residual)?
             }
             _ => {
                 return Err(Error::InvalidArgument {

@@ -120,6 +120,10 @@ impl Layer for Add {
         fusable(activation)
     }
 
+    fn sums_inputs(&self) -> bool {
+        true
+    }
+
     fn forward_activated(
         &self,
         _ctx: Ctx,

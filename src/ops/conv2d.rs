@@ -31,6 +31,7 @@ use crate::gpu::Gpu;
 use crate::gpu::shared::{MAX_LOOP_ITERATIONS, workgroups};
 use crate::tensor::{Tensor, gpu_word};
 use crate::value::Value;
+use crate::value::add::add_activated;
 
 const OP: &str = "conv2d";
 
@@ -368,28 +369,54 @@ impl Conv2d {
     }
 
     /// [`Conv2d::forward`] for weights that stay fixed over many passes (an evaluation
-    /// model's folded state): `filters` are what an earlier pass transformed (Winograd's
-    /// `U`), used where this pass plans the same transform. Returns the output and the
-    /// filters this pass transformed, if it did: keep them for the next pass.
+    /// model's folded state), `act(conv(x, weight) + bias + residual)`: `filters` are what
+    /// an earlier pass transformed (Winograd's `U`), used where this pass plans the same
+    /// transform; Winograd adds the residual in its epilogue, other kernels in a pass after.
+    /// Returns the output and the filters this pass transformed, if it did: keep them for
+    /// the next pass.
     pub fn forward_reusing(
         &self,
         x: &Tensor,
         (weight, bias): (&Tensor, Option<&Tensor>),
         filters: Option<&Tensor>,
+        residual: Option<&Tensor>,
     ) -> Result<(Tensor, Option<Tensor>)> {
         let gpu = x.gpu().clone();
-        for t in [Some(weight), bias, filters].into_iter().flatten() {
+        for t in [Some(weight), bias, filters, residual]
+            .into_iter()
+            .flatten()
+        {
             t.check_same_gpu(OP, &gpu)?;
         }
         let shape = self.shape(x.shape(), weight.shape(), bias.map(Tensor::shape))?;
+        if let Some(r) = residual.filter(|r| r.shape() != shape.output()) {
+            return Err(Error::ShapeMismatch {
+                op: OP,
+                shapes: vec![r.shape().to_vec(), shape.output().to_vec()],
+                detail: format!(
+                    "the residual added to the output is {:?}, the output {:?}",
+                    r.shape(),
+                    shape.output()
+                ),
+            });
+        }
         let out = Tensor::uninit(&gpu, &shape.output())?;
         let kernel = self.forward_kernel(&gpu, &shape)?;
         let Some(tile) = kernel.winograd_tile() else {
-            self.forward_with(kernel, &shape, (x, weight, bias), &out)?;
-            return Ok((out, None));
+            let Some(residual) = residual else {
+                self.forward_with(kernel, &shape, (x, weight, bias), &out)?;
+                return Ok((out, None));
+            };
+            let linear = Conv2d {
+                activation: Activation::None,
+                ..*self
+            };
+            linear.forward_with(kernel, &shape, (x, weight, bias), &out)?;
+            return Ok((add_activated(&out, residual, self.activation)?, None));
         };
         let run = |filters: &Tensor| {
-            conv_winograd::forward_transformed(self, &shape, (x, filters, bias), &out, tile)
+            let operands = (x, filters, bias, residual);
+            conv_winograd::forward_transformed(self, &shape, operands, &out, tile)
         };
         match filters.filter(|f| conv_winograd::fits_filters(&shape, tile, f)) {
             Some(filters) => {
@@ -1021,23 +1048,36 @@ impl Value {
         )
     }
 
-    /// [`Value::conv2d`] for weights that stay fixed over many passes (see
-    /// [`Conv2d::forward_reusing`]): the output, and the filters this pass transformed on the
-    /// GPU, to hand to the next pass as `filters`.
+    /// [`Value::conv2d`] for weights that stay fixed over many passes, with a `residual`
+    /// added before the activation (see [`Conv2d::forward_reusing`]): the output, and the
+    /// filters this pass transformed on the GPU, to hand to the next pass as `filters`.
     pub fn conv2d_reusing(
         &self,
         spec: &Conv2d,
         (weight, bias): (&Value, Option<&Value>),
         filters: Option<&Value>,
+        residual: Option<&Value>,
     ) -> Result<(Value, Option<Value>)> {
         match self {
             Value::Gpu(x) => {
                 let bias = bias.map(Value::gpu).transpose()?;
                 let filters = filters.map(Value::gpu).transpose()?;
-                let (y, made) = spec.forward_reusing(x, (weight.gpu()?, bias), filters)?;
+                let residual = residual.map(Value::gpu).transpose()?;
+                let state = (weight.gpu()?, bias);
+                let (y, made) = spec.forward_reusing(x, state, filters, residual)?;
                 Ok((y.into(), made.map(Value::from)))
             }
-            Value::Cpu(_) => Ok((self.conv2d(spec, weight, bias)?, None)),
+            Value::Cpu(_) => {
+                let Some(residual) = residual else {
+                    return Ok((self.conv2d(spec, weight, bias)?, None));
+                };
+                let linear = Conv2d {
+                    activation: Activation::None,
+                    ..*spec
+                };
+                let y = self.conv2d(&linear, weight, bias)?;
+                Ok((y.add_activated(residual, spec.activation)?, None))
+            }
         }
     }
 

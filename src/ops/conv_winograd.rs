@@ -98,7 +98,11 @@ impl Problem {
         (self.points() * self.c.max(self.o) * self.tiles()) as u64 * 4
     }
 
-    fn constants(&self, spec: &Conv2d, bias: bool) -> Result<[(&'static str, u32); 12]> {
+    fn constants(
+        &self,
+        spec: &Conv2d,
+        (bias, residual): (bool, bool),
+    ) -> Result<[(&'static str, u32); 13]> {
         let word = |v: usize| gpu_word("conv2d", v);
         Ok([
             ("C", word(self.c)?),
@@ -111,6 +115,7 @@ impl Problem {
             ("PAD_LEFT", word(self.pad_left)?),
             ("ACT", spec.activation.code()),
             ("HAS_BIAS", u32::from(bias)),
+            ("HAS_RESIDUAL", u32::from(residual)),
             ("FLIP", u32::from(self.flip)),
             ("TILE", word(self.tile)?),
         ])
@@ -157,7 +162,7 @@ pub(crate) fn weight_grad(
         activation: Activation::None,
         ..*spec
     };
-    let constants = problem.constants(&plain, false)?;
+    let constants = problem.constants(&plain, (false, false))?;
     let dispatch = |entry: &str, bindings: &[(u32, Binding<'_>)], total: usize, images| {
         encode(gpu, (entry, &constants), &plain, bindings, total, images)
     };
@@ -219,15 +224,16 @@ pub(crate) fn fits_filters(shape: &Conv2dShape, tile: usize, filters: &Tensor) -
     filters.shape() == [problem.points(), problem.o, problem.c]
 }
 
-/// [`forward`] with the filters [`forward_filters`] transformed.
+/// [`forward`] with the filters [`forward_filters`] transformed, and `residual` (the
+/// output's shape) added before the activation.
 pub(crate) fn forward_transformed(
     spec: &Conv2d,
     shape: &Conv2dShape,
-    (x, filters, bias): (&Tensor, &Tensor, Option<&Tensor>),
+    operands: (&Tensor, &Tensor, Option<&Tensor>, Option<&Tensor>),
     out: &Tensor,
     tile: usize,
 ) -> Result<()> {
-    run_transformed(spec, Problem::forward(shape, tile), (x, filters, bias), out)
+    run_transformed(spec, Problem::forward(shape, tile), operands, out)
 }
 
 /// `dx` from `dy` (`spec` without an activation).
@@ -256,7 +262,7 @@ fn run(
     out: &Tensor,
 ) -> Result<()> {
     let u = transform_filters(spec, &problem, weight)?;
-    run_transformed(spec, problem, (x, &u, bias), out)
+    run_transformed(spec, problem, (x, &u, bias, None), out)
 }
 
 /// The filters of `problem` transformed: `[points, O, C]`.
@@ -267,7 +273,7 @@ fn transform_filters(spec: &Conv2d, problem: &Problem, weight: &Tensor) -> Resul
         activation: Activation::None,
         ..*spec
     };
-    let constants = problem.constants(spec, false)?;
+    let constants = problem.constants(spec, (false, false))?;
     let (c, o) = (problem.c, problem.o);
     let u = Tensor::uninit(gpu, &[problem.points(), o, c])?;
     let bindings = [(1, weight.binding()), (2, u.binding())];
@@ -276,15 +282,15 @@ fn transform_filters(spec: &Conv2d, problem: &Problem, weight: &Tensor) -> Resul
 }
 
 /// `problem` with its filters transformed (`u`): the input transform, the batched
-/// products and the output transform, in chunks of images.
+/// products and the output transform (adding the residual, if any), in chunks of images.
 fn run_transformed(
     spec: &Conv2d,
     problem: Problem,
-    (x, u, bias): (&Tensor, &Tensor, Option<&Tensor>),
+    (x, u, bias, residual): (&Tensor, &Tensor, Option<&Tensor>, Option<&Tensor>),
     out: &Tensor,
 ) -> Result<()> {
     let gpu = x.gpu();
-    let constants = problem.constants(spec, bias.is_some())?;
+    let constants = problem.constants(spec, (bias.is_some(), residual.is_some()))?;
     let dispatch = |entry: &str, bindings: &[(u32, Binding<'_>)], total: usize, images| {
         encode(gpu, (entry, &constants), spec, bindings, total, images)
     };
@@ -298,10 +304,12 @@ fn run_transformed(
         dispatch("input", &input, count * c * tiles, (first, count))?;
         let m = Tensor::uninit(gpu, &[points, o, count * tiles])?;
         Matmul::default().run(gpu, u.operand(), v.operand(), None, m.operand())?;
+        // Without a residual the products fill its (unread) slot.
         let output = [
             (1, m.binding()),
             (2, out.binding()),
             (3, bias_slot.binding()),
+            (4, residual.unwrap_or(&m).binding()),
         ];
         dispatch("output", &output, count * o * tiles, (first, count))?;
     }
