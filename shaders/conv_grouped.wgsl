@@ -182,6 +182,11 @@ const DEPTHWISE_BLOCK: u32 = 4u;
 // The input gradient at stride 1 runs `depthwise_rows` over dy with the taps rotated by 180°.
 override FLIP: u32 = 0u;
 
+// The inputs a block of outputs meets along one kernel row, first to last, and the most
+// that are loaded once into registers for all its taps (wider blocks load per tap).
+override SEGMENT: u32 = (DEPTHWISE_BLOCK - 1u) * SW + (KW - 1u) * DW + 1u;
+const SEGMENT_MAX: u32 = 24u;
+
 fn row_value(row: u32, ix: i32) -> f32 {
     if ix < 0 || ix >= i32(W) { return 0.0; }
     return src[row + u32(ix)];
@@ -210,8 +215,22 @@ fn depthwise_rows(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wo
         let iy = i32(oy * SH + ky * DH) - i32(PAD_TOP);
         if iy < 0 || iy >= i32(H) { continue; }
         let row = (plane * H + u32(iy)) * W;
+        let left = i32(ox * SW) - i32(PAD_LEFT);
+        if SEGMENT <= SEGMENT_MAX {
+            // The row's inputs under the block, each loaded once for all taps and outputs.
+            var segment: array<f32, SEGMENT_MAX>;
+            for (var k = 0u; k < SEGMENT; k++) { segment[k] = row_value(row, left + i32(k)); }
+            for (var kx = 0u; kx < KW; kx++) {
+                let at = kx * DW;
+                let values = vec4<f32>(
+                    segment[at], segment[at + SW], segment[at + 2u * SW], segment[at + 3u * SW],
+                );
+                sum += values * tap(c, ky, kx);
+            }
+            continue;
+        }
         for (var kx = 0u; kx < KW; kx++) {
-            let ix = i32(ox * SW + kx * DW) - i32(PAD_LEFT);
+            let ix = left + i32(kx * DW);
             let step = i32(SW);
             let values = vec4<f32>(
                 row_value(row, ix),
