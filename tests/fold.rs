@@ -233,14 +233,15 @@ fn layers_say_what_folds() {
 }
 
 /// Folded convolutions that run Winograd keep their transformed filters with the fold, and
-/// add a residual sum after their norm in their output transform: a second evaluation pass
-/// transforms no filters (two kernels fewer than the first per layer: the fold's own and
-/// the transform), and runs 7 fewer than the unfolded pass (the transforms, two passes per
-/// norm, the sum, the ReLUs being absorbed there); every pass matches the unfolded one, and
-/// training drops the filters with the fold. A context of its own: the counter counts every
-/// thread's kernels.
+/// add a residual sum after their norm in their output transform, a pointwise one in its
+/// matmul: a second evaluation pass transforms no filters (two kernels fewer than the first
+/// per Winograd layer: the fold's own and the transform; one for the pointwise layer), and
+/// runs 10 fewer than the unfolded pass (the two transforms, two passes per norm, the two
+/// sums, the ReLUs being absorbed there); every pass matches the unfolded one, and training
+/// drops the filters with the fold. A context of its own: the counter counts every thread's
+/// kernels.
 #[test]
-fn folded_winograd_layers_keep_their_filters_and_add_the_residual() {
+fn folded_layers_keep_their_filters_and_add_the_residual() {
     if gpu().is_none() {
         return;
     }
@@ -257,7 +258,12 @@ fn folded_winograd_layers_keep_their_filters_and_add_the_residual() {
     let y = b.apply("conv1", conv(8, ConvKernel::Winograd4), shortcut);
     let y = b.apply("bn1", BatchNorm2d::new(8), y.unwrap()).unwrap();
     let y = b.add("add", Add, &[y, shortcut]).unwrap();
-    let y = b.apply("relu1", relu(), y).unwrap();
+    let shortcut = b.apply("relu1", relu(), y).unwrap();
+    let mut pointwise = Conv2d::new(8, 8, (1, 1));
+    pointwise.spec.kernel = Some(ConvKernel::Pointwise);
+    let y = b.apply("conv2", pointwise, shortcut).unwrap();
+    let y = b.apply("bn2", BatchNorm2d::new(8), y).unwrap();
+    let y = b.add("add2", Add, &[shortcut, y]).unwrap();
     let mut graph = b.build(y, Device::Gpu(gpu.clone()), 5).unwrap();
     let x = random(&[2, 3, 9, 7], 70);
     let mut sgd = graph.optimizer(Optimizer::sgd(0.1)).unwrap();
@@ -271,7 +277,7 @@ fn folded_winograd_layers_keep_their_filters_and_add_the_residual() {
             kernels(&mut graph, Mode::Eval),
         );
         let counts = format!("step {step}: {unfolded} unfolded, {first} folded, then {second}");
-        assert_eq!((first - second, unfolded - second), (4, 7), "{counts}");
+        assert_eq!((first - second, unfolded - second), (5, 10), "{counts}");
         folded_matches(&mut graph, &x, &format!("step {step}"));
         train_step(&mut graph, &mut sgd, 80 + step);
     }

@@ -371,7 +371,8 @@ impl Conv2d {
     /// [`Conv2d::forward`] for weights that stay fixed over many passes (an evaluation
     /// model's folded state), `act(conv(x, weight) + bias + residual)`: `filters` are what
     /// an earlier pass transformed (Winograd's `U`), used where this pass plans the same
-    /// transform; Winograd adds the residual in its epilogue, other kernels in a pass after.
+    /// transform; Winograd adds the residual in its epilogue, a pointwise matmul to a copy of
+    /// the residual, other kernels in a pass after.
     /// Returns the output and the filters this pass transformed, if it did: keep them for
     /// the next pass.
     pub fn forward_reusing(
@@ -400,8 +401,14 @@ impl Conv2d {
                 ),
             });
         }
-        let out = Tensor::uninit(&gpu, &shape.output())?;
         let kernel = self.forward_kernel(&gpu, &shape)?;
+        if let (ConvKernel::Pointwise, Some(residual)) = (kernel, residual) {
+            // The matmul adds its product to the residual it finds in the output.
+            let out = residual.copy_as(residual.shape())?;
+            self.pointwise(&shape, (x, weight, bias), &out, true)?;
+            return Ok((out, None));
+        }
+        let out = Tensor::uninit(&gpu, &shape.output())?;
         let Some(tile) = kernel.winograd_tile() else {
             let Some(residual) = residual else {
                 self.forward_with(kernel, &shape, (x, weight, bias), &out)?;
@@ -429,6 +436,42 @@ impl Conv2d {
                 Ok((out, Some(made)))
             }
         }
+    }
+
+    /// A 1×1 convolution at stride 1 as one matmul per image, `W · x[n]`, written in place;
+    /// with `accumulate` added to what `out` holds.
+    fn pointwise(
+        &self,
+        shape: &Conv2dShape,
+        (x, weight, bias): (&Tensor, &Tensor, Option<&Tensor>),
+        out: &Tensor,
+        accumulate: bool,
+    ) -> Result<()> {
+        let matmul = Matmul {
+            bias: if bias.is_some() {
+                BiasAxis::PerRow
+            } else {
+                BiasAxis::None
+            },
+            activation: self.activation,
+            ..Matmul::default()
+        };
+        let (n, c, o, hw) = (shape.n, shape.c, shape.o, shape.positions());
+        let (a_shape, b_shape, out_shape) = ([o, c], [n, c, hw], [n, o, hw]);
+        let run = if accumulate {
+            Matmul::run_adding
+        } else {
+            Matmul::run
+        };
+        run(
+            &matmul,
+            x.gpu(),
+            weight.operand_as(&a_shape),
+            x.operand_as(&b_shape),
+            bias.map(Tensor::operand),
+            out.operand_as(&out_shape),
+        )?;
+        Ok(())
     }
 
     /// The forward pass of checked `shape` through `kernel` into `out`.
@@ -459,24 +502,7 @@ impl Conv2d {
             );
         }
         if kernel == ConvKernel::Pointwise {
-            let matmul = Matmul {
-                bias: if bias.is_some() {
-                    BiasAxis::PerRow
-                } else {
-                    BiasAxis::None
-                },
-                activation: self.activation,
-                ..Matmul::default()
-            };
-            let (n, c, o, hw) = (shape.n, shape.c, shape.o, shape.positions());
-            matmul.run(
-                &gpu,
-                weight.operand_as(&[o, c]),
-                x.operand_as(&[n, c, hw]),
-                bias.map(Tensor::operand),
-                out.operand_as(&[n, o, hw]),
-            )?;
-            return Ok(());
+            return self.pointwise(&shape, (x, weight, bias), out, false);
         }
         // Groups: bias and activation after the product (their bias differs per group).
         let fused = shape.groups == 1;

@@ -45,15 +45,16 @@ struct KPass {
 }
 
 impl KPass {
-    /// `0..len` (in the kernel's K units) in passes of at most `per_pass`.
-    fn split(len: u32, per_pass: usize) -> Vec<KPass> {
+    /// `0..len` (in the kernel's K units) in passes of at most `per_pass`; with
+    /// `accumulate` the first adds to C's content too.
+    fn split(len: u32, per_pass: usize, accumulate: bool) -> Vec<KPass> {
         let per_pass = per_pass as u32;
         let passes = len.div_ceil(per_pass);
         (0..passes)
             .map(|i| KPass {
                 begin: i * per_pass,
                 end: len.min((i + 1) * per_pass),
-                add_to_c: i > 0,
+                add_to_c: i > 0 || accumulate,
                 finish: i + 1 == passes,
             })
             .collect()
@@ -438,7 +439,20 @@ impl Matmul {
         bias: Option<Operand<'_>>,
         out: Operand<'_>,
     ) -> Result<MatmulPlan> {
-        self.run_with(gpu, a, SourceB::Buffer(b), bias, out)
+        self.run_with(gpu, a, SourceB::Buffer(b), bias, (out, false))
+    }
+
+    /// [`Matmul::run`] adding the product to what `out` holds (a residual sum) before the
+    /// bias and the activation.
+    pub(crate) fn run_adding(
+        &self,
+        gpu: &Gpu,
+        a: Operand<'_>,
+        b: Operand<'_>,
+        bias: Option<Operand<'_>>,
+        out: Operand<'_>,
+    ) -> Result<MatmulPlan> {
+        self.run_with(gpu, a, SourceB::Buffer(b), bias, (out, true))
     }
 
     /// Runs the product with B read from a convolution's windows (implicit GEMM): no
@@ -451,16 +465,17 @@ impl Matmul {
         bias: Option<Operand<'_>>,
         out: Operand<'_>,
     ) -> Result<MatmulPlan> {
-        self.run_with(gpu, a, SourceB::Window(b), bias, out)
+        self.run_with(gpu, a, SourceB::Window(b), bias, (out, false))
     }
 
+    /// The product into `out`, added to its content if `accumulate`.
     fn run_with(
         &self,
         gpu: &Gpu,
         a: Operand<'_>,
         b: SourceB<'_, '_>,
         bias: Option<Operand<'_>>,
-        out: Operand<'_>,
+        (out, accumulate): (Operand<'_>, bool),
     ) -> Result<MatmulPlan> {
         let (b_shape, window) = match b {
             SourceB::Buffer(b) => (b.shape, None),
@@ -483,10 +498,12 @@ impl Matmul {
         };
         let (a, out) = (a.binding, out.binding);
         match plan {
-            MatmulPlan::Tiled => self.run_tiled(gpu, &shape, [a, b, bias, out], window)?,
+            MatmulPlan::Tiled => {
+                self.run_tiled(gpu, &shape, [a, b, bias, out], (window, accumulate))?
+            }
             MatmulPlan::Subgroup {
                 transposed: false, ..
-            } => self.run_subgroup(gpu, &shape, plan, [a, b, bias, out], window)?,
+            } => self.run_subgroup(gpu, &shape, plan, [a, b, bias, out], (window, accumulate))?,
             MatmulPlan::Subgroup {
                 transposed: true, ..
             } => {
@@ -508,7 +525,8 @@ impl Matmul {
                     b_batched: shape.a_batched,
                     ..shape.clone()
                 };
-                swapped.run_subgroup(gpu, &swapped_shape, plan, [b, a, bias, out], None)?
+                let bindings = [b, a, bias, out];
+                swapped.run_subgroup(gpu, &swapped_shape, plan, bindings, (None, accumulate))?
             }
         }
         Ok(plan)
@@ -519,7 +537,7 @@ impl Matmul {
         gpu: &Gpu,
         shape: &MatmulShape,
         bindings: [Binding<'_>; 4],
-        window: Option<&Window<'_>>,
+        (window, accumulate): (Option<&Window<'_>>, bool),
     ) -> Result<()> {
         let (m, k, n) = (shape.m as u32, shape.k as u32, shape.n as u32);
         let (a_row, a_col) = if self.trans_a { (1, m) } else { (k, 1) };
@@ -575,7 +593,7 @@ impl Matmul {
             Some(w) => window_layout(w, u32::from(self.trans_b), [0, 0]),
             None => Vec::new(),
         };
-        let passes = KPass::split(k, TILED_K_PER_PASS);
+        let passes = KPass::split(k, TILED_K_PER_PASS, accumulate);
         gpu.run_pass("matmul", |pass| {
             for k_pass in &passes {
                 let constants = [&k_pass.constants()[..], &window_constants].concat();
@@ -605,7 +623,7 @@ impl Matmul {
         shape: &MatmulShape,
         plan: MatmulPlan,
         [a, b, bias, out]: [Binding<'_>; 4],
-        window: Option<&Window<'_>>,
+        (window, accumulate): (Option<&Window<'_>>, bool),
     ) -> Result<()> {
         let MatmulPlan::Subgroup {
             rows,
@@ -722,7 +740,7 @@ impl Matmul {
             None => Vec::new(),
         };
         // One K step per loop iteration: passes of at most the loop bound of steps.
-        let passes = KPass::split(k4 as u32, MAX_LOOP_ITERATIONS);
+        let passes = KPass::split(k4 as u32, MAX_LOOP_ITERATIONS, accumulate);
         let pipelines = passes
             .iter()
             .map(|k_pass| {
