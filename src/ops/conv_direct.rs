@@ -30,10 +30,12 @@ struct DirectParams {
 pub(super) const MAX_FILTERS: usize = 16;
 pub(super) const MAX_KERNEL_WIDTH: usize = 7;
 
-/// Accumulators one invocation keeps (filters × block) before registers spill. 64 lets 16
-/// filters take blocks of 4 read as vec4s: LeNet's conv2 forward 1.26 -> 0.91 ms on lavapipe
-/// against 48 (blocks of 2, scalar reads).
-const MAX_ACCUMULATORS: usize = 64;
+/// Accumulators one invocation keeps (filters × block), spilling past the registers: each
+/// input loaded serves more outputs. 64 let 16 filters take blocks of 4 read as vec4s
+/// (LeNet's conv2 forward 1.26 -> 0.91 ms on lavapipe against 48); 128 lets them take blocks
+/// of 8: ResNet-20's 16-channel layers (forward and input gradient, 13 passes a step)
+/// 302–314 -> 265–287 ms on lavapipe, LeNet's unchanged; 32 took 355 ms.
+const MAX_ACCUMULATORS: usize = 128;
 
 /// Outputs per invocation along a row: a longer block reuses each loaded input more, up to
 /// the register budget, and one that divides the row wastes no lanes on the edge (measured
