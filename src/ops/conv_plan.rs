@@ -12,6 +12,7 @@
 use std::time::Instant;
 
 use super::Activation;
+use super::conv_direct::LEADING_FILTERS;
 use super::conv2d::{Conv2d, Conv2dShape, chunk_limit};
 use super::{conv_direct, conv_implicit, conv_weight_grad, conv_winograd};
 use crate::error::{Error, Result};
@@ -288,13 +289,16 @@ impl Conv2d {
                 (true, false) => vec![Im2colMatmul, GroupedDirect],
             };
         }
+        let direct = conv_direct::eligible(gpu, self, shape);
+        let leads = shape.o <= LEADING_FILTERS;
         [
-            (Direct, conv_direct::eligible(gpu, self, shape)),
+            (Direct, direct && leads),
             (Pointwise, self.pointwise_fits(gpu, shape, false)),
             (Winograd, conv_winograd::eligible(gpu, self, shape, 2)),
             (Winograd4, conv_winograd::eligible(gpu, self, shape, 4)),
             (Im2colMatmul, true),
             (ImplicitGemm, conv_implicit::eligible(shape)),
+            (Direct, direct && !leads),
         ]
         .into_iter()
         .filter_map(|(kernel, fits)| fits.then_some(kernel))
@@ -330,12 +334,18 @@ impl Conv2d {
                 (true, false) => vec![matmul, direct],
             };
         }
+        // The direct kernels lead for small banks, and come last up to MAX_FILTERS.
+        let direct_dw = conv_weight_grad::eligible(self, shape);
+        let dw_leads = shape.o <= LEADING_FILTERS && shape.c <= LEADING_FILTERS;
+        let direct_dx = conv_direct::eligible_backward(gpu, self, shape);
+        let dx_leads = shape.c <= LEADING_FILTERS;
         let weight_grads = [
-            (Direct, conv_weight_grad::eligible(self, shape)),
+            (Direct, direct_dw && dw_leads),
             (Pointwise, self.pointwise_fits(gpu, shape, true)),
             (Winograd, conv_winograd::eligible(gpu, self, shape, 2)),
             (Im2colMatmul, true),
             (ImplicitGemm, conv_implicit::eligible(shape)),
+            (Direct, direct_dw && !dw_leads),
         ];
         let mut pairs = Vec::new();
         for weight_grad in weight_grads
@@ -343,7 +353,7 @@ impl Conv2d {
             .filter_map(|(kernel, fits)| fits.then_some(kernel))
         {
             let input_grads = [
-                (Direct, conv_direct::eligible_backward(gpu, self, shape)),
+                (Direct, direct_dx && dx_leads),
                 (
                     Pointwise,
                     self.pointwise_fits(gpu, shape, weight_grad != Direct),
@@ -358,6 +368,7 @@ impl Conv2d {
                 ),
                 (Im2colMatmul, true),
                 (ImplicitGemm, conv_implicit::eligible(shape)),
+                (Direct, direct_dx && !dx_leads),
             ];
             // The pointwise and im2col weight gradients share their loop with dx: each
             // runs its own kind of dx there, or one without a col buffer (direct, Winograd,

@@ -494,6 +494,9 @@ mod tests {
             (1, 16, 5, 19, 1, 1, 3, Padding::Explicit(0, 1)),
             // Rows of whole vec4s that end half-way through a block.
             (2, 2, 14, 16, 5, 3, 5, Padding::Explicit(0, 0)),
+            // The most filters and channels (ResNet-20's second stage), and counts between.
+            (2, 32, 16, 16, 32, 3, 3, Padding::Explicit(1, 1)),
+            (3, 19, 7, 9, 23, 3, 3, Padding::Explicit(1, 1)),
         ];
         for (i, &(n, c, h, w, o, kh, kw, padding)) in cases.iter().enumerate() {
             let spec = Conv2d {
