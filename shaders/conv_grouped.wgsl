@@ -178,14 +178,14 @@ fn weight_grad(
 // Depthwise layers (one filter per channel: GROUPS = C = O) read each input row once per
 // block of DEPTHWISE_BLOCK outputs instead of once per output, and keep the filter's taps
 // in registers.
-const DEPTHWISE_BLOCK: u32 = 4u;
+const DEPTHWISE_BLOCK: u32 = 8u;
 // The input gradient at stride 1 runs `depthwise_rows` over dy with the taps rotated by 180°.
 override FLIP: u32 = 0u;
 
 // The inputs a block of outputs meets along one kernel row, first to last, and the most
 // that are loaded once into registers for all its taps (wider blocks load per tap).
 override SEGMENT: u32 = (DEPTHWISE_BLOCK - 1u) * SW + (KW - 1u) * DW + 1u;
-const SEGMENT_MAX: u32 = 24u;
+const SEGMENT_MAX: u32 = 32u;
 
 fn row_value(row: u32, ix: i32) -> f32 {
     if ix < 0 || ix >= i32(W) { return 0.0; }
@@ -210,7 +210,8 @@ fn depthwise_rows(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wo
     let oy = (index / blocks) % OH;
     let plane = index / (blocks * OH);
     let c = plane % C;
-    var sum = vec4<f32>(0.0);
+    // Outputs ox … ox + 3 and ox + 4 … ox + 7.
+    var sums = array<vec4<f32>, 2>(vec4<f32>(0.0), vec4<f32>(0.0));
     for (var ky = 0u; ky < KH; ky++) {
         let iy = i32(oy * SH + ky * DH) - i32(PAD_TOP);
         if iy < 0 || iy >= i32(H) { continue; }
@@ -221,33 +222,38 @@ fn depthwise_rows(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wo
             var segment: array<f32, SEGMENT_MAX>;
             for (var k = 0u; k < SEGMENT; k++) { segment[k] = row_value(row, left + i32(k)); }
             for (var kx = 0u; kx < KW; kx++) {
-                let at = kx * DW;
-                let values = vec4<f32>(
-                    segment[at], segment[at + SW], segment[at + 2u * SW], segment[at + 3u * SW],
-                );
-                sum += values * tap(c, ky, kx);
+                let w = tap(c, ky, kx);
+                for (var h = 0u; h < 2u; h++) {
+                    let at = kx * DW + 4u * h * SW;
+                    let values = vec4<f32>(
+                        segment[at], segment[at + SW], segment[at + 2u * SW], segment[at + 3u * SW],
+                    );
+                    sums[h] += values * w;
+                }
             }
             continue;
         }
         for (var kx = 0u; kx < KW; kx++) {
-            let ix = left + i32(kx * DW);
+            let w = tap(c, ky, kx);
             let step = i32(SW);
-            let values = vec4<f32>(
-                row_value(row, ix),
-                row_value(row, ix + step),
-                row_value(row, ix + 2 * step),
-                row_value(row, ix + 3 * step),
-            );
-            sum += values * tap(c, ky, kx);
+            for (var h = 0u; h < 2u; h++) {
+                let ix = left + i32(kx * DW) + 4 * i32(h) * step;
+                let values = vec4<f32>(
+                    row_value(row, ix),
+                    row_value(row, ix + step),
+                    row_value(row, ix + 2 * step),
+                    row_value(row, ix + 3 * step),
+                );
+                sums[h] += values * w;
+            }
         }
     }
-    if HAS_BIAS != 0u {
-        sum += vec4<f32>(bias[c]);
-    }
+    var b = 0.0;
+    if HAS_BIAS != 0u { b = bias[c]; }
     let out = (plane * OH + oy) * OW + ox;
     for (var j = 0u; j < DEPTHWISE_BLOCK; j++) {
         if ox + j < OW {
-            dst[out + j] = activate(sum[j], ACT, p.slope);
+            dst[out + j] = activate(sums[j / 4u][j % 4u] + b, ACT, p.slope);
         }
     }
 }

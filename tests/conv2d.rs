@@ -1233,6 +1233,10 @@ fn depthwise_row_kernels_match_the_cpu() {
         ),
         // 64 images of 64×64: the weight gradient runs in passes.
         (64, 2, 64, 64, 3, 1, 1, Padding::Explicit(1, 1)),
+        // A kernel row meeting more inputs than the registers hold for a block (5 taps 8
+        // apart, and strided): each tap loads its own.
+        (1, 3, 40, 45, 5, 1, 8, Padding::Explicit(16, 16)),
+        (1, 2, 21, 37, 5, 3, 3, Padding::Explicit(2, 2)),
     ];
     for (i, (n, c, h, w, k, stride, dilation, padding)) in cases.into_iter().enumerate() {
         let spec = Conv2d {

@@ -100,7 +100,7 @@ fn quads(spec: &Conv2d, shape: &Conv2dShape) -> bool {
 }
 
 /// `depthwise_rows`: `dst = act(conv(src, weight) + bias)` for a depthwise `shape`, one
-/// invocation per four outputs along a row; `flip` reads the taps rotated by 180°.
+/// invocation per eight outputs along a row; `flip` reads the taps rotated by 180°.
 fn depthwise_rows(
     gpu: &Gpu,
     (spec, shape): (&Conv2d, &Conv2dShape),
@@ -113,7 +113,7 @@ fn depthwise_rows(
         let slots = ((5, src.binding_vec4()), (6, dst.binding_vec4()));
         ("depthwise_rows4", slots.0, slots.1, blocks)
     } else {
-        let blocks = shape.ow.div_ceil(4);
+        let blocks = shape.ow.div_ceil(8);
         (
             "depthwise_rows",
             (1, src.binding()),
