@@ -935,7 +935,7 @@ impl Graph {
                         needs,
                         input_activation: taken[i],
                         dy_through_activation: through[i],
-                        absorbed: absorbed.map_or(Activation::None, |a| a.activation),
+                        absorbed: output_activation(absorbed),
                     })
                     .map_err(|e| in_node(&node.name, e))?;
                 if needs.state {
@@ -1017,10 +1017,9 @@ impl Graph {
                 && sole_readers[v] == Some(i)
             {
                 let (producer, activation) = match absorbed_by[v - 1] {
-                    Some(producer) => (producer, self.nodes[v - 1].layer.activation_only()),
-                    None => (v - 1, Some(self.nodes[v - 1].layer.output_activation())),
+                    Some(producer) => (producer, output_activation(self.absorbed[producer])),
+                    None => (v - 1, self.nodes[v - 1].layer.output_activation()),
                 };
-                let activation = activation.unwrap_or_default();
                 if activation != Activation::None && node.layer.takes_input_activation(activation) {
                     taken[i] = activation;
                     through[producer] = true;
@@ -1297,6 +1296,11 @@ fn trained_values(nodes: &[Node]) -> impl Iterator<Item = (String, &Value)> + '_
             .filter(|(_, (_, trainable))| **trainable)
             .map(|(name, (value, _))| (name, value))
     })
+}
+
+/// The activation a node applied last in place of the activation node it absorbed, if any.
+fn output_activation(absorbed: Option<Absorbed>) -> Activation {
+    absorbed.map_or(Activation::None, |a| a.activation)
 }
 
 /// The value node `i`'s output is: its own, or that of the activation node it absorbed.

@@ -601,12 +601,18 @@ impl Value {
                 let affine = [&channels(gamma)?, &channels(beta)?];
                 let statistics = [&channels(mean)?, &channels(rstd)?];
                 let dy = dy.cpu()?.view();
-                // The output recomputed, for the gradient through the activation.
-                let y = scale_shift(spec.activation, &x.view(), affine, statistics);
-                let dz = through_activation_cpu(spec.activation, &y.view(), &dy)?;
+                // Through the activation first, from the output recomputed.
+                let dz = match spec.activation {
+                    Activation::None => None,
+                    activation => {
+                        let y = scale_shift(activation, &x.view(), affine, statistics);
+                        Some(through_activation_cpu(activation, &y.view(), &dy)?)
+                    }
+                };
+                let dz = dz.as_ref().map_or(dy, |dz| dz.view());
                 let [gamma, _] = affine;
                 let [mean, rstd] = statistics;
-                batch_norm_backward_cpu(&x.view(), gamma, mean, rstd, &dz.view(), training)?
+                batch_norm_backward_cpu(&x.view(), gamma, mean, rstd, &dz, training)?
                     .map(Value::from)
             }
         })

@@ -357,15 +357,7 @@ impl Conv2d {
 
     /// `act(conv(x, weight) + bias)` on the GPU.
     pub fn forward(&self, x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-        let gpu = x.gpu().clone();
-        for t in [Some(weight), bias].into_iter().flatten() {
-            t.check_same_gpu(OP, &gpu)?;
-        }
-        let shape = self.shape(x.shape(), weight.shape(), bias.map(Tensor::shape))?;
-        let out = Tensor::uninit(&gpu, &shape.output())?;
-        let kernel = self.forward_kernel(&gpu, &shape)?;
-        self.forward_with(kernel, &shape, (x, weight, bias), &out)?;
-        Ok(out)
+        Ok(self.forward_reusing(x, (weight, bias), None, None)?.0)
     }
 
     /// [`Conv2d::forward`] for weights that stay fixed over many passes (an evaluation

@@ -280,14 +280,21 @@ impl Value {
                 )?
                 .map(Value::from),
             Value::Cpu(x) => {
-                let (x, gamma) = (x.view(), gamma.cpu()?.view());
+                let (x, gamma, dy) = (x.view(), gamma.cpu()?.view(), dy.cpu()?.view());
                 let statistics = [mean.cpu()?, rstd.cpu()?];
-                // The output recomputed from the saved statistics, for the gradient through
-                // the activation.
-                let y = spec.normalized_cpu(&x, [&gamma, &beta.cpu()?.view()], statistics)?;
-                let dz = through_activation_cpu(spec.activation, &y.view(), &dy.cpu()?.view())?;
+                // Through the activation first, from the output recomputed from the saved
+                // statistics.
+                let dz = match spec.activation {
+                    Activation::None => None,
+                    activation => {
+                        let affine = [&gamma, &beta.cpu()?.view()];
+                        let y = spec.normalized_cpu(&x, affine, statistics)?;
+                        Some(through_activation_cpu(activation, &y.view(), &dy)?)
+                    }
+                };
+                let dz = dz.as_ref().map_or(dy, |dz| dz.view());
                 let [mean, rstd] = statistics;
-                spec.backward_cpu(&x, &gamma, mean, rstd, &dz.view())?
+                spec.backward_cpu(&x, &gamma, mean, rstd, &dz)?
                     .map(Value::from)
             }
         })
