@@ -2,8 +2,9 @@
 //! synchronised runs after a warm-up.
 //!
 //! `cargo run --release --example perf -- [--quick] [--runs N] [--json] [--filter TEXT]
-//! [--reads storage|texture] [--profile] [--memory] [--dispatches]` (`--reads` forces how
-//! kernels read large operands instead of the adapter's calibration; `--profile` prints where
+//! [--reads storage|texture] [--kernels portable|cpu] [--profile] [--memory] [--dispatches]`
+//! (`--reads` forces how kernels read large operands instead of the adapter's calibration,
+//! `--kernels` a kernel family whatever the adapter's type; `--profile` prints where
 //! a LeNet training step's device time goes (ResNet-20's with `--filter resnet20`), pass by pass, `--memory` the peak bytes of
 //! ResNet steps, `--dispatches` the kernels and submits per training step, each instead of
 //! the table).
@@ -15,7 +16,7 @@ use clap::Parser;
 use ndarray::{Array1, Array2, ArrayD, IxDyn};
 use wgcnn::ops::batch_norm::batches_state;
 use wgcnn::ops::{BatchNorm2d, Conv2d, KernelChoice, LayerNorm, Matmul, Pool2d};
-use wgcnn::tuning::{OperandReads, Tuning};
+use wgcnn::tuning::{KernelFamily, OperandReads, Tuning};
 use wgcnn::{Device, Gpu, GpuOptions, Padding, Result, Tensor};
 
 /// One benchmarked operation: GPU and CPU runs of the same work.
@@ -673,6 +674,10 @@ struct Args {
     /// Force how kernels read large operands (default: the adapter's calibration).
     #[arg(long, value_enum)]
     reads: Option<Reads>,
+    /// Force a kernel family on any adapter (default: by the adapter's type, as
+    /// `WGCNN_KERNELS` says): `portable` runs the GPU designs, `cpu` the CPU-adapter ones.
+    #[arg(long, value_enum)]
+    kernels: Option<Family>,
     /// Instead of the table: where a LeNet training step's device time goes, pass by pass
     /// (each pass submitted and waited for on its own; medians of --runs steps); with
     /// --filter resnet20, resnet18 or efficientnet, that model's step or inference.
@@ -702,6 +707,15 @@ enum Reads {
     Texture,
 }
 
+/// `--kernels` values.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Family {
+    /// The GPU designs (packed-vec4 matmul, storage reads, no subgroup broadcasts).
+    Portable,
+    /// The CPU-adapter designs (subgroup broadcasts, calibrated operand reads).
+    Cpu,
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
     let (json, filter) = (args.json, args.filter.clone());
@@ -712,9 +726,15 @@ fn main() -> Result<()> {
         Reads::Storage => OperandReads::Storage,
         Reads::Texture => OperandReads::Texture,
     });
+    let env = GpuOptions::from_env()?;
     let options = GpuOptions {
         operand_reads,
-        ..GpuOptions::from_env()?
+        kernel_family: match args.kernels {
+            Some(Family::Portable) => KernelFamily::Portable,
+            Some(Family::Cpu) => KernelFamily::CpuAdapter,
+            None => env.kernel_family,
+        },
+        ..env
     };
     if args.tuning {
         return tuning_report(&options, json, filter.as_deref());
@@ -732,9 +752,10 @@ fn main() -> Result<()> {
     }
     if !json {
         println!(
-            "adapter: {adapter} ({:?}, {:?})",
+            "adapter: {adapter} ({:?}, {:?}), {:?} kernels",
             gpu.adapter_info().backend,
-            gpu.adapter_info().device_type
+            gpu.adapter_info().device_type,
+            gpu.kernel_family()
         );
         println!(
             "{:<30} {:<26} {:<20} {:>10} {:>9} {:>10} {:>9} {:>9} {:>7}",

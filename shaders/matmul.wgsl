@@ -1,10 +1,15 @@
-// C[b] = act(op(A)[b] · op(B)[b] + bias), the classic GPU design: a 64×64 block tile staged
-// in workgroup memory, 16 K-steps at a time, and a 4×4 register micro-tile per invocation.
-// Operands are read through strides, so transposed and broadcast operands need no copies
-// (B through `b_at`: shaders/matmul_operands.wgsl, or shaders/conv_implicit.wgsl's windows);
-// every load and store is guarded, so any M, N, K works. One dispatch sums the K range
-// [k_begin, k_end): a K past the loop bound runs as passes, each adding to C (ADD_TO_C), the
-// last one adding the bias and applying the activation (FINISH).
+// C[b] = act(op(A)[b] · op(B)[b] + bias): the portable family's packed-vec4 kernel. A 64×64
+// block of C per workgroup of 16×16 invocations, each owning 4 rows × one vec4 of 4 columns;
+// K in tiles of 32 staged in workgroup memory as vec4s, [k][four rows] of A and [k][four
+// columns] of B, so a K step is two vec4 loads from workgroup memory and four vec4 FMAs.
+//
+// Tiles are loaded as quads of four neighbours along each operand's contiguous axis
+// (`a_quad`, `b_quad` from shaders/matmul_operands.wgsl: A_ALONG_K, B_ALONG_N), so that
+// neighbouring lanes read neighbouring memory whether an operand is transposed or not; dense
+// operands whose quads are aligned are read as vec4s. Only the tiles at the edges of C or of
+// the K range check bounds (`edge`, uniform across the workgroup). One dispatch sums the K
+// range [k_begin, k_end): a K past the loop bound runs as passes, each adding to C
+// (ADD_TO_C), the last one adding the bias and applying the activation (FINISH).
 
 struct Params {
     m: u32, n: u32, k: u32, batch: u32,
@@ -21,16 +26,45 @@ struct Params {
 override ADD_TO_C: u32 = 0u;
 // 1: add the bias and apply the activation (the last pass); 0: store the raw sums.
 override FINISH: u32 = 1u;
+// 1: A's quads run along K (A stored row-major, M×K); 0: along M (A given transposed).
+override A_ALONG_K: u32 = 1u;
+// 1: B's quads run along N (B stored row-major, K×N); 0: along K (B given transposed).
+override B_ALONG_N: u32 = 1u;
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> a: array<f32>;
 @group(0) @binding(3) var<storage, read> bias: array<f32>;
 @group(0) @binding(4) var<storage, read_write> c: array<f32>;
 
 const TILE: u32 = 64u;
-const TK: u32 = 16u;
-var<workgroup> a_tile: array<array<f32, 64>, 16>;   // [k][m]
-var<workgroup> b_tile: array<array<f32, 64>, 16>;   // [k][n]
+const TK: u32 = 32u;
+var<workgroup> a_tile: array<array<vec4<f32>, 16>, TK>;   // [k][m / 4]
+var<workgroup> b_tile: array<array<vec4<f32>, 16>, TK>;   // [k][n / 4]
+
+// Quad `q` (0..512) of this K tile's 64×32 slice of A into a_tile.
+fn stage_a(batch: u32, m0: u32, k0: u32, q: u32, edge: bool) {
+    if A_ALONG_K == 1u {
+        // Eight quads per row: lanes step along K.
+        let row = q / 8u;
+        let kk = (q % 8u) * 4u;
+        let v = a_quad(batch, m0 + row, k0 + kk, edge);
+        for (var j = 0u; j < 4u; j++) { a_tile[kk + j][row / 4u][row % 4u] = v[j]; }
+    } else {
+        // Sixteen quads per K step: lanes step along M.
+        a_tile[q / 16u][q % 16u] = a_quad(batch, m0 + (q % 16u) * 4u, k0 + q / 16u, edge);
+    }
+}
+
+// Quad `q` (0..512) of this K tile's 32×64 slice of B into b_tile.
+fn stage_b(batch: u32, n0: u32, k0: u32, q: u32, edge: bool) {
+    if B_ALONG_N == 1u {
+        b_tile[q / 16u][q % 16u] = b_quad(batch, k0 + q / 16u, n0 + (q % 16u) * 4u, edge);
+    } else {
+        let col = q / 8u;
+        let kk = (q % 8u) * 4u;
+        let v = b_quad(batch, k0 + kk, n0 + col, edge);
+        for (var j = 0u; j < 4u; j++) { b_tile[kk + j][col / 4u][col % 4u] = v[j]; }
+    }
+}
 
 @compute @workgroup_size(16, 16)
 fn main(
@@ -47,36 +81,23 @@ fn main(
     let batch = tile / (p.tiles_n * p.tiles_m);
     let m0 = tm * TILE;
     let n0 = tn * TILE;
-    let a_base = batch * p.a_batch;
+    let inside = m0 + TILE <= p.m && n0 + TILE <= p.n;
 
-    var acc: array<array<f32, 4>, 4>;
+    var acc: array<vec4<f32>, 4>;
     for (var k0 = p.k_begin; k0 < p.k_end; k0 += TK) {
-        // 256 invocations load the 16×64 slices of A and B, 4 elements each.
-        for (var i = 0u; i < 4u; i++) {
-            let e = lindex + i * 256u;
-            let kk = e / TILE;
-            let mm = e % TILE;
-            let gk = k0 + kk;
-            var av = 0.0;
-            if m0 + mm < p.m && gk < p.k_end { av = a[a_base + (m0 + mm) * p.a_row + gk * p.a_col]; }
-            a_tile[kk][mm] = av;
-            var bv = 0.0;
-            if n0 + mm < p.n && gk < p.k_end { bv = b_at(batch, gk, n0 + mm); }
-            b_tile[kk][mm] = bv;
+        let edge = !inside || k0 + TK > p.k_end;
+        for (var i = 0u; i < 2u; i++) {
+            stage_a(batch, m0, k0, lindex + i * 256u, edge);
+            stage_b(batch, n0, k0, lindex + i * 256u, edge);
         }
         workgroupBarrier();
         for (var kk = 0u; kk < TK; kk++) {
-            var av: array<f32, 4>;
-            var bv: array<f32, 4>;
-            for (var i = 0u; i < 4u; i++) {
-                av[i] = a_tile[kk][lid.y * 4u + i];
-                bv[i] = b_tile[kk][lid.x * 4u + i];
-            }
-            for (var i = 0u; i < 4u; i++) {
-                for (var j = 0u; j < 4u; j++) {
-                    acc[i][j] = fma(av[i], bv[j], acc[i][j]);
-                }
-            }
+            let av = a_tile[kk][lid.y];
+            let bv = b_tile[kk][lid.x];
+            acc[0] = fma(vec4<f32>(av.x), bv, acc[0]);
+            acc[1] = fma(vec4<f32>(av.y), bv, acc[1]);
+            acc[2] = fma(vec4<f32>(av.z), bv, acc[2]);
+            acc[3] = fma(vec4<f32>(av.w), bv, acc[3]);
         }
         workgroupBarrier();
     }

@@ -1,6 +1,8 @@
-// Operand sources for shaders/matmul_subgroup.wgsl, one per operand chosen per pipeline:
-// `load_a(i)` and `load_b(i)` return vec4 number `i` of the dense packed operand. An
-// implicit-GEMM B (shaders/conv_implicit.wgsl) replaces `storage_b` / `texture_b`.
+// Operand sources, one per operand chosen per pipeline. For shaders/matmul_subgroup.wgsl,
+// `load_a(i)` and `load_b(i)` return vec4 number `i` of the dense packed operand; for
+// shaders/matmul.wgsl, `a_quad` and `b_quad` return four neighbours along the operand's
+// contiguous axis (`tiled_*` sections). An implicit-GEMM B (shaders/conv_implicit.wgsl)
+// replaces `storage_b` / `texture_b` / `tiled_b`.
 
 //- storage_a
 @group(0) @binding(1) var<storage, read> a: array<vec4<f32>>;
@@ -61,8 +63,75 @@ fn store4(batch: u32, row: u32, col4: u32, value: vec4<f32>) {
 }
 
 //- tiled_b
-// For shaders/matmul.wgsl: op(B)[batch][k][n] through B's strides.
+// For shaders/matmul.wgsl: op(B)[batch][k][n] through B's strides (`b_quads` makes quads).
 @group(0) @binding(2) var<storage, read> b: array<f32>;
 fn b_at(batch: u32, k: u32, n: u32) -> f32 {
     return b[batch * p.b_batch + k * p.b_row + n * p.b_col];
+}
+
+//- b_quads
+// For shaders/matmul.wgsl: four neighbours of op(B) along its contiguous axis from `b_at`
+// (a buffer's, or a convolution's windows), each checked where the tile is at an edge.
+fn b_checked(batch: u32, k: u32, n: u32, edge: bool) -> f32 {
+    if edge && (k >= p.k_end || n >= p.n) { return 0.0; }
+    return b_at(batch, k, n);
+}
+fn b_quad(batch: u32, k: u32, n: u32, edge: bool) -> vec4<f32> {
+    if B_ALONG_N == 1u {
+        return vec4<f32>(
+            b_checked(batch, k, n, edge),
+            b_checked(batch, k, n + 1u, edge),
+            b_checked(batch, k, n + 2u, edge),
+            b_checked(batch, k, n + 3u, edge),
+        );
+    }
+    return vec4<f32>(
+        b_checked(batch, k, n, edge),
+        b_checked(batch, k + 1u, n, edge),
+        b_checked(batch, k + 2u, n, edge),
+        b_checked(batch, k + 3u, n, edge),
+    );
+}
+
+//- tiled_b4
+// For shaders/matmul.wgsl: a dense B whose contiguous axis is a multiple of 4, one vec4
+// load per quad (a quad is wholly inside or wholly outside).
+@group(0) @binding(2) var<storage, read> b: array<vec4<f32>>;
+fn b_quad(batch: u32, k: u32, n: u32, edge: bool) -> vec4<f32> {
+    if edge && (k >= p.k_end || n >= p.n) { return vec4<f32>(0.0); }
+    return b[(batch * p.b_batch + k * p.b_row + n * p.b_col) / 4u];
+}
+
+//- tiled_a
+// For shaders/matmul.wgsl: four neighbours of op(A) along its contiguous axis through A's
+// strides, each checked where the tile is at an edge.
+@group(0) @binding(1) var<storage, read> a: array<f32>;
+fn a_checked(batch: u32, row: u32, k: u32, edge: bool) -> f32 {
+    if edge && (row >= p.m || k >= p.k_end) { return 0.0; }
+    return a[batch * p.a_batch + row * p.a_row + k * p.a_col];
+}
+fn a_quad(batch: u32, row: u32, k: u32, edge: bool) -> vec4<f32> {
+    if A_ALONG_K == 1u {
+        return vec4<f32>(
+            a_checked(batch, row, k, edge),
+            a_checked(batch, row, k + 1u, edge),
+            a_checked(batch, row, k + 2u, edge),
+            a_checked(batch, row, k + 3u, edge),
+        );
+    }
+    return vec4<f32>(
+        a_checked(batch, row, k, edge),
+        a_checked(batch, row + 1u, k, edge),
+        a_checked(batch, row + 2u, k, edge),
+        a_checked(batch, row + 3u, k, edge),
+    );
+}
+
+//- tiled_a4
+// For shaders/matmul.wgsl: a dense A whose contiguous axis is a multiple of 4, one vec4
+// load per quad.
+@group(0) @binding(1) var<storage, read> a: array<vec4<f32>>;
+fn a_quad(batch: u32, row: u32, k: u32, edge: bool) -> vec4<f32> {
+    if edge && (row >= p.m || k >= p.k_end) { return vec4<f32>(0.0); }
+    return a[(batch * p.a_batch + row * p.a_row + k * p.a_col) / 4u];
 }

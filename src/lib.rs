@@ -104,8 +104,8 @@ pub mod prelude {
 /// [`tuning::OperandReads`] to force a family.
 pub mod tuning {
     pub use crate::gpu::{
-        ChoiceSource, OperandCalibration, OperandReads, TEXTURE_ADVANTAGE, TunedChoice, Tuning,
-        TuningReport,
+        ChoiceSource, KernelFamily, OperandCalibration, OperandReads, TEXTURE_ADVANTAGE,
+        TunedChoice, Tuning, TuningReport,
     };
     pub use crate::ops::conv_plan::{ConvKernel, ConvPlan};
     pub use crate::ops::matmul::MatmulPlan;

@@ -1,7 +1,7 @@
 //! The variables that pick a backend and adapter and the kernel tuning: a value not
 //! understood is an error that lists the accepted ones. One test in its own binary, since it changes the environment.
 
-use wgcnn::tuning::Tuning;
+use wgcnn::tuning::{KernelFamily, Tuning};
 use wgcnn::{Gpu, GpuOptions};
 
 fn with_var(name: &str, value: &str) -> String {
@@ -46,6 +46,22 @@ fn unknown_or_unbuilt_backends_and_preferences_are_errors() {
         unsafe { std::env::set_var("WGCNN_TUNING", value) };
         assert_eq!(GpuOptions::from_env().unwrap().tuning, tuning, "{value}");
         unsafe { std::env::remove_var("WGCNN_TUNING") };
+    }
+    let err = with_var("WGCNN_KERNELS", "fastest");
+    assert!(
+        err.contains("unknown kernel family \"fastest\"; accepted: auto"),
+        "{err}"
+    );
+    for (value, family) in [
+        ("portable", KernelFamily::Portable),
+        (" CPU ", KernelFamily::CpuAdapter),
+        ("auto", KernelFamily::Auto),
+    ] {
+        // SAFETY: as above.
+        unsafe { std::env::set_var("WGCNN_KERNELS", value) };
+        let options = GpuOptions::from_env().unwrap();
+        assert_eq!(options.kernel_family, family, "{value}");
+        unsafe { std::env::remove_var("WGCNN_KERNELS") };
     }
     let err = with_var("WGCNN_RUNTIME_CHECKS", "maybe");
     assert!(

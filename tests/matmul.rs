@@ -6,7 +6,7 @@ use common::{gpu, max_abs_diff, random};
 use ndarray::{ArrayD, IxDyn};
 use proptest::prelude::*;
 use wgcnn::ops::{BiasAxis, KernelChoice, Matmul};
-use wgcnn::tuning::{MatmulPlan, OperandReads, TEXTURE_ADVANTAGE};
+use wgcnn::tuning::{KernelFamily, MatmulPlan, OperandReads, TEXTURE_ADVANTAGE};
 use wgcnn::{Activation, Gpu, Tensor};
 
 /// The kernel families this adapter can run.
@@ -18,7 +18,7 @@ fn kernels(gpu: &Gpu) -> Vec<KernelChoice> {
 
 /// The subgroup kernel reading storage buffers and reading textures, where subgroups exist.
 /// A CPU adapter (CI's lavapipe) without fixed-size subgroups fails the test: its kernels
-/// would go untested without a word.
+/// would go untested without a word. (They run whatever the context's kernel family.)
 fn subgroup_kernels(gpu: &Gpu) -> Vec<KernelChoice> {
     match gpu.fixed_subgroup_size() {
         Some(_) => vec![KernelChoice::Subgroup, KernelChoice::SubgroupTexture],
@@ -145,6 +145,10 @@ fn sizes_around_the_tiles_and_tiny_ones() {
         // and a K that ends inside four steps.
         (120, 64, 256),
         (84, 67, 36),
+        // Whole tiles inside the output beside edge ones, and a K range ending inside a tile:
+        // the tiled kernel's unchecked loads, element by element and as vec4s.
+        (130, 67, 131),
+        (129, 68, 132),
     ] {
         for kernel in kernels(gpu) {
             for (trans_a, trans_b) in [(false, false), (false, true), (true, false), (true, true)] {
@@ -200,12 +204,13 @@ fn grids_beyond_65535_workgroups_in_one_axis() {
 }
 
 #[test]
-fn auto_picks_the_subgroup_kernel_on_cpu_adapters() {
+fn auto_follows_the_kernel_family() {
     let Some(gpu) = gpu() else { return };
     let spec = Matmul::default();
     let shape = spec.shape(&[64, 64], &[64, 64], None).unwrap();
     let plan = spec.plan(gpu, &shape).unwrap();
-    if gpu.is_cpu_adapter() && gpu.fixed_subgroup_size().is_some() {
+    let family = gpu.kernel_family();
+    if family == KernelFamily::CpuAdapter && gpu.fixed_subgroup_size().is_some() {
         // Operands come through textures exactly when the calibration chose them.
         let textures = gpu.operand_reads().unwrap() == OperandReads::Texture;
         assert!(
@@ -221,7 +226,9 @@ fn auto_picks_the_subgroup_kernel_on_cpu_adapters() {
 fn the_calibration_measures_both_reads_and_keeps_its_choice() {
     let Some(gpu) = gpu() else { return };
     let Some(calibration) = gpu.operand_calibration().unwrap() else {
-        assert!(!gpu.is_cpu_adapter() || gpu.fixed_subgroup_size().is_none());
+        assert!(
+            gpu.kernel_family() == KernelFamily::Portable || gpu.fixed_subgroup_size().is_none()
+        );
         assert_eq!(gpu.operand_reads().unwrap(), OperandReads::Storage);
         return;
     };

@@ -45,6 +45,26 @@ pub struct GpuOptions {
     /// (lavapipe: N8 64→64 56² 3×3 forward + backward 0.79× without them). On for debugging a kernel;
     /// CI runs the tests once each way.
     pub runtime_checks: bool,
+    /// Which kernel designs run (`WGCNN_KERNELS`: `auto`, `portable`, `cpu`): by default
+    /// the adapter's type picks ([`KernelFamily::Auto`]); forcing one runs and measures the
+    /// other family's kernels on any adapter (tests, `perf --kernels`).
+    pub kernel_family: KernelFamily,
+}
+
+/// The two designs of the kernels that exist in both (`GpuOptions::kernel_family`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum KernelFamily {
+    /// The CPU-adapter family on CPU adapters (lavapipe), the portable one elsewhere.
+    #[default]
+    Auto,
+    /// Workgroup-memory tiles and storage reads, designed for GPUs: the packed-vec4 matmul,
+    /// direct convolutions without subgroup broadcasts, no operand textures.
+    Portable,
+    /// Register tiles shared by subgroup broadcasts, operands through textures where the
+    /// calibration says they are cheaper: designed for CPU adapters, whose invocations are
+    /// SIMD lanes. Needs subgroups of a fixed size; kernels that need them fall back to the
+    /// portable design where the adapter has none.
+    CpuAdapter,
 }
 
 impl Default for GpuOptions {
@@ -60,13 +80,14 @@ impl Default for GpuOptions {
             tuning_cache: super::tuning::default_cache_file(),
             tuning_budget: std::time::Duration::from_secs(1),
             runtime_checks: false,
+            kernel_family: KernelFamily::Auto,
         }
     }
 }
 
 impl GpuOptions {
     /// Defaults, overridden by `WGPU_BACKEND`, `WGPU_ADAPTER_NAME`, `WGPU_POWER_PREF`,
-    /// `WGCNN_TUNING`, `WGCNN_TUNING_CACHE` and `WGCNN_RUNTIME_CHECKS`.
+    /// `WGCNN_TUNING`, `WGCNN_TUNING_CACHE`, `WGCNN_RUNTIME_CHECKS` and `WGCNN_KERNELS`.
     /// A value not understood is an error listing the accepted ones (wgpu itself would
     /// ignore it and search no backend, or keep the default preference).
     pub fn from_env() -> Result<Self> {
@@ -94,6 +115,10 @@ impl GpuOptions {
             runtime_checks: match var("WGCNN_RUNTIME_CHECKS") {
                 Some(value) => parse_runtime_checks(&value)?,
                 None => default.runtime_checks,
+            },
+            kernel_family: match var("WGCNN_KERNELS") {
+                Some(value) => parse_kernel_family(&value)?,
+                None => default.kernel_family,
             },
             ..default
         })
@@ -166,6 +191,22 @@ fn parse_runtime_checks(value: &str) -> Result<bool> {
     }
 }
 
+/// `WGCNN_KERNELS`' value.
+fn parse_kernel_family(value: &str) -> Result<KernelFamily> {
+    match value.trim().to_lowercase().as_str() {
+        "auto" => Ok(KernelFamily::Auto),
+        "portable" | "gpu" => Ok(KernelFamily::Portable),
+        "cpu" | "cpu-adapter" => Ok(KernelFamily::CpuAdapter),
+        _ => Err(Error::InvalidArgument {
+            op: "WGCNN_KERNELS",
+            detail: format!(
+                "unknown kernel family {value:?}; accepted: auto (by the adapter's type), \
+                 portable (the GPU designs), cpu (the CPU-adapter designs)"
+            ),
+        }),
+    }
+}
+
 /// `WGPU_POWER_PREF`'s value.
 fn parse_power_preference(value: &str) -> Result<wgpu::PowerPreference> {
     match value.trim().to_lowercase().as_str() {
@@ -211,6 +252,8 @@ pub(crate) struct GpuInner {
     pub(crate) recording_hold_bytes: u64,
     /// `GpuOptions::runtime_checks`.
     pub(crate) runtime_checks: bool,
+    /// `GpuOptions::kernel_family`.
+    kernel_family: KernelFamily,
     lost: Arc<Mutex<Option<String>>>,
     uncaptured: Arc<Mutex<Option<String>>>,
 }
@@ -308,6 +351,7 @@ impl Gpu {
                 tuning: Mutex::new(super::tuning::TuningState::new(&options)),
                 recording_hold_bytes: options.recording_hold_bytes,
                 runtime_checks: options.runtime_checks,
+                kernel_family: options.kernel_family,
                 lost,
                 uncaptured,
             }),
@@ -332,6 +376,21 @@ impl Gpu {
     /// True on CPU adapters such as lavapipe, where kernels are designed differently.
     pub fn is_cpu_adapter(&self) -> bool {
         self.inner.info.device_type == wgpu::DeviceType::Cpu
+    }
+
+    /// The kernel family in force: `GpuOptions::kernel_family`, with `Auto` resolved by
+    /// the adapter's type (never `Auto`).
+    pub fn kernel_family(&self) -> KernelFamily {
+        match self.inner.kernel_family {
+            KernelFamily::Auto if self.is_cpu_adapter() => KernelFamily::CpuAdapter,
+            KernelFamily::Auto => KernelFamily::Portable,
+            forced => forced,
+        }
+    }
+
+    /// True where the CPU-adapter designs run ([`Gpu::kernel_family`]).
+    pub(crate) fn cpu_kernels(&self) -> bool {
+        self.kernel_family() == KernelFamily::CpuAdapter
     }
 
     /// The subgroup width when the device supports subgroups and it is fixed.

@@ -14,7 +14,7 @@ mod tuning;
 mod uniforms;
 
 pub(crate) use context::lock;
-pub use context::{Gpu, GpuOptions};
+pub use context::{Gpu, GpuOptions, KernelFamily};
 pub use pool::PoolStats;
 pub(crate) use pool::size_class;
 pub use profile::PassTime;

@@ -300,7 +300,7 @@ impl Gpu {
     /// The calibration behind [`Gpu::operand_reads`]; `None` on adapters that do not
     /// calibrate (real GPUs, or CPU adapters without fixed-size subgroups).
     pub fn operand_calibration(&self) -> Result<Option<OperandCalibration>> {
-        if !self.is_cpu_adapter() || self.fixed_subgroup_size().is_none() {
+        if !self.cpu_kernels() || self.fixed_subgroup_size().is_none() {
             return Ok(None);
         }
         if let Some(found) = self.inner.calibration.get() {

@@ -308,16 +308,17 @@ impl Gpu {
         Ok(fastest.unwrap_or(0))
     }
 
-    /// This adapter and driver and this crate's version: a choice timed on one holds for
-    /// the same kernels on the same hardware only.
+    /// This adapter and driver, the kernel family and this crate's version: a choice timed
+    /// on one holds for the same kernels on the same hardware only.
     fn adapter_key(&self) -> String {
         let info = self.adapter_info();
         let key = format!(
-            "{} | {:?} | {} {} | wgcnn {}",
+            "{} | {:?} | {} {} | {:?} kernels | wgcnn {}",
             info.name,
             info.backend,
             info.driver,
             info.driver_info,
+            self.kernel_family(),
             env!("CARGO_PKG_VERSION")
         );
         key.replace(['\t', '\n', '\r'], " ")

@@ -153,7 +153,7 @@ impl DirectKernel {
 /// The subgroup size the weight-sharing kernel would use on `gpu`, if it suits it.
 fn broadcast_subgroup(gpu: &Gpu) -> Option<usize> {
     let size = gpu.fixed_subgroup_size()? as usize;
-    (gpu.is_cpu_adapter() && (4..=32).contains(&size) && 64 % size == 0).then_some(size)
+    (gpu.cpu_kernels() && (4..=32).contains(&size) && 64 % size == 0).then_some(size)
 }
 
 /// `out = act(conv(x, weight) + bias)` (the caller checked [`eligible`]).

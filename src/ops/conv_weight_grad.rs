@@ -71,9 +71,7 @@ pub(crate) fn eligible(spec: &Conv2d, shape: &Conv2dShape) -> bool {
 fn broadcast_subgroup(gpu: &Gpu) -> Option<usize> {
     let size = gpu.fixed_subgroup_size()? as usize;
     // The block's input segment is spread over at most two loads per lane.
-    (gpu.is_cpu_adapter()
-        && (4..=32).contains(&size)
-        && GRAD_BLOCK + MAX_KERNEL_WIDTH - 1 <= 2 * size)
+    (gpu.cpu_kernels() && (4..=32).contains(&size) && GRAD_BLOCK + MAX_KERNEL_WIDTH - 1 <= 2 * size)
         .then_some(size)
 }
 

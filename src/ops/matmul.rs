@@ -27,11 +27,15 @@ const OP: &str = "matmul";
 const SMALL_PRODUCT: usize = 65_536;
 
 /// K steps per tile of the tiled kernel (`TK` in shaders/matmul.wgsl).
-const TILED_K_STEP: usize = 16;
+const TILED_K_STEP: usize = 32;
 
-/// The most of K one tiled dispatch sums within the loop bound: each tile of K costs its
-/// `TILED_K_STEP` inner iterations and one of the tile loop.
-const TILED_K_PER_PASS: usize = MAX_LOOP_ITERATIONS / (TILED_K_STEP + 1) * TILED_K_STEP;
+/// Loop iterations per K tile of the tiled kernel: its K steps, one of the tile loop, two
+/// staging steps and the four lanes of each of their two transposing writes (were none
+/// unrolled).
+const TILED_LOOPS_PER_K_TILE: usize = TILED_K_STEP + 1 + 2 + 2 * 2 * 4;
+
+/// The most of K one tiled dispatch sums within the loop bound (a multiple of the K tile).
+const TILED_K_PER_PASS: usize = MAX_LOOP_ITERATIONS / TILED_LOOPS_PER_K_TILE * TILED_K_STEP;
 
 /// One dispatch's share of the inner dimension: a K past the loop bound runs as passes over
 /// ranges of it, each after the first adding its sums to C's, the last alone adding the bias
@@ -133,13 +137,14 @@ pub enum BiasAxis {
     PerRow,
 }
 
-/// Which kernel family runs; `Auto` picks by adapter type.
+/// Which kernel runs; `Auto` follows the context's kernel family (`Gpu::kernel_family`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum KernelChoice {
-    /// Subgroup kernel on CPU adapters with a fixed subgroup size, tiled elsewhere.
+    /// The subgroup kernel in the CPU-adapter family where subgroups have a fixed size, the
+    /// tiled one elsewhere.
     #[default]
     Auto,
-    /// The workgroup-memory tiled kernel (real GPUs).
+    /// The packed-vec4 tiled kernel in workgroup memory (the portable family's).
     Tiled,
     /// The subgroup-broadcast kernel (CPU adapters) reading storage buffers; needs the
     /// SUBGROUP feature.
@@ -152,7 +157,8 @@ pub enum KernelChoice {
 /// The kernel that a matmul runs, as the perf report shows it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MatmulPlan {
-    /// 64×64 block tile in workgroup memory, 4×4 per invocation.
+    /// The portable packed-vec4 kernel: a 64×64 block of C per workgroup, 4 rows × a vec4 of
+    /// columns per invocation, K tiles of 32 in workgroup memory.
     Tiled,
     /// Each lane owns `rows` output rows × `cols` columns; B is shared by broadcast.
     Subgroup {
@@ -173,7 +179,7 @@ pub enum MatmulPlan {
 impl fmt::Display for MatmulPlan {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            MatmulPlan::Tiled => write!(f, "tiled64x64"),
+            MatmulPlan::Tiled => write!(f, "vec4-64x64k32"),
             MatmulPlan::Subgroup {
                 rows,
                 cols,
@@ -334,7 +340,7 @@ impl Matmul {
         let subgroup = gpu.fixed_subgroup_size().filter(|s| (4..=32).contains(s));
         let use_subgroup = match self.kernel {
             KernelChoice::Tiled => false,
-            KernelChoice::Auto => gpu.is_cpu_adapter() && subgroup.is_some(),
+            KernelChoice::Auto => gpu.cpu_kernels() && subgroup.is_some(),
             KernelChoice::Subgroup | KernelChoice::SubgroupTexture => true,
         };
         if !use_subgroup {
@@ -567,36 +573,61 @@ impl Matmul {
             first_image: window.map_or(0, |w| w.first_image),
             _pad: 0,
         };
-        let b_at = match window {
-            Some(window) => window_source(window.section, "tiled_b"),
-            None => wgsl_section(
-                include_str!("../../shaders/matmul_operands.wgsl"),
-                "tiled_b",
-            )
-            .to_string(),
+        // Each operand's quads run along its contiguous axis; where that axis is a multiple
+        // of 4, a dense operand is read as aligned vec4s.
+        let a_along_k = !self.trans_a;
+        let b_along_n = !self.trans_b;
+        let a_vec4 = if a_along_k { k } else { m }.is_multiple_of(4);
+        let b_vec4 = window.is_none() && if b_along_n { n } else { k }.is_multiple_of(4);
+        let operands = include_str!("../../shaders/matmul_operands.wgsl");
+        let a_quad = wgsl_section(operands, if a_vec4 { "tiled_a4" } else { "tiled_a" });
+        let b_quad = match window {
+            Some(window) => {
+                window_source(window.section, "tiled_b") + wgsl_section(operands, "b_quads")
+            }
+            None if b_vec4 => wgsl_section(operands, "tiled_b4").to_string(),
+            None => [
+                wgsl_section(operands, "tiled_b"),
+                wgsl_section(operands, "b_quads"),
+            ]
+            .concat(),
         };
         let source = || {
             [
                 include_str!("../../shaders/epilogue.wgsl"),
-                &b_at,
+                a_quad,
+                &b_quad,
                 include_str!("../../shaders/matmul.wgsl"),
             ]
             .concat()
         };
-        let key = match window {
-            Some(window) => format!("matmul_tiled_{}", window.section),
-            None => "matmul_tiled".into(),
-        };
-        // The tiled kernel reads B element by element: `B_TRANSPOSED` picks the order, the
-        // dense layout is the subgroup kernel's.
-        let window_constants = match window {
-            Some(w) => window_layout(w, u32::from(self.trans_b), [0, 0]),
-            None => Vec::new(),
+        let key = format!(
+            "matmul_tiled_a{}_b{}",
+            if a_vec4 { "4" } else { "1" },
+            match window {
+                Some(window) => window.section,
+                None if b_vec4 => "4",
+                None => "1",
+            }
+        );
+        let layout = [
+            ("A_ALONG_K", u32::from(a_along_k)),
+            ("B_ALONG_N", u32::from(b_along_n)),
+        ];
+        // A window is read element by element: `B_TRANSPOSED` picks the order, the dense
+        // layout is the subgroup kernel's.
+        let operand_constants = match window {
+            Some(w) => [
+                &layout[..],
+                &window_layout(w, u32::from(self.trans_b), [0, 0]),
+            ]
+            .concat(),
+            None => layout.to_vec(),
         };
         let passes = KPass::split(k, TILED_K_PER_PASS, accumulate);
         gpu.run_pass("matmul", |pass| {
             for k_pass in &passes {
-                let constants = [&k_pass.constants()[..], &window_constants].concat();
+                let constants = [&k_pass.constants()[..], &operand_constants].concat();
                 let pipeline = gpu.specialized(&key, "main", source, &constants)?;
                 let params = TiledParams {
                     k_begin: k_pass.begin,
