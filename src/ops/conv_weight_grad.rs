@@ -54,6 +54,19 @@ const GRAD_BLOCK: usize = 8;
 /// Workgroups the subgroup kernel aims for: fewer leave a CPU adapter's threads idle.
 const TARGET_GROUPS: usize = 16;
 
+/// Workgroups the portable kernel aims for, splitting the batch where there are fewer
+/// (filter, channel) pairs (LeNet's first layer has 6), per adapter class: four 64-lane
+/// workgroups for each of a large discrete GPU's ~128 compute units, an integrated GPU's
+/// share of that, and a CPU adapter's threads (forced portable on lavapipe, 512 made
+/// LeNet's step 1.6× slower). The GPU figures are chosen, not measured: no GPU has run them.
+fn portable_target_groups(gpu: &Gpu) -> usize {
+    match gpu.adapter_info().device_type {
+        wgpu::DeviceType::Cpu => TARGET_GROUPS,
+        wgpu::DeviceType::IntegratedGpu => 128,
+        _ => 512,
+    }
+}
+
 /// Whether [`weight_and_bias_grad`] handles this convolution's weight gradient.
 pub(crate) fn eligible(spec: &Conv2d, shape: &Conv2dShape) -> bool {
     // Each (filter, channel) pair re-reads its inputs: worth it for small banks only.
@@ -330,17 +343,23 @@ fn run(
         WORKGROUP_SMALL as usize / size
     });
     let bounded = work.div_ceil(walkers * (MAX_LOOP_ITERATIONS - WORKGROUP_SMALL as usize));
+    // No split walks fewer than one work item per lane.
+    let most = work.div_ceil(walkers).max(1);
     let (groups, splits) = match subgroup {
-        // One workgroup per (filter, channel) pair and split.
+        // One workgroup per (filter, channel) pair and split, the batch split until there
+        // are enough workgroups to fill a GPU.
         None => {
-            let splits = bounded.max(1);
-            (shape.o * shape.c * splits, splits)
+            let pairs = shape.o * shape.c;
+            let splits = portable_target_groups(gpu)
+                .div_ceil(pairs)
+                .min(most)
+                .max(bounded);
+            (pairs * splits, splits)
         }
         // One per (channel, filter group, split); enough splits to keep the threads busy,
         // but no more than there are blocks for every subgroup.
         Some(_) => {
             let per_split = shape.c * filter_groups;
-            let most = work.div_ceil(walkers).max(1);
             let splits = TARGET_GROUPS.div_ceil(per_split).min(most).max(bounded);
             (per_split * splits, splits)
         }
@@ -575,7 +594,8 @@ mod tests {
     }
 
     /// A batch whose work items would take a lane past the loop bound: the portable kernel
-    /// splits it (two splits here) and still sums every term, and stores dz once per term.
+    /// splits it (into at least two splits, more toward the adapter's target of workgroups)
+    /// and still sums every term, and stores dz once per term.
     #[test]
     fn long_batches_split_within_the_loop_bound() {
         let Some(gpu) = crate::test_support::gpu(GpuOptions::from_env().unwrap()) else {
