@@ -10,6 +10,11 @@
 // the K range check bounds (`edge`, uniform across the workgroup). One dispatch sums the K
 // range [k_begin, k_end): a K past the loop bound runs as passes, each adding to C
 // (ADD_TO_C), the last one adding the bias and applying the activation (FINISH).
+//
+// SPLIT_K sums a batched product over its batch (a weight gradient, Σ_n dy[n]·col[n]ᵀ) as
+// one product over K' = batch·K: the dispatch's batch index is a slice of K' instead, each
+// slice's sum stored as C[slice] (partial sums added up afterwards), and K index k reads
+// image k / k_inner at k % k_inner of the operands.
 
 struct Params {
     m: u32, n: u32, k: u32, batch: u32,
@@ -19,7 +24,10 @@ struct Params {
     bias_mode: u32,                         // BIAS_NONE, BIAS_PER_COLUMN (bias[n]), BIAS_PER_ROW (bias[m])
     activation: u32, slope: f32,
     k_begin: u32, k_end: u32,               // this pass's K range (a multiple of TK from 0)
-    first_image: u32, _pad: u32,            // an implicit B's first image (conv_implicit.wgsl)
+    first_image: u32,                       // an implicit B's first image (conv_implicit.wgsl)
+    k_inner: u32,                           // SPLIT_K: K per image (K' = batch · k_inner)
+    k_slice: u32,                           // SPLIT_K: K' per slice (a multiple of TK)
+    _pad: u32,
 }
 
 // 1: add this pass's sums to C's (the passes before wrote them).
@@ -30,6 +38,8 @@ override FINISH: u32 = 1u;
 override A_ALONG_K: u32 = 1u;
 // 1: B's quads run along N (B stored row-major, K×N); 0: along K (B given transposed).
 override B_ALONG_N: u32 = 1u;
+// 1: the batch's products summed as slices of K' = batch·K (see above).
+override SPLIT_K: u32 = 0u;
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(3) var<storage, read> bias: array<f32>;
@@ -39,6 +49,18 @@ const TILE: u32 = 64u;
 const TK: u32 = 32u;
 var<workgroup> a_tile: array<array<vec4<f32>, 16>, TK>;   // [k][m / 4]
 var<workgroup> b_tile: array<array<vec4<f32>, 16>, TK>;   // [k][n / 4]
+// The end of this workgroup's K range (the operands' edge checks read it).
+var<private> k_end: u32;
+
+// The image of the operands that K index `k` of product `batch` reads, and its K within it.
+fn image_of(batch: u32, k: u32) -> u32 {
+    if SPLIT_K == 1u { return k / p.k_inner; }
+    return batch;
+}
+fn k_within(k: u32) -> u32 {
+    if SPLIT_K == 1u { return k % p.k_inner; }
+    return k;
+}
 
 // Quad `q` (0..512) of this K tile's 64×32 slice of A into a_tile.
 fn stage_a(batch: u32, m0: u32, k0: u32, q: u32, edge: bool) {
@@ -82,10 +104,16 @@ fn main(
     let m0 = tm * TILE;
     let n0 = tn * TILE;
     let inside = m0 + TILE <= p.m && n0 + TILE <= p.n;
+    var k_begin = p.k_begin;
+    k_end = p.k_end;
+    if SPLIT_K == 1u {
+        k_begin = batch * p.k_slice;
+        k_end = min(k_begin + p.k_slice, p.k_end);
+    }
 
     var acc: array<vec4<f32>, 4>;
-    for (var k0 = p.k_begin; k0 < p.k_end; k0 += TK) {
-        let edge = !inside || k0 + TK > p.k_end;
+    for (var k0 = k_begin; k0 < k_end; k0 += TK) {
+        let edge = !inside || k0 + TK > k_end;
         for (var i = 0u; i < 2u; i++) {
             stage_a(batch, m0, k0, lindex + i * 256u, edge);
             stage_b(batch, n0, k0, lindex + i * 256u, edge);

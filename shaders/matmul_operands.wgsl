@@ -73,8 +73,8 @@ fn b_at(batch: u32, k: u32, n: u32) -> f32 {
 // For shaders/matmul.wgsl: four neighbours of op(B) along its contiguous axis from `b_at`
 // (a buffer's, or a convolution's windows), each checked where the tile is at an edge.
 fn b_checked(batch: u32, k: u32, n: u32, edge: bool) -> f32 {
-    if edge && (k >= p.k_end || n >= p.n) { return 0.0; }
-    return b_at(batch, k, n);
+    if edge && (k >= k_end || n >= p.n) { return 0.0; }
+    return b_at(image_of(batch, k), k_within(k), n);
 }
 fn b_quad(batch: u32, k: u32, n: u32, edge: bool) -> vec4<f32> {
     if B_ALONG_N == 1u {
@@ -95,11 +95,11 @@ fn b_quad(batch: u32, k: u32, n: u32, edge: bool) -> vec4<f32> {
 
 //- tiled_b4
 // For shaders/matmul.wgsl: a dense B whose contiguous axis is a multiple of 4, one vec4
-// load per quad (a quad is wholly inside or wholly outside).
+// load per quad (a quad is wholly inside or wholly outside, and within one image).
 @group(0) @binding(2) var<storage, read> b: array<vec4<f32>>;
 fn b_quad(batch: u32, k: u32, n: u32, edge: bool) -> vec4<f32> {
-    if edge && (k >= p.k_end || n >= p.n) { return vec4<f32>(0.0); }
-    return b[(batch * p.b_batch + k * p.b_row + n * p.b_col) / 4u];
+    if edge && (k >= k_end || n >= p.n) { return vec4<f32>(0.0); }
+    return b[(image_of(batch, k) * p.b_batch + k_within(k) * p.b_row + n * p.b_col) / 4u];
 }
 
 //- tiled_a
@@ -107,8 +107,8 @@ fn b_quad(batch: u32, k: u32, n: u32, edge: bool) -> vec4<f32> {
 // strides, each checked where the tile is at an edge.
 @group(0) @binding(1) var<storage, read> a: array<f32>;
 fn a_checked(batch: u32, row: u32, k: u32, edge: bool) -> f32 {
-    if edge && (row >= p.m || k >= p.k_end) { return 0.0; }
-    return a[batch * p.a_batch + row * p.a_row + k * p.a_col];
+    if edge && (row >= p.m || k >= k_end) { return 0.0; }
+    return a[image_of(batch, k) * p.a_batch + row * p.a_row + k_within(k) * p.a_col];
 }
 fn a_quad(batch: u32, row: u32, k: u32, edge: bool) -> vec4<f32> {
     if A_ALONG_K == 1u {
@@ -132,6 +132,6 @@ fn a_quad(batch: u32, row: u32, k: u32, edge: bool) -> vec4<f32> {
 // load per quad.
 @group(0) @binding(1) var<storage, read> a: array<vec4<f32>>;
 fn a_quad(batch: u32, row: u32, k: u32, edge: bool) -> vec4<f32> {
-    if edge && (row >= p.m || k >= p.k_end) { return vec4<f32>(0.0); }
-    return a[(batch * p.a_batch + row * p.a_row + k * p.a_col) / 4u];
+    if edge && (row >= p.m || k >= k_end) { return vec4<f32>(0.0); }
+    return a[(image_of(batch, k) * p.a_batch + row * p.a_row + k_within(k) * p.a_col) / 4u];
 }

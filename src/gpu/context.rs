@@ -388,6 +388,19 @@ impl Gpu {
         }
     }
 
+    /// How many workgroups a portable kernel that can split its work (over the batch, or
+    /// over K) aims for, per adapter class: four 64-lane workgroups for each of a large
+    /// discrete GPU's ~128 compute units, an integrated GPU's share of that, a CPU adapter's
+    /// threads (forced portable on lavapipe, 512 made LeNet's step 1.6× slower). The GPU
+    /// figures are chosen, not measured: no GPU has run them yet.
+    pub(crate) fn target_workgroups(&self) -> usize {
+        match self.inner.info.device_type {
+            wgpu::DeviceType::Cpu => 16,
+            wgpu::DeviceType::IntegratedGpu => 128,
+            _ => 512,
+        }
+    }
+
     /// True where the CPU-adapter designs run ([`Gpu::kernel_family`]).
     pub(crate) fn cpu_kernels(&self) -> bool {
         self.kernel_family() == KernelFamily::CpuAdapter

@@ -736,14 +736,17 @@ impl Conv2d {
             let (n, c, hw) = (shape.n, shape.c, positions);
             let (x3, dy3, w2) = ([n, c, hw], [n, o, hw], [o, c]);
             if let Some(dweight) = &dweight {
-                let per_image = Tensor::uninit(&gpu, &[n, o, c])?;
                 let nt = Matmul {
                     trans_b: true,
                     ..Matmul::default()
                 };
                 let (dy_op, x_op) = (dy.operand_as(&dy3), x.operand_as(&x3));
-                nt.run(&gpu, dy_op, x_op, None, per_image.operand())?;
-                sum_axes(&gpu, &per_image, (n, o * c, 1), dweight, 1.0, false)?;
+                // One split-K product on the tiled kernel, per-image products otherwise.
+                if !nt.run_summed(&gpu, dy_op, x_op, dweight)? {
+                    let per_image = Tensor::uninit(&gpu, &[n, o, c])?;
+                    nt.run(&gpu, dy_op, x_op, None, per_image.operand())?;
+                    sum_axes(&gpu, &per_image, (n, o * c, 1), dweight, 1.0, false)?;
+                }
             }
             if let Some(dx) = col2im_dx {
                 let tn = Matmul {

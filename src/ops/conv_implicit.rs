@@ -107,8 +107,9 @@ pub(crate) fn backward_data(
     Ok(())
 }
 
-/// `dweight = Σ_n dy[n] · col(x[n])ᵀ`: per-image products in chunks whose products fit one
-/// binding, each chunk's summed into `dweight`.
+/// `dweight = Σ_n dy[n] · col(x[n])ᵀ`: one split-K product over the batch on the tiled
+/// kernel; on the others, per-image products in chunks whose products fit one binding,
+/// each chunk's summed into `dweight`.
 pub(crate) fn weight_grad(
     spec: &Conv2d,
     shape: &Conv2dShape,
@@ -124,6 +125,19 @@ pub(crate) fn weight_grad(
         ..Matmul::default()
     };
     let (o, taps, positions) = (shape.o, shape.taps(), shape.positions());
+    // The portable kernel sums over the whole batch as one split-K product.
+    let whole = window(
+        spec,
+        shape,
+        "forward",
+        x.binding(),
+        [shape.n, taps, positions],
+        0,
+    )?;
+    let dy_shape = [shape.n, o, positions];
+    if matmul.run_window_summed(gpu, dy.operand_as(&dy_shape), &whole, dweight)? {
+        return Ok(());
+    }
     let per_image = (o * taps) as u64 * 4;
     gpu.check_buffer_size("one image's weight-gradient product", per_image)?;
     let chunks = image_chunks(shape.n, per_image, chunk_limit(gpu));

@@ -54,19 +54,6 @@ const GRAD_BLOCK: usize = 8;
 /// Workgroups the subgroup kernel aims for: fewer leave a CPU adapter's threads idle.
 const TARGET_GROUPS: usize = 16;
 
-/// Workgroups the portable kernel aims for, splitting the batch where there are fewer
-/// (filter, channel) pairs (LeNet's first layer has 6), per adapter class: four 64-lane
-/// workgroups for each of a large discrete GPU's ~128 compute units, an integrated GPU's
-/// share of that, and a CPU adapter's threads (forced portable on lavapipe, 512 made
-/// LeNet's step 1.6× slower). The GPU figures are chosen, not measured: no GPU has run them.
-fn portable_target_groups(gpu: &Gpu) -> usize {
-    match gpu.adapter_info().device_type {
-        wgpu::DeviceType::Cpu => TARGET_GROUPS,
-        wgpu::DeviceType::IntegratedGpu => 128,
-        _ => 512,
-    }
-}
-
 /// Whether [`weight_and_bias_grad`] handles this convolution's weight gradient.
 pub(crate) fn eligible(spec: &Conv2d, shape: &Conv2dShape) -> bool {
     // Each (filter, channel) pair re-reads its inputs: worth it for small banks only.
@@ -350,7 +337,8 @@ fn run(
         // are enough workgroups to fill a GPU.
         None => {
             let pairs = shape.o * shape.c;
-            let splits = portable_target_groups(gpu)
+            let splits = gpu
+                .target_workgroups()
                 .div_ceil(pairs)
                 .min(most)
                 .max(bounded);

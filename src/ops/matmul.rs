@@ -13,6 +13,7 @@ use bytemuck::{Pod, Zeroable};
 use ndarray::{Array2, ArrayD, ArrayView2, ArrayViewD, Axis, Ix2, IxDyn, s};
 
 use super::Activation;
+use super::reduce::sum_axes;
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::gpu::dispatch::{Binding, Resource};
@@ -474,6 +475,80 @@ impl Matmul {
         self.run_with(gpu, a, SourceB::Window(b), bias, (out, false))
     }
 
+    /// `out = Σ_b op(A)[b] · op(B)[b]` (`out` holds `[M, N]` in any shape): a batched product summed over
+    /// its batch, as weight gradients are. The tiled kernel runs it as one split-K product
+    /// over K' = batch·K in slices that fill the adapter ([`Gpu::target_workgroups`]), their
+    /// partial sums `[slices, M, N]` added up by `sum_axes` (as many as the slices, whatever
+    /// the batch; one slice writes `out` directly). Returns `false`, having run nothing,
+    /// where the plan is another kernel's: the caller sums per-image products instead.
+    pub(crate) fn run_summed(
+        &self,
+        gpu: &Gpu,
+        a: Operand<'_>,
+        b: Operand<'_>,
+        out: &Tensor,
+    ) -> Result<bool> {
+        self.summed_with(gpu, a, SourceB::Buffer(b), out)
+    }
+
+    /// [`Matmul::run_summed`] with B read from a convolution's windows.
+    pub(crate) fn run_window_summed(
+        &self,
+        gpu: &Gpu,
+        a: Operand<'_>,
+        b: &Window<'_>,
+        out: &Tensor,
+    ) -> Result<bool> {
+        self.summed_with(gpu, a, SourceB::Window(b), out)
+    }
+
+    fn summed_with(
+        &self,
+        gpu: &Gpu,
+        a: Operand<'_>,
+        b: SourceB<'_, '_>,
+        out: &Tensor,
+    ) -> Result<bool> {
+        let (b_shape, window) = match b {
+            SourceB::Buffer(b) => (b.shape, None),
+            SourceB::Window(window) => (&window.shape[..], Some(window)),
+        };
+        let shape = self.shape(a.shape, b_shape, None)?;
+        if !(shape.a_batched && shape.b_batched) || out.len() != shape.m * shape.n {
+            return Err(Error::ShapeMismatch {
+                op: OP,
+                shapes: vec![a.shape.to_vec(), b_shape.to_vec(), out.shape().to_vec()],
+                detail: "a product summed over its batch takes batched operands into an \
+                         output of M·N values"
+                    .into(),
+            });
+        }
+        if self.plan_for(gpu, &shape, window.is_some())? != MatmulPlan::Tiled {
+            return Ok(false);
+        }
+        let split = SplitK::choose(gpu, &shape)?;
+        let b = match b {
+            SourceB::Buffer(b) => b.binding,
+            SourceB::Window(window) => window.source,
+        };
+        let partials = if split.slices > 1 {
+            Some(Tensor::uninit(
+                gpu,
+                &[split.slices as usize, shape.m, shape.n],
+            )?)
+        } else {
+            None
+        };
+        let c = partials.as_ref().unwrap_or(out).binding();
+        let bindings = [a.binding, b, a.binding, c];
+        self.run_tiled(gpu, &shape, bindings, (window, false), Some(split))?;
+        if let Some(partials) = &partials {
+            let dims = (split.slices as usize, shape.m * shape.n, 1);
+            sum_axes(gpu, partials, dims, out, 1.0, false)?;
+        }
+        Ok(true)
+    }
+
     /// The product into `out`, added to its content if `accumulate`.
     fn run_with(
         &self,
@@ -505,7 +580,7 @@ impl Matmul {
         let (a, out) = (a.binding, out.binding);
         match plan {
             MatmulPlan::Tiled => {
-                self.run_tiled(gpu, &shape, [a, b, bias, out], (window, accumulate))?
+                self.run_tiled(gpu, &shape, [a, b, bias, out], (window, accumulate), None)?
             }
             MatmulPlan::Subgroup {
                 transposed: false, ..
@@ -544,18 +619,25 @@ impl Matmul {
         shape: &MatmulShape,
         bindings: [Binding<'_>; 4],
         (window, accumulate): (Option<&Window<'_>>, bool),
+        split: Option<SplitK>,
     ) -> Result<()> {
         let (m, k, n) = (shape.m as u32, shape.k as u32, shape.n as u32);
         let (a_row, a_col) = if self.trans_a { (1, m) } else { (k, 1) };
         let (b_row, b_col) = if self.trans_b { (1, k) } else { (n, 1) };
         let tiles_m = m.div_ceil(64);
         let tiles_n = n.div_ceil(64);
-        let total_tiles = checked_u32(tiles_m as u64 * tiles_n as u64 * shape.batch as u64)?;
+        // Split K: one product over the batch's K, its slices in place of the batch.
+        let batch = split.map_or(shape.batch as u32, |s| s.slices);
+        let k_total = match split {
+            Some(_) => checked_u32(shape.batch as u64 * u64::from(k))?,
+            None => k,
+        };
+        let total_tiles = checked_u32(tiles_m as u64 * tiles_n as u64 * u64::from(batch))?;
         let params = TiledParams {
             m,
             n,
             k,
-            batch: shape.batch as u32,
+            batch,
             a_row,
             a_col,
             a_batch: if shape.a_batched { m * k } else { 0 },
@@ -569,8 +651,10 @@ impl Matmul {
             activation: self.activation.code(),
             slope: self.activation.slope(),
             k_begin: 0,
-            k_end: k,
+            k_end: k_total,
             first_image: window.map_or(0, |w| w.first_image),
+            k_inner: k,
+            k_slice: split.map_or(0, |s| s.slice),
             _pad: 0,
         };
         // Each operand's quads run along its contiguous axis; where that axis is a multiple
@@ -613,6 +697,7 @@ impl Matmul {
         let layout = [
             ("A_ALONG_K", u32::from(a_along_k)),
             ("B_ALONG_N", u32::from(b_along_n)),
+            ("SPLIT_K", u32::from(split.is_some())),
         ];
         // A window is read element by element: `B_TRANSPOSED` picks the order, the dense
         // layout is the subgroup kernel's.
@@ -624,7 +709,11 @@ impl Matmul {
             .concat(),
             None => layout.to_vec(),
         };
-        let passes = KPass::split(k, TILED_K_PER_PASS, accumulate);
+        // A split product's slices are each within one pass's share of K.
+        let passes = match split {
+            Some(_) => KPass::split(k_total, k_total.max(1) as usize, accumulate),
+            None => KPass::split(k, TILED_K_PER_PASS, accumulate),
+        };
         gpu.run_pass("matmul", |pass| {
             for k_pass in &passes {
                 let constants = [&k_pass.constants()[..], &operand_constants].concat();
@@ -893,6 +982,38 @@ fn checked_u32(value: u64) -> Result<u32> {
     })
 }
 
+/// How the tiled kernel slices K' = batch·K of a product summed over its batch.
+#[derive(Clone, Copy, Debug)]
+struct SplitK {
+    slices: u32,
+    /// K' per slice: a multiple of the K tile within one pass's share of the loop bound.
+    slice: u32,
+}
+
+impl SplitK {
+    /// Enough slices to fill the adapter with workgroups and keep each within the loop
+    /// bound, no more than K' has K tiles nor than one binding holds partial sums of.
+    fn choose(gpu: &Gpu, shape: &MatmulShape) -> Result<Self> {
+        let total = shape.batch * shape.k;
+        let tiles = shape.m.div_ceil(64) * shape.n.div_ceil(64);
+        let partial = (shape.m * shape.n) as u64 * 4;
+        let fewest = total.div_ceil(TILED_K_PER_PASS).max(1);
+        gpu.check_buffer_size("a split product's partial sums", fewest as u64 * partial)?;
+        let fit = (gpu.limits().max_storage_buffer_binding_size / partial).max(1) as usize;
+        let wanted = gpu
+            .target_workgroups()
+            .div_ceil(tiles)
+            .min(total.div_ceil(TILED_K_STEP))
+            .min(fit)
+            .max(fewest);
+        let slice = total.div_ceil(wanted).next_multiple_of(TILED_K_STEP);
+        Ok(Self {
+            slices: checked_u32(total.div_ceil(slice) as u64)?,
+            slice: checked_u32(slice as u64)?,
+        })
+    }
+}
+
 /// Mirrors `Params` in shaders/matmul.wgsl.
 #[repr(C)]
 #[derive(Clone, Copy, Pod, Zeroable)]
@@ -916,6 +1037,8 @@ struct TiledParams {
     k_begin: u32,
     k_end: u32,
     first_image: u32,
+    k_inner: u32,
+    k_slice: u32,
     _pad: u32,
 }
 
@@ -1255,5 +1378,88 @@ impl Generated for SubgroupKernel {
             .replace("{{BODY}}", &body)
             .replace("{{STORE}}", &store);
         [include_str!("../../shaders/epilogue.wgsl"), &kernel].concat()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gpu::GpuOptions;
+    use crate::test_support::{gpu, random};
+
+    /// A batched product summed over its batch as split-K slices, against the sum of the
+    /// CPU's per-image products: each operand transposed or not, shapes that fill no tile,
+    /// an image's K not a multiple of 4 (quads element by element) nor of the K tile
+    /// (slices that cross images), a K' past one pass's share (two slices at least,
+    /// whatever the adapter's target), and an output poisoned with NaN.
+    #[test]
+    fn summed_products_match_the_cpu() {
+        let Some(gpu) = gpu(GpuOptions::from_env().unwrap()) else {
+            return;
+        };
+        for (batch, m, k, n) in [
+            (3, 5, 7, 9),
+            (40, 16, 37, 144),
+            (8, 70, 64, 68),
+            (600, 6, 25, 20),
+        ] {
+            for (trans_a, trans_b) in [(false, true), (false, false), (true, false), (true, true)] {
+                let spec = Matmul {
+                    trans_a,
+                    trans_b,
+                    kernel: KernelChoice::Tiled,
+                    ..Matmul::default()
+                };
+                let a_shape = if trans_a {
+                    [batch, k, m]
+                } else {
+                    [batch, m, k]
+                };
+                let b_shape = if trans_b {
+                    [batch, n, k]
+                } else {
+                    [batch, k, n]
+                };
+                let (a, b) = (random(&a_shape, 1), random(&b_shape, 2));
+                let products = matmul_cpu(&spec, &a.view(), &b.view(), None).unwrap();
+                let want = products.sum_axis(Axis(0)).into_dyn();
+                let (ta, tb) = (
+                    Tensor::from_array(&gpu, &a).unwrap(),
+                    Tensor::from_array(&gpu, &b).unwrap(),
+                );
+                let out = Tensor::full(&gpu, &[m, n], f32::NAN).unwrap();
+                let ran = spec
+                    .run_summed(&gpu, ta.operand(), tb.operand(), &out)
+                    .unwrap();
+                assert!(ran, "the tiled kernel sums over the batch");
+                let got = out.to_array().unwrap();
+                let tolerance = 1e-5 + 4.0 * f32::EPSILON * (batch * k) as f32;
+                let diff = got
+                    .iter()
+                    .zip(&want)
+                    .map(|(g, w)| {
+                        if g.is_nan() {
+                            f32::INFINITY
+                        } else {
+                            (g - w).abs()
+                        }
+                    })
+                    .fold(0.0f32, f32::max);
+                assert!(
+                    diff <= tolerance,
+                    "{batch}×{m}×{k}×{n} trans {trans_a}/{trans_b}: off by {diff}"
+                );
+            }
+        }
+        let big = MatmulShape {
+            batch: 600,
+            m: 6,
+            k: 25,
+            n: 20,
+            a_batched: true,
+            b_batched: true,
+            out: vec![600, 6, 20],
+        };
+        assert!(SplitK::choose(&gpu, &big).unwrap().slices >= 2);
     }
 }
