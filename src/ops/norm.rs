@@ -7,9 +7,7 @@ use bytemuck::{Pod, Zeroable};
 
 use crate::error::{Error, Result};
 use crate::gpu::dispatch::Resource;
-use crate::gpu::shared::{
-    MAX_LOOP_ITERATIONS, WORKGROUP, WORKGROUP_SMALL, small_workgroups, workgroups,
-};
+use crate::gpu::shared::{MAX_LOOP_ITERATIONS, WORKGROUP_SMALL, small_workgroups, workgroups};
 use crate::gpu::texture::{Texel, TextureInputs, vec4_input};
 use crate::gpu::{Generated, Gpu};
 use crate::tensor::{Tensor, gpu_word};
@@ -61,6 +59,12 @@ pub(crate) const DX: u32 = 12;
 pub(crate) const DGAMMA: u32 = 13;
 pub(crate) const DBETA: u32 = 14;
 pub(crate) const BATCHES: u32 = 15;
+/// The reductions' partial results per (group, split).
+const PARTIALS: u32 = 24;
+
+/// What the statistics store: what their finishing entry binds besides the partials (the
+/// backward sums' binds `SUMS`).
+const STATISTICS: [u32; 6] = [MEAN, RSTD, VAR, RUNNING_MEAN, RUNNING_VAR, BATCHES];
 
 /// The entries with a `…4` twin over vec4s, run where rows are whole vec4s.
 const VEC4_ENTRIES: [&str; 5] = [
@@ -119,9 +123,6 @@ pub(crate) enum Grid {
 struct NormKernel {
     /// The vec4 entries' x, dy, γ and β through textures.
     textures: bool,
-    /// The per-group reductions on WORKGROUP lanes instead of WORKGROUP_SMALL (groups too
-    /// large for the small one's lanes to stay within the loop bound).
-    wide_groups: bool,
 }
 
 impl Generated for NormKernel {
@@ -131,19 +132,27 @@ impl Generated for NormKernel {
             .zip(["x4", "dy4", "gamma4", "beta4"])
             .map(|(&n, name)| vec4_input(name, vec4_binding(n), self.textures))
             .collect();
-        let lanes = if self.wide_groups {
-            "WORKGROUP"
-        } else {
-            "WORKGROUP_SMALL"
-        };
-        let norm = include_str!("../../shaders/norm.wgsl").replace("{{GROUP_LANES}}", lanes);
         [
             include_str!("../../shaders/epilogue.wgsl"),
             &declarations,
-            &norm,
+            include_str!("../../shaders/norm.wgsl"),
         ]
         .concat()
     }
+}
+
+/// Workgroups per group of a reduction over `values` per group (vec4s or scalars): toward
+/// the adapter's target of workgroups, each lane with a value to walk at least, and enough
+/// that no lane walks past the loop bound (then up the tree).
+fn reduction_splits(gpu: &Gpu, groups: usize, values: usize) -> usize {
+    let lanes = WORKGROUP_SMALL as usize;
+    let per_lane = MAX_LOOP_ITERATIONS - lanes.ilog2() as usize;
+    let fewest = values.div_ceil(lanes * per_lane);
+    let most = values.div_ceil(lanes).max(1);
+    gpu.target_workgroups()
+        .div_ceil(groups.max(1))
+        .min(most)
+        .max(fewest)
 }
 
 pub(crate) fn launch(
@@ -187,29 +196,15 @@ fn launch_over(
     // Rows of whole vec4s: the `…4` twin of the entry, over vec4s.
     let vec4 = grouping.inner.is_multiple_of(4) && VEC4_ENTRIES.contains(&entry);
     let per_vec4 = if vec4 { 4 } else { 1 };
-    // A group's lanes each walk their share of its values twice (mean, then variance; or
-    // the four backward sums once), then up the trees: WORKGROUP_SMALL lanes where that
-    // stays within the loop bound (cheaper on CPU adapters), else WORKGROUP, else an error.
-    let walks = |lanes: u32| {
-        let per_lane =
-            (grouping.outer * grouping.inner / per_vec4 as usize).div_ceil(lanes as usize);
-        2 * (per_lane + lanes.ilog2() as usize)
+    let splits = match grid {
+        Grid::PerGroup => {
+            let values = grouping.outer * grouping.inner / per_vec4 as usize;
+            reduction_splits(gpu, grouping.groups, values)
+        }
+        _ => 1,
     };
-    let wide_groups = grid == Grid::PerGroup && walks(WORKGROUP_SMALL) > MAX_LOOP_ITERATIONS;
-    if grid == Grid::PerGroup && walks(WORKGROUP) > MAX_LOOP_ITERATIONS {
-        return Err(Error::InvalidArgument {
-            op: "norm",
-            detail: format!(
-                "{} values per group ({} × {}) pass the kernels' loop bound of \
-                 {MAX_LOOP_ITERATIONS} per invocation: use a smaller batch",
-                grouping.outer * grouping.inner,
-                grouping.outer,
-                grouping.inner
-            ),
-        });
-    }
     let groups = match grid {
-        Grid::PerGroup => grouping.groups as u64,
+        Grid::PerGroup => (grouping.groups * splits) as u64,
         Grid::GroupThreads => small_workgroups(grouping.groups as u64),
         Grid::InnerThreads => small_workgroups(grouping.inner as u64 / per_vec4),
         Grid::Elements => workgroups(total as u64 / per_vec4),
@@ -225,7 +220,9 @@ fn launch_over(
         ("INNER", gpu_word("norm", grouping.inner)?),
         ("GROUPS", gpu_word("norm", constant_groups)?),
         ("ACT", settings.activation.code()),
+        ("SPLITS", gpu_word("norm", splits)?),
     ];
+    let base = entry;
     let entry = if vec4 {
         format!("{entry}4")
     } else {
@@ -242,10 +239,16 @@ fn launch_over(
     )?;
     let kernel = NormKernel {
         textures: inputs.textures(),
-        wide_groups,
     };
     let pipeline = gpu.generated(&kernel, &entry, &constants)?;
-    let resources: Vec<_> = tensors
+    let partials = match grid {
+        Grid::PerGroup => Some(Tensor::uninit(gpu, &[grouping.groups * splits, 4])?),
+        _ => None,
+    };
+    let partials = partials
+        .as_ref()
+        .map(|t| (PARTIALS, Resource::Buffer(t.binding())));
+    let mut resources: Vec<_> = tensors
         .iter()
         .map(|&(n, t)| {
             let rebound = vec4 && vec4_binding(n) != n;
@@ -256,18 +259,38 @@ fn launch_over(
             }
         })
         .collect();
+    resources.extend(partials);
+    // Splits combine per group in the entry's finishing twin, which binds what the
+    // reduction stores (its statistics or sums) and the partials.
+    let finish = match splits {
+        1 => None,
+        _ => {
+            let pipeline = gpu.generated(&kernel, &format!("{base}_finish"), &constants)?;
+            let stores: &[u32] = if base == "stats" {
+                &STATISTICS
+            } else {
+                &[SUMS]
+            };
+            let stored = tensors
+                .iter()
+                .filter(|(n, _)| stores.contains(n))
+                .map(|&(n, t)| (n, Resource::Buffer(t.binding())));
+            let resources: Vec<_> = stored.chain(partials).collect();
+            Some((pipeline, resources))
+        }
+    };
     let copies = |encoder: &mut wgpu::CommandEncoder| {
         inputs.copy(encoder);
         Ok(())
     };
     gpu.run_pass_after(&entry, copies, |pass| {
-        gpu.encode_resources(
-            pass,
-            &pipeline,
-            bytemuck::bytes_of(&params),
-            &resources,
-            groups,
-        )
+        let params = bytemuck::bytes_of(&params);
+        gpu.encode_resources(pass, &pipeline, params, &resources, groups)?;
+        if let Some((pipeline, resources)) = &finish {
+            let groups = small_workgroups(grouping.groups as u64);
+            gpu.encode_resources(pass, pipeline, params, resources, groups)?;
+        }
+        Ok(())
     })
 }
 
