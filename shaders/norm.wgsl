@@ -25,7 +25,7 @@ struct Params {
     outer: u32, groups: u32, inner: u32, affine_per_inner: u32,
     eps: f32, momentum: f32, update_running: u32, training: u32,
     total: u32, cumulative: u32,
-    first_group: u32, end_group: u32,        // layer norm's dγ, dβ: this pass's groups
+    run_groups: u32, _pad3: u32,             // layer norm's dγ, dβ: groups per run
     slope: f32, _pad0: u32, _pad1: u32, _pad2: u32,   // leaky ReLU's, with ACT
 }
 
@@ -286,21 +286,19 @@ fn backward_dx(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workg
     dx[i] = rstd[g] * (gy - sums[g].x / n - xhat * sums[g].y / n);
 }
 
-// Layer norm's dγ, dβ: one invocation per affine element, summing over the groups (the
-// batch) in passes over runs of them within the loop bound, each after the first adding to
-// the sums before.
+// Layer norm's dγ, dβ: one invocation per (affine element, run of `run_groups` groups, the
+// batch), each run's sums in its row of dγ and dβ viewed as [runs][INNER] (src/ops/norm.rs adds
+// the rows up where there is more than one run).
 @compute @workgroup_size(WORKGROUP_SMALL)
 fn affine_grads_per_inner(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let k = small_invocation_index(gid, nwg);
-    if k >= inner() { return; }
+    let index = small_invocation_index(gid, nwg);
+    let k = index % inner();
+    let first = (index / inner()) * p.run_groups;
+    if first >= groups() { return; }
     var dg = 0.0;
     var db = 0.0;
-    if p.first_group > 0u {
-        dg = dgamma[k];
-        db = dbeta[k];
-    }
     for (var a = 0u; a < p.outer; a++) {
-        for (var g = p.first_group; g < p.end_group; g++) {
+        for (var g = first; g < min(first + p.run_groups, groups()); g++) {
             let i = (a * groups() + g) * inner() + k;
             let xhat = (x[i] - mean[g]) * rstd[g];
             let d = through_act(dy[i], xhat, k);
@@ -308,8 +306,8 @@ fn affine_grads_per_inner(@builtin(global_invocation_id) gid: vec3<u32>, @builti
             db += d;
         }
     }
-    dgamma[k] = dg;
-    dbeta[k] = db;
+    dgamma[index] = dg;
+    dbeta[index] = db;
 }
 
 // Batch norm's dγ, dβ: the per-group sums.
@@ -444,16 +442,14 @@ fn backward_dx4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_work
 
 @compute @workgroup_size(WORKGROUP_SMALL)
 fn affine_grads_per_inner4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let k = small_invocation_index(gid, nwg);
-    if k >= inner4() { return; }
+    let index = small_invocation_index(gid, nwg);
+    let k = index % inner4();
+    let first = (index / inner4()) * p.run_groups;
+    if first >= groups() { return; }
     var dg = vec4<f32>(0.0);
     var db = vec4<f32>(0.0);
-    if p.first_group > 0u {
-        dg = dgamma4[k];
-        db = dbeta4[k];
-    }
     for (var a = 0u; a < p.outer; a++) {
-        for (var g = p.first_group; g < p.end_group; g++) {
+        for (var g = first; g < min(first + p.run_groups, groups()); g++) {
             let i = (a * groups() + g) * inner4() + k;
             let xhat = (load_x4(i) - mean[g]) * rstd[g];
             let d = through_act4(load_dy4(i), xhat, load_gamma4(k), i);
@@ -461,6 +457,6 @@ fn affine_grads_per_inner4(@builtin(global_invocation_id) gid: vec3<u32>, @built
             db += d;
         }
     }
-    dgamma4[k] = dg;
-    dbeta4[k] = db;
+    dgamma4[index] = dg;
+    dbeta4[index] = db;
 }

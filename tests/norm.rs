@@ -795,7 +795,7 @@ fn batch_norm_over_millions_of_values_per_channel() {
 
 /// Layer norm over a batch of 70,000 samples: dγ and dβ sum over the batch, one invocation
 /// per affine element, which walked all 70,000 samples (past lavapipe's 65,535-iteration
-/// cap) and now runs in passes over runs of samples, each adding to the last. Rows of whole
+/// cap); now one per affine element and run of samples, the runs' sums added up. Rows of whole
 /// vec4s (8) and not (5), against the CPU.
 #[test]
 fn layer_norm_affine_gradients_over_a_long_batch() {

@@ -150,6 +150,7 @@ impl BatchNorm2d {
             update_running: training,
             training,
             activation: self.activation,
+            run_groups: 0,
         }
     }
 

@@ -1,10 +1,9 @@
 //! The machinery batch norm and layer norm share (`shaders/norm.wgsl`): statistics per
 //! group of a `[outer][groups][inner]` view, normalisation, and the backward pass.
 
-use std::ops::Range;
-
 use bytemuck::{Pod, Zeroable};
 
+use super::reduce::sum_axes;
 use crate::error::{Error, Result};
 use crate::gpu::dispatch::Resource;
 use crate::gpu::shared::{MAX_LOOP_ITERATIONS, WORKGROUP_SMALL, small_workgroups, workgroups};
@@ -37,8 +36,8 @@ struct NormParams {
     training: u32,
     total: u32,
     cumulative: u32,
-    first_group: u32,
-    end_group: u32,
+    run_groups: u32,
+    _pad3: u32,
     slope: f32,
     _pad: [u32; 3],
 }
@@ -101,6 +100,8 @@ pub(crate) struct Settings {
     pub training: bool,
     /// Applied last by `normalize`; the backward entries take dy back through it.
     pub activation: Activation,
+    /// Layer norm's dγ, dβ: the groups (samples) each run of an affine element sums.
+    pub run_groups: usize,
 }
 
 /// The grid an entry point needs.
@@ -163,19 +164,6 @@ pub(crate) fn launch(
     grid: Grid,
     tensors: &[(u32, &Tensor)],
 ) -> Result<()> {
-    let all = 0..grouping.groups;
-    launch_over(gpu, grouping, settings, (entry, all), grid, tensors)
-}
-
-/// [`launch`] for the groups in `range` (the entries that read `first_group`, `end_group`).
-fn launch_over(
-    gpu: &Gpu,
-    grouping: Grouping,
-    settings: Settings,
-    (entry, range): (&str, Range<usize>),
-    grid: Grid,
-    tensors: &[(u32, &Tensor)],
-) -> Result<()> {
     let total = grouping.outer * grouping.groups * grouping.inner;
     let params = NormParams {
         outer: grouping.outer as u32,
@@ -188,8 +176,8 @@ fn launch_over(
         training: u32::from(settings.training),
         total: total as u32,
         cumulative: u32::from(settings.cumulative),
-        first_group: range.start as u32,
-        end_group: range.end as u32,
+        run_groups: settings.run_groups as u32,
+        _pad3: 0,
         slope: settings.activation.slope(),
         _pad: [0; 3],
     };
@@ -206,7 +194,10 @@ fn launch_over(
     let groups = match grid {
         Grid::PerGroup => (grouping.groups * splits) as u64,
         Grid::GroupThreads => small_workgroups(grouping.groups as u64),
-        Grid::InnerThreads => small_workgroups(grouping.inner as u64 / per_vec4),
+        Grid::InnerThreads => {
+            let runs = grouping.groups.div_ceil(settings.run_groups.max(1)) as u64;
+            small_workgroups(grouping.inner as u64 / per_vec4 * runs)
+        }
         Grid::Elements => workgroups(total as u64 / per_vec4),
         Grid::Single => 1,
     };
@@ -388,11 +379,23 @@ pub(crate) fn backward(
     );
     let outputs = [(DGAMMA, &dgamma), (DBETA, &dbeta)];
     if grouping.affine_per_inner {
-        // One invocation per affine element sums over outer × groups (layer norm: 1 × the
-        // batch): in passes over runs of groups within the loop bound, each adding to the last.
-        let per_pass = (MAX_LOOP_ITERATIONS / grouping.outer)
+        // One invocation per affine element and run of samples: runs within the loop bound
+        // (it walks outer × the run), and enough to fill the adapter, their sums added up.
+        let longest = (MAX_LOOP_ITERATIONS / grouping.outer)
             .saturating_sub(1)
             .max(1);
+        let inner_groups = grouping.inner.div_ceil(WORKGROUP_SMALL as usize);
+        let runs = gpu
+            .target_workgroups()
+            .div_ceil(inner_groups)
+            .min(grouping.groups)
+            .max(grouping.groups.div_ceil(longest));
+        let run_groups = grouping.groups.div_ceil(runs);
+        let runs = grouping.groups.div_ceil(run_groups);
+        let settings = Settings {
+            run_groups,
+            ..settings
+        };
         let reads = [
             (X, x),
             (DY, dy),
@@ -401,11 +404,24 @@ pub(crate) fn backward(
             (MEAN, mean),
             (RSTD, rstd),
         ];
-        let tensors = [&reads[..], &outputs].concat();
-        for first in (0..grouping.groups).step_by(per_pass) {
-            let range = first..grouping.groups.min(first + per_pass);
-            let entry = ("affine_grads_per_inner", range);
-            launch_over(gpu, grouping, settings, entry, Grid::InnerThreads, &tensors)?;
+        let entry = "affine_grads_per_inner";
+        if runs == 1 {
+            let tensors = [&reads[..], &outputs].concat();
+            launch(gpu, grouping, settings, entry, Grid::InnerThreads, &tensors)?;
+        } else {
+            let rows = [runs, grouping.inner];
+            let (dg_runs, db_runs) = (Tensor::uninit(gpu, &rows)?, Tensor::uninit(gpu, &rows)?);
+            let tensors = [&reads[..], &[(DGAMMA, &dg_runs), (DBETA, &db_runs)]].concat();
+            launch(gpu, grouping, settings, entry, Grid::InnerThreads, &tensors)?;
+            sum_axes(
+                gpu,
+                &dg_runs,
+                (runs, grouping.inner, 1),
+                &dgamma,
+                1.0,
+                false,
+            )?;
+            sum_axes(gpu, &db_runs, (runs, grouping.inner, 1), &dbeta, 1.0, false)?;
         }
     } else {
         launch(
