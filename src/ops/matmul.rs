@@ -475,11 +475,12 @@ impl Matmul {
         self.run_with(gpu, a, SourceB::Window(b), bias, (out, false))
     }
 
-    /// `out = Σ_b op(A)[b] · op(B)[b]` (`out` holds `[M, N]` in any shape): a batched product summed over
-    /// its batch, as weight gradients are. The tiled kernel runs it as one split-K product
-    /// over K' = batch·K in slices that fill the adapter ([`Gpu::target_workgroups`]), their
-    /// partial sums `[slices, M, N]` added up by `sum_axes` (as many as the slices, whatever
-    /// the batch; one slice writes `out` directly). Returns `false`, having run nothing,
+    /// `out = Σ_b op(A)[b] · op(B)[b]` (`out` holds `[M, N]` in any shape): a batched
+    /// product summed over its batch, as weight gradients are. The tiled kernel runs it as
+    /// one split-K product over K' = batch·K in slices that fill the adapter
+    /// ([`Gpu::target_workgroups`]), their partial sums `[slices, M, N]` added up by
+    /// `sum_axes` (as many as the slices, whatever the batch; one slice writes `out`
+    /// directly). Returns `false`, having run nothing,
     /// where the plan is another kernel's: the caller sums per-image products instead.
     pub(crate) fn run_summed(
         &self,
