@@ -232,6 +232,8 @@ pub(crate) fn launch(
         textures: inputs.textures(),
     };
     let pipeline = gpu.generated(&kernel, &entry, &constants)?;
+    // The reductions bind their partials even with one split (their source refers to them;
+    // groups × 16 bytes from the pool).
     let partials = match grid {
         Grid::PerGroup => Some(Tensor::uninit(gpu, &[grouping.groups * splits, 4])?),
         _ => None,
