@@ -80,7 +80,7 @@ pub use wgpu;
 /// # }
 /// ```
 pub mod prelude {
-    pub use crate::data::{Dataset, Images, Mnist, Pixels, shuffled_indices};
+    pub use crate::data::{Cifar10, Dataset, Images, Mnist, Pixels, shuffled_indices};
     pub use crate::ndarray::{self, Array1, Array2, Array4, ArrayD, IxDyn};
     pub use crate::nn::{
         AdaptiveAvgPool2d, Add, BatchNorm2d, Conv2d, Dropout, Flatten, GlobalAvgPool, Init,

@@ -1,12 +1,14 @@
-//! Data: `Dataset` (labelled images of any size and channel count, from memory, MNIST or a
-//! folder of images), the IDX format of MNIST (and Fashion-MNIST), seeded shuffling, and
-//! torchvision's image preprocessing (`Preprocess`: resize, center crop, normalise; photos
-//! decoded with their EXIF orientation).
+//! Data: `Dataset` (labelled images of any size and channel count, from memory, MNIST,
+//! CIFAR-10 or a folder of images), the IDX format of MNIST (and Fashion-MNIST), seeded
+//! shuffling, and torchvision's image preprocessing (`Preprocess`: resize, center crop,
+//! normalise; photos decoded with their EXIF orientation).
 
+mod cifar;
 mod dataset;
 mod idx;
 mod preprocess;
 
+pub use cifar::{Cifar10, read_batches as read_cifar_batches};
 pub use dataset::{Dataset, FolderOptions, IMAGE_EXTENSIONS, Pixels};
 pub use idx::{Images, Mnist, read_idx_images, read_idx_labels};
 #[cfg(feature = "image")]
