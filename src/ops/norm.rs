@@ -406,24 +406,28 @@ pub(crate) fn backward(
             (MEAN, mean),
             (RSTD, rstd),
         ];
-        let entry = "affine_grads_per_inner";
-        if runs == 1 {
-            let tensors = [&reads[..], &outputs].concat();
-            launch(gpu, grouping, settings, entry, Grid::InnerThreads, &tensors)?;
-        } else {
-            let rows = [runs, grouping.inner];
-            let (dg_runs, db_runs) = (Tensor::uninit(gpu, &rows)?, Tensor::uninit(gpu, &rows)?);
-            let tensors = [&reads[..], &[(DGAMMA, &dg_runs), (DBETA, &db_runs)]].concat();
-            launch(gpu, grouping, settings, entry, Grid::InnerThreads, &tensors)?;
-            sum_axes(
-                gpu,
-                &dg_runs,
-                (runs, grouping.inner, 1),
-                &dgamma,
-                1.0,
-                false,
-            )?;
-            sum_axes(gpu, &db_runs, (runs, grouping.inner, 1), &dbeta, 1.0, false)?;
+        // With several runs, each writes its row of a [runs, INNER] pair, added up after.
+        let rows = match runs {
+            1 => None,
+            _ => {
+                let shape = [runs, grouping.inner];
+                Some((Tensor::uninit(gpu, &shape)?, Tensor::uninit(gpu, &shape)?))
+            }
+        };
+        let (dg, db) = rows.as_ref().map_or((&dgamma, &dbeta), |(g, b)| (g, b));
+        let tensors = [&reads[..], &[(DGAMMA, dg), (DBETA, db)]].concat();
+        launch(
+            gpu,
+            grouping,
+            settings,
+            "affine_grads_per_inner",
+            Grid::InnerThreads,
+            &tensors,
+        )?;
+        if let Some((dg, db)) = &rows {
+            let dims = (runs, grouping.inner, 1);
+            sum_axes(gpu, dg, dims, &dgamma, 1.0, false)?;
+            sum_axes(gpu, db, dims, &dbeta, 1.0, false)?;
         }
     } else {
         launch(
