@@ -16,7 +16,6 @@ use std::time::Instant;
 
 use clap::Parser;
 use common::CommonArgs;
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use plotters::prelude::*;
 use wgcnn::data::shuffled_indices;
 use wgcnn::nn::{Init, LeNetOptions, lenet5};
@@ -178,14 +177,7 @@ fn run(process_start: Instant) -> Result<(), Box<dyn std::error::Error>> {
     let mut epoch_seconds = Vec::new();
     let log_every = 20;
     for epoch in 0..args.epochs {
-        let bar = ProgressBar::new(steps_per_epoch as u64);
-        if args.json {
-            bar.set_draw_target(ProgressDrawTarget::hidden());
-        }
-        bar.set_style(ProgressStyle::with_template(
-            "epoch {prefix} [{bar:30}] {pos}/{len} {msg} {elapsed_precise} eta {eta}",
-        )?);
-        bar.set_prefix(format!("{}/{}", epoch + 1, args.epochs));
+        let bar = common::epoch_bar(steps_per_epoch, epoch, args.epochs, args.json)?;
         let order = shuffled_indices(n, args.seed, epoch as u64);
         let start = Instant::now();
         let mut pending: Vec<(StepOutput, usize)> = Vec::new();

@@ -1,6 +1,8 @@
 // Softmax cross-entropy with integer labels, fused and stable: per row, the log-sum-exp
-// (row maximum subtracted), the loss −log softmax(z)[label], the gradient
-// (softmax − onehot)·scale, and whether the first arg-max equals the label.
+// (row maximum subtracted), the loss against the target q = (1 − ε)·onehot + ε/K (label
+// smoothing ε, PyTorch's `label_smoothing`; ε = 0 is −log softmax(z)[label]):
+// Σ_j q_j (lse − z_j) = lse − (1 − ε)·z[label] − ε/K·Σ_j z_j, the gradient (softmax − q)·scale,
+// and whether the first arg-max equals the label.
 // A batch of at most WORKGROUP rows and 65,536 logits is one workgroup that also sums the mean
 // loss and the correct count (`main_small`); larger ones store per-row values (`main`) that
 // `totals` sums, as it does for the other losses' (log_softmax.wgsl's nll, distill.wgsl).
@@ -8,6 +10,8 @@
 struct Params {
     rows: u32, classes: u32, scale: f32,
     first_row: u32,   // `totals`: this pass sums rows first_row..rows, adding to the passes before
+    smoothing: f32,   // ε
+    _pad0: u32, _pad1: u32, _pad2: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -30,13 +34,21 @@ fn row(r: u32) -> vec2<f32> {
         if z > top { top = z; best = j; }
     }
     var sum = 0.0;
-    for (var j = 0u; j < p.classes; j++) { sum += exp(logits[base + j] - top); }
+    var logit_sum = 0.0;
+    for (var j = 0u; j < p.classes; j++) {
+        let z = logits[base + j];
+        sum += exp(z - top);
+        logit_sum += z;
+    }
     let lse = top + log(sum);
+    let off = p.smoothing / f32(p.classes);
+    let on = 1.0 - p.smoothing + off;
     for (var j = 0u; j < p.classes; j++) {
         let prob = exp(logits[base + j] - lse);
-        grad[base + j] = (prob - select(0.0, 1.0, j == label)) * p.scale;
+        grad[base + j] = (prob - select(off, on, j == label)) * p.scale;
     }
-    return vec2<f32>(lse - logits[base + label], select(0.0, 1.0, best == label));
+    let loss = lse - (1.0 - p.smoothing) * logits[base + label] - off * logit_sum;
+    return vec2<f32>(loss, select(0.0, 1.0, best == label));
 }
 
 @compute @workgroup_size(WORKGROUP_SMALL)
@@ -106,15 +118,23 @@ fn main_wide(
     let row_best = row_argmax(lane, top, best);
     let row_top = logits[base + row_best];
     var sum = 0.0;
-    for (var j = lane; j < p.classes; j += WORKGROUP) { sum += exp(logits[base + j] - row_top); }
+    var logit_sum = 0.0;
+    for (var j = lane; j < p.classes; j += WORKGROUP) {
+        let z = logits[base + j];
+        sum += exp(z - row_top);
+        logit_sum += z;
+    }
     let lse = row_top + log(row_sum(lane, sum));
+    let all_logits = row_sum(lane, logit_sum);
     let label = labels[r];
+    let off = p.smoothing / f32(p.classes);
+    let on = 1.0 - p.smoothing + off;
     for (var j = lane; j < p.classes; j += WORKGROUP) {
         let prob = exp(logits[base + j] - lse);
-        grad[base + j] = (prob - select(0.0, 1.0, j == label)) * p.scale;
+        grad[base + j] = (prob - select(off, on, j == label)) * p.scale;
     }
     if lane == 0u {
-        row_loss[r] = lse - logits[base + label];
+        row_loss[r] = lse - (1.0 - p.smoothing) * logits[base + label] - off * all_logits;
         row_correct[r] = select(0.0, 1.0, row_best == label);
     }
 }

@@ -26,6 +26,7 @@ pub use crate::ops::batch_norm::{
 };
 pub use crate::ops::conv2d::{conv2d_backward_cpu as conv2d_backward, conv2d_cpu as conv2d};
 pub use crate::ops::fold_norm::fold_batch_norm_cpu as fold_batch_norm;
+pub use crate::ops::grad_norm::clip_grad_norm_cpu as clip_grad_norm;
 pub use crate::ops::linear::{linear_backward_cpu as linear_backward, linear_cpu as linear};
 pub use crate::ops::log_softmax::{
     log_softmax_backward_cpu as log_softmax_backward, log_softmax_cpu as log_softmax,
@@ -38,6 +39,7 @@ pub use crate::ops::pool2d::{
     pool2d_cpu as pool2d,
 };
 pub use crate::ops::softmax_cross_entropy::softmax_cross_entropy_cpu as softmax_cross_entropy;
+pub use crate::ops::softmax_cross_entropy::softmax_cross_entropy_smoothed_cpu as softmax_cross_entropy_smoothed;
 pub use crate::value::add::add_cpu as add;
 
 /// `act(x)` elementwise.

@@ -52,7 +52,7 @@ pub use graph::{Graph, Layer, Mode};
 pub use ndarray;
 // Shared by ops and layers; the op settings themselves are in `ops`, the layers in `nn`.
 pub use ops::{Activation, Normalize, Padding};
-pub use optim::{CpuOptimizer, GpuOptimizer, Optimizer, OptimizerState};
+pub use optim::{CpuOptimizer, GpuOptimizer, Optimizer, OptimizerState, ParamGroup};
 pub use summary::Summary;
 pub use tensor::Tensor;
 pub use value::{Device, Value};
@@ -80,7 +80,10 @@ pub use wgpu;
 /// # }
 /// ```
 pub mod prelude {
-    pub use crate::data::{Cifar10, Dataset, Images, Mnist, Pixels, shuffled_indices};
+    pub use crate::data::{
+        Augmentation, Batch, Cifar10, Dataset, Images, Loader, LoaderOptions, Mnist, Pixels,
+        shuffled_indices,
+    };
     pub use crate::ndarray::{self, Array1, Array2, Array4, ArrayD, IxDyn};
     pub use crate::nn::{
         AdaptiveAvgPool2d, Add, BatchNorm2d, Conv2d, Dropout, Flatten, GlobalAvgPool, Init,
@@ -93,7 +96,7 @@ pub mod prelude {
     };
     pub use crate::{
         Activation, Device, Error, Gpu, GpuOptions, Graph, GraphBuilder, Mode, Normalize,
-        Optimizer, Padding, Result, Tensor, Value, ValueRef,
+        Optimizer, Padding, ParamGroup, Result, Tensor, Value, ValueRef,
     };
 }
 

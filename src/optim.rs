@@ -254,6 +254,16 @@ impl Optimizer {
         self
     }
 
+    /// The same rule with another weight decay (for parameter groups).
+    pub fn with_weight_decay(mut self, new: f32) -> Self {
+        match &mut self {
+            Self::Sgd(Sgd { weight_decay, .. })
+            | Self::AdaGrad(AdaGrad { weight_decay, .. })
+            | Self::Adam(Adam { weight_decay, .. }) => *weight_decay = new,
+        }
+        self
+    }
+
     /// PyTorch's names of the state each parameter gets, in the order
     /// [`OptimizerState::state`] holds it (none for SGD without momentum).
     pub fn state_names(&self) -> &'static [&'static str] {
@@ -542,6 +552,111 @@ fn optim_source(tensors: usize, slots: usize) -> String {
         .replace("{{CASES}}", &cases)
 }
 
+/// Options for some of the parameters, as PyTorch's parameter groups: the parameters a
+/// group selects (by name pattern, or every vector) take its weight decay and a multiple of
+/// the optimizer's learning rate, which schedules then move with it (as PyTorch's schedulers
+/// scale each group's own rate). The first group that selects a parameter applies; the
+/// others keep the rule's own options.
+///
+/// ```
+/// use wgcnn::{Optimizer, ParamGroup};
+///
+/// // The usual recipe: no weight decay on biases and norms' weights and shifts.
+/// let no_decay = ParamGroup::vectors().weight_decay(0.0);
+/// assert!(no_decay.selects("layer1.0.bn1.weight", &[16]));
+/// assert!(!no_decay.selects("layer1.0.conv1.weight", &[16, 16, 3, 3]));
+/// // Or by name: `*` stands for any run of characters.
+/// let head = ParamGroup::named(&["fc.*"]).lr_scale(10.0);
+/// assert!(head.selects("fc.bias", &[10]) && !head.selects("conv1.weight", &[16, 3, 3, 3]));
+/// # let _ = Optimizer::sgd(0.1);
+/// ```
+#[derive(Clone, Debug, PartialEq)]
+pub struct ParamGroup {
+    select: Select,
+    weight_decay: Option<f32>,
+    lr_scale: f32,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+enum Select {
+    Names(Vec<String>),
+    Vectors,
+}
+
+impl ParamGroup {
+    /// The parameters whose full names (`layer1.0.bn1.weight`) match any of `patterns`,
+    /// where `*` matches any run of characters.
+    pub fn named(patterns: &[&str]) -> Self {
+        Self::new(Select::Names(
+            patterns.iter().map(|p| p.to_string()).collect(),
+        ))
+    }
+
+    /// Every parameter of at most one dimension: biases and the norms' γ and β, what "no
+    /// weight decay on BatchNorm and biases" leaves out.
+    pub fn vectors() -> Self {
+        Self::new(Select::Vectors)
+    }
+
+    fn new(select: Select) -> Self {
+        Self {
+            select,
+            weight_decay: None,
+            lr_scale: 1.0,
+        }
+    }
+
+    /// The group's weight decay, in place of the rule's.
+    pub fn weight_decay(self, weight_decay: f32) -> Self {
+        Self {
+            weight_decay: Some(weight_decay),
+            ..self
+        }
+    }
+
+    /// The group's learning rate as a multiple of the optimizer's.
+    pub fn lr_scale(self, lr_scale: f32) -> Self {
+        Self { lr_scale, ..self }
+    }
+
+    /// Whether the parameter `name` of `shape` belongs to the group.
+    pub fn selects(&self, name: &str, shape: &[usize]) -> bool {
+        match &self.select {
+            Select::Names(patterns) => patterns.iter().any(|p| glob_matches(p, name)),
+            Select::Vectors => shape.len() <= 1,
+        }
+    }
+
+    /// `rule` with the group's options.
+    fn apply(&self, rule: Optimizer) -> Optimizer {
+        let rule = rule.with_lr(rule.lr() * self.lr_scale);
+        match self.weight_decay {
+            Some(decay) => rule.with_weight_decay(decay),
+            None => rule,
+        }
+    }
+}
+
+/// Whether `name` matches `pattern`, where `*` matches any run of characters.
+fn glob_matches(pattern: &str, name: &str) -> bool {
+    let mut parts = pattern.split('*');
+    let first = parts.next().unwrap_or("");
+    let Some(mut rest) = name.strip_prefix(first) else {
+        return false;
+    };
+    let parts: Vec<&str> = parts.collect();
+    let Some((last, middle)) = parts.split_last() else {
+        return rest.is_empty();
+    };
+    for part in middle {
+        match rest.find(part) {
+            Some(at) => rest = &rest[at + part.len()..],
+            None => return false,
+        }
+    }
+    rest.len() >= last.len() && rest.ends_with(last)
+}
+
 /// An optimizer rule with its per-parameter state (the tensors of
 /// [`Optimizer::state_names`], created on a parameter's first step): on the GPU as
 /// [`GpuOptimizer`], on the host as [`CpuOptimizer`].
@@ -553,6 +668,8 @@ fn optim_source(tensors: usize, slots: usize) -> String {
 /// changed under its name is an error naming it.
 pub struct OptimizerState<T> {
     rule: Optimizer,
+    groups: Vec<ParamGroup>,
+    max_grad_norm: Option<f32>,
     step: u32,
     params: Vec<ParamState<T>>,
 }
@@ -584,6 +701,8 @@ impl<T> OptimizerState<T> {
         rule.validate()?;
         Ok(Self {
             rule,
+            groups: Vec::new(),
+            max_grad_norm: None,
             step: 0,
             params: Vec::new(),
         })
@@ -592,6 +711,53 @@ impl<T> OptimizerState<T> {
     /// The rule and its hyper-parameters.
     pub fn rule(&self) -> Optimizer {
         self.rule
+    }
+
+    /// Adds a parameter group (after those added before: the first that selects a
+    /// parameter applies). Its options are checked against the rule's.
+    pub fn add_param_group(&mut self, group: ParamGroup) -> Result<()> {
+        if !(group.lr_scale.is_finite() && group.lr_scale >= 0.0) {
+            return Err(Error::InvalidArgument {
+                op: "optimizer",
+                detail: format!(
+                    "learning-rate scale {}: give a finite, non-negative multiple",
+                    group.lr_scale
+                ),
+            });
+        }
+        group.apply(self.rule).validate()?;
+        self.groups.push(group);
+        Ok(())
+    }
+
+    /// Clips the gradients to a global norm of at most `max_norm` before each update
+    /// ([`crate::Graph::update`] does; PyTorch's `clip_grad_norm_` before `step`), or not
+    /// (`None`, the default).
+    pub fn set_max_grad_norm(&mut self, max_norm: Option<f32>) -> Result<()> {
+        if let Some(max) = max_norm
+            && !(max.is_finite() && max > 0.0)
+        {
+            return Err(Error::InvalidArgument {
+                op: "optimizer",
+                detail: format!("max gradient norm {max}: give a finite value above zero"),
+            });
+        }
+        self.max_grad_norm = max_norm;
+        Ok(())
+    }
+
+    /// The norm gradients are clipped to before each update, if any.
+    pub fn max_grad_norm(&self) -> Option<f32> {
+        self.max_grad_norm
+    }
+
+    /// The rule for the parameter `name` of `shape`: its group's, or the optimizer's own,
+    /// with the group's number (0: none, then 1 for the first group, …).
+    fn rule_of(&self, name: &str, shape: &[usize]) -> (usize, Optimizer) {
+        match self.groups.iter().position(|g| g.selects(name, shape)) {
+            Some(i) => (i + 1, self.groups[i].apply(self.rule)),
+            None => (0, self.rule),
+        }
     }
 
     /// Changes the learning rate from the next step on (the state is kept).
@@ -743,27 +909,32 @@ impl GpuOptimizer {
         let bindable = gpu.limits().max_storage_buffers_per_shader_stage as usize / (2 + slots);
         let per_dispatch = bindable.clamp(1, MOST_TENSORS_PER_DISPATCH);
         // Parameters of SOLO_ELEMENTS or more get a dispatch each; the rest share them, among
-        // those at the same step count (their bias corrections are the dispatch's).
+        // those at the same step count (their bias corrections are the dispatch's) in the
+        // same parameter group (its options are the dispatch's).
+        let rules: Vec<(usize, Optimizer)> = params
+            .iter()
+            .map(|(name, p)| self.rule_of(name, p.shape()))
+            .collect();
         let mut dispatches: Vec<Vec<usize>> = Vec::new();
-        let mut shared: Vec<(u32, Vec<usize>)> = Vec::new();
+        let mut shared: Vec<((u32, usize), Vec<usize>)> = Vec::new();
         for (k, &i) in indices.iter().enumerate() {
-            let step = self.params[i].step;
+            let key = (self.params[i].step, rules[k].0);
             if params[k].1.len() >= SOLO_ELEMENTS {
                 dispatches.push(vec![k]);
-            } else if let Some((_, group)) = shared.iter_mut().find(|(s, _)| *s == step) {
-                group.push(k);
+            } else if let Some((_, members)) = shared.iter_mut().find(|(s, _)| *s == key) {
+                members.push(k);
             } else {
-                shared.push((step, vec![k]));
+                shared.push((key, vec![k]));
             }
         }
-        for (_, group) in shared {
-            dispatches.extend(group.chunks(per_dispatch).map(<[usize]>::to_vec));
+        for (_, members) in shared {
+            dispatches.extend(members.chunks(per_dispatch).map(<[usize]>::to_vec));
         }
         gpu.run_pass("optimizer step", |pass| {
             for members in dispatches {
                 let count = members.len();
                 let step = self.params[indices[members[0]]].step;
-                let rule = bytemuck::bytes_of(&self.rule.params(step)).to_vec();
+                let rule = bytemuck::bytes_of(&rules[members[0]].1.params(step)).to_vec();
                 let kernel = UpdateKernel {
                     tensors: count,
                     slots,
@@ -870,7 +1041,8 @@ impl CpuOptimizer {
         let grad_shapes: Vec<&[usize]> = grads.iter().map(|g| g.shape()).collect();
         let rule = self.rule;
         let indices = self.prepare(&shapes, &grad_shapes, |shape| Ok(rule.initial_state(shape)))?;
-        for (((_, p), g), i) in params.iter_mut().zip(grads).zip(indices) {
+        for (((name, p), g), i) in params.iter_mut().zip(grads).zip(indices) {
+            let (_, rule) = self.rule_of(name, p.shape());
             let state = &mut self.params[i];
             rule.update_cpu(state.step, p, g, &mut state.slots)?;
         }
@@ -958,11 +1130,37 @@ impl GraphOptimizer {
         }
     }
 
-    /// Changes the learning rate from the next step on (for schedules).
+    /// Changes the learning rate from the next step on (for schedules; parameter groups
+    /// keep their multiple of it).
     pub fn set_lr(&mut self, lr: f32) -> Result<()> {
         match self {
             GraphOptimizer::Gpu(opt) => opt.set_lr(lr),
             GraphOptimizer::Cpu(opt) => opt.set_lr(lr),
+        }
+    }
+
+    /// Adds a parameter group: see [`ParamGroup`].
+    pub fn add_param_group(&mut self, group: ParamGroup) -> Result<()> {
+        match self {
+            GraphOptimizer::Gpu(opt) => opt.add_param_group(group),
+            GraphOptimizer::Cpu(opt) => opt.add_param_group(group),
+        }
+    }
+
+    /// Clips gradients by global norm before each update: see
+    /// [`OptimizerState::set_max_grad_norm`].
+    pub fn set_max_grad_norm(&mut self, max_norm: Option<f32>) -> Result<()> {
+        match self {
+            GraphOptimizer::Gpu(opt) => opt.set_max_grad_norm(max_norm),
+            GraphOptimizer::Cpu(opt) => opt.set_max_grad_norm(max_norm),
+        }
+    }
+
+    /// The norm gradients are clipped to before each update, if any.
+    pub fn max_grad_norm(&self) -> Option<f32> {
+        match self {
+            GraphOptimizer::Gpu(opt) => opt.max_grad_norm(),
+            GraphOptimizer::Cpu(opt) => opt.max_grad_norm(),
         }
     }
 

@@ -29,10 +29,35 @@ pub enum Where {
 
 /// The device `--device` names.
 pub fn device(args: &CommonArgs) -> Result<Device> {
-    Ok(match args.device {
+    device_at(args.device)
+}
+
+/// The device of a `--device` value.
+pub fn device_at(place: Where) -> Result<Device> {
+    Ok(match place {
         Where::Cpu => Device::Cpu,
         Where::Gpu => Device::Gpu(Gpu::new()?),
     })
+}
+
+/// The progress bar of epoch `epoch` (from 0) of `epochs`, `steps` long: position, the
+/// caller's message (loss, accuracy, images/s), elapsed time and ETA; hidden when `quiet`
+/// (`--json`).
+pub fn epoch_bar(
+    steps: usize,
+    epoch: usize,
+    epochs: usize,
+    quiet: bool,
+) -> std::result::Result<indicatif::ProgressBar, indicatif::style::TemplateError> {
+    let bar = indicatif::ProgressBar::new(steps as u64);
+    if quiet {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    bar.set_style(indicatif::ProgressStyle::with_template(
+        "epoch {prefix} [{bar:30}] {pos}/{len} {msg} {elapsed_precise} eta {eta}",
+    )?);
+    bar.set_prefix(format!("{}/{epochs}", epoch + 1));
+    Ok(bar)
 }
 
 /// MNIST from `--data`.

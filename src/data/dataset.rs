@@ -6,8 +6,9 @@
 use std::path::Path;
 use std::path::PathBuf;
 
-use ndarray::Array4;
+use ndarray::{Array4, ArrayView3, ArrayView4};
 
+use super::augment::{Augmentable, Augmentation};
 use super::{Images, shuffled_indices};
 use crate::error::{Error, Result};
 use crate::ops::Normalize;
@@ -345,6 +346,23 @@ impl Dataset {
             .collect()
     }
 
+    /// The images `indices` (each below [`Dataset::len`]) as a set of their own, with the
+    /// same class names.
+    pub fn select(&self, indices: &[usize]) -> Result<Self> {
+        let batch = self.host_batch(indices, None)?;
+        Self::new(
+            batch.shape,
+            batch.pixels,
+            batch.labels,
+            Some(self.classes.clone()),
+        )
+    }
+
+    /// The first `n` images (all of them when there are fewer).
+    pub fn first(&self, n: usize) -> Result<Self> {
+        self.select(&(0..n.min(self.len())).collect::<Vec<_>>())
+    }
+
     /// Images `indices` as one normalised `[n, C, H, W]` value on `device`: bytes go up as
     /// bytes and are scaled and normalised by a kernel; floats are normalised there too.
     pub fn batch(
@@ -353,30 +371,103 @@ impl Dataset {
         indices: &[usize],
         normalize: &Normalize,
     ) -> Result<Value> {
+        self.host_batch(indices, None)?.upload(device, normalize)
+    }
+
+    /// Images `indices` with their labels on the host, each augmented as `augment` says
+    /// (the augmentation, the run's seed and the epoch) or as it is.
+    pub fn host_batch(
+        &self,
+        indices: &[usize],
+        augment: Option<(&Augmentation, u64, u64)>,
+    ) -> Result<Batch> {
         let [_, c, h, w] = self.shape;
-        let size = c * h * w;
         if let Some(&bad) = indices.iter().find(|&&i| i >= self.len()) {
             return Err(self.missing(bad));
         }
-        let shape = (indices.len(), c, h, w);
-        // Bytes go to the device as they are (a quarter of the floats' traffic) and are
-        // scaled there.
-        match &self.pixels {
-            Pixels::U8(all) => {
-                let array = Array4::from_shape_vec(shape, gather(all, indices, size))
-                    .map_err(shape_error)?;
-                normalize.bytes_on(device, &array.view())
+        let labels = self.labels_at(indices)?;
+        let (pixels, [c, h, w]) = match (&self.pixels, augment) {
+            (Pixels::U8(all), None) => (Pixels::U8(gather(all, indices, c * h * w)), [c, h, w]),
+            (Pixels::F32(all), None) => (Pixels::F32(gather(all, indices, c * h * w)), [c, h, w]),
+            (Pixels::U8(all), Some(how)) => {
+                let (pixels, shape) = augmented(all, [c, h, w], indices, how)?;
+                (Pixels::U8(pixels), shape)
             }
-            Pixels::F32(all) => {
-                let array = Array4::from_shape_vec(shape, gather(all, indices, size))
-                    .map_err(shape_error)?;
+            (Pixels::F32(all), Some(how)) => {
+                let (pixels, shape) = augmented(all, [c, h, w], indices, how)?;
+                (Pixels::F32(pixels), shape)
+            }
+        };
+        Ok(Batch {
+            indices: indices.to_vec(),
+            shape: [indices.len(), c, h, w],
+            pixels,
+            labels,
+        })
+    }
+
+    fn missing(&self, i: usize) -> Error {
+        invalid(format!("image {i} requested, the set has {}", self.len()))
+    }
+}
+
+/// Images `indices` of `shape`, augmented, one after another, and their shape after it.
+fn augmented<T: Augmentable>(
+    all: &[T],
+    shape: [usize; 3],
+    indices: &[usize],
+    (augment, seed, epoch): (&Augmentation, u64, u64),
+) -> Result<(Vec<T>, [usize; 3])> {
+    let out = augment.output_shape(shape)?;
+    let size = shape.iter().product::<usize>();
+    let mut pixels = Vec::with_capacity(indices.len() * out.iter().product::<usize>());
+    for &i in indices {
+        let image =
+            ArrayView3::from_shape(shape, &all[i * size..(i + 1) * size]).map_err(shape_error)?;
+        pixels.extend(augment.apply(image, seed, epoch, i)?);
+    }
+    Ok((pixels, out))
+}
+
+/// A batch on the host: images `[n, C, H, W]` (after any augmentation), their labels and
+/// their indices in the set, ready to upload.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Batch {
+    /// The images' indices in their dataset.
+    pub indices: Vec<usize>,
+    /// `[n, C, H, W]`.
+    pub shape: [usize; 4],
+    /// The pixels, image after image.
+    pub pixels: Pixels,
+    /// One label per image.
+    pub labels: Vec<usize>,
+}
+
+impl Batch {
+    /// The images as one normalised value on `device`: bytes go up as bytes (a quarter of
+    /// the floats' traffic) and are scaled and normalised by a kernel there.
+    pub fn upload(&self, device: &Device, normalize: &Normalize) -> Result<Value> {
+        let [n, c, h, w] = self.shape;
+        match &self.pixels {
+            Pixels::U8(p) => {
+                let array = ArrayView4::from_shape((n, c, h, w), p).map_err(shape_error)?;
+                normalize.bytes_on(device, &array)
+            }
+            Pixels::F32(p) => {
+                let array = Array4::from_shape_vec((n, c, h, w), p.clone()).map_err(shape_error)?;
                 device.upload(array.into_dyn())?.normalize(normalize)
             }
         }
     }
 
-    fn missing(&self, i: usize) -> Error {
-        invalid(format!("image {i} requested, the set has {}", self.len()))
+    /// How many images.
+    pub fn len(&self) -> usize {
+        self.shape[0]
+    }
+
+    /// Whether it holds no image.
+    pub fn is_empty(&self) -> bool {
+        self.shape[0] == 0
     }
 }
 

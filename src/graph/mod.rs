@@ -400,6 +400,8 @@ pub struct Graph {
     folded: Vec<Option<Vec<Value>>>,
     /// Per node, the activation node it absorbed in the last forward pass.
     absorbed: Vec<Option<Absorbed>>,
+    /// The gradients' global norm before the last update clipped them, where it did.
+    grad_norm: Option<Value>,
 }
 
 impl Graph {
@@ -422,6 +424,7 @@ impl Graph {
             expected_input: None,
             folded: Vec::new(),
             absorbed: Vec::new(),
+            grad_norm: None,
         }
     }
 
@@ -1233,9 +1236,37 @@ impl Graph {
         }
     }
 
-    /// Applies one optimizer step to every trainable, unfrozen tensor from its gradient.
-    /// With [`Graph::set_check_finite`] on, a non-finite output, loss or gradient of this
-    /// step is an [`Error::NonFinite`] and nothing is updated.
+    /// Clips the gradients of the last backward pass (of every trainable, unfrozen tensor)
+    /// in place to a global norm of at most `max_norm`, as PyTorch's `clip_grad_norm_`, and
+    /// returns their norm before clipping (`[1]`, on the model's device, not read back).
+    pub fn clip_grad_norm(&mut self, max_norm: f32) -> Result<Value> {
+        let mut grads: Vec<&mut Value> = self
+            .nodes
+            .iter_mut()
+            .filter(|n| !n.frozen)
+            .flat_map(|n| n.grads.iter_mut().zip(&n.trainable))
+            .filter_map(|(grad, &trainable)| grad.as_mut().filter(|_| trainable))
+            .collect();
+        if grads.is_empty() {
+            return Err(Error::InvalidArgument {
+                op: "clip_grad_norm",
+                detail: "no gradients: run forward(Mode::Train) and backward first".into(),
+            });
+        }
+        Value::clip_grad_norm(&mut grads, max_norm)
+    }
+
+    /// The gradients' global norm before the last update clipped them (with
+    /// [`GraphOptimizer::set_max_grad_norm`]), on the model's device.
+    pub fn last_grad_norm(&self) -> Option<&Value> {
+        self.grad_norm.as_ref()
+    }
+
+    /// Applies one optimizer step to every trainable, unfrozen tensor from its gradient,
+    /// first clipping the gradients where the optimizer says so
+    /// ([`GraphOptimizer::set_max_grad_norm`]). With [`Graph::set_check_finite`] on, a
+    /// non-finite output, loss or gradient of this step is an [`Error::NonFinite`] and
+    /// nothing is updated.
     pub fn update(&mut self, optimizer: &mut GraphOptimizer) -> Result<()> {
         if let Some(checks) = &self.finite
             && let Some(what) = checks.first_failure()?
@@ -1246,6 +1277,10 @@ impl Graph {
                 update_skipped: true,
             });
         }
+        self.grad_norm = match optimizer.max_grad_norm() {
+            Some(max_norm) => Some(self.clip_grad_norm(max_norm)?),
+            None => None,
+        };
         self.folded.clear();
         let mut params = Vec::new();
         let mut grads = Vec::new();

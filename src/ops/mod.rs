@@ -16,6 +16,7 @@ mod conv_winograd;
 pub mod distillation;
 pub mod dropout;
 pub(crate) mod fold_norm;
+pub mod grad_norm;
 pub mod layer_norm;
 pub mod linear;
 pub mod log_softmax;
@@ -35,6 +36,7 @@ pub use batch_norm::{BatchNorm2d, NormGrads, Normalized};
 pub use conv2d::{Conv2d, Conv2dGrads, Conv2dShape, Padding};
 pub use distillation::Distillation;
 pub use dropout::Dropout;
+pub use grad_norm::clip_grad_norm;
 pub use layer_norm::LayerNorm;
 pub use linear::{LinearGrads, linear, linear_backward};
 pub use log_softmax::{log_softmax, log_softmax_backward, nll_loss};
@@ -43,7 +45,9 @@ pub use normalize::Normalize;
 pub use pool2d::{
     Pool2d, Pool2dShape, PoolKind, Pooled, global_avg_pool, global_avg_pool_backward,
 };
-pub use softmax_cross_entropy::{CrossEntropy, softmax_cross_entropy};
+pub use softmax_cross_entropy::{
+    CrossEntropy, softmax_cross_entropy, softmax_cross_entropy_smoothed,
+};
 
 /// `x` as `[N, C, H, W]` with every size at least 1, or the error naming `op`.
 /// Zeros of `shape` for a CPU reference's output, allocated only if the host can: an output

@@ -1,6 +1,6 @@
-//! Softmax cross-entropy over integer labels with mean reduction, fused and stable
-//! (`shaders/loss.wgsl`): one pass gives the loss, the gradient of the logits and the
-//! number of correct predictions.
+//! Softmax cross-entropy over integer labels with mean reduction and optional label
+//! smoothing, fused and stable (`shaders/loss.wgsl`): one pass gives the loss, the gradient
+//! of the logits and the number of correct predictions.
 
 use bytemuck::{Pod, Zeroable};
 use ndarray::{ArrayD, ArrayViewD, Axis};
@@ -19,7 +19,8 @@ const OP: &str = "softmax_cross_entropy";
 pub struct CrossEntropy<T> {
     /// Mean loss, shape `[1]`.
     pub loss: T,
-    /// `∂loss/∂logits = (softmax − onehot) / N`, shaped like the logits.
+    /// `∂loss/∂logits = (softmax − q) / N`, shaped like the logits (`q` the target: the
+    /// one-hot label, smoothed).
     pub grad_logits: T,
     /// How many rows have their first arg-max at the label, shape `[1]`.
     pub correct: T,
@@ -40,9 +41,25 @@ impl Value {
     /// Softmax cross-entropy (mean over the batch) of these `[N, classes]` logits against
     /// `labels`, on their device: the loss, its gradient and the count of correct rows.
     pub fn softmax_cross_entropy(&self, labels: &[usize]) -> Result<CrossEntropy<Value>> {
+        self.softmax_cross_entropy_smoothed(labels, 0.0)
+    }
+
+    /// [`Value::softmax_cross_entropy`] against labels smoothed by `label_smoothing` ε in
+    /// `[0, 1]` (PyTorch's `CrossEntropyLoss(label_smoothing=ε)`: the target puts `1 − ε` on
+    /// the label and spreads `ε` evenly over all classes).
+    pub fn softmax_cross_entropy_smoothed(
+        &self,
+        labels: &[usize],
+        label_smoothing: f32,
+    ) -> Result<CrossEntropy<Value>> {
         Ok(match self {
-            Value::Gpu(x) => softmax_cross_entropy(x, labels)?.map(Value::from),
-            Value::Cpu(x) => softmax_cross_entropy_cpu(&x.view(), labels)?.map(Value::from),
+            Value::Gpu(x) => {
+                softmax_cross_entropy_smoothed(x, labels, label_smoothing)?.map(Value::from)
+            }
+            Value::Cpu(x) => {
+                softmax_cross_entropy_smoothed_cpu(&x.view(), labels, label_smoothing)?
+                    .map(Value::from)
+            }
         })
     }
 }
@@ -90,12 +107,25 @@ pub(crate) fn check(logits: &[usize], labels: &[usize]) -> Result<(usize, usize)
 
 /// Mirrors `Params` in shaders/loss.wgsl.
 #[repr(C)]
-#[derive(Clone, Copy, Pod, Zeroable)]
+#[derive(Clone, Copy, Default, Pod, Zeroable)]
 struct LossParams {
     rows: u32,
     classes: u32,
     scale: f32,
     first_row: u32,
+    smoothing: f32,
+    pad: [u32; 3],
+}
+
+/// A label smoothing PyTorch accepts: in `[0, 1]`.
+fn check_smoothing(label_smoothing: f32) -> Result<()> {
+    if !(0.0..=1.0).contains(&label_smoothing) {
+        return Err(Error::InvalidArgument {
+            op: OP,
+            detail: format!("label smoothing {label_smoothing}: give a value in [0, 1]"),
+        });
+    }
+    Ok(())
 }
 
 /// Batches up to this many rows are one workgroup that sums the loss and the correct count
@@ -109,7 +139,17 @@ const ONE_GROUP_LOGITS: usize = 65_536;
 
 /// Loss, gradient and correct count for `logits [N, K]` and `labels` (each below K).
 pub fn softmax_cross_entropy(logits: &Tensor, labels: &[usize]) -> Result<CrossEntropy<Tensor>> {
+    softmax_cross_entropy_smoothed(logits, labels, 0.0)
+}
+
+/// [`softmax_cross_entropy`] with label smoothing `label_smoothing` (ε in `[0, 1]`).
+pub fn softmax_cross_entropy_smoothed(
+    logits: &Tensor,
+    labels: &[usize],
+    label_smoothing: f32,
+) -> Result<CrossEntropy<Tensor>> {
     let (rows, classes) = check(logits.shape(), labels)?;
+    check_smoothing(label_smoothing)?;
     // Three passes over a row: the maximum, the exponentials, the gradient.
     let kernel = row_kernel(OP, classes, 3)?;
     let gpu = logits.gpu();
@@ -119,7 +159,8 @@ pub fn softmax_cross_entropy(logits: &Tensor, labels: &[usize]) -> Result<CrossE
         rows: rows as u32,
         classes: classes as u32,
         scale: 1.0 / rows as f32,
-        first_row: 0,
+        smoothing: label_smoothing,
+        ..LossParams::default()
     };
     let run = |entry: &str, outputs: [(u32, &Tensor); 2], groups: u64| {
         let pipeline = gpu.pipeline("loss", entry, loss_source)?;
@@ -200,9 +241,9 @@ pub(crate) fn per_row_to_totals(
         for first in (0..rows).step_by(per_pass) {
             let params = LossParams {
                 rows: gpu_word(OP, rows.min(first + per_pass))?,
-                classes: 0,
                 scale,
                 first_row: gpu_word(OP, first)?,
+                ..LossParams::default()
             };
             gpu.encode_at(pass, &pipeline, bytemuck::bytes_of(&params), &bindings, 1)?;
         }
@@ -220,7 +261,21 @@ pub fn softmax_cross_entropy_cpu(
     logits: &ArrayViewD<'_, f32>,
     labels: &[usize],
 ) -> Result<CrossEntropy<ArrayD<f32>>> {
-    let (rows, _) = check(logits.shape(), labels)?;
+    softmax_cross_entropy_smoothed_cpu(logits, labels, 0.0)
+}
+
+/// CPU reference of [`softmax_cross_entropy_smoothed`]: the loss `Σ_j q_j·(lse − z_j)`
+/// against the target `q = (1 − ε)·onehot + ε/K`.
+pub fn softmax_cross_entropy_smoothed_cpu(
+    logits: &ArrayViewD<'_, f32>,
+    labels: &[usize],
+    label_smoothing: f32,
+) -> Result<CrossEntropy<ArrayD<f32>>> {
+    let (rows, classes) = check(logits.shape(), labels)?;
+    check_smoothing(label_smoothing)?;
+    let target = |j: usize, label: usize| {
+        label_smoothing / classes as f32 + f32::from(u8::from(j == label)) * (1.0 - label_smoothing)
+    };
     let mut grad = logits.to_owned();
     let (mut loss, mut correct) = (0.0f64, 0usize);
     for ((row, mut g), &label) in logits
@@ -230,11 +285,15 @@ pub fn softmax_cross_entropy_cpu(
     {
         let top = row.fold(f32::NEG_INFINITY, |m, &v| m.max(v));
         let lse = top + row.iter().map(|&z| (z - top).exp()).sum::<f32>().ln();
-        loss += f64::from(lse - row[label]);
+        loss += row
+            .iter()
+            .enumerate()
+            .map(|(j, &z)| f64::from(target(j, label)) * f64::from(lse - z))
+            .sum::<f64>();
         let first_max = row.iter().position(|&z| z == top).unwrap_or(0);
         correct += usize::from(first_max == label);
         for (j, v) in g.iter_mut().enumerate() {
-            *v = ((*v - lse).exp() - f32::from(u8::from(j == label))) / rows as f32;
+            *v = ((*v - lse).exp() - target(j, label)) / rows as f32;
         }
     }
     let scalar = |v: f32| ArrayD::from_elem(ndarray::IxDyn(&[1]), v);

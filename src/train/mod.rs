@@ -20,5 +20,5 @@ pub use predict::Predictions;
 pub use schedule::LrSchedule;
 pub use trainer::{
     EpochStats, Evaluation, StepOutput, cross_entropy, evaluate, evaluate_on, image_batch,
-    label_batch, train_epoch, train_epoch_on, train_step, train_step_with,
+    label_batch, top_k_correct, train_epoch, train_epoch_on, train_step, train_step_with,
 };

@@ -97,8 +97,46 @@ pub fn train_step_with(
 pub struct Evaluation {
     /// Mean cross-entropy per image.
     pub loss: f64,
-    /// Fraction classified correctly, in `[0, 1]`.
+    /// Fraction classified correctly (top-1), in `[0, 1]`.
     pub accuracy: f64,
+    /// Fraction whose label is among the five highest logits, in `[0, 1]` (1 with five
+    /// classes or fewer).
+    pub top5_accuracy: f64,
+}
+
+/// How many rows of `logits [N, K]` have their label among their `k` highest logits, ties
+/// going to the lower class (so `k = 1` counts the first arg-max, as the loss's count does).
+pub fn top_k_correct(logits: &ndarray::ArrayD<f32>, labels: &[usize], k: usize) -> Result<usize> {
+    let &[rows, classes] = logits.shape() else {
+        return Err(Error::ShapeMismatch {
+            op: "top_k_correct",
+            shapes: vec![logits.shape().to_vec()],
+            detail: "logits must be [N, K]".into(),
+        });
+    };
+    if k == 0 || labels.len() != rows || labels.iter().any(|&l| l >= classes) {
+        return Err(Error::InvalidArgument {
+            op: "top_k_correct",
+            detail: format!(
+                "k {k}, {} labels for {rows} rows of {classes} classes: k must be at least 1 \
+                 and every label below the class count",
+                labels.len()
+            ),
+        });
+    }
+    let rows = logits.rows().into_iter().zip(labels);
+    Ok(rows
+        .filter(|(row, label)| {
+            let z = row[**label];
+            // The label's rank: classes above it, and equal ones before it.
+            let above = row
+                .iter()
+                .enumerate()
+                .filter(|&(j, &v)| v > z || (v == z && j < **label))
+                .count();
+            above < k
+        })
+        .count())
 }
 
 /// Normalised images `indices` of `images` as an `[n, 1, rows, cols]` value on `device`
@@ -258,12 +296,15 @@ pub fn evaluate_on(
             detail: "the batch size must be at least 1".into(),
         });
     }
-    let (mut loss, mut correct) = (0.0f64, 0.0f64);
+    let (mut loss, mut correct, mut top5) = (0.0f64, 0.0f64, 0usize);
     let order: Vec<usize> = (0..data.len()).collect();
     for batch in order.chunks(batch_size) {
         let device = model.device().clone();
         let x = data.batch(&device, batch, normalize)?;
-        let ce = cross_entropy(model.forward(x, Mode::Eval)?, &data.labels_at(batch)?)?;
+        let labels = data.labels_at(batch)?;
+        let logits = model.forward(x, Mode::Eval)?;
+        let ce = cross_entropy(logits, &labels)?;
+        top5 += top_k_correct(&logits.to_array()?, &labels, 5)?;
         loss += f64::from(ce.loss.scalar()?) * batch.len() as f64;
         correct += f64::from(ce.correct.scalar()?);
     }
@@ -271,5 +312,6 @@ pub fn evaluate_on(
     Ok(Evaluation {
         loss: loss / n,
         accuracy: correct / n,
+        top5_accuracy: top5 as f64 / n,
     })
 }
