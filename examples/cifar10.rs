@@ -82,7 +82,8 @@ struct Args {
 /// `--schedule` values.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 enum ScheduleArg {
-    /// OneCycleLR with PyTorch's defaults (warm-up over 30 %, cosine down to lr/25e4).
+    /// OneCycleLR with PyTorch's defaults (warm-up over 30 %, cosine down to lr/25e4, the
+    /// momentum cycled between 0.95 and 0.85).
     OneCycle,
     /// CosineAnnealingLR from lr to 0.
     Cosine,
@@ -181,6 +182,9 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             let batch = batch?;
             let global = epoch * steps_per_epoch + step;
             optimizer.set_lr(schedule.lr(args.lr, global)?)?;
+            if let Some(momentum) = schedule.momentum(global)? {
+                optimizer.set_momentum(momentum)?;
+            }
             let out = train_step_with(
                 &mut model,
                 &mut optimizer,

@@ -41,6 +41,8 @@ fn squares(
 ) {
     let group = wid.x + wid.y * nwg.x;
     let start = group * WORKGROUP * PER_LANE;
+    // The grid's spare workgroups (past 65,535 along x) own no values; uniform per workgroup.
+    if start >= p.len { return; }
     var sum = 0.0;
     for (var k = 0u; k < PER_LANE; k++) {
         let i = start + k * WORKGROUP + lane;

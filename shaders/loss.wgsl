@@ -47,7 +47,9 @@ fn row(r: u32) -> vec2<f32> {
         let prob = exp(logits[base + j] - lse);
         grad[base + j] = (prob - select(off, on, j == label)) * p.scale;
     }
-    let loss = lse - (1.0 - p.smoothing) * logits[base + label] - off * logit_sum;
+    var loss = lse - logits[base + label];
+    // Only with smoothing: 0 · (an infinite logit or sum) would make the plain loss NaN.
+    if p.smoothing != 0.0 { loss -= off * logit_sum - p.smoothing * logits[base + label]; }
     return vec2<f32>(loss, select(0.0, 1.0, best == label));
 }
 
@@ -134,7 +136,9 @@ fn main_wide(
         grad[base + j] = (prob - select(off, on, j == label)) * p.scale;
     }
     if lane == 0u {
-        row_loss[r] = lse - (1.0 - p.smoothing) * logits[base + label] - off * all_logits;
+        var loss = lse - logits[base + label];
+        if p.smoothing != 0.0 { loss -= off * all_logits - p.smoothing * logits[base + label]; }
+        row_loss[r] = loss;
         row_correct[r] = select(0.0, 1.0, row_best == label);
     }
 }

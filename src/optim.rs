@@ -254,6 +254,35 @@ impl Optimizer {
         self
     }
 
+    /// The same rule with another momentum (SGD's) or first beta (Adam's β₁), as PyTorch's
+    /// OneCycleLR cycles them; AdaGrad has neither (an error), and SGD keeps its momentum
+    /// buffer only while the momentum is above 0 (made without one, or set to 0: an error).
+    pub fn with_momentum(self, momentum: f32) -> Result<Self> {
+        let refuse = |detail: String| {
+            Err(Error::InvalidArgument {
+                op: "optimizer",
+                detail,
+            })
+        };
+        match self {
+            // Its buffer stays: a momentum of 0 would drop it from the rule's state.
+            Self::Sgd(_) if momentum <= 0.0 => refuse(format!(
+                "momentum {momentum} for SGD made with one: give a momentum above 0"
+            )),
+            Self::Sgd(r) if r.momentum > 0.0 => Ok(Self::Sgd(Sgd { momentum, ..r })),
+            Self::Adam(r) => Ok(Self::Adam(Adam {
+                betas: (momentum, r.betas.1),
+                ..r
+            })),
+            Self::Sgd(_) => refuse(
+                "SGD made without momentum keeps no momentum buffer: give it a momentum \
+                 (Optimizer::sgd(lr).momentum(0.9)) to have it cycled"
+                    .into(),
+            ),
+            Self::AdaGrad(_) => refuse("AdaGrad has no momentum or β₁ to cycle".into()),
+        }
+    }
+
     /// The same rule with another weight decay (for parameter groups).
     pub fn with_weight_decay(mut self, new: f32) -> Self {
         match &mut self {
@@ -713,6 +742,15 @@ impl<T> OptimizerState<T> {
         self.rule
     }
 
+    /// Changes the momentum (SGD) or β₁ (Adam) from the next step on, for schedules that
+    /// cycle it ([`crate::train::LrSchedule::momentum`]); the state is kept.
+    pub fn set_momentum(&mut self, momentum: f32) -> Result<()> {
+        let rule = self.rule.with_momentum(momentum)?;
+        rule.validate()?;
+        self.rule = rule;
+        Ok(())
+    }
+
     /// Adds a parameter group (after those added before: the first that selects a
     /// parameter applies). Its options are checked against the rule's.
     pub fn add_param_group(&mut self, group: ParamGroup) -> Result<()> {
@@ -1136,6 +1174,14 @@ impl GraphOptimizer {
         match self {
             GraphOptimizer::Gpu(opt) => opt.set_lr(lr),
             GraphOptimizer::Cpu(opt) => opt.set_lr(lr),
+        }
+    }
+
+    /// Changes the momentum (SGD) or β₁ (Adam) from the next step on (one-cycle schedules).
+    pub fn set_momentum(&mut self, momentum: f32) -> Result<()> {
+        match self {
+            GraphOptimizer::Gpu(opt) => opt.set_momentum(momentum),
+            GraphOptimizer::Cpu(opt) => opt.set_momentum(momentum),
         }
     }
 

@@ -284,8 +284,12 @@ fn optimizer_state_follows_parameters_through_freezing_and_replacing() {
         let mut adam = model.optimizer(Optimizer::adam(0.1)).unwrap();
         for (step, after) in golden["after"].as_array().unwrap().iter().enumerate() {
             match step {
-                1 => model.freeze("fc1", true).unwrap(),
-                3 => model.freeze("fc1", false).unwrap(),
+                // fc1 frozen as a backbone around the head, then everything trains again.
+                1 => {
+                    model.freeze_all(true);
+                    model.freeze("fc2", false).unwrap();
+                }
+                3 => model.freeze_all(false),
                 4 => {
                     model.replace("fc2", Linear::new(3, 2)).unwrap();
                     set(&mut model, &golden["new_head"]);

@@ -57,6 +57,15 @@ fn schedule(name: &str) -> LrSchedule {
             pct_start: 0.25,
             div_factor: 10.0,
             final_div_factor: 100.0,
+            momentum: Some((0.8, 0.92)),
+        },
+        "one_cycle_fixed_momentum" => LrSchedule::OneCycle {
+            max_lr: 0.3,
+            total_steps: 15,
+            pct_start: 0.3,
+            div_factor: 25.0,
+            final_div_factor: 1e4,
+            momentum: None,
         },
         "warmup_cosine" => LrSchedule::Cosine {
             t_max: 10,
@@ -76,10 +85,11 @@ fn every_schedule_steps_as_pytorch() {
     let golden: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     let cases = golden["cases"].as_object().unwrap();
-    assert_eq!(cases.len(), 7);
+    assert_eq!(cases.len(), 8);
     for (name, case) in cases {
         let base = case["base_lr"].as_f64().unwrap() as f32;
         let schedule = schedule(name);
+        let momentums = case["momentums"].as_array().unwrap();
         for (step, want) in case["lrs"].as_array().unwrap().iter().enumerate() {
             let want = want.as_f64().unwrap();
             let got = f64::from(schedule.lr(base, step).unwrap());
@@ -87,8 +97,29 @@ fn every_schedule_steps_as_pytorch() {
                 (got - want).abs() <= 1e-6 * want.abs().max(1e-3),
                 "{name} step {step}: {got} vs PyTorch's {want}"
             );
+            // A schedule that does not cycle the momentum leaves the optimizer's 0.9.
+            let want = momentums[step].as_f64().unwrap();
+            let got = schedule.momentum(step).unwrap().map_or(0.9, f64::from);
+            assert!(
+                (got - want).abs() <= 1e-6,
+                "{name} step {step}: momentum {got} vs PyTorch's {want}"
+            );
         }
     }
+    // The momentum goes to the optimizer as SGD's momentum or Adam's β₁.
+    let mut sgd = CpuOptimizer::new(Optimizer::sgd(0.1).momentum(0.9)).unwrap();
+    sgd.set_momentum(0.85).unwrap();
+    assert_eq!(sgd.rule(), Optimizer::sgd(0.1).momentum(0.85).into());
+    let mut adam = CpuOptimizer::new(Optimizer::adam(0.1)).unwrap();
+    adam.set_momentum(0.8).unwrap();
+    assert_eq!(adam.rule(), Optimizer::adam(0.1).betas(0.8, 0.999).into());
+    let plain: [Optimizer; 2] = [Optimizer::sgd(0.1).into(), Optimizer::adagrad(0.1).into()];
+    for rule in plain {
+        let mut opt = CpuOptimizer::new(rule).unwrap();
+        assert!(opt.set_momentum(0.9).is_err(), "{rule:?}");
+    }
+    // SGD's momentum stays above 0, so its buffer stays in its state.
+    assert!(sgd.set_momentum(0.0).is_err());
 }
 
 #[test]
@@ -124,6 +155,17 @@ fn parameters_pytorch_refuses_are_errors() {
             "start_factor",
         ),
         (LrSchedule::one_cycle(0.1, 3), "total_steps·pct_start ≥ 2"),
+        (
+            LrSchedule::OneCycle {
+                momentum: Some((-0.1, 0.85)),
+                max_lr: 0.1,
+                total_steps: 100,
+                pct_start: 0.3,
+                div_factor: 25.0,
+                final_div_factor: 1e4,
+            },
+            "finite values of at least 0",
+        ),
         (
             LrSchedule::one_cycle(0.1, 100).after_warmup(0, 0.1),
             "warm-up",
@@ -179,6 +221,16 @@ fn label_smoothing_matches_pytorch_on_gpu_and_cpu() {
     );
     let diff = max_abs_diff(&got.grad_logits.to_array().unwrap(), &want.grad_logits);
     assert!(diff < 1e-7, "wide rows: gradients {diff} apart");
+    // Without smoothing a class at −∞ is simply never chosen: the loss stays finite.
+    let masked = ArrayD::from_shape_vec(IxDyn(&[1, 3]), vec![1.0, f32::NEG_INFINITY, 2.0]).unwrap();
+    for logits in [
+        Value::from(Tensor::from_array(gpu, &masked).unwrap()),
+        Value::from(masked.clone()),
+    ] {
+        let ce = logits.softmax_cross_entropy_smoothed(&[0], 0.0).unwrap();
+        let loss = ce.loss.scalar().unwrap();
+        assert!((loss - 1.313_262).abs() < 1e-5, "masked class: loss {loss}");
+    }
     for bad in [-0.1, 1.5, f32::NAN] {
         let err = Value::from(logits.clone())
             .softmax_cross_entropy_smoothed(&labels, bad)

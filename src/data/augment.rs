@@ -161,6 +161,11 @@ impl Augmentation {
         index: usize,
     ) -> Result<Array3<T>> {
         let (c, h, w) = image.dim();
+        if c == 0 || h == 0 || w == 0 {
+            return Err(invalid(format!(
+                "an image of {c}×{h}×{w}: every dimension must be at least 1"
+            )));
+        }
         self.output_shape([c, h, w])?;
         let mut rng = image_stream(seed, epoch, index);
         let mut out = image.to_owned();

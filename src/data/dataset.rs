@@ -358,7 +358,8 @@ impl Dataset {
         )
     }
 
-    /// The first `n` images (all of them when there are fewer).
+    /// The first `n` images (all of them when there are fewer; `n` 0 is an error, as a set
+    /// holds at least one image).
     pub fn first(&self, n: usize) -> Result<Self> {
         self.select(&(0..n.min(self.len())).collect::<Vec<_>>())
     }

@@ -193,9 +193,18 @@ impl Iterator for Loader {
         let batch = receiver.recv();
         self.waited += start.elapsed();
         let batch = batch.unwrap_or_else(|_| {
+            // The thread ended without sending: it panicked (say with what) or never ran.
+            let why = match self.worker.take().map(JoinHandle::join) {
+                Some(Err(panic)) => panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "a panic".into()),
+                _ => "no reason given".into(),
+            };
             Err(Error::InvalidArgument {
                 op: OP,
-                detail: "the loader thread stopped before the epoch's end".into(),
+                detail: format!("the loader thread stopped before the epoch's end: {why}"),
             })
         });
         // After an error the thread has stopped: the epoch ends with it.
@@ -207,8 +216,6 @@ impl Iterator for Loader {
         (self.remaining, Some(self.remaining))
     }
 }
-
-impl ExactSizeIterator for Loader {}
 
 impl Drop for Loader {
     fn drop(&mut self) {

@@ -633,6 +633,15 @@ impl Graph {
         Ok(())
     }
 
+    /// Freezes (or unfreezes) every node: with [`Graph::freeze`] after it, a pretrained
+    /// backbone frozen around a new head. The optimizer keeps each parameter's state
+    /// through both.
+    pub fn freeze_all(&mut self, frozen: bool) {
+        for node in &mut self.nodes {
+            node.frozen = frozen;
+        }
+    }
+
     /// Runs the model on `input` and returns its output (kept until the next forward).
     pub fn forward(&mut self, input: Value, mode: Mode) -> Result<&Value> {
         if self.nodes.is_empty() {

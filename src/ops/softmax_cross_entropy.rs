@@ -285,11 +285,13 @@ pub fn softmax_cross_entropy_smoothed_cpu(
     {
         let top = row.fold(f32::NEG_INFINITY, |m, &v| m.max(v));
         let lse = top + row.iter().map(|&z| (z - top).exp()).sum::<f32>().ln();
-        loss += row
-            .iter()
-            .enumerate()
-            .map(|(j, &z)| f64::from(target(j, label)) * f64::from(lse - z))
-            .sum::<f64>();
+        loss += f64::from(lse - row[label]);
+        // Only with smoothing: 0 · (lse − an infinite logit) would make the plain loss NaN.
+        if label_smoothing != 0.0 {
+            let eps = f64::from(label_smoothing);
+            let mean = row.iter().map(|&z| f64::from(lse - z)).sum::<f64>() / classes as f64;
+            loss += eps * (mean - f64::from(lse - row[label]));
+        }
         let first_max = row.iter().position(|&z| z == top).unwrap_or(0);
         correct += usize::from(first_max == label);
         for (j, v) in g.iter_mut().enumerate() {

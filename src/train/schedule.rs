@@ -1,7 +1,8 @@
 //! Learning-rate schedules with PyTorch's semantics (`torch.optim.lr_scheduler`), as pure
 //! functions of the step: `schedule.lr(base_lr, step)` is the rate PyTorch's scheduler gives
 //! after `step` calls of `scheduler.step()`. A step is whatever the caller counts (a batch or
-//! an epoch); `GraphOptimizer::set_lr` applies the rate.
+//! an epoch); `GraphOptimizer::set_lr` applies the rate, and `GraphOptimizer::set_momentum`
+//! the momentum a one-cycle schedule cycles (`schedule.momentum(step)`).
 
 use crate::error::{Error, Result};
 
@@ -42,9 +43,11 @@ pub enum LrSchedule {
         total_iters: usize,
     },
     /// `OneCycleLR(max_lr, total_steps, pct_start, anneal_strategy='cos', div_factor,
-    /// final_div_factor)`, two phases: from `max_lr / div_factor` up to `max_lr` over the
-    /// first `pct_start` of the steps, then down to `max_lr / (div_factor ·
-    /// final_div_factor)`, both along half cosines. `base_lr` is ignored, as in PyTorch.
+    /// final_div_factor, base_momentum, max_momentum)`, two phases: from `max_lr /
+    /// div_factor` up to `max_lr` over the first `pct_start` of the steps, then down to
+    /// `max_lr / (div_factor · final_div_factor)`, both along half cosines, the momentum
+    /// (SGD's, or Adam's β₁) going the other way between `max_momentum` and
+    /// `base_momentum`. `base_lr` is ignored, as in PyTorch.
     OneCycle {
         /// The peak rate.
         max_lr: f32,
@@ -57,6 +60,9 @@ pub enum LrSchedule {
         div_factor: f32,
         /// `initial rate / final rate` (PyTorch: 1e4).
         final_div_factor: f32,
+        /// `(base_momentum, max_momentum)` to cycle (PyTorch: (0.85, 0.95)), or `None` for
+        /// `cycle_momentum=False`.
+        momentum: Option<(f32, f32)>,
     },
     /// `SequentialLR([LinearLR(start_factor, 1, warmup), then], milestones=[warmup])`: a
     /// linear warm-up over `warmup` steps, then `then` from its own step 0.
@@ -72,7 +78,7 @@ pub enum LrSchedule {
 
 impl LrSchedule {
     /// `OneCycleLR` with PyTorch's defaults (`pct_start` 0.3, `div_factor` 25,
-    /// `final_div_factor` 1e4).
+    /// `final_div_factor` 1e4, momentum cycled between 0.95 and 0.85).
     pub fn one_cycle(max_lr: f32, total_steps: usize) -> Self {
         Self::OneCycle {
             max_lr,
@@ -80,6 +86,7 @@ impl LrSchedule {
             pct_start: 0.3,
             div_factor: 25.0,
             final_div_factor: 1e4,
+            momentum: Some((0.85, 0.95)),
         }
     }
 
@@ -97,6 +104,37 @@ impl LrSchedule {
     pub fn lr(&self, base_lr: f32, step: usize) -> Result<f32> {
         self.validate()?;
         Ok(self.rate(f64::from(base_lr), step) as f32)
+    }
+
+    /// The momentum after `step` scheduler steps where the schedule cycles it (one-cycle; a
+    /// warm-up before it holds its first momentum, as PyTorch's OneCycleLR sets it when
+    /// made), else `None` (leave the optimizer's as it is). A warm-up before a one-cycle
+    /// schedule is not checked against PyTorch: its SequentialLR scales OneCycleLR's own
+    /// initial rate during the warm-up and jumps at the milestone.
+    pub fn momentum(&self, step: usize) -> Result<Option<f32>> {
+        self.validate()?;
+        Ok(self.cycled_momentum(step).map(|m| m as f32))
+    }
+
+    fn cycled_momentum(&self, step: usize) -> Option<f64> {
+        match self {
+            Self::OneCycle {
+                total_steps,
+                pct_start,
+                momentum: Some((base, max)),
+                ..
+            } => {
+                let (base, max) = (f64::from(*base), f64::from(*max));
+                Some(match one_cycle_phase(*total_steps, *pct_start, step) {
+                    (true, done) => half_cosine(max, base, done),
+                    (false, done) => half_cosine(base, max, done),
+                })
+            }
+            // PyTorch's OneCycleLR sets its first momentum when it is made, before the
+            // warm-up that SequentialLR runs first.
+            Self::Warmup { warmup, then, .. } => then.cycled_momentum(step.saturating_sub(*warmup)),
+            _ => None,
+        }
     }
 
     fn rate(&self, base: f64, step: usize) -> f64 {
@@ -129,22 +167,14 @@ impl LrSchedule {
                 pct_start,
                 div_factor,
                 final_div_factor,
+                ..
             } => {
                 let max = f64::from(*max_lr);
                 let initial = max / f64::from(*div_factor);
                 let last = initial / f64::from(*final_div_factor);
-                // PyTorch's phase ends: the rise ends at step pct·total − 1, the fall at
-                // total − 1.
-                let rise_end = f64::from(*pct_start) * *total_steps as f64 - 1.0;
-                let fall_end = *total_steps as f64 - 1.0;
-                let t = t.min(fall_end);
-                let cos = |from: f64, to: f64, done: f64| {
-                    to + (from - to) * (1.0 + (std::f64::consts::PI * done).cos()) / 2.0
-                };
-                if t <= rise_end {
-                    cos(initial, max, t / rise_end)
-                } else {
-                    cos(max, last, (t - rise_end) / (fall_end - rise_end))
+                match one_cycle_phase(*total_steps, *pct_start, step) {
+                    (true, done) => half_cosine(initial, max, done),
+                    (false, done) => half_cosine(max, last, done),
                 }
             }
             Self::Warmup {
@@ -192,6 +222,15 @@ impl LrSchedule {
                 ))
             }
             Self::OneCycle {
+                momentum: Some((base, max)),
+                ..
+            } if !(base.is_finite() && max.is_finite() && *base >= 0.0 && *max >= 0.0) => {
+                bad(format!(
+                    "OneCycleLR cycles momentum between base {base} and max {max}: give \
+                     finite values of at least 0"
+                ))
+            }
+            Self::OneCycle {
                 total_steps,
                 pct_start,
                 div_factor,
@@ -225,4 +264,23 @@ impl LrSchedule {
             _ => Ok(()),
         }
     }
+}
+
+/// Where step `step` of a one-cycle schedule is: in the rise (`true`) or the fall, and how
+/// far through it, in `[0, 1]`. PyTorch's phase ends: the rise ends at step pct·total − 1,
+/// the fall at total − 1 (later steps stay there).
+fn one_cycle_phase(total_steps: usize, pct_start: f32, step: usize) -> (bool, f64) {
+    let rise_end = f64::from(pct_start) * total_steps as f64 - 1.0;
+    let fall_end = total_steps as f64 - 1.0;
+    let t = (step as f64).min(fall_end);
+    if t <= rise_end {
+        (true, t / rise_end)
+    } else {
+        (false, (t - rise_end) / (fall_end - rise_end))
+    }
+}
+
+/// From `from` to `to` along a half cosine, `done` of the way (PyTorch's `_annealing_cos`).
+fn half_cosine(from: f64, to: f64, done: f64) -> f64 {
+    to + (from - to) * (1.0 + (std::f64::consts::PI * done).cos()) / 2.0
 }

@@ -1,5 +1,6 @@
-"""PyTorch's learning-rate schedulers, step by step: the rate in the optimizer after
-construction and after each scheduler.step(). Writes tests/golden/lr_schedules.json.
+"""PyTorch's learning-rate schedulers, step by step: the rate and the momentum in the
+optimizer (SGD, momentum 0.9) after construction and after each scheduler.step(). Writes
+tests/golden/lr_schedules.json.
 
     /work/venv/torch/bin/python tests/golden/make_schedule_golden.py
 """
@@ -19,7 +20,10 @@ CASES = {
     "linear": (0.1, 10, lambda o: s.LinearLR(o, start_factor=0.1, end_factor=1.0, total_iters=5)),
     "one_cycle_defaults": (0.1, 20, lambda o: s.OneCycleLR(o, max_lr=0.2, total_steps=20)),
     "one_cycle_options": (0.1, 37, lambda o: s.OneCycleLR(
-        o, max_lr=0.05, total_steps=37, pct_start=0.25, div_factor=10.0, final_div_factor=100.0)),
+        o, max_lr=0.05, total_steps=37, pct_start=0.25, div_factor=10.0, final_div_factor=100.0,
+        base_momentum=0.8, max_momentum=0.92)),
+    "one_cycle_fixed_momentum": (0.1, 15, lambda o: s.OneCycleLR(
+        o, max_lr=0.3, total_steps=15, cycle_momentum=False)),
     "warmup_cosine": (0.1, 16, lambda o: s.SequentialLR(
         o, [s.LinearLR(o, start_factor=0.01, end_factor=1.0, total_iters=4),
             s.CosineAnnealingLR(o, T_max=10)], milestones=[4])),
@@ -30,17 +34,21 @@ def rates(base, steps, make):
     param = torch.nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.SGD([param], lr=base, momentum=0.9)
     scheduler = make(optimizer)
-    out = [optimizer.param_groups[0]["lr"]]
+    group = optimizer.param_groups[0]
+    lrs, momentums = [group["lr"]], [group["momentum"]]
     for _ in range(steps - 1):
         optimizer.step()
         scheduler.step()
-        out.append(optimizer.param_groups[0]["lr"])
-    return out
+        lrs.append(group["lr"])
+        momentums.append(group["momentum"])
+    return lrs, momentums
 
 
 def main():
-    cases = {name: {"base_lr": base, "lrs": rates(base, steps, make)}
-             for name, (base, steps, make) in CASES.items()}
+    cases = {}
+    for name, (base, steps, make) in CASES.items():
+        lrs, momentums = rates(base, steps, make)
+        cases[name] = {"base_lr": base, "lrs": lrs, "momentums": momentums}
     OUT.write_text(json.dumps({"torch": torch.__version__, "cases": cases}, indent=1) + "\n")
     print(f"wrote {OUT}")
 
