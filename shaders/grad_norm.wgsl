@@ -5,6 +5,7 @@
 // WORKGROUP · PER_LANE elements into partials[first + workgroup]; `finish`: one workgroup adds
 // the partials and stores the norm; `scale`: one dispatch per tensor, one element per
 // invocation. Every loop is bounded (PER_LANE, and the partials count checked by the caller).
+// rows.wgsl is put in front (row_sum: the workgroup's tree).
 
 const PER_LANE: u32 = 64u;
 
@@ -19,19 +20,6 @@ struct Params {
 @group(0) @binding(1) var<storage, read_write> grad: array<f32>;
 @group(0) @binding(2) var<storage, read_write> partials: array<f32>;
 @group(0) @binding(3) var<storage, read_write> norm: array<f32>;   // [1]
-
-var<workgroup> lane_sums: array<f32, WORKGROUP>;
-
-// The workgroup's lanes' values added up, for lane 0.
-fn workgroup_sum(lane: u32, value: f32) -> f32 {
-    lane_sums[lane] = value;
-    workgroupBarrier();
-    for (var half = WORKGROUP / 2u; half > 0u; half >>= 1u) {
-        if lane < half { lane_sums[lane] += lane_sums[lane + half]; }
-        workgroupBarrier();
-    }
-    return lane_sums[0];
-}
 
 @compute @workgroup_size(WORKGROUP)
 fn squares(
@@ -48,7 +36,7 @@ fn squares(
         let i = start + k * WORKGROUP + lane;
         if i < p.len { sum += grad[i] * grad[i]; }
     }
-    let total = workgroup_sum(lane, sum);
+    let total = row_sum(lane, sum);
     if lane == 0u { partials[p.first + group] = total; }
 }
 
@@ -56,7 +44,7 @@ fn squares(
 fn finish(@builtin(local_invocation_index) lane: u32) {
     var sum = 0.0;
     for (var i = lane; i < p.len; i += WORKGROUP) { sum += partials[i]; }
-    let total = workgroup_sum(lane, sum);
+    let total = row_sum(lane, sum);
     if lane == 0u { norm[0] = sqrt(total); }
 }
 

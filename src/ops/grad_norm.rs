@@ -90,7 +90,13 @@ pub fn clip_grad_norm(grads: &[&Tensor], max_norm: f32) -> Result<Tensor> {
     }
     let partials = Tensor::uninit(gpu, &[partial_count.max(1) as usize])?;
     let norm = Tensor::uninit(gpu, &[1])?;
-    let source = || include_str!("../../shaders/grad_norm.wgsl").to_string();
+    let source = || {
+        [
+            include_str!("../../shaders/rows.wgsl"),
+            include_str!("../../shaders/grad_norm.wgsl"),
+        ]
+        .concat()
+    };
     let squares = gpu.pipeline("grad_norm", "squares", source)?;
     let finish = gpu.pipeline("grad_norm", "finish", source)?;
     let scale = gpu.pipeline("grad_norm", "scale", source)?;

@@ -304,9 +304,11 @@ pub fn evaluate_on(
         let labels = data.labels_at(batch)?;
         let logits = model.forward(x, Mode::Eval)?;
         let ce = cross_entropy(logits, &labels)?;
-        top5 += top_k_correct(&logits.to_array()?, &labels, 5)?;
+        // The logits come back for top-5 anyway: top-1 is counted from them too.
+        let host_logits = logits.to_array()?;
+        top5 += top_k_correct(&host_logits, &labels, 5)?;
+        correct += top_k_correct(&host_logits, &labels, 1)? as f64;
         loss += f64::from(ce.loss.scalar()?) * batch.len() as f64;
-        correct += f64::from(ce.correct.scalar()?);
     }
     let n = data.len() as f64;
     Ok(Evaluation {
