@@ -1,9 +1,11 @@
 // Inverted dropout with a counter-based RNG: element i of step `step` under `seed` is kept
-// when uniform(seed, step, i) >= rate, and scaled by 1/(1 - rate). The mask is a pure
-// function of (seed, step, i), so backward recomputes exactly the mask forward used.
+// when uniform(seed, step, i) >= rate, and multiplied by scale = 1/(1 - rate), rounded once on
+// the host (GPUs divide approximately: x / (1 - rate) was off in the last bit on NVIDIA).
+// The mask is a pure function of (seed, step, i), so backward recomputes the forward's mask.
 
 struct Params {
     total: u32, seed: u32, step: u32, rate: f32,
+    scale: f32, pad0: u32, pad1: u32, pad2: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -31,5 +33,5 @@ fn draw(i: u32) -> f32 {
 fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = invocation_index(gid, nwg);
     if i >= p.total { return; }
-    dst[i] = select(0.0, src[i] / (1.0 - p.rate), draw(i) >= p.rate);
+    dst[i] = select(0.0, src[i] * p.scale, draw(i) >= p.rate);
 }

@@ -62,12 +62,7 @@ fn divisor(oh: u32, ow: u32) -> f32 {
     return window_count(oh, ow);
 }
 
-// NaN by its bits: WGSL lets compilers assume floats are finite, and on lavapipe `v != v`
-// never fired, so a NaN lost its window. As in PyTorch, NaN wins.
-fn is_nan(v: f32) -> bool {
-    return (bitcast<u32>(v) & 0x7fffffffu) > 0x7f800000u;
-}
-
+// NaN wins a window, as in PyTorch (is_nan, by the bits, is epilogue.wgsl's).
 // src = x [planes][H][W], dst = y [planes][OH][OW], argmax likewise (max only).
 @compute @workgroup_size(WORKGROUP)
 fn max_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {

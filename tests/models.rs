@@ -207,8 +207,11 @@ fn efficientnet_lite0_logits_match_pytorch() {
 /// One SGD step (momentum 0.9, weight decay 5e-4) of ResNet-20 in training mode: loss,
 /// gradients, updated weights and batch-norm statistics as PyTorch's. Tolerance: the
 /// generator's float64 run of the same step differs from PyTorch's float32 one by at most
-/// 2.8e-6 of a tensor's largest value (resnet20_train_step_f64_gap.json) with no ReLU mask
-/// flipping, so two float32 libraries summing in different orders stay within 1e-4 of it.
+/// 3.8e-6 of a tensor's largest value (resnet20_train_step_f64_gap.json), and its input keeps
+/// every pre-activation at least 1.8e-5 from its ReLU's kink, so two float32 libraries
+/// summing in different orders keep every mask and stay within 1e-4 of it. (The earlier
+/// input had a value 9.7e-7 from 0 in layer2.1: NVIDIA's rounding flipped its mask and
+/// moved every gradient below by up to 3.5 %.)
 #[test]
 fn resnet20_train_step_matches_pytorch() {
     let case = golden("resnet20_train_step.safetensors");
@@ -219,17 +222,22 @@ fn resnet20_train_step_matches_pytorch() {
         .iter()
         .map(|&l| l as usize)
         .collect();
-    let close = |what: &str, got: &ArrayD<f32>, want: &ArrayD<f32>| {
-        let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-        let diff = common::max_abs_diff(
-            got,
-            &want.clone().into_shape_with_order(got.raw_dim()).unwrap(),
-        );
-        assert!(
-            diff <= 1e-4 * scale + 1e-6,
-            "{what}: max |diff| {diff}, max |value| {scale}"
-        );
-    };
+    // Every tensor past the tolerance is listed, worst first: which layers drift tells
+    // which kernel does.
+    let close =
+        |failures: &mut Vec<(f32, String)>, what: &str, got: &ArrayD<f32>, want: &ArrayD<f32>| {
+            let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            let diff = common::max_abs_diff(
+                got,
+                &want.clone().into_shape_with_order(got.raw_dim()).unwrap(),
+            );
+            if diff > 1e-4 * scale + 1e-6 {
+                let relative = diff / scale.max(1e-30);
+                let line =
+                    format!("{what}: max |diff| {diff}, max |value| {scale} ({relative:.1e})");
+                failures.push((relative, line));
+            }
+        };
     for device in devices() {
         let on = device.name();
         let mut model = models::resnet20(10)
@@ -243,7 +251,9 @@ fn resnet20_train_step_matches_pytorch() {
         let logits = model
             .forward(device.upload(input.clone()).unwrap(), Mode::Train)
             .unwrap();
+        let mut failures = Vec::new();
         close(
+            &mut failures,
             &format!("logits on {on}"),
             &logits.to_array().unwrap(),
             case.get("logits").unwrap(),
@@ -270,14 +280,32 @@ fn resnet20_train_step_matches_pytorch() {
         let mut checked = 0;
         for (name, want) in &case.tensors {
             if let Some(param) = name.strip_prefix("grad.") {
-                close(&format!("{name} on {on}"), &grads[param], want);
+                close(
+                    &mut failures,
+                    &format!("{name} on {on}"),
+                    &grads[param],
+                    want,
+                );
                 checked += 1;
             } else if let Some(param) = name.strip_prefix("after.") {
-                close(&format!("{name} on {on}"), &state[param], want);
+                close(
+                    &mut failures,
+                    &format!("{name} on {on}"),
+                    &state[param],
+                    want,
+                );
                 checked += 1;
             }
         }
         assert!(checked > 40, "only {checked} tensors compared");
+        failures.sort_by(|a, b| b.0.total_cmp(&a.0));
+        let listed: Vec<&str> = failures.iter().map(|(_, line)| line.as_str()).collect();
+        assert!(
+            failures.is_empty(),
+            "{} of {checked} tensors past 1e-4 of their largest value:\n{}",
+            failures.len(),
+            listed.join("\n")
+        );
         let checkpoint = model.checkpoint().unwrap();
         for (name, want) in &case.integers {
             if let Some(param) = name.strip_prefix("after.") {

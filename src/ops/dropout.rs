@@ -28,6 +28,8 @@ struct DropoutParams {
     seed: u32,
     step: u32,
     rate: f32,
+    scale: f32,
+    pad: [u32; 3],
 }
 
 fn mix(mut x: u32) -> u32 {
@@ -50,6 +52,12 @@ impl Dropout {
         Ok(Self { rate, seed })
     }
 
+    /// What kept elements are multiplied by: `1/(1-rate)` rounded once, as PyTorch's mask holds
+    /// it (a division per element would differ in the last bit, and GPUs divide approximately).
+    pub fn scale(&self) -> f32 {
+        1.0 / (1.0 - self.rate)
+    }
+
     /// The uniform draw for element `index` at `step`: the CPU twin of the WGSL hash.
     pub fn uniform(&self, step: u32, index: u32) -> f32 {
         let h = mix(index ^ mix(self.seed ^ mix(step.wrapping_add(0x9e37_79b9))));
@@ -70,6 +78,8 @@ impl Dropout {
             seed: self.seed,
             step,
             rate: self.rate,
+            scale: self.scale(),
+            pad: [0; 3],
         };
         let pipeline = gpu.pipeline("dropout", "main", || {
             include_str!("../../shaders/dropout.wgsl").into()
@@ -86,12 +96,12 @@ impl Dropout {
         Ok(dst)
     }
 
-    /// `y = mask ⊙ x / (1 - rate)` in training, `x` in eval.
+    /// `y = mask ⊙ x · scale()` (`scale() = 1/(1-rate)`) in training, `x` in eval.
     pub fn forward(&self, x: &Tensor, step: u32, training: bool) -> Result<Tensor> {
         self.apply(x, step, training)
     }
 
-    /// `dx = mask ⊙ dy / (1 - rate)` with the same mask as the forward pass at `step`.
+    /// `dx = mask ⊙ dy · scale()` with the same mask as the forward pass at `step`.
     pub fn backward(&self, dy: &Tensor, step: u32, training: bool) -> Result<Tensor> {
         self.apply(dy, step, training)
     }
@@ -107,9 +117,10 @@ impl Dropout {
         if !training {
             return Ok(x.to_owned());
         }
+        let scale = self.scale();
         let values = x.iter().enumerate().map(|(i, &v)| {
             if self.uniform(step, i as u32) >= self.rate {
-                v / (1.0 - self.rate)
+                v * scale
             } else {
                 0.0
             }
