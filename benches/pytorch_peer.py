@@ -1,9 +1,10 @@
-"""PyTorch (CPU) timings of the shapes in examples/perf.rs, for the README's comparison.
+"""PyTorch timings of the shapes in examples/perf.rs, for the README's comparison.
 
-    python3 benches/pytorch_peer.py [--threads 1] [--runs 9]
+    python3 benches/pytorch_peer.py [--threads 1] [--runs 9] [--device cpu|cuda]
 
 Prints one JSON line per row with the keys of `perf --json` that apply: op, shape, torch_ms
-(median of --runs after a warm-up). Run it right after `perf` on the same host.
+(median of --runs after a warm-up; on CUDA each run ends with a synchronize, as perf's
+GPU runs end with a readback wait). Run it right after `perf` on the same host.
 """
 
 import argparse
@@ -14,19 +15,29 @@ import torch
 import torch.nn.functional as F
 
 
+DEVICE = torch.device("cpu")
+
+
+def synchronize():
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def median_ms(fn, runs):
     fn()
+    synchronize()
     times = []
     for _ in range(runs):
         start = time.perf_counter()
         fn()
+        synchronize()
         times.append((time.perf_counter() - start) * 1e3)
     times.sort()
     return times[len(times) // 2]
 
 
 def rand(*shape, grad=False):
-    return (torch.rand(*shape) * 2 - 1).requires_grad_(grad)
+    return (torch.rand(*shape, device=DEVICE) * 2 - 1).requires_grad_(grad)
 
 
 def rows():
@@ -56,9 +67,10 @@ def rows():
         yield f"{name}_fwd_bwd", "N64 C6 24x24 2x2", lambda x=x, pool=pool, dy=dy: torch.autograd.grad(pool(x, 2), x, dy)
 
     x = rand(8, 64, 56, 56, grad=True)
-    g, b = torch.ones(64, requires_grad=True), torch.zeros(64, requires_grad=True)
+    g = torch.ones(64, device=DEVICE, requires_grad=True)
+    b = torch.zeros(64, device=DEVICE, requires_grad=True)
     dy = rand(8, 64, 56, 56)
-    bn = lambda x: F.batch_norm(x, torch.zeros(64), torch.ones(64), g, b, training=True)
+    bn = lambda x: F.batch_norm(x, torch.zeros(64, device=DEVICE), torch.ones(64, device=DEVICE), g, b, training=True)
     yield "batch_norm2d_fwd", "N8 C64 56x56", lambda: bn(x.detach())
     yield "batch_norm2d_fwd_bwd", "N8 C64 56x56", lambda: torch.autograd.grad(bn(x), (x, g, b), dy)
 
@@ -71,7 +83,7 @@ def rows():
 
     for rows_, classes in [(64, 10), (64, 1000), (1024, 1000)]:
         logits = rand(rows_, classes, grad=True)
-        labels = torch.tensor([(i * 7) % classes for i in range(rows_)])
+        labels = torch.tensor([(i * 7) % classes for i in range(rows_)], device=DEVICE)
         yield "softmax_cross_entropy_fwd_bwd", f"N{rows_} K{classes}", lambda l=logits, t=labels: torch.autograd.grad(
             F.cross_entropy(l, t), l)
 
@@ -79,10 +91,10 @@ def rows():
         torch.nn.Conv2d(1, 6, 5), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
         torch.nn.Conv2d(6, 16, 5), torch.nn.ReLU(), torch.nn.MaxPool2d(2), torch.nn.Flatten(),
         torch.nn.Linear(256, 120), torch.nn.ReLU(), torch.nn.Linear(120, 84), torch.nn.ReLU(),
-        torch.nn.Linear(84, 10))
+        torch.nn.Linear(84, 10)).to(DEVICE)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     x = rand(64, 1, 28, 28)
-    labels = torch.tensor([i % 10 for i in range(64)])
+    labels = torch.tensor([i % 10 for i in range(64)], device=DEVICE)
 
     def step():
         opt.zero_grad()
@@ -101,7 +113,7 @@ def rows():
     except ImportError:
         pass
     for op, net in nets:
-        net.eval()
+        net.eval().to(DEVICE)
         for n in (1, 8):
             x = rand(n, 3, 224, 224)
 
@@ -111,10 +123,10 @@ def rows():
 
             yield op, f"N{n} 3x224x224", infer
 
-    resnet20 = cifar_resnet20()
+    resnet20 = cifar_resnet20().to(DEVICE)
     opt20 = torch.optim.SGD(resnet20.parameters(), lr=0.05, momentum=0.9)
     x20 = rand(128, 3, 32, 32)
-    labels20 = torch.tensor([i % 10 for i in range(128)])
+    labels20 = torch.tensor([i % 10 for i in range(128)], device=DEVICE)
 
     def step20():
         opt20.zero_grad()
@@ -147,13 +159,20 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--runs", type=int, default=9)
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda for a GPU peer")
     args = parser.parse_args()
+    global DEVICE
+    DEVICE = torch.device(args.device)
+    # wgcnn computes in fp32: keep cuDNN's convolutions off TF32 (its default) to compare alike.
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     for op, shape, fn in rows():
         ms = median_ms(fn, args.runs)
         print(json.dumps({"op": op, "shape": shape, "torch_ms": round(ms, 4),
-                          "threads": args.threads, "torch": torch.__version__}))
+                          "threads": args.threads, "device": args.device,
+                          "torch": torch.__version__}))
 
 
 if __name__ == "__main__":

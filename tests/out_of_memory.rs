@@ -8,7 +8,7 @@ use wgcnn::{Error, Gpu, Tensor};
 const CHILD: &str = "WGCNN_OOM_CHILD";
 
 /// The child's work: 128 MiB tensors until the device says no (lavapipe under the limit
-/// below after a few; an H200's own memory after about 1,100).
+/// below after a few; an H200 held more than 200, the earlier bound, before refusing).
 fn exhaust(gpu: &Gpu) -> (Vec<Tensor>, Error) {
     let mut held = Vec::new();
     for _ in 0..4096 {
