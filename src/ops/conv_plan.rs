@@ -45,6 +45,14 @@ const TIMED_ROUNDS: usize = 2;
 /// A candidate slower than the fastest by this factor in a timed round runs no more.
 const HOPELESS: f64 = 2.0;
 
+/// A timed run shorter than this runs again several times within one submit in the next
+/// round, timed per run: on a real GPU a trial's kernels take tens of microseconds and a
+/// submit and wait about 100 (an H200's), which would otherwise decide the choice.
+const MIN_TIMED_SECONDS: f64 = 1e-3;
+
+/// The most runs one timed submit holds.
+const MAX_REPEATS: usize = 32;
+
 /// A family of convolution kernels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ConvKernel {
@@ -473,11 +481,22 @@ fn tuned(
     })
 }
 
+/// How many runs of a candidate whose one run took `seconds` fill [`MIN_TIMED_SECONDS`]
+/// (at most [`MAX_REPEATS`]).
+fn repeats_for(seconds: f64) -> usize {
+    if seconds >= MIN_TIMED_SECONDS {
+        return 1;
+    }
+    // A zero reading (a coarse clock) makes an infinite ratio, which saturates.
+    ((MIN_TIMED_SECONDS / seconds).ceil() as usize).clamp(1, MAX_REPEATS)
+}
+
 /// Times `run(tensors, i)` for each of `count` candidates, on a thread of its own (outside
-/// the caller's recording), each run one submit waited for: a first round that compiles
+/// the caller's recording), each round one submit waited for: a first round that compiles
 /// the kernels, then the fastest of [`TIMED_ROUNDS`], the candidates taking turns so that
 /// a busy moment on the host hits them all, and those [`HOPELESS`]ly slow dropping out. A
-/// candidate that fails gets `None`.
+/// candidate whose run took under [`MIN_TIMED_SECONDS`] runs enough times in each later
+/// round's submit to fill it, and counts the time per run. A candidate that fails gets `None`.
 fn time_trials<T>(
     gpu: &Gpu,
     count: usize,
@@ -489,19 +508,27 @@ fn time_trials<T>(
         gpu.synchronize()?;
         let mut best = vec![Some(f64::INFINITY); count];
         let mut running = vec![true; count];
+        let mut repeats = vec![1; count];
         for round in 0..=TIMED_ROUNDS {
             for (i, slot) in best.iter_mut().enumerate() {
                 let Some(fastest) = slot.filter(|_| running[i]) else {
                     continue;
                 };
+                let runs = repeats[i];
                 let started = Instant::now();
                 let ran = gpu
-                    .record(|| run(&tensors, i))
+                    .record(|| (0..runs).try_for_each(|_| run(&tensors, i)))
                     .and_then(|()| gpu.synchronize());
+                let seconds = started.elapsed().as_secs_f64();
                 *slot = match ran {
                     Err(_) => None,
                     Ok(()) if round == 0 => Some(fastest),
-                    Ok(()) => Some(fastest.min(started.elapsed().as_secs_f64())),
+                    Ok(()) => {
+                        if runs == 1 {
+                            repeats[i] = repeats_for(seconds);
+                        }
+                        Some(fastest.min(seconds / runs as f64))
+                    }
                 };
             }
             let leader = best.iter().flatten().copied().fold(f64::INFINITY, f64::min);
@@ -515,4 +542,66 @@ fn time_trials<T>(
         context: "timing convolution kernels".into(),
         detail: "the tuning thread panicked".into(),
     })?
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    use super::*;
+    use crate::gpu::GpuOptions;
+
+    #[test]
+    fn short_runs_repeat_to_fill_the_floor() {
+        assert_eq!(repeats_for(2.0 * MIN_TIMED_SECONDS), 1);
+        assert_eq!(repeats_for(MIN_TIMED_SECONDS), 1);
+        assert_eq!(repeats_for(MIN_TIMED_SECONDS / 10.0), 10);
+        assert_eq!(repeats_for(MIN_TIMED_SECONDS / 7.5), 8);
+        assert_eq!(repeats_for(1e-9), MAX_REPEATS);
+        assert_eq!(repeats_for(0.0), MAX_REPEATS);
+    }
+
+    /// A run shorter than the floor repeats within one submit in the next round (what keeps
+    /// a fast GPU's launch latency out of the choice), and a hopelessly slow one stops after
+    /// the first timed round. An empty run can still take over the floor on a loaded host:
+    /// one of a few tries must show the repetition.
+    #[test]
+    fn short_trials_repeat_within_one_submit() {
+        let Some(gpu) = crate::test_support::gpu(GpuOptions::from_env().unwrap()) else {
+            return;
+        };
+        let pause = Duration::from_secs_f64(3.0 * MIN_TIMED_SECONDS);
+        let mut quick_runs = Vec::new();
+        for _ in 0..5 {
+            let runs = [AtomicUsize::new(0), AtomicUsize::new(0)];
+            let times = time_trials(
+                &gpu,
+                2,
+                || Ok(()),
+                |_, i| {
+                    runs[i].fetch_add(1, Ordering::Relaxed);
+                    if i == 1 {
+                        std::thread::sleep(pause);
+                    }
+                    Ok(())
+                },
+            )
+            .unwrap();
+            let [quick, slow] = [0, 1].map(|i| runs[i].load(Ordering::Relaxed));
+            assert_eq!(slow, 2, "the slow candidate is hopeless after round 1");
+            assert!(
+                times[1].is_some_and(|t| t >= pause.as_secs_f64()),
+                "{times:?}"
+            );
+            // Rounds 0 and 1 once each, then as many as the first timed run asked for.
+            let most = 2 + MAX_REPEATS * (TIMED_ROUNDS - 1);
+            assert!((1 + TIMED_ROUNDS..=most).contains(&quick), "{quick}");
+            quick_runs.push(quick);
+            if quick > 1 + TIMED_ROUNDS {
+                return;
+            }
+        }
+        panic!("the quick candidate never repeated: {quick_runs:?} runs");
+    }
 }
