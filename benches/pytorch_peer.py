@@ -4,7 +4,7 @@
 
 Prints one JSON line per row with the keys of `perf --json` that apply: op, shape, torch_ms
 (median of --runs after a warm-up; on CUDA each run ends with a synchronize, as perf's
-GPU runs end with a readback wait). Run it right after `perf` on the same host.
+GPU runs end with a wait for the device). Run it right after `perf` on the same host.
 """
 
 import argparse
@@ -20,7 +20,7 @@ DEVICE = torch.device("cpu")
 
 def synchronize():
     if DEVICE.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(DEVICE)
 
 
 def median_ms(fn, runs):
@@ -70,7 +70,8 @@ def rows():
     g = torch.ones(64, device=DEVICE, requires_grad=True)
     b = torch.zeros(64, device=DEVICE, requires_grad=True)
     dy = rand(8, 64, 56, 56)
-    bn = lambda x: F.batch_norm(x, torch.zeros(64, device=DEVICE), torch.ones(64, device=DEVICE), g, b, training=True)
+    mean, var = torch.zeros(64, device=DEVICE), torch.ones(64, device=DEVICE)
+    bn = lambda x: F.batch_norm(x, mean, var, g, b, training=True)
     yield "batch_norm2d_fwd", "N8 C64 56x56", lambda: bn(x.detach())
     yield "batch_norm2d_fwd_bwd", "N8 C64 56x56", lambda: torch.autograd.grad(bn(x), (x, g, b), dy)
 

@@ -261,10 +261,12 @@ fn resnet20_train_step_matches_pytorch() {
         let ce = cross_entropy(logits, &labels).unwrap();
         let loss = ce.loss.scalar().unwrap();
         let want_loss = case.get("loss").unwrap()[[0]];
-        assert!(
-            (loss - want_loss).abs() <= 1e-5 * want_loss,
-            "loss on {on}: {loss} vs {want_loss}"
-        );
+        // Listed with the rest: the tensors show where a drift in the loss came from.
+        let within = (loss - want_loss).abs() <= 1e-5 * want_loss;
+        if !within {
+            let relative = (loss - want_loss).abs() / want_loss;
+            failures.push((relative, format!("loss on {on}: {loss} vs {want_loss}")));
+        }
         model.backward(ce.grad_logits).unwrap();
         let grads: HashMap<String, ArrayD<f32>> = model
             .grads()

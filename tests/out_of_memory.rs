@@ -1,5 +1,5 @@
 //! Running out of device memory: provoked in a child process under `ulimit -v` (lavapipe's
-//! device memory is the process's; a discrete GPU runs out of its own, 141 GiB on an H200),
+//! device memory is the process's; a discrete GPU runs out of its own, about 140 GiB on an H200),
 //! the context either keeps working for smaller work or its error says how to recover, and
 //! recovering that way works.
 

@@ -52,8 +52,9 @@ impl Dropout {
         Ok(Self { rate, seed })
     }
 
-    /// What kept elements are multiplied by: `1/(1-rate)` rounded once, as PyTorch's mask holds
-    /// it (a division per element would differ in the last bit, and GPUs divide approximately).
+    /// What kept elements are multiplied by: `1/(1-rate)` in f32, rounded once on the host, so
+    /// that every adapter keeps the same values (GPUs divide approximately: `x / (1-rate)`
+    /// per element was off in the last bit on NVIDIA).
     pub fn scale(&self) -> f32 {
         1.0 / (1.0 - self.rate)
     }

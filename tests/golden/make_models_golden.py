@@ -82,7 +82,9 @@ WEIGHT FORMULA (Rust must copy this exactly; all arithmetic IEEE float64, no FMA
     the resnet20 train step's grad.conv1.weight by 3.8e-2 (see forward_report.json and
     resnet20_train_step_f64_gap.json). `--formula quadratic` uses x = i*i instead of i
     (s[i] = sin(FREQ * ((i as f64) * (i as f64)) + phase), i*i exact in f64): full-rank
-    weights, worst logits gap 5.6e-5 (resnet50), worst train-step gap 2.8e-6, no mask flips.
+    weights, worst logits gap 5.6e-5 (resnet50), worst train-step gap 3.8e-6 (2.8e-6 with
+    the earlier batch-8 input), no mask flips. (The linear-formula figures are from before
+    the train step's input search, which may find no input under that formula.)
     The formula used is recorded as "formula" in every JSON file written.
 
 BN running statistics: every BatchNorm gets momentum=None (cumulative average),
@@ -101,12 +103,12 @@ BN momentum 0.1, model.train()):
                                      "train_input" one value of layer2.1's first ReLU lay
                                      9.7e-7 from 0: NVIDIA's float32 (FMA) rounding put it on
                                      the other side, and every gradient below layer2.1 moved
-                                     by up to 3.5 %. A margin of 1e-5 keeps every mask for any
-                                     float32 computation whose pre-activations stay within
-                                     1e-5 of PyTorch's; batch 2 has few enough values that
-                                     such an input exists.
+                                     by up to 3.5 %. A float64 margin of 1e-5 keeps every
+                                     mask for any float32 computation whose pre-activations
+                                     stay within 1e-5 of the exact ones; batch 2 has few
+                                     enough values that such an input exists.
     labels         i64 [2]           [i * 3 % 10 for i in range(2)] = 0,3
-    logits         f32 [8,10]        train-mode logits before the step
+    logits         f32 [2,10]        train-mode logits before the step
     loss           f32 [1]           F.cross_entropy(logits, labels) (mean)
     grad.<p>       f32               for p in conv1.weight, layer3.2.conv2.weight, fc.weight,
                                      fc.bias (after loss.backward())
