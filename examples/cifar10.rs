@@ -9,7 +9,8 @@
 //! cargo run --release --example cifar10 -- --data DIR [--epochs 1] [--batch-size 128]
 //!     [--lr 0.1] [--schedule one-cycle|cosine] [--weight-decay 5e-4]
 //!     [--label-smoothing 0] [--clip-grad-norm F] [--train-limit N] [--seed 1]
-//!     [--save PATH] [--resume PATH] [--stop-after EPOCH] [--device gpu|cpu] [--json]
+//!     [--save PATH] [--resume PATH] [--stop-after EPOCH] [--device gpu|cpu]
+//!     [--augment-on device|host] [--json]
 //! ```
 //! Prints the test accuracy after each epoch; with `--json`, one JSON line at the end (the
 //! progress bar goes quiet). `--save` writes a training checkpoint (model, optimizer state,
@@ -74,6 +75,11 @@ struct Args {
     /// reference path.
     #[arg(long, value_enum, default_value_t = Where::Gpu)]
     device: Where,
+    /// Where the crops and flips are made: cut by the device's normalisation kernel (the
+    /// loader thread only gathers images and draws windows), or by the loader thread.
+    /// The same images either way.
+    #[arg(long, value_enum, default_value_t = AugmentOn::Device)]
+    augment_on: AugmentOn,
     /// One JSON line of figures at the end (the progress bar goes quiet).
     #[arg(long)]
     json: bool,
@@ -87,6 +93,15 @@ enum ScheduleArg {
     OneCycle,
     /// CosineAnnealingLR from lr to 0.
     Cosine,
+}
+
+/// `--augment-on` values.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum AugmentOn {
+    /// The device, fused with the normalisation (`LoaderOptions::augment_on_device`).
+    Device,
+    /// The loader thread, on the host.
+    Host,
 }
 
 /// One epoch's figures.
@@ -154,7 +169,8 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         .horizontal_flip(0.5)?;
     let loader_options = LoaderOptions::new(args.batch_size)
         .seed(args.seed)
-        .augmentation(augmentation);
+        .augmentation(augmentation)
+        .augment_on_device(args.augment_on == AugmentOn::Device);
     let loader_rate = loader_alone(&train, &loader_options)?;
     if !args.json {
         println!(
@@ -289,7 +305,8 @@ fn json_line(
          \"train_loss\":{:.4},\"train_accuracy\":{:.4},\"train_images_per_sec\":{:.1},\
          \"epoch_seconds\":{epoch_seconds:.2},\"loader_wait_seconds\":{:.3},\
          \"loader_images_per_sec\":{loader_rate:.0},\"test_accuracy_per_epoch\":[{}],\
-         \"device\":{:?},\"batch_size\":{},\"lr\":{},\"schedule\":\"{:?}\"}}",
+         \"device\":{:?},\"augment_on\":\"{:?}\",\"batch_size\":{},\"lr\":{},\
+         \"schedule\":\"{:?}\"}}",
         args.epochs,
         last(|e| e.test_accuracy),
         last(|e| e.test_top5),
@@ -299,6 +316,7 @@ fn json_line(
         mean(|e| e.loader_wait),
         curve.join(","),
         device.name(),
+        args.augment_on,
         args.batch_size,
         args.lr,
         args.schedule

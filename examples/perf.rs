@@ -395,6 +395,53 @@ fn inference_case<'a>(gpu: &Gpu, model: &'static str, n: usize, flops: f64) -> C
     }
 }
 
+/// CIFAR-10's input batch (128 images of 3×32×32 bytes, cropped from their 4-pixel padded
+/// selves and flipped half the time, then normalised): gathered and augmented on the host
+/// and uploaded, or gathered with each image's window drawn and cut by the normalisation
+/// kernel (`LoaderOptions::augment_on_device`). Everything the loader thread and the upload
+/// do per batch; the CPU column is the same on the CPU reference device.
+fn input_batch_case(gpu: &Gpu, on_device: bool) -> Result<Case<'_>> {
+    use wgcnn::data::{Augmentation, Dataset, Pixels};
+    let count = 1024 * 3 * 32 * 32;
+    let pixels = (0..count).map(|v| (v * 37 % 251) as u8).collect();
+    let data = Dataset::new([1024, 3, 32, 32], Pixels::U8(pixels), vec![0; 1024], None)?;
+    let augment = Augmentation::new()
+        .random_crop((32, 32), 4)?
+        .horizontal_flip(0.5)?;
+    let normalize = wgcnn::Normalize::new(&[0.49, 0.48, 0.45], &[0.25, 0.24, 0.26])?;
+    let indices: Vec<usize> = (0..128).map(|i| i * 7 % 1024).collect();
+    let batch = move |device: Device| -> Box<dyn FnMut() -> Result<()>> {
+        let (data, augment, normalize, indices) = (
+            data.clone(),
+            augment.clone(),
+            normalize.clone(),
+            indices.clone(),
+        );
+        Box::new(move || {
+            let how = (&augment, 1, 0);
+            let batch = if on_device {
+                data.crop_flip_batch(&indices, how)?
+            } else {
+                data.host_batch(&indices, Some(how))?
+            };
+            batch.upload(&device, &normalize).map(drop)
+        })
+    };
+    Ok(Case {
+        op: "input_batch_crop_flip",
+        shape: "N128 3x32x32 pad 4".into(),
+        kernel: if on_device {
+            "on the device"
+        } else {
+            "on the host"
+        }
+        .into(),
+        flops: 128.0 * 3.0 * 32.0 * 32.0,
+        gpu: batch(Device::Gpu(gpu.clone())),
+        cpu: batch(Device::Cpu),
+    })
+}
+
 /// ResNet-20 (CIFAR) training steps at batch 128 with SGD and momentum; a step costs
 /// about three forward passes (0.0816 GFLOP per image, counted on PyTorch's model).
 fn resnet20_step_case(gpu: &Gpu) -> Case<'_> {
@@ -844,6 +891,9 @@ fn main() -> Result<()> {
         cases.push(inference_case(&gpu, "efficientnet_lite0", n, 7.70e8));
     }
     cases.push(resnet20_step_case(&gpu));
+    for on_device in [false, true] {
+        cases.push(input_batch_case(&gpu, on_device)?);
+    }
 
     for mut case in cases {
         let label = format!("{} {}", case.op, case.shape);

@@ -11,8 +11,8 @@ use ndarray::{ArrayD, ArrayView4, ArrayViewD};
 
 use crate::error::Result;
 use crate::ops::{
-    AdaptiveAvgPool2d, Distillation, Dropout, LayerNorm, NormGrads, Normalize, Normalized,
-    SignedStep, softmax_cross_entropy::CrossEntropy,
+    AdaptiveAvgPool2d, CropFlips, Distillation, Dropout, LayerNorm, NormGrads, Normalize,
+    Normalized, SignedStep, softmax_cross_entropy::CrossEntropy,
 };
 use crate::value::Activation;
 
@@ -113,6 +113,24 @@ pub fn normalize(spec: &Normalize, x: &ArrayViewD<'_, f32>) -> Result<ArrayD<f32
 /// Per-channel normalisation of `byte / 255`.
 pub fn normalize_bytes(spec: &Normalize, images: &ArrayView4<'_, u8>) -> Result<ArrayD<f32>> {
     spec.from_bytes_cpu(images)
+}
+
+/// Crops and flips of image bytes, scaled by 1/255 and normalised.
+pub fn crop_flip_bytes(
+    spec: &CropFlips,
+    images: &ArrayView4<'_, u8>,
+    normalize: &Normalize,
+) -> Result<ArrayD<f32>> {
+    spec.from_bytes_cpu(images, normalize)
+}
+
+/// Crops and flips of float images, normalised.
+pub fn crop_flip_floats(
+    spec: &CropFlips,
+    images: &ArrayView4<'_, f32>,
+    normalize: &Normalize,
+) -> Result<ArrayD<f32>> {
+    spec.from_floats_cpu(images, normalize)
 }
 
 /// One signed-gradient step, projected into the ε-ball around `origin` and the range.

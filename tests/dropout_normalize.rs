@@ -1,12 +1,17 @@
 //! Dropout (mask statistics, exact scaling, reproducibility, backward) and input
-//! normalisation (from floats and from image bytes).
+//! normalisation (from floats and from image bytes, and with crops and flips on the device:
+//! the same images as the host's augmentation).
 
 mod common;
 
-use common::{gpu, max_abs_diff, random};
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use common::{devices, gpu, max_abs_diff, random};
 use ndarray::{Array4, ArrayD, IxDyn};
+use wgcnn::data::{Augmentation, CropFlip, CropFlips, Dataset, Loader, LoaderOptions, Pixels};
 use wgcnn::ops::Dropout;
-use wgcnn::{Normalize, Tensor};
+use wgcnn::{Device, Normalize, Tensor};
 
 #[test]
 fn dropout_keeps_one_minus_rate_and_scales_exactly() {
@@ -123,4 +128,197 @@ fn normalisation_from_floats_and_from_bytes() {
             .contains("must be positive")
     );
     assert!(Normalize::new(&[0.0, 1.0], &[1.0]).is_err());
+}
+
+/// `n` images of `[c, h, w]`, bytes or floats, no two pixels alike in an image.
+fn pixel_set(n: usize, [c, h, w]: [usize; 3], bytes: bool) -> Arc<Dataset> {
+    let count = n * c * h * w;
+    let pixels = if bytes {
+        Pixels::U8((0..count).map(|v| (v * 37 % 251) as u8).collect())
+    } else {
+        Pixels::F32(
+            (0..count)
+                .map(|v| (v * 37 % 1009) as f32 / 1009.0)
+                .collect(),
+        )
+    };
+    let labels = (0..n).map(|i| i % 3).collect();
+    Arc::new(Dataset::new([n, c, h, w], pixels, labels, None).unwrap())
+}
+
+/// The batch as the device uploads it (output poisoned first) against the host's
+/// augmentation of the same images, normalised on the CPU.
+fn assert_device_crops_match_the_host(
+    data: &Dataset,
+    augment: &Augmentation,
+    norm: &Normalize,
+    (seed, epoch): (u64, u64),
+) {
+    let indices: Vec<usize> = (0..data.len()).rev().collect();
+    let on_host = data
+        .host_batch(&indices, Some((augment, seed, epoch)))
+        .unwrap();
+    let want = on_host
+        .upload(&Device::Cpu, norm)
+        .unwrap()
+        .to_array()
+        .unwrap();
+    let batch = data
+        .crop_flip_batch(&indices, (augment, seed, epoch))
+        .unwrap();
+    assert_eq!(batch.shape, on_host.shape);
+    assert_eq!(batch.labels, on_host.labels);
+    for device in devices() {
+        if let Some(gpu) = device.gpu() {
+            drop(Tensor::full(gpu, &batch.shape, f32::NAN).unwrap());
+        }
+        let got = batch.upload(&device, norm).unwrap().to_array().unwrap();
+        let diff = max_abs_diff(&got, &want);
+        assert!(
+            diff < 2e-6,
+            "{augment:?} seed {seed} epoch {epoch} on {}: off by {diff}",
+            device.name()
+        );
+    }
+}
+
+#[test]
+fn crops_and_flips_on_the_device_are_the_host_augmentation() {
+    let norm = Normalize::new(&[0.5, 0.25, 0.1], &[0.2, 0.5, 1.0]).unwrap();
+    let crop_flip = Augmentation::new()
+        .random_crop((5, 6), 2)
+        .unwrap()
+        .horizontal_flip(0.5)
+        .unwrap();
+    let flip_crop_filled = Augmentation::new()
+        .horizontal_flip(0.5)
+        .unwrap()
+        .random_crop_filled((7, 4), 3, 200)
+        .unwrap()
+        .horizontal_flip(0.3)
+        .unwrap();
+    // Shapes that fill no workgroup; odd sizes, a crop larger than the image.
+    for (n, shape) in [(9, [3, 7, 9]), (23, [3, 5, 5])] {
+        for bytes in [true, false] {
+            let data = pixel_set(n, shape, bytes);
+            for augment in [&crop_flip, &flip_crop_filled] {
+                for run in [(1, 0), (1, 1), (8, 5)] {
+                    assert_device_crops_match_the_host(&data, augment, &norm, run);
+                }
+            }
+        }
+    }
+    // Over many images every window position and both directions come up.
+    let data = pixel_set(2000, [3, 7, 9], true);
+    let indices: Vec<usize> = (0..2000).collect();
+    let batch = data.crop_flip_batch(&indices, (&crop_flip, 3, 0)).unwrap();
+    let windows = &batch.crops.as_ref().unwrap().windows;
+    let seen: HashSet<(i64, i64, bool)> =
+        windows.iter().map(|w| (w.top, w.left, w.flipped)).collect();
+    // (7 + 4 − 5 + 1) × (9 + 4 − 6 + 1) positions, each flipped or not.
+    assert_eq!(seen.len(), 7 * 8 * 2);
+}
+
+#[test]
+fn a_loader_leaving_crops_to_the_device_gives_the_same_images() {
+    let Some(gpu) = gpu() else { return };
+    let device = Device::Gpu(gpu.clone());
+    let data = pixel_set(70, [3, 8, 8], true);
+    let norm = Normalize::new(&[0.4, 0.5, 0.6], &[0.25, 0.25, 0.3]).unwrap();
+    let augment = Augmentation::new()
+        .random_crop((8, 8), 4)
+        .unwrap()
+        .horizontal_flip(0.5)
+        .unwrap();
+    let host = LoaderOptions::new(32).seed(2).augmentation(augment);
+    let on_device = host.clone().augment_on_device(true);
+    let host_batches = Loader::epoch(data.clone(), &host, 1).unwrap();
+    let device_batches = Loader::epoch(data.clone(), &on_device, 1).unwrap();
+    let mut count = 0;
+    for (a, b) in host_batches.zip(device_batches) {
+        let (a, b) = (a.unwrap(), b.unwrap());
+        assert_eq!(a.indices, b.indices);
+        assert!(a.crops.is_none() && b.crops.is_some());
+        let want = a.upload(&device, &norm).unwrap().to_array().unwrap();
+        let got = b.upload(&device, &norm).unwrap().to_array().unwrap();
+        assert!(max_abs_diff(&got, &want) < 2e-6);
+        count += a.len();
+    }
+    assert_eq!(count, 70);
+}
+
+#[test]
+fn what_the_device_cannot_crop_is_an_error() {
+    let data = pixel_set(4, [3, 8, 8], true);
+    let resized = Augmentation::new()
+        .random_resized_crop((6, 6), (0.5, 1.0), (0.75, 1.33))
+        .unwrap();
+    let twice = Augmentation::new()
+        .random_crop((8, 8), 1)
+        .unwrap()
+        .random_crop((6, 6), 1)
+        .unwrap();
+    for augment in [resized, twice] {
+        assert!(!augment.is_crop_flip());
+        let options = LoaderOptions::new(2)
+            .augmentation(augment.clone())
+            .augment_on_device(true);
+        let err = Loader::epoch(data.clone(), &options, 0)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("leave this augmentation to the loader's thread"),
+            "{err}"
+        );
+        // The host still does it.
+        let host = LoaderOptions::new(2).augmentation(augment);
+        assert!(
+            Loader::epoch(data.clone(), &host, 0)
+                .unwrap()
+                .all(|b| b.is_ok())
+        );
+    }
+    // Windows that do not match their pixels or statistics.
+    let crops = CropFlips {
+        source: [3, 8, 8],
+        size: (6, 6),
+        windows: vec![
+            CropFlip {
+                top: 0,
+                left: 1,
+                flipped: true
+            };
+            3
+        ],
+        fill: 0,
+    };
+    let norm = Normalize::new(&[0.5; 3], &[0.5; 3]).unwrap();
+    let two_images = Array4::<u8>::from_elem((2, 3, 8, 8), 7);
+    let three_images = Array4::<f32>::from_elem((3, 3, 8, 8), 0.5);
+    let grey = Normalize::new(&[0.5], &[0.5]).unwrap();
+    let mut empty = crops.clone();
+    empty.size = (0, 6);
+    for device in devices() {
+        let err = crops
+            .bytes_on(&device, &two_images.view(), &norm)
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("one stored image per window"),
+            "{err}"
+        );
+        let err = crops
+            .floats_on(&device, &three_images.view(), &grey)
+            .unwrap_err();
+        assert!(err.to_string().contains("one per channel"), "{err}");
+        let err = empty
+            .floats_on(&device, &three_images.view(), &norm)
+            .unwrap_err();
+        assert!(err.to_string().contains("at least 1"), "{err}");
+        assert!(
+            crops
+                .floats_on(&device, &three_images.view(), &norm)
+                .is_ok()
+        );
+    }
 }

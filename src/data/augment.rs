@@ -3,15 +3,17 @@
 //! on the host. Every draw comes from a stream derived from (seed, epoch, image index), so a
 //! run repeats exactly whatever thread or batch an image lands in.
 //!
-//! The host, not the GPU, because the loader's thread augments while the device trains
-//! (`data::Loader`): CIFAR's crop and flip cost ~1 µs an image here, far below a step's
-//! share of it, and on lavapipe a kernel would take the very cores that train.
+//! The transforms are drawn on the host. Crops and flips can also be cut on the device,
+//! inside the normalisation kernel (`LoaderOptions::augment_on_device`, `ops::CropFlips`):
+//! the host then only gathers stored images and draws a window per image. Resized crops
+//! resample, and run on the host, in the loader's thread (`data::Loader`).
 
 use ndarray::{Array3, ArrayView3, s};
 
 use super::SplitMix;
 use super::preprocess::{Sample, resize};
 use crate::error::{Error, Result};
+use crate::ops::CropFlip;
 
 const OP: &str = "augmentation";
 
@@ -170,36 +172,163 @@ impl Augmentation {
         let mut rng = image_stream(seed, epoch, index);
         let mut out = image.to_owned();
         for step in &self.steps {
-            out = match *step {
-                Step::Crop {
+            let (_, h, w) = out.dim();
+            out = match step.draw(&mut rng, (h, w)) {
+                Draw::Crop {
+                    top,
+                    left,
                     size,
                     padding,
                     fill,
-                } => {
-                    let (h, w) = (out.dim().1 + 2 * padding, out.dim().2 + 2 * padding);
-                    let top = rng.below(h - size.0 + 1);
-                    let left = rng.below(w - size.1 + 1);
-                    padded_window(out.view(), padding, T::from_byte(fill), (top, left), size)
-                }
-                Step::Flip { p } => {
-                    if rng.uniform(0.0, 1.0) < p {
-                        out.slice(s![.., .., ..;-1]).to_owned()
-                    } else {
-                        out
-                    }
-                }
-                Step::ResizedCrop {
+                } => padded_window(out.view(), padding, T::from_byte(fill), (top, left), size),
+                Draw::Flip(true) => out.slice(s![.., .., ..;-1]).to_owned(),
+                Draw::Flip(false) => out,
+                Draw::ResizedCrop {
+                    top,
+                    left,
+                    region,
                     size,
-                    scale,
-                    log_ratio,
-                } => {
-                    let (top, left, h, w) =
-                        resized_crop_region(&mut rng, out.dim().1, out.dim().2, scale, log_ratio);
-                    resize(out.slice(s![.., top..top + h, left..left + w]), size)?
-                }
+                } => resize(
+                    out.slice(s![.., top..top + region.0, left..left + region.1]),
+                    size,
+                )?,
             };
         }
         Ok(out)
+    }
+
+    /// Whether [`Augmentation::crop_flip`] can express this chain: crops and flips with at
+    /// most one crop. Resized crops resample, and a second crop would pad with its own fill.
+    pub fn is_crop_flip(&self) -> bool {
+        let crops = self.steps.iter().filter(|s| matches!(s, Step::Crop { .. }));
+        crops.count() <= 1
+            && !self
+                .steps
+                .iter()
+                .any(|s| matches!(s, Step::ResizedCrop { .. }))
+    }
+
+    /// The value a crop pads with, in bytes (0 without a crop).
+    pub fn fill(&self) -> u8 {
+        self.steps
+            .iter()
+            .find_map(|s| match *s {
+                Step::Crop { fill, .. } => Some(fill),
+                _ => None,
+            })
+            .unwrap_or(0)
+    }
+
+    /// Image `index`'s crops and flips for `epoch` under `seed`, as the window of the source
+    /// image they leave: the same draws as [`Augmentation::apply`], for a device to apply
+    /// (`LoaderOptions::augment_on_device`). An error for a chain that is not
+    /// [`Augmentation::is_crop_flip`].
+    pub fn crop_flip(
+        &self,
+        [channels, height, width]: [usize; 3],
+        seed: u64,
+        epoch: u64,
+        index: usize,
+    ) -> Result<CropFlip> {
+        if !self.is_crop_flip() {
+            return Err(self.not_crop_flip());
+        }
+        self.output_shape([channels, height, width])?;
+        let mut rng = image_stream(seed, epoch, index);
+        let mut window = CropFlip {
+            top: 0,
+            left: 0,
+            flipped: false,
+        };
+        let mut size = (height, width);
+        for step in &self.steps {
+            match step.draw(&mut rng, size) {
+                Draw::Crop {
+                    top,
+                    left,
+                    size: cut,
+                    padding,
+                    ..
+                } => {
+                    let offset = |at: usize| at as i64 - padding as i64;
+                    window.top += offset(top);
+                    // Mirrored, the window's left edge in the source is the right one's.
+                    window.left += if window.flipped {
+                        size.1 as i64 - cut.1 as i64 - offset(left)
+                    } else {
+                        offset(left)
+                    };
+                    size = cut;
+                }
+                Draw::Flip(flip) => window.flipped ^= flip,
+                Draw::ResizedCrop { .. } => return Err(self.not_crop_flip()),
+            }
+        }
+        Ok(window)
+    }
+
+    fn not_crop_flip(&self) -> Error {
+        invalid(format!(
+            "{:?} on the device: only crops and flips (at most one crop) run there; leave \
+             this augmentation to the loader's thread",
+            self.steps
+        ))
+    }
+}
+
+/// What one step drew for one image, with what applying it needs.
+enum Draw {
+    Crop {
+        top: usize,
+        left: usize,
+        size: (usize, usize),
+        padding: usize,
+        fill: u8,
+    },
+    Flip(bool),
+    ResizedCrop {
+        top: usize,
+        left: usize,
+        region: (usize, usize),
+        size: (usize, usize),
+    },
+}
+
+impl Step {
+    /// This step's draws for an input of `(height, width)`: [`Augmentation::apply`] and
+    /// [`Augmentation::crop_flip`] share them, so the host and the device cannot drift.
+    fn draw(&self, rng: &mut SplitMix, (height, width): (usize, usize)) -> Draw {
+        match *self {
+            Step::Crop {
+                size,
+                padding,
+                fill,
+            } => {
+                let top = rng.below(height + 2 * padding - size.0 + 1);
+                let left = rng.below(width + 2 * padding - size.1 + 1);
+                Draw::Crop {
+                    top,
+                    left,
+                    size,
+                    padding,
+                    fill,
+                }
+            }
+            Step::Flip { p } => Draw::Flip(rng.uniform(0.0, 1.0) < p),
+            Step::ResizedCrop {
+                size,
+                scale,
+                log_ratio,
+            } => {
+                let (top, left, h, w) = resized_crop_region(rng, height, width, scale, log_ratio);
+                Draw::ResizedCrop {
+                    top,
+                    left,
+                    region: (h, w),
+                    size,
+                }
+            }
+        }
     }
 }
 

@@ -11,7 +11,7 @@ use ndarray::{Array4, ArrayView3, ArrayView4};
 use super::augment::{Augmentable, Augmentation};
 use super::{Images, shuffled_indices};
 use crate::error::{Error, Result};
-use crate::ops::Normalize;
+use crate::ops::{CropFlips, Normalize};
 use crate::value::{Device, Value};
 
 /// The pixels of a dataset, image after image in `[C, H, W]` order.
@@ -25,7 +25,7 @@ pub enum Pixels {
 }
 
 impl Pixels {
-    fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         match self {
             Pixels::U8(p) => p.len(),
             Pixels::F32(p) => p.len(),
@@ -33,7 +33,7 @@ impl Pixels {
     }
 
     /// Pixel `i` as a float in the scale the model sees before normalisation.
-    fn value(&self, i: usize) -> f32 {
+    pub(crate) fn value(&self, i: usize) -> f32 {
         match self {
             Pixels::U8(p) => f32::from(p[i]) / 255.0,
             Pixels::F32(p) => p[i],
@@ -404,6 +404,35 @@ impl Dataset {
             shape: [indices.len(), c, h, w],
             pixels,
             labels,
+            crops: None,
+        })
+    }
+
+    /// Images `indices` as stored, with their labels and the crops and flips `augment`
+    /// draws for them (the same as [`Dataset::host_batch`] would apply), for the device to
+    /// apply as it uploads ([`Batch::upload`]). An error for an augmentation that is not
+    /// crops and flips ([`Augmentation::is_crop_flip`]).
+    pub fn crop_flip_batch(
+        &self,
+        indices: &[usize],
+        (augment, seed, epoch): (&Augmentation, u64, u64),
+    ) -> Result<Batch> {
+        let [_, c, h, w] = self.shape;
+        let [_, oh, ow] = augment.output_shape([c, h, w])?;
+        let windows = indices
+            .iter()
+            .map(|&i| augment.crop_flip([c, h, w], seed, epoch, i))
+            .collect::<Result<Vec<_>>>()?;
+        let stored = self.host_batch(indices, None)?;
+        Ok(Batch {
+            shape: [indices.len(), c, oh, ow],
+            crops: Some(CropFlips {
+                source: [c, h, w],
+                size: (oh, ow),
+                windows,
+                fill: augment.fill(),
+            }),
+            ..stored
         })
     }
 
@@ -431,23 +460,42 @@ fn augmented<T: Augmentable>(
 }
 
 /// A batch on the host: images `[n, C, H, W]` (after any augmentation), their labels and
-/// their indices in the set, ready to upload.
+/// their indices in the set, ready to upload. With `crops`, the pixels are the images as
+/// stored and the device crops and flips them as they upload.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Batch {
     /// The images' indices in their dataset.
     pub indices: Vec<usize>,
-    /// `[n, C, H, W]`.
+    /// `[n, C, H, W]`, after any augmentation.
     pub shape: [usize; 4],
     /// The pixels, image after image.
     pub pixels: Pixels,
     /// One label per image.
     pub labels: Vec<usize>,
+    /// Crops and flips left for the device (`LoaderOptions::augment_on_device`): `pixels`
+    /// then hold the stored images, of shape `crops.source`.
+    pub crops: Option<CropFlips>,
 }
 
 impl Batch {
     /// The images as one normalised value on `device`: bytes go up as bytes (a quarter of
-    /// the floats' traffic) and are scaled and normalised by a kernel there.
+    /// the floats' traffic) and are scaled and normalised by a kernel there, cropped and
+    /// flipped by the same kernel when the batch has `crops`.
     pub fn upload(&self, device: &Device, normalize: &Normalize) -> Result<Value> {
+        if let Some(crops) = &self.crops {
+            let [c, h, w] = crops.source;
+            let stored = (self.len(), c, h, w);
+            return match &self.pixels {
+                Pixels::U8(p) => {
+                    let images = ArrayView4::from_shape(stored, p).map_err(shape_error)?;
+                    crops.bytes_on(device, &images, normalize)
+                }
+                Pixels::F32(p) => {
+                    let images = ArrayView4::from_shape(stored, p).map_err(shape_error)?;
+                    crops.floats_on(device, &images, normalize)
+                }
+            };
+        }
         let [n, c, h, w] = self.shape;
         match &self.pixels {
             Pixels::U8(p) => {

@@ -29,6 +29,11 @@ pub struct LoaderOptions {
     pub prefetch: usize,
     /// Transforms applied to each image, seeded by (seed, epoch, image index).
     pub augmentation: Option<Augmentation>,
+    /// Leave the augmentation's crops and flips to the device: the thread gathers the
+    /// stored images and draws each one's window, [`Batch::upload`] cuts and flips them in
+    /// the normalisation kernel. Only for crops and flips
+    /// ([`Augmentation::is_crop_flip`]); the same images either way.
+    pub augment_on_device: bool,
 }
 
 impl LoaderOptions {
@@ -41,6 +46,7 @@ impl LoaderOptions {
             drop_last: false,
             prefetch: 4,
             augmentation: None,
+            augment_on_device: false,
         }
     }
 
@@ -62,6 +68,14 @@ impl LoaderOptions {
     /// Sets [`LoaderOptions::prefetch`].
     pub fn prefetch(self, prefetch: usize) -> Self {
         Self { prefetch, ..self }
+    }
+
+    /// Sets [`LoaderOptions::augment_on_device`].
+    pub fn augment_on_device(self, augment_on_device: bool) -> Self {
+        Self {
+            augment_on_device,
+            ..self
+        }
     }
 
     /// Sets [`LoaderOptions::augmentation`].
@@ -113,6 +127,9 @@ impl Loader {
         if let Some(augment) = &options.augmentation {
             let [_, c, h, w] = data.shape();
             augment.output_shape([c, h, w])?;
+            if options.augment_on_device {
+                augment.crop_flip([c, h, w], options.seed, epoch, 0)?;
+            }
         }
         let order = if options.shuffle {
             shuffled_indices(data.len(), options.seed, epoch)
@@ -128,11 +145,15 @@ impl Loader {
         }
         let remaining = batches.len();
         let (sender, receiver) = sync_channel(options.prefetch);
-        let augmentation = options.augmentation.clone();
-        let seed = options.seed;
+        let augmentation = options.augmentation.clone().map(|augment| Augment {
+            augment,
+            seed: options.seed,
+            epoch,
+            on_device: options.augment_on_device,
+        });
         let worker = std::thread::Builder::new()
             .name("wgcnn-loader".into())
-            .spawn(move || make_batches(&data, batches, augmentation, seed, epoch, &sender))
+            .spawn(move || make_batches(&data, batches, augmentation.as_ref(), &sender))
             .map_err(|e| Error::InvalidArgument {
                 op: OP,
                 detail: format!("could not start the loader thread: {e}"),
@@ -162,18 +183,28 @@ impl Loader {
     }
 }
 
-/// The loader thread: each batch gathered, augmented and sent, until the epoch ends or
-/// the [`Loader`] is dropped.
+/// An epoch's augmentation and where it runs.
+struct Augment {
+    augment: Augmentation,
+    seed: u64,
+    epoch: u64,
+    on_device: bool,
+}
+
+/// The loader thread: each batch gathered, augmented (or its windows drawn) and sent, until
+/// the epoch ends or the [`Loader`] is dropped.
 fn make_batches(
     data: &Dataset,
     batches: Vec<Vec<usize>>,
-    augmentation: Option<Augmentation>,
-    seed: u64,
-    epoch: u64,
+    augmentation: Option<&Augment>,
     sender: &SyncSender<Result<Batch>>,
 ) {
     for indices in batches {
-        let batch = data.host_batch(&indices, augmentation.as_ref().map(|a| (a, seed, epoch)));
+        let batch = match augmentation {
+            Some(a) if a.on_device => data.crop_flip_batch(&indices, (&a.augment, a.seed, a.epoch)),
+            Some(a) => data.host_batch(&indices, Some((&a.augment, a.seed, a.epoch))),
+            None => data.host_batch(&indices, None),
+        };
         let failed = batch.is_err();
         if sender.send(batch).is_err() || failed {
             return;

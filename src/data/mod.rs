@@ -10,6 +10,7 @@ mod idx;
 mod loader;
 mod preprocess;
 
+pub use crate::ops::{CropFlip, CropFlips};
 pub use augment::{Augmentable, Augmentation};
 pub use cifar::{Cifar10, read_batches as read_cifar_batches};
 pub use dataset::{Batch, Dataset, FolderOptions, IMAGE_EXTENSIONS, Pixels};

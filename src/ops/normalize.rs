@@ -30,17 +30,25 @@ struct NormalizeParams {
     _pad: u32,
 }
 
-/// The normalisation kernel for f32 inputs or for packed bytes.
+/// A normalisation kernel, plain or cutting crops and flips (`ops/crop_flip.rs`), whose
+/// source is f32 values or image bytes packed four to a word (`{{SRC_TYPE}}` in its shader).
 #[derive(Debug)]
-struct NormalizeKernel {
+pub(super) struct NormalizeKernel {
+    /// The shader of crops and flips, not the plain one.
+    pub(super) crop_flip: bool,
     /// The source is u8 pixels packed four to a word.
-    from_bytes: bool,
+    pub(super) from_bytes: bool,
 }
 
 impl Generated for NormalizeKernel {
     fn source(&self) -> String {
         let element = if self.from_bytes { "u32" } else { "f32" };
-        include_str!("../../shaders/normalize.wgsl").replace("{{SRC_TYPE}}", element)
+        let shader = if self.crop_flip {
+            include_str!("../../shaders/crop_flip.wgsl")
+        } else {
+            include_str!("../../shaders/normalize.wgsl")
+        };
+        shader.replace("{{SRC_TYPE}}", element)
     }
 }
 
@@ -77,6 +85,16 @@ impl Normalize {
         })
     }
 
+    /// The mean per channel.
+    pub(crate) fn mean(&self) -> &[f32] {
+        &self.mean
+    }
+
+    /// The standard deviation per channel.
+    pub(crate) fn std(&self) -> &[f32] {
+        &self.std
+    }
+
     fn check(&self, shape: &[usize]) -> Result<(usize, usize)> {
         match *shape {
             [_, c, h, w] if c == self.mean.len() => Ok((c, h * w)),
@@ -94,11 +112,7 @@ impl Normalize {
     fn run(&self, gpu: &Gpu, shape: &[usize], entry: &str, src: &Tensor) -> Result<Tensor> {
         let (channels, plane) = self.check(shape)?;
         let dst = Tensor::uninit(gpu, shape)?;
-        let mean = Tensor::from_array(gpu, &Array1::from(self.mean.clone()))?;
-        let inv_std = Tensor::from_array(
-            gpu,
-            &self.std.iter().map(|s| 1.0 / s).collect::<Array1<f32>>(),
-        )?;
+        let (mean, inv_std) = self.statistics(gpu)?;
         let params = NormalizeParams {
             total: dst.len() as u32,
             channels: channels as u32,
@@ -106,6 +120,7 @@ impl Normalize {
             _pad: 0,
         };
         let kernel = NormalizeKernel {
+            crop_flip: false,
             from_bytes: entry == "from_bytes",
         };
         let pipeline = gpu.generated(&kernel, entry, &[])?;
@@ -127,6 +142,16 @@ impl Normalize {
         Ok(dst)
     }
 
+    /// The means and the reciprocal standard deviations, on the GPU.
+    pub(super) fn statistics(&self, gpu: &Gpu) -> Result<(Tensor, Tensor)> {
+        let mean = Tensor::from_array(gpu, &Array1::from(self.mean.clone()))?;
+        let inv_std = Tensor::from_array(
+            gpu,
+            &self.std.iter().map(|s| 1.0 / s).collect::<Array1<f32>>(),
+        )?;
+        Ok((mean, inv_std))
+    }
+
     /// Normalises an f32 `[N, C, H, W]` tensor.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.run(x.gpu(), x.shape(), "from_floats", x)
@@ -134,11 +159,12 @@ impl Normalize {
 
     /// Uploads image bytes `[N, C, H, W]` and normalises `byte / 255` on the GPU.
     pub fn from_bytes(&self, gpu: &Gpu, images: &ArrayView4<'_, u8>) -> Result<Tensor> {
-        let mut bytes: Vec<u8> = images.iter().copied().collect();
-        bytes.resize(bytes.len().next_multiple_of(4), 0);
-        // Four bytes per 32-bit word; the tensor only carries them, the shader reads u32.
-        let packed = Tensor::from_words(gpu, &bytemuck::pod_collect_to_vec::<u8, u32>(&bytes))?;
-        self.run(gpu, images.shape(), "from_bytes", &packed)
+        self.run(
+            gpu,
+            images.shape(),
+            "from_bytes",
+            &packed_bytes(gpu, images)?,
+        )
     }
 
     /// Image bytes `[N, C, H, W]` as normalised values `byte / 255` on `device` (on a GPU
@@ -169,6 +195,14 @@ impl Normalize {
             detail: e.to_string(),
         })
     }
+}
+
+/// Image bytes on the GPU, four to a 32-bit word (the last one padded with zeros): the
+/// tensor only carries them, the shaders read u32.
+pub(super) fn packed_bytes(gpu: &Gpu, images: &ArrayView4<'_, u8>) -> Result<Tensor> {
+    let mut bytes: Vec<u8> = images.iter().copied().collect();
+    bytes.resize(bytes.len().next_multiple_of(4), 0);
+    Tensor::from_words(gpu, &bytemuck::pod_collect_to_vec::<u8, u32>(&bytes))
 }
 
 impl Value {
