@@ -856,7 +856,8 @@ fn main() -> Result<()> {
     }
     // [N, C, H, O, K, padding, groups, stride]: LeNet's two layers, a ResNet 3×3, MobileNet's
     // depthwise 3×3, a two-group 3×3 (AlexNet style), ResNeXt's 32 groups of 4 channels,
-    // MobileNet's pointwise 1×1, ResNet's 7×7 stem and its first strided 3×3.
+    // MobileNet's pointwise 1×1, ResNet's 7×7 stem and its first strided 3×3, and the 16-filter
+    // 3×3 of ResNet-20's first stage at its batch of 128.
     for conv in [
         [64, 1, 28, 6, 5, 0, 1, 1],
         [64, 6, 12, 16, 5, 0, 1, 1],
@@ -867,6 +868,7 @@ fn main() -> Result<()> {
         [8, 64, 56, 64, 1, 0, 1, 1],
         [8, 3, 224, 64, 7, 3, 1, 2],
         [8, 64, 56, 128, 3, 1, 1, 2],
+        [128, 16, 32, 16, 3, 1, 1, 1],
     ] {
         cases.extend(conv_cases(&gpu, conv)?);
     }

@@ -51,6 +51,11 @@ pub(crate) struct WeightAndBias<'a> {
 /// Outputs per invocation along a row.
 const GRAD_BLOCK: usize = 8;
 
+/// Channels a lane of the broadcast kernel sums for at most: each dz value it loads serves
+/// them all. On lavapipe (ResNet-20's first stage, N128 16→16 32²) two took the backward
+/// pass from 62–70 to 55–66 ms; three, four and seven were no faster than two.
+const RUN_CHANNELS: usize = 2;
+
 /// Workgroups the subgroup kernel aims for: fewer leave a CPU adapter's threads idle.
 const TARGET_GROUPS: usize = 16;
 
@@ -75,15 +80,16 @@ fn broadcast_subgroup(gpu: &Gpu) -> Option<usize> {
         .then_some(size)
 }
 
-/// The lines accumulating one kernel row's taps: `g[ky·kw + kx] += Σ_j d_j · r_{j+kx}`.
-fn tap_sums(body: &mut String, ky: usize, kw: usize) {
+/// The lines accumulating one kernel row's taps of channel run `k`:
+/// `g_k[ky·kw + kx] += Σ_j d_j · r_{j+kx}`.
+fn tap_sums(body: &mut String, k: usize, ky: usize, kw: usize) {
     for kx in 0..kw {
         let terms: Vec<String> = (0..GRAD_BLOCK)
             .map(|j| format!("d{j} * r{}", j + kx))
             .collect();
         let _ = writeln!(
             body,
-            "            g{} += {};",
+            "            g{k}_{} += {};",
             ky * kw + kx,
             terms.join(" + ")
         );
@@ -203,6 +209,8 @@ struct WeightGradKernel {
     kw: usize,
     /// The broadcast variant of this subgroup width, or the portable one.
     subgroup: Option<usize>,
+    /// Channels each invocation sums for (1 in the portable kernel).
+    channels: usize,
     /// x (and dy and y, unless the variant reads vec4s) read through textures.
     textures: bool,
     variant: Variant,
@@ -210,68 +218,49 @@ struct WeightGradKernel {
 
 impl Generated for WeightGradKernel {
     fn source(&self) -> String {
-        let Self {
-            kh,
-            kw,
-            subgroup,
-            textures,
-            variant,
-        } = *self;
-        source(kh, kw, subgroup, textures, variant)
+        source(self)
     }
 }
 
 /// The source of either kernel (see [`WeightGradKernel`]).
-fn source(
-    kh: usize,
-    kw: usize,
-    subgroup: Option<usize>,
-    textures: bool,
-    variant: Variant,
-) -> String {
+fn source(kernel: &WeightGradKernel) -> String {
+    let &WeightGradKernel {
+        kh,
+        kw,
+        subgroup,
+        channels,
+        textures,
+        variant,
+    } = kernel;
     let b = GRAD_BLOCK;
+    let taps = kh * kw;
     let (mut decls, mut body, mut store) = (String::new(), String::new(), String::new());
-    for k in 0..kh * kw {
-        let _ = writeln!(decls, "    var g{k} = 0.0;");
-        let _ = writeln!(store, "    partial[lindex * SLOTS + {k}u] = g{k};");
+    for k in 0..channels {
+        // Channels past the last read the last one; their sums are never stored.
+        let _ = writeln!(decls, "    let c{k} = min(c_first + {k}u, C - 1u);");
+        for tap in 0..taps {
+            let _ = writeln!(decls, "    var g{k}_{tap} = 0.0;");
+            let _ = writeln!(
+                store,
+                "    partial[lindex * SLOTS + {}u] = g{k}_{tap};",
+                k * taps + tap
+            );
+        }
     }
     let _ = writeln!(decls, "    var bias_sum = 0.0;");
-    let _ = writeln!(store, "    partial[lindex * SLOTS + TAPS] = bias_sum;");
+    let _ = writeln!(
+        store,
+        "    partial[lindex * SLOTS + TAPS * CHANNELS] = bias_sum;"
+    );
     variant.block_loads(&mut body);
     for ky in 0..kh {
         let _ = writeln!(
             body,
-            "        {{\n            let iy = i32(oy + {ky}u) - i32(PAD_TOP);\n            let inside = iy >= 0 && iy < i32(H);\n            let row = ((n * C + c) * H + u32(max(iy, 0))) * W;"
+            "        {{\n            let iy = i32(oy + {ky}u) - i32(PAD_TOP);\n            let inside = iy >= 0 && iy < i32(H);"
         );
-        let inputs = b + kw - 1;
-        match subgroup {
-            None => {
-                for m in 0..inputs {
-                    let _ = writeln!(
-                        body,
-                        "            let r{m} = fetch(row, left + {m}, inside);"
-                    );
-                }
-            }
-            Some(size) => {
-                for v in 0..inputs.div_ceil(size) {
-                    let _ = writeln!(
-                        body,
-                        "            let v{v} = fetch(row, left + i32(lane + {}u), inside);",
-                        v * size
-                    );
-                }
-                for m in 0..inputs {
-                    let _ = writeln!(
-                        body,
-                        "            let r{m} = subgroupBroadcast(v{}, {}u);",
-                        m / size,
-                        m % size
-                    );
-                }
-            }
+        for k in 0..channels {
+            row_taps(&mut body, (k, ky, kw), subgroup);
         }
-        tap_sums(&mut body, ky, kw);
         let _ = writeln!(body, "        }}");
     }
     let kernel = match subgroup {
@@ -286,16 +275,65 @@ fn source(
     .concat()
     .replace("{{INPUT_X}}", &scalar_input("x", 1, textures))
     .replace("{{DZ}}", &variant.declarations(textures))
-    .replace("{{TAPS}}", &(kh * kw).to_string())
+    .replace("{{TAPS}}", &taps.to_string())
+    .replace("{{CHANNELS}}", &channels.to_string())
     .replace(
         "{{PARTIALS}}",
-        &(WORKGROUP_SMALL * (kh * kw + 1) as u32).to_string(),
+        &(WORKGROUP_SMALL as usize * (taps * channels + 1)).to_string(),
     )
     .replace("{{SUBGROUP}}", &subgroup.unwrap_or(0).to_string())
     .replace("{{BLOCK}}", &b.to_string())
     .replace("{{DECLS}}", &decls)
     .replace("{{BODY}}", &body)
     .replace("{{STORE}}", &store)
+}
+
+/// The lines of kernel row `ky` for channel run `k`, in a block of their own: the input
+/// segment the block of outputs sees (loaded per lane, or once per subgroup and broadcast)
+/// and its tap sums.
+fn row_taps(body: &mut String, (k, ky, kw): (usize, usize, usize), subgroup: Option<usize>) {
+    let _ = writeln!(
+        body,
+        "            {{\n            let row = ((n * C + c{k}) * H + u32(max(iy, 0))) * W;"
+    );
+    let inputs = GRAD_BLOCK + kw - 1;
+    match subgroup {
+        None => {
+            for m in 0..inputs {
+                let _ = writeln!(
+                    body,
+                    "            let r{m} = fetch(row, left + {m}, inside);"
+                );
+            }
+        }
+        Some(size) => {
+            for v in 0..inputs.div_ceil(size) {
+                let _ = writeln!(
+                    body,
+                    "            let v{v} = fetch(row, left + i32(lane + {}u), inside);",
+                    v * size
+                );
+            }
+            for m in 0..inputs {
+                let _ = writeln!(
+                    body,
+                    "            let r{m} = subgroupBroadcast(v{}, {}u);",
+                    m / size,
+                    m % size
+                );
+            }
+        }
+    }
+    tap_sums(body, k, ky, kw);
+    let _ = writeln!(body, "            }}");
+}
+
+/// Channels each lane of the broadcast kernel sums for: up to RUN_CHANNELS, as many as the
+/// workgroup's partial sums leave room for.
+fn run_channels(gpu: &Gpu, shape: &Conv2dShape) -> usize {
+    let floats = gpu.limits().max_compute_workgroup_storage_size as usize / 4;
+    let fit = (floats / WORKGROUP_SMALL as usize).saturating_sub(1) / (shape.kh * shape.kw);
+    RUN_CHANNELS.min(fit).min(shape.c).max(1)
 }
 
 /// The weight and bias gradients from `x` and `dy` over the whole batch, through `gate`'s
@@ -324,6 +362,8 @@ fn run(
     let blocks = shape.ow.div_ceil(GRAD_BLOCK);
     let work = shape.n * shape.oh * blocks;
     let filter_groups = subgroup.map_or(1, |size| shape.o.div_ceil(size));
+    let channels = subgroup.map_or(1, |_| run_channels(gpu, shape));
+    let channel_runs = shape.c.div_ceil(channels);
     // A lane walks work items, then its workgroup adds up WORKGROUP_SMALL partial sums: at
     // least enough splits that no lane walks past the loop bound.
     let walkers = subgroup.map_or(WORKGROUP_SMALL as usize, |size| {
@@ -344,10 +384,10 @@ fn run(
                 .max(bounded);
             (pairs * splits, splits)
         }
-        // One per (channel, filter group, split); enough splits to keep the threads busy,
-        // but no more than there are blocks for every subgroup.
+        // One per (run of channels, filter group, split); enough splits to keep the
+        // threads busy, but no more than there are blocks for every subgroup.
         Some(_) => {
-            let per_split = shape.c * filter_groups;
+            let per_split = channel_runs * filter_groups;
             let splits = TARGET_GROUPS.div_ceil(per_split).min(most).max(bounded);
             (per_split * splits, splits)
         }
@@ -396,6 +436,7 @@ fn run(
         kh: shape.kh,
         kw: shape.kw,
         subgroup,
+        channels,
         textures,
         variant,
     };
