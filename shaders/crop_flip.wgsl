@@ -6,7 +6,8 @@
 
 struct Params {
     total: u32, channels: u32, out_h: u32, out_w: u32,
-    in_h: u32, in_w: u32, fill: f32, _pad: u32,
+    // The fill as a byte (from_bytes scales it as it scales the pixels) and as a value.
+    in_h: u32, in_w: u32, fill_byte: u32, fill_value: f32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -39,7 +40,7 @@ fn from_floats(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workg
     let i = invocation_index(gid, nwg);
     if i >= p.total { return; }
     let at = source_of(i);
-    var v = p.fill;
+    var v = p.fill_value;
     if at.x >= 0 { v = f32(src[u32(at.x)]); }
     let c = u32(at.y);
     dst[i] = (v - mean[c]) * inv_std[c];
@@ -50,11 +51,12 @@ fn from_bytes(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgr
     let i = invocation_index(gid, nwg);
     if i >= p.total { return; }
     let at = source_of(i);
-    var v = p.fill;
+    var byte = p.fill_byte;
     if at.x >= 0 {
         let j = u32(at.x);
-        v = f32((u32(src[j / 4u]) >> (8u * (j % 4u))) & 0xffu) / 255.0;
+        byte = (u32(src[j / 4u]) >> (8u * (j % 4u))) & 0xffu;
     }
+    let v = f32(byte) / 255.0;
     let c = u32(at.y);
     dst[i] = (v - mean[c]) * inv_std[c];
 }

@@ -197,8 +197,10 @@ impl Augmentation {
         Ok(out)
     }
 
-    /// Whether [`Augmentation::crop_flip`] can express this chain: crops and flips with at
-    /// most one crop. Resized crops resample, and a second crop would pad with its own fill.
+    /// Whether [`Augmentation::crop_flip`] can express this chain as one window on the
+    /// source image: flips and at most one crop. Resized crops resample, and after a second
+    /// crop the pixels outside the first one's window, though inside the image, would read
+    /// the fill.
     pub fn is_crop_flip(&self) -> bool {
         let crops = self.steps.iter().filter(|s| matches!(s, Step::Crop { .. }));
         crops.count() <= 1

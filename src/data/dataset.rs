@@ -25,7 +25,7 @@ pub enum Pixels {
 }
 
 impl Pixels {
-    pub(crate) fn len(&self) -> usize {
+    fn len(&self) -> usize {
         match self {
             Pixels::U8(p) => p.len(),
             Pixels::F32(p) => p.len(),
@@ -33,7 +33,7 @@ impl Pixels {
     }
 
     /// Pixel `i` as a float in the scale the model sees before normalisation.
-    pub(crate) fn value(&self, i: usize) -> f32 {
+    fn value(&self, i: usize) -> f32 {
         match self {
             Pixels::U8(p) => f32::from(p[i]) / 255.0,
             Pixels::F32(p) => p[i],

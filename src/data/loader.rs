@@ -1,6 +1,6 @@
-//! `Loader`: an epoch's batches gathered and augmented on a background thread, a bounded
-//! number ahead of the training step that takes them, so that the device never waits for
-//! the host while the host keeps up.
+//! `Loader`: an epoch's batches gathered and augmented (or their crops and flips drawn, for
+//! the device to cut) on a background thread, a bounded number ahead of the training step
+//! that takes them, so that the device never waits for the host while the host keeps up.
 
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
@@ -32,7 +32,8 @@ pub struct LoaderOptions {
     /// Leave the augmentation's crops and flips to the device: the thread gathers the
     /// stored images and draws each one's window, [`Batch::upload`] cuts and flips them in
     /// the normalisation kernel. Only for crops and flips
-    /// ([`Augmentation::is_crop_flip`]); the same images either way.
+    /// ([`Augmentation::is_crop_flip`]); the same images either way. Without an
+    /// augmentation it changes nothing.
     pub augment_on_device: bool,
 }
 
@@ -145,12 +146,15 @@ impl Loader {
         }
         let remaining = batches.len();
         let (sender, receiver) = sync_channel(options.prefetch);
-        let augmentation = options.augmentation.clone().map(|augment| Augment {
-            augment,
-            seed: options.seed,
-            epoch,
-            on_device: options.augment_on_device,
-        });
+        let augmentation = options
+            .augmentation
+            .clone()
+            .map(|augment| EpochAugmentation {
+                augment,
+                seed: options.seed,
+                epoch,
+                on_device: options.augment_on_device,
+            });
         let worker = std::thread::Builder::new()
             .name("wgcnn-loader".into())
             .spawn(move || make_batches(&data, batches, augmentation.as_ref(), &sender))
@@ -184,7 +188,7 @@ impl Loader {
 }
 
 /// An epoch's augmentation and where it runs.
-struct Augment {
+struct EpochAugmentation {
     augment: Augmentation,
     seed: u64,
     epoch: u64,
@@ -196,7 +200,7 @@ struct Augment {
 fn make_batches(
     data: &Dataset,
     batches: Vec<Vec<usize>>,
-    augmentation: Option<&Augment>,
+    augmentation: Option<&EpochAugmentation>,
     sender: &SyncSender<Result<Batch>>,
 ) {
     for indices in batches {

@@ -80,7 +80,7 @@ fn broadcast_subgroup(gpu: &Gpu) -> Option<usize> {
         .then_some(size)
 }
 
-/// The lines accumulating one kernel row's taps of channel run `k`:
+/// The lines accumulating one kernel row's taps of the run's channel `k`:
 /// `g_k[ky·kw + kx] += Σ_j d_j · r_{j+kx}`.
 fn tap_sums(body: &mut String, k: usize, ky: usize, kw: usize) {
     for kx in 0..kw {
@@ -288,7 +288,7 @@ fn source(kernel: &WeightGradKernel) -> String {
     .replace("{{STORE}}", &store)
 }
 
-/// The lines of kernel row `ky` for channel run `k`, in a block of their own: the input
+/// The lines of kernel row `ky` for the run's channel `k`, in a block of their own: the input
 /// segment the block of outputs sees (loaded per lane, or once per subgroup and broadcast)
 /// and its tap sums.
 fn row_taps(body: &mut String, (k, ky, kw): (usize, usize, usize), subgroup: Option<usize>) {
@@ -523,6 +523,34 @@ mod tests {
                 return;
             };
             both_kernels_match_the_cpu_on(&gpu);
+        }
+    }
+
+    /// The broadcast kernel's lanes sum two channels where there are two (the channel
+    /// runs the test below checks), and its partial sums fit the workgroup's storage.
+    #[test]
+    fn lanes_sum_two_channels_within_the_workgroup_storage() {
+        let Some(gpu) = crate::test_support::gpu(GpuOptions::from_env().unwrap()) else {
+            return;
+        };
+        let storage = gpu.limits().max_compute_workgroup_storage_size as usize;
+        let spec = Conv2d::default();
+        for (c, k, want) in [
+            (16, 3, Some(2)),
+            (3, 3, Some(2)),
+            (1, 3, Some(1)),
+            (8, 7, None),
+        ] {
+            let shape = spec.shape(&[2, c, 9, 9], &[4, c, k, k], None).unwrap();
+            let channels = run_channels(&gpu, &shape);
+            if let Some(want) = want {
+                assert_eq!(channels, want, "{c} channels, {k}×{k}");
+            }
+            let partials = WORKGROUP_SMALL as usize * (k * k * channels + 1) * 4;
+            assert!(
+                partials <= storage,
+                "{c} channels, {k}×{k}: {partials} bytes"
+            );
         }
     }
 

@@ -3,7 +3,7 @@
 //! stored images, bytes or floats, out-of-image pixels the crop's fill, then
 //! `(x − mean[c]) / std[c]`. What `data::Batch::upload` runs when a loader leaves its crops
 //! and flips to the device (`LoaderOptions::augment_on_device`): the host only gathers
-//! images and draws four numbers per image.
+//! images and draws three numbers per image.
 
 use bytemuck::{Pod, Zeroable};
 use ndarray::{ArrayD, ArrayView4};
@@ -55,8 +55,8 @@ struct CropFlipParams {
     out_w: u32,
     in_h: u32,
     in_w: u32,
-    fill: f32,
-    _pad: u32,
+    fill_byte: u32,
+    fill_value: f32,
 }
 
 impl CropFlips {
@@ -81,6 +81,25 @@ impl CropFlips {
                      stored image per window"
                 ),
             });
+        }
+        // Source indices travel to the kernel as i32, with −1 meaning "the fill", and so do
+        // the windows' offsets.
+        let stored = n * c * h * w;
+        if i32::try_from(stored).is_err() {
+            return Err(invalid(format!(
+                "{stored} source pixels: the device takes at most 2^31 − 1 per batch; use \
+                 smaller batches"
+            )));
+        }
+        if let Some(far) = self.windows.iter().find(|window| {
+            [window.top, window.left]
+                .iter()
+                .any(|v| v.unsigned_abs() > (1 << 30))
+        }) {
+            return Err(invalid(format!(
+                "a window at {far:?}: offsets past ±2^30 reach no pixel of an image the device \
+                 takes"
+            )));
         }
         if normalize.mean().len() != c {
             return Err(Error::ShapeMismatch {
@@ -155,16 +174,9 @@ impl CropFlips {
     ) -> Result<Tensor> {
         let shape = self.output_shape(images, normalize)?;
         let [c, h, w] = self.source;
-        // Source indices travel as i32, with −1 meaning "the fill".
-        let stored = images.iter().product::<usize>();
-        i32::try_from(stored).map_err(|_| {
-            invalid(format!(
-                "{stored} source pixels: the device takes at most 2^31 − 1 per batch; use \
-                 smaller batches"
-            ))
-        })?;
         let mut words = Vec::with_capacity(4 * self.windows.len());
         for window in &self.windows {
+            // output_shape checked that the offsets fit.
             let at = |v: i64| {
                 i32::try_from(v).map_err(|_| invalid(format!("window offset {v} is past i32")))
             };
@@ -185,8 +197,8 @@ impl CropFlips {
             out_w: gpu_word(OP, shape[3])?,
             in_h: gpu_word(OP, h)?,
             in_w: gpu_word(OP, w)?,
-            fill: f32::from(self.fill) / 255.0,
-            _pad: 0,
+            fill_byte: u32::from(self.fill),
+            fill_value: f32::from(self.fill) / 255.0,
         };
         let entry = if from_bytes {
             "from_bytes"
