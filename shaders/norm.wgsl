@@ -336,15 +336,20 @@ fn element4(g: u32, t: u32) -> u32 {
 
 fn group_of4(i: u32) -> u32 { return group_of(4u * i); }
 
-// Where vec4 i's γ and β lie among the vec4s of γ and β: the four values at inner position k (layer
-// norm), or in vec4 g / 4, which holds group g's (batch norm); `affine4` takes the value out.
-fn affine_at4(i: u32) -> u32 {
-    return select(group_of4(i) / 4u, i % inner4(), GROUPS == 0u);
+// γ and β over a vec4 of the tensor.
+struct Affine4 { gamma: vec4<f32>, beta: vec4<f32> }
+
+// Batch norm's γ and β for group g, each the same over a vec4 (vec4 g / 4 of γ and β holds
+// them), read once per group by the caller; layer norm's vary along the row: none here.
+fn group_affine4(g: u32) -> Affine4 {
+    if GROUPS == 0u { return Affine4(vec4<f32>(0.0), vec4<f32>(0.0)); }
+    return Affine4(vec4<f32>(load_gamma4(g / 4u)[g % 4u]), vec4<f32>(load_beta4(g / 4u)[g % 4u]));
 }
 
-fn affine4(v: vec4<f32>, i: u32) -> vec4<f32> {
-    if GROUPS == 0u { return v; }
-    return vec4<f32>(v[group_of4(i) % 4u]);
+// γ and β at vec4 i: the group's (`fixed`, batch norm) or the row position's (layer norm).
+fn affine_of4(i: u32, fixed: Affine4) -> Affine4 {
+    if GROUPS != 0u { return fixed; }
+    return Affine4(load_gamma4(i % inner4()), load_beta4(i % inner4()));
 }
 
 fn total(v: vec4<f32>) -> f32 { return v.x + v.y + v.z + v.w; }
@@ -355,10 +360,10 @@ fn activate4(v: vec4<f32>) -> vec4<f32> {
                      activate(v.z, ACT, p.slope), activate(v.w, ACT, p.slope));
 }
 
-// `through_act` over vec4 number i, whose γ is `gamma4`.
-fn through_act4(d: vec4<f32>, xhat: vec4<f32>, gamma4: vec4<f32>, i: u32) -> vec4<f32> {
+// `through_act` over a vec4 whose γ and β are `a`.
+fn through_act4(d: vec4<f32>, xhat: vec4<f32>, a: Affine4) -> vec4<f32> {
     if ACT == 0u { return d; }
-    let y = activate4(xhat * gamma4 + affine4(load_beta4(affine_at4(i)), i));
+    let y = activate4(xhat * a.gamma + a.beta);
     return d * vec4<f32>(activation_derivative(y.x, ACT, p.slope), activation_derivative(y.y, ACT, p.slope),
                          activation_derivative(y.z, ACT, p.slope), activation_derivative(y.w, ACT, p.slope));
 }
@@ -387,13 +392,30 @@ fn stats4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
     if lane == 0u { moments_done(at, m); }
 }
 
+// Vec4s per invocation of `normalize4` and `backward_dx4`: a run inside one row (INNER / 4 is
+// a multiple of it), whose group's statistics, sums and batch norm's γ and β are read once.
+// On CPU adapters every read is a per-lane gather, even of one address for all lanes, and
+// those five reads per vec4 of x bounded these passes (src/ops/norm.rs picks the run).
+override RUN4: u32 = 1u;
+
+// A run's group, the group's statistics and batch norm's γ and β.
+struct Run4 { g: u32, mu: f32, r: f32, fixed: Affine4 }
+
+fn run_at4(first: u32) -> Run4 {
+    let g = group_of4(first);
+    return Run4(g, mean[g], rstd[g], group_affine4(g));
+}
+
 @compute @workgroup_size(WORKGROUP)
 fn normalize4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let i = invocation_index(gid, nwg);
-    if i >= p.total / 4u { return; }
-    let g = group_of4(i);
-    y4[i] = activate4((load_x4(i) - mean[g]) * rstd[g] * affine4(load_gamma4(affine_at4(i)), i)
-        + affine4(load_beta4(affine_at4(i)), i));
+    let first = invocation_index(gid, nwg) * RUN4;
+    if first >= p.total / 4u { return; }
+    let run = run_at4(first);
+    for (var k = 0u; k < RUN4; k++) {
+        let i = first + k;
+        let a = affine_of4(i, run.fixed);
+        y4[i] = activate4((load_x4(i) - run.mu) * run.r * a.gamma + a.beta);
+    }
 }
 
 @compute @workgroup_size(GROUP_LANES)
@@ -405,6 +427,7 @@ fn backward_sums4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups
     let n4 = p.outer * inner4();
     let mu = mean[g];
     let r = rstd[g];
+    let fixed = group_affine4(g);
     var sg = vec4<f32>(0.0);
     var sgx = vec4<f32>(0.0);
     var sd = vec4<f32>(0.0);
@@ -412,9 +435,9 @@ fn backward_sums4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups
     for (var t = at.first; t < n4; t += walk()) {
         let i = element4(g, t);
         let xhat = (load_x4(i) - mu) * r;
-        let gamma4 = affine4(load_gamma4(affine_at4(i)), i);
-        let d = through_act4(load_dy4(i), xhat, gamma4, i);
-        let gy = d * gamma4;
+        let a = affine_of4(i, fixed);
+        let d = through_act4(load_dy4(i), xhat, a);
+        let gy = d * a.gamma;
         sg += gy;
         sgx += gy * xhat;
         sd += d;
@@ -426,18 +449,29 @@ fn backward_sums4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups
 
 @compute @workgroup_size(WORKGROUP)
 fn backward_dx4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let i = invocation_index(gid, nwg);
-    if i >= p.total / 4u { return; }
-    let g = group_of4(i);
-    let xhat = (load_x4(i) - mean[g]) * rstd[g];
-    let gamma4 = affine4(load_gamma4(affine_at4(i)), i);
-    let gy = through_act4(load_dy4(i), xhat, gamma4, i) * gamma4;
-    if p.training == 0u {
-        dx4[i] = gy * rstd[g];
-        return;
+    let first = invocation_index(gid, nwg) * RUN4;
+    if first >= p.total / 4u { return; }
+    let run = run_at4(first);
+    // Training's dx = rstd·(g − mean(g) − x̂·mean(g·x̂)); eval's is g·rstd.
+    let training = p.training != 0u;
+    var mean_gy = 0.0;
+    var mean_gyx = 0.0;
+    if training {
+        let n = f32(count());
+        mean_gy = sums[run.g].x / n;
+        mean_gyx = sums[run.g].y / n;
     }
-    let n = f32(count());
-    dx4[i] = rstd[g] * (gy - sums[g].x / n - xhat * sums[g].y / n);
+    for (var k = 0u; k < RUN4; k++) {
+        let i = first + k;
+        let xhat = (load_x4(i) - run.mu) * run.r;
+        let a = affine_of4(i, run.fixed);
+        let gy = through_act4(load_dy4(i), xhat, a) * a.gamma;
+        if training {
+            dx4[i] = run.r * (gy - mean_gy - xhat * mean_gyx);
+        } else {
+            dx4[i] = gy * run.r;
+        }
+    }
 }
 
 @compute @workgroup_size(WORKGROUP_SMALL)
@@ -452,7 +486,7 @@ fn affine_grads_per_inner4(@builtin(global_invocation_id) gid: vec3<u32>, @built
         for (var g = first; g < min(first + p.run_groups, groups()); g++) {
             let i = (a * groups() + g) * inner4() + k;
             let xhat = (load_x4(i) - mean[g]) * rstd[g];
-            let d = through_act4(load_dy4(i), xhat, load_gamma4(k), i);
+            let d = through_act4(load_dy4(i), xhat, affine_of4(i, Affine4()));
             dg += d * xhat;
             db += d;
         }

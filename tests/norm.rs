@@ -297,8 +297,10 @@ fn norms_match_the_cpu(gpu: &wgcnn::Gpu) {
 }
 
 // Rows of whole vec4s (H·W, and for layer norm C·H·W, multiples of 4) take the vec4
-// kernels, the others the scalar ones; outputs land in NaN-filled buffers.
-const NORM_SHAPES: [[usize; 4]; 8] = [
+// kernels, the others the scalar ones; outputs land in NaN-filled buffers. The last three
+// are big enough that a CPU adapter's element-wise passes take runs of 8, 4 and 2 vec4s per
+// invocation (a real GPU's target of workgroups keeps them at 1).
+const NORM_SHAPES: [[usize; 4]; 11] = [
     [1, 1, 1, 2],
     [2, 3, 5, 7],
     [8, 16, 9, 9],
@@ -307,6 +309,9 @@ const NORM_SHAPES: [[usize; 4]; 8] = [
     [1, 2, 2, 2],
     [4, 5, 8, 8],
     [3, 5, 3, 4],
+    [4, 40, 32, 32],
+    [8, 12, 32, 32],
+    [128, 16, 2, 12],
 ];
 
 fn norms_match_the_cpu_on(gpu: &wgcnn::Gpu, seed: u64, shape: &[usize], activation: Activation) {
@@ -387,6 +392,25 @@ fn norms_match_the_cpu_on(gpu: &wgcnn::Gpu, seed: u64, shape: &[usize], activati
         assert!(
             max_abs_diff(&got_g.beta.to_array().unwrap(), &want_g.beta) < 1e-5 * m.sqrt() * 10.0,
             "{shape:?} {activation:?} dbeta"
+        );
+        // Evaluation's dx: dy through the activation, γ and rstd, not the batch's sums.
+        let want_eval = Value::from(x.clone())
+            .batch_norm_backward(
+                &spec,
+                [&gamma.clone().into(), &beta.clone().into()],
+                [&want.mean.clone().into(), &want.rstd.clone().into()],
+                &dy.clone().into(),
+                false,
+            )
+            .map(arrays)
+            .unwrap();
+        poison(shape);
+        let got_eval = spec
+            .backward(&tx, [&tg, &tb], [&got.mean, &got.rstd], &tdy, false)
+            .unwrap();
+        assert!(
+            max_abs_diff(&got_eval.x.to_array().unwrap(), &want_eval.x) < 1e-4,
+            "{shape:?} {activation:?} eval dx"
         );
 
         let ln = LayerNorm {

@@ -156,6 +156,18 @@ fn reduction_splits(gpu: &Gpu, groups: usize, values: usize) -> usize {
         .max(fewest)
 }
 
+/// Vec4s per invocation of the element-wise vec4 entries (`RUN4` in shaders/norm.wgsl): the
+/// longest run of 8, 4 or 2 that divides a row and still leaves the adapter's target of
+/// workgroups, else 1.
+fn element_run(gpu: &Gpu, grouping: Grouping, vec4s: usize) -> usize {
+    let row = grouping.inner / 4;
+    let enough = |run: usize| workgroups((vec4s / run) as u64) >= gpu.target_workgroups() as u64;
+    [8, 4, 2]
+        .into_iter()
+        .find(|&run| row.is_multiple_of(run) && enough(run))
+        .unwrap_or(1)
+}
+
 pub(crate) fn launch(
     gpu: &Gpu,
     grouping: Grouping,
@@ -191,6 +203,10 @@ pub(crate) fn launch(
         }
         _ => 1,
     };
+    let run4 = match grid {
+        Grid::Elements if vec4 => element_run(gpu, grouping, total / 4),
+        _ => 1,
+    };
     let groups = match grid {
         Grid::PerGroup => (grouping.groups * splits) as u64,
         Grid::GroupThreads => small_workgroups(grouping.groups as u64),
@@ -198,7 +214,7 @@ pub(crate) fn launch(
             let runs = grouping.groups.div_ceil(settings.run_groups.max(1)) as u64;
             small_workgroups(grouping.inner as u64 / per_vec4 * runs)
         }
-        Grid::Elements => workgroups(total as u64 / per_vec4),
+        Grid::Elements => workgroups(total as u64 / per_vec4 / run4 as u64),
         Grid::Single => 1,
     };
     // Batch norm's groups are its channels, a layer constant; layer norm's are the batch.
@@ -212,6 +228,7 @@ pub(crate) fn launch(
         ("GROUPS", gpu_word("norm", constant_groups)?),
         ("ACT", settings.activation.code()),
         ("SPLITS", gpu_word("norm", splits)?),
+        ("RUN4", gpu_word("norm", run4)?),
     ];
     let base = entry;
     let entry = if vec4 {
