@@ -7,24 +7,11 @@ struct Params {
 
 @group(0) @binding(0) var<uniform> p: Params;
 
-// The elementwise kernels loop over vec4s with the grid's stride: fewer, longer invocations
-// (src/ops/activation.rs launches one per VEC4S_PER_INVOCATION vec4s) cost less per element
-// on CPU adapters, where every per-lane access costs about the same for one float or four,
-// and reads stay contiguous across the lanes. Tensors are bound in whole vec4s (their
-// buffers' size classes are multiples of 16 bytes); p.total counts vec4s, and the values
-// computed in the padding past the last element are never read.
-fn grid_stride(nwg: vec3<u32>) -> u32 {
-    return nwg.x * nwg.y * WORKGROUP;
-}
-
-fn activate4(v: vec4<f32>) -> vec4<f32> {
-    return vec4<f32>(
-        activate(v.x, p.code, p.slope),
-        activate(v.y, p.code, p.slope),
-        activate(v.z, p.code, p.slope),
-        activate(v.w, p.code, p.slope),
-    );
-}
+// The elementwise kernels loop over vec4s with the grid's stride (`grid_stride`, one
+// invocation per few vec4s: `elementwise_workgroups` in src/gpu/shared.rs), and reads stay
+// contiguous across the lanes. Tensors are bound in whole vec4s (their buffers' size
+// classes are multiples of 16 bytes); p.total counts vec4s, and the values computed in the
+// padding past the last element are never read.
 
 // ---- forward: dst = act(src)
 @group(0) @binding(7) var<storage, read> src4: array<vec4<f32>>;
@@ -33,7 +20,7 @@ fn activate4(v: vec4<f32>) -> vec4<f32> {
 @compute @workgroup_size(WORKGROUP)
 fn forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     for (var i = invocation_index(gid, nwg); i < p.total; i += grid_stride(nwg)) {
-        dst4[i] = activate4(src4[i]);
+        dst4[i] = activate_vec4(src4[i], p.code, p.slope);
     }
 }
 

@@ -1,6 +1,8 @@
 // Elementwise sums: `add` writes out = act(a + b) (residual connections, with the activation
 // after them: ACT, an `Activation::code`; epilogue.wgsl is put in front); `accumulate` adds
-// src into dst in place (a value that feeds several nodes sums their gradients).
+// src into dst in place (a value that feeds several nodes sums their gradients). Both walk
+// whole vec4s with the grid's stride, as activation.wgsl's elementwise kernels do: p.total
+// counts vec4s, and what lands in the padding past the last element is never read.
 
 struct Params {
     total: u32, slope: f32, _pad1: u32, _pad2: u32,   // slope: leaky ReLU's, with ACT
@@ -9,20 +11,20 @@ struct Params {
 override ACT: u32 = 0u;
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> a: array<f32>;
-@group(0) @binding(2) var<storage, read_write> out: array<f32>;
-@group(0) @binding(3) var<storage, read> b: array<f32>;
+@group(0) @binding(1) var<storage, read> a: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read_write> out: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read> b: array<vec4<f32>>;
 
 @compute @workgroup_size(WORKGROUP)
 fn add(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let i = invocation_index(gid, nwg);
-    if i >= p.total { return; }
-    out[i] = activate(a[i] + b[i], ACT, p.slope);
+    for (var i = invocation_index(gid, nwg); i < p.total; i += grid_stride(nwg)) {
+        out[i] = activate_vec4(a[i] + b[i], ACT, p.slope);
+    }
 }
 
 @compute @workgroup_size(WORKGROUP)
 fn accumulate(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let i = invocation_index(gid, nwg);
-    if i >= p.total { return; }
-    out[i] += a[i];
+    for (var i = invocation_index(gid, nwg); i < p.total; i += grid_stride(nwg)) {
+        out[i] += a[i];
+    }
 }

@@ -354,16 +354,10 @@ fn affine_of4(i: u32, fixed: Affine4) -> Affine4 {
 
 fn total(v: vec4<f32>) -> f32 { return v.x + v.y + v.z + v.w; }
 
-fn activate4(v: vec4<f32>) -> vec4<f32> {
-    if ACT == 0u { return v; }
-    return vec4<f32>(activate(v.x, ACT, p.slope), activate(v.y, ACT, p.slope),
-                     activate(v.z, ACT, p.slope), activate(v.w, ACT, p.slope));
-}
-
 // `through_act` over a vec4 whose γ and β are `a`.
 fn through_act4(d: vec4<f32>, xhat: vec4<f32>, a: Affine4) -> vec4<f32> {
     if ACT == 0u { return d; }
-    let y = activate4(xhat * a.gamma + a.beta);
+    let y = activate_vec4(xhat * a.gamma + a.beta, ACT, p.slope);
     return d * vec4<f32>(activation_derivative(y.x, ACT, p.slope), activation_derivative(y.y, ACT, p.slope),
                          activation_derivative(y.z, ACT, p.slope), activation_derivative(y.w, ACT, p.slope));
 }
@@ -414,7 +408,7 @@ fn normalize4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgr
     for (var k = 0u; k < RUN4; k++) {
         let i = first + k;
         let a = affine_of4(i, run.fixed);
-        y4[i] = activate4((load_x4(i) - run.mu) * run.r * a.gamma + a.beta);
+        y4[i] = activate_vec4((load_x4(i) - run.mu) * run.r * a.gamma + a.beta, ACT, p.slope);
     }
 }
 

@@ -56,6 +56,37 @@ fn elementwise_forward_and_backward_match_the_cpu() {
     }
 }
 
+/// Residual sums with each activation after them, and the executor's in-place gradient
+/// sums, over whole and partial vec4s and more elements than one pass of the grid covers.
+#[test]
+fn sums_and_accumulation_match_the_cpu() {
+    use wgcnn::value::add::{accumulate, add_activated, add_cpu};
+    let Some(gpu) = gpu() else { return };
+    for (i, shape) in [vec![1], vec![3, 5], vec![2, 4, 6], vec![3, 70001]]
+        .iter()
+        .enumerate()
+    {
+        let seed = 10 * i as u64;
+        let (a, b) = (
+            random(shape, seed).mapv(|v| v * 8.0),
+            random(shape, seed + 1),
+        );
+        let (ta, tb) = (
+            Tensor::from_array(gpu, &a).unwrap(),
+            Tensor::from_array(gpu, &b).unwrap(),
+        );
+        let sum = add_cpu(&a.view(), &b.view()).unwrap();
+        for act in ALL {
+            drop(Tensor::full(gpu, shape, f32::NAN).unwrap());
+            let got = add_activated(&ta, &tb, act).unwrap().to_array().unwrap();
+            let want = sum.mapv(|v| act.apply(v));
+            assert!(max_abs_diff(&got, &want) < 1e-6, "{shape:?} {act:?} add");
+        }
+        accumulate(&ta, &tb).unwrap();
+        assert_eq!(ta.to_array().unwrap(), sum, "{shape:?} accumulate");
+    }
+}
+
 #[test]
 fn derivatives_match_finite_differences() {
     for act in ALL {

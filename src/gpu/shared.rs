@@ -54,6 +54,16 @@ pub(crate) fn workgroups(invocations: u64) -> u64 {
     invocations.div_ceil(u64::from(WORKGROUP))
 }
 
+/// Vec4s each invocation of an elementwise kernel handles, walking the grid's stride
+/// (`grid_stride` in WGSL): fewer, longer invocations cost less per element on CPU
+/// adapters, where every per-lane access costs about the same for one float or four.
+const ELEMENTWISE_VEC4S: u64 = 2;
+
+/// Workgroups of [`WORKGROUP`] invocations for an elementwise kernel over `vec4s` vec4s.
+pub(crate) fn elementwise_workgroups(vec4s: u64) -> u64 {
+    workgroups(vec4s.div_ceil(ELEMENTWISE_VEC4S))
+}
+
 /// Workgroups of [`WORKGROUP_SMALL`] invocations for `invocations` of them.
 pub(crate) fn small_workgroups(invocations: u64) -> u64 {
     invocations.div_ceil(u64::from(WORKGROUP_SMALL))
@@ -87,7 +97,9 @@ pub(crate) fn prelude() -> String {
         "fn invocation_index(gid: vec3<u32>, nwg: vec3<u32>) -> u32 {\n    \
          return gid.x + gid.y * nwg.x * WORKGROUP;\n}\n\
          fn small_invocation_index(gid: vec3<u32>, nwg: vec3<u32>) -> u32 {\n    \
-         return gid.x + gid.y * nwg.x * WORKGROUP_SMALL;\n}\n",
+         return gid.x + gid.y * nwg.x * WORKGROUP_SMALL;\n}\n\
+         fn grid_stride(nwg: vec3<u32>) -> u32 {\n    \
+         return nwg.x * nwg.y * WORKGROUP;\n}\n",
     );
     wgsl
 }

@@ -8,7 +8,7 @@ use super::rows::{RowKernel, row_kernel};
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::gpu::dispatch::Binding;
-use crate::gpu::shared::workgroups;
+use crate::gpu::shared::{elementwise_workgroups, workgroups};
 use crate::tensor::Tensor;
 use crate::value::{Activation, Value};
 
@@ -41,9 +41,6 @@ fn same_shapes(op: &'static str, tensors: &[&Tensor]) -> Result<()> {
     Ok(())
 }
 
-/// Vec4s each invocation of an elementwise kernel handles (see `grid_stride` in the shader).
-const VEC4S_PER_INVOCATION: u64 = 2;
-
 /// An elementwise kernel (`forward`, `backward`) over whole vec4s: `params.total` counts
 /// elements and the tensors are bound from binding `first` on.
 fn launch_elementwise(
@@ -57,7 +54,7 @@ fn launch_elementwise(
     let bindings: Vec<_> = (first..)
         .zip(tensors.iter().map(|t| t.binding_vec4()))
         .collect();
-    let groups = workgroups(u64::from(params.total).div_ceil(VEC4S_PER_INVOCATION));
+    let groups = elementwise_workgroups(u64::from(params.total));
     launch(gpu, entry, params, &bindings, groups)
 }
 

@@ -6,7 +6,7 @@ use bytemuck::{Pod, Zeroable};
 use ndarray::{ArrayD, ArrayViewD};
 
 use crate::error::{Error, Result};
-use crate::gpu::shared::workgroups;
+use crate::gpu::shared::elementwise_workgroups;
 use crate::tensor::Tensor;
 use crate::value::{Activation, Value};
 
@@ -38,9 +38,9 @@ fn launch(entry: &'static str, activation: Activation, tensors: &[(u32, &Tensor)
     for (_, t) in tensors {
         t.check_same_gpu(OP, gpu)?;
     }
-    let total = tensors[0].1.len();
+    let vec4s = tensors[0].1.len().div_ceil(4);
     let params = AddParams {
-        total: total as u32,
+        total: vec4s as u32,
         slope: activation.slope(),
         _pad: [0; 2],
     };
@@ -52,14 +52,17 @@ fn launch(entry: &'static str, activation: Activation, tensors: &[(u32, &Tensor)
         .concat()
     };
     let pipeline = gpu.specialized("add", entry, source, &[("ACT", activation.code())])?;
-    let bindings: Vec<_> = tensors.iter().map(|(n, t)| (*n, t.binding())).collect();
+    let bindings: Vec<_> = tensors
+        .iter()
+        .map(|(n, t)| (*n, t.binding_vec4()))
+        .collect();
     gpu.run_pass(entry, |pass| {
         gpu.encode_at(
             pass,
             &pipeline,
             bytemuck::bytes_of(&params),
             &bindings,
-            workgroups(total as u64),
+            elementwise_workgroups(vec4s as u64),
         )
     })
 }
