@@ -142,29 +142,28 @@ impl Generated for NormKernel {
     }
 }
 
-/// Workgroups per group of a reduction over `values` per group (vec4s or scalars): toward
-/// the adapter's target of workgroups, each lane with a value to walk at least, and enough
-/// that no lane walks past the loop bound (then up the tree).
-fn reduction_splits(gpu: &Gpu, groups: usize, values: usize) -> usize {
+/// Workgroups per group of a reduction over `runs` per group (of `run` vec4s, or scalars
+/// with a run of 1): toward the adapter's target of workgroups, each lane with a run to
+/// walk at least, and enough that no lane's loops pass the loop bound (a run's loop and the
+/// walk's step each count, then up the tree).
+fn reduction_splits(gpu: &Gpu, groups: usize, (runs, run): (usize, usize)) -> usize {
     let lanes = WORKGROUP_SMALL as usize;
-    let per_lane = MAX_LOOP_ITERATIONS - lanes.ilog2() as usize;
-    let fewest = values.div_ceil(lanes * per_lane);
-    let most = values.div_ceil(lanes).max(1);
+    let per_lane = (MAX_LOOP_ITERATIONS - lanes.ilog2() as usize) / (run + 1);
+    let fewest = runs.div_ceil(lanes * per_lane);
+    let most = runs.div_ceil(lanes).max(1);
     gpu.target_workgroups()
         .div_ceil(groups.max(1))
         .min(most)
         .max(fewest)
 }
 
-/// Vec4s per invocation of the element-wise vec4 entries (`RUN4` in shaders/norm.wgsl): the
-/// longest run of 8, 4 or 2 that divides a row and still leaves the adapter's target of
-/// workgroups, else 1.
-fn element_run(gpu: &Gpu, grouping: Grouping, vec4s: usize) -> usize {
+/// The vec4s a lane reads one after the other (`RUN4` in shaders/norm.wgsl): the longest
+/// run of 8, 4 or 2 that divides a row and leaves `enough` runs, else 1.
+fn vec4_run(grouping: Grouping, enough: impl Fn(usize) -> bool) -> usize {
     let row = grouping.inner / 4;
-    let enough = |run: usize| workgroups((vec4s / run) as u64) >= gpu.target_workgroups() as u64;
     [8, 4, 2]
         .into_iter()
-        .find(|&run| row.is_multiple_of(run) && enough(run))
+        .find(|&run| row.is_multiple_of(run) && enough(row * grouping.outer / run))
         .unwrap_or(1)
 }
 
@@ -196,15 +195,20 @@ pub(crate) fn launch(
     // Rows of whole vec4s: the `…4` twin of the entry, over vec4s.
     let vec4 = grouping.inner.is_multiple_of(4) && VEC4_ENTRIES.contains(&entry);
     let per_vec4 = if vec4 { 4 } else { 1 };
+    // Runs per group: element-wise passes leave the adapter's target of workgroups, and
+    // reductions a run for each lane of a workgroup.
+    let run4 = match grid {
+        Grid::Elements if vec4 => vec4_run(grouping, |runs| {
+            workgroups((runs * grouping.groups) as u64) >= gpu.target_workgroups() as u64
+        }),
+        Grid::PerGroup if vec4 => vec4_run(grouping, |runs| runs >= WORKGROUP_SMALL as usize),
+        _ => 1,
+    };
     let splits = match grid {
         Grid::PerGroup => {
             let values = grouping.outer * grouping.inner / per_vec4 as usize;
-            reduction_splits(gpu, grouping.groups, values)
+            reduction_splits(gpu, grouping.groups, (values / run4, run4))
         }
-        _ => 1,
-    };
-    let run4 = match grid {
-        Grid::Elements if vec4 => element_run(gpu, grouping, total / 4),
         _ => 1,
     };
     let groups = match grid {
