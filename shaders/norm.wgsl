@@ -330,12 +330,12 @@ fn affine_grads_per_group(@builtin(global_invocation_id) gid: vec3<u32>) {
 
 fn inner4() -> u32 { return INNER / 4u; }
 
-// The vec4s a lane reads in a row, one after the other, inside one row (INNER / 4 is a
-// multiple of it; src/ops/norm.rs picks it per pass). On CPU adapters, where every read is a
-// per-lane gather, a lane's consecutive reads cost a fraction of reads spread across the
-// lanes (the reductions' walks ran 2.4× faster in runs of 8), and in the element-wise passes
-// the group's statistics, sums and batch norm's γ and β are read once per run, not five
-// reads beside each vec4 of x.
+// The vec4s a lane reads one after the other, inside one row (INNER / 4 is a multiple of
+// it; src/ops/norm.rs picks it per pass, 1 on GPUs, whose lanes coalesce neighbouring
+// reads). On CPU adapters, where every read is a per-lane gather, a lane's consecutive reads
+// cost a fraction of reads spread across the lanes (the reductions' walks ran 2.4× faster in
+// runs of 8), and in the element-wise passes the group's statistics, sums and batch norm's γ
+// and β are read once per run, not five reads beside each vec4 of x.
 override RUN4: u32 = 1u;
 
 fn element4(g: u32, t: u32) -> u32 {

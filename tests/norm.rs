@@ -298,8 +298,9 @@ fn norms_match_the_cpu(gpu: &wgcnn::Gpu) {
 
 // Rows of whole vec4s (H·W, and for layer norm C·H·W, multiples of 4) take the vec4
 // kernels, the others the scalar ones; outputs land in NaN-filled buffers. The last three
-// are big enough that a CPU adapter's element-wise passes take runs of 8, 4 and 2 vec4s per
-// invocation (a real GPU's target of workgroups keeps them at 1).
+// are big enough that the CPU-adapter kernels' element-wise passes take runs of 8, 4 and 2
+// vec4s per lane, and their reductions runs of 8, 8 and 2 (the portable kernels read one
+// vec4 a step).
 const NORM_SHAPES: [[usize; 4]; 11] = [
     [1, 1, 1, 2],
     [2, 3, 5, 7],

@@ -157,12 +157,15 @@ fn reduction_splits(gpu: &Gpu, groups: usize, (runs, run): (usize, usize)) -> us
         .max(fewest)
 }
 
-/// The vec4s a lane reads one after the other (`RUN4` in shaders/norm.wgsl): the longest
-/// run of 8, 4 or 2 that divides a row and leaves `enough` runs, else 1.
-fn vec4_run(grouping: Grouping, enough: impl Fn(usize) -> bool) -> usize {
+/// The vec4s a lane reads one after the other (`RUN4` in shaders/norm.wgsl): on CPU
+/// adapters (whose lanes are SIMD lanes: a read spread across them is a gather), the
+/// longest run of 8, 4 or 2 that divides a row and leaves `enough` runs; 1 on GPUs, whose
+/// lanes coalesce neighbouring reads, and where nothing else fits.
+fn vec4_run(gpu: &Gpu, grouping: Grouping, enough: impl Fn(usize) -> bool) -> usize {
     let row = grouping.inner / 4;
-    [8, 4, 2]
-        .into_iter()
+    let runs: &[usize] = if gpu.cpu_kernels() { &[8, 4, 2] } else { &[] };
+    runs.iter()
+        .copied()
         .find(|&run| row.is_multiple_of(run) && enough(row * grouping.outer / run))
         .unwrap_or(1)
 }
@@ -198,10 +201,10 @@ pub(crate) fn launch(
     // Runs per group: element-wise passes leave the adapter's target of workgroups, and
     // reductions a run for each lane of a workgroup.
     let run4 = match grid {
-        Grid::Elements if vec4 => vec4_run(grouping, |runs| {
+        Grid::Elements if vec4 => vec4_run(gpu, grouping, |runs| {
             workgroups((runs * grouping.groups) as u64) >= gpu.target_workgroups() as u64
         }),
-        Grid::PerGroup if vec4 => vec4_run(grouping, |runs| runs >= WORKGROUP_SMALL as usize),
+        Grid::PerGroup if vec4 => vec4_run(gpu, grouping, |runs| runs >= WORKGROUP_SMALL as usize),
         _ => 1,
     };
     let splits = match grid {
