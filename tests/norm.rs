@@ -366,53 +366,40 @@ fn norms_match_the_cpu_on(gpu: &wgcnn::Gpu, seed: u64, shape: &[usize], activati
         );
         assert!(max_abs_diff(&trm.to_array().unwrap(), &want_rm.into_dyn()) < 1e-5);
         assert!(max_abs_diff(&trv.to_array().unwrap(), &want_rv.into_dyn()) < 1e-4);
-        let want_g = Value::from(x.clone())
-            .batch_norm_backward(
-                &spec,
-                [&gamma.clone().into(), &beta.clone().into()],
-                [&want.mean.clone().into(), &want.rstd.clone().into()],
-                &dy.clone().into(),
-                true,
-            )
-            .map(arrays)
-            .unwrap();
         let (tdy, tb) = (upload(&dy), upload(&beta));
-        poison(shape);
-        let got_g = spec
-            .backward(&tx, [&tg, &tb], [&got.mean, &got.rstd], &tdy, true)
-            .unwrap();
         let m = (shape[0] * shape[2] * shape[3]) as f32;
-        assert!(
-            max_abs_diff(&got_g.x.to_array().unwrap(), &want_g.x) < 1e-4,
-            "{shape:?} {activation:?} dx"
-        );
-        assert!(
-            max_abs_diff(&got_g.gamma.to_array().unwrap(), &want_g.gamma) < 1e-5 * m.sqrt() * 10.0,
-            "{shape:?} {activation:?} dgamma"
-        );
-        assert!(
-            max_abs_diff(&got_g.beta.to_array().unwrap(), &want_g.beta) < 1e-5 * m.sqrt() * 10.0,
-            "{shape:?} {activation:?} dbeta"
-        );
-        // Evaluation's dx: dy through the activation, γ and rstd, not the batch's sums.
-        let want_eval = Value::from(x.clone())
-            .batch_norm_backward(
-                &spec,
-                [&gamma.clone().into(), &beta.clone().into()],
-                [&want.mean.clone().into(), &want.rstd.clone().into()],
-                &dy.clone().into(),
-                false,
-            )
-            .map(arrays)
-            .unwrap();
-        poison(shape);
-        let got_eval = spec
-            .backward(&tx, [&tg, &tb], [&got.mean, &got.rstd], &tdy, false)
-            .unwrap();
-        assert!(
-            max_abs_diff(&got_eval.x.to_array().unwrap(), &want_eval.x) < 1e-4,
-            "{shape:?} {activation:?} eval dx"
-        );
+        // Training's dx flows through the batch's sums; evaluation's is dy through the
+        // activation, γ and rstd alone.
+        for training in [true, false] {
+            let want_g = Value::from(x.clone())
+                .batch_norm_backward(
+                    &spec,
+                    [&gamma.clone().into(), &beta.clone().into()],
+                    [&want.mean.clone().into(), &want.rstd.clone().into()],
+                    &dy.clone().into(),
+                    training,
+                )
+                .map(arrays)
+                .unwrap();
+            poison(shape);
+            let got_g = spec
+                .backward(&tx, [&tg, &tb], [&got.mean, &got.rstd], &tdy, training)
+                .unwrap();
+            let at = format!("{shape:?} {activation:?} training {training}");
+            assert!(
+                max_abs_diff(&got_g.x.to_array().unwrap(), &want_g.x) < 1e-4,
+                "{at} dx"
+            );
+            let bound = 1e-5 * m.sqrt() * 10.0;
+            assert!(
+                max_abs_diff(&got_g.gamma.to_array().unwrap(), &want_g.gamma) < bound,
+                "{at} dgamma"
+            );
+            assert!(
+                max_abs_diff(&got_g.beta.to_array().unwrap(), &want_g.beta) < bound,
+                "{at} dbeta"
+            );
+        }
 
         let ln = LayerNorm {
             activation,
