@@ -12,7 +12,7 @@ use bytemuck::{Pod, Zeroable};
 use super::conv2d::{Conv2d, Conv2dShape};
 use crate::error::Result;
 use crate::gpu::dispatch::{Binding, Resource};
-use crate::gpu::shared::{MAX_LOOP_ITERATIONS, small_workgroups};
+use crate::gpu::shared::{MAX_LOOP_ITERATIONS, small_workgroups, workgroups};
 use crate::gpu::texture::{scalar_input, scalar_texture};
 use crate::gpu::{Generated, Gpu};
 use crate::tensor::Tensor;
@@ -62,18 +62,22 @@ fn block(shape: &Conv2dShape, vec4_rows: bool) -> usize {
     if 2 * dividing >= most { dividing } else { most }
 }
 
-/// Whether the kernel can read the input as vec4s: storage reads, rows of whole vec4s, a
-/// padding that keeps blocks' segments on vec4 boundaries, and room for blocks of 4. On CPU
-/// adapters a per-lane load costs about the same for four floats as for one.
+/// Whether the kernel can read the input as vec4s: storage reads, rows of whole vec4s and
+/// room for blocks of 4. On CPU adapters a per-lane load costs about the same for four floats
+/// as for one.
 fn vec4_rows(shape: &Conv2dShape, textures: bool) -> bool {
-    !textures
-        && shape.w.is_multiple_of(4)
-        && shape.pad_left.is_multiple_of(4)
-        && MAX_ACCUMULATORS / shape.o >= 4
+    !textures && shape.w.is_multiple_of(4) && MAX_ACCUMULATORS / shape.o >= 4
 }
 
+/// The floats of one of the bank's rows: the weights one channel and kernel row give every
+/// filter, padded to whole vec4s (shaders/conv_direct_bank.wgsl).
+fn bank_row(filters: usize, kw: usize) -> usize {
+    (filters * kw).next_multiple_of(4)
+}
+
+/// The bank's floats: a row per channel and kernel row, then the bias.
 fn bank_floats(shape: &Conv2dShape) -> usize {
-    shape.o * shape.taps() + shape.o
+    shape.c * shape.kh * bank_row(shape.o, shape.kw) + shape.o
 }
 
 /// Whether the direct kernel handles this convolution.
@@ -91,6 +95,15 @@ pub(crate) fn eligible(gpu: &Gpu, spec: &Conv2d, shape: &Conv2dShape) -> bool {
         && shape.c * shape.kh <= MAX_LOOP_ITERATIONS
 }
 
+/// The input `x4` at binding 1 as rows of whole vec4s, and `fetch4(row4, q, inside)`: vec4
+/// number `row4 + q`, zero outside the image (the padding). Shared with the weight
+/// gradient's broadcast kernel.
+pub(super) const VEC4_ROWS_INPUT: &str = "@group(0) @binding(1) var<storage, read> x4: array<vec4<f32>>;\n\
+    fn fetch4(row4: u32, q: i32, inside: bool) -> vec4<f32> {\n\
+    \x20   let ok = inside && q >= 0 && q < i32(W / 4u);\n\
+    \x20   return select(vec4<f32>(0.0), x4[row4 + u32(max(q, 0))], ok);\n\
+    }\n";
+
 /// One generated direct-convolution kernel: everything its source depends on (the layer's
 /// shape is set per pipeline as `override` constants).
 #[derive(Debug)]
@@ -107,6 +120,9 @@ struct DirectKernel {
     textures: bool,
     /// The input read as vec4s ([`vec4_rows`]).
     vec4_rows: bool,
+    /// Where the block's input segment starts in its first vec4 when read as vec4s: blocks
+    /// start on vec4s, so the left padding alone sets it.
+    skew: usize,
     /// Weights shared through subgroups of this size: each lane loads a few of an input
     /// row's weights and hands them to the others with `subgroupBroadcast`. On CPU adapters
     /// a bank read at a computed index is a per-lane gather (a read at a constant one is
@@ -115,19 +131,12 @@ struct DirectKernel {
 }
 
 impl DirectKernel {
-    /// The bank index of weight (filter `o`, kernel column `kx`) for the current channel
-    /// and kernel row of the kernel's loops; `o` and `kx` are WGSL expressions.
-    fn weight_index(&self, o: &str, kx: &str) -> String {
-        let (filters, kw) = (self.filters, self.kw);
-        if self.flipped {
-            // w[c_in = loop c][c_out = o][kh-1-ky][kw-1-kx] of the forward OIHW bank.
-            format!(
-                "(c * {filters}u + {o}) * KH * {kw}u + (KH - 1u - ky) * {kw}u + {}u - {kx}",
-                kw - 1
-            )
-        } else {
-            format!("{o} * TAPS + tap + {kx}")
-        }
+    /// Where weight (filter `o`, kernel column `kx`) of the loops' channel and kernel row
+    /// lies in the bank's row for them (`bank_row`): the input gradient reads the forward
+    /// kernel flipped, w[c][o][kh-1-ky][kw-1-kx].
+    fn weight_in_row(&self, o: usize, kx: usize) -> usize {
+        let column = if self.flipped { self.kw - 1 - kx } else { kx };
+        o * self.kw + column
     }
 
     /// The input's binding and its fetch function: `fetch(row, ix, inside)` = x[row + ix]
@@ -135,12 +144,7 @@ impl DirectKernel {
     /// padding).
     fn input(&self) -> String {
         if self.vec4_rows {
-            return "@group(0) @binding(1) var<storage, read> x4: array<vec4<f32>>;\n\
-                    fn fetch4(row4: u32, q: i32, inside: bool) -> vec4<f32> {\n\
-                    \x20   let ok = inside && q >= 0 && q < i32(W / 4u);\n\
-                    \x20   return select(vec4<f32>(0.0), x4[row4 + u32(max(q, 0))], ok);\n\
-                    }\n"
-            .into();
+            return VEC4_ROWS_INPUT.into();
         }
         scalar_input("x", 1, self.textures)
             + "fn fetch(row: u32, ix: i32, inside: bool) -> f32 {\n\
@@ -244,20 +248,19 @@ fn run(
     let vec4_rows = vec4_rows(shape, texture.is_some());
     let b = block(shape, vec4_rows);
     let vec4s = bank_floats(shape).div_ceil(4);
-    // The bank: this step's weights and bias, copied into a uniform buffer in the same
-    // command stream (so it follows the optimizer's updates).
     let bank = gpu.checked("allocating a filter bank", || {
         gpu.device().create_buffer(&wgpu::BufferDescriptor {
             label: Some("filter bank"),
             size: (vec4s * 16) as u64,
-            usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+            usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::STORAGE,
             mapped_at_creation: false,
         })
     })?;
-    gpu.copy((weight.buffer(), 0), (&bank, 0), weight.bytes())?;
-    if let Some(bias) = bias {
-        gpu.copy((bias.buffer(), 0), (&bank, weight.bytes()), bias.bytes())?;
-    }
+    let bank = Binding {
+        buffer: &bank,
+        bytes: (vec4s * 16) as u64,
+    };
+    fill_bank(shape, weight, bias, flipped, bank)?;
     let blocks = shape.ow.div_ceil(b);
     let total = shape.n * shape.oh * blocks;
     let params = DirectParams {
@@ -276,7 +279,6 @@ fn run(
         ("PAD_TOP", shape.pad_top as u32),
         ("PAD_LEFT", shape.pad_left as u32),
         ("BLOCKS", blocks as u32),
-        ("TAPS", shape.taps() as u32),
         ("ACT", activation.code()),
         ("HAS_BIAS", u32::from(bias.is_some())),
     ];
@@ -288,13 +290,14 @@ fn run(
         flipped,
         textures: texture.is_some(),
         vec4_rows,
+        skew: if vec4_rows {
+            (4 - shape.pad_left % 4) % 4
+        } else {
+            0
+        },
         subgroup,
     };
     let pipeline = gpu.generated(&kernel, "main", &constants)?;
-    let bank = Binding {
-        buffer: &bank,
-        bytes: (vec4s * 16) as u64,
-    };
     let input = match &texture {
         Some(t) => Resource::Texture(&t.view),
         None if vec4_rows => Resource::Buffer(x.binding_vec4()),
@@ -321,6 +324,56 @@ fn run(
     })
 }
 
+/// Mirrors `Params` in shaders/conv_direct_bank.wgsl.
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct BankParams {
+    total: u32,
+    has_bias: u32,
+    _pad: [u32; 2],
+}
+
+/// Writes `shape`'s bank (the kernel's shape: the transposed one where `flipped`) from the
+/// layer's weights and bias, in the same command stream as the pass that reads it.
+fn fill_bank(
+    shape: &Conv2dShape,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    flipped: bool,
+    bank: Binding<'_>,
+) -> Result<()> {
+    let gpu = weight.gpu();
+    let total = bank_floats(shape);
+    let params = BankParams {
+        total: total as u32,
+        has_bias: u32::from(bias.is_some()),
+        _pad: [0; 2],
+    };
+    let constants = [
+        ("C", shape.c as u32),
+        ("FILTERS", shape.o as u32),
+        ("KH", shape.kh as u32),
+        ("KW", shape.kw as u32),
+        ("ROW", bank_row(shape.o, shape.kw) as u32),
+        ("FLIPPED", u32::from(flipped)),
+    ];
+    let source = || include_str!("../../shaders/conv_direct_bank.wgsl").to_string();
+    let pipeline = gpu.specialized("conv_direct_bank.wgsl", "main", source, &constants)?;
+    gpu.run_pass("conv2d direct bank", |pass| {
+        gpu.encode_resources(
+            pass,
+            &pipeline,
+            bytemuck::bytes_of(&params),
+            &[
+                (1, Resource::Buffer(weight.binding())),
+                (2, Resource::Buffer(bias.unwrap_or(weight).binding())),
+                (3, Resource::Buffer(bank)),
+            ],
+            workgroups(total as u64),
+        )
+    })
+}
+
 impl Generated for DirectKernel {
     fn source(&self) -> String {
         let Self {
@@ -337,15 +390,20 @@ impl Generated for DirectKernel {
         }
         let segment = b + kw - 1;
         if self.vec4_rows {
-            for q in 0..segment.div_ceil(4) {
+            let skew = self.skew;
+            for q in 0..(skew + segment).div_ceil(4) {
                 let _ = writeln!(
                     body,
-                    "            let v{q} = fetch4(row / 4u, left / 4 + {q}, inside);"
+                    "            let v{q} = fetch4(row / 4u, (left - {skew}) / 4 + {q}, inside);"
                 );
             }
             for r in 0..segment {
-                let c = ["x", "y", "z", "w"][r % 4];
-                let _ = writeln!(body, "            let r{r} = v{}.{c};", r / 4);
+                let _ = writeln!(
+                    body,
+                    "            let r{r} = v{}[{}];",
+                    (skew + r) / 4,
+                    (skew + r) % 4
+                );
             }
         } else {
             for r in 0..segment {
@@ -356,35 +414,35 @@ impl Generated for DirectKernel {
             }
         }
         if let Some(size) = self.subgroup {
-            // Weight f = o·kw + kx of the row is loaded by lane f mod size as its load
-            // f / size, then broadcast.
-            let weights = filters * kw;
-            for v in 0..weights.div_ceil(size) {
+            // The row's vec4 q is loaded by lane q mod size as its load q / size (lanes past
+            // the row's end load its last), and its weights broadcast from there.
+            let row4s = bank_row(filters, kw) / 4;
+            for v in 0..row4s.div_ceil(size) {
                 let _ = writeln!(
                     decls,
-                    "    let f{v} = min({}u + lane, {}u);",
+                    "    let q{v} = min({}u + lane, {}u);",
                     v * size,
-                    weights - 1
+                    row4s - 1
                 );
-                let index = self.weight_index(&format!("(f{v} / {kw}u)"), &format!("f{v} % {kw}u"));
-                let _ = writeln!(body, "            let wv{v} = weight({index});");
+                let _ = writeln!(body, "            let wv{v} = bank[bank_row / 4u + q{v}];");
             }
             for o in 0..filters {
                 for kx in 0..kw {
-                    let f = o * kw + kx;
+                    let f = self.weight_in_row(o, kx);
                     let _ = writeln!(
                         body,
-                        "            let w{o}_{kx} = subgroupBroadcast(wv{}, {}u);",
-                        f / size,
-                        f % size
+                        "            let w{o}_{kx} = subgroupBroadcast(wv{}[{}], {}u);",
+                        f / 4 / size,
+                        f % 4,
+                        f / 4 % size
                     );
                 }
             }
         } else {
             for o in 0..filters {
                 for kx in 0..kw {
-                    let index = self.weight_index(&format!("{o}u"), &format!("{kx}u"));
-                    let _ = writeln!(body, "            let w{o}_{kx} = weight({index});");
+                    let f = self.weight_in_row(o, kx);
+                    let _ = writeln!(body, "            let w{o}_{kx} = weight(bank_row + {f}u);");
                 }
             }
         }
@@ -398,7 +456,8 @@ impl Generated for DirectKernel {
         for o in 0..filters {
             let _ = writeln!(
                 stores,
-                "    let bias{o} = select(0.0, weight({filters}u * TAPS + {o}u), HAS_BIAS != 0u);"
+                "    let bias{o} = select(0.0, weight(C * KH * {}u + {o}u), HAS_BIAS != 0u);",
+                bank_row(filters, kw)
             );
             for j in 0..b {
                 let _ = writeln!(
@@ -423,6 +482,11 @@ impl Generated for DirectKernel {
                 .replace("{{VEC4S}}", &self.vec4s.to_string())
                 .replace("{{BLOCK}}", &b.to_string())
                 .replace("{{KW}}", &kw.to_string())
+                .replace("{{ROW}}", &bank_row(filters, kw).to_string())
+                .replace(
+                    "{{KERNEL_ROW}}",
+                    if self.flipped { "KH - 1u - ky" } else { "ky" },
+                )
                 .replace("{{FILTERS}}", &filters.to_string())
                 .replace("{{LANE}}", lane)
                 .replace("{{EXIT}}", exit)
@@ -526,6 +590,20 @@ mod tests {
                 Padding::Explicit(1, 1),
                 Activation::None,
             ),
+            // Rows of whole vec4s whose blocks' segments start 2 and 1 values into a vec4,
+            // forward and backward.
+            (
+                2,
+                4,
+                8,
+                12,
+                8,
+                5,
+                5,
+                Padding::Explicit(2, 2),
+                Activation::Relu,
+            ),
+            (1, 3, 6, 8, 5, 7, 7, Padding::Same, Activation::None),
         ];
         for (i, &(n, c, h, w, o, kh, kw, padding, activation)) in cases.iter().enumerate() {
             let spec = Conv2d {

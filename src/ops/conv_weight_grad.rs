@@ -10,7 +10,7 @@ use std::fmt::Write;
 
 use bytemuck::{Pod, Zeroable};
 
-use super::conv_direct::{MAX_FILTERS, MAX_KERNEL_WIDTH};
+use super::conv_direct::{MAX_FILTERS, MAX_KERNEL_WIDTH, VEC4_ROWS_INPUT};
 use super::conv2d::{Conv2d, Conv2dShape};
 use super::reduce::sum_axes;
 use crate::error::Result;
@@ -50,6 +50,7 @@ pub(crate) struct WeightAndBias<'a> {
 
 /// Outputs per invocation along a row.
 const GRAD_BLOCK: usize = 8;
+const _: () = assert!(GRAD_BLOCK.is_multiple_of(4));
 
 /// Channels a lane of the broadcast kernel sums for at most: each dz value it loads serves
 /// them all. On lavapipe (ResNet-20's first stage, N128 16→16 32²) two took the backward
@@ -213,6 +214,11 @@ struct WeightGradKernel {
     channels: usize,
     /// x (and dy and y, unless the variant reads vec4s) read through textures.
     textures: bool,
+    /// x read as rows of whole vec4s by the broadcast kernel, the block's input segment
+    /// starting this many values into its first vec4 (where the left padding leaves it; blocks
+    /// start on vec4s). Only as many lanes load as the segment spans: on lavapipe each lane's
+    /// load costs the same for a vec4 as for a float, and these loads bound the kernel.
+    x_skew: Option<usize>,
     variant: Variant,
 }
 
@@ -230,6 +236,7 @@ fn source(kernel: &WeightGradKernel) -> String {
         subgroup,
         channels,
         textures,
+        x_skew,
         variant,
     } = kernel;
     let b = GRAD_BLOCK;
@@ -253,13 +260,16 @@ fn source(kernel: &WeightGradKernel) -> String {
         "    partial[lindex * SLOTS + TAPS * CHANNELS] = bias_sum;"
     );
     variant.block_loads(&mut body);
+    if let Some(skew) = x_skew {
+        let _ = writeln!(body, "        let x_q0 = (left - {skew}) / 4;");
+    }
     for ky in 0..kh {
         let _ = writeln!(
             body,
             "        {{\n            let iy = i32(oy + {ky}u) - i32(PAD_TOP);\n            let inside = iy >= 0 && iy < i32(H);"
         );
         for k in 0..channels {
-            row_taps(&mut body, (k, ky, kw), subgroup);
+            row_taps(&mut body, (k, ky, kw), subgroup, x_skew);
         }
         let _ = writeln!(body, "        }}");
     }
@@ -273,7 +283,7 @@ fn source(kernel: &WeightGradKernel) -> String {
         kernel,
     ]
     .concat()
-    .replace("{{INPUT_X}}", &scalar_input("x", 1, textures))
+    .replace("{{INPUT_X}}", &x_input(textures, x_skew.is_some()))
     .replace("{{DZ}}", &variant.declarations(textures))
     .replace("{{TAPS}}", &taps.to_string())
     .replace("{{CHANNELS}}", &channels.to_string())
@@ -288,17 +298,54 @@ fn source(kernel: &WeightGradKernel) -> String {
     .replace("{{STORE}}", &store)
 }
 
+/// x's binding with `load_x(i)` and `fetch(row, ix, inside)` (conv_weight_grad_common.wgsl
+/// uses them), and where it is read as vec4 rows `fetch4` too.
+fn x_input(textures: bool, vec4_rows: bool) -> String {
+    if vec4_rows {
+        return format!(
+            "{VEC4_ROWS_INPUT}fn load_x(i: u32) -> f32 {{ return x4[i >> 2u][i & 3u]; }}\n"
+        );
+    }
+    scalar_input("x", 1, textures)
+}
+
 /// The lines of kernel row `ky` for the run's channel `k`, in a block of their own: the input
-/// segment the block of outputs sees (loaded per lane, or once per subgroup and broadcast)
-/// and its tap sums.
-fn row_taps(body: &mut String, (k, ky, kw): (usize, usize, usize), subgroup: Option<usize>) {
+/// segment the block of outputs sees (loaded per lane, or once per subgroup and broadcast;
+/// as vec4s by the lanes it spans where `x_skew` says where it starts) and its tap sums.
+fn row_taps(
+    body: &mut String,
+    (k, ky, kw): (usize, usize, usize),
+    subgroup: Option<usize>,
+    x_skew: Option<usize>,
+) {
     let _ = writeln!(
         body,
         "            {{\n            let row = ((n * C + c{k}) * H + u32(max(iy, 0))) * W;"
     );
     let inputs = GRAD_BLOCK + kw - 1;
-    match subgroup {
-        None => {
+    match (subgroup, x_skew) {
+        (Some(size), Some(skew)) => {
+            let vec4s = (skew + inputs).div_ceil(4);
+            for v in 0..vec4s.div_ceil(size) {
+                let first = v * size;
+                let _ = writeln!(
+                    body,
+                    "            var v{v} = vec4<f32>(0.0);\n            \
+                     if lane + {first}u < {vec4s}u {{ v{v} = fetch4(row / 4u, x_q0 + i32(lane + {first}u), inside); }}"
+                );
+            }
+            for m in 0..inputs {
+                let at = (skew + m) / 4;
+                let _ = writeln!(
+                    body,
+                    "            let r{m} = subgroupBroadcast(v{}[{}], {}u);",
+                    at / size,
+                    (skew + m) % 4,
+                    at % size
+                );
+            }
+        }
+        (None, _) => {
             for m in 0..inputs {
                 let _ = writeln!(
                     body,
@@ -306,7 +353,7 @@ fn row_taps(body: &mut String, (k, ky, kw): (usize, usize, usize), subgroup: Opt
                 );
             }
         }
-        Some(size) => {
+        (Some(size), None) => {
             for v in 0..inputs.div_ceil(size) {
                 let _ = writeln!(
                     body,
@@ -432,12 +479,17 @@ fn run(
         // Rows of whole vec4s start at vec4 boundaries, as blocks of GRAD_BLOCK do.
         vec4: !textures && shape.ow.is_multiple_of(4) && GRAD_BLOCK.is_multiple_of(4),
     };
+    // Blocks start on vec4s (GRAD_BLOCK is a multiple of 4), so every block's segment
+    // starts as far into its vec4 as the left padding puts the first one's.
+    let x_skew = (subgroup.is_some() && !textures && shape.w.is_multiple_of(4))
+        .then_some((4 - shape.pad_left % 4) % 4);
     let kernel = WeightGradKernel {
         kh: shape.kh,
         kw: shape.kw,
         subgroup,
         channels,
         textures,
+        x_skew,
         variant,
     };
     let pipeline = gpu.generated(&kernel, "main", &constants)?;
@@ -448,7 +500,9 @@ fn run(
         .iter()
         .map(|&(number, t)| match inputs.view(number) {
             Some(view) => (number, Resource::Texture(view)),
-            None if variant.vec4 && number != 1 => (number, Resource::Buffer(t.binding_vec4())),
+            None if (number == 1 && x_skew.is_some()) || (number != 1 && variant.vec4) => {
+                (number, Resource::Buffer(t.binding_vec4()))
+            }
             None => (number, Resource::Buffer(t.binding())),
         })
         .collect();
@@ -571,6 +625,9 @@ mod tests {
             // The most filters and channels (ResNet-20's second stage), and counts between.
             (2, 32, 16, 16, 32, 3, 3, Padding::Explicit(1, 1)),
             (3, 19, 7, 9, 23, 3, 3, Padding::Explicit(1, 1)),
+            // Rows of whole vec4s whose blocks' segments start 2 and 1 values into a vec4.
+            (2, 3, 6, 12, 5, 5, 5, Padding::Explicit(2, 2)),
+            (2, 2, 7, 8, 3, 7, 7, Padding::Same),
         ];
         for (i, &(n, c, h, w, o, kh, kw, padding)) in cases.iter().enumerate() {
             let spec = Conv2d {
