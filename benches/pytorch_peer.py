@@ -161,6 +161,7 @@ def main():
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--runs", type=int, default=9)
     parser.add_argument("--device", default="cpu", help="cpu, or cuda for a GPU peer")
+    parser.add_argument("--filter", default="", help="only the rows whose op contains this")
     args = parser.parse_args()
     global DEVICE
     DEVICE = torch.device(args.device)
@@ -170,6 +171,8 @@ def main():
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     for op, shape, fn in rows():
+        if args.filter not in op:
+            continue
         ms = median_ms(fn, args.runs)
         print(json.dumps({"op": op, "shape": shape, "torch_ms": round(ms, 4),
                           "threads": args.threads, "device": args.device,
