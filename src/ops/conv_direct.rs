@@ -49,8 +49,8 @@ const MAX_ACCUMULATORS: usize = 128;
 /// the register budget, and one that divides the row wastes no lanes on the edge (measured
 /// on lavapipe for LeNet's input gradient, 12 wide: blocks of 2, 4, 8 and 6 took 11, 7.4,
 /// 7.7 and 6.3 ms).
-/// With `vec4_rows` the block is a multiple of 4 (so that its input segment starts on a
-/// vec4).
+/// With `vec4_rows` the block is a multiple of 4, so that every block starts on a vec4 (and
+/// its input segment `skew` values into one).
 fn block(shape: &Conv2dShape, vec4_rows: bool) -> usize {
     let step = if vec4_rows { 4 } else { 1 };
     let most = (MAX_ACCUMULATORS / shape.o).clamp(step, 8) / step * step;
@@ -123,8 +123,9 @@ struct DirectKernel {
     /// Where the block's input segment starts in its first vec4 when read as vec4s: blocks
     /// start on vec4s, so the left padding alone sets it.
     skew: usize,
-    /// Weights shared through subgroups of this size: each lane loads a few of an input
-    /// row's weights and hands them to the others with `subgroupBroadcast`. On CPU adapters
+    /// Weights shared through subgroups of this size: each lane loads a few vec4s of the
+    /// bank's row for the channel and kernel row and hands their weights to the others
+    /// with `subgroupBroadcast`. On CPU adapters
     /// a bank read at a computed index is a per-lane gather (a read at a constant one is
     /// not): this cuts those reads by the subgroup size, and the forward pass by a third.
     subgroup: Option<usize>,
@@ -481,7 +482,6 @@ impl Generated for DirectKernel {
                 .replace("{{INPUT_X}}", &self.input())
                 .replace("{{VEC4S}}", &self.vec4s.to_string())
                 .replace("{{BLOCK}}", &b.to_string())
-                .replace("{{KW}}", &kw.to_string())
                 .replace("{{ROW}}", &bank_row(filters, kw).to_string())
                 .replace(
                     "{{KERNEL_ROW}}",
@@ -502,20 +502,31 @@ impl Generated for DirectKernel {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gpu::GpuOptions;
+    use crate::gpu::{GpuOptions, OperandReads};
     use crate::ops::conv2d::{Padding, conv2d_backward_cpu, conv2d_cpu};
     use crate::test_support::random;
     use crate::value::Activation;
 
     /// Both kernels (weights shared through subgroups where the adapter has fixed-size ones,
     /// and read by every lane) against the CPU reference, forward with bias and activation
-    /// and the input gradient, into NaN-poisoned outputs: LeNet's layers, and sizes whose
-    /// rows, batches and banks fill no block, workgroup or subgroup.
+    /// and the input gradient, into NaN-poisoned outputs, reading the input from storage
+    /// buffers (as vec4s where rows are whole ones) and from textures: LeNet's layers, and
+    /// sizes whose rows, batches and banks fill no block, workgroup or subgroup.
     #[test]
     fn both_kernels_match_the_cpu() {
-        let Some(gpu) = crate::test_support::gpu(GpuOptions::from_env().unwrap()) else {
-            return;
-        };
+        for reads in [OperandReads::Storage, OperandReads::Texture] {
+            let options = GpuOptions {
+                operand_reads: Some(reads),
+                ..GpuOptions::from_env().unwrap()
+            };
+            let Some(gpu) = crate::test_support::gpu(options) else {
+                return;
+            };
+            both_kernels_match_the_cpu_on(&gpu);
+        }
+    }
+
+    fn both_kernels_match_the_cpu_on(gpu: &Gpu) {
         let mut kernels = vec![None];
         if let Some(size) = gpu.fixed_subgroup_size() {
             kernels.push(Some(size as usize));
@@ -604,6 +615,30 @@ mod tests {
                 Activation::Relu,
             ),
             (1, 3, 6, 8, 5, 7, 7, Padding::Same, Activation::None),
+            // Vec4 rows whose last block is partial: the forward pass's output 13 wide, then
+            // the input gradient's.
+            (
+                2,
+                3,
+                5,
+                12,
+                7,
+                3,
+                4,
+                Padding::Explicit(1, 2),
+                Activation::Tanh,
+            ),
+            (
+                2,
+                3,
+                5,
+                13,
+                7,
+                3,
+                4,
+                Padding::Explicit(1, 1),
+                Activation::None,
+            ),
         ];
         for (i, &(n, c, h, w, o, kh, kw, padding, activation)) in cases.iter().enumerate() {
             let spec = Conv2d {
@@ -618,7 +653,7 @@ mod tests {
                 random(&[o], seed + 2),
             );
             let shape = spec.shape(x.shape(), weight.shape(), None).unwrap();
-            assert!(eligible(&gpu, &spec, &shape) && eligible_backward(&gpu, &spec, &shape));
+            assert!(eligible(gpu, &spec, &shape) && eligible_backward(gpu, &spec, &shape));
             let dy = random(&shape.output(), seed + 3);
             let want_y = conv2d_cpu(&spec, &x.view(), &weight.view(), Some(&bias.view())).unwrap();
             let linear = Conv2d {
@@ -628,7 +663,7 @@ mod tests {
             let want_dx = conv2d_backward_cpu(&linear, &x.view(), &weight.view(), &dy.view())
                 .unwrap()
                 .x;
-            let upload = |a: &ndarray::ArrayD<f32>| Tensor::from_array(&gpu, a).unwrap();
+            let upload = |a: &ndarray::ArrayD<f32>| Tensor::from_array(gpu, a).unwrap();
             let (tx, tw, tb, tdy) = (upload(&x), upload(&weight), upload(&bias), upload(&dy));
             for &subgroup in &kernels {
                 let y = upload(&want_y.mapv(|_| f32::NAN));
@@ -652,7 +687,8 @@ mod tests {
                     });
                     assert!(
                         diff < 1e-4,
-                        "case {i}, subgroup {subgroup:?}, {name}: {diff}"
+                        "case {i}, subgroup {subgroup:?}, {:?}, {name}: {diff}",
+                        gpu.operand_reads()
                     );
                 }
             }

@@ -298,8 +298,8 @@ fn source(kernel: &WeightGradKernel) -> String {
     .replace("{{STORE}}", &store)
 }
 
-/// x's binding with `load_x(i)` and `fetch(row, ix, inside)` (conv_weight_grad_common.wgsl
-/// uses them), and where it is read as vec4 rows `fetch4` too.
+/// x's binding with `load_x(i)` (which conv_weight_grad_common.wgsl's `fetch` reads), and
+/// where it is read as vec4 rows `fetch4` too.
 fn x_input(textures: bool, vec4_rows: bool) -> String {
     if vec4_rows {
         return format!(
@@ -628,6 +628,8 @@ mod tests {
             // Rows of whole vec4s whose blocks' segments start 2 and 1 values into a vec4.
             (2, 3, 6, 12, 5, 5, 5, Padding::Explicit(2, 2)),
             (2, 2, 7, 8, 3, 7, 7, Padding::Same),
+            // x in rows of whole vec4s, dy's rows (13 wide) not.
+            (2, 3, 5, 12, 7, 3, 4, Padding::Explicit(1, 2)),
         ];
         for (i, &(n, c, h, w, o, kh, kw, padding)) in cases.iter().enumerate() {
             let spec = Conv2d {
