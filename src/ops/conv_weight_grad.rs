@@ -48,9 +48,28 @@ pub(crate) struct WeightAndBias<'a> {
     pub bias: &'a Tensor,
 }
 
-/// Outputs per invocation along a row.
+/// Outputs per invocation along a row in the portable kernel.
 const GRAD_BLOCK: usize = 8;
+
+/// The blocks a subgroup of the broadcast kernel may walk a row in, longest first: each
+/// input segment and dz value loaded serves more products. On lavapipe (ResNet-20, 7 passes
+/// a step) blocks of 16 took 160–162 ms against 8's 173–182, and 32 154–155 against 16's
+/// 160–170 (24, which its 32-wide rows do not divide, 213).
+const BROADCAST_BLOCKS: [usize; 3] = [32, 16, GRAD_BLOCK];
 const _: () = assert!(GRAD_BLOCK.is_multiple_of(4));
+
+/// The block for `shape`: the longest that divides the output's rows in the broadcast
+/// kernel (else the shortest), `GRAD_BLOCK` in the portable one. Every block is a multiple
+/// of 4, so blocks start on vec4s.
+fn grad_block(shape: &Conv2dShape, subgroup: Option<usize>) -> usize {
+    match subgroup {
+        Some(_) => BROADCAST_BLOCKS
+            .into_iter()
+            .find(|b| shape.ow.is_multiple_of(*b))
+            .unwrap_or(GRAD_BLOCK),
+        None => GRAD_BLOCK,
+    }
+}
 
 /// Channels a lane of the broadcast kernel sums for at most: each dz value it loads serves
 /// them all. On lavapipe (ResNet-20's first stage, N128 16→16 32²) two took the backward
@@ -76,18 +95,14 @@ pub(crate) fn eligible(spec: &Conv2d, shape: &Conv2dShape) -> bool {
 /// The subgroup width the broadcast kernel would use on `gpu`, if it suits it.
 fn broadcast_subgroup(gpu: &Gpu) -> Option<usize> {
     let size = gpu.fixed_subgroup_size()? as usize;
-    // The block's input segment is spread over at most two loads per lane.
-    (gpu.cpu_kernels() && (4..=32).contains(&size) && GRAD_BLOCK + MAX_KERNEL_WIDTH - 1 <= 2 * size)
-        .then_some(size)
+    (gpu.cpu_kernels() && (4..=32).contains(&size)).then_some(size)
 }
 
-/// The lines accumulating one kernel row's taps of the run's channel `k`:
-/// `g_k[ky·kw + kx] += Σ_j d_j · r_{j+kx}`.
-fn tap_sums(body: &mut String, k: usize, ky: usize, kw: usize) {
+/// The lines accumulating one kernel row's taps of the run's channel `k` over a block of
+/// `b` outputs: `g_k[ky·kw + kx] += Σ_j d_j · r_{j+kx}`.
+fn tap_sums(body: &mut String, (k, ky, kw): (usize, usize, usize), b: usize) {
     for kx in 0..kw {
-        let terms: Vec<String> = (0..GRAD_BLOCK)
-            .map(|j| format!("d{j} * r{}", j + kx))
-            .collect();
+        let terms: Vec<String> = (0..b).map(|j| format!("d{j} * r{}", j + kx)).collect();
         let _ = writeln!(
             body,
             "            g{k}_{} += {};",
@@ -156,10 +171,9 @@ impl Variant {
         out
     }
 
-    /// The lines loading the block's dz values `d0`, `d1`, … (zero past the row's end),
-    /// storing them where asked, and adding them to the bias sum.
-    fn block_loads(self, body: &mut String) {
-        let b = GRAD_BLOCK;
+    /// The lines loading the dz values `d0`, `d1`, … of a block of `b` (zero past the row's
+    /// end), storing them where asked, and adding them to the bias sum.
+    fn block_loads(self, body: &mut String, b: usize) {
         if self.vec4 {
             for q in 0..b / 4 {
                 let inside = format!("ox0 + {}u < OW", 4 * q);
@@ -208,6 +222,8 @@ impl Variant {
 struct WeightGradKernel {
     kh: usize,
     kw: usize,
+    /// Outputs per work item along a row ([`grad_block`]).
+    block: usize,
     /// The broadcast variant of this subgroup width, or the portable one.
     subgroup: Option<usize>,
     /// Channels each invocation sums for (1 in the portable kernel).
@@ -233,13 +249,13 @@ fn source(kernel: &WeightGradKernel) -> String {
     let &WeightGradKernel {
         kh,
         kw,
+        block: b,
         subgroup,
         channels,
         textures,
         x_skew,
         variant,
     } = kernel;
-    let b = GRAD_BLOCK;
     let taps = kh * kw;
     let (mut decls, mut body, mut store) = (String::new(), String::new(), String::new());
     for k in 0..channels {
@@ -259,7 +275,7 @@ fn source(kernel: &WeightGradKernel) -> String {
         store,
         "    partial[lindex * SLOTS + TAPS * CHANNELS] = bias_sum;"
     );
-    variant.block_loads(&mut body);
+    variant.block_loads(&mut body, b);
     if let Some(skew) = x_skew {
         let _ = writeln!(body, "        let x_q0 = (left - {skew}) / 4;");
     }
@@ -269,7 +285,7 @@ fn source(kernel: &WeightGradKernel) -> String {
             "        {{\n            let iy = i32(oy + {ky}u) - i32(PAD_TOP);\n            let inside = iy >= 0 && iy < i32(H);"
         );
         for k in 0..channels {
-            row_taps(&mut body, (k, ky, kw), subgroup, x_skew);
+            row_taps(&mut body, (k, ky, kw), b, (subgroup, x_skew));
         }
         let _ = writeln!(body, "        }}");
     }
@@ -315,14 +331,14 @@ fn x_input(textures: bool, vec4_rows: bool) -> String {
 fn row_taps(
     body: &mut String,
     (k, ky, kw): (usize, usize, usize),
-    subgroup: Option<usize>,
-    x_skew: Option<usize>,
+    b: usize,
+    (subgroup, x_skew): (Option<usize>, Option<usize>),
 ) {
     let _ = writeln!(
         body,
         "            {{\n            let row = ((n * C + c{k}) * H + u32(max(iy, 0))) * W;"
     );
-    let inputs = GRAD_BLOCK + kw - 1;
+    let inputs = b + kw - 1;
     match (subgroup, x_skew) {
         (Some(size), Some(skew)) => {
             let vec4s = (skew + inputs).div_ceil(4);
@@ -371,7 +387,7 @@ fn row_taps(
             }
         }
     }
-    tap_sums(body, k, ky, kw);
+    tap_sums(body, (k, ky, kw), b);
     let _ = writeln!(body, "            }}");
 }
 
@@ -406,7 +422,8 @@ fn run(
     subgroup: Option<usize>,
 ) -> Result<()> {
     let gpu = x.gpu();
-    let blocks = shape.ow.div_ceil(GRAD_BLOCK);
+    let block = grad_block(shape, subgroup);
+    let blocks = shape.ow.div_ceil(block);
     let work = shape.n * shape.oh * blocks;
     let filter_groups = subgroup.map_or(1, |size| shape.o.div_ceil(size));
     let channels = subgroup.map_or(1, |_| run_channels(gpu, shape));
@@ -476,16 +493,17 @@ fn run(
     let variant = Variant {
         gated: gate.is_some(),
         store_dz: gate.as_ref().is_some_and(|g| g.dz.is_some()),
-        // Rows of whole vec4s start at vec4 boundaries, as blocks of GRAD_BLOCK do.
-        vec4: !textures && shape.ow.is_multiple_of(4) && GRAD_BLOCK.is_multiple_of(4),
+        // Rows of whole vec4s start at vec4 boundaries, as blocks do.
+        vec4: !textures && shape.ow.is_multiple_of(4),
     };
-    // Blocks start on vec4s (GRAD_BLOCK is a multiple of 4), so every block's segment
+    // Blocks start on vec4s (each is a multiple of 4), so every block's segment
     // starts as far into its vec4 as the left padding puts the first one's.
     let x_skew = (subgroup.is_some() && !textures && shape.w.is_multiple_of(4))
         .then_some((4 - shape.pad_left % 4) % 4);
     let kernel = WeightGradKernel {
         kh: shape.kh,
         kw: shape.kw,
+        block,
         subgroup,
         channels,
         textures,
@@ -630,6 +648,11 @@ mod tests {
             (2, 2, 7, 8, 3, 7, 7, Padding::Same),
             // x in rows of whole vec4s, dy's rows (13 wide) not.
             (2, 3, 5, 12, 7, 3, 4, Padding::Explicit(1, 2)),
+            // Rows the broadcast kernel walks in blocks of 32 (one and two a row) and of 16
+            // (x's 18-wide rows read as floats, more than two per lane).
+            (2, 2, 5, 32, 3, 3, 3, Padding::Explicit(1, 1)),
+            (1, 3, 6, 64, 2, 5, 5, Padding::Explicit(0, 2)),
+            (2, 2, 6, 18, 3, 3, 3, Padding::Explicit(1, 0)),
         ];
         for (i, &(n, c, h, w, o, kh, kw, padding)) in cases.iter().enumerate() {
             let spec = Conv2d {
