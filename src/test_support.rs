@@ -2,7 +2,7 @@
 
 use ndarray::{ArrayD, IxDyn};
 
-use crate::gpu::{Gpu, GpuOptions};
+use crate::gpu::{Gpu, GpuOptions, OperandReads};
 
 /// Values in [-1, 1) from a cheap xorshift: reproducible per seed.
 pub(crate) fn random(shape: &[usize], seed: u64) -> ArrayD<f32> {
@@ -31,5 +31,20 @@ pub(crate) fn gpu(options: GpuOptions) -> Option<Gpu> {
             None
         }
         Err(e) => panic!("no GPU for the tests: {e}"),
+    }
+}
+
+/// Runs `check` on a context reading kernel operands from storage buffers, then on one
+/// reading them from textures, whatever the host's calibration would pick.
+pub(crate) fn on_both_read_families(check: impl Fn(&Gpu)) {
+    for reads in [OperandReads::Storage, OperandReads::Texture] {
+        let options = GpuOptions {
+            operand_reads: Some(reads),
+            ..GpuOptions::from_env().unwrap()
+        };
+        let Some(gpu) = gpu(options) else {
+            return;
+        };
+        check(&gpu);
     }
 }

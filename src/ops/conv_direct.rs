@@ -502,7 +502,6 @@ impl Generated for DirectKernel {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gpu::{GpuOptions, OperandReads};
     use crate::ops::conv2d::{Padding, conv2d_backward_cpu, conv2d_cpu};
     use crate::test_support::random;
     use crate::value::Activation;
@@ -514,16 +513,7 @@ mod tests {
     /// sizes whose rows, batches and banks fill no block, workgroup or subgroup.
     #[test]
     fn both_kernels_match_the_cpu() {
-        for reads in [OperandReads::Storage, OperandReads::Texture] {
-            let options = GpuOptions {
-                operand_reads: Some(reads),
-                ..GpuOptions::from_env().unwrap()
-            };
-            let Some(gpu) = crate::test_support::gpu(options) else {
-                return;
-            };
-            both_kernels_match_the_cpu_on(&gpu);
-        }
+        crate::test_support::on_both_read_families(both_kernels_match_the_cpu_on);
     }
 
     fn both_kernels_match_the_cpu_on(gpu: &Gpu) {

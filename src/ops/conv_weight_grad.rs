@@ -575,7 +575,7 @@ fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gpu::{GpuOptions, OperandReads};
+    use crate::gpu::GpuOptions;
     use crate::ops::conv2d::{Padding, conv2d_backward_cpu};
     use crate::test_support::random;
 
@@ -586,16 +586,7 @@ mod tests {
     /// NaN-poisoned outputs.
     #[test]
     fn both_kernels_match_the_cpu() {
-        for reads in [OperandReads::Storage, OperandReads::Texture] {
-            let options = GpuOptions {
-                operand_reads: Some(reads),
-                ..GpuOptions::from_env().unwrap()
-            };
-            let Some(gpu) = crate::test_support::gpu(options) else {
-                return;
-            };
-            both_kernels_match_the_cpu_on(&gpu);
-        }
+        crate::test_support::on_both_read_families(both_kernels_match_the_cpu_on);
     }
 
     /// The broadcast kernel's lanes sum two channels where there are two (the channel
