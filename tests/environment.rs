@@ -1,4 +1,4 @@
-//! The variables that pick a backend and adapter and the kernel tuning: a value not
+//! The variables that pick a backend and adapter and the kernel tuning (its mode, cache and budget): a value not
 //! understood is an error that lists the accepted ones. One test in its own binary, since it changes the environment.
 
 use wgcnn::tuning::{KernelFamily, Tuning};
@@ -85,6 +85,20 @@ fn unknown_or_unbuilt_backends_and_preferences_are_errors() {
             "{value}"
         );
         unsafe { std::env::remove_var("WGCNN_TUNING_CACHE") };
+    }
+    for bad in ["-1", "soon", "NaN", "1e400"] {
+        let err = with_var("WGCNN_TUNING_BUDGET", bad);
+        assert!(
+            err.contains(&format!("unknown budget {bad:?}; accepted: seconds")),
+            "{err}"
+        );
+    }
+    for (value, seconds) in [("0", 0.0), (" 2.5 ", 2.5), ("600", 600.0)] {
+        // SAFETY: as above.
+        unsafe { std::env::set_var("WGCNN_TUNING_BUDGET", value) };
+        let budget = GpuOptions::from_env().unwrap().tuning_budget;
+        assert_eq!(budget.as_secs_f64(), seconds, "{value}");
+        unsafe { std::env::remove_var("WGCNN_TUNING_BUDGET") };
     }
     for fine in [
         ("WGPU_BACKEND", "Vulkan"),

@@ -36,8 +36,8 @@ pub struct GpuOptions {
     /// Delete it to measure again.
     pub tuning_cache: Option<std::path::PathBuf>,
     /// Time a context may spend measuring (trials and the candidates' compilation; 1 s by
-    /// default, checked between shapes); shapes met after that take the fixed order, and
-    /// the next run measures them. [`Gpu::tuning_report`] says what was spent.
+    /// default, checked between shapes; `WGCNN_TUNING_BUDGET`, in seconds); shapes met after
+    /// that take the fixed order, and the next run measures them. [`Gpu::tuning_report`] says what was spent.
     pub tuning_budget: std::time::Duration,
     /// Compile the crate's kernels with wgpu's runtime checks (index clamping, loop
     /// bounding: `WGCNN_RUNTIME_CHECKS`, `on` or `off`). Off by default: every kernel guards
@@ -87,7 +87,8 @@ impl Default for GpuOptions {
 
 impl GpuOptions {
     /// Defaults, overridden by `WGPU_BACKEND`, `WGPU_ADAPTER_NAME`, `WGPU_POWER_PREF`,
-    /// `WGCNN_TUNING`, `WGCNN_TUNING_CACHE`, `WGCNN_RUNTIME_CHECKS` and `WGCNN_KERNELS`.
+    /// `WGCNN_TUNING`, `WGCNN_TUNING_CACHE`, `WGCNN_TUNING_BUDGET`, `WGCNN_RUNTIME_CHECKS`
+    /// and `WGCNN_KERNELS`.
     /// A value not understood is an error listing the accepted ones (wgpu itself would
     /// ignore it and search no backend, or keep the default preference).
     pub fn from_env() -> Result<Self> {
@@ -111,6 +112,10 @@ impl GpuOptions {
                 Some(path) if path.trim().eq_ignore_ascii_case("none") => None,
                 Some(path) => Some(path.into()),
                 None => default.tuning_cache.clone(),
+            },
+            tuning_budget: match var("WGCNN_TUNING_BUDGET") {
+                Some(value) => parse_tuning_budget(&value)?,
+                None => default.tuning_budget,
             },
             runtime_checks: match var("WGCNN_RUNTIME_CHECKS") {
                 Some(value) => parse_runtime_checks(&value)?,
@@ -174,6 +179,23 @@ fn parse_tuning(value: &str) -> Result<Tuning> {
             ),
         }),
     }
+}
+
+/// `WGCNN_TUNING_BUDGET`'s value: seconds, a finite number of them, 0 or more.
+fn parse_tuning_budget(value: &str) -> Result<std::time::Duration> {
+    value
+        .trim()
+        .parse::<f64>()
+        .ok()
+        .and_then(|seconds| std::time::Duration::try_from_secs_f64(seconds).ok())
+        .ok_or_else(|| Error::InvalidArgument {
+            op: "WGCNN_TUNING_BUDGET",
+            detail: format!(
+                "unknown budget {value:?}; accepted: seconds the tuner may spend measuring per \
+                 context, 0 or more (1 by default; 0 measures nothing new, a large value \
+                 measures every shape on first use)"
+            ),
+        })
 }
 
 /// `WGCNN_RUNTIME_CHECKS`'s value.
