@@ -1256,3 +1256,89 @@ fn depthwise_row_kernels_match_the_cpu() {
         matches_the_cpu(gpu, spec, (&x, &weight, &bias), seed, &format!("case {i}"));
     }
 }
+
+/// A layer without a bias gets no bias gradient, and the same weight and input gradients as
+/// with one, whichever family runs its backward pass, with and without an activation to go
+/// through (the direct weight gradient sums the bias in the same pass; the others skip the sum
+/// over `dy`); on the GPU and on the CPU path, against each other.
+#[test]
+fn backward_without_a_bias_has_no_bias_gradient() {
+    use wgcnn::value::Value as V;
+    if gpu().is_none() {
+        return;
+    }
+    let (xs, ws) = ([2, 5, 9, 7], [6, 5, 3, 3]);
+    let (x, w, b, dy) = (
+        random(&xs, 61),
+        random(&ws, 62),
+        random(&ws[..1], 63),
+        random(&[2, 6, 9, 7], 64),
+    );
+    let families = [
+        ConvKernel::Direct,
+        ConvKernel::Winograd,
+        ConvKernel::Im2colMatmul,
+        ConvKernel::ImplicitGemm,
+    ];
+    for kernel in families {
+        for activation in [Activation::None, Activation::Relu] {
+            let spec = Conv2d {
+                padding: Padding::Explicit(1, 1),
+                activation,
+                kernel: Some(kernel),
+                ..Conv2d::default()
+            };
+            let what = format!("{kernel:?} through {activation:?}");
+            let (gx, gw) = (V::Gpu(upload(&x)), V::Gpu(upload(&w)));
+            let y = gx.conv2d(&spec, &gw, Some(&V::Gpu(upload(&b)))).unwrap();
+            let y = y.to_array().unwrap();
+            let (gy, gdy) = (V::Gpu(upload(&y)), V::Gpu(upload(&dy)));
+            let (cx, cw, cy, cdy) = (
+                V::Cpu(x.clone()),
+                V::Cpu(w.clone()),
+                V::Cpu(y.clone()),
+                V::Cpu(dy.clone()),
+            );
+            let cpu = cx
+                .conv2d_backward(&spec, &cw, &cy, &cdy, true, true)
+                .unwrap();
+            let expected_bias = cpu
+                .2
+                .expect("a bias gradient was asked for")
+                .to_array()
+                .unwrap();
+            let (expected_x, expected_w) = (
+                cpu.0.unwrap().to_array().unwrap(),
+                cpu.1.to_array().unwrap(),
+            );
+            let cpu_without = cx
+                .conv2d_backward(&spec, &cw, &cy, &cdy, true, false)
+                .unwrap();
+            assert!(cpu_without.2.is_none(), "CPU {what}");
+            for bias_grad in [true, false] {
+                let (dx, dw, db) = gx
+                    .conv2d_backward(&spec, &gw, &gy, &gdy, true, bias_grad)
+                    .unwrap();
+                let tolerance =
+                    2e-4 * (1.0 + expected_w.iter().fold(0.0f32, |m, v| m.max(v.abs())));
+                let (dx, dw) = (dx.unwrap().to_array().unwrap(), dw.to_array().unwrap());
+                assert!(
+                    max_abs_diff(&dw, &expected_w) < tolerance,
+                    "{what} dW, bias {bias_grad}"
+                );
+                assert!(
+                    max_abs_diff(&dx, &expected_x) < tolerance,
+                    "{what} dx, bias {bias_grad}"
+                );
+                match db {
+                    Some(db) => {
+                        assert!(bias_grad, "{what}: a bias gradient nobody asked for");
+                        let db = db.to_array().unwrap();
+                        assert!(max_abs_diff(&db, &expected_bias) < tolerance, "{what} db");
+                    }
+                    None => assert!(!bias_grad, "{what}: no bias gradient"),
+                }
+            }
+        }
+    }
+}

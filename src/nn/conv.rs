@@ -236,16 +236,19 @@ impl Layer for Conv2d {
             activation: args.activation_to_take(self.spec.activation),
             ..self.spec
         };
+        // State is the weight, then the bias if the layer has one.
+        let has_bias = args.state.len() > 1;
         let (dx, dweight, dbias) = args.inputs[0].conv2d_backward(
             &spec,
             &args.state[0],
             args.y,
             args.dy,
             args.needs.inputs,
+            has_bias,
         )?;
         Ok(Backward {
             inputs: vec![dx.filter(|_| args.needs.inputs)],
-            state: [Some(dweight), Some(dbias)]
+            state: [Some(dweight), dbias]
                 .into_iter()
                 .take(args.state.len())
                 .collect(),

@@ -21,7 +21,7 @@ use super::activation::through_activation_cpu;
 use super::conv_direct;
 use super::conv_grouped;
 use super::conv_implicit;
-use super::conv_plan::{BackwardKernels, ConvKernel};
+use super::conv_plan::{BackwardKernels, ConvKernel, GradientsNeeded};
 use super::conv_weight_grad::{self, Gate, WeightAndBias};
 use super::conv_winograd;
 use super::matmul::{BiasAxis, KernelChoice, Matmul};
@@ -547,8 +547,9 @@ impl Conv2d {
         weight: &Tensor,
         dy: &Tensor,
     ) -> Result<Conv2dGrads<Tensor>> {
-        let (dx, weight, bias) = self.gradients(x, weight, dy, None, true)?;
+        let (dx, weight, bias) = self.gradients(x, weight, dy, None, true, true)?;
         let x = dx.ok_or_else(|| invalid("the input gradient was not computed".into()))?;
+        let bias = bias.ok_or_else(|| invalid("the bias gradient was not computed".into()))?;
         Ok(Conv2dGrads { x, weight, bias })
     }
 
@@ -560,15 +561,17 @@ impl Conv2d {
         weight: &Tensor,
         dy: &Tensor,
     ) -> Result<(Tensor, Tensor)> {
-        let (_, weight, bias) = self.gradients(x, weight, dy, None, false)?;
+        let (_, weight, bias) = self.gradients(x, weight, dy, None, false, true)?;
+        let bias = bias.ok_or_else(|| invalid("the bias gradient was not computed".into()))?;
         Ok((weight, bias))
     }
 
-    /// `(dx if input_grad, dweight, dbias)` from `dy`, through `gate` = (activation, the
-    /// layer's output y) for a layer with an activation fused in (see `nn::Conv2d`). Where
-    /// the direct weight-gradient kernel takes the shape, it applies the activation's
-    /// derivative as it reads `dy` and sums the bias gradient as well: one pass, and `dz` is
-    /// stored only when the input gradient needs it.
+    /// `(dx if input_grad, dweight, dbias if bias_grad)` from `dy`, through `gate` =
+    /// (activation, the layer's output y) for a layer with an activation fused in (see
+    /// `nn::Conv2d`). Where the direct weight-gradient kernel takes the shape, it applies the
+    /// activation's derivative as it reads `dy` and sums the bias gradient as well: one pass,
+    /// and `dz` is stored only when the input gradient needs it. Elsewhere a layer without a
+    /// bias (a ResNet's, batch norm following) skips the sum over `dy`.
     pub(crate) fn gradients(
         &self,
         x: &Tensor,
@@ -576,7 +579,8 @@ impl Conv2d {
         dy: &Tensor,
         gate: Option<(Activation, &Tensor)>,
         input_grad: bool,
-    ) -> Result<(Option<Tensor>, Tensor, Tensor)> {
+        bias_grad: bool,
+    ) -> Result<(Option<Tensor>, Tensor, Option<Tensor>)> {
         let gpu = x.gpu().clone();
         for t in [weight, dy] {
             t.check_same_gpu(OP, &gpu)?;
@@ -595,8 +599,12 @@ impl Conv2d {
             }
         }
         let activation = gate.map(|(activation, _)| activation);
-        let kernels = self.backward_kernels(&gpu, &shape, input_grad, activation)?;
-        self.gradients_with(kernels, (&shape, x, weight, dy), gate, input_grad)
+        let needs = GradientsNeeded {
+            input: input_grad,
+            bias: bias_grad,
+        };
+        let kernels = self.backward_kernels(&gpu, &shape, needs, activation)?;
+        self.gradients_with(kernels, (&shape, x, weight, dy), gate, needs)
     }
 
     /// The backward pass of checked shapes through `kernels`.
@@ -605,8 +613,9 @@ impl Conv2d {
         kernels: BackwardKernels,
         (shape, x, weight, dy): (&Conv2dShape, &Tensor, &Tensor, &Tensor),
         gate: Option<(Activation, &Tensor)>,
-        input_grad: bool,
-    ) -> Result<(Option<Tensor>, Tensor, Tensor)> {
+        needs: GradientsNeeded,
+    ) -> Result<(Option<Tensor>, Tensor, Option<Tensor>)> {
+        let input_grad = needs.input;
         let (gpu, shape) = (x.gpu().clone(), *shape);
         let dims = (shape.n, shape.o, shape.positions());
         let plan = kernels;
@@ -636,19 +645,20 @@ impl Conv2d {
             let dz = dz.as_ref().unwrap_or(dy);
             let (dx, _) =
                 self.input_and_weight_gradients(x, weight, dz, (&shape, plan), input_grad, false)?;
-            return Ok((dx, dweight, dbias));
+            return Ok((dx, dweight, needs.bias.then_some(dbias)));
         }
         // Elsewhere the activation's backward pass comes first, fused with the bias sum.
         let (dz, dbias) = match gate {
             Some((activation, y)) => {
                 let (dz, dbias) = activation_backward_and_sum(activation, y, dy, dims)?;
-                (Some(dz), dbias)
+                (Some(dz), needs.bias.then_some(dbias))
             }
-            None => {
+            None if needs.bias => {
                 let dbias = Tensor::uninit(&gpu, &[shape.o])?;
                 sum_axes(&gpu, dy, dims, &dbias, 1.0, false)?;
-                (None, dbias)
+                (None, Some(dbias))
             }
+            None => (None, None),
         };
         let dz = dz.as_ref().unwrap_or(dy);
         if matches!(
@@ -1102,9 +1112,9 @@ impl Value {
         }
     }
 
-    /// `(dx if input_grad, dweight, dbias)` of `y = act(conv(x, weight) + bias)` (this
-    /// value is `x`, `act` is `spec.activation`) from `dy = ∂L/∂y` and the output `y`. On
-    /// the GPU the activation's derivative is applied as the weight-gradient kernel reads
+    /// `(dx if input_grad, dweight, dbias if bias_grad)` of `y = act(conv(x, weight) + bias)`
+    /// (this value is `x`, `act` is `spec.activation`) from `dy = ∂L/∂y` and the output `y`.
+    /// On the GPU the activation's derivative is applied as the weight-gradient kernel reads
     /// `dy` where that kernel takes the shape.
     pub fn conv2d_backward(
         &self,
@@ -1113,7 +1123,8 @@ impl Value {
         y: &Value,
         dy: &Value,
         input_grad: bool,
-    ) -> Result<(Option<Value>, Value, Value)> {
+        bias_grad: bool,
+    ) -> Result<(Option<Value>, Value, Option<Value>)> {
         let linear = Conv2d {
             activation: Activation::None,
             ..*spec
@@ -1122,14 +1133,15 @@ impl Value {
             Value::Gpu(x) => {
                 let gate = Some((spec.activation, y.gpu()?));
                 let (dx, dweight, dbias) =
-                    linear.gradients(x, weight.gpu()?, dy.gpu()?, gate, input_grad)?;
-                (dx.map(Value::from), dweight.into(), dbias.into())
+                    linear.gradients(x, weight.gpu()?, dy.gpu()?, gate, input_grad, bias_grad)?;
+                (dx.map(Value::from), dweight.into(), dbias.map(Value::from))
             }
             Value::Cpu(x) => {
                 let dz =
                     through_activation_cpu(spec.activation, &y.cpu()?.view(), &dy.cpu()?.view())?;
                 let g = conv2d_backward_cpu(&linear, &x.view(), &weight.cpu()?.view(), &dz.view())?;
-                (Some(g.x.into()), g.weight.into(), g.bias.into())
+                let dbias = bias_grad.then(|| g.bias.into());
+                (Some(g.x.into()), g.weight.into(), dbias)
             }
         })
     }

@@ -156,6 +156,15 @@ impl ConvPlan {
     }
 }
 
+/// Which gradients a backward pass computes besides the weights'.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct GradientsNeeded {
+    /// `dx`: not for a network's first layer.
+    pub(crate) input: bool,
+    /// `dbias`: not for a layer without a bias.
+    pub(crate) bias: bool,
+}
+
 /// The kernels of one backward pass, chosen together: the matmul paths share their chunks
 /// between `dx` and `dW`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -215,7 +224,11 @@ impl Conv2d {
     /// [`crate::gpu::Tuning`]); forward and backward follow the same choices.
     pub fn plan(&self, gpu: &Gpu, shape: &Conv2dShape) -> Result<ConvPlan> {
         let forward = self.forward_kernel(gpu, shape)?;
-        let backward = self.backward_kernels(gpu, shape, true, None)?;
+        let needs = GradientsNeeded {
+            input: true,
+            bias: true,
+        };
+        let backward = self.backward_kernels(gpu, shape, needs, None)?;
         Ok(ConvPlan {
             forward,
             input_grad: backward.input_grad,
@@ -244,15 +257,17 @@ impl Conv2d {
         Ok(candidates[chosen])
     }
 
-    /// The backward pass's kernels, for a layer whose input needs a gradient or not, and
-    /// whose fused activation (`gate`) the backward pass takes `dy` through.
+    /// The backward pass's kernels, for the gradients `needs` (a layer whose input needs a
+    /// gradient or not, with a bias or not), and whose fused activation (`gate`) the
+    /// backward pass takes `dy` through.
     pub(crate) fn backward_kernels(
         &self,
         gpu: &Gpu,
         shape: &Conv2dShape,
-        input_grad: bool,
+        needs: GradientsNeeded,
         gate: Option<Activation>,
     ) -> Result<BackwardKernels> {
+        let input_grad = needs.input;
         let candidates = self.backward_candidates(gpu, shape, input_grad);
         if let Some(forced) = self.kernel {
             let score = |k: &BackwardKernels| {
@@ -274,6 +289,9 @@ impl Conv2d {
         if input_grad {
             key.push_str(" dx");
         }
+        if !needs.bias {
+            key.push_str(" no bias");
+        }
         if let Some(activation) = gate {
             key.push_str(&format!(" through {activation:?}"));
         }
@@ -285,7 +303,7 @@ impl Conv2d {
             let gate = gate.map(|activation| (activation, &t.y));
             let (x, w, dy) = (&t.x, &t.weight, &t.dy);
             plain
-                .gradients_with(candidates[i], (&trial, x, w, dy), gate, input_grad)
+                .gradients_with(candidates[i], (&trial, x, w, dy), gate, needs)
                 .map(drop)
         })?;
         Ok(candidates[chosen])
