@@ -26,6 +26,9 @@ def key(op, shape):
 
 
 def fmt(v):
+    """Three significant digits; empty for a column not measured (`perf --no-cpu`)."""
+    if v is None:
+        return ""
     return f"{v:.3g}" if v < 100 else f"{v:.0f}"
 
 
