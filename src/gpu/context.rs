@@ -37,7 +37,8 @@ pub struct GpuOptions {
     pub tuning_cache: Option<std::path::PathBuf>,
     /// Time a context may spend measuring (trials and the candidates' compilation; 1 s by
     /// default, checked between shapes; `WGCNN_TUNING_BUDGET`, in seconds); shapes met after
-    /// that take the fixed order, and the next run measures them. [`Gpu::tuning_report`] says what was spent.
+    /// that take the fixed order, and the next run measures them. [`Gpu::tuning_report`]
+    /// says what was spent.
     pub tuning_budget: std::time::Duration,
     /// Compile the crate's kernels with wgpu's runtime checks (index clamping, loop
     /// bounding: `WGCNN_RUNTIME_CHECKS`, `on` or `off`). Off by default: every kernel guards
