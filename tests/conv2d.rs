@@ -1195,12 +1195,13 @@ fn implicit_gemm_convolutions_match_the_cpu() {
     }
 }
 
-/// Depthwise layers run row blocks: four outputs per invocation read as three aligned vec4s
-/// per row (stride 1, rows of whole vec4s, filters up to 5 wide) or as scalars (any other
-/// shape), dx at stride 1 through the same kernels with the taps rotated, dW one workgroup
-/// per channel (in passes over the batch). Every variant against the CPU with poisoned
-/// outputs: widths that are and are not multiples of 4, strides 1 and 2, dilation, 3×3 to
-/// 7×7, asymmetric and no padding, a fused activation.
+/// Depthwise layers run row blocks: four or eight outputs along each of two rows per
+/// invocation (one row where dilated, or strided past the filter), read as aligned vec4s
+/// (stride 1, rows of whole vec4s, filters up to 5 wide) or as scalars (any other shape), dx
+/// at stride 1 through the same kernels with the taps rotated, dW one workgroup per channel
+/// (in passes over the batch). Every variant against the CPU with poisoned outputs: widths
+/// that are and are not multiples of 4, odd and even output heights, strides 1 to 4,
+/// dilation, 3×3 to 7×7, asymmetric and no padding, a fused activation.
 #[test]
 fn depthwise_row_kernels_match_the_cpu() {
     let Some(gpu) = gpu() else {
@@ -1237,6 +1238,10 @@ fn depthwise_row_kernels_match_the_cpu() {
         // apart, and strided): each tap loads its own.
         (1, 3, 40, 45, 5, 1, 8, Padding::Explicit(16, 16)),
         (1, 2, 21, 37, 5, 3, 3, Padding::Explicit(2, 2)),
+        // Two rows a block at stride 2 with an odd output height; one at a stride past the
+        // filter.
+        (2, 3, 13, 15, 5, 2, 1, Padding::Explicit(2, 2)),
+        (1, 2, 17, 20, 3, 4, 1, Padding::Explicit(1, 1)),
     ];
     for (i, (n, c, h, w, k, stride, dilation, padding)) in cases.into_iter().enumerate() {
         let spec = Conv2d {
