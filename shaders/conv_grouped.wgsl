@@ -286,12 +286,66 @@ fn depthwise_rows(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wo
     }
 }
 
+// A depthwise input gradient at a stride that divides DEPTHWISE_BLOCK (2, 4 or 8): one
+// invocation per DEPTHWISE_BLOCK inputs along a row of dx, each dy row they meet loaded
+// once as the DX_SEGMENT values under the block. Input ix0 + j meets tap kx where
+// e = PAD_LEFT + j − kx·DW is a multiple of SW, at output ix0 / SW + e / SW; with ix0 a
+// multiple of SW both tests fold to constants once the loops unroll. DX_SHIFT (a multiple
+// of SW at least the filter's reach) keeps e in unsigned arithmetic.
+override DX_SHIFT: u32 = ((KW - 1u) * DW + SW - 1u) / SW * SW;
+override DX_FIRST: u32 = (PAD_LEFT + DX_SHIFT - (KW - 1u) * DW + SW - 1u) / SW;
+override DX_SEGMENT: u32 = (PAD_LEFT + DX_SHIFT + DEPTHWISE_BLOCK - 1u) / SW - DX_FIRST + 1u;
+const DX_SEGMENT_MAX: u32 = 16u;
+
+// src = dy [N][C][OH][OW], dst = dx [N][C][H][W], invocations over [N][C][H][blocks].
+@compute @workgroup_size(WORKGROUP_SMALL)
+fn depthwise_rows_dx(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let index = small_invocation_index(gid, nwg);
+    if index >= p.total { return; }
+    let blocks = (W + DEPTHWISE_BLOCK - 1u) / DEPTHWISE_BLOCK;
+    let ix0 = (index % blocks) * DEPTHWISE_BLOCK;
+    let iy = (index / blocks) % H;
+    let plane = index / (blocks * H);
+    let c = plane % C;
+    var sums = array<vec4<f32>, 2>(vec4<f32>(0.0), vec4<f32>(0.0));
+    for (var ky = 0u; ky < KH; ky++) {
+        let t = i32(iy + PAD_TOP) - i32(ky * DH);
+        if t < 0 || t % i32(SH) != 0 || u32(t) / SH >= OH { continue; }
+        let row = (plane * OH + u32(t) / SH) * OW;
+        // Outputs ix0 / SW + DX_FIRST + k − DX_SHIFT / SW, zero past either end.
+        var segment: array<f32, DX_SEGMENT_MAX>;
+        for (var k = 0u; k < DX_SEGMENT; k++) {
+            let ox = i32(ix0 / SW + DX_FIRST + k) - i32(DX_SHIFT / SW);
+            var value = 0.0;
+            if ox >= 0 && ox < i32(OW) { value = src[row + u32(ox)]; }
+            segment[k] = value;
+        }
+        for (var kx = 0u; kx < KW; kx++) {
+            let w = weight[(c * KH + ky) * KW + kx];
+            for (var j = 0u; j < DEPTHWISE_BLOCK; j++) {
+                let e = PAD_LEFT + j + DX_SHIFT - kx * DW;
+                if e % SW == 0u {
+                    sums[j / 4u][j % 4u] += segment[e / SW - DX_FIRST] * w;
+                }
+            }
+        }
+    }
+    let out = (plane * H + iy) * W + ix0;
+    for (var j = 0u; j < DEPTHWISE_BLOCK; j++) {
+        if ix0 + j < W {
+            dst[out + j] = sums[j / 4u][j % 4u];
+        }
+    }
+}
+
 // Depthwise: room for a filter of up to 7×7 taps.
 const DEPTHWISE_MAX_TAPS: u32 = 49u;
 
 // src = x, weight = dy (bound in the weight slot), dst = dW [C][1][KH][KW]: one workgroup
-// per channel; each lane walks its share of the N·OH·OW outputs once, reading dy once and
-// adding into every tap's sum, then the taps are added up across the lanes one by one.
+// per channel; each lane walks its share of the N·OH·(OW / DEPTHWISE_BLOCK) blocks of outputs
+// along a row, reading the block's dy once and each kernel row's SEGMENT of inputs once
+// (where it is at most SEGMENT_MAX wide, else per tap) for all its taps, then the taps are
+// added up across the lanes.
 @compute @workgroup_size(WORKGROUP_SMALL)
 fn depthwise_weight_grad(
     @builtin(workgroup_id) wid: vec3<u32>,
@@ -300,22 +354,41 @@ fn depthwise_weight_grad(
 ) {
     let c = wid.x + wid.y * nwg.x;
     let valid = c < C;
-    let positions = OH * OW;
+    let blocks = (OW + DEPTHWISE_BLOCK - 1u) / DEPTHWISE_BLOCK;
+    let per_image = OH * blocks;
     var sums: array<f32, DEPTHWISE_MAX_TAPS>;
     if valid {
-        for (var t = lane; t < p.n * positions; t += WORKGROUP_SMALL) {
-            let n = p.first_image + t / positions;
-            let oy = (t % positions) / OW;
-            let ox = t % OW;
-            let g = weight[((n * C + c) * OH + oy) * OW + ox];
+        for (var t = lane; t < p.n * per_image; t += WORKGROUP_SMALL) {
+            let n = p.first_image + t / per_image;
+            let oy = (t % per_image) / blocks;
+            let ox = (t % blocks) * DEPTHWISE_BLOCK;
+            let dy_row = ((n * C + c) * OH + oy) * OW + ox;
+            // The block's dy, zero past the row's end.
+            var g: array<f32, DEPTHWISE_BLOCK>;
+            for (var j = 0u; j < DEPTHWISE_BLOCK; j++) {
+                if ox + j < OW { g[j] = weight[dy_row + j]; }
+            }
             let plane = (n * C + c) * H;
+            let left = i32(ox * SW) - i32(PAD_LEFT);
             for (var ky = 0u; ky < KH; ky++) {
                 let iy = i32(oy * SH + ky * DH) - i32(PAD_TOP);
                 if iy < 0 || iy >= i32(H) { continue; }
                 let row = (plane + u32(iy)) * W;
+                if SEGMENT <= SEGMENT_MAX {
+                    var segment: array<f32, SEGMENT_MAX>;
+                    for (var k = 0u; k < SEGMENT; k++) { segment[k] = row_value(row, left + i32(k)); }
+                    for (var kx = 0u; kx < KW; kx++) {
+                        for (var j = 0u; j < DEPTHWISE_BLOCK; j++) {
+                            sums[ky * KW + kx] += g[j] * segment[j * SW + kx * DW];
+                        }
+                    }
+                    continue;
+                }
                 for (var kx = 0u; kx < KW; kx++) {
-                    let ix = i32(ox * SW + kx * DW) - i32(PAD_LEFT);
-                    sums[ky * KW + kx] += g * row_value(row, ix);
+                    for (var j = 0u; j < DEPTHWISE_BLOCK; j++) {
+                        let ix = left + i32(j * SW + kx * DW);
+                        sums[ky * KW + kx] += g[j] * row_value(row, ix);
+                    }
                 }
             }
         }
@@ -323,31 +396,26 @@ fn depthwise_weight_grad(
     store_tap_sums(sums, lane, c, valid);
 }
 
-// Every lane's sum of every tap, [tap][lane], for one tree over all the taps at once.
+// Every lane's sum of every tap, [tap][lane], for the column sums of `store_tap_sums`.
 var<workgroup> tap_partials: array<f32, DEPTHWISE_MAX_TAPS * WORKGROUP_SMALL>;
 
-// dst[c][tap] (+)= Σ over the workgroup's lanes of their `sums`: all taps in one tree, so
-// seven barriers whatever the filter (a tree per tap took 8 each: on lavapipe, where a barrier
-// is costly, 5.3 ms for the weight gradient of N1 C480 14² 3×3 against 0.3 for its forward).
+// dst[c][tap] (+)= Σ over the workgroup's lanes of their `sums`: every lane's sums go to
+// workgroup memory, then one lane per tap adds up its column (one barrier in all; a tree per
+// tap took eight, and on lavapipe either tree cost N1 C672 14² 5×5 10 of its 17 ms).
 fn store_tap_sums(sums: array<f32, DEPTHWISE_MAX_TAPS>, lane: u32, c: u32, valid: bool) {
     for (var k = 0u; k < KH * KW; k++) {
         tap_partials[k * WORKGROUP_SMALL + lane] = sums[k];
     }
     workgroupBarrier();
-    for (var half = WORKGROUP_SMALL / 2u; half > 0u; half >>= 1u) {
-        if lane < half {
-            for (var k = 0u; k < KH * KW; k++) {
-                let at = k * WORKGROUP_SMALL + lane;
-                tap_partials[at] += tap_partials[at + half];
-            }
-        }
-        workgroupBarrier();
-    }
     // A lane per tap (the filter has at most 49, the workgroup 64 lanes).
     if valid && lane < KH * KW {
+        var total = 0.0;
+        for (var l = 0u; l < WORKGROUP_SMALL; l++) {
+            total += tap_partials[lane * WORKGROUP_SMALL + l];
+        }
         let i = c * KH * KW + lane;
         // Later passes add to the earlier ones' sums.
-        dst[i] = tap_partials[lane * WORKGROUP_SMALL] + select(0.0, dst[i], p.first_image > 0u);
+        dst[i] = total + select(0.0, dst[i], p.first_image > 0u);
     }
 }
 

@@ -914,8 +914,9 @@ fn pointwise_convolutions_skip_im2col() {
 }
 
 /// A depthwise weight gradient over more products than one pass's lanes may walk (300
-/// images of 64×64: 1.2 million per weight) runs in passes over runs of images, each adding
-/// to the last, and matches the CPU.
+/// images of 64×64: 1.2 million per weight; of 30×30, rows that are not whole vec4s, for the
+/// scalar kernel) runs in passes over runs of images, each adding to the last, and matches
+/// the CPU.
 #[test]
 fn grouped_weight_gradients_of_long_batches_run_in_passes() {
     let Some(gpu) = gpu() else { return };
@@ -924,20 +925,29 @@ fn grouped_weight_gradients_of_long_batches_run_in_passes() {
         groups: 2,
         ..Conv2d::default()
     };
-    let (x, w) = (random(&[300, 2, 64, 64], 41), random(&[2, 1, 3, 3], 42));
-    let shape = spec.shape(x.shape(), w.shape(), None).unwrap();
-    assert_eq!(
-        spec.plan(gpu, &shape).unwrap().weight_grad,
-        ConvKernel::GroupedDirect
-    );
-    let dy = random(&shape.output(), 43);
-    let cpu = wgcnn::cpu::conv2d_backward(&spec, &x.view(), &w.view(), &dy.view()).unwrap();
-    let g = spec
-        .backward(&upload(&x), &upload(&w), &upload(&dy))
-        .unwrap();
-    let scale = cpu.weight.iter().fold(1.0f32, |m, v| m.max(v.abs()));
-    let diff = max_abs_diff(&g.weight.to_array().unwrap(), &cpu.weight);
-    assert!(diff < 1e-4 * scale, "dW off by {diff} (scale {scale})");
+    for (i, side) in [64, 30].into_iter().enumerate() {
+        let seed = 41 + 10 * i as u64;
+        let (x, w) = (
+            random(&[300, 2, side, side], seed),
+            random(&[2, 1, 3, 3], seed + 1),
+        );
+        let shape = spec.shape(x.shape(), w.shape(), None).unwrap();
+        assert_eq!(
+            spec.plan(gpu, &shape).unwrap().weight_grad,
+            ConvKernel::GroupedDirect
+        );
+        let dy = random(&shape.output(), seed + 2);
+        let cpu = wgcnn::cpu::conv2d_backward(&spec, &x.view(), &w.view(), &dy.view()).unwrap();
+        let g = spec
+            .backward(&upload(&x), &upload(&w), &upload(&dy))
+            .unwrap();
+        let scale = cpu.weight.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+        let diff = max_abs_diff(&g.weight.to_array().unwrap(), &cpu.weight);
+        assert!(
+            diff < 1e-4 * scale,
+            "{side}²: dW off by {diff} (scale {scale})"
+        );
+    }
 }
 
 /// Convolutions whose kernels would loop past the loop bound: a 2×69,998 kernel (its forward

@@ -35,6 +35,12 @@ fn depthwise(shape: &Conv2dShape) -> bool {
     shape.groups == shape.c && shape.o == shape.c
 }
 
+/// Whether a depthwise layer's weight gradient fits the row kernels' per-lane taps (filters
+/// up to 7×7): its backward pass then defaults to them whatever the filter's size.
+pub(crate) fn depthwise_rows_fit(shape: &Conv2dShape) -> bool {
+    depthwise(shape) && shape.taps() <= DEPTHWISE_MAX_TAPS
+}
+
 /// The kernel's `override` constants: the layer's shape, stride, padding, dilation and
 /// epilogue, and whether `depthwise_rows` reads the taps rotated.
 fn constants(
@@ -101,6 +107,25 @@ fn out_rows(spec: &Conv2d, shape: &Conv2dShape) -> usize {
     }
 }
 
+/// Inputs along a row per invocation of the depthwise row kernels (`DEPTHWISE_BLOCK`).
+const DEPTHWISE_BLOCK: usize = 8;
+
+/// Whether `depthwise_rows_dx` takes a depthwise layer's input gradient: a stride that
+/// divides the block (so which taps meet which input is the same in every block) and the dy
+/// values under a block (`DX_SEGMENT`) at most the 16 its registers hold. At stride 2 it
+/// replaces `backward_data`'s gather per input pixel (N1 C96 112² 3×3: 7.2 → 1.9 ms).
+fn dx_rows(spec: &Conv2d, shape: &Conv2dShape) -> bool {
+    let (stride, dilation) = (spec.stride.1, spec.dilation.1);
+    if !DEPTHWISE_BLOCK.is_multiple_of(stride) {
+        return false;
+    }
+    let reach = (shape.kw - 1) * dilation;
+    let shift = reach.div_ceil(stride) * stride;
+    let first = (shape.pad_left + shift - reach).div_ceil(stride);
+    let segment = (shape.pad_left + shift + DEPTHWISE_BLOCK - 1) / stride + 1 - first;
+    segment <= 16
+}
+
 /// Whether a depthwise layer's rows are whole vec4s whose three aligned loads around a
 /// block of four outputs cover every tap (`depthwise_rows4`, `depthwise_weight_grad4`).
 fn quads(spec: &Conv2d, shape: &Conv2dShape) -> bool {
@@ -127,7 +152,7 @@ fn depthwise_rows(
         let slots = ((5, src.binding_vec4()), (6, dst.binding_vec4()));
         ("depthwise_rows4", slots.0, slots.1, blocks)
     } else {
-        let blocks = shape.ow.div_ceil(8) * shape.oh.div_ceil(out_rows(spec, shape));
+        let blocks = shape.ow.div_ceil(DEPTHWISE_BLOCK) * shape.oh.div_ceil(out_rows(spec, shape));
         (
             "depthwise_rows",
             (1, src.binding()),
@@ -251,6 +276,16 @@ pub(crate) fn backward_data(
         && spec.dilation == (1, 1)
         && shape.pad_top < shape.kh
         && shape.pad_left < shape.kw;
+    if depthwise(shape) && !rotated && dx_rows(spec, shape) {
+        let total = shape.n * shape.c * shape.h * shape.w.div_ceil(DEPTHWISE_BLOCK);
+        return run(
+            dy.gpu(),
+            (spec, shape),
+            ("depthwise_rows_dx", false),
+            &[(1, dy.binding()), (2, weight.binding()), (4, dx.binding())],
+            (total, small_workgroups(total as u64)),
+        );
+    }
     if depthwise(shape) && rotated {
         let transposed = Conv2dShape {
             h: shape.oh,
@@ -294,8 +329,9 @@ pub(crate) fn weight_grad(
     let positions = shape.positions();
     let budget = terms_per_pass(WORKGROUP_SMALL);
     // Depthwise: one workgroup per channel summing every tap. Each lane term's inner loops:
-    // a scalar output's taps, KH·(KW + 1) + 1 iterations; a block of OUT_ROWS rows, its dy
-    // rows and then every input row it meets, each taking every output row's taps.
+    // a block of DEPTHWISE_BLOCK outputs, its dy and then each kernel row's inputs and taps;
+    // a vec4 block of OUT_ROWS rows, its dy rows and then every input row it meets, each
+    // taking every output row's taps.
     let taps = shape.kh * shape.kw;
     let (entry, lane_terms, per_term, slots) = if quads(spec, shape) {
         let slots = [(5, x.binding_vec4()), (7, dy.binding_vec4())];
@@ -305,8 +341,11 @@ pub(crate) fn weight_grad(
         ("depthwise_weight_grad4", lane_terms, per_term, slots)
     } else {
         let slots = [(1, x.binding()), (2, dy.binding())];
-        let per_term = shape.kh * (shape.kw + 1) + 1;
-        ("depthwise_weight_grad", positions, per_term, slots)
+        let lane_terms = shape.ow.div_ceil(DEPTHWISE_BLOCK) * shape.oh;
+        let segment = (DEPTHWISE_BLOCK - 1) * spec.stride.1 + (shape.kw - 1) * spec.dilation.1 + 1;
+        let per_term =
+            DEPTHWISE_BLOCK + shape.kh * (1 + segment + shape.kw * (DEPTHWISE_BLOCK + 1)) + 1;
+        ("depthwise_weight_grad", lane_terms, per_term, slots)
     };
     let depthwise_pass = budget / (lane_terms * per_term);
     if depthwise(shape) && taps <= DEPTHWISE_MAX_TAPS && depthwise_pass > 0 {

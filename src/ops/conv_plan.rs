@@ -14,7 +14,7 @@ use std::time::Instant;
 use super::Activation;
 use super::conv_direct::LEADING_FILTERS;
 use super::conv2d::{Conv2d, Conv2dShape, chunk_limit};
-use super::{conv_direct, conv_implicit, conv_weight_grad, conv_winograd};
+use super::{conv_direct, conv_grouped, conv_implicit, conv_weight_grad, conv_winograd};
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::gpu::shared::MAX_LOOP_ITERATIONS;
@@ -24,7 +24,8 @@ use crate::tensor::Tensor;
 /// default to im2col + matmul instead of the direct kernels (both are candidates for the
 /// tuner). Measured on lavapipe (`perf`, ms direct → matmul): N8 64→64 56² 3×3 in two
 /// groups (288 taps) forward 590 → 166; N8 128→128 28² 3×3 in 32 groups (36 taps, ResNeXt)
-/// forward 48.6 → 69.3 but backward 133 → 62; a depthwise layer (9 taps) stays direct.
+/// forward 48.6 → 69.3 but backward 133 → 62; a depthwise layer stays direct up to 7×7
+/// (its row kernels: N8 C672 14² 5×5 forward and backward 187 ms through im2col, 41 direct).
 const GROUPED_MATMUL_TAPS_FORWARD: usize = 64;
 const GROUPED_MATMUL_TAPS_BACKWARD: usize = 16;
 
@@ -360,10 +361,10 @@ impl Conv2d {
                 pair(GroupedDirect, GroupedDirect),
                 pair(Im2colMatmul, Im2colMatmul),
             );
-            return match (
-                !input_grad || gathered <= MAX_LOOP_ITERATIONS,
-                shape.taps() < GROUPED_MATMUL_TAPS_BACKWARD,
-            ) {
+            // Depthwise layers' row kernels take filters up to 7×7 at any size.
+            let short = shape.taps() < GROUPED_MATMUL_TAPS_BACKWARD
+                || conv_grouped::depthwise_rows_fit(shape);
+            return match (!input_grad || gathered <= MAX_LOOP_ITERATIONS, short) {
                 (false, _) => vec![matmul],
                 (true, true) => vec![direct, matmul],
                 (true, false) => vec![matmul, direct],
