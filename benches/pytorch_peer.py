@@ -124,17 +124,25 @@ def rows():
 
             yield op, f"N{n} 3x224x224", infer
 
-    resnet20 = cifar_resnet20().to(DEVICE)
-    opt20 = torch.optim.SGD(resnet20.parameters(), lr=0.05, momentum=0.9)
-    x20 = rand(128, 3, 32, 32)
-    labels20 = torch.tensor([i % 10 for i in range(128)], device=DEVICE)
+    if len(nets) > 1:
+        yield ("train_step_efficientnet_lite0_b8", "N8 3x224x224",
+               sgd_step(nets[1][1].train(), rand(8, 3, 224, 224)))
+    yield ("train_step_resnet20_b128", "N128 3x32x32",
+           sgd_step(cifar_resnet20().to(DEVICE), rand(128, 3, 32, 32)))
 
-    def step20():
-        opt20.zero_grad()
-        F.cross_entropy(resnet20(x20), labels20).backward()
-        opt20.step()
 
-    yield "train_step_resnet20_b128", "N128 3x32x32", step20
+def sgd_step(net, x):
+    """One training step of `net` on the batch `x` (labels i % 10, SGD with momentum), as
+    perf's model rows take it."""
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    labels = torch.tensor([i % 10 for i in range(x.shape[0])], device=DEVICE)
+
+    def step():
+        opt.zero_grad()
+        F.cross_entropy(net(x), labels).backward()
+        opt.step()
+
+    return step
 
 
 def cifar_resnet20():

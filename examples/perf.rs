@@ -442,16 +442,23 @@ fn input_batch_case(gpu: &Gpu, on_device: bool) -> Result<Case<'_>> {
     })
 }
 
-/// ResNet-20 (CIFAR) training steps at batch 128 with SGD and momentum; a step costs
-/// about three forward passes (0.0816 GFLOP per image, counted on PyTorch's model).
-fn resnet20_step_case(gpu: &Gpu) -> Case<'_> {
+/// A model's training step with SGD and momentum, `op` at batch `n` of `shape` images; a
+/// step costs about three forward passes of `flops` per image (counted on PyTorch's models):
+/// ResNet-20 (CIFAR) at 128, and EfficientNet-Lite0 at 8, whose depthwise layers' backward
+/// passes inference never runs.
+fn model_train_case<'a>(
+    gpu: &'a Gpu,
+    (op, model): (&'static str, &'static str),
+    (n, shape): (usize, &str),
+    flops: f64,
+) -> Case<'a> {
     Case {
-        op: "train_step_resnet20_b128",
-        shape: "N128 3x32x32".into(),
+        op,
+        shape: format!("N{n} {shape}"),
         kernel: "graph, 1 submit".into(),
-        flops: 128.0 * 3.0 * 8.16e7,
-        gpu: model_step(Device::Gpu(gpu.clone()), "resnet20", 128, true),
-        cpu: model_step(Device::Cpu, "resnet20", 128, true),
+        flops: n as f64 * 3.0 * flops,
+        gpu: model_step(Device::Gpu(gpu.clone()), model, n, true),
+        cpu: model_step(Device::Cpu, model, n, true),
     }
 }
 
@@ -655,6 +662,9 @@ fn profile_step(gpu: &Gpu, filter: Option<&str>, runs: usize, json: bool) -> Res
         Some(f) if "efficientnet_lite0_inference".contains(f) => {
             model_step(device, "efficientnet_lite0", 1, false)
         }
+        Some(f) if "train_step_efficientnet_lite0_b8".contains(f) => {
+            model_step(device, "efficientnet_lite0", 8, true)
+        }
         _ => lenet_step(device)?,
     };
     step()?; // warm-up: compiles pipelines
@@ -727,7 +737,8 @@ struct Args {
     kernels: Option<Family>,
     /// Instead of the table: where a LeNet training step's device time goes, pass by pass
     /// (each pass submitted and waited for on its own; medians of --runs steps); with
-    /// --filter resnet20, resnet18 or efficientnet, that model's step or inference.
+    /// --filter resnet20, resnet18 or efficientnet, that model's step or inference
+    /// (train_step_efficientnet: EfficientNet-Lite0's training step at batch 8).
     #[arg(long)]
     profile: bool,
     /// Instead of the table: the peak device bytes (buffer pool) and time of ResNet-18/50
@@ -892,7 +903,18 @@ fn main() -> Result<()> {
         cases.push(inference_case(&gpu, "resnet18", n, 3.628e9));
         cases.push(inference_case(&gpu, "efficientnet_lite0", n, 7.70e8));
     }
-    cases.push(resnet20_step_case(&gpu));
+    cases.push(model_train_case(
+        &gpu,
+        ("train_step_resnet20_b128", "resnet20"),
+        (128, "3x32x32"),
+        8.16e7,
+    ));
+    cases.push(model_train_case(
+        &gpu,
+        ("train_step_efficientnet_lite0_b8", "efficientnet_lite0"),
+        (8, "3x224x224"),
+        7.70e8,
+    ));
     for on_device in [false, true] {
         cases.push(input_batch_case(&gpu, on_device)?);
     }

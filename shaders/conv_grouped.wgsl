@@ -352,13 +352,14 @@ fn depthwise_weight_grad(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lane: u32,
 ) {
-    let c = wid.x + wid.y * nwg.x;
+    let first_channel = (wid.x + wid.y * nwg.x) * CHANNELS_PER_GROUP;
+    let c = first_channel + lane / CHANNEL_LANES;
     let valid = c < C;
     let blocks = (OW + DEPTHWISE_BLOCK - 1u) / DEPTHWISE_BLOCK;
     let per_image = OH * blocks;
     var sums: array<f32, DEPTHWISE_MAX_TAPS>;
     if valid {
-        for (var t = lane; t < p.n * per_image; t += WORKGROUP_SMALL) {
+        for (var t = lane % CHANNEL_LANES; t < p.n * per_image; t += CHANNEL_LANES) {
             let n = p.first_image + t / per_image;
             let oy = (t % per_image) / blocks;
             let ox = (t % blocks) * DEPTHWISE_BLOCK;
@@ -393,29 +394,41 @@ fn depthwise_weight_grad(
             }
         }
     }
-    store_tap_sums(sums, lane, c, valid);
+    store_tap_sums(sums, lane, first_channel);
 }
 
 // Every lane's sum of every tap, [tap][lane], for the column sums of `store_tap_sums`.
 var<workgroup> tap_partials: array<f32, DEPTHWISE_MAX_TAPS * WORKGROUP_SMALL>;
 
-// dst[c][tap] (+)= Σ over the workgroup's lanes of their `sums`: every lane's sums go to
-// workgroup memory, then one lane per tap adds up its column (one barrier in all; a tree per
-// tap took eight, and on lavapipe either tree cost N1 C672 14² 5×5 10 of its 17 ms).
-fn store_tap_sums(sums: array<f32, DEPTHWISE_MAX_TAPS>, lane: u32, c: u32, valid: bool) {
+// Lanes per channel in the depthwise weight gradients (a power of two dividing the
+// workgroup): one subgroup on CPU adapters, whose workgroups then serve several channels
+// (see `channel_lanes` in conv_grouped.rs).
+override CHANNEL_LANES: u32 = WORKGROUP_SMALL;
+override CHANNELS_PER_GROUP: u32 = WORKGROUP_SMALL / CHANNEL_LANES;
+
+// dst[c][tap] (+)= Σ over each channel's CHANNEL_LANES lanes of their `sums`, for the
+// workgroup's channels: every lane's sums go to workgroup memory, then one lane per channel
+// and tap adds up its run (one barrier in all; a tree per tap took eight, and on lavapipe
+// either tree cost N1 C672 14² 5×5 10 of its 17 ms).
+fn store_tap_sums(sums: array<f32, DEPTHWISE_MAX_TAPS>, lane: u32, first_channel: u32) {
     for (var k = 0u; k < KH * KW; k++) {
         tap_partials[k * WORKGROUP_SMALL + lane] = sums[k];
     }
     workgroupBarrier();
-    // A lane per tap (the filter has at most 49, the workgroup 64 lanes).
-    if valid && lane < KH * KW {
-        var total = 0.0;
-        for (var l = 0u; l < WORKGROUP_SMALL; l++) {
-            total += tap_partials[lane * WORKGROUP_SMALL + l];
+    for (var q = lane; q < CHANNELS_PER_GROUP * KH * KW; q += WORKGROUP_SMALL) {
+        let slot = q / (KH * KW);
+        let k = q % (KH * KW);
+        let c = first_channel + slot;
+        if c < C {
+            let run = k * WORKGROUP_SMALL + slot * CHANNEL_LANES;
+            var total = 0.0;
+            for (var l = 0u; l < CHANNEL_LANES; l++) {
+                total += tap_partials[run + l];
+            }
+            let i = c * KH * KW + k;
+            // Later passes add to the earlier ones' sums.
+            dst[i] = total + select(0.0, dst[i], p.first_image > 0u);
         }
-        let i = c * KH * KW + lane;
-        // Later passes add to the earlier ones' sums.
-        dst[i] = total + select(0.0, dst[i], p.first_image > 0u);
     }
 }
 
@@ -509,14 +522,15 @@ fn depthwise_weight_grad4(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lane: u32,
 ) {
-    let c = wid.x + wid.y * nwg.x;
+    let first_channel = (wid.x + wid.y * nwg.x) * CHANNELS_PER_GROUP;
+    let c = first_channel + lane / CHANNEL_LANES;
     let valid = c < C;
     let blocks = OW / (4u * QUADS);
     let row_blocks = (OH + OUT_ROWS - 1u) / OUT_ROWS;
     let per_image = row_blocks * blocks;
     var sums: array<f32, DEPTHWISE_MAX_TAPS>;
     if valid {
-        for (var t = lane; t < p.n * per_image; t += WORKGROUP_SMALL) {
+        for (var t = lane % CHANNEL_LANES; t < p.n * per_image; t += CHANNEL_LANES) {
             let plane = (p.first_image + t / per_image) * C + c;
             let first_row = ((t % per_image) / blocks) * OUT_ROWS;
             let first_quad = (t % blocks) * QUADS;
@@ -545,5 +559,5 @@ fn depthwise_weight_grad4(
             }
         }
     }
-    store_tap_sums(sums, lane, c, valid);
+    store_tap_sums(sums, lane, first_channel);
 }

@@ -1208,10 +1208,11 @@ fn implicit_gemm_convolutions_match_the_cpu() {
 /// Depthwise layers run row blocks: four or eight outputs along each of two rows per
 /// invocation (one row where dilated, or strided past the filter), read as aligned vec4s
 /// (stride 1, rows of whole vec4s, filters up to 5 wide) or as scalars (any other shape), dx
-/// at stride 1 through the same kernels with the taps rotated, dW one workgroup per channel
-/// (in passes over the batch). Every variant against the CPU with poisoned outputs: widths
+/// at stride 1 through the same kernels with the taps rotated, dW a subgroup per channel on
+/// CPU adapters, a workgroup elsewhere (in passes over the batch). Every variant against the CPU with poisoned outputs: widths
 /// that are and are not multiples of 4, odd and even output heights, strides 1 to 4,
-/// dilation, 3×3 to 7×7, asymmetric and no padding, a fused activation.
+/// dilation, 3×3 to 7×7, asymmetric and no padding, a fused activation, an image too large
+/// for the weight gradient's lanes per channel.
 #[test]
 fn depthwise_row_kernels_match_the_cpu() {
     let Some(gpu) = gpu() else {
@@ -1252,6 +1253,8 @@ fn depthwise_row_kernels_match_the_cpu() {
         // filter.
         (2, 3, 13, 15, 5, 2, 1, Padding::Explicit(2, 2)),
         (1, 2, 17, 20, 3, 4, 1, Padding::Explicit(1, 1)),
+        // An image more than a subgroup's lanes may walk in one weight-gradient pass.
+        (1, 2, 130, 130, 3, 1, 1, Padding::Explicit(1, 1)),
     ];
     for (i, (n, c, h, w, k, stride, dilation, padding)) in cases.into_iter().enumerate() {
         let spec = Conv2d {
