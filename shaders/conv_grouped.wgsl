@@ -321,7 +321,7 @@ fn depthwise_rows_dx(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num
             segment[k] = value;
         }
         for (var kx = 0u; kx < KW; kx++) {
-            let w = weight[(c * KH + ky) * KW + kx];
+            let w = tap(c, ky, kx);
             for (var j = 0u; j < DEPTHWISE_BLOCK; j++) {
                 let e = PAD_LEFT + j + DX_SHIFT - kx * DW;
                 if e % SW == 0u {
@@ -341,8 +341,8 @@ fn depthwise_rows_dx(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num
 // Depthwise: room for a filter of up to 7×7 taps.
 const DEPTHWISE_MAX_TAPS: u32 = 49u;
 
-// src = x, weight = dy (bound in the weight slot), dst = dW [C][1][KH][KW]: one workgroup
-// per channel; each lane walks its share of the N·OH·(OW / DEPTHWISE_BLOCK) blocks of outputs
+// src = x, weight = dy (bound in the weight slot), dst = dW [C][1][KH][KW]: CHANNEL_LANES
+// lanes per channel; each lane walks its share of the N·OH·(OW / DEPTHWISE_BLOCK) blocks of outputs
 // along a row, reading the block's dy once and each kernel row's SEGMENT of inputs once
 // (where it is at most SEGMENT_MAX wide, else per tap) for all its taps, then the taps are
 // added up across the lanes.
