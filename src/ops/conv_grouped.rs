@@ -347,11 +347,10 @@ pub(crate) fn weight_grad(
 ) -> Result<()> {
     let positions = shape.positions();
     let budget = terms_per_pass(WORKGROUP_SMALL);
-    // Depthwise: one workgroup per channel summing every tap. Each lane term's inner loops:
-    // a block of DEPTHWISE_BLOCK outputs, its dy and then each kernel row's inputs and taps;
-    // a vec4 block of OUT_ROWS rows, its dy rows and then every input row it meets, each
-    // taking every output row's taps.
-    let taps = shape.kh * shape.kw;
+    // Depthwise: `channel_lanes` lanes per channel summing every tap. Each lane term's inner
+    // loops: a block of DEPTHWISE_BLOCK outputs, its dy and then each kernel row's inputs and
+    // taps; a vec4 block of OUT_ROWS rows, its dy rows and then every input row it meets,
+    // each taking every output row's taps.
     let (entry, lane_terms, per_term, slots) = if quads(spec, shape) {
         let slots = [(5, x.binding_vec4()), (7, dy.binding_vec4())];
         let rows = out_rows(spec, shape);
@@ -367,7 +366,7 @@ pub(crate) fn weight_grad(
         ("depthwise_weight_grad", lane_terms, per_term, slots)
     };
     let depthwise_pass = budget / (lane_terms * per_term);
-    if depthwise(shape) && taps <= DEPTHWISE_MAX_TAPS && depthwise_pass > 0 {
+    if depthwise_rows_fit(shape) && depthwise_pass > 0 {
         // A channel's subgroup may not walk one image within the loop bound: then the workgroup.
         let (lanes, pass) = match channel_lanes(x.gpu()) {
             lanes if terms_per_pass(lanes as u32) >= lane_terms * per_term => (
