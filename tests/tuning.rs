@@ -90,6 +90,7 @@ fn measured_choices_are_kept_in_the_cache_file_and_read_back() {
         assert!(choice.candidates.len() >= 2, "{choice:?}");
         // The kept one is the fastest of those timed; every candidate ran.
         let times: Vec<f64> = choice.candidates.iter().map(|(_, t)| t.unwrap()).collect();
+        assert!(times.iter().all(|t| t.is_finite()), "{choice:?}");
         let fastest = times.iter().copied().fold(f64::INFINITY, f64::min);
         let chosen = choice.candidates.iter().find(|(n, _)| *n == choice.chosen);
         assert_eq!(chosen.and_then(|(_, t)| *t), Some(fastest), "{choice:?}");
