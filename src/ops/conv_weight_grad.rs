@@ -58,17 +58,32 @@ const GRAD_BLOCK: usize = 8;
 const BROADCAST_BLOCKS: [usize; 3] = [32, 16, GRAD_BLOCK];
 const _: () = assert!(GRAD_BLOCK.is_multiple_of(4));
 
-/// The block for `shape`: the longest that divides the output's rows in the broadcast
-/// kernel (else the shortest), `GRAD_BLOCK` in the portable one. Every block is a multiple
-/// of 4, so blocks start on vec4s.
-fn grad_block(shape: &Conv2dShape, subgroup: Option<usize>) -> usize {
+/// The block for `shape`: in the broadcast kernel the longest that divides the output's
+/// rows (else the shortest) with no more dz values per lane than one filter's longest block
+/// (`filters` per lane share it), `GRAD_BLOCK` in the portable one. Every block is a
+/// multiple of 4, so blocks start on vec4s.
+fn grad_block(shape: &Conv2dShape, subgroup: Option<usize>, filters: usize) -> usize {
     match subgroup {
         Some(_) => BROADCAST_BLOCKS
             .into_iter()
+            .filter(|b| b * filters <= BROADCAST_BLOCKS[0])
             .find(|b| shape.ow.is_multiple_of(*b))
             .unwrap_or(GRAD_BLOCK),
         None => GRAD_BLOCK,
     }
+}
+
+/// Filters a lane of the broadcast kernel sums for where a subgroup's lanes have more than
+/// one each: every input value broadcast then serves that many more products. On lavapipe
+/// (ResNet-20's 16-channel layers, N128 32², blocks of 16 against one filter's 32) a pass
+/// took 0.77–0.94× the time, the 3→16 stem 0.78–0.87×; blocks of 32 with two filters were
+/// slower than one filter's.
+const LANE_FILTERS: usize = 2;
+
+/// The filters per lane for `shape` in the broadcast kernel of `size` lanes: one where the
+/// lanes have a filter each, else [`LANE_FILTERS`].
+fn lane_filters(shape: &Conv2dShape, size: usize) -> usize {
+    if shape.o > size { LANE_FILTERS } else { 1 }
 }
 
 /// Channels a lane of the broadcast kernel sums for at most: each dz value it loads serves
@@ -99,16 +114,18 @@ fn broadcast_subgroup(gpu: &Gpu) -> Option<usize> {
 }
 
 /// The lines accumulating one kernel row's taps of the run's channel `k` over a block of
-/// `b` outputs: `g_k[ky·kw + kx] += Σ_j d_j · r_{j+kx}`.
-fn tap_sums(body: &mut String, (k, ky, kw): (usize, usize, usize), b: usize) {
-    for kx in 0..kw {
-        let terms: Vec<String> = (0..b).map(|j| format!("d{j} * r{}", j + kx)).collect();
-        let _ = writeln!(
-            body,
-            "            g{k}_{} += {};",
-            ky * kw + kx,
-            terms.join(" + ")
-        );
+/// `b` outputs, for each of `filters` filters f: `g_fk[ky·kw + kx] += Σ_j d_fj · r_{j+kx}`.
+fn tap_sums(body: &mut String, (k, ky, kw): (usize, usize, usize), b: usize, filters: usize) {
+    for f in 0..filters {
+        for kx in 0..kw {
+            let terms: Vec<String> = (0..b).map(|j| format!("d{f}_{j} * r{}", j + kx)).collect();
+            let _ = writeln!(
+                body,
+                "            g{f}_{k}_{} += {};",
+                ky * kw + kx,
+                terms.join(" + ")
+            );
+        }
     }
 }
 
@@ -171,30 +188,31 @@ impl Variant {
         out
     }
 
-    /// The lines loading the dz values `d0`, `d1`, … of a block of `b` (zero past the row's
-    /// end), storing them where asked, and adding them to the bias sum.
-    fn block_loads(self, body: &mut String, b: usize) {
+    /// The lines loading filter `f`'s dz values `d{f}_0`, `d{f}_1`, … of a block of `b` (zero
+    /// past the row's end) from `dy_row{f}`, storing them where `owns_dz{f}` asks, and adding
+    /// them to its bias sum.
+    fn block_loads(self, body: &mut String, b: usize, f: usize) {
         if self.vec4 {
             for q in 0..b / 4 {
                 let inside = format!("ox0 + {}u < OW", 4 * q);
                 let _ = writeln!(
                     body,
-                    "        let q{q} = select(vec4<f32>(0.0), load_dz4(dy_row / 4u + {q}u), {inside});"
+                    "        let q{f}_{q} = select(vec4<f32>(0.0), load_dz4(dy_row{f} / 4u + {q}u), {inside});"
                 );
                 if self.store_dz {
                     let _ = writeln!(
                         body,
-                        "        if owns_dz && {inside} {{ dz[dy_row / 4u + {q}u] = q{q}; }}"
+                        "        if owns_dz{f} && {inside} {{ dz[dy_row{f} / 4u + {q}u] = q{f}_{q}; }}"
                     );
                 }
                 for (k, c) in ["x", "y", "z", "w"].iter().enumerate() {
-                    let _ = writeln!(body, "        let d{} = q{q}.{c};", 4 * q + k);
+                    let _ = writeln!(body, "        let d{f}_{} = q{f}_{q}.{c};", 4 * q + k);
                 }
             }
-            let quads: Vec<String> = (0..b / 4).map(|q| format!("q{q}")).collect();
+            let quads: Vec<String> = (0..b / 4).map(|q| format!("q{f}_{q}")).collect();
             let _ = writeln!(
                 body,
-                "        bias_sum += dot({}, vec4<f32>(1.0));",
+                "        bias_sum{f} += dot({}, vec4<f32>(1.0));",
                 quads.join(" + ")
             );
             return;
@@ -203,17 +221,17 @@ impl Variant {
             let inside = format!("ox0 + {j}u < OW");
             let _ = writeln!(
                 body,
-                "        let d{j} = select(0.0, load_dz(dy_row + {j}u), {inside});"
+                "        let d{f}_{j} = select(0.0, load_dz(dy_row{f} + {j}u), {inside});"
             );
             if self.store_dz {
                 let _ = writeln!(
                     body,
-                    "        if owns_dz && {inside} {{ dz[dy_row + {j}u] = d{j}; }}"
+                    "        if owns_dz{f} && {inside} {{ dz[dy_row{f} + {j}u] = d{f}_{j}; }}"
                 );
             }
         }
-        let terms: Vec<String> = (0..b).map(|j| format!("d{j}")).collect();
-        let _ = writeln!(body, "        bias_sum += {};", terms.join(" + "));
+        let terms: Vec<String> = (0..b).map(|j| format!("d{f}_{j}")).collect();
+        let _ = writeln!(body, "        bias_sum{f} += {};", terms.join(" + "));
     }
 }
 
@@ -228,6 +246,8 @@ struct WeightGradKernel {
     subgroup: Option<usize>,
     /// Channels each invocation sums for (1 in the portable kernel).
     channels: usize,
+    /// Filters each invocation sums for, a subgroup apart (1 in the portable kernel).
+    filters: usize,
     /// x (and dy and y, unless the variant reads vec4s) read through textures.
     textures: bool,
     /// x read as rows of whole vec4s by the broadcast kernel, the block's input segment
@@ -252,6 +272,7 @@ fn source(kernel: &WeightGradKernel) -> String {
         block: b,
         subgroup,
         channels,
+        filters,
         textures,
         x_skew,
         variant,
@@ -261,21 +282,34 @@ fn source(kernel: &WeightGradKernel) -> String {
     for k in 0..channels {
         // Channels past the last read the last one; their sums are never stored.
         let _ = writeln!(decls, "    let c{k} = min(c_first + {k}u, C - 1u);");
-        for tap in 0..taps {
-            let _ = writeln!(decls, "    var g{k}_{tap} = 0.0;");
-            let _ = writeln!(
-                store,
-                "    partial[lindex * SLOTS + {}u] = g{k}_{tap};",
-                k * taps + tap
-            );
-        }
     }
-    let _ = writeln!(decls, "    var bias_sum = 0.0;");
-    let _ = writeln!(
-        store,
-        "    partial[lindex * SLOTS + TAPS * CHANNELS] = bias_sum;"
-    );
-    variant.block_loads(&mut body, b);
+    for f in 0..filters {
+        if subgroup.is_some() {
+            let o = format!("o_first + {f}u * SUBGROUP");
+            let _ = writeln!(decls, "    let o{f} = min({o}, O - 1u);");
+            let _ = writeln!(decls, "    let owns_dz{f} = c_first == 0u && {o} < O;");
+        }
+        for k in 0..channels {
+            for tap in 0..taps {
+                let _ = writeln!(decls, "    var g{f}_{k}_{tap} = 0.0;");
+                let _ = writeln!(
+                    store,
+                    "    partial[lindex * SLOTS + {f}u * PER_FILTER + {}u] = g{f}_{k}_{tap};",
+                    k * taps + tap
+                );
+            }
+        }
+        let _ = writeln!(decls, "    var bias_sum{f} = 0.0;");
+        let _ = writeln!(
+            store,
+            "    partial[lindex * SLOTS + {f}u * PER_FILTER + TAPS * CHANNELS] = bias_sum{f};"
+        );
+        let _ = writeln!(
+            body,
+            "        let dy_row{f} = ((n * O + o{f}) * OH + oy) * OW + ox0;"
+        );
+        variant.block_loads(&mut body, b, f);
+    }
     if let Some(skew) = x_skew {
         let _ = writeln!(body, "        let x_q0 = (left - {skew}) / 4;");
     }
@@ -285,7 +319,7 @@ fn source(kernel: &WeightGradKernel) -> String {
             "        {{\n            let iy = i32(oy + {ky}u) - i32(PAD_TOP);\n            let inside = iy >= 0 && iy < i32(H);"
         );
         for k in 0..channels {
-            row_taps(&mut body, (k, ky, kw), b, (subgroup, x_skew));
+            row_taps(&mut body, (k, ky, kw), (b, filters), (subgroup, x_skew));
         }
         let _ = writeln!(body, "        }}");
     }
@@ -305,8 +339,9 @@ fn source(kernel: &WeightGradKernel) -> String {
     .replace("{{CHANNELS}}", &channels.to_string())
     .replace(
         "{{PARTIALS}}",
-        &(WORKGROUP_SMALL as usize * (taps * channels + 1)).to_string(),
+        &(WORKGROUP_SMALL as usize * (taps * channels + 1) * filters).to_string(),
     )
+    .replace("{{FILTERS}}", &filters.to_string())
     .replace("{{SUBGROUP}}", &subgroup.unwrap_or(0).to_string())
     .replace("{{BLOCK}}", &b.to_string())
     .replace("{{DECLS}}", &decls)
@@ -331,7 +366,7 @@ fn x_input(textures: bool, vec4_rows: bool) -> String {
 fn row_taps(
     body: &mut String,
     (k, ky, kw): (usize, usize, usize),
-    b: usize,
+    (b, filters): (usize, usize),
     (subgroup, x_skew): (Option<usize>, Option<usize>),
 ) {
     let _ = writeln!(
@@ -387,15 +422,16 @@ fn row_taps(
             }
         }
     }
-    tap_sums(body, (k, ky, kw), b);
+    tap_sums(body, (k, ky, kw), b, filters);
     let _ = writeln!(body, "            }}");
 }
 
-/// Channels each lane of the broadcast kernel sums for: up to RUN_CHANNELS, as many as the
-/// workgroup's partial sums leave room for.
-fn run_channels(gpu: &Gpu, shape: &Conv2dShape) -> usize {
+/// Channels each lane of the broadcast kernel sums for with `filters` filters: up to
+/// RUN_CHANNELS, as many as the workgroup's partial sums leave room for.
+fn run_channels(gpu: &Gpu, shape: &Conv2dShape, filters: usize) -> usize {
     let floats = gpu.limits().max_compute_workgroup_storage_size as usize / 4;
-    let fit = (floats / WORKGROUP_SMALL as usize).saturating_sub(1) / (shape.kh * shape.kw);
+    let per_filter = floats / WORKGROUP_SMALL as usize / filters;
+    let fit = per_filter.saturating_sub(1) / (shape.kh * shape.kw);
     RUN_CHANNELS.min(fit).min(shape.c).max(1)
 }
 
@@ -408,25 +444,28 @@ pub(crate) fn weight_and_bias_grad(
     gate: Option<Gate<'_>>,
     out: WeightAndBias<'_>,
 ) -> Result<()> {
-    run(shape, x, dy, gate, out, broadcast_subgroup(x.gpu()))
+    let subgroup = broadcast_subgroup(x.gpu());
+    let filters = subgroup.map_or(1, |size| lane_filters(shape, size));
+    run(shape, x, dy, gate, out, (subgroup, filters))
 }
 
 /// [`weight_and_bias_grad`] with the kernel chosen: the broadcast one for subgroups of
-/// `subgroup` lanes, or the portable one.
+/// `subgroup` lanes with `filters` filters per lane, or the portable one (one filter).
 fn run(
     shape: &Conv2dShape,
     x: &Tensor,
     dy: &Tensor,
     gate: Option<Gate<'_>>,
     out: WeightAndBias<'_>,
-    subgroup: Option<usize>,
+    (subgroup, filters): (Option<usize>, usize),
 ) -> Result<()> {
     let gpu = x.gpu();
-    let block = grad_block(shape, subgroup);
+    let filters = if subgroup.is_some() { filters } else { 1 };
+    let block = grad_block(shape, subgroup, filters);
     let blocks = shape.ow.div_ceil(block);
     let work = shape.n * shape.oh * blocks;
-    let filter_groups = subgroup.map_or(1, |size| shape.o.div_ceil(size));
-    let channels = subgroup.map_or(1, |_| run_channels(gpu, shape));
+    let filter_groups = subgroup.map_or(1, |size| shape.o.div_ceil(size * filters));
+    let channels = subgroup.map_or(1, |_| run_channels(gpu, shape, filters));
     let channel_runs = shape.c.div_ceil(channels);
     // A lane walks work items, then its workgroup adds up WORKGROUP_SMALL partial sums: at
     // least enough splits that no lane walks past the loop bound.
@@ -506,6 +545,7 @@ fn run(
         block,
         subgroup,
         channels,
+        filters,
         textures,
         x_skew,
         variant,
@@ -590,7 +630,8 @@ mod tests {
     }
 
     /// The broadcast kernel's lanes sum two channels where there are two (the channel
-    /// runs the test below checks), and its partial sums fit the workgroup's storage.
+    /// runs the test below checks), and its partial sums fit the workgroup's storage with
+    /// one filter per lane and with two.
     #[test]
     fn lanes_sum_two_channels_within_the_workgroup_storage() {
         let Some(gpu) = crate::test_support::gpu(GpuOptions::from_env().unwrap()) else {
@@ -605,22 +646,27 @@ mod tests {
             (8, 7, None),
         ] {
             let shape = spec.shape(&[2, c, 9, 9], &[4, c, k, k], None).unwrap();
-            let channels = run_channels(&gpu, &shape);
-            if let Some(want) = want {
-                assert_eq!(channels, want, "{c} channels, {k}×{k}");
+            for filters in [1, LANE_FILTERS] {
+                let channels = run_channels(&gpu, &shape, filters);
+                if let Some(want) = want {
+                    assert_eq!(channels, want, "{c} channels, {k}×{k}, {filters} filters");
+                }
+                let partials = WORKGROUP_SMALL as usize * (k * k * channels + 1) * filters * 4;
+                assert!(
+                    partials <= storage,
+                    "{c} channels, {k}×{k}, {filters} filters: {partials} bytes"
+                );
             }
-            let partials = WORKGROUP_SMALL as usize * (k * k * channels + 1) * 4;
-            assert!(
-                partials <= storage,
-                "{c} channels, {k}×{k}: {partials} bytes"
-            );
         }
     }
 
     fn both_kernels_match_the_cpu_on(gpu: &Gpu) {
-        let mut kernels = vec![None];
+        // (subgroup, filters per lane): the portable kernel, and the broadcast one with
+        // one filter per lane and with two.
+        let mut kernels = vec![(None, 1)];
         if let Some(size) = gpu.fixed_subgroup_size() {
-            kernels.push(Some(size as usize));
+            kernels.push((Some(size as usize), 1));
+            kernels.push((Some(size as usize), LANE_FILTERS));
         }
         // (n, c, h, w, o, kh, kw, padding)
         let cases = [
@@ -710,7 +756,7 @@ mod tests {
                     run(&shape, &tx, &tdy, gate, out, subgroup).unwrap();
                     let terms = (n * shape.oh * shape.ow) as f32;
                     let what = format!(
-                        "case {i}, subgroup {subgroup:?}, {activation:?}, {:?}",
+                        "case {i}, (subgroup, filters) {subgroup:?}, {activation:?}, {:?}",
                         gpu.operand_reads()
                     );
                     assert_close(&dweight.to_array().unwrap(), &want.weight, terms, &what);
@@ -766,7 +812,7 @@ mod tests {
             weight: &dweight,
             bias: &dbias,
         };
-        run(&shape, &tx, &tdy, Some(gate), out, None).unwrap();
+        run(&shape, &tx, &tdy, Some(gate), out, (None, 1)).unwrap();
         let terms = (n * shape.oh * shape.ow) as f32;
         assert_close(
             &dweight.to_array().unwrap(),
