@@ -68,6 +68,11 @@ pub struct TuningReport {
 }
 
 /// The first line of a cache file.
+/// Raised when a kernel changes enough that choices timed before may not hold (one became
+/// faster): lines a cache file holds from an earlier revision are kept but not read, and
+/// the shapes are measured again. 2: the direct weight gradient's two filters a lane.
+const KERNELS_REVISION: u32 = 2;
+
 const HEADER: &str = "# wgcnn kernel tuning v1: adapter\tkey\tchosen\tcandidate=seconds;…";
 
 /// The tuner's state in a context.
@@ -313,12 +318,12 @@ impl Gpu {
         Ok(fastest.unwrap_or(0))
     }
 
-    /// This adapter and driver, the kernel family and this crate's version: a choice timed
-    /// on one holds for the same kernels on the same hardware only.
+    /// This adapter and driver, the kernel family, this crate's version and its kernels'
+    /// revision: a choice timed on one holds for the same kernels on the same hardware only.
     fn adapter_key(&self) -> String {
         let info = self.adapter_info();
         let key = format!(
-            "{} | {:?} | {} {} | {:?} kernels | wgcnn {}",
+            "{} | {:?} | {} {} | {:?} kernels | wgcnn {} kernels r{KERNELS_REVISION}",
             info.name,
             info.backend,
             info.driver,
