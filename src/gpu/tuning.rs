@@ -70,8 +70,9 @@ pub struct TuningReport {
 /// The first line of a cache file.
 /// Raised when a kernel changes enough that choices timed before may not hold (one became
 /// faster): lines a cache file holds from an earlier revision are kept but not read, and
-/// the shapes are measured again. 2: the direct weight gradient's two filters a lane.
-const KERNELS_REVISION: u32 = 2;
+/// the shapes are measured again. 2: the direct weight gradient's two filters a lane; 3:
+/// the direct convolution's blocks of 16.
+const KERNELS_REVISION: u32 = 3;
 
 const HEADER: &str = "# wgcnn kernel tuning v1: adapter\tkey\tchosen\tcandidate=seconds;…";
 

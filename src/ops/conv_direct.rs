@@ -42,8 +42,15 @@ pub(super) const MAX_KERNEL_WIDTH: usize = 7;
 /// input loaded serves more outputs. 64 let 16 filters take blocks of 4 read as vec4s
 /// (LeNet's conv2 forward 1.26 -> 0.91 ms on lavapipe against 48); 128 lets them take blocks
 /// of 8: ResNet-20's 16-channel layers (forward and input gradient, 13 passes a step)
-/// 302–314 -> 265–287 ms on lavapipe, LeNet's unchanged; 32 took 355 ms.
-const MAX_ACCUMULATORS: usize = 128;
+/// 302–314 -> 265–287 ms on lavapipe, LeNet's unchanged; 32 took 355 ms. 256 lets them
+/// take blocks of [`MAX_BLOCK`] (N128, five alternated runs each): forward 15.1–15.7 ->
+/// 12.2–12.3 ms at 16 channels 32², 10.9–11.8 -> 9.1–9.2 at 32 channels 16² (blocks of 8);
+/// ResNet-20's step 0.93×, LeNet's 0.92×; the MNIST example's cold first step 1.48 ->
+/// 1.56 s (larger kernels to compile).
+const MAX_ACCUMULATORS: usize = 256;
+
+/// The longest block along a row.
+const MAX_BLOCK: usize = 16;
 
 /// Outputs per invocation along a row: a longer block reuses each loaded input more, up to
 /// the register budget, and one that divides the row wastes no lanes on the edge (measured
@@ -53,7 +60,7 @@ const MAX_ACCUMULATORS: usize = 128;
 /// its input segment `skew` values into one).
 fn block(shape: &Conv2dShape, vec4_rows: bool) -> usize {
     let step = if vec4_rows { 4 } else { 1 };
-    let most = (MAX_ACCUMULATORS / shape.o).clamp(step, 8) / step * step;
+    let most = (MAX_ACCUMULATORS / shape.o).clamp(step, MAX_BLOCK) / step * step;
     let dividing = (step..=most)
         .rev()
         .step_by(step)
@@ -605,6 +612,30 @@ mod tests {
                 Activation::Relu,
             ),
             (1, 3, 6, 8, 5, 7, 7, Padding::Same, Activation::None),
+            // Blocks of 16 outputs: ResNet-20's first stage (rows of two whole blocks), and
+            // rows 20 wide (a whole block and a partial one).
+            (
+                2,
+                16,
+                5,
+                32,
+                16,
+                3,
+                3,
+                Padding::Explicit(1, 1),
+                Activation::Relu,
+            ),
+            (
+                2,
+                3,
+                4,
+                20,
+                16,
+                3,
+                3,
+                Padding::Explicit(1, 1),
+                Activation::None,
+            ),
             // Vec4 rows whose last block is partial: the forward pass's output 13 wide, then
             // the input gradient's.
             (
