@@ -36,6 +36,15 @@ const GROUPED_MATMUL_TAPS_BACKWARD: usize = 16;
 /// alternated runs each); measuring all its shapes took 12.8 s on 64 against 27.8 on 128.
 const TRIAL_FLOPS: f64 = (1u64 << 29) as f64;
 
+/// Floats a trial copies between two buffers of its own before each candidate's runs (48
+/// MiB each way, past a host's last-level cache): on a CPU adapter this evicts the caches,
+/// so that each candidate starts as it would in a model's step, where other layers'
+/// tensors passed through them since. Without it, trials on 64 images favoured a Winograd
+/// input gradient that runs in 1.5× the direct kernel's time inside ResNet-20's step (its
+/// transformed tiles stay cached between a trial's runs); with it ResNet-20's choices made
+/// a step of 749–857 ms against 816–1121 (alternated runs).
+const FLUSH_FLOATS: usize = 12 << 20;
+
 /// Forward floating-point operations below which a layer takes the fixed order untimed:
 /// there every candidate runs in a few milliseconds on lavapipe (LeNet-5's layers at batch
 /// 64: 11 and 20 MFLOP, direct 1.2 ms, im2col 4.8 ms), and compiling the ones that lose
@@ -522,7 +531,8 @@ fn repeats_for(seconds: f64) -> usize {
 }
 
 /// Times `run(tensors, i)` for each of `count` candidates, on a thread of its own (outside
-/// the caller's recording), each run one submit: a first round that compiles the kernels,
+/// the caller's recording), each run one submit, each candidate's runs after a copy that
+/// flushes the caches ([`FLUSH_FLOATS`]): a first round that compiles the kernels,
 /// then the fastest of [`TIMED_ROUNDS`], the candidates taking turns so that a busy moment
 /// on the host hits them all, and those [`HOPELESS`]ly slow dropping out; those still
 /// within [`CLOSE`] of the leader then race on for [`CLOSE_ROUNDS`] more. Where the first
@@ -538,6 +548,10 @@ fn time_trials<T>(
 ) -> Result<Vec<Option<f64>>> {
     let trials = || -> Result<Vec<Option<f64>>> {
         let tensors = setup()?;
+        // Where the device cannot hold them, trials run without.
+        let flush = Tensor::uninit(gpu, &[FLUSH_FLOATS])
+            .and_then(|a| Ok((Tensor::uninit(gpu, &[FLUSH_FLOATS])?, a)))
+            .ok();
         gpu.synchronize()?;
         let mut best = vec![Some(f64::INFINITY); count];
         let mut running = vec![true; count];
@@ -548,6 +562,10 @@ fn time_trials<T>(
                 let Some(fastest) = slot.filter(|_| running[i]) else {
                     continue;
                 };
+                if let Some((from, to)) = &flush {
+                    gpu.copy((from.buffer(), 0), (to.buffer(), 0), from.bytes())?;
+                    gpu.synchronize()?;
+                }
                 let started = Instant::now();
                 // A submit per run, one wait: what a run drops goes back to the pool for
                 // the next, as in a training loop.
