@@ -549,9 +549,7 @@ fn time_trials<T>(
     let trials = || -> Result<Vec<Option<f64>>> {
         let tensors = setup()?;
         // Where the device cannot hold them, trials run without.
-        let flush = Tensor::uninit(gpu, &[FLUSH_FLOATS])
-            .and_then(|a| Ok((Tensor::uninit(gpu, &[FLUSH_FLOATS])?, a)))
-            .ok();
+        let flush = [0, 1].map(|_| Tensor::uninit(gpu, &[FLUSH_FLOATS]).ok());
         gpu.synchronize()?;
         let mut best = vec![Some(f64::INFINITY); count];
         let mut running = vec![true; count];
@@ -562,7 +560,7 @@ fn time_trials<T>(
                 let Some(fastest) = slot.filter(|_| running[i]) else {
                     continue;
                 };
-                if let Some((from, to)) = &flush {
+                if let [Some(from), Some(to)] = &flush {
                     gpu.copy((from.buffer(), 0), (to.buffer(), 0), from.bytes())?;
                     gpu.synchronize()?;
                 }
