@@ -1209,10 +1209,10 @@ fn implicit_gemm_convolutions_match_the_cpu() {
 /// invocation (one row where dilated, or strided past the filter), read as aligned vec4s
 /// (stride 1, rows of whole vec4s, filters up to 5 wide) or as scalars (any other shape), dx
 /// at stride 1 through the same kernels with the taps rotated, dW a subgroup per channel on
-/// CPU adapters, a workgroup elsewhere (in passes over the batch). Every variant against the CPU with poisoned outputs: widths
-/// that are and are not multiples of 4, odd and even output heights, strides 1 to 4,
-/// dilation, 3×3 to 7×7, asymmetric and no padding, a fused activation, an image too large
-/// for the weight gradient's lanes per channel.
+/// CPU adapters, a workgroup elsewhere (in passes over the batch). Every variant against
+/// the CPU with poisoned outputs: widths that are and are not multiples of 4, odd and even
+/// output heights, strides 1 to 4, dilation, 3×3 to 7×7, asymmetric and no padding, a fused
+/// activation, an image too large for the weight gradient's lanes per channel.
 #[test]
 fn depthwise_row_kernels_match_the_cpu() {
     let Some(gpu) = gpu() else {
