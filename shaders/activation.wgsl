@@ -2,10 +2,14 @@
 // derivatives, plus a numerically stable softmax over the last axis, forward and backward.
 
 struct Params {
-    total: u32, code: u32, slope: f32, row: u32,   // row: softmax row length
+    total: u32, _pad: u32, slope: f32, row: u32,   // row: softmax row length
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
+
+// The elementwise kernels' activation (an `Activation::code`), baked in per pipeline: a
+// `switch` on a uniform's value costs every case's masked lanes on lavapipe.
+override ACT: u32 = 0u;
 
 // The elementwise kernels loop over vec4s with the grid's stride (`grid_stride`, one
 // invocation per few vec4s: `elementwise_workgroups` in src/gpu/shared.rs), and reads stay
@@ -20,7 +24,7 @@ struct Params {
 @compute @workgroup_size(WORKGROUP)
 fn forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     for (var i = invocation_index(gid, nwg); i < p.total; i += grid_stride(nwg)) {
-        dst4[i] = activate_vec4(src4[i], p.code, p.slope);
+        dst4[i] = activate_vec4(src4[i], ACT, p.slope);
     }
 }
 
@@ -34,7 +38,7 @@ fn forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroup
 fn backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     for (var i = invocation_index(gid, nwg); i < p.total; i += grid_stride(nwg)) {
         var d = vec4<f32>(1.0);
-        switch p.code {
+        switch ACT {
             // PyTorch's rule: only x ≤ 0 blocks the gradient (NaN passes it on).
             case ACT_RELU: { d = select(vec4<f32>(1.0), vec4<f32>(0.0), x4[i] <= vec4<f32>(0.0)); }
             case ACT_LEAKY_RELU: { d = select(vec4<f32>(p.slope), vec4<f32>(1.0), x4[i] > vec4<f32>(0.0)); }

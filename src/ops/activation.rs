@@ -17,7 +17,7 @@ use crate::value::{Activation, Value};
 #[derive(Clone, Copy, Pod, Zeroable)]
 struct ActivationParams {
     total: u32,
-    code: u32,
+    _pad: u32,
     slope: f32,
     row: u32,
 }
@@ -41,21 +41,23 @@ fn same_shapes(op: &'static str, tensors: &[&Tensor]) -> Result<()> {
     Ok(())
 }
 
-/// An elementwise kernel (`forward`, `backward`) over whole vec4s: `params.total` counts
-/// elements and the tensors are bound from binding `first` on.
+/// An elementwise kernel (`forward`, `backward`) of `activation` over whole vec4s:
+/// `params.total` counts elements and the tensors are bound from binding `first` on.
 fn launch_elementwise(
-    gpu: &Gpu,
+    activation: Activation,
     entry: &str,
     mut params: ActivationParams,
     first: u32,
     tensors: &[&Tensor],
 ) -> Result<()> {
+    let gpu = tensors[0].gpu();
     params.total = params.total.div_ceil(4);
     let bindings: Vec<_> = (first..)
         .zip(tensors.iter().map(|t| t.binding_vec4()))
         .collect();
     let groups = elementwise_workgroups(u64::from(params.total));
-    launch(gpu, entry, params, &bindings, groups)
+    let constants = [("ACT", activation.code())];
+    launch(gpu, entry, params, &bindings, groups, &constants)
 }
 
 /// A softmax kernel reading each row `passes` times: one invocation per row
@@ -71,8 +73,10 @@ fn launch_rows(
     let bindings: Vec<_> = (first..).zip(tensors.iter().map(|t| t.binding())).collect();
     let rows = u64::from(params.total);
     match row_kernel(entry, params.row as usize, passes)? {
-        RowKernel::PerInvocation => launch(gpu, entry, params, &bindings, workgroups(rows)),
-        RowKernel::PerWorkgroup => launch(gpu, &format!("{entry}_wide"), params, &bindings, rows),
+        RowKernel::PerInvocation => launch(gpu, entry, params, &bindings, workgroups(rows), &[]),
+        RowKernel::PerWorkgroup => {
+            launch(gpu, &format!("{entry}_wide"), params, &bindings, rows, &[])
+        }
     }
 }
 
@@ -82,15 +86,17 @@ fn launch(
     params: ActivationParams,
     bindings: &[(u32, Binding<'_>)],
     groups: u64,
+    constants: &[(&str, u32)],
 ) -> Result<()> {
-    let pipeline = gpu.pipeline("activation", entry, || {
+    let source = || {
         [
             include_str!("../../shaders/epilogue.wgsl"),
             include_str!("../../shaders/rows.wgsl"),
             include_str!("../../shaders/activation.wgsl"),
         ]
         .concat()
-    })?;
+    };
+    let pipeline = gpu.specialized("activation", entry, source, constants)?;
     gpu.run_pass(entry, |pass| {
         gpu.encode_at(
             pass,
@@ -106,7 +112,7 @@ impl Activation {
     fn params(self, total: usize, row: usize) -> ActivationParams {
         ActivationParams {
             total: total as u32,
-            code: self.code(),
+            _pad: 0,
             slope: self.slope(),
             row: row as u32,
         }
@@ -115,7 +121,7 @@ impl Activation {
     /// `act(x)` elementwise on the GPU.
     pub fn forward(self, x: &Tensor) -> Result<Tensor> {
         let y = Tensor::uninit(x.gpu(), x.shape())?;
-        launch_elementwise(x.gpu(), "forward", self.params(x.len(), 1), 7, &[x, &y])?;
+        launch_elementwise(self, "forward", self.params(x.len(), 1), 7, &[x, &y])?;
         Ok(y)
     }
 
@@ -124,7 +130,7 @@ impl Activation {
         same_shapes("activation backward", &[x, y, dy])?;
         let dx = Tensor::uninit(x.gpu(), x.shape())?;
         launch_elementwise(
-            x.gpu(),
+            self,
             "backward",
             self.params(x.len(), 1),
             9,
