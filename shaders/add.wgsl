@@ -1,8 +1,9 @@
 // Elementwise sums: `add` writes out = act(a + b) (residual connections, with the activation
 // after them: ACT, an `Activation::code`; epilogue.wgsl is put in front); `accumulate` adds
-// src into dst in place (a value that feeds several nodes sums their gradients). Both walk
-// whole vec4s with the grid's stride, as activation.wgsl's elementwise kernels do: p.total
-// counts vec4s, and what lands in the padding past the last element is never read.
+// src into dst in place (a value that feeds several nodes sums their gradients); `backward`
+// is add's gradient for both of its inputs. All walk whole vec4s with the grid's stride, as
+// activation.wgsl's elementwise kernels do: p.total counts vec4s, and what lands in the
+// padding past the last element is never read.
 
 struct Params {
     total: u32, slope: f32, _pad1: u32, _pad2: u32,   // slope: leaky ReLU's, with ACT
@@ -26,5 +27,30 @@ fn add(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) n
 fn accumulate(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     for (var i = invocation_index(gid, nwg); i < p.total; i += grid_stride(nwg)) {
         out[i] += a[i];
+    }
+}
+
+// `backward`: out = out2 = act'(y)·(dy + more), the gradient of act(a + b) for a and for b,
+// from the forward output y (bound as a) and dy (as b). With PARTS 2, `more` is a second
+// part of dy that the executor left for this pass to add (the value fed two nodes: a
+// residual block's output), so that summing the parts, taking them through the activation
+// and handing the result to both inputs is one pass over the tensor instead of three.
+override PARTS: u32 = 1u;
+
+@group(0) @binding(4) var<storage, read> more: array<vec4<f32>>;
+@group(0) @binding(5) var<storage, read_write> out2: array<vec4<f32>>;
+
+@compute @workgroup_size(WORKGROUP)
+fn backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    for (var i = invocation_index(gid, nwg); i < p.total; i += grid_stride(nwg)) {
+        var d = b[i];
+        if PARTS == 2u { d += more[i]; }
+        if ACT != 0u {
+            let y = a[i];
+            d *= vec4<f32>(activation_derivative(y.x, ACT, p.slope), activation_derivative(y.y, ACT, p.slope),
+                           activation_derivative(y.z, ACT, p.slope), activation_derivative(y.w, ACT, p.slope));
+        }
+        out[i] = d;
+        out2[i] = d;
     }
 }

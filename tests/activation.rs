@@ -87,6 +87,58 @@ fn sums_and_accumulation_match_the_cpu() {
     }
 }
 
+/// A residual sum's gradient for both inputs, `act'(y)·(dy + more)` in one pass, with and
+/// without a second part `more`, both outputs poisoned, over whole and partial vec4s and
+/// more elements than one pass of the grid covers.
+#[test]
+fn residual_gradients_match_the_cpu() {
+    use wgcnn::value::add::{add_backward, add_backward_cpu};
+    let Some(gpu) = gpu() else { return };
+    for (i, shape) in [vec![1], vec![3, 5], vec![2, 4, 6], vec![3, 70001]]
+        .iter()
+        .enumerate()
+    {
+        let seed = 20 * i as u64;
+        // ±8 reaches both of ReLU6's bends.
+        let x = random(shape, seed).mapv(|v| v * 8.0);
+        let (dy, more) = (random(shape, seed + 1), random(shape, seed + 2));
+        let (tdy, tmore) = (
+            Tensor::from_array(gpu, &dy).unwrap(),
+            Tensor::from_array(gpu, &more).unwrap(),
+        );
+        for act in ALL {
+            let y = x.mapv(|v| act.apply(v));
+            let ty = Tensor::from_array(gpu, &y).unwrap();
+            for parts in [None, Some((&tmore, &more))] {
+                let total = match parts {
+                    Some((_, more)) => &dy + more,
+                    None => dy.clone(),
+                };
+                let want = ArrayD::from_shape_fn(x.raw_dim(), |d| {
+                    total[&d] * act.derivative(x[&d], y[&d])
+                });
+                let what = format!("{shape:?} {act:?}, second part: {}", parts.is_some());
+                let cpu = add_backward_cpu(
+                    &y.view(),
+                    &dy.view(),
+                    parts.map(|p| p.1.view()).as_ref(),
+                    act,
+                )
+                .unwrap();
+                assert!(max_abs_diff(&cpu, &want) < 1e-6, "{what}: CPU");
+                drop([0, 1].map(|_| Tensor::full(gpu, shape, f32::NAN).unwrap()));
+                let grads = add_backward(&ty, &tdy, parts.map(|p| p.0), act).unwrap();
+                for grad in grads {
+                    assert!(
+                        max_abs_diff(&grad.to_array().unwrap(), &want) < 1e-6,
+                        "{what}: GPU"
+                    );
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn derivatives_match_finite_differences() {
     for act in ALL {

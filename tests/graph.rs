@@ -11,21 +11,28 @@ use wgcnn::ops::Pool2d;
 use wgcnn::train::{cross_entropy, train_step};
 use wgcnn::{Activation, Device, Error, Graph, Mode, Optimizer, Padding};
 
-/// x → conv(same, tanh) → add(·, x) → batch norm → flatten → linear: the input feeds two
-/// nodes, so its gradient is a sum.
+/// x → conv(same, tanh) → add(·, x) → tanh → t; t → conv → add(·, t) → s; s + s → batch
+/// norm → flatten → linear. The input, t (a residual sum's output, its tanh run by the sum)
+/// and s (read twice by one node) each feed two inputs, so their gradients are sums; the
+/// sums' own backward adds the parts for t and s (`Layer::sums_output_gradients`).
 fn residual_model(device: Device) -> Graph {
     let mut g = Graph::new(device, 5);
-    let conv = g
-        .add(
-            "conv",
-            Conv2d::new(3, 3, (3, 3))
-                .padding(Padding::Same)
-                .activation(Activation::Tanh),
-            &[Graph::INPUT],
-        )
+    let conv = |act| {
+        Conv2d::new(3, 3, (3, 3))
+            .padding(Padding::Same)
+            .activation(act)
+    };
+    let y = g
+        .add("conv", conv(Activation::Tanh), &[Graph::INPUT])
         .unwrap();
-    let sum = g.add("sum", nn::Add, &[conv, Graph::INPUT]).unwrap();
-    let bn = g.add("bn", nn::BatchNorm2d::new(3), &[sum]).unwrap();
+    let sum = g.add("sum", nn::Add, &[y, Graph::INPUT]).unwrap();
+    let t = g
+        .add("tanh", nn::Activate(Activation::Tanh), &[sum])
+        .unwrap();
+    let y = g.add("conv2", conv(Activation::None), &[t]).unwrap();
+    let s = g.add("sum2", nn::Add, &[y, t]).unwrap();
+    let twice = g.add("twice", nn::Add, &[s, s]).unwrap();
+    let bn = g.add("bn", nn::BatchNorm2d::new(3), &[twice]).unwrap();
     let flat = g.add("flatten", nn::Flatten, &[bn]).unwrap();
     g.add("fc", Linear::new(3 * 5 * 4, 4), &[flat]).unwrap();
     g

@@ -83,6 +83,9 @@ pub struct BackwardArgs<'a> {
     pub saved: &'a [Value],
     /// `∂L/∂y`.
     pub dy: &'a Value,
+    /// A second part of `∂L/∂y` not yet added to `dy`: only for a layer that
+    /// [`Layer::sums_output_gradients`], where its output fed two nodes; `None` otherwise.
+    pub dy_more: Option<&'a Value>,
     /// Which gradients are wanted.
     pub needs: Needs,
     /// The activation this backward takes its input gradient on through: the one the layer
@@ -213,6 +216,14 @@ pub trait Layer: Send {
     /// (`BackwardArgs::input_activation`) where that input feeds nothing else, and the
     /// producer's backward then skips its activation: one pass fewer over its output.
     fn takes_input_activation(&self, _activation: Activation) -> bool {
+        false
+    }
+
+    /// Whether this layer's backward adds `BackwardArgs::dy_more` to `dy` itself, in the
+    /// pass that takes `dy` through its activation (a residual sum): where its output feeds
+    /// two nodes, the graph then leaves their gradients unsummed for it, one pass fewer
+    /// over the output.
+    fn sums_output_gradients(&self) -> bool {
         false
     }
 
@@ -913,11 +924,21 @@ impl Graph {
         let absorbed_by = self.absorbed_by();
         let mut grads: Vec<Option<Value>> = (0..=count).map(|_| None).collect();
         grads[count] = Some(dy);
+        // Per value, a second gradient part left unsummed for the node that takes it, where
+        // that node sums the parts itself (`Layer::sums_output_gradients`).
+        let mut more: Vec<Option<Value>> = (0..=count).map(|_| None).collect();
+        let sums_parts: Vec<bool> = (0..=count)
+            .map(|v| {
+                let taker = v.checked_sub(1).map(|n| absorbed_by[n].unwrap_or(n));
+                taker.is_some_and(|n| self.nodes[n].layer.sums_output_gradients())
+            })
+            .collect();
         for i in (0..count).rev() {
             if let Some(producer) = absorbed_by[i] {
                 // The producer ran this activation: the gradient at its output is the
                 // producer's, and the output lives until the producer's backward reads it.
                 grads[producer + 1] = grads[i + 1].take();
+                more[producer + 1] = more[i + 1].take();
                 continue;
             }
             let absorbed = self.absorbed[i];
@@ -927,6 +948,7 @@ impl Graph {
                 state: state_grads && node.trains(),
             };
             let dy = grads[i + 1].take();
+            let dy_more = more[i + 1].take();
             if let (Some(dy), true) = (dy, needs.inputs || needs.state) {
                 let inputs = node
                     .inputs
@@ -944,6 +966,7 @@ impl Graph {
                         y,
                         saved: &self.saved[i],
                         dy: &dy,
+                        dy_more: dy_more.as_ref(),
                         needs,
                         input_activation: taken[i],
                         dy_through_activation: through[i],
@@ -968,9 +991,10 @@ impl Graph {
                     let Some(grad) = grad.filter(|_| wants[v]) else {
                         continue;
                     };
-                    match &mut grads[v] {
-                        Some(sum) => sum.accumulate(&grad)?,
-                        empty => *empty = Some(grad),
+                    match (&mut grads[v], &mut more[v]) {
+                        (empty @ None, _) => *empty = Some(grad),
+                        (Some(_), left @ None) if sums_parts[v] => *left = Some(grad),
+                        (Some(sum), _) => sum.accumulate(&grad)?,
                     }
                 }
             }

@@ -137,14 +137,16 @@ impl Layer for Add {
         })
     }
 
+    fn sums_output_gradients(&self) -> bool {
+        true
+    }
+
     fn backward(&self, args: BackwardArgs<'_>) -> Result<Backward> {
-        let dz = match args.activation_to_take(Activation::None) {
-            Activation::None => args.dy.duplicate()?,
-            // The derivative read from the output, as for every fused activation.
-            activation => args.y.activation_backward(activation, args.y, args.dy)?,
-        };
+        // The derivative read from the output, as for every fused activation.
+        let activation = args.activation_to_take(Activation::None);
+        let [da, db] = args.y.add_backward(args.dy, args.dy_more, activation)?;
         Ok(Backward {
-            inputs: vec![Some(dz.duplicate()?), Some(dz)],
+            inputs: vec![Some(da), Some(db)],
             state: Vec::new(),
         })
     }
