@@ -211,15 +211,8 @@ fn weights(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroup
     }
 }
 
-// V = Bᵀ d B for the T×T tile of channel c at tile t: dst = V [T²][C][images·tiles].
-@compute @workgroup_size(WORKGROUP)
-fn input(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let index = invocation_index(gid, nwg);
-    if index >= p.total { return; }
-    let tiles = tiles_h() * tiles_w();
-    let tile = index % tiles;
-    let c = (index / tiles) % C;
-    let image = index / (tiles * C);
+// V = Bᵀ d B for the T×T tile `tile` of channel c of image `image` (of this pass's images).
+fn input_tile(image: u32, c: u32, tile: u32) -> Square {
     let y0 = i32(tile / tiles_w() * TILE) - i32(PAD_TOP);
     let x0 = i32(tile % tiles_w() * TILE) - i32(PAD_LEFT);
     let plane = ((p.first_image + image) * C + c) * H * W;
@@ -241,10 +234,64 @@ fn input(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups)
             bd[i][j] = line[i];
         }
     }
+    // (Bᵀ d) B: row by row.
+    var v: Square;
+    for (var i = 0u; i < side(); i++) {
+        v[i] = input_line(bd[i]);
+    }
+    return v;
+}
+
+// dst = V [T²][C][images·tiles], one invocation per (image, c, tile).
+@compute @workgroup_size(WORKGROUP)
+fn input(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let index = invocation_index(gid, nwg);
+    if index >= p.total { return; }
+    let tiles = tiles_h() * tiles_w();
+    let tile = index % tiles;
+    let c = (index / tiles) % C;
+    let image = index / (tiles * C);
+    let v = input_tile(image, c, tile);
     let columns = p.images * tiles;
     let at = c * columns + image * tiles + tile;
     for (var i = 0u; i < side(); i++) {
-        store_point_row(i, input_line(bd[i]), C * columns, at);
+        store_point_row(i, v[i], C * columns, at);
+    }
+}
+
+// The `…4` entries, for images with a multiple of 4 tiles (src/ops/conv_winograd.rs picks
+// them): one invocation per 4 consecutive tiles of one image's plane, whose points lie side
+// by side in V, M and dM, so that each point is one vec4 load or store instead of four
+// per-lane scalar ones (on CPU adapters these accesses, not the arithmetic, bound the
+// transforms).
+@group(0) @binding(5) var<storage, read> src4: array<vec4<f32>>;
+@group(0) @binding(6) var<storage, read_write> dst4: array<vec4<f32>>;
+
+// Invocation `index` over [images][planes][tiles / 4]: its image, plane and first tile.
+struct Quad { image: u32, plane: u32, tile: u32 }
+
+fn quad_at(index: u32, planes: u32) -> Quad {
+    let quads = tiles_h() * tiles_w() / 4u;
+    return Quad(index / (quads * planes), (index / quads) % planes, index % quads * 4u);
+}
+
+// `input` over 4 tiles.
+@compute @workgroup_size(WORKGROUP)
+fn input4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let index = invocation_index(gid, nwg);
+    if index >= p.total { return; }
+    let q = quad_at(index, C);
+    var v: array<Square, 4>;
+    for (var k = 0u; k < 4u; k++) {
+        v[k] = input_tile(q.image, q.plane, q.tile + k);
+    }
+    let tiles = tiles_h() * tiles_w();
+    let columns4 = p.images * tiles / 4u;
+    let at4 = q.plane * columns4 + (q.image * tiles + q.tile) / 4u;
+    for (var i = 0u; i < side(); i++) {
+        for (var j = 0u; j < side(); j++) {
+            dst4[(i * side() + j) * C * columns4 + at4] = vec4<f32>(v[0][i][j], v[1][i][j], v[2][i][j], v[3][i][j]);
+        }
     }
 }
 
@@ -255,7 +302,34 @@ fn output(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups
     let index = invocation_index(gid, nwg);
     if index >= p.total { return; }
     let block = output_block(index);
-    let m = load_points(block.stride, block.at);
+    store_block(block, load_points(block.stride, block.at));
+}
+
+// `output` over 4 tiles.
+@compute @workgroup_size(WORKGROUP)
+fn output4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let index = invocation_index(gid, nwg);
+    if index >= p.total { return; }
+    let q = quad_at(index, O);
+    let first = (q.image * O + q.plane) * tiles_h() * tiles_w() + q.tile;
+    let block = output_block(first);
+    var m: array<Square, 4>;
+    for (var i = 0u; i < side(); i++) {
+        for (var j = 0u; j < side(); j++) {
+            let points = src4[((i * side() + j) * block.stride + block.at) / 4u];
+            m[0][i][j] = points.x;
+            m[1][i][j] = points.y;
+            m[2][i][j] = points.z;
+            m[3][i][j] = points.w;
+        }
+    }
+    for (var k = 0u; k < 4u; k++) {
+        store_block(output_block(first + k), m[k]);
+    }
+}
+
+// Aᵀ m A for one block's points m, the bias added, the residual too and ACT applied.
+fn store_block(block: Block, m: Square) {
     // Aᵀ m: TILE×T, column by column.
     var am: Square;
     for (var j = 0u; j < side(); j++) {
@@ -291,6 +365,34 @@ fn output_grad(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workg
     let index = invocation_index(gid, nwg);
     if index >= p.total { return; }
     let block = output_block(index);
+    let points = output_grad_points(block);
+    for (var i = 0u; i < side(); i++) {
+        store_point_row(i, points[i], block.stride, block.at);
+    }
+}
+
+// `output_grad` over 4 tiles.
+@compute @workgroup_size(WORKGROUP)
+fn output_grad4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let index = invocation_index(gid, nwg);
+    if index >= p.total { return; }
+    let q = quad_at(index, O);
+    let first = (q.image * O + q.plane) * tiles_h() * tiles_w() + q.tile;
+    var points: array<Square, 4>;
+    for (var k = 0u; k < 4u; k++) {
+        points[k] = output_grad_points(output_block(first + k));
+    }
+    let block = output_block(first);
+    for (var i = 0u; i < side(); i++) {
+        for (var j = 0u; j < side(); j++) {
+            dst4[((i * side() + j) * block.stride + block.at) / 4u] =
+                vec4<f32>(points[0][i][j], points[1][i][j], points[2][i][j], points[3][i][j]);
+        }
+    }
+}
+
+// A g Aᵀ for one block's g (dy, zero past the output's edge): the block's T² points of dM.
+fn output_grad_points(block: Block) -> Square {
     var g: Square;
     for (var i = 0u; i < TILE; i++) {
         for (var j = 0u; j < TILE; j++) {
@@ -309,9 +411,12 @@ fn output_grad(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workg
             ag[i][j] = line[i];
         }
     }
+    // (A g) Aᵀ: row by row.
+    var points: Square;
     for (var i = 0u; i < side(); i++) {
-        store_point_row(i, output_grad_line(ag[i]), block.stride, block.at);
+        points[i] = output_grad_line(ag[i]);
     }
+    return points;
 }
 
 // src = dU [T²][O][C], dst = dW [O][C][3][3].
