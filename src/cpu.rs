@@ -40,6 +40,7 @@ pub use crate::ops::pool2d::{
 };
 pub use crate::ops::softmax_cross_entropy::softmax_cross_entropy_cpu as softmax_cross_entropy;
 pub use crate::ops::softmax_cross_entropy::softmax_cross_entropy_smoothed_cpu as softmax_cross_entropy_smoothed;
+pub use crate::value::add::add_backward_cpu as add_backward;
 pub use crate::value::add::add_cpu as add;
 
 /// `act(x)` elementwise.

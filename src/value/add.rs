@@ -3,11 +3,10 @@
 //! nodes (the executor accumulates their contributions in place).
 
 use bytemuck::{Pod, Zeroable};
-use ndarray::{ArrayD, ArrayViewD};
+use ndarray::{ArrayD, ArrayViewD, Zip};
 
 use crate::error::{Error, Result};
 use crate::gpu::shared::elementwise_workgroups;
-use crate::ops::activation::through_activation_cpu;
 use crate::tensor::Tensor;
 use crate::value::{Activation, Value};
 
@@ -136,11 +135,16 @@ pub fn add_backward_cpu(
     more: Option<&ArrayViewD<'_, f32>>,
     activation: Activation,
 ) -> Result<ArrayD<f32>> {
-    let dy = match more {
+    same_shape(y.shape(), dy.shape())?;
+    let mut dz = match more {
         Some(more) => add_cpu(dy, more)?,
         None => dy.to_owned(),
     };
-    through_activation_cpu(activation, y, &dy.view())
+    // Every activation's derivative read from its output, as the GPU kernel does.
+    Zip::from(&mut dz)
+        .and(y)
+        .for_each(|d, &y| *d *= activation.derivative(y, y));
+    Ok(dz)
 }
 
 /// CPU reference of [`add`].
