@@ -261,10 +261,8 @@ fn input(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups)
 
 // The `…4` entries, for images with a multiple of 4 tiles (src/ops/conv_winograd.rs picks
 // them): one invocation per 4 consecutive tiles of one image's plane, whose points lie side
-// by side in V, M and dM, so that each point is one vec4 load or store instead of four
-// per-lane scalar ones (on CPU adapters these accesses, not the arithmetic, bound the
-// transforms).
-@group(0) @binding(5) var<storage, read> src4: array<vec4<f32>>;
+// by side in V and dM, so that each point is one vec4 store instead of four per-lane scalar
+// ones (on CPU adapters these accesses, not the arithmetic, bound the transforms).
 @group(0) @binding(6) var<storage, read_write> dst4: array<vec4<f32>>;
 
 // Invocation `index` over [images][planes][tiles / 4]: its image, plane and first tile.
@@ -303,29 +301,6 @@ fn output(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups
     if index >= p.total { return; }
     let block = output_block(index);
     store_block(block, load_points(block.stride, block.at));
-}
-
-// `output` over 4 tiles.
-@compute @workgroup_size(WORKGROUP)
-fn output4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let index = invocation_index(gid, nwg);
-    if index >= p.total { return; }
-    let q = quad_at(index, O);
-    let first = (q.image * O + q.plane) * tiles_h() * tiles_w() + q.tile;
-    let block = output_block(first);
-    var m: array<Square, 4>;
-    for (var i = 0u; i < side(); i++) {
-        for (var j = 0u; j < side(); j++) {
-            let points = src4[((i * side() + j) * block.stride + block.at) / 4u];
-            m[0][i][j] = points.x;
-            m[1][i][j] = points.y;
-            m[2][i][j] = points.z;
-            m[3][i][j] = points.w;
-        }
-    }
-    for (var k = 0u; k < 4u; k++) {
-        store_block(output_block(first + k), m[k]);
-    }
 }
 
 // Aᵀ m A for one block's points m, the bias added, the residual too and ACT applied.

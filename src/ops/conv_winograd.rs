@@ -176,18 +176,9 @@ pub(crate) fn weight_grad(
     for (first, count) in image_chunks(shape.n, 2 * problem.image_bytes(), chunk_limit(gpu)) {
         let images = (first, count);
         let v = Tensor::uninit(gpu, &[points, c, count * tiles])?;
-        let input = [(1, x.binding())];
-        by_tiles(&dispatch, "input", (&v, 2), &input, (c, tiles), images)?;
+        by_tiles(&dispatch, ("input", x), &v, (c, tiles), images)?;
         let dm = Tensor::uninit(gpu, &[points, o, count * tiles])?;
-        let output = [(1, dy.binding())];
-        by_tiles(
-            &dispatch,
-            "output_grad",
-            (&dm, 2),
-            &output,
-            (o, tiles),
-            images,
-        )?;
+        by_tiles(&dispatch, ("output_grad", dy), &dm, (o, tiles), images)?;
         let du = Tensor::uninit(gpu, &[points, o, c])?;
         nt.run(gpu, dm.operand(), v.operand(), None, du.operand())?;
         match &sum {
@@ -309,42 +300,41 @@ fn run_transformed(
     for (first, count) in image_chunks(n, problem.image_bytes(), chunk_limit(gpu)) {
         let images = (first, count);
         let v = Tensor::uninit(gpu, &[points, c, count * tiles])?;
-        let input = [(1, x.binding())];
-        by_tiles(&dispatch, "input", (&v, 2), &input, (c, tiles), images)?;
+        by_tiles(&dispatch, ("input", x), &v, (c, tiles), images)?;
         let m = Tensor::uninit(gpu, &[points, o, count * tiles])?;
         Matmul::default().run(gpu, u.operand(), v.operand(), None, m.operand())?;
         // Without a residual the products fill its (unread) slot.
         let output = [
+            (1, m.binding()),
             (2, out.binding()),
             (3, bias_slot.binding()),
             (4, residual.unwrap_or(&m).binding()),
         ];
-        by_tiles(&dispatch, "output", (&m, 1), &output, (o, tiles), images)?;
+        dispatch("output", &output, count * o * tiles, images)?;
     }
     Ok(())
 }
 
-/// Runs the transform `entry` over `planes` (channels or filters) × `tiles` per image of
-/// `images` (first, count), its tile points (V, M or dM) in `points` at binding `slot` (1 read,
-/// 2 written): as the `…4` twin, 4 tiles an invocation and the points as vec4s (at `slot` + 4),
-/// where an image's tiles come in fours; else one tile an invocation. On lavapipe (ResNet-20's
-/// step, 15 input, 10 output and 5 output-gradient passes) 42-44 -> 19-20 ms, 12.6 -> 12.2
-/// and 8.6-8.9 -> 5.9-6.2.
+/// Runs the tile transform `entry` (`input` or `output_grad`) over `planes` (channels or
+/// filters) × `tiles` per image of `images` (first, count), writing the tile points (V or dM)
+/// to `points`: as the `…4` twin, 4 tiles an invocation and the points stored as vec4s, where
+/// an image's tiles come in fours; else one tile an invocation. ResNet-20's step on lavapipe:
+/// its 15 input transforms 42-44 -> 19-20 ms, 5 output-gradient ones 8.6-8.9 -> 5.9-6.2; the
+/// 3×3 N8 64→64 56² rows unchanged. (The output transform reading M so was 0.97× at
+/// ResNet-20's 8×8 but 1.05× at 56², and stayed one tile an invocation.)
 fn by_tiles(
     dispatch: &impl Fn(&str, &[(u32, Binding<'_>)], usize, (usize, usize)) -> Result<()>,
-    entry: &str,
-    (points, slot): (&Tensor, u32),
-    others: &[(u32, Binding<'_>)],
+    (entry, source): (&str, &Tensor),
+    points: &Tensor,
     (planes, tiles): (usize, usize),
     images: (usize, usize),
 ) -> Result<()> {
     let total = images.1 * planes * tiles;
-    let mut bindings = others.to_vec();
     if tiles.is_multiple_of(4) {
-        bindings.push((slot + 4, points.binding_vec4()));
+        let bindings = [(1, source.binding()), (6, points.binding_vec4())];
         dispatch(&format!("{entry}4"), &bindings, total / 4, images)
     } else {
-        bindings.push((slot, points.binding()));
+        let bindings = [(1, source.binding()), (2, points.binding())];
         dispatch(entry, &bindings, total, images)
     }
 }
