@@ -1066,6 +1066,18 @@ fn winograd_convolutions_match_the_cpu() {
             Activation::Tanh,
             im2col,
         ),
+        // 9 tiles an image, 36 for the 4 images: the transforms' four-column invocations
+        // straddle images.
+        (
+            4,
+            17,
+            6,
+            6,
+            18,
+            Padding::Explicit(1, 1),
+            Activation::Relu,
+            winograd,
+        ),
     ];
     for gpu in gpus {
         for (i, (n, c, h, w, o, padding, activation, dx_kernel)) in cases.into_iter().enumerate() {
@@ -1114,6 +1126,8 @@ fn winograd_4x4_convolutions_match_the_cpu() {
             Activation::LeakyRelu(0.1),
         ),
         (1, 7, 10, 9, 3, Padding::Explicit(3, 3), Activation::Tanh),
+        // 9 tiles an image, 36 in all: four-column invocations straddle images.
+        (4, 9, 10, 10, 5, Padding::Explicit(1, 1), Activation::Relu),
     ];
     for gpu in gpus {
         for (i, (n, c, h, w, o, padding, activation)) in cases.into_iter().enumerate() {

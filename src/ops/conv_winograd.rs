@@ -318,7 +318,7 @@ fn run_transformed(
 /// Runs the tile transform `entry` (`input` or `output_grad`) over `planes` (channels or
 /// filters) × `tiles` per image of `images` (first, count), writing the tile points (V or dM)
 /// to `points`: as the `…4` twin, 4 tiles an invocation and the points stored as vec4s, where
-/// an image's tiles come in fours; else one tile an invocation. ResNet-20's step on lavapipe:
+/// the pass's images have a multiple of 4 tiles in all; else one tile an invocation. ResNet-20's step on lavapipe:
 /// its 15 input transforms 42-44 -> 19-20 ms, 5 output-gradient ones 8.6-8.9 -> 5.9-6.2; the
 /// 3×3 N8 64→64 56² rows unchanged. (The output transform reading M so was 0.97× at
 /// ResNet-20's 8×8 but 1.05× at 56², and stayed one tile an invocation.)
@@ -330,7 +330,7 @@ fn by_tiles(
     images: (usize, usize),
 ) -> Result<()> {
     let total = images.1 * planes * tiles;
-    if tiles.is_multiple_of(4) {
+    if (images.1 * tiles).is_multiple_of(4) {
         let bindings = [(1, source.binding()), (6, points.binding_vec4())];
         dispatch(&format!("{entry}4"), &bindings, total / 4, images)
     } else {
