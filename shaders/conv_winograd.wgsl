@@ -259,43 +259,36 @@ fn input(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups)
     }
 }
 
-// The `…4` entries, for passes whose images have a multiple of 4 tiles in all (src/ops/
-// conv_winograd.rs picks them): one invocation per 4 consecutive columns of one plane of V or
-// dM (the tiles of one image, then the next's), whose points lie side by side, so that each
-// point is one vec4 store instead of four per-lane scalar ones (on CPU adapters these
-// accesses, not the arithmetic, bound the transforms).
+// The `…4` entries, for images with a multiple of 4 tiles (src/ops/conv_winograd.rs picks
+// them): one invocation per 4 consecutive tiles of one image's plane, whose points lie side
+// by side in V and dM, so that each point is one vec4 store instead of four per-lane scalar
+// ones (on CPU adapters these accesses, not the arithmetic, bound the transforms).
 @group(0) @binding(6) var<storage, read_write> dst4: array<vec4<f32>>;
 
-// Column `column` of the pass's images·tiles: its image and tile.
-struct Column { image: u32, tile: u32 }
+// Invocation `index` over [images][planes][tiles / 4]: its image, plane and first tile.
+struct Quad { image: u32, plane: u32, tile: u32 }
 
-fn column_at(column: u32) -> Column {
-    let tiles = tiles_h() * tiles_w();
-    return Column(column / tiles, column % tiles);
+fn quad_at(index: u32, planes: u32) -> Quad {
+    let quads = tiles_h() * tiles_w() / 4u;
+    return Quad(index / (quads * planes), (index / quads) % planes, index % quads * 4u);
 }
 
-// Invocation `index` over [planes][images·tiles / 4]: its plane, and its first column as
-// the vec4 of the plane's points it stores.
-fn quad_plane(index: u32) -> u32 { return index / (p.images * tiles_h() * tiles_w() / 4u); }
-fn quad_column4(index: u32) -> u32 { return index % (p.images * tiles_h() * tiles_w() / 4u); }
-
-// `input` over 4 columns.
+// `input` over 4 tiles.
 @compute @workgroup_size(WORKGROUP)
 fn input4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let index = invocation_index(gid, nwg);
     if index >= p.total { return; }
-    let c = quad_plane(index);
-    let column4 = quad_column4(index);
+    let q = quad_at(index, C);
     var v: array<Square, 4>;
     for (var k = 0u; k < 4u; k++) {
-        let at = column_at(4u * column4 + k);
-        v[k] = input_tile(at.image, c, at.tile);
+        v[k] = input_tile(q.image, q.plane, q.tile + k);
     }
-    let columns4 = p.images * tiles_h() * tiles_w() / 4u;
+    let tiles = tiles_h() * tiles_w();
+    let columns4 = p.images * tiles / 4u;
+    let at4 = q.plane * columns4 + (q.image * tiles + q.tile) / 4u;
     for (var i = 0u; i < side(); i++) {
         for (var j = 0u; j < side(); j++) {
-            dst4[((i * side() + j) * C + c) * columns4 + column4] =
-                vec4<f32>(v[0][i][j], v[1][i][j], v[2][i][j], v[3][i][j]);
+            dst4[(i * side() + j) * C * columns4 + at4] = vec4<f32>(v[0][i][j], v[1][i][j], v[2][i][j], v[3][i][j]);
         }
     }
 }
@@ -353,23 +346,21 @@ fn output_grad(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workg
     }
 }
 
-// `output_grad` over 4 columns.
+// `output_grad` over 4 tiles.
 @compute @workgroup_size(WORKGROUP)
 fn output_grad4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let index = invocation_index(gid, nwg);
     if index >= p.total { return; }
-    let o = quad_plane(index);
-    let column4 = quad_column4(index);
-    let tiles = tiles_h() * tiles_w();
+    let q = quad_at(index, O);
+    let first = (q.image * O + q.plane) * tiles_h() * tiles_w() + q.tile;
     var points: array<Square, 4>;
     for (var k = 0u; k < 4u; k++) {
-        let at = column_at(4u * column4 + k);
-        points[k] = output_grad_points(output_block((at.image * O + o) * tiles + at.tile));
+        points[k] = output_grad_points(output_block(first + k));
     }
-    let columns4 = p.images * tiles / 4u;
+    let block = output_block(first);
     for (var i = 0u; i < side(); i++) {
         for (var j = 0u; j < side(); j++) {
-            dst4[((i * side() + j) * O + o) * columns4 + column4] =
+            dst4[((i * side() + j) * block.stride + block.at) / 4u] =
                 vec4<f32>(points[0][i][j], points[1][i][j], points[2][i][j], points[3][i][j]);
         }
     }

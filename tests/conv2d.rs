@@ -1066,8 +1066,7 @@ fn winograd_convolutions_match_the_cpu() {
             Activation::Tanh,
             im2col,
         ),
-        // 9 tiles an image, 36 for the 4 images: the transforms' four-column invocations
-        // straddle images.
+        // 9 tiles an image: the transforms take one tile an invocation.
         (
             4,
             17,
@@ -1126,7 +1125,7 @@ fn winograd_4x4_convolutions_match_the_cpu() {
             Activation::LeakyRelu(0.1),
         ),
         (1, 7, 10, 9, 3, Padding::Explicit(3, 3), Activation::Tanh),
-        // 9 tiles an image, 36 in all: four-column invocations straddle images.
+        // 9 tiles an image: one tile an invocation.
         (4, 9, 10, 10, 5, Padding::Explicit(1, 1), Activation::Relu),
     ];
     for gpu in gpus {

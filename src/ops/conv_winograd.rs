@@ -318,10 +318,13 @@ fn run_transformed(
 /// Runs the tile transform `entry` (`input` or `output_grad`) over `planes` (channels or
 /// filters) × `tiles` per image of `images` (first, count), writing the tile points (V or dM)
 /// to `points`: as the `…4` twin, 4 tiles an invocation and the points stored as vec4s, where
-/// the pass's images have a multiple of 4 tiles in all; else one tile an invocation. ResNet-20's step on lavapipe:
+/// an image's tiles come in fours; else one tile an invocation. ResNet-20's step on lavapipe:
 /// its 15 input transforms 42-44 -> 19-20 ms, 5 output-gradient ones 8.6-8.9 -> 5.9-6.2; the
 /// 3×3 N8 64→64 56² rows unchanged. (The output transform reading M so was 0.97× at
-/// ResNet-20's 8×8 but 1.05× at 56², and stayed one tile an invocation.)
+/// ResNet-20's 8×8 but 1.05× at 56², and stayed one tile an invocation. Quads of four
+/// columns across images, for images with other tile counts, ordered plane-fastest so as to
+/// divide by constants only, took ResNet-20's input transforms 20 -> 26-31 ms: the lanes of
+/// a subgroup then wrote eight planes, not two.)
 fn by_tiles(
     dispatch: &impl Fn(&str, &[(u32, Binding<'_>)], usize, (usize, usize)) -> Result<()>,
     (entry, source): (&str, &Tensor),
@@ -330,7 +333,7 @@ fn by_tiles(
     images: (usize, usize),
 ) -> Result<()> {
     let total = images.1 * planes * tiles;
-    if (images.1 * tiles).is_multiple_of(4) {
+    if tiles.is_multiple_of(4) {
         let bindings = [(1, source.binding()), (6, points.binding_vec4())];
         dispatch(&format!("{entry}4"), &bindings, total / 4, images)
     } else {
