@@ -318,13 +318,9 @@ fn run_transformed(
 /// Runs the tile transform `entry` (`input` or `output_grad`) over `planes` (channels or
 /// filters) × `tiles` per image of `images` (first, count), writing the tile points (V or dM)
 /// to `points`: as the `…4` twin, 4 tiles an invocation and the points stored as vec4s, where
-/// an image's tiles come in fours; else one tile an invocation. ResNet-20's step on lavapipe:
-/// its 15 input transforms 42-44 -> 19-20 ms, 5 output-gradient ones 8.6-8.9 -> 5.9-6.2; the
-/// 3×3 N8 64→64 56² rows unchanged. (The output transform reading M so was 0.97× at
-/// ResNet-20's 8×8 but 1.05× at 56², and stayed one tile an invocation. Quads of four
-/// columns across images, for images with other tile counts, ordered plane-fastest so as to
-/// divide by constants only, took ResNet-20's input transforms 20 -> 26-31 ms: the lanes of
-/// a subgroup then wrote eight planes, not two.)
+/// an image's tiles come in fours; else one tile an invocation. On lavapipe ResNet-20's input
+/// transforms took 19-20 ms a step instead of 42-44; the output transform read so, and quads
+/// across images, were slower (benches/README.md).
 fn by_tiles(
     dispatch: &impl Fn(&str, &[(u32, Binding<'_>)], usize, (usize, usize)) -> Result<()>,
     (entry, source): (&str, &Tensor),
