@@ -45,11 +45,7 @@ fn backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgrou
     for (var i = invocation_index(gid, nwg); i < p.total; i += grid_stride(nwg)) {
         var d = b[i];
         if PARTS == 2u { d += more[i]; }
-        if ACT != 0u {
-            let y = a[i];
-            d *= vec4<f32>(activation_derivative(y.x, ACT, p.slope), activation_derivative(y.y, ACT, p.slope),
-                           activation_derivative(y.z, ACT, p.slope), activation_derivative(y.w, ACT, p.slope));
-        }
+        if ACT != 0u { d *= activation_derivative_vec4(a[i], ACT, p.slope); }
         out[i] = d;
         out2[i] = d;
     }

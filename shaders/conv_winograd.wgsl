@@ -285,10 +285,15 @@ fn input4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups
     }
     let tiles = tiles_h() * tiles_w();
     let columns4 = p.images * tiles / 4u;
-    let at4 = q.plane * columns4 + (q.image * tiles + q.tile) / 4u;
+    store_points4(v, C * columns4, q.plane * columns4 + (q.image * tiles + q.tile) / 4u);
+}
+
+// Four tiles' points, point (i, j) as one vec4 at (i·T + j)·stride4 + at4 of dst4.
+fn store_points4(points: array<Square, 4>, stride4: u32, at4: u32) {
     for (var i = 0u; i < side(); i++) {
         for (var j = 0u; j < side(); j++) {
-            dst4[(i * side() + j) * C * columns4 + at4] = vec4<f32>(v[0][i][j], v[1][i][j], v[2][i][j], v[3][i][j]);
+            dst4[(i * side() + j) * stride4 + at4] =
+                vec4<f32>(points[0][i][j], points[1][i][j], points[2][i][j], points[3][i][j]);
         }
     }
 }
@@ -358,12 +363,7 @@ fn output_grad4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_work
         points[k] = output_grad_points(output_block(first + k));
     }
     let block = output_block(first);
-    for (var i = 0u; i < side(); i++) {
-        for (var j = 0u; j < side(); j++) {
-            dst4[((i * side() + j) * block.stride + block.at) / 4u] =
-                vec4<f32>(points[0][i][j], points[1][i][j], points[2][i][j], points[3][i][j]);
-        }
-    }
+    store_points4(points, block.stride / 4u, block.at / 4u);
 }
 
 // A g Aᵀ for one block's g (dy, zero past the output's edge): the block's T² points of dM.

@@ -366,8 +366,7 @@ fn total(v: vec4<f32>) -> f32 { return v.x + v.y + v.z + v.w; }
 fn through_act4(d: vec4<f32>, xhat: vec4<f32>, a: Affine4) -> vec4<f32> {
     if ACT == 0u { return d; }
     let y = activate_vec4(xhat * a.gamma + a.beta, ACT, p.slope);
-    return d * vec4<f32>(activation_derivative(y.x, ACT, p.slope), activation_derivative(y.y, ACT, p.slope),
-                         activation_derivative(y.z, ACT, p.slope), activation_derivative(y.w, ACT, p.slope));
+    return d * activation_derivative_vec4(y, ACT, p.slope);
 }
 
 @compute @workgroup_size(GROUP_LANES)
