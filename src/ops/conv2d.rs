@@ -778,12 +778,21 @@ impl Conv2d {
             // [images·G, C/G·KH·KW, positions].
             let (dy_shape, col_shape) =
                 ([count * g, o / g, positions], [count * g, taps, positions]);
-            let dy_chunk = Tensor::uninit(&gpu, &[count, o, positions])?;
-            gpu.copy(
-                (dy.buffer(), first as u64 * image_dy),
-                (dy_chunk.buffer(), 0),
-                count as u64 * image_dy,
-            )?;
+            // A chunk of the whole batch reads dy and writes dx where they are; others copy
+            // their images out and back.
+            let whole = count == shape.n;
+            let dy_copy = if whole {
+                None
+            } else {
+                let copy = Tensor::uninit(&gpu, &[count, o, positions])?;
+                gpu.copy(
+                    (dy.buffer(), first as u64 * image_dy),
+                    (copy.buffer(), 0),
+                    count as u64 * image_dy,
+                )?;
+                Some(copy)
+            };
+            let dy_chunk = dy_copy.as_ref().unwrap_or(dy);
             if let Some(dweight) = &dweight {
                 // dW += Σ_n dy[n] · col[n]ᵀ
                 let col = self.im2col(&gpu, &shape, x, first, count)?;
@@ -824,6 +833,10 @@ impl Conv2d {
                 None,
                 dcol.operand(),
             )?;
+            if whole {
+                self.run_im2col_kernel(&gpu, &shape, "col2im", (&dcol, dx), (0, count))?;
+                continue;
+            }
             let dx_chunk = Tensor::uninit(&gpu, &[count, shape.c, shape.h, shape.w])?;
             self.run_im2col_kernel(&gpu, &shape, "col2im", (&dcol, &dx_chunk), (0, count))?;
             gpu.copy(
