@@ -771,7 +771,6 @@ impl Conv2d {
 
         let g = shape.groups;
         let image_in = (shape.c * shape.h * shape.w) as u64 * 4;
-        let image_dy = (o * positions) as u64 * 4;
         let partials = dweight.is_some();
         for (index, (first, count)) in chunks(&gpu, &shape, partials)?.into_iter().enumerate() {
             // One product per image and group: dy as [images·G, O/G, positions], col as
@@ -781,17 +780,7 @@ impl Conv2d {
             // A chunk of the whole batch reads dy and writes dx where they are; others copy
             // their images out and back.
             let whole = count == shape.n;
-            let dy_copy = if whole {
-                None
-            } else {
-                let copy = Tensor::uninit(&gpu, &[count, o, positions])?;
-                gpu.copy(
-                    (dy.buffer(), first as u64 * image_dy),
-                    (copy.buffer(), 0),
-                    count as u64 * image_dy,
-                )?;
-                Some(copy)
-            };
+            let dy_copy = chunk_copy(dy, (first, count))?;
             let dy_chunk = dy_copy.as_ref().unwrap_or(dy);
             if let Some(dweight) = &dweight {
                 // dW += Σ_n dy[n] · col[n]ᵀ
@@ -1029,6 +1018,25 @@ pub(crate) fn image_chunks(n: usize, per_image: u64, limit: u64) -> Vec<(usize, 
         .step_by(images)
         .map(|first| (first, images.min(n - first)))
         .collect()
+}
+
+/// Images `first..first + count` of `t` (batch first) as a tensor of their own, or `None`
+/// where they are all of it: a chunk of a batch read in place when it is the whole batch.
+pub(crate) fn chunk_copy(t: &Tensor, (first, count): (usize, usize)) -> Result<Option<Tensor>> {
+    let n = t.shape().first().copied().unwrap_or(0);
+    if count == n {
+        return Ok(None);
+    }
+    let mut shape = t.shape().to_vec();
+    shape[0] = count;
+    let copy = Tensor::uninit(t.gpu(), &shape)?;
+    let image = (t.len() / n) as u64 * 4;
+    t.gpu().copy(
+        (t.buffer(), first as u64 * image),
+        (copy.buffer(), 0),
+        count as u64 * image,
+    )?;
+    Ok(Some(copy))
 }
 
 /// Mirrors `Params` in shaders/im2col.wgsl.

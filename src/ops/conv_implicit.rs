@@ -8,7 +8,7 @@
 //! Any kernel size, stride, padding and dilation, one group. The CPU reference is
 //! `conv2d_cpu` / `conv2d_backward_cpu`.
 
-use super::conv2d::{Conv2d, Conv2dShape, chunk_limit, image_chunks};
+use super::conv2d::{Conv2d, Conv2dShape, chunk_copy, chunk_limit, image_chunks};
 use super::matmul::{BiasAxis, KernelChoice, Matmul, Window, swap_leading_axes};
 use super::reduce::sum_axes;
 use crate::error::Result;
@@ -141,20 +141,9 @@ pub(crate) fn weight_grad(
     let per_image = (o * taps) as u64 * 4;
     gpu.check_buffer_size("one image's weight-gradient product", per_image)?;
     let chunks = image_chunks(shape.n, per_image, chunk_limit(gpu));
-    let image_dy = (o * positions) as u64 * 4;
     for (index, &(first, count)) in chunks.iter().enumerate() {
         // dy's images of this chunk as the product's A (the whole of dy when one chunk).
-        let dy_chunk = if chunks.len() == 1 {
-            None
-        } else {
-            let chunk = Tensor::uninit(gpu, &[count, o, positions])?;
-            gpu.copy(
-                (dy.buffer(), first as u64 * image_dy),
-                (chunk.buffer(), 0),
-                count as u64 * image_dy,
-            )?;
-            Some(chunk)
-        };
+        let dy_chunk = chunk_copy(dy, (first, count))?;
         let a_shape = [count, o, positions];
         let a = dy_chunk.as_ref().unwrap_or(dy).operand_as(&a_shape);
         let b = window(
