@@ -305,11 +305,7 @@ fn output(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups
     let index = invocation_index(gid, nwg);
     if index >= p.total { return; }
     let block = output_block(index);
-    store_block(block, load_points(block.stride, block.at));
-}
-
-// Aᵀ m A for one block's points m, the bias added, the residual too and ACT applied.
-fn store_block(block: Block, m: Square) {
+    let m = load_points(block.stride, block.at);
     // Aᵀ m: TILE×T, column by column.
     var am: Square;
     for (var j = 0u; j < side(); j++) {
