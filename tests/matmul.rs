@@ -158,7 +158,13 @@ fn sizes_around_the_tiles_and_tiny_ones() {
                     kernel,
                     ..Matmul::default()
                 };
-                check(gpu, spec, (None, None), (m, k, n), (m * k * n) as u64);
+                let plan = check(gpu, spec, (None, None), (m, k, n), (m * k * n) as u64);
+                // Products under 65,536 outputs run two rows a lane on the subgroup kernel
+                // (four where a transposed A is read as it lies): these shapes test that tile.
+                if let MatmulPlan::Subgroup { rows, subgroup, .. } = plan {
+                    let a_cols = trans_a && m % 4 == 0 && m >= 4 * subgroup as usize;
+                    assert_eq!(rows, if a_cols { 4 } else { 2 }, "{plan} m={m} k={k} n={n}");
+                }
             }
         }
     }

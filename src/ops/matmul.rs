@@ -353,25 +353,27 @@ impl Matmul {
                      from 4 to 32; use KernelChoice::Auto or Tiled"
                 .into(),
         })?;
-        // Small products (a linear layer at batch 64) gain nothing from large register tiles
-        // but pay for them twice: few tiles to spread over the threads, and seconds of shader
-        // compilation for the fully unrolled body. They get one row by 8 columns per lane.
+        // Small products (a linear layer at batch 64) pay for a large register tile twice:
+        // few tiles to spread over the threads, and up to a second of shader compilation per
+        // variant for its unrolled body. They get 2 rows × 16 columns a lane: LeNet's nine
+        // products took 0.87 ms a step against 1.28 with 1 × 8 and 0.89 with 4 × 32, MNIST's
+        // cold first step 1.65 s against 1.5 and 2.6.
         let small = shape.batch * shape.m * shape.n < SMALL_PRODUCT;
         // A given transposed with M a multiple of 4 (a weight gradient's dzᵀ) is read as it
         // lies, four rows per lane (see `SubgroupKernel::a_cols`), when that needs no
         // transposed run.
         let a_cols =
             self.trans_a && shape.m.is_multiple_of(4) && shape.m >= (subgroup * 4) as usize;
-        let rows = if small && !a_cols { 1 } else { 4 };
+        let rows = if small && !a_cols { 2 } else { 4 };
         // A tile spans subgroup·rows output rows: a product with fewer rows and more columns
         // runs transposed, so that its long side fills the lanes.
         let transposed = !implicit_b && shape.m < (subgroup * rows) as usize && shape.n > shape.m;
         let n = if transposed { shape.m } else { shape.n };
         // Wide column tiles share each broadcast B value across more FMAs; narrow outputs
         // would waste them.
-        let cols = if n <= 8 || small {
+        let cols = if n <= 8 {
             8
-        } else if n <= 16 {
+        } else if n <= 16 || small {
             16
         } else {
             32
