@@ -357,7 +357,7 @@ impl Matmul {
         // few tiles to spread over the threads, and up to a second of shader compilation per
         // variant for its unrolled body. They get 2 rows × 16 columns a lane: LeNet's nine
         // products took 0.87 ms a step against 1.28 with 1 × 8 and 0.89 with 4 × 32, MNIST's
-        // cold first step 1.65 s against 1.5 and 2.6.
+        // cold first step 1.77 s against 1.52 and 2.6.
         let small = shape.batch * shape.m * shape.n < SMALL_PRODUCT;
         // A given transposed with M a multiple of 4 (a weight gradient's dzᵀ) is read as it
         // lies, four rows per lane (see `SubgroupKernel::a_cols`), when that needs no
