@@ -343,6 +343,36 @@ fn few_rows_run_transposed(gpu: &Gpu, kernel: KernelChoice) {
     }
 }
 
+/// A K that is not a multiple of 4 with a wide B (an im2col product of an RGB stem) runs
+/// transposed, so that B is read as it lies and only A is packed: bias per row, B shared
+/// and batched, outputs that fill no tile.
+#[test]
+fn unaligned_k_with_wide_b_runs_transposed() {
+    let Some(gpu) = gpu() else { return };
+    for kernel in subgroup_kernels(gpu) {
+        for (batch, trans_a) in [((None, None), false), ((None, Some(2)), true)] {
+            let spec = Matmul {
+                trans_a,
+                bias: BiasAxis::PerRow,
+                activation: Activation::Relu,
+                kernel,
+                ..Matmul::default()
+            };
+            let plan = check(gpu, spec, batch, (40, 27, 2004), 21);
+            assert!(
+                matches!(
+                    plan,
+                    MatmulPlan::Subgroup {
+                        transposed: true,
+                        ..
+                    }
+                ),
+                "{plan}"
+            );
+        }
+    }
+}
+
 /// Inner dimensions past the loop bound (issue 21): K = 270,000 walks past lavapipe's
 /// 65,535-iteration cap in one invocation, so the kernels split K into passes, each adding
 /// to C, with bias and activation applied once at the end. Small integers make every sum

@@ -367,7 +367,14 @@ impl Matmul {
         let rows = if small && !a_cols { 2 } else { 4 };
         // A tile spans subgroup·rows output rows: a product with fewer rows and more columns
         // runs transposed, so that its long side fills the lanes.
-        let transposed = !implicit_b && shape.m < (subgroup * rows) as usize && shape.n > shape.m;
+        let few_rows = shape.m < (subgroup * rows) as usize;
+        // A K that is not a multiple of 4 has B (K×N) packed into vec4 rows; run transposed,
+        // B is read as it lies (as A's columns, see `SubgroupKernel::a_cols`) and only A
+        // (M×K) is packed: an im2col product of a 7×7 RGB stem, 64×147×12544, took 18 ms
+        // against 4.7.
+        let unaligned_k =
+            !self.trans_b && !shape.k.is_multiple_of(4) && shape.n.is_multiple_of(4) && rows == 4;
+        let transposed = !implicit_b && (few_rows || unaligned_k) && shape.n > shape.m;
         let n = if transposed { shape.m } else { shape.n };
         // Wide column tiles share each broadcast B value across more FMAs; narrow outputs
         // would waste them.
