@@ -59,9 +59,14 @@ pub fn train_step(
     input: impl FnOnce(&Device) -> Result<Value>,
     labels: &[usize],
 ) -> Result<StepOutput> {
-    train_step_with(model, optimizer, input, |logits, _| {
-        cross_entropy(logits, labels)
-    })
+    // Cross-entropy needs only the logits: no copy of the input is kept.
+    step(
+        model,
+        optimizer,
+        input,
+        |_| Ok(()),
+        |logits, ()| cross_entropy(logits, labels),
+    )
 }
 
 /// A training step with any loss: `loss(logits, x)` returns the loss, its gradient with
@@ -73,10 +78,22 @@ pub fn train_step_with(
     input: impl FnOnce(&Device) -> Result<Value>,
     loss: impl FnOnce(&Value, &Value) -> Result<CrossEntropy<Value>>,
 ) -> Result<StepOutput> {
+    step(model, optimizer, input, Value::duplicate, loss)
+}
+
+/// One recorded step: `keep` takes what the loss needs of the input before the forward pass
+/// consumes it.
+fn step<K>(
+    model: &mut Graph,
+    optimizer: &mut GraphOptimizer,
+    input: impl FnOnce(&Device) -> Result<Value>,
+    keep: impl FnOnce(&Value) -> Result<K>,
+    loss: impl FnOnce(&Value, &K) -> Result<CrossEntropy<Value>>,
+) -> Result<StepOutput> {
     let device = model.device().clone();
     let out = device.record(|| {
         let x = input(&device)?;
-        let kept = x.duplicate()?;
+        let kept = keep(&x)?;
         let logits = model.forward(x, Mode::Train)?;
         let ce = loss(logits, &kept)?;
         model.check_finite_value("the loss", &ce.loss)?;
