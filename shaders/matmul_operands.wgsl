@@ -62,6 +62,27 @@ fn store4(batch: u32, row: u32, col4: u32, value: vec4<f32>) {
     }
 }
 
+//- store_vec4_rows
+// For transposed outputs (C[b] stored [n][m]) with M a multiple of 4: a lane's four rows
+// (from a multiple of 4) at one column as one vec4, next to its neighbour lanes' rows.
+@group(0) @binding(4) var<storage, read_write> c: array<vec4<f32>>;
+fn store4_rows(batch: u32, row: u32, col: u32, value: vec4<f32>) {
+    if row < p.m && col < p.n {
+        let at = ((batch * p.n + col) * p.m + row) / 4u;
+        var v = value;
+        if ADD_TO_C == 1u { v += c[at]; }
+        if FINISH == 1u {
+            v = vec4<f32>(
+                finish(row, col, v.x),
+                finish(row + 1u, col, v.y),
+                finish(row + 2u, col, v.z),
+                finish(row + 3u, col, v.w),
+            );
+        }
+        c[at] = v;
+    }
+}
+
 //- tiled_b
 // For shaders/matmul.wgsl: op(B)[batch][k][n] through B's strides (`b_quads` makes quads).
 @group(0) @binding(2) var<storage, read> b: array<f32>;

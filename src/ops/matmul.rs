@@ -854,7 +854,13 @@ impl Matmul {
             subgroup,
             subgroups_per_group,
             textures,
-            vec4_store: !transposed && n % 4 == 0,
+            store: if !transposed && n.is_multiple_of(4) {
+                StoreC::Columns4
+            } else if transposed && rows == 4 && m.is_multiple_of(4) {
+                StoreC::Rows4
+            } else {
+                StoreC::Scalar
+            },
             a_cols,
             b_rows,
             window: window.map(|w| w.section),
@@ -1155,8 +1161,8 @@ struct SubgroupKernel {
     subgroups_per_group: u32,
     /// Operands through textures instead of storage buffers.
     textures: bool,
-    /// Row-major output with N a multiple of 4: one vec4 store per 4 columns.
-    vec4_store: bool,
+    /// How C is stored.
+    store: StoreC,
     /// A read as its transpose's rows ([K][M], M a multiple of 4, four rows per lane) instead
     /// of dense [M][K]: per four K steps, four vec4 loads as the dense layout takes.
     a_cols: bool,
@@ -1164,6 +1170,18 @@ struct SubgroupKernel {
     b_rows: bool,
     /// B read through a convolution's windows: the section of shaders/conv_implicit.wgsl.
     window: Option<&'static str>,
+}
+
+/// How the subgroup kernel stores C.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum StoreC {
+    /// One float at a time.
+    Scalar,
+    /// Row-major output with N a multiple of 4: one vec4 per 4 columns of a row.
+    Columns4,
+    /// Transposed output (`[n][m]`) with M a multiple of 4 and four rows a lane: one vec4 per
+    /// column of the lane's rows, so that a subgroup's lanes write one contiguous run.
+    Rows4,
 }
 
 /// The CPU reference: `act(op(A) · op(B) + bias)` with ndarray's `dot`, batch by batch.
@@ -1330,20 +1348,37 @@ impl Generated for SubgroupKernel {
                 }
             }
         }
-        for r in 0..rows {
-            for g in 0..col_groups {
-                if self.vec4_store {
-                    let _ = writeln!(
-                        store,
-                        "    store4(batch, row0 + {r}u, col4 + {g}u, acc_{r}_{g});"
-                    );
-                    continue;
+        match self.store {
+            StoreC::Rows4 => {
+                for g in 0..col_groups {
+                    for (i, component) in components.iter().enumerate() {
+                        let column: Vec<String> =
+                            (0..4).map(|r| format!("acc_{r}_{g}.{component}")).collect();
+                        let _ = writeln!(
+                            store,
+                            "    store4_rows(batch, row0, (col4 + {g}u) * 4u + {i}u, vec4<f32>({}));",
+                            column.join(", ")
+                        );
+                    }
                 }
-                for (i, component) in ["x", "y", "z", "w"].iter().enumerate() {
-                    let _ = writeln!(
-                        store,
-                        "    store(batch, row0 + {r}u, (col4 + {g}u) * 4u + {i}u, acc_{r}_{g}.{component});"
-                    );
+            }
+            StoreC::Columns4 | StoreC::Scalar => {
+                for r in 0..rows {
+                    for g in 0..col_groups {
+                        if self.store == StoreC::Columns4 {
+                            let _ = writeln!(
+                                store,
+                                "    store4(batch, row0 + {r}u, col4 + {g}u, acc_{r}_{g});"
+                            );
+                            continue;
+                        }
+                        for (i, component) in components.iter().enumerate() {
+                            let _ = writeln!(
+                                store,
+                                "    store(batch, row0 + {r}u, (col4 + {g}u) * 4u + {i}u, acc_{r}_{g}.{component});"
+                            );
+                        }
+                    }
                 }
             }
         }
@@ -1367,10 +1402,10 @@ impl Generated for SubgroupKernel {
             .replace("{{TEXTURE_WIDTH_LOG2}}", &TEXTURE_WIDTH_LOG2.to_string());
         let output = wgsl_section(
             parts,
-            if self.vec4_store {
-                "store_vec4"
-            } else {
-                "store_scalar"
+            match self.store {
+                StoreC::Scalar => "store_scalar",
+                StoreC::Columns4 => "store_vec4",
+                StoreC::Rows4 => "store_vec4_rows",
             },
         );
         let kernel = include_str!("../../shaders/matmul_subgroup.wgsl")
@@ -1471,5 +1506,66 @@ mod tests {
             out: vec![600, 6, 20],
         };
         assert!(SplitK::choose(&gpu, &big).unwrap().slices >= 2);
+    }
+
+    /// A product added to what C holds (a pointwise convolution's residual sum), the bias
+    /// and ReLU applied after the sum, with each way of storing C on the subgroup kernel:
+    /// vec4s along a row, a transposed run's vec4s down four rows, and floats (a small
+    /// product's two-row tile).
+    #[test]
+    fn products_added_to_c_match_the_cpu() {
+        let Some(gpu) = gpu(GpuOptions::from_env().unwrap()) else {
+            return;
+        };
+        let Some(subgroup) = gpu.fixed_subgroup_size() else {
+            return;
+        };
+        let spec = Matmul {
+            bias: BiasAxis::PerRow,
+            activation: Activation::Relu,
+            kernel: KernelChoice::Subgroup,
+            ..Matmul::default()
+        };
+        let rows = (4 * subgroup) as usize;
+        for ((m, k, n), transposed) in [
+            ((rows + 8, 12, 2048), false),
+            ((8, 12, 8192), true),
+            ((8, 12, 100), true),
+        ] {
+            let (a, b) = (random(&[m, k], 1), random(&[k, n], 2));
+            let (c, bias) = (random(&[m, n], 3), random(&[m], 4));
+            let product = matmul_cpu(&Matmul::default(), &a.view(), &b.view(), None).unwrap();
+            let mut want = product.into_shape_with_order(IxDyn(&[m, n])).unwrap() + &c;
+            for ((row, _), v) in want
+                .view_mut()
+                .into_dimensionality::<ndarray::Ix2>()
+                .unwrap()
+                .indexed_iter_mut()
+            {
+                *v = (*v + bias[row]).max(0.0);
+            }
+            let tensor = |x: &ArrayD<f32>| Tensor::from_array(&gpu, x).unwrap();
+            let (ta, tb, tbias, out) = (tensor(&a), tensor(&b), tensor(&bias), tensor(&c));
+            let plan = spec
+                .run_adding(
+                    &gpu,
+                    ta.operand(),
+                    tb.operand(),
+                    Some(tbias.operand()),
+                    out.operand(),
+                )
+                .unwrap();
+            assert!(
+                matches!(plan, MatmulPlan::Subgroup { transposed: t, .. } if t == transposed),
+                "{plan}"
+            );
+            let got = out.to_array().unwrap();
+            let diff = got
+                .iter()
+                .zip(&want)
+                .map(|(g, w)| (g - w).abs())
+                .fold(0.0f32, f32::max);
+            assert!(diff <= 1e-5, "{plan} {m}×{k}×{n}: off by {diff}");
+        }
     }
 }
