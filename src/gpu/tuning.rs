@@ -73,8 +73,8 @@ pub struct TuningReport {
 /// read, and the shapes are measured again. 2: the direct weight gradient's two filters a
 /// lane; 3: the direct convolution's blocks of 16; 4: trials start with cold caches; 5: the
 /// subgroup matmul runs a product with K not a multiple of 4 transposed (an im2col product of
-/// an RGB stem 3.5× faster).
-const KERNELS_REVISION: u32 = 5;
+/// an RGB stem 3.5× faster); 6: implicit GEMM takes eight rows a lane for 64 filters or more.
+const KERNELS_REVISION: u32 = 6;
 
 const HEADER: &str = "# wgcnn kernel tuning v1: adapter\tkey\tchosen\tcandidate=seconds;…";
 

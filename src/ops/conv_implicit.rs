@@ -247,6 +247,16 @@ mod tests {
                 Padding::Explicit(2, 2),
                 Activation::None,
             ),
+            // A stem-like layer with 65,536 outputs or more and 64 filters or more: the
+            // subgroup kernel's eight rows a lane (70 filters: a part tile).
+            (
+                [2, 3, 66, 62],
+                [70, 3, 7, 7],
+                2,
+                1,
+                Padding::Explicit(3, 3),
+                Activation::Relu,
+            ),
             // 67,600 positions: the weight gradient's K runs in passes within the loop bound.
             (
                 [1, 1, 260, 260],
