@@ -48,7 +48,7 @@ pub struct TunedChoice {
     /// The kernel chosen.
     pub chosen: String,
     /// Each candidate with the fastest of its timed runs in seconds (`None`: it failed or
-    /// was not timed).
+    /// was not timed; where the close candidates raced again on a wider batch, only theirs).
     pub candidates: Vec<(String, Option<f64>)>,
     /// Where the choice came from.
     pub source: ChoiceSource,
@@ -73,8 +73,9 @@ pub struct TuningReport {
 /// read, and the shapes are measured again. 2: the direct weight gradient's two filters a
 /// lane; 3: the direct convolution's blocks of 16; 4: trials start with cold caches; 5: the
 /// subgroup matmul runs a product with K not a multiple of 4 transposed (an im2col product of
-/// an RGB stem 3.5× faster); 6: implicit GEMM takes eight rows a lane for 64 filters or more.
-const KERNELS_REVISION: u32 = 6;
+/// an RGB stem 3.5× faster); 6: implicit GEMM takes eight rows a lane for 64 filters or more;
+/// 7: a trial's close candidates race again on up to the layer's batch (keys name that batch).
+const KERNELS_REVISION: u32 = 7;
 
 const HEADER: &str = "# wgcnn kernel tuning v1: adapter\tkey\tchosen\tcandidate=seconds;…";
 

@@ -5,7 +5,9 @@
 //! the shape times each of them on a thread of its own (`Gpu::tuned`: once per adapter and
 //! shape, remembered in memory and in the cache file) and keeps the fastest. The trial runs
 //! at the layer's own batch size, or at a smaller power of two for layers heavier than
-//! [`TRIAL_FLOPS`], so that measuring a model stays within seconds on lavapipe.
+//! [`TRIAL_FLOPS`], so that measuring a model stays within seconds on lavapipe; the
+//! candidates it leaves close to the leader then race again on up to the layer's batch
+//! (within [`FINAL_FLOPS`]), where the families' efficiency can rank them otherwise.
 //!
 //! [`Tuning::Fixed`]: crate::gpu::Tuning::Fixed
 
@@ -35,6 +37,13 @@ const GROUPED_MATMUL_TAPS_BACKWARD: usize = 16;
 /// images (2^26) made a step of 970–975 ms, on 64 805–902 and on all 128 777–920 (three
 /// alternated runs each); measuring all its shapes took 12.8 s on 64 against 27.8 on 128.
 const TRIAL_FLOPS: f64 = (1u64 << 29) as f64;
+
+/// Forward floating-point operations up to which the candidates that a trial on fewer images
+/// left within [`CLOSE`] of the leader race again on more (the layer's batch, or the largest
+/// power of two within this): a wider batch can rank them otherwise. ResNet-18's layer2 3×3
+/// at batch 8 timed on two images had F(2×2, 3×3) ahead of F(4×4) (5.3 against 5.6 ms) in one
+/// tuning and behind in another; on all eight F(4×4) takes 13 ms there and F(2×2) 19.
+const FINAL_FLOPS: f64 = (1u64 << 31) as f64;
 
 /// Floats a trial copies between two buffers of its own before each candidate's runs (48
 /// MiB each way, past a host's last-level cache): on a CPU adapter this evicts the caches,
@@ -259,12 +268,12 @@ impl Conv2d {
             return Ok(candidates[0]);
         }
         let names: Vec<String> = candidates.iter().map(|k| k.name().into()).collect();
-        let trial = trial_shape(shape);
-        let key = self.tuning_key("forward", &trial);
-        let chosen = tuned(gpu, &trial, &key, &names, false, |t, i| {
+        let rounds = Rounds::of(shape);
+        let key = self.tuning_key("forward", &rounds.last);
+        let chosen = tuned(gpu, &rounds, &key, &names, false, |t, trial, i| {
             let out = Tensor::uninit(gpu, &trial.output())?;
             let inputs = (&t.x, &t.weight, Some(&t.bias));
-            self.forward_with(candidates[i], &trial, inputs, &out)
+            self.forward_with(candidates[i], trial, inputs, &out)
         })?;
         Ok(candidates[chosen])
     }
@@ -296,8 +305,8 @@ impl Conv2d {
             return Ok(candidates[0]);
         }
         let names: Vec<String> = candidates.iter().map(|k| k.name(input_grad)).collect();
-        let trial = trial_shape(shape);
-        let mut key = self.tuning_key("backward", &trial);
+        let rounds = Rounds::of(shape);
+        let mut key = self.tuning_key("backward", &rounds.last);
         if input_grad {
             key.push_str(" dx");
         }
@@ -311,11 +320,11 @@ impl Conv2d {
             activation: Activation::None,
             ..*self
         };
-        let chosen = tuned(gpu, &trial, &key, &names, true, |t, i| {
+        let chosen = tuned(gpu, &rounds, &key, &names, true, |t, trial, i| {
             let gate = gate.map(|activation| (activation, &t.y));
             let (x, w, dy) = (&t.x, &t.weight, &t.dy);
             plain
-                .gradients_with(candidates[i], (&trial, x, w, dy), gate, needs)
+                .gradients_with(candidates[i], (trial, x, w, dy), gate, needs)
                 .map(drop)
         })?;
         Ok(candidates[chosen])
@@ -483,11 +492,27 @@ impl Conv2d {
     }
 }
 
-/// The shape a trial runs: the layer's, on the largest power of two of images within
-/// [`TRIAL_FLOPS`] (at least one, at most the batch).
-fn trial_shape(shape: &Conv2dShape) -> Conv2dShape {
+/// The shapes a tuning times: the trial's, and the final round's for the candidates close to
+/// the trial's leader (the same where the trial runs the whole batch).
+struct Rounds {
+    trial: Conv2dShape,
+    last: Conv2dShape,
+}
+
+impl Rounds {
+    fn of(shape: &Conv2dShape) -> Self {
+        Self {
+            trial: within_flops(shape, TRIAL_FLOPS),
+            last: within_flops(shape, FINAL_FLOPS),
+        }
+    }
+}
+
+/// The layer's shape on the largest power of two of images within `flops` (at least one,
+/// at most the batch).
+fn within_flops(shape: &Conv2dShape, flops: f64) -> Conv2dShape {
     let per_image = shape.flops() / shape.n as f64;
-    let images = (TRIAL_FLOPS / per_image).max(1.0) as usize;
+    let images = (flops / per_image).max(1.0) as usize;
     Conv2dShape {
         n: shape.n.min(1 << images.ilog2()),
         ..*shape
@@ -501,23 +526,57 @@ fn untimed(shape: &Conv2dShape) -> bool {
 }
 
 /// The index among `names` (the first is the default) that `Gpu::tuned` picks for `key`,
-/// trials running `run(tensors, i)` on `trial` (with `dy` for a backward pass).
+/// trials running `run(tensors, shape, i)` (with `dy` for a backward pass): every candidate on
+/// the trial's shape, then those within [`CLOSE`] of its leader on the final round's, whose
+/// times alone are kept (the others' read none: they were not timed on that shape).
 fn tuned(
     gpu: &Gpu,
-    trial: &Conv2dShape,
+    rounds: &Rounds,
     key: &str,
     names: &[String],
     backward: bool,
-    run: impl Fn(&TrialTensors, usize) -> Result<()> + Sync,
+    run: impl Fn(&TrialTensors, &Conv2dShape, usize) -> Result<()> + Sync,
 ) -> Result<usize> {
     gpu.tuned(key, names, || {
-        time_trials(
+        let trial = &rounds.trial;
+        let times = time_trials(
             gpu,
             names.len(),
             || TrialTensors::new(gpu, trial, backward),
-            run,
-        )
+            |t, i| run(t, trial, i),
+        )?;
+        let close = close_to_leader(&times);
+        let last = &rounds.last;
+        if last.n == trial.n || close.len() < 2 {
+            return Ok(times);
+        }
+        let finals = time_trials(
+            gpu,
+            close.len(),
+            || TrialTensors::new(gpu, last, backward),
+            |t, j| run(t, last, close[j]),
+        )?;
+        if finals.iter().all(Option::is_none) {
+            return Ok(times);
+        }
+        let mut kept = vec![None; names.len()];
+        for (&i, time) in close.iter().zip(finals) {
+            kept[i] = time;
+        }
+        Ok(kept)
     })
+}
+
+/// The candidates timed within [`CLOSE`] of the fastest.
+fn close_to_leader(times: &[Option<f64>]) -> Vec<usize> {
+    let leader = times
+        .iter()
+        .flatten()
+        .copied()
+        .fold(f64::INFINITY, f64::min);
+    (0..times.len())
+        .filter(|&i| times[i].is_some_and(|t| t <= leader * CLOSE))
+        .collect()
 }
 
 /// How many runs of a candidate whose one run took `seconds` fill [`MIN_TIMED_SECONDS`]
@@ -615,6 +674,43 @@ mod tests {
 
     use super::*;
     use crate::gpu::GpuOptions;
+
+    /// A heavy layer's trial runs on a power of two of its images within TRIAL_FLOPS and its
+    /// close race on up to the whole batch within FINAL_FLOPS; a light layer runs whole in both.
+    #[test]
+    fn rounds_widen_to_the_batch_within_their_budgets() {
+        let layer = |n, c, hw| {
+            Conv2d {
+                padding: crate::ops::Padding::Explicit(1, 1),
+                ..Conv2d::default()
+            }
+            .shape(&[n, c, hw, hw], &[c, c, 3, 3], None)
+            .unwrap()
+        };
+        // ResNet-18's layer2 3×3 (231 MFLOP an image) at batch 8 and 32.
+        let rounds = Rounds::of(&layer(8, 128, 28));
+        assert_eq!((rounds.trial.n, rounds.last.n), (2, 8));
+        let rounds = Rounds::of(&layer(32, 128, 28));
+        assert_eq!((rounds.trial.n, rounds.last.n), (2, 8));
+        // ResNet-20's first stage at batch 128 (4.7 MFLOP an image).
+        let rounds = Rounds::of(&layer(128, 16, 32));
+        assert_eq!((rounds.trial.n, rounds.last.n), (64, 128));
+        let rounds = Rounds::of(&layer(3, 16, 32));
+        assert_eq!((rounds.trial.n, rounds.last.n), (3, 3));
+    }
+
+    #[test]
+    fn the_close_race_takes_those_within_close_of_the_leader() {
+        let times = [
+            Some(1.2),
+            Some(1.0),
+            None,
+            Some(1.0 * CLOSE + 0.01),
+            Some(CLOSE),
+        ];
+        assert_eq!(close_to_leader(&times), vec![0, 1, 4]);
+        assert!(close_to_leader(&[None, None]).is_empty());
+    }
 
     #[test]
     fn short_runs_repeat_to_fill_the_floor() {
