@@ -181,6 +181,37 @@ fn fixed_order_and_a_spent_budget_take_the_default_and_write_nothing() {
     }
 }
 
+/// A budget that runs out during a shape's trial (1 ms: less than compiling one candidate)
+/// stops it there: the default runs, the choice reads as the budget's, nothing is written,
+/// and the trial took about one candidate's first run, not every candidate's.
+#[test]
+fn a_budget_spent_during_a_trial_stops_it() {
+    if gpu().is_none() {
+        return;
+    }
+    let file = cache_file("mid-trial");
+    let gpu = context(
+        Tuning::Measure,
+        Some(file.clone()),
+        Duration::from_millis(1),
+    );
+    let shape = spec().shape(&X, &W, None).unwrap();
+    let plan = spec().plan(&gpu, &shape).unwrap();
+    assert_eq!(plan.forward, ConvKernel::Winograd);
+    let report = gpu.tuning_report();
+    assert!(
+        !report.choices.is_empty()
+            && report
+                .choices
+                .iter()
+                .all(|c| c.source == ChoiceSource::BudgetSpent
+                    && c.candidates.iter().all(|(_, t)| t.is_none())),
+        "{report:#?}"
+    );
+    assert!(!file.exists(), "wrote {}", file.display());
+    run_against_cpu(&gpu, &spec(), &X, &W, "mid-trial");
+}
+
 #[test]
 fn a_broken_cache_file_is_ignored() {
     if gpu().is_none() {

@@ -4,8 +4,9 @@
 //! asks [`Gpu::tuned`] which to run. The first ask for a key times the candidates (the op
 //! supplies the trial), keeps the fastest in memory and in a cache file, and later asks,
 //! in this process or the next, answer at once. Measuring stops once the context has spent
-//! its budget ([`GpuOptions::tuning_budget`]); shapes met after that take the op's fixed
-//! default, as every shape does under [`Tuning::Fixed`]. The file is plain text, one line
+//! its budget ([`GpuOptions::tuning_budget`]), within a trial too once each candidate that
+//! has run has finished its round; shapes met after that take the op's fixed default, as
+//! every shape does under [`Tuning::Fixed`]. The file is plain text, one line
 //! per (adapter, key); deleting it starts over, and lines it cannot read are ignored.
 
 use std::collections::HashMap;
@@ -34,7 +35,8 @@ pub enum ChoiceSource {
     Measured,
     /// Read from the cache file.
     CacheFile,
-    /// The op's default: the context had spent its tuning budget.
+    /// The op's default: the context had spent its tuning budget (before this key's trial,
+    /// or during it, before every candidate had run).
     BudgetSpent,
     /// The op's default: no candidate ran in the trial (the real run reports why).
     TrialsFailed,
@@ -253,13 +255,15 @@ impl Gpu {
     /// Which of `candidates` (the op's fixed order: the first is its default) to run for
     /// `key`: remembered, read from the cache file (if it chose among these same
     /// candidates), or timed by `measure` (seconds per candidate, `None` for one that
-    /// failed), the fastest kept. One key is measured once,
-    /// even by threads asking at the same moment. `measure` must not ask for choices.
+    /// failed), the fastest kept. `measure` gets the budget left and returns `None` if it
+    /// stopped when that ran out, before every candidate ran (the default runs, and the
+    /// next process measures the key again). One key is measured once, even by threads
+    /// asking at the same moment. `measure` must not ask for choices.
     pub(crate) fn tuned(
         &self,
         key: &str,
         candidates: &[String],
-        measure: impl FnOnce() -> Result<Vec<Option<f64>>>,
+        measure: impl FnOnce(Duration) -> Result<Option<Vec<Option<f64>>>>,
     ) -> Result<usize> {
         let mut state = lock(&self.inner.tuning);
         if candidates.len() < 2 || state.mode == Tuning::Fixed {
@@ -299,8 +303,17 @@ impl Gpu {
         // the 4.5 s its backward trials spent).
         self.synchronize()?;
         let started = Instant::now();
-        let times = measure()?;
+        let measured = measure(state.budget.saturating_sub(state.spent))?;
         state.spent += started.elapsed();
+        let Some(times) = measured else {
+            state.remember(TunedChoice {
+                key: key.to_string(),
+                chosen: candidates[0].clone(),
+                candidates: named(&[]),
+                source: ChoiceSource::BudgetSpent,
+            });
+            return Ok(0);
+        };
         let fastest = times
             .iter()
             .enumerate()

@@ -11,7 +11,7 @@
 //!
 //! [`Tuning::Fixed`]: crate::gpu::Tuning::Fixed
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::Activation;
 use super::conv_direct::LEADING_FILTERS;
@@ -537,33 +537,40 @@ fn tuned(
     backward: bool,
     run: impl Fn(&TrialTensors, &Conv2dShape, usize) -> Result<()> + Sync,
 ) -> Result<usize> {
-    gpu.tuned(key, names, || {
+    gpu.tuned(key, names, |budget| {
+        let began = Instant::now();
         let trial = &rounds.trial;
-        let times = time_trials(
+        let Some(times) = time_trials(
             gpu,
             names.len(),
+            budget,
             || TrialTensors::new(gpu, trial, backward),
             |t, i| run(t, trial, i),
-        )?;
+        )?
+        else {
+            return Ok(None);
+        };
         let close = close_to_leader(&times);
         let last = &rounds.last;
-        if last.n == trial.n || close.len() < 2 {
-            return Ok(times);
+        let left = budget.saturating_sub(began.elapsed());
+        if last.n == trial.n || close.len() < 2 || left.is_zero() {
+            return Ok(Some(times));
         }
         let finals = time_trials(
             gpu,
             close.len(),
+            left,
             || TrialTensors::new(gpu, last, backward),
             |t, j| run(t, last, close[j]),
         )?;
-        if finals.iter().all(Option::is_none) {
-            return Ok(times);
-        }
+        let Some(finals) = finals.filter(|f| f.iter().any(Option::is_some)) else {
+            return Ok(Some(times));
+        };
         let mut kept = vec![None; names.len()];
         for (&i, time) in close.iter().zip(finals) {
             kept[i] = time;
         }
-        Ok(kept)
+        Ok(Some(kept))
     })
 }
 
@@ -602,10 +609,12 @@ fn repeats_for(seconds: f64) -> usize {
 fn time_trials<T>(
     gpu: &Gpu,
     count: usize,
+    budget: Duration,
     setup: impl FnOnce() -> Result<T> + Send,
     run: impl Fn(&T, usize) -> Result<()> + Sync,
-) -> Result<Vec<Option<f64>>> {
-    let trials = || -> Result<Vec<Option<f64>>> {
+) -> Result<Option<Vec<Option<f64>>>> {
+    let trials = || -> Result<Option<Vec<Option<f64>>>> {
+        let began = Instant::now();
         let tensors = setup()?;
         // Where the device cannot hold them, trials run without.
         let flush = [0, 1].map(|_| Tensor::uninit(gpu, &[FLUSH_FLOATS]).ok());
@@ -635,6 +644,10 @@ fn time_trials<T>(
                     Ok(()) if round == 0 => Some(fastest),
                     Ok(()) => Some(fastest.min(per_run)),
                 };
+                // The first round compiles: past the budget, the others are not started.
+                if round == 0 && i + 1 < count && began.elapsed() > budget {
+                    return Ok(None);
+                }
             }
             let leader = best.iter().flatten().copied().fold(f64::INFINITY, f64::min);
             for (slot, running) in best.iter().zip(&mut running) {
@@ -659,7 +672,7 @@ fn time_trials<T>(
             }
             round += 1;
         }
-        Ok(best)
+        Ok(Some(best))
     };
     std::thread::scope(|scope| scope.spawn(trials).join()).map_err(|_| Error::Gpu {
         context: "timing convolution kernels".into(),
@@ -712,6 +725,30 @@ mod tests {
         assert!(close_to_leader(&[None, None]).is_empty());
     }
 
+    /// A budget that runs out while the candidates compile stops the trial there: the
+    /// candidates after it are never started, and the trial reports no times.
+    #[test]
+    fn a_spent_budget_stops_the_first_round() {
+        let Some(gpu) = crate::test_support::gpu(GpuOptions::from_env().unwrap()) else {
+            return;
+        };
+        let runs = [0, 1, 2].map(|_| AtomicUsize::new(0));
+        let times = time_trials(
+            &gpu,
+            3,
+            Duration::from_millis(5),
+            || Ok(()),
+            |_, i| {
+                runs[i].fetch_add(1, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(20));
+                Ok(())
+            },
+        )
+        .unwrap();
+        assert!(times.is_none(), "{times:?}");
+        assert_eq!(runs.map(|r| r.load(Ordering::Relaxed)), [1, 0, 0]);
+    }
+
     #[test]
     fn short_runs_repeat_to_fill_the_floor() {
         assert_eq!(repeats_for(2.0 * MIN_TIMED_SECONDS), 1);
@@ -738,6 +775,7 @@ mod tests {
             let times = time_trials(
                 &gpu,
                 2,
+                Duration::MAX,
                 || Ok(()),
                 |_, i| {
                     runs[i].fetch_add(1, Ordering::Relaxed);
@@ -747,6 +785,7 @@ mod tests {
                     Ok(())
                 },
             )
+            .unwrap()
             .unwrap();
             let [quick, slow] = [0, 1].map(|i| runs[i].load(Ordering::Relaxed));
             // Every time is a reading, the dropped one's too (it goes to the cache file).
@@ -790,12 +829,14 @@ mod tests {
             let times = time_trials(
                 &gpu,
                 3,
+                Duration::MAX,
                 || Ok(()),
                 |_, i| {
                     std::thread::sleep(pause(i, runs[i].fetch_add(1, Ordering::Relaxed)));
                     Ok(())
                 },
             )
+            .unwrap()
             .unwrap();
             let runs = runs.map(|r| r.load(Ordering::Relaxed));
             let close = 1 + TIMED_ROUNDS + CLOSE_ROUNDS;
