@@ -303,15 +303,7 @@ fn few_rows_run_transposed_on_the_subgroup_kernel() {
     }
 }
 
-fn few_rows_run_transposed(gpu: &Gpu, kernel: KernelChoice) {
-    // LeNet conv1 as W[6, 25] · col[n][25, 576], bias per filter (row), relu.
-    let spec = Matmul {
-        bias: BiasAxis::PerRow,
-        activation: Activation::Relu,
-        kernel,
-        ..Matmul::default()
-    };
-    let plan = check(gpu, spec, (None, Some(3)), (6, 25, 576), 11);
+fn assert_transposed(plan: MatmulPlan) {
     assert!(
         matches!(
             plan,
@@ -322,6 +314,17 @@ fn few_rows_run_transposed(gpu: &Gpu, kernel: KernelChoice) {
         ),
         "{plan}"
     );
+}
+
+fn few_rows_run_transposed(gpu: &Gpu, kernel: KernelChoice) {
+    // LeNet conv1 as W[6, 25] · col[n][25, 576], bias per filter (row), relu.
+    let spec = Matmul {
+        bias: BiasAxis::PerRow,
+        activation: Activation::Relu,
+        kernel,
+        ..Matmul::default()
+    };
+    assert_transposed(check(gpu, spec, (None, Some(3)), (6, 25, 576), 11));
     for (trans_a, trans_b) in [(true, false), (false, true), (true, true)] {
         let spec = Matmul {
             trans_a,
@@ -329,17 +332,7 @@ fn few_rows_run_transposed(gpu: &Gpu, kernel: KernelChoice) {
             bias: BiasAxis::PerColumn,
             ..spec
         };
-        let plan = check(gpu, spec, (Some(2), Some(2)), (5, 9, 100), 12);
-        assert!(
-            matches!(
-                plan,
-                MatmulPlan::Subgroup {
-                    transposed: true,
-                    ..
-                }
-            ),
-            "{plan}"
-        );
+        assert_transposed(check(gpu, spec, (Some(2), Some(2)), (5, 9, 100), 12));
     }
 }
 
@@ -358,17 +351,7 @@ fn unaligned_k_with_wide_b_runs_transposed() {
                 kernel,
                 ..Matmul::default()
             };
-            let plan = check(gpu, spec, batch, (40, 27, 2004), 21);
-            assert!(
-                matches!(
-                    plan,
-                    MatmulPlan::Subgroup {
-                        transposed: true,
-                        ..
-                    }
-                ),
-                "{plan}"
-            );
+            assert_transposed(check(gpu, spec, batch, (40, 27, 2004), 21));
         }
     }
 }

@@ -288,23 +288,20 @@ impl Gpu {
             let times = times.iter().copied().chain(std::iter::repeat(None));
             candidates.iter().cloned().zip(times).collect()
         };
-        if state.spent >= state.budget {
-            state.remember(TunedChoice {
-                key: key.to_string(),
-                chosen: candidates[0].clone(),
-                candidates: named(&[]),
-                source: ChoiceSource::BudgetSpent,
-            });
-            return Ok(0);
-        }
-        // The work already submitted finishes outside the budget: the trials would wait for
-        // it (on a CPU adapter it runs on the cores they time), and on a model's first
-        // training step it is the step's own forward pass (ResNet-20's on lavapipe: 1.5 s of
-        // the 4.5 s its backward trials spent).
-        self.synchronize()?;
-        let started = Instant::now();
-        let measured = measure(state.budget.saturating_sub(state.spent))?;
-        state.spent += started.elapsed();
+        let measured = if state.spent >= state.budget {
+            None
+        } else {
+            // The work already submitted finishes outside the budget: the trials would wait
+            // for it (on a CPU adapter it runs on the cores they time), and on a model's
+            // first training step it is the step's own forward pass (ResNet-20's on
+            // lavapipe: 1.5 s of the 4.5 s its backward trials spent).
+            self.synchronize()?;
+            let started = Instant::now();
+            let measured = measure(state.budget - state.spent)?;
+            state.spent += started.elapsed();
+            measured
+        };
+        // The budget was spent before this key, or ran out while its candidates compiled.
         let Some(times) = measured else {
             state.remember(TunedChoice {
                 key: key.to_string(),
