@@ -1370,16 +1370,19 @@ impl Generated for SubgroupKernel {
                     }
                 }
             }
-            StoreC::Columns4 | StoreC::Scalar => {
+            StoreC::Columns4 => {
                 for r in 0..rows {
                     for g in 0..col_groups {
-                        if self.store == StoreC::Columns4 {
-                            let _ = writeln!(
-                                store,
-                                "    store4(batch, row0 + {r}u, col4 + {g}u, acc_{r}_{g});"
-                            );
-                            continue;
-                        }
+                        let _ = writeln!(
+                            store,
+                            "    store4(batch, row0 + {r}u, col4 + {g}u, acc_{r}_{g});"
+                        );
+                    }
+                }
+            }
+            StoreC::Scalar => {
+                for r in 0..rows {
+                    for g in 0..col_groups {
                         for (i, component) in components.iter().enumerate() {
                             let _ = writeln!(
                                 store,
@@ -1572,7 +1575,10 @@ mod tests {
                 .iter()
                 .zip(&want)
                 .map(|(g, w)| (g - w).abs())
-                .fold(0.0f32, f32::max);
+                .fold(
+                    0.0f32,
+                    |m, d| if d.is_nan() { f32::INFINITY } else { m.max(d) },
+                );
             assert!(diff <= 1e-5, "{plan} {m}×{k}×{n}: off by {diff}");
         }
     }
