@@ -605,7 +605,8 @@ fn repeats_for(seconds: f64) -> usize {
 /// timed round's leader took under [`MIN_TIMED_SECONDS`] (a fast GPU, where a submit and
 /// wait costs more than the kernels), every candidate still running is timed again over
 /// as many runs per wait as fill it, and only those rounds count. A candidate that fails
-/// gets `None`.
+/// gets `None`; where `budget` has passed after a candidate's first run with others still
+/// to compile, the trial stops and returns `None`.
 fn time_trials<T>(
     gpu: &Gpu,
     count: usize,
