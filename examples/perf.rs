@@ -649,7 +649,8 @@ fn memory_report(gpu: &Gpu, filter: Option<&str>) -> Result<()> {
 }
 
 /// `--profile`: the passes of a LeNet training step (or, with `--filter`, of ResNet-20's at
-/// batch 128, or of ResNet-18's or EfficientNet-Lite0's inference at batch 1), each submitted
+/// batch 128, or of ResNet-18's or EfficientNet-Lite0's inference at batch 1, or ResNet-18's at
+/// batch 8 with `resnet18_inference_b8`), each submitted
 /// and waited for on its own (`Gpu::profile_passes`), medians of `runs` steps: pass by pass
 /// for up to 60 passes (every pass with `--json`), then the time per kernel.
 fn profile_step(gpu: &Gpu, filter: Option<&str>, runs: usize, json: bool) -> Result<()> {
@@ -657,6 +658,9 @@ fn profile_step(gpu: &Gpu, filter: Option<&str>, runs: usize, json: bool) -> Res
     let mut step = match filter {
         Some(f) if "train_step_resnet20_b128".contains(f) => {
             model_step(device, "resnet20", 128, true)
+        }
+        Some(f) if "resnet18_inference_b8".contains(f) && f.ends_with("b8") => {
+            model_step(device, "resnet18", 8, false)
         }
         Some(f) if "resnet18_inference".contains(f) => model_step(device, "resnet18", 1, false),
         Some(f) if "efficientnet_lite0_inference".contains(f) => {
