@@ -76,8 +76,10 @@ pub struct TuningReport {
 /// lane; 3: the direct convolution's blocks of 16; 4: trials start with cold caches; 5: the
 /// subgroup matmul runs a product with K not a multiple of 4 transposed (an im2col product of
 /// an RGB stem 3.5× faster); 6: implicit GEMM takes eight rows a lane for 64 filters or more;
-/// 7: a trial's close candidates race again on up to the layer's batch (keys name that batch).
-const KERNELS_REVISION: u32 = 7;
+/// 7: a trial's close candidates race again on up to the layer's batch (keys name that batch);
+/// 8: im2col lays images whose positions are not a multiple of 4 side by side (one product
+/// over the batch's columns), and wide subgroup products walk their tiles down the rows first.
+const KERNELS_REVISION: u32 = 8;
 
 const HEADER: &str = "# wgcnn kernel tuning v1: adapter\tkey\tchosen\tcandidate=seconds;…";
 

@@ -854,7 +854,11 @@ impl Matmul {
             k4_begin: 0,
             k4_end: k4 as u32,
             first_image: window.map_or(0, |w| w.first_image),
-            _pad: 0,
+            // A wide product walks its tiles down the rows first: each block of B's columns
+            // serves every row while in cache, and A, the smaller, is read again per block
+            // (ResNet-18's layer2 im2col product 128×1152×6272: 32 ms against 43 walking the
+            // columns first; square and tall products within 3 % either way).
+            rows_first: u32::from(m < n),
         };
         let kernel = SubgroupKernel {
             rows,
@@ -1085,7 +1089,7 @@ struct SubgroupParams {
     k4_begin: u32,
     k4_end: u32,
     first_image: u32,
-    _pad: u32,
+    rows_first: u32,
 }
 
 /// The operands a subgroup matmul reads, packed where needed.
