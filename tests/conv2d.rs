@@ -324,6 +324,35 @@ fn large_batches_run_in_chunks() {
     }
 }
 
+#[test]
+fn images_side_by_side_in_chunks_match_the_cpu() {
+    let Some(gpu) = gpu() else { return };
+    // 63×63 outputs (3,969 positions, not a multiple of 4) through im2col: each chunk lays its
+    // images' columns side by side ([taps][images][positions]) for one product, and
+    // columns_to_images writes them back as images. 300 images of 27 taps ≈ 129 MB of col:
+    // two chunks, the second starting at image 156.
+    let (x, w, b) = (
+        random(&[300, 3, 63, 63], 15),
+        random(&[8, 3, 3, 3], 16),
+        random(&[8], 17),
+    );
+    let spec = Conv2d {
+        padding: Padding::Same,
+        activation: Activation::Relu,
+        kernel: Some(ConvKernel::Im2colMatmul),
+        ..Conv2d::default()
+    };
+    let expected = wgcnn::cpu::conv2d(&spec, &x.view(), &w.view(), Some(&b.view())).unwrap();
+    let y = spec
+        .forward(
+            &Tensor::from_array(gpu, &x).unwrap(),
+            &Tensor::from_array(gpu, &w).unwrap(),
+            Some(&Tensor::from_array(gpu, &b).unwrap()),
+        )
+        .unwrap();
+    assert!(max_abs_diff(&y.to_array().unwrap(), &expected) < 1e-4);
+}
+
 /// The weight gradient of a wide layer keeps one `[O, C·KH·KW]` product per image before
 /// summing them: at ResNet-50's layer4 widths and a batch of 32 those would be hundreds of
 /// MB, past lavapipe's 128 MiB binding limit. The batch is split so that none of them grows
