@@ -28,6 +28,9 @@ override HAS_RESIDUAL: u32 = 0u;
 override FLIP: u32 = 0u;
 // Outputs per block side: 2 for F(2×2, 3×3), 4 for F(4×4, 3×3).
 override TILE: u32 = 2u;
+// 1: tiles numbered in 2×2 blocks (both tile counts even), so that the four tiles an `input4`
+// invocation transforms share their overlapping input.
+override BLOCKS: u32 = 0u;
 
 // Points per tile side.
 fn side() -> u32 { return TILE + 2u; }
@@ -35,6 +38,18 @@ fn side() -> u32 { return TILE + 2u; }
 // Tiles per image: rows, columns.
 fn tiles_h() -> u32 { return (OH + TILE - 1u) / TILE; }
 fn tiles_w() -> u32 { return (OW + TILE - 1u) / TILE; }
+
+// Tile `tile`'s row and column among the tiles: row-major, or with BLOCKS row-major 2×2 blocks
+// of four consecutive tiles.
+fn tile_at(tile: u32) -> vec2<u32> {
+    if BLOCKS == 1u {
+        let block = tile / 4u;
+        let k = tile % 4u;
+        let blocks_w = tiles_w() / 2u;
+        return vec2<u32>(block / blocks_w * 2u + k / 2u, block % blocks_w * 2u + k % 2u);
+    }
+    return vec2<u32>(tile / tiles_w(), tile % tiles_w());
+}
 
 // One row or column of a tile (the first `side()` entries used; blocks use `TILE`).
 alias Line = array<f32, 6>;
@@ -173,8 +188,8 @@ fn output_block(index: u32) -> Block {
         o,
         o * columns + image * tiles + tile,
         O * columns,
-        tile / tiles_w() * TILE,
-        tile % tiles_w() * TILE,
+        tile_at(tile).x * TILE,
+        tile_at(tile).y * TILE,
         ((p.first_image + image) * O + o) * OH * OW,
     );
 }
@@ -211,21 +226,65 @@ fn weights(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroup
     }
 }
 
+// Where a tile's input begins: its channel's plane in src, and the row and column of its
+// top-left value (negative in the padding).
+struct Origin { plane: u32, y: i32, x: i32 }
+
+fn input_origin(image: u32, c: u32, tile: u32) -> Origin {
+    let at = tile_at(tile);
+    return Origin(
+        ((p.first_image + image) * C + c) * H * W,
+        i32(at.x * TILE) - i32(PAD_TOP),
+        i32(at.y * TILE) - i32(PAD_LEFT),
+    );
+}
+
+// The input at (i, j) from `origin` on: zero in the padding.
+fn input_value(origin: Origin, i: u32, j: u32) -> f32 {
+    let y = origin.y + i32(i);
+    let x = origin.x + i32(j);
+    if y >= 0 && y < i32(H) && x >= 0 && x < i32(W) { return src[origin.plane + u32(y) * W + u32(x)]; }
+    return 0.0;
+}
+
 // V = Bᵀ d B for the T×T tile `tile` of channel c of image `image` (of this pass's images).
 fn input_tile(image: u32, c: u32, tile: u32) -> Square {
-    let y0 = i32(tile / tiles_w() * TILE) - i32(PAD_TOP);
-    let x0 = i32(tile % tiles_w() * TILE) - i32(PAD_LEFT);
-    let plane = ((p.first_image + image) * C + c) * H * W;
+    let origin = input_origin(image, c, tile);
     var d: Square;
     for (var i = 0u; i < side(); i++) {
         for (var j = 0u; j < side(); j++) {
-            let y = y0 + i32(i);
-            let x = x0 + i32(j);
-            var v = 0.0;
-            if y >= 0 && y < i32(H) && x >= 0 && x < i32(W) { v = src[plane + u32(y) * W + u32(x)]; }
-            d[i][j] = v;
+            d[i][j] = input_value(origin, i, j);
         }
     }
+    return input_transform(d);
+}
+
+// V for the 2×2 block of tiles from `tile` on (BLOCKS): their (T + TILE)² inputs are loaded
+// once, where tile by tile the 4·T² loads would read the overlaps twice or four times
+// (F(4×4, 3×3): 100 loads for 144, F(2×2, 3×3): 36 for 64).
+fn input_block(image: u32, c: u32, tile: u32) -> array<Square, 4> {
+    let origin = input_origin(image, c, tile);
+    var region: array<array<f32, 10>, 10>;
+    for (var i = 0u; i < side() + TILE; i++) {
+        for (var j = 0u; j < side() + TILE; j++) {
+            region[i][j] = input_value(origin, i, j);
+        }
+    }
+    var v: array<Square, 4>;
+    for (var k = 0u; k < 4u; k++) {
+        var d: Square;
+        for (var i = 0u; i < side(); i++) {
+            for (var j = 0u; j < side(); j++) {
+                d[i][j] = region[i + k / 2u * TILE][j + k % 2u * TILE];
+            }
+        }
+        v[k] = input_transform(d);
+    }
+    return v;
+}
+
+// Bᵀ d B.
+fn input_transform(d: Square) -> Square {
     // Bᵀ d: column by column.
     var bd: Square;
     for (var j = 0u; j < side(); j++) {
@@ -273,15 +332,19 @@ fn quad_at(index: u32, planes: u32) -> Quad {
     return Quad(index / (quads * planes), (index / quads) % planes, index % quads * 4u);
 }
 
-// `input` over 4 tiles.
+// `input` over 4 tiles; with BLOCKS a 2×2 block, its overlapping inputs loaded once.
 @compute @workgroup_size(WORKGROUP)
 fn input4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let index = invocation_index(gid, nwg);
     if index >= p.total { return; }
     let q = quad_at(index, C);
     var v: array<Square, 4>;
-    for (var k = 0u; k < 4u; k++) {
-        v[k] = input_tile(q.image, q.plane, q.tile + k);
+    if BLOCKS == 1u {
+        v = input_block(q.image, q.plane, q.tile);
+    } else {
+        for (var k = 0u; k < 4u; k++) {
+            v[k] = input_tile(q.image, q.plane, q.tile + k);
+        }
     }
     let tiles = tiles_h() * tiles_w();
     let columns4 = p.images * tiles / 4u;

@@ -78,8 +78,9 @@ pub struct TuningReport {
 /// an RGB stem 3.5× faster); 6: implicit GEMM takes eight rows a lane for 64 filters or more;
 /// 7: a trial's close candidates race again on up to the layer's batch (keys name that batch);
 /// 8: im2col lays images whose positions are not a multiple of 4 side by side (one product
-/// over the batch's columns), and wide subgroup products walk their tiles down the rows first.
-const KERNELS_REVISION: u32 = 8;
+/// over the batch's columns), and wide subgroup products walk their tiles down the rows first;
+/// 9: Winograd's input transform loads a 2×2 block of tiles' inputs once.
+const KERNELS_REVISION: u32 = 9;
 
 const HEADER: &str = "# wgcnn kernel tuning v1: adapter\tkey\tchosen\tcandidate=seconds;…";
 

@@ -84,6 +84,13 @@ impl Problem {
         })
     }
 
+    /// Whether the tiles are numbered in 2×2 blocks (both tile counts even): `input4`'s four
+    /// tiles then share their overlapping input.
+    fn blocks(&self) -> bool {
+        self.oh.div_ceil(self.tile).is_multiple_of(2)
+            && self.ow.div_ceil(self.tile).is_multiple_of(2)
+    }
+
     fn tiles(&self) -> usize {
         self.oh.div_ceil(self.tile) * self.ow.div_ceil(self.tile)
     }
@@ -102,7 +109,7 @@ impl Problem {
         &self,
         spec: &Conv2d,
         (bias, residual): (bool, bool),
-    ) -> Result<[(&'static str, u32); 13]> {
+    ) -> Result<[(&'static str, u32); 14]> {
         let word = |v: usize| gpu_word("conv2d", v);
         Ok([
             ("C", word(self.c)?),
@@ -118,6 +125,7 @@ impl Problem {
             ("HAS_RESIDUAL", u32::from(residual)),
             ("FLIP", u32::from(self.flip)),
             ("TILE", word(self.tile)?),
+            ("BLOCKS", u32::from(self.blocks())),
         ])
     }
 }
