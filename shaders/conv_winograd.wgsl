@@ -64,6 +64,7 @@ struct Params {
 @group(0) @binding(2) var<storage, read_write> dst: array<f32>;
 @group(0) @binding(3) var<storage, read> bias: array<f32>;
 @group(0) @binding(4) var<storage, read> residual: array<f32>;
+@group(0) @binding(7) var<storage, read> residual4: array<vec4<f32>>;
 
 // The one-dimensional transforms, each applied to a tile's columns and then to its rows.
 
@@ -361,15 +362,8 @@ fn store_points4(points: array<Square, 4>, stride4: u32, at4: u32) {
     }
 }
 
-// y = act(Aᵀ m A + bias) for filter o at tile t, m = M [T²][O][images·tiles]: dst = y's
-// images from first_image on.
-@compute @workgroup_size(WORKGROUP)
-fn output(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let index = invocation_index(gid, nwg);
-    if index >= p.total { return; }
-    let block = output_block(index);
-    let m = load_points(block.stride, block.at);
-    // Aᵀ m: TILE×T, column by column.
+// Aᵀ m: a block's transformed points to TILE×T, column by column (then its rows, `output_line`).
+fn output_columns(m: Square) -> Square {
     var am: Square;
     for (var j = 0u; j < side(); j++) {
         let line = output_line(column(m, j, side()));
@@ -377,8 +371,24 @@ fn output(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups
             am[i][j] = line[i];
         }
     }
-    var b = 0.0;
-    if HAS_BIAS == 1u { b = bias[block.o]; }
+    return am;
+}
+
+// Filter o's bias (0 without one).
+fn bias_of(o: u32) -> f32 {
+    if HAS_BIAS == 1u { return bias[o]; }
+    return 0.0;
+}
+
+// y = act(Aᵀ m A + bias) for filter o at tile t, m = M [T²][O][images·tiles]: dst = y's
+// images from first_image on.
+@compute @workgroup_size(WORKGROUP)
+fn output(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let index = invocation_index(gid, nwg);
+    if index >= p.total { return; }
+    let block = output_block(index);
+    let am = output_columns(load_points(block.stride, block.at));
+    let b = bias_of(block.o);
     for (var i = 0u; i < TILE; i++) {
         let row = output_line(am[i]);
         for (var j = 0u; j < TILE; j++) {
@@ -388,6 +398,26 @@ fn output(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups
                 if HAS_RESIDUAL == 1u { v += residual[y]; }
                 dst[y] = activate(v, ACT, p.slope);
             }
+        }
+    }
+}
+
+// `output` storing each row of a 4×4 block as one vec4 (TILE = 4, OW a multiple of 4): dst4 is
+// y; blocks past the output's last row store their rows that exist.
+@compute @workgroup_size(WORKGROUP)
+fn output_rows4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let index = invocation_index(gid, nwg);
+    if index >= p.total { return; }
+    let block = output_block(index);
+    let am = output_columns(load_points(block.stride, block.at));
+    let b = bias_of(block.o);
+    for (var i = 0u; i < 4u; i++) {
+        if block.oy + i < OH {
+            let row = output_line(am[i]);
+            let y = (block.plane + (block.oy + i) * OW + block.ox) / 4u;
+            var v = vec4<f32>(row[0], row[1], row[2], row[3]) + b;
+            if HAS_RESIDUAL == 1u { v += residual4[y]; }
+            dst4[y] = activate_vec4(v, ACT, p.slope);
         }
     }
 }

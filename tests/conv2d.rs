@@ -1156,6 +1156,10 @@ fn winograd_4x4_convolutions_match_the_cpu() {
         (1, 7, 10, 9, 3, Padding::Explicit(3, 3), Activation::Tanh),
         // 9 tiles an image: one tile an invocation.
         (4, 9, 10, 10, 5, Padding::Explicit(1, 1), Activation::Relu),
+        // Rows of whole vec4s (`output_rows4`), the last block row cut at 10 rows.
+        (2, 6, 10, 12, 5, Padding::Explicit(1, 1), Activation::Relu),
+        // 4×2 tiles: numbered in 2×2 blocks, `input4` loading each block's inputs once.
+        (3, 8, 16, 8, 7, Padding::Explicit(1, 1), Activation::None),
     ];
     for gpu in gpus {
         for (i, (n, c, h, w, o, padding, activation)) in cases.into_iter().enumerate() {
