@@ -329,8 +329,9 @@ fn images_side_by_side_in_chunks_match_the_cpu() {
     let Some(gpu) = gpu() else { return };
     // 63×63 outputs (3,969 positions, not a multiple of 4) through im2col: each chunk lays its
     // images' columns side by side ([taps][images][positions]) for one product, and
-    // columns_to_images writes them back as images. 300 images of 27 taps ≈ 129 MB of col:
-    // two chunks, the second starting at image 156.
+    // columns_to_images writes them back as images; the weight gradient lays dy's images side
+    // by side too (images_to_columns), the second chunk adding to the first's sums. 300
+    // images of 27 taps ≈ 129 MB of col: two chunks, the second starting at image 156.
     let (x, w, b) = (
         random(&[300, 3, 63, 63], 15),
         random(&[8, 3, 3, 3], 16),
@@ -338,19 +339,42 @@ fn images_side_by_side_in_chunks_match_the_cpu() {
     );
     let spec = Conv2d {
         padding: Padding::Same,
-        activation: Activation::Relu,
         kernel: Some(ConvKernel::Im2colMatmul),
         ..Conv2d::default()
     };
-    let expected = wgcnn::cpu::conv2d(&spec, &x.view(), &w.view(), Some(&b.view())).unwrap();
-    let y = spec
-        .forward(
-            &Tensor::from_array(gpu, &x).unwrap(),
-            &Tensor::from_array(gpu, &w).unwrap(),
-            Some(&Tensor::from_array(gpu, &b).unwrap()),
-        )
+    let forward = Conv2d {
+        activation: Activation::Relu,
+        ..spec
+    };
+    let expected = wgcnn::cpu::conv2d(&forward, &x.view(), &w.view(), Some(&b.view())).unwrap();
+    let (tx, tw) = (
+        Tensor::from_array(gpu, &x).unwrap(),
+        Tensor::from_array(gpu, &w).unwrap(),
+    );
+    let y = forward
+        .forward(&tx, &tw, Some(&Tensor::from_array(gpu, &b).unwrap()))
         .unwrap();
     assert!(max_abs_diff(&y.to_array().unwrap(), &expected) < 1e-4);
+    let plan = spec
+        .plan(gpu, &spec.shape(x.shape(), w.shape(), None).unwrap())
+        .unwrap();
+    assert_eq!(
+        plan.weight_grad,
+        ConvKernel::Im2colMatmul,
+        "{}",
+        plan.label()
+    );
+    let dy = random(expected.shape(), 18);
+    let cpu = wgcnn::cpu::conv2d_backward(&spec, &x.view(), &w.view(), &dy.view()).unwrap();
+    let g = spec
+        .backward(&tx, &tw, &Tensor::from_array(gpu, &dy).unwrap())
+        .unwrap();
+    let dw_scale = cpu.weight.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+    let diff = max_abs_diff(&g.weight.to_array().unwrap(), &cpu.weight);
+    assert!(
+        diff < 1e-4 * dw_scale,
+        "dW off by {diff} (scale {dw_scale})"
+    );
 }
 
 /// The weight gradient of a wide layer keeps one `[O, C·KH·KW]` product per image before
