@@ -329,8 +329,9 @@ fn images_side_by_side_in_chunks_match_the_cpu() {
     let Some(gpu) = gpu() else { return };
     // 63×63 outputs (3,969 positions, not a multiple of 4) through im2col: each chunk lays its
     // images' columns side by side ([taps][images][positions]) for one product, and
-    // columns_to_images writes them back as images; the weight gradient lays dy's images side
-    // by side too (images_to_columns), the second chunk adding to the first's sums. 300
+    // columns_to_images writes them back as images; the backward pass lays dy's images side
+    // by side too (images_to_columns) for dW, the second chunk adding to the first's sums,
+    // and for dcol = Wᵀ·dy, which col2im reads side by side. 300
     // images of 27 taps ≈ 129 MB of col: two chunks, the second starting at image 156.
     let (x, w, b) = (
         random(&[300, 3, 63, 63], 15),
@@ -358,17 +359,16 @@ fn images_side_by_side_in_chunks_match_the_cpu() {
     let plan = spec
         .plan(gpu, &spec.shape(x.shape(), w.shape(), None).unwrap())
         .unwrap();
-    assert_eq!(
-        plan.weight_grad,
-        ConvKernel::Im2colMatmul,
-        "{}",
-        plan.label()
-    );
+    // dx through col2im too, not a convolution of dy.
+    let kernels = (plan.weight_grad, plan.input_grad);
+    let im2col = ConvKernel::Im2colMatmul;
+    assert_eq!(kernels, (im2col, im2col), "{}", plan.label());
     let dy = random(expected.shape(), 18);
     let cpu = wgcnn::cpu::conv2d_backward(&spec, &x.view(), &w.view(), &dy.view()).unwrap();
     let g = spec
         .backward(&tx, &tw, &Tensor::from_array(gpu, &dy).unwrap())
         .unwrap();
+    assert!(max_abs_diff(&g.x.to_array().unwrap(), &cpu.x) < 1e-4);
     let dw_scale = cpu.weight.iter().fold(1.0f32, |m, v| m.max(v.abs()));
     let diff = max_abs_diff(&g.weight.to_array().unwrap(), &cpu.weight);
     assert!(

@@ -9,7 +9,7 @@
 //! gather, one invocation per input pixel), `dW = Σ_n dy[n] · col[n]ᵀ`, `db = Σ dy`.
 //! Batches are processed in chunks whose col buffer fits the device's binding limit. Images
 //! whose positions are not a multiple of 4 (7×7) lie side by side instead, one product over
-//! every image's columns forward and for dW (`images_side_by_side`).
+//! every image's columns forward, for dW and for dcol (`images_side_by_side`).
 //! Grouped convolutions with short sums per group (depthwise) run direct kernels
 //! (`conv_grouped`); with long ones, the same im2col with one product per image and group:
 //! the weights repeated per image make `A` batched like `col`, `[images·G, O/G, C/G·KH·KW]`.
@@ -793,14 +793,21 @@ impl Conv2d {
             let (dy_shape, col_shape) =
                 ([count * g, o / g, positions], [count * g, taps, positions]);
             // A chunk of the whole batch reads dy and writes dx where they are; others copy
-            // their images out and back.
+            // their images out and back. Images side by side read dy as they lay it out.
             let whole = count == shape.n;
-            let dy_copy = chunk_copy(dy, (first, count))?;
-            let dy_chunk = dy_copy.as_ref().unwrap_or(dy);
             let side_by_side = g == 1 && count > 1 && images_side_by_side(positions);
-            if let (Some(dweight), true) = (&dweight, side_by_side) {
+            let dy_copy = match side_by_side {
+                true => None,
+                false => chunk_copy(dy, (first, count))?,
+            };
+            let dy_chunk = dy_copy.as_ref().unwrap_or(dy);
+            let dy_columns = match side_by_side {
+                true => Some(self.images_to_columns(&shape, dy, (first, count))?),
+                false => None,
+            };
+            if let (Some(dweight), Some(dy_columns)) = (&dweight, &dy_columns) {
                 // dW += dy · colᵀ over every image's columns at once (K = images · P).
-                self.weight_grad_side_by_side(x, dy, dweight, (first, count), index > 0)?;
+                self.weight_grad_side_by_side(x, dy_columns, dweight, (first, count), index > 0)?;
             } else if let Some(dweight) = &dweight {
                 // dW += Σ_n dy[n] · col[n]ᵀ
                 let col = self.im2col(&gpu, &shape, x, (first, count), false)?;
@@ -827,26 +834,33 @@ impl Conv2d {
                 )?;
             }
             let Some(dx) = col2im_dx else { continue };
-            // dx = col2im(Wᵀ · dy[n])
-            let dcol = Tensor::uninit(&gpu, &[count * g, taps, positions])?;
+            // dx = col2im(Wᵀ · dy[n]), or of Wᵀ · dy over the images side by side.
             let tn = Matmul {
                 trans_a: true,
                 ..Matmul::default()
             };
-            let weights = GroupWeights::new(&gpu, &shape, weight, count)?;
-            tn.run(
-                &gpu,
-                weights.operand(),
-                dy_chunk.operand_as(&dy_shape),
-                None,
-                dcol.operand(),
-            )?;
+            let (dcol, entry) = match &dy_columns {
+                Some(dy_columns) => {
+                    let dcol = Tensor::uninit(&gpu, &[taps, count * positions])?;
+                    let w_shape = [o, taps];
+                    let w_op = weight.operand_as(&w_shape);
+                    tn.run(&gpu, w_op, dy_columns.operand(), None, dcol.operand())?;
+                    (dcol, "col2im_side_by_side")
+                }
+                None => {
+                    let dcol = Tensor::uninit(&gpu, &[count * g, taps, positions])?;
+                    let weights = GroupWeights::new(&gpu, &shape, weight, count)?;
+                    let dy_op = dy_chunk.operand_as(&dy_shape);
+                    tn.run(&gpu, weights.operand(), dy_op, None, dcol.operand())?;
+                    (dcol, "col2im")
+                }
+            };
             if whole {
-                self.run_im2col_kernel(&gpu, &shape, "col2im", (&dcol, dx), (0, count))?;
+                self.run_im2col_kernel(&gpu, &shape, entry, (&dcol, dx), (0, count))?;
                 continue;
             }
             let dx_chunk = Tensor::uninit(&gpu, &[count, shape.c, shape.h, shape.w])?;
-            self.run_im2col_kernel(&gpu, &shape, "col2im", (&dcol, &dx_chunk), (0, count))?;
+            self.run_im2col_kernel(&gpu, &shape, entry, (&dcol, &dx_chunk), (0, count))?;
             gpu.copy(
                 (dx_chunk.buffer(), 0),
                 (dx.buffer(), first as u64 * image_in),
@@ -854,6 +868,20 @@ impl Conv2d {
             )?;
         }
         Ok((dx, dweight))
+    }
+
+    /// Images `first..first + count` of `dy` side by side, `[O][images·P]`.
+    fn images_to_columns(
+        &self,
+        shape: &Conv2dShape,
+        dy: &Tensor,
+        (first, count): (usize, usize),
+    ) -> Result<Tensor> {
+        let gpu = dy.gpu();
+        let dy_columns = Tensor::uninit(gpu, &[shape.o, count * shape.positions()])?;
+        let entry = "images_to_columns";
+        self.run_im2col_kernel(gpu, shape, entry, (dy, &dy_columns), (first, count))?;
+        Ok(dy_columns)
     }
 
     /// `dweight (+)= dy · colᵀ` for images `first..first + count`, both laid side by side
@@ -865,7 +893,7 @@ impl Conv2d {
     fn weight_grad_side_by_side(
         &self,
         x: &Tensor,
-        dy: &Tensor,
+        dy_columns: &Tensor,
         dweight: &Tensor,
         (first, count): (usize, usize),
         accumulate: bool,
@@ -873,9 +901,6 @@ impl Conv2d {
         let (gpu, shape) = (x.gpu(), self.shape(x.shape(), dweight.shape(), None)?);
         let columns = count * shape.positions();
         let col = self.im2col(gpu, &shape, x, (first, count), true)?;
-        let dy_columns = Tensor::uninit(gpu, &[shape.o, columns])?;
-        let entry = "images_to_columns";
-        self.run_im2col_kernel(gpu, &shape, entry, (dy, &dy_columns), (first, count))?;
         let nt = Matmul {
             trans_b: true,
             ..Matmul::default()
@@ -967,6 +992,7 @@ impl Conv2d {
     ) -> Result<()> {
         let (entry, side_by_side) = match entry {
             "col2im" => (shape.col2im_entry(self)?, false),
+            "col2im_side_by_side" => (shape.col2im_entry(self)?, true),
             "im2col_side_by_side" => ("im2col", true),
             _ => (entry, false),
         };
