@@ -283,23 +283,32 @@ fn large_batches_run_in_chunks() {
     // 300 images of 3×64×64 with 20 filters of 3×3 ("same"): Winograd, whose transformed
     // tiles (300·16·20·32·32·4 B ≈ 393 MB) exceed one 64 MiB chunk (the weight gradient's
     // per-chunk products then add up), and, forced, im2col (300·27·64·64·4 B ≈ 133 MB):
-    // the batch is split and later chunks start past the first image.
-    let (x, w, b) = (
-        random(&[300, 3, 64, 64], 5),
-        random(&[20, 3, 3, 3], 6),
-        random(&[20], 7),
-    );
-    for kernel in [ConvKernel::Winograd, ConvKernel::Im2colMatmul] {
+    // the batch is split and later chunks start past the first image. At 63×63 (3,969
+    // positions, not a multiple of 4; two chunks, the second from image 156) im2col lays each
+    // chunk's images side by side: one product forward (columns_to_images writing it back as
+    // images), dy side by side too (images_to_columns) for dW, the second chunk adding to the
+    // first's sums, and for dcol = Wᵀ·dy, which col2im reads side by side.
+    let b = random(&[20], 7);
+    let w = random(&[20, 3, 3, 3], 6);
+    let cases = [
+        (ConvKernel::Winograd, 64),
+        (ConvKernel::Im2colMatmul, 64),
+        (ConvKernel::Im2colMatmul, 63),
+    ];
+    for (kernel, side) in cases {
+        let x = random(&[300, 3, side, side], 5);
         let spec = Conv2d {
             padding: Padding::Same,
             kernel: Some(kernel),
             ..Conv2d::default()
         };
         let shape = spec.shape(x.shape(), w.shape(), None).unwrap();
-        // dx may run as a direct convolution of dy; the forward pass and dW take the chunks.
+        // dx may run as a direct convolution of dy; the forward pass and dW take the chunks
+        // (and at 63×63 dx too, through col2im).
         let plan = spec.plan(gpu, &shape).unwrap();
         assert_eq!(plan.forward, kernel, "{}", plan.label());
         assert_eq!(plan.weight_grad, kernel, "{}", plan.label());
+        assert!(side == 64 || plan.input_grad == kernel, "{}", plan.label());
         let expected = wgcnn::cpu::conv2d(&spec, &x.view(), &w.view(), Some(&b.view())).unwrap();
         let (tx, tw) = (
             Tensor::from_array(gpu, &x).unwrap(),
@@ -319,62 +328,9 @@ fn large_batches_run_in_chunks() {
         let diff = max_abs_diff(&g.weight.to_array().unwrap(), &cpu.weight);
         assert!(
             diff < 1e-4 * dw_scale,
-            "{kernel:?}: dW off by {diff} (scale {dw_scale})"
+            "{kernel:?} at {side}²: dW off by {diff} (scale {dw_scale})"
         );
     }
-}
-
-#[test]
-fn images_side_by_side_in_chunks_match_the_cpu() {
-    let Some(gpu) = gpu() else { return };
-    // 63×63 outputs (3,969 positions, not a multiple of 4) through im2col: each chunk lays its
-    // images' columns side by side ([taps][images][positions]) for one product, and
-    // columns_to_images writes them back as images; the backward pass lays dy's images side
-    // by side too (images_to_columns) for dW, the second chunk adding to the first's sums,
-    // and for dcol = Wᵀ·dy, which col2im reads side by side. 300
-    // images of 27 taps ≈ 129 MB of col: two chunks, the second starting at image 156.
-    let (x, w, b) = (
-        random(&[300, 3, 63, 63], 15),
-        random(&[8, 3, 3, 3], 16),
-        random(&[8], 17),
-    );
-    let spec = Conv2d {
-        padding: Padding::Same,
-        kernel: Some(ConvKernel::Im2colMatmul),
-        ..Conv2d::default()
-    };
-    let forward = Conv2d {
-        activation: Activation::Relu,
-        ..spec
-    };
-    let expected = wgcnn::cpu::conv2d(&forward, &x.view(), &w.view(), Some(&b.view())).unwrap();
-    let (tx, tw) = (
-        Tensor::from_array(gpu, &x).unwrap(),
-        Tensor::from_array(gpu, &w).unwrap(),
-    );
-    let y = forward
-        .forward(&tx, &tw, Some(&Tensor::from_array(gpu, &b).unwrap()))
-        .unwrap();
-    assert!(max_abs_diff(&y.to_array().unwrap(), &expected) < 1e-4);
-    let plan = spec
-        .plan(gpu, &spec.shape(x.shape(), w.shape(), None).unwrap())
-        .unwrap();
-    // dx through col2im too, not a convolution of dy.
-    let kernels = (plan.weight_grad, plan.input_grad);
-    let im2col = ConvKernel::Im2colMatmul;
-    assert_eq!(kernels, (im2col, im2col), "{}", plan.label());
-    let dy = random(expected.shape(), 18);
-    let cpu = wgcnn::cpu::conv2d_backward(&spec, &x.view(), &w.view(), &dy.view()).unwrap();
-    let g = spec
-        .backward(&tx, &tw, &Tensor::from_array(gpu, &dy).unwrap())
-        .unwrap();
-    assert!(max_abs_diff(&g.x.to_array().unwrap(), &cpu.x) < 1e-4);
-    let dw_scale = cpu.weight.iter().fold(1.0f32, |m, v| m.max(v.abs()));
-    let diff = max_abs_diff(&g.weight.to_array().unwrap(), &cpu.weight);
-    assert!(
-        diff < 1e-4 * dw_scale,
-        "dW off by {diff} (scale {dw_scale})"
-    );
 }
 
 /// The weight gradient of a wide layer keeps one `[O, C·KH·KW]` product per image before
