@@ -807,7 +807,8 @@ impl Conv2d {
             };
             if let (Some(dweight), Some(dy_columns)) = (&dweight, &dy_columns) {
                 // dW += dy · colᵀ over every image's columns at once (K = images · P).
-                self.weight_grad_side_by_side(x, dy_columns, dweight, (first, count), index > 0)?;
+                let operands = (x, dy_columns, dweight);
+                self.weight_grad_side_by_side(&shape, operands, (first, count), index > 0)?;
             } else if let Some(dweight) = &dweight {
                 // dW += Σ_n dy[n] · col[n]ᵀ
                 let col = self.im2col(&gpu, &shape, x, (first, count), false)?;
@@ -892,15 +893,14 @@ impl Conv2d {
     /// alone.
     fn weight_grad_side_by_side(
         &self,
-        x: &Tensor,
-        dy_columns: &Tensor,
-        dweight: &Tensor,
+        shape: &Conv2dShape,
+        (x, dy_columns, dweight): (&Tensor, &Tensor, &Tensor),
         (first, count): (usize, usize),
         accumulate: bool,
     ) -> Result<()> {
-        let (gpu, shape) = (x.gpu(), self.shape(x.shape(), dweight.shape(), None)?);
+        let gpu = x.gpu();
         let columns = count * shape.positions();
-        let col = self.im2col(gpu, &shape, x, (first, count), true)?;
+        let col = self.im2col(gpu, shape, x, (first, count), true)?;
         let nt = Matmul {
             trans_b: true,
             ..Matmul::default()
