@@ -184,13 +184,14 @@ fn output_block(index: u32) -> Block {
     let tile = index % tiles;
     let o = (index / tiles) % O;
     let image = index / (tiles * O);
+    let at = tile_at(tile);
     let columns = p.images * tiles;
     return Block(
         o,
         o * columns + image * tiles + tile,
         O * columns,
-        tile_at(tile).x * TILE,
-        tile_at(tile).y * TILE,
+        at.x * TILE,
+        at.y * TILE,
         ((p.first_image + image) * O + o) * OH * OW,
     );
 }
