@@ -515,7 +515,7 @@ impl Conv2d {
         };
         let (g, positions) = (shape.groups, shape.positions());
         for (first, count) in chunks(&gpu, &shape, false)? {
-            let side_by_side = g == 1 && count > 1 && images_side_by_side(positions);
+            let side_by_side = images_side_by_side(&shape, count);
             let col = self.im2col(&gpu, &shape, x, (first, count), side_by_side)?;
             let y = Tensor::uninit(&gpu, &[count, shape.o, positions])?;
             let weights = GroupWeights::new(&gpu, &shape, weight, count)?;
@@ -795,7 +795,7 @@ impl Conv2d {
             // A chunk of the whole batch reads dy and writes dx where they are; others copy
             // their images out and back. Images side by side read dy as they lay it out.
             let whole = count == shape.n;
-            let side_by_side = g == 1 && count > 1 && images_side_by_side(positions);
+            let side_by_side = images_side_by_side(&shape, count);
             let dy_copy = match side_by_side {
                 true => None,
                 false => chunk_copy(dy, (first, count))?,
@@ -1093,15 +1093,16 @@ impl<'a> GroupWeights<'a> {
     }
 }
 
-/// Whether im2col lays a chunk's images side by side, one product over all their columns,
-/// rather than running one product per image: where an image's positions are not a multiple
-/// of 4, its columns would be packed into vec4s and its outputs stored one by one. ResNet-18's
+/// Whether im2col lays a chunk of `count` images side by side, one product over all their
+/// columns (forward, dW and dcol), rather than running one product per image: for one group
+/// and several images whose positions are not a multiple of 4, whose columns would be packed
+/// into vec4s and their outputs stored one by one. ResNet-18's
 /// layer4 at batch 8 (7×7 outputs), forward with bias and ReLU: the 3×3 stride-2 256→512
 /// 23 ms side by side against 29 per image, its 1×1 downsampling 3.2 against 8.1. Aligned
 /// images keep their products: layer3's 3×3 stride 2 (14×14 outputs) took 21–27 ms side by
 /// side against 20.5, the products' working set outgrowing the cache.
-fn images_side_by_side(positions: usize) -> bool {
-    !positions.is_multiple_of(4)
+fn images_side_by_side(shape: &Conv2dShape, count: usize) -> bool {
+    shape.groups == 1 && count > 1 && !shape.positions().is_multiple_of(4)
 }
 
 /// The most bytes one chunk's buffer may take: below the device's binding limit.
