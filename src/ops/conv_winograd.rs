@@ -87,12 +87,18 @@ impl Problem {
     /// Whether the tiles are numbered in 2×2 blocks (both tile counts even): `input4`'s four
     /// tiles then share their overlapping input.
     fn blocks(&self) -> bool {
-        self.oh.div_ceil(self.tile).is_multiple_of(2)
-            && self.ow.div_ceil(self.tile).is_multiple_of(2)
+        let (rows, columns) = self.tile_counts();
+        rows.is_multiple_of(2) && columns.is_multiple_of(2)
+    }
+
+    /// Tiles down and across an image.
+    fn tile_counts(&self) -> (usize, usize) {
+        (self.oh.div_ceil(self.tile), self.ow.div_ceil(self.tile))
     }
 
     fn tiles(&self) -> usize {
-        self.oh.div_ceil(self.tile) * self.ow.div_ceil(self.tile)
+        let (rows, columns) = self.tile_counts();
+        rows * columns
     }
 
     /// Points of the transformed tile: the matmuls per convolution.
@@ -315,23 +321,14 @@ fn run_transformed(
         let residual = residual.unwrap_or(&m);
         // F(4×4)'s blocks over rows of whole vec4s: a vec4 store per row of a block, where
         // the stores bound the transform (N8 64→64 56²: 2.95 ms against 3.8).
-        if problem.tile == 4 && problem.ow.is_multiple_of(4) {
-            let output = [
-                (1, m.binding()),
-                (6, out.binding_vec4()),
-                (3, bias_slot.binding()),
-                (7, residual.binding_vec4()),
-            ];
-            dispatch("output_rows4", &output, count * o * tiles, images)?;
-            continue;
-        }
-        let output = [
-            (1, m.binding()),
-            (2, out.binding()),
-            (3, bias_slot.binding()),
-            (4, residual.binding()),
-        ];
-        dispatch("output", &output, count * o * tiles, images)?;
+        let (entry, y, residual) = if problem.tile == 4 && problem.ow.is_multiple_of(4) {
+            let rows4 = (6, out.binding_vec4());
+            ("output_rows4", rows4, (7, residual.binding_vec4()))
+        } else {
+            ("output", (2, out.binding()), (4, residual.binding()))
+        };
+        let output = [(1, m.binding()), y, (3, bias_slot.binding()), residual];
+        dispatch(entry, &output, count * o * tiles, images)?;
     }
     Ok(())
 }
