@@ -76,6 +76,14 @@ fn vec4_rows(shape: &Conv2dShape, textures: bool) -> bool {
     !textures && shape.w.is_multiple_of(4) && MAX_ACCUMULATORS / shape.o >= 4
 }
 
+/// Whether the kernel stores its outputs as vec4s: blocks of whole vec4s in rows of whole
+/// vec4s, so that every block starts on one and each of its vec4s lies wholly inside the
+/// row or wholly past it. A per-lane store costs about as much for four floats as for one:
+/// LeNet's first layer stores 221,184 floats a step.
+fn vec4_stores(shape: &Conv2dShape, block: usize) -> bool {
+    block.is_multiple_of(4) && shape.ow.is_multiple_of(4)
+}
+
 /// The floats of one of the bank's rows: the weights one channel and kernel row give every
 /// filter, padded to whole vec4s (shaders/conv_direct_bank.wgsl).
 fn bank_row(filters: usize, kw: usize) -> usize {
@@ -127,6 +135,8 @@ struct DirectKernel {
     textures: bool,
     /// The input read as vec4s ([`vec4_rows`]).
     vec4_rows: bool,
+    /// The output stored as vec4s ([`vec4_stores`]).
+    vec4_stores: bool,
     /// Where the block's input segment starts in its first vec4 when read as vec4s: blocks
     /// start on vec4s, so the left padding alone sets it.
     skew: usize,
@@ -298,6 +308,7 @@ fn run(
         flipped,
         textures: texture.is_some(),
         vec4_rows,
+        vec4_stores: vec4_stores(shape, b),
         skew: if vec4_rows {
             (4 - shape.pad_left % 4) % 4
         } else {
@@ -310,6 +321,11 @@ fn run(
         Some(t) => Resource::Texture(&t.view),
         None if vec4_rows => Resource::Buffer(x.binding_vec4()),
         None => Resource::Buffer(x.binding()),
+    };
+    let output = if kernel.vec4_stores {
+        out.binding_vec4()
+    } else {
+        out.binding()
     };
     let copy_input = |encoder: &mut wgpu::CommandEncoder| {
         if let Some(t) = &texture {
@@ -324,7 +340,7 @@ fn run(
             bytemuck::bytes_of(&params),
             &[
                 (1, input),
-                (2, Resource::Buffer(out.binding())),
+                (2, Resource::Buffer(output)),
                 (3, Resource::Buffer(bank)),
             ],
             small_workgroups(total as u64),
@@ -467,6 +483,19 @@ impl Generated for DirectKernel {
                 "    let bias{o} = select(0.0, weight(C * KH * {}u + {o}u), HAS_BIAS != 0u);",
                 bank_row(filters, kw)
             );
+            if self.vec4_stores {
+                for q in 0..b / 4 {
+                    let sums: Vec<String> =
+                        (4 * q..4 * q + 4).map(|j| format!("a{o}_{j}")).collect();
+                    let _ = writeln!(
+                        stores,
+                        "    if live && ox0 + {}u < OW {{ y4[(base + {o}u * plane) / 4u + {q}u] = activate_vec4(vec4<f32>({}) + bias{o}, ACT, p.slope); }}",
+                        4 * q,
+                        sums.join(", ")
+                    );
+                }
+                continue;
+            }
             for j in 0..b {
                 let _ = writeln!(
                     stores,
@@ -474,6 +503,11 @@ impl Generated for DirectKernel {
                 );
             }
         }
+        let output = if self.vec4_stores {
+            "@group(0) @binding(2) var<storage, read_write> y4: array<vec4<f32>>;"
+        } else {
+            "@group(0) @binding(2) var<storage, read_write> y: array<f32>;"
+        };
         let (lane, exit, shared_rows) = match self.subgroup {
             // Whole subgroups keep running for the broadcasts.
             Some(_) => (
@@ -487,6 +521,7 @@ impl Generated for DirectKernel {
             include_str!("../../shaders/epilogue.wgsl"),
             &include_str!("../../shaders/conv_direct.wgsl")
                 .replace("{{INPUT_X}}", &self.input())
+                .replace("{{OUTPUT_Y}}", output)
                 .replace("{{VEC4S}}", &self.vec4s.to_string())
                 .replace("{{BLOCK}}", &b.to_string())
                 .replace("{{ROW}}", &bank_row(filters, kw).to_string())
@@ -516,7 +551,8 @@ mod tests {
     /// Both kernels (weights shared through subgroups where the adapter has fixed-size ones,
     /// and read by every lane) against the CPU reference, forward with bias and activation
     /// and the input gradient, into NaN-poisoned outputs, reading the input from storage
-    /// buffers (as vec4s where rows are whole ones) and from textures: LeNet's layers, and
+    /// buffers (as vec4s where rows are whole ones) and from textures, storing vec4s where
+    /// blocks are whole ones (rows 20 wide end in a partial block): LeNet's layers, and
     /// sizes whose rows, batches and banks fill no block, workgroup or subgroup.
     #[test]
     fn both_kernels_match_the_cpu() {
