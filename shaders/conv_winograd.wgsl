@@ -423,6 +423,50 @@ fn output_rows4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_work
     }
 }
 
+// `output` over a 2×2 block of F(2×2, 3×3) tiles (TILE = 2, BLOCKS, OW a multiple of 4): the
+// block's four tiles lie side by side in M, so each point is one vec4 load (src4), summed
+// straight into the outputs (Aᵀ's entries are 0 and ±1), with a vec4 over the four tiles per
+// output of a tile, so that few values stay live; each row of the block's 4×4 outputs is one
+// vec4 store (dst4 is y), rows past the output's last not stored.
+@group(0) @binding(5) var<storage, read> src4: array<vec4<f32>>;
+
+// Column r of A for F(2×2, 3×3), per point row (or column) i: what m's row i adds to output
+// row r (`output_line`).
+const A2 = array<vec2<f32>, 4>(vec2(1.0, 0.0), vec2(1.0, 1.0), vec2(1.0, -1.0), vec2(0.0, -1.0));
+
+@compute @workgroup_size(WORKGROUP)
+fn output_blocks4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let index = invocation_index(gid, nwg);
+    if index >= p.total { return; }
+    let block = output_block(index * 4u);
+    // Output (r, c) of each of the four tiles: acc[r * 2 + c][tile].
+    var acc = array<vec4<f32>, 4>();
+    for (var i = 0u; i < 4u; i++) {
+        for (var j = 0u; j < 4u; j++) {
+            let v = src4[((i * 4u + j) * block.stride + block.at) / 4u];
+            for (var r = 0u; r < 2u; r++) {
+                for (var c = 0u; c < 2u; c++) {
+                    acc[r * 2u + c] += A2[i][r] * A2[j][c] * v;
+                }
+            }
+        }
+    }
+    let b = bias_of(block.o);
+    for (var row = 0u; row < 4u; row++) {
+        if block.oy + row < OH {
+            let top = row / 2u * 2u;
+            let r = row % 2u;
+            // Columns 0 and 1 of each tile's row r: the left tile's, then the right one's.
+            let first = acc[r * 2u];
+            let second = acc[r * 2u + 1u];
+            let y = (block.plane + (block.oy + row) * OW + block.ox) / 4u;
+            var v = vec4<f32>(first[top], second[top], first[top + 1u], second[top + 1u]) + b;
+            if HAS_RESIDUAL == 1u { v += residual4[y]; }
+            dst4[y] = activate_vec4(v, ACT, p.slope);
+        }
+    }
+}
+
 // The weight gradient (forward problem only, TILE = 2). With dU[ξ][o][c] = Σ_t (A dy_t Aᵀ)[ξ][o] ·
 // V_t[ξ][c] (a batched matmul over the tiles t) the gradient of g is Gᵀ dU G:
 //   output_grad:  dM[ξ][o][t] = (A dy_t Aᵀ)[ξ]       one invocation per (image, o, tile)

@@ -1010,7 +1010,8 @@ fn input_gradients_past_the_loop_bound_match_the_cpu() {
 
 /// 3×3 convolutions at stride 1 with more than the direct kernels' 16 filters run as Winograd
 /// F(2×2, 3×3), forward and input gradient, on contexts forced to each operand-read family:
-/// outputs of odd sizes (tiles past the edge), paddings 0–2, "same", per-axis, and 3 (dx then
+/// outputs of odd sizes (tiles past the edge), 2×2 blocks of tiles stored as rows of vec4s
+/// (8×8, and 7×12 with a half block past the last row), paddings 0–2, "same", per-axis, and 3 (dx then
 /// takes im2col), a fused bias and activation, poisoned outputs; against the CPU within the
 /// direct kernels' tolerance (Winograd's transforms multiply by ±1 and ½ only).
 #[test]
@@ -1082,6 +1083,18 @@ fn winograd_convolutions_match_the_cpu() {
             6,
             6,
             18,
+            Padding::Explicit(1, 1),
+            Activation::Relu,
+            winograd,
+        ),
+        // 4×6 tiles in 2×2 blocks over rows of whole vec4s, the last row of blocks half past
+        // the output (7 rows): forward and dx store rows of vec4s.
+        (
+            2,
+            17,
+            7,
+            12,
+            20,
             Padding::Explicit(1, 1),
             Activation::Relu,
             winograd,

@@ -238,15 +238,27 @@ fn layers_say_what_folds() {
 /// per Winograd layer: the fold's own and the transform; one for the pointwise layer), and
 /// runs 10 fewer than the unfolded pass (the two transforms, two passes per norm, the two
 /// sums, the ReLUs being absorbed there); every pass matches the unfolded one, and training
-/// drops the filters with the fold. A context of its own: the counter counts every thread's
-/// kernels.
+/// drops the filters with the fold. The residual goes through F(4×4)'s one-tile output
+/// transform (9×7), then F(2×2)'s 2×2 blocks stored as rows of vec4s (7×8). A context of its
+/// own: the counter counts every thread's kernels.
 #[test]
 fn folded_layers_keep_their_filters_and_add_the_residual() {
     if gpu().is_none() {
         return;
     }
     let gpu = &common::new_gpu();
-    let b = GraphBuilder::new(&[2, 3, 9, 7]).unwrap();
+    for (size, residual_kernel) in [
+        ([9, 7], ConvKernel::Winograd4),
+        ([7, 8], ConvKernel::Winograd),
+    ] {
+        folds_with_the_residual(gpu, size, residual_kernel);
+    }
+}
+
+/// The residual test on h×w images, the residual sum folded into a convolution run by
+/// `residual_kernel`.
+fn folds_with_the_residual(gpu: &wgcnn::Gpu, [h, w]: [usize; 2], residual_kernel: ConvKernel) {
+    let b = GraphBuilder::new(&[2, 3, h, w]).unwrap();
     let conv = |c, kernel| {
         let mut conv = Conv2d::new(c, 8, (3, 3)).padding(Padding::Explicit(1, 1));
         conv.spec.kernel = Some(kernel);
@@ -255,7 +267,7 @@ fn folded_layers_keep_their_filters_and_add_the_residual() {
     let y = b.apply("conv0", conv(3, ConvKernel::Winograd), b.input());
     let y = b.apply("bn0", BatchNorm2d::new(8), y.unwrap()).unwrap();
     let shortcut = b.apply("relu0", relu(), y).unwrap();
-    let y = b.apply("conv1", conv(8, ConvKernel::Winograd4), shortcut);
+    let y = b.apply("conv1", conv(8, residual_kernel), shortcut);
     let y = b.apply("bn1", BatchNorm2d::new(8), y.unwrap()).unwrap();
     let y = b.add("add", Add, &[y, shortcut]).unwrap();
     let shortcut = b.apply("relu1", relu(), y).unwrap();
@@ -265,7 +277,7 @@ fn folded_layers_keep_their_filters_and_add_the_residual() {
     let y = b.apply("bn2", BatchNorm2d::new(8), y).unwrap();
     let y = b.add("add2", Add, &[shortcut, y]).unwrap();
     let mut graph = b.build(y, Device::Gpu(gpu.clone()), 5).unwrap();
-    let x = random(&[2, 3, 9, 7], 70);
+    let x = random(&[2, 3, h, w], 70);
     let mut sgd = graph.optimizer(Optimizer::sgd(0.1)).unwrap();
     let kernels = |graph: &mut wgcnn::Graph, mode| kernels_of(gpu, graph, &x, mode);
     // The context's first kernels calibrate its operand reads.
@@ -276,9 +288,10 @@ fn folded_layers_keep_their_filters_and_add_the_residual() {
             kernels(&mut graph, Mode::Eval),
             kernels(&mut graph, Mode::Eval),
         );
-        let counts = format!("step {step}: {unfolded} unfolded, {first} folded, then {second}");
+        let counts =
+            format!("{h}×{w}, step {step}: {unfolded} unfolded, {first} folded, then {second}");
         assert_eq!((first - second, unfolded - second), (5, 10), "{counts}");
-        folded_matches(&mut graph, &x, &format!("step {step}"));
+        folded_matches(&mut graph, &x, &format!("{h}×{w}, step {step}"));
         train_step(&mut graph, &mut sgd, 80 + step);
     }
 }

@@ -81,7 +81,8 @@ pub struct TuningReport {
 /// over the batch's columns), and wide subgroup products walk their tiles down the rows first;
 /// 9: Winograd's input transform loads a 2×2 block of tiles' inputs once, and F(4×4)'s output
 /// transform stores rows as vec4s; 10: im2col's weight gradient lays such images side by side
-/// too; 11: and col2im's input gradient; 12: the direct kernels store vec4s.
+/// too; 11: and col2im's input gradient; 12: the direct kernels store vec4s, and F(2×2)'s
+/// output transform takes 2×2 blocks of tiles.
 const KERNELS_REVISION: u32 = 12;
 
 const HEADER: &str = "# wgcnn kernel tuning v1: adapter\tkey\tchosen\tcandidate=seconds;…";
