@@ -1153,6 +1153,10 @@ fn winograd_4x4_convolutions_match_the_cpu() {
         (2, 6, 10, 12, 5, Padding::Explicit(1, 1), Activation::Relu),
         // 4×2 tiles: numbered in 2×2 blocks, `input4` loading each block's inputs once.
         (3, 8, 16, 8, 7, Padding::Explicit(1, 1), Activation::None),
+        // Blocks of tiles at paddings 0 and 2 (and dx of a layer padded by 0, by 2).
+        (2, 6, 16, 16, 5, Padding::Explicit(0, 0), Activation::Relu),
+        (1, 5, 12, 12, 6, Padding::Explicit(2, 2), Activation::None),
+        (1, 4, 14, 14, 3, Padding::Explicit(0, 0), Activation::None),
     ];
     for gpu in gpus {
         for (i, (n, c, h, w, o, padding, activation)) in cases.into_iter().enumerate() {
