@@ -1,5 +1,7 @@
 //! `Tensor`: an f32 N-dimensional array in a pooled GPU buffer.
 
+use std::sync::Arc;
+
 use ndarray::{ArrayBase, ArrayD, Data, Dimension, IxDyn};
 
 use crate::error::{Error, Result};
@@ -33,7 +35,8 @@ struct FillParams {
 /// An f32 tensor in row-major (C) order on the GPU. Activations are NCHW.
 pub struct Tensor {
     shape: Vec<usize>,
-    storage: PooledBuffer,
+    /// Shared by the tensors [`Tensor::reshaped`] makes of it; back to the pool with the last.
+    storage: Arc<PooledBuffer>,
 }
 
 impl std::fmt::Debug for Tensor {
@@ -136,11 +139,11 @@ impl Tensor {
         };
         Ok(Self {
             shape: shape.to_vec(),
-            storage: PooledBuffer {
+            storage: Arc::new(PooledBuffer {
                 gpu: gpu.clone(),
                 buffer,
                 class,
-            },
+            }),
         })
     }
 
@@ -239,15 +242,31 @@ impl Tensor {
         Ok(self)
     }
 
-    /// A copy of the data under `shape` (as many elements), on the GPU.
-    pub fn copy_as(&self, shape: &[usize]) -> Result<Self> {
-        if element_count("Tensor::copy_as", shape)? != self.len() {
+    /// The same data under `shape` (as many elements): no copy, the two share one buffer,
+    /// so it is for tensors nothing writes in place (activations and their gradients as the
+    /// executor hands them on; not parameters, which the optimizer updates).
+    pub fn reshaped(&self, shape: &[usize]) -> Result<Self> {
+        self.check_reshape("Tensor::reshaped", shape)?;
+        Ok(Self {
+            shape: shape.to_vec(),
+            storage: Arc::clone(&self.storage),
+        })
+    }
+
+    fn check_reshape(&self, op: &'static str, shape: &[usize]) -> Result<()> {
+        if element_count(op, shape)? != self.len() {
             return Err(Error::ShapeMismatch {
-                op: "Tensor::copy_as",
+                op,
                 shapes: vec![self.shape.clone(), shape.to_vec()],
                 detail: format!("cannot view {:?} as {shape:?}", self.shape),
             });
         }
+        Ok(())
+    }
+
+    /// A copy of the data under `shape` (as many elements), on the GPU.
+    pub fn copy_as(&self, shape: &[usize]) -> Result<Self> {
+        self.check_reshape("Tensor::copy_as", shape)?;
         let copy = Self::uninit(self.gpu(), shape)?;
         self.gpu()
             .copy((self.buffer(), 0), (copy.buffer(), 0), self.bytes())?;

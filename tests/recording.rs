@@ -6,12 +6,13 @@ use common::{gpu, random};
 use wgcnn::ops::{Conv2d, Pool2d};
 use wgcnn::{Activation, Gpu, Tensor};
 
-/// conv → relu → max pool, then the backward chain: 20-odd kernels and copies.
+/// conv → relu → (a copy) → max pool, then the backward chain: 20-odd kernels, which a
+/// recording puts into one compute pass until the copy ends it.
 fn step(x: &Tensor, w: &Tensor, b: &Tensor) -> wgcnn::Result<(Tensor, Tensor)> {
     let conv = Conv2d::default();
     let pool = Pool2d::max((2, 2));
     let c = conv.forward(x, w, Some(b))?;
-    let r = Activation::Relu.forward(&c)?;
+    let r = Activation::Relu.forward(&c)?.copy_as(c.shape())?;
     let p = pool.forward(&r)?;
     let dr = pool.backward(r.shape(), &p.y, p.argmax.as_ref())?;
     let dc = Activation::Relu.backward(&c, &r, &dr)?;
@@ -317,4 +318,22 @@ fn a_panicking_step_leaves_the_thread_able_to_record() {
     assert_eq!(gpu.submissions(), before + 1, "the next step is one submit");
     assert_eq!(y.to_array().unwrap(), y_plain.to_array().unwrap());
     assert_eq!(dw.to_array().unwrap(), dw_plain.to_array().unwrap());
+}
+
+/// `reshaped` views the same buffer under another shape with as many elements (no kernel,
+/// no copy, no submit), which lives on while either tensor does; another count is an error.
+#[test]
+fn reshaped_tensors_share_their_buffer() {
+    let Some(_) = gpu() else { return };
+    let gpu = common::new_gpu();
+    let a = random(&[2, 3, 4], 5);
+    let t = Tensor::from_array(&gpu, &a).unwrap();
+    let before = (gpu.dispatches(), gpu.submissions());
+    let r = t.reshaped(&[6, 4]).unwrap();
+    assert_eq!((gpu.dispatches(), gpu.submissions()), before);
+    assert_eq!(r.shape(), [6, 4]);
+    assert!(t.reshaped(&[5, 5]).is_err());
+    drop(t);
+    let got = r.to_array().unwrap();
+    assert_eq!(got.as_slice().unwrap(), a.as_slice().unwrap());
 }

@@ -1,6 +1,7 @@
 //! Encoding kernels: uniform parameters, bind groups, and grids of any size.
 
 use super::context::Gpu;
+use super::recording::Commands;
 use crate::error::{Error, Result};
 
 /// Most workgroups one grid axis may hold (WebGPU's guaranteed minimum, and lavapipe's).
@@ -114,8 +115,8 @@ impl Gpu {
         Ok(())
     }
 
-    /// Records kernels with `record` into one compute pass, submitted at once (or with the
-    /// active recording, see [`Gpu::record`]).
+    /// Records kernels with `record` into a compute pass, submitted at once (or with the
+    /// active recording, see [`Gpu::record`], in the pass the previous op's kernels went into).
     pub(crate) fn run_pass(
         &self,
         label: &str,
@@ -124,21 +125,18 @@ impl Gpu {
         self.run_pass_after(label, |_| Ok(()), record)
     }
 
-    /// Like [`Gpu::run_pass`], with commands recorded by `before` (copies) ahead of the pass.
+    /// Like [`Gpu::run_pass`], with commands recorded by `before` (copies, through
+    /// `Commands::encoder`, which ends the open pass) ahead of the kernels.
     pub(crate) fn run_pass_after(
         &self,
         label: &str,
-        before: impl FnOnce(&mut wgpu::CommandEncoder) -> Result<()>,
+        before: impl FnOnce(&mut Commands<'_>) -> Result<()>,
         record: impl FnOnce(&mut wgpu::ComputePass<'_>) -> Result<()>,
     ) -> Result<()> {
         self.checked(label, || {
-            self.with_encoder(label, |encoder| {
-                before(encoder)?;
-                let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                    label: Some(label),
-                    timestamp_writes: None,
-                });
-                record(&mut pass)
+            self.with_commands(label, |commands| {
+                before(commands)?;
+                record(commands.pass())
             })
         })?
     }
@@ -151,7 +149,8 @@ impl Gpu {
         bytes: u64,
     ) -> Result<()> {
         self.checked("copying a tensor", || {
-            self.with_encoder("copy", |encoder| {
+            self.with_commands("copy", |commands| {
+                let encoder = commands.encoder();
                 encoder.copy_buffer_to_buffer(src, src_offset, dst, dst_offset, bytes);
                 Ok(())
             })

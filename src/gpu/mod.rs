@@ -18,6 +18,7 @@ pub use context::{Gpu, GpuOptions, KernelFamily};
 pub use pool::PoolStats;
 pub(crate) use pool::size_class;
 pub use profile::PassTime;
+pub(crate) use recording::Commands;
 pub(crate) use texture::OperandTexture;
 pub use texture::{OperandCalibration, OperandReads, TEXTURE_ADVANTAGE};
 pub use tuning::{ChoiceSource, TunedChoice, Tuning, TuningReport};

@@ -15,6 +15,7 @@ use bytemuck::{Pod, Zeroable};
 use super::context::Gpu;
 use super::dispatch::{Binding, Resource};
 use super::pipelines::wgsl_section;
+use super::recording::Commands;
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
@@ -219,10 +220,11 @@ impl<'a> TextureInputs<'a> {
         Some(&self.textures.as_ref()?[at].view)
     }
 
-    /// Records the copies of the inputs into their textures (nothing if read from storage).
-    pub(crate) fn copy(&self, encoder: &mut wgpu::CommandEncoder) {
+    /// Records the copies of the inputs into their textures (nothing if read from storage:
+    /// the open compute pass stays open).
+    pub(crate) fn copy(&self, commands: &mut Commands<'_>) {
         for (texture, (_, t)) in self.textures.iter().flatten().zip(&self.inputs) {
-            texture.copy_tensor(encoder, t);
+            texture.copy_tensor(commands.encoder(), t);
         }
     }
 }

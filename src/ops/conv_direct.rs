@@ -11,6 +11,7 @@ use bytemuck::{Pod, Zeroable};
 
 use super::conv2d::{Conv2d, Conv2dShape};
 use crate::error::Result;
+use crate::gpu::Commands;
 use crate::gpu::dispatch::{Binding, Resource};
 use crate::gpu::shared::{MAX_LOOP_ITERATIONS, small_workgroups, workgroups};
 use crate::gpu::texture::{scalar_input, scalar_texture};
@@ -327,9 +328,9 @@ fn run(
     } else {
         out.binding()
     };
-    let copy_input = |encoder: &mut wgpu::CommandEncoder| {
+    let copy_input = |commands: &mut Commands<'_>| {
         if let Some(t) = &texture {
-            t.copy_tensor(encoder, x);
+            t.copy_tensor(commands.encoder(), x);
         }
         Ok(())
     };

@@ -14,6 +14,7 @@ use super::conv_direct::{MAX_FILTERS, MAX_KERNEL_WIDTH, VEC4_ROWS_INPUT};
 use super::conv2d::{Conv2d, Conv2dShape};
 use super::reduce::sum_axes;
 use crate::error::Result;
+use crate::gpu::Commands;
 use crate::gpu::dispatch::Resource;
 use crate::gpu::shared::{MAX_LOOP_ITERATIONS, WORKGROUP_SMALL};
 use crate::gpu::texture::{Texel, TextureInputs, scalar_input};
@@ -551,9 +552,20 @@ fn run(
         variant,
     };
     let pipeline = gpu.generated(&kernel, "main", &constants)?;
-    // [split][O·C·TAPS + O]: each split's sums of dW, then of db.
+    // [split][O·C·TAPS] and [split][O]: each split's sums of dW and db, summed after the
+    // pass; a single split's are the gradients.
     let (weights, filters) = (out.weight.len(), out.bias.len());
-    let sums = Tensor::uninit(gpu, &[splits, weights + filters])?;
+    let sums = if splits > 1 {
+        Some((
+            Tensor::uninit(gpu, &[splits, weights])?,
+            Tensor::uninit(gpu, &[splits, filters])?,
+        ))
+    } else {
+        None
+    };
+    let (dw, db) = sums
+        .as_ref()
+        .map_or((out.weight, out.bias), |(w, b)| (w, b));
     let mut resources: Vec<_> = tensors
         .iter()
         .map(|&(number, t)| match inputs.view(number) {
@@ -564,7 +576,8 @@ fn run(
             None => (number, Resource::Buffer(t.binding())),
         })
         .collect();
-    resources.push((3, Resource::Buffer(sums.binding())));
+    resources.push((3, Resource::Buffer(dw.binding())));
+    resources.push((6, Resource::Buffer(db.binding())));
     if let Some(dz) = gate.as_ref().and_then(|g| g.dz) {
         let dz = if variant.vec4 {
             dz.binding_vec4()
@@ -573,8 +586,8 @@ fn run(
         };
         resources.push((5, Resource::Buffer(dz)));
     }
-    let copies = |encoder: &mut wgpu::CommandEncoder| {
-        inputs.copy(encoder);
+    let copies = |commands: &mut Commands<'_>| {
+        inputs.copy(commands);
         Ok(())
     };
     gpu.run_pass_after("conv2d weight gradient", copies, |pass| {
@@ -586,30 +599,11 @@ fn run(
             groups as u64,
         )
     })?;
-    let total = if splits > 1 {
-        let total = Tensor::uninit(gpu, &[weights + filters])?;
-        sum_axes(
-            gpu,
-            &sums,
-            (splits, weights + filters, 1),
-            &total,
-            1.0,
-            false,
-        )?;
-        total
-    } else {
-        sums
-    };
-    gpu.copy(
-        (total.buffer(), 0),
-        (out.weight.buffer(), 0),
-        out.weight.bytes(),
-    )?;
-    gpu.copy(
-        (total.buffer(), out.weight.bytes()),
-        (out.bias.buffer(), 0),
-        out.bias.bytes(),
-    )
+    if let Some((dw, db)) = &sums {
+        sum_axes(gpu, dw, (splits, weights, 1), out.weight, 1.0, false)?;
+        sum_axes(gpu, db, (splits, filters, 1), out.bias, 1.0, false)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

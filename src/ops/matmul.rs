@@ -15,6 +15,7 @@ use ndarray::{Array2, ArrayD, ArrayView2, ArrayViewD, Axis, Ix2, IxDyn, s};
 use super::Activation;
 use super::reduce::sum_axes;
 use crate::error::{Error, Result};
+use crate::gpu::Commands;
 use crate::gpu::Gpu;
 use crate::gpu::dispatch::{Binding, Resource};
 use crate::gpu::shared::{MAX_LOOP_ITERATIONS, bias_mode, workgroups};
@@ -909,7 +910,7 @@ impl Matmul {
             .collect::<Result<Vec<_>>>()?;
         let pack_entry = if textures { "to_texture" } else { "main" };
 
-        let copies = |encoder: &mut wgpu::CommandEncoder| {
+        let copies = |commands: &mut Commands<'_>| {
             if let Packed::Textures(textures) = &packed {
                 let (a_tex, b_tex) = &**textures;
                 for (dense, src, tex, sizes) in [
@@ -918,7 +919,7 @@ impl Matmul {
                 ] {
                     if let Some(tex) = tex.filter(|_| dense) {
                         let texels = sizes.iter().product::<usize>() as u64 / 4;
-                        tex.copy_from(encoder, src, texels);
+                        tex.copy_from(commands.encoder(), src, texels);
                     }
                 }
             }

@@ -5,6 +5,7 @@ use bytemuck::{Pod, Zeroable};
 
 use super::reduce::sum_axes;
 use crate::error::{Error, Result};
+use crate::gpu::Commands;
 use crate::gpu::dispatch::Resource;
 use crate::gpu::shared::{MAX_LOOP_ITERATIONS, WORKGROUP_SMALL, small_workgroups, workgroups};
 use crate::gpu::texture::{Texel, TextureInputs, vec4_input};
@@ -296,8 +297,8 @@ pub(crate) fn launch(
             Some((pipeline, resources))
         }
     };
-    let copies = |encoder: &mut wgpu::CommandEncoder| {
-        inputs.copy(encoder);
+    let copies = |commands: &mut Commands<'_>| {
+        inputs.copy(commands);
         Ok(())
     };
     gpu.run_pass_after(&entry, copies, |pass| {

@@ -13,6 +13,7 @@ use super::activation::through_activation_cpu;
 use super::adaptive_pool::AdaptiveAvgPool2d;
 use super::reduce::sum_axes;
 use crate::error::{Error, Result};
+use crate::gpu::Commands;
 use crate::gpu::dispatch::Resource;
 use crate::gpu::shared::{MAX_LOOP_ITERATIONS, workgroups};
 use crate::gpu::texture::{Texel, TextureInputs, scalar_input, vec4_input};
@@ -480,8 +481,8 @@ impl Pool2d {
                 (number, resource)
             })
             .collect();
-        let copies = |encoder: &mut wgpu::CommandEncoder| {
-            inputs.copy(encoder);
+        let copies = |commands: &mut Commands<'_>| {
+            inputs.copy(commands);
             Ok(())
         };
         gpu.run_pass_after(entry, copies, |pass| {

@@ -106,10 +106,11 @@ impl Value {
         self.map(|t| t.copy_as(t.shape()), |a| Ok(a.clone()))
     }
 
-    /// The same elements under `shape` (a copy on the GPU); `op` names the caller in errors.
+    /// The same elements under `shape` (on the GPU the same buffer, see
+    /// [`Tensor::reshaped`]); `op` names the caller in errors.
     pub fn reshaped(&self, op: &'static str, shape: &[usize]) -> Result<Value> {
         self.map(
-            |t| t.copy_as(shape),
+            |t| t.reshaped(shape),
             |a| {
                 Ok(a.to_shape(shape)
                     .map_err(|e| Error::ShapeMismatch {
