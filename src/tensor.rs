@@ -253,6 +253,7 @@ impl Tensor {
         })
     }
 
+    /// An error unless `shape` holds as many elements as this tensor; `op` names the caller.
     fn check_reshape(&self, op: &'static str, shape: &[usize]) -> Result<()> {
         if element_count(op, shape)? != self.len() {
             return Err(Error::ShapeMismatch {

@@ -322,7 +322,7 @@ fn run_transformed(
         // F(4×4)'s blocks over rows of whole vec4s: a vec4 store per row of a block, where
         // the stores bound the transform (N8 64→64 56²: 2.95 ms against 3.8).
         // F(2×2)'s 2×2 blocks of tiles likewise, their points read as vec4s: N128 64→64 8²
-        // 1.7–1.8 -> 0.96 ms, unchanged where M outgrows the caches (16→16 32²: 6.4 -> 6.2–6.3).
+        // 1.7–1.8 → 0.96 ms, unchanged where M outgrows the caches (16→16 32²: 6.4 → 6.2–6.3).
         let rows4 = problem.ow.is_multiple_of(4);
         let (entry, m, y, residual, per_invocation) = if problem.tile == 4 && rows4 {
             let (y, residual) = ((6, out.binding_vec4()), (7, residual.binding_vec4()));
