@@ -10,6 +10,9 @@ use wgcnn::train::{Checkpoint, check_names_and_shapes};
 
 fn scratch(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("wgcnn-checkpoint-{}-{name}", std::process::id()));
+    // An earlier process with the same id may have left it behind, with a checkpoint where
+    // a test expects to make a directory.
+    let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir.join("model.safetensors")
 }
