@@ -323,16 +323,16 @@ fn run_transformed(
         // the stores bound the transform (N8 64→64 56²: 2.95 ms against 3.8).
         // F(2×2)'s 2×2 blocks of tiles likewise, their points read as vec4s: N128 64→64 8²
         // 1.7–1.8 → 0.96 ms, unchanged where M outgrows the caches (16→16 32²: 6.4 → 6.2–6.3).
-        let rows4 = problem.ow.is_multiple_of(4);
-        let (entry, m, y, residual, per_invocation) = if problem.tile == 4 && rows4 {
-            let (y, residual) = ((6, out.binding_vec4()), (7, residual.binding_vec4()));
-            ("output_rows4", (1, m.binding()), y, residual, 1)
-        } else if problem.blocks() && rows4 {
-            let (y, residual) = ((6, out.binding_vec4()), (7, residual.binding_vec4()));
-            ("output_blocks4", (5, m.binding_vec4()), y, residual, 4)
+        let rows4 = problem.ow.is_multiple_of(4) && (problem.tile == 4 || problem.blocks());
+        let (y, residual) = if rows4 {
+            ((6, out.binding_vec4()), (7, residual.binding_vec4()))
         } else {
-            let (y, residual) = ((2, out.binding()), (4, residual.binding()));
-            ("output", (1, m.binding()), y, residual, 1)
+            ((2, out.binding()), (4, residual.binding()))
+        };
+        let (entry, m, per_invocation) = match (rows4, problem.tile) {
+            (true, 4) => ("output_rows4", (1, m.binding()), 1),
+            (true, _) => ("output_blocks4", (5, m.binding_vec4()), 4),
+            (false, _) => ("output", (1, m.binding()), 1),
         };
         let output = [m, y, (3, bias_slot.binding()), residual];
         dispatch(entry, &output, count * o * tiles / per_invocation, images)?;
