@@ -1,8 +1,8 @@
 // Sums x viewed as [outer][mid][inner] over outer and inner:
 // out[m] (+)= scale · Σ_a Σ_i x[a][m][i].
-// `main`: one workgroup per output element, WORKGROUP_SMALL invocations striding over the outer·inner
-// terms, then a tree reduction in workgroup memory. `per_output`: one invocation per output,
-// for many short sums. `columns4`: one invocation per four neighbouring outputs where inner is
+// `main`: one workgroup per output element, WORKGROUP_SMALL invocations striding over the
+// outer·inner terms (in runs of RUN), then a tree reduction in workgroup memory.
+// `per_output`: one invocation per output, for many short sums. `columns4`: one invocation per four neighbouring outputs where inner is
 // 1 and there are many (per-image weight gradients): vec4 reads of each slice in turn,
 // contiguous across the lanes. Used for bias and batched weight gradients.
 // src/ops/reduce.rs fills in the `{{…}}` parts per variant:
@@ -18,6 +18,9 @@ override MID: u32;
 override INNER: u32;
 // The gated variant's activation (an `Activation::code`).
 override ACT: u32 = 0u;
+// `main`: terms a lane adds one after the other, dividing INNER (src/ops/reduce.rs picks it:
+// on CPU adapters runs of neighbouring terms cost less than terms spread across the lanes).
+override RUN: u32 = 1u;
 
 alias Elem = {{ELEM}};
 
@@ -73,10 +76,12 @@ fn main(
     if m >= MID { return; }
     let terms = p.outer * INNER;
     var sum = Elem(0.0);
-    for (var t = lane; t < terms; t += WORKGROUP_SMALL) {
+    for (var t = lane * RUN; t < terms; t += WORKGROUP_SMALL * RUN) {
         let a = p.first_outer + t / INNER;
-        let i = t % INNER;
-        sum += term((a * MID + m) * INNER + i);
+        let first = (a * MID + m) * INNER + t % INNER;
+        for (var k = 0u; k < RUN; k++) {
+            sum += term(first + k);
+        }
     }
     partial[lane] = total(sum);
     workgroupBarrier();

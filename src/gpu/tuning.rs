@@ -82,8 +82,9 @@ pub struct TuningReport {
 /// 9: Winograd's input transform loads a 2×2 block of tiles' inputs once, and F(4×4)'s output
 /// transform stores rows as vec4s; 10: im2col's weight gradient lays such images side by side
 /// too; 11: and col2im's input gradient; 12: the direct kernels store vec4s, and F(2×2)'s
-/// output transform takes 2×2 blocks of tiles.
-const KERNELS_REVISION: u32 = 12;
+/// output transform takes 2×2 blocks of tiles; 13: bias sums walk runs of neighbouring terms
+/// (the Winograd and im2col weight gradients' bias sums about twice as fast on lavapipe).
+const KERNELS_REVISION: u32 = 13;
 
 const HEADER: &str = "# wgcnn kernel tuning v1: adapter\tkey\tchosen\tcandidate=seconds;…";
 

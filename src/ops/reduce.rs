@@ -30,6 +30,25 @@ const PER_OUTPUT_TERMS: usize = 64;
 /// with a workgroup per output, whose lanes read a slice apart.
 const COLUMN_OUTPUTS: usize = 4 * WORKGROUP_SMALL as usize;
 
+/// The terms a lane of `main` adds one after the other (`RUN` in shaders/reduce.wgsl): on
+/// CPU adapters, whose lanes are SIMD lanes (a read spread across them is a gather), the
+/// longest run of 32, 16, 8, 4 or 2 that divides a slice's row; 1 on GPUs, whose lanes
+/// coalesce neighbouring reads. On lavapipe a bias gradient's sum took 0.45–0.69× the time
+/// of one term per lane (N8 64×56² 2.47 → 1.33 ms, N128 16×32² 3.06–3.21 → 1.70–1.73, 32×16²
+/// 1.55 → 0.72–0.80, 64×8² (runs of 16) 0.76–0.87 → 0.38–0.41); runs of 8 took 0.9–1.5× the
+/// longest ones' time.
+fn lane_run(gpu: &Gpu, inner_elems: usize) -> usize {
+    let runs: &[usize] = if gpu.cpu_kernels() {
+        &[32, 16, 8, 4, 2]
+    } else {
+        &[]
+    };
+    runs.iter()
+        .copied()
+        .find(|run| inner_elems.is_multiple_of(*run))
+        .unwrap_or(1)
+}
+
 /// `out[m] (+)= scale · Σ_a Σ_i x[a][m][i]` for `x` viewed as `[outer][mid][inner]`.
 pub(crate) fn sum_axes(
     gpu: &Gpu,
@@ -145,9 +164,15 @@ fn launch(
     let columns = gate.is_none() && inner == 1 && mid % 4 == 0 && mid >= COLUMN_OUTPUTS;
     let vec4 = inner % 4 == 0;
     let inner_elems = if vec4 { inner / 4 } else { inner };
-    // `main`'s lanes each loop over a share of an output's terms, then up a tree: sums too
-    // long for that run as passes over slices of `outer`, each adding to the last.
-    let per_lane_budget = terms_per_pass(WORKGROUP_SMALL);
+    // `main`'s lanes each loop over a share of an output's terms in runs (an iteration per
+    // run and one per term), then up a tree: sums too long for that run as passes over
+    // slices of `outer`, each adding to the last.
+    let run = if columns {
+        1
+    } else {
+        lane_run(gpu, inner_elems)
+    };
+    let per_lane_budget = terms_per_pass(WORKGROUP_SMALL) * run / (run + 1);
     if inner_elems > per_lane_budget {
         return Err(Error::InvalidArgument {
             op: "sum_axes",
@@ -182,6 +207,7 @@ fn launch(
             ("MID", mid as u32),
             ("INNER", inner_elems as u32),
             ("ACT", gate.map_or(0, Activation::code)),
+            ("RUN", run as u32),
         ],
     )?;
     let bindings: Vec<_> = tensors
@@ -240,16 +266,20 @@ mod tests {
             Activation::Tanh,
             Activation::Relu6,
         ];
-        // (outer, mid, inner): vec4 + workgroup, f32 + lane, f32 + workgroup, vec4 + lane,
-        // vec4 + workgroup on sizes that fill no vec4 group of lanes; and 1,050,300 terms per
-        // output, past one pass's loop bound (two passes, the second accumulating).
+        // (outer, mid, inner): vec4 + workgroup (on CPU adapters in runs of 16), f32 +
+        // lane, f32 + workgroup, vec4 + lane, vec4 + workgroup on sizes that fill no vec4
+        // group of lanes, the same in runs of 2; and past one pass's loop bound (two passes,
+        // the second accumulating): 1,050,300 f32 terms per output, and 1,040,000 vec4s in
+        // runs of 32.
         let cases = [
             (64, 6, 576),
             (3, 5, 7),
             (100, 10, 1),
             (2, 3, 8),
             (70, 2, 12),
+            (90, 3, 40),
             (300, 2, 3501),
+            (1300, 1, 3200),
         ];
         for (i, (outer, mid, inner)) in cases.into_iter().enumerate() {
             let shape = [outer, mid, inner];
