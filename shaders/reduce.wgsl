@@ -2,9 +2,10 @@
 // out[m] (+)= scale · Σ_a Σ_i x[a][m][i].
 // `main`: one workgroup per output element, WORKGROUP_SMALL invocations striding over the
 // outer·inner terms (in runs of RUN), then a tree reduction in workgroup memory.
-// `per_output`: one invocation per output, for many short sums. `columns4`: one invocation per four neighbouring outputs where inner is
-// 1 and there are many (per-image weight gradients): vec4 reads of each slice in turn,
-// contiguous across the lanes. Used for bias and batched weight gradients.
+// `per_output`: one invocation per output, for many short sums. `columns4`: one invocation
+// per COLUMN_RUN vec4s of neighbouring outputs where inner is 1 and there are many (per-image
+// weight gradients): vec4 reads of each slice in turn. Used for bias and batched weight
+// gradients.
 // src/ops/reduce.rs fills in the `{{…}}` parts per variant:
 // - Elem is f32, or vec4<f32> where inner is a multiple of 4 (then INNER counts vec4s and
 //   each per-lane access moves four terms);
@@ -106,18 +107,25 @@ fn per_output(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgr
 }
 
 // inner = 1, MID a multiple of 4: x as [outer][MID / 4] vec4s, out as vec4s.
+// The neighbouring vec4s of outputs a lane sums (src/ops/reduce.rs: on CPU adapters a lane's
+// neighbouring reads cost less than reads spread across the lanes).
+const COLUMN_RUN: u32 = {{COLUMN_RUN}}u;
 @group(0) @binding(5) var<storage, read> x4: array<vec4<f32>>;
 @group(0) @binding(6) var<storage, read_write> out4: array<vec4<f32>>;
 
 @compute @workgroup_size(WORKGROUP_SMALL)
 fn columns4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let m4 = small_invocation_index(gid, nwg);
-    if m4 >= MID / 4u { return; }
-    var sum = vec4<f32>(0.0);
+    let first = small_invocation_index(gid, nwg) * COLUMN_RUN;
+    if first >= MID / 4u { return; }
+    var sums: array<vec4<f32>, COLUMN_RUN>;
     for (var a = p.first_outer; a < p.first_outer + p.outer; a++) {
-        sum += x4[a * (MID / 4u) + m4];
+        for (var k = 0u; k < COLUMN_RUN; k++) {
+            sums[k] += x4[a * (MID / 4u) + first + k];
+        }
     }
-    var result = p.scale * sum;
-    if p.accumulate != 0u { result += out4[m4]; }
-    out4[m4] = result;
+    for (var k = 0u; k < COLUMN_RUN; k++) {
+        var result = p.scale * sums[k];
+        if p.accumulate != 0u { result += out4[first + k]; }
+        out4[first + k] = result;
+    }
 }
