@@ -511,6 +511,109 @@ fn depthwise_rows4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_w
     }
 }
 
+// Filters of one group an invocation of `grouped_rows4` computes (src/ops/conv_grouped.rs:
+// 4, 2 or 1, dividing O / GROUPS).
+override FILTER_RUN: u32 = 1u;
+const MAX_FILTER_RUN: u32 = 4u;
+// The most taps a `grouped_rows4` invocation holds per channel (5×5).
+const GROUPED_MAX_TAPS: u32 = 25u;
+// `grouped_rows4`'s weights (`grouped_bank`): per run of FILTER_RUN filters and channel of
+// their group, KH·KW vec4s, one per tap, holding the run's filters' weights side by side
+// (zero past FILTER_RUN), so that an invocation loads a channel's taps as KH·KW vec4s.
+@group(0) @binding(8) var<storage, read> bank4: array<vec4<f32>>;
+
+// Tap (ky, kx) of filter oc for its group's input channel ci; with FLIP, of the input
+// gradient's filters, which `grouped_rows4` runs as a grouped convolution of dy (C and O
+// swapped: oc is a channel of x, ci a filter of its group) over the weights [C][O/G][KH][KW]
+// rotated by 180°: filter g·(C/G) + ci's tap for its group's channel oc % (O/G).
+fn grouped_tap(oc: u32, ci: u32, ky: u32, kx: u32) -> f32 {
+    if FLIP != 0u {
+        let forward_filter = oc / (O / GROUPS) * (C / GROUPS) + ci;
+        return weight[((forward_filter * (O / GROUPS) + oc % (O / GROUPS)) * KH + KH - 1u - ky) * KW + KW - 1u - kx];
+    }
+    return weight[weight_index(oc, ci, ky, kx)];
+}
+
+// dst4 = the bank above from the weights, one invocation per vec4 (with FLIP: the input
+// gradient's rotated filters, as `grouped_tap` reads them).
+@compute @workgroup_size(WORKGROUP_SMALL)
+fn grouped_bank(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let index = small_invocation_index(gid, nwg);
+    if index >= p.total { return; }
+    let tap = index % (KH * KW);
+    let ci = index / (KH * KW) % (C / GROUPS);
+    let o0 = index / (KH * KW * (C / GROUPS)) * FILTER_RUN;
+    var taps = vec4<f32>(0.0);
+    for (var f = 0u; f < FILTER_RUN; f++) {
+        taps[f] = grouped_tap(o0 + f, ci, tap / KW, tap % KW);
+    }
+    dst4[index] = taps;
+}
+
+// A grouped convolution with several channels and filters a group (not depthwise) on
+// depthwise_rows4's shapes: one invocation per FILTER_RUN filters of a group, QUADS vec4s
+// of outputs along each of OUT_ROWS rows, invocations over [N][O / FILTER_RUN][OH /
+// OUT_ROWS][blocks]. Per channel of the group, its taps are loaded once (KH·KW vec4s from
+// the bank) and each input row once (QUADS + 2 vec4s) for every filter, tap and output row
+// they serve, where one output per invocation (`forward`) loads an input and a weight per
+// product.
+@compute @workgroup_size(WORKGROUP_SMALL)
+fn grouped_rows4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let index = small_invocation_index(gid, nwg);
+    if index >= p.total { return; }
+    let blocks = OW / (4u * QUADS);
+    let row_blocks = (OH + OUT_ROWS - 1u) / OUT_ROWS;
+    let first_quad = (index % blocks) * QUADS;
+    let first_row = ((index / blocks) % row_blocks) * OUT_ROWS;
+    let rest = index / (blocks * row_blocks);
+    let o0 = rest % (O / FILTER_RUN) * FILTER_RUN;
+    let n = rest / (O / FILTER_RUN);
+    let per_group = C / GROUPS;
+    let first_channel = o0 / (O / GROUPS) * per_group;
+    // sums[(f·OUT_ROWS + r)·QUADS + q]: filter o0 + f, output row first_row + r, vec4
+    // first_quad + q.
+    var sums: array<vec4<f32>, MAX_FILTER_RUN * MAX_OUT_ROWS * MAX_QUADS>;
+    for (var ci = 0u; ci < per_group; ci++) {
+        let plane = n * C + first_channel + ci;
+        let bank_first = (o0 / FILTER_RUN * per_group + ci) * KH * KW;
+        for (var i = 0u; i < OUT_ROWS + KH - 1u; i++) {
+            let iy = i32(first_row + i) - i32(PAD_TOP);
+            if iy < 0 || iy >= i32(H) { continue; }
+            let values = row_values((plane * H + u32(iy)) * (W / 4u), first_quad);
+            for (var r = 0u; r < OUT_ROWS; r++) {
+                let ky = kernel_row(i, r);
+                if ky >= KH { continue; }
+                for (var kx = 0u; kx < KW; kx++) {
+                    let w = bank4[bank_first + ky * KW + kx];
+                    for (var q = 0u; q < QUADS; q++) {
+                        let inputs = window(values, q, kx);
+                        for (var f = 0u; f < FILTER_RUN; f++) {
+                            sums[(f * OUT_ROWS + r) * QUADS + q] += inputs * w[f];
+                        }
+                    }
+                }
+            }
+        }
+    }
+    for (var f = 0u; f < FILTER_RUN; f++) {
+        var b = 0.0;
+        if HAS_BIAS != 0u { b = bias[o0 + f]; }
+        for (var r = 0u; r < OUT_ROWS; r++) {
+            if first_row + r >= OH { break; }
+            let out = ((n * O + o0 + f) * OH + first_row + r) * (OW / 4u) + first_quad;
+            for (var q = 0u; q < QUADS; q++) {
+                let sum = sums[(f * OUT_ROWS + r) * QUADS + q] + vec4<f32>(b);
+                dst4[out + q] = vec4<f32>(
+                    activate(sum.x, ACT, p.slope),
+                    activate(sum.y, ACT, p.slope),
+                    activate(sum.z, ACT, p.slope),
+                    activate(sum.w, ACT, p.slope),
+                );
+            }
+        }
+    }
+}
+
 @group(0) @binding(7) var<storage, read> dy4: array<vec4<f32>>;
 
 // depthwise_weight_grad over whole vec4s (depthwise_rows4's shapes): each lane takes QUADS

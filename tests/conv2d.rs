@@ -1318,6 +1318,60 @@ fn depthwise_row_kernels_match_the_cpu() {
     }
 }
 
+/// Grouped layers with several channels and filters a group (ResNeXt's) run row blocks at
+/// stride 1 on rows of whole vec4s: runs of 4, 2 or 1 filters of a group per invocation, one
+/// or two vec4s along each of two rows, dx through the same kernel with the filters rotated
+/// and channels and filters swapped. Each against the CPU with poisoned outputs, a bias and a
+/// fused activation: odd output heights, 3×3 and 5×5, no, symmetric and asymmetric padding;
+/// a shape whose output rows are not whole vec4s takes the per-output kernel.
+#[test]
+fn grouped_row_kernels_match_the_cpu() {
+    let Some(gpu) = gpu() else {
+        return;
+    };
+    let explicit = |p| Padding::Explicit(p, p);
+    // (n, c, o, groups, h, w, k, padding)
+    let cases = [
+        (2, 8, 8, 2, 8, 12, 3, explicit(1)),
+        (2, 6, 12, 3, 9, 16, 3, explicit(1)),
+        (1, 12, 6, 3, 7, 8, 5, explicit(2)),
+        (2, 4, 6, 2, 6, 14, 3, explicit(0)),
+        (2, 16, 16, 4, 8, 8, 3, explicit(1)),
+        (1, 6, 9, 3, 5, 13, 3, explicit(1)),
+        (
+            2,
+            4,
+            8,
+            2,
+            8,
+            8,
+            3,
+            Padding::Asymmetric {
+                top: 0,
+                bottom: 2,
+                left: 2,
+                right: 0,
+            },
+        ),
+    ];
+    for (i, (n, c, o, groups, h, w, k, padding)) in cases.into_iter().enumerate() {
+        let spec = Conv2d {
+            padding,
+            groups,
+            activation: Activation::Relu,
+            kernel: Some(ConvKernel::GroupedDirect),
+            ..Conv2d::default()
+        };
+        let seed = 1300 + 10 * i as u64;
+        let (x, weight, bias) = (
+            random(&[n, c, h, w], seed),
+            random(&[o, c / groups, k, k], seed + 1),
+            random(&[o], seed + 2),
+        );
+        matches_the_cpu(gpu, spec, (&x, &weight, &bias), seed, &format!("case {i}"));
+    }
+}
+
 /// A layer without a bias gets no bias gradient, and the same weight and input gradients as
 /// with one, whichever family runs its backward pass, with and without an activation to go
 /// through (the direct weight gradient sums the bias in the same pass; the others skip the sum

@@ -715,10 +715,11 @@ impl Conv2d {
         } else {
             None
         };
-        if plan.input_grad == ConvKernel::GroupedDirect {
-            if let Some(dx) = &dx {
-                conv_grouped::backward_data(self, &shape, dy, weight, dx)?;
-            }
+        let grouped_dx = plan.input_grad == ConvKernel::GroupedDirect;
+        if grouped_dx && let Some(dx) = &dx {
+            conv_grouped::backward_data(self, &shape, dy, weight, dx)?;
+        }
+        if grouped_dx && plan.weight_grad == ConvKernel::GroupedDirect {
             let dweight = weight_grad
                 .then(|| Tensor::uninit(&gpu, weight.shape()))
                 .transpose()?;
@@ -729,21 +730,22 @@ impl Conv2d {
         }
         // Small filter banks at stride 1 (direct), 3×3 at stride 1 (Winograd) and any
         // one-group layer (implicit GEMM): dx without a dcol buffer or col2im.
-        let convolved_dx = match (&dx, plan.input_grad, plan.input_grad.winograd_tile()) {
-            (Some(dx), ConvKernel::Direct, _) => {
-                conv_direct::backward_data(&shape, dy, weight, dx)?;
-                true
-            }
-            (Some(dx), _, Some(tile)) => {
-                conv_winograd::backward_data(self, &shape, (dy, weight), dx, tile)?;
-                true
-            }
-            (Some(dx), ConvKernel::ImplicitGemm, _) => {
-                conv_implicit::backward_data(self, &shape, dy, weight, dx, KernelChoice::Auto)?;
-                true
-            }
-            _ => false,
-        };
+        let convolved_dx = grouped_dx
+            || match (&dx, plan.input_grad, plan.input_grad.winograd_tile()) {
+                (Some(dx), ConvKernel::Direct, _) => {
+                    conv_direct::backward_data(&shape, dy, weight, dx)?;
+                    true
+                }
+                (Some(dx), _, Some(tile)) => {
+                    conv_winograd::backward_data(self, &shape, (dy, weight), dx, tile)?;
+                    true
+                }
+                (Some(dx), ConvKernel::ImplicitGemm, _) => {
+                    conv_implicit::backward_data(self, &shape, dy, weight, dx, KernelChoice::Auto)?;
+                    true
+                }
+                _ => false,
+            };
         let dweight = weight_grad
             .then(|| Tensor::uninit(&gpu, weight.shape()))
             .transpose()?;
@@ -1349,6 +1351,63 @@ pub fn conv2d_backward_cpu(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::gpu::GpuOptions;
+    use crate::test_support::random;
+
+    /// A grouped layer's backward pass with the row kernels' dx and im2col + matmul's dW (a
+    /// pair the tuner may pick: the grouped dW is slow) against the CPU, with poisoned
+    /// outputs; its dx ran through the row kernel's rotated filters.
+    #[test]
+    fn grouped_rows_dx_with_the_matmul_dw_matches_the_cpu() {
+        let Some(gpu) = crate::test_support::gpu(GpuOptions::from_env().unwrap()) else {
+            return;
+        };
+        let spec = Conv2d {
+            padding: Padding::Explicit(1, 1),
+            groups: 4,
+            ..Conv2d::default()
+        };
+        let (x, w, dy) = (
+            random(&[2, 16, 6, 8], 71),
+            random(&[8, 4, 3, 3], 72),
+            random(&[2, 8, 6, 8], 73),
+        );
+        let shape = spec.shape(x.shape(), w.shape(), None).unwrap();
+        assert!(conv_grouped::grouped_rows_dx_fit(&spec, &shape));
+        let want = conv2d_backward_cpu(&spec, &x.view(), &w.view(), &dy.view()).unwrap();
+        let up = |a: &ArrayD<f32>| Tensor::from_array(&gpu, a).unwrap();
+        drop(Tensor::full(&gpu, x.shape(), f32::NAN).unwrap());
+        drop(Tensor::full(&gpu, w.shape(), f32::NAN).unwrap());
+        let kernels = BackwardKernels {
+            input_grad: ConvKernel::GroupedDirect,
+            weight_grad: ConvKernel::Im2colMatmul,
+        };
+        let needs = GradientsNeeded {
+            input: true,
+            bias: false,
+        };
+        let (dx, dw, db) = spec
+            .gradients_with(kernels, (&shape, &up(&x), &up(&w), &up(&dy)), None, needs)
+            .unwrap();
+        assert!(db.is_none());
+        for (what, got, want) in [
+            ("dx", dx.unwrap().to_array().unwrap(), &want.x),
+            ("dw", dw.to_array().unwrap(), &want.weight),
+        ] {
+            let diff = got
+                .iter()
+                .zip(want.iter())
+                .map(|(a, b)| {
+                    if (a - b).is_nan() {
+                        f32::INFINITY
+                    } else {
+                        (a - b).abs()
+                    }
+                })
+                .fold(0.0f32, f32::max);
+            assert!(diff <= 1e-4, "{what}: {diff}");
+        }
+    }
 
     /// col2im walks a small kernel's taps, a wide kernel's output windows, and refuses a
     /// kernel whose windows per pixel pass the loop bound too (a shape whose column buffer

@@ -48,7 +48,7 @@ fn constants(
     spec: &Conv2d,
     shape: &Conv2dShape,
     (bias, flip, lanes): (bool, bool, usize),
-) -> Result<[(&'static str, u32); 21]> {
+) -> Result<[(&'static str, u32); 22]> {
     Ok([
         ("C", gpu_word("conv2d", shape.c)?),
         ("H", gpu_word("conv2d", shape.h)?),
@@ -71,6 +71,7 @@ fn constants(
         ("QUADS", gpu_word("conv2d", quads_per_block(shape))?),
         ("OUT_ROWS", gpu_word("conv2d", out_rows(spec, shape))?),
         ("CHANNEL_LANES", gpu_word("conv2d", lanes)?),
+        ("FILTER_RUN", gpu_word("conv2d", filter_run(shape))?),
     ])
 }
 
@@ -154,6 +155,70 @@ fn quads(spec: &Conv2d, shape: &Conv2dShape) -> bool {
         && shape.ow.is_multiple_of(4)
         && shape.pad_left <= 4
         && shape.kw <= shape.pad_left + 5
+}
+
+/// Filters of one group a `grouped_rows4` invocation computes: 4, 2 or 1, whichever divides
+/// the group's filters first (each input row it loads serves them all).
+fn filter_run(shape: &Conv2dShape) -> usize {
+    let filters = shape.o / shape.groups;
+    [4, 2]
+        .into_iter()
+        .find(|run| filters.is_multiple_of(*run))
+        .unwrap_or(1)
+}
+
+/// The most taps of a filter `grouped_rows4` holds (`GROUPED_MAX_TAPS`): 5×5.
+const GROUPED_MAX_TAPS: usize = 25;
+
+/// Whether `grouped_rows4` runs this grouped (not depthwise) convolution: depthwise_rows4's
+/// shapes, and a channel loop within the loop bound (each channel: the input rows a block
+/// meets, each taking every output row's taps of the filter run; counted as if none unrolled).
+fn grouped_rows_fit(spec: &Conv2d, shape: &Conv2dShape) -> bool {
+    let rows = out_rows(spec, shape);
+    let per_row = 1 + rows * (1 + shape.kw * (1 + filter_run(shape)));
+    let per_channel = shape.taps() + (rows + shape.kh - 1) * per_row;
+    !depthwise(shape)
+        && quads(spec, shape)
+        && shape.kh * shape.kw <= GROUPED_MAX_TAPS
+        && shape.c / shape.groups * per_channel <= MAX_LOOP_ITERATIONS
+}
+
+/// `grouped_rows4`: `dst = act(conv(src, weight) + bias)` for a `shape` that
+/// [`grouped_rows_fit`], one invocation per [`filter_run`] filters and a vec4 block of
+/// outputs; `flip` runs the input gradient's rotated filters (`shape` then has the forward
+/// pass's channels and filters swapped).
+fn grouped_rows(
+    gpu: &Gpu,
+    (spec, shape): (&Conv2d, &Conv2dShape),
+    (bias, flip): (Option<&Tensor>, bool),
+    (src, weight, dst): (&Tensor, &Tensor, &Tensor),
+) -> Result<()> {
+    let vec4s = shape.o / filter_run(shape) * shape.c / shape.groups * shape.taps();
+    let bank = Tensor::uninit(gpu, &[vec4s, 4])?;
+    run_images(
+        gpu,
+        (spec, shape),
+        ("grouped_bank", (false, flip, LANES)),
+        &[(2, weight.binding()), (6, bank.binding_vec4())],
+        (vec4s, small_workgroups(vec4s as u64)),
+        (0, shape.n),
+    )?;
+    let rows = shape.oh.div_ceil(out_rows(spec, shape));
+    let blocks = shape.ow / (4 * quads_per_block(shape)) * rows;
+    let total = shape.n * shape.o / filter_run(shape) * blocks;
+    run_images(
+        gpu,
+        (spec, shape),
+        ("grouped_rows4", (bias.is_some(), flip, LANES)),
+        &[
+            (5, src.binding_vec4()),
+            (8, bank.binding_vec4()),
+            (3, bias.unwrap_or(&bank).binding()),
+            (6, dst.binding_vec4()),
+        ],
+        (total, small_workgroups(total as u64)),
+        (0, shape.n),
+    )
 }
 
 /// `depthwise_rows`: `dst = act(conv(src, weight) + bias)` for a depthwise `shape`, one
@@ -240,6 +305,9 @@ pub(crate) fn forward(
     if depthwise(shape) {
         return depthwise_rows(x.gpu(), (spec, shape), (bias, false), (x, weight, out));
     }
+    if grouped_rows_fit(spec, shape) {
+        return grouped_rows(x.gpu(), (spec, shape), (bias, false), (x, weight, out));
+    }
     // Without a bias the weights fill the (unread) bias slot.
     let bias_slot = bias.unwrap_or(weight);
     run(
@@ -290,11 +358,7 @@ pub(crate) fn backward_data(
     weight: &Tensor,
     dx: &Tensor,
 ) -> Result<()> {
-    // At stride 1, dx is dy convolved with the rotated filters and padding k − 1 − p.
-    let rotated = spec.stride == (1, 1)
-        && spec.dilation == (1, 1)
-        && shape.pad_top < shape.kh
-        && shape.pad_left < shape.kw;
+    let rotated = rotated(spec, shape);
     if depthwise(shape) && !rotated && dx_rows(spec, shape) {
         let total = shape.n * shape.c * shape.h * shape.w.div_ceil(DEPTHWISE_BLOCK);
         return run(
@@ -305,21 +369,17 @@ pub(crate) fn backward_data(
             (total, small_workgroups(total as u64)),
         );
     }
+    let (plain, transposed) = transposed(spec, shape);
     if depthwise(shape) && rotated {
-        let transposed = Conv2dShape {
-            h: shape.oh,
-            w: shape.ow,
-            oh: shape.h,
-            ow: shape.w,
-            pad_top: shape.kh - 1 - shape.pad_top,
-            pad_left: shape.kw - 1 - shape.pad_left,
-            ..*shape
-        };
-        let plain = Conv2d {
-            activation: crate::value::Activation::None,
-            ..*spec
-        };
         return depthwise_rows(
+            dy.gpu(),
+            (&plain, &transposed),
+            (None, true),
+            (dy, weight, dx),
+        );
+    }
+    if rotated && grouped_rows_fit(&plain, &transposed) {
+        return grouped_rows(
             dy.gpu(),
             (&plain, &transposed),
             (None, true),
@@ -333,6 +393,42 @@ pub(crate) fn backward_data(
         &[(1, dy.binding()), (2, weight.binding()), (4, dx.binding())],
         (dx.len(), small_workgroups(dx.len() as u64)),
     )
+}
+
+/// Whether `grouped_rows4` takes this grouped layer's input gradient (stride 1, with the
+/// rotated filters).
+pub(crate) fn grouped_rows_dx_fit(spec: &Conv2d, shape: &Conv2dShape) -> bool {
+    let (plain, transposed) = transposed(spec, shape);
+    rotated(spec, shape) && grouped_rows_fit(&plain, &transposed)
+}
+
+/// Whether dx at stride 1 is dy convolved with the rotated filters and padding k − 1 − p.
+fn rotated(spec: &Conv2d, shape: &Conv2dShape) -> bool {
+    spec.stride == (1, 1)
+        && spec.dilation == (1, 1)
+        && shape.pad_top < shape.kh
+        && shape.pad_left < shape.kw
+}
+
+/// The input gradient at stride 1 as a convolution: no activation, and dy's channels as the
+/// input's, dx's as the filters.
+fn transposed(spec: &Conv2d, shape: &Conv2dShape) -> (Conv2d, Conv2dShape) {
+    let plain = Conv2d {
+        activation: crate::value::Activation::None,
+        ..*spec
+    };
+    let transposed = Conv2dShape {
+        c: shape.o,
+        o: shape.c,
+        h: shape.oh,
+        w: shape.ow,
+        oh: shape.h,
+        ow: shape.w,
+        pad_top: (shape.kh - 1).saturating_sub(shape.pad_top),
+        pad_left: (shape.kw - 1).saturating_sub(shape.pad_left),
+        ..*shape
+    };
+    (plain, transposed)
 }
 
 /// `dweight` from `x` and `dy` with groups: one workgroup per weight, in passes over runs
