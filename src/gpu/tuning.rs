@@ -83,8 +83,10 @@ pub struct TuningReport {
 /// transform stores rows as vec4s; 10: im2col's weight gradient lays such images side by side
 /// too; 11: and col2im's input gradient; 12: the direct kernels store vec4s, and F(2×2)'s
 /// output transform takes 2×2 blocks of tiles; 13: bias sums walk runs of neighbouring terms
-/// (the Winograd and im2col weight gradients' bias sums about twice as fast on lavapipe).
-const KERNELS_REVISION: u32 = 13;
+/// (the Winograd and im2col weight gradients' bias sums about twice as fast on lavapipe);
+/// 14: grouped layers with several channels a group take row blocks, their dx paired with
+/// the matmul dW.
+const KERNELS_REVISION: u32 = 14;
 
 const HEADER: &str = "# wgcnn kernel tuning v1: adapter\tkey\tchosen\tcandidate=seconds;…";
 
