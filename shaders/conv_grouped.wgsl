@@ -664,3 +664,81 @@ fn depthwise_weight_grad4(
     }
     store_tap_sums(sums, lane, first_channel);
 }
+
+// grouped_rows4's weight gradient: CHANNEL_LANES lanes per unit (a run of FILTER_RUN filters
+// and one channel of their group; units over [O / FILTER_RUN][C / GROUPS]), each lane taking
+// QUADS vec4s of outputs along each of OUT_ROWS rows at a time: the run's dy there
+// (FILTER_RUN·OUT_ROWS·QUADS loads) and the channel's input rows they meet (QUADS + 2 each),
+// summed into every tap of every filter of the run; then as `store_tap_sums`, per unit.
+@compute @workgroup_size(WORKGROUP_SMALL)
+fn grouped_weight_grad4(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lane: u32,
+) {
+    let per_group = C / GROUPS;
+    let units = O / FILTER_RUN * per_group;
+    let first_unit = (wid.x + wid.y * nwg.x) * CHANNELS_PER_GROUP;
+    let unit = first_unit + lane / CHANNEL_LANES;
+    let o0 = unit / per_group * FILTER_RUN;
+    let channel = o0 / (O / GROUPS) * per_group + unit % per_group;
+    let blocks = OW / (4u * QUADS);
+    let row_blocks = (OH + OUT_ROWS - 1u) / OUT_ROWS;
+    let per_image = row_blocks * blocks;
+    let taps = KH * KW;
+    var sums: array<f32, DEPTHWISE_MAX_TAPS>;
+    if unit < units {
+        for (var t = lane % CHANNEL_LANES; t < p.n * per_image; t += CHANNEL_LANES) {
+            let image = p.first_image + t / per_image;
+            let first_row = ((t % per_image) / blocks) * OUT_ROWS;
+            let first_quad = (t % blocks) * QUADS;
+            // Output rows past OH (an odd OH's last block) keep g zero and are skipped below.
+            var g: array<vec4<f32>, MAX_FILTER_RUN * MAX_OUT_ROWS * MAX_QUADS>;
+            for (var f = 0u; f < FILTER_RUN; f++) {
+                for (var r = 0u; r < OUT_ROWS; r++) {
+                    if first_row + r >= OH { break; }
+                    let dy_row = ((image * O + o0 + f) * OH + first_row + r) * (OW / 4u) + first_quad;
+                    for (var q = 0u; q < QUADS; q++) {
+                        g[(f * OUT_ROWS + r) * QUADS + q] = dy4[dy_row + q];
+                    }
+                }
+            }
+            for (var i = 0u; i < OUT_ROWS + KH - 1u; i++) {
+                let iy = i32(first_row + i) - i32(PAD_TOP);
+                if iy < 0 || iy >= i32(H) { continue; }
+                let values = row_values(((image * C + channel) * H + u32(iy)) * (W / 4u), first_quad);
+                for (var r = 0u; r < OUT_ROWS; r++) {
+                    let ky = kernel_row(i, r);
+                    if ky >= KH || first_row + r >= OH { continue; }
+                    for (var kx = 0u; kx < KW; kx++) {
+                        for (var q = 0u; q < QUADS; q++) {
+                            let inputs = window(values, q, kx);
+                            for (var f = 0u; f < FILTER_RUN; f++) {
+                                sums[f * taps + ky * KW + kx] += dot(inputs, g[(f * OUT_ROWS + r) * QUADS + q]);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    for (var k = 0u; k < FILTER_RUN * taps; k++) {
+        tap_partials[k * WORKGROUP_SMALL + lane] = sums[k];
+    }
+    workgroupBarrier();
+    for (var q = lane; q < CHANNELS_PER_GROUP * FILTER_RUN * taps; q += WORKGROUP_SMALL) {
+        let slot = q / (FILTER_RUN * taps);
+        let k = q % (FILTER_RUN * taps);
+        let u = first_unit + slot;
+        if u < units {
+            var total = 0.0;
+            for (var l = 0u; l < CHANNEL_LANES; l++) {
+                total += tap_partials[k * WORKGROUP_SMALL + slot * CHANNEL_LANES + l];
+            }
+            let o = u / per_group * FILTER_RUN + k / taps;
+            let i = (o * per_group + u % per_group) * taps + k % taps;
+            // Later passes add to the earlier ones' sums.
+            dst[i] = total + select(0.0, dst[i], p.first_image > 0u);
+        }
+    }
+}

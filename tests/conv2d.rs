@@ -1321,9 +1321,10 @@ fn depthwise_row_kernels_match_the_cpu() {
 /// Grouped layers with several channels and filters a group (ResNeXt's) run row blocks at
 /// stride 1 on rows of whole vec4s: runs of 4, 2 or 1 filters of a group per invocation, one
 /// or two vec4s along each of two rows, dx through the same kernel with the filters rotated
-/// and channels and filters swapped. Each against the CPU with poisoned outputs, a bias and a
+/// and channels and filters swapped, dW lanes per (filter run, channel) over the same blocks
+/// (in passes over the batch). Each against the CPU with poisoned outputs, a bias and a
 /// fused activation: odd output heights, 3×3 and 5×5, no, symmetric and asymmetric padding;
-/// a shape whose output rows are not whole vec4s takes the per-output kernel.
+/// a shape whose output rows are not whole vec4s takes the per-output kernels.
 #[test]
 fn grouped_row_kernels_match_the_cpu() {
     let Some(gpu) = gpu() else {
@@ -1338,6 +1339,8 @@ fn grouped_row_kernels_match_the_cpu() {
         (2, 4, 6, 2, 6, 14, 3, explicit(0)),
         (2, 16, 16, 4, 8, 8, 3, explicit(1)),
         (1, 6, 9, 3, 5, 13, 3, explicit(1)),
+        // Four images of 64×64: the weight gradient runs in passes over them.
+        (4, 8, 8, 2, 64, 64, 3, explicit(1)),
         (
             2,
             4,

@@ -176,11 +176,78 @@ const GROUPED_MAX_TAPS: usize = 25;
 fn grouped_rows_fit(spec: &Conv2d, shape: &Conv2dShape) -> bool {
     let rows = out_rows(spec, shape);
     let per_row = 1 + rows * (1 + shape.kw * (1 + filter_run(shape)));
-    let per_channel = shape.taps() + (rows + shape.kh - 1) * per_row;
+    let per_channel = shape.kh * shape.kw + (rows + shape.kh - 1) * per_row;
     !depthwise(shape)
         && quads(spec, shape)
         && shape.kh * shape.kw <= GROUPED_MAX_TAPS
         && shape.c / shape.groups * per_channel <= MAX_LOOP_ITERATIONS
+}
+
+/// Whether the row kernels take this grouped layer's whole backward pass: its weight
+/// gradient and, if asked for, its input gradient.
+pub(crate) fn grouped_rows_backward_fit(
+    spec: &Conv2d,
+    shape: &Conv2dShape,
+    input_grad: bool,
+) -> bool {
+    grouped_rows_dw_fit(spec, shape) && (!input_grad || grouped_rows_dx_fit(spec, shape))
+}
+
+/// Whether `grouped_weight_grad4` takes this grouped layer's weight gradient: the forward
+/// pass's row blocks, and a run's taps within a lane's sums (DEPTHWISE_MAX_TAPS).
+fn grouped_rows_dw_fit(spec: &Conv2d, shape: &Conv2dShape) -> bool {
+    grouped_rows_fit(spec, shape) && filter_run(shape) * shape.kh * shape.kw <= DEPTHWISE_MAX_TAPS
+}
+
+/// `grouped_weight_grad4` over the batch: `channel_lanes` lanes per unit (a filter run and
+/// a channel of its group), in passes over runs of images within the loop bound (each lane
+/// term: a block's dy rows, then every input row it meets, each taking every output row's
+/// taps of every filter of the run).
+fn grouped_weight_grad(
+    spec: &Conv2d,
+    shape: &Conv2dShape,
+    x: &Tensor,
+    dy: &Tensor,
+    dweight: &Tensor,
+) -> Result<()> {
+    let (rows, run) = (out_rows(spec, shape), filter_run(shape));
+    let lane_terms = shape.ow / (4 * quads_per_block(shape)) * shape.oh.div_ceil(rows);
+    let per_term = run * rows + (rows + shape.kh - 1) * (rows * shape.kw * (1 + run) + 1) + 1;
+    let lanes = channel_lanes(x.gpu());
+    let (lanes, pass) = match terms_per_pass(lanes as u32) / (lane_terms * per_term) {
+        0 => (
+            LANES,
+            terms_per_pass(LANES as u32) / (lane_terms * per_term),
+        ),
+        pass => (lanes, pass),
+    };
+    if pass == 0 {
+        return Err(Error::InvalidArgument {
+            op: "conv2d",
+            detail: format!(
+                "{} output rows of {} per image pass the grouped weight gradient's loop bound \
+                 of {MAX_LOOP_ITERATIONS} per invocation",
+                shape.oh, shape.ow
+            ),
+        });
+    }
+    let units = shape.o / run * (shape.c / shape.groups);
+    let groups = units.div_ceil(LANES / lanes) as u64;
+    for first in (0..shape.n).step_by(pass) {
+        run_images(
+            x.gpu(),
+            (spec, shape),
+            ("grouped_weight_grad4", (false, false, lanes)),
+            &[
+                (5, x.binding_vec4()),
+                (7, dy.binding_vec4()),
+                (4, dweight.binding()),
+            ],
+            (units, groups),
+            (first, pass.min(shape.n - first)),
+        )?;
+    }
+    Ok(())
 }
 
 /// `grouped_rows4`: `dst = act(conv(src, weight) + bias)` for a `shape` that
@@ -193,7 +260,7 @@ fn grouped_rows(
     (bias, flip): (Option<&Tensor>, bool),
     (src, weight, dst): (&Tensor, &Tensor, &Tensor),
 ) -> Result<()> {
-    let vec4s = shape.o / filter_run(shape) * shape.c / shape.groups * shape.taps();
+    let vec4s = shape.o / filter_run(shape) * shape.c / shape.groups * shape.kh * shape.kw;
     let bank = Tensor::uninit(gpu, &[vec4s, 4])?;
     run_images(
         gpu,
@@ -443,6 +510,9 @@ pub(crate) fn weight_grad(
 ) -> Result<()> {
     let positions = shape.positions();
     let budget = terms_per_pass(WORKGROUP_SMALL);
+    if grouped_rows_dw_fit(spec, shape) {
+        return grouped_weight_grad(spec, shape, x, dy, dweight);
+    }
     // Depthwise: `channel_lanes` lanes per channel summing every tap. Each lane term's inner
     // loops: a block of DEPTHWISE_BLOCK outputs, its dy and then each kernel row's inputs and
     // taps; a vec4 block of OUT_ROWS rows, its dy rows and then every input row it meets,

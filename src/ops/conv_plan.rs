@@ -381,17 +381,20 @@ impl Conv2d {
                 pair(GroupedDirect, GroupedDirect),
                 pair(Im2colMatmul, Im2colMatmul),
             );
-            // Depthwise layers' row kernels take filters up to 7×7 at any size.
+            // Depthwise layers' row kernels take filters up to 7×7 at any size, and grouped
+            // ones' on rows of whole vec4s at stride 1.
             let short = shape.taps() < GROUPED_MATMUL_TAPS_BACKWARD
-                || conv_grouped::depthwise_rows_fit(shape);
+                || conv_grouped::depthwise_rows_fit(shape)
+                || conv_grouped::grouped_rows_backward_fit(self, shape, input_grad);
             let mut pairs = match (!input_grad || gathered <= MAX_LOOP_ITERATIONS, short) {
                 (false, _) => vec![matmul],
                 (true, true) => vec![direct, matmul],
                 (true, false) => vec![matmul, direct],
             };
             // Where dx takes the grouped row kernels, their dx with the matmul's dW, ahead
-            // of both where the matmul leads: lavapipe, N8 128→128 28² 3×3 in 32 groups
-            // (ResNeXt), dx 4.3 ms against the matmul's 15.5 (the grouped dW: 68 against 12).
+            // of both where the matmul leads (a dW too wide for the row kernel's lanes):
+            // lavapipe, N8 128→128 28² 3×3 in 32 groups (ResNeXt), dx 4.3 ms against the
+            // matmul's 15.5 (the per-weight grouped dW: 68 against 12; the row kernel's 5.8).
             if input_grad && conv_grouped::grouped_rows_dx_fit(self, shape) {
                 let at = if short { pairs.len() } else { 0 };
                 pairs.insert(at, pair(GroupedDirect, Im2colMatmul));
