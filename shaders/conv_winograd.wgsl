@@ -26,6 +26,12 @@ override HAS_BIAS: u32 = 0u;
 override HAS_RESIDUAL: u32 = 0u;
 // 1: the weights of the input gradient: filter o, channel c read w[c][o] rotated by 180°.
 override FLIP: u32 = 0u;
+// Channel groups: filter o sees the C / GROUPS channels of its group o / (O / GROUPS), and the
+// point products are block-diagonal (src/ops/conv_winograd.rs batches them per group).
+override GROUPS: u32 = 1u;
+
+// A filter's channels: C / GROUPS.
+fn group_channels() -> u32 { return C / GROUPS; }
 // Outputs per block side: 2 for F(2×2, 3×3), 4 for F(4×4, 3×3).
 override TILE: u32 = 2u;
 // 1: tiles numbered in 2×2 blocks (both tile counts even), so that the four tiles an `input4`
@@ -196,20 +202,23 @@ fn output_block(index: u32) -> Block {
     );
 }
 
-// U = G g Gᵀ for filter o, channel c: dst = U [T²][O][C].
+// U = G g Gᵀ for filter o, channel c of its group: dst = U [T²][O][C / GROUPS].
 @compute @workgroup_size(WORKGROUP)
 fn weights(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let index = invocation_index(gid, nwg);
     if index >= p.total { return; }
-    let o = index / C;
-    let c = index % C;
+    let o = index / group_channels();
+    let c = index % group_channels();
+    // The input gradient's filter o is the layer's channel o, its channel c the layer's
+    // filter c of o's group, whose weights are [C][O / GROUPS][3][3] (C, O swapped).
+    let flipped = ((o / (O / GROUPS) * group_channels() + c) * (O / GROUPS) + o % (O / GROUPS)) * 9u;
     var g: array<array<f32, 3>, 3>;
     for (var ky = 0u; ky < 3u; ky++) {
         for (var kx = 0u; kx < 3u; kx++) {
             if FLIP == 1u {
-                g[ky][kx] = src[((c * O + o) * 3u + 2u - ky) * 3u + 2u - kx];
+                g[ky][kx] = src[flipped + (2u - ky) * 3u + 2u - kx];
             } else {
-                g[ky][kx] = src[((o * C + c) * 3u + ky) * 3u + kx];
+                g[ky][kx] = src[((o * group_channels() + c) * 3u + ky) * 3u + kx];
             }
         }
     }
@@ -224,7 +233,7 @@ fn weights(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroup
     // (G g) Gᵀ: T×T, row by row.
     for (var i = 0u; i < side(); i++) {
         let row = filter_line(array<f32, 3>(gg[i][0], gg[i][1], gg[i][2]));
-        store_point_row(i, row, O * C, o * C + c);
+        store_point_row(i, row, O * group_channels(), o * group_channels() + c);
     }
 }
 
@@ -533,9 +542,9 @@ fn output_grad_points(block: Block) -> Square {
 fn weights_grad(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let index = invocation_index(gid, nwg);
     if index >= p.total { return; }
-    let o = index / C;
-    let c = index % C;
-    let u = load_points(O * C, o * C + c);
+    let o = index / group_channels();
+    let c = index % group_channels();
+    let u = load_points(O * group_channels(), o * group_channels() + c);
     // Gᵀ u: 3×T, column by column.
     var gu: Square;
     for (var j = 0u; j < side(); j++) {
@@ -547,7 +556,7 @@ fn weights_grad(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_work
     for (var i = 0u; i < 3u; i++) {
         let row = filter_grad_line(gu[i]);
         for (var j = 0u; j < 3u; j++) {
-            dst[((o * C + c) * 3u + i) * 3u + j] = row[j];
+            dst[((o * group_channels() + c) * 3u + i) * 3u + j] = row[j];
         }
     }
 }

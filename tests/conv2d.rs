@@ -1178,6 +1178,60 @@ fn winograd_4x4_convolutions_match_the_cpu() {
     }
 }
 
+/// Grouped 3×3 layers with at least 8 channels and filters a group run Winograd, forced,
+/// F(2×2) and F(4×4), with one point product per (point, group): forward, dx (the rotated
+/// filters read across the groups) and dW (F(2×2)) against the CPU with poisoned outputs, on
+/// contexts forced to each operand-read family; groups of unequal channels and filters, three
+/// groups, odd sizes, paddings 0–2, a fused bias and activation. Groups of fewer channels
+/// take no Winograd.
+#[test]
+fn grouped_winograd_matches_the_cpu() {
+    let Some(gpus) = read_family_gpus() else {
+        return;
+    };
+    // (n, c, o, groups, h, w, padding)
+    let cases = [
+        (2, 16, 16, 2, 9, 12, Padding::Explicit(1, 1)),
+        (1, 24, 16, 2, 7, 10, Padding::Explicit(0, 0)),
+        (2, 24, 27, 3, 8, 8, Padding::Explicit(2, 2)),
+        (1, 16, 32, 2, 14, 14, Padding::Explicit(1, 1)),
+    ];
+    for gpu in &gpus {
+        for kernel in [ConvKernel::Winograd, ConvKernel::Winograd4] {
+            for (i, (n, c, o, groups, h, w, padding)) in cases.into_iter().enumerate() {
+                let spec = Conv2d {
+                    padding,
+                    groups,
+                    activation: Activation::Relu,
+                    kernel: Some(kernel),
+                    ..Conv2d::default()
+                };
+                let seed = 1500 + 4 * i as u64;
+                let (x, weight, bias) = layer_tensors([n, c, h, w], [o, c / groups, 3, 3], seed);
+                let shape = spec.shape(x.shape(), weight.shape(), None).unwrap();
+                let plan = spec.plan(gpu, &shape).unwrap();
+                let label = format!("{kernel:?} case {i}");
+                assert_eq!(plan.forward, kernel, "{label}");
+                assert_eq!(plan.input_grad, kernel, "{label}");
+                assert_eq!(plan.weight_grad, ConvKernel::Winograd, "{label}");
+                matches_the_cpu(gpu, spec, (&x, &weight, &bias), seed, &label);
+            }
+        }
+    }
+    // Four channels a group: no Winograd, whatever is forced.
+    let spec = Conv2d {
+        padding: Padding::Explicit(1, 1),
+        groups: 4,
+        kernel: Some(ConvKernel::Winograd),
+        ..Conv2d::default()
+    };
+    let shape = spec.shape(&[1, 16, 8, 8], &[16, 4, 3, 3], None).unwrap();
+    assert_ne!(
+        spec.plan(&gpus[0], &shape).unwrap().forward,
+        ConvKernel::Winograd
+    );
+}
+
 /// Implicit GEMM, forced, on contexts forced to each operand-read family: forward, dx and
 /// dW through the public entry points against the CPU with poisoned outputs, on shapes that
 /// fill no tile: a stem-like 7×7 at stride 2, a strided 3×3 with more filters than a tile,

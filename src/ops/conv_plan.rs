@@ -336,7 +336,7 @@ impl Conv2d {
         if shape.groups > 1 {
             // One output per invocation loops over its group's channels, rows and taps.
             let per_output = shape.c / shape.groups * shape.kh * (shape.kw + 2);
-            return match (
+            let mut kernels = match (
                 per_output <= MAX_LOOP_ITERATIONS,
                 shape.taps() < GROUPED_MATMUL_TAPS_FORWARD,
             ) {
@@ -344,6 +344,13 @@ impl Conv2d {
                 (true, true) => vec![GroupedDirect, Im2colMatmul],
                 (true, false) => vec![Im2colMatmul, GroupedDirect],
             };
+            // Wide groups' 3×3 layers: Winograd with a point product per group, timed.
+            for (kernel, tile) in [(Winograd, 2), (Winograd4, 4)] {
+                if conv_winograd::eligible(gpu, self, shape, tile) {
+                    kernels.push(kernel);
+                }
+            }
+            return kernels;
         }
         let direct = conv_direct::eligible(gpu, self, shape);
         let leads = shape.o <= LEADING_FILTERS;
@@ -398,6 +405,17 @@ impl Conv2d {
             if input_grad && conv_grouped::grouped_rows_dx_fit(self, shape) {
                 let at = if short { pairs.len() } else { 0 };
                 pairs.insert(at, pair(GroupedDirect, Im2colMatmul));
+            }
+            // Wide groups' 3×3 layers: Winograd's dW (F(2×2)) with its dx, timed.
+            if conv_winograd::eligible(gpu, self, shape, 2) {
+                for (dx, tile) in [(Winograd, 2), (Winograd4, 4)] {
+                    if !input_grad || conv_winograd::eligible_backward(gpu, self, shape, tile) {
+                        pairs.push(pair(dx, Winograd));
+                    }
+                    if !input_grad {
+                        break;
+                    }
+                }
             }
             return pairs;
         }

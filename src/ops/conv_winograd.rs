@@ -49,6 +49,8 @@ struct Problem {
     flip: bool,
     /// Outputs per block side, m: 2 or 4.
     tile: usize,
+    /// Channel groups: the point products are one per (point, group).
+    groups: usize,
 }
 
 impl Problem {
@@ -64,6 +66,7 @@ impl Problem {
             pad_left: shape.pad_left,
             flip: false,
             tile,
+            groups: shape.groups,
         }
     }
 
@@ -81,6 +84,7 @@ impl Problem {
             pad_left: 2usize.checked_sub(shape.pad_left)?,
             flip: true,
             tile,
+            groups: shape.groups,
         })
     }
 
@@ -106,6 +110,25 @@ impl Problem {
         (self.tile + 2) * (self.tile + 2)
     }
 
+    /// A filter's channels.
+    fn group_c(&self) -> usize {
+        self.c / self.groups
+    }
+
+    /// The transformed filters `[points, O, C/G]` as the point products' batched operand:
+    /// `[points·G, O/G, C/G]`.
+    fn filters_batch(&self) -> [usize; 3] {
+        let g = self.groups;
+        [self.points() * g, self.o / g, self.group_c()]
+    }
+
+    /// `[points, planes, columns]` (V over the channels, M over the filters) as the point
+    /// products' batched operand: `[points·G, planes/G, columns]`.
+    fn planes_batch(&self, planes: usize, columns: usize) -> [usize; 3] {
+        let g = self.groups;
+        [self.points() * g, planes / g, columns]
+    }
+
     /// Bytes of one image's transformed tiles (V) or transformed outputs (M).
     fn image_bytes(&self) -> u64 {
         (self.points() * self.c.max(self.o) * self.tiles()) as u64 * 4
@@ -115,7 +138,7 @@ impl Problem {
         &self,
         spec: &Conv2d,
         (bias, residual): (bool, bool),
-    ) -> Result<[(&'static str, u32); 14]> {
+    ) -> Result<[(&'static str, u32); 15]> {
         let word = |v: usize| gpu_word("conv2d", v);
         Ok([
             ("C", word(self.c)?),
@@ -132,17 +155,24 @@ impl Problem {
             ("FLIP", u32::from(self.flip)),
             ("TILE", word(self.tile)?),
             ("BLOCKS", u32::from(self.blocks())),
+            ("GROUPS", word(self.groups)?),
         ])
     }
 }
 
-/// Whether Winograd takes the layer: 3×3, stride 1, no dilation, one group, and one image's
-/// transformed tiles within the chunk the im2col path uses.
+/// Channels and filters a group from which a grouped layer may take Winograd: its point
+/// products are one matmul per (point, group), too small to pay below this.
+const MIN_GROUP_WIDTH: usize = 8;
+
+/// Whether Winograd takes the layer: 3×3, stride 1, no dilation, one group or groups of at
+/// least [`MIN_GROUP_WIDTH`] channels and filters, and one image's transformed tiles within
+/// the chunk the im2col path uses.
 fn fits(gpu: &Gpu, spec: &Conv2d, shape: &Conv2dShape, problem: Option<Problem>) -> bool {
+    let g = shape.groups;
     (shape.kh, shape.kw) == (3, 3)
         && spec.stride == (1, 1)
         && spec.dilation == (1, 1)
-        && shape.groups == 1
+        && (g == 1 || shape.c / g >= MIN_GROUP_WIDTH && shape.o / g >= MIN_GROUP_WIDTH)
         && problem.is_some_and(|p| p.image_bytes() <= chunk_limit(gpu))
 }
 
@@ -193,8 +223,15 @@ pub(crate) fn weight_grad(
         by_tiles(&dispatch, ("input", x), &v, (c, tiles), images)?;
         let dm = Tensor::uninit(gpu, &[points, o, count * tiles])?;
         by_tiles(&dispatch, ("output_grad", dy), &dm, (o, tiles), images)?;
-        let du = Tensor::uninit(gpu, &[points, o, c])?;
-        nt.run(gpu, dm.operand(), v.operand(), None, du.operand())?;
+        let du = Tensor::uninit(gpu, &[points, o, problem.group_c()])?;
+        let columns = count * tiles;
+        nt.run(
+            gpu,
+            dm.operand_as(&problem.planes_batch(o, columns)),
+            v.operand_as(&problem.planes_batch(c, columns)),
+            None,
+            du.operand_as(&problem.filters_batch()),
+        )?;
         match &sum {
             Some(sum) => accumulate(sum, &du)?,
             None => sum = Some(du),
@@ -206,7 +243,7 @@ pub(crate) fn weight_grad(
         axis: 0,
     })?;
     let weights = [(1, du.binding()), (2, dweight.binding())];
-    dispatch("weights_grad", &weights, o * c, (0, 0))
+    dispatch("weights_grad", &weights, o * problem.group_c(), (0, 0))
 }
 
 /// `out = act(conv(x, weight) + bias)`.
@@ -234,7 +271,7 @@ pub(crate) fn forward_filters(
 /// Whether `filters` are [`forward_filters`] of this shape and tile (by their shape).
 pub(crate) fn fits_filters(shape: &Conv2dShape, tile: usize, filters: &Tensor) -> bool {
     let problem = Problem::forward(shape, tile);
-    filters.shape() == [problem.points(), problem.o, problem.c]
+    filters.shape() == [problem.points(), problem.o, problem.group_c()]
 }
 
 /// [`forward`] with the filters [`forward_filters`] transformed, and `residual` (the
@@ -287,7 +324,7 @@ fn transform_filters(spec: &Conv2d, problem: &Problem, weight: &Tensor) -> Resul
         ..*spec
     };
     let constants = problem.constants(spec, (false, false))?;
-    let (c, o) = (problem.c, problem.o);
+    let (c, o) = (problem.group_c(), problem.o);
     let u = Tensor::uninit(gpu, &[problem.points(), o, c])?;
     let bindings = [(1, weight.binding()), (2, u.binding())];
     encode(gpu, ("weights", &constants), spec, &bindings, o * c, (0, 0))?;
@@ -316,7 +353,14 @@ fn run_transformed(
         let v = Tensor::uninit(gpu, &[points, c, count * tiles])?;
         by_tiles(&dispatch, ("input", x), &v, (c, tiles), images)?;
         let m = Tensor::uninit(gpu, &[points, o, count * tiles])?;
-        Matmul::default().run(gpu, u.operand(), v.operand(), None, m.operand())?;
+        let columns = count * tiles;
+        Matmul::default().run(
+            gpu,
+            u.operand_as(&problem.filters_batch()),
+            v.operand_as(&problem.planes_batch(c, columns)),
+            None,
+            m.operand_as(&problem.planes_batch(o, columns)),
+        )?;
         // Without a residual the products fill its (unread) slot.
         let residual = residual.unwrap_or(&m);
         // F(4×4)'s blocks over rows of whole vec4s: a vec4 store per row of a block, where
