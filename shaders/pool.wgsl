@@ -259,6 +259,61 @@ fn max_forward_quads(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num
     argmax4[q] = indices;
 }
 
+// Max pooling's forward over four neighbouring outputs of a row for any window, stride,
+// padding and dilation, where rows of inputs and outputs are whole vec4s and the four
+// windows span few enough inputs (src/ops/pool2d.rs `row_quads`; ResNet's 3×3 at stride 2):
+// each kernel row's inputs under the four windows are loaded once as the ROW_VEC4S vec4s
+// holding them, where `max_forward` loads every tap of every window alone.
+// The inputs under a row of four windows, and how far the first sits into its vec4 (the
+// same for every row of four: their first input is a multiple of 4 less PAD_LEFT).
+override ROW_SPAN: u32 = 3u * SW + (KW - 1u) * DW + 1u;
+override ROW_SKEW: u32 = (4u - PAD_LEFT % 4u) % 4u;
+override ROW_VEC4S: u32 = (ROW_SKEW + ROW_SPAN + 3u) / 4u;
+const ROW_VEC4S_MAX: u32 = 8u;
+
+@compute @workgroup_size(WORKGROUP)
+fn max_forward_row_quads(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let q = invocation_index(gid, nwg);
+    if q >= p.total { return; }
+    let ow0 = (q * 4u) % OW;
+    let oh = (q * 4u / OW) % OH;
+    let plane = q * 4u / (OW * OH);
+    // The first input column under the four windows (negative in the padding), and the
+    // vec4 holding it (first - ROW_SKEW is a multiple of 4).
+    let first = i32(ow0 * SW) - i32(PAD_LEFT);
+    let first4 = (first - i32(ROW_SKEW)) / 4;
+    // As `max_forward`: -inf and the index H·W past the plane where every tap is padding.
+    var best = vec4<f32>(bitcast<f32>(0xff800000u));
+    var best_at = vec4<f32>(f32(H * W));
+    var found = array<bool, 4>(false, false, false, false);
+    for (var ki = 0u; ki < KH; ki++) {
+        let ih = i32(oh * SH + ki * DH) - i32(PAD_TOP);
+        if ih < 0 || ih >= i32(H) { continue; }
+        let row4 = (plane * H + u32(ih)) * (W / 4u);
+        var values: array<f32, 32>;
+        for (var v = 0u; v < ROW_VEC4S; v++) {
+            let at = first4 + i32(v);
+            var quad = vec4<f32>(0.0);
+            if at >= 0 && at < i32(W / 4u) { quad = load_src4(row4 + u32(at)); }
+            for (var k = 0u; k < 4u; k++) { values[4u * v + k] = quad[k]; }
+        }
+        for (var j = 0u; j < 4u; j++) {
+            for (var kj = 0u; kj < KW; kj++) {
+                let iw = first + i32(j * SW + kj * DW);
+                if iw < 0 || iw >= i32(W) { continue; }
+                let v = values[ROW_SKEW + j * SW + kj * DW];
+                if !found[j] || v > best[j] || (is_nan(v) && !is_nan(best[j])) {
+                    best[j] = v;
+                    best_at[j] = f32(u32(ih) * W + u32(iw));
+                    found[j] = true;
+                }
+            }
+        }
+    }
+    dst4[q] = best;
+    argmax4[q] = best_at;
+}
+
 // src4 = dy, dst4 = dx, best4 (and pooled4, with ACT) from the forward pass.
 @compute @workgroup_size(WORKGROUP)
 fn max_backward_quads(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {

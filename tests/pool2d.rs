@@ -481,6 +481,67 @@ fn adaptive_average_pooling_matches_pytorch_and_the_cpu() {
 
 /// NaN wins a max-pooling window, as in PyTorch (a window that dropped it would hide a
 /// poisoned batch), and its gradient goes to the NaN's position.
+/// Max pooling's forward over rows of whole vec4s takes four neighbouring windows of a row
+/// per invocation, their inputs loaded as the vec4s holding them, for any window: ResNet's
+/// 3×3 at stride 2 with padding 1, stride 1, a 2×2 window whose rows do not tile the
+/// input, dilation, a 7×7 window padded by 3, ceil mode (windows past the input's edge),
+/// from storage and from textures; values (with ties and a NaN) and arg-maxes against the
+/// CPU, outputs poisoned, and the backward pass through those arg-maxes.
+#[test]
+fn max_pooling_in_rows_of_four_windows_matches_the_cpu() {
+    let Some(gpus) = read_family_gpus() else {
+        return;
+    };
+    // (x, kernel, stride, padding, dilation, ceil mode)
+    let cases = [
+        ([2, 3, 11, 16], (3, 3), (2, 2), (1, 1), (1, 1), false),
+        ([1, 2, 5, 12], (3, 3), (1, 1), (1, 1), (1, 1), false),
+        ([2, 2, 7, 8], (2, 2), (2, 2), (0, 0), (1, 1), false),
+        ([1, 2, 6, 8], (2, 2), (1, 1), (1, 1), (2, 2), false),
+        ([1, 1, 9, 16], (7, 7), (2, 2), (3, 3), (1, 1), false),
+        ([1, 2, 9, 16], (3, 3), (2, 2), (0, 0), (1, 1), true),
+    ];
+    for gpu in gpus {
+        for (i, (shape, kernel, stride, padding, dilation, ceil)) in cases.into_iter().enumerate() {
+            let spec = Pool2d::max(kernel)
+                .stride(stride)
+                .padding(padding)
+                .dilation(dilation)
+                .ceil_mode(ceil);
+            // Coarse values: ties within windows; and a NaN, which wins its windows.
+            let mut x = random(&shape, 40 + i as u64).mapv(|v| (v * 3.0).round());
+            x[[0, 0, 1, 2]] = f32::NAN;
+            let cpu = wgcnn::cpu::pool2d(&spec, &x.view()).unwrap();
+            assert_eq!(cpu.y.shape()[3] % 4, 0, "case {i}");
+            for _ in 0..2 {
+                drop(Tensor::full(gpu, cpu.y.shape(), f32::NAN).unwrap());
+            }
+            let pooled = spec.forward(&Tensor::from_array(gpu, &x).unwrap()).unwrap();
+            let y = pooled.y.to_array().unwrap();
+            let same = y
+                .iter()
+                .zip(&cpu.y)
+                .all(|(a, b)| a == b || (a.is_nan() && b.is_nan()));
+            assert!(same, "case {i}: {y} against {}", cpu.y);
+            assert_eq!(pooled.indices().unwrap(), cpu.indices(), "case {i}");
+            let dy = random(cpu.y.shape(), 50 + i as u64);
+            let argmax = cpu.argmax.as_ref().map(|a| a.view());
+            let want =
+                wgcnn::cpu::pool2d_backward(&spec, x.shape(), &dy.view(), argmax.as_ref()).unwrap();
+            let got = spec
+                .backward(
+                    x.shape(),
+                    &Tensor::from_array(gpu, &dy).unwrap(),
+                    pooled.argmax.as_ref(),
+                )
+                .unwrap()
+                .to_array()
+                .unwrap();
+            assert!(max_abs_diff(&got, &want) <= 1e-6, "case {i} backward");
+        }
+    }
+}
+
 #[test]
 fn nan_wins_max_pooling_as_in_pytorch() {
     // 8 wide: the quad kernel (four windows per invocation) takes it.
