@@ -255,6 +255,40 @@ fn folded_layers_keep_their_filters_and_add_the_residual() {
     }
 }
 
+/// A grouped 3×3 layer run as Winograd (two groups of 8 channels: one point product per
+/// point and group) folds its batch norm and the residual sum after it into its transformed
+/// filters and output transform, and matches the unfolded evaluation, as the model trains.
+#[test]
+fn a_grouped_winograd_layer_folds_with_the_residual() {
+    if gpu().is_none() {
+        return;
+    }
+    let gpu = &common::new_gpu();
+    let b = GraphBuilder::new(&[2, 16, 8, 8]).unwrap();
+    let mut conv = Conv2d::new(16, 16, (3, 3))
+        .padding(Padding::Explicit(1, 1))
+        .groups(2);
+    conv.spec.kernel = Some(ConvKernel::Winograd4);
+    let y = b.apply("conv", conv, b.input()).unwrap();
+    let y = b.apply("bn", BatchNorm2d::new(16), y).unwrap();
+    let y = b.add("add", Add, &[y, b.input()]).unwrap();
+    let y = b.apply("relu", relu(), y).unwrap();
+    let mut graph = b.build(y, Device::Gpu(gpu.clone()), 6).unwrap();
+    let x = random(&[2, 16, 8, 8], 90);
+    let mut sgd = graph.optimizer(Optimizer::sgd(0.1)).unwrap();
+    for step in 0..2 {
+        folded_matches(&mut graph, &x, &format!("step {step}"));
+        let xs = graph_input(graph.device(), &random(&[2, 16, 8, 8], 95 + step));
+        let shape = graph.forward(xs, Mode::Train).unwrap().shape().to_vec();
+        let dy = graph
+            .device()
+            .upload(ArrayD::from_elem(shape, 0.5))
+            .unwrap();
+        graph.backward(dy).unwrap();
+        graph.update(&mut sgd).unwrap();
+    }
+}
+
 /// The residual test on h×w images, the residual sum folded into a convolution run by
 /// `residual_kernel`.
 fn folds_with_the_residual(gpu: &wgcnn::Gpu, [h, w]: [usize; 2], residual_kernel: ConvKernel) {
