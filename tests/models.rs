@@ -189,6 +189,11 @@ fn resnet50_logits_match_pytorch() {
 }
 
 #[test]
+fn resnext50_logits_match_pytorch() {
+    check_logits("resnext50_32x4d", models::resnext50_32x4d);
+}
+
+#[test]
 fn cifar_resnets_logits_match_pytorch() {
     check_logits("resnet20", models::resnet20);
     check_logits("resnet56", models::resnet56);

@@ -2,7 +2,8 @@
 //! sources name their state, so a `state_dict` saved there loads here with no renaming
 //! ([`Graph::load`] reads `.pth` and `.safetensors`):
 //!
-//! - torchvision's [`resnet18`], [`resnet34`], [`resnet50`] and [`mobilenet_v2`];
+//! - torchvision's [`resnet18`], [`resnet34`], [`resnet50`], [`resnext50_32x4d`] and
+//!   [`mobilenet_v2`];
 //! - the CIFAR ResNets of He et al. ([`resnet20`], [`resnet56`]);
 //! - [`efficientnet_lite0`] as the `efficientnet-lite-pytorch` package defines it, whose
 //!   pretrained ImageNet weights load as they are.
@@ -16,7 +17,7 @@ mod resnet;
 
 pub use efficientnet::efficientnet_lite0;
 pub use mobilenet::mobilenet_v2;
-pub use resnet::{resnet18, resnet20, resnet34, resnet50, resnet56};
+pub use resnet::{resnet18, resnet20, resnet34, resnet50, resnet56, resnext50_32x4d};
 
 use crate::builder::{GraphBuilder, ValueRef};
 use crate::data::Preprocess;
@@ -59,10 +60,11 @@ impl Model {
 }
 
 /// The names [`by_name`] knows.
-pub const NAMES: [&str; 7] = [
+pub const NAMES: [&str; 8] = [
     "resnet18",
     "resnet34",
     "resnet50",
+    "resnext50_32x4d",
     "resnet20",
     "resnet56",
     "mobilenet_v2",
@@ -75,6 +77,7 @@ pub fn by_name(name: &str, num_classes: usize) -> Result<Model> {
         "resnet18" => resnet18(num_classes),
         "resnet34" => resnet34(num_classes),
         "resnet50" => resnet50(num_classes),
+        "resnext50_32x4d" => resnext50_32x4d(num_classes),
         "resnet20" => resnet20(num_classes),
         "resnet56" => resnet56(num_classes),
         "mobilenet_v2" => mobilenet_v2(num_classes),

@@ -1,5 +1,6 @@
-//! ResNets: torchvision's `resnet18/34/50` (ImageNet stem, BasicBlock or Bottleneck stages)
-//! and the CIFAR ResNets of He et al. 2016 (`resnet20/56`: a 3×3 stem, three stages of
+//! ResNets: torchvision's `resnet18/34/50` and `resnext50_32x4d` (ImageNet stem, BasicBlock
+//! or Bottleneck stages; ResNeXt's bottlenecks wider, their 3×3 in 32 groups) and the CIFAR
+//! ResNets of He et al. 2016 (`resnet20/56`: a 3×3 stem, three stages of
 //! 16/32/64 channels). State names follow torchvision (`layer1.0.conv1.weight`,
 //! `layer2.0.downsample.0.weight`, `fc.bias`).
 
@@ -27,15 +28,26 @@ fn conv(c_in: usize, c_out: usize, k: usize, stride: usize) -> Conv2d {
 enum Block {
     /// Two 3×3 convolutions (expansion 1).
     Basic,
-    /// 1×1 reduce, 3×3 (carrying the stride, as torchvision's v1.5), 1×1 expand ×4.
-    Bottleneck,
+    /// 1×1 reduce, 3×3 (carrying the stride, as torchvision's v1.5, in `groups` groups),
+    /// 1×1 expand to 4 × planes; the inner width is `planes · width_per_group / 64 · groups`
+    /// (torchvision's `Bottleneck`: ResNet-50 is 1 group of 64, ResNeXt-50 32×4d 32 of 4).
+    Bottleneck {
+        groups: usize,
+        width_per_group: usize,
+    },
 }
 
 impl Block {
+    /// ResNet-50's bottleneck.
+    const BOTTLENECK: Block = Block::Bottleneck {
+        groups: 1,
+        width_per_group: 64,
+    };
+
     fn expansion(self) -> usize {
         match self {
             Block::Basic => 1,
-            Block::Bottleneck => 4,
+            Block::Bottleneck { .. } => 4,
         }
     }
 }
@@ -56,11 +68,17 @@ fn block(
     let mut y = x;
     let convs = match kind {
         Block::Basic => vec![conv(c_in, planes, 3, stride), conv(planes, planes, 3, 1)],
-        Block::Bottleneck => vec![
-            conv(c_in, planes, 1, 1),
-            conv(planes, planes, 3, stride),
-            conv(planes, c_out, 1, 1),
-        ],
+        Block::Bottleneck {
+            groups,
+            width_per_group,
+        } => {
+            let width = planes * width_per_group / 64 * groups;
+            vec![
+                conv(c_in, width, 1, 1),
+                conv(width, width, 3, stride).groups(groups),
+                conv(width, c_out, 1, 1),
+            ]
+        }
     };
     let last = convs.len();
     for (i, layer) in convs.into_iter().enumerate() {
@@ -164,7 +182,18 @@ pub fn resnet34(num_classes: usize) -> Result<Model> {
 /// torchvision's `resnet50` (Bottlenecks 3-4-6-3, stride on the 3×3 as in v1.5;
 /// 25,557,032 parameters at 1000 classes).
 pub fn resnet50(num_classes: usize) -> Result<Model> {
-    imagenet_resnet("resnet50", Block::Bottleneck, [3, 4, 6, 3], num_classes)
+    imagenet_resnet("resnet50", Block::BOTTLENECK, [3, 4, 6, 3], num_classes)
+}
+
+/// torchvision's `resnext50_32x4d` (ResNet-50's stages with bottlenecks twice as wide, their
+/// 3×3 convolutions in 32 groups of 4, 8, 16 and 32 channels; 25,028,904 parameters at 1000
+/// classes).
+pub fn resnext50_32x4d(num_classes: usize) -> Result<Model> {
+    let block = Block::Bottleneck {
+        groups: 32,
+        width_per_group: 4,
+    };
+    imagenet_resnet("resnext50_32x4d", block, [3, 4, 6, 3], num_classes)
 }
 
 /// A CIFAR ResNet of depth `6n + 2` for 32×32 images: 3×3 stem of 16 channels, three

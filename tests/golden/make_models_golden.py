@@ -10,9 +10,13 @@ How to run (from the repository root; CPU only, single thread, about a minute):
 
 Made with torch 2.15.0, torchvision 0.29.2, efficientnet-lite-pytorch 0.1.0, numpy 2.4.6,
 safetensors 0.8.0 (the versions in use are also written into param_counts.json).
+resnext50_32x4d was added later (5 December 2026): a run on another host moved the other
+models' float32 values (logits, BN statistics) in their last bits, so only its own files and
+entries were taken from that run.
 
 Models (all num_classes=10, input 32x32, float32, CPU):
-    resnet18, resnet34, resnet50, mobilenet_v2   torchvision.models definitions
+    resnet18, resnet34, resnet50, resnext50_32x4d, mobilenet_v2
+                           torchvision.models definitions
     resnet20, resnet56     CIFAR ResNets (He et al. 2016), defined below with torchvision's
                            BasicBlock: conv1 3x3/1 (no bias) + bn1 + relu, no max pool,
                            layer1/2/3 of n = 3 resp. 9 BasicBlocks with 16/32/64 channels,
@@ -275,12 +279,14 @@ BUILDERS = {
     "resnet18": lambda nc: torchvision.models.resnet18(num_classes=nc),
     "resnet34": lambda nc: torchvision.models.resnet34(num_classes=nc),
     "resnet50": lambda nc: torchvision.models.resnet50(num_classes=nc),
+    "resnext50_32x4d": lambda nc: torchvision.models.resnext50_32x4d(num_classes=nc),
     "mobilenet_v2": lambda nc: torchvision.models.mobilenet_v2(num_classes=nc),
     "resnet20": lambda nc: CifarResNet(3, nc),
     "resnet56": lambda nc: CifarResNet(9, nc),
     "efficientnet_lite0": efficientnet_lite0,
 }
 EXPECTED_1000 = {"resnet18": 11689512, "resnet34": 21797672, "resnet50": 25557032,
+                 "resnext50_32x4d": 25028904,
                  "mobilenet_v2": 3504872, "efficientnet_lite0": 4652008}
 
 
