@@ -124,6 +124,15 @@ def rows():
 
             yield op, f"N{n} 3x224x224", infer
 
+    net = torchvision.models.resnext50_32x4d().eval().to(DEVICE)
+    x = rand(1, 3, 224, 224)
+
+    def infer_resnext(net=net, x=x):
+        with torch.no_grad():
+            net(x)
+
+    yield "resnext50_32x4d_inference", "N1 3x224x224", infer_resnext
+
     if len(nets) > 1:
         yield ("train_step_efficientnet_lite0_b8", "N8 3x224x224",
                sgd_step(nets[1][1].train(), rand(8, 3, 224, 224)))

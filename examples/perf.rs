@@ -383,6 +383,7 @@ fn lenet_step(device: Device) -> Result<Box<dyn FnMut() -> Result<()>>> {
 fn inference_case<'a>(gpu: &Gpu, model: &'static str, n: usize, flops: f64) -> Case<'a> {
     let op = match model {
         "resnet18" => "resnet18_inference",
+        "resnext50_32x4d" => "resnext50_32x4d_inference",
         _ => "efficientnet_lite0_inference",
     };
     Case {
@@ -907,6 +908,8 @@ fn main() -> Result<()> {
         cases.push(inference_case(&gpu, "resnet18", n, 3.628e9));
         cases.push(inference_case(&gpu, "efficientnet_lite0", n, 7.70e8));
     }
+    // ResNeXt's grouped 3×3 layers (32 groups of 4 to 32 channels), at batch 1.
+    cases.push(inference_case(&gpu, "resnext50_32x4d", 1, 8.461e9));
     cases.push(model_train_case(
         &gpu,
         ("train_step_resnet20_b128", "resnet20"),
