@@ -650,8 +650,8 @@ fn memory_report(gpu: &Gpu, filter: Option<&str>) -> Result<()> {
 }
 
 /// `--profile`: the passes of a LeNet training step (or, with `--filter`, of ResNet-20's at
-/// batch 128, or of ResNet-18's or EfficientNet-Lite0's inference at batch 1, or ResNet-18's at
-/// batch 8 with `resnet18_inference_b8`), each submitted
+/// batch 128, or of ResNet-18's, ResNeXt-50's or EfficientNet-Lite0's inference at batch 1,
+/// or ResNet-18's at batch 8 with `resnet18_inference_b8`), each submitted
 /// and waited for on its own (`Gpu::profile_passes`), medians of `runs` steps: pass by pass
 /// for up to 60 passes (every pass with `--json`), then the time per kernel.
 fn profile_step(gpu: &Gpu, filter: Option<&str>, runs: usize, json: bool) -> Result<()> {
@@ -664,6 +664,9 @@ fn profile_step(gpu: &Gpu, filter: Option<&str>, runs: usize, json: bool) -> Res
             model_step(device, "resnet18", 8, false)
         }
         Some(f) if "resnet18_inference".contains(f) => model_step(device, "resnet18", 1, false),
+        Some(f) if "resnext50_32x4d_inference".contains(f) => {
+            model_step(device, "resnext50_32x4d", 1, false)
+        }
         Some(f) if "efficientnet_lite0_inference".contains(f) => {
             model_step(device, "efficientnet_lite0", 1, false)
         }
@@ -742,7 +745,7 @@ struct Args {
     kernels: Option<Family>,
     /// Instead of the table: where a LeNet training step's device time goes, pass by pass
     /// (each pass submitted and waited for on its own; medians of --runs steps); with
-    /// --filter resnet20, resnet18 or efficientnet, that model's step or inference
+    /// --filter resnet20, resnet18, resnext50 or efficientnet, that model's step or inference
     /// (train_step_efficientnet: EfficientNet-Lite0's training step at batch 8).
     #[arg(long)]
     profile: bool,
