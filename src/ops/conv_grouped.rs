@@ -183,6 +183,11 @@ fn grouped_rows_fit(spec: &Conv2d, shape: &Conv2dShape) -> bool {
         && shape.c / shape.groups * per_channel <= MAX_LOOP_ITERATIONS
 }
 
+/// Whether `grouped_rows4` takes this grouped layer's forward pass.
+pub(crate) fn grouped_rows_forward_fit(spec: &Conv2d, shape: &Conv2dShape) -> bool {
+    grouped_rows_fit(spec, shape)
+}
+
 /// Whether the row kernels take this grouped layer's whole backward pass: its weight
 /// gradient and, if asked for, its input gradient.
 pub(crate) fn grouped_rows_backward_fit(
