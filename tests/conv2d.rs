@@ -1227,7 +1227,7 @@ fn grouped_winograd_matches_the_cpu() {
     };
     let shape = spec.shape(&[1, 16, 8, 8], &[16, 4, 3, 3], None).unwrap();
     assert_ne!(
-        spec.plan(&gpus[0], &shape).unwrap().forward,
+        spec.plan(gpus[0], &shape).unwrap().forward,
         ConvKernel::Winograd
     );
 }
