@@ -146,9 +146,14 @@ fn kernels_of(gpu: &wgcnn::Gpu, graph: &mut wgcnn::Graph, x: &ArrayD<f32>, mode:
     gpu.dispatches() - before
 }
 
-/// A training step on a random batch (seeded): the weights and running statistics move.
-fn train_step(graph: &mut wgcnn::Graph, sgd: &mut wgcnn::graph::GraphOptimizer, seed: u64) {
-    let xs = graph_input(graph.device(), &random(&[2, 3, 9, 7], seed));
+/// A training step on a random batch of `input`'s shape (seeded): the weights and running
+/// statistics move.
+fn train_step(
+    graph: &mut wgcnn::Graph,
+    sgd: &mut wgcnn::graph::GraphOptimizer,
+    (input, seed): ([usize; 4], u64),
+) {
+    let xs = graph_input(graph.device(), &random(&input, seed));
     let shape = graph.forward(xs, Mode::Train).unwrap().shape().to_vec();
     let dy = graph
         .device()
@@ -173,7 +178,7 @@ fn folded_evaluation_matches_the_unfolded_one_as_the_model_trains() {
         let mut sgd = graph.optimizer(Optimizer::sgd(0.1)).unwrap();
         for step in 0..3 {
             folded_matches(&mut graph, &x, &format!("{label} step {step}"));
-            train_step(&mut graph, &mut sgd, 50 + step);
+            train_step(&mut graph, &mut sgd, ([2, 3, 9, 7], 50 + step));
         }
         // A loaded value is folded too.
         graph
@@ -278,14 +283,7 @@ fn a_grouped_winograd_layer_folds_with_the_residual() {
     let mut sgd = graph.optimizer(Optimizer::sgd(0.1)).unwrap();
     for step in 0..2 {
         folded_matches(&mut graph, &x, &format!("step {step}"));
-        let xs = graph_input(graph.device(), &random(&[2, 16, 8, 8], 95 + step));
-        let shape = graph.forward(xs, Mode::Train).unwrap().shape().to_vec();
-        let dy = graph
-            .device()
-            .upload(ArrayD::from_elem(shape, 0.5))
-            .unwrap();
-        graph.backward(dy).unwrap();
-        graph.update(&mut sgd).unwrap();
+        train_step(&mut graph, &mut sgd, ([2, 16, 8, 8], 95 + step));
     }
 }
 
@@ -326,6 +324,6 @@ fn folds_with_the_residual(gpu: &wgcnn::Gpu, [h, w]: [usize; 2], residual_kernel
             format!("{h}×{w}, step {step}: {unfolded} unfolded, {first} folded, then {second}");
         assert_eq!((first - second, unfolded - second), (5, 10), "{counts}");
         folded_matches(&mut graph, &x, &format!("{h}×{w}, step {step}"));
-        train_step(&mut graph, &mut sgd, 80 + step);
+        train_step(&mut graph, &mut sgd, ([2, 3, 9, 7], 80 + step));
     }
 }
