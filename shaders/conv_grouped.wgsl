@@ -467,15 +467,30 @@ fn window(values: array<f32, 16>, q: u32, kx: u32) -> vec4<f32> {
     return vec4<f32>(values[first], values[first + 1u], values[first + 2u], values[first + 3u]);
 }
 
+// Block `index` of the vec4 row kernels, over [planes (or runs and images)][OH / OUT_ROWS]
+// [OW / (4·QUADS)]: its first vec4 of outputs along a row, its first output row, and the
+// index of what comes before them.
+struct RowBlock { quad: u32, row: u32, rest: u32 }
+
+fn row_block(index: u32) -> RowBlock {
+    let blocks = OW / (4u * QUADS);
+    let row_blocks = (OH + OUT_ROWS - 1u) / OUT_ROWS;
+    return RowBlock(index % blocks * QUADS, index / blocks % row_blocks * OUT_ROWS, index / (blocks * row_blocks));
+}
+
+// The row blocks of one output plane.
+fn plane_row_blocks() -> u32 {
+    return (OH + OUT_ROWS - 1u) / OUT_ROWS * (OW / (4u * QUADS));
+}
+
 @compute @workgroup_size(WORKGROUP_SMALL)
 fn depthwise_rows4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let index = small_invocation_index(gid, nwg);
     if index >= p.total { return; }
-    let blocks = OW / (4u * QUADS);
-    let row_blocks = (OH + OUT_ROWS - 1u) / OUT_ROWS;
-    let first_quad = (index % blocks) * QUADS;
-    let first_row = ((index / blocks) % row_blocks) * OUT_ROWS;
-    let plane = index / (blocks * row_blocks);
+    let block = row_block(index);
+    let first_quad = block.quad;
+    let first_row = block.row;
+    let plane = block.rest;
     let c = plane % C;
     // sums[r·QUADS + q]: output row first_row + r, vec4 first_quad + q.
     var sums: array<vec4<f32>, MAX_QUADS * MAX_OUT_ROWS>;
@@ -561,13 +576,11 @@ fn grouped_bank(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_work
 fn grouped_rows4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let index = small_invocation_index(gid, nwg);
     if index >= p.total { return; }
-    let blocks = OW / (4u * QUADS);
-    let row_blocks = (OH + OUT_ROWS - 1u) / OUT_ROWS;
-    let first_quad = (index % blocks) * QUADS;
-    let first_row = ((index / blocks) % row_blocks) * OUT_ROWS;
-    let rest = index / (blocks * row_blocks);
-    let o0 = rest % (O / FILTER_RUN) * FILTER_RUN;
-    let n = rest / (O / FILTER_RUN);
+    let block = row_block(index);
+    let first_quad = block.quad;
+    let first_row = block.row;
+    let o0 = block.rest % (O / FILTER_RUN) * FILTER_RUN;
+    let n = block.rest / (O / FILTER_RUN);
     let per_group = C / GROUPS;
     let first_channel = o0 / (O / GROUPS) * per_group;
     // sums[(f·OUT_ROWS + r)·QUADS + q]: filter o0 + f, output row first_row + r, vec4
@@ -628,15 +641,13 @@ fn depthwise_weight_grad4(
     let first_channel = (wid.x + wid.y * nwg.x) * CHANNELS_PER_GROUP;
     let c = first_channel + lane / CHANNEL_LANES;
     let valid = c < C;
-    let blocks = OW / (4u * QUADS);
-    let row_blocks = (OH + OUT_ROWS - 1u) / OUT_ROWS;
-    let per_image = row_blocks * blocks;
     var sums: array<f32, DEPTHWISE_MAX_TAPS>;
     if valid {
-        for (var t = lane % CHANNEL_LANES; t < p.n * per_image; t += CHANNEL_LANES) {
-            let plane = (p.first_image + t / per_image) * C + c;
-            let first_row = ((t % per_image) / blocks) * OUT_ROWS;
-            let first_quad = (t % blocks) * QUADS;
+        for (var t = lane % CHANNEL_LANES; t < p.n * plane_row_blocks(); t += CHANNEL_LANES) {
+            let block = row_block(t);
+            let first_quad = block.quad;
+    let first_row = block.row;
+            let plane = (p.first_image + block.rest) * C + c;
             // Output rows past OH (an odd OH's last block) keep g zero and are skipped below.
             var g: array<vec4<f32>, MAX_QUADS * MAX_OUT_ROWS>;
             for (var r = 0u; r < OUT_ROWS; r++) {
@@ -682,16 +693,14 @@ fn grouped_weight_grad4(
     let unit = first_unit + lane / CHANNEL_LANES;
     let o0 = unit / per_group * FILTER_RUN;
     let channel = o0 / (O / GROUPS) * per_group + unit % per_group;
-    let blocks = OW / (4u * QUADS);
-    let row_blocks = (OH + OUT_ROWS - 1u) / OUT_ROWS;
-    let per_image = row_blocks * blocks;
     let taps = KH * KW;
     var sums: array<f32, DEPTHWISE_MAX_TAPS>;
     if unit < units {
-        for (var t = lane % CHANNEL_LANES; t < p.n * per_image; t += CHANNEL_LANES) {
-            let image = p.first_image + t / per_image;
-            let first_row = ((t % per_image) / blocks) * OUT_ROWS;
-            let first_quad = (t % blocks) * QUADS;
+        for (var t = lane % CHANNEL_LANES; t < p.n * plane_row_blocks(); t += CHANNEL_LANES) {
+            let block = row_block(t);
+            let first_quad = block.quad;
+    let first_row = block.row;
+            let image = p.first_image + block.rest;
             // Output rows past OH (an odd OH's last block) keep g zero and are skipped below.
             var g: array<vec4<f32>, MAX_FILTER_RUN * MAX_OUT_ROWS * MAX_QUADS>;
             for (var f = 0u; f < FILTER_RUN; f++) {
