@@ -1355,8 +1355,8 @@ mod tests {
     use crate::test_support::random;
 
     /// A grouped layer's backward pass with the row kernels' dx and im2col + matmul's dW (a
-    /// pair the tuner may pick: the grouped dW is slow) against the CPU, with poisoned
-    /// outputs; its dx ran through the row kernel's rotated filters.
+    /// pair the tuner may pick where the row kernels' dW does not fit) against the CPU, with
+    /// poisoned outputs; its dx ran through the row kernel's rotated filters.
     #[test]
     fn grouped_rows_dx_with_the_matmul_dw_matches_the_cpu() {
         let Some(gpu) = crate::test_support::gpu(GpuOptions::from_env().unwrap()) else {

@@ -173,7 +173,7 @@ const GROUPED_MAX_TAPS: usize = 25;
 /// Whether `grouped_rows4` runs this grouped (not depthwise) convolution: depthwise_rows4's
 /// shapes, and a channel loop within the loop bound (each channel: the input rows a block
 /// meets, each taking every output row's taps of the filter run; counted as if none unrolled).
-fn grouped_rows_fit(spec: &Conv2d, shape: &Conv2dShape) -> bool {
+pub(crate) fn grouped_rows_fit(spec: &Conv2d, shape: &Conv2dShape) -> bool {
     let rows = out_rows(spec, shape);
     let per_row = 1 + rows * (1 + shape.kw * (1 + filter_run(shape)));
     let per_channel = shape.kh * shape.kw + (rows + shape.kh - 1) * per_row;
@@ -181,11 +181,6 @@ fn grouped_rows_fit(spec: &Conv2d, shape: &Conv2dShape) -> bool {
         && quads(spec, shape)
         && shape.kh * shape.kw <= GROUPED_MAX_TAPS
         && shape.c / shape.groups * per_channel <= MAX_LOOP_ITERATIONS
-}
-
-/// Whether `grouped_rows4` takes this grouped layer's forward pass.
-pub(crate) fn grouped_rows_forward_fit(spec: &Conv2d, shape: &Conv2dShape) -> bool {
-    grouped_rows_fit(spec, shape)
 }
 
 /// Whether the row kernels take this grouped layer's whole backward pass: its weight

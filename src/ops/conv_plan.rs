@@ -340,7 +340,7 @@ impl Conv2d {
             // (288 taps) on lavapipe 39.6 ms against im2col's 45.5, N1 128→128 56² in 32
             // groups (ResNeXt) 1.6 against 7.7.
             let short = shape.taps() < GROUPED_MATMUL_TAPS_FORWARD
-                || conv_grouped::grouped_rows_forward_fit(self, shape);
+                || conv_grouped::grouped_rows_fit(self, shape);
             let mut kernels = match (per_output <= MAX_LOOP_ITERATIONS, short) {
                 (false, _) => vec![Im2colMatmul],
                 (true, true) => vec![GroupedDirect, Im2colMatmul],
