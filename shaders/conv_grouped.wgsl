@@ -406,26 +406,32 @@ var<workgroup> tap_partials: array<f32, DEPTHWISE_MAX_TAPS * WORKGROUP_SMALL>;
 override CHANNEL_LANES: u32 = WORKGROUP_SMALL;
 override CHANNELS_PER_GROUP: u32 = WORKGROUP_SMALL / CHANNEL_LANES;
 
-// dst[c][tap] (+)= Σ over each channel's CHANNEL_LANES lanes of their `sums`, for the
-// workgroup's channels: every lane's sums go to workgroup memory, then one lane per channel
-// and tap adds up its run (one barrier in all; a tree per tap took eight, and on lavapipe
-// either tree cost N1 C672 14² 5×5 10 of its 17 ms).
-fn store_tap_sums(sums: array<f32, DEPTHWISE_MAX_TAPS>, lane: u32, first_channel: u32) {
-    for (var k = 0u; k < KH * KW; k++) {
+// dW (+)= Σ over each unit's CHANNEL_LANES lanes of their `sums`, for the workgroup's units
+// from `first_unit` on. A unit is a run of FILTER_RUN filters of a group and one channel of
+// that group (units over [O / FILTER_RUN][C / GROUPS]; a depthwise layer's: one channel),
+// its sums every tap of its first filter, then of the next. Every lane's sums go to
+// workgroup memory, then one lane per unit and sum adds up its run (one barrier in all; a
+// tree per tap took eight, and on lavapipe either tree cost N1 C672 14² 5×5 10 of its 17 ms).
+fn store_tap_sums(sums: array<f32, DEPTHWISE_MAX_TAPS>, lane: u32, first_unit: u32) {
+    let taps = KH * KW;
+    let per_group = C / GROUPS;
+    let units = O / FILTER_RUN * per_group;
+    for (var k = 0u; k < FILTER_RUN * taps; k++) {
         tap_partials[k * WORKGROUP_SMALL + lane] = sums[k];
     }
     workgroupBarrier();
-    for (var q = lane; q < CHANNELS_PER_GROUP * KH * KW; q += WORKGROUP_SMALL) {
-        let slot = q / (KH * KW);
-        let k = q % (KH * KW);
-        let c = first_channel + slot;
-        if c < C {
+    for (var q = lane; q < CHANNELS_PER_GROUP * FILTER_RUN * taps; q += WORKGROUP_SMALL) {
+        let slot = q / (FILTER_RUN * taps);
+        let k = q % (FILTER_RUN * taps);
+        let u = first_unit + slot;
+        if u < units {
             let run = k * WORKGROUP_SMALL + slot * CHANNEL_LANES;
             var total = 0.0;
             for (var l = 0u; l < CHANNEL_LANES; l++) {
                 total += tap_partials[run + l];
             }
-            let i = c * KH * KW + k;
+            let o = u / per_group * FILTER_RUN + k / taps;
+            let i = (o * per_group + u % per_group) * taps + k % taps;
             // Later passes add to the earlier ones' sums.
             dst[i] = total + select(0.0, dst[i], p.first_image > 0u);
         }
@@ -681,7 +687,7 @@ fn depthwise_weight_grad4(
 // and one channel of their group; units over [O / FILTER_RUN][C / GROUPS]), each lane taking
 // QUADS vec4s of outputs along each of OUT_ROWS rows at a time: the run's dy there
 // (FILTER_RUN·OUT_ROWS·QUADS loads) and the channel's input rows they meet (QUADS + 2 each),
-// summed into every tap of every filter of the run; then as `store_tap_sums`, per unit.
+// summed into every tap of every filter of the run; then `store_tap_sums`.
 @compute @workgroup_size(WORKGROUP_SMALL)
 fn grouped_weight_grad4(
     @builtin(workgroup_id) wid: vec3<u32>,
@@ -732,23 +738,5 @@ fn grouped_weight_grad4(
             }
         }
     }
-    for (var k = 0u; k < FILTER_RUN * taps; k++) {
-        tap_partials[k * WORKGROUP_SMALL + lane] = sums[k];
-    }
-    workgroupBarrier();
-    for (var q = lane; q < CHANNELS_PER_GROUP * FILTER_RUN * taps; q += WORKGROUP_SMALL) {
-        let slot = q / (FILTER_RUN * taps);
-        let k = q % (FILTER_RUN * taps);
-        let u = first_unit + slot;
-        if u < units {
-            var total = 0.0;
-            for (var l = 0u; l < CHANNEL_LANES; l++) {
-                total += tap_partials[k * WORKGROUP_SMALL + slot * CHANNEL_LANES + l];
-            }
-            let o = u / per_group * FILTER_RUN + k / taps;
-            let i = (o * per_group + u % per_group) * taps + k % taps;
-            // Later passes add to the earlier ones' sums.
-            dst[i] = total + select(0.0, dst[i], p.first_image > 0u);
-        }
-    }
+    store_tap_sums(sums, lane, first_unit);
 }
