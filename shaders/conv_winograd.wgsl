@@ -71,6 +71,8 @@ struct Params {
 @group(0) @binding(3) var<storage, read> bias: array<f32>;
 @group(0) @binding(4) var<storage, read> residual: array<f32>;
 @group(0) @binding(7) var<storage, read> residual4: array<vec4<f32>>;
+// src as vec4s, for the entries that read whole vec4s of it (`…_rows4`, `output_blocks4`).
+@group(0) @binding(5) var<storage, read> src4: array<vec4<f32>>;
 
 // The one-dimensional transforms, each applied to a tile's columns and then to its rows.
 
@@ -270,17 +272,53 @@ fn input_tile(image: u32, c: u32, tile: u32) -> Square {
     return input_transform(d);
 }
 
+// The (T + TILE)² inputs of a 2×2 block of tiles (BLOCKS), zero in the padding.
+alias Region = array<array<f32, 10>, 10>;
+
 // V for the 2×2 block of tiles from `tile` on (BLOCKS): their (T + TILE)² inputs are loaded
 // once, where tile by tile the 4·T² loads would read the overlaps twice or four times
 // (F(4×4, 3×3): 100 loads for 144, F(2×2, 3×3): 36 for 64).
 fn input_block(image: u32, c: u32, tile: u32) -> array<Square, 4> {
     let origin = input_origin(image, c, tile);
-    var region: array<array<f32, 10>, 10>;
+    var region: Region;
     for (var i = 0u; i < side() + TILE; i++) {
         for (var j = 0u; j < side() + TILE; j++) {
             region[i][j] = input_value(origin, i, j);
         }
     }
+    return region_transforms(region);
+}
+
+// `input_block` reading the region's rows as vec4s from src4 (W a multiple of 4): a block
+// begins at a multiple of 2·TILE (4 or 8) less PAD_LEFT, so every block's first column lies
+// the same SHIFT past a vec4's start, and a row of the region is 3 or 4 vec4 loads instead of
+// 6 or 10 scalar ones (vec4s past the plane's edges are padding: zeros).
+fn input_block_rows4(image: u32, c: u32, tile: u32) -> array<Square, 4> {
+    let origin = input_origin(image, c, tile);
+    let shift = (4u - PAD_LEFT % 4u) % 4u;
+    let first4 = (origin.x - i32(shift)) / 4;
+    let span = side() + TILE;
+    var region: Region;
+    for (var i = 0u; i < span; i++) {
+        let y = origin.y + i32(i);
+        var row = array<vec4<f32>, 4>();
+        if y >= 0 && y < i32(H) {
+            for (var v = 0u; v < (shift + span + 3u) / 4u; v++) {
+                let x4 = first4 + i32(v);
+                if x4 >= 0 && x4 < i32(W / 4u) {
+                    row[v] = src4[(origin.plane + u32(y) * W) / 4u + u32(x4)];
+                }
+            }
+        }
+        for (var j = 0u; j < span; j++) {
+            region[i][j] = row[(shift + j) / 4u][(shift + j) % 4u];
+        }
+    }
+    return region_transforms(region);
+}
+
+// V for each of a region's four tiles.
+fn region_transforms(region: Region) -> array<Square, 4> {
     var v: array<Square, 4>;
     for (var k = 0u; k < 4u; k++) {
         var d: Square;
@@ -357,12 +395,26 @@ fn input4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups
             v[k] = input_tile(q.image, q.plane, q.tile + k);
         }
     }
-    let tiles = tiles_h() * tiles_w();
-    let columns4 = p.images * tiles / 4u;
-    store_points4(v, C * columns4, q.plane * columns4 + (q.image * tiles + q.tile) / 4u);
+    store_quad_points(q, C, v);
 }
 
-// Four tiles' points, point (i, j) as one vec4 at (i·T + j)·stride4 + at4 of dst4.
+// `input4` over a 2×2 block (BLOCKS) whose input rows are whole vec4s (W % 4 == 0): src4 is x.
+@compute @workgroup_size(WORKGROUP)
+fn input_rows4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let index = invocation_index(gid, nwg);
+    if index >= p.total { return; }
+    let q = quad_at(index, C);
+    store_quad_points(q, C, input_block_rows4(q.image, q.plane, q.tile));
+}
+
+// The points of quad q's four tiles (of `planes` planes) into dst4: V or dM laid out
+// [T²][planes][images·tiles].
+fn store_quad_points(q: Quad, planes: u32, points: array<Square, 4>) {
+    let tiles = tiles_h() * tiles_w();
+    let columns4 = p.images * tiles / 4u;
+    store_points4(points, planes * columns4, q.plane * columns4 + (q.image * tiles + q.tile) / 4u);
+}
+
 fn store_points4(points: array<Square, 4>, stride4: u32, at4: u32) {
     for (var i = 0u; i < side(); i++) {
         for (var j = 0u; j < side(); j++) {
@@ -437,7 +489,6 @@ fn output_rows4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_work
 // straight into the outputs (Aᵀ's entries are 0 and ±1), with a vec4 over the four tiles per
 // output of a tile, so that few values stay live; each row of the block's 4×4 outputs is one
 // vec4 store (dst4 is y), rows past the output's last not stored.
-@group(0) @binding(5) var<storage, read> src4: array<vec4<f32>>;
 
 // Column r of A for F(2×2, 3×3), per point row (or column) i: what m's row i adds to output
 // row r (`output_line`).
@@ -505,11 +556,41 @@ fn output_grad4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_work
     for (var k = 0u; k < 4u; k++) {
         points[k] = output_grad_points(output_block(first + k));
     }
-    let block = output_block(first);
-    store_points4(points, block.stride / 4u, block.at / 4u);
+    store_quad_points(q, O, points);
 }
 
-// A g Aᵀ for one block's g (dy, zero past the output's edge): the block's T² points of dM.
+// `output_grad4` over a 2×2 block (BLOCKS) whose rows of dy are whole vec4s (OW % 4 == 0):
+// src4 is dy, read as the block's 2·TILE rows of 1 or 2 vec4s (rows past OH are zeros).
+@compute @workgroup_size(WORKGROUP)
+fn output_grad_rows4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let index = invocation_index(gid, nwg);
+    if index >= p.total { return; }
+    let q = quad_at(index, O);
+    let block = output_block((q.image * O + q.plane) * tiles_h() * tiles_w() + q.tile);
+    var rows: array<array<vec4<f32>, 2>, 8>;
+    for (var i = 0u; i < 2u * TILE; i++) {
+        for (var v = 0u; v < TILE / 2u; v++) {
+            let x = block.ox + v * 4u;
+            if block.oy + i < OH && x < OW {
+                rows[i][v] = src4[(block.plane + (block.oy + i) * OW + x) / 4u];
+            }
+        }
+    }
+    var points: array<Square, 4>;
+    for (var k = 0u; k < 4u; k++) {
+        var g: Square;
+        for (var i = 0u; i < TILE; i++) {
+            for (var j = 0u; j < TILE; j++) {
+                let x = j + k % 2u * TILE;
+                g[i][j] = rows[i + k / 2u * TILE][x / 4u][x % 4u];
+            }
+        }
+        points[k] = output_grad_transform(g);
+    }
+    store_quad_points(q, O, points);
+}
+
+// The T² points of dM for one block of dy (zero past the output's edge).
 fn output_grad_points(block: Block) -> Square {
     var g: Square;
     for (var i = 0u; i < TILE; i++) {
@@ -521,6 +602,11 @@ fn output_grad_points(block: Block) -> Square {
             g[i][j] = v;
         }
     }
+    return output_grad_transform(g);
+}
+
+// A g Aᵀ: a block's TILE×TILE g to its T² points of dM.
+fn output_grad_transform(g: Square) -> Square {
     // A g: T×TILE, column by column.
     var ag: Square;
     for (var j = 0u; j < TILE; j++) {

@@ -1088,7 +1088,8 @@ fn winograd_convolutions_match_the_cpu() {
             winograd,
         ),
         // 4×6 tiles in 2×2 blocks over rows of whole vec4s, the last row of blocks half past
-        // the output (7 rows): forward and dx store rows of vec4s.
+        // the output (7 rows): forward and dx store rows of vec4s, the input and dy
+        // transforms read them (`…_rows4`), the input's a vec4 past each side.
         (
             2,
             17,
@@ -1098,6 +1099,17 @@ fn winograd_convolutions_match_the_cpu() {
             Padding::Explicit(1, 1),
             Activation::Relu,
             winograd,
+        ),
+        // Padded by 3: the blocks' inputs begin 1 past a vec4's start (by 1: 3 past).
+        (
+            1,
+            17,
+            8,
+            8,
+            20,
+            Padding::Explicit(3, 3),
+            Activation::None,
+            im2col,
         ),
     ];
     for gpu in gpus {
@@ -1151,12 +1163,16 @@ fn winograd_4x4_convolutions_match_the_cpu() {
         (4, 9, 10, 10, 5, Padding::Explicit(1, 1), Activation::Relu),
         // Rows of whole vec4s (`output_rows4`), the last block row cut at 10 rows.
         (2, 6, 10, 12, 5, Padding::Explicit(1, 1), Activation::Relu),
-        // 4×2 tiles: numbered in 2×2 blocks, `input4` loading each block's inputs once.
+        // 4×2 tiles: numbered in 2×2 blocks, the input and dy transforms reading rows of
+        // whole vec4s (`…_rows4`), the inputs' blocks beginning 3 past a vec4's start.
         (3, 8, 16, 8, 7, Padding::Explicit(1, 1), Activation::None),
-        // Blocks of tiles at paddings 0 and 2 (and dx of a layer padded by 0, by 2).
+        // Blocks of tiles at paddings 0 and 2 (and dx of a layer padded by 0, by 2): rows of
+        // vec4s read from their start and 2 past it.
         (2, 6, 16, 16, 5, Padding::Explicit(0, 0), Activation::Relu),
         (1, 5, 12, 12, 6, Padding::Explicit(2, 2), Activation::None),
         (1, 4, 14, 14, 3, Padding::Explicit(0, 0), Activation::None),
+        // Padded by 3: rows of vec4s read from 1 past their start.
+        (2, 4, 12, 12, 5, Padding::Explicit(3, 3), Activation::None),
     ];
     for gpu in gpus {
         for (i, (n, c, h, w, o, padding, activation)) in cases.into_iter().enumerate() {
@@ -1172,7 +1188,12 @@ fn winograd_4x4_convolutions_match_the_cpu() {
             let plan = spec.plan(gpu, &shape).unwrap();
             assert_eq!(plan.forward, ConvKernel::Winograd4, "case {i}");
             // Padded by 3, dx is no Winograd's.
-            assert_eq!(plan.input_grad == ConvKernel::Winograd4, i != 4, "case {i}");
+            let padded_by_3 = padding == Padding::Explicit(3, 3);
+            assert_eq!(
+                plan.input_grad == ConvKernel::Winograd4,
+                !padded_by_3,
+                "case {i}"
+            );
             matches_the_cpu(gpu, spec, (&x, &weight, &bias), seed, &format!("case {i}"));
         }
     }

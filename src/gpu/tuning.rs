@@ -85,8 +85,9 @@ pub struct TuningReport {
 /// output transform takes 2×2 blocks of tiles; 13: bias sums walk runs of neighbouring terms
 /// (the Winograd and im2col weight gradients' bias sums about twice as fast on lavapipe);
 /// 14: grouped layers with several channels a group take row blocks, their dx paired with
-/// the matmul dW, and wide groups Winograd.
-const KERNELS_REVISION: u32 = 14;
+/// the matmul dW, and wide groups Winograd; 15: Winograd's input and output-gradient
+/// transforms read rows of vec4s.
+const KERNELS_REVISION: u32 = 15;
 
 const HEADER: &str = "# wgcnn kernel tuning v1: adapter\tkey\tchosen\tcandidate=seconds;…";
 

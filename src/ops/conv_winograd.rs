@@ -95,6 +95,14 @@ impl Problem {
         rows.is_multiple_of(2) && columns.is_multiple_of(2)
     }
 
+    /// Whether a 2×2 block of tiles may read its rows of `width` values as whole vec4s (the
+    /// `…_rows4` entries). On lavapipe, N8 64→64 56²: F(4×4)'s input transforms 4.85–5.1 →
+    /// 4.3–4.7 ms, F(2×2)'s dy transform 3.4–3.5 → 2.9–3.0 (its input's unchanged, 4.2);
+    /// ResNet-20's step: the input transforms 25.4 → 21.4 ms, the dy ones 7.7 → 6.9.
+    fn rows4(&self, width: usize) -> bool {
+        self.blocks() && width.is_multiple_of(4)
+    }
+
     /// Tiles down and across an image.
     fn tile_counts(&self) -> (usize, usize) {
         (self.oh.div_ceil(self.tile), self.ow.div_ceil(self.tile))
@@ -220,9 +228,17 @@ pub(crate) fn weight_grad(
     for (first, count) in image_chunks(shape.n, 2 * problem.image_bytes(), chunk_limit(gpu)) {
         let images = (first, count);
         let v = Tensor::uninit(gpu, &[points, c, count * tiles])?;
-        by_tiles(&dispatch, ("input", x), &v, (c, tiles), images)?;
+        let rows4 = problem.rows4(problem.w);
+        by_tiles(&dispatch, ("input", x, rows4), &v, (c, tiles), images)?;
         let dm = Tensor::uninit(gpu, &[points, o, count * tiles])?;
-        by_tiles(&dispatch, ("output_grad", dy), &dm, (o, tiles), images)?;
+        let rows4 = problem.rows4(problem.ow);
+        by_tiles(
+            &dispatch,
+            ("output_grad", dy, rows4),
+            &dm,
+            (o, tiles),
+            images,
+        )?;
         let du = Tensor::uninit(gpu, &[points, o, problem.group_c()])?;
         let columns = count * tiles;
         nt.run(
@@ -351,7 +367,8 @@ fn run_transformed(
     for (first, count) in image_chunks(n, problem.image_bytes(), chunk_limit(gpu)) {
         let images = (first, count);
         let v = Tensor::uninit(gpu, &[points, c, count * tiles])?;
-        by_tiles(&dispatch, ("input", x), &v, (c, tiles), images)?;
+        let rows4 = problem.rows4(problem.w);
+        by_tiles(&dispatch, ("input", x, rows4), &v, (c, tiles), images)?;
         let m = Tensor::uninit(gpu, &[points, o, count * tiles])?;
         let columns = count * tiles;
         Matmul::default().run(
@@ -389,16 +406,20 @@ fn run_transformed(
 /// to `points`: as the `…4` twin, 4 tiles an invocation and the points stored as vec4s, where
 /// an image's tiles come in fours; else one tile an invocation. On lavapipe ResNet-20's input
 /// transforms took 19-20 ms a step instead of 42-44; the output transform read so, and quads
-/// across images, were slower (benches/README.md).
+/// across images, were slower (benches/README.md). With `rows4` (see `Problem::rows4`) the
+/// `…_rows4` twin reads the source's rows as vec4s.
 fn by_tiles(
     dispatch: &impl Fn(&str, &[(u32, Binding<'_>)], usize, (usize, usize)) -> Result<()>,
-    (entry, source): (&str, &Tensor),
+    (entry, source, rows4): (&str, &Tensor, bool),
     points: &Tensor,
     (planes, tiles): (usize, usize),
     images: (usize, usize),
 ) -> Result<()> {
     let total = images.1 * planes * tiles;
-    if tiles.is_multiple_of(4) {
+    if rows4 {
+        let bindings = [(5, source.binding_vec4()), (6, points.binding_vec4())];
+        dispatch(&format!("{entry}_rows4"), &bindings, total / 4, images)
+    } else if tiles.is_multiple_of(4) {
         let bindings = [(1, source.binding()), (6, points.binding_vec4())];
         dispatch(&format!("{entry}4"), &bindings, total / 4, images)
     } else {
