@@ -129,21 +129,38 @@ fn output_line(m: Line) -> Line {
     return r;
 }
 
-// The weight gradient's transforms, F(2×2, 3×3) only (TILE = 2): F(4×4, 3×3)'s, whose A
-// reaches 8 on both sides of dy, rounded past PyTorch's tolerance (src/ops/conv_winograd.rs).
+// The weight gradient's transforms: the adjoints of the forward ones (dW = Gᵀ dU G with
+// dU = Σ_t (A dy_t Aᵀ) ⊙ V_t). For m = 4, A reaches 8 on both sides of dy, so dU's sums run
+// about 64 times larger than the gradient they cancel down to (src/ops/conv_winograd.rs).
 
-// A g: 2 output gradients to a transformed line (the adjoint of `output_line`).
+// A g: TILE output gradients to a transformed line (the adjoint of `output_line`).
 fn output_grad_line(g: Line) -> Line {
     var r: Line;
-    r[0] = g[0];
-    r[1] = g[0] + g[1];
-    r[2] = g[0] - g[1];
-    r[3] = -g[1];
+    if TILE == 4u {
+        r[0] = g[0];
+        r[1] = g[0] + g[1] + g[2] + g[3];
+        r[2] = g[0] - g[1] + g[2] - g[3];
+        r[3] = g[0] + 2.0 * g[1] + 4.0 * g[2] + 8.0 * g[3];
+        r[4] = g[0] - 2.0 * g[1] + 4.0 * g[2] - 8.0 * g[3];
+        r[5] = g[3];
+    } else {
+        r[0] = g[0];
+        r[1] = g[0] + g[1];
+        r[2] = g[0] - g[1];
+        r[3] = -g[1];
+    }
     return r;
 }
 
 // Gᵀ u: a transformed line back to 3 taps (the adjoint of `filter_line`).
 fn filter_grad_line(u: Line) -> array<f32, 3> {
+    if TILE == 4u {
+        return array<f32, 3>(
+            0.25 * u[0] - (u[1] + u[2]) / 6.0 + (u[3] + u[4]) / 24.0,
+            (u[2] - u[1]) / 6.0 + (u[3] - u[4]) / 12.0,
+            (u[3] + u[4] - u[1] - u[2]) / 6.0 + u[5],
+        );
+    }
     return array<f32, 3>(
         u[0] + 0.5 * (u[1] + u[2]),
         0.5 * (u[1] - u[2]),
@@ -527,7 +544,7 @@ fn output_blocks4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wo
     }
 }
 
-// The weight gradient (forward problem only, TILE = 2). With dU[ξ][o][c] = Σ_t (A dy_t Aᵀ)[ξ][o] ·
+// The weight gradient (forward problem only). With dU[ξ][o][c] = Σ_t (A dy_t Aᵀ)[ξ][o] ·
 // V_t[ξ][c] (a batched matmul over the tiles t) the gradient of g is Gᵀ dU G:
 //   output_grad:  dM[ξ][o][t] = (A dy_t Aᵀ)[ξ]       one invocation per (image, o, tile)
 //   weights_grad: dW[o][c] = Gᵀ dU[o][c] G          one invocation per (o, c)

@@ -71,7 +71,11 @@ fn the_course_filters_on_the_step_image() {
 
 /// PyTorch's convolutions (strides, dilations, paddings, groups, rectangular kernels) on
 /// the CPU and on the GPU: the fixed order's kernels, and every family forced where it runs
-/// (both Winograds, implicit GEMM, im2col, direct, pointwise, grouped direct).
+/// (both Winograds, implicit GEMM, im2col, direct, pointwise, grouped direct), all within
+/// rtol 1e-4 and atol 1e-5 but F(4×4, 3×3)'s weight gradient: its sums of `dU` run up to
+/// |A|²·|B|² larger than the gradient they cancel down to, so its rounding, as Winograd's
+/// error bounds say, scales with the gradient's largest element rather than with each one
+/// (measured here: up to 5.3e-7 of it past rtol); it gets atol 1e-5 + 1e-6 · max |dW|.
 #[test]
 fn pytorch_goldens_forward_and_backward_on_gpu_and_cpu() {
     if gpu().is_none() {
@@ -134,12 +138,17 @@ fn pytorch_goldens_forward_and_backward_on_gpu_and_cpu() {
                 ("dw", &g.weight, &gw),
                 ("db", &g.bias, &gb),
             ] {
+                let atol = if what == "dw" && plan.weight_grad == ConvKernel::Winograd4 {
+                    1e-5 + 1e-6 * want.iter().fold(0f32, |m, v| m.max(v.abs()))
+                } else {
+                    1e-5
+                };
                 assert_close(
                     &format!("{name} {what}"),
                     &got.to_array().unwrap(),
                     want,
                     1e-4,
-                    1e-5,
+                    atol,
                 );
             }
         }
@@ -1130,15 +1139,15 @@ fn winograd_convolutions_match_the_cpu() {
     }
 }
 
-/// Winograd F(4×4, 3×3), forced, on contexts forced to each operand-read family: forward and
-/// dx (dW takes another family) against the CPU with poisoned outputs, on outputs of sizes
-/// that leave partial 4×4 blocks (1 to 3 rows or columns past the last whole one), paddings
-/// 0–2 and 3 (dx then takes another family too), a fused bias and activation, up to 64
-/// channels. Its transforms (entries from 1/24 to 8) round about ten times more than
-/// F(2×2, 3×3)'s and still meet the direct kernels' tolerance: measured, the worst error was
-/// 16 % of it (64 channels, forward), F(2×2, 3×3)'s 1.6 %; against PyTorch's goldens
+/// Winograd F(4×4, 3×3), forced, on contexts forced to each operand-read family: forward, dx
+/// and dW against the CPU with poisoned outputs, on outputs of sizes that leave partial 4×4
+/// blocks (1 to 3 rows or columns past the last whole one), paddings 0–2 and 3 (dx then
+/// takes another family), a fused bias and activation, up to 64 channels. Its transforms
+/// (entries from 1/24 to 8) round about ten times more than F(2×2, 3×3)'s and still meet the
+/// direct kernels' tolerance: measured, the worst error was 16 % of it forward and 11 % for
+/// dW (64 channels), F(2×2, 3×3)'s 1.6 %; against PyTorch's goldens
 /// (`pytorch_goldens_forward_and_backward_on_gpu_and_cpu`) forward 24 % and dx 59 % of
-/// their tolerance.
+/// their tolerance, dW within its own (see there).
 #[test]
 fn winograd_4x4_convolutions_match_the_cpu() {
     let Some(gpus) = read_family_gpus() else {
@@ -1187,6 +1196,7 @@ fn winograd_4x4_convolutions_match_the_cpu() {
             let shape = spec.shape(x.shape(), weight.shape(), None).unwrap();
             let plan = spec.plan(gpu, &shape).unwrap();
             assert_eq!(plan.forward, ConvKernel::Winograd4, "case {i}");
+            assert_eq!(plan.weight_grad, ConvKernel::Winograd4, "case {i}");
             // Padded by 3, dx is no Winograd's.
             let padded_by_3 = padding == Padding::Explicit(3, 3);
             assert_eq!(
@@ -1201,7 +1211,7 @@ fn winograd_4x4_convolutions_match_the_cpu() {
 
 /// Grouped 3×3 layers with at least 8 channels and filters a group run Winograd, forced,
 /// F(2×2) and F(4×4), with one point product per (point, group): forward, dx (the rotated
-/// filters read across the groups) and dW (F(2×2)) against the CPU with poisoned outputs, on
+/// filters read across the groups) and dW against the CPU with poisoned outputs, on
 /// contexts forced to each operand-read family; groups of unequal channels and filters, three
 /// groups, odd sizes, paddings 0–2, a fused bias and activation. Groups of fewer channels
 /// take no Winograd.
@@ -1234,7 +1244,7 @@ fn grouped_winograd_matches_the_cpu() {
                 let label = format!("{kernel:?} case {i}");
                 assert_eq!(plan.forward, kernel, "{label}");
                 assert_eq!(plan.input_grad, kernel, "{label}");
-                assert_eq!(plan.weight_grad, ConvKernel::Winograd, "{label}");
+                assert_eq!(plan.weight_grad, kernel, "{label}");
                 matches_the_cpu(gpu, spec, (&x, &weight, &bias), seed, &label);
             }
         }

@@ -678,11 +678,11 @@ impl Conv2d {
         let dz = dz.as_ref().unwrap_or(dy);
         if matches!(
             plan.weight_grad,
-            ConvKernel::Winograd | ConvKernel::ImplicitGemm
+            ConvKernel::Winograd | ConvKernel::Winograd4 | ConvKernel::ImplicitGemm
         ) {
             let dweight = Tensor::uninit(&gpu, weight.shape())?;
-            if plan.weight_grad == ConvKernel::Winograd {
-                conv_winograd::weight_grad(self, &shape, (x, dz), &dweight)?;
+            if let Some(tile) = plan.weight_grad.winograd_tile() {
+                conv_winograd::weight_grad(self, &shape, (x, dz), &dweight, tile)?;
             } else {
                 conv_implicit::weight_grad(self, &shape, (x, dz), &dweight, KernelChoice::Auto)?;
             }

@@ -96,9 +96,9 @@ pub enum ConvKernel {
     /// 3×3 at stride 1 as Winograd F(2×2, 3×3): transformed tiles and 16 batched matmuls
     /// (conv_winograd.rs), in chunks of images.
     Winograd,
-    /// 3×3 at stride 1 as Winograd F(4×4, 3×3), forward and input gradient: 36 batched
-    /// matmuls, 4× fewer multiplies than direct summation, and rounding errors about ten
-    /// times F(2×2, 3×3)'s.
+    /// 3×3 at stride 1 as Winograd F(4×4, 3×3): 36 batched matmuls, 4× fewer multiplies
+    /// than direct summation, and rounding errors about ten times F(2×2, 3×3)'s (its weight
+    /// gradient's several times more: conv_winograd.rs).
     Winograd4,
     /// im2col (col2im for the input gradient) and batched matmuls, in chunks of images.
     Im2colMatmul,
@@ -408,11 +408,14 @@ impl Conv2d {
                 let at = if short { pairs.len() } else { 0 };
                 pairs.insert(at, pair(GroupedDirect, Im2colMatmul));
             }
-            // Wide groups' 3×3 layers: Winograd's dW (F(2×2)) with its dx, timed.
-            if conv_winograd::eligible(gpu, self, shape, 2) {
+            // Wide groups' 3×3 layers: Winograd's dW with its dx, timed.
+            for (dw, tile) in [(Winograd, 2), (Winograd4, 4)] {
+                if !conv_winograd::eligible(gpu, self, shape, tile) {
+                    continue;
+                }
                 for (dx, tile) in [(Winograd, 2), (Winograd4, 4)] {
                     if !input_grad || conv_winograd::eligible_backward(gpu, self, shape, tile) {
-                        pairs.push(pair(dx, Winograd));
+                        pairs.push(pair(dx, dw));
                     }
                     if !input_grad {
                         break;
@@ -430,6 +433,7 @@ impl Conv2d {
             (Direct, direct_dw && dw_leads),
             (Pointwise, self.pointwise_fits(gpu, shape, true)),
             (Winograd, conv_winograd::eligible(gpu, self, shape, 2)),
+            (Winograd4, conv_winograd::eligible(gpu, self, shape, 4)),
             (Im2colMatmul, true),
             (ImplicitGemm, conv_implicit::eligible(shape)),
             (Direct, direct_dw && !dw_leads),
@@ -463,7 +467,7 @@ impl Conv2d {
             // col2im dx it would pay for the col buffer it saves). The F(4×4, 3×3) dx pairs
             // with the direct and Winograd dW alone: the trials stay few.
             let shares = |dx: ConvKernel| match (weight_grad, dx) {
-                (_, Winograd4) => matches!(weight_grad, Direct | Winograd),
+                (_, Winograd4) => matches!(weight_grad, Direct | Winograd | Winograd4),
                 (_, ImplicitGemm) => true,
                 (ImplicitGemm, _) => !matches!(dx, Im2colMatmul | Pointwise),
                 (Pointwise, _) => dx != Im2colMatmul,
