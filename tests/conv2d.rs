@@ -339,6 +339,13 @@ fn large_batches_run_in_chunks() {
             diff < 1e-4 * dw_scale,
             "{kernel:?} at {side}²: dW off by {diff} (scale {dw_scale})"
         );
+        // Winograd's bias gradient adds up each chunk's sums of its transformed dy.
+        let diff = max_abs_diff(&g.bias.to_array().unwrap(), &cpu.bias);
+        let db_scale = cpu.bias.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+        assert!(
+            diff < 1e-4 * db_scale,
+            "{kernel:?} at {side}²: db off by {diff} (scale {db_scale})"
+        );
     }
 }
 
@@ -599,6 +606,8 @@ fn matches_the_cpu(
     let diff = max_abs_diff(&g.weight.to_array().unwrap(), &cpu.weight);
     let tolerance = 1e-5 * ((shape.n * shape.positions()) as f32).sqrt() * 4.0 + 1e-5;
     assert!(diff <= tolerance, "{label} dw: {diff}");
+    let diff = max_abs_diff(&g.bias.to_array().unwrap(), &cpu.bias);
+    assert!(diff <= tolerance, "{label} db: {diff}");
 }
 
 #[test]

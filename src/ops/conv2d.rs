@@ -668,6 +668,10 @@ impl Conv2d {
                 let (dz, dbias) = activation_backward_and_sum(activation, y, dy, dims)?;
                 (Some(dz), needs.bias.then_some(dbias))
             }
+            // Winograd's weight gradient sums it from its transformed dy (below).
+            None if needs.bias && plan.weight_grad.winograd_tile().is_some() => {
+                (None, Some(Tensor::uninit(&gpu, &[shape.o])?))
+            }
             None if needs.bias => {
                 let dbias = Tensor::uninit(&gpu, &[shape.o])?;
                 sum_axes(&gpu, dy, dims, &dbias, 1.0, false)?;
@@ -682,7 +686,9 @@ impl Conv2d {
         ) {
             let dweight = Tensor::uninit(&gpu, weight.shape())?;
             if let Some(tile) = plan.weight_grad.winograd_tile() {
-                conv_winograd::weight_grad(self, &shape, (x, dz), &dweight, tile)?;
+                let bias_sum = dbias.as_ref().filter(|_| gate.is_none());
+                let grads = (&dweight, bias_sum);
+                conv_winograd::weight_grad(self, &shape, (x, dz), grads, tile)?;
             } else {
                 conv_implicit::weight_grad(self, &shape, (x, dz), &dweight, KernelChoice::Auto)?;
             }

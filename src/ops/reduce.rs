@@ -7,7 +7,7 @@ use super::Activation;
 use crate::error::{Error, Result};
 use crate::gpu::shared::{MAX_LOOP_ITERATIONS, WORKGROUP_SMALL, small_workgroups, terms_per_pass};
 use crate::gpu::{Generated, Gpu};
-use crate::tensor::Tensor;
+use crate::tensor::{Tensor, gpu_word};
 
 /// Mirrors `Params` in shaders/reduce.wgsl.
 #[repr(C)]
@@ -80,6 +80,34 @@ pub(crate) fn sum_axes(
         _pad: [0; 3],
     };
     launch(gpu, dims, params, None, &[(1, x), (2, out)])
+}
+
+/// `out[m] (+)= Σ_i x[slice][m][i]` for `x` viewed as `[slices][mid][inner]`: the sums of one
+/// slice (the bias gradient from one point of Winograd's transformed `dy`).
+pub(crate) fn sum_slice(
+    gpu: &Gpu,
+    x: &Tensor,
+    (slices, mid, inner): (usize, usize, usize),
+    slice: usize,
+    out: &Tensor,
+    accumulate: bool,
+) -> Result<()> {
+    check_dims(x, (slices, mid, inner), out)?;
+    if slice >= slices {
+        return Err(Error::InvalidArgument {
+            op: "sum_axes",
+            detail: format!("slice {slice} of {slices}"),
+        });
+    }
+    let params = ReduceParams {
+        outer: 1,
+        accumulate: u32::from(accumulate),
+        scale: 1.0,
+        slope: 0.0,
+        first_outer: gpu_word("sum_axes", slice)?,
+        _pad: [0; 3],
+    };
+    launch(gpu, (1, mid, inner), params, None, &[(1, x), (2, out)])
 }
 
 /// An activation's backward pass fused with the sum that follows it (a layer's bias
@@ -167,8 +195,8 @@ impl Generated for ReduceKernel {
 }
 
 /// Runs the reduction variant for `dims` and `gate` (see shaders/reduce.wgsl) over the
-/// numbered tensors; binding 2 is the sum, the others are read or written in vec4s where
-/// inner allows.
+/// numbered tensors, the outer slices from `params.first_outer` on; binding 2 is the sum,
+/// the others are read or written in vec4s where inner allows.
 fn launch(
     gpu: &Gpu,
     (outer, mid, inner): (usize, usize, usize),
@@ -244,7 +272,7 @@ fn launch(
     for first in (0..outer).step_by(slices) {
         let pass_params = ReduceParams {
             outer: (slices.min(outer - first)) as u32,
-            first_outer: first as u32,
+            first_outer: params.first_outer + first as u32,
             accumulate: params.accumulate | u32::from(first > 0),
             ..params
         };
@@ -268,6 +296,41 @@ mod tests {
     use super::*;
     use crate::gpu::GpuOptions;
     use crate::test_support::random;
+
+    /// One slice's sums against the CPU: vec4 and f32 terms, the first, a middle and the last
+    /// slice, added to what `out` holds or stored over its poison; a slice past the last is
+    /// an error.
+    #[test]
+    fn sum_slice_sums_one_slice() {
+        let Some(gpu) = crate::test_support::gpu(GpuOptions::from_env().unwrap()) else {
+            return;
+        };
+        for (i, (slices, mid, inner)) in [(5, 7, 9), (36, 6, 392), (3, 4, 100)]
+            .into_iter()
+            .enumerate()
+        {
+            let x = random(&[slices, mid, inner], 40 + i as u64);
+            let tx = Tensor::from_array(&gpu, &x).unwrap();
+            for slice in [0, slices / 2, slices - 1] {
+                let want = x
+                    .index_axis(Axis(0), slice)
+                    .mapv(f64::from)
+                    .sum_axis(Axis(1));
+                let out = Tensor::full(&gpu, &[mid], f32::NAN).unwrap();
+                sum_slice(&gpu, &tx, (slices, mid, inner), slice, &out, false).unwrap();
+                sum_slice(&gpu, &tx, (slices, mid, inner), slice, &out, true).unwrap();
+                let got = out.to_array().unwrap();
+                for (m, (&got, &want)) in got.iter().zip(&want).enumerate() {
+                    assert!(
+                        (f64::from(got) - 2.0 * want).abs() <= 1e-5 * inner as f64,
+                        "{slices}×{mid}×{inner} slice {slice}: sum[{m}] = {got}, want 2 × {want}"
+                    );
+                }
+            }
+            let out = Tensor::uninit(&gpu, &[mid]).unwrap();
+            assert!(sum_slice(&gpu, &tx, (slices, mid, inner), slices, &out, false).is_err());
+        }
+    }
 
     /// The fused activation backward and sum against the CPU reference, for every
     /// activation, on each variant: vec4 or f32 terms, a workgroup or a lane per output.
