@@ -96,7 +96,7 @@ pub(crate) fn sum_slice(
     if slice >= slices {
         return Err(Error::InvalidArgument {
             op: "sum_axes",
-            detail: format!("slice {slice} of {slices}"),
+            detail: format!("slice {slice} is past the last of {slices} slices: pick 0..{slices}"),
         });
     }
     let params = ReduceParams {
