@@ -432,6 +432,7 @@ fn store_quad_points(q: Quad, planes: u32, points: array<Square, 4>) {
     store_points4(points, planes * columns4, q.plane * columns4 + (q.image * tiles + q.tile) / 4u);
 }
 
+// Four tiles' points, point (i, j) as one vec4 at (i·T + j)·stride4 + at4 of dst4.
 fn store_points4(points: array<Square, 4>, stride4: u32, at4: u32) {
     for (var i = 0u; i < side(); i++) {
         for (var j = 0u; j < side(); j++) {

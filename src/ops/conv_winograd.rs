@@ -235,18 +235,18 @@ pub(crate) fn weight_grad(
         ..Matmul::default()
     };
     let mut sum: Option<Tensor> = None;
+    // dM's point (1, 1), the blocks' sums of dy: 1·(m + 2) + 1.
     let sums_point = problem.tile + 3;
+    let (x_rows4, dy_rows4) = (problem.rows4(problem.w), problem.rows4(problem.ow));
     // V and dM live together: each chunk holds half of what the forward pass's may.
     for (first, count) in image_chunks(shape.n, 2 * problem.image_bytes(), chunk_limit(gpu)) {
         let images = (first, count);
         let v = Tensor::uninit(gpu, &[points, c, count * tiles])?;
-        let rows4 = problem.rows4(problem.w);
-        by_tiles(&dispatch, ("input", x, rows4), &v, (c, tiles), images)?;
+        by_tiles(&dispatch, ("input", x, x_rows4), &v, (c, tiles), images)?;
         let dm = Tensor::uninit(gpu, &[points, o, count * tiles])?;
-        let rows4 = problem.rows4(problem.ow);
         by_tiles(
             &dispatch,
-            ("output_grad", dy, rows4),
+            ("output_grad", dy, dy_rows4),
             &dm,
             (o, tiles),
             images,
@@ -380,11 +380,11 @@ fn run_transformed(
     // Without a bias the filters fill the (unread) bias slot.
     let bias_slot = bias.unwrap_or(u);
     let n = x.shape()[0];
+    let x_rows4 = problem.rows4(problem.w);
     for (first, count) in image_chunks(n, problem.image_bytes(), chunk_limit(gpu)) {
         let images = (first, count);
         let v = Tensor::uninit(gpu, &[points, c, count * tiles])?;
-        let rows4 = problem.rows4(problem.w);
-        by_tiles(&dispatch, ("input", x, rows4), &v, (c, tiles), images)?;
+        by_tiles(&dispatch, ("input", x, x_rows4), &v, (c, tiles), images)?;
         let m = Tensor::uninit(gpu, &[points, o, count * tiles])?;
         let columns = count * tiles;
         Matmul::default().run(
