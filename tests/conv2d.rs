@@ -1235,6 +1235,8 @@ fn grouped_winograd_matches_the_cpu() {
         (1, 24, 16, 2, 7, 10, Padding::Explicit(0, 0)),
         (2, 24, 27, 3, 8, 8, Padding::Explicit(2, 2)),
         (1, 16, 32, 2, 14, 14, Padding::Explicit(1, 1)),
+        // Tiles in 2×2 blocks over rows of whole vec4s: x and dy read as vec4 rows.
+        (2, 16, 24, 2, 8, 8, Padding::Explicit(1, 1)),
     ];
     for gpu in &gpus {
         for kernel in [ConvKernel::Winograd, ConvKernel::Winograd4] {
