@@ -21,7 +21,7 @@ use bytemuck::{Pod, Zeroable};
 use super::Activation;
 use super::conv2d::{Conv2d, Conv2dShape, chunk_limit, image_chunks};
 use super::matmul::Matmul;
-use super::reduce::sum_slice;
+use super::reduce::{slice_fits, sum_slice};
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::gpu::dispatch::Binding;
@@ -203,6 +203,15 @@ pub(crate) fn eligible_backward(
     tile: usize,
 ) -> bool {
     fits(gpu, spec, shape, Problem::input_gradient(shape, tile))
+}
+
+/// Whether [`weight_grad`] can sum the bias gradient from dM: every chunk's tiles within
+/// one pass of [`sum_slice`].
+pub(crate) fn sums_bias(gpu: &Gpu, shape: &Conv2dShape, tile: usize) -> bool {
+    let problem = Problem::forward(shape, tile);
+    image_chunks(shape.n, 2 * problem.image_bytes(), chunk_limit(gpu))
+        .into_iter()
+        .all(|(_, count)| slice_fits(gpu, count * problem.tiles()))
 }
 
 /// `dweight` from `x` and the pre-activation `dy`: per chunk of images the input tiles V

@@ -110,6 +110,23 @@ pub(crate) fn sum_slice(
     launch(gpu, (1, mid, inner), params, None, &[(1, x), (2, out)])
 }
 
+/// Whether [`sum_slice`] sums a slice of `inner` terms per output (its passes split the
+/// slices, not a slice's terms).
+pub(crate) fn slice_fits(gpu: &Gpu, inner: usize) -> bool {
+    let inner_elems = if inner.is_multiple_of(4) {
+        inner / 4
+    } else {
+        inner
+    };
+    inner_elems <= slice_budget(lane_run(gpu, inner_elems))
+}
+
+/// The terms of one slice `main` sums per output within the loop bound, its lanes adding
+/// runs of `run` (an iteration per run and one per term).
+fn slice_budget(run: usize) -> usize {
+    terms_per_pass(WORKGROUP_SMALL) * run / (run + 1)
+}
+
 /// An activation's backward pass fused with the sum that follows it (a layer's bias
 /// gradient): `dz = dy · act'(y)` elementwise, and `Σ_a Σ_i dz[a][m][i]` per `m`, in one
 /// kernel that reads `dy` and `y` once. Returns `(dz, sum)`.
@@ -216,7 +233,7 @@ fn launch(
         lane_run(gpu, inner_elems)
     };
     let column_run = if columns { column_run(gpu, mid / 4) } else { 1 };
-    let per_lane_budget = terms_per_pass(WORKGROUP_SMALL) * run / (run + 1);
+    let per_lane_budget = slice_budget(run);
     if inner_elems > per_lane_budget {
         return Err(Error::InvalidArgument {
             op: "sum_axes",
@@ -329,6 +346,19 @@ mod tests {
             }
             let out = Tensor::uninit(&gpu, &[mid]).unwrap();
             assert!(sum_slice(&gpu, &tx, (slices, mid, inner), slices, &out, false).is_err());
+        }
+        // `slice_fits` says where one slice's terms outgrow a pass: odd counts go one term a
+        // run, (16,384 − 6) · 64 / 2 = 524,096 of them.
+        for (inner, fits) in [(524_095, true), (524_097, false)] {
+            assert_eq!(slice_fits(&gpu, inner), fits, "{inner}");
+            let x = Tensor::full(&gpu, &[1, 1, inner], 0.5).unwrap();
+            let out = Tensor::uninit(&gpu, &[1]).unwrap();
+            let summed = sum_slice(&gpu, &x, (1, 1, inner), 0, &out, false);
+            assert_eq!(summed.is_ok(), fits, "{inner}");
+            if fits {
+                let got = f64::from(out.to_array().unwrap()[0]);
+                assert!((got - 0.5 * inner as f64).abs() < 1.0, "{inner}: {got}");
+            }
         }
     }
 
