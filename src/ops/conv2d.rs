@@ -662,10 +662,6 @@ impl Conv2d {
                 self.input_and_weight_gradients(x, weight, dz, (&shape, plan), input_grad, false)?;
             return Ok((dx, dweight, needs.bias.then_some(dbias)));
         }
-        let winograd_sums_bias = plan
-            .weight_grad
-            .winograd_tile()
-            .is_some_and(|tile| conv_winograd::sums_bias(&gpu, &shape, tile));
         // Elsewhere the activation's backward pass comes first, fused with the bias sum.
         let (dz, dbias) = match gate {
             Some((activation, y)) => {
@@ -673,7 +669,7 @@ impl Conv2d {
                 (Some(dz), needs.bias.then_some(dbias))
             }
             // Winograd's weight gradient sums it from its transformed dy (below).
-            None if needs.bias && winograd_sums_bias => {
+            None if needs.bias && plan.weight_grad.winograd_tile().is_some() => {
                 (None, Some(Tensor::uninit(&gpu, &[shape.o])?))
             }
             None if needs.bias => {
@@ -690,9 +686,7 @@ impl Conv2d {
         ) {
             let dweight = Tensor::uninit(&gpu, weight.shape())?;
             if let Some(tile) = plan.weight_grad.winograd_tile() {
-                let bias_sum = dbias
-                    .as_ref()
-                    .filter(|_| winograd_sums_bias && gate.is_none());
+                let bias_sum = dbias.as_ref().filter(|_| gate.is_none());
                 let grads = (&dweight, bias_sum);
                 conv_winograd::weight_grad(self, &shape, (x, dz), grads, tile)?;
             } else {

@@ -21,7 +21,7 @@ use bytemuck::{Pod, Zeroable};
 use super::Activation;
 use super::conv2d::{Conv2d, Conv2dShape, chunk_limit, image_chunks};
 use super::matmul::Matmul;
-use super::reduce::{slice_fits, sum_slice};
+use super::reduce::{slice_fits, sum_axes, sum_slice};
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::gpu::dispatch::Binding;
@@ -205,22 +205,14 @@ pub(crate) fn eligible_backward(
     fits(gpu, spec, shape, Problem::input_gradient(shape, tile))
 }
 
-/// Whether [`weight_grad`] can sum the bias gradient from dM: every chunk's tiles within
-/// one pass of [`sum_slice`].
-pub(crate) fn sums_bias(gpu: &Gpu, shape: &Conv2dShape, tile: usize) -> bool {
-    let problem = Problem::forward(shape, tile);
-    image_chunks(shape.n, 2 * problem.image_bytes(), chunk_limit(gpu))
-        .into_iter()
-        .all(|(_, count)| slice_fits(gpu, count * problem.tiles()))
-}
-
 /// `dweight` from `x` and the pre-activation `dy`: per chunk of images the input tiles V
 /// and `dM = A dy Aᵀ` per m×m block of `dy`, `dU[ξ] = Σ_t dM[ξ]·V[ξ]ᵀ` as one batched matmul
 /// over the tiles (chunks added up), then `dW = Gᵀ dU G`. With `dbias`, the bias gradient
 /// too: A's row 1 is all ones for both tiles, so dM's point (1, 1) holds each block's sum
 /// of `dy`, and dbias sums that point over the tiles, m² times fewer terms than `dy` (N8
 /// 64→64 56² on lavapipe: the sum 1.2–1.4 → 0.18–0.19 ms, but the dy transform, now the
-/// first to read dy, 3.5–4.1 → 4.1–4.2: about 0.5 ms in all).
+/// first to read dy, 3.5–4.1 → 4.1–4.2: about 0.5 ms in all). Where a chunk's tiles would
+/// outgrow one pass of [`sum_slice`], dbias sums `dy` itself.
 pub(crate) fn weight_grad(
     spec: &Conv2d,
     shape: &Conv2dShape,
@@ -248,7 +240,16 @@ pub(crate) fn weight_grad(
     let sums_point = problem.tile + 3;
     let (x_rows4, dy_rows4) = (problem.rows4(problem.w), problem.rows4(problem.ow));
     // V and dM live together: each chunk holds half of what the forward pass's may.
-    for (first, count) in image_chunks(shape.n, 2 * problem.image_bytes(), chunk_limit(gpu)) {
+    let chunks = image_chunks(shape.n, 2 * problem.image_bytes(), chunk_limit(gpu));
+    let dbias = match dbias {
+        Some(dbias) if chunks.iter().any(|&(_, n)| !slice_fits(gpu, n * tiles)) => {
+            let dims = (shape.n, o, shape.oh * shape.ow);
+            sum_axes(gpu, dy, dims, dbias, 1.0, false)?;
+            None
+        }
+        dbias => dbias,
+    };
+    for (first, count) in chunks {
         let images = (first, count);
         let v = Tensor::uninit(gpu, &[points, c, count * tiles])?;
         by_tiles(&dispatch, ("input", x, x_rows4), &v, (c, tiles), images)?;
