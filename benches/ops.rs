@@ -54,8 +54,9 @@ fn conv(c: &mut Criterion, gpu: &Gpu) {
         });
         group.bench_function(BenchmarkId::new("gpu_fwd_bwd", &label), |bench| {
             bench.iter(|| {
-                spec.forward(&tx, &tw, Some(&tb)).expect("conv");
-                spec.backward(&tx, &tw, &tdy).expect("conv backward");
+                let (_, saved) = spec.forward_saving(&tx, &tw, Some(&tb)).expect("conv");
+                spec.backward_saved(&tx, &tw, &tdy, saved.as_ref())
+                    .expect("conv backward");
                 gpu.synchronize().expect("sync");
             })
         });

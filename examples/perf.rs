@@ -139,8 +139,9 @@ fn conv_cases(
             kernel: plan.label(),
             flops: 3.0 * shape.flops(),
             gpu: Box::new(move || {
-                spec.forward(&t2.0, &t2.1, Some(&t2.2))?;
-                spec.backward(&t2.0, &t2.1, &t2.3).map(drop)
+                let (_, saved) = spec.forward_saving(&t2.0, &t2.1, Some(&t2.2))?;
+                spec.backward_saved(&t2.0, &t2.1, &t2.3, saved.as_ref())
+                    .map(drop)
             }),
             cpu: Box::new(move || {
                 wgcnn::cpu::conv2d(&spec, &a2.0.view(), &a2.1.view(), Some(&a2.2.view()))?;

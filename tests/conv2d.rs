@@ -1218,6 +1218,111 @@ fn winograd_4x4_convolutions_match_the_cpu() {
     }
 }
 
+/// A training step's Winograd layer keeps its input tiles V for the weight gradient
+/// (`forward_saving`, `backward_saved`), F(2×2) and F(4×4), one group and two, with a fused
+/// activation, on contexts forced to each operand-read family: the tiles are
+/// `[points, C, N·tiles]`; the gradients with them equal those without, bit for bit, and
+/// the CPU's (poisoned outputs); the weight gradient reads them (another input's tiles give
+/// that input's dW, dx and db unchanged); a tensor of another shape is an error; a layer
+/// that runs no Winograd forward keeps nothing.
+#[test]
+fn winograd_weight_gradients_take_the_forward_passes_tiles() {
+    let Some(gpus) = read_family_gpus() else {
+        return;
+    };
+    // (n, c, o, groups, h, w)
+    let cases = [
+        (2, 6, 5, 1, 9, 11),
+        (3, 8, 7, 1, 8, 8),
+        (2, 16, 16, 2, 10, 12),
+    ];
+    for gpu in &gpus {
+        let up = |a: &ArrayD<f32>| Tensor::from_array(gpu, a).unwrap();
+        let poison = |shape: &[usize]| drop(Tensor::full(gpu, shape, f32::NAN).unwrap());
+        for (kernel, tile) in [(ConvKernel::Winograd, 2), (ConvKernel::Winograd4, 4)] {
+            for (i, (n, c, o, groups, h, w)) in cases.into_iter().enumerate() {
+                let label = format!("{kernel:?} case {i}");
+                let spec = Conv2d {
+                    padding: Padding::Explicit(1, 1),
+                    groups,
+                    activation: Activation::Relu,
+                    kernel: Some(kernel),
+                    ..Conv2d::default()
+                };
+                let seed = 1700 + 8 * i as u64;
+                let (x, weight, bias) = layer_tensors([n, c, h, w], [o, c / groups, 3, 3], seed);
+                let other_x = random(&[n, c, h, w], seed + 5);
+                let (tx, tw, tb) = (up(&x), up(&weight), up(&bias));
+                let shape = spec.shape(x.shape(), weight.shape(), None).unwrap();
+                poison(&shape.output());
+                let (y, saved) = spec.forward_saving(&tx, &tw, Some(&tb)).unwrap();
+                let want = wgcnn::cpu::conv2d(&spec, &x.view(), &weight.view(), Some(&bias.view()))
+                    .unwrap();
+                let diff = max_abs_diff(&y.to_array().unwrap(), &want);
+                assert!(diff <= 1e-4, "{label} forward: {diff}");
+                let saved = saved.unwrap_or_else(|| panic!("{label}: no tiles kept"));
+                let tiles = h.div_ceil(tile) * w.div_ceil(tile);
+                let points = (tile + 2) * (tile + 2);
+                assert_eq!(saved.shape(), [points, c, n * tiles], "{label}");
+
+                let dy = random(&shape.output(), seed + 3);
+                let tdy = up(&dy);
+                let linear = Conv2d {
+                    activation: Activation::None,
+                    ..spec
+                };
+                poison(x.shape());
+                let with = linear.backward_saved(&tx, &tw, &tdy, Some(&saved)).unwrap();
+                let without = linear.backward(&tx, &tw, &tdy).unwrap();
+                let arrays = |g: &wgcnn::ops::Conv2dGrads<Tensor>| {
+                    [&g.x, &g.weight, &g.bias].map(|t| t.to_array().unwrap())
+                };
+                let (with, without) = (arrays(&with), arrays(&without));
+                assert_eq!(with, without, "{label}: the kept tiles changed a gradient");
+                let cpu =
+                    wgcnn::cpu::conv2d_backward(&linear, &x.view(), &weight.view(), &dy.view())
+                        .unwrap();
+                for (got, want, name) in [(&with[0], &cpu.x, "dx"), (&with[1], &cpu.weight, "dW")] {
+                    let diff = max_abs_diff(got, want);
+                    assert!(diff <= 1e-4, "{label} {name}: {diff}");
+                }
+
+                // Another input's tiles: that input's weight gradient, dx and db as before.
+                let (_, other_saved) = spec.forward_saving(&up(&other_x), &tw, Some(&tb)).unwrap();
+                let other_saved = other_saved.unwrap();
+                let mixed = linear
+                    .backward_saved(&tx, &tw, &tdy, Some(&other_saved))
+                    .unwrap();
+                let other = linear.backward(&up(&other_x), &tw, &tdy).unwrap();
+                let mixed = arrays(&mixed);
+                assert_eq!(
+                    mixed[1],
+                    arrays(&other)[1],
+                    "{label}: dW ignored the kept tiles"
+                );
+                assert_eq!([&mixed[0], &mixed[2]], [&with[0], &with[2]], "{label}");
+
+                let wrong = Tensor::full(gpu, &[points, c, n * tiles + 1], 0.0).unwrap();
+                let err = linear
+                    .backward_saved(&tx, &tw, &tdy, Some(&wrong))
+                    .unwrap_err();
+                assert!(matches!(err, Error::ShapeMismatch { .. }), "{label}: {err}");
+            }
+        }
+        // A forward pass through another family keeps nothing.
+        let spec = Conv2d {
+            padding: Padding::Explicit(1, 1),
+            kernel: Some(ConvKernel::ImplicitGemm),
+            ..Conv2d::default()
+        };
+        let (x, weight, bias) = layer_tensors([2, 8, 8, 8], [8, 8, 3, 3], 1790);
+        let (_, saved) = spec
+            .forward_saving(&up(&x), &up(&weight), Some(&up(&bias)))
+            .unwrap();
+        assert!(saved.is_none());
+    }
+}
+
 /// Grouped 3×3 layers with at least 8 channels and filters a group run Winograd, forced,
 /// F(2×2) and F(4×4), with one point product per (point, group): forward, dx (the rotated
 /// filters read across the groups) and dW against the CPU with poisoned outputs, on

@@ -166,7 +166,7 @@ impl Layer for Conv2d {
 
     fn forward_activated(
         &self,
-        _ctx: Ctx,
+        ctx: Ctx,
         inputs: &[&Value],
         state: &mut [Value],
         activation: Activation,
@@ -175,9 +175,18 @@ impl Layer for Conv2d {
             activation,
             ..self.spec
         };
+        if !ctx.training {
+            let y = inputs[0].conv2d(&spec, &state[0], state.get(1))?;
+            return Ok(Forward {
+                y,
+                saved: Vec::new(),
+            });
+        }
+        // Winograd's input tiles, where the weight gradient transforms the same ones.
+        let (y, saved) = inputs[0].conv2d_saving(&spec, &state[0], state.get(1))?;
         Ok(Forward {
-            y: inputs[0].conv2d(&spec, &state[0], state.get(1))?,
-            saved: Vec::new(),
+            y,
+            saved: saved.into_iter().collect(),
         })
     }
 
@@ -238,13 +247,11 @@ impl Layer for Conv2d {
         };
         // State is the weight, then the bias if the layer has one.
         let has_bias = args.state.len() > 1;
-        let (dx, dweight, dbias) = args.inputs[0].conv2d_backward(
+        let (dx, dweight, dbias) = args.inputs[0].conv2d_backward_saved(
             &spec,
-            &args.state[0],
-            args.y,
-            args.dy,
-            args.needs.inputs,
-            has_bias,
+            (&args.state[0], args.y, args.dy),
+            args.saved.first(),
+            (args.needs.inputs, has_bias),
         )?;
         Ok(Backward {
             inputs: vec![dx.filter(|_| args.needs.inputs)],

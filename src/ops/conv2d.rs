@@ -376,6 +376,53 @@ impl Conv2d {
         filters: Option<&Tensor>,
         residual: Option<&Tensor>,
     ) -> Result<(Tensor, Option<Tensor>)> {
+        let (out, made, _) = self.forward_keeping(x, (weight, bias), (filters, residual), false)?;
+        Ok((out, made))
+    }
+
+    /// The forward pass of a training step: the output, and what the backward pass may
+    /// take from it ([`Conv2d::backward_saved`]): Winograd's transformed input tiles, kept
+    /// where this shape's weight gradient plans the same transform and the batch ran as one
+    /// chunk; the weight gradient then skips its own input transform (on lavapipe, N8
+    /// 64→64 56² with F(4×4): forward + backward 47 → 43 ms), for holding them, 2.25×
+    /// (F(4×4)) or 4× (F(2×2)) the input, until then.
+    pub fn forward_saving(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let shape = self.shape(x.shape(), weight.shape(), bias.map(Tensor::shape))?;
+        let keep = self.keeps_tiles(x.gpu(), &shape, bias.is_some())?;
+        let (out, _, saved) = self.forward_keeping(x, (weight, bias), (None, None), keep)?;
+        Ok((out, saved))
+    }
+
+    /// Whether the forward pass runs Winograd with the tile the weight gradient plans too
+    /// (for a layer whose input needs a gradient and whose activation `dy` goes through).
+    fn keeps_tiles(&self, gpu: &Gpu, shape: &Conv2dShape, bias: bool) -> Result<bool> {
+        let Some(tile) = self.forward_kernel(gpu, shape)?.winograd_tile() else {
+            return Ok(false);
+        };
+        let needs = GradientsNeeded { input: true, bias };
+        let gate = Some(self.activation).filter(|a| *a != Activation::None);
+        let linear = Conv2d {
+            activation: Activation::None,
+            ..*self
+        };
+        let backward = linear.backward_kernels(gpu, shape, needs, gate)?;
+        Ok(backward.weight_grad.winograd_tile() == Some(tile))
+    }
+
+    /// [`Conv2d::forward_reusing`], keeping Winograd's input tiles if `keep` (see
+    /// [`Conv2d::forward_saving`]): the output, the filters made, the tiles kept.
+    fn forward_keeping(
+        &self,
+        x: &Tensor,
+        (weight, bias): (&Tensor, Option<&Tensor>),
+        (filters, residual): (Option<&Tensor>, Option<&Tensor>),
+        keep: bool,
+    ) -> Result<(Tensor, Option<Tensor>, Option<Tensor>)> {
         let gpu = x.gpu().clone();
         for t in [Some(weight), bias, filters, residual]
             .into_iter()
@@ -400,34 +447,34 @@ impl Conv2d {
             // The matmul adds its product to the residual it finds in the output.
             let out = residual.copy_as(residual.shape())?;
             self.pointwise(&shape, (x, weight, bias), &out, true)?;
-            return Ok((out, None));
+            return Ok((out, None, None));
         }
         let out = Tensor::uninit(&gpu, &shape.output())?;
         let Some(tile) = kernel.winograd_tile() else {
             let Some(residual) = residual else {
                 self.forward_with(kernel, &shape, (x, weight, bias), &out)?;
-                return Ok((out, None));
+                return Ok((out, None, None));
             };
             let linear = Conv2d {
                 activation: Activation::None,
                 ..*self
             };
             linear.forward_with(kernel, &shape, (x, weight, bias), &out)?;
-            return Ok((add_activated(&out, residual, self.activation)?, None));
+            return Ok((add_activated(&out, residual, self.activation)?, None, None));
         };
         let run = |filters: &Tensor| {
             let operands = (x, filters, bias, residual);
-            conv_winograd::forward_transformed(self, &shape, operands, &out, tile)
+            conv_winograd::forward_transformed(self, &shape, operands, &out, (tile, keep))
         };
         match filters.filter(|f| conv_winograd::fits_filters(&shape, tile, f)) {
             Some(filters) => {
-                run(filters)?;
-                Ok((out, None))
+                let kept = run(filters)?;
+                Ok((out, None, kept))
             }
             None => {
                 let made = conv_winograd::forward_filters(self, &shape, weight, tile)?;
-                run(&made)?;
-                Ok((out, Some(made)))
+                let kept = run(&made)?;
+                Ok((out, Some(made), kept))
             }
         }
     }
@@ -562,7 +609,25 @@ impl Conv2d {
         weight: &Tensor,
         dy: &Tensor,
     ) -> Result<Conv2dGrads<Tensor>> {
-        let (dx, weight, bias) = self.gradients(x, weight, dy, None, true, true)?;
+        self.backward_saved(x, weight, dy, None)
+    }
+
+    /// [`Conv2d::backward`] with what [`Conv2d::forward_saving`] kept (`saved`): the weight
+    /// gradient takes Winograd's input tiles from it where it plans the same tile, and
+    /// transforms `x` itself otherwise. A `saved` tensor that is no such tiles of this
+    /// shape is an error.
+    pub fn backward_saved(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        dy: &Tensor,
+        saved: Option<&Tensor>,
+    ) -> Result<Conv2dGrads<Tensor>> {
+        let needs = GradientsNeeded {
+            input: true,
+            bias: true,
+        };
+        let (dx, weight, bias) = self.gradients(x, weight, dy, (None, saved), needs)?;
         let x = dx.ok_or_else(|| invalid("the input gradient was not computed".into()))?;
         let bias = bias.ok_or_else(|| invalid("the bias gradient was not computed".into()))?;
         Ok(Conv2dGrads { x, weight, bias })
@@ -576,7 +641,11 @@ impl Conv2d {
         weight: &Tensor,
         dy: &Tensor,
     ) -> Result<(Tensor, Tensor)> {
-        let (_, weight, bias) = self.gradients(x, weight, dy, None, false, true)?;
+        let needs = GradientsNeeded {
+            input: false,
+            bias: true,
+        };
+        let (_, weight, bias) = self.gradients(x, weight, dy, (None, None), needs)?;
         let bias = bias.ok_or_else(|| invalid("the bias gradient was not computed".into()))?;
         Ok((weight, bias))
     }
@@ -586,22 +655,34 @@ impl Conv2d {
     /// `nn::Conv2d`). Where the direct weight-gradient kernel takes the shape, it applies the
     /// activation's derivative as it reads `dy` and sums the bias gradient as well: one pass,
     /// and `dz` is stored only when the input gradient needs it. Elsewhere a layer without a
-    /// bias (a ResNet's, batch norm following) skips the sum over `dy`.
+    /// bias (a ResNet's, batch norm following) skips the sum over `dy`. `saved`: what
+    /// [`Conv2d::forward_saving`] kept.
     pub(crate) fn gradients(
         &self,
         x: &Tensor,
         weight: &Tensor,
         dy: &Tensor,
-        gate: Option<(Activation, &Tensor)>,
-        input_grad: bool,
-        bias_grad: bool,
+        (gate, saved): (Option<(Activation, &Tensor)>, Option<&Tensor>),
+        needs: GradientsNeeded,
     ) -> Result<(Option<Tensor>, Tensor, Option<Tensor>)> {
         let gpu = x.gpu().clone();
-        for t in [weight, dy] {
+        for t in [Some(weight), Some(dy), saved].into_iter().flatten() {
             t.check_same_gpu(OP, &gpu)?;
         }
         let shape = self.shape(x.shape(), weight.shape(), None)?;
         self.check_backward(&shape, dy.shape())?;
+        if let Some(saved) = saved.filter(|v| conv_winograd::saved_tiles(&shape, v).is_none()) {
+            return Err(Error::ShapeMismatch {
+                op: OP,
+                shapes: vec![saved.shape().to_vec(), x.shape().to_vec()],
+                detail: format!(
+                    "the saved tensor {:?} is not the Winograd input tiles of x {:?}: pass what \
+                     forward_saving returned for this x, or None",
+                    saved.shape(),
+                    x.shape()
+                ),
+            });
+        }
         let gate = gate.filter(|(activation, _)| *activation != Activation::None);
         if let Some((_, y)) = gate {
             y.check_same_gpu(OP, &gpu)?;
@@ -614,20 +695,17 @@ impl Conv2d {
             }
         }
         let activation = gate.map(|(activation, _)| activation);
-        let needs = GradientsNeeded {
-            input: input_grad,
-            bias: bias_grad,
-        };
         let kernels = self.backward_kernels(&gpu, &shape, needs, activation)?;
-        self.gradients_with(kernels, (&shape, x, weight, dy), gate, needs)
+        self.gradients_with(kernels, (&shape, x, weight, dy), (gate, saved), needs)
     }
 
-    /// The backward pass of checked shapes through `kernels`.
+    /// The backward pass of checked shapes through `kernels`; `saved` as
+    /// [`conv_winograd::saved_tiles`] accepts it.
     pub(crate) fn gradients_with(
         &self,
         kernels: BackwardKernels,
         (shape, x, weight, dy): (&Conv2dShape, &Tensor, &Tensor, &Tensor),
-        gate: Option<(Activation, &Tensor)>,
+        (gate, saved): (Option<(Activation, &Tensor)>, Option<&Tensor>),
         needs: GradientsNeeded,
     ) -> Result<(Option<Tensor>, Tensor, Option<Tensor>)> {
         let input_grad = needs.input;
@@ -688,7 +766,7 @@ impl Conv2d {
             if let Some(tile) = plan.weight_grad.winograd_tile() {
                 let bias_sum = dbias.as_ref().filter(|_| gate.is_none());
                 let grads = (&dweight, bias_sum);
-                conv_winograd::weight_grad(self, &shape, (x, dz), grads, tile)?;
+                conv_winograd::weight_grad(self, &shape, (x, dz), grads, (tile, saved))?;
             } else {
                 conv_implicit::weight_grad(self, &shape, (x, dz), &dweight, KernelChoice::Auto)?;
             }
@@ -1221,6 +1299,24 @@ impl Value {
         )
     }
 
+    /// [`Value::conv2d`] in a training step: the output, and on the GPU what
+    /// [`Conv2d::forward_saving`] keeps for [`Value::conv2d_backward_saved`].
+    pub fn conv2d_saving(
+        &self,
+        spec: &Conv2d,
+        weight: &Value,
+        bias: Option<&Value>,
+    ) -> Result<(Value, Option<Value>)> {
+        match self {
+            Value::Gpu(x) => {
+                let bias = bias.map(Value::gpu).transpose()?;
+                let (y, saved) = spec.forward_saving(x, weight.gpu()?, bias)?;
+                Ok((y.into(), saved.map(Value::from)))
+            }
+            Value::Cpu(_) => Ok((self.conv2d(spec, weight, bias)?, None)),
+        }
+    }
+
     /// [`Value::conv2d`] for weights that stay fixed over many passes, with a `residual`
     /// added before the activation (see [`Conv2d::forward_reusing`]): the output, and the
     /// filters this pass transformed on the GPU, to hand to the next pass as `filters`.
@@ -1267,6 +1363,18 @@ impl Value {
         input_grad: bool,
         bias_grad: bool,
     ) -> Result<(Option<Value>, Value, Option<Value>)> {
+        self.conv2d_backward_saved(spec, (weight, y, dy), None, (input_grad, bias_grad))
+    }
+
+    /// [`Value::conv2d_backward`] with what [`Value::conv2d_saving`] kept (`saved`), for
+    /// `(input_grad, bias_grad)`.
+    pub fn conv2d_backward_saved(
+        &self,
+        spec: &Conv2d,
+        (weight, y, dy): (&Value, &Value, &Value),
+        saved: Option<&Value>,
+        (input_grad, bias_grad): (bool, bool),
+    ) -> Result<(Option<Value>, Value, Option<Value>)> {
         let linear = Conv2d {
             activation: Activation::None,
             ..*spec
@@ -1274,8 +1382,13 @@ impl Value {
         Ok(match self {
             Value::Gpu(x) => {
                 let gate = Some((spec.activation, y.gpu()?));
+                let saved = saved.map(Value::gpu).transpose()?;
+                let needs = GradientsNeeded {
+                    input: input_grad,
+                    bias: bias_grad,
+                };
                 let (dx, dweight, dbias) =
-                    linear.gradients(x, weight.gpu()?, dy.gpu()?, gate, input_grad, bias_grad)?;
+                    linear.gradients(x, weight.gpu()?, dy.gpu()?, (gate, saved), needs)?;
                 (dx.map(Value::from), dweight.into(), dbias.map(Value::from))
             }
             Value::Cpu(x) => {
@@ -1393,7 +1506,12 @@ mod tests {
             bias: false,
         };
         let (dx, dw, db) = spec
-            .gradients_with(kernels, (&shape, &up(&x), &up(&w), &up(&dy)), None, needs)
+            .gradients_with(
+                kernels,
+                (&shape, &up(&x), &up(&w), &up(&dy)),
+                (None, None),
+                needs,
+            )
             .unwrap();
         assert!(db.is_none());
         for (what, got, want) in [

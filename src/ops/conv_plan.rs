@@ -324,7 +324,7 @@ impl Conv2d {
             let gate = gate.map(|activation| (activation, &t.y));
             let (x, w, dy) = (&t.x, &t.weight, &t.dy);
             plain
-                .gradients_with(candidates[i], (trial, x, w, dy), gate, needs)
+                .gradients_with(candidates[i], (trial, x, w, dy), (gate, None), needs)
                 .map(drop)
         })?;
         Ok(candidates[chosen])

@@ -213,12 +213,14 @@ pub(crate) fn eligible_backward(
 /// 64→64 56² on lavapipe: the sum 1.2–1.4 → 0.18–0.19 ms, but the dy transform, now the
 /// first to read dy, 3.5–4.1 → 4.1–4.2: about 0.5 ms in all). Where a chunk's tiles would
 /// outgrow one pass of [`sum_slice`], dbias sums `dy` itself.
+/// With `saved`, the forward pass's own V of the whole batch (see [`saved_tiles`]), the
+/// input transform is skipped: one pass over the batch with dM alone.
 pub(crate) fn weight_grad(
     spec: &Conv2d,
     shape: &Conv2dShape,
     (x, dy): (&Tensor, &Tensor),
     (dweight, dbias): (&Tensor, Option<&Tensor>),
-    tile: usize,
+    (tile, saved): (usize, Option<&Tensor>),
 ) -> Result<()> {
     let gpu = x.gpu();
     let problem = Problem::forward(shape, tile);
@@ -239,8 +241,13 @@ pub(crate) fn weight_grad(
     // dM's point (1, 1), the blocks' sums of dy: 1·(m + 2) + 1.
     let sums_point = problem.tile + 3;
     let (x_rows4, dy_rows4) = (problem.rows4(problem.w), problem.rows4(problem.ow));
-    // V and dM live together: each chunk holds half of what the forward pass's may.
-    let chunks = image_chunks(shape.n, 2 * problem.image_bytes(), chunk_limit(gpu));
+    // V and dM live together: each chunk holds half of what the forward pass's may. A
+    // saved V is the whole batch's, kept where it fitted one chunk of the forward pass.
+    let saved = saved.filter(|v| saved_tiles(shape, v) == Some(tile));
+    let chunks = match saved {
+        Some(_) => vec![(0, shape.n)],
+        None => image_chunks(shape.n, 2 * problem.image_bytes(), chunk_limit(gpu)),
+    };
     let dbias = match dbias {
         Some(dbias) if chunks.iter().any(|&(_, n)| !slice_fits(gpu, n * tiles)) => {
             let dims = (shape.n, o, shape.oh * shape.ow);
@@ -251,8 +258,15 @@ pub(crate) fn weight_grad(
     };
     for (first, count) in chunks {
         let images = (first, count);
-        let v = Tensor::uninit(gpu, &[points, c, count * tiles])?;
-        by_tiles(&dispatch, ("input", x, x_rows4), &v, (c, tiles), images)?;
+        let made;
+        let v = match saved {
+            Some(v) => v,
+            None => {
+                made = Tensor::uninit(gpu, &[points, c, count * tiles])?;
+                by_tiles(&dispatch, ("input", x, x_rows4), &made, (c, tiles), images)?;
+                &made
+            }
+        };
         let dm = Tensor::uninit(gpu, &[points, o, count * tiles])?;
         by_tiles(
             &dispatch,
@@ -317,15 +331,25 @@ pub(crate) fn fits_filters(shape: &Conv2dShape, tile: usize, filters: &Tensor) -
 }
 
 /// [`forward`] with the filters [`forward_filters`] transformed, and `residual` (the
-/// output's shape) added before the activation.
+/// output's shape) added before the activation. With `keep`, the transformed input tiles V
+/// where the whole batch ran as one chunk: what [`weight_grad`] would transform again.
 pub(crate) fn forward_transformed(
     spec: &Conv2d,
     shape: &Conv2dShape,
     operands: (&Tensor, &Tensor, Option<&Tensor>, Option<&Tensor>),
     out: &Tensor,
-    tile: usize,
-) -> Result<()> {
-    run_transformed(spec, Problem::forward(shape, tile), operands, out)
+    (tile, keep): (usize, bool),
+) -> Result<Option<Tensor>> {
+    run_transformed(spec, Problem::forward(shape, tile), operands, out, keep)
+}
+
+/// The tile (2 or 4) whose transformed input tiles of the whole batch `v` is, by its shape
+/// `[points, C, N·tiles]`; `None` for a tensor that is neither's.
+pub(crate) fn saved_tiles(shape: &Conv2dShape, v: &Tensor) -> Option<usize> {
+    [2, 4].into_iter().find(|&tile| {
+        let problem = Problem::forward(shape, tile);
+        v.shape() == [problem.points(), problem.c, shape.n * problem.tiles()]
+    })
 }
 
 /// `dx` from `dy` (`spec` without an activation).
@@ -354,7 +378,7 @@ fn run(
     out: &Tensor,
 ) -> Result<()> {
     let u = transform_filters(spec, &problem, weight)?;
-    run_transformed(spec, problem, (x, &u, bias, None), out)
+    run_transformed(spec, problem, (x, &u, bias, None), out, false).map(drop)
 }
 
 /// The filters of `problem` transformed: `[points, O, C]`.
@@ -375,12 +399,14 @@ fn transform_filters(spec: &Conv2d, problem: &Problem, weight: &Tensor) -> Resul
 
 /// `problem` with its filters transformed (`u`): the input transform, the batched
 /// products and the output transform (adding the residual, if any), in chunks of images.
+/// With `keep` and one chunk, returns the input tiles V.
 fn run_transformed(
     spec: &Conv2d,
     problem: Problem,
     (x, u, bias, residual): (&Tensor, &Tensor, Option<&Tensor>, Option<&Tensor>),
     out: &Tensor,
-) -> Result<()> {
+    keep: bool,
+) -> Result<Option<Tensor>> {
     let gpu = x.gpu();
     let constants = problem.constants(spec, (bias.is_some(), residual.is_some()))?;
     let dispatch = |entry: &str, bindings: &[(u32, Binding<'_>)], total: usize, images| {
@@ -391,7 +417,10 @@ fn run_transformed(
     let bias_slot = bias.unwrap_or(u);
     let n = x.shape()[0];
     let x_rows4 = problem.rows4(problem.w);
-    for (first, count) in image_chunks(n, problem.image_bytes(), chunk_limit(gpu)) {
+    let chunks = image_chunks(n, problem.image_bytes(), chunk_limit(gpu));
+    let keep = keep && chunks.len() == 1;
+    let mut kept = None;
+    for (first, count) in chunks {
         let images = (first, count);
         let v = Tensor::uninit(gpu, &[points, c, count * tiles])?;
         by_tiles(&dispatch, ("input", x, x_rows4), &v, (c, tiles), images)?;
@@ -423,8 +452,11 @@ fn run_transformed(
         };
         let output = [m, y, (3, bias_slot.binding()), residual];
         dispatch(entry, &output, count * o * tiles / per_invocation, images)?;
+        if keep {
+            kept = Some(v);
+        }
     }
-    Ok(())
+    Ok(kept)
 }
 
 /// Runs the tile transform `entry` (`input` or `output_grad`) over `planes` (channels or
