@@ -147,6 +147,113 @@ fn measured_choices_are_kept_in_the_cache_file_and_read_back() {
     let _ = std::fs::remove_dir_all(file.parent().unwrap());
 }
 
+/// A training step's forward pass (`forward_saving`) is tuned with the weight gradient it
+/// feeds: where that weight gradient is Winograd's, a "training forward" choice of its own is
+/// measured (every candidate timed, the fastest kept) and the pass keeps V exactly when the
+/// kernel chosen runs the same tile; elsewhere there is no such choice and nothing is kept.
+/// The weight gradient is whatever the measurement picks, then F(4×4)'s (the cache file
+/// rewritten to say so); the gradients match the CPU each time, and a new context reads
+/// every choice back.
+#[test]
+fn a_training_forward_pass_is_timed_with_its_weight_gradient() {
+    if gpu().is_none() {
+        return;
+    }
+    let file = cache_file("training");
+    let measuring = || {
+        context(
+            Tuning::Measure,
+            Some(file.clone()),
+            Duration::from_secs(600),
+        )
+    };
+    let (xa, wa, ba) = (random(&X, 11), random(&W, 12), random(&[W[0]], 13));
+    let spec = spec();
+    let expected = wgcnn::cpu::conv2d(&spec, &xa.view(), &wa.view(), Some(&ba.view())).unwrap();
+    let dya = random(expected.shape(), 14);
+    let grads = wgcnn::cpu::conv2d_backward(&spec, &xa.view(), &wa.view(), &dya.view()).unwrap();
+    // A training step on `gpu` against the CPU: whether it kept V, and the tuning report.
+    let run = |gpu: &Gpu| {
+        let up = |a: &ndarray::ArrayD<f32>| Tensor::from_array(gpu, a).unwrap();
+        let (tx, tw) = (up(&xa), up(&wa));
+        let (y, saved) = spec.forward_saving(&tx, &tw, Some(&up(&ba))).unwrap();
+        let g = spec
+            .backward_saved(&tx, &tw, &up(&dya), saved.as_ref())
+            .unwrap();
+        let pairs = [
+            (y, &expected),
+            (g.x, &grads.x),
+            (g.weight, &grads.weight),
+            (g.bias, &grads.bias),
+        ];
+        for (i, (got, want)) in pairs.into_iter().enumerate() {
+            let scale = want.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+            let diff = max_abs_diff(&got.to_array().unwrap(), want);
+            assert!(diff <= 1e-4 * scale, "output {i}: off by {diff}");
+        }
+        (saved.is_some(), gpu.tuning_report())
+    };
+    // The report's choices agree with what the pass kept.
+    let consistent = |kept: bool, report: &wgcnn::tuning::TuningReport| {
+        let find = |pass: &str| report.choices.iter().find(|c| c.key.starts_with(pass));
+        let backward = find("conv2d backward ").expect("the backward pass was planned");
+        let dw_tile = ["winograd dW", "winograd 4x4 dW"]
+            .iter()
+            .position(|dw| backward.chosen.ends_with(dw));
+        match (dw_tile, find("conv2d training forward ")) {
+            (Some(tile), Some(training)) => {
+                let timed = training.candidates.iter().map(|(_, t)| t.unwrap());
+                let fastest = timed.fold(f64::INFINITY, f64::min);
+                let chosen = training
+                    .candidates
+                    .iter()
+                    .find(|(n, _)| *n == training.chosen);
+                assert_eq!(chosen.and_then(|(_, t)| *t), Some(fastest), "{training:?}");
+                let same_tile = training.chosen == ["winograd", "winograd 4x4"][tile];
+                assert_eq!(kept, same_tile, "{report:#?}");
+            }
+            (None, None) => assert!(!kept, "{report:#?}"),
+            _ => panic!("a training forward choice exactly where dW is Winograd's: {report:#?}"),
+        }
+    };
+    let (kept, report) = run(&measuring());
+    consistent(kept, &report);
+
+    // The weight gradient F(4×4)'s: the training forward pass measured against it.
+    let text = std::fs::read_to_string(&file).unwrap();
+    let rewritten: String = text
+        .lines()
+        .filter(|line| !line.contains("\tconv2d training forward "))
+        .map(|line| match line.split('\t').collect::<Vec<_>>()[..] {
+            [adapter, key, _, candidates] if key.starts_with("conv2d backward ") => {
+                let f4 = "winograd 4x4 dx + winograd 4x4 dW";
+                assert!(candidates.contains(f4), "{candidates}");
+                format!("{adapter}\t{key}\t{f4}\t{candidates}\n")
+            }
+            _ => format!("{line}\n"),
+        })
+        .collect();
+    std::fs::write(&file, rewritten).unwrap();
+    let (kept, report) = run(&measuring());
+    consistent(kept, &report);
+    let training = report.choices.iter().find(|c| c.key.contains("training"));
+    assert_eq!(
+        training.map(|c| c.source),
+        Some(ChoiceSource::Measured),
+        "{report:#?}"
+    );
+
+    let (again, read) = run(&measuring());
+    assert_eq!(again, kept);
+    assert_eq!(read.seconds, 0.0, "{read:#?}");
+    assert!(
+        read.choices
+            .iter()
+            .all(|c| c.source == ChoiceSource::CacheFile)
+    );
+    let _ = std::fs::remove_dir_all(file.parent().unwrap());
+}
+
 #[test]
 fn fixed_order_and_a_spent_budget_take_the_default_and_write_nothing() {
     if gpu().is_none() {

@@ -376,7 +376,7 @@ impl Conv2d {
         filters: Option<&Tensor>,
         residual: Option<&Tensor>,
     ) -> Result<(Tensor, Option<Tensor>)> {
-        let (out, made, _) = self.forward_keeping(x, (weight, bias), (filters, residual), false)?;
+        let (out, made, _) = self.forward_keeping(x, (weight, bias), (filters, residual), None)?;
         Ok((out, made))
     }
 
@@ -385,7 +385,8 @@ impl Conv2d {
     /// where this shape's weight gradient plans the same transform and the batch ran as one
     /// chunk; the weight gradient then skips its own input transform (on lavapipe, N8
     /// 64→64 56² with F(4×4): forward + backward 47 → 43 ms), for holding them, 2.25×
-    /// (F(4×4)) or 4× (F(2×2)) the input, until then.
+    /// (F(4×4)) or 4× (F(2×2)) the input, until then. Its kernel is tuned with that saving
+    /// counted, so it may differ from [`Conv2d::forward`]'s.
     pub fn forward_saving(
         &self,
         x: &Tensor,
@@ -393,35 +394,20 @@ impl Conv2d {
         bias: Option<&Tensor>,
     ) -> Result<(Tensor, Option<Tensor>)> {
         let shape = self.shape(x.shape(), weight.shape(), bias.map(Tensor::shape))?;
-        let keep = self.keeps_tiles(x.gpu(), &shape, bias.is_some())?;
-        let (out, _, saved) = self.forward_keeping(x, (weight, bias), (None, None), keep)?;
+        let plan = self.training_forward_kernel(x.gpu(), &shape, bias.is_some())?;
+        let (out, _, saved) = self.forward_keeping(x, (weight, bias), (None, None), Some(plan))?;
         Ok((out, saved))
     }
 
-    /// Whether the forward pass runs Winograd with the tile the weight gradient plans too
-    /// (for a layer whose input needs a gradient and whose activation `dy` goes through).
-    fn keeps_tiles(&self, gpu: &Gpu, shape: &Conv2dShape, bias: bool) -> Result<bool> {
-        let Some(tile) = self.forward_kernel(gpu, shape)?.winograd_tile() else {
-            return Ok(false);
-        };
-        let needs = GradientsNeeded { input: true, bias };
-        let gate = Some(self.activation).filter(|a| *a != Activation::None);
-        let linear = Conv2d {
-            activation: Activation::None,
-            ..*self
-        };
-        let backward = linear.backward_kernels(gpu, shape, needs, gate)?;
-        Ok(backward.weight_grad.winograd_tile() == Some(tile))
-    }
-
-    /// [`Conv2d::forward_reusing`], keeping Winograd's input tiles if `keep` (see
-    /// [`Conv2d::forward_saving`]): the output, the filters made, the tiles kept.
+    /// [`Conv2d::forward_reusing`] through `plan` (the kernel, and whether it keeps
+    /// Winograd's input tiles: see [`Conv2d::forward_saving`]), or the forward pass's own
+    /// kernel keeping none: the output, the filters made, the tiles kept.
     fn forward_keeping(
         &self,
         x: &Tensor,
         (weight, bias): (&Tensor, Option<&Tensor>),
         (filters, residual): (Option<&Tensor>, Option<&Tensor>),
-        keep: bool,
+        plan: Option<(ConvKernel, bool)>,
     ) -> Result<(Tensor, Option<Tensor>, Option<Tensor>)> {
         let gpu = x.gpu().clone();
         for t in [Some(weight), bias, filters, residual]
@@ -442,7 +428,10 @@ impl Conv2d {
                 ),
             });
         }
-        let kernel = self.forward_kernel(&gpu, &shape)?;
+        let (kernel, keep) = match plan {
+            Some(plan) => plan,
+            None => (self.forward_kernel(&gpu, &shape)?, false),
+        };
         if let (ConvKernel::Pointwise, Some(residual)) = (kernel, residual) {
             // The matmul adds its product to the residual it finds in the output.
             let out = residual.copy_as(residual.shape())?;

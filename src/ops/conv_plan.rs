@@ -278,6 +278,56 @@ impl Conv2d {
         Ok(candidates[chosen])
     }
 
+    /// The forward pass's kernel in a training step, and whether it keeps Winograd's input
+    /// tiles for the weight gradient ([`Conv2d::forward_saving`]). Where the weight gradient
+    /// planned for the shape (with dx, `bias`, through the layer's activation) is Winograd's
+    /// and a forward candidate runs the same tile, the candidates are timed with what the
+    /// step then costs: those that keep no such tiles with the weight gradient's input
+    /// transform added (a key of its own, "training forward"). On lavapipe this took F(4×4)
+    /// for ResNet-20's 32-channel layers, where the forward pass alone takes the direct
+    /// kernel. Elsewhere the forward pass's own choice.
+    pub(crate) fn training_forward_kernel(
+        &self,
+        gpu: &Gpu,
+        shape: &Conv2dShape,
+        bias: bool,
+    ) -> Result<(ConvKernel, bool)> {
+        let needs = GradientsNeeded { input: true, bias };
+        let gate = Some(self.activation).filter(|a| *a != Activation::None);
+        let linear = Conv2d {
+            activation: Activation::None,
+            ..*self
+        };
+        let backward = linear.backward_kernels(gpu, shape, needs, gate)?;
+        let dw_tile = backward.weight_grad.winograd_tile();
+        let keeps = |kernel: ConvKernel| dw_tile.is_some() && kernel.winograd_tile() == dw_tile;
+        let candidates = self.forward_candidates(gpu, shape);
+        let forced = self.kernel.is_some_and(|k| candidates.contains(&k));
+        let tile = match dw_tile {
+            Some(tile) if !forced && !untimed(shape) && candidates.iter().any(|&k| keeps(k)) => {
+                tile
+            }
+            _ => {
+                let kernel = self.forward_kernel(gpu, shape)?;
+                return Ok((kernel, keeps(kernel)));
+            }
+        };
+        let names: Vec<String> = candidates.iter().map(|k| k.name().into()).collect();
+        let rounds = Rounds::of(shape);
+        let key = self.tuning_key("training forward", &rounds.last);
+        let chosen = tuned(gpu, &rounds, &key, &names, false, |t, trial, i| {
+            let out = Tensor::uninit(gpu, &trial.output())?;
+            let inputs = (&t.x, &t.weight, Some(&t.bias));
+            self.forward_with(candidates[i], trial, inputs, &out)?;
+            if keeps(candidates[i]) {
+                return Ok(());
+            }
+            conv_winograd::input_tiles(self, trial, &t.x, tile).map(drop)
+        })?;
+        let kernel = candidates[chosen];
+        Ok((kernel, keeps(kernel)))
+    }
+
     /// The backward pass's kernels, for the gradients `needs` (a layer whose input needs a
     /// gradient or not, with a bias or not), and whose fused activation (`gate`) the
     /// backward pass takes `dy` through.

@@ -224,11 +224,7 @@ pub(crate) fn weight_grad(
 ) -> Result<()> {
     let gpu = x.gpu();
     let problem = Problem::forward(shape, tile);
-    let plain = Conv2d {
-        activation: Activation::None,
-        ..*spec
-    };
-    let constants = problem.constants(&plain, (false, false))?;
+    let (plain, constants) = unactivated(spec, &problem)?;
     let dispatch = |entry: &str, bindings: &[(u32, Binding<'_>)], total: usize, images| {
         encode(gpu, (entry, &constants), &plain, bindings, total, images)
     };
@@ -240,7 +236,7 @@ pub(crate) fn weight_grad(
     let mut sum: Option<Tensor> = None;
     // dM's point (1, 1), the blocks' sums of dy: 1·(m + 2) + 1.
     let sums_point = problem.tile + 3;
-    let (x_rows4, dy_rows4) = (problem.rows4(problem.w), problem.rows4(problem.ow));
+    let dy_rows4 = problem.rows4(problem.ow);
     // V and dM live together: each chunk holds half of what the forward pass's may. A
     // saved V is the whole batch's, kept where it fitted one chunk of the forward pass.
     let saved = saved.filter(|v| saved_tiles(shape, v) == Some(tile));
@@ -262,8 +258,7 @@ pub(crate) fn weight_grad(
         let v = match saved {
             Some(v) => v,
             None => {
-                made = Tensor::uninit(gpu, &[points, c, count * tiles])?;
-                by_tiles(&dispatch, ("input", x, x_rows4), &made, (c, tiles), images)?;
+                made = input_chunk(spec, &problem, x, images)?;
                 &made
             }
         };
@@ -341,6 +336,47 @@ pub(crate) fn forward_transformed(
     (tile, keep): (usize, bool),
 ) -> Result<Option<Tensor>> {
     run_transformed(spec, Problem::forward(shape, tile), operands, out, keep)
+}
+
+/// The transformed input tiles V of the whole batch in one pass, as the weight gradient
+/// transforms them: what the tuner times for the candidates that keep no V
+/// (`Conv2d::training_forward_kernel`).
+pub(crate) fn input_tiles(
+    spec: &Conv2d,
+    shape: &Conv2dShape,
+    x: &Tensor,
+    tile: usize,
+) -> Result<Tensor> {
+    input_chunk(spec, &Problem::forward(shape, tile), x, (0, shape.n))
+}
+
+/// `spec` without its activation (the weight gradient's kernels apply none) and its
+/// constants for `problem`, without bias or residual.
+fn unactivated(spec: &Conv2d, problem: &Problem) -> Result<(Conv2d, [(&'static str, u32); 15])> {
+    let plain = Conv2d {
+        activation: Activation::None,
+        ..*spec
+    };
+    Ok((plain, problem.constants(&plain, (false, false))?))
+}
+
+/// The weight gradient's V for images `(first, count)` of `x`: `[points, C, count·tiles]`.
+fn input_chunk(
+    spec: &Conv2d,
+    problem: &Problem,
+    x: &Tensor,
+    images: (usize, usize),
+) -> Result<Tensor> {
+    let gpu = x.gpu();
+    let (plain, constants) = unactivated(spec, problem)?;
+    let dispatch = |entry: &str, bindings: &[(u32, Binding<'_>)], total: usize, images| {
+        encode(gpu, (entry, &constants), &plain, bindings, total, images)
+    };
+    let (c, tiles) = (problem.c, problem.tiles());
+    let v = Tensor::uninit(gpu, &[problem.points(), c, images.1 * tiles])?;
+    let source = ("input", x, problem.rows4(problem.w));
+    by_tiles(&dispatch, source, &v, (c, tiles), images)?;
+    Ok(v)
 }
 
 /// The tile (2 or 4) whose transformed input tiles of the whole batch `v` is, by its shape
