@@ -254,6 +254,61 @@ fn a_training_forward_pass_is_timed_with_its_weight_gradient() {
     let _ = std::fs::remove_dir_all(file.parent().unwrap());
 }
 
+/// In a model's training step a convolution's forward pass plans the backward pass the step
+/// then runs: the first layer's (Winograd among its candidates, 87 MFLOP) without an input
+/// gradient, so no "dx" key is measured for it, which no step would use; and the step
+/// matches the CPU's.
+#[test]
+fn a_models_training_forward_plans_the_backward_pass_it_runs() {
+    use wgcnn::nn::{Conv2d as Layer, Flatten, GlobalAvgPool, Linear, Sequential, relu};
+    use wgcnn::train::train_step;
+    use wgcnn::{Device, Optimizer};
+
+    if gpu().is_none() {
+        return;
+    }
+    let file = cache_file("model");
+    let tuned = context(
+        Tuning::Measure,
+        Some(file.clone()),
+        Duration::from_secs(600),
+    );
+    let x = random(&[8, 3, 56, 56], 21);
+    let labels: Vec<usize> = (0..8).map(|i| i % 4).collect();
+    let mut losses = Vec::new();
+    for device in [Device::Cpu, Device::Gpu(tuned.clone())] {
+        let mut model = Sequential::new()
+            .add("first", Layer::new(3, 64, (3, 3)).padding(Padding::Same))
+            .add("relu", relu())
+            .add("pointwise", Layer::new(64, 8, (1, 1)))
+            .add("pool", GlobalAvgPool)
+            .add("flatten", Flatten)
+            .add("fc", Linear::new(8, 4))
+            .build(device, 5)
+            .unwrap();
+        let mut opt = model.optimizer(Optimizer::sgd(0.1)).unwrap();
+        let step: Vec<f32> = (0..2)
+            .map(|_| {
+                let out = train_step(&mut model, &mut opt, |d| d.upload(x.clone()), &labels);
+                out.unwrap().loss.to_array().unwrap()[[0]]
+            })
+            .collect();
+        losses.push(step);
+    }
+    for (cpu, gpu) in losses[0].iter().zip(&losses[1]) {
+        assert!((cpu - gpu).abs() < 1e-3 * (1.0 + cpu.abs()), "{losses:?}");
+    }
+    let report = tuned.tuning_report();
+    let first_layer = |dx: bool| {
+        report
+            .choices
+            .iter()
+            .any(|c| c.key.starts_with("conv2d backward n8 c3 ") && c.key.contains(" dx") == dx)
+    };
+    assert!(first_layer(false) && !first_layer(true), "{report:#?}");
+    let _ = std::fs::remove_dir_all(file.parent().unwrap());
+}
+
 #[test]
 fn fixed_order_and_a_spent_budget_take_the_default_and_write_nothing() {
     if gpu().is_none() {

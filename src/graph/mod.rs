@@ -29,6 +29,11 @@ pub struct Ctx {
     pub training: bool,
     /// The training step, from 0: varies dropout masks from step to step.
     pub step: u32,
+    /// In a training forward pass, whether a training step's backward pass (trainable state
+    /// wanting gradients, the model's input not) will want this node's input gradient: a
+    /// layer may plan its backward pass from it (a convolution keeping what its weight
+    /// gradient reuses). False elsewhere.
+    pub input_gradient: bool,
 }
 
 /// A piece of state a layer owns, with its initial value.
@@ -325,6 +330,7 @@ fn dry_run_shape<L: Layer + ?Sized>(layer: &L, inputs: &[&[usize]]) -> Result<Ve
     let ctx = Ctx {
         training: false,
         step: 0,
+        input_gradient: false,
     };
     Ok(layer.forward(ctx, &refs, &mut state)?.y.shape().to_vec())
 }
@@ -664,7 +670,9 @@ impl Graph {
         let ctx = Ctx {
             training: mode == Mode::Train,
             step: self.step,
+            input_gradient: false,
         };
+        let step_wants = self.wanted_gradients(false, true);
         let keep = mode != Mode::Eval;
         let given = input.shape().to_vec();
         self.values = (0..=self.nodes.len()).map(|_| None).collect();
@@ -705,7 +713,14 @@ impl Graph {
                             skipped[k] = true;
                         }
                     }
-                    _ => self.forward_node(i, ctx, keep, &given)?,
+                    _ => {
+                        let wanted = self.nodes[i].inputs.iter().any(|&v| step_wants[v]);
+                        let ctx = Ctx {
+                            input_gradient: ctx.training && wanted,
+                            ..ctx
+                        };
+                        self.forward_node(i, ctx, keep, &given)?
+                    }
                 }
                 if let Some(absorbed) = self.absorbed[i] {
                     skipped[absorbed.node] = true;
@@ -725,6 +740,17 @@ impl Graph {
         self.values[self.nodes.len()]
             .as_ref()
             .ok_or_else(|| freed(self.nodes.len()))
+    }
+
+    /// Which values a backward pass needs a gradient of: the input if `input_grad`, and
+    /// anything downstream of trainable state that is not frozen (with `state_grads`).
+    fn wanted_gradients(&self, input_grad: bool, state_grads: bool) -> Vec<bool> {
+        let mut wants = vec![false; self.nodes.len() + 1];
+        wants[0] = input_grad;
+        for (i, node) in self.nodes.iter().enumerate() {
+            wants[i + 1] = (state_grads && node.trains()) || node.inputs.iter().any(|&v| wants[v]);
+        }
+        wants
     }
 
     /// Node `i`'s forward pass: its output (the absorbed activation node's, where it
@@ -912,14 +938,9 @@ impl Graph {
         let ctx = Ctx {
             training: mode == Mode::Train,
             step: self.step.wrapping_sub(u32::from(mode == Mode::Train)),
+            input_gradient: false,
         };
-        // Which values need a gradient: the input if asked, and anything downstream of
-        // trainable state that is not frozen.
-        let mut wants = vec![false; count + 1];
-        wants[0] = input_grad;
-        for (i, node) in self.nodes.iter().enumerate() {
-            wants[i + 1] = (state_grads && node.trains()) || node.inputs.iter().any(|&v| wants[v]);
-        }
+        let wants = self.wanted_gradients(input_grad, state_grads);
         let (taken, through) = self.activation_handoffs();
         let absorbed_by = self.absorbed_by();
         let mut grads: Vec<Option<Value>> = (0..=count).map(|_| None).collect();

@@ -183,7 +183,8 @@ impl Layer for Conv2d {
             });
         }
         // Winograd's input tiles, where the weight gradient transforms the same ones.
-        let (y, saved) = inputs[0].conv2d_saving(&spec, &state[0], state.get(1))?;
+        let weights = (&state[0], state.get(1));
+        let (y, saved) = inputs[0].conv2d_saving(&spec, weights, ctx.input_gradient)?;
         Ok(Forward {
             y,
             saved: saved.into_iter().collect(),

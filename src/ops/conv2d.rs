@@ -393,8 +393,23 @@ impl Conv2d {
         weight: &Tensor,
         bias: Option<&Tensor>,
     ) -> Result<(Tensor, Option<Tensor>)> {
+        self.forward_saving_for(x, (weight, bias), true)
+    }
+
+    /// [`Conv2d::forward_saving`] for a backward pass that computes the input gradient or
+    /// not (`input_grad`: not for a network's first layer), whose plan it follows.
+    pub(crate) fn forward_saving_for(
+        &self,
+        x: &Tensor,
+        (weight, bias): (&Tensor, Option<&Tensor>),
+        input_grad: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
         let shape = self.shape(x.shape(), weight.shape(), bias.map(Tensor::shape))?;
-        let plan = self.training_forward_kernel(x.gpu(), &shape, bias.is_some())?;
+        let needs = GradientsNeeded {
+            input: input_grad,
+            bias: bias.is_some(),
+        };
+        let plan = self.training_forward_kernel(x.gpu(), &shape, needs)?;
         let (out, _, saved) = self.forward_keeping(x, (weight, bias), (None, None), Some(plan))?;
         Ok((out, saved))
     }
@@ -1288,18 +1303,19 @@ impl Value {
         )
     }
 
-    /// [`Value::conv2d`] in a training step: the output, and on the GPU what
+    /// [`Value::conv2d`] in a training step whose backward pass computes this value's
+    /// gradient or not (`input_grad`): the output, and on the GPU what
     /// [`Conv2d::forward_saving`] keeps for [`Value::conv2d_backward_saved`].
     pub fn conv2d_saving(
         &self,
         spec: &Conv2d,
-        weight: &Value,
-        bias: Option<&Value>,
+        (weight, bias): (&Value, Option<&Value>),
+        input_grad: bool,
     ) -> Result<(Value, Option<Value>)> {
         match self {
             Value::Gpu(x) => {
                 let bias = bias.map(Value::gpu).transpose()?;
-                let (y, saved) = spec.forward_saving(x, weight.gpu()?, bias)?;
+                let (y, saved) = spec.forward_saving_for(x, (weight.gpu()?, bias), input_grad)?;
                 Ok((y.into(), saved.map(Value::from)))
             }
             Value::Cpu(_) => Ok((self.conv2d(spec, weight, bias)?, None)),

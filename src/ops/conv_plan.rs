@@ -280,8 +280,8 @@ impl Conv2d {
 
     /// The forward pass's kernel in a training step, and whether it keeps Winograd's input
     /// tiles for the weight gradient ([`Conv2d::forward_saving`]). Where the weight gradient
-    /// planned for the shape (with dx, `bias`, through the layer's activation) is Winograd's
-    /// and a forward candidate runs the same tile, the candidates are timed with what the
+    /// planned for the shape (for the gradients `needs`, through the layer's activation) is
+    /// Winograd's and a forward candidate runs the same tile, the candidates are timed with what the
     /// step then costs: those that keep no such tiles with the weight gradient's input
     /// transform added (a key of its own, "training forward"). On lavapipe this took F(4×4)
     /// for ResNet-20's 32-channel layers, where the forward pass alone takes the direct
@@ -290,9 +290,14 @@ impl Conv2d {
         &self,
         gpu: &Gpu,
         shape: &Conv2dShape,
-        bias: bool,
+        needs: GradientsNeeded,
     ) -> Result<(ConvKernel, bool)> {
-        let needs = GradientsNeeded { input: true, bias };
+        let candidates = self.forward_candidates(gpu, shape);
+        // The backward plan (measured now, if it was not) matters only where a forward
+        // candidate can keep tiles.
+        if candidates.iter().all(|k| k.winograd_tile().is_none()) {
+            return Ok((self.forward_kernel(gpu, shape)?, false));
+        }
         let gate = Some(self.activation).filter(|a| *a != Activation::None);
         let linear = Conv2d {
             activation: Activation::None,
@@ -301,7 +306,6 @@ impl Conv2d {
         let backward = linear.backward_kernels(gpu, shape, needs, gate)?;
         let dw_tile = backward.weight_grad.winograd_tile();
         let keeps = |kernel: ConvKernel| dw_tile.is_some() && kernel.winograd_tile() == dw_tile;
-        let candidates = self.forward_candidates(gpu, shape);
         let forced = self.kernel.is_some_and(|k| candidates.contains(&k));
         let tile = match dw_tile {
             Some(tile) if !forced && !untimed(shape) && candidates.iter().any(|&k| keeps(k)) => {
