@@ -175,16 +175,13 @@ impl Layer for Conv2d {
             activation,
             ..self.spec
         };
-        if !ctx.training {
-            let y = inputs[0].conv2d(&spec, &state[0], state.get(1))?;
-            return Ok(Forward {
-                y,
-                saved: Vec::new(),
-            });
-        }
-        // Winograd's input tiles, where the weight gradient transforms the same ones.
-        let weights = (&state[0], state.get(1));
-        let (y, saved) = inputs[0].conv2d_saving(&spec, weights, ctx.input_gradient)?;
+        // In training, Winograd's input tiles where the weight gradient transforms the same.
+        let (y, saved) = if ctx.training {
+            let weights = (&state[0], state.get(1));
+            inputs[0].conv2d_saving(&spec, weights, ctx.input_gradient)?
+        } else {
+            (inputs[0].conv2d(&spec, &state[0], state.get(1))?, None)
+        };
         Ok(Forward {
             y,
             saved: saved.into_iter().collect(),
