@@ -254,6 +254,88 @@ fn a_training_forward_pass_is_timed_with_its_weight_gradient() {
     let _ = std::fs::remove_dir_all(file.parent().unwrap());
 }
 
+/// A batch whose transformed tiles outgrow the one chunk a kept V is made in (F(2×2) of
+/// 16×128² images: 4 MiB each, 64 MiB the chunk) keeps none, so its forward pass is not
+/// timed as if it saved the weight gradient's input transform. With dW F(2×2)'s for the
+/// tuning keys that 16 and 17 images share (both timed on 16), 17 images take the forward
+/// pass's own choice and keep nothing; 16 are timed for training and keep V exactly where
+/// that choice is F(2×2). Each pass gives what the plain forward and backward passes do
+/// (which the other tests check against the CPU).
+#[test]
+fn tiles_past_one_chunk_are_not_counted_as_kept() {
+    if gpu().is_none() {
+        return;
+    }
+    let file = cache_file("chunk");
+    let measuring = || {
+        context(
+            Tuning::Measure,
+            Some(file.clone()),
+            Duration::from_secs(600),
+        )
+    };
+    let spec = spec();
+    let w = [16, 16, 3, 3];
+    let (wa, ba) = (random(&w, 31), random(&[w[0]], 32));
+    // A training step of `n` images on `gpu` against the plain passes: whether it kept V.
+    let step = |gpu: &Gpu, n: usize| {
+        let up = |a: &ndarray::ArrayD<f32>| Tensor::from_array(gpu, a).unwrap();
+        let (x, weight, bias) = (up(&random(&[n, 16, 128, 128], 33)), up(&wa), up(&ba));
+        let dy = up(&random(&[n, 16, 128, 128], 34));
+        let (y, saved) = spec.forward_saving(&x, &weight, Some(&bias)).unwrap();
+        let g = spec
+            .backward_saved(&x, &weight, &dy, saved.as_ref())
+            .unwrap();
+        let plain_y = spec.forward(&x, &weight, Some(&bias)).unwrap();
+        let plain = spec.backward(&x, &weight, &dy).unwrap();
+        let pairs = [(y, plain_y), (g.x, plain.x), (g.weight, plain.weight)];
+        for (i, (got, want)) in pairs.into_iter().enumerate() {
+            let want = want.to_array().unwrap();
+            let scale = want.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+            let diff = max_abs_diff(&got.to_array().unwrap(), &want);
+            assert!(
+                diff <= 1e-4 * scale,
+                "{n} images, output {i}: off by {diff}"
+            );
+        }
+        saved.is_some()
+    };
+    step(&measuring(), 16);
+    // The backward plan F(2×2)'s weight gradient, and no training forward choice yet.
+    let text = std::fs::read_to_string(&file).unwrap();
+    let rewritten: String = text
+        .lines()
+        .filter(|line| !line.contains("\tconv2d training forward "))
+        .map(|line| match line.split('\t').collect::<Vec<_>>()[..] {
+            [adapter, key, _, candidates] if key.starts_with("conv2d backward n16 ") => {
+                let mut names = candidates.split(';').map(|c| c.rsplit_once('=').unwrap().0);
+                let f2 = names
+                    .find(|n| n.ends_with(" + winograd dW"))
+                    .expect(candidates);
+                format!("{adapter}\t{key}\t{f2}\t{candidates}\n")
+            }
+            _ => format!("{line}\n"),
+        })
+        .collect();
+    assert!(rewritten.contains(" + winograd dW\t"), "{text}");
+    std::fs::write(&file, rewritten).unwrap();
+
+    let tuned = measuring();
+    let training = || {
+        let report = tuned.tuning_report();
+        let found = report.choices.iter().find(|c| c.key.contains("training"));
+        (found.map(|c| c.chosen.clone()), report)
+    };
+    assert!(!step(&tuned, 17), "17 images kept V: {:#?}", training().1);
+    let (none, report) = training();
+    assert_eq!(none, None, "{report:#?}");
+    let kept = step(&tuned, 16);
+    let (chosen, report) = training();
+    let chosen = chosen.unwrap_or_else(|| panic!("16 images not timed for training: {report:#?}"));
+    assert_eq!(kept, chosen == "winograd", "{chosen}");
+    let _ = std::fs::remove_dir_all(file.parent().unwrap());
+}
+
 /// In a model's training step a convolution's forward pass plans the backward pass the step
 /// then runs: the first layer's (Winograd among its candidates, 87 MFLOP) without an input
 /// gradient, so no "dx" key is measured for it, which no step would use; and the step

@@ -283,7 +283,8 @@ impl Conv2d {
     /// planned for the shape (for the gradients `needs`, through the layer's activation) is
     /// Winograd's and a forward candidate runs the same tile, the candidates are timed with what the
     /// step then costs: those that keep no such tiles with the weight gradient's input
-    /// transform added (a key of its own, "training forward"). On lavapipe this took F(4×4)
+    /// transform added (a key of its own, "training forward"), where the whole batch's tiles
+    /// fit the one chunk a kept V must be made in. On lavapipe this took F(4×4)
     /// for ResNet-20's 32-channel layers, where the forward pass alone takes the direct
     /// kernel. Elsewhere the forward pass's own choice.
     pub(crate) fn training_forward_kernel(
@@ -304,7 +305,11 @@ impl Conv2d {
             ..*self
         };
         let backward = linear.backward_kernels(gpu, shape, needs, gate)?;
-        let dw_tile = backward.weight_grad.winograd_tile();
+        // Tiles the forward pass cannot keep (a batch past one chunk of them) save nothing.
+        let dw_tile = backward
+            .weight_grad
+            .winograd_tile()
+            .filter(|&tile| conv_winograd::keeps_tiles(gpu, shape, tile));
         let keeps = |kernel: ConvKernel| dw_tile.is_some() && kernel.winograd_tile() == dw_tile;
         let forced = self.kernel.is_some_and(|k| candidates.contains(&k));
         let tile = match dw_tile {

@@ -338,6 +338,17 @@ pub(crate) fn forward_transformed(
     run_transformed(spec, Problem::forward(shape, tile), operands, out, keep)
 }
 
+/// Whether the forward pass of `shape` with blocks of `tile`² runs the whole batch as one
+/// chunk: only then can it keep the input tiles V for the weight gradient.
+pub(crate) fn keeps_tiles(gpu: &Gpu, shape: &Conv2dShape, tile: usize) -> bool {
+    whole_batch(gpu, &Problem::forward(shape, tile), shape.n)
+}
+
+/// Whether `n` images of `problem` run as one chunk of transformed tiles.
+fn whole_batch(gpu: &Gpu, problem: &Problem, n: usize) -> bool {
+    image_chunks(n, problem.image_bytes(), chunk_limit(gpu)).len() == 1
+}
+
 /// The transformed input tiles V of the whole batch in one pass, as the weight gradient
 /// transforms them: what the tuner times for the candidates that keep no V
 /// (`Conv2d::training_forward_kernel`).
@@ -453,8 +464,8 @@ fn run_transformed(
     let bias_slot = bias.unwrap_or(u);
     let n = x.shape()[0];
     let x_rows4 = problem.rows4(problem.w);
+    let keep = keep && whole_batch(gpu, &problem, n);
     let chunks = image_chunks(n, problem.image_bytes(), chunk_limit(gpu));
-    let keep = keep && chunks.len() == 1;
     let mut kept = None;
     for (first, count) in chunks {
         let images = (first, count);
