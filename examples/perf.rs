@@ -604,8 +604,12 @@ fn tuning_report(options: &GpuOptions, json: bool, filter: Option<&str>) -> Resu
                         None => format!("{name} -"),
                     })
                     .collect();
+                let batch = choice.timed_batch.map_or(String::new(), |n| match n {
+                    1 => " on 1 image".into(),
+                    n => format!(" on {n} images"),
+                });
                 println!(
-                    "    {} -> {} ({:?}: {})",
+                    "    {} -> {} ({:?}{batch}: {})",
                     choice.key,
                     choice.chosen,
                     choice.source,

@@ -88,6 +88,8 @@ fn measured_choices_are_kept_in_the_cache_file_and_read_back() {
     for choice in &report.choices {
         assert_eq!(choice.source, ChoiceSource::Measured, "{choice:?}");
         assert!(choice.candidates.len() >= 2, "{choice:?}");
+        // Four images: the trial runs the whole batch.
+        assert_eq!(choice.timed_batch, Some(X[0]), "{choice:?}");
         // The kept one is the fastest of those timed; every candidate ran.
         let times: Vec<f64> = choice.candidates.iter().map(|(_, t)| t.unwrap()).collect();
         assert!(times.iter().all(|t| t.is_finite()), "{choice:?}");
@@ -118,6 +120,7 @@ fn measured_choices_are_kept_in_the_cache_file_and_read_back() {
     for (kept, back) in report.choices.iter().zip(&read.choices) {
         assert_eq!(back.source, ChoiceSource::CacheFile);
         assert_eq!((&back.key, &back.chosen), (&kept.key, &kept.chosen));
+        assert_eq!(back.timed_batch, kept.timed_batch);
     }
     assert_eq!(plan.forward.name(), report.choices[0].chosen);
 
@@ -125,7 +128,9 @@ fn measured_choices_are_kept_in_the_cache_file_and_read_back() {
     let fewer: String = text
         .lines()
         .map(|line| match line.split('\t').collect::<Vec<_>>()[..] {
-            [adapter, key, chosen, _] => format!("{adapter}\t{key}\t{chosen}\t{chosen}=0.001\n"),
+            [adapter, key, chosen, _, batch] => {
+                format!("{adapter}\t{key}\t{chosen}\t{chosen}=0.001\t{batch}\n")
+            }
             _ => format!("{line}\n"),
         })
         .collect();
@@ -225,10 +230,10 @@ fn a_training_forward_pass_is_timed_with_its_weight_gradient() {
         .lines()
         .filter(|line| !line.contains("\tconv2d training forward "))
         .map(|line| match line.split('\t').collect::<Vec<_>>()[..] {
-            [adapter, key, _, candidates] if key.starts_with("conv2d backward ") => {
+            [adapter, key, _, candidates, batch] if key.starts_with("conv2d backward ") => {
                 let f4 = "winograd 4x4 dx + winograd 4x4 dW";
                 assert!(candidates.contains(f4), "{candidates}");
-                format!("{adapter}\t{key}\t{f4}\t{candidates}\n")
+                format!("{adapter}\t{key}\t{f4}\t{candidates}\t{batch}\n")
             }
             _ => format!("{line}\n"),
         })
@@ -300,19 +305,31 @@ fn tiles_past_one_chunk_are_not_counted_as_kept() {
         }
         saved.is_some()
     };
-    step(&measuring(), 16);
+    let first = measuring();
+    step(&first, 16);
+    // Its trials time 4 of the 16 images; the candidates close to the leader race again on
+    // all 16: each choice says which batch its times are from.
+    for choice in first.tuning_report().choices {
+        let timed = choice
+            .candidates
+            .iter()
+            .filter(|(_, t)| t.is_some())
+            .count();
+        assert!(timed >= 1, "{choice:?}");
+        assert!(matches!(choice.timed_batch, Some(4 | 16)), "{choice:?}");
+    }
     // The backward plan F(2×2)'s weight gradient, and no training forward choice yet.
     let text = std::fs::read_to_string(&file).unwrap();
     let rewritten: String = text
         .lines()
         .filter(|line| !line.contains("\tconv2d training forward "))
         .map(|line| match line.split('\t').collect::<Vec<_>>()[..] {
-            [adapter, key, _, candidates] if key.starts_with("conv2d backward n16 ") => {
+            [adapter, key, _, candidates, batch] if key.starts_with("conv2d backward n16 ") => {
                 let mut names = candidates.split(';').map(|c| c.rsplit_once('=').unwrap().0);
                 let f2 = names
                     .find(|n| n.ends_with(" + winograd dW"))
                     .expect(candidates);
-                format!("{adapter}\t{key}\t{f2}\t{candidates}\n")
+                format!("{adapter}\t{key}\t{f2}\t{candidates}\t{batch}\n")
             }
             _ => format!("{line}\n"),
         })

@@ -45,13 +45,18 @@ pub enum ChoiceSource {
 /// One tuned choice.
 #[derive(Clone, Debug, PartialEq)]
 pub struct TunedChoice {
-    /// What was tuned: the op, the pass and the shape it was timed at.
+    /// What was tuned: the op, the pass and the shape (with the widest batch its trials
+    /// may time).
     pub key: String,
     /// The kernel chosen.
     pub chosen: String,
     /// Each candidate with the fastest of its timed runs in seconds (`None`: it failed or
     /// was not timed; where the close candidates raced again on a wider batch, only theirs).
     pub candidates: Vec<(String, Option<f64>)>,
+    /// The batch those times were measured on: the key's, or a narrower trial's where no
+    /// second candidate came close enough to race again on the key's (`None`: nothing was
+    /// timed, or a cache line written before this was kept).
+    pub timed_batch: Option<usize>,
     /// Where the choice came from.
     pub source: ChoiceSource,
 }
@@ -89,7 +94,8 @@ pub struct TuningReport {
 /// transforms read rows of vec4s.
 const KERNELS_REVISION: u32 = 15;
 
-const HEADER: &str = "# wgcnn kernel tuning v1: adapter\tkey\tchosen\tcandidate=seconds;…";
+const HEADER: &str =
+    "# wgcnn kernel tuning v1: adapter\tkey\tchosen\tcandidate=seconds;…\ttimed batch";
 
 /// The tuner's state in a context.
 pub(crate) struct TuningState {
@@ -191,8 +197,9 @@ fn line(adapter: &str, choice: &TunedChoice) -> String {
             None => format!("{name}=-"),
         })
         .collect();
+    let batch = choice.timed_batch.map_or("-".into(), |n| n.to_string());
     format!(
-        "{adapter}\t{}\t{}\t{}\n",
+        "{adapter}\t{}\t{}\t{}\t{batch}\n",
         choice.key,
         choice.chosen,
         candidates.join(";")
@@ -210,8 +217,14 @@ fn read_lines(path: &Path) -> std::result::Result<Vec<(String, TunedChoice)>, St
 }
 
 fn parse_line(text: &str) -> Option<(String, TunedChoice)> {
-    let [adapter, key, chosen, candidates] = text.split('\t').collect::<Vec<_>>()[..] else {
-        return None;
+    // Lines written before the timed batch was recorded have four fields.
+    let (adapter, key, chosen, candidates, batch) = match text.split('\t').collect::<Vec<_>>()[..] {
+        [adapter, key, chosen, candidates] => (adapter, key, chosen, candidates, None),
+        [adapter, key, chosen, candidates, "-"] => (adapter, key, chosen, candidates, None),
+        [adapter, key, chosen, candidates, batch] => {
+            (adapter, key, chosen, candidates, Some(batch.parse().ok()?))
+        }
+        _ => return None,
     };
     let candidates = candidates
         .split(';')
@@ -229,6 +242,7 @@ fn parse_line(text: &str) -> Option<(String, TunedChoice)> {
             key: key.to_string(),
             chosen: chosen.to_string(),
             candidates,
+            timed_batch: batch,
             source: ChoiceSource::CacheFile,
         };
         (adapter.to_string(), choice)
@@ -265,7 +279,8 @@ impl Gpu {
     /// Which of `candidates` (the op's fixed order: the first is its default) to run for
     /// `key`: remembered, read from the cache file (if it chose among these same
     /// candidates), or timed by `measure` (seconds per candidate, `None` for one that
-    /// failed), the fastest kept. `measure` gets the budget left and returns `None` if it
+    /// failed, and the batch they were timed on), the fastest kept. `measure` gets the budget
+    /// left and returns `None` if it
     /// stopped when that ran out, before every candidate ran (the default runs, and the
     /// next process measures the key again). One key is measured once, even by threads
     /// asking at the same moment. `measure` must not ask for choices.
@@ -273,7 +288,7 @@ impl Gpu {
         &self,
         key: &str,
         candidates: &[String],
-        measure: impl FnOnce(Duration) -> Result<Option<Vec<Option<f64>>>>,
+        measure: impl FnOnce(Duration) -> Result<Option<(Vec<Option<f64>>, usize)>>,
     ) -> Result<usize> {
         let mut state = lock(&self.inner.tuning);
         if candidates.len() < 2 || state.mode == Tuning::Fixed {
@@ -312,11 +327,12 @@ impl Gpu {
             measured
         };
         // The budget was spent before this key, or ran out while its candidates compiled.
-        let Some(times) = measured else {
+        let Some((times, batch)) = measured else {
             state.remember(TunedChoice {
                 key: key.to_string(),
                 chosen: candidates[0].clone(),
                 candidates: named(&[]),
+                timed_batch: None,
                 source: ChoiceSource::BudgetSpent,
             });
             return Ok(0);
@@ -331,6 +347,7 @@ impl Gpu {
             key: key.to_string(),
             chosen: candidates[fastest.unwrap_or(0)].clone(),
             candidates: named(&times),
+            timed_batch: Some(batch),
             source: match fastest {
                 Some(_) => ChoiceSource::Measured,
                 None => ChoiceSource::TrialsFailed,
@@ -366,19 +383,28 @@ mod tests {
     #[test]
     fn cache_lines_read_back_and_bad_ones_are_skipped() {
         let choice = TunedChoice {
-            key: "conv2d forward n1 c3".into(),
+            key: "conv2d forward n8 c3".into(),
             chosen: "winograd".into(),
             candidates: vec![
                 ("im2col+matmul".into(), Some(0.25)),
                 ("winograd".into(), None),
             ],
+            timed_batch: Some(2),
             source: ChoiceSource::Measured,
         };
         let text = line("lavapipe | Vulkan", &choice);
         let (adapter, read) = parse_line(text.trim_end()).unwrap();
         assert_eq!(adapter, "lavapipe | Vulkan");
         assert_eq!(read.candidates, choice.candidates);
+        assert_eq!(read.timed_batch, Some(2));
         assert_eq!(read.source, ChoiceSource::CacheFile);
+        // A line without the timed batch (written before it was recorded), or with none.
+        let older = text.trim_end().rsplit_once('\t').unwrap().0;
+        let untimed = format!("{older}\t-");
+        for text in [older, &untimed] {
+            let (_, read) = parse_line(text).unwrap();
+            assert_eq!((read.chosen.as_str(), read.timed_batch), ("winograd", None));
+        }
         for bad in [
             "",
             HEADER,
@@ -387,6 +413,8 @@ mod tests {
             "a\tk\tx\tx=abc",
             "a\tk\tx\tx=inf",
             "a\tk\tx\tx",
+            "a\tk\tx\tx=0.1\tmany",
+            "a\tk\tx\tx=0.1\t2\textra",
         ] {
             assert!(parse_line(bad).is_none(), "{bad:?}");
         }

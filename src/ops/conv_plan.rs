@@ -648,7 +648,7 @@ fn tuned(
         let last = &rounds.last;
         let left = budget.saturating_sub(began.elapsed());
         if last.n == trial.n || close.len() < 2 || left.is_zero() {
-            return Ok(Some(times));
+            return Ok(Some((times, trial.n)));
         }
         let finals = time_trials(
             gpu,
@@ -658,13 +658,13 @@ fn tuned(
             |t, j| run(t, last, close[j]),
         )?;
         let Some(finals) = finals.filter(|f| f.iter().any(Option::is_some)) else {
-            return Ok(Some(times));
+            return Ok(Some((times, trial.n)));
         };
         let mut kept = vec![None; names.len()];
         for (&i, time) in close.iter().zip(finals) {
             kept[i] = time;
         }
-        Ok(Some(kept))
+        Ok(Some((kept, last.n)))
     })
 }
 
