@@ -26,6 +26,9 @@ override DH: u32;
 override DW: u32;
 override COUNT_INCLUDE_PAD: u32;
 override ACT: u32 = 0u;
+// 0: max pooling's forward pass stores no arg-max (inference, where no backward pass reads
+// it; the output fills the unwritten binding).
+override KEEP_ARGMAX: u32 = 1u;
 
 struct Params {
     total: u32, slope: f32, _pad1: u32, _pad2: u32,   // slope: leaky ReLU's, with ACT
@@ -92,7 +95,7 @@ fn max_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workg
         }
     }
     dst[index] = best;
-    argmax[index] = f32(best_at);
+    if KEEP_ARGMAX != 0u { argmax[index] = f32(best_at); }
 }
 
 @compute @workgroup_size(WORKGROUP)
@@ -256,7 +259,7 @@ fn max_forward_quads(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num
         indices[j] = m.y;
     }
     dst4[q] = values;
-    argmax4[q] = indices;
+    if KEEP_ARGMAX != 0u { argmax4[q] = indices; }
 }
 
 // Max pooling's forward over four neighbouring outputs of a row for any window, stride,
@@ -311,7 +314,7 @@ fn max_forward_row_quads(@builtin(global_invocation_id) gid: vec3<u32>, @builtin
         }
     }
     dst4[q] = best;
-    argmax4[q] = best_at;
+    if KEEP_ARGMAX != 0u { argmax4[q] = best_at; }
 }
 
 // src4 = dy, dst4 = dx, best4 (and pooled4, with ACT) from the forward pass.

@@ -136,6 +136,10 @@ proptest! {
         if let (Some(g), Some(c)) = (&pooled.argmax, &cpu.argmax) {
             prop_assert_eq!(&g.to_array().unwrap(), c);
         }
+        // Inference's pass (no arg-max stored) gives the same values.
+        poison(&shape.output());
+        let values = spec.forward_inference(&upload(&x)).unwrap().to_array().unwrap();
+        prop_assert_eq!(&values, &pooled.y.to_array().unwrap());
         let dy = random(&shape.output(), seed + 1);
         let want = wgcnn::cpu::pool2d_backward(&spec, x.shape(), &dy.view(), cpu.argmax.as_ref().map(|a| a.view()).as_ref()).unwrap();
         let tdy = upload(&dy);
@@ -486,7 +490,8 @@ fn adaptive_average_pooling_matches_pytorch_and_the_cpu() {
 /// 3×3 at stride 2 with padding 1, stride 1, a 2×2 window whose rows do not tile the
 /// input, dilation, a 7×7 window padded by 3, ceil mode (windows past the input's edge),
 /// from storage and from textures; values (with ties and a NaN) and arg-maxes against the
-/// CPU, outputs poisoned, and the backward pass through those arg-maxes.
+/// CPU, outputs poisoned, and the backward pass through those arg-maxes; inference's pass,
+/// which stores no arg-max, gives the same values bit for bit.
 #[test]
 fn max_pooling_in_rows_of_four_windows_matches_the_cpu() {
     let Some(gpus) = read_family_gpus() else {
@@ -524,6 +529,18 @@ fn max_pooling_in_rows_of_four_windows_matches_the_cpu() {
                 .all(|(a, b)| a == b || (a.is_nan() && b.is_nan()));
             assert!(same, "case {i}: {y} against {}", cpu.y);
             assert_eq!(pooled.indices().unwrap(), cpu.indices(), "case {i}");
+            // Inference's pass stores no arg-max and gives the same values.
+            drop(Tensor::full(gpu, cpu.y.shape(), f32::NAN).unwrap());
+            let values = spec
+                .forward_inference(&Tensor::from_array(gpu, &x).unwrap())
+                .unwrap()
+                .to_array()
+                .unwrap();
+            let same = values
+                .iter()
+                .zip(&y)
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "case {i} inference: {values} against {y}");
             let dy = random(cpu.y.shape(), 50 + i as u64);
             let argmax = cpu.argmax.as_ref().map(|a| a.view());
             let want =

@@ -34,6 +34,9 @@ pub struct Ctx {
     /// layer may plan its backward pass from it (a convolution keeping what its weight
     /// gradient reuses). False elsewhere.
     pub input_gradient: bool,
+    /// Whether a backward pass may follow (training, and evaluation with gradients): only
+    /// then does a layer keep what its backward pass alone reads (max pooling's arg-max).
+    pub backward: bool,
 }
 
 /// A piece of state a layer owns, with its initial value.
@@ -331,6 +334,7 @@ fn dry_run_shape<L: Layer + ?Sized>(layer: &L, inputs: &[&[usize]]) -> Result<Ve
         training: false,
         step: 0,
         input_gradient: false,
+        backward: false,
     };
     Ok(layer.forward(ctx, &refs, &mut state)?.y.shape().to_vec())
 }
@@ -671,6 +675,7 @@ impl Graph {
             training: mode == Mode::Train,
             step: self.step,
             input_gradient: false,
+            backward: mode != Mode::Eval,
         };
         let step_wants = self.wanted_gradients(false, true);
         let keep = mode != Mode::Eval;
@@ -939,6 +944,7 @@ impl Graph {
             training: mode == Mode::Train,
             step: self.step.wrapping_sub(u32::from(mode == Mode::Train)),
             input_gradient: false,
+            backward: true,
         };
         let wants = self.wanted_gradients(input_grad, state_grads);
         let (taken, through) = self.activation_handoffs();

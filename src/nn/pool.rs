@@ -3,10 +3,11 @@
 
 use crate::error::{Error, Result};
 use crate::graph::{Backward, BackwardArgs, Ctx, Forward, Layer, Value};
-use crate::ops::pool2d::Pool2d;
+use crate::ops::pool2d::{Pool2d, Pooled};
 use crate::ops::{self, Activation, PoolKind};
 
-/// Max or average pooling over windows; the max variant saves its arg-max for backward.
+/// Max or average pooling over windows; the max variant saves its arg-max where a backward
+/// pass may follow.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Pool(pub Pool2d);
 
@@ -71,8 +72,16 @@ impl Layer for Pool {
         Ok(self.0.shape(inputs[0])?.output().to_vec())
     }
 
-    fn forward(&self, _ctx: Ctx, inputs: &[&Value], _state: &mut [Value]) -> Result<Forward> {
-        let pooled = inputs[0].pool2d(&self.0)?;
+    fn forward(&self, ctx: Ctx, inputs: &[&Value], _state: &mut [Value]) -> Result<Forward> {
+        // Max pooling's arg-max is for the backward pass alone.
+        let pooled = if ctx.backward {
+            inputs[0].pool2d(&self.0)?
+        } else {
+            Pooled {
+                y: inputs[0].pool2d_inference(&self.0)?,
+                argmax: None,
+            }
+        };
         Ok(Forward {
             y: pooled.y,
             saved: pooled.argmax.into_iter().collect(),

@@ -17,7 +17,7 @@ use crate::gpu::Commands;
 use crate::gpu::dispatch::Resource;
 use crate::gpu::shared::{MAX_LOOP_ITERATIONS, workgroups};
 use crate::gpu::texture::{Texel, TextureInputs, scalar_input, vec4_input};
-use crate::gpu::{Generated, Gpu};
+use crate::gpu::Generated;
 use crate::tensor::Tensor;
 use crate::value::{Activation, Value};
 
@@ -281,34 +281,46 @@ impl Pool2d {
 
     /// Pools `x` on the GPU.
     pub fn forward(&self, x: &Tensor) -> Result<Pooled<Tensor>> {
+        self.pool(x, true)
+    }
+
+    /// The pooled values alone, for inference: max pooling stores no arg-max, which only
+    /// a backward pass reads.
+    pub fn forward_inference(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(self.pool(x, false)?.y)
+    }
+
+    /// Pools `x`, max pooling keeping its arg-max or not (`indices`).
+    fn pool(&self, x: &Tensor, indices: bool) -> Result<Pooled<Tensor>> {
         let gpu = x.gpu();
         let shape = self.shape(x.shape())?;
         self.check_loop_bound()?;
         let y = Tensor::uninit(gpu, &shape.output())?;
         match self.kind {
             PoolKind::Max => {
-                let argmax = Tensor::uninit(gpu, &shape.output())?;
+                let argmax = indices
+                    .then(|| Tensor::uninit(gpu, &shape.output()))
+                    .transpose()?;
+                // Without indices the output fills the arg-max's (unwritten) binding.
+                let slot = argmax.as_ref().unwrap_or(&y);
                 if self.quads(&shape) || self.row_quads(&shape) {
-                    let tensors = [(5, x), (6, &y), (7, &argmax)];
+                    let tensors = [(5, x), (6, &y), (7, slot)];
                     let quads = y.len() / 4;
                     let entry = if self.quads(&shape) {
                         "max_forward_quads"
                     } else {
                         "max_forward_row_quads"
                     };
-                    self.run(gpu, &shape, entry, &tensors, quads, NONE)?;
+                    self.run(&shape, entry, &tensors, quads, NONE, indices)?;
                 } else {
-                    let tensors = [(1, x), (2, &y), (3, &argmax)];
-                    self.run(gpu, &shape, "max_forward", &tensors, y.len(), NONE)?;
+                    let tensors = [(1, x), (2, &y), (3, slot)];
+                    self.run(&shape, "max_forward", &tensors, y.len(), NONE, indices)?;
                 }
-                Ok(Pooled {
-                    y,
-                    argmax: Some(argmax),
-                })
+                Ok(Pooled { y, argmax })
             }
             PoolKind::Avg { .. } => {
                 let tensors = [(1, x), (2, &y)];
-                self.run(gpu, &shape, "avg_forward", &tensors, y.len(), NONE)?;
+                self.run(&shape, "avg_forward", &tensors, y.len(), NONE, false)?;
                 Ok(Pooled { y, argmax: None })
             }
         }
@@ -380,19 +392,13 @@ impl Pool2d {
                     let mut tensors = vec![(5, dy), (6, &dx), (9, argmax)];
                     tensors.extend(gate.map(|(_, y)| (8, y)));
                     let quads = dy.len() / 4;
-                    self.run(
-                        gpu,
-                        &shape,
-                        "max_backward_quads",
-                        &tensors,
-                        quads,
-                        activation,
-                    )?;
+                    let entry = "max_backward_quads";
+                    self.run(&shape, entry, &tensors, quads, activation, false)?;
                 } else {
                     let entry = format!("max_backward{entry}");
                     let mut tensors = vec![(1, dy), (2, &dx), (3, argmax)];
                     tensors.extend(gate.map(|(_, y)| (4, y)));
-                    self.run(gpu, &shape, &entry, &tensors, total, activation)?;
+                    self.run(&shape, &entry, &tensors, total, activation, false)?;
                 }
             }
             (PoolKind::Max, None) => {
@@ -403,7 +409,7 @@ impl Pool2d {
             (PoolKind::Avg { .. }, _) => {
                 let entry = format!("avg_backward{entry}");
                 let tensors = [(1, dy), (2, &dx)];
-                self.run(gpu, &shape, &entry, &tensors, total, NONE)?
+                self.run(&shape, &entry, &tensors, total, NONE, false)?
             }
         }
         Ok(dx)
@@ -435,17 +441,22 @@ impl Pool2d {
     }
 
     /// Runs `entry` over `total` items with each tensor at its binding number (the `_quads`
-    /// entries bind theirs, at 5 and up, as vec4s); max pooling's backward entries take the
-    /// gradient through `activation`.
+    /// entries bind theirs, at 5 and up, as vec4s; the first tensor's context runs it); max
+    /// pooling's backward entries take the gradient through `activation`, and its forward
+    /// entries store the arg-max where `keep_argmax`.
     fn run(
         &self,
-        gpu: &Gpu,
         shape: &Pool2dShape,
         entry: &str,
         tensors: &[(u32, &Tensor)],
         total: usize,
         activation: Activation,
+        keep_argmax: bool,
     ) -> Result<()> {
+        let Some(&(_, first)) = tensors.first() else {
+            return Err(invalid(format!("{entry} given no tensors")));
+        };
+        let gpu = first.gpu();
         let count_include_pad = match self.kind {
             PoolKind::Avg { count_include_pad } => count_include_pad,
             PoolKind::Max => true,
@@ -470,6 +481,7 @@ impl Pool2d {
             ("DW", self.dilation.1),
             ("COUNT_INCLUDE_PAD", usize::from(count_include_pad)),
             ("ACT", activation.code() as usize),
+            ("KEEP_ARGMAX", usize::from(keep_argmax)),
         ]
         .map(|(name, value)| (name, value as u32));
         // The `_quads` kernels read their inputs through textures where this context reads
@@ -783,6 +795,14 @@ impl Value {
                     argmax: p.argmax.map(Value::from),
                 }
             }
+        })
+    }
+
+    /// The pooled values alone, for inference (see [`Pool2d::forward_inference`]).
+    pub fn pool2d_inference(&self, spec: &Pool2d) -> Result<Value> {
+        Ok(match self {
+            Value::Gpu(x) => spec.forward_inference(x)?.into(),
+            Value::Cpu(x) => pool2d_cpu(spec, &x.view())?.y.into(),
         })
     }
 
