@@ -280,10 +280,9 @@ impl Gpu {
     /// `key`: remembered, read from the cache file (if it chose among these same
     /// candidates), or timed by `measure` (seconds per candidate, `None` for one that
     /// failed, and the batch they were timed on), the fastest kept. `measure` gets the budget
-    /// left and returns `None` if it
-    /// stopped when that ran out, before every candidate ran (the default runs, and the
-    /// next process measures the key again). One key is measured once, even by threads
-    /// asking at the same moment. `measure` must not ask for choices.
+    /// left and returns `None` if it stopped when that ran out, before every candidate ran
+    /// (the default runs, and the next process measures the key again). One key is measured
+    /// once, even by threads asking at the same moment. `measure` must not ask for choices.
     pub(crate) fn tuned(
         &self,
         key: &str,

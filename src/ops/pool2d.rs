@@ -14,10 +14,10 @@ use super::adaptive_pool::AdaptiveAvgPool2d;
 use super::reduce::sum_axes;
 use crate::error::{Error, Result};
 use crate::gpu::Commands;
+use crate::gpu::Generated;
 use crate::gpu::dispatch::Resource;
 use crate::gpu::shared::{MAX_LOOP_ITERATIONS, workgroups};
 use crate::gpu::texture::{Texel, TextureInputs, scalar_input, vec4_input};
-use crate::gpu::Generated;
 use crate::tensor::Tensor;
 use crate::value::{Activation, Value};
 
