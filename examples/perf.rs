@@ -946,11 +946,24 @@ fn main() -> Result<()> {
         cases.push(input_batch_case(&gpu, on_device)?);
     }
 
-    for mut case in cases {
+    let wanted = |case: &Case<'_>| {
         let label = format!("{} {}", case.op, case.shape);
-        if filter.as_ref().is_some_and(|f| !label.contains(f.as_str())) {
-            continue;
-        }
+        filter.as_ref().is_none_or(|f| label.contains(f.as_str()))
+    };
+    if let Some(f) = filter.as_ref().filter(|_| !cases.iter().any(wanted)) {
+        let rows: Vec<String> = cases
+            .iter()
+            .map(|c| format!("{} {}", c.op, c.shape))
+            .collect();
+        return Err(wgcnn::Error::InvalidArgument {
+            op: "perf --filter",
+            detail: format!(
+                "no row's \"op shape\" contains {f:?}; the rows: {}",
+                rows.join(", ")
+            ),
+        });
+    }
+    for mut case in cases.into_iter().filter(|case| wanted(case)) {
         let mut gpu_run = || -> Result<()> {
             (case.gpu)()?;
             gpu.synchronize()
