@@ -557,6 +557,8 @@ fn tuning_report(options: &GpuOptions, json: bool, filter: Option<&str>) -> Resu
             false,
         ),
     ];
+    let labels = models.map(|(label, ..)| label.to_string());
+    check_filter("perf --tuning --filter", filter, &labels)?;
     for (label, name, n, train) in models {
         if filter.is_some_and(|f| !label.contains(f)) {
             continue;
@@ -627,31 +629,53 @@ fn tuning_report(options: &GpuOptions, json: bool, filter: Option<&str>) -> Resu
 fn memory_report(gpu: &Gpu, filter: Option<&str>) -> Result<()> {
     let mib = |bytes: u64| bytes as f64 / f64::from(1u32 << 20);
     let limit = gpu.limits().max_storage_buffer_binding_size;
+    let steps = ["resnet18", "resnet50"].into_iter().flat_map(|name| {
+        [false, true]
+            .into_iter()
+            .flat_map(move |train| [1, 8, 32].map(|n| (name, train, n)))
+    });
+    let label = |(name, train, n): (&str, bool, usize)| {
+        format!("{name} {} N{n}", if train { "train" } else { "eval" })
+    };
+    let labels: Vec<String> = steps.clone().map(label).collect();
+    check_filter("perf --memory --filter", filter, &labels)?;
     println!("binding limit {:.0} MiB", mib(limit));
-    for name in ["resnet18", "resnet50"] {
-        for train in [false, true] {
-            for n in [1, 8, 32] {
-                let label = format!("{name} {} N{n}", if train { "train" } else { "eval" });
-                if filter.is_some_and(|f| !label.contains(f)) {
-                    continue;
-                }
-                let mut step = model_step(Device::Gpu(gpu.clone()), name, n, train);
-                step()?;
-                gpu.synchronize()?;
-                gpu.reset_peak_bytes();
-                let start = Instant::now();
-                step()?;
-                gpu.synchronize()?;
-                let seconds = start.elapsed().as_secs_f64();
-                let stats = gpu.pool_stats();
-                println!(
-                    "{label:<22} peak {:>8.1} MiB  {seconds:>7.2} s",
-                    mib(stats.peak_live_bytes)
-                );
-            }
+    for (name, train, n) in steps {
+        let label = label((name, train, n));
+        if filter.is_some_and(|f| !label.contains(f)) {
+            continue;
         }
+        let mut step = model_step(Device::Gpu(gpu.clone()), name, n, train);
+        step()?;
+        gpu.synchronize()?;
+        gpu.reset_peak_bytes();
+        let start = Instant::now();
+        step()?;
+        gpu.synchronize()?;
+        let seconds = start.elapsed().as_secs_f64();
+        let stats = gpu.pool_stats();
+        println!(
+            "{label:<22} peak {:>8.1} MiB  {seconds:>7.2} s",
+            mib(stats.peak_live_bytes)
+        );
     }
     Ok(())
+}
+
+/// An error where `filter` is given and no label contains it: a filter matching nothing
+/// would otherwise print nothing, silently.
+fn check_filter(flag: &'static str, filter: Option<&str>, labels: &[String]) -> Result<()> {
+    match filter {
+        Some(f) if !labels.iter().any(|label| label.contains(f)) => {
+            let mut rows = labels.to_vec();
+            rows.dedup();
+            Err(wgcnn::Error::InvalidArgument {
+                op: flag,
+                detail: format!("no row contains {f:?}; the rows: {}", rows.join(", ")),
+            })
+        }
+        _ => Ok(()),
+    }
 }
 
 /// `--profile`: the passes of a LeNet training step (or, with `--filter`, of ResNet-20's at
@@ -946,24 +970,15 @@ fn main() -> Result<()> {
         cases.push(input_batch_case(&gpu, on_device)?);
     }
 
-    let wanted = |case: &Case<'_>| {
-        let label = format!("{} {}", case.op, case.shape);
-        filter.as_ref().is_none_or(|f| label.contains(f.as_str()))
-    };
-    if let Some(f) = filter.as_ref().filter(|_| !cases.iter().any(wanted)) {
-        let rows: Vec<String> = cases
-            .iter()
-            .map(|c| format!("{} {}", c.op, c.shape))
-            .collect();
-        return Err(wgcnn::Error::InvalidArgument {
-            op: "perf --filter",
-            detail: format!(
-                "no row's \"op shape\" contains {f:?}; the rows: {}",
-                rows.join(", ")
-            ),
-        });
-    }
-    for mut case in cases.into_iter().filter(|case| wanted(case)) {
+    let labels: Vec<String> = cases
+        .iter()
+        .map(|case| format!("{} {}", case.op, case.shape))
+        .collect();
+    check_filter("perf --filter", filter.as_deref(), &labels)?;
+    for (mut case, label) in cases.into_iter().zip(labels) {
+        if filter.as_ref().is_some_and(|f| !label.contains(f.as_str())) {
+            continue;
+        }
         let mut gpu_run = || -> Result<()> {
             (case.gpu)()?;
             gpu.synchronize()
