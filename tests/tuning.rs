@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::{gpu, max_abs_diff, random};
@@ -28,6 +28,41 @@ fn context(tuning: Tuning, cache: Option<PathBuf>, budget: Duration) -> Gpu {
         ..common::options()
     })
     .unwrap()
+}
+
+/// A measuring context with the cache file `file` and a budget no trial here reaches.
+fn measuring(file: &Path) -> Gpu {
+    context(
+        Tuning::Measure,
+        Some(file.to_path_buf()),
+        Duration::from_secs(600),
+    )
+}
+
+/// Rewrites the cache file `file` so that each backward choice whose key starts with
+/// `prefix` is the candidate `pick` names among its candidates, and drops the training
+/// forward choices (timed against the backward plans before).
+fn choose_backward(file: &Path, prefix: &str, pick: impl Fn(&[&str]) -> String) {
+    let text = std::fs::read_to_string(file).unwrap();
+    let mut rewrote = false;
+    let rewritten: String = text
+        .lines()
+        .filter(|line| !line.contains("\tconv2d training forward "))
+        .map(|line| match line.split('\t').collect::<Vec<_>>()[..] {
+            [adapter, key, _, candidates, batch] if key.starts_with(prefix) => {
+                let names: Vec<&str> = candidates
+                    .split(';')
+                    .map(|c| c.rsplit_once('=').unwrap().0)
+                    .collect();
+                rewrote = true;
+                let chosen = pick(&names);
+                format!("{adapter}\t{key}\t{chosen}\t{candidates}\t{batch}\n")
+            }
+            _ => format!("{line}\n"),
+        })
+        .collect();
+    assert!(rewrote, "no backward choice {prefix:?} in {text}");
+    std::fs::write(file, rewritten).unwrap();
 }
 
 /// A 3×3 layer heavy enough to be tuned (75 MFLOP), with two forward families (Winograd,
@@ -77,11 +112,7 @@ fn measured_choices_are_kept_in_the_cache_file_and_read_back() {
         return;
     }
     let file = cache_file("kept");
-    let tuned = context(
-        Tuning::Measure,
-        Some(file.clone()),
-        Duration::from_secs(600),
-    );
+    let tuned = measuring(&file);
     run_against_cpu(&tuned, &spec(), &X, &W, "measured");
     let report = tuned.tuning_report();
     assert_eq!(report.choices.len(), 2, "{report:#?}");
@@ -107,11 +138,7 @@ fn measured_choices_are_kept_in_the_cache_file_and_read_back() {
     }
 
     // A new context reads the choices back and measures nothing.
-    let again = context(
-        Tuning::Measure,
-        Some(file.clone()),
-        Duration::from_secs(600),
-    );
+    let again = measuring(&file);
     let shape = spec().shape(&X, &W, None).unwrap();
     let plan = spec().plan(&again, &shape).unwrap();
     let read = again.tuning_report();
@@ -135,11 +162,7 @@ fn measured_choices_are_kept_in_the_cache_file_and_read_back() {
         })
         .collect();
     std::fs::write(&file, fewer).unwrap();
-    let remeasured = context(
-        Tuning::Measure,
-        Some(file.clone()),
-        Duration::from_secs(600),
-    );
+    let remeasured = measuring(&file);
     spec().plan(&remeasured, &shape).unwrap();
     let report = remeasured.tuning_report();
     assert!(
@@ -165,13 +188,6 @@ fn a_training_forward_pass_is_timed_with_its_weight_gradient() {
         return;
     }
     let file = cache_file("training");
-    let measuring = || {
-        context(
-            Tuning::Measure,
-            Some(file.clone()),
-            Duration::from_secs(600),
-        )
-    };
     let (xa, wa, ba) = (random(&X, 11), random(&W, 12), random(&[W[0]], 13));
     let spec = spec();
     let expected = wgcnn::cpu::conv2d(&spec, &xa.view(), &wa.view(), Some(&ba.view())).unwrap();
@@ -221,25 +237,16 @@ fn a_training_forward_pass_is_timed_with_its_weight_gradient() {
             _ => panic!("a training forward choice exactly where dW is Winograd's: {report:#?}"),
         }
     };
-    let (kept, report) = run(&measuring());
+    let (kept, report) = run(&measuring(&file));
     consistent(kept, &report);
 
     // The weight gradient F(4×4)'s: the training forward pass measured against it.
-    let text = std::fs::read_to_string(&file).unwrap();
-    let rewritten: String = text
-        .lines()
-        .filter(|line| !line.contains("\tconv2d training forward "))
-        .map(|line| match line.split('\t').collect::<Vec<_>>()[..] {
-            [adapter, key, _, candidates, batch] if key.starts_with("conv2d backward ") => {
-                let f4 = "winograd 4x4 dx + winograd 4x4 dW";
-                assert!(candidates.contains(f4), "{candidates}");
-                format!("{adapter}\t{key}\t{f4}\t{candidates}\t{batch}\n")
-            }
-            _ => format!("{line}\n"),
-        })
-        .collect();
-    std::fs::write(&file, rewritten).unwrap();
-    let (kept, report) = run(&measuring());
+    choose_backward(&file, "conv2d backward ", |candidates| {
+        let f4 = "winograd 4x4 dx + winograd 4x4 dW";
+        assert!(candidates.contains(&f4), "{candidates:?}");
+        f4.into()
+    });
+    let (kept, report) = run(&measuring(&file));
     consistent(kept, &report);
     let training = report.choices.iter().find(|c| c.key.contains("training"));
     assert_eq!(
@@ -248,7 +255,7 @@ fn a_training_forward_pass_is_timed_with_its_weight_gradient() {
         "{report:#?}"
     );
 
-    let (again, read) = run(&measuring());
+    let (again, read) = run(&measuring(&file));
     assert_eq!(again, kept);
     assert_eq!(read.seconds, 0.0, "{read:#?}");
     assert!(
@@ -272,13 +279,6 @@ fn tiles_past_one_chunk_are_not_counted_as_kept() {
         return;
     }
     let file = cache_file("chunk");
-    let measuring = || {
-        context(
-            Tuning::Measure,
-            Some(file.clone()),
-            Duration::from_secs(600),
-        )
-    };
     let spec = spec();
     let w = [16, 16, 3, 3];
     let (wa, ba) = (random(&w, 31), random(&[w[0]], 32));
@@ -305,7 +305,7 @@ fn tiles_past_one_chunk_are_not_counted_as_kept() {
         }
         saved.is_some()
     };
-    let first = measuring();
+    let first = measuring(&file);
     step(&first, 16);
     // Its trials time 4 of the 16 images; the candidates close to the leader race again on
     // all 16: each choice says which batch its times are from.
@@ -319,25 +319,12 @@ fn tiles_past_one_chunk_are_not_counted_as_kept() {
         assert!(matches!(choice.timed_batch, Some(4 | 16)), "{choice:?}");
     }
     // The backward plan F(2×2)'s weight gradient, and no training forward choice yet.
-    let text = std::fs::read_to_string(&file).unwrap();
-    let rewritten: String = text
-        .lines()
-        .filter(|line| !line.contains("\tconv2d training forward "))
-        .map(|line| match line.split('\t').collect::<Vec<_>>()[..] {
-            [adapter, key, _, candidates, batch] if key.starts_with("conv2d backward n16 ") => {
-                let mut names = candidates.split(';').map(|c| c.rsplit_once('=').unwrap().0);
-                let f2 = names
-                    .find(|n| n.ends_with(" + winograd dW"))
-                    .expect(candidates);
-                format!("{adapter}\t{key}\t{f2}\t{candidates}\t{batch}\n")
-            }
-            _ => format!("{line}\n"),
-        })
-        .collect();
-    assert!(rewritten.contains(" + winograd dW\t"), "{text}");
-    std::fs::write(&file, rewritten).unwrap();
+    choose_backward(&file, "conv2d backward n16 ", |candidates| {
+        let f2 = candidates.iter().find(|n| n.ends_with(" + winograd dW"));
+        f2.unwrap_or_else(|| panic!("{candidates:?}")).to_string()
+    });
 
-    let tuned = measuring();
+    let tuned = measuring(&file);
     let training = || {
         let report = tuned.tuning_report();
         let found = report.choices.iter().find(|c| c.key.contains("training"));
@@ -367,11 +354,7 @@ fn a_models_training_forward_plans_the_backward_pass_it_runs() {
         return;
     }
     let file = cache_file("model");
-    let tuned = context(
-        Tuning::Measure,
-        Some(file.clone()),
-        Duration::from_secs(600),
-    );
+    let tuned = measuring(&file);
     let x = random(&[8, 3, 56, 56], 21);
     let labels: Vec<usize> = (0..8).map(|i| i % 4).collect();
     let mut losses = Vec::new();
@@ -486,11 +469,7 @@ fn a_broken_cache_file_is_ignored() {
         "garbage\n\u{0}\u{1}\nx\ty\n{adapter}\tconv2d forward n4 c32 32x32\tnone\tnone=0.1\n"
     );
     std::fs::write(&file, junk).unwrap();
-    let tuned = context(
-        Tuning::Measure,
-        Some(file.clone()),
-        Duration::from_secs(600),
-    );
+    let tuned = measuring(&file);
     run_against_cpu(&tuned, &spec(), &X, &W, "broken file");
     let report = tuned.tuning_report();
     assert!(
@@ -516,11 +495,7 @@ fn a_broken_cache_file_is_ignored() {
     // A cache path that cannot be a file: tuning goes on, the report says why.
     let blocked = cache_file("blocked");
     std::fs::create_dir_all(&blocked).unwrap();
-    let tuned = context(
-        Tuning::Measure,
-        Some(blocked.clone()),
-        Duration::from_secs(600),
-    );
+    let tuned = measuring(&blocked);
     run_against_cpu(&tuned, &spec(), &X, &W, "blocked file");
     let report = tuned.tuning_report();
     assert!(report.cache_error.is_some(), "{report:#?}");
