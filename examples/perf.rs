@@ -681,9 +681,20 @@ fn check_filter(flag: &'static str, filter: Option<&str>, labels: &[String]) -> 
 /// `--profile`: the passes of a LeNet training step (or, with `--filter`, of ResNet-20's at
 /// batch 128, or of ResNet-18's, ResNeXt-50's or EfficientNet-Lite0's inference at batch 1,
 /// or ResNet-18's at batch 8 with `resnet18_inference_b8`; a filter matching none of them is
-/// an error, not LeNet's step), each submitted and waited for on its own (`Gpu::profile_passes`), medians of `runs` steps: pass by pass
-/// for up to 60 passes (every pass with `--json`), then the time per kernel.
+/// an error, not LeNet's step), each submitted and waited for on its own
+/// (`Gpu::profile_passes`), medians of `runs` steps: pass by pass for up to 60 passes (every
+/// pass with `--json`), then the time per kernel.
 fn profile_step(gpu: &Gpu, filter: Option<&str>, runs: usize, json: bool) -> Result<()> {
+    let steps = [
+        "train_step_lenet_b64",
+        "train_step_resnet20_b128",
+        "resnet18_inference",
+        "resnet18_inference_b8",
+        "resnext50_32x4d_inference",
+        "efficientnet_lite0_inference",
+        "train_step_efficientnet_lite0_b8",
+    ];
+    check_filter("perf --profile --filter", filter, &steps.map(String::from))?;
     let device = Device::Gpu(gpu.clone());
     let mut step = match filter {
         Some(f) if "train_step_resnet20_b128".contains(f) => {
@@ -701,18 +712,6 @@ fn profile_step(gpu: &Gpu, filter: Option<&str>, runs: usize, json: bool) -> Res
         }
         Some(f) if "train_step_efficientnet_lite0_b8".contains(f) => {
             model_step(device, "efficientnet_lite0", 8, true)
-        }
-        Some(f) if !"train_step_lenet_b64".contains(f) => {
-            return Err(wgcnn::Error::InvalidArgument {
-                op: "perf --profile",
-                detail: format!(
-                    "no profiled step matches --filter {f:?}; give part of one of \
-                     train_step_lenet_b64 (the default), train_step_resnet20_b128, \
-                     resnet18_inference (batch 1), resnet18_inference_b8, \
-                     resnext50_32x4d_inference, efficientnet_lite0_inference, \
-                     train_step_efficientnet_lite0_b8"
-                ),
-            });
         }
         _ => lenet_step(device)?,
     };
