@@ -1,6 +1,7 @@
 //! The kernel tuner: a convolution with several eligible kernel families times them on first
 //! use, keeps the fastest in memory and in a cache file that the next context reads back;
-//! `Tuning::Fixed` and a spent budget take the fixed order; a broken cache file is ignored;
+//! `Tuning::Fixed` and a spent budget take the fixed order (Winograd first for 3×3 layers,
+//! in one group or in wide ones); a broken cache file is ignored;
 //! and every family, forced where it can run, matches the CPU reference forward and backward.
 
 mod common;
@@ -422,6 +423,42 @@ fn fixed_order_and_a_spent_budget_take_the_default_and_write_nothing() {
         );
         assert!(!file.exists(), "{name} wrote {}", file.display());
         run_against_cpu(&gpu, &spec(), &X, &W, name);
+    }
+}
+
+/// The fixed order leads with Winograd F(2×2) for 3×3 layers in groups of 8 channels or
+/// more, as for one group, forward and backward (before, grouped direct or im2col led: on
+/// lavapipe 2–4× slower); groups too narrow for Winograd keep the grouped kernels.
+#[test]
+fn wide_groups_lead_with_winograd_in_the_fixed_order() {
+    if gpu().is_none() {
+        return;
+    }
+    let gpu = context(Tuning::Fixed, None, Duration::from_secs(600));
+    use ConvKernel::{GroupedDirect, Im2colMatmul, Winograd};
+    // (x, weight, groups, the forward, input-gradient and weight-gradient kernels)
+    let cases = [
+        ([2, 32, 9, 11], [24, 16, 3, 3], 2, [Winograd; 3]),
+        ([3, 64, 7, 10], [64, 8, 3, 3], 8, [Winograd; 3]),
+        // 36 taps a group: grouped direct forward, im2col backward, as before.
+        (
+            [2, 32, 9, 11],
+            [32, 4, 3, 3],
+            8,
+            [GroupedDirect, Im2colMatmul, Im2colMatmul],
+        ),
+    ];
+    for (x, w, groups, kernels) in cases {
+        let spec = Conv2d { groups, ..spec() };
+        let shape = spec.shape(&x, &w, None).unwrap();
+        let plan = spec.plan(&gpu, &shape).unwrap();
+        let label = format!("{x:?} * {w:?} in {groups} groups: {}", plan.label());
+        assert_eq!(
+            [plan.forward, plan.input_grad, plan.weight_grad],
+            kernels,
+            "{label}"
+        );
+        run_against_cpu(&gpu, &spec, &x, &w, &label);
     }
 }
 

@@ -395,22 +395,28 @@ impl Conv2d {
         if shape.groups > 1 {
             // One output per invocation loops over its group's channels, rows and taps.
             let per_output = shape.c / shape.groups * shape.kh * (shape.kw + 2);
-            // The grouped row kernels lead wherever they fit: N8 64→64 56² in two groups
-            // (288 taps) on lavapipe 39.6 ms against im2col's 45.5, N1 128→128 56² in 32
-            // groups (ResNeXt) 1.6 against 7.7.
+            // After Winograd, the grouped row kernels lead wherever they fit: N8 64→64 56² in
+            // two groups (288 taps) on lavapipe 39.6 ms against im2col's 45.5, N1 128→128
+            // 56² in 32 groups (ResNeXt) 1.6 against 7.7.
             let short = shape.taps() < GROUPED_MATMUL_TAPS_FORWARD
                 || conv_grouped::grouped_rows_fit(self, shape);
-            let mut kernels = match (per_output <= MAX_LOOP_ITERATIONS, short) {
+            // Wide groups' 3×3 layers lead with Winograd, a point product per group, as
+            // ungrouped ones do. The tuner's trials on lavapipe at 8 to 32 channels a group,
+            // F(2×2) against grouped direct, which led before, forward (ms): N8 64→64 56² in
+            // 2 groups 15.3 / 37.3 (on 4 images), in 4 groups 39.5 / 55.3; N8 128→128 28²
+            // in 4, 8, 16 groups 20.3 / 80.6, 26.9 / 58.9, 14.5 / 17.9; the backward pairs
+            // likewise (the 2-group layer forward + backward in the fixed order 305–309 →
+            // 77–79 ms, `WGCNN_TUNING=fixed perf`).
+            let mut kernels: Vec<ConvKernel> = [(Winograd, 2), (Winograd4, 4)]
+                .into_iter()
+                .filter(|&(_, tile)| conv_winograd::eligible(gpu, self, shape, tile))
+                .map(|(kernel, _)| kernel)
+                .collect();
+            kernels.extend(match (per_output <= MAX_LOOP_ITERATIONS, short) {
                 (false, _) => vec![Im2colMatmul],
                 (true, true) => vec![GroupedDirect, Im2colMatmul],
                 (true, false) => vec![Im2colMatmul, GroupedDirect],
-            };
-            // Wide groups' 3×3 layers: Winograd with a point product per group, timed.
-            for (kernel, tile) in [(Winograd, 2), (Winograd4, 4)] {
-                if conv_winograd::eligible(gpu, self, shape, tile) {
-                    kernels.push(kernel);
-                }
-            }
+            });
             return kernels;
         }
         let direct = conv_direct::eligible(gpu, self, shape);
@@ -454,7 +460,7 @@ impl Conv2d {
             let short = shape.taps() < GROUPED_MATMUL_TAPS_BACKWARD
                 || conv_grouped::depthwise_rows_fit(shape)
                 || conv_grouped::grouped_rows_backward_fit(self, shape, input_grad);
-            let mut pairs = match (!input_grad || gathered <= MAX_LOOP_ITERATIONS, short) {
+            let mut others = match (!input_grad || gathered <= MAX_LOOP_ITERATIONS, short) {
                 (false, _) => vec![matmul],
                 (true, true) => vec![direct, matmul],
                 (true, false) => vec![matmul, direct],
@@ -464,10 +470,11 @@ impl Conv2d {
             // lavapipe, N8 128→128 28² 3×3 in 32 groups (ResNeXt), dx 4.3 ms against the
             // matmul's 15.5 (the per-weight grouped dW: 68 against 12; the row kernel's 5.8).
             if input_grad && conv_grouped::grouped_rows_dx_fit(self, shape) {
-                let at = if short { pairs.len() } else { 0 };
-                pairs.insert(at, pair(GroupedDirect, Im2colMatmul));
+                let at = if short { others.len() } else { 0 };
+                others.insert(at, pair(GroupedDirect, Im2colMatmul));
             }
-            // Wide groups' 3×3 layers: Winograd's dW with its dx, timed.
+            // Wide groups' 3×3 layers lead with Winograd's dW and its dx, as forward.
+            let mut pairs = Vec::new();
             for (dw, tile) in [(Winograd, 2), (Winograd4, 4)] {
                 if !conv_winograd::eligible(gpu, self, shape, tile) {
                     continue;
@@ -481,6 +488,7 @@ impl Conv2d {
                     }
                 }
             }
+            pairs.extend(others);
             return pairs;
         }
         // The direct kernels lead for small banks, and come last up to MAX_FILTERS.
