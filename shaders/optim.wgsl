@@ -5,9 +5,11 @@
 //
 // One dispatch updates up to TENSORS parameters (a dispatch costs about as much as a small
 // update on CPU adapters): src/optim.rs generates, per parameter k, its bindings (param_k,
-// grad_k and one buffer per state slot) and the `case k` that loads its vec4 number i, runs
-// `update` and stores the result. Four elements per invocation: the tensors are bound in whole
-// vec4s, and on CPU adapters a per-lane access costs about the same for one float or four.
+// grad_k and one buffer per state slot), a `case k` that loads its vec4 number i and one that
+// stores the result; `update` runs once between the two switches (a copy per case cost
+// lavapipe, which runs every case with its lanes masked off, the math of each and ~90 ms of
+// JIT for LeNet's 8 shared parameters). Four elements per invocation: the tensors are bound in
+// whole vec4s, and on CPU adapters a per-lane access costs about the same for one float or four.
 
 // 0 SGD, 1 AdaGrad, 2 Adam.
 override KIND: u32;
@@ -80,8 +82,16 @@ fn main(
     }
     let i = (group - p.tensors[k].x) * WORKGROUP + lindex;
     if i >= p.tensors[k].y { return; }
+    // The parameter's vec4 and state, updated once, stored back.
+    var slots = Slots(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
+    var gradient = vec4<f32>(0.0);
     switch k {
-{{CASES}}
+{{LOADS}}
+        default: {}
+    }
+    let s = update(slots, gradient);
+    switch k {
+{{STORES}}
         default: {}
     }
 }

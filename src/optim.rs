@@ -542,10 +542,10 @@ impl Generated for UpdateKernel {
     }
 }
 
-/// The source of an [`UpdateKernel`]: per parameter its bindings and the `case` that
-/// updates one vec4 of it.
+/// The source of an [`UpdateKernel`]: per parameter its bindings and the `case`s that load
+/// and store one vec4 of it (the update itself runs once, between them).
 fn optim_source(tensors: usize, slots: usize) -> String {
-    let (mut bindings, mut cases) = (String::new(), String::new());
+    let (mut bindings, mut loads, mut stores) = (String::new(), String::new(), String::new());
     let names = ["s1", "s2", "s3"];
     for k in 0..tensors {
         let first = 1 + k * (2 + slots);
@@ -571,14 +571,16 @@ fn optim_source(tensors: usize, slots: usize) -> String {
             }
         }
         let _ = writeln!(
-            cases,
-            "        case {k}u: {{\n            let s = update(Slots({load}), grad_{k}[i]);\n            {store}\n        }}"
+            loads,
+            "        case {k}u: {{ slots = Slots({load}); gradient = grad_{k}[i]; }}"
         );
+        let _ = writeln!(stores, "        case {k}u: {{ {store} }}");
     }
     include_str!("../shaders/optim.wgsl")
         .replace("{{TENSORS}}", &tensors.to_string())
         .replace("{{BINDINGS}}", &bindings)
-        .replace("{{CASES}}", &cases)
+        .replace("{{LOADS}}", &loads)
+        .replace("{{STORES}}", &stores)
 }
 
 /// Options for some of the parameters, as PyTorch's parameter groups: the parameters a
