@@ -1329,6 +1329,62 @@ fn winograd_weight_gradients_take_the_forward_passes_tiles() {
 /// contexts forced to each operand-read family; groups of unequal channels and filters, three
 /// groups, odd sizes, paddings 0–2, a fused bias and activation. Groups of fewer channels
 /// take no Winograd.
+/// Winograd's input transform reads only the input's shape, so layers that differ in their
+/// activation, bias or residual share its pipeline, and a second such layer compiles only
+/// its output transform (each set of `override` constants is a kernel of its own: ~60–140 ms
+/// to compile on lavapipe, nine of them in ResNet-18's first step before). Both match the CPU.
+#[test]
+fn winograd_layers_differing_in_their_epilogue_share_the_input_transform() {
+    if gpu().is_none() {
+        return;
+    }
+    let gpu = common::new_gpu();
+    let (x, w, b) = (
+        random(&[2, 8, 10, 12], 71),
+        random(&[8, 8, 3, 3], 72),
+        random(&[8], 73),
+    );
+    let (tx, tw, tb) = (
+        Tensor::from_array(&gpu, &x).unwrap(),
+        Tensor::from_array(&gpu, &w).unwrap(),
+        Tensor::from_array(&gpu, &b).unwrap(),
+    );
+    let relu = Conv2d {
+        padding: Padding::Explicit(1, 1),
+        activation: Activation::Relu,
+        kernel: Some(ConvKernel::Winograd),
+        ..Conv2d::default()
+    };
+    let plain = Conv2d {
+        activation: Activation::None,
+        ..relu
+    };
+    // Outputs come from a pool poisoned with NaN (its fill kernel compiled before counting).
+    let poison = || drop(Tensor::full(&gpu, x.shape(), f32::NAN).unwrap());
+    poison();
+    let mut compiled = vec![gpu.pipelines_compiled()];
+    for (spec, bias) in [(relu, Some((&b, &tb))), (plain, None)] {
+        poison();
+        let want = wgcnn::cpu::conv2d(
+            &spec,
+            &x.view(),
+            &w.view(),
+            bias.map(|b| b.0.view()).as_ref(),
+        )
+        .unwrap();
+        let got = spec.forward(&tx, &tw, bias.map(|b| b.1)).unwrap();
+        let diff = max_abs_diff(&got.to_array().unwrap(), &want);
+        assert!(diff < 1e-4, "{:?}: off by {diff}", spec.activation);
+        compiled.push(gpu.pipelines_compiled());
+    }
+    assert!(compiled[1] > compiled[0], "{compiled:?}");
+    assert_eq!(
+        compiled[2] - compiled[1],
+        1,
+        "pipelines compiled: {compiled:?}"
+    );
+}
+
 #[test]
 fn grouped_winograd_matches_the_cpu() {
     let Some(gpus) = read_family_gpus() else {
