@@ -29,7 +29,9 @@ alias Elem = {{ELEM}};
 // passes, each accumulating, so that no lane loops past the bound.
 struct Params {
     outer: u32, accumulate: u32, scale: f32, slope: f32,
-    first_outer: u32, _pad0: u32, _pad1: u32, _pad2: u32,
+    first_outer: u32,
+    mid4: u32,                                // columns4: MID / 4, as a parameter (see there)
+    _pad1: u32, _pad2: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -106,7 +108,9 @@ fn per_output(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgr
     finish(m, total(sum));
 }
 
-// inner = 1, MID a multiple of 4: x as [outer][MID / 4] vec4s, out as vec4s.
+// inner = 1, MID a multiple of 4: x as [outer][MID / 4] vec4s, out as vec4s. MID comes as
+// p.mid4 = MID / 4 (its override is left fixed): one pipeline for every width, where only a
+// product and a bound read it.
 // The neighbouring vec4s of outputs a lane sums (src/ops/reduce.rs: on CPU adapters a lane's
 // neighbouring reads cost less than reads spread across the lanes).
 const COLUMN_RUN: u32 = {{COLUMN_RUN}}u;
@@ -116,11 +120,11 @@ const COLUMN_RUN: u32 = {{COLUMN_RUN}}u;
 @compute @workgroup_size(WORKGROUP_SMALL)
 fn columns4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let first = small_invocation_index(gid, nwg) * COLUMN_RUN;
-    if first >= MID / 4u { return; }
+    if first >= p.mid4 { return; }
     var sums: array<vec4<f32>, COLUMN_RUN>;
     for (var a = p.first_outer; a < p.first_outer + p.outer; a++) {
         for (var k = 0u; k < COLUMN_RUN; k++) {
-            sums[k] += x4[a * (MID / 4u) + first + k];
+            sums[k] += x4[a * p.mid4 + first + k];
         }
     }
     for (var k = 0u; k < COLUMN_RUN; k++) {

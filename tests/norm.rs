@@ -444,6 +444,54 @@ fn norms_match_the_cpu_on(gpu: &wgcnn::Gpu, seed: u64, shape: &[usize], activati
     }
 }
 
+/// A batch norm's kernels carry only the constants they read: a second norm of one shape
+/// without the first's ReLU compiles just the three passes that apply it (normalize and the
+/// two backward ones), where its statistics, batch count and affine gradients were twins of
+/// their own before (each a kernel to compile, tens of ms on lavapipe); a norm of another
+/// shape shares the batch count. Training step by step: forward, then backward.
+#[test]
+fn batch_norms_share_the_kernels_their_activation_does_not_reach() {
+    if gpu().is_none() {
+        return;
+    }
+    let gpu = common::new_gpu();
+    let step = |shape: &[usize], activation| {
+        let c = shape[1];
+        let spec = BatchNorm2d {
+            activation,
+            ..BatchNorm2d::default()
+        };
+        let up = |a: &ArrayD<f32>| Tensor::from_array(&gpu, a).unwrap();
+        let (x, dy) = (up(&random(shape, 1)), up(&random(shape, 2)));
+        let (gamma, beta) = (up(&random(&[c], 3)), up(&random(&[c], 4)));
+        let (rm, rv) = (
+            Tensor::full(&gpu, &[c], 0.0).unwrap(),
+            Tensor::full(&gpu, &[c], 1.0).unwrap(),
+        );
+        let out = spec
+            .forward_train(&x, &gamma, &beta, &rm, &rv, &up(&batches_state(0)))
+            .unwrap();
+        let grads = spec
+            .backward(&x, [&gamma, &beta], [&out.mean, &out.rstd], &dy, true)
+            .unwrap();
+        assert!(grads.x.to_array().unwrap().iter().all(|v| v.is_finite()));
+        gpu.pipelines_compiled()
+    };
+    let first = step(&[4, 8, 8, 8], Activation::Relu);
+    let unactivated = step(&[4, 8, 8, 8], Activation::None);
+    assert_eq!(
+        unactivated - first,
+        3,
+        "pipelines: {first} then {unactivated}"
+    );
+    let other_shape = step(&[2, 4, 4, 4], Activation::None);
+    assert_eq!(
+        other_shape - unactivated,
+        5,
+        "pipelines: {unactivated} then {other_shape}"
+    );
+}
+
 #[test]
 fn cpu_backward_matches_finite_differences() {
     let spec = BatchNorm2d::default();

@@ -171,6 +171,24 @@ fn vec4_run(gpu: &Gpu, grouping: Grouping, enough: impl Fn(usize) -> bool) -> us
         .unwrap_or(1)
 }
 
+/// `constants` as `entry` (without its `4`) reads them: those it never reads take fixed
+/// values, so that norms differing only there share its pipeline. Each set of constants is a
+/// kernel of its own to compile (tens of ms on lavapipe): ResNet-20's first step compiled its
+/// statistics, batch count and affine gradients twice per shape, with and without the ReLU
+/// they do not apply, and the batch count once per shape.
+fn read_constants(entry: &str, constants: [(&'static str, u32); 5]) -> [(&'static str, u32); 5] {
+    let reads_act = matches!(
+        entry,
+        "normalize" | "backward_sums" | "backward_dx" | "affine_grads_per_inner"
+    );
+    constants.map(|(name, value)| match (entry, name) {
+        ("count_batch", "INNER" | "SPLITS" | "RUN4") => (name, 1),
+        ("count_batch", "GROUPS") => (name, 0),
+        (_, "ACT") if !reads_act => (name, 0),
+        _ => (name, value),
+    })
+}
+
 pub(crate) fn launch(
     gpu: &Gpu,
     grouping: Grouping,
@@ -239,6 +257,8 @@ pub(crate) fn launch(
         ("RUN4", gpu_word("norm", run4)?),
     ];
     let base = entry;
+    let finish_constants = read_constants(&format!("{base}_finish"), constants);
+    let constants = read_constants(base, constants);
     let entry = if vec4 {
         format!("{entry}4")
     } else {
@@ -283,7 +303,7 @@ pub(crate) fn launch(
     let finish = match splits {
         1 => None,
         _ => {
-            let pipeline = gpu.generated(&kernel, &format!("{base}_finish"), &constants)?;
+            let pipeline = gpu.generated(&kernel, &format!("{base}_finish"), &finish_constants)?;
             let stores: &[u32] = if base == "stats" {
                 &STATISTICS
             } else {

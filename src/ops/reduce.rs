@@ -18,7 +18,9 @@ struct ReduceParams {
     scale: f32,
     slope: f32,
     first_outer: u32,
-    _pad: [u32; 3],
+    /// `columns4`'s outputs in vec4s (set by [`launch`]).
+    mid4: u32,
+    _pad: [u32; 2],
 }
 
 /// Terms per output up to which one invocation sums them alone.
@@ -77,7 +79,8 @@ pub(crate) fn sum_axes(
         scale,
         slope: 0.0,
         first_outer: 0,
-        _pad: [0; 3],
+        mid4: 0,
+        _pad: [0; 2],
     };
     launch(gpu, dims, params, None, &[(1, x), (2, out)])
 }
@@ -105,7 +108,8 @@ pub(crate) fn sum_slice(
         scale: 1.0,
         slope: 0.0,
         first_outer: gpu_word("sum_axes", slice)?,
-        _pad: [0; 3],
+        mid4: 0,
+        _pad: [0; 2],
     };
     launch(gpu, (1, mid, inner), params, None, &[(1, x), (2, out)])
 }
@@ -154,7 +158,8 @@ pub(crate) fn activation_backward_and_sum(
         scale: 1.0,
         slope: activation.slope(),
         first_outer: 0,
-        _pad: [0; 3],
+        mid4: 0,
+        _pad: [0; 2],
     };
     launch(
         gpu,
@@ -263,11 +268,19 @@ fn launch(
         gated: gate.is_some(),
         column_run,
     };
+    // `columns4` reads its width as a parameter, not as MID: one pipeline serves every width
+    // (ResNet-20's step sums its direct weight gradients' splits at six of them, each a
+    // kernel of its own to compile before, 20–60 ms on lavapipe).
+    let constant_mid = if columns { 4 } else { mid };
+    let params = ReduceParams {
+        mid4: gpu_word("sum_axes", mid / 4)?,
+        ..params
+    };
     let pipeline = gpu.generated(
         &kernel,
         entry,
         &[
-            ("MID", mid as u32),
+            ("MID", gpu_word("sum_axes", constant_mid)?),
             ("INNER", inner_elems as u32),
             ("ACT", gate.map_or(0, Activation::code)),
             ("RUN", run as u32),
