@@ -371,29 +371,6 @@ fn unactivated(spec: &Conv2d, problem: &Problem) -> Result<(Conv2d, [(&'static s
     Ok((plain, problem.constants(&plain, (false, false))?))
 }
 
-/// [`unactivated`] for the input transform, which reads only the input's shape and the
-/// tiling: with the filters, flip and groups set alike, the forward pass, the weight gradient
-/// and an input gradient transforming a `dy` of the same shape share one pipeline. Each
-/// distinct set of constants is a kernel to compile: ResNet-18's first step compiled nine
-/// twins of its input transforms on lavapipe (~60–140 ms each), differing only in the
-/// layers' activation, bias and residual.
-fn input_constants(
-    spec: &Conv2d,
-    problem: &Problem,
-) -> Result<(Conv2d, [(&'static str, u32); 15])> {
-    let (plain, mut constants) = unactivated(spec, problem)?;
-    let channels = gpu_word("conv2d", problem.c)?;
-    for (name, value) in &mut constants {
-        match *name {
-            "O" => *value = channels,
-            "FLIP" => *value = 0,
-            "GROUPS" => *value = 1,
-            _ => {}
-        }
-    }
-    Ok((plain, constants))
-}
-
 /// The weight gradient's V for images `(first, count)` of `x`: `[points, C, count·tiles]`.
 fn input_chunk(
     spec: &Conv2d,
@@ -402,7 +379,7 @@ fn input_chunk(
     images: (usize, usize),
 ) -> Result<Tensor> {
     let gpu = x.gpu();
-    let (plain, constants) = input_constants(spec, problem)?;
+    let (plain, constants) = unactivated(spec, problem)?;
     let dispatch = |entry: &str, bindings: &[(u32, Binding<'_>)], total: usize, images| {
         encode(gpu, (entry, &constants), &plain, bindings, total, images)
     };
@@ -482,18 +459,6 @@ fn run_transformed(
     let dispatch = |entry: &str, bindings: &[(u32, Binding<'_>)], total: usize, images| {
         encode(gpu, (entry, &constants), spec, bindings, total, images)
     };
-    // The input transform's pipeline is shared with every pass reading this input shape.
-    let (plain, input_constants) = input_constants(spec, &problem)?;
-    let transform_input = |entry: &str, bindings: &[(u32, Binding<'_>)], total: usize, images| {
-        encode(
-            gpu,
-            (entry, &input_constants),
-            &plain,
-            bindings,
-            total,
-            images,
-        )
-    };
     let (c, o, tiles, points) = (problem.c, problem.o, problem.tiles(), problem.points());
     // Without a bias the filters fill the (unread) bias slot.
     let bias_slot = bias.unwrap_or(u);
@@ -505,13 +470,7 @@ fn run_transformed(
     for (first, count) in chunks {
         let images = (first, count);
         let v = Tensor::uninit(gpu, &[points, c, count * tiles])?;
-        by_tiles(
-            &transform_input,
-            ("input", x, x_rows4),
-            &v,
-            (c, tiles),
-            images,
-        )?;
+        by_tiles(&dispatch, ("input", x, x_rows4), &v, (c, tiles), images)?;
         let m = Tensor::uninit(gpu, &[points, o, count * tiles])?;
         let columns = count * tiles;
         Matmul::default().run(
@@ -574,6 +533,32 @@ fn by_tiles(
     }
 }
 
+/// `constants` as `entry` reads them, those it never reads fixed, so that passes differing
+/// only there share its pipeline: the epilogue's (ACT, HAS_BIAS, HAS_RESIDUAL) belong to the
+/// output transforms, FLIP to the filter transform, and the input transforms read the
+/// input's shape and the tiling alone (O set to C, one group). Each set of constants is a
+/// kernel of its own to compile: ResNet-18's first step compiled nine twins of its input
+/// transforms on lavapipe (60–140 ms each), ResNet-20's the output transforms of dx beside
+/// the forward's.
+fn read_constants(entry: &str, constants: &[(&'static str, u32)]) -> Vec<(&'static str, u32)> {
+    let input = entry.starts_with("input");
+    let output = matches!(entry, "output" | "output_rows4" | "output_blocks4");
+    let channels = constants
+        .iter()
+        .find(|(name, _)| *name == "C")
+        .map_or(0, |&(_, c)| c);
+    constants
+        .iter()
+        .map(|&(name, value)| match name {
+            "ACT" | "HAS_BIAS" | "HAS_RESIDUAL" if !output => (name, 0),
+            "FLIP" if entry != "weights" => (name, 0),
+            "O" if input => (name, channels),
+            "GROUPS" if input => (name, 1),
+            _ => (name, value),
+        })
+        .collect()
+}
+
 fn encode(
     gpu: &Gpu,
     (entry, constants): (&str, &[(&'static str, u32)]),
@@ -588,6 +573,7 @@ fn encode(
         total: gpu_word("conv2d", total)?,
         slope: spec.activation.slope(),
     };
+    let constants = read_constants(entry, constants);
     let pipeline = gpu.specialized(
         "conv_winograd",
         entry,
@@ -598,7 +584,7 @@ fn encode(
             ]
             .concat()
         },
-        constants,
+        &constants,
     )?;
     gpu.run_pass(entry, |pass| {
         gpu.encode_at(
