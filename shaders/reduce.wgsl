@@ -13,9 +13,9 @@
 //   activation's output y), which it also stores into `gated`: an activation's backward pass
 //   fused with the bias gradient that sums it.
 
-// mid and inner are baked in per pipeline (a layer's shape), so the index arithmetic
-// divides by constants; outer (usually the batch) stays a parameter.
-override MID: u32;
+// inner is baked in per pipeline, so the index arithmetic divides by a constant; mid, which
+// only multiplies and bounds, and outer (usually the batch) are parameters: one pipeline
+// sums every layer's bias gradient of one inner size.
 override INNER: u32;
 // The gated variant's activation (an `Activation::code`).
 override ACT: u32 = 0u;
@@ -29,9 +29,7 @@ alias Elem = {{ELEM}};
 // passes, each accumulating, so that no lane loops past the bound.
 struct Params {
     outer: u32, accumulate: u32, scale: f32, slope: f32,
-    first_outer: u32,
-    mid4: u32,                                // columns4: MID / 4, as a parameter (see there)
-    _pad1: u32, _pad2: u32,
+    first_outer: u32, mid: u32, _pad1: u32, _pad2: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -76,12 +74,12 @@ fn main(
 ) {
     let m = wid.x + wid.y * nwg.x;
     // Uniform across the workgroup, so the barriers below stay in uniform control flow.
-    if m >= MID { return; }
+    if m >= p.mid { return; }
     let terms = p.outer * INNER;
     var sum = Elem(0.0);
     for (var t = lane * RUN; t < terms; t += WORKGROUP_SMALL * RUN) {
         let a = p.first_outer + t / INNER;
-        let first = (a * MID + m) * INNER + t % INNER;
+        let first = (a * p.mid + m) * INNER + t % INNER;
         for (var k = 0u; k < RUN; k++) {
             sum += term(first + k);
         }
@@ -98,19 +96,17 @@ fn main(
 @compute @workgroup_size(WORKGROUP_SMALL)
 fn per_output(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let m = small_invocation_index(gid, nwg);
-    if m >= MID { return; }
+    if m >= p.mid { return; }
     var sum = Elem(0.0);
     for (var a = p.first_outer; a < p.first_outer + p.outer; a++) {
         for (var i = 0u; i < INNER; i++) {
-            sum += term((a * MID + m) * INNER + i);
+            sum += term((a * p.mid + m) * INNER + i);
         }
     }
     finish(m, total(sum));
 }
 
-// inner = 1, MID a multiple of 4: x as [outer][MID / 4] vec4s, out as vec4s. MID comes as
-// p.mid4 = MID / 4 (its override is left fixed): one pipeline for every width, where only a
-// product and a bound read it.
+// inner = 1, mid a multiple of 4: x as [outer][mid / 4] vec4s, out as vec4s.
 // The neighbouring vec4s of outputs a lane sums (src/ops/reduce.rs: on CPU adapters a lane's
 // neighbouring reads cost less than reads spread across the lanes).
 const COLUMN_RUN: u32 = {{COLUMN_RUN}}u;
@@ -120,11 +116,11 @@ const COLUMN_RUN: u32 = {{COLUMN_RUN}}u;
 @compute @workgroup_size(WORKGROUP_SMALL)
 fn columns4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let first = small_invocation_index(gid, nwg) * COLUMN_RUN;
-    if first >= p.mid4 { return; }
+    if first >= p.mid / 4u { return; }
     var sums: array<vec4<f32>, COLUMN_RUN>;
     for (var a = p.first_outer; a < p.first_outer + p.outer; a++) {
         for (var k = 0u; k < COLUMN_RUN; k++) {
-            sums[k] += x4[a * p.mid4 + first + k];
+            sums[k] += x4[a * (p.mid / 4u) + first + k];
         }
     }
     for (var k = 0u; k < COLUMN_RUN; k++) {

@@ -18,8 +18,8 @@ struct ReduceParams {
     scale: f32,
     slope: f32,
     first_outer: u32,
-    /// `columns4`'s outputs in vec4s (set by [`launch`]).
-    mid4: u32,
+    /// The outputs (set by [`launch`]).
+    mid: u32,
     _pad: [u32; 2],
 }
 
@@ -79,7 +79,7 @@ pub(crate) fn sum_axes(
         scale,
         slope: 0.0,
         first_outer: 0,
-        mid4: 0,
+        mid: 0,
         _pad: [0; 2],
     };
     launch(gpu, dims, params, None, &[(1, x), (2, out)])
@@ -108,7 +108,7 @@ pub(crate) fn sum_slice(
         scale: 1.0,
         slope: 0.0,
         first_outer: gpu_word("sum_axes", slice)?,
-        mid4: 0,
+        mid: 0,
         _pad: [0; 2],
     };
     launch(gpu, (1, mid, inner), params, None, &[(1, x), (2, out)])
@@ -158,7 +158,7 @@ pub(crate) fn activation_backward_and_sum(
         scale: 1.0,
         slope: activation.slope(),
         first_outer: 0,
-        mid4: 0,
+        mid: 0,
         _pad: [0; 2],
     };
     launch(
@@ -268,19 +268,17 @@ fn launch(
         gated: gate.is_some(),
         column_run,
     };
-    // `columns4` reads its width as a parameter, not as MID: one pipeline serves every width
-    // (ResNet-20's step sums its direct weight gradients' splits at six of them, each a
-    // kernel of its own to compile before, 20–60 ms on lavapipe).
-    let constant_mid = if columns { 4 } else { mid };
+    // The outputs come as a parameter: one pipeline sums every width of one inner size
+    // (each width a kernel of its own to compile before, 20–60 ms on lavapipe: LeNet's step
+    // summed six, ResNet-20's seven).
     let params = ReduceParams {
-        mid4: gpu_word("sum_axes", mid / 4)?,
+        mid: gpu_word("sum_axes", mid)?,
         ..params
     };
     let pipeline = gpu.generated(
         &kernel,
         entry,
         &[
-            ("MID", gpu_word("sum_axes", constant_mid)?),
             ("INNER", inner_elems as u32),
             ("ACT", gate.map_or(0, Activation::code)),
             ("RUN", run as u32),
@@ -446,6 +444,42 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    /// The number of outputs is a parameter, not a kernel constant: sums of one inner size
+    /// share a pipeline, however many outputs they have (short sums one per lane, long ones
+    /// a workgroup each; widths a vec4 run apart for `columns4`), and match the CPU.
+    #[test]
+    fn sums_of_any_width_share_a_pipeline() {
+        let Some(gpu) = crate::test_support::gpu(GpuOptions::from_env().unwrap()) else {
+            return;
+        };
+        drop(Tensor::full(&gpu, &[1], f32::NAN).unwrap());
+        // (outer, mid): two per_output widths, two main ones, two columns4 ones.
+        let widths = [
+            [(5, 7), (3, 13)],
+            [(100, 9), (90, 5)],
+            [(6, 1024), (4, 2080)],
+        ];
+        for (i, pair) in widths.into_iter().enumerate() {
+            let mut compiled = Vec::new();
+            for (j, (outer, mid)) in pair.into_iter().enumerate() {
+                let x = random(&[outer, mid, 1], 500 + 10 * i as u64 + j as u64);
+                let want = x.mapv(f64::from).sum_axis(Axis(2)).sum_axis(Axis(0));
+                drop(Tensor::full(&gpu, &[mid], f32::NAN).unwrap());
+                let out = Tensor::uninit(&gpu, &[mid]).unwrap();
+                let tx = Tensor::from_array(&gpu, &x).unwrap();
+                sum_axes(&gpu, &tx, (outer, mid, 1), &out, 1.0, false).unwrap();
+                for (got, want) in out.to_array().unwrap().iter().zip(&want) {
+                    assert!((f64::from(*got) - want).abs() <= 1e-5 * outer as f64);
+                }
+                compiled.push(gpu.pipelines_compiled());
+            }
+            assert_eq!(
+                compiled[0], compiled[1],
+                "{pair:?}: a second width compiled"
+            );
         }
     }
 
