@@ -257,8 +257,7 @@ pub(crate) fn launch(
         ("RUN4", gpu_word("norm", run4)?),
     ];
     let base = entry;
-    let finish_constants = read_constants(&format!("{base}_finish"), constants);
-    let constants = read_constants(base, constants);
+    let (all_constants, constants) = (constants, read_constants(base, constants));
     let entry = if vec4 {
         format!("{entry}4")
     } else {
@@ -303,7 +302,9 @@ pub(crate) fn launch(
     let finish = match splits {
         1 => None,
         _ => {
-            let pipeline = gpu.generated(&kernel, &format!("{base}_finish"), &finish_constants)?;
+            let finish = format!("{base}_finish");
+            let constants = read_constants(&finish, all_constants);
+            let pipeline = gpu.generated(&kernel, &finish, &constants)?;
             let stores: &[u32] = if base == "stats" {
                 &STATISTICS
             } else {
