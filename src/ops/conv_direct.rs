@@ -471,9 +471,12 @@ impl Generated for DirectKernel {
                 }
             }
         }
-        for kx in 0..kw {
-            for o in 0..filters {
-                for j in 0..b {
+        // Each accumulator takes its kernel row's taps one after the other: where the
+        // accumulators spill (256 of them), each is loaded and stored once per channel and
+        // kernel row instead of once per tap.
+        for o in 0..filters {
+            for j in 0..b {
+                for kx in 0..kw {
                     let _ = writeln!(body, "            a{o}_{j} += r{} * w{o}_{kx};", j + kx);
                 }
             }
