@@ -47,8 +47,10 @@ pub(super) const MAX_KERNEL_WIDTH: usize = 7;
 /// take blocks of [`MAX_BLOCK`] (N128, five alternated runs each): forward 15.1–15.7 ->
 /// 12.2–12.3 ms at 16 channels 32², 10.9–11.8 -> 9.1–9.2 at 32 channels 16² (blocks of 8);
 /// ResNet-20's step 0.93×, LeNet's 0.92×; the MNIST example's cold first step 1.48 ->
-/// 1.56 s (larger kernels to compile).
-const MAX_ACCUMULATORS: usize = 256;
+/// 1.56 s (larger kernels to compile). 512 lets 17 to 32 filters take blocks of 16 too
+/// (fewer filters are held by [`MAX_BLOCK`]): 32 channels at 16² forward 16.9–24.9 ->
+/// 13.2–20.9 ms on lavapipe, at 0.8 s more to compile each such kernel cold.
+const MAX_ACCUMULATORS: usize = 512;
 
 /// The longest block along a row.
 const MAX_BLOCK: usize = 16;
@@ -615,7 +617,9 @@ mod tests {
                 Padding::Explicit(1, 1),
                 Activation::LeakyRelu(0.1),
             ),
-            // The most filters (ResNet-20's second stage), and a count between.
+            // The most filters (ResNet-20's second stage: blocks of 16, 512 accumulators),
+            // and counts between: blocks of 9, and of 16 over rows 20 wide (a whole block
+            // and a partial one).
             (
                 2,
                 32,
@@ -637,6 +641,17 @@ mod tests {
                 3,
                 Padding::Explicit(1, 1),
                 Activation::None,
+            ),
+            (
+                2,
+                5,
+                4,
+                20,
+                24,
+                3,
+                3,
+                Padding::Explicit(1, 1),
+                Activation::LeakyRelu(0.1),
             ),
             // Rows of whole vec4s whose blocks' segments start 2 and 1 values into a vec4,
             // forward and backward.
