@@ -91,8 +91,9 @@ pub struct TuningReport {
 /// (the Winograd and im2col weight gradients' bias sums about twice as fast on lavapipe);
 /// 14: grouped layers with several channels a group take row blocks, their dx paired with
 /// the matmul dW, and wide groups Winograd; 15: Winograd's input and output-gradient
-/// transforms read rows of vec4s.
-const KERNELS_REVISION: u32 = 15;
+/// transforms read rows of vec4s; 16: the direct kernels take blocks of 16 for 17 to 32
+/// filters, and sum each output's taps together.
+const KERNELS_REVISION: u32 = 16;
 
 const HEADER: &str =
     "# wgcnn kernel tuning v1: adapter\tkey\tchosen\tcandidate=seconds;…\ttimed batch";
