@@ -92,7 +92,7 @@ pub struct TuningReport {
 /// 14: grouped layers with several channels a group take row blocks, their dx paired with
 /// the matmul dW, and wide groups Winograd; 15: Winograd's input and output-gradient
 /// transforms read rows of vec4s; 16: the direct kernels take blocks of 16 for 17 to 32
-/// filters, and sum each output's taps together.
+/// filters, sum each output's taps together and copy their filter bank (no pass of its own).
 const KERNELS_REVISION: u32 = 16;
 
 const HEADER: &str =

@@ -13,7 +13,7 @@ use super::conv2d::{Conv2d, Conv2dShape};
 use crate::error::Result;
 use crate::gpu::Commands;
 use crate::gpu::dispatch::{Binding, Resource};
-use crate::gpu::shared::{MAX_LOOP_ITERATIONS, small_workgroups, workgroups};
+use crate::gpu::shared::{MAX_LOOP_ITERATIONS, small_workgroups};
 use crate::gpu::texture::{scalar_input, scalar_texture};
 use crate::gpu::{Generated, Gpu};
 use crate::tensor::Tensor;
@@ -87,15 +87,9 @@ fn vec4_stores(shape: &Conv2dShape, block: usize) -> bool {
     block.is_multiple_of(4) && shape.ow.is_multiple_of(4)
 }
 
-/// The floats of one of the bank's rows: the weights one channel and kernel row give every
-/// filter, padded to whole vec4s (shaders/conv_direct_bank.wgsl).
-fn bank_row(filters: usize, kw: usize) -> usize {
-    (filters * kw).next_multiple_of(4)
-}
-
-/// The bank's floats: a row per channel and kernel row, then the bias.
+/// The bank's floats: the layer's weights as they are (OIHW), then its bias.
 fn bank_floats(shape: &Conv2dShape) -> usize {
-    shape.c * shape.kh * bank_row(shape.o, shape.kw) + shape.o
+    shape.o * shape.c * shape.kh * shape.kw + shape.o
 }
 
 /// Whether the direct kernel handles this convolution.
@@ -132,7 +126,7 @@ struct DirectKernel {
     kw: usize,
     /// The bank's size in vec4s.
     vec4s: usize,
-    /// The flipped, transposed bank of the input gradient (`dx` from `dy`).
+    /// The bank read flipped and transposed: the input gradient (`dx` from `dy`).
     flipped: bool,
     /// The input through a texture.
     textures: bool,
@@ -143,21 +137,36 @@ struct DirectKernel {
     /// Where the block's input segment starts in its first vec4 when read as vec4s: blocks
     /// start on vec4s, so the left padding alone sets it.
     skew: usize,
-    /// Weights shared through subgroups of this size: each lane loads a few vec4s of the
-    /// bank's row for the channel and kernel row and hands their weights to the others
-    /// with `subgroupBroadcast`. On CPU adapters
+    /// Weights shared through subgroups of this size: each lane loads a few of the weights
+    /// the channel and kernel row give every filter and hands them to the others with
+    /// `subgroupBroadcast`. On CPU adapters
     /// a bank read at a computed index is a per-lane gather (a read at a constant one is
     /// not): this cuts those reads by the subgroup size, and the forward pass by a third.
     subgroup: Option<usize>,
 }
 
 impl DirectKernel {
-    /// Where weight (filter `o`, kernel column `kx`) of the loops' channel and kernel row
-    /// lies in the bank's row for them (`bank_row`): the input gradient reads the forward
-    /// kernel flipped, w[c][o][kh-1-ky][kw-1-kx].
-    fn weight_in_row(&self, o: usize, kx: usize) -> usize {
-        let column = if self.flipped { self.kw - 1 - kx } else { kx };
-        o * self.kw + column
+    /// Where the weights of the loops' channel `c` and kernel row `ky` begin in the bank
+    /// (the layer's OIHW weights), as WGSL: the input gradient reads the forward kernel
+    /// flipped and transposed, w[c][o][kh-1-ky][kw-1-kx].
+    fn weight_row(&self) -> String {
+        let (kw, filters) = (self.kw, self.filters);
+        if self.flipped {
+            format!("(c * {filters}u * KH + KH - 1u - ky) * {kw}u")
+        } else {
+            format!("(c * KH + ky) * {kw}u")
+        }
+    }
+
+    /// Where weight (filter `o`, kernel column `kx`) lies past [`Self::weight_row`], as WGSL
+    /// (`o` and `kx` may be WGSL expressions).
+    fn weight_offset(&self, o: &str, kx: &str) -> String {
+        let kw = self.kw;
+        if self.flipped {
+            format!("{o} * KH * {kw}u + {}u - {kx}", kw - 1)
+        } else {
+            format!("{o} * C * KH * {kw}u + {kx}")
+        }
     }
 
     /// The input's binding and its fetch function: `fetch(row, ix, inside)` = x[row + ix]
@@ -273,15 +282,10 @@ fn run(
         gpu.device().create_buffer(&wgpu::BufferDescriptor {
             label: Some("filter bank"),
             size: (vec4s * 16) as u64,
-            usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::STORAGE,
+            usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         })
     })?;
-    let bank = Binding {
-        buffer: &bank,
-        bytes: (vec4s * 16) as u64,
-    };
-    fill_bank(shape, weight, bias, flipped, bank)?;
     let blocks = shape.ow.div_ceil(b);
     let total = shape.n * shape.oh * blocks;
     let params = DirectParams {
@@ -330,13 +334,20 @@ fn run(
     } else {
         out.binding()
     };
-    let copy_input = |commands: &mut Commands<'_>| {
+    // The bank is copied from the weights and bias in the same command stream as the pass
+    // that reads it, so that it follows the optimizer's updates.
+    let copy_inputs = |commands: &mut Commands<'_>| {
+        let encoder = commands.encoder();
+        encoder.copy_buffer_to_buffer(weight.buffer(), 0, &bank, 0, weight.bytes());
+        if let Some(bias) = bias {
+            encoder.copy_buffer_to_buffer(bias.buffer(), 0, &bank, weight.bytes(), bias.bytes());
+        }
         if let Some(t) = &texture {
-            t.copy_tensor(commands.encoder(), x);
+            t.copy_tensor(encoder, x);
         }
         Ok(())
     };
-    gpu.run_pass_after("conv2d direct", copy_input, |pass| {
+    gpu.run_pass_after("conv2d direct", copy_inputs, |pass| {
         gpu.encode_resources(
             pass,
             &pipeline,
@@ -344,59 +355,15 @@ fn run(
             &[
                 (1, input),
                 (2, Resource::Buffer(output)),
-                (3, Resource::Buffer(bank)),
+                (
+                    3,
+                    Resource::Buffer(Binding {
+                        buffer: &bank,
+                        bytes: (vec4s * 16) as u64,
+                    }),
+                ),
             ],
             small_workgroups(total as u64),
-        )
-    })
-}
-
-/// Mirrors `Params` in shaders/conv_direct_bank.wgsl.
-#[repr(C)]
-#[derive(Clone, Copy, Pod, Zeroable)]
-struct BankParams {
-    total: u32,
-    has_bias: u32,
-    _pad: [u32; 2],
-}
-
-/// Writes `shape`'s bank (the kernel's shape: the transposed one where `flipped`) from the
-/// layer's weights and bias, in the same command stream as the pass that reads it.
-fn fill_bank(
-    shape: &Conv2dShape,
-    weight: &Tensor,
-    bias: Option<&Tensor>,
-    flipped: bool,
-    bank: Binding<'_>,
-) -> Result<()> {
-    let gpu = weight.gpu();
-    let total = bank_floats(shape);
-    let params = BankParams {
-        total: total as u32,
-        has_bias: u32::from(bias.is_some()),
-        _pad: [0; 2],
-    };
-    let constants = [
-        ("C", shape.c as u32),
-        ("FILTERS", shape.o as u32),
-        ("KH", shape.kh as u32),
-        ("KW", shape.kw as u32),
-        ("ROW", bank_row(shape.o, shape.kw) as u32),
-        ("FLIPPED", u32::from(flipped)),
-    ];
-    let source = || include_str!("../../shaders/conv_direct_bank.wgsl").to_string();
-    let pipeline = gpu.specialized("conv_direct_bank.wgsl", "main", source, &constants)?;
-    gpu.run_pass("conv2d direct bank", |pass| {
-        gpu.encode_resources(
-            pass,
-            &pipeline,
-            bytemuck::bytes_of(&params),
-            &[
-                (1, Resource::Buffer(weight.binding())),
-                (2, Resource::Buffer(bias.unwrap_or(weight).binding())),
-                (3, Resource::Buffer(bank)),
-            ],
-            workgroups(total as u64),
         )
     })
 }
@@ -441,35 +408,35 @@ impl Generated for DirectKernel {
             }
         }
         if let Some(size) = self.subgroup {
-            // The row's vec4 q is loaded by lane q mod size as its load q / size (lanes past
-            // the row's end load its last), and its weights broadcast from there.
-            let row4s = bank_row(filters, kw) / 4;
-            for v in 0..row4s.div_ceil(size) {
+            // Weight f = o·KW + kx of the row is loaded by lane f mod size as its load
+            // f / size (lanes past the row's end load its last), and broadcast from there.
+            let row = filters * kw;
+            for v in 0..row.div_ceil(size) {
                 let _ = writeln!(
                     decls,
-                    "    let q{v} = min({}u + lane, {}u);",
+                    "    let f{v} = min({}u + lane, {}u);\n    let at{v} = {};",
                     v * size,
-                    row4s - 1
+                    row - 1,
+                    self.weight_offset(&format!("(f{v} / {kw}u)"), &format!("f{v} % {kw}u"))
                 );
-                let _ = writeln!(body, "            let wv{v} = bank[bank_row / 4u + q{v}];");
+                let _ = writeln!(body, "            let wv{v} = weight(bank_row + at{v});");
             }
             for o in 0..filters {
                 for kx in 0..kw {
-                    let f = self.weight_in_row(o, kx);
+                    let f = o * kw + kx;
                     let _ = writeln!(
                         body,
-                        "            let w{o}_{kx} = subgroupBroadcast(wv{}[{}], {}u);",
-                        f / 4 / size,
-                        f % 4,
-                        f / 4 % size
+                        "            let w{o}_{kx} = subgroupBroadcast(wv{}, {}u);",
+                        f / size,
+                        f % size
                     );
                 }
             }
         } else {
             for o in 0..filters {
                 for kx in 0..kw {
-                    let f = self.weight_in_row(o, kx);
-                    let _ = writeln!(body, "            let w{o}_{kx} = weight(bank_row + {f}u);");
+                    let at = self.weight_offset(&format!("{o}u"), &format!("{kx}u"));
+                    let _ = writeln!(body, "            let w{o}_{kx} = weight(bank_row + {at});");
                 }
             }
         }
@@ -486,8 +453,7 @@ impl Generated for DirectKernel {
         for o in 0..filters {
             let _ = writeln!(
                 stores,
-                "    let bias{o} = select(0.0, weight(C * KH * {}u + {o}u), HAS_BIAS != 0u);",
-                bank_row(filters, kw)
+                "    let bias{o} = select(0.0, weight({filters}u * C * KH * {kw}u + {o}u), HAS_BIAS != 0u);"
             );
             if self.vec4_stores {
                 for q in 0..b / 4 {
@@ -530,11 +496,7 @@ impl Generated for DirectKernel {
                 .replace("{{OUTPUT_Y}}", output)
                 .replace("{{VEC4S}}", &self.vec4s.to_string())
                 .replace("{{BLOCK}}", &b.to_string())
-                .replace("{{ROW}}", &bank_row(filters, kw).to_string())
-                .replace(
-                    "{{KERNEL_ROW}}",
-                    if self.flipped { "KH - 1u - ky" } else { "ky" },
-                )
+                .replace("{{WEIGHT_ROW}}", &self.weight_row())
                 .replace("{{FILTERS}}", &filters.to_string())
                 .replace("{{LANE}}", lane)
                 .replace("{{EXIT}}", exit)
