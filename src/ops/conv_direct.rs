@@ -286,6 +286,10 @@ fn run(
             mapped_at_creation: false,
         })
     })?;
+    let bank_binding = Binding {
+        buffer: &bank,
+        bytes: (vec4s * 16) as u64,
+    };
     let blocks = shape.ow.div_ceil(b);
     let total = shape.n * shape.oh * blocks;
     let params = DirectParams {
@@ -355,13 +359,7 @@ fn run(
             &[
                 (1, input),
                 (2, Resource::Buffer(output)),
-                (
-                    3,
-                    Resource::Buffer(Binding {
-                        buffer: &bank,
-                        bytes: (vec4s * 16) as u64,
-                    }),
-                ),
+                (3, Resource::Buffer(bank_binding)),
             ],
             small_workgroups(total as u64),
         )
@@ -441,8 +439,8 @@ impl Generated for DirectKernel {
             }
         }
         // Each accumulator takes its kernel row's taps one after the other: where the
-        // accumulators spill (256 of them), each is loaded and stored once per channel and
-        // kernel row instead of once per tap.
+        // accumulators spill (up to MAX_ACCUMULATORS of them), each is loaded and stored
+        // once per channel and kernel row instead of once per tap.
         for o in 0..filters {
             for j in 0..b {
                 for kx in 0..kw {
