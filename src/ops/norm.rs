@@ -257,7 +257,6 @@ pub(crate) fn launch(
         ("RUN4", gpu_word("norm", run4)?),
     ];
     let base = entry;
-    let (all_constants, constants) = (constants, read_constants(base, constants));
     let entry = if vec4 {
         format!("{entry}4")
     } else {
@@ -275,7 +274,7 @@ pub(crate) fn launch(
     let kernel = NormKernel {
         textures: inputs.textures(),
     };
-    let pipeline = gpu.generated(&kernel, &entry, &constants)?;
+    let pipeline = gpu.generated(&kernel, &entry, &read_constants(base, constants))?;
     // The reductions bind their partials even with one split (their source refers to them;
     // groups × 16 bytes from the pool).
     let partials = match grid {
@@ -303,8 +302,7 @@ pub(crate) fn launch(
         1 => None,
         _ => {
             let finish = format!("{base}_finish");
-            let constants = read_constants(&finish, all_constants);
-            let pipeline = gpu.generated(&kernel, &finish, &constants)?;
+            let pipeline = gpu.generated(&kernel, &finish, &read_constants(&finish, constants))?;
             let stores: &[u32] = if base == "stats" {
                 &STATISTICS
             } else {
