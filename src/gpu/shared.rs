@@ -101,6 +101,13 @@ pub(crate) fn prelude() -> String {
          fn grid_stride(nwg: vec3<u32>) -> u32 {\n    \
          return nwg.x * nwg.y * WORKGROUP;\n}\n",
     );
+    // Zero, but not to the compiler: every grid is one deep. lavapipe (Mesa 22.3, Debian
+    // 12's) tries inlining the uniforms that alone decide a branch or a loop's bounds into a
+    // copy of the kernel when it is bound; where it judges the copy worth it (which depends
+    // on the values: the subgroup matmul at M = 512, not at 256) it compiles a copy at every
+    // dispatch, ~100–500 ms of JIT each with Mesa's shader cache off, ~3 ms a cache lookup
+    // with it on. A kernel adds this to such a uniform, so that none is left to inline.
+    wgsl.push_str("fn opaque_zero(nwg: vec3<u32>) -> u32 {\n    return nwg.z - 1u;\n}\n");
     wgsl
 }
 

@@ -92,8 +92,10 @@ pub struct TuningReport {
 /// 14: grouped layers with several channels a group take row blocks, their dx paired with
 /// the matmul dW, and wide groups Winograd; 15: Winograd's input and output-gradient
 /// transforms read rows of vec4s; 16: the direct kernels take blocks of 16 for 17 to 32
-/// filters, sum each output's taps together and copy their filter bank (no pass of its own).
-const KERNELS_REVISION: u32 = 16;
+/// filters, sum each output's taps together and copy their filter bank (no pass of its own);
+/// 17: the subgroup matmul hides its K range from lavapipe, which had compiled it anew at
+/// every dispatch for some shapes (trials of every candidate built on it paid for that).
+const KERNELS_REVISION: u32 = 17;
 
 const HEADER: &str =
     "# wgcnn kernel tuning v1: adapter\tkey\tchosen\tcandidate=seconds;…\ttimed batch";
