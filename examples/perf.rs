@@ -716,6 +716,8 @@ fn profile_step(gpu: &Gpu, filter: Option<&str>, runs: usize, json: bool) -> Res
         _ => lenet_step(device)?,
     };
     step()?; // warm-up: compiles pipelines
+    // Its work finishes here, not inside the first profiled pass's wait.
+    gpu.synchronize()?;
     let mut steps = Vec::with_capacity(runs);
     for _ in 0..runs {
         steps.push(gpu.profile_passes(&mut step)?.1);
