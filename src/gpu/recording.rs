@@ -21,6 +21,8 @@ pub(crate) struct Recording {
     encoder: wgpu::CommandEncoder,
     /// Buffers dropped during the recording, returned to the pool after the submit.
     deferred: Vec<(wgpu::Buffer, u64)>,
+    /// How many pipelines the context had compiled when `encoder` was begun.
+    pipelines_before: usize,
 }
 
 /// Where an op records its commands: the active recording's encoder (or a fresh one,
@@ -77,6 +79,7 @@ impl Gpu {
                     pass: None,
                     encoder,
                     deferred: Vec::new(),
+                    pipelines_before: self.pipelines_compiled(),
                 },
             ));
         }
@@ -147,9 +150,11 @@ impl Gpu {
     /// buffers dropped until now to the pool: whatever is recorded or uploaded after this
     /// submit runs after it.
     pub(crate) fn flush_recording(&self) {
+        let pipelines = self.pipelines_compiled();
         let mut recordings = lock(&self.inner.recordings);
         if let Some(active) = mine(&mut recordings) {
             active.pass = None;
+            active.pipelines_before = pipelines;
             let fresh = self
                 .device()
                 .create_command_encoder(&wgpu::CommandEncoderDescriptor {
@@ -168,20 +173,27 @@ impl Gpu {
         }
     }
 
-    /// Submits the active recording early when the buffers it holds back exceed
-    /// `GpuOptions::recording_hold_bytes`, so that a large model's step reuses its
-    /// temporaries instead of holding every one until the end. Called by the graph between
-    /// layers, where no op is half encoded.
-    pub(crate) fn bound_held_buffers(&self) {
-        let bytes = self.inner.recording_hold_bytes;
-        let held: u64 = {
+    /// Submits the active recording early, between two layers of a model (the graph calls
+    /// it where no op is half encoded), in two cases:
+    /// - the buffers it holds back exceed `GpuOptions::recording_hold_bytes`, so that a large
+    ///   model's step reuses its temporaries instead of holding every one until the end;
+    /// - the layer compiled a pipeline: on a CPU adapter the device compiles a kernel to
+    ///   machine code at its first dispatch, so a first step submitted at its end leaves the
+    ///   device idle while the host creates the later pipelines and then the host idle while
+    ///   the device compiles them all. Submitted layer by layer, the two overlap.
+    pub(crate) fn submit_between_layers(&self) {
+        let pipelines = self.pipelines_compiled();
+        let (held, compiled): (u64, bool) = {
             let mut recordings = lock(&self.inner.recordings);
             match mine(&mut recordings) {
-                Some(active) => active.deferred.iter().map(|(_, class)| class).sum(),
+                Some(active) => (
+                    active.deferred.iter().map(|(_, class)| class).sum(),
+                    pipelines > active.pipelines_before,
+                ),
                 None => return,
             }
         };
-        if held > bytes {
+        if held > self.inner.recording_hold_bytes || compiled {
             self.flush_recording();
         }
     }

@@ -309,10 +309,11 @@ pub trait Layer: Send {
 }
 
 /// Between two layers: a recorded step that holds too many dropped buffers back from
-/// reuse submits what it has (`GpuOptions::recording_hold_bytes`).
-fn bound_held_buffers(device: &Device) {
+/// reuse, or whose last layer compiled a pipeline, submits what it has
+/// (`Gpu::submit_between_layers`).
+fn submit_between_layers(device: &Device) {
     if let Device::Gpu(gpu) = device {
-        gpu.bound_held_buffers();
+        gpu.submit_between_layers();
     }
 }
 
@@ -736,7 +737,7 @@ impl Graph {
                     self.values[v] = None;
                 }
             }
-            bound_held_buffers(&self.device);
+            submit_between_layers(&self.device);
         }
         if mode == Mode::Train {
             self.step += 1;
@@ -1033,7 +1034,7 @@ impl Graph {
             {
                 self.values[v] = None;
             }
-            bound_held_buffers(&self.device);
+            submit_between_layers(&self.device);
         }
         Ok(grads[0].take().filter(|_| input_grad))
     }
