@@ -20,10 +20,8 @@ override OH: u32;
 override OW: u32;
 override PAD_TOP: u32;
 override PAD_LEFT: u32;
+// The output transforms' activation when it is not ReLU (`p.relu`, below).
 override ACT: u32 = 0u;
-override HAS_BIAS: u32 = 0u;
-// 1: `output` adds `residual` (a residual sum folded into an evaluation pass) before ACT.
-override HAS_RESIDUAL: u32 = 0u;
 // 1: the weights of the input gradient: filter o, channel c read w[c][o] rotated by 180°.
 override FLIP: u32 = 0u;
 // Channel groups: filter o sees the C / GROUPS channels of its group o / (O / GROUPS), and the
@@ -63,6 +61,11 @@ alias Square = array<Line, 6>;
 
 struct Params {
     images: u32, first_image: u32, total: u32, slope: f32,
+    // The output transforms' epilogue: the bias, a residual sum folded into an evaluation
+    // pass (added before the activation), ReLU. Uniforms, not constants, so that one pipeline
+    // per shape serves every layer of it (ResNet-18's first step compiled three twins of each
+    // stage's output transform on lavapipe, 50–90 ms each).
+    has_bias: u32, has_residual: u32, relu: u32, _pad: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -454,10 +457,24 @@ fn output_columns(m: Square) -> Square {
     return am;
 }
 
-// Filter o's bias (0 without one).
-fn bias_of(o: u32) -> f32 {
-    if HAS_BIAS == 1u { return bias[o]; }
-    return 0.0;
+// An output transform's epilogue for filter o: its bias (0 without one), whether a residual
+// is added and whether ReLU follows, read behind `opaque_zero` (lavapipe would inline the
+// uniforms that decide a branch and compile a copy of the kernel per choice).
+struct Epilogue { bias: f32, residual: bool, relu: bool }
+
+fn epilogue(o: u32, nwg: vec3<u32>) -> Epilogue {
+    let opaque = opaque_zero(nwg);
+    let bias = select(0.0, bias[min(o, arrayLength(&bias) - 1u)], p.has_bias + opaque != 0u);
+    return Epilogue(bias, p.has_residual + opaque != 0u, p.relu + opaque != 0u);
+}
+
+fn finish(v: f32, e: Epilogue) -> f32 {
+    let y = activate(v, ACT, p.slope);
+    return select(y, activate(y, ACT_RELU, 0.0), e.relu);
+}
+
+fn finish4(v: vec4<f32>, e: Epilogue) -> vec4<f32> {
+    return vec4<f32>(finish(v.x, e), finish(v.y, e), finish(v.z, e), finish(v.w, e));
 }
 
 // y = act(Aᵀ m A + bias) for filter o at tile t, m = M [T²][O][images·tiles]: dst = y's
@@ -468,15 +485,15 @@ fn output(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups
     if index >= p.total { return; }
     let block = output_block(index);
     let am = output_columns(load_points(block.stride, block.at));
-    let b = bias_of(block.o);
+    let e = epilogue(block.o, nwg);
     for (var i = 0u; i < TILE; i++) {
         let row = output_line(am[i]);
         for (var j = 0u; j < TILE; j++) {
             if block.oy + i < OH && block.ox + j < OW {
                 let y = block.plane + (block.oy + i) * OW + block.ox + j;
-                var v = row[j] + b;
-                if HAS_RESIDUAL == 1u { v += residual[y]; }
-                dst[y] = activate(v, ACT, p.slope);
+                var v = row[j] + e.bias;
+                if e.residual { v += residual[y]; }
+                dst[y] = finish(v, e);
             }
         }
     }
@@ -490,14 +507,14 @@ fn output_rows4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_work
     if index >= p.total { return; }
     let block = output_block(index);
     let am = output_columns(load_points(block.stride, block.at));
-    let b = bias_of(block.o);
+    let e = epilogue(block.o, nwg);
     for (var i = 0u; i < 4u; i++) {
         if block.oy + i < OH {
             let row = output_line(am[i]);
             let y = (block.plane + (block.oy + i) * OW + block.ox) / 4u;
-            var v = vec4<f32>(row[0], row[1], row[2], row[3]) + b;
-            if HAS_RESIDUAL == 1u { v += residual4[y]; }
-            dst4[y] = activate_vec4(v, ACT, p.slope);
+            var v = vec4<f32>(row[0], row[1], row[2], row[3]) + e.bias;
+            if e.residual { v += residual4[y]; }
+            dst4[y] = finish4(v, e);
         }
     }
 }
@@ -529,7 +546,7 @@ fn output_blocks4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wo
             }
         }
     }
-    let b = bias_of(block.o);
+    let e = epilogue(block.o, nwg);
     for (var row = 0u; row < 4u; row++) {
         if block.oy + row < OH {
             let top = row / 2u * 2u;
@@ -538,9 +555,9 @@ fn output_blocks4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wo
             let first = acc[r * 2u];
             let second = acc[r * 2u + 1u];
             let y = (block.plane + (block.oy + row) * OW + block.ox) / 4u;
-            var v = vec4<f32>(first[top], second[top], first[top + 1u], second[top + 1u]) + b;
-            if HAS_RESIDUAL == 1u { v += residual4[y]; }
-            dst4[y] = activate_vec4(v, ACT, p.slope);
+            var v = vec4<f32>(first[top], second[top], first[top + 1u], second[top + 1u]) + e.bias;
+            if e.residual { v += residual4[y]; }
+            dst4[y] = finish4(v, e);
         }
     }
 }

@@ -30,13 +30,13 @@ fn load_b(i: u32) -> vec4<f32> { return texel(b, i); }
 
 //- store_scalar
 @group(0) @binding(4) var<storage, read_write> c: array<f32>;
-fn store(batch: u32, row: u32, col: u32, value: f32) {
+fn store(batch: u32, row: u32, col: u32, value: f32, bias: f32) {
     if row < p.m && col < p.n {
         var at = (batch * p.m + row) * p.n + col;
         if TRANSPOSE_C == 1u { at = (batch * p.n + col) * p.m + row; }
         var v = value;
         if ADD_TO_C == 1u { v += c[at]; }
-        if FINISH == 1u { v = finish(row, col, v); }
+        if FINISH == 1u { v = finish(v + bias); }
         c[at] = v;
     }
 }
@@ -44,20 +44,12 @@ fn store(batch: u32, row: u32, col: u32, value: f32) {
 //- store_vec4
 // For row-major outputs with N a multiple of 4: one vec4 store per 4 columns.
 @group(0) @binding(4) var<storage, read_write> c: array<vec4<f32>>;
-fn store4(batch: u32, row: u32, col4: u32, value: vec4<f32>) {
+fn store4(batch: u32, row: u32, col4: u32, value: vec4<f32>, bias: vec4<f32>) {
     if row < p.m && col4 < p.n4 {
-        let col = col4 * 4u;
         let at = (batch * p.m + row) * p.n4 + col4;
         var v = value;
         if ADD_TO_C == 1u { v += c[at]; }
-        if FINISH == 1u {
-            v = vec4<f32>(
-                finish(row, col, v.x),
-                finish(row, col + 1u, v.y),
-                finish(row, col + 2u, v.z),
-                finish(row, col + 3u, v.w),
-            );
-        }
+        if FINISH == 1u { v = finish4(v + bias); }
         c[at] = v;
     }
 }
@@ -66,19 +58,12 @@ fn store4(batch: u32, row: u32, col4: u32, value: vec4<f32>) {
 // For transposed outputs (C[b] stored [n][m]) with M a multiple of 4: a lane's four rows
 // (from a multiple of 4) at one column as one vec4, next to its neighbour lanes' rows.
 @group(0) @binding(4) var<storage, read_write> c: array<vec4<f32>>;
-fn store4_rows(batch: u32, row: u32, col: u32, value: vec4<f32>) {
+fn store4_rows(batch: u32, row: u32, col: u32, value: vec4<f32>, bias: vec4<f32>) {
     if row < p.m && col < p.n {
         let at = ((batch * p.n + col) * p.m + row) / 4u;
         var v = value;
         if ADD_TO_C == 1u { v += c[at]; }
-        if FINISH == 1u {
-            v = vec4<f32>(
-                finish(row, col, v.x),
-                finish(row + 1u, col, v.y),
-                finish(row + 2u, col, v.z),
-                finish(row + 3u, col, v.w),
-            );
-        }
+        if FINISH == 1u { v = finish4(v + bias); }
         c[at] = v;
     }
 }

@@ -1148,6 +1148,62 @@ fn winograd_convolutions_match_the_cpu() {
     }
 }
 
+/// Winograd layers of one shape that differ in their epilogue share every pipeline: the input
+/// transform reads only the input's shape, and the output transform takes the bias and ReLU
+/// as uniforms (as `override` constants each set was a kernel of its own to compile, 50–140 ms
+/// apiece on lavapipe). With a bias or without, ReLU or the identity, the first layer alone
+/// compiles, every forward matching the CPU with its output poisoned. Fresh contexts forced to
+/// each operand-read family, so that the count is theirs alone.
+#[test]
+fn winograd_layers_differing_in_their_epilogue_share_every_pipeline() {
+    use wgcnn::tuning::OperandReads;
+    let Some(_) = gpu() else { return };
+    let (x, weight, bias) = layer_tensors([2, 20, 9, 11], [24, 20, 3, 3], 91);
+    for reads in [OperandReads::Storage, OperandReads::Texture] {
+        let gpu = wgcnn::Gpu::with_options(wgcnn::GpuOptions {
+            operand_reads: Some(reads),
+            ..common::options()
+        })
+        .unwrap();
+        let (tx, tw, tb) = (
+            Tensor::from_array(&gpu, &x).unwrap(),
+            Tensor::from_array(&gpu, &weight).unwrap(),
+            Tensor::from_array(&gpu, &bias).unwrap(),
+        );
+        let mut compiled = None;
+        for (with_bias, activation) in [
+            (true, Activation::Relu),
+            (false, Activation::None),
+            (true, Activation::None),
+            (false, Activation::Relu),
+        ] {
+            let spec = Conv2d {
+                padding: Padding::Explicit(1, 1),
+                activation,
+                ..Conv2d::default()
+            };
+            let shape = spec.shape(x.shape(), weight.shape(), None).unwrap();
+            let plan = spec.plan(&gpu, &shape).unwrap();
+            assert_eq!(plan.forward, ConvKernel::Winograd);
+            let cpu_bias = with_bias.then(|| bias.view());
+            let want =
+                wgcnn::cpu::conv2d(&spec, &x.view(), &weight.view(), cpu_bias.as_ref()).unwrap();
+            drop(Tensor::full(&gpu, &shape.output(), f32::NAN).unwrap());
+            let got = spec.forward(&tx, &tw, with_bias.then_some(&tb)).unwrap();
+            let diff = max_abs_diff(&got.to_array().unwrap(), &want);
+            let tolerance = 1e-5 * (shape.taps() as f32).sqrt() * 4.0 + 1e-5;
+            let case = format!("{reads:?} bias {with_bias} {activation:?}");
+            assert!(diff <= tolerance, "{case}: {diff}");
+            let count = gpu.pipelines_compiled();
+            assert_eq!(
+                *compiled.get_or_insert(count),
+                count,
+                "{case}: a pipeline of its own"
+            );
+        }
+    }
+}
+
 /// Winograd F(4×4, 3×3), forced, on contexts forced to each operand-read family: forward, dx
 /// and dW against the CPU with poisoned outputs, on outputs of sizes that leave partial 4×4
 /// blocks (1 to 3 rows or columns past the last whole one), paddings 0–2 and 3 (dx then
@@ -1329,62 +1385,6 @@ fn winograd_weight_gradients_take_the_forward_passes_tiles() {
 /// contexts forced to each operand-read family; groups of unequal channels and filters, three
 /// groups, odd sizes, paddings 0–2, a fused bias and activation. Groups of fewer channels
 /// take no Winograd.
-/// Winograd's input transform reads only the input's shape, so layers that differ in their
-/// activation, bias or residual share its pipeline, and a second such layer compiles only
-/// its output transform (each set of `override` constants is a kernel of its own: ~60–140 ms
-/// to compile on lavapipe, nine of them in ResNet-18's first step before). Both match the CPU.
-#[test]
-fn winograd_layers_differing_in_their_epilogue_share_the_input_transform() {
-    if gpu().is_none() {
-        return;
-    }
-    let gpu = common::new_gpu();
-    let (x, w, b) = (
-        random(&[2, 8, 10, 12], 71),
-        random(&[8, 8, 3, 3], 72),
-        random(&[8], 73),
-    );
-    let (tx, tw, tb) = (
-        Tensor::from_array(&gpu, &x).unwrap(),
-        Tensor::from_array(&gpu, &w).unwrap(),
-        Tensor::from_array(&gpu, &b).unwrap(),
-    );
-    let relu = Conv2d {
-        padding: Padding::Explicit(1, 1),
-        activation: Activation::Relu,
-        kernel: Some(ConvKernel::Winograd),
-        ..Conv2d::default()
-    };
-    let plain = Conv2d {
-        activation: Activation::None,
-        ..relu
-    };
-    // Outputs come from a pool poisoned with NaN (its fill kernel compiled before counting).
-    let poison = || drop(Tensor::full(&gpu, x.shape(), f32::NAN).unwrap());
-    poison();
-    let mut compiled = vec![gpu.pipelines_compiled()];
-    for (spec, bias) in [(relu, Some((&b, &tb))), (plain, None)] {
-        poison();
-        let want = wgcnn::cpu::conv2d(
-            &spec,
-            &x.view(),
-            &w.view(),
-            bias.map(|b| b.0.view()).as_ref(),
-        )
-        .unwrap();
-        let got = spec.forward(&tx, &tw, bias.map(|b| b.1)).unwrap();
-        let diff = max_abs_diff(&got.to_array().unwrap(), &want);
-        assert!(diff < 1e-4, "{:?}: off by {diff}", spec.activation);
-        compiled.push(gpu.pipelines_compiled());
-    }
-    assert!(compiled[1] > compiled[0], "{compiled:?}");
-    assert_eq!(
-        compiled[2] - compiled[1],
-        1,
-        "pipelines compiled: {compiled:?}"
-    );
-}
-
 #[test]
 fn grouped_winograd_matches_the_cpu() {
     let Some(gpus) = read_family_gpus() else {

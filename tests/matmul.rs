@@ -336,6 +336,44 @@ fn few_rows_run_transposed(gpu: &Gpu, kernel: KernelChoice) {
     }
 }
 
+/// A subgroup product's bias per row (a convolution's) and ReLU are uniforms: at one shape a
+/// single pipeline serves a bias per row or none, ReLU or the identity, and one more the
+/// bias per column (an `override` constant: its loads stay out of the others), on both
+/// operand-read families, each result matching the CPU with its output poisoned (as
+/// constants each was a pipeline, on lavapipe a compile of 0.1–0.5 s, of its own). A fresh
+/// context, so that the count is this test's alone.
+#[test]
+fn one_subgroup_pipeline_serves_every_row_bias_and_relu() {
+    let Some(shared) = gpu() else { return };
+    let gpu = common::new_gpu();
+    for kernel in subgroup_kernels(shared) {
+        let mut counts = Vec::new();
+        for (bias, activation) in [
+            (BiasAxis::PerRow, Activation::Relu),
+            (BiasAxis::None, Activation::None),
+            (BiasAxis::PerRow, Activation::None),
+            (BiasAxis::None, Activation::Relu),
+            (BiasAxis::PerColumn, Activation::Relu),
+            (BiasAxis::PerColumn, Activation::None),
+        ] {
+            let spec = Matmul {
+                bias,
+                activation,
+                kernel,
+                ..Matmul::default()
+            };
+            check(&gpu, spec, (None, None), (37, 20, 44), 41);
+            counts.push(gpu.pipelines_compiled());
+        }
+        let first = counts[0];
+        assert_eq!(
+            counts[1..],
+            [first, first, first, first + 1, first + 1],
+            "{kernel:?}: pipelines compiled after each product"
+        );
+    }
+}
+
 /// A K that is not a multiple of 4 with a wide B (an im2col product of an RGB stem) runs
 /// transposed, so that B is read as it lies and only A is packed: bias per row, B shared
 /// and batched, outputs that fill no tile.

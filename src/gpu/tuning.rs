@@ -94,8 +94,10 @@ pub struct TuningReport {
 /// transforms read rows of vec4s; 16: the direct kernels take blocks of 16 for 17 to 32
 /// filters, sum each output's taps together and copy their filter bank (no pass of its own);
 /// 17: the subgroup matmul hides its K range from lavapipe, which had compiled it anew at
-/// every dispatch for some shapes (trials of every candidate built on it paid for that).
-const KERNELS_REVISION: u32 = 17;
+/// every dispatch for some shapes (trials of every candidate built on it paid for that);
+/// 18: its bias per row and ReLU, and Winograd's output epilogue, are uniforms (one
+/// pipeline a shape), each lane loading its rows' and columns' bias once.
+const KERNELS_REVISION: u32 = 18;
 
 const HEADER: &str =
     "# wgcnn kernel tuning v1: adapter\tkey\tchosen\tcandidate=seconds;…\ttimed batch";

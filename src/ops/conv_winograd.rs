@@ -37,6 +37,19 @@ struct WinogradParams {
     first_image: u32,
     total: u32,
     slope: f32,
+    has_bias: u32,
+    has_residual: u32,
+    relu: u32,
+    _pad: u32,
+}
+
+/// What a problem's kernels are specialised on (`override` constants), and the output
+/// transforms' bias and residual, which are uniforms: one pipeline serves a shape with or
+/// without them.
+struct Constants {
+    shape: [(&'static str, u32); 13],
+    bias: bool,
+    residual: bool,
 }
 
 /// The convolution the kernels run: the layer's forward pass, or its input gradient as a
@@ -148,13 +161,14 @@ impl Problem {
         (self.points() * self.c.max(self.o) * self.tiles()) as u64 * 4
     }
 
-    fn constants(
-        &self,
-        spec: &Conv2d,
-        (bias, residual): (bool, bool),
-    ) -> Result<[(&'static str, u32); 15]> {
+    fn constants(&self, spec: &Conv2d, (bias, residual): (bool, bool)) -> Result<Constants> {
         let word = |v: usize| gpu_word("conv2d", v);
-        Ok([
+        // ReLU is a uniform (`WinogradParams::relu`), the identity's constant then.
+        let activation = match spec.activation {
+            Activation::Relu => Activation::None,
+            other => other,
+        };
+        let shape = [
             ("C", word(self.c)?),
             ("H", word(self.h)?),
             ("W", word(self.w)?),
@@ -163,14 +177,17 @@ impl Problem {
             ("OW", word(self.ow)?),
             ("PAD_TOP", word(self.pad_top)?),
             ("PAD_LEFT", word(self.pad_left)?),
-            ("ACT", spec.activation.code()),
-            ("HAS_BIAS", u32::from(bias)),
-            ("HAS_RESIDUAL", u32::from(residual)),
+            ("ACT", activation.code()),
             ("FLIP", u32::from(self.flip)),
             ("TILE", word(self.tile)?),
             ("BLOCKS", u32::from(self.blocks())),
             ("GROUPS", word(self.groups)?),
-        ])
+        ];
+        Ok(Constants {
+            shape,
+            bias,
+            residual,
+        })
     }
 }
 
@@ -363,7 +380,7 @@ pub(crate) fn input_tiles(
 
 /// `spec` without its activation (the weight gradient's kernels apply none) and its
 /// constants for `problem`, without bias or residual.
-fn unactivated(spec: &Conv2d, problem: &Problem) -> Result<(Conv2d, [(&'static str, u32); 15])> {
+fn unactivated(spec: &Conv2d, problem: &Problem) -> Result<(Conv2d, Constants)> {
     let plain = Conv2d {
         activation: Activation::None,
         ..*spec
@@ -534,8 +551,8 @@ fn by_tiles(
 }
 
 /// `constants` as `entry` reads them, those it never reads fixed, so that passes differing
-/// only there share its pipeline: the epilogue's (ACT, HAS_BIAS, HAS_RESIDUAL) belong to the
-/// output transforms, FLIP to the filter transform, and the input transforms read the
+/// only there share its pipeline: the epilogue's (ACT) belongs to the output transforms,
+/// FLIP to the filter transform, and the input transforms read the
 /// input's shape and the tiling alone (O set to C, one group). Each set of constants is a
 /// kernel of its own to compile: ResNet-18's first step compiled nine twins of its input
 /// transforms on lavapipe (60–140 ms each), ResNet-20's the output transforms of dx beside
@@ -550,7 +567,7 @@ fn read_constants(entry: &str, constants: &[(&'static str, u32)]) -> Vec<(&'stat
     constants
         .iter()
         .map(|&(name, value)| match name {
-            "ACT" | "HAS_BIAS" | "HAS_RESIDUAL" if !output => (name, 0),
+            "ACT" if !output => (name, 0),
             "FLIP" if entry != "weights" => (name, 0),
             "O" if input => (name, channels),
             "GROUPS" if input => (name, 1),
@@ -561,7 +578,7 @@ fn read_constants(entry: &str, constants: &[(&'static str, u32)]) -> Vec<(&'stat
 
 fn encode(
     gpu: &Gpu,
-    (entry, constants): (&str, &[(&'static str, u32)]),
+    (entry, constants): (&str, &Constants),
     spec: &Conv2d,
     bindings: &[(u32, Binding<'_>)],
     total: usize,
@@ -572,8 +589,12 @@ fn encode(
         first_image: gpu_word("conv2d", first)?,
         total: gpu_word("conv2d", total)?,
         slope: spec.activation.slope(),
+        has_bias: u32::from(constants.bias),
+        has_residual: u32::from(constants.residual),
+        relu: u32::from(spec.activation == Activation::Relu),
+        _pad: 0,
     };
-    let constants = read_constants(entry, constants);
+    let constants = read_constants(entry, &constants.shape);
     let pipeline = gpu.specialized(
         "conv_winograd",
         entry,

@@ -860,6 +860,9 @@ impl Matmul {
             // (ResNet-18's layer2 im2col product 128×1152×6272: 32 ms against 43 walking the
             // columns first; square and tall products within 3 % either way).
             rows_first: u32::from(m < n),
+            bias_rows: u32::from(self.bias == BiasAxis::PerRow),
+            relu: u32::from(self.activation == Activation::Relu),
+            _pad: [0; 2],
         };
         let kernel = SubgroupKernel {
             rows,
@@ -894,9 +897,14 @@ impl Matmul {
             .iter()
             .map(|k_pass| {
                 let [add_to_c, finish] = k_pass.constants();
+                // ReLU is `params.relu`, the identity's constant then.
+                let activation = match self.activation {
+                    Activation::Relu => Activation::None,
+                    other => other,
+                };
                 let epilogue = [
-                    ("BIAS_MODE", self.bias_mode()),
-                    ("ACTIVATION", self.activation.code()),
+                    ("ACTIVATION", activation.code()),
+                    ("BIAS_COLUMNS", u32::from(self.bias == BiasAxis::PerColumn)),
                     ("TRANSPOSE_C", u32::from(transposed)),
                     add_to_c,
                     finish,
@@ -1091,6 +1099,9 @@ struct SubgroupParams {
     k4_end: u32,
     first_image: u32,
     rows_first: u32,
+    bias_rows: u32,
+    relu: u32,
+    _pad: [u32; 2],
 }
 
 /// The operands a subgroup matmul reads, packed where needed.
@@ -1361,6 +1372,25 @@ impl Generated for SubgroupKernel {
                 }
             }
         }
+        for r in 0..rows {
+            let _ = writeln!(
+                store,
+                "    let bias_row_{r} = bias_at(row0 + {r}u, bias_rows);"
+            );
+        }
+        for c in 0..cols {
+            let _ = writeln!(
+                store,
+                "    let bias_col_{c} = bias_at(col4 * 4u + {c}u, BIAS_COLUMNS == 1u);"
+            );
+        }
+        // Per stored value, its row's bias plus its column's (one of them zero).
+        let columns4 = |g: u32| {
+            (4 * g..4 * g + 4)
+                .map(|c| format!("bias_col_{c}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
         match self.store {
             StoreC::Rows4 => {
                 for g in 0..col_groups {
@@ -1369,8 +1399,9 @@ impl Generated for SubgroupKernel {
                             (0..4).map(|r| format!("acc_{r}_{g}.{component}")).collect();
                         let _ = writeln!(
                             store,
-                            "    store4_rows(batch, row0, (col4 + {g}u) * 4u + {i}u, vec4<f32>({}));",
-                            column.join(", ")
+                            "    store4_rows(batch, row0, (col4 + {g}u) * 4u + {i}u, vec4<f32>({}), vec4<f32>(bias_row_0, bias_row_1, bias_row_2, bias_row_3) + bias_col_{});",
+                            column.join(", "),
+                            4 * g + i as u32
                         );
                     }
                 }
@@ -1380,7 +1411,8 @@ impl Generated for SubgroupKernel {
                     for g in 0..col_groups {
                         let _ = writeln!(
                             store,
-                            "    store4(batch, row0 + {r}u, col4 + {g}u, acc_{r}_{g});"
+                            "    store4(batch, row0 + {r}u, col4 + {g}u, acc_{r}_{g}, bias_row_{r} + vec4<f32>({}));",
+                            columns4(g)
                         );
                     }
                 }
@@ -1391,7 +1423,8 @@ impl Generated for SubgroupKernel {
                         for (i, component) in components.iter().enumerate() {
                             let _ = writeln!(
                                 store,
-                                "    store(batch, row0 + {r}u, (col4 + {g}u) * 4u + {i}u, acc_{r}_{g}.{component});"
+                                "    store(batch, row0 + {r}u, (col4 + {g}u) * 4u + {i}u, acc_{r}_{g}.{component}, bias_row_{r} + bias_col_{});",
+                                4 * g + i as u32
                             );
                         }
                     }
