@@ -518,8 +518,12 @@ struct OptimParams {
 }
 
 /// Parameters one optimizer dispatch updates at most (fewer where the device binds fewer
-/// storage buffers per kernel); more take further dispatches.
-const MOST_TENSORS_PER_DISPATCH: usize = 16;
+/// storage buffers per kernel); more take further dispatches. Each parameter is a `case` of
+/// loads and stores in the kernel, whose compile grows with them: Adam's took 30, 65, 90 and
+/// 200 ms of JIT on lavapipe for 1, 2, 4 and 8 parameters (with Mesa's cache off, on the
+/// Xeon host), the 8-parameter one a tenth of LeNet's cold first step. At 4, LeNet's eight
+/// small parameters take two dispatches of one pipeline instead of one.
+const MOST_TENSORS_PER_DISPATCH: usize = 4;
 
 /// Parameters at least this long get an optimizer dispatch of their own. Every workgroup of a
 /// shared dispatch runs every parameter's `case` (on lavapipe with its lanes masked off, at
