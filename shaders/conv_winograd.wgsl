@@ -469,8 +469,7 @@ fn epilogue(o: u32, nwg: vec3<u32>) -> Epilogue {
 }
 
 fn finish(v: f32, e: Epilogue) -> f32 {
-    let y = activate(v, ACT, p.slope);
-    return select(y, activate(y, ACT_RELU, 0.0), e.relu);
+    return activate_or_relu(v, ACT, p.slope, e.relu);
 }
 
 fn finish4(v: vec4<f32>, e: Epilogue) -> vec4<f32> {

@@ -163,11 +163,7 @@ impl Problem {
 
     fn constants(&self, spec: &Conv2d, (bias, residual): (bool, bool)) -> Result<Constants> {
         let word = |v: usize| gpu_word("conv2d", v);
-        // ReLU is a uniform (`WinogradParams::relu`), the identity's constant then.
-        let activation = match spec.activation {
-            Activation::Relu => Activation::None,
-            other => other,
-        };
+        let (activation, _) = spec.activation.relu_as_uniform();
         let shape = [
             ("C", word(self.c)?),
             ("H", word(self.h)?),
@@ -591,7 +587,7 @@ fn encode(
         slope: spec.activation.slope(),
         has_bias: u32::from(constants.bias),
         has_residual: u32::from(constants.residual),
-        relu: u32::from(spec.activation == Activation::Relu),
+        relu: u32::from(spec.activation.relu_as_uniform().1),
         _pad: 0,
     };
     let constants = read_constants(entry, &constants.shape);

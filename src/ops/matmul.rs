@@ -861,7 +861,7 @@ impl Matmul {
             // columns first; square and tall products within 3 % either way).
             rows_first: u32::from(m < n),
             bias_rows: u32::from(self.bias == BiasAxis::PerRow),
-            relu: u32::from(self.activation == Activation::Relu),
+            relu: u32::from(self.activation.relu_as_uniform().1),
             _pad: [0; 2],
         };
         let kernel = SubgroupKernel {
@@ -897,11 +897,7 @@ impl Matmul {
             .iter()
             .map(|k_pass| {
                 let [add_to_c, finish] = k_pass.constants();
-                // ReLU is `params.relu`, the identity's constant then.
-                let activation = match self.activation {
-                    Activation::Relu => Activation::None,
-                    other => other,
-                };
+                let (activation, _) = self.activation.relu_as_uniform();
                 let epilogue = [
                     ("ACTIVATION", activation.code()),
                     ("BIAS_COLUMNS", u32::from(self.bias == BiasAxis::PerColumn)),

@@ -35,6 +35,16 @@ impl Activation {
         }
     }
 
+    /// For kernels that take ReLU as a uniform, so that layers with and without it share a
+    /// pipeline (shaders/epilogue.wgsl's `activate_or_relu`): the activation their `override`
+    /// constant applies, and whether the uniform adds ReLU.
+    pub(crate) fn relu_as_uniform(self) -> (Activation, bool) {
+        match self {
+            Activation::Relu => (Activation::None, true),
+            other => (other, false),
+        }
+    }
+
     pub(crate) fn slope(self) -> f32 {
         match self {
             Activation::LeakyRelu(slope) => slope,
