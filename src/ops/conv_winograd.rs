@@ -47,7 +47,7 @@ struct WinogradParams {
 /// transforms' bias and residual, which are uniforms: one pipeline serves a shape with or
 /// without them.
 struct Constants {
-    shape: [(&'static str, u32); 13],
+    overrides: [(&'static str, u32); 13],
     bias: bool,
     residual: bool,
 }
@@ -164,7 +164,7 @@ impl Problem {
     fn constants(&self, spec: &Conv2d, (bias, residual): (bool, bool)) -> Result<Constants> {
         let word = |v: usize| gpu_word("conv2d", v);
         let (activation, _) = spec.activation.relu_as_uniform();
-        let shape = [
+        let overrides = [
             ("C", word(self.c)?),
             ("H", word(self.h)?),
             ("W", word(self.w)?),
@@ -180,7 +180,7 @@ impl Problem {
             ("GROUPS", word(self.groups)?),
         ];
         Ok(Constants {
-            shape,
+            overrides,
             bias,
             residual,
         })
@@ -590,7 +590,7 @@ fn encode(
         relu: u32::from(spec.activation.relu_as_uniform().1),
         _pad: 0,
     };
-    let constants = read_constants(entry, &constants.shape);
+    let constants = read_constants(entry, &constants.overrides);
     let pipeline = gpu.specialized(
         "conv_winograd",
         entry,

@@ -831,6 +831,7 @@ impl Matmul {
         let tiles_n = n.div_ceil(cols as usize);
         let total_tiles = checked_u32((tiles_m * tiles_n * shape.batch) as u64)?;
         let subgroups_per_group = 64 / subgroup;
+        let (activation, relu) = self.activation.relu_as_uniform();
         let params = SubgroupParams {
             m: m as u32,
             n: n as u32,
@@ -861,7 +862,7 @@ impl Matmul {
             // columns first; square and tall products within 3 % either way).
             rows_first: u32::from(m < n),
             bias_rows: u32::from(self.bias == BiasAxis::PerRow),
-            relu: u32::from(self.activation.relu_as_uniform().1),
+            relu: u32::from(relu),
             _pad: [0; 2],
         };
         let kernel = SubgroupKernel {
@@ -897,7 +898,6 @@ impl Matmul {
             .iter()
             .map(|k_pass| {
                 let [add_to_c, finish] = k_pass.constants();
-                let (activation, _) = self.activation.relu_as_uniform();
                 let epilogue = [
                     ("ACTIVATION", activation.code()),
                     ("BIAS_COLUMNS", u32::from(self.bias == BiasAxis::PerColumn)),
