@@ -9,9 +9,9 @@ use wgcnn::ops::{BiasAxis, KernelChoice, Matmul};
 use wgcnn::tuning::{KernelFamily, MatmulPlan, OperandReads, TEXTURE_ADVANTAGE};
 use wgcnn::{Activation, Gpu, Tensor};
 
-/// The kernel families this adapter can run.
+/// The kernels this adapter can run: the small kernel runs anywhere.
 fn kernels(gpu: &Gpu) -> Vec<KernelChoice> {
-    let mut kernels = vec![KernelChoice::Tiled];
+    let mut kernels = vec![KernelChoice::Tiled, KernelChoice::Small];
     kernels.extend(subgroup_kernels(gpu));
     kernels
 }
@@ -199,11 +199,12 @@ fn grids_beyond_65535_workgroups_in_one_axis() {
             kernel,
             ..Matmul::default()
         };
-        // Tiled: one 256-invocation group per tile; subgroup: 8 tiles per group.
-        let batch = if kernel == KernelChoice::Tiled {
-            70_000
-        } else {
-            600_000
+        // Tiled: one 256-invocation group per tile; subgroup: 8 tiles per group; small: 64
+        // outputs per group.
+        let batch = match kernel {
+            KernelChoice::Tiled => 70_000,
+            KernelChoice::Small => 800_000,
+            _ => 600_000,
         };
         check(gpu, spec, (Some(batch), Some(batch)), (2, 1, 3), 9);
     }
@@ -226,6 +227,69 @@ fn auto_follows_the_kernel_family() {
     } else {
         assert_eq!(plan, MatmulPlan::Tiled);
     }
+}
+
+/// On CPU adapters with subgroups, `Auto` runs products of at most 2^17 multiply-adds on the
+/// small kernel, larger ones on the subgroup kernel; on the portable family, the tiled one.
+#[test]
+fn auto_takes_the_small_kernel_for_small_products_on_cpu_adapters() {
+    let Some(gpu) = gpu() else { return };
+    let cpu_family =
+        gpu.kernel_family() == KernelFamily::CpuAdapter && gpu.fixed_subgroup_size().is_some();
+    // LeNet's last layer at batch 64 (53,760), and a product one multiply-add past the bound.
+    for (m, k, n, small) in [(64, 84, 10, true), (64, 32, 64, true), (64, 32, 65, false)] {
+        let spec = Matmul::default();
+        let shape = spec.shape(&[m, k], &[k, n], None).unwrap();
+        let plan = spec.plan(gpu, &shape).unwrap();
+        match (cpu_family, small) {
+            (true, true) => assert_eq!(plan, MatmulPlan::Small, "m={m} k={k} n={n}"),
+            (true, false) => assert!(matches!(plan, MatmulPlan::Subgroup { .. }), "{plan}"),
+            (false, _) => assert_eq!(plan, MatmulPlan::Tiled),
+        }
+    }
+}
+
+/// A linear layer's three products (forward `x·Wᵀ + b`, `dx = dy·W`, `dW = dyᵀ·x`) read
+/// their operands as they lie on the small kernel: one pipeline serves them all, each
+/// matching the CPU with its output poisoned (on the subgroup kernel LeNet's last layer
+/// compiled three variants, 110–170 ms of lavapipe's JIT each). A fresh context, so that
+/// the count is this test's alone.
+#[test]
+fn one_small_pipeline_serves_a_layers_three_products() {
+    let Some(_) = gpu() else { return };
+    let gpu = common::new_gpu();
+    let small = |trans_a, trans_b, bias| Matmul {
+        trans_a,
+        trans_b,
+        bias,
+        kernel: KernelChoice::Small,
+        ..Matmul::default()
+    };
+    // Batch 9, 21 → 10 features: sizes that fill no vec4 nor workgroup. The first product
+    // compiles the kernel (and the poisoning fill's).
+    check(
+        &gpu,
+        small(false, true, BiasAxis::PerColumn),
+        (None, None),
+        (9, 21, 10),
+        51,
+    );
+    let first = gpu.pipelines_compiled();
+    check(
+        &gpu,
+        small(false, false, BiasAxis::None),
+        (None, None),
+        (9, 10, 21),
+        52,
+    );
+    check(
+        &gpu,
+        small(true, false, BiasAxis::None),
+        (None, None),
+        (10, 9, 21),
+        53,
+    );
+    assert_eq!(gpu.pipelines_compiled(), first);
 }
 
 #[test]

@@ -96,8 +96,9 @@ pub struct TuningReport {
 /// 17: the subgroup matmul hides its K range from lavapipe, which had compiled it anew at
 /// every dispatch for some shapes (trials of every candidate built on it paid for that);
 /// 18: its bias per row and ReLU, and Winograd's output epilogue, are uniforms (one
-/// pipeline a shape), each lane loading its rows' and columns' bias once.
-const KERNELS_REVISION: u32 = 18;
+/// pipeline a shape), each lane loading its rows' and columns' bias once; 19: products of at
+/// most 2^17 multiply-adds run the small matmul kernel on CPU adapters.
+const KERNELS_REVISION: u32 = 19;
 
 const HEADER: &str =
     "# wgcnn kernel tuning v1: adapter\tkey\tchosen\tcandidate=seconds;…\ttimed batch";

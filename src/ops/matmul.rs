@@ -13,6 +13,7 @@ use bytemuck::{Pod, Zeroable};
 use ndarray::{Array2, ArrayD, ArrayView2, ArrayViewD, Axis, Ix2, IxDyn, s};
 
 use super::Activation;
+use super::matmul_small::SMALL_MULTIPLY_ADDS;
 use super::reduce::sum_axes;
 use crate::error::{Error, Result};
 use crate::gpu::Commands;
@@ -43,17 +44,17 @@ const TILED_K_PER_PASS: usize = MAX_LOOP_ITERATIONS / TILED_LOOPS_PER_K_TILE * T
 /// ranges of it, each after the first adding its sums to C's, the last alone adding the bias
 /// and applying the activation (the kernels' `ADD_TO_C` and `FINISH` overrides).
 #[derive(Clone, Copy, Debug)]
-struct KPass {
-    begin: u32,
-    end: u32,
-    add_to_c: bool,
-    finish: bool,
+pub(super) struct KPass {
+    pub(super) begin: u32,
+    pub(super) end: u32,
+    pub(super) add_to_c: bool,
+    pub(super) finish: bool,
 }
 
 impl KPass {
     /// `0..len` (in the kernel's K units) in passes of at most `per_pass`; with
     /// `accumulate` the first adds to C's content too.
-    fn split(len: u32, per_pass: usize, accumulate: bool) -> Vec<KPass> {
+    pub(super) fn split(len: u32, per_pass: usize, accumulate: bool) -> Vec<KPass> {
         let per_pass = per_pass as u32;
         let passes = len.div_ceil(per_pass);
         (0..passes)
@@ -67,7 +68,7 @@ impl KPass {
     }
 
     /// The override constants that choose the pass's store.
-    fn constants(&self) -> [(&'static str, u32); 2] {
+    pub(super) fn constants(&self) -> [(&'static str, u32); 2] {
         [
             ("ADD_TO_C", u32::from(self.add_to_c)),
             ("FINISH", u32::from(self.finish)),
@@ -154,6 +155,9 @@ pub enum KernelChoice {
     /// The subgroup-broadcast kernel reading its operands through textures (falls back to
     /// storage buffers for operands larger than the device's largest texture).
     SubgroupTexture,
+    /// One output per invocation, operands read as they lie (`Auto` takes it for small
+    /// products on CPU adapters); not for a B read through a convolution's windows.
+    Small,
 }
 
 /// The kernel that a matmul runs, as the perf report shows it.
@@ -176,6 +180,8 @@ pub enum MatmulPlan {
         /// Reads A and B through textures instead of storage buffers.
         textures: bool,
     },
+    /// One output per invocation, each operand read through its strides (no pack).
+    Small,
 }
 
 impl fmt::Display for MatmulPlan {
@@ -193,6 +199,7 @@ impl fmt::Display for MatmulPlan {
                 let t = if *transposed { "-t" } else { "" };
                 write!(f, "subgroup{tex}-r{rows}c{cols}{t}")
             }
+            MatmulPlan::Small => write!(f, "small"),
         }
     }
 }
@@ -344,9 +351,23 @@ impl Matmul {
             KernelChoice::Tiled => false,
             KernelChoice::Auto => gpu.cpu_kernels() && subgroup.is_some(),
             KernelChoice::Subgroup | KernelChoice::SubgroupTexture => true,
+            KernelChoice::Small if implicit_b => {
+                return Err(Error::InvalidArgument {
+                    op: OP,
+                    detail: "the small kernel reads B from a buffer, not through a \
+                             convolution's windows; use KernelChoice::Auto"
+                        .into(),
+                });
+            }
+            KernelChoice::Small => return Ok(MatmulPlan::Small),
         };
         if !use_subgroup {
             return Ok(MatmulPlan::Tiled);
+        }
+        let multiply_adds = shape.batch * shape.m * shape.n * shape.k;
+        if self.kernel == KernelChoice::Auto && !implicit_b && multiply_adds <= SMALL_MULTIPLY_ADDS
+        {
+            return Ok(MatmulPlan::Small);
         }
         let subgroup = subgroup.ok_or_else(|| Error::InvalidArgument {
             op: OP,
@@ -397,7 +418,7 @@ impl Matmul {
         let want_textures = match self.kernel {
             KernelChoice::SubgroupTexture => true,
             KernelChoice::Auto => gpu.operand_reads()? == OperandReads::Texture,
-            KernelChoice::Tiled | KernelChoice::Subgroup => false,
+            KernelChoice::Tiled | KernelChoice::Subgroup | KernelChoice::Small => false,
         };
         // The packed operands of the product as run (transposed: B is the left operand).
         let (k4, m4, n4) = (
@@ -601,6 +622,7 @@ impl Matmul {
             MatmulPlan::Tiled => {
                 self.run_tiled(gpu, &shape, [a, b, bias, out], (window, accumulate), None)?
             }
+            MatmulPlan::Small => self.run_small(gpu, &shape, [a, b, bias, out], accumulate)?,
             MatmulPlan::Subgroup {
                 transposed: false, ..
             } => self.run_subgroup(gpu, &shape, plan, [a, b, bias, out], (window, accumulate))?,
@@ -999,7 +1021,7 @@ impl Matmul {
         })
     }
 
-    fn bias_mode(&self) -> u32 {
+    pub(super) fn bias_mode(&self) -> u32 {
         match self.bias {
             BiasAxis::None => bias_mode::NONE,
             BiasAxis::PerColumn => bias_mode::PER_COLUMN,
@@ -1008,7 +1030,7 @@ impl Matmul {
     }
 }
 
-fn checked_u32(value: u64) -> Result<u32> {
+pub(super) fn checked_u32(value: u64) -> Result<u32> {
     u32::try_from(value).map_err(|_| Error::InvalidArgument {
         op: OP,
         detail: format!("{value} tiles do not fit one dispatch; split the batch"),
@@ -1556,27 +1578,31 @@ mod tests {
     /// A product added to what C holds (a pointwise convolution's residual sum), the bias
     /// and ReLU applied after the sum, with each way of storing C on the subgroup kernel:
     /// vec4s along a row, a transposed run's vec4s down four rows, and floats (a small
-    /// product's two-row tile).
+    /// product's two-row tile); and on the small kernel, with blocks that C's edges cut.
     #[test]
     fn products_added_to_c_match_the_cpu() {
         let Some(gpu) = gpu(GpuOptions::from_env().unwrap()) else {
             return;
         };
-        let Some(subgroup) = gpu.fixed_subgroup_size() else {
-            return;
-        };
         let spec = Matmul {
             bias: BiasAxis::PerRow,
             activation: Activation::Relu,
-            kernel: KernelChoice::Subgroup,
             ..Matmul::default()
         };
-        let rows = (4 * subgroup) as usize;
-        for ((m, k, n), transposed) in [
-            ((rows + 8, 12, 2048), false),
-            ((8, 12, 8192), true),
-            ((8, 12, 100), true),
-        ] {
+        let mut cases = vec![
+            ((5, 7, 9), KernelChoice::Small, None),
+            ((8, 12, 100), KernelChoice::Small, None),
+        ];
+        if let Some(subgroup) = gpu.fixed_subgroup_size() {
+            let rows = (4 * subgroup) as usize;
+            cases.extend([
+                ((rows + 8, 12, 2048), KernelChoice::Subgroup, Some(false)),
+                ((8, 12, 8192), KernelChoice::Subgroup, Some(true)),
+                ((8, 12, 100), KernelChoice::Subgroup, Some(true)),
+            ]);
+        }
+        for ((m, k, n), kernel, transposed) in cases {
+            let spec = Matmul { kernel, ..spec };
             let (a, b) = (random(&[m, k], 1), random(&[k, n], 2));
             let (c, bias) = (random(&[m, n], 3), random(&[m], 4));
             let product = matmul_cpu(&Matmul::default(), &a.view(), &b.view(), None).unwrap();
@@ -1600,10 +1626,13 @@ mod tests {
                     out.operand(),
                 )
                 .unwrap();
-            assert!(
-                matches!(plan, MatmulPlan::Subgroup { transposed: t, .. } if t == transposed),
-                "{plan}"
-            );
+            match transposed {
+                Some(transposed) => assert!(
+                    matches!(plan, MatmulPlan::Subgroup { transposed: t, .. } if t == transposed),
+                    "{plan}"
+                ),
+                None => assert_eq!(plan, MatmulPlan::Small),
+            }
             let got = out.to_array().unwrap();
             let diff = got
                 .iter()

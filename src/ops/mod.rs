@@ -22,6 +22,7 @@ pub mod layer_norm;
 pub mod linear;
 pub mod log_softmax;
 pub mod matmul;
+mod matmul_small;
 pub(crate) mod norm;
 pub mod normalize;
 pub mod pool2d;
