@@ -141,10 +141,11 @@ fn sizes_around_the_tiles_and_tiny_ones() {
         (65, 63, 129),
         (8, 4, 32),
         (33, 5, 31),
-        // A transposed A read as it lies (M a multiple of 4): LeNet's fc1 weight gradient,
-        // and a K that ends inside four steps.
-        (120, 64, 256),
+        // A transposed A read as it lies (M a multiple of 4, 65,536 outputs or more), and a
+        // K that ends inside four steps; LeNet's fc1 weight gradient (packed: fewer outputs).
+        (120, 64, 600),
         (84, 67, 36),
+        (120, 64, 400),
         // Whole tiles inside the output beside edge ones, and a K range ending inside a tile:
         // the tiled kernel's unchecked loads, element by element and as vec4s.
         (130, 67, 131),
@@ -160,10 +161,11 @@ fn sizes_around_the_tiles_and_tiny_ones() {
                 };
                 let plan = check(gpu, spec, (None, None), (m, k, n), (m * k * n) as u64);
                 // Products under 65,536 outputs run two rows a lane on the subgroup kernel
-                // (four where a transposed A is read as it lies): these shapes test that tile.
-                if let MatmulPlan::Subgroup { rows, subgroup, .. } = plan {
-                    let a_cols = trans_a && m % 4 == 0 && m >= 4 * subgroup as usize;
-                    assert_eq!(rows, if a_cols { 4 } else { 2 }, "{plan} m={m} k={k} n={n}");
+                // (a transposed A packed), larger ones four (a transposed A with M a multiple
+                // of 4 read as it lies): these shapes test both tiles.
+                if let MatmulPlan::Subgroup { rows, .. } = plan {
+                    let expected = if m * n < 65_536 { 2 } else { 4 };
+                    assert_eq!(rows, expected, "{plan} m={m} k={k} n={n}");
                 }
             }
         }

@@ -384,8 +384,10 @@ impl Matmul {
         // A given transposed with M a multiple of 4 (a weight gradient's dzᵀ) is read as it
         // lies, four rows per lane (see `SubgroupKernel::a_cols`), when that needs no
         // transposed run.
-        let a_cols =
-            self.trans_a && shape.m.is_multiple_of(4) && shape.m >= (subgroup * 4) as usize;
+        let a_cols = !small
+            && self.trans_a
+            && shape.m.is_multiple_of(4)
+            && shape.m >= (subgroup * 4) as usize;
         // A convolution's windows read as B are gathers, a costly per-lane load per float:
         // eight rows a lane share each twice as far as four (ResNet's 7×7 stem at batch 8,
         // 3→64 at 224²: 44 ms with 8 rows × 16 columns against 49–56 with 4 × 32).
