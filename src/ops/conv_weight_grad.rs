@@ -92,6 +92,13 @@ fn lane_filters(shape: &Conv2dShape, size: usize) -> usize {
 /// pass from 62–70 to 55–66 ms; three, four and seven were no faster than two.
 const RUN_CHANNELS: usize = 2;
 
+/// Tap sums a lane of the broadcast kernel keeps at most (filters × channels × taps), past
+/// which a second channel is left out: LeNet's 6→16 5×5 layer, two filters and two channels
+/// a lane (100 sums), compiled in 310–440 ms of lavapipe's JIT and one channel in 160–190,
+/// its weight gradient as fast (1.38–1.47 against 1.48–1.84 ms a pass). ResNet-20's 3×3
+/// layers keep two (36).
+const MOST_LANE_SUMS: usize = 64;
+
 /// Workgroups the subgroup kernel aims for: fewer leave a CPU adapter's threads idle.
 const TARGET_GROUPS: usize = 16;
 
@@ -428,12 +435,14 @@ fn row_taps(
 }
 
 /// Channels each lane of the broadcast kernel sums for with `filters` filters: up to
-/// RUN_CHANNELS, as many as the workgroup's partial sums leave room for.
+/// RUN_CHANNELS, as many as the workgroup's partial sums and MOST_LANE_SUMS leave room for.
 fn run_channels(gpu: &Gpu, shape: &Conv2dShape, filters: usize) -> usize {
+    let taps = shape.kh * shape.kw;
     let floats = gpu.limits().max_compute_workgroup_storage_size as usize / 4;
     let per_filter = floats / WORKGROUP_SMALL as usize / filters;
-    let fit = per_filter.saturating_sub(1) / (shape.kh * shape.kw);
-    RUN_CHANNELS.min(fit).min(shape.c).max(1)
+    let fit = per_filter.saturating_sub(1) / taps;
+    let kept = MOST_LANE_SUMS / (filters * taps);
+    RUN_CHANNELS.min(fit).min(kept).min(shape.c).max(1)
 }
 
 /// The weight and bias gradients from `x` and `dy` over the whole batch, through `gate`'s
@@ -623,9 +632,9 @@ mod tests {
         crate::test_support::on_both_read_families(both_kernels_match_the_cpu_on);
     }
 
-    /// The broadcast kernel's lanes sum two channels where there are two (the channel
-    /// runs the test below checks), and its partial sums fit the workgroup's storage with
-    /// one filter per lane and with two.
+    /// The broadcast kernel's lanes sum two channels where there are two and their tap sums
+    /// stay within MOST_LANE_SUMS (the channel runs the test below checks), and its partial
+    /// sums fit the workgroup's storage with one filter per lane and with two.
     #[test]
     fn lanes_sum_two_channels_within_the_workgroup_storage() {
         let Some(gpu) = crate::test_support::gpu(GpuOptions::from_env().unwrap()) else {
@@ -633,17 +642,23 @@ mod tests {
         };
         let storage = gpu.limits().max_compute_workgroup_storage_size as usize;
         let spec = Conv2d::default();
+        // (channels, kernel size, the channels a lane sums with one filter and with two)
         for (c, k, want) in [
-            (16, 3, Some(2)),
-            (3, 3, Some(2)),
-            (1, 3, Some(1)),
+            (16, 3, Some([2, 2])),
+            (3, 3, Some([2, 2])),
+            (1, 3, Some([1, 1])),
+            // LeNet's conv2: 50 tap sums a lane for two channels of one filter, 100 of two.
+            (6, 5, Some([2, 1])),
             (8, 7, None),
         ] {
             let shape = spec.shape(&[2, c, 9, 9], &[4, c, k, k], None).unwrap();
-            for filters in [1, LANE_FILTERS] {
+            for (i, filters) in [1, LANE_FILTERS].into_iter().enumerate() {
                 let channels = run_channels(&gpu, &shape, filters);
                 if let Some(want) = want {
-                    assert_eq!(channels, want, "{c} channels, {k}×{k}, {filters} filters");
+                    assert_eq!(
+                        channels, want[i],
+                        "{c} channels, {k}×{k}, {filters} filters"
+                    );
                 }
                 let partials = WORKGROUP_SMALL as usize * (k * k * channels + 1) * filters * 4;
                 assert!(
