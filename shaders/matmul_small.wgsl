@@ -36,9 +36,8 @@ struct Params {
 var<private> relu: bool;
 
 // Stores row `row` of the block from column `col` on, where it lies inside C: the sums,
-// added to C's values with ADD_TO_C; on the last pass with the bias and the activation.
-// The bias is a select, not a branch: branches in sixteen inlined stores made lavapipe's
-// compile of this kernel as long as the subgroup kernel's.
+// added to C's values with ADD_TO_C; on the last pass with `bias4` (the row's and the
+// columns' bias, loaded once by `main`) and the activation.
 fn store_row(image: u32, row: u32, col: u32, sums: vec4<f32>, bias4: vec4<f32>) {
     if row >= p.m { return; }
     let first = (image * p.m + row) * p.n + col;
@@ -90,7 +89,9 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
         a_at += p.a_k;
         b_at += p.b_k;
     }
-    // The bias of the block's columns and rows (a valid element where none applies).
+    // The bias of the block's columns and rows (a valid element where none applies),
+    // selected, not branched on: branches in the sixteen inlined stores made lavapipe's
+    // compile of this kernel as long as the subgroup kernel's.
     let last_bias = arrayLength(&bias) - 1u;
     let by_column = bias_mode == BIAS_PER_COLUMN;
     let by_row = bias_mode == BIAS_PER_ROW;

@@ -141,11 +141,13 @@ fn sizes_around_the_tiles_and_tiny_ones() {
         (65, 63, 129),
         (8, 4, 32),
         (33, 5, 31),
-        // A transposed A read as it lies (M a multiple of 4, 65,536 outputs or more), and a
-        // K that ends inside four steps; LeNet's fc1 weight gradient (packed: fewer outputs).
+        // A transposed A read as it lies (M a multiple of 4, 65,536 outputs or more), also
+        // with a K that ends inside four steps; LeNet's fc1 and fc2 weight gradients
+        // (packed: fewer outputs).
         (120, 64, 600),
-        (84, 67, 36),
+        (84, 67, 800),
         (120, 64, 400),
+        (84, 64, 120),
         // Whole tiles inside the output beside edge ones, and a K range ending inside a tile:
         // the tiled kernel's unchecked loads, element by element and as vec4s.
         (130, 67, 131),
@@ -175,7 +177,11 @@ fn sizes_around_the_tiles_and_tiny_ones() {
 #[test]
 fn large_products_match_the_cpu() {
     let Some(gpu) = gpu() else { return };
-    for kernel in kernels(gpu) {
+    // The small kernel's edges are the blocks': other tests cover them at small sizes.
+    for kernel in kernels(gpu)
+        .into_iter()
+        .filter(|&k| k != KernelChoice::Small)
+    {
         let spec = Matmul {
             kernel,
             ..Matmul::default()
@@ -202,13 +208,13 @@ fn grids_beyond_65535_workgroups_in_one_axis() {
             ..Matmul::default()
         };
         // Tiled: one 256-invocation group per tile; subgroup: 8 tiles per group; small: 64
-        // outputs per group.
-        let batch = match kernel {
-            KernelChoice::Tiled => 70_000,
-            KernelChoice::Small => 800_000,
-            _ => 600_000,
+        // blocks of 4×4 per group.
+        let (batch, (m, k, n)) = match kernel {
+            KernelChoice::Tiled => (70_000, (2, 1, 3)),
+            KernelChoice::Small => (4_200_000, (1, 1, 1)),
+            _ => (600_000, (2, 1, 3)),
         };
-        check(gpu, spec, (Some(batch), Some(batch)), (2, 1, 3), 9);
+        check(gpu, spec, (Some(batch), Some(batch)), (m, k, n), 9);
     }
 }
 
@@ -468,11 +474,9 @@ fn unaligned_k_with_wide_b_runs_transposed() {
 #[test]
 fn inner_dimensions_past_the_loop_bound_are_exact() {
     let Some(gpu) = gpu() else { return };
-    let k = 270_000;
-    let integers = |shape: &[usize], seed| random(shape, seed).mapv(|x| (x * 2.5).round());
     for kernel in kernels(gpu) {
         // Few rows and columns (the subgroup kernel runs them transposed), each transpose;
-        // then a transposed A read as it lies with whole vec4 rows of C.
+        // then a transposed A with M a multiple of 4 (packed: under 65,536 outputs).
         let mut cases: Vec<(usize, usize, bool, bool)> =
             [(false, false), (false, true), (true, false), (true, true)]
                 .into_iter()
@@ -480,31 +484,66 @@ fn inner_dimensions_past_the_loop_bound_are_exact() {
                 .collect();
         cases.push((68, 36, true, false));
         for (m, n, trans_a, trans_b) in cases {
-            let spec = Matmul {
-                trans_a,
-                trans_b,
-                bias: BiasAxis::PerRow,
-                activation: Activation::Relu,
-                kernel,
-            };
-            let a = integers(&if trans_a { [k, m] } else { [m, k] }, 31);
-            let b = integers(&if trans_b { [n, k] } else { [k, n] }, 32);
-            // A bias that makes some outputs negative, so the ReLU clips some and not others.
-            let bias = integers(&[m], 33).mapv(|x| x * 200.0);
-            let expected =
-                wgcnn::cpu::matmul(&spec, &a.view(), &b.view(), Some(&bias.view())).unwrap();
-            assert!(expected.iter().any(|&x| x == 0.0) && expected.iter().any(|&x| x > 100.0));
-            let ta = Tensor::from_array(gpu, &a).unwrap();
-            let tb = Tensor::from_array(gpu, &b).unwrap();
-            let tbias = Tensor::from_array(gpu, &bias).unwrap();
-            let mut out = Tensor::full(gpu, expected.shape(), f32::NAN).unwrap();
-            let plan = spec.forward_into(&ta, &tb, Some(&tbias), &mut out).unwrap();
-            let got = out.to_array().unwrap();
-            assert_eq!(
-                max_abs_diff(&got, &expected),
-                0.0,
-                "{plan} m={m} n={n} trans_a={trans_a} trans_b={trans_b}"
-            );
+            exact_past_the_loop_bound(gpu, kernel, (m, 270_000, n), (trans_a, trans_b));
         }
     }
+}
+
+/// The subgroup kernel's transposed A read as it lies, four rows a lane (a product of
+/// 65,536 outputs or more), over a K in two passes: 66,000 is about the shortest K past the
+/// bound (4.3 G multiply-adds; the other kernels are slower), and B (K × 484) fits the
+/// 128 MiB that every adapter binds.
+#[test]
+fn a_transposed_a_read_as_it_lies_past_the_loop_bound_is_exact() {
+    let Some(gpu) = gpu() else { return };
+    for kernel in subgroup_kernels(gpu) {
+        let plan = exact_past_the_loop_bound(gpu, kernel, (136, 66_000, 484), (true, false));
+        assert!(
+            matches!(
+                plan,
+                MatmulPlan::Subgroup {
+                    rows: 4,
+                    transposed: false,
+                    ..
+                }
+            ),
+            "{plan}"
+        );
+    }
+}
+
+/// `act(op(A)·op(B) + bias)` of small integers with a bias per row and ReLU, against the
+/// CPU bit for bit, with the output poisoned.
+fn exact_past_the_loop_bound(
+    gpu: &Gpu,
+    kernel: KernelChoice,
+    (m, k, n): (usize, usize, usize),
+    (trans_a, trans_b): (bool, bool),
+) -> MatmulPlan {
+    let integers = |shape: &[usize], seed| random(shape, seed).mapv(|x| (x * 2.5).round());
+    let spec = Matmul {
+        trans_a,
+        trans_b,
+        bias: BiasAxis::PerRow,
+        activation: Activation::Relu,
+        kernel,
+    };
+    let a = integers(&if trans_a { [k, m] } else { [m, k] }, 31);
+    let b = integers(&if trans_b { [n, k] } else { [k, n] }, 32);
+    // A bias that makes some outputs negative, so the ReLU clips some and not others.
+    let bias = integers(&[m], 33).mapv(|x| x * 200.0);
+    let expected = wgcnn::cpu::matmul(&spec, &a.view(), &b.view(), Some(&bias.view())).unwrap();
+    assert!(expected.iter().any(|&x| x == 0.0) && expected.iter().any(|&x| x > 100.0));
+    let ta = Tensor::from_array(gpu, &a).unwrap();
+    let tb = Tensor::from_array(gpu, &b).unwrap();
+    let tbias = Tensor::from_array(gpu, &bias).unwrap();
+    let mut out = Tensor::full(gpu, expected.shape(), f32::NAN).unwrap();
+    let plan = spec.forward_into(&ta, &tb, Some(&tbias), &mut out).unwrap();
+    let got = out.to_array().unwrap();
+    assert_eq!(
+        max_abs_diff(&got, &expected),
+        0.0,
+        "{plan} m={m} k={k} n={n} trans_a={trans_a} trans_b={trans_b}"
+    );
+    plan
 }

@@ -79,15 +79,15 @@ fn read_maybe_gzip(path: &Path) -> Result<Vec<u8>> {
         return Ok(raw);
     }
     // The gzip trailer's last four bytes give the size (mod 2³²): one allocation instead of
-    // a doubling series, unless the size is more than deflate can expand the file to.
+    // a doubling series, unless the size is more than deflate can expand the file to or
+    // more than the host can give (a corrupt trailer): then the Vec grows as it reads.
     let size = raw
         .last_chunk::<4>()
         .map_or(0, |&bytes| u32::from_le_bytes(bytes) as usize);
-    let mut out = Vec::with_capacity(if size <= raw.len() * MAX_DEFLATE_RATIO {
-        size
-    } else {
-        0
-    });
+    let mut out = Vec::new();
+    if size <= raw.len().saturating_mul(MAX_DEFLATE_RATIO) {
+        let _ = out.try_reserve_exact(size);
+    }
     flate2::read::GzDecoder::new(raw.as_slice())
         .read_to_end(&mut out)
         .map_err(|e| Error::data(path, format!("corrupt gzip data: {e}")))?;
@@ -198,14 +198,18 @@ impl Mnist {
             Ok((images, labels))
         };
         // The test set decompresses on a thread of its own, beside the six times larger
-        // training set.
+        // training set (after it where no thread can be made).
+        let test_set = || set("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte");
         let ((train_images, train_labels), (test_images, test_labels)) =
             std::thread::scope(|scope| {
-                let test = scope.spawn(|| set("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"));
+                let test = std::thread::Builder::new().spawn_scoped(scope, test_set);
                 let train = set("train-images-idx3-ubyte", "train-labels-idx1-ubyte");
-                let test = test
-                    .join()
-                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+                let test = match test {
+                    Ok(thread) => thread
+                        .join()
+                        .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
+                    Err(_) => test_set(),
+                };
                 Ok::<_, Error>((train?, test?))
             })?;
         Ok(Self {

@@ -97,7 +97,7 @@ pub struct TuningReport {
 /// every dispatch for some shapes (trials of every candidate built on it paid for that);
 /// 18: its bias per row and ReLU, and Winograd's output epilogue, are uniforms (one
 /// pipeline a shape), each lane loading its rows' and columns' bias once; 19: products of at
-/// most 2^17 multiply-adds run the small matmul kernel on CPU adapters.
+/// most 2^17 multiply-adds run the small matmul kernel where the subgroup one would.
 const KERNELS_REVISION: u32 = 19;
 
 const HEADER: &str =

@@ -47,8 +47,8 @@ const TILED_K_PER_PASS: usize = MAX_LOOP_ITERATIONS / TILED_LOOPS_PER_K_TILE * T
 pub(super) struct KPass {
     pub(super) begin: u32,
     pub(super) end: u32,
-    pub(super) add_to_c: bool,
-    pub(super) finish: bool,
+    add_to_c: bool,
+    finish: bool,
 }
 
 impl KPass {
@@ -143,8 +143,9 @@ pub enum BiasAxis {
 /// Which kernel runs; `Auto` follows the context's kernel family (`Gpu::kernel_family`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum KernelChoice {
-    /// The subgroup kernel in the CPU-adapter family where subgroups have a fixed size, the
-    /// tiled one elsewhere.
+    /// The subgroup kernel in the CPU-adapter family where subgroups have a fixed size of
+    /// 4–32 (the small kernel there for products of at most 2^17 multiply-adds), the tiled
+    /// one elsewhere.
     #[default]
     Auto,
     /// The packed-vec4 tiled kernel in workgroup memory (the portable family's).
@@ -155,8 +156,9 @@ pub enum KernelChoice {
     /// The subgroup-broadcast kernel reading its operands through textures (falls back to
     /// storage buffers for operands larger than the device's largest texture).
     SubgroupTexture,
-    /// One output per invocation, operands read as they lie (`Auto` takes it for small
-    /// products on CPU adapters); not for a B read through a convolution's windows.
+    /// A 4×4 block of C per invocation, operands read as they lie (what `Auto` takes for
+    /// small products where it would take the subgroup kernel); not for a B read through a
+    /// convolution's windows.
     Small,
 }
 
@@ -180,7 +182,7 @@ pub enum MatmulPlan {
         /// Reads A and B through textures instead of storage buffers.
         textures: bool,
     },
-    /// One output per invocation, each operand read through its strides (no pack).
+    /// A 4×4 block of C per invocation, each operand read through its strides (no pack).
     Small,
 }
 
@@ -380,19 +382,16 @@ impl Matmul {
         // variant for its unrolled body. They get 2 rows × 16 columns a lane: LeNet's nine
         // products took 0.87 ms a step against 1.28 with 1 × 8 and 0.89 with 4 × 32, MNIST's
         // cold first step 1.77 s against 1.52 and 2.6.
+        // Their A given transposed is packed (`run_subgroup` reads a larger product's as it
+        // lies, four rows a lane, where M is a multiple of 4): that variant cost 150–190 ms
+        // of lavapipe's JIT, and packed, LeNet's weight gradients share the kernel of its
+        // input gradients.
         let small = shape.batch * shape.m * shape.n < SMALL_PRODUCT;
-        // A given transposed with M a multiple of 4 (a weight gradient's dzᵀ) is read as it
-        // lies, four rows per lane (see `SubgroupKernel::a_cols`), when that needs no
-        // transposed run.
-        let a_cols = !small
-            && self.trans_a
-            && shape.m.is_multiple_of(4)
-            && shape.m >= (subgroup * 4) as usize;
         // A convolution's windows read as B are gathers, a costly per-lane load per float:
         // eight rows a lane share each twice as far as four (ResNet's 7×7 stem at batch 8,
         // 3→64 at 224²: 44 ms with 8 rows × 16 columns against 49–56 with 4 × 32).
         let wide_rows = implicit_b && !small && !self.trans_a && shape.m >= (subgroup * 8) as usize;
-        let rows = match (small && !a_cols, wide_rows) {
+        let rows = match (small, wide_rows) {
             (true, _) => 2,
             (false, true) => 8,
             (false, false) => 4,

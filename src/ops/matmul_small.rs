@@ -69,6 +69,7 @@ impl Matmul {
         let (activation, relu) = self.activation.relu_as_uniform();
         let (blocks_m, blocks_n) = (m.div_ceil(BLOCK), n.div_ceil(BLOCK));
         let blocks = checked_u32((shape.batch * blocks_m * blocks_n) as u64)?;
+        // Sizes and strides within one operand, which one binding holds: under 2^32.
         let params = SmallParams {
             m: m as u32,
             n: n as u32,
@@ -76,18 +77,10 @@ impl Matmul {
             blocks_m: blocks_m as u32,
             blocks_n: blocks_n as u32,
             slope: self.activation.slope(),
-            a_batch: if shape.a_batched {
-                checked_u32((m * k) as u64)?
-            } else {
-                0
-            },
+            a_batch: if shape.a_batched { (m * k) as u32 } else { 0 },
             a_row: a_row as u32,
             a_k: a_k as u32,
-            b_batch: if shape.b_batched {
-                checked_u32((k * n) as u64)?
-            } else {
-                0
-            },
+            b_batch: if shape.b_batched { (k * n) as u32 } else { 0 },
             b_k: b_k as u32,
             b_col: b_col as u32,
             bias_mode: self.bias_mode(),
@@ -95,7 +88,7 @@ impl Matmul {
             k_begin: 0,
             k_end: 0,
         };
-        let passes = KPass::split(checked_u32(k as u64)?, MAX_LOOP_ITERATIONS, accumulate);
+        let passes = KPass::split(k as u32, MAX_LOOP_ITERATIONS, accumulate);
         let pipelines = passes
             .iter()
             .map(|k_pass| {
