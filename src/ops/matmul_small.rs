@@ -3,8 +3,8 @@
 //! costs a small product more than its arithmetic: a pack pass per transposed or unaligned
 //! operand, and 110–170 ms of lavapipe's JIT per structurally distinct variant (a
 //! classifier's last layer, 64×84 → 10, needed three: scalar stores, a transposed run, a
-//! packed B). This kernel has one variant per activation, its choices uniforms. The CPU
-//! reference is `matmul_cpu`, shared with the other kernels.
+//! packed B). This kernel has one variant per activation (and kind of K pass), its other
+//! choices uniforms. The CPU reference is `matmul_cpu`, shared with the other kernels.
 
 use bytemuck::{Pod, Zeroable};
 
@@ -15,9 +15,11 @@ use crate::gpu::dispatch::Binding;
 use crate::gpu::shared::{MAX_LOOP_ITERATIONS, small_workgroups};
 
 /// Products of at most this many multiply-adds (`batch·M·N·K`) take the small kernel where
-/// the subgroup one would run: LeNet's last layer (64×84 → 10: 53,760) and ResNet-20's at
-/// batch 128 (81,920), forward and backward. Past it the subgroup kernel's shared B loads
-/// win: each output here loads both of its operands' K values.
+/// the subgroup one would run: set to cover LeNet's last layer (64×84 → 10: 53,760) and
+/// ResNet-20's at batch 128 (81,920), forward and backward, not measured as a crossover.
+/// Larger products go on needing the subgroup kernel's variants anyway (LeNet's fc1 and
+/// fc2), and its broadcasts load less: here every float of both operands is a lane's own
+/// load, half of one per multiply-add.
 pub(crate) const SMALL_MULTIPLY_ADDS: usize = 1 << 17;
 
 /// Rows and columns of C per invocation (the shader's four sums of four).
