@@ -2,10 +2,12 @@
 //! synchronised runs after a warm-up.
 //!
 //! `cargo run --release --example perf -- [--quick] [--runs N] [--json] [--filter TEXT]
-//! [--reads storage|texture] [--kernels portable|cpu] [--profile] [--memory] [--dispatches]`
+//! [--reads storage|texture] [--kernels portable|cpu] [--profile [--waited]] [--memory]
+//! [--dispatches]`
 //! (`--reads` forces how kernels read large operands instead of the adapter's calibration,
 //! `--kernels` a kernel family whatever the adapter's type; `--profile` prints where
-//! a LeNet training step's device time goes (ResNet-20's with `--filter resnet20`), pass by pass, `--memory` the peak bytes of
+//! a LeNet training step's device time goes (ResNet-20's with `--filter resnet20`), op by op
+//! from device timestamps (`--waited`: pass by pass, each waited for), `--memory` the peak bytes of
 //! ResNet steps, `--dispatches` the kernels and submits per training step, each instead of
 //! the table).
 
@@ -681,10 +683,16 @@ fn check_filter(flag: &'static str, filter: Option<&str>, labels: &[String]) -> 
 /// `--profile`: the passes of a LeNet training step (or, with `--filter`, of ResNet-20's at
 /// batch 128, or of ResNet-18's, ResNeXt-50's or EfficientNet-Lite0's inference at batch 1,
 /// or ResNet-18's at batch 8 with `resnet18_inference_b8`; a filter matching none of them is
-/// an error, not LeNet's step), each submitted and waited for on its own
-/// (`Gpu::profile_passes`), medians of `runs` steps: pass by pass for up to 60 passes (every
-/// pass with `--json`), then the time per kernel.
-fn profile_step(gpu: &Gpu, filter: Option<&str>, runs: usize, json: bool) -> Result<()> {
+/// an error, not LeNet's step): its ops timed by device timestamps inside the step's own
+/// submits (`Gpu::profile_ops`), or, where the adapter has none or `waited`, its passes each
+/// submitted and waited for on its own (`Gpu::profile_passes`); medians of `runs` steps: op
+/// by op for up to 60 (every one with `--json`), then the time per kernel.
+fn profile_step(
+    gpu: &Gpu,
+    filter: Option<&str>,
+    runs: usize,
+    (json, waited): (bool, bool),
+) -> Result<()> {
     let steps = [
         "train_step_lenet_b64",
         "train_step_resnet20_b128",
@@ -718,17 +726,30 @@ fn profile_step(gpu: &Gpu, filter: Option<&str>, runs: usize, json: bool) -> Res
     step()?; // warm-up: compiles pipelines
     // Its work finishes here, not inside the first profiled pass's wait.
     gpu.synchronize()?;
-    let mut steps = Vec::with_capacity(runs);
+    // Per step, each pass's or op's label and time, and the time between ops (timestamps
+    // only: the dispatch overhead the waited passes hide in their submits).
+    let stamped = gpu.can_profile_ops() && !waited;
+    let mut steps: Vec<Vec<(String, f64)>> = Vec::with_capacity(runs);
+    let mut gaps = Vec::with_capacity(runs);
     for _ in 0..runs {
-        steps.push(gpu.profile_passes(&mut step)?.1);
+        if stamped {
+            let ops = gpu.profile_ops(&mut step)?.1;
+            let busy: f64 = ops.iter().map(|op| op.ms).sum();
+            let span = ops.last().map_or(0.0, |op| op.start_ms + op.ms);
+            gaps.push(span - busy);
+            steps.push(ops.into_iter().map(|op| (op.label, op.ms)).collect());
+        } else {
+            let passes = gpu.profile_passes(&mut step)?.1;
+            steps.push(passes.into_iter().map(|p| (p.label, p.ms)).collect());
+        }
     }
     let passes = steps.iter().map(Vec::len).min().unwrap_or(0);
     let mut total = 0.0;
     let mut by_kernel: Vec<(String, f64, usize)> = Vec::new();
     for pass in 0..passes {
-        let mut times: Vec<f64> = steps.iter().map(|s| s[pass].ms).collect();
+        let mut times: Vec<f64> = steps.iter().map(|s| s[pass].1).collect();
         times.sort_by(f64::total_cmp);
-        let (label, ms) = (&steps[0][pass].label, times[times.len() / 2]);
+        let (label, ms) = (&steps[0][pass].0, times[times.len() / 2]);
         total += ms;
         match by_kernel.iter_mut().find(|(l, ..)| l == label) {
             Some((_, sum, count)) => (*sum, *count) = (*sum + ms, *count + 1),
@@ -751,10 +772,20 @@ fn profile_step(gpu: &Gpu, filter: Option<&str>, runs: usize, json: bool) -> Res
             println!("    {label:<28} {count:>4} passes {ms:>9.3} ms");
         }
     }
-    if json {
-        println!("{{\"passes\":{passes},\"total_ms\":{total:.4}}}");
-    } else {
-        println!("{passes} passes, {total:.2} ms in all (each with its own submit and wait)");
+    gaps.sort_by(f64::total_cmp);
+    let between = gaps.get(gaps.len() / 2).copied();
+    match (json, between) {
+        (true, Some(gap)) => {
+            println!("{{\"passes\":{passes},\"total_ms\":{total:.4},\"between_ms\":{gap:.4}}}")
+        }
+        (true, None) => println!("{{\"passes\":{passes},\"total_ms\":{total:.4}}}"),
+        (false, Some(gap)) => println!(
+            "{passes} ops, {total:.2} ms in them and {gap:.2} ms between them \
+             (device timestamps inside the step's own submits)"
+        ),
+        (false, None) => {
+            println!("{passes} passes, {total:.2} ms in all (each with its own submit and wait)")
+        }
     }
     Ok(())
 }
@@ -785,12 +816,17 @@ struct Args {
     /// `WGCNN_KERNELS` says): `portable` runs the GPU designs, `cpu` the CPU-adapter ones.
     #[arg(long, value_enum)]
     kernels: Option<Family>,
-    /// Instead of the table: where a LeNet training step's device time goes, pass by pass
-    /// (each pass submitted and waited for on its own; medians of --runs steps); with
+    /// Instead of the table: where a LeNet training step's device time goes, op by op (device
+    /// timestamps around each op inside the step's own submits, where the adapter has them;
+    /// else each pass submitted and waited for on its own; medians of --runs steps); with
     /// --filter resnet20, resnet18, resnext50 or efficientnet, that model's step or inference
     /// (train_step_efficientnet: EfficientNet-Lite0's training step at batch 8).
     #[arg(long)]
     profile: bool,
+    /// With --profile: each pass submitted and waited for on its own even where the adapter
+    /// has timestamps.
+    #[arg(long)]
+    waited: bool,
     /// Instead of the table: the peak device bytes (buffer pool) and time of ResNet-18/50
     /// inference and training steps at 224×224, batches 1, 8 and 32.
     #[arg(long)]
@@ -850,7 +886,7 @@ fn main() -> Result<()> {
     let gpu = Gpu::with_options(options)?;
     let adapter = gpu.adapter_info().name.clone();
     if args.profile {
-        return profile_step(&gpu, filter.as_deref(), runs, json);
+        return profile_step(&gpu, filter.as_deref(), runs, (json, args.waited));
     }
     if args.memory {
         return memory_report(&gpu, filter.as_deref());

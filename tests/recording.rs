@@ -239,6 +239,82 @@ fn profiled_passes_are_timed_in_order_with_the_same_results() {
     assert_eq!(gpu.submissions(), before + 1);
 }
 
+/// Profiling with timestamps leaves the step one submit and its results unchanged, and times
+/// the same ops, in the same order, as waited passes; it ends with the closure. Where the
+/// device has no timestamps inside passes it says so instead.
+#[test]
+fn profiled_ops_are_timed_in_order_inside_the_steps_own_submit() {
+    let Some(_) = gpu() else { return };
+    let gpu = common::new_gpu();
+    let (x, w, b) = step_inputs(&gpu);
+    let (y_plain, dw_plain) = gpu.record(|| step(&x, &w, &b)).unwrap();
+    if !gpu.can_profile_ops() {
+        let refused = gpu.profile_ops(|| Ok(())).unwrap_err();
+        assert!(refused.to_string().contains("profile_passes"), "{refused}");
+        return;
+    }
+    let recorded = || {
+        let before = gpu.submissions();
+        let out = gpu.record(|| step(&x, &w, &b))?;
+        assert_eq!(
+            gpu.submissions(),
+            before + 1,
+            "the step is still one submit"
+        );
+        Ok(out)
+    };
+    let ((y, dw), ops) = gpu.profile_ops(recorded).unwrap();
+    let (_, passes) = gpu
+        .profile_passes(|| gpu.record(|| step(&x, &w, &b)))
+        .unwrap();
+    let labels: Vec<&str> = ops.iter().map(|op| op.label.as_str()).collect();
+    let pass_labels: Vec<&str> = passes.iter().map(|p| p.label.as_str()).collect();
+    assert_eq!(
+        labels, pass_labels,
+        "the same ops as the waited passes, in order"
+    );
+    assert!(
+        ops.iter().all(|op| op.ms >= 0.0 && op.start_ms >= 0.0),
+        "{ops:?}"
+    );
+    assert!(
+        ops.windows(2)
+            .all(|pair| pair[1].start_ms >= pair[0].start_ms),
+        "{ops:?}"
+    );
+    assert!(
+        ops.iter()
+            .any(|op| op.label == "conv2d direct" && op.ms > 0.0),
+        "{ops:?}"
+    );
+    assert_eq!(y.to_array().unwrap(), y_plain.to_array().unwrap());
+    assert_eq!(dw.to_array().unwrap(), dw_plain.to_array().unwrap());
+    // Profiling has ended: ops after it are not stamped, and a run without ops has no times.
+    gpu.record(|| step(&x, &w, &b)).unwrap();
+    assert!(gpu.profile_ops(|| Ok(())).unwrap().1.is_empty());
+}
+
+/// A run of more ops than one query set holds times the first 2,048 and runs every op.
+#[test]
+fn profiled_ops_past_the_query_set_run_untimed() {
+    let Some(_) = gpu() else { return };
+    let gpu = common::new_gpu();
+    if !gpu.can_profile_ops() {
+        return; // the refusal is tested above
+    }
+    let (filled, ops) = gpu
+        .profile_ops(|| {
+            gpu.record(|| {
+                (0..2_100)
+                    .map(|i| Tensor::full(&gpu, &[4], i as f32))
+                    .collect::<wgcnn::Result<Vec<_>>>()
+            })
+        })
+        .unwrap();
+    assert_eq!(ops.len(), 2_048);
+    assert_eq!(filled[2_099].to_array().unwrap()[[3]], 2_099.0);
+}
+
 /// A recorded training step that drops more buffers than `recording_hold_bytes` submits what
 /// it has between layers and reuses them: the same losses and weights, bit for bit, as
 /// steps that are one submit each. A first step, which compiles pipelines, submits at the

@@ -261,6 +261,8 @@ pub(crate) struct GpuInner {
     pub(crate) recordings: Mutex<Vec<(std::thread::ThreadId, Recording)>>,
     /// The pass times of each thread inside [`Gpu::profile_passes`].
     pub(crate) profiles: Mutex<Vec<(std::thread::ThreadId, Vec<super::profile::PassTime>)>>,
+    /// The timestamps of each thread inside [`Gpu::profile_ops`].
+    pub(crate) stamps: Mutex<Vec<(std::thread::ThreadId, super::profile::OpStamps)>>,
     submissions: std::sync::atomic::AtomicU64,
     dispatches: std::sync::atomic::AtomicU64,
     /// Each thread's kernel parameters, staged until its next submit.
@@ -324,7 +326,8 @@ impl Gpu {
         // Ask for everything the adapter offers: real GPUs and lavapipe allow storage
         // buffers far beyond WebGPU's 128 MiB / 256 MiB defaults.
         let limits = adapter.limits();
-        let wanted = wgpu::Features::SUBGROUP;
+        // Timestamps inside passes, where offered, for `Gpu::profile_ops`.
+        let wanted = wgpu::Features::SUBGROUP | super::profile::TIMESTAMPS;
         let features = adapter.features() & wanted;
         let (device, queue) = adapter
             .request_device(&wgpu::DeviceDescriptor {
@@ -366,6 +369,7 @@ impl Gpu {
                 pipelines: Mutex::new(PipelineCache::default()),
                 recordings: Mutex::new(Vec::new()),
                 profiles: Mutex::new(Vec::new()),
+                stamps: Mutex::new(Vec::new()),
                 submissions: std::sync::atomic::AtomicU64::new(0),
                 dispatches: std::sync::atomic::AtomicU64::new(0),
                 uniforms: Mutex::new(super::uniforms::UniformArenas::default()),

@@ -17,7 +17,7 @@ pub(crate) use context::lock;
 pub use context::{Gpu, GpuOptions, KernelFamily};
 pub use pool::PoolStats;
 pub(crate) use pool::size_class;
-pub use profile::PassTime;
+pub use profile::{OpTime, PassTime};
 pub(crate) use recording::Commands;
 pub(crate) use texture::OperandTexture;
 pub use texture::{OperandCalibration, OperandReads, TEXTURE_ADVANTAGE};

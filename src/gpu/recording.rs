@@ -35,6 +35,15 @@ pub(crate) struct Commands<'a> {
 }
 
 impl Commands<'_> {
+    /// Writes timestamp `index` of `queries` into the open pass, or between passes where
+    /// none is open (see `Gpu::profile_ops`).
+    fn write_timestamp(&mut self, queries: &wgpu::QuerySet, index: u32) {
+        match self.pass.as_mut() {
+            Some(pass) => pass.write_timestamp(queries, index),
+            None => self.encoder.write_timestamp(queries, index),
+        }
+    }
+
     /// The encoder, for copies: ends the open compute pass first.
     pub(crate) fn encoder(&mut self) -> &mut wgpu::CommandEncoder {
         *self.pass = None;
@@ -118,6 +127,18 @@ impl Gpu {
         encode: impl FnOnce(&mut Commands<'_>) -> Result<()>,
     ) -> Result<()> {
         let started = self.profiling().then(std::time::Instant::now);
+        let stamp = self.next_stamp(label);
+        // The op between its two timestamps, where this thread profiles ops.
+        let encode = |commands: &mut Commands<'_>| {
+            if let Some((queries, first)) = &stamp {
+                commands.write_timestamp(queries, *first);
+            }
+            encode(commands)?;
+            if let Some((queries, first)) = &stamp {
+                commands.write_timestamp(queries, first + 1);
+            }
+            Ok(())
+        };
         let mut recordings = lock(&self.inner.recordings);
         if let Some(active) = mine(&mut recordings) {
             encode(&mut Commands {
