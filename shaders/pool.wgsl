@@ -225,23 +225,6 @@ fn quad_corner(q: u32) -> vec2<u32> {
     return vec2<u32>(((plane * H + 2u * oh) * W + 2u * ow) / 4u, 2u * oh * W + 2u * ow);
 }
 
-// The max of taps a0 a1 / b0 b1 (row-major order: the first maximum wins, NaN wins) and its
-// index in the plane, `at` being a0's.
-fn max_of_window(a0: f32, a1: f32, b0: f32, b1: f32, at: u32) -> vec2<f32> {
-    var best = a0;
-    var best_at = at;
-    let taps = array<f32, 3>(a1, b0, b1);
-    let offsets = array<u32, 3>(1u, W, W + 1u);
-    for (var t = 0u; t < 3u; t++) {
-        let v = taps[t];
-        if v > best || (is_nan(v) && !is_nan(best)) {
-            best = v;
-            best_at = at + offsets[t];
-        }
-    }
-    return vec2<f32>(best, f32(best_at));
-}
-
 @compute @workgroup_size(WORKGROUP)
 fn max_forward_quads(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let q = invocation_index(gid, nwg);
@@ -254,7 +237,7 @@ fn max_forward_quads(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num
     for (var j = 0u; j < 4u; j++) {
         let half = j / 2u;
         let c = (j % 2u) * 2u;
-        let m = max_of_window(a[half][c], a[half][c + 1u], b[half][c], b[half][c + 1u], corner.y + 2u * j);
+        let m = window_max(a[half][c], a[half][c + 1u], b[half][c], b[half][c + 1u], corner.y + 2u * j, W);
         values[j] = m.x;
         indices[j] = m.y;
     }

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{devices, gpu, max_abs_diff, random};
+use common::{assert_steps_agree, devices, gpu, graph_step, random};
 use ndarray::ArrayD;
 use wgcnn::nn::{
     Add, BatchNorm2d, Conv2d, Flatten, LayerNorm, Linear, leaky_relu, max_pool2d, relu, relu6,
@@ -41,26 +41,6 @@ fn model(device: Device) -> Graph {
     graph
 }
 
-/// One forward and backward pass in `mode`: the output, the input's gradient and every
-/// trainable tensor's, and the state after it (running statistics).
-fn step(graph: &mut Graph, x: &ArrayD<f32>, mode: Mode) -> Vec<(String, ArrayD<f32>)> {
-    let input = graph.device().upload(x.clone()).unwrap();
-    let y = graph.forward(input, mode).unwrap().to_array().unwrap();
-    let dy = random(y.shape(), 3).mapv(|v| v + 0.5);
-    let dx = graph
-        .backward(graph.device().upload(dy).unwrap())
-        .unwrap()
-        .unwrap();
-    let mut out = vec![("y".to_string(), y), ("dx".into(), dx.to_array().unwrap())];
-    for (name, grad) in graph.grads() {
-        out.push((format!("d {name}"), grad.unwrap().to_array().unwrap()));
-    }
-    for (name, value) in graph.state() {
-        out.push((name, value.to_array().unwrap()));
-    }
-    out
-}
-
 #[test]
 fn absorbed_activations_match_the_graph_that_runs_them_alone() {
     for device in devices() {
@@ -72,17 +52,9 @@ fn absorbed_activations_match_the_graph_that_runs_them_alone() {
             .enumerate()
         {
             let x = random(&[2, 3, 8, 8], 10 + round as u64).mapv(|v| 2.0 * v);
-            let got = step(&mut absorbed, &x, mode);
-            let want = step(&mut alone, &x, mode);
-            assert_eq!(got.len(), want.len());
-            for ((name, got), (_, want)) in got.iter().zip(&want) {
-                let scale = want.iter().fold(1.0f32, |m, v| m.max(v.abs()));
-                let diff = max_abs_diff(got, want);
-                assert!(
-                    diff <= 1e-5 * scale,
-                    "{device:?} {mode:?} {name}: off by {diff} (scale {scale})"
-                );
-            }
+            let got = graph_step(&mut absorbed, &x, mode);
+            let want = graph_step(&mut alone, &x, mode);
+            assert_steps_agree(&got, &want, &format!("{device:?} {mode:?}"));
         }
     }
 }

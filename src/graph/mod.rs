@@ -60,6 +60,15 @@ pub struct Forward {
     pub saved: Vec<Value>,
 }
 
+/// What [`Layer::forward_pooled`] returns: the producing layer's forward pass, its output a
+/// stand-in, and the pooling's.
+pub struct PooledForward {
+    /// The producing layer's output (a stand-in: its shape only) and what it saved.
+    pub producer: Forward,
+    /// The pooled output and what the pooling saved (its arg-max, for a backward pass).
+    pub pooled: Forward,
+}
+
 /// What a layer's backward must produce.
 #[derive(Clone, Copy, Debug)]
 pub struct Needs {
@@ -122,6 +131,22 @@ impl BackwardArgs<'_> {
             (false, absorbed) => absorbed,
         }
     }
+}
+
+/// A max pooling's windows ([`Layer::max_pool`]), for the layer before it to run in its
+/// epilogue: the options of PyTorch's max pooling module.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MaxPool {
+    /// The window `(rows, columns)`.
+    pub kernel: (usize, usize),
+    /// The step between windows.
+    pub stride: (usize, usize),
+    /// Padding on each side.
+    pub padding: (usize, usize),
+    /// The spacing of a window's taps.
+    pub dilation: (usize, usize),
+    /// Whether the output size rounds up.
+    pub ceil_mode: bool,
 }
 
 /// Batch norm in evaluation mode, per channel: `y = (x − mean) · γ / sqrt(var + eps) + β`
@@ -269,6 +294,28 @@ pub trait Layer: Send {
     /// the epilogue of the layer the norm was folded into.
     fn activation_only(&self) -> Option<Activation> {
         None
+    }
+
+    /// The max pooling this layer is, if it is one and nothing else: the layer producing its
+    /// input may run it in its own epilogue ([`Layer::forward_pooled`]).
+    fn max_pool(&self) -> Option<MaxPool> {
+        None
+    }
+
+    /// The forward pass with `pool`, the max pooling that alone reads this layer's output,
+    /// run in the same kernel, or `None` where the layer cannot (the graph then runs both).
+    /// Its `producer.y` stands in for the output, which is never stored: its shape is the
+    /// output's, its contents are not (the pooling's backward reads only its shape, and
+    /// this layer's backward gets its gradient through its activation from the pooling's).
+    /// `pooled` is what the pooling's own forward pass would have returned.
+    fn forward_pooled(
+        &self,
+        _ctx: Ctx,
+        _inputs: &[&Value],
+        _state: &mut [Value],
+        _pool: &MaxPool,
+    ) -> Result<Option<PooledForward>> {
+        Ok(None)
     }
 
     /// Whether this layer is the sum of its two inputs and nothing else (a residual
@@ -705,6 +752,7 @@ impl Graph {
         };
         self.folded.resize_with(self.nodes.len(), || None);
         self.absorbed = self.absorptions(&folds);
+        let pooling = self.poolings(&folds);
         let mut skipped = vec![false; self.nodes.len()];
         for i in 0..self.nodes.len() {
             if !skipped[i] {
@@ -725,7 +773,16 @@ impl Graph {
                             input_gradient: ctx.training && wanted,
                             ..ctx
                         };
-                        self.forward_node(i, ctx, keep, &given)?
+                        let pooled = match pooling[i] {
+                            Some((j, pool)) => self
+                                .forward_pooled_node(i, (j, &pool), ctx, keep, &given)?
+                                .then_some(j),
+                            None => None,
+                        };
+                        match pooled {
+                            Some(j) => skipped[j] = true,
+                            None => self.forward_node(i, ctx, keep, &given)?,
+                        }
                     }
                 }
                 if let Some(absorbed) = self.absorbed[i] {
@@ -784,6 +841,62 @@ impl Graph {
             self.saved[i] = out.saved;
         }
         Ok(())
+    }
+
+    /// Node `i`'s forward pass with the max pooling `pool` of node `j` in its epilogue, if
+    /// its layer runs it ([`Layer::forward_pooled`]): both nodes' outputs (node `i`'s a
+    /// stand-in), and what their backward passes need if `keep`. False where it does not.
+    fn forward_pooled_node(
+        &mut self,
+        i: usize,
+        (j, pool): (usize, &MaxPool),
+        ctx: Ctx,
+        keep: bool,
+        given: &[usize],
+    ) -> Result<bool> {
+        let node = &mut self.nodes[i];
+        let inputs = node
+            .inputs
+            .iter()
+            .map(|&v| self.values[v].as_ref().ok_or_else(|| freed(v)))
+            .collect::<Result<Vec<_>>>()?;
+        let out = node
+            .layer
+            .forward_pooled(ctx, &inputs, &mut node.state, pool)
+            .map_err(|e| node_error(&node.name, e, self.expected_input.as_deref(), given))?;
+        let Some(out) = out else {
+            return Ok(false);
+        };
+        self.values[i + 1] = Some(out.producer.y);
+        self.values[j + 1] = Some(out.pooled.y);
+        if keep {
+            self.saved[i] = out.producer.saved;
+            self.saved[j] = out.pooled.saved;
+        }
+        Ok(true)
+    }
+
+    /// Per node, the max pooling node that alone reads its output, and the pooling, where
+    /// the node may run it in its epilogue: neither node is folded, the node absorbs no
+    /// activation, and no finite checks run (they would read the output the fused kernel
+    /// never stores).
+    fn poolings(&self, folds: &[Option<Fold>]) -> Vec<Option<(usize, MaxPool)>> {
+        let count = self.nodes.len();
+        if self.finite.is_some() {
+            return vec![None; count];
+        }
+        let sole_readers = self.sole_readers();
+        let folded: Vec<usize> = folds.iter().flatten().flat_map(Fold::nodes).collect();
+        (0..count)
+            .map(|i| {
+                let j = sole_readers[i + 1]?;
+                let free = |k: usize| folds[k].is_none() && !folded.contains(&k);
+                if !free(i) || !free(j) || self.absorbed[i].is_some() {
+                    return None;
+                }
+                Some((j, self.nodes[j].layer.max_pool()?))
+            })
+            .collect()
     }
 
     /// Per node, for an evaluation forward pass: the batch norm folded into it (its output's

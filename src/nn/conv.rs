@@ -2,10 +2,14 @@
 //! activation (applied in the matmul epilogue; its gradient is taken from the output).
 
 use crate::error::{Error, Result};
-use crate::graph::{Backward, BackwardArgs, ChannelNorm, Ctx, Forward, Layer, StateInit, Value};
+use crate::graph::{
+    Backward, BackwardArgs, ChannelNorm, Ctx, Forward, Layer, MaxPool, PooledForward, StateInit,
+    Value,
+};
 use crate::nn::activation::{check_fused, fusable};
 use crate::nn::init::{Init, InitRng};
 use crate::ops::conv2d::{self, Padding};
+use crate::ops::pool2d::Pool2d;
 use crate::value::Activation;
 
 /// A 2-D convolution layer.
@@ -186,6 +190,38 @@ impl Layer for Conv2d {
             y,
             saved: saved.into_iter().collect(),
         })
+    }
+
+    fn forward_pooled(
+        &self,
+        ctx: Ctx,
+        inputs: &[&Value],
+        state: &mut [Value],
+        pool: &MaxPool,
+    ) -> Result<Option<PooledForward>> {
+        let pool = Pool2d {
+            kernel: pool.kernel,
+            stride: pool.stride,
+            padding: pool.padding,
+            dilation: pool.dilation,
+            ceil_mode: pool.ceil_mode,
+            ..Pool2d::max(pool.kernel)
+        };
+        // A training step's forward kernel is planned with its backward pass in view.
+        let training = ctx.training.then_some(ctx.input_gradient);
+        let weights = (&state[0], state.get(1));
+        let fused =
+            inputs[0].conv2d_pooled(&self.spec, weights, &pool, (training, ctx.backward))?;
+        Ok(fused.map(|(stand_in, pooled)| PooledForward {
+            producer: Forward {
+                y: stand_in,
+                saved: Vec::new(),
+            },
+            pooled: Forward {
+                y: pooled.y,
+                saved: pooled.argmax.into_iter().collect(),
+            },
+        }))
     }
 
     fn fold_channel_norm(

@@ -2,7 +2,7 @@
 //! stride, padding, dilation and ceil_mode), `AdaptiveAvgPool2d` and `GlobalAvgPool`.
 
 use crate::error::{Error, Result};
-use crate::graph::{Backward, BackwardArgs, Ctx, Forward, Layer, Value};
+use crate::graph::{Backward, BackwardArgs, Ctx, Forward, Layer, MaxPool, Value};
 use crate::ops::pool2d::{Pool2d, Pooled};
 use crate::ops::{self, Activation, PoolKind};
 
@@ -90,6 +90,17 @@ impl Layer for Pool {
 
     fn takes_input_activation(&self, _activation: Activation) -> bool {
         self.0.kind == PoolKind::Max
+    }
+
+    fn max_pool(&self) -> Option<MaxPool> {
+        let p = self.0;
+        (p.kind == PoolKind::Max).then_some(MaxPool {
+            kernel: p.kernel,
+            stride: p.stride,
+            padding: p.padding,
+            dilation: p.dilation,
+            ceil_mode: p.ceil_mode,
+        })
     }
 
     fn backward(&self, args: BackwardArgs<'_>) -> Result<Backward> {

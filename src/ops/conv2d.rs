@@ -19,6 +19,7 @@ use bytemuck::{Pod, Zeroable};
 use ndarray::{Array1, Array4, ArrayD, ArrayView4, ArrayViewD, Ix4};
 
 use super::Activation;
+use super::PoolKind;
 use super::activation::through_activation_cpu;
 use super::conv_direct;
 use super::conv_grouped;
@@ -27,6 +28,7 @@ use super::conv_plan::{BackwardKernels, ConvKernel, GradientsNeeded};
 use super::conv_weight_grad::{self, Gate, WeightAndBias};
 use super::conv_winograd;
 use super::matmul::{BiasAxis, KernelChoice, Matmul};
+use super::pool2d::{Pool2d, Pooled};
 use super::reduce::{activation_backward_and_sum, sum_axes};
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
@@ -412,6 +414,60 @@ impl Conv2d {
         let plan = self.training_forward_kernel(x.gpu(), &shape, needs)?;
         let (out, _, saved) = self.forward_keeping(x, (weight, bias), (None, None), Some(plan))?;
         Ok((out, saved))
+    }
+
+    /// The forward pass followed by a 2×2 max pooling at stride 2, in one kernel, where the
+    /// direct kernel runs the layer sharing weights through subgroups (CPU adapters reading
+    /// storage: [`conv_direct::pools`]) and `pool` is such a pooling: its output and, with
+    /// `argmax`, the windows' arg-max, as [`Pool2d::forward`] gives them, without storing the
+    /// convolution's output (LeNet's first layer: 221,184 floats a step, and a pass of the
+    /// pooling's own). `training` is `Some(input_grad)` in a training step, whose forward
+    /// kernel it follows ([`Conv2d::forward_saving`]). `None` where the fused kernel does
+    /// not take the layer or the pooling: run the two ops.
+    pub fn forward_pooled(
+        &self,
+        x: &Tensor,
+        (weight, bias): (&Tensor, Option<&Tensor>),
+        pool: &Pool2d,
+        (training, argmax): (Option<bool>, bool),
+    ) -> Result<Option<Pooled<Tensor>>> {
+        let gpu = x.gpu().clone();
+        for t in [Some(weight), bias].into_iter().flatten() {
+            t.check_same_gpu(OP, &gpu)?;
+        }
+        let shape = self.shape(x.shape(), weight.shape(), bias.map(Tensor::shape))?;
+        let halves = pool.kind == PoolKind::Max
+            && pool.kernel == (2, 2)
+            && pool.stride == (2, 2)
+            && pool.padding == (0, 0)
+            && pool.dilation == (1, 1);
+        if !halves || !conv_direct::pools(&gpu, self, &shape) {
+            return Ok(None);
+        }
+        let kernel = match training {
+            Some(input) => {
+                let needs = GradientsNeeded {
+                    input,
+                    bias: bias.is_some(),
+                };
+                match self.training_forward_kernel(&gpu, &shape, needs)? {
+                    (kernel, false) => kernel,
+                    (_, true) => return Ok(None),
+                }
+            }
+            None => self.forward_kernel(&gpu, &shape)?,
+        };
+        if kernel != ConvKernel::Direct {
+            return Ok(None);
+        }
+        let [n, o, oh, ow] = shape.output();
+        let pooled_shape = [n, o, oh / 2, ow / 2];
+        let y = Tensor::uninit(&gpu, &pooled_shape)?;
+        let kept = argmax
+            .then(|| Tensor::uninit(&gpu, &pooled_shape))
+            .transpose()?;
+        conv_direct::forward_pooled(self, &shape, (x, weight, bias), &y, kept.as_ref())?;
+        Ok(Some(Pooled { y, argmax: kept }))
     }
 
     /// [`Conv2d::forward_reusing`] through `plan` (the kernel, and whether it keeps
@@ -1320,6 +1376,35 @@ impl Value {
             }
             Value::Cpu(_) => Ok((self.conv2d(spec, weight, bias)?, None)),
         }
+    }
+
+    /// [`Conv2d::forward_pooled`] of this input on the GPU: a stand-in for the convolution's
+    /// output (its shape; its contents never written, so nothing may read them) and the
+    /// pooling; `None` on the CPU or where the fused kernel does not take the layer.
+    pub(crate) fn conv2d_pooled(
+        &self,
+        spec: &Conv2d,
+        (weight, bias): (&Value, Option<&Value>),
+        pool: &Pool2d,
+        training_and_argmax: (Option<bool>, bool),
+    ) -> Result<Option<(Value, Pooled<Value>)>> {
+        let Value::Gpu(x) = self else {
+            return Ok(None);
+        };
+        let bias = bias.map(Value::gpu).transpose()?;
+        let state = (weight.gpu()?, bias);
+        let Some(pooled) = spec.forward_pooled(x, state, pool, training_and_argmax)? else {
+            return Ok(None);
+        };
+        let shape = spec.shape(x.shape(), state.0.shape(), bias.map(Tensor::shape))?;
+        let stand_in = Tensor::uninit(x.gpu(), &shape.output())?;
+        Ok(Some((
+            stand_in.into(),
+            Pooled {
+                y: pooled.y.into(),
+                argmax: pooled.argmax.map(Value::from),
+            },
+        )))
     }
 
     /// [`Value::conv2d`] for weights that stay fixed over many passes, with a `residual`

@@ -14,7 +14,7 @@ use crate::error::Result;
 use crate::gpu::Commands;
 use crate::gpu::dispatch::{Binding, Resource};
 use crate::gpu::shared::{MAX_LOOP_ITERATIONS, small_workgroups};
-use crate::gpu::texture::{scalar_input, scalar_texture};
+use crate::gpu::texture::{OperandReads, scalar_input, scalar_texture};
 use crate::gpu::{Generated, Gpu};
 use crate::tensor::Tensor;
 
@@ -137,6 +137,9 @@ struct DirectKernel {
     /// Where the block's input segment starts in its first vec4 when read as vec4s: blocks
     /// start on vec4s, so the left padding alone sets it.
     skew: usize,
+    /// The epilogue max-pools 2×2 windows at stride 2 (lane pairs exchange their rows with
+    /// `subgroupShuffleXor`), storing their arg-max too if `Some(true)`.
+    pooled: Option<bool>,
     /// Weights shared through subgroups of this size: each lane loads a few of the weights
     /// the channel and kernel row give every filter and hands them to the others with
     /// `subgroupBroadcast`. On CPU adapters
@@ -166,6 +169,56 @@ impl DirectKernel {
             format!("{o} * KH * {kw}u + {}u - {kx}", kw - 1)
         } else {
             format!("{o} * C * KH * {kw}u + {kx}")
+        }
+    }
+
+    /// The pooled epilogue of filter `o`: lanes 2k (an even row) and 2k + 1 (the row under
+    /// it) swap their block's activated outputs, and each takes half of the block's 2×2
+    /// windows (the even lane the left half), storing their maxima (and `argmax`: each
+    /// window's first maximum, as its index in the output plane, as `ops::Pool2d` stores it).
+    fn pooled_stores(&self, stores: &mut String, o: usize, argmax: bool) {
+        let b = self.block;
+        for j in 0..b {
+            let _ = writeln!(
+                stores,
+                "    let mine{o}_{j} = activate(a{o}_{j} + bias{o}, ACT, p.slope);\n    \
+                 let mate{o}_{j} = subgroupShuffleXor(mine{o}_{j}, 1u);\n    \
+                 let up{o}_{j} = select(mate{o}_{j}, mine{o}_{j}, pair == 0u);\n    \
+                 let down{o}_{j} = select(mine{o}_{j}, mate{o}_{j}, pair == 0u);"
+            );
+        }
+        let per_lane = b / 4;
+        for w in 0..per_lane {
+            // The lane's window w: the block's window w (even lane) or per_lane + w.
+            let (left, right) = (2 * w, 2 * (per_lane + w));
+            let tap = |row: &str, dx: usize| {
+                format!(
+                    "select({row}{o}_{}, {row}{o}_{}, pair == 0u)",
+                    right + dx,
+                    left + dx
+                )
+            };
+            let _ = writeln!(
+                stores,
+                "    let column{o}_{w} = ox0 + 2u * select({}u, {w}u, pair == 0u);\n    \
+                 let max{o}_{w} = window_max({}, {}, {}, {}, (oy - pair) * OW + column{o}_{w}, OW);\n    \
+                 let at{o}_{w} = ((n * {}u + {o}u) * (OH / 2u) + oy / 2u) * (OW / 2u) + column{o}_{w} / 2u;",
+                per_lane + w,
+                tap("up", 0),
+                tap("up", 1),
+                tap("down", 0),
+                tap("down", 1),
+                self.filters,
+            );
+            let keep = if argmax {
+                format!(" argmax[at{o}_{w}] = max{o}_{w}.y;")
+            } else {
+                String::new()
+            };
+            let _ = writeln!(
+                stores,
+                "    if live {{ y[at{o}_{w}] = max{o}_{w}.x;{keep} }}"
+            );
         }
     }
 
@@ -205,10 +258,57 @@ pub(crate) fn forward(
         x,
         weight,
         bias,
-        out,
+        Output::Plain(out),
         spec.activation,
         false,
         subgroup,
+    )
+}
+
+/// Where the direct kernel writes: the convolution's output, or its 2×2 max pools (stride 2)
+/// and, for a backward pass, their arg-max (as `ops::Pool2d` stores it).
+#[derive(Clone, Copy)]
+pub(crate) enum Output<'a> {
+    Plain(&'a Tensor),
+    Pooled(&'a Tensor, Option<&'a Tensor>),
+}
+
+/// Whether [`forward_pooled`] takes this convolution: the direct kernel with weights shared
+/// through subgroups (lane pairs exchange rows through them), storage reads, blocks of whole
+/// vec4s that divide the rows, and an even output, so that every 2×2 window lies in one
+/// lane pair's block and each lane stores whole windows.
+pub(crate) fn pools(gpu: &Gpu, spec: &Conv2d, shape: &Conv2dShape) -> bool {
+    let reads_storage = gpu
+        .operand_reads()
+        .is_ok_and(|r| r == OperandReads::Storage);
+    let b = block(shape, vec4_rows(shape, !reads_storage));
+    eligible(gpu, spec, shape)
+        && broadcast_subgroup(gpu).is_some()
+        && reads_storage
+        && b.is_multiple_of(4)
+        && shape.ow.is_multiple_of(b)
+        && shape.oh.is_multiple_of(2)
+}
+
+/// `act(conv(x, weight) + bias)` max-pooled over 2×2 windows at stride 2, into `pooled`
+/// (and the windows' arg-max into `argmax`), without storing the convolution's output (the
+/// caller checked [`pools`]).
+pub(crate) fn forward_pooled(
+    spec: &Conv2d,
+    shape: &Conv2dShape,
+    (x, weight, bias): (&Tensor, &Tensor, Option<&Tensor>),
+    pooled: &Tensor,
+    argmax: Option<&Tensor>,
+) -> Result<()> {
+    run(
+        shape,
+        x,
+        weight,
+        bias,
+        Output::Pooled(pooled, argmax),
+        spec.activation,
+        false,
+        broadcast_subgroup(x.gpu()),
     )
 }
 
@@ -251,7 +351,7 @@ pub(crate) fn backward_data(
         dy,
         weight,
         None,
-        dx,
+        Output::Plain(dx),
         crate::ops::Activation::None,
         true,
         broadcast_subgroup(dy.gpu()),
@@ -266,12 +366,16 @@ fn run(
     x: &Tensor,
     weight: &Tensor,
     bias: Option<&Tensor>,
-    out: &Tensor,
+    out: Output<'_>,
     activation: crate::ops::Activation,
     flipped: bool,
     subgroup: Option<usize>,
 ) -> Result<()> {
     let gpu = x.gpu();
+    let pooled = match out {
+        Output::Plain(_) => None,
+        Output::Pooled(_, argmax) => Some(argmax.is_some()),
+    };
     // The input through a texture where the adapter fetches texels faster (see
     // `Gpu::operand_reads`): a copy of x, one float per texel.
     let texture = scalar_texture(x)?;
@@ -310,6 +414,7 @@ fn run(
         ("BLOCKS", blocks as u32),
         ("ACT", activation.code()),
         ("HAS_BIAS", u32::from(bias.is_some())),
+        ("ROW_PAIR", if pooled.is_some() { 2 } else { 1 }),
     ];
     let kernel = DirectKernel {
         filters: shape.o,
@@ -319,12 +424,13 @@ fn run(
         flipped,
         textures: texture.is_some(),
         vec4_rows,
-        vec4_stores: vec4_stores(shape, b),
+        vec4_stores: pooled.is_none() && vec4_stores(shape, b),
         skew: if vec4_rows {
             (4 - shape.pad_left % 4) % 4
         } else {
             0
         },
+        pooled,
         subgroup,
     };
     let pipeline = gpu.generated(&kernel, "main", &constants)?;
@@ -332,6 +438,10 @@ fn run(
         Some(t) => Resource::Texture(&t.view),
         None if vec4_rows => Resource::Buffer(x.binding_vec4()),
         None => Resource::Buffer(x.binding()),
+    };
+    let (out, argmax) = match out {
+        Output::Plain(out) => (out, None),
+        Output::Pooled(pooled, argmax) => (pooled, argmax),
     };
     let output = if kernel.vec4_stores {
         out.binding_vec4()
@@ -351,16 +461,18 @@ fn run(
         }
         Ok(())
     };
+    let mut resources = vec![
+        (1, input),
+        (2, Resource::Buffer(output)),
+        (3, Resource::Buffer(bank_binding)),
+    ];
+    resources.extend(argmax.map(|a| (4, Resource::Buffer(a.binding()))));
     gpu.run_pass_after("conv2d direct", copy_inputs, |pass| {
         gpu.encode_resources(
             pass,
             &pipeline,
             bytemuck::bytes_of(&params),
-            &[
-                (1, input),
-                (2, Resource::Buffer(output)),
-                (3, Resource::Buffer(bank_binding)),
-            ],
+            &resources,
             small_workgroups(total as u64),
         )
     })
@@ -453,6 +565,10 @@ impl Generated for DirectKernel {
                 stores,
                 "    let bias{o} = select(0.0, weight({filters}u * C * KH * {kw}u + {o}u), HAS_BIAS != 0u);"
             );
+            if let Some(argmax) = self.pooled {
+                self.pooled_stores(&mut stores, o, argmax);
+                continue;
+            }
             if self.vec4_stores {
                 for q in 0..b / 4 {
                     let sums: Vec<String> =
@@ -473,10 +589,13 @@ impl Generated for DirectKernel {
                 );
             }
         }
-        let output = if self.vec4_stores {
-            "@group(0) @binding(2) var<storage, read_write> y4: array<vec4<f32>>;"
-        } else {
-            "@group(0) @binding(2) var<storage, read_write> y: array<f32>;"
+        let output = match (self.vec4_stores, self.pooled) {
+            (true, _) => "@group(0) @binding(2) var<storage, read_write> y4: array<vec4<f32>>;",
+            (false, Some(true)) => {
+                "@group(0) @binding(2) var<storage, read_write> y: array<f32>;\n\
+                 @group(0) @binding(4) var<storage, read_write> argmax: array<f32>;"
+            }
+            (false, _) => "@group(0) @binding(2) var<storage, read_write> y: array<f32>;",
         };
         let (lane, exit, shared_rows) = match self.subgroup {
             // Whole subgroups keep running for the broadcasts.
@@ -703,14 +822,24 @@ mod tests {
             let (tx, tw, tb, tdy) = (upload(&x), upload(&weight), upload(&bias), upload(&dy));
             for &subgroup in &kernels {
                 let y = upload(&want_y.mapv(|_| f32::NAN));
-                run(&shape, &tx, &tw, Some(&tb), &y, activation, false, subgroup).unwrap();
+                run(
+                    &shape,
+                    &tx,
+                    &tw,
+                    Some(&tb),
+                    Output::Plain(&y),
+                    activation,
+                    false,
+                    subgroup,
+                )
+                .unwrap();
                 let dx = upload(&x.mapv(|_| f32::NAN));
                 run(
                     &transposed(&shape),
                     &tdy,
                     &tw,
                     None,
-                    &dx,
+                    Output::Plain(&dx),
                     Activation::None,
                     true,
                     subgroup,
@@ -729,5 +858,101 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The pooled epilogue against the CPU's convolution then 2×2 max pooling, into outputs
+    /// taken from a pool poisoned with NaN: maxima and arg-max (ReLU's zeros make ties
+    /// common; the first in row-major order wins, as in PyTorch), with and without the
+    /// arg-max, in a training step's plan and an evaluation's. LeNet's layers (blocks of 12
+    /// and 8), an odd batch, padding, and blocks of 16; the shapes and
+    /// poolings it leaves to the two ops, and a context reading textures, which it refuses.
+    #[test]
+    fn the_pooled_epilogue_matches_convolution_then_pooling() {
+        crate::test_support::on_both_read_families(the_pooled_epilogue_matches_on);
+    }
+
+    fn the_pooled_epilogue_matches_on(gpu: &Gpu) {
+        use crate::ops::pool2d::{Pool2d, pool2d_cpu};
+        let fused = broadcast_subgroup(gpu).is_some()
+            && gpu.operand_reads().unwrap() == OperandReads::Storage;
+        let pool = Pool2d::max((2, 2));
+        // (n, c, h, w, o, kh, padding)
+        let cases = [
+            (3, 1, 28, 28, 6, 5, Padding::Explicit(0, 0)),
+            (5, 6, 12, 12, 16, 5, Padding::Explicit(0, 0)),
+            (2, 3, 16, 16, 8, 3, Padding::Explicit(1, 1)),
+            (2, 4, 8, 32, 16, 3, Padding::Explicit(1, 1)),
+        ];
+        for (i, &(n, c, h, w, o, k, padding)) in cases.iter().enumerate() {
+            let spec = Conv2d {
+                padding,
+                activation: Activation::Relu,
+                ..Conv2d::default()
+            };
+            let seed = 40 + 10 * i as u64;
+            let (x, weight, bias) = (
+                random(&[n, c, h, w], seed),
+                random(&[o, c, k, k], seed + 1),
+                random(&[o], seed + 2),
+            );
+            let y = conv2d_cpu(&spec, &x.view(), &weight.view(), Some(&bias.view())).unwrap();
+            let want = pool2d_cpu(&pool, &y.view()).unwrap();
+            let upload = |a: &ndarray::ArrayD<f32>| Tensor::from_array(gpu, a).unwrap();
+            let (tx, tw, tb) = (upload(&x), upload(&weight), upload(&bias));
+            for (training, argmax) in [(Some(true), true), (None, false)] {
+                // Freed poisoned buffers of the outputs' size, for the op to take.
+                drop((
+                    upload(&want.y.mapv(|_| f32::NAN)),
+                    upload(&want.y.mapv(|_| f32::NAN)),
+                ));
+                let got = spec
+                    .forward_pooled(&tx, (&tw, Some(&tb)), &pool, (training, argmax))
+                    .unwrap();
+                let Some(got) = got else {
+                    assert!(!fused, "case {i} was left to the two ops");
+                    continue;
+                };
+                assert!(fused, "case {i} fused on a context that cannot");
+                let diff =
+                    (&got.y.to_array().unwrap() - &want.y)
+                        .mapv(f32::abs)
+                        .fold(
+                            0.0f32,
+                            |a, &b| if b.is_nan() { f32::INFINITY } else { a.max(b) },
+                        );
+                assert!(diff < 1e-4, "case {i}, training {training:?}: {diff}");
+                match (got.argmax, &want.argmax) {
+                    (Some(got), Some(want)) => {
+                        assert_eq!(&got.to_array().unwrap(), want, "case {i} arg-max")
+                    }
+                    (None, _) => assert!(!argmax, "case {i}: no arg-max"),
+                    (Some(_), None) => panic!("case {i}: an arg-max not asked for"),
+                }
+            }
+        }
+        // An odd output, a pooling other than 2×2 at stride 2: the two ops.
+        let spec = Conv2d::default();
+        let (tx, tw) = (
+            Tensor::from_array(gpu, &random(&[1, 1, 13, 12], 1)).unwrap(),
+            Tensor::from_array(gpu, &random(&[2, 1, 3, 3], 2)).unwrap(),
+        );
+        let odd = spec.forward_pooled(&tx, (&tw, None), &pool, (None, false));
+        assert!(odd.unwrap().is_none());
+        let wide = Pool2d::max((3, 3)).stride((2, 2));
+        let (tx, tw) = (
+            Tensor::from_array(gpu, &random(&[1, 1, 14, 12], 1)).unwrap(),
+            Tensor::from_array(gpu, &random(&[2, 1, 3, 3], 2)).unwrap(),
+        );
+        assert!(
+            spec.forward_pooled(&tx, (&tw, None), &wide, (None, false))
+                .unwrap()
+                .is_none()
+        );
+        let average = Pool2d::avg((2, 2));
+        assert!(
+            spec.forward_pooled(&tx, (&tw, None), &average, (None, false))
+                .unwrap()
+                .is_none()
+        );
     }
 }

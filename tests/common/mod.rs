@@ -111,3 +111,45 @@ pub fn max_abs_diff(a: &ArrayD<f32>, b: &ArrayD<f32>) -> f32 {
         })
         .fold(0.0, f32::max)
 }
+
+/// One forward pass of `graph` in `mode` and, outside `Mode::Eval`, a backward one: the
+/// output, the input's gradient and every trainable tensor's, and the state after it
+/// (running statistics). For comparing a graph that fuses layers with one that does not.
+pub fn graph_step(
+    graph: &mut wgcnn::Graph,
+    x: &ArrayD<f32>,
+    mode: wgcnn::Mode,
+) -> Vec<(String, ArrayD<f32>)> {
+    let input = graph.device().upload(x.clone()).unwrap();
+    let y = graph.forward(input, mode).unwrap().to_array().unwrap();
+    let mut out = vec![("y".to_string(), y.clone())];
+    if mode != wgcnn::Mode::Eval {
+        let dy = random(y.shape(), 3).mapv(|v| v + 0.5);
+        let dx = graph.backward(graph.device().upload(dy).unwrap()).unwrap();
+        out.push(("dx".into(), dx.unwrap().to_array().unwrap()));
+        for (name, grad) in graph.grads() {
+            out.push((format!("d {name}"), grad.unwrap().to_array().unwrap()));
+        }
+    }
+    for (name, value) in graph.state() {
+        out.push((name, value.to_array().unwrap()));
+    }
+    out
+}
+
+/// Asserts that two [`graph_step`]s agree within 1e-5 of each value's largest magnitude.
+pub fn assert_steps_agree(
+    got: &[(String, ArrayD<f32>)],
+    want: &[(String, ArrayD<f32>)],
+    context: &str,
+) {
+    assert_eq!(got.len(), want.len(), "{context}");
+    for ((name, got), (_, want)) in got.iter().zip(want) {
+        let scale = want.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+        let diff = max_abs_diff(got, want);
+        assert!(
+            diff <= 1e-5 * scale,
+            "{context} {name}: off by {diff} (scale {scale})"
+        );
+    }
+}
