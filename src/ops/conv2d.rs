@@ -418,13 +418,13 @@ impl Conv2d {
 
     /// The forward pass followed by a 2×2 max pooling at stride 2, in one kernel, where the
     /// direct kernel runs the layer sharing weights through subgroups (CPU adapters reading
-    /// storage, blocks of whole vec4s dividing the rows, an even output) and `pool` is such a
-    /// pooling: its output and, with
-    /// `argmax`, the windows' arg-max, as [`Pool2d::forward`] gives them, without storing the
-    /// convolution's output (LeNet's first layer: 221,184 floats a step, and a pass of the
-    /// pooling's own). `training` is `Some(input_grad)` in a training step, whose forward
-    /// kernel it follows ([`Conv2d::forward_saving`]). `None` where the fused kernel does
-    /// not take the layer or the pooling: run the two ops.
+    /// storage, blocks of whole vec4s dividing the rows, an even output) and `pool` is such
+    /// a pooling: its output and, with `argmax`, the windows' arg-max, as
+    /// [`Pool2d::forward`] gives them, without storing the convolution's output (LeNet's
+    /// first layer: 221,184 floats a step, and a pass of the pooling's own). `training` is
+    /// `Some(input_grad)` in a training step, whose forward kernel it follows
+    /// ([`Conv2d::forward_saving`]). `None` where the fused kernel does not take the layer
+    /// or the pooling: run the two ops.
     pub fn forward_pooled(
         &self,
         x: &Tensor,
