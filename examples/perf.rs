@@ -734,6 +734,9 @@ fn profile_step(
     for _ in 0..runs {
         if stamped {
             let ops = gpu.profile_ops(&mut step)?.1;
+            if ops.len() == 2_048 {
+                eprintln!("perf --profile: the step has more ops than one query set times (2,048)");
+            }
             let busy: f64 = ops.iter().map(|op| op.ms).sum();
             let span = ops.last().map_or(0.0, |op| op.start_ms + op.ms);
             gaps.push(span - busy);

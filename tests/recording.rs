@@ -292,6 +292,16 @@ fn profiled_ops_are_timed_in_order_inside_the_steps_own_submit() {
     // Profiling has ended: ops after it are not stamped, and a run without ops has no times.
     gpu.record(|| step(&x, &w, &b)).unwrap();
     assert!(gpu.profile_ops(|| Ok(())).unwrap().1.is_empty());
+    // A profile inside another is refused, and the outer one still times its ops.
+    let (inner, outer) = gpu
+        .profile_ops(|| {
+            let inner = gpu.profile_ops(|| Ok(()));
+            Tensor::full(&gpu, &[4], 1.0)?;
+            Ok(inner)
+        })
+        .unwrap();
+    assert!(inner.unwrap_err().to_string().contains("already"));
+    assert_eq!(outer.len(), 1);
 }
 
 /// A run of more ops than one query set holds times the first 2,048 and runs every op.

@@ -20,7 +20,7 @@ pub struct PassTime {
 }
 
 /// The device features [`Gpu::profile_ops`] needs, requested where the adapter offers them
-/// (lavapipe and real GPUs' Vulkan, Metal and DX12 drivers do).
+/// (lavapipe does, as do most Vulkan and DX12 GPUs; on Metal, AMD and Intel GPUs only).
 pub(crate) const TIMESTAMPS: wgpu::Features = wgpu::Features::TIMESTAMP_QUERY
     .union(wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS)
     .union(wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES);
@@ -33,7 +33,9 @@ pub struct OpTime {
     pub label: String,
     /// Milliseconds from the first op's start to this one's.
     pub start_ms: f64,
-    /// Milliseconds from the op's first command to the end of its last.
+    /// Milliseconds between the op's two timestamps: its own time where the device runs
+    /// commands one after the other (lavapipe); on a GPU that overlaps them, from the end of
+    /// the work before it to the end of its own.
     pub ms: f64,
 }
 
@@ -49,8 +51,8 @@ const MOST_STAMPS: u32 = wgpu::QUERY_SET_MAX_QUERIES;
 impl Gpu {
     /// Runs `work` with every pass it encodes (on this thread) submitted and waited for on its
     /// own, and returns its result with each pass's time, in order. Slower than a plain run:
-    /// meant for finding where a step's time goes (`cargo run --release --example perf --
-    /// --profile`), not for timing it.
+    /// meant for finding where a step's time goes on an adapter without timestamps (`cargo
+    /// run --release --example perf -- --profile --waited`), not for timing it.
     pub fn profile_passes<T>(
         &self,
         work: impl FnOnce() -> Result<T>,
@@ -103,8 +105,9 @@ impl Gpu {
     /// [`Gpu::profile_passes`] the ops run as `work` submits them (one recorded step stays
     /// one submit), so the times add up to the step's, less the gaps between ops (the
     /// dispatch overhead `start_ms` shows). Past 2,048 ops the later ones are not timed. An
-    /// error where the device has no timestamps inside passes ([`Gpu::can_profile_ops`]);
-    /// inside a recording, the recording is submitted at the end to read the times.
+    /// error where the device has no timestamps inside passes ([`Gpu::can_profile_ops`]) or
+    /// the thread is profiling its ops already; inside a recording, the recording is
+    /// submitted at the end to read the times.
     pub fn profile_ops<T>(&self, work: impl FnOnce() -> Result<T>) -> Result<(T, Vec<OpTime>)> {
         if !self.can_profile_ops() {
             return Err(Error::InvalidArgument {
@@ -124,18 +127,23 @@ impl Gpu {
             })
         })?;
         let me = current().id();
-        let stamps = OpStamps {
-            queries,
-            labels: Vec::new(),
-        };
-        lock(&self.inner.stamps).push((me, stamps));
+        {
+            let mut all = lock(&self.inner.stamps);
+            if all.iter().any(|(id, _)| *id == me) {
+                return Err(Error::InvalidArgument {
+                    op: "profile_ops",
+                    detail: "this thread is profiling its ops already: profile the outer \
+                             run alone"
+                        .into(),
+                });
+            }
+            let labels = Vec::new();
+            all.push((me, OpStamps { queries, labels }));
+        }
+        // Ends the profile however `work` ends, a panic included.
+        let ending = EndStamps { gpu: self };
         let result = work();
-        let mut all = lock(&self.inner.stamps);
-        let stamps = all
-            .iter()
-            .position(|(id, _)| *id == me)
-            .map(|index| all.swap_remove(index).1);
-        drop(all);
+        let stamps = ending.take();
         let value = result?;
         let times = match stamps {
             Some(stamps) if !stamps.labels.is_empty() => self.read_stamps(stamps)?,
@@ -156,6 +164,18 @@ impl Gpu {
         }
         stamps.labels.push(label.to_string());
         Some((stamps.queries.clone(), first))
+    }
+
+    /// Forgets the last op's timestamps, for an op that failed while it encoded (its
+    /// queries may stay unwritten, and a resolve would wait on them).
+    pub(crate) fn drop_stamp(&self) {
+        let me = current().id();
+        if let Some((_, stamps)) = lock(&self.inner.stamps)
+            .iter_mut()
+            .find(|(id, _)| *id == me)
+        {
+            stamps.labels.pop();
+        }
     }
 
     /// Each stamped op's times, from its pair of timestamps resolved and read back.
@@ -196,5 +216,28 @@ impl Gpu {
                 ms: pair[1].saturating_sub(pair[0]) as f64 * ms_per_tick,
             })
             .collect())
+    }
+}
+
+/// The calling thread's op profile, ended when dropped: `profile_ops` takes it, and a
+/// panic out of its work leaves no profile behind to stamp later ops into.
+struct EndStamps<'a> {
+    gpu: &'a Gpu,
+}
+
+impl EndStamps<'_> {
+    /// The thread's stamps, the profile ended.
+    fn take(self) -> Option<OpStamps> {
+        let me = current().id();
+        let mut all = lock(&self.gpu.inner.stamps);
+        let index = all.iter().position(|(id, _)| *id == me)?;
+        Some(all.swap_remove(index).1)
+    }
+}
+
+impl Drop for EndStamps<'_> {
+    fn drop(&mut self) {
+        let me = current().id();
+        lock(&self.gpu.inner.stamps).retain(|(id, _)| *id != me);
     }
 }

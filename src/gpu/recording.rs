@@ -128,12 +128,18 @@ impl Gpu {
     ) -> Result<()> {
         let started = self.profiling().then(std::time::Instant::now);
         let stamp = self.next_stamp(label);
-        // The op between its two timestamps, where this thread profiles ops.
+        // The op between its two timestamps, where this thread profiles ops; an op that
+        // fails is not timed.
         let encode = |commands: &mut Commands<'_>| {
             if let Some((queries, first)) = &stamp {
                 commands.write_timestamp(queries, *first);
             }
-            encode(commands)?;
+            if let Err(e) = encode(commands) {
+                if stamp.is_some() {
+                    self.drop_stamp();
+                }
+                return Err(e);
+            }
             if let Some((queries, first)) = &stamp {
                 commands.write_timestamp(queries, first + 1);
             }

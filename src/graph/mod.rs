@@ -305,9 +305,11 @@ pub trait Layer: Send {
     /// The forward pass with `pool`, the max pooling that alone reads this layer's output,
     /// run in the same kernel, or `None` where the layer cannot (the graph then runs both).
     /// Its `producer.y` stands in for the output, which is never stored: its shape is the
-    /// output's, its contents are not (the pooling's backward reads only its shape, and
-    /// this layer's backward gets its gradient through its activation from the pooling's).
-    /// `pooled` is what the pooling's own forward pass would have returned.
+    /// output's, its contents are not. The pooling's backward reads only its shape, and a
+    /// layer returning one must not read its `y` in its own backward pass: the pooling
+    /// takes the gradient through the layer's activation (`Layer::output_activation`,
+    /// handed over as for any max pooling). `pooled` is what the pooling's own forward pass
+    /// would have returned.
     fn forward_pooled(
         &self,
         _ctx: Ctx,
@@ -752,7 +754,7 @@ impl Graph {
         };
         self.folded.resize_with(self.nodes.len(), || None);
         self.absorbed = self.absorptions(&folds);
-        let pooling = self.poolings(&folds);
+        let pooling = self.poolings();
         let mut skipped = vec![false; self.nodes.len()];
         for i in 0..self.nodes.len() {
             if !skipped[i] {
@@ -877,23 +879,15 @@ impl Graph {
     }
 
     /// Per node, the max pooling node that alone reads its output, and the pooling, where
-    /// the node may run it in its epilogue: neither node is folded, the node absorbs no
-    /// activation, and no finite checks run (they would read the output the fused kernel
-    /// never stores).
-    fn poolings(&self, folds: &[Option<Fold>]) -> Vec<Option<(usize, MaxPool)>> {
-        let count = self.nodes.len();
-        if self.finite.is_some() {
-            return vec![None; count];
-        }
+    /// the node may run it in its epilogue: no finite checks run (they would read the
+    /// output the fused kernel never stores). A node read by a pooling alone folds no norm
+    /// and absorbs no activation (both need that reader); a norm folded into the pooling
+    /// is not (it cannot fold one) and runs after it as a node.
+    fn poolings(&self) -> Vec<Option<(usize, MaxPool)>> {
         let sole_readers = self.sole_readers();
-        let folded: Vec<usize> = folds.iter().flatten().flat_map(Fold::nodes).collect();
-        (0..count)
+        (0..self.nodes.len())
             .map(|i| {
-                let j = sole_readers[i + 1]?;
-                let free = |k: usize| folds[k].is_none() && !folded.contains(&k);
-                if !free(i) || !free(j) || self.absorbed[i].is_some() {
-                    return None;
-                }
+                let j = sole_readers[i + 1].filter(|_| self.finite.is_none())?;
                 Some((j, self.nodes[j].layer.max_pool()?))
             })
             .collect()

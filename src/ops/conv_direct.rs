@@ -276,15 +276,18 @@ pub(crate) enum Output<'a> {
 /// Whether [`forward_pooled`] takes this convolution: the direct kernel with weights shared
 /// through subgroups (lane pairs exchange rows through them), storage reads, blocks of whole
 /// vec4s that divide the rows, and an even output, so that every 2×2 window lies in one
-/// lane pair's block and each lane stores whole windows.
+/// lane pair's block and each lane stores whole windows. Like the subgroup matmul and the
+/// weight gradient's broadcast kernel, it takes a workgroup's subgroups to be consecutive
+/// runs of its invocations, lane by lane (as lavapipe numbers them): invocations 2k and
+/// 2k + 1 are lanes `l` and `l ^ 1` of one subgroup.
 pub(crate) fn pools(gpu: &Gpu, spec: &Conv2d, shape: &Conv2dShape) -> bool {
     let reads_storage = gpu
         .operand_reads()
         .is_ok_and(|r| r == OperandReads::Storage);
-    let b = block(shape, vec4_rows(shape, !reads_storage));
-    eligible(gpu, spec, shape)
+    let b = block(shape, vec4_rows(shape, false));
+    reads_storage
+        && eligible(gpu, spec, shape)
         && broadcast_subgroup(gpu).is_some()
-        && reads_storage
         && b.is_multiple_of(4)
         && shape.ow.is_multiple_of(b)
         && shape.oh.is_multiple_of(2)
@@ -864,8 +867,9 @@ mod tests {
     /// taken from a pool poisoned with NaN: maxima and arg-max (ReLU's zeros make ties
     /// common; the first in row-major order wins, as in PyTorch), with and without the
     /// arg-max, in a training step's plan and an evaluation's. LeNet's layers (blocks of 12
-    /// and 8), an odd batch, padding, and blocks of 16; the shapes and
-    /// poolings it leaves to the two ops, and a context reading textures, which it refuses.
+    /// and 8), an odd batch, padding, blocks of 16, rows read as scalars, every kind of
+    /// activation; the shapes and poolings it leaves to the two ops, and a context reading
+    /// textures, which it refuses.
     #[test]
     fn the_pooled_epilogue_matches_convolution_then_pooling() {
         crate::test_support::on_both_read_families(the_pooled_epilogue_matches_on);
@@ -876,17 +880,63 @@ mod tests {
         let fused = broadcast_subgroup(gpu).is_some()
             && gpu.operand_reads().unwrap() == OperandReads::Storage;
         let pool = Pool2d::max((2, 2));
-        // (n, c, h, w, o, kh, padding)
+        // (n, c, h, w, o, kh, padding, activation); rows 14 wide read as scalars.
         let cases = [
-            (3, 1, 28, 28, 6, 5, Padding::Explicit(0, 0)),
-            (5, 6, 12, 12, 16, 5, Padding::Explicit(0, 0)),
-            (2, 3, 16, 16, 8, 3, Padding::Explicit(1, 1)),
-            (2, 4, 8, 32, 16, 3, Padding::Explicit(1, 1)),
+            (
+                3,
+                1,
+                28,
+                28,
+                6,
+                5,
+                Padding::Explicit(0, 0),
+                Activation::Relu,
+            ),
+            (
+                5,
+                6,
+                12,
+                12,
+                16,
+                5,
+                Padding::Explicit(0, 0),
+                Activation::Relu,
+            ),
+            (
+                2,
+                3,
+                16,
+                16,
+                8,
+                3,
+                Padding::Explicit(1, 1),
+                Activation::None,
+            ),
+            (
+                2,
+                4,
+                8,
+                32,
+                16,
+                3,
+                Padding::Explicit(1, 1),
+                Activation::Sigmoid,
+            ),
+            (
+                2,
+                2,
+                10,
+                14,
+                6,
+                3,
+                Padding::Explicit(0, 0),
+                Activation::LeakyRelu(0.1),
+            ),
         ];
-        for (i, &(n, c, h, w, o, k, padding)) in cases.iter().enumerate() {
+        for (i, &(n, c, h, w, o, k, padding, activation)) in cases.iter().enumerate() {
             let spec = Conv2d {
                 padding,
-                activation: Activation::Relu,
+                activation,
                 ..Conv2d::default()
             };
             let seed = 40 + 10 * i as u64;
@@ -930,19 +980,25 @@ mod tests {
                 }
             }
         }
-        // An odd output, a pooling other than 2×2 at stride 2: the two ops.
+        // An odd number of rows (of whole blocks), rows that end in a partial block, a
+        // pooling other than 2×2 at stride 2: the two ops.
         let spec = Conv2d::default();
+        for (x, k) in [([1, 1, 13, 28], 5), ([1, 1, 13, 12], 3)] {
+            let (tx, tw) = (
+                Tensor::from_array(gpu, &random(&x, 1)).unwrap(),
+                Tensor::from_array(gpu, &random(&[2, 1, k, k], 2)).unwrap(),
+            );
+            let refused = spec.forward_pooled(&tx, (&tw, None), &pool, (None, false));
+            assert!(refused.unwrap().is_none(), "{x:?}");
+        }
+        // A shape the 2×2 pooling fuses with, where a context can fuse at all.
         let (tx, tw) = (
-            Tensor::from_array(gpu, &random(&[1, 1, 13, 12], 1)).unwrap(),
-            Tensor::from_array(gpu, &random(&[2, 1, 3, 3], 2)).unwrap(),
+            Tensor::from_array(gpu, &random(&[1, 1, 14, 28], 1)).unwrap(),
+            Tensor::from_array(gpu, &random(&[2, 1, 5, 5], 2)).unwrap(),
         );
-        let odd = spec.forward_pooled(&tx, (&tw, None), &pool, (None, false));
-        assert!(odd.unwrap().is_none());
+        let halves = spec.forward_pooled(&tx, (&tw, None), &pool, (None, false));
+        assert_eq!(halves.unwrap().is_some(), fused);
         let wide = Pool2d::max((3, 3)).stride((2, 2));
-        let (tx, tw) = (
-            Tensor::from_array(gpu, &random(&[1, 1, 14, 12], 1)).unwrap(),
-            Tensor::from_array(gpu, &random(&[2, 1, 3, 3], 2)).unwrap(),
-        );
         assert!(
             spec.forward_pooled(&tx, (&tw, None), &wide, (None, false))
                 .unwrap()
