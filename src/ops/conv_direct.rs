@@ -375,9 +375,10 @@ fn run(
     subgroup: Option<usize>,
 ) -> Result<()> {
     let gpu = x.gpu();
-    let pooled = match out {
-        Output::Plain(_) => None,
-        Output::Pooled(_, argmax) => Some(argmax.is_some()),
+    // Where the kernel writes, and whether it pools (storing the arg-max or not).
+    let (out, argmax, pooled) = match out {
+        Output::Plain(out) => (out, None, None),
+        Output::Pooled(pooled, argmax) => (pooled, argmax, Some(argmax.is_some())),
     };
     // The input through a texture where the adapter fetches texels faster (see
     // `Gpu::operand_reads`): a copy of x, one float per texel.
@@ -441,10 +442,6 @@ fn run(
         Some(t) => Resource::Texture(&t.view),
         None if vec4_rows => Resource::Buffer(x.binding_vec4()),
         None => Resource::Buffer(x.binding()),
-    };
-    let (out, argmax) = match out {
-        Output::Plain(out) => (out, None),
-        Output::Pooled(pooled, argmax) => (pooled, argmax),
     };
     let output = if kernel.vec4_stores {
         out.binding_vec4()
