@@ -387,11 +387,23 @@ impl Matmul {
         // of lavapipe's JIT, and packed, LeNet's weight gradients share the kernel of its
         // input gradients.
         let small = shape.batch * shape.m * shape.n < SMALL_PRODUCT;
+        // A small weight gradient (A given transposed, M a multiple of 4, no bias or
+        // activation) takes 4 rows a lane: its A is then read as it lies (`a_cols`), not
+        // packed in a pass of its own. LeNet's step took 0.23–0.26 ms less (its fc1 and fc2
+        // weight gradients; alternated in one process), the MNIST example's cold first step
+        // about 0.1 s more (lavapipe's JIT of the 4-row kernel, with no epilogue, 170–220
+        // ms, of the pack's ~20). Four rows for its input gradients too took 0.05 ms more
+        // off the step and put 0.07 s more of JIT on a first step near its 2 s target.
+        let reads_a_columns = self.trans_a
+            && shape.m.is_multiple_of(4)
+            && self.bias == BiasAxis::None
+            && self.activation == Activation::None;
         // A convolution's windows read as B are gathers, a costly per-lane load per float:
         // eight rows a lane share each twice as far as four (ResNet's 7×7 stem at batch 8,
         // 3→64 at 224²: 44 ms with 8 rows × 16 columns against 49–56 with 4 × 32).
         let wide_rows = implicit_b && !small && !self.trans_a && shape.m >= (subgroup * 8) as usize;
         let rows = match (small, wide_rows) {
+            (true, _) if reads_a_columns => 4,
             (true, _) => 2,
             (false, true) => 8,
             (false, false) => 4,
@@ -888,6 +900,11 @@ impl Matmul {
             relu: u32::from(relu),
             _pad: [0; 2],
         };
+        // A product with no bias and no activation stores its sums as they are: a kernel
+        // with no epilogue (no bias binding, its last pass compiled as the others are with
+        // FINISH = 0) costs lavapipe's JIT less: LeNet's weight-gradient kernel 168–222 ms
+        // against 217–258 with one, its input-gradient kernel 97–124 against 116–134.
+        let epilogue = self.bias != BiasAxis::None || self.activation != Activation::None;
         let kernel = SubgroupKernel {
             rows,
             cols,
@@ -904,6 +921,7 @@ impl Matmul {
             a_cols,
             b_rows,
             window: window.map(|w| w.section),
+            epilogue,
         };
         // An implicit B steps through the dense layout: its rows as they lie (B's, or a
         // transposed B's read as rows), or B's rows gathered down Bᵀ's columns.
@@ -920,7 +938,8 @@ impl Matmul {
         let pipelines = passes
             .iter()
             .map(|k_pass| {
-                let [add_to_c, finish] = k_pass.constants();
+                let [add_to_c, (name, finish)] = k_pass.constants();
+                let finish = (name, finish & u32::from(epilogue));
                 let epilogue = [
                     ("ACTIVATION", activation.code()),
                     ("BIAS_COLUMNS", u32::from(self.bias == BiasAxis::PerColumn)),
@@ -1005,16 +1024,17 @@ impl Matmul {
                     k4_end: k_pass.end,
                     ..params
                 };
+                let resources = [
+                    (1, a_use),
+                    (2, b_use),
+                    (4, Resource::Buffer(out)),
+                    (3, Resource::Buffer(bias)),
+                ];
                 gpu.encode_resources(
                     pass,
                     pipeline,
                     bytemuck::bytes_of(&params),
-                    &[
-                        (1, a_use),
-                        (2, b_use),
-                        (3, Resource::Buffer(bias)),
-                        (4, Resource::Buffer(out)),
-                    ],
+                    &resources[..if epilogue { 4 } else { 3 }],
                     u64::from(total_tiles).div_ceil(u64::from(subgroups_per_group)),
                 )?;
             }
@@ -1213,6 +1233,8 @@ struct SubgroupKernel {
     b_rows: bool,
     /// B read through a convolution's windows: the section of shaders/conv_implicit.wgsl.
     window: Option<&'static str>,
+    /// A bias or an activation to apply: without, C takes the sums as they are.
+    epilogue: bool,
 }
 
 /// How the subgroup kernel stores C.
@@ -1391,17 +1413,22 @@ impl Generated for SubgroupKernel {
                 }
             }
         }
+        // Without an epilogue the bias is never read: the kernel has no binding for it, and
+        // lavapipe no loads of it to compile.
+        let bias = |at: String, applies: &str| {
+            if self.epilogue {
+                format!("bias_at({at}, {applies})")
+            } else {
+                "0.0".into()
+            }
+        };
         for r in 0..rows {
-            let _ = writeln!(
-                store,
-                "    let bias_row_{r} = bias_at(row0 + {r}u, bias_rows);"
-            );
+            let bias = bias(format!("row0 + {r}u"), "bias_rows");
+            let _ = writeln!(store, "    let bias_row_{r} = {bias};");
         }
         for c in 0..cols {
-            let _ = writeln!(
-                store,
-                "    let bias_col_{c} = bias_at(col4 * 4u + {c}u, BIAS_COLUMNS == 1u);"
-            );
+            let bias = bias(format!("col4 * 4u + {c}u"), "BIAS_COLUMNS == 1u");
+            let _ = writeln!(store, "    let bias_col_{c} = {bias};");
         }
         // Per stored value, its row's bias plus its column's (one of them zero).
         let columns4 = |g: u32| {
