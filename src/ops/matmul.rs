@@ -900,11 +900,15 @@ impl Matmul {
             relu: u32::from(relu),
             _pad: [0; 2],
         };
-        // A product with no bias and no activation stores its sums as they are: a kernel
-        // with no epilogue (no bias binding, its last pass compiled as the others are with
-        // FINISH = 0) costs lavapipe's JIT less: LeNet's weight-gradient kernel 168–222 ms
-        // against 217–258 with one, its input-gradient kernel 97–124 against 116–134.
-        let epilogue = self.bias != BiasAxis::None || self.activation != Activation::None;
+        // A small product with no bias and no activation stores its sums as they are: a
+        // kernel with no epilogue (no bias binding, its last pass compiled as the others are
+        // with FINISH = 0) costs lavapipe's JIT less: LeNet's weight-gradient kernel 168–222
+        // ms against 217–258 with one, its input-gradient kernel 97–124 against 116–134.
+        // Larger products keep one, so that one pipeline serves a model's products with and
+        // without (without it for them too, ResNet-18's cold first step at batch 1 compiled
+        // 36 pipelines against 35, 4.3–4.6 s against 4.1–4.2).
+        let small = shape.batch * m * n < SMALL_PRODUCT;
+        let epilogue = !small || self.bias != BiasAxis::None || self.activation != Activation::None;
         let kernel = SubgroupKernel {
             rows,
             cols,
