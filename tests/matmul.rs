@@ -142,12 +142,14 @@ fn sizes_around_the_tiles_and_tiny_ones() {
         (8, 4, 32),
         (33, 5, 31),
         // A transposed A read as it lies (M a multiple of 4, 65,536 outputs or more), also
-        // with a K that ends inside four steps; LeNet's fc1 and fc2 weight gradients
-        // (packed: fewer outputs).
+        // with a K that ends inside four steps; LeNet's fc1 and fc2 weight gradients (fewer
+        // outputs: read as they lie without an epilogue, packed with one), and the second
+        // with a K that ends inside four steps.
         (120, 64, 600),
         (84, 67, 800),
         (120, 64, 400),
         (84, 64, 120),
+        (84, 67, 120),
         // Whole tiles inside the output beside edge ones, and a K range ending inside a tile:
         // the tiled kernel's unchecked loads, element by element and as vec4s.
         (130, 67, 131),
@@ -155,7 +157,8 @@ fn sizes_around_the_tiles_and_tiny_ones() {
     ] {
         for kernel in kernels(gpu) {
             let orders = [(false, false), (false, true), (true, false), (true, true)];
-            for ((trans_a, trans_b), epilogue) in orders.into_iter().zip([false, true].repeat(2)) {
+            let runs = orders.into_iter().flat_map(|o| [(o, false), (o, true)]);
+            for ((trans_a, trans_b), epilogue) in runs {
                 let (bias, activation) = if epilogue {
                     (BiasAxis::PerRow, Activation::Relu)
                 } else {
@@ -171,10 +174,13 @@ fn sizes_around_the_tiles_and_tiny_ones() {
                 let plan = check(gpu, spec, (None, None), (m, k, n), (m * k * n) as u64);
                 // Products under 65,536 outputs run two rows a lane on the subgroup kernel (a
                 // transposed A packed), except a transposed A with M a multiple of 4 and no
-                // epilogue (a linear layer's weight gradient); larger ones four (a transposed
-                // A with M a multiple of 4 read as it lies): these shapes test both tiles.
-                if let MatmulPlan::Subgroup { rows, .. } = plan {
-                    let reads_columns = trans_a && m % 4 == 0 && !epilogue;
+                // epilogue (e.g. a linear layer's weight gradient) in a run that is not
+                // transposed; larger ones four (a transposed A with M a multiple of 4 read as
+                // it lies): these shapes test both tiles.
+                if let MatmulPlan::Subgroup { rows, subgroup, .. } = plan {
+                    let unaligned = !trans_b && k % 4 != 0 && n % 4 == 0;
+                    let transposed_at_4 = n > m && (m < 4 * subgroup as usize || unaligned);
+                    let reads_columns = trans_a && m % 4 == 0 && !epilogue && !transposed_at_4;
                     let expected = if m * n < 65_536 && !reads_columns {
                         2
                     } else {
@@ -423,8 +429,8 @@ fn few_rows_run_transposed(gpu: &Gpu, kernel: KernelChoice) {
 
 /// A subgroup product's bias per row (a convolution's) and ReLU are uniforms: at one shape a
 /// single pipeline serves a bias per row or none, ReLU or the identity, one more the bias per
-/// column (an `override` constant: its loads stay out of the others), and one more a product
-/// with neither (a kernel with no epilogue), on both
+/// column (an `override` constant: its loads stay out of the others), and one more a small
+/// product with neither (a kernel with no epilogue; a large one shares its pipeline), on both
 /// operand-read families, each result matching the CPU with its output poisoned (as
 /// constants each was a pipeline, on lavapipe a compile of 0.1–0.5 s, of its own). A fresh
 /// context, so that the count is this test's alone.
@@ -456,6 +462,26 @@ fn one_subgroup_pipeline_serves_every_row_bias_and_relu() {
             counts[1..],
             [first + 1, first + 1, first + 1, first + 2, first + 2],
             "{kernel:?}: pipelines compiled after each product"
+        );
+        // A product of 65,536 outputs or more keeps its epilogue without a bias or an
+        // activation: one pipeline serves it with and without.
+        let mut large = Vec::new();
+        for (bias, activation) in [
+            (BiasAxis::PerRow, Activation::Relu),
+            (BiasAxis::None, Activation::None),
+        ] {
+            let spec = Matmul {
+                bias,
+                activation,
+                kernel,
+                ..Matmul::default()
+            };
+            check(&gpu, spec, (None, None), (260, 20, 264), 42);
+            large.push(gpu.pipelines_compiled());
+        }
+        assert_eq!(
+            large[0], large[1],
+            "{kernel:?}: a large product without a bias"
         );
     }
 }
@@ -498,7 +524,13 @@ fn inner_dimensions_past_the_loop_bound_are_exact() {
                 .collect();
         cases.push((68, 36, true, false));
         for (m, n, trans_a, trans_b) in cases {
-            exact_past_the_loop_bound(gpu, kernel, (m, 270_000, n), (trans_a, trans_b));
+            exact_past_the_loop_bound(gpu, kernel, (m, 270_000, n), (trans_a, trans_b), true);
+        }
+        // The same transposed A with no bias or activation: on the subgroup kernel read as it
+        // lies, four rows a lane, every pass storing its sums as they are (no epilogue).
+        let plan = exact_past_the_loop_bound(gpu, kernel, (68, 270_000, 36), (true, false), false);
+        if let MatmulPlan::Subgroup { rows, .. } = plan {
+            assert_eq!(rows, 4, "{plan}");
         }
     }
 }
@@ -511,7 +543,7 @@ fn inner_dimensions_past_the_loop_bound_are_exact() {
 fn a_transposed_a_read_as_it_lies_past_the_loop_bound_is_exact() {
     let Some(gpu) = gpu() else { return };
     for kernel in subgroup_kernels(gpu) {
-        let plan = exact_past_the_loop_bound(gpu, kernel, (136, 66_000, 484), (true, false));
+        let plan = exact_past_the_loop_bound(gpu, kernel, (136, 66_000, 484), (true, false), true);
         assert!(
             matches!(
                 plan,
@@ -526,33 +558,44 @@ fn a_transposed_a_read_as_it_lies_past_the_loop_bound_is_exact() {
     }
 }
 
-/// `act(op(A)·op(B) + bias)` of small integers with a bias per row and ReLU, against the
-/// CPU bit for bit, with the output poisoned.
+/// `act(op(A)·op(B) + bias)` of small integers with a bias per row and ReLU (with
+/// `epilogue`; else the plain product), against the CPU bit for bit, with the output
+/// poisoned.
 fn exact_past_the_loop_bound(
     gpu: &Gpu,
     kernel: KernelChoice,
     (m, k, n): (usize, usize, usize),
     (trans_a, trans_b): (bool, bool),
+    epilogue: bool,
 ) -> MatmulPlan {
     let integers = |shape: &[usize], seed| random(shape, seed).mapv(|x| (x * 2.5).round());
+    let (bias, activation) = if epilogue {
+        (BiasAxis::PerRow, Activation::Relu)
+    } else {
+        (BiasAxis::None, Activation::None)
+    };
     let spec = Matmul {
         trans_a,
         trans_b,
-        bias: BiasAxis::PerRow,
-        activation: Activation::Relu,
+        bias,
+        activation,
         kernel,
     };
     let a = integers(&if trans_a { [k, m] } else { [m, k] }, 31);
     let b = integers(&if trans_b { [n, k] } else { [k, n] }, 32);
     // A bias that makes some outputs negative, so the ReLU clips some and not others.
-    let bias = integers(&[m], 33).mapv(|x| x * 200.0);
-    let expected = wgcnn::cpu::matmul(&spec, &a.view(), &b.view(), Some(&bias.view())).unwrap();
-    assert!(expected.iter().any(|&x| x == 0.0) && expected.iter().any(|&x| x > 100.0));
+    let bias = epilogue.then(|| integers(&[m], 33).mapv(|x| x * 200.0));
+    let bias_view = bias.as_ref().map(|b| b.view());
+    let expected = wgcnn::cpu::matmul(&spec, &a.view(), &b.view(), bias_view.as_ref()).unwrap();
+    let clipped = !epilogue || expected.iter().any(|&x| x == 0.0);
+    assert!(clipped && expected.iter().any(|&x| x.abs() > 100.0));
     let ta = Tensor::from_array(gpu, &a).unwrap();
     let tb = Tensor::from_array(gpu, &b).unwrap();
-    let tbias = Tensor::from_array(gpu, &bias).unwrap();
+    let tbias = bias.map(|b| Tensor::from_array(gpu, &b).unwrap());
     let mut out = Tensor::full(gpu, expected.shape(), f32::NAN).unwrap();
-    let plan = spec.forward_into(&ta, &tb, Some(&tbias), &mut out).unwrap();
+    let plan = spec
+        .forward_into(&ta, &tb, tbias.as_ref(), &mut out)
+        .unwrap();
     let got = out.to_array().unwrap();
     assert_eq!(
         max_abs_diff(&got, &expected),

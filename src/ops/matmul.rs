@@ -26,7 +26,8 @@ use crate::tensor::{Operand, Tensor};
 
 const OP: &str = "matmul";
 
-/// Products with fewer outputs than this run the subgroup kernel's smallest tile.
+/// Products with fewer outputs than this run the subgroup kernel's smallest tile (but for
+/// small weight gradients read as they lie: `Matmul::plan_for`).
 const SMALL_PRODUCT: usize = 65_536;
 
 /// K steps per tile of the tiled kernel (`TK` in shaders/matmul.wgsl).
@@ -381,23 +382,26 @@ impl Matmul {
         // few tiles to spread over the threads, and up to a second of shader compilation per
         // variant for its unrolled body. They get 2 rows × 16 columns a lane: LeNet's nine
         // products took 0.87 ms a step against 1.28 with 1 × 8 and 0.89 with 4 × 32, MNIST's
-        // cold first step 1.77 s against 1.52 and 2.6.
-        // Their A given transposed is packed (`run_subgroup` reads a larger product's as it
-        // lies, four rows a lane, where M is a multiple of 4): that variant cost 150–190 ms
-        // of lavapipe's JIT, and packed, LeNet's weight gradients share the kernel of its
-        // input gradients.
+        // cold first step 1.77 s against 1.52 and 2.6. Their A given transposed is packed
+        // (one pass), except in a small weight gradient:
         let small = shape.batch * shape.m * shape.n < SMALL_PRODUCT;
-        // A small weight gradient (A given transposed, M a multiple of 4, no bias or
-        // activation) takes 4 rows a lane: its A is then read as it lies (`a_cols`), not
-        // packed in a pass of its own. LeNet's step took 0.23–0.26 ms less (its fc1 and fc2
-        // weight gradients; alternated in one process), the MNIST example's cold first step
-        // about 0.1 s more (lavapipe's JIT of the 4-row kernel, with no epilogue, 170–220
-        // ms, of the pack's ~20). Four rows for its input gradients too took 0.05 ms more
-        // off the step and put 0.07 s more of JIT on a first step near its 2 s target.
+        // A small product with A given transposed, M a multiple of 4 and no bias or
+        // activation (e.g. a linear layer's weight gradient) takes 4 rows a lane where the
+        // run is not transposed (below: M spans a 4-row tile, and no unaligned K has it run
+        // transposed), so that `run_subgroup` reads its A as it lies (`a_cols`) instead of
+        // packing it in a pass of its own. LeNet's step took 0.23–0.26 ms less (its fc1 and
+        // fc2 weight gradients; alternated in one process), the MNIST example's cold first
+        // step about 0.1 s more (lavapipe's JIT of the 4-row kernel, with no epilogue,
+        // 170–220 ms, of the pack's ~20). Four rows for its input gradients too took 0.05 ms
+        // more off the step and put 0.07 s more of JIT on a first step near its 2 s target.
+        let runs_transposed_at_4_rows = shape.n > shape.m
+            && (shape.m < (subgroup * 4) as usize
+                || (!self.trans_b && !shape.k.is_multiple_of(4) && shape.n.is_multiple_of(4)));
         let reads_a_columns = self.trans_a
             && shape.m.is_multiple_of(4)
             && self.bias == BiasAxis::None
-            && self.activation == Activation::None;
+            && self.activation == Activation::None
+            && !runs_transposed_at_4_rows;
         // A convolution's windows read as B are gathers, a costly per-lane load per float:
         // eight rows a lane share each twice as far as four (ResNet's 7×7 stem at batch 8,
         // 3→64 at 224²: 44 ms with 8 rows × 16 columns against 49–56 with 4 × 32).
@@ -1616,24 +1620,28 @@ mod tests {
         let Some(gpu) = gpu(GpuOptions::from_env().unwrap()) else {
             return;
         };
-        let spec = Matmul {
+        let epilogue = Matmul {
             bias: BiasAxis::PerRow,
             activation: Activation::Relu,
             ..Matmul::default()
         };
         let mut cases = vec![
-            ((5, 7, 9), KernelChoice::Small, None),
-            ((8, 12, 100), KernelChoice::Small, None),
+            ((5, 7, 9), KernelChoice::Small, None, epilogue),
+            ((8, 12, 100), KernelChoice::Small, None, epilogue),
         ];
         if let Some(subgroup) = gpu.fixed_subgroup_size() {
             let rows = (4 * subgroup) as usize;
+            let subgroup = KernelChoice::Subgroup;
             cases.extend([
-                ((rows + 8, 12, 2048), KernelChoice::Subgroup, Some(false)),
-                ((8, 12, 8192), KernelChoice::Subgroup, Some(true)),
-                ((8, 12, 100), KernelChoice::Subgroup, Some(true)),
+                ((rows + 8, 12, 2048), subgroup, Some(false), epilogue),
+                ((8, 12, 8192), subgroup, Some(true), epilogue),
+                ((8, 12, 100), subgroup, Some(true), epilogue),
+                // A small product with no epilogue: its kernel has none to add C in either.
+                ((8, 12, 100), subgroup, Some(true), Matmul::default()),
+                ((rows + 4, 12, 36), subgroup, Some(false), Matmul::default()),
             ]);
         }
-        for ((m, k, n), kernel, transposed) in cases {
+        for ((m, k, n), kernel, transposed, spec) in cases {
             let spec = Matmul { kernel, ..spec };
             let (a, b) = (random(&[m, k], 1), random(&[k, n], 2));
             let (c, bias) = (random(&[m, n], 3), random(&[m], 4));
@@ -1645,18 +1653,15 @@ mod tests {
                 .unwrap()
                 .indexed_iter_mut()
             {
-                *v = (*v + bias[row]).max(0.0);
+                if spec.bias == BiasAxis::PerRow {
+                    *v = (*v + bias[row]).max(0.0);
+                }
             }
             let tensor = |x: &ArrayD<f32>| Tensor::from_array(&gpu, x).unwrap();
             let (ta, tb, tbias, out) = (tensor(&a), tensor(&b), tensor(&bias), tensor(&c));
+            let tbias = (spec.bias == BiasAxis::PerRow).then(|| tbias.operand());
             let plan = spec
-                .run_adding(
-                    &gpu,
-                    ta.operand(),
-                    tb.operand(),
-                    Some(tbias.operand()),
-                    out.operand(),
-                )
+                .run_adding(&gpu, ta.operand(), tb.operand(), tbias, out.operand())
                 .unwrap();
             match transposed {
                 Some(transposed) => assert!(
