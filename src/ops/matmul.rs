@@ -227,6 +227,11 @@ pub struct MatmulShape {
 }
 
 impl MatmulShape {
+    /// Whether the product has fewer outputs than [`SMALL_PRODUCT`].
+    fn is_small(&self) -> bool {
+        self.batch * self.m * self.n < SMALL_PRODUCT
+    }
+
     /// Floating-point operations (multiply and add counted apart).
     pub fn flops(&self) -> f64 {
         2.0 * (self.batch * self.m * self.n * self.k) as f64
@@ -384,24 +389,34 @@ impl Matmul {
         // products took 0.87 ms a step against 1.28 with 1 × 8 and 0.89 with 4 × 32, MNIST's
         // cold first step 1.77 s against 1.52 and 2.6. Their A given transposed is packed
         // (one pass), except in a small weight gradient:
-        let small = shape.batch * shape.m * shape.n < SMALL_PRODUCT;
-        // A small product with A given transposed, M a multiple of 4 and no bias or
-        // activation (e.g. a linear layer's weight gradient) takes 4 rows a lane where the
-        // run is not transposed (below: M spans a 4-row tile, and no unaligned K has it run
-        // transposed), so that `run_subgroup` reads its A as it lies (`a_cols`) instead of
+        let small = shape.is_small();
+        // Whether the product runs transposed at `rows` rows a lane.
+        let runs_transposed = |rows: u32| {
+            // A tile spans subgroup·rows output rows: a product with fewer rows and more
+            // columns runs transposed, so that its long side fills the lanes.
+            let few_rows = shape.m < (subgroup * rows) as usize;
+            // A K that is not a multiple of 4 has B (K×N) packed into vec4 rows; run
+            // transposed, B is read as it lies (as A's columns, see `SubgroupKernel::a_cols`)
+            // and only A (M×K) is packed: an im2col product of a 7×7 RGB stem, 64×147×12544,
+            // took 18 ms against 4.7.
+            let unaligned_k = !self.trans_b
+                && !shape.k.is_multiple_of(4)
+                && shape.n.is_multiple_of(4)
+                && rows == 4;
+            !implicit_b && (few_rows || unaligned_k) && shape.n > shape.m
+        };
+        // A small product with A given transposed, M a multiple of 4 and no epilogue (e.g. a
+        // linear layer's weight gradient) takes 4 rows a lane where that run is not
+        // transposed, so that `run_subgroup` reads its A as it lies (`a_cols`) instead of
         // packing it in a pass of its own. LeNet's step took 0.23–0.26 ms less (its fc1 and
         // fc2 weight gradients; alternated in one process), the MNIST example's cold first
         // step about 0.1 s more (lavapipe's JIT of the 4-row kernel, with no epilogue,
         // 170–220 ms, of the pack's ~20). Four rows for its input gradients too took 0.05 ms
         // more off the step and put 0.07 s more of JIT on a first step near its 2 s target.
-        let runs_transposed_at_4_rows = shape.n > shape.m
-            && (shape.m < (subgroup * 4) as usize
-                || (!self.trans_b && !shape.k.is_multiple_of(4) && shape.n.is_multiple_of(4)));
         let reads_a_columns = self.trans_a
             && shape.m.is_multiple_of(4)
-            && self.bias == BiasAxis::None
-            && self.activation == Activation::None
-            && !runs_transposed_at_4_rows;
+            && !self.has_epilogue()
+            && !runs_transposed(4);
         // A convolution's windows read as B are gathers, a costly per-lane load per float:
         // eight rows a lane share each twice as far as four (ResNet's 7×7 stem at batch 8,
         // 3→64 at 224²: 44 ms with 8 rows × 16 columns against 49–56 with 4 × 32).
@@ -412,16 +427,7 @@ impl Matmul {
             (false, true) => 8,
             (false, false) => 4,
         };
-        // A tile spans subgroup·rows output rows: a product with fewer rows and more columns
-        // runs transposed, so that its long side fills the lanes.
-        let few_rows = shape.m < (subgroup * rows) as usize;
-        // A K that is not a multiple of 4 has B (K×N) packed into vec4 rows; run transposed,
-        // B is read as it lies (as A's columns, see `SubgroupKernel::a_cols`) and only A
-        // (M×K) is packed: an im2col product of a 7×7 RGB stem, 64×147×12544, took 18 ms
-        // against 4.7.
-        let unaligned_k =
-            !self.trans_b && !shape.k.is_multiple_of(4) && shape.n.is_multiple_of(4) && rows == 4;
-        let transposed = !implicit_b && (few_rows || unaligned_k) && shape.n > shape.m;
+        let transposed = runs_transposed(rows);
         let n = if transposed { shape.m } else { shape.n };
         // Wide column tiles share each broadcast B value across more FMAs; narrow outputs
         // would waste them.
@@ -911,8 +917,7 @@ impl Matmul {
         // Larger products keep one, so that one pipeline serves a model's products with and
         // without (without it for them too, ResNet-18's cold first step at batch 1 compiled
         // 36 pipelines against 35, 4.3–4.6 s against 4.1–4.2).
-        let small = shape.batch * m * n < SMALL_PRODUCT;
-        let epilogue = !small || self.bias != BiasAxis::None || self.activation != Activation::None;
+        let epilogue = !shape.is_small() || self.has_epilogue();
         let kernel = SubgroupKernel {
             rows,
             cols,
@@ -1048,6 +1053,11 @@ impl Matmul {
             }
             Ok(())
         })
+    }
+
+    /// Whether the product adds a bias or applies an activation after its sums.
+    fn has_epilogue(&self) -> bool {
+        self.bias != BiasAxis::None || self.activation != Activation::None
     }
 
     pub(super) fn bias_mode(&self) -> u32 {
