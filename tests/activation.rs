@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{gpu, max_abs_diff, random};
+use common::{gpu, max_abs_diff, random, read_family_gpus};
 use ndarray::ArrayD;
 use wgcnn::{Activation, Tensor};
 
@@ -57,15 +57,20 @@ fn elementwise_forward_and_backward_match_the_cpu() {
 }
 
 /// Residual sums with each activation after them, and the executor's in-place gradient
-/// sums, over whole and partial vec4s and more elements than one pass of the grid covers.
+/// sums, over whole and partial vec4s and more elements than one pass of the grid covers
+/// (and than one row of an operand texture), reading the inputs from storage and from
+/// textures.
 #[test]
 fn sums_and_accumulation_match_the_cpu() {
     use wgcnn::value::add::{accumulate, add_activated, add_cpu};
-    let Some(gpu) = gpu() else { return };
-    for (i, shape) in [vec![1], vec![3, 5], vec![2, 4, 6], vec![3, 70001]]
-        .iter()
-        .enumerate()
-    {
+    let Some(gpus) = read_family_gpus() else {
+        return;
+    };
+    for (gpu, (i, shape)) in gpus.into_iter().flat_map(|gpu| {
+        let shapes = [vec![1], vec![3, 5], vec![2, 4, 6], vec![3, 70001]];
+        shapes.into_iter().enumerate().map(move |s| (gpu, s))
+    }) {
+        let shape = &shape;
         let seed = 10 * i as u64;
         let (a, b) = (
             random(shape, seed).mapv(|v| v * 8.0),
@@ -89,15 +94,19 @@ fn sums_and_accumulation_match_the_cpu() {
 
 /// A residual sum's gradient for both inputs, `act'(y)·(dy + more)` in one pass, with and
 /// without a second part `more`, both outputs poisoned, over whole and partial vec4s and
-/// more elements than one pass of the grid covers.
+/// more elements than one pass of the grid covers, reading the inputs from storage and from
+/// textures.
 #[test]
 fn residual_gradients_match_the_cpu() {
     use wgcnn::value::add::{add_backward, add_backward_cpu};
-    let Some(gpu) = gpu() else { return };
-    for (i, shape) in [vec![1], vec![3, 5], vec![2, 4, 6], vec![3, 70001]]
-        .iter()
-        .enumerate()
-    {
+    let Some(gpus) = read_family_gpus() else {
+        return;
+    };
+    for (gpu, (i, shape)) in gpus.into_iter().flat_map(|gpu| {
+        let shapes = [vec![1], vec![3, 5], vec![2, 4, 6], vec![3, 70001]];
+        shapes.into_iter().enumerate().map(move |s| (gpu, s))
+    }) {
+        let shape = &shape;
         let seed = 20 * i as u64;
         // ±8 reaches both of ReLU6's bends.
         let x = random(shape, seed).mapv(|v| v * 8.0);

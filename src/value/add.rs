@@ -6,8 +6,11 @@ use bytemuck::{Pod, Zeroable};
 use ndarray::{ArrayD, ArrayViewD, Zip};
 
 use crate::error::{Error, Result};
+use crate::gpu::dispatch::Resource;
 use crate::gpu::shared::elementwise_workgroups;
-use crate::tensor::Tensor;
+use crate::gpu::texture::{Texel, TextureInputs, vec4_input};
+use crate::gpu::{Commands, Generated};
+use crate::tensor::{Tensor, gpu_word};
 use crate::value::{Activation, Value};
 
 const OP: &str = "add";
@@ -33,45 +36,82 @@ fn same_shape(a: &[usize], b: &[usize]) -> Result<()> {
     }
 }
 
-fn launch(entry: &'static str, activation: Activation, tensors: &[(u32, &Tensor)]) -> Result<()> {
-    launch_with(entry, &[("ACT", activation.code())], activation, tensors)
+/// The elementwise-sum kernels' inputs by binding: a, b and more (`load_a` and its kin).
+const INPUTS: [(u32, &str); 3] = [(1, "a"), (3, "b"), (4, "more")];
+
+/// The generated elementwise-sum kernels: everything their source depends on.
+#[derive(Debug)]
+struct AddKernel {
+    /// The inputs read through textures.
+    textures: bool,
 }
 
-/// [`launch`] with the entry's override constants.
-fn launch_with(
-    entry: &'static str,
-    constants: &[(&str, u32)],
-    activation: Activation,
-    tensors: &[(u32, &Tensor)],
-) -> Result<()> {
-    let gpu = tensors[0].1.gpu();
-    for (_, t) in tensors {
-        t.check_same_gpu(OP, gpu)?;
-    }
-    let vec4s = tensors[0].1.len().div_ceil(4);
-    let params = AddParams {
-        total: vec4s as u32,
-        slope: activation.slope(),
-        _pad: [0; 2],
-    };
-    let source = || {
+impl Generated for AddKernel {
+    fn source(&self) -> String {
+        let inputs: String = INPUTS
+            .iter()
+            .map(|&(binding, name)| vec4_input(name, binding, self.textures))
+            .collect();
         [
             include_str!("../../shaders/epilogue.wgsl"),
+            &inputs,
             include_str!("../../shaders/add.wgsl"),
         ]
         .concat()
+    }
+}
+
+/// Records `entry` with its override constants: it reads `inputs` and writes `outputs`
+/// (binding number, tensor). The inputs the entry declares but does not read under these
+/// constants (`unread`) are bound to the first input.
+fn launch<'a>(
+    entry: &'static str,
+    constants: &[(&str, u32)],
+    activation: Activation,
+    (inputs, unread): (&[(u32, &'a Tensor)], &[u32]),
+    outputs: &[(u32, &'a Tensor)],
+) -> Result<()> {
+    let gpu = outputs[0].1.gpu();
+    for (_, t) in inputs.iter().chain(outputs) {
+        t.check_same_gpu(OP, gpu)?;
+    }
+    let vec4s = outputs[0].1.len().div_ceil(4);
+    let params = AddParams {
+        total: gpu_word(OP, vec4s)?,
+        slope: activation.slope(),
+        _pad: [0; 2],
     };
-    let pipeline = gpu.specialized("add", entry, source, constants)?;
-    let bindings: Vec<_> = tensors
+    let read = TextureInputs::new(inputs.iter().copied(), Texel::Vec4)?;
+    let kernel = AddKernel {
+        textures: read.textures(),
+    };
+    let pipeline = gpu.generated(&kernel, entry, constants)?;
+    let input = |binding: u32, t: &'a Tensor| match read.view(binding) {
+        Some(view) => Resource::Texture(view),
+        None => Resource::Buffer(t.binding_vec4()),
+    };
+    let first = input(inputs[0].0, inputs[0].1);
+    let resources: Vec<_> = inputs
         .iter()
-        .map(|(n, t)| (*n, t.binding_vec4()))
+        .map(|&(binding, t)| (binding, input(binding, t)))
+        .chain(unread.iter().map(|&binding| (binding, first)))
+        .chain(
+            outputs
+                .iter()
+                .map(|&(binding, t)| (binding, Resource::Buffer(t.binding_vec4()))),
+        )
         .collect();
-    gpu.run_pass(entry, |pass| {
-        gpu.encode_at(
+    let copies = |commands: &mut Commands<'_>| {
+        read.copy(commands);
+        Ok(())
+    };
+    gpu.run_pass_after(entry, copies, |pass| {
+        let params = bytemuck::bytes_of(&params);
+        gpu.encode_resources(
             pass,
             &pipeline,
-            bytemuck::bytes_of(&params),
-            &bindings,
+            params,
+            &resources,
             elementwise_workgroups(vec4s as u64),
         )
     })
@@ -86,14 +126,23 @@ pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 pub fn add_activated(a: &Tensor, b: &Tensor, activation: Activation) -> Result<Tensor> {
     same_shape(a.shape(), b.shape())?;
     let out = Tensor::uninit(a.gpu(), a.shape())?;
-    launch("add", activation, &[(1, a), (2, &out), (3, b)])?;
+    let constants = [("ACT", activation.code())];
+    let inputs = [(1, a), (3, b)];
+    launch("add", &constants, activation, (&inputs, &[]), &[(2, &out)])?;
     Ok(out)
 }
 
 /// `dst += src` on the GPU, in place.
 pub fn accumulate(dst: &Tensor, src: &Tensor) -> Result<()> {
     same_shape(dst.shape(), src.shape())?;
-    launch("accumulate", Activation::None, &[(1, src), (2, dst)])
+    let inputs = [(1, src)];
+    launch(
+        "accumulate",
+        &[],
+        Activation::None,
+        (&inputs, &[]),
+        &[(2, dst)],
+    )
 }
 
 /// The gradients of `act(a + b)` for `a` and for `b` on the GPU, in one pass: each is
@@ -112,18 +161,28 @@ pub fn add_backward(
         Tensor::uninit(y.gpu(), y.shape())?,
         Tensor::uninit(y.gpu(), y.shape())?,
     ];
-    let parts = if more.is_some() { 2 } else { 1 };
-    launch_with(
+    // y is read only through an activation, `more` only where given.
+    let mut inputs = vec![(3, dy)];
+    let mut unread = vec![];
+    match activation {
+        Activation::None => unread.push(1),
+        _ => inputs.push((1, y)),
+    }
+    match more {
+        Some(more) => inputs.push((4, more)),
+        None => unread.push(4),
+    }
+    let constants = [
+        ("ACT", activation.code()),
+        ("PARTS", 1 + u32::from(more.is_some())),
+    ];
+    let outputs = [(2, &grads[0]), (5, &grads[1])];
+    launch(
         "backward",
-        &[("ACT", activation.code()), ("PARTS", parts)],
+        &constants,
         activation,
-        &[
-            (1, y),
-            (2, &grads[0]),
-            (3, dy),
-            (4, more.unwrap_or(dy)),
-            (5, &grads[1]),
-        ],
+        (&inputs, &unread),
+        &outputs,
     )?;
     Ok(grads)
 }
