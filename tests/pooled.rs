@@ -5,7 +5,9 @@
 
 mod common;
 
-use common::{assert_steps_agree, devices, graph_step, random, storage_gpu, texture_gpu};
+use common::{
+    assert_steps_agree, devices, graph_step, random, read_family_gpus, storage_gpu, texture_gpu,
+};
 use ndarray::ArrayD;
 use wgcnn::nn::{Conv2d, Flatten, Linear, max_pool2d};
 use wgcnn::tuning::KernelFamily;
@@ -41,7 +43,7 @@ fn model(device: Device) -> Graph {
 }
 
 /// The devices to compare on: the CPU, and the GPU forced to each operand-read family (the
-/// fused kernel reads storage; a context reading textures runs the two ops).
+/// fused kernel reads its input from storage or from a texture).
 fn contexts() -> Vec<Device> {
     let mut contexts: Vec<Device> = [storage_gpu(), texture_gpu()]
         .into_iter()
@@ -87,12 +89,21 @@ fn step_ops(gpu: &Gpu, graph: &mut Graph) -> Vec<String> {
     }
 }
 
-/// Where the fused kernel runs (CPU-adapter kernels with subgroups, storage reads) LeNet's
-/// stages run no max pooling forward pass: the convolutions store the pooled outputs; the
-/// poolings' backward passes run as before. Elsewhere each pooling runs its own pass.
+/// Where the fused kernel runs (CPU-adapter kernels with subgroups, either operand-read
+/// family) LeNet's stages run no max pooling forward pass: the convolutions store the pooled
+/// outputs; the poolings' backward passes run as before. Elsewhere each pooling runs its own
+/// pass.
 #[test]
 fn a_pooled_convolution_runs_no_pooling_pass_of_its_own() {
-    let Some(gpu) = storage_gpu() else { return };
+    let Some(gpus) = read_family_gpus() else {
+        return;
+    };
+    for gpu in gpus {
+        pooling_passes_on(gpu);
+    }
+}
+
+fn pooling_passes_on(gpu: &Gpu) {
     let mut graph = model(Device::Gpu(gpu.clone()));
     let labels = step_ops(gpu, &mut graph);
     let count = |prefix: &str| labels.iter().filter(|l| l.starts_with(prefix)).count();

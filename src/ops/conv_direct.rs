@@ -14,7 +14,7 @@ use crate::error::Result;
 use crate::gpu::Commands;
 use crate::gpu::dispatch::{Binding, Resource};
 use crate::gpu::shared::{MAX_LOOP_ITERATIONS, small_workgroups};
-use crate::gpu::texture::{OperandReads, scalar_input, scalar_texture};
+use crate::gpu::texture::{scalar_input, scalar_texture};
 use crate::gpu::{Generated, Gpu};
 use crate::tensor::Tensor;
 
@@ -70,6 +70,12 @@ fn block(shape: &Conv2dShape, vec4_rows: bool) -> usize {
         .find(|b| shape.ow.is_multiple_of(*b))
         .unwrap_or(step);
     if 2 * dividing >= most { dividing } else { most }
+}
+
+/// The block of the pooled kernel: whole vec4s, whether it reads the input as vec4s or
+/// (from a texture, or rows of partial vec4s) as scalars.
+fn pooled_block(shape: &Conv2dShape) -> usize {
+    block(shape, true)
 }
 
 /// Whether the kernel can read the input as vec4s: storage reads, rows of whole vec4s and
@@ -274,19 +280,15 @@ pub(crate) enum Output<'a> {
 }
 
 /// Whether [`forward_pooled`] takes this convolution: the direct kernel with weights shared
-/// through subgroups (lane pairs exchange rows through them), storage reads, blocks of whole
-/// vec4s that divide the rows, and an even output, so that every 2×2 window lies in one
-/// lane pair's block and each lane stores whole windows. Like the subgroup matmul and the
+/// through subgroups (lane pairs exchange rows through them), blocks of whole vec4s that
+/// divide the rows ([`pooled_block`]), and an even output, so that every 2×2 window lies in
+/// one lane pair's block and each lane stores whole windows. Like the subgroup matmul and the
 /// weight gradient's broadcast kernel, it takes a workgroup's subgroups to be consecutive
 /// runs of its invocations, lane by lane (as lavapipe numbers them): invocations 2k and
 /// 2k + 1 are lanes `l` and `l ^ 1` of one subgroup.
 pub(crate) fn pools(gpu: &Gpu, spec: &Conv2d, shape: &Conv2dShape) -> bool {
-    let reads_storage = gpu
-        .operand_reads()
-        .is_ok_and(|r| r == OperandReads::Storage);
-    let b = block(shape, vec4_rows(shape, false));
-    reads_storage
-        && eligible(gpu, spec, shape)
+    let b = pooled_block(shape);
+    eligible(gpu, spec, shape)
         && broadcast_subgroup(gpu).is_some()
         && b.is_multiple_of(4)
         && shape.ow.is_multiple_of(b)
@@ -384,7 +386,10 @@ fn run(
     // `Gpu::operand_reads`): a copy of x, one float per texel.
     let texture = scalar_texture(x)?;
     let vec4_rows = vec4_rows(shape, texture.is_some());
-    let b = block(shape, vec4_rows);
+    let b = match pooled {
+        Some(_) => pooled_block(shape),
+        None => block(shape, vec4_rows),
+    };
     let vec4s = bank_floats(shape).div_ceil(4);
     let bank = gpu.checked("allocating a filter bank", || {
         gpu.device().create_buffer(&wgpu::BufferDescriptor {
@@ -865,8 +870,8 @@ mod tests {
     /// common; the first in row-major order wins, as in PyTorch), with and without the
     /// arg-max, in a training step's plan and an evaluation's. LeNet's layers (blocks of 12
     /// and 8), an odd batch, padding, blocks of 16, rows read as scalars, every kind of
-    /// activation; the shapes and poolings it leaves to the two ops, and a context reading
-    /// textures, which it refuses.
+    /// activation; the shapes and poolings it leaves to the two ops; input read from storage
+    /// and from textures.
     #[test]
     fn the_pooled_epilogue_matches_convolution_then_pooling() {
         crate::test_support::on_both_read_families(the_pooled_epilogue_matches_on);
@@ -874,8 +879,7 @@ mod tests {
 
     fn the_pooled_epilogue_matches_on(gpu: &Gpu) {
         use crate::ops::pool2d::{Pool2d, pool2d_cpu};
-        let fused = broadcast_subgroup(gpu).is_some()
-            && gpu.operand_reads().unwrap() == OperandReads::Storage;
+        let fused = broadcast_subgroup(gpu).is_some();
         let pool = Pool2d::max((2, 2));
         // (n, c, h, w, o, kh, padding, activation); rows 14 wide read as scalars.
         let cases = [
