@@ -17,7 +17,7 @@ use crate::error::Result;
 use crate::gpu::Commands;
 use crate::gpu::dispatch::Resource;
 use crate::gpu::shared::{MAX_LOOP_ITERATIONS, WORKGROUP_SMALL};
-use crate::gpu::texture::{Texel, TextureInputs, scalar_input};
+use crate::gpu::texture::{Texel, TextureInputs, scalar_input, vec4_input};
 use crate::gpu::{Generated, Gpu};
 use crate::tensor::{Tensor, gpu_word};
 use crate::value::Activation;
@@ -144,38 +144,34 @@ struct Variant {
     gated: bool,
     /// dz stored (gated only).
     store_dz: bool,
-    /// dy, y and dz read and written as vec4s (rows of whole vec4s in storage buffers):
-    /// a quarter of the per-lane loads, the cost that bounds this kernel on CPU adapters.
+    /// dy, y and dz read and written as vec4s (rows of whole vec4s, from storage buffers or
+    /// rgba32float textures): a quarter of the per-lane loads, the cost that bounds this
+    /// kernel on CPU adapters.
     vec4: bool,
 }
 
 impl Variant {
-    /// The declarations of dy, y and dz, and `load_dz` or `load_dz4`.
+    /// The declarations of dy, y and dz, and `load_dz` or `load_dz4`; dy and y from
+    /// storage or, with `textures`, textures.
     fn declarations(self, textures: bool) -> String {
         let mut out = String::new();
         let gate = "activation_derivative({Y}, ACT, p.slope)";
         if self.vec4 {
-            let _ = writeln!(
-                out,
-                "@group(0) @binding(2) var<storage, read> dy: array<vec4<f32>>;"
-            );
+            out.push_str(&vec4_input("dy", 2, textures));
             let value = if self.gated {
-                let _ = writeln!(
-                    out,
-                    "@group(0) @binding(4) var<storage, read> y: array<vec4<f32>>;"
-                );
+                out.push_str(&vec4_input("y", 4, textures));
                 let derivatives: Vec<String> = ["x", "y", "z", "w"]
                     .iter()
-                    .map(|c| gate.replace("{Y}", &format!("y[i].{c}")))
+                    .map(|c| gate.replace("{Y}", &format!("y4.{c}")))
                     .collect();
-                format!("dy[i] * vec4<f32>({})", derivatives.join(", "))
+                format!(
+                    "let y4 = load_y(i);\n    return load_dy(i) * vec4<f32>({});",
+                    derivatives.join(", ")
+                )
             } else {
-                "dy[i]".into()
+                "return load_dy(i);".into()
             };
-            let _ = writeln!(
-                out,
-                "fn load_dz4(i: u32) -> vec4<f32> {{ return {value}; }}"
-            );
+            let _ = writeln!(out, "fn load_dz4(i: u32) -> vec4<f32> {{\n    {value}\n}}");
         } else {
             out.push_str(&scalar_input("dy", 2, textures));
             let value = if self.gated {
@@ -256,8 +252,11 @@ struct WeightGradKernel {
     channels: usize,
     /// Filters each invocation sums for, a subgroup apart (1 in the portable kernel).
     filters: usize,
-    /// x (and dy and y, unless the variant reads vec4s) read through textures.
+    /// x read through a texture (r32float).
     textures: bool,
+    /// dy and y read through textures: rgba32float where the variant reads vec4s, else
+    /// r32float.
+    dz_textures: bool,
     /// x read as rows of whole vec4s by the broadcast kernel, the block's input segment
     /// starting this many values into its first vec4 (where the left padding leaves it; blocks
     /// start on vec4s). Only as many lanes load as the segment spans: on lavapipe each lane's
@@ -282,6 +281,7 @@ fn source(kernel: &WeightGradKernel) -> String {
         channels,
         filters,
         textures,
+        dz_textures,
         x_skew,
         variant,
     } = kernel;
@@ -342,7 +342,7 @@ fn source(kernel: &WeightGradKernel) -> String {
     ]
     .concat()
     .replace("{{INPUT_X}}", &x_input(textures, x_skew.is_some()))
-    .replace("{{DZ}}", &variant.declarations(textures))
+    .replace("{{DZ}}", &variant.declarations(dz_textures))
     .replace("{{TAPS}}", &taps.to_string())
     .replace("{{CHANNELS}}", &channels.to_string())
     .replace(
@@ -531,19 +531,22 @@ fn run(
         .into_iter()
         .map(|(name, value)| (name, value as u32))
         .collect();
-    // x, dy and y (bound at 1, 2 and 4) through textures where the adapter fetches texels
-    // faster: all of them or none.
-    let tensors: Vec<(u32, &Tensor)> = [(1, x), (2, dy)]
+    // x (bound at 1) and dy and y (2 and 4) through textures where the adapter fetches
+    // texels faster: x as floats, dy and y as vec4s where rows of dy are whole vec4s (rows
+    // then start at vec4 boundaries, as blocks do). Each group all or none.
+    let vec4 = shape.ow.is_multiple_of(4);
+    let x_input = TextureInputs::new([(1, x)], Texel::Scalar)?;
+    let dz_tensors: Vec<(u32, &Tensor)> = [(2, dy)]
         .into_iter()
         .chain(gate.as_ref().map(|g| (4, g.y)))
         .collect();
-    let inputs = TextureInputs::new(tensors.iter().copied(), Texel::Scalar)?;
-    let textures = inputs.textures();
+    let dz_texel = if vec4 { Texel::Vec4 } else { Texel::Scalar };
+    let dz_inputs = TextureInputs::new(dz_tensors.iter().copied(), dz_texel)?;
+    let textures = x_input.textures();
     let variant = Variant {
         gated: gate.is_some(),
         store_dz: gate.as_ref().is_some_and(|g| g.dz.is_some()),
-        // Rows of whole vec4s start at vec4 boundaries, as blocks do.
-        vec4: !textures && shape.ow.is_multiple_of(4),
+        vec4,
     };
     // Blocks start on vec4s (each is a multiple of 4), so every block's segment
     // starts as far into its vec4 as the left padding puts the first one's.
@@ -557,6 +560,7 @@ fn run(
         channels,
         filters,
         textures,
+        dz_textures: dz_inputs.textures(),
         x_skew,
         variant,
     };
@@ -575,16 +579,21 @@ fn run(
     let (dw, db) = sums
         .as_ref()
         .map_or((out.weight, out.bias), |(w, b)| (w, b));
-    let mut resources: Vec<_> = tensors
-        .iter()
-        .map(|&(number, t)| match inputs.view(number) {
-            Some(view) => (number, Resource::Texture(view)),
-            None if (number == 1 && x_skew.is_some()) || (number != 1 && variant.vec4) => {
-                (number, Resource::Buffer(t.binding_vec4()))
-            }
-            None => (number, Resource::Buffer(t.binding())),
-        })
-        .collect();
+    let x_resource = match x_input.view(1) {
+        Some(view) => Resource::Texture(view),
+        None if x_skew.is_some() => Resource::Buffer(x.binding_vec4()),
+        None => Resource::Buffer(x.binding()),
+    };
+    let mut resources = vec![(1, x_resource)];
+    resources.extend(
+        dz_tensors
+            .iter()
+            .map(|&(number, t)| match dz_inputs.view(number) {
+                Some(view) => (number, Resource::Texture(view)),
+                None if variant.vec4 => (number, Resource::Buffer(t.binding_vec4())),
+                None => (number, Resource::Buffer(t.binding())),
+            }),
+    );
     resources.push((3, Resource::Buffer(dw.binding())));
     resources.push((6, Resource::Buffer(db.binding())));
     if let Some(dz) = gate.as_ref().and_then(|g| g.dz) {
@@ -596,7 +605,8 @@ fn run(
         resources.push((5, Resource::Buffer(dz)));
     }
     let copies = |commands: &mut Commands<'_>| {
-        inputs.copy(commands);
+        x_input.copy(commands);
+        dz_inputs.copy(commands);
         Ok(())
     };
     gpu.run_pass_after("conv2d weight gradient", copies, |pass| {
@@ -624,9 +634,9 @@ mod tests {
 
     /// Both kernels (the broadcast one where the adapter has fixed-size subgroups) against
     /// the CPU reference, on LeNet's layers and on sizes that fill no block or subgroup,
-    /// reading their inputs from storage buffers and from textures: weight and bias
-    /// gradients of dy itself and through each activation, with dz stored or not, into
-    /// NaN-poisoned outputs.
+    /// reading their inputs from storage buffers and from textures (dy and y as vec4 texels
+    /// where rows are whole vec4s): weight and bias gradients of dy itself and through each
+    /// activation, with dz stored or not, into NaN-poisoned outputs.
     #[test]
     fn both_kernels_match_the_cpu() {
         crate::test_support::on_both_read_families(both_kernels_match_the_cpu_on);
