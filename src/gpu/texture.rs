@@ -178,6 +178,11 @@ pub(crate) fn scalar_texture(tensor: &Tensor) -> Result<Option<OperandTexture>> 
     operand_copy(tensor, Texel::Scalar)
 }
 
+/// Like [`scalar_texture`], in an rgba32float operand texture: for a tensor read as vec4s.
+pub(crate) fn vec4_texture(tensor: &Tensor) -> Result<Option<OperandTexture>> {
+    operand_copy(tensor, Texel::Vec4)
+}
+
 /// Copies of all of `tensors` in operand textures of `texel`s (vec4 texels for tensors read
 /// as vec4s), or `None` where this context reads storage or one does not fit: a kernel reads
 /// its inputs one way.

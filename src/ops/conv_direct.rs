@@ -14,7 +14,7 @@ use crate::error::Result;
 use crate::gpu::Commands;
 use crate::gpu::dispatch::{Binding, Resource};
 use crate::gpu::shared::{MAX_LOOP_ITERATIONS, small_workgroups};
-use crate::gpu::texture::{scalar_input, scalar_texture};
+use crate::gpu::texture::{scalar_input, scalar_texture, vec4_input, vec4_texture};
 use crate::gpu::{Generated, Gpu};
 use crate::tensor::Tensor;
 
@@ -78,11 +78,11 @@ fn pooled_block(shape: &Conv2dShape) -> usize {
     block(shape, true)
 }
 
-/// Whether the kernel can read the input as vec4s: storage reads, rows of whole vec4s and
-/// room for blocks of 4. On CPU adapters a per-lane load costs about the same for four floats
-/// as for one.
-fn vec4_rows(shape: &Conv2dShape, textures: bool) -> bool {
-    !textures && shape.w.is_multiple_of(4) && MAX_ACCUMULATORS / shape.o >= 4
+/// Whether the kernel can read the input as vec4s (from storage, or rgba32float texels):
+/// rows of whole vec4s and room for blocks of 4. On CPU adapters a per-lane load costs about
+/// the same for four floats as for one.
+fn vec4_rows(shape: &Conv2dShape) -> bool {
+    shape.w.is_multiple_of(4) && MAX_ACCUMULATORS / shape.o >= 4
 }
 
 /// Whether the kernel stores its outputs as vec4s: blocks of whole vec4s in rows of whole
@@ -113,14 +113,24 @@ pub(crate) fn eligible(gpu: &Gpu, spec: &Conv2d, shape: &Conv2dShape) -> bool {
         && shape.c * shape.kh <= MAX_LOOP_ITERATIONS
 }
 
-/// The input `x4` at binding 1 as rows of whole vec4s, and `fetch4(row4, q, inside)`: vec4
-/// number `row4 + q`, zero outside the image (the padding). Shared with the weight
-/// gradient's broadcast kernel.
-pub(super) const VEC4_ROWS_INPUT: &str = "@group(0) @binding(1) var<storage, read> x4: array<vec4<f32>>;\n\
-    fn fetch4(row4: u32, q: i32, inside: bool) -> vec4<f32> {\n\
-    \x20   let ok = inside && q >= 0 && q < i32(W / 4u);\n\
-    \x20   return select(vec4<f32>(0.0), x4[row4 + u32(max(q, 0))], ok);\n\
-    }\n";
+/// The input `x4` at binding 1 as rows of whole vec4s, from storage or an rgba32float operand
+/// texture, with `load_x4(i)` and `fetch4(row4, q, inside)`: vec4 number `row4 + q`, zero
+/// outside the image (the padding; a texture is read at texel 0 there, never past its
+/// edge). Shared with the weight gradient's broadcast kernel.
+pub(super) fn vec4_rows_input(texture: bool) -> String {
+    let at = if texture {
+        "select(0u, row4 + u32(max(q, 0)), ok)"
+    } else {
+        "row4 + u32(max(q, 0))"
+    };
+    vec4_input("x4", 1, texture)
+        + &format!(
+            "fn fetch4(row4: u32, q: i32, inside: bool) -> vec4<f32> {{\n\
+             \x20   let ok = inside && q >= 0 && q < i32(W / 4u);\n\
+             \x20   return select(vec4<f32>(0.0), load_x4({at}), ok);\n\
+             }}\n"
+        )
+}
 
 /// One generated direct-convolution kernel: everything its source depends on (the layer's
 /// shape is set per pipeline as `override` constants).
@@ -233,7 +243,7 @@ impl DirectKernel {
     /// padding).
     fn input(&self) -> String {
         if self.vec4_rows {
-            return VEC4_ROWS_INPUT.into();
+            return vec4_rows_input(self.textures);
         }
         scalar_input("x", 1, self.textures)
             + "fn fetch(row: u32, ix: i32, inside: bool) -> f32 {\n\
@@ -383,9 +393,13 @@ fn run(
         Output::Pooled(pooled, argmax) => (pooled, argmax, Some(argmax.is_some())),
     };
     // The input through a texture where the adapter fetches texels faster (see
-    // `Gpu::operand_reads`): a copy of x, one float per texel.
-    let texture = scalar_texture(x)?;
-    let vec4_rows = vec4_rows(shape, texture.is_some());
+    // `Gpu::operand_reads`): a copy of x, four floats per texel where it is read as vec4s.
+    let vec4_rows = vec4_rows(shape);
+    let texture = if vec4_rows {
+        vec4_texture(x)?
+    } else {
+        scalar_texture(x)?
+    };
     let b = match pooled {
         Some(_) => pooled_block(shape),
         None => block(shape, vec4_rows),

@@ -10,7 +10,7 @@ use std::fmt::Write;
 
 use bytemuck::{Pod, Zeroable};
 
-use super::conv_direct::{MAX_FILTERS, MAX_KERNEL_WIDTH, VEC4_ROWS_INPUT};
+use super::conv_direct::{MAX_FILTERS, MAX_KERNEL_WIDTH, vec4_rows_input};
 use super::conv2d::{Conv2d, Conv2dShape};
 use super::reduce::sum_axes;
 use crate::error::Result;
@@ -252,7 +252,7 @@ struct WeightGradKernel {
     channels: usize,
     /// Filters each invocation sums for, a subgroup apart (1 in the portable kernel).
     filters: usize,
-    /// x read through a texture (r32float).
+    /// x read through a texture (rgba32float where `x_skew` reads vec4s, else r32float).
     textures: bool,
     /// dy and y read through textures: rgba32float where the variant reads vec4s, else
     /// r32float.
@@ -362,7 +362,8 @@ fn source(kernel: &WeightGradKernel) -> String {
 fn x_input(textures: bool, vec4_rows: bool) -> String {
     if vec4_rows {
         return format!(
-            "{VEC4_ROWS_INPUT}fn load_x(i: u32) -> f32 {{ return x4[i >> 2u][i & 3u]; }}\n"
+            "{}fn load_x(i: u32) -> f32 {{ return load_x4(i >> 2u)[i & 3u]; }}\n",
+            vec4_rows_input(textures)
         );
     }
     scalar_input("x", 1, textures)
@@ -531,27 +532,28 @@ fn run(
         .into_iter()
         .map(|(name, value)| (name, value as u32))
         .collect();
+    // Blocks start on vec4s (each is a multiple of 4), so in the broadcast kernel, where rows
+    // of x are whole vec4s, every block's segment starts as far into its vec4 as the left
+    // padding puts the first one's, and is read as vec4s.
+    let x_skew =
+        (subgroup.is_some() && shape.w.is_multiple_of(4)).then_some((4 - shape.pad_left % 4) % 4);
     // x (bound at 1) and dy and y (2 and 4) through textures where the adapter fetches
-    // texels faster: x as floats, dy and y as vec4s where rows of dy are whole vec4s (rows
-    // then start at vec4 boundaries, as blocks do). Each group all or none.
+    // texels faster, as vec4s where their rows are whole vec4s (rows of dy then start at
+    // vec4 boundaries, as blocks do), else as floats. Each group all or none.
+    let texel = |vec4: bool| if vec4 { Texel::Vec4 } else { Texel::Scalar };
+    let x_input = TextureInputs::new([(1, x)], texel(x_skew.is_some()))?;
     let vec4 = shape.ow.is_multiple_of(4);
-    let x_input = TextureInputs::new([(1, x)], Texel::Scalar)?;
     let dz_tensors: Vec<(u32, &Tensor)> = [(2, dy)]
         .into_iter()
         .chain(gate.as_ref().map(|g| (4, g.y)))
         .collect();
-    let dz_texel = if vec4 { Texel::Vec4 } else { Texel::Scalar };
-    let dz_inputs = TextureInputs::new(dz_tensors.iter().copied(), dz_texel)?;
+    let dz_inputs = TextureInputs::new(dz_tensors.iter().copied(), texel(vec4))?;
     let textures = x_input.textures();
     let variant = Variant {
         gated: gate.is_some(),
         store_dz: gate.as_ref().is_some_and(|g| g.dz.is_some()),
         vec4,
     };
-    // Blocks start on vec4s (each is a multiple of 4), so every block's segment
-    // starts as far into its vec4 as the left padding puts the first one's.
-    let x_skew = (subgroup.is_some() && !textures && shape.w.is_multiple_of(4))
-        .then_some((4 - shape.pad_left % 4) % 4);
     let kernel = WeightGradKernel {
         kh: shape.kh,
         kw: shape.kw,
