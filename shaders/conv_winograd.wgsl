@@ -69,13 +69,13 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> src: array<f32>;
+// src (binding 1) and src as vec4s (binding 5, for the entries that read whole vec4s of it:
+// `…_rows4`, `output_blocks4`) with `load_src(i)` and `load_src4(i)`: storage buffers or
+// operand textures (scalar_input.wgsl; src/ops/conv_winograd.rs puts them in front).
 @group(0) @binding(2) var<storage, read_write> dst: array<f32>;
 @group(0) @binding(3) var<storage, read> bias: array<f32>;
 @group(0) @binding(4) var<storage, read> residual: array<f32>;
 @group(0) @binding(7) var<storage, read> residual4: array<vec4<f32>>;
-// src as vec4s, for the entries that read whole vec4s of it (`…_rows4`, `output_blocks4`).
-@group(0) @binding(5) var<storage, read> src4: array<vec4<f32>>;
 
 // The one-dimensional transforms, each applied to a tile's columns and then to its rows.
 
@@ -194,7 +194,7 @@ fn load_points(stride: u32, at: u32) -> Square {
     var points: Square;
     for (var i = 0u; i < side(); i++) {
         for (var j = 0u; j < side(); j++) {
-            points[i][j] = src[(i * side() + j) * stride + at];
+            points[i][j] = load_src((i * side() + j) * stride + at);
         }
     }
     return points;
@@ -238,9 +238,9 @@ fn weights(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroup
     for (var ky = 0u; ky < 3u; ky++) {
         for (var kx = 0u; kx < 3u; kx++) {
             if FLIP == 1u {
-                g[ky][kx] = src[flipped + (2u - ky) * 3u + 2u - kx];
+                g[ky][kx] = load_src(flipped + (2u - ky) * 3u + 2u - kx);
             } else {
-                g[ky][kx] = src[((o * group_channels() + c) * 3u + ky) * 3u + kx];
+                g[ky][kx] = load_src(((o * group_channels() + c) * 3u + ky) * 3u + kx);
             }
         }
     }
@@ -276,7 +276,7 @@ fn input_origin(image: u32, c: u32, tile: u32) -> Origin {
 fn input_value(origin: Origin, i: u32, j: u32) -> f32 {
     let y = origin.y + i32(i);
     let x = origin.x + i32(j);
-    if y >= 0 && y < i32(H) && x >= 0 && x < i32(W) { return src[origin.plane + u32(y) * W + u32(x)]; }
+    if y >= 0 && y < i32(H) && x >= 0 && x < i32(W) { return load_src(origin.plane + u32(y) * W + u32(x)); }
     return 0.0;
 }
 
@@ -326,7 +326,7 @@ fn input_block_rows4(image: u32, c: u32, tile: u32) -> array<Square, 4> {
             for (var v = 0u; v < (shift + span + 3u) / 4u; v++) {
                 let x4 = first4 + i32(v);
                 if x4 >= 0 && x4 < i32(W / 4u) {
-                    row[v] = src4[(origin.plane + u32(y) * W) / 4u + u32(x4)];
+                    row[v] = load_src4((origin.plane + u32(y) * W) / 4u + u32(x4));
                 }
             }
         }
@@ -537,7 +537,7 @@ fn output_blocks4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wo
     var acc = array<vec4<f32>, 4>();
     for (var i = 0u; i < 4u; i++) {
         for (var j = 0u; j < 4u; j++) {
-            let v = src4[((i * 4u + j) * block.stride + block.at) / 4u];
+            let v = load_src4(((i * 4u + j) * block.stride + block.at) / 4u);
             for (var r = 0u; r < 2u; r++) {
                 for (var c = 0u; c < 2u; c++) {
                     acc[r * 2u + c] += A2[i][r] * A2[j][c] * v;
@@ -606,7 +606,7 @@ fn output_grad_rows4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num
         for (var v = 0u; v < TILE / 2u; v++) {
             let x = block.ox + v * 4u;
             if block.oy + i < OH && x < OW {
-                rows[i][v] = src4[(block.plane + (block.oy + i) * OW + x) / 4u];
+                rows[i][v] = load_src4((block.plane + (block.oy + i) * OW + x) / 4u);
             }
         }
     }
@@ -631,7 +631,7 @@ fn output_grad_points(block: Block) -> Square {
         for (var j = 0u; j < TILE; j++) {
             var v = 0.0;
             if block.oy + i < OH && block.ox + j < OW {
-                v = src[block.plane + (block.oy + i) * OW + block.ox + j];
+                v = load_src(block.plane + (block.oy + i) * OW + block.ox + j);
             }
             g[i][j] = v;
         }

@@ -91,6 +91,11 @@ fn texture_extent(texels: u64) -> (u32, u64) {
 }
 
 impl OperandTexture {
+    /// Bytes per texel.
+    pub(crate) fn texel_bytes(&self) -> u64 {
+        self.texel.bytes()
+    }
+
     /// Records a copy of `tensor` into the texture (its last texel completed from the
     /// buffer's padding: buffers come in whole vec4s).
     pub(crate) fn copy_tensor(&self, encoder: &mut wgpu::CommandEncoder, tensor: &Tensor) {
@@ -235,8 +240,18 @@ impl<'a> TextureInputs<'a> {
 }
 
 fn operand_copy(tensor: &Tensor, texel: Texel) -> Result<Option<OperandTexture>> {
-    let gpu = tensor.gpu();
-    let texels = tensor.bytes().div_ceil(texel.bytes());
+    binding_texture(tensor.gpu(), tensor.binding(), texel)
+}
+
+/// A texture for the whole of `binding` (a dense operand) as `texel`s, when this context
+/// reads operands through textures and it fits; copied by `copy_from` ahead of the kernels
+/// that read it.
+pub(crate) fn binding_texture(
+    gpu: &Gpu,
+    binding: Binding<'_>,
+    texel: Texel,
+) -> Result<Option<OperandTexture>> {
+    let texels = binding.bytes.div_ceil(texel.bytes());
     if gpu.operand_reads()? != OperandReads::Texture || !gpu.fits_operand_texture(texels) {
         return Ok(None);
     }

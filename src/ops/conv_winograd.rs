@@ -23,9 +23,10 @@ use super::conv2d::{Conv2d, Conv2dShape, chunk_limit, image_chunks};
 use super::matmul::Matmul;
 use super::reduce::{slice_fits, sum_axes, sum_slice};
 use crate::error::{Error, Result};
-use crate::gpu::Gpu;
-use crate::gpu::dispatch::Binding;
+use crate::gpu::dispatch::{Binding, Resource};
 use crate::gpu::shared::workgroups;
+use crate::gpu::texture::{OperandTexture, Texel, binding_texture, scalar_input, vec4_input};
+use crate::gpu::{Commands, Generated, Gpu};
 use crate::tensor::{Tensor, gpu_word};
 use crate::value::add::accumulate;
 
@@ -591,25 +592,76 @@ fn encode(
         _pad: 0,
     };
     let constants = read_constants(entry, &constants.overrides);
-    let pipeline = gpu.specialized(
-        "conv_winograd",
-        entry,
-        || {
-            [
-                include_str!("../../shaders/epilogue.wgsl"),
-                include_str!("../../shaders/conv_winograd.wgsl"),
-            ]
-            .concat()
-        },
-        &constants,
-    )?;
-    gpu.run_pass(entry, |pass| {
-        gpu.encode_at(
+    // src (bound at 1, read as floats) and src4 (at 5, as vec4s) through operand textures
+    // where the adapter fetches texels faster: a copy of what is bound there per pass.
+    let texture = |number: u32, texel: Texel| -> Result<Option<OperandTexture>> {
+        match bindings.iter().find(|(n, _)| *n == number) {
+            Some(&(_, binding)) => binding_texture(gpu, binding, texel),
+            None => Ok(None),
+        }
+    };
+    let textures = [
+        (1, texture(1, Texel::Scalar)?),
+        (5, texture(5, Texel::Vec4)?),
+    ];
+    let kernel = WinogradKernel {
+        src_texture: textures[0].1.is_some(),
+        src4_texture: textures[1].1.is_some(),
+    };
+    let pipeline = gpu.generated(&kernel, entry, &constants)?;
+    let resources: Vec<_> = bindings
+        .iter()
+        .map(|&(number, binding)| {
+            let texture = textures.iter().find(|(n, _)| *n == number);
+            match texture.and_then(|(_, t)| t.as_ref()) {
+                Some(t) => (number, Resource::Texture(&t.view)),
+                None => (number, Resource::Buffer(binding)),
+            }
+        })
+        .collect();
+    let copies = |commands: &mut Commands<'_>| {
+        for (number, texture) in &textures {
+            let bound = bindings.iter().find(|(n, _)| n == number);
+            if let (Some(t), Some(&(_, binding))) = (texture, bound) {
+                t.copy_from(
+                    commands.encoder(),
+                    binding,
+                    binding.bytes.div_ceil(t.texel_bytes()),
+                );
+            }
+        }
+        Ok(())
+    };
+    gpu.run_pass_after(entry, copies, |pass| {
+        let params = bytemuck::bytes_of(&params);
+        gpu.encode_resources(
             pass,
             &pipeline,
-            bytemuck::bytes_of(&params),
-            bindings,
+            params,
+            &resources,
             workgroups(total as u64),
         )
     })
+}
+
+/// The generated Winograd kernels (shaders/conv_winograd.wgsl): everything their source
+/// depends on.
+#[derive(Debug)]
+struct WinogradKernel {
+    /// src read through an r32float texture.
+    src_texture: bool,
+    /// src4 read through an rgba32float texture.
+    src4_texture: bool,
+}
+
+impl Generated for WinogradKernel {
+    fn source(&self) -> String {
+        [
+            include_str!("../../shaders/epilogue.wgsl"),
+            &scalar_input("src", 1, self.src_texture),
+            &vec4_input("src4", 5, self.src4_texture),
+            include_str!("../../shaders/conv_winograd.wgsl"),
+        ]
+        .concat()
+    }
 }
