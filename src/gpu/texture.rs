@@ -215,7 +215,11 @@ impl<'a> TextureInputs<'a> {
         texel: Texel,
     ) -> Result<Self> {
         let inputs: Vec<_> = inputs.into_iter().collect();
-        let textures = operand_copies(inputs.iter().map(|&(_, t)| t), texel)?;
+        // No inputs: nothing read through textures.
+        let textures = match inputs.is_empty() {
+            true => None,
+            false => operand_copies(inputs.iter().map(|&(_, t)| t), texel)?,
+        };
         Ok(Self { inputs, textures })
     }
 

@@ -72,8 +72,8 @@ fn block(shape: &Conv2dShape, vec4_rows: bool) -> usize {
     if 2 * dividing >= most { dividing } else { most }
 }
 
-/// The block of the pooled kernel: whole vec4s, whether it reads the input as vec4s or
-/// (from a texture, or rows of partial vec4s) as scalars.
+/// The block of the pooled kernel: whole vec4s (so that each lane stores whole windows),
+/// whether it reads the input as vec4s or (rows of partial vec4s) as scalars.
 fn pooled_block(shape: &Conv2dShape) -> usize {
     block(shape, true)
 }
@@ -248,7 +248,7 @@ impl DirectKernel {
         scalar_input("x", 1, self.textures)
             + "fn fetch(row: u32, ix: i32, inside: bool) -> f32 {\n\
                \x20   let ok = inside && ix >= 0 && ix < i32(W);\n\
-               \x20   return select(0.0, load_x(row + u32(max(ix, 0))), ok);\n\
+               \x20   return select(0.0, load_x(select(0u, row + u32(max(ix, 0)), ok)), ok);\n\
                }\n"
     }
 }
@@ -300,7 +300,6 @@ pub(crate) fn pools(gpu: &Gpu, spec: &Conv2d, shape: &Conv2dShape) -> bool {
     let b = pooled_block(shape);
     eligible(gpu, spec, shape)
         && broadcast_subgroup(gpu).is_some()
-        && b.is_multiple_of(4)
         && shape.ow.is_multiple_of(b)
         && shape.oh.is_multiple_of(2)
 }

@@ -201,7 +201,7 @@ impl Variant {
                 let inside = format!("ox0 + {}u < OW", 4 * q);
                 let _ = writeln!(
                     body,
-                    "        let q{f}_{q} = select(vec4<f32>(0.0), load_dz4(dy_row{f} / 4u + {q}u), {inside});"
+                    "        let q{f}_{q} = select(vec4<f32>(0.0), load_dz4(select(0u, dy_row{f} / 4u + {q}u, {inside})), {inside});"
                 );
                 if self.store_dz {
                     let _ = writeln!(
@@ -225,7 +225,7 @@ impl Variant {
             let inside = format!("ox0 + {j}u < OW");
             let _ = writeln!(
                 body,
-                "        let d{f}_{j} = select(0.0, load_dz(dy_row{f} + {j}u), {inside});"
+                "        let d{f}_{j} = select(0.0, load_dz(select(0u, dy_row{f} + {j}u, {inside})), {inside});"
             );
             if self.store_dz {
                 let _ = writeln!(
@@ -253,7 +253,7 @@ struct WeightGradKernel {
     /// Filters each invocation sums for, a subgroup apart (1 in the portable kernel).
     filters: usize,
     /// x read through a texture (rgba32float where `x_skew` reads vec4s, else r32float).
-    textures: bool,
+    x_texture: bool,
     /// dy and y read through textures: rgba32float where the variant reads vec4s, else
     /// r32float.
     dz_textures: bool,
@@ -280,7 +280,7 @@ fn source(kernel: &WeightGradKernel) -> String {
         subgroup,
         channels,
         filters,
-        textures,
+        x_texture,
         dz_textures,
         x_skew,
         variant,
@@ -341,7 +341,7 @@ fn source(kernel: &WeightGradKernel) -> String {
         kernel,
     ]
     .concat()
-    .replace("{{INPUT_X}}", &x_input(textures, x_skew.is_some()))
+    .replace("{{INPUT_X}}", &x_input(x_texture, x_skew.is_some()))
     .replace("{{DZ}}", &variant.declarations(dz_textures))
     .replace("{{TAPS}}", &taps.to_string())
     .replace("{{CHANNELS}}", &channels.to_string())
@@ -548,7 +548,6 @@ fn run(
         .chain(gate.as_ref().map(|g| (4, g.y)))
         .collect();
     let dz_inputs = TextureInputs::new(dz_tensors.iter().copied(), texel(vec4))?;
-    let textures = x_input.textures();
     let variant = Variant {
         gated: gate.is_some(),
         store_dz: gate.as_ref().is_some_and(|g| g.dz.is_some()),
@@ -561,7 +560,7 @@ fn run(
         subgroup,
         channels,
         filters,
-        textures,
+        x_texture: x_input.textures(),
         dz_textures: dz_inputs.textures(),
         x_skew,
         variant,

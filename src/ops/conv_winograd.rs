@@ -240,7 +240,15 @@ pub(crate) fn weight_grad(
     let problem = Problem::forward(shape, tile);
     let (plain, constants) = unactivated(spec, &problem)?;
     let dispatch = |entry: &str, bindings: &[(u32, Binding<'_>)], total: usize, images| {
-        encode(gpu, (entry, &constants), &plain, bindings, total, images)
+        encode(
+            gpu,
+            (entry, &constants),
+            &plain,
+            bindings,
+            total,
+            images,
+            shape.n,
+        )
     };
     let (c, o, tiles, points) = (problem.c, problem.o, problem.tiles(), problem.points());
     let nt = Matmul {
@@ -395,7 +403,15 @@ fn input_chunk(
     let gpu = x.gpu();
     let (plain, constants) = unactivated(spec, problem)?;
     let dispatch = |entry: &str, bindings: &[(u32, Binding<'_>)], total: usize, images| {
-        encode(gpu, (entry, &constants), &plain, bindings, total, images)
+        encode(
+            gpu,
+            (entry, &constants),
+            &plain,
+            bindings,
+            total,
+            images,
+            x.shape()[0],
+        )
     };
     let (c, tiles) = (problem.c, problem.tiles());
     let v = Tensor::uninit(gpu, &[problem.points(), c, images.1 * tiles])?;
@@ -454,7 +470,15 @@ fn transform_filters(spec: &Conv2d, problem: &Problem, weight: &Tensor) -> Resul
     let (c, o) = (problem.group_c(), problem.o);
     let u = Tensor::uninit(gpu, &[problem.points(), o, c])?;
     let bindings = [(1, weight.binding()), (2, u.binding())];
-    encode(gpu, ("weights", &constants), spec, &bindings, o * c, (0, 0))?;
+    encode(
+        gpu,
+        ("weights", &constants),
+        spec,
+        &bindings,
+        o * c,
+        (0, 0),
+        0,
+    )?;
     Ok(u)
 }
 
@@ -471,7 +495,15 @@ fn run_transformed(
     let gpu = x.gpu();
     let constants = problem.constants(spec, (bias.is_some(), residual.is_some()))?;
     let dispatch = |entry: &str, bindings: &[(u32, Binding<'_>)], total: usize, images| {
-        encode(gpu, (entry, &constants), spec, bindings, total, images)
+        encode(
+            gpu,
+            (entry, &constants),
+            spec,
+            bindings,
+            total,
+            images,
+            x.shape()[0],
+        )
     };
     let (c, o, tiles, points) = (problem.c, problem.o, problem.tiles(), problem.points());
     // Without a bias the filters fill the (unread) bias slot.
@@ -573,6 +605,8 @@ fn read_constants(entry: &str, constants: &[(&'static str, u32)]) -> Vec<(&'stat
         .collect()
 }
 
+/// Records `entry` over `total` invocations for images `(first, images)` of a batch of
+/// `batch` (0 where the entry reads no images: the filter transform).
 fn encode(
     gpu: &Gpu,
     (entry, constants): (&str, &Constants),
@@ -580,6 +614,7 @@ fn encode(
     bindings: &[(u32, Binding<'_>)],
     total: usize,
     (first, images): (usize, usize),
+    batch: usize,
 ) -> Result<()> {
     let params = WinogradParams {
         images: gpu_word("conv2d", images)?,
@@ -593,11 +628,14 @@ fn encode(
     };
     let constants = read_constants(entry, &constants.overrides);
     // src (bound at 1, read as floats) and src4 (at 5, as vec4s) through operand textures
-    // where the adapter fetches texels faster: a copy of what is bound there per pass.
+    // where the adapter fetches texels faster: a copy of what is bound there per pass, so
+    // only where the pass covers the whole batch (chunks of a larger one read storage
+    // rather than copy the whole batch for each chunk).
+    let whole = first == 0 && images == batch;
     let texture = |number: u32, texel: Texel| -> Result<Option<OperandTexture>> {
         match bindings.iter().find(|(n, _)| *n == number) {
-            Some(&(_, binding)) => binding_texture(gpu, binding, texel),
-            None => Ok(None),
+            Some(&(_, binding)) if whole => binding_texture(gpu, binding, texel),
+            _ => Ok(None),
         }
     };
     let textures = [

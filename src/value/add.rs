@@ -61,21 +61,36 @@ impl Generated for AddKernel {
     }
 }
 
-/// Records `entry` with its override constants: it reads `inputs` and writes `outputs`
-/// (binding number, tensor). The inputs the entry declares but does not read under these
-/// constants (`unread`) are bound to the first input.
+/// What an entry reads, by binding number: its first input, the others, and the inputs it
+/// declares but does not read under its constants (bound to the first).
+struct Inputs<'a, 's> {
+    first: (u32, &'a Tensor),
+    rest: &'s [(u32, &'a Tensor)],
+    unread: &'s [u32],
+}
+
+/// Records `entry` with its override constants: it reads `inputs` and writes `out`
+/// (binding 2) and `out2` (5).
 fn launch<'a>(
     entry: &'static str,
     constants: &[(&str, u32)],
     activation: Activation,
-    (inputs, unread): (&[(u32, &'a Tensor)], &[u32]),
-    outputs: &[(u32, &'a Tensor)],
+    Inputs {
+        first,
+        rest,
+        unread,
+    }: Inputs<'a, '_>,
+    (out, out2): (&'a Tensor, Option<&'a Tensor>),
 ) -> Result<()> {
-    let gpu = outputs[0].1.gpu();
-    for (_, t) in inputs.iter().chain(outputs) {
+    let gpu = out.gpu();
+    let inputs: Vec<_> = std::iter::once(first).chain(rest.iter().copied()).collect();
+    let outputs: Vec<_> = std::iter::once((2, out))
+        .chain(out2.map(|t| (5, t)))
+        .collect();
+    for (_, t) in inputs.iter().chain(&outputs) {
         t.check_same_gpu(OP, gpu)?;
     }
-    let vec4s = outputs[0].1.len().div_ceil(4);
+    let vec4s = out.len().div_ceil(4);
     let params = AddParams {
         total: gpu_word(OP, vec4s)?,
         slope: activation.slope(),
@@ -90,7 +105,7 @@ fn launch<'a>(
         Some(view) => Resource::Texture(view),
         None => Resource::Buffer(t.binding_vec4()),
     };
-    let first = input(inputs[0].0, inputs[0].1);
+    let first = input(first.0, first.1);
     let resources: Vec<_> = inputs
         .iter()
         .map(|&(binding, t)| (binding, input(binding, t)))
@@ -107,13 +122,8 @@ fn launch<'a>(
     };
     gpu.run_pass_after(entry, copies, |pass| {
         let params = bytemuck::bytes_of(&params);
-        gpu.encode_resources(
-            pass,
-            &pipeline,
-            params,
-            &resources,
-            elementwise_workgroups(vec4s as u64),
-        )
+        let groups = elementwise_workgroups(vec4s as u64);
+        gpu.encode_resources(pass, &pipeline, params, &resources, groups)
     })
 }
 
@@ -127,22 +137,24 @@ pub fn add_activated(a: &Tensor, b: &Tensor, activation: Activation) -> Result<T
     same_shape(a.shape(), b.shape())?;
     let out = Tensor::uninit(a.gpu(), a.shape())?;
     let constants = [("ACT", activation.code())];
-    let inputs = [(1, a), (3, b)];
-    launch("add", &constants, activation, (&inputs, &[]), &[(2, &out)])?;
+    let inputs = Inputs {
+        first: (1, a),
+        rest: &[(3, b)],
+        unread: &[],
+    };
+    launch("add", &constants, activation, inputs, (&out, None))?;
     Ok(out)
 }
 
 /// `dst += src` on the GPU, in place.
 pub fn accumulate(dst: &Tensor, src: &Tensor) -> Result<()> {
     same_shape(dst.shape(), src.shape())?;
-    let inputs = [(1, src)];
-    launch(
-        "accumulate",
-        &[],
-        Activation::None,
-        (&inputs, &[]),
-        &[(2, dst)],
-    )
+    let inputs = Inputs {
+        first: (1, src),
+        rest: &[],
+        unread: &[],
+    };
+    launch("accumulate", &[], Activation::None, inputs, (dst, None))
 }
 
 /// The gradients of `act(a + b)` for `a` and for `b` on the GPU, in one pass: each is
@@ -161,29 +173,28 @@ pub fn add_backward(
         Tensor::uninit(y.gpu(), y.shape())?,
         Tensor::uninit(y.gpu(), y.shape())?,
     ];
-    // y is read only through an activation, `more` only where given.
-    let mut inputs = vec![(3, dy)];
+    // dy is read, y only through an activation, `more` only where given.
+    let mut rest = vec![];
     let mut unread = vec![];
     match activation {
         Activation::None => unread.push(1),
-        _ => inputs.push((1, y)),
+        _ => rest.push((1, y)),
     }
     match more {
-        Some(more) => inputs.push((4, more)),
+        Some(more) => rest.push((4, more)),
         None => unread.push(4),
     }
     let constants = [
         ("ACT", activation.code()),
         ("PARTS", 1 + u32::from(more.is_some())),
     ];
-    let outputs = [(2, &grads[0]), (5, &grads[1])];
-    launch(
-        "backward",
-        &constants,
-        activation,
-        (&inputs, &unread),
-        &outputs,
-    )?;
+    let inputs = Inputs {
+        first: (3, dy),
+        rest: &rest,
+        unread: &unread,
+    };
+    let outputs = (&grads[0], Some(&grads[1]));
+    launch("backward", &constants, activation, inputs, outputs)?;
     Ok(grads)
 }
 
