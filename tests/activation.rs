@@ -56,6 +56,21 @@ fn elementwise_forward_and_backward_match_the_cpu() {
     }
 }
 
+/// The residual sums' cases: each shape (with its index) on a context forced to each
+/// operand-read family; none where there is no GPU.
+fn sum_cases() -> Vec<(&'static wgcnn::Gpu, usize, Vec<usize>)> {
+    let shapes = [vec![1], vec![3, 5], vec![2, 4, 6], vec![3, 70001]];
+    let gpus = read_family_gpus().into_iter().flatten();
+    gpus.flat_map(|gpu| {
+        shapes
+            .iter()
+            .cloned()
+            .enumerate()
+            .map(move |(i, s)| (gpu, i, s))
+    })
+    .collect()
+}
+
 /// Residual sums with each activation after them, and the executor's in-place gradient
 /// sums, over whole and partial vec4s and more elements than one pass of the grid covers
 /// (and than one row of an operand texture), reading the inputs from storage and from
@@ -63,13 +78,7 @@ fn elementwise_forward_and_backward_match_the_cpu() {
 #[test]
 fn sums_and_accumulation_match_the_cpu() {
     use wgcnn::value::add::{accumulate, add_activated, add_cpu};
-    let Some(gpus) = read_family_gpus() else {
-        return;
-    };
-    for (gpu, (i, shape)) in gpus.into_iter().flat_map(|gpu| {
-        let shapes = [vec![1], vec![3, 5], vec![2, 4, 6], vec![3, 70001]];
-        shapes.into_iter().enumerate().map(move |s| (gpu, s))
-    }) {
+    for (gpu, i, shape) in sum_cases() {
         let shape = &shape;
         let seed = 10 * i as u64;
         let (a, b) = (
@@ -99,13 +108,7 @@ fn sums_and_accumulation_match_the_cpu() {
 #[test]
 fn residual_gradients_match_the_cpu() {
     use wgcnn::value::add::{add_backward, add_backward_cpu};
-    let Some(gpus) = read_family_gpus() else {
-        return;
-    };
-    for (gpu, (i, shape)) in gpus.into_iter().flat_map(|gpu| {
-        let shapes = [vec![1], vec![3, 5], vec![2, 4, 6], vec![3, 70001]];
-        shapes.into_iter().enumerate().map(move |s| (gpu, s))
-    }) {
+    for (gpu, i, shape) in sum_cases() {
         let shape = &shape;
         let seed = 20 * i as u64;
         // ±8 reaches both of ReLU6's bends.
