@@ -812,6 +812,18 @@ mod tests {
                 Padding::Explicit(1, 1),
                 Activation::None,
             ),
+            // x and dy of 18,432 floats: 4,608 rgba32float texels, past one texture row.
+            (
+                3,
+                16,
+                12,
+                32,
+                16,
+                3,
+                3,
+                Padding::Explicit(1, 1),
+                Activation::Relu,
+            ),
         ];
         for (i, &(n, c, h, w, o, kh, kw, padding, activation)) in cases.iter().enumerate() {
             let spec = Conv2d {
@@ -883,8 +895,8 @@ mod tests {
     /// common; the first in row-major order wins, as in PyTorch), with and without the
     /// arg-max, in a training step's plan and an evaluation's. LeNet's layers (blocks of 12
     /// and 8), an odd batch, padding, blocks of 16, rows read as scalars, every kind of
-    /// activation; the shapes and poolings it leaves to the two ops; input read from storage
-    /// and from textures.
+    /// activation, rows 42 wide read as scalars in blocks of 8; the shapes and poolings it
+    /// leaves to the two ops; input read from storage and from textures.
     #[test]
     fn the_pooled_epilogue_matches_convolution_then_pooling() {
         crate::test_support::on_both_read_families(the_pooled_epilogue_matches_on);
@@ -946,6 +958,8 @@ mod tests {
                 Padding::Explicit(0, 0),
                 Activation::LeakyRelu(0.1),
             ),
+            // Rows 42 wide read as scalars in blocks of 8, an odd batch.
+            (3, 2, 6, 42, 6, 3, Padding::Explicit(0, 0), Activation::Relu),
         ];
         for (i, &(n, c, h, w, o, k, padding, activation)) in cases.iter().enumerate() {
             let spec = Conv2d {

@@ -710,6 +710,8 @@ mod tests {
             (2, 2, 5, 32, 3, 3, 3, Padding::Explicit(1, 1)),
             (1, 3, 6, 64, 2, 5, 5, Padding::Explicit(0, 2)),
             (2, 2, 6, 18, 3, 3, 3, Padding::Explicit(1, 0)),
+            // x and dy of 18,432 floats: 4,608 rgba32float texels, past one texture row.
+            (3, 16, 12, 32, 16, 3, 3, Padding::Explicit(1, 1)),
         ];
         for (i, &(n, c, h, w, o, kh, kw, padding)) in cases.iter().enumerate() {
             let spec = Conv2d {
