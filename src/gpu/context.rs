@@ -19,8 +19,9 @@ pub struct GpuOptions {
     pub power_preference: wgpu::PowerPreference,
     /// Bytes of idle buffers the pool may keep for reuse.
     pub pool_cache_bytes: u64,
-    /// Bytes of buffers dropped during a recorded step ([`Gpu::record`]) that the step may
-    /// hold back from reuse before it submits what it recorded so far, between two layers
+    /// Bytes of buffers dropped during a recorded step ([`Gpu::record`]), and of operand
+    /// textures it made (each kept until the commands reading it have run), that the step
+    /// may hold back from reuse before it submits what it recorded so far, between two layers
     /// of a model (256 MiB: a LeNet step stays one submit, a ResNet-18 step at batch 32
     /// peaks at 1.8 GB instead of 11 GB). `u64::MAX` keeps every step one submit.
     pub recording_hold_bytes: u64,

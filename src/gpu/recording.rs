@@ -21,6 +21,9 @@ pub(crate) struct Recording {
     encoder: wgpu::CommandEncoder,
     /// Buffers dropped during the recording, returned to the pool after the submit.
     deferred: Vec<(wgpu::Buffer, u64)>,
+    /// Bytes of the operand textures made since the last submit: each is dropped once its
+    /// copy and kernel are encoded, but wgpu keeps it until the commands have run.
+    texture_bytes: u64,
     /// How many pipelines the context had compiled when `encoder` was begun.
     pipelines_before: usize,
 }
@@ -88,6 +91,7 @@ impl Gpu {
                     pass: None,
                     encoder,
                     deferred: Vec::new(),
+                    texture_bytes: 0,
                     pipelines_before: self.pipelines_compiled(),
                 },
             ));
@@ -182,6 +186,7 @@ impl Gpu {
         if let Some(active) = mine(&mut recordings) {
             active.pass = None;
             active.pipelines_before = pipelines;
+            active.texture_bytes = 0;
             let fresh = self
                 .device()
                 .create_command_encoder(&wgpu::CommandEncoderDescriptor {
@@ -202,8 +207,9 @@ impl Gpu {
 
     /// Submits the active recording early, between two layers of a model (the graph calls
     /// it where no op is half encoded), in two cases:
-    /// - the buffers it holds back exceed `GpuOptions::recording_hold_bytes`, so that a large
-    ///   model's step reuses its temporaries instead of holding every one until the end;
+    /// - the buffers it holds back and the operand textures it made exceed
+    ///   `GpuOptions::recording_hold_bytes`, so that a large model's step reuses its
+    ///   temporaries instead of holding every one until the end;
     /// - the layer compiled a pipeline: on a CPU adapter the device compiles a kernel to
     ///   machine code at its first dispatch, so a first step submitted at its end leaves the
     ///   device idle while the host creates the later pipelines and then the host idle while
@@ -214,7 +220,8 @@ impl Gpu {
             let mut recordings = lock(&self.inner.recordings);
             match mine(&mut recordings) {
                 Some(active) => (
-                    active.deferred.iter().map(|(_, class)| class).sum(),
+                    active.deferred.iter().map(|(_, class)| class).sum::<u64>()
+                        + active.texture_bytes,
                     pipelines > active.pipelines_before,
                 ),
                 None => return,
@@ -222,6 +229,14 @@ impl Gpu {
         };
         if held > self.inner.recording_hold_bytes || compiled {
             self.flush_recording();
+        }
+    }
+
+    /// Counts an operand texture of `bytes` made by this thread's recording, if one is
+    /// active, towards what it holds until its submit.
+    pub(crate) fn hold_texture(&self, bytes: u64) {
+        if let Some(active) = mine(&mut lock(&self.inner.recordings)) {
+            active.texture_bytes += bytes;
         }
     }
 

@@ -270,8 +270,17 @@ impl Gpu {
         u64::from(width) <= max && height <= max
     }
 
-    /// A texture for `texels` texels, written by kernels (storage) and read by others.
+    /// A texture for `texels` texels, written by kernels (storage) and read by others;
+    /// counted towards what this thread's recording holds until its submit.
     pub(crate) fn operand_texture(&self, texels: u64, texel: Texel) -> Result<OperandTexture> {
+        let texture = self.unrecorded_texture(texels, texel)?;
+        let (width, height) = texture_extent(texels);
+        self.hold_texture(u64::from(width) * height * texel.bytes());
+        Ok(texture)
+    }
+
+    /// [`Gpu::operand_texture`] uncounted: for the calibration, whose thread records nothing.
+    fn unrecorded_texture(&self, texels: u64, texel: Texel) -> Result<OperandTexture> {
         if !self.fits_operand_texture(texels) {
             // The height is what the limit caps.
             let max = u64::from(self.limits().max_texture_dimension_2d);
@@ -383,7 +392,7 @@ fn calibrate(gpu: &Gpu) -> Result<OperandCalibration> {
             mapped_at_creation: false,
         })
     })?;
-    let texture = gpu.operand_texture(u64::from(TEXELS), Texel::Vec4)?;
+    let texture = gpu.unrecorded_texture(u64::from(TEXELS), Texel::Vec4)?;
     let src_binding = Binding {
         buffer: &src,
         bytes: u64::from(TEXELS) * 16,
@@ -455,4 +464,55 @@ fn calibrate(gpu: &Gpu) -> Result<OperandCalibration> {
         choice,
         seconds: start.elapsed().as_secs_f64(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gpu::GpuOptions;
+    use crate::test_support::random;
+    use crate::value::add::add;
+
+    /// Operand textures count towards what a recording holds: sums that copy their inputs
+    /// into textures and drop no buffer submit between layers past `recording_hold_bytes`,
+    /// and not below it nor where they read storage; the sums are right either way.
+    #[test]
+    fn operand_textures_count_towards_what_a_recording_holds() {
+        let cases = [
+            (OperandReads::Texture, 1, 4),
+            (OperandReads::Texture, u64::MAX, 1),
+            (OperandReads::Storage, 1, 1),
+        ];
+        for (reads, hold, want_submits) in cases {
+            let options = GpuOptions {
+                operand_reads: Some(reads),
+                recording_hold_bytes: hold,
+                ..GpuOptions::from_env().unwrap()
+            };
+            let Some(gpu) = crate::test_support::gpu(options) else {
+                return;
+            };
+            let x = random(&[3, 70], 5);
+            let a = Tensor::from_array(&gpu, &x).unwrap();
+            // Compiles the kernel outside the recording (a layer that compiles submits).
+            drop(add(&a, &a).unwrap());
+            let before = gpu.submissions();
+            let sums = gpu
+                .record(|| {
+                    (0..3)
+                        .map(|_| {
+                            let sum = add(&a, &a)?;
+                            gpu.submit_between_layers();
+                            Ok(sum)
+                        })
+                        .collect::<Result<Vec<_>>>()
+                })
+                .unwrap();
+            let submits = gpu.submissions() - before;
+            assert_eq!(submits, want_submits, "{reads:?}, holding {hold} bytes");
+            for sum in sums {
+                assert_eq!(sum.to_array().unwrap(), &x * 2.0, "{reads:?}");
+            }
+        }
+    }
 }
