@@ -4,17 +4,15 @@ mod common;
 
 use std::path::PathBuf;
 
-use common::{gpu, random};
+use common::{Scratch, gpu, random};
 use wgcnn::Tensor;
 use wgcnn::train::{Checkpoint, check_names_and_shapes};
 
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("wgcnn-checkpoint-{}-{name}", std::process::id()));
-    // An earlier process with the same id may have left it behind, with a checkpoint where
-    // a test expects to make a directory.
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir.join("model.safetensors")
+/// A checkpoint's path in a fresh folder of its own, removed as the folder drops.
+fn scratch(name: &str) -> (Scratch, PathBuf) {
+    let dir = Scratch::new(&format!("checkpoint-{name}"));
+    let path = dir.join("model.safetensors");
+    (dir, path)
 }
 
 fn sample(seed: u64) -> Checkpoint {
@@ -35,7 +33,7 @@ fn round_trip_from_gpu_tensors_is_exact() {
         Tensor::from_array(gpu, &w).unwrap(),
         Tensor::from_array(gpu, &b).unwrap(),
     );
-    let path = scratch("gpu");
+    let (_dir, path) = scratch("gpu");
     Checkpoint::from_tensors(&[("fc.weight", &tw), ("fc.bias", &tb)])
         .unwrap()
         .save(&path)
@@ -60,7 +58,7 @@ fn leftovers(path: &std::path::Path) -> Vec<String> {
 fn a_failed_save_leaves_the_target_and_no_temporary_file() {
     // The rename cannot replace a non-empty directory: the save fails after writing its
     // temporary file, which it removes; the directory is untouched.
-    let path = scratch("atomic");
+    let (_dir, path) = scratch("atomic");
     std::fs::create_dir_all(path.join("inside")).unwrap();
     let err = sample(2).save(&path).unwrap_err();
     assert!(
@@ -82,7 +80,7 @@ fn a_failed_save_leaves_the_target_and_no_temporary_file() {
 /// load sees one whole checkpoint of those written, never a mix or a torn file.
 #[test]
 fn concurrent_saves_never_show_a_broken_file() {
-    let path = scratch("threads");
+    let (_dir, path) = scratch("threads");
     let versions: Vec<Checkpoint> = (0..4).map(|i| sample(10 * i)).collect();
     versions[0].save(&path).unwrap();
     let done = std::sync::atomic::AtomicBool::new(false);
@@ -127,7 +125,7 @@ fn save_loop_child() {
 
 #[test]
 fn saves_killed_at_random_points_never_break_the_file() {
-    let path = scratch("killed");
+    let (_dir, path) = scratch("killed");
     sample(100).save(&path).unwrap();
     let versions: Vec<Checkpoint> = (100..103).map(sample).collect();
     let exe = std::env::current_exe().unwrap();
@@ -168,7 +166,7 @@ fn saves_killed_at_random_points_never_break_the_file() {
 
 #[test]
 fn corrupt_and_mismatched_checkpoints_are_clear_errors() {
-    let path = scratch("corrupt");
+    let (_dir, path) = scratch("corrupt");
     sample(3).save(&path).unwrap();
     let mut bytes = std::fs::read(&path).unwrap();
     bytes.truncate(bytes.len() / 2);
@@ -270,7 +268,7 @@ fn resuming_a_run_gives_the_weights_of_not_stopping() {
             for _ in 0..3 {
                 step(&mut first, &mut first_opt);
             }
-            let path = scratch(&format!("resume-{}", device.name().len()));
+            let (_dir, path) = scratch(&format!("resume-{}", device.name().len()));
             first.save_training(&first_opt, &path).unwrap();
             let saved = Checkpoint::load(&path).unwrap();
             for slot in rule.state_names() {

@@ -8,6 +8,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+mod common;
+
+use common::Scratch;
 use wgcnn::data::{
     Augmentation, Dataset, Loader, LoaderOptions, Mnist, Pixels, read_idx_images, read_idx_labels,
     resize, shuffled_indices,
@@ -64,14 +67,6 @@ fn the_shipped_mnist_matches_its_published_facts() {
     assert!((var.sqrt() - 0.3081).abs() < 5e-5, "{}", var.sqrt());
 }
 
-fn temp_file(name: &str, bytes: &[u8]) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("wgcnn-data-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(name);
-    std::fs::write(&path, bytes).unwrap();
-    path
-}
-
 fn header(magic: u32, dims: &[u32]) -> Vec<u8> {
     std::iter::once(magic)
         .chain(dims.iter().copied())
@@ -81,31 +76,32 @@ fn header(magic: u32, dims: &[u32]) -> Vec<u8> {
 
 #[test]
 fn malformed_files_are_clear_errors() {
+    let scratch = Scratch::new("data-test");
     let mut good = header(0x803, &[2, 2, 3]);
     good.extend([7u8; 12]);
-    let images = read_idx_images(temp_file("good-images", &good)).unwrap();
+    let images = read_idx_images(scratch.file("good-images", &good)).unwrap();
     assert_eq!((images.count, images.rows, images.cols), (2, 2, 3));
     assert_eq!(images.image(1), &[7; 6]);
 
     let err =
-        read_idx_images(temp_file("labels-as-images", &header(0x801, &[0, 0, 0]))).unwrap_err();
+        read_idx_images(scratch.file("labels-as-images", &header(0x801, &[0, 0, 0]))).unwrap_err();
     assert!(
         err.to_string()
             .contains("wrong magic number 0x00000801, expected 0x00000803"),
         "{err}"
     );
-    let err = read_idx_images(temp_file("truncated", &good[..good.len() - 1])).unwrap_err();
+    let err = read_idx_images(scratch.file("truncated", &good[..good.len() - 1])).unwrap_err();
     assert!(
         err.to_string().contains("truncated or padded: 27 bytes"),
         "{err}"
     );
-    let err = read_idx_labels(temp_file("tiny", &[0, 0])).unwrap_err();
+    let err = read_idx_labels(scratch.file("tiny", &[0, 0])).unwrap_err();
     assert!(
         err.to_string()
             .contains("shorter than the 8-byte IDX header"),
         "{err}"
     );
-    let err = read_idx_labels(temp_file("bad-gzip", &[0x1f, 0x8b, 1, 2, 3])).unwrap_err();
+    let err = read_idx_labels(scratch.file("bad-gzip", &[0x1f, 0x8b, 1, 2, 3])).unwrap_err();
     assert!(err.to_string().contains("corrupt gzip data"), "{err}");
     let err = read_idx_labels("/no/such/dir/labels").unwrap_err();
     assert!(
@@ -115,14 +111,11 @@ fn malformed_files_are_clear_errors() {
     );
 
     // A set whose label count differs from its image count.
-    let dir = temp_file("train-images-idx3-ubyte", &good)
-        .parent()
-        .unwrap()
-        .to_path_buf();
+    scratch.file("train-images-idx3-ubyte", &good);
     let mut labels = header(0x801, &[3]);
     labels.extend([1u8, 2, 3]);
-    temp_file("train-labels-idx1-ubyte", &labels);
-    let err = Mnist::load(&dir).unwrap_err();
+    scratch.file("train-labels-idx1-ubyte", &labels);
+    let err = Mnist::load(scratch.path()).unwrap_err();
     assert!(
         err.to_string().contains("3 labels for the 2 images"),
         "{err}"

@@ -8,6 +8,9 @@
 
 use std::path::{Path, PathBuf};
 
+mod common;
+
+use common::Scratch;
 use ndarray::{Array3, ArrayView3};
 use serde_json::Value;
 use wgcnn::Error;
@@ -275,7 +278,8 @@ fn bad_settings_and_inputs_are_errors_that_say_what_to_do() {
     );
     // Cut inside the headers. (A JPEG cut inside its image data still decodes: the image
     // crate's JPEG decoder fills the missing blocks, it does not refuse the file.)
-    let corrupt = scratch("corrupt.jpg");
+    let scratch = Scratch::new("preprocess-corrupt");
+    let corrupt = scratch.join("corrupt.jpg");
     let mut bytes = std::fs::read(root().join("data/photos/chelsea.jpg")).unwrap();
     bytes.truncate(120);
     std::fs::write(&corrupt, &bytes).unwrap();
@@ -301,13 +305,6 @@ fn photo(name: &str) -> PathBuf {
     root().join("data/photos").join(name)
 }
 
-/// A path in a fresh per-process scratch folder.
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("wgcnn-preprocess-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir.join(name)
-}
-
 #[test]
 fn exif_orientation_is_applied() {
     let original = load_image(photo("chelsea.jpg")).unwrap();
@@ -326,7 +323,8 @@ fn exif_orientation_is_applied() {
 #[test]
 fn grey_and_rgba_files_decode_to_rgb() {
     let grey = image::GrayImage::from_fn(5, 3, |x, y| image::Luma([(x * 40 + y) as u8]));
-    let grey_path = scratch("grey.png");
+    let scratch = Scratch::new("preprocess-decode");
+    let grey_path = scratch.join("grey.png");
     grey.save(&grey_path).unwrap();
     let decoded = load_image(&grey_path).unwrap();
     assert_eq!(decoded.dim(), (3, 3, 5));
@@ -334,7 +332,7 @@ fn grey_and_rgba_files_decode_to_rgb() {
         assert_eq!(decoded[[c, 2, 4]], 162);
     }
     let rgba = image::RgbaImage::from_fn(4, 2, |x, y| image::Rgba([x as u8, y as u8, 7, 9]));
-    let rgba_path = scratch("rgba.png");
+    let rgba_path = scratch.join("rgba.png");
     rgba.save(&rgba_path).unwrap();
     let decoded = load_image(&rgba_path).unwrap();
     assert_eq!(decoded.dim(), (3, 2, 4));

@@ -4,6 +4,7 @@
 
 pub mod golden;
 
+use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use ndarray::{ArrayD, IxDyn};
@@ -151,5 +152,42 @@ pub fn assert_steps_agree(
             diff <= 1e-5 * scale,
             "{context} {name}: off by {diff} (scale {scale})"
         );
+    }
+}
+
+/// A fresh folder of the system's temporary one for one test, removed with what the test
+/// wrote there when dropped (a failing test's is removed too, as its panic unwinds).
+pub struct Scratch(PathBuf);
+
+impl Scratch {
+    /// `wgcnn-{name}-{process id}`, emptied first: an earlier process with the same id may
+    /// have left it behind if it was killed.
+    pub fn new(name: &str) -> Scratch {
+        let dir = std::env::temp_dir().join(format!("wgcnn-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Scratch(dir)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    /// `name` in the folder.
+    pub fn join(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+
+    /// Writes `bytes` to `name` in the folder.
+    pub fn file(&self, name: &str, bytes: &[u8]) -> PathBuf {
+        let path = self.join(name);
+        std::fs::write(&path, bytes).unwrap();
+        path
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
