@@ -238,18 +238,7 @@ pub(crate) fn weight_grad(
 ) -> Result<()> {
     let gpu = x.gpu();
     let problem = Problem::forward(shape, tile);
-    let (plain, constants) = unactivated(spec, &problem)?;
-    let dispatch = |entry: &str, bindings: &[(u32, Binding<'_>)], total: usize, images| {
-        encode(
-            gpu,
-            (entry, &constants),
-            &plain,
-            bindings,
-            total,
-            images,
-            shape.n,
-        )
-    };
+    let passes = Passes::unactivated(gpu, spec, &problem, shape.n)?;
     let (c, o, tiles, points) = (problem.c, problem.o, problem.tiles(), problem.points());
     let nt = Matmul {
         trans_b: true,
@@ -286,7 +275,7 @@ pub(crate) fn weight_grad(
         };
         let dm = Tensor::uninit(gpu, &[points, o, count * tiles])?;
         by_tiles(
-            &dispatch,
+            &passes,
             ("output_grad", dy, dy_rows4),
             &dm,
             (o, tiles),
@@ -316,7 +305,7 @@ pub(crate) fn weight_grad(
         axis: 0,
     })?;
     let weights = [(1, du.binding()), (2, dweight.binding())];
-    dispatch("weights_grad", &weights, o * problem.group_c(), (0, 0))
+    passes.encode("weights_grad", &weights, o * problem.group_c(), (0, 0))
 }
 
 /// `out = act(conv(x, weight) + bias)`.
@@ -383,16 +372,6 @@ pub(crate) fn input_tiles(
     input_chunk(spec, &Problem::forward(shape, tile), x, (0, shape.n))
 }
 
-/// `spec` without its activation (the weight gradient's kernels apply none) and its
-/// constants for `problem`, without bias or residual.
-fn unactivated(spec: &Conv2d, problem: &Problem) -> Result<(Conv2d, Constants)> {
-    let plain = Conv2d {
-        activation: Activation::None,
-        ..*spec
-    };
-    Ok((plain, problem.constants(&plain, (false, false))?))
-}
-
 /// The weight gradient's V for images `(first, count)` of `x`: `[points, C, count·tiles]`.
 fn input_chunk(
     spec: &Conv2d,
@@ -401,22 +380,11 @@ fn input_chunk(
     images: (usize, usize),
 ) -> Result<Tensor> {
     let gpu = x.gpu();
-    let (plain, constants) = unactivated(spec, problem)?;
-    let dispatch = |entry: &str, bindings: &[(u32, Binding<'_>)], total: usize, images| {
-        encode(
-            gpu,
-            (entry, &constants),
-            &plain,
-            bindings,
-            total,
-            images,
-            x.shape()[0],
-        )
-    };
+    let passes = Passes::unactivated(gpu, spec, problem, x.shape()[0])?;
     let (c, tiles) = (problem.c, problem.tiles());
     let v = Tensor::uninit(gpu, &[problem.points(), c, images.1 * tiles])?;
     let source = ("input", x, problem.rows4(problem.w));
-    by_tiles(&dispatch, source, &v, (c, tiles), images)?;
+    by_tiles(&passes, source, &v, (c, tiles), images)?;
     Ok(v)
 }
 
@@ -461,24 +429,12 @@ fn run(
 /// The filters of `problem` transformed: `[points, O, C]`.
 fn transform_filters(spec: &Conv2d, problem: &Problem, weight: &Tensor) -> Result<Tensor> {
     let gpu = weight.gpu();
-    // One pipeline per shape, whatever the layer's activation and bias.
-    let spec = &Conv2d {
-        activation: Activation::None,
-        ..*spec
-    };
-    let constants = problem.constants(spec, (false, false))?;
+    // One pipeline per shape, whatever the layer's activation and bias; it reads no images.
+    let passes = Passes::unactivated(gpu, spec, problem, 0)?;
     let (c, o) = (problem.group_c(), problem.o);
     let u = Tensor::uninit(gpu, &[problem.points(), o, c])?;
     let bindings = [(1, weight.binding()), (2, u.binding())];
-    encode(
-        gpu,
-        ("weights", &constants),
-        spec,
-        &bindings,
-        o * c,
-        (0, 0),
-        0,
-    )?;
+    passes.encode("weights", &bindings, o * c, (0, 0))?;
     Ok(u)
 }
 
@@ -493,22 +449,16 @@ fn run_transformed(
     keep: bool,
 ) -> Result<Option<Tensor>> {
     let gpu = x.gpu();
-    let constants = problem.constants(spec, (bias.is_some(), residual.is_some()))?;
-    let dispatch = |entry: &str, bindings: &[(u32, Binding<'_>)], total: usize, images| {
-        encode(
-            gpu,
-            (entry, &constants),
-            spec,
-            bindings,
-            total,
-            images,
-            x.shape()[0],
-        )
+    let n = x.shape()[0];
+    let passes = Passes {
+        gpu,
+        spec: *spec,
+        constants: problem.constants(spec, (bias.is_some(), residual.is_some()))?,
+        batch: n,
     };
     let (c, o, tiles, points) = (problem.c, problem.o, problem.tiles(), problem.points());
     // Without a bias the filters fill the (unread) bias slot.
     let bias_slot = bias.unwrap_or(u);
-    let n = x.shape()[0];
     let x_rows4 = problem.rows4(problem.w);
     let keep = keep && whole_batch(gpu, &problem, n);
     let chunks = image_chunks(n, problem.image_bytes(), chunk_limit(gpu));
@@ -516,7 +466,7 @@ fn run_transformed(
     for (first, count) in chunks {
         let images = (first, count);
         let v = Tensor::uninit(gpu, &[points, c, count * tiles])?;
-        by_tiles(&dispatch, ("input", x, x_rows4), &v, (c, tiles), images)?;
+        by_tiles(&passes, ("input", x, x_rows4), &v, (c, tiles), images)?;
         let m = Tensor::uninit(gpu, &[points, o, count * tiles])?;
         let columns = count * tiles;
         Matmul::default().run(
@@ -544,7 +494,7 @@ fn run_transformed(
             (false, _) => ("output", (1, m.binding()), 1),
         };
         let output = [m, y, (3, bias_slot.binding()), residual];
-        dispatch(entry, &output, count * o * tiles / per_invocation, images)?;
+        passes.encode(entry, &output, count * o * tiles / per_invocation, images)?;
         if keep {
             kept = Some(v);
         }
@@ -560,7 +510,7 @@ fn run_transformed(
 /// across images, were slower (benches/README.md). With `rows4` (see `Problem::rows4`) the
 /// `…_rows4` twin reads the source's rows as vec4s.
 fn by_tiles(
-    dispatch: &impl Fn(&str, &[(u32, Binding<'_>)], usize, (usize, usize)) -> Result<()>,
+    passes: &Passes<'_>,
     (entry, source, rows4): (&str, &Tensor, bool),
     points: &Tensor,
     (planes, tiles): (usize, usize),
@@ -569,13 +519,13 @@ fn by_tiles(
     let total = images.1 * planes * tiles;
     if rows4 {
         let bindings = [(5, source.binding_vec4()), (6, points.binding_vec4())];
-        dispatch(&format!("{entry}_rows4"), &bindings, total / 4, images)
+        passes.encode(&format!("{entry}_rows4"), &bindings, total / 4, images)
     } else if tiles.is_multiple_of(4) {
         let bindings = [(1, source.binding()), (6, points.binding_vec4())];
-        dispatch(&format!("{entry}4"), &bindings, total / 4, images)
+        passes.encode(&format!("{entry}4"), &bindings, total / 4, images)
     } else {
         let bindings = [(1, source.binding()), (2, points.binding())];
-        dispatch(entry, &bindings, total, images)
+        passes.encode(entry, &bindings, total, images)
     }
 }
 
@@ -605,81 +555,106 @@ fn read_constants(entry: &str, constants: &[(&'static str, u32)]) -> Vec<(&'stat
         .collect()
 }
 
-/// Records `entry` over `total` invocations for images `(first, images)` of a batch of
-/// `batch` (0 where the entry reads no images: the filter transform).
-fn encode(
-    gpu: &Gpu,
-    (entry, constants): (&str, &Constants),
-    spec: &Conv2d,
-    bindings: &[(u32, Binding<'_>)],
-    total: usize,
-    (first, images): (usize, usize),
+/// One convolution's passes: what each of its kernels shares, and the batch whose images
+/// they count (0 for the filter transform, which reads none).
+struct Passes<'a> {
+    gpu: &'a Gpu,
+    spec: Conv2d,
+    constants: Constants,
     batch: usize,
-) -> Result<()> {
-    let params = WinogradParams {
-        images: gpu_word("conv2d", images)?,
-        first_image: gpu_word("conv2d", first)?,
-        total: gpu_word("conv2d", total)?,
-        slope: spec.activation.slope(),
-        has_bias: u32::from(constants.bias),
-        has_residual: u32::from(constants.residual),
-        relu: u32::from(spec.activation.relu_as_uniform().1),
-        _pad: 0,
-    };
-    let constants = read_constants(entry, &constants.overrides);
-    // src (bound at 1, read as floats) and src4 (at 5, as vec4s) through operand textures
-    // where the adapter fetches texels faster: a copy of what is bound there per pass, so
-    // only where the pass covers the whole batch (chunks of a larger one read storage
-    // rather than copy the whole batch for each chunk).
-    let whole = first == 0 && images == batch;
-    let texture = |number: u32, texel: Texel| -> Result<Option<OperandTexture>> {
-        match bindings.iter().find(|(n, _)| *n == number) {
-            Some(&(_, binding)) if whole => binding_texture(gpu, binding, texel),
-            _ => Ok(None),
-        }
-    };
-    let textures = [
-        (1, texture(1, Texel::Scalar)?),
-        (5, texture(5, Texel::Vec4)?),
-    ];
-    let kernel = WinogradKernel {
-        src_texture: textures[0].1.is_some(),
-        src4_texture: textures[1].1.is_some(),
-    };
-    let pipeline = gpu.generated(&kernel, entry, &constants)?;
-    let resources: Vec<_> = bindings
-        .iter()
-        .map(|&(number, binding)| {
-            let texture = textures.iter().find(|(n, _)| *n == number);
-            match texture.and_then(|(_, t)| t.as_ref()) {
-                Some(t) => (number, Resource::Texture(&t.view)),
-                None => (number, Resource::Buffer(binding)),
-            }
+}
+
+impl<'a> Passes<'a> {
+    /// `spec` without its activation and its constants for `problem`, without bias or
+    /// residual: the filter transform's and the weight gradient's passes, which apply none.
+    fn unactivated(gpu: &'a Gpu, spec: &Conv2d, problem: &Problem, batch: usize) -> Result<Self> {
+        let spec = Conv2d {
+            activation: Activation::None,
+            ..*spec
+        };
+        let constants = problem.constants(&spec, (false, false))?;
+        Ok(Self {
+            gpu,
+            spec,
+            constants,
+            batch,
         })
-        .collect();
-    let copies = |commands: &mut Commands<'_>| {
-        for (number, texture) in &textures {
-            let bound = bindings.iter().find(|(n, _)| n == number);
-            if let (Some(t), Some(&(_, binding))) = (texture, bound) {
-                t.copy_from(
-                    commands.encoder(),
-                    binding,
-                    binding.bytes.div_ceil(t.texel_bytes()),
-                );
+    }
+
+    /// Records `entry` over `total` invocations for images `(first, images)` of the batch.
+    fn encode(
+        &self,
+        entry: &str,
+        bindings: &[(u32, Binding<'_>)],
+        total: usize,
+        (first, images): (usize, usize),
+    ) -> Result<()> {
+        let (gpu, spec, constants, batch) = (self.gpu, &self.spec, &self.constants, self.batch);
+        let params = WinogradParams {
+            images: gpu_word("conv2d", images)?,
+            first_image: gpu_word("conv2d", first)?,
+            total: gpu_word("conv2d", total)?,
+            slope: spec.activation.slope(),
+            has_bias: u32::from(constants.bias),
+            has_residual: u32::from(constants.residual),
+            relu: u32::from(spec.activation.relu_as_uniform().1),
+            _pad: 0,
+        };
+        let constants = read_constants(entry, &constants.overrides);
+        // src (bound at 1, read as floats) and src4 (at 5, as vec4s) through operand textures
+        // where the adapter fetches texels faster: a copy of what is bound there per pass, so
+        // only where the pass covers the whole batch (chunks of a larger one read storage
+        // rather than copy the whole batch for each chunk).
+        let whole = first == 0 && images == batch;
+        let texture = |number: u32, texel: Texel| -> Result<Option<OperandTexture>> {
+            match bindings.iter().find(|(n, _)| *n == number) {
+                Some(&(_, binding)) if whole => binding_texture(gpu, binding, texel),
+                _ => Ok(None),
             }
-        }
-        Ok(())
-    };
-    gpu.run_pass_after(entry, copies, |pass| {
-        let params = bytemuck::bytes_of(&params);
-        gpu.encode_resources(
-            pass,
-            &pipeline,
-            params,
-            &resources,
-            workgroups(total as u64),
-        )
-    })
+        };
+        let textures = [
+            (1, texture(1, Texel::Scalar)?),
+            (5, texture(5, Texel::Vec4)?),
+        ];
+        let kernel = WinogradKernel {
+            src_texture: textures[0].1.is_some(),
+            src4_texture: textures[1].1.is_some(),
+        };
+        let pipeline = gpu.generated(&kernel, entry, &constants)?;
+        let resources: Vec<_> = bindings
+            .iter()
+            .map(|&(number, binding)| {
+                let texture = textures.iter().find(|(n, _)| *n == number);
+                match texture.and_then(|(_, t)| t.as_ref()) {
+                    Some(t) => (number, Resource::Texture(&t.view)),
+                    None => (number, Resource::Buffer(binding)),
+                }
+            })
+            .collect();
+        let copies = |commands: &mut Commands<'_>| {
+            for (number, texture) in &textures {
+                let bound = bindings.iter().find(|(n, _)| n == number);
+                if let (Some(t), Some(&(_, binding))) = (texture, bound) {
+                    t.copy_from(
+                        commands.encoder(),
+                        binding,
+                        binding.bytes.div_ceil(t.texel_bytes()),
+                    );
+                }
+            }
+            Ok(())
+        };
+        gpu.run_pass_after(entry, copies, |pass| {
+            let params = bytemuck::bytes_of(&params);
+            gpu.encode_resources(
+                pass,
+                &pipeline,
+                params,
+                &resources,
+                workgroups(total as u64),
+            )
+        })
+    }
 }
 
 /// The generated Winograd kernels (shaders/conv_winograd.wgsl): everything their source
