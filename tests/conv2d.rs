@@ -299,62 +299,55 @@ fn large_batches_run_in_chunks() {
     // first's sums, and for dcol = Wᵀ·dy, which col2im reads side by side.
     let b = random(&[20], 7);
     let w = random(&[20, 3, 3, 3], 6);
+    // The CPU's results (most of the test's time) once per side, for each kernel there.
     let cases = [
-        (ConvKernel::Winograd, 64),
-        (ConvKernel::Im2colMatmul, 64),
-        (ConvKernel::Im2colMatmul, 63),
+        (64, &[ConvKernel::Winograd, ConvKernel::Im2colMatmul][..]),
+        (63, &[ConvKernel::Im2colMatmul][..]),
     ];
-    for (kernel, side) in cases {
+    for (side, kernels) in cases {
         let x = random(&[300, 3, side, side], 5);
-        let spec = Conv2d {
+        let same = Conv2d {
             padding: Padding::Same,
-            kernel: Some(kernel),
             ..Conv2d::default()
         };
-        let shape = spec.shape(x.shape(), w.shape(), None).unwrap();
-        // dx may run as a direct convolution of dy; the forward pass and dW take the chunks
-        // (and at 63×63 dx too, through col2im).
-        let plan = spec.plan(gpu, &shape).unwrap();
-        assert_eq!(plan.forward, kernel, "{}", plan.label());
-        assert_eq!(plan.weight_grad, kernel, "{}", plan.label());
-        assert!(side == 64 || plan.input_grad == kernel, "{}", plan.label());
-        let expected = wgcnn::cpu::conv2d(&spec, &x.view(), &w.view(), Some(&b.view())).unwrap();
-        let (tx, tw) = (
-            Tensor::from_array(gpu, &x).unwrap(),
-            Tensor::from_array(gpu, &w).unwrap(),
-        );
-        let y = spec
-            .forward(&tx, &tw, Some(&Tensor::from_array(gpu, &b).unwrap()))
-            .unwrap();
-        assert!(max_abs_diff(&y.to_array().unwrap(), &expected) < 1e-4);
+        let expected = wgcnn::cpu::conv2d(&same, &x.view(), &w.view(), Some(&b.view())).unwrap();
         let dy = random(expected.shape(), 8);
-        let cpu = wgcnn::cpu::conv2d_backward(&spec, &x.view(), &w.view(), &dy.view()).unwrap();
-        let g = spec
-            .backward(&tx, &tw, &Tensor::from_array(gpu, &dy).unwrap())
-            .unwrap();
-        assert!(max_abs_diff(&g.x.to_array().unwrap(), &cpu.x) < 1e-4);
-        let dw_scale = cpu.weight.iter().fold(1.0f32, |m, v| m.max(v.abs()));
-        let diff = max_abs_diff(&g.weight.to_array().unwrap(), &cpu.weight);
-        assert!(
-            diff < 1e-4 * dw_scale,
-            "{kernel:?} at {side}²: dW off by {diff} (scale {dw_scale})"
-        );
-        // Winograd's bias gradient adds up each chunk's sums of its transformed dy.
-        let diff = max_abs_diff(&g.bias.to_array().unwrap(), &cpu.bias);
-        let db_scale = cpu.bias.iter().fold(1.0f32, |m, v| m.max(v.abs()));
-        assert!(
-            diff < 1e-4 * db_scale,
-            "{kernel:?} at {side}²: db off by {diff} (scale {db_scale})"
-        );
+        let cpu = wgcnn::cpu::conv2d_backward(&same, &x.view(), &w.view(), &dy.view()).unwrap();
+        let upload = |a: &wgcnn::ndarray::ArrayD<f32>| Tensor::from_array(gpu, a).unwrap();
+        let (tx, tw, tb, tdy) = (upload(&x), upload(&w), upload(&b), upload(&dy));
+        for &kernel in kernels {
+            let spec = Conv2d {
+                kernel: Some(kernel),
+                ..same
+            };
+            let shape = spec.shape(x.shape(), w.shape(), None).unwrap();
+            // dx may run as a direct convolution of dy; the forward pass and dW take the
+            // chunks (and at 63×63 dx too, through col2im).
+            let plan = spec.plan(gpu, &shape).unwrap();
+            assert_eq!(plan.forward, kernel, "{}", plan.label());
+            assert_eq!(plan.weight_grad, kernel, "{}", plan.label());
+            assert!(side == 64 || plan.input_grad == kernel, "{}", plan.label());
+            let y = spec.forward(&tx, &tw, Some(&tb)).unwrap();
+            assert!(max_abs_diff(&y.to_array().unwrap(), &expected) < 1e-4);
+            let g = spec.backward(&tx, &tw, &tdy).unwrap();
+            assert!(max_abs_diff(&g.x.to_array().unwrap(), &cpu.x) < 1e-4);
+            let dw_scale = cpu.weight.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+            let diff = max_abs_diff(&g.weight.to_array().unwrap(), &cpu.weight);
+            assert!(
+                diff < 1e-4 * dw_scale,
+                "{kernel:?} at {side}²: dW off by {diff} (scale {dw_scale})"
+            );
+            // Winograd's bias gradient adds up each chunk's sums of its transformed dy.
+            let diff = max_abs_diff(&g.bias.to_array().unwrap(), &cpu.bias);
+            let db_scale = cpu.bias.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+            assert!(
+                diff < 1e-4 * db_scale,
+                "{kernel:?} at {side}²: db off by {diff} (scale {db_scale})"
+            );
+        }
     }
 }
 
-/// The weight gradient of a wide layer keeps one `[O, C·KH·KW]` product per image before
-/// summing them: at ResNet-50's layer4 widths and a batch of 32 those would be hundreds of
-/// MB, past lavapipe's 128 MiB binding limit. The batch is split so that none of them grows
-/// with it: a 3×3 (im2col, and implicit GEMM reading each chunk's images of x) and a 1×1
-/// (pointwise) layer whose per-image products exceed 128 MiB together, against the CPU
-/// (tiny images keep the reference fast).
 #[test]
 fn wide_weight_gradients_are_summed_in_chunks() {
     let Some(gpu) = gpu() else { return };
