@@ -275,7 +275,9 @@ impl crate::graph::Graph {
     /// # fn main() -> wgcnn::Result<()> {
     /// let layers = || Sequential::new().add("flatten", Flatten).add("fc", Linear::lazy(2));
     /// let mut model = layers().build_for(&[1, 1, 2, 2], Device::Cpu, 1)?;
-    /// let path = std::env::temp_dir().join("wgcnn-doc-checkpoint.safetensors");
+    /// # // A name of its own per process: CI runs the doc tests in three processes at once.
+    /// # let name = format!("wgcnn-doc-checkpoint-{}.safetensors", std::process::id());
+    /// let path = std::env::temp_dir().join(name);
     /// model.save(&path)?; // safetensors, PyTorch state_dict names: fc.weight, fc.bias
     ///
     /// let mut restored = layers().build_for(&[1, 1, 2, 2], Device::Cpu, 2)?; // other seed
