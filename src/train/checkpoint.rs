@@ -275,7 +275,7 @@ impl crate::graph::Graph {
     /// # fn main() -> wgcnn::Result<()> {
     /// let layers = || Sequential::new().add("flatten", Flatten).add("fc", Linear::lazy(2));
     /// let mut model = layers().build_for(&[1, 1, 2, 2], Device::Cpu, 1)?;
-    /// # // A name of its own per process: CI runs the doc tests in three processes at once.
+    /// # // A name of its own per process: two test runs at once would share it.
     /// # let name = format!("wgcnn-doc-checkpoint-{}.safetensors", std::process::id());
     /// let path = std::env::temp_dir().join(name);
     /// model.save(&path)?; // safetensors, PyTorch state_dict names: fc.weight, fc.bias

@@ -101,7 +101,7 @@ impl Graph {
     /// let x = ArrayD::from_shape_fn(IxDyn(&[4, 1, 2, 2]), |d| d[0] as f32 - d[3] as f32);
     /// let labels = [0, 1, 1, 0];
     /// wgcnn::train::train_step(&mut model, &mut adam, |d| d.upload(x.clone()), &labels)?;
-    /// # // A name of its own per process: CI runs the doc tests in three processes at once.
+    /// # // A name of its own per process: two test runs at once would share it.
     /// # let name = format!("wgcnn-doc-training-{}.safetensors", std::process::id());
     /// let path = std::env::temp_dir().join(name);
     /// model.save_training(&adam, &path)?;
