@@ -10,6 +10,8 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+mod common;
+
 use proptest::prelude::*;
 #[cfg(feature = "image")]
 use wgcnn::data::Dataset;
@@ -19,10 +21,10 @@ use wgcnn::{Device, Normalize};
 
 const CORPUS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/corpus");
 
-/// A scratch file holding `bytes`, named `name` inside a class folder of a directory of its
-/// own, removed on drop.
+/// A scratch file holding `bytes`, named `name` inside a class folder of a folder of its
+/// own, removed with the folder as it drops.
 struct Scratch {
-    root: PathBuf,
+    _folder: common::Scratch,
     file: PathBuf,
 }
 
@@ -30,19 +32,15 @@ impl Scratch {
     fn new(tag: &str, name: &str, bytes: &[u8]) -> Self {
         static COUNTER: AtomicU64 = AtomicU64::new(0);
         let id = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let root =
-            std::env::temp_dir().join(format!("wgcnn-fuzz-{}-{tag}-{id}", std::process::id()));
-        let class = root.join("class0");
+        let folder = common::Scratch::new(&format!("fuzz-{tag}-{id}"));
+        let class = folder.join("class0");
         std::fs::create_dir_all(&class).unwrap();
         let file = class.join(name);
         std::fs::write(&file, bytes).unwrap();
-        Self { root, file }
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.root);
+        Self {
+            _folder: folder,
+            file,
+        }
     }
 }
 
