@@ -151,8 +151,8 @@ fn mnist_is_one_source_and_trains_as_before() {
 #[cfg(feature = "image")]
 #[test]
 fn a_folder_of_images_with_one_sub_folder_per_class() {
-    let dir = std::env::temp_dir().join(format!("wgcnn-dataset-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    let scratch = common::Scratch::new("dataset");
+    let dir = scratch.path();
     // Two classes of solid-colour PNGs and JPEGs of different sizes, and a stray file.
     for (class, colour, count) in [("cats", [200u8, 10, 10], 2), ("dogs", [10, 10, 200], 3)] {
         std::fs::create_dir_all(dir.join(class)).unwrap();
@@ -170,7 +170,7 @@ fn a_folder_of_images_with_one_sub_folder_per_class() {
     std::fs::write(dir.join("cats").join(".DS_Store"), b"finder").unwrap();
     std::fs::write(dir.join("dogs").join("notes.txt"), b"good dogs").unwrap();
     std::fs::create_dir_all(dir.join(".ipynb_checkpoints")).unwrap();
-    let data = Dataset::from_folder(&dir, (4, 4), 3).unwrap();
+    let data = Dataset::from_folder(dir, (4, 4), 3).unwrap();
     assert_eq!(data.shape(), [5, 3, 4, 4]);
     assert_eq!(data.classes(), ["cats", "dogs"]);
     assert_eq!(data.labels(), [0, 0, 1, 1, 1]);
@@ -184,14 +184,14 @@ fn a_folder_of_images_with_one_sub_folder_per_class() {
     // An empty class folder would shift every later label: an error naming it, or with
     // allow_empty_classes a class of its own with no images.
     std::fs::create_dir_all(dir.join("birds")).unwrap();
-    let err = Dataset::from_folder(&dir, (4, 4), 3)
+    let err = Dataset::from_folder(dir, (4, 4), 3)
         .unwrap_err()
         .to_string();
     assert!(err.contains("birds") && err.contains("no images"), "{err}");
     let options = wgcnn::data::FolderOptions {
         allow_empty_classes: true,
     };
-    let with_empty = Dataset::from_folder_with(&dir, (4, 4), 3, options).unwrap();
+    let with_empty = Dataset::from_folder_with(dir, (4, 4), 3, options).unwrap();
     assert_eq!(with_empty.classes(), ["birds", "cats", "dogs"]);
     assert_eq!(with_empty.labels(), [1, 1, 2, 2, 2]);
     std::fs::remove_dir(dir.join("birds")).unwrap();
@@ -207,17 +207,16 @@ fn a_folder_of_images_with_one_sub_folder_per_class() {
     // Red for the cat, blue for the dog, every pixel (JPEG within a few levels).
     assert!((x[[0, 0, 2, 2]] - 200.0 / 255.0).abs() < 0.02 && x[[0, 2, 2, 2]] < 0.1);
     assert!((x[[1, 2, 1, 3]] - 200.0 / 255.0).abs() < 0.02 && x[[1, 0, 1, 3]] < 0.1);
-    let grey = Dataset::from_folder(&dir, (4, 4), 1).unwrap();
+    let grey = Dataset::from_folder(dir, (4, 4), 1).unwrap();
     assert_eq!(grey.shape(), [5, 1, 4, 4]);
 
     // Errors name what is wrong: a file that is no image, a missing folder, bad sizes.
     std::fs::write(dir.join("dogs").join("notes.png"), b"not an image").unwrap();
-    let err = Dataset::from_folder(&dir, (4, 4), 3).unwrap_err();
+    let err = Dataset::from_folder(dir, (4, 4), 3).unwrap_err();
     assert!(err.to_string().contains("notes.png"), "{err}");
     assert!(Dataset::from_folder(dir.join("missing"), (4, 4), 3).is_err());
-    assert!(Dataset::from_folder(&dir, (0, 4), 3).is_err());
-    assert!(Dataset::from_folder(&dir, (4, 4), 2).is_err());
-    std::fs::remove_dir_all(&dir).unwrap();
+    assert!(Dataset::from_folder(dir, (0, 4), 3).is_err());
+    assert!(Dataset::from_folder(dir, (4, 4), 2).is_err());
 }
 
 /// A folder of photos prepared as a model's recipe prepares them (EXIF orientation, the
@@ -227,8 +226,8 @@ fn a_folder_of_images_with_one_sub_folder_per_class() {
 fn a_folder_of_photos_takes_a_models_preprocessing() {
     use wgcnn::data::{IMAGENET_MEAN, IMAGENET_STD, Preprocess, load_image};
     let photos = concat!(env!("CARGO_MANIFEST_DIR"), "/data/photos");
-    let dir = std::env::temp_dir().join(format!("wgcnn-photos-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    let scratch = common::Scratch::new("photos");
+    let dir = scratch.path();
     for (class, file) in [
         ("cat", "chelsea.jpg"),
         ("cat", "chelsea_exif_rotate90.jpg"),
@@ -238,7 +237,7 @@ fn a_folder_of_photos_takes_a_models_preprocessing() {
         std::fs::copy(format!("{photos}/{file}"), dir.join(class).join(file)).unwrap();
     }
     let preprocess = Preprocess::imagenet();
-    let data = Dataset::from_folder_preprocessed(&dir, &preprocess).unwrap();
+    let data = Dataset::from_folder_preprocessed(dir, &preprocess).unwrap();
     assert_eq!(data.shape(), [3, 3, 224, 224]);
     assert_eq!(data.classes(), ["cat", "coffee"]);
     assert_eq!(data.labels(), [0, 0, 1]);
@@ -256,8 +255,7 @@ fn a_folder_of_photos_takes_a_models_preprocessing() {
         .into_dyn();
     assert!(max_abs_diff(&x, &want) < 1e-5);
     // Without a crop the images would differ in size: an error that says so.
-    let err = Dataset::from_folder_preprocessed(&dir, &Preprocess::new().resize(64).unwrap())
-        .unwrap_err();
+    let err =
+        Dataset::from_folder_preprocessed(dir, &Preprocess::new().resize(64).unwrap()).unwrap_err();
     assert!(err.to_string().contains("center_crop"), "{err}");
-    std::fs::remove_dir_all(&dir).unwrap();
 }

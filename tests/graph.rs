@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{gpu, max_abs_diff, random};
+use common::{Scratch, gpu, max_abs_diff, random};
 use ndarray::ArrayD;
 use wgcnn::graph::GraphOptimizer;
 use wgcnn::nn::{self, Conv2d, LeNetOptions, Linear, lenet5};
@@ -282,8 +282,7 @@ fn a_checkpoint_round_trip_gives_identical_predictions() {
         .unwrap();
     let mut opt = model.optimizer(Optimizer::sgd(0.05)).unwrap();
     train(&mut model, &mut opt, &data, 8, 3);
-    let dir = std::env::temp_dir().join(format!("wgcnn-graph-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = Scratch::new("graph");
     let path = dir.join("lenet.safetensors");
     model.save(&path).unwrap();
 
@@ -325,7 +324,6 @@ fn a_checkpoint_round_trip_gives_identical_predictions() {
     std::fs::write(&corrupt, b"\x10\x00\x00\x00\x00\x00\x00\x00{not json").unwrap();
     assert!(other.load(&corrupt).is_err());
     assert!(other.load(dir.join("absent.safetensors")).is_err());
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]

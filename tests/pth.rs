@@ -5,6 +5,9 @@
 
 use std::path::PathBuf;
 
+mod common;
+
+use common::Scratch;
 use wgcnn::Error;
 use wgcnn::ndarray::{ArrayD, IxDyn};
 use wgcnn::prelude::*;
@@ -192,12 +195,10 @@ fn a_training_checkpoint_loads_its_model_entry() {
 
 #[test]
 fn the_file_name_does_not_matter() {
-    let dir = std::env::temp_dir().join(format!("wgcnn-pth-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let renamed = dir.join("weights.safetensors");
+    let scratch = Scratch::new("pth");
+    let renamed = scratch.join("weights.safetensors");
     std::fs::copy(corpus("good_views.pth"), &renamed).unwrap();
     assert_eq!(Checkpoint::load(&renamed).unwrap(), load("good_views.pth"));
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{gpu, max_abs_diff, random};
+use common::{Scratch, gpu, max_abs_diff, random};
 use ndarray::ArrayD;
 use wgcnn::nn::{LeNetOptions, Linear, lenet5};
 use wgcnn::ops::{Distillation, SignedStep};
@@ -281,9 +281,8 @@ fn a_pytorch_style_state_dict_loads_as_is() {
         .unwrap()
         .build(Device::Cpu, 1)
         .unwrap();
-    let dir = std::env::temp_dir().join(format!("wgcnn-sd-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("torch.safetensors");
+    let scratch = Scratch::new("sd");
+    let path = scratch.join("torch.safetensors");
     Checkpoint::new(tensors.clone())
         .unwrap()
         .save(&path)
@@ -294,7 +293,6 @@ fn a_pytorch_style_state_dict_loads_as_is() {
     for (name, t) in &tensors {
         assert_eq!(loaded.get(name).unwrap(), t);
     }
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
