@@ -3,8 +3,11 @@
 //! planes where they belong, class names from batches.meta.txt, and every malformed file an
 //! error naming it.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
+mod common;
+
+use common::Scratch;
 use wgcnn::data::{Cifar10, Dataset, Pixels};
 
 const CLASSES: [&str; 10] = [
@@ -29,11 +32,10 @@ fn record(file: usize, index: usize) -> (u8, Vec<u8>) {
     (label, pixels)
 }
 
-/// A fresh directory holding `cifar-10-batches-bin/` with `records[f]` records in file `f`
-/// (five training files, then the test file).
-fn write_set(name: &str, records: [usize; 6]) -> PathBuf {
-    let root = std::env::temp_dir().join(format!("wgcnn-cifar-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&root);
+/// A fresh folder holding `cifar-10-batches-bin/` with `records[f]` records in file `f`
+/// (five training files, then the test file), removed as it drops.
+fn write_set(name: &str, records: [usize; 6]) -> Scratch {
+    let root = Scratch::new(&format!("cifar-{name}"));
     let dir = root.join("cifar-10-batches-bin");
     std::fs::create_dir_all(&dir).unwrap();
     let names = [
@@ -80,9 +82,10 @@ fn expected(files: std::ops::Range<usize>, records: [usize; 6]) -> Dataset {
 #[test]
 fn records_planes_and_class_names_as_written() {
     let records = [2, 1, 3, 1, 2, 3];
-    let root = write_set("good", records);
+    let set = write_set("good", records);
+    let root = set.path();
     // The directory the fetch script fills, or its cifar-10-batches-bin/.
-    for dir in [root.clone(), root.join("cifar-10-batches-bin")] {
+    for dir in [root.to_path_buf(), root.join("cifar-10-batches-bin")] {
         let cifar = Cifar10::load(&dir).unwrap();
         assert_eq!(cifar.train, expected(0..5, records));
         assert_eq!(cifar.test, expected(5..6, records));
@@ -90,9 +93,8 @@ fn records_planes_and_class_names_as_written() {
         assert_eq!(cifar.test.classes()[9], "truck");
     }
     // Each plane holds its own channel: the planes' means differ by the 80 added per plane.
-    let (mean, _) = Cifar10::load(&root).unwrap().test.channel_stats();
+    let (mean, _) = Cifar10::load(root).unwrap().test.channel_stats();
     assert!(mean[1] > mean[0] && mean[2] > mean[1], "{mean:?}");
-    std::fs::remove_dir_all(root).unwrap();
 }
 
 fn error(root: &Path) -> String {
@@ -108,28 +110,28 @@ fn malformed_sets_are_errors_naming_the_file() {
         "{err}"
     );
 
-    let root = write_set("truncated", [1, 1, 1, 1, 1, 2]);
+    let set = write_set("truncated", [1, 1, 1, 1, 1, 2]);
+    let root = set.path();
     let test = root.join("cifar-10-batches-bin/test_batch.bin");
     let bytes = std::fs::read(&test).unwrap();
     std::fs::write(&test, &bytes[..bytes.len() - 5]).unwrap();
-    let err = error(&root);
+    let err = error(root);
     assert!(
         err.contains("test_batch.bin") && err.contains("not a whole number of 3073-byte records"),
         "{err}"
     );
     std::fs::write(&test, []).unwrap();
-    assert!(error(&root).contains("0 bytes"), "{}", error(&root));
+    assert!(error(root).contains("0 bytes"), "{}", error(root));
 
     let mut bad_label = bytes.clone();
     bad_label[3073] = 10;
     std::fs::write(&test, bad_label).unwrap();
-    let err = error(&root);
+    let err = error(root);
     assert!(err.contains("record 1 has label 10"), "{err}");
 
     std::fs::write(&test, bytes).unwrap();
     let meta = root.join("cifar-10-batches-bin/batches.meta.txt");
     std::fs::write(&meta, CLASSES[..9].join("\n")).unwrap();
-    let err = error(&root);
+    let err = error(root);
     assert!(err.contains("9 class names"), "{err}");
-    std::fs::remove_dir_all(root).unwrap();
 }
