@@ -23,12 +23,12 @@ const CORPUS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/corpus");
 
 /// A scratch file holding `bytes`, named `name` inside a class folder of a folder of its
 /// own, removed with the folder as it drops.
-struct Scratch {
+struct ScratchFile {
     _folder: common::Scratch,
     file: PathBuf,
 }
 
-impl Scratch {
+impl ScratchFile {
     fn new(tag: &str, name: &str, bytes: &[u8]) -> Self {
         static COUNTER: AtomicU64 = AtomicU64::new(0);
         let id = COUNTER.fetch_add(1, Ordering::Relaxed);
@@ -166,7 +166,7 @@ fn the_corpus_loads_or_fails_cleanly() {
         files.sort();
         for file in files {
             let name = file.file_name().unwrap().to_string_lossy().to_string();
-            let scratch = Scratch::new(kind, &name, &std::fs::read(&file).unwrap());
+            let scratch = ScratchFile::new(kind, &name, &std::fs::read(&file).unwrap());
             let loaded = no_panic(&format!("{kind} {name}"), || loader(kind)(&scratch.file));
             // The good files must load: a loader that refused everything would pass too.
             if name.starts_with("good") && (kind != "image" || cfg!(feature = "image")) {
@@ -207,7 +207,7 @@ proptest! {
         mutated(good("idx", "good_labels.idx")),
         proptest::collection::vec(any::<u8>(), 0..64),
     ]) {
-        let scratch = Scratch::new("idx", "data.idx", &bytes);
+        let scratch = ScratchFile::new("idx", "data.idx", &bytes);
         no_panic("idx", || idx(&scratch.file));
     }
 
@@ -216,7 +216,7 @@ proptest! {
         mutated(good("safetensors", "good.safetensors")),
         proptest::collection::vec(any::<u8>(), 0..96),
     ]) {
-        let scratch = Scratch::new("safetensors", "model.safetensors", &bytes);
+        let scratch = ScratchFile::new("safetensors", "model.safetensors", &bytes);
         no_panic("safetensors", || checkpoint(&scratch.file));
     }
 
@@ -233,7 +233,7 @@ proptest! {
         proptest::collection::vec(any::<u8>(), 0..96).prop_map(|tail| [b"PK\x03\x04".as_slice(), &tail].concat()),
         proptest::collection::vec(any::<u8>(), 0..96),
     ]) {
-        let scratch = Scratch::new("pth", "model.pth", &bytes);
+        let scratch = ScratchFile::new("pth", "model.pth", &bytes);
         no_panic("pth", || checkpoint(&scratch.file));
     }
 
@@ -243,7 +243,7 @@ proptest! {
         proptest::collection::vec(any::<u8>(), 0..96),
     ], jpeg: bool) {
         let name = if jpeg { "picture.jpg" } else { "picture.png" };
-        let scratch = Scratch::new("image", name, &bytes);
+        let scratch = ScratchFile::new("image", name, &bytes);
         no_panic("image", || image_folder(&scratch.file));
     }
 }
