@@ -3,7 +3,7 @@
 mod common;
 
 use common::golden::{assert_close, cases, pair, tensor};
-use common::{gpu, max_abs_diff, random, read_family_gpus, upload};
+use common::{checked_read_family_gpus, gpu, max_abs_diff, random, read_family_gpus, upload};
 use ndarray::{ArrayD, IxDyn};
 use proptest::prelude::*;
 use serde_json::Value;
@@ -1264,6 +1264,51 @@ fn winograd_4x4_convolutions_match_the_cpu() {
             );
             matches_the_cpu(gpu, spec, (&x, &weight, &bias), seed, &format!("case {i}"));
         }
+    }
+}
+
+/// Both Winograd families, forced, compiled with wgpu's runtime checks on (CI runs the rest
+/// of this file without them: they make lavapipe's JIT ~5.4× slower): forward, dx and dW
+/// against the CPU with poisoned outputs, on one shape each that reaches one kind of
+/// transform (2×2 blocks of tiles over rows of whole vec4s; odd sizes with partial blocks),
+/// each on a context forced to one operand-read family, as each checked case costs ~13 s
+/// of JIT on lavapipe. A
+/// transform that indexed past one of its private arrays, or whose results hung on reads
+/// past a buffer's end, would differ here.
+#[test]
+fn winograd_kernels_match_the_cpu_under_runtime_checks() {
+    let Some(gpus) = checked_read_family_gpus() else {
+        return;
+    };
+    // (kernel, x's shape, filters, padding, activation)
+    let cases = [
+        // 2×2 blocks of tiles over rows of whole vec4s, the last block row half past the
+        // output: the `…_rows4` and `output_blocks4` transforms.
+        (
+            ConvKernel::Winograd,
+            [2, 17, 7, 12],
+            20,
+            1,
+            Activation::Relu,
+        ),
+        // Outputs of odd sizes, unpadded: partial 4×4 blocks, the plain transforms.
+        (ConvKernel::Winograd4, [2, 5, 9, 7], 6, 0, Activation::None),
+    ];
+    // Each case on one family (F(2×2) storage, F(4×4) textures), to halve the JIT.
+    for (i, (gpu, (kernel, x, o, padding, activation))) in gpus.iter().zip(cases).enumerate() {
+        let spec = Conv2d {
+            padding: Padding::Explicit(padding, padding),
+            activation,
+            kernel: Some(kernel),
+            ..Conv2d::default()
+        };
+        let seed = 190 + 4 * i as u64;
+        let (x, weight, bias) = layer_tensors(x, [o, x[1], 3, 3], seed);
+        let shape = spec.shape(x.shape(), weight.shape(), None).unwrap();
+        let plan = spec.plan(gpu, &shape).unwrap();
+        let passes = [plan.forward, plan.input_grad, plan.weight_grad];
+        assert_eq!(passes, [kernel; 3], "case {i}");
+        matches_the_cpu(gpu, spec, (&x, &weight, &bias), seed, &format!("case {i}"));
     }
 }
 

@@ -45,7 +45,7 @@ pub struct GpuOptions {
     /// bounding: `WGCNN_RUNTIME_CHECKS`, `on` or `off`). Off by default: every kernel guards
     /// its own accesses and bounds its own loops, and the checks cost time on every load
     /// (lavapipe: N8 64→64 56² 3×3 forward + backward 0.79× without them). On for debugging a kernel;
-    /// CI runs the tests once each way.
+    /// CI runs the crate's unit tests (matmuls, convolutions, sums) with them on too.
     pub runtime_checks: bool,
     /// Which kernel designs run (`WGCNN_KERNELS`: `auto`, `portable`, `cpu`): by default
     /// the adapter's type picks ([`KernelFamily::Auto`]); forcing one runs and measures the

@@ -76,6 +76,27 @@ pub fn read_family_gpus() -> Option<[&'static Gpu; 2]> {
     Some([storage_gpu()?, texture_gpu()?])
 }
 
+/// Fresh contexts forced to each operand-read family with wgpu's runtime checks on (index
+/// clamping, loop bounding), whatever `WGCNN_RUNTIME_CHECKS` says: for a test that must run
+/// its kernels checked in every CI pass. `None` where `gpu()` is.
+pub fn checked_read_family_gpus() -> Option<[Gpu; 2]> {
+    gpu()?;
+    Some(
+        [
+            wgcnn::tuning::OperandReads::Storage,
+            wgcnn::tuning::OperandReads::Texture,
+        ]
+        .map(|reads| {
+            let options = wgcnn::GpuOptions {
+                operand_reads: Some(reads),
+                runtime_checks: true,
+                ..options()
+            };
+            Gpu::with_options(options).unwrap()
+        }),
+    )
+}
+
 /// The process-wide GPU (first, where there is one) and the CPU reference path: the
 /// devices a test runs the same model on.
 pub fn devices() -> Vec<wgcnn::Device> {
