@@ -336,9 +336,5 @@ fn optimizer_state_follows_parameters_through_freezing_and_replacing() {
             .step_named(&[("fc.weight", &up(&zeros(3)))], &[&up(&zeros(3))])
             .unwrap_err();
         assert!(e.to_string().contains("fc.weight"), "{e}");
-        // The first update is never read back: a process that exits while lavapipe's queue
-        // thread still compiles its kernel aborts (LLVM runs on after its statics are freed;
-        // one run in eight of this test alone, with nextest).
-        gpu.synchronize().unwrap();
     }
 }

@@ -30,15 +30,45 @@ pub fn new_gpu() -> Gpu {
 /// The process-wide GPU. A missing adapter fails the test (say WGCNN_SKIP_GPU_TESTS=1 to
 /// skip on purpose on a machine without one; CI never does).
 pub fn gpu() -> Option<&'static Gpu> {
-    static GPU: OnceLock<Result<Gpu, String>> = OnceLock::new();
     match GPU.get_or_init(|| Gpu::with_options(options()).map_err(|e| e.to_string())) {
-        Ok(gpu) => Some(gpu),
+        Ok(gpu) => {
+            SYNCHRONIZE_AT_TEST_END.with(|_| {});
+            Some(gpu)
+        }
         Err(e) if std::env::var_os("WGCNN_SKIP_GPU_TESTS").is_some() => {
             eprintln!("skipping a GPU test on request: {e}");
             None
         }
         Err(e) => panic!("no GPU for the tests: {e}"),
     }
+}
+
+static GPU: OnceLock<Result<Gpu, String>> = OnceLock::new();
+static TEXTURE_GPU: OnceLock<Gpu> = OnceLock::new();
+static STORAGE_GPU: OnceLock<Gpu> = OnceLock::new();
+
+/// Waits, as a test's thread ends, for what was submitted to the process-wide contexts,
+/// which are never dropped (dropping a `Gpu` waits). libtest joins every test's thread,
+/// its thread-locals' destructors included, before the process exits; a process that exits
+/// while lavapipe's queue thread still compiles a kernel can abort (docs/guide.md, "Failure
+/// modes"), so no test needs to end on a read-back.
+struct SynchronizeAtTestEnd;
+
+impl Drop for SynchronizeAtTestEnd {
+    fn drop(&mut self) {
+        let shared = GPU.get().and_then(|gpu| gpu.as_ref().ok());
+        for gpu in [shared, TEXTURE_GPU.get(), STORAGE_GPU.get()]
+            .into_iter()
+            .flatten()
+        {
+            // A test that lost its device has said so already.
+            let _ = gpu.synchronize();
+        }
+    }
+}
+
+thread_local! {
+    static SYNCHRONIZE_AT_TEST_END: SynchronizeAtTestEnd = const { SynchronizeAtTestEnd };
 }
 
 /// A context on the same adapter forced to read kernel operands one way, whatever this
@@ -60,14 +90,12 @@ fn forced_gpu(
 /// A context forced to read kernel operands through textures (what the calibration picks
 /// on hosts where texel loads are the cheaper ones).
 pub fn texture_gpu() -> Option<&'static Gpu> {
-    static GPU: OnceLock<Gpu> = OnceLock::new();
-    forced_gpu(wgcnn::tuning::OperandReads::Texture, &GPU)
+    forced_gpu(wgcnn::tuning::OperandReads::Texture, &TEXTURE_GPU)
 }
 
 /// A context forced to read kernel operands from storage buffers.
 pub fn storage_gpu() -> Option<&'static Gpu> {
-    static GPU: OnceLock<Gpu> = OnceLock::new();
-    forced_gpu(wgcnn::tuning::OperandReads::Storage, &GPU)
+    forced_gpu(wgcnn::tuning::OperandReads::Storage, &STORAGE_GPU)
 }
 
 /// Both operand-read families, forced, so that a test runs every kernel variant on any host
