@@ -1272,9 +1272,8 @@ fn winograd_4x4_convolutions_match_the_cpu() {
 /// against the CPU with poisoned outputs, on one shape each that reaches one kind of
 /// transform (2×2 blocks of tiles over rows of whole vec4s; odd sizes with partial blocks),
 /// each on a context forced to one operand-read family, as each checked case costs ~13 s
-/// of JIT on lavapipe. A
-/// transform that indexed past one of its private arrays, or whose results hung on reads
-/// past a buffer's end, would differ here.
+/// of JIT on lavapipe. A transform that indexed past one of its private arrays, or whose
+/// results hung on reads past a buffer's end, would differ here.
 #[test]
 fn winograd_kernels_match_the_cpu_under_runtime_checks() {
     let Some(gpus) = checked_read_family_gpus() else {

@@ -78,13 +78,15 @@ fn forced_gpu(
     cell: &'static OnceLock<Gpu>,
 ) -> Option<&'static Gpu> {
     gpu()?;
-    Some(cell.get_or_init(|| {
-        let options = wgcnn::GpuOptions {
-            operand_reads: Some(reads),
-            ..options()
-        };
-        Gpu::with_options(options).unwrap()
-    }))
+    Some(cell.get_or_init(|| Gpu::with_options(reading(reads)).unwrap()))
+}
+
+/// The tests' [`options`], operands read `reads`' way.
+fn reading(reads: wgcnn::tuning::OperandReads) -> wgcnn::GpuOptions {
+    wgcnn::GpuOptions {
+        operand_reads: Some(reads),
+        ..options()
+    }
 }
 
 /// A context forced to read kernel operands through textures (what the calibration picks
@@ -116,9 +118,8 @@ pub fn checked_read_family_gpus() -> Option<[Gpu; 2]> {
         ]
         .map(|reads| {
             let options = wgcnn::GpuOptions {
-                operand_reads: Some(reads),
                 runtime_checks: true,
-                ..options()
+                ..reading(reads)
             };
             Gpu::with_options(options).unwrap()
         }),
