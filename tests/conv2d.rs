@@ -3,7 +3,9 @@
 mod common;
 
 use common::golden::{assert_close, cases, pair, tensor};
-use common::{checked_read_family_gpus, gpu, max_abs_diff, random, read_family_gpus, upload};
+use common::{
+    capped_gpu, checked_read_family_gpus, gpu, max_abs_diff, random, read_family_gpus, upload,
+};
 use ndarray::{ArrayD, IxDyn};
 use proptest::prelude::*;
 use serde_json::Value;
@@ -288,24 +290,29 @@ fn check_finite_differences(spec: Conv2d, x_shape: &[usize], w_shape: &[usize]) 
 
 #[test]
 fn large_batches_run_in_chunks() {
-    let Some(gpu) = gpu() else { return };
-    // 300 images of 3×64×64 with 20 filters of 3×3 ("same"): Winograd, whose transformed
-    // tiles (300·16·20·32·32·4 B ≈ 393 MB) exceed one 64 MiB chunk (the weight gradient's
-    // per-chunk products then add up), and, forced, im2col (300·27·64·64·4 B ≈ 133 MB):
-    // the batch is split and later chunks start past the first image. At 63×63 (3,969
-    // positions, not a multiple of 4; two chunks, the second from image 156) im2col lays each
-    // chunk's images side by side: one product forward (columns_to_images writing it back as
-    // images), dy side by side too (images_to_columns) for dW, the second chunk adding to the
-    // first's sums, and for dcol = Wᵀ·dy, which col2im reads side by side.
+    // Buffers capped at 8 MiB (`GpuOptions::buffer_limit`), which one chunk then is, as at
+    // the adapter's own limit. 24 images of 3×64×64 with 20 filters of 3×3 ("same"):
+    // Winograd, whose transformed tiles (24·16·20·32·32·4 B ≈ 31 MB) take several chunks
+    // (the weight gradient's per-chunk products then add up), and, forced, im2col
+    // (24·27·64·64·4 B ≈ 10.6 MB): the batch is split and later chunks start past the first
+    // image. At 63×63 (3,969 positions, not a multiple of 4; two chunks, the second from
+    // image 19) im2col lays each chunk's images side by side: one product forward
+    // (columns_to_images writing it back as images), dy side by side too
+    // (images_to_columns) for dW, the second chunk adding to the first's sums, and for
+    // dcol = Wᵀ·dy, which col2im reads side by side.
+    let Some(gpu) = capped_gpu(8 << 20) else {
+        return;
+    };
+    let gpu = &gpu;
     let b = random(&[20], 7);
     let w = random(&[20, 3, 3, 3], 6);
-    // The CPU's results (most of the test's time) once per side, for each kernel there.
+    // The CPU's results once per side, for each kernel there.
     let cases = [
         (64, &[ConvKernel::Winograd, ConvKernel::Im2colMatmul][..]),
         (63, &[ConvKernel::Im2colMatmul][..]),
     ];
     for (side, kernels) in cases {
-        let x = random(&[300, 3, side, side], 5);
+        let x = random(&[24, 3, side, side], 5);
         let same = Conv2d {
             padding: Padding::Same,
             ..Conv2d::default()
@@ -321,6 +328,8 @@ fn large_batches_run_in_chunks() {
                 ..same
             };
             let shape = spec.shape(x.shape(), w.shape(), None).unwrap();
+            let col_bytes = 24 * 27 * side * side * 4;
+            assert!(col_bytes as u64 > gpu.limits().max_storage_buffer_binding_size);
             // dx may run as a direct convolution of dy; the forward pass and dW take the
             // chunks (and at 63×63 dx too, through col2im).
             let plan = spec.plan(gpu, &shape).unwrap();

@@ -125,6 +125,35 @@ fn tensors_beyond_the_device_limits_are_refused_before_allocating() {
     assert!(err.to_string().contains("more elements than fit"), "{err}");
 }
 
+/// A context whose buffers are capped (`GpuOptions::buffer_limit`) asks the device for no
+/// more, and refuses a tensor past the cap as it would one past the adapter's own limit; a
+/// cap too small to run the kernels' parameter buffers is an error that says so.
+#[test]
+fn a_buffer_limit_caps_tensors_and_too_small_a_cap_is_refused() {
+    let Some(gpu) = common::capped_gpu(1 << 20) else {
+        return;
+    };
+    assert_eq!(gpu.limits().max_storage_buffer_binding_size, 1 << 20);
+    assert_eq!(gpu.limits().max_buffer_size, 1 << 20);
+    let fits = Tensor::from_array(&gpu, &random(&[1 << 18], 3)).unwrap();
+    assert_eq!(fits.to_array().unwrap(), random(&[1 << 18], 3));
+    let err = Tensor::full(&gpu, &[(1 << 18) + 1], 1.0).unwrap_err();
+    assert!(matches!(err, Error::TooLarge { .. }), "{err:?}");
+    assert!(err.to_string().contains("of 1048576 bytes"), "{err}");
+
+    let options = GpuOptions {
+        buffer_limit: Some((1 << 20) - 1),
+        ..common::options()
+    };
+    let err = Gpu::with_options(options).unwrap_err();
+    let message = err.to_string();
+    assert!(message.contains("buffer_limit"), "{message}");
+    assert!(
+        message.contains("1048576 bytes (1 MiB) or more"),
+        "{message}"
+    );
+}
+
 #[test]
 fn the_subgroup_kernel_needs_subgroups() {
     let Some(gpu) = gpu() else { return };

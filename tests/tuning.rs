@@ -22,18 +22,25 @@ fn cache_file(name: &str) -> PathBuf {
 }
 
 fn context(tuning: Tuning, cache: Option<PathBuf>, budget: Duration) -> Gpu {
-    Gpu::with_options(GpuOptions {
+    Gpu::with_options(options(tuning, cache, budget)).unwrap()
+}
+
+fn options(tuning: Tuning, cache: Option<PathBuf>, budget: Duration) -> GpuOptions {
+    GpuOptions {
         tuning,
         tuning_cache: cache,
         tuning_budget: budget,
         ..common::options()
-    })
-    .unwrap()
+    }
 }
 
 /// A measuring context with the cache file `file` and a budget no trial here reaches.
 fn measuring(file: &Path) -> Gpu {
-    context(
+    Gpu::with_options(measuring_options(file)).unwrap()
+}
+
+fn measuring_options(file: &Path) -> GpuOptions {
+    options(
         Tuning::Measure,
         Some(file.to_path_buf()),
         Duration::from_secs(600),
@@ -267,9 +274,10 @@ fn a_training_forward_pass_is_timed_with_its_weight_gradient() {
     let _ = std::fs::remove_dir_all(file.parent().unwrap());
 }
 
-/// A batch whose transformed tiles outgrow the one chunk a kept V is made in (F(2×2) of
-/// 16×128² images: 4 MiB each, 64 MiB the chunk) keeps none, so its forward pass is not
-/// timed as if it saved the weight gradient's input transform. With dW F(2×2)'s for the
+/// A batch whose transformed tiles outgrow the one chunk a kept V is made in keeps none, so
+/// its forward pass is not timed as if it saved the weight gradient's input transform. The
+/// contexts cap buffers at 4 MiB (`GpuOptions::buffer_limit`), which the chunk then is, as
+/// at the adapter's own limit: F(2×2) of 16×32² images takes 256 KiB each, so 16 fit. With dW F(2×2)'s for the
 /// tuning keys that 16 and 17 images share (both timed on 16), 17 images take the forward
 /// pass's own choice and keep nothing; 16 are timed for training and keep V exactly where
 /// that choice is F(2×2). Each pass gives what the plain forward and backward passes do
@@ -280,14 +288,21 @@ fn tiles_past_one_chunk_are_not_counted_as_kept() {
         return;
     }
     let file = cache_file("chunk");
+    let capped = || {
+        let options = GpuOptions {
+            buffer_limit: Some(4 << 20),
+            ..measuring_options(&file)
+        };
+        Gpu::with_options(options).unwrap()
+    };
     let spec = spec();
     let w = [16, 16, 3, 3];
     let (wa, ba) = (random(&w, 31), random(&[w[0]], 32));
     // A training step of `n` images on `gpu` against the plain passes: whether it kept V.
     let step = |gpu: &Gpu, n: usize| {
         let up = |a: &ndarray::ArrayD<f32>| Tensor::from_array(gpu, a).unwrap();
-        let (x, weight, bias) = (up(&random(&[n, 16, 128, 128], 33)), up(&wa), up(&ba));
-        let dy = up(&random(&[n, 16, 128, 128], 34));
+        let (x, weight, bias) = (up(&random(&[n, 16, 32, 32], 33)), up(&wa), up(&ba));
+        let dy = up(&random(&[n, 16, 32, 32], 34));
         let (y, saved) = spec.forward_saving(&x, &weight, Some(&bias)).unwrap();
         let g = spec
             .backward_saved(&x, &weight, &dy, saved.as_ref())
@@ -306,7 +321,7 @@ fn tiles_past_one_chunk_are_not_counted_as_kept() {
         }
         saved.is_some()
     };
-    let first = measuring(&file);
+    let first = capped();
     step(&first, 16);
     // Its trials time 4 of the 16 images; the candidates close to the leader race again on
     // all 16: each choice says which batch its times are from.
@@ -325,7 +340,7 @@ fn tiles_past_one_chunk_are_not_counted_as_kept() {
         f2.unwrap_or_else(|| panic!("{candidates:?}")).to_string()
     });
 
-    let tuned = measuring(&file);
+    let tuned = capped();
     let training = || {
         let report = tuned.tuning_report();
         let found = report.choices.iter().find(|c| c.key.contains("training"));

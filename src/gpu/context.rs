@@ -51,6 +51,12 @@ pub struct GpuOptions {
     /// the adapter's type picks ([`KernelFamily::Auto`]); forcing one runs and measures the
     /// other family's kernels on any adapter (tests, `perf --kernels`).
     pub kernel_family: KernelFamily,
+    /// Caps the device's buffer and storage-binding sizes (bytes) below the adapter's own,
+    /// to run as a GPU with smaller limits would (WebGPU's default binding is 128 MiB): every
+    /// op then splits its batch into chunks that fit, as it does at the adapter's limit,
+    /// and a tensor past the cap is an [`Error::TooLarge`]. `None` (the default) asks for
+    /// everything the adapter offers. At least 1 MiB.
+    pub buffer_limit: Option<u64>,
 }
 
 /// The two designs of the kernels that exist in both (`GpuOptions::kernel_family`).
@@ -83,6 +89,7 @@ impl Default for GpuOptions {
             tuning_budget: std::time::Duration::from_secs(1),
             runtime_checks: false,
             kernel_family: KernelFamily::Auto,
+            buffer_limit: None,
         }
     }
 }
@@ -166,6 +173,22 @@ fn parse_backends(list: &str) -> Result<wgpu::Backends> {
         backends |= backend;
     }
     Ok(backends)
+}
+
+/// The adapter's `limits` with the buffer and storage-binding sizes capped at `cap`.
+fn capped(mut limits: wgpu::Limits, cap: Option<u64>) -> Result<wgpu::Limits> {
+    let Some(cap) = cap else { return Ok(limits) };
+    // Below this the kernels' own parameter and uniform buffers would not fit.
+    const SMALLEST: u64 = 1 << 20;
+    if cap < SMALLEST {
+        return Err(Error::InvalidArgument {
+            op: "GpuOptions::buffer_limit",
+            detail: format!("a cap of {cap} bytes; accepted: {SMALLEST} bytes (1 MiB) or more"),
+        });
+    }
+    limits.max_buffer_size = limits.max_buffer_size.min(cap);
+    limits.max_storage_buffer_binding_size = limits.max_storage_buffer_binding_size.min(cap);
+    Ok(limits)
 }
 
 /// `WGCNN_TUNING`'s value.
@@ -280,6 +303,8 @@ pub(crate) struct GpuInner {
     pub(crate) runtime_checks: bool,
     /// `GpuOptions::kernel_family`.
     kernel_family: KernelFamily,
+    /// `GpuOptions::buffer_limit`.
+    pub(crate) buffer_limit: Option<u64>,
     lost: Arc<Mutex<Option<String>>>,
     uncaptured: Arc<Mutex<Option<String>>>,
 }
@@ -326,7 +351,7 @@ impl Gpu {
         let info = adapter.get_info();
         // Ask for everything the adapter offers: real GPUs and lavapipe allow storage
         // buffers far beyond WebGPU's 128 MiB / 256 MiB defaults.
-        let limits = adapter.limits();
+        let limits = capped(adapter.limits(), options.buffer_limit)?;
         // Timestamps inside passes, where offered, for `Gpu::profile_ops`.
         let wanted = wgpu::Features::SUBGROUP | super::profile::TIMESTAMPS;
         let features = adapter.features() & wanted;
@@ -380,6 +405,7 @@ impl Gpu {
                 recording_hold_bytes: options.recording_hold_bytes,
                 runtime_checks: options.runtime_checks,
                 kernel_family: options.kernel_family,
+                buffer_limit: options.buffer_limit,
                 lost,
                 uncaptured,
             }),
@@ -391,7 +417,8 @@ impl Gpu {
         &self.inner.info
     }
 
-    /// The device limits in force (the adapter's own).
+    /// The device limits in force: the adapter's own, the buffer sizes capped by
+    /// [`GpuOptions::buffer_limit`] where it is set.
     pub fn limits(&self) -> &wgpu::Limits {
         &self.inner.limits
     }

@@ -365,10 +365,11 @@ impl Gpu {
     }
 
     /// This adapter and driver, the kernel family, this crate's version and its kernels'
-    /// revision: a choice timed on one holds for the same kernels on the same hardware only.
+    /// revision, and a cap on buffer sizes where one is set (it changes how batches are
+    /// chunked): a choice timed on one holds for the same kernels on the same hardware only.
     fn adapter_key(&self) -> String {
         let info = self.adapter_info();
-        let key = format!(
+        let mut key = format!(
             "{} | {:?} | {} {} | {:?} kernels | wgcnn {} kernels r{KERNELS_REVISION}",
             info.name,
             info.backend,
@@ -377,6 +378,9 @@ impl Gpu {
             self.kernel_family(),
             env!("CARGO_PKG_VERSION")
         );
+        if let Some(cap) = self.inner.buffer_limit {
+            key.push_str(&format!(" | buffers of {cap} bytes at most"));
+        }
         key.replace(['\t', '\n', '\r'], " ")
     }
 }

@@ -126,6 +126,18 @@ pub fn checked_read_family_gpus() -> Option<[Gpu; 2]> {
     )
 }
 
+/// A fresh context with the tests' [`options`] whose buffers and storage bindings are capped
+/// at `bytes` (`GpuOptions::buffer_limit`): an op reaches its chunking at the adapter's limit
+/// with tensors that small. `None` where `gpu()` is.
+pub fn capped_gpu(bytes: u64) -> Option<Gpu> {
+    gpu()?;
+    let options = wgcnn::GpuOptions {
+        buffer_limit: Some(bytes),
+        ..options()
+    };
+    Some(Gpu::with_options(options).unwrap())
+}
+
 /// The process-wide GPU (first, where there is one) and the CPU reference path: the
 /// devices a test runs the same model on.
 pub fn devices() -> Vec<wgcnn::Device> {
