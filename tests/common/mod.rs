@@ -1,4 +1,5 @@
-//! Shared test setup: one `Gpu` per test process (lavapipe leaks devices created per test).
+//! Shared test setup: a few `Gpu`s per test process, shared by its tests (lavapipe leaks
+//! devices created per test).
 
 #![allow(dead_code)]
 
@@ -6,6 +7,7 @@ pub mod golden;
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use ndarray::{ArrayD, IxDyn};
 use rand::{RngExt, SeedableRng, rngs::StdRng};
@@ -27,14 +29,13 @@ pub fn new_gpu() -> Gpu {
     Gpu::with_options(options()).unwrap()
 }
 
-/// The process-wide GPU. A missing adapter fails the test (say WGCNN_SKIP_GPU_TESTS=1 to
+/// This test's GPU: one of the process's [`SLOTS`] contexts, the one fewest running tests
+/// hold, kept for the test. A missing adapter fails the test (say WGCNN_SKIP_GPU_TESTS=1 to
 /// skip on purpose on a machine without one; CI never does).
 pub fn gpu() -> Option<&'static Gpu> {
-    match GPU.get_or_init(|| Gpu::with_options(options()).map_err(|e| e.to_string())) {
-        Ok(gpu) => {
-            SYNCHRONIZE_AT_TEST_END.with(|_| {});
-            Some(gpu)
-        }
+    let slot = SLOT.with(|slot| slot.0);
+    match SHARED[slot].get_or_init(|| Gpu::with_options(options()).map_err(|e| e.to_string())) {
+        Ok(gpu) => Some(gpu),
         Err(e) if std::env::var_os("WGCNN_SKIP_GPU_TESTS").is_some() => {
             eprintln!("skipping a GPU test on request: {e}");
             None
@@ -43,41 +44,63 @@ pub fn gpu() -> Option<&'static Gpu> {
     }
 }
 
-static GPU: OnceLock<Result<Gpu, String>> = OnceLock::new();
-static TEXTURE_GPU: OnceLock<Gpu> = OnceLock::new();
-static STORAGE_GPU: OnceLock<Gpu> = OnceLock::new();
+/// How many sets of shared contexts a test process keeps: one for each of CI's two cores.
+/// lavapipe compiles a kernel on first use on its device's queue thread, so two tests
+/// sharing one device compile one kernel at a time (the portable family's matmul.rs
+/// 164 → 153 s, conv2d.rs 228 → 200 s with two). More would only add devices (lavapipe
+/// leaks one created per test) and compile each kernel again for each.
+const SLOTS: usize = 2;
 
-/// Waits, as a test's thread ends, for what was submitted to the process-wide contexts,
-/// which are never dropped (dropping a `Gpu` waits). libtest joins every test's thread,
-/// its thread-locals' destructors included, before the process exits; a process that exits
-/// while lavapipe's queue thread still compiles a kernel can abort (docs/guide.md, "Failure
-/// modes"), so no test needs to end on a read-back.
-struct SynchronizeAtTestEnd;
+static SHARED: [OnceLock<Result<Gpu, String>>; SLOTS] = [const { OnceLock::new() }; SLOTS];
+static TEXTURE_GPU: [OnceLock<Gpu>; SLOTS] = [const { OnceLock::new() }; SLOTS];
+static STORAGE_GPU: [OnceLock<Gpu>; SLOTS] = [const { OnceLock::new() }; SLOTS];
+/// The tests running on each slot.
+static HOLDERS: [AtomicUsize; SLOTS] = [const { AtomicUsize::new(0) }; SLOTS];
 
-impl Drop for SynchronizeAtTestEnd {
+/// The slot a test's thread took on its first `gpu()` call. As the thread ends it waits for
+/// what was submitted to the slot's contexts, which are never dropped (dropping a `Gpu`
+/// waits), then gives the slot up. libtest joins every test's thread, its thread-locals'
+/// destructors included, before the process exits; a process that exits while lavapipe's
+/// queue thread still compiles a kernel can abort (docs/guide.md, "Failure modes"), so no
+/// test needs to end on a read-back.
+struct Slot(usize);
+
+impl Slot {
+    fn take() -> Slot {
+        let slot = (0..SLOTS)
+            .min_by_key(|&i| HOLDERS[i].load(Ordering::Relaxed))
+            .unwrap_or(0);
+        HOLDERS[slot].fetch_add(1, Ordering::Relaxed);
+        Slot(slot)
+    }
+}
+
+impl Drop for Slot {
     fn drop(&mut self) {
-        let shared = GPU.get().and_then(|gpu| gpu.as_ref().ok());
-        for gpu in [shared, TEXTURE_GPU.get(), STORAGE_GPU.get()]
+        let shared = SHARED[self.0].get().and_then(|gpu| gpu.as_ref().ok());
+        for gpu in [shared, TEXTURE_GPU[self.0].get(), STORAGE_GPU[self.0].get()]
             .into_iter()
             .flatten()
         {
             // A test that lost its device has said so already.
             let _ = gpu.synchronize();
         }
+        HOLDERS[self.0].fetch_sub(1, Ordering::Relaxed);
     }
 }
 
 thread_local! {
-    static SYNCHRONIZE_AT_TEST_END: SynchronizeAtTestEnd = const { SynchronizeAtTestEnd };
+    static SLOT: Slot = Slot::take();
 }
 
 /// A context on the same adapter forced to read kernel operands one way, whatever this
 /// host's calibration would pick. `None` where `gpu()` is.
 fn forced_gpu(
     reads: wgcnn::tuning::OperandReads,
-    cell: &'static OnceLock<Gpu>,
+    cells: &'static [OnceLock<Gpu>; SLOTS],
 ) -> Option<&'static Gpu> {
     gpu()?;
+    let cell = &cells[SLOT.with(|slot| slot.0)];
     Some(cell.get_or_init(|| Gpu::with_options(reading(reads)).unwrap()))
 }
 
