@@ -334,6 +334,16 @@ fn tiles_past_one_chunk_are_not_counted_as_kept() {
         assert!(timed >= 1, "{choice:?}");
         assert!(matches!(choice.timed_batch, Some(4 | 16)), "{choice:?}");
     }
+    // Choices timed under a cap are kept for contexts with the same cap only.
+    let text = std::fs::read_to_string(&file).unwrap();
+    let lines: Vec<&str> = text.lines().filter(|l| l.contains("\tconv2d ")).collect();
+    assert!(!lines.is_empty(), "{text}");
+    for line in lines {
+        assert!(
+            line.contains("buffers of 4194304 bytes at most\t"),
+            "{line}"
+        );
+    }
     // The backward plan F(2×2)'s weight gradient, and no training forward choice yet.
     choose_backward(&file, "conv2d backward n16 ", |candidates| {
         let f2 = candidates.iter().find(|n| n.ends_with(" + winograd dW"));
