@@ -313,6 +313,8 @@ fn large_batches_run_in_chunks() {
     ];
     for (side, kernels) in cases {
         let x = random(&[24, 3, side, side], 5);
+        let col_bytes = 24 * 27 * side * side * 4;
+        assert!(col_bytes as u64 > gpu.limits().max_storage_buffer_binding_size);
         let same = Conv2d {
             padding: Padding::Same,
             ..Conv2d::default()
@@ -328,8 +330,6 @@ fn large_batches_run_in_chunks() {
                 ..same
             };
             let shape = spec.shape(x.shape(), w.shape(), None).unwrap();
-            let col_bytes = 24 * 27 * side * side * 4;
-            assert!(col_bytes as u64 > gpu.limits().max_storage_buffer_binding_size);
             // dx may run as a direct convolution of dy; the forward pass and dW take the
             // chunks (and at 63×63 dx too, through col2im).
             let plan = spec.plan(gpu, &shape).unwrap();

@@ -277,11 +277,11 @@ fn a_training_forward_pass_is_timed_with_its_weight_gradient() {
 /// A batch whose transformed tiles outgrow the one chunk a kept V is made in keeps none, so
 /// its forward pass is not timed as if it saved the weight gradient's input transform. The
 /// contexts cap buffers at 4 MiB (`GpuOptions::buffer_limit`), which the chunk then is, as
-/// at the adapter's own limit: F(2×2) of 16×32² images takes 256 KiB each, so 16 fit. With dW F(2×2)'s for the
-/// tuning keys that 16 and 17 images share (both timed on 16), 17 images take the forward
-/// pass's own choice and keep nothing; 16 are timed for training and keep V exactly where
-/// that choice is F(2×2). Each pass gives what the plain forward and backward passes do
-/// (which the other tests check against the CPU).
+/// at the adapter's own limit: F(2×2) of 16×32² images takes 256 KiB each, so 16 fit. With
+/// dW F(2×2)'s for the tuning keys that 16 and 17 images share (both timed on 16), 17 images
+/// take the forward pass's own choice and keep nothing; 16 are timed for training and keep
+/// V exactly where that choice is F(2×2). Each pass gives what the plain forward and
+/// backward passes do (which the other tests check against the CPU).
 #[test]
 fn tiles_past_one_chunk_are_not_counted_as_kept() {
     if gpu().is_none() {

@@ -124,7 +124,7 @@ pub fn storage_gpu() -> Option<&'static Gpu> {
 }
 
 /// Both operand-read families, forced, so that a test runs every kernel variant on any host
-/// (the process-wide GPU runs only the one its calibration picked).
+/// (this test's `gpu()` runs only the one its calibration picked).
 pub fn read_family_gpus() -> Option<[&'static Gpu; 2]> {
     Some([storage_gpu()?, texture_gpu()?])
 }
@@ -161,7 +161,7 @@ pub fn capped_gpu(bytes: u64) -> Option<Gpu> {
     Some(Gpu::with_options(options).unwrap())
 }
 
-/// The process-wide GPU (first, where there is one) and the CPU reference path: the
+/// This test's GPU (first, where there is one) and the CPU reference path: the
 /// devices a test runs the same model on.
 pub fn devices() -> Vec<wgcnn::Device> {
     let mut devices: Vec<_> = gpu()
@@ -172,7 +172,7 @@ pub fn devices() -> Vec<wgcnn::Device> {
     devices
 }
 
-/// Uploads to the process-wide GPU (call after `gpu()` said there is one).
+/// Uploads to this test's GPU (call after `gpu()` said there is one).
 pub fn upload(x: &ArrayD<f32>) -> wgcnn::Tensor {
     wgcnn::Tensor::from_array(gpu().expect("a GPU"), x).unwrap()
 }
