@@ -1,4 +1,4 @@
-//! Helpers for the unit tests inside the crate (the integration tests have tests/common).
+//! Helpers for the unit tests inside the crate (the integration tests have tests/suite/common).
 
 use ndarray::{ArrayD, IxDyn};
 

@@ -4,7 +4,7 @@
 //! transformed back with bias and activation. F(2×2, 3×3) does 2.25× fewer multiplies than
 //! direct summation and keeps 16·C values per 2×2 outputs (im2col: 9·C per output);
 //! F(4×4, 3×3) 4× fewer and 36·C per 4×4 outputs, at the price of transforms with entries
-//! from 1/24 to 8, whose rounding the tests bound (tests/conv2d.rs). The input gradient is the
+//! from 1/24 to 8, whose rounding the tests bound (tests/suite/conv2d.rs). The input gradient is the
 //! same algorithm over `dy` with the filters rotated and transposed; the weight gradient
 //! transforms the tiles of `x` and `dy` and sums their products over the tiles as one
 //! batched matmul, then transforms the sums back to 3×3. F(4×4, 3×3)'s weight gradient sums
@@ -12,7 +12,7 @@
 //! with the largest gradient (measured, N8 64→64 56² against the CPU: 2.4e-5 of max |dW|,
 //! F(2×2)'s 7.8e-6, im2col's 6.6e-6; on PyTorch's goldens 5.3e-7 of it past rtol 1e-4, up to
 //! 1.7× their atol of 1e-5 where F(2×2) stays within 56 %), the tests bound it so
-//! (tests/conv2d.rs), and it comes after F(2×2)'s in the fixed order: the tuner takes it
+//! (tests/suite/conv2d.rs), and it comes after F(2×2)'s in the fixed order: the tuner takes it
 //! where it is faster (N8 64→64 56² on lavapipe: dW 19.6 → 14.5 ms). The CPU reference is
 //! `conv2d_cpu`: Winograd computes the same sums in another order.
 

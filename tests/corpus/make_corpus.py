@@ -1,4 +1,4 @@
-"""The fuzz corpus replayed by tests/fuzz.rs: hand-made hostile and broken inputs for the IDX
+"""The fuzz corpus replayed by tests/suite/fuzz.rs: hand-made hostile and broken inputs for the IDX
 reader, the safetensors checkpoint loader and image decoding (plus any input a fuzz run
 found, added by hand). Every file must load or fail with an error, never panic or abort.
 Run from the repository root (Python 3 standard library only):

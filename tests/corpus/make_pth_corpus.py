@@ -1,4 +1,4 @@
-"""The PyTorch `.pth` corpus read by tests/pth.rs and replayed by tests/fuzz.rs.
+"""The PyTorch `.pth` corpus read by tests/suite/pth.rs and replayed by tests/suite/fuzz.rs.
 
 `good_*.pth` are written by `torch.save(state_dict)` itself; next to each, `good_*.safetensors`
 holds the values PyTorch's own conversion gives (`.float()` for floating dtypes, int64 for

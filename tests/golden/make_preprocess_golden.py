@@ -1,4 +1,4 @@
-"""torchvision's preprocessing on small deterministic images, for tests/preprocess.rs.
+"""torchvision's preprocessing on small deterministic images, for tests/suite/preprocess.rs.
 
 Writes tests/golden/preprocess_{resize,crop,pipeline}.json. With --write-photos it also
 (re)writes data/photos/ from scikit-image's sample photos (see data/photos/README.md).
