@@ -33,8 +33,10 @@ pub fn new_gpu() -> Gpu {
 /// hold, kept for the test. A missing adapter fails the test (say WGCNN_SKIP_GPU_TESTS=1 to
 /// skip on purpose on a machine without one; CI never does).
 pub fn gpu() -> Option<&'static Gpu> {
-    let slot = SLOT.with(|slot| slot.0);
-    match SHARED[slot].get_or_init(|| Gpu::with_options(options()).map_err(|e| e.to_string())) {
+    match slot()
+        .shared
+        .get_or_init(|| Gpu::with_options(options()).map_err(|e| e.to_string()))
+    {
         Ok(gpu) => Some(gpu),
         Err(e) if std::env::var_os("WGCNN_SKIP_GPU_TESTS").is_some() => {
             eprintln!("skipping a GPU test on request: {e}");
@@ -51,11 +53,22 @@ pub fn gpu() -> Option<&'static Gpu> {
 /// leaks one created per test) and compile each kernel again for each.
 const SLOTS: usize = 2;
 
-static SHARED: [OnceLock<Result<Gpu, String>>; SLOTS] = [const { OnceLock::new() }; SLOTS];
-static TEXTURE_GPU: [OnceLock<Gpu>; SLOTS] = [const { OnceLock::new() }; SLOTS];
-static STORAGE_GPU: [OnceLock<Gpu>; SLOTS] = [const { OnceLock::new() }; SLOTS];
-/// The tests running on each slot.
-static HOLDERS: [AtomicUsize; SLOTS] = [const { AtomicUsize::new(0) }; SLOTS];
+/// One slot's contexts, each made on first use and never dropped, and the tests holding it.
+struct Contexts {
+    shared: OnceLock<Result<Gpu, String>>,
+    texture: OnceLock<Gpu>,
+    storage: OnceLock<Gpu>,
+    holders: AtomicUsize,
+}
+
+static SLOT_CONTEXTS: [Contexts; SLOTS] = [const {
+    Contexts {
+        shared: OnceLock::new(),
+        texture: OnceLock::new(),
+        storage: OnceLock::new(),
+        holders: AtomicUsize::new(0),
+    }
+}; SLOTS];
 
 /// The slot a test's thread took on its first `gpu()` call. As the thread ends it waits for
 /// what was submitted to the slot's contexts, which are never dropped (dropping a `Gpu`
@@ -63,29 +76,31 @@ static HOLDERS: [AtomicUsize; SLOTS] = [const { AtomicUsize::new(0) }; SLOTS];
 /// destructors included, before the process exits; a process that exits while lavapipe's
 /// queue thread still compiles a kernel can abort (docs/guide.md, "Failure modes"), so no
 /// test needs to end on a read-back.
-struct Slot(usize);
+struct Slot(&'static Contexts);
 
 impl Slot {
     fn take() -> Slot {
-        let slot = (0..SLOTS)
-            .min_by_key(|&i| HOLDERS[i].load(Ordering::Relaxed))
-            .unwrap_or(0);
-        HOLDERS[slot].fetch_add(1, Ordering::Relaxed);
-        Slot(slot)
+        let contexts = SLOT_CONTEXTS
+            .iter()
+            .min_by_key(|c| c.holders.load(Ordering::Relaxed))
+            .unwrap_or(&SLOT_CONTEXTS[0]);
+        contexts.holders.fetch_add(1, Ordering::Relaxed);
+        Slot(contexts)
     }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        let shared = SHARED[self.0].get().and_then(|gpu| gpu.as_ref().ok());
-        for gpu in [shared, TEXTURE_GPU[self.0].get(), STORAGE_GPU[self.0].get()]
+        let contexts = self.0;
+        let shared = contexts.shared.get().and_then(|gpu| gpu.as_ref().ok());
+        for gpu in [shared, contexts.texture.get(), contexts.storage.get()]
             .into_iter()
             .flatten()
         {
             // A test that lost its device has said so already.
             let _ = gpu.synchronize();
         }
-        HOLDERS[self.0].fetch_sub(1, Ordering::Relaxed);
+        contexts.holders.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -93,15 +108,19 @@ thread_local! {
     static SLOT: Slot = Slot::take();
 }
 
+/// This test's slot's contexts.
+fn slot() -> &'static Contexts {
+    SLOT.with(|slot| slot.0)
+}
+
 /// A context on the same adapter forced to read kernel operands one way, whatever this
 /// host's calibration would pick. `None` where `gpu()` is.
 fn forced_gpu(
     reads: wgcnn::tuning::OperandReads,
-    cells: &'static [OnceLock<Gpu>; SLOTS],
+    cell: fn(&'static Contexts) -> &'static OnceLock<Gpu>,
 ) -> Option<&'static Gpu> {
     gpu()?;
-    let cell = &cells[SLOT.with(|slot| slot.0)];
-    Some(cell.get_or_init(|| Gpu::with_options(reading(reads)).unwrap()))
+    Some(cell(slot()).get_or_init(|| Gpu::with_options(reading(reads)).unwrap()))
 }
 
 /// The tests' [`options`], operands read `reads`' way.
@@ -115,12 +134,12 @@ fn reading(reads: wgcnn::tuning::OperandReads) -> wgcnn::GpuOptions {
 /// A context forced to read kernel operands through textures (what the calibration picks
 /// on hosts where texel loads are the cheaper ones).
 pub fn texture_gpu() -> Option<&'static Gpu> {
-    forced_gpu(wgcnn::tuning::OperandReads::Texture, &TEXTURE_GPU)
+    forced_gpu(wgcnn::tuning::OperandReads::Texture, |c| &c.texture)
 }
 
 /// A context forced to read kernel operands from storage buffers.
 pub fn storage_gpu() -> Option<&'static Gpu> {
-    forced_gpu(wgcnn::tuning::OperandReads::Storage, &STORAGE_GPU)
+    forced_gpu(wgcnn::tuning::OperandReads::Storage, |c| &c.storage)
 }
 
 /// Both operand-read families, forced, so that a test runs every kernel variant on any host
