@@ -1,8 +1,6 @@
 //! Shared test setup: a few `Gpu`s per test process, shared by its tests (lavapipe leaks
 //! devices created per test).
 
-#![allow(dead_code)]
-
 pub mod golden;
 
 use std::path::{Path, PathBuf};
