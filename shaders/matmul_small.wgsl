@@ -26,8 +26,9 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> a: array<f32>;
-@group(0) @binding(2) var<storage, read> b: array<f32>;
+// A and B (bindings 1 and 2) and their `load_a` / `load_b`: storage buffers, or on CPU
+// adapters uniform copies where both fit (see `SmallReads`).
+{{OPERANDS}}
 @group(0) @binding(3) var<storage, read> bias: array<f32>;
 @group(0) @binding(4) var<storage, read_write> c: array<f32>;
 
@@ -81,11 +82,11 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
     var sums2 = vec4<f32>();
     var sums3 = vec4<f32>();
     for (var k = p.k_begin + opaque; k < p.k_end; k++) {
-        let bk = vec4<f32>(b[b_at.x], b[b_at.y], b[b_at.z], b[b_at.w]);
-        sums0 = fma(vec4<f32>(a[a_at.x]), bk, sums0);
-        sums1 = fma(vec4<f32>(a[a_at.y]), bk, sums1);
-        sums2 = fma(vec4<f32>(a[a_at.z]), bk, sums2);
-        sums3 = fma(vec4<f32>(a[a_at.w]), bk, sums3);
+        let bk = vec4<f32>(load_b(b_at.x), load_b(b_at.y), load_b(b_at.z), load_b(b_at.w));
+        sums0 = fma(vec4<f32>(load_a(a_at.x)), bk, sums0);
+        sums1 = fma(vec4<f32>(load_a(a_at.y)), bk, sums1);
+        sums2 = fma(vec4<f32>(load_a(a_at.z)), bk, sums2);
+        sums3 = fma(vec4<f32>(load_a(a_at.w)), bk, sums3);
         a_at += p.a_k;
         b_at += p.b_k;
     }
