@@ -127,7 +127,10 @@ impl Tensor {
                     gpu.device().create_buffer(&wgpu::BufferDescriptor {
                         label: Some("tensor"),
                         size: class,
+                        // UNIFORM: a small kernel's uniform copies of its operands are pooled
+                        // tensors too (ops/matmul_small.rs).
                         usage: wgpu::BufferUsages::STORAGE
+                            | wgpu::BufferUsages::UNIFORM
                             | wgpu::BufferUsages::COPY_SRC
                             | wgpu::BufferUsages::COPY_DST,
                         mapped_at_creation: false,

@@ -13,6 +13,7 @@ use crate::error::Result;
 use crate::gpu::dispatch::Binding;
 use crate::gpu::shared::{MAX_LOOP_ITERATIONS, small_workgroups};
 use crate::gpu::{Commands, Generated, Gpu};
+use crate::tensor::Tensor;
 
 /// Products of at most this many multiply-adds (`batch·M·N·K`) take the small kernel where
 /// the subgroup one would run: set to cover LeNet's last layer (64×84 → 10: 53,760) and
@@ -173,41 +174,23 @@ impl Matmul {
                 gpu.generated(&kernel, "main", &constants)
             })
             .collect::<Result<Vec<_>>>()?;
-        // The uniform copies, made in the same command stream as the pass that reads them.
+        // The uniform copies (pooled tensors), made in the same command stream as the pass
+        // that reads them.
         let copies = match reads {
             SmallReads::Storage => Vec::new(),
             SmallReads::Uniform => [a, b]
                 .iter()
-                .map(|operand| {
-                    let copy = gpu.checked("allocating a uniform operand", || {
-                        gpu.device().create_buffer(&wgpu::BufferDescriptor {
-                            label: Some("small matmul operand"),
-                            size: capacity,
-                            usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
-                            mapped_at_creation: false,
-                        })
-                    })?;
-                    Ok((*operand, copy))
-                })
+                .map(|&operand| Ok((operand, Tensor::uninit(gpu, &[capacity as usize / 4])?)))
                 .collect::<Result<Vec<_>>>()?,
         };
         let (a, b) = match &copies[..] {
-            [(_, a), (_, b)] => (
-                Binding {
-                    buffer: a,
-                    bytes: capacity,
-                },
-                Binding {
-                    buffer: b,
-                    bytes: capacity,
-                },
-            ),
+            [(_, a), (_, b)] => (a.binding(), b.binding()),
             _ => (a, b),
         };
         let copy_operands = |commands: &mut Commands<'_>| {
             let encoder = commands.encoder();
             for (operand, copy) in &copies {
-                encoder.copy_buffer_to_buffer(operand.buffer, 0, copy, 0, operand.bytes);
+                encoder.copy_buffer_to_buffer(operand.buffer, 0, copy.buffer(), 0, operand.bytes);
             }
             Ok(())
         };
@@ -239,7 +222,6 @@ mod tests {
     use crate::gpu::GpuOptions;
     use crate::ops::Activation;
     use crate::ops::matmul::{BiasAxis, matmul_cpu};
-    use crate::tensor::Tensor;
     use crate::test_support::{gpu, random};
 
     /// Both ways of reading the operands, whatever the adapter would pick, against the CPU:
