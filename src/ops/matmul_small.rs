@@ -63,9 +63,9 @@ pub(crate) enum SmallReads {
 }
 
 /// The bytes one uniform operand may hold: the adapter's uniform binding limit, at most the
-/// 64 KiB that every WebGPU adapter offers.
+/// 64 KiB that every WebGPU adapter offers, in whole vec4s (the array's elements).
 fn uniform_capacity(gpu: &Gpu) -> u64 {
-    gpu.limits().max_uniform_buffer_binding_size.min(65_536)
+    gpu.limits().max_uniform_buffer_binding_size.min(65_536) / 16 * 16
 }
 
 impl SmallReads {
