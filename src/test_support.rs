@@ -15,6 +15,31 @@ pub(crate) fn random(shape: &[usize], seed: u64) -> ArrayD<f32> {
     })
 }
 
+/// The largest absolute difference between `got` and `want`, element by element; infinite
+/// where one is NaN (an output the kernel left poisoned, or a NaN it made) or where their
+/// lengths differ, so that neither passes a tolerance.
+pub(crate) fn max_abs_diff<'a>(
+    got: impl IntoIterator<Item = &'a f32>,
+    want: impl IntoIterator<Item = &'a f32>,
+) -> f32 {
+    let (mut got, mut want) = (got.into_iter(), want.into_iter());
+    let mut most = 0.0f32;
+    loop {
+        match (got.next(), want.next()) {
+            (Some(g), Some(w)) => {
+                let d = (g - w).abs();
+                most = if d.is_nan() {
+                    f32::INFINITY
+                } else {
+                    most.max(d)
+                };
+            }
+            (None, None) => return most,
+            _ => return f32::INFINITY,
+        }
+    }
+}
+
 /// A context opened with `options`. A missing adapter fails the test unless
 /// WGCNN_SKIP_GPU_TESTS is set (then `None`: the test skips, saying so).
 pub(crate) fn gpu(options: GpuOptions) -> Option<Gpu> {

@@ -1562,7 +1562,7 @@ pub fn conv2d_backward_cpu(
 mod tests {
     use super::*;
     use crate::gpu::GpuOptions;
-    use crate::test_support::random;
+    use crate::test_support::{max_abs_diff, random};
 
     /// A grouped layer's backward pass with the row kernels' dx and im2col + matmul's dW (a
     /// pair the tuner may pick where the row kernels' dW does not fit) against the CPU, with
@@ -1609,17 +1609,7 @@ mod tests {
             ("dx", dx.unwrap().to_array().unwrap(), &want.x),
             ("dw", dw.to_array().unwrap(), &want.weight),
         ] {
-            let diff = got
-                .iter()
-                .zip(want.iter())
-                .map(|(a, b)| {
-                    if (a - b).is_nan() {
-                        f32::INFINITY
-                    } else {
-                        (a - b).abs()
-                    }
-                })
-                .fold(0.0f32, f32::max);
+            let diff = max_abs_diff(&got, want);
             assert!(diff <= 1e-4, "{what}: {diff}");
         }
     }

@@ -174,7 +174,7 @@ mod tests {
     use crate::gpu::GpuOptions;
     use crate::ops::conv2d::{conv2d_backward_cpu, conv2d_cpu};
     use crate::ops::{Activation, Padding};
-    use crate::test_support::{gpu, random};
+    use crate::test_support::{gpu, max_abs_diff, random};
 
     /// Every matmul family the adapter can run (the portable tiled one everywhere, both
     /// subgroup reads where subgroups have a fixed size) reads the implicit B of all three
@@ -315,16 +315,12 @@ mod tests {
                 let up = |a: &ndarray::ArrayD<f32>| Tensor::from_array(&gpu, a).unwrap();
                 let poisoned = |shape: &[usize]| Tensor::full(&gpu, shape, f32::NAN).unwrap();
                 let (tx, tw, tb, tdy) = (up(&x), up(&w), up(&b), up(&dy));
-                let close =
-                    |got: &Tensor, want: &ndarray::ArrayD<f32>, terms: usize, what| {
-                        let got = got.to_array().unwrap();
-                        let diff = got.iter().zip(want).map(|(g, w)| (g - w).abs()).fold(
-                            0.0f32,
-                            |m, d| if d.is_nan() { f32::INFINITY } else { m.max(d) },
-                        );
-                        let tolerance = 4e-5 * (terms as f32).sqrt() + 1e-5;
-                        assert!(diff <= tolerance, "{label} {what}: off by {diff}");
-                    };
+                let close = |got: &Tensor, want: &ndarray::ArrayD<f32>, terms: usize, what| {
+                    let got = got.to_array().unwrap();
+                    let diff = max_abs_diff(&got, want);
+                    let tolerance = 4e-5 * (terms as f32).sqrt() + 1e-5;
+                    assert!(diff <= tolerance, "{label} {what}: off by {diff}");
+                };
 
                 let y = poisoned(&shape.output());
                 forward(&spec, &shape, (&tx, &tw, Some(&tb)), &y, family).unwrap();

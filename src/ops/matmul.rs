@@ -1543,7 +1543,7 @@ impl Generated for SubgroupKernel {
 mod tests {
     use super::*;
     use crate::gpu::GpuOptions;
-    use crate::test_support::{gpu, random};
+    use crate::test_support::{gpu, max_abs_diff, random};
 
     /// A batched product summed over its batch as split-K slices, against the sum of the
     /// CPU's per-image products: each operand transposed or not, shapes that fill no tile,
@@ -1592,17 +1592,7 @@ mod tests {
                 assert!(ran, "the tiled kernel sums over the batch");
                 let got = out.to_array().unwrap();
                 let tolerance = 1e-5 + 4.0 * f32::EPSILON * (batch * k) as f32;
-                let diff = got
-                    .iter()
-                    .zip(&want)
-                    .map(|(g, w)| {
-                        if g.is_nan() {
-                            f32::INFINITY
-                        } else {
-                            (g - w).abs()
-                        }
-                    })
-                    .fold(0.0f32, f32::max);
+                let diff = max_abs_diff(&got, &want);
                 assert!(
                     diff <= tolerance,
                     "{batch}×{m}×{k}×{n} trans {trans_a}/{trans_b}: off by {diff}"
@@ -1681,14 +1671,7 @@ mod tests {
                 None => assert_eq!(plan, MatmulPlan::Small),
             }
             let got = out.to_array().unwrap();
-            let diff = got
-                .iter()
-                .zip(&want)
-                .map(|(g, w)| (g - w).abs())
-                .fold(
-                    0.0f32,
-                    |m, d| if d.is_nan() { f32::INFINITY } else { m.max(d) },
-                );
+            let diff = max_abs_diff(&got, &want);
             assert!(diff <= 1e-5, "{plan} {m}×{k}×{n}: off by {diff}");
         }
     }

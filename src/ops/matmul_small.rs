@@ -222,7 +222,7 @@ mod tests {
     use crate::gpu::GpuOptions;
     use crate::ops::Activation;
     use crate::ops::matmul::{BiasAxis, matmul_cpu};
-    use crate::test_support::{gpu, random};
+    use crate::test_support::{gpu, max_abs_diff, random};
 
     /// Both ways of reading the operands, whatever the adapter would pick, against the CPU:
     /// each operand transposed or not, batched or shared, a bias per row or per column,
@@ -297,17 +297,7 @@ mod tests {
                         .unwrap();
                     let got = out.to_array().unwrap();
                     assert_eq!(got.shape(), want.shape());
-                    let diff = got
-                        .iter()
-                        .zip(&want)
-                        .map(|(g, w)| {
-                            if g.is_nan() {
-                                f32::INFINITY
-                            } else {
-                                (g - w).abs()
-                            }
-                        })
-                        .fold(0.0f32, f32::max);
+                    let diff = max_abs_diff(&got, &want);
                     assert!(
                         diff <= 1e-5 * k as f32,
                         "{reads:?} {a_dims:?}·{b_dims:?} trans {trans_a}/{trans_b}: off by {diff}"

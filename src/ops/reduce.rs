@@ -323,7 +323,7 @@ mod tests {
 
     use super::*;
     use crate::gpu::GpuOptions;
-    use crate::test_support::random;
+    use crate::test_support::{max_abs_diff, random};
 
     /// One slice's sums against the CPU: vec4 and f32 terms, the first, a middle and the last
     /// slice, added to what `out` holds or stored over its poison; a slice past the last is
@@ -425,13 +425,7 @@ mod tests {
                         .unwrap();
                 let dz = dz.to_array().unwrap();
                 let sum = sum.to_array().unwrap();
-                let dz_diff = (&dz - &want_dz).iter().fold(0.0f32, |m, d| {
-                    if d.is_nan() {
-                        f32::INFINITY
-                    } else {
-                        m.max(d.abs())
-                    }
-                });
+                let dz_diff = max_abs_diff(&dz, &want_dz);
                 assert!(
                     dz_diff <= 1e-6,
                     "{activation:?} {shape:?}: dz off by {dz_diff}"
