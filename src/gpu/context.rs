@@ -443,6 +443,12 @@ impl Gpu {
         }
     }
 
+    /// The bytes one uniform binding of a kernel may hold: the adapter's limit, at most the
+    /// 64 KiB every WebGPU adapter offers, in whole vec4s (a uniform array's elements).
+    pub(crate) fn uniform_binding_bytes(&self) -> u64 {
+        self.limits().max_uniform_buffer_binding_size.min(65_536) / 16 * 16
+    }
+
     /// How many workgroups a portable kernel that can split its work (over the batch, or
     /// over K) aims for, per adapter class: four 64-lane workgroups for each of a large
     /// discrete GPU's ~128 compute units, an integrated GPU's share of that, a CPU adapter's

@@ -101,13 +101,12 @@ fn bank_floats(shape: &Conv2dShape) -> usize {
 /// Whether the direct kernel handles this convolution.
 pub(crate) fn eligible(gpu: &Gpu, spec: &Conv2d, shape: &Conv2dShape) -> bool {
     let bank_bytes = (bank_floats(shape).div_ceil(4) * 16) as u64;
-    let uniform_limit = gpu.limits().max_uniform_buffer_binding_size.min(65_536);
     spec.stride == (1, 1)
         && spec.dilation == (1, 1)
         && shape.groups == 1
         && shape.o <= MAX_FILTERS
         && shape.kw <= MAX_KERNEL_WIDTH
-        && bank_bytes <= uniform_limit
+        && bank_bytes <= gpu.uniform_binding_bytes()
         && (shape.n * shape.oh * shape.ow) < u32::MAX as usize
         // Each output loops over the channels and the kernel rows.
         && shape.c * shape.kh <= MAX_LOOP_ITERATIONS

@@ -52,7 +52,7 @@ struct SmallParams {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum SmallReads {
     /// Lane by lane from their storage buffers (every adapter, and operands past
-    /// [`uniform_capacity`]).
+    /// [`Gpu::uniform_binding_bytes`]).
     Storage,
     /// From uniform copies of them made before the pass, on CPU adapters: lavapipe reads a
     /// uniform buffer at a per-lane index ~16× faster than storage and ~5× faster than a
@@ -62,17 +62,10 @@ pub(crate) enum SmallReads {
     Uniform,
 }
 
-/// The bytes one uniform operand may hold: the adapter's uniform binding limit, at most the
-/// 64 KiB that every WebGPU adapter offers, in whole vec4s (the array's elements).
-fn uniform_capacity(gpu: &Gpu) -> u64 {
-    gpu.limits().max_uniform_buffer_binding_size.min(65_536) / 16 * 16
-}
-
 impl SmallReads {
     /// Uniform copies on CPU adapters where both operands fit them, storage otherwise.
     fn choose(gpu: &Gpu, a: Binding<'_>, b: Binding<'_>) -> Self {
-        let capacity = uniform_capacity(gpu);
-        if gpu.cpu_kernels() && a.bytes.max(b.bytes) <= capacity {
+        if gpu.cpu_kernels() && a.bytes.max(b.bytes) <= gpu.uniform_binding_bytes() {
             Self::Uniform
         } else {
             Self::Storage
@@ -161,7 +154,7 @@ impl Matmul {
             k_end: 0,
         };
         let passes = KPass::split(k as u32, MAX_LOOP_ITERATIONS, accumulate);
-        let capacity = uniform_capacity(gpu);
+        let capacity = gpu.uniform_binding_bytes();
         let kernel = SmallKernel {
             reads,
             vec4s: capacity / 16,
@@ -314,7 +307,7 @@ mod tests {
         let Some(gpu) = gpu(GpuOptions::from_env().unwrap()) else {
             return;
         };
-        let capacity = uniform_capacity(&gpu);
+        let capacity = gpu.uniform_binding_bytes();
         let (small, large) = (
             Tensor::full(&gpu, &[16], 1.0).unwrap(),
             Tensor::full(&gpu, &[capacity as usize / 4 + 1], 1.0).unwrap(),
