@@ -2,12 +2,13 @@
 //! synchronised runs after a warm-up.
 //!
 //! `cargo run --release --example perf -- [--quick] [--runs N] [--json] [--filter TEXT]
-//! [--reads storage|texture] [--kernels portable|cpu] [--profile [--waited]] [--memory]
+//! [--reads storage|texture] [--kernels portable|cpu] [--profile [--waited|--cold]] [--memory]
 //! [--dispatches]`
 //! (`--reads` forces how kernels read large operands instead of the adapter's calibration,
 //! `--kernels` a kernel family whatever the adapter's type; `--profile` prints where
 //! a LeNet training step's device time goes (ResNet-20's with `--filter resnet20`), op by op
-//! from device timestamps (`--waited`: pass by pass, each waited for), `--memory` the peak bytes of
+//! from device timestamps (`--waited`: pass by pass, each waited for; `--cold`: the first step
+//! alone, each op's time with its kernel's compiling), `--memory` the peak bytes of
 //! ResNet steps, `--dispatches` the kernels and submits per training step, each instead of
 //! the table).
 
@@ -686,12 +687,14 @@ fn check_filter(flag: &'static str, filter: Option<&str>, labels: &[String]) -> 
 /// an error, not LeNet's step): its ops timed by device timestamps inside the step's own
 /// submits (`Gpu::profile_ops`), or, where the adapter has none or `waited`, its passes each
 /// submitted and waited for on its own (`Gpu::profile_passes`); medians of `runs` steps: op
-/// by op for up to 60 (every one with `--json`), then the time per kernel.
+/// by op for up to 60 (every one with `--json`), then the time per kernel. `cold`: the first
+/// step alone, with no warm-up, so that each op's time includes the compiling of its kernel
+/// that lavapipe does at its first dispatch (where the cold start goes).
 fn profile_step(
     gpu: &Gpu,
     filter: Option<&str>,
     runs: usize,
-    (json, waited): (bool, bool),
+    (json, waited, cold): (bool, bool, bool),
 ) -> Result<()> {
     let steps = [
         "train_step_lenet_b64",
@@ -723,9 +726,14 @@ fn profile_step(
         }
         _ => lenet_step(device)?,
     };
-    step()?; // warm-up: compiles pipelines
-    // Its work finishes here, not inside the first profiled pass's wait.
-    gpu.synchronize()?;
+    let runs = if cold {
+        1
+    } else {
+        step()?; // warm-up: compiles pipelines
+        // Its work finishes here, not inside the first profiled pass's wait.
+        gpu.synchronize()?;
+        runs
+    };
     // Per step, each pass's or op's label and time, and the time between ops (timestamps
     // only: the dispatch overhead the waited passes hide in their submits).
     let stamped = gpu.can_profile_ops() && !waited;
@@ -830,6 +838,11 @@ struct Args {
     /// has timestamps.
     #[arg(long)]
     waited: bool,
+    /// With --profile: time the first step alone, with no warm-up, so that each op's time
+    /// includes compiling its kernel (lavapipe compiles at a kernel's first dispatch; run with
+    /// MESA_SHADER_CACHE_DISABLE=true to see a fresh machine's cold start).
+    #[arg(long)]
+    cold: bool,
     /// Instead of the table: the peak device bytes (buffer pool) and time of ResNet-18/50
     /// inference and training steps at 224×224, batches 1, 8 and 32.
     #[arg(long)]
@@ -889,7 +902,12 @@ fn main() -> Result<()> {
     let gpu = Gpu::with_options(options)?;
     let adapter = gpu.adapter_info().name.clone();
     if args.profile {
-        return profile_step(&gpu, filter.as_deref(), runs, (json, args.waited));
+        return profile_step(
+            &gpu,
+            filter.as_deref(),
+            runs,
+            (json, args.waited, args.cold),
+        );
     }
     if args.memory {
         return memory_report(&gpu, filter.as_deref());
