@@ -106,12 +106,19 @@ fn per_output(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgr
     finish(m, total(sum));
 }
 
-// inner = 1, mid a multiple of 4: x as [outer][mid / 4] vec4s, out as vec4s.
+// inner = 1, mid a multiple of 4: x as [outer][mid / 4] vec4s, out as vec4s (and in the
+// gated variant y and dz as vec4s at bindings 3 and 4).
 // The neighbouring vec4s of outputs a lane sums (src/ops/reduce.rs: on CPU adapters a lane's
 // neighbouring reads cost less than reads spread across the lanes).
 const COLUMN_RUN: u32 = {{COLUMN_RUN}}u;
 @group(0) @binding(5) var<storage, read> x4: array<vec4<f32>>;
 @group(0) @binding(6) var<storage, read_write> out4: array<vec4<f32>>;
+
+// x4's vec4 at `index`; in the gated variant (Elem is then vec4) dz = dy · act'(y) from
+// `gate`, stored into `gated` as well.
+fn column_term(index: u32) -> vec4<f32> {
+{{COLUMN_TERM}}
+}
 
 @compute @workgroup_size(WORKGROUP_SMALL)
 fn columns4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
@@ -120,7 +127,7 @@ fn columns4(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgrou
     var sums: array<vec4<f32>, COLUMN_RUN>;
     for (var a = p.first_outer; a < p.first_outer + p.outer; a++) {
         for (var k = 0u; k < COLUMN_RUN; k++) {
-            sums[k] += x4[a * (p.mid / 4u) + first + k];
+            sums[k] += column_term(a * (p.mid / 4u) + first + k);
         }
     }
     for (var k = 0u; k < COLUMN_RUN; k++) {
