@@ -1261,12 +1261,19 @@ pub(crate) fn chunk_limit(gpu: &Gpu) -> u64 {
 /// weight gradient (`partials`), whose per-image products `[O, C/G·KH·KW]` do too: summed
 /// chunk by chunk, no buffer grows with the batch (ResNet-50's layer4 3×3 at batch 32
 /// would otherwise take 302 MB of partials).
+///
+/// The sizes leave room for the matmul's packing of a chunk's col buffer (reading from
+/// storage, an unaligned one is copied with its rows padded to whole vec4s and its columns
+/// to a multiple of 4): a chunk of 19 images 3×63² (27 rows) filled an 8 MiB buffer as
+/// im2col wrote it, and its pack did not fit.
 fn chunks(gpu: &Gpu, shape: &Conv2dShape, partials: bool) -> Result<Vec<(usize, usize)>> {
-    let col = (shape.col_rows() * shape.positions()) as u64 * 4;
+    let rows = shape.col_rows().next_multiple_of(4) as u64;
+    let col = rows * shape.positions() as u64 * 4;
     let partial = (shape.o * shape.taps()) as u64 * 4;
     let per_image = if partials { col.max(partial) } else { col };
-    let limit = chunk_limit(gpu);
-    gpu.check_buffer_size("the im2col buffer of one image", per_image)?;
+    let padded_columns = 3 * rows * 4;
+    let limit = chunk_limit(gpu).saturating_sub(padded_columns);
+    gpu.check_buffer_size("the im2col buffer of one image", per_image + padded_columns)?;
     Ok(image_chunks(shape.n, per_image, limit))
 }
 
