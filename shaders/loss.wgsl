@@ -79,12 +79,18 @@ fn store_totals(i: u32) {
     }
 }
 
-@compute @workgroup_size(WORKGROUP)
-fn main_small(@builtin(local_invocation_index) i: u32) {
+// A batch of at most WORKGROUP rows, a row a lane: the gradient and the totals (also the
+// first half of linear_cross_entropy.wgsl's `head_small`).
+fn small_batch(i: u32) {
     var v = vec2<f32>(0.0);
     if i < p.rows { v = row(i); }
     partial[i] = v;
     store_totals(i);
+}
+
+@compute @workgroup_size(WORKGROUP)
+fn main_small(@builtin(local_invocation_index) i: u32) {
+    small_batch(i);
 }
 
 @compute @workgroup_size(WORKGROUP)

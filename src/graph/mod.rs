@@ -320,6 +320,13 @@ pub trait Layer: Send {
         Ok(None)
     }
 
+    /// Whether this layer is `x·Wᵀ + b` with state `[W, b]` and no activation, and nothing
+    /// else: ending a model, its backward pass may run fused with a softmax cross-entropy's
+    /// ([`Graph::backward_cross_entropy`]).
+    fn is_plain_linear(&self) -> bool {
+        false
+    }
+
     /// Whether this layer is the sum of its two inputs and nothing else (a residual
     /// connection): after a folded norm it is added in the epilogue of the layer the norm
     /// was folded into.
@@ -1006,14 +1013,70 @@ impl Graph {
     /// when [`Graph::set_input_grad`] asked for it.
     pub fn backward(&mut self, dy: Value) -> Result<Option<Value>> {
         let input_grad = self.input_grad;
-        self.backward_with(dy, input_grad, true)
+        self.backward_with(Start::Dy(dy), input_grad, true)
+    }
+
+    /// Softmax cross-entropy (mean over the batch) of the last forward pass's output against
+    /// `labels`, then the backward pass from its gradient: the loss and the correct count
+    /// (`[1]` each, not read back), checked as [`Graph::check_finite_value`] does. Where
+    /// the model ends in a plain `Linear` on the GPU and the head is small (LeNet's), the
+    /// loss and that layer's backward pass are one dispatch
+    /// (`ops::linear_cross_entropy`); otherwise it is `softmax_cross_entropy` followed by
+    /// [`Graph::backward`].
+    pub fn backward_cross_entropy(&mut self, labels: &[usize]) -> Result<(Value, Value)> {
+        let output = self.values[self.nodes.len()]
+            .as_ref()
+            .filter(|_| self.mode.is_some())
+            .ok_or_else(no_forward_pass)?;
+        if let Some((loss, correct, head)) = self.fused_head(output, labels)? {
+            self.check_finite_value("the loss", &loss)?;
+            let input_grad = self.input_grad;
+            self.backward_with(Start::Head(head), input_grad, true)?;
+            return Ok((loss, correct));
+        }
+        let ce = output.softmax_cross_entropy(labels)?;
+        self.check_finite_value("the loss", &ce.loss)?;
+        self.backward(ce.grad_logits)?;
+        Ok((ce.loss, ce.correct))
+    }
+
+    /// The loss, the correct count and the last node's gradients in one dispatch, where the
+    /// last node is a plain, trained `Linear` on the GPU that reads one value and the head
+    /// fits one workgroup.
+    fn fused_head(
+        &self,
+        output: &Value,
+        labels: &[usize],
+    ) -> Result<Option<(Value, Value, Backward)>> {
+        let Some(last) = self.nodes.len().checked_sub(1) else {
+            return Ok(None);
+        };
+        let node = &self.nodes[last];
+        let plain = node.layer.is_plain_linear()
+            && self.absorbed.get(last).is_some_and(Option::is_none)
+            && self.absorbed_by()[last].is_none()
+            && node.trains()
+            && node.trainable.iter().all(|&t| t)
+            && node.inputs.len() == 1;
+        let x = node.inputs.first().and_then(|&v| self.values[v].as_ref());
+        let Some(x) = x.filter(|_| plain) else {
+            return Ok(None);
+        };
+        let fused = output.linear_cross_entropy(labels, x, &node.state[0])?;
+        Ok(fused.map(|f| {
+            let head = Backward {
+                inputs: vec![Some(f.grads.x)],
+                state: vec![Some(f.grads.weight), Some(f.grads.bias)],
+            };
+            (f.loss, f.correct, head)
+        }))
     }
 
     /// `∂L/∂input` from `dy = ∂L/∂output`, computing no parameter gradients (the stored
     /// ones stay as they were): for adversarial examples, or a model that another model's
     /// loss flows through.
     pub fn input_gradient(&mut self, dy: Value) -> Result<Value> {
-        self.backward_with(dy, true, false)?
+        self.backward_with(Start::Dy(dy), true, false)?
             .ok_or_else(|| Error::InvalidArgument {
                 op: "graph",
                 detail: "the input gradient was not produced".into(),
@@ -1022,17 +1085,20 @@ impl Graph {
 
     fn backward_with(
         &mut self,
-        dy: Value,
+        start: Start,
         input_grad: bool,
         state_grads: bool,
     ) -> Result<Option<Value>> {
-        let mode = self.mode.take().ok_or_else(|| Error::InvalidArgument {
-            op: "graph",
-            detail: "backward needs a forward pass in Mode::Train or Mode::EvalWithGrad first"
-                .into(),
-        })?;
+        let mode = self.mode.take().ok_or_else(no_forward_pass)?;
         let count = self.nodes.len();
-        if dy.shape() != self.values[count].as_ref().map_or(&[][..], |v| v.shape()) {
+        let (dy, mut head) = match start {
+            Start::Dy(dy) => (Some(dy), None),
+            Start::Head(head) => (None, Some(head)),
+        };
+        if let Some(dy) = dy
+            .as_ref()
+            .filter(|dy| dy.shape() != self.values[count].as_ref().map_or(&[][..], |v| v.shape()))
+        {
             return Err(Error::ShapeMismatch {
                 op: "graph backward",
                 shapes: vec![
@@ -1058,7 +1124,7 @@ impl Graph {
         let (taken, through) = self.activation_handoffs();
         let absorbed_by = self.absorbed_by();
         let mut grads: Vec<Option<Value>> = (0..=count).map(|_| None).collect();
-        grads[count] = Some(dy);
+        grads[count] = dy;
         // Per value, a second gradient part left unsummed for the node that takes it, where
         // that node sums the parts itself (`Layer::sums_output_gradients`).
         let mut more: Vec<Option<Value>> = (0..=count).map(|_| None).collect();
@@ -1084,30 +1150,38 @@ impl Graph {
             };
             let dy = grads[i + 1].take();
             let dy_more = more[i + 1].take();
-            if let (Some(dy), true) = (dy, needs.inputs || needs.state) {
-                let inputs = node
-                    .inputs
-                    .iter()
-                    .map(|&v| self.values[v].as_ref().ok_or_else(|| freed(v)))
-                    .collect::<Result<Vec<_>>>()?;
-                let output = output_of(i, absorbed);
-                let y = self.values[output].as_ref().ok_or_else(|| freed(output))?;
-                let back = node
-                    .layer
-                    .backward(BackwardArgs {
-                        ctx,
-                        inputs: &inputs,
-                        state: &node.state,
-                        y,
-                        saved: &self.saved[i],
-                        dy: &dy,
-                        dy_more: dy_more.as_ref(),
-                        needs,
-                        input_activation: taken[i],
-                        dy_through_activation: through[i],
-                        absorbed: output_activation(absorbed),
-                    })
-                    .map_err(|e| in_node(&node.name, e))?;
+            // The last node's gradients came with the loss (`Start::Head`).
+            let back = match (head.take().filter(|_| i + 1 == count), dy) {
+                (Some(back), _) => Some(back),
+                (None, Some(dy)) if needs.inputs || needs.state => {
+                    let inputs = node
+                        .inputs
+                        .iter()
+                        .map(|&v| self.values[v].as_ref().ok_or_else(|| freed(v)))
+                        .collect::<Result<Vec<_>>>()?;
+                    let output = output_of(i, absorbed);
+                    let y = self.values[output].as_ref().ok_or_else(|| freed(output))?;
+                    let back = node
+                        .layer
+                        .backward(BackwardArgs {
+                            ctx,
+                            inputs: &inputs,
+                            state: &node.state,
+                            y,
+                            saved: &self.saved[i],
+                            dy: &dy,
+                            dy_more: dy_more.as_ref(),
+                            needs,
+                            input_activation: taken[i],
+                            dy_through_activation: through[i],
+                            absorbed: output_activation(absorbed),
+                        })
+                        .map_err(|e| in_node(&node.name, e))?;
+                    Some(back)
+                }
+                _ => None,
+            };
+            if let Some(back) = back {
                 if needs.state {
                     for ((slot, grad), &trainable) in
                         node.grads.iter_mut().zip(back.state).zip(&node.trainable)
@@ -1509,6 +1583,20 @@ fn output_activation(absorbed: Option<Absorbed>) -> Activation {
 /// The value node `i`'s output is: its own, or that of the activation node it absorbed.
 fn output_of(i: usize, absorbed: Option<Absorbed>) -> ValueId {
     absorbed.map_or(i + 1, |a| a.node + 1)
+}
+
+fn no_forward_pass() -> Error {
+    Error::InvalidArgument {
+        op: "graph",
+        detail: "backward needs a forward pass in Mode::Train or Mode::EvalWithGrad first".into(),
+    }
+}
+
+/// Where a backward pass starts: the gradient at the output, or the last node's gradients
+/// already computed with the loss ([`Graph::backward_cross_entropy`]).
+enum Start {
+    Dy(Value),
+    Head(Backward),
 }
 
 fn freed(v: ValueId) -> Error {

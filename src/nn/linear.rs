@@ -121,6 +121,10 @@ impl Layer for Linear {
         self.forward_activated(ctx, inputs, state, self.activation)
     }
 
+    fn is_plain_linear(&self) -> bool {
+        self.activation == Activation::None
+    }
+
     fn absorbs_activation(&self, activation: Activation) -> bool {
         self.activation == Activation::None && fusable(activation)
     }

@@ -20,6 +20,7 @@ pub(crate) mod fold_norm;
 pub mod grad_norm;
 pub mod layer_norm;
 pub mod linear;
+pub(crate) mod linear_cross_entropy;
 pub mod log_softmax;
 pub mod matmul;
 mod matmul_small;

@@ -108,13 +108,13 @@ pub(crate) fn check(logits: &[usize], labels: &[usize]) -> Result<(usize, usize)
 /// Mirrors `Params` in shaders/loss.wgsl.
 #[repr(C)]
 #[derive(Clone, Copy, Default, Pod, Zeroable)]
-struct LossParams {
-    rows: u32,
-    classes: u32,
-    scale: f32,
-    first_row: u32,
-    smoothing: f32,
-    pad: [u32; 3],
+pub(crate) struct LossParams {
+    pub(crate) rows: u32,
+    pub(crate) classes: u32,
+    pub(crate) scale: f32,
+    pub(crate) first_row: u32,
+    pub(crate) smoothing: f32,
+    pub(crate) pad: [u32; 3],
 }
 
 /// A label smoothing PyTorch accepts: in `[0, 1]`.
@@ -207,7 +207,7 @@ pub fn softmax_cross_entropy_smoothed(
     per_row_to_totals(grad, &row_loss, &row_correct)
 }
 
-fn loss_source() -> String {
+pub(crate) fn loss_source() -> String {
     [
         include_str!("../../shaders/rows.wgsl"),
         include_str!("../../shaders/loss.wgsl"),

@@ -59,14 +59,12 @@ pub fn train_step(
     input: impl FnOnce(&Device) -> Result<Value>,
     labels: &[usize],
 ) -> Result<StepOutput> {
-    // Cross-entropy needs only the logits: no copy of the input is kept.
-    step(
-        model,
-        optimizer,
-        input,
-        |_| Ok(()),
-        |logits, ()| cross_entropy(logits, labels),
-    )
+    // Cross-entropy needs only the logits: no copy of the input is kept. The model runs
+    // the loss with its backward pass, fused with its last layer's where it can.
+    step(model, optimizer, |model, device| {
+        model.forward(input(device)?, Mode::Train)?;
+        model.backward_cross_entropy(labels)
+    })
 }
 
 /// A training step with any loss: `loss(logits, x)` returns the loss, its gradient with
@@ -78,31 +76,30 @@ pub fn train_step_with(
     input: impl FnOnce(&Device) -> Result<Value>,
     loss: impl FnOnce(&Value, &Value) -> Result<CrossEntropy<Value>>,
 ) -> Result<StepOutput> {
-    step(model, optimizer, input, Value::duplicate, loss)
-}
-
-/// One recorded step: `keep` takes what the loss needs of the input before the forward pass
-/// consumes it.
-fn step<K>(
-    model: &mut Graph,
-    optimizer: &mut GraphOptimizer,
-    input: impl FnOnce(&Device) -> Result<Value>,
-    keep: impl FnOnce(&Value) -> Result<K>,
-    loss: impl FnOnce(&Value, &K) -> Result<CrossEntropy<Value>>,
-) -> Result<StepOutput> {
-    let device = model.device().clone();
-    let out = device.record(|| {
-        let x = input(&device)?;
-        let kept = keep(&x)?;
+    step(model, optimizer, |model, device| {
+        let x = input(device)?;
+        // What the loss needs of the input, before the forward pass consumes it.
+        let kept = x.duplicate()?;
         let logits = model.forward(x, Mode::Train)?;
         let ce = loss(logits, &kept)?;
         model.check_finite_value("the loss", &ce.loss)?;
         model.backward(ce.grad_logits)?;
+        Ok((ce.loss, ce.correct))
+    })
+}
+
+/// One recorded step: `pass` runs the forward pass, the loss and the backward pass and
+/// returns the loss and the correct count; then the optimizer's update.
+fn step(
+    model: &mut Graph,
+    optimizer: &mut GraphOptimizer,
+    pass: impl FnOnce(&mut Graph, &Device) -> Result<(Value, Value)>,
+) -> Result<StepOutput> {
+    let device = model.device().clone();
+    let out = device.record(|| {
+        let (loss, correct) = pass(model, &device)?;
         model.update(optimizer)?;
-        Ok(StepOutput {
-            loss: ce.loss,
-            correct: ce.correct,
-        })
+        Ok(StepOutput { loss, correct })
     })?;
     // With Graph::set_check_finite: the first non-finite output, gradient or parameter.
     model.check_finite()?;

@@ -348,20 +348,50 @@ fn lenet5_through_the_executor_matches_pytorch_on_gpu_and_cpu() {
         for (name, value) in NAMES.iter().zip(init_params()) {
             model.set_state(name, value).unwrap();
         }
+        let dispatches = || match &device {
+            Device::Gpu(gpu) => gpu.dispatches(),
+            Device::Cpu => 0,
+        };
         // Forward + backward, gradients compared by name.
         let logits = model
             .forward(device.upload(x.clone()).unwrap(), Mode::Train)
             .unwrap();
+        let before = dispatches();
         let ce = cross_entropy(logits, &labels).unwrap();
         let loss = ce.loss.to_array().unwrap()[[0]];
         assert!((loss - want_loss).abs() < 1e-5, "{device:?} loss {loss}");
         assert!(model.backward(ce.grad_logits).unwrap().is_none());
+        let separate = dispatches() - before;
         for (name, grad) in model.grads() {
             assert_matches(
                 &format!("{} grad {name}", device.name()),
                 &grad.unwrap().to_array().unwrap(),
                 &json["grads"]["params"][name.as_str()],
             );
+        }
+        // The same through the loss run with fc3's backward pass (`train_step`'s way): on
+        // the GPU one dispatch instead of the loss's, fc3's two products' and its bias sum.
+        model
+            .forward(device.upload(x.clone()).unwrap(), Mode::Train)
+            .unwrap();
+        let before = dispatches();
+        let (loss, correct) = model.backward_cross_entropy(&labels).unwrap();
+        let fused = dispatches() - before;
+        let loss = loss.to_array().unwrap()[[0]];
+        assert!(
+            (loss - want_loss).abs() < 1e-5,
+            "{device:?} fused loss {loss}"
+        );
+        assert_eq!(correct.to_array().unwrap(), ce.correct.to_array().unwrap());
+        for (name, grad) in model.grads() {
+            assert_matches(
+                &format!("{} grad {name} through the fused loss", device.name()),
+                &grad.unwrap().to_array().unwrap(),
+                &json["grads"]["params"][name.as_str()],
+            );
+        }
+        if matches!(device, Device::Gpu(_)) {
+            assert_eq!(fused + 3, separate, "dispatches fused / separately");
         }
         // A whole recorded step with SGD, then the loss on the same batch.
         let mut model = lenet5(LeNetOptions::default())

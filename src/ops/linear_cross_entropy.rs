@@ -1,0 +1,344 @@
+//! Softmax cross-entropy fused with the backward pass of the linear layer that produced the
+//! logits (`shaders/linear_cross_entropy.wgsl`): the loss, its correct count and the layer's
+//! `dx`, `dW` and `db` in one dispatch, for heads small enough for one workgroup. Used by
+//! `Graph::backward_cross_entropy` (and so `train_step`) where the model ends in a plain
+//! `Linear`; elsewhere the loss and the layer's backward run as their own passes.
+
+#[cfg(test)]
+use ndarray::{ArrayD, ArrayViewD};
+
+use super::linear::LinearGrads;
+#[cfg(test)]
+use super::linear::linear_backward_cpu;
+use super::rows::{RowKernel, row_kernel};
+#[cfg(test)]
+use super::softmax_cross_entropy::{CrossEntropy, softmax_cross_entropy_cpu};
+use super::softmax_cross_entropy::{LossParams, check, loss_source, upload_labels};
+use crate::error::{Error, Result};
+use crate::gpu::shared::WORKGROUP;
+use crate::gpu::{Commands, Generated};
+use crate::tensor::Tensor;
+use crate::value::Value;
+
+const OP: &str = "linear_cross_entropy";
+
+/// Loop iterations one lane may run for the layer's gradients (its share of `dx`'s and
+/// `dW`'s vec4s, each a loop over the classes or the rows): past it the head is more work
+/// than one workgroup, which runs on one thread of a CPU adapter, should take alone, and
+/// the loss and the layer's backward run as their own passes. LeNet's head (64 rows,
+/// 84 → 10) takes ~200.
+const MOST_ITERATIONS: usize = 2_048;
+
+/// The loss's results and the linear layer's gradients.
+#[derive(Debug)]
+pub(crate) struct LinearCrossEntropy<T> {
+    /// Mean loss (`[1]`) and the correct count (`[1]`); `grad_logits` is not kept.
+    pub loss: T,
+    /// Rows whose first arg-max is their label, `[1]`.
+    pub correct: T,
+    /// The layer's gradients.
+    pub grads: LinearGrads<T>,
+}
+
+impl<T> LinearCrossEntropy<T> {
+    /// The same results as another type (tensors as values).
+    pub(crate) fn map<U>(self, f: impl Fn(T) -> U) -> LinearCrossEntropy<U> {
+        LinearCrossEntropy {
+            loss: f(self.loss),
+            correct: f(self.correct),
+            grads: LinearGrads {
+                x: f(self.grads.x),
+                weight: f(self.grads.weight),
+                bias: f(self.grads.bias),
+            },
+        }
+    }
+}
+
+impl Value {
+    /// [`linear_cross_entropy`] of these logits, made from `x` by `weight`, on the GPU;
+    /// `None` on the CPU (whose model runs the two ops) and where the head does not fit.
+    pub(crate) fn linear_cross_entropy(
+        &self,
+        labels: &[usize],
+        x: &Value,
+        weight: &Value,
+    ) -> Result<Option<LinearCrossEntropy<Value>>> {
+        let (Value::Gpu(logits), Value::Gpu(x), Value::Gpu(weight)) = (self, x, weight) else {
+            return Ok(None);
+        };
+        Ok(linear_cross_entropy(logits, labels, x, weight)?.map(|fused| fused.map(Value::from)))
+    }
+}
+
+/// `(rows, classes, features)` of logits `[N, K]` from `x [N, F]` through `weight [K, F]`.
+fn check_shapes(
+    logits: &[usize],
+    labels: &[usize],
+    x: &[usize],
+    weight: &[usize],
+) -> Result<(usize, usize, usize)> {
+    let (rows, classes) = check(logits, labels)?;
+    match (x, weight) {
+        (&[n, f], &[k, f_w]) if n == rows && k == classes && f == f_w => Ok((rows, classes, f)),
+        _ => Err(Error::ShapeMismatch {
+            op: OP,
+            shapes: vec![logits.to_vec(), x.to_vec(), weight.to_vec()],
+            detail: format!(
+                "logits {logits:?} must come from x [N, F] through weight [K, F]; got x {x:?} \
+                 and weight {weight:?}"
+            ),
+        }),
+    }
+}
+
+/// Whether one workgroup takes this head: whole vec4 rows of `x`, every row a lane of the
+/// loss, and each lane's share of the gradients within [`MOST_ITERATIONS`].
+fn fits(rows: usize, classes: usize, features: usize) -> bool {
+    let lanes = WORKGROUP as usize;
+    let features4 = features / 4;
+    let dx = (rows * features4).div_ceil(lanes) * (classes + 1);
+    let dweight = (classes * features4).div_ceil(lanes) * (rows + 1);
+    let dbias = classes.div_ceil(lanes) * (rows + 1);
+    features.is_multiple_of(4) && rows <= lanes && dx + dweight + dbias <= MOST_ITERATIONS
+}
+
+/// Softmax cross-entropy of `logits = x·weightᵀ + b` against `labels` (mean over the rows)
+/// and the layer's gradients from it, in one dispatch; `None` where the head does not fit
+/// one workgroup (then run `softmax_cross_entropy` and `linear_backward`).
+pub(crate) fn linear_cross_entropy(
+    logits: &Tensor,
+    labels: &[usize],
+    x: &Tensor,
+    weight: &Tensor,
+) -> Result<Option<LinearCrossEntropy<Tensor>>> {
+    let (rows, classes, features) =
+        check_shapes(logits.shape(), labels, x.shape(), weight.shape())?;
+    let gpu = logits.gpu();
+    for t in [x, weight] {
+        t.check_same_gpu(OP, gpu)?;
+    }
+    // Each row's loss reads its logits three times in one lane.
+    if !fits(rows, classes, features) || row_kernel(OP, classes, 3)? != RowKernel::PerInvocation {
+        return Ok(None);
+    }
+    let labels = upload_labels(gpu, labels)?;
+    let grad = Tensor::uninit(gpu, logits.shape())?;
+    let loss = Tensor::uninit(gpu, &[1])?;
+    let correct = Tensor::uninit(gpu, &[1])?;
+    let grads = LinearGrads {
+        x: Tensor::uninit(gpu, x.shape())?,
+        weight: Tensor::uninit(gpu, weight.shape())?,
+        bias: Tensor::uninit(gpu, &[classes])?,
+    };
+    let params = LossParams {
+        rows: rows as u32,
+        classes: classes as u32,
+        scale: 1.0 / rows as f32,
+        ..LossParams::default()
+    };
+    // Uniform copies of x and the weight (pooled tensors), made in the same command stream
+    // as the pass that reads them.
+    let capacity = gpu.uniform_binding_bytes();
+    let uniform = gpu.cpu_kernels() && x.bytes().max(weight.bytes()) <= capacity;
+    let copies = if uniform {
+        [x, weight]
+            .into_iter()
+            .map(|operand| Ok((operand, Tensor::uninit(gpu, &[capacity as usize / 4])?)))
+            .collect::<Result<Vec<_>>>()?
+    } else {
+        Vec::new()
+    };
+    let (x_read, weight_read) = match &copies[..] {
+        [(_, x), (_, weight)] => (x.binding(), weight.binding()),
+        _ => (x.binding_vec4(), weight.binding_vec4()),
+    };
+    let kernel = HeadKernel {
+        uniform_vec4s: uniform.then_some(capacity / 16),
+    };
+    let constants = [("FEATURES4", (features / 4) as u32)];
+    let pipeline = gpu.generated(&kernel, "head_small", &constants)?;
+    let copy_operands = |commands: &mut Commands<'_>| {
+        let encoder = commands.encoder();
+        for (operand, copy) in &copies {
+            encoder.copy_buffer_to_buffer(operand.buffer(), 0, copy.buffer(), 0, operand.bytes());
+        }
+        Ok(())
+    };
+    gpu.run_pass_after(OP, copy_operands, |pass| {
+        let bindings = [
+            (1, logits.binding()),
+            (2, labels.binding()),
+            (3, grad.binding()),
+            (6, loss.binding()),
+            (7, correct.binding()),
+            (8, x_read),
+            (9, weight_read),
+            (10, grads.x.binding_vec4()),
+            (11, grads.weight.binding_vec4()),
+            (12, grads.bias.binding()),
+        ];
+        gpu.encode_at(pass, &pipeline, bytemuck::bytes_of(&params), &bindings, 1)
+    })?;
+    Ok(Some(LinearCrossEntropy {
+        loss,
+        correct,
+        grads,
+    }))
+}
+
+/// The fused head's kernel, reading x and the weight from storage or (`uniform_vec4s`, the
+/// size of each binding) from uniform copies.
+#[derive(Debug)]
+struct HeadKernel {
+    uniform_vec4s: Option<u64>,
+}
+
+impl Generated for HeadKernel {
+    fn source(&self) -> String {
+        let operands = match self.uniform_vec4s {
+            None => "@group(0) @binding(8) var<storage, read> x4: array<vec4<f32>>;\n\
+                     @group(0) @binding(9) var<storage, read> weight4: array<vec4<f32>>;"
+                .to_string(),
+            Some(vec4s) => format!(
+                "@group(0) @binding(8) var<uniform> x4: array<vec4<f32>, {vec4s}>;\n\
+                 @group(0) @binding(9) var<uniform> weight4: array<vec4<f32>, {vec4s}>;"
+            ),
+        };
+        loss_source()
+            + &include_str!("../../shaders/linear_cross_entropy.wgsl")
+                .replace("{{OPERANDS}}", &operands)
+    }
+}
+
+/// CPU reference of [`linear_cross_entropy`]: the loss, then the layer's backward pass from
+/// its gradient (what a model on the CPU runs, as two ops).
+#[cfg(test)]
+pub(crate) fn linear_cross_entropy_cpu(
+    logits: &ArrayViewD<'_, f32>,
+    labels: &[usize],
+    x: &ArrayViewD<'_, f32>,
+    weight: &ArrayViewD<'_, f32>,
+) -> Result<LinearCrossEntropy<ArrayD<f32>>> {
+    check_shapes(logits.shape(), labels, x.shape(), weight.shape())?;
+    let CrossEntropy {
+        loss,
+        grad_logits,
+        correct,
+    } = softmax_cross_entropy_cpu(logits, labels)?;
+    let grads = linear_backward_cpu(x, weight, &grad_logits.view())?;
+    Ok(LinearCrossEntropy {
+        loss,
+        correct,
+        grads,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gpu::{Gpu, GpuOptions, KernelFamily};
+    use crate::ops::Activation;
+    use crate::ops::linear::linear_cpu;
+    use crate::test_support::{max_abs_diff, random};
+
+    /// The fused head against the CPU reference, its outputs poisoned first: LeNet's head,
+    /// a row count and widths that fill no vec4 group of lanes, a full workgroup of rows,
+    /// and rows spread over several lanes' shares of `dx` and `dW`; in the portable family
+    /// (x and the weight read from storage) and, on CPU adapters, the CPU-adapter one
+    /// (from uniform copies).
+    #[test]
+    fn the_fused_head_matches_the_cpu() {
+        for family in [KernelFamily::Portable, KernelFamily::Auto] {
+            let options = GpuOptions {
+                kernel_family: family,
+                ..GpuOptions::from_env().unwrap()
+            };
+            let Some(gpu) = crate::test_support::gpu(options) else {
+                return;
+            };
+            fused_head_matches_the_cpu(&gpu);
+        }
+    }
+
+    fn fused_head_matches_the_cpu(gpu: &Gpu) {
+        let gpu = gpu.clone();
+        // (rows, classes, features)
+        for (i, (rows, classes, features)) in [
+            (64, 10, 84),
+            (3, 5, 4),
+            (WORKGROUP as usize, 7, 12),
+            (37, 13, 200),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let seed = 10 * i as u64;
+            let x = random(&[rows, features], seed);
+            let weight = random(&[classes, features], seed + 1).mapv(|v| 2.0 * v);
+            let bias = random(&[classes], seed + 2);
+            let logits = linear_cpu(
+                &x.view(),
+                &weight.view(),
+                Some(&bias.view()),
+                Activation::None,
+            )
+            .unwrap();
+            let labels: Vec<usize> = (0..rows).map(|r| (r * 7 + i) % classes).collect();
+            let want = linear_cross_entropy_cpu(&logits.view(), &labels, &x.view(), &weight.view())
+                .unwrap();
+
+            for shape in [
+                &[1][..],
+                &[classes],
+                &[rows, features],
+                &[classes, features],
+            ] {
+                drop(Tensor::full(&gpu, shape, f32::NAN).unwrap());
+            }
+            let upload = |a: &ArrayD<f32>| Tensor::from_array(&gpu, a).unwrap();
+            let got =
+                linear_cross_entropy(&upload(&logits), &labels, &upload(&x), &upload(&weight))
+                    .unwrap()
+                    .expect("the head fits one workgroup");
+            let pairs = [
+                ("loss", &got.loss, &want.loss, 1e-5),
+                ("correct", &got.correct, &want.correct, 0.0),
+                ("dx", &got.grads.x, &want.grads.x, 1e-5),
+                ("dW", &got.grads.weight, &want.grads.weight, 1e-5),
+                ("db", &got.grads.bias, &want.grads.bias, 1e-5),
+            ];
+            for (name, got, want, tolerance) in pairs {
+                let diff = max_abs_diff(&got.to_array().unwrap(), want);
+                assert!(
+                    diff <= tolerance,
+                    "{rows}×{features} → {classes}: {name} off by {diff}"
+                );
+            }
+        }
+    }
+
+    /// Heads past one workgroup (more rows than lanes, too much work per lane, rows of x
+    /// that are not whole vec4s) are left to the separate passes; mismatched shapes are
+    /// errors.
+    #[test]
+    fn heads_past_one_workgroup_are_declined() {
+        let Some(gpu) = crate::test_support::gpu(GpuOptions::from_env().unwrap()) else {
+            return;
+        };
+        let lanes = WORKGROUP as usize;
+        for (rows, classes, features) in [(lanes + 1, 10, 8), (8, 1000, 512), (4, 3, 6)] {
+            let logits = Tensor::full(&gpu, &[rows, classes], 0.5).unwrap();
+            let x = Tensor::full(&gpu, &[rows, features], 0.25).unwrap();
+            let weight = Tensor::full(&gpu, &[classes, features], 0.125).unwrap();
+            let labels = vec![1; rows];
+            let fused = linear_cross_entropy(&logits, &labels, &x, &weight).unwrap();
+            assert!(fused.is_none(), "{rows}×{features} → {classes} was fused");
+        }
+        let logits = Tensor::full(&gpu, &[4, 3], 0.5).unwrap();
+        let x = Tensor::full(&gpu, &[4, 8], 0.25).unwrap();
+        let weight = Tensor::full(&gpu, &[2, 8], 0.125).unwrap();
+        let error = linear_cross_entropy(&logits, &[0, 1, 2, 0], &x, &weight).unwrap_err();
+        assert!(matches!(error, Error::ShapeMismatch { .. }), "{error}");
+    }
+}
