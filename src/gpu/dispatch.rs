@@ -3,6 +3,7 @@
 use super::context::Gpu;
 use super::recording::Commands;
 use crate::error::{Error, Result};
+use crate::tensor::Tensor;
 
 /// Most workgroups one grid axis may hold (WebGPU's guaranteed minimum, and lavapipe's).
 const MAX_GROUPS_PER_AXIS: u64 = 65_535;
@@ -141,6 +142,18 @@ impl Gpu {
         })?
     }
 
+    /// Uniform copies of `operands` (each at most [`Gpu::uniform_binding_bytes`]): pooled
+    /// tensors of a whole uniform binding, filled by [`UniformCopies::record`] in the same
+    /// command stream as the pass that reads them (`run_pass_after`).
+    pub(crate) fn uniform_copies<'a>(&self, operands: &[Binding<'a>]) -> Result<UniformCopies<'a>> {
+        let floats = self.uniform_binding_bytes() as usize / 4;
+        let copies = operands
+            .iter()
+            .map(|&operand| Ok((operand, Tensor::uninit(self, &[floats])?)))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(UniformCopies(copies))
+    }
+
     /// Copies `bytes` from `src` at `src_offset` to `dst` at `dst_offset` (multiples of 4).
     pub(crate) fn copy(
         &self,
@@ -169,5 +182,28 @@ mod tests {
         let (x, y) = grid(70_000).unwrap();
         assert!(u64::from(x) * u64::from(y) >= 70_000 && y == 2);
         assert!(grid(65_535 * 65_535 + 1).is_err());
+    }
+}
+
+/// Operands copied into uniform buffers ([`Gpu::uniform_copies`]; empty: none), for kernels
+/// that read small operands at per-lane indices on CPU adapters, where lavapipe reads a
+/// uniform buffer ~16× faster than storage (`lavapipe-probe micro`).
+#[derive(Default)]
+pub(crate) struct UniformCopies<'a>(Vec<(Binding<'a>, Tensor)>);
+
+impl UniformCopies<'_> {
+    /// The copy of operand `i`, to bind in its place, if there is one.
+    pub(crate) fn binding(&self, i: usize) -> Option<Binding<'_>> {
+        self.0.get(i).map(|(_, copy)| copy.binding())
+    }
+
+    /// Records the copies (ending the open compute pass): the `before` of
+    /// [`Gpu::run_pass_after`].
+    pub(crate) fn record(&self, commands: &mut Commands<'_>) -> Result<()> {
+        let encoder = commands.encoder();
+        for (operand, copy) in &self.0 {
+            encoder.copy_buffer_to_buffer(operand.buffer, 0, copy.buffer(), 0, operand.bytes);
+        }
+        Ok(())
     }
 }

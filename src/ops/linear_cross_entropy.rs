@@ -15,8 +15,9 @@ use super::rows::{RowKernel, row_kernel};
 use super::softmax_cross_entropy::{CrossEntropy, softmax_cross_entropy_cpu};
 use super::softmax_cross_entropy::{LossParams, check, loss_source, upload_labels};
 use crate::error::{Error, Result};
+use crate::gpu::Generated;
+use crate::gpu::dispatch::UniformCopies;
 use crate::gpu::shared::WORKGROUP;
-use crate::gpu::{Commands, Generated};
 use crate::tensor::Tensor;
 use crate::value::Value;
 
@@ -137,49 +138,39 @@ pub(crate) fn linear_cross_entropy(
         scale: 1.0 / rows as f32,
         ..LossParams::default()
     };
-    // Uniform copies of x and the weight (pooled tensors), made in the same command stream
-    // as the pass that reads them.
     let capacity = gpu.uniform_binding_bytes();
     let uniform = gpu.cpu_kernels() && x.bytes().max(weight.bytes()) <= capacity;
     let copies = if uniform {
-        [x, weight]
-            .into_iter()
-            .map(|operand| Ok((operand, Tensor::uninit(gpu, &[capacity as usize / 4])?)))
-            .collect::<Result<Vec<_>>>()?
+        gpu.uniform_copies(&[x.binding(), weight.binding()])?
     } else {
-        Vec::new()
+        UniformCopies::default()
     };
-    let (x_read, weight_read) = match &copies[..] {
-        [(_, x), (_, weight)] => (x.binding(), weight.binding()),
-        _ => (x.binding_vec4(), weight.binding_vec4()),
-    };
+    let x_read = copies.binding(0).unwrap_or(x.binding_vec4());
+    let weight_read = copies.binding(1).unwrap_or(weight.binding_vec4());
     let kernel = HeadKernel {
         uniform_vec4s: uniform.then_some(capacity / 16),
     };
     let constants = [("FEATURES4", (features / 4) as u32)];
     let pipeline = gpu.generated(&kernel, "head_small", &constants)?;
-    let copy_operands = |commands: &mut Commands<'_>| {
-        let encoder = commands.encoder();
-        for (operand, copy) in &copies {
-            encoder.copy_buffer_to_buffer(operand.buffer(), 0, copy.buffer(), 0, operand.bytes());
-        }
-        Ok(())
-    };
-    gpu.run_pass_after(OP, copy_operands, |pass| {
-        let bindings = [
-            (1, logits.binding()),
-            (2, labels.binding()),
-            (3, grad.binding()),
-            (6, loss.binding()),
-            (7, correct.binding()),
-            (8, x_read),
-            (9, weight_read),
-            (10, grads.x.binding_vec4()),
-            (11, grads.weight.binding_vec4()),
-            (12, grads.bias.binding()),
-        ];
-        gpu.encode_at(pass, &pipeline, bytemuck::bytes_of(&params), &bindings, 1)
-    })?;
+    gpu.run_pass_after(
+        OP,
+        |commands| copies.record(commands),
+        |pass| {
+            let bindings = [
+                (1, logits.binding()),
+                (2, labels.binding()),
+                (3, grad.binding()),
+                (6, loss.binding()),
+                (7, correct.binding()),
+                (8, x_read),
+                (9, weight_read),
+                (10, grads.x.binding_vec4()),
+                (11, grads.weight.binding_vec4()),
+                (12, grads.bias.binding()),
+            ];
+            gpu.encode_at(pass, &pipeline, bytemuck::bytes_of(&params), &bindings, 1)
+        },
+    )?;
     Ok(Some(LinearCrossEntropy {
         loss,
         correct,

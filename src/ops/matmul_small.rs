@@ -10,10 +10,9 @@ use bytemuck::{Pod, Zeroable};
 
 use super::matmul::{KPass, Matmul, MatmulShape, checked_u32};
 use crate::error::Result;
-use crate::gpu::dispatch::Binding;
+use crate::gpu::dispatch::{Binding, UniformCopies};
 use crate::gpu::shared::{MAX_LOOP_ITERATIONS, small_workgroups};
-use crate::gpu::{Commands, Generated, Gpu};
-use crate::tensor::Tensor;
+use crate::gpu::{Generated, Gpu};
 
 /// Products of at most this many multiply-adds (`batch·M·N·K`) take the small kernel where
 /// the subgroup one would run: set to cover LeNet's last layer (64×84 → 10: 53,760) and
@@ -167,43 +166,35 @@ impl Matmul {
                 gpu.generated(&kernel, "main", &constants)
             })
             .collect::<Result<Vec<_>>>()?;
-        // The uniform copies (pooled tensors), made in the same command stream as the pass
-        // that reads them.
         let copies = match reads {
-            SmallReads::Storage => Vec::new(),
-            SmallReads::Uniform => [a, b]
-                .iter()
-                .map(|&operand| Ok((operand, Tensor::uninit(gpu, &[capacity as usize / 4])?)))
-                .collect::<Result<Vec<_>>>()?,
+            SmallReads::Storage => UniformCopies::default(),
+            SmallReads::Uniform => gpu.uniform_copies(&[a, b])?,
         };
-        let (a, b) = match &copies[..] {
-            [(_, a), (_, b)] => (a.binding(), b.binding()),
-            _ => (a, b),
-        };
-        let copy_operands = |commands: &mut Commands<'_>| {
-            let encoder = commands.encoder();
-            for (operand, copy) in &copies {
-                encoder.copy_buffer_to_buffer(operand.buffer, 0, copy.buffer(), 0, operand.bytes);
-            }
-            Ok(())
-        };
-        gpu.run_pass_after("matmul", copy_operands, |pass| {
-            for (k_pass, pipeline) in passes.iter().zip(&pipelines) {
-                let params = SmallParams {
-                    k_begin: k_pass.begin,
-                    k_end: k_pass.end,
-                    ..params
-                };
-                gpu.encode(
-                    pass,
-                    pipeline,
-                    bytemuck::bytes_of(&params),
-                    &[a, b, bias, out],
-                    small_workgroups(u64::from(blocks)),
-                )?;
-            }
-            Ok(())
-        })
+        let (a, b) = (
+            copies.binding(0).unwrap_or(a),
+            copies.binding(1).unwrap_or(b),
+        );
+        gpu.run_pass_after(
+            "matmul",
+            |commands| copies.record(commands),
+            |pass| {
+                for (k_pass, pipeline) in passes.iter().zip(&pipelines) {
+                    let params = SmallParams {
+                        k_begin: k_pass.begin,
+                        k_end: k_pass.end,
+                        ..params
+                    };
+                    gpu.encode(
+                        pass,
+                        pipeline,
+                        bytemuck::bytes_of(&params),
+                        &[a, b, bias, out],
+                        small_workgroups(u64::from(blocks)),
+                    )?;
+                }
+                Ok(())
+            },
+        )
     }
 }
 
@@ -215,6 +206,7 @@ mod tests {
     use crate::gpu::GpuOptions;
     use crate::ops::Activation;
     use crate::ops::matmul::{BiasAxis, matmul_cpu};
+    use crate::tensor::Tensor;
     use crate::test_support::{gpu, max_abs_diff, random};
 
     /// Both ways of reading the operands, whatever the adapter would pick, against the CPU:
