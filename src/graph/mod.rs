@@ -118,6 +118,10 @@ pub struct BackwardArgs<'a> {
     /// output, and `dy` the gradient there unless `dy_through_activation`.
     /// `Activation::None` where the graph ran [`Layer::forward`].
     pub absorbed: Activation,
+    /// `Σ` over the batch of `dy` (given through the activation), where the node reading the
+    /// output computed it with its own backward pass (a fused loss head): the bias gradient
+    /// of a layer that [`Layer::takes_bias_gradient`]. `None` otherwise.
+    pub dy_sum: Option<&'a Value>,
 }
 
 impl BackwardArgs<'_> {
@@ -324,6 +328,13 @@ pub trait Layer: Send {
     /// else: ending a model, its backward pass may run fused with a softmax cross-entropy's
     /// ([`Graph::backward_cross_entropy`]).
     fn is_plain_linear(&self) -> bool {
+        false
+    }
+
+    /// Whether this layer's backward takes its bias gradient, `Σ` of `dy` over the batch,
+    /// from [`BackwardArgs::dy_sum`] when given: a fused loss head that takes the gradient
+    /// back through this layer's output activation computes it (one pass fewer).
+    fn takes_bias_gradient(&self) -> bool {
         false
     }
 
@@ -1042,12 +1053,10 @@ impl Graph {
 
     /// The loss, the correct count and the last node's gradients in one dispatch, where the
     /// last node is a plain, trained `Linear` on the GPU that reads one value and the head
-    /// fits one workgroup.
-    fn fused_head(
-        &self,
-        output: &Value,
-        labels: &[usize],
-    ) -> Result<Option<(Value, Value, Backward)>> {
+    /// fits one workgroup; where that value is the output activation of a layer that
+    /// [`Layer::takes_bias_gradient`] and read by no other node, the head takes the gradient
+    /// back through the activation and computes that layer's bias gradient too.
+    fn fused_head(&self, output: &Value, labels: &[usize]) -> Result<Option<(Value, Value, Head)>> {
         let Some(last) = self.nodes.len().checked_sub(1) else {
             return Ok(None);
         };
@@ -1062,14 +1071,35 @@ impl Graph {
         let Some(x) = x.filter(|_| plain) else {
             return Ok(None);
         };
-        let fused = output.linear_cross_entropy(labels, x, &node.state[0])?;
+        let gated = self.head_input_producer(last);
+        let activation = gated.map_or(Activation::None, |(_, activation)| activation);
+        let fused = output.linear_cross_entropy(labels, x, &node.state[0], activation)?;
         Ok(fused.map(|f| {
-            let head = Backward {
+            let backward = Backward {
                 inputs: vec![Some(f.grads.x)],
                 state: vec![Some(f.grads.weight), Some(f.grads.bias)],
             };
-            (f.loss, f.correct, head)
+            let producer = gated.zip(f.input_bias).map(|((node, _), sum)| (node, sum));
+            (f.loss, f.correct, Head { backward, producer })
         }))
+    }
+
+    /// The node producing the last node's single input and the output activation it ends
+    /// with, where that node [`Layer::takes_bias_gradient`] and the last node is the input's
+    /// only reader.
+    fn head_input_producer(&self, last: usize) -> Option<(usize, Activation)> {
+        let &[v] = &self.nodes[last].inputs[..] else {
+            return None;
+        };
+        let n = v
+            .checked_sub(1)
+            .filter(|_| self.sole_readers()[v] == Some(last))?;
+        let (producer, activation) = match self.absorbed_by()[n] {
+            Some(producer) => (producer, output_activation(self.absorbed[producer])),
+            None => (n, self.nodes[n].layer.output_activation()),
+        };
+        (activation != Activation::None && self.nodes[producer].layer.takes_bias_gradient())
+            .then_some((producer, activation))
     }
 
     /// `∂L/∂input` from `dy = ∂L/∂output`, computing no parameter gradients (the stored
@@ -1091,9 +1121,9 @@ impl Graph {
     ) -> Result<Option<Value>> {
         let mode = self.mode.take().ok_or_else(no_forward_pass)?;
         let count = self.nodes.len();
-        let (dy, mut head) = match start {
-            Start::Dy(dy) => (Some(dy), None),
-            Start::Head(head) => (None, Some(head)),
+        let (dy, mut head, producer) = match start {
+            Start::Dy(dy) => (Some(dy), None, None),
+            Start::Head(Head { backward, producer }) => (None, Some(backward), producer),
         };
         if let Some(dy) = dy
             .as_ref()
@@ -1121,7 +1151,11 @@ impl Graph {
             backward: true,
         };
         let wants = self.wanted_gradients(input_grad, state_grads);
-        let (taken, through) = self.activation_handoffs();
+        let (taken, mut through) = self.activation_handoffs();
+        // The fused head took the gradient through this node's activation (and summed it).
+        if let Some((node, _)) = &producer {
+            through[*node] = true;
+        }
         let absorbed_by = self.absorbed_by();
         let mut grads: Vec<Option<Value>> = (0..=count).map(|_| None).collect();
         grads[count] = dy;
@@ -1175,6 +1209,10 @@ impl Graph {
                             input_activation: taken[i],
                             dy_through_activation: through[i],
                             absorbed: output_activation(absorbed),
+                            dy_sum: producer
+                                .as_ref()
+                                .filter(|(node, _)| *node == i)
+                                .map(|(_, sum)| sum),
                         })
                         .map_err(|e| in_node(&node.name, e))?;
                     Some(back)
@@ -1596,7 +1634,15 @@ fn no_forward_pass() -> Error {
 /// already computed with the loss ([`Graph::backward_cross_entropy`]).
 enum Start {
     Dy(Value),
-    Head(Backward),
+    Head(Head),
+}
+
+/// What a fused loss head gives the backward pass: the last node's gradients and, where it
+/// took the gradient through its input's producer's activation, that node and its bias
+/// gradient.
+struct Head {
+    backward: Backward,
+    producer: Option<(usize, Value)>,
 }
 
 fn freed(v: ValueId) -> Error {

@@ -125,6 +125,14 @@ impl Layer for Linear {
         self.activation == Activation::None
     }
 
+    fn output_activation(&self) -> Activation {
+        self.activation
+    }
+
+    fn takes_bias_gradient(&self) -> bool {
+        true
+    }
+
     fn absorbs_activation(&self, activation: Activation) -> bool {
         self.activation == Activation::None && fusable(activation)
     }
@@ -144,7 +152,10 @@ impl Layer for Linear {
 
     fn backward(&self, args: BackwardArgs<'_>) -> Result<Backward> {
         let activation = args.activation_to_take(self.activation);
-        let g = args.inputs[0].linear_backward(&args.state[0], args.y, args.dy, activation)?;
+        let g = match args.dy_sum.filter(|_| activation == Activation::None) {
+            Some(sum) => args.inputs[0].linear_backward_summed(&args.state[0], args.dy, sum)?,
+            None => args.inputs[0].linear_backward(&args.state[0], args.y, args.dy, activation)?,
+        };
         Ok(Backward {
             inputs: vec![Some(g.x).filter(|_| args.needs.inputs)],
             state: vec![Some(g.weight), Some(g.bias)],

@@ -168,6 +168,31 @@ impl Value {
         };
         Ok(grads)
     }
+
+    /// [`Value::linear_backward`] of a `dy` already through the activation, its bias
+    /// gradient `dbias` (`Σ` of `dy` over the batch) computed with it: a fused loss head's.
+    pub(crate) fn linear_backward_summed(
+        &self,
+        weight: &Value,
+        dy: &Value,
+        dbias: &Value,
+    ) -> Result<LinearGrads<Value>> {
+        let Value::Gpu(x) = self else {
+            return self.linear_backward(weight, dy, dy, Activation::None);
+        };
+        let dbias = dbias.gpu()?;
+        let g = linear_gradients(
+            x,
+            weight.gpu()?,
+            dy.gpu()?,
+            Some(dbias.reshaped(dbias.shape())?),
+        )?;
+        Ok(LinearGrads {
+            x: g.x.into(),
+            weight: g.weight.into(),
+            bias: g.bias.into(),
+        })
+    }
 }
 
 /// CPU reference of [`linear`].

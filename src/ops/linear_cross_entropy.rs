@@ -7,6 +7,8 @@
 #[cfg(test)]
 use ndarray::{ArrayD, ArrayViewD};
 
+#[cfg(test)]
+use super::activation::through_activation_cpu;
 use super::linear::LinearGrads;
 #[cfg(test)]
 use super::linear::linear_backward_cpu;
@@ -19,7 +21,7 @@ use crate::gpu::Generated;
 use crate::gpu::dispatch::UniformCopies;
 use crate::gpu::shared::WORKGROUP;
 use crate::tensor::Tensor;
-use crate::value::Value;
+use crate::value::{Activation, Value};
 
 const OP: &str = "linear_cross_entropy";
 
@@ -37,8 +39,11 @@ pub(crate) struct LinearCrossEntropy<T> {
     pub loss: T,
     /// Rows whose first arg-max is their label, `[1]`.
     pub correct: T,
-    /// The layer's gradients.
+    /// The layer's gradients; `x`'s taken back through the input gate's activation, if any.
     pub grads: LinearGrads<T>,
+    /// With an input gate, the bias gradient of the layer that produced `x`: the batch's sum
+    /// of `grads.x`.
+    pub input_bias: Option<T>,
 }
 
 impl<T> LinearCrossEntropy<T> {
@@ -52,6 +57,7 @@ impl<T> LinearCrossEntropy<T> {
                 weight: f(self.grads.weight),
                 bias: f(self.grads.bias),
             },
+            input_bias: self.input_bias.map(f),
         }
     }
 }
@@ -64,11 +70,13 @@ impl Value {
         labels: &[usize],
         x: &Value,
         weight: &Value,
+        input_gate: Activation,
     ) -> Result<Option<LinearCrossEntropy<Value>>> {
         let (Value::Gpu(logits), Value::Gpu(x), Value::Gpu(weight)) = (self, x, weight) else {
             return Ok(None);
         };
-        Ok(linear_cross_entropy(logits, labels, x, weight)?.map(|fused| fused.map(Value::from)))
+        let fused = linear_cross_entropy(logits, labels, x, weight, input_gate)?;
+        Ok(fused.map(|fused| fused.map(Value::from)))
     }
 }
 
@@ -101,17 +109,23 @@ fn fits(rows: usize, classes: usize, features: usize) -> bool {
     let dx = (rows * features4).div_ceil(lanes) * (classes + 1);
     let dweight = (classes * features4).div_ceil(lanes) * (rows + 1);
     let dbias = classes.div_ceil(lanes) * (rows + 1);
-    features.is_multiple_of(4) && rows <= lanes && dx + dweight + dbias <= MOST_ITERATIONS
+    let input_bias = features4.div_ceil(lanes) * (rows + 1);
+    features.is_multiple_of(4)
+        && rows <= lanes
+        && dx + dweight + dbias + input_bias <= MOST_ITERATIONS
 }
 
 /// Softmax cross-entropy of `logits = x·weightᵀ + b` against `labels` (mean over the rows)
 /// and the layer's gradients from it, in one dispatch; `None` where the head does not fit
-/// one workgroup (then run `softmax_cross_entropy` and `linear_backward`).
+/// one workgroup (then run `softmax_cross_entropy` and `linear_backward`). With an
+/// `input_gate` (the activation `x` is the output of, ending a linear layer) `dx` is taken
+/// back through it, and that layer's bias gradient comes too.
 pub(crate) fn linear_cross_entropy(
     logits: &Tensor,
     labels: &[usize],
     x: &Tensor,
     weight: &Tensor,
+    input_gate: Activation,
 ) -> Result<Option<LinearCrossEntropy<Tensor>>> {
     let (rows, classes, features) =
         check_shapes(logits.shape(), labels, x.shape(), weight.shape())?;
@@ -132,6 +146,10 @@ pub(crate) fn linear_cross_entropy(
         weight: Tensor::uninit(gpu, weight.shape())?,
         bias: Tensor::uninit(gpu, &[classes])?,
     };
+    let input_gate = (input_gate != Activation::None).then_some(input_gate);
+    let input_bias = input_gate
+        .map(|_| Tensor::uninit(gpu, &[features]))
+        .transpose()?;
     let params = LossParams {
         rows: rows as u32,
         classes: classes as u32,
@@ -149,6 +167,7 @@ pub(crate) fn linear_cross_entropy(
     let weight_read = copies.binding(1).unwrap_or(weight.binding_vec4());
     let kernel = HeadKernel {
         uniform_vec4s: uniform.then_some(capacity / 16),
+        input_gate,
     };
     let constants = [("FEATURES4", (features / 4) as u32)];
     let pipeline = gpu.generated(&kernel, "head_small", &constants)?;
@@ -156,7 +175,7 @@ pub(crate) fn linear_cross_entropy(
         OP,
         |commands| copies.record(commands),
         |pass| {
-            let bindings = [
+            let mut bindings = vec![
                 (1, logits.binding()),
                 (2, labels.binding()),
                 (3, grad.binding()),
@@ -168,6 +187,7 @@ pub(crate) fn linear_cross_entropy(
                 (11, grads.weight.binding_vec4()),
                 (12, grads.bias.binding()),
             ];
+            bindings.extend(input_bias.as_ref().map(|b| (13, b.binding_vec4())));
             gpu.encode_at(pass, &pipeline, bytemuck::bytes_of(&params), &bindings, 1)
         },
     )?;
@@ -175,14 +195,16 @@ pub(crate) fn linear_cross_entropy(
         loss,
         correct,
         grads,
+        input_bias,
     }))
 }
 
 /// The fused head's kernel, reading x and the weight from storage or (`uniform_vec4s`, the
-/// size of each binding) from uniform copies.
+/// size of each binding) from uniform copies, with `dx` taken back through `input_gate`.
 #[derive(Debug)]
 struct HeadKernel {
     uniform_vec4s: Option<u64>,
+    input_gate: Option<Activation>,
 }
 
 impl Generated for HeadKernel {
@@ -196,20 +218,52 @@ impl Generated for HeadKernel {
                  @group(0) @binding(9) var<uniform> weight4: array<vec4<f32>, {vec4s}>;"
             ),
         };
-        loss_source()
+        let mut source = loss_source();
+        let (mut decls, mut gate_dx, mut input_bias) = (String::new(), "", "");
+        if let Some(gate) = self.input_gate {
+            source.push_str(include_str!("../../shaders/epilogue.wgsl"));
+            decls = format!(
+                "// The activation x came out of, and the producing layer's bias gradient.\n\
+                 const INPUT_ACT: u32 = {}u;\n\
+                 const INPUT_SLOPE_BITS: u32 = {}u;\n\
+                 @group(0) @binding(13) var<storage, read_write> dinput_bias4: array<vec4<f32>>;",
+                gate.code(),
+                gate.slope().to_bits()
+            );
+            gate_dx =
+                " * activation_derivative_vec4(x4[o], INPUT_ACT, bitcast<f32>(INPUT_SLOPE_BITS))";
+            input_bias = INPUT_BIAS;
+        }
+        source
             + &include_str!("../../shaders/linear_cross_entropy.wgsl")
                 .replace("{{OPERANDS}}", &operands)
+                .replace("{{INPUT_DECLS}}", &decls)
+                .replace("{{GATE_DX}}", gate_dx)
+                .replace("{{INPUT_BIAS}}", input_bias)
     }
 }
 
+/// With an input gate: the producing layer's bias gradient, the column sums of `dx` (every
+/// lane's rows of it stored by then).
+const INPUT_BIAS: &str = "    storageBarrier();
+    for (var q = i; q < f4; q += WORKGROUP) {
+        var sum = vec4<f32>(0.0);
+        for (var r = 0u; r < p.rows; r++) {
+            sum += dx4[r * f4 + q];
+        }
+        dinput_bias4[q] = sum;
+    }";
+
 /// CPU reference of [`linear_cross_entropy`]: the loss, then the layer's backward pass from
-/// its gradient (what a model on the CPU runs, as two ops).
+/// its gradient (what a model on the CPU runs, as two ops), then `dx` through the input
+/// gate's activation and its sum over the batch.
 #[cfg(test)]
 pub(crate) fn linear_cross_entropy_cpu(
     logits: &ArrayViewD<'_, f32>,
     labels: &[usize],
     x: &ArrayViewD<'_, f32>,
     weight: &ArrayViewD<'_, f32>,
+    input_gate: Activation,
 ) -> Result<LinearCrossEntropy<ArrayD<f32>>> {
     check_shapes(logits.shape(), labels, x.shape(), weight.shape())?;
     let CrossEntropy {
@@ -217,11 +271,17 @@ pub(crate) fn linear_cross_entropy_cpu(
         grad_logits,
         correct,
     } = softmax_cross_entropy_cpu(logits, labels)?;
-    let grads = linear_backward_cpu(x, weight, &grad_logits.view())?;
+    let mut grads = linear_backward_cpu(x, weight, &grad_logits.view())?;
+    let mut input_bias = None;
+    if input_gate != Activation::None {
+        grads.x = through_activation_cpu(input_gate, x, &grads.x.view())?;
+        input_bias = Some(grads.x.sum_axis(ndarray::Axis(0)));
+    }
     Ok(LinearCrossEntropy {
         loss,
         correct,
         grads,
+        input_bias,
     })
 }
 
@@ -229,15 +289,15 @@ pub(crate) fn linear_cross_entropy_cpu(
 mod tests {
     use super::*;
     use crate::gpu::{Gpu, GpuOptions, KernelFamily};
-    use crate::ops::Activation;
     use crate::ops::linear::linear_cpu;
     use crate::test_support::{max_abs_diff, random};
 
     /// The fused head against the CPU reference, its outputs poisoned first: LeNet's head,
     /// a row count and widths that fill no vec4 group of lanes, a full workgroup of rows,
-    /// and rows spread over several lanes' shares of `dx` and `dW`; in the portable family
-    /// (x and the weight read from storage) and, on CPU adapters, the CPU-adapter one
-    /// (from uniform copies).
+    /// and rows spread over several lanes' shares of `dx` and `dW`, with no input gate and
+    /// through each activation (x as its outputs would be); in the portable family (x and
+    /// the weight read from storage) and, on CPU adapters, the CPU-adapter one (from
+    /// uniform copies).
     #[test]
     fn the_fused_head_matches_the_cpu() {
         for family in [KernelFamily::Portable, KernelFamily::Auto] {
@@ -254,18 +314,28 @@ mod tests {
 
     fn fused_head_matches_the_cpu(gpu: &Gpu) {
         let gpu = gpu.clone();
-        // (rows, classes, features)
-        for (i, (rows, classes, features)) in [
-            (64, 10, 84),
-            (3, 5, 4),
-            (WORKGROUP as usize, 7, 12),
-            (37, 13, 200),
+        // (rows, classes, features, the activation x is the output of)
+        for (i, (rows, classes, features, gate)) in [
+            (64, 10, 84, Activation::None),
+            (64, 10, 84, Activation::Relu),
+            (3, 5, 4, Activation::None),
+            (3, 5, 4, Activation::LeakyRelu(0.1)),
+            (WORKGROUP as usize, 7, 12, Activation::Sigmoid),
+            (37, 13, 200, Activation::None),
+            (37, 13, 200, Activation::Tanh),
+            (9, 6, 20, Activation::Relu6),
         ]
         .into_iter()
         .enumerate()
         {
             let seed = 10 * i as u64;
-            let x = random(&[rows, features], seed);
+            // Zeros for ReLU, values past 6 for ReLU6, negatives for leaky ReLU.
+            let x = random(&[rows, features], seed).mapv(|v| match gate {
+                Activation::Relu => v.max(0.0),
+                Activation::Relu6 => (8.0 * v).clamp(0.0, 6.0),
+                Activation::Sigmoid => v.abs(),
+                _ => v,
+            });
             let weight = random(&[classes, features], seed + 1).mapv(|v| 2.0 * v);
             let bias = random(&[classes], seed + 2);
             let logits = linear_cpu(
@@ -276,8 +346,9 @@ mod tests {
             )
             .unwrap();
             let labels: Vec<usize> = (0..rows).map(|r| (r * 7 + i) % classes).collect();
-            let want = linear_cross_entropy_cpu(&logits.view(), &labels, &x.view(), &weight.view())
-                .unwrap();
+            let want =
+                linear_cross_entropy_cpu(&logits.view(), &labels, &x.view(), &weight.view(), gate)
+                    .unwrap();
 
             for shape in [
                 &[1][..],
@@ -288,22 +359,31 @@ mod tests {
                 drop(Tensor::full(&gpu, shape, f32::NAN).unwrap());
             }
             let upload = |a: &ArrayD<f32>| Tensor::from_array(&gpu, a).unwrap();
-            let got =
-                linear_cross_entropy(&upload(&logits), &labels, &upload(&x), &upload(&weight))
-                    .unwrap()
-                    .expect("the head fits one workgroup");
-            let pairs = [
+            let got = linear_cross_entropy(
+                &upload(&logits),
+                &labels,
+                &upload(&x),
+                &upload(&weight),
+                gate,
+            )
+            .unwrap()
+            .expect("the head fits one workgroup");
+            let mut pairs = vec![
                 ("loss", &got.loss, &want.loss, 1e-5),
                 ("correct", &got.correct, &want.correct, 0.0),
                 ("dx", &got.grads.x, &want.grads.x, 1e-5),
                 ("dW", &got.grads.weight, &want.grads.weight, 1e-5),
                 ("db", &got.grads.bias, &want.grads.bias, 1e-5),
             ];
+            assert_eq!(got.input_bias.is_some(), want.input_bias.is_some());
+            if let (Some(got), Some(want)) = (&got.input_bias, &want.input_bias) {
+                pairs.push(("the input's db", got, want, 1e-5));
+            }
             for (name, got, want, tolerance) in pairs {
                 let diff = max_abs_diff(&got.to_array().unwrap(), want);
                 assert!(
                     diff <= tolerance,
-                    "{rows}×{features} → {classes}: {name} off by {diff}"
+                    "{rows}×{features} → {classes} through {gate:?}: {name} off by {diff}"
                 );
             }
         }
@@ -323,13 +403,15 @@ mod tests {
             let x = Tensor::full(&gpu, &[rows, features], 0.25).unwrap();
             let weight = Tensor::full(&gpu, &[classes, features], 0.125).unwrap();
             let labels = vec![1; rows];
-            let fused = linear_cross_entropy(&logits, &labels, &x, &weight).unwrap();
+            let fused =
+                linear_cross_entropy(&logits, &labels, &x, &weight, Activation::Relu).unwrap();
             assert!(fused.is_none(), "{rows}×{features} → {classes} was fused");
         }
         let logits = Tensor::full(&gpu, &[4, 3], 0.5).unwrap();
         let x = Tensor::full(&gpu, &[4, 8], 0.25).unwrap();
         let weight = Tensor::full(&gpu, &[2, 8], 0.125).unwrap();
-        let error = linear_cross_entropy(&logits, &[0, 1, 2, 0], &x, &weight).unwrap_err();
+        let error = linear_cross_entropy(&logits, &[0, 1, 2, 0], &x, &weight, Activation::None)
+            .unwrap_err();
         assert!(matches!(error, Error::ShapeMismatch { .. }), "{error}");
     }
 }
