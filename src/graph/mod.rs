@@ -122,6 +122,25 @@ pub struct BackwardArgs<'a> {
     /// output computed it with its own backward pass (a fused loss head): the bias gradient
     /// of a layer that [`Layer::takes_bias_gradient`]. `None` otherwise.
     pub dy_sum: Option<&'a Value>,
+    /// Where a max pooling alone read the output and this layer
+    /// [`Layer::takes_pooled_gradient`]: the pooling, whose backward pass was left to this
+    /// one; `dy` is then the gradient at the pooling's output. `None` otherwise.
+    pub dy_pooled: Option<PooledGradient<'a>>,
+}
+
+/// A max pooling's backward pass handed to the layer producing its input (see
+/// [`BackwardArgs::dy_pooled`]).
+#[derive(Clone, Copy, Debug)]
+pub struct PooledGradient<'a> {
+    /// The pooling.
+    pub pool: MaxPool,
+    /// Its output.
+    pub y: &'a Value,
+    /// Its windows' arg-max, saved by its forward pass.
+    pub argmax: &'a Value,
+    /// The activation it takes the gradient back through (the layer's own, `dy_through_activation`
+    /// then set), or none.
+    pub activation: Activation,
 }
 
 impl BackwardArgs<'_> {
@@ -328,6 +347,13 @@ pub trait Layer: Send {
     /// else: ending a model, its backward pass may run fused with a softmax cross-entropy's
     /// ([`Graph::backward_cross_entropy`]).
     fn is_plain_linear(&self) -> bool {
+        false
+    }
+
+    /// Whether this layer's backward runs the backward pass of a max pooling that alone reads
+    /// its output ([`BackwardArgs::dy_pooled`]): a convolution reads the pooled gradient in
+    /// place of its own `dz`, one pass fewer.
+    fn takes_pooled_gradient(&self) -> bool {
         false
     }
 
@@ -1157,6 +1183,10 @@ impl Graph {
             through[*node] = true;
         }
         let absorbed_by = self.absorbed_by();
+        let pool_handoffs = self.pool_handoffs();
+        // A pooling's gradient waiting for the node it was left to: (that node, the pooling's
+        // node, its dy).
+        let mut left: Option<(usize, usize, Value)> = None;
         let mut grads: Vec<Option<Value>> = (0..=count).map(|_| None).collect();
         grads[count] = dy;
         // Per value, a second gradient part left unsummed for the node that takes it, where
@@ -1176,13 +1206,27 @@ impl Graph {
                 more[producer + 1] = more[i + 1].take();
                 continue;
             }
+            // A max pooling whose backward pass its input's producer runs: its gradient and
+            // what it saved wait for that node (its values are freed after that node's turn).
+            if let Some(producer) = pool_handoffs[i].filter(|_| !self.saved[i].is_empty())
+                && let Some(dy) = grads[i + 1].take()
+            {
+                left = Some((producer, i, dy));
+                continue;
+            }
+            let pooled = left
+                .take_if(|(producer, ..)| *producer == i)
+                .and_then(|(_, j, dy)| Some((j, dy, self.nodes[j].layer.max_pool()?)));
             let absorbed = self.absorbed[i];
             let node = &mut self.nodes[i];
             let needs = Needs {
                 inputs: node.inputs.iter().any(|&v| wants[v]),
                 state: state_grads && node.trains(),
             };
-            let dy = grads[i + 1].take();
+            let (dy, pooled) = match pooled {
+                Some((j, dy, pool)) => (Some(dy), Some((j, pool))),
+                None => (grads[i + 1].take(), None),
+            };
             let dy_more = more[i + 1].take();
             // The last node's gradients came with the loss (`Start::Head`).
             let back = match (head.take().filter(|_| i + 1 == count), dy) {
@@ -1213,6 +1257,15 @@ impl Graph {
                                 .as_ref()
                                 .filter(|(node, _)| *node == i)
                                 .map(|(_, sum)| sum),
+                            dy_pooled: match pooled {
+                                Some((j, pool)) => Some(PooledGradient {
+                                    pool,
+                                    y: self.values[j + 1].as_ref().ok_or_else(|| freed(j + 1))?,
+                                    argmax: self.saved[j].first().ok_or_else(|| freed(j + 1))?,
+                                    activation: taken[j],
+                                }),
+                                None => None,
+                            },
                         })
                         .map_err(|e| in_node(&node.name, e))?;
                     Some(back)
@@ -1247,15 +1300,42 @@ impl Graph {
             }
             self.saved[i].clear();
             let absorbed_uses = absorbed.map(|a| &self.last_backward_use[a.node]);
+            let pooled = pooled.map(|(j, _)| j);
+            let pooling_uses = pooled.map(|j| &self.last_backward_use[j]);
             for &v in self.last_backward_use[i]
                 .iter()
                 .chain(absorbed_uses.into_iter().flatten())
+                .chain(pooling_uses.into_iter().flatten())
             {
                 self.values[v] = None;
+            }
+            if let Some(j) = pooled {
+                self.saved[j].clear();
             }
             submit_between_layers(&self.device);
         }
         Ok(grads[0].take().filter(|_| input_grad))
+    }
+
+    /// Per node, where it is a max pooling whose input's producer runs its backward pass
+    /// ([`Layer::takes_pooled_gradient`]): that node. The pooling must read that node's own
+    /// output (no activation node absorbed between them) and be its only reader.
+    fn pool_handoffs(&self) -> Vec<Option<usize>> {
+        let sole_readers = self.sole_readers();
+        let absorbed_by = self.absorbed_by();
+        (0..self.nodes.len())
+            .map(|j| {
+                self.nodes[j].layer.max_pool()?;
+                let &[v] = &self.nodes[j].inputs[..] else {
+                    return None;
+                };
+                let producer = v.checked_sub(1).filter(|_| sole_readers[v] == Some(j))?;
+                (absorbed_by[producer].is_none()
+                    && self.absorbed[producer].is_none()
+                    && self.nodes[producer].layer.takes_pooled_gradient())
+                .then_some(producer)
+            })
+            .collect()
     }
 
     /// Per node, the node that absorbed it in the last forward pass, if any.

@@ -192,6 +192,10 @@ impl Layer for Conv2d {
         })
     }
 
+    fn takes_pooled_gradient(&self) -> bool {
+        true
+    }
+
     fn forward_pooled(
         &self,
         ctx: Ctx,
@@ -199,14 +203,7 @@ impl Layer for Conv2d {
         state: &mut [Value],
         pool: &MaxPool,
     ) -> Result<Option<PooledForward>> {
-        let pool = Pool2d {
-            kernel: pool.kernel,
-            stride: pool.stride,
-            padding: pool.padding,
-            dilation: pool.dilation,
-            ceil_mode: pool.ceil_mode,
-            ..Pool2d::max(pool.kernel)
-        };
+        let pool = max_pool2d(pool);
         // A training step's forward kernel is planned with its backward pass in view.
         let training = ctx.training.then_some(ctx.input_gradient);
         let weights = (&state[0], state.get(1));
@@ -281,12 +278,23 @@ impl Layer for Conv2d {
         };
         // State is the weight, then the bias if the layer has one.
         let has_bias = args.state.len() > 1;
-        let (dx, dweight, dbias) = args.inputs[0].conv2d_backward_saved(
-            &spec,
-            (&args.state[0], args.y, args.dy),
-            args.saved.first(),
-            (args.needs.inputs, has_bias),
-        )?;
+        let wanted = (args.needs.inputs, has_bias);
+        let (dx, dweight, dbias) = match &args.dy_pooled {
+            Some(pooled) => args.inputs[0].conv2d_backward_pooled(
+                &spec,
+                (&args.state[0], args.y),
+                &max_pool2d(&pooled.pool),
+                (args.dy, pooled.y, pooled.argmax, pooled.activation),
+                args.saved.first(),
+                wanted,
+            )?,
+            None => args.inputs[0].conv2d_backward_saved(
+                &spec,
+                (&args.state[0], args.y, args.dy),
+                args.saved.first(),
+                wanted,
+            )?,
+        };
         Ok(Backward {
             inputs: vec![dx.filter(|_| args.needs.inputs)],
             state: [Some(dweight), dbias]
@@ -294,5 +302,17 @@ impl Layer for Conv2d {
                 .take(args.state.len())
                 .collect(),
         })
+    }
+}
+
+/// The graph's max pooling as the op's.
+fn max_pool2d(pool: &MaxPool) -> Pool2d {
+    Pool2d {
+        kernel: pool.kernel,
+        stride: pool.stride,
+        padding: pool.padding,
+        dilation: pool.dilation,
+        ceil_mode: pool.ceil_mode,
+        ..Pool2d::max(pool.kernel)
     }
 }

@@ -711,6 +711,79 @@ impl Conv2d {
         Ok((weight, bias))
     }
 
+    /// [`Conv2d::gradients`] of a layer (no activation of its own) whose output a 2×2 max
+    /// pooling at stride 2 alone read, from that pooling's gradient `dy`, output `y` and
+    /// `argmax`, taken back through `activation` (the one the pooling took): where the direct
+    /// weight gradient runs this shape it reads them in place of the layer's `dz` (storing
+    /// `dz` for the input gradient only), and the pooling needs no backward pass of its own.
+    /// `None` elsewhere: run the pooling's backward, then [`Conv2d::gradients`].
+    pub(crate) fn gradients_pooled(
+        &self,
+        (x, weight): (&Tensor, &Tensor),
+        (dy, y, argmax): (&Tensor, &Tensor, &Tensor),
+        activation: Activation,
+        needs: GradientsNeeded,
+    ) -> Result<Option<Gradients>> {
+        let gpu = x.gpu().clone();
+        let shape = self.shape(x.shape(), weight.shape(), None)?;
+        for t in [weight, dy, y, argmax] {
+            t.check_same_gpu(OP, &gpu)?;
+        }
+        let pooled = [shape.n, shape.o, shape.oh / 2, shape.ow / 2];
+        if [dy, y, argmax].iter().any(|t| t.shape() != pooled) {
+            return Err(Error::ShapeMismatch {
+                op: OP,
+                shapes: vec![
+                    dy.shape().to_vec(),
+                    y.shape().to_vec(),
+                    argmax.shape().to_vec(),
+                ],
+                detail: format!(
+                    "the pooling's dy, output and arg-max must be {pooled:?}, half the \
+                     layer's output {:?}",
+                    shape.output()
+                ),
+            });
+        }
+        if self.activation != Activation::None
+            || !conv_weight_grad::pooled_fits(&shape)
+            || !conv_weight_grad::eligible(self, &shape)
+        {
+            return Ok(None);
+        }
+        let plan = self.backward_kernels(&gpu, &shape, needs, Some(activation))?;
+        if plan.weight_grad != ConvKernel::Direct {
+            return Ok(None);
+        }
+        let (dweight, dbias) = (
+            Tensor::uninit(&gpu, weight.shape())?,
+            Tensor::uninit(&gpu, &[shape.o])?,
+        );
+        let dz = needs
+            .input
+            .then(|| Tensor::uninit(&gpu, &shape.output()))
+            .transpose()?;
+        let gate = Gate {
+            activation,
+            y,
+            dz: dz.as_ref(),
+            argmax: Some(argmax),
+        };
+        let out = WeightAndBias {
+            weight: &dweight,
+            bias: &dbias,
+        };
+        conv_weight_grad::weight_and_bias_grad(&shape, x, dy, Some(gate), out)?;
+        let dx = match &dz {
+            Some(dz) => {
+                self.input_and_weight_gradients(x, weight, dz, (&shape, plan), true, false)?
+                    .0
+            }
+            None => None,
+        };
+        Ok(Some((dx, dweight, needs.bias.then_some(dbias))))
+    }
+
     /// `(dx if input_grad, dweight, dbias if bias_grad)` from `dy`, through `gate` =
     /// (activation, the layer's output y) for a layer with an activation fused in (see
     /// `nn::Conv2d`). Where the direct weight-gradient kernel takes the shape, it applies the
@@ -790,6 +863,7 @@ impl Conv2d {
                     activation,
                     y,
                     dz: dz.as_ref(),
+                    argmax: None,
                 }),
                 WeightAndBias {
                     weight: &dweight,
@@ -1499,6 +1573,48 @@ impl Value {
         })
     }
 }
+
+impl Value {
+    /// [`Value::conv2d_backward_saved`] of a layer whose output the max pooling `pool` alone
+    /// read (this value is the layer's input, `y` its output or a stand-in of its shape):
+    /// from the pooling's gradient `dy`, output `pooled` and `argmax`, back through the
+    /// activation the pooling took from the layer (`through`; `spec` has none left). Where
+    /// the direct weight gradient runs the layer it reads them in place of the layer's `dz`
+    /// ([`Conv2d::gradients_pooled`]), and the pooling runs no backward pass of its own;
+    /// elsewhere, and on the CPU, the pooling's backward runs first.
+    pub(crate) fn conv2d_backward_pooled(
+        &self,
+        spec: &Conv2d,
+        (weight, y): (&Value, &Value),
+        pool: &Pool2d,
+        (dy, pooled, argmax, through): (&Value, &Value, &Value, Activation),
+        saved: Option<&Value>,
+        (input_grad, bias_grad): (bool, bool),
+    ) -> Result<(Option<Value>, Value, Option<Value>)> {
+        let windows = *pool == Pool2d::max((2, 2)).stride((2, 2));
+        if let (Value::Gpu(x), true) = (self, windows) {
+            let needs = GradientsNeeded {
+                input: input_grad,
+                bias: bias_grad,
+            };
+            let fused = spec.gradients_pooled(
+                (x, weight.gpu()?),
+                (dy.gpu()?, pooled.gpu()?, argmax.gpu()?),
+                through,
+                needs,
+            )?;
+            if let Some((dx, dweight, dbias)) = fused {
+                return Ok((dx.map(Value::from), dweight.into(), dbias.map(Value::from)));
+            }
+        }
+        let gate = (through != Activation::None).then_some((through, pooled));
+        let dz = y.pool2d_backward(pool, dy, Some(argmax), gate)?;
+        self.conv2d_backward_saved(spec, (weight, y, &dz), saved, (input_grad, bias_grad))
+    }
+}
+
+/// A convolution's `(dx, dweight, dbias)`, `dx` and `dbias` where wanted.
+pub(crate) type Gradients = (Option<Tensor>, Tensor, Option<Tensor>);
 
 /// CPU reference, the course formula: `u[n,o,i,j] = Σ_{p,q,r} x[.., i·l+p, j·l+q, r]·w + b[o]`.
 pub fn conv2d_cpu(

@@ -41,6 +41,16 @@ pub(crate) struct Gate<'a> {
     pub activation: Activation,
     pub y: &'a Tensor,
     pub dz: Option<&'a Tensor>,
+    /// Where `dy` and `y` are max pooling's gradient and output over the layer's output (the
+    /// pooling took the activation; [`pooled_fits`]): the windows' arg-max.
+    pub argmax: Option<&'a Tensor>,
+}
+
+/// Whether the kernels take `dz` from max pooling's backward pass over this output: 2×2
+/// windows at stride 2 that tile it, rows of whole vec4s (so each vec4 of dz spans two
+/// windows).
+pub(crate) fn pooled_fits(shape: &Conv2dShape) -> bool {
+    shape.oh.is_multiple_of(2) && shape.ow.is_multiple_of(4)
 }
 
 /// What the kernel writes: the weight and bias gradients.
@@ -160,6 +170,11 @@ struct Variant {
     /// rgba32float textures): a quarter of the per-lane loads, the cost that bounds this
     /// kernel on CPU adapters.
     vec4: bool,
+    /// dz is max pooling's backward pass over 2×2 windows at stride 2 that tile the output
+    /// (vec4 rows): dy and y are the pooled gradient and output, read from storage as vec2s,
+    /// and the windows' arg-max comes at binding 7; each vec4 of dz takes two windows'
+    /// gradients at their maxima, zeros elsewhere. The pooling then needs no pass of its own.
+    pooled: bool,
 }
 
 impl Variant {
@@ -168,7 +183,9 @@ impl Variant {
     fn declarations(self, textures: bool) -> String {
         let mut out = String::new();
         let gate = "activation_derivative({Y}, ACT, p.slope)";
-        if self.vec4 {
+        if self.pooled {
+            out.push_str(POOLED_DZ);
+        } else if self.vec4 {
             out.push_str(&vec4_input("dy", 2, textures));
             let value = if self.gated {
                 out.push_str(&vec4_input("y", 4, textures));
@@ -250,6 +267,29 @@ impl Variant {
         let _ = writeln!(body, "        bias_sum{f} += {};", terms.join(" + "));
     }
 }
+
+/// The pooled variant's inputs and `load_dz4` (every pooled variant is gated: without an
+/// activation, `ACT` is none and the derivative 1).
+const POOLED_DZ: &str = "@group(0) @binding(2) var<storage, read> dy2: array<vec2<f32>>;
+@group(0) @binding(4) var<storage, read> y2: array<vec2<f32>>;
+@group(0) @binding(7) var<storage, read> argmax2: array<vec2<f32>>;
+// Vec4 number i of dz (row (n·O + o)·OH + oy, its vec4 q): the gradients of the pooled row
+// oy / 2's windows 2q and 2q + 1 (vec2 number q of that row), each at its window's arg-max
+// (an index in the plane).
+fn load_dz4(i: u32) -> vec4<f32> {
+    let row = i / (OW / 4u);
+    let q = i % (OW / 4u);
+    let oy = row % OH;
+    let at = ((row / OH) * (OH / 2u) + oy / 2u) * (OW / 4u) + q;
+    let y = y2[at];
+    let g = dy2[at] * vec2<f32>(activation_derivative(y.x, ACT, p.slope),
+                                activation_derivative(y.y, ACT, p.slope));
+    let best = vec2<u32>(argmax2[at]);
+    let first = oy * OW + 4u * q;
+    return vec4<f32>(select(0.0, g.x, best.x == first), select(0.0, g.x, best.x == first + 1u),
+                     select(0.0, g.y, best.y == first + 2u), select(0.0, g.y, best.y == first + 3u));
+}
+";
 
 /// One generated weight-gradient kernel: everything its source depends on.
 #[derive(Debug)]
@@ -562,15 +602,19 @@ fn run(
     let texel = |vec4: bool| if vec4 { Texel::Vec4 } else { Texel::Scalar };
     let x_input = TextureInputs::new([(1, x)], texel(x_skew.is_some()))?;
     let vec4 = shape.ow.is_multiple_of(4);
+    let argmax = gate.as_ref().and_then(|g| g.argmax);
     let dz_tensors: Vec<(u32, &Tensor)> = [(2, dy)]
         .into_iter()
         .chain(gate.as_ref().map(|g| (4, g.y)))
         .collect();
-    let dz_inputs = TextureInputs::new(dz_tensors.iter().copied(), texel(vec4))?;
+    // The pooled variant reads its (quarter-size) inputs from storage.
+    let texture_inputs = dz_tensors.iter().copied().filter(|_| argmax.is_none());
+    let dz_inputs = TextureInputs::new(texture_inputs, texel(vec4))?;
     let variant = Variant {
         gated: gate.is_some(),
         store_dz: gate.as_ref().is_some_and(|g| g.dz.is_some()),
         vec4,
+        pooled: argmax.is_some(),
     };
     let kernel = WeightGradKernel {
         kh: shape.kh,
@@ -608,6 +652,7 @@ fn run(
                 None => (number, Resource::Buffer(t.binding())),
             }),
     );
+    resources.extend(argmax.map(|a| (7, Resource::Buffer(a.binding_vec4()))));
     resources.push((3, Resource::Buffer(dw.binding())));
     resources.push((6, Resource::Buffer(db.binding())));
     if let Some(dz) = gate.as_ref().and_then(|g| g.dz) {
@@ -806,6 +851,7 @@ mod tests {
                         activation,
                         y,
                         dz: store_dz.then_some(&tdz),
+                        argmax: None,
                     });
                     let out = WeightAndBias {
                         weight: &dweight,
@@ -827,6 +873,83 @@ mod tests {
         }
         // Every gate met both layouts.
         assert!(next_gate.iter().all(|&turns| turns >= 5), "{next_gate:?}");
+    }
+
+    /// Both kernels reading `dz` from a 2×2 max pooling's backward pass (its gradient, output
+    /// and arg-max, through the activation before it) against the CPU's pooling backward and
+    /// convolution backward, into NaN-poisoned outputs, `dz` stored or not: LeNet's layers
+    /// and a padded 3×3 one whose rows span three vec4s, each kernel on both read families.
+    #[test]
+    fn pooled_gradients_match_the_cpu() {
+        crate::test_support::on_both_read_families(pooled_gradients_match_the_cpu_on);
+    }
+
+    fn pooled_gradients_match_the_cpu_on(gpu: &Gpu) {
+        use crate::ops::pool2d::{Pool2d, pool2d_backward_cpu, pool2d_cpu};
+        let mut kernels = vec![(None, 1)];
+        if let Some(size) = gpu.fixed_subgroup_size() {
+            kernels.push((Some(size as usize), LANE_FILTERS));
+        }
+        // (n, c, h, w, o, k, padding, the activation the pooling takes, dz stored)
+        let cases = [
+            (4, 1, 28, 28, 6, 5, 0, Activation::Relu, false),
+            (3, 6, 12, 12, 16, 5, 0, Activation::Relu, true),
+            (2, 3, 8, 12, 5, 3, 1, Activation::LeakyRelu(0.1), true),
+            (2, 2, 6, 8, 3, 3, 1, Activation::None, false),
+        ];
+        let pool = Pool2d::max((2, 2)).stride((2, 2));
+        for (i, &(n, c, h, w, o, k, pad, activation, store_dz)) in cases.iter().enumerate() {
+            let spec = Conv2d {
+                padding: Padding::Explicit(pad, pad),
+                ..Conv2d::default()
+            };
+            let seed = 100 + 10 * i as u64;
+            let (x, weight) = (random(&[n, c, h, w], seed), random(&[o, c, k, k], seed + 1));
+            let shape = spec.shape(x.shape(), weight.shape(), None).unwrap();
+            assert!(eligible(&spec, &shape) && pooled_fits(&shape));
+            // The layer's output as its activation leaves it, pooled.
+            let y = random(&shape.output(), seed + 2).mapv(|v| activation.apply(v));
+            let pooled = pool2d_cpu(&pool, &y.view()).unwrap();
+            let argmax = pooled.argmax.unwrap();
+            let dy = random(pooled.y.shape(), seed + 3);
+            let gated = ndarray::Zip::from(&dy)
+                .and(&pooled.y)
+                .map_collect(|&d, &y| d * activation.derivative(y, y));
+            let dz =
+                pool2d_backward_cpu(&pool, y.shape(), &gated.view(), Some(&argmax.view())).unwrap();
+            let want = conv2d_backward_cpu(&spec, &x.view(), &weight.view(), &dz.view()).unwrap();
+            let upload = |a: &ndarray::ArrayD<f32>| Tensor::from_array(gpu, a).unwrap();
+            let (tx, tdy, ty, targmax) =
+                (upload(&x), upload(&dy), upload(&pooled.y), upload(&argmax));
+            let poisoned = |shape: &[usize]| {
+                Tensor::from_array(gpu, &ndarray::ArrayD::from_elem(shape, f32::NAN)).unwrap()
+            };
+            for &subgroup in &kernels {
+                let (dweight, dbias, tdz) = (
+                    poisoned(weight.shape()),
+                    poisoned(&[o]),
+                    poisoned(y.shape()),
+                );
+                let gate = Gate {
+                    activation,
+                    y: &ty,
+                    dz: store_dz.then_some(&tdz),
+                    argmax: Some(&targmax),
+                };
+                let out = WeightAndBias {
+                    weight: &dweight,
+                    bias: &dbias,
+                };
+                run(&shape, &tx, &tdy, Some(gate), out, subgroup).unwrap();
+                let terms = (n * shape.oh * shape.ow) as f32;
+                let what = format!("case {i}, {subgroup:?}");
+                assert_close(&dweight.to_array().unwrap(), &want.weight, terms, &what);
+                assert_close(&dbias.to_array().unwrap(), &want.bias, terms, &what);
+                if store_dz {
+                    assert_close(&tdz.to_array().unwrap(), &dz, 1.0, &format!("{what} dz"));
+                }
+            }
+        }
     }
 
     /// A batch whose work items would take a lane past the loop bound: the portable kernel
@@ -867,6 +990,7 @@ mod tests {
             activation: Activation::Relu,
             y: &ty,
             dz: Some(&tdz),
+            argmax: None,
         };
         let out = WeightAndBias {
             weight: &dweight,
