@@ -1184,9 +1184,9 @@ impl Graph {
         }
         let absorbed_by = self.absorbed_by();
         let pool_handoffs = self.pool_handoffs();
-        // A pooling's gradient waiting for the node it was left to: (that node, the pooling's
+        // Per node, the gradient of a pooling left to it, waiting for its turn: (the pooling's
         // node, its dy).
-        let mut left: Option<(usize, usize, Value)> = None;
+        let mut pooled_left: Vec<Option<(usize, Value)>> = (0..count).map(|_| None).collect();
         let mut grads: Vec<Option<Value>> = (0..=count).map(|_| None).collect();
         grads[count] = dy;
         // Per value, a second gradient part left unsummed for the node that takes it, where
@@ -1211,12 +1211,12 @@ impl Graph {
             if let Some(producer) = pool_handoffs[i].filter(|_| !self.saved[i].is_empty())
                 && let Some(dy) = grads[i + 1].take()
             {
-                left = Some((producer, i, dy));
+                pooled_left[producer] = Some((i, dy));
                 continue;
             }
-            let pooled = left
-                .take_if(|(producer, ..)| *producer == i)
-                .and_then(|(_, j, dy)| Some((j, dy, self.nodes[j].layer.max_pool()?)));
+            let pooled = pooled_left[i]
+                .take()
+                .and_then(|(j, dy)| Some((j, dy, self.nodes[j].layer.max_pool()?)));
             let absorbed = self.absorbed[i];
             let node = &mut self.nodes[i];
             let needs = Needs {

@@ -751,7 +751,8 @@ impl Conv2d {
         {
             return Ok(None);
         }
-        let plan = self.backward_kernels(&gpu, &shape, needs, Some(activation))?;
+        // Planned as the layer's backward after the pooling's would be (the same tuning key).
+        let plan = self.backward_kernels(&gpu, &shape, needs, None)?;
         if plan.weight_grad != ConvKernel::Direct {
             return Ok(None);
         }

@@ -9,7 +9,7 @@ use common::{
     assert_steps_agree, devices, graph_step, random, read_family_gpus, storage_gpu, texture_gpu,
 };
 use ndarray::ArrayD;
-use wgcnn::nn::{Conv2d, Flatten, Linear, max_pool2d};
+use wgcnn::nn::{Add, Conv2d, Flatten, Linear, max_pool2d};
 use wgcnn::tuning::KernelFamily;
 use wgcnn::{Activation, Device, Gpu, Graph, GraphBuilder, Mode, Padding};
 
@@ -68,6 +68,39 @@ fn pooled_convolutions_match_the_graph_that_runs_them_apart() {
             let want = graph_step(&mut apart, &x, mode);
             assert_steps_agree(&got, &want, &format!("{device:?} {mode:?}"));
         }
+    }
+}
+
+/// Two convolutions with ReLU each read by a 2×2 max pooling alone, the poolings after both
+/// convolutions in node order (so that both poolings' backward passes wait for their
+/// convolutions at once), summed: every gradient arrives, and the GPU's (whose direct weight
+/// gradients read the poolings' gradients) match the CPU's (which runs the poolings' backward
+/// passes first).
+#[test]
+fn parallel_pooled_branches_each_get_their_pooling_gradient() {
+    let model = |device: Device| {
+        let b = GraphBuilder::new(&[2, 1, 12, 12]).unwrap();
+        let conv = || {
+            Conv2d::new(1, 4, (3, 3))
+                .padding(Padding::Explicit(1, 1))
+                .activation(Activation::Relu)
+        };
+        let a = b.apply("conv_a", conv(), b.input()).unwrap();
+        let c = b.apply("conv_b", conv(), b.input()).unwrap();
+        let a = b.apply("pool_a", max_pool2d(2), a).unwrap();
+        let c = b.apply("pool_b", max_pool2d(2), c).unwrap();
+        let y = b.add("add", Add, &[a, c]).unwrap();
+        let y = b.apply("flatten", Flatten, y).unwrap();
+        let y = b.apply("fc", Linear::new(144, 3), y).unwrap();
+        let mut graph = b.build(y, device, 5).unwrap();
+        graph.set_input_grad(true);
+        graph
+    };
+    let x = random(&[2, 1, 12, 12], 9).mapv(|v| 2.0 * v - 0.5);
+    let want = graph_step(&mut model(Device::Cpu), &x, Mode::Train);
+    for device in contexts() {
+        let got = graph_step(&mut model(device.clone()), &x, Mode::Train);
+        assert_steps_agree(&got, &want, &format!("{device:?}"));
     }
 }
 
