@@ -1117,13 +1117,10 @@ impl Graph {
         let &[v] = &self.nodes[last].inputs[..] else {
             return None;
         };
-        let n = v
-            .checked_sub(1)
-            .filter(|_| self.sole_readers()[v] == Some(last))?;
-        let (producer, activation) = match self.absorbed_by()[n] {
-            Some(producer) => (producer, output_activation(self.absorbed[producer])),
-            None => (n, self.nodes[n].layer.output_activation()),
-        };
+        if v == 0 || self.sole_readers()[v] != Some(last) {
+            return None;
+        }
+        let (producer, activation) = self.output_producer(v, &self.absorbed_by());
         (activation != Activation::None && self.nodes[producer].layer.takes_bias_gradient())
             .then_some((producer, activation))
     }
@@ -1364,6 +1361,15 @@ impl Graph {
             .collect()
     }
 
+    /// The node whose output (or absorbed activation's output) value `v` (> 0) is, and the
+    /// activation it applies last.
+    fn output_producer(&self, v: ValueId, absorbed_by: &[Option<usize>]) -> (usize, Activation) {
+        match absorbed_by[v - 1] {
+            Some(producer) => (producer, output_activation(self.absorbed[producer])),
+            None => (v - 1, self.nodes[v - 1].layer.output_activation()),
+        }
+    }
+
     /// Per node, the activation its backward takes on for the layer producing its input (see
     /// [`Layer::takes_input_activation`]: only for a single input that is a node's output
     /// read by no other node), and whether its own output activation (or the one it
@@ -1379,10 +1385,7 @@ impl Graph {
                 && v > 0
                 && sole_readers[v] == Some(i)
             {
-                let (producer, activation) = match absorbed_by[v - 1] {
-                    Some(producer) => (producer, output_activation(self.absorbed[producer])),
-                    None => (v - 1, self.nodes[v - 1].layer.output_activation()),
-                };
+                let (producer, activation) = self.output_producer(v, &absorbed_by);
                 if activation != Activation::None && node.layer.takes_input_activation(activation) {
                     taken[i] = activation;
                     through[producer] = true;

@@ -756,33 +756,51 @@ impl Conv2d {
         if plan.weight_grad != ConvKernel::Direct {
             return Ok(None);
         }
+        let gate = Some((activation, y, Some(argmax)));
+        self.direct_gradients((&shape, plan), (x, weight, dy), gate, needs)
+            .map(Some)
+    }
+
+    /// The backward pass through the direct weight gradient: dW and db from `dy`, through
+    /// `gate` = (activation, y, and the arg-max of the max pooling whose gradient and output
+    /// `dy` and `y` are, if so) where given, storing `dz` where the input gradient is wanted;
+    /// then `dx` from `dz` (or `dy`).
+    fn direct_gradients(
+        &self,
+        (shape, plan): (&Conv2dShape, BackwardKernels),
+        (x, weight, dy): (&Tensor, &Tensor, &Tensor),
+        gate: Option<(Activation, &Tensor, Option<&Tensor>)>,
+        needs: GradientsNeeded,
+    ) -> Result<Gradients> {
+        let gpu = x.gpu();
         let (dweight, dbias) = (
-            Tensor::uninit(&gpu, weight.shape())?,
-            Tensor::uninit(&gpu, &[shape.o])?,
+            Tensor::uninit(gpu, weight.shape())?,
+            Tensor::uninit(gpu, &[shape.o])?,
         );
-        let dz = needs
-            .input
-            .then(|| Tensor::uninit(&gpu, &shape.output()))
-            .transpose()?;
-        let gate = Gate {
+        let dz = match gate {
+            Some(_) if needs.input => Some(Tensor::uninit(gpu, &shape.output())?),
+            _ => None,
+        };
+        let gate = gate.map(|(activation, y, argmax)| Gate {
             activation,
             y,
             dz: dz.as_ref(),
-            argmax: Some(argmax),
-        };
+            argmax,
+        });
         let out = WeightAndBias {
             weight: &dweight,
             bias: &dbias,
         };
-        conv_weight_grad::weight_and_bias_grad(&shape, x, dy, Some(gate), out)?;
-        let dx = match &dz {
-            Some(dz) => {
-                self.input_and_weight_gradients(x, weight, dz, (&shape, plan), true, false)?
+        conv_weight_grad::weight_and_bias_grad(shape, x, dy, gate, out)?;
+        let dx = match needs.input {
+            true => {
+                let dz = dz.as_ref().unwrap_or(dy);
+                self.input_and_weight_gradients(x, weight, dz, (shape, plan), true, false)?
                     .0
             }
-            None => None,
+            false => None,
         };
-        Ok(Some((dx, dweight, needs.bias.then_some(dbias))))
+        Ok((dx, dweight, needs.bias.then_some(dbias)))
     }
 
     /// `(dx if input_grad, dweight, dbias if bias_grad)` from `dy`, through `gate` =
@@ -799,7 +817,7 @@ impl Conv2d {
         dy: &Tensor,
         (gate, saved): (Option<(Activation, &Tensor)>, Option<&Tensor>),
         needs: GradientsNeeded,
-    ) -> Result<(Option<Tensor>, Tensor, Option<Tensor>)> {
+    ) -> Result<Gradients> {
         let gpu = x.gpu().clone();
         for t in [Some(weight), Some(dy), saved].into_iter().flatten() {
             t.check_same_gpu(OP, &gpu)?;
@@ -842,39 +860,14 @@ impl Conv2d {
         (shape, x, weight, dy): (&Conv2dShape, &Tensor, &Tensor, &Tensor),
         (gate, saved): (Option<(Activation, &Tensor)>, Option<&Tensor>),
         needs: GradientsNeeded,
-    ) -> Result<(Option<Tensor>, Tensor, Option<Tensor>)> {
+    ) -> Result<Gradients> {
         let input_grad = needs.input;
         let (gpu, shape) = (x.gpu().clone(), *shape);
         let dims = (shape.n, shape.o, shape.positions());
         let plan = kernels;
         if plan.weight_grad == ConvKernel::Direct {
-            let (dweight, dbias) = (
-                Tensor::uninit(&gpu, weight.shape())?,
-                Tensor::uninit(&gpu, &[shape.o])?,
-            );
-            let dz = match gate {
-                Some(_) if input_grad => Some(Tensor::uninit(&gpu, dy.shape())?),
-                _ => None,
-            };
-            conv_weight_grad::weight_and_bias_grad(
-                &shape,
-                x,
-                dy,
-                gate.map(|(activation, y)| Gate {
-                    activation,
-                    y,
-                    dz: dz.as_ref(),
-                    argmax: None,
-                }),
-                WeightAndBias {
-                    weight: &dweight,
-                    bias: &dbias,
-                },
-            )?;
-            let dz = dz.as_ref().unwrap_or(dy);
-            let (dx, _) =
-                self.input_and_weight_gradients(x, weight, dz, (&shape, plan), input_grad, false)?;
-            return Ok((dx, dweight, needs.bias.then_some(dbias)));
+            let gate = gate.map(|(activation, y)| (activation, y, None));
+            return self.direct_gradients((&shape, plan), (x, weight, dy), gate, needs);
         }
         // Elsewhere the activation's backward pass comes first, fused with the bias sum.
         let (dz, dbias) = match gate {
