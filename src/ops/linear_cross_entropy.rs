@@ -102,14 +102,15 @@ fn check_shapes(
 }
 
 /// Whether one workgroup takes this head: whole vec4 rows of `x`, every row a lane of the
-/// loss, and each lane's share of the gradients within [`MOST_ITERATIONS`].
-fn fits(rows: usize, classes: usize, features: usize) -> bool {
+/// loss, and each lane's share of the gradients (with an input gate, the producing layer's
+/// bias gradient too) within [`MOST_ITERATIONS`].
+fn fits(rows: usize, classes: usize, features: usize, gated: bool) -> bool {
     let lanes = WORKGROUP as usize;
     let features4 = features / 4;
     let dx = (rows * features4).div_ceil(lanes) * (classes + 1);
     let dweight = (classes * features4).div_ceil(lanes) * (rows + 1);
     let dbias = classes.div_ceil(lanes) * (rows + 1);
-    let input_bias = features4.div_ceil(lanes) * (rows + 1);
+    let input_bias = usize::from(gated) * features4.div_ceil(lanes) * (rows + 1);
     features.is_multiple_of(4)
         && rows <= lanes
         && dx + dweight + dbias + input_bias <= MOST_ITERATIONS
@@ -134,7 +135,10 @@ pub(crate) fn linear_cross_entropy(
         t.check_same_gpu(OP, gpu)?;
     }
     // Each row's loss reads its logits three times in one lane.
-    if !fits(rows, classes, features) || row_kernel(OP, classes, 3)? != RowKernel::PerInvocation {
+    let gated = input_gate != Activation::None;
+    if !fits(rows, classes, features, gated)
+        || row_kernel(OP, classes, 3)? != RowKernel::PerInvocation
+    {
         return Ok(None);
     }
     let labels = upload_labels(gpu, labels)?;
