@@ -21,4 +21,5 @@ pub use profile::{OpTime, PassTime};
 pub(crate) use recording::Commands;
 pub(crate) use texture::OperandTexture;
 pub use texture::{OperandCalibration, OperandReads, TEXTURE_ADVANTAGE};
+pub(crate) use tuning::TrialTimes;
 pub use tuning::{ChoiceSource, TunedChoice, Tuning, TuningReport};

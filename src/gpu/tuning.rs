@@ -4,10 +4,14 @@
 //! asks [`Gpu::tuned`] which to run. The first ask for a key times the candidates (the op
 //! supplies the trial), keeps the fastest in memory and in a cache file, and later asks,
 //! in this process or the next, answer at once. Measuring stops once the context has spent
-//! its budget ([`GpuOptions::tuning_budget`]), within a trial too once each candidate that
-//! has run has finished its round; shapes met after that take the op's fixed default, as
-//! every shape does under [`Tuning::Fixed`]. The file is plain text, one line
-//! per (adapter, key); deleting it starts over, and lines it cannot read are ignored.
+//! its budget ([`GpuOptions::tuning_budget`]); shapes met after that take the op's fixed
+//! default, as every shape does under [`Tuning::Fixed`]. A trial that the budget cuts short
+//! (no further candidate starts once it has passed) times the candidates it started and is
+//! kept as it stands, the fastest of them running: the next context that meets the shape
+//! with budget left times the rest against that leader, at least one more candidate each
+//! time, so that a shape whose whole trial takes longer than a budget is still measured
+//! over a few runs. The file is plain text, one line per (adapter, key); deleting it starts
+//! over, and lines it cannot read are ignored.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -40,6 +44,10 @@ pub enum ChoiceSource {
     BudgetSpent,
     /// The op's default: no candidate ran in the trial (the real run reports why).
     TrialsFailed,
+    /// Timed in part (in this process, or an earlier one as the cache file says): the
+    /// budget ran out before every candidate had started. The fastest of those timed runs;
+    /// the next context with budget left times the rest ([`TunedChoice::pending`]).
+    Partial,
 }
 
 /// One tuned choice.
@@ -59,6 +67,32 @@ pub struct TunedChoice {
     pub timed_batch: Option<usize>,
     /// Where the choice came from.
     pub source: ChoiceSource,
+    /// The candidates not timed yet, in the order they will be ([`ChoiceSource::Partial`];
+    /// empty otherwise).
+    pub pending: Vec<String>,
+}
+
+/// What [`Gpu::tuned`] asks a trial to time.
+pub(crate) struct TrialRequest<'a> {
+    /// The context's budget left.
+    pub budget: Duration,
+    /// The candidates to time, by index, in order: those not timed yet, after the fastest
+    /// an earlier run left (so that they race it in one process) where there is one.
+    pub run: &'a [usize],
+    /// How many of `run` start however little budget is left: those that make progress
+    /// (the first candidate not timed before, and the leader it races).
+    pub at_least: usize,
+}
+
+/// What a trial timed.
+pub(crate) struct TrialTimes {
+    /// Seconds per candidate of the request's `run`, in its order (`None`: failed, not
+    /// started, or not timed on `batch`).
+    pub times: Vec<Option<f64>>,
+    /// How many of `run` started: those after them are left for a later run.
+    pub started: usize,
+    /// The batch the times were measured on.
+    pub batch: usize,
 }
 
 /// What the tuner of one context has done ([`Gpu::tuning_report`]).
@@ -177,7 +211,7 @@ impl TuningState {
         for choice in &self.choices {
             if matches!(
                 choice.source,
-                ChoiceSource::Measured | ChoiceSource::CacheFile
+                ChoiceSource::Measured | ChoiceSource::CacheFile | ChoiceSource::Partial
             ) {
                 text.push_str(&line(adapter, choice));
             }
@@ -200,6 +234,7 @@ fn line(adapter: &str, choice: &TunedChoice) -> String {
         .iter()
         .map(|(name, seconds)| match seconds {
             Some(s) => format!("{name}={s:.6}"),
+            None if choice.pending.contains(name) => format!("{name}=?"),
             None => format!("{name}=-"),
         })
         .collect();
@@ -232,24 +267,35 @@ fn parse_line(text: &str) -> Option<(String, TunedChoice)> {
         }
         _ => return None,
     };
+    // `?`: a candidate a trial cut short left for a later run.
+    let mut pending = Vec::new();
     let candidates = candidates
         .split(';')
         .map(|entry| {
             let (name, seconds) = entry.rsplit_once('=')?;
             let seconds = match seconds {
                 "-" => None,
+                "?" => {
+                    pending.push(name.to_string());
+                    None
+                }
                 s => Some(s.parse::<f64>().ok().filter(|s| s.is_finite())?),
             };
             Some((name.to_string(), seconds))
         })
         .collect::<Option<Vec<_>>>()?;
     candidates.iter().any(|(name, _)| name == chosen).then(|| {
+        let source = match pending.is_empty() {
+            true => ChoiceSource::CacheFile,
+            false => ChoiceSource::Partial,
+        };
         let choice = TunedChoice {
             key: key.to_string(),
             chosen: chosen.to_string(),
             candidates,
             timed_batch: batch,
-            source: ChoiceSource::CacheFile,
+            source,
+            pending,
         };
         (adapter.to_string(), choice)
     })
@@ -284,16 +330,17 @@ impl Gpu {
 
     /// Which of `candidates` (the op's fixed order: the first is its default) to run for
     /// `key`: remembered, read from the cache file (if it chose among these same
-    /// candidates), or timed by `measure` (seconds per candidate, `None` for one that
-    /// failed, and the batch they were timed on), the fastest kept. `measure` gets the budget
-    /// left and returns `None` if it stopped when that ran out, before every candidate ran
-    /// (the default runs, and the next process measures the key again). One key is measured
-    /// once, even by threads asking at the same moment. `measure` must not ask for choices.
+    /// candidates), or timed by `measure`, the fastest kept. `measure` times the candidates
+    /// a [`TrialRequest`] names within the budget it gives, starting no more once that has
+    /// passed (past its `at_least`). A trial cut short so is kept as [`ChoiceSource::Partial`]:
+    /// its fastest runs, and the next ask with budget left (here or in a later process that
+    /// reads the file) times the rest against it. One key is measured once per context, even
+    /// by threads asking at the same moment. `measure` must not ask for choices.
     pub(crate) fn tuned(
         &self,
         key: &str,
         candidates: &[String],
-        measure: impl FnOnce(Duration) -> Result<Option<(Vec<Option<f64>>, usize)>>,
+        measure: impl FnOnce(TrialRequest) -> Result<TrialTimes>,
     ) -> Result<usize> {
         let mut state = lock(&self.inner.tuning);
         if candidates.len() < 2 || state.mode == Tuning::Fixed {
@@ -301,64 +348,91 @@ impl Gpu {
         }
         let adapter = self.adapter_key();
         state.load(&adapter);
+        let index = |name: &str| candidates.iter().position(|c| c == name);
         // A choice among other candidates (a kernel added since) is measured again.
-        if let Some(&i) = state.by_key.get(key)
-            && state.choices[i]
-                .candidates
-                .iter()
-                .map(|(name, _)| name)
-                .eq(candidates)
-            && let Some(found) = candidates
-                .iter()
-                .position(|c| *c == state.choices[i].chosen)
+        let earlier = state
+            .by_key
+            .get(key)
+            .map(|&i| state.choices[i].clone())
+            .filter(|c| c.candidates.iter().map(|(name, _)| name).eq(candidates))
+            .and_then(|c| Some((index(&c.chosen)?, c)));
+        let out_of_budget = state.spent >= state.budget;
+        if let Some((chosen, choice)) = &earlier
+            && (choice.pending.is_empty() || out_of_budget)
         {
-            return Ok(found);
+            return Ok(*chosen);
         }
-        let named = |times: &[Option<f64>]| -> Vec<(String, Option<f64>)> {
-            let times = times.iter().copied().chain(std::iter::repeat(None));
-            candidates.iter().cloned().zip(times).collect()
-        };
-        let measured = if state.spent >= state.budget {
-            None
-        } else {
-            // The work already submitted finishes outside the budget: the trials would wait
-            // for it (on a CPU adapter it runs on the cores they time), and on a model's
-            // first training step it is the step's own forward pass (ResNet-20's on
-            // lavapipe: 1.5 s of the 4.5 s its backward trials spent).
-            self.synchronize()?;
-            let started = Instant::now();
-            let measured = measure(state.budget - state.spent)?;
-            state.spent += started.elapsed();
-            measured
-        };
-        // The budget was spent before this key, or ran out while its candidates compiled.
-        let Some((times, batch)) = measured else {
+        if out_of_budget {
             state.remember(TunedChoice {
                 key: key.to_string(),
                 chosen: candidates[0].clone(),
-                candidates: named(&[]),
+                candidates: candidates.iter().map(|c| (c.clone(), None)).collect(),
                 timed_batch: None,
                 source: ChoiceSource::BudgetSpent,
+                pending: Vec::new(),
             });
             return Ok(0);
+        }
+        // A fresh trial times every candidate; a resumed one the leader and those pending.
+        let (mut times, run, at_least) = match &earlier {
+            None => (
+                vec![None; candidates.len()],
+                (0..candidates.len()).collect(),
+                1,
+            ),
+            Some((leader, choice)) => {
+                let times: Vec<Option<f64>> = choice.candidates.iter().map(|(_, t)| *t).collect();
+                let timed = times[*leader].is_some();
+                let pending = choice.pending.iter().filter_map(|name| index(name));
+                let run: Vec<usize> = timed
+                    .then_some(*leader)
+                    .into_iter()
+                    .chain(pending)
+                    .collect();
+                (times, run, 1 + usize::from(timed))
+            }
         };
-        let fastest = times
-            .iter()
-            .enumerate()
-            .filter_map(|(i, t)| Some((i, (*t)?)))
-            .min_by(|a, b| a.1.total_cmp(&b.1))
-            .map(|(i, _)| i);
+        // The work already submitted finishes outside the budget: the trials would wait
+        // for it (on a CPU adapter it runs on the cores they time), and on a model's
+        // first training step it is the step's own forward pass (ResNet-20's on
+        // lavapipe: 1.5 s of the 4.5 s its backward trials spent).
+        self.synchronize()?;
+        let started = Instant::now();
+        let budget = state.budget - state.spent;
+        let timed = measure(TrialRequest {
+            budget,
+            run: &run,
+            at_least,
+        })?;
+        state.spent += started.elapsed();
+        let (ran, pending) = run.split_at(timed.started.min(run.len()));
+        for (&i, time) in ran.iter().zip(&timed.times) {
+            times[i] = *time;
+        }
+        // The fastest of this trial: earlier runs' times are compared with theirs only
+        // through the leader they left, which raced again here.
+        let fastest_of = |among: &mut dyn Iterator<Item = usize>| {
+            among
+                .filter_map(|i| Some((i, times[i]?)))
+                .min_by(|a, b| a.1.total_cmp(&b.1))
+                .map(|(i, _)| i)
+        };
+        let fastest =
+            fastest_of(&mut ran.iter().copied()).or_else(|| fastest_of(&mut (0..candidates.len())));
+        let source = match (pending.is_empty(), fastest) {
+            (false, _) => ChoiceSource::Partial,
+            (true, Some(_)) => ChoiceSource::Measured,
+            (true, None) => ChoiceSource::TrialsFailed,
+        };
         state.remember(TunedChoice {
             key: key.to_string(),
             chosen: candidates[fastest.unwrap_or(0)].clone(),
-            candidates: named(&times),
-            timed_batch: Some(batch),
-            source: match fastest {
-                Some(_) => ChoiceSource::Measured,
-                None => ChoiceSource::TrialsFailed,
-            },
+            candidates: candidates.iter().cloned().zip(times).collect(),
+            timed_batch: Some(timed.batch),
+            source,
+            pending: pending.iter().map(|&i| candidates[i].clone()).collect(),
         });
-        if fastest.is_some() {
+        if source != ChoiceSource::TrialsFailed {
             state.save(&adapter);
         }
         Ok(fastest.unwrap_or(0))
@@ -400,6 +474,7 @@ mod tests {
             ],
             timed_batch: Some(2),
             source: ChoiceSource::Measured,
+            pending: Vec::new(),
         };
         let text = line("lavapipe | Vulkan", &choice);
         let (adapter, read) = parse_line(text.trim_end()).unwrap();
@@ -407,6 +482,25 @@ mod tests {
         assert_eq!(read.candidates, choice.candidates);
         assert_eq!(read.timed_batch, Some(2));
         assert_eq!(read.source, ChoiceSource::CacheFile);
+        assert!(read.pending.is_empty());
+        // A trial cut short: its untimed candidates read back as pending, a failed one not.
+        let partial = TunedChoice {
+            chosen: "im2col+matmul".into(),
+            candidates: vec![
+                ("im2col+matmul".into(), Some(0.25)),
+                ("winograd".into(), None),
+                ("direct".into(), None),
+            ],
+            source: ChoiceSource::Partial,
+            pending: vec!["direct".into()],
+            ..choice.clone()
+        };
+        let cut = line("lavapipe | Vulkan", &partial);
+        assert!(cut.contains("winograd=-;direct=?"), "{cut}");
+        let (_, read) = parse_line(cut.trim_end()).unwrap();
+        assert_eq!(read.candidates, partial.candidates);
+        assert_eq!(read.pending, partial.pending);
+        assert_eq!(read.source, ChoiceSource::Partial);
         // A line without the timed batch (written before it was recorded), or with none.
         let older = text.trim_end().rsplit_once('\t').unwrap().0;
         let untimed = format!("{older}\t-");

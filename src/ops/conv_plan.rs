@@ -19,6 +19,7 @@ use super::conv2d::{Conv2d, Conv2dShape, chunk_limit};
 use super::{conv_direct, conv_grouped, conv_implicit, conv_weight_grad, conv_winograd};
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
+use crate::gpu::TrialTimes;
 use crate::gpu::shared::MAX_LOOP_ITERATIONS;
 use crate::tensor::Tensor;
 
@@ -628,9 +629,10 @@ fn untimed(shape: &Conv2dShape) -> bool {
 }
 
 /// The index among `names` (the first is the default) that `Gpu::tuned` picks for `key`,
-/// trials running `run(tensors, shape, i)` (with `dy` for a backward pass): every candidate on
-/// the trial's shape, then those within [`CLOSE`] of its leader on the final round's, whose
-/// times alone are kept (the others' read none: they were not timed on that shape).
+/// trials running `run(tensors, shape, i)` (with `dy` for a backward pass): the candidates
+/// the tuner asks for on the trial's shape, then, where every one of them started, those
+/// within [`CLOSE`] of their leader on the final round's, whose times alone are kept (the
+/// others' read none: they were not timed on that shape).
 fn tuned(
     gpu: &Gpu,
     rounds: &Rounds,
@@ -639,40 +641,48 @@ fn tuned(
     backward: bool,
     run: impl Fn(&TrialTensors, &Conv2dShape, usize) -> Result<()> + Sync,
 ) -> Result<usize> {
-    gpu.tuned(key, names, |budget| {
+    gpu.tuned(key, names, |request| {
         let began = Instant::now();
-        let trial = &rounds.trial;
-        let Some(times) = time_trials(
+        let (trial, asked) = (&rounds.trial, request.run);
+        let timed = time_trials(
             gpu,
-            names.len(),
-            budget,
+            asked.len(),
+            (request.budget, request.at_least),
             || TrialTensors::new(gpu, trial, backward),
-            |t, i| run(t, trial, i),
-        )?
-        else {
-            return Ok(None);
-        };
+            |t, j| run(t, trial, asked[j]),
+        )?;
+        let mut times = timed.times;
         let close = close_to_leader(&times);
         let last = &rounds.last;
-        let left = budget.saturating_sub(began.elapsed());
-        if last.n == trial.n || close.len() < 2 || left.is_zero() {
-            return Ok(Some((times, trial.n)));
+        let left = request.budget.saturating_sub(began.elapsed());
+        let cut = timed.started < asked.len();
+        if cut || last.n == trial.n || close.len() < 2 || left.is_zero() {
+            return Ok(TrialTimes {
+                times,
+                started: timed.started,
+                batch: trial.n,
+            });
         }
         let finals = time_trials(
             gpu,
             close.len(),
-            left,
+            (left, 1),
             || TrialTensors::new(gpu, last, backward),
-            |t, j| run(t, last, close[j]),
+            |t, j| run(t, last, asked[close[j]]),
         )?;
-        let Some(finals) = finals.filter(|f| f.iter().any(Option::is_some)) else {
-            return Ok(Some((times, trial.n)));
-        };
-        let mut kept = vec![None; names.len()];
-        for (&i, time) in close.iter().zip(finals) {
-            kept[i] = time;
+        let mut batch = trial.n;
+        if finals.started == close.len() && finals.times.iter().any(Option::is_some) {
+            times = vec![None; asked.len()];
+            for (&j, time) in close.iter().zip(finals.times) {
+                times[j] = time;
+            }
+            batch = last.n;
         }
-        Ok(Some((kept, last.n)))
+        Ok(TrialTimes {
+            times,
+            started: asked.len(),
+            batch,
+        })
     })
 }
 
@@ -698,6 +708,14 @@ fn repeats_for(seconds: f64) -> usize {
     ((MIN_TIMED_SECONDS / seconds).ceil() as usize).clamp(1, MAX_REPEATS)
 }
 
+/// The times [`time_trials`] took, per candidate (`None`: it failed, or never started), and
+/// how many of the candidates started.
+#[derive(Debug)]
+struct Trial {
+    times: Vec<Option<f64>>,
+    started: usize,
+}
+
 /// Times `run(tensors, i)` for each of `count` candidates, on a thread of its own (outside
 /// the caller's recording), each run one submit, each candidate's runs after a copy that
 /// flushes the caches ([`FLUSH_FLOATS`]): a first round that compiles the kernels,
@@ -707,16 +725,17 @@ fn repeats_for(seconds: f64) -> usize {
 /// timed round's leader took under [`MIN_TIMED_SECONDS`] (a fast GPU, where a submit and
 /// wait costs more than the kernels), every candidate still running is timed again over
 /// as many runs per wait as fill it, and only those rounds count. A candidate that fails
-/// gets `None`; where `budget` has passed after a candidate's first run with others still
-/// to compile, the trial stops and returns `None`.
+/// gets `None`. Where `budget` (the first of `limits`) has passed after a candidate's first
+/// run, past the first `at_least` (the second), the candidates after it do not start: those
+/// that did are timed in one round (no more), the others read `None`.
 fn time_trials<T>(
     gpu: &Gpu,
     count: usize,
-    budget: Duration,
+    (budget, at_least): (Duration, usize),
     setup: impl FnOnce() -> Result<T> + Send,
     run: impl Fn(&T, usize) -> Result<()> + Sync,
-) -> Result<Option<Vec<Option<f64>>>> {
-    let trials = || -> Result<Option<Vec<Option<f64>>>> {
+) -> Result<Trial> {
+    let trials = || -> Result<Trial> {
         let began = Instant::now();
         let tensors = setup()?;
         // Where the device cannot hold them, trials run without.
@@ -725,7 +744,7 @@ fn time_trials<T>(
         let mut best = vec![Some(f64::INFINITY); count];
         let mut running = vec![true; count];
         let (mut runs, mut last_round, mut round) = (1, TIMED_ROUNDS, 0);
-        let mut raced_on = false;
+        let (mut raced_on, mut started) = (false, count);
         while round <= last_round {
             for (i, slot) in best.iter_mut().enumerate() {
                 let Some(fastest) = slot.filter(|_| running[i]) else {
@@ -735,21 +754,30 @@ fn time_trials<T>(
                     gpu.copy((from.buffer(), 0), (to.buffer(), 0), from.bytes())?;
                     gpu.synchronize()?;
                 }
-                let started = Instant::now();
+                let started_at = Instant::now();
                 // A submit per run, one wait: what a run drops goes back to the pool for
                 // the next, as in a training loop.
                 let ran = (0..runs)
                     .try_for_each(|_| gpu.record(|| run(&tensors, i)))
                     .and_then(|()| gpu.synchronize());
-                let per_run = started.elapsed().as_secs_f64() / runs as f64;
+                let per_run = started_at.elapsed().as_secs_f64() / runs as f64;
                 *slot = match ran {
                     Err(_) => None,
                     Ok(()) if round == 0 => Some(fastest),
                     Ok(()) => Some(fastest.min(per_run)),
                 };
                 // The first round compiles: past the budget, the others are not started.
-                if round == 0 && i + 1 < count && began.elapsed() > budget {
-                    return Ok(None);
+                if round == 0 && i + 1 < count && i + 1 >= at_least && began.elapsed() > budget {
+                    started = i + 1;
+                    break;
+                }
+            }
+            // A cut trial times those started in one round: the next run races its
+            // leader again, and the budget is already spent.
+            if started < count {
+                last_round = 1;
+                for i in started..count {
+                    (best[i], running[i]) = (None, false);
                 }
             }
             let leader = best.iter().flatten().copied().fold(f64::INFINITY, f64::min);
@@ -764,7 +792,7 @@ fn time_trials<T>(
                 for (slot, _) in best.iter_mut().zip(&running).filter(|(_, r)| **r) {
                     *slot = slot.map(|_| f64::INFINITY);
                 }
-            } else if round == last_round && !raced_on {
+            } else if round == last_round && !raced_on && started == count {
                 raced_on = true;
                 for (slot, running) in best.iter().zip(&mut running) {
                     *running &= slot.is_some_and(|t| t <= leader * CLOSE);
@@ -775,7 +803,10 @@ fn time_trials<T>(
             }
             round += 1;
         }
-        Ok(Some(best))
+        Ok(Trial {
+            times: best,
+            started,
+        })
     };
     std::thread::scope(|scope| scope.spawn(trials).join()).map_err(|_| Error::Gpu {
         context: "timing convolution kernels".into(),
@@ -828,28 +859,36 @@ mod tests {
         assert!(close_to_leader(&[None, None]).is_empty());
     }
 
-    /// A budget that runs out while the candidates compile stops the trial there: the
-    /// candidates after it are never started, and the trial reports no times.
+    /// A budget that runs out while the candidates compile starts no more of them past the
+    /// first `at_least`: those started are timed in one round, the others never run and
+    /// read no time.
     #[test]
-    fn a_spent_budget_stops_the_first_round() {
+    fn a_spent_budget_starts_no_more_candidates() {
         let Some(gpu) = crate::test_support::gpu(GpuOptions::from_env().unwrap()) else {
             return;
         };
-        let runs = [0, 1, 2].map(|_| AtomicUsize::new(0));
-        let times = time_trials(
-            &gpu,
-            3,
-            Duration::from_millis(5),
-            || Ok(()),
-            |_, i| {
-                runs[i].fetch_add(1, Ordering::Relaxed);
-                std::thread::sleep(Duration::from_millis(20));
-                Ok(())
-            },
-        )
-        .unwrap();
-        assert!(times.is_none(), "{times:?}");
-        assert_eq!(runs.map(|r| r.load(Ordering::Relaxed)), [1, 0, 0]);
+        for at_least in [1, 2] {
+            let runs = [0, 1, 2].map(|_| AtomicUsize::new(0));
+            let trial = time_trials(
+                &gpu,
+                3,
+                (Duration::from_millis(5), at_least),
+                || Ok(()),
+                |_, i| {
+                    runs[i].fetch_add(1, Ordering::Relaxed);
+                    std::thread::sleep(Duration::from_millis(20));
+                    Ok(())
+                },
+            )
+            .unwrap();
+            assert_eq!(trial.started, at_least);
+            let mut expected = [0; 3];
+            expected[..at_least].fill(2);
+            assert_eq!(runs.map(|r| r.load(Ordering::Relaxed)), expected);
+            for (i, time) in trial.times.iter().enumerate() {
+                assert_eq!(time.is_some_and(|t| t >= 0.02), i < at_least, "{trial:?}");
+            }
+        }
     }
 
     #[test]
@@ -878,7 +917,7 @@ mod tests {
             let times = time_trials(
                 &gpu,
                 2,
-                Duration::MAX,
+                (Duration::MAX, 1),
                 || Ok(()),
                 |_, i| {
                     runs[i].fetch_add(1, Ordering::Relaxed);
@@ -889,7 +928,7 @@ mod tests {
                 },
             )
             .unwrap()
-            .unwrap();
+            .times;
             let [quick, slow] = [0, 1].map(|i| runs[i].load(Ordering::Relaxed));
             // Every time is a reading, the dropped one's too (it goes to the cache file).
             assert!(
@@ -932,7 +971,7 @@ mod tests {
             let times = time_trials(
                 &gpu,
                 3,
-                Duration::MAX,
+                (Duration::MAX, 1),
                 || Ok(()),
                 |_, i| {
                     std::thread::sleep(pause(i, runs[i].fetch_add(1, Ordering::Relaxed)));
@@ -940,7 +979,7 @@ mod tests {
                 },
             )
             .unwrap()
-            .unwrap();
+            .times;
             let runs = runs.map(|r| r.load(Ordering::Relaxed));
             let close = 1 + TIMED_ROUNDS + CLOSE_ROUNDS;
             if runs == [close, close, 1 + TIMED_ROUNDS]
