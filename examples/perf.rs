@@ -32,6 +32,20 @@ struct Case<'a> {
     cpu: Box<dyn FnMut() -> Result<()> + 'a>,
 }
 
+impl Case<'_> {
+    /// A row `--filter` leaves out: its label, nothing to run.
+    fn label_only(op: &'static str, shape: &str) -> Self {
+        Case {
+            op,
+            shape: shape.to_string(),
+            kernel: String::new(),
+            flops: 0.0,
+            gpu: Box::new(|| Ok(())),
+            cpu: Box::new(|| Ok(())),
+        }
+    }
+}
+
 fn median_ms(runs: usize, f: &mut dyn FnMut() -> Result<()>) -> Result<f64> {
     let mut times = Vec::with_capacity(runs);
     for _ in 0..runs {
@@ -89,22 +103,21 @@ fn matmul_case(
     })
 }
 
-fn conv_cases(
-    gpu: &Gpu,
+/// The forward and forward + backward rows of one convolution. Rows that `filter` leaves
+/// out are labels only: planning a row's layer would spend the context's tuning budget
+/// on a shape that never runs (`perf --filter resnet20` with no cache file measured the
+/// table's convolutions, not ResNet-20's).
+fn conv_cases<'a>(
+    gpu: &'a Gpu,
     [n, c, h, o, k, pad, groups, stride]: [usize; 8],
-) -> Result<Vec<Case<'_>>> {
+    filter: Option<&str>,
+) -> Result<Vec<Case<'a>>> {
     let spec = Conv2d {
         stride: (stride, stride),
         padding: Padding::Explicit(pad, pad),
         groups,
         ..Conv2d::default()
     };
-    let x = random(&[n, c, h, h], 3);
-    let w = random(&[o, c / groups, k, k], 4);
-    let b = random(&[o], 5);
-    let shape = spec.shape(x.shape(), w.shape(), Some(b.shape()))?;
-    let dy = random(&shape.output(), 6);
-    let plan = spec.plan(gpu, &shape)?;
     let strided = if stride > 1 {
         format!(" s{stride}")
     } else {
@@ -116,6 +129,16 @@ fn conv_cases(
         g => format!(" groups{g}"),
     };
     let label = format!("N{n} {c}->{o} {h}x{h} k{k} p{pad}{strided}{grouped}");
+    let ops = ["conv2d_fwd", "conv2d_fwd_bwd"];
+    if filter.is_some_and(|f| ops.iter().all(|op| !format!("{op} {label}").contains(f))) {
+        return Ok(ops.map(|op| Case::label_only(op, &label)).into());
+    }
+    let x = random(&[n, c, h, h], 3);
+    let w = random(&[o, c / groups, k, k], 4);
+    let b = random(&[o], 5);
+    let shape = spec.shape(x.shape(), w.shape(), Some(b.shape()))?;
+    let dy = random(&shape.output(), 6);
+    let plan = spec.plan(gpu, &shape)?;
     let (tx, tw, tb, tdy) = (
         Tensor::from_array(gpu, &x)?,
         Tensor::from_array(gpu, &w)?,
@@ -998,7 +1021,7 @@ fn main() -> Result<()> {
         [8, 64, 56, 128, 3, 1, 1, 2],
         [128, 16, 32, 16, 3, 1, 1, 1],
     ] {
-        cases.extend(conv_cases(&gpu, conv)?);
+        cases.extend(conv_cases(&gpu, conv, filter.as_deref())?);
     }
     cases.extend(pool_cases(
         &gpu,
