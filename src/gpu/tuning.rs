@@ -60,6 +60,8 @@ pub struct TunedChoice {
     pub chosen: String,
     /// Each candidate with the fastest of its timed runs in seconds (`None`: it failed or
     /// was not timed; where the close candidates raced again on a wider batch, only theirs).
+    /// A trial spread over several runs keeps the times of each: an earlier run's losers
+    /// keep theirs, on the trial's batch.
     pub candidates: Vec<(String, Option<f64>)>,
     /// The batch those times were measured on: the key's, or a narrower trial's where no
     /// second candidate came close enough to race again on the key's (`None`: nothing was
@@ -462,6 +464,74 @@ impl Gpu {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A trial cut short keeps its leader (asked again once the budget is spent, it is the
+    /// answer) and resumes in the next context: the leader first, the pending candidates
+    /// after it, two of them started whatever the budget. The choice is then the fastest of
+    /// that run: an earlier run's loser, timed in another process, is not compared again.
+    #[test]
+    fn a_cut_trial_resumes_with_its_leader_and_the_pending_candidates() {
+        if crate::test_support::gpu(GpuOptions::from_env().unwrap()).is_none() {
+            return;
+        }
+        let dir = std::env::temp_dir().join(format!("wgcnn-resume-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        // A budget the first trial spends.
+        let options = GpuOptions {
+            tuning: Tuning::Measure,
+            tuning_cache: Some(dir.join("tuning.tsv")),
+            tuning_budget: Duration::from_nanos(1),
+            ..GpuOptions::from_env().unwrap()
+        };
+        let names: Vec<String> = ["a", "b", "c"].map(String::from).into();
+        let ms = |t: f64| Some(t / 1e3);
+        let sources = |gpu: &Gpu| -> Vec<(ChoiceSource, Vec<String>)> {
+            let report = gpu.tuning_report();
+            report
+                .choices
+                .into_iter()
+                .map(|c| (c.source, c.pending))
+                .collect()
+        };
+
+        let gpu = Gpu::with_options(options.clone()).unwrap();
+        let chosen = gpu.tuned("key", &names, |request| {
+            assert_eq!((request.run, request.at_least), (&[0, 1, 2][..], 1));
+            let times = vec![ms(6.0), ms(5.0), None];
+            Ok(TrialTimes {
+                times,
+                started: 2,
+                batch: 4,
+            })
+        });
+        assert_eq!(chosen.unwrap(), 1);
+        assert_eq!(sources(&gpu), [(ChoiceSource::Partial, vec!["c".into()])]);
+        let again = gpu.tuned("key", &names, |_| panic!("measured twice"));
+        assert_eq!(again.unwrap(), 1);
+        drop(gpu);
+
+        let gpu = Gpu::with_options(options.clone()).unwrap();
+        let chosen = gpu.tuned("key", &names, |request| {
+            assert_eq!((request.run, request.at_least), (&[1, 2][..], 2));
+            Ok(TrialTimes {
+                times: vec![ms(8.0), ms(7.0)],
+                started: 2,
+                batch: 4,
+            })
+        });
+        assert_eq!(chosen.unwrap(), 2);
+        let report = gpu.tuning_report();
+        let times: Vec<Option<f64>> = report.choices[0].candidates.iter().map(|c| c.1).collect();
+        assert_eq!(times, [ms(6.0), ms(8.0), ms(7.0)]);
+        assert_eq!(sources(&gpu), [(ChoiceSource::Measured, vec![])]);
+        drop(gpu);
+
+        let gpu = Gpu::with_options(options).unwrap();
+        let read = gpu.tuned("key", &names, |_| panic!("measured again"));
+        assert_eq!(read.unwrap(), 2);
+        assert_eq!(sources(&gpu), [(ChoiceSource::CacheFile, vec![])]);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn cache_lines_read_back_and_bad_ones_are_skipped() {
