@@ -426,6 +426,7 @@ impl Gpu {
                 .min_by(|a, b| a.1.total_cmp(&b.1))
                 .map(|(i, _)| i)
         };
+        let mut batch = timed.batch;
         let mut fastest = fastest_of(&times, &mut ran.iter().copied())
             .or_else(|| fastest_of(&times, &mut (0..candidates.len())));
         // A trial spread over several runs ends with a playoff in the run that finishes
@@ -455,7 +456,7 @@ impl Gpu {
                     raced[i] = *time;
                 }
                 if let Some(winner) = fastest_of(&raced, &mut contenders.iter().copied()) {
-                    (times, fastest) = (raced, Some(winner));
+                    (times, fastest, batch) = (raced, Some(winner), playoff.batch);
                 }
             }
         }
@@ -468,7 +469,7 @@ impl Gpu {
             key: key.to_string(),
             chosen: candidates[fastest.unwrap_or(0)].clone(),
             candidates: candidates.iter().cloned().zip(times).collect(),
-            timed_batch: Some(timed.batch),
+            timed_batch: Some(batch),
             source,
             pending: pending.iter().map(|&i| candidates[i].clone()).collect(),
         });
@@ -555,9 +556,10 @@ mod tests {
         let mut calls = 0;
         let chosen = gpu.tuned("key", &names, |request| {
             calls += 1;
-            let (run, times) = match calls {
-                1 => ([1, 2], vec![ms(8.0), ms(7.0)]),
-                _ => ([0, 2], vec![ms(6.5), ms(7.2)]),
+            // The playoff's times are on a batch of their own here: the choice keeps it.
+            let (run, times, batch) = match calls {
+                1 => ([1, 2], vec![ms(8.0), ms(7.0)], 4),
+                _ => ([0, 2], vec![ms(6.5), ms(7.2)], 8),
             };
             assert_eq!(
                 (request.run, request.at_least),
@@ -567,13 +569,14 @@ mod tests {
             Ok(TrialTimes {
                 times,
                 started: 2,
-                batch: 4,
+                batch,
             })
         });
         assert_eq!((chosen.unwrap(), calls), (0, 2));
         let report = gpu.tuning_report();
         let times: Vec<Option<f64>> = report.choices[0].candidates.iter().map(|c| c.1).collect();
         assert_eq!(times, [ms(6.5), ms(8.0), ms(7.2)]);
+        assert_eq!(report.choices[0].timed_batch, Some(8));
         assert_eq!(sources(&gpu), [(ChoiceSource::Measured, vec![])]);
         drop(gpu);
 
