@@ -11,8 +11,8 @@
 //! with budget left times the rest against that leader, at least one more candidate each
 //! time, so that a shape whose whole trial takes longer than a budget is still measured
 //! over a few runs; the run that finishes it races the close ones of every run again. The
-//! file is plain text, one line per (adapter, key); deleting it starts
-//! over, and lines it cannot read are ignored.
+//! file is plain text, one line per (adapter, key); deleting it starts over, and lines it
+//! cannot read are ignored.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
