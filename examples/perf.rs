@@ -32,6 +32,11 @@ struct Case<'a> {
     cpu: Box<dyn FnMut() -> Result<()> + 'a>,
 }
 
+/// A row's label, "op shape": what `--filter` looks for.
+fn row_label(op: &str, shape: &str) -> String {
+    format!("{op} {shape}")
+}
+
 impl Case<'_> {
     /// A row `--filter` leaves out: its label, nothing to run.
     fn label_only(op: &'static str, shape: &str) -> Self {
@@ -130,7 +135,7 @@ fn conv_cases<'a>(
     };
     let label = format!("N{n} {c}->{o} {h}x{h} k{k} p{pad}{strided}{grouped}");
     let ops = ["conv2d_fwd", "conv2d_fwd_bwd"];
-    if filter.is_some_and(|f| ops.iter().all(|op| !format!("{op} {label}").contains(f))) {
+    if filter.is_some_and(|f| ops.iter().all(|op| !row_label(op, &label).contains(f))) {
         return Ok(ops.map(|op| Case::label_only(op, &label)).into());
     }
     let x = random(&[n, c, h, h], 3);
@@ -1063,7 +1068,7 @@ fn main() -> Result<()> {
 
     let labels: Vec<String> = cases
         .iter()
-        .map(|case| format!("{} {}", case.op, case.shape))
+        .map(|case| row_label(case.op, &case.shape))
         .collect();
     check_filter("perf --filter", filter.as_deref(), &labels)?;
     for (mut case, label) in cases.into_iter().zip(labels) {
